@@ -1,0 +1,253 @@
+"""Events of PROTOCOL.md §5 (pod) and §7 (daemon), plus the hello, ack and error frames.
+
+Event models ignore unknown fields, so a client built on them keeps working when the
+server adds fields. Durable events carry `seq` and `ts`; ephemeral ones never do.
+"""
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from protocol.errors import ErrorCode
+from protocol.methods import RequestId
+
+PodStatusName = Literal["idle", "running", "paused"]
+Invoke = Literal["run", "notify", "pod_event"]
+TurnResult = Literal["finished", "cancelled", "errored", "limit_reached"]
+
+PROTOCOL_VERSION = 1
+
+
+class Frame(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+# -- connection frames --------------------------------------------------------------------
+
+
+class PodHello(Frame):
+    name: str
+    status: PodStatusName
+    last_seq: int
+
+
+class Hello(Frame):
+    event: Literal["hello"] = "hello"
+    protocol: int = PROTOCOL_VERSION
+    server: str
+    pod: PodHello | None = None
+
+
+class Ack(Frame):
+    event: Literal["ack"] = "ack"
+    id: RequestId | None = None
+    result: dict[str, Any] = Field(default_factory=dict)
+
+
+class Error(Frame):
+    event: Literal["error"] = "error"
+    id: RequestId | None = None
+    code: ErrorCode
+    message: str
+
+
+# -- pod events ---------------------------------------------------------------------------
+
+
+class PodEventBase(Frame):
+    pod: str
+
+
+class DurableEvent(PodEventBase):
+    seq: int = 0
+    ts: float = 0.0
+
+
+class ToolCall(Frame):
+    id: str
+    name: str
+    arguments: dict[str, Any] = Field(default_factory=dict)
+
+
+class Usage(Frame):
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
+class StatusChanged(DurableEvent):
+    event: Literal["status"] = "status"
+    status: PodStatusName
+    turn_id: str | None = None
+
+
+class TurnStart(DurableEvent):
+    event: Literal["turn_start"] = "turn_start"
+    turn_id: str
+    invoke: Invoke
+
+
+class UserMessage(DurableEvent):
+    event: Literal["user_message"] = "user_message"
+    turn_id: str
+    text: str
+
+
+class Notification(DurableEvent):
+    event: Literal["notification"] = "notification"
+    turn_id: str
+    source: str
+    text: str
+
+
+class AssistantMessage(DurableEvent):
+    event: Literal["assistant_message"] = "assistant_message"
+    turn_id: str
+    text: str
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    usage: Usage = Field(default_factory=Usage)
+
+
+class ToolResult(DurableEvent):
+    event: Literal["tool_result"] = "tool_result"
+    turn_id: str
+    call_id: str
+    name: str
+    output: str
+    is_error: bool = False
+
+
+class TurnEnd(DurableEvent):
+    event: Literal["turn_end"] = "turn_end"
+    turn_id: str
+    result: TurnResult
+    output: str = ""
+    error: str | None = None
+
+
+class ChildSpawned(DurableEvent):
+    event: Literal["child_spawned"] = "child_spawned"
+    name: str
+    socket: str
+
+
+class PodEventReceived(DurableEvent):
+    """A `pod_event` this pod accepted. `event` is the frame's type tag on the wire, so the
+    received object travels in `payload`."""
+
+    event: Literal["pod_event_received"] = "pod_event_received"
+    payload: dict[str, Any] = Field(default_factory=dict)
+
+
+class TextDelta(PodEventBase):
+    event: Literal["text_delta"] = "text_delta"
+    turn_id: str
+    text: str
+
+
+class ThinkingDelta(PodEventBase):
+    event: Literal["thinking_delta"] = "thinking_delta"
+    turn_id: str
+    text: str
+
+
+class ToolCallStart(PodEventBase):
+    event: Literal["tool_call_start"] = "tool_call_start"
+    turn_id: str
+    call_id: str
+    name: str
+
+
+class ToolCallDelta(PodEventBase):
+    event: Literal["tool_call_delta"] = "tool_call_delta"
+    turn_id: str
+    call_id: str
+    json_: str = Field(alias="json")
+
+
+class Retry(PodEventBase):
+    event: Literal["retry"] = "retry"
+    turn_id: str
+    attempt: int
+    max_attempts: int
+    wait_ms: int
+    error: str
+
+
+class Lagged(PodEventBase):
+    event: Literal["lagged"] = "lagged"
+    missed: int
+    resume_from: int
+
+
+# -- daemon events ------------------------------------------------------------------------
+
+
+class PodSpawned(PodEventBase):
+    event: Literal["pod_spawned"] = "pod_spawned"
+    socket: str
+    parent: str | None = None
+
+
+class PodStatusEvent(PodEventBase):
+    event: Literal["pod_status"] = "pod_status"
+    status: PodStatusName
+
+
+class PodStopped(PodEventBase):
+    event: Literal["pod_stopped"] = "pod_stopped"
+
+
+class PodDeleted(PodEventBase):
+    event: Literal["pod_deleted"] = "pod_deleted"
+
+
+DURABLE_EVENTS: tuple[type[DurableEvent], ...] = (
+    StatusChanged,
+    TurnStart,
+    UserMessage,
+    Notification,
+    AssistantMessage,
+    ToolResult,
+    TurnEnd,
+    ChildSpawned,
+    PodEventReceived,
+)
+
+AnyEvent = Annotated[
+    Hello
+    | Ack
+    | Error
+    | StatusChanged
+    | TurnStart
+    | UserMessage
+    | Notification
+    | AssistantMessage
+    | ToolResult
+    | TurnEnd
+    | ChildSpawned
+    | PodEventReceived
+    | TextDelta
+    | ThinkingDelta
+    | ToolCallStart
+    | ToolCallDelta
+    | Retry
+    | Lagged
+    | PodSpawned
+    | PodStatusEvent
+    | PodStopped
+    | PodDeleted,
+    Field(discriminator="event"),
+]
+
+_EVENT_ADAPTER: TypeAdapter[Any] = TypeAdapter(AnyEvent)
+KNOWN_EVENTS = frozenset(
+    m.model_fields["event"].default
+    for m in AnyEvent.__origin__.__args__  # type: ignore[attr-defined]
+)
+
+
+def parse_event(frame: dict[str, Any]) -> Frame | None:
+    """A typed frame, or None for an event type this client does not know (it ignores it)."""
+    if frame.get("event") not in KNOWN_EVENTS:
+        return None
+    return _EVENT_ADAPTER.validate_python(frame)

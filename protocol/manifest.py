@@ -1,0 +1,74 @@
+"""The pod manifest of PROTOCOL.md §8 (a YAML file, or the same object as JSON in `spawn`)."""
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from protocol.paths import POD_NAME_PATTERN
+
+ToolName = Literal[
+    "bash",
+    "read_file",
+    "write_file",
+    "edit_file",
+    "spawn_pod",
+    "send_to_pod",
+    "read_pod_output",
+    "stop_pod",
+    "list_pods",
+]
+
+ProviderName = Literal["openai", "scripted"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ScriptedToolCall(_Strict):
+    name: str
+    arguments: dict[str, Any] = Field(default_factory=dict)
+
+
+class ScriptedStep(_Strict):
+    """One canned model response of the `scripted` provider.
+
+    `text` streams in pieces of `chunk_chars` characters, `delay_ms` apart; then the tool
+    calls are returned. `error` makes the call fail instead (`retryable` decides whether the
+    agent loop retries it), which lets tests and demos show failures without a network.
+    """
+
+    text: str = ""
+    thinking: str = ""
+    tool_calls: list[ScriptedToolCall] = Field(default_factory=list)
+    chunk_chars: int = Field(default=16, ge=1)
+    delay_ms: float = Field(default=0.0, ge=0)
+    error: str | None = None
+    retryable: bool = False
+
+
+class ModelConfig(_Strict):
+    provider: ProviderName
+    name: str = ""
+    base_url: str | None = None
+    api_key_env: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    request_timeout_s: float | None = Field(default=None, gt=0)
+    max_retries: int = Field(default=4, ge=0, le=20)
+    script: list[ScriptedStep] = Field(default_factory=list)
+
+
+class Limits(_Strict):
+    max_steps: int = Field(default=50, ge=1)
+    turn_timeout_s: float = Field(default=1800, gt=0)
+    max_children: int = Field(default=8, ge=0)
+
+
+class Manifest(_Strict):
+    name: str = Field(pattern=POD_NAME_PATTERN)
+    model: ModelConfig
+    system_prompt: str = ""
+    cwd: str | None = None
+    tools: list[ToolName] = Field(default_factory=list)
+    limits: Limits = Field(default_factory=Limits)

@@ -1,0 +1,185 @@
+"""Requests of PROTOCOL.md §4 (pod socket) and §7 (daemon socket).
+
+Requests are flat objects discriminated on `method`; unknown fields are rejected.
+"""
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from protocol.errors import ProtocolError
+from protocol.manifest import Manifest
+from protocol.paths import POD_NAME_PATTERN
+
+RequestId = str | int
+IfBusy = Literal["reject", "queue", "interrupt"]
+PodName = Annotated[str, Field(pattern=POD_NAME_PATTERN)]
+
+
+class Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    id: RequestId | None = None
+
+
+# -- pod socket ---------------------------------------------------------------------------
+
+
+class Run(Request):
+    method: Literal["run"] = "run"
+    text: str
+    if_busy: IfBusy = "reject"
+
+
+class Pause(Request):
+    method: Literal["pause"] = "pause"
+
+
+class Resume(Request):
+    method: Literal["resume"] = "resume"
+
+
+class Cancel(Request):
+    method: Literal["cancel"] = "cancel"
+    all: bool = False
+
+
+class Notify(Request):
+    method: Literal["notify"] = "notify"
+    text: str
+    source: str | None = None
+
+
+class PodEvent(Request):
+    """A report from another pod (a child, §9); `event` holds at least `kind`."""
+
+    method: Literal["pod_event"] = "pod_event"
+    event: dict[str, Any]
+
+
+class Status(Request):
+    method: Literal["status"] = "status"
+
+
+class Subscribe(Request):
+    method: Literal["subscribe"] = "subscribe"
+    after_seq: int | None = Field(default=None, ge=0)
+
+
+class Unsubscribe(Request):
+    method: Literal["unsubscribe"] = "unsubscribe"
+
+
+class History(Request):
+    method: Literal["history"] = "history"
+    after_seq: int = Field(default=0, ge=0)
+    limit: int = Field(default=1000, ge=1, le=10000)
+
+
+class StopPod(Request):
+    method: Literal["stop"] = "stop"
+
+
+PodRequest = Annotated[
+    Run
+    | Pause
+    | Resume
+    | Cancel
+    | Notify
+    | PodEvent
+    | Status
+    | Subscribe
+    | Unsubscribe
+    | History
+    | StopPod,
+    Field(discriminator="method"),
+]
+
+
+# -- daemon socket ------------------------------------------------------------------------
+
+
+class Spawn(Request):
+    method: Literal["spawn"] = "spawn"
+    manifest: Manifest
+    parent: str | None = None
+
+
+class ListPods(Request):
+    method: Literal["list"] = "list"
+
+
+class Stop(Request):
+    method: Literal["stop"] = "stop"
+    name: PodName
+
+
+class Start(Request):
+    method: Literal["start"] = "start"
+    name: PodName
+
+
+class Delete(Request):
+    method: Literal["delete"] = "delete"
+    name: PodName
+
+
+class Info(Request):
+    method: Literal["info"] = "info"
+
+
+class Shutdown(Request):
+    method: Literal["shutdown"] = "shutdown"
+
+
+class DaemonSubscribe(Request):
+    method: Literal["subscribe"] = "subscribe"
+
+
+DaemonRequest = Annotated[
+    Spawn | ListPods | Stop | Start | Delete | Info | Shutdown | DaemonSubscribe,
+    Field(discriminator="method"),
+]
+
+
+class RequestParser:
+    """Turns a decoded frame into a typed request, or a ProtocolError carrying the id."""
+
+    def __init__(self, union: Any) -> None:
+        self._adapter: TypeAdapter[Any] = TypeAdapter(union)
+        choices = union.__origin__.__args__ if hasattr(union, "__origin__") else ()
+        self.methods = frozenset(
+            m for model in choices for m in model.model_fields["method"].annotation.__args__
+        )
+
+    def parse(self, frame: dict[str, Any]) -> Request:
+        method = frame.get("method")
+        if not isinstance(method, str):
+            raise ProtocolError("invalid_request", "request needs a string field 'method'")
+        if method not in self.methods:
+            known = ", ".join(sorted(self.methods))
+            raise ProtocolError("unknown_method", f"unknown method {method!r}; known: {known}")
+        try:
+            return self._adapter.validate_python(frame)
+        except ValidationError as exc:
+            raise ProtocolError("invalid_request", describe_validation_error(exc)) from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line naming each bad field, e.g. `text: Field required; if_busy: Input should be ...`."""
+    parts = []
+    for err in exc.errors(include_url=False):
+        loc = ".".join(str(p) for p in err["loc"][1:])
+        parts.append(f"{loc or 'request'}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def request_id(frame: dict[str, Any]) -> RequestId | None:
+    """The frame's id when it is readable (a string or an integer), to echo in errors."""
+    rid = frame.get("id")
+    if isinstance(rid, str) or (isinstance(rid, int) and not isinstance(rid, bool)):
+        return rid
+    return None
+
+
+POD_REQUESTS = RequestParser(PodRequest)
+DAEMON_REQUESTS = RequestParser(DaemonRequest)

@@ -1,0 +1,70 @@
+"""The `result` objects of acks, one model per method that returns more than `{}`."""
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from protocol.events import PodStatusName, Usage
+
+
+class Result(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class RunResult(Result):
+    turn_id: str
+    queued: bool = False
+
+
+class NotifyResult(Result):
+    buffered: int
+    turn_id: str | None = None
+
+
+class PodStatus(Result):
+    name: str
+    status: PodStatusName
+    turn_id: str | None = None
+    queued: int = 0
+    last_seq: int = 0
+    parent: str | None = None
+    children: list[str] = Field(default_factory=list)
+    model: str
+    cwd: str
+    tools: list[str] = Field(default_factory=list)
+    usage: Usage = Field(default_factory=Usage)
+    socket: str = ""
+
+
+class SubscribeResult(Result):
+    last_seq: int
+
+
+class HistoryResult(Result):
+    events: list[dict[str, Any]]
+    last_seq: int
+
+
+class SpawnResult(Result):
+    name: str
+    socket: str
+
+
+class PodListEntry(Result):
+    name: str
+    status: Literal["idle", "running", "paused", "stopped"]
+    parent: str | None = None
+    socket: str
+
+
+class ListResult(Result):
+    pods: list[PodListEntry]
+
+
+class InfoResult(Result):
+    version: str
+    pid: int
+    uptime_s: float
+    pods: int
+    runtime_dir: str
+    state_dir: str
