@@ -55,7 +55,8 @@ class Error(Frame):
 
 
 class PodEventBase(Frame):
-    pod: str
+    pod: str = ""
+    """Filled in by the pod that emits the event."""
 
 
 class DurableEvent(PodEventBase):
@@ -100,11 +101,15 @@ class Notification(DurableEvent):
 
 
 class AssistantMessage(DurableEvent):
+    """One model step. `interrupted` (an addition to the contract) marks the partial text a
+    pause kept from a response that was still streaming; it has no tool calls."""
+
     event: Literal["assistant_message"] = "assistant_message"
     turn_id: str
     text: str
     tool_calls: list[ToolCall] = Field(default_factory=list)
     usage: Usage = Field(default_factory=Usage)
+    interrupted: bool = False
 
 
 class ToolResult(DurableEvent):

@@ -1,0 +1,1 @@
+"""capd: the daemon that hosts AI agent pods."""

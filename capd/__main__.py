@@ -1,0 +1,3 @@
+from capd.daemon import main
+
+main()

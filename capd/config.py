@@ -1,0 +1,51 @@
+"""All of capd's settings in one place, filled from the command line."""
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+from protocol import VERSION
+from protocol.framing import DEFAULT_MAX_FRAME_BYTES
+from protocol.paths import runtime_dir, state_dir
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    runtime_dir: Path
+    state_dir: Path
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    max_queued_bytes: int = 8 * 1024 * 1024
+    """Bytes of events queued for one slow subscriber before it gets `lagged`."""
+    log_level: str = "info"
+
+    @classmethod
+    def from_args(cls, argv: list[str] | None = None) -> "Config":
+        parser = argparse.ArgumentParser(prog="capd", description="Host AI agent pods.")
+        parser.add_argument("--runtime-dir", help="sockets live here (see README: Paths)")
+        parser.add_argument("--state-dir", help="the store and pod state live here")
+        parser.add_argument(
+            "--max-frame-bytes",
+            type=int,
+            default=DEFAULT_MAX_FRAME_BYTES,
+            help="largest request line accepted (default 1 MiB)",
+        )
+        parser.add_argument(
+            "--max-queued-bytes",
+            type=int,
+            default=8 * 1024 * 1024,
+            help="events queued per slow subscriber before it gets `lagged` (default 8 MiB)",
+        )
+        parser.add_argument(
+            "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+        )
+        parser.add_argument("--version", action="version", version=f"capd {VERSION}")
+        args = parser.parse_args(argv)
+        if args.max_frame_bytes < 1024:
+            parser.error("--max-frame-bytes must be at least 1024")
+        return cls(
+            runtime_dir=runtime_dir(args.runtime_dir).absolute(),
+            state_dir=state_dir(args.state_dir).absolute(),
+            max_frame_bytes=args.max_frame_bytes,
+            max_queued_bytes=args.max_queued_bytes,
+            log_level=args.log_level,
+        )

@@ -1,0 +1,213 @@
+"""One client connection: reads request lines, writes replies and events in order.
+
+Everything a connection sends goes through one outbox drained by one writer task, so a
+reply never overtakes an event queued before it. Replies are always accepted (the reader
+stops reading while too much is queued); events are accepted only while the outbox holds
+less than `max_queued_bytes`, which bounds the daemon's memory per slow client.
+"""
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from capd.fanout import Subscription
+from protocol.errors import ProtocolError
+from protocol.events import Error, Lagged
+from protocol.framing import decode, encode
+from protocol.methods import request_id
+
+log = logging.getLogger(__name__)
+
+REPLAY_PAGE = 512
+Handler = Callable[[dict[str, Any], "Connection"], Awaitable[bytes | None]]
+
+
+class _Replay:
+    __slots__ = ("sub",)
+
+    def __init__(self, sub: Subscription) -> None:
+        self.sub = sub
+
+
+class _LaggedMark:
+    __slots__ = ("sub",)
+
+    def __init__(self, sub: Subscription) -> None:
+        self.sub = sub
+
+
+class Connection:
+    def __init__(self, writer: asyncio.StreamWriter, max_queued_bytes: int) -> None:
+        self._writer = writer
+        self._max_queued = max_queued_bytes
+        self._outbox: deque[bytes | _Replay | _LaggedMark] = deque()
+        self._queued_bytes = 0
+        self._wake = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._closing = False
+        self.subscription: Subscription | None = None
+        self._task = asyncio.create_task(self._write_loop())
+
+    # -- producers ----------------------------------------------------------------------
+
+    def send(self, frame: bytes) -> None:
+        """Queue a reply or hello: always accepted."""
+        self._push(frame)
+
+    def offer_event(self, frame: bytes) -> bool:
+        """Queue an event unless the outbox is full; False means the subscriber lags."""
+        if self._queued_bytes + len(frame) > self._max_queued:
+            return False
+        self._push(frame)
+        return True
+
+    def push_replay(self, sub: Subscription) -> None:
+        self._outbox.append(_Replay(sub))
+        self._wake.set()
+
+    def push_lagged(self, sub: Subscription) -> None:
+        self._outbox.append(_LaggedMark(sub))
+        self._wake.set()
+
+    def _push(self, frame: bytes) -> None:
+        self._outbox.append(frame)
+        self._queued_bytes += len(frame)
+        if self._queued_bytes > self._max_queued:
+            self._drained.clear()
+        self._wake.set()
+
+    async def backpressure(self) -> None:
+        """Wait while the outbox is over its bound (the client is not reading)."""
+        await self._drained.wait()
+
+    # -- writer -------------------------------------------------------------------------
+
+    async def _write_loop(self) -> None:
+        try:
+            while True:
+                if not self._outbox:
+                    if self._closing:
+                        return
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                batch: list[bytes] = []
+                while self._outbox and isinstance(self._outbox[0], bytes):
+                    frame = self._outbox.popleft()
+                    assert isinstance(frame, bytes)
+                    batch.append(frame)
+                    self._queued_bytes -= len(frame)
+                if batch:
+                    self._writer.write(b"".join(batch))
+                    if self._queued_bytes <= self._max_queued:
+                        self._drained.set()
+                    await self._writer.drain()
+                    continue
+                mark = self._outbox.popleft()
+                if isinstance(mark, _Replay):
+                    await self._replay(mark.sub)
+                else:
+                    await self._send_lagged(mark.sub)
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            self._drained.set()
+            self._writer.close()
+
+    async def _replay(self, sub: Subscription) -> None:
+        hub = sub.hub
+        assert hub.page is not None
+        cursor = sub.last_durable
+        while not sub.closed:
+            rows = hub.page(cursor, REPLAY_PAGE)
+            if rows:
+                self._writer.write(b"".join(data + b"\n" for _, data in rows))
+                cursor = rows[-1][0]
+                await self._writer.drain()
+            if cursor >= hub.last_seq():
+                # No await between this check and going live: nothing can slip between.
+                sub.last_durable = cursor
+                sub.live = True
+                return
+
+    async def _send_lagged(self, sub: Subscription) -> None:
+        sub.end()
+        if self.subscription is sub:
+            self.subscription = None
+        frame = encode(Lagged(pod=sub.hub.pod, missed=sub.missed, resume_from=sub.last_durable))
+        self._writer.write(frame)
+        await self._writer.drain()
+
+    async def close(self) -> None:
+        """Flush what is queued, then close."""
+        self._closing = True
+        self._wake.set()
+        with contextlib.suppress(Exception):
+            await self._task
+
+    def abort_after_flush(self) -> None:
+        """Close once what is queued is written, also ending the connection's reader."""
+        self._closing = True
+        self._wake.set()
+
+
+async def serve_connection(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    hello: bytes,
+    handle: Handler,
+    *,
+    max_queued_bytes: int,
+    max_frame_bytes: int,
+    on_open: Callable[[Connection], None],
+    on_close: Callable[[Connection], None],
+) -> None:
+    """Read request lines until EOF; each gets exactly one reply, in order."""
+    conn = Connection(writer, max_queued_bytes)
+    on_open(conn)
+    conn.send(hello)
+    try:
+        while True:
+            try:
+                line = await reader.readline()
+            except ValueError:
+                message = (
+                    f"frame longer than {max_frame_bytes} bytes (capd --max-frame-bytes); "
+                    "closing the connection"
+                )
+                conn.send(_error(None, "frame_too_large", message))
+                return
+            if not line:
+                return
+            if not line.strip():
+                continue
+            reply = await _reply(line, conn, handle)
+            if reply is not None:
+                conn.send(reply)
+            await conn.backpressure()
+    except ConnectionError:
+        pass
+    finally:
+        on_close(conn)
+        await conn.close()
+
+
+async def _reply(line: bytes, conn: Connection, handle: Handler) -> bytes | None:
+    frame: dict[str, Any] | None = None
+    try:
+        frame = decode(line)
+        return await handle(frame, conn)
+    except ProtocolError as exc:
+        return _error(request_id(frame) if frame else None, exc.code, exc.message)
+    except Exception as exc:
+        log.exception("internal error handling %r", line[:200])
+        rid = request_id(frame) if frame else None
+        return _error(rid, "internal", f"internal error: {type(exc).__name__}: {exc}")
+
+
+def _error(rid: object, code: str, message: str) -> bytes:
+    return encode(Error(id=rid, code=code, message=message))  # type: ignore[arg-type]

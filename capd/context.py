@@ -1,0 +1,69 @@
+"""A pod's model context, derived from its durable events.
+
+The same `apply` runs for each event as it is emitted and for each stored event when the
+daemon restores a pod, so a restarted pod sees exactly the context it had.
+"""
+
+from dataclasses import dataclass, field
+
+from capd.providers.base import ChatMessage
+from protocol.events import (
+    AssistantMessage,
+    DurableEvent,
+    Notification,
+    ToolCall,
+    ToolResult,
+    UserMessage,
+)
+
+INTERRUPTED_TOOL_OUTPUT = (
+    "interrupted: this tool call was stopped before it finished (the pod was paused, "
+    "cancelled or restarted); run it again if it is still needed"
+)
+
+
+def notification_text(source: str, text: str) -> str:
+    return f"[notification from {source}]\n{text}"
+
+
+@dataclass
+class Context:
+    messages: list[ChatMessage] = field(default_factory=list)
+
+    def apply(self, event: DurableEvent) -> None:
+        match event:
+            case UserMessage(text=text):
+                self.messages.append(ChatMessage("user", text))
+            case Notification(source=source, text=text):
+                self.messages.append(ChatMessage("user", notification_text(source, text)))
+            case AssistantMessage(text=text, tool_calls=calls, interrupted=interrupted):
+                self.messages.append(
+                    ChatMessage("assistant", text, tuple(calls), interrupted=interrupted)
+                )
+            case ToolResult(call_id=call_id, name=name, output=output, is_error=is_error):
+                self.messages.append(
+                    ChatMessage("tool", output, call_id=call_id, name=name, is_error=is_error)
+                )
+
+    def orphaned_calls(self) -> list[ToolCall]:
+        """Tool calls of the latest model step that never got a result."""
+        answered: set[str] = set()
+        for msg in reversed(self.messages):
+            if msg.role == "tool":
+                answered.add(msg.call_id)
+            elif msg.role == "assistant" and not msg.interrupted:
+                return [c for c in msg.tool_calls if c.id not in answered]
+        return []
+
+
+def describe_pod_event(payload: dict[str, object]) -> str:
+    """The text a model reads for a report from another pod (PROTOCOL.md §9)."""
+    pod = payload.get("pod", "?")
+    match payload.get("kind"):
+        case "turn_ended":
+            return f"pod {pod} ended a turn ({payload.get('result')}):\n{payload.get('output', '')}"
+        case "errored":
+            return f"pod {pod} errored: {payload.get('message', '')}"
+        case "shut_down":
+            return f"pod {pod} shut down"
+    return f"event from pod {pod}: {payload}"

@@ -1,0 +1,414 @@
+"""The pod controller: one actor per pod that owns the state machine of PROTOCOL.md §4.
+
+Methods arrive in a mailbox and are handled one at a time. A turn runs as a separate task
+(`agent.drive_turn`) whose completion is posted back into the same mailbox, so the actor
+waits on the turn and on new methods at once: pause, cancel and notify act mid-turn.
+After each message `_kick` fires what is pending (a queued run, buffered notifications)
+when the pod is idle — the one place a turn starts on its own.
+"""
+
+import asyncio
+import logging
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+
+from capd.agent import PendingNote, Turn, TurnOutcome, drive_turn
+from capd.context import INTERRUPTED_TOOL_OUTPUT, Context, describe_pod_event
+from capd.fanout import Hub
+from capd.providers import make_provider
+from capd.store import Store
+from capd.tools import tool_specs
+from capd.tools.base import ToolContext
+from protocol.errors import ProtocolError
+from protocol.events import (
+    AssistantMessage,
+    ChildSpawned,
+    DurableEvent,
+    PodEventBase,
+    PodEventReceived,
+    PodStatusName,
+    StatusChanged,
+    ToolResult,
+    TurnEnd,
+    TurnResult,
+    TurnStart,
+    Usage,
+    UserMessage,
+    parse_event,
+)
+from protocol.framing import encode
+from protocol.manifest import Manifest
+from protocol.methods import Cancel, Notify, Pause, PodEvent, Request, Resume, Run
+from protocol.results import HistoryResult, NotifyResult, PodStatus, RunResult
+
+log = logging.getLogger(__name__)
+
+StopMode = Literal["cancel", "pause"]
+"""How a stopping pod leaves its turn: `cancel` (the pod is stopped) or `pause` (the
+daemon is shutting down, so the turn resumes after a restart)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _QueuedRun:
+    turn_id: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class _TurnDone:
+    task: "asyncio.Task[TurnOutcome]"
+
+
+@dataclass(frozen=True, slots=True)
+class _Stop:
+    mode: StopMode
+
+
+_Message = tuple[Request | _Stop, "asyncio.Future[dict[str, Any]]"] | _TurnDone
+
+
+def new_turn_id() -> str:
+    return f"t-{secrets.token_hex(6)}"
+
+
+class PodController:
+    def __init__(
+        self,
+        manifest: Manifest,
+        *,
+        parent: str | None,
+        socket_path: Path,
+        store: Store,
+        on_status: Callable[[str, PodStatusName], None],
+    ) -> None:
+        assert manifest.cwd is not None
+        self.name = manifest.name
+        self.manifest = manifest
+        self.parent = parent
+        self.socket_path = socket_path
+        self.status: PodStatusName = "idle"
+        self.turn: Turn | None = None
+        self.last_seq = 0
+        self.context = Context()
+        self.usage = Usage()
+        self.children: list[str] = []
+        self.notes: list[PendingNote] = []
+        self.provider = make_provider(manifest.model)
+        self.tool_specs = tool_specs(manifest.tools)
+        self.tool_context = ToolContext(cwd=Path(manifest.cwd), pod=self.name)
+        self.hub = Hub(self.name, lambda: self.last_seq, self._page)
+        self._store = store
+        self._on_status = on_status
+        self._seen_event_ids: set[str] = set()
+        self._queue: deque[_QueuedRun] = deque()
+        self._task: asyncio.Task[TurnOutcome] | None = None
+        self._mailbox: asyncio.Queue[_Message] = asyncio.Queue()
+        self._stopped = False
+
+    # -- events -------------------------------------------------------------------------
+
+    def emit(self, event: DurableEvent) -> None:
+        """Commit a durable event to the store, then apply it and broadcast it."""
+        self.last_seq += 1
+        event.pod = self.name
+        event.seq = self.last_seq
+        event.ts = time.time()
+        frame = encode(event)
+        self._store.append(self.name, event.seq, event.ts, event.event, frame[:-1])
+        self._track(event)
+        self.hub.publish(frame, event.seq)
+
+    def emit_ephemeral(self, event: PodEventBase) -> None:
+        if self.hub.subscriptions:
+            event.pod = self.name
+            self.hub.publish(encode(event))
+
+    def _track(self, event: DurableEvent) -> None:
+        """Derived state shared by live emission and restore."""
+        self.context.apply(event)
+        match event:
+            case AssistantMessage(usage=usage):
+                self.usage.input_tokens += usage.input_tokens
+                self.usage.output_tokens += usage.output_tokens
+            case ChildSpawned(name=child):
+                self.children.append(child)
+            case PodEventReceived(payload=payload) if isinstance(payload.get("event_id"), str):
+                self._seen_event_ids.add(payload["event_id"])
+
+    def _page(self, after_seq: int, limit: int) -> list[tuple[int, bytes]]:
+        return self._store.events_after(self.name, after_seq, limit)
+
+    def _set_status(self, status: PodStatusName) -> None:
+        self.status = status
+        self.emit(StatusChanged(status=status, turn_id=self.turn.turn_id if self.turn else None))
+        self._on_status(self.name, status)
+
+    # -- restore ------------------------------------------------------------------------
+
+    def restore(self, stored: Iterable[bytes]) -> None:
+        """Rebuild state from stored events; a turn still open comes back paused."""
+        for data in stored:
+            event = parse_event(orjson.loads(data))
+            if not isinstance(event, DurableEvent):
+                continue
+            self.last_seq = event.seq
+            self._track(event)
+            match event:
+                case StatusChanged(status=status):
+                    self.status = status
+                case TurnStart(turn_id=turn_id, invoke=invoke):
+                    self.turn = Turn(turn_id, invoke)
+                case AssistantMessage(text=text, interrupted=True) if self.turn:
+                    self.turn.partial += text
+                case AssistantMessage(text=text) if self.turn:
+                    self.turn.steps += 1
+                    self.turn.output = self.turn.partial + text
+                    self.turn.partial = ""
+                case TurnEnd():
+                    self.turn = None
+        wanted: PodStatusName = "paused" if self.turn else "idle"
+        if self.status != wanted:
+            self._set_status(wanted)
+
+    # -- the actor ----------------------------------------------------------------------
+
+    async def call(self, request: Request) -> dict[str, Any]:
+        """Hand a method to the actor and wait for its result."""
+        if self._stopped:
+            raise ProtocolError("shutting_down", f"pod {self.name} is stopping")
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._mailbox.put_nowait((request, fut))
+        return await fut
+
+    async def stop(self, mode: StopMode) -> None:
+        """End the actor after the messages already queued; see StopMode."""
+        if self._stopped:
+            return
+        self._stopped = True
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._mailbox.put_nowait((_Stop(mode), fut))
+        await fut
+
+    async def run(self) -> None:
+        self._kick()
+        while True:
+            msg = await self._mailbox.get()
+            if isinstance(msg, _TurnDone):
+                self._complete(msg.task)
+            else:
+                request, fut = msg
+                self._collect_finished_turn()
+                try:
+                    if isinstance(request, _Stop):
+                        await self._halt(request.mode)
+                        fut.set_result({})
+                        self._refuse_pending()
+                        return
+                    result = await self._handle(request)
+                except ProtocolError as exc:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                else:
+                    if not fut.done():
+                        fut.set_result(result)
+            self._kick()
+
+    async def _handle(self, request: Request) -> dict[str, Any]:
+        match request:
+            case Run():
+                return await self._run(request)
+            case Pause():
+                return await self._pause()
+            case Resume():
+                return self._resume()
+            case Cancel(all=clear_queue):
+                return await self._cancel(clear_queue)
+            case Notify(text=text, source=source):
+                return self._buffer(PendingNote("notify", source or "notify", text))
+            case PodEvent(event=payload):
+                return self._pod_event(payload)
+        raise ProtocolError("invalid_request", f"{request.method} is not a pod actor method")  # type: ignore[attr-defined]
+
+    # -- methods ------------------------------------------------------------------------
+
+    async def _run(self, req: Run) -> dict[str, Any]:
+        if self.status == "running":
+            assert self.turn is not None
+            if req.if_busy == "reject":
+                raise ProtocolError(
+                    "already_running",
+                    f"pod {self.name} is running turn {self.turn.turn_id}; "
+                    "send with if_busy 'queue' or 'interrupt'",
+                )
+            if req.if_busy == "queue":
+                queued = _QueuedRun(new_turn_id(), req.text)
+                self._queue.append(queued)
+                return RunResult(turn_id=queued.turn_id, queued=True).model_dump()
+        if self.status != "idle":
+            await self._end_turn("cancelled")
+        turn = Turn(new_turn_id(), "run")
+        self._start(turn, req.text)
+        return RunResult(turn_id=turn.turn_id).model_dump()
+
+    async def _pause(self) -> dict[str, Any]:
+        if self.status == "idle":
+            raise ProtocolError("not_running", f"pod {self.name} is idle; nothing to pause")
+        if self.status == "running":
+            await self._interrupt()
+            self._set_status("paused")
+        return {}
+
+    def _resume(self) -> dict[str, Any]:
+        if self.status != "paused":
+            raise ProtocolError("not_paused", f"pod {self.name} is {self.status}, not paused")
+        assert self.turn is not None
+        self._set_status("running")
+        self._close_orphans()
+        self._launch()
+        return {}
+
+    async def _cancel(self, clear_queue: bool) -> dict[str, Any]:
+        if self.status == "idle":
+            raise ProtocolError("not_running", f"pod {self.name} is idle; nothing to cancel")
+        cleared = len(self._queue) if clear_queue else 0
+        if clear_queue:
+            self._queue.clear()
+        await self._end_turn("cancelled")
+        return {"cleared": cleared}
+
+    def _buffer(self, note: PendingNote) -> dict[str, Any]:
+        self.notes.append(note)
+        turn_id = self.turn.turn_id if self.turn else None
+        return NotifyResult(buffered=len(self.notes), turn_id=turn_id).model_dump()
+
+    def _pod_event(self, payload: dict[str, Any]) -> dict[str, Any]:
+        event_id = payload.get("event_id")
+        if isinstance(event_id, str) and event_id in self._seen_event_ids:
+            return {"duplicate": True}
+        self.emit(PodEventReceived(payload=payload))
+        source = f"pod {payload['pod']}" if isinstance(payload.get("pod"), str) else "pod_event"
+        return self._buffer(PendingNote("pod_event", source, describe_pod_event(payload)))
+
+    # -- turns --------------------------------------------------------------------------
+
+    def _kick(self) -> None:
+        """Start what is pending when idle: a queued run first, then buffered notes."""
+        if self.status != "idle" or self._stopped:
+            return
+        if self._queue:
+            queued = self._queue.popleft()
+            self._start(Turn(queued.turn_id, "run"), queued.text)
+        elif self.notes:
+            self._start(Turn(new_turn_id(), self.notes[0].kind), None)
+
+    def _start(self, turn: Turn, text: str | None) -> None:
+        self.turn = turn
+        self._set_status("running")
+        self.emit(TurnStart(turn_id=turn.turn_id, invoke=turn.invoke))
+        if text is not None:
+            self.emit(UserMessage(turn_id=turn.turn_id, text=text))
+        self._launch()
+
+    def _launch(self) -> None:
+        assert self.turn is not None
+        task = asyncio.create_task(drive_turn(self, self.turn), name=f"turn {self.name}")
+        task.add_done_callback(lambda t: self._mailbox.put_nowait(_TurnDone(t)))
+        self._task = task
+
+    def _collect_finished_turn(self) -> None:
+        """A turn that ended while its _TurnDone waits in the mailbox ends now, so the
+        method being handled sees the pod as it really is."""
+        if self._task is not None and self._task.done():
+            self._complete(self._task)
+
+    def _complete(self, task: "asyncio.Task[TurnOutcome]") -> None:
+        if task is not self._task:
+            return
+        self._task = None
+        try:
+            outcome = task.result()
+        except Exception as exc:
+            log.exception("turn of pod %s failed", self.name)
+            output = self.turn.output if self.turn else ""
+            outcome = TurnOutcome("errored", output, f"internal error: {type(exc).__name__}: {exc}")
+        self._finish(outcome.result, outcome.error)
+
+    async def _interrupt(self) -> None:
+        """Cancel the running turn task and wait until it has let go of what it held."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        task.cancel()
+        await asyncio.wait([task])
+        if not task.cancelled():
+            task.exception()
+
+    async def _end_turn(self, result: TurnResult, error: str | None = None) -> None:
+        await self._interrupt()
+        self._finish(result, error)
+
+    def _finish(self, result: TurnResult, error: str | None) -> None:
+        turn = self.turn
+        assert turn is not None
+        self._close_orphans()
+        self.emit(TurnEnd(turn_id=turn.turn_id, result=result, output=turn.output, error=error))
+        self.turn = None
+        self._set_status("idle")
+
+    def _close_orphans(self) -> None:
+        assert self.turn is not None
+        for call in self.context.orphaned_calls():
+            self.emit(
+                ToolResult(
+                    turn_id=self.turn.turn_id,
+                    call_id=call.id,
+                    name=call.name,
+                    output=INTERRUPTED_TOOL_OUTPUT,
+                    is_error=True,
+                )
+            )
+
+    async def _halt(self, mode: StopMode) -> None:
+        if self.status == "running" and mode == "pause":
+            await self._interrupt()
+            self._set_status("paused")
+        elif self.status != "idle" and mode == "cancel":
+            await self._end_turn("cancelled")
+        self.hub.close_all()
+        await self.provider.aclose()
+
+    def _refuse_pending(self) -> None:
+        while not self._mailbox.empty():
+            msg = self._mailbox.get_nowait()
+            if not isinstance(msg, _TurnDone) and not msg[1].done():
+                msg[1].set_exception(ProtocolError("shutting_down", f"pod {self.name} stopped"))
+
+    # -- queries ------------------------------------------------------------------------
+
+    def history(self, after_seq: int, limit: int) -> HistoryResult:
+        events = [orjson.loads(data) for _, data in self._page(after_seq, limit)]
+        return HistoryResult(events=events, last_seq=self.last_seq)
+
+    def status_result(self) -> PodStatus:
+        model = self.manifest.model
+        return PodStatus(
+            name=self.name,
+            status=self.status,
+            turn_id=self.turn.turn_id if self.turn else None,
+            queued=len(self._queue),
+            last_seq=self.last_seq,
+            parent=self.parent,
+            children=list(self.children),
+            model=f"{model.provider}/{model.name}" if model.name else model.provider,
+            cwd=str(self.tool_context.cwd),
+            tools=list(self.manifest.tools),
+            usage=self.usage.model_copy(),
+            socket=str(self.socket_path),
+        )

@@ -1,0 +1,321 @@
+"""capd's process: start-up, restore, the pod registry, signals and shutdown.
+
+`Daemon.serve()` is `startup()`, `main_loop()` and `shutdown()` in that order. Pods live in
+`self.pods` while running; the store remembers every pod, running or stopped.
+"""
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import resource
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from capd.config import Config
+from capd.controller import PodController, StopMode
+from capd.fanout import Hub
+from capd.server import DaemonEndpoint, PodEndpoint
+from capd.store import PodRecord, Store
+from protocol import VERSION
+from protocol.errors import ProtocolError
+from protocol.events import (
+    PodDeleted,
+    PodEventBase,
+    PodSpawned,
+    PodStatusEvent,
+    PodStatusName,
+    PodStopped,
+)
+from protocol.framing import encode
+from protocol.manifest import Manifest
+from protocol.paths import pod_socket
+from protocol.results import InfoResult, ListResult, PodListEntry, SpawnResult
+
+log = logging.getLogger("capd")
+
+REPLAY_BATCH = 1000
+
+
+@dataclass(eq=False)
+class _RunningPod:
+    controller: PodController
+    endpoint: PodEndpoint
+    actor: "asyncio.Task[None]"
+
+
+class DaemonLocked(Exception):
+    """Another capd holds the lock on this state or runtime directory."""
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.pods: dict[str, _RunningPod] = {}
+        self.hub = Hub("", lambda: 0)
+        self._store: Store | None = None
+        self._endpoint = DaemonEndpoint(self, config)
+        self._locks: list[IO[str]] = []
+        self._should_exit = asyncio.Event()
+        self._started = time.monotonic()
+        self._background: set[asyncio.Task[None]] = set()
+
+    @property
+    def store(self) -> Store:
+        assert self._store is not None
+        return self._store
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        await self.startup()
+        try:
+            await self.main_loop()
+        finally:
+            await self.shutdown()
+
+    async def startup(self) -> None:
+        cfg = self.config
+        _make_private_dir(cfg.runtime_dir)
+        _make_private_dir(cfg.runtime_dir / "pods")
+        _make_private_dir(cfg.state_dir)
+        self._locks = [_lock(cfg.state_dir / "capd.lock"), _lock(cfg.runtime_dir / "capd.lock")]
+        _raise_fd_limit()
+        self._store = Store(cfg.state_dir / "capd.db")
+        for record in self.store.pods():
+            if not record.stopped:
+                await self._bring_up(record)
+        await self._endpoint.listen()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_shutdown)
+        log.info(
+            "capd %s listening on %s (%d pods restored)",
+            VERSION,
+            self._endpoint.path,
+            len(self.pods),
+        )
+
+    async def main_loop(self) -> None:
+        await self._should_exit.wait()
+
+    def request_shutdown(self) -> None:
+        self._should_exit.set()
+
+    async def shutdown(self) -> None:
+        log.info("shutting down: pausing in-flight turns")
+        await self._endpoint.close()
+        await asyncio.gather(*(self._take_down(name, "pause") for name in list(self.pods)))
+        if self._store is not None:
+            self._store.close()
+        for lock in self._locks:
+            lock.close()
+        log.info("capd stopped")
+
+    # -- pods ---------------------------------------------------------------------------
+
+    async def spawn(self, manifest: Manifest, parent: str | None) -> SpawnResult:
+        name = manifest.name
+        if name in self.pods or any(r.name == name for r in self.store.pods()):
+            raise ProtocolError("already_exists", f"a pod named {name} already exists")
+        manifest = manifest.model_copy(update={"cwd": str(self._resolve_cwd(manifest))})
+        _check_api_key(manifest)
+        self.store.add_pod(name, manifest.model_dump_json(), parent, time.time())
+        record = PodRecord(name, manifest.model_dump_json(), parent, stopped=False)
+        running = await self._bring_up(record)
+        socket = str(running.endpoint.path)
+        self._publish(PodSpawned(pod=name, socket=socket, parent=parent))
+        return SpawnResult(name=name, socket=socket)
+
+    async def stop_pod(self, name: str) -> None:
+        self._require_known(name)
+        if name not in self.pods:
+            return
+        await self._take_down(name, "cancel")
+        self.store.set_stopped(name, True)
+        self._publish(PodStopped(pod=name))
+
+    def stop_pod_soon(self, name: str) -> None:
+        """Stop a pod after the current request's reply went out (the pod's own `stop`)."""
+        task = asyncio.create_task(self.stop_pod(name))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def start_pod(self, name: str) -> SpawnResult:
+        record = self._require_known(name)
+        if name not in self.pods:
+            self.store.set_stopped(name, False)
+            await self._bring_up(record)
+            self._publish(
+                PodSpawned(pod=name, socket=str(self._socket(name)), parent=record.parent)
+            )
+        return SpawnResult(name=name, socket=str(self._socket(name)))
+
+    async def delete_pod(self, name: str) -> None:
+        self._require_known(name)
+        if name in self.pods:
+            await self._take_down(name, "cancel")
+        self.store.delete_pod(name)
+        self._publish(PodDeleted(pod=name))
+
+    def list_pods(self) -> ListResult:
+        entries = []
+        for record in self.store.pods():
+            running = self.pods.get(record.name)
+            status = running.controller.status if running else "stopped"
+            entries.append(
+                PodListEntry(
+                    name=record.name,
+                    status=status,
+                    parent=record.parent,
+                    socket=str(self._socket(record.name)),
+                )
+            )
+        return ListResult(pods=entries)
+
+    def info(self) -> InfoResult:
+        return InfoResult(
+            version=VERSION,
+            pid=os.getpid(),
+            uptime_s=round(time.monotonic() - self._started, 3),
+            pods=len(self.pods),
+            runtime_dir=str(self.config.runtime_dir),
+            state_dir=str(self.config.state_dir),
+        )
+
+    async def _bring_up(self, record: PodRecord) -> _RunningPod:
+        manifest = Manifest.model_validate_json(record.manifest)
+        controller = PodController(
+            manifest,
+            parent=record.parent,
+            socket_path=self._socket(record.name),
+            store=self.store,
+            on_status=self._pod_status_changed,
+        )
+        controller.restore(self._stored_events(record.name))
+        endpoint = PodEndpoint(controller, self, self.config)
+        await endpoint.listen()
+        actor = asyncio.create_task(controller.run(), name=f"pod {record.name}")
+        running = _RunningPod(controller, endpoint, actor)
+        self.pods[record.name] = running
+        return running
+
+    async def _take_down(self, name: str, mode: StopMode) -> None:
+        running = self.pods.pop(name, None)
+        if running is None:
+            return
+        await running.endpoint.close_listener()
+        await running.controller.stop(mode)
+        await running.actor
+        await running.endpoint.close()
+
+    def _stored_events(self, name: str) -> Iterator[bytes]:
+        after = 0
+        while rows := self.store.events_after(name, after, REPLAY_BATCH):
+            for _, data in rows:
+                yield data
+            after = rows[-1][0]
+
+    def _require_known(self, name: str) -> PodRecord:
+        for record in self.store.pods():
+            if record.name == name:
+                return record
+        raise ProtocolError("not_found", f"no pod named {name}; `capctl ps` lists them")
+
+    def _socket(self, name: str) -> Path:
+        return pod_socket(self.config.runtime_dir, name)
+
+    def _resolve_cwd(self, manifest: Manifest) -> Path:
+        if manifest.cwd is None:
+            cwd = self.config.state_dir / "pods" / manifest.name / "work"
+            cwd.mkdir(parents=True, exist_ok=True)
+            return cwd
+        cwd = Path(manifest.cwd)
+        if not cwd.is_absolute():
+            raise ProtocolError("invalid_request", f"cwd {cwd} must be an absolute path")
+        if not cwd.is_dir():
+            raise ProtocolError(
+                "invalid_request", f"cwd {cwd} is not a directory; create it before spawning"
+            )
+        return cwd.resolve()
+
+    def _pod_status_changed(self, name: str, status: PodStatusName) -> None:
+        self._publish(PodStatusEvent(pod=name, status=status))
+
+    def _publish(self, event: PodEventBase) -> None:
+        if self.hub.subscriptions:
+            self.hub.publish(encode(event))
+
+
+def _check_api_key(manifest: Manifest) -> None:
+    env = manifest.model.api_key_env
+    if env and not os.environ.get(env):
+        raise ProtocolError(
+            "invalid_request",
+            f"model.api_key_env names {env}, which is not set in capd's environment",
+        )
+
+
+def _make_private_dir(path: Path) -> None:
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.stat().st_uid == os.getuid():
+        os.chmod(path, 0o700)
+
+
+def _lock(path: Path) -> IO[str]:
+    handle = path.open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "another process"
+        handle.close()
+        raise DaemonLocked(
+            f"{path.parent} is in use by capd (pid {owner}); stop it first "
+            "or give this one other --runtime-dir/--state-dir"
+        ) from None
+    handle.truncate(0)
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
+def _raise_fd_limit() -> None:
+    """Every pod listens on a socket: allow as many descriptors as the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _install_loop() -> None:
+    try:
+        import uvloop
+    except ImportError:
+        log.warning("uvloop is not installed; using the default asyncio loop")
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = Config.from_args(argv)
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s capd[%(process)d] %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    _install_loop()
+    try:
+        asyncio.run(Daemon(config).serve())
+    except DaemonLocked as exc:
+        print(f"capd: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as exc:
+        print(f"capd: {exc}", file=sys.stderr)
+        sys.exit(1)

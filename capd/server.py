@@ -1,0 +1,197 @@
+"""The daemon socket and the pod sockets: listening, and turning requests into calls.
+
+`Endpoint` is one listening Unix socket with its connections; `PodEndpoint` and
+`DaemonEndpoint` decide what each method does on their socket (§4 and §7).
+"""
+
+import asyncio
+import contextlib
+import os
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from capd.config import Config
+from capd.connection import Connection, serve_connection
+from capd.controller import PodController
+from capd.fanout import Hub
+from protocol import SERVER_NAME
+from protocol.events import Ack, Hello, PodHello
+from protocol.framing import encode
+from protocol.methods import (
+    DAEMON_REQUESTS,
+    POD_REQUESTS,
+    DaemonSubscribe,
+    Delete,
+    History,
+    Info,
+    ListPods,
+    Request,
+    Shutdown,
+    Spawn,
+    Start,
+    Status,
+    Stop,
+    StopPod,
+    Subscribe,
+    Unsubscribe,
+)
+from protocol.results import SubscribeResult
+
+if TYPE_CHECKING:
+    from capd.daemon import Daemon
+
+
+def ack(request: Request, result: dict[str, Any] | None = None) -> bytes:
+    return encode(Ack(id=request.id, result=result or {}))
+
+
+class Endpoint(ABC):
+    """A listening socket, its open connections, and the handler for their requests."""
+
+    def __init__(self, path: Path, config: Config) -> None:
+        self.path = path
+        self._config = config
+        self._server: asyncio.Server | None = None
+        self._connections: set[Connection] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def listen(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        old_umask = os.umask(0o177)
+        try:
+            self._server = await asyncio.start_unix_server(
+                self._serve, path=str(self.path), limit=self._config.max_frame_bytes + 1
+            )
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.path, 0o600)
+
+    async def close_listener(self) -> None:
+        """Stop accepting connections and remove the socket file."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    async def close(self) -> None:
+        """Stop listening, then flush and close every connection."""
+        await self.close_listener()
+        for conn in tuple(self._connections):
+            conn.abort_after_flush()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)  # type: ignore[arg-type]
+        try:
+            await serve_connection(
+                reader,
+                writer,
+                encode(self.hello()),
+                self._handle,
+                max_queued_bytes=self._config.max_queued_bytes,
+                max_frame_bytes=self._config.max_frame_bytes,
+                on_open=self._connections.add,
+                on_close=self._forget,
+            )
+        finally:
+            self._tasks.discard(task)  # type: ignore[arg-type]
+
+    def _forget(self, conn: Connection) -> None:
+        self._connections.discard(conn)
+        if conn.subscription is not None:
+            conn.subscription.end()
+            conn.subscription = None
+
+    def _subscribe(
+        self, hub: Hub, conn: Connection, request: Request, after_seq: int | None
+    ) -> None:
+        """Ack, then register: the ack is queued before any replayed or live event."""
+        if conn.subscription is not None:
+            conn.subscription.end()
+        conn.send(ack(request, SubscribeResult(last_seq=hub.last_seq()).model_dump()))
+        conn.subscription = hub.subscribe(conn, after_seq)
+
+    @abstractmethod
+    def hello(self) -> Hello: ...
+
+    @abstractmethod
+    async def _handle(self, frame: dict[str, Any], conn: Connection) -> bytes | None:
+        """The reply frame, or None when the handler already queued it."""
+
+
+class PodEndpoint(Endpoint):
+    def __init__(self, pod: PodController, daemon: "Daemon", config: Config) -> None:
+        super().__init__(pod.socket_path, config)
+        self.pod = pod
+        self._daemon = daemon
+
+    def hello(self) -> Hello:
+        pod = self.pod
+        return Hello(
+            server=SERVER_NAME,
+            pod=PodHello(name=pod.name, status=pod.status, last_seq=pod.last_seq),
+        )
+
+    async def _handle(self, frame: dict[str, Any], conn: Connection) -> bytes | None:
+        request = POD_REQUESTS.parse(frame)
+        pod = self.pod
+        match request:
+            case Status():
+                return ack(request, pod.status_result().model_dump(mode="json"))
+            case Subscribe(after_seq=after_seq):
+                self._subscribe(pod.hub, conn, request, after_seq)
+                return None
+            case Unsubscribe():
+                if conn.subscription is not None:
+                    conn.subscription.end()
+                    conn.subscription = None
+                return ack(request)
+            case History(after_seq=after_seq, limit=limit):
+                return ack(request, pod.history(after_seq, limit).model_dump())
+            case StopPod():
+                conn.send(ack(request))
+                self._daemon.stop_pod_soon(pod.name)
+                return None
+        return ack(request, await pod.call(request))
+
+
+class DaemonEndpoint(Endpoint):
+    def __init__(self, daemon: "Daemon", config: Config) -> None:
+        super().__init__(config.runtime_dir / "capd.sock", config)
+        self._daemon = daemon
+
+    def hello(self) -> Hello:
+        return Hello(server=SERVER_NAME, pod=None)
+
+    async def _handle(self, frame: dict[str, Any], conn: Connection) -> bytes | None:
+        request = DAEMON_REQUESTS.parse(frame)
+        daemon = self._daemon
+        match request:
+            case Spawn(manifest=manifest, parent=parent):
+                return ack(request, (await daemon.spawn(manifest, parent)).model_dump())
+            case ListPods():
+                return ack(request, daemon.list_pods().model_dump())
+            case Stop(name=name):
+                await daemon.stop_pod(name)
+                return ack(request)
+            case Start(name=name):
+                return ack(request, (await daemon.start_pod(name)).model_dump())
+            case Delete(name=name):
+                await daemon.delete_pod(name)
+                return ack(request)
+            case Info():
+                return ack(request, daemon.info().model_dump())
+            case Shutdown():
+                conn.send(ack(request))
+                daemon.request_shutdown()
+                return None
+            case DaemonSubscribe():
+                self._subscribe(daemon.hub, conn, request, None)
+                return None
+        raise AssertionError(f"unhandled daemon method {request!r}")

@@ -1,0 +1,46 @@
+"""The tool seam: a Tool validates its arguments with a protocol/tools.py model and runs.
+
+A tool returns a ToolOutcome; a failure the model should read is `ToolFailed`. A tool is
+cancelled (pause, cancel, stop) by cancelling its coroutine: it must release what it holds
+at once — a subprocess tool kills its whole process group.
+"""
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from capd.providers.base import ToolSpec
+from protocol.tools import ToolArgs
+
+DEFAULT_OUTPUT_LIMIT = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ToolContext:
+    cwd: Path
+    pod: str
+    output_limit: int = DEFAULT_OUTPUT_LIMIT
+
+
+@dataclass(frozen=True, slots=True)
+class ToolOutcome:
+    output: str
+    is_error: bool = False
+
+
+class ToolFailed(Exception):
+    """The tool could not do what was asked; the message goes to the model as an error."""
+
+
+class Tool(ABC):
+    name: ClassVar[str]
+    description: ClassVar[str]
+    args_model: ClassVar[type[ToolArgs]]
+
+    @classmethod
+    def spec(cls) -> ToolSpec:
+        return ToolSpec(cls.name, cls.description, cls.args_model.json_schema())
+
+    @abstractmethod
+    async def run(self, args: ToolArgs, ctx: ToolContext) -> ToolOutcome: ...

@@ -1,0 +1,102 @@
+"""Fixtures: a real capd subprocess on temporary runtime and state directories."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+START_TIMEOUT_S = 10.0
+
+
+@dataclass
+class CapdProcess:
+    runtime_dir: Path
+    state_dir: Path
+    extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def socket(self) -> Path:
+        return self.runtime_dir / "capd.sock"
+
+    def pod_socket(self, name: str) -> Path:
+        return self.runtime_dir / "pods" / f"{name}.sock"
+
+    def start(self) -> None:
+        env = {**os.environ, **self.env}
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "capd",
+                "--runtime-dir",
+                str(self.runtime_dir),
+                "--state-dir",
+                str(self.state_dir),
+                *self.extra_args,
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                out = self.proc.stdout.read().decode() if self.proc.stdout else ""
+                raise RuntimeError(f"capd exited with {self.proc.returncode}:\n{out}")
+            if _accepts(self.socket):
+                return
+            time.sleep(0.01)
+        raise TimeoutError("capd did not listen within the start timeout")
+
+    def signal(self, sig: int) -> int:
+        """Send `sig` and wait for the exit; returns the exit code."""
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=15)
+
+    def output(self) -> str:
+        assert self.proc is not None
+        assert self.proc.stdout is not None
+        return self.proc.stdout.read().decode()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            code = self.signal(signal.SIGTERM)
+            assert code == 0, f"capd exited {code} on SIGTERM:\n{self.output()}"
+
+
+def _accepts(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+        return True
+
+
+@pytest.fixture
+def capd_dirs(tmp_path: Path) -> Iterator[CapdProcess]:
+    """A capd not yet started, so a test can set args or env first."""
+    # Unix socket paths are limited to 108 bytes: keep the runtime dir short.
+    runtime = Path(f"/tmp/capd-test-{os.getpid()}-{time.monotonic_ns() % 10**9}")
+    proc = CapdProcess(runtime_dir=runtime, state_dir=tmp_path / "state")
+    yield proc
+    proc.stop()
+    shutil.rmtree(runtime, ignore_errors=True)
+
+
+@pytest.fixture
+def capd(capd_dirs: CapdProcess) -> CapdProcess:
+    """A running capd; stopped with SIGTERM (and checked to exit 0) after the test."""
+    capd_dirs.start()
+    return capd_dirs
