@@ -24,7 +24,7 @@ from capd.providers.base import (
     ToolSpec,
 )
 from capd.tools import run_tool
-from capd.tools.base import ToolContext
+from capd.tools.base import ToolContext, ToolOutcome
 from protocol.events import (
     AssistantMessage,
     DurableEvent,
@@ -38,7 +38,6 @@ from protocol.events import (
     ToolCallStart,
     ToolResult,
     TurnResult,
-    Usage,
 )
 from protocol.manifest import Manifest
 
@@ -80,7 +79,6 @@ class TurnHost(Protocol):
     context: Context
     tool_specs: list[ToolSpec]
     tool_context: ToolContext
-    usage: Usage
     notes: list[PendingNote]
 
     def emit(self, event: DurableEvent) -> None: ...
@@ -122,8 +120,6 @@ async def _steps(host: TurnHost, turn: Turn) -> TurnOutcome:
         reply = await _call_model(host, turn)
         turn.output = turn.partial + reply.text
         turn.partial = ""
-        host.usage.input_tokens += reply.usage.input_tokens
-        host.usage.output_tokens += reply.usage.output_tokens
         host.emit(
             AssistantMessage(
                 turn_id=turn.turn_id,
@@ -134,8 +130,15 @@ async def _steps(host: TurnHost, turn: Turn) -> TurnOutcome:
         )
         if not reply.tool_calls:
             return TurnOutcome("finished", turn.output)
+        enabled = [spec.name for spec in host.tool_specs]
         for call in reply.tool_calls:
-            outcome = await run_tool(call.name, call.arguments, host.tool_context)
+            if call.name in enabled:
+                outcome = await run_tool(call.name, call.arguments, host.tool_context)
+            else:
+                listed = ", ".join(enabled) or "none"
+                outcome = ToolOutcome(
+                    f"tool {call.name} is not enabled for this pod (enabled: {listed})", True
+                )
             host.emit(
                 ToolResult(
                     turn_id=turn.turn_id,

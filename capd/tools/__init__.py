@@ -1,0 +1,58 @@
+"""The built-in tools by name, and `run_tool`, which turns every failure into an outcome.
+
+`run_tool` never raises except asyncio.CancelledError: a bad call from the model (unknown
+tool, arguments that are not JSON or do not fit the schema) or a failing tool becomes an
+error outcome the model can read and act on.
+"""
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from pydantic import ValidationError
+
+from capd.providers.base import INVALID_JSON_KEY, ToolSpec
+from capd.tools.base import Tool, ToolContext, ToolFailed, ToolOutcome
+from capd.tools.files import EditFileTool, ReadFileTool, WriteFileTool
+from capd.tools.shell import BashTool
+
+log = logging.getLogger(__name__)
+
+BUILTIN_TOOLS: dict[str, Tool] = {
+    tool.name: tool for tool in (BashTool(), ReadFileTool(), WriteFileTool(), EditFileTool())
+}
+
+INVALID_JSON_SHOWN_CHARS = 200
+
+
+def tool_specs(names: Iterable[str]) -> list[ToolSpec]:
+    """Specs of the tools a manifest allows, in its order; names not built in are skipped."""
+    return [BUILTIN_TOOLS[name].spec() for name in dict.fromkeys(names) if name in BUILTIN_TOOLS]
+
+
+async def run_tool(name: str, arguments: dict[str, Any], ctx: ToolContext) -> ToolOutcome:
+    tool = BUILTIN_TOOLS.get(name)
+    if tool is None:
+        return ToolOutcome(f"unknown tool {name!r}", is_error=True)
+    if INVALID_JSON_KEY in arguments:
+        raw = str(arguments[INVALID_JSON_KEY])[:INVALID_JSON_SHOWN_CHARS]
+        return ToolOutcome(f"arguments were not valid JSON: {raw}", is_error=True)
+    try:
+        args = tool.args_model.model_validate(arguments)
+    except ValidationError as exc:
+        return ToolOutcome(f"invalid arguments for {name}: {_one_line(exc)}", is_error=True)
+    try:
+        return await tool.run(args, ctx)
+    except ToolFailed as exc:
+        return ToolOutcome(str(exc), is_error=True)
+    except Exception as exc:
+        log.exception("tool %s failed in pod %s", name, ctx.pod)
+        return ToolOutcome(f"tool {name} failed: {type(exc).__name__}: {exc}", is_error=True)
+
+
+def _one_line(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors(include_url=False):
+        where = ".".join(str(part) for part in error["loc"])
+        problems.append(f"{where}: {error['msg']}" if where else error["msg"])
+    return "; ".join(problems)

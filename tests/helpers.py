@@ -1,0 +1,55 @@
+"""Test helpers: spawn pods on a real capd and wait on their events with timeouts."""
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from protocol.client import Client
+from tests.conftest import CapdProcess
+
+EVENT_TIMEOUT_S = 10.0
+Event = dict[str, Any]
+
+
+def scripted(*steps: dict[str, Any]) -> dict[str, Any]:
+    return {"provider": "scripted", "script": list(steps)}
+
+
+def slow_text(chars: int = 4000, delay_ms: float = 2) -> dict[str, Any]:
+    """A scripted step that streams one character every `delay_ms`."""
+    return {"text": "x" * chars, "chunk_chars": 1, "delay_ms": delay_ms}
+
+
+async def spawn(capd: CapdProcess, name: str, model: dict[str, Any], **manifest: Any) -> Path:
+    async with await Client.connect(capd.socket) as daemon:
+        result = await daemon.request(
+            {"method": "spawn", "manifest": {"name": name, "model": model, **manifest}}
+        )
+    return Path(result["socket"])
+
+
+async def connect_pod(capd: CapdProcess, name: str, subscribe: bool = True) -> Client:
+    client = await Client.connect(capd.pod_socket(name))
+    if subscribe:
+        await client.request({"method": "subscribe"})
+    return client
+
+
+async def wait_for(
+    client: Client, predicate: Callable[[Event], bool], timeout: float = EVENT_TIMEOUT_S
+) -> tuple[Event, list[Event]]:
+    """Read events until one matches; returns it and every event read (it included)."""
+    seen: list[Event] = []
+    while True:
+        event = await client.next_event(timeout)
+        seen.append(event)
+        if predicate(event):
+            return event, seen
+
+
+def is_event(kind: str, **fields: Any) -> Callable[[Event], bool]:
+    return lambda e: e.get("event") == kind and all(e.get(k) == v for k, v in fields.items())
+
+
+def kinds(events: list[Event], durable_only: bool = False) -> list[str]:
+    return [e["event"] for e in events if not durable_only or "seq" in e]

@@ -1,0 +1,377 @@
+"""The built-in tools, run for real: bash subprocesses and files under tmp_path."""
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from capd.providers.base import INVALID_JSON_KEY
+from capd.tools import BUILTIN_TOOLS, run_tool, tool_specs
+from capd.tools.base import Tool, ToolContext, ToolOutcome
+from protocol.tools import NoArgs, ToolArgs
+
+WAIT_S = 5.0
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = WAIT_S) -> None:
+    """Polls `condition` until it holds; fails the test after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout_s} s")
+        await asyncio.sleep(0.01)
+
+
+def alive(pid: int) -> bool:
+    """True while `pid` runs; a zombie left for init to reap counts as dead."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live processes whose process group is `pgid`."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(entry.name))
+    return members
+
+
+def reaped(pid: int) -> bool:
+    return not Path(f"/proc/{pid}").exists()
+
+
+def read_pids(path: Path) -> list[int]:
+    return [int(word) for word in path.read_text().split()]
+
+
+async def wait_for_pids(path: Path) -> list[int]:
+    """PIDs a command wrote to `path` (it writes a temp file and renames it, so reads are whole)."""
+    await until(path.exists)
+    return read_pids(path)
+
+
+@pytest.fixture
+def ctx(tmp_path: Path) -> ToolContext:
+    work = tmp_path / "work"
+    work.mkdir()
+    return ToolContext(cwd=work, pod="test")
+
+
+async def bash(ctx: ToolContext, command: str, **extra: object) -> ToolOutcome:
+    return await run_tool("bash", {"command": command, **extra}, ctx)
+
+
+# bash
+
+
+async def test_bash_returns_output_and_success(ctx: ToolContext) -> None:
+    outcome = await bash(ctx, "echo hello; echo oops >&2")
+    assert outcome == ToolOutcome("hello\noops")
+
+
+async def test_bash_reports_nonzero_exit(ctx: ToolContext) -> None:
+    outcome = await bash(ctx, "echo failing; exit 3")
+    assert outcome.is_error
+    assert outcome.output == "failing\n[exit code 3]"
+    killed = await bash(ctx, "kill -TERM $$")
+    assert killed == ToolOutcome("[killed by signal SIGTERM]", is_error=True)
+
+
+async def test_bash_reports_no_output(ctx: ToolContext) -> None:
+    assert await bash(ctx, "true") == ToolOutcome("[no output]")
+
+
+async def test_bash_runs_in_cwd_with_empty_stdin(ctx: ToolContext) -> None:
+    outcome = await bash(ctx, "pwd; cat; echo end")
+    assert outcome.output == f"{ctx.cwd}\nend"
+
+
+async def test_bash_missing_cwd_is_an_error(tmp_path: Path) -> None:
+    outcome = await bash(ToolContext(cwd=tmp_path / "missing", pod="test"), "true")
+    assert outcome.is_error
+    assert "cannot run bash" in outcome.output
+
+
+async def test_bash_timeout_kills_the_process_group(ctx: ToolContext) -> None:
+    command = "sleep 1000 & echo $! $$ > pids.tmp && mv pids.tmp pids; echo started; sleep 1000"
+    started = time.monotonic()
+    outcome = await bash(ctx, command, timeout_s=0.5)
+    assert time.monotonic() - started < 3
+    assert outcome.is_error
+    assert outcome.output == "started\n[command timed out after 0.5 s and was killed]"
+    background, main = await wait_for_pids(ctx.cwd / "pids")
+    await until(lambda: not alive(background) and not group_members(main))
+    assert reaped(main)
+
+
+async def test_bash_kills_background_processes_when_the_command_ends(ctx: ToolContext) -> None:
+    command = "sleep 1000 & echo $! $$ > pids.tmp && mv pids.tmp pids; echo done"
+    outcome = await asyncio.wait_for(bash(ctx, command), WAIT_S)
+    assert outcome == ToolOutcome("done")
+    background, main = await wait_for_pids(ctx.cwd / "pids")
+    await until(lambda: not alive(background) and not group_members(main))
+
+
+async def test_bash_stops_reading_when_an_escaped_process_holds_the_pipe(
+    ctx: ToolContext,
+) -> None:
+    command = "setsid sleep 1000 & echo $! > pids.tmp && mv pids.tmp pids; echo done"
+    try:
+        outcome = await asyncio.wait_for(bash(ctx, command), WAIT_S)
+        assert outcome == ToolOutcome("done")
+    finally:
+        (escaped,) = await wait_for_pids(ctx.cwd / "pids")
+        os.kill(escaped, 9)
+
+
+async def test_bash_truncates_big_output_quickly(ctx: ToolContext) -> None:
+    started = time.monotonic()
+    outcome = await bash(ctx, "yes | head -c 10000000")
+    assert time.monotonic() - started < 5
+    assert not outcome.is_error
+    body, note = outcome.output.rsplit("\n", 1)
+    assert note == f"[output truncated: 10000000 bytes in all, first {ctx.output_limit} shown]"
+    assert len(body) == ctx.output_limit - 1
+    assert set(body.split("\n")) == {"y"}
+
+
+async def test_bash_decodes_invalid_utf8_with_replacement(ctx: ToolContext) -> None:
+    outcome = await bash(ctx, r"printf 'a\377b'")
+    assert outcome.output == "a\ufffdb"
+
+
+async def test_bash_cancellation_kills_the_whole_group(ctx: ToolContext) -> None:
+    command = "sleep 1000 & echo $! $$ > pids.tmp && mv pids.tmp pids; sleep 1000"
+    task = asyncio.create_task(bash(ctx, command))
+    background, main = await wait_for_pids(ctx.cwd / "pids")
+    assert alive(background)
+    assert alive(main)
+    cancelled = time.monotonic()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, WAIT_S)
+    assert time.monotonic() - cancelled < 1
+    assert reaped(main)
+    await until(lambda: not group_members(main), timeout_s=1)
+    assert not alive(background)
+
+
+# path confinement
+
+
+def untouched(outside: Path) -> bool:
+    files = sorted(p.name for p in outside.iterdir())
+    return files == ["secret.txt"] and (outside / "secret.txt").read_text() == "secret\n"
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    directory = tmp_path / "outside"
+    directory.mkdir()
+    (directory / "secret.txt").write_text("secret\n")
+    return directory
+
+
+@pytest.mark.parametrize(
+    ("tool", "extra"),
+    [
+        ("read_file", {}),
+        ("write_file", {"content": "x"}),
+        ("edit_file", {"old_text": "secret", "new_text": "x"}),
+    ],
+)
+async def test_file_tools_refuse_paths_outside_cwd(
+    ctx: ToolContext, outside: Path, tool: str, extra: dict[str, str]
+) -> None:
+    (ctx.cwd / "link.txt").symlink_to(outside / "secret.txt")
+    (ctx.cwd / "linkdir").symlink_to(outside)
+    (ctx.cwd / "dangling.txt").symlink_to(outside / "new.txt")
+    paths = [
+        "../outside/secret.txt",
+        "sub/../../outside/secret.txt",
+        str(outside / "secret.txt"),
+        "link.txt",
+        "linkdir/secret.txt",
+        "linkdir/new.txt",
+        "dangling.txt",
+    ]
+    for path in paths:
+        outcome = await run_tool(tool, {"path": path, **extra}, ctx)
+        assert outcome == ToolOutcome(
+            f"path {path} resolves outside the working directory {ctx.cwd}", is_error=True
+        )
+    assert untouched(outside)
+
+
+async def test_file_tools_accept_absolute_paths_and_symlinks_inside_cwd(ctx: ToolContext) -> None:
+    (ctx.cwd / "real.txt").write_text("inside\n")
+    (ctx.cwd / "link.txt").symlink_to(ctx.cwd / "real.txt")
+    absolute = await run_tool("read_file", {"path": str(ctx.cwd / "real.txt")}, ctx)
+    assert absolute == ToolOutcome("inside\n")
+    assert await run_tool("read_file", {"path": "link.txt"}, ctx) == ToolOutcome("inside\n")
+
+
+# read_file
+
+
+async def test_read_file_offset_and_limit(ctx: ToolContext) -> None:
+    (ctx.cwd / "f.txt").write_text("".join(f"line {n}\n" for n in range(1, 11)))
+    outcome = await run_tool("read_file", {"path": "f.txt", "offset": 3, "limit": 2}, ctx)
+    assert outcome == ToolOutcome("line 3\nline 4\n[the file goes on; read on with offset=5]")
+    tail = await run_tool("read_file", {"path": "f.txt", "offset": 9}, ctx)
+    assert tail == ToolOutcome("line 9\nline 10\n")
+
+
+async def test_read_file_offset_past_the_end(ctx: ToolContext) -> None:
+    (ctx.cwd / "f.txt").write_text("a\nb\nc")
+    outcome = await run_tool("read_file", {"path": "f.txt", "offset": 10}, ctx)
+    assert outcome == ToolOutcome("[offset 10 is past the end of the file, which has 3 lines]")
+    (ctx.cwd / "empty.txt").write_text("")
+    empty = await run_tool("read_file", {"path": "empty.txt"}, ctx)
+    assert empty == ToolOutcome("[the file is empty]")
+
+
+async def test_read_file_caps_output(tmp_path: Path) -> None:
+    ctx = ToolContext(cwd=tmp_path, pod="test", output_limit=25)
+    (tmp_path / "f.txt").write_text("0123456789\n" * 5)
+    outcome = await run_tool("read_file", {"path": "f.txt"}, ctx)
+    assert outcome == ToolOutcome(
+        "0123456789\n0123456789\n012\n"
+        "[output truncated at 25 bytes, within line 3; read on with offset=3]"
+    )
+    (tmp_path / "long.txt").write_text("x" * 100)
+    long_line = await run_tool("read_file", {"path": "long.txt"}, ctx)
+    assert long_line.output.endswith("within line 1; read on with offset=2]")
+
+
+async def test_read_file_refuses_binary_and_replaces_bad_utf8(ctx: ToolContext) -> None:
+    (ctx.cwd / "bin").write_bytes(b"\x7fELF\0\0\1")
+    binary = await run_tool("read_file", {"path": "bin"}, ctx)
+    assert binary == ToolOutcome("bin looks like a binary file (it holds NUL bytes)", True)
+    (ctx.cwd / "latin1.txt").write_bytes(b"caf\xe9\n")
+    assert await run_tool("read_file", {"path": "latin1.txt"}, ctx) == ToolOutcome("caf\ufffd\n")
+
+
+async def test_read_file_missing_file(ctx: ToolContext) -> None:
+    missing = await run_tool("read_file", {"path": "nope.txt"}, ctx)
+    assert missing == ToolOutcome("cannot read nope.txt: No such file or directory", True)
+    bad = await run_tool("read_file", {"path": "a\0b"}, ctx)
+    assert bad == ToolOutcome("cannot resolve path a\0b: embedded null byte", True)
+
+
+@pytest.mark.parametrize(
+    ("tool", "extra"),
+    [
+        ("read_file", {}),
+        ("write_file", {"content": "x"}),
+        ("edit_file", {"old_text": "a", "new_text": "b"}),
+    ],
+)
+async def test_file_tools_refuse_directories_and_fifos(
+    ctx: ToolContext, tool: str, extra: dict[str, str]
+) -> None:
+    os.mkfifo(ctx.cwd / "fifo")
+    for path in (".", "fifo"):
+        outcome = await run_tool(tool, {"path": path, **extra}, ctx)
+        assert outcome == ToolOutcome(f"{path} is not a regular file", True)
+
+
+# write_file and edit_file
+
+
+async def test_write_file_creates_directories_and_reports_bytes(ctx: ToolContext) -> None:
+    outcome = await run_tool("write_file", {"path": "a/b/c.txt", "content": "é\n"}, ctx)
+    assert outcome == ToolOutcome("wrote 3 bytes to a/b/c.txt")
+    assert (ctx.cwd / "a/b/c.txt").read_text() == "é\n"
+    await run_tool("write_file", {"path": "a/b/c.txt", "content": "new"}, ctx)
+    assert (ctx.cwd / "a/b/c.txt").read_text() == "new"
+
+
+async def test_edit_file(ctx: ToolContext) -> None:
+    path = ctx.cwd / "f.py"
+    path.write_text("a = 1\nb = 1\nc = 2\n")
+    edit = {"path": "f.py", "new_text": "x"}
+
+    missing = await run_tool("edit_file", {**edit, "old_text": "zzz"}, ctx)
+    assert missing == ToolOutcome("old_text not found in f.py", True)
+    twice = await run_tool("edit_file", {**edit, "old_text": " = 1"}, ctx)
+    assert twice.is_error
+    assert "occurs 2 times in f.py; include more context" in twice.output
+    empty = await run_tool("edit_file", {**edit, "old_text": ""}, ctx)
+    assert empty.is_error
+    assert path.read_text() == "a = 1\nb = 1\nc = 2\n"
+
+    done = await run_tool(
+        "edit_file", {"path": "f.py", "old_text": "b = 1", "new_text": "b = 5"}, ctx
+    )
+    assert done == ToolOutcome("edited f.py: replaced the text at line 2")
+    assert path.read_text() == "a = 1\nb = 5\nc = 2\n"
+
+
+async def test_edit_file_refuses_non_utf8(ctx: ToolContext) -> None:
+    (ctx.cwd / "latin1.txt").write_bytes(b"caf\xe9\n")
+    outcome = await run_tool(
+        "edit_file", {"path": "latin1.txt", "old_text": "caf", "new_text": "x"}, ctx
+    )
+    assert outcome.is_error
+    assert "not UTF-8" in outcome.output
+    assert (ctx.cwd / "latin1.txt").read_bytes() == b"caf\xe9\n"
+
+
+# run_tool and tool_specs
+
+
+async def test_run_tool_refuses_unknown_tool(ctx: ToolContext) -> None:
+    assert await run_tool("rm_rf", {}, ctx) == ToolOutcome("unknown tool 'rm_rf'", True)
+
+
+async def test_run_tool_reports_invalid_json(ctx: ToolContext) -> None:
+    outcome = await run_tool("bash", {INVALID_JSON_KEY: '{"command": "ls'}, ctx)
+    assert outcome == ToolOutcome('arguments were not valid JSON: {"command": "ls', True)
+
+
+async def test_run_tool_reports_bad_arguments_on_one_line(ctx: ToolContext) -> None:
+    outcome = await run_tool("bash", {"timeout_s": 0, "extra": 1}, ctx)
+    assert outcome.is_error
+    assert "\n" not in outcome.output
+    assert outcome.output.startswith("invalid arguments for bash: ")
+    for part in ("command: Field required", "timeout_s: Input should be greater than 0", "extra:"):
+        assert part in outcome.output
+
+
+class _Broken(Tool):
+    name = "broken"
+    description = "Always fails unexpectedly."
+    args_model = NoArgs
+
+    async def run(self, args: ToolArgs, ctx: ToolContext) -> ToolOutcome:
+        raise KeyError("boom")
+
+
+async def test_run_tool_turns_unexpected_exceptions_into_errors(
+    ctx: ToolContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(BUILTIN_TOOLS, "broken", _Broken())
+    outcome = await run_tool("broken", {}, ctx)
+    assert outcome == ToolOutcome("tool broken failed: KeyError: 'boom'", True)
+
+
+def test_tool_specs_keep_manifest_order_and_skip_unimplemented() -> None:
+    specs = tool_specs(["edit_file", "spawn_pod", "bash", "bash"])
+    assert [spec.name for spec in specs] == ["edit_file", "bash"]
+    bash_schema = specs[1].parameters
+    assert bash_schema["required"] == ["command"]
+    assert set(bash_schema["properties"]) == {"command", "timeout_s"}
