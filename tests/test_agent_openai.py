@@ -1,0 +1,127 @@
+"""The agent loop on the `openai` provider, through a real capd and a local SSE server."""
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CapdProcess
+from tests.helpers import connect_pod, is_event, kinds, spawn, wait_for
+from tests.openai_server import (
+    ErrorReply,
+    FunctionCall,
+    OpenAITestServer,
+    TextReply,
+    ToolCallsReply,
+)
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[OpenAITestServer]:
+    async with OpenAITestServer() as srv:
+        yield srv
+
+
+def _model(server: OpenAITestServer, **extra: object) -> dict[str, object]:
+    return {"provider": "openai", "name": "test-model", "base_url": server.base_url, **extra}
+
+
+async def test_tool_calls_round_trip_through_the_model(
+    capd: CapdProcess, server: OpenAITestServer, tmp_path: Path
+) -> None:
+    (tmp_path / "notes.txt").write_text("the answer is 42\n")
+    server.enqueue(
+        ToolCallsReply([FunctionCall("read_file", {"path": "notes.txt"})], text=["Let me look."]),
+        TextReply(["It is ", "42."]),
+    )
+    await spawn(
+        capd,
+        "w1",
+        _model(server),
+        cwd=str(tmp_path),
+        tools=["read_file"],
+        system_prompt="Be brief.",
+    )
+    async with await connect_pod(capd, "w1") as pod:
+        await pod.request({"method": "run", "text": "what is the answer?"})
+        end, seen = await wait_for(pod, is_event("turn_end"))
+    assert end["result"] == "finished"
+    assert end["output"] == "It is 42."
+    assert "tool_call_start" in kinds(seen)
+    result = next(e for e in seen if e["event"] == "tool_result")
+    assert "the answer is 42" in result["output"]
+    assert result["is_error"] is False
+    second = server.requests[1]
+    assert second["model"] == "test-model"
+    assert second["messages"][0] == {"role": "system", "content": "Be brief."}
+    assert [m["role"] for m in second["messages"]] == ["system", "user", "assistant", "tool"]
+    assert second["messages"][3]["tool_call_id"] == result["call_id"]
+    assert [t["function"]["name"] for t in second["tools"]] == ["read_file"]
+
+
+async def test_retryable_errors_retry_with_an_event(
+    capd: CapdProcess, server: OpenAITestServer
+) -> None:
+    server.enqueue(
+        ErrorReply(429, "slow down", type="rate_limit_error", retry_after="0"),
+        ErrorReply(500, "boom", type="server_error", retry_after="0"),
+        TextReply("recovered"),
+    )
+    await spawn(capd, "w1", _model(server))
+    async with await connect_pod(capd, "w1") as pod:
+        await pod.request({"method": "run", "text": "hi"})
+        end, seen = await wait_for(pod, is_event("turn_end"))
+    retries = [e for e in seen if e["event"] == "retry"]
+    assert [(r["attempt"], r["max_attempts"]) for r in retries] == [(1, 4), (2, 4)]
+    assert "slow down" in retries[0]["error"]
+    assert (end["result"], end["output"]) == ("finished", "recovered")
+
+
+async def test_client_errors_fail_the_turn_at_once(
+    capd: CapdProcess, server: OpenAITestServer
+) -> None:
+    server.enqueue(ErrorReply(400, "model 'test-model' does not exist"))
+    await spawn(capd, "w1", _model(server))
+    async with await connect_pod(capd, "w1") as pod:
+        await pod.request({"method": "run", "text": "hi"})
+        end, seen = await wait_for(pod, is_event("turn_end"))
+        status = await pod.request({"method": "status"})
+    assert "retry" not in kinds(seen)
+    assert end["result"] == "errored"
+    assert "400" in end["error"]
+    assert "does not exist" in end["error"]
+    assert status["status"] == "idle"
+
+
+async def test_retries_give_up_with_a_clear_error(
+    capd: CapdProcess, server: OpenAITestServer
+) -> None:
+    server.enqueue(*[ErrorReply(503, "overloaded", retry_after="0")] * 3)
+    await spawn(capd, "w1", _model(server, max_retries=2))
+    async with await connect_pod(capd, "w1") as pod:
+        await pod.request({"method": "run", "text": "hi"})
+        end, _ = await wait_for(pod, is_event("turn_end"))
+    assert end["result"] == "errored"
+    assert "overloaded" in end["error"]
+    assert "gave up after 3 attempts" in end["error"]
+
+
+async def test_pause_interrupts_a_streaming_http_response(
+    capd: CapdProcess, server: OpenAITestServer
+) -> None:
+    server.enqueue(TextReply(["tok "] * 400, delay_ms=10), TextReply("the rest"))
+    await spawn(capd, "w1", _model(server))
+    async with await connect_pod(capd, "w1") as pod:
+        await pod.request({"method": "run", "text": "write a lot"})
+        await wait_for(pod, is_event("text_delta"))
+        await pod.request({"method": "pause"})
+        _, seen = await wait_for(pod, is_event("status", status="paused"))
+        await server.wait_disconnects(1)
+        await pod.request({"method": "resume"})
+        end, _ = await wait_for(pod, is_event("turn_end"))
+    partial = next(e for e in seen if e["event"] == "assistant_message")
+    assert partial["interrupted"] is True
+    assert partial["text"].startswith("tok ")
+    assert end["result"] == "finished"
+    resumed = server.requests[1]["messages"]
+    assert resumed[-1] == {"role": "assistant", "content": partial["text"]}
