@@ -112,7 +112,7 @@ class Connection:
                     await self._replay(mark.sub)
                 else:
                     await self._send_lagged(mark.sub)
-        except (ConnectionError, asyncio.CancelledError):
+        except ConnectionError:
             pass
         finally:
             self._drained.set()

@@ -122,7 +122,7 @@ class Daemon:
 
     async def spawn(self, manifest: Manifest, parent: str | None) -> SpawnResult:
         name = manifest.name
-        if name in self.pods or any(r.name == name for r in self.store.pods()):
+        if name in self.pods or self.store.pod(name) is not None:
             raise ProtocolError("already_exists", f"a pod named {name} already exists")
         manifest = manifest.model_copy(update={"cwd": str(self._resolve_cwd(manifest))})
         _check_api_key(manifest)
@@ -223,9 +223,9 @@ class Daemon:
             after = rows[-1][0]
 
     def _require_known(self, name: str) -> PodRecord:
-        for record in self.store.pods():
-            if record.name == name:
-                return record
+        record = self.store.pod(name)
+        if record is not None:
+            return record
         raise ProtocolError("not_found", f"no pod named {name}; `capctl ps` lists them")
 
     def _socket(self, name: str) -> Path:

@@ -62,6 +62,12 @@ class Store:
         )
         return [PodRecord(n, m, p, bool(s)) for n, m, p, s in rows]
 
+    def pod(self, name: str) -> PodRecord | None:
+        row = self._db.execute(
+            "SELECT name, manifest, parent, stopped FROM pods WHERE name = ?", (name,)
+        ).fetchone()
+        return PodRecord(row[0], row[1], row[2], bool(row[3])) if row else None
+
     def set_stopped(self, name: str, stopped: bool) -> None:
         self._db.execute("UPDATE pods SET stopped = ? WHERE name = ?", (int(stopped), name))
 
@@ -78,10 +84,6 @@ class Store:
             "INSERT INTO events (pod, seq, ts, kind, data) VALUES (?, ?, ?, ?, ?)",
             (pod, seq, ts, kind, data),
         )
-
-    def last_seq(self, pod: str) -> int:
-        row = self._db.execute("SELECT MAX(seq) FROM events WHERE pod = ?", (pod,)).fetchone()
-        return row[0] or 0
 
     def events_after(self, pod: str, after_seq: int, limit: int) -> list[tuple[int, bytes]]:
         """Up to `limit` events with seq > after_seq, oldest first, as (seq, json)."""

@@ -206,18 +206,6 @@ class PodDeleted(PodEventBase):
     event: Literal["pod_deleted"] = "pod_deleted"
 
 
-DURABLE_EVENTS: tuple[type[DurableEvent], ...] = (
-    StatusChanged,
-    TurnStart,
-    UserMessage,
-    Notification,
-    AssistantMessage,
-    ToolResult,
-    TurnEnd,
-    ChildSpawned,
-    PodEventReceived,
-)
-
 AnyEvent = Annotated[
     Hello
     | Ack
