@@ -363,3 +363,29 @@ async def _wait_until_dead(pids: list[int], timeout: float) -> None:
     except TimeoutError:
         alive = [pid for pid in pids if _alive(pid)]
         raise AssertionError(f"processes still alive after {timeout} s: {alive}") from None
+
+
+async def test_max_steps_ends_the_turn_limit_reached(capd: CapdProcess, tmp_path: Path) -> None:
+    step = {"text": "again", **_bash_step("true")}
+    await spawn(
+        capd, "w1", scripted(step, step, step), cwd=str(tmp_path), tools=["bash"],
+        limits={"max_steps": 2},
+    )  # fmt: skip
+    async with await connect_pod(capd, "w1") as pod:
+        await pod.request({"method": "run", "text": "loop"})
+        end, seen = await wait_for(pod, is_event("turn_end"))
+    assert end["result"] == "limit_reached"
+    assert "max_steps=2" in end["error"]
+    assert kinds(seen).count("assistant_message") == 2
+    assert kinds(seen).count("tool_result") == 2
+
+
+async def test_turn_timeout_ends_the_turn_limit_reached(capd: CapdProcess) -> None:
+    await spawn(capd, "w1", scripted(slow_text(chars=5000)), limits={"turn_timeout_s": 0.3})
+    async with await connect_pod(capd, "w1") as pod:
+        await pod.request({"method": "run", "text": "go"})
+        end, seen = await wait_for(pod, is_event("turn_end"))
+    assert end["result"] == "limit_reached"
+    assert "turn_timeout_s=0.3" in end["error"]
+    partial = next(e for e in seen if e["event"] == "assistant_message")
+    assert partial["interrupted"] is True
