@@ -1,0 +1,1 @@
+"""capctl: the command-line client of capd. It imports `protocol`, never `capd`."""

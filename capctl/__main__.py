@@ -1,0 +1,3 @@
+from capctl.cli import main
+
+main()

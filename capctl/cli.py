@@ -1,0 +1,550 @@
+"""capctl: the command that drives capd.
+
+It speaks only the wire protocol (the `protocol` package), never imports capd, and turns
+every failure into one line on stderr: `capctl: <what went wrong>`, exit status 1
+(2 for usage errors).
+"""
+
+import asyncio
+import os
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar, get_args
+
+import click
+import orjson
+from pydantic import ValidationError
+
+from capctl.render import (
+    EventPrinter,
+    TurnPrinter,
+    duration,
+    key_values,
+    pod_table,
+    turn_failure,
+)
+from capctl.session import (
+    CapctlError,
+    Subscription,
+    connect_pod,
+    daemon_request,
+    pod_request,
+)
+from protocol import methods, paths
+from protocol.client import ConnectionClosed
+from protocol.errors import ProtocolError
+from protocol.manifest import Manifest, ToolName
+
+T = TypeVar("T")
+
+DEFAULT_OPENAI_MODEL = "gpt-4.1-mini"
+DEFAULT_TOOLS = ("bash", "read_file", "write_file", "edit_file")
+HISTORY_PAGE = 1000
+STATUS_ORDER = (
+    "name",
+    "status",
+    "turn_id",
+    "queued",
+    "model",
+    "cwd",
+    "tools",
+    "parent",
+    "children",
+    "last_seq",
+    "usage",
+    "socket",
+)
+INFO_ORDER = ("version", "pid", "uptime", "pods", "runtime_dir", "state_dir")
+
+
+@dataclass
+class Settings:
+    runtime: Path
+    json: bool = False
+
+
+pass_settings = click.make_pass_decorator(Settings)
+
+
+def _enable_json(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    settings = ctx.find_object(Settings)
+    if value and settings is not None:
+        settings.json = True
+
+
+json_option = click.option(
+    "--json",
+    is_flag=True,
+    expose_value=False,
+    callback=_enable_json,
+    help="Print protocol objects, one JSON object per line, and nothing else.",
+)
+
+
+def _check_pod_name(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    if not paths.POD_NAME_RE.match(value):
+        raise click.BadParameter(
+            f"{value!r} is not a pod name: use 1-48 of a-z 0-9 _ . - starting with a-z or 0-9"
+        )
+    return value
+
+
+def _check_optional_pod_name(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> str | None:
+    return None if value is None else _check_pod_name(ctx, param, value)
+
+
+pod_argument = click.argument("pod", callback=_check_pod_name)
+
+
+def echo_json(obj: dict[str, Any]) -> None:
+    click.echo(orjson.dumps(obj).decode())
+
+
+def report(settings: Settings, result: dict[str, Any], line: str) -> None:
+    """Print an ack: its result as JSON, or a line for people."""
+    if settings.json:
+        echo_json(result)
+    else:
+        click.echo(line)
+
+
+def run(
+    coro: Coroutine[Any, Any, T], interrupt_note: str | None = None, interrupt_exit: int = 130
+) -> T:
+    """Run one conversation with capd; protocol failures become one-line errors."""
+    try:
+        return asyncio.run(coro)
+    except ProtocolError as exc:
+        raise CapctlError(f"{exc.code}: {exc.message}") from None
+    except ConnectionClosed:
+        raise CapctlError("capd closed the connection before answering") from None
+    except (ConnectionResetError, ConnectionAbortedError) as exc:
+        raise CapctlError(f"lost the connection to capd: {exc.strerror or exc}") from None
+    except TimeoutError:
+        raise CapctlError("timed out waiting for capd to answer") from None
+    except KeyboardInterrupt:
+        if interrupt_note:
+            click.echo(f"capctl: {interrupt_note}", err=True)
+        raise click.exceptions.Exit(interrupt_exit) from None
+
+
+def read_text(words: tuple[str, ...]) -> str:
+    """The message: the words joined by spaces, or stdin when the only word is `-`."""
+    text = click.get_text_stream("stdin").read() if words == ("-",) else " ".join(words)
+    if not text.strip():
+        raise click.UsageError("the text is empty")
+    return text
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, no_args_is_help=True)
+@click.option(
+    "--runtime-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="capd's runtime directory (default: like capd: $CAPD_RUNTIME_DIR, "
+    "$RUNTIME_DIRECTORY, $XDG_RUNTIME_DIR/capd, /tmp/capd-<uid>).",
+)
+@click.option(
+    "--json",
+    "json_output",
+    is_flag=True,
+    help="Print protocol objects, one JSON object per line, and nothing else.",
+)
+@click.version_option(package_name="capd", prog_name="capctl")
+@click.pass_context
+def cli(ctx: click.Context, runtime_dir: Path | None, json_output: bool) -> None:
+    """Drive capd, the daemon that hosts AI agent pods."""
+    ctx.obj = Settings(runtime=paths.runtime_dir(runtime_dir), json=json_output)
+
+
+# -- pods on the daemon socket --------------------------------------------------------------
+
+
+def _describe_validation(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or 'manifest'}: {err['msg']}"
+        for err in exc.errors(include_url=False)
+    )
+
+
+def _validate_manifest(data: dict[str, Any], origin: Path | None = None) -> Manifest:
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as exc:
+        where = f" {origin}" if origin else ""
+        raise CapctlError(f"bad manifest{where}: {_describe_validation(exc)}") from None
+
+
+def manifest_from_file(path: Path, name: str | None) -> Manifest:
+    """Read a YAML manifest; a relative `cwd` is taken from the file's directory."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise CapctlError(f"cannot read manifest {path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+        raise CapctlError(f"bad manifest {path}: {where}{problem}") from None
+    if not isinstance(data, dict):
+        raise CapctlError(f"bad manifest {path}: expected a mapping of manifest fields")
+    if name is not None:
+        data["name"] = name
+    if isinstance(data.get("cwd"), str):
+        cwd = os.path.expanduser(data["cwd"])
+        data["cwd"] = os.path.normpath(os.path.join(path.parent.absolute(), cwd))
+    return _validate_manifest(data, path)
+
+
+def manifest_from_options(
+    name: str,
+    provider: str,
+    model_name: str | None,
+    base_url: str | None,
+    api_key_env: str | None,
+    system_prompt: str | None,
+    cwd: Path | None,
+    tools: tuple[str, ...],
+) -> Manifest:
+    if provider == "auto":
+        provider = "openai" if os.environ.get("OPENAI_API_KEY") else "scripted"
+    model: dict[str, Any] = {"provider": provider}
+    if model_name or provider == "openai":
+        model["name"] = model_name or DEFAULT_OPENAI_MODEL
+    if base_url:
+        model["base_url"] = base_url
+    if api_key_env:
+        model["api_key_env"] = api_key_env
+    data: dict[str, Any] = {
+        "name": name,
+        "model": model,
+        "cwd": os.path.abspath(cwd or os.getcwd()),
+        "tools": list(tools or DEFAULT_TOOLS),
+    }
+    if system_prompt is not None:
+        data["system_prompt"] = system_prompt
+    return _validate_manifest(data)
+
+
+@cli.command()
+@click.argument("name", required=False, callback=_check_optional_pod_name)
+@click.option(
+    "-f",
+    "--file",
+    "manifest_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="A YAML manifest; NAME, when given too, overrides its name.",
+)
+@click.option(
+    "--provider",
+    type=click.Choice(["auto", "openai", "scripted"]),
+    help="Model provider; auto (the default) is openai when OPENAI_API_KEY is set, else scripted.",
+)
+@click.option("--model", "model_name", help=f"Model name (openai: {DEFAULT_OPENAI_MODEL}).")
+@click.option("--base-url", help="Base URL of an OpenAI-compatible server.")
+@click.option("--api-key-env", help="Name of the variable, in capd's environment, with the key.")
+@click.option("--system-prompt", help="The pod's system prompt.")
+@click.option(
+    "--cwd",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory the pod's tools act in (default: the current directory).",
+)
+@click.option(
+    "--tool",
+    "tools",
+    multiple=True,
+    type=click.Choice(get_args(ToolName)),
+    help=f"A tool the pod may use; repeat for more (default: {', '.join(DEFAULT_TOOLS)}).",
+)
+@json_option
+@pass_settings
+def spawn(
+    settings: Settings,
+    name: str | None,
+    manifest_file: Path | None,
+    provider: str | None,
+    model_name: str | None,
+    base_url: str | None,
+    api_key_env: str | None,
+    system_prompt: str | None,
+    cwd: Path | None,
+    tools: tuple[str, ...],
+) -> None:
+    """Start a pod: `spawn NAME [options]` or `spawn -f MANIFEST.yaml`."""
+    if manifest_file is not None:
+        given = [
+            flag
+            for flag, value in (
+                ("--provider", provider),
+                ("--model", model_name),
+                ("--base-url", base_url),
+                ("--api-key-env", api_key_env),
+                ("--system-prompt", system_prompt),
+                ("--cwd", cwd),
+                ("--tool", tools),
+            )
+            if value
+        ]
+        if given:
+            raise click.UsageError(f"{', '.join(given)}: put these in the manifest with -f")
+        manifest = manifest_from_file(manifest_file, name)
+    elif name is None:
+        raise click.UsageError("give a pod NAME or -f MANIFEST.yaml")
+    else:
+        manifest = manifest_from_options(
+            name, provider or "auto", model_name, base_url, api_key_env, system_prompt, cwd, tools
+        )
+    result = run(daemon_request(settings.runtime, methods.Spawn(manifest=manifest)))
+    report(settings, result, f"spawned {result.get('name')} at {result.get('socket')}")
+
+
+@cli.command()
+@json_option
+@pass_settings
+def ps(settings: Settings) -> None:
+    """List pods, children under their parents."""
+    result = run(daemon_request(settings.runtime, methods.ListPods()))
+    pods = result.get("pods") or []
+    report(settings, result, pod_table(pods) if pods else "no pods")
+
+
+@cli.command()
+@pod_argument
+@json_option
+@pass_settings
+def stop(settings: Settings, pod: str) -> None:
+    """Stop a pod, keeping its state (start brings it back)."""
+    result = run(daemon_request(settings.runtime, methods.Stop(name=pod)))
+    report(settings, result, f"stopped {pod}")
+
+
+@cli.command()
+@pod_argument
+@json_option
+@pass_settings
+def start(settings: Settings, pod: str) -> None:
+    """Start a stopped pod again."""
+    result = run(daemon_request(settings.runtime, methods.Start(name=pod)))
+    report(settings, result, f"started {pod}")
+
+
+@cli.command()
+@pod_argument
+@json_option
+@pass_settings
+def rm(settings: Settings, pod: str) -> None:
+    """Stop a pod and delete its state."""
+    result = run(daemon_request(settings.runtime, methods.Delete(name=pod)))
+    report(settings, result, f"removed {pod}")
+
+
+@cli.command()
+@json_option
+@pass_settings
+def info(settings: Settings) -> None:
+    """Show the daemon's version, pid, uptime and directories."""
+    result = run(daemon_request(settings.runtime, methods.Info()))
+    if settings.json:
+        echo_json(result)
+        return
+    shown = dict(result)
+    uptime = shown.pop("uptime_s", None)
+    if isinstance(uptime, int | float):
+        shown["uptime"] = duration(uptime)
+    click.echo(key_values(shown, INFO_ORDER))
+
+
+@cli.command()
+@json_option
+@pass_settings
+def shutdown(settings: Settings) -> None:
+    """Ask capd to drain and exit."""
+    result = run(daemon_request(settings.runtime, methods.Shutdown()))
+    report(settings, result, "capd is shutting down")
+
+
+# -- one pod, on its own socket --------------------------------------------------------------
+
+
+@cli.command()
+@pod_argument
+@json_option
+@pass_settings
+def status(settings: Settings, pod: str) -> None:
+    """Show a pod's status."""
+    result = run(pod_request(settings.runtime, pod, methods.Status()))
+    report(settings, result, key_values(result, STATUS_ORDER))
+
+
+@cli.command()
+@pod_argument
+@json_option
+@pass_settings
+def pause(settings: Settings, pod: str) -> None:
+    """Pause the pod's turn at once; resume continues it."""
+    result = run(pod_request(settings.runtime, pod, methods.Pause()))
+    report(settings, result, f"paused {pod}")
+
+
+@cli.command()
+@pod_argument
+@json_option
+@pass_settings
+def resume(settings: Settings, pod: str) -> None:
+    """Continue a paused turn."""
+    result = run(pod_request(settings.runtime, pod, methods.Resume()))
+    report(settings, result, f"resumed {pod}")
+
+
+@cli.command()
+@pod_argument
+@click.option("--all", "cancel_all", is_flag=True, help="Also drop the queued turns.")
+@json_option
+@pass_settings
+def cancel(settings: Settings, pod: str, cancel_all: bool) -> None:
+    """Cancel the pod's turn; the next queued turn starts unless --all."""
+    result = run(pod_request(settings.runtime, pod, methods.Cancel(all=cancel_all)))
+    dropped = f" and dropped {result.get('cleared', 0)} queued turns" if cancel_all else ""
+    report(settings, result, f"cancelled the turn of {pod}{dropped}")
+
+
+@cli.command()
+@pod_argument
+@click.argument("text", nargs=-1, required=True)
+@click.option("--source", help="Who the notification is from.")
+@json_option
+@pass_settings
+def notify(settings: Settings, pod: str, text: tuple[str, ...], source: str | None) -> None:
+    """Give the pod a notification (TEXT, or - for stdin); an idle pod starts a turn."""
+    request = methods.Notify(text=read_text(text), source=source)
+    result = run(pod_request(settings.runtime, pod, request))
+    turn = f"; current turn {result['turn_id']}" if result.get("turn_id") else ""
+    report(settings, result, f"notified {pod} ({result.get('buffered', 0)} buffered{turn})")
+
+
+async def _send(settings: Settings, pod: str, text: str, if_busy: methods.IfBusy) -> int:
+    async with await connect_pod(settings.runtime, pod) as client:
+        events = Subscription(client)
+        await events.start()
+        ack = await client.request(methods.Run(text=text, if_busy=if_busy))
+        turn_id = ack.get("turn_id")
+        printer = TurnPrinter(pod)
+        if settings.json:
+            echo_json(ack)
+        elif ack.get("queued"):
+            click.echo(f"[queued: starts when the current turn of {pod} ends]", err=True)
+        async for event in events:
+            if event.get("turn_id") != turn_id and event.get("event") != "lagged":
+                continue
+            if settings.json:
+                echo_json(event)
+            else:
+                printer.show(event)
+            if event.get("event") != "turn_end":
+                continue
+            if not settings.json:
+                return printer.finish(event)
+            failure = turn_failure(event)
+            if failure:
+                click.echo(failure, err=True)
+            return 1 if failure else 0
+    raise CapctlError(f"pod {pod} closed the connection before turn {turn_id} ended")
+
+
+@cli.command()
+@pod_argument
+@click.argument("text", nargs=-1, required=True)
+@click.option("--queue", "if_busy", flag_value="queue", help="If busy, run after the current turn.")
+@click.option(
+    "--interrupt", "if_busy", flag_value="interrupt", help="If busy, cancel the current turn."
+)
+@json_option
+@pass_settings
+@click.pass_context
+def send(
+    ctx: click.Context,
+    settings: Settings,
+    pod: str,
+    text: tuple[str, ...],
+    if_busy: methods.IfBusy | None,
+) -> None:
+    """Run a turn with TEXT (or - for stdin) and stream the reply.
+
+    Exits 0 when the turn finishes, 1 when it is cancelled or fails. Ctrl-C detaches
+    without cancelling the turn.
+    """
+    message = read_text(text)
+    note = f"detached from {pod}; its turn goes on (capctl cancel {pod} stops it)"
+    ctx.exit(run(_send(settings, pod, message, if_busy or "reject"), interrupt_note=note))
+
+
+async def _watch(settings: Settings, pod: str, from_seq: int | None) -> None:
+    show: Callable[[dict[str, Any]], None] = echo_json if settings.json else EventPrinter().show
+    async with await connect_pod(settings.runtime, pod) as client:
+        events = Subscription(client)
+        await events.start(from_seq)
+        async for event in events:
+            show(event)
+    click.echo(f"capctl: {pod} closed the connection (stopped?)", err=True)
+
+
+@cli.command()
+@pod_argument
+@click.option(
+    "--from-seq",
+    type=click.IntRange(min=0),
+    help="First replay the events after this seq (0: the whole history).",
+)
+@json_option
+@pass_settings
+def watch(settings: Settings, pod: str, from_seq: int | None) -> None:
+    """Print the pod's events as they happen, until Ctrl-C or the pod stops."""
+    run(_watch(settings, pod, from_seq), interrupt_exit=0)
+
+
+async def _log(settings: Settings, pod: str, from_seq: int, limit: int | None) -> None:
+    show: Callable[[dict[str, Any]], None] = echo_json if settings.json else EventPrinter().show
+    async with await connect_pod(settings.runtime, pod) as client:
+        after = from_seq
+        remaining = limit
+        while remaining is None or remaining > 0:
+            page = HISTORY_PAGE if remaining is None else min(HISTORY_PAGE, remaining)
+            result = await client.request(methods.History(after_seq=after, limit=page))
+            events: list[dict[str, Any]] = result.get("events") or []
+            for event in events:
+                show(event)
+            last = events[-1].get("seq") if events else None
+            if len(events) < page or not isinstance(last, int) or last <= after:
+                return
+            after = last
+            if remaining is not None:
+                remaining -= len(events)
+
+
+@cli.command()
+@pod_argument
+@click.option(
+    "--from-seq",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Only the events after this seq.",
+)
+@click.option("--limit", type=click.IntRange(min=1), help="Print at most this many events.")
+@json_option
+@pass_settings
+def log(settings: Settings, pod: str, from_seq: int, limit: int | None) -> None:
+    """Print the pod's durable history: messages, tool calls and results, turns."""
+    run(_log(settings, pod, from_seq, limit))
+
+
+def main() -> None:
+    try:
+        cli.main(prog_name="capctl")
+    except Exception as exc:
+        message = " ".join(str(exc).split())
+        click.echo(f"capctl: unexpected error: {type(exc).__name__}: {message}", err=True)
+        raise SystemExit(1) from None

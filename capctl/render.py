@@ -1,0 +1,303 @@
+"""Human-readable output: pod events (watch, log, send), the pod table, status objects.
+
+Events arrive as plain dicts from the wire, so fields this version does not know are
+ignored and a missing field never breaks the output.
+"""
+
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+import orjson
+
+SUMMARY_CHARS = 120
+
+
+def one_line(text: str, limit: int = SUMMARY_CHARS) -> str:
+    """The first line of `text`, shortened, with a note of how many lines were left out."""
+    lines = text.strip().splitlines() or [""]
+    first = lines[0] if len(lines[0]) <= limit else lines[0][: limit - 1] + "…"
+    if len(lines) > 1:
+        first += f" (+{len(lines) - 1} lines)"
+    return first or "(empty)"
+
+
+def compact_json(value: Any, limit: int = SUMMARY_CHARS) -> str:
+    text = orjson.dumps(value).decode()
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def clock(ts: Any) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(ts)) if isinstance(ts, int | float) else ""
+
+
+class Stream:
+    """A text stream that knows whether its cursor is at the start of a line."""
+
+    def __init__(self, file: TextIO) -> None:
+        self.file = file
+        self.at_line_start = True
+
+    def write(self, text: str) -> None:
+        if text:
+            self.file.write(text)
+            self.file.flush()
+            self.at_line_start = text.endswith("\n")
+
+    def end_line(self) -> None:
+        if not self.at_line_start:
+            self.write("\n")
+
+    def line(self, text: str) -> None:
+        self.end_line()
+        self.write(text + "\n")
+
+
+class StepText:
+    """The text the current step's deltas have shown, so that the step's assistant_message
+    shows only the rest: all of it in a replay, the missed tail after a `lagged` gap."""
+
+    def __init__(self) -> None:
+        self.shown: str | None = None
+
+    def add(self, text: str) -> None:
+        self.shown = (self.shown or "") + text
+
+    def rest(self, full: str) -> str:
+        shown, self.shown = self.shown or "", None
+        return full[len(shown) :] if full.startswith(shown) else ""
+
+
+def tool_call_line(call: dict[str, Any]) -> str:
+    return f"→ {call.get('name', '?')} {compact_json(call.get('arguments', {}))}"
+
+
+def tool_result_line(event: dict[str, Any]) -> str:
+    marker = " error" if event.get("is_error") else ""
+    return f"← {event.get('name', '?')}{marker}: {one_line(str(event.get('output', '')))}"
+
+
+def turn_end_line(event: dict[str, Any]) -> str:
+    line = f"── turn {event.get('turn_id', '?')} {event.get('result', '?')}"
+    return f"{line}: {event['error']}" if event.get("error") else line
+
+
+def pod_event_line(payload: dict[str, Any]) -> str:
+    detail = payload.get("message") or payload.get("output") or ""
+    result = f" {payload['result']}" if payload.get("result") else ""
+    line = f"report from {payload.get('pod', '?')}: {payload.get('kind', '?')}{result}"
+    return f"{line}: {one_line(str(detail))}" if detail else line
+
+
+def describe(event: dict[str, Any]) -> str | None:
+    """One line for an event that is not streamed text, or None for one not worth showing."""
+    kind = event.get("event")
+    get = event.get
+    match kind:
+        case "turn_start":
+            return f"── turn {get('turn_id', '?')} ({get('invoke', '?')}) {clock(get('ts'))}"
+        case "user_message":
+            return f"user: {get('text', '')}"
+        case "notification":
+            return f"notification from {get('source') or '?'}: {get('text', '')}"
+        case "tool_result":
+            return "  " + tool_result_line(event)
+        case "turn_end":
+            return turn_end_line(event)
+        case "child_spawned":
+            return f"child spawned: {get('name', '?')} ({get('socket', '?')})"
+        case "pod_event_received":
+            return pod_event_line(get("payload") or {})
+        case "retry":
+            return (
+                f"retry {get('attempt', '?')}/{get('max_attempts', '?')} "
+                f"in {get('wait_ms', '?')} ms: {get('error', '')}"
+            )
+        case "lagged":
+            return (
+                f"(fell behind: {get('missed', '?')} events missed; "
+                f"resyncing from seq {get('resume_from', '?')})"
+            )
+        case "error":
+            return f"error: {get('code', '?')}: {get('message', '')}"
+    return None
+
+
+class EventPrinter:
+    """Prints a pod's events for `watch` and `log`: text deltas stream in place, everything
+    else is one line (or a message's text) each. Status changes that turn boundaries already
+    show (running at a turn's start, idle at its end) are left out; pauses are not."""
+
+    def __init__(self, file: TextIO | None = None) -> None:
+        self._out = Stream(file or sys.stdout)
+        self._step = StepText()
+        self._paused = False
+
+    def show(self, event: dict[str, Any]) -> None:
+        kind = event.get("event")
+        if kind == "status":
+            was_paused, self._paused = self._paused, event.get("status") == "paused"
+            if self._paused and not was_paused:
+                self._out.line("── paused")
+            elif was_paused and event.get("status") == "running":
+                self._out.line("── resumed")
+        elif kind == "text_delta":
+            if self._step.shown is None:
+                self._out.end_line()
+                self._out.write("assistant: ")
+            text = str(event.get("text", ""))
+            self._step.add(text)
+            self._out.write(text)
+        elif kind == "assistant_message":
+            streamed = self._step.shown is not None
+            text = str(event.get("text", ""))
+            rest = self._step.rest(text)
+            if streamed:
+                self._out.write(rest)
+            elif text:
+                self._out.line(f"assistant: {text}")
+            for call in event.get("tool_calls") or []:
+                self._out.line("  " + tool_call_line(call))
+        elif (line := describe(event)) is not None:
+            self._out.line(line)
+
+
+class TurnPrinter:
+    """Follows one turn for `send`: the assistant's text on stdout as it streams; tool
+    calls, results, retries and pauses briefly on stderr."""
+
+    def __init__(self, pod: str, out: TextIO | None = None, err: TextIO | None = None) -> None:
+        self._pod = pod
+        self._out = Stream(out or sys.stdout)
+        self._err = Stream(err or sys.stderr)
+        self._step = StepText()
+        self._text_shown = False
+        self._paused = False
+
+    def _note(self, line: str) -> None:
+        if self._out.file.isatty():
+            self._out.end_line()
+        self._err.line(line)
+
+    def _text(self, text: str) -> None:
+        if text:
+            self._out.write(text)
+            self._text_shown = True
+
+    def show(self, event: dict[str, Any]) -> None:
+        kind = event.get("event")
+        if kind == "text_delta":
+            if self._step.shown is None:
+                self._out.end_line()
+            text = str(event.get("text", ""))
+            self._step.add(text)
+            self._text(text)
+        elif kind == "assistant_message":
+            streamed = self._step.shown is not None
+            rest = self._step.rest(str(event.get("text", "")))
+            if not streamed:
+                self._out.end_line()
+            self._text(rest)
+            for call in event.get("tool_calls") or []:
+                self._note(tool_call_line(call))
+        elif kind == "tool_result":
+            self._note(tool_result_line(event))
+        elif kind == "status":
+            self._show_status(str(event.get("status")))
+        elif kind in ("retry", "lagged", "notification", "error"):
+            self._note(describe(event) or "")
+
+    def _show_status(self, status: str) -> None:
+        if status == "paused":
+            self._paused = True
+            self._note(f"[{self._pod} paused; capctl resume {self._pod} continues the turn]")
+        elif status == "running" and self._paused:
+            self._paused = False
+            self._note(f"[{self._pod} resumed]")
+
+    def finish(self, turn_end: dict[str, Any]) -> int:
+        """Close the output for the turn's `turn_end`; the exit status: 0 when it finished."""
+        if not self._text_shown:
+            self._text(str(turn_end.get("output", "")))
+        self._out.end_line()
+        failure = turn_failure(turn_end)
+        if failure:
+            self._err.line(failure)
+        return 1 if failure else 0
+
+
+def turn_failure(turn_end: dict[str, Any]) -> str | None:
+    """None for a finished turn, else what to tell the user, e.g. `turn errored: boom`."""
+    result = turn_end.get("result")
+    if result == "finished":
+        return None
+    error = turn_end.get("error")
+    return f"turn {result}: {error}" if error else f"turn {result}"
+
+
+def pod_table(pods: Sequence[dict[str, Any]]) -> str:
+    """NAME STATUS PARENT SOCKET, each child indented under its parent."""
+    by_ref = {pod.get(key): pod["name"] for pod in pods for key in ("name", "socket")}
+    children: dict[str | None, list[dict[str, Any]]] = {}
+    for pod in sorted(pods, key=lambda p: p["name"]):
+        children.setdefault(by_ref.get(pod.get("parent")), []).append(pod)
+    rows = [("NAME", "STATUS", "PARENT", "SOCKET")]
+    seen: set[str] = set()
+
+    def add(pod: dict[str, Any], depth: int) -> None:
+        if pod["name"] in seen:
+            return
+        seen.add(pod["name"])
+        parent = pod.get("parent")
+        parent_shown = by_ref.get(parent, parent) or "-"
+        rows.append(
+            (
+                "  " * depth + pod["name"],
+                pod.get("status", "?"),
+                parent_shown,
+                pod.get("socket", ""),
+            )
+        )
+        for child in children.get(pod["name"], []):
+            add(child, depth + 1)
+
+    for pod in children.get(None, []):
+        add(pod, 0)
+    for pod in pods:
+        add(pod, 0)
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths, strict=True))
+        + "  "
+        + row[3]
+        for row in rows
+    )
+
+
+def format_value(value: Any) -> str:
+    if value is None or value == []:
+        return "-"
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value)
+    if isinstance(value, dict):
+        return " ".join(f"{k}={v}" for k, v in value.items()) or "-"
+    return str(value)
+
+
+def key_values(obj: dict[str, Any], order: Sequence[str] = ()) -> str:
+    """`key: value` lines, the keys in `order` first, then any others the server sent."""
+    keys = [k for k in order if k in obj] + sorted(k for k in obj if k not in order)
+    if not keys:
+        return ""
+    width = max(len(k) for k in keys) + 1
+    return "\n".join(f"{k + ':':<{width}} {format_value(obj[k])}" for k in keys)
+
+
+def duration(seconds: float) -> str:
+    total = int(seconds)
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m{secs:02d}s"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{seconds:.1f}s"

@@ -1,0 +1,404 @@
+"""capctl end to end: a real capd (the `capd` fixture) driven by capctl subprocesses."""
+
+import asyncio
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+import yaml
+
+from capctl.render import pod_table
+from protocol.framing import decode, encode
+from tests.conftest import CapdProcess
+
+TIMEOUT_S = 10.0
+
+SLOW_STEP = {"text": "x" * 2000, "chunk_chars": 1, "delay_ms": 5}
+
+
+def capctl_cmd(runtime_dir: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "capctl", "--runtime-dir", str(runtime_dir), *args]
+
+
+def capctl(
+    runtime_dir: Path, *args: str, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        capctl_cmd(runtime_dir, *args),
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+
+
+def ok(runtime_dir: Path, *args: str) -> str:
+    """Run capctl, expect exit 0, return stdout."""
+    done = capctl(runtime_dir, *args)
+    assert done.returncode == 0, f"capctl {' '.join(args)}: {done.stderr}"
+    return done.stdout
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    """Each line must be exactly one JSON object."""
+    objects = [json.loads(line) for line in text.splitlines()]
+    assert objects, "no output"
+    assert all(isinstance(obj, dict) for obj in objects)
+    return objects
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert done.returncode == 1, done
+    assert done.stdout == ""
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("capctl: ")
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def pod_status(capd: CapdProcess, name: str) -> dict[str, Any]:
+    return json.loads(ok(capd.runtime_dir, "status", name, "--json"))
+
+
+def has_status(capd: CapdProcess, name: str, status: str) -> Callable[[], bool]:
+    return lambda: pod_status(capd, name)["status"] == status
+
+
+def spawn_scripted(
+    capd: CapdProcess, tmp_path: Path, name: str, script: list[dict[str, Any]] | None = None
+) -> None:
+    manifest = {
+        "name": name,
+        "model": {"provider": "scripted", "script": script or []},
+        "cwd": str(tmp_path),
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(manifest))
+    ok(capd.runtime_dir, "spawn", "-f", str(path))
+
+
+class Output:
+    """A child process's pipe, read as it grows: `until()` waits for text not seen yet."""
+
+    def __init__(self, pipe: IO[bytes] | None) -> None:
+        assert pipe is not None
+        self._fd = pipe.fileno()
+        self.text = ""
+        self._mark = 0
+
+    def until(self, needle: str, timeout: float = TIMEOUT_S) -> str:
+        """Read until `needle` appears after the previous match; the text up to it."""
+        deadline = time.monotonic() + timeout
+        while (found := self.text.find(needle, self._mark)) < 0:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"{needle!r} not in output: {self.text!r}")
+            ready, _, _ = select.select([self._fd], [], [], remaining)
+            if ready:
+                chunk = os.read(self._fd, 65536)
+                if not chunk:
+                    raise AssertionError(f"output ended before {needle!r}: {self.text!r}")
+                self.text += chunk.decode()
+        seen, self._mark = self.text[self._mark : found], found + len(needle)
+        return seen + needle
+
+
+def start_capctl(runtime_dir: Path, *args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        capctl_cmd(runtime_dir, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+
+
+def test_spawn_ps_and_status(capd: CapdProcess, tmp_path: Path) -> None:
+    rt = capd.runtime_dir
+    out = ok(rt, "spawn", "w1", "--provider", "scripted", "--cwd", str(tmp_path))
+    assert "w1" in out
+    assert str(capd.pod_socket("w1")) in out
+
+    (tmp_path / "sub").mkdir()
+    manifest = tmp_path / "sub" / "m.yaml"
+    manifest.write_text("name: w2\nmodel: {provider: scripted}\ncwd: .\ntools: [bash]\n")
+    ok(rt, "spawn", "-f", str(manifest))
+
+    table = ok(rt, "ps").splitlines()
+    assert table[0].split() == ["NAME", "STATUS", "PARENT", "SOCKET"]
+    rows = {line.split()[0]: line.split() for line in table[1:]}
+    assert rows["w1"][1:] == ["idle", "-", str(capd.pod_socket("w1"))]
+    assert rows["w2"][1] == "idle"
+
+    status = pod_status(capd, "w2")
+    assert status["name"] == "w2"
+    assert status["status"] == "idle"
+    assert status["cwd"] == str(tmp_path / "sub")
+    assert status["tools"] == ["bash"]
+    assert pod_status(capd, "w1")["tools"] == ["bash", "read_file", "write_file", "edit_file"]
+
+    human = ok(rt, "status", "w1")
+    assert "status:" in human
+    assert "idle" in human
+
+
+def test_send_streams_the_reply(capd: CapdProcess, tmp_path: Path) -> None:
+    spawn_scripted(capd, tmp_path, "w1", [{"text": "hello world", "chunk_chars": 3}])
+    done = capctl(capd.runtime_dir, "send", "w1", "say", "hello")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "hello world\n"
+
+    spawn_scripted(capd, tmp_path, "echo")
+    done = capctl(capd.runtime_dir, "send", "echo", "-", stdin="from stdin")
+    assert done.returncode == 0, done.stderr
+    assert "from stdin" in done.stdout
+    events = json_lines(ok(capd.runtime_dir, "log", "echo", "--json"))
+    assert [e["text"] for e in events if e["event"] == "user_message"] == ["from stdin"]
+
+
+def test_send_reports_an_errored_turn(capd: CapdProcess, tmp_path: Path) -> None:
+    spawn_scripted(capd, tmp_path, "w1", [{"error": "boom"}])
+    done = capctl(capd.runtime_dir, "send", "w1", "hi")
+    assert done.returncode == 1
+    assert "errored" in done.stderr
+    assert "boom" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_pause_resume_cancel_a_running_turn(capd: CapdProcess, tmp_path: Path) -> None:
+    rt = capd.runtime_dir
+    spawn_scripted(capd, tmp_path, "w1", [SLOW_STEP])
+    assert_one_line_error(capctl(rt, "pause", "w1"), "not_running")
+
+    send = start_capctl(rt, "send", "w1", "go")
+    try:
+        out, err = Output(send.stdout), Output(send.stderr)
+        out.until("x")
+        ok(rt, "pause", "w1")
+        err.until("paused")
+        assert pod_status(capd, "w1")["status"] == "paused"
+        ok(rt, "resume", "w1")
+        err.until("resumed")
+        ok(rt, "cancel", "w1")
+        err.until("turn cancelled")
+        assert send.wait(timeout=TIMEOUT_S) == 1
+    finally:
+        send.kill()
+    assert "Traceback" not in err.text
+    wait_for(has_status(capd, "w1", "idle"), "idle")
+
+
+def test_send_detaches_on_ctrl_c(capd: CapdProcess, tmp_path: Path) -> None:
+    rt = capd.runtime_dir
+    spawn_scripted(capd, tmp_path, "w1", [SLOW_STEP])
+    send = start_capctl(rt, "send", "w1", "go")
+    try:
+        Output(send.stdout).until("x")
+        send.send_signal(signal.SIGINT)
+        _, err = send.communicate(timeout=TIMEOUT_S)
+    finally:
+        send.kill()
+    assert send.returncode == 130
+    assert "detached" in err.decode()
+    assert "Traceback" not in err.decode()
+    assert pod_status(capd, "w1")["status"] == "running"
+    ok(rt, "cancel", "w1", "--all")
+
+
+def test_notify_log_and_watch(capd: CapdProcess, tmp_path: Path) -> None:
+    rt = capd.runtime_dir
+    spawn_scripted(capd, tmp_path, "w1")
+    ok(rt, "send", "w1", "ping")
+    watch = start_capctl(rt, "watch", "w1", "--from-seq", "0")
+    try:
+        shown = Output(watch.stdout)
+        shown.until("user: ping")
+        shown.until("finished")
+        ok(rt, "notify", "w1", "build", "done", "--source", "ci")
+        shown.until("notification from ci: build done")
+        shown.until("finished")
+
+        events = json_lines(ok(rt, "log", "w1", "--json"))
+        assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+        notes = [e for e in events if e["event"] == "notification"]
+        assert [(n["source"], n["text"]) for n in notes] == [("ci", "build done")]
+        assert [e["invoke"] for e in events if e["event"] == "turn_start"] == ["run", "notify"]
+
+        log = ok(rt, "log", "w1").splitlines()
+        assert "user: ping" in log
+        assert any(line.startswith("assistant: ") and "ping" in line for line in log)
+        assert "notification from ci: build done" in log
+        assert sum(line.endswith(" finished") for line in log) == 2
+        page = json_lines(ok(rt, "log", "w1", "--json", "--from-seq", "3", "--limit", "2"))
+        assert [e["seq"] for e in page] == [4, 5]
+
+        ok(rt, "send", "w1", "live", "one")
+        shown.until("live one\n── turn")
+        watch.send_signal(signal.SIGINT)
+        _, err = watch.communicate(timeout=TIMEOUT_S)
+    finally:
+        watch.kill()
+    assert watch.returncode == 0
+    assert "Traceback" not in err.decode()
+
+
+def test_json_output_is_one_object_per_line(capd: CapdProcess, tmp_path: Path) -> None:
+    rt = capd.runtime_dir
+    spawned = json_lines(ok(rt, "--json", "spawn", "w1", "--provider", "scripted"))
+    assert spawned == [{"name": "w1", "socket": str(capd.pod_socket("w1"))}]
+    assert json_lines(ok(rt, "ps", "--json"))[0]["pods"][0]["name"] == "w1"
+    assert json_lines(ok(rt, "--json", "info"))[0]["pid"] == capd.proc.pid
+
+    sent = json_lines(ok(rt, "send", "w1", "--json", "hi"))
+    assert "turn_id" in sent[0]
+    kinds = [e.get("event") for e in sent[1:]]
+    assert "text_delta" in kinds
+    assert kinds[-1] == "turn_end"
+    assert all(e["turn_id"] == sent[0]["turn_id"] for e in sent[1:])
+
+
+def test_stop_start_rm(capd: CapdProcess, tmp_path: Path) -> None:
+    rt = capd.runtime_dir
+    spawn_scripted(capd, tmp_path, "w1")
+    ok(rt, "send", "w1", "remember me")
+    ok(rt, "stop", "w1")
+    assert ok(rt, "ps").splitlines()[1].split()[:2] == ["w1", "stopped"]
+    assert_one_line_error(capctl(rt, "status", "w1"), "w1", "stopped")
+
+    ok(rt, "start", "w1")
+    assert "user: remember me" in ok(rt, "log", "w1")
+    ok(rt, "rm", "w1")
+    assert_one_line_error(capctl(rt, "status", "w1"), "no pod named w1")
+
+
+def test_errors_are_one_line(capd: CapdProcess, tmp_path: Path) -> None:
+    rt = capd.runtime_dir
+    assert_one_line_error(capctl(rt, "send", "nope", "hi"), "no pod named nope")
+    assert_one_line_error(capctl(rt, "stop", "nope"), "not_found")
+
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("name: w1\nmodel: [\n")
+    assert_one_line_error(capctl(rt, "spawn", "-f", str(bad_yaml)), "bad manifest", "line")
+    bad_field = tmp_path / "field.yaml"
+    bad_field.write_text("name: w1\nmodel: {provider: nope}\n")
+    assert_one_line_error(capctl(rt, "spawn", "-f", str(bad_field)), "model.provider")
+    missing = tmp_path / "missing.yaml"
+    assert_one_line_error(capctl(rt, "spawn", "-f", str(missing)), "cannot read manifest")
+
+    spawn_scripted(capd, tmp_path, "w1")
+    assert_one_line_error(capctl(rt, "spawn", "w1", "--provider", "scripted"), "already_exists")
+
+    usage = capctl(rt, "status", "Not-A-Name")
+    assert usage.returncode == 2
+    assert "Traceback" not in usage.stderr
+
+
+@pytest.mark.parametrize("args", [("ps",), ("status", "w1"), ("send", "w1", "hi")])
+def test_no_daemon(tmp_path: Path, args: tuple[str, ...]) -> None:
+    done = capctl(tmp_path, *args)
+    assert_one_line_error(done, f"cannot reach capd at {tmp_path / 'capd.sock'}", "running?")
+
+
+def test_shutdown(capd: CapdProcess) -> None:
+    ok(capd.runtime_dir, "shutdown")
+    assert capd.proc is not None
+    assert capd.proc.wait(timeout=TIMEOUT_S) == 0
+
+
+def test_ps_shows_children_under_their_parents() -> None:
+    pods = [
+        {"name": "kid", "status": "running", "parent": "/r/pods/boss.sock", "socket": "/r/k"},
+        {"name": "boss", "status": "idle", "parent": None, "socket": "/r/pods/boss.sock"},
+        {"name": "grandkid", "status": "paused", "parent": "/r/k", "socket": "/r/g"},
+        {"name": "orphan", "status": "stopped", "parent": "/r/gone.sock", "socket": "/r/o"},
+    ]
+    header, *rows = pod_table(pods).splitlines()
+    assert header.split() == ["NAME", "STATUS", "PARENT", "SOCKET"]
+    assert [(len(row) - len(row.lstrip()), row.split()) for row in rows] == [
+        (0, ["boss", "idle", "-", "/r/pods/boss.sock"]),
+        (2, ["kid", "running", "boss", "/r/k"]),
+        (4, ["grandkid", "paused", "kid", "/r/g"]),
+        (0, ["orphan", "stopped", "/r/gone.sock", "/r/o"]),
+    ]
+    assert len({row.index(row.split()[1]) for row in rows}) == 1, "STATUS is one column"
+
+
+LAGGED_TURN: list[tuple[str, list[dict[str, Any]]]] = [
+    ("subscribe", []),
+    (
+        "run",
+        [
+            {"event": "text_delta", "pod": "p", "turn_id": "t1", "text": "Hel"},
+            {"event": "lagged", "pod": "p", "missed": 9, "resume_from": 3},
+        ],
+    ),
+    (
+        "subscribe",
+        [
+            {
+                "event": "assistant_message",
+                "pod": "p",
+                "seq": 4,
+                "turn_id": "t1",
+                "text": "Hello world",
+                "tool_calls": [{"id": "c1", "name": "bash", "arguments": {"command": "ls"}}],
+            },
+            {"event": "tool_result", "pod": "p", "seq": 5, "turn_id": "t1", "call_id": "c1"}
+            | {"name": "bash", "output": "a\nb", "is_error": False},
+            {"event": "text_delta", "pod": "p", "turn_id": "t1", "text": "now"},
+            {"event": "assistant_message", "pod": "p", "seq": 6, "turn_id": "t1"}
+            | {"text": "Bye now", "tool_calls": []},
+            {"event": "turn_end", "pod": "p", "seq": 7, "turn_id": "t1", "result": "finished"},
+        ],
+    ),
+]
+
+
+async def test_send_recovers_from_a_lag(tmp_path: Path) -> None:
+    """A pod socket that reports `lagged` mid-step: capctl re-subscribes and still prints
+    each step's text whole and once (the live tail of a half-missed step is not shown)."""
+    requests: list[dict[str, Any]] = []
+
+    async def pod(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hello = {"event": "hello", "protocol": 1, "server": "fake", "pod": None}
+        writer.write(encode(hello))
+        for method, events in LAGGED_TURN:
+            request = decode(await reader.readline())
+            requests.append(request)
+            assert request["method"] == method
+            result = {"turn_id": "t1"} if method == "run" else {"last_seq": 5}
+            writer.write(encode({"event": "ack", "id": request["id"], "result": result}))
+            for event in events:
+                writer.write(encode(event))
+        await writer.drain()
+        writer.close()
+
+    (tmp_path / "pods").mkdir()
+    server = await asyncio.start_unix_server(pod, path=str(tmp_path / "pods" / "p.sock"))
+    async with server:
+        proc = await asyncio.create_subprocess_exec(
+            *capctl_cmd(tmp_path, "send", "p", "hi"),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), TIMEOUT_S)
+    assert proc.returncode == 0, err.decode()
+    assert out.decode() == "Hello world\nBye now\n"
+    assert [r.get("after_seq") for r in requests if r["method"] == "subscribe"] == [None, 3]
+    notes = err.decode().splitlines()
+    assert notes[0].startswith("(fell behind: 9 events missed")
+    assert notes[1:] == ['→ bash {"command":"ls"}', "← bash: a (+1 lines)"]
