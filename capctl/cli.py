@@ -30,6 +30,7 @@ from capctl.session import (
     connect_pod,
     daemon_request,
     pod_request,
+    wait_ready,
 )
 from protocol import methods, paths
 from protocol.client import ConnectionClosed
@@ -356,6 +357,18 @@ def info(settings: Settings) -> None:
     if isinstance(uptime, int | float):
         shown["uptime"] = duration(uptime)
     click.echo(key_values(shown, INFO_ORDER))
+
+
+@cli.command()
+@click.option(
+    "--timeout", "timeout_s", type=float, default=10.0, show_default=True, help="Seconds to wait."
+)
+@json_option
+@pass_settings
+def ready(settings: Settings, timeout_s: float) -> None:
+    """Wait until capd answers (for scripts that just started it); exit 1 on timeout."""
+    result = run(wait_ready(settings.runtime, timeout_s))
+    report(settings, result, f"capd {result.get('version', '')} is ready (pid {result.get('pid')})")
 
 
 @cli.command()

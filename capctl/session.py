@@ -1,5 +1,6 @@
 """Connections to capd and its pods, with every failure turned into a one-line capctl error."""
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import IO, Any
@@ -10,10 +11,11 @@ from pydantic import ValidationError
 from protocol import paths
 from protocol.client import Client
 from protocol.errors import ProtocolError
-from protocol.methods import ListPods, Subscribe
+from protocol.methods import Info, ListPods, Subscribe
 from protocol.results import ListResult
 
 CONNECT_TIMEOUT_S = 5.0
+READY_POLL_S = 0.05
 
 
 class CapctlError(click.ClickException):
@@ -44,6 +46,22 @@ async def connect_daemon(runtime: Path) -> Client:
     except OSError as exc:
         reason = "is capd running?" if _is_absent(exc) else exc.strerror or str(exc)
         raise CapctlError(f"cannot reach capd at {path}: {reason}") from None
+
+
+async def wait_ready(runtime: Path, timeout_s: float) -> dict[str, Any]:
+    """Poll the daemon socket until capd answers `info`; its result, or a CapctlError."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        try:
+            async with await connect_daemon(runtime) as daemon:
+                return await daemon.request(Info())
+        except CapctlError:
+            if loop.time() >= deadline:
+                raise CapctlError(
+                    f"capd did not answer at {paths.daemon_socket(runtime)} within {timeout_s:g} s"
+                ) from None
+        await asyncio.sleep(READY_POLL_S)
 
 
 async def connect_pod(runtime: Path, name: str) -> Client:

@@ -156,7 +156,7 @@ def test_spawn_ps_and_status(capd: CapdProcess, tmp_path: Path) -> None:
     assert "idle" in human
 
 
-def test_send_streams_the_reply(capd: CapdProcess, tmp_path: Path) -> None:
+def test_send_streams_the_reply_and_reports_errors(capd: CapdProcess, tmp_path: Path) -> None:
     spawn_scripted(capd, tmp_path, "w1", [{"text": "hello world", "chunk_chars": 3}])
     done = capctl(capd.runtime_dir, "send", "w1", "say", "hello")
     assert done.returncode == 0, done.stderr
@@ -169,10 +169,8 @@ def test_send_streams_the_reply(capd: CapdProcess, tmp_path: Path) -> None:
     events = json_lines(ok(capd.runtime_dir, "log", "echo", "--json"))
     assert [e["text"] for e in events if e["event"] == "user_message"] == ["from stdin"]
 
-
-def test_send_reports_an_errored_turn(capd: CapdProcess, tmp_path: Path) -> None:
-    spawn_scripted(capd, tmp_path, "w1", [{"error": "boom"}])
-    done = capctl(capd.runtime_dir, "send", "w1", "hi")
+    spawn_scripted(capd, tmp_path, "fails", [{"error": "boom"}])
+    done = capctl(capd.runtime_dir, "send", "fails", "hi")
     assert done.returncode == 1
     assert "errored" in done.stderr
     assert "boom" in done.stderr
@@ -271,7 +269,7 @@ def test_json_output_is_one_object_per_line(capd: CapdProcess, tmp_path: Path) -
     assert all(e["turn_id"] == sent[0]["turn_id"] for e in sent[1:])
 
 
-def test_stop_start_rm(capd: CapdProcess, tmp_path: Path) -> None:
+def test_stop_start_rm_shutdown(capd: CapdProcess, tmp_path: Path) -> None:
     rt = capd.runtime_dir
     spawn_scripted(capd, tmp_path, "w1")
     ok(rt, "send", "w1", "remember me")
@@ -283,6 +281,10 @@ def test_stop_start_rm(capd: CapdProcess, tmp_path: Path) -> None:
     assert "user: remember me" in ok(rt, "log", "w1")
     ok(rt, "rm", "w1")
     assert_one_line_error(capctl(rt, "status", "w1"), "no pod named w1")
+
+    ok(rt, "shutdown")
+    assert capd.proc is not None
+    assert capd.proc.wait(timeout=TIMEOUT_S) == 0
 
 
 def test_errors_are_one_line(capd: CapdProcess, tmp_path: Path) -> None:
@@ -311,12 +313,6 @@ def test_errors_are_one_line(capd: CapdProcess, tmp_path: Path) -> None:
 def test_no_daemon(tmp_path: Path, args: tuple[str, ...]) -> None:
     done = capctl(tmp_path, *args)
     assert_one_line_error(done, f"cannot reach capd at {tmp_path / 'capd.sock'}", "running?")
-
-
-def test_shutdown(capd: CapdProcess) -> None:
-    ok(capd.runtime_dir, "shutdown")
-    assert capd.proc is not None
-    assert capd.proc.wait(timeout=TIMEOUT_S) == 0
 
 
 def test_ps_shows_children_under_their_parents() -> None:
@@ -402,3 +398,38 @@ async def test_send_recovers_from_a_lag(tmp_path: Path) -> None:
     notes = err.decode().splitlines()
     assert notes[0].startswith("(fell behind: 9 events missed")
     assert notes[1:] == ['→ bash {"command":"ls"}', "← bash: a (+1 lines)"]
+
+
+def test_ready_waits_for_a_daemon_that_is_starting(capd_dirs: CapdProcess) -> None:
+    """`capctl ready` started before capd returns once capd answers."""
+    waiter = subprocess.Popen(
+        [sys.executable, "-m", "capctl", "--runtime-dir", str(capd_dirs.runtime_dir), "ready"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    capd_dirs.start()
+    out, err = waiter.communicate(timeout=20)
+    assert waiter.returncode == 0, err
+    assert "is ready" in out
+
+
+def test_ready_times_out_without_a_daemon(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "capctl",
+            "--runtime-dir",
+            str(tmp_path),
+            "ready",
+            "--timeout",
+            "0.3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert done.returncode == 1
+    assert done.stderr.startswith("capctl: capd did not answer")
+    assert "Traceback" not in done.stderr
