@@ -134,6 +134,8 @@ async def _steps(host: TurnHost, turn: Turn) -> TurnOutcome:
         for call in reply.tool_calls:
             if call.name in enabled:
                 outcome = await run_tool(call.name, call.arguments, host.tool_context)
+            elif call.name in host.manifest.tools:
+                outcome = ToolOutcome(f"tool {call.name} is not provided by this capd yet", True)
             else:
                 listed = ", ".join(enabled) or "none"
                 outcome = ToolOutcome(
