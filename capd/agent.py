@@ -47,6 +47,9 @@ RETRY_CAP_S = 30.0
 
 @dataclass
 class Turn:
+    """A turn in progress. `steps`, `output` and `partial` follow from its assistant_message
+    events; the host updates them as it applies each event, live or at restore."""
+
     turn_id: str
     invoke: Invoke
     steps: int = 0
@@ -116,10 +119,7 @@ async def _steps(host: TurnHost, turn: Turn) -> TurnOutcome:
             return TurnOutcome(
                 "limit_reached", turn.output, f"turn reached limits.max_steps={max_steps}"
             )
-        turn.steps += 1
         reply = await _call_model(host, turn)
-        turn.output = turn.partial + reply.text
-        turn.partial = ""
         host.emit(
             AssistantMessage(
                 turn_id=turn.turn_id,
@@ -211,7 +211,6 @@ async def _stream_once(host: TurnHost, turn: Turn) -> ModelReply:
     except asyncio.CancelledError:
         if streamed:
             text = "".join(streamed)
-            turn.partial += text
             host.emit(AssistantMessage(turn_id=turn_id, text=text, interrupted=True))
         raise
     raise ProviderError("the provider ended its stream without a reply", retryable=True)

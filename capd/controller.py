@@ -134,9 +134,15 @@ class PodController:
         """Derived state shared by live emission and restore."""
         self.context.apply(event)
         match event:
-            case AssistantMessage(usage=usage):
+            case AssistantMessage(text=text, interrupted=True) if self.turn:
+                self.turn.partial += text
+            case AssistantMessage(text=text, usage=usage):
                 self.usage.input_tokens += usage.input_tokens
                 self.usage.output_tokens += usage.output_tokens
+                if self.turn:
+                    self.turn.steps += 1
+                    self.turn.output = self.turn.partial + text
+                    self.turn.partial = ""
             case ChildSpawned(name=child):
                 self.children.append(child)
             case PodEventReceived(payload=payload) if isinstance(payload.get("event_id"), str):
@@ -165,12 +171,6 @@ class PodController:
                     self.status = status
                 case TurnStart(turn_id=turn_id, invoke=invoke):
                     self.turn = Turn(turn_id, invoke)
-                case AssistantMessage(text=text, interrupted=True) if self.turn:
-                    self.turn.partial += text
-                case AssistantMessage(text=text) if self.turn:
-                    self.turn.steps += 1
-                    self.turn.output = self.turn.partial + text
-                    self.turn.partial = ""
                 case TurnEnd():
                     self.turn = None
         wanted: PodStatusName = "paused" if self.turn else "idle"
