@@ -18,7 +18,7 @@ from capd.tools.shell import BashTool
 
 log = logging.getLogger(__name__)
 
-BUILTIN_TOOLS: dict[str, Tool] = {
+BUILTIN_TOOLS: dict[str, Tool[Any]] = {
     tool.name: tool for tool in (BashTool(), ReadFileTool(), WriteFileTool(), EditFileTool())
 }
 

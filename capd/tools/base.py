@@ -8,7 +8,7 @@ at once — a subprocess tool kills its whole process group.
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Generic, TypeVar
 
 from capd.providers.base import ToolSpec
 from protocol.tools import ToolArgs
@@ -33,14 +33,19 @@ class ToolFailed(Exception):
     """The tool could not do what was asked; the message goes to the model as an error."""
 
 
-class Tool(ABC):
+ArgsT = TypeVar("ArgsT", bound=ToolArgs)
+
+
+class Tool(ABC, Generic[ArgsT]):
+    """`run` receives arguments already validated by `args_model` (see `run_tool`)."""
+
     name: ClassVar[str]
     description: ClassVar[str]
-    args_model: ClassVar[type[ToolArgs]]
+    args_model: type[ArgsT]
 
     @classmethod
     def spec(cls) -> ToolSpec:
         return ToolSpec(cls.name, cls.description, cls.args_model.json_schema())
 
     @abstractmethod
-    async def run(self, args: ToolArgs, ctx: ToolContext) -> ToolOutcome: ...
+    async def run(self, args: ArgsT, ctx: ToolContext) -> ToolOutcome: ...

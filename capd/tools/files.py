@@ -11,7 +11,7 @@ import io
 from pathlib import Path
 
 from capd.tools.base import Tool, ToolContext, ToolFailed, ToolOutcome
-from protocol.tools import EditFileArgs, ReadFileArgs, ToolArgs, WriteFileArgs
+from protocol.tools import EditFileArgs, ReadFileArgs, WriteFileArgs
 
 BINARY_SNIFF_BYTES = 8192
 
@@ -32,13 +32,16 @@ def _os_failure(action: str, path: str, exc: OSError) -> ToolFailed:
     return ToolFailed(f"cannot {action} {path}: {exc.strerror or exc}")
 
 
-def _refuse_special(target: Path, path: str) -> None:
-    """Refuses directories, FIFOs and devices: opening a FIFO would block the event loop."""
+def _file_inside(path: str, cwd: Path) -> Path:
+    """`resolve_inside`, refusing directories, FIFOs and devices as well: opening a FIFO
+    would block the event loop."""
+    target = resolve_inside(path, cwd)
     if target.exists() and not target.is_file():
         raise ToolFailed(f"{path} is not a regular file")
+    return target
 
 
-class ReadFileTool(Tool):
+class ReadFileTool(Tool[ReadFileArgs]):
     name = "read_file"
     description = (
         "Read a UTF-8 text file: `limit` lines starting at line `offset` (counting from 1). "
@@ -46,10 +49,8 @@ class ReadFileTool(Tool):
     )
     args_model = ReadFileArgs
 
-    async def run(self, args: ToolArgs, ctx: ToolContext) -> ToolOutcome:
-        assert isinstance(args, ReadFileArgs)
-        target = resolve_inside(args.path, ctx.cwd)
-        _refuse_special(target, args.path)
+    async def run(self, args: ReadFileArgs, ctx: ToolContext) -> ToolOutcome:
+        target = _file_inside(args.path, ctx.cwd)
         try:
             with target.open("rb") as raw:
                 if b"\0" in raw.read(BINARY_SNIFF_BYTES):
@@ -95,15 +96,13 @@ def _with_note(shown: list[str], note: str) -> str:
     return f"{body}{separator}{note}"
 
 
-class WriteFileTool(Tool):
+class WriteFileTool(Tool[WriteFileArgs]):
     name = "write_file"
     description = "Write a whole file, replacing it if it exists; missing directories are created."
     args_model = WriteFileArgs
 
-    async def run(self, args: ToolArgs, ctx: ToolContext) -> ToolOutcome:
-        assert isinstance(args, WriteFileArgs)
-        target = resolve_inside(args.path, ctx.cwd)
-        _refuse_special(target, args.path)
+    async def run(self, args: WriteFileArgs, ctx: ToolContext) -> ToolOutcome:
+        target = _file_inside(args.path, ctx.cwd)
         data = args.content.encode()
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -113,7 +112,7 @@ class WriteFileTool(Tool):
         return ToolOutcome(f"wrote {len(data)} bytes to {args.path}")
 
 
-class EditFileTool(Tool):
+class EditFileTool(Tool[EditFileArgs]):
     name = "edit_file"
     description = (
         "Replace old_text with new_text in a file. old_text must occur exactly once; "
@@ -121,12 +120,10 @@ class EditFileTool(Tool):
     )
     args_model = EditFileArgs
 
-    async def run(self, args: ToolArgs, ctx: ToolContext) -> ToolOutcome:
-        assert isinstance(args, EditFileArgs)
+    async def run(self, args: EditFileArgs, ctx: ToolContext) -> ToolOutcome:
         if not args.old_text:
             raise ToolFailed("old_text is empty; give the exact text to replace")
-        target = resolve_inside(args.path, ctx.cwd)
-        _refuse_special(target, args.path)
+        target = _file_inside(args.path, ctx.cwd)
         try:
             text = target.read_bytes().decode()
         except OSError as exc:

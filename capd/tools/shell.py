@@ -14,7 +14,7 @@ import os
 import signal
 
 from capd.tools.base import Tool, ToolContext, ToolFailed, ToolOutcome
-from protocol.tools import BashArgs, ToolArgs
+from protocol.tools import BashArgs
 
 DEFAULT_TIMEOUT_S = 120.0
 DRAIN_GRACE_S = 1.0
@@ -42,7 +42,7 @@ class _OutputCollector(asyncio.Protocol):
             self.closed.set_result(None)
 
 
-class BashTool(Tool):
+class BashTool(Tool[BashArgs]):
     name = "bash"
     description = (
         "Run a shell command with bash in the working directory. stdout and stderr are "
@@ -51,8 +51,7 @@ class BashTool(Tool):
     )
     args_model = BashArgs
 
-    async def run(self, args: ToolArgs, ctx: ToolContext) -> ToolOutcome:
-        assert isinstance(args, BashArgs)
+    async def run(self, args: BashArgs, ctx: ToolContext) -> ToolOutcome:
         timeout_s = DEFAULT_TIMEOUT_S if args.timeout_s is None else args.timeout_s
         loop = asyncio.get_running_loop()
         read_fd, write_fd = os.pipe()
