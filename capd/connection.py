@@ -11,6 +11,7 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from capd.fanout import Subscription
@@ -25,18 +26,18 @@ REPLAY_PAGE = 512
 Handler = Callable[[dict[str, Any], "Connection"], Awaitable[bytes | None]]
 
 
+@dataclass(frozen=True, slots=True)
 class _Replay:
-    __slots__ = ("sub",)
+    """In the outbox: replay `sub` from the store here, then let it go live."""
 
-    def __init__(self, sub: Subscription) -> None:
-        self.sub = sub
+    sub: Subscription
 
 
+@dataclass(frozen=True, slots=True)
 class _LaggedMark:
-    __slots__ = ("sub",)
+    """In the outbox: end `sub` here with a `lagged` event."""
 
-    def __init__(self, sub: Subscription) -> None:
-        self.sub = sub
+    sub: Subscription
 
 
 class Connection:

@@ -90,7 +90,7 @@ class Daemon:
         self._store = Store(cfg.state_dir / "capd.db")
         for record in self.store.pods():
             if not record.stopped:
-                await self._bring_up(record)
+                await self._bring_up_record(record)
         await self._endpoint.listen()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -127,8 +127,7 @@ class Daemon:
         manifest = manifest.model_copy(update={"cwd": str(self._resolve_cwd(manifest))})
         _check_api_key(manifest)
         self.store.add_pod(name, manifest.model_dump_json(), parent, time.time())
-        record = PodRecord(name, manifest.model_dump_json(), parent, stopped=False)
-        running = await self._bring_up(record)
+        running = await self._bring_up(manifest, parent)
         socket = str(running.endpoint.path)
         self._publish(PodSpawned(pod=name, socket=socket, parent=parent))
         return SpawnResult(name=name, socket=socket)
@@ -151,7 +150,7 @@ class Daemon:
         record = self._require_known(name)
         if name not in self.pods:
             self.store.set_stopped(name, False)
-            await self._bring_up(record)
+            await self._bring_up_record(record)
             self._publish(
                 PodSpawned(pod=name, socket=str(self._socket(name)), parent=record.parent)
             )
@@ -189,21 +188,24 @@ class Daemon:
             state_dir=str(self.config.state_dir),
         )
 
-    async def _bring_up(self, record: PodRecord) -> _RunningPod:
-        manifest = Manifest.model_validate_json(record.manifest)
+    async def _bring_up_record(self, record: PodRecord) -> _RunningPod:
+        return await self._bring_up(Manifest.model_validate_json(record.manifest), record.parent)
+
+    async def _bring_up(self, manifest: Manifest, parent: str | None) -> _RunningPod:
+        name = manifest.name
         controller = PodController(
             manifest,
-            parent=record.parent,
-            socket_path=self._socket(record.name),
+            parent=parent,
+            socket_path=self._socket(name),
             store=self.store,
             on_status=self._pod_status_changed,
         )
-        controller.restore(self._stored_events(record.name))
+        controller.restore(self._stored_events(name))
         endpoint = PodEndpoint(controller, self, self.config)
         await endpoint.listen()
-        actor = asyncio.create_task(controller.run(), name=f"pod {record.name}")
+        actor = asyncio.create_task(controller.run(), name=f"pod {name}")
         running = _RunningPod(controller, endpoint, actor)
-        self.pods[record.name] = running
+        self.pods[name] = running
         return running
 
     async def _take_down(self, name: str, mode: StopMode) -> None:
