@@ -34,6 +34,7 @@ from protocol.events import (
     Retry,
     TextDelta,
     ThinkingDelta,
+    ToolCall,
     ToolCallDelta,
     ToolCallStart,
     ToolResult,
@@ -130,17 +131,8 @@ async def _steps(host: TurnHost, turn: Turn) -> TurnOutcome:
         )
         if not reply.tool_calls:
             return TurnOutcome("finished", turn.output)
-        enabled = [spec.name for spec in host.tool_specs]
         for call in reply.tool_calls:
-            if call.name in enabled:
-                outcome = await run_tool(call.name, call.arguments, host.tool_context)
-            elif call.name in host.manifest.tools:
-                outcome = ToolOutcome(f"tool {call.name} is not provided by this capd yet", True)
-            else:
-                listed = ", ".join(enabled) or "none"
-                outcome = ToolOutcome(
-                    f"tool {call.name} is not enabled for this pod (enabled: {listed})", True
-                )
+            outcome = await _run_call(host, call)
             host.emit(
                 ToolResult(
                     turn_id=turn.turn_id,
@@ -150,6 +142,17 @@ async def _steps(host: TurnHost, turn: Turn) -> TurnOutcome:
                     is_error=outcome.is_error,
                 )
             )
+
+
+async def _run_call(host: TurnHost, call: ToolCall) -> ToolOutcome:
+    """Run a tool the pod offers; any other name is an error the model can read."""
+    enabled = [spec.name for spec in host.tool_specs]
+    if call.name in enabled:
+        return await run_tool(call.name, call.arguments, host.tool_context)
+    if call.name in host.manifest.tools:
+        return ToolOutcome(f"tool {call.name} is not provided by this capd yet", True)
+    listed = ", ".join(enabled) or "none"
+    return ToolOutcome(f"tool {call.name} is not enabled for this pod (enabled: {listed})", True)
 
 
 def inject_notes(host: TurnHost, turn_id: str) -> None:
