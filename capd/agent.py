@@ -73,6 +73,8 @@ class PendingNote:
     kind: Invoke
     source: str
     text: str
+    pod_event_seq: int | None = None
+    """For a pod_event: the seq of its `pod_event_received` event."""
 
 
 class TurnHost(Protocol):
@@ -149,8 +151,6 @@ async def _run_call(host: TurnHost, call: ToolCall) -> ToolOutcome:
     enabled = [spec.name for spec in host.tool_specs]
     if call.name in enabled:
         return await run_tool(call.name, call.arguments, host.tool_context)
-    if call.name in host.manifest.tools:
-        return ToolOutcome(f"tool {call.name} is not provided by this capd yet", True)
     listed = ", ".join(enabled) or "none"
     return ToolOutcome(f"tool {call.name} is not enabled for this pod (enabled: {listed})", True)
 
@@ -159,7 +159,14 @@ def inject_notes(host: TurnHost, turn_id: str) -> None:
     """Move buffered notifications into the context, each as a `notification` event."""
     while host.notes:
         note = host.notes.pop(0)
-        host.emit(Notification(turn_id=turn_id, source=note.source, text=note.text))
+        host.emit(
+            Notification(
+                turn_id=turn_id,
+                source=note.source,
+                text=note.text,
+                pod_event_seq=note.pod_event_seq,
+            )
+        )
 
 
 async def _call_model(host: TurnHost, turn: Turn) -> ModelReply:
@@ -174,11 +181,7 @@ async def _call_model(host: TurnHost, turn: Turn) -> ModelReply:
                     exc.message = f"{exc.message} (gave up after {attempt + 1} attempts)"
                 raise
             attempt += 1
-            wait_s = exc.retry_after_s
-            if wait_s is None:
-                wait_s = min(RETRY_CAP_S, RETRY_BASE_S * 2 ** (attempt - 1)) * random.uniform(
-                    1, 1.25
-                )
+            wait_s = exc.retry_after_s if exc.retry_after_s is not None else _backoff_s(attempt)
             host.emit_ephemeral(
                 Retry(
                     turn_id=turn.turn_id,

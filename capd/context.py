@@ -5,6 +5,9 @@ daemon restores a pod, so a restarted pod sees exactly the context it had.
 """
 
 from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
 
 from capd.providers.base import ChatMessage
 from protocol.events import (
@@ -15,6 +18,7 @@ from protocol.events import (
     ToolResult,
     UserMessage,
 )
+from protocol.reports import Errored, ShutDown, TurnEnded, parse_report
 
 INTERRUPTED_TOOL_OUTPUT = (
     "interrupted: this tool call was stopped before it finished (the pod was paused, "
@@ -56,14 +60,14 @@ class Context:
         return []
 
 
-def describe_pod_event(payload: dict[str, object]) -> str:
+def describe_pod_event(payload: dict[str, Any]) -> str:
     """The text a model reads for a report from another pod (PROTOCOL.md §9)."""
-    pod = payload.get("pod", "?")
-    match payload.get("kind"):
-        case "turn_ended":
-            return f"pod {pod} ended a turn ({payload.get('result')}):\n{payload.get('output', '')}"
-        case "errored":
-            return f"pod {pod} errored: {payload.get('message', '')}"
-        case "shut_down":
+    match parse_report(payload):
+        case TurnEnded(pod=pod, turn_id=turn_id, result=result, output=output, truncated=cut):
+            note = "\n[output cut short; read_pod_output shows all of it]" if cut else ""
+            return f"pod {pod} ended turn {turn_id} ({result}):\n{output}{note}"
+        case Errored(pod=pod, turn_id=turn_id, message=message):
+            return f"pod {pod}: turn {turn_id} errored: {message}"
+        case ShutDown(pod=pod):
             return f"pod {pod} shut down"
-    return f"event from pod {pod}: {payload}"
+    return f"event from pod {payload.get('pod', '?')}: {orjson.dumps(payload).decode()}"

@@ -22,15 +22,17 @@ import orjson
 from capd.agent import PendingNote, Turn, TurnOutcome, drive_turn
 from capd.context import INTERRUPTED_TOOL_OUTPUT, Context, describe_pod_event
 from capd.fanout import Hub
+from capd.outbox import Outbox
 from capd.providers import make_provider
 from capd.store import Store
 from capd.tools import tool_specs
-from capd.tools.base import ToolContext
+from capd.tools.base import ChildPodOps, ToolContext
 from protocol.errors import ProtocolError
 from protocol.events import (
     AssistantMessage,
     ChildSpawned,
     DurableEvent,
+    Notification,
     PodEventBase,
     PodEventReceived,
     PodStatusName,
@@ -46,6 +48,7 @@ from protocol.events import (
 from protocol.framing import encode
 from protocol.manifest import Manifest
 from protocol.methods import Cancel, Notify, Pause, PodEvent, Request, Resume, Run
+from protocol.reports import Errored, Report, ShutDown, TurnEnded, clip
 from protocol.results import HistoryResult, NotifyResult, PodStatus, RunResult
 
 log = logging.getLogger(__name__)
@@ -78,6 +81,10 @@ def new_turn_id() -> str:
     return f"t-{secrets.token_hex(6)}"
 
 
+def new_event_id(pod: str) -> str:
+    return f"{pod}/{secrets.token_hex(8)}"
+
+
 class PodController:
     def __init__(
         self,
@@ -86,7 +93,9 @@ class PodController:
         parent: str | None,
         socket_path: Path,
         store: Store,
+        outbox: Outbox,
         on_status: Callable[[str, PodStatusName], None],
+        child_ops: ChildPodOps | None = None,
     ) -> None:
         assert manifest.cwd is not None
         self.name = manifest.name
@@ -102,9 +111,10 @@ class PodController:
         self.notes: list[PendingNote] = []
         self.provider = make_provider(manifest.model)
         self.tool_specs = tool_specs(manifest.tools)
-        self.tool_context = ToolContext(cwd=Path(manifest.cwd), pod=self.name)
+        self.tool_context = ToolContext(cwd=Path(manifest.cwd), pod=self.name, pods=child_ops)
         self.hub = Hub(self.name, lambda: self.last_seq, self._page)
         self._store = store
+        self._outbox = outbox
         self._on_status = on_status
         self._seen_event_ids: set[str] = set()
         self._queue: deque[_QueuedRun] = deque()
@@ -114,14 +124,18 @@ class PodController:
 
     # -- events -------------------------------------------------------------------------
 
-    def emit(self, event: DurableEvent) -> None:
-        """Commit a durable event to the store, then apply it and broadcast it."""
+    def emit(self, event: DurableEvent, report: Report | None = None) -> None:
+        """Commit a durable event to the store, then apply it and broadcast it. A `report`
+        for the parent is committed with it and handed to the outbox."""
         self.last_seq += 1
         event.pod = self.name
         event.seq = self.last_seq
         event.ts = time.time()
         frame = encode(event)
-        self._store.append(self.name, event.seq, event.ts, event.event, frame[:-1])
+        owed = (self.parent, encode(report)[:-1]) if report and self.parent else None
+        self._store.append(self.name, event.seq, event.ts, event.event, frame[:-1], owed)
+        if owed:
+            self._outbox.poke(owed[0])
         self._track(event)
         self.hub.publish(frame, event.seq)
 
@@ -159,7 +173,9 @@ class PodController:
     # -- restore ------------------------------------------------------------------------
 
     def restore(self, stored: Iterable[bytes]) -> None:
-        """Rebuild state from stored events; a turn still open comes back paused."""
+        """Rebuild state from stored events; a turn still open comes back paused, and
+        received reports the model has not seen yet are buffered again."""
+        unseen: dict[int, PodEventReceived] = {}
         for data in stored:
             event = parse_event(orjson.loads(data))
             if not isinstance(event, DurableEvent):
@@ -173,6 +189,11 @@ class PodController:
                     self.turn = Turn(turn_id, invoke)
                 case TurnEnd():
                     self.turn = None
+                case PodEventReceived(seq=seq):
+                    unseen[seq] = event
+                case Notification(pod_event_seq=int(seq)):
+                    unseen.pop(seq, None)
+        self.notes = [_report_note(event) for event in unseen.values()]
         wanted: PodStatusName = "paused" if self.turn else "idle"
         if self.status != wanted:
             self._set_status(wanted)
@@ -292,9 +313,14 @@ class PodController:
         event_id = payload.get("event_id")
         if isinstance(event_id, str) and event_id in self._seen_event_ids:
             return {"duplicate": True}
-        self.emit(PodEventReceived(payload=payload))
-        source = f"pod {payload['pod']}" if isinstance(payload.get("pod"), str) else "pod_event"
-        return self._buffer(PendingNote("pod_event", source, describe_pod_event(payload)))
+        received = PodEventReceived(payload=payload)
+        self.emit(received)
+        return self._buffer(_report_note(received))
+
+    def adopt(self, name: str, socket: str) -> None:
+        """Record a child spawned with this pod as its parent (`child_spawned`)."""
+        turn_id = self.turn.turn_id if self.turn and self.status == "running" else None
+        self.emit(ChildSpawned(name=name, socket=socket, turn_id=turn_id))
 
     # -- turns --------------------------------------------------------------------------
 
@@ -358,9 +384,30 @@ class PodController:
         turn = self.turn
         assert turn is not None
         self._close_orphans()
-        self.emit(TurnEnd(turn_id=turn.turn_id, result=result, output=turn.output, error=error))
+        self.emit(
+            TurnEnd(turn_id=turn.turn_id, result=result, output=turn.output, error=error),
+            report=self._turn_report(turn, result, error),
+        )
         self.turn = None
         self._set_status("idle")
+
+    def _turn_report(self, turn: Turn, result: TurnResult, error: str | None) -> Report | None:
+        """The parent hears about turns a `run` started, not those its own reports kicked."""
+        if self.parent is None or turn.invoke != "run":
+            return None
+        event_id = new_event_id(self.name)
+        if result == "errored":
+            message, _ = clip(error or "the turn errored")
+            return Errored(pod=self.name, event_id=event_id, turn_id=turn.turn_id, message=message)
+        output, truncated = clip(turn.output)
+        return TurnEnded(
+            pod=self.name,
+            event_id=event_id,
+            turn_id=turn.turn_id,
+            result=result,
+            output=output,
+            truncated=truncated,
+        )
 
     def _close_orphans(self) -> None:
         assert self.turn is not None
@@ -381,6 +428,9 @@ class PodController:
             self._set_status("paused")
         elif self.status != "idle" and mode == "cancel":
             await self._end_turn("cancelled")
+        if mode == "cancel" and self.parent:
+            report = ShutDown(pod=self.name, event_id=new_event_id(self.name))
+            self._outbox.add(self.name, self.parent, encode(report)[:-1])
         self.hub.close_all()
         await self.provider.aclose()
 
@@ -412,3 +462,9 @@ class PodController:
             usage=self.usage.model_copy(),
             socket=str(self.socket_path),
         )
+
+
+def _report_note(received: PodEventReceived) -> PendingNote:
+    payload = received.payload
+    source = f"pod {payload['pod']}" if isinstance(payload.get("pod"), str) else "pod_event"
+    return PendingNote("pod_event", source, describe_pod_event(payload), received.seq)

@@ -18,9 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from capd.children import ChildPods
 from capd.config import Config
 from capd.controller import PodController, StopMode
 from capd.fanout import Hub
+from capd.outbox import Outbox
 from capd.server import DaemonEndpoint, PodEndpoint
 from capd.store import PodRecord, Store
 from protocol import VERSION
@@ -60,6 +62,7 @@ class Daemon:
         self.pods: dict[str, _RunningPod] = {}
         self.hub = Hub("", lambda: 0)
         self._store: Store | None = None
+        self._outbox: Outbox | None = None
         self._endpoint = DaemonEndpoint(self, config)
         self._locks: list[IO[str]] = []
         self._should_exit = asyncio.Event()
@@ -70,6 +73,11 @@ class Daemon:
     def store(self) -> Store:
         assert self._store is not None
         return self._store
+
+    @property
+    def outbox(self) -> Outbox:
+        assert self._outbox is not None
+        return self._outbox
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -88,10 +96,12 @@ class Daemon:
         self._locks = [_lock(cfg.state_dir / "capd.lock"), _lock(cfg.runtime_dir / "capd.lock")]
         _raise_fd_limit()
         self._store = Store(cfg.state_dir / "capd.db")
+        self._outbox = Outbox(self._store)
         for record in self.store.pods():
             if not record.stopped:
                 await self._bring_up_record(record)
         await self._endpoint.listen()
+        self.outbox.start()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_shutdown)
@@ -111,6 +121,8 @@ class Daemon:
     async def shutdown(self) -> None:
         log.info("shutting down: pausing in-flight turns")
         await self._endpoint.close()
+        if self._outbox is not None:
+            await self._outbox.close()
         await asyncio.gather(*(self._take_down(name, "pause") for name in list(self.pods)))
         if self._store is not None:
             self._store.close()
@@ -129,16 +141,22 @@ class Daemon:
         self.store.add_pod(name, manifest.model_dump_json(), parent, time.time())
         running = await self._bring_up(manifest, parent)
         socket = str(running.endpoint.path)
+        if (local_parent := self._pod_at(parent)) is not None:
+            local_parent.controller.adopt(name, socket)
         self._publish(PodSpawned(pod=name, socket=socket, parent=parent))
         return SpawnResult(name=name, socket=socket)
 
-    async def stop_pod(self, name: str) -> None:
+    async def stop_pod(self, name: str) -> list[str]:
+        """Stop the pod, then its descendants; returns the names of those that were running."""
         self._require_known(name)
-        if name not in self.pods:
-            return
-        await self._take_down(name, "cancel")
-        self.store.set_stopped(name, True)
-        self._publish(PodStopped(pod=name))
+        stopped = []
+        for pod in [name, *(record.name for record, _ in self.descendants(name))]:
+            if pod in self.pods:
+                await self._take_down(pod, "cancel")
+                self.store.set_stopped(pod, True)
+                self._publish(PodStopped(pod=pod))
+                stopped.append(pod)
+        return stopped
 
     def stop_pod_soon(self, name: str) -> None:
         """Stop a pod after the current request's reply went out (the pod's own `stop`)."""
@@ -157,11 +175,36 @@ class Daemon:
         return SpawnResult(name=name, socket=str(self._socket(name)))
 
     async def delete_pod(self, name: str) -> None:
+        """Stop the pod and its descendants, detach its children (they become top-level
+        pods), then remove its state and the reports still owed to it."""
         self._require_known(name)
-        if name in self.pods:
-            await self._take_down(name, "cancel")
+        children = [record.name for record, depth in self.descendants(name) if depth == 1]
+        await self.stop_pod(name)
+        for child in children:
+            self.store.set_parent(child, None)
         self.store.delete_pod(name)
+        self.outbox.forget(str(self._socket(name)))
         self._publish(PodDeleted(pod=name))
+
+    def descendants(self, name: str) -> list[tuple[PodRecord, int]]:
+        """The pod's children, their children and so on, depth first, each with its depth."""
+        records = self.store.pods()
+        by_parent: dict[str, list[PodRecord]] = {}
+        for record in records:
+            if record.parent is not None:
+                by_parent.setdefault(record.parent, []).append(record)
+        found: list[tuple[PodRecord, int]] = []
+        seen = {name}
+
+        def walk(pod: str, depth: int) -> None:
+            for child in by_parent.get(str(self._socket(pod)), []):
+                if child.name not in seen:
+                    seen.add(child.name)
+                    found.append((child, depth))
+                    walk(child.name, depth + 1)
+
+        walk(name, 1)
+        return found
 
     def list_pods(self) -> ListResult:
         entries = []
@@ -198,11 +241,14 @@ class Daemon:
             parent=parent,
             socket_path=self._socket(name),
             store=self.store,
+            outbox=self.outbox,
             on_status=self._pod_status_changed,
+            child_ops=ChildPods(self, name),
         )
         controller.restore(self._stored_events(name))
         endpoint = PodEndpoint(controller, self, self.config)
         await endpoint.listen()
+        self.outbox.wake(str(endpoint.path))
         actor = asyncio.create_task(controller.run(), name=f"pod {name}")
         running = _RunningPod(controller, endpoint, actor)
         self.pods[name] = running
@@ -232,6 +278,15 @@ class Daemon:
 
     def _socket(self, name: str) -> Path:
         return pod_socket(self.config.runtime_dir, name)
+
+    def _pod_at(self, socket: str | None) -> _RunningPod | None:
+        """The running pod of this daemon listening at `socket`, if any."""
+        if socket is None:
+            return None
+        path = Path(socket)
+        if path.parent != self._socket("x").parent or path.suffix != ".sock":
+            return None
+        return self.pods.get(path.stem)
 
     def _resolve_cwd(self, manifest: Manifest) -> Path:
         if manifest.cwd is None:

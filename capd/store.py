@@ -3,8 +3,11 @@
 `pods` holds each pod's manifest and whether it was stopped; `events` holds every durable
 event as the exact JSON a client receives, keyed by (pod, seq). Each append is its own
 transaction, committed before the event is broadcast, so a client never sees an event that
-a crash could take back. `synchronous=NORMAL` keeps commits off fsync: a process crash
-loses nothing; a power cut may lose the last moments (see README).
+a crash could take back. `outbox` holds reports to parent sockets until they are acked; a
+report is committed in the same transaction as the event that causes it. `read_cursors`
+remembers how far each pod has read each child's output (`read_pod_output`).
+`synchronous=NORMAL` keeps commits off fsync: a process crash loses nothing; a power cut
+may lose the last moments (see README).
 """
 
 import sqlite3
@@ -27,6 +30,19 @@ CREATE TABLE IF NOT EXISTS events (
     data BLOB NOT NULL,
     PRIMARY KEY (pod, seq)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS outbox (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    target  TEXT NOT NULL,
+    pod     TEXT NOT NULL,
+    payload BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS outbox_target ON outbox (target, id);
+CREATE TABLE IF NOT EXISTS read_cursors (
+    reader TEXT NOT NULL,
+    target TEXT NOT NULL,
+    seq    INTEGER NOT NULL,
+    PRIMARY KEY (reader, target)
+) WITHOUT ROWID;
 """
 
 
@@ -36,6 +52,14 @@ class PodRecord:
     manifest: str
     parent: str | None
     stopped: bool
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEntry:
+    id: int
+    target: str
+    payload: bytes
+    """The report as JSON, sent as the `event` of a `pod_event` request."""
 
 
 class Store:
@@ -71,19 +95,40 @@ class Store:
     def set_stopped(self, name: str, stopped: bool) -> None:
         self._db.execute("UPDATE pods SET stopped = ? WHERE name = ?", (int(stopped), name))
 
+    def set_parent(self, name: str, parent: str | None) -> None:
+        self._db.execute("UPDATE pods SET parent = ? WHERE name = ?", (parent, name))
+
     def delete_pod(self, name: str) -> None:
+        """Remove the pod's state; reports it still owes its parent stay in the outbox."""
         with self._db:
             self._db.execute("BEGIN")
             self._db.execute("DELETE FROM events WHERE pod = ?", (name,))
+            self._db.execute(
+                "DELETE FROM read_cursors WHERE reader = ? OR target = ?", (name, name)
+            )
             self._db.execute("DELETE FROM pods WHERE name = ?", (name,))
 
     # -- events -------------------------------------------------------------------------
 
-    def append(self, pod: str, seq: int, ts: float, kind: str, data: bytes) -> None:
-        self._db.execute(
-            "INSERT INTO events (pod, seq, ts, kind, data) VALUES (?, ?, ?, ?, ?)",
-            (pod, seq, ts, kind, data),
-        )
+    def append(
+        self,
+        pod: str,
+        seq: int,
+        ts: float,
+        kind: str,
+        data: bytes,
+        report: tuple[str, bytes] | None = None,
+    ) -> None:
+        """Commit one event and, in the same transaction, the (target, payload) report it
+        causes, so a crash keeps both or neither."""
+        insert = "INSERT INTO events (pod, seq, ts, kind, data) VALUES (?, ?, ?, ?, ?)"
+        if report is None:
+            self._db.execute(insert, (pod, seq, ts, kind, data))
+            return
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.execute(insert, (pod, seq, ts, kind, data))
+            self.add_report(pod, *report)
 
     def events_after(self, pod: str, after_seq: int, limit: int) -> list[tuple[int, bytes]]:
         """Up to `limit` events with seq > after_seq, oldest first, as (seq, json)."""
@@ -91,3 +136,50 @@ class Store:
             "SELECT seq, data FROM events WHERE pod = ? AND seq > ? ORDER BY seq LIMIT ?",
             (pod, after_seq, limit),
         ).fetchall()
+
+    def events_of_kind_after(self, pod: str, after_seq: int, kind: str) -> list[tuple[int, bytes]]:
+        """Every event of one `kind` with seq > after_seq, oldest first, as (seq, json)."""
+        return self._db.execute(
+            "SELECT seq, data FROM events WHERE pod = ? AND seq > ? AND kind = ? ORDER BY seq",
+            (pod, after_seq, kind),
+        ).fetchall()
+
+    # -- outbox -------------------------------------------------------------------------
+
+    def add_report(self, pod: str, target: str, payload: bytes) -> None:
+        self._db.execute(
+            "INSERT INTO outbox (target, pod, payload) VALUES (?, ?, ?)", (target, pod, payload)
+        )
+
+    def report_targets(self) -> list[str]:
+        return [row[0] for row in self._db.execute("SELECT DISTINCT target FROM outbox")]
+
+    def reports_for(self, target: str, limit: int) -> list[OutboxEntry]:
+        """The oldest `limit` reports still owed to `target`, in the order they were made."""
+        rows = self._db.execute(
+            "SELECT id, target, payload FROM outbox WHERE target = ? ORDER BY id LIMIT ?",
+            (target, limit),
+        )
+        return [OutboxEntry(*row) for row in rows]
+
+    def report_delivered(self, report_id: int) -> None:
+        self._db.execute("DELETE FROM outbox WHERE id = ?", (report_id,))
+
+    def drop_reports_to(self, target: str) -> int:
+        """Forget every report owed to `target` (its pod was deleted); returns how many."""
+        return self._db.execute("DELETE FROM outbox WHERE target = ?", (target,)).rowcount
+
+    # -- read cursors -------------------------------------------------------------------
+
+    def read_cursor(self, reader: str, target: str) -> int:
+        row = self._db.execute(
+            "SELECT seq FROM read_cursors WHERE reader = ? AND target = ?", (reader, target)
+        ).fetchone()
+        return row[0] if row else 0
+
+    def set_read_cursor(self, reader: str, target: str, seq: int) -> None:
+        self._db.execute(
+            "INSERT INTO read_cursors (reader, target, seq) VALUES (?, ?, ?) "
+            "ON CONFLICT (reader, target) DO UPDATE SET seq = excluded.seq",
+            (reader, target, seq),
+        )

@@ -94,10 +94,15 @@ class UserMessage(DurableEvent):
 
 
 class Notification(DurableEvent):
+    """A buffered notify or pod_event entering the model's context. `pod_event_seq` (an
+    addition) is the seq of the `pod_event_received` it delivers, so a restored pod knows
+    which received reports its model has not seen yet."""
+
     event: Literal["notification"] = "notification"
     turn_id: str
     source: str
     text: str
+    pod_event_seq: int | None = None
 
 
 class AssistantMessage(DurableEvent):
@@ -130,9 +135,13 @@ class TurnEnd(DurableEvent):
 
 
 class ChildSpawned(DurableEvent):
+    """`turn_id` (an addition) is the turn whose `spawn_pod` call made the child; null
+    when a client spawned it with this pod as `parent` on the daemon socket."""
+
     event: Literal["child_spawned"] = "child_spawned"
     name: str
     socket: str
+    turn_id: str | None = None
 
 
 class PodEventReceived(DurableEvent):

@@ -161,15 +161,18 @@ class RequestParser:
         try:
             return self._adapter.validate_python(frame)
         except ValidationError as exc:
-            raise ProtocolError("invalid_request", describe_validation_error(exc)) from None
+            raise ProtocolError(
+                "invalid_request", describe_validation_error(exc, skip=1, root="request")
+            ) from None
 
 
-def describe_validation_error(exc: ValidationError) -> str:
-    """One line naming each bad field, e.g. `text: Field required; if_busy: Input should be ...`."""
+def describe_validation_error(exc: ValidationError, skip: int = 0, root: str = "value") -> str:
+    """One line naming each bad field, e.g. `text: Field required; if_busy: Input should be ...`.
+    `skip` drops leading location parts (a union's tag); `root` names the whole object."""
     parts = []
     for err in exc.errors(include_url=False):
-        loc = ".".join(str(p) for p in err["loc"][1:])
-        parts.append(f"{loc or 'request'}: {err['msg']}")
+        loc = ".".join(str(p) for p in err["loc"][skip:])
+        parts.append(f"{loc or root}: {err['msg']}")
     return "; ".join(parts)
 
 

@@ -42,21 +42,33 @@ class EditFileArgs(ToolArgs):
 
 
 class SpawnPodArgs(ToolArgs):
-    name: str
-    task: str
-    system_prompt: str | None = None
-    tools: list[str] | None = None
-    cwd: str | None = None
-    model: dict[str, Any] | None = None
+    name: str = Field(description="Name of the new pod: lower-case letters, digits, '_.-'.")
+    task: str = Field(description="What the child should do; sent as its first message.")
+    system_prompt: str | None = Field(
+        default=None, description="The child's system prompt; yours when omitted."
+    )
+    tools: list[str] | None = Field(
+        default=None, description="The child's tools, a subset of yours; all of yours if omitted."
+    )
+    cwd: str | None = Field(
+        default=None,
+        description="The child's working directory, inside yours (relative to it or absolute); "
+        "created if missing; yours when omitted.",
+    )
+    model: dict[str, Any] | None = Field(
+        default=None,
+        description='Model settings that differ from yours, e.g. {"name": "..."}; '
+        "the provider, base_url and api_key_env are always yours.",
+    )
 
 
 class SendToPodArgs(ToolArgs):
-    name: str
-    text: str
+    name: str = Field(description="One of your child pods (or their descendants).")
+    text: str = Field(description="The message.")
 
 
 class PodNameArgs(ToolArgs):
-    name: str
+    name: str = Field(description="One of your child pods (or their descendants).")
 
 
 class NoArgs(ToolArgs):

@@ -5,12 +5,14 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import get_args
 
 import pytest
 
 from capd.providers.base import INVALID_JSON_KEY
 from capd.tools import BUILTIN_TOOLS, run_tool, tool_specs
 from capd.tools.base import Tool, ToolContext, ToolOutcome
+from protocol.manifest import ToolName
 from protocol.tools import NoArgs, ToolArgs
 
 WAIT_S = 5.0
@@ -369,9 +371,14 @@ async def test_run_tool_turns_unexpected_exceptions_into_errors(
     assert outcome == ToolOutcome("tool broken failed: KeyError: 'boom'", True)
 
 
-def test_tool_specs_keep_manifest_order_and_skip_unimplemented() -> None:
+def test_every_manifest_tool_name_is_built_in() -> None:
+    assert set(get_args(ToolName)) == set(BUILTIN_TOOLS)
+
+
+def test_tool_specs_keep_manifest_order_once_each() -> None:
     specs = tool_specs(["edit_file", "spawn_pod", "bash", "bash"])
-    assert [spec.name for spec in specs] == ["edit_file", "bash"]
-    bash_schema = specs[1].parameters
+    assert [spec.name for spec in specs] == ["edit_file", "spawn_pod", "bash"]
+    assert specs[1].parameters["required"] == ["name", "task"]
+    bash_schema = specs[2].parameters
     assert bash_schema["required"] == ["command"]
     assert set(bash_schema["properties"]) == {"command", "timeout_s"}

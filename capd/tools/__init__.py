@@ -14,20 +14,39 @@ from pydantic import ValidationError
 from capd.providers.base import INVALID_JSON_KEY, ToolSpec
 from capd.tools.base import Tool, ToolContext, ToolFailed, ToolOutcome
 from capd.tools.files import EditFileTool, ReadFileTool, WriteFileTool
+from capd.tools.pods import (
+    ListPodsTool,
+    ReadPodOutputTool,
+    SendToPodTool,
+    SpawnPodTool,
+    StopPodTool,
+)
 from capd.tools.shell import BashTool
+from protocol.methods import describe_validation_error
 
 log = logging.getLogger(__name__)
 
 BUILTIN_TOOLS: dict[str, Tool[Any]] = {
-    tool.name: tool for tool in (BashTool(), ReadFileTool(), WriteFileTool(), EditFileTool())
+    tool.name: tool
+    for tool in (
+        BashTool(),
+        ReadFileTool(),
+        WriteFileTool(),
+        EditFileTool(),
+        SpawnPodTool(),
+        SendToPodTool(),
+        ReadPodOutputTool(),
+        StopPodTool(),
+        ListPodsTool(),
+    )
 }
 
 INVALID_JSON_SHOWN_CHARS = 200
 
 
 def tool_specs(names: Iterable[str]) -> list[ToolSpec]:
-    """Specs of the tools a manifest allows, in its order; names not built in are skipped."""
-    return [BUILTIN_TOOLS[name].spec() for name in dict.fromkeys(names) if name in BUILTIN_TOOLS]
+    """Specs of the tools a manifest allows, in its order, each once."""
+    return [BUILTIN_TOOLS[name].spec() for name in dict.fromkeys(names)]
 
 
 async def run_tool(name: str, arguments: dict[str, Any], ctx: ToolContext) -> ToolOutcome:
@@ -40,7 +59,8 @@ async def run_tool(name: str, arguments: dict[str, Any], ctx: ToolContext) -> To
     try:
         args = tool.args_model.model_validate(arguments)
     except ValidationError as exc:
-        return ToolOutcome(f"invalid arguments for {name}: {_one_line(exc)}", is_error=True)
+        problems = describe_validation_error(exc)
+        return ToolOutcome(f"invalid arguments for {name}: {problems}", is_error=True)
     try:
         return await tool.run(args, ctx)
     except ToolFailed as exc:
@@ -48,11 +68,3 @@ async def run_tool(name: str, arguments: dict[str, Any], ctx: ToolContext) -> To
     except Exception as exc:
         log.exception("tool %s failed in pod %s", name, ctx.pod)
         return ToolOutcome(f"tool {name} failed: {type(exc).__name__}: {exc}", is_error=True)
-
-
-def _one_line(exc: ValidationError) -> str:
-    problems = []
-    for error in exc.errors(include_url=False):
-        where = ".".join(str(part) for part in error["loc"])
-        problems.append(f"{where}: {error['msg']}" if where else error["msg"])
-    return "; ".join(problems)

@@ -8,12 +8,27 @@ at once — a subprocess tool kills its whole process group.
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Generic, TypeVar
+from typing import ClassVar, Generic, Protocol, TypeVar
 
 from capd.providers.base import ToolSpec
-from protocol.tools import ToolArgs
+from protocol.tools import SpawnPodArgs, ToolArgs
 
 DEFAULT_OUTPUT_LIMIT = 64 * 1024
+
+
+class ChildPodOps(Protocol):
+    """What the pod tools ask of the daemon, on behalf of the calling pod. Each returns the
+    text the model reads, or raises ToolFailed."""
+
+    async def spawn(self, args: SpawnPodArgs) -> str: ...
+
+    async def send(self, name: str, text: str) -> str: ...
+
+    def read_output(self, name: str, limit: int) -> str: ...
+
+    async def stop(self, name: str) -> str: ...
+
+    def list(self) -> str: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +36,8 @@ class ToolContext:
     cwd: Path
     pod: str
     output_limit: int = DEFAULT_OUTPUT_LIMIT
+    pods: ChildPodOps | None = None
+    """Set for pods hosted by a daemon; the pod tools need it."""
 
 
 @dataclass(frozen=True, slots=True)
