@@ -4,8 +4,10 @@
         server.enqueue(TextReply(["Hel", "lo"]), ToolCallsReply([FunctionCall("bash", {...})]))
         ...  # point a provider, or a capd subprocess, at server.base_url
 
-Each POST /v1/chat/completions takes the next queued reply (a streamed text reply saying
-"(no scripted reply)" when the queue is empty, so nothing hangs). Streamed replies are
+Each POST /v1/chat/completions takes the next reply queued for its `model`, else the next
+reply queued for any model (a streamed text reply saying "(no scripted reply)" when both
+queues are empty, so nothing hangs). Per-model queues let pods that run at the same time,
+such as a parent and its child, each get their own replies. Streamed replies are
 framed with `Transfer-Encoding: chunked` and connections are kept alive between requests.
 The server runs on the event loop that started it, so a test driving a capd subprocess
 must await (asyncio subprocesses, `asyncio.wait_for`) rather than block that loop.
@@ -106,7 +108,17 @@ class RawStreamReply:
 
 
 StreamedReply = TextReply | ToolCallsReply | DropReply | StreamErrorReply | RawStreamReply
-Reply = StreamedReply | ErrorReply
+
+
+@dataclass(frozen=True)
+class HeldReply:
+    """`reply`, sent only once the test sets `release`: orders what concurrent pods see."""
+
+    reply: StreamedReply
+    release: asyncio.Event
+
+
+Reply = StreamedReply | ErrorReply | HeldReply
 
 
 @dataclass(frozen=True)
@@ -139,7 +151,7 @@ class OpenAITestServer:
         """TCP connections accepted (clients that keep connections alive reuse them)."""
         self.disconnects = 0
         """Streamed replies the client abandoned before they were complete."""
-        self._replies: deque[Reply] = deque()
+        self._replies: dict[str | None, deque[Reply]] = {}
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
         self._changed = asyncio.Event()
@@ -166,12 +178,22 @@ class OpenAITestServer:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
-    def enqueue(self, *replies: Reply) -> None:
-        self._replies.extend(replies)
+    def enqueue(self, *replies: Reply, model: str | None = None) -> None:
+        """Queue replies for requests naming `model`, or for any request when None."""
+        self._replies.setdefault(model, deque()).extend(replies)
 
-    async def wait_requests(self, count: int, timeout: float = 5.0) -> None:
-        """Returns once `count` requests have arrived in total."""
-        await self._wait_until(lambda: len(self.requests) >= count, timeout)
+    def requests_for(self, model: str) -> list[dict[str, Any]]:
+        return [body for body in self.requests if body.get("model") == model]
+
+    async def wait_requests(
+        self, count: int, timeout: float = 5.0, model: str | None = None
+    ) -> None:
+        """Returns once `count` requests (naming `model`, if given) have arrived in total."""
+
+        def arrived() -> int:
+            return len(self.requests if model is None else self.requests_for(model))
+
+        await self._wait_until(lambda: arrived() >= count, timeout)
 
     async def wait_disconnects(self, count: int = 1, timeout: float = 5.0) -> None:
         """Returns once clients have abandoned `count` streamed replies in total."""
@@ -214,7 +236,10 @@ class OpenAITestServer:
         self.requests.append(body)
         self.headers.append(request.headers)
         self._changed.set()
-        reply = self._replies.popleft() if self._replies else TextReply(FALLBACK_TEXT)
+        reply = self._next_reply(str(body.get("model", "")))
+        if isinstance(reply, HeldReply):
+            await reply.release.wait()
+            reply = reply.reply
         if isinstance(reply, ErrorReply):
             extra = {"Retry-After": reply.retry_after} if reply.retry_after is not None else {}
             payload = _error_body(reply.message, reply.type, reply.code)
@@ -226,6 +251,12 @@ class OpenAITestServer:
         self.disconnects += 1
         self._changed.set()
         return False
+
+    def _next_reply(self, model: str) -> Reply:
+        for queue in (self._replies.get(model), self._replies.get(None)):
+            if queue:
+                return queue.popleft()
+        return TextReply(FALLBACK_TEXT)
 
 
 class _Connection:
