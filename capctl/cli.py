@@ -261,6 +261,10 @@ def manifest_from_options(
     type=click.Choice(get_args(ToolName)),
     help=f"A tool the pod may use; repeat for more (default: {', '.join(DEFAULT_TOOLS)}).",
 )
+@click.option(
+    "--parent",
+    help="Report to this parent: a pod name, or the path of any pod socket.",
+)
 @json_option
 @pass_settings
 def spawn(
@@ -274,8 +278,13 @@ def spawn(
     system_prompt: str | None,
     cwd: Path | None,
     tools: tuple[str, ...],
+    parent: str | None,
 ) -> None:
-    """Start a pod: `spawn NAME [options]` or `spawn -f MANIFEST.yaml`."""
+    """Start a pod: `spawn NAME [options]` or `spawn -f MANIFEST.yaml`.
+
+    With --parent the pod reports the end of each turn it is sent, and its own stop, to
+    that pod, which wakes up to react (a child pod, as if spawned with the spawn_pod tool).
+    """
     if manifest_file is not None:
         given = [
             flag
@@ -299,8 +308,19 @@ def spawn(
         manifest = manifest_from_options(
             name, provider or "auto", model_name, base_url, api_key_env, system_prompt, cwd, tools
         )
-    result = run(daemon_request(settings.runtime, methods.Spawn(manifest=manifest)))
+    request = methods.Spawn(manifest=manifest, parent=_parent_socket(settings.runtime, parent))
+    result = run(daemon_request(settings.runtime, request))
     report(settings, result, f"spawned {result.get('name')} at {result.get('socket')}")
+
+
+def _parent_socket(runtime: Path, parent: str | None) -> str | None:
+    if parent is None:
+        return None
+    if "/" in parent:
+        return os.path.abspath(parent)
+    if not paths.POD_NAME_RE.match(parent):
+        raise click.BadParameter(f"{parent!r} is neither a pod name nor a socket path")
+    return str(paths.pod_socket(runtime, parent))
 
 
 @cli.command()

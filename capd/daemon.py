@@ -136,6 +136,10 @@ class Daemon:
         name = manifest.name
         if name in self.pods or self.store.pod(name) is not None:
             raise ProtocolError("already_exists", f"a pod named {name} already exists")
+        if parent is not None and not Path(parent).is_absolute():
+            raise ProtocolError(
+                "invalid_request", f"parent {parent} must be an absolute socket path"
+            )
         manifest = manifest.model_copy(update={"cwd": str(self._resolve_cwd(manifest))})
         _check_api_key(manifest)
         self.store.add_pod(name, manifest.model_dump_json(), parent, time.time())

@@ -433,3 +433,22 @@ def test_ready_times_out_without_a_daemon(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert done.stderr.startswith("capctl: capd did not answer")
     assert "Traceback" not in done.stderr
+
+
+def test_spawn_with_a_parent_reports_to_it(capd: CapdProcess, tmp_path: Path) -> None:
+    rt = capd.runtime_dir
+    ok(rt, "spawn", "boss", "--provider", "scripted", "--cwd", str(tmp_path))
+    ok(rt, "spawn", "kid", "--provider", "scripted", "--cwd", str(tmp_path), "--parent", "boss")
+    assert pod_status(capd, "kid")["parent"] == str(capd.pod_socket("boss"))
+    ok(rt, "send", "kid", "ping")
+    watch = start_capctl(rt, "watch", "boss", "--from-seq", "0")
+    try:
+        Output(watch.stdout).until("report from kid: turn_ended finished")
+    finally:
+        watch.kill()
+        watch.wait()
+    rows = ok(rt, "ps").splitlines()[1:]
+    assert [(row.split()[0], row.split()[2]) for row in rows] == [("boss", "-"), ("kid", "boss")]
+    bad = capctl(rt, "spawn", "x", "--provider", "scripted", "--parent", "Not A Pod")
+    assert bad.returncode == 2
+    assert "neither a pod name nor a socket path" in bad.stderr
