@@ -6,6 +6,7 @@ and the parent may have at most `limits.max_children` running children. The othe
 reach only the caller's descendants. Every refusal is a ToolFailed the model can read.
 """
 
+import asyncio
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,17 +52,26 @@ class ChildPods:
                 f"you already have {len(running)} running child pods ({', '.join(running)}), "
                 f"the most limits.max_children={limit} allows; stop one with stop_pod first"
             )
-        try:
-            spawned = await self._daemon.spawn(manifest, str(me.socket_path))
-            child = self._daemon.pods[spawned.name].controller
-            started = await child.call(Run(text=args.task))
-        except ProtocolError as exc:
-            raise ToolFailed(f"cannot spawn pod {args.name}: {exc.message}") from None
+        # Shielded: a pause or stop of this pod must not leave a child half made.
+        turn_id = await asyncio.shield(self._start_child(manifest, args.task))
         return (
             f"spawned pod {args.name} (cwd {manifest.cwd}, tools: {_names(manifest.tools)}); "
-            f"it is working on your task as turn {started['turn_id']}. Its report reaches you "
-            "as a notification when that turn ends."
+            f"it is working on your task as turn {turn_id}. Its report reaches you as a "
+            "notification when that turn ends."
         )
+
+    async def _start_child(self, manifest: Manifest, task: str) -> str:
+        """Spawn the child and send it its task; the child's turn_id."""
+        try:
+            spawned = await self._daemon.spawn(manifest, str(self._me.socket_path))
+            if self._pod not in self._daemon.pods:
+                await self._daemon.stop_pod(spawned.name)
+                raise ToolFailed(f"pod {self._pod} stopped while pod {spawned.name} came up")
+            child = self._daemon.pods[spawned.name].controller
+            started = await child.call(Run(text=task))
+        except ProtocolError as exc:
+            raise ToolFailed(f"cannot spawn pod {manifest.name}: {exc.message}") from None
+        return str(started["turn_id"])
 
     async def send(self, name: str, text: str) -> str:
         child = self._reachable(name)

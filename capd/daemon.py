@@ -151,16 +151,22 @@ class Daemon:
         return SpawnResult(name=name, socket=socket)
 
     async def stop_pod(self, name: str) -> list[str]:
-        """Stop the pod, then its descendants; returns the names of those that were running."""
+        """Stop the pod, then its descendants; returns the names of those that were running.
+        Descendants are listed once the pod is down, so a child it was spawning is among them."""
         self._require_known(name)
-        stopped = []
-        for pod in [name, *(record.name for record, _ in self.descendants(name))]:
-            if pod in self.pods:
-                await self._take_down(pod, "cancel")
-                self.store.set_stopped(pod, True)
-                self._publish(PodStopped(pod=pod))
-                stopped.append(pod)
+        stopped = [name] if await self._stop_one(name) else []
+        for record, _ in self.descendants(name):
+            if await self._stop_one(record.name):
+                stopped.append(record.name)
         return stopped
+
+    async def _stop_one(self, name: str) -> bool:
+        if name not in self.pods:
+            return False
+        await self._take_down(name, "cancel")
+        self.store.set_stopped(name, True)
+        self._publish(PodStopped(pod=name))
+        return True
 
     def stop_pod_soon(self, name: str) -> None:
         """Stop a pod after the current request's reply went out (the pod's own `stop`)."""
@@ -288,7 +294,7 @@ class Daemon:
         if socket is None:
             return None
         path = Path(socket)
-        if path.parent != self._socket("x").parent or path.suffix != ".sock":
+        if path != self._socket(path.stem):
             return None
         return self.pods.get(path.stem)
 
