@@ -1,0 +1,112 @@
+"""Durability (issue 4): crashes at random moments, torn writes, long histories.
+
+Every test here kills or damages a real capd and checks what a client can observe
+afterwards: its history, its seqs, its status and the turn it was in.
+"""
+
+import asyncio
+import random
+from typing import Any
+
+from protocol.client import Client
+from tests.conftest import CapdProcess
+from tests.helpers import Event, connect_pod, is_event, scripted, spawn, wait_for
+
+SEED = 20261121
+CRASHES = 20
+
+
+def _streaming_script(rng: random.Random, steps: int) -> list[dict[str, Any]]:
+    """Steps that stream for tens of milliseconds; some call a tool that takes a while."""
+    script: list[dict[str, Any]] = []
+    while len(script) < steps:
+        text = "".join(rng.choice("abcdefgh ") for _ in range(rng.randint(80, 240)))
+        step: dict[str, Any] = {"text": text, "chunk_chars": 2, "delay_ms": 2}
+        if rng.random() < 0.4:
+            command = f"sleep 0.0{rng.randint(1, 9)}; echo step {len(script)}"
+            step["tool_calls"] = [{"name": "bash", "arguments": {"command": command}}]
+        script.append(step)
+    return script
+
+
+async def _history(pod: Client) -> list[Event]:
+    events: list[Event] = []
+    while True:
+        after = events[-1]["seq"] if events else 0
+        page = await pod.request({"method": "history", "after_seq": after, "limit": 500})
+        if not page["events"]:
+            return events
+        events.extend(page["events"])
+
+
+def _open_turn(history: list[Event]) -> str | None:
+    """The turn that started and has not ended, if any."""
+    open_turn = None
+    for event in history:
+        if event["event"] == "turn_start":
+            open_turn = event["turn_id"]
+        elif event["event"] == "turn_end":
+            open_turn = None
+    return open_turn
+
+
+async def _read_until(pod: Client, seconds: float, seen: dict[int, Event]) -> None:
+    """Record every durable event received in the next `seconds`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while (remaining := deadline - loop.time()) > 0:
+        try:
+            event = await pod.next_event(remaining)
+        except TimeoutError:
+            return
+        if "seq" in event:
+            seen[event["seq"]] = event
+
+
+async def _sigkill_and_restart(capd: CapdProcess) -> None:
+    assert capd.proc is not None
+    capd.proc.kill()
+    await asyncio.to_thread(capd.proc.wait, 10)
+    await asyncio.to_thread(capd.start)
+
+
+async def test_sigkill_at_random_moments_loses_nothing_a_client_saw(capd: CapdProcess) -> None:
+    rng = random.Random(SEED)
+    await spawn(capd, "w1", scripted(*_streaming_script(rng, 200)), tools=["bash"])
+    seen: dict[int, Event] = {}
+    interrupted = 0
+    for crash in range(CRASHES):
+        async with await connect_pod(capd, "w1", subscribe=False) as pod:
+            history = await _history(pod)
+            assert [e["seq"] for e in history] == list(range(1, len(history) + 1))
+            for seq, event in seen.items():
+                assert history[seq - 1] == event, f"crash {crash}: seq {seq} changed"
+            status = await pod.request({"method": "status"})
+            open_turn = _open_turn(history)
+            if open_turn is None:
+                assert status["status"] == "idle", f"crash {crash}"
+            else:
+                assert (status["status"], status["turn_id"]) == ("paused", open_turn)
+                interrupted += 1
+            await pod.request({"method": "subscribe", "after_seq": len(history)})
+            if open_turn is not None and rng.random() < 0.3:
+                await pod.request({"method": "cancel"})
+                end, _ = await wait_for(pod, is_event("turn_end"))
+                assert (end["turn_id"], end["result"]) == (open_turn, "cancelled")
+                seen[end["seq"]] = end
+            elif open_turn is not None:
+                await pod.request({"method": "resume"})
+            else:
+                await pod.request({"method": "run", "text": f"task {crash}"})
+            await _read_until(pod, rng.uniform(0.0, 0.3), seen)
+        await _sigkill_and_restart(capd)
+
+    print(f"{interrupted} of {CRASHES} crashes landed inside a turn; {len(seen)} events seen")
+    async with await connect_pod(capd, "w1", subscribe=False) as pod:
+        history = await _history(pod)
+    assert [e["seq"] for e in history] == list(range(1, len(history) + 1))
+    assert all(history[seq - 1] == event for seq, event in seen.items())
+    turns = [e for e in history if e["event"] == "turn_end"]
+    assert len({e["turn_id"] for e in turns}) == len(turns), "a turn ended twice"
+    assert interrupted >= CRASHES // 3, "most crashes should land inside a turn"
+    assert len(seen) > 50, "the crashes should land while events flow"
