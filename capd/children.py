@@ -1,9 +1,12 @@
-"""Child pods as the pod tools see them: what a pod may spawn, and whom it may reach.
+"""Child pods: the rules every child obeys, and the pod tools' view of the daemon.
 
-A child is an ordinary pod whose `parent` is the spawner's socket. It works inside the
-parent's directory, with a subset of its tools, its provider credentials and its limits,
-and the parent may have at most `limits.max_children` running children. The other tools
-reach only the caller's descendants. Every refusal is a ToolFailed the model can read.
+A child is an ordinary pod whose `parent` is another pod's socket. When that parent is a
+pod of this daemon, `check_child` holds the child to it (PROTOCOL.md §9): its cwd lies
+inside the parent's, its tools are a subset of the parent's, the parent has fewer than
+`limits.max_children` running children and the new child is no deeper than
+`limits.max_depth`. That holds however the child is made: by `spawn_pod` or by a client's
+`spawn` with a `parent`. `ChildPods` serves the pod tools of one pod; they reach only its
+descendants, and every refusal is a ToolFailed the model can read.
 """
 
 import asyncio
@@ -20,7 +23,7 @@ from capd.tools.files import resolve_inside
 from protocol.errors import ProtocolError
 from protocol.events import AssistantMessage
 from protocol.manifest import Manifest, ModelConfig
-from protocol.methods import Notify, Run, describe_validation_error
+from protocol.methods import Run, describe_validation_error
 from protocol.tools import SpawnPodArgs
 
 if TYPE_CHECKING:
@@ -30,30 +33,57 @@ INHERITED_MODEL_FIELDS = ("provider", "base_url", "api_key_env")
 """A child cannot choose where its model calls go, nor which credential they carry."""
 
 
-class ChildPods:
-    """The pod tools' view of the daemon, for the pod named `pod`."""
+def check_child(
+    parent: str, rules: Manifest, child: Manifest, running_children: list[str], depth: int
+) -> None:
+    """Refuse (ProtocolError) a `child` of pod `parent`, whose manifest is `rules`, that
+    would be `depth` levels below the top; both cwds are resolved."""
+    assert child.cwd is not None
+    assert rules.cwd is not None
+    if not Path(child.cwd).is_relative_to(rules.cwd):
+        raise ProtocolError(
+            "forbidden",
+            f"cwd {child.cwd} is outside {rules.cwd}, the cwd of parent pod {parent}; "
+            "a child works inside its parent's directory",
+        )
+    extra = [tool for tool in child.tools if tool not in rules.tools]
+    if extra:
+        raise ProtocolError(
+            "forbidden",
+            f"tools {_names(extra)} are not among parent pod {parent}'s tools "
+            f"({_names(rules.tools)}); a child's tools are a subset of its parent's",
+        )
+    limits = rules.limits
+    if len(running_children) >= limits.max_children:
+        raise ProtocolError(
+            "limit_reached",
+            f"pod {parent} already has {len(running_children)} running children "
+            f"({_names(running_children)}), the most its limits.max_children="
+            f"{limits.max_children} allows; stop one first",
+        )
+    if depth > limits.max_depth:
+        raise ProtocolError(
+            "limit_reached",
+            f"a child of pod {parent} would be {depth} levels deep, more than its "
+            f"limits.max_depth={limits.max_depth}",
+        )
 
-    def __init__(self, daemon: "Daemon", pod: str) -> None:
+
+class ChildPods:
+    """The pod tools' view of the daemon, for one pod."""
+
+    def __init__(self, daemon: "Daemon", pod: PodController) -> None:
         self._daemon = daemon
         self._pod = pod
 
-    @property
-    def _me(self) -> PodController:
-        return self._daemon.pods[self._pod].controller
-
     async def spawn(self, args: SpawnPodArgs) -> str:
-        me = self._me
-        manifest = self._child_manifest(me.manifest, args)
-        running = [r.name for r, depth in self._daemon.descendants(self._pod) if depth == 1]
-        running = [name for name in running if name in self._daemon.pods]
-        limit = me.manifest.limits.max_children
-        if len(running) >= limit:
-            raise ToolFailed(
-                f"you already have {len(running)} running child pods ({', '.join(running)}), "
-                f"the most limits.max_children={limit} allows; stop one with stop_pod first"
-            )
-        # Shielded: a pause or stop of this pod must not leave a child half made.
-        turn_id = await asyncio.shield(self._start_child(manifest, args.task))
+        manifest = self._child_manifest(args)
+        if self._daemon.store.pod(args.name) is not None:
+            raise ToolFailed(self._name_taken(args.name))
+        # Run by the daemon and shielded: pausing or stopping this pod while the child
+        # comes up must not leave it half made.
+        start = self._daemon.in_background(self._start_child(manifest, args.task))
+        turn_id = await asyncio.shield(start)
         return (
             f"spawned pod {args.name} (cwd {manifest.cwd}, tools: {_names(manifest.tools)}); "
             f"it is working on your task as turn {turn_id}. Its report reaches you as a "
@@ -62,13 +92,15 @@ class ChildPods:
 
     async def _start_child(self, manifest: Manifest, task: str) -> str:
         """Spawn the child and send it its task; the child's turn_id."""
+        me = self._pod
         try:
-            spawned = await self._daemon.spawn(manifest, str(self._me.socket_path))
-            if self._pod not in self._daemon.pods:
-                await self._daemon.stop_pod(spawned.name)
-                raise ToolFailed(f"pod {self._pod} stopped while pod {spawned.name} came up")
-            child = self._daemon.pods[spawned.name].controller
-            started = await child.call(Run(text=task))
+            await self._daemon.spawn(
+                manifest,
+                str(me.socket_path),
+                turn_id=me.turn.turn_id if me.turn else None,
+                make_cwd=True,
+            )
+            started = await self._daemon.pods[manifest.name].controller.call(Run(text=task))
         except ProtocolError as exc:
             raise ToolFailed(f"cannot spawn pod {manifest.name}: {exc.message}") from None
         return str(started["turn_id"])
@@ -76,28 +108,34 @@ class ChildPods:
     async def send(self, name: str, text: str) -> str:
         child = self._reachable(name)
         try:
-            if child.status == "paused":
-                await child.call(Notify(text=text, source=f"pod {self._pod}"))
-                return f"pod {name} is paused; it reads your message when it is resumed"
-            result = await child.call(Run(text=text, if_busy="queue"))
+            result = await child.deliver(text, f"pod {self._pod.name}")
         except ProtocolError as exc:
             raise ToolFailed(f"cannot send to pod {name}: {exc.message}") from None
+        reply_to = (
+            "you get"
+            if child.parent == str(self._pod.socket_path)
+            else (f"its parent {self._daemon.name_at(child.parent)} gets")
+        )
+        if "buffered" in result:
+            return f"pod {name} is paused; it reads your message when it is resumed"
         if result.get("queued"):
             return (
                 f"pod {name} is busy; your message is queued as its next turn "
-                f"{result['turn_id']}. You get a report when that turn ends."
+                f"{result['turn_id']}, and {reply_to} a report when that turn ends"
             )
-        return f"pod {name} started turn {result['turn_id']}. You get a report when it ends."
+        return f"pod {name} started turn {result['turn_id']}; {reply_to} a report when it ends"
 
     def read_output(self, name: str, limit: int) -> str:
         self._check_descendant(name)
         store = self._daemon.store
-        after = store.read_cursor(self._pod, name)
-        rows = store.events_of_kind_after(name, after, "assistant_message")
+        reader = self._pod.name
+        rows = store.events_of_kind_after(
+            name, store.read_cursor(reader, name), "assistant_message"
+        )
         status = self._status(name)
         text = _assistant_text(data for _, data in rows)
         if rows:
-            store.set_read_cursor(self._pod, name, rows[-1][0])
+            store.set_read_cursor(reader, name, rows[-1][0])
         if not text:
             return f"pod {name} is {status}; it has written nothing new since your last read"
         if len(text) > limit:
@@ -111,13 +149,14 @@ class ChildPods:
         self._check_descendant(name)
         if name not in self._daemon.pods:
             return f"pod {name} is already stopped"
-        stopped = await self._daemon.stop_pod(name)
+        # Shielded like spawn: a stop cut short would leave the child half stopped.
+        stopped = await asyncio.shield(self._daemon.in_background(self._daemon.stop_pod(name)))
         others = [pod for pod in stopped if pod != name]
         also = f" and its descendants {_names(others)}" if others else ""
         return f"stopped pod {name}{also}; a running turn was cancelled"
 
-    def list(self) -> str:
-        family = self._daemon.descendants(self._pod)
+    def tree(self) -> str:
+        family = self._daemon.descendants(self._pod.name)
         if not family:
             return "you have no child pods"
         lines = []
@@ -132,7 +171,8 @@ class ChildPods:
     # -- checks -------------------------------------------------------------------------
 
     def _check_descendant(self, name: str) -> None:
-        if name not in {record.name for record, _ in self._daemon.descendants(self._pod)}:
+        family = {record.name for record, _ in self._daemon.descendants(self._pod.name)}
+        if name not in family:
             raise ToolFailed(
                 f"{name} is not one of your child pods; list_pods shows the ones you can reach"
             )
@@ -148,14 +188,18 @@ class ChildPods:
         running = self._daemon.pods.get(name)
         return running.controller.status if running else "stopped"
 
-    def _child_manifest(self, parent: Manifest, args: SpawnPodArgs) -> Manifest:
-        tools = list(parent.tools) if args.tools is None else args.tools
-        extra = [tool for tool in tools if tool not in parent.tools]
-        if extra:
-            raise ToolFailed(
-                f"cannot give a child tools you do not have: {_names(extra)} "
-                f"(a child's tools are a subset of yours: {_names(parent.tools)})"
+    def _name_taken(self, name: str) -> str:
+        mine = {record.name for record, _ in self._daemon.descendants(self._pod.name)}
+        if name in mine:
+            return (
+                f"pod {name} already exists and is yours; use send_to_pod or read_pod_output "
+                "with it, or spawn under another name"
             )
+        return f"a pod named {name} already exists; choose another name"
+
+    def _child_manifest(self, args: SpawnPodArgs) -> Manifest:
+        """The child's manifest: the caller's, changed as asked; its cwd is not made yet."""
+        parent = self._pod.manifest
         candidate: dict[str, Any] = {
             "name": args.name,
             "model": _child_model(parent.model, args.model or {}),
@@ -163,7 +207,7 @@ class ChildPods:
             if args.system_prompt is None
             else args.system_prompt,
             "cwd": str(_child_cwd(parent, args.cwd)),
-            "tools": tools,
+            "tools": list(parent.tools) if args.tools is None else args.tools,
             "limits": parent.limits.model_dump(),
         }
         try:
@@ -191,10 +235,8 @@ def _child_cwd(parent: Manifest, cwd: str | None) -> Path:
     if cwd is None:
         return root.resolve()
     target = resolve_inside(cwd, root)
-    try:
-        target.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ToolFailed(f"cannot use {cwd} as the child's cwd: {exc.strerror or exc}") from None
+    if target.exists() and not target.is_dir():
+        raise ToolFailed(f"cwd {cwd} exists and is not a directory")
     return target
 
 

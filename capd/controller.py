@@ -24,9 +24,9 @@ from capd.context import INTERRUPTED_TOOL_OUTPUT, Context, describe_pod_event
 from capd.fanout import Hub
 from capd.outbox import Outbox
 from capd.providers import make_provider
-from capd.store import Store
+from capd.store import OwedReport, Store
 from capd.tools import tool_specs
-from capd.tools.base import ChildPodOps, ToolContext
+from capd.tools.base import ToolContext
 from protocol.errors import ProtocolError
 from protocol.events import (
     AssistantMessage,
@@ -74,7 +74,25 @@ class _Stop:
     mode: StopMode
 
 
-_Message = tuple[Request | _Stop, "asyncio.Future[dict[str, Any]]"] | _TurnDone
+@dataclass(frozen=True, slots=True)
+class _Adopt:
+    """Record a new child (`child_spawned`), made by `turn_id` if a spawn_pod call made it."""
+
+    name: str
+    socket: str
+    turn_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class _FromParent:
+    """A message from the parent's send_to_pod; see `PodController.deliver`."""
+
+    text: str
+    source: str
+
+
+_Call = Request | _Stop | _Adopt | _FromParent
+_Message = tuple[_Call, "asyncio.Future[dict[str, Any]]"] | _TurnDone
 
 
 def new_turn_id() -> str:
@@ -95,7 +113,6 @@ class PodController:
         store: Store,
         outbox: Outbox,
         on_status: Callable[[str, PodStatusName], None],
-        child_ops: ChildPodOps | None = None,
     ) -> None:
         assert manifest.cwd is not None
         self.name = manifest.name
@@ -107,11 +124,10 @@ class PodController:
         self.last_seq = 0
         self.context = Context()
         self.usage = Usage()
-        self.children: list[str] = []
         self.notes: list[PendingNote] = []
         self.provider = make_provider(manifest.model)
         self.tool_specs = tool_specs(manifest.tools)
-        self.tool_context = ToolContext(cwd=Path(manifest.cwd), pod=self.name, pods=child_ops)
+        self.tool_context = ToolContext(cwd=Path(manifest.cwd), pod=self.name)
         self.hub = Hub(self.name, lambda: self.last_seq, self._page)
         self._store = store
         self._outbox = outbox
@@ -132,12 +148,21 @@ class PodController:
         event.seq = self.last_seq
         event.ts = time.time()
         frame = encode(event)
-        owed = (self.parent, encode(report)[:-1]) if report and self.parent else None
+        owed = self._owed(report)
         self._store.append(self.name, event.seq, event.ts, event.event, frame[:-1], owed)
-        if owed:
-            self._outbox.poke(owed[0])
+        if owed is not None:
+            self._outbox.poke(owed.target)
         self._track(event)
         self.hub.publish(frame, event.seq)
+
+    def _owed(self, report: Report | None) -> OwedReport | None:
+        if report is None or self.parent is None:
+            return None
+        return OwedReport(self.parent, encode(report)[:-1])
+
+    def shut_down_report(self) -> OwedReport | None:
+        """What a stop owes the parent; the daemon commits it as it marks the pod stopped."""
+        return self._owed(ShutDown(pod=self.name, event_id=new_event_id(self.name)))
 
     def emit_ephemeral(self, event: PodEventBase) -> None:
         if self.hub.subscriptions:
@@ -157,8 +182,6 @@ class PodController:
                     self.turn.steps += 1
                     self.turn.output = self.turn.partial + text
                     self.turn.partial = ""
-            case ChildSpawned(name=child):
-                self.children.append(child)
             case PodEventReceived(payload=payload) if isinstance(payload.get("event_id"), str):
                 self._seen_event_ids.add(payload["event_id"])
 
@@ -200,13 +223,23 @@ class PodController:
 
     # -- the actor ----------------------------------------------------------------------
 
-    async def call(self, request: Request) -> dict[str, Any]:
+    async def call(self, request: _Call) -> dict[str, Any]:
         """Hand a method to the actor and wait for its result."""
         if self._stopped:
             raise ProtocolError("shutting_down", f"pod {self.name} is stopping")
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._mailbox.put_nowait((request, fut))
         return await fut
+
+    async def adopt(self, name: str, socket: str, turn_id: str | None) -> None:
+        """Record a child spawned with this pod as its parent (`child_spawned`)."""
+        await self.call(_Adopt(name, socket, turn_id))
+
+    async def deliver(self, text: str, source: str) -> dict[str, Any]:
+        """A parent's message, decided inside the actor so the status cannot change under
+        it: a paused pod buffers it as a notification (a `run` would cancel the paused turn);
+        otherwise it is a `run` queued behind any current turn, so the parent gets a report."""
+        return await self.call(_FromParent(text, source))
 
     async def stop(self, mode: StopMode) -> None:
         """End the actor after the messages already queued; see StopMode."""
@@ -241,8 +274,15 @@ class PodController:
                         fut.set_result(result)
             self._kick()
 
-    async def _handle(self, request: Request) -> dict[str, Any]:
+    async def _handle(self, request: _Call) -> dict[str, Any]:
         match request:
+            case _Adopt(name=name, socket=socket, turn_id=turn_id):
+                self.emit(ChildSpawned(name=name, socket=socket, turn_id=turn_id))
+                return {}
+            case _FromParent(text=text, source=source) if self.status == "paused":
+                return self._buffer(PendingNote("notify", source, text))
+            case _FromParent(text=text):
+                return await self._run(Run(text=text, if_busy="queue"))
             case Run():
                 return await self._run(request)
             case Pause():
@@ -255,7 +295,7 @@ class PodController:
                 return self._buffer(PendingNote("notify", source or "notify", text))
             case PodEvent(event=payload):
                 return self._pod_event(payload)
-        raise ProtocolError("invalid_request", f"{request.method} is not a pod actor method")  # type: ignore[attr-defined]
+        raise ProtocolError("invalid_request", f"{request!r} is not a pod actor call")
 
     # -- methods ------------------------------------------------------------------------
 
@@ -316,11 +356,6 @@ class PodController:
         received = PodEventReceived(payload=payload)
         self.emit(received)
         return self._buffer(_report_note(received))
-
-    def adopt(self, name: str, socket: str) -> None:
-        """Record a child spawned with this pod as its parent (`child_spawned`)."""
-        turn_id = self.turn.turn_id if self.turn and self.status == "running" else None
-        self.emit(ChildSpawned(name=name, socket=socket, turn_id=turn_id))
 
     # -- turns --------------------------------------------------------------------------
 
@@ -428,9 +463,6 @@ class PodController:
             self._set_status("paused")
         elif self.status != "idle" and mode == "cancel":
             await self._end_turn("cancelled")
-        if mode == "cancel" and self.parent:
-            report = ShutDown(pod=self.name, event_id=new_event_id(self.name))
-            self._outbox.add(self.name, self.parent, encode(report)[:-1])
         self.hub.close_all()
         await self.provider.aclose()
 
@@ -446,7 +478,7 @@ class PodController:
         events = [orjson.loads(data) for _, data in self._page(after_seq, limit)]
         return HistoryResult(events=events, last_seq=self.last_seq)
 
-    def status_result(self) -> PodStatus:
+    def status_result(self, children: list[str]) -> PodStatus:
         model = self.manifest.model
         return PodStatus(
             name=self.name,
@@ -455,7 +487,7 @@ class PodController:
             queued=len(self._queue),
             last_seq=self.last_seq,
             parent=self.parent,
-            children=list(self.children),
+            children=children,
             model=f"{model.provider}/{model.name}" if model.name else model.provider,
             cwd=str(self.tool_context.cwd),
             tools=list(self.manifest.tools),

@@ -13,12 +13,12 @@ import resource
 import signal
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Awaitable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, TypeVar
 
-from capd.children import ChildPods
+from capd.children import ChildPods, check_child
 from capd.config import Config
 from capd.controller import PodController, StopMode
 from capd.fanout import Hub
@@ -42,7 +42,10 @@ from protocol.results import InfoResult, ListResult, PodListEntry, SpawnResult
 
 log = logging.getLogger("capd")
 
+T = TypeVar("T")
+
 REPLAY_BATCH = 1000
+SHUTDOWN_GRACE_S = 10.0
 
 
 @dataclass(eq=False)
@@ -67,7 +70,9 @@ class Daemon:
         self._locks: list[IO[str]] = []
         self._should_exit = asyncio.Event()
         self._started = time.monotonic()
-        self._background: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[Any]] = set()
+        self._stopping: set[str] = set()
+        self._closing = False
 
     @property
     def store(self) -> Store:
@@ -119,11 +124,16 @@ class Daemon:
         self._should_exit.set()
 
     async def shutdown(self) -> None:
+        """Refuse new work, let spawns and stops under way finish, pause the pods' turns,
+        then stop delivering reports; what is undelivered waits in the store."""
         log.info("shutting down: pausing in-flight turns")
+        self._closing = True
         await self._endpoint.close()
+        if self._background:
+            await asyncio.wait(self._background, timeout=SHUTDOWN_GRACE_S)
+        await asyncio.gather(*(self._take_down(name, "pause") for name in list(self.pods)))
         if self._outbox is not None:
             await self._outbox.close()
-        await asyncio.gather(*(self._take_down(name, "pause") for name in list(self.pods)))
         if self._store is not None:
             self._store.close()
         for lock in self._locks:
@@ -132,7 +142,18 @@ class Daemon:
 
     # -- pods ---------------------------------------------------------------------------
 
-    async def spawn(self, manifest: Manifest, parent: str | None) -> SpawnResult:
+    async def spawn(
+        self,
+        manifest: Manifest,
+        parent: str | None,
+        *,
+        turn_id: str | None = None,
+        make_cwd: bool = False,
+    ) -> SpawnResult:
+        """Create and start a pod. With a local `parent` the child rules apply (see
+        children.py) and the parent records `child_spawned` with `turn_id`, the turn whose
+        spawn_pod call made it. `make_cwd` creates a missing cwd once all checks pass."""
+        self._refuse_when_closing()
         name = manifest.name
         if name in self.pods or self.store.pod(name) is not None:
             raise ProtocolError("already_exists", f"a pod named {name} already exists")
@@ -140,15 +161,42 @@ class Daemon:
             raise ProtocolError(
                 "invalid_request", f"parent {parent} must be an absolute socket path"
             )
-        manifest = manifest.model_copy(update={"cwd": str(self._resolve_cwd(manifest))})
+        cwd = self._resolve_cwd(manifest, must_exist=not make_cwd)
+        manifest = manifest.model_copy(update={"cwd": str(cwd)})
         _check_api_key(manifest)
+        parent_name = self.name_at(parent)
+        if parent_name is not None:
+            self._check_child_of(parent_name, manifest)
+        if make_cwd:
+            try:
+                cwd.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ProtocolError(
+                    "invalid_request", f"cannot create cwd {cwd}: {exc.strerror or exc}"
+                ) from None
         self.store.add_pod(name, manifest.model_dump_json(), parent, time.time())
         running = await self._bring_up(manifest, parent)
         socket = str(running.endpoint.path)
         if (local_parent := self._pod_at(parent)) is not None:
-            local_parent.controller.adopt(name, socket)
+            # A parent stopping meanwhile refuses; its stop cascade takes the child down.
+            with contextlib.suppress(ProtocolError):
+                await local_parent.controller.adopt(name, socket, turn_id)
         self._publish(PodSpawned(pod=name, socket=socket, parent=parent))
         return SpawnResult(name=name, socket=socket)
+
+    def _check_child_of(self, parent: str, manifest: Manifest) -> None:
+        if parent in self._stopping:
+            raise ProtocolError("shutting_down", f"parent pod {parent} is stopping")
+        record = self.store.pod(parent)
+        assert record is not None
+        running = [r.name for r, depth in self.descendants(parent) if depth == 1]
+        check_child(
+            parent,
+            Manifest.model_validate_json(record.manifest),
+            manifest,
+            [child for child in running if child in self.pods],
+            self._depth(parent) + 1,
+        )
 
     async def stop_pod(self, name: str) -> list[str]:
         """Stop the pod, then its descendants; returns the names of those that were running.
@@ -161,20 +209,39 @@ class Daemon:
         return stopped
 
     async def _stop_one(self, name: str) -> bool:
-        if name not in self.pods:
+        running = self.pods.get(name)
+        if running is None:
             return False
-        await self._take_down(name, "cancel")
-        self.store.set_stopped(name, True)
+        self._stopping.add(name)
+        try:
+            await self._take_down(name, "cancel")
+            report = running.controller.shut_down_report()
+            self.store.set_stopped(name, True, report)
+            if report is not None:
+                self.outbox.poke(report.target)
+        finally:
+            self._stopping.discard(name)
         self._publish(PodStopped(pod=name))
         return True
 
-    def stop_pod_soon(self, name: str) -> None:
-        """Stop a pod after the current request's reply went out (the pod's own `stop`)."""
-        task = asyncio.create_task(self.stop_pod(name))
+    def in_background(self, work: Awaitable[T]) -> "asyncio.Task[T]":
+        """Run `work` as a task the daemon owns: shutdown waits for it, and whoever awaits
+        it can be cancelled (by `asyncio.shield`) without cutting it short."""
+
+        async def run() -> T:
+            return await work
+
+        task = asyncio.create_task(run())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
+
+    def stop_pod_soon(self, name: str) -> None:
+        """Stop a pod after the current request's reply went out (the pod's own `stop`)."""
+        self.in_background(self.stop_pod(name))
 
     async def start_pod(self, name: str) -> SpawnResult:
+        self._refuse_when_closing()
         record = self._require_known(name)
         if name not in self.pods:
             self.store.set_stopped(name, False)
@@ -185,16 +252,19 @@ class Daemon:
         return SpawnResult(name=name, socket=str(self._socket(name)))
 
     async def delete_pod(self, name: str) -> None:
-        """Stop the pod and its descendants, detach its children (they become top-level
-        pods), then remove its state and the reports still owed to it."""
+        """Stop the pod and its descendants, then remove its state: its children become
+        top-level pods and the reports still owed to it are dropped."""
         self._require_known(name)
-        children = [record.name for record, depth in self.descendants(name) if depth == 1]
-        await self.stop_pod(name)
-        for child in children:
-            self.store.set_parent(child, None)
-        self.store.delete_pod(name)
-        self.outbox.forget(str(self._socket(name)))
+        self._stopping.add(name)
+        try:
+            await self.stop_pod(name)
+            self.store.delete_pod(name, str(self._socket(name)))
+        finally:
+            self._stopping.discard(name)
         self._publish(PodDeleted(pod=name))
+
+    def children_of(self, name: str) -> list[str]:
+        return [record.name for record, depth in self.descendants(name) if depth == 1]
 
     def descendants(self, name: str) -> list[tuple[PodRecord, int]]:
         """The pod's children, their children and so on, depth first, each with its depth."""
@@ -215,6 +285,18 @@ class Daemon:
 
         walk(name, 1)
         return found
+
+    def _depth(self, name: str) -> int:
+        """How many local ancestors the pod has (0 for a top-level pod)."""
+        depth, seen = 0, {name}
+        record = self.store.pod(name)
+        while record is not None and (parent := self.name_at(record.parent)) not in seen:
+            if parent is None:
+                break
+            depth += 1
+            seen.add(parent)
+            record = self.store.pod(parent)
+        return depth
 
     def list_pods(self) -> ListResult:
         entries = []
@@ -253,12 +335,12 @@ class Daemon:
             store=self.store,
             outbox=self.outbox,
             on_status=self._pod_status_changed,
-            child_ops=ChildPods(self, name),
         )
+        controller.tool_context = replace(controller.tool_context, pods=ChildPods(self, controller))
         controller.restore(self._stored_events(name))
         endpoint = PodEndpoint(controller, self, self.config)
         await endpoint.listen()
-        self.outbox.wake(str(endpoint.path))
+        self.outbox.retry_now(str(endpoint.path))
         actor = asyncio.create_task(controller.run(), name=f"pod {name}")
         running = _RunningPod(controller, endpoint, actor)
         self.pods[name] = running
@@ -289,16 +371,24 @@ class Daemon:
     def _socket(self, name: str) -> Path:
         return pod_socket(self.config.runtime_dir, name)
 
-    def _pod_at(self, socket: str | None) -> _RunningPod | None:
-        """The running pod of this daemon listening at `socket`, if any."""
+    def name_at(self, socket: str | None) -> str | None:
+        """The name of this daemon's pod (running or stopped) whose socket is `socket`."""
         if socket is None:
             return None
         path = Path(socket)
-        if path != self._socket(path.stem):
+        if path != self._socket(path.stem) or self.store.pod(path.stem) is None:
             return None
-        return self.pods.get(path.stem)
+        return path.stem
 
-    def _resolve_cwd(self, manifest: Manifest) -> Path:
+    def _pod_at(self, socket: str | None) -> _RunningPod | None:
+        name = self.name_at(socket)
+        return self.pods.get(name) if name else None
+
+    def _refuse_when_closing(self) -> None:
+        if self._closing:
+            raise ProtocolError("shutting_down", "capd is shutting down; try again once it is back")
+
+    def _resolve_cwd(self, manifest: Manifest, must_exist: bool) -> Path:
         if manifest.cwd is None:
             cwd = self.config.state_dir / "pods" / manifest.name / "work"
             cwd.mkdir(parents=True, exist_ok=True)
@@ -306,7 +396,7 @@ class Daemon:
         cwd = Path(manifest.cwd)
         if not cwd.is_absolute():
             raise ProtocolError("invalid_request", f"cwd {cwd} must be an absolute path")
-        if not cwd.is_dir():
+        if must_exist and not cwd.is_dir():
             raise ProtocolError(
                 "invalid_request", f"cwd {cwd} is not a directory; create it before spawning"
             )

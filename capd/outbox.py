@@ -1,11 +1,16 @@
 """Delivery of child reports to parent sockets: durable, at least once, in order per parent.
 
-Reports wait in the store's `outbox` table until the parent acks them. One worker task per
-parent socket sends them oldest first as `pod_event` requests over a plain client
-connection (the parent may live in another capd; its socket is just a path). While the
-socket is absent or refusing, the worker backs off exponentially; `poke` cuts the wait
-short, e.g. when a local parent pod comes back up. A report that reached the parent but
-whose ack was lost is sent again with the same `event_id`, and the parent drops it.
+Reports wait in the store's `outbox` table until the parent acks them; the store commits
+each one in the same transaction as the event that causes it. One worker task per parent
+socket sends them oldest first as `pod_event` requests over a plain client connection
+(the parent may live in another capd; its socket is just a path). While the socket is
+absent or refusing, the worker backs off exponentially; `retry_now` cuts the wait short,
+e.g. when a local parent pod comes back up. A report that reached the parent but whose ack
+was lost is sent again with the same `event_id`, and the parent drops it.
+
+A report the parent refuses as malformed (`invalid_request`, `unknown_method`,
+`frame_too_large`) would be refused forever and block every later one, so it is logged in
+full and dropped.
 """
 
 import asyncio
@@ -13,7 +18,7 @@ import contextlib
 import logging
 import random
 
-from capd.store import Store
+from capd.store import OutboxEntry, Store
 from protocol.client import Client, ConnectionClosed
 from protocol.errors import ProtocolError
 from protocol.framing import decode
@@ -24,75 +29,96 @@ BATCH = 100
 REQUEST_TIMEOUT_S = 10.0
 RETRY_BASE_S = 0.1
 RETRY_CAP_S = 30.0
+CLOSE_TIMEOUT_S = 5.0
 
-_DELIVERY_ERRORS = (OSError, ConnectionClosed, TimeoutError, ProtocolError, ValueError)
+REFUSED_FOR_GOOD = frozenset({"invalid_request", "unknown_method", "frame_too_large"})
 
 
 class Outbox:
-    def __init__(self, store: Store, retry_cap_s: float = RETRY_CAP_S) -> None:
+    def __init__(self, store: Store) -> None:
         self._store = store
-        self._retry_cap_s = retry_cap_s
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._wake: dict[str, asyncio.Event] = {}
+        self._closing = False
 
     def start(self) -> None:
         """Resume delivery of every report a previous run left undelivered."""
         for target in self._store.report_targets():
             self.poke(target)
 
-    def add(self, pod: str, target: str, payload: bytes) -> None:
-        self._store.add_report(pod, target, payload)
-        self.poke(target)
-
     def poke(self, target: str) -> None:
-        """Deliver to `target` now: start its worker, or end its back-off wait."""
+        """A report to `target` was committed: deliver it now, starting a worker if needed."""
+        if self._closing:
+            return
         if target in self._workers:
-            self.wake(target)
+            self.retry_now(target)
             return
         self._wake[target] = asyncio.Event()
-        self._workers[target] = asyncio.create_task(
-            self._deliver(target), name=f"reports to {target}"
-        )
+        task = asyncio.create_task(self._deliver(target), name=f"reports to {target}")
+        self._workers[target] = task
+        task.add_done_callback(lambda _: self._forget_worker(target, task))
 
-    def wake(self, target: str) -> None:
-        """Retry `target` now if reports to it are waiting out a back-off (it came up)."""
+    def retry_now(self, target: str) -> None:
+        """End a worker's back-off wait: `target` has just come up."""
         if target in self._wake:
             self._wake[target].set()
 
-    def forget(self, target: str) -> None:
-        """Drop every report owed to `target`: its pod was deleted for good."""
-        dropped = self._store.drop_reports_to(target)
-        if dropped:
-            log.info("dropped %d undelivered reports to deleted pod at %s", dropped, target)
-
     async def close(self) -> None:
         """Stop delivering; what is undelivered stays in the store for the next start."""
+        self._closing = True
         workers = list(self._workers.values())
         for task in workers:
             task.cancel()
-        await asyncio.gather(*workers, return_exceptions=True)
+        if workers:
+            await asyncio.wait(workers, timeout=CLOSE_TIMEOUT_S)
+
+    def _forget_worker(self, target: str, task: "asyncio.Task[None]") -> None:
+        if self._workers.get(target) is task:
+            del self._workers[target]
+            del self._wake[target]
+        if not task.cancelled() and task.exception() is not None:
+            log.error("report delivery to %s failed", target, exc_info=task.exception())
 
     async def _deliver(self, target: str) -> None:
         failures = 0
-        try:
-            while batch := self._store.reports_for(target, BATCH):
+        while not self._closing and (batch := self._store.reports_for(target, BATCH)):
+            try:
+                await self._send(target, batch)
+                failures = 0
+            except (OSError, ConnectionClosed, TimeoutError, ProtocolError, ValueError) as exc:
+                task = asyncio.current_task()
+                if self._closing or (task is not None and task.cancelling()):
+                    raise asyncio.CancelledError from exc
+                failures += 1
+                await self._back_off(target, failures, exc)
+
+    async def _send(self, target: str, batch: list[OutboxEntry]) -> None:
+        async with await Client.connect(target, REQUEST_TIMEOUT_S) as parent:
+            for entry in batch:
                 try:
-                    async with await Client.connect(target, REQUEST_TIMEOUT_S) as parent:
-                        for entry in batch:
-                            request = {"method": "pod_event", "event": decode(entry.payload)}
-                            await parent.request(request, REQUEST_TIMEOUT_S)
-                            self._store.report_delivered(entry.id)
-                    failures = 0
-                except _DELIVERY_ERRORS as exc:
-                    failures += 1
-                    await self._back_off(target, failures, exc)
-        finally:
-            del self._workers[target]
-            del self._wake[target]
+                    await parent.request({"method": "pod_event", "event": decode(entry.payload)})
+                except ProtocolError as exc:
+                    if exc.code not in REFUSED_FOR_GOOD:
+                        raise
+                    self._drop(target, entry, exc)
+                    if exc.code == "frame_too_large":
+                        return  # the parent closed the connection; reconnect for the rest
+                    continue
+                self._store.report_delivered(entry.id)
+
+    def _drop(self, target: str, entry: OutboxEntry, exc: ProtocolError) -> None:
+        log.error(
+            "parent at %s refused a report of pod %s for good (%s: %s); dropping it: %s",
+            target,
+            entry.pod,
+            exc.code,
+            exc.message,
+            entry.payload.decode(errors="replace"),
+        )
+        self._store.report_delivered(entry.id)
 
     async def _back_off(self, target: str, failures: int, exc: Exception) -> None:
-        wait_s = min(self._retry_cap_s, RETRY_BASE_S * 2 ** (failures - 1))
-        wait_s *= random.uniform(1, 1.25)
+        wait_s = min(RETRY_CAP_S, RETRY_BASE_S * 2 ** (failures - 1)) * random.uniform(1, 1.25)
         level = logging.WARNING if failures == 1 or failures % 10 == 0 else logging.DEBUG
         log.log(
             level,

@@ -143,7 +143,8 @@ class PodEndpoint(Endpoint):
         pod = self.pod
         match request:
             case Status():
-                return ack(request, pod.status_result().model_dump(mode="json"))
+                status = pod.status_result(self._daemon.children_of(pod.name))
+                return ack(request, status.model_dump(mode="json"))
             case Subscribe(after_seq=after_seq):
                 self._subscribe(pod.hub, conn, request, after_seq)
                 return None

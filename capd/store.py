@@ -57,9 +57,18 @@ class PodRecord:
 @dataclass(frozen=True, slots=True)
 class OutboxEntry:
     id: int
-    target: str
+    pod: str
+    """The pod that owes the report."""
     payload: bytes
     """The report as JSON, sent as the `event` of a `pod_event` request."""
+
+
+@dataclass(frozen=True, slots=True)
+class OwedReport:
+    """A report to commit to the outbox: the parent's socket and the report as JSON."""
+
+    target: str
+    payload: bytes
 
 
 class Store:
@@ -92,16 +101,22 @@ class Store:
         ).fetchone()
         return PodRecord(row[0], row[1], row[2], bool(row[3])) if row else None
 
-    def set_stopped(self, name: str, stopped: bool) -> None:
-        self._db.execute("UPDATE pods SET stopped = ? WHERE name = ?", (int(stopped), name))
-
-    def set_parent(self, name: str, parent: str | None) -> None:
-        self._db.execute("UPDATE pods SET parent = ? WHERE name = ?", (parent, name))
-
-    def delete_pod(self, name: str) -> None:
-        """Remove the pod's state; reports it still owes its parent stay in the outbox."""
+    def set_stopped(self, name: str, stopped: bool, report: OwedReport | None = None) -> None:
+        """Mark the pod stopped or not, with the `shut_down` report a stop owes its parent."""
         with self._db:
             self._db.execute("BEGIN")
+            self._db.execute("UPDATE pods SET stopped = ? WHERE name = ?", (int(stopped), name))
+            if report is not None:
+                self._insert_report(name, report)
+
+    def delete_pod(self, name: str, socket: str) -> None:
+        """Remove the pod's state for good, in one transaction: its children (parent =
+        `socket`) become top-level pods and reports still owed to it are dropped. Reports
+        the pod itself owes its parent stay in the outbox."""
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.execute("UPDATE pods SET parent = NULL WHERE parent = ?", (socket,))
+            self._db.execute("DELETE FROM outbox WHERE target = ?", (socket,))
             self._db.execute("DELETE FROM events WHERE pod = ?", (name,))
             self._db.execute(
                 "DELETE FROM read_cursors WHERE reader = ? OR target = ?", (name, name)
@@ -117,9 +132,9 @@ class Store:
         ts: float,
         kind: str,
         data: bytes,
-        report: tuple[str, bytes] | None = None,
+        report: OwedReport | None = None,
     ) -> None:
-        """Commit one event and, in the same transaction, the (target, payload) report it
+        """Commit one event and, in the same transaction, the report to the parent it
         causes, so a crash keeps both or neither."""
         insert = "INSERT INTO events (pod, seq, ts, kind, data) VALUES (?, ?, ?, ?, ?)"
         if report is None:
@@ -128,7 +143,7 @@ class Store:
         with self._db:
             self._db.execute("BEGIN")
             self._db.execute(insert, (pod, seq, ts, kind, data))
-            self.add_report(pod, *report)
+            self._insert_report(pod, report)
 
     def events_after(self, pod: str, after_seq: int, limit: int) -> list[tuple[int, bytes]]:
         """Up to `limit` events with seq > after_seq, oldest first, as (seq, json)."""
@@ -146,9 +161,10 @@ class Store:
 
     # -- outbox -------------------------------------------------------------------------
 
-    def add_report(self, pod: str, target: str, payload: bytes) -> None:
+    def _insert_report(self, pod: str, report: OwedReport) -> None:
         self._db.execute(
-            "INSERT INTO outbox (target, pod, payload) VALUES (?, ?, ?)", (target, pod, payload)
+            "INSERT INTO outbox (target, pod, payload) VALUES (?, ?, ?)",
+            (report.target, pod, report.payload),
         )
 
     def report_targets(self) -> list[str]:
@@ -157,17 +173,13 @@ class Store:
     def reports_for(self, target: str, limit: int) -> list[OutboxEntry]:
         """The oldest `limit` reports still owed to `target`, in the order they were made."""
         rows = self._db.execute(
-            "SELECT id, target, payload FROM outbox WHERE target = ? ORDER BY id LIMIT ?",
+            "SELECT id, pod, payload FROM outbox WHERE target = ? ORDER BY id LIMIT ?",
             (target, limit),
         )
         return [OutboxEntry(*row) for row in rows]
 
     def report_delivered(self, report_id: int) -> None:
         self._db.execute("DELETE FROM outbox WHERE id = ?", (report_id,))
-
-    def drop_reports_to(self, target: str) -> int:
-        """Forget every report owed to `target` (its pod was deleted); returns how many."""
-        return self._db.execute("DELETE FROM outbox WHERE target = ?", (target,)).rowcount
 
     # -- read cursors -------------------------------------------------------------------
 

@@ -38,13 +38,17 @@ class Client:
 
     @classmethod
     async def connect(cls, path: str | Path, timeout: float = 5.0) -> Self:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_unix_connection(str(path), limit=4 * DEFAULT_MAX_FRAME_BYTES), timeout
-        )
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
+        # that lands as the inner call fails, and the caller would never stop.
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_unix_connection(
+                str(path), limit=4 * DEFAULT_MAX_FRAME_BYTES
+            )
         client = cls(reader, writer)
         try:
-            first = decode(await asyncio.wait_for(reader.readline(), timeout))
-        except Exception:
+            async with asyncio.timeout(timeout):
+                first = decode(await reader.readline())
+        except BaseException:
             writer.close()
             raise
         client.hello = Hello.model_validate(first)
@@ -82,7 +86,8 @@ class Client:
         self._pending[rid] = fut
         try:
             await self.send_raw(encode(frame))
-            reply = await asyncio.wait_for(fut, timeout)
+            async with asyncio.timeout(timeout):
+                reply = await fut
         finally:
             self._pending.pop(rid, None)
         if reply["event"] == "error":
@@ -91,7 +96,8 @@ class Client:
         return Ack.model_validate(reply).result
 
     async def next_event(self, timeout: float | None = None) -> dict[str, Any]:
-        item = await asyncio.wait_for(self._events.get(), timeout)
+        async with asyncio.timeout(timeout):
+            item = await self._events.get()
         if item is _CLOSED:
             self._events.put_nowait(_CLOSED)
             raise ConnectionClosed("capd closed the connection")

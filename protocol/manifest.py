@@ -63,6 +63,8 @@ class Limits(_Strict):
     max_steps: int = Field(default=50, ge=1)
     turn_timeout_s: float = Field(default=1800, gt=0)
     max_children: int = Field(default=8, ge=0)
+    max_depth: int = Field(default=3, ge=0)
+    """How many levels of descendants a pod may have below it (an addition)."""
 
 
 class Manifest(_Strict):

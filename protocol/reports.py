@@ -8,13 +8,14 @@ produces.
 
 from typing import Annotated, Any, Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from protocol.events import TurnResult
 
-REPORT_TEXT_LIMIT = 64 * 1024
-"""Characters of a child's output or error message carried in a report; the parent's
-inbound frame limit must never be what stops a report from arriving."""
+REPORT_TEXT_BYTES = 64 * 1024
+"""Largest JSON encoding of a child's output or error message in a report, so a report
+stays far below any parent's inbound frame limit."""
 
 
 class Report(BaseModel):
@@ -29,7 +30,7 @@ class TurnEnded(Report):
     result: TurnResult
     output: str = ""
     truncated: bool = False
-    """`output` was cut to REPORT_TEXT_LIMIT characters; the child's history has all of it."""
+    """`output` was cut to fit REPORT_TEXT_BYTES; the child's history has all of it."""
 
 
 class Errored(Report):
@@ -55,7 +56,10 @@ def parse_report(payload: dict[str, Any]) -> TurnEnded | Errored | ShutDown | No
 
 
 def clip(text: str) -> tuple[str, bool]:
-    """`text` cut to REPORT_TEXT_LIMIT characters, and whether it was cut."""
-    if len(text) <= REPORT_TEXT_LIMIT:
+    """`text` cut so its JSON encoding fits REPORT_TEXT_BYTES, and whether it was cut."""
+    if len(orjson.dumps(text)) <= REPORT_TEXT_BYTES:
         return text, False
-    return text[:REPORT_TEXT_LIMIT], True
+    cut = text.encode()[:REPORT_TEXT_BYTES].decode(errors="ignore")
+    while len(orjson.dumps(cut)) > REPORT_TEXT_BYTES:
+        cut = cut[: len(cut) * 3 // 4]
+    return cut, True

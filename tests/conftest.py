@@ -1,5 +1,6 @@
 """Fixtures: a real capd subprocess on temporary runtime and state directories."""
 
+import json
 import os
 import shutil
 import signal
@@ -53,7 +54,7 @@ class CapdProcess:
             if self.proc.poll() is not None:
                 out = self.proc.stdout.read().decode() if self.proc.stdout else ""
                 raise RuntimeError(f"capd exited with {self.proc.returncode}:\n{out}")
-            if _accepts(self.socket):
+            if _answers_as(self.socket, self.proc.pid):
                 return
             time.sleep(0.01)
         raise TimeoutError("capd did not listen within the start timeout")
@@ -75,13 +76,20 @@ class CapdProcess:
             assert code == 0, f"capd exited {code} on SIGTERM:\n{self.output()}"
 
 
-def _accepts(path: Path) -> bool:
+def _answers_as(path: Path, pid: int) -> bool:
+    """Whether the capd with `pid` answers on `path`. Accepting a connection is not enough:
+    a tool process forked by a killed capd can hold its old listening socket for a moment."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(2.0)
         try:
             s.connect(str(path))
-        except OSError:
+            s.sendall(b'{"method":"info","id":1}\n')
+            reader = s.makefile("rb")
+            reader.readline()
+            info = json.loads(reader.readline())
+        except (OSError, ValueError):
             return False
-        return True
+        return info.get("result", {}).get("pid") == pid
 
 
 @pytest.fixture

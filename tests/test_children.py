@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from protocol.client import Client
+from protocol.errors import ProtocolError
 from tests.conftest import CapdProcess
 from tests.helpers import Event, connect_pod, is_event, scripted, spawn, wait_for
 from tests.openai_server import (
@@ -62,6 +63,34 @@ def _tool_results(events: list[Event]) -> dict[str, Event]:
 
 def _is_shut_down(event: Event) -> bool:
     return event["event"] == "pod_event_received" and event["payload"]["kind"] == "shut_down"
+
+
+def _sleeper(then: str) -> dict[str, Any]:
+    """A scripted model that runs `sleep 30` (long enough to pause or stop it), then says
+    `then`."""
+    sleep = {"name": "bash", "arguments": {"command": "sleep 30"}}
+    return scripted({"tool_calls": [sleep]}, {"text": then})
+
+
+async def _spawn_child(
+    capd: CapdProcess,
+    name: str,
+    parent: str,
+    model: dict[str, Any],
+    cwd: Path | None = None,
+    **manifest: Any,
+) -> None:
+    """Spawn `name` with `parent` on the daemon socket, as `capctl spawn --parent` does."""
+    if cwd is not None:
+        manifest["cwd"] = str(cwd)
+    await _daemon(
+        capd,
+        {
+            "method": "spawn",
+            "manifest": {"name": name, "model": model, **manifest},
+            "parent": str(capd.pod_socket(parent)),
+        },
+    )
 
 
 async def _wait_idle(pod: Client) -> list[Event]:
@@ -242,10 +271,10 @@ async def test_escapes_and_strangers_are_refused_as_tool_errors(
     assert set(refused) == set(attempts) - {"ok"}, outputs
     for key in ("outside", "dotdot", "symlink"):
         assert "outside the working directory" in refused[key]
-    assert "tools you do not have: bash" in refused["tools"]
+    assert "tools bash are not among parent pod boss's tools" in refused["tools"]
     assert "leave api_key_env out" in refused["key"]
     assert "leave base_url out" in refused["url"]
-    assert "name" in refused["name"]
+    assert "name: String should match pattern" in refused["name"]
     assert "limits.max_children=1" in refused["many"]
     assert "already exists" in refused["taken"]
     for key in ("send", "read", "stop"):
@@ -299,16 +328,17 @@ async def test_reports_survive_a_restart_and_an_absent_parent_and_arrive_once(
     assert reports[1]["message"] == reports[2]["message"] == "model call failed: scripted: boom"
     assert {r["pod"] for r in reports} == {"kid"}
     assert len(parent.deliveries) >= len(reports) + 2, "the unacked reports came again"
+    assert parent.unexpected == []
 
 
-async def test_a_report_held_by_a_paused_parent_survives_sigkill(capd: CapdProcess) -> None:
-    await spawn(capd, "boss", scripted({"text": "y" * 300, "chunk_chars": 1, "delay_ms": 2}))
-    boss_socket = str(capd.pod_socket("boss"))
-    kid_manifest = {"name": "kid", "model": scripted({"text": "kid is done"})}
-    await _daemon(capd, {"method": "spawn", "manifest": kid_manifest, "parent": boss_socket})
+async def test_a_report_held_by_a_paused_parent_survives_sigkill(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    await spawn(capd, "boss", _sleeper("ok"), cwd=str(tmp_path), tools=["bash"])
+    await _spawn_child(capd, "kid", "boss", scripted({"text": "kid is done"}), tmp_path)
     async with await connect_pod(capd, "boss") as boss:
         turn = (await boss.request({"method": "run", "text": "go"}))["turn_id"]
-        await wait_for(boss, is_event("text_delta"))
+        await wait_for(boss, is_event("assistant_message"))
         await boss.request({"method": "pause"})
         async with await connect_pod(capd, "kid", subscribe=False) as kid:
             await kid.request({"method": "run", "text": "work"})
@@ -325,21 +355,17 @@ async def test_a_report_held_by_a_paused_parent_survives_sigkill(capd: CapdProce
     notes = [e for e in seen if e["event"] == "notification"]
     assert [n["pod_event_seq"] for n in notes] == [received["seq"]]
     assert "kid is done" in notes[0]["text"]
-    assert (end["turn_id"], end["result"]) == (turn, "finished")
+    assert (end["turn_id"], end["result"], end["output"]) == (turn, "finished", "ok")
     history = await _history(capd, "boss")
     assert [e["event"] for e in history].count("pod_event_received") == 1
 
 
 async def test_stop_and_delete_reach_descendants_and_ps_shows_the_tree(
-    capd: CapdProcess,
+    capd: CapdProcess, tmp_path: Path
 ) -> None:
-    await spawn(capd, "boss", scripted())
+    await spawn(capd, "boss", scripted(), cwd=str(tmp_path))
     for child, parent in (("kid", "boss"), ("grandkid", "kid"), ("other", "boss")):
-        manifest = {"name": child, "model": scripted()}
-        await _daemon(
-            capd,
-            {"method": "spawn", "manifest": manifest, "parent": str(capd.pod_socket(parent))},
-        )
+        await _spawn_child(capd, child, parent, scripted(), tmp_path)
     ps = await asyncio.to_thread(
         subprocess.run,
         [sys.executable, "-m", "capctl", "--runtime-dir", str(capd.runtime_dir), "ps"],
@@ -363,14 +389,14 @@ async def test_stop_and_delete_reach_descendants_and_ps_shows_the_tree(
     stopped = {p["name"] for p in listing["pods"] if p["status"] == "stopped"}
     assert stopped == {"kid", "grandkid"}
 
+    # The pod's own `stop` stops it first, then `other`, whose shut_down report to the
+    # stopped boss then waits in the outbox; deleting boss drops it.
     async with await Client.connect(capd.socket) as daemon:
         await daemon.request({"method": "subscribe"})
         async with await connect_pod(capd, "boss", subscribe=False) as boss:
             await boss.request({"method": "stop"})
         await wait_for(daemon, is_event("pod_stopped", pod="other"))
-        await daemon.request({"method": "start", "name": "boss"})
         await daemon.request({"method": "delete", "name": "boss"})
-        await wait_for(daemon, is_event("pod_deleted", pod="boss"))
         listing = await daemon.request({"method": "list"})
     pods = {p["name"]: p for p in listing["pods"]}
     assert {name: p["status"] for name, p in pods.items()} == {
@@ -379,16 +405,14 @@ async def test_stop_and_delete_reach_descendants_and_ps_shows_the_tree(
         "other": "stopped",
     }
     assert pods["kid"]["parent"] is None
+    assert pods["other"]["parent"] is None
     assert pods["grandkid"]["parent"] == str(capd.pod_socket("kid"))
 
-    # A new pod named boss gets none of the reports owed to the deleted one: per-parent
-    # delivery is in order, so its first report is from its own new child.
-    await spawn(capd, "boss", scripted())
-    manifest = {"name": "newkid", "model": scripted()}
+    # A new pod named boss gets none of the reports owed to the deleted one: delivery to
+    # one parent is in order, so its first report is from its own new child.
+    await spawn(capd, "boss", scripted(), cwd=str(tmp_path))
+    await _spawn_child(capd, "newkid", "boss", scripted(), tmp_path)
     async with await connect_pod(capd, "boss") as boss:
-        await _daemon(
-            capd, {"method": "spawn", "manifest": manifest, "parent": str(capd.pod_socket("boss"))}
-        )
         async with await connect_pod(capd, "newkid", subscribe=False) as kid:
             await kid.request({"method": "run", "text": "hi"})
         received, _ = await wait_for(boss, is_event("pod_event_received"))
@@ -396,19 +420,13 @@ async def test_stop_and_delete_reach_descendants_and_ps_shows_the_tree(
 
 
 async def test_sigterm_sends_no_shut_down_and_children_resume_reporting(
-    capd: CapdProcess,
+    capd: CapdProcess, tmp_path: Path
 ) -> None:
-    await spawn(capd, "boss", scripted())
-    manifest = {
-        "name": "kid",
-        "model": scripted({"text": "z" * 400, "chunk_chars": 1, "delay_ms": 2}),
-    }
-    await _daemon(
-        capd, {"method": "spawn", "manifest": manifest, "parent": str(capd.pod_socket("boss"))}
-    )
+    await spawn(capd, "boss", scripted(), cwd=str(tmp_path), tools=["bash"])
+    await _spawn_child(capd, "kid", "boss", _sleeper("done"), tmp_path, tools=["bash"])
     async with await connect_pod(capd, "kid") as kid:
         turn = (await kid.request({"method": "run", "text": "long job"}))["turn_id"]
-        await wait_for(kid, is_event("text_delta"))
+        await wait_for(kid, is_event("assistant_message"))
     assert await asyncio.to_thread(capd.signal, signal.SIGTERM) == 0
     capd.start()
     assert (await _status(capd, "kid"))["status"] == "paused"
@@ -418,8 +436,85 @@ async def test_sigterm_sends_no_shut_down_and_children_resume_reporting(
         received, _ = await wait_for(boss, is_event("pod_event_received"))
     assert received["payload"]["kind"] == "turn_ended"
     assert received["payload"]["turn_id"] == turn
-    assert len(received["payload"]["output"]) == 400
+    assert received["payload"]["output"] == "done"
     history = await _history(capd, "boss")
     assert [e["payload"]["kind"] for e in history if e["event"] == "pod_event_received"] == [
         "turn_ended"
     ]
+
+
+async def test_client_spawned_children_obey_the_child_rules(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    home = tmp_path / "boss"
+    home.mkdir()
+    await spawn(capd, "boss", scripted(), cwd=str(home), tools=["read_file"])
+    refusals = {
+        "outside": ({"cwd": str(tmp_path)}, "forbidden", "is outside"),
+        "tools": ({"cwd": str(home), "tools": ["bash"]}, "forbidden", "tools bash"),
+    }
+    for name, (extra, code, needle) in refusals.items():
+        with pytest.raises(ProtocolError) as refused:
+            await _spawn_child(capd, name, "boss", scripted(), **extra)
+        assert (refused.value.code, needle in refused.value.message) == (code, True), name
+    listing = await _daemon(capd, {"method": "list"})
+    assert [p["name"] for p in listing["pods"]] == ["boss"]
+
+
+async def test_send_to_pod_queues_behind_a_busy_child_and_waits_for_a_paused_one(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    messages = [
+        {"tool_calls": [{"name": "send_to_pod", "arguments": {"name": "kid", "text": "a"}}]},
+        {"text": "sent a"},
+        {"tool_calls": [{"name": "send_to_pod", "arguments": {"name": "kid", "text": "b"}}]},
+        {"text": "sent b"},
+    ]
+    boss_tools = ["bash", "send_to_pod"]
+    await spawn(capd, "boss", scripted(*messages), cwd=str(tmp_path), tools=boss_tools)
+    await _spawn_child(capd, "kid", "boss", _sleeper("slept"), tmp_path, tools=["bash"])
+    async with await connect_pod(capd, "kid") as kid, await connect_pod(capd, "boss") as boss:
+        busy_turn = (await kid.request({"method": "run", "text": "sleep"}))["turn_id"]
+        await wait_for(kid, is_event("assistant_message"))
+        await boss.request({"method": "run", "text": "send a"})
+        _, first = await wait_for(boss, is_event("turn_end"))
+        await kid.request({"method": "pause"})
+        await boss.request({"method": "run", "text": "send b"})
+        _, second = await wait_for(boss, is_event("turn_end"))
+        kid_status = await kid.request({"method": "status"})
+        await kid.request({"method": "resume"})
+        note, _ = await wait_for(kid, is_event("notification"))
+
+    queued = next(e for e in first if e["event"] == "tool_result")["output"]
+    assert "is busy; your message is queued" in queued
+    buffered = next(e for e in second if e["event"] == "tool_result")["output"]
+    assert "is paused; it reads your message when it is resumed" in buffered
+    assert (kid_status["status"], kid_status["turn_id"], kid_status["queued"]) == (
+        "paused",
+        busy_turn,
+        1,
+    )
+    assert (note["turn_id"], note["source"], note["text"]) == (busy_turn, "pod boss", "b")
+
+
+async def test_limits_max_depth_bounds_a_family_tree(capd: CapdProcess, tmp_path: Path) -> None:
+    grandkid = {"name": "spawn_pod", "arguments": {"name": "grandkid", "task": "x"}}
+    kid_model = {"script": [{"tool_calls": [grandkid]}, {"text": "kid done"}]}
+    kid = {"name": "spawn_pod", "arguments": {"name": "kid", "task": "go", "model": kid_model}}
+    await spawn(
+        capd,
+        "boss",
+        scripted({"tool_calls": [kid]}, {"text": "boss done"}),
+        cwd=str(tmp_path),
+        tools=["spawn_pod"],
+        limits={"max_depth": 1},
+    )
+    async with await connect_pod(capd, "boss") as boss:
+        await boss.request({"method": "run", "text": "go"})
+        received, _ = await wait_for(boss, is_event("pod_event_received"))
+    assert received["payload"]["output"] == "kid done"
+    refused = next(e for e in await _history(capd, "kid") if e["event"] == "tool_result")
+    assert refused["is_error"] is True
+    assert "would be 2 levels deep, more than its limits.max_depth=1" in refused["output"]
+    listing = await _daemon(capd, {"method": "list"})
+    assert sorted(p["name"] for p in listing["pods"]) == ["boss", "kid"]

@@ -71,4 +71,4 @@ class ListPodsTool(Tool[NoArgs]):
     args_model = NoArgs
 
     async def run(self, args: NoArgs, ctx: ToolContext) -> ToolOutcome:
-        return ToolOutcome(_ops(ctx).list())
+        return ToolOutcome(_ops(ctx).tree())
