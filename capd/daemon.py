@@ -25,6 +25,7 @@ from capd.fanout import Hub
 from capd.outbox import Outbox
 from capd.server import DaemonEndpoint, PodEndpoint
 from capd.store import PodRecord, Store
+from capd.tools.base import ToolFailed
 from protocol import VERSION
 from protocol.errors import ProtocolError
 from protocol.events import (
@@ -233,8 +234,17 @@ class Daemon:
 
         task = asyncio.create_task(run())
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        task.add_done_callback(self._background_done)
         return task
+
+    def _background_done(self, task: "asyncio.Task[Any]") -> None:
+        """Forget the task; its awaiter may be gone, so log a failure nobody expected."""
+        self._background.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None and not isinstance(exc, ProtocolError | ToolFailed):
+            log.error("background work failed", exc_info=exc)
 
     def stop_pod_soon(self, name: str) -> None:
         """Stop a pod after the current request's reply went out (the pod's own `stop`)."""
