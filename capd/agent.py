@@ -75,6 +75,8 @@ class PendingNote:
     text: str
     pod_event_seq: int | None = None
     """For a pod_event: the seq of its `pod_event_received` event."""
+    pending_id: int | None = None
+    """For a notify: its row in the store's `pending` table, deleted as it is injected."""
 
 
 class TurnHost(Protocol):
@@ -87,7 +89,7 @@ class TurnHost(Protocol):
     tool_context: ToolContext
     notes: list[PendingNote]
 
-    def emit(self, event: DurableEvent) -> None: ...
+    def emit(self, event: DurableEvent, *, consumed: int | None = None) -> None: ...
 
     def emit_ephemeral(self, event: PodEventBase) -> None: ...
 
@@ -165,7 +167,8 @@ def inject_notes(host: TurnHost, turn_id: str) -> None:
                 source=note.source,
                 text=note.text,
                 pod_event_seq=note.pod_event_seq,
-            )
+            ),
+            consumed=note.pending_id,
         )
 
 

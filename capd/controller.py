@@ -62,6 +62,8 @@ daemon is shutting down, so the turn resumes after a restart)."""
 class _QueuedRun:
     turn_id: str
     text: str
+    pending_id: int
+    """Its row in the store's `pending` table, deleted as the run's user_message commits."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,16 +142,19 @@ class PodController:
 
     # -- events -------------------------------------------------------------------------
 
-    def emit(self, event: DurableEvent, report: Report | None = None) -> None:
+    def emit(
+        self, event: DurableEvent, *, report: Report | None = None, consumed: int | None = None
+    ) -> None:
         """Commit a durable event to the store, then apply it and broadcast it. A `report`
-        for the parent is committed with it and handed to the outbox."""
+        for the parent is committed with it and handed to the outbox; `consumed` names the
+        pending row (a queued run or buffered notify) the event uses up."""
         self.last_seq += 1
         event.pod = self.name
         event.seq = self.last_seq
         event.ts = time.time()
         frame = encode(event)
         owed = self._owed(report)
-        self._store.append(self.name, event.seq, event.ts, event.event, frame[:-1], owed)
+        self._store.append(self.name, event.seq, event.ts, event.event, frame[:-1], owed, consumed)
         if owed is not None:
             self._outbox.poke(owed.target)
         self._track(event)
@@ -196,9 +201,12 @@ class PodController:
     # -- restore ------------------------------------------------------------------------
 
     def restore(self, stored: Iterable[bytes]) -> None:
-        """Rebuild state from stored events; a turn still open comes back paused, and
-        received reports the model has not seen yet are buffered again."""
+        """Rebuild state from stored events; a turn still open comes back paused. Queued
+        runs, buffered notifications and received reports the model has not seen yet are
+        pending again."""
         unseen: dict[int, PodEventReceived] = {}
+        started: set[str] = set()
+        told: set[str] = set()
         for data in stored:
             event = parse_event(orjson.loads(data))
             if not isinstance(event, DurableEvent):
@@ -210,13 +218,28 @@ class PodController:
                     self.status = status
                 case TurnStart(turn_id=turn_id, invoke=invoke):
                     self.turn = Turn(turn_id, invoke)
+                    started.add(turn_id)
+                case UserMessage(turn_id=turn_id):
+                    told.add(turn_id)
                 case TurnEnd():
                     self.turn = None
                 case PodEventReceived(seq=seq):
                     unseen[seq] = event
                 case Notification(pod_event_seq=int(seq)):
                     unseen.pop(seq, None)
-        self.notes = [_report_note(event) for event in unseen.values()]
+        notes = [(event.ts, _report_note(event)) for event in unseen.values()]
+        for row in self._store.pending(self.name):
+            if row.kind == "notify":
+                note = PendingNote("notify", row.source or "notify", row.text, pending_id=row.id)
+                notes.append((row.created, note))
+            elif row.turn_id not in started:
+                self._queue.append(_QueuedRun(row.turn_id or new_turn_id(), row.text, row.id))
+            elif self.turn and self.turn.turn_id == row.turn_id and row.turn_id not in told:
+                # The crash came between the run's turn_start and its user_message.
+                self.emit(UserMessage(turn_id=row.turn_id, text=row.text), consumed=row.id)
+            else:
+                self._store.drop_pending([row.id])
+        self.notes = [note for _, note in sorted(notes, key=lambda pair: pair[0])]
         wanted: PodStatusName = "paused" if self.turn else "idle"
         if self.status != wanted:
             self._set_status(wanted)
@@ -280,7 +303,7 @@ class PodController:
                 self.emit(ChildSpawned(name=name, socket=socket, turn_id=turn_id))
                 return {}
             case _FromParent(text=text, source=source) if self.status == "paused":
-                return self._buffer(PendingNote("notify", source, text))
+                return self._notify(text, source)
             case _FromParent(text=text):
                 return await self._run(Run(text=text, if_busy="queue"))
             case Run():
@@ -292,7 +315,7 @@ class PodController:
             case Cancel(all=clear_queue):
                 return await self._cancel(clear_queue)
             case Notify(text=text, source=source):
-                return self._buffer(PendingNote("notify", source or "notify", text))
+                return self._notify(text, source or "notify")
             case PodEvent(event=payload):
                 return self._pod_event(payload)
         raise ProtocolError("invalid_request", f"{request!r} is not a pod actor call")
@@ -309,7 +332,9 @@ class PodController:
                     "send with if_busy 'queue' or 'interrupt'",
                 )
             if req.if_busy == "queue":
-                queued = _QueuedRun(new_turn_id(), req.text)
+                turn_id = new_turn_id()
+                row = self._store.add_pending(self.name, "run", req.text, turn_id=turn_id)
+                queued = _QueuedRun(turn_id, req.text, row)
                 self._queue.append(queued)
                 return RunResult(turn_id=queued.turn_id, queued=True).model_dump()
         if self.status != "idle":
@@ -340,9 +365,14 @@ class PodController:
             raise ProtocolError("not_running", f"pod {self.name} is idle; nothing to cancel")
         cleared = len(self._queue) if clear_queue else 0
         if clear_queue:
+            self._store.drop_pending([queued.pending_id for queued in self._queue])
             self._queue.clear()
         await self._end_turn("cancelled")
         return {"cleared": cleared}
+
+    def _notify(self, text: str, source: str) -> dict[str, Any]:
+        row = self._store.add_pending(self.name, "notify", text, source=source)
+        return self._buffer(PendingNote("notify", source, text, pending_id=row))
 
     def _buffer(self, note: PendingNote) -> dict[str, Any]:
         self.notes.append(note)
@@ -365,16 +395,16 @@ class PodController:
             return
         if self._queue:
             queued = self._queue.popleft()
-            self._start(Turn(queued.turn_id, "run"), queued.text)
+            self._start(Turn(queued.turn_id, "run"), queued.text, queued.pending_id)
         elif self.notes:
             self._start(Turn(new_turn_id(), self.notes[0].kind), None)
 
-    def _start(self, turn: Turn, text: str | None) -> None:
+    def _start(self, turn: Turn, text: str | None, pending_id: int | None = None) -> None:
         self.turn = turn
         self._set_status("running")
         self.emit(TurnStart(turn_id=turn.turn_id, invoke=turn.invoke))
         if text is not None:
-            self.emit(UserMessage(turn_id=turn.turn_id, text=text))
+            self.emit(UserMessage(turn_id=turn.turn_id, text=text), consumed=pending_id)
         self._launch()
 
     def _launch(self) -> None:

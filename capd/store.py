@@ -4,13 +4,16 @@
 event as the exact JSON a client receives, keyed by (pod, seq). Each append is its own
 transaction, committed before the event is broadcast, so a client never sees an event that
 a crash could take back. `outbox` holds reports to parent sockets until they are acked; a
-report is committed in the same transaction as the event that causes it. `read_cursors`
+report is committed in the same transaction as the event that causes it. `pending` holds
+acked work a pod has not started yet — queued runs and buffered notifications — and each
+row is deleted in the same transaction as the event that consumes it. `read_cursors`
 remembers how far each pod has read each child's output (`read_pod_output`).
 `synchronous=NORMAL` keeps commits off fsync: a process crash loses nothing; a power cut
 may lose the last moments (see README).
 """
 
 import sqlite3
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +40,16 @@ CREATE TABLE IF NOT EXISTS outbox (
     payload BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS outbox_target ON outbox (target, id);
+CREATE TABLE IF NOT EXISTS pending (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    pod     TEXT NOT NULL,
+    kind    TEXT NOT NULL,
+    turn_id TEXT,
+    source  TEXT,
+    text    TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS pending_pod ON pending (pod, id);
 CREATE TABLE IF NOT EXISTS read_cursors (
     reader TEXT NOT NULL,
     target TEXT NOT NULL,
@@ -69,6 +82,17 @@ class OwedReport:
 
     target: str
     payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PendingRow:
+    id: int
+    kind: str
+    """`run` (a queued run, with its turn_id) or `notify` (with its source)."""
+    turn_id: str | None
+    source: str | None
+    text: str
+    created: float
 
 
 class Store:
@@ -118,6 +142,7 @@ class Store:
             self._db.execute("UPDATE pods SET parent = NULL WHERE parent = ?", (socket,))
             self._db.execute("DELETE FROM outbox WHERE target = ?", (socket,))
             self._db.execute("DELETE FROM events WHERE pod = ?", (name,))
+            self._db.execute("DELETE FROM pending WHERE pod = ?", (name,))
             self._db.execute(
                 "DELETE FROM read_cursors WHERE reader = ? OR target = ?", (name, name)
             )
@@ -133,17 +158,21 @@ class Store:
         kind: str,
         data: bytes,
         report: OwedReport | None = None,
+        consumed: int | None = None,
     ) -> None:
         """Commit one event and, in the same transaction, the report to the parent it
-        causes, so a crash keeps both or neither."""
+        causes and the deletion of the `pending` row it consumes: a crash keeps all or none."""
         insert = "INSERT INTO events (pod, seq, ts, kind, data) VALUES (?, ?, ?, ?, ?)"
-        if report is None:
+        if report is None and consumed is None:
             self._db.execute(insert, (pod, seq, ts, kind, data))
             return
         with self._db:
             self._db.execute("BEGIN")
             self._db.execute(insert, (pod, seq, ts, kind, data))
-            self._insert_report(pod, report)
+            if report is not None:
+                self._insert_report(pod, report)
+            if consumed is not None:
+                self._db.execute("DELETE FROM pending WHERE id = ?", (consumed,))
 
     def events_after(self, pod: str, after_seq: int, limit: int) -> list[tuple[int, bytes]]:
         """Up to `limit` events with seq > after_seq, oldest first, as (seq, json)."""
@@ -180,6 +209,36 @@ class Store:
 
     def report_delivered(self, report_id: int) -> None:
         self._db.execute("DELETE FROM outbox WHERE id = ?", (report_id,))
+
+    # -- pending work -------------------------------------------------------------------
+
+    def add_pending(
+        self,
+        pod: str,
+        kind: str,
+        text: str,
+        *,
+        turn_id: str | None = None,
+        source: str | None = None,
+    ) -> int:
+        cursor = self._db.execute(
+            "INSERT INTO pending (pod, kind, turn_id, source, text, created) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (pod, kind, turn_id, source, text, time.time()),
+        )
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid
+
+    def pending(self, pod: str) -> list[PendingRow]:
+        rows = self._db.execute(
+            "SELECT id, kind, turn_id, source, text, created FROM pending "
+            "WHERE pod = ? ORDER BY id",
+            (pod,),
+        )
+        return [PendingRow(*row) for row in rows]
+
+    def drop_pending(self, ids: list[int]) -> None:
+        self._db.executemany("DELETE FROM pending WHERE id = ?", [(i,) for i in ids])
 
     # -- read cursors -------------------------------------------------------------------
 

@@ -110,3 +110,63 @@ async def test_sigkill_at_random_moments_loses_nothing_a_client_saw(capd: CapdPr
     assert len({e["turn_id"] for e in turns}) == len(turns), "a turn ended twice"
     assert interrupted >= CRASHES // 3, "most crashes should land inside a turn"
     assert len(seen) > 50, "the crashes should land while events flow"
+
+
+def _sleeper_script(*then: str) -> dict[str, Any]:
+    """A model that runs `sleep 30` (a turn to crash in), then says each of `then`."""
+    sleep = {"name": "bash", "arguments": {"command": "sleep 30"}}
+    return scripted({"tool_calls": [sleep]}, *({"text": text} for text in then))
+
+
+async def test_queued_runs_and_notifications_survive_sigkill(capd: CapdProcess) -> None:
+    await spawn(capd, "w1", _sleeper_script("first", "second", "third"), tools=["bash"])
+    async with await connect_pod(capd, "w1") as pod:
+        first = (await pod.request({"method": "run", "text": "go"}))["turn_id"]
+        await wait_for(pod, is_event("assistant_message"))
+        queued = [
+            (await pod.request({"method": "run", "text": text, "if_busy": "queue"}))["turn_id"]
+            for text in ("queued one", "queued two")
+        ]
+        for text in ("note one", "note two"):
+            await pod.request({"method": "notify", "text": text, "source": "ci"})
+    await _sigkill_and_restart(capd)
+
+    async with await connect_pod(capd, "w1") as pod:
+        status = await pod.request({"method": "status"})
+        assert (status["status"], status["turn_id"], status["queued"]) == ("paused", first, 2)
+        await pod.request({"method": "resume"})
+        turns = []
+        for _ in range(3):
+            end, seen = await wait_for(pod, is_event("turn_end"))
+            turns.append((end, seen))
+    (end, seen), *rest = turns
+    notes = [(e["source"], e["text"]) for e in seen if e["event"] == "notification"]
+    assert notes == [("ci", "note one"), ("ci", "note two")]
+    assert (end["turn_id"], end["output"]) == (first, "first")
+    assert [end["turn_id"] for end, _ in rest] == queued
+    users = [next(e["text"] for e in seen if e["event"] == "user_message") for _, seen in rest]
+    assert users == ["queued one", "queued two"]
+
+    # Consumed work stays consumed: after another crash nothing runs again, so a plain
+    # `run` (if_busy reject) finds the pod idle.
+    await _sigkill_and_restart(capd)
+    async with await connect_pod(capd, "w1") as pod:
+        await pod.request({"method": "run", "text": "after"})
+        end, seen = await wait_for(pod, is_event("turn_end"))
+    assert [e["event"] for e in seen].count("notification") == 0
+    assert end["output"] == "You said: after"
+
+
+async def test_cancel_all_forgets_queued_runs_across_a_restart(capd: CapdProcess) -> None:
+    await spawn(capd, "w1", _sleeper_script("done"), tools=["bash"])
+    async with await connect_pod(capd, "w1") as pod:
+        await pod.request({"method": "run", "text": "go"})
+        await wait_for(pod, is_event("assistant_message"))
+        await pod.request({"method": "run", "text": "later", "if_busy": "queue"})
+        assert (await pod.request({"method": "cancel", "all": True})) == {"cleared": 1}
+    await _sigkill_and_restart(capd)
+    async with await connect_pod(capd, "w1") as pod:
+        assert (await pod.request({"method": "status"}))["queued"] == 0
+        await pod.request({"method": "run", "text": "now"})
+        end, seen = await wait_for(pod, is_event("turn_end"))
+    assert [e["text"] for e in seen if e["event"] == "user_message"] == ["now"]
