@@ -237,7 +237,8 @@ def turn_failure(turn_end: dict[str, Any]) -> str | None:
 
 
 def pod_table(pods: Sequence[dict[str, Any]]) -> str:
-    """NAME STATUS PARENT SOCKET, each child indented under its parent."""
+    """NAME STATUS PARENT SOCKET, each child indented under its parent; STATUS is `error`
+    for a pod capd could not restore (`capctl ps --json` says why)."""
     by_ref = {pod.get(key): pod["name"] for pod in pods for key in ("name", "socket")}
     children: dict[str | None, list[dict[str, Any]]] = {}
     for pod in sorted(pods, key=lambda p: p["name"]):
@@ -254,7 +255,7 @@ def pod_table(pods: Sequence[dict[str, Any]]) -> str:
         rows.append(
             (
                 "  " * depth + pod["name"],
-                pod.get("status", "?"),
+                "error" if pod.get("error") else pod.get("status", "?"),
                 parent_shown,
                 pod.get("socket", ""),
             )

@@ -73,6 +73,8 @@ class Daemon:
         self._started = time.monotonic()
         self._background: set[asyncio.Task[Any]] = set()
         self._stopping: set[str] = set()
+        self._broken: dict[str, str] = {}
+        """Pods that failed to come back up, and why."""
         self._closing = False
 
     @property
@@ -105,7 +107,8 @@ class Daemon:
         self._outbox = Outbox(self._store)
         for record in self.store.pods():
             if not record.stopped:
-                await self._bring_up_record(record)
+                with contextlib.suppress(ProtocolError):
+                    await self._bring_up_record(record)
         await self._endpoint.listen()
         self.outbox.start()
         loop = asyncio.get_running_loop()
@@ -254,8 +257,8 @@ class Daemon:
         self._refuse_when_closing()
         record = self._require_known(name)
         if name not in self.pods:
-            self.store.set_stopped(name, False)
             await self._bring_up_record(record)
+            self.store.set_stopped(name, False)
             self._publish(
                 PodSpawned(pod=name, socket=str(self._socket(name)), parent=record.parent)
             )
@@ -269,6 +272,7 @@ class Daemon:
         try:
             await self.stop_pod(name)
             self.store.delete_pod(name, str(self._socket(name)))
+            self._broken.pop(name, None)
         finally:
             self._stopping.discard(name)
         self._publish(PodDeleted(pod=name))
@@ -319,6 +323,7 @@ class Daemon:
                     status=status,
                     parent=record.parent,
                     socket=str(self._socket(record.name)),
+                    error=self._broken.get(record.name),
                 )
             )
         return ListResult(pods=entries)
@@ -334,7 +339,20 @@ class Daemon:
         )
 
     async def _bring_up_record(self, record: PodRecord) -> _RunningPod:
-        return await self._bring_up(Manifest.model_validate_json(record.manifest), record.parent)
+        """Restore a stored pod. One that cannot be restored (its stored state does not
+        parse, or its socket cannot be bound) stays down, marked in `list` with the reason,
+        rather than keeping capd or the other pods from starting."""
+        try:
+            running = await self._bring_up(
+                Manifest.model_validate_json(record.manifest), record.parent
+            )
+        except Exception as exc:
+            reason = f"cannot be restored: {type(exc).__name__}: {_first_line(exc)}"
+            log.error("pod %s %s", record.name, reason, exc_info=exc)
+            self._broken[record.name] = reason
+            raise ProtocolError("internal", f"pod {record.name} {reason}") from None
+        self._broken.pop(record.name, None)
+        return running
 
     async def _bring_up(self, manifest: Manifest, parent: str | None) -> _RunningPod:
         name = manifest.name
@@ -418,6 +436,10 @@ class Daemon:
     def _publish(self, event: PodEventBase) -> None:
         if self.hub.subscriptions:
             self.hub.publish(encode(event))
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [""])[0]
 
 
 def _check_api_key(manifest: Manifest) -> None:

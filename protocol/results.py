@@ -55,6 +55,8 @@ class PodListEntry(Result):
     status: Literal["idle", "running", "paused", "stopped"]
     parent: str | None = None
     socket: str
+    error: str | None = None
+    """Why a pod that should be up is not (an addition): it could not be restored."""
 
 
 class ListResult(Result):

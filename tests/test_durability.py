@@ -6,9 +6,13 @@ afterwards: its history, its seqs, its status and the turn it was in.
 
 import asyncio
 import random
+import sqlite3
 from typing import Any
 
+import pytest
+
 from protocol.client import Client
+from protocol.errors import ProtocolError
 from tests.conftest import CapdProcess
 from tests.helpers import Event, connect_pod, is_event, scripted, spawn, wait_for
 
@@ -168,5 +172,70 @@ async def test_cancel_all_forgets_queued_runs_across_a_restart(capd: CapdProcess
     async with await connect_pod(capd, "w1") as pod:
         assert (await pod.request({"method": "status"}))["queued"] == 0
         await pod.request({"method": "run", "text": "now"})
-        end, seen = await wait_for(pod, is_event("turn_end"))
+        _, seen = await wait_for(pod, is_event("turn_end"))
     assert [e["text"] for e in seen if e["event"] == "user_message"] == ["now"]
+
+
+async def test_a_torn_write_ahead_log_never_prevents_start_up(capd: CapdProcess) -> None:
+    """A crash can leave the SQLite WAL with a half-written last frame, or junk after it.
+    capd must start, with a gapless history and a status that matches it."""
+    slow = {"text": "w" * 4000, "chunk_chars": 1, "delay_ms": 1}
+    await spawn(capd, "w1", scripted({"text": "done"}, slow))
+    async with await connect_pod(capd, "w1") as pod:
+        await pod.request({"method": "run", "text": "one"})
+        await wait_for(pod, is_event("turn_end"))
+        await pod.request({"method": "run", "text": "two"})
+        await wait_for(pod, is_event("text_delta"))
+    assert capd.proc is not None
+    capd.proc.kill()
+    await asyncio.to_thread(capd.proc.wait, 10)
+    wal = capd.state_dir / "capd.db-wal"
+    size = wal.stat().st_size
+    assert size > 0, "the crash should leave committed frames in the WAL"
+    with wal.open("r+b") as f:
+        f.truncate(size - 100)
+        f.seek(0, 2)
+        f.write(b"\x17torn" * 50)
+    await asyncio.to_thread(capd.start)
+
+    async with await connect_pod(capd, "w1", subscribe=False) as pod:
+        history = await _history(pod)
+        status = await pod.request({"method": "status"})
+        assert [e["seq"] for e in history] == list(range(1, len(history) + 1))
+        assert status["last_seq"] == len(history)
+        open_turn = _open_turn(history)
+        assert status["status"] == ("paused" if open_turn else "idle")
+        assert status["turn_id"] == open_turn
+        if open_turn:
+            await pod.request({"method": "cancel"})
+        await pod.request({"method": "run", "text": "three"})
+
+
+async def test_a_pod_whose_state_is_damaged_stays_down_and_the_rest_start(
+    capd: CapdProcess,
+) -> None:
+    await spawn(capd, "good", scripted())
+    await spawn(capd, "bad", scripted())
+    async with await connect_pod(capd, "bad") as pod:
+        await pod.request({"method": "run", "text": "hi"})
+        await wait_for(pod, is_event("turn_end"))
+    capd.stop()
+    with sqlite3.connect(capd.state_dir / "capd.db") as db:
+        db.execute("UPDATE events SET data = '{\"event\": \"turn_st' WHERE pod = 'bad' AND seq = 2")
+    db.close()
+    await asyncio.to_thread(capd.start)
+
+    async with await Client.connect(capd.socket) as daemon:
+        listing = {p["name"]: p for p in (await daemon.request({"method": "list"}))["pods"]}
+        with pytest.raises(ProtocolError) as refused:
+            await daemon.request({"method": "start", "name": "bad"})
+    assert listing["good"]["status"] == "idle"
+    assert listing["good"]["error"] is None
+    assert listing["bad"]["status"] == "stopped"
+    assert listing["bad"]["error"].startswith("cannot be restored: JSONDecodeError")
+    assert refused.value.code == "internal"
+    assert "pod bad cannot be restored" in refused.value.message
+    async with await connect_pod(capd, "good") as pod:
+        await pod.request({"method": "run", "text": "still here"})
+        end, _ = await wait_for(pod, is_event("turn_end"))
+    assert end["output"] == "You said: still here"
