@@ -7,12 +7,17 @@ afterwards: its history, its seqs, its status and the turn it was in.
 import asyncio
 import random
 import sqlite3
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from capd.store import Store
 from protocol.client import Client
 from protocol.errors import ProtocolError
+from protocol.events import AssistantMessage, StatusChanged, TurnEnd, TurnStart, UserMessage
+from protocol.framing import encode
 from tests.conftest import CapdProcess
 from tests.helpers import Event, connect_pod, is_event, scripted, spawn, wait_for
 
@@ -239,3 +244,90 @@ async def test_a_pod_whose_state_is_damaged_stays_down_and_the_rest_start(
         await pod.request({"method": "run", "text": "still here"})
         end, _ = await wait_for(pod, is_event("turn_end"))
     assert end["output"] == "You said: still here"
+
+
+async def test_a_pod_with_hundreds_of_turns_comes_back_whole(capd: CapdProcess) -> None:
+    turns = 300
+    steps = [{"text": f"answer {i}", "chunk_chars": 64} for i in range(turns + 1)]
+    await spawn(capd, "w1", scripted(*steps))
+    async with await connect_pod(capd, "w1") as pod:
+        acks = [
+            await pod.request({"method": "run", "text": f"question {i}", "if_busy": "queue"})
+            for i in range(turns)
+        ]
+        await wait_for(pod, is_event("turn_end", turn_id=acks[-1]["turn_id"]), timeout=60)
+        before = await pod.request({"method": "status"})
+        history_before = await _history(pod)
+    capd.stop()
+    await asyncio.to_thread(capd.start)
+
+    async with await connect_pod(capd, "w1") as pod:
+        after = await pod.request({"method": "status"})
+        assert await _history(pod) == history_before
+        await pod.request({"method": "run", "text": "one more"})
+        end, _ = await wait_for(pod, is_event("turn_end"))
+    assert after == before
+    assert after["status"] == "idle"
+    ends = [e for e in history_before if e["event"] == "turn_end"]
+    assert [e["turn_id"] for e in ends] == [ack["turn_id"] for ack in acks]
+    assert [e["output"] for e in ends] == [f"answer {i}" for i in range(turns)]
+    # The scripted model plays the step numbered by the assistant messages in its context,
+    # so this shows the context came back with all 300 turns in it.
+    assert end["output"] == f"answer {turns}"
+
+
+def _write_turns(capd: CapdProcess, pod: str, turns: int, text: str) -> int:
+    """Append `turns` finished turns to a stopped capd's store, as capd writes them;
+    returns the pod's last seq."""
+    store = Store(capd.state_dir / "capd.db")
+    rows = store.events_after(pod, 0, 1_000_000)
+    seq, ts = len(rows), time.time()
+    try:
+        for turn in range(turns):
+            turn_id = f"t-{turn:012x}"
+            for event in (
+                StatusChanged(status="running", turn_id=turn_id),
+                TurnStart(turn_id=turn_id, invoke="run"),
+                UserMessage(turn_id=turn_id, text=text),
+                AssistantMessage(turn_id=turn_id, text=text),
+                TurnEnd(turn_id=turn_id, result="finished", output=text),
+                StatusChanged(status="idle", turn_id=None),
+            ):
+                seq += 1
+                event.pod, event.seq, event.ts = pod, seq, ts
+                store.append(pod, seq, ts, event.event, encode(event)[:-1])
+    finally:
+        store.close()
+    return seq
+
+
+def _rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+async def test_replaying_100k_events_keeps_the_daemon_memory_bounded(capd: CapdProcess) -> None:
+    await spawn(capd, "w1", scripted())
+    capd.stop()
+    text = "r" * 2200
+    last_seq = await asyncio.to_thread(_write_turns, capd, "w1", 100_000 // 6 + 1, text)
+    assert last_seq >= 100_000
+    await asyncio.to_thread(capd.start)
+    assert capd.proc is not None
+
+    async with await connect_pod(capd, "w1", subscribe=False) as pod:
+        baseline = _rss_bytes(capd.proc.pid)
+        peak = baseline
+        replayed = 0
+        await pod.request({"method": "subscribe", "after_seq": 0})
+        while replayed < last_seq:
+            event = await pod.next_event(10)
+            replayed += 1
+            assert event["seq"] == replayed
+            if replayed % 2000 == 0:
+                peak = max(peak, _rss_bytes(capd.proc.pid))
+    replayed_bytes = last_seq // 2 * len(text)
+    assert replayed_bytes > 100 * 2**20
+    assert peak - baseline < 40 * 2**20, f"capd grew {(peak - baseline) >> 20} MiB"
