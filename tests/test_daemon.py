@@ -164,6 +164,24 @@ async def test_a_turn_in_flight_at_sigkill_comes_back_paused_and_resumes(
     assert len(end["output"]) == 400
 
 
+async def test_a_turn_in_flight_at_sigkill_can_be_cancelled_after_restart(
+    capd: CapdProcess,
+) -> None:
+    await spawn(capd, "w1", scripted(slow_text()))
+    async with await connect_pod(capd, "w1") as pod:
+        ack = await pod.request({"method": "run", "text": "go"})
+        await wait_for(pod, is_event("text_delta"))
+    capd.proc.kill()
+    await asyncio.to_thread(capd.proc.wait, 10)
+    capd.start()
+    async with await connect_pod(capd, "w1") as pod:
+        await pod.request({"method": "cancel"})
+        end, seen = await wait_for(pod, is_event("status", status="idle"))
+    turn_end = next(e for e in seen if e["event"] == "turn_end")
+    assert (turn_end["turn_id"], turn_end["result"]) == (ack["turn_id"], "cancelled")
+    assert end["turn_id"] is None
+
+
 async def test_sigterm_pauses_a_running_turn_for_the_next_start(capd: CapdProcess) -> None:
     await spawn(capd, "w1", scripted(slow_text()))
     async with await connect_pod(capd, "w1") as pod:
