@@ -66,7 +66,13 @@ async def test_list_info_and_daemon_events(capd: CapdProcess) -> None:
     assert info["runtime_dir"] == str(capd.runtime_dir)
     assert info["state_dir"] == str(capd.state_dir)
     assert listing["pods"] == [
-        {"name": "w1", "status": "idle", "parent": None, "socket": str(capd.pod_socket("w1"))}
+        {
+            "name": "w1",
+            "status": "idle",
+            "parent": None,
+            "socket": str(capd.pod_socket("w1")),
+            "error": None,
+        }
     ]
 
 

@@ -140,10 +140,12 @@ async def test_subscribe_without_after_seq_is_live_only(capd: CapdProcess) -> No
 async def test_a_subscriber_that_never_reads_gets_lagged_and_can_resync(
     capd_dirs: CapdProcess,
 ) -> None:
-    capd_dirs.extra_args = ["--max-queued-bytes", "65536"]
+    # ~1.5 MB of deltas: more than the kernel's socket buffer (about 200 KB) plus the
+    # 512 KiB outbox, so the reader that never reads lags; the one that reads would have
+    # to fall 512 KiB behind to lag, which even a loaded machine does not make it do.
+    capd_dirs.extra_args = ["--max-queued-bytes", str(512 * 1024)]
     capd_dirs.start()
-    # ~1 MB of deltas: more than the kernel's socket buffers plus the 64 KiB outbox.
-    step = {"text": "y" * 12000, "chunk_chars": 1, "delay_ms": 0.1}
+    step = {"text": "y" * 20000, "chunk_chars": 1, "delay_ms": 0.1}
     await spawn(capd_dirs, "w1", scripted(step))
     slow_reader, slow_writer = await asyncio.open_unix_connection(str(capd_dirs.pod_socket("w1")))
     await slow_reader.readline()
@@ -152,7 +154,7 @@ async def test_a_subscriber_that_never_reads_gets_lagged_and_can_resync(
     async with await connect_pod(capd_dirs, "w1") as fast:
         await fast.request({"method": "run", "text": "go"})
         _, seen = await wait_for(fast, is_event("turn_end"))
-    assert sum(1 for e in seen if e["event"] == "text_delta") == 12000
+    assert sum(1 for e in seen if e["event"] == "text_delta") == 20000
     slow = Client(slow_reader, slow_writer)
     try:
         lagged = await _lagged(slow)
