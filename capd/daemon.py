@@ -25,6 +25,7 @@ from capd.fanout import Hub
 from capd.outbox import Outbox
 from capd.server import DaemonEndpoint, PodEndpoint
 from capd.store import PodRecord, Store
+from capd.systemd import Notifier, activated_socket
 from capd.tools.base import ToolFailed
 from protocol import VERSION
 from protocol.errors import ProtocolError
@@ -73,6 +74,7 @@ class Daemon:
         self._started = time.monotonic()
         self._background: set[asyncio.Task[Any]] = set()
         self._stopping: set[str] = set()
+        self._notifier = Notifier({})
         self._broken: dict[str, str] = {}
         """Pods that failed to come back up, and why."""
         self._closing = False
@@ -98,6 +100,11 @@ class Daemon:
 
     async def startup(self) -> None:
         cfg = self.config
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_shutdown)
+        self._notifier = Notifier()
+        activated = activated_socket()
         _make_private_dir(cfg.runtime_dir)
         _make_private_dir(cfg.runtime_dir / "pods")
         _make_private_dir(cfg.state_dir)
@@ -109,20 +116,28 @@ class Daemon:
             if not record.stopped:
                 with contextlib.suppress(ProtocolError):
                     await self._bring_up_record(record)
-        await self._endpoint.listen()
+        await self._endpoint.listen(activated)
         self.outbox.start()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.request_shutdown)
         log.info(
-            "capd %s listening on %s (%d pods restored)",
+            "capd %s listening on %s%s (%d pods restored)",
             VERSION,
             self._endpoint.path,
+            " (socket-activated)" if activated else "",
             len(self.pods),
         )
+        self._notifier.ready(self._summary())
 
     async def main_loop(self) -> None:
-        await self._should_exit.wait()
+        if self._notifier.watchdog_s is None:
+            await self._should_exit.wait()
+            return
+        # Pinged from the event loop itself: a loop that stops turning stops the pings.
+        interval = self._notifier.watchdog_s / 2
+        while not self._should_exit.is_set():
+            self._notifier.watchdog()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await self._should_exit.wait()
 
     def request_shutdown(self) -> None:
         self._should_exit.set()
@@ -131,6 +146,7 @@ class Daemon:
         """Refuse new work, let spawns and stops under way finish, pause the pods' turns,
         then stop delivering reports; what is undelivered waits in the store."""
         log.info("shutting down: pausing in-flight turns")
+        self._notifier.stopping("stopping: pausing running turns")
         self._closing = True
         await self._endpoint.close()
         if self._background:
@@ -432,6 +448,13 @@ class Daemon:
 
     def _pod_status_changed(self, name: str, status: PodStatusName) -> None:
         self._publish(PodStatusEvent(pod=name, status=status))
+        if not self._closing:
+            self._notifier.status(self._summary())
+
+    def _summary(self) -> str:
+        """The one-line STATUS= systemd shows for capd."""
+        running = sum(1 for pod in self.pods.values() if pod.controller.status == "running")
+        return f"{len(self.pods)} pods up, {running} running"
 
     def _publish(self, event: PodEventBase) -> None:
         if self.hub.subscriptions:

@@ -7,6 +7,7 @@
 import asyncio
 import contextlib
 import os
+import socket
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,28 +54,37 @@ class Endpoint(ABC):
         self.path = path
         self._config = config
         self._server: asyncio.Server | None = None
+        self._activated = False
         self._connections: set[Connection] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def listen(self) -> None:
+    async def listen(self, activated: socket.socket | None = None) -> None:
+        """Bind and listen at `path`, or serve `activated`, a socket systemd bound there
+        (its unit sets the mode; the file stays when capd stops)."""
+        limit = self._config.max_frame_bytes + 1
+        if activated is not None:
+            self._activated = True
+            self._server = await asyncio.start_unix_server(self._serve, sock=activated, limit=limit)
+            return
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
         old_umask = os.umask(0o177)
         try:
             self._server = await asyncio.start_unix_server(
-                self._serve, path=str(self.path), limit=self._config.max_frame_bytes + 1
+                self._serve, path=str(self.path), limit=limit
             )
         finally:
             os.umask(old_umask)
         os.chmod(self.path, 0o600)
 
     async def close_listener(self) -> None:
-        """Stop accepting connections and remove the socket file."""
+        """Stop accepting connections and remove the socket file (unless systemd owns it)."""
         if self._server is not None:
             self._server.close()
             self._server = None
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        if not self._activated:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
 
     async def close(self) -> None:
         """Stop listening, then flush and close every connection."""

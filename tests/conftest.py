@@ -23,6 +23,8 @@ class CapdProcess:
     state_dir: Path
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    listening: socket.socket | None = None
+    """A bound, listening daemon socket to hand over as systemd's socket activation does."""
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -34,20 +36,25 @@ class CapdProcess:
 
     def start(self) -> None:
         env = {**os.environ, **self.env}
+        command = [
+            sys.executable,
+            "-m",
+            "capd",
+            "--runtime-dir",
+            str(self.runtime_dir),
+            "--state-dir",
+            str(self.state_dir),
+            *self.extra_args,
+        ]
+        stdin = None
+        if self.listening is not None:
+            # As systemd does: the socket as fd 3, LISTEN_PID naming the daemon's own pid
+            # (the shell's, which exec keeps).
+            launch = 'exec 3<&0 0</dev/null; LISTEN_PID=$$ LISTEN_FDS=1 exec "$0" "$@"'
+            command = ["sh", "-c", launch, *command]
+            stdin = self.listening.fileno()
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "capd",
-                "--runtime-dir",
-                str(self.runtime_dir),
-                "--state-dir",
-                str(self.state_dir),
-                *self.extra_args,
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
+            command, env=env, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
