@@ -1,6 +1,7 @@
 """All of capd's settings in one place, filled from the command line."""
 
 import argparse
+import grp
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,8 @@ class Config:
     max_queued_bytes: int = 8 * 1024 * 1024
     """Bytes of events queued for one slow subscriber before it gets `lagged`."""
     log_level: str = "info"
+    allow_gid: int | None = None
+    """Members of this group may use capd too (`--allow-group`)."""
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> "Config":
@@ -38,14 +41,26 @@ class Config:
         parser.add_argument(
             "--log-level", default="info", choices=["debug", "info", "warning", "error"]
         )
+        parser.add_argument(
+            "--allow-group",
+            metavar="GROUP",
+            help="let members of GROUP use capd too (runtime dir 0710, sockets 0660)",
+        )
         parser.add_argument("--version", action="version", version=f"capd {VERSION}")
         args = parser.parse_args(argv)
         if args.max_frame_bytes < 1024:
             parser.error("--max-frame-bytes must be at least 1024")
+        allow_gid = None
+        if args.allow_group is not None:
+            try:
+                allow_gid = grp.getgrnam(args.allow_group).gr_gid
+            except KeyError:
+                parser.error(f"--allow-group {args.allow_group}: no such group")
         return cls(
             runtime_dir=runtime_dir(args.runtime_dir).absolute(),
             state_dir=state_dir(args.state_dir).absolute(),
             max_frame_bytes=args.max_frame_bytes,
             max_queued_bytes=args.max_queued_bytes,
             log_level=args.log_level,
+            allow_gid=allow_gid,
         )

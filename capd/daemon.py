@@ -105,9 +105,9 @@ class Daemon:
             loop.add_signal_handler(sig, self.request_shutdown)
         self._notifier = Notifier()
         activated = activated_socket()
-        _make_private_dir(cfg.runtime_dir)
-        _make_private_dir(cfg.runtime_dir / "pods")
-        _make_private_dir(cfg.state_dir)
+        _make_private_dir(cfg.runtime_dir, cfg.allow_gid)
+        _make_private_dir(cfg.runtime_dir / "pods", cfg.allow_gid)
+        _make_private_dir(cfg.state_dir, None)
         self._locks = [_lock(cfg.state_dir / "capd.lock"), _lock(cfg.runtime_dir / "capd.lock")]
         _raise_fd_limit()
         self._store = Store(cfg.state_dir / "capd.db")
@@ -474,10 +474,13 @@ def _check_api_key(manifest: Manifest) -> None:
         )
 
 
-def _make_private_dir(path: Path) -> None:
+def _make_private_dir(path: Path, group: int | None) -> None:
+    """Mode 0700, or 0710 owned by `group`, whose members may then reach the sockets."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     if path.stat().st_uid == os.getuid():
-        os.chmod(path, 0o700)
+        if group is not None:
+            os.chown(path, -1, group)
+        os.chmod(path, 0o700 if group is None else 0o710)
 
 
 def _lock(path: Path) -> IO[str]:

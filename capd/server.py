@@ -6,18 +6,20 @@
 
 import asyncio
 import contextlib
+import logging
 import os
 import socket
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from capd.access import current_policy, peer_of
 from capd.config import Config
 from capd.connection import Connection, serve_connection
 from capd.controller import PodController
 from capd.fanout import Hub
 from protocol import SERVER_NAME
-from protocol.events import Ack, Hello, PodHello
+from protocol.events import Ack, Error, Hello, PodHello
 from protocol.framing import encode
 from protocol.methods import (
     DAEMON_REQUESTS,
@@ -42,6 +44,8 @@ from protocol.results import SubscribeResult
 if TYPE_CHECKING:
     from capd.daemon import Daemon
 
+log = logging.getLogger(__name__)
+
 
 def ack(request: Request, result: dict[str, Any] | None = None) -> bytes:
     return encode(Ack(id=request.id, result=result or {}))
@@ -55,6 +59,7 @@ class Endpoint(ABC):
         self._config = config
         self._server: asyncio.Server | None = None
         self._activated = False
+        self._access = current_policy(config.allow_gid)
         self._connections: set[Connection] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -75,7 +80,10 @@ class Endpoint(ABC):
             )
         finally:
             os.umask(old_umask)
-        os.chmod(self.path, 0o600)
+        group = self._config.allow_gid
+        if group is not None:
+            os.chown(self.path, -1, group)
+        os.chmod(self.path, 0o600 if group is None else 0o660)
 
     async def close_listener(self) -> None:
         """Stop accepting connections and remove the socket file (unless systemd owns it)."""
@@ -95,6 +103,12 @@ class Endpoint(ABC):
             await asyncio.wait(self._tasks, timeout=5)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        refusal = self._access.refusal(peer_of(writer.get_extra_info("socket")))
+        if refusal is not None:
+            log.warning("refused a connection to %s: %s", self.path, refusal)
+            writer.write(encode(Error(code="forbidden", message=refusal)))
+            writer.close()
+            return
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)  # type: ignore[arg-type]
