@@ -27,6 +27,7 @@ from capd.server import DaemonEndpoint, PodEndpoint
 from capd.store import PodRecord, Store
 from capd.systemd import Notifier, activated_socket
 from capd.tools.base import ToolFailed
+from capd.tools.shell import stop_all_groups
 from protocol import VERSION
 from protocol.errors import ProtocolError
 from protocol.events import (
@@ -144,6 +145,7 @@ class Daemon:
 
     async def shutdown(self) -> None:
         """Refuse new work, let spawns and stops under way finish, pause the pods' turns,
+        give their tools' process groups KILL_GRACE_S to exit after SIGTERM (then SIGKILL),
         then stop delivering reports; what is undelivered waits in the store."""
         log.info("shutting down: pausing in-flight turns")
         self._notifier.stopping("stopping: pausing running turns")
@@ -152,6 +154,7 @@ class Daemon:
         if self._background:
             await asyncio.wait(self._background, timeout=SHUTDOWN_GRACE_S)
         await asyncio.gather(*(self._take_down(name, "pause") for name in list(self.pods)))
+        await stop_all_groups()
         if self._outbox is not None:
             await self._outbox.close()
         if self._store is not None:

@@ -12,6 +12,7 @@ import pytest
 from capd.providers.base import INVALID_JSON_KEY
 from capd.tools import BUILTIN_TOOLS, run_tool, tool_specs
 from capd.tools.base import Tool, ToolContext, ToolOutcome
+from capd.tools.shell import KILL_GRACE_S
 from protocol.manifest import ToolName
 from protocol.tools import NoArgs, ToolArgs
 
@@ -166,8 +167,22 @@ async def test_bash_cancellation_kills_the_whole_group(ctx: ToolContext) -> None
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(task, WAIT_S)
     assert time.monotonic() - cancelled < 1
-    assert reaped(main)
     await until(lambda: not group_members(main), timeout_s=1)
+    await until(lambda: reaped(main), timeout_s=1)
+    assert not alive(background)
+
+
+async def test_a_group_that_ignores_sigterm_gets_sigkill_after_the_grace(
+    ctx: ToolContext,
+) -> None:
+    command = "trap '' TERM; sleep 1000 & echo $! $$ > pids.tmp && mv pids.tmp pids; wait"
+    task = asyncio.create_task(bash(ctx, command))
+    background, main = await wait_for_pids(ctx.cwd / "pids")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, WAIT_S)
+    assert alive(main), "bash ignores SIGTERM, so it outlives the cancel for a while"
+    await until(lambda: not group_members(main), timeout_s=KILL_GRACE_S + 2)
     assert not alive(background)
 
 

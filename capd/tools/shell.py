@@ -1,15 +1,17 @@
 """The `bash` tool: one shell command in the pod's working directory.
 
 The command runs in its own session, so its process group holds everything it starts. The
-group is killed when the command's main process exits, when it times out, and — with
-SIGKILL, at once — when the tool call is cancelled: nothing it started outlives the call.
+group is stopped when the command's main process exits, when it times out, and when the
+tool call is cancelled (pause, cancel, stop, shutdown): SIGTERM first, SIGKILL after
+KILL_GRACE_S for whatever is left, so nothing it started outlives the call. A cancelled
+call returns at once (a pause must be prompt); the SIGKILL follows on a timer, and
+`stop_all_groups` at daemon shutdown makes sure it lands before capd exits.
 
 Output goes to a pipe we own (not asyncio's subprocess pipes), so we can stop reading
 whenever we choose, even when a process that escaped the group still holds the pipe open.
 """
 
 import asyncio
-import contextlib
 import os
 import signal
 
@@ -17,6 +19,8 @@ from capd.tools.base import Tool, ToolContext, ToolFailed, ToolOutcome
 from protocol.tools import BashArgs
 
 DEFAULT_TIMEOUT_S = 120.0
+KILL_GRACE_S = 2.0
+"""How long a process group has to exit after SIGTERM before it gets SIGKILL."""
 DRAIN_GRACE_S = 1.0
 """How long to read on after the group is killed; only a writer that left the group
 (e.g. `setsid cmd &`) keeps the pipe open that long."""
@@ -74,12 +78,11 @@ class BashTool(Tool[BashArgs]):
                     await proc.wait()
             except TimeoutError:
                 timed_out = True
-            _kill_group(proc.pid)
+            _GROUPS.terminate(proc.pid)
             returncode = await proc.wait()
             await asyncio.wait([collector.closed], timeout=DRAIN_GRACE_S)
         except BaseException:
-            _kill_group(proc.pid)
-            await proc.wait()
+            _GROUPS.terminate(proc.pid)
             raise
         finally:
             transport.close()
@@ -102,9 +105,53 @@ async def _spawn(command: str, ctx: ToolContext, output_fd: int) -> asyncio.subp
         raise ToolFailed(f"cannot run bash in {ctx.cwd}: {exc.strerror}") from exc
 
 
-def _kill_group(pgid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGKILL)
+class _Terminations:
+    """Process groups sent SIGTERM, each due a SIGKILL at its deadline unless it is gone."""
+
+    def __init__(self) -> None:
+        self._due: dict[int, float] = {}
+
+    def terminate(self, pgid: int) -> None:
+        if not _signal_group(pgid, signal.SIGTERM) or pgid in self._due:
+            return
+        loop = asyncio.get_running_loop()
+        self._due[pgid] = loop.time() + KILL_GRACE_S
+        loop.call_later(KILL_GRACE_S, self._kill, pgid)
+
+    def _kill(self, pgid: int) -> None:
+        if self._due.pop(pgid, None) is not None:
+            _signal_group(pgid, signal.SIGKILL)
+
+    async def finish(self) -> None:
+        """Wait until every terminated group is gone, killing those past their deadline."""
+        loop = asyncio.get_running_loop()
+        while self._due:
+            for pgid, due in list(self._due.items()):
+                if not _signal_group(pgid, 0):
+                    del self._due[pgid]
+                elif loop.time() >= due:
+                    self._kill(pgid)
+            if self._due:
+                await asyncio.sleep(0.05)
+
+
+_GROUPS = _Terminations()
+
+
+async def stop_all_groups() -> None:
+    """Daemon shutdown: let terminated tool process groups exit, SIGKILL the rest."""
+    await _GROUPS.finish()
+
+
+def _signal_group(pgid: int, sig: int) -> bool:
+    """Send `sig` to the group; False when the group no longer exists."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _outcome(
