@@ -10,6 +10,7 @@ import fcntl
 import logging
 import os
 import resource
+import shutil
 import signal
 import sys
 import time
@@ -291,6 +292,7 @@ class Daemon:
         try:
             await self.stop_pod(name)
             self.store.delete_pod(name, str(self._socket(name)))
+            shutil.rmtree(self._pod_state_dir(name) / "spill", ignore_errors=True)
             self._broken.pop(name, None)
         finally:
             self._stopping.discard(name)
@@ -383,7 +385,11 @@ class Daemon:
             outbox=self.outbox,
             on_status=self._pod_status_changed,
         )
-        controller.tool_context = replace(controller.tool_context, pods=ChildPods(self, controller))
+        controller.tool_context = replace(
+            controller.tool_context,
+            pods=ChildPods(self, controller),
+            spill_dir=self._pod_state_dir(name) / "spill",
+        )
         controller.restore(self._stored_events(name))
         endpoint = PodEndpoint(controller, self, self.config)
         await endpoint.listen()
@@ -415,6 +421,9 @@ class Daemon:
             return record
         raise ProtocolError("not_found", f"no pod named {name}; `capctl ps` lists them")
 
+    def _pod_state_dir(self, name: str) -> Path:
+        return self.config.state_dir / "pods" / name
+
     def _socket(self, name: str) -> Path:
         return pod_socket(self.config.runtime_dir, name)
 
@@ -437,7 +446,7 @@ class Daemon:
 
     def _resolve_cwd(self, manifest: Manifest, must_exist: bool) -> Path:
         if manifest.cwd is None:
-            cwd = self.config.state_dir / "pods" / manifest.name / "work"
+            cwd = self._pod_state_dir(manifest.name) / "work"
             cwd.mkdir(parents=True, exist_ok=True)
             return cwd
         cwd = Path(manifest.cwd)

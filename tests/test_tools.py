@@ -4,6 +4,7 @@ import asyncio
 import os
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import get_args
 
@@ -397,3 +398,13 @@ def test_tool_specs_keep_manifest_order_once_each() -> None:
     bash_schema = specs[2].parameters
     assert bash_schema["required"] == ["command"]
     assert set(bash_schema["properties"]) == {"command", "timeout_s"}
+
+
+async def test_bash_spills_output_too_long_to_show(ctx: ToolContext, tmp_path: Path) -> None:
+    spilling = replace(ctx, spill_dir=tmp_path / "spill")
+    outcome = await bash(spilling, "seq 1 200000")
+    note = outcome.output.rsplit("\n", 1)[1]
+    assert note.startswith("[output truncated: 1288895 bytes in all, first 65536 shown; ")
+    path = Path(note.split("all of it is in ")[1].rstrip("]"))
+    assert path.parent == tmp_path / "spill"
+    assert path.read_text() == "".join(f"{i}\n" for i in range(1, 200001))

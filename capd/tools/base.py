@@ -38,6 +38,8 @@ class ToolContext:
     output_limit: int = DEFAULT_OUTPUT_LIMIT
     pods: ChildPodOps | None = None
     """Set for pods hosted by a daemon; the pod tools need it."""
+    spill_dir: Path | None = None
+    """Where output too long to show is written in full (the pod's state dir)."""
 
 
 @dataclass(frozen=True, slots=True)

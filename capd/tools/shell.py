@@ -13,7 +13,11 @@ whenever we choose, even when a process that escaped the group still holds the p
 
 import asyncio
 import os
+import secrets
 import signal
+import time
+from pathlib import Path
+from typing import BinaryIO
 
 from capd.tools.base import Tool, ToolContext, ToolFailed, ToolOutcome
 from protocol.tools import BashArgs
@@ -21,18 +25,25 @@ from protocol.tools import BashArgs
 DEFAULT_TIMEOUT_S = 120.0
 KILL_GRACE_S = 2.0
 """How long a process group has to exit after SIGTERM before it gets SIGKILL."""
+SPILL_LIMIT = 64 * 1024 * 1024
+"""Most bytes of one command's output kept in its spill file."""
 DRAIN_GRACE_S = 1.0
 """How long to read on after the group is killed; only a writer that left the group
 (e.g. `setsid cmd &`) keeps the pipe open that long."""
 
 
 class _OutputCollector(asyncio.Protocol):
-    """Keeps the first `limit` bytes of a pipe and counts the rest, so writers never block."""
+    """Keeps the first `limit` bytes of a pipe and counts the rest, so writers never block.
+    Once the output outgrows `limit`, all of it (up to SPILL_LIMIT bytes) also goes to
+    `spill_path`, so the model can read what it was not shown."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, spill_path: Path | None) -> None:
         self.limit = limit
         self.kept = bytearray()
         self.total = 0
+        self.spill_path = spill_path
+        self.spilled = 0
+        self._spill: BinaryIO | None = None
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def data_received(self, data: bytes) -> None:
@@ -40,8 +51,39 @@ class _OutputCollector(asyncio.Protocol):
         room = self.limit - len(self.kept)
         if room > 0:
             self.kept += data[:room]
+        if self.total > self.limit and self.spill_path is not None:
+            if self._spill is None:
+                self._open_spill()
+                data = data[max(room, 0) :]
+            self._write_spill(data)
+
+    def _open_spill(self) -> None:
+        assert self.spill_path is not None
+        try:
+            self.spill_path.parent.mkdir(parents=True, exist_ok=True)
+            self._spill = self.spill_path.open("wb")
+        except OSError:
+            self.spill_path = None
+            return
+        self._write_spill(bytes(self.kept))
+
+    def _write_spill(self, data: bytes) -> None:
+        if self._spill is None or self.spilled >= SPILL_LIMIT:
+            return
+        data = data[: SPILL_LIMIT - self.spilled]
+        try:
+            self._spill.write(data)
+        except OSError:
+            return
+        self.spilled += len(data)
+
+    def finish(self) -> None:
+        if self._spill is not None:
+            self._spill.close()
+            self._spill = None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.finish()
         if not self.closed.done():
             self.closed.set_result(None)
 
@@ -60,8 +102,10 @@ class BashTool(Tool[BashArgs]):
         loop = asyncio.get_running_loop()
         read_fd, write_fd = os.pipe()
         try:
+            spill = _spill_path(ctx)
             transport, collector = await loop.connect_read_pipe(
-                lambda: _OutputCollector(ctx.output_limit), os.fdopen(read_fd, "rb", buffering=0)
+                lambda: _OutputCollector(ctx.output_limit, spill),
+                os.fdopen(read_fd, "rb", buffering=0),
             )
             try:
                 proc = await _spawn(args.command, ctx, write_fd)
@@ -86,6 +130,7 @@ class BashTool(Tool[BashArgs]):
             raise
         finally:
             transport.close()
+            collector.finish()
         return _outcome(collector, returncode, timed_out, timeout_s)
 
 
@@ -160,9 +205,13 @@ def _outcome(
     text = collector.kept.decode("utf-8", errors="replace").removesuffix("\n")
     lines = [text] if text else []
     if collector.total > len(collector.kept):
-        lines.append(
-            f"[output truncated: {collector.total} bytes in all, first {len(collector.kept)} shown]"
-        )
+        shown = len(collector.kept)
+        note = f"output truncated: {collector.total} bytes in all, first {shown} shown"
+        if collector.spill_path is not None and collector.spilled == collector.total:
+            note += f"; all of it is in {collector.spill_path}"
+        elif collector.spill_path is not None:
+            note += f"; the first {collector.spilled} bytes are in {collector.spill_path}"
+        lines.append(f"[{note}]")
     if timed_out:
         lines.append(f"[command timed out after {timeout_s:g} s and was killed]")
     elif returncode < 0:
@@ -172,6 +221,13 @@ def _outcome(
     if not lines:
         lines.append("[no output]")
     return ToolOutcome("\n".join(lines), is_error=timed_out or returncode != 0)
+
+
+def _spill_path(ctx: ToolContext) -> Path | None:
+    if ctx.spill_dir is None:
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    return ctx.spill_dir / f"bash-{stamp}-{secrets.token_hex(3)}.out"
 
 
 def _signal_name(number: int) -> str:
