@@ -8,6 +8,7 @@ stop) by cancelling the task: a streaming model call keeps its partial text as a
 import asyncio
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -89,7 +90,7 @@ class TurnHost(Protocol):
     tool_context: ToolContext
     notes: list[PendingNote]
 
-    def emit(self, event: DurableEvent, *, consumed: int | None = None) -> None: ...
+    def emit(self, event: DurableEvent, *, consumed: Sequence[int] = ()) -> None: ...
 
     def emit_ephemeral(self, event: PodEventBase) -> None: ...
 
@@ -168,7 +169,7 @@ def inject_notes(host: TurnHost, turn_id: str) -> None:
                 text=note.text,
                 pod_event_seq=note.pod_event_seq,
             ),
-            consumed=note.pending_id,
+            consumed=[note.pending_id] if note.pending_id is not None else [],
         )
 
 

@@ -12,7 +12,7 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -143,22 +143,35 @@ class PodController:
     # -- events -------------------------------------------------------------------------
 
     def emit(
-        self, event: DurableEvent, *, report: Report | None = None, consumed: int | None = None
+        self, event: DurableEvent, *, report: Report | None = None, consumed: Sequence[int] = ()
     ) -> None:
         """Commit a durable event to the store, then apply it and broadcast it. A `report`
         for the parent is committed with it and handed to the outbox; `consumed` names the
-        pending row (a queued run or buffered notify) the event uses up."""
-        self.last_seq += 1
-        event.pod = self.name
-        event.seq = self.last_seq
-        event.ts = time.time()
-        frame = encode(event)
+        pending rows (queued runs, buffered notifies) the event uses up."""
+        self._emit_all([event], report=report, consumed=consumed)
+
+    def _emit_all(
+        self,
+        events: list[DurableEvent],
+        *,
+        report: Report | None = None,
+        consumed: Sequence[int] = (),
+    ) -> None:
+        """`emit` for events that must be committed together or not at all."""
+        ts = time.time()
+        frames = []
+        for event in events:
+            self.last_seq += 1
+            event.pod, event.seq, event.ts = self.name, self.last_seq, ts
+            frames.append(encode(event))
         owed = self._owed(report)
-        self._store.append(self.name, event.seq, event.ts, event.event, frame[:-1], owed, consumed)
+        stored = [(e.seq, e.ts, e.event, f[:-1]) for e, f in zip(events, frames, strict=True)]
+        self._store.append(self.name, stored, owed, consumed)
         if owed is not None:
             self._outbox.poke(owed.target)
-        self._track(event)
-        self.hub.publish(frame, event.seq)
+        for event, frame in zip(events, frames, strict=True):
+            self._track(event)
+            self.hub.publish(frame, event.seq)
 
     def _owed(self, report: Report | None) -> OwedReport | None:
         if report is None or self.parent is None:
@@ -206,7 +219,6 @@ class PodController:
         pending again."""
         unseen: dict[int, PodEventReceived] = {}
         started: set[str] = set()
-        told: set[str] = set()
         for data in stored:
             event = parse_event(orjson.loads(data))
             if not isinstance(event, DurableEvent):
@@ -219,8 +231,6 @@ class PodController:
                 case TurnStart(turn_id=turn_id, invoke=invoke):
                     self.turn = Turn(turn_id, invoke)
                     started.add(turn_id)
-                case UserMessage(turn_id=turn_id):
-                    told.add(turn_id)
                 case TurnEnd():
                     self.turn = None
                 case PodEventReceived(seq=seq):
@@ -230,15 +240,17 @@ class PodController:
         notes = [(event.ts, _report_note(event)) for event in unseen.values()]
         for row in self._store.pending(self.name):
             if row.kind == "notify":
-                note = PendingNote("notify", row.source or "notify", row.text, pending_id=row.id)
+                assert row.source is not None
+                note = PendingNote("notify", row.source, row.text, pending_id=row.id)
                 notes.append((row.created, note))
-            elif row.turn_id not in started:
-                self._queue.append(_QueuedRun(row.turn_id or new_turn_id(), row.text, row.id))
-            elif self.turn and self.turn.turn_id == row.turn_id and row.turn_id not in told:
-                # The crash came between the run's turn_start and its user_message.
-                self.emit(UserMessage(turn_id=row.turn_id, text=row.text), consumed=row.id)
-            else:
+                continue
+            assert row.turn_id is not None
+            if row.turn_id in started:
+                # Its turn_start commits with the row's deletion, so this is a damaged store.
+                log.warning("pod %s: queued run %s already started; dropped", self.name, row.id)
                 self._store.drop_pending([row.id])
+            else:
+                self._queue.append(_QueuedRun(row.turn_id, row.text, row.id))
         self.notes = [note for _, note in sorted(notes, key=lambda pair: pair[0])]
         wanted: PodStatusName = "paused" if self.turn else "idle"
         if self.status != wanted:
@@ -363,12 +375,12 @@ class PodController:
     async def _cancel(self, clear_queue: bool) -> dict[str, Any]:
         if self.status == "idle":
             raise ProtocolError("not_running", f"pod {self.name} is idle; nothing to cancel")
-        cleared = len(self._queue) if clear_queue else 0
+        dropped = [queued.pending_id for queued in self._queue] if clear_queue else []
         if clear_queue:
-            self._store.drop_pending([queued.pending_id for queued in self._queue])
             self._queue.clear()
-        await self._end_turn("cancelled")
-        return {"cleared": cleared}
+        # The queued runs leave the store with the turn_end: a crash before it keeps them.
+        await self._end_turn("cancelled", consumed=dropped)
+        return {"cleared": len(dropped)}
 
     def _notify(self, text: str, source: str) -> dict[str, Any]:
         row = self._store.add_pending(self.name, "notify", text, source=source)
@@ -400,11 +412,19 @@ class PodController:
             self._start(Turn(new_turn_id(), self.notes[0].kind), None)
 
     def _start(self, turn: Turn, text: str | None, pending_id: int | None = None) -> None:
+        """Start a turn from idle. Its status, turn_start and user_message commit together
+        with the deletion of its queued-run row, so a crash never leaves a started turn
+        without its prompt, nor a queued run that both started and is still queued."""
         self.turn = turn
-        self._set_status("running")
-        self.emit(TurnStart(turn_id=turn.turn_id, invoke=turn.invoke))
+        self.status = "running"
+        events: list[DurableEvent] = [
+            StatusChanged(status="running", turn_id=turn.turn_id),
+            TurnStart(turn_id=turn.turn_id, invoke=turn.invoke),
+        ]
         if text is not None:
-            self.emit(UserMessage(turn_id=turn.turn_id, text=text), consumed=pending_id)
+            events.append(UserMessage(turn_id=turn.turn_id, text=text))
+        self._emit_all(events, consumed=[pending_id] if pending_id is not None else [])
+        self._on_status(self.name, "running")
         self._launch()
 
     def _launch(self) -> None:
@@ -441,17 +461,20 @@ class PodController:
         if not task.cancelled():
             task.exception()
 
-    async def _end_turn(self, result: TurnResult, error: str | None = None) -> None:
+    async def _end_turn(
+        self, result: TurnResult, error: str | None = None, consumed: Sequence[int] = ()
+    ) -> None:
         await self._interrupt()
-        self._finish(result, error)
+        self._finish(result, error, consumed)
 
-    def _finish(self, result: TurnResult, error: str | None) -> None:
+    def _finish(self, result: TurnResult, error: str | None, consumed: Sequence[int] = ()) -> None:
         turn = self.turn
         assert turn is not None
         self._close_orphans()
         self.emit(
             TurnEnd(turn_id=turn.turn_id, result=result, output=turn.output, error=error),
             report=self._turn_report(turn, result, error),
+            consumed=consumed,
         )
         self.turn = None
         self._set_status("idle")

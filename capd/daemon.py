@@ -224,8 +224,12 @@ class Daemon:
 
     async def stop_pod(self, name: str) -> list[str]:
         """Stop the pod, then its descendants; returns the names of those that were running.
-        Descendants are listed once the pod is down, so a child it was spawning is among them."""
+        Descendants are listed once the pod is down, so a child it was spawning is among them.
+        A pod that could not be restored is marked stopped, so restarts stop retrying it."""
         self._require_known(name)
+        if self._broken.pop(name, None) is not None:
+            self.store.set_stopped(name, True)
+            self._publish(PodStopped(pod=name))
         stopped = [name] if await self._stop_one(name) else []
         for record, _ in self.descendants(name):
             if await self._stop_one(record.name):
@@ -276,6 +280,10 @@ class Daemon:
     async def start_pod(self, name: str) -> SpawnResult:
         self._refuse_when_closing()
         record = self._require_known(name)
+        if name in self._stopping:
+            raise ProtocolError(
+                "shutting_down", f"pod {name} is stopping; start it once it has stopped"
+            )
         if name not in self.pods:
             await self._bring_up_record(record)
             self.store.set_stopped(name, False)

@@ -14,6 +14,7 @@ may lose the last moments (see README).
 
 import sqlite3
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +66,10 @@ class PodRecord:
     manifest: str
     parent: str | None
     stopped: bool
+
+
+StoredEvent = tuple[int, float, str, bytes]
+"""(seq, ts, kind, json) of one event, as `append` takes it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,26 +158,23 @@ class Store:
     def append(
         self,
         pod: str,
-        seq: int,
-        ts: float,
-        kind: str,
-        data: bytes,
+        events: list[StoredEvent],
         report: OwedReport | None = None,
-        consumed: int | None = None,
+        consumed: Sequence[int] = (),
     ) -> None:
-        """Commit one event and, in the same transaction, the report to the parent it
-        causes and the deletion of the `pending` row it consumes: a crash keeps all or none."""
+        """Commit events and, in the same transaction, the report to the parent they cause
+        and the deletion of the `pending` rows they use up: a crash keeps all or none."""
         insert = "INSERT INTO events (pod, seq, ts, kind, data) VALUES (?, ?, ?, ?, ?)"
-        if report is None and consumed is None:
-            self._db.execute(insert, (pod, seq, ts, kind, data))
+        rows = [(pod, *event) for event in events]
+        if len(rows) == 1 and report is None and not consumed:
+            self._db.execute(insert, rows[0])
             return
         with self._db:
             self._db.execute("BEGIN")
-            self._db.execute(insert, (pod, seq, ts, kind, data))
+            self._db.executemany(insert, rows)
             if report is not None:
                 self._insert_report(pod, report)
-            if consumed is not None:
-                self._db.execute("DELETE FROM pending WHERE id = ?", (consumed,))
+            self._db.executemany("DELETE FROM pending WHERE id = ?", [(i,) for i in consumed])
 
     def events_after(self, pod: str, after_seq: int, limit: int) -> list[tuple[int, bytes]]:
         """Up to `limit` events with seq > after_seq, oldest first, as (seq, json)."""
@@ -238,7 +240,9 @@ class Store:
         return [PendingRow(*row) for row in rows]
 
     def drop_pending(self, ids: list[int]) -> None:
-        self._db.executemany("DELETE FROM pending WHERE id = ?", [(i,) for i in ids])
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany("DELETE FROM pending WHERE id = ?", [(i,) for i in ids])
 
     # -- read cursors -------------------------------------------------------------------
 

@@ -72,6 +72,11 @@ async def _read_until(pod: Client, seconds: float, seen: dict[int, Event]) -> No
             seen[event["seq"]] = event
 
 
+async def _daemon_request(capd: CapdProcess, request: dict[str, Any]) -> dict[str, Any]:
+    async with await Client.connect(capd.socket) as daemon:
+        return await daemon.request(request)
+
+
 async def _sigkill_and_restart(capd: CapdProcess) -> None:
     assert capd.proc is not None
     capd.proc.kill()
@@ -118,7 +123,7 @@ async def test_sigkill_at_random_moments_loses_nothing_a_client_saw(capd: CapdPr
     turns = [e for e in history if e["event"] == "turn_end"]
     assert len({e["turn_id"] for e in turns}) == len(turns), "a turn ended twice"
     assert interrupted >= CRASHES // 3, "most crashes should land inside a turn"
-    assert len(seen) > 50, "the crashes should land while events flow"
+    assert len(seen) > CRASHES, "the crashes should land while events flow"
 
 
 def _sleeper_script(*then: str) -> dict[str, Any]:
@@ -161,9 +166,19 @@ async def test_queued_runs_and_notifications_survive_sigkill(capd: CapdProcess) 
     await _sigkill_and_restart(capd)
     async with await connect_pod(capd, "w1") as pod:
         await pod.request({"method": "run", "text": "after"})
-        end, seen = await wait_for(pod, is_event("turn_end"))
-    assert [e["event"] for e in seen].count("notification") == 0
+        end, _ = await wait_for(pod, is_event("turn_end"))
+        history = await _history(pod)
     assert end["output"] == "You said: after"
+    assert [e["text"] for e in history if e["event"] == "notification"] == [
+        "note one",
+        "note two",
+    ]
+    assert [e["text"] for e in history if e["event"] == "user_message"] == [
+        "go",
+        "queued one",
+        "queued two",
+        "after",
+    ]
 
 
 async def test_cancel_all_forgets_queued_runs_across_a_restart(capd: CapdProcess) -> None:
@@ -175,10 +190,10 @@ async def test_cancel_all_forgets_queued_runs_across_a_restart(capd: CapdProcess
         assert (await pod.request({"method": "cancel", "all": True})) == {"cleared": 1}
     await _sigkill_and_restart(capd)
     async with await connect_pod(capd, "w1") as pod:
-        assert (await pod.request({"method": "status"}))["queued"] == 0
         await pod.request({"method": "run", "text": "now"})
-        _, seen = await wait_for(pod, is_event("turn_end"))
-    assert [e["text"] for e in seen if e["event"] == "user_message"] == ["now"]
+        await wait_for(pod, is_event("turn_end"))
+        history = await _history(pod)
+    assert [e["text"] for e in history if e["event"] == "user_message"] == ["go", "now"]
 
 
 async def test_a_torn_write_ahead_log_never_prevents_start_up(capd: CapdProcess) -> None:
@@ -212,7 +227,12 @@ async def test_a_torn_write_ahead_log_never_prevents_start_up(capd: CapdProcess)
         assert status["status"] == ("paused" if open_turn else "idle")
         assert status["turn_id"] == open_turn
         if open_turn:
-            await pod.request({"method": "cancel"})
+            prompts = [e for e in history if e["event"] == "user_message"]
+            assert prompts[-1]["turn_id"] == open_turn, "a started turn has its prompt"
+            await pod.request({"method": "subscribe"})
+            await pod.request({"method": "resume"})
+            end, _ = await wait_for(pod, is_event("turn_end"))
+            assert (end["turn_id"], end["result"]) == (open_turn, "finished")
         await pod.request({"method": "run", "text": "three"})
 
 
@@ -244,6 +264,14 @@ async def test_a_pod_whose_state_is_damaged_stays_down_and_the_rest_start(
         await pod.request({"method": "run", "text": "still here"})
         end, _ = await wait_for(pod, is_event("turn_end"))
     assert end["output"] == "You said: still here"
+
+    # Stopping the broken pod parks it: the next start of capd leaves it alone.
+    await _daemon_request(capd, {"method": "stop", "name": "bad"})
+    capd.stop()
+    await asyncio.to_thread(capd.start)
+    listing = await _daemon_request(capd, {"method": "list"})
+    bad = next(p for p in listing["pods"] if p["name"] == "bad")
+    assert (bad["status"], bad["error"]) == ("stopped", None)
 
 
 async def test_a_pod_with_hundreds_of_turns_comes_back_whole(capd: CapdProcess) -> None:
@@ -295,7 +323,7 @@ def _write_turns(capd: CapdProcess, pod: str, turns: int, text: str) -> int:
             ):
                 seq += 1
                 event.pod, event.seq, event.ts = pod, seq, ts
-                store.append(pod, seq, ts, event.event, encode(event)[:-1])
+                store.append(pod, [(seq, ts, event.event, encode(event)[:-1])])
     finally:
         store.close()
     return seq
