@@ -18,6 +18,10 @@ class Config:
     max_queued_bytes: int = 8 * 1024 * 1024
     """Bytes of events queued for one slow subscriber before it gets `lagged`."""
     log_level: str = "info"
+    max_pods: int = 4096
+    """Pods up at once in this daemon."""
+    max_subscribers: int = 256
+    """Subscribed connections per pod."""
     allow_gid: int | None = None
     """Members of this group may use capd too (`--allow-group`)."""
 
@@ -42,6 +46,15 @@ class Config:
             "--log-level", default="info", choices=["debug", "info", "warning", "error"]
         )
         parser.add_argument(
+            "--max-pods", type=int, default=4096, help="pods up at once (default 4096)"
+        )
+        parser.add_argument(
+            "--max-subscribers",
+            type=int,
+            default=256,
+            help="subscribed connections per pod (default 256)",
+        )
+        parser.add_argument(
             "--allow-group",
             metavar="GROUP",
             help="let members of GROUP use capd too (runtime dir 0710, sockets 0660)",
@@ -62,5 +75,7 @@ class Config:
             max_frame_bytes=args.max_frame_bytes,
             max_queued_bytes=args.max_queued_bytes,
             log_level=args.log_level,
+            max_pods=args.max_pods,
+            max_subscribers=args.max_subscribers,
             allow_gid=allow_gid,
         )

@@ -178,6 +178,7 @@ class Daemon:
         children.py) and the parent records `child_spawned` with `turn_id`, the turn whose
         spawn_pod call made it. `make_cwd` creates a missing cwd once all checks pass."""
         self._refuse_when_closing()
+        self._check_room()
         name = manifest.name
         if name in self.pods or self.store.pod(name) is not None:
             raise ProtocolError("already_exists", f"a pod named {name} already exists")
@@ -284,6 +285,8 @@ class Daemon:
             raise ProtocolError(
                 "shutting_down", f"pod {name} is stopping; start it once it has stopped"
             )
+        if name not in self.pods:
+            self._check_room()
         if name not in self.pods:
             await self._bring_up_record(record)
             self.store.set_stopped(name, False)
@@ -447,6 +450,15 @@ class Daemon:
     def _pod_at(self, socket: str | None) -> _RunningPod | None:
         name = self.name_at(socket)
         return self.pods.get(name) if name else None
+
+    def _check_room(self) -> None:
+        limit = self.config.max_pods
+        if len(self.pods) >= limit:
+            raise ProtocolError(
+                "limit_reached",
+                f"capd has {len(self.pods)} pods up, the most --max-pods={limit} allows; "
+                "stop or delete one first",
+            )
 
     def _refuse_when_closing(self) -> None:
         if self._closing:

@@ -19,6 +19,7 @@ from capd.connection import Connection, serve_connection
 from capd.controller import PodController
 from capd.fanout import Hub
 from protocol import SERVER_NAME
+from protocol.errors import ProtocolError
 from protocol.events import Ack, Error, Hello, PodHello
 from protocol.framing import encode
 from protocol.methods import (
@@ -138,6 +139,14 @@ class Endpoint(ABC):
         """Ack, then register: the ack is queued before any replayed or live event."""
         if conn.subscription is not None:
             conn.subscription.end()
+            conn.subscription = None
+        limit = self._config.max_subscribers
+        if len(hub.subscriptions) >= limit:
+            raise ProtocolError(
+                "limit_reached",
+                f"{len(hub.subscriptions)} connections already subscribe here, the most "
+                f"capd --max-subscribers={limit} allows; close one first",
+            )
         conn.send(ack(request, SubscribeResult(last_seq=hub.last_seq()).model_dump()))
         conn.subscription = hub.subscribe(conn, after_seq)
 

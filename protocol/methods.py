@@ -171,9 +171,14 @@ def describe_validation_error(exc: ValidationError, skip: int = 0, root: str = "
     `skip` drops leading location parts (a union's tag); `root` names the whole object."""
     parts = []
     for err in exc.errors(include_url=False):
-        loc = ".".join(str(p) for p in err["loc"][skip:])
+        loc = ".".join(_printable(str(p)) for p in err["loc"][skip:])
         parts.append(f"{loc or root}: {err['msg']}")
     return "; ".join(parts)
+
+
+def _printable(name: str) -> str:
+    """A field name as it can appear in a one-line message (control characters escaped)."""
+    return name if name.isprintable() else repr(name)
 
 
 def request_id(frame: dict[str, Any]) -> RequestId | None:

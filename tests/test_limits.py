@@ -1,0 +1,106 @@
+"""Limits with clear errors, and a subscriber that never reads (issue 5)."""
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from protocol.client import Client
+from protocol.errors import ProtocolError
+from tests.conftest import CapdProcess
+from tests.helpers import connect_pod, is_event, scripted, spawn, wait_for
+
+
+async def _daemon(capd: CapdProcess, request: dict) -> dict:
+    async with await Client.connect(capd.socket) as daemon:
+        return await daemon.request(request)
+
+
+async def test_max_pods_counts_the_pods_that_are_up(capd_dirs: CapdProcess) -> None:
+    capd_dirs.extra_args = ["--max-pods", "2"]
+    await asyncio.to_thread(capd_dirs.start)
+    await spawn(capd_dirs, "a", scripted())
+    await spawn(capd_dirs, "b", scripted())
+    with pytest.raises(ProtocolError) as full:
+        await spawn(capd_dirs, "c", scripted())
+    assert full.value.code == "limit_reached"
+    assert "the most --max-pods=2 allows" in full.value.message
+    await _daemon(capd_dirs, {"method": "stop", "name": "a"})
+    await spawn(capd_dirs, "c", scripted())
+    with pytest.raises(ProtocolError) as again:
+        await _daemon(capd_dirs, {"method": "start", "name": "a"})
+    assert again.value.code == "limit_reached"
+
+
+async def test_max_subscribers_per_pod(capd_dirs: CapdProcess) -> None:
+    capd_dirs.extra_args = ["--max-subscribers", "2"]
+    await asyncio.to_thread(capd_dirs.start)
+    await spawn(capd_dirs, "w1", scripted())
+    first = await connect_pod(capd_dirs, "w1")
+    second = await connect_pod(capd_dirs, "w1")
+    async with first, second, await connect_pod(capd_dirs, "w1", subscribe=False) as third:
+        with pytest.raises(ProtocolError) as full:
+            await third.request({"method": "subscribe"})
+        assert full.value.code == "limit_reached"
+        assert "--max-subscribers=2" in full.value.message
+        await second.request({"method": "subscribe"})  # re-subscribing keeps its place
+        await first.request({"method": "unsubscribe"})
+        await third.request({"method": "subscribe"})
+        await second.request({"method": "run", "text": "hi"})
+        end, _ = await wait_for(third, is_event("turn_end"))
+    assert end["output"] == "You said: hi"
+
+
+def _rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+async def _stream_turn(socket_path: str, pid: int, expected: int) -> int:
+    """Run a turn and read its deltas as fast as possible (raw lines, no JSON parsing, so
+    the reader is never the bottleneck); returns capd's peak RSS meanwhile."""
+    reader, writer = await asyncio.open_unix_connection(socket_path, limit=2**20)
+    writer.write(b'{"method": "subscribe", "id": 1}\n{"method": "run", "text": "go", "id": 2}\n')
+    peak, received = _rss_bytes(pid), 0
+    try:
+        async with asyncio.timeout(60):
+            while b'"turn_end"' not in (line := await reader.readline()):
+                assert b'"lagged"' not in line
+                if b'"text_delta"' in line:
+                    received += 1
+                    if received % 2000 == 0:
+                        peak = max(peak, _rss_bytes(pid))
+    finally:
+        writer.close()
+    assert received == expected
+    return peak
+
+
+async def test_a_subscriber_that_never_reads_leaves_memory_bounded(
+    capd_dirs: CapdProcess,
+) -> None:
+    """The same 100k-delta turn twice: alone, then with a subscriber that never reads.
+    Without the bound the second turn costs capd about 370 MiB more; with the 1 MiB bound
+    it costs about 45 MiB more, once (later turns cost nothing more; see README)."""
+    capd_dirs.extra_args = [
+        "--max-queued-bytes",
+        str(1024 * 1024),
+        "--max-frame-bytes",
+        str(4 * 1024 * 1024),
+    ]
+    await asyncio.to_thread(capd_dirs.start)
+    assert capd_dirs.proc is not None
+    pid, deltas = capd_dirs.proc.pid, 100_000
+    step = {"text": "d" * (10 * deltas), "chunk_chars": 10}
+    await spawn(capd_dirs, "w1", scripted(step, step))
+    socket_path = str(capd_dirs.pod_socket("w1"))
+    alone = await _stream_turn(socket_path, pid, deltas)
+    _, stuck = await asyncio.open_unix_connection(socket_path)
+    stuck.write(b'{"method": "subscribe", "id": 1}\n')
+    try:
+        with_stuck = await _stream_turn(socket_path, pid, deltas)
+    finally:
+        stuck.close()
+    assert with_stuck - alone < 96 * 2**20, f"{(with_stuck - alone) >> 20} MiB more"
