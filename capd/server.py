@@ -9,6 +9,7 @@ import contextlib
 import logging
 import os
 import socket
+import stat
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -72,8 +73,7 @@ class Endpoint(ABC):
             self._activated = True
             self._server = await asyncio.start_unix_server(self._serve, sock=activated, limit=limit)
             return
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        _remove_stale_socket(self.path)
         old_umask = os.umask(0o177)
         try:
             self._server = await asyncio.start_unix_server(
@@ -156,6 +156,19 @@ class Endpoint(ABC):
     @abstractmethod
     async def _handle(self, frame: dict[str, Any], conn: Connection) -> bytes | None:
         """The reply frame, or None when the handler already queued it."""
+
+
+def _remove_stale_socket(path: Path) -> None:
+    """Clear the way for a new socket at `path`. Only a socket is removed — one left by a
+    capd that died (this one holds the directory's lock, so no live capd owns it); any
+    other file there is an error to resolve by hand, not something to delete."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise OSError(f"{path} exists and is not a socket; move it away and start again")
+    path.unlink()
 
 
 class PodEndpoint(Endpoint):

@@ -198,3 +198,11 @@ async def test_sigterm_pauses_a_running_turn_for_the_next_start(capd: CapdProces
     async with await connect_pod(capd, "w1", subscribe=False) as pod:
         status = await pod.request({"method": "status"})
     assert (status["status"], status["turn_id"]) == ("paused", ack["turn_id"])
+
+
+def test_a_file_where_the_daemon_socket_goes_is_not_deleted(capd_dirs: CapdProcess) -> None:
+    capd_dirs.runtime_dir.mkdir(mode=0o700)
+    capd_dirs.socket.write_text("not a socket")
+    with pytest.raises(RuntimeError, match="exists and is not a socket"):
+        capd_dirs.start()
+    assert capd_dirs.socket.read_text() == "not a socket"
