@@ -10,9 +10,13 @@ import os
 import socket
 import struct
 from dataclasses import dataclass
-from pathlib import Path
 
 _UCRED = struct.Struct("3i")
+
+
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+"""Linux >= 4.13: the peer's supplementary groups, as they were at connect()."""
+MAX_GROUPS = 65536
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,22 +24,20 @@ class Peer:
     pid: int
     uid: int
     gid: int
-
-    def groups(self) -> set[int]:
-        """The peer's primary and supplementary groups (from /proc, while it lives)."""
-        groups = {self.gid}
-        try:
-            status = Path(f"/proc/{self.pid}/status").read_text()
-        except OSError:
-            return groups
-        for line in status.splitlines():
-            if line.startswith("Groups:"):
-                groups.update(int(g) for g in line.split()[1:])
-        return groups
+    groups: frozenset[int]
+    """Primary and supplementary groups at connect() time."""
 
 
 def peer_of(sock: socket.socket) -> Peer:
-    return Peer(*_UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)))
+    pid, uid, gid = _UCRED.unpack(
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    )
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * MAX_GROUPS)
+    except OSError:
+        raw = b""
+    supplementary = struct.unpack(f"{len(raw) // 4}I", raw)
+    return Peer(pid, uid, gid, frozenset({gid, *supplementary}))
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +49,7 @@ class AccessPolicy:
         """Why `peer` may not connect, or None when it may."""
         if peer.uid in (self.uid, 0):
             return None
-        if self.group is not None and self.group in peer.groups():
+        if self.group is not None and self.group in peer.groups:
             return None
         allowed = f"uid {self.uid} or root" + (
             f", or members of group {self.group}" if self.group is not None else ""

@@ -94,8 +94,8 @@ class Daemon:
     # -- lifecycle ----------------------------------------------------------------------
 
     async def serve(self) -> None:
-        await self.startup()
         try:
+            await self.startup()
             await self.main_loop()
         finally:
             await self.shutdown()
@@ -115,6 +115,8 @@ class Daemon:
         self._store = Store(cfg.state_dir / "capd.db")
         self._outbox = Outbox(self._store)
         for record in self.store.pods():
+            if self._should_exit.is_set():
+                return  # SIGTERM during restore: stop here, shutdown() takes down what is up
             if not record.stopped:
                 with contextlib.suppress(ProtocolError):
                     await self._bring_up_record(record)

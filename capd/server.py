@@ -69,9 +69,20 @@ class Endpoint(ABC):
         """Bind and listen at `path`, or serve `activated`, a socket systemd bound there
         (its unit sets the mode; the file stays when capd stops)."""
         limit = self._config.max_frame_bytes + 1
+        group = self._config.allow_gid
         if activated is not None:
             self._activated = True
-            self._server = await asyncio.start_unix_server(self._serve, sock=activated, limit=limit)
+            if group is not None:
+                _share_with_group(Path(activated.getsockname()), group)
+            try:
+                # uvloop, and asyncio from 3.13, would unlink systemd's socket file on close.
+                self._server = await asyncio.start_unix_server(
+                    self._serve, sock=activated, limit=limit, cleanup_socket=False
+                )
+            except TypeError:
+                self._server = await asyncio.start_unix_server(
+                    self._serve, sock=activated, limit=limit
+                )
             return
         _remove_stale_socket(self.path)
         old_umask = os.umask(0o177)
@@ -81,16 +92,18 @@ class Endpoint(ABC):
             )
         finally:
             os.umask(old_umask)
-        group = self._config.allow_gid
         if group is not None:
-            os.chown(self.path, -1, group)
-        os.chmod(self.path, 0o600 if group is None else 0o660)
+            _share_with_group(self.path, group)
+        else:
+            os.chmod(self.path, 0o600)
 
     async def close_listener(self) -> None:
-        """Stop accepting connections and remove the socket file (unless systemd owns it)."""
-        if self._server is not None:
-            self._server.close()
-            self._server = None
+        """Stop accepting connections and remove the socket file, if this endpoint bound it
+        (not systemd, and not another capd whose lock made this one give up)."""
+        if self._server is None:
+            return
+        self._server.close()
+        self._server = None
         if not self._activated:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
@@ -156,6 +169,11 @@ class Endpoint(ABC):
     @abstractmethod
     async def _handle(self, frame: dict[str, Any], conn: Connection) -> bytes | None:
         """The reply frame, or None when the handler already queued it."""
+
+
+def _share_with_group(path: Path, group: int) -> None:
+    os.chown(path, -1, group)
+    os.chmod(path, 0o660)
 
 
 def _remove_stale_socket(path: Path) -> None:

@@ -26,7 +26,10 @@ class Notifier:
             env.pop(name, None)
         self._socket: socket.socket | None = None
         if self._address is not None:
-            self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            # Non-blocking: a busy systemd with a full queue must not stall capd's loop.
+            self._socket = socket.socket(
+                socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+            )
 
     @property
     def enabled(self) -> bool:
@@ -50,6 +53,8 @@ class Notifier:
         message = "".join(f"{key}={value}\n" for key, value in fields.items())
         try:
             self._socket.sendto(message.encode(), self._address)
+        except BlockingIOError:
+            log.debug("systemd's notify queue is full; dropped %r", message)
         except OSError as exc:
             log.warning("cannot notify systemd at %s: %s", self._address, exc)
 

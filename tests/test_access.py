@@ -1,6 +1,7 @@
 """Who may connect: SO_PEERCRED is checked on every connection, whatever the file modes."""
 
 import asyncio
+import grp
 import json
 import os
 import socket
@@ -66,7 +67,7 @@ async def test_another_uid_is_refused_even_when_the_modes_let_it_in(capd: CapdPr
 
 
 async def test_allow_group_lets_its_members_in(capd_dirs: CapdProcess) -> None:
-    capd_dirs.extra_args = ["--allow-group", "nogroup"]
+    capd_dirs.extra_args = ["--allow-group", grp.getgrgid(NOBODY).gr_name]
     await asyncio.to_thread(capd_dirs.start)
     runtime = capd_dirs.runtime_dir.stat()
     sock = capd_dirs.socket.stat()

@@ -2,7 +2,6 @@
 listening socket handed over the way socket activation does it."""
 
 import asyncio
-import os
 import signal
 import socket
 from collections.abc import Iterator
@@ -76,7 +75,13 @@ async def test_tools_do_not_inherit_systemd_variables(
     capd_dirs: CapdProcess, notify_socket: NotifySocket
 ) -> None:
     capd = capd_dirs
-    capd.env = {"NOTIFY_SOCKET": str(notify_socket.path), "WATCHDOG_USEC": "5000000"}
+    capd.env = {
+        "NOTIFY_SOCKET": str(notify_socket.path),
+        "WATCHDOG_USEC": "5000000",
+        "WATCHDOG_PID": "1",
+        "LISTEN_FDS": "1",
+        "LISTEN_PID": "1",
+    }
     await asyncio.to_thread(capd.start)
     env = {"name": "bash", "arguments": {"command": "env"}}
     await spawn(capd, "w1", scripted({"tool_calls": [env]}, {"text": "ok"}), tools=["bash"])
@@ -84,7 +89,7 @@ async def test_tools_do_not_inherit_systemd_variables(
         await pod.request({"method": "run", "text": "go"})
         result, _ = await wait_for(pod, is_event("tool_result"))
     assert "PATH=" in result["output"]
-    for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "LISTEN_FDS", "LISTEN_PID"):
+    for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID"):
         assert f"{name}=" not in result["output"]
 
 
@@ -108,4 +113,3 @@ async def test_socket_activation_serves_the_passed_socket_and_leaves_it(
     assert "socket-activated" in capd.output()
     assert capd.socket.exists(), "systemd owns the activated socket; capd leaves it"
     listening.close()
-    assert os.environ.get("LISTEN_FDS") is None

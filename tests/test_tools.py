@@ -408,3 +408,6 @@ async def test_bash_spills_output_too_long_to_show(ctx: ToolContext, tmp_path: P
     path = Path(note.split("all of it is in ")[1].rstrip("]"))
     assert path.parent == tmp_path / "spill"
     assert path.read_text() == "".join(f"{i}\n" for i in range(1, 200001))
+    assert oct(path.stat().st_mode & 0o777) == oct(0o600)
+    read = await run_tool("read_file", {"path": str(path), "offset": 199999}, spilling)
+    assert read == ToolOutcome("199999\n200000\n")

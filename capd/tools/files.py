@@ -41,6 +41,16 @@ def _file_inside(path: str, cwd: Path) -> Path:
     return target
 
 
+def _readable(path: str, ctx: ToolContext) -> Path:
+    """A file read_file may open: inside the working directory, or one of the pod's own
+    spill files (the full output of a long bash command, which the note names)."""
+    if ctx.spill_dir is not None and Path(path).is_absolute():
+        spilled = Path(path).resolve()
+        if spilled.parent == ctx.spill_dir.resolve() and spilled.is_file():
+            return spilled
+    return _file_inside(path, ctx.cwd)
+
+
 class ReadFileTool(Tool[ReadFileArgs]):
     name = "read_file"
     description = (
@@ -50,7 +60,7 @@ class ReadFileTool(Tool[ReadFileArgs]):
     args_model = ReadFileArgs
 
     async def run(self, args: ReadFileArgs, ctx: ToolContext) -> ToolOutcome:
-        target = _file_inside(args.path, ctx.cwd)
+        target = _readable(args.path, ctx)
         try:
             with target.open("rb") as raw:
                 if b"\0" in raw.read(BINARY_SNIFF_BYTES):

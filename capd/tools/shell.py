@@ -27,6 +27,8 @@ KILL_GRACE_S = 2.0
 """How long a process group has to exit after SIGTERM before it gets SIGKILL."""
 SPILL_LIMIT = 64 * 1024 * 1024
 """Most bytes of one command's output kept in its spill file."""
+SPILL_FILES = 20
+"""Spill files kept per pod, newest first."""
 DRAIN_GRACE_S = 1.0
 """How long to read on after the group is killed; only a writer that left the group
 (e.g. `setsid cmd &`) keeps the pipe open that long."""
@@ -60,8 +62,9 @@ class _OutputCollector(asyncio.Protocol):
     def _open_spill(self) -> None:
         assert self.spill_path is not None
         try:
-            self.spill_path.parent.mkdir(parents=True, exist_ok=True)
-            self._spill = self.spill_path.open("wb")
+            _prune_spills(self.spill_path.parent)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            self._spill = os.fdopen(os.open(self.spill_path, flags, 0o600), "wb")
         except OSError:
             self.spill_path = None
             return
@@ -221,6 +224,15 @@ def _outcome(
     if not lines:
         lines.append("[no output]")
     return ToolOutcome("\n".join(lines), is_error=timed_out or returncode != 0)
+
+
+def _prune_spills(spill_dir: Path) -> None:
+    """Make the directory (0700) and keep room for one more file: the newest
+    SPILL_FILES - 1 stay, so a looping agent cannot fill the disk the store is on."""
+    spill_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    old = sorted(spill_dir.glob("bash-*.out"))
+    for path in old[: max(0, len(old) - SPILL_FILES + 1)]:
+        path.unlink(missing_ok=True)
 
 
 def _spill_path(ctx: ToolContext) -> Path | None:
