@@ -15,6 +15,13 @@ def scripted(*steps: dict[str, Any]) -> dict[str, Any]:
     return {"provider": "scripted", "script": list(steps)}
 
 
+def sleeper(*then: str) -> dict[str, Any]:
+    """A scripted model that runs `sleep 30` (long enough to pause, stop or crash in), then
+    says each of `then`."""
+    sleep = {"name": "bash", "arguments": {"command": "sleep 30"}}
+    return scripted({"tool_calls": [sleep]}, *({"text": text} for text in then))
+
+
 def slow_text(chars: int = 4000, delay_ms: float = 2) -> dict[str, Any]:
     """A scripted step that streams one character every `delay_ms`."""
     return {"text": "x" * chars, "chunk_chars": 1, "delay_ms": delay_ms}
@@ -53,3 +60,28 @@ def is_event(kind: str, **fields: Any) -> Callable[[Event], bool]:
 
 def kinds(events: list[Event], durable_only: bool = False) -> list[str]:
     return [e["event"] for e in events if not durable_only or "seq" in e]
+
+
+async def daemon_request(capd: CapdProcess, request: dict[str, Any]) -> dict[str, Any]:
+    """One request on a fresh connection to the daemon socket."""
+    async with await Client.connect(capd.socket) as daemon:
+        return await daemon.request(request)
+
+
+async def full_history(pod: Client) -> list[Event]:
+    """The pod's whole durable history, page by page."""
+    events: list[Event] = []
+    while True:
+        after = events[-1]["seq"] if events else 0
+        page = await pod.request({"method": "history", "after_seq": after, "limit": 500})
+        if not page["events"]:
+            return events
+        events.extend(page["events"])
+
+
+def rss_bytes(pid: int) -> int:
+    """A process's resident memory, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")

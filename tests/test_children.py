@@ -19,7 +19,17 @@ import pytest
 from protocol.client import Client
 from protocol.errors import ProtocolError
 from tests.conftest import CapdProcess
-from tests.helpers import Event, connect_pod, is_event, scripted, spawn, wait_for
+from tests.helpers import (
+    Event,
+    connect_pod,
+    daemon_request,
+    full_history,
+    is_event,
+    scripted,
+    sleeper,
+    spawn,
+    wait_for,
+)
 from tests.openai_server import (
     FunctionCall,
     HeldReply,
@@ -42,11 +52,6 @@ def _model(server: OpenAITestServer, name: str) -> dict[str, object]:
     return {"provider": "openai", "name": name, "base_url": server.base_url}
 
 
-async def _daemon(capd: CapdProcess, request: dict[str, Any]) -> dict[str, Any]:
-    async with await Client.connect(capd.socket) as daemon:
-        return await daemon.request(request)
-
-
 async def _status(capd: CapdProcess, name: str) -> dict[str, Any]:
     async with await connect_pod(capd, name, subscribe=False) as pod:
         return await pod.request({"method": "status"})
@@ -54,7 +59,7 @@ async def _status(capd: CapdProcess, name: str) -> dict[str, Any]:
 
 async def _history(capd: CapdProcess, name: str) -> list[Event]:
     async with await connect_pod(capd, name, subscribe=False) as pod:
-        return (await pod.request({"method": "history"}))["events"]
+        return await full_history(pod)
 
 
 def _tool_results(events: list[Event]) -> dict[str, Event]:
@@ -63,13 +68,6 @@ def _tool_results(events: list[Event]) -> dict[str, Event]:
 
 def _is_shut_down(event: Event) -> bool:
     return event["event"] == "pod_event_received" and event["payload"]["kind"] == "shut_down"
-
-
-def _sleeper(then: str) -> dict[str, Any]:
-    """A scripted model that runs `sleep 30` (long enough to pause or stop it), then says
-    `then`."""
-    sleep = {"name": "bash", "arguments": {"command": "sleep 30"}}
-    return scripted({"tool_calls": [sleep]}, {"text": then})
 
 
 async def _spawn_child(
@@ -83,7 +81,7 @@ async def _spawn_child(
     """Spawn `name` with `parent` on the daemon socket, as `capctl spawn --parent` does."""
     if cwd is not None:
         manifest["cwd"] = str(cwd)
-    await _daemon(
+    await daemon_request(
         capd,
         {
             "method": "spawn",
@@ -228,7 +226,7 @@ async def test_comm_tools_read_message_and_stop_a_child(
     assert "stopped" in results["read3"]["output"]
     assert "nothing new" in results["read3"]["output"]
     assert not any(r["is_error"] for r in [*_tool_results(second).values(), *results.values()])
-    listing = await _daemon(capd, {"method": "list"})
+    listing = await daemon_request(capd, {"method": "list"})
     assert {p["name"]: p["status"] for p in listing["pods"]}["kid"] == "stopped"
 
 
@@ -279,7 +277,7 @@ async def test_escapes_and_strangers_are_refused_as_tool_errors(
     assert "already exists" in refused["taken"]
     for key in ("send", "read", "stop"):
         assert "stranger is not one of your child pods" in refused[key]
-    listing = await _daemon(capd, {"method": "list"})
+    listing = await daemon_request(capd, {"method": "list"})
     assert sorted(p["name"] for p in listing["pods"]) == ["boss", "kid", "stranger"]
     assert not (tmp_path / "x").exists()
     assert (await _status(capd, "stranger"))["status"] == "idle"
@@ -290,7 +288,7 @@ async def test_reports_survive_a_restart_and_an_absent_parent_and_arrive_once(
 ) -> None:
     parent = ParentSocket(capd.runtime_dir / "parent.sock")
     script = scripted({"text": "one"}, {"text": "two"}, {"error": "boom"})
-    await _daemon(
+    await daemon_request(
         capd,
         {
             "method": "spawn",
@@ -318,7 +316,7 @@ async def test_reports_survive_a_restart_and_an_absent_parent_and_arrive_once(
         await _wait_idle(kid)
     await parent.start()
     reports = await parent.wait_reports(3)
-    await _daemon(capd, {"method": "stop", "name": "kid"})
+    await daemon_request(capd, {"method": "stop", "name": "kid"})
     reports = await parent.wait_reports(4)
     await parent.stop()
 
@@ -334,7 +332,7 @@ async def test_reports_survive_a_restart_and_an_absent_parent_and_arrive_once(
 async def test_a_report_held_by_a_paused_parent_survives_sigkill(
     capd: CapdProcess, tmp_path: Path
 ) -> None:
-    await spawn(capd, "boss", _sleeper("ok"), cwd=str(tmp_path), tools=["bash"])
+    await spawn(capd, "boss", sleeper("ok"), cwd=str(tmp_path), tools=["bash"])
     await _spawn_child(capd, "kid", "boss", scripted({"text": "kid is done"}), tmp_path)
     async with await connect_pod(capd, "boss") as boss:
         turn = (await boss.request({"method": "run", "text": "go"}))["turn_id"]
@@ -384,8 +382,8 @@ async def test_stop_and_delete_reach_descendants_and_ps_shows_the_tree(
     ]
     assert (await _status(capd, "boss"))["children"] == ["kid", "other"]
 
-    await _daemon(capd, {"method": "stop", "name": "kid"})
-    listing = await _daemon(capd, {"method": "list"})
+    await daemon_request(capd, {"method": "stop", "name": "kid"})
+    listing = await daemon_request(capd, {"method": "list"})
     stopped = {p["name"] for p in listing["pods"] if p["status"] == "stopped"}
     assert stopped == {"kid", "grandkid"}
 
@@ -423,7 +421,7 @@ async def test_sigterm_sends_no_shut_down_and_children_resume_reporting(
     capd: CapdProcess, tmp_path: Path
 ) -> None:
     await spawn(capd, "boss", scripted(), cwd=str(tmp_path), tools=["bash"])
-    await _spawn_child(capd, "kid", "boss", _sleeper("done"), tmp_path, tools=["bash"])
+    await _spawn_child(capd, "kid", "boss", sleeper("done"), tmp_path, tools=["bash"])
     async with await connect_pod(capd, "kid") as kid:
         turn = (await kid.request({"method": "run", "text": "long job"}))["turn_id"]
         await wait_for(kid, is_event("assistant_message"))
@@ -457,7 +455,7 @@ async def test_client_spawned_children_obey_the_child_rules(
         with pytest.raises(ProtocolError) as refused:
             await _spawn_child(capd, name, "boss", scripted(), **extra)
         assert (refused.value.code, needle in refused.value.message) == (code, True), name
-    listing = await _daemon(capd, {"method": "list"})
+    listing = await daemon_request(capd, {"method": "list"})
     assert [p["name"] for p in listing["pods"]] == ["boss"]
 
 
@@ -472,7 +470,7 @@ async def test_send_to_pod_queues_behind_a_busy_child_and_waits_for_a_paused_one
     ]
     boss_tools = ["bash", "send_to_pod"]
     await spawn(capd, "boss", scripted(*messages), cwd=str(tmp_path), tools=boss_tools)
-    await _spawn_child(capd, "kid", "boss", _sleeper("slept"), tmp_path, tools=["bash"])
+    await _spawn_child(capd, "kid", "boss", sleeper("slept"), tmp_path, tools=["bash"])
     async with await connect_pod(capd, "kid") as kid, await connect_pod(capd, "boss") as boss:
         busy_turn = (await kid.request({"method": "run", "text": "sleep"}))["turn_id"]
         await wait_for(kid, is_event("assistant_message"))
@@ -516,5 +514,5 @@ async def test_limits_max_depth_bounds_a_family_tree(capd: CapdProcess, tmp_path
     refused = next(e for e in await _history(capd, "kid") if e["event"] == "tool_result")
     assert refused["is_error"] is True
     assert "would be 2 levels deep, more than its limits.max_depth=1" in refused["output"]
-    listing = await _daemon(capd, {"method": "list"})
+    listing = await daemon_request(capd, {"method": "list"})
     assert sorted(p["name"] for p in listing["pods"]) == ["boss", "kid"]

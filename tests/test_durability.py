@@ -8,7 +8,6 @@ import asyncio
 import random
 import sqlite3
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,7 +18,18 @@ from protocol.errors import ProtocolError
 from protocol.events import AssistantMessage, StatusChanged, TurnEnd, TurnStart, UserMessage
 from protocol.framing import encode
 from tests.conftest import CapdProcess
-from tests.helpers import Event, connect_pod, is_event, scripted, spawn, wait_for
+from tests.helpers import (
+    Event,
+    connect_pod,
+    daemon_request,
+    full_history,
+    is_event,
+    rss_bytes,
+    scripted,
+    sleeper,
+    spawn,
+    wait_for,
+)
 
 SEED = 20261121
 CRASHES = 20
@@ -36,16 +46,6 @@ def _streaming_script(rng: random.Random, steps: int) -> list[dict[str, Any]]:
             step["tool_calls"] = [{"name": "bash", "arguments": {"command": command}}]
         script.append(step)
     return script
-
-
-async def _history(pod: Client) -> list[Event]:
-    events: list[Event] = []
-    while True:
-        after = events[-1]["seq"] if events else 0
-        page = await pod.request({"method": "history", "after_seq": after, "limit": 500})
-        if not page["events"]:
-            return events
-        events.extend(page["events"])
 
 
 def _open_turn(history: list[Event]) -> str | None:
@@ -72,11 +72,6 @@ async def _read_until(pod: Client, seconds: float, seen: dict[int, Event]) -> No
             seen[event["seq"]] = event
 
 
-async def _daemon_request(capd: CapdProcess, request: dict[str, Any]) -> dict[str, Any]:
-    async with await Client.connect(capd.socket) as daemon:
-        return await daemon.request(request)
-
-
 async def _sigkill_and_restart(capd: CapdProcess) -> None:
     assert capd.proc is not None
     capd.proc.kill()
@@ -91,7 +86,7 @@ async def test_sigkill_at_random_moments_loses_nothing_a_client_saw(capd: CapdPr
     interrupted = 0
     for crash in range(CRASHES):
         async with await connect_pod(capd, "w1", subscribe=False) as pod:
-            history = await _history(pod)
+            history = await full_history(pod)
             assert [e["seq"] for e in history] == list(range(1, len(history) + 1))
             for seq, event in seen.items():
                 assert history[seq - 1] == event, f"crash {crash}: seq {seq} changed"
@@ -117,7 +112,7 @@ async def test_sigkill_at_random_moments_loses_nothing_a_client_saw(capd: CapdPr
 
     print(f"{interrupted} of {CRASHES} crashes landed inside a turn; {len(seen)} events seen")
     async with await connect_pod(capd, "w1", subscribe=False) as pod:
-        history = await _history(pod)
+        history = await full_history(pod)
     assert [e["seq"] for e in history] == list(range(1, len(history) + 1))
     assert all(history[seq - 1] == event for seq, event in seen.items())
     turns = [e for e in history if e["event"] == "turn_end"]
@@ -126,14 +121,8 @@ async def test_sigkill_at_random_moments_loses_nothing_a_client_saw(capd: CapdPr
     assert len(seen) > CRASHES, "the crashes should land while events flow"
 
 
-def _sleeper_script(*then: str) -> dict[str, Any]:
-    """A model that runs `sleep 30` (a turn to crash in), then says each of `then`."""
-    sleep = {"name": "bash", "arguments": {"command": "sleep 30"}}
-    return scripted({"tool_calls": [sleep]}, *({"text": text} for text in then))
-
-
 async def test_queued_runs_and_notifications_survive_sigkill(capd: CapdProcess) -> None:
-    await spawn(capd, "w1", _sleeper_script("first", "second", "third"), tools=["bash"])
+    await spawn(capd, "w1", sleeper("first", "second", "third"), tools=["bash"])
     async with await connect_pod(capd, "w1") as pod:
         first = (await pod.request({"method": "run", "text": "go"}))["turn_id"]
         await wait_for(pod, is_event("assistant_message"))
@@ -167,7 +156,7 @@ async def test_queued_runs_and_notifications_survive_sigkill(capd: CapdProcess) 
     async with await connect_pod(capd, "w1") as pod:
         await pod.request({"method": "run", "text": "after"})
         end, _ = await wait_for(pod, is_event("turn_end"))
-        history = await _history(pod)
+        history = await full_history(pod)
     assert end["output"] == "You said: after"
     assert [e["text"] for e in history if e["event"] == "notification"] == [
         "note one",
@@ -182,7 +171,7 @@ async def test_queued_runs_and_notifications_survive_sigkill(capd: CapdProcess) 
 
 
 async def test_cancel_all_forgets_queued_runs_across_a_restart(capd: CapdProcess) -> None:
-    await spawn(capd, "w1", _sleeper_script("done"), tools=["bash"])
+    await spawn(capd, "w1", sleeper("done"), tools=["bash"])
     async with await connect_pod(capd, "w1") as pod:
         await pod.request({"method": "run", "text": "go"})
         await wait_for(pod, is_event("assistant_message"))
@@ -192,7 +181,7 @@ async def test_cancel_all_forgets_queued_runs_across_a_restart(capd: CapdProcess
     async with await connect_pod(capd, "w1") as pod:
         await pod.request({"method": "run", "text": "now"})
         await wait_for(pod, is_event("turn_end"))
-        history = await _history(pod)
+        history = await full_history(pod)
     assert [e["text"] for e in history if e["event"] == "user_message"] == ["go", "now"]
 
 
@@ -219,7 +208,7 @@ async def test_a_torn_write_ahead_log_never_prevents_start_up(capd: CapdProcess)
     await asyncio.to_thread(capd.start)
 
     async with await connect_pod(capd, "w1", subscribe=False) as pod:
-        history = await _history(pod)
+        history = await full_history(pod)
         status = await pod.request({"method": "status"})
         assert [e["seq"] for e in history] == list(range(1, len(history) + 1))
         assert status["last_seq"] == len(history)
@@ -266,10 +255,10 @@ async def test_a_pod_whose_state_is_damaged_stays_down_and_the_rest_start(
     assert end["output"] == "You said: still here"
 
     # Stopping the broken pod parks it: the next start of capd leaves it alone.
-    await _daemon_request(capd, {"method": "stop", "name": "bad"})
+    await daemon_request(capd, {"method": "stop", "name": "bad"})
     capd.stop()
     await asyncio.to_thread(capd.start)
-    listing = await _daemon_request(capd, {"method": "list"})
+    listing = await daemon_request(capd, {"method": "list"})
     bad = next(p for p in listing["pods"] if p["name"] == "bad")
     assert (bad["status"], bad["error"]) == ("stopped", None)
 
@@ -285,13 +274,13 @@ async def test_a_pod_with_hundreds_of_turns_comes_back_whole(capd: CapdProcess) 
         ]
         await wait_for(pod, is_event("turn_end", turn_id=acks[-1]["turn_id"]), timeout=60)
         before = await pod.request({"method": "status"})
-        history_before = await _history(pod)
+        history_before = await full_history(pod)
     capd.stop()
     await asyncio.to_thread(capd.start)
 
     async with await connect_pod(capd, "w1") as pod:
         after = await pod.request({"method": "status"})
-        assert await _history(pod) == history_before
+        assert await full_history(pod) == history_before
         await pod.request({"method": "run", "text": "one more"})
         end, _ = await wait_for(pod, is_event("turn_end"))
     assert after == before
@@ -329,13 +318,6 @@ def _write_turns(capd: CapdProcess, pod: str, turns: int, text: str) -> int:
     return seq
 
 
-def _rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
 async def test_replaying_100k_events_keeps_the_daemon_memory_bounded(capd: CapdProcess) -> None:
     await spawn(capd, "w1", scripted())
     capd.stop()
@@ -346,7 +328,7 @@ async def test_replaying_100k_events_keeps_the_daemon_memory_bounded(capd: CapdP
     assert capd.proc is not None
 
     async with await connect_pod(capd, "w1", subscribe=False) as pod:
-        baseline = _rss_bytes(capd.proc.pid)
+        baseline = rss_bytes(capd.proc.pid)
         peak = baseline
         replayed = 0
         await pod.request({"method": "subscribe", "after_seq": 0})
@@ -355,7 +337,7 @@ async def test_replaying_100k_events_keeps_the_daemon_memory_bounded(capd: CapdP
             replayed += 1
             assert event["seq"] == replayed
             if replayed % 2000 == 0:
-                peak = max(peak, _rss_bytes(capd.proc.pid))
+                peak = max(peak, rss_bytes(capd.proc.pid))
     replayed_bytes = last_seq // 2 * len(text)
     assert replayed_bytes > 100 * 2**20
     assert peak - baseline < 40 * 2**20, f"capd grew {(peak - baseline) >> 20} MiB"

@@ -1,19 +1,20 @@
 """Limits with clear errors, and a subscriber that never reads (issue 5)."""
 
 import asyncio
-from pathlib import Path
 
 import pytest
 
-from protocol.client import Client
 from protocol.errors import ProtocolError
 from tests.conftest import CapdProcess
-from tests.helpers import connect_pod, is_event, scripted, spawn, wait_for
-
-
-async def _daemon(capd: CapdProcess, request: dict) -> dict:
-    async with await Client.connect(capd.socket) as daemon:
-        return await daemon.request(request)
+from tests.helpers import (
+    connect_pod,
+    daemon_request,
+    is_event,
+    rss_bytes,
+    scripted,
+    spawn,
+    wait_for,
+)
 
 
 async def test_max_pods_counts_the_pods_that_are_up(capd_dirs: CapdProcess) -> None:
@@ -25,10 +26,10 @@ async def test_max_pods_counts_the_pods_that_are_up(capd_dirs: CapdProcess) -> N
         await spawn(capd_dirs, "c", scripted())
     assert full.value.code == "limit_reached"
     assert "the most --max-pods=2 allows" in full.value.message
-    await _daemon(capd_dirs, {"method": "stop", "name": "a"})
+    await daemon_request(capd_dirs, {"method": "stop", "name": "a"})
     await spawn(capd_dirs, "c", scripted())
     with pytest.raises(ProtocolError) as again:
-        await _daemon(capd_dirs, {"method": "start", "name": "a"})
+        await daemon_request(capd_dirs, {"method": "start", "name": "a"})
     assert again.value.code == "limit_reached"
 
 
@@ -51,19 +52,12 @@ async def test_max_subscribers_per_pod(capd_dirs: CapdProcess) -> None:
     assert end["output"] == "You said: hi"
 
 
-def _rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
 async def _stream_turn(socket_path: str, pid: int, expected: int) -> int:
     """Run a turn and read its deltas as fast as possible (raw lines, no JSON parsing, so
     the reader is never the bottleneck); returns capd's peak RSS meanwhile."""
     reader, writer = await asyncio.open_unix_connection(socket_path, limit=2**20)
     writer.write(b'{"method": "subscribe", "id": 1}\n{"method": "run", "text": "go", "id": 2}\n')
-    peak, received = _rss_bytes(pid), 0
+    peak, received = rss_bytes(pid), 0
     try:
         async with asyncio.timeout(60):
             while b'"turn_end"' not in (line := await reader.readline()):
@@ -71,7 +65,7 @@ async def _stream_turn(socket_path: str, pid: int, expected: int) -> int:
                 if b'"text_delta"' in line:
                     received += 1
                     if received % 2000 == 0:
-                        peak = max(peak, _rss_bytes(pid))
+                        peak = max(peak, rss_bytes(pid))
     finally:
         writer.close()
     assert received == expected
