@@ -170,9 +170,12 @@ class ChildPods:
 
     # -- checks -------------------------------------------------------------------------
 
+    def _family(self) -> set[str]:
+        """The names of this pod's descendants."""
+        return {record.name for record, _ in self._daemon.descendants(self._pod.name)}
+
     def _check_descendant(self, name: str) -> None:
-        family = {record.name for record, _ in self._daemon.descendants(self._pod.name)}
-        if name not in family:
+        if name not in self._family():
             raise ToolFailed(
                 f"{name} is not one of your child pods; list_pods shows the ones you can reach"
             )
@@ -189,8 +192,7 @@ class ChildPods:
         return running.controller.status if running else "stopped"
 
     def _name_taken(self, name: str) -> str:
-        mine = {record.name for record, _ in self._daemon.descendants(self._pod.name)}
-        if name in mine:
+        if name in self._family():
             return (
                 f"pod {name} already exists and is yours; use send_to_pod or read_pod_output "
                 "with it, or spawn under another name"

@@ -216,12 +216,11 @@ class Daemon:
             raise ProtocolError("shutting_down", f"parent pod {parent} is stopping")
         record = self.store.pod(parent)
         assert record is not None
-        running = [r.name for r, depth in self.descendants(parent) if depth == 1]
         check_child(
             parent,
             Manifest.model_validate_json(record.manifest),
             manifest,
-            [child for child in running if child in self.pods],
+            [child for child in self.children_of(parent) if child in self.pods],
             self._depth(parent) + 1,
         )
 
