@@ -481,7 +481,7 @@ class Daemon:
 
     def _pod_status_changed(self, name: str, status: PodStatusName) -> None:
         self._publish(PodStatusEvent(pod=name, status=status))
-        if not self._closing:
+        if self._notifier.enabled and not self._closing:
             self._notifier.status(self._summary())
 
     def _summary(self) -> str:
