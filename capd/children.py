@@ -78,7 +78,7 @@ class ChildPods:
 
     async def spawn(self, args: SpawnPodArgs) -> str:
         manifest = self._child_manifest(args)
-        if self._daemon.store.pod(args.name) is not None:
+        if self._daemon.registry.get(args.name) is not None:
             raise ToolFailed(self._name_taken(args.name))
         # Run by the daemon and shielded: pausing or stopping this pod while the child
         # comes up must not leave it half made.

@@ -49,7 +49,7 @@ from protocol.framing import encode
 from protocol.manifest import Manifest
 from protocol.methods import Cancel, Notify, Pause, PodEvent, Request, Resume, Run
 from protocol.reports import Errored, Report, ShutDown, TurnEnded, clip
-from protocol.results import HistoryResult, NotifyResult, PodStatus, RunResult
+from protocol.results import HistoryResult, NotifyResult, RunResult
 
 log = logging.getLogger(__name__)
 
@@ -531,22 +531,27 @@ class PodController:
         events = [orjson.loads(data) for _, data in self._page(after_seq, limit)]
         return HistoryResult(events=events, last_seq=self.last_seq)
 
-    def status_result(self, children: list[str]) -> PodStatus:
+    def status_result(self, children: list[str]) -> dict[str, Any]:
+        """The `status` ack's result, a `protocol.results.PodStatus` built as a plain dict:
+        `status` is the request a client polls, and the model cost half its time."""
         model = self.manifest.model
-        return PodStatus(
-            name=self.name,
-            status=self.status,
-            turn_id=self.turn.turn_id if self.turn else None,
-            queued=len(self._queue),
-            last_seq=self.last_seq,
-            parent=self.parent,
-            children=children,
-            model=f"{model.provider}/{model.name}" if model.name else model.provider,
-            cwd=str(self.tool_context.cwd),
-            tools=list(self.manifest.tools),
-            usage=self.usage.model_copy(),
-            socket=str(self.socket_path),
-        )
+        return {
+            "name": self.name,
+            "status": self.status,
+            "turn_id": self.turn.turn_id if self.turn else None,
+            "queued": len(self._queue),
+            "last_seq": self.last_seq,
+            "parent": self.parent,
+            "children": children,
+            "model": f"{model.provider}/{model.name}" if model.name else model.provider,
+            "cwd": str(self.tool_context.cwd),
+            "tools": list(self.manifest.tools),
+            "usage": {
+                "input_tokens": self.usage.input_tokens,
+                "output_tokens": self.usage.output_tokens,
+            },
+            "socket": str(self.socket_path),
+        }
 
 
 def _report_note(received: PodEventReceived) -> PendingNote:

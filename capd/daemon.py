@@ -7,6 +7,7 @@
 import asyncio
 import contextlib
 import fcntl
+import gc
 import logging
 import os
 import resource
@@ -24,6 +25,7 @@ from capd.config import Config
 from capd.controller import PodController, StopMode
 from capd.fanout import Hub
 from capd.outbox import Outbox
+from capd.registry import PodRegistry
 from capd.server import DaemonEndpoint, PodEndpoint
 from capd.store import PodRecord, Store
 from capd.systemd import Notifier, activated_socket
@@ -70,6 +72,7 @@ class Daemon:
         self.hub = Hub("", lambda: 0)
         self._store: Store | None = None
         self._outbox: Outbox | None = None
+        self._registry: PodRegistry | None = None
         self._endpoint = DaemonEndpoint(self, config)
         self._locks: list[IO[str]] = []
         self._should_exit = asyncio.Event()
@@ -85,6 +88,11 @@ class Daemon:
     def store(self) -> Store:
         assert self._store is not None
         return self._store
+
+    @property
+    def registry(self) -> PodRegistry:
+        assert self._registry is not None
+        return self._registry
 
     @property
     def outbox(self) -> Outbox:
@@ -114,7 +122,8 @@ class Daemon:
         _raise_fd_limit()
         self._store = Store(cfg.state_dir / "capd.db")
         self._outbox = Outbox(self._store)
-        for record in self.store.pods():
+        self._registry = PodRegistry(self._store)
+        for record in self.registry.all():
             if self._should_exit.is_set():
                 return  # SIGTERM during restore: stop here, shutdown() takes down what is up
             if not record.stopped:
@@ -129,6 +138,9 @@ class Daemon:
             " (socket-activated)" if activated else "",
             len(self.pods),
         )
+        # What start-up built (modules, pydantic schemas, restored pods) lives as long as the
+        # daemon: keep the collector from walking it again on every full collection.
+        gc.freeze()
         self._notifier.ready(self._summary())
 
     async def main_loop(self) -> None:
@@ -182,7 +194,7 @@ class Daemon:
         self._refuse_when_closing()
         self._check_room()
         name = manifest.name
-        if name in self.pods or self.store.pod(name) is not None:
+        if name in self.pods or self.registry.get(name) is not None:
             raise ProtocolError("already_exists", f"a pod named {name} already exists")
         if parent is not None and not Path(parent).is_absolute():
             raise ProtocolError(
@@ -201,7 +213,7 @@ class Daemon:
                 raise ProtocolError(
                     "invalid_request", f"cannot create cwd {cwd}: {exc.strerror or exc}"
                 ) from None
-        self.store.add_pod(name, manifest.model_dump_json(), parent, time.time())
+        self.registry.add(name, manifest.model_dump_json(), parent)
         running = await self._bring_up(manifest, parent)
         socket = str(running.endpoint.path)
         if (local_parent := self._pod_at(parent)) is not None:
@@ -214,7 +226,7 @@ class Daemon:
     def _check_child_of(self, parent: str, manifest: Manifest) -> None:
         if parent in self._stopping:
             raise ProtocolError("shutting_down", f"parent pod {parent} is stopping")
-        record = self.store.pod(parent)
+        record = self.registry.get(parent)
         assert record is not None
         check_child(
             parent,
@@ -230,7 +242,7 @@ class Daemon:
         A pod that could not be restored is marked stopped, so restarts stop retrying it."""
         self._require_known(name)
         if self._broken.pop(name, None) is not None:
-            self.store.set_stopped(name, True)
+            self.registry.set_stopped(name, True)
             self._publish(PodStopped(pod=name))
         stopped = [name] if await self._stop_one(name) else []
         for record, _ in self.descendants(name):
@@ -246,7 +258,7 @@ class Daemon:
         try:
             await self._take_down(name, "cancel")
             report = running.controller.shut_down_report()
-            self.store.set_stopped(name, True, report)
+            self.registry.set_stopped(name, True, report)
             if report is not None:
                 self.outbox.poke(report.target)
         finally:
@@ -290,7 +302,7 @@ class Daemon:
             self._check_room()
         if name not in self.pods:
             await self._bring_up_record(record)
-            self.store.set_stopped(name, False)
+            self.registry.set_stopped(name, False)
             self._publish(
                 PodSpawned(pod=name, socket=str(self._socket(name)), parent=record.parent)
             )
@@ -303,7 +315,7 @@ class Daemon:
         self._stopping.add(name)
         try:
             await self.stop_pod(name)
-            self.store.delete_pod(name, str(self._socket(name)))
+            self.registry.delete(name, str(self._socket(name)))
             shutil.rmtree(self._pod_state_dir(name) / "spill", ignore_errors=True)
             self._broken.pop(name, None)
         finally:
@@ -311,24 +323,20 @@ class Daemon:
         self._publish(PodDeleted(pod=name))
 
     def children_of(self, name: str) -> list[str]:
-        return [record.name for record, depth in self.descendants(name) if depth == 1]
+        return self.registry.children(str(self._socket(name)))
 
     def descendants(self, name: str) -> list[tuple[PodRecord, int]]:
         """The pod's children, their children and so on, depth first, each with its depth."""
-        records = self.store.pods()
-        by_parent: dict[str, list[PodRecord]] = {}
-        for record in records:
-            if record.parent is not None:
-                by_parent.setdefault(record.parent, []).append(record)
         found: list[tuple[PodRecord, int]] = []
         seen = {name}
 
         def walk(pod: str, depth: int) -> None:
-            for child in by_parent.get(str(self._socket(pod)), []):
-                if child.name not in seen:
-                    seen.add(child.name)
-                    found.append((child, depth))
-                    walk(child.name, depth + 1)
+            for child in self.children_of(pod):
+                record = self.registry.get(child)
+                if record is not None and child not in seen:
+                    seen.add(child)
+                    found.append((record, depth))
+                    walk(child, depth + 1)
 
         walk(name, 1)
         return found
@@ -336,18 +344,18 @@ class Daemon:
     def _depth(self, name: str) -> int:
         """How many local ancestors the pod has (0 for a top-level pod)."""
         depth, seen = 0, {name}
-        record = self.store.pod(name)
+        record = self.registry.get(name)
         while record is not None and (parent := self.name_at(record.parent)) not in seen:
             if parent is None:
                 break
             depth += 1
             seen.add(parent)
-            record = self.store.pod(parent)
+            record = self.registry.get(parent)
         return depth
 
     def list_pods(self) -> ListResult:
         entries = []
-        for record in self.store.pods():
+        for record in self.registry.all():
             running = self.pods.get(record.name)
             status = running.controller.status if running else "stopped"
             entries.append(
@@ -428,7 +436,7 @@ class Daemon:
             after = rows[-1][0]
 
     def _require_known(self, name: str) -> PodRecord:
-        record = self.store.pod(name)
+        record = self.registry.get(name)
         if record is not None:
             return record
         raise ProtocolError("not_found", f"no pod named {name}; `capctl ps` lists them")
@@ -444,7 +452,7 @@ class Daemon:
         if socket is None:
             return None
         path = Path(socket)
-        if path != self._socket(path.stem) or self.store.pod(path.stem) is None:
+        if path != self._socket(path.stem) or self.registry.get(path.stem) is None:
             return None
         return path.stem
 

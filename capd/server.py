@@ -14,6 +14,8 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 from capd.access import current_policy, peer_of
 from capd.config import Config
 from capd.connection import Connection, serve_connection
@@ -21,7 +23,7 @@ from capd.controller import PodController
 from capd.fanout import Hub
 from protocol import SERVER_NAME
 from protocol.errors import ProtocolError
-from protocol.events import Ack, Error, Hello, PodHello
+from protocol.events import Error, Hello, PodHello
 from protocol.framing import encode
 from protocol.methods import (
     DAEMON_REQUESTS,
@@ -50,7 +52,12 @@ log = logging.getLogger(__name__)
 
 
 def ack(request: Request, result: dict[str, Any] | None = None) -> bytes:
-    return encode(Ack(id=request.id, result=result or {}))
+    """An `ack` frame (protocol.events.Ack), encoded without a model: every request's reply
+    takes this path, and building the model cost more than the rest of a `status`."""
+    return orjson.dumps(
+        {"event": "ack", "id": request.id, "result": result or {}},
+        option=orjson.OPT_APPEND_NEWLINE,
+    )
 
 
 class Endpoint(ABC):
@@ -207,8 +214,8 @@ class PodEndpoint(Endpoint):
         pod = self.pod
         match request:
             case Status():
-                status = pod.status_result(self._daemon.children_of(pod.name))
-                return ack(request, status.model_dump(mode="json"))
+                children = self._daemon.registry.children(str(pod.socket_path))
+                return ack(request, pod.status_result(children))
             case Subscribe(after_seq=after_seq):
                 self._subscribe(pod.hub, conn, request, after_seq)
                 return None

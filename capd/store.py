@@ -124,12 +124,6 @@ class Store:
         )
         return [PodRecord(n, m, p, bool(s)) for n, m, p, s in rows]
 
-    def pod(self, name: str) -> PodRecord | None:
-        row = self._db.execute(
-            "SELECT name, manifest, parent, stopped FROM pods WHERE name = ?", (name,)
-        ).fetchone()
-        return PodRecord(row[0], row[1], row[2], bool(row[3])) if row else None
-
     def set_stopped(self, name: str, stopped: bool, report: OwedReport | None = None) -> None:
         """Mark the pod stopped or not, with the `shut_down` report a stop owes its parent."""
         with self._db:

@@ -8,6 +8,7 @@ import pytest
 
 from protocol.client import Client
 from protocol.errors import ProtocolError
+from protocol.results import PodStatus
 from tests.conftest import CapdProcess
 from tests.helpers import (
     connect_pod,
@@ -301,6 +302,8 @@ async def test_status_reports_the_pod(capd: CapdProcess, tmp_path: Path) -> None
     assert status["children"] == []
     assert status["last_seq"] == 6
     assert status["usage"]["output_tokens"] == 3
+    # capd builds this result without the model: it must still be exactly a PodStatus.
+    assert PodStatus.model_validate(status).model_dump(mode="json") == status
 
 
 async def test_history_pages_durable_events_only(capd: CapdProcess) -> None:
