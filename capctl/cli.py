@@ -3,19 +3,22 @@
 It speaks only the wire protocol (the `protocol` package), never imports capd, and turns
 every failure into one line on stderr: `capctl: <what went wrong>`, exit status 1
 (2 for usage errors).
+
+asyncio and the pydantic models are imported only by the commands that need them, so the
+one-request commands (`oneshot.py`) start fast; see README: Performance.
 """
 
-import asyncio
 import os
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar, get_args
+from typing import TYPE_CHECKING, Any, TypeVar, get_args
 
 import click
 import orjson
-from pydantic import ValidationError
 
+from capctl.errors import CapctlError
+from capctl.oneshot import daemon_call, pod_call, wait_ready
 from capctl.render import (
     EventPrinter,
     TurnPrinter,
@@ -24,18 +27,13 @@ from capctl.render import (
     pod_table,
     turn_failure,
 )
-from capctl.session import (
-    CapctlError,
-    Subscription,
-    connect_pod,
-    daemon_request,
-    pod_request,
-    wait_ready,
-)
-from protocol import methods, paths
-from protocol.client import ConnectionClosed
-from protocol.errors import ProtocolError
-from protocol.manifest import Manifest, ToolName
+from protocol import paths
+from protocol.names import IfBusy, ToolName
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
+    from protocol.manifest import Manifest
 
 T = TypeVar("T")
 
@@ -115,7 +113,12 @@ def report(settings: Settings, result: dict[str, Any], line: str) -> None:
 def run(
     coro: Coroutine[Any, Any, T], interrupt_note: str | None = None, interrupt_exit: int = 130
 ) -> T:
-    """Run one conversation with capd; protocol failures become one-line errors."""
+    """Run one streaming conversation with capd; failures become one-line errors."""
+    import asyncio
+
+    from protocol.client import ConnectionClosed
+    from protocol.errors import ProtocolError
+
     try:
         return asyncio.run(coro)
     except ProtocolError as exc:
@@ -163,14 +166,18 @@ def cli(ctx: click.Context, runtime_dir: Path | None, json_output: bool) -> None
 # -- pods on the daemon socket --------------------------------------------------------------
 
 
-def _describe_validation(exc: ValidationError) -> str:
+def _describe_validation(exc: "ValidationError") -> str:
     return "; ".join(
         f"{'.'.join(str(p) for p in err['loc']) or 'manifest'}: {err['msg']}"
         for err in exc.errors(include_url=False)
     )
 
 
-def _validate_manifest(data: dict[str, Any], origin: Path | None = None) -> Manifest:
+def _validate_manifest(data: dict[str, Any], origin: Path | None = None) -> "Manifest":
+    from pydantic import ValidationError
+
+    from protocol.manifest import Manifest
+
     try:
         return Manifest.model_validate(data)
     except ValidationError as exc:
@@ -178,7 +185,7 @@ def _validate_manifest(data: dict[str, Any], origin: Path | None = None) -> Mani
         raise CapctlError(f"bad manifest{where}: {_describe_validation(exc)}") from None
 
 
-def manifest_from_file(path: Path, name: str | None) -> Manifest:
+def manifest_from_file(path: Path, name: str | None) -> "Manifest":
     """Read a YAML manifest; a relative `cwd` is taken from the file's directory."""
     import yaml
 
@@ -210,7 +217,7 @@ def manifest_from_options(
     system_prompt: str | None,
     cwd: Path | None,
     tools: tuple[str, ...],
-) -> Manifest:
+) -> "Manifest":
     if provider == "auto":
         provider = "openai" if os.environ.get("OPENAI_API_KEY") else "scripted"
     model: dict[str, Any] = {"provider": provider}
@@ -308,8 +315,10 @@ def spawn(
         manifest = manifest_from_options(
             name, provider or "auto", model_name, base_url, api_key_env, system_prompt, cwd, tools
         )
-    request = methods.Spawn(manifest=manifest, parent=_parent_socket(settings.runtime, parent))
-    result = run(daemon_request(settings.runtime, request))
+    from protocol.methods import Spawn
+
+    request = Spawn(manifest=manifest, parent=_parent_socket(settings.runtime, parent))
+    result = daemon_call(settings.runtime, request.model_dump(mode="json", exclude_none=True))
     report(settings, result, f"spawned {result.get('name')} at {result.get('socket')}")
 
 
@@ -328,7 +337,7 @@ def _parent_socket(runtime: Path, parent: str | None) -> str | None:
 @pass_settings
 def ps(settings: Settings) -> None:
     """List pods, children under their parents."""
-    result = run(daemon_request(settings.runtime, methods.ListPods()))
+    result = daemon_call(settings.runtime, {"method": "list"})
     pods = result.get("pods") or []
     report(settings, result, pod_table(pods) if pods else "no pods")
 
@@ -339,7 +348,7 @@ def ps(settings: Settings) -> None:
 @pass_settings
 def stop(settings: Settings, pod: str) -> None:
     """Stop a pod, keeping its state (start brings it back)."""
-    result = run(daemon_request(settings.runtime, methods.Stop(name=pod)))
+    result = daemon_call(settings.runtime, {"method": "stop", "name": pod})
     report(settings, result, f"stopped {pod}")
 
 
@@ -349,7 +358,7 @@ def stop(settings: Settings, pod: str) -> None:
 @pass_settings
 def start(settings: Settings, pod: str) -> None:
     """Start a stopped pod again."""
-    result = run(daemon_request(settings.runtime, methods.Start(name=pod)))
+    result = daemon_call(settings.runtime, {"method": "start", "name": pod})
     report(settings, result, f"started {pod}")
 
 
@@ -359,7 +368,7 @@ def start(settings: Settings, pod: str) -> None:
 @pass_settings
 def rm(settings: Settings, pod: str) -> None:
     """Stop a pod and delete its state."""
-    result = run(daemon_request(settings.runtime, methods.Delete(name=pod)))
+    result = daemon_call(settings.runtime, {"method": "delete", "name": pod})
     report(settings, result, f"removed {pod}")
 
 
@@ -368,7 +377,7 @@ def rm(settings: Settings, pod: str) -> None:
 @pass_settings
 def info(settings: Settings) -> None:
     """Show the daemon's version, pid, uptime and directories."""
-    result = run(daemon_request(settings.runtime, methods.Info()))
+    result = daemon_call(settings.runtime, {"method": "info"})
     if settings.json:
         echo_json(result)
         return
@@ -387,7 +396,7 @@ def info(settings: Settings) -> None:
 @pass_settings
 def ready(settings: Settings, timeout_s: float) -> None:
     """Wait until capd answers (for scripts that just started it); exit 1 on timeout."""
-    result = run(wait_ready(settings.runtime, timeout_s))
+    result = wait_ready(settings.runtime, timeout_s)
     report(settings, result, f"capd {result.get('version', '')} is ready (pid {result.get('pid')})")
 
 
@@ -396,7 +405,7 @@ def ready(settings: Settings, timeout_s: float) -> None:
 @pass_settings
 def shutdown(settings: Settings) -> None:
     """Ask capd to drain and exit."""
-    result = run(daemon_request(settings.runtime, methods.Shutdown()))
+    result = daemon_call(settings.runtime, {"method": "shutdown"})
     report(settings, result, "capd is shutting down")
 
 
@@ -409,7 +418,7 @@ def shutdown(settings: Settings) -> None:
 @pass_settings
 def status(settings: Settings, pod: str) -> None:
     """Show a pod's status."""
-    result = run(pod_request(settings.runtime, pod, methods.Status()))
+    result = pod_call(settings.runtime, pod, {"method": "status"})
     report(settings, result, key_values(result, STATUS_ORDER))
 
 
@@ -419,7 +428,7 @@ def status(settings: Settings, pod: str) -> None:
 @pass_settings
 def pause(settings: Settings, pod: str) -> None:
     """Pause the pod's turn at once; resume continues it."""
-    result = run(pod_request(settings.runtime, pod, methods.Pause()))
+    result = pod_call(settings.runtime, pod, {"method": "pause"})
     report(settings, result, f"paused {pod}")
 
 
@@ -429,7 +438,7 @@ def pause(settings: Settings, pod: str) -> None:
 @pass_settings
 def resume(settings: Settings, pod: str) -> None:
     """Continue a paused turn."""
-    result = run(pod_request(settings.runtime, pod, methods.Resume()))
+    result = pod_call(settings.runtime, pod, {"method": "resume"})
     report(settings, result, f"resumed {pod}")
 
 
@@ -440,7 +449,7 @@ def resume(settings: Settings, pod: str) -> None:
 @pass_settings
 def cancel(settings: Settings, pod: str, cancel_all: bool) -> None:
     """Cancel the pod's turn; the next queued turn starts unless --all."""
-    result = run(pod_request(settings.runtime, pod, methods.Cancel(all=cancel_all)))
+    result = pod_call(settings.runtime, pod, {"method": "cancel", "all": cancel_all})
     dropped = f" and dropped {result.get('cleared', 0)} queued turns" if cancel_all else ""
     report(settings, result, f"cancelled the turn of {pod}{dropped}")
 
@@ -453,17 +462,22 @@ def cancel(settings: Settings, pod: str, cancel_all: bool) -> None:
 @pass_settings
 def notify(settings: Settings, pod: str, text: tuple[str, ...], source: str | None) -> None:
     """Give the pod a notification (TEXT, or - for stdin); an idle pod starts a turn."""
-    request = methods.Notify(text=read_text(text), source=source)
-    result = run(pod_request(settings.runtime, pod, request))
+    request: dict[str, Any] = {"method": "notify", "text": read_text(text)}
+    if source is not None:
+        request["source"] = source
+    result = pod_call(settings.runtime, pod, request)
     turn = f"; current turn {result['turn_id']}" if result.get("turn_id") else ""
     report(settings, result, f"notified {pod} ({result.get('buffered', 0)} buffered{turn})")
 
 
-async def _send(settings: Settings, pod: str, text: str, if_busy: methods.IfBusy) -> int:
+async def _send(settings: Settings, pod: str, text: str, if_busy: IfBusy) -> int:
+    from capctl.session import Subscription, connect_pod
+    from protocol.methods import Run
+
     async with await connect_pod(settings.runtime, pod) as client:
         events = Subscription(client)
         await events.start()
-        ack = await client.request(methods.Run(text=text, if_busy=if_busy))
+        ack = await client.request(Run(text=text, if_busy=if_busy))
         turn_id = ack.get("turn_id")
         printer = TurnPrinter(pod)
         if settings.json:
@@ -503,7 +517,7 @@ def send(
     settings: Settings,
     pod: str,
     text: tuple[str, ...],
-    if_busy: methods.IfBusy | None,
+    if_busy: IfBusy | None,
 ) -> None:
     """Run a turn with TEXT (or - for stdin) and stream the reply.
 
@@ -516,6 +530,8 @@ def send(
 
 
 async def _watch(settings: Settings, pod: str, from_seq: int | None) -> None:
+    from capctl.session import Subscription, connect_pod
+
     show: Callable[[dict[str, Any]], None] = echo_json if settings.json else EventPrinter().show
     async with await connect_pod(settings.runtime, pod) as client:
         events = Subscription(client)
@@ -540,13 +556,16 @@ def watch(settings: Settings, pod: str, from_seq: int | None) -> None:
 
 
 async def _log(settings: Settings, pod: str, from_seq: int, limit: int | None) -> None:
+    from capctl.session import connect_pod
+    from protocol.methods import History
+
     show: Callable[[dict[str, Any]], None] = echo_json if settings.json else EventPrinter().show
     async with await connect_pod(settings.runtime, pod) as client:
         after = from_seq
         remaining = limit
         while remaining is None or remaining > 0:
             page = HISTORY_PAGE if remaining is None else min(HISTORY_PAGE, remaining)
-            result = await client.request(methods.History(after_seq=after, limit=page))
+            result = await client.request(History(after_seq=after, limit=page))
             events: list[dict[str, Any]] = result.get("events") or []
             for event in events:
                 show(event)

@@ -1,102 +1,37 @@
-"""Connections to capd and its pods, with every failure turned into a one-line capctl error."""
+"""A pod connection that streams events, for `send`, `watch` and `log` (asyncio).
 
-import asyncio
+One-request commands use `oneshot.py`, which loads neither asyncio nor pydantic.
+"""
+
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-import click
 from pydantic import ValidationError
 
+from capctl.errors import CapctlError
+from capctl.oneshot import why_no_pod
 from protocol import paths
 from protocol.client import Client
 from protocol.errors import ProtocolError
-from protocol.methods import Info, ListPods, Subscribe
-from protocol.results import ListResult
+from protocol.methods import Subscribe
 
 CONNECT_TIMEOUT_S = 5.0
-READY_POLL_S = 0.05
 
 
-class CapctlError(click.ClickException):
-    """A failure shown as the single line `capctl: <message>`, exit status 1."""
-
-    def show(self, file: IO[Any] | None = None) -> None:
-        click.echo(f"capctl: {self.format_message()}", err=True)
-
-
-def _is_absent(exc: OSError) -> bool:
-    """No socket file, or a file nobody listens on: the server is not there."""
-    return isinstance(exc, FileNotFoundError | ConnectionRefusedError)
-
-
-async def _connect(path: Path) -> Client:
+async def connect_pod(runtime: Path, name: str) -> Client:
+    path = paths.pod_socket(runtime, name)
     try:
         return await Client.connect(path, timeout=CONNECT_TIMEOUT_S)
     except TimeoutError:
         raise CapctlError(f"{path} did not greet within {CONNECT_TIMEOUT_S:g} s") from None
     except (ProtocolError, ValidationError):
         raise CapctlError(f"{path} did not greet like capd (protocol 1)") from None
-
-
-async def connect_daemon(runtime: Path) -> Client:
-    path = paths.daemon_socket(runtime)
-    try:
-        return await _connect(path)
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise CapctlError(why_no_pod(runtime, name)) from None
     except OSError as exc:
-        reason = "is capd running?" if _is_absent(exc) else exc.strerror or str(exc)
-        raise CapctlError(f"cannot reach capd at {path}: {reason}") from None
-
-
-async def wait_ready(runtime: Path, timeout_s: float) -> dict[str, Any]:
-    """Poll the daemon socket until capd answers `info`; its result, or a CapctlError."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while True:
-        try:
-            async with await connect_daemon(runtime) as daemon:
-                return await daemon.request(Info())
-        except CapctlError:
-            if loop.time() >= deadline:
-                raise CapctlError(
-                    f"capd did not answer at {paths.daemon_socket(runtime)} within {timeout_s:g} s"
-                ) from None
-        await asyncio.sleep(READY_POLL_S)
-
-
-async def connect_pod(runtime: Path, name: str) -> Client:
-    path = paths.pod_socket(runtime, name)
-    try:
-        return await _connect(path)
-    except OSError as exc:
-        if not _is_absent(exc):
-            reason = exc.strerror or str(exc)
-            raise CapctlError(f"cannot reach pod {name} at {path}: {reason}") from None
-    raise CapctlError(await _why_no_pod(runtime, name, path))
-
-
-async def _why_no_pod(runtime: Path, name: str, path: Path) -> str:
-    """Ask the daemon why a pod's socket is missing: a stopped pod deserves a hint."""
-    async with await connect_daemon(runtime) as daemon:
-        pods = ListResult.model_validate(await daemon.request(ListPods())).pods
-    for pod in pods:
-        if pod.name == name and pod.status == "stopped":
-            return f"pod {name} is stopped (capctl start {name} brings it back)"
-        if pod.name == name:
-            return f"pod {name} is {pod.status} but nothing answers at {path}"
-    return f"no pod named {name} (no socket at {path})"
-
-
-async def daemon_request(runtime: Path, request: Any) -> dict[str, Any]:
-    """One request on the daemon socket; returns the ack's result."""
-    async with await connect_daemon(runtime) as daemon:
-        return await daemon.request(request)
-
-
-async def pod_request(runtime: Path, name: str, request: Any) -> dict[str, Any]:
-    """One request on a pod's socket; returns the ack's result."""
-    async with await connect_pod(runtime, name) as pod:
-        return await pod.request(request)
+        reason = exc.strerror or str(exc)
+        raise CapctlError(f"cannot reach pod {name} at {path}: {reason}") from None
 
 
 STREAMED_EVENTS = frozenset({"text_delta", "thinking_delta", "tool_call_start", "tool_call_delta"})

@@ -4,19 +4,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from protocol.names import ToolName
 from protocol.paths import POD_NAME_PATTERN
-
-ToolName = Literal[
-    "bash",
-    "read_file",
-    "write_file",
-    "edit_file",
-    "spawn_pod",
-    "send_to_pod",
-    "read_pod_output",
-    "stop_pod",
-    "list_pods",
-]
 
 ProviderName = Literal["openai", "scripted"]
 

@@ -9,10 +9,10 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from protocol.errors import ProtocolError
 from protocol.manifest import Manifest
+from protocol.names import IfBusy
 from protocol.paths import POD_NAME_PATTERN
 
 RequestId = str | int
-IfBusy = Literal["reject", "queue", "interrupt"]
 PodName = Annotated[str, Field(pattern=POD_NAME_PATTERN)]
 
 

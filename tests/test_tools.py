@@ -14,7 +14,7 @@ from capd.providers.base import INVALID_JSON_KEY
 from capd.tools import BUILTIN_TOOLS, run_tool, tool_specs
 from capd.tools.base import Tool, ToolContext, ToolOutcome
 from capd.tools.shell import KILL_GRACE_S
-from protocol.manifest import ToolName
+from protocol.names import ToolName
 from protocol.tools import NoArgs, ToolArgs
 
 WAIT_S = 5.0
