@@ -1,0 +1,1 @@
+"""capd's benchmarks: `python -m bench` prints each figure beside a baseline from the same run."""

@@ -1,0 +1,37 @@
+"""How big each benchmark runs: `full` for figures, `tiny` for the test that it runs."""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Size:
+    round_trips: int
+    """Status requests per server, over all rounds."""
+    fanout_subscribers: int
+    fanout_deltas: int
+    pauses: int
+    pods: int
+    durable_events: int
+    capctl_runs: int
+
+
+SIZES = {
+    "full": Size(
+        round_trips=8000,
+        fanout_subscribers=100,
+        fanout_deltas=20_000,
+        pauses=200,
+        pods=1000,
+        durable_events=50_000,
+        capctl_runs=30,
+    ),
+    "tiny": Size(
+        round_trips=80,
+        fanout_subscribers=5,
+        fanout_deltas=200,
+        pauses=3,
+        pods=10,
+        durable_events=500,
+        capctl_runs=2,
+    ),
+}
