@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+import orjson
+
 from protocol.events import ToolCall, Usage
 
 INVALID_JSON_KEY = "__invalid_json__"
@@ -90,6 +92,18 @@ class ProviderError(Exception):
         self.retryable = retryable
         self.status = status
         self.retry_after_s = retry_after_s
+
+
+def parse_tool_arguments(raw: str) -> dict[str, Any]:
+    """A tool call's streamed JSON arguments: `{}` when empty, kept under INVALID_JSON_KEY
+    when they are not a JSON object."""
+    if not raw.strip():
+        return {}
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        value = None
+    return value if isinstance(value, dict) else {INVALID_JSON_KEY: raw}
 
 
 class Provider(Protocol):

@@ -14,7 +14,6 @@ import orjson
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from capd.providers.base import (
-    INVALID_JSON_KEY,
     ChatMessage,
     ModelReply,
     ModelRequest,
@@ -25,6 +24,7 @@ from capd.providers.base import (
     ToolCallArgs,
     ToolCallBegin,
     ToolSpec,
+    parse_tool_arguments,
 )
 from capd.providers.http import (
     SseEndpoint,
@@ -255,7 +255,7 @@ class _ReplyAssembler:
                 ToolCall(
                     id=call.call_id or _new_call_id(index),
                     name=call.name,
-                    arguments=_parse_arguments("".join(call.arguments)),
+                    arguments=parse_tool_arguments("".join(call.arguments)),
                 )
                 for index, call in sorted(self._calls.items())
             ],
@@ -295,16 +295,6 @@ class _ReplyAssembler:
 
 def _new_call_id(index: int) -> str:
     return f"call_{index}_{secrets.token_hex(6)}"
-
-
-def _parse_arguments(raw: str) -> dict[str, Any]:
-    if not raw.strip():
-        return {}
-    try:
-        value = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        value = None
-    return value if isinstance(value, dict) else {INVALID_JSON_KEY: raw}
 
 
 # -- errors -------------------------------------------------------------------------------
