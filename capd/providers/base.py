@@ -11,7 +11,7 @@ from typing import Any, Literal, Protocol
 
 import orjson
 
-from protocol.events import ToolCall, Usage
+from protocol.events import ThinkingBlock, ToolCall, Usage
 
 INVALID_JSON_KEY = "__invalid_json__"
 """Key under which a provider keeps tool-call arguments that were not a JSON object."""
@@ -28,6 +28,7 @@ class ChatMessage:
     name: str = ""
     is_error: bool = False
     interrupted: bool = False
+    thinking: tuple[ThinkingBlock, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +72,8 @@ class ModelReply:
     text: str
     tool_calls: list[ToolCall] = field(default_factory=list)
     usage: Usage = field(default_factory=Usage)
+    thinking: list[ThinkingBlock] = field(default_factory=list)
+    """Complete thinking blocks, for APIs that want them back (the deltas stream anyway)."""
 
 
 StreamItem = TextChunk | ThinkingChunk | ToolCallBegin | ToolCallArgs | ModelReply
