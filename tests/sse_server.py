@@ -1,13 +1,14 @@
 """What the tests' local model API servers share: real HTTP/1.1 on 127.0.0.1, chunked SSE.
 
 A subclass names its `PATH` and turns each queued reply into an event stream or an error
-response. Each POST to `PATH` takes the next reply queued for its `model`, else the next
-reply queued for any model, else the subclass's fallback reply, so nothing hangs.
-Per-model queues let pods that run at the same time, such as a parent and its child, each
-get their own replies. Streamed replies are framed with `Transfer-Encoding: chunked` and
-connections are kept alive between requests. The server runs on the event loop that
-started it, so a test driving a capd subprocess must await (asyncio subprocesses,
-`asyncio.wait_for`) rather than block that loop.
+response; it may refuse a request the real API would refuse. Each POST to `PATH` takes
+the next reply queued for its `model`, else the next reply queued for any model, else the
+subclass's fallback reply, so nothing hangs. Per-model queues let pods that run at the
+same time, such as a parent and its child, each get their own replies. Streamed replies
+are framed with `Transfer-Encoding: chunked` and connections are kept alive between
+requests. The server runs on the event loop that started it, so a test driving a capd
+subprocess must await (asyncio subprocesses, `asyncio.wait_for`) rather than block that
+loop.
 """
 
 import asyncio
@@ -90,6 +91,10 @@ class SseTestServer(ABC, Generic[ReplyT]):
     def error_body(self, message: str) -> bytes:
         """The API's error body, for requests it would refuse (unknown path, not JSON)."""
 
+    def refuse(self, body: dict[str, Any], headers: dict[str, str]) -> ErrorResponse | None:
+        """The error the API would answer this request with, if any; no reply is taken."""
+        return None
+
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
         port = self._server.sockets[0].getsockname()[1]
@@ -171,6 +176,9 @@ class SseTestServer(ABC, Generic[ReplyT]):
         self.requests.append(body)
         self.headers.append(request.headers)
         self._changed.set()
+        if (refusal := self.refuse(body, request.headers)) is not None:
+            await connection.send(refusal)
+            return True
         model = str(body.get("model", ""))
         reply = self._next_reply(model)
         if isinstance(reply, HeldReply):
