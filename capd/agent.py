@@ -132,6 +132,7 @@ async def _steps(host: TurnHost, turn: Turn) -> TurnOutcome:
                 text=reply.text,
                 tool_calls=reply.tool_calls,
                 usage=reply.usage,
+                thinking=reply.thinking,
             )
         )
         if not reply.tool_calls:

@@ -40,9 +40,17 @@ class Context:
                 self.messages.append(ChatMessage("user", text))
             case Notification(source=source, text=text):
                 self.messages.append(ChatMessage("user", notification_text(source, text)))
-            case AssistantMessage(text=text, tool_calls=calls, interrupted=interrupted):
+            case AssistantMessage(
+                text=text, tool_calls=calls, interrupted=interrupted, thinking=thinking
+            ):
                 self.messages.append(
-                    ChatMessage("assistant", text, tuple(calls), interrupted=interrupted)
+                    ChatMessage(
+                        "assistant",
+                        text,
+                        tuple(calls),
+                        interrupted=interrupted,
+                        thinking=tuple(thinking),
+                    )
                 )
             case ToolResult(call_id=call_id, name=name, output=output, is_error=is_error):
                 self.messages.append(

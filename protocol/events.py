@@ -75,6 +75,16 @@ class Usage(Frame):
     output_tokens: int = 0
 
 
+class ThinkingBlock(Frame):
+    """A step's reasoning as the model API returned it (an addition). Anthropic signs its
+    thinking and wants it back verbatim while tools run; `redacted` holds the encrypted
+    content of a block the API did not show, which has no text."""
+
+    text: str = ""
+    signature: str = ""
+    redacted: str = ""
+
+
 class StatusChanged(DurableEvent):
     event: Literal["status"] = "status"
     status: PodStatusName
@@ -107,7 +117,8 @@ class Notification(DurableEvent):
 
 class AssistantMessage(DurableEvent):
     """One model step. `interrupted` (an addition to the contract) marks the partial text a
-    pause kept from a response that was still streaming; it has no tool calls."""
+    pause kept from a response that was still streaming; it has no tool calls. `thinking`
+    (an addition) keeps the step's complete thinking blocks, which go back to the model."""
 
     event: Literal["assistant_message"] = "assistant_message"
     turn_id: str
@@ -115,6 +126,7 @@ class AssistantMessage(DurableEvent):
     tool_calls: list[ToolCall] = Field(default_factory=list)
     usage: Usage = Field(default_factory=Usage)
     interrupted: bool = False
+    thinking: list[ThinkingBlock] = Field(default_factory=list)
 
 
 class ToolResult(DurableEvent):

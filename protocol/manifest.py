@@ -2,12 +2,12 @@
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from protocol.names import ToolName
 from protocol.paths import POD_NAME_PATTERN
 
-ProviderName = Literal["openai", "scripted"]
+ProviderName = Literal["openai", "anthropic", "scripted"]
 
 
 class _Strict(BaseModel):
@@ -45,7 +45,20 @@ class ModelConfig(_Strict):
     temperature: float | None = Field(default=None, ge=0, le=2)
     request_timeout_s: float | None = Field(default=None, gt=0)
     max_retries: int = Field(default=4, ge=0, le=20)
+    thinking_budget_tokens: int | None = Field(default=None, ge=1024)
+    """anthropic: turns on extended thinking with this budget (an addition)."""
     script: list[ScriptedStep] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _thinking_fits(self) -> "ModelConfig":
+        budget = self.thinking_budget_tokens
+        if budget is not None and self.provider != "anthropic":
+            raise ValueError("thinking_budget_tokens is for provider anthropic only")
+        if budget is not None and self.max_tokens is not None and budget >= self.max_tokens:
+            raise ValueError(
+                "thinking_budget_tokens must be less than max_tokens, which counts the thinking"
+            )
+        return self
 
 
 class Limits(_Strict):

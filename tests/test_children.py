@@ -32,12 +32,12 @@ from tests.helpers import (
 )
 from tests.openai_server import (
     FunctionCall,
-    HeldReply,
     OpenAITestServer,
     TextReply,
     ToolCallsReply,
 )
 from tests.parent_socket import ParentSocket
+from tests.sse_server import HeldReply
 
 POD_TOOLS = ["spawn_pod", "send_to_pod", "read_pod_output", "stop_pod", "list_pods"]
 

@@ -8,7 +8,7 @@ from contextlib import aclosing
 
 import pytest
 
-from capd.providers import openai
+from capd.providers import http
 from capd.providers.base import (
     INVALID_JSON_KEY,
     ChatMessage,
@@ -481,7 +481,7 @@ async def test_consecutive_requests_share_a_connection(
 async def test_body_left_open_after_done_does_not_hold_the_reply(
     server: OpenAITestServer, make_provider: ProviderFactory, monkeypatch: pytest.MonkeyPatch
 ):
-    monkeypatch.setattr(openai, "TAIL_TIMEOUT_S", 0.05)
+    monkeypatch.setattr(http, "TAIL_TIMEOUT_S", 0.05)
     delta = {"choices": [{"index": 0, "delta": {"content": "done"}, "finish_reason": "stop"}]}
     server.enqueue(
         RawStreamReply(

@@ -9,6 +9,10 @@ def make_provider(config: ModelConfig) -> Provider:
         from capd.providers.scripted import ScriptedProvider
 
         return ScriptedProvider(config)
+    if config.provider == "anthropic":
+        from capd.providers.anthropic import AnthropicProvider
+
+        return AnthropicProvider(config)
     from capd.providers.openai import OpenAIProvider
 
     return OpenAIProvider(config)

@@ -9,7 +9,9 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from protocol.events import ToolCall, Usage
+import orjson
+
+from protocol.events import ThinkingBlock, ToolCall, Usage
 
 INVALID_JSON_KEY = "__invalid_json__"
 """Key under which a provider keeps tool-call arguments that were not a JSON object."""
@@ -26,6 +28,7 @@ class ChatMessage:
     name: str = ""
     is_error: bool = False
     interrupted: bool = False
+    thinking: tuple[ThinkingBlock, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +72,8 @@ class ModelReply:
     text: str
     tool_calls: list[ToolCall] = field(default_factory=list)
     usage: Usage = field(default_factory=Usage)
+    thinking: list[ThinkingBlock] = field(default_factory=list)
+    """Complete thinking blocks, for APIs that want them back (the deltas stream anyway)."""
 
 
 StreamItem = TextChunk | ThinkingChunk | ToolCallBegin | ToolCallArgs | ModelReply
@@ -90,6 +95,18 @@ class ProviderError(Exception):
         self.retryable = retryable
         self.status = status
         self.retry_after_s = retry_after_s
+
+
+def parse_tool_arguments(raw: str) -> dict[str, Any]:
+    """A tool call's streamed JSON arguments: `{}` when empty, kept under INVALID_JSON_KEY
+    when they are not a JSON object."""
+    if not raw.strip():
+        return {}
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        value = None
+    return value if isinstance(value, dict) else {INVALID_JSON_KEY: raw}
 
 
 class Provider(Protocol):
