@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-DEFAULT_OPENAI_MODEL = "gpt-4.1-mini"
+DEFAULT_MODELS = {"openai": "gpt-4.1-mini", "anthropic": "claude-sonnet-4-5"}
 DEFAULT_TOOLS = ("bash", "read_file", "write_file", "edit_file")
 HISTORY_PAGE = 1000
 STATUS_ORDER = (
@@ -208,6 +208,14 @@ def manifest_from_file(path: Path, name: str | None) -> "Manifest":
     return _validate_manifest(data, path)
 
 
+def _provider_with_key() -> str:
+    """openai or anthropic when its standard key variable is set here, else scripted."""
+    for provider, variable in (("openai", "OPENAI_API_KEY"), ("anthropic", "ANTHROPIC_API_KEY")):
+        if os.environ.get(variable):
+            return provider
+    return "scripted"
+
+
 def manifest_from_options(
     name: str,
     provider: str,
@@ -219,10 +227,10 @@ def manifest_from_options(
     tools: tuple[str, ...],
 ) -> "Manifest":
     if provider == "auto":
-        provider = "openai" if os.environ.get("OPENAI_API_KEY") else "scripted"
+        provider = _provider_with_key()
     model: dict[str, Any] = {"provider": provider}
-    if model_name or provider == "openai":
-        model["name"] = model_name or DEFAULT_OPENAI_MODEL
+    if model_name or provider in DEFAULT_MODELS:
+        model["name"] = model_name or DEFAULT_MODELS[provider]
     if base_url:
         model["base_url"] = base_url
     if api_key_env:
@@ -249,11 +257,18 @@ def manifest_from_options(
 )
 @click.option(
     "--provider",
-    type=click.Choice(["auto", "openai", "scripted"]),
-    help="Model provider; auto (the default) is openai when OPENAI_API_KEY is set, else scripted.",
+    type=click.Choice(["auto", "openai", "anthropic", "scripted"]),
+    help="Model provider; auto (the default) is openai when OPENAI_API_KEY is set, else "
+    "anthropic when ANTHROPIC_API_KEY is, else scripted.",
 )
-@click.option("--model", "model_name", help=f"Model name (openai: {DEFAULT_OPENAI_MODEL}).")
-@click.option("--base-url", help="Base URL of an OpenAI-compatible server.")
+@click.option(
+    "--model",
+    "model_name",
+    help="Model name (default: "
+    + ", ".join(f"{provider} {name}" for provider, name in DEFAULT_MODELS.items())
+    + ").",
+)
+@click.option("--base-url", help="Base URL of the provider's API (another compatible server).")
 @click.option("--api-key-env", help="Name of the variable, in capd's environment, with the key.")
 @click.option("--system-prompt", help="The pod's system prompt.")
 @click.option(

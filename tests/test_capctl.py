@@ -155,6 +155,10 @@ def test_spawn_ps_and_status(capd: CapdProcess, tmp_path: Path) -> None:
     assert "status:" in human
     assert "idle" in human
 
+    # A server of its own at --base-url needs no key; the model name has a default.
+    ok(rt, "spawn", "w3", "--provider", "anthropic", "--base-url", "http://127.0.0.1:9")
+    assert pod_status(capd, "w3")["model"] == "anthropic/claude-sonnet-4-5"
+
 
 def test_send_streams_the_reply_and_reports_errors(capd: CapdProcess, tmp_path: Path) -> None:
     spawn_scripted(capd, tmp_path, "w1", [{"text": "hello world", "chunk_chars": 3}])
