@@ -323,7 +323,10 @@ class Daemon:
         self._publish(PodDeleted(pod=name))
 
     def children_of(self, name: str) -> list[str]:
-        return self.registry.children(str(self._socket(name)))
+        running = self.pods.get(name)
+        # A running pod's path is built already; `status` asks this on every call.
+        socket = running.controller.socket_path if running else self._socket(name)
+        return self.registry.children(str(socket))
 
     def descendants(self, name: str) -> list[tuple[PodRecord, int]]:
         """The pod's children, their children and so on, depth first, each with its depth."""

@@ -214,8 +214,7 @@ class PodEndpoint(Endpoint):
         pod = self.pod
         match request:
             case Status():
-                children = self._daemon.registry.children(str(pod.socket_path))
-                return ack(request, pod.status_result(children))
+                return ack(request, pod.status_result(self._daemon.children_of(pod.name)))
             case Subscribe(after_seq=after_seq):
                 self._subscribe(pod.hub, conn, request, after_seq)
                 return None
