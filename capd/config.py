@@ -63,6 +63,13 @@ class Config:
         args = parser.parse_args(argv)
         if args.max_frame_bytes < 1024:
             parser.error("--max-frame-bytes must be at least 1024")
+        for flag, value in (
+            ("--max-queued-bytes", args.max_queued_bytes),
+            ("--max-pods", args.max_pods),
+            ("--max-subscribers", args.max_subscribers),
+        ):
+            if value < 1:
+                parser.error(f"{flag} must be at least 1, got {value}")
         allow_gid = None
         if args.allow_group is not None:
             try:

@@ -206,3 +206,12 @@ def test_a_file_where_the_daemon_socket_goes_is_not_deleted(capd_dirs: CapdProce
     with pytest.raises(RuntimeError, match="exists and is not a socket"):
         capd_dirs.start()
     assert capd_dirs.socket.read_text() == "not a socket"
+
+
+@pytest.mark.parametrize("flag", ["--max-pods", "--max-subscribers", "--max-queued-bytes"])
+def test_a_limit_below_one_is_a_usage_error(flag: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "capd", flag, "0"], capture_output=True, text=True, timeout=20
+    )
+    assert done.returncode == 2
+    assert f"{flag} must be at least 1, got 0" in done.stderr
