@@ -507,7 +507,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _check_api_key(manifest: Manifest) -> None:
-    env = manifest.model.api_key_env
+    env = manifest.model.api_key_env if manifest.model else None
     if env and not os.environ.get(env):
         raise ProtocolError(
             "invalid_request",

@@ -1,0 +1,30 @@
+"""Engines run a pod's turns: the builtin agent loop, or an external agent process."""
+
+from pathlib import Path
+
+from capd.engines.base import Engine
+from protocol.manifest import AcpEngine, BuiltinEngine, ClaudeCodeEngine, Manifest
+
+
+def make_engine(manifest: Manifest) -> Engine:
+    match manifest.engine:
+        case BuiltinEngine():
+            from capd.engines.builtin import BuiltinEngine as Builtin
+
+            assert manifest.model is not None
+            return Builtin(manifest.model, manifest)
+    raise NotImplementedError(manifest.engine.kind)
+
+
+def model_label(manifest: Manifest) -> str:
+    """What `status` shows as the pod's model."""
+    match manifest.engine:
+        case ClaudeCodeEngine(model=str(name)):
+            return f"claude-code/{name}"
+        case ClaudeCodeEngine():
+            return "claude-code"
+        case AcpEngine(command=command):
+            return f"acp/{Path(command[0]).name}"
+    model = manifest.model
+    assert model is not None
+    return f"{model.provider}/{model.name}" if model.name else model.provider
