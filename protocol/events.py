@@ -164,6 +164,15 @@ class PodEventReceived(DurableEvent):
     payload: dict[str, Any] = Field(default_factory=dict)
 
 
+class EngineSession(DurableEvent):
+    """An external engine's own session id (an addition), recorded when the engine first
+    reports it or reports a new one, so that a restarted capd resumes that session."""
+
+    event: Literal["engine_session"] = "engine_session"
+    turn_id: str | None = None
+    session_id: str
+
+
 class TextDelta(PodEventBase):
     event: Literal["text_delta"] = "text_delta"
     turn_id: str
@@ -240,6 +249,7 @@ AnyEvent = Annotated[
     | TurnEnd
     | ChildSpawned
     | PodEventReceived
+    | EngineSession
     | TextDelta
     | ThinkingDelta
     | ToolCallStart

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from capd.engines.base import Engine
+from capd.engines.process import check_command
 from protocol.manifest import AcpEngine, BuiltinEngine, ClaudeCodeEngine, Manifest
 
 
@@ -13,7 +14,19 @@ def make_engine(manifest: Manifest) -> Engine:
 
             assert manifest.model is not None
             return Builtin(manifest.model, manifest)
+        case ClaudeCodeEngine() as config:
+            from capd.engines.claude_code import ClaudeCodeEngine as ClaudeCode
+
+            return ClaudeCode(config, manifest)
     raise NotImplementedError(manifest.engine.kind)
+
+
+def check_engine(manifest: Manifest) -> None:
+    """Refuse (invalid_request) an external engine whose command names no executable."""
+    engine = manifest.engine
+    if isinstance(engine, AcpEngine | ClaudeCodeEngine):
+        assert manifest.cwd is not None
+        check_command(engine.kind, engine.command, engine.env, Path(manifest.cwd))
 
 
 def model_label(manifest: Manifest) -> str:
