@@ -46,7 +46,7 @@ from protocol.events import (
 )
 from protocol.framing import encode
 from protocol.manifest import Manifest
-from protocol.methods import Cancel, Notify, Pause, PodEvent, Request, Resume, Run
+from protocol.methods import Cancel, Notify, Pause, Permission, PodEvent, Request, Resume, Run
 from protocol.reports import Errored, Report, ShutDown, TurnEnded, clip
 from protocol.results import HistoryResult, NotifyResult, RunResult
 
@@ -329,6 +329,9 @@ class PodController:
                 return self._notify(text, source or "notify")
             case PodEvent(event=payload):
                 return self._pod_event(payload)
+            case Permission(request_id=request_id, option_id=option_id):
+                self.engine.answer_permission(request_id, option_id)
+                return {}
         raise ProtocolError("invalid_request", f"{request!r} is not a pod actor call")
 
     # -- methods ------------------------------------------------------------------------

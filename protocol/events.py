@@ -173,6 +173,29 @@ class EngineSession(DurableEvent):
     session_id: str
 
 
+class PermissionRequest(DurableEvent):
+    """An engine asks leave to run a tool (an addition; ACP engines with `permission: ask`).
+    Answer with the pod method `permission {request_id, option_id}`; until then the turn
+    waits. `tool_call` and `options` (`[{optionId, name, kind}]`) are as the agent sent
+    them."""
+
+    event: Literal["permission_request"] = "permission_request"
+    turn_id: str
+    request_id: str
+    tool_call: dict[str, Any] = Field(default_factory=dict)
+    options: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class PermissionResolved(DurableEvent):
+    """A `permission_request` answered: `option_id` is the option chosen, null when the
+    request was cancelled (by the client, or because the turn stopped)."""
+
+    event: Literal["permission_resolved"] = "permission_resolved"
+    turn_id: str
+    request_id: str
+    option_id: str | None = None
+
+
 class TextDelta(PodEventBase):
     event: Literal["text_delta"] = "text_delta"
     turn_id: str
@@ -250,6 +273,8 @@ AnyEvent = Annotated[
     | ChildSpawned
     | PodEventReceived
     | EngineSession
+    | PermissionRequest
+    | PermissionResolved
     | TextDelta
     | ThinkingDelta
     | ToolCallStart

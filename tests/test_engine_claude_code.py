@@ -1,8 +1,6 @@
 """The claude-code engine, through a real capd and the stand-in `claude` (tests/fake_claude.py)."""
 
 import asyncio
-import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,13 +12,15 @@ from protocol.client import Client
 from protocol.errors import ProtocolError
 from tests.conftest import CapdProcess
 from tests.helpers import (
-    EVENT_TIMEOUT_S,
     Event,
     connect_pod,
     daemon_request,
     full_history,
+    group_alive,
     is_event,
+    json_lines,
     kinds,
+    until,
     wait_for,
 )
 
@@ -49,8 +49,7 @@ async def _spawn(
 
 
 def _log(state: Path) -> list[dict[str, Any]]:
-    path = state / "log.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return json_lines(state / "log.jsonl")
 
 
 def _starts(state: Path) -> list[dict[str, Any]]:
@@ -71,20 +70,6 @@ def _interrupts(state: Path) -> list[dict[str, Any]]:
         for entry in _log(state)
         if entry.get("read", {}).get("type") == "control_request"
     ]
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-async def _until(predicate: Any, timeout_s: float = EVENT_TIMEOUT_S) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not predicate():
-            await asyncio.sleep(0.02)
 
 
 async def _run(pod: Client, text: str) -> tuple[Event, list[Event]]:
@@ -149,7 +134,7 @@ async def test_pause_interrupts_the_engine_and_resume_continues(
         await wait_for(pod, is_event("text_delta"))
         await pod.request({"method": "pause"})
         _, seen = await wait_for(pod, is_event("status", status="paused"))
-        await _until(lambda: len(_interrupts(state)) == 1)
+        await until(lambda: len(_interrupts(state)) == 1)
         await pod.request({"method": "resume"})
         end, _ = await wait_for(pod, is_event("turn_end"))
     partial = next(e for e in seen if e["event"] == "assistant_message")
@@ -249,9 +234,9 @@ async def test_the_engine_process_group_dies_with_its_pod(capd: CapdProcess, sta
         end, _ = await _run(pod, "bg")
     assert end["output"] == "started"
     (start,) = _starts(state)
-    assert _group_alive(start["pgid"])
+    assert group_alive(start["pgid"])
     await daemon_request(capd, {"method": "stop", "name": "cc"})
-    await _until(lambda: not _group_alive(start["pgid"]))
+    await until(lambda: not group_alive(start["pgid"]))
 
 
 async def test_a_restarted_capd_resumes_the_engine_session(capd: CapdProcess, state: Path) -> None:
@@ -263,7 +248,7 @@ async def test_a_restarted_capd_resumes_the_engine_session(capd: CapdProcess, st
     (session,) = await _session_ids(capd, "cc")
     pgid = _starts(state)[0]["pgid"]
     assert await asyncio.to_thread(capd.signal, 15) == 0
-    assert not _group_alive(pgid)
+    assert not group_alive(pgid)
     capd.start()
     async with await connect_pod(capd, "cc") as pod:
         status = await pod.request({"method": "status"})

@@ -18,7 +18,11 @@ def make_engine(manifest: Manifest) -> Engine:
             from capd.engines.claude_code import ClaudeCodeEngine as ClaudeCode
 
             return ClaudeCode(config, manifest)
-    raise NotImplementedError(manifest.engine.kind)
+        case AcpEngine() as config:
+            from capd.engines.acp import AcpEngine as Acp
+
+            return Acp(config, manifest)
+    raise AssertionError(f"unknown engine {manifest.engine.kind}")
 
 
 def check_engine(manifest: Manifest) -> None:

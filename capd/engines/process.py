@@ -206,7 +206,7 @@ class ExternalEngine(ABC):
         while True:
             try:
                 if self._proc is None:
-                    await self._start(host)
+                    await self._start_or_discard(host)
                 self._answered = False
                 return await self._prompt(host, turn, prompt)
             except EngineDied as exc:
@@ -219,6 +219,13 @@ class ExternalEngine(ABC):
                 restarted = True
                 if self._answered:
                     prompt = CONTINUE_PROMPT
+
+    async def _start_or_discard(self, host: TurnHost) -> None:
+        try:
+            await self._start(host)
+        except BaseException:
+            await self._discard()
+            raise
 
     def _next_prompt(self, messages: Sequence[ChatMessage]) -> str:
         """The user messages and notifications the engine has not been given yet. After a
