@@ -120,7 +120,7 @@ class AcpEngine(ExternalEngine):
 
     # -- the process --------------------------------------------------------------------
 
-    async def _start(self, host: TurnHost) -> None:
+    async def _start(self, host: TurnHost, turn: Turn) -> None:
         await self._spawn(self._config.command)
         capabilities = {"fs": {"readTextFile": False, "writeTextFile": False}, "terminal": False}
         init = await self._call(
@@ -148,7 +148,7 @@ class AcpEngine(ExternalEngine):
                 self._loading = False
         created = await self._call("session/new", {"cwd": cwd, "mcpServers": []})
         self._session_id, self._fresh_session = str(created.get("sessionId", "")), True
-        host.emit(EngineSession(session_id=self._session_id))
+        host.emit(EngineSession(turn_id=turn.turn_id, session_id=self._session_id))
 
     async def _call(self, method: str, params: dict[str, Any]) -> Any:
         rpc_id = next(self._ids)

@@ -89,7 +89,7 @@ class ClaudeCodeEngine(ExternalEngine):
     def answer_permission(self, request_id: str, option_id: str | None) -> None:
         raise never_asks(self.kind)
 
-    async def _start(self, host: TurnHost) -> None:
+    async def _start(self, host: TurnHost, turn: Turn) -> None:
         config = self._config
         argv = [*config.command, *STREAM_JSON_ARGS]
         if config.model:

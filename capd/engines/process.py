@@ -206,7 +206,7 @@ class ExternalEngine(ABC):
         while True:
             try:
                 if self._proc is None:
-                    await self._start_or_discard(host)
+                    await self._start_or_discard(host, turn)
                 self._answered = False
                 return await self._prompt(host, turn, prompt)
             except EngineDied as exc:
@@ -220,9 +220,9 @@ class ExternalEngine(ABC):
                 if self._answered:
                     prompt = CONTINUE_PROMPT
 
-    async def _start_or_discard(self, host: TurnHost) -> None:
+    async def _start_or_discard(self, host: TurnHost, turn: Turn) -> None:
         try:
-            await self._start(host)
+            await self._start(host, turn)
         except BaseException:
             await self._discard()
             raise
@@ -291,7 +291,7 @@ class ExternalEngine(ABC):
             await proc.aclose()
 
     @abstractmethod
-    async def _start(self, host: TurnHost) -> None:
+    async def _start(self, host: TurnHost, turn: Turn) -> None:
         """Start the process (`_spawn`) and open or resume the engine's session."""
 
     @abstractmethod
