@@ -204,7 +204,8 @@ class ChildPods:
         parent = self._pod.manifest
         candidate: dict[str, Any] = {
             "name": args.name,
-            "model": _child_model(parent.model, args.model or {}),
+            "model": _child_model(parent.model, args.model or {}) if parent.model else None,
+            "engine": parent.engine.model_dump(),
             "system_prompt": parent.system_prompt
             if args.system_prompt is None
             else args.system_prompt,

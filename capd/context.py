@@ -13,6 +13,7 @@ from capd.providers.base import ChatMessage
 from protocol.events import (
     AssistantMessage,
     DurableEvent,
+    EngineSession,
     Notification,
     ToolCall,
     ToolResult,
@@ -33,6 +34,8 @@ def notification_text(source: str, text: str) -> str:
 @dataclass
 class Context:
     messages: list[ChatMessage] = field(default_factory=list)
+    engine_session: str | None = None
+    """The external engine's session to resume (the latest `engine_session`)."""
 
     def apply(self, event: DurableEvent) -> None:
         match event:
@@ -52,6 +55,8 @@ class Context:
                         thinking=tuple(thinking),
                     )
                 )
+            case EngineSession(session_id=session_id):
+                self.engine_session = session_id
             case ToolResult(call_id=call_id, name=name, output=output, is_error=is_error):
                 self.messages.append(
                     ChatMessage("tool", output, call_id=call_id, name=name, is_error=is_error)

@@ -1,7 +1,7 @@
 """The pod controller: one actor per pod that owns the state machine of PROTOCOL.md §4.
 
 Methods arrive in a mailbox and are handled one at a time. A turn runs as a separate task
-(`agent.drive_turn`) whose completion is posted back into the same mailbox, so the actor
+(its engine's `drive_turn`) whose completion is posted back into the same mailbox, so the actor
 waits on the turn and on new methods at once: pause, cancel and notify act mid-turn.
 After each message `_kick` fires what is pending (a queued run, buffered notifications)
 when the pod is idle — the one place a turn starts on its own.
@@ -19,13 +19,12 @@ from typing import Any, Literal
 
 import orjson
 
-from capd.agent import PendingNote, Turn, TurnOutcome, drive_turn
 from capd.context import INTERRUPTED_TOOL_OUTPUT, Context, describe_pod_event
+from capd.engines import make_engine, model_label
+from capd.engines.base import PendingNote, Turn, TurnOutcome
 from capd.fanout import Hub
 from capd.outbox import Outbox
-from capd.providers import make_provider
 from capd.store import OwedReport, Store
-from capd.tools import tool_specs
 from capd.tools.base import ToolContext
 from protocol.errors import ProtocolError
 from protocol.events import (
@@ -47,7 +46,7 @@ from protocol.events import (
 )
 from protocol.framing import encode
 from protocol.manifest import Manifest
-from protocol.methods import Cancel, Notify, Pause, PodEvent, Request, Resume, Run
+from protocol.methods import Cancel, Notify, Pause, Permission, PodEvent, Request, Resume, Run
 from protocol.reports import Errored, Report, ShutDown, TurnEnded, clip
 from protocol.results import HistoryResult, NotifyResult, RunResult
 
@@ -127,8 +126,8 @@ class PodController:
         self.context = Context()
         self.usage = Usage()
         self.notes: list[PendingNote] = []
-        self.provider = make_provider(manifest.model)
-        self.tool_specs = tool_specs(manifest.tools)
+        self.engine = make_engine(manifest)
+        self._model_label = model_label(manifest)
         self.tool_context = ToolContext(cwd=Path(manifest.cwd), pod=self.name)
         self.hub = Hub(self.name, lambda: self.last_seq, self._page)
         self._store = store
@@ -330,6 +329,9 @@ class PodController:
                 return self._notify(text, source or "notify")
             case PodEvent(event=payload):
                 return self._pod_event(payload)
+            case Permission(request_id=request_id, option_id=option_id):
+                self.engine.answer_permission(request_id, option_id)
+                return {}
         raise ProtocolError("invalid_request", f"{request!r} is not a pod actor call")
 
     # -- methods ------------------------------------------------------------------------
@@ -429,7 +431,8 @@ class PodController:
 
     def _launch(self) -> None:
         assert self.turn is not None
-        task = asyncio.create_task(drive_turn(self, self.turn), name=f"turn {self.name}")
+        turn = self.engine.drive_turn(self, self.turn)
+        task = asyncio.create_task(turn, name=f"turn {self.name}")
         task.add_done_callback(lambda t: self._mailbox.put_nowait(_TurnDone(t)))
         self._task = task
 
@@ -517,7 +520,7 @@ class PodController:
         elif self.status != "idle" and mode == "cancel":
             await self._end_turn("cancelled")
         self.hub.close_all()
-        await self.provider.aclose()
+        await self.engine.aclose()
 
     def _refuse_pending(self) -> None:
         while not self._mailbox.empty():
@@ -534,7 +537,6 @@ class PodController:
     def status_result(self, children: list[str]) -> dict[str, Any]:
         """The `status` ack's result, a `protocol.results.PodStatus` built as a plain dict:
         `status` is the request a client polls, and the model cost half its time."""
-        model = self.manifest.model
         return {
             "name": self.name,
             "status": self.status,
@@ -543,7 +545,7 @@ class PodController:
             "last_seq": self.last_seq,
             "parent": self.parent,
             "children": children,
-            "model": f"{model.provider}/{model.name}" if model.name else model.provider,
+            "model": self._model_label,
             "cwd": str(self.tool_context.cwd),
             "tools": list(self.manifest.tools),
             "usage": {

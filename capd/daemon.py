@@ -23,14 +23,15 @@ from typing import IO, Any, TypeVar
 from capd.children import ChildPods, check_child
 from capd.config import Config
 from capd.controller import PodController, StopMode
+from capd.engines import check_engine
 from capd.fanout import Hub
+from capd.groups import stop_all_groups
 from capd.outbox import Outbox
 from capd.registry import PodRegistry
 from capd.server import DaemonEndpoint, PodEndpoint
 from capd.store import PodRecord, Store
 from capd.systemd import Notifier, activated_socket
 from capd.tools.base import ToolFailed
-from capd.tools.shell import stop_all_groups
 from protocol import VERSION
 from protocol.errors import ProtocolError
 from protocol.events import (
@@ -203,6 +204,7 @@ class Daemon:
         cwd = self._resolve_cwd(manifest, must_exist=not make_cwd)
         manifest = manifest.model_copy(update={"cwd": str(cwd)})
         _check_api_key(manifest)
+        check_engine(manifest)
         parent_name = self.name_at(parent)
         if parent_name is not None:
             self._check_child_of(parent_name, manifest)
@@ -510,7 +512,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _check_api_key(manifest: Manifest) -> None:
-    env = manifest.model.api_key_env
+    env = manifest.model.api_key_env if manifest.model else None
     if env and not os.environ.get(env):
         raise ProtocolError(
             "invalid_request",

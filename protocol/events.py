@@ -164,6 +164,38 @@ class PodEventReceived(DurableEvent):
     payload: dict[str, Any] = Field(default_factory=dict)
 
 
+class EngineSession(DurableEvent):
+    """An external engine's own session id (an addition), recorded when the engine first
+    reports it or reports a new one, so that a restarted capd resumes that session."""
+
+    event: Literal["engine_session"] = "engine_session"
+    turn_id: str | None = None
+    session_id: str
+
+
+class PermissionRequest(DurableEvent):
+    """An engine asks leave to run a tool (an addition; ACP engines with `permission: ask`).
+    Answer with the pod method `permission {request_id, option_id}`; until then the turn
+    waits. `tool_call` and `options` (`[{optionId, name, kind}]`) are as the agent sent
+    them."""
+
+    event: Literal["permission_request"] = "permission_request"
+    turn_id: str
+    request_id: str
+    tool_call: dict[str, Any] = Field(default_factory=dict)
+    options: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class PermissionResolved(DurableEvent):
+    """A `permission_request` answered: `option_id` is the option chosen, null when the
+    request was cancelled (by the client, or because the turn stopped)."""
+
+    event: Literal["permission_resolved"] = "permission_resolved"
+    turn_id: str
+    request_id: str
+    option_id: str | None = None
+
+
 class TextDelta(PodEventBase):
     event: Literal["text_delta"] = "text_delta"
     turn_id: str
@@ -240,6 +272,9 @@ AnyEvent = Annotated[
     | TurnEnd
     | ChildSpawned
     | PodEventReceived
+    | EngineSession
+    | PermissionRequest
+    | PermissionResolved
     | TextDelta
     | ThinkingDelta
     | ToolCallStart

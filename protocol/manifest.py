@@ -1,6 +1,6 @@
 """The pod manifest of PROTOCOL.md §8 (a YAML file, or the same object as JSON in `spawn`)."""
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -69,10 +69,58 @@ class Limits(_Strict):
     """How many levels of descendants a pod may have below it (an addition)."""
 
 
+class BuiltinEngine(_Strict):
+    """capd's own agent loop: `model` calls, the manifest's `tools`."""
+
+    kind: Literal["builtin"] = "builtin"
+
+
+class AcpEngine(_Strict):
+    """An Agent Client Protocol agent, JSON-RPC 2.0 over its stdin and stdout."""
+
+    kind: Literal["acp"]
+    command: list[str] = Field(min_length=1)
+    env: dict[str, str] = Field(default_factory=dict)
+    """Set in the agent's environment, over capd's own."""
+    permission: Literal["allow", "deny", "ask"] = "deny"
+    """How `session/request_permission` is answered; `ask` asks the pod's clients."""
+
+
+class ClaudeCodeEngine(_Strict):
+    """Claude Code in headless stream-json mode, one long-lived process per pod."""
+
+    kind: Literal["claude-code"]
+    command: list[str] = Field(default_factory=lambda: ["claude"], min_length=1)
+    args: list[str] = Field(default_factory=list)
+    """Extra command-line arguments, e.g. `["--allowedTools", "Bash Read"]`."""
+    env: dict[str, str] = Field(default_factory=dict)
+    model: str | None = None
+    """Passed as `--model`."""
+    permission_mode: str | None = None
+    """Passed as `--permission-mode` (default, acceptEdits, plan, bypassPermissions, ...)."""
+
+
+EngineConfig = Annotated[BuiltinEngine | AcpEngine | ClaudeCodeEngine, Field(discriminator="kind")]
+
+
 class Manifest(_Strict):
     name: str = Field(pattern=POD_NAME_PATTERN)
-    model: ModelConfig
+    model: ModelConfig | None = None
+    """Required by the builtin engine; external engines bring their own model."""
+    engine: EngineConfig = Field(default_factory=BuiltinEngine)
+    """What runs the pod's turns (an addition)."""
     system_prompt: str = ""
     cwd: str | None = None
     tools: list[ToolName] = Field(default_factory=list)
     limits: Limits = Field(default_factory=Limits)
+
+    @model_validator(mode="after")
+    def _fits_engine(self) -> "Manifest":
+        kind = self.engine.kind
+        if kind == "builtin" and self.model is None:
+            raise ValueError("model is required (engine builtin runs capd's own agent loop)")
+        if kind != "builtin" and self.model is not None:
+            raise ValueError(f"engine {kind} brings its own model; leave model out")
+        if kind != "builtin" and self.tools:
+            raise ValueError(f"engine {kind} brings its own tools; leave tools out")
+        return self

@@ -56,6 +56,15 @@ class PodEvent(Request):
     event: dict[str, Any]
 
 
+class Permission(Request):
+    """Answer a `permission_request` (an addition): an option's `option_id`, or null to
+    cancel the request."""
+
+    method: Literal["permission"] = "permission"
+    request_id: str
+    option_id: str | None = None
+
+
 class Status(Request):
     method: Literal["status"] = "status"
 
@@ -86,6 +95,7 @@ PodRequest = Annotated[
     | Cancel
     | Notify
     | PodEvent
+    | Permission
     | Status
     | Subscribe
     | Unsubscribe

@@ -1,5 +1,8 @@
 """Test helpers: spawn pods on a real capd and wait on their events with timeouts."""
 
+import asyncio
+import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -85,3 +88,23 @@ def rss_bytes(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise AssertionError("no VmRSS")
+
+
+async def until(predicate: Callable[[], bool], timeout: float = EVENT_TIMEOUT_S) -> None:
+    """Poll `predicate` (a process's or a file's state, which offers nothing to await)."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.02)
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def json_lines(path: Path) -> list[dict[str, Any]]:
+    """A JSON-lines log a test engine writes; empty until it exists."""
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []

@@ -2,10 +2,8 @@
 
 The command runs in its own session, so its process group holds everything it starts. The
 group is stopped when the command's main process exits, when it times out, and when the
-tool call is cancelled (pause, cancel, stop, shutdown): SIGTERM first, SIGKILL after
-KILL_GRACE_S for whatever is left, so nothing it started outlives the call. A cancelled
-call returns at once (a pause must be prompt); the SIGKILL follows on a timer, and
-`stop_all_groups` at daemon shutdown makes sure it lands before capd exits.
+tool call is cancelled (pause, cancel, stop, shutdown), as `capd.groups` does it, so
+nothing it started outlives the call. A cancelled call returns at once.
 
 Output goes to a pipe we own (not asyncio's subprocess pipes), so we can stop reading
 whenever we choose, even when a process that escaped the group still holds the pipe open.
@@ -14,17 +12,15 @@ whenever we choose, even when a process that escaped the group still holds the p
 import asyncio
 import os
 import secrets
-import signal
 import time
 from pathlib import Path
 from typing import BinaryIO
 
+from capd.groups import signal_name, terminate_group
 from capd.tools.base import Tool, ToolContext, ToolFailed, ToolOutcome
 from protocol.tools import BashArgs
 
 DEFAULT_TIMEOUT_S = 120.0
-KILL_GRACE_S = 2.0
-"""How long a process group has to exit after SIGTERM before it gets SIGKILL."""
 SPILL_LIMIT = 64 * 1024 * 1024
 """Most bytes of one command's output kept in its spill file."""
 SPILL_FILES = 20
@@ -125,11 +121,11 @@ class BashTool(Tool[BashArgs]):
                     await proc.wait()
             except TimeoutError:
                 timed_out = True
-            _GROUPS.terminate(proc.pid)
+            terminate_group(proc.pid)
             returncode = await proc.wait()
             await asyncio.wait([collector.closed], timeout=DRAIN_GRACE_S)
         except BaseException:
-            _GROUPS.terminate(proc.pid)
+            terminate_group(proc.pid)
             raise
         finally:
             transport.close()
@@ -153,55 +149,6 @@ async def _spawn(command: str, ctx: ToolContext, output_fd: int) -> asyncio.subp
         raise ToolFailed(f"cannot run bash in {ctx.cwd}: {exc.strerror}") from exc
 
 
-class _Terminations:
-    """Process groups sent SIGTERM, each due a SIGKILL at its deadline unless it is gone."""
-
-    def __init__(self) -> None:
-        self._due: dict[int, float] = {}
-
-    def terminate(self, pgid: int) -> None:
-        if not _signal_group(pgid, signal.SIGTERM) or pgid in self._due:
-            return
-        loop = asyncio.get_running_loop()
-        self._due[pgid] = loop.time() + KILL_GRACE_S
-        loop.call_later(KILL_GRACE_S, self._kill, pgid)
-
-    def _kill(self, pgid: int) -> None:
-        if self._due.pop(pgid, None) is not None:
-            _signal_group(pgid, signal.SIGKILL)
-
-    async def finish(self) -> None:
-        """Wait until every terminated group is gone, killing those past their deadline."""
-        loop = asyncio.get_running_loop()
-        while self._due:
-            for pgid, due in list(self._due.items()):
-                if not _signal_group(pgid, 0):
-                    del self._due[pgid]
-                elif loop.time() >= due:
-                    self._kill(pgid)
-            if self._due:
-                await asyncio.sleep(0.05)
-
-
-_GROUPS = _Terminations()
-
-
-async def stop_all_groups() -> None:
-    """Daemon shutdown: let terminated tool process groups exit, SIGKILL the rest."""
-    await _GROUPS.finish()
-
-
-def _signal_group(pgid: int, sig: int) -> bool:
-    """Send `sig` to the group; False when the group no longer exists."""
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _outcome(
     collector: _OutputCollector, returncode: int, timed_out: bool, timeout_s: float
 ) -> ToolOutcome:
@@ -218,7 +165,7 @@ def _outcome(
     if timed_out:
         lines.append(f"[command timed out after {timeout_s:g} s and was killed]")
     elif returncode < 0:
-        lines.append(f"[killed by signal {_signal_name(-returncode)}]")
+        lines.append(f"[killed by signal {signal_name(-returncode)}]")
     elif returncode > 0:
         lines.append(f"[exit code {returncode}]")
     if not lines:
@@ -240,10 +187,3 @@ def _spill_path(ctx: ToolContext) -> Path | None:
         return None
     stamp = time.strftime("%Y%m%dT%H%M%S")
     return ctx.spill_dir / f"bash-{stamp}-{secrets.token_hex(3)}.out"
-
-
-def _signal_name(number: int) -> str:
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return str(number)

@@ -1,0 +1,47 @@
+"""Engines run a pod's turns: the builtin agent loop, or an external agent process."""
+
+from pathlib import Path
+
+from capd.engines.base import Engine
+from capd.engines.process import check_command
+from protocol.manifest import AcpEngine, BuiltinEngine, ClaudeCodeEngine, Manifest
+
+
+def make_engine(manifest: Manifest) -> Engine:
+    match manifest.engine:
+        case BuiltinEngine():
+            from capd.engines.builtin import BuiltinEngine as Builtin
+
+            assert manifest.model is not None
+            return Builtin(manifest.model, manifest)
+        case ClaudeCodeEngine() as config:
+            from capd.engines.claude_code import ClaudeCodeEngine as ClaudeCode
+
+            return ClaudeCode(config, manifest)
+        case AcpEngine() as config:
+            from capd.engines.acp import AcpEngine as Acp
+
+            return Acp(config, manifest)
+    raise AssertionError(f"unknown engine {manifest.engine.kind}")
+
+
+def check_engine(manifest: Manifest) -> None:
+    """Refuse (invalid_request) an external engine whose command names no executable."""
+    engine = manifest.engine
+    if isinstance(engine, AcpEngine | ClaudeCodeEngine):
+        assert manifest.cwd is not None
+        check_command(engine.kind, engine.command, engine.env, Path(manifest.cwd))
+
+
+def model_label(manifest: Manifest) -> str:
+    """What `status` shows as the pod's model."""
+    match manifest.engine:
+        case ClaudeCodeEngine(model=str(name)):
+            return f"claude-code/{name}"
+        case ClaudeCodeEngine():
+            return "claude-code"
+        case AcpEngine(command=command):
+            return f"acp/{Path(command[0]).name}"
+    model = manifest.model
+    assert model is not None
+    return f"{model.provider}/{model.name}" if model.name else model.provider

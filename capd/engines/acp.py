@@ -1,0 +1,410 @@
+"""An Agent Client Protocol agent as a pod's engine: JSON-RPC 2.0 over the agent's stdio.
+
+capd is the ACP client. It says it offers no file system and no terminal, so the agent
+uses its own tools. Per process: `initialize`, then `session/load` of the pod's session
+when the agent can load sessions and one is known, else `session/new` (cwd = the pod's,
+no MCP servers). Per turn: one `session/prompt`, whose `session/update` notifications
+become events until its response gives the `stopReason`. Pause and cancel send
+`session/cancel`; the agent then answers the prompt with `cancelled`, which the next
+prompt waits for. `session/request_permission` is answered by the pod's policy.
+
+Steps: the text and thought chunks since the last tool call make one `assistant_message`,
+recorded when a tool call starts (with that call) or the prompt ends; a tool call that
+ends `completed` or `failed` gives its `tool_result`.
+"""
+
+import asyncio
+import itertools
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from capd.engines.base import Turn, TurnHost, TurnOutcome
+from capd.engines.process import EngineDied, EngineError, ExternalEngine
+from protocol.errors import ProtocolError
+from protocol.events import (
+    AssistantMessage,
+    EngineSession,
+    PermissionRequest,
+    PermissionResolved,
+    TextDelta,
+    ThinkingBlock,
+    ThinkingDelta,
+    ToolCall,
+    ToolCallStart,
+    ToolResult,
+    TurnResult,
+)
+from protocol.manifest import AcpEngine as AcpConfig
+from protocol.manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = 1
+HANDSHAKE_TIMEOUT_S = 60.0
+STOP_RESULTS: dict[str, TurnResult] = {
+    "end_turn": "finished",
+    "cancelled": "cancelled",
+    "max_tokens": "limit_reached",
+    "max_turn_requests": "limit_reached",
+    "refusal": "errored",
+}
+METHOD_NOT_FOUND = -32601
+ALLOW_KINDS = ("allow_once", "allow_always")
+REJECT_KINDS = ("reject_once", "reject_always")
+
+
+@dataclass
+class _Step:
+    text: str = ""
+    thinking: str = ""
+
+
+@dataclass
+class _Asked:
+    """A permission request put to the pod's clients."""
+
+    rpc_id: Any
+    host: TurnHost
+    turn_id: str
+    options: list[str]
+
+
+@dataclass
+class _TurnState:
+    step: _Step = field(default_factory=_Step)
+    names: dict[str, str] = field(default_factory=dict)
+    """Tool titles by tool call id."""
+    done: set[str] = field(default_factory=set)
+    """Tool calls whose result is recorded."""
+
+
+class AcpEngineError(EngineError):
+    """The agent answered a request with an error."""
+
+
+class AcpEngine(ExternalEngine):
+    kind = "acp"
+
+    def __init__(self, config: AcpConfig, manifest: Manifest) -> None:
+        assert manifest.cwd is not None
+        super().__init__(Path(manifest.cwd), config.env)
+        self._config = config
+        self._system_prompt = manifest.system_prompt
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future[Any]] = {}
+        self._prompt_id: int | None = None
+        """The JSON-RPC id of the `session/prompt` in flight; its answer goes to the inbox."""
+        self._session_id: str | None = None
+        self._fresh_session = False
+        self._loading = False
+        self._turn: tuple[TurnHost, Turn] | None = None
+        self._asked: dict[str, _Asked] = {}
+        self._asked_ids = itertools.count(1)
+
+    def answer_permission(self, request_id: str, option_id: str | None) -> None:
+        asked = self._asked.get(request_id)
+        if asked is None:
+            raise ProtocolError(
+                "not_found", f"no permission request {request_id} is waiting for an answer"
+            )
+        if option_id is not None and option_id not in asked.options:
+            raise ProtocolError(
+                "invalid_request",
+                f"option_id {option_id} is not one of {', '.join(asked.options)}",
+            )
+        self._resolve(request_id, option_id)
+
+    # -- the process --------------------------------------------------------------------
+
+    async def _start(self, host: TurnHost, turn: Turn) -> None:
+        await self._spawn(self._config.command)
+        capabilities = {"fs": {"readTextFile": False, "writeTextFile": False}, "terminal": False}
+        init = await self._call(
+            "initialize",
+            {"protocolVersion": PROTOCOL_VERSION, "clientCapabilities": capabilities},
+        )
+        version = init.get("protocolVersion")
+        if version != PROTOCOL_VERSION:
+            raise EngineError(f"acp agent speaks protocol version {version}, capd speaks 1")
+        can_load = bool((init.get("agentCapabilities") or {}).get("loadSession"))
+        session_id = self._session_id or host.context.engine_session
+        cwd = str(self._cwd)
+        if session_id and can_load:
+            self._loading = True
+            try:
+                await self._call(
+                    "session/load", {"sessionId": session_id, "cwd": cwd, "mcpServers": []}
+                )
+            except AcpEngineError as exc:
+                log.warning("acp agent could not load session %s: %s", session_id, exc)
+            else:
+                self._session_id, self._fresh_session = session_id, False
+                return
+            finally:
+                self._loading = False
+        created = await self._call("session/new", {"cwd": cwd, "mcpServers": []})
+        self._session_id, self._fresh_session = str(created.get("sessionId", "")), True
+        host.emit(EngineSession(turn_id=turn.turn_id, session_id=self._session_id))
+
+    async def _call(self, method: str, params: dict[str, Any]) -> Any:
+        rpc_id = next(self._ids)
+        answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiting[rpc_id] = answer
+        self._send({"jsonrpc": "2.0", "id": rpc_id, "method": method, "params": params})
+        try:
+            async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
+                return await answer
+        except TimeoutError:
+            raise EngineDied(f"acp agent did not answer {method} in time") from None
+        finally:
+            self._waiting.pop(rpc_id, None)
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        method = message.get("method")
+        if method is None:
+            self._answer_received(message)
+        elif "id" in message:
+            self._request_received(message["id"], str(method), message.get("params") or {})
+        elif method == "session/update" and not self._loading:
+            self._inbox.put_nowait(message)
+
+    def _answer_received(self, message: dict[str, Any]) -> None:
+        rpc_id = message.get("id")
+        if rpc_id is not None and rpc_id == self._prompt_id:
+            self._inbox.put_nowait(message)
+            return
+        answer = self._waiting.get(rpc_id) if isinstance(rpc_id, int) else None
+        if answer is None or answer.done():
+            return
+        if "error" in message:
+            answer.set_exception(AcpEngineError(_error_text(message["error"])))
+        else:
+            answer.set_result(message.get("result") or {})
+
+    def _request_received(self, rpc_id: Any, method: str, params: dict[str, Any]) -> None:
+        if method == "session/request_permission":
+            self._permission(rpc_id, params)
+            return
+        error = {"code": METHOD_NOT_FOUND, "message": f"capd does not offer {method}"}
+        self._send({"jsonrpc": "2.0", "id": rpc_id, "error": error})
+
+    def _on_death(self, died: EngineDied) -> None:
+        for answer in self._waiting.values():
+            if not answer.done():
+                answer.set_exception(died)
+        self._asked.clear()
+
+    # -- permissions --------------------------------------------------------------------
+
+    def _permission(self, rpc_id: Any, params: dict[str, Any]) -> None:
+        options = [o for o in params.get("options") or [] if isinstance(o, dict)]
+        policy = self._config.permission
+        if policy == "ask" and self._turn is not None:
+            host, turn = self._turn
+            request_id = f"perm-{next(self._asked_ids)}"
+            ids = [str(o.get("optionId")) for o in options]
+            self._asked[request_id] = _Asked(rpc_id, host, turn.turn_id, ids)
+            host.emit(
+                PermissionRequest(
+                    turn_id=turn.turn_id,
+                    request_id=request_id,
+                    tool_call=params.get("toolCall") or {},
+                    options=options,
+                )
+            )
+            return
+        kinds = ALLOW_KINDS if policy == "allow" else REJECT_KINDS
+        chosen = next((o.get("optionId") for o in options if o.get("kind") in kinds), None)
+        self._send_outcome(rpc_id, None if chosen is None else str(chosen))
+
+    def _resolve(self, request_id: str, option_id: str | None) -> None:
+        asked = self._asked.pop(request_id)
+        self._send_outcome(asked.rpc_id, option_id)
+        asked.host.emit(
+            PermissionResolved(turn_id=asked.turn_id, request_id=request_id, option_id=option_id)
+        )
+
+    def _send_outcome(self, rpc_id: Any, option_id: str | None) -> None:
+        outcome: dict[str, Any] = (
+            {"outcome": "cancelled"}
+            if option_id is None
+            else {"outcome": "selected", "optionId": option_id}
+        )
+        try:
+            self._send({"jsonrpc": "2.0", "id": rpc_id, "result": {"outcome": outcome}})
+        except EngineDied:
+            log.info("acp agent exited before its permission request was answered")
+
+    # -- turns --------------------------------------------------------------------------
+
+    async def _prompt(self, host: TurnHost, turn: Turn, prompt: str) -> TurnOutcome:
+        blocks = [{"type": "text", "text": prompt}]
+        if self._fresh_session and self._system_prompt:
+            blocks.insert(0, {"type": "text", "text": self._system_prompt})
+        self._fresh_session = False
+        rpc_id = next(self._ids)
+        self._prompt_id = rpc_id
+        params = {"sessionId": self._session_id, "prompt": blocks}
+        self._send({"jsonrpc": "2.0", "id": rpc_id, "method": "session/prompt", "params": params})
+        state = _TurnState()
+        self._turn = (host, turn)
+        try:
+            while True:
+                message = await self._next_message()
+                self._answered = True
+                if message.get("id") == rpc_id:
+                    self._prompt_id = None
+                    self._flush(host, turn, state)
+                    return _outcome(turn, message)
+                update = (message.get("params") or {}).get("update") or {}
+                self._update(host, turn, state, update)
+        except EngineDied:
+            self._prompt_id = None
+            self._flush(host, turn, state)
+            raise
+        except asyncio.CancelledError:
+            self._flush(host, turn, state, interrupted=True)
+            self._cancel()
+            raise
+        finally:
+            self._turn = None
+
+    def _update(
+        self, host: TurnHost, turn: Turn, state: _TurnState, update: dict[str, Any]
+    ) -> None:
+        turn_id = turn.turn_id
+        match update.get("sessionUpdate"):
+            case "agent_message_chunk":
+                text = _content_text(update.get("content"))
+                state.step.text += text
+                host.emit_ephemeral(TextDelta(turn_id=turn_id, text=text))
+            case "agent_thought_chunk":
+                text = _content_text(update.get("content"))
+                state.step.thinking += text
+                host.emit_ephemeral(ThinkingDelta(turn_id=turn_id, text=text))
+            case "tool_call":
+                call_id = str(update.get("toolCallId", ""))
+                name = str(update.get("title") or update.get("kind") or "tool")
+                state.names[call_id] = name
+                host.emit_ephemeral(ToolCallStart(turn_id=turn_id, call_id=call_id, name=name))
+                raw = update.get("rawInput")
+                call = ToolCall(
+                    id=call_id, name=name, arguments=raw if isinstance(raw, dict) else {}
+                )
+                self._flush(host, turn, state, calls=[call])
+                self._tool_update(host, turn, state, update)
+            case "tool_call_update":
+                self._tool_update(host, turn, state, update)
+
+    def _tool_update(
+        self, host: TurnHost, turn: Turn, state: _TurnState, update: dict[str, Any]
+    ) -> None:
+        call_id = str(update.get("toolCallId", ""))
+        status = update.get("status")
+        if status not in ("completed", "failed") or call_id in state.done:
+            return
+        state.done.add(call_id)
+        name = state.names.get(call_id) or str(update.get("title") or "tool")
+        host.emit(
+            ToolResult(
+                turn_id=turn.turn_id,
+                call_id=call_id,
+                name=name,
+                output=_tool_output(update),
+                is_error=status == "failed",
+            )
+        )
+
+    def _flush(
+        self,
+        host: TurnHost,
+        turn: Turn,
+        state: _TurnState,
+        calls: list[ToolCall] | None = None,
+        interrupted: bool = False,
+    ) -> None:
+        step = state.step
+        state.step = _Step()
+        if interrupted:
+            if step.text:
+                host.emit(AssistantMessage(turn_id=turn.turn_id, text=step.text, interrupted=True))
+            return
+        if step.text or step.thinking or calls:
+            thinking = [ThinkingBlock(text=step.thinking)] if step.thinking else []
+            host.emit(
+                AssistantMessage(
+                    turn_id=turn.turn_id, text=step.text, tool_calls=calls or [], thinking=thinking
+                )
+            )
+
+    def _cancel(self) -> None:
+        """Stop the agent's turn: `session/cancel`, and cancel the questions it is asking."""
+        for request_id in list(self._asked):
+            self._resolve(request_id, None)
+        prompt_id = self._prompt_id
+        if prompt_id is None:
+            return
+        try:
+            self._send(
+                {
+                    "jsonrpc": "2.0",
+                    "method": "session/cancel",
+                    "params": {"sessionId": self._session_id},
+                }
+            )
+        except EngineDied:
+            self._prompt_id = None
+            return
+        self._settling = asyncio.create_task(self._wind_down(prompt_id))
+
+    async def _wind_down(self, prompt_id: int) -> None:
+        """Read until the agent has answered the cancelled prompt."""
+        while (await self._next_message()).get("id") != prompt_id:
+            pass
+        self._prompt_id = None
+
+
+def _outcome(turn: Turn, answer: dict[str, Any]) -> TurnOutcome:
+    if "error" in answer:
+        return TurnOutcome("errored", turn.output, f"acp: {_error_text(answer['error'])}")
+    reason = str((answer.get("result") or {}).get("stopReason", ""))
+    result = STOP_RESULTS.get(reason, "errored")
+    if result in ("finished", "cancelled"):
+        return TurnOutcome(result, turn.output)
+    return TurnOutcome(result, turn.output, f"acp agent stopped: {reason or 'no stopReason'}")
+
+
+def _error_text(error: object) -> str:
+    if isinstance(error, dict):
+        message = str(error.get("message", "")).strip() or "error"
+        return f"{message} (code {error.get('code')})"
+    return str(error)
+
+
+def _content_text(content: object) -> str:
+    if isinstance(content, dict) and content.get("type") == "text":
+        return str(content.get("text", ""))
+    return ""
+
+
+def _tool_output(update: dict[str, Any]) -> str:
+    """A finished tool call's output: its text content, else its raw output as JSON."""
+    parts: list[str] = []
+    for item in update.get("content") or []:
+        match item:
+            case {"type": "content", "content": block}:
+                parts.append(_content_text(block))
+            case {"type": "diff", "path": path}:
+                parts.append(f"[edited {path}]")
+            case {"type": "terminal", "terminalId": terminal}:
+                parts.append(f"[terminal {terminal}]")
+    if any(parts):
+        return "\n".join(part for part in parts if part)
+    raw = update.get("rawOutput")
+    if raw is None:
+        return ""
+    return raw if isinstance(raw, str) else orjson.dumps(raw).decode()

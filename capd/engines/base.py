@@ -1,0 +1,121 @@
+"""The engine seam: what runs a pod's turns.
+
+The pod controller owns the state machine, the durable events and the parent reports; an
+engine only drives a turn (`drive_turn`) and reports what happened as events through its
+`TurnHost`. The controller interrupts a turn (pause, cancel, stop) by cancelling the task
+running `drive_turn`; the engine turns that into its own way of stopping, at once. A
+resumed turn is the same `Turn` driven again.
+"""
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from capd.context import Context
+from capd.tools.base import ToolContext
+from protocol.errors import ProtocolError
+from protocol.events import DurableEvent, Invoke, Notification, PodEventBase, TurnResult
+from protocol.manifest import Manifest
+
+
+@dataclass
+class Turn:
+    """A turn in progress. `steps`, `output` and `partial` follow from its assistant_message
+    events; the host updates them as it applies each event, live or at restore."""
+
+    turn_id: str
+    invoke: Invoke
+    steps: int = 0
+    running_s: float = 0.0
+    output: str = ""
+    partial: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TurnOutcome:
+    result: TurnResult
+    output: str
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PendingNote:
+    """A buffered notify or pod_event, waiting to enter the model's context."""
+
+    kind: Invoke
+    source: str
+    text: str
+    pod_event_seq: int | None = None
+    """For a pod_event: the seq of its `pod_event_received` event."""
+    pending_id: int | None = None
+    """For a notify: its row in the store's `pending` table, deleted as it is injected."""
+
+
+class TurnHost(Protocol):
+    """What a turn needs from its pod; the controller provides it."""
+
+    name: str
+    manifest: Manifest
+    context: Context
+    tool_context: ToolContext
+    notes: list[PendingNote]
+
+    def emit(self, event: DurableEvent, *, consumed: Sequence[int] = ()) -> None: ...
+
+    def emit_ephemeral(self, event: PodEventBase) -> None: ...
+
+
+class Engine(Protocol):
+    async def drive_turn(self, host: TurnHost, turn: Turn) -> TurnOutcome:
+        """Run the turn until it ends; cancelling the task interrupts it at once."""
+        ...
+
+    def answer_permission(self, request_id: str, option_id: str | None) -> None:
+        """A client's answer to a `permission_request` (None cancels it)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release what the engine holds (connections, its process group)."""
+        ...
+
+
+def never_asks(kind: str) -> ProtocolError:
+    return ProtocolError("invalid_request", f"this pod's engine ({kind}) never asks for permission")
+
+
+def inject_notes(host: TurnHost, turn_id: str) -> None:
+    """Move buffered notifications into the context, each as a `notification` event."""
+    while host.notes:
+        note = host.notes.pop(0)
+        host.emit(
+            Notification(
+                turn_id=turn_id,
+                source=note.source,
+                text=note.text,
+                pod_event_seq=note.pod_event_seq,
+            ),
+            consumed=[note.pending_id] if note.pending_id is not None else [],
+        )
+
+
+async def run_timed(
+    host: TurnHost, turn: Turn, steps: Callable[[], Awaitable[TurnOutcome]]
+) -> TurnOutcome:
+    """Run a turn's `steps` within what is left of limits.turn_timeout_s; past it the
+    steps are cancelled, as by a pause, and the turn ends `limit_reached`."""
+    limit_s = host.manifest.limits.turn_timeout_s
+    started = time.monotonic()
+    deadline = asyncio.timeout(max(0.0, limit_s - turn.running_s))
+    try:
+        async with deadline:
+            return await steps()
+    except TimeoutError:
+        if not deadline.expired():
+            raise
+        return TurnOutcome(
+            "limit_reached", turn.output, f"turn ran longer than limits.turn_timeout_s={limit_s:g}"
+        )
+    finally:
+        turn.running_s += time.monotonic() - started

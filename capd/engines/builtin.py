@@ -1,0 +1,167 @@
+"""The builtin engine: capd's own agent loop of notifications in, model call, tool calls, again.
+
+`drive_turn` runs as the pod's turn task. The controller interrupts it (pause, cancel,
+stop) by cancelling the task: a streaming model call keeps its partial text as an
+`interrupted` assistant message, a running tool is killed by the tool itself.
+"""
+
+import asyncio
+import random
+
+from capd.engines.base import (
+    Turn,
+    TurnHost,
+    TurnOutcome,
+    inject_notes,
+    never_asks,
+    run_timed,
+)
+from capd.providers import make_provider
+from capd.providers.base import (
+    ModelReply,
+    ModelRequest,
+    Provider,
+    ProviderError,
+    TextChunk,
+    ThinkingChunk,
+    ToolCallArgs,
+    ToolCallBegin,
+    ToolSpec,
+)
+from capd.tools import run_tool, tool_specs
+from capd.tools.base import ToolOutcome
+from protocol.events import (
+    AssistantMessage,
+    Retry,
+    TextDelta,
+    ThinkingDelta,
+    ToolCall,
+    ToolCallDelta,
+    ToolCallStart,
+    ToolResult,
+)
+from protocol.manifest import Manifest, ModelConfig
+
+RETRY_BASE_S = 0.5
+RETRY_CAP_S = 30.0
+
+
+class BuiltinEngine:
+    def __init__(self, model: ModelConfig, manifest: Manifest) -> None:
+        self.provider: Provider = make_provider(model)
+        self.tool_specs: list[ToolSpec] = tool_specs(manifest.tools)
+        self._max_retries = model.max_retries
+
+    async def drive_turn(self, host: TurnHost, turn: Turn) -> TurnOutcome:
+        """Run steps until the model stops, a limit is hit, or the model call fails."""
+        try:
+            return await run_timed(host, turn, lambda: self._steps(host, turn))
+        except ProviderError as exc:
+            return TurnOutcome("errored", turn.output, f"model call failed: {exc.message}")
+
+    def answer_permission(self, request_id: str, option_id: str | None) -> None:
+        raise never_asks("builtin")
+
+    async def aclose(self) -> None:
+        await self.provider.aclose()
+
+    async def _steps(self, host: TurnHost, turn: Turn) -> TurnOutcome:
+        max_steps = host.manifest.limits.max_steps
+        while True:
+            inject_notes(host, turn.turn_id)
+            if turn.steps >= max_steps:
+                return TurnOutcome(
+                    "limit_reached", turn.output, f"turn reached limits.max_steps={max_steps}"
+                )
+            reply = await self._call_model(host, turn)
+            host.emit(
+                AssistantMessage(
+                    turn_id=turn.turn_id,
+                    text=reply.text,
+                    tool_calls=reply.tool_calls,
+                    usage=reply.usage,
+                    thinking=reply.thinking,
+                )
+            )
+            if not reply.tool_calls:
+                return TurnOutcome("finished", turn.output)
+            for call in reply.tool_calls:
+                outcome = await self._run_call(host, call)
+                host.emit(
+                    ToolResult(
+                        turn_id=turn.turn_id,
+                        call_id=call.id,
+                        name=call.name,
+                        output=outcome.output,
+                        is_error=outcome.is_error,
+                    )
+                )
+
+    async def _run_call(self, host: TurnHost, call: ToolCall) -> ToolOutcome:
+        """Run a tool the pod offers; any other name is an error the model can read."""
+        enabled = [spec.name for spec in self.tool_specs]
+        if call.name in enabled:
+            return await run_tool(call.name, call.arguments, host.tool_context)
+        listed = ", ".join(enabled) or "none"
+        return ToolOutcome(
+            f"tool {call.name} is not enabled for this pod (enabled: {listed})", True
+        )
+
+    async def _call_model(self, host: TurnHost, turn: Turn) -> ModelReply:
+        max_retries = self._max_retries
+        attempt = 0
+        while True:
+            try:
+                return await self._stream_once(host, turn)
+            except ProviderError as exc:
+                if not exc.retryable or attempt >= max_retries:
+                    if attempt:
+                        exc.message = f"{exc.message} (gave up after {attempt + 1} attempts)"
+                    raise
+                attempt += 1
+                wait_s = exc.retry_after_s if exc.retry_after_s is not None else _backoff_s(attempt)
+                host.emit_ephemeral(
+                    Retry(
+                        turn_id=turn.turn_id,
+                        attempt=attempt,
+                        max_attempts=max_retries,
+                        wait_ms=int(wait_s * 1000),
+                        error=exc.message,
+                    )
+                )
+                await asyncio.sleep(wait_s)
+
+    async def _stream_once(self, host: TurnHost, turn: Turn) -> ModelReply:
+        system_prompt = host.manifest.system_prompt
+        request = ModelRequest(system_prompt, host.context.messages, self.tool_specs)
+        turn_id = turn.turn_id
+        streamed: list[str] = []
+        try:
+            async for item in self.provider.stream(request):
+                match item:
+                    case TextChunk(text=text):
+                        streamed.append(text)
+                        host.emit_ephemeral(TextDelta(turn_id=turn_id, text=text))
+                    case ThinkingChunk(text=text):
+                        host.emit_ephemeral(ThinkingDelta(turn_id=turn_id, text=text))
+                    case ToolCallBegin(call_id=call_id, name=name):
+                        host.emit_ephemeral(
+                            ToolCallStart(turn_id=turn_id, call_id=call_id, name=name)
+                        )
+                    case ToolCallArgs(call_id=call_id, json=fragment):
+                        host.emit_ephemeral(
+                            ToolCallDelta(turn_id=turn_id, call_id=call_id, json=fragment)
+                        )
+                    case ModelReply():
+                        return item
+        except asyncio.CancelledError:
+            if streamed:
+                text = "".join(streamed)
+                host.emit(AssistantMessage(turn_id=turn_id, text=text, interrupted=True))
+            raise
+        raise ProviderError("the provider ended its stream without a reply", retryable=True)
+
+
+def _backoff_s(attempt: int) -> float:
+    """Exponential backoff with jitter: 0.5 s, 1 s, 2 s, ... capped at 30 s."""
+    return min(RETRY_CAP_S, RETRY_BASE_S * 2 ** (attempt - 1)) * random.uniform(1, 1.25)

@@ -1,0 +1,75 @@
+"""Stopping process groups: SIGTERM now, SIGKILL after KILL_GRACE_S for whatever is left.
+
+Tool commands and engine processes each run in their own session, so their process group
+holds everything they start. `terminate_group` returns at once (a pause must be prompt);
+the SIGKILL follows on a timer, and `stop_all_groups` at daemon shutdown makes sure it
+lands before capd exits.
+"""
+
+import asyncio
+import os
+import signal
+
+KILL_GRACE_S = 2.0
+"""How long a process group has to exit after SIGTERM before it gets SIGKILL."""
+
+
+class _Terminations:
+    """Process groups sent SIGTERM, each due a SIGKILL at its deadline unless it is gone."""
+
+    def __init__(self) -> None:
+        self._due: dict[int, float] = {}
+
+    def terminate(self, pgid: int) -> None:
+        if not signal_group(pgid, signal.SIGTERM) or pgid in self._due:
+            return
+        loop = asyncio.get_running_loop()
+        self._due[pgid] = loop.time() + KILL_GRACE_S
+        loop.call_later(KILL_GRACE_S, self._kill, pgid)
+
+    def _kill(self, pgid: int) -> None:
+        if self._due.pop(pgid, None) is not None:
+            signal_group(pgid, signal.SIGKILL)
+
+    async def finish(self) -> None:
+        """Wait until every terminated group is gone, killing those past their deadline."""
+        loop = asyncio.get_running_loop()
+        while self._due:
+            for pgid, due in list(self._due.items()):
+                if not signal_group(pgid, 0):
+                    del self._due[pgid]
+                elif loop.time() >= due:
+                    self._kill(pgid)
+            if self._due:
+                await asyncio.sleep(0.05)
+
+
+_GROUPS = _Terminations()
+
+
+def terminate_group(pgid: int) -> None:
+    """SIGTERM the group now and SIGKILL it after KILL_GRACE_S unless it is gone."""
+    _GROUPS.terminate(pgid)
+
+
+async def stop_all_groups() -> None:
+    """Daemon shutdown: let terminated process groups exit, SIGKILL the rest."""
+    await _GROUPS.finish()
+
+
+def signal_group(pgid: int, sig: int) -> bool:
+    """Send `sig` to the group; False when the group no longer exists."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return str(number)

@@ -1,0 +1,226 @@
+#!/usr/bin/env python3
+"""A test ACP agent, built on the official `agent-client-protocol` SDK, run over stdio.
+
+What a prompt (its last text block) asks for:
+
+    slow:N        N message chunks, 20 ms apart (default 2000); `session/cancel` stops it
+    tool:CMD      a tool call running CMD for real, after asking permission
+                  (allow_once "allow" / reject_once "reject"), then "done"
+    bg            starts `sleep 300` in the background (in its process group), then replies
+    crash         exits 3 mid-turn, and so at every later prompt
+    crash-once    as crash, unless $FAKE_ACP_DIR/crashed exists (which it creates)
+    anything else a thought, then "You said: <prompt>"
+
+Sessions are kept in $FAKE_ACP_DIR/sessions/, so `session/load` works across processes
+(it replays the session's prompts and replies as updates). Every start and every call
+goes to $FAKE_ACP_DIR/log.jsonl.
+"""
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+from acp import (
+    PROTOCOL_VERSION,
+    Agent,
+    InitializeResponse,
+    NewSessionResponse,
+    PromptResponse,
+    RequestError,
+    run_agent,
+    start_tool_call,
+    text_block,
+    tool_content,
+    update_agent_message_text,
+    update_agent_thought_text,
+    update_tool_call,
+    update_user_message_text,
+)
+from acp.interfaces import Client
+from acp.schema import (
+    AgentCapabilities,
+    AllowedOutcome,
+    LoadSessionResponse,
+    PermissionOption,
+    ToolCallUpdate,
+)
+
+STATE = Path(os.environ["FAKE_ACP_DIR"])
+SESSIONS = STATE / "sessions"
+
+
+def log(entry: dict[str, Any]) -> None:
+    with (STATE / "log.jsonl").open("a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def crash() -> None:
+    sys.stderr.write("fake acp agent: boom, the process fell over\n")
+    sys.stderr.flush()
+    os._exit(3)
+
+
+class TestAgent(Agent):
+    def __init__(self) -> None:
+        self.client: Client | None = None
+        self.cancelled: dict[str, asyncio.Event] = {}
+
+    def on_connect(self, conn: Client) -> None:
+        self.client = conn
+
+    async def initialize(
+        self, protocol_version: int, client_capabilities: Any = None, **kwargs: Any
+    ) -> InitializeResponse:
+        caps = (
+            client_capabilities.model_dump(by_alias=True, exclude_none=True)
+            if client_capabilities
+            else None
+        )
+        log({"call": "initialize", "protocolVersion": protocol_version, "capabilities": caps})
+        return InitializeResponse(
+            protocol_version=PROTOCOL_VERSION,
+            agent_capabilities=AgentCapabilities(load_session=True),
+        )
+
+    async def new_session(
+        self, cwd: str, mcp_servers: Any = None, **kwargs: Any
+    ) -> NewSessionResponse:
+        session_id = f"sess-{uuid.uuid4().hex[:8]}"
+        log({"call": "new_session", "cwd": cwd, "mcpServers": mcp_servers, "id": session_id})
+        self._save(session_id, [])
+        return NewSessionResponse(session_id=session_id)
+
+    async def load_session(
+        self, cwd: str, session_id: str, mcp_servers: Any = None, **kwargs: Any
+    ) -> LoadSessionResponse:
+        log({"call": "load_session", "cwd": cwd, "id": session_id})
+        path = SESSIONS / f"{session_id}.json"
+        if not path.exists():
+            raise RequestError(-32002, f"no session {session_id}")
+        assert self.client is not None
+        for prompt, reply in json.loads(path.read_text()):
+            await self.client.session_update(session_id, update_user_message_text(prompt))
+            await self.client.session_update(session_id, update_agent_message_text(reply))
+        return LoadSessionResponse()
+
+    async def cancel(self, session_id: str, **kwargs: Any) -> None:
+        log({"call": "cancel", "id": session_id})
+        self.cancelled.setdefault(session_id, asyncio.Event()).set()
+
+    async def prompt(self, prompt: list[Any], session_id: str, **kwargs: Any) -> PromptResponse:
+        texts = [block.text for block in prompt if getattr(block, "type", "") == "text"]
+        log({"call": "prompt", "id": session_id, "texts": texts})
+        cancelled = self.cancelled[session_id] = asyncio.Event()
+        text = texts[-1]
+        reply, stop = await self._answer(session_id, text, cancelled)
+        if stop == "end_turn":
+            path = SESSIONS / f"{session_id}.json"
+            self._save(session_id, [*json.loads(path.read_text()), [text, reply]])
+        return PromptResponse(stop_reason=stop)
+
+    async def _answer(self, session_id: str, text: str, cancelled: asyncio.Event) -> Any:
+        if text.startswith("slow"):
+            count = int(text.split(":", 1)[1]) if ":" in text else 2000
+            for _ in range(count):
+                if cancelled.is_set():
+                    return "", "cancelled"
+                await self._say(session_id, "tok ")
+                await asyncio.sleep(0.02)
+            return "tok " * count, "end_turn"
+        if text.startswith("tool:"):
+            return await self._tool(session_id, text.removeprefix("tool:"), cancelled)
+        if text == "bg":
+            await asyncio.create_subprocess_exec("sleep", "300")
+            await self._say(session_id, "started")
+            return "started", "end_turn"
+        crashed = STATE / "crashed"
+        if text == "crash" or (STATE / "crash-always").exists():
+            (STATE / "crash-always").touch()
+            await self._say(session_id, "about to ")
+            crash()
+        if text == "crash-once" and not crashed.exists():
+            crashed.touch()
+            await self._say(session_id, "about to ")
+            crash()
+        assert self.client is not None
+        await self.client.session_update(session_id, update_agent_thought_text("hmm"))
+        reply = f"You said: {text}"
+        for i in range(0, len(reply), 5):
+            await self._say(session_id, reply[i : i + 5])
+        return reply, "end_turn"
+
+    async def _tool(self, session_id: str, command: str, cancelled: asyncio.Event) -> Any:
+        assert self.client is not None
+        call_id = f"call-{uuid.uuid4().hex[:6]}"
+        start = start_tool_call(
+            call_id,
+            "Run a command",
+            kind="execute",
+            status="pending",
+            raw_input={"command": command},
+        )
+        await self.client.session_update(session_id, start)
+        options = [
+            PermissionOption(option_id="allow", name="Allow", kind="allow_once"),
+            PermissionOption(option_id="reject", name="Reject", kind="reject_once"),
+        ]
+        asked = ToolCallUpdate(tool_call_id=call_id, title="Run a command")
+        answer = await self.client.request_permission(session_id, asked, options)
+        outcome = answer.outcome
+        log(
+            {
+                "call": "permission_answer",
+                "outcome": outcome.model_dump(by_alias=True, exclude_none=True),
+            }
+        )
+        if cancelled.is_set():
+            return "", "cancelled"
+        if not (isinstance(outcome, AllowedOutcome) and outcome.option_id == "allow"):
+            denied = update_tool_call(
+                call_id, status="failed", content=[tool_content(text_block("denied"))]
+            )
+            await self.client.session_update(session_id, denied)
+            await self._say(session_id, "not allowed")
+            return "not allowed", "end_turn"
+        running = update_tool_call(call_id, status="in_progress")
+        await self.client.session_update(session_id, running)
+        proc = await asyncio.create_subprocess_exec(
+            "bash", "-c", command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        wait = asyncio.ensure_future(proc.communicate())
+        stop = asyncio.ensure_future(cancelled.wait())
+        await asyncio.wait([wait, stop], return_when=asyncio.FIRST_COMPLETED)
+        if not wait.done():
+            proc.kill()
+            await wait
+            return "", "cancelled"
+        stop.cancel()
+        output = wait.result()[0].decode().strip()
+        done = update_tool_call(
+            call_id, status="completed", content=[tool_content(text_block(output))]
+        )
+        await self.client.session_update(session_id, done)
+        await self._say(session_id, "done")
+        return "done", "end_turn"
+
+    async def _say(self, session_id: str, text: str) -> None:
+        assert self.client is not None
+        await self.client.session_update(session_id, update_agent_message_text(text))
+
+    def _save(self, session_id: str, turns: list[Any]) -> None:
+        SESSIONS.mkdir(exist_ok=True)
+        (SESSIONS / f"{session_id}.json").write_text(json.dumps(turns))
+
+
+def main() -> None:
+    log({"argv": sys.argv[1:], "pid": os.getpid(), "pgid": os.getpgid(0), "cwd": os.getcwd()})
+    asyncio.run(run_agent(TestAgent()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,280 @@
+"""The acp engine, through a real capd and an ACP agent built on the official SDK
+(tests/acp_agent.py), each a real subprocess."""
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from capd.engines.process import CONTINUE_PROMPT
+from protocol.client import Client
+from protocol.errors import ProtocolError
+from tests.conftest import CapdProcess
+from tests.helpers import (
+    Event,
+    connect_pod,
+    daemon_request,
+    full_history,
+    group_alive,
+    is_event,
+    json_lines,
+    until,
+    wait_for,
+)
+
+ACP_AGENT = Path(__file__).with_name("acp_agent.py")
+
+
+async def _spawn(capd: CapdProcess, name: str, state: Path, **manifest: Any) -> None:
+    engine = {
+        "kind": "acp",
+        "command": [sys.executable, str(ACP_AGENT)],
+        "env": {"FAKE_ACP_DIR": str(state)},
+        "permission": manifest.pop("permission", "deny"),
+    }
+    request = {"method": "spawn", "manifest": {"name": name, "engine": engine, **manifest}}
+    await daemon_request(capd, request)
+
+
+def _calls(state: Path, call: str) -> list[dict[str, Any]]:
+    return [entry for entry in json_lines(state / "log.jsonl") if entry.get("call") == call]
+
+
+def _prompts(state: Path) -> list[str]:
+    return [entry["texts"][-1] for entry in _calls(state, "prompt")]
+
+
+def _starts(state: Path) -> list[dict[str, Any]]:
+    return [entry for entry in json_lines(state / "log.jsonl") if "argv" in entry]
+
+
+async def _run(pod: Client, text: str) -> tuple[Event, list[Event]]:
+    await pod.request({"method": "run", "text": text})
+    return await wait_for(pod, is_event("turn_end"))
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Path:
+    path = tmp_path / "acp"
+    path.mkdir()
+    return path
+
+
+async def test_a_turn_opens_a_session_and_streams_text_and_thoughts(
+    capd: CapdProcess, state: Path, tmp_path: Path
+) -> None:
+    await _spawn(capd, "ag", state, cwd=str(tmp_path), system_prompt="Be brief.")
+    async with await connect_pod(capd, "ag") as pod:
+        end, seen = await _run(pod, "hello")
+        status = await pod.request({"method": "status"})
+        history = await full_history(pod)
+    assert (end["result"], end["output"]) == ("finished", "You said: hello")
+    assert "".join(e["text"] for e in seen if e["event"] == "thinking_delta") == "hmm"
+    assert "".join(e["text"] for e in seen if e["event"] == "text_delta") == "You said: hello"
+    step = next(e for e in history if e["event"] == "assistant_message")
+    assert step["thinking"] == [{"text": "hmm", "signature": "", "redacted": ""}]
+    (init,) = _calls(state, "initialize")
+    assert init["protocolVersion"] == 1
+    assert init["capabilities"]["fs"] == {"readTextFile": False, "writeTextFile": False}
+    assert init["capabilities"]["terminal"] is False
+    (new,) = _calls(state, "new_session")
+    assert (new["cwd"], new["mcpServers"]) == (str(tmp_path), [])
+    (prompt,) = _calls(state, "prompt")
+    assert prompt["texts"] == ["Be brief.", "hello"]
+    assert [e["session_id"] for e in history if e["event"] == "engine_session"] == [new["id"]]
+    assert status["model"] == f"acp/{Path(sys.executable).name}"
+
+
+async def test_allowed_tool_calls_are_recorded_with_their_results(
+    capd: CapdProcess, state: Path
+) -> None:
+    await _spawn(capd, "ag", state, permission="allow")
+    async with await connect_pod(capd, "ag") as pod:
+        end, seen = await _run(pod, "tool:echo hi from the tool")
+    assert (end["result"], end["output"]) == ("finished", "done")
+    start = next(e for e in seen if e["event"] == "tool_call_start")
+    step = next(e for e in seen if e["event"] == "assistant_message")
+    (call,) = step["tool_calls"]
+    assert (call["id"], call["name"]) == (start["call_id"], "Run a command")
+    assert call["arguments"] == {"command": "echo hi from the tool"}
+    result = next(e for e in seen if e["event"] == "tool_result")
+    assert (result["call_id"], result["output"], result["is_error"]) == (
+        call["id"],
+        "hi from the tool",
+        False,
+    )
+    (answer,) = _calls(state, "permission_answer")
+    assert answer["outcome"] == {"outcome": "selected", "optionId": "allow"}
+
+
+async def test_the_deny_policy_rejects_tool_calls(capd: CapdProcess, state: Path) -> None:
+    await _spawn(capd, "ag", state)
+    async with await connect_pod(capd, "ag") as pod:
+        end, seen = await _run(pod, "tool:echo never")
+    result = next(e for e in seen if e["event"] == "tool_result")
+    assert (result["output"], result["is_error"]) == ("denied", True)
+    assert (end["result"], end["output"]) == ("finished", "not allowed")
+    assert _calls(state, "permission_answer")[0]["outcome"]["optionId"] == "reject"
+
+
+async def test_the_ask_policy_asks_the_clients(capd: CapdProcess, state: Path) -> None:
+    await _spawn(capd, "ag", state, permission="ask")
+    async with await connect_pod(capd, "ag") as pod:
+        await pod.request({"method": "run", "text": "tool:echo asked"})
+        asked, _ = await wait_for(pod, is_event("permission_request"))
+        with pytest.raises(ProtocolError) as refused:
+            await pod.request(
+                {"method": "permission", "request_id": asked["request_id"], "option_id": "maybe"}
+            )
+        await pod.request(
+            {"method": "permission", "request_id": asked["request_id"], "option_id": "allow"}
+        )
+        resolved, _ = await wait_for(pod, is_event("permission_resolved"))
+        end, seen = await wait_for(pod, is_event("turn_end"))
+        with pytest.raises(ProtocolError) as stale:
+            await pod.request({"method": "permission", "request_id": asked["request_id"]})
+    assert "seq" in asked
+    assert asked["tool_call"]["toolCallId"].startswith("call-")
+    assert [o["optionId"] for o in asked["options"]] == ["allow", "reject"]
+    assert refused.value.code == "invalid_request"
+    assert resolved["option_id"] == "allow"
+    assert next(e for e in seen if e["event"] == "tool_result")["output"] == "asked"
+    assert end["output"] == "done"
+    assert stale.value.code == "not_found"
+
+
+async def test_pause_cancels_the_prompt_and_resume_continues(
+    capd: CapdProcess, state: Path
+) -> None:
+    await _spawn(capd, "ag", state)
+    async with await connect_pod(capd, "ag") as pod:
+        await pod.request({"method": "run", "text": "slow"})
+        await wait_for(pod, is_event("text_delta"))
+        await pod.request({"method": "pause"})
+        _, seen = await wait_for(pod, is_event("status", status="paused"))
+        await until(lambda: len(_calls(state, "cancel")) == 1)
+        await pod.request({"method": "resume"})
+        end, _ = await wait_for(pod, is_event("turn_end"))
+    partial = next(e for e in seen if e["event"] == "assistant_message")
+    assert partial["interrupted"] is True
+    assert partial["text"].startswith("tok ")
+    assert _prompts(state) == ["slow", CONTINUE_PROMPT]
+    assert end["result"] == "finished"
+    assert end["output"] == partial["text"] + f"You said: {CONTINUE_PROMPT}"
+    assert len(_starts(state)) == 1
+
+
+async def test_pause_while_asking_cancels_the_question(capd: CapdProcess, state: Path) -> None:
+    await _spawn(capd, "ag", state, permission="ask")
+    async with await connect_pod(capd, "ag") as pod:
+        await pod.request({"method": "run", "text": "tool:echo asked"})
+        await wait_for(pod, is_event("permission_request"))
+        await pod.request({"method": "pause"})
+        resolved, _ = await wait_for(pod, is_event("permission_resolved"))
+        await pod.request({"method": "cancel"})
+        end, seen = await wait_for(pod, is_event("turn_end"))
+        after, _ = await _run(pod, "hello")
+    assert resolved["option_id"] is None
+    assert _calls(state, "permission_answer")[0]["outcome"]["outcome"] == "cancelled"
+    closed = next(e for e in seen if e["event"] == "tool_result")
+    assert "interrupted" in closed["output"]
+    assert end["result"] == "cancelled"
+    assert after["output"] == "You said: hello"
+
+
+async def test_cancel_ends_the_turn_and_the_agent_takes_the_next(
+    capd: CapdProcess, state: Path
+) -> None:
+    await _spawn(capd, "ag", state)
+    async with await connect_pod(capd, "ag") as pod:
+        await pod.request({"method": "run", "text": "slow"})
+        await wait_for(pod, is_event("text_delta"))
+        await pod.request({"method": "cancel"})
+        cancelled, _ = await wait_for(pod, is_event("turn_end"))
+        end, _ = await _run(pod, "hello")
+    assert cancelled["result"] == "cancelled"
+    assert (end["result"], end["output"]) == ("finished", "You said: hello")
+
+
+async def test_a_notify_while_running_becomes_the_next_prompt(
+    capd: CapdProcess, state: Path
+) -> None:
+    await _spawn(capd, "ag", state)
+    async with await connect_pod(capd, "ag") as pod:
+        await pod.request({"method": "run", "text": "slow:50"})
+        first, _ = await wait_for(pod, is_event("turn_start"))
+        await wait_for(pod, is_event("text_delta"))
+        await pod.request({"method": "notify", "text": "CI is green", "source": "ci"})
+        await wait_for(pod, is_event("turn_end", turn_id=first["turn_id"]))
+        second, _ = await wait_for(pod, is_event("turn_start"))
+        await wait_for(pod, is_event("turn_end"))
+    assert second["invoke"] == "notify"
+    assert _prompts(state) == ["slow:50", "[notification from ci]\nCI is green"]
+
+
+async def test_an_agent_that_dies_mid_turn_is_restarted_and_reloads_its_session(
+    capd: CapdProcess, state: Path
+) -> None:
+    await _spawn(capd, "ag", state)
+    async with await connect_pod(capd, "ag") as pod:
+        await _run(pod, "hello")
+        end, seen = await _run(pod, "crash-once")
+    (new,) = _calls(state, "new_session")
+    (load,) = _calls(state, "load_session")
+    assert load["id"] == new["id"]
+    assert _prompts(state) == ["hello", "crash-once", CONTINUE_PROMPT]
+    assert end["result"] == "finished"
+    # The replayed history of session/load is not recorded again.
+    assert sum(e["event"] == "assistant_message" for e in seen) == 2
+
+
+async def test_an_agent_that_dies_again_errors_the_turn_clearly(
+    capd: CapdProcess, state: Path
+) -> None:
+    await _spawn(capd, "ag", state)
+    async with await connect_pod(capd, "ag") as pod:
+        end, _ = await _run(pod, "crash")
+    assert end["result"] == "errored"
+    assert end["error"].startswith("acp engine died again after a restart:")
+    assert "exited with code 3" in end["error"]
+    assert "boom, the process fell over" in end["error"]
+    assert "\n" not in end["error"]
+
+
+async def test_the_agent_process_group_dies_with_its_pod(capd: CapdProcess, state: Path) -> None:
+    await _spawn(capd, "ag", state)
+    async with await connect_pod(capd, "ag") as pod:
+        await _run(pod, "bg")
+    (start,) = _starts(state)
+    assert group_alive(start["pgid"])
+    await daemon_request(capd, {"method": "delete", "name": "ag"})
+    await until(lambda: not group_alive(start["pgid"]))
+
+
+async def test_a_restarted_capd_loads_the_agent_session(capd: CapdProcess, state: Path) -> None:
+    await _spawn(capd, "ag", state)
+    async with await connect_pod(capd, "ag") as pod:
+        await _run(pod, "hello")
+        await pod.request({"method": "run", "text": "slow"})
+        await wait_for(pod, is_event("text_delta"))
+    assert await asyncio.to_thread(capd.signal, 15) == 0
+    assert not group_alive(_starts(state)[0]["pgid"])
+    capd.start()
+    async with await connect_pod(capd, "ag") as pod:
+        await pod.request({"method": "resume"})
+        end, _ = await wait_for(pod, is_event("turn_end"))
+    (new,) = _calls(state, "new_session")
+    (load,) = _calls(state, "load_session")
+    assert load["id"] == new["id"]
+    assert _prompts(state) == ["hello", "slow", CONTINUE_PROMPT]
+    assert end["result"] == "finished"
+
+
+async def test_an_agent_not_on_path_is_refused_at_spawn(capd: CapdProcess) -> None:
+    manifest = {"name": "ag", "engine": {"kind": "acp", "command": ["no-such-agent", "--acp"]}}
+    with pytest.raises(ProtocolError) as refused:
+        await daemon_request(capd, {"method": "spawn", "manifest": manifest})
+    assert refused.value.code == "invalid_request"
+    assert refused.value.message == "engine acp: command no-such-agent is not found on PATH"

@@ -1,0 +1,300 @@
+"""The claude-code engine, through a real capd and the stand-in `claude` (tests/fake_claude.py)."""
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from capd.engines.process import CONTINUE_PROMPT
+from protocol.client import Client
+from protocol.errors import ProtocolError
+from tests.conftest import CapdProcess
+from tests.helpers import (
+    Event,
+    connect_pod,
+    daemon_request,
+    full_history,
+    group_alive,
+    is_event,
+    json_lines,
+    kinds,
+    until,
+    wait_for,
+)
+
+FAKE_CLAUDE = Path(__file__).with_name("fake_claude.py")
+
+
+def _engine(state: Path, **extra: Any) -> dict[str, Any]:
+    return {
+        "kind": "claude-code",
+        "command": [sys.executable, str(FAKE_CLAUDE)],
+        "env": {"FAKE_CLAUDE_DIR": str(state)},
+        **extra,
+    }
+
+
+async def _spawn(
+    capd: CapdProcess, name: str, state: Path, parent: str | None = None, **manifest: Any
+) -> None:
+    request: dict[str, Any] = {
+        "method": "spawn",
+        "manifest": {"name": name, "engine": _engine(state), **manifest},
+    }
+    if parent is not None:
+        request["parent"] = parent
+    await daemon_request(capd, request)
+
+
+def _log(state: Path) -> list[dict[str, Any]]:
+    return json_lines(state / "log.jsonl")
+
+
+def _starts(state: Path) -> list[dict[str, Any]]:
+    return [entry for entry in _log(state) if "argv" in entry]
+
+
+def _prompts(state: Path) -> list[str]:
+    return [
+        entry["read"]["message"]["content"]
+        for entry in _log(state)
+        if entry.get("read", {}).get("type") == "user"
+    ]
+
+
+def _interrupts(state: Path) -> list[dict[str, Any]]:
+    return [
+        entry["read"]
+        for entry in _log(state)
+        if entry.get("read", {}).get("type") == "control_request"
+    ]
+
+
+async def _run(pod: Client, text: str) -> tuple[Event, list[Event]]:
+    await pod.request({"method": "run", "text": text})
+    return await wait_for(pod, is_event("turn_end"))
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Path:
+    path = tmp_path / "claude"
+    path.mkdir()
+    return path
+
+
+async def test_a_turn_streams_and_records_steps_and_tool_results(
+    capd: CapdProcess, state: Path, tmp_path: Path
+) -> None:
+    await _spawn(capd, "cc", state, cwd=str(tmp_path), system_prompt="Be brief.")
+    async with await connect_pod(capd, "cc") as pod:
+        end, seen = await _run(pod, "tool:echo hi from the tool")
+        status = await pod.request({"method": "status"})
+        history = await full_history(pod)
+    assert (end["result"], end["output"]) == ("finished", "done")
+    assert {"text_delta", "tool_call_start", "tool_call_delta"} <= set(kinds(seen))
+    steps = [e for e in history if e["event"] == "assistant_message"]
+    assert [s["tool_calls"][0]["name"] for s in steps[:1]] == ["Bash"]
+    assert steps[0]["tool_calls"][0]["arguments"] == {"command": "echo hi from the tool"}
+    assert steps[-1]["text"] == "done"
+    result = next(e for e in history if e["event"] == "tool_result")
+    assert (result["name"], result["output"], result["is_error"]) == (
+        "Bash",
+        "hi from the tool",
+        False,
+    )
+    assert result["call_id"] == steps[0]["tool_calls"][0]["id"]
+    session = next(e for e in history if e["event"] == "engine_session")
+    (start,) = _starts(state)
+    assert start["cwd"] == str(tmp_path)
+    assert start["pgid"] == start["pid"]
+    argv = start["argv"]
+    assert argv[:7] == [
+        "-p",
+        "--input-format",
+        "stream-json",
+        "--output-format",
+        "stream-json",
+        "--verbose",
+        "--include-partial-messages",
+    ]
+    assert argv[argv.index("--append-system-prompt") + 1] == "Be brief."
+    assert "--resume" not in argv
+    assert session["session_id"]
+    assert status["model"] == "claude-code"
+
+
+async def test_pause_interrupts_the_engine_and_resume_continues(
+    capd: CapdProcess, state: Path
+) -> None:
+    await _spawn(capd, "cc", state)
+    async with await connect_pod(capd, "cc") as pod:
+        await pod.request({"method": "run", "text": "slow"})
+        await wait_for(pod, is_event("text_delta"))
+        await pod.request({"method": "pause"})
+        _, seen = await wait_for(pod, is_event("status", status="paused"))
+        await until(lambda: len(_interrupts(state)) == 1)
+        await pod.request({"method": "resume"})
+        end, _ = await wait_for(pod, is_event("turn_end"))
+    partial = next(e for e in seen if e["event"] == "assistant_message")
+    assert partial["interrupted"] is True
+    assert partial["text"].startswith("tok ")
+    assert _interrupts(state)[0]["request"] == {"subtype": "interrupt"}
+    assert _prompts(state) == ["slow", CONTINUE_PROMPT]
+    # As with the builtin engine, the interrupted text runs on into its continuation.
+    continued = f"You said: {CONTINUE_PROMPT}"
+    assert (end["result"], end["output"]) == ("finished", partial["text"] + continued)
+    assert len(_starts(state)) == 1
+
+
+async def test_pause_during_a_tool_closes_the_call_on_resume(
+    capd: CapdProcess, state: Path
+) -> None:
+    await _spawn(capd, "cc", state)
+    async with await connect_pod(capd, "cc") as pod:
+        await pod.request({"method": "run", "text": "tool:sleep 30"})
+        await wait_for(pod, is_event("assistant_message"))
+        await pod.request({"method": "pause"})
+        await wait_for(pod, is_event("status", status="paused"))
+        await pod.request({"method": "resume"})
+        end, seen = await wait_for(pod, is_event("turn_end"))
+    closed = next(e for e in seen if e["event"] == "tool_result")
+    assert closed["is_error"] is True
+    assert "interrupted" in closed["output"]
+    assert end["result"] == "finished"
+
+
+async def test_cancel_ends_the_turn_and_the_engine_takes_the_next(
+    capd: CapdProcess, state: Path
+) -> None:
+    await _spawn(capd, "cc", state)
+    async with await connect_pod(capd, "cc") as pod:
+        await pod.request({"method": "run", "text": "slow"})
+        await wait_for(pod, is_event("text_delta"))
+        await pod.request({"method": "cancel"})
+        cancelled, _ = await wait_for(pod, is_event("turn_end"))
+        end, _ = await _run(pod, "hello")
+    assert cancelled["result"] == "cancelled"
+    assert (end["result"], end["output"]) == ("finished", "You said: hello")
+    assert len(_starts(state)) == 1
+
+
+async def test_a_notify_while_running_becomes_the_next_prompt(
+    capd: CapdProcess, state: Path
+) -> None:
+    await _spawn(capd, "cc", state)
+    async with await connect_pod(capd, "cc") as pod:
+        await pod.request({"method": "run", "text": "slow:50"})
+        first, _ = await wait_for(pod, is_event("turn_start"))
+        await wait_for(pod, is_event("text_delta"))
+        await pod.request({"method": "notify", "text": "CI is green", "source": "ci"})
+        end, _ = await wait_for(pod, is_event("turn_end", turn_id=first["turn_id"]))
+        second, _ = await wait_for(pod, is_event("turn_start"))
+        after, _ = await wait_for(pod, is_event("turn_end"))
+    assert end["output"] == "tok " * 50
+    assert second["invoke"] == "notify"
+    assert _prompts(state) == ["slow:50", "[notification from ci]\nCI is green"]
+    assert after["result"] == "finished"
+
+
+async def test_an_engine_that_dies_mid_turn_is_restarted_once(
+    capd: CapdProcess, state: Path
+) -> None:
+    await _spawn(capd, "cc", state)
+    async with await connect_pod(capd, "cc") as pod:
+        end, _ = await _run(pod, "crash-once")
+    _, second = _starts(state)
+    session = second["argv"][second["argv"].index("--resume") + 1]
+    assert session == (await _session_ids(capd, "cc"))[0]
+    assert _prompts(state) == ["crash-once", CONTINUE_PROMPT]
+    assert end["result"] == "finished"
+
+
+async def test_an_engine_that_dies_again_errors_the_turn_clearly(
+    capd: CapdProcess, state: Path
+) -> None:
+    await _spawn(capd, "cc", state)
+    async with await connect_pod(capd, "cc") as pod:
+        end, _ = await _run(pod, "crash")
+        status = await pod.request({"method": "status"})
+    assert end["result"] == "errored"
+    error = end["error"]
+    assert "\n" not in error
+    assert error.startswith("claude-code engine died again after a restart:")
+    assert "exited with code 3" in error
+    assert "boom, the process fell over" in error
+    assert len(_starts(state)) == 2
+    assert status["status"] == "idle"
+
+
+async def test_the_engine_process_group_dies_with_its_pod(capd: CapdProcess, state: Path) -> None:
+    await _spawn(capd, "cc", state)
+    async with await connect_pod(capd, "cc") as pod:
+        end, _ = await _run(pod, "bg")
+    assert end["output"] == "started"
+    (start,) = _starts(state)
+    assert group_alive(start["pgid"])
+    await daemon_request(capd, {"method": "stop", "name": "cc"})
+    await until(lambda: not group_alive(start["pgid"]))
+
+
+async def test_a_restarted_capd_resumes_the_engine_session(capd: CapdProcess, state: Path) -> None:
+    await _spawn(capd, "cc", state)
+    async with await connect_pod(capd, "cc") as pod:
+        await _run(pod, "hello")
+        await pod.request({"method": "run", "text": "slow"})
+        await wait_for(pod, is_event("text_delta"))
+    (session,) = await _session_ids(capd, "cc")
+    pgid = _starts(state)[0]["pgid"]
+    assert await asyncio.to_thread(capd.signal, 15) == 0
+    assert not group_alive(pgid)
+    capd.start()
+    async with await connect_pod(capd, "cc") as pod:
+        status = await pod.request({"method": "status"})
+        await pod.request({"method": "resume"})
+        end, _ = await wait_for(pod, is_event("turn_end"))
+    assert status["status"] == "paused"
+    _, restarted = _starts(state)
+    assert restarted["argv"][restarted["argv"].index("--resume") + 1] == session
+    assert _prompts(state) == ["hello", "slow", CONTINUE_PROMPT]
+    assert end["result"] == "finished"
+
+
+async def test_a_missing_command_is_refused_at_spawn(capd: CapdProcess, tmp_path: Path) -> None:
+    manifest = {"name": "cc", "engine": {"kind": "claude-code", "command": ["no-such-claude"]}}
+    with pytest.raises(ProtocolError) as refused:
+        await daemon_request(capd, {"method": "spawn", "manifest": manifest})
+    assert refused.value.code == "invalid_request"
+    assert (
+        refused.value.message == "engine claude-code: command no-such-claude is not found on PATH"
+    )
+    listed = await daemon_request(capd, {"method": "list"})
+    assert listed["pods"] == []
+
+
+async def test_a_child_on_claude_code_reports_to_its_parent(
+    capd: CapdProcess, state: Path, tmp_path: Path
+) -> None:
+    await daemon_request(
+        capd,
+        {
+            "method": "spawn",
+            "manifest": {"name": "boss", "model": {"provider": "scripted"}, "cwd": str(tmp_path)},
+        },
+    )
+    async with await connect_pod(capd, "boss") as boss:
+        await _spawn(capd, "kid", state, parent=str(capd.pod_socket("boss")), cwd=str(tmp_path))
+        async with await connect_pod(capd, "kid", subscribe=False) as kid:
+            started = await kid.request({"method": "run", "text": "hi"})
+        received, _ = await wait_for(boss, is_event("pod_event_received"))
+    report = received["payload"]
+    assert report["kind"] == "turn_ended"
+    assert (report["pod"], report["turn_id"]) == ("kid", started["turn_id"])
+    assert (report["result"], report["output"]) == ("finished", "You said: hi")
+
+
+async def _session_ids(capd: CapdProcess, name: str) -> list[str]:
+    async with await connect_pod(capd, name, subscribe=False) as pod:
+        history = await full_history(pod)
+    return [e["session_id"] for e in history if e["event"] == "engine_session"]
