@@ -485,6 +485,22 @@ def notify(settings: Settings, pod: str, text: tuple[str, ...], source: str | No
     report(settings, result, f"notified {pod} ({result.get('buffered', 0)} buffered{turn})")
 
 
+@cli.command()
+@pod_argument
+@click.argument("request_id")
+@click.argument("option_id", required=False)
+@json_option
+@pass_settings
+def permission(settings: Settings, pod: str, request_id: str, option_id: str | None) -> None:
+    """Answer a permission request of the pod's engine with OPTION_ID (omit it to cancel).
+
+    `watch` and `send` show the requests, each with its options.
+    """
+    request = {"method": "permission", "request_id": request_id, "option_id": option_id}
+    result = pod_call(settings.runtime, pod, request)
+    report(settings, result, f"answered {request_id}: {option_id or 'cancelled'}")
+
+
 async def _send(settings: Settings, pod: str, text: str, if_busy: IfBusy) -> int:
     from capctl.session import Subscription, connect_pod
     from protocol.methods import Run

@@ -121,7 +121,28 @@ def describe(event: dict[str, Any]) -> str | None:
             )
         case "error":
             return f"error: {get('code', '?')}: {get('message', '')}"
+        case "permission_request":
+            return permission_request_line(event)
+        case "permission_resolved":
+            chosen = get("option_id")
+            return f"permission {get('request_id', '?')}: {chosen or 'cancelled'}"
     return None
+
+
+def permission_request_line(event: dict[str, Any]) -> str:
+    """The question and how to answer it: `capctl permission POD REQUEST OPTION`."""
+    call = event.get("tool_call") or {}
+    what = call.get("title") or call.get("kind") or compact_json(call)
+    options = ", ".join(
+        f"{option.get('optionId')} ({option.get('kind') or option.get('name')})"
+        for option in event.get("options") or []
+        if isinstance(option, dict)
+    )
+    pod, request = event.get("pod", "POD"), event.get("request_id", "?")
+    return (
+        f"permission asked: {what}; options: {options or 'none'} — "
+        f"capctl permission {pod} {request} OPTION"
+    )
 
 
 class EventPrinter:
@@ -205,7 +226,7 @@ class TurnPrinter:
             self._note(tool_result_line(event))
         elif kind == "status":
             self._show_status(str(event.get("status")))
-        elif kind in ("retry", "lagged", "notification", "error"):
+        elif kind in ("retry", "lagged", "notification", "error", "permission_request"):
             self._note(describe(event) or "")
 
     def _show_status(self, status: str) -> None:

@@ -278,3 +278,31 @@ async def test_an_agent_not_on_path_is_refused_at_spawn(capd: CapdProcess) -> No
         await daemon_request(capd, {"method": "spawn", "manifest": manifest})
     assert refused.value.code == "invalid_request"
     assert refused.value.message == "engine acp: command no-such-agent is not found on PATH"
+
+
+async def test_capctl_send_shows_the_question_and_capctl_permission_answers(
+    capd: CapdProcess, state: Path
+) -> None:
+    await _spawn(capd, "ag", state, permission="ask")
+    runtime = str(capd.runtime_dir)
+    send = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "capctl", "--runtime-dir", runtime, "send", "ag", "tool:echo hi"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert send.stderr is not None
+    async with asyncio.timeout(10):
+        while b"permission asked" not in (line := await send.stderr.readline()):
+            assert line, "capctl send ended without showing the permission request"
+    hint = line.decode().split("— ")[-1].split()
+    assert hint[:3] == ["capctl", "permission", "ag"]
+    answer = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "capctl", "--runtime-dir", runtime, *hint[1:4], "allow"),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    answered, _ = await asyncio.wait_for(answer.communicate(), 10)
+    out, _ = await asyncio.wait_for(send.communicate(), 10)
+    assert answer.returncode == 0
+    assert answered.decode() == f"answered {hint[3]}: allow\n"
+    assert send.returncode == 0
+    assert out.decode().endswith("done\n")
