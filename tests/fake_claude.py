@@ -200,6 +200,10 @@ def main() -> None:
     args = sys.argv[1:]
     log({"argv": args, "pid": os.getpid(), "pgid": os.getpgid(0), "cwd": os.getcwd()})
     session_id = args[args.index("--resume") + 1] if "--resume" in args else str(uuid.uuid4())
+    if "--resume" in args and (STATE / "forget-sessions").exists():
+        # As the real CLI does once a session's transcript is gone.
+        print(f"No conversation found with session ID: {session_id}", file=sys.stderr)
+        sys.exit(1)
     partial = "--include-partial-messages" in args
     threading.Thread(target=read_stdin, daemon=True).start()
     while (message := _inbox.get()) is not None:

@@ -261,6 +261,27 @@ async def test_a_restarted_capd_resumes_the_engine_session(capd: CapdProcess, st
     assert end["result"] == "finished"
 
 
+async def test_a_session_claude_cannot_resume_is_replaced_by_a_new_one(
+    capd: CapdProcess, state: Path
+) -> None:
+    await _spawn(capd, "cc", state)
+    async with await connect_pod(capd, "cc") as pod:
+        await _run(pod, "hello")
+    (old,) = await _session_ids(capd, "cc")
+    assert await asyncio.to_thread(capd.signal, 15) == 0
+    (state / "forget-sessions").touch()
+    capd.start()
+    async with await connect_pod(capd, "cc") as pod:
+        end, _ = await _run(pod, "hello again")
+        second, _ = await _run(pod, "and again")
+    _, failed, fresh = _starts(state)
+    assert failed["argv"][failed["argv"].index("--resume") + 1] == old
+    assert "--resume" not in fresh["argv"]
+    assert _prompts(state) == ["hello", "hello again", "and again"]
+    assert (end["result"], second["result"]) == ("finished", "finished")
+    assert len(await _session_ids(capd, "cc")) == 2
+
+
 async def test_a_missing_command_is_refused_at_spawn(capd: CapdProcess, tmp_path: Path) -> None:
     manifest = {"name": "cc", "engine": {"kind": "claude-code", "command": ["no-such-claude"]}}
     with pytest.raises(ProtocolError) as refused:

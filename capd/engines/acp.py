@@ -201,9 +201,14 @@ class AcpEngine(ExternalEngine):
     # -- permissions --------------------------------------------------------------------
 
     def _permission(self, rpc_id: Any, params: dict[str, Any]) -> None:
+        if self._turn is None:
+            # The turn is being wound down by a pause or cancel: whatever the policy, ACP
+            # wants requests still pending after `session/cancel` answered `cancelled`.
+            self._send_outcome(rpc_id, None)
+            return
         options = [o for o in params.get("options") or [] if isinstance(o, dict)]
         policy = self._config.permission
-        if policy == "ask" and self._turn is not None:
+        if policy == "ask":
             host, turn = self._turn
             request_id = f"perm-{next(self._asked_ids)}"
             ids = [str(o.get("optionId")) for o in options]

@@ -16,6 +16,7 @@ ends the CLI's turn with a `result` and acknowledges the request with a
 
 import asyncio
 import itertools
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,8 @@ from protocol.events import (
 )
 from protocol.manifest import ClaudeCodeEngine as ClaudeCodeConfig
 from protocol.manifest import Manifest
+
+log = logging.getLogger(__name__)
 
 STREAM_JSON_ARGS = (
     "-p",
@@ -82,6 +85,10 @@ class ClaudeCodeEngine(ExternalEngine):
         self._config = config
         self._system_prompt = manifest.system_prompt
         self._session_id: str | None = None
+        self._resuming = False
+        """This process was started with --resume and has not answered yet."""
+        self._resume_failed = False
+        """A --resume died before answering: start new sessions, not the stored one."""
         self._request_ids = itertools.count(1)
         self._busy = False
         """Whether the CLI is working on a prompt (sent, its `result` not yet read)."""
@@ -99,7 +106,9 @@ class ClaudeCodeEngine(ExternalEngine):
             argv += ["--permission-mode", config.permission_mode]
         if self._system_prompt:
             argv += ["--append-system-prompt", self._system_prompt]
-        self._session_id = self._session_id or host.context.engine_session
+        if self._session_id is None and not self._resume_failed:
+            self._session_id = host.context.engine_session
+        self._resuming = self._session_id is not None
         if self._session_id:
             argv += ["--resume", self._session_id]
         await self._spawn([*argv, *config.args])
@@ -303,6 +312,13 @@ class ClaudeCodeEngine(ExternalEngine):
 
     def _on_death(self, died: EngineDied) -> None:
         self._busy = False
+        if self._resuming and not self._answered:
+            # `claude --resume` exits at once when its session is gone (Claude Code prunes
+            # transcripts after cleanupPeriodDays): the retry starts a new session instead
+            # of failing the same way on every turn from now on.
+            log.warning("claude-code could not resume session %s: %s", self._session_id, died)
+            self._session_id = None
+            self._resume_failed = True
 
 
 def _outcome(turn: Turn, result: dict[str, Any]) -> TurnOutcome:

@@ -204,10 +204,11 @@ class ExternalEngine(ABC):
         prompt = self._next_prompt(host.context.messages)
         restarted = False
         while True:
+            # Reset before starting: an engine that dies while starting has answered nothing.
+            self._answered = False
             try:
                 if self._proc is None:
                     await self._start_or_discard(host, turn)
-                self._answered = False
                 return await self._prompt(host, turn, prompt)
             except EngineDied as exc:
                 await self._discard()
@@ -253,6 +254,14 @@ class ExternalEngine(ABC):
             died = await proc.died()
         except EngineDied as exc:
             died = exc
+        except Exception as exc:
+            # A message of a shape we did not foresee: stop the engine rather than leave
+            # the turn waiting for an answer the dead reader would never deliver.
+            log.exception("%s engine sent a message capd cannot handle", self.kind)
+            proc.stop()
+            died = EngineDied(
+                f"{self.kind} engine sent a message capd cannot handle: {type(exc).__name__}: {exc}"
+            )
         self._on_death(died)
         self._inbox.put_nowait(died)
 
