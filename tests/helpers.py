@@ -108,3 +108,14 @@ def group_alive(pgid: int) -> bool:
 def json_lines(path: Path) -> list[dict[str, Any]]:
     """A JSON-lines log a test engine writes; empty until it exists."""
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+async def run_turn(pod: Client, text: str) -> tuple[Event, list[Event]]:
+    """`run` a turn and wait for its turn_end; the turn_end and every event seen."""
+    await pod.request({"method": "run", "text": text})
+    return await wait_for(pod, is_event("turn_end"))
+
+
+def engine_starts(state: Path) -> list[dict[str, Any]]:
+    """Each start of a stand-in engine, as it logged it (argv, pid, pgid, cwd)."""
+    return [entry for entry in json_lines(state / "log.jsonl") if "argv" in entry]

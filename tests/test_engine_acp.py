@@ -9,17 +9,17 @@ from typing import Any
 import pytest
 
 from capd.engines.process import CONTINUE_PROMPT
-from protocol.client import Client
 from protocol.errors import ProtocolError
 from tests.conftest import CapdProcess
 from tests.helpers import (
-    Event,
     connect_pod,
     daemon_request,
+    engine_starts,
     full_history,
     group_alive,
     is_event,
     json_lines,
+    run_turn,
     until,
     wait_for,
 )
@@ -46,15 +46,6 @@ def _prompts(state: Path) -> list[str]:
     return [entry["texts"][-1] for entry in _calls(state, "prompt")]
 
 
-def _starts(state: Path) -> list[dict[str, Any]]:
-    return [entry for entry in json_lines(state / "log.jsonl") if "argv" in entry]
-
-
-async def _run(pod: Client, text: str) -> tuple[Event, list[Event]]:
-    await pod.request({"method": "run", "text": text})
-    return await wait_for(pod, is_event("turn_end"))
-
-
 @pytest.fixture
 def state(tmp_path: Path) -> Path:
     path = tmp_path / "acp"
@@ -67,7 +58,7 @@ async def test_a_turn_opens_a_session_and_streams_text_and_thoughts(
 ) -> None:
     await _spawn(capd, "ag", state, cwd=str(tmp_path), system_prompt="Be brief.")
     async with await connect_pod(capd, "ag") as pod:
-        end, seen = await _run(pod, "hello")
+        end, seen = await run_turn(pod, "hello")
         status = await pod.request({"method": "status"})
         history = await full_history(pod)
     assert (end["result"], end["output"]) == ("finished", "You said: hello")
@@ -92,7 +83,7 @@ async def test_allowed_tool_calls_are_recorded_with_their_results(
 ) -> None:
     await _spawn(capd, "ag", state, permission="allow")
     async with await connect_pod(capd, "ag") as pod:
-        end, seen = await _run(pod, "tool:echo hi from the tool")
+        end, seen = await run_turn(pod, "tool:echo hi from the tool")
     assert (end["result"], end["output"]) == ("finished", "done")
     start = next(e for e in seen if e["event"] == "tool_call_start")
     step = next(e for e in seen if e["event"] == "assistant_message")
@@ -112,7 +103,7 @@ async def test_allowed_tool_calls_are_recorded_with_their_results(
 async def test_the_deny_policy_rejects_tool_calls(capd: CapdProcess, state: Path) -> None:
     await _spawn(capd, "ag", state)
     async with await connect_pod(capd, "ag") as pod:
-        end, seen = await _run(pod, "tool:echo never")
+        end, seen = await run_turn(pod, "tool:echo never")
     result = next(e for e in seen if e["event"] == "tool_result")
     assert (result["output"], result["is_error"]) == ("denied", True)
     assert (end["result"], end["output"]) == ("finished", "not allowed")
@@ -163,7 +154,7 @@ async def test_pause_cancels_the_prompt_and_resume_continues(
     assert _prompts(state) == ["slow", CONTINUE_PROMPT]
     assert end["result"] == "finished"
     assert end["output"] == partial["text"] + f"You said: {CONTINUE_PROMPT}"
-    assert len(_starts(state)) == 1
+    assert len(engine_starts(state)) == 1
 
 
 async def test_pause_while_asking_cancels_the_question(capd: CapdProcess, state: Path) -> None:
@@ -175,7 +166,7 @@ async def test_pause_while_asking_cancels_the_question(capd: CapdProcess, state:
         resolved, _ = await wait_for(pod, is_event("permission_resolved"))
         await pod.request({"method": "cancel"})
         end, seen = await wait_for(pod, is_event("turn_end"))
-        after, _ = await _run(pod, "hello")
+        after, _ = await run_turn(pod, "hello")
     assert resolved["option_id"] is None
     assert _calls(state, "permission_answer")[0]["outcome"]["outcome"] == "cancelled"
     closed = next(e for e in seen if e["event"] == "tool_result")
@@ -193,7 +184,7 @@ async def test_cancel_ends_the_turn_and_the_agent_takes_the_next(
         await wait_for(pod, is_event("text_delta"))
         await pod.request({"method": "cancel"})
         cancelled, _ = await wait_for(pod, is_event("turn_end"))
-        end, _ = await _run(pod, "hello")
+        end, _ = await run_turn(pod, "hello")
     assert cancelled["result"] == "cancelled"
     assert (end["result"], end["output"]) == ("finished", "You said: hello")
 
@@ -219,8 +210,8 @@ async def test_an_agent_that_dies_mid_turn_is_restarted_and_reloads_its_session(
 ) -> None:
     await _spawn(capd, "ag", state)
     async with await connect_pod(capd, "ag") as pod:
-        await _run(pod, "hello")
-        end, seen = await _run(pod, "crash-once")
+        await run_turn(pod, "hello")
+        end, seen = await run_turn(pod, "crash-once")
     (new,) = _calls(state, "new_session")
     (load,) = _calls(state, "load_session")
     assert load["id"] == new["id"]
@@ -235,7 +226,7 @@ async def test_an_agent_that_dies_again_errors_the_turn_clearly(
 ) -> None:
     await _spawn(capd, "ag", state)
     async with await connect_pod(capd, "ag") as pod:
-        end, _ = await _run(pod, "crash")
+        end, _ = await run_turn(pod, "crash")
     assert end["result"] == "errored"
     assert end["error"].startswith("acp engine died again after a restart:")
     assert "exited with code 3" in end["error"]
@@ -246,8 +237,8 @@ async def test_an_agent_that_dies_again_errors_the_turn_clearly(
 async def test_the_agent_process_group_dies_with_its_pod(capd: CapdProcess, state: Path) -> None:
     await _spawn(capd, "ag", state)
     async with await connect_pod(capd, "ag") as pod:
-        await _run(pod, "bg")
-    (start,) = _starts(state)
+        await run_turn(pod, "bg")
+    (start,) = engine_starts(state)
     assert group_alive(start["pgid"])
     await daemon_request(capd, {"method": "delete", "name": "ag"})
     await until(lambda: not group_alive(start["pgid"]))
@@ -256,11 +247,11 @@ async def test_the_agent_process_group_dies_with_its_pod(capd: CapdProcess, stat
 async def test_a_restarted_capd_loads_the_agent_session(capd: CapdProcess, state: Path) -> None:
     await _spawn(capd, "ag", state)
     async with await connect_pod(capd, "ag") as pod:
-        await _run(pod, "hello")
+        await run_turn(pod, "hello")
         await pod.request({"method": "run", "text": "slow"})
         await wait_for(pod, is_event("text_delta"))
     assert await asyncio.to_thread(capd.signal, 15) == 0
-    assert not group_alive(_starts(state)[0]["pgid"])
+    assert not group_alive(engine_starts(state)[0]["pgid"])
     capd.start()
     async with await connect_pod(capd, "ag") as pod:
         await pod.request({"method": "resume"})

@@ -8,18 +8,18 @@ from typing import Any
 import pytest
 
 from capd.engines.process import CONTINUE_PROMPT
-from protocol.client import Client
 from protocol.errors import ProtocolError
 from tests.conftest import CapdProcess
 from tests.helpers import (
-    Event,
     connect_pod,
     daemon_request,
+    engine_starts,
     full_history,
     group_alive,
     is_event,
     json_lines,
     kinds,
+    run_turn,
     until,
     wait_for,
 )
@@ -52,10 +52,6 @@ def _log(state: Path) -> list[dict[str, Any]]:
     return json_lines(state / "log.jsonl")
 
 
-def _starts(state: Path) -> list[dict[str, Any]]:
-    return [entry for entry in _log(state) if "argv" in entry]
-
-
 def _prompts(state: Path) -> list[str]:
     return [
         entry["read"]["message"]["content"]
@@ -72,11 +68,6 @@ def _interrupts(state: Path) -> list[dict[str, Any]]:
     ]
 
 
-async def _run(pod: Client, text: str) -> tuple[Event, list[Event]]:
-    await pod.request({"method": "run", "text": text})
-    return await wait_for(pod, is_event("turn_end"))
-
-
 @pytest.fixture
 def state(tmp_path: Path) -> Path:
     path = tmp_path / "claude"
@@ -89,7 +80,7 @@ async def test_a_turn_streams_and_records_steps_and_tool_results(
 ) -> None:
     await _spawn(capd, "cc", state, cwd=str(tmp_path), system_prompt="Be brief.")
     async with await connect_pod(capd, "cc") as pod:
-        end, seen = await _run(pod, "tool:echo hi from the tool")
+        end, seen = await run_turn(pod, "tool:echo hi from the tool")
         status = await pod.request({"method": "status"})
         history = await full_history(pod)
     assert (end["result"], end["output"]) == ("finished", "done")
@@ -106,7 +97,7 @@ async def test_a_turn_streams_and_records_steps_and_tool_results(
     )
     assert result["call_id"] == steps[0]["tool_calls"][0]["id"]
     session = next(e for e in history if e["event"] == "engine_session")
-    (start,) = _starts(state)
+    (start,) = engine_starts(state)
     assert start["cwd"] == str(tmp_path)
     assert start["pgid"] == start["pid"]
     argv = start["argv"]
@@ -145,7 +136,7 @@ async def test_pause_interrupts_the_engine_and_resume_continues(
     # As with the builtin engine, the interrupted text runs on into its continuation.
     continued = f"You said: {CONTINUE_PROMPT}"
     assert (end["result"], end["output"]) == ("finished", partial["text"] + continued)
-    assert len(_starts(state)) == 1
+    assert len(engine_starts(state)) == 1
 
 
 async def test_pause_during_a_tool_closes_the_call_on_resume(
@@ -174,10 +165,10 @@ async def test_cancel_ends_the_turn_and_the_engine_takes_the_next(
         await wait_for(pod, is_event("text_delta"))
         await pod.request({"method": "cancel"})
         cancelled, _ = await wait_for(pod, is_event("turn_end"))
-        end, _ = await _run(pod, "hello")
+        end, _ = await run_turn(pod, "hello")
     assert cancelled["result"] == "cancelled"
     assert (end["result"], end["output"]) == ("finished", "You said: hello")
-    assert len(_starts(state)) == 1
+    assert len(engine_starts(state)) == 1
 
 
 async def test_a_notify_while_running_becomes_the_next_prompt(
@@ -203,8 +194,8 @@ async def test_an_engine_that_dies_mid_turn_is_restarted_once(
 ) -> None:
     await _spawn(capd, "cc", state)
     async with await connect_pod(capd, "cc") as pod:
-        end, _ = await _run(pod, "crash-once")
-    _, second = _starts(state)
+        end, _ = await run_turn(pod, "crash-once")
+    _, second = engine_starts(state)
     session = second["argv"][second["argv"].index("--resume") + 1]
     assert session == (await _session_ids(capd, "cc"))[0]
     assert _prompts(state) == ["crash-once", CONTINUE_PROMPT]
@@ -216,7 +207,7 @@ async def test_an_engine_that_dies_again_errors_the_turn_clearly(
 ) -> None:
     await _spawn(capd, "cc", state)
     async with await connect_pod(capd, "cc") as pod:
-        end, _ = await _run(pod, "crash")
+        end, _ = await run_turn(pod, "crash")
         status = await pod.request({"method": "status"})
     assert end["result"] == "errored"
     error = end["error"]
@@ -224,16 +215,16 @@ async def test_an_engine_that_dies_again_errors_the_turn_clearly(
     assert error.startswith("claude-code engine died again after a restart:")
     assert "exited with code 3" in error
     assert "boom, the process fell over" in error
-    assert len(_starts(state)) == 2
+    assert len(engine_starts(state)) == 2
     assert status["status"] == "idle"
 
 
 async def test_the_engine_process_group_dies_with_its_pod(capd: CapdProcess, state: Path) -> None:
     await _spawn(capd, "cc", state)
     async with await connect_pod(capd, "cc") as pod:
-        end, _ = await _run(pod, "bg")
+        end, _ = await run_turn(pod, "bg")
     assert end["output"] == "started"
-    (start,) = _starts(state)
+    (start,) = engine_starts(state)
     assert group_alive(start["pgid"])
     await daemon_request(capd, {"method": "stop", "name": "cc"})
     await until(lambda: not group_alive(start["pgid"]))
@@ -242,11 +233,11 @@ async def test_the_engine_process_group_dies_with_its_pod(capd: CapdProcess, sta
 async def test_a_restarted_capd_resumes_the_engine_session(capd: CapdProcess, state: Path) -> None:
     await _spawn(capd, "cc", state)
     async with await connect_pod(capd, "cc") as pod:
-        await _run(pod, "hello")
+        await run_turn(pod, "hello")
         await pod.request({"method": "run", "text": "slow"})
         await wait_for(pod, is_event("text_delta"))
     (session,) = await _session_ids(capd, "cc")
-    pgid = _starts(state)[0]["pgid"]
+    pgid = engine_starts(state)[0]["pgid"]
     assert await asyncio.to_thread(capd.signal, 15) == 0
     assert not group_alive(pgid)
     capd.start()
@@ -255,7 +246,7 @@ async def test_a_restarted_capd_resumes_the_engine_session(capd: CapdProcess, st
         await pod.request({"method": "resume"})
         end, _ = await wait_for(pod, is_event("turn_end"))
     assert status["status"] == "paused"
-    _, restarted = _starts(state)
+    _, restarted = engine_starts(state)
     assert restarted["argv"][restarted["argv"].index("--resume") + 1] == session
     assert _prompts(state) == ["hello", "slow", CONTINUE_PROMPT]
     assert end["result"] == "finished"
@@ -266,15 +257,15 @@ async def test_a_session_claude_cannot_resume_is_replaced_by_a_new_one(
 ) -> None:
     await _spawn(capd, "cc", state)
     async with await connect_pod(capd, "cc") as pod:
-        await _run(pod, "hello")
+        await run_turn(pod, "hello")
     (old,) = await _session_ids(capd, "cc")
     assert await asyncio.to_thread(capd.signal, 15) == 0
     (state / "forget-sessions").touch()
     capd.start()
     async with await connect_pod(capd, "cc") as pod:
-        end, _ = await _run(pod, "hello again")
-        second, _ = await _run(pod, "and again")
-    _, failed, fresh = _starts(state)
+        end, _ = await run_turn(pod, "hello again")
+        second, _ = await run_turn(pod, "and again")
+    _, failed, fresh = engine_starts(state)
     assert failed["argv"][failed["argv"].index("--resume") + 1] == old
     assert "--resume" not in fresh["argv"]
     assert _prompts(state) == ["hello", "hello again", "and again"]
