@@ -27,7 +27,9 @@ class _Counter(asyncio.Protocol):
     def __init__(self) -> None:
         self.deltas = 0
         self.lagged = False
-        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self.subscribed: asyncio.Future[None] = loop.create_future()
+        self.done: asyncio.Future[None] = loop.create_future()
         self._tail = b""
 
     def data_received(self, data: bytes) -> None:
@@ -36,12 +38,15 @@ class _Counter(asyncio.Protocol):
         whole, self._tail = data[:cut], data[cut:]
         self.deltas += whole.count(b'"text_delta"')
         self.lagged = self.lagged or b'"lagged"' in whole
+        if b'"ack"' in whole and not self.subscribed.done():
+            self.subscribed.set_result(None)
         if b'"turn_end"' in whole and not self.done.done():
             self.done.set_result(None)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if not self.done.done():
-            self.done.set_exception(ConnectionError("the server closed a subscriber"))
+        for waiter in (self.subscribed, self.done):
+            if not waiter.done():
+                waiter.set_exception(ConnectionError("the server closed a subscriber"))
 
 
 async def _deliver(path: Path, subscribers: int, run: dict[str, object]) -> tuple[float, int]:
@@ -52,11 +57,9 @@ async def _deliver(path: Path, subscribers: int, run: dict[str, object]) -> tupl
         transport, counter = await loop.create_unix_connection(_Counter, str(path))
         transport.write(b'{"id":"s%d","method":"subscribe"}\n' % i)
         counters.append(counter)
+    async with asyncio.timeout(TIMEOUT_S):
+        await asyncio.gather(*(counter.subscribed for counter in counters))
     with LineClient(path) as control:
-        # Each subscriber's ack arrives before any event, and this round trip orders after
-        # all of them on the server's single loop.
-        control.request({"id": "sync", "method": "status"})
-        await asyncio.sleep(0.2)
         start = time.perf_counter()
         control.request({"id": "go", "method": "run", **run})
         async with asyncio.timeout(TIMEOUT_S):
