@@ -228,7 +228,7 @@ class PodController:
                 case StatusChanged(status=status):
                     self.status = status
                 case TurnStart(turn_id=turn_id, invoke=invoke):
-                    self.turn = Turn(turn_id, invoke)
+                    self.turn = Turn(turn_id, invoke, first_message=len(self.context.messages))
                     started.add(turn_id)
                 case TurnEnd():
                     self.turn = None
@@ -417,6 +417,7 @@ class PodController:
         """Start a turn from idle. Its status, turn_start and user_message commit together
         with the deletion of its queued-run row, so a crash never leaves a started turn
         without its prompt, nor a queued run that both started and is still queued."""
+        turn.first_message = len(self.context.messages)
         self.turn = turn
         self.status = "running"
         events: list[DurableEvent] = [

@@ -75,25 +75,29 @@ class BuiltinEngine(_Strict):
     kind: Literal["builtin"] = "builtin"
 
 
-class AcpEngine(_Strict):
+class _EngineProcess(_Strict):
+    env: dict[str, str] = Field(default_factory=dict)
+    """Set in the engine's environment, over capd's own."""
+    settle_timeout_s: float = Field(10.0, gt=0)
+    """How long an interrupted engine has to wind its turn down before it is restarted."""
+
+
+class AcpEngine(_EngineProcess):
     """An Agent Client Protocol agent, JSON-RPC 2.0 over its stdin and stdout."""
 
     kind: Literal["acp"]
     command: list[str] = Field(min_length=1)
-    env: dict[str, str] = Field(default_factory=dict)
-    """Set in the agent's environment, over capd's own."""
     permission: Literal["allow", "deny", "ask"] = "deny"
     """How `session/request_permission` is answered; `ask` asks the pod's clients."""
 
 
-class ClaudeCodeEngine(_Strict):
+class ClaudeCodeEngine(_EngineProcess):
     """Claude Code in headless stream-json mode, one long-lived process per pod."""
 
     kind: Literal["claude-code"]
     command: list[str] = Field(default_factory=lambda: ["claude"], min_length=1)
     args: list[str] = Field(default_factory=list)
     """Extra command-line arguments, e.g. `["--allowedTools", "Bash Read"]`."""
-    env: dict[str, str] = Field(default_factory=dict)
     model: str | None = None
     """Passed as `--model`."""
     permission_mode: str | None = None

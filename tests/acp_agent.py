@@ -6,14 +6,23 @@ What a prompt (its last text block) asks for:
     slow:N        N message chunks, 20 ms apart (default 2000); `session/cancel` stops it
     tool:CMD      a tool call running CMD for real, after asking permission
                   (allow_once "allow" / reject_once "reject"), then "done"
+    pair:CMD      two tool calls announced together, then both running CMD at once
+                  (no permission asked), then "done"
     bg            starts `sleep 300` in the background (in its process group), then replies
     crash         exits 3 mid-turn, and so at every later prompt
     crash-once    as crash, unless $FAKE_ACP_DIR/crashed exists (which it creates)
     anything else a thought, then "You said: <prompt>"
 
+A tool still running when the prompt is cancelled is killed and reported `failed`
+("stopped") before the `cancelled` answer, as ACP asks.
+
 Sessions are kept in $FAKE_ACP_DIR/sessions/, so `session/load` works across processes
 (it replays the session's prompts and replies as updates). Every start and every call
-goes to $FAKE_ACP_DIR/log.jsonl.
+goes to $FAKE_ACP_DIR/log.jsonl. Files in $FAKE_ACP_DIR change the agent's ways:
+
+    no-load         it cannot load sessions
+    hold-init       `initialize` waits until the file is gone
+    die-in-init     it exits 4 in `initialize`, once: the file is removed as it does
 """
 
 import asyncio
@@ -59,10 +68,10 @@ def log(entry: dict[str, Any]) -> None:
         f.write(json.dumps(entry) + "\n")
 
 
-def crash() -> None:
+def crash(code: int = 3) -> None:
     sys.stderr.write("fake acp agent: boom, the process fell over\n")
     sys.stderr.flush()
-    os._exit(3)
+    os._exit(code)
 
 
 class TestAgent(Agent):
@@ -82,9 +91,16 @@ class TestAgent(Agent):
             else None
         )
         log({"call": "initialize", "protocolVersion": protocol_version, "capabilities": caps})
+        die = STATE / "die-in-init"
+        if die.exists():
+            die.unlink()
+            crash(4)
+        while (STATE / "hold-init").exists():
+            await asyncio.sleep(0.01)
+        can_load = not (STATE / "no-load").exists()
         return InitializeResponse(
             protocol_version=PROTOCOL_VERSION,
-            agent_capabilities=AgentCapabilities(load_session=True),
+            agent_capabilities=AgentCapabilities(load_session=can_load),
         )
 
     async def new_session(
@@ -134,6 +150,8 @@ class TestAgent(Agent):
             return "tok " * count, "end_turn"
         if text.startswith("tool:"):
             return await self._tool(session_id, text.removeprefix("tool:"), cancelled)
+        if text.startswith("pair:"):
+            return await self._pair(session_id, text.removeprefix("pair:"), cancelled)
         if text == "bg":
             await asyncio.create_subprocess_exec("sleep", "300")
             await self._say(session_id, "started")
@@ -187,6 +205,31 @@ class TestAgent(Agent):
             await self.client.session_update(session_id, denied)
             await self._say(session_id, "not allowed")
             return "not allowed", "end_turn"
+        if not await self._run_tool(session_id, call_id, command, cancelled):
+            return "", "cancelled"
+        await self._say(session_id, "done")
+        return "done", "end_turn"
+
+    async def _pair(self, session_id: str, command: str, cancelled: asyncio.Event) -> Any:
+        assert self.client is not None
+        calls = [f"call-{uuid.uuid4().hex[:6]}" for _ in range(2)]
+        for call_id in calls:
+            start = start_tool_call(
+                call_id, "Run a command", kind="execute", raw_input={"command": command}
+            )
+            await self.client.session_update(session_id, start)
+        runs = [self._run_tool(session_id, call_id, command, cancelled) for call_id in calls]
+        if not all(await asyncio.gather(*runs)):
+            return "", "cancelled"
+        await self._say(session_id, "done")
+        return "done", "end_turn"
+
+    async def _run_tool(
+        self, session_id: str, call_id: str, command: str, cancelled: asyncio.Event
+    ) -> bool:
+        """Run the command for the tool call and report how it ended; False if the prompt
+        was cancelled while it ran."""
+        assert self.client is not None
         running = update_tool_call(call_id, status="in_progress")
         await self.client.session_update(session_id, running)
         proc = await asyncio.create_subprocess_exec(
@@ -198,15 +241,18 @@ class TestAgent(Agent):
         if not wait.done():
             proc.kill()
             await wait
-            return "", "cancelled"
+            stopped = update_tool_call(
+                call_id, status="failed", content=[tool_content(text_block("stopped"))]
+            )
+            await self.client.session_update(session_id, stopped)
+            return False
         stop.cancel()
         output = wait.result()[0].decode().strip()
         done = update_tool_call(
             call_id, status="completed", content=[tool_content(text_block(output))]
         )
         await self.client.session_update(session_id, done)
-        await self._say(session_id, "done")
-        return "done", "end_turn"
+        return True
 
     async def _say(self, session_id: str, text: str) -> None:
         assert self.client is not None

@@ -14,7 +14,9 @@ messages, `assistant` messages, `user` tool results and a closing `result`:
     anything else "You said: <prompt>"
 
 `control_request {subtype: interrupt}` stops the turn: a `result` with subtype
-`error_during_execution`, then the `control_response`; when idle, only the response.
+`error_during_execution`, then the `control_response`; when idle, only the response. A
+tool it stops gets a tool_result saying so (INTERRUPTED_TOOL), as the real CLI's does.
+With $FAKE_CLAUDE_DIR/deaf present, interrupts are read and ignored.
 Every start (argv, pid, pgid, cwd) and every message read go to $FAKE_CLAUDE_DIR/log.jsonl.
 """
 
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 STATE = Path(os.environ["FAKE_CLAUDE_DIR"])
+INTERRUPTED_TOOL = "[Request interrupted by user for tool use]"
 _out_lock = threading.Lock()
 _inbox: "queue.Queue[dict[str, Any] | None]" = queue.Queue()
 _interrupt = threading.Event()
@@ -61,6 +64,8 @@ def read_stdin() -> None:
     for line in sys.stdin:
         message = json.loads(line)
         log({"read": message})
+        if message.get("type") == "control_request" and (STATE / "deaf").exists():
+            continue
         if message.get("type") == "control_request":
             with _turn_lock:
                 if message["request"]["subtype"] == "interrupt" and _busy:
@@ -133,17 +138,20 @@ class Turn:
         proc = subprocess.Popen(
             ["bash", "-c", command], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
-        while proc.poll() is None:
-            if _interrupt.wait(0.02):
-                proc.kill()
-                proc.wait()
-                return False
-        output = proc.stdout.read().decode() if proc.stdout else ""
-        result = {"type": "tool_result", "tool_use_id": call_id, "content": output.strip()}
-        result["is_error"] = proc.returncode != 0
-        user = {"role": "user", "content": [result]}
+        stopped = False
+        while proc.poll() is None and not stopped:
+            stopped = _interrupt.wait(0.02)
+        if stopped:
+            proc.kill()
+            proc.wait()
+            output, is_error = INTERRUPTED_TOOL, True
+        else:
+            output = proc.stdout.read().decode().strip() if proc.stdout else ""
+            is_error = proc.returncode != 0
+        result = {"type": "tool_result", "tool_use_id": call_id, "content": output}
+        user = {"role": "user", "content": [{**result, "is_error": is_error}]}
         out({**self.base("user"), "message": user, "parent_tool_use_id": None})
-        return True
+        return not stopped
 
     def result(self, text: str | None, subtype: str = "success", is_error: bool = False) -> None:
         message = {

@@ -2,6 +2,8 @@
 (tests/acp_agent.py), each a real subprocess."""
 
 import asyncio
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from tests.helpers import (
     group_alive,
     is_event,
     json_lines,
+    kinds,
     run_turn,
     until,
     wait_for,
@@ -297,3 +300,133 @@ async def test_capctl_send_shows_the_question_and_capctl_permission_answers(
     assert answered.decode() == f"answered {hint[3]}: allow\n"
     assert send.returncode == 0
     assert out.decode().endswith("done\n")
+
+
+async def test_a_pause_while_the_agent_starts_keeps_the_prompt_for_resume(
+    capd: CapdProcess, state: Path
+) -> None:
+    (state / "hold-init").touch()
+    await _spawn(capd, "ag", state)
+    async with await connect_pod(capd, "ag") as pod:
+        await pod.request({"method": "run", "text": "hello"})
+        await until(lambda: bool(_calls(state, "initialize")))
+        await pod.request({"method": "pause"})
+        await wait_for(pod, is_event("status", status="paused"))
+        (state / "hold-init").unlink()
+        await pod.request({"method": "resume"})
+        end, _ = await wait_for(pod, is_event("turn_end"))
+    assert _prompts(state) == ["hello"]
+    assert (end["result"], end["output"]) == ("finished", "You said: hello")
+    first, _ = engine_starts(state)
+    await until(lambda: not group_alive(first["pgid"]))
+
+
+async def test_an_agent_dying_as_it_starts_is_started_again(capd: CapdProcess, state: Path) -> None:
+    (state / "die-in-init").touch()
+    await _spawn(capd, "ag", state)
+    async with await connect_pod(capd, "ag") as pod:
+        end, _ = await run_turn(pod, "hello")
+    assert len(engine_starts(state)) == 2
+    assert _prompts(state) == ["hello"]
+    assert (end["result"], end["output"]) == ("finished", "You said: hello")
+
+
+async def test_an_agent_that_cannot_load_its_session_gets_the_prompt_again(
+    capd: CapdProcess, state: Path
+) -> None:
+    (state / "no-load").touch()
+    await _spawn(capd, "ag", state, system_prompt="Be brief.")
+    async with await connect_pod(capd, "ag") as pod:
+        end, _ = await run_turn(pod, "crash-once")
+        history = await full_history(pod)
+    assert not _calls(state, "load_session")
+    sessions = [call["id"] for call in _calls(state, "new_session")]
+    assert len(sessions) == 2
+    assert [e["session_id"] for e in history if e["event"] == "engine_session"] == sessions
+    assert [call["texts"] for call in _calls(state, "prompt")] == [["Be brief.", "crash-once"]] * 2
+    assert (end["result"], end["output"]) == ("finished", "You said: crash-once")
+
+
+async def test_an_agent_exiting_while_its_child_holds_its_output_is_restarted(
+    capd: CapdProcess, state: Path
+) -> None:
+    await _spawn(capd, "ag", state)
+    async with await connect_pod(capd, "ag") as pod:
+        await run_turn(pod, "bg")
+        end, _ = await run_turn(pod, "crash-once")
+    first, _ = engine_starts(state)
+    await until(lambda: not group_alive(first["pgid"]))
+    assert _prompts(state) == ["bg", "crash-once", CONTINUE_PROMPT]
+    assert end["result"] == "finished"
+
+
+async def test_a_resumed_turn_gets_the_notes_and_then_continue(
+    capd: CapdProcess, state: Path
+) -> None:
+    await _spawn(capd, "ag", state)
+    async with await connect_pod(capd, "ag") as pod:
+        await pod.request({"method": "run", "text": "slow"})
+        await wait_for(pod, is_event("text_delta"))
+        await pod.request({"method": "pause"})
+        await wait_for(pod, is_event("status", status="paused"))
+        await pod.request({"method": "notify", "text": "CI is green", "source": "ci"})
+        await pod.request({"method": "resume"})
+        end, _ = await wait_for(pod, is_event("turn_end"))
+    assert _prompts(state) == ["slow", f"[notification from ci]\nCI is green\n\n{CONTINUE_PROMPT}"]
+    assert end["result"] == "finished"
+
+
+async def test_tool_calls_announced_together_are_one_step(capd: CapdProcess, state: Path) -> None:
+    await _spawn(capd, "ag", state)
+    async with await connect_pod(capd, "ag") as pod:
+        end, seen = await run_turn(pod, "pair:echo hi")
+    steps = [e for e in seen if e["event"] == "assistant_message"]
+    assert [len(step["tool_calls"]) for step in steps] == [2, 0]
+    calls = {call["id"] for call in steps[0]["tool_calls"]}
+    results = [e for e in seen if e["event"] == "tool_result"]
+    assert {r["call_id"] for r in results} == calls
+    assert [r["output"] for r in results] == ["hi", "hi"]
+    assert kinds(seen, durable_only=True).index("tool_result") > kinds(
+        seen, durable_only=True
+    ).index("assistant_message")
+    assert (end["result"], end["output"]) == ("finished", "done")
+
+
+async def test_tools_the_agent_stops_on_pause_keep_its_results(
+    capd: CapdProcess, state: Path
+) -> None:
+    running = state / "running"
+    await _spawn(capd, "ag", state)
+    async with await connect_pod(capd, "ag") as pod:
+        await pod.request({"method": "run", "text": f"pair:touch {running}; sleep 30"})
+        await until(running.exists)
+        await pod.request({"method": "pause"})
+        await wait_for(pod, is_event("tool_result"))
+        await wait_for(pod, is_event("tool_result"))
+        await pod.request({"method": "resume"})
+        end, _ = await wait_for(pod, is_event("turn_end"))
+        history = await full_history(pod)
+    (step,) = [e for e in history if e["event"] == "assistant_message" and e["tool_calls"]]
+    results = [e for e in history if e["event"] == "tool_result"]
+    assert sorted(r["call_id"] for r in results) == sorted(c["id"] for c in step["tool_calls"])
+    assert [(r["output"], r["is_error"]) for r in results] == [("stopped", True)] * 2
+    assert _prompts(state)[1] == CONTINUE_PROMPT
+    assert end["result"] == "finished"
+
+
+async def test_an_agent_dying_while_asking_resolves_the_question(
+    capd: CapdProcess, state: Path
+) -> None:
+    await _spawn(capd, "ag", state, permission="ask")
+    async with await connect_pod(capd, "ag") as pod:
+        await pod.request({"method": "run", "text": "tool:echo asked"})
+        asked, _ = await wait_for(pod, is_event("permission_request"))
+        os.kill(engine_starts(state)[0]["pid"], signal.SIGKILL)
+        resolved, _ = await wait_for(pod, is_event("permission_resolved"))
+        end, _ = await wait_for(pod, is_event("turn_end"))
+        with pytest.raises(ProtocolError) as stale:
+            await pod.request({"method": "permission", "request_id": asked["request_id"]})
+    assert (resolved["request_id"], resolved["option_id"]) == (asked["request_id"], None)
+    assert stale.value.code == "not_found"
+    assert len(engine_starts(state)) == 2
+    assert end["result"] == "finished"

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from capd.context import INTERRUPTED_TOOL_OUTPUT
 from capd.engines.process import CONTINUE_PROMPT
 from protocol.errors import ProtocolError
 from tests.conftest import CapdProcess
@@ -25,6 +26,7 @@ from tests.helpers import (
 )
 
 FAKE_CLAUDE = Path(__file__).with_name("fake_claude.py")
+CLI_INTERRUPTED_TOOL = "[Request interrupted by user for tool use]"
 
 
 def _engine(state: Path, **extra: Any) -> dict[str, Any]:
@@ -37,11 +39,17 @@ def _engine(state: Path, **extra: Any) -> dict[str, Any]:
 
 
 async def _spawn(
-    capd: CapdProcess, name: str, state: Path, parent: str | None = None, **manifest: Any
+    capd: CapdProcess,
+    name: str,
+    state: Path,
+    parent: str | None = None,
+    engine_extra: dict[str, Any] | None = None,
+    **manifest: Any,
 ) -> None:
+    engine = _engine(state, **(engine_extra or {}))
     request: dict[str, Any] = {
         "method": "spawn",
-        "manifest": {"name": name, "engine": _engine(state), **manifest},
+        "manifest": {"name": name, "engine": engine, **manifest},
     }
     if parent is not None:
         request["parent"] = parent
@@ -139,10 +147,33 @@ async def test_pause_interrupts_the_engine_and_resume_continues(
     assert len(engine_starts(state)) == 1
 
 
+async def test_a_tool_the_cli_stops_on_pause_gets_the_cli_result(
+    capd: CapdProcess, state: Path
+) -> None:
+    """The CLI's own word on a tool it stopped while winding down is what the pod keeps."""
+    running = state / "running"
+    await _spawn(capd, "cc", state)
+    async with await connect_pod(capd, "cc") as pod:
+        await pod.request({"method": "run", "text": f"tool:touch {running}; sleep 30"})
+        await until(running.exists)
+        await pod.request({"method": "pause"})
+        stopped, _ = await wait_for(pod, is_event("tool_result"))
+        await pod.request({"method": "resume"})
+        end, _ = await wait_for(pod, is_event("turn_end"))
+        history = await full_history(pod)
+    assert (stopped["output"], stopped["is_error"]) == (CLI_INTERRUPTED_TOOL, True)
+    step = next(e for e in history if e["event"] == "assistant_message")
+    assert stopped["call_id"] == step["tool_calls"][0]["id"]
+    assert [e["output"] for e in history if e["event"] == "tool_result"] == [CLI_INTERRUPTED_TOOL]
+    assert end["result"] == "finished"
+
+
 async def test_pause_during_a_tool_closes_the_call_on_resume(
     capd: CapdProcess, state: Path
 ) -> None:
-    await _spawn(capd, "cc", state)
+    """A CLI that says nothing of the stopped tool before its turn ends: capd closes it."""
+    (state / "deaf").touch()
+    await _spawn(capd, "cc", state, engine_extra={"settle_timeout_s": 0.2})
     async with await connect_pod(capd, "cc") as pod:
         await pod.request({"method": "run", "text": "tool:sleep 30"})
         await wait_for(pod, is_event("assistant_message"))
@@ -152,8 +183,28 @@ async def test_pause_during_a_tool_closes_the_call_on_resume(
         end, seen = await wait_for(pod, is_event("turn_end"))
     closed = next(e for e in seen if e["event"] == "tool_result")
     assert closed["is_error"] is True
-    assert "interrupted" in closed["output"]
+    assert closed["output"] == INTERRUPTED_TOOL_OUTPUT
     assert end["result"] == "finished"
+
+
+async def test_an_engine_deaf_to_interrupts_is_restarted_after_the_settle_timeout(
+    capd: CapdProcess, state: Path
+) -> None:
+    (state / "deaf").touch()
+    await _spawn(capd, "cc", state, engine_extra={"settle_timeout_s": 0.2})
+    async with await connect_pod(capd, "cc") as pod:
+        await pod.request({"method": "run", "text": "slow"})
+        await wait_for(pod, is_event("text_delta"))
+        await pod.request({"method": "pause"})
+        await wait_for(pod, is_event("status", status="paused"))
+        await pod.request({"method": "resume"})
+        end, _ = await wait_for(pod, is_event("turn_end"))
+    first, second = engine_starts(state)
+    await until(lambda: not group_alive(first["pgid"]))
+    assert second["argv"][second["argv"].index("--resume") + 1]
+    assert _prompts(state) == ["slow", CONTINUE_PROMPT]
+    assert end["result"] == "finished"
+    assert end["output"].endswith(f"You said: {CONTINUE_PROMPT}")
 
 
 async def test_cancel_ends_the_turn_and_the_engine_takes_the_next(

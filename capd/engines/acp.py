@@ -27,7 +27,6 @@ from capd.engines.process import EngineDied, EngineError, ExternalEngine
 from protocol.errors import ProtocolError
 from protocol.events import (
     AssistantMessage,
-    EngineSession,
     PermissionRequest,
     PermissionResolved,
     TextDelta,
@@ -61,6 +60,7 @@ REJECT_KINDS = ("reject_once", "reject_always")
 class _Step:
     text: str = ""
     thinking: str = ""
+    calls: list[ToolCall] = field(default_factory=list)
 
 
 @dataclass
@@ -91,16 +91,15 @@ class AcpEngine(ExternalEngine):
 
     def __init__(self, config: AcpConfig, manifest: Manifest) -> None:
         assert manifest.cwd is not None
-        super().__init__(Path(manifest.cwd), config.env)
+        super().__init__(Path(manifest.cwd), config)
         self._config = config
         self._system_prompt = manifest.system_prompt
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[Any]] = {}
         self._prompt_id: int | None = None
-        """The JSON-RPC id of the `session/prompt` in flight; its answer goes to the inbox."""
-        self._session_id: str | None = None
-        self._fresh_session = False
-        self._loading = False
+        """The JSON-RPC id of the `session/prompt` in flight. Its answer, and the session
+        updates while it runs, go to the inbox; other updates (the history `session/load`
+        replays) are not for any turn."""
         self._turn: tuple[TurnHost, Turn] | None = None
         self._asked: dict[str, _Asked] = {}
         self._asked_ids = itertools.count(1)
@@ -121,6 +120,7 @@ class AcpEngine(ExternalEngine):
     # -- the process --------------------------------------------------------------------
 
     async def _start(self, host: TurnHost, turn: Turn) -> None:
+        self._prompt_id = None  # a wind-down cut short may have left it set
         await self._spawn(self._config.command)
         capabilities = {"fs": {"readTextFile": False, "writeTextFile": False}, "terminal": False}
         init = await self._call(
@@ -134,7 +134,6 @@ class AcpEngine(ExternalEngine):
         session_id = self._session_id or host.context.engine_session
         cwd = str(self._cwd)
         if session_id and can_load:
-            self._loading = True
             try:
                 await self._call(
                     "session/load", {"sessionId": session_id, "cwd": cwd, "mcpServers": []}
@@ -142,13 +141,12 @@ class AcpEngine(ExternalEngine):
             except AcpEngineError as exc:
                 log.warning("acp agent could not load session %s: %s", session_id, exc)
             else:
-                self._session_id, self._fresh_session = session_id, False
+                self._session_id, self._fresh = session_id, False
                 return
-            finally:
-                self._loading = False
         created = await self._call("session/new", {"cwd": cwd, "mcpServers": []})
-        self._session_id, self._fresh_session = str(created.get("sessionId", "")), True
-        host.emit(EngineSession(turn_id=turn.turn_id, session_id=self._session_id))
+        self._note_session(created.get("sessionId"))
+        self._fresh = True
+        self._record_session(host, turn)
 
     async def _call(self, method: str, params: dict[str, Any]) -> Any:
         rpc_id = next(self._ids)
@@ -163,27 +161,26 @@ class AcpEngine(ExternalEngine):
         finally:
             self._waiting.pop(rpc_id, None)
 
-    def _dispatch(self, message: dict[str, Any]) -> None:
+    def _dispatch(self, message: dict[str, Any]) -> bool:
         method = message.get("method")
         if method is None:
-            self._answer_received(message)
-        elif "id" in message:
+            return self._answer_received(message)
+        if "id" in message:
             self._request_received(message["id"], str(method), message.get("params") or {})
-        elif method == "session/update" and not self._loading:
-            self._inbox.put_nowait(message)
+            return False
+        return method == "session/update" and self._prompt_id is not None
 
-    def _answer_received(self, message: dict[str, Any]) -> None:
+    def _answer_received(self, message: dict[str, Any]) -> bool:
         rpc_id = message.get("id")
         if rpc_id is not None and rpc_id == self._prompt_id:
-            self._inbox.put_nowait(message)
-            return
+            return True
         answer = self._waiting.get(rpc_id) if isinstance(rpc_id, int) else None
-        if answer is None or answer.done():
-            return
-        if "error" in message:
-            answer.set_exception(AcpEngineError(_error_text(message["error"])))
-        else:
-            answer.set_result(message.get("result") or {})
+        if answer is not None and not answer.done():
+            if "error" in message:
+                answer.set_exception(AcpEngineError(_error_text(message["error"])))
+            else:
+                answer.set_result(message.get("result") or {})
+        return False
 
     def _request_received(self, rpc_id: Any, method: str, params: dict[str, Any]) -> None:
         if method == "session/request_permission":
@@ -196,7 +193,6 @@ class AcpEngine(ExternalEngine):
         for answer in self._waiting.values():
             if not answer.done():
                 answer.set_exception(died)
-        self._asked.clear()
 
     # -- permissions --------------------------------------------------------------------
 
@@ -226,6 +222,10 @@ class AcpEngine(ExternalEngine):
         chosen = next((o.get("optionId") for o in options if o.get("kind") in kinds), None)
         self._send_outcome(rpc_id, None if chosen is None else str(chosen))
 
+    def _cancel_asked(self) -> None:
+        for request_id in list(self._asked):
+            self._resolve(request_id, None)
+
     def _resolve(self, request_id: str, option_id: str | None) -> None:
         asked = self._asked.pop(request_id)
         self._send_outcome(asked.rpc_id, option_id)
@@ -246,22 +246,23 @@ class AcpEngine(ExternalEngine):
 
     # -- turns --------------------------------------------------------------------------
 
-    async def _prompt(self, host: TurnHost, turn: Turn, prompt: str) -> TurnOutcome:
+    def _send_prompt(self, prompt: str) -> None:
         blocks = [{"type": "text", "text": prompt}]
-        if self._fresh_session and self._system_prompt:
+        if self._fresh and self._system_prompt:
             blocks.insert(0, {"type": "text", "text": self._system_prompt})
-        self._fresh_session = False
         rpc_id = next(self._ids)
-        self._prompt_id = rpc_id
         params = {"sessionId": self._session_id, "prompt": blocks}
         self._send({"jsonrpc": "2.0", "id": rpc_id, "method": "session/prompt", "params": params})
+        self._prompt_id = rpc_id
+
+    async def _read_turn(self, host: TurnHost, turn: Turn) -> TurnOutcome:
         state = _TurnState()
         self._turn = (host, turn)
         try:
             while True:
                 message = await self._next_message()
                 self._answered = True
-                if message.get("id") == rpc_id:
+                if message.get("id") == self._prompt_id:
                     self._prompt_id = None
                     self._flush(host, turn, state)
                     return _outcome(turn, message)
@@ -273,10 +274,12 @@ class AcpEngine(ExternalEngine):
             raise
         except asyncio.CancelledError:
             self._flush(host, turn, state, interrupted=True)
-            self._cancel()
+            self._cancel(host, turn, state)
             raise
         finally:
             self._turn = None
+            # Questions still open when the prompt ends (or the agent dies) are moot.
+            self._cancel_asked()
 
     def _update(
         self, host: TurnHost, turn: Turn, state: _TurnState, update: dict[str, Any]
@@ -285,10 +288,14 @@ class AcpEngine(ExternalEngine):
         match update.get("sessionUpdate"):
             case "agent_message_chunk":
                 text = _content_text(update.get("content"))
+                if state.step.calls:
+                    self._flush(host, turn, state)
                 state.step.text += text
                 host.emit_ephemeral(TextDelta(turn_id=turn_id, text=text))
             case "agent_thought_chunk":
                 text = _content_text(update.get("content"))
+                if state.step.calls:
+                    self._flush(host, turn, state)
                 state.step.thinking += text
                 host.emit_ephemeral(ThinkingDelta(turn_id=turn_id, text=text))
             case "tool_call":
@@ -297,10 +304,8 @@ class AcpEngine(ExternalEngine):
                 state.names[call_id] = name
                 host.emit_ephemeral(ToolCallStart(turn_id=turn_id, call_id=call_id, name=name))
                 raw = update.get("rawInput")
-                call = ToolCall(
-                    id=call_id, name=name, arguments=raw if isinstance(raw, dict) else {}
-                )
-                self._flush(host, turn, state, calls=[call])
+                arguments = raw if isinstance(raw, dict) else {}
+                state.step.calls.append(ToolCall(id=call_id, name=name, arguments=arguments))
                 self._tool_update(host, turn, state, update)
             case "tool_call_update":
                 self._tool_update(host, turn, state, update)
@@ -308,48 +313,52 @@ class AcpEngine(ExternalEngine):
     def _tool_update(
         self, host: TurnHost, turn: Turn, state: _TurnState, update: dict[str, Any]
     ) -> None:
+        result = self._tool_result(turn, state, update)
+        if result is not None:
+            # The step that made the call is recorded before its result.
+            self._flush(host, turn, state)
+            host.emit(result)
+
+    def _tool_result(
+        self, turn: Turn, state: _TurnState, update: dict[str, Any]
+    ) -> ToolResult | None:
+        """The result of a tool call that has just ended, once per call."""
         call_id = str(update.get("toolCallId", ""))
         status = update.get("status")
         if status not in ("completed", "failed") or call_id in state.done:
-            return
+            return None
         state.done.add(call_id)
-        name = state.names.get(call_id) or str(update.get("title") or "tool")
-        host.emit(
-            ToolResult(
-                turn_id=turn.turn_id,
-                call_id=call_id,
-                name=name,
-                output=_tool_output(update),
-                is_error=status == "failed",
-            )
+        return ToolResult(
+            turn_id=turn.turn_id,
+            call_id=call_id,
+            name=state.names.get(call_id) or str(update.get("title") or "tool"),
+            output=_tool_output(update),
+            is_error=status == "failed",
         )
 
     def _flush(
-        self,
-        host: TurnHost,
-        turn: Turn,
-        state: _TurnState,
-        calls: list[ToolCall] | None = None,
-        interrupted: bool = False,
+        self, host: TurnHost, turn: Turn, state: _TurnState, interrupted: bool = False
     ) -> None:
+        """Record the step so far as an `assistant_message`. Interrupted, text with no
+        tool call after it is partial; a step with tool calls is whole, and the pod
+        closes the calls left without a result."""
         step = state.step
         state.step = _Step()
-        if interrupted:
+        if interrupted and not step.calls:
             if step.text:
                 host.emit(AssistantMessage(turn_id=turn.turn_id, text=step.text, interrupted=True))
             return
-        if step.text or step.thinking or calls:
+        if step.text or step.thinking or step.calls:
             thinking = [ThinkingBlock(text=step.thinking)] if step.thinking else []
             host.emit(
                 AssistantMessage(
-                    turn_id=turn.turn_id, text=step.text, tool_calls=calls or [], thinking=thinking
+                    turn_id=turn.turn_id, text=step.text, tool_calls=step.calls, thinking=thinking
                 )
             )
 
-    def _cancel(self) -> None:
-        """Stop the agent's turn: `session/cancel`, and cancel the questions it is asking."""
-        for request_id in list(self._asked):
-            self._resolve(request_id, None)
+    def _cancel(self, host: TurnHost, turn: Turn, state: _TurnState) -> None:
+        """Stop the agent's turn with `session/cancel`. The questions it is asking are
+        answered `cancelled` after it (`_read_turn`), in the order ACP asks for."""
         prompt_id = self._prompt_id
         if prompt_id is None:
             return
@@ -364,12 +373,19 @@ class AcpEngine(ExternalEngine):
         except EngineDied:
             self._prompt_id = None
             return
-        self._settling = asyncio.create_task(self._wind_down(prompt_id))
+        self._settling = asyncio.create_task(self._wind_down(host, turn, state, prompt_id))
 
-    async def _wind_down(self, prompt_id: int) -> None:
-        """Read until the agent has answered the cancelled prompt."""
-        while (await self._next_message()).get("id") != prompt_id:
-            pass
+    async def _wind_down(
+        self, host: TurnHost, turn: Turn, state: _TurnState, prompt_id: int
+    ) -> None:
+        """Read until the agent has answered the cancelled prompt, recording the results
+        of tool calls that still ran to the end."""
+        while (message := await self._next_message()).get("id") != prompt_id:
+            update = (message.get("params") or {}).get("update") or {}
+            if update.get("sessionUpdate") == "tool_call_update":
+                result = self._tool_result(turn, state, update)
+                if result is not None:
+                    self._record_late(host, turn, result)
         self._prompt_id = None
 
 

@@ -16,7 +16,13 @@ from typing import Protocol
 from capd.context import Context
 from capd.tools.base import ToolContext
 from protocol.errors import ProtocolError
-from protocol.events import DurableEvent, Invoke, Notification, PodEventBase, TurnResult
+from protocol.events import (
+    DurableEvent,
+    Invoke,
+    Notification,
+    PodEventBase,
+    TurnResult,
+)
 from protocol.manifest import Manifest
 
 
@@ -31,6 +37,8 @@ class Turn:
     running_s: float = 0.0
     output: str = ""
     partial: str = ""
+    first_message: int = 0
+    """Where the turn's messages begin in the pod's context."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +67,7 @@ class TurnHost(Protocol):
     name: str
     manifest: Manifest
     context: Context
+    turn: Turn | None
     tool_context: ToolContext
     notes: list[PendingNote]
 

@@ -27,7 +27,6 @@ from capd.engines.base import Turn, TurnHost, TurnOutcome, never_asks
 from capd.engines.process import EngineDied, ExternalEngine
 from protocol.events import (
     AssistantMessage,
-    EngineSession,
     TextDelta,
     ThinkingBlock,
     ThinkingDelta,
@@ -81,10 +80,9 @@ class ClaudeCodeEngine(ExternalEngine):
 
     def __init__(self, config: ClaudeCodeConfig, manifest: Manifest) -> None:
         assert manifest.cwd is not None
-        super().__init__(Path(manifest.cwd), config.env)
+        super().__init__(Path(manifest.cwd), config)
         self._config = config
         self._system_prompt = manifest.system_prompt
-        self._session_id: str | None = None
         self._resuming = False
         """This process was started with --resume and has not answered yet."""
         self._resume_failed = False
@@ -109,15 +107,18 @@ class ClaudeCodeEngine(ExternalEngine):
         if self._session_id is None and not self._resume_failed:
             self._session_id = host.context.engine_session
         self._resuming = self._session_id is not None
+        self._fresh = not self._resuming
         if self._session_id:
             argv += ["--resume", self._session_id]
         await self._spawn([*argv, *config.args])
         self._busy = False
 
-    async def _prompt(self, host: TurnHost, turn: Turn, prompt: str) -> TurnOutcome:
-        state = _TurnState()
+    def _send_prompt(self, prompt: str) -> None:
         self._send({"type": "user", "message": {"role": "user", "content": prompt}})
         self._busy = True
+
+    async def _read_turn(self, host: TurnHost, turn: Turn) -> TurnOutcome:
+        state = _TurnState()
         try:
             while True:
                 message = await self._next_message()
@@ -136,33 +137,31 @@ class ClaudeCodeEngine(ExternalEngine):
                 text = state.partial
                 host.emit(AssistantMessage(turn_id=turn.turn_id, text=text, interrupted=True))
             if self._busy:
-                self._interrupt()
+                self._interrupt(host, turn, state)
             raise
 
     def _apply(
         self, host: TurnHost, turn: Turn, state: _TurnState, message: dict[str, Any]
     ) -> TurnOutcome | None:
-        turn_id = turn.turn_id
         match message.get("type"):
             case "system" if message.get("subtype") == "init":
-                self._note_session(host, turn_id, message.get("session_id"))
+                self._note_session(message.get("session_id"))
+                self._record_session(host, turn)
             case "stream_event":
                 self._stream_event(host, turn, state, message.get("event") or {})
             case "assistant":
                 self._assistant(host, turn, state, message.get("message") or {})
             case "user":
-                self._tool_results(host, turn, state, message.get("message") or {})
+                for result in self._tool_results(turn, state, message.get("message") or {}):
+                    self._flush(host, turn, state)
+                    host.emit(result)
             case "result":
                 self._busy = False
                 self._flush(host, turn, state)
-                self._note_session(host, turn_id, message.get("session_id"))
+                self._note_session(message.get("session_id"))
+                self._record_session(host, turn)
                 return _outcome(turn, message)
         return None
-
-    def _note_session(self, host: TurnHost, turn_id: str, session_id: object) -> None:
-        if isinstance(session_id, str) and session_id and session_id != self._session_id:
-            self._session_id = session_id
-            host.emit(EngineSession(turn_id=turn_id, session_id=session_id))
 
     def _stream_event(
         self, host: TurnHost, turn: Turn, state: _TurnState, event: dict[str, Any]
@@ -238,25 +237,22 @@ class ClaudeCodeEngine(ExternalEngine):
         )
 
     def _tool_results(
-        self, host: TurnHost, turn: Turn, state: _TurnState, message: dict[str, Any]
-    ) -> None:
+        self, turn: Turn, state: _TurnState, message: dict[str, Any]
+    ) -> list[ToolResult]:
         content = message.get("content")
         if not isinstance(content, list):
-            return
-        for block in content:
-            if block.get("type") != "tool_result":
-                continue
-            self._flush(host, turn, state)
-            call_id = str(block.get("tool_use_id", ""))
-            host.emit(
-                ToolResult(
-                    turn_id=turn.turn_id,
-                    call_id=call_id,
-                    name=state.names.get(call_id, ""),
-                    output=_result_text(block.get("content")),
-                    is_error=bool(block.get("is_error")),
-                )
+            return []
+        return [
+            ToolResult(
+                turn_id=turn.turn_id,
+                call_id=str(block.get("tool_use_id", "")),
+                name=state.names.get(str(block.get("tool_use_id", "")), ""),
+                output=_result_text(block.get("content")),
+                is_error=bool(block.get("is_error")),
             )
+            for block in content
+            if block.get("type") == "tool_result"
+        ]
 
     def _flush(self, host: TurnHost, turn: Turn, state: _TurnState) -> None:
         """Record the step so far as an `assistant_message`, if it has anything."""
@@ -273,42 +269,52 @@ class ClaudeCodeEngine(ExternalEngine):
             )
         state.step = _Step(message_id=step.message_id)
 
-    def _interrupt(self) -> None:
+    def _interrupt(self, host: TurnHost, turn: Turn, state: _TurnState) -> None:
         request_id = f"capd-{next(self._request_ids)}"
         interrupt = {"subtype": "interrupt"}
         try:
             self._send({"type": "control_request", "request_id": request_id, "request": interrupt})
         except EngineDied:
             return
-        self._settling = asyncio.create_task(self._wind_down(request_id))
+        self._settling = asyncio.create_task(self._wind_down(host, turn, state, request_id))
 
-    async def _wind_down(self, request_id: str) -> None:
+    async def _wind_down(
+        self, host: TurnHost, turn: Turn, state: _TurnState, request_id: str
+    ) -> None:
         """Read until the interrupt is acknowledged and the CLI's turn has ended."""
         acked = False
         while self._busy or not acked:
             message = await self._next_message()
             match message.get("type"):
+                case "system" if message.get("subtype") == "init":
+                    self._note_session(message.get("session_id"))
+                    self._record_late(host, turn)
+                case "user" if not message.get("parent_tool_use_id"):
+                    for result in self._tool_results(turn, state, message.get("message") or {}):
+                        self._record_late(host, turn, result)
                 case "result":
                     self._busy = False
+                    self._note_session(message.get("session_id"))
+                    self._record_late(host, turn)
                 case "control_response":
                     acked = (message.get("response") or {}).get("request_id") == request_id
 
-    def _dispatch(self, message: dict[str, Any]) -> None:
-        if message.get("type") == "control_request":
-            # Only asked for with options capd does not pass (e.g. a permission prompt tool).
-            request = message.get("request") or {}
-            self._send(
-                {
-                    "type": "control_response",
-                    "response": {
-                        "subtype": "error",
-                        "request_id": message.get("request_id"),
-                        "error": f"capd does not answer {request.get('subtype')} requests",
-                    },
-                }
-            )
-            return
-        self._inbox.put_nowait(message)
+    def _dispatch(self, message: dict[str, Any]) -> bool:
+        if message.get("type") != "control_request":
+            return True
+        # Only asked for with options capd does not pass (e.g. a permission prompt tool).
+        request = message.get("request") or {}
+        self._send(
+            {
+                "type": "control_response",
+                "response": {
+                    "subtype": "error",
+                    "request_id": message.get("request_id"),
+                    "error": f"capd does not answer {request.get('subtype')} requests",
+                },
+            }
+        )
+        return False
 
     def _on_death(self, died: EngineDied) -> None:
         self._busy = False

@@ -3,14 +3,16 @@
 The process runs in its own session, so its process group holds everything it starts, in
 the pod's cwd, and speaks newline-delimited JSON on stdin and stdout. Its stderr is kept,
 bounded, so a failure can name its last lines. It is stopped with its whole group
-(`capd.groups`) when the pod stops, is deleted or capd shuts down.
+(`capd.groups`) when the pod stops, is deleted or capd shuts down, and when it exits (what
+it started would otherwise hold its output open).
 
-`ExternalEngine` holds one such process per pod. A turn sends one prompt: the user
-messages and notifications the engine has not seen, or CONTINUE_PROMPT when a paused turn
-resumes. A cancelled turn (pause, cancel, stop, timeout) interrupts the engine the way
-its protocol says; the next prompt waits until the engine has wound that turn down. A
-process that dies mid-turn is started again once (resuming its session); if it dies again
-the turn errors.
+`ExternalEngine` holds one such process per pod. A turn sends one prompt (`_next_prompt`):
+the user messages and notifications the engine's session has not seen, followed by
+CONTINUE_PROMPT when the turn is resuming. A cancelled turn (pause, cancel, stop,
+timeout) interrupts the engine the way its protocol says, at once; the next prompt waits
+until the engine has wound that turn down. A process that dies mid-turn is started again
+once (resuming its session, or with the turn's prompt again in a new one); if it dies
+again the turn errors.
 """
 
 import asyncio
@@ -30,6 +32,9 @@ from capd.context import ChatMessage
 from capd.engines.base import Turn, TurnHost, TurnOutcome, inject_notes, run_timed
 from capd.groups import KILL_GRACE_S, signal_name, terminate_group
 from protocol.errors import ProtocolError
+from protocol.events import EngineSession, ToolResult
+from protocol.manifest import AcpEngine as AcpConfig
+from protocol.manifest import ClaudeCodeEngine as ClaudeCodeConfig
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +44,8 @@ STDERR_KEPT = 64 * 1024
 """Bytes of an engine's latest stderr kept for error messages."""
 STDERR_SHOWN = 400
 """Characters of stderr's end quoted in an error message."""
-SETTLE_TIMEOUT_S = 10.0
-"""How long an interrupted engine has to wind its turn down before it is restarted."""
+INBOX_LIMIT = 1024
+"""Engine messages read ahead of the turn; past it the engine waits on its stdout."""
 CONTINUE_PROMPT = "You were interrupted. Continue where you left off."
 
 
@@ -73,8 +78,12 @@ class EngineProcess:
         self.label = label
         self._stderr: deque[bytes] = deque()
         self._stderr_bytes = 0
+        self._output_deadline: float | None = None
+        """Once the process has exited: when to stop waiting for its output to close."""
+        self._reading: asyncio.Timeout | None = None
         assert proc.stderr is not None
         self._stderr_task = asyncio.create_task(self._collect_stderr(proc.stderr))
+        self._exit_task = asyncio.create_task(self._watch_exit())
 
     @classmethod
     async def start(
@@ -100,16 +109,10 @@ class EngineProcess:
         return self._proc.pid
 
     async def read(self) -> dict[str, Any] | None:
-        """The next JSON object on stdout; None at end of file. Other lines are logged."""
-        assert self._proc.stdout is not None
+        """The next JSON object on stdout; None once the output has ended. Other lines are
+        logged."""
         while True:
-            try:
-                line = await self._proc.stdout.readline()
-            except ValueError:
-                self.stop()
-                raise EngineDied(
-                    f"{self.label} wrote a line longer than {LINE_LIMIT} bytes"
-                ) from None
+            line = await self._readline()
             if not line:
                 return None
             try:
@@ -121,6 +124,30 @@ class EngineProcess:
             if line.strip():
                 log.warning("%s wrote a line that is no JSON object: %.200r", self.label, line)
 
+    async def _readline(self) -> bytes:
+        """A line of stdout; empty at end of file, or when the process has exited and
+        something it started still holds stdout open past the group's SIGKILL."""
+        assert self._proc.stdout is not None
+        try:
+            async with asyncio.timeout_at(self._output_deadline) as self._reading:
+                return await self._proc.stdout.readline()
+        except ValueError:
+            self.stop()
+            raise EngineDied(f"{self.label} wrote a line longer than {LINE_LIMIT} bytes") from None
+        except TimeoutError:
+            return b""
+        finally:
+            self._reading = None
+
+    async def _watch_exit(self) -> None:
+        """When the process exits, stop its group: whatever it started would otherwise keep
+        its output open and the exit unnoticed."""
+        await self._proc.wait()
+        terminate_group(self._proc.pid)
+        self._output_deadline = asyncio.get_running_loop().time() + KILL_GRACE_S + 1
+        if self._reading is not None:
+            self._reading.reschedule(self._output_deadline)
+
     def send(self, message: dict[str, Any]) -> None:
         stdin = self._proc.stdin
         assert stdin is not None
@@ -129,14 +156,16 @@ class EngineProcess:
         stdin.write(orjson.dumps(message) + b"\n")
 
     async def died(self) -> EngineDied:
-        """Why the process ended, once stdout closed: exit status and stderr's end."""
+        """Why the process ended, once its output ended: exit status and stderr's end."""
         try:
             async with asyncio.timeout(KILL_GRACE_S):
                 code = await self._proc.wait()
-                await self._stderr_task
         except TimeoutError:
             self.stop()
             return EngineDied(f"{self.label} closed its output{self._tail()}")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(KILL_GRACE_S + 1):
+                await asyncio.shield(self._stderr_task)
         if code < 0:
             return EngineDied(f"{self.label} was killed by {signal_name(-code)}{self._tail()}")
         return EngineDied(f"{self.label} exited with code {code}{self._tail()}")
@@ -153,6 +182,7 @@ class EngineProcess:
             async with asyncio.timeout(KILL_GRACE_S + 1):
                 await self._proc.wait()
         self._stderr_task.cancel()
+        self._exit_task.cancel()
 
     async def _collect_stderr(self, stream: asyncio.StreamReader) -> None:
         while chunk := await stream.read(4096):
@@ -175,15 +205,21 @@ class ExternalEngine(ABC):
 
     kind: ClassVar[str]
 
-    def __init__(self, cwd: Path, env: dict[str, str]) -> None:
+    def __init__(self, cwd: Path, config: AcpConfig | ClaudeCodeConfig) -> None:
         self._cwd = cwd
-        self._env = env
+        self._env = config.env
+        self._settle_timeout_s = config.settle_timeout_s
         self._proc: EngineProcess | None = None
         self._pump_task: asyncio.Task[None] | None = None
-        self._inbox: asyncio.Queue[dict[str, Any] | EngineDied] = asyncio.Queue()
+        self._reaping: set[asyncio.Task[None]] = set()
+        self._inbox: asyncio.Queue[dict[str, Any] | EngineDied] = asyncio.Queue(INBOX_LIMIT)
         self._settling: asyncio.Task[None] | None = None
+        self._session_id: str | None = None
+        self._fresh = False
+        """The engine's session is new: it has seen nothing of the pod's context."""
         self._sent: int | None = None
-        """How many context messages the engine has been given (unknown after a restart)."""
+        """How many context messages the engine's session has been given (None: unknown,
+        after a capd restart)."""
         self._answered = False
         """Whether the engine said anything since the last prompt."""
 
@@ -200,57 +236,96 @@ class ExternalEngine(ABC):
 
     async def _run(self, host: TurnHost, turn: Turn) -> TurnOutcome:
         await self._settle()
+        self._record_session(host, turn)
         inject_notes(host, turn.turn_id)
-        prompt = self._next_prompt(host.context.messages)
         restarted = False
         while True:
             # Reset before starting: an engine that dies while starting has answered nothing.
             self._answered = False
+            sent = self._sent
             try:
                 if self._proc is None:
                     await self._start_or_discard(host, turn)
-                return await self._prompt(host, turn, prompt)
+                prompt, upto = self._next_prompt(host.context.messages, turn)
+                self._send_prompt(prompt)
+                self._sent, self._fresh = upto, False
+                return await self._read_turn(host, turn)
             except EngineDied as exc:
                 await self._discard()
+                if not self._answered:
+                    # Its session may never have taken the prompt in: give it again.
+                    self._sent = sent
                 if restarted:
                     raise EngineError(
                         f"{self.kind} engine died again after a restart: {exc}"
                     ) from None
                 log.warning("pod %s: %s; restarting it", host.name, exc)
                 restarted = True
-                if self._answered:
-                    prompt = CONTINUE_PROMPT
 
     async def _start_or_discard(self, host: TurnHost, turn: Turn) -> None:
         try:
             await self._start(host, turn)
+        except asyncio.CancelledError:
+            # A pause must not wait for a half-started engine to exit.
+            self._abandon()
+            raise
         except BaseException:
             await self._discard()
             raise
 
-    def _next_prompt(self, messages: Sequence[ChatMessage]) -> str:
-        """The user messages and notifications the engine has not been given yet. After a
-        capd restart the engine's resumed session has all but the trailing ones."""
-        start = self._sent
-        if start is None:
+    def _next_prompt(self, messages: Sequence[ChatMessage], turn: Turn) -> tuple[str, int]:
+        """The prompt for the turn, and how much of the context it brings the engine to.
+
+        It is the user messages and notifications the engine's session has not seen. A
+        new session has seen none of the turn (what came before the turn is lost to it);
+        after a capd restart a resumed session has seen all but the trailing user
+        messages. When the session has seen part of the turn, the turn is resuming:
+        CONTINUE_PROMPT follows whatever is new."""
+        if self._fresh:
+            start = turn.first_message
+        elif self._sent is not None:
+            start = self._sent
+        else:
             start = len(messages)
-            while start and messages[start - 1].role == "user":
+            while start > turn.first_message and messages[start - 1].role == "user":
                 start -= 1
-        self._sent = len(messages)
         texts = [message.text for message in messages[start:] if message.role == "user"]
-        return "\n\n".join(texts) or CONTINUE_PROMPT
+        if start > turn.first_message or not texts:
+            texts.append(CONTINUE_PROMPT)
+        return "\n\n".join(texts), len(messages)
+
+    def _note_session(self, session_id: object) -> None:
+        if isinstance(session_id, str) and session_id:
+            self._session_id = session_id
+
+    def _record_session(self, host: TurnHost, turn: Turn) -> None:
+        """Record a new session id where a restarted capd finds it to resume."""
+        if self._session_id and self._session_id != host.context.engine_session:
+            host.emit(EngineSession(turn_id=turn.turn_id, session_id=self._session_id))
+
+    def _record_late(self, host: TurnHost, turn: Turn, result: ToolResult | None = None) -> None:
+        """Record what the engine said while winding an interrupted turn down: its session
+        id, and the result of a tool that ran to the end. Only while the turn is still
+        the pod's and the call still open (a resume or cancel closes it); otherwise the
+        session id waits for the next turn."""
+        if host.turn is not turn:
+            return
+        self._record_session(host, turn)
+        if result is not None and result.call_id in {c.id for c in host.context.orphaned_calls()}:
+            host.emit(result)
 
     async def _spawn(self, argv: Sequence[str]) -> EngineProcess:
         proc = await EngineProcess.start(f"{self.kind} engine", argv, self._cwd, self._env)
         self._proc = proc
-        self._inbox = asyncio.Queue()
+        self._inbox = asyncio.Queue(INBOX_LIMIT)
         self._pump_task = asyncio.create_task(self._pump(proc))
         return proc
 
     async def _pump(self, proc: EngineProcess) -> None:
         try:
             while (message := await proc.read()) is not None:
-                self._dispatch(message)
+                if self._dispatch(message):
+                    await self._inbox.put(message)
             died = await proc.died()
         except EngineDied as exc:
             died = exc
@@ -263,7 +338,7 @@ class ExternalEngine(ABC):
                 f"{self.kind} engine sent a message capd cannot handle: {type(exc).__name__}: {exc}"
             )
         self._on_death(died)
-        self._inbox.put_nowait(died)
+        await self._inbox.put(died)
 
     async def _next_message(self) -> dict[str, Any]:
         item = await self._inbox.get()
@@ -279,40 +354,56 @@ class ExternalEngine(ABC):
 
     async def _settle(self) -> None:
         """Wait for an interrupted turn to end inside the engine. One that does not end
-        within SETTLE_TIMEOUT_S costs the engine its process; the next prompt restarts it."""
+        within settle_timeout_s costs the engine its process; the next prompt restarts
+        it."""
         drain = self._settling
         if drain is None:
             return
-        await asyncio.wait([drain], timeout=SETTLE_TIMEOUT_S)
+        await asyncio.wait([drain], timeout=self._settle_timeout_s)
         self._settling = None
         if not drain.done():
+            log.warning("%s engine did not wind its turn down in time; restarting it", self.kind)
             drain.cancel()
             await self._discard()
         elif drain.cancelled() or drain.exception() is not None:
             await self._discard()
 
-    async def _discard(self) -> None:
+    def _abandon(self) -> None:
+        """Stop the process and forget it; it is reaped in the background."""
         proc, self._proc = self._proc, None
         if self._pump_task is not None:
             self._pump_task.cancel()
             self._pump_task = None
         if proc is not None:
-            await proc.aclose()
+            reaping = asyncio.create_task(proc.aclose())
+            self._reaping.add(reaping)
+            reaping.add_done_callback(self._reaping.discard)
+
+    async def _discard(self) -> None:
+        """Stop the process and wait until it is gone."""
+        self._abandon()
+        if self._reaping:
+            await asyncio.wait(self._reaping)
 
     @abstractmethod
     async def _start(self, host: TurnHost, turn: Turn) -> None:
-        """Start the process (`_spawn`) and open or resume the engine's session."""
+        """Start the process (`_spawn`), open or resume the engine's session and set
+        `_session_id` and `_fresh`."""
 
     @abstractmethod
-    async def _prompt(self, host: TurnHost, turn: Turn, prompt: str) -> TurnOutcome:
-        """Send the prompt and turn what the engine says into events until the turn ends.
-        Cancelled, it keeps the partial output, interrupts the engine, sets `_settling` to
-        a task that reads until the engine has wound the turn down, and re-raises."""
+    def _send_prompt(self, prompt: str) -> None:
+        """Send the prompt; the engine's answer is read by `_read_turn`."""
 
     @abstractmethod
-    def _dispatch(self, message: dict[str, Any]) -> None:
-        """Handle a message from the engine: answers and requests here, the rest to
-        `_inbox` for the turn (or the drain) to read."""
+    async def _read_turn(self, host: TurnHost, turn: Turn) -> TurnOutcome:
+        """Turn what the engine says into events until the prompt's turn ends. Cancelled,
+        it keeps the partial output, interrupts the engine, sets `_settling` to a task
+        that reads until the engine has wound the turn down, and re-raises."""
+
+    @abstractmethod
+    def _dispatch(self, message: dict[str, Any]) -> bool:
+        """Handle a message from the engine: answers and requests here; True sends it to
+        `_inbox` for the turn (or the wind-down) to read."""
 
     @abstractmethod
     def _on_death(self, died: EngineDied) -> None:
