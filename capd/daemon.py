@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
+from capd import leftovers
 from capd.children import ChildPods, check_child
 from capd.config import Config
 from capd.controller import PodController, StopMode
@@ -120,6 +121,12 @@ class Daemon:
         _make_private_dir(cfg.runtime_dir / "pods", cfg.allow_gid)
         _make_private_dir(cfg.state_dir, None)
         self._locks = [_lock(cfg.state_dir / "capd.lock"), _lock(cfg.runtime_dir / "capd.lock")]
+        if left := leftovers.claim(cfg.state_dir):
+            log.warning(
+                "stopping %d process groups the last capd left running (%s)",
+                len(left),
+                " ".join(map(str, left)),
+            )
         _raise_fd_limit()
         self._store = Store(cfg.state_dir / "capd.db")
         self._outbox = Outbox(self._store)

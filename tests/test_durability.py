@@ -8,6 +8,7 @@ import asyncio
 import random
 import sqlite3
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,11 +24,13 @@ from tests.helpers import (
     connect_pod,
     daemon_request,
     full_history,
+    group_alive,
     is_event,
     rss_bytes,
     scripted,
     sleeper,
     spawn,
+    until,
     wait_for,
 )
 
@@ -72,10 +75,14 @@ async def _read_until(pod: Client, seconds: float, seen: dict[int, Event]) -> No
             seen[event["seq"]] = event
 
 
-async def _sigkill_and_restart(capd: CapdProcess) -> None:
+async def _sigkill(capd: CapdProcess) -> None:
     assert capd.proc is not None
     capd.proc.kill()
     await asyncio.to_thread(capd.proc.wait, 10)
+
+
+async def _sigkill_and_restart(capd: CapdProcess) -> None:
+    await _sigkill(capd)
     await asyncio.to_thread(capd.start)
 
 
@@ -341,3 +348,25 @@ async def test_replaying_100k_events_keeps_the_daemon_memory_bounded(capd: CapdP
     replayed_bytes = last_seq // 2 * len(text)
     assert replayed_bytes > 100 * 2**20
     assert peak - baseline < 40 * 2**20, f"capd grew {(peak - baseline) >> 20} MiB"
+
+
+async def test_the_next_capd_stops_the_tools_a_killed_capd_left_running(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    """A SIGKILLed capd cannot stop its tools' process groups; the next one on its state
+    directory does, before it restores the pods."""
+    pid_file = tmp_path / "tool.pid"
+    command = f"echo $$ > {pid_file}.new && mv {pid_file}.new {pid_file}; sleep 300"
+    tool = {"tool_calls": [{"name": "bash", "arguments": {"command": command}}]}
+    await spawn(capd, "w1", scripted(tool), tools=["bash"])
+    async with await connect_pod(capd, "w1") as pod:
+        await pod.request({"method": "run", "text": "go"})
+        await until(pid_file.exists)
+    pgid = int(pid_file.read_text())
+    await _sigkill(capd)
+    assert group_alive(pgid)
+    await asyncio.to_thread(capd.start)
+    await until(lambda: not group_alive(pgid))
+    async with await connect_pod(capd, "w1") as pod:
+        status = await pod.request({"method": "status"})
+    assert status["status"] == "paused"
