@@ -92,13 +92,8 @@ class Endpoint(ABC):
                 )
             return
         _remove_stale_socket(self.path)
-        old_umask = os.umask(0o177)
-        try:
-            self._server = await asyncio.start_unix_server(
-                self._serve, path=str(self.path), limit=limit
-            )
-        finally:
-            os.umask(old_umask)
+        sock = _bind_private(self.path)
+        self._server = await asyncio.start_unix_server(self._serve, sock=sock, limit=limit)
         if group is not None:
             _share_with_group(self.path, group)
         else:
@@ -181,6 +176,21 @@ class Endpoint(ABC):
 def _share_with_group(path: Path, group: int) -> None:
     os.chown(path, -1, group)
     os.chmod(path, 0o660)
+
+
+def _bind_private(path: Path) -> socket.socket:
+    """A Unix socket bound at `path`, created 0600. The umask is process-wide, so it is
+    changed only around the bind, with no await in between."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    except OSError:
+        sock.close()
+        raise
+    finally:
+        os.umask(old_umask)
+    return sock
 
 
 def _remove_stale_socket(path: Path) -> None:
