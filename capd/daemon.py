@@ -54,6 +54,10 @@ T = TypeVar("T")
 
 REPLAY_BATCH = 1000
 SHUTDOWN_GRACE_S = 10.0
+RESTORE_REPORT_S = 1.0
+"""How often a restore under way tells systemd its progress."""
+RESTORE_EXTEND_USEC = 30_000_000
+"""How long each progress report extends systemd's start-up timeout."""
 
 
 @dataclass(eq=False)
@@ -131,12 +135,7 @@ class Daemon:
         self._store = Store(cfg.state_dir / "capd.db")
         self._outbox = Outbox(self._store)
         self._registry = PodRegistry(self._store)
-        for record in self.registry.all():
-            if self._should_exit.is_set():
-                return  # SIGTERM during restore: stop here, shutdown() takes down what is up
-            if not record.stopped:
-                with contextlib.suppress(ProtocolError):
-                    await self._bring_up_record(record)
+        await self._restore_pods()
         await self._endpoint.listen(activated)
         self.outbox.start()
         log.info(
@@ -150,6 +149,23 @@ class Daemon:
         # daemon: keep the collector from walking it again on every full collection.
         gc.freeze()
         self._notifier.ready(self._summary())
+
+    async def _restore_pods(self) -> None:
+        """Bring up the pods that were not stopped. A long restore tells systemd how far it
+        is and extends the start-up timeout, so a big state directory never trips it."""
+        records = [record for record in self.registry.all() if not record.stopped]
+        reported = -RESTORE_REPORT_S
+        for done, record in enumerate(records):
+            if self._should_exit.is_set():
+                return  # SIGTERM during restore: stop here, shutdown() takes down what is up
+            if time.monotonic() - reported >= RESTORE_REPORT_S:
+                reported = time.monotonic()
+                self._notifier.send(
+                    EXTEND_TIMEOUT_USEC=str(RESTORE_EXTEND_USEC),
+                    STATUS=f"restoring pods: {done} of {len(records)} up",
+                )
+            with contextlib.suppress(ProtocolError):
+                await self._bring_up_record(record)
 
     async def main_loop(self) -> None:
         if self._notifier.watchdog_s is None:

@@ -71,6 +71,20 @@ async def test_sd_notify_ready_watchdog_status_and_stopping(
     assert await asyncio.to_thread(capd.proc.wait, 15) == 0
 
 
+async def test_a_restore_extends_the_start_up_timeout_and_says_how_far_it_is(
+    capd: CapdProcess, notify_socket: NotifySocket
+) -> None:
+    for name in ("w1", "w2"):
+        await spawn(capd, name, scripted({"text": "ok"}))
+    await asyncio.to_thread(capd.stop)
+    capd.env = {"NOTIFY_SOCKET": str(notify_socket.path)}
+    await asyncio.to_thread(capd.start)
+    progress = await notify_socket.next()
+    ready = await notify_socket.until("READY")
+    assert progress == {"EXTEND_TIMEOUT_USEC": "30000000", "STATUS": "restoring pods: 0 of 2 up"}
+    assert ready["STATUS"] == "2 pods up, 0 running"
+
+
 async def test_tools_do_not_inherit_systemd_variables(
     capd_dirs: CapdProcess, notify_socket: NotifySocket
 ) -> None:
