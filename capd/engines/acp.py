@@ -51,6 +51,9 @@ STOP_RESULTS: dict[str, TurnResult] = {
     "max_turn_requests": "limit_reached",
     "refusal": "errored",
 }
+ANSWER_UPDATES = frozenset(
+    {"agent_message_chunk", "agent_thought_chunk", "tool_call", "tool_call_update", "plan"}
+)
 METHOD_NOT_FOUND = -32601
 ALLOW_KINDS = ("allow_once", "allow_always")
 REJECT_KINDS = ("reject_once", "reject_always")
@@ -261,12 +264,14 @@ class AcpEngine(ExternalEngine):
         try:
             while True:
                 message = await self._next_message()
-                self._answered = True
                 if message.get("id") == self._prompt_id:
                     self._prompt_id = None
                     self._flush(host, turn, state)
                     return _outcome(turn, message)
                 update = (message.get("params") or {}).get("update") or {}
+                # An echo of the prompt, or a usage or mode note, is not an answer: the
+                # agent may not have kept the prompt, so a restart gives it again.
+                self._answered |= update.get("sessionUpdate") in ANSWER_UPDATES
                 self._update(host, turn, state, update)
         except EngineDied:
             self._prompt_id = None
