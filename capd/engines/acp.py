@@ -8,9 +8,9 @@ become events until its response gives the `stopReason`. Pause and cancel send
 `session/cancel`; the agent then answers the prompt with `cancelled`, which the next
 prompt waits for. `session/request_permission` is answered by the pod's policy.
 
-Steps: the text and thought chunks since the last tool call make one `assistant_message`,
-recorded when a tool call starts (with that call) or the prompt ends; a tool call that
-ends `completed` or `failed` gives its `tool_result`.
+Steps: text and thought chunks, and the tool calls announced after them, make one
+`assistant_message`, recorded when a chunk follows the calls, a call ends or the prompt
+ends; a tool call that ends `completed` or `failed` gives its `tool_result`.
 """
 
 import asyncio
