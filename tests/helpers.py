@@ -116,6 +116,19 @@ async def run_turn(pod: Client, text: str) -> tuple[Event, list[Event]]:
     return await wait_for(pod, is_event("turn_end"))
 
 
+async def pause_turn(pod: Client) -> list[Event]:
+    """`pause` the running turn; every event seen until the pod says it is paused."""
+    await pod.request({"method": "pause"})
+    _, seen = await wait_for(pod, is_event("status", status="paused"))
+    return seen
+
+
+async def resume_turn(pod: Client) -> tuple[Event, list[Event]]:
+    """`resume` the paused turn and wait for its turn_end; the turn_end and every event seen."""
+    await pod.request({"method": "resume"})
+    return await wait_for(pod, is_event("turn_end"))
+
+
 def engine_starts(state: Path) -> list[dict[str, Any]]:
     """Each start of a stand-in engine, as it logged it (argv, pid, pgid, cwd)."""
     return [entry for entry in json_lines(state / "log.jsonl") if "argv" in entry]

@@ -16,7 +16,15 @@ from tests.anthropic_server import (
     ToolUseReply,
 )
 from tests.conftest import CapdProcess
-from tests.helpers import connect_pod, is_event, kinds, spawn, wait_for
+from tests.helpers import (
+    connect_pod,
+    is_event,
+    kinds,
+    pause_turn,
+    resume_turn,
+    spawn,
+    wait_for,
+)
 
 KEY_ENV = "CAPD_TEST_ANTHROPIC_KEY"
 
@@ -144,8 +152,7 @@ async def test_signed_thinking_survives_a_restart_in_the_middle_of_a_tool(
 
     async with await connect_pod(capd, "w1") as pod:
         assert (await pod.request({"method": "status"}))["status"] == "paused"
-        await pod.request({"method": "resume"})
-        end, _ = await wait_for(pod, is_event("turn_end"))
+        end, _ = await resume_turn(pod)
 
     assert (end["result"], end["output"]) == ("finished", "Rested.")
     assistant, results = server.requests[1]["messages"][1:]
@@ -165,11 +172,9 @@ async def test_pause_mid_stream_then_resume_continues_the_reply(
     async with await connect_pod(capd, "w1") as pod:
         await pod.request({"method": "run", "text": "write a lot"})
         await wait_for(pod, is_event("text_delta"))
-        await pod.request({"method": "pause"})
-        _, seen = await wait_for(pod, is_event("status", status="paused"))
+        seen = await pause_turn(pod)
         await server.wait_disconnects(1)
-        await pod.request({"method": "resume"})
-        end, _ = await wait_for(pod, is_event("turn_end"))
+        end, _ = await resume_turn(pod)
 
     partial = next(e for e in seen if e["event"] == "assistant_message")
     assert partial["interrupted"] is True

@@ -6,7 +6,15 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import CapdProcess
-from tests.helpers import connect_pod, is_event, kinds, spawn, wait_for
+from tests.helpers import (
+    connect_pod,
+    is_event,
+    kinds,
+    pause_turn,
+    resume_turn,
+    spawn,
+    wait_for,
+)
 from tests.openai_server import (
     ErrorReply,
     FunctionCall,
@@ -114,11 +122,9 @@ async def test_pause_interrupts_a_streaming_http_response(
     async with await connect_pod(capd, "w1") as pod:
         await pod.request({"method": "run", "text": "write a lot"})
         await wait_for(pod, is_event("text_delta"))
-        await pod.request({"method": "pause"})
-        _, seen = await wait_for(pod, is_event("status", status="paused"))
+        seen = await pause_turn(pod)
         await server.wait_disconnects(1)
-        await pod.request({"method": "resume"})
-        end, _ = await wait_for(pod, is_event("turn_end"))
+        end, _ = await resume_turn(pod)
     partial = next(e for e in seen if e["event"] == "assistant_message")
     assert partial["interrupted"] is True
     assert partial["text"].startswith("tok ")

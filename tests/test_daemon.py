@@ -10,7 +10,15 @@ import pytest
 from protocol.client import Client, ConnectionClosed
 from protocol.errors import ProtocolError
 from tests.conftest import CapdProcess
-from tests.helpers import connect_pod, is_event, scripted, slow_text, spawn, wait_for
+from tests.helpers import (
+    connect_pod,
+    is_event,
+    resume_turn,
+    scripted,
+    slow_text,
+    spawn,
+    wait_for,
+)
 
 
 async def _daemon(capd: CapdProcess) -> Client:
@@ -164,8 +172,7 @@ async def test_a_turn_in_flight_at_sigkill_comes_back_paused_and_resumes(
     async with await connect_pod(capd, "w1") as pod:
         status = await pod.request({"method": "status"})
         assert (status["status"], status["turn_id"]) == ("paused", ack["turn_id"])
-        await pod.request({"method": "resume"})
-        end, _ = await wait_for(pod, is_event("turn_end"))
+        end, _ = await resume_turn(pod)
     assert (end["turn_id"], end["result"]) == (ack["turn_id"], "finished")
     assert len(end["output"]) == 400
 

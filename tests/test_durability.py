@@ -26,6 +26,7 @@ from tests.helpers import (
     full_history,
     group_alive,
     is_event,
+    resume_turn,
     rss_bytes,
     scripted,
     sleeper,
@@ -226,8 +227,7 @@ async def test_a_torn_write_ahead_log_never_prevents_start_up(capd: CapdProcess)
             prompts = [e for e in history if e["event"] == "user_message"]
             assert prompts[-1]["turn_id"] == open_turn, "a started turn has its prompt"
             await pod.request({"method": "subscribe"})
-            await pod.request({"method": "resume"})
-            end, _ = await wait_for(pod, is_event("turn_end"))
+            end, _ = await resume_turn(pod)
             assert (end["turn_id"], end["result"]) == (open_turn, "finished")
         await pod.request({"method": "run", "text": "three"})
 

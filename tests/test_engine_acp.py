@@ -22,6 +22,8 @@ from tests.helpers import (
     is_event,
     json_lines,
     kinds,
+    pause_turn,
+    resume_turn,
     run_turn,
     until,
     wait_for,
@@ -146,11 +148,9 @@ async def test_pause_cancels_the_prompt_and_resume_continues(
     async with await connect_pod(capd, "ag") as pod:
         await pod.request({"method": "run", "text": "slow"})
         await wait_for(pod, is_event("text_delta"))
-        await pod.request({"method": "pause"})
-        _, seen = await wait_for(pod, is_event("status", status="paused"))
+        seen = await pause_turn(pod)
         await until(lambda: len(_calls(state, "cancel")) == 1)
-        await pod.request({"method": "resume"})
-        end, _ = await wait_for(pod, is_event("turn_end"))
+        end, _ = await resume_turn(pod)
     partial = next(e for e in seen if e["event"] == "assistant_message")
     assert partial["interrupted"] is True
     assert partial["text"].startswith("tok ")
@@ -257,8 +257,7 @@ async def test_a_restarted_capd_loads_the_agent_session(capd: CapdProcess, state
     assert not group_alive(engine_starts(state)[0]["pgid"])
     capd.start()
     async with await connect_pod(capd, "ag") as pod:
-        await pod.request({"method": "resume"})
-        end, _ = await wait_for(pod, is_event("turn_end"))
+        end, _ = await resume_turn(pod)
     (new,) = _calls(state, "new_session")
     (load,) = _calls(state, "load_session")
     assert load["id"] == new["id"]
@@ -310,11 +309,9 @@ async def test_a_pause_while_the_agent_starts_keeps_the_prompt_for_resume(
     async with await connect_pod(capd, "ag") as pod:
         await pod.request({"method": "run", "text": "hello"})
         await until(lambda: bool(_calls(state, "initialize")))
-        await pod.request({"method": "pause"})
-        await wait_for(pod, is_event("status", status="paused"))
+        await pause_turn(pod)
         (state / "hold-init").unlink()
-        await pod.request({"method": "resume"})
-        end, _ = await wait_for(pod, is_event("turn_end"))
+        end, _ = await resume_turn(pod)
     assert _prompts(state) == ["hello"]
     assert (end["result"], end["output"]) == ("finished", "You said: hello")
     first, _ = engine_starts(state)
@@ -367,11 +364,9 @@ async def test_a_resumed_turn_gets_the_notes_and_then_continue(
     async with await connect_pod(capd, "ag") as pod:
         await pod.request({"method": "run", "text": "slow"})
         await wait_for(pod, is_event("text_delta"))
-        await pod.request({"method": "pause"})
-        await wait_for(pod, is_event("status", status="paused"))
+        await pause_turn(pod)
         await pod.request({"method": "notify", "text": "CI is green", "source": "ci"})
-        await pod.request({"method": "resume"})
-        end, _ = await wait_for(pod, is_event("turn_end"))
+        end, _ = await resume_turn(pod)
     assert _prompts(state) == ["slow", f"[notification from ci]\nCI is green\n\n{CONTINUE_PROMPT}"]
     assert end["result"] == "finished"
 
@@ -403,8 +398,7 @@ async def test_tools_the_agent_stops_on_pause_keep_its_results(
         await pod.request({"method": "pause"})
         await wait_for(pod, is_event("tool_result"))
         await wait_for(pod, is_event("tool_result"))
-        await pod.request({"method": "resume"})
-        end, _ = await wait_for(pod, is_event("turn_end"))
+        end, _ = await resume_turn(pod)
         history = await full_history(pod)
     (step,) = [e for e in history if e["event"] == "assistant_message" and e["tool_calls"]]
     results = [e for e in history if e["event"] == "tool_result"]

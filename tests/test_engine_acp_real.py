@@ -26,6 +26,8 @@ from tests.helpers import (
     group_alive,
     is_event,
     kinds,
+    pause_turn,
+    resume_turn,
     run_turn,
     until,
     wait_for,
@@ -245,11 +247,9 @@ async def test_pause_mid_stream_and_resume_continues_the_turn(
     async with await connect_pod(capd, "vibe") as pod:
         await pod.request({"method": "run", "text": "talk for a long time"})
         await wait_for(pod, is_event("text_delta"), STARTUP_TIMEOUT_S)
-        await pod.request({"method": "pause"})
-        _, seen = await wait_for(pod, is_event("status", status="paused"))
+        seen = await pause_turn(pod)
         await server.wait_disconnects()
-        await pod.request({"method": "resume"})
-        end, _ = await wait_for(pod, is_event("turn_end"))
+        end, _ = await resume_turn(pod)
     partial = next(e for e in seen if e["event"] == "assistant_message")
     assert partial["interrupted"] is True
     assert (end["result"], end["output"]) == ("finished", partial["text"] + " and done.")

@@ -20,6 +20,8 @@ from tests.helpers import (
     is_event,
     json_lines,
     kinds,
+    pause_turn,
+    resume_turn,
     run_turn,
     until,
     wait_for,
@@ -131,11 +133,9 @@ async def test_pause_interrupts_the_engine_and_resume_continues(
     async with await connect_pod(capd, "cc") as pod:
         await pod.request({"method": "run", "text": "slow"})
         await wait_for(pod, is_event("text_delta"))
-        await pod.request({"method": "pause"})
-        _, seen = await wait_for(pod, is_event("status", status="paused"))
+        seen = await pause_turn(pod)
         await until(lambda: len(_interrupts(state)) == 1)
-        await pod.request({"method": "resume"})
-        end, _ = await wait_for(pod, is_event("turn_end"))
+        end, _ = await resume_turn(pod)
     partial = next(e for e in seen if e["event"] == "assistant_message")
     assert partial["interrupted"] is True
     assert partial["text"].startswith("tok ")
@@ -158,8 +158,7 @@ async def test_a_tool_the_cli_stops_on_pause_gets_the_cli_result(
         await until(running.exists)
         await pod.request({"method": "pause"})
         stopped, _ = await wait_for(pod, is_event("tool_result"))
-        await pod.request({"method": "resume"})
-        end, _ = await wait_for(pod, is_event("turn_end"))
+        end, _ = await resume_turn(pod)
         history = await full_history(pod)
     assert (stopped["output"], stopped["is_error"]) == (CLI_INTERRUPTED_TOOL, True)
     step = next(e for e in history if e["event"] == "assistant_message")
@@ -177,10 +176,8 @@ async def test_pause_during_a_tool_closes_the_call_on_resume(
     async with await connect_pod(capd, "cc") as pod:
         await pod.request({"method": "run", "text": "tool:sleep 30"})
         await wait_for(pod, is_event("assistant_message"))
-        await pod.request({"method": "pause"})
-        await wait_for(pod, is_event("status", status="paused"))
-        await pod.request({"method": "resume"})
-        end, seen = await wait_for(pod, is_event("turn_end"))
+        await pause_turn(pod)
+        end, seen = await resume_turn(pod)
     closed = next(e for e in seen if e["event"] == "tool_result")
     assert closed["is_error"] is True
     assert closed["output"] == INTERRUPTED_TOOL_OUTPUT
@@ -195,10 +192,8 @@ async def test_an_engine_deaf_to_interrupts_is_restarted_after_the_settle_timeou
     async with await connect_pod(capd, "cc") as pod:
         await pod.request({"method": "run", "text": "slow"})
         await wait_for(pod, is_event("text_delta"))
-        await pod.request({"method": "pause"})
-        await wait_for(pod, is_event("status", status="paused"))
-        await pod.request({"method": "resume"})
-        end, _ = await wait_for(pod, is_event("turn_end"))
+        await pause_turn(pod)
+        end, _ = await resume_turn(pod)
     first, second = engine_starts(state)
     await until(lambda: not group_alive(first["pgid"]))
     assert second["argv"][second["argv"].index("--resume") + 1]
@@ -294,8 +289,7 @@ async def test_a_restarted_capd_resumes_the_engine_session(capd: CapdProcess, st
     capd.start()
     async with await connect_pod(capd, "cc") as pod:
         status = await pod.request({"method": "status"})
-        await pod.request({"method": "resume"})
-        end, _ = await wait_for(pod, is_event("turn_end"))
+        end, _ = await resume_turn(pod)
     assert status["status"] == "paused"
     _, restarted = engine_starts(state)
     assert restarted["argv"][restarted["argv"].index("--resume") + 1] == session

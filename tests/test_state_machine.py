@@ -14,6 +14,7 @@ from tests.helpers import (
     connect_pod,
     is_event,
     kinds,
+    pause_turn,
     scripted,
     slow_text,
     spawn,
@@ -134,8 +135,7 @@ async def test_pause_kills_the_running_tools_process_group(
         await pod.request({"method": "run", "text": "go"})
         await wait_for(pod, is_event("assistant_message"))
         pids = await _wait_for_pids(tmp_path / "pids", 2)
-        await pod.request({"method": "pause"})
-        await wait_for(pod, is_event("status", status="paused"))
+        await pause_turn(pod)
         # SIGKILL lands asynchronously: the group must be gone within a second.
         await _wait_until_dead(pids, timeout=1.0)
         # Resume closes the orphaned call with an "interrupted" result.
@@ -159,8 +159,7 @@ async def test_resume_continues_the_same_turn(capd: CapdProcess) -> None:
         with pytest.raises(ProtocolError) as err:
             await pod.request({"method": "resume"})
         assert err.value.code == "not_paused"
-        await pod.request({"method": "pause"})
-        await wait_for(pod, is_event("status", status="paused"))
+        await pause_turn(pod)
         await pod.request({"method": "resume"})
         running, _ = await wait_for(pod, is_event("status"))
         end, seen = await wait_for(pod, is_event("turn_end"))
@@ -244,8 +243,7 @@ async def test_notify_while_paused_waits_for_resume(capd: CapdProcess) -> None:
     async with await connect_pod(capd, "w1") as pod:
         await pod.request({"method": "run", "text": "go"})
         await wait_for(pod, is_event("text_delta"))
-        await pod.request({"method": "pause"})
-        await wait_for(pod, is_event("status", status="paused"))
+        await pause_turn(pod)
         await pod.request({"method": "notify", "text": "later"})
         history = await pod.request({"method": "history"})
         assert "notification" not in kinds(history["events"])
