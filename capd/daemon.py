@@ -194,6 +194,8 @@ class Daemon:
             await asyncio.wait(self._background, timeout=SHUTDOWN_GRACE_S)
         await asyncio.gather(*(self._take_down(name, "pause") for name in list(self.pods)))
         await stop_all_groups()
+        if self._locks:
+            leftovers.release(self.config.state_dir)
         if self._outbox is not None:
             await self._outbox.close()
         if self._store is not None:

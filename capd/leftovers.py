@@ -4,8 +4,10 @@ capd stops its tools' and engines' process groups when it shuts down; a capd tha
 SIGKILLed, or crashes, cannot. So every process capd starts inherits CAPD_OWNER, a token
 drawn at each start and kept in the state directory, and the next capd on that directory
 (its lock says the old one is gone) stops the process group of every process still
-carrying the old token. Under systemd the unit's cgroup does this already; this covers a
-capd run by hand. A process that clears its environment escapes.
+carrying the old token. A capd that shuts down cleanly has stopped its groups itself and
+removes the token, so the next start skips the search. Under systemd the unit's cgroup
+does all this already; this covers a capd run by hand. A process that clears its
+environment escapes.
 """
 
 import os
@@ -67,3 +69,8 @@ def _lineage() -> set[int]:
             break
         pid = int(stat.rsplit(")", 1)[1].split()[1])
     return pids
+
+
+def release(state_dir: Path) -> None:
+    """A clean shutdown, with every process group stopped: nothing to search for next time."""
+    (state_dir / OWNER_FILE).unlink(missing_ok=True)

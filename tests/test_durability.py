@@ -370,3 +370,10 @@ async def test_the_next_capd_stops_the_tools_a_killed_capd_left_running(
     async with await connect_pod(capd, "w1") as pod:
         status = await pod.request({"method": "status"})
     assert status["status"] == "paused"
+
+
+async def test_a_clean_shutdown_leaves_no_owner_token_to_search_for(capd: CapdProcess) -> None:
+    owner = capd.state_dir / "owner"
+    assert owner.exists()
+    await asyncio.to_thread(capd.stop)
+    assert not owner.exists()
