@@ -16,13 +16,7 @@ from typing import Protocol
 from capd.context import Context
 from capd.tools.base import ToolContext
 from protocol.errors import ProtocolError
-from protocol.events import (
-    DurableEvent,
-    Invoke,
-    Notification,
-    PodEventBase,
-    TurnResult,
-)
+from protocol.events import DurableEvent, Invoke, Notification, PodEventBase, TurnResult
 from protocol.manifest import Manifest
 
 
