@@ -27,6 +27,7 @@ from tests.helpers import (
     until,
     wait_for,
 )
+from tests.test_capctl import ok
 
 FAKE_CLAUDE = Path(__file__).with_name("fake_claude.py")
 
@@ -331,6 +332,10 @@ async def test_a_session_claude_cannot_resume_is_replaced_by_a_new_one(
         assert replacing["reason"] == f"No conversation found with session ID: {old}"
     else:
         assert replacing["reason"].startswith("claude-code engine exited with code 1; stderr: ")
+    log = await asyncio.to_thread(ok, capd.runtime_dir, "log", "cc")
+    reason = replacing["reason"] if refusal == "result" else ""
+    assert f"engine session {old} could not be resumed ({reason}" in log
+    assert f"new session {replacing['session_id']}: earlier turns are lost" in log
 
 
 async def test_steps_count_the_usage_the_api_reported_at_their_end(
