@@ -239,6 +239,8 @@ class TurnPrinter:
             self._show_status(str(event.get("status")))
         elif kind in ("retry", "lagged", "notification", "error", "permission_request"):
             self._note(describe(event) or "")
+        elif kind == "engine_session" and event.get("replaced"):
+            self._note(session_replaced_line(event))
 
     def _show_status(self, status: str) -> None:
         if status == "paused":
