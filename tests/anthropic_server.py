@@ -9,7 +9,8 @@ per model, held replies and framing); with none queued, a streamed text reply sa
 "(no scripted reply)". Events are framed as the API frames them, `event: <type>` then
 `data: <json>`, and a stream is `message_start`, per content block `content_block_start`,
 its deltas and `content_block_stop` (a `ping` after the first start), then
-`message_delta` and `message_stop`.
+`message_delta` and `message_stop`. A request that does not ask to stream (Claude Code
+asks so again when a stream fails) gets a text or tool-use reply as one JSON message.
 
 Like the real API, the server refuses (400 `invalid_request_error`, no reply taken) a
 request that breaks the rules a client most easily gets wrong: missing `max_tokens` or
@@ -22,6 +23,7 @@ among the messages (outside the user/assistant alternation), the `?beta=true` qu
 `POST /v1/messages/count_tokens` (an estimate); other routes get a 404 `not_found_error`.
 """
 
+import json
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -128,6 +130,12 @@ class AnthropicTestServer(SseTestServer[Reply]):
             headers = {"retry-after": reply.retry_after} if reply.retry_after is not None else {}
             return ErrorResponse(reply.status, _error_body(reply.message, reply.type), headers)
         return _stream_for(reply, model)
+
+    def answer_whole(self, reply: Reply, model: str) -> ErrorResponse | None:
+        # Claude Code asks again without `stream` when a stream fails.
+        if isinstance(reply, TextReply | ToolUseReply):
+            return ErrorResponse(200, compact(_events_for(reply, model).message).encode())
+        return None
 
     def fallback(self) -> Reply:
         return TextReply(FALLBACK_TEXT)
@@ -276,23 +284,28 @@ def _error_body(message: str, type_: str = "invalid_request_error") -> bytes:
 # -- responses ----------------------------------------------------------------------------
 
 
-def _stream_for(reply: StreamedReply, model: str) -> SseStream:
+def _events_for(reply: TextReply | ToolUseReply, model: str) -> "_Events":
+    """The events of a streamed reply, and the message they make."""
+    events = _Events(model, reply.input_tokens)
+    events.thinking(reply.thinking, reply.signature)
     match reply:
         case TextReply():
-            events = _Events(model, reply.input_tokens)
-            events.thinking(reply.thinking, reply.signature)
-            pieces = [reply.text] if isinstance(reply.text, str) else list(reply.text)
-            events.text(pieces)
-            return SseStream(events.end("end_turn", reply.output_tokens), reply.delay_ms)
+            events.text([reply.text] if isinstance(reply.text, str) else list(reply.text))
+            events.end("end_turn", reply.output_tokens)
         case ToolUseReply():
-            events = _Events(model, reply.input_tokens)
-            events.thinking(reply.thinking, reply.signature)
             if reply.redacted:
                 events.block({"type": "redacted_thinking", "data": reply.redacted}, [])
             events.text(reply.text)
             for call in reply.calls:
                 events.tool_use(call, reply.fragment_chars)
-            return SseStream(events.end("tool_use", reply.output_tokens), reply.delay_ms)
+            events.end("tool_use", reply.output_tokens)
+    return events
+
+
+def _stream_for(reply: StreamedReply, model: str) -> SseStream:
+    match reply:
+        case TextReply() | ToolUseReply():
+            return SseStream(_events_for(reply, model).frames, reply.delay_ms)
         case StreamErrorReply():
             events = _Events(model, 10)
             events.text(reply.text)
@@ -307,7 +320,7 @@ def _stream_for(reply: StreamedReply, model: str) -> SseStream:
 
 
 class _Events:
-    """The events of one message, built block by block."""
+    """The events of one message, built block by block, and the message they make."""
 
     def __init__(self, model: str, input_tokens: int) -> None:
         message = {
@@ -326,7 +339,15 @@ class _Events:
             },
         }
         self.frames = [_sse("message_start", {"type": "message_start", "message": message})]
+        self._message = message
+        self._blocks: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
         self._index = 0
+
+    @property
+    def message(self) -> dict[str, Any]:
+        """The whole message, as a request that does not stream gets it."""
+        content = [_whole_block(start, deltas) for start, deltas in self._blocks]
+        return {**self._message, "content": content}
 
     def block(self, content_block: dict[str, Any], deltas: list[dict[str, Any]]) -> None:
         index = self._index
@@ -345,6 +366,7 @@ class _Events:
         self.frames.append(
             _sse("content_block_stop", {"type": "content_block_stop", "index": index})
         )
+        self._blocks.append((content_block, deltas))
         self._index += 1
 
     def thinking(self, pieces: Sequence[str], signature: str) -> None:
@@ -374,17 +396,37 @@ class _Events:
         }
         self.block(start, [{"type": "input_json_delta", "partial_json": p} for p in pieces])
 
-    def end(self, stop_reason: str, output_tokens: int) -> list[bytes]:
+    def end(self, stop_reason: str, output_tokens: int) -> None:
         delta = {
             "type": "message_delta",
             "delta": {"stop_reason": stop_reason, "stop_sequence": None},
             "usage": {"output_tokens": output_tokens},
         }
-        return [
-            *self.frames,
+        self.frames += [
             _sse("message_delta", delta),
             _sse("message_stop", {"type": "message_stop"}),
         ]
+        usage = {**self._message["usage"], "output_tokens": output_tokens}
+        self._message = {**self._message, "stop_reason": stop_reason, "usage": usage}
+
+
+def _whole_block(start: dict[str, Any], deltas: list[dict[str, Any]]) -> dict[str, Any]:
+    """A content block as a whole message has it: its start with its deltas applied."""
+    block = dict(start)
+    partial_json = ""
+    for delta in deltas:
+        match delta["type"]:
+            case "text_delta":
+                block["text"] += delta["text"]
+            case "thinking_delta":
+                block["thinking"] += delta["thinking"]
+            case "signature_delta":
+                block["signature"] = delta["signature"]
+            case "input_json_delta":
+                partial_json += delta["partial_json"]
+    if block["type"] == "tool_use":
+        block["input"] = json.loads(partial_json) if partial_json else {}
+    return block
 
 
 def _sse(event: str, data: dict[str, Any]) -> bytes:

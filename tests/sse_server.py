@@ -95,6 +95,10 @@ class SseTestServer(ABC, Generic[ReplyT]):
         """The error the API would answer this request with, if any; no reply is taken."""
         return None
 
+    def answer_whole(self, reply: ReplyT, model: str) -> ErrorResponse | None:
+        """The answer to a request that does not ask to stream; None: stream it anyway."""
+        return None
+
     def route(self, method: str, path: str, body: bytes) -> ErrorResponse | None:
         """The answer to a request for another path than `PATH`; None: 404."""
         return None
@@ -190,7 +194,8 @@ class SseTestServer(ABC, Generic[ReplyT]):
         if isinstance(reply, HeldReply):
             await reply.release.wait()
             reply = reply.reply
-        answer = self.answer(reply, model)
+        whole = None if body.get("stream") else self.answer_whole(reply, model)
+        answer = whole or self.answer(reply, model)
         if isinstance(answer, ErrorResponse):
             await connection.send(answer)
             return True

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.anthropic_server import AnthropicTestServer, TextReply
+from tests.anthropic_server import AnthropicTestServer, TextReply, ToolUse, ToolUseReply
 
 HEADERS = {
     "anthropic-version": "2023-06-01",
@@ -117,6 +117,28 @@ async def test_claude_codes_requests_are_answered(
     assert response.headers["content-type"] == "text/event-stream"
     assert '"text":"Hello"' in response.text
     assert server.requests == [body]
+
+
+async def test_a_request_that_does_not_stream_gets_the_whole_message(
+    server: AnthropicTestServer,
+) -> None:
+    """Claude Code's fallback when a stream fails: the same request with `stream: false`."""
+    server.enqueue(
+        ToolUseReply([ToolUse("Bash", {"command": "ls"}, id="toolu_1")], text=["Look", "ing."])
+    )
+    response = await _post(server, "/v1/messages?beta=true", {**_first_request(), "stream": False})
+    assert response.status_code == 200
+    message = response.json()
+    assert (message["type"], message["role"], message["stop_reason"]) == (
+        "message",
+        "assistant",
+        "tool_use",
+    )
+    assert message["content"] == [
+        {"type": "text", "text": "Looking."},
+        {"type": "tool_use", "id": "toolu_1", "name": "Bash", "input": {"command": "ls"}},
+    ]
+    assert message["usage"]["output_tokens"] == 5
 
 
 async def test_count_tokens_is_answered_with_an_estimate(server: AnthropicTestServer) -> None:
