@@ -26,6 +26,7 @@ from tests.helpers import (
     is_event,
     kinds,
     pause_turn,
+    until,
     wait_for,
 )
 
@@ -192,6 +193,33 @@ async def test_pause_mid_stream_and_resume_continues_the_turn(
     partial = next(e for e in seen if e["event"] == "assistant_message")
     assert partial["interrupted"] is True
     assert (end["result"], end["output"]) == ("finished", partial["text"] + " and done.")
+    assert _texts(server.requests[-1])[-1] == CONTINUE_PROMPT
+
+
+async def test_pause_during_a_bash_call_keeps_the_clis_word_on_it(
+    capd: CapdProcess, server: AnthropicTestServer, tmp_path: Path
+) -> None:
+    """The CLI stops the running command and says so in its tool_result; capd records it."""
+    command = "touch started; sleep 30; touch finished"
+    server.enqueue(
+        ToolUseReply([ToolUse("Bash", {"command": command, "description": "wait a while"})]),
+        TextReply("Stopped, then."),
+    )
+    cwd = await _spawn(capd, server, tmp_path)
+    async with await connect_pod(capd, "cc") as pod:
+        await pod.request({"method": "run", "text": "run the slow command"})
+        await wait_for(pod, is_event("tool_call_start"), TURN_TIMEOUT_S)
+        await until(lambda: (cwd / "started").exists(), TURN_TIMEOUT_S)
+        await pod.request({"method": "pause"})
+        stopped, _ = await wait_for(pod, is_event("tool_result"))
+        await pod.request({"method": "resume"})
+        end, _ = await wait_for(pod, is_event("turn_end"), TURN_TIMEOUT_S)
+        history = await full_history(pod)
+    assert stopped["is_error"] is True
+    assert stopped["output"].startswith("The user doesn't want to proceed with this tool use.")
+    assert [e["output"] for e in history if e["event"] == "tool_result"] == [stopped["output"]]
+    assert (end["result"], end["output"]) == ("finished", "Stopped, then.")
+    assert not (cwd / "finished").exists()
     assert _texts(server.requests[-1])[-1] == CONTINUE_PROMPT
 
 
