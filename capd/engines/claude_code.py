@@ -347,7 +347,8 @@ class ClaudeCodeEngine(ExternalEngine):
     def _on_death(self, died: EngineDied) -> None:
         self._busy = False
         if self._resuming:
-            # An older CLI only exits (its reason on stderr) when it cannot resume.
+            # Dead before a word after --resume: the session is taken as lost too (why is
+            # in stderr's end), lest every later start die on it the same way.
             self._resuming = False
             assert self._session_id is not None
             self._session_lost(self._session_id, str(died))

@@ -12,7 +12,9 @@ CONTINUE_PROMPT when the turn is resuming. A cancelled turn (pause, cancel, stop
 timeout) interrupts the engine the way its protocol says, at once; the next prompt waits
 until the engine has wound that turn down. A process that dies mid-turn is started again
 once (resuming its session, or with the turn's prompt again in a new one); if it dies
-again the turn errors.
+again the turn errors. A session the engine cannot resume is replaced by a new one, never
+tried again, and the new session's `engine_session` event says which one it replaces and
+why (`_session_lost`, `_record_session`).
 """
 
 import asyncio
