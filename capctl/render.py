@@ -126,7 +126,18 @@ def describe(event: dict[str, Any]) -> str | None:
         case "permission_resolved":
             chosen = get("option_id")
             return f"permission {get('request_id', '?')}: {chosen or 'cancelled'}"
+        case "engine_session" if get("replaced"):
+            return session_replaced_line(event)
     return None
+
+
+def session_replaced_line(event: dict[str, Any]) -> str:
+    """An engine session that could not be resumed, and its replacement."""
+    why = f" ({one_line(str(event['reason']))})" if event.get("reason") else ""
+    return (
+        f"engine session {event['replaced']} could not be resumed{why}; "
+        f"new session {event.get('session_id', '?')}: earlier turns are lost to the engine"
+    )
 
 
 def permission_request_line(event: dict[str, Any]) -> str:
@@ -228,6 +239,8 @@ class TurnPrinter:
             self._show_status(str(event.get("status")))
         elif kind in ("retry", "lagged", "notification", "error", "permission_request"):
             self._note(describe(event) or "")
+        elif kind == "engine_session" and event.get("replaced"):
+            self._note(session_replaced_line(event))
 
     def _show_status(self, status: str) -> None:
         if status == "paused":

@@ -166,11 +166,16 @@ class PodEventReceived(DurableEvent):
 
 class EngineSession(DurableEvent):
     """An external engine's own session id (an addition), recorded when the engine first
-    reports it or reports a new one, so that a restarted capd resumes that session."""
+    reports it or reports a new one, so that a restarted capd resumes that session.
+    `replaced` names the session this one replaces because the engine could not resume it
+    (what that session had seen is lost to the engine), and `reason` says why, in the
+    engine's words when it gave any."""
 
     event: Literal["engine_session"] = "engine_session"
     turn_id: str | None = None
     session_id: str
+    replaced: str | None = None
+    reason: str | None = None
 
 
 class PermissionRequest(DurableEvent):

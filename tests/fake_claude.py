@@ -1,10 +1,14 @@
 #!/usr/bin/env python3
-"""A stand-in `claude` for tests: Claude Code's headless stream-json protocol, as documented.
+"""A stand-in `claude` for tests: Claude Code's headless stream-json protocol, with the
+message shapes the real CLI (2.1.x) writes.
 
 Run as `fake_claude.py -p --input-format stream-json --output-format stream-json --verbose
 [--include-partial-messages] [--resume ID] ...`. Each user message starts a turn: a
-`system` init (the session id), then what the prompt asks for, as `stream_event` partial
-messages, `assistant` messages, `user` tool results and a closing `result`:
+`system` init (the session id) and `status`, then what the prompt asks for, as
+`stream_event` partial messages, `assistant` messages (one per content block, sent before
+the block's `content_block_stop` and carrying message_start's usage, whose real counts
+come in `message_delta`), `user` tool results and a closing `result` (usage summed over
+the turn's API messages):
 
     slow:N        N text chunks, 20 ms apart (default 2000)
     tool:CMD      a Bash tool_use running CMD for real, its tool_result, then "done"
@@ -13,10 +17,15 @@ messages, `assistant` messages, `user` tool results and a closing `result`:
     crash-once    as crash, unless $FAKE_CLAUDE_DIR/crashed exists (which it creates)
     anything else "You said: <prompt>"
 
-`control_request {subtype: interrupt}` stops the turn: a `result` with subtype
-`error_during_execution`, then the `control_response`; when idle, only the response. A
-tool it stops gets a tool_result saying so (INTERRUPTED_TOOL), as the real CLI's does.
-With $FAKE_CLAUDE_DIR/deaf present, interrupts are read and ignored.
+`control_request {subtype: interrupt}` is acknowledged at once (`control_response`) and
+stops the turn: a `user` message saying so, then a `result` with subtype
+`error_during_execution`. A tool it stops gets a tool_result saying so (TOOL_STOPPED), as
+the real CLI's does. With $FAKE_CLAUDE_DIR/deaf present, interrupts are read and ignored.
+
+Sessions are files in $FAKE_CLAUDE_DIR/sessions (the real CLI's transcripts): `--resume`
+of one that is not there writes an error `result` ("No conversation found with session
+ID: ...") and exits 1 at once, as the real CLI does; with $FAKE_CLAUDE_DIR/die-on-resume
+present, it only exits 1 instead.
 Every start (argv, pid, pgid, cwd) and every message read go to $FAKE_CLAUDE_DIR/log.jsonl.
 """
 
@@ -30,14 +39,25 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-STATE = Path(os.environ["FAKE_CLAUDE_DIR"])
+STATE = Path(os.environ.get("FAKE_CLAUDE_DIR", "."))  # tests import the constants below
+SESSIONS = STATE / "sessions"
+MODEL = "claude-fake-1"
+VERSION = "2.1.332"
+TOOL_STOPPED = (
+    "The user doesn't want to proceed with this tool use. The tool use was rejected (eg. if "
+    "it was a file edit, the new_string was NOT written to the file). STOP what you are "
+    "doing and wait for the user to tell you how to proceed."
+)
+INTERRUPTED = "[Request interrupted by user]"
 INTERRUPTED_TOOL = "[Request interrupted by user for tool use]"
+DIAGNOSTIC = "[ede_diagnostic] result_type=user last_content_type=n/a stop_reason=null"
+"""The `errors` of the real CLI's result for an interrupted turn."""
+INPUT_TOKENS = 10
 _out_lock = threading.Lock()
 _inbox: "queue.Queue[dict[str, Any] | None]" = queue.Queue()
 _interrupt = threading.Event()
 _turn_lock = threading.Lock()
 _busy = False
-_pending_acks: list[str] = []
 
 
 def log(entry: dict[str, Any]) -> None:
@@ -52,12 +72,8 @@ def out(message: dict[str, Any]) -> None:
 
 
 def ack(request_id: str) -> None:
-    out(
-        {
-            "type": "control_response",
-            "response": {"subtype": "success", "request_id": request_id, "response": {}},
-        }
-    )
+    response = {"subtype": "success", "request_id": request_id, "response": {"still_queued": []}}
+    out({"type": "control_response", "response": response})
 
 
 def read_stdin() -> None:
@@ -67,15 +83,23 @@ def read_stdin() -> None:
         if message.get("type") == "control_request" and (STATE / "deaf").exists():
             continue
         if message.get("type") == "control_request":
+            # As the real CLI: acknowledged at once, busy or not; a busy turn then stops.
+            ack(message["request_id"])
             with _turn_lock:
                 if message["request"]["subtype"] == "interrupt" and _busy:
-                    _pending_acks.append(message["request_id"])
                     _interrupt.set()
-                else:
-                    ack(message["request_id"])
         else:
             _inbox.put(message)
     _inbox.put(None)
+
+
+def usage(input_tokens: int, output_tokens: int) -> dict[str, Any]:
+    return {
+        "input_tokens": input_tokens,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+        "output_tokens": output_tokens,
+    }
 
 
 class Turn:
@@ -83,58 +107,90 @@ class Turn:
         self.session_id = session_id
         self.partial = partial
         self.count = 0
+        self.input_tokens = 0
+        self.output_tokens = 0
 
     def base(self, kind: str) -> dict[str, Any]:
         return {"type": kind, "session_id": self.session_id, "uuid": str(uuid.uuid4())}
 
-    def new_message_id(self) -> str:
-        self.count += 1
-        return f"msg_{uuid.uuid4().hex[:8]}_{self.count}"
-
-    def stream(self, event: dict[str, Any]) -> None:
+    def stream(self, message_id: str, event: dict[str, Any]) -> None:
         if self.partial:
-            out({**self.base("stream_event"), "event": event, "parent_tool_use_id": None})
+            wrapper = {"parent_tool_use_id": None, "api_message_id": message_id}
+            out({**self.base("stream_event"), "event": event, **wrapper})
 
-    def assistant(self, message_id: str, block: dict[str, Any]) -> None:
+    def start_message(self) -> str:
+        """A new API message: its id; message_start carries output_tokens 1, as the API's."""
+        self.count += 1
+        message_id = f"msg_{uuid.uuid4().hex[:24]}"
         message = {
             "id": message_id,
             "type": "message",
             "role": "assistant",
-            "model": "claude-fake",
+            "model": MODEL,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": usage(INPUT_TOKENS * self.count, 1),
+        }
+        self.stream(message_id, {"type": "message_start", "message": message})
+        self.input_tokens += INPUT_TOKENS * self.count
+        return message_id
+
+    def block(self, message_id: str, index: int, block: dict[str, Any]) -> None:
+        """The `assistant` message of a finished block, then its content_block_stop."""
+        message = {
+            "id": message_id,
+            "type": "message",
+            "role": "assistant",
+            "model": MODEL,
             "content": [block],
-            "usage": {"input_tokens": 10, "output_tokens": 5},
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": usage(INPUT_TOKENS * self.count, 1),
+            "context_management": None,
         }
         out({**self.base("assistant"), "message": message, "parent_tool_use_id": None})
+        self.stream(message_id, {"type": "content_block_stop", "index": index})
+
+    def end_message(self, message_id: str, stop_reason: str, output_tokens: int) -> None:
+        self.output_tokens += output_tokens
+        delta = {"stop_reason": stop_reason, "stop_sequence": None}
+        event = {"type": "message_delta", "delta": delta, "usage": {"output_tokens": output_tokens}}
+        self.stream(message_id, event)
+        self.stream(message_id, {"type": "message_stop"})
 
     def text(self, chunks: list[str], delay_s: float = 0.0) -> bool:
         """Stream one text message; False if interrupted."""
-        message_id = self.new_message_id()
-        self.stream({"type": "message_start", "message": {"id": message_id, "content": []}})
-        self.stream({"type": "content_block_start", "index": 0, "content_block": {"type": "text"}})
+        message_id = self.start_message()
+        start = {
+            "type": "content_block_start",
+            "index": 0,
+            "content_block": {"type": "text", "text": ""},
+        }
+        self.stream(message_id, start)
         sent = []
         for chunk in chunks:
             if _interrupt.wait(delay_s) if delay_s else _interrupt.is_set():
+                self.block(message_id, 0, {"type": "text", "text": "".join(sent)})
+                self.user([{"type": "text", "text": INTERRUPTED}])
                 return False
             sent.append(chunk)
             delta = {"type": "text_delta", "text": chunk}
-            self.stream({"type": "content_block_delta", "index": 0, "delta": delta})
-        self.stream({"type": "content_block_stop", "index": 0})
-        self.assistant(message_id, {"type": "text", "text": "".join(sent)})
-        self.stream({"type": "message_stop"})
+            self.stream(message_id, {"type": "content_block_delta", "index": 0, "delta": delta})
+        self.block(message_id, 0, {"type": "text", "text": "".join(sent)})
+        self.end_message(message_id, "end_turn", len(sent) * 3)
         return True
 
     def tool(self, command: str) -> bool:
-        message_id = self.new_message_id()
-        call_id = f"toolu_{uuid.uuid4().hex[:8]}"
+        message_id = self.start_message()
+        call_id = f"toolu_{uuid.uuid4().hex[:24]}"
         block = {"type": "tool_use", "id": call_id, "name": "Bash", "input": {"command": command}}
-        self.stream({"type": "message_start", "message": {"id": message_id, "content": []}})
         start = {**block, "input": {}}
-        self.stream({"type": "content_block_start", "index": 0, "content_block": start})
+        self.stream(message_id, {"type": "content_block_start", "index": 0, "content_block": start})
         delta = {"type": "input_json_delta", "partial_json": json.dumps(block["input"])}
-        self.stream({"type": "content_block_delta", "index": 0, "delta": delta})
-        self.stream({"type": "content_block_stop", "index": 0})
-        self.assistant(message_id, block)
-        self.stream({"type": "message_stop"})
+        self.stream(message_id, {"type": "content_block_delta", "index": 0, "delta": delta})
+        self.block(message_id, 0, block)
+        self.end_message(message_id, "tool_use", 20)
         proc = subprocess.Popen(
             ["bash", "-c", command], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
@@ -144,14 +200,19 @@ class Turn:
         if stopped:
             proc.kill()
             proc.wait()
-            output, is_error = INTERRUPTED_TOOL, True
+            output, is_error = TOOL_STOPPED, True
         else:
             output = proc.stdout.read().decode().strip() if proc.stdout else ""
             is_error = proc.returncode != 0
-        result = {"type": "tool_result", "tool_use_id": call_id, "content": output}
-        user = {"role": "user", "content": [{**result, "is_error": is_error}]}
-        out({**self.base("user"), "message": user, "parent_tool_use_id": None})
+        result = {"tool_use_id": call_id, "type": "tool_result", "content": output}
+        self.user([{**result, "is_error": is_error}])
+        if stopped:
+            self.user([{"type": "text", "text": INTERRUPTED_TOOL}])
         return not stopped
+
+    def user(self, content: list[dict[str, Any]]) -> None:
+        message = {"role": "user", "content": content}
+        out({**self.base("user"), "message": message, "parent_tool_use_id": None})
 
     def result(self, text: str | None, subtype: str = "success", is_error: bool = False) -> None:
         message = {
@@ -160,12 +221,18 @@ class Turn:
             "is_error": is_error,
             "duration_ms": 1,
             "duration_api_ms": 1,
-            "num_turns": 1,
-            "total_cost_usd": 0.0,
-            "usage": {"input_tokens": 10, "output_tokens": 5},
+            "num_turns": self.count,
+            "stop_reason": None if is_error else "end_turn",
+            "total_cost_usd": 0.000123,
+            "usage": usage(self.input_tokens, self.output_tokens),
+            "modelUsage": {},
+            "permission_denials": [],
+            "terminal_reason": "aborted_streaming" if is_error else "completed",
         }
         if text is not None:
             message["result"] = text
+        else:
+            message["errors"] = [DIAGNOSTIC]
         out(message)
 
 
@@ -204,14 +271,44 @@ def run_turn(turn: Turn, prompt: str) -> None:
         turn.result(None, "error_during_execution", is_error=True)
 
 
+def init(session_id: str, args: list[str]) -> dict[str, Any]:
+    mode = args[args.index("--permission-mode") + 1] if "--permission-mode" in args else "default"
+    return {
+        "type": "system",
+        "subtype": "init",
+        "cwd": os.getcwd(),
+        "session_id": session_id,
+        "tools": ["Bash"],
+        "mcp_servers": [],
+        "model": MODEL,
+        "permissionMode": mode,
+        "apiKeySource": "ANTHROPIC_API_KEY",
+        "claude_code_version": VERSION,
+        "output_style": "default",
+        "uuid": str(uuid.uuid4()),
+    }
+
+
+def refuse_resume(session_id: str) -> None:
+    """As the real CLI does once a session's transcript is gone: an error result, exit 1."""
+    error = f"No conversation found with session ID: {session_id}"
+    if not (STATE / "die-on-resume").exists():
+        turn = Turn(session_id, partial=False)
+        message = {**turn.base("result"), "subtype": "error_during_execution", "is_error": True}
+        message |= {"duration_ms": 0, "duration_api_ms": 0, "num_turns": 0, "stop_reason": None}
+        message |= {"total_cost_usd": 0, "usage": usage(0, 0), "modelUsage": {}}
+        out({**message, "permission_denials": [], "errors": [error]})
+    print(error, file=sys.stderr)
+    sys.exit(1)
+
+
 def main() -> None:
     args = sys.argv[1:]
     log({"argv": args, "pid": os.getpid(), "pgid": os.getpgid(0), "cwd": os.getcwd()})
     session_id = args[args.index("--resume") + 1] if "--resume" in args else str(uuid.uuid4())
-    if "--resume" in args and (STATE / "forget-sessions").exists():
-        # As the real CLI does once a session's transcript is gone.
-        print(f"No conversation found with session ID: {session_id}", file=sys.stderr)
-        sys.exit(1)
+    if "--resume" in args and not (SESSIONS / session_id).exists():
+        refuse_resume(session_id)
+    SESSIONS.mkdir(exist_ok=True)
     partial = "--include-partial-messages" in args
     threading.Thread(target=read_stdin, daemon=True).start()
     while (message := _inbox.get()) is not None:
@@ -219,23 +316,21 @@ def main() -> None:
             continue
         content = message["message"]["content"]
         prompt = content if isinstance(content, str) else content[0]["text"]
+        (SESSIONS / session_id).touch()
         turn = Turn(session_id, partial)
-        out({**turn.base("system"), "subtype": "init", "cwd": os.getcwd(), "tools": ["Bash"]})
+        out(init(session_id, args))
+        out({**turn.base("system"), "subtype": "status", "status": "requesting"})
         set_busy(True)
         run_turn(turn, prompt)
-        for request_id in set_busy(False):
-            ack(request_id)
+        set_busy(False)
 
 
-def set_busy(busy: bool) -> list[str]:
-    """Mark a turn running or over; over, the interrupts it took are to be acknowledged."""
+def set_busy(busy: bool) -> None:
+    """Mark a turn running or over."""
     global _busy
     with _turn_lock:
         _busy = busy
         _interrupt.clear()
-        acks = list(_pending_acks)
-        _pending_acks.clear()
-    return acks
 
 
 if __name__ == "__main__":

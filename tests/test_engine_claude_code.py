@@ -11,6 +11,7 @@ from capd.context import INTERRUPTED_TOOL_OUTPUT
 from capd.engines.process import CONTINUE_PROMPT
 from protocol.errors import ProtocolError
 from tests.conftest import CapdProcess
+from tests.fake_claude import TOOL_STOPPED
 from tests.helpers import (
     connect_pod,
     daemon_request,
@@ -26,9 +27,9 @@ from tests.helpers import (
     until,
     wait_for,
 )
+from tests.test_capctl import capctl, ok
 
 FAKE_CLAUDE = Path(__file__).with_name("fake_claude.py")
-CLI_INTERRUPTED_TOOL = "[Request interrupted by user for tool use]"
 
 
 def _engine(state: Path, **extra: Any) -> dict[str, Any]:
@@ -160,10 +161,10 @@ async def test_a_tool_the_cli_stops_on_pause_gets_the_cli_result(
         stopped, _ = await wait_for(pod, is_event("tool_result"))
         end, _ = await resume_turn(pod)
         history = await full_history(pod)
-    assert (stopped["output"], stopped["is_error"]) == (CLI_INTERRUPTED_TOOL, True)
+    assert (stopped["output"], stopped["is_error"]) == (TOOL_STOPPED, True)
     step = next(e for e in history if e["event"] == "assistant_message")
     assert stopped["call_id"] == step["tool_calls"][0]["id"]
-    assert [e["output"] for e in history if e["event"] == "tool_result"] == [CLI_INTERRUPTED_TOOL]
+    assert [e["output"] for e in history if e["event"] == "tool_result"] == [TOOL_STOPPED]
     assert end["result"] == "finished"
 
 
@@ -297,25 +298,60 @@ async def test_a_restarted_capd_resumes_the_engine_session(capd: CapdProcess, st
     assert end["result"] == "finished"
 
 
+@pytest.mark.parametrize("refusal", ["result", "exit"])
 async def test_a_session_claude_cannot_resume_is_replaced_by_a_new_one(
-    capd: CapdProcess, state: Path
+    capd: CapdProcess, state: Path, refusal: str
 ) -> None:
+    """The CLI pruned the session (or it lives under another HOME): `--resume` writes an
+    error result and exits 1 (`exit`: exits 1 without a word). The pod goes on in a new
+    session, and the history says which session was lost and why."""
     await _spawn(capd, "cc", state)
     async with await connect_pod(capd, "cc") as pod:
         await run_turn(pod, "hello")
     (old,) = await _session_ids(capd, "cc")
     assert await asyncio.to_thread(capd.signal, 15) == 0
-    (state / "forget-sessions").touch()
+    (state / "sessions" / old).unlink()
+    if refusal == "exit":
+        (state / "die-on-resume").touch()
     capd.start()
+    sent = await asyncio.to_thread(capctl, capd.runtime_dir, "send", "cc", "hello again")
     async with await connect_pod(capd, "cc") as pod:
-        end, _ = await run_turn(pod, "hello again")
         second, _ = await run_turn(pod, "and again")
+        history = await full_history(pod)
     _, failed, fresh = engine_starts(state)
     assert failed["argv"][failed["argv"].index("--resume") + 1] == old
     assert "--resume" not in fresh["argv"]
     assert _prompts(state) == ["hello", "hello again", "and again"]
-    assert (end["result"], second["result"]) == ("finished", "finished")
-    assert len(await _session_ids(capd, "cc")) == 2
+    assert (sent.returncode, sent.stdout.strip()) == (0, "You said: hello again")
+    assert (second["result"], second["output"]) == ("finished", "You said: and again")
+    first, replacing = [e for e in history if e["event"] == "engine_session"]
+    assert (first["replaced"], first["reason"]) == (None, None)
+    assert replacing["replaced"] == old
+    assert (state / "sessions" / replacing["session_id"]).exists()
+    if refusal == "result":
+        assert replacing["reason"] == f"No conversation found with session ID: {old}"
+    else:
+        assert replacing["reason"].startswith("claude-code engine exited with code 1; stderr: ")
+    log = await asyncio.to_thread(ok, capd.runtime_dir, "log", "cc")
+    reason = replacing["reason"] if refusal == "result" else ""  # the other is cut short
+    for shown in (sent.stderr, log):
+        assert f"engine session {old} could not be resumed ({reason}" in shown
+        assert f"new session {replacing['session_id']}: earlier turns are lost" in shown
+
+
+async def test_steps_count_the_usage_the_api_reported_at_their_end(
+    capd: CapdProcess, state: Path
+) -> None:
+    """The `assistant` messages carry message_start's output_tokens (1); message_delta has
+    the real count."""
+    await _spawn(capd, "cc", state)
+    async with await connect_pod(capd, "cc") as pod:
+        await run_turn(pod, "tool:echo counted")
+        history = await full_history(pod)
+    tool_step, text_step = [e for e in history if e["event"] == "assistant_message"]
+    # fake_claude: a tool_use message ends with output_tokens 20; a text one with 3 a chunk.
+    assert tool_step["usage"] == {"input_tokens": 10, "output_tokens": 20}
+    assert text_step["usage"] == {"input_tokens": 20, "output_tokens": 3}
 
 
 async def test_a_missing_command_is_refused_at_spawn(capd: CapdProcess, tmp_path: Path) -> None:

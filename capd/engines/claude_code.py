@@ -9,12 +9,16 @@ end of the prompt's turn) and `control_response`. Messages of subagents (those w
 
 A step is what one API message asked for: its text, thinking and tool_use blocks become
 one `assistant_message` when the message stops streaming (or, should no stream event say
-so, when the next message starts, a tool result arrives or the turn ends). An interrupt
-ends the CLI's turn with a `result` and acknowledges the request with a
-`control_response`; the next prompt waits for both.
+so, when the next message starts, a tool result arrives or the turn ends). Its usage is
+what the message's stream events report (message_start, then message_delta's totals); the
+`assistant` messages only repeat message_start's. An interrupt is acknowledged with a
+`control_response` and ends the CLI's turn with a `result`; the next prompt waits for
+both. A `--resume` the CLI refuses (an error `result` before any `init`) replaces the
+session (`ExternalEngine._session_lost`).
 """
 
 import asyncio
+import contextlib
 import itertools
 import logging
 from dataclasses import dataclass, field
@@ -73,6 +77,10 @@ class _TurnState:
     """Tool-use ids by content block index, in the message streaming now."""
     names: dict[str, str] = field(default_factory=dict)
     """Tool names by tool-use id."""
+    usage: dict[str, Usage] = field(default_factory=dict)
+    """Usage by API message id, as the stream events report it."""
+    streaming: str = ""
+    """The id of the API message streaming now."""
 
 
 class ClaudeCodeEngine(ExternalEngine):
@@ -84,9 +92,7 @@ class ClaudeCodeEngine(ExternalEngine):
         self._config = config
         self._system_prompt = manifest.system_prompt
         self._resuming = False
-        """This process was started with --resume and has not answered yet."""
-        self._resume_failed = False
-        """A --resume died before answering: start new sessions, not the stored one."""
+        """This process was started with --resume and has said nothing yet."""
         self._request_ids = itertools.count(1)
         self._busy = False
         """Whether the CLI is working on a prompt (sent, its `result` not yet read)."""
@@ -104,8 +110,7 @@ class ClaudeCodeEngine(ExternalEngine):
             argv += ["--permission-mode", config.permission_mode]
         if self._system_prompt:
             argv += ["--append-system-prompt", self._system_prompt]
-        if self._session_id is None and not self._resume_failed:
-            self._session_id = host.context.engine_session
+        self._session_id = self._session_to_resume(host)
         self._resuming = self._session_id is not None
         self._fresh = not self._resuming
         if self._session_id:
@@ -114,7 +119,10 @@ class ClaudeCodeEngine(ExternalEngine):
         self._busy = False
 
     def _send_prompt(self, prompt: str) -> None:
-        self._send({"type": "user", "message": {"role": "user", "content": prompt}})
+        # A CLI that has exited already is left to `_read_turn`, which reads what it said
+        # before it died (such as why it could not resume its session) and then its death.
+        with contextlib.suppress(EngineDied):
+            self._send({"type": "user", "message": {"role": "user", "content": prompt}})
         self._busy = True
 
     async def _read_turn(self, host: TurnHost, turn: Turn) -> TurnOutcome:
@@ -171,8 +179,16 @@ class ClaudeCodeEngine(ExternalEngine):
             case "message_stop":
                 self._flush(host, turn, state)
             case "message_start":
-                state.streamed.add(str((event.get("message") or {}).get("id", "")))
+                message = event.get("message") or {}
+                state.streaming = str(message.get("id", ""))
+                state.streamed.add(state.streaming)
+                state.usage[state.streaming] = _usage(message.get("usage"))
                 state.block_calls.clear()
+            case "message_delta":
+                # The `assistant` messages carry message_start's counts (output_tokens 1):
+                # the real ones come here, as running totals.
+                before = state.usage.get(state.streaming, Usage())
+                state.usage[state.streaming] = _usage(event.get("usage"), before)
             case "content_block_start":
                 block = event.get("content_block") or {}
                 if block.get("type") == "tool_use":
@@ -230,11 +246,7 @@ class ClaudeCodeEngine(ExternalEngine):
                         host.emit_ephemeral(
                             ToolCallStart(turn_id=turn.turn_id, call_id=call.id, name=call.name)
                         )
-        usage = message.get("usage") or {}
-        step.usage = Usage(
-            input_tokens=int(usage.get("input_tokens", 0)),
-            output_tokens=int(usage.get("output_tokens", 0)),
-        )
+        step.usage = _usage(message.get("usage"))
 
     def _tool_results(
         self, turn: Turn, state: _TurnState, message: dict[str, Any]
@@ -263,7 +275,7 @@ class ClaudeCodeEngine(ExternalEngine):
                     turn_id=turn.turn_id,
                     text=step.text,
                     tool_calls=step.tool_calls,
-                    usage=step.usage,
+                    usage=state.usage.get(step.message_id, step.usage),
                     thinking=step.thinking,
                 )
             )
@@ -300,6 +312,8 @@ class ClaudeCodeEngine(ExternalEngine):
                     acked = (message.get("response") or {}).get("request_id") == request_id
 
     def _dispatch(self, message: dict[str, Any]) -> bool:
+        if self._resuming and self._resume_refused(message):
+            return False
         if message.get("type") != "control_request":
             return True
         # Only asked for with options capd does not pass (e.g. a permission prompt tool).
@@ -316,15 +330,28 @@ class ClaudeCodeEngine(ExternalEngine):
         )
         return False
 
+    def _resume_refused(self, message: dict[str, Any]) -> bool:
+        """Whether the first message of a `--resume` says the session cannot be resumed.
+
+        `claude -p --resume ID` of a session it does not have (Claude Code deletes
+        transcripts older than cleanupPeriodDays; another HOME or CLAUDE_CONFIG_DIR hides
+        them) writes an error `result` before any `init` and exits 1. Taken as the turn's
+        answer, every later turn would fail the same way: the session is replaced."""
+        self._resuming = False
+        if message.get("type") != "result" or not message.get("is_error"):
+            return False
+        assert self._session_id is not None
+        self._session_lost(self._session_id, _error_text(message))
+        return True
+
     def _on_death(self, died: EngineDied) -> None:
         self._busy = False
-        if self._resuming and not self._answered:
-            # `claude --resume` exits at once when its session is gone (Claude Code prunes
-            # transcripts after cleanupPeriodDays): the retry starts a new session instead
-            # of failing the same way on every turn from now on.
-            log.warning("claude-code could not resume session %s: %s", self._session_id, died)
-            self._session_id = None
-            self._resume_failed = True
+        if self._resuming:
+            # Dead before a word after --resume: the session is taken as lost too (why is
+            # in stderr's end), lest every later start die on it the same way.
+            self._resuming = False
+            assert self._session_id is not None
+            self._session_lost(self._session_id, str(died))
 
 
 def _outcome(turn: Turn, result: dict[str, Any]) -> TurnOutcome:
@@ -343,6 +370,21 @@ def _error_text(result: dict[str, Any]) -> str:
     if isinstance(text, str) and text.strip():
         return text.strip().splitlines()[0]
     return str(result.get("subtype") or "the turn ended in an error")
+
+
+def _usage(raw: object, before: Usage | None = None) -> Usage:
+    """An API usage object's counts over `before`'s; input counts cached prompt tokens too,
+    as for the builtin engine."""
+    counts = before or Usage()
+    if not isinstance(raw, dict):
+        return counts
+    input_tokens, output_tokens = counts.input_tokens, counts.output_tokens
+    if isinstance(raw.get("input_tokens"), int):
+        cached = ("cache_creation_input_tokens", "cache_read_input_tokens")
+        input_tokens = raw["input_tokens"] + sum(int(raw.get(key) or 0) for key in cached)
+    if isinstance(raw.get("output_tokens"), int):
+        output_tokens = raw["output_tokens"]
+    return Usage(input_tokens=input_tokens, output_tokens=output_tokens)
 
 
 def _result_text(content: object) -> str:

@@ -12,7 +12,9 @@ CONTINUE_PROMPT when the turn is resuming. A cancelled turn (pause, cancel, stop
 timeout) interrupts the engine the way its protocol says, at once; the next prompt waits
 until the engine has wound that turn down. A process that dies mid-turn is started again
 once (resuming its session, or with the turn's prompt again in a new one); if it dies
-again the turn errors.
+again the turn errors. A session the engine cannot resume is replaced by a new one, never
+tried again, and the new session's `engine_session` event says which one it replaces and
+why (`_session_lost`, `_record_session`).
 """
 
 import asyncio
@@ -215,6 +217,10 @@ class ExternalEngine(ABC):
         self._inbox: asyncio.Queue[dict[str, Any] | EngineDied] = asyncio.Queue(INBOX_LIMIT)
         self._settling: asyncio.Task[None] | None = None
         self._session_id: str | None = None
+        self._lost_session: str | None = None
+        """A session the engine could not resume: never resumed again."""
+        self._lost_reason: str | None = None
+        """Why, for the engine_session event of the session that replaces it."""
         self._fresh = False
         """The engine's session is new: it has seen nothing of the pod's context."""
         self._sent: int | None = None
@@ -298,10 +304,30 @@ class ExternalEngine(ABC):
         if isinstance(session_id, str) and session_id:
             self._session_id = session_id
 
+    def _session_to_resume(self, host: TurnHost) -> str | None:
+        """The engine's session, else the pod's recorded one unless it could not be resumed."""
+        stored = host.context.engine_session
+        return self._session_id or (None if stored == self._lost_session else stored)
+
+    def _session_lost(self, session_id: str, reason: str) -> None:
+        """The engine cannot resume `session_id` (its store pruned it, or it lives under
+        another HOME): the next start opens a new session, whose engine_session event
+        records the loss, so that no later turn fails on the same resume."""
+        log.warning("%s engine cannot resume session %s: %s", self.kind, session_id, reason)
+        self._session_id = None
+        self._lost_session, self._lost_reason = session_id, reason
+
     def _record_session(self, host: TurnHost, turn: Turn) -> None:
-        """Record a new session id where a restarted capd finds it to resume."""
-        if self._session_id and self._session_id != host.context.engine_session:
-            host.emit(EngineSession(turn_id=turn.turn_id, session_id=self._session_id))
+        """Record a new session id where a restarted capd finds it to resume. A new id
+        while another is recorded replaces that one: the engine could not resume it."""
+        stored = host.context.engine_session
+        if self._session_id and self._session_id != stored:
+            reason = self._lost_reason if stored is not None else None
+            event = EngineSession(
+                turn_id=turn.turn_id, session_id=self._session_id, replaced=stored, reason=reason
+            )
+            host.emit(event)
+            self._lost_reason = None
 
     def _record_late(self, host: TurnHost, turn: Turn, result: ToolResult | None = None) -> None:
         """Record what the engine said while winding an interrupted turn down: its session

@@ -1,0 +1,276 @@
+"""Optional: the claude-code engine driving the real Claude Code CLI from npm, whose model
+is the local Anthropic test server (tests/anthropic_server.py) with scripted replies.
+
+Skipped unless CAPD_REAL_CLAUDE names the `claude` executable; install the pinned version
+with `bash tests/real_claude/install.sh`, which prints the line to export. Each pod's CLI
+gets its own HOME and CLAUDE_CONFIG_DIR in the test's temporary directory, the test
+server as ANTHROPIC_BASE_URL with a dummy key, and its nonessential traffic (telemetry,
+error reports, update checks) off, so nothing leaves 127.0.0.1.
+"""
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from capd.engines.process import CONTINUE_PROMPT
+from tests.anthropic_server import AnthropicTestServer, TextReply, ToolUse, ToolUseReply
+from tests.conftest import CapdProcess
+from tests.helpers import (
+    connect_pod,
+    daemon_request,
+    full_history,
+    is_event,
+    kinds,
+    pause_turn,
+    until,
+    wait_for,
+)
+
+CLAUDE = os.environ.get("CAPD_REAL_CLAUDE", "")
+pytestmark = pytest.mark.skipif(
+    not CLAUDE,
+    reason="no real Claude Code: run `bash tests/real_claude/install.sh` and export "
+    "CAPD_REAL_CLAUDE=<path to claude> to run these",
+)
+
+API_KEY = "sk-ant-capd-test"
+TURN_TIMEOUT_S = 60.0
+"""A turn includes the CLI's start (a few seconds) and its own retries."""
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[AnthropicTestServer]:
+    async with AnthropicTestServer() as srv:
+        yield srv
+
+
+def _env(tmp_path: Path, base_url: str) -> dict[str, str]:
+    home = tmp_path / "home"
+    home.mkdir()
+    return {
+        "HOME": str(home),
+        "CLAUDE_CONFIG_DIR": str(tmp_path / "claude-config"),
+        "ANTHROPIC_BASE_URL": base_url,
+        "ANTHROPIC_API_KEY": API_KEY,
+        # Telemetry, error reports, update checks and other calls to Anthropic's servers.
+        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+        "DISABLE_AUTOUPDATER": "1",
+        "DISABLE_TELEMETRY": "1",
+        "DISABLE_ERROR_REPORTING": "1",
+    }
+
+
+async def _spawn(capd: CapdProcess, server: AnthropicTestServer, tmp_path: Path) -> Path:
+    """A claude-code pod on the real CLI, allowed to run Bash; returns its cwd."""
+    cwd = tmp_path / "work"
+    cwd.mkdir()
+    engine = {
+        "kind": "claude-code",
+        "command": [CLAUDE],
+        "args": ["--allowedTools", "Bash"],
+        "env": _env(tmp_path, server.base_url),
+    }
+    manifest = {"name": "cc", "cwd": str(cwd), "engine": engine}
+    await daemon_request(capd, {"method": "spawn", "manifest": manifest})
+    return cwd
+
+
+async def _turn(pod: Any, text: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    await pod.request({"method": "run", "text": text})
+    return await wait_for(pod, is_event("turn_end"), TURN_TIMEOUT_S)
+
+
+def _texts(request: dict[str, Any], role: str = "user") -> list[str]:
+    """The texts of a Messages request's `role` messages, block by block."""
+    texts = []
+    for message in request["messages"]:
+        if message["role"] != role:
+            continue
+        content = message["content"]
+        if isinstance(content, str):
+            texts.append(content)
+        else:
+            texts += [block["text"] for block in content if block["type"] == "text"]
+    return texts
+
+
+def _sessions(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in history if e["event"] == "engine_session"]
+
+
+async def test_a_turn_streams_the_models_reply_and_counts_its_usage(
+    capd: CapdProcess, server: AnthropicTestServer, tmp_path: Path
+) -> None:
+    words = ["Hel", "lo ", "from the ", "test server"]
+    server.enqueue(TextReply(words, input_tokens=123, output_tokens=45))
+    await _spawn(capd, server, tmp_path)
+    async with await connect_pod(capd, "cc") as pod:
+        end, seen = await _turn(pod, "say hello")
+        status = await pod.request({"method": "status"})
+        history = await full_history(pod)
+    assert (end["result"], end["output"]) == ("finished", "Hello from the test server")
+    assert [e["text"] for e in seen if e["event"] == "text_delta"] == words
+    (session,) = _sessions(history)
+    assert session["session_id"]
+    assert session["replaced"] is None
+    (step,) = [e for e in history if e["event"] == "assistant_message"]
+    assert step["text"] == "Hello from the test server"
+    # The CLI's `assistant` message says output_tokens 1; message_delta said 45.
+    assert step["usage"] == {"input_tokens": 123, "output_tokens": 45}
+    assert status["model"] == "claude-code"
+    (request,) = server.requests
+    assert _texts(request)[-1] == "say hello"
+    assert "system" in {m["role"] for m in request["messages"]}
+    assert server.headers[0]["x-api-key"] == API_KEY
+
+
+async def test_a_bash_call_runs_and_its_result_goes_back_to_the_model(
+    capd: CapdProcess, server: AnthropicTestServer, tmp_path: Path
+) -> None:
+    command = "touch marker && echo made it"
+    server.enqueue(
+        ToolUseReply([ToolUse("Bash", {"command": command, "description": "make a marker"})]),
+        TextReply("Made it."),
+    )
+    cwd = await _spawn(capd, server, tmp_path)
+    async with await connect_pod(capd, "cc") as pod:
+        end, seen = await _turn(pod, "make the marker file")
+    assert (end["result"], end["output"]) == ("finished", "Made it.")
+    assert (cwd / "marker").exists()
+    start = next(e for e in seen if e["event"] == "tool_call_start")
+    step = next(e for e in seen if e["event"] == "assistant_message" and e["tool_calls"])
+    (call,) = step["tool_calls"]
+    assert (call["id"], call["name"]) == (start["call_id"], "Bash")
+    assert call["arguments"]["command"] == command
+    result = next(e for e in seen if e["event"] == "tool_result")
+    assert (result["call_id"], result["output"], result["is_error"]) == (
+        call["id"],
+        "made it",
+        False,
+    )
+    assert kinds(seen).index("tool_result") < kinds(seen).index("turn_end")
+    tool_result = server.requests[1]["messages"][-1]["content"][0]
+    assert (tool_result["type"], tool_result["content"]) == ("tool_result", "made it")
+
+
+async def test_cancel_mid_stream_ends_the_turn_and_the_cli_takes_the_next(
+    capd: CapdProcess, server: AnthropicTestServer, tmp_path: Path
+) -> None:
+    server.enqueue(TextReply(["word "] * 200, delay_ms=50), TextReply("Next one."))
+    await _spawn(capd, server, tmp_path)
+    async with await connect_pod(capd, "cc") as pod:
+        await pod.request({"method": "run", "text": "talk for a long time"})
+        await wait_for(pod, is_event("text_delta"), TURN_TIMEOUT_S)
+        await pod.request({"method": "cancel"})
+        cancelled, seen = await wait_for(pod, is_event("turn_end"))
+        await server.wait_disconnects()
+        end, _ = await _turn(pod, "and now?")
+    assert cancelled["result"] == "cancelled"
+    partial = next(e for e in seen if e["event"] == "assistant_message")
+    assert partial["interrupted"] is True
+    assert partial["text"].startswith("word ")
+    assert len(partial["text"]) < len("word ") * 200
+    assert (end["result"], end["output"]) == ("finished", "Next one.")
+    assert _texts(server.requests[-1])[-1] == "and now?"
+
+
+async def test_pause_mid_stream_and_resume_continues_the_turn(
+    capd: CapdProcess, server: AnthropicTestServer, tmp_path: Path
+) -> None:
+    server.enqueue(TextReply(["word "] * 200, delay_ms=50), TextReply(" and done."))
+    await _spawn(capd, server, tmp_path)
+    async with await connect_pod(capd, "cc") as pod:
+        await pod.request({"method": "run", "text": "talk for a long time"})
+        await wait_for(pod, is_event("text_delta"), TURN_TIMEOUT_S)
+        seen = await pause_turn(pod)
+        await server.wait_disconnects()
+        await pod.request({"method": "resume"})
+        end, _ = await wait_for(pod, is_event("turn_end"), TURN_TIMEOUT_S)
+    partial = next(e for e in seen if e["event"] == "assistant_message")
+    assert partial["interrupted"] is True
+    assert (end["result"], end["output"]) == ("finished", partial["text"] + " and done.")
+    assert _texts(server.requests[-1])[-1] == CONTINUE_PROMPT
+
+
+async def test_pause_during_a_bash_call_keeps_the_clis_word_on_it(
+    capd: CapdProcess, server: AnthropicTestServer, tmp_path: Path
+) -> None:
+    """The CLI stops the running command and says so in its tool_result; capd records it."""
+    command = "touch started; sleep 30; touch finished"
+    server.enqueue(
+        ToolUseReply([ToolUse("Bash", {"command": command, "description": "wait a while"})]),
+        TextReply("Stopped, then."),
+    )
+    cwd = await _spawn(capd, server, tmp_path)
+    async with await connect_pod(capd, "cc") as pod:
+        await pod.request({"method": "run", "text": "run the slow command"})
+        await wait_for(pod, is_event("tool_call_start"), TURN_TIMEOUT_S)
+        await until(lambda: (cwd / "started").exists(), TURN_TIMEOUT_S)
+        await pod.request({"method": "pause"})
+        stopped, _ = await wait_for(pod, is_event("tool_result"))
+        await pod.request({"method": "resume"})
+        end, _ = await wait_for(pod, is_event("turn_end"), TURN_TIMEOUT_S)
+        history = await full_history(pod)
+    assert stopped["is_error"] is True
+    assert stopped["output"].startswith("The user doesn't want to proceed with this tool use.")
+    assert [e["output"] for e in history if e["event"] == "tool_result"] == [stopped["output"]]
+    assert (end["result"], end["output"]) == ("finished", "Stopped, then.")
+    assert not (cwd / "finished").exists()
+    assert _texts(server.requests[-1])[-1] == CONTINUE_PROMPT
+
+
+async def test_a_restarted_capd_resumes_the_clis_session(
+    capd: CapdProcess, server: AnthropicTestServer, tmp_path: Path
+) -> None:
+    server.enqueue(TextReply("The word is kumquat."), TextReply("It was kumquat."))
+    await _spawn(capd, server, tmp_path)
+    async with await connect_pod(capd, "cc") as pod:
+        await _turn(pod, "remember a word")
+    assert await asyncio.to_thread(capd.signal, 15) == 0
+    capd.start()
+    async with await connect_pod(capd, "cc") as pod:
+        end, _ = await _turn(pod, "which word?")
+        history = await full_history(pod)
+    assert (end["result"], end["output"]) == ("finished", "It was kumquat.")
+    second = server.requests[1]
+    assert "remember a word" in _texts(second)
+    assert "The word is kumquat." in _texts(second, "assistant")
+    assert _texts(second)[-1] == "which word?"
+    assert len(_sessions(history)) == 1
+
+
+async def test_a_pruned_session_is_replaced_and_the_loss_recorded(
+    capd: CapdProcess, server: AnthropicTestServer, tmp_path: Path
+) -> None:
+    """Claude Code deletes old transcripts: `--resume` then fails. The pod goes on in a
+    new session, which the history records as replacing the lost one, and stays usable."""
+    server.enqueue(
+        TextReply("The word is kumquat."), TextReply("Which word?"), TextReply("Still here.")
+    )
+    await _spawn(capd, server, tmp_path)
+    async with await connect_pod(capd, "cc") as pod:
+        await _turn(pod, "remember a word")
+        (first,) = _sessions(await full_history(pod))
+    old = first["session_id"]
+    assert await asyncio.to_thread(capd.signal, 15) == 0
+    (transcript,) = (tmp_path / "claude-config").glob(f"projects/*/{old}.jsonl")
+    transcript.unlink()
+    capd.start()
+    async with await connect_pod(capd, "cc") as pod:
+        end, _ = await _turn(pod, "which word?")
+        later, _ = await _turn(pod, "are you there?")
+        history = await full_history(pod)
+    assert (end["result"], end["output"]) == ("finished", "Which word?")
+    assert (later["result"], later["output"]) == ("finished", "Still here.")
+    _, replacing = _sessions(history)
+    assert replacing["replaced"] == old
+    assert replacing["reason"] == f"No conversation found with session ID: {old}"
+    assert replacing["session_id"] != old
+    # The new session starts from the turn's prompt: the lost turn is not in it.
+    assert "remember a word" not in _texts(server.requests[1])
+    assert _texts(server.requests[1])[-1] == "which word?"
+    assert _texts(server.requests[2])[-1] == "are you there?"
