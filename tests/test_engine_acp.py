@@ -424,3 +424,55 @@ async def test_an_agent_dying_while_asking_resolves_the_question(
     assert stale.value.code == "not_found"
     assert len(engine_starts(state)) == 2
     assert end["result"] == "finished"
+
+
+async def test_a_repeated_tool_call_updates_the_call(capd: CapdProcess, state: Path) -> None:
+    await _spawn(capd, "ag", state)
+    async with await connect_pod(capd, "ag") as pod:
+        end, seen = await run_turn(pod, "dup-tool:echo hi")
+    starts = [e for e in seen if e["event"] == "tool_call_start"]
+    step = next(e for e in seen if e["event"] == "assistant_message")
+    (call,) = step["tool_calls"]
+    assert [s["call_id"] for s in starts] == [call["id"]]
+    assert (call["name"], call["arguments"]) == ("Terminal", {"command": "echo hi"})
+    (result,) = [e for e in seen if e["event"] == "tool_result"]
+    assert (result["call_id"], result["output"]) == (call["id"], "hi")
+    assert (end["result"], end["output"]) == ("finished", "done")
+
+
+async def test_a_paused_repeated_tool_call_is_interrupted_once(
+    capd: CapdProcess, state: Path
+) -> None:
+    running = state / "running"
+    await _spawn(capd, "ag", state)
+    async with await connect_pod(capd, "ag") as pod:
+        await pod.request({"method": "run", "text": f"dup-tool:touch {running}; sleep 30"})
+        await until(running.exists)
+        await pause_turn(pod)
+        end, _ = await resume_turn(pod)
+        history = await full_history(pod)
+    (step,) = [e for e in history if e["event"] == "assistant_message" and e["tool_calls"]]
+    (call,) = step["tool_calls"]
+    (closed,) = [e for e in history if e["event"] == "tool_result"]
+    assert closed["call_id"] == call["id"]
+    assert "interrupted" in closed["output"]
+    assert end["result"] == "finished"
+
+
+async def test_a_call_whose_input_comes_in_an_update_records_that_input(
+    capd: CapdProcess, state: Path, tmp_path: Path
+) -> None:
+    await _spawn(capd, "ag", state, cwd=str(tmp_path))
+    async with await connect_pod(capd, "ag") as pod:
+        end, seen = await run_turn(pod, "late-input:echo late")
+    step = next(e for e in seen if e["event"] == "assistant_message")
+    (call,) = step["tool_calls"]
+    assert call["name"] == "bash"
+    assert call["arguments"] == {
+        "command": "echo late",
+        "description": "Runs it",
+        "cwd": str(tmp_path),
+    }
+    result = next(e for e in seen if e["event"] == "tool_result")
+    assert (result["call_id"], result["output"].strip()) == (call["id"], "late")
+    assert (end["result"], end["output"]) == ("finished", "done")

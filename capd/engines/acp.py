@@ -10,7 +10,10 @@ prompt waits for. `session/request_permission` is answered by the pod's policy.
 
 Steps: text and thought chunks, and the tool calls announced after them, make one
 `assistant_message`, recorded when a chunk follows the calls, a call ends or the prompt
-ends; a tool call that ends `completed` or `failed` gives its `tool_result`.
+ends; a tool call that ends `completed` or `failed` gives its `tool_result`. Until then a
+repeated `tool_call` or a `tool_call_update` with `rawInput` updates its call's arguments
+(agents announce a call before its input is whole); a tool reports its end only after it
+ran, so its own input is complete by then.
 """
 
 import asyncio
@@ -303,17 +306,33 @@ class AcpEngine(ExternalEngine):
                     self._flush(host, turn, state)
                 state.step.thinking += text
                 host.emit_ephemeral(ThinkingDelta(turn_id=turn_id, text=text))
-            case "tool_call":
-                call_id = str(update.get("toolCallId", ""))
-                name = str(update.get("title") or update.get("kind") or "tool")
-                state.names[call_id] = name
-                host.emit_ephemeral(ToolCallStart(turn_id=turn_id, call_id=call_id, name=name))
-                raw = update.get("rawInput")
-                arguments = raw if isinstance(raw, dict) else {}
-                state.step.calls.append(ToolCall(id=call_id, name=name, arguments=arguments))
+            case "tool_call" | "tool_call_update":
+                self._track_call(host, turn, state, update)
                 self._tool_update(host, turn, state, update)
-            case "tool_call_update":
-                self._tool_update(host, turn, state, update)
+
+    def _track_call(
+        self, host: TurnHost, turn: Turn, state: _TurnState, update: dict[str, Any]
+    ) -> None:
+        """Announce a call the first time its id is seen (a `tool_call`, or an update that
+        describes a call never announced); later `tool_call`s and updates for it only bring its
+        input up to date while its step is not recorded yet. Agents send the input late:
+        claude-code-acp repeats `tool_call` with it, opencode sends it in an update."""
+        call_id = str(update.get("toolCallId", ""))
+        raw = update.get("rawInput")
+        arguments = raw if isinstance(raw, dict) else {}
+        if call_id in state.names:
+            pending = next((c for c in state.step.calls if c.id == call_id), None)
+            if pending is not None and arguments:
+                pending.arguments = arguments
+            return
+        if update.get("sessionUpdate") == "tool_call_update" and not (
+            arguments or update.get("title")
+        ):
+            return  # nothing to announce: a result alone is recorded as one
+        name = str(update.get("title") or update.get("kind") or "tool")
+        state.names[call_id] = name
+        host.emit_ephemeral(ToolCallStart(turn_id=turn.turn_id, call_id=call_id, name=name))
+        state.step.calls.append(ToolCall(id=call_id, name=name, arguments=arguments))
 
     def _tool_update(
         self, host: TurnHost, turn: Turn, state: _TurnState, update: dict[str, Any]
