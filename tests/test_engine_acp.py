@@ -476,3 +476,17 @@ async def test_a_call_whose_input_comes_in_an_update_records_that_input(
     result = next(e for e in seen if e["event"] == "tool_result")
     assert (result["call_id"], result["output"].strip()) == (call["id"], "late")
     assert (end["result"], end["output"]) == ("finished", "done")
+
+
+async def test_an_agent_error_gives_its_data_in_the_turn_error_and_the_log(
+    capd: CapdProcess, state: Path
+) -> None:
+    await _spawn(capd, "ag", state)
+    async with await connect_pod(capd, "ag") as pod:
+        end, _ = await run_turn(pod, "rpc-error")
+    assert end["result"] == "errored"
+    assert end["error"] == (
+        "acp: Internal error: Query closed before response received (code -32603)"
+    )
+    assert await asyncio.to_thread(capd.signal, 15) == 0
+    assert "Query closed before response received" in capd.output()

@@ -58,6 +58,8 @@ ANSWER_UPDATES = frozenset(
     {"agent_message_chunk", "agent_thought_chunk", "tool_call", "tool_call_update", "plan"}
 )
 METHOD_NOT_FOUND = -32601
+ERROR_DATA_CHARS = 2000
+"""The longest agent error quoted in a turn's error."""
 ALLOW_KINDS = ("allow_once", "allow_always")
 REJECT_KINDS = ("reject_once", "reject_always")
 
@@ -183,7 +185,9 @@ class AcpEngine(ExternalEngine):
         answer = self._waiting.get(rpc_id) if isinstance(rpc_id, int) else None
         if answer is not None and not answer.done():
             if "error" in message:
-                answer.set_exception(AcpEngineError(_error_text(message["error"])))
+                error = _error_text(message["error"])
+                log.warning("acp agent answered a request with an error: %s", error)
+                answer.set_exception(AcpEngineError(error))
             else:
                 answer.set_result(message.get("result") or {})
         return False
@@ -270,7 +274,7 @@ class AcpEngine(ExternalEngine):
                 if message.get("id") == self._prompt_id:
                     self._prompt_id = None
                     self._flush(host, turn, state)
-                    return _outcome(turn, message)
+                    return _outcome(host, turn, message)
                 update = (message.get("params") or {}).get("update") or {}
                 # An echo of the prompt, or a usage or mode note, is not an answer: the
                 # agent may not have kept the prompt, so a restart gives it again.
@@ -413,9 +417,11 @@ class AcpEngine(ExternalEngine):
         self._prompt_id = None
 
 
-def _outcome(turn: Turn, answer: dict[str, Any]) -> TurnOutcome:
+def _outcome(host: TurnHost, turn: Turn, answer: dict[str, Any]) -> TurnOutcome:
     if "error" in answer:
-        return TurnOutcome("errored", turn.output, f"acp: {_error_text(answer['error'])}")
+        error = _error_text(answer["error"])
+        log.warning("pod %s: acp agent answered the prompt with an error: %s", host.name, error)
+        return TurnOutcome("errored", turn.output, f"acp: {error}")
     reason = str((answer.get("result") or {}).get("stopReason", ""))
     result = STOP_RESULTS.get(reason, "errored")
     if result in ("finished", "cancelled"):
@@ -424,10 +430,27 @@ def _outcome(turn: Turn, answer: dict[str, Any]) -> TurnOutcome:
 
 
 def _error_text(error: object) -> str:
-    if isinstance(error, dict):
-        message = str(error.get("message", "")).strip() or "error"
-        return f"{message} (code {error.get('code')})"
-    return str(error)
+    """A JSON-RPC error in one line: its message, then its `data`, where agents put the
+    real reason (claude-code-acp: `"Internal error"`, data `{"details": "Query closed
+    before response received"}`), then its code."""
+    if not isinstance(error, dict):
+        return " ".join(str(error).split())
+    text = str(error.get("message", "")).strip() or "error"
+    data = _error_data(error.get("data"))
+    if data and data not in text:
+        text = f"{text}: {data}"
+    return f"{' '.join(text.split())[:ERROR_DATA_CHARS]} (code {error.get('code')})"
+
+
+def _error_data(data: object) -> str:
+    if data is None or data == "" or data == {} or data == []:
+        return ""
+    match data:
+        case str():
+            return data
+        case {"details": str(details)} | {"message": str(details)} if len(data) == 1:
+            return details
+    return orjson.dumps(data).decode()
 
 
 def _content_text(content: object) -> str:
