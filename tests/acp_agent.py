@@ -88,7 +88,7 @@ called `Result::unwrap()` on an `Err` value: the model provider refused the API 
 stack backtrace:
 """
     + "".join(
-        f"  {i:>2}: core::ops::function::FnOnce::call_once{{{{vtable.shim}}}}\n"
+        f"  {i:>2}: core::ops::function::FnOnce::call_once{{vtable.shim}}\n"
         f"             at /rustc/90b35a6239c3d8bdabc530a6a0816f7ff89a0aaf/library/core/src/ops/"
         f"function.rs:{250 + i}:5\n"
         for i in range(30)

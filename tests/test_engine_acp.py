@@ -490,3 +490,23 @@ async def test_an_agent_error_gives_its_data_in_the_turn_error_and_the_log(
     )
     assert await asyncio.to_thread(capd.signal, 15) == 0
     assert "Query closed before response received" in capd.output()
+
+
+async def test_an_agent_that_panics_is_reported_by_its_panic_not_its_backtrace(
+    capd: CapdProcess, state: Path
+) -> None:
+    await _spawn(capd, "ag", state)
+    async with await connect_pod(capd, "ag") as pod:
+        end, _ = await run_turn(pod, "rust-panic")
+    panic = (
+        "thread 'main' panicked at codex-rs/acp/src/main.rs:42:10: called `Result::unwrap()` "
+        "on an `Err` value: the model provider refused the API key"
+    )
+    assert end["result"] == "errored"
+    assert end["error"] == (
+        f"acp engine died again after a restart: acp engine exited with code 101; stderr: {panic}"
+    )
+    assert await asyncio.to_thread(capd.signal, 15) == 0
+    log = capd.output()
+    assert log.count("the model provider refused the API key") >= 2  # both deaths
+    assert "stack backtrace:" in log
