@@ -510,3 +510,20 @@ async def test_an_agent_that_panics_is_reported_by_its_panic_not_its_backtrace(
     log = capd.output()
     assert log.count("the model provider refused the API key") >= 2  # both deaths
     assert "stack backtrace:" in log
+
+
+async def test_the_agents_usage_reports_count_for_the_step_and_the_pod(
+    capd: CapdProcess, state: Path
+) -> None:
+    await _spawn(capd, "ag", state)
+    async with await connect_pod(capd, "ag") as pod:
+        await run_turn(pod, "hello")
+        _, seen = await run_turn(pod, "tool:echo hi")
+        status = await pod.request({"method": "status"})
+    steps = [e for e in seen if e["event"] == "assistant_message"]
+    # The prompt's usage (20 input, 5 + 3 cached, 10 output) goes with its last step.
+    assert [step["usage"] for step in steps] == [
+        {"input_tokens": 0, "output_tokens": 0},
+        {"input_tokens": 28, "output_tokens": 10},
+    ]
+    assert status["usage"] == {"input_tokens": 56, "output_tokens": 20}

@@ -39,6 +39,7 @@ from protocol.events import (
     ToolCallStart,
     ToolResult,
     TurnResult,
+    Usage,
 )
 from protocol.manifest import AcpEngine as AcpConfig
 from protocol.manifest import Manifest
@@ -273,7 +274,7 @@ class AcpEngine(ExternalEngine):
                 message = await self._next_message()
                 if message.get("id") == self._prompt_id:
                     self._prompt_id = None
-                    self._flush(host, turn, state)
+                    self._flush(host, turn, state, usage=_usage(message))
                     return _outcome(host, turn, message)
                 update = (message.get("params") or {}).get("update") or {}
                 # An echo of the prompt, or a usage or mode note, is not an answer: the
@@ -365,22 +366,33 @@ class AcpEngine(ExternalEngine):
         )
 
     def _flush(
-        self, host: TurnHost, turn: Turn, state: _TurnState, interrupted: bool = False
+        self,
+        host: TurnHost,
+        turn: Turn,
+        state: _TurnState,
+        interrupted: bool = False,
+        usage: Usage | None = None,
     ) -> None:
         """Record the step so far as an `assistant_message`. Interrupted, text with no
         tool call after it is partial; a step with tool calls is whole, and the pod
-        closes the calls left without a result."""
+        closes the calls left without a result. The prompt's `usage`, reported at its end,
+        goes with its last step (an empty one if the last was recorded already)."""
         step = state.step
         state.step = _Step()
         if interrupted and not step.calls:
             if step.text:
                 host.emit(AssistantMessage(turn_id=turn.turn_id, text=step.text, interrupted=True))
             return
-        if step.text or step.thinking or step.calls:
+        counted = usage is not None and (usage.input_tokens or usage.output_tokens)
+        if step.text or step.thinking or step.calls or counted:
             thinking = [ThinkingBlock(text=step.thinking)] if step.thinking else []
             host.emit(
                 AssistantMessage(
-                    turn_id=turn.turn_id, text=step.text, tool_calls=step.calls, thinking=thinking
+                    turn_id=turn.turn_id,
+                    text=step.text,
+                    tool_calls=step.calls,
+                    thinking=thinking,
+                    usage=usage or Usage(),
                 )
             )
 
@@ -427,6 +439,24 @@ def _outcome(host: TurnHost, turn: Turn, answer: dict[str, Any]) -> TurnOutcome:
     if result in ("finished", "cancelled"):
         return TurnOutcome(result, turn.output)
     return TurnOutcome(result, turn.output, f"acp agent stopped: {reason or 'no stopReason'}")
+
+
+def _usage(answer: dict[str, Any]) -> Usage:
+    """The prompt's token counts from its answer's `usage` (ACP's, unstable: per prompt in
+    claude-code-acp and opencode). Cached prompt tokens count as input and thought tokens
+    as output, as for capd's own providers."""
+    reported = (answer.get("result") or {}).get("usage")
+    if not isinstance(reported, dict):
+        return Usage()
+
+    def count(key: str) -> int:
+        value = reported.get(key)
+        return value if isinstance(value, int) and value > 0 else 0
+
+    return Usage(
+        input_tokens=count("inputTokens") + count("cachedReadTokens") + count("cachedWriteTokens"),
+        output_tokens=count("outputTokens") + count("thoughtTokens"),
+    )
 
 
 def _error_text(error: object) -> str:
