@@ -527,3 +527,56 @@ async def test_the_agents_usage_reports_count_for_the_step_and_the_pod(
         {"input_tokens": 28, "output_tokens": 10},
     ]
     assert status["usage"] == {"input_tokens": 56, "output_tokens": 20}
+
+
+async def test_status_shows_the_questions_waiting_for_an_answer(
+    capd: CapdProcess, state: Path
+) -> None:
+    await _spawn(capd, "ag", state, permission="ask")
+    async with await connect_pod(capd, "ag") as pod:
+        await pod.request({"method": "run", "text": "tool:echo asked"})
+        asked, _ = await wait_for(pod, is_event("permission_request"))
+        waiting = await pod.request({"method": "status"})
+        shown = await _capctl(capd, "status", "ag")
+        await pod.request(
+            {"method": "permission", "request_id": asked["request_id"], "option_id": "allow"}
+        )
+        await wait_for(pod, is_event("permission_resolved"))
+        answered = await pod.request({"method": "status"})
+        await wait_for(pod, is_event("turn_end"))
+    question = {key: asked[key] for key in ("request_id", "turn_id", "tool_call", "options")}
+    assert (waiting["status"], waiting["permissions"]) == ("running", [question])
+    assert answered["permissions"] == []
+    request_id = asked["request_id"]
+    assert "status:      running (waiting for permission)\n" in shown
+    assert (
+        f"permissions: {request_id}: Run a command; options: allow (allow_once), "
+        f"reject (reject_once) — capctl permission ag {request_id} OPTION\n"
+    ) in shown
+
+
+async def test_a_question_open_when_capd_died_is_resolved_at_restore(
+    capd: CapdProcess, state: Path
+) -> None:
+    await _spawn(capd, "ag", state, permission="ask")
+    async with await connect_pod(capd, "ag") as pod:
+        await pod.request({"method": "run", "text": "tool:echo asked"})
+        asked, _ = await wait_for(pod, is_event("permission_request"))
+    assert await asyncio.to_thread(capd.signal, signal.SIGKILL) == -signal.SIGKILL
+    capd.start()
+    async with await connect_pod(capd, "ag") as pod:
+        status = await pod.request({"method": "status"})
+        history = await full_history(pod)
+    resolved = [e for e in history if e["event"] == "permission_resolved"]
+    assert [(e["request_id"], e["option_id"]) for e in resolved] == [(asked["request_id"], None)]
+    assert (status["status"], status["permissions"]) == ("paused", [])
+
+
+async def _capctl(capd: CapdProcess, *args: str) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "capctl", "--runtime-dir", str(capd.runtime_dir), *args),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 10)
+    assert proc.returncode == 0
+    return out.decode()
