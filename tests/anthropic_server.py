@@ -15,8 +15,11 @@ Like the real API, the server refuses (400 `invalid_request_error`, no reply tak
 request that breaks the rules a client most easily gets wrong: missing `max_tokens` or
 `anthropic-version`, roles that do not alternate, empty content or text, a trailing
 assistant turn (newer models refuse prefills), tool uses without their results first in
-the next user turn, and, with thinking on, a tool-use turn that does not start with its
-signed thinking.
+the next user turn, a client tool without `input_schema`, more than four `cache_control`
+breakpoints and, with thinking `enabled` (not `adaptive`), a tool-use turn that does not
+start with its signed thinking. It takes what Claude Code sends: `role: "system"` entries
+among the messages (outside the user/assistant alternation), the `?beta=true` query,
+`POST /v1/messages/count_tokens` (an estimate); other routes get a 404 `not_found_error`.
 """
 
 import secrets
@@ -27,6 +30,8 @@ from typing import Any
 from tests.sse_server import ErrorResponse, SseStream, SseTestServer, compact
 
 MESSAGES_PATH = "/v1/messages"
+COUNT_TOKENS_PATH = "/v1/messages/count_tokens"
+MAX_CACHE_BREAKPOINTS = 4
 FALLBACK_TEXT = "(no scripted reply)"
 
 
@@ -135,6 +140,12 @@ class AnthropicTestServer(SseTestServer[Reply]):
             return ErrorResponse(400, _error_body(problem))
         return None
 
+    def route(self, method: str, path: str, body: bytes) -> ErrorResponse | None:
+        if (method, path) == ("POST", COUNT_TOKENS_PATH):
+            # An estimate, as Claude Code's /context asks for it: a token per 4 bytes.
+            return ErrorResponse(200, compact({"input_tokens": len(body) // 4}).encode())
+        return ErrorResponse(404, _error_body(f"{method} {path} not found", "not_found_error"))
+
 
 # -- requests -----------------------------------------------------------------------------
 
@@ -146,68 +157,112 @@ def _request_problem(body: dict[str, Any], headers: dict[str, str]) -> str | Non
         return "model: Field required"
     if not isinstance(body.get("max_tokens"), int):
         return "max_tokens: Field required"
-    thinking = body.get("thinking")
-    if thinking and thinking.get("budget_tokens", 0) >= body["max_tokens"]:
+    thinking = body.get("thinking") or {}
+    enabled = thinking.get("type") == "enabled"  # not "adaptive": the model may not think
+    if enabled and thinking.get("budget_tokens", 0) >= body["max_tokens"]:
         return "`max_tokens` must be greater than `thinking.budget_tokens`"
+    if problem := _tools_problem(body.get("tools") or []) or _cache_control_problem(body):
+        return problem
     messages = body.get("messages")
     if not messages:
         return "messages: at least one message is required"
-    if messages[-1]["role"] != "user":
+    # `system` entries (Claude Code sends them mid-conversation) stand outside the turns.
+    turns = [(position, m) for position, m in enumerate(messages) if m["role"] != "system"]
+    if not turns or turns[-1][1]["role"] != "user":
         return "Prefilling assistant messages is not supported for this model."
     for position, message in enumerate(messages):
+        if message["role"] == "system" and (problem := _content_problem(message, position)):
+            return problem
+    for index, (position, message) in enumerate(turns):
         where = f"messages.{position}"
-        if message["role"] != ("user", "assistant")[position % 2]:
+        if message["role"] != ("user", "assistant")[index % 2]:
             return f"{where}: roles must alternate between user and assistant, starting with user"
-        content = message["content"]
-        if not content:
-            return f"{where}: all messages must have non-empty content"
-        if isinstance(content, list):
-            if any(block["type"] == "text" and not block["text"] for block in content):
-                return f"{where}: text content blocks must be non-empty"
-            if problem := _tool_results_problem(messages, position):
-                return problem
-    if thinking and (problem := _thinking_problem(messages)):
+        if problem := _content_problem(message, position) or _tool_results_problem(turns, index):
+            return problem
+    if enabled and (problem := _thinking_problem(turns)):
         return problem
     return None
 
 
-def _tool_results_problem(messages: list[dict[str, Any]], position: int) -> str | None:
+def _content_problem(message: dict[str, Any], position: int) -> str | None:
+    content = message["content"]
+    if not content:
+        return f"messages.{position}: all messages must have non-empty content"
+    if isinstance(content, list) and any(
+        block["type"] == "text" and not block["text"] for block in content
+    ):
+        return f"messages.{position}: text content blocks must be non-empty"
+    return None
+
+
+def _tools_problem(tools: list[dict[str, Any]]) -> str | None:
+    """Client tools need a name and an input_schema (server tools have a `type` instead)."""
+    for position, tool in enumerate(tools):
+        for key in ("name", "input_schema"):
+            if key not in tool and tool.get("type", "custom") == "custom":
+                return f"tools.{position}.custom.{key}: Field required"
+    return None
+
+
+def _cache_control_problem(body: dict[str, Any]) -> str | None:
+    system = body.get("system")
+    blocks = [
+        *(system if isinstance(system, list) else []),
+        *(body.get("tools") or []),
+        *(
+            block
+            for message in body.get("messages") or []
+            if isinstance(message["content"], list)
+            for block in message["content"]
+        ),
+    ]
+    marked = sum("cache_control" in block for block in blocks)
+    if marked > MAX_CACHE_BREAKPOINTS:
+        return (
+            f"A maximum of {MAX_CACHE_BREAKPOINTS} blocks with cache_control may be provided. "
+            f"Found {marked}."
+        )
+    return None
+
+
+def _tool_results_problem(turns: list[tuple[int, dict[str, Any]]], index: int) -> str | None:
     """Every tool_use of an assistant turn is answered first thing in the next user turn."""
-    message = messages[position]
+    _, message = turns[index]
     if message["role"] != "assistant":
         return None
     uses = [block["id"] for block in message["content"] if block["type"] == "tool_use"]
     if not uses:
         return None
-    following = messages[position + 1]["content"] if position + 1 < len(messages) else []
-    following = following if isinstance(following, list) else []
+    position, following = turns[index + 1] if index + 1 < len(turns) else (turns[-1][0] + 1, {})
+    content = following.get("content")
     leading = []
-    for block in following:
+    for block in content if isinstance(content, list) else []:
         if block["type"] != "tool_result":
             break
         leading.append(block["tool_use_id"])
     if sorted(leading) != sorted(uses):
         return (
-            f"messages.{position + 1}: `tool_use` ids were found without `tool_result` blocks "
+            f"messages.{position}: `tool_use` ids were found without `tool_result` blocks "
             f"immediately after: {', '.join(uses)}. Each `tool_use` block must have a "
             "corresponding `tool_result` block in the next message."
         )
     return None
 
 
-def _thinking_problem(messages: list[dict[str, Any]]) -> str | None:
+def _thinking_problem(turns: list[tuple[int, dict[str, Any]]]) -> str | None:
     """With thinking on, the assistant turn whose tool results end the request must start
     with the thinking block that came with it."""
-    last = messages[-1]["content"]
-    if len(messages) < 2 or not isinstance(last, list) or last[0]["type"] != "tool_result":
+    last = turns[-1][1]["content"]
+    if len(turns) < 2 or not isinstance(last, list) or last[0]["type"] != "tool_result":
         return None
-    first = messages[-2]["content"][0]
+    position, assistant = turns[-2]
+    first = assistant["content"][0]
     if first["type"] == "redacted_thinking" or (
         first["type"] == "thinking" and first.get("signature")
     ):
         return None
     return (
-        f"messages.{len(messages) - 2}.content.0.type: Expected `thinking` or "
+        f"messages.{position}.content.0.type: Expected `thinking` or "
         f"`redacted_thinking`, but found `{first['type']}`. When `thinking` is enabled, a "
         "final `assistant` message must start with a thinking block."
     )

@@ -42,7 +42,7 @@ class SseStream:
 
 @dataclass(frozen=True)
 class ErrorResponse:
-    """A non-streamed JSON answer with an error status."""
+    """A non-streamed JSON answer: an error, or the answer on another route (`route`)."""
 
     status: int
     body: bytes
@@ -93,6 +93,10 @@ class SseTestServer(ABC, Generic[ReplyT]):
 
     def refuse(self, body: dict[str, Any], headers: dict[str, str]) -> ErrorResponse | None:
         """The error the API would answer this request with, if any; no reply is taken."""
+        return None
+
+    def route(self, method: str, path: str, body: bytes) -> ErrorResponse | None:
+        """The answer to a request for another path than `PATH`; None: 404."""
         return None
 
     async def start(self) -> None:
@@ -164,9 +168,11 @@ class SseTestServer(ABC, Generic[ReplyT]):
 
     async def _respond(self, connection: "_Connection", request: _Request) -> bool:
         """Answers one request; returns whether the connection stays open."""
-        if (request.method, request.path) != ("POST", self.PATH):
+        path = request.path.partition("?")[0]  # Claude Code asks for `/v1/messages?beta=true`
+        if (request.method, path) != ("POST", self.PATH):
             message = f"no route {request.method} {request.path}"
-            await connection.send(ErrorResponse(404, self.error_body(message)))
+            answer = self.route(request.method, path, request.body)
+            await connection.send(answer or ErrorResponse(404, self.error_body(message)))
             return True
         try:
             body = json.loads(request.body)
