@@ -13,6 +13,8 @@ What a prompt (its last text block) asks for:
                   without asking and, cancelled, says nothing more about it; then "done"
     late-input:CMD  as opencode: `tool_call` with rawInput {cwd} only, the command in the
                   `tool_call_update`s (in_progress, then completed); then "done"
+    late-pair:CMD as opencode with two calls: the second call's command comes after the
+                  first has run (each runs CMD); then "done"
     rpc-error     answers the prompt with claude-code-acp's JSON-RPC error, whose reason
                   is only in `data`
     rust-panic    exits 101 after writing a Rust panic and its backtrace to stderr
@@ -194,6 +196,8 @@ class TestAgent(Agent):
             return await self._dup_tool(session_id, text.removeprefix("dup-tool:"), cancelled)
         if text.startswith("late-input:"):
             return await self._late_input(session_id, text.removeprefix("late-input:"))
+        if text.startswith("late-pair:"):
+            return await self._late_pair(session_id, text.removeprefix("late-pair:"))
         if text == "rpc-error":
             raise RequestError.internal_error(QUERY_CLOSED)
         if text == "rust-panic":
@@ -310,18 +314,43 @@ class TestAgent(Agent):
         return "done", "end_turn"
 
     async def _late_input(self, session_id: str, command: str) -> Any:
+        call_id = await self._announce_bash(session_id)
+        await self._bash_input(session_id, call_id, command)
+        await self._run_bash(session_id, call_id, command)
+        await self._say(session_id, "done")
+        return "done", "end_turn"
+
+    async def _late_pair(self, session_id: str, command: str) -> Any:
+        first = await self._announce_bash(session_id)
+        await self._bash_input(session_id, first, command)
+        second = await self._announce_bash(session_id)
+        await self._run_bash(session_id, first, command)
+        await self._bash_input(session_id, second, command)
+        await self._run_bash(session_id, second, command)
+        await self._say(session_id, "done")
+        return "done", "end_turn"
+
+    async def _announce_bash(self, session_id: str) -> str:
+        """opencode's `tool_call`: its rawInput has only the cwd."""
         assert self.client is not None
         call_id = f"call_{uuid.uuid4().hex[:6]}"
-        cwd = os.getcwd()
         start = start_tool_call(
-            call_id, "bash", kind="execute", status="pending", raw_input={"cwd": cwd}
+            call_id, "bash", kind="execute", status="pending", raw_input={"cwd": os.getcwd()}
         )
         await self.client.session_update(session_id, start)
-        raw_input = {"command": command, "description": "Runs it", "cwd": cwd}
+        return call_id
+
+    async def _bash_input(self, session_id: str, call_id: str, command: str) -> None:
+        """opencode's first `tool_call_update`, which has the command."""
+        assert self.client is not None
+        raw_input = {"command": command, "description": "Runs it", "cwd": os.getcwd()}
         running = update_tool_call(
             call_id, status="in_progress", kind="execute", title=command, raw_input=raw_input
         )
         await self.client.session_update(session_id, running)
+
+    async def _run_bash(self, session_id: str, call_id: str, command: str) -> None:
+        assert self.client is not None
         proc = await asyncio.create_subprocess_exec(
             "bash", "-c", command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
@@ -334,8 +363,6 @@ class TestAgent(Agent):
             raw_output={"output": output, "metadata": {"exit": proc.returncode}},
         )
         await self.client.session_update(session_id, done)
-        await self._say(session_id, "done")
-        return "done", "end_turn"
 
     async def _run_tool(
         self, session_id: str, call_id: str, command: str, cancelled: asyncio.Event

@@ -580,3 +580,22 @@ async def _capctl(capd: CapdProcess, *args: str) -> str:
     out, _ = await asyncio.wait_for(proc.communicate(), 10)
     assert proc.returncode == 0
     return out.decode()
+
+
+async def test_a_step_is_recorded_once_the_input_of_each_call_is_final(
+    capd: CapdProcess, state: Path
+) -> None:
+    await _spawn(capd, "ag", state)
+    async with await connect_pod(capd, "ag") as pod:
+        end, seen = await run_turn(pod, "late-pair:echo both")
+    durable = [e for e in seen if "seq" in e and e["event"] in ("assistant_message", "tool_result")]
+    assert [e["event"] for e in durable] == [
+        "assistant_message",
+        "tool_result",
+        "tool_result",
+        "assistant_message",
+    ]
+    calls = durable[0]["tool_calls"]
+    assert [call["arguments"]["command"] for call in calls] == ["echo both", "echo both"]
+    assert [r["call_id"] for r in durable[1:3]] == [call["id"] for call in calls]
+    assert (end["result"], end["output"]) == ("finished", "done")

@@ -9,11 +9,12 @@ become events until its response gives the `stopReason`. Pause and cancel send
 prompt waits for. `session/request_permission` is answered by the pod's policy.
 
 Steps: text and thought chunks, and the tool calls announced after them, make one
-`assistant_message`, recorded when a chunk follows the calls, a call ends or the prompt
-ends; a tool call that ends `completed` or `failed` gives its `tool_result`. Until then a
-repeated `tool_call` or a `tool_call_update` with `rawInput` updates its call's arguments
-(agents announce a call before its input is whole); a tool reports its end only after it
-ran, so its own input is complete by then.
+`assistant_message`, recorded when a chunk follows the calls, when a call has ended and
+every call's input is final, or when the prompt ends; a tool call that ends `completed`
+or `failed` gives its `tool_result`, recorded after its step. Agents announce a call
+before its input is whole, so until the step is recorded a repeated `tool_call` or a
+`tool_call_update` with `rawInput` updates the call's arguments; the input is final once
+the call runs (`in_progress`), has ended, or was sent again.
 """
 
 import asyncio
@@ -70,6 +71,10 @@ class _Step:
     text: str = ""
     thinking: str = ""
     calls: list[ToolCall] = field(default_factory=list)
+    settled: set[str] = field(default_factory=set)
+    """Calls whose input is final: they run (or ended), or the agent sent it again."""
+    held: list[ToolResult] = field(default_factory=list)
+    """Results of the step's calls, recorded after the step."""
 
 
 @dataclass
@@ -325,10 +330,13 @@ class AcpEngine(ExternalEngine):
         call_id = str(update.get("toolCallId", ""))
         raw = update.get("rawInput")
         arguments = raw if isinstance(raw, dict) else {}
+        if update.get("status") in ("in_progress", "completed", "failed"):
+            state.step.settled.add(call_id)
         if call_id in state.names:
             pending = next((c for c in state.step.calls if c.id == call_id), None)
             if pending is not None and arguments:
                 pending.arguments = arguments
+                state.step.settled.add(call_id)
             return
         if update.get("sessionUpdate") == "tool_call_update" and not (
             arguments or update.get("title")
@@ -342,11 +350,17 @@ class AcpEngine(ExternalEngine):
     def _tool_update(
         self, host: TurnHost, turn: Turn, state: _TurnState, update: dict[str, Any]
     ) -> None:
+        """Record a call's result. The step that made the call is recorded first, once
+        the input of each of its calls is final: opencode runs a call while it still
+        streams the next one's input."""
         result = self._tool_result(turn, state, update)
-        if result is not None:
-            # The step that made the call is recorded before its result.
+        step = state.step
+        if result is not None and all(call.id != result.call_id for call in step.calls):
+            host.emit(result)  # a call of a step recorded before
+        elif result is not None:
+            step.held.append(result)
+        if step.held and all(call.id in step.settled for call in step.calls):
             self._flush(host, turn, state)
-            host.emit(result)
 
     def _tool_result(
         self, turn: Turn, state: _TurnState, update: dict[str, Any]
@@ -383,18 +397,9 @@ class AcpEngine(ExternalEngine):
             if step.text:
                 host.emit(AssistantMessage(turn_id=turn.turn_id, text=step.text, interrupted=True))
             return
-        counted = usage is not None and (usage.input_tokens or usage.output_tokens)
-        if step.text or step.thinking or step.calls or counted:
-            thinking = [ThinkingBlock(text=step.thinking)] if step.thinking else []
-            host.emit(
-                AssistantMessage(
-                    turn_id=turn.turn_id,
-                    text=step.text,
-                    tool_calls=step.calls,
-                    thinking=thinking,
-                    usage=usage or Usage(),
-                )
-            )
+        _record_step(host, turn, step, usage)
+        for result in step.held:
+            host.emit(result)
 
     def _cancel(self, host: TurnHost, turn: Turn, state: _TurnState) -> None:
         """Stop the agent's turn with `session/cancel`. The questions it is asking are
@@ -439,6 +444,21 @@ def _outcome(host: TurnHost, turn: Turn, answer: dict[str, Any]) -> TurnOutcome:
     if result in ("finished", "cancelled"):
         return TurnOutcome(result, turn.output)
     return TurnOutcome(result, turn.output, f"acp agent stopped: {reason or 'no stopReason'}")
+
+
+def _record_step(host: TurnHost, turn: Turn, step: _Step, usage: Usage | None) -> None:
+    counted = usage is not None and (usage.input_tokens or usage.output_tokens)
+    if step.text or step.thinking or step.calls or counted:
+        thinking = [ThinkingBlock(text=step.thinking)] if step.thinking else []
+        host.emit(
+            AssistantMessage(
+                turn_id=turn.turn_id,
+                text=step.text,
+                tool_calls=step.calls,
+                thinking=thinking,
+                usage=usage or Usage(),
+            )
+        )
 
 
 def _usage(answer: dict[str, Any]) -> Usage:
