@@ -58,8 +58,9 @@ class Agent:
     def command(self) -> str:
         return os.environ.get(self.variable, "")
 
-    def env(self, home: Path, base_url: str) -> dict[str, str]:
-        """The engine's environment: everything in `home`, the model at `base_url`."""
+    def env(self, home: Path, base_url: str, ask: bool = True) -> dict[str, str]:
+        """The engine's environment: everything in `home`, the model at `base_url`.
+        `ask`: opencode asks before running bash (Claude Code always does)."""
         home.mkdir()
         common = {"HOME": str(home), MARKER: str(home)}
         if self.api == "anthropic":
@@ -97,7 +98,7 @@ class Agent:
             "provider": {"capd": provider},
             "model": f"capd/{MODEL}",
             "small_model": f"capd/{SMALL_MODEL}",
-            "permission": {"bash": "ask"},
+            "permission": {"bash": "ask" if ask else "allow"},
             "autoupdate": False,
             "share": "disabled",
         }
@@ -116,11 +117,14 @@ class Agent:
         server = anthropic_server if self.api == "anthropic" else openai_server
         return server.TextReply(pieces, delay_ms=delay_ms)
 
-    def bash(self, command: str) -> Any:
-        arguments = {"command": command, "description": "Runs the command"}
+    def bash(self, *commands: str, delay_ms: float = 0) -> Any:
+        """A reply calling the agent's shell tool once per command."""
+        inputs = [{"command": command, "description": "Runs the command"} for command in commands]
         if self.api == "anthropic":
-            return anthropic_server.ToolUseReply([anthropic_server.ToolUse("Bash", arguments)])
-        return openai_server.ToolCallsReply([openai_server.FunctionCall("bash", arguments)])
+            uses = [anthropic_server.ToolUse("Bash", arguments) for arguments in inputs]
+            return anthropic_server.ToolUseReply(uses, delay_ms=delay_ms)
+        calls = [openai_server.FunctionCall("bash", arguments) for arguments in inputs]
+        return openai_server.ToolCallsReply(calls, delay_ms=delay_ms)
 
 
 XDG_KINDS = ("CONFIG", "DATA", "CACHE", "STATE")
@@ -163,6 +167,7 @@ async def _spawn(
     server: SseTestServer[Any],
     tmp_path: Path,
     permission: str = "deny",
+    ask: bool = True,
 ) -> Path:
     """A pod on the agent; returns its cwd."""
     cwd = tmp_path / "work"
@@ -170,7 +175,7 @@ async def _spawn(
     engine = {
         "kind": "acp",
         "command": [agent.command, "acp"] if agent.api == "openai" else [agent.command],
-        "env": agent.env(tmp_path / "home", server.base_url),
+        "env": agent.env(tmp_path / "home", server.base_url, ask),
         "permission": permission,
     }
     manifest = {"name": "ag", "cwd": str(cwd), "engine": engine}
@@ -265,6 +270,27 @@ async def test_an_allowed_tool_call_is_recorded_once_with_its_command(
     assert "made it" in result["output"]
     # The agent gave the tool's output back to the model.
     assert "made it" in json.dumps(server.requests_for(MODEL)[1]["messages"])
+
+
+async def test_two_calls_in_one_reply_are_one_step_with_both_commands(
+    capd: CapdProcess, agent: Agent, server: SseTestServer[Any], tmp_path: Path
+) -> None:
+    # opencode not asking, and the reply streamed slowly enough that it runs the first
+    # call while the second one's command still streams.
+    await _spawn(capd, agent, server, tmp_path, permission="allow", ask=False)
+    commands = ["echo one", "sleep 1; echo two"]
+    server.enqueue(agent.bash(*commands, delay_ms=30), agent.text("Both ran."), model=MODEL)
+    async with await connect_pod(capd, "ag") as pod:
+        await pod.request({"method": "run", "text": "run both"})
+        end, _ = await wait_for(pod, is_event("turn_end"), TURN_TIMEOUT_S)
+        history = await full_history(pod)
+    assert (end["result"], end["output"]) == ("finished", "Both ran.")
+    steps = [e for e in history if e["event"] == "assistant_message" and e["tool_calls"]]
+    (step,) = steps
+    assert [call["arguments"]["command"] for call in step["tool_calls"]] == commands
+    results = [e for e in history if e["event"] == "tool_result"]
+    assert sorted(r["call_id"] for r in results) == sorted(c["id"] for c in step["tool_calls"])
+    assert history.index(step) < history.index(results[0])
 
 
 async def test_a_denied_tool_call_does_not_run(
