@@ -2,9 +2,10 @@
 
 The process runs in its own session, so its process group holds everything it starts, in
 the pod's cwd, and speaks newline-delimited JSON on stdin and stdout. Its stderr is kept,
-bounded, so a failure can name its last lines. It is stopped with its whole group
-(`capd.groups`) when the pod stops, is deleted or capd shuts down, and when it exits (what
-it started would otherwise hold its output open).
+bounded: when it dies, the end goes to capd's log and its error names the line that says
+why (`stderr_summary`). It is stopped with its whole group (`capd.groups`) when the pod
+stops, is deleted or capd shuts down, and when it exits (what it started would otherwise
+hold its output open).
 
 `ExternalEngine` holds one such process per pod. A turn sends one prompt (`_next_prompt`):
 the user messages and notifications the engine's session has not seen, followed by
