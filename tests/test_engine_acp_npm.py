@@ -416,5 +416,8 @@ async def test_an_agent_killed_mid_turn_is_restarted_and_finishes_the_turn(
     never.set()
     assert (end["result"], end["output"]) == ("finished", "After the restart.")
     assert _said(server.requests_for(MODEL)[1:], "do the thing")
-    assert sum(e["event"] == "engine_session" for e in history) == 1
+    # The restarted agent loads the session, or, when the killed one had not saved it yet
+    # (Claude Code may not have, mid-request: `session/load` says "Resource not found"),
+    # capd opens a new one and gives it the prompt again.
+    assert sum(e["event"] == "engine_session" for e in history) in (1, 2)
     assert restarted != group
