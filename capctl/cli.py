@@ -24,6 +24,7 @@ from capctl.render import (
     TurnPrinter,
     duration,
     key_values,
+    pod_status,
     pod_table,
     turn_failure,
 )
@@ -43,6 +44,7 @@ HISTORY_PAGE = 1000
 STATUS_ORDER = (
     "name",
     "status",
+    "permissions",
     "turn_id",
     "queued",
     "model",
@@ -434,7 +436,7 @@ def shutdown(settings: Settings) -> None:
 def status(settings: Settings, pod: str) -> None:
     """Show a pod's status."""
     result = pod_call(settings.runtime, pod, {"method": "status"})
-    report(settings, result, key_values(result, STATUS_ORDER))
+    report(settings, result, pod_status(result, STATUS_ORDER))
 
 
 @cli.command()

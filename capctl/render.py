@@ -142,18 +142,38 @@ def session_replaced_line(event: dict[str, Any]) -> str:
 
 def permission_request_line(event: dict[str, Any]) -> str:
     """The question and how to answer it: `capctl permission POD REQUEST OPTION`."""
-    call = event.get("tool_call") or {}
+    return f"permission asked: {permission_question(event)}"
+
+
+def permission_question(asked: dict[str, Any], pod: str | None = None) -> str:
+    """A permission request (an event, or an entry of `status.permissions`) in a line."""
+    call = asked.get("tool_call") or {}
     what = call.get("title") or call.get("kind") or compact_json(call)
     options = ", ".join(
         f"{option.get('optionId')} ({option.get('kind') or option.get('name')})"
-        for option in event.get("options") or []
+        for option in asked.get("options") or []
         if isinstance(option, dict)
     )
-    pod, request = event.get("pod", "POD"), event.get("request_id", "?")
-    return (
-        f"permission asked: {what}; options: {options or 'none'} — "
-        f"capctl permission {pod} {request} OPTION"
-    )
+    pod, request = pod or asked.get("pod", "POD"), asked.get("request_id", "?")
+    return f"{what}; options: {options or 'none'} — capctl permission {pod} {request} OPTION"
+
+
+def pod_status(status: dict[str, Any], order: Sequence[str]) -> str:
+    """`capctl status`: the status object as `key: value` lines. A running pod waiting for
+    its engine's permission questions says so, and each question is a line of its own."""
+    shown = dict(status)
+    asked = [q for q in shown.pop("permissions", None) or [] if isinstance(q, dict)]
+    if not asked:
+        return key_values(shown, order)
+    if shown.get("status") == "running":
+        shown["status"] = "running (waiting for permission)"
+    pod = str(shown.get("name", "POD"))
+    questions = [f"{q.get('request_id', '?')}: {permission_question(q, pod)}" for q in asked]
+    shown["permissions"] = questions[0]
+    lines = key_values(shown, order).splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("permissions:"))
+    indent = " " * (len(lines[at]) - len(questions[0]))
+    return "\n".join([*lines[: at + 1], *(indent + q for q in questions[1:]), *lines[at + 1 :]])
 
 
 class EventPrinter:

@@ -32,6 +32,8 @@ from protocol.events import (
     ChildSpawned,
     DurableEvent,
     Notification,
+    PermissionRequest,
+    PermissionResolved,
     PodEventBase,
     PodEventReceived,
     PodStatusName,
@@ -125,6 +127,8 @@ class PodController:
         self.last_seq = 0
         self.context = Context()
         self.usage = Usage()
+        self.asked: dict[str, PermissionRequest] = {}
+        """The engine's permission questions still waiting for an answer, by request id."""
         self.notes: list[PendingNote] = []
         self.engine = make_engine(manifest)
         self._model_label = model_label(manifest)
@@ -201,6 +205,12 @@ class PodController:
                     self.turn.partial = ""
             case PodEventReceived(payload=payload) if isinstance(payload.get("event_id"), str):
                 self._seen_event_ids.add(payload["event_id"])
+            case PermissionRequest(request_id=request_id):
+                self.asked[request_id] = event
+            case PermissionResolved(request_id=request_id):
+                self.asked.pop(request_id, None)
+            case TurnEnd():
+                self.asked.clear()
 
     def _page(self, after_seq: int, limit: int) -> list[tuple[int, bytes]]:
         return self._store.events_after(self.name, after_seq, limit)
@@ -251,6 +261,9 @@ class PodController:
             else:
                 self._queue.append(_QueuedRun(row.turn_id, row.text, row.id))
         self.notes = [note for _, note in sorted(notes, key=lambda pair: pair[0])]
+        for asked in list(self.asked.values()):
+            # The engine that asked is gone with the capd that died; its question too.
+            self.emit(PermissionResolved(turn_id=asked.turn_id, request_id=asked.request_id))
         wanted: PodStatusName = "paused" if self.turn else "idle"
         if self.status != wanted:
             self._set_status(wanted)
@@ -554,6 +567,15 @@ class PodController:
                 "output_tokens": self.usage.output_tokens,
             },
             "socket": str(self.socket_path),
+            "permissions": [
+                {
+                    "request_id": asked.request_id,
+                    "turn_id": asked.turn_id,
+                    "tool_call": asked.tool_call,
+                    "options": asked.options,
+                }
+                for asked in self.asked.values()
+            ],
         }
 
 

@@ -21,6 +21,16 @@ class NotifyResult(Result):
     turn_id: str | None = None
 
 
+class OpenPermission(Result):
+    """A `permission_request` still waiting for its answer (an addition), as the event
+    gave it."""
+
+    request_id: str
+    turn_id: str
+    tool_call: dict[str, Any] = Field(default_factory=dict)
+    options: list[dict[str, Any]] = Field(default_factory=list)
+
+
 class PodStatus(Result):
     name: str
     status: PodStatusName
@@ -34,6 +44,9 @@ class PodStatus(Result):
     tools: list[str] = Field(default_factory=list)
     usage: Usage = Field(default_factory=Usage)
     socket: str = ""
+    permissions: list[OpenPermission] = Field(default_factory=list)
+    """The engine's questions waiting for a `permission` answer (an addition); while there
+    are any, a running turn waits for them."""
 
 
 class SubscribeResult(Result):

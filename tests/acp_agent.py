@@ -8,10 +8,23 @@ What a prompt (its last text block) asks for:
                   (allow_once "allow" / reject_once "reject"), then "done"
     pair:CMD      two tool calls announced together, then both running CMD at once
                   (no permission asked), then "done"
+    dup-tool:CMD  as claude-code-acp 0.16: `tool_call` twice for one id, a placeholder
+                  (title "Terminal", empty rawInput), then the whole call; runs CMD
+                  without asking and, cancelled, says nothing more about it; then "done"
+    late-input:CMD  as opencode: `tool_call` with rawInput {cwd} only, the command in the
+                  `tool_call_update`s (in_progress, then completed); then "done"
+    late-pair:CMD as opencode with two calls: the second call's command comes after the
+                  first has run (each runs CMD); then "done"
+    rpc-error     answers the prompt with claude-code-acp's JSON-RPC error, whose reason
+                  is only in `data`
+    rust-panic    exits 101 after writing a Rust panic and its backtrace to stderr
     bg            starts `sleep 300` in the background (in its process group), then replies
     crash         exits 3 mid-turn, and so at every later prompt
     crash-once    as crash, unless $FAKE_ACP_DIR/crashed exists (which it creates)
     anything else a thought, then "You said: <prompt>"
+
+Every prompt that ends `end_turn` sends a `usage_update` first and answers with `usage`,
+as claude-code-acp does: USAGE below, per prompt.
 
 A tool still running when the prompt is cancelled is killed and reported `failed`
 ("stopped") before the `cancelled` answer, as ACP asks.
@@ -57,10 +70,33 @@ from acp.schema import (
     LoadSessionResponse,
     PermissionOption,
     ToolCallUpdate,
+    Usage,
+    UsageUpdate,
 )
 
 STATE = Path(os.environ["FAKE_ACP_DIR"])
 SESSIONS = STATE / "sessions"
+USAGE = Usage(
+    input_tokens=20,
+    output_tokens=10,
+    cached_read_tokens=5,
+    cached_write_tokens=3,
+    total_tokens=38,
+)
+QUERY_CLOSED = {"details": "Query closed before response received"}
+RUST_PANIC = (
+    """thread 'main' panicked at codex-rs/acp/src/main.rs:42:10:
+called `Result::unwrap()` on an `Err` value: the model provider refused the API key
+stack backtrace:
+"""
+    + "".join(
+        f"  {i:>2}: core::ops::function::FnOnce::call_once{{vtable.shim}}\n"
+        f"             at /rustc/90b35a6239c3d8bdabc530a6a0816f7ff89a0aaf/library/core/src/ops/"
+        f"function.rs:{250 + i}:5\n"
+        for i in range(30)
+    )
+    + "note: Some details are omitted, run with `RUST_BACKTRACE=full` for a verbose backtrace.\n"
+)
 
 
 def log(entry: dict[str, Any]) -> None:
@@ -134,10 +170,14 @@ class TestAgent(Agent):
         cancelled = self.cancelled[session_id] = asyncio.Event()
         text = texts[-1]
         reply, stop = await self._answer(session_id, text, cancelled)
-        if stop == "end_turn":
-            path = SESSIONS / f"{session_id}.json"
-            self._save(session_id, [*json.loads(path.read_text()), [text, reply]])
-        return PromptResponse(stop_reason=stop)
+        if stop != "end_turn":
+            return PromptResponse(stop_reason=stop)
+        path = SESSIONS / f"{session_id}.json"
+        self._save(session_id, [*json.loads(path.read_text()), [text, reply]])
+        assert self.client is not None
+        context = UsageUpdate(session_update="usage_update", used=33, size=200000)
+        await self.client.session_update(session_id, context)
+        return PromptResponse(stop_reason=stop, usage=USAGE)
 
     async def _answer(self, session_id: str, text: str, cancelled: asyncio.Event) -> Any:
         if text.startswith("slow"):
@@ -152,6 +192,18 @@ class TestAgent(Agent):
             return await self._tool(session_id, text.removeprefix("tool:"), cancelled)
         if text.startswith("pair:"):
             return await self._pair(session_id, text.removeprefix("pair:"), cancelled)
+        if text.startswith("dup-tool:"):
+            return await self._dup_tool(session_id, text.removeprefix("dup-tool:"), cancelled)
+        if text.startswith("late-input:"):
+            return await self._late_input(session_id, text.removeprefix("late-input:"))
+        if text.startswith("late-pair:"):
+            return await self._late_pair(session_id, text.removeprefix("late-pair:"))
+        if text == "rpc-error":
+            raise RequestError.internal_error(QUERY_CLOSED)
+        if text == "rust-panic":
+            sys.stderr.write(RUST_PANIC)
+            sys.stderr.flush()
+            os._exit(101)
         if text == "bg":
             await asyncio.create_subprocess_exec("sleep", "300")
             await self._say(session_id, "started")
@@ -223,6 +275,94 @@ class TestAgent(Agent):
             return "", "cancelled"
         await self._say(session_id, "done")
         return "done", "end_turn"
+
+    async def _dup_tool(self, session_id: str, command: str, cancelled: asyncio.Event) -> Any:
+        assert self.client is not None
+        call_id = f"toolu_{uuid.uuid4().hex[:6]}"
+        placeholder = start_tool_call(
+            call_id, "Terminal", kind="execute", status="pending", raw_input={}, content=[]
+        )
+        await self.client.session_update(session_id, placeholder)
+        whole = start_tool_call(
+            call_id,
+            f"`{command}`",
+            kind="execute",
+            status="pending",
+            raw_input={"command": command},
+        )
+        await self.client.session_update(session_id, whole)
+        proc = await asyncio.create_subprocess_exec(
+            "bash", "-c", command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        wait = asyncio.ensure_future(proc.communicate())
+        stop = asyncio.ensure_future(cancelled.wait())
+        await asyncio.wait([wait, stop], return_when=asyncio.FIRST_COMPLETED)
+        if not wait.done():
+            proc.kill()
+            await wait
+            return "", "cancelled"
+        stop.cancel()
+        output = wait.result()[0].decode().strip()
+        done = update_tool_call(
+            call_id,
+            status="completed",
+            raw_output=output,
+            content=[tool_content(text_block(output))],
+        )
+        await self.client.session_update(session_id, done)
+        await self._say(session_id, "done")
+        return "done", "end_turn"
+
+    async def _late_input(self, session_id: str, command: str) -> Any:
+        call_id = await self._announce_bash(session_id)
+        await self._bash_input(session_id, call_id, command)
+        await self._run_bash(session_id, call_id, command)
+        await self._say(session_id, "done")
+        return "done", "end_turn"
+
+    async def _late_pair(self, session_id: str, command: str) -> Any:
+        first = await self._announce_bash(session_id)
+        await self._bash_input(session_id, first, command)
+        second = await self._announce_bash(session_id)
+        await self._run_bash(session_id, first, command)
+        await self._bash_input(session_id, second, command)
+        await self._run_bash(session_id, second, command)
+        await self._say(session_id, "done")
+        return "done", "end_turn"
+
+    async def _announce_bash(self, session_id: str) -> str:
+        """opencode's `tool_call`: its rawInput has only the cwd."""
+        assert self.client is not None
+        call_id = f"call_{uuid.uuid4().hex[:6]}"
+        start = start_tool_call(
+            call_id, "bash", kind="execute", status="pending", raw_input={"cwd": os.getcwd()}
+        )
+        await self.client.session_update(session_id, start)
+        return call_id
+
+    async def _bash_input(self, session_id: str, call_id: str, command: str) -> None:
+        """opencode's first `tool_call_update`, which has the command."""
+        assert self.client is not None
+        raw_input = {"command": command, "description": "Runs it", "cwd": os.getcwd()}
+        running = update_tool_call(
+            call_id, status="in_progress", kind="execute", title=command, raw_input=raw_input
+        )
+        await self.client.session_update(session_id, running)
+
+    async def _run_bash(self, session_id: str, call_id: str, command: str) -> None:
+        assert self.client is not None
+        proc = await asyncio.create_subprocess_exec(
+            "bash", "-c", command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        output = (await proc.communicate())[0].decode()
+        done = update_tool_call(
+            call_id,
+            status="completed",
+            title=command,
+            content=[tool_content(text_block(output))],
+            raw_output={"output": output, "metadata": {"exit": proc.returncode}},
+        )
+        await self.client.session_update(session_id, done)
 
     async def _run_tool(
         self, session_id: str, call_id: str, command: str, cancelled: asyncio.Event

@@ -424,3 +424,178 @@ async def test_an_agent_dying_while_asking_resolves_the_question(
     assert stale.value.code == "not_found"
     assert len(engine_starts(state)) == 2
     assert end["result"] == "finished"
+
+
+async def test_a_repeated_tool_call_updates_the_call(capd: CapdProcess, state: Path) -> None:
+    await _spawn(capd, "ag", state)
+    async with await connect_pod(capd, "ag") as pod:
+        end, seen = await run_turn(pod, "dup-tool:echo hi")
+    starts = [e for e in seen if e["event"] == "tool_call_start"]
+    step = next(e for e in seen if e["event"] == "assistant_message")
+    (call,) = step["tool_calls"]
+    assert [s["call_id"] for s in starts] == [call["id"]]
+    assert (call["name"], call["arguments"]) == ("Terminal", {"command": "echo hi"})
+    (result,) = [e for e in seen if e["event"] == "tool_result"]
+    assert (result["call_id"], result["output"]) == (call["id"], "hi")
+    assert (end["result"], end["output"]) == ("finished", "done")
+
+
+async def test_a_paused_repeated_tool_call_is_interrupted_once(
+    capd: CapdProcess, state: Path
+) -> None:
+    running = state / "running"
+    await _spawn(capd, "ag", state)
+    async with await connect_pod(capd, "ag") as pod:
+        await pod.request({"method": "run", "text": f"dup-tool:touch {running}; sleep 30"})
+        await until(running.exists)
+        await pause_turn(pod)
+        end, _ = await resume_turn(pod)
+        history = await full_history(pod)
+    (step,) = [e for e in history if e["event"] == "assistant_message" and e["tool_calls"]]
+    (call,) = step["tool_calls"]
+    (closed,) = [e for e in history if e["event"] == "tool_result"]
+    assert closed["call_id"] == call["id"]
+    assert "interrupted" in closed["output"]
+    assert end["result"] == "finished"
+
+
+async def test_a_call_whose_input_comes_in_an_update_records_that_input(
+    capd: CapdProcess, state: Path, tmp_path: Path
+) -> None:
+    await _spawn(capd, "ag", state, cwd=str(tmp_path))
+    async with await connect_pod(capd, "ag") as pod:
+        end, seen = await run_turn(pod, "late-input:echo late")
+    step = next(e for e in seen if e["event"] == "assistant_message")
+    (call,) = step["tool_calls"]
+    assert call["name"] == "bash"
+    assert call["arguments"] == {
+        "command": "echo late",
+        "description": "Runs it",
+        "cwd": str(tmp_path),
+    }
+    result = next(e for e in seen if e["event"] == "tool_result")
+    assert (result["call_id"], result["output"].strip()) == (call["id"], "late")
+    assert (end["result"], end["output"]) == ("finished", "done")
+
+
+async def test_an_agent_error_gives_its_data_in_the_turn_error_and_the_log(
+    capd: CapdProcess, state: Path
+) -> None:
+    await _spawn(capd, "ag", state)
+    async with await connect_pod(capd, "ag") as pod:
+        end, _ = await run_turn(pod, "rpc-error")
+    assert end["result"] == "errored"
+    assert end["error"] == (
+        "acp: Internal error: Query closed before response received (code -32603)"
+    )
+    assert await asyncio.to_thread(capd.signal, 15) == 0
+    assert "Query closed before response received" in capd.output()
+
+
+async def test_an_agent_that_panics_is_reported_by_its_panic_not_its_backtrace(
+    capd: CapdProcess, state: Path
+) -> None:
+    await _spawn(capd, "ag", state)
+    async with await connect_pod(capd, "ag") as pod:
+        end, _ = await run_turn(pod, "rust-panic")
+    panic = (
+        "thread 'main' panicked at codex-rs/acp/src/main.rs:42:10: called `Result::unwrap()` "
+        "on an `Err` value: the model provider refused the API key"
+    )
+    assert end["result"] == "errored"
+    assert end["error"] == (
+        f"acp engine died again after a restart: acp engine exited with code 101; stderr: {panic}"
+    )
+    assert await asyncio.to_thread(capd.signal, 15) == 0
+    log = capd.output()
+    assert log.count("the model provider refused the API key") >= 2  # both deaths
+    assert "stack backtrace:" in log
+
+
+async def test_the_agents_usage_reports_count_for_the_step_and_the_pod(
+    capd: CapdProcess, state: Path
+) -> None:
+    await _spawn(capd, "ag", state)
+    async with await connect_pod(capd, "ag") as pod:
+        await run_turn(pod, "hello")
+        _, seen = await run_turn(pod, "tool:echo hi")
+        status = await pod.request({"method": "status"})
+    steps = [e for e in seen if e["event"] == "assistant_message"]
+    # The prompt's usage (20 input, 5 + 3 cached, 10 output) goes with its last step.
+    assert [step["usage"] for step in steps] == [
+        {"input_tokens": 0, "output_tokens": 0},
+        {"input_tokens": 28, "output_tokens": 10},
+    ]
+    assert status["usage"] == {"input_tokens": 56, "output_tokens": 20}
+
+
+async def test_status_shows_the_questions_waiting_for_an_answer(
+    capd: CapdProcess, state: Path
+) -> None:
+    await _spawn(capd, "ag", state, permission="ask")
+    async with await connect_pod(capd, "ag") as pod:
+        await pod.request({"method": "run", "text": "tool:echo asked"})
+        asked, _ = await wait_for(pod, is_event("permission_request"))
+        waiting = await pod.request({"method": "status"})
+        shown = await _capctl(capd, "status", "ag")
+        await pod.request(
+            {"method": "permission", "request_id": asked["request_id"], "option_id": "allow"}
+        )
+        await wait_for(pod, is_event("permission_resolved"))
+        answered = await pod.request({"method": "status"})
+        await wait_for(pod, is_event("turn_end"))
+    question = {key: asked[key] for key in ("request_id", "turn_id", "tool_call", "options")}
+    assert (waiting["status"], waiting["permissions"]) == ("running", [question])
+    assert answered["permissions"] == []
+    request_id = asked["request_id"]
+    assert "status:      running (waiting for permission)\n" in shown
+    assert (
+        f"permissions: {request_id}: Run a command; options: allow (allow_once), "
+        f"reject (reject_once) — capctl permission ag {request_id} OPTION\n"
+    ) in shown
+
+
+async def test_a_question_open_when_capd_died_is_resolved_at_restore(
+    capd: CapdProcess, state: Path
+) -> None:
+    await _spawn(capd, "ag", state, permission="ask")
+    async with await connect_pod(capd, "ag") as pod:
+        await pod.request({"method": "run", "text": "tool:echo asked"})
+        asked, _ = await wait_for(pod, is_event("permission_request"))
+    assert await asyncio.to_thread(capd.signal, signal.SIGKILL) == -signal.SIGKILL
+    capd.start()
+    async with await connect_pod(capd, "ag") as pod:
+        status = await pod.request({"method": "status"})
+        history = await full_history(pod)
+    resolved = [e for e in history if e["event"] == "permission_resolved"]
+    assert [(e["request_id"], e["option_id"]) for e in resolved] == [(asked["request_id"], None)]
+    assert (status["status"], status["permissions"]) == ("paused", [])
+
+
+async def _capctl(capd: CapdProcess, *args: str) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "capctl", "--runtime-dir", str(capd.runtime_dir), *args),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 10)
+    assert proc.returncode == 0
+    return out.decode()
+
+
+async def test_a_step_is_recorded_once_the_input_of_each_call_is_final(
+    capd: CapdProcess, state: Path
+) -> None:
+    await _spawn(capd, "ag", state)
+    async with await connect_pod(capd, "ag") as pod:
+        end, seen = await run_turn(pod, "late-pair:echo both")
+    durable = [e for e in seen if "seq" in e and e["event"] in ("assistant_message", "tool_result")]
+    assert [e["event"] for e in durable] == [
+        "assistant_message",
+        "tool_result",
+        "tool_result",
+        "assistant_message",
+    ]
+    calls = durable[0]["tool_calls"]
+    assert [call["arguments"]["command"] for call in calls] == ["echo both", "echo both"]
+    assert [r["call_id"] for r in durable[1:3]] == [call["id"] for call in calls]
+    assert (end["result"], end["output"]) == ("finished", "done")

@@ -9,8 +9,12 @@ become events until its response gives the `stopReason`. Pause and cancel send
 prompt waits for. `session/request_permission` is answered by the pod's policy.
 
 Steps: text and thought chunks, and the tool calls announced after them, make one
-`assistant_message`, recorded when a chunk follows the calls, a call ends or the prompt
-ends; a tool call that ends `completed` or `failed` gives its `tool_result`.
+`assistant_message`, recorded when a chunk follows the calls, when a call has ended and
+every call's input is final, or when the prompt ends; a tool call that ends `completed`
+or `failed` gives its `tool_result`, recorded after its step. Agents announce a call
+before its input is whole, so until the step is recorded a repeated `tool_call` or a
+`tool_call_update` with `rawInput` updates the call's arguments; the input is final once
+the call runs (`in_progress`), has ended, or was sent again.
 """
 
 import asyncio
@@ -36,6 +40,7 @@ from protocol.events import (
     ToolCallStart,
     ToolResult,
     TurnResult,
+    Usage,
 )
 from protocol.manifest import AcpEngine as AcpConfig
 from protocol.manifest import Manifest
@@ -55,6 +60,8 @@ ANSWER_UPDATES = frozenset(
     {"agent_message_chunk", "agent_thought_chunk", "tool_call", "tool_call_update", "plan"}
 )
 METHOD_NOT_FOUND = -32601
+ERROR_DATA_CHARS = 2000
+"""The longest agent error quoted in a turn's error."""
 ALLOW_KINDS = ("allow_once", "allow_always")
 REJECT_KINDS = ("reject_once", "reject_always")
 
@@ -64,6 +71,10 @@ class _Step:
     text: str = ""
     thinking: str = ""
     calls: list[ToolCall] = field(default_factory=list)
+    settled: set[str] = field(default_factory=set)
+    """Calls whose input is final: they run (or ended), or the agent sent it again."""
+    held: list[ToolResult] = field(default_factory=list)
+    """Results of the step's calls, recorded after the step."""
 
 
 @dataclass
@@ -180,7 +191,9 @@ class AcpEngine(ExternalEngine):
         answer = self._waiting.get(rpc_id) if isinstance(rpc_id, int) else None
         if answer is not None and not answer.done():
             if "error" in message:
-                answer.set_exception(AcpEngineError(_error_text(message["error"])))
+                error = _error_text(message["error"])
+                log.warning("acp agent answered a request with an error: %s", error)
+                answer.set_exception(AcpEngineError(error))
             else:
                 answer.set_result(message.get("result") or {})
         return False
@@ -266,8 +279,8 @@ class AcpEngine(ExternalEngine):
                 message = await self._next_message()
                 if message.get("id") == self._prompt_id:
                     self._prompt_id = None
-                    self._flush(host, turn, state)
-                    return _outcome(turn, message)
+                    self._flush(host, turn, state, usage=_usage(message))
+                    return _outcome(host, turn, message)
                 update = (message.get("params") or {}).get("update") or {}
                 # An echo of the prompt, or a usage or mode note, is not an answer: the
                 # agent may not have kept the prompt, so a restart gives it again.
@@ -303,26 +316,51 @@ class AcpEngine(ExternalEngine):
                     self._flush(host, turn, state)
                 state.step.thinking += text
                 host.emit_ephemeral(ThinkingDelta(turn_id=turn_id, text=text))
-            case "tool_call":
-                call_id = str(update.get("toolCallId", ""))
-                name = str(update.get("title") or update.get("kind") or "tool")
-                state.names[call_id] = name
-                host.emit_ephemeral(ToolCallStart(turn_id=turn_id, call_id=call_id, name=name))
-                raw = update.get("rawInput")
-                arguments = raw if isinstance(raw, dict) else {}
-                state.step.calls.append(ToolCall(id=call_id, name=name, arguments=arguments))
+            case "tool_call" | "tool_call_update":
+                self._track_call(host, turn, state, update)
                 self._tool_update(host, turn, state, update)
-            case "tool_call_update":
-                self._tool_update(host, turn, state, update)
+
+    def _track_call(
+        self, host: TurnHost, turn: Turn, state: _TurnState, update: dict[str, Any]
+    ) -> None:
+        """Announce a call the first time its id is seen (a `tool_call`, or an update that
+        describes a call never announced); later `tool_call`s and updates for it only bring its
+        input up to date while its step is not recorded yet. Agents send the input late:
+        claude-code-acp repeats `tool_call` with it, opencode sends it in an update."""
+        call_id = str(update.get("toolCallId", ""))
+        raw = update.get("rawInput")
+        arguments = raw if isinstance(raw, dict) else {}
+        if update.get("status") in ("in_progress", "completed", "failed"):
+            state.step.settled.add(call_id)
+        if call_id in state.names:
+            pending = next((c for c in state.step.calls if c.id == call_id), None)
+            if pending is not None and arguments:
+                pending.arguments = arguments
+                state.step.settled.add(call_id)
+            return
+        if update.get("sessionUpdate") == "tool_call_update" and not (
+            arguments or update.get("title")
+        ):
+            return  # nothing to announce: a result alone is recorded as one
+        name = str(update.get("title") or update.get("kind") or "tool")
+        state.names[call_id] = name
+        host.emit_ephemeral(ToolCallStart(turn_id=turn.turn_id, call_id=call_id, name=name))
+        state.step.calls.append(ToolCall(id=call_id, name=name, arguments=arguments))
 
     def _tool_update(
         self, host: TurnHost, turn: Turn, state: _TurnState, update: dict[str, Any]
     ) -> None:
+        """Record a call's result. The step that made the call is recorded first, once
+        the input of each of its calls is final: opencode runs a call while it still
+        streams the next one's input."""
         result = self._tool_result(turn, state, update)
-        if result is not None:
-            # The step that made the call is recorded before its result.
+        step = state.step
+        if result is not None and all(call.id != result.call_id for call in step.calls):
+            host.emit(result)  # a call of a step recorded before
+        elif result is not None:
+            step.held.append(result)
+        if step.held and all(call.id in step.settled for call in step.calls):
             self._flush(host, turn, state)
-            host.emit(result)
 
     def _tool_result(
         self, turn: Turn, state: _TurnState, update: dict[str, Any]
@@ -342,24 +380,26 @@ class AcpEngine(ExternalEngine):
         )
 
     def _flush(
-        self, host: TurnHost, turn: Turn, state: _TurnState, interrupted: bool = False
+        self,
+        host: TurnHost,
+        turn: Turn,
+        state: _TurnState,
+        interrupted: bool = False,
+        usage: Usage | None = None,
     ) -> None:
         """Record the step so far as an `assistant_message`. Interrupted, text with no
         tool call after it is partial; a step with tool calls is whole, and the pod
-        closes the calls left without a result."""
+        closes the calls left without a result. The prompt's `usage`, reported at its end,
+        goes with its last step (an empty one if the last was recorded already)."""
         step = state.step
         state.step = _Step()
         if interrupted and not step.calls:
             if step.text:
                 host.emit(AssistantMessage(turn_id=turn.turn_id, text=step.text, interrupted=True))
             return
-        if step.text or step.thinking or step.calls:
-            thinking = [ThinkingBlock(text=step.thinking)] if step.thinking else []
-            host.emit(
-                AssistantMessage(
-                    turn_id=turn.turn_id, text=step.text, tool_calls=step.calls, thinking=thinking
-                )
-            )
+        _record_step(host, turn, step, usage)
+        for result in step.held:
+            host.emit(result)
 
     def _cancel(self, host: TurnHost, turn: Turn, state: _TurnState) -> None:
         """Stop the agent's turn with `session/cancel`. The questions it is asking are
@@ -394,9 +434,11 @@ class AcpEngine(ExternalEngine):
         self._prompt_id = None
 
 
-def _outcome(turn: Turn, answer: dict[str, Any]) -> TurnOutcome:
+def _outcome(host: TurnHost, turn: Turn, answer: dict[str, Any]) -> TurnOutcome:
     if "error" in answer:
-        return TurnOutcome("errored", turn.output, f"acp: {_error_text(answer['error'])}")
+        error = _error_text(answer["error"])
+        log.warning("pod %s: acp agent answered the prompt with an error: %s", host.name, error)
+        return TurnOutcome("errored", turn.output, f"acp: {error}")
     reason = str((answer.get("result") or {}).get("stopReason", ""))
     result = STOP_RESULTS.get(reason, "errored")
     if result in ("finished", "cancelled"):
@@ -404,11 +446,61 @@ def _outcome(turn: Turn, answer: dict[str, Any]) -> TurnOutcome:
     return TurnOutcome(result, turn.output, f"acp agent stopped: {reason or 'no stopReason'}")
 
 
+def _record_step(host: TurnHost, turn: Turn, step: _Step, usage: Usage | None) -> None:
+    counted = usage is not None and (usage.input_tokens or usage.output_tokens)
+    if step.text or step.thinking or step.calls or counted:
+        thinking = [ThinkingBlock(text=step.thinking)] if step.thinking else []
+        host.emit(
+            AssistantMessage(
+                turn_id=turn.turn_id,
+                text=step.text,
+                tool_calls=step.calls,
+                thinking=thinking,
+                usage=usage or Usage(),
+            )
+        )
+
+
+def _usage(answer: dict[str, Any]) -> Usage:
+    """The prompt's token counts from its answer's `usage` (ACP's, unstable: per prompt in
+    claude-code-acp and opencode). Cached prompt tokens count as input and thought tokens
+    as output, as for capd's own providers."""
+    reported = (answer.get("result") or {}).get("usage")
+    if not isinstance(reported, dict):
+        return Usage()
+
+    def count(key: str) -> int:
+        value = reported.get(key)
+        return value if isinstance(value, int) and value > 0 else 0
+
+    return Usage(
+        input_tokens=count("inputTokens") + count("cachedReadTokens") + count("cachedWriteTokens"),
+        output_tokens=count("outputTokens") + count("thoughtTokens"),
+    )
+
+
 def _error_text(error: object) -> str:
-    if isinstance(error, dict):
-        message = str(error.get("message", "")).strip() or "error"
-        return f"{message} (code {error.get('code')})"
-    return str(error)
+    """A JSON-RPC error in one line: its message, then its `data`, where agents put the
+    real reason (claude-code-acp: `"Internal error"`, data `{"details": "Query closed
+    before response received"}`), then its code."""
+    if not isinstance(error, dict):
+        return " ".join(str(error).split())
+    text = str(error.get("message", "")).strip() or "error"
+    data = _error_data(error.get("data"))
+    if data and data not in text:
+        text = f"{text}: {data}"
+    return f"{' '.join(text.split())[:ERROR_DATA_CHARS]} (code {error.get('code')})"
+
+
+def _error_data(data: object) -> str:
+    if data is None or data == "" or data == {} or data == []:
+        return ""
+    match data:
+        case str():
+            return data
+        case {"details": str(details)} | {"message": str(details)} if len(data) == 1:
+            return details
+    return orjson.dumps(data).decode()
 
 
 def _content_text(content: object) -> str:

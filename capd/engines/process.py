@@ -2,9 +2,10 @@
 
 The process runs in its own session, so its process group holds everything it starts, in
 the pod's cwd, and speaks newline-delimited JSON on stdin and stdout. Its stderr is kept,
-bounded, so a failure can name its last lines. It is stopped with its whole group
-(`capd.groups`) when the pod stops, is deleted or capd shuts down, and when it exits (what
-it started would otherwise hold its output open).
+bounded: when it dies, the end goes to capd's log and its error names the line that says
+why (`stderr_summary`). It is stopped with its whole group (`capd.groups`) when the pod
+stops, is deleted or capd shuts down, and when it exits (what it started would otherwise
+hold its output open).
 
 `ExternalEngine` holds one such process per pod. A turn sends one prompt (`_next_prompt`):
 the user messages and notifications the engine's session has not seen, followed by
@@ -21,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import shutil
 from abc import ABC, abstractmethod
 from collections import deque
@@ -44,8 +46,18 @@ LINE_LIMIT = 64 * 1024 * 1024
 """The longest line an engine may write on stdout."""
 STDERR_KEPT = 64 * 1024
 """Bytes of an engine's latest stderr kept for error messages."""
-STDERR_SHOWN = 400
-"""Characters of stderr's end quoted in an error message."""
+STDERR_SHOWN = 500
+"""Characters of stderr quoted in an error message."""
+STDERR_LOGGED = 8 * 1024
+"""Characters of stderr's end written to capd's log when an engine dies."""
+FAILURE_LINE = re.compile(
+    r"^(?:[A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit)\b(?::|$)"
+    r"|(?:Error|error|fatal|FATAL|panic)(?:\[\w+\])?: )"
+)
+"""A line that says why a program failed: Python's last exception line, a Node or Rust
+`Error: ...`, `TypeError: ...`, `fatal: ...`."""
+FRAME_LINE = re.compile(r"^(?:at |File \"|\d+: |Traceback \(|stack backtrace:|note: |\^+$)")
+"""A line of a stack trace or its furniture, not a message."""
 INBOX_LIMIT = 1024
 """Engine messages read ahead of the turn; past it the engine waits on its stdout."""
 CONTINUE_PROMPT = "You were interrupted. Continue where you left off."
@@ -168,6 +180,13 @@ class EngineProcess:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(KILL_GRACE_S + 1):
                 await asyncio.shield(self._stderr_task)
+        if stderr := self._stderr_text():
+            log.warning(
+                "%s (pid %d) ended; its stderr ended with:\n%s",
+                self.label,
+                self.pid,
+                stderr[-STDERR_LOGGED:].rstrip(),
+            )
         if code < 0:
             return EngineDied(f"{self.label} was killed by {signal_name(-code)}{self._tail()}")
         return EngineDied(f"{self.label} exited with code {code}{self._tail()}")
@@ -193,13 +212,30 @@ class EngineProcess:
             while self._stderr_bytes - len(self._stderr[0]) >= STDERR_KEPT:
                 self._stderr_bytes -= len(self._stderr.popleft())
 
+    def _stderr_text(self) -> str:
+        return b"".join(self._stderr).decode("utf-8", errors="replace")
+
     def _tail(self) -> str:
-        text = b"".join(self._stderr).decode("utf-8", errors="replace")
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
-        if not lines:
-            return ""
-        tail = " | ".join(lines)[-STDERR_SHOWN:]
-        return f"; stderr: {tail}"
+        summary = stderr_summary(self._stderr_text())
+        return f"; stderr: {summary}" if summary else ""
+
+
+def stderr_summary(text: str) -> str:
+    """What a dead program's stderr says went wrong, in one line: the last Rust panic
+    (with its message, on the next line since Rust 1.73), else the last line that names
+    an error (Python's exception, Node's or Rust's `Error: ...`), else its last lines
+    without stack frames. A trace's end says nothing, but is most of what is there."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for i in range(len(lines) - 1, -1, -1):
+        line = lines[i]
+        if "panicked at" in line:
+            if line.endswith(":") and i + 1 < len(lines):
+                line = f"{line} {lines[i + 1]}"
+            return line[:STDERR_SHOWN]
+        if FAILURE_LINE.match(line):
+            return line[:STDERR_SHOWN]
+    messages = [line for line in lines if not FRAME_LINE.match(line)]
+    return " | ".join(messages)[-STDERR_SHOWN:]
 
 
 class ExternalEngine(ABC):
