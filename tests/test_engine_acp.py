@@ -318,6 +318,30 @@ async def test_a_pause_while_the_agent_starts_keeps_the_prompt_for_resume(
     await until(lambda: not group_alive(first["pgid"]))
 
 
+async def test_a_session_the_agent_lost_is_replaced_and_the_loss_recorded(
+    capd: CapdProcess, state: Path
+) -> None:
+    await _spawn(capd, "ag", state)
+    async with await connect_pod(capd, "ag") as pod:
+        await run_turn(pod, "hello")
+    assert await asyncio.to_thread(capd.signal, 15) == 0
+    for saved in (state / "sessions").iterdir():
+        saved.unlink()
+    capd.start()
+    async with await connect_pod(capd, "ag") as pod:
+        end, _ = await run_turn(pod, "again")
+        end_next, _ = await run_turn(pod, "and again")
+        history = await full_history(pod)
+    first, second = (call["id"] for call in _calls(state, "new_session"))
+    (load,) = _calls(state, "load_session")
+    assert load["id"] == first
+    recorded = [e for e in history if e["event"] == "engine_session"]
+    assert [(e["session_id"], e["replaced"]) for e in recorded] == [(first, None), (second, first)]
+    assert f"no session {first}" in recorded[1]["reason"]
+    assert (end["result"], end["output"]) == ("finished", "You said: again")
+    assert end_next["result"] == "finished"
+
+
 async def test_an_agent_dying_as_it_starts_is_started_again(capd: CapdProcess, state: Path) -> None:
     (state / "die-in-init").touch()
     await _spawn(capd, "ag", state)
@@ -339,7 +363,10 @@ async def test_an_agent_that_cannot_load_its_session_gets_the_prompt_again(
     assert not _calls(state, "load_session")
     sessions = [call["id"] for call in _calls(state, "new_session")]
     assert len(sessions) == 2
-    assert [e["session_id"] for e in history if e["event"] == "engine_session"] == sessions
+    recorded = [e for e in history if e["event"] == "engine_session"]
+    assert [e["session_id"] for e in recorded] == sessions
+    assert [e["replaced"] for e in recorded] == [None, sessions[0]]
+    assert "cannot load sessions" in recorded[1]["reason"]
     assert [call["texts"] for call in _calls(state, "prompt")] == [["Be brief.", "crash-once"]] * 2
     assert (end["result"], end["output"]) == ("finished", "You said: crash-once")
 

@@ -145,15 +145,17 @@ class AcpEngine(ExternalEngine):
         if version != PROTOCOL_VERSION:
             raise EngineError(f"acp agent speaks protocol version {version}, capd speaks 1")
         can_load = bool((init.get("agentCapabilities") or {}).get("loadSession"))
-        session_id = self._session_id or host.context.engine_session
+        session_id = self._session_to_resume(host)
         cwd = str(self._cwd)
-        if session_id and can_load:
+        if session_id and not can_load:
+            self._session_lost(session_id, "the agent cannot load sessions (no loadSession)")
+        elif session_id:
             try:
                 await self._call(
                     "session/load", {"sessionId": session_id, "cwd": cwd, "mcpServers": []}
                 )
             except AcpEngineError as exc:
-                log.warning("acp agent could not load session %s: %s", session_id, exc)
+                self._session_lost(session_id, str(exc))
             else:
                 self._session_id, self._fresh = session_id, False
                 return
