@@ -30,6 +30,7 @@ RESULT_METHODS: dict[type[BaseModel], tuple[str, ...]] = {
     results.RunResult: ("run",),
     results.NotifyResult: ("notify", "pod_event"),
     results.PodStatus: ("status",),
+    results.OpenPermission: ("status",),
     results.SubscribeResult: ("subscribe",),
     results.HistoryResult: ("history",),
     results.SpawnResult: ("spawn", "start"),
