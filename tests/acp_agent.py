@@ -21,7 +21,7 @@ What a prompt (its last text block) asks for:
     bg            starts `sleep 300` in the background (in its process group), then replies
     crash         exits 3 mid-turn, and so at every later prompt
     crash-once    as crash, unless $FAKE_ACP_DIR/crashed exists (which it creates)
-    anything else a thought, then "You said: <prompt>"
+    anything else a thought, an empty chunk, then "You said: <prompt>"
 
 Every prompt that ends `end_turn` sends a `usage_update` first and answers with `usage`,
 as claude-code-acp does: USAGE below, per prompt.
@@ -220,6 +220,7 @@ class TestAgent(Agent):
         assert self.client is not None
         await self.client.session_update(session_id, update_agent_thought_text("hmm"))
         reply = f"You said: {text}"
+        await self._say(session_id, "")  # as claude-agent-acp, which sends empty chunks
         for i in range(0, len(reply), 5):
             await self._say(session_id, reply[i : i + 5])
         return reply, "end_turn"

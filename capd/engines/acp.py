@@ -308,12 +308,16 @@ class AcpEngine(ExternalEngine):
         match update.get("sessionUpdate"):
             case "agent_message_chunk":
                 text = _content_text(update.get("content"))
+                if not text:  # claude-agent-acp sends empty chunks: they say nothing
+                    return
                 if state.step.calls:
                     self._flush(host, turn, state)
                 state.step.text += text
                 host.emit_ephemeral(TextDelta(turn_id=turn_id, text=text))
             case "agent_thought_chunk":
                 text = _content_text(update.get("content"))
+                if not text:
+                    return
                 if state.step.calls:
                     self._flush(host, turn, state)
                 state.step.thinking += text
