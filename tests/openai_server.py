@@ -106,10 +106,20 @@ Reply = StreamedReply | ErrorReply
 
 
 class OpenAITestServer(SseTestServer[Reply]):
-    """Serves queued replies to POST /v1/chat/completions on 127.0.0.1 (a free port)."""
+    """Serves queued replies to POST /v1/chat/completions on 127.0.0.1 (a free port),
+    shaped like the server `flavor` names (default: api.openai.com)."""
 
     PATH = CHAT_PATH
     BASE_PATH = "/v1"
+
+    def __init__(self, flavor: "Flavor | None" = None) -> None:
+        super().__init__()
+        self.flavor = flavor or OPENAI
+
+    def refuse(self, body: dict[str, Any], headers: dict[str, str]) -> ErrorResponse | None:
+        if self.flavor.rejects_null_content:
+            return _null_content_refusal(body)
+        return None
 
     def answer(self, reply: Reply, model: str) -> SseStream | ErrorResponse:
         if isinstance(reply, ErrorReply):
@@ -123,6 +133,84 @@ class OpenAITestServer(SseTestServer[Reply]):
 
     def error_body(self, message: str) -> bytes:
         return _error_body(message)
+
+
+@dataclass(frozen=True)
+class Flavor:
+    """How one OpenAI-compatible server differs from api.openai.com on the wire."""
+
+    name: str
+    rejects_null_content: bool = False
+    """An assistant message with `"content": null` is a 500 validation error (llama-cpp-python)."""
+
+
+OPENAI = Flavor("openai")
+LLAMA_CPP_PYTHON = Flavor("llama-cpp-python", rejects_null_content=True)
+"""llama-cpp-python 0.3's server (llama_cpp/server/app.py): its request model types an
+assistant message's content as `NotRequired[str]` (llama_cpp/llama_types.py), and its route
+class (llama_cpp/server/errors.py) answers any exception, FastAPI's validation error too,
+with HTTP 500 `{"error": {"message": str(exc), "type": "internal_server_error", ...}}`."""
+
+
+def _null_content_refusal(body: dict[str, Any]) -> ErrorResponse | None:
+    """llama-cpp-python's answer to an assistant message whose content is null: FastAPI's
+    RequestValidationError as text, one error per member of its union of message types."""
+    messages = body.get("messages") or []
+    for index, message in enumerate(messages):
+        if (
+            message.get("role") == "assistant"
+            and "content" in message
+            and message["content"] is None
+        ):
+            return ErrorResponse(500, _internal_error(_validation_errors(index, message)))
+    return None
+
+
+def _validation_errors(index: int, message: dict[str, Any]) -> str:
+    where = ("body", "messages", index)
+
+    def literal(kind: str, role: str) -> dict[str, Any]:
+        return {
+            "type": "literal_error",
+            "loc": (*where, kind, "role"),
+            "msg": f"Input should be '{role}'",
+            "input": "assistant",
+            "ctx": {"expected": f"'{role}'"},
+        }
+
+    def missing(kind: str, field_name: str) -> dict[str, Any]:
+        return {
+            "type": "missing",
+            "loc": (*where, kind, field_name),
+            "msg": "Field required",
+            "input": message,
+        }
+
+    errors = [
+        literal("ChatCompletionRequestSystemMessage", "system"),
+        literal("ChatCompletionRequestUserMessage", "user"),
+        {
+            "type": "string_type",
+            "loc": (*where, "ChatCompletionRequestAssistantMessage", "content"),
+            "msg": "Input should be a valid string",
+            "input": None,
+        },
+        literal("ChatCompletionRequestToolMessage", "tool"),
+        missing("ChatCompletionRequestToolMessage", "tool_call_id"),
+        literal("ChatCompletionRequestFunctionMessage", "function"),
+        missing("ChatCompletionRequestFunctionMessage", "name"),
+    ]
+    lines = "".join(f"  {error}\n" for error in errors)
+    return (
+        f"{len(errors)} validation errors:\n{lines}\n"
+        '  File "/usr/lib/python3/site-packages/llama_cpp/server/app.py", line 408, '
+        "in create_chat_completion\n    POST /v1/chat/completions"
+    )
+
+
+def _internal_error(message: str) -> bytes:
+    error = {"message": message, "type": "internal_server_error", "param": None, "code": None}
+    return compact({"error": error}).encode()
 
 
 def _stream_for(reply: StreamedReply, model: str) -> SseStream:

@@ -16,6 +16,7 @@ from tests.helpers import (
     wait_for,
 )
 from tests.openai_server import (
+    LLAMA_CPP_PYTHON,
     ErrorReply,
     FunctionCall,
     OpenAITestServer,
@@ -65,6 +66,28 @@ async def test_tool_calls_round_trip_through_the_model(
     assert [m["role"] for m in second["messages"]] == ["system", "user", "assistant", "tool"]
     assert second["messages"][3]["tool_call_id"] == result["call_id"]
     assert [t["function"]["name"] for t in second["tools"]] == ["read_file"]
+
+
+async def test_a_tool_loop_of_two_calls_against_llama_cpp_python(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    """llama-cpp-python refuses an assistant message whose content is null (HTTP 500)."""
+    (tmp_path / "a.txt").write_text("alpha\n")
+    (tmp_path / "b.txt").write_text("beta\n")
+    async with OpenAITestServer(LLAMA_CPP_PYTHON) as server:
+        server.enqueue(
+            ToolCallsReply([FunctionCall("read_file", {"path": "a.txt"})]),
+            ToolCallsReply([FunctionCall("read_file", {"path": "b.txt"})]),
+            TextReply("alpha and beta"),
+        )
+        await spawn(capd, "w1", _model(server), cwd=str(tmp_path), tools=["read_file"])
+        async with await connect_pod(capd, "w1") as pod:
+            await pod.request({"method": "run", "text": "read both"})
+            end, seen = await wait_for(pod, is_event("turn_end"))
+    assert (end["result"], end["output"]) == ("finished", "alpha and beta")
+    assert "retry" not in kinds(seen)
+    calls = [m for r in server.requests for m in r["messages"] if m.get("tool_calls")]
+    assert [m["content"] for m in calls[-2:]] == ["", ""]
 
 
 async def test_retryable_errors_retry_with_an_event(

@@ -246,7 +246,7 @@ async def test_request_body_and_key(
                 {"role": "user", "content": "list files"},
                 {
                     "role": "assistant",
-                    "content": None,
+                    "content": "",
                     "tool_calls": [
                         {
                             "id": "call_1",

@@ -140,20 +140,19 @@ def _wire_message(message: ChatMessage) -> dict[str, Any]:
         return {"role": "tool", "tool_call_id": message.call_id, "content": message.text}
     if message.role == "user":
         return {"role": "user", "content": message.text}
-    if not message.tool_calls:
-        return {"role": "assistant", "content": message.text}
-    return {
-        "role": "assistant",
-        "content": message.text or None,
-        "tool_calls": [
+    # Content stays a string beside tool calls: llama-cpp-python refuses null (HTTP 500),
+    # and OpenAI, vLLM, Ollama and llama-server take "".
+    wire: dict[str, Any] = {"role": "assistant", "content": message.text}
+    if message.tool_calls:
+        wire["tool_calls"] = [
             {
                 "id": call.id,
                 "type": "function",
                 "function": {"name": call.name, "arguments": orjson.dumps(call.arguments).decode()},
             }
             for call in message.tool_calls
-        ],
-    }
+        ]
+    return wire
 
 
 def _wire_tool(tool: ToolSpec) -> dict[str, Any]:
