@@ -162,11 +162,13 @@ def _null_content_refusal(body: dict[str, Any]) -> ErrorResponse | None:
             and "content" in message
             and message["content"] is None
         ):
-            return ErrorResponse(500, _internal_error(_validation_errors(index, message)))
+            return ErrorResponse(500, _internal_error(validation_errors(index, message)))
     return None
 
 
-def _validation_errors(index: int, message: dict[str, Any]) -> str:
+def validation_errors(index: int, message: dict[str, Any]) -> str:
+    """The text of FastAPI's validation error for `messages[index]`, an assistant message
+    with null content, as llama-cpp-python's server sends it (seven errors, ~1900 chars)."""
     where = ("body", "messages", index)
 
     def literal(kind: str, role: str) -> dict[str, Any]:

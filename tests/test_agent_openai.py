@@ -22,6 +22,7 @@ from tests.openai_server import (
     OpenAITestServer,
     TextReply,
     ToolCallsReply,
+    validation_errors,
 )
 
 
@@ -108,6 +109,38 @@ async def test_retryable_errors_retry_with_an_event(
     assert (end["result"], end["output"]) == ("finished", "recovered")
 
 
+async def test_the_same_500_twice_is_not_retried_again(
+    capd: CapdProcess, server: OpenAITestServer
+) -> None:
+    server.enqueue(
+        *[ErrorReply(500, "Jinja Exception: bad template", type="server_error")] * 3,
+        TextReply("never sent"),
+    )
+    await spawn(capd, "w1", _model(server))
+    async with await connect_pod(capd, "w1") as pod:
+        await pod.request({"method": "run", "text": "hi"})
+        end, seen = await wait_for(pod, is_event("turn_end"))
+    assert [e["attempt"] for e in seen if e["event"] == "retry"] == [1]
+    assert end["result"] == "errored"
+    assert "Jinja Exception: bad template (the same answer twice" in end["error"]
+    assert len(server.requests) == 2
+
+
+async def test_a_500_validation_error_fails_at_once_with_the_whole_reason(
+    capd: CapdProcess,
+) -> None:
+    words = validation_errors(2, {"role": "assistant", "content": None})
+    async with OpenAITestServer(LLAMA_CPP_PYTHON) as server:
+        server.enqueue(ErrorReply(500, words, type="internal_server_error"))
+        await spawn(capd, "w1", _model(server))
+        async with await connect_pod(capd, "w1") as pod:
+            await pod.request({"method": "run", "text": "hi"})
+            end, seen = await wait_for(pod, is_event("turn_end"))
+    assert "retry" not in kinds(seen)
+    assert end["result"] == "errored"
+    assert end["error"].endswith(" ".join(words.split()))
+
+
 async def test_client_errors_fail_the_turn_at_once(
     capd: CapdProcess, server: OpenAITestServer
 ) -> None:
@@ -127,7 +160,7 @@ async def test_client_errors_fail_the_turn_at_once(
 async def test_retries_give_up_with_a_clear_error(
     capd: CapdProcess, server: OpenAITestServer
 ) -> None:
-    server.enqueue(*[ErrorReply(503, "overloaded", retry_after="0")] * 3)
+    server.enqueue(*[ErrorReply(503, "overloaded", type="server_error", retry_after="0")] * 3)
     await spawn(capd, "w1", _model(server, max_retries=2))
     async with await connect_pod(capd, "w1") as pod:
         await pod.request({"method": "run", "text": "hi"})

@@ -34,6 +34,7 @@ from tests.openai_server import (
     StreamErrorReply,
     TextReply,
     ToolCallsReply,
+    validation_errors,
 )
 
 TIMEOUT_S = 5.0
@@ -341,7 +342,7 @@ async def test_rate_limit_is_retryable_with_retry_after(
 async def test_http_errors(
     server: OpenAITestServer, make_provider: ProviderFactory, status: int, retryable: bool
 ):
-    server.enqueue(ErrorReply(status, "Something specific went wrong"))
+    server.enqueue(ErrorReply(status, "Something specific went wrong", type="server_error"))
 
     error = await failure(make_provider())
 
@@ -352,6 +353,31 @@ async def test_http_errors(
         f"openai: HTTP {status} from {server.base_url}/chat/completions: "
         "Something specific went wrong"
     )
+
+
+async def test_a_500_that_calls_the_request_invalid_is_not_retryable(
+    server: OpenAITestServer, make_provider: ProviderFactory
+):
+    words = validation_errors(2, {"role": "assistant", "content": None})
+    server.enqueue(ErrorReply(500, words, type="internal_server_error"))
+
+    error = await failure(make_provider())
+
+    assert not error.retryable
+    assert not error.overflow
+    assert error.message.endswith(" ".join(words.split()))
+    assert "\n" not in error.message
+
+
+async def test_a_long_reason_is_kept_whole_on_one_line(
+    server: OpenAITestServer, make_provider: ProviderFactory
+):
+    words = "The model `gpt-x` does not exist.\n" + "detail " * 300
+    server.enqueue(ErrorReply(404, words, type="invalid_request_error"))
+
+    error = await failure(make_provider())
+
+    assert error.message.endswith(" ".join(words.split()))
 
 
 async def test_connection_refused_is_retryable(make_provider: ProviderFactory):

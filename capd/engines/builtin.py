@@ -108,16 +108,23 @@ class BuiltinEngine:
         )
 
     async def _call_model(self, host: TurnHost, turn: Turn) -> ModelReply:
+        """One model call, sent again after a failure that may pass: at most
+        `model.max_retries` times, and only once more when a 500 says the same as before."""
         max_retries = self._max_retries
         attempt = 0
+        previous: ProviderError | None = None
         while True:
             try:
                 return await self._stream_once(host, turn)
             except ProviderError as exc:
+                if _repeats(exc, previous):
+                    exc.message = f"{exc.message} (the same answer twice; not retried again)"
+                    raise
                 if not exc.retryable or attempt >= max_retries:
                     if attempt:
                         exc.message = f"{exc.message} (gave up after {attempt + 1} attempts)"
                     raise
+                previous = exc
                 attempt += 1
                 wait_s = exc.retry_after_s if exc.retry_after_s is not None else _backoff_s(attempt)
                 host.emit_ephemeral(
@@ -160,6 +167,16 @@ class BuiltinEngine:
                 host.emit(AssistantMessage(turn_id=turn_id, text=text, interrupted=True))
             raise
         raise ProviderError("the provider ended its stream without a reply", retryable=True)
+
+
+def _repeats(error: ProviderError, previous: ProviderError | None) -> bool:
+    """A 500 that says word for word what the last one said comes from the request, not
+    from a passing fault."""
+    return (
+        previous is not None
+        and error.status == previous.status == 500
+        and error.message == previous.message
+    )
 
 
 def _backoff_s(attempt: int) -> float:

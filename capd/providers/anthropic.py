@@ -30,7 +30,7 @@ from capd.providers.base import (
     ToolSpec,
     parse_tool_arguments,
 )
-from capd.providers.http import SseEndpoint, error_text, excerpt, read_to_end
+from capd.providers.http import SseEndpoint, error_reason, excerpt, read_to_end
 from protocol.events import ThinkingBlock, ToolCall, Usage
 from protocol.manifest import ModelConfig
 
@@ -127,11 +127,12 @@ class AnthropicProvider:
                 retryable=True,
             ) from exc
         if event.type == "error":
-            kind = event.error.get("type") if isinstance(event.error, dict) else None
-            detail = error_text(event.error) + (f" ({kind})" if kind else "")
+            reason = error_reason(event.error)
+            detail = reason.text + (f" ({reason.type})" if reason.type else "")
             raise ProviderError(
                 f"anthropic: error in stream from {self._endpoint.url}: {detail}",
-                retryable=kind in _RETRYABLE_STREAM_ERRORS,
+                retryable=reason.type in _RETRYABLE_STREAM_ERRORS,
+                overflow=reason.overflow,
             )
         return event
 

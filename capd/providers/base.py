@@ -80,7 +80,9 @@ StreamItem = TextChunk | ThinkingChunk | ToolCallBegin | ToolCallArgs | ModelRep
 
 
 class ProviderError(Exception):
-    """A failed model call. `retryable` marks 429, 5xx and connection failures."""
+    """A failed model call. `retryable` marks failures that may pass when the same request
+    is sent again (408, 409, 429, most 5xx, connection failures); `overflow` says the
+    conversation no longer fits the model's context window, which no retry can mend."""
 
     def __init__(
         self,
@@ -89,12 +91,14 @@ class ProviderError(Exception):
         retryable: bool = False,
         status: int | None = None,
         retry_after_s: float | None = None,
+        overflow: bool = False,
     ) -> None:
         super().__init__(message)
         self.message = message
-        self.retryable = retryable
+        self.retryable = retryable and not overflow
         self.status = status
         self.retry_after_s = retry_after_s
+        self.overflow = overflow
 
 
 def parse_tool_arguments(raw: str) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from capd.providers.base import (
 )
 from capd.providers.http import (
     SseEndpoint,
-    error_text,
+    error_reason,
     excerpt,
     is_retryable_status,
     read_to_end,
@@ -125,9 +125,11 @@ class OpenAIProvider:
                 retryable=True,
             ) from exc
         if chunk.error is not None:
+            reason = error_reason(chunk.error)
             raise ProviderError(
-                f"openai: error in stream from {self._endpoint.url}: {error_text(chunk.error)}",
-                retryable=_looks_transient(chunk.error),
+                f"openai: error in stream from {self._endpoint.url}: {reason.text}",
+                retryable=_looks_transient(chunk.error) and not reason.deterministic,
+                overflow=reason.overflow,
             )
         return chunk
 
