@@ -6,16 +6,19 @@
 
 Each POST /v1/chat/completions takes the next queued reply (see `tests/sse_server.py` for
 queues per model, held replies and framing); with none queued, a streamed text reply says
-"(no scripted reply)".
+"(no scripted reply)". `OpenAITestServer(flavor)` shapes every answer like one of the
+servers people run (`tests/openai_flavors.py`): llama-cpp-python, llama-server, vLLM,
+Ollama, LM Studio, OpenRouter; the default is api.openai.com.
 """
 
 import itertools
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from tests.openai_flavors import DONE, OPENAI, Flavor, Overflow, sse
 from tests.sse_server import ErrorResponse, SseStream, SseTestServer, compact
 
 CHAT_PATH = "/v1/chat/completions"
@@ -33,6 +36,8 @@ class TextReply:
     """Pause between chunks."""
     prompt_tokens: int = 10
     completion_tokens: int = 5
+    finish_reason: str = "stop"
+    """"length": the reply was cut off by max_tokens."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,7 @@ class ToolCallsReply:
     Each call's first `tool_calls` fragment has `index`, `id`, `type` and the name with
     empty arguments; the arguments follow in pieces of `fragment_chars` characters that
     carry only `index`. Calls follow each other, or alternate when `interleave` is set.
+    (The flavor may send them otherwise: see ToolCallStyle.)
     """
 
     calls: Sequence[FunctionCall]
@@ -62,11 +68,14 @@ class ToolCallsReply:
     delay_ms: float = 0
     prompt_tokens: int = 10
     completion_tokens: int = 5
+    finish_reason: str = "tool_calls"
+    """"length": cut off by max_tokens (give the last call incomplete JSON as a `str`)."""
 
 
 @dataclass(frozen=True)
 class ErrorReply:
-    """A non-streamed error: `status` with `{"error": {"message", "type", "param", "code"}}`."""
+    """A non-streamed error: `status` with the flavor's error body, for OpenAI
+    `{"error": {"message", "type", "param", "code"}}`."""
 
     status: int
     message: str
@@ -85,7 +94,8 @@ class DropReply:
 
 @dataclass(frozen=True)
 class StreamErrorReply:
-    """Streams `text` pieces, then a chunk carrying an `error` object, then ends the body."""
+    """Streams `text` pieces, then fails the way the flavor fails mid-stream (for OpenAI a
+    chunk carrying an `error` object, then the end of the body)."""
 
     message: str
     type: str = "server_error"
@@ -101,8 +111,13 @@ class RawStreamReply:
     delay_ms: float = 0
 
 
+@dataclass(frozen=True)
+class OverflowReply(Overflow):
+    """What the flavor answers to a request longer than the model's context window."""
+
+
 StreamedReply = TextReply | ToolCallsReply | DropReply | StreamErrorReply | RawStreamReply
-Reply = StreamedReply | ErrorReply
+Reply = StreamedReply | ErrorReply | OverflowReply
 
 
 class OpenAITestServer(SseTestServer[Reply]):
@@ -112,44 +127,30 @@ class OpenAITestServer(SseTestServer[Reply]):
     PATH = CHAT_PATH
     BASE_PATH = "/v1"
 
-    def __init__(self, flavor: "Flavor | None" = None) -> None:
+    def __init__(self, flavor: Flavor = OPENAI) -> None:
         super().__init__()
-        self.flavor = flavor or OPENAI
+        self.flavor = flavor
 
     def refuse(self, body: dict[str, Any], headers: dict[str, str]) -> ErrorResponse | None:
         if self.flavor.rejects_null_content:
             return _null_content_refusal(body)
         return None
 
+    def answer_request(
+        self, reply: Reply, model: str, body: dict[str, Any]
+    ) -> SseStream | ErrorResponse:
+        options = body.get("stream_options") or {}
+        include_usage = bool(options.get("include_usage"))
+        return _Renderer(self.flavor, model, include_usage).answer(reply)
+
     def answer(self, reply: Reply, model: str) -> SseStream | ErrorResponse:
-        if isinstance(reply, ErrorReply):
-            headers = {"Retry-After": reply.retry_after} if reply.retry_after is not None else {}
-            body = _error_body(reply.message, reply.type, reply.code)
-            return ErrorResponse(reply.status, body, headers)
-        return _stream_for(reply, model)
+        return _Renderer(self.flavor, model, include_usage=True).answer(reply)
 
     def fallback(self) -> Reply:
         return TextReply(FALLBACK_TEXT)
 
     def error_body(self, message: str) -> bytes:
-        return _error_body(message)
-
-
-@dataclass(frozen=True)
-class Flavor:
-    """How one OpenAI-compatible server differs from api.openai.com on the wire."""
-
-    name: str
-    rejects_null_content: bool = False
-    """An assistant message with `"content": null` is a 500 validation error (llama-cpp-python)."""
-
-
-OPENAI = Flavor("openai")
-LLAMA_CPP_PYTHON = Flavor("llama-cpp-python", rejects_null_content=True)
-"""llama-cpp-python 0.3's server (llama_cpp/server/app.py): its request model types an
-assistant message's content as `NotRequired[str]` (llama_cpp/llama_types.py), and its route
-class (llama_cpp/server/errors.py) answers any exception, FastAPI's validation error too,
-with HTTP 500 `{"error": {"message": str(exc), "type": "internal_server_error", ...}}`."""
+        return self.flavor.error_body(400, message, "invalid_request_error", None)
 
 
 def _null_content_refusal(body: dict[str, Any]) -> ErrorResponse | None:
@@ -215,99 +216,161 @@ def _internal_error(message: str) -> bytes:
     return compact({"error": error}).encode()
 
 
-def _stream_for(reply: StreamedReply, model: str) -> SseStream:
-    chunks = _ChunkMaker(model)
-    match reply:
-        case TextReply():
-            pieces = [reply.text] if isinstance(reply.text, str) else list(reply.text)
-            events = [
-                chunks.delta({"role": "assistant", "content": "", "refusal": None}),
-                *(chunks.delta({"reasoning_content": piece}) for piece in reply.reasoning),
-                *(chunks.delta({"content": piece}) for piece in pieces),
-                chunks.delta({}, finish_reason="stop"),
-                chunks.usage(reply.prompt_tokens, reply.completion_tokens),
-                _sse("[DONE]"),
-            ]
-            return SseStream(events, reply.delay_ms)
-        case ToolCallsReply():
-            events = [
-                chunks.delta({"role": "assistant", "content": None}),
-                *(chunks.delta({"content": piece}) for piece in reply.text),
-                *(
-                    chunks.delta({"tool_calls": [fragment]})
-                    for fragment in _tool_call_fragments(reply)
-                ),
-                chunks.delta({}, finish_reason="tool_calls"),
-                chunks.usage(reply.prompt_tokens, reply.completion_tokens),
-                _sse("[DONE]"),
-            ]
-            return SseStream(events, reply.delay_ms)
-        case DropReply():
-            events = [chunks.delta({"role": "assistant", "content": ""})]
-            events += [chunks.delta({"content": piece}) for piece in reply.text]
-            return SseStream(events, drop=True)
-        case StreamErrorReply():
-            events = [chunks.delta({"content": piece}) for piece in reply.text]
-            error = {"message": reply.message, "type": reply.type, "code": reply.code}
-            events.append(_sse(compact({"error": error})))
-            return SseStream(events)
-        case RawStreamReply():
-            return SseStream([event.encode() for event in reply.events], reply.delay_ms)
+class _Renderer:
+    """One answer of one flavor: `chat.completion.chunk` events sharing a completion id."""
 
-
-def _tool_call_fragments(reply: ToolCallsReply) -> list[dict[str, Any]]:
-    per_call: list[list[dict[str, Any]]] = []
-    for index, call in enumerate(reply.calls):
-        arguments = call.arguments if isinstance(call.arguments, str) else compact(call.arguments)
-        first = {
-            "index": index,
-            "id": call.id or f"call_{secrets.token_hex(12)}",
-            "type": "function",
-            "function": {"name": call.name, "arguments": ""},
-        }
-        step = reply.fragment_chars
-        rest = [
-            {"index": index, "function": {"arguments": arguments[start : start + step]}}
-            for start in range(0, len(arguments), step)
-        ]
-        per_call.append([first, *rest])
-    if reply.interleave:
-        rounds = itertools.zip_longest(*per_call)
-        return [fragment for fragments in rounds for fragment in fragments if fragment]
-    return [fragment for fragments in per_call for fragment in fragments]
-
-
-class _ChunkMaker:
-    """Builds `chat.completion.chunk` events that share one completion id, as the API does."""
-
-    def __init__(self, model: str) -> None:
+    def __init__(self, flavor: Flavor, model: str, include_usage: bool) -> None:
+        self._flavor = flavor
+        self._usage_due = flavor.usage == "always" or (
+            flavor.usage == "requested" and include_usage
+        )
         self._common = {
             "id": f"chatcmpl-{secrets.token_hex(12)}",
             "object": "chat.completion.chunk",
             "created": int(time.time()),
             "model": model,
-            "system_fingerprint": "fp_test",
+            **flavor.chunk_fields,
         }
 
-    def delta(self, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        return _sse(compact({**self._common, "choices": [choice], "usage": None}))
+    def answer(self, reply: Reply) -> SseStream | ErrorResponse:
+        flavor = self._flavor
+        match reply:
+            case ErrorReply():
+                body = flavor.error_body(reply.status, reply.message, reply.type, reply.code)
+                headers = {"Retry-After": reply.retry_after} if reply.retry_after else {}
+                return ErrorResponse(reply.status, body, headers)
+            case OverflowReply():
+                assert flavor.overflow is not None, f"{flavor} never refuses a long prompt"
+                return flavor.overflow(reply)
+            case TextReply():
+                return SseStream(self._text_events(reply), reply.delay_ms)
+            case ToolCallsReply():
+                return SseStream(self._tool_events(reply), reply.delay_ms)
+            case DropReply():
+                events = [self.chunk(flavor.role_delta)]
+                events += [self.chunk(self._content(piece)) for piece in reply.text]
+                return SseStream(events, drop=True)
+            case StreamErrorReply():
+                events = [self.chunk(self._content(piece)) for piece in reply.text]
+                failure = flavor.stream_error(reply.message, reply.type, reply.code)
+                return SseStream(events + failure.events, drop=failure.drop)
+            case RawStreamReply():
+                return SseStream([event.encode() for event in reply.events], reply.delay_ms)
 
-    def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
+    def chunk(self, delta: dict[str, Any], finish_reason: str | None = None, **extra: Any) -> bytes:
+        choice = {"index": 0, "delta": delta, **self._flavor.choice_fields}
+        choice["finish_reason"] = finish_reason
+        chunk: dict[str, Any] = {**self._common, "choices": [choice]}
+        if self._usage_due and self._flavor.null_usage:
+            chunk["usage"] = None
+        return sse(compact({**chunk, **extra}))
+
+    def _text_events(self, reply: TextReply) -> list[bytes]:
+        pieces = [reply.text] if isinstance(reply.text, str) else list(reply.text)
+        reasoning = self._flavor.reasoning_field
+        return [
+            *self._opening(self._flavor.role_delta),
+            *(self.chunk(self._content("") | {reasoning: piece}) for piece in reply.reasoning),
+            *(self.chunk(self._content(piece)) for piece in pieces),
+            *self._ending(reply.finish_reason, reply.prompt_tokens, reply.completion_tokens),
+        ]
+
+    def _tool_events(self, reply: ToolCallsReply) -> list[bytes]:
+        flavor = self._flavor
+        return [
+            *self._opening(flavor.tool_role_delta or flavor.role_delta),
+            *(self.chunk(self._content(piece)) for piece in reply.text),
+            *(self.chunk(delta) for delta in self._tool_deltas(reply)),
+            *self._ending(reply.finish_reason, reply.prompt_tokens, reply.completion_tokens),
+        ]
+
+    def _opening(self, delta: Any) -> list[bytes]:
+        keepalive = [f"{self._flavor.keepalive}\n\n".encode()] if self._flavor.keepalive else []
+        return [*keepalive, self.chunk(dict(delta))]
+
+    def _content(self, piece: str) -> dict[str, Any]:
+        if self._flavor.role_in_every_delta:
+            return {"role": "assistant", "content": piece}
+        return {"content": piece}
+
+    def _ending(
+        self, finish_reason: str, prompt_tokens: int, completion_tokens: int
+    ) -> list[bytes]:
+        flavor = self._flavor
         usage = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
         }
-        return _sse(compact({**self._common, "choices": [], "usage": usage}))
+        last_delta = self._content("") if flavor.name.startswith("ollama") else {}
+        if flavor.tool_calls == "repeated" and finish_reason == "tool_calls":
+            last_delta = dict.fromkeys(("role", "content", "function_call", "tool_calls"))
+        extra: dict[str, Any] = {}
+        if flavor.usage == "in_finish_chunk":
+            # llama-server: usage and timings ride on the chunk that ends the reply
+            extra = {"usage": usage, "timings": {"predicted_n": completion_tokens}}
+        events = [self.chunk(last_delta, finish_reason, **extra)]
+        if self._usage_due:
+            events.append(sse(compact({**self._common, "choices": [], "usage": usage})))
+        return [*events, DONE]
+
+    def _tool_deltas(self, reply: ToolCallsReply) -> Iterator[dict[str, Any]]:
+        style = self._flavor.tool_calls
+        calls = [_Call.of(index, call) for index, call in enumerate(reply.calls)]
+        if style == "all_in_one":
+            yield self._with_role({"tool_calls": [self._head(c, c.arguments) for c in calls]})
+            return
+        if style == "one_chunk_each":
+            for call in calls:
+                yield self._with_role({"tool_calls": [self._head(call, call.arguments)]})
+            return
+        per_call = [list(self._fragments(call, reply.fragment_chars)) for call in calls]
+        if reply.interleave:
+            rounds = itertools.zip_longest(*per_call)
+            yield from (fragment for fragments in rounds for fragment in fragments if fragment)
+        else:
+            yield from (fragment for fragments in per_call for fragment in fragments)
+
+    def _fragments(self, call: "_Call", size: int) -> Iterator[dict[str, Any]]:
+        pieces = [call.arguments[i : i + size] for i in range(0, len(call.arguments), size)]
+        if self._flavor.tool_calls == "repeated":
+            # llama-cpp-python: each piece repeats the whole head, and `function_call` too
+            for piece in pieces or [""]:
+                yield {
+                    "role": None,
+                    "content": None,
+                    "function_call": {"name": call.name, "arguments": piece},
+                    "tool_calls": [self._head(call, piece)],
+                }
+            return
+        head = self._head(call, "")
+        if self._flavor.tool_calls == "name_first":
+            del head["function"]["arguments"]
+        yield self._with_role({"tool_calls": [head]})
+        for piece in pieces:
+            fragment = self._indexed(call.index, {"function": {"arguments": piece}})
+            yield self._with_role({"tool_calls": [fragment]})
+
+    def _head(self, call: "_Call", arguments: str) -> dict[str, Any]:
+        head = {"id": call.id, "type": "function"}
+        head["function"] = {"name": call.name, "arguments": arguments}  # type: ignore[assignment]
+        return self._indexed(call.index, head)
+
+    def _indexed(self, index: int, fragment: dict[str, Any]) -> dict[str, Any]:
+        return {"index": index, **fragment} if self._flavor.tool_call_index else fragment
+
+    def _with_role(self, delta: dict[str, Any]) -> dict[str, Any]:
+        return self._content("") | delta if self._flavor.role_in_every_delta else delta
 
 
-def _sse(data: str) -> bytes:
-    return f"data: {data}\n\n".encode()
+@dataclass(frozen=True)
+class _Call:
+    index: int
+    id: str
+    name: str
+    arguments: str
 
-
-def _error_body(
-    message: str, type_: str = "invalid_request_error", code: str | None = None
-) -> bytes:
-    error = {"message": message, "type": type_, "param": None, "code": code}
-    return compact({"error": error}).encode()
+    @classmethod
+    def of(cls, index: int, call: FunctionCall) -> "_Call":
+        arguments = call.arguments if isinstance(call.arguments, str) else compact(call.arguments)
+        return cls(index, call.id or f"call_{secrets.token_hex(12)}", call.name, arguments)

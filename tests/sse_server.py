@@ -95,6 +95,12 @@ class SseTestServer(ABC, Generic[ReplyT]):
         """The error the API would answer this request with, if any; no reply is taken."""
         return None
 
+    def answer_request(
+        self, reply: ReplyT, model: str, body: dict[str, Any]
+    ) -> SseStream | ErrorResponse:
+        """`answer`, for a server whose answer depends on more of the request than `model`."""
+        return self.answer(reply, model)
+
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
         port = self._server.sockets[0].getsockname()[1]
@@ -184,7 +190,7 @@ class SseTestServer(ABC, Generic[ReplyT]):
         if isinstance(reply, HeldReply):
             await reply.release.wait()
             reply = reply.reply
-        answer = self.answer(reply, model)
+        answer = self.answer_request(reply, model, body)
         if isinstance(answer, ErrorResponse):
             await connection.send(answer)
             return True

@@ -15,11 +15,12 @@ from tests.helpers import (
     spawn,
     wait_for,
 )
+from tests.openai_flavors import LLAMA_CPP_PYTHON, LLAMA_SERVER
 from tests.openai_server import (
-    LLAMA_CPP_PYTHON,
     ErrorReply,
     FunctionCall,
     OpenAITestServer,
+    OverflowReply,
     TextReply,
     ToolCallsReply,
     validation_errors,
@@ -139,6 +140,42 @@ async def test_a_500_validation_error_fails_at_once_with_the_whole_reason(
     assert "retry" not in kinds(seen)
     assert end["result"] == "errored"
     assert end["error"].endswith(" ".join(words.split()))
+
+
+async def test_an_overflow_ends_the_turn_with_one_line_and_the_pod_goes_on(
+    capd: CapdProcess,
+) -> None:
+    async with OpenAITestServer(LLAMA_SERVER) as server:
+        server.enqueue(OverflowReply(prompt_tokens=4476, n_ctx=4096), TextReply("short"))
+        await spawn(capd, "w1", _model(server))
+        async with await connect_pod(capd, "w1") as pod:
+            await pod.request({"method": "run", "text": "a long story"})
+            end, seen = await wait_for(pod, is_event("turn_end"))
+            await pod.request({"method": "run", "text": "hi"})
+            after, _ = await wait_for(pod, is_event("turn_end"))
+    assert "retry" not in kinds(seen)
+    assert end["result"] == "errored"
+    error = end["error"]
+    assert error.startswith("the conversation no longer fits the model's context window")
+    assert "--ctx-size" in error
+    assert "exceeds the available context size (4096 tokens)" in error
+    assert "\n" not in error
+    assert (after["result"], after["output"]) == ("finished", "short")
+
+
+async def test_llama_cpp_python_cutting_its_stream_is_retried_then_explained(
+    capd: CapdProcess,
+) -> None:
+    async with OpenAITestServer(LLAMA_CPP_PYTHON) as server:
+        server.enqueue(OverflowReply(), OverflowReply())
+        await spawn(capd, "w1", _model(server, max_retries=1))
+        async with await connect_pod(capd, "w1") as pod:
+            await pod.request({"method": "run", "text": "a long story"})
+            end, seen = await wait_for(pod, is_event("turn_end"))
+    assert [e["attempt"] for e in seen if e["event"] == "retry"] == [1]
+    assert end["result"] == "errored"
+    assert "no longer fits the model's context window" in end["error"]
+    assert end["error"].endswith("(gave up after 2 attempts)")
 
 
 async def test_client_errors_fail_the_turn_at_once(

@@ -563,6 +563,18 @@ async def test_http_errors(
     )
 
 
+async def test_a_prompt_too_long_is_an_overflow(
+    server: AnthropicTestServer, make_provider: ProviderFactory
+):
+    server.enqueue(ErrorReply(400, "prompt is too long: 208310 tokens > 200000 maximum"))
+
+    error = await failure(make_provider())
+
+    assert error.overflow
+    assert not error.retryable
+    assert error.message.endswith("prompt is too long: 208310 tokens > 200000 maximum")
+
+
 async def test_connection_refused_is_retryable(make_provider: ProviderFactory):
     base_url = f"http://127.0.0.1:{closed_port()}"
 

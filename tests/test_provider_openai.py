@@ -419,6 +419,75 @@ async def test_stream_ending_early_is_retryable(
     assert "stream ended early" in error.message
 
 
+async def test_a_stream_that_ends_before_any_reply_says_why_it_may(
+    server: OpenAITestServer, make_provider: ProviderFactory
+):
+    server.enqueue(RawStreamReply([]))
+
+    error = await failure(make_provider())
+
+    assert error.retryable
+    assert "ended before any reply" in error.message
+    assert "no longer fits the model's context window" in error.message
+
+
+async def test_an_error_field_in_the_stream_is_an_error(
+    server: OpenAITestServer, make_provider: ProviderFactory
+):
+    """llama.cpp's server before late 2025: an `error:` field, then `data: [DONE]`."""
+    error = {
+        "code": 400,
+        "message": "the request exceeds the available context size, try increasing it",
+        "type": "exceed_context_size_error",
+    }
+    server.enqueue(RawStreamReply([f"error: {json.dumps(error)}\n\n", "data: [DONE]\n\n"]))
+
+    failed = await failure(make_provider())
+
+    assert failed.overflow
+    assert not failed.retryable
+    assert failed.message.endswith(error["message"])
+
+
+@pytest.mark.parametrize(
+    "words",
+    [
+        # llama-cpp-python, the exception its Llama raises
+        "Requested tokens (2300) exceed context window of 2048",
+        # llama-cpp-python's server (errors.py), vLLM, OpenAI
+        "This model's maximum context length is 2048 tokens. However, you requested 2499 "
+        "tokens (2299 in the messages, 200 in the completion). Please reduce the length of "
+        "the messages or completion.",
+        # llama-server, recent and older builds
+        "request (4476 tokens) exceeds the available context size (4096 tokens), try increasing it",
+        "input (5000 tokens) is larger than the max context size (4096 tokens). skipping",
+        # vLLM V1
+        "The decoder prompt (length 8825) is longer than the maximum model length of 8192.",
+        # LM Studio
+        "The number of tokens to keep from the initial prompt is greater than the context "
+        "length (n_keep: 13055>= n_ctx: 4096). Try to load the model with a larger context "
+        "length, or provide a shorter input.",
+    ],
+)
+async def test_overflow_wordings(
+    server: OpenAITestServer, make_provider: ProviderFactory, words: str
+):
+    server.enqueue(ErrorReply(400, words, type="server_error"))
+
+    error = await failure(make_provider())
+
+    assert error.overflow
+    assert not error.retryable
+
+
+async def test_context_length_exceeded_code_is_an_overflow(
+    server: OpenAITestServer, make_provider: ProviderFactory
+):
+    server.enqueue(ErrorReply(400, "Input too large", code="context_length_exceeded"))
+
+    assert (await failure(make_provider())).overflow
+
+
 @pytest.mark.parametrize(
     ("reply", "retryable"),
     [

@@ -57,7 +57,7 @@ class BuiltinEngine:
         try:
             return await run_timed(host, turn, lambda: self._steps(host, turn))
         except ProviderError as exc:
-            return TurnOutcome("errored", turn.output, f"model call failed: {exc.message}")
+            return TurnOutcome("errored", turn.output, _failure(exc))
 
     def answer_permission(self, request_id: str, option_id: str | None) -> None:
         raise never_asks("builtin")
@@ -167,6 +167,18 @@ class BuiltinEngine:
                 host.emit(AssistantMessage(turn_id=turn_id, text=text, interrupted=True))
             raise
         raise ProviderError("the provider ended its stream without a reply", retryable=True)
+
+
+def _failure(error: ProviderError) -> str:
+    """The turn's error line for a model call that failed for good."""
+    if not error.overflow:
+        return f"model call failed: {error.message}"
+    return (
+        "the conversation no longer fits the model's context window, so the next turns "
+        "will fail the same way: give the model a larger context (llama.cpp --ctx-size, "
+        "vLLM --max-model-len) or a smaller model.max_tokens, or go on in a new pod; "
+        f"the server said: {error.message}"
+    )
 
 
 def _repeats(error: ProviderError, previous: ProviderError | None) -> bool:

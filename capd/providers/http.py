@@ -98,19 +98,36 @@ class SseEndpoint:
 
 
 async def sse_data(lines: AsyncIterator[str]) -> AsyncIterator[str]:
-    """The `data` of each server-sent event; comments and other fields are skipped."""
+    """The `data` of each server-sent event; comments and other fields are skipped, but
+    for `error`, which llama.cpp's server used for a failure mid-stream (before b6000,
+    `error: {...}` and then `data: [DONE]`): it comes out as `{"error": ...}` data."""
     data: list[str] = []
+    error: list[str] = []
     async for line in lines:
         if not line:
-            if data:
+            if error:
+                yield _error_event("\n".join(error))
+            elif data:
                 yield "\n".join(data)
-                data = []
+            data, error = [], []
             continue
         name, _, value = line.partition(":")
         if name == "data":
             data.append(value.removeprefix(" "))
-    if data:
+        elif name == "error":
+            error.append(value.removeprefix(" "))
+    if error:
+        yield _error_event("\n".join(error))
+    elif data:
         yield "\n".join(data)
+
+
+def _error_event(value: str) -> str:
+    try:
+        error = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        error = value
+    return orjson.dumps({"error": error}).decode()
 
 
 async def read_to_end(events: AsyncIterator[str]) -> None:

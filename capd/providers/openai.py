@@ -76,11 +76,7 @@ class OpenAIProvider:
             if saw_done:
                 await read_to_end(events)
         if not saw_done and not assembler.finished:
-            raise ProviderError(
-                f"openai: stream ended early from {self._endpoint.url} "
-                "(no [DONE], no finish_reason)",
-                retryable=True,
-            )
+            raise self._cut_short(assembler.started)
         yield assembler.reply()
 
     async def aclose(self) -> None:
@@ -115,6 +111,21 @@ class OpenAIProvider:
         if self._config.temperature is not None:
             body["temperature"] = self._config.temperature
         return body
+
+    def _cut_short(self, started: bool) -> ProviderError:
+        if started:
+            what = "stream ended early"
+            why = ""
+        else:
+            what = "stream ended before any reply"
+            why = (
+                "; llama-cpp-python's server ends it so when generation fails, as when the "
+                "conversation no longer fits the model's context window"
+            )
+        return ProviderError(
+            f"openai: {what} from {self._endpoint.url} (no [DONE], no finish_reason){why}",
+            retryable=True,
+        )
 
     def _parse_chunk(self, data: str) -> "_Chunk":
         try:
@@ -223,12 +234,14 @@ class _ReplyAssembler:
     """Turns chunks into stream items as they come and keeps what the final ModelReply needs."""
 
     def __init__(self) -> None:
+        self.started = False
         self.finished = False
         self._text: list[str] = []
         self._calls: dict[int, _PendingCall] = {}
         self._usage = Usage()
 
     def feed(self, chunk: _Chunk) -> Iterator[StreamItem]:
+        self.started = True
         if chunk.usage is not None:
             self._usage = Usage(
                 input_tokens=chunk.usage.prompt_tokens,
