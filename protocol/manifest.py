@@ -67,6 +67,8 @@ class Limits(_Strict):
     max_children: int = Field(default=8, ge=0)
     max_depth: int = Field(default=3, ge=0)
     """How many levels of descendants a pod may have below it (an addition)."""
+    max_continuations: int = Field(default=3, ge=0)
+    """How many replies cut off by max_tokens in a row the builtin engine continues (§10)."""
 
 
 class BuiltinEngine(_Strict):

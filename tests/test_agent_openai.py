@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from capd.providers.base import CONTINUE_CUT_TEXT, CONTINUE_TEXT
 from tests.conftest import CapdProcess
 from tests.helpers import (
     connect_pod,
@@ -223,4 +224,68 @@ async def test_pause_interrupts_a_streaming_http_response(
     assert partial["text"].startswith("tok ")
     assert end["result"] == "finished"
     resumed = server.requests[1]["messages"]
-    assert resumed[-1] == {"role": "assistant", "content": partial["text"]}
+    assert resumed[-2:] == [
+        {"role": "assistant", "content": partial["text"]},
+        {"role": "user", "content": CONTINUE_TEXT},
+    ]
+
+
+async def test_a_reply_cut_off_by_max_tokens_is_continued(
+    capd: CapdProcess, server: OpenAITestServer
+) -> None:
+    server.enqueue(
+        TextReply(["The answer ", "is"], finish_reason="length"), TextReply([" 4", "2."])
+    )
+    await spawn(capd, "w1", _model(server, max_tokens=5))
+    async with await connect_pod(capd, "w1") as pod:
+        await pod.request({"method": "run", "text": "what is it?"})
+        end, seen = await wait_for(pod, is_event("turn_end"))
+        history = await pod.request({"method": "history", "after_seq": 0})
+    steps = [e for e in seen if e["event"] == "assistant_message"]
+    assert [(s["text"], s["truncated"]) for s in steps] == [
+        ("The answer is", True),
+        (" 42.", False),
+    ]
+    assert (end["result"], end["output"]) == ("finished", "The answer is 42.")
+    assert server.requests[1]["messages"][-2:] == [
+        {"role": "assistant", "content": "The answer is"},
+        {"role": "user", "content": CONTINUE_CUT_TEXT},
+    ]
+    stored = [e for e in history["events"] if e["event"] == "assistant_message"]
+    assert [s["truncated"] for s in stored] == [True, False]
+
+
+async def test_continuations_stop_at_the_limit(capd: CapdProcess, server: OpenAITestServer) -> None:
+    server.enqueue(
+        TextReply("one ", finish_reason="length"),
+        TextReply("two ", finish_reason="length"),
+        TextReply("three", finish_reason="length"),
+    )
+    await spawn(capd, "w1", _model(server), limits={"max_continuations": 1})
+    async with await connect_pod(capd, "w1") as pod:
+        await pod.request({"method": "run", "text": "count"})
+        end, _ = await wait_for(pod, is_event("turn_end"))
+    assert (end["result"], end["output"]) == ("finished", "one two ")
+    assert len(server.requests) == 2
+
+
+async def test_a_tool_call_cut_off_is_not_run(
+    capd: CapdProcess, server: OpenAITestServer, tmp_path: Path
+) -> None:
+    cut = FunctionCall("write_file", '{"path": "big.txt", "content": "aaaaaaa')
+    server.enqueue(
+        ToolCallsReply([cut], text=["Writing it."], finish_reason="length"),
+        TextReply("I will write it in parts."),
+    )
+    await spawn(capd, "w1", _model(server), cwd=str(tmp_path), tools=["write_file"])
+    async with await connect_pod(capd, "w1") as pod:
+        await pod.request({"method": "run", "text": "write a big file"})
+        end, seen = await wait_for(pod, is_event("turn_end"))
+    step = next(e for e in seen if e["event"] == "assistant_message")
+    result = next(e for e in seen if e["event"] == "tool_result")
+    assert step["truncated"] is True
+    assert result["is_error"] is True
+    assert result["output"].startswith("not run: max_tokens cut the reply off")
+    assert not (tmp_path / "big.txt").exists()
+    assert (end["result"], end["output"]) == ("finished", "I will write it in parts.")
+    assert [m["role"] for m in server.requests[1]["messages"]] == ["user", "assistant", "tool"]

@@ -10,8 +10,9 @@ import pytest
 from pydantic import ValidationError
 
 from capd.providers import http
-from capd.providers.anthropic import CONTINUE_TEXT, AnthropicProvider
+from capd.providers.anthropic import AnthropicProvider
 from capd.providers.base import (
+    CONTINUE_TEXT,
     INVALID_JSON_KEY,
     ChatMessage,
     ModelReply,

@@ -18,6 +18,7 @@ from capd.engines.base import (
 )
 from capd.providers import make_provider
 from capd.providers.base import (
+    INVALID_JSON_KEY,
     ModelReply,
     ModelRequest,
     Provider,
@@ -44,6 +45,13 @@ from protocol.manifest import Manifest, ModelConfig
 
 RETRY_BASE_S = 0.5
 RETRY_CAP_S = 30.0
+CUT_CALL = ToolOutcome(
+    "not run: max_tokens cut the reply off while this call's arguments were being written, "
+    "so they are incomplete; make the call again, in smaller parts if it is long (for "
+    "example, write a long file in pieces)",
+    True,
+)
+"""The result of a tool call whose arguments a reply cut off by max_tokens left unfinished."""
 
 
 class BuiltinEngine:
@@ -66,12 +74,17 @@ class BuiltinEngine:
         await self.provider.aclose()
 
     async def _steps(self, host: TurnHost, turn: Turn) -> TurnOutcome:
-        max_steps = host.manifest.limits.max_steps
+        """A reply max_tokens cut off is continued by the next step, at most
+        limits.max_continuations times in a row; then the turn finishes with what it has."""
+        limits = host.manifest.limits
+        cut_in_a_row = 0
         while True:
             inject_notes(host, turn.turn_id)
-            if turn.steps >= max_steps:
+            if turn.steps >= limits.max_steps:
                 return TurnOutcome(
-                    "limit_reached", turn.output, f"turn reached limits.max_steps={max_steps}"
+                    "limit_reached",
+                    turn.output,
+                    f"turn reached limits.max_steps={limits.max_steps}",
                 )
             reply = await self._call_model(host, turn)
             host.emit(
@@ -81,12 +94,12 @@ class BuiltinEngine:
                     tool_calls=reply.tool_calls,
                     usage=reply.usage,
                     thinking=reply.thinking,
+                    truncated=reply.truncated,
                 )
             )
-            if not reply.tool_calls:
-                return TurnOutcome("finished", turn.output)
             for call in reply.tool_calls:
-                outcome = await self._run_call(host, call)
+                cut = reply.truncated and INVALID_JSON_KEY in call.arguments
+                outcome = CUT_CALL if cut else await self._run_call(host, call)
                 host.emit(
                     ToolResult(
                         turn_id=turn.turn_id,
@@ -96,6 +109,11 @@ class BuiltinEngine:
                         is_error=outcome.is_error,
                     )
                 )
+            cut_in_a_row = cut_in_a_row + 1 if reply.truncated else 0
+            if cut_in_a_row > limits.max_continuations:
+                return TurnOutcome("finished", turn.output)
+            if not reply.tool_calls and not reply.truncated:
+                return TurnOutcome("finished", turn.output)
 
     async def _run_call(self, host: TurnHost, call: ToolCall) -> ToolOutcome:
         """Run a tool the pod offers; any other name is an error the model can read."""

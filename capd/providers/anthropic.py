@@ -2,8 +2,8 @@
 
 Our messages become the alternating user / assistant turns of content blocks the API
 insists on: tool results are `tool_result` blocks of a user turn, user turns in a row
-merge, empty text is left out, and an assistant turn a pause cut short is followed by a
-note to continue. With `thinking_budget_tokens` the model thinks first; its thinking
+merge, empty text is left out, and an assistant turn a pause or max_tokens cut short is
+followed by a note to continue. With `thinking_budget_tokens` the model thinks first; its thinking
 streams as ThinkingChunk, and the complete signed blocks come back in the ModelReply so
 they can be sent back with the step's tool calls, which the API requires.
 """
@@ -28,6 +28,7 @@ from capd.providers.base import (
     ToolCallArgs,
     ToolCallBegin,
     ToolSpec,
+    continue_text,
     parse_tool_arguments,
 )
 from capd.providers.http import SseEndpoint, error_reason, excerpt, read_to_end
@@ -40,10 +41,6 @@ API_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 8192
 """The API requires max_tokens; this is what the reply may use besides any thinking budget."""
 DEFAULT_TIMEOUT_S = 600.0
-CONTINUE_TEXT = "(Your reply above was interrupted. Continue it from exactly where it stopped.)"
-"""A user turn after an assistant turn that would be last or followed by another one, as
-after a pause: the API takes a last assistant turn as a prefill, which newer models
-refuse, and wants roles to alternate."""
 
 _RETRYABLE_STREAM_ERRORS = frozenset(
     {"overloaded_error", "rate_limit_error", "api_error", "timeout_error"}
@@ -141,7 +138,10 @@ class AnthropicProvider:
 
 
 def _wire_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
+    """An assistant turn that would be last or followed by another one (a reply a pause or
+    max_tokens cut short) is followed by a user turn asking to continue it."""
     turns: list[dict[str, Any]] = []
+    last_reply = ChatMessage("assistant")
     for message in messages:
         role = "assistant" if message.role == "assistant" else "user"
         blocks = _assistant_blocks(message) if role == "assistant" else _user_blocks(message)
@@ -151,15 +151,17 @@ def _wire_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
             turns[-1]["content"].extend(blocks)
             continue
         if turns and turns[-1]["role"] == role:
-            turns.append(_continue_turn())
+            turns.append(_continue_turn(last_reply))
         turns.append({"role": role, "content": blocks})
+        if role == "assistant":
+            last_reply = message
     if turns and turns[-1]["role"] == "assistant":
-        turns.append(_continue_turn())
+        turns.append(_continue_turn(last_reply))
     return turns
 
 
-def _continue_turn() -> dict[str, Any]:
-    return {"role": "user", "content": [_text_block(CONTINUE_TEXT)]}
+def _continue_turn(reply: ChatMessage) -> dict[str, Any]:
+    return {"role": "user", "content": [_text_block(continue_text(reply))]}
 
 
 def _user_blocks(message: ChatMessage) -> list[dict[str, Any]]:
@@ -235,6 +237,8 @@ class _Delta(_Lenient):
     thinking: str = ""
     signature: str = ""
     partial_json: str = ""
+    stop_reason: str | None = None
+    """message_delta's: end_turn, tool_use, max_tokens, ..."""
 
 
 class _Event(_Lenient):
@@ -264,6 +268,7 @@ class _ReplyAssembler:
 
     def __init__(self) -> None:
         self.finished = False
+        self._stop_reason = ""
         self._blocks: dict[int, _OpenBlock] = {}
         self._input_tokens = 0
         self._output_tokens = 0
@@ -278,6 +283,8 @@ class _ReplyAssembler:
                 yield from self._delta(event.index, event.delta)
             case "message_delta":
                 self._count(event.usage)
+                if event.delta is not None and event.delta.stop_reason is not None:
+                    self._stop_reason = event.delta.stop_reason
             case "message_stop":
                 self.finished = True
         # ping, content_block_stop and event types added after this was written need nothing.
@@ -303,6 +310,7 @@ class _ReplyAssembler:
                 for block in blocks
                 if block.type in ("thinking", "redacted_thinking")
             ],
+            truncated=self._stop_reason == "max_tokens",
         )
 
     def _start(self, index: int, content: _ContentBlock) -> Iterator[StreamItem]:

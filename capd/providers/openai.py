@@ -6,7 +6,7 @@ llama.cpp, Ollama, LM Studio, OpenRouter, ...).
 
 import os
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,7 @@ from capd.providers.base import (
     ToolCallArgs,
     ToolCallBegin,
     ToolSpec,
+    continue_text,
     parse_tool_arguments,
 )
 from capd.providers.http import (
@@ -97,7 +98,7 @@ class OpenAIProvider:
         messages: list[dict[str, Any]] = []
         if request.system_prompt:
             messages.append({"role": "system", "content": request.system_prompt})
-        messages.extend(_wire_message(message) for message in request.messages)
+        messages.extend(_wire_messages(request.messages))
         body: dict[str, Any] = {
             "model": self._config.name,
             "messages": messages,
@@ -146,6 +147,17 @@ class OpenAIProvider:
 
 
 # -- request ------------------------------------------------------------------------------
+
+
+def _wire_messages(messages: Sequence[ChatMessage]) -> Iterator[dict[str, Any]]:
+    """A reply cut short (by a pause or max_tokens) that would be last or followed by its
+    continuation is followed by a user line asking to continue it: servers take a last
+    assistant message as the start of a new reply or as a prefill, and some chat
+    templates (gemma's) want roles to alternate."""
+    for message, following in zip(messages, [*messages[1:], None], strict=True):
+        yield _wire_message(message)
+        if message.unfinished and (following is None or following.role == "assistant"):
+            yield {"role": "user", "content": continue_text(message)}
 
 
 def _wire_message(message: ChatMessage) -> dict[str, Any]:
@@ -236,6 +248,7 @@ class _ReplyAssembler:
     def __init__(self) -> None:
         self.started = False
         self.finished = False
+        self._finish_reason = ""
         self._text: list[str] = []
         self._calls: dict[int, _PendingCall] = {}
         self._usage = Usage()
@@ -250,7 +263,9 @@ class _ReplyAssembler:
         if not chunk.choices:
             return
         choice = chunk.choices[0]
-        self.finished = self.finished or choice.finish_reason is not None
+        if choice.finish_reason is not None:
+            self.finished = True
+            self._finish_reason = choice.finish_reason
         delta = choice.delta
         if delta is None:
             return
@@ -274,6 +289,7 @@ class _ReplyAssembler:
                 for index, call in sorted(self._calls.items())
             ],
             usage=self._usage,
+            truncated=self._finish_reason == "length",
         )
 
     def _feed_tool_call(self, fragment: _ToolCallDelta) -> Iterator[StreamItem]:
