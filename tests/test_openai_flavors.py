@@ -1,8 +1,10 @@
 """The openai provider against each server flavor of tests/openai_flavors.py: streamed
-text and reasoning, tool calls, usage, error bodies, errors inside the stream, overflow."""
+text and reasoning, tool calls, usage, error bodies, errors inside the stream, overflow;
+and a tool loop of two calls through a real capd."""
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +21,8 @@ from capd.providers.base import (
 from capd.providers.openai import OpenAIProvider
 from protocol.events import Usage
 from protocol.manifest import ModelConfig
+from tests.conftest import CapdProcess
+from tests.helpers import connect_pod, is_event, spawn, wait_for
 from tests.openai_flavors import FLAVORS, LLAMA_CPP_PYTHON, Flavor
 from tests.openai_server import (
     ErrorReply,
@@ -154,3 +158,41 @@ async def test_overflow_is_recognised(
         assert error.overflow
         assert not error.retryable
         assert "2048" in error.message
+
+
+async def test_a_tool_loop_of_two_calls_through_capd(
+    flavor: Flavor, server: OpenAITestServer, capd: CapdProcess, tmp_path: Path
+) -> None:
+    (tmp_path / "a.txt").write_text("alpha\n")
+    (tmp_path / "b.txt").write_text("beta\n")
+    server.enqueue(
+        ToolCallsReply([FunctionCall("read_file", {"path": "a.txt"})], prompt_tokens=20),
+        ToolCallsReply([FunctionCall("read_file", {"path": "b.txt"})], prompt_tokens=30),
+        TextReply(["alpha ", "and beta"], reasoning=["both read"], prompt_tokens=40),
+    )
+    model = {"provider": "openai", "name": "test-model", "base_url": server.base_url}
+    await spawn(capd, "w1", model, cwd=str(tmp_path), tools=["read_file"])
+    async with await connect_pod(capd, "w1") as pod:
+        await pod.request({"method": "run", "text": "read a.txt, then b.txt"})
+        end, seen = await wait_for(pod, is_event("turn_end"))
+        status = await pod.request({"method": "status"})
+
+    assert (end["result"], end["output"]) == ("finished", "alpha and beta")
+    deltas = [e["text"] for e in seen if e["event"] == "text_delta"]
+    thinking = [e["text"] for e in seen if e["event"] == "thinking_delta"]
+    assert (deltas, thinking) == (["alpha ", "and beta"], ["both read"])
+    results = [e for e in seen if e["event"] == "tool_result"]
+    assert [(r["output"].strip(), r["is_error"]) for r in results] == [
+        ("alpha", False),
+        ("beta", False),
+    ]
+    steps = [e for e in seen if e["event"] == "assistant_message"]
+    assert [Usage(**step["usage"]) for step in steps] == [
+        expected_usage(flavor, tokens, 5) for tokens in (20, 30, 40)
+    ]
+    assert status["usage"]["input_tokens"] == sum(s["usage"]["input_tokens"] for s in steps)
+    last = server.requests[2]["messages"]
+    assert [m["role"] for m in last] == ["user", "assistant", "tool", "assistant", "tool"]
+    calls = [m["tool_calls"][0]["id"] for m in last if m["role"] == "assistant"]
+    assert [m["tool_call_id"] for m in last if m["role"] == "tool"] == calls
+    assert [m["content"] for m in last if m["role"] == "assistant"] == ["", ""]
