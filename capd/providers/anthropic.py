@@ -3,9 +3,9 @@
 Our messages become the alternating user / assistant turns of content blocks the API
 insists on: tool results are `tool_result` blocks of a user turn, user turns in a row
 merge, empty text is left out, and an assistant turn a pause or max_tokens cut short is
-followed by a note to continue. With `thinking_budget_tokens` the model thinks first; its thinking
-streams as ThinkingChunk, and the complete signed blocks come back in the ModelReply so
-they can be sent back with the step's tool calls, which the API requires.
+followed by a note to continue. With `thinking_budget_tokens` the model thinks first; its
+thinking streams as ThinkingChunk, and the complete signed blocks come back in the
+ModelReply so they can be sent back with the step's tool calls, which the API requires.
 """
 
 import os

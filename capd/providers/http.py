@@ -99,8 +99,8 @@ class SseEndpoint:
 
 async def sse_data(lines: AsyncIterator[str]) -> AsyncIterator[str]:
     """The `data` of each server-sent event; comments and other fields are skipped, but
-    for `error`, which llama.cpp's server used for a failure mid-stream (before b6000,
-    `error: {...}` and then `data: [DONE]`): it comes out as `{"error": ...}` data."""
+    for `error`, which llama.cpp's server used for a failure mid-stream until late 2025
+    (`error: {...}`, then `data: [DONE]`): it comes out as `{"error": ...}` data."""
     data: list[str] = []
     error: list[str] = []
     async for line in lines:
