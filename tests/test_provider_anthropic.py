@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from capd.providers import http
 from capd.providers.anthropic import AnthropicProvider
 from capd.providers.base import (
+    CONTINUE_CUT_TEXT,
     CONTINUE_TEXT,
     INVALID_JSON_KEY,
     ChatMessage,
@@ -482,6 +483,35 @@ async def test_an_interrupted_reply_is_followed_by_a_note_to_continue(
         {"role": "assistant", "content": [text("red.")]},
         {"role": "user", "content": [text("another")]},
     ]
+
+
+async def test_a_reply_cut_off_by_max_tokens_is_truncated(
+    server: AnthropicTestServer, make_provider: ProviderFactory
+):
+    server.enqueue(
+        TextReply("Roses are", stop_reason="max_tokens"),
+        ToolUseReply([ToolUse("write_file", '{"path": "a.txt", "cont')], stop_reason="max_tokens"),
+        TextReply("red."),
+    )
+    provider = make_provider()
+
+    replies = [(await collect(provider))[-1] for _ in range(3)]
+
+    assert [isinstance(r, ModelReply) and r.truncated for r in replies] == [True, True, False]
+    cut = replies[1]
+    assert isinstance(cut, ModelReply)
+    assert INVALID_JSON_KEY in cut.tool_calls[0].arguments
+
+
+async def test_a_truncated_reply_is_followed_by_a_note_to_continue(
+    server: AnthropicTestServer, make_provider: ProviderFactory
+):
+    hello = ChatMessage(role="user", text="write a poem")
+    cut = ChatMessage(role="assistant", text="Roses are", truncated=True)
+
+    sent = await sent_messages(server, make_provider(), hello, cut)
+
+    assert sent[-1] == {"role": "user", "content": [text(CONTINUE_CUT_TEXT)]}
 
 
 async def test_empty_messages_are_left_out(

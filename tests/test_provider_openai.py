@@ -10,6 +10,8 @@ import pytest
 
 from capd.providers import http
 from capd.providers.base import (
+    CONTINUE_CUT_TEXT,
+    CONTINUE_TEXT,
     INVALID_JSON_KEY,
     ChatMessage,
     ModelReply,
@@ -202,6 +204,39 @@ async def test_tolerates_sse_variants(server: OpenAITestServer, make_provider: P
     assert items[3] == ModelReply(
         text="ok", tool_calls=[ToolCall(id=begin.call_id, name="list_pods", arguments={})]
     )
+
+
+async def test_finish_reason_length_marks_the_reply_truncated(
+    server: OpenAITestServer, make_provider: ProviderFactory
+):
+    server.enqueue(TextReply("Roses are", finish_reason="length"), TextReply("red."))
+    provider = make_provider()
+
+    first, second = [(await collect(provider))[-1] for _ in range(2)]
+
+    assert isinstance(first, ModelReply)
+    assert isinstance(second, ModelReply)
+    assert (first.truncated, second.truncated) == (True, False)
+
+
+async def test_a_reply_cut_short_is_followed_by_a_note_to_continue(
+    server: OpenAITestServer, make_provider: ProviderFactory
+):
+    hello = ChatMessage(role="user", text="write a poem")
+    cut = ChatMessage(role="assistant", text="Roses are", truncated=True)
+    paused = ChatMessage(role="assistant", text=" red", interrupted=True)
+    request = ModelRequest("", [hello, cut, paused, ChatMessage("assistant", ", violets")])
+
+    await collect(make_provider(), request)
+
+    assert server.requests[0]["messages"] == [
+        {"role": "user", "content": "write a poem"},
+        {"role": "assistant", "content": "Roses are"},
+        {"role": "user", "content": CONTINUE_CUT_TEXT},
+        {"role": "assistant", "content": " red"},
+        {"role": "user", "content": CONTINUE_TEXT},
+        {"role": "assistant", "content": ", violets"},
+    ]
 
 
 async def test_empty_queue_answers_with_placeholder(make_provider: ProviderFactory):
