@@ -52,6 +52,10 @@ class Flavor:
     """The delta of the first chunk."""
     tool_role_delta: Mapping[str, Any] | None = None
     """The first chunk's delta when the reply calls tools (None: `role_delta`)."""
+    finish_delta: Mapping[str, Any] = field(default_factory=dict)
+    """The delta of the chunk that carries finish_reason."""
+    tool_finish_delta: Mapping[str, Any] | None = None
+    """The same when the reply calls tools (None: `finish_delta`)."""
     role_in_every_delta: bool = False
     usage: UsagePolicy = "requested"
     tool_calls: ToolCallStyle = "fragments"
@@ -149,6 +153,7 @@ LLAMA_CPP_PYTHON = Flavor(
         "function_call": None,
         "tool_calls": None,
     },
+    tool_finish_delta=dict.fromkeys(("role", "content", "function_call", "tool_calls")),
     usage="never",
     tool_calls="repeated",
     rejects_null_content=True,
@@ -258,6 +263,7 @@ _OLLAMA_COMMON: dict[str, Any] = {
     # ChunkChoice.Delta is a Message: role and content in every chunk, `reasoning` beside.
     "role_delta": {"role": "assistant", "content": ""},
     "role_in_every_delta": True,
+    "finish_delta": {"role": "assistant", "content": ""},
     "tool_calls": "all_in_one",
     "reasoning_field": "reasoning",
     "chunk_fields": {"system_fingerprint": "fp_ollama"},

@@ -14,7 +14,7 @@ Ollama, LM Studio, OpenRouter; the default is api.openai.com.
 import itertools
 import secrets
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -272,7 +272,7 @@ class _Renderer:
             *self._opening(self._flavor.role_delta),
             *(self.chunk(self._content("") | {reasoning: piece}) for piece in reply.reasoning),
             *(self.chunk(self._content(piece)) for piece in pieces),
-            *self._ending(reply.finish_reason, reply.prompt_tokens, reply.completion_tokens),
+            *self._ending(self._flavor.finish_delta, reply),
         ]
 
     def _tool_events(self, reply: ToolCallsReply) -> list[bytes]:
@@ -281,7 +281,7 @@ class _Renderer:
             *self._opening(flavor.tool_role_delta or flavor.role_delta),
             *(self.chunk(self._content(piece)) for piece in reply.text),
             *(self.chunk(delta) for delta in self._tool_deltas(reply)),
-            *self._ending(reply.finish_reason, reply.prompt_tokens, reply.completion_tokens),
+            *self._ending(flavor.tool_finish_delta or flavor.finish_delta, reply),
         ]
 
     def _opening(self, delta: Any) -> list[bytes]:
@@ -293,23 +293,18 @@ class _Renderer:
             return {"role": "assistant", "content": piece}
         return {"content": piece}
 
-    def _ending(
-        self, finish_reason: str, prompt_tokens: int, completion_tokens: int
-    ) -> list[bytes]:
-        flavor = self._flavor
+    def _ending(self, delta: Mapping[str, Any], reply: TextReply | ToolCallsReply) -> list[bytes]:
+        prompt_tokens, completion_tokens = reply.prompt_tokens, reply.completion_tokens
         usage = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
         }
-        last_delta = self._content("") if flavor.name.startswith("ollama") else {}
-        if flavor.tool_calls == "repeated" and finish_reason == "tool_calls":
-            last_delta = dict.fromkeys(("role", "content", "function_call", "tool_calls"))
         extra: dict[str, Any] = {}
-        if flavor.usage == "in_finish_chunk":
+        if self._flavor.usage == "in_finish_chunk":
             # llama-server: usage and timings ride on the chunk that ends the reply
             extra = {"usage": usage, "timings": {"predicted_n": completion_tokens}}
-        events = [self.chunk(last_delta, finish_reason, **extra)]
+        events = [self.chunk(dict(delta), reply.finish_reason, **extra)]
         if self._usage_due:
             events.append(sse(compact({**self._common, "choices": [], "usage": usage})))
         return [*events, DONE]
