@@ -454,6 +454,21 @@ async def test_stream_ending_early_is_retryable(
     assert "stream ended early" in error.message
 
 
+async def test_done_without_a_finish_reason_is_an_incomplete_reply(
+    server: OpenAITestServer, make_provider: ProviderFactory
+):
+    """llama-cpp-python's server (interrupt_requests, on by default) stops a stream with a
+    bare `data: [DONE]` when a newer request comes in."""
+    delta = {"choices": [{"index": 0, "delta": {"content": "cut"}, "finish_reason": None}]}
+    server.enqueue(RawStreamReply([f"data: {json.dumps(delta)}\n\n", "data: [DONE]\n\n"]))
+
+    error = await failure(make_provider())
+
+    assert error.retryable
+    assert "ended with [DONE] but no finish_reason" in error.message
+    assert "--interrupt_requests False" in error.message
+
+
 async def test_a_stream_that_ends_before_any_reply_says_why_it_may(
     server: OpenAITestServer, make_provider: ProviderFactory
 ):

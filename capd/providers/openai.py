@@ -76,8 +76,8 @@ class OpenAIProvider:
                     yield item
             if saw_done:
                 await read_to_end(events)
-        if not saw_done and not assembler.finished:
-            raise self._cut_short(assembler.started)
+        if not assembler.finished:
+            raise self._cut_short(assembler.started, saw_done)
         yield assembler.reply()
 
     async def aclose(self) -> None:
@@ -113,18 +113,25 @@ class OpenAIProvider:
             body["temperature"] = self._config.temperature
         return body
 
-    def _cut_short(self, started: bool) -> ProviderError:
+    def _cut_short(self, started: bool, saw_done: bool) -> ProviderError:
+        """A stream without a finish_reason: the reply is incomplete, even after [DONE]."""
+        url = self._endpoint.url
+        if saw_done:
+            return ProviderError(
+                f"openai: stream from {url} ended with [DONE] but no finish_reason; "
+                "llama-cpp-python's server stops a reply so when a newer request arrives "
+                "(start it with --interrupt_requests False when pods share it)",
+                retryable=True,
+            )
         if started:
-            what = "stream ended early"
-            why = ""
-        else:
-            what = "stream ended before any reply"
-            why = (
-                "; llama-cpp-python's server ends it so when generation fails, as when the "
-                "conversation no longer fits the model's context window"
+            return ProviderError(
+                f"openai: stream ended early from {url} (no [DONE], no finish_reason)",
+                retryable=True,
             )
         return ProviderError(
-            f"openai: {what} from {self._endpoint.url} (no [DONE], no finish_reason){why}",
+            f"openai: stream ended before any reply from {url} (no [DONE], no "
+            "finish_reason); llama-cpp-python's server ends it so when generation fails, as "
+            "when the conversation no longer fits the model's context window",
             retryable=True,
         )
 
