@@ -513,6 +513,8 @@ async def test_an_error_field_in_the_stream_is_an_error(
         "input (5000 tokens) is larger than the max context size (4096 tokens). skipping",
         # vLLM V1
         "The decoder prompt (length 8825) is longer than the maximum model length of 8192.",
+        # Ollama
+        "the input length exceeds the context length",
         # LM Studio
         "The number of tokens to keep from the initial prompt is greater than the context "
         "length (n_keep: 13055>= n_ctx: 4096). Try to load the model with a larger context "

@@ -149,8 +149,9 @@ _OVERFLOW_WORDS = re.compile(
             r"maximum context length",
             # llama-cpp-python's own: "Requested tokens (2300) exceed context window of 2048";
             # llama-server: "request (4476 tokens) exceeds the available context size (4096
-            # tokens), try increasing it"; OpenAI: "Your input exceeds the context window"
-            r"exceeds? (the )?(available )?context (size|window)",
+            # tokens), try increasing it"; OpenAI: "Your input exceeds the context window";
+            # Ollama: "the input length exceeds the context length"
+            r"exceeds? (the )?(available )?context (size|window|length)",
             # llama-server, for a task it cannot split
             r"larger than the max context size",
             # vLLM V1: "The decoder prompt (length 8825) is longer than the maximum model length"
