@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from capd.providers.base import CONTINUE_CUT_TEXT, CONTINUE_TEXT
+from protocol.errors import ProtocolError
 from tests.conftest import CapdProcess
 from tests.helpers import (
     connect_pod,
@@ -289,3 +290,31 @@ async def test_a_tool_call_cut_off_is_not_run(
     assert not (tmp_path / "big.txt").exists()
     assert (end["result"], end["output"]) == ("finished", "I will write it in parts.")
     assert [m["role"] for m in server.requests[1]["messages"]] == ["user", "assistant", "tool"]
+
+
+async def test_tool_choice_goes_with_the_first_call_of_each_turn(
+    capd: CapdProcess, server: OpenAITestServer, tmp_path: Path
+) -> None:
+    (tmp_path / "a.txt").write_text("alpha\n")
+    server.enqueue(
+        ToolCallsReply([FunctionCall("read_file", {"path": "a.txt"})]),
+        TextReply("alpha"),
+        TextReply("again"),
+    )
+    model = _model(server, tool_choice="read_file")
+    await spawn(capd, "w1", model, cwd=str(tmp_path), tools=["read_file"])
+    async with await connect_pod(capd, "w1") as pod:
+        for text in ("read a.txt", "and now?"):
+            await pod.request({"method": "run", "text": text})
+            end, _ = await wait_for(pod, is_event("turn_end"))
+            assert end["result"] == "finished"
+    forced = {"type": "function", "function": {"name": "read_file"}}
+    assert [body.get("tool_choice") for body in server.requests] == [forced, None, forced]
+
+
+async def test_tool_choice_must_name_an_offered_tool(capd: CapdProcess) -> None:
+    model = {"provider": "openai", "name": "m", "tool_choice": "bash"}
+    with pytest.raises(ProtocolError) as refused:
+        await spawn(capd, "w1", model, tools=["read_file"])
+    assert refused.value.code == "invalid_request"
+    assert "tool_choice 'bash'" in refused.value.message

@@ -514,6 +514,26 @@ async def test_a_truncated_reply_is_followed_by_a_note_to_continue(
     assert sent[-1] == {"role": "user", "content": [text(CONTINUE_CUT_TEXT)]}
 
 
+@pytest.mark.parametrize(
+    ("choice", "wire"),
+    [
+        ("auto", {"type": "auto"}),
+        ("required", {"type": "any"}),
+        ("none", {"type": "none"}),
+        ("bash", {"type": "tool", "name": "bash"}),
+    ],
+)
+async def test_tool_choice(
+    server: AnthropicTestServer, make_provider: ProviderFactory, choice: str, wire: object
+):
+    spec = ToolSpec(name="bash", description="Run a command.", parameters={"type": "object"})
+    request = ModelRequest("", [ChatMessage(role="user", text="hi")], [spec], choice)
+
+    await collect(make_provider(), request)
+
+    assert server.requests[0]["tool_choice"] == wire
+
+
 async def test_empty_messages_are_left_out(
     server: AnthropicTestServer, make_provider: ProviderFactory
 ):

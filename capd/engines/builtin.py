@@ -59,6 +59,7 @@ class BuiltinEngine:
         self.provider: Provider = make_provider(model)
         self.tool_specs: list[ToolSpec] = tool_specs(manifest.tools)
         self._max_retries = model.max_retries
+        self._tool_choice = model.tool_choice
 
     async def drive_turn(self, host: TurnHost, turn: Turn) -> TurnOutcome:
         """Run steps until the model stops, a limit is hit, or the model call fails."""
@@ -158,7 +159,9 @@ class BuiltinEngine:
 
     async def _stream_once(self, host: TurnHost, turn: Turn) -> ModelReply:
         system_prompt = host.manifest.system_prompt
-        request = ModelRequest(system_prompt, host.context.messages, self.tool_specs)
+        # model.tool_choice goes with a turn's first call only, so the loop can end.
+        choice = self._tool_choice if turn.steps == 0 else None
+        request = ModelRequest(system_prompt, host.context.messages, self.tool_specs, choice)
         turn_id = turn.turn_id
         streamed: list[str] = []
         try:

@@ -109,6 +109,8 @@ class AnthropicProvider:
             body["system"] = request.system_prompt
         if request.tools:
             body["tools"] = [_wire_tool(tool) for tool in request.tools]
+            if request.tool_choice is not None:
+                body["tool_choice"] = _wire_tool_choice(request.tool_choice)
         if config.temperature is not None:
             body["temperature"] = config.temperature
         if budget is not None:
@@ -197,6 +199,14 @@ def _wire_thinking(block: ThinkingBlock) -> dict[str, Any] | None:
 
 def _text_block(text: str) -> dict[str, Any]:
     return {"type": "text", "text": text}
+
+
+def _wire_tool_choice(choice: str) -> dict[str, Any]:
+    """Anthropic's names: `required` is `any`; a tool's name is `{"type": "tool", ...}`."""
+    kinds = {"auto": "auto", "required": "any", "none": "none"}
+    if choice in kinds:
+        return {"type": kinds[choice]}
+    return {"type": "tool", "name": choice}
 
 
 def _wire_tool(tool: ToolSpec) -> dict[str, Any]:

@@ -62,6 +62,8 @@ class ModelRequest:
     system_prompt: str
     messages: Sequence[ChatMessage]
     tools: Sequence[ToolSpec] = ()
+    tool_choice: str | None = None
+    """`auto`, `required`, `none` or a tool's name; None leaves it to the API's default."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,7 +35,7 @@ from capd.providers.http import (
     read_to_end,
 )
 from protocol.events import ToolCall, Usage
-from protocol.manifest import ModelConfig
+from protocol.manifest import TOOL_CHOICES, ModelConfig
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_KEY_ENV = "OPENAI_API_KEY"
@@ -107,6 +107,8 @@ class OpenAIProvider:
         }
         if request.tools:
             body["tools"] = [_wire_tool(tool) for tool in request.tools]
+            if request.tool_choice is not None:
+                body["tool_choice"] = _wire_tool_choice(request.tool_choice)
         if self._config.max_tokens is not None:
             body["max_tokens"] = self._config.max_tokens
         if self._config.temperature is not None:
@@ -185,6 +187,12 @@ def _wire_message(message: ChatMessage) -> dict[str, Any]:
             for call in message.tool_calls
         ]
     return wire
+
+
+def _wire_tool_choice(choice: str) -> str | dict[str, Any]:
+    if choice in TOOL_CHOICES:
+        return choice
+    return {"type": "function", "function": {"name": choice}}
 
 
 def _wire_tool(tool: ToolSpec) -> dict[str, Any]:
