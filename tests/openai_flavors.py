@@ -73,6 +73,8 @@ class Flavor:
     """Fields every choice carries besides index, delta and finish_reason."""
     null_usage: bool = True
     """Chunks carry `"usage": null` while usage is due at the end."""
+    spaced_json: bool = False
+    """Chunks are JSON with spaces after `,` and `:` (Python's json.dumps defaults)."""
 
     def __str__(self) -> str:
         return self.name
@@ -128,15 +130,16 @@ OPENAI = Flavor(
 
 def _llama_cpp_python_cut(message: str, type_: str, code: str | int | None) -> SseStream:
     # An exception while streaming (in get_event_publisher, after the 200 went out) ends the
-    # body: no error event, no [DONE].
-    return SseStream([])
+    # chunked body, with no error event and no [DONE], and the server closes the connection.
+    return SseStream([], close=True)
 
 
 def _llama_cpp_python_overflow(overflow: Overflow) -> SseStream:
     # "Requested tokens (N) exceed context window of M" is raised by the first step of the
-    # completion generator, inside the stream: the client sees an empty body. (errors.py
-    # turns it into a 400 context_length_exceeded only for requests that do not stream.)
-    return SseStream([])
+    # completion generator, inside the stream: the client sees a 200 with an empty body
+    # (observed with 0.3.36: headers, `0\r\n\r\n`, connection closed). errors.py turns it
+    # into a 400 context_length_exceeded only for requests that do not stream.
+    return SseStream([], close=True)
 
 
 LLAMA_CPP_PYTHON = Flavor(
@@ -159,6 +162,7 @@ LLAMA_CPP_PYTHON = Flavor(
     rejects_null_content=True,
     chunk_fields={},
     null_usage=False,
+    spaced_json=True,
 )
 
 

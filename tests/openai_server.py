@@ -12,6 +12,7 @@ Ollama, LM Studio, OpenRouter; the default is api.openai.com.
 """
 
 import itertools
+import json
 import secrets
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -206,7 +207,7 @@ def validation_errors(index: int, message: dict[str, Any]) -> str:
     lines = "".join(f"  {error}\n" for error in errors)
     return (
         f"{len(errors)} validation errors:\n{lines}\n"
-        '  File "/usr/lib/python3/site-packages/llama_cpp/server/app.py", line 408, '
+        '  File "/opt/llama/lib/python3.11/site-packages/llama_cpp/server/app.py", line 376, '
         "in create_chat_completion\n    POST /v1/chat/completions"
     )
 
@@ -221,6 +222,7 @@ class _Renderer:
 
     def __init__(self, flavor: Flavor, model: str, include_usage: bool) -> None:
         self._flavor = flavor
+        self._dumps = json.dumps if flavor.spaced_json else compact
         self._usage_due = flavor.usage == "always" or (
             flavor.usage == "requested" and include_usage
         )
@@ -263,7 +265,7 @@ class _Renderer:
         chunk: dict[str, Any] = {**self._common, "choices": [choice]}
         if self._usage_due and self._flavor.null_usage:
             chunk["usage"] = None
-        return sse(compact({**chunk, **extra}))
+        return sse(self._dumps({**chunk, **extra}))
 
     def _text_events(self, reply: TextReply) -> list[bytes]:
         pieces = [reply.text] if isinstance(reply.text, str) else list(reply.text)
@@ -306,7 +308,7 @@ class _Renderer:
             extra = {"usage": usage, "timings": {"predicted_n": completion_tokens}}
         events = [self.chunk(dict(delta), reply.finish_reason, **extra)]
         if self._usage_due:
-            events.append(sse(compact({**self._common, "choices": [], "usage": usage})))
+            events.append(sse(self._dumps({**self._common, "choices": [], "usage": usage})))
         return [*events, DONE]
 
     def _tool_deltas(self, reply: ToolCallsReply) -> Iterator[dict[str, Any]]:

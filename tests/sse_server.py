@@ -38,6 +38,8 @@ class SseStream:
     events: list[bytes]
     delay_ms: float = 0
     drop: bool = False
+    close: bool = False
+    """End the body properly, then close the connection (as a server whose handler failed)."""
 
 
 @dataclass(frozen=True)
@@ -195,7 +197,7 @@ class SseTestServer(ABC, Generic[ReplyT]):
             await connection.send(answer)
             return True
         if await connection.stream(answer):
-            return not answer.drop
+            return not (answer.drop or answer.close)
         self.disconnects += 1
         self._changed.set()
         return False
