@@ -491,13 +491,15 @@ async def test_a_reply_cut_off_by_max_tokens_is_truncated(
     server.enqueue(
         TextReply("Roses are", stop_reason="max_tokens"),
         ToolUseReply([ToolUse("write_file", '{"path": "a.txt", "cont')], stop_reason="max_tokens"),
-        TextReply("red."),
+        TextReply("red", stop_reason="model_context_window_exceeded"),
+        TextReply("."),
     )
     provider = make_provider()
 
-    replies = [(await collect(provider))[-1] for _ in range(3)]
+    replies = [(await collect(provider))[-1] for _ in range(4)]
 
-    assert [isinstance(r, ModelReply) and r.truncated for r in replies] == [True, True, False]
+    truncated = [isinstance(r, ModelReply) and r.truncated for r in replies]
+    assert truncated == [True, True, True, False]
     cut = replies[1]
     assert isinstance(cut, ModelReply)
     assert INVALID_JSON_KEY in cut.tool_calls[0].arguments

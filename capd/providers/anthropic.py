@@ -42,6 +42,10 @@ DEFAULT_MAX_TOKENS = 8192
 """The API requires max_tokens; this is what the reply may use besides any thinking budget."""
 DEFAULT_TIMEOUT_S = 600.0
 
+_CUT_OFF = frozenset({"max_tokens", "model_context_window_exceeded"})
+"""Stop reasons of a reply that did not end but was cut off: by max_tokens, or because
+the context window filled up while the model wrote (newer models)."""
+
 _RETRYABLE_STREAM_ERRORS = frozenset(
     {"overloaded_error", "rate_limit_error", "api_error", "timeout_error"}
 )
@@ -320,7 +324,7 @@ class _ReplyAssembler:
                 for block in blocks
                 if block.type in ("thinking", "redacted_thinking")
             ],
-            truncated=self._stop_reason == "max_tokens",
+            truncated=self._stop_reason in _CUT_OFF,
         )
 
     def _start(self, index: int, content: _ContentBlock) -> Iterator[StreamItem]:
