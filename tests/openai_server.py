@@ -255,7 +255,7 @@ class _Renderer:
             case StreamErrorReply():
                 events = [self.chunk(self._content(piece)) for piece in reply.text]
                 failure = flavor.stream_error(reply.message, reply.type, reply.code)
-                return SseStream(events + failure.events, drop=failure.drop)
+                return SseStream(events + failure.events, drop=failure.drop, close=failure.close)
             case RawStreamReply():
                 return SseStream([event.encode() for event in reply.events], reply.delay_ms)
 
@@ -272,7 +272,7 @@ class _Renderer:
         reasoning = self._flavor.reasoning_field
         return [
             *self._opening(self._flavor.role_delta),
-            *(self.chunk(self._content("") | {reasoning: piece}) for piece in reply.reasoning),
+            *(self.chunk(self._with_role({reasoning: piece})) for piece in reply.reasoning),
             *(self.chunk(self._content(piece)) for piece in pieces),
             *self._ending(self._flavor.finish_delta, reply),
         ]
@@ -349,9 +349,8 @@ class _Renderer:
             yield self._with_role({"tool_calls": [fragment]})
 
     def _head(self, call: "_Call", arguments: str) -> dict[str, Any]:
-        head = {"id": call.id, "type": "function"}
-        head["function"] = {"name": call.name, "arguments": arguments}  # type: ignore[assignment]
-        return self._indexed(call.index, head)
+        function = {"name": call.name, "arguments": arguments}
+        return self._indexed(call.index, {"id": call.id, "type": "function", "function": function})
 
     def _indexed(self, index: int, fragment: dict[str, Any]) -> dict[str, Any]:
         return {"index": index, **fragment} if self._flavor.tool_call_index else fragment
