@@ -165,19 +165,21 @@ async def test_an_overflow_ends_the_turn_with_one_line_and_the_pod_goes_on(
     assert (after["result"], after["output"]) == ("finished", "short")
 
 
-async def test_llama_cpp_python_cutting_its_stream_is_retried_then_explained(
+async def test_llama_cpp_python_cutting_its_stream_twice_is_not_retried_again(
     capd: CapdProcess,
 ) -> None:
+    """Streamed, llama-cpp-python answers an overflow with an empty 200 stream, every time."""
     async with OpenAITestServer(LLAMA_CPP_PYTHON) as server:
-        server.enqueue(OverflowReply(), OverflowReply())
-        await spawn(capd, "w1", _model(server, max_retries=1))
+        server.enqueue(*[OverflowReply()] * 3, TextReply("never sent"))
+        await spawn(capd, "w1", _model(server))
         async with await connect_pod(capd, "w1") as pod:
             await pod.request({"method": "run", "text": "a long story"})
             end, seen = await wait_for(pod, is_event("turn_end"))
     assert [e["attempt"] for e in seen if e["event"] == "retry"] == [1]
     assert end["result"] == "errored"
     assert "no longer fits the model's context window" in end["error"]
-    assert end["error"].endswith("(gave up after 2 attempts)")
+    assert end["error"].endswith("(the same answer twice; not retried again)")
+    assert len(server.requests) == 2
 
 
 async def test_client_errors_fail_the_turn_at_once(

@@ -203,11 +203,12 @@ def _failure(error: ProviderError) -> str:
 
 
 def _repeats(error: ProviderError, previous: ProviderError | None) -> bool:
-    """A 500 that says word for word what the last one said comes from the request, not
-    from a passing fault."""
+    """A 500, or a 200 whose stream ended before any reply, that says word for word what
+    the last attempt's said comes from the request, not from a passing fault."""
     return (
         previous is not None
-        and error.status == previous.status == 500
+        and error.status in (200, 500)
+        and error.status == previous.status
         and error.message == previous.message
     )
 

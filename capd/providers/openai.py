@@ -135,6 +135,7 @@ class OpenAIProvider:
             "finish_reason); llama-cpp-python's server ends it so when generation fails, as "
             "when the conversation no longer fits the model's context window",
             retryable=True,
+            status=200,
         )
 
     def _parse_chunk(self, data: str) -> "_Chunk":
