@@ -60,6 +60,8 @@ class Flavor:
     usage: UsagePolicy = "requested"
     tool_calls: ToolCallStyle = "fragments"
     tool_call_index: bool = True
+    tool_call_id: str = "call_{hex}"
+    """A fresh call's id, formatted with `index`, `name` and `hex` (random hex digits)."""
     reasoning_field: str = "reasoning_content"
     rejects_null_content: bool = False
     """An assistant message with `"content": null` gets a 500 validation error."""
@@ -125,7 +127,8 @@ OPENAI = Flavor(
 )
 
 
-# -- llama-cpp-python 0.3 (llama_cpp/server/app.py, errors.py, llama_chat_format.py) -------
+# -- llama-cpp-python 0.3 (llama_cpp/server/app.py, errors.py, llama_chat_format.py; observed
+# with 0.3.36 and gemma-3-270m: /work/notes/llama-facts.md of issue 13) ---------------------
 
 
 def _llama_cpp_python_cut(message: str, type_: str, code: str | int | None) -> SseStream:
@@ -159,6 +162,7 @@ LLAMA_CPP_PYTHON = Flavor(
     tool_finish_delta=dict.fromkeys(("role", "content", "function_call", "tool_calls")),
     usage="never",
     tool_calls="repeated",
+    tool_call_id="call__{index}_{name}_cmpl-{hex}",
     rejects_null_content=True,
     chunk_fields={},
     null_usage=False,

@@ -313,7 +313,8 @@ class _Renderer:
 
     def _tool_deltas(self, reply: ToolCallsReply) -> Iterator[dict[str, Any]]:
         style = self._flavor.tool_calls
-        calls = [_Call.of(index, call) for index, call in enumerate(reply.calls)]
+        id_format = self._flavor.tool_call_id
+        calls = [_Call.of(index, call, id_format) for index, call in enumerate(reply.calls)]
         if style == "all_in_one":
             yield self._with_role({"tool_calls": [self._head(c, c.arguments) for c in calls]})
             return
@@ -367,6 +368,7 @@ class _Call:
     arguments: str
 
     @classmethod
-    def of(cls, index: int, call: FunctionCall) -> "_Call":
+    def of(cls, index: int, call: FunctionCall, id_format: str) -> "_Call":
         arguments = call.arguments if isinstance(call.arguments, str) else compact(call.arguments)
-        return cls(index, call.id or f"call_{secrets.token_hex(12)}", call.name, arguments)
+        fresh = id_format.format(index=index, name=call.name, hex=secrets.token_hex(12))
+        return cls(index, call.id or fresh, call.name, arguments)
