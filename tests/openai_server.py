@@ -302,13 +302,14 @@ class _Renderer:
             "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
         }
-        extra: dict[str, Any] = {}
+        timings = {"timings": {"predicted_n": completion_tokens}} if self._flavor.timings else {}
+        extra: dict[str, Any] = dict(timings)
         if self._flavor.usage == "in_finish_chunk":
-            # llama-server: usage and timings ride on the chunk that ends the reply
-            extra = {"usage": usage, "timings": {"predicted_n": completion_tokens}}
+            extra["usage"] = usage
         events = [self.chunk(dict(delta), reply.finish_reason, **extra)]
         if self._usage_due:
-            events.append(sse(self._dumps({**self._common, "choices": [], "usage": usage})))
+            last = {**self._common, "choices": [], "usage": usage, **timings}
+            events.append(sse(self._dumps(last)))
         return [*events, DONE]
 
     def _tool_deltas(self, reply: ToolCallsReply) -> Iterator[dict[str, Any]]:

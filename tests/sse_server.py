@@ -39,7 +39,9 @@ class SseStream:
     delay_ms: float = 0
     drop: bool = False
     close: bool = False
-    """End the body properly, then close the connection (as a server whose handler failed)."""
+    """End the body properly, then stop serving the connection, as a server whose handler
+    failed: it is closed, with no answer, when the client sends its next request on it
+    (the worst case of the race a real server leaves when its close comes late)."""
 
 
 @dataclass(frozen=True)
@@ -197,6 +199,8 @@ class SseTestServer(ABC, Generic[ReplyT]):
             await connection.send(answer)
             return True
         if await connection.stream(answer):
+            if answer.close:
+                await connection.read_request()
             return not (answer.drop or answer.close)
         self.disconnects += 1
         self._changed.set()

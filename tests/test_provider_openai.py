@@ -27,11 +27,13 @@ from capd.providers.base import (
 from capd.providers.openai import OpenAIProvider
 from protocol.events import ToolCall, Usage
 from protocol.manifest import ModelConfig
+from tests.openai_flavors import LLAMA_CPP_PYTHON
 from tests.openai_server import (
     DropReply,
     ErrorReply,
     FunctionCall,
     OpenAITestServer,
+    OverflowReply,
     RawStreamReply,
     StreamErrorReply,
     TextReply,
@@ -479,6 +481,26 @@ async def test_a_stream_that_ends_before_any_reply_says_why_it_may(
     assert error.retryable
     assert "ended before any reply" in error.message
     assert "no longer fits the model's context window" in error.message
+
+
+async def test_after_a_stream_that_broke_off_the_next_request_takes_a_new_connection(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """llama-cpp-python closes the connection of a stream that failed, but late."""
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    async with OpenAITestServer(LLAMA_CPP_PYTHON) as server:
+        server.enqueue(OverflowReply(), TextReply("fine"))
+        config = {"provider": "openai", "name": "m", "base_url": server.base_url}
+        provider = OpenAIProvider(ModelConfig.model_validate(config))
+        try:
+            await failure(provider)
+            reply = (await collect(provider))[-1]
+        finally:
+            await provider.aclose()
+
+    assert isinstance(reply, ModelReply)
+    assert reply.text == "fine"
+    assert server.connections == 2
 
 
 async def test_an_error_field_in_the_stream_is_an_error(

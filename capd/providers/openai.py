@@ -77,6 +77,9 @@ class OpenAIProvider:
             if saw_done:
                 await read_to_end(events)
         if not assembler.finished:
+            # A server whose reply broke off may not serve that connection again (llama-cpp-
+            # python closes it, late): the next request must not go out on it.
+            await self._endpoint.aclose()
             raise self._cut_short(assembler.started, saw_done)
         yield assembler.reply()
 
