@@ -49,6 +49,8 @@ class TextReply:
     """Pause between events."""
     input_tokens: int = 10
     output_tokens: int = 5
+    stop_reason: str = "end_turn"
+    """"max_tokens": the reply was cut off by max_tokens."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,8 @@ class ToolUseReply:
     delay_ms: float = 0
     input_tokens: int = 10
     output_tokens: int = 5
+    stop_reason: str = "tool_use"
+    """"max_tokens": cut off (give the last call's input as an incomplete JSON `str`)."""
 
 
 @dataclass(frozen=True)
@@ -291,14 +295,14 @@ def _events_for(reply: TextReply | ToolUseReply, model: str) -> "_Events":
     match reply:
         case TextReply():
             events.text([reply.text] if isinstance(reply.text, str) else list(reply.text))
-            events.end("end_turn", reply.output_tokens)
+            events.end(reply.stop_reason, reply.output_tokens)
         case ToolUseReply():
             if reply.redacted:
                 events.block({"type": "redacted_thinking", "data": reply.redacted}, [])
             events.text(reply.text)
             for call in reply.calls:
                 events.tool_use(call, reply.fragment_chars)
-            events.end("tool_use", reply.output_tokens)
+            events.end(reply.stop_reason, reply.output_tokens)
     return events
 
 

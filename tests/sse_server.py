@@ -38,6 +38,10 @@ class SseStream:
     events: list[bytes]
     delay_ms: float = 0
     drop: bool = False
+    close: bool = False
+    """End the body properly, then stop serving the connection, as a server whose handler
+    failed: it is closed, with no answer, when the client sends its next request on it
+    (the worst case of the race a real server leaves when its close comes late)."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,12 @@ class SseTestServer(ABC, Generic[ReplyT]):
     def route(self, method: str, path: str, body: bytes) -> ErrorResponse | None:
         """The answer to a request for another path than `PATH`; None: 404."""
         return None
+
+    def answer_request(
+        self, reply: ReplyT, model: str, body: dict[str, Any]
+    ) -> SseStream | ErrorResponse:
+        """`answer`, for a server whose answer depends on more of the request than `model`."""
+        return self.answer(reply, model)
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -195,12 +205,14 @@ class SseTestServer(ABC, Generic[ReplyT]):
             await reply.release.wait()
             reply = reply.reply
         whole = None if body.get("stream") else self.answer_whole(reply, model)
-        answer = whole or self.answer(reply, model)
+        answer = whole or self.answer_request(reply, model, body)
         if isinstance(answer, ErrorResponse):
             await connection.send(answer)
             return True
         if await connection.stream(answer):
-            return not answer.drop
+            if answer.close:
+                await connection.read_request()
+            return not (answer.drop or answer.close)
         self.disconnects += 1
         self._changed.set()
         return False
