@@ -245,14 +245,15 @@ def _child_cwd(parent: Manifest, cwd: str | None) -> Path:
 
 def _assistant_text(stored: Iterable[bytes]) -> str:
     """The assistant text of stored assistant_message events; a step a pause interrupted
-    runs straight on into its continuation, other steps are separated by a blank line."""
+    or max_tokens cut off runs straight on into its continuation, other steps are
+    separated by a blank line."""
     parts: list[str] = []
     glue = ""
     for data in stored:
         message = AssistantMessage.model_validate(orjson.loads(data))
         if message.text:
             parts.append(glue + message.text if parts else message.text)
-        glue = "" if message.interrupted else "\n\n"
+        glue = "" if message.runs_on else "\n\n"
     return "".join(parts)
 
 

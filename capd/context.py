@@ -44,7 +44,11 @@ class Context:
             case Notification(source=source, text=text):
                 self.messages.append(ChatMessage("user", notification_text(source, text)))
             case AssistantMessage(
-                text=text, tool_calls=calls, interrupted=interrupted, thinking=thinking
+                text=text,
+                tool_calls=calls,
+                interrupted=interrupted,
+                truncated=truncated,
+                thinking=thinking,
             ):
                 self.messages.append(
                     ChatMessage(
@@ -52,6 +56,7 @@ class Context:
                         text,
                         tuple(calls),
                         interrupted=interrupted,
+                        truncated=truncated,
                         thinking=tuple(thinking),
                     )
                 )

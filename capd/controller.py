@@ -198,7 +198,8 @@ class PodController:
                 if self.turn:
                     self.turn.steps += 1
                     self.turn.output = self.turn.partial + text
-                    self.turn.partial = ""
+                    # A reply max_tokens cut off goes on in the next step's text.
+                    self.turn.partial = self.turn.output if event.runs_on else ""
             case PodEventReceived(payload=payload) if isinstance(payload.get("event_id"), str):
                 self._seen_event_ids.add(payload["event_id"])
 

@@ -118,7 +118,9 @@ class Notification(DurableEvent):
 class AssistantMessage(DurableEvent):
     """One model step. `interrupted` (an addition to the contract) marks the partial text a
     pause kept from a response that was still streaming; it has no tool calls. `thinking`
-    (an addition) keeps the step's complete thinking blocks, which go back to the model."""
+    (an addition) keeps the step's complete thinking blocks, which go back to the model.
+    `truncated` (§10) marks a reply the model's output limit (max_tokens) cut off; the
+    next step continues it."""
 
     event: Literal["assistant_message"] = "assistant_message"
     turn_id: str
@@ -127,6 +129,13 @@ class AssistantMessage(DurableEvent):
     usage: Usage = Field(default_factory=Usage)
     interrupted: bool = False
     thinking: list[ThinkingBlock] = Field(default_factory=list)
+    truncated: bool = False
+
+    @property
+    def runs_on(self) -> bool:
+        """Its text goes straight on in the next step's: a pause interrupted it, or
+        max_tokens cut it off before any tool call."""
+        return self.interrupted or (self.truncated and not self.tool_calls)
 
 
 class ToolResult(DurableEvent):

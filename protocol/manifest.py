@@ -8,6 +8,8 @@ from protocol.names import ToolName
 from protocol.paths import POD_NAME_PATTERN
 
 ProviderName = Literal["openai", "anthropic", "scripted"]
+TOOL_CHOICES = ("auto", "required", "none")
+"""`model.tool_choice` values that are not a tool's name."""
 
 
 class _Strict(BaseModel):
@@ -47,6 +49,10 @@ class ModelConfig(_Strict):
     max_retries: int = Field(default=4, ge=0, le=20)
     thinking_budget_tokens: int | None = Field(default=None, ge=1024)
     """anthropic: turns on extended thinking with this budget (an addition)."""
+    tool_choice: str | None = Field(default=None, min_length=1)
+    """`auto`, `required`, `none` or the name of a tool, sent with the first model call of
+    each turn only (an addition): small local models may need a tool forced to start a
+    tool loop, and forcing every call would never let the loop end."""
     script: list[ScriptedStep] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -58,6 +64,8 @@ class ModelConfig(_Strict):
             raise ValueError(
                 "thinking_budget_tokens must be less than max_tokens, which counts the thinking"
             )
+        if budget is not None and self.tool_choice not in (None, "auto", "none"):
+            raise ValueError("with thinking_budget_tokens, tool_choice may only be auto or none")
         return self
 
 
@@ -67,6 +75,8 @@ class Limits(_Strict):
     max_children: int = Field(default=8, ge=0)
     max_depth: int = Field(default=3, ge=0)
     """How many levels of descendants a pod may have below it (an addition)."""
+    max_continuations: int = Field(default=3, ge=0)
+    """How many replies cut off by max_tokens in a row the builtin engine continues (§10)."""
 
 
 class BuiltinEngine(_Strict):
@@ -127,4 +137,13 @@ class Manifest(_Strict):
             raise ValueError(f"engine {kind} brings its own model; leave model out")
         if kind != "builtin" and self.tools:
             raise ValueError(f"engine {kind} brings its own tools; leave tools out")
+        return self
+
+    @model_validator(mode="after")
+    def _tool_choice_is_offered(self) -> "Manifest":
+        choice = self.model.tool_choice if self.model else None
+        if choice not in (None, *TOOL_CHOICES) and choice not in self.tools:
+            raise ValueError(
+                f"model.tool_choice {choice!r} is neither auto, required, none nor one of tools"
+            )
         return self

@@ -42,6 +42,8 @@ class TextReply:
     """Pause between events."""
     input_tokens: int = 10
     output_tokens: int = 5
+    stop_reason: str = "end_turn"
+    """"max_tokens": the reply was cut off by max_tokens."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,8 @@ class ToolUseReply:
     delay_ms: float = 0
     input_tokens: int = 10
     output_tokens: int = 5
+    stop_reason: str = "tool_use"
+    """"max_tokens": cut off (give the last call's input as an incomplete JSON `str`)."""
 
 
 @dataclass(frozen=True)
@@ -228,7 +232,7 @@ def _stream_for(reply: StreamedReply, model: str) -> SseStream:
             events.thinking(reply.thinking, reply.signature)
             pieces = [reply.text] if isinstance(reply.text, str) else list(reply.text)
             events.text(pieces)
-            return SseStream(events.end("end_turn", reply.output_tokens), reply.delay_ms)
+            return SseStream(events.end(reply.stop_reason, reply.output_tokens), reply.delay_ms)
         case ToolUseReply():
             events = _Events(model, reply.input_tokens)
             events.thinking(reply.thinking, reply.signature)
@@ -237,7 +241,7 @@ def _stream_for(reply: StreamedReply, model: str) -> SseStream:
             events.text(reply.text)
             for call in reply.calls:
                 events.tool_use(call, reply.fragment_chars)
-            return SseStream(events.end("tool_use", reply.output_tokens), reply.delay_ms)
+            return SseStream(events.end(reply.stop_reason, reply.output_tokens), reply.delay_ms)
         case StreamErrorReply():
             events = _Events(model, 10)
             events.text(reply.text)

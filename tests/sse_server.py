@@ -38,6 +38,8 @@ class SseStream:
     events: list[bytes]
     delay_ms: float = 0
     drop: bool = False
+    close: bool = False
+    """End the body properly, then close the connection (as a server whose handler failed)."""
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,12 @@ class SseTestServer(ABC, Generic[ReplyT]):
     def refuse(self, body: dict[str, Any], headers: dict[str, str]) -> ErrorResponse | None:
         """The error the API would answer this request with, if any; no reply is taken."""
         return None
+
+    def answer_request(
+        self, reply: ReplyT, model: str, body: dict[str, Any]
+    ) -> SseStream | ErrorResponse:
+        """`answer`, for a server whose answer depends on more of the request than `model`."""
+        return self.answer(reply, model)
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -184,12 +192,12 @@ class SseTestServer(ABC, Generic[ReplyT]):
         if isinstance(reply, HeldReply):
             await reply.release.wait()
             reply = reply.reply
-        answer = self.answer(reply, model)
+        answer = self.answer_request(reply, model, body)
         if isinstance(answer, ErrorResponse):
             await connection.send(answer)
             return True
         if await connection.stream(answer):
-            return not answer.drop
+            return not (answer.drop or answer.close)
         self.disconnects += 1
         self._changed.set()
         return False

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from capd.providers.anthropic import CONTINUE_TEXT
+from capd.providers.base import CONTINUE_CUT_TEXT, CONTINUE_TEXT
 from tests.anthropic_server import (
     AnthropicTestServer,
     ErrorReply,
@@ -222,3 +222,21 @@ async def test_client_errors_fail_the_turn_at_once(
         f"model call failed: anthropic: HTTP 404 from {server.base_url}/v1/messages: "
         "model: claude-test"
     )
+
+
+async def test_a_reply_cut_off_by_max_tokens_is_continued(
+    capd: CapdProcess, server: AnthropicTestServer
+) -> None:
+    server.enqueue(TextReply(["Once upon ", "a"], stop_reason="max_tokens"), TextReply(" time."))
+    await spawn(capd, "w1", _model(server, max_tokens=4))
+    async with await connect_pod(capd, "w1") as pod:
+        await pod.request({"method": "run", "text": "tell a story"})
+        end, seen = await wait_for(pod, is_event("turn_end"))
+
+    steps = [e for e in seen if e["event"] == "assistant_message"]
+    assert [s["truncated"] for s in steps] == [True, False]
+    assert (end["result"], end["output"]) == ("finished", "Once upon a time.")
+    assert server.requests[1]["messages"][1:] == [
+        {"role": "assistant", "content": [{"type": "text", "text": "Once upon a"}]},
+        {"role": "user", "content": [{"type": "text", "text": CONTINUE_CUT_TEXT}]},
+    ]

@@ -10,8 +10,10 @@ import pytest
 from pydantic import ValidationError
 
 from capd.providers import http
-from capd.providers.anthropic import CONTINUE_TEXT, AnthropicProvider
+from capd.providers.anthropic import AnthropicProvider
 from capd.providers.base import (
+    CONTINUE_CUT_TEXT,
+    CONTINUE_TEXT,
     INVALID_JSON_KEY,
     ChatMessage,
     ModelReply,
@@ -483,6 +485,57 @@ async def test_an_interrupted_reply_is_followed_by_a_note_to_continue(
     ]
 
 
+async def test_a_reply_cut_off_by_max_tokens_is_truncated(
+    server: AnthropicTestServer, make_provider: ProviderFactory
+):
+    server.enqueue(
+        TextReply("Roses are", stop_reason="max_tokens"),
+        ToolUseReply([ToolUse("write_file", '{"path": "a.txt", "cont')], stop_reason="max_tokens"),
+        TextReply("red", stop_reason="model_context_window_exceeded"),
+        TextReply("."),
+    )
+    provider = make_provider()
+
+    replies = [(await collect(provider))[-1] for _ in range(4)]
+
+    truncated = [isinstance(r, ModelReply) and r.truncated for r in replies]
+    assert truncated == [True, True, True, False]
+    cut = replies[1]
+    assert isinstance(cut, ModelReply)
+    assert INVALID_JSON_KEY in cut.tool_calls[0].arguments
+
+
+async def test_a_truncated_reply_is_followed_by_a_note_to_continue(
+    server: AnthropicTestServer, make_provider: ProviderFactory
+):
+    hello = ChatMessage(role="user", text="write a poem")
+    cut = ChatMessage(role="assistant", text="Roses are", truncated=True)
+
+    sent = await sent_messages(server, make_provider(), hello, cut)
+
+    assert sent[-1] == {"role": "user", "content": [text(CONTINUE_CUT_TEXT)]}
+
+
+@pytest.mark.parametrize(
+    ("choice", "wire"),
+    [
+        ("auto", {"type": "auto"}),
+        ("required", {"type": "any"}),
+        ("none", {"type": "none"}),
+        ("bash", {"type": "tool", "name": "bash"}),
+    ],
+)
+async def test_tool_choice(
+    server: AnthropicTestServer, make_provider: ProviderFactory, choice: str, wire: object
+):
+    spec = ToolSpec(name="bash", description="Run a command.", parameters={"type": "object"})
+    request = ModelRequest("", [ChatMessage(role="user", text="hi")], [spec], choice)
+
+    await collect(make_provider(), request)
+
+    assert server.requests[0]["tool_choice"] == wire
+
+
 async def test_empty_messages_are_left_out(
     server: AnthropicTestServer, make_provider: ProviderFactory
 ):
@@ -561,6 +614,18 @@ async def test_http_errors(
         f"anthropic: HTTP {status} from {server.base_url}/v1/messages: "
         "Something specific went wrong"
     )
+
+
+async def test_a_prompt_too_long_is_an_overflow(
+    server: AnthropicTestServer, make_provider: ProviderFactory
+):
+    server.enqueue(ErrorReply(400, "prompt is too long: 208310 tokens > 200000 maximum"))
+
+    error = await failure(make_provider())
+
+    assert error.overflow
+    assert not error.retryable
+    assert error.message.endswith("prompt is too long: 208310 tokens > 200000 maximum")
 
 
 async def test_connection_refused_is_retryable(make_provider: ProviderFactory):

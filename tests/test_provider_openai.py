@@ -10,6 +10,8 @@ import pytest
 
 from capd.providers import http
 from capd.providers.base import (
+    CONTINUE_CUT_TEXT,
+    CONTINUE_TEXT,
     INVALID_JSON_KEY,
     ChatMessage,
     ModelReply,
@@ -34,6 +36,7 @@ from tests.openai_server import (
     StreamErrorReply,
     TextReply,
     ToolCallsReply,
+    validation_errors,
 )
 
 TIMEOUT_S = 5.0
@@ -203,6 +206,39 @@ async def test_tolerates_sse_variants(server: OpenAITestServer, make_provider: P
     )
 
 
+async def test_finish_reason_length_marks_the_reply_truncated(
+    server: OpenAITestServer, make_provider: ProviderFactory
+):
+    server.enqueue(TextReply("Roses are", finish_reason="length"), TextReply("red."))
+    provider = make_provider()
+
+    first, second = [(await collect(provider))[-1] for _ in range(2)]
+
+    assert isinstance(first, ModelReply)
+    assert isinstance(second, ModelReply)
+    assert (first.truncated, second.truncated) == (True, False)
+
+
+async def test_a_reply_cut_short_is_followed_by_a_note_to_continue(
+    server: OpenAITestServer, make_provider: ProviderFactory
+):
+    hello = ChatMessage(role="user", text="write a poem")
+    cut = ChatMessage(role="assistant", text="Roses are", truncated=True)
+    paused = ChatMessage(role="assistant", text=" red", interrupted=True)
+    request = ModelRequest("", [hello, cut, paused, ChatMessage("assistant", ", violets")])
+
+    await collect(make_provider(), request)
+
+    assert server.requests[0]["messages"] == [
+        {"role": "user", "content": "write a poem"},
+        {"role": "assistant", "content": "Roses are"},
+        {"role": "user", "content": CONTINUE_CUT_TEXT},
+        {"role": "assistant", "content": " red"},
+        {"role": "user", "content": CONTINUE_TEXT},
+        {"role": "assistant", "content": ", violets"},
+    ]
+
+
 async def test_empty_queue_answers_with_placeholder(make_provider: ProviderFactory):
     reply = (await collect(make_provider()))[-1]
 
@@ -246,7 +282,7 @@ async def test_request_body_and_key(
                 {"role": "user", "content": "list files"},
                 {
                     "role": "assistant",
-                    "content": None,
+                    "content": "",
                     "tool_calls": [
                         {
                             "id": "call_1",
@@ -341,7 +377,7 @@ async def test_rate_limit_is_retryable_with_retry_after(
 async def test_http_errors(
     server: OpenAITestServer, make_provider: ProviderFactory, status: int, retryable: bool
 ):
-    server.enqueue(ErrorReply(status, "Something specific went wrong"))
+    server.enqueue(ErrorReply(status, "Something specific went wrong", type="server_error"))
 
     error = await failure(make_provider())
 
@@ -352,6 +388,31 @@ async def test_http_errors(
         f"openai: HTTP {status} from {server.base_url}/chat/completions: "
         "Something specific went wrong"
     )
+
+
+async def test_a_500_that_calls_the_request_invalid_is_not_retryable(
+    server: OpenAITestServer, make_provider: ProviderFactory
+):
+    words = validation_errors(2, {"role": "assistant", "content": None})
+    server.enqueue(ErrorReply(500, words, type="internal_server_error"))
+
+    error = await failure(make_provider())
+
+    assert not error.retryable
+    assert not error.overflow
+    assert error.message.endswith(" ".join(words.split()))
+    assert "\n" not in error.message
+
+
+async def test_a_long_reason_is_kept_whole_on_one_line(
+    server: OpenAITestServer, make_provider: ProviderFactory
+):
+    words = "The model `gpt-x` does not exist.\n" + "detail " * 300
+    server.enqueue(ErrorReply(404, words, type="invalid_request_error"))
+
+    error = await failure(make_provider())
+
+    assert error.message.endswith(" ".join(words.split()))
 
 
 async def test_connection_refused_is_retryable(make_provider: ProviderFactory):
@@ -391,6 +452,92 @@ async def test_stream_ending_early_is_retryable(
 
     assert error.retryable
     assert "stream ended early" in error.message
+
+
+async def test_done_without_a_finish_reason_is_an_incomplete_reply(
+    server: OpenAITestServer, make_provider: ProviderFactory
+):
+    """llama-cpp-python's server (interrupt_requests, on by default) stops a stream with a
+    bare `data: [DONE]` when a newer request comes in."""
+    delta = {"choices": [{"index": 0, "delta": {"content": "cut"}, "finish_reason": None}]}
+    server.enqueue(RawStreamReply([f"data: {json.dumps(delta)}\n\n", "data: [DONE]\n\n"]))
+
+    error = await failure(make_provider())
+
+    assert error.retryable
+    assert "ended with [DONE] but no finish_reason" in error.message
+    assert "--interrupt_requests False" in error.message
+
+
+async def test_a_stream_that_ends_before_any_reply_says_why_it_may(
+    server: OpenAITestServer, make_provider: ProviderFactory
+):
+    server.enqueue(RawStreamReply([]))
+
+    error = await failure(make_provider())
+
+    assert error.retryable
+    assert "ended before any reply" in error.message
+    assert "no longer fits the model's context window" in error.message
+
+
+async def test_an_error_field_in_the_stream_is_an_error(
+    server: OpenAITestServer, make_provider: ProviderFactory
+):
+    """llama.cpp's server before late 2025: an `error:` field, then `data: [DONE]`."""
+    error = {
+        "code": 400,
+        "message": "the request exceeds the available context size, try increasing it",
+        "type": "exceed_context_size_error",
+    }
+    server.enqueue(RawStreamReply([f"error: {json.dumps(error)}\n\n", "data: [DONE]\n\n"]))
+
+    failed = await failure(make_provider())
+
+    assert failed.overflow
+    assert not failed.retryable
+    assert failed.message.endswith(error["message"])
+
+
+@pytest.mark.parametrize(
+    "words",
+    [
+        # llama-cpp-python, the exception its Llama raises
+        "Requested tokens (2300) exceed context window of 2048",
+        # llama-cpp-python's server (errors.py), vLLM, OpenAI
+        "This model's maximum context length is 2048 tokens. However, you requested 2499 "
+        "tokens (2299 in the messages, 200 in the completion). Please reduce the length of "
+        "the messages or completion.",
+        # llama-server, recent and older builds
+        "request (4476 tokens) exceeds the available context size (4096 tokens), try increasing it",
+        "input (5000 tokens) is larger than the max context size (4096 tokens). skipping",
+        # vLLM V1
+        "The decoder prompt (length 8825) is longer than the maximum model length of 8192.",
+        # Ollama
+        "the input length exceeds the context length",
+        # LM Studio
+        "The number of tokens to keep from the initial prompt is greater than the context "
+        "length (n_keep: 13055>= n_ctx: 4096). Try to load the model with a larger context "
+        "length, or provide a shorter input.",
+    ],
+)
+async def test_overflow_wordings(
+    server: OpenAITestServer, make_provider: ProviderFactory, words: str
+):
+    server.enqueue(ErrorReply(400, words, type="server_error"))
+
+    error = await failure(make_provider())
+
+    assert error.overflow
+    assert not error.retryable
+
+
+async def test_context_length_exceeded_code_is_an_overflow(
+    server: OpenAITestServer, make_provider: ProviderFactory
+):
+    server.enqueue(ErrorReply(400, "Input too large", code="context_length_exceeded"))
+
+    assert (await failure(make_provider())).overflow
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ from capd.engines.base import (
 )
 from capd.providers import make_provider
 from capd.providers.base import (
+    INVALID_JSON_KEY,
     ModelReply,
     ModelRequest,
     Provider,
@@ -44,6 +45,13 @@ from protocol.manifest import Manifest, ModelConfig
 
 RETRY_BASE_S = 0.5
 RETRY_CAP_S = 30.0
+CUT_CALL = ToolOutcome(
+    "not run: max_tokens cut the reply off while this call's arguments were being written, "
+    "so they are incomplete; make the call again, in smaller parts if it is long (for "
+    "example, write a long file in pieces)",
+    True,
+)
+"""The result of a tool call whose arguments a reply cut off by max_tokens left unfinished."""
 
 
 class BuiltinEngine:
@@ -51,13 +59,14 @@ class BuiltinEngine:
         self.provider: Provider = make_provider(model)
         self.tool_specs: list[ToolSpec] = tool_specs(manifest.tools)
         self._max_retries = model.max_retries
+        self._tool_choice = model.tool_choice
 
     async def drive_turn(self, host: TurnHost, turn: Turn) -> TurnOutcome:
         """Run steps until the model stops, a limit is hit, or the model call fails."""
         try:
             return await run_timed(host, turn, lambda: self._steps(host, turn))
         except ProviderError as exc:
-            return TurnOutcome("errored", turn.output, f"model call failed: {exc.message}")
+            return TurnOutcome("errored", turn.output, _failure(exc))
 
     def answer_permission(self, request_id: str, option_id: str | None) -> None:
         raise never_asks("builtin")
@@ -66,12 +75,17 @@ class BuiltinEngine:
         await self.provider.aclose()
 
     async def _steps(self, host: TurnHost, turn: Turn) -> TurnOutcome:
-        max_steps = host.manifest.limits.max_steps
+        """A reply max_tokens cut off is continued by the next step, at most
+        limits.max_continuations times in a row; then the turn finishes with what it has."""
+        limits = host.manifest.limits
+        cut_in_a_row = 0
         while True:
             inject_notes(host, turn.turn_id)
-            if turn.steps >= max_steps:
+            if turn.steps >= limits.max_steps:
                 return TurnOutcome(
-                    "limit_reached", turn.output, f"turn reached limits.max_steps={max_steps}"
+                    "limit_reached",
+                    turn.output,
+                    f"turn reached limits.max_steps={limits.max_steps}",
                 )
             reply = await self._call_model(host, turn)
             host.emit(
@@ -81,12 +95,12 @@ class BuiltinEngine:
                     tool_calls=reply.tool_calls,
                     usage=reply.usage,
                     thinking=reply.thinking,
+                    truncated=reply.truncated,
                 )
             )
-            if not reply.tool_calls:
-                return TurnOutcome("finished", turn.output)
             for call in reply.tool_calls:
-                outcome = await self._run_call(host, call)
+                cut = reply.truncated and INVALID_JSON_KEY in call.arguments
+                outcome = CUT_CALL if cut else await self._run_call(host, call)
                 host.emit(
                     ToolResult(
                         turn_id=turn.turn_id,
@@ -96,6 +110,11 @@ class BuiltinEngine:
                         is_error=outcome.is_error,
                     )
                 )
+            cut_in_a_row = cut_in_a_row + 1 if reply.truncated else 0
+            if cut_in_a_row > limits.max_continuations:
+                return TurnOutcome("finished", turn.output)
+            if not reply.tool_calls and not reply.truncated:
+                return TurnOutcome("finished", turn.output)
 
     async def _run_call(self, host: TurnHost, call: ToolCall) -> ToolOutcome:
         """Run a tool the pod offers; any other name is an error the model can read."""
@@ -108,16 +127,23 @@ class BuiltinEngine:
         )
 
     async def _call_model(self, host: TurnHost, turn: Turn) -> ModelReply:
+        """One model call, sent again after a failure that may pass: at most
+        `model.max_retries` times, and only once more when a 500 says the same as before."""
         max_retries = self._max_retries
         attempt = 0
+        previous: ProviderError | None = None
         while True:
             try:
                 return await self._stream_once(host, turn)
             except ProviderError as exc:
+                if _repeats(exc, previous):
+                    exc.message = f"{exc.message} (the same answer twice; not retried again)"
+                    raise
                 if not exc.retryable or attempt >= max_retries:
                     if attempt:
                         exc.message = f"{exc.message} (gave up after {attempt + 1} attempts)"
                     raise
+                previous = exc
                 attempt += 1
                 wait_s = exc.retry_after_s if exc.retry_after_s is not None else _backoff_s(attempt)
                 host.emit_ephemeral(
@@ -133,7 +159,9 @@ class BuiltinEngine:
 
     async def _stream_once(self, host: TurnHost, turn: Turn) -> ModelReply:
         system_prompt = host.manifest.system_prompt
-        request = ModelRequest(system_prompt, host.context.messages, self.tool_specs)
+        # model.tool_choice goes with a turn's first call only, so the loop can end.
+        choice = self._tool_choice if turn.steps == 0 else None
+        request = ModelRequest(system_prompt, host.context.messages, self.tool_specs, choice)
         turn_id = turn.turn_id
         streamed: list[str] = []
         try:
@@ -160,6 +188,29 @@ class BuiltinEngine:
                 host.emit(AssistantMessage(turn_id=turn_id, text=text, interrupted=True))
             raise
         raise ProviderError("the provider ended its stream without a reply", retryable=True)
+
+
+def _failure(error: ProviderError) -> str:
+    """The turn's error line for a model call that failed for good."""
+    if not error.overflow:
+        return f"model call failed: {error.message}"
+    return (
+        "the conversation no longer fits the model's context window, so the next turns "
+        "will fail the same way: give the model a larger context (llama.cpp --ctx-size, "
+        "vLLM --max-model-len) or a smaller model.max_tokens, or go on in a new pod; "
+        f"the server said: {error.message}"
+    )
+
+
+def _repeats(error: ProviderError, previous: ProviderError | None) -> bool:
+    """A 500, or a 200 whose stream ended before any reply, that says word for word what
+    the last attempt's said comes from the request, not from a passing fault."""
+    return (
+        previous is not None
+        and error.status in (200, 500)
+        and error.status == previous.status
+        and error.message == previous.message
+    )
 
 
 def _backoff_s(attempt: int) -> float:

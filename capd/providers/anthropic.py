@@ -2,10 +2,10 @@
 
 Our messages become the alternating user / assistant turns of content blocks the API
 insists on: tool results are `tool_result` blocks of a user turn, user turns in a row
-merge, empty text is left out, and an assistant turn a pause cut short is followed by a
-note to continue. With `thinking_budget_tokens` the model thinks first; its thinking
-streams as ThinkingChunk, and the complete signed blocks come back in the ModelReply so
-they can be sent back with the step's tool calls, which the API requires.
+merge, empty text is left out, and an assistant turn a pause or max_tokens cut short is
+followed by a note to continue. With `thinking_budget_tokens` the model thinks first; its
+thinking streams as ThinkingChunk, and the complete signed blocks come back in the
+ModelReply so they can be sent back with the step's tool calls, which the API requires.
 """
 
 import os
@@ -28,9 +28,10 @@ from capd.providers.base import (
     ToolCallArgs,
     ToolCallBegin,
     ToolSpec,
+    continue_text,
     parse_tool_arguments,
 )
-from capd.providers.http import SseEndpoint, error_text, excerpt, read_to_end
+from capd.providers.http import SseEndpoint, error_reason, excerpt, read_to_end
 from protocol.events import ThinkingBlock, ToolCall, Usage
 from protocol.manifest import ModelConfig
 
@@ -40,10 +41,10 @@ API_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 8192
 """The API requires max_tokens; this is what the reply may use besides any thinking budget."""
 DEFAULT_TIMEOUT_S = 600.0
-CONTINUE_TEXT = "(Your reply above was interrupted. Continue it from exactly where it stopped.)"
-"""A user turn after an assistant turn that would be last or followed by another one, as
-after a pause: the API takes a last assistant turn as a prefill, which newer models
-refuse, and wants roles to alternate."""
+
+_CUT_OFF = frozenset({"max_tokens", "model_context_window_exceeded"})
+"""Stop reasons of a reply that did not end but was cut off: by max_tokens, or because
+the context window filled up while the model wrote (newer models)."""
 
 _RETRYABLE_STREAM_ERRORS = frozenset(
     {"overloaded_error", "rate_limit_error", "api_error", "timeout_error"}
@@ -112,6 +113,8 @@ class AnthropicProvider:
             body["system"] = request.system_prompt
         if request.tools:
             body["tools"] = [_wire_tool(tool) for tool in request.tools]
+            if request.tool_choice is not None:
+                body["tool_choice"] = _wire_tool_choice(request.tool_choice)
         if config.temperature is not None:
             body["temperature"] = config.temperature
         if budget is not None:
@@ -127,11 +130,12 @@ class AnthropicProvider:
                 retryable=True,
             ) from exc
         if event.type == "error":
-            kind = event.error.get("type") if isinstance(event.error, dict) else None
-            detail = error_text(event.error) + (f" ({kind})" if kind else "")
+            reason = error_reason(event.error)
+            detail = reason.text + (f" ({reason.type})" if reason.type else "")
             raise ProviderError(
                 f"anthropic: error in stream from {self._endpoint.url}: {detail}",
-                retryable=kind in _RETRYABLE_STREAM_ERRORS,
+                retryable=reason.type in _RETRYABLE_STREAM_ERRORS,
+                overflow=reason.overflow,
             )
         return event
 
@@ -140,7 +144,10 @@ class AnthropicProvider:
 
 
 def _wire_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
+    """An assistant turn that would be last or followed by another one (a reply a pause or
+    max_tokens cut short) is followed by a user turn asking to continue it."""
     turns: list[dict[str, Any]] = []
+    last_reply = ChatMessage("assistant")
     for message in messages:
         role = "assistant" if message.role == "assistant" else "user"
         blocks = _assistant_blocks(message) if role == "assistant" else _user_blocks(message)
@@ -150,15 +157,17 @@ def _wire_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
             turns[-1]["content"].extend(blocks)
             continue
         if turns and turns[-1]["role"] == role:
-            turns.append(_continue_turn())
+            turns.append(_continue_turn(last_reply))
         turns.append({"role": role, "content": blocks})
+        if role == "assistant":
+            last_reply = message
     if turns and turns[-1]["role"] == "assistant":
-        turns.append(_continue_turn())
+        turns.append(_continue_turn(last_reply))
     return turns
 
 
-def _continue_turn() -> dict[str, Any]:
-    return {"role": "user", "content": [_text_block(CONTINUE_TEXT)]}
+def _continue_turn(reply: ChatMessage) -> dict[str, Any]:
+    return {"role": "user", "content": [_text_block(continue_text(reply))]}
 
 
 def _user_blocks(message: ChatMessage) -> list[dict[str, Any]]:
@@ -194,6 +203,14 @@ def _wire_thinking(block: ThinkingBlock) -> dict[str, Any] | None:
 
 def _text_block(text: str) -> dict[str, Any]:
     return {"type": "text", "text": text}
+
+
+def _wire_tool_choice(choice: str) -> dict[str, Any]:
+    """Anthropic's names: `required` is `any`; a tool's name is `{"type": "tool", ...}`."""
+    kinds = {"auto": "auto", "required": "any", "none": "none"}
+    if choice in kinds:
+        return {"type": kinds[choice]}
+    return {"type": "tool", "name": choice}
 
 
 def _wire_tool(tool: ToolSpec) -> dict[str, Any]:
@@ -234,6 +251,8 @@ class _Delta(_Lenient):
     thinking: str = ""
     signature: str = ""
     partial_json: str = ""
+    stop_reason: str | None = None
+    """message_delta's: end_turn, tool_use, max_tokens, ..."""
 
 
 class _Event(_Lenient):
@@ -263,6 +282,7 @@ class _ReplyAssembler:
 
     def __init__(self) -> None:
         self.finished = False
+        self._stop_reason = ""
         self._blocks: dict[int, _OpenBlock] = {}
         self._input_tokens = 0
         self._output_tokens = 0
@@ -277,6 +297,8 @@ class _ReplyAssembler:
                 yield from self._delta(event.index, event.delta)
             case "message_delta":
                 self._count(event.usage)
+                if event.delta is not None and event.delta.stop_reason is not None:
+                    self._stop_reason = event.delta.stop_reason
             case "message_stop":
                 self.finished = True
         # ping, content_block_stop and event types added after this was written need nothing.
@@ -302,6 +324,7 @@ class _ReplyAssembler:
                 for block in blocks
                 if block.type in ("thinking", "redacted_thinking")
             ],
+            truncated=self._stop_reason in _CUT_OFF,
         )
 
     def _start(self, index: int, content: _ContentBlock) -> Iterator[StreamItem]:

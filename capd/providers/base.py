@@ -16,6 +16,19 @@ from protocol.events import ThinkingBlock, ToolCall, Usage
 INVALID_JSON_KEY = "__invalid_json__"
 """Key under which a provider keeps tool-call arguments that were not a JSON object."""
 
+CONTINUE_TEXT = "(Your reply above was interrupted. Continue it from exactly where it stopped.)"
+CONTINUE_CUT_TEXT = (
+    "(Your reply above was cut off at the output token limit. Continue it from exactly "
+    "where it stopped.)"
+)
+
+
+def continue_text(message: "ChatMessage") -> str:
+    """The user line that follows an assistant reply cut short, so the model continues it:
+    APIs take a last assistant message as a prefill (which newer models refuse) or start
+    afresh, and some chat templates want roles to alternate."""
+    return CONTINUE_CUT_TEXT if message.truncated else CONTINUE_TEXT
+
 
 @dataclass(frozen=True, slots=True)
 class ChatMessage:
@@ -28,7 +41,13 @@ class ChatMessage:
     name: str = ""
     is_error: bool = False
     interrupted: bool = False
+    truncated: bool = False
     thinking: tuple[ThinkingBlock, ...] = ()
+
+    @property
+    def unfinished(self) -> bool:
+        """An assistant reply cut short, by a pause or by max_tokens, to be continued."""
+        return self.role == "assistant" and (self.interrupted or self.truncated)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +62,8 @@ class ModelRequest:
     system_prompt: str
     messages: Sequence[ChatMessage]
     tools: Sequence[ToolSpec] = ()
+    tool_choice: str | None = None
+    """`auto`, `required`, `none` or a tool's name; None leaves it to the API's default."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,13 +95,17 @@ class ModelReply:
     usage: Usage = field(default_factory=Usage)
     thinking: list[ThinkingBlock] = field(default_factory=list)
     """Complete thinking blocks, for APIs that want them back (the deltas stream anyway)."""
+    truncated: bool = False
+    """The model's output limit (max_tokens) cut the reply off."""
 
 
 StreamItem = TextChunk | ThinkingChunk | ToolCallBegin | ToolCallArgs | ModelReply
 
 
 class ProviderError(Exception):
-    """A failed model call. `retryable` marks 429, 5xx and connection failures."""
+    """A failed model call. `retryable` marks failures that may pass when the same request
+    is sent again (408, 409, 429, most 5xx, connection failures); `overflow` says the
+    conversation no longer fits the model's context window, which no retry can mend."""
 
     def __init__(
         self,
@@ -89,12 +114,14 @@ class ProviderError(Exception):
         retryable: bool = False,
         status: int | None = None,
         retry_after_s: float | None = None,
+        overflow: bool = False,
     ) -> None:
         super().__init__(message)
         self.message = message
-        self.retryable = retryable
+        self.retryable = retryable and not overflow
         self.status = status
         self.retry_after_s = retry_after_s
+        self.overflow = overflow
 
 
 def parse_tool_arguments(raw: str) -> dict[str, Any]:

@@ -5,8 +5,10 @@ pools connections; none of which we would want to write ourselves.
 """
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager, suppress
+from dataclasses import dataclass
 from math import isfinite
 from typing import Any
 
@@ -17,6 +19,10 @@ from capd.providers.base import ProviderError
 
 CONNECT_TIMEOUT_S = 10.0
 EXCERPT_CHARS = 200
+"""How much of a malformed stream event an error quotes."""
+REASON_CHARS = 4000
+"""How much of a server's reason for an error is kept: all of it in practice (a pydantic
+validation error runs to 2000 characters), on one line."""
 TAIL_TIMEOUT_S = 1.0
 """How long to wait for the body to end after the last event before dropping the connection."""
 
@@ -67,12 +73,13 @@ class SseEndpoint:
     async def _status_error(self, response: httpx.Response) -> ProviderError:
         body = await response.aread()
         status = response.status_code
-        detail = error_message(body) or response.reason_phrase or "no details"
+        reason = body_reason(body) or Reason(response.reason_phrase or "no details")
         return ProviderError(
-            f"{self.api}: HTTP {status} from {self.url}: {detail}",
-            retryable=is_retryable_status(status),
+            f"{self.api}: HTTP {status} from {self.url}: {reason.text}",
+            retryable=is_retryable(status, reason),
             status=status,
             retry_after_s=_retry_after(response.headers),
+            overflow=reason.overflow,
         )
 
     def _transport_error(self, exc: httpx.RequestError) -> ProviderError:
@@ -91,19 +98,36 @@ class SseEndpoint:
 
 
 async def sse_data(lines: AsyncIterator[str]) -> AsyncIterator[str]:
-    """The `data` of each server-sent event; comments and other fields are skipped."""
+    """The `data` of each server-sent event; comments and other fields are skipped, but
+    for `error`, which llama.cpp's server used for a failure mid-stream until late 2025
+    (`error: {...}`, then `data: [DONE]`): it comes out as `{"error": ...}` data."""
     data: list[str] = []
+    error: list[str] = []
     async for line in lines:
         if not line:
-            if data:
+            if error:
+                yield _error_event("\n".join(error))
+            elif data:
                 yield "\n".join(data)
-                data = []
+            data, error = [], []
             continue
         name, _, value = line.partition(":")
         if name == "data":
             data.append(value.removeprefix(" "))
-    if data:
+        elif name == "error":
+            error.append(value.removeprefix(" "))
+    if error:
+        yield _error_event("\n".join(error))
+    elif data:
         yield "\n".join(data)
+
+
+def _error_event(value: str) -> str:
+    try:
+        error = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        error = value
+    return orjson.dumps({"error": error}).decode()
 
 
 async def read_to_end(events: AsyncIterator[str]) -> None:
@@ -114,35 +138,112 @@ async def read_to_end(events: AsyncIterator[str]) -> None:
                 pass
 
 
-def error_message(body: bytes) -> str:
-    """The server's own words from an error body: `error.message` when JSON, else an excerpt."""
+_OVERFLOW_CODES = frozenset({"context_length_exceeded", "exceed_context_size_error"})
+"""`error.code` of OpenAI and llama-cpp-python, `error.type` of llama.cpp's llama-server."""
+
+_OVERFLOW_WORDS = re.compile(
+    "|".join(
+        [
+            # OpenAI, vLLM, llama-cpp-python, OpenRouter: "This model's maximum context
+            # length is 2048 tokens. However, you requested 2499 tokens (...)"
+            r"maximum context length",
+            # llama-cpp-python's own: "Requested tokens (2300) exceed context window of 2048";
+            # llama-server: "request (4476 tokens) exceeds the available context size (4096
+            # tokens), try increasing it"; OpenAI: "Your input exceeds the context window";
+            # Ollama: "the input length exceeds the context length"
+            r"exceeds? (the )?(available )?context (size|window|length)",
+            # llama-server, for a task it cannot split
+            r"larger than the max context size",
+            # vLLM V1: "The decoder prompt (length 8825) is longer than the maximum model length"
+            r"longer than the maximum model length",
+            # Anthropic: "prompt is too long: 208310 tokens > 200000 maximum"
+            r"prompt is too long",
+            # LM Studio: "The number of tokens to keep from the initial prompt is greater than
+            # the context length", "... loaded with context length of only 4096 tokens, which
+            # is not enough", "Input does not fit in context length."
+            r"greater than the context length",
+            r"context length of only",
+            r"does not fit in context length",
+        ]
+    ),
+    re.IGNORECASE,
+)
+
+_INVALID_TYPES = frozenset({"invalid_request_error", "BadRequestError"})
+"""`error.type`s that call the request itself bad (OpenAI, Anthropic; vLLM)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reason:
+    """A server's own account of an error: its words, and the type and code it names."""
+
+    text: str
+    type: str = ""
+    code: str = ""
+
+    @property
+    def overflow(self) -> bool:
+        """The request does not fit the model's context window."""
+        return bool({self.type, self.code} & _OVERFLOW_CODES or _OVERFLOW_WORDS.search(self.text))
+
+    @property
+    def deterministic(self) -> bool:
+        """Sending the same request again gets the same answer: the server calls the request
+        invalid (even with a 5xx, as llama-cpp-python does for a body it cannot validate)
+        or too long."""
+        return (
+            self.overflow or self.type in _INVALID_TYPES or "validation error" in self.text.lower()
+        )
+
+
+def body_reason(body: bytes) -> Reason | None:
+    """The reason an error body gives: its `error` object (or string), a top-level
+    `message` or `detail`, else the body as text; None for an empty body."""
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return excerpt(body.decode(errors="replace"))
+        text = one_line(body.decode(errors="replace"))
+        return Reason(text) if text else None
     if isinstance(payload, dict):
-        for key in ("error", "message", "detail"):
-            if payload.get(key):
-                return error_text(payload[key])
-    return excerpt(body.decode(errors="replace"))
+        if payload.get("error"):
+            return error_reason(payload["error"])
+        if payload.get("message") or payload.get("detail"):
+            return error_reason(payload)
+    return error_reason(payload)
 
 
-def error_text(error: Any) -> str:
-    if isinstance(error, dict) and error.get("message"):
-        return excerpt(str(error["message"]))
+def error_reason(error: Any) -> Reason:
+    """The reason an error object gives (an `error` field, in a body or a stream event)."""
     if isinstance(error, str):
-        return excerpt(error)
-    return excerpt(orjson.dumps(error).decode())
+        return Reason(one_line(error))
+    if not isinstance(error, dict):
+        return Reason(one_line(orjson.dumps(error).decode()))
+    words = error.get("message") or error.get("detail")
+    text = words if isinstance(words, str) else orjson.dumps(words or error).decode()
+    return Reason(one_line(text), _field(error.get("type")), _field(error.get("code")))
+
+
+def _field(value: Any) -> str:
+    return "" if value is None else str(value)
 
 
 def is_retryable_status(status: int) -> bool:
     return status in (408, 409, 429) or status >= 500
 
 
-def excerpt(text: str) -> str:
-    """One line of at most EXCERPT_CHARS characters."""
+def is_retryable(status: int, reason: Reason) -> bool:
+    """408, 409 and 429 ask for another try; a 5xx gets one unless it calls the request bad."""
+    return status in (408, 409, 429) or (status >= 500 and not reason.deterministic)
+
+
+def one_line(text: str, limit: int = REASON_CHARS) -> str:
+    """`text` on one line (whitespace collapsed), at most `limit` characters."""
     line = " ".join(text.split())
-    return line if len(line) <= EXCERPT_CHARS else f"{line[: EXCERPT_CHARS - 1]}…"
+    return line if len(line) <= limit else f"{line[: limit - 1]}…"
+
+
+def excerpt(text: str) -> str:
+    return one_line(text, EXCERPT_CHARS)
 
 
 def _retry_after(headers: httpx.Headers) -> float | None:

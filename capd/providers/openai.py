@@ -6,7 +6,7 @@ llama.cpp, Ollama, LM Studio, OpenRouter, ...).
 
 import os
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,17 +24,18 @@ from capd.providers.base import (
     ToolCallArgs,
     ToolCallBegin,
     ToolSpec,
+    continue_text,
     parse_tool_arguments,
 )
 from capd.providers.http import (
     SseEndpoint,
-    error_text,
+    error_reason,
     excerpt,
     is_retryable_status,
     read_to_end,
 )
 from protocol.events import ToolCall, Usage
-from protocol.manifest import ModelConfig
+from protocol.manifest import TOOL_CHOICES, ModelConfig
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_KEY_ENV = "OPENAI_API_KEY"
@@ -75,12 +76,8 @@ class OpenAIProvider:
                     yield item
             if saw_done:
                 await read_to_end(events)
-        if not saw_done and not assembler.finished:
-            raise ProviderError(
-                f"openai: stream ended early from {self._endpoint.url} "
-                "(no [DONE], no finish_reason)",
-                retryable=True,
-            )
+        if not assembler.finished:
+            raise self._cut_short(assembler.started, saw_done)
         yield assembler.reply()
 
     async def aclose(self) -> None:
@@ -101,7 +98,7 @@ class OpenAIProvider:
         messages: list[dict[str, Any]] = []
         if request.system_prompt:
             messages.append({"role": "system", "content": request.system_prompt})
-        messages.extend(_wire_message(message) for message in request.messages)
+        messages.extend(_wire_messages(request.messages))
         body: dict[str, Any] = {
             "model": self._config.name,
             "messages": messages,
@@ -110,11 +107,36 @@ class OpenAIProvider:
         }
         if request.tools:
             body["tools"] = [_wire_tool(tool) for tool in request.tools]
+            if request.tool_choice is not None:
+                body["tool_choice"] = _wire_tool_choice(request.tool_choice)
         if self._config.max_tokens is not None:
             body["max_tokens"] = self._config.max_tokens
         if self._config.temperature is not None:
             body["temperature"] = self._config.temperature
         return body
+
+    def _cut_short(self, started: bool, saw_done: bool) -> ProviderError:
+        """A stream without a finish_reason: the reply is incomplete, even after [DONE]."""
+        url = self._endpoint.url
+        if saw_done:
+            return ProviderError(
+                f"openai: stream from {url} ended with [DONE] but no finish_reason; "
+                "llama-cpp-python's server stops a reply so when a newer request arrives "
+                "(start it with --interrupt_requests False when pods share it)",
+                retryable=True,
+            )
+        if started:
+            return ProviderError(
+                f"openai: stream ended early from {url} (no [DONE], no finish_reason)",
+                retryable=True,
+            )
+        return ProviderError(
+            f"openai: stream ended before any reply from {url} (no [DONE], no "
+            "finish_reason); llama-cpp-python's server ends it so when generation fails, as "
+            "when the conversation no longer fits the model's context window",
+            retryable=True,
+            status=200,
+        )
 
     def _parse_chunk(self, data: str) -> "_Chunk":
         try:
@@ -125,9 +147,11 @@ class OpenAIProvider:
                 retryable=True,
             ) from exc
         if chunk.error is not None:
+            reason = error_reason(chunk.error)
             raise ProviderError(
-                f"openai: error in stream from {self._endpoint.url}: {error_text(chunk.error)}",
-                retryable=_looks_transient(chunk.error),
+                f"openai: error in stream from {self._endpoint.url}: {reason.text}",
+                retryable=_looks_transient(chunk.error) and not reason.deterministic,
+                overflow=reason.overflow,
             )
         return chunk
 
@@ -135,25 +159,41 @@ class OpenAIProvider:
 # -- request ------------------------------------------------------------------------------
 
 
+def _wire_messages(messages: Sequence[ChatMessage]) -> Iterator[dict[str, Any]]:
+    """A reply cut short (by a pause or max_tokens) that would be last or followed by its
+    continuation is followed by a user line asking to continue it: servers take a last
+    assistant message as the start of a new reply or as a prefill, and some chat
+    templates (gemma's) want roles to alternate."""
+    for message, following in zip(messages, [*messages[1:], None], strict=True):
+        yield _wire_message(message)
+        if message.unfinished and (following is None or following.role == "assistant"):
+            yield {"role": "user", "content": continue_text(message)}
+
+
 def _wire_message(message: ChatMessage) -> dict[str, Any]:
     if message.role == "tool":
         return {"role": "tool", "tool_call_id": message.call_id, "content": message.text}
     if message.role == "user":
         return {"role": "user", "content": message.text}
-    if not message.tool_calls:
-        return {"role": "assistant", "content": message.text}
-    return {
-        "role": "assistant",
-        "content": message.text or None,
-        "tool_calls": [
+    # Content stays a string beside tool calls: llama-cpp-python refuses null (HTTP 500),
+    # and OpenAI, vLLM, Ollama and llama-server take "".
+    wire: dict[str, Any] = {"role": "assistant", "content": message.text}
+    if message.tool_calls:
+        wire["tool_calls"] = [
             {
                 "id": call.id,
                 "type": "function",
                 "function": {"name": call.name, "arguments": orjson.dumps(call.arguments).decode()},
             }
             for call in message.tool_calls
-        ],
-    }
+        ]
+    return wire
+
+
+def _wire_tool_choice(choice: str) -> str | dict[str, Any]:
+    if choice in TOOL_CHOICES:
+        return choice
+    return {"type": "function", "function": {"name": choice}}
 
 
 def _wire_tool(tool: ToolSpec) -> dict[str, Any]:
@@ -222,12 +262,15 @@ class _ReplyAssembler:
     """Turns chunks into stream items as they come and keeps what the final ModelReply needs."""
 
     def __init__(self) -> None:
+        self.started = False
         self.finished = False
+        self._finish_reason = ""
         self._text: list[str] = []
         self._calls: dict[int, _PendingCall] = {}
         self._usage = Usage()
 
     def feed(self, chunk: _Chunk) -> Iterator[StreamItem]:
+        self.started = True
         if chunk.usage is not None:
             self._usage = Usage(
                 input_tokens=chunk.usage.prompt_tokens,
@@ -236,7 +279,9 @@ class _ReplyAssembler:
         if not chunk.choices:
             return
         choice = chunk.choices[0]
-        self.finished = self.finished or choice.finish_reason is not None
+        if choice.finish_reason is not None:
+            self.finished = True
+            self._finish_reason = choice.finish_reason
         delta = choice.delta
         if delta is None:
             return
@@ -260,6 +305,7 @@ class _ReplyAssembler:
                 for index, call in sorted(self._calls.items())
             ],
             usage=self._usage,
+            truncated=self._finish_reason == "length",
         )
 
     def _feed_tool_call(self, fragment: _ToolCallDelta) -> Iterator[StreamItem]:
