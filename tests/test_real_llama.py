@@ -8,12 +8,14 @@ so that a few long prompts overflow it. The model is tiny and runs greedy (tempe
 the tests check what capd makes of the servers' real answers, not how clever the model is.
 """
 
+import asyncio
 import contextlib
 import json
 import os
 import socket
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,6 +174,26 @@ async def test_a_turn_streams_the_models_reply(capd: CapdProcess, server: RealSe
     assert not any(step["tool_calls"] for step in steps)
 
 
+async def test_two_pods_sharing_the_server_both_get_whole_replies(
+    capd: CapdProcess, server: RealServer
+) -> None:
+    """llama-cpp-python stops a streaming reply with [DONE] and no finish_reason when another
+    request arrives (`interrupt_requests`, on by default): neither pod may take the stub as
+    its answer."""
+    for name in ("a", "b"):
+        await spawn(capd, name, server.model(TOOLS, max_tokens=64))
+    async with await connect_pod(capd, "a") as a, await connect_pod(capd, "b") as b:
+        ends = await asyncio.gather(
+            _run(a, "Say hello in one short sentence."),
+            _run(b, "Say goodbye in one short sentence."),
+        )
+    for end, seen in ends:
+        assert end["result"] == "finished", end
+        steps = _steps(seen)
+        assert all(step["text"] for step in steps), steps
+        assert end["output"].strip()
+
+
 async def test_a_forced_tool_call_runs_and_the_loop_ends(
     capd: CapdProcess, server: RealServer, tmp_path: Path
 ) -> None:
@@ -184,7 +206,7 @@ async def test_a_forced_tool_call_runs_and_the_loop_ends(
     assert end["result"] == "finished", end
     first, *rest = _steps(seen)
     (call,) = first["tool_calls"]
-    assert (call["name"], call["arguments"]) == ("bash", {"command": "touch marker.txt"})
+    assert (call["name"], call["arguments"]["command"]) == ("bash", "touch marker.txt")
     assert next(e for e in seen if e["event"] == "tool_call_start")["call_id"] == call["id"]
     result = next(e for e in seen if e["event"] == "tool_result")
     assert (result["call_id"], result["is_error"]) == (call["id"], False)
@@ -249,5 +271,12 @@ async def test_a_conversation_that_outgrows_the_window_says_so_in_one_line(
         assert "\n" not in error
         assert "context window" in error, error
         assert "ended early" not in error, error
-    # The same request gets the same answer: not retried four times over.
-    assert kinds(seen).count("retry") <= 2, [e for e in seen if e["event"] == "retry"]
+    # The same request gets the same answer: not retried four times over, once at most.
+    per_turn = Counter(e["turn_id"] for e in seen if e["event"] == "retry" and _empty(e))
+    assert max(per_turn.values(), default=0) <= 1, per_turn
+
+
+def _empty(retry: dict[str, Any]) -> bool:
+    """A retry after a stream that ended before any reply (llama-cpp-python's overflow)
+    rather than after a dropped keep-alive connection (see "capd bugs" in the README)."""
+    return "ReadError" not in retry["error"]
