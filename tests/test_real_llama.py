@@ -199,6 +199,11 @@ async def test_a_forced_tool_call_runs_and_the_loop_ends(
 ) -> None:
     """The tiny model calls a tool only when forced (model.tool_choice, first call of the
     turn); the second call, which carries the tool call and its result, must be accepted."""
+    if server.kind == "llama-server":
+        pytest.skip(
+            "llama-server takes this GGUF's chat template (ChatML, no tools) and then ignores "
+            "tools and tool_choice: the model only writes text"
+        )
     model = server.model(TOOLS, max_tokens=64, tool_choice="bash")
     await spawn(capd, "tools", model, tools=["bash"], cwd=str(tmp_path))
     async with await connect_pod(capd, "tools") as pod:
