@@ -341,9 +341,11 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    # A zombie is dead but not yet reaped by its parent.
-    stat = Path(f"/proc/{pid}/stat")
-    return stat.exists() and stat.read_text().split()[2] != "Z"
+    # A zombie is dead but not yet reaped by its parent; one reaped since os.kill is gone.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 async def _wait_for_pids(path: Path, count: int) -> list[int]:
