@@ -283,5 +283,5 @@ async def test_a_conversation_that_outgrows_the_window_says_so_in_one_line(
 
 def _empty(retry: dict[str, Any]) -> bool:
     """A retry after a stream that ended before any reply (llama-cpp-python's overflow)
-    rather than after a dropped keep-alive connection (see "capd bugs" in the README)."""
+    rather than after a dropped keep-alive connection (the README: "Known and left")."""
     return "ReadError" not in retry["error"]
