@@ -128,7 +128,7 @@ class BuiltinEngine:
 
     async def _call_model(self, host: TurnHost, turn: Turn) -> ModelReply:
         """One model call, sent again after a failure that may pass: at most
-        `model.max_retries` times, and only once more when a 500 says the same as before."""
+        `model.max_retries` times, and only once more when a 500 names the same cause again."""
         max_retries = self._max_retries
         attempt = 0
         previous: ProviderError | None = None
@@ -203,10 +203,12 @@ def _failure(error: ProviderError) -> str:
 
 
 def _repeats(error: ProviderError, previous: ProviderError | None) -> bool:
-    """A 500, or a 200 whose stream ended before any reply, that says word for word what
-    the last attempt's said comes from the request, not from a passing fault."""
+    """A 500 that names its cause, or a 200 whose stream ended before its reply did, that
+    says word for word what the last attempt's said comes from the request, not from a
+    passing fault (whose generic words, "internal server error", are retried as usual)."""
     return (
         previous is not None
+        and error.specific
         and error.status in (200, 500)
         and error.status == previous.status
         and error.message == previous.message

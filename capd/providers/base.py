@@ -115,6 +115,7 @@ class ProviderError(Exception):
         status: int | None = None,
         retry_after_s: float | None = None,
         overflow: bool = False,
+        specific: bool = False,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -122,6 +123,9 @@ class ProviderError(Exception):
         self.status = status
         self.retry_after_s = retry_after_s
         self.overflow = overflow
+        self.specific = specific
+        """The server said what went wrong (not a generic "internal server error"): the same
+        words again mean the request itself fails, not a passing fault."""
 
 
 def parse_tool_arguments(raw: str) -> dict[str, Any]:

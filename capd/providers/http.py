@@ -80,6 +80,7 @@ class SseEndpoint:
             status=status,
             retry_after_s=_retry_after(response.headers),
             overflow=reason.overflow,
+            specific=reason.specific,
         )
 
     def _transport_error(self, exc: httpx.RequestError) -> ProviderError:
@@ -172,6 +173,16 @@ _OVERFLOW_WORDS = re.compile(
 _INVALID_TYPES = frozenset({"invalid_request_error", "BadRequestError"})
 """`error.type`s that call the request itself bad (OpenAI, Anthropic; vLLM)."""
 
+_GENERIC_TYPES = frozenset({"api_error", "overloaded_error"})
+"""Anthropic's `error.type`s for its own passing faults, whose words never change."""
+
+_GENERIC_WORDS = re.compile(
+    r"internal server error|server had an error|try again|temporarily|overloaded|^$",
+    re.IGNORECASE,
+)
+"""Words of a passing fault that says nothing of the request: OpenAI's "The server had an
+error while processing your request. Sorry about that!", a proxy's "Internal Server Error"."""
+
 
 @dataclass(frozen=True, slots=True)
 class Reason:
@@ -185,6 +196,11 @@ class Reason:
     def overflow(self) -> bool:
         """The request does not fit the model's context window."""
         return bool({self.type, self.code} & _OVERFLOW_CODES or _OVERFLOW_WORDS.search(self.text))
+
+    @property
+    def specific(self) -> bool:
+        """The reason names what went wrong, so the same words twice mean the same failure."""
+        return self.type not in _GENERIC_TYPES and not _GENERIC_WORDS.search(self.text)
 
     @property
     def deterministic(self) -> bool:

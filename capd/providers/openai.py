@@ -127,6 +127,8 @@ class OpenAIProvider:
                 "llama-cpp-python's server stops a reply so when a newer request arrives "
                 "(start it with --interrupt_requests False when pods share it)",
                 retryable=True,
+                status=200,
+                specific=True,
             )
         if started:
             return ProviderError(
@@ -139,6 +141,7 @@ class OpenAIProvider:
             "when the conversation no longer fits the model's context window",
             retryable=True,
             status=200,
+            specific=True,
         )
 
     def _parse_chunk(self, data: str) -> "_Chunk":
