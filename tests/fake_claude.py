@@ -25,7 +25,8 @@ the real CLI's does. With $FAKE_CLAUDE_DIR/deaf present, interrupts are read and
 Sessions are files in $FAKE_CLAUDE_DIR/sessions (the real CLI's transcripts): `--resume`
 of one that is not there writes an error `result` ("No conversation found with session
 ID: ...") and exits 1 at once, as the real CLI does; with $FAKE_CLAUDE_DIR/die-on-resume
-present, it only exits 1 instead.
+present, it only exits 1 instead. With $FAKE_CLAUDE_DIR/die-at-start present, every start
+exits 1 at once with a usage error on stderr.
 Every start (argv, pid, pgid, cwd) and every message read go to $FAKE_CLAUDE_DIR/log.jsonl.
 """
 
@@ -305,6 +306,9 @@ def refuse_resume(session_id: str) -> None:
 def main() -> None:
     args = sys.argv[1:]
     log({"argv": args, "pid": os.getpid(), "pgid": os.getpgid(0), "cwd": os.getcwd()})
+    if (STATE / "die-at-start").exists():
+        print("error: unknown option '--new-in-a-later-version'", file=sys.stderr)
+        sys.exit(1)
     session_id = args[args.index("--resume") + 1] if "--resume" in args else str(uuid.uuid4())
     if "--resume" in args and not (SESSIONS / session_id).exists():
         refuse_resume(session_id)

@@ -298,6 +298,31 @@ async def test_a_restarted_capd_resumes_the_engine_session(capd: CapdProcess, st
     assert end["result"] == "finished"
 
 
+async def test_a_cli_dying_at_start_for_another_reason_keeps_its_session(
+    capd: CapdProcess, state: Path
+) -> None:
+    """A usage error after an upgrade, say, is no lost session: once the CLI starts again,
+    the pod's session is resumed, not replaced."""
+    await _spawn(capd, "cc", state)
+    async with await connect_pod(capd, "cc") as pod:
+        await run_turn(pod, "hello")
+    (old,) = await _session_ids(capd, "cc")
+    assert await asyncio.to_thread(capd.signal, 15) == 0
+    (state / "die-at-start").touch()
+    capd.start()
+    async with await connect_pod(capd, "cc") as pod:
+        failed, _ = await run_turn(pod, "while broken")
+        (state / "die-at-start").unlink()
+        end, _ = await run_turn(pod, "once mended")
+        history = await full_history(pod)
+    assert failed["result"] == "errored"
+    assert "unknown option" in failed["error"]
+    assert (end["result"], end["output"]) == ("finished", "You said: once mended")
+    assert [e["session_id"] for e in history if e["event"] == "engine_session"] == [old]
+    argv = engine_starts(state)[-1]["argv"]
+    assert argv[argv.index("--resume") + 1] == old
+
+
 @pytest.mark.parametrize("refusal", ["result", "exit"])
 async def test_a_session_claude_cannot_resume_is_replaced_by_a_new_one(
     capd: CapdProcess, state: Path, refusal: str

@@ -55,6 +55,8 @@ STREAM_JSON_ARGS = (
     "--include-partial-messages",
 )
 LIMIT_SUBTYPES = frozenset({"error_max_turns", "error_max_budget_usd"})
+NO_SESSION = "No conversation found"
+"""How the CLI says that the session given to --resume does not exist."""
 
 
 @dataclass
@@ -336,9 +338,16 @@ class ClaudeCodeEngine(ExternalEngine):
         `claude -p --resume ID` of a session it does not have (Claude Code deletes
         transcripts older than cleanupPeriodDays; another HOME or CLAUDE_CONFIG_DIR hides
         them) writes an error `result` before any `init` and exits 1. Taken as the turn's
-        answer, every later turn would fail the same way: the session is replaced."""
+        answer, every later turn would fail the same way: the session is replaced. The
+        question is open until `init` or a `result` (other messages, such as hook events,
+        may come first)."""
+        kind = message.get("type")
+        if kind == "system" and message.get("subtype") == "init":
+            self._resuming = False
+        if kind != "result":
+            return False
         self._resuming = False
-        if message.get("type") != "result" or not message.get("is_error"):
+        if not message.get("is_error"):
             return False
         assert self._session_id is not None
         self._session_lost(self._session_id, _error_text(message))
@@ -347,11 +356,13 @@ class ClaudeCodeEngine(ExternalEngine):
     def _on_death(self, died: EngineDied) -> None:
         self._busy = False
         if self._resuming:
-            # Dead before a word after --resume: the session is taken as lost too (why is
-            # in stderr's end), lest every later start die on it the same way.
+            # Dead before `init` after --resume, saying on stderr that the session is gone
+            # (older CLIs write no result first): it is lost, lest every later start die on
+            # it the same way. Any other early death (a bad flag, an OOM kill) keeps it.
             self._resuming = False
             assert self._session_id is not None
-            self._session_lost(self._session_id, str(died))
+            if self._session_id in str(died) or NO_SESSION in str(died):
+                self._session_lost(self._session_id, str(died))
 
 
 def _outcome(turn: Turn, result: dict[str, Any]) -> TurnOutcome:
