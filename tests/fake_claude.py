@@ -26,7 +26,8 @@ Sessions are files in $FAKE_CLAUDE_DIR/sessions (the real CLI's transcripts): `-
 of one that is not there writes an error `result` ("No conversation found with session
 ID: ...") and exits 1 at once, as the real CLI does; with $FAKE_CLAUDE_DIR/die-on-resume
 present, it only exits 1 instead. With $FAKE_CLAUDE_DIR/die-at-start present, every start
-exits 1 at once with a usage error on stderr.
+exits 1 at once with a usage error on stderr. `--fork-session` resumes into a new session
+id, as the real CLI does.
 Every start (argv, pid, pgid, cwd) and every message read go to $FAKE_CLAUDE_DIR/log.jsonl.
 """
 
@@ -312,6 +313,8 @@ def main() -> None:
     session_id = args[args.index("--resume") + 1] if "--resume" in args else str(uuid.uuid4())
     if "--resume" in args and not (SESSIONS / session_id).exists():
         refuse_resume(session_id)
+    if "--fork-session" in args:
+        session_id = str(uuid.uuid4())
     SESSIONS.mkdir(exist_ok=True)
     partial = "--include-partial-messages" in args
     threading.Thread(target=read_stdin, daemon=True).start()

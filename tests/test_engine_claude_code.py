@@ -298,6 +298,23 @@ async def test_a_restarted_capd_resumes_the_engine_session(capd: CapdProcess, st
     assert end["result"] == "finished"
 
 
+async def test_a_session_the_cli_forks_by_itself_replaces_nothing(
+    capd: CapdProcess, state: Path
+) -> None:
+    await _spawn(capd, "cc", state, engine_extra={"args": ["--fork-session"]})
+    async with await connect_pod(capd, "cc") as pod:
+        await run_turn(pod, "hello")
+    assert await asyncio.to_thread(capd.signal, 15) == 0
+    capd.start()
+    async with await connect_pod(capd, "cc") as pod:
+        end, _ = await run_turn(pod, "again")
+        history = await full_history(pod)
+    assert end["result"] == "finished"
+    first, forked = [e for e in history if e["event"] == "engine_session"]
+    assert first["session_id"] != forked["session_id"]
+    assert (forked["replaced"], forked["reason"]) == (None, None)
+
+
 async def test_a_cli_dying_at_start_for_another_reason_keeps_its_session(
     capd: CapdProcess, state: Path
 ) -> None:

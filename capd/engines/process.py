@@ -354,13 +354,17 @@ class ExternalEngine(ABC):
         self._lost_session, self._lost_reason = session_id, reason
 
     def _record_session(self, host: TurnHost, turn: Turn) -> None:
-        """Record a new session id where a restarted capd finds it to resume. A new id
-        while another is recorded replaces that one: the engine could not resume it."""
+        """Record a new session id where a restarted capd finds it to resume. It says which
+        session it replaces only when that one was lost (`_session_lost`): an engine that
+        moves to a new id by itself (a forked session) lost nothing."""
         stored = host.context.engine_session
         if self._session_id and self._session_id != stored:
-            reason = self._lost_reason if stored is not None else None
+            lost = stored is not None and stored == self._lost_session
             event = EngineSession(
-                turn_id=turn.turn_id, session_id=self._session_id, replaced=stored, reason=reason
+                turn_id=turn.turn_id,
+                session_id=self._session_id,
+                replaced=stored if lost else None,
+                reason=self._lost_reason if lost else None,
             )
             host.emit(event)
             self._lost_reason = None
