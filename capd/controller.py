@@ -199,7 +199,9 @@ class PodController:
             case AssistantMessage(text=text, usage=usage):
                 self.usage.input_tokens += usage.input_tokens
                 self.usage.output_tokens += usage.output_tokens
-                if self.turn:
+                # One that says nothing (an ACP prompt's usage, reported after its last
+                # step) is no step and keeps the turn's output.
+                if self.turn and (text or event.tool_calls or event.thinking):
                     self.turn.steps += 1
                     self.turn.output = self.turn.partial + text
                     # A reply max_tokens cut off goes on in the next step's text.

@@ -6,6 +6,8 @@ What a prompt (its last text block) asks for:
     slow:N        N message chunks, 20 ms apart (default 2000); `session/cancel` stops it
     tool:CMD      a tool call running CMD for real, after asking permission
                   (allow_once "allow" / reject_once "reject"), then "done"
+    quiet-tool:CMD  "Running it.", then a tool call running CMD (no permission asked);
+                  the prompt ends after its result, with no more text
     pair:CMD      two tool calls announced together, then both running CMD at once
                   (no permission asked), then "done"
     dup-tool:CMD  as claude-code-acp 0.16: `tool_call` twice for one id, a placeholder
@@ -190,6 +192,8 @@ class TestAgent(Agent):
             return "tok " * count, "end_turn"
         if text.startswith("tool:"):
             return await self._tool(session_id, text.removeprefix("tool:"), cancelled)
+        if text.startswith("quiet-tool:"):
+            return await self._quiet_tool(session_id, text.removeprefix("quiet-tool:"), cancelled)
         if text.startswith("pair:"):
             return await self._pair(session_id, text.removeprefix("pair:"), cancelled)
         if text.startswith("dup-tool:"):
@@ -262,6 +266,18 @@ class TestAgent(Agent):
             return "", "cancelled"
         await self._say(session_id, "done")
         return "done", "end_turn"
+
+    async def _quiet_tool(self, session_id: str, command: str, cancelled: asyncio.Event) -> Any:
+        assert self.client is not None
+        await self._say(session_id, "Running it.")
+        call_id = f"call-{uuid.uuid4().hex[:6]}"
+        start = start_tool_call(
+            call_id, "Run a command", kind="execute", raw_input={"command": command}
+        )
+        await self.client.session_update(session_id, start)
+        if not await self._run_tool(session_id, call_id, command, cancelled):
+            return "", "cancelled"
+        return "", "end_turn"
 
     async def _pair(self, session_id: str, command: str, cancelled: asyncio.Event) -> Any:
         assert self.client is not None

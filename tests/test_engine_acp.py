@@ -558,6 +558,17 @@ async def test_the_agents_usage_reports_count_for_the_step_and_the_pod(
     assert status["usage"] == {"input_tokens": 56, "output_tokens": 20}
 
 
+async def test_usage_reported_after_the_last_step_keeps_the_turns_output(
+    capd: CapdProcess, state: Path
+) -> None:
+    await _spawn(capd, "ag", state)
+    async with await connect_pod(capd, "ag") as pod:
+        end, seen = await run_turn(pod, "quiet-tool:echo hi")
+    assert (end["result"], end["output"]) == ("finished", "Running it.")
+    steps = [e for e in seen if e["event"] == "assistant_message"]
+    assert steps[-1]["usage"] == {"input_tokens": 28, "output_tokens": 10}
+
+
 async def test_status_shows_the_questions_waiting_for_an_answer(
     capd: CapdProcess, state: Path
 ) -> None:
