@@ -170,7 +170,7 @@ def _wire_messages(messages: Sequence[ChatMessage]) -> Iterator[dict[str, Any]]:
     continuation is followed by a user line asking to continue it: servers take a last
     assistant message as the start of a new reply or as a prefill, and some chat
     templates (gemma's) want roles to alternate."""
-    for message, following in zip(messages, [*messages[1:], None], strict=True):
+    for message, following in zip(messages, [*messages[1:], None], strict=False):
         yield _wire_message(message)
         if message.unfinished and (following is None or following.role == "assistant"):
             yield {"role": "user", "content": continue_text(message)}
