@@ -36,6 +36,7 @@ Sessions are kept in $FAKE_ACP_DIR/sessions/, so `session/load` works across pro
 goes to $FAKE_ACP_DIR/log.jsonl. Files in $FAKE_ACP_DIR change the agent's ways:
 
     no-load         it cannot load sessions
+    load-auth       `session/load` answers auth_required (-32000)
     hold-init       `initialize` waits until the file is gone
     die-in-init     it exits 4 in `initialize`, once: the file is removed as it does
 """
@@ -153,6 +154,8 @@ class TestAgent(Agent):
         self, cwd: str, session_id: str, mcp_servers: Any = None, **kwargs: Any
     ) -> LoadSessionResponse:
         log({"call": "load_session", "cwd": cwd, "id": session_id})
+        if (STATE / "load-auth").exists():
+            raise RequestError(-32000, "Authentication required")
         path = SESSIONS / f"{session_id}.json"
         if not path.exists():
             raise RequestError(-32002, f"no session {session_id}")

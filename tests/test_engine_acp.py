@@ -344,6 +344,27 @@ async def test_a_session_the_agent_lost_is_replaced_and_the_loss_recorded(
     assert end_next["result"] == "finished"
 
 
+async def test_a_load_refused_until_the_user_logs_in_keeps_the_session(
+    capd: CapdProcess, state: Path
+) -> None:
+    await _spawn(capd, "ag", state)
+    async with await connect_pod(capd, "ag") as pod:
+        await run_turn(pod, "hello")
+    assert await asyncio.to_thread(capd.signal, 15) == 0
+    (state / "load-auth").touch()
+    capd.start()
+    async with await connect_pod(capd, "ag") as pod:
+        refused, _ = await run_turn(pod, "while logged out")
+        (state / "load-auth").unlink()
+        end, _ = await run_turn(pod, "logged in")
+        history = await full_history(pod)
+    (new,) = _calls(state, "new_session")
+    assert refused["result"] == "errored"
+    assert "Authentication required" in refused["error"]
+    assert (end["result"], end["output"]) == ("finished", "You said: logged in")
+    assert [e["session_id"] for e in history if e["event"] == "engine_session"] == [new["id"]]
+
+
 async def test_an_agent_dying_as_it_starts_is_started_again(capd: CapdProcess, state: Path) -> None:
     (state / "die-in-init").touch()
     await _spawn(capd, "ag", state)

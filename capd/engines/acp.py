@@ -96,8 +96,16 @@ class _TurnState:
     """Tool calls whose result is recorded."""
 
 
+AUTH_REQUIRED = -32000
+"""ACP's error code for an agent that wants its user to log in first."""
+
+
 class AcpEngineError(EngineError):
     """The agent answered a request with an error."""
+
+    def __init__(self, message: str, code: object = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class AcpEngine(ExternalEngine):
@@ -155,6 +163,9 @@ class AcpEngine(ExternalEngine):
                     "session/load", {"sessionId": session_id, "cwd": cwd, "mcpServers": []}
                 )
             except AcpEngineError as exc:
+                if exc.code == AUTH_REQUIRED:
+                    # Not lost: the user logs the agent in and the next turn loads it.
+                    raise
                 self._session_lost(session_id, str(exc))
             else:
                 self._session_id, self._fresh = session_id, False
@@ -193,9 +204,11 @@ class AcpEngine(ExternalEngine):
         answer = self._waiting.get(rpc_id) if isinstance(rpc_id, int) else None
         if answer is not None and not answer.done():
             if "error" in message:
-                error = _error_text(message["error"])
+                raw = message["error"]
+                error = _error_text(raw)
                 log.warning("acp agent answered a request with an error: %s", error)
-                answer.set_exception(AcpEngineError(error))
+                code = raw.get("code") if isinstance(raw, dict) else None
+                answer.set_exception(AcpEngineError(error, code))
             else:
                 answer.set_result(message.get("result") or {})
         return False
