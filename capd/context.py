@@ -79,7 +79,7 @@ class Context:
 
 
 def describe_pod_event(payload: dict[str, Any]) -> str:
-    """The text a model reads for a report from another pod (PROTOCOL.md §9)."""
+    """The text a model reads for a report from another pod (docs/protocol.md, Parent reports)."""
     match parse_report(payload):
         case TurnEnded(pod=pod, turn_id=turn_id, result=result, output=output, truncated=cut):
             note = "\n[output cut short; read_pod_output shows all of it]" if cut else ""

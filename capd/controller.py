@@ -1,4 +1,4 @@
-"""The pod controller: one actor per pod that owns the state machine of PROTOCOL.md §4.
+"""The pod controller: one actor per pod that owns the state machine of docs/protocol.md.
 
 Methods arrive in a mailbox and are handled one at a time. A turn runs as a separate task
 (its engine's `drive_turn`) whose completion is posted back into the same mailbox, so the actor

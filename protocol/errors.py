@@ -1,4 +1,4 @@
-"""Error codes of PROTOCOL.md §3, and the exception that carries one."""
+"""Error codes of docs/protocol.md, Error codes, and the exception that carries one."""
 
 from typing import Literal
 

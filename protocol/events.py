@@ -1,4 +1,4 @@
-"""Events of PROTOCOL.md §5 (pod) and §7 (daemon), plus the hello, ack and error frames.
+"""Events of docs/protocol.md, Pod events and Daemon socket, plus the hello, ack and error frames.
 
 Event models ignore unknown fields, so a client built on them keeps working when the
 server adds fields. Durable events carry `seq` and `ts`; ephemeral ones never do.

@@ -1,4 +1,5 @@
-"""The pod manifest of PROTOCOL.md §8 (a YAML file, or the same object as JSON in `spawn`)."""
+"""The pod manifest (docs/protocol.md, Manifest): a YAML file, or the same object as JSON
+in `spawn`."""
 
 from typing import Annotated, Any, Literal
 

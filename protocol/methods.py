@@ -1,4 +1,4 @@
-"""Requests of PROTOCOL.md §4 (pod socket) and §7 (daemon socket).
+"""Requests of docs/protocol.md, Pod methods and Daemon socket.
 
 Requests are flat objects discriminated on `method`; unknown fields are rejected.
 """

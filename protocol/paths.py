@@ -1,4 +1,5 @@
-"""Runtime and state directory resolution of PROTOCOL.md §2, shared by capd and capctl."""
+"""Runtime and state directory resolution (docs/protocol.md, Paths and names), shared by
+capd and capctl."""
 
 import os
 import re

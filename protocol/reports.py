@@ -1,4 +1,5 @@
-"""Reports a child pod sends to its parent's socket as `pod_event` (PROTOCOL.md §9).
+"""Reports a child pod sends to its parent's socket as `pod_event` (docs/protocol.md,
+Parent reports).
 
 The parent accepts any object with a `kind` (other clients may send their own); these are
 the three kinds capd sends. `event_id` is fixed when the report is created and survives

@@ -1,4 +1,5 @@
-"""Arguments of the built-in tools (PROTOCOL.md §8); their JSON Schemas are what the model sees."""
+"""Arguments of the built-in tools (docs/protocol.md, Built-in tools); their JSON Schemas
+are what the model sees."""
 
 from typing import Any
 

@@ -1,7 +1,8 @@
 """A stand-in parent for child pods: a Unix socket that takes `pod_event` requests.
 
 A child's parent is just a socket path (it may belong to another capd), so this plays the
-parent's side of PROTOCOL.md §9 and lets a test make it go away, come back, or take a
+parent's side of the parent reports (docs/protocol.md) and lets a test make it go away,
+come back, or take a
 report and hang up before acking, the way a crashing parent would.
 """
 

@@ -1,4 +1,4 @@
-"""Child pods (PROTOCOL.md §8 pod tools, §9 parent reports) through a real capd.
+"""Child pods (docs/protocol.md: pod tools, parent reports) through a real capd.
 
 The model side is the local OpenAI-compatible server, with one reply queue per model name
 so a parent and its child each get their own replies; a `HeldReply` holds the child's

@@ -1,4 +1,4 @@
-"""The daemon socket (PROTOCOL.md §7), signals, locking and restart."""
+"""The daemon socket (docs/protocol.md, Daemon socket), signals, locking and restart."""
 
 import asyncio
 import signal

@@ -1,4 +1,4 @@
-"""Framing, bad input and subscriptions (PROTOCOL.md §1, §3, §6) against a real capd."""
+"""Framing, bad input and subscriptions (docs/protocol.md) against a real capd."""
 
 import asyncio
 import stat

@@ -1,4 +1,5 @@
-"""PROTOCOL.md §4, row by row, against a real capd over its Unix sockets."""
+"""The pod state machine (docs/protocol.md), row by row, against a real capd over its
+Unix sockets."""
 
 import asyncio
 import os

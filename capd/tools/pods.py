@@ -2,7 +2,7 @@
 
 They parse arguments and hand the work to `ToolContext.pods` (capd/children.py), which
 knows the daemon, enforces what a child may be and reaches only the caller's descendants.
-All return at once; a child's result arrives later as a report (PROTOCOL.md §9).
+All return at once; a child's result arrives later as a report (docs/protocol.md, Parent reports).
 """
 
 from capd.tools.base import ChildPodOps, Tool, ToolContext, ToolFailed, ToolOutcome
