@@ -2,12 +2,11 @@
 
 A child is an ordinary pod whose `parent` is another pod's socket. When that parent is a
 pod of this daemon, `check_child` holds the child to it (docs/protocol.md, Parent
-reports): its cwd lies
-inside the parent's, its tools are a subset of the parent's, the parent has fewer than
-`limits.max_children` running children and the new child is no deeper than
-`limits.max_depth`. That holds however the child is made: by `spawn_pod` or by a client's
-`spawn` with a `parent`. `ChildPods` serves the pod tools of one pod; they reach only its
-descendants, and every refusal is a ToolFailed the model can read.
+reports): its cwd lies inside the parent's, its tools are a subset of the parent's, the
+parent has fewer than `limits.max_children` running children and the new child is no
+deeper than `limits.max_depth`. That holds however the child is made: by `spawn_pod` or by
+a client's `spawn` with a `parent`. `ChildPods` serves the pod tools of one pod; they reach
+only its descendants, and every refusal is a ToolFailed the model can read.
 """
 
 import asyncio
