@@ -127,8 +127,6 @@ class OpenAIProvider:
                 "llama-cpp-python's server stops a reply so when a newer request arrives "
                 "(start it with --interrupt_requests False when pods share it)",
                 retryable=True,
-                status=200,
-                specific=True,
             )
         if started:
             return ProviderError(
