@@ -35,6 +35,7 @@ class SseEndpoint:
         self.url = url
         self._timeout_s = timeout_s
         self._client: httpx.AsyncClient | None = None
+        self._closing: set[asyncio.Task[None]] = set()
 
     @asynccontextmanager
     async def events(
@@ -43,7 +44,10 @@ class SseEndpoint:
         """POSTs `body` and yields the `data` of each event of a 200 response.
 
         An error status, a transport failure or a bad URL raises ProviderError, also from
-        inside the `async with` block. Leaving the block early closes the connection.
+        inside the `async with` block. Leaving the block early closes the connection; a
+        stream cancelled mid-body (a pause) drops the whole pool, since the cancelled close
+        can leave that connection pooled half-read, and the next request (the resume) would
+        go out on it and fail ("Server disconnected", seen with llama.cpp's llama-server).
         """
         try:
             http = self._http()
@@ -52,10 +56,21 @@ class SseEndpoint:
                     raise await self._status_error(response)
                 async with aclosing(sse_data(response.aiter_lines())) as events:
                     yield events
+        except asyncio.CancelledError:
+            self._drop_pool()
+            raise
         except httpx.RequestError as exc:
             raise self._transport_error(exc) from exc
         except httpx.InvalidURL as exc:
             raise ProviderError(f"{self.api}: invalid base_url {self.url}: {exc}") from exc
+
+    def _drop_pool(self) -> None:
+        """Forget the pooled client now and close it in the background."""
+        client, self._client = self._client, None
+        if client is not None:
+            task = asyncio.get_running_loop().create_task(client.aclose())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     async def aclose(self) -> None:
         if self._client is not None:
