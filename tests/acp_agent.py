@@ -102,6 +102,22 @@ stack backtrace:
 )
 
 
+async def run_command(command: str, cancelled: asyncio.Event) -> str | None:
+    """`command`'s output, or None once the prompt is cancelled (the command is killed)."""
+    proc = await asyncio.create_subprocess_exec(
+        "bash", "-c", command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    wait = asyncio.ensure_future(proc.communicate())
+    stop = asyncio.ensure_future(cancelled.wait())
+    await asyncio.wait([wait, stop], return_when=asyncio.FIRST_COMPLETED)
+    if not wait.done():
+        proc.kill()
+        await wait
+        return None
+    stop.cancel()
+    return wait.result()[0].decode().strip()
+
+
 def log(entry: dict[str, Any]) -> None:
     with (STATE / "log.jsonl").open("a") as f:
         f.write(json.dumps(entry) + "\n")
@@ -311,18 +327,9 @@ class TestAgent(Agent):
             raw_input={"command": command},
         )
         await self.client.session_update(session_id, whole)
-        proc = await asyncio.create_subprocess_exec(
-            "bash", "-c", command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-        )
-        wait = asyncio.ensure_future(proc.communicate())
-        stop = asyncio.ensure_future(cancelled.wait())
-        await asyncio.wait([wait, stop], return_when=asyncio.FIRST_COMPLETED)
-        if not wait.done():
-            proc.kill()
-            await wait
+        output = await run_command(command, cancelled)
+        if output is None:
             return "", "cancelled"
-        stop.cancel()
-        output = wait.result()[0].decode().strip()
         done = update_tool_call(
             call_id,
             status="completed",
@@ -392,22 +399,13 @@ class TestAgent(Agent):
         assert self.client is not None
         running = update_tool_call(call_id, status="in_progress")
         await self.client.session_update(session_id, running)
-        proc = await asyncio.create_subprocess_exec(
-            "bash", "-c", command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-        )
-        wait = asyncio.ensure_future(proc.communicate())
-        stop = asyncio.ensure_future(cancelled.wait())
-        await asyncio.wait([wait, stop], return_when=asyncio.FIRST_COMPLETED)
-        if not wait.done():
-            proc.kill()
-            await wait
+        output = await run_command(command, cancelled)
+        if output is None:
             stopped = update_tool_call(
                 call_id, status="failed", content=[tool_content(text_block("stopped"))]
             )
             await self.client.session_update(session_id, stopped)
             return False
-        stop.cancel()
-        output = wait.result()[0].decode().strip()
         done = update_tool_call(
             call_id, status="completed", content=[tool_content(text_block(output))]
         )
