@@ -160,9 +160,10 @@ class RequestParser:
     def __init__(self, union: Any) -> None:
         self._adapter: TypeAdapter[Any] = TypeAdapter(union)
         choices = union.__origin__.__args__ if hasattr(union, "__origin__") else ()
-        self.methods = frozenset(
-            m for model in choices for m in model.model_fields["method"].annotation.__args__
-        )
+        self.models: dict[str, type[Request]] = {
+            m: model for model in choices for m in model.model_fields["method"].annotation.__args__
+        }
+        self.methods = frozenset(self.models)
 
     def parse(self, frame: dict[str, Any]) -> Request:
         method = frame.get("method")
