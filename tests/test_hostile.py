@@ -156,3 +156,19 @@ async def test_an_actor_that_meets_a_failure_fails_that_request_and_keeps_servin
     async with asyncio.timeout(5):
         await pod.stop("pause")
         await actor
+
+
+async def test_a_history_page_larger_than_any_request_reaches_the_client(
+    capd: CapdProcess,
+) -> None:
+    """8 reports of 700 KB each make a history page of 5.6 MB: more than a request may be,
+    and more than the client once read (4 MiB, then it dropped the connection)."""
+    await spawn(capd, "h7", scripted())
+    async with await connect_pod(capd, "h7", subscribe=False) as pod:
+        for n in range(8):
+            await pod.request(
+                {"method": "pod_event", "event": {"kind": "x", "n": n, "d": "x" * 700_000}}
+            )
+        page = await pod.request({"method": "history", "limit": 10_000})
+    received = [e["payload"]["n"] for e in page["events"] if e["event"] == "pod_event_received"]
+    assert received == list(range(8))
