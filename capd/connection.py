@@ -17,13 +17,15 @@ from typing import Any
 from capd.fanout import Subscription
 from protocol.errors import ProtocolError
 from protocol.events import Error, Lagged
-from protocol.framing import decode, encode
+from protocol.framing import check_bounds, decode, encode
 from protocol.methods import request_id
 
 log = logging.getLogger(__name__)
 
 REPLAY_PAGE = 512
 OUTBOX_CHUNK_BYTES = 64 * 1024
+MAX_ERROR_CHARS = 2000
+"""An error's message is cut here: it names what was wrong, it does not echo the frame."""
 Handler = Callable[[dict[str, Any], "Connection"], Awaitable[bytes | None]]
 
 
@@ -221,6 +223,7 @@ async def _reply(line: bytes, conn: Connection, handle: Handler) -> bytes | None
     frame: dict[str, Any] | None = None
     try:
         frame = decode(line)
+        check_bounds(frame, line)
         return await handle(frame, conn)
     except ProtocolError as exc:
         return _error(request_id(frame) if frame else None, exc.code, exc.message)
@@ -231,4 +234,6 @@ async def _reply(line: bytes, conn: Connection, handle: Handler) -> bytes | None
 
 
 def _error(rid: object, code: str, message: str) -> bytes:
+    if len(message) > MAX_ERROR_CHARS:
+        message = message[: MAX_ERROR_CHARS - 1] + "…"
     return encode(Error(id=rid, code=code, message=message))  # type: ignore[arg-type]

@@ -163,13 +163,15 @@ class PodController:
         """`emit` for events that must be committed together or not at all."""
         ts = time.time()
         frames = []
-        for event in events:
-            self.last_seq += 1
-            event.pod, event.seq, event.ts = self.name, self.last_seq, ts
+        for seq, event in enumerate(events, self.last_seq + 1):
+            event.pod, event.seq, event.ts = self.name, seq, ts
             frames.append(encode(event))
         owed = self._owed(report)
         stored = [(e.seq, e.ts, e.event, f[:-1]) for e, f in zip(events, frames, strict=True)]
         self._store.append(self.name, stored, owed, consumed)
+        # Only a committed event takes a seq: one that cannot be encoded or stored leaves
+        # no gap for subscribers to wait on.
+        self.last_seq += len(events)
         if owed is not None:
             self._outbox.poke(owed.target)
         for event, frame in zip(events, frames, strict=True):
@@ -301,28 +303,50 @@ class PodController:
         await fut
 
     async def run(self) -> None:
-        self._kick()
-        while True:
-            msg = await self._mailbox.get()
-            if isinstance(msg, _TurnDone):
-                self._complete(msg.task)
-            else:
-                request, fut = msg
-                self._collect_finished_turn()
-                try:
-                    if isinstance(request, _Stop):
-                        await self._halt(request.mode)
-                        fut.set_result({})
-                        self._refuse_pending()
-                        return
-                    result = await self._handle(request)
-                except ProtocolError as exc:
-                    if not fut.done():
-                        fut.set_exception(exc)
-                else:
-                    if not fut.done():
-                        fut.set_result(result)
-            self._kick()
+        """Serve the mailbox until stopped. A method that fails unexpectedly fails alone (its
+        caller gets `internal`, the log the traceback) and the actor goes on; if the actor
+        ends anyway, what waits in its mailbox is refused rather than left hanging."""
+        try:
+            self._guarded(self._kick)
+            while True:
+                msg = await self._mailbox.get()
+                if isinstance(msg, _TurnDone):
+                    self._guarded(self._complete, msg.task)
+                elif await self._serve(*msg):
+                    return
+                self._guarded(self._kick)
+        finally:
+            self._stopped = True
+            self._refuse_pending()
+
+    async def _serve(self, request: _Call, fut: "asyncio.Future[dict[str, Any]]") -> bool:
+        """Handle one method and settle its future; True once the actor is to end."""
+        if isinstance(request, _Stop):
+            self._guarded(self._collect_finished_turn)
+            try:
+                await self._halt(request.mode)
+            except Exception:
+                log.exception("pod %s: stopping it failed; it is stopped anyway", self.name)
+            _settle(fut, {})
+            return True
+        try:
+            self._collect_finished_turn()
+            result = await self._handle(request)
+        except ProtocolError as exc:
+            _settle(fut, exc)
+        except Exception as exc:
+            log.exception("pod %s: %s failed", self.name, type(request).__name__)
+            _settle(fut, _internal(self.name, exc))
+        else:
+            _settle(fut, result)
+        return False
+
+    def _guarded(self, step: Callable[..., None], *args: Any) -> None:
+        """Run an actor step no caller waits on; an unexpected failure is logged, not fatal."""
+        try:
+            step(*args)
+        except Exception:
+            log.exception("pod %s: %s failed", self.name, step.__name__.lstrip("_"))
 
     async def _handle(self, request: _Call) -> dict[str, Any]:
         match request:
@@ -424,8 +448,9 @@ class PodController:
         if self.status != "idle" or self._stopped:
             return
         if self._queue:
-            queued = self._queue.popleft()
+            queued = self._queue[0]
             self._start(Turn(queued.turn_id, "run"), queued.text, queued.pending_id)
+            self._queue.popleft()
         elif self.notes:
             self._start(Turn(new_turn_id(), self.notes[0].kind), None)
 
@@ -434,8 +459,6 @@ class PodController:
         with the deletion of its queued-run row, so a crash never leaves a started turn
         without its prompt, nor a queued run that both started and is still queued."""
         turn.first_message = len(self.context.messages)
-        self.turn = turn
-        self.status = "running"
         events: list[DurableEvent] = [
             StatusChanged(status="running", turn_id=turn.turn_id),
             TurnStart(turn_id=turn.turn_id, invoke=turn.invoke),
@@ -443,6 +466,8 @@ class PodController:
         if text is not None:
             events.append(UserMessage(turn_id=turn.turn_id, text=text))
         self._emit_all(events, consumed=[pending_id] if pending_id is not None else [])
+        self.turn = turn
+        self.status = "running"
         self._on_status(self.name, "running")
         self._launch()
 
@@ -542,8 +567,11 @@ class PodController:
     def _refuse_pending(self) -> None:
         while not self._mailbox.empty():
             msg = self._mailbox.get_nowait()
-            if not isinstance(msg, _TurnDone) and not msg[1].done():
-                msg[1].set_exception(ProtocolError("shutting_down", f"pod {self.name} stopped"))
+            if isinstance(msg, _TurnDone):
+                continue
+            request, fut = msg
+            stopped = ProtocolError("shutting_down", f"pod {self.name} stopped")
+            _settle(fut, {} if isinstance(request, _Stop) else stopped)
 
     # -- queries ------------------------------------------------------------------------
 
@@ -580,6 +608,23 @@ class PodController:
                 for asked in self.asked.values()
             ],
         }
+
+
+def _settle(fut: "asyncio.Future[dict[str, Any]]", outcome: dict[str, Any] | Exception) -> None:
+    if fut.done():
+        return
+    if isinstance(outcome, Exception):
+        fut.set_exception(outcome)
+    else:
+        fut.set_result(outcome)
+
+
+def _internal(pod: str, exc: Exception) -> ProtocolError:
+    return ProtocolError(
+        "internal",
+        f"pod {pod} failed on this request ({type(exc).__name__}: {exc}); "
+        "it goes on serving, capd's log has the details",
+    )
 
 
 def _report_note(received: PodEventReceived) -> PendingNote:

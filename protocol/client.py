@@ -14,9 +14,14 @@ from pydantic import BaseModel
 
 from protocol.errors import ProtocolError
 from protocol.events import Ack, Error, Hello
-from protocol.framing import DEFAULT_MAX_FRAME_BYTES, decode, encode
+from protocol.framing import decode, encode
 
 _CLOSED = object()
+
+
+LINE_LIMIT = 1 << 30
+"""capd's frames have no size limit (a `history` page of large events runs to many MiB):
+the client reads any line it can hold."""
 
 
 class ConnectionClosed(Exception):
@@ -41,9 +46,7 @@ class Client:
         # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
         # that lands as the inner call fails, and the caller would never stop.
         async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_unix_connection(
-                str(path), limit=4 * DEFAULT_MAX_FRAME_BYTES
-            )
+            reader, writer = await asyncio.open_unix_connection(str(path), limit=LINE_LIMIT)
         client = cls(reader, writer)
         try:
             async with asyncio.timeout(timeout):

@@ -13,6 +13,9 @@ from protocol.names import IfBusy
 from protocol.paths import POD_NAME_PATTERN
 
 RequestId = str | int
+Seq = Annotated[int, Field(ge=0, le=2**63 - 1)]
+"""A `seq` a request names: SQLite stores it as a signed 64-bit integer."""
+MAX_DESCRIBED_ERRORS = 5
 PodName = Annotated[str, Field(pattern=POD_NAME_PATTERN)]
 
 
@@ -71,7 +74,7 @@ class Status(Request):
 
 class Subscribe(Request):
     method: Literal["subscribe"] = "subscribe"
-    after_seq: int | None = Field(default=None, ge=0)
+    after_seq: Seq | None = None
 
 
 class Unsubscribe(Request):
@@ -80,7 +83,7 @@ class Unsubscribe(Request):
 
 class History(Request):
     method: Literal["history"] = "history"
-    after_seq: int = Field(default=0, ge=0)
+    after_seq: Seq = 0
     limit: int = Field(default=1000, ge=1, le=10000)
 
 
@@ -157,9 +160,10 @@ class RequestParser:
     def __init__(self, union: Any) -> None:
         self._adapter: TypeAdapter[Any] = TypeAdapter(union)
         choices = union.__origin__.__args__ if hasattr(union, "__origin__") else ()
-        self.methods = frozenset(
-            m for model in choices for m in model.model_fields["method"].annotation.__args__
-        )
+        self.models: dict[str, type[Request]] = {
+            m: model for model in choices for m in model.model_fields["method"].annotation.__args__
+        }
+        self.methods = frozenset(self.models)
 
     def parse(self, frame: dict[str, Any]) -> Request:
         method = frame.get("method")
@@ -179,10 +183,13 @@ class RequestParser:
 def describe_validation_error(exc: ValidationError, skip: int = 0, root: str = "value") -> str:
     """One line naming each bad field, e.g. `text: Field required; if_busy: Input should be ...`.
     `skip` drops leading location parts (a union's tag); `root` names the whole object."""
+    errors = exc.errors(include_url=False)
     parts = []
-    for err in exc.errors(include_url=False):
+    for err in errors[:MAX_DESCRIBED_ERRORS]:
         loc = ".".join(_printable(str(p)) for p in err["loc"][skip:])
         parts.append(f"{loc or root}: {err['msg']}")
+    if len(errors) > MAX_DESCRIBED_ERRORS:
+        parts.append(f"and {len(errors) - MAX_DESCRIBED_ERRORS} more")
     return "; ".join(parts)
 
 

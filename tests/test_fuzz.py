@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from protocol.errors import ErrorCode
-from protocol.methods import DAEMON_REQUESTS, POD_REQUESTS
+from protocol.methods import DAEMON_REQUESTS, POD_REQUESTS, RequestParser
 from tests.conftest import CapdProcess
 
 CODES = set(get_args(ErrorCode))
@@ -29,6 +29,27 @@ json_values = st.recursive(
     ),
     max_leaves=8,
 )
+
+
+def _nested(depth: int) -> Any:
+    value: Any = 0
+    for level in range(depth - 1):
+        value = [value] if level % 2 else {"n": value}
+    return value
+
+
+HOSTILE_VALUES: list[Any] = [
+    _nested(95),
+    _nested(300),
+    2**63,
+    2**64,
+    -(2**63) - 1,
+    1e308,
+    {f"k{i}": i for i in range(20_000)},
+    list(range(20_000)),
+    "x" * 300_000,
+]
+"""Values at and past capd's bounds: nesting depth, 64-bit numbers, object members, size."""
 
 
 def frames(methods: frozenset[str]) -> st.SearchStrategy[dict[str, Any]]:
@@ -77,6 +98,7 @@ def _check_reply(reply: dict[str, Any], frame: dict[str, Any]) -> None:
     assert reply["event"] in ("ack", "error"), reply
     if reply["event"] == "error":
         assert reply["code"] in CODES
+        assert reply["code"] != "internal", reply  # a refusal is typed; internal is a bug
         assert reply["message"]
         assert "\n" not in reply["message"]
         assert "Traceback" not in reply["message"]
@@ -110,13 +132,7 @@ def test_daemon_socket_survives_random_requests(
 )
 @given(frame=frames(POD_REQUESTS.methods - {"stop"}))
 def test_pod_socket_survives_random_requests(fuzz_capd: CapdProcess, frame: dict[str, Any]) -> None:
-    if not fuzz_capd.pod_socket("fz").exists():
-        setup = Line(str(fuzz_capd.socket))
-        setup.ask(
-            {"method": "spawn", "manifest": {"name": "fz", "model": {"provider": "scripted"}}}
-        )
-        setup.sock.close()
-    pod = Line(str(fuzz_capd.pod_socket("fz")))
+    pod = _fuzz_pod(fuzz_capd)
     before = _settle(pod)
     if frame.get("method") == "stop":
         return
@@ -126,6 +142,79 @@ def test_pod_socket_survives_random_requests(fuzz_capd: CapdProcess, frame: dict
     if reply["event"] == "error":
         assert after["last_seq"] == before["last_seq"]
     pod.sock.close()
+
+
+@pytest.mark.parametrize("method", sorted(POD_REQUESTS.methods - {"stop"}))
+def test_pod_methods_survive_hostile_values(fuzz_capd: CapdProcess, method: str) -> None:
+    """Each field of each method at or past a bound: a typed error or an ack, after which
+    the pod answers and its history has no gap."""
+    pod = _fuzz_pod(fuzz_capd)
+    for field in [*_fields(POD_REQUESTS, method), "event.d", "unknown"]:
+        for value in HOSTILE_VALUES:
+            before = _settle(pod)
+            frame = _with(field, value, {"method": method, "id": "h", "event": {"kind": "x"}})
+            reply = pod.ask(frame)
+            case = f"{method} with {field} = {str(value)[:40]}"
+            _check_reply(reply, frame)
+            after = _settle(pod)
+            if reply["event"] == "error":
+                assert after["last_seq"] == before["last_seq"], case
+            _assert_no_gap(pod, before["last_seq"], after["last_seq"])
+    pod.sock.close()
+
+
+@pytest.mark.parametrize("method", sorted(DAEMON_REQUESTS.methods - {"shutdown"}))
+def test_daemon_methods_survive_hostile_values(fuzz_capd: CapdProcess, method: str) -> None:
+    daemon = Line(str(fuzz_capd.socket))
+    fields = [*_fields(DAEMON_REQUESTS, method), "manifest.model", "manifest.limits"]
+    fields += ["manifest.model.script", "unknown"]
+    for field in fields:
+        for value in HOSTILE_VALUES:
+            manifest = {"name": "hv", "model": {"provider": "scripted"}}
+            frame = {"method": method, "id": "h", "manifest": manifest, "name": "hv"}
+            if field == "manifest.model.script":
+                value = [{"tool_calls": [{"name": "bash", "arguments": {"command": value}}]}]
+            reply = daemon.ask(_with(field, value, frame))
+            _check_reply(reply, frame)
+            assert daemon.ask({"method": "info", "id": "alive"})["event"] == "ack"
+            if reply["event"] == "ack" and method == "spawn":
+                assert daemon.ask({"method": "delete", "name": "hv", "id": "rm"})["event"] == "ack"
+    daemon.sock.close()
+
+
+def _fields(parser: RequestParser, method: str) -> list[str]:
+    """The fields of `method`'s request, `method` aside."""
+    return [name for name in parser.models[method].model_fields if name != "method"]
+
+
+def _with(path: str, value: Any, frame: dict[str, Any]) -> dict[str, Any]:
+    """`frame` with `value` at the dotted `path`."""
+    *parents, last = path.split(".")
+    target = frame
+    for key in parents:
+        target = target[key]
+    target[last] = value
+    return frame
+
+
+def _fuzz_pod(capd: CapdProcess) -> Line:
+    if not capd.pod_socket("fz").exists():
+        setup = Line(str(capd.socket))
+        setup.ask(
+            {"method": "spawn", "manifest": {"name": "fz", "model": {"provider": "scripted"}}}
+        )
+        setup.sock.close()
+    return Line(str(capd.pod_socket("fz")))
+
+
+def _assert_no_gap(pod: Line, first: int, last: int) -> None:
+    """The pod's history holds every seq from `first` to `last`, once each, in order."""
+    seqs = [first]
+    while seqs[-1] < last:
+        page = pod.ask({"method": "history", "after_seq": seqs[-1], "id": "gap"})["result"]
+        assert page["events"], f"history ends at {seqs[-1]}, status says {last}"
+        seqs.extend(event["seq"] for event in page["events"])
+    assert seqs == list(range(first, last + 1))
 
 
 def _settle(pod: Line) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from typing import Any, Literal, Protocol
 import orjson
 
 from protocol.events import ThinkingBlock, ToolCall, Usage
+from protocol.framing import shape_problem
 
 INVALID_JSON_KEY = "__invalid_json__"
 """Key under which a provider keeps tool-call arguments that were not a JSON object."""
@@ -130,14 +131,16 @@ class ProviderError(Exception):
 
 def parse_tool_arguments(raw: str) -> dict[str, Any]:
     """A tool call's streamed JSON arguments: `{}` when empty, kept under INVALID_JSON_KEY
-    when they are not a JSON object."""
+    when they are not a JSON object within the bounds of a request (protocol.framing)."""
     if not raw.strip():
         return {}
     try:
         value = orjson.loads(raw)
     except orjson.JSONDecodeError:
         value = None
-    return value if isinstance(value, dict) else {INVALID_JSON_KEY: raw}
+    if isinstance(value, dict) and shape_problem(value, raw.encode()) is None:
+        return value
+    return {INVALID_JSON_KEY: raw}
 
 
 class Provider(Protocol):

@@ -22,6 +22,7 @@ from capd.tools.pods import (
     StopPodTool,
 )
 from capd.tools.shell import BashTool
+from protocol.framing import MAX_NESTING
 from protocol.methods import describe_validation_error
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,10 @@ async def run_tool(name: str, arguments: dict[str, Any], ctx: ToolContext) -> To
         return ToolOutcome(f"unknown tool {name!r}", is_error=True)
     if INVALID_JSON_KEY in arguments:
         raw = str(arguments[INVALID_JSON_KEY])[:INVALID_JSON_SHOWN_CHARS]
-        return ToolOutcome(f"arguments were not valid JSON: {raw}", is_error=True)
+        return ToolOutcome(
+            f"arguments were not a JSON object, or nested deeper than {MAX_NESTING} levels: {raw}",
+            is_error=True,
+        )
     try:
         args = tool.args_model.model_validate(arguments)
     except ValidationError as exc:
