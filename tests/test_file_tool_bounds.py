@@ -2,6 +2,7 @@
 
 import asyncio
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,14 +20,15 @@ STALL_LIMIT_S = 0.25
 
 
 @pytest.fixture(scope="module")
-def huge_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A directory holding `huge.txt`: 128 MiB without a newline."""
+def huge_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A directory holding `huge.txt`: 128 MiB without a newline (removed afterwards)."""
     directory = tmp_path_factory.mktemp("huge")
     chunk = b"x" * 2**20
     with (directory / "huge.txt").open("wb") as out:
         for _ in range(HUGE_BYTES // len(chunk)):
             out.write(chunk)
-    return directory
+    yield directory
+    (directory / "huge.txt").unlink()
 
 
 def _peak_growth_start(pid: int) -> int:
