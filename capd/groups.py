@@ -20,12 +20,16 @@ class _Terminations:
     def __init__(self) -> None:
         self._due: dict[int, float] = {}
 
-    def terminate(self, pgid: int) -> None:
+    def terminate(self, pgid: int, grace: float) -> None:
+        if grace <= 0:
+            self._due.pop(pgid, None)
+            signal_group(pgid, signal.SIGKILL)
+            return
         if not signal_group(pgid, signal.SIGTERM) or pgid in self._due:
             return
         loop = asyncio.get_running_loop()
-        self._due[pgid] = loop.time() + KILL_GRACE_S
-        loop.call_later(KILL_GRACE_S, self._kill, pgid)
+        self._due[pgid] = loop.time() + grace
+        loop.call_later(grace, self._kill, pgid)
 
     def _kill(self, pgid: int) -> None:
         if self._due.pop(pgid, None) is not None:
@@ -47,9 +51,10 @@ class _Terminations:
 _GROUPS = _Terminations()
 
 
-def terminate_group(pgid: int) -> None:
-    """SIGTERM the group now and SIGKILL it after KILL_GRACE_S unless it is gone."""
-    _GROUPS.terminate(pgid)
+def terminate_group(pgid: int, grace: float = KILL_GRACE_S) -> None:
+    """SIGTERM the group now and SIGKILL it after `grace` unless it is gone; SIGKILL it
+    now when no grace is left (a leftover group an earlier capd already sent SIGTERM)."""
+    _GROUPS.terminate(pgid, grace)
 
 
 async def stop_all_groups() -> None:

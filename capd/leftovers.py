@@ -4,57 +4,100 @@ capd stops its tools' and engines' process groups when it shuts down; a capd tha
 SIGKILLed, or crashes, cannot. So every process capd starts inherits CAPD_OWNER, a token
 drawn at each start and kept in the state directory, and the next capd on that directory
 (its lock says the old one is gone) stops the process group of every process still
-carrying the old token. A capd that shuts down cleanly has stopped its groups itself and
-removes the token, so the next start skips the search. Under systemd the unit's cgroup
-does all this already; this covers a capd run by hand. A process that clears its
-environment escapes.
+carrying an old token. A token stays in the `owner` file until no process carries it: a
+capd killed again before its predecessor's tools were gone leaves them to the next one.
+The file also records when a token's processes were first sent SIGTERM, so a later capd
+gives them only what is left of the grace before SIGKILL, however often capd dies in
+between. A capd that shuts down cleanly has stopped its groups itself and removes the file
+(unless some process still carries a token), so the next start skips the search. Under
+systemd the unit's cgroup does all this already; this covers a capd run by hand. A process
+that clears its environment escapes.
 """
 
 import os
 import secrets
+import time
+from collections.abc import Iterable
 from pathlib import Path
 
-from capd.groups import terminate_group
+from capd.groups import KILL_GRACE_S, terminate_group
 
 OWNER_ENV = "CAPD_OWNER"
 OWNER_FILE = "owner"
 
 
 def claim(state_dir: Path) -> list[int]:
-    """Stop what the last capd on `state_dir` left running (SIGTERM now, SIGKILL after
-    the grace) and mark what this one starts. Returns the process groups stopped."""
+    """Stop what earlier capds on `state_dir` left running (SIGTERM, then SIGKILL once the
+    grace since their first SIGTERM is over) and mark what this one starts. Returns the
+    process groups stopped."""
     path = state_dir / OWNER_FILE
-    try:
-        previous = path.read_text().strip()
-    except FileNotFoundError:
-        previous = ""
-    groups = sorted(_groups_marked(previous)) if previous else []
-    for pgid in groups:
-        terminate_group(pgid)
+    tokens = _read_tokens(path)
+    now = time.time()
+    kept: dict[str, float] = {}
+    stopped: set[int] = set()
+    for token, groups in _groups_marked(tokens).items():
+        kept[token] = tokens[token] or now
+        grace = min(KILL_GRACE_S, kept[token] + KILL_GRACE_S - now)
+        for pgid in groups:
+            terminate_group(pgid, grace)
+        stopped |= groups
     token = secrets.token_hex(8)
     os.environ[OWNER_ENV] = token
+    lines = [f"{old} {since}" for old, since in kept.items()] + [token]
     written = path.with_suffix(".new")
-    written.write_text(token)
+    written.write_text("\n".join(lines) + "\n")
     written.replace(path)
-    return groups
+    return sorted(stopped)
 
 
-def _groups_marked(token: str) -> set[int]:
-    """Process groups of the processes whose environment carries `token`, sparing capd's
-    own group and its ancestors (a capd started from a leftover tool)."""
-    mark = f"{OWNER_ENV}={token}".encode()
+def _read_tokens(path: Path) -> dict[str, float | None]:
+    """The tokens in the owner file, each with when its processes were first sent SIGTERM
+    (None for the token of the capd that wrote the file)."""
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return {}
+    tokens: dict[str, float | None] = {}
+    for line in lines:
+        token, _, since = line.partition(" ")
+        if token:
+            tokens[token] = _seconds(since)
+    return tokens
+
+
+def _seconds(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _groups_marked(tokens: Iterable[str]) -> dict[str, set[int]]:
+    """For each token some process's environment carries, the process groups of those
+    processes, sparing capd's own group and its ancestors (a capd started from a leftover
+    tool)."""
+    marks = {f"{OWNER_ENV}={token}".encode(): token for token in tokens}
+    if not marks:
+        return {}
     spared = _lineage()
-    groups: set[int] = set()
+    own_group = os.getpgid(0)
+    found: dict[str, set[int]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) in spared:
             continue
         try:
-            if mark in (entry / "environ").read_bytes().split(b"\0"):
-                groups.add(os.getpgid(int(entry.name)))
+            token = _token_of(entry, marks)
+            if token is not None and (pgid := os.getpgid(int(entry.name))) != own_group:
+                found.setdefault(token, set()).add(pgid)
         except OSError:  # gone meanwhile, or not ours to read
             continue
-    groups.discard(os.getpgid(0))
-    return groups
+    return found
+
+
+def _token_of(process: Path, marks: dict[bytes, str]) -> str | None:
+    """The token whose mark the environment of `process` (a /proc entry) holds, if any."""
+    variables = (process / "environ").read_bytes().split(b"\0")
+    return next((marks[var] for var in variables if var in marks), None)
 
 
 def _lineage() -> set[int]:
@@ -72,5 +115,8 @@ def _lineage() -> set[int]:
 
 
 def release(state_dir: Path) -> None:
-    """A clean shutdown, with every process group stopped: nothing to search for next time."""
-    (state_dir / OWNER_FILE).unlink(missing_ok=True)
+    """A clean shutdown, with every process group stopped: nothing to search for next time,
+    unless some process still carries a token."""
+    path = state_dir / OWNER_FILE
+    if not _groups_marked(_read_tokens(path)):
+        path.unlink(missing_ok=True)

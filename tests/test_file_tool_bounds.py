@@ -1,0 +1,126 @@
+"""The file tools on huge files: capd's memory stays small and its event loop keeps turning."""
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from capd.tools import run_tool
+from capd.tools.base import DEFAULT_OUTPUT_LIMIT, ToolContext, ToolOutcome
+from capd.tools.files import EDIT_LIMIT_BYTES, PIECE_CHARS
+from protocol.client import Client
+from tests.conftest import CapdProcess
+from tests.helpers import connect_pod, is_event, scripted, spawn, wait_for
+
+HUGE_BYTES = 128 * 2**20
+GROWTH_LIMIT = 32 * 2**20
+STALL_LIMIT_S = 0.25
+
+
+@pytest.fixture(scope="module")
+def huge_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A directory holding `huge.txt`: 128 MiB without a newline (removed afterwards)."""
+    directory = tmp_path_factory.mktemp("huge")
+    chunk = b"x" * 2**20
+    with (directory / "huge.txt").open("wb") as out:
+        for _ in range(HUGE_BYTES // len(chunk)):
+            out.write(chunk)
+    yield directory
+    (directory / "huge.txt").unlink()
+
+
+def _peak_growth_start(pid: int) -> int:
+    """Reset the process's peak RSS (VmHWM) and return its RSS now."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+    return _status_kib(pid, "VmRSS") * 1024
+
+
+def _status_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field}")
+
+
+async def _longest_status_wait(client: Client, done: asyncio.Event) -> float:
+    """Ask for a pod's status over and over until `done`; the longest an answer took."""
+    longest = 0.0
+    while not done.is_set():
+        asked = time.monotonic()
+        await client.request({"method": "status"})
+        longest = max(longest, time.monotonic() - asked)
+    return longest
+
+
+def _read(**args: object) -> dict[str, object]:
+    return {"tool_calls": [{"name": "read_file", "arguments": {"path": "huge.txt", **args}}]}
+
+
+async def test_read_file_on_a_huge_line_keeps_capd_small_and_responsive(
+    capd: CapdProcess, huge_dir: Path
+) -> None:
+    """From the start the output limit ends the read; past the end of a file that is one
+    128 MiB line, all of it has to be scanned. Neither holds the line in memory, and
+    another pod answers at once meanwhile."""
+    script = scripted(_read(), _read(offset=2), {"text": "read"})
+    await spawn(capd, "reader", script, cwd=str(huge_dir), tools=["read_file"])
+    await spawn(capd, "other", scripted())
+    assert capd.proc is not None
+    async with (
+        await connect_pod(capd, "reader") as pod,
+        await connect_pod(capd, "other", subscribe=False) as other,
+    ):
+        baseline = _peak_growth_start(capd.proc.pid)
+        done = asyncio.Event()
+        watcher = asyncio.create_task(_longest_status_wait(other, done))
+        await pod.request({"method": "run", "text": "go"})
+        first, _ = await wait_for(pod, is_event("tool_result"))
+        second, _ = await wait_for(pod, is_event("tool_result"))
+        done.set()
+        longest = await watcher
+    growth = _status_kib(capd.proc.pid, "VmHWM") * 1024 - baseline
+    assert first["output"] == (
+        "x" * DEFAULT_OUTPUT_LIMIT + "\n"
+        f"[output truncated at {DEFAULT_OUTPUT_LIMIT} bytes, within line 1; read on with offset=2]"
+    )
+    assert second["output"] == "[offset 2 is past the end of the file, which has 1 lines]"
+    assert growth < GROWTH_LIMIT, f"capd grew {growth >> 20} MiB reading a 128 MiB line"
+    assert longest < STALL_LIMIT_S, f"another pod waited {longest:.2f} s for its status"
+
+
+# the same at the tool seam: a line longer than a piece, the edit limit
+
+
+@pytest.fixture
+def ctx(tmp_path: Path) -> ToolContext:
+    return ToolContext(cwd=tmp_path, pod="test", output_limit=2 * PIECE_CHARS)
+
+
+async def test_read_file_counts_lines_longer_than_a_piece_once(ctx: ToolContext) -> None:
+    """Lines that take several pieces, and a \r\n that a piece boundary cuts in two, are
+    still one line each."""
+    long = "y" * (3 * PIECE_CHARS)
+    cut_crlf = "z" * (PIECE_CHARS - 1) + "\r\n"
+    (ctx.cwd / "f.txt").write_text(f"{long}\n{cut_crlf}third\r\n", newline="")
+    third = await run_tool("read_file", {"path": "f.txt", "offset": 3}, ctx)
+    assert third == ToolOutcome("third\r\n")
+    past = await run_tool("read_file", {"path": "f.txt", "offset": 5}, ctx)
+    assert past == ToolOutcome("[offset 5 is past the end of the file, which has 3 lines]")
+    second = await run_tool("read_file", {"path": "f.txt", "offset": 2, "limit": 1}, ctx)
+    assert second == ToolOutcome(f"{cut_crlf}[the file goes on; read on with offset=3]")
+
+
+async def test_edit_file_refuses_files_beyond_its_limit(ctx: ToolContext) -> None:
+    big = ctx.cwd / "big.txt"
+    big.write_bytes(b"a\n" * (EDIT_LIMIT_BYTES // 2) + b"needle\n")
+    outcome = await run_tool(
+        "edit_file", {"path": "big.txt", "old_text": "needle", "new_text": "pin"}, ctx
+    )
+    assert outcome == ToolOutcome(
+        "big.txt is larger than 8 MiB, more than edit_file changes; "
+        "edit it with bash (sed, or a script) instead",
+        True,
+    )
+    assert big.stat().st_size == EDIT_LIMIT_BYTES + len(b"needle\n")

@@ -1,0 +1,63 @@
+"""Tools a SIGKILLed capd left running are stopped by a later capd, however often it dies."""
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from capd.groups import KILL_GRACE_S
+from tests.conftest import CapdProcess
+from tests.helpers import connect_pod, scripted, spawn, until
+
+MARKER = "40.123"
+"""The sleep's argument: no other process on the machine runs `sleep 40.123`."""
+
+
+def _sleepers() -> list[int]:
+    """Live processes running `sleep MARKER` (a zombie's cmdline is empty)."""
+    argv = f"sleep\0{MARKER}\0".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "cmdline").read_bytes().endswith(argv):
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+async def _sigkill(capd: CapdProcess) -> None:
+    assert capd.proc is not None
+    capd.proc.kill()
+    await asyncio.to_thread(capd.proc.wait, 10)
+
+
+async def test_a_tool_ignoring_sigterm_dies_though_capd_is_killed_again_within_the_grace(
+    capd: CapdProcess,
+) -> None:
+    """The second capd sends the tool SIGTERM and dies before its SIGKILL is due; the third
+    one still knows the first one's token, and that the grace is over: it sends SIGKILL
+    before it even listens."""
+    command = f"trap '' TERM; exec sleep {MARKER}"
+    tool = {"tool_calls": [{"name": "bash", "arguments": {"command": command}}]}
+    await spawn(capd, "w1", scripted(tool), tools=["bash"])
+    try:
+        async with await connect_pod(capd, "w1") as pod:
+            await pod.request({"method": "run", "text": "go"})
+            await until(lambda: bool(_sleepers()))
+        await _sigkill(capd)
+        await asyncio.to_thread(capd.start)  # sends the sleep SIGTERM, which it ignores
+        terminated = time.monotonic()  # the SIGTERM went out before capd answered
+        await _sigkill(capd)
+        if not _sleepers():
+            pytest.skip("capd lived through the grace (a loaded machine): its SIGKILL landed")
+        await until(lambda: time.monotonic() - terminated > KILL_GRACE_S)
+        await asyncio.to_thread(capd.start)
+        await _sigkill(capd)
+        await until(lambda: not _sleepers(), timeout=1)
+    finally:
+        for pid in _sleepers():
+            os.kill(pid, signal.SIGKILL)
