@@ -222,17 +222,18 @@ class Daemon:
         name = manifest.name
         if name in self.pods or self.registry.get(name) is not None:
             raise ProtocolError("already_exists", f"a pod named {name} already exists")
-        if parent is not None and not Path(parent).is_absolute():
+        if parent is not None and (not Path(parent).is_absolute() or "\0" in parent):
             raise ProtocolError(
-                "invalid_request", f"parent {parent} must be an absolute socket path"
+                "invalid_request", f"parent {parent!r} must be an absolute socket path"
             )
         cwd = self._resolve_cwd(manifest, must_exist=not make_cwd)
         manifest = manifest.model_copy(update={"cwd": str(cwd)})
         _check_api_key(manifest)
         check_engine(manifest)
-        parent_name = self.name_at(parent)
+        parent_name = self._pods_dir_name(parent)
         if parent_name is not None:
             self._check_child_of(parent_name, manifest)
+            parent = str(self._socket(parent_name))  # the spelling children_of looks up
         if make_cwd:
             try:
                 cwd.mkdir(parents=True, exist_ok=True)
@@ -254,7 +255,12 @@ class Daemon:
         if parent in self._stopping:
             raise ProtocolError("shutting_down", f"parent pod {parent} is stopping")
         record = self.registry.get(parent)
-        assert record is not None
+        if record is None:
+            raise ProtocolError(
+                "not_found",
+                f"parent {self._socket(parent)} is in capd's pods directory but no pod "
+                f"named {parent} exists; spawn the parent first",
+            )
         check_child(
             parent,
             Manifest.model_validate_json(record.manifest),
@@ -479,11 +485,21 @@ class Daemon:
 
     def name_at(self, socket: str | None) -> str | None:
         """The name of this daemon's pod (running or stopped) whose socket is `socket`."""
+        name = self._pods_dir_name(socket)
+        return name if name is not None and self.registry.get(name) is not None else None
+
+    def _pods_dir_name(self, socket: str | None) -> str | None:
+        """The pod name a socket path in this daemon's pods directory stands for, however
+        it is spelled (`..`, a symlink to the runtime dir or to the socket); None for a
+        path elsewhere. Whether such a pod exists is the caller's question."""
         if socket is None:
             return None
         path = Path(socket)
-        if path != self._socket(path.stem) or self.registry.get(path.stem) is None:
-            return None
+        if path != self._socket(path.stem):
+            path = Path(os.path.realpath(path))
+            pods_dir = Path(os.path.realpath(self.config.runtime_dir / "pods"))
+            if path.parent != pods_dir or path.suffix != ".sock":
+                return None
         return path.stem
 
     def _pod_at(self, socket: str | None) -> _RunningPod | None:
