@@ -241,6 +241,7 @@ class Daemon:
                 raise ProtocolError(
                     "invalid_request", f"cannot create cwd {cwd}: {exc.strerror or exc}"
                 ) from None
+        self._make_pod_state_dir(name)
         self.registry.add(name, manifest.model_dump_json(), parent)
         running = await self._bring_up(manifest, parent)
         socket = str(running.endpoint.path)
@@ -480,6 +481,13 @@ class Daemon:
     def _pod_state_dir(self, name: str) -> Path:
         return self.config.state_dir / "pods" / name
 
+    def _make_pod_state_dir(self, name: str) -> Path:
+        """The pod's state dir (its spilled tool output goes there), 0700 at each level."""
+        path = self._pod_state_dir(name)
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        path.mkdir(mode=0o700, exist_ok=True)
+        return path
+
     def _socket(self, name: str) -> Path:
         return pod_socket(self.config.runtime_dir, name)
 
@@ -521,8 +529,8 @@ class Daemon:
 
     def _resolve_cwd(self, manifest: Manifest, must_exist: bool) -> Path:
         if manifest.cwd is None:
-            cwd = self._pod_state_dir(manifest.name) / "work"
-            cwd.mkdir(parents=True, exist_ok=True)
+            cwd = self._make_pod_state_dir(manifest.name) / "work"
+            cwd.mkdir(mode=0o700, exist_ok=True)
             return cwd
         cwd = Path(manifest.cwd)
         if not cwd.is_absolute():
@@ -571,7 +579,9 @@ def _make_private_dir(path: Path, group: int | None) -> None:
 
 
 def _lock(path: Path) -> IO[str]:
-    handle = path.open("a+")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    os.fchmod(fd, 0o600)  # one an older capd made 0644
+    handle = os.fdopen(fd, "r+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

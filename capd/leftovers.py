@@ -34,7 +34,7 @@ def claim(state_dir: Path) -> list[int]:
     token = secrets.token_hex(8)
     os.environ[OWNER_ENV] = token
     written = path.with_suffix(".new")
-    written.write_text(token)
+    _write_private(written, token)
     written.replace(path)
     return groups
 
@@ -74,3 +74,11 @@ def _lineage() -> set[int]:
 def release(state_dir: Path) -> None:
     """A clean shutdown, with every process group stopped: nothing to search for next time."""
     (state_dir / OWNER_FILE).unlink(missing_ok=True)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write `text` to `path`, mode 0600: capd's files are its user's alone."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
