@@ -226,17 +226,18 @@ class Daemon:
         name = manifest.name
         if name in self.pods or self.registry.get(name) is not None:
             raise ProtocolError("already_exists", f"a pod named {name} already exists")
-        if parent is not None and not Path(parent).is_absolute():
+        if parent is not None and (not Path(parent).is_absolute() or "\0" in parent):
             raise ProtocolError(
-                "invalid_request", f"parent {parent} must be an absolute socket path"
+                "invalid_request", f"parent {parent!r} must be an absolute socket path"
             )
         cwd = self._resolve_cwd(manifest, must_exist=not make_cwd)
         manifest = manifest.model_copy(update={"cwd": str(cwd)})
         _check_api_key(manifest)
         check_engine(manifest)
-        parent_name = self.name_at(parent)
+        parent_name = self._pods_dir_name(parent)
         if parent_name is not None:
             self._check_child_of(parent_name, manifest)
+            parent = str(self._socket(parent_name))  # the spelling children_of looks up
         if make_cwd:
             try:
                 cwd.mkdir(parents=True, exist_ok=True)
@@ -244,6 +245,7 @@ class Daemon:
                 raise ProtocolError(
                     "invalid_request", f"cannot create cwd {cwd}: {exc.strerror or exc}"
                 ) from None
+        self._make_pod_state_dir(name)
         self.registry.add(name, manifest.model_dump_json(), parent)
         running = await self._bring_up(manifest, parent)
         socket = str(running.endpoint.path)
@@ -258,7 +260,12 @@ class Daemon:
         if parent in self._stopping:
             raise ProtocolError("shutting_down", f"parent pod {parent} is stopping")
         record = self.registry.get(parent)
-        assert record is not None
+        if record is None:
+            raise ProtocolError(
+                "not_found",
+                f"parent {self._socket(parent)} is in capd's pods directory but no pod "
+                f"named {parent} exists; spawn the parent first",
+            )
         check_child(
             parent,
             Manifest.model_validate_json(record.manifest),
@@ -488,16 +495,33 @@ class Daemon:
     def _pod_state_dir(self, name: str) -> Path:
         return self.config.state_dir / "pods" / name
 
+    def _make_pod_state_dir(self, name: str) -> Path:
+        """The pod's state dir (its spilled tool output goes there), 0700 at each level."""
+        path = self._pod_state_dir(name)
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        path.mkdir(mode=0o700, exist_ok=True)
+        return path
+
     def _socket(self, name: str) -> Path:
         return pod_socket(self.config.runtime_dir, name)
 
     def name_at(self, socket: str | None) -> str | None:
         """The name of this daemon's pod (running or stopped) whose socket is `socket`."""
+        name = self._pods_dir_name(socket)
+        return name if name is not None and self.registry.get(name) is not None else None
+
+    def _pods_dir_name(self, socket: str | None) -> str | None:
+        """The pod name a socket path in this daemon's pods directory stands for, however
+        it is spelled (`..`, a symlink to the runtime dir or to the socket); None for a
+        path elsewhere. Whether such a pod exists is the caller's question."""
         if socket is None:
             return None
         path = Path(socket)
-        if path != self._socket(path.stem) or self.registry.get(path.stem) is None:
-            return None
+        if path != self._socket(path.stem):
+            path = Path(os.path.realpath(path))
+            pods_dir = Path(os.path.realpath(self.config.runtime_dir / "pods"))
+            if path.parent != pods_dir or path.suffix != ".sock":
+                return None
         return path.stem
 
     def _pod_at(self, socket: str | None) -> _RunningPod | None:
@@ -519,8 +543,8 @@ class Daemon:
 
     def _resolve_cwd(self, manifest: Manifest, must_exist: bool) -> Path:
         if manifest.cwd is None:
-            cwd = self._pod_state_dir(manifest.name) / "work"
-            cwd.mkdir(parents=True, exist_ok=True)
+            cwd = self._make_pod_state_dir(manifest.name) / "work"
+            cwd.mkdir(mode=0o700, exist_ok=True)
             return cwd
         cwd = Path(manifest.cwd)
         if not cwd.is_absolute():
@@ -569,7 +593,9 @@ def _make_private_dir(path: Path, group: int | None) -> None:
 
 
 def _lock(path: Path) -> IO[str]:
-    handle = path.open("a+")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    os.fchmod(fd, 0o600)  # one an older capd made 0644
+    handle = os.fdopen(fd, "r+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

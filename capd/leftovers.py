@@ -45,7 +45,7 @@ def claim(state_dir: Path) -> list[int]:
     os.environ[OWNER_ENV] = token
     lines = [f"{old} {since}" for old, since in kept.items()] + [token]
     written = path.with_suffix(".new")
-    written.write_text("\n".join(lines) + "\n")
+    _write_private(written, "\n".join(lines) + "\n")
     written.replace(path)
     return sorted(stopped)
 
@@ -120,3 +120,11 @@ def release(state_dir: Path) -> None:
     path = state_dir / OWNER_FILE
     if not _groups_marked(_read_tokens(path)):
         path.unlink(missing_ok=True)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write `text` to `path`, mode 0600: capd's files are its user's alone."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)

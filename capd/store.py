@@ -12,6 +12,8 @@ remembers how far each pod has read each child's output (`read_pod_output`).
 may lose the last moments (see README).
 """
 
+import contextlib
+import os
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -102,6 +104,7 @@ class PendingRow:
 
 class Store:
     def __init__(self, path: Path) -> None:
+        _make_private(path)
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -252,3 +255,13 @@ class Store:
             "ON CONFLICT (reader, target) DO UPDATE SET seq = excluded.seq",
             (reader, target, seq),
         )
+
+
+def _make_private(path: Path) -> None:
+    """The database and its -wal and -shm files, 0600. SQLite creates those two with the
+    database's mode, so the database is made before SQLite opens it; files an older capd
+    left 0644 are narrowed too."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(f"{path}{suffix}", 0o600)

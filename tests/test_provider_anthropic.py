@@ -374,14 +374,16 @@ async def test_minimal_request_without_key(
     assert "authorization" not in server.headers[0]
 
 
-async def test_anthropic_api_key_is_the_default(
+async def test_anthropic_api_key_goes_only_to_anthropic(
     server: AnthropicTestServer, make_provider: ProviderFactory, monkeypatch: pytest.MonkeyPatch
 ):
+    """ANTHROPIC_API_KEY is for api.anthropic.com; a server at another base_url gets a key
+    only when the manifest names its variable (tests/test_api_keys.py)."""
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-default")
 
     await collect(make_provider())
 
-    assert server.headers[0]["x-api-key"] == "sk-ant-default"
+    assert "x-api-key" not in server.headers[0]
 
 
 @pytest.mark.parametrize(

@@ -31,7 +31,7 @@ from capd.providers.base import (
     continue_text,
     parse_tool_arguments,
 )
-from capd.providers.http import SseEndpoint, error_reason, excerpt, read_to_end
+from capd.providers.http import SseEndpoint, error_reason, excerpt, key_variable, read_to_end
 from protocol.events import ThinkingBlock, ToolCall, Usage
 from protocol.manifest import ModelConfig
 
@@ -89,16 +89,18 @@ class AnthropicProvider:
         await self._endpoint.aclose()
 
     def _api_key(self) -> str | None:
-        """The key named by `api_key_env`, else ANTHROPIC_API_KEY; only a server at a
-        `base_url` may do without one."""
-        name = self._config.api_key_env
-        key = os.environ.get(name or DEFAULT_KEY_ENV, "").strip()
-        if not key and (name or self._config.base_url is None):
+        """The key named by `api_key_env`, else ANTHROPIC_API_KEY for Anthropic's own
+        server, which needs one; another server gets none unless the manifest names it."""
+        name = key_variable(self._config, self._endpoint.url, DEFAULT_BASE_URL, DEFAULT_KEY_ENV)
+        if name is None:
+            return None
+        key = os.environ.get(name, "").strip()
+        if not key:
             raise ProviderError(
-                f"anthropic: environment variable {name or DEFAULT_KEY_ENV} "
-                "(model.api_key_env) is not set; set it to the API key in capd's environment"
+                f"anthropic: environment variable {name} (model.api_key_env) is not set; "
+                "set it to the API key in capd's environment"
             )
-        return key or None
+        return key
 
     def _request_body(self, request: ModelRequest) -> dict[str, Any]:
         config = self._config

@@ -16,6 +16,7 @@ import httpx
 import orjson
 
 from capd.providers.base import ProviderError
+from protocol.manifest import ModelConfig
 
 CONNECT_TIMEOUT_S = 10.0
 EXCERPT_CHARS = 200
@@ -25,6 +26,25 @@ REASON_CHARS = 4000
 validation error runs to 2000 characters), on one line."""
 TAIL_TIMEOUT_S = 1.0
 """How long to wait for the body to end after the last event before dropping the connection."""
+
+
+def key_variable(config: ModelConfig, url: str, own_url: str, own_variable: str) -> str | None:
+    """The environment variable whose key goes with a request to `url`: the one the
+    manifest names (`api_key_env`), else the provider's usual `own_variable`, but only to
+    the provider's own server (the scheme, host and port of `own_url`). A key never goes
+    to a server nobody named it for."""
+    if config.api_key_env:
+        return config.api_key_env
+    return own_variable if _origin(url) == _origin(own_url) else None
+
+
+def _origin(url: str) -> tuple[str, str, int | None] | None:
+    """Scheme, host and port as httpx, which sends the request, reads them."""
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL:
+        return None
+    return parsed.scheme, parsed.host, parsed.port
 
 
 class SseEndpoint:

@@ -32,6 +32,7 @@ from capd.providers.http import (
     error_reason,
     excerpt,
     is_retryable_status,
+    key_variable,
     read_to_end,
 )
 from protocol.events import ToolCall, Usage
@@ -87,10 +88,11 @@ class OpenAIProvider:
         await self._endpoint.aclose()
 
     def _api_key(self) -> str | None:
-        """The key named by `api_key_env`, else OPENAI_API_KEY if set; local servers need none."""
-        name = self._config.api_key_env
-        key = os.environ.get(name or DEFAULT_KEY_ENV, "").strip()
-        if name and not key:
+        """The key named by `api_key_env`, else OPENAI_API_KEY if set and the server is
+        OpenAI's own; local servers need none."""
+        name = key_variable(self._config, self._endpoint.url, DEFAULT_BASE_URL, DEFAULT_KEY_ENV)
+        key = os.environ.get(name, "").strip() if name else ""
+        if self._config.api_key_env and not key:
             raise ProviderError(
                 f"openai: environment variable {name} (model.api_key_env) is not set; "
                 "set it to the API key in capd's environment"
