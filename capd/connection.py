@@ -215,6 +215,16 @@ async def serve_connection(
     finally:
         on_close(conn)
         await conn.close()
+        _drop_traceback(reader.exception())
+
+
+def _drop_traceback(exc: BaseException | None) -> None:
+    """The reader keeps the error that ended its connection, and that error's traceback
+    holds the frames that raised it, which hold the reader and its buffer (up to a whole
+    frame): a cycle only a full collection frees, rare after `gc.freeze()`. Cut it so the
+    buffer goes when the connection does."""
+    if exc is not None:
+        exc.__traceback__ = None
 
 
 async def _reply(line: bytes, conn: Connection, handle: Handler) -> bytes | None:
