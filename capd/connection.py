@@ -79,7 +79,9 @@ class Connection:
 
     def _push(self, frame: bytes) -> None:
         writer = self._writer
-        if self._idle and not writer.is_closing() and not writer.transport.get_write_buffer_size():
+        if writer.is_closing():
+            return  # nothing more can reach this client
+        if self._idle and not writer.transport.get_write_buffer_size():
             # Nothing queued and the socket took all it was given: write at once, without
             # a trip through the writer task (most replies and live events).
             writer.write(frame)
@@ -105,7 +107,7 @@ class Connection:
 
     async def _write_loop(self) -> None:
         try:
-            while True:
+            while not self._writer.is_closing():
                 if not self._outbox:
                     if self._closing:
                         return
@@ -143,7 +145,7 @@ class Connection:
         hub = sub.hub
         assert hub.page is not None
         cursor = sub.last_durable
-        while not sub.closed:
+        while not sub.closed and not self._writer.is_closing():
             rows = hub.page(cursor, REPLAY_PAGE)
             if rows:
                 self._writer.write(b"".join(data + b"\n" for _, data in rows))
@@ -174,6 +176,13 @@ class Connection:
         """Close once what is queued is written, also ending the connection's reader."""
         self._closing = True
         self._wake.set()
+
+    def abort(self) -> None:
+        """Close now, dropping what is queued: for a client that does not read it."""
+        self._outbox.clear()
+        self._queued_bytes = 0
+        self.abort_after_flush()
+        self._writer.transport.abort()
 
 
 async def serve_connection(

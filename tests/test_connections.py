@@ -1,13 +1,15 @@
-"""Connections that end badly leave nothing behind (issue 14, finding 2)."""
+"""Connections that end badly leave nothing behind (issue 14, findings 2 and 9)."""
 
 import asyncio
 import contextlib
 import os
+import signal
 import socket
+import time
 from pathlib import Path
 
 from tests.conftest import CapdProcess
-from tests.helpers import rss_bytes, until
+from tests.helpers import connect_pod, is_event, rss_bytes, scripted, spawn, until, wait_for
 
 MiB = 1024 * 1024
 PARTIAL_FRAME = b"x" * MiB
@@ -68,3 +70,36 @@ async def test_memory_of_closed_connections_is_returned(capd_dirs: CapdProcess) 
         held.append(rss_bytes(pid) - start)
         figures = ", ".join(str(extra // MiB) for extra in held)
         assert held[-1] < HELD_LIMIT, f"RSS above start-up after each round: {figures} MiB"
+
+
+def _never_reading_subscriber(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(str(path))
+    sock.sendall(b'{"method": "subscribe", "id": 1}\n')
+    return sock
+
+
+async def test_shutdown_with_subscribers_that_never_read_is_quick_and_quiet(
+    capd: CapdProcess,
+) -> None:
+    """Their queued events cannot be flushed: capd gives them a moment, then drops the
+    connections. It used to wait 5 s, then log a CancelledError traceback for each."""
+    step = {"text": "d" * 600_000, "chunk_chars": 2000}
+    await spawn(capd, "w1", scripted(step))
+    stuck = [_never_reading_subscriber(capd.pod_socket("w1")) for _ in range(3)]
+    try:
+        async with await connect_pod(capd, "w1") as watcher:
+            await watcher.request({"method": "run", "text": "go"})
+            await wait_for(watcher, is_event("turn_end"))
+        started = time.monotonic()
+        code = await asyncio.to_thread(capd.signal, signal.SIGTERM)
+        took = time.monotonic() - started
+    finally:
+        for sock in stuck:
+            sock.close()
+    log = capd.output()
+    assert code == 0, log
+    assert took < 2.5, f"shutdown took {took:.1f} s"
+    assert "Traceback" not in log, log
+    assert "CancelledError" not in log, log
