@@ -81,7 +81,9 @@ class Connection:
 
     def _push(self, frame: bytes) -> None:
         writer = self._writer
-        if self._idle and not writer.is_closing() and not writer.transport.get_write_buffer_size():
+        if writer.is_closing():
+            return  # nothing more can reach this client
+        if self._idle and not writer.transport.get_write_buffer_size():
             # Nothing queued and the socket took all it was given: write at once, without
             # a trip through the writer task (most replies and live events).
             writer.write(frame)
@@ -107,7 +109,7 @@ class Connection:
 
     async def _write_loop(self) -> None:
         try:
-            while True:
+            while not self._writer.is_closing():
                 if not self._outbox:
                     if self._closing:
                         return
@@ -145,7 +147,7 @@ class Connection:
         hub = sub.hub
         assert hub.page is not None
         cursor = sub.last_durable
-        while not sub.closed:
+        while not sub.closed and not self._writer.is_closing():
             rows = hub.page(cursor, REPLAY_PAGE)
             if rows:
                 self._writer.write(b"".join(data + b"\n" for _, data in rows))
@@ -176,6 +178,13 @@ class Connection:
         """Close once what is queued is written, also ending the connection's reader."""
         self._closing = True
         self._wake.set()
+
+    def abort(self) -> None:
+        """Close now, dropping what is queued: for a client that does not read it."""
+        self._outbox.clear()
+        self._queued_bytes = 0
+        self.abort_after_flush()
+        self._writer.transport.abort()
 
 
 async def serve_connection(
@@ -217,6 +226,16 @@ async def serve_connection(
     finally:
         on_close(conn)
         await conn.close()
+        _drop_traceback(reader.exception())
+
+
+def _drop_traceback(exc: BaseException | None) -> None:
+    """The reader keeps the error that ended its connection, and that error's traceback
+    holds the frames that raised it, which hold the reader and its buffer (up to a whole
+    frame): a cycle only a full collection frees, rare after `gc.freeze()`. Cut it so the
+    buffer goes when the connection does."""
+    if exc is not None:
+        exc.__traceback__ = None
 
 
 async def _reply(line: bytes, conn: Connection, handle: Handler) -> bytes | None:

@@ -50,6 +50,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+FLUSH_GRACE_S = 0.5
+"""How long closing an endpoint lets its connections write what is queued for them."""
+CLOSE_TIMEOUT_S = 5.0
+"""How long it then waits for requests still being handled."""
+
 
 def ack(request: Request, result: dict[str, Any] | None = None) -> bytes:
     """An `ack` frame (protocol.events.Ack), encoded without a model: every request's reply
@@ -111,12 +116,18 @@ class Endpoint(ABC):
                 self.path.unlink()
 
     async def close(self) -> None:
-        """Stop listening, then flush and close every connection."""
+        """Stop listening, then flush and close every connection. One whose client does
+        not read what is queued for it is dropped after FLUSH_GRACE_S: waiting longer
+        would not flush it, only hold up shutdown."""
         await self.close_listener()
         for conn in tuple(self._connections):
             conn.abort_after_flush()
         if self._tasks:
-            await asyncio.wait(self._tasks, timeout=5)
+            await asyncio.wait(self._tasks, timeout=FLUSH_GRACE_S)
+        for conn in tuple(self._connections):
+            conn.abort()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=CLOSE_TIMEOUT_S)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         refusal = self._access.refusal(peer_of(writer.get_extra_info("socket")))
