@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from capd import heap
 from capd.fanout import Subscription
 from protocol.errors import ProtocolError
 from protocol.events import Error, Lagged
@@ -227,6 +228,7 @@ async def serve_connection(
         on_close(conn)
         await conn.close()
         _drop_traceback(reader.exception())
+        heap.connection_closed()
 
 
 def _drop_traceback(exc: BaseException | None) -> None:
