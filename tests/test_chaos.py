@@ -207,9 +207,10 @@ def _check_history(name: str, history: list[Event], ledger: Ledger) -> None:
 
 async def _check_restart(capd: CapdProcess, ledger: Ledger, restarted_at: float) -> None:
     """What a client may rely on right after a restart."""
-    listing = {p["name"]: p for p in (await daemon_request(capd, {"method": "list"}))["pods"]}
+    listing = await _listing(capd)
     for name in sorted(ledger.pods):
         assert name in listing, f"pod {name} is missing after the restart"
+        assert listing[name]["status"] != "stopped", listing[name]
         assert listing[name]["error"] is None, listing[name]
         async with await connect_pod(capd, name, subscribe=False) as pod:
             status = await pod.request({"method": "status"})
@@ -225,7 +226,7 @@ async def _check_restart(capd: CapdProcess, ledger: Ledger, restarted_at: float)
             assert start["ts"] >= restarted_at, f"{name}: a turn came back running"
         else:
             assert status["status"] == "idle", status
-        ledger.pods.update(_children(history))
+    ledger.pods.update(listing)
     try:
         await until(lambda: not pids_with_env(OWNER_ENV, ledger.old_owners), LEFTOVER_TIMEOUT_S)
     except TimeoutError:
@@ -240,11 +241,17 @@ def _cmdline(pid: int) -> str:
         return "(gone)"
 
 
+async def _listing(capd: CapdProcess) -> dict[str, dict[str, Any]]:
+    return {p["name"]: p for p in (await daemon_request(capd, {"method": "list"}))["pods"]}
+
+
 async def _settle(capd: CapdProcess, ledger: Ledger) -> dict[str, list[Event]]:
     """Resume what is paused and wait until every pod is idle with nothing queued and
     every child's report has reached its parent; returns the histories."""
     async with asyncio.timeout(SETTLE_TIMEOUT_S):
         while True:
+            listing = await _listing(capd)
+            ledger.pods.update(listing)
             histories, settled = {}, True
             for name in sorted(ledger.pods):
                 async with await connect_pod(capd, name, subscribe=False) as pod:
@@ -253,31 +260,27 @@ async def _settle(capd: CapdProcess, ledger: Ledger) -> dict[str, list[Event]]:
                         await pod.request({"method": "resume"})
                     settled &= (status["status"], status["queued"]) == ("idle", 0)
                     histories[name] = await full_history(pod)
-                ledger.pods.update(_children(histories[name]))
-            if settled and histories.keys() == ledger.pods and not _reports_owed(histories):
+            parents = {str(capd.pod_socket(name)): name for name in listing}
+            kids = {name: parents[p["parent"]] for name, p in listing.items() if p["parent"]}
+            if settled and not _reports_owed(histories, kids):
                 return histories
             await asyncio.sleep(0.05)
 
 
-def _children(history: list[Event]) -> list[str]:
-    return [e["name"] for e in history if e["event"] == "child_spawned"]
-
-
-def _reports_owed(histories: dict[str, list[Event]]) -> set[tuple[str, str]]:
-    """(child, turn_id) of each ended turn a `run` started whose report the parent has not
-    received yet."""
+def _reports_owed(histories: dict[str, list[Event]], parents: dict[str, str]) -> set[str]:
+    """The turn_ids of ended turns a `run` started in a child whose report its parent has
+    not received yet."""
     owed = set()
-    for parent, history in histories.items():
+    for kid, parent in parents.items():
         received = Counter(
-            (e["payload"].get("pod"), e["payload"].get("turn_id"))
-            for e in history
-            if e["event"] == "pod_event_received"
+            e["payload"].get("turn_id")
+            for e in histories[parent]
+            if e["event"] == "pod_event_received" and e["payload"].get("pod") == kid
         )
-        for kid in _children(history):
-            for turn_id in _run_turns_ended(histories[kid]):
-                assert received[(kid, turn_id)] <= 1, f"{parent} got {kid}'s {turn_id} twice"
-                if not received[(kid, turn_id)]:
-                    owed.add((kid, turn_id))
+        for turn_id in _run_turns_ended(histories[kid]):
+            assert received[turn_id] <= 1, f"{parent} got {kid}'s {turn_id} twice"
+            if not received[turn_id]:
+                owed.add(turn_id)
     return owed
 
 
