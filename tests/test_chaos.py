@@ -26,6 +26,7 @@ from typing import Any
 import orjson
 
 from capd.groups import KILL_GRACE_S
+from capd.leftovers import OWNER_ENV, OWNER_FILE
 from protocol.client import Client, ConnectionClosed
 from protocol.errors import ProtocolError
 from tests.conftest import CapdProcess
@@ -55,7 +56,6 @@ grace; a tool that outlives this is a leak (the sleeper's tools would run for 30
 SLEEPER = "w2"
 """A pod whose every turn runs `sleep 30`, so most kills leave a tool running."""
 MARKER = re.compile(r"chaos-[a-z0-9]+-\d+")
-OWNER_ENV = "CAPD_OWNER"
 
 
 @dataclass
@@ -182,7 +182,7 @@ async def _round(capd: CapdProcess, rng: random.Random, ledger: Ledger, number: 
             run = {"method": "run", "text": text, "if_busy": "queue"}
             unacked = (name, text, asyncio.create_task(pods[name].request(run)))
             await asyncio.sleep(rng.uniform(0, 0.002))
-        ledger.old_owners.add((capd.state_dir / "owner").read_text())
+        ledger.old_owners.add((capd.state_dir / OWNER_FILE).read_text())
         await sigkill(capd)
         if unacked is not None:
             name, text, request = unacked
