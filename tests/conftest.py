@@ -1,5 +1,6 @@
 """Fixtures: a real capd subprocess on temporary runtime and state directories."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,6 +28,9 @@ class CapdProcess:
     listening: socket.socket | None = None
     """A bound, listening daemon socket to hand over as systemd's socket activation does."""
     proc: subprocess.Popen[bytes] | None = None
+    log: Path | None = None
+    """Where its output goes instead of a pipe: a capd that lives long (a module's) would
+    block once it logged more than the pipe holds."""
 
     @property
     def socket(self) -> Path:
@@ -53,14 +58,18 @@ class CapdProcess:
             launch = 'exec 3<&0 0</dev/null; LISTEN_PID=$$ LISTEN_FDS=1 exec "$0" "$@"'
             command = ["sh", "-c", launch, *command]
             stdin = self.listening.fileno()
-        self.proc = subprocess.Popen(
-            command, env=env, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-        )
+        with self.log.open("ab") if self.log else contextlib.nullcontext() as log:
+            self.proc = subprocess.Popen(
+                command,
+                env=env,
+                stdin=stdin,
+                stdout=log or subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                out = self.proc.stdout.read().decode() if self.proc.stdout else ""
-                raise RuntimeError(f"capd exited with {self.proc.returncode}:\n{out}")
+                raise RuntimeError(f"capd exited with {self.proc.returncode}:\n{self.output()}")
             if _answers_as(self.socket, self.proc.pid):
                 return
             time.sleep(0.01)
@@ -73,6 +82,8 @@ class CapdProcess:
         return self.proc.wait(timeout=15)
 
     def output(self) -> str:
+        if self.log:
+            return self.log.read_text()
         assert self.proc is not None
         assert self.proc.stdout is not None
         return self.proc.stdout.read().decode()
@@ -86,32 +97,81 @@ class CapdProcess:
 def _answers_as(path: Path, pid: int) -> bool:
     """Whether the capd with `pid` answers on `path`. Accepting a connection is not enough:
     a tool process forked by a killed capd can hold its old listening socket for a moment."""
+    try:
+        reply = _request(path, {"method": "info"}, timeout=2.0)
+    except (OSError, ValueError):
+        return False
+    return reply.get("result", {}).get("pid") == pid
+
+
+def _request(path: Path, request: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """One request on a fresh connection, read synchronously; the reply frame."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(2.0)
-        try:
-            s.connect(str(path))
-            s.sendall(b'{"method":"info","id":1}\n')
-            reader = s.makefile("rb")
-            reader.readline()
-            info = json.loads(reader.readline())
-        except (OSError, ValueError):
-            return False
-        return info.get("result", {}).get("pid") == pid
+        s.settimeout(timeout)
+        s.connect(str(path))
+        s.sendall(json.dumps({**request, "id": 1}).encode() + b"\n")
+        reader = s.makefile("rb")
+        reader.readline()  # hello
+        return json.loads(reader.readline())
 
 
-@pytest.fixture
-def capd_dirs(tmp_path: Path) -> Iterator[CapdProcess]:
-    """A capd not yet started, so a test can set args or env first."""
+def _stopped_at_exit(state_dir: Path) -> Iterator[CapdProcess]:
+    """A capd on `state_dir`, not yet started; SIGTERMed (and checked to exit 0) at the end."""
     # Unix socket paths are limited to 108 bytes: keep the runtime dir short.
     runtime = Path(f"/tmp/capd-test-{os.getpid()}-{time.monotonic_ns() % 10**9}")
-    proc = CapdProcess(runtime_dir=runtime, state_dir=tmp_path / "state")
+    proc = CapdProcess(runtime_dir=runtime, state_dir=state_dir)
     yield proc
     proc.stop()
     shutil.rmtree(runtime, ignore_errors=True)
 
 
 @pytest.fixture
-def capd(capd_dirs: CapdProcess) -> CapdProcess:
-    """A running capd; stopped with SIGTERM (and checked to exit 0) after the test."""
-    capd_dirs.start()
-    return capd_dirs
+def capd_dirs(tmp_path: Path) -> Iterator[CapdProcess]:
+    """A capd not yet started, so a test can set args or env first."""
+    yield from _stopped_at_exit(tmp_path / "state")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "shared_capd: `capd` is one capd for the module, emptied of pods after each test",
+    )
+    config.addinivalue_line("markers", "own_capd: `capd` is this test's own, in a shared module")
+
+
+@pytest.fixture
+def capd(request: pytest.FixtureRequest) -> Iterator[CapdProcess]:
+    """A running capd; stopped with SIGTERM (and checked to exit 0) after the test. In a
+    module marked `shared_capd` (its tests only spawn pods and talk to them, and starting
+    a capd costs more than most such tests) it is the module's, emptied of pods after the
+    test, unless the test is marked `own_capd` (it stops or restarts capd, or reads its log)."""
+    node = request.node
+    if node.get_closest_marker("shared_capd") and not node.get_closest_marker("own_capd"):
+        shared: CapdProcess = request.getfixturevalue("_module_capd")
+        yield shared
+        _delete_every_pod(shared)
+        return
+    proc: CapdProcess = request.getfixturevalue("capd_dirs")
+    proc.start()
+    yield proc
+
+
+@pytest.fixture(scope="module")
+def _module_capd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CapdProcess]:
+    for proc in _stopped_at_exit(tmp_path_factory.mktemp("state")):
+        proc.log = proc.state_dir / "capd.log"
+        proc.start()
+        yield proc
+
+
+def _delete_every_pod(capd: CapdProcess) -> None:
+    """`delete` each pod; a deleted parent's children are listed again, as top-level pods."""
+    while pods := _daemon_result(capd, {"method": "list"})["pods"]:
+        for pod in pods:
+            _daemon_result(capd, {"method": "delete", "name": pod["name"]})
+
+
+def _daemon_result(capd: CapdProcess, request: dict[str, Any]) -> dict[str, Any]:
+    reply = _request(capd.socket, request, timeout=START_TIMEOUT_S)
+    assert "result" in reply, f"{request} failed: {reply}"
+    return reply["result"]

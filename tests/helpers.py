@@ -97,6 +97,39 @@ async def until(predicate: Callable[[], bool], timeout: float = EVENT_TIMEOUT_S)
             await asyncio.sleep(0.02)
 
 
+async def sigkill(capd: CapdProcess) -> None:
+    """SIGKILL capd and wait for it to be gone."""
+    assert capd.proc is not None
+    capd.proc.kill()
+    await asyncio.to_thread(capd.proc.wait, 10)
+
+
+def open_turn(history: list[Event]) -> str | None:
+    """The turn that started and has not ended, if any."""
+    started = None
+    for event in history:
+        if event["event"] == "turn_start":
+            started = event["turn_id"]
+        elif event["event"] == "turn_end":
+            started = None
+    return started
+
+
+def pids_with_env(name: str, values: set[str]) -> set[int]:
+    """The processes whose environment sets `name` to one of `values`."""
+    marks = {f"{name}={value}".encode() for value in values}
+    pids = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if marks.intersection((proc / "environ").read_bytes().split(b"\0")):
+                pids.add(int(proc.name))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return pids
+
+
 def group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)

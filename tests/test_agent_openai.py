@@ -28,6 +28,8 @@ from tests.openai_server import (
     validation_errors,
 )
 
+pytestmark = pytest.mark.shared_capd
+
 
 @pytest.fixture
 async def server() -> AsyncIterator[OpenAITestServer]:

@@ -20,6 +20,7 @@ from protocol.framing import decode, encode
 from tests.conftest import CapdProcess
 
 TIMEOUT_S = 10.0
+pytestmark = pytest.mark.shared_capd
 
 SLOW_STEP = {"text": "x" * 2000, "chunk_chars": 1, "delay_ms": 5}
 
@@ -273,6 +274,7 @@ def test_json_output_is_one_object_per_line(capd: CapdProcess, tmp_path: Path) -
     assert all(e["turn_id"] == sent[0]["turn_id"] for e in sent[1:])
 
 
+@pytest.mark.own_capd
 def test_stop_start_rm_shutdown(capd: CapdProcess, tmp_path: Path) -> None:
     rt = capd.runtime_dir
     spawn_scripted(capd, tmp_path, "w1")

@@ -40,6 +40,7 @@ from tests.parent_socket import ParentSocket
 from tests.sse_server import HeldReply
 
 POD_TOOLS = ["spawn_pod", "send_to_pod", "read_pod_output", "stop_pod", "list_pods"]
+pytestmark = pytest.mark.shared_capd
 
 
 @pytest.fixture
@@ -283,6 +284,7 @@ async def test_escapes_and_strangers_are_refused_as_tool_errors(
     assert (await _status(capd, "stranger"))["status"] == "idle"
 
 
+@pytest.mark.own_capd
 async def test_reports_survive_a_restart_and_an_absent_parent_and_arrive_once(
     capd: CapdProcess,
 ) -> None:
@@ -329,6 +331,7 @@ async def test_reports_survive_a_restart_and_an_absent_parent_and_arrive_once(
     assert parent.unexpected == []
 
 
+@pytest.mark.own_capd
 async def test_a_report_held_by_a_paused_parent_survives_sigkill(
     capd: CapdProcess, tmp_path: Path
 ) -> None:
@@ -417,6 +420,7 @@ async def test_stop_and_delete_reach_descendants_and_ps_shows_the_tree(
     assert received["payload"]["pod"] == "newkid"
 
 
+@pytest.mark.own_capd
 async def test_sigterm_sends_no_shut_down_and_children_resume_reporting(
     capd: CapdProcess, tmp_path: Path
 ) -> None:

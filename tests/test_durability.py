@@ -26,9 +26,11 @@ from tests.helpers import (
     full_history,
     group_alive,
     is_event,
+    open_turn,
     resume_turn,
     rss_bytes,
     scripted,
+    sigkill,
     sleeper,
     spawn,
     until,
@@ -52,17 +54,6 @@ def _streaming_script(rng: random.Random, steps: int) -> list[dict[str, Any]]:
     return script
 
 
-def _open_turn(history: list[Event]) -> str | None:
-    """The turn that started and has not ended, if any."""
-    open_turn = None
-    for event in history:
-        if event["event"] == "turn_start":
-            open_turn = event["turn_id"]
-        elif event["event"] == "turn_end":
-            open_turn = None
-    return open_turn
-
-
 async def _read_until(pod: Client, seconds: float, seen: dict[int, Event]) -> None:
     """Record every durable event received in the next `seconds`."""
     loop = asyncio.get_running_loop()
@@ -76,14 +67,8 @@ async def _read_until(pod: Client, seconds: float, seen: dict[int, Event]) -> No
             seen[event["seq"]] = event
 
 
-async def _sigkill(capd: CapdProcess) -> None:
-    assert capd.proc is not None
-    capd.proc.kill()
-    await asyncio.to_thread(capd.proc.wait, 10)
-
-
 async def _sigkill_and_restart(capd: CapdProcess) -> None:
-    await _sigkill(capd)
+    await sigkill(capd)
     await asyncio.to_thread(capd.start)
 
 
@@ -99,19 +84,19 @@ async def test_sigkill_at_random_moments_loses_nothing_a_client_saw(capd: CapdPr
             for seq, event in seen.items():
                 assert history[seq - 1] == event, f"crash {crash}: seq {seq} changed"
             status = await pod.request({"method": "status"})
-            open_turn = _open_turn(history)
-            if open_turn is None:
+            in_flight = open_turn(history)
+            if in_flight is None:
                 assert status["status"] == "idle", f"crash {crash}"
             else:
-                assert (status["status"], status["turn_id"]) == ("paused", open_turn)
+                assert (status["status"], status["turn_id"]) == ("paused", in_flight)
                 interrupted += 1
             await pod.request({"method": "subscribe", "after_seq": len(history)})
-            if open_turn is not None and rng.random() < 0.3:
+            if in_flight is not None and rng.random() < 0.3:
                 await pod.request({"method": "cancel"})
                 end, _ = await wait_for(pod, is_event("turn_end"))
-                assert (end["turn_id"], end["result"]) == (open_turn, "cancelled")
+                assert (end["turn_id"], end["result"]) == (in_flight, "cancelled")
                 seen[end["seq"]] = end
-            elif open_turn is not None:
+            elif in_flight is not None:
                 await pod.request({"method": "resume"})
             else:
                 await pod.request({"method": "run", "text": f"task {crash}"})
@@ -203,9 +188,7 @@ async def test_a_torn_write_ahead_log_never_prevents_start_up(capd: CapdProcess)
         await wait_for(pod, is_event("turn_end"))
         await pod.request({"method": "run", "text": "two"})
         await wait_for(pod, is_event("text_delta"))
-    assert capd.proc is not None
-    capd.proc.kill()
-    await asyncio.to_thread(capd.proc.wait, 10)
+    await sigkill(capd)
     wal = capd.state_dir / "capd.db-wal"
     size = wal.stat().st_size
     assert size > 0, "the crash should leave committed frames in the WAL"
@@ -220,15 +203,15 @@ async def test_a_torn_write_ahead_log_never_prevents_start_up(capd: CapdProcess)
         status = await pod.request({"method": "status"})
         assert [e["seq"] for e in history] == list(range(1, len(history) + 1))
         assert status["last_seq"] == len(history)
-        open_turn = _open_turn(history)
-        assert status["status"] == ("paused" if open_turn else "idle")
-        assert status["turn_id"] == open_turn
-        if open_turn:
+        in_flight = open_turn(history)
+        assert status["status"] == ("paused" if in_flight else "idle")
+        assert status["turn_id"] == in_flight
+        if in_flight:
             prompts = [e for e in history if e["event"] == "user_message"]
-            assert prompts[-1]["turn_id"] == open_turn, "a started turn has its prompt"
+            assert prompts[-1]["turn_id"] == in_flight, "a started turn has its prompt"
             await pod.request({"method": "subscribe"})
             end, _ = await resume_turn(pod)
-            assert (end["turn_id"], end["result"]) == (open_turn, "finished")
+            assert (end["turn_id"], end["result"]) == (in_flight, "finished")
         await pod.request({"method": "run", "text": "three"})
 
 
@@ -301,11 +284,12 @@ async def test_a_pod_with_hundreds_of_turns_comes_back_whole(capd: CapdProcess) 
 
 
 def _write_turns(capd: CapdProcess, pod: str, turns: int, text: str) -> int:
-    """Append `turns` finished turns to a stopped capd's store, as capd writes them;
-    returns the pod's last seq."""
+    """Append `turns` finished turns to a stopped capd's store, as capd writes them
+    (but a hundred turns to a transaction, which is quicker); returns the pod's last seq."""
     store = Store(capd.state_dir / "capd.db")
     rows = store.events_after(pod, 0, 1_000_000)
     seq, ts = len(rows), time.time()
+    batch: list[tuple[int, float, str, bytes]] = []
     try:
         for turn in range(turns):
             turn_id = f"t-{turn:012x}"
@@ -319,7 +303,10 @@ def _write_turns(capd: CapdProcess, pod: str, turns: int, text: str) -> int:
             ):
                 seq += 1
                 event.pod, event.seq, event.ts = pod, seq, ts
-                store.append(pod, [(seq, ts, event.event, encode(event)[:-1])])
+                batch.append((seq, ts, event.event, encode(event)[:-1]))
+            if len(batch) >= 600 or turn == turns - 1:
+                store.append(pod, batch)
+                batch = []
     finally:
         store.close()
     return seq
@@ -363,7 +350,7 @@ async def test_the_next_capd_stops_the_tools_a_killed_capd_left_running(
         await pod.request({"method": "run", "text": "go"})
         await until(pid_file.exists)
     pgid = int(pid_file.read_text())
-    await _sigkill(capd)
+    await sigkill(capd)
     assert group_alive(pgid)
     await asyncio.to_thread(capd.start)
     await until(lambda: not group_alive(pgid))

@@ -30,6 +30,7 @@ from tests.helpers import (
 )
 
 ACP_AGENT = Path(__file__).with_name("acp_agent.py")
+pytestmark = pytest.mark.shared_capd
 
 
 async def _spawn(capd: CapdProcess, name: str, state: Path, **manifest: Any) -> None:
@@ -249,6 +250,7 @@ async def test_the_agent_process_group_dies_with_its_pod(capd: CapdProcess, stat
     await until(lambda: not group_alive(start["pgid"]))
 
 
+@pytest.mark.own_capd
 async def test_a_restarted_capd_loads_the_agent_session(capd: CapdProcess, state: Path) -> None:
     await _spawn(capd, "ag", state)
     async with await connect_pod(capd, "ag") as pod:
@@ -320,6 +322,7 @@ async def test_a_pause_while_the_agent_starts_keeps_the_prompt_for_resume(
     await until(lambda: not group_alive(first["pgid"]))
 
 
+@pytest.mark.own_capd
 async def test_a_session_the_agent_lost_is_replaced_and_the_loss_recorded(
     capd: CapdProcess, state: Path
 ) -> None:
@@ -344,6 +347,7 @@ async def test_a_session_the_agent_lost_is_replaced_and_the_loss_recorded(
     assert end_next["result"] == "finished"
 
 
+@pytest.mark.own_capd
 async def test_a_load_refused_until_the_user_logs_in_keeps_the_session(
     capd: CapdProcess, state: Path
 ) -> None:
@@ -528,6 +532,7 @@ async def test_a_call_whose_input_comes_in_an_update_records_that_input(
     assert (end["result"], end["output"]) == ("finished", "done")
 
 
+@pytest.mark.own_capd
 async def test_an_agent_error_gives_its_data_in_the_turn_error_and_the_log(
     capd: CapdProcess, state: Path
 ) -> None:
@@ -542,6 +547,7 @@ async def test_an_agent_error_gives_its_data_in_the_turn_error_and_the_log(
     assert "Query closed before response received" in capd.output()
 
 
+@pytest.mark.own_capd
 async def test_an_agent_that_panics_is_reported_by_its_panic_not_its_backtrace(
     capd: CapdProcess, state: Path
 ) -> None:
@@ -616,6 +622,7 @@ async def test_status_shows_the_questions_waiting_for_an_answer(
     ) in shown
 
 
+@pytest.mark.own_capd
 async def test_a_question_open_when_capd_died_is_resolved_at_restore(
     capd: CapdProcess, state: Path
 ) -> None:

@@ -30,6 +30,7 @@ from tests.helpers import (
 from tests.test_capctl import capctl, ok
 
 FAKE_CLAUDE = Path(__file__).with_name("fake_claude.py")
+pytestmark = pytest.mark.shared_capd
 
 
 def _engine(state: Path, **extra: Any) -> dict[str, Any]:
@@ -277,6 +278,7 @@ async def test_the_engine_process_group_dies_with_its_pod(capd: CapdProcess, sta
     await until(lambda: not group_alive(start["pgid"]))
 
 
+@pytest.mark.own_capd
 async def test_a_restarted_capd_resumes_the_engine_session(capd: CapdProcess, state: Path) -> None:
     await _spawn(capd, "cc", state)
     async with await connect_pod(capd, "cc") as pod:
@@ -298,6 +300,7 @@ async def test_a_restarted_capd_resumes_the_engine_session(capd: CapdProcess, st
     assert end["result"] == "finished"
 
 
+@pytest.mark.own_capd
 async def test_a_session_the_cli_forks_by_itself_replaces_nothing(
     capd: CapdProcess, state: Path
 ) -> None:
@@ -315,6 +318,7 @@ async def test_a_session_the_cli_forks_by_itself_replaces_nothing(
     assert (forked["replaced"], forked["reason"]) == (None, None)
 
 
+@pytest.mark.own_capd
 async def test_a_cli_dying_at_start_for_another_reason_keeps_its_session(
     capd: CapdProcess, state: Path
 ) -> None:
@@ -341,6 +345,7 @@ async def test_a_cli_dying_at_start_for_another_reason_keeps_its_session(
 
 
 @pytest.mark.parametrize("refusal", ["result", "exit"])
+@pytest.mark.own_capd
 async def test_a_session_claude_cannot_resume_is_replaced_by_a_new_one(
     capd: CapdProcess, state: Path, refusal: str
 ) -> None:

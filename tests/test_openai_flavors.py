@@ -160,6 +160,7 @@ async def test_overflow_is_recognised(
         assert "2048" in error.message
 
 
+@pytest.mark.shared_capd
 async def test_a_tool_loop_of_two_calls_through_capd(
     flavor: Flavor, server: OpenAITestServer, capd: CapdProcess, tmp_path: Path
 ) -> None:

@@ -16,6 +16,9 @@ async def _raw(client: Client, line: bytes) -> dict:
     return await client.next_event(5)
 
 
+pytestmark = pytest.mark.shared_capd
+
+
 @pytest.mark.parametrize(
     ("line", "code", "echoed_id"),
     [

@@ -22,6 +22,8 @@ from tests.helpers import (
     wait_for,
 )
 
+pytestmark = pytest.mark.shared_capd
+
 
 async def test_run_when_idle_streams_a_whole_turn_in_order(capd: CapdProcess) -> None:
     await spawn(capd, "w1", scripted({"text": "hello there", "chunk_chars": 3}))
