@@ -123,8 +123,13 @@ class Output:
 
 
 def start_capctl(runtime_dir: Path, *args: str) -> subprocess.Popen[bytes]:
+    """capctl in the background, taking Ctrl-C (SIGINT) even when the suite itself was
+    started with it ignored (`nohup pytest &`), as a terminal's capctl would."""
     return subprocess.Popen(
-        capctl_cmd(runtime_dir, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        capctl_cmd(runtime_dir, *args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
