@@ -142,6 +142,8 @@ class PodController:
         self._task: asyncio.Task[TurnOutcome] | None = None
         self._mailbox: asyncio.Queue[_Message] = asyncio.Queue()
         self._stopped = False
+        self._unfinished: TurnOutcome | None = None
+        """A finished turn whose turn_end has not committed yet."""
 
     # -- events -------------------------------------------------------------------------
 
@@ -221,8 +223,8 @@ class PodController:
         return self._store.events_after(self.name, after_seq, limit)
 
     def _set_status(self, status: PodStatusName) -> None:
-        self.status = status
         self.emit(StatusChanged(status=status, turn_id=self.turn.turn_id if self.turn else None))
+        self.status = status
         self._on_status(self.name, status)
 
     # -- restore ------------------------------------------------------------------------
@@ -334,7 +336,10 @@ class PodController:
             result = await self._handle(request)
         except ProtocolError as exc:
             _settle(fut, exc)
-        except Exception as exc:
+        except (Exception, asyncio.CancelledError) as exc:
+            if _being_cancelled():  # the daemon gave up waiting for this pod to stop
+                _settle(fut, ProtocolError("shutting_down", f"pod {self.name} stopped"))
+                raise
             log.exception("pod %s: %s failed", self.name, type(request).__name__)
             _settle(fut, _internal(self.name, exc))
         else:
@@ -345,7 +350,9 @@ class PodController:
         """Run an actor step no caller waits on; an unexpected failure is logged, not fatal."""
         try:
             step(*args)
-        except Exception:
+        except (Exception, asyncio.CancelledError):
+            if _being_cancelled():
+                raise
             log.exception("pod %s: %s failed", self.name, step.__name__.lstrip("_"))
 
     async def _handle(self, request: _Call) -> dict[str, Any]:
@@ -444,13 +451,17 @@ class PodController:
     # -- turns --------------------------------------------------------------------------
 
     def _kick(self) -> None:
-        """Start what is pending when idle: a queued run first, then buffered notes."""
-        if self.status != "idle" or self._stopped:
+        """Finish a turn whose turn_end could not be committed before; then, when idle,
+        start what is pending: a queued run first, then buffered notes."""
+        if self._stopped:
+            return
+        if self._unfinished is not None and self.status == "running" and self._task is None:
+            self._finish(self._unfinished.result, self._unfinished.error)
+        if self.status != "idle":
             return
         if self._queue:
             queued = self._queue[0]
             self._start(Turn(queued.turn_id, "run"), queued.text, queued.pending_id)
-            self._queue.popleft()
         elif self.notes:
             self._start(Turn(new_turn_id(), self.notes[0].kind), None)
 
@@ -466,6 +477,8 @@ class PodController:
         if text is not None:
             events.append(UserMessage(turn_id=turn.turn_id, text=text))
         self._emit_all(events, consumed=[pending_id] if pending_id is not None else [])
+        if pending_id is not None:
+            self._queue.popleft()  # the queued run _kick started, used up with the commit
         self.turn = turn
         self.status = "running"
         self._on_status(self.name, "running")
@@ -488,12 +501,17 @@ class PodController:
         if task is not self._task:
             return
         self._task = None
-        try:
-            outcome = task.result()
-        except Exception as exc:
-            log.exception("turn of pod %s failed", self.name)
-            output = self.turn.output if self.turn else ""
+        output = self.turn.output if self.turn else ""
+        if task.cancelled():
+            log.error("the turn task of pod %s was cancelled from outside", self.name)
+            outcome = TurnOutcome("errored", output, "internal error: the turn was cancelled")
+        elif exc := task.exception():
+            log.error("turn of pod %s failed", self.name, exc_info=exc)
             outcome = TurnOutcome("errored", output, f"internal error: {type(exc).__name__}: {exc}")
+        else:
+            outcome = task.result()
+        # Kept until its turn_end commits: a failed commit is tried again at the next _kick.
+        self._unfinished = outcome
         self._finish(outcome.result, outcome.error)
 
     async def _interrupt(self) -> None:
@@ -521,6 +539,7 @@ class PodController:
             report=self._turn_report(turn, result, error),
             consumed=consumed,
         )
+        self._unfinished = None
         self.turn = None
         self._set_status("idle")
 
@@ -556,11 +575,20 @@ class PodController:
             )
 
     async def _halt(self, mode: StopMode) -> None:
-        if self.status == "running" and mode == "pause":
-            await self._interrupt()
-            self._set_status("paused")
-        elif self.status != "idle" and mode == "cancel":
-            await self._end_turn("cancelled")
+        try:
+            if self.status == "running" and mode == "pause":
+                await self._interrupt()
+                self._set_status("paused")
+            elif self.status != "idle" and mode == "cancel":
+                await self._end_turn("cancelled")
+        finally:
+            # Also when stopping the turn failed, or took so long the daemon cancelled it.
+            self.hub.close_all()
+            await self.engine.aclose()
+
+    async def abandon(self) -> None:
+        """Let go of what the pod holds after its actor was cancelled mid-method (it would
+        not stop): its subscriptions and its engine."""
         self.hub.close_all()
         await self.engine.aclose()
 
@@ -608,6 +636,12 @@ class PodController:
                 for asked in self.asked.values()
             ],
         }
+
+
+def _being_cancelled() -> bool:
+    """Whether the running task itself is being cancelled (not just an awaited thing)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _settle(fut: "asyncio.Future[dict[str, Any]]", outcome: dict[str, Any] | Exception) -> None:

@@ -54,10 +54,12 @@ T = TypeVar("T")
 
 REPLAY_BATCH = 1000
 SHUTDOWN_GRACE_S = 10.0
-POD_STOP_TIMEOUT_S = 15.0
+POD_STOP_TIMEOUT_S = 8.0
 """A pod's actor has this long to stop (its turn paused or cancelled, its engine closed;
-each of those is bounded well within it); then it is cancelled, so a stop never hangs.
-With SHUTDOWN_GRACE_S it stays inside the unit's TimeoutStopSec=30."""
+each of those is bounded well within it); then it is cancelled, so a stop never hangs."""
+ABANDON_TIMEOUT_S = 3.0
+"""How long a cancelled actor, then its engine's closing, may take. With the endpoints'
+close and SHUTDOWN_GRACE_S, shutdown stays inside the unit's TimeoutStopSec=30."""
 RESTORE_REPORT_S = 1.0
 """How often a restore under way tells systemd its progress."""
 RESTORE_EXTEND_USEC = 30_000_000
@@ -470,13 +472,12 @@ class Daemon:
                 await running.controller.stop(mode)
                 await running.actor
         except TimeoutError:
-            log.error(
-                "pod %s did not stop within %.0f s; its actor is cancelled",
-                name,
-                POD_STOP_TIMEOUT_S,
-            )
+            log.error("pod %s did not stop within %.0f s; cancelled", name, POD_STOP_TIMEOUT_S)
             running.actor.cancel()
-            await asyncio.wait([running.actor], timeout=POD_STOP_TIMEOUT_S)
+            await asyncio.wait([running.actor], timeout=ABANDON_TIMEOUT_S)
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(ABANDON_TIMEOUT_S):
+                    await running.controller.abandon()
         await running.endpoint.close()
 
     def _stored_events(self, name: str) -> Iterator[bytes]:

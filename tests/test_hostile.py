@@ -3,18 +3,23 @@ pod that met it goes on answering with no gap in its seq (issue 14's findings 1,
 
 import asyncio
 import signal
-import time
+import sqlite3
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
+import orjson
 import pytest
 
 from capd.controller import PodController
+from capd.engines.base import Engine, Turn, TurnHost, TurnOutcome
 from capd.outbox import Outbox
 from capd.store import Store
 from protocol.client import Client
 from protocol.errors import ProtocolError
+from protocol.framing import within_bounds
 from protocol.manifest import Manifest
-from protocol.methods import Pause, PodEvent
+from protocol.methods import Pause, PodEvent, Resume, Run
 from tests.conftest import CapdProcess
 from tests.helpers import (
     connect_pod,
@@ -83,25 +88,25 @@ async def test_a_seq_beyond_64_bits_is_an_invalid_request(
         assert (await pod.request({"method": "history", "after_seq": 2**63 - 1}))["events"] == []
 
 
-async def test_a_frame_of_80k_field_names_gets_a_short_error_quickly(capd: CapdProcess) -> None:
+async def test_a_frame_of_80k_field_names_is_refused_without_validating_each(
+    capd: CapdProcess,
+) -> None:
+    """The old code validated all 80,000 (0.35-0.7 s of a stalled loop) to build a 3.2 MB
+    error naming each; the member bound refuses the frame before validation (about 0.06 s)."""
     await spawn(capd, "h4", scripted())
     frame = {"method": "run", "text": "x", **{f"k{i}": 1 for i in range(80_000)}}
     wide = {"method": "notify", "text": "x", **{f"k{i}": 1 for i in range(9_000)}}
     async with await connect_pod(capd, "h4", subscribe=False) as pod:
-        started = time.monotonic()
         with pytest.raises(ProtocolError) as err:
             await pod.request(frame)
-        took = time.monotonic() - started
         assert err.value.code == "invalid_request"
-        assert "more than 10000 object members" in err.value.message
+        assert err.value.message == "frame has more than 10000 object members"
         with pytest.raises(ProtocolError) as err:
             await pod.request(wide)
         # Under the member bound, still refused field by field, in a bounded message.
         assert err.value.message.endswith("and 8995 more")
         assert len(err.value.message) < 2000
         assert (await pod.request({"method": "status"}))["status"] == "idle"
-    # Loose: the old code took 0.35-0.7 s to build a 3.2 MB message; this is about 0.06 s.
-    assert took < 0.3
 
 
 async def test_tool_arguments_too_deep_to_store_are_a_tool_error_not_a_dead_turn(
@@ -125,11 +130,8 @@ async def test_tool_arguments_too_deep_to_store_are_a_tool_error_not_a_dead_turn
     _assert_no_gap(events)
 
 
-async def test_an_actor_that_meets_a_failure_fails_that_request_and_keeps_serving(
-    tmp_path: Path,
-) -> None:
-    """In process, with a store closed under the pod (as a failing disk would): the request
-    that could not commit gets `internal`, no seq is used up, and the actor still answers."""
+def _pod_in_process(tmp_path: Path, engine: Engine | None = None) -> tuple[PodController, Store]:
+    """A pod's controller on a real store, its engine replaced at the engine seam."""
     store = Store(tmp_path / "capd.db")
     manifest = Manifest.model_validate(
         {"name": "h6", "cwd": str(tmp_path), "model": {"provider": "scripted"}}
@@ -142,6 +144,42 @@ async def test_an_actor_that_meets_a_failure_fails_that_request_and_keeps_servin
         outbox=Outbox(store),
         on_status=lambda name, status: None,
     )
+    if engine is not None:
+        pod.engine = engine
+    return pod, store
+
+
+class _StandInEngine:
+    """At the engine seam: each turn runs `turn`; `closed` once the pod let go of it."""
+
+    def __init__(self, turn: Callable[[], Awaitable[TurnOutcome]]) -> None:
+        self._turn = turn
+        self.closed = asyncio.Event()
+
+    async def drive_turn(self, host: TurnHost, turn: Turn) -> TurnOutcome:
+        return await self._turn()
+
+    def answer_permission(self, request_id: str, option_id: str | None) -> None:
+        raise ProtocolError("invalid_request", "no questions here")
+
+    async def aclose(self) -> None:
+        self.closed.set()
+
+
+def _stored(store: Store, kind: str) -> list[dict[str, Any]]:
+    return [
+        orjson.loads(data)
+        for _, data in store.events_after("h6", 0, 1000)
+        if orjson.loads(data)["event"] == kind
+    ]
+
+
+async def test_an_actor_that_meets_a_failure_fails_that_request_and_keeps_serving(
+    tmp_path: Path,
+) -> None:
+    """With a store closed under the pod (as a failing disk would): the request that could
+    not commit gets `internal`, no seq is used up, and the actor still answers."""
+    pod, store = _pod_in_process(tmp_path)
     actor = asyncio.create_task(pod.run())
     store.close()
     with pytest.raises(ProtocolError) as err:
@@ -158,6 +196,96 @@ async def test_an_actor_that_meets_a_failure_fails_that_request_and_keeps_servin
         await actor
 
 
+async def test_a_turn_task_cancelled_from_outside_ends_errored_and_the_pod_goes_on(
+    tmp_path: Path,
+) -> None:
+    """A CancelledError is no Exception: it once ended the actor silently, leaving the pod
+    `running` for good and every later request refused."""
+
+    async def cancelled() -> TurnOutcome:
+        raise asyncio.CancelledError
+
+    pod, store = _pod_in_process(tmp_path, _StandInEngine(cancelled))
+    actor = asyncio.create_task(pod.run())
+    async with asyncio.timeout(5):
+        await pod.call(Run(text="go"))
+        while pod.status != "idle":
+            await asyncio.sleep(0.01)
+        [end] = _stored(store, "turn_end")
+        assert end["result"] == "errored"
+        assert "cancelled" in end["error"]
+        with pytest.raises(ProtocolError) as err:
+            await pod.call(Pause())
+        assert err.value.code == "not_running"
+        await pod.stop("pause")
+        await actor
+
+
+async def test_an_actor_cancelled_mid_method_answers_it_and_lets_go_of_its_engine(
+    tmp_path: Path,
+) -> None:
+    """What the daemon does to a pod that will not stop: the method in flight (a pause
+    waiting on a turn that ignores cancellation) gets `shutting_down`, not silence."""
+    release, interrupted = asyncio.Event(), asyncio.Event()
+
+    async def stubborn() -> TurnOutcome:
+        while not release.is_set():
+            try:
+                await release.wait()
+            except asyncio.CancelledError:
+                interrupted.set()
+        return TurnOutcome("finished", "")
+
+    engine = _StandInEngine(stubborn)
+    pod, _ = _pod_in_process(tmp_path, engine)
+    actor = asyncio.create_task(pod.run())
+    async with asyncio.timeout(5):
+        await pod.call(Run(text="go"))
+        pausing = asyncio.create_task(pod.call(Pause()))
+        await interrupted.wait()  # the pause cancelled the turn and waits for it to end
+        assert not pausing.done()
+        actor.cancel()
+        with pytest.raises(ProtocolError) as err:
+            await pausing
+        assert err.value.code == "shutting_down"
+        await pod.abandon()
+        assert engine.closed.is_set()
+    release.set()
+
+
+async def test_a_turn_end_that_could_not_commit_commits_at_the_next_chance(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another writer holds the database as the turn ends, so its turn_end cannot commit;
+    the pod tries again with its next message instead of staying `running` for good."""
+    finish = asyncio.Event()
+
+    async def waits() -> TurnOutcome:
+        await finish.wait()
+        return TurnOutcome("finished", "done")
+
+    pod, store = _pod_in_process(tmp_path, _StandInEngine(waits))
+    store._db.execute("PRAGMA busy_timeout = 50")  # fail fast rather than after 5 s
+    actor = asyncio.create_task(pod.run())
+    other = sqlite3.connect(tmp_path / "capd.db", isolation_level=None)
+    async with asyncio.timeout(5):
+        await pod.call(Run(text="go"))
+        other.execute("BEGIN IMMEDIATE")
+        finish.set()
+        while not any("complete failed" in r.getMessage() for r in caplog.records):
+            await asyncio.sleep(0.01)  # the turn ended; its turn_end met the lock
+        assert pod.status == "running"
+        other.execute("ROLLBACK")
+        with pytest.raises(ProtocolError):
+            await pod.call(Resume())  # any message; the pod is not paused
+        assert pod.status == "idle"
+        [end] = _stored(store, "turn_end")
+        assert end["result"] == "finished"
+        await pod.stop("pause")
+        await actor
+    other.close()
+
+
 async def test_a_history_page_larger_than_any_request_reaches_the_client(
     capd: CapdProcess,
 ) -> None:
@@ -172,3 +300,12 @@ async def test_a_history_page_larger_than_any_request_reaches_the_client(
         page = await pod.request({"method": "history", "limit": 10_000})
     received = [e["payload"]["n"] for e in page["events"] if e["event"] == "pod_event_received"]
     assert received == list(range(8))
+
+
+def test_an_agent_tool_input_past_the_bounds_is_kept_as_a_note() -> None:
+    """What the ACP and Claude Code engines record for a tool input they could not store."""
+    deep = orjson.loads(b'{"d":' + DEEP + b"}")
+    assert within_bounds(deep) == {
+        "capd_dropped": "the input nests deeper than 100 levels of arrays and objects"
+    }
+    assert within_bounds({"command": "ls"}) == {"command": "ls"}
