@@ -16,9 +16,9 @@ import io
 import os
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 from capd.tools.base import Tool, ToolContext, ToolFailed, ToolOutcome
 from protocol.tools import EditFileArgs, ReadFileArgs, WriteFileArgs
@@ -26,6 +26,9 @@ from protocol.tools import EditFileArgs, ReadFileArgs, WriteFileArgs
 BINARY_SNIFF_BYTES = 8192
 PIECE_CHARS = 64 * 1024
 """read_file holds at most this many characters of a line at a time."""
+_CHANGING = threading.Lock()
+"""Held by each write_file and edit_file while it changes a file."""
+_Args = TypeVar("_Args", WriteFileArgs, EditFileArgs)
 EDIT_LIMIT_BYTES = 8 * 2**20
 """edit_file holds the whole file several times over (bytes, text, edited text): it refuses
 larger files."""
@@ -158,7 +161,26 @@ class WriteFileTool(Tool[WriteFileArgs]):
     args_model = WriteFileArgs
 
     async def run(self, args: WriteFileArgs, ctx: ToolContext) -> ToolOutcome:
-        return await asyncio.to_thread(_write_file, args, ctx)
+        return await _change(_write_file, args, ctx)
+
+
+async def _change(
+    change: Callable[[_Args, ToolContext], ToolOutcome], args: _Args, ctx: ToolContext
+) -> ToolOutcome:
+    """Run a file change in a worker thread, one at a time (an edit reads, then writes: two
+    at once could lose one), and to its end even when the call is cancelled, so that after
+    a pause no thread is still changing the file behind the pod's back."""
+
+    def locked() -> ToolOutcome:
+        with _CHANGING:
+            return change(args, ctx)
+
+    changing = asyncio.ensure_future(asyncio.to_thread(locked))
+    try:
+        return await asyncio.shield(changing)
+    except asyncio.CancelledError:
+        await asyncio.wait([changing])
+        raise
 
 
 def _write_file(args: WriteFileArgs, ctx: ToolContext) -> ToolOutcome:
@@ -188,7 +210,7 @@ class EditFileTool(Tool[EditFileArgs]):
     async def run(self, args: EditFileArgs, ctx: ToolContext) -> ToolOutcome:
         if not args.old_text:
             raise ToolFailed("old_text is empty; give the exact text to replace")
-        return await asyncio.to_thread(_edit_file, args, ctx)
+        return await _change(_edit_file, args, ctx)
 
 
 def _edit_file(args: EditFileArgs, ctx: ToolContext) -> ToolOutcome:
