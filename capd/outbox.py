@@ -30,6 +30,9 @@ REQUEST_TIMEOUT_S = 10.0
 RETRY_BASE_S = 0.1
 RETRY_CAP_S = 30.0
 CLOSE_TIMEOUT_S = 5.0
+PARENT_LINE_LIMIT = 64 * 1024
+"""A parent answers a report with a hello and an ack; a socket that sends more is not
+buffered (a client may name any socket as a parent)."""
 
 REFUSED_FOR_GOOD = frozenset({"invalid_request", "unknown_method", "frame_too_large"})
 
@@ -93,7 +96,7 @@ class Outbox:
                 await self._back_off(target, failures, exc)
 
     async def _send(self, target: str, batch: list[OutboxEntry]) -> None:
-        async with await Client.connect(target, REQUEST_TIMEOUT_S) as parent:
+        async with await Client.connect(target, REQUEST_TIMEOUT_S, PARENT_LINE_LIMIT) as parent:
             for entry in batch:
                 try:
                     await parent.request({"method": "pod_event", "event": decode(entry.payload)})

@@ -42,11 +42,15 @@ class Client:
         self._read_task: asyncio.Task[None] | None = None
 
     @classmethod
-    async def connect(cls, path: str | Path, timeout: float = 5.0) -> Self:
+    async def connect(
+        cls, path: str | Path, timeout: float = 5.0, line_limit: int = LINE_LIMIT
+    ) -> Self:
+        """Connect and read the hello. `line_limit` bounds what one frame may hold: capd's
+        own outbox, talking to a socket a client named, asks for less."""
         # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
         # that lands as the inner call fails, and the caller would never stop.
         async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_unix_connection(str(path), limit=LINE_LIMIT)
+            reader, writer = await asyncio.open_unix_connection(str(path), limit=line_limit)
         client = cls(reader, writer)
         try:
             async with asyncio.timeout(timeout):
