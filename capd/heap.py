@@ -29,15 +29,22 @@ class _Trimmer:
     def __init__(self) -> None:
         self._trim = _malloc_trim()
         self._scheduled: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def soon(self) -> None:
-        if self._trim is not None and self._scheduled is None:
-            self._scheduled = asyncio.get_running_loop().call_later(TRIM_DELAY_S, self._run)
+        if self._trim is None:
+            return
+        loop = asyncio.get_running_loop()
+        if self._scheduled is not None and self._loop is loop:
+            return
+        self._loop = loop
+        self._scheduled = loop.call_later(TRIM_DELAY_S, self._run)
 
     def _run(self) -> None:
+        """Trim in a worker thread: on a big heap with much to return it takes a while."""
         self._scheduled = None
-        assert self._trim is not None
-        self._trim(0)
+        assert self._loop is not None
+        self._loop.run_in_executor(None, self._trim, 0)
 
 
 _TRIMMER = _Trimmer()
