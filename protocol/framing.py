@@ -52,6 +52,13 @@ def shape_problem(value: Any, raw: bytes) -> str | None:
     return _walk(value)
 
 
+def within_bounds(value: dict[str, Any]) -> dict[str, Any]:
+    """`value` (an agent's tool input, say), or a note in its place when it is past the
+    bounds of a request: capd could not store it."""
+    problem = _walk(value)
+    return value if problem is None else {"capd_dropped": f"the input {problem}"}
+
+
 def _walk(value: Any) -> str | None:
     members = 0
     stack: list[tuple[Any, int]] = [(value, 1)]

@@ -42,6 +42,7 @@ from protocol.events import (
     TurnResult,
     Usage,
 )
+from protocol.framing import within_bounds
 from protocol.manifest import AcpEngine as AcpConfig
 from protocol.manifest import Manifest
 
@@ -348,7 +349,7 @@ class AcpEngine(ExternalEngine):
         claude-code-acp repeats `tool_call` with it, opencode sends it in an update."""
         call_id = str(update.get("toolCallId", ""))
         raw = update.get("rawInput")
-        arguments = raw if isinstance(raw, dict) else {}
+        arguments = within_bounds(raw) if isinstance(raw, dict) else {}
         if update.get("status") in ("in_progress", "completed", "failed"):
             state.step.settled.add(call_id)
         if call_id in state.names:

@@ -40,6 +40,7 @@ from protocol.events import (
     ToolResult,
     Usage,
 )
+from protocol.framing import within_bounds
 from protocol.manifest import ClaudeCodeEngine as ClaudeCodeConfig
 from protocol.manifest import Manifest
 
@@ -240,7 +241,7 @@ class ClaudeCodeEngine(ExternalEngine):
                     call = ToolCall(
                         id=str(block.get("id", "")),
                         name=str(block.get("name", "")),
-                        arguments=block.get("input") or {},
+                        arguments=within_bounds(block.get("input") or {}),
                     )
                     step.tool_calls.append(call)
                     state.names[call.id] = call.name
