@@ -15,7 +15,7 @@ from protocol.manifest import ModelConfig
 from tests.anthropic_server import AnthropicTestServer
 from tests.conftest import CapdProcess
 from tests.helpers import connect_pod, run_turn, spawn
-from tests.openai_server import OpenAITestServer
+from tests.openai_server import ErrorReply, OpenAITestServer
 from tests.sse_server import SseTestServer
 
 NAMED = "CAPD_TEST_NAMED_KEY"
@@ -95,3 +95,17 @@ def test_which_variable_goes_where(
     own_url, usual = OWN[provider]
     url = f"{(base_url or own_url).rstrip('/')}/path"
     assert key_variable(config, url, own_url, usual) == sent
+
+
+async def test_a_refusal_for_want_of_a_key_says_how_to_send_one(capd: CapdProcess) -> None:
+    """Who relied on OPENAI_API_KEY reaching a custom base_url now gets the server's 401:
+    the error says why no key went and what to set."""
+    async with OpenAITestServer() as server:
+        server.enqueue(ErrorReply(401, "Incorrect API key provided", "invalid_api_key"))
+        await spawn(capd, "nokey", {"provider": "openai", "name": "m", "base_url": server.base_url})
+        async with await connect_pod(capd, "nokey") as pod:
+            end, _ = await run_turn(pod, "hi")
+    assert end["result"] == "errored"
+    assert "HTTP 401" in end["error"]
+    assert "capd sent no API key" in end["error"]
+    assert "model.api_key_env" in end["error"]

@@ -47,6 +47,16 @@ def _origin(url: str) -> tuple[str, str, int | None] | None:
     return parsed.scheme, parsed.host, parsed.port
 
 
+NO_KEY_HINT = (
+    "capd sent no API key: to this base_url a key goes only from the variable "
+    "model.api_key_env names"
+)
+
+
+def _sends_key(headers: dict[str, str]) -> bool:
+    return any(name.lower() in ("authorization", "x-api-key") for name in headers)
+
+
 class SseEndpoint:
     """A model API's streaming endpoint: one pooled client, and errors that name `api` and `url`."""
 
@@ -73,7 +83,7 @@ class SseEndpoint:
             http = self._http()
             async with http.stream("POST", self.url, content=body, headers=headers) as response:
                 if response.status_code >= 400:
-                    raise await self._status_error(response)
+                    raise await self._status_error(response, _sends_key(headers))
                 async with aclosing(sse_data(response.aiter_lines())) as events:
                     yield events
         except asyncio.CancelledError:
@@ -105,12 +115,13 @@ class SseEndpoint:
             self._client = httpx.AsyncClient(timeout=timeout)
         return self._client
 
-    async def _status_error(self, response: httpx.Response) -> ProviderError:
+    async def _status_error(self, response: httpx.Response, sent_key: bool) -> ProviderError:
         body = await response.aread()
         status = response.status_code
         reason = body_reason(body) or Reason(response.reason_phrase or "no details")
+        hint = "" if sent_key or status not in (401, 403) else f"; {NO_KEY_HINT}"
         return ProviderError(
-            f"{self.api}: HTTP {status} from {self.url}: {reason.text}",
+            f"{self.api}: HTTP {status} from {self.url}: {reason.text}{hint}",
             retryable=is_retryable(status, reason),
             status=status,
             retry_after_s=_retry_after(response.headers),
