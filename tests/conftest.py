@@ -39,7 +39,8 @@ class CapdProcess:
     def pod_socket(self, name: str) -> Path:
         return self.runtime_dir / "pods" / f"{name}.sock"
 
-    def start(self) -> None:
+    def start(self, timeout: float = START_TIMEOUT_S) -> None:
+        """Start capd and wait until it answers; `timeout` for one with much to restore."""
         env = {**os.environ, **self.env}
         command = [
             sys.executable,
@@ -66,7 +67,7 @@ class CapdProcess:
                 stdout=log or subprocess.PIPE,
                 stderr=subprocess.STDOUT,
             )
-        deadline = time.monotonic() + START_TIMEOUT_S
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"capd exited with {self.proc.returncode}:\n{self.output()}")

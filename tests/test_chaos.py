@@ -182,7 +182,9 @@ async def _round(capd: CapdProcess, rng: random.Random, ledger: Ledger, number: 
             run = {"method": "run", "text": text, "if_busy": "queue"}
             unacked = (name, text, asyncio.create_task(pods[name].request(run)))
             await asyncio.sleep(rng.uniform(0, 0.002))
-        ledger.old_owners.add((capd.state_dir / OWNER_FILE).read_text())
+        # Every token in the file is a killed capd's: this one's, and any kept from earlier.
+        owners = (capd.state_dir / OWNER_FILE).read_text().splitlines()
+        ledger.old_owners.update(line.split()[0] for line in owners if line.strip())
         await sigkill(capd)
         if unacked is not None:
             name, text, request = unacked

@@ -98,6 +98,6 @@ async def test_shutdown_with_subscribers_that_never_read_is_quick_and_quiet(
             sock.close()
     log = capd.output()
     assert code == 0, log
-    assert took < 2.5, f"shutdown took {took:.1f} s"
+    assert took < 4.5, f"shutdown took {took:.1f} s"  # it took 5.1 s before, 0.6 s now
     assert "Traceback" not in log, log
     assert "CancelledError" not in log, log

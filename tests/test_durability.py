@@ -39,6 +39,7 @@ from tests.helpers import (
 
 SEED = 20261121
 CRASHES = 20
+RESTORE_TIMEOUT_S = 60.0
 
 
 def _streaming_script(rng: random.Random, steps: int) -> list[dict[str, Any]]:
@@ -318,7 +319,8 @@ async def test_replaying_100k_events_keeps_the_daemon_memory_bounded(capd: CapdP
     text = "r" * 2200
     last_seq = await asyncio.to_thread(_write_turns, capd, "w1", 100_000 // 6 + 1, text)
     assert last_seq >= 100_000
-    await asyncio.to_thread(capd.start)
+    # Restore replays 100k events into the model context: seconds, more on a busy machine.
+    await asyncio.to_thread(capd.start, RESTORE_TIMEOUT_S)
     assert capd.proc is not None
 
     async with await connect_pod(capd, "w1", subscribe=False) as pod:
