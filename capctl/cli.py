@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar, get_args
+from typing import Any, Literal, TypeVar, get_args
 
 import click
 import orjson
@@ -279,36 +279,6 @@ def ps(settings: Settings) -> None:
 
 
 @cli.command()
-@pod_argument
-@json_option
-@pass_settings
-def stop(settings: Settings, pod: str) -> None:
-    """Stop a pod, keeping its state (start brings it back)."""
-    result = daemon_call(settings.runtime, {"method": "stop", "name": pod})
-    report(settings, result, f"stopped {pod}")
-
-
-@cli.command()
-@pod_argument
-@json_option
-@pass_settings
-def start(settings: Settings, pod: str) -> None:
-    """Start a stopped pod again."""
-    result = daemon_call(settings.runtime, {"method": "start", "name": pod})
-    report(settings, result, f"started {pod}")
-
-
-@cli.command()
-@pod_argument
-@json_option
-@pass_settings
-def rm(settings: Settings, pod: str) -> None:
-    """Stop a pod and delete its state."""
-    result = daemon_call(settings.runtime, {"method": "delete", "name": pod})
-    report(settings, result, f"removed {pod}")
-
-
-@cli.command()
 @json_option
 @pass_settings
 def info(settings: Settings) -> None:
@@ -356,26 +326,6 @@ def status(settings: Settings, pod: str) -> None:
     """Show a pod's status."""
     result = pod_call(settings.runtime, pod, {"method": "status"})
     report(settings, result, pod_status(result, STATUS_ORDER))
-
-
-@cli.command()
-@pod_argument
-@json_option
-@pass_settings
-def pause(settings: Settings, pod: str) -> None:
-    """Pause the pod's turn at once; resume continues it."""
-    result = pod_call(settings.runtime, pod, {"method": "pause"})
-    report(settings, result, f"paused {pod}")
-
-
-@cli.command()
-@pod_argument
-@json_option
-@pass_settings
-def resume(settings: Settings, pod: str) -> None:
-    """Continue a paused turn."""
-    result = pod_call(settings.runtime, pod, {"method": "resume"})
-    report(settings, result, f"resumed {pod}")
 
 
 @cli.command()
@@ -543,6 +493,61 @@ async def _log(settings: Settings, pod: str, from_seq: int, limit: int | None) -
 def log(settings: Settings, pod: str, from_seq: int, limit: int | None) -> None:
     """Print the pod's durable history: messages, tool calls and results, turns."""
     run(_log(settings, pod, from_seq, limit))
+
+
+# -- one request about a pod, one line -------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PodCommand:
+    """`capctl NAME POD`: one request about POD, then one line (with --json, the result)."""
+
+    name: str
+    method: str
+    socket: Literal["daemon", "pod"]
+    """Where the request goes: the daemon's socket (naming the pod), or the pod's own."""
+    done: str
+    """The line printed on success; `{pod}` is the pod's name."""
+    help: str
+
+
+POD_COMMANDS = (
+    PodCommand(
+        "stop",
+        "stop",
+        "daemon",
+        "stopped {pod}",
+        "Stop a pod, keeping its state (start brings it back).",
+    ),
+    PodCommand("start", "start", "daemon", "started {pod}", "Start a stopped pod again."),
+    PodCommand("rm", "delete", "daemon", "removed {pod}", "Stop a pod and delete its state."),
+    PodCommand(
+        "pause",
+        "pause",
+        "pod",
+        "paused {pod}",
+        "Pause the pod's turn at once; resume continues it.",
+    ),
+    PodCommand("resume", "resume", "pod", "resumed {pod}", "Continue a paused turn."),
+)
+
+
+def _pod_command(spec: PodCommand) -> click.Command:
+    @pod_argument
+    @json_option
+    @pass_settings
+    def command(settings: Settings, pod: str) -> None:
+        if spec.socket == "daemon":
+            result = daemon_call(settings.runtime, {"method": spec.method, "name": pod})
+        else:
+            result = pod_call(settings.runtime, pod, {"method": spec.method})
+        report(settings, result, spec.done.format(pod=pod))
+
+    return click.command(spec.name, help=spec.help)(command)
+
+
+for spec in POD_COMMANDS:
+    cli.add_command(_pod_command(spec))
 
 
 def main() -> None:
