@@ -12,12 +12,18 @@ import os
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar, get_args
+from typing import Any, Literal, TypeVar, get_args
 
 import click
 import orjson
 
 from capctl.errors import CapctlError
+from capctl.manifest import (
+    DEFAULT_MODELS,
+    DEFAULT_TOOLS,
+    manifest_from_file,
+    manifest_from_options,
+)
 from capctl.oneshot import daemon_call, pod_call, wait_ready
 from capctl.render import (
     EventPrinter,
@@ -31,15 +37,8 @@ from capctl.render import (
 from protocol import paths
 from protocol.names import IfBusy, ToolName
 
-if TYPE_CHECKING:
-    from pydantic import ValidationError
-
-    from protocol.manifest import Manifest
-
 T = TypeVar("T")
 
-DEFAULT_MODELS = {"openai": "gpt-4.1-mini", "anthropic": "claude-sonnet-4-5"}
-DEFAULT_TOOLS = ("bash", "read_file", "write_file", "edit_file")
 HISTORY_PAGE = 1000
 STATUS_ORDER = (
     "name",
@@ -168,86 +167,6 @@ def cli(ctx: click.Context, runtime_dir: Path | None, json_output: bool) -> None
 # -- pods on the daemon socket --------------------------------------------------------------
 
 
-def _describe_validation(exc: "ValidationError") -> str:
-    return "; ".join(
-        f"{'.'.join(str(p) for p in err['loc']) or 'manifest'}: {err['msg']}"
-        for err in exc.errors(include_url=False)
-    )
-
-
-def _validate_manifest(data: dict[str, Any], origin: Path | None = None) -> "Manifest":
-    from pydantic import ValidationError
-
-    from protocol.manifest import Manifest
-
-    try:
-        return Manifest.model_validate(data)
-    except ValidationError as exc:
-        where = f" {origin}" if origin else ""
-        raise CapctlError(f"bad manifest{where}: {_describe_validation(exc)}") from None
-
-
-def manifest_from_file(path: Path, name: str | None) -> "Manifest":
-    """Read a YAML manifest; a relative `cwd` is taken from the file's directory."""
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise CapctlError(f"cannot read manifest {path}: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
-        raise CapctlError(f"bad manifest {path}: {where}{problem}") from None
-    if not isinstance(data, dict):
-        raise CapctlError(f"bad manifest {path}: expected a mapping of manifest fields")
-    if name is not None:
-        data["name"] = name
-    if isinstance(data.get("cwd"), str):
-        cwd = os.path.expanduser(data["cwd"])
-        data["cwd"] = os.path.normpath(os.path.join(path.parent.absolute(), cwd))
-    return _validate_manifest(data, path)
-
-
-def _provider_with_key() -> str:
-    """openai or anthropic when its standard key variable is set here, else scripted."""
-    for provider, variable in (("openai", "OPENAI_API_KEY"), ("anthropic", "ANTHROPIC_API_KEY")):
-        if os.environ.get(variable):
-            return provider
-    return "scripted"
-
-
-def manifest_from_options(
-    name: str,
-    provider: str,
-    model_name: str | None,
-    base_url: str | None,
-    api_key_env: str | None,
-    system_prompt: str | None,
-    cwd: Path | None,
-    tools: tuple[str, ...],
-) -> "Manifest":
-    if provider == "auto":
-        provider = _provider_with_key()
-    model: dict[str, Any] = {"provider": provider}
-    if model_name or provider in DEFAULT_MODELS:
-        model["name"] = model_name or DEFAULT_MODELS[provider]
-    if base_url:
-        model["base_url"] = base_url
-    if api_key_env:
-        model["api_key_env"] = api_key_env
-    data: dict[str, Any] = {
-        "name": name,
-        "model": model,
-        "cwd": os.path.abspath(cwd or os.getcwd()),
-        "tools": list(tools or DEFAULT_TOOLS),
-    }
-    if system_prompt is not None:
-        data["system_prompt"] = system_prompt
-    return _validate_manifest(data)
-
-
 @cli.command()
 @click.argument("name", required=False, callback=_check_optional_pod_name)
 @click.option(
@@ -360,36 +279,6 @@ def ps(settings: Settings) -> None:
 
 
 @cli.command()
-@pod_argument
-@json_option
-@pass_settings
-def stop(settings: Settings, pod: str) -> None:
-    """Stop a pod, keeping its state (start brings it back)."""
-    result = daemon_call(settings.runtime, {"method": "stop", "name": pod})
-    report(settings, result, f"stopped {pod}")
-
-
-@cli.command()
-@pod_argument
-@json_option
-@pass_settings
-def start(settings: Settings, pod: str) -> None:
-    """Start a stopped pod again."""
-    result = daemon_call(settings.runtime, {"method": "start", "name": pod})
-    report(settings, result, f"started {pod}")
-
-
-@cli.command()
-@pod_argument
-@json_option
-@pass_settings
-def rm(settings: Settings, pod: str) -> None:
-    """Stop a pod and delete its state."""
-    result = daemon_call(settings.runtime, {"method": "delete", "name": pod})
-    report(settings, result, f"removed {pod}")
-
-
-@cli.command()
 @json_option
 @pass_settings
 def info(settings: Settings) -> None:
@@ -437,26 +326,6 @@ def status(settings: Settings, pod: str) -> None:
     """Show a pod's status."""
     result = pod_call(settings.runtime, pod, {"method": "status"})
     report(settings, result, pod_status(result, STATUS_ORDER))
-
-
-@cli.command()
-@pod_argument
-@json_option
-@pass_settings
-def pause(settings: Settings, pod: str) -> None:
-    """Pause the pod's turn at once; resume continues it."""
-    result = pod_call(settings.runtime, pod, {"method": "pause"})
-    report(settings, result, f"paused {pod}")
-
-
-@cli.command()
-@pod_argument
-@json_option
-@pass_settings
-def resume(settings: Settings, pod: str) -> None:
-    """Continue a paused turn."""
-    result = pod_call(settings.runtime, pod, {"method": "resume"})
-    report(settings, result, f"resumed {pod}")
 
 
 @cli.command()
@@ -624,6 +493,61 @@ async def _log(settings: Settings, pod: str, from_seq: int, limit: int | None) -
 def log(settings: Settings, pod: str, from_seq: int, limit: int | None) -> None:
     """Print the pod's durable history: messages, tool calls and results, turns."""
     run(_log(settings, pod, from_seq, limit))
+
+
+# -- one request about a pod, one line -------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PodCommand:
+    """`capctl NAME POD`: one request about POD, then one line (with --json, the result)."""
+
+    name: str
+    method: str
+    socket: Literal["daemon", "pod"]
+    """Where the request goes: the daemon's socket (naming the pod), or the pod's own."""
+    done: str
+    """The line printed on success; `{pod}` is the pod's name."""
+    help: str
+
+
+POD_COMMANDS = (
+    PodCommand(
+        "stop",
+        "stop",
+        "daemon",
+        "stopped {pod}",
+        "Stop a pod, keeping its state (start brings it back).",
+    ),
+    PodCommand("start", "start", "daemon", "started {pod}", "Start a stopped pod again."),
+    PodCommand("rm", "delete", "daemon", "removed {pod}", "Stop a pod and delete its state."),
+    PodCommand(
+        "pause",
+        "pause",
+        "pod",
+        "paused {pod}",
+        "Pause the pod's turn at once; resume continues it.",
+    ),
+    PodCommand("resume", "resume", "pod", "resumed {pod}", "Continue a paused turn."),
+)
+
+
+def _pod_command(spec: PodCommand) -> click.Command:
+    @pod_argument
+    @json_option
+    @pass_settings
+    def command(settings: Settings, pod: str) -> None:
+        if spec.socket == "daemon":
+            result = daemon_call(settings.runtime, {"method": spec.method, "name": pod})
+        else:
+            result = pod_call(settings.runtime, pod, {"method": spec.method})
+        report(settings, result, spec.done.format(pod=pod))
+
+    return click.command(spec.name, help=spec.help)(command)
+
+
+for spec in POD_COMMANDS:
+    cli.add_command(_pod_command(spec))
 
 
 def main() -> None:

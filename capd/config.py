@@ -2,12 +2,15 @@
 
 import argparse
 import grp
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from protocol import VERSION
 from protocol.framing import DEFAULT_MAX_FRAME_BYTES
 from protocol.paths import runtime_dir, state_dir
+
+MIB = 1024 * 1024
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 @dataclass(frozen=True, slots=True)
@@ -15,7 +18,7 @@ class Config:
     runtime_dir: Path
     state_dir: Path
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
-    max_queued_bytes: int = 8 * 1024 * 1024
+    max_queued_bytes: int = 8 * MIB
     """Bytes of events queued for one slow subscriber before it gets `lagged`."""
     log_level: str = "info"
     max_pods: int = 4096
@@ -27,32 +30,36 @@ class Config:
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> "Config":
+        # The options' defaults (and the help that shows them) are the fields' own.
+        default = {field.name: field.default for field in fields(cls)}
         parser = argparse.ArgumentParser(prog="capd", description="Host AI agent pods.")
         parser.add_argument("--runtime-dir", help="sockets live here (see README: Paths)")
         parser.add_argument("--state-dir", help="the store and pod state live here")
         parser.add_argument(
             "--max-frame-bytes",
             type=int,
-            default=DEFAULT_MAX_FRAME_BYTES,
-            help="largest request line accepted (default 1 MiB)",
+            default=default["max_frame_bytes"],
+            help=f"largest request line accepted (default {_mib(default['max_frame_bytes'])})",
         )
         parser.add_argument(
             "--max-queued-bytes",
             type=int,
-            default=8 * 1024 * 1024,
-            help="events queued per slow subscriber before it gets `lagged` (default 8 MiB)",
+            default=default["max_queued_bytes"],
+            help="events queued per slow subscriber before it gets `lagged` "
+            f"(default {_mib(default['max_queued_bytes'])})",
         )
+        parser.add_argument("--log-level", default=default["log_level"], choices=LOG_LEVELS)
         parser.add_argument(
-            "--log-level", default="info", choices=["debug", "info", "warning", "error"]
-        )
-        parser.add_argument(
-            "--max-pods", type=int, default=4096, help="pods up at once (default 4096)"
+            "--max-pods",
+            type=int,
+            default=default["max_pods"],
+            help="pods up at once (default %(default)s)",
         )
         parser.add_argument(
             "--max-subscribers",
             type=int,
-            default=256,
-            help="subscribed connections per pod (default 256)",
+            default=default["max_subscribers"],
+            help="subscribed connections per pod (default %(default)s)",
         )
         parser.add_argument(
             "--allow-group",
@@ -86,3 +93,7 @@ class Config:
             max_subscribers=args.max_subscribers,
             allow_gid=allow_gid,
         )
+
+
+def _mib(size: int) -> str:
+    return f"{size / MIB:g} MiB"

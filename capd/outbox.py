@@ -16,8 +16,8 @@ full and dropped.
 import asyncio
 import contextlib
 import logging
-import random
 
+from capd.backoff import backoff_s
 from capd.store import OutboxEntry, Store
 from protocol.client import Client, ConnectionClosed
 from protocol.errors import ProtocolError
@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 BATCH = 100
 REQUEST_TIMEOUT_S = 10.0
 RETRY_BASE_S = 0.1
-RETRY_CAP_S = 30.0
 CLOSE_TIMEOUT_S = 5.0
 PARENT_LINE_LIMIT = 64 * 1024
 """A parent answers a report with a hello and an ack; a socket that sends more is not
@@ -121,7 +120,7 @@ class Outbox:
         self._store.report_delivered(entry.id)
 
     async def _back_off(self, target: str, failures: int, exc: Exception) -> None:
-        wait_s = min(RETRY_CAP_S, RETRY_BASE_S * 2 ** (failures - 1)) * random.uniform(1, 1.25)
+        wait_s = backoff_s(failures, RETRY_BASE_S)
         level = logging.WARNING if failures == 1 or failures % 10 == 0 else logging.DEBUG
         log.log(
             level,

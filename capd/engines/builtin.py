@@ -6,8 +6,8 @@ stop) by cancelling the task: a streaming model call keeps its partial text as a
 """
 
 import asyncio
-import random
 
+from capd.backoff import backoff_s
 from capd.engines.base import (
     Turn,
     TurnHost,
@@ -44,7 +44,7 @@ from protocol.events import (
 from protocol.manifest import Manifest, ModelConfig
 
 RETRY_BASE_S = 0.5
-RETRY_CAP_S = 30.0
+"""The wait before a model call's first retry; it doubles with each retry after it."""
 CUT_CALL = ToolOutcome(
     "not run: max_tokens cut the reply off while this call's arguments were being written, "
     "so they are incomplete; make the call again, in smaller parts if it is long (for "
@@ -145,7 +145,11 @@ class BuiltinEngine:
                     raise
                 previous = exc
                 attempt += 1
-                wait_s = exc.retry_after_s if exc.retry_after_s is not None else _backoff_s(attempt)
+                wait_s = (
+                    exc.retry_after_s
+                    if exc.retry_after_s is not None
+                    else backoff_s(attempt, RETRY_BASE_S)
+                )
                 host.emit_ephemeral(
                     Retry(
                         turn_id=turn.turn_id,
@@ -213,8 +217,3 @@ def _repeats(error: ProviderError, previous: ProviderError | None) -> bool:
         and error.status == previous.status
         and error.message == previous.message
     )
-
-
-def _backoff_s(attempt: int) -> float:
-    """Exponential backoff with jitter: 0.5 s, 1 s, 2 s, ... capped at 30 s."""
-    return min(RETRY_CAP_S, RETRY_BASE_S * 2 ** (attempt - 1)) * random.uniform(1, 1.25)
