@@ -3,7 +3,7 @@
 The process runs in its own session, so its process group holds everything it starts, in
 the pod's cwd, and speaks newline-delimited JSON on stdin and stdout. Its stderr is kept,
 bounded: when it dies, the end goes to capd's log and its error names the line that says
-why (`stderr_summary`). It is stopped with its whole group (`capd.groups`) when the pod
+why (`stderr_summary`). It is stopped with its whole group (`capd.proc.groups`) when the pod
 stops, is deleted or capd shuts down, and when it exits (what it started would otherwise
 hold its output open).
 
@@ -34,7 +34,7 @@ import orjson
 
 from capd.context import ChatMessage
 from capd.engines.base import Turn, TurnHost, TurnOutcome, inject_notes, run_timed
-from capd.groups import KILL_GRACE_S, signal_name, terminate_group
+from capd.proc.groups import KILL_GRACE_S, signal_name, terminate_group
 from protocol.errors import ProtocolError
 from protocol.events import EngineSession, ToolResult
 from protocol.manifest import AcpEngine as AcpConfig

@@ -2,7 +2,7 @@
 
 The command runs in its own session, so its process group holds everything it starts. The
 group is stopped when the command's main process exits, when it times out, and when the
-tool call is cancelled (pause, cancel, stop, shutdown), as `capd.groups` does it, so
+tool call is cancelled (pause, cancel, stop, shutdown), as `capd.proc.groups` does it, so
 nothing it started outlives the call. A cancelled call returns at once.
 
 Output goes to a pipe we own (not asyncio's subprocess pipes), so we can stop reading
@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import BinaryIO
 
-from capd.groups import signal_name, terminate_group
+from capd.proc.groups import signal_name, terminate_group
 from capd.tools.base import Tool, ToolContext, ToolFailed, ToolOutcome
 from protocol.tools import BashArgs
 

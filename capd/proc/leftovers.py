@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from capd.groups import KILL_GRACE_S, terminate_group
+from capd.proc.groups import KILL_GRACE_S, terminate_group
 
 OWNER_ENV = "CAPD_OWNER"
 OWNER_FILE = "owner"
