@@ -20,14 +20,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-from capd import leftovers
 from capd.children import ChildPods, check_child
 from capd.config import Config
 from capd.controller import PodController, StopMode
 from capd.engines import check_engine
 from capd.fanout import Hub
-from capd.groups import stop_all_groups
 from capd.outbox import Outbox
+from capd.proc import leftovers
+from capd.proc.groups import stop_all_groups
 from capd.registry import PodRegistry
 from capd.server import DaemonEndpoint, PodEndpoint
 from capd.store import PodRecord, Store

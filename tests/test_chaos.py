@@ -25,8 +25,8 @@ from typing import Any
 
 import orjson
 
-from capd.groups import KILL_GRACE_S
-from capd.leftovers import OWNER_ENV, OWNER_FILE
+from capd.proc.groups import KILL_GRACE_S
+from capd.proc.leftovers import OWNER_ENV, OWNER_FILE
 from protocol.client import Client, ConnectionClosed
 from protocol.errors import ProtocolError
 from tests.conftest import CapdProcess

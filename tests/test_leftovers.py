@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from capd.groups import KILL_GRACE_S
+from capd.proc.groups import KILL_GRACE_S
 from tests.conftest import CapdProcess
 from tests.helpers import connect_pod, scripted, spawn, until
 

@@ -10,7 +10,7 @@ from typing import get_args
 
 import pytest
 
-from capd.groups import KILL_GRACE_S
+from capd.proc.groups import KILL_GRACE_S
 from capd.providers.base import INVALID_JSON_KEY
 from capd.tools import BUILTIN_TOOLS, run_tool, tool_specs
 from capd.tools.base import Tool, ToolContext, ToolOutcome

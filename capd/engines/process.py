@@ -3,7 +3,7 @@
 The process runs in its own session, so its process group holds everything it starts, in
 the pod's cwd, and speaks newline-delimited JSON on stdin and stdout. Its stderr is kept,
 bounded: when it dies, the end goes to capd's log and its error names the line that says
-why (`stderr_summary`). It is stopped with its whole group (`capd.groups`) when the pod
+why (`stderr_summary`). It is stopped with its whole group (`capd.proc.launcher`) when the pod
 stops, is deleted or capd shuts down, and when it exits (what it started would otherwise
 hold its output open).
 
@@ -34,7 +34,8 @@ import orjson
 
 from capd.context import ChatMessage
 from capd.engines.base import Turn, TurnHost, TurnOutcome, inject_notes, run_timed
-from capd.groups import KILL_GRACE_S, signal_name, terminate_group
+from capd.proc.groups import KILL_GRACE_S, signal_name
+from capd.proc.launcher import environment, launch, stop_group
 from protocol.errors import ProtocolError
 from protocol.events import EngineSession, ToolResult
 from protocol.manifest import AcpEngine as AcpConfig
@@ -79,7 +80,7 @@ def check_command(kind: str, command: Sequence[str], env: dict[str, str], cwd: P
         found = path.is_file() and os.access(path, os.X_OK)
         where = f"{path} is not an executable file"
     else:
-        search = env.get("PATH", os.environ.get("PATH", os.defpath))
+        search = environment(env).get("PATH", os.defpath)
         found = shutil.which(exe, path=search) is not None
         where = f"{exe} is not found on PATH"
     if not found:
@@ -104,14 +105,13 @@ class EngineProcess:
         cls, label: str, argv: Sequence[str], cwd: Path, env: dict[str, str]
     ) -> "EngineProcess":
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
+            proc = await launch(
+                argv,
                 cwd=cwd,
-                env={**os.environ, **env},
+                env=env,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
-                start_new_session=True,
                 limit=LINE_LIMIT,
             )
         except OSError as exc:
@@ -157,7 +157,7 @@ class EngineProcess:
         """When the process exits, stop its group: whatever it started would otherwise keep
         its output open and the exit unnoticed."""
         await self._proc.wait()
-        terminate_group(self._proc.pid)
+        stop_group(self._proc)
         self._output_deadline = asyncio.get_running_loop().time() + KILL_GRACE_S + 1
         if self._reading is not None:
             self._reading.reschedule(self._output_deadline)
@@ -195,7 +195,7 @@ class EngineProcess:
         """SIGTERM the process group now, SIGKILL it after KILL_GRACE_S."""
         if self._proc.stdin is not None:
             self._proc.stdin.close()
-        terminate_group(self._proc.pid)
+        stop_group(self._proc)
 
     async def aclose(self) -> None:
         self.stop()

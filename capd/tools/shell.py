@@ -1,9 +1,9 @@
 """The `bash` tool: one shell command in the pod's working directory.
 
-The command runs in its own session, so its process group holds everything it starts. The
-group is stopped when the command's main process exits, when it times out, and when the
-tool call is cancelled (pause, cancel, stop, shutdown), as `capd.groups` does it, so
-nothing it started outlives the call. A cancelled call returns at once.
+The command runs in its own process group (`capd.proc.launcher`), which holds everything it
+starts. The group is stopped when the command's main process exits, when it times out, and
+when the tool call is cancelled (pause, cancel, stop, shutdown), so nothing it started
+outlives the call. A cancelled call returns at once.
 
 Output goes to a pipe we own (not asyncio's subprocess pipes), so we can stop reading
 whenever we choose, even when a process that escaped the group still holds the pipe open.
@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 from typing import BinaryIO
 
-from capd.groups import signal_name, terminate_group
+from capd.proc.groups import signal_name
+from capd.proc.launcher import launch, stop_group
 from capd.tools.base import Tool, ToolContext, ToolFailed, ToolOutcome
 from protocol.tools import BashArgs
 
@@ -121,11 +122,11 @@ class BashTool(Tool[BashArgs]):
                     await proc.wait()
             except TimeoutError:
                 timed_out = True
-            terminate_group(proc.pid)
+            stop_group(proc)
             returncode = await proc.wait()
             await asyncio.wait([collector.closed], timeout=DRAIN_GRACE_S)
         except BaseException:
-            terminate_group(proc.pid)
+            stop_group(proc)
             raise
         finally:
             transport.close()
@@ -135,15 +136,8 @@ class BashTool(Tool[BashArgs]):
 
 async def _spawn(command: str, ctx: ToolContext, output_fd: int) -> asyncio.subprocess.Process:
     try:
-        return await asyncio.create_subprocess_exec(
-            "bash",
-            "-c",
-            command,
-            cwd=ctx.cwd,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=output_fd,
-            stderr=output_fd,
-            start_new_session=True,
+        return await launch(
+            ["bash", "-c", command], cwd=ctx.cwd, stdout=output_fd, stderr=output_fd
         )
     except OSError as exc:
         raise ToolFailed(f"cannot run bash in {ctx.cwd}: {exc.strerror}") from exc

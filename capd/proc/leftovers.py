@@ -1,7 +1,7 @@
 """What a capd that did not shut down left running, found and stopped by the next one.
 
 capd stops its tools' and engines' process groups when it shuts down; a capd that is
-SIGKILLed, or crashes, cannot. So every process capd starts inherits CAPD_OWNER, a token
+SIGKILLed, or crashes, cannot. So every process capd starts carries CAPD_OWNER, a token
 drawn at each start and kept in the state directory, and the next capd on that directory
 (its lock says the old one is gone) stops the process group of every process still
 carrying an old token. A token stays in the `owner` file until no process carries it: a
@@ -20,10 +20,13 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from capd.groups import KILL_GRACE_S, terminate_group
+from capd.proc.groups import KILL_GRACE_S, terminate_group
 
 OWNER_ENV = "CAPD_OWNER"
 OWNER_FILE = "owner"
+
+_mark: dict[str, str] = {}
+"""{OWNER_ENV: this capd's token}, once `claim` has drawn it."""
 
 
 def claim(state_dir: Path) -> list[int]:
@@ -42,12 +45,18 @@ def claim(state_dir: Path) -> list[int]:
             terminate_group(pgid, grace)
         stopped |= groups
     token = secrets.token_hex(8)
-    os.environ[OWNER_ENV] = token
+    _mark[OWNER_ENV] = token
     lines = [f"{old} {since}" for old, since in kept.items()] + [token]
     written = path.with_suffix(".new")
     _write_private(written, "\n".join(lines) + "\n")
     written.replace(path)
     return sorted(stopped)
+
+
+def owner_mark() -> dict[str, str]:
+    """The variable `capd.proc.launcher` gives every process it starts, to mark it as this
+    capd's: none before `claim`."""
+    return dict(_mark)
 
 
 def _read_tokens(path: Path) -> dict[str, float | None]:

@@ -1,0 +1,59 @@
+"""Starting the processes capd runs for its pods (bash commands, external engines), and
+stopping them.
+
+A process starts in its own session, so its process group holds everything it starts and
+`stop_group` stops all of it (`capd.proc.groups`: SIGTERM now, SIGKILL after the grace).
+It runs in the directory it is given, with capd's environment, the caller's variables over
+it and the owner mark over both (`capd.proc.leftovers`: the next capd stops it if this one
+dies). Its stdin, stdout and stderr are what the caller asks for, never capd's own. How a
+process runs is decided here alone, so confining it (a sandbox around the argv, an
+environment allow-list, resource limits) changes this module, not its callers.
+"""
+
+import asyncio
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from capd.proc.groups import terminate_group
+from capd.proc.leftovers import owner_mark
+
+STREAM_LIMIT = 64 * 1024
+"""asyncio's default bound on a line read from a piped stream."""
+
+
+async def launch(
+    argv: Sequence[str],
+    *,
+    cwd: Path,
+    env: Mapping[str, str] | None = None,
+    stdin: int = asyncio.subprocess.DEVNULL,
+    stdout: int = asyncio.subprocess.DEVNULL,
+    stderr: int = asyncio.subprocess.DEVNULL,
+    limit: int = STREAM_LIMIT,
+) -> asyncio.subprocess.Process:
+    """Start `argv` in `cwd` in a new process group. `env` adds to the environment;
+    `stdin`, `stdout` and `stderr` are each asyncio.subprocess.PIPE, DEVNULL or a file
+    descriptor; `limit` bounds a line read from a piped stream. OSError when it cannot
+    start."""
+    return await asyncio.create_subprocess_exec(
+        *argv,
+        cwd=cwd,
+        env=environment(env),
+        stdin=stdin,
+        stdout=stdout,
+        stderr=stderr,
+        start_new_session=True,
+        limit=limit,
+    )
+
+
+def environment(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a process started with `env`."""
+    return {**os.environ, **(env or {}), **owner_mark()}
+
+
+def stop_group(process: asyncio.subprocess.Process) -> None:
+    """SIGTERM the group of a process `launch` started, SIGKILL it after the grace unless
+    it is gone. Returns at once."""
+    terminate_group(process.pid)
