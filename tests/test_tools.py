@@ -10,8 +10,8 @@ from typing import get_args
 
 import pytest
 
+from capd.chat import INVALID_JSON_KEY
 from capd.groups import KILL_GRACE_S
-from capd.providers.base import INVALID_JSON_KEY
 from capd.tools import BUILTIN_TOOLS, run_tool, tool_specs
 from capd.tools.base import Tool, ToolContext, ToolOutcome
 from protocol.names import ToolName

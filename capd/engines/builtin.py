@@ -8,6 +8,7 @@ stop) by cancelling the task: a streaming model call keeps its partial text as a
 import asyncio
 import random
 
+from capd.chat import INVALID_JSON_KEY, ToolSpec
 from capd.engines.base import (
     Turn,
     TurnHost,
@@ -18,7 +19,6 @@ from capd.engines.base import (
 )
 from capd.providers import make_provider
 from capd.providers.base import (
-    INVALID_JSON_KEY,
     ModelReply,
     ModelRequest,
     Provider,
@@ -27,7 +27,6 @@ from capd.providers.base import (
     ThinkingChunk,
     ToolCallArgs,
     ToolCallBegin,
-    ToolSpec,
 )
 from capd.tools import run_tool, tool_specs
 from capd.tools.base import ToolOutcome

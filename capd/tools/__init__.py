@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from capd.providers.base import INVALID_JSON_KEY, ToolSpec
+from capd.chat import INVALID_JSON_KEY, ToolSpec
 from capd.tools.base import Tool, ToolContext, ToolFailed, ToolOutcome
 from capd.tools.files import EditFileTool, ReadFileTool, WriteFileTool
 from capd.tools.pods import (
