@@ -56,7 +56,7 @@ ArgsT = TypeVar("ArgsT", bound=ToolArgs)
 
 
 class Tool(ABC, Generic[ArgsT]):
-    """`run` receives arguments already validated by `args_model` (see `run_tool`)."""
+    """`run` receives arguments already validated by `args_model` (see `Toolbox.run`)."""
 
     name: ClassVar[str]
     description: ClassVar[str]
