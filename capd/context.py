@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from capd.providers.base import ChatMessage
+from capd.chat import ChatMessage
 from protocol.events import (
     AssistantMessage,
     DurableEvent,

@@ -26,6 +26,7 @@ from capd.fanout import Hub
 from capd.outbox import Outbox
 from capd.store import OwedReport, Store
 from capd.tools.base import ToolContext
+from capd.tools.toolbox import Toolbox
 from protocol.errors import ProtocolError
 from protocol.events import (
     AssistantMessage,
@@ -132,7 +133,7 @@ class PodController:
         self.notes: list[PendingNote] = []
         self.engine = make_engine(manifest)
         self._model_label = model_label(manifest)
-        self.tool_context = ToolContext(cwd=Path(manifest.cwd), pod=self.name)
+        self.toolbox = Toolbox.builtin(manifest.tools, ToolContext(Path(manifest.cwd), self.name))
         self.hub = Hub(self.name, lambda: self.last_seq, self._page)
         self._store = store
         self._outbox = outbox
@@ -591,6 +592,7 @@ class PodController:
         not stop): its subscriptions and its engine."""
         self.hub.close_all()
         await self.engine.aclose()
+        await self.toolbox.aclose()
 
     def _refuse_pending(self) -> None:
         while not self._mailbox.empty():
@@ -619,7 +621,7 @@ class PodController:
             "parent": self.parent,
             "children": children,
             "model": self._model_label,
-            "cwd": str(self.tool_context.cwd),
+            "cwd": str(self.toolbox.context.cwd),
             "tools": list(self.manifest.tools),
             "usage": {
                 "input_tokens": self.usage.input_tokens,

@@ -448,8 +448,8 @@ class Daemon:
             outbox=self.outbox,
             on_status=self._pod_status_changed,
         )
-        controller.tool_context = replace(
-            controller.tool_context,
+        controller.toolbox.context = replace(
+            controller.toolbox.context,
             pods=ChildPods(self, controller),
             spill_dir=self._pod_state_dir(name) / "spill",
         )

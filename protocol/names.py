@@ -14,5 +14,7 @@ ToolName = Literal[
     "stop_pod",
     "list_pods",
 ]
+"""The built-in tools a manifest's `tools` may list. Tools a pod gains while it runs (an MCP
+server's) are named by their source, not here."""
 
 IfBusy = Literal["reject", "queue", "interrupt"]

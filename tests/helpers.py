@@ -1,4 +1,5 @@
-"""Test helpers: spawn pods on a real capd and wait on their events with timeouts."""
+"""Test helpers: spawn pods on a real capd and wait on their events with timeouts; run a
+built-in tool in-process."""
 
 import asyncio
 import json
@@ -7,6 +8,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from capd.tools import BUILTIN_TOOLS
+from capd.tools.base import ToolContext, ToolOutcome
+from capd.tools.toolbox import Toolbox
 from protocol.client import Client
 from tests.conftest import CapdProcess
 
@@ -165,3 +169,8 @@ async def resume_turn(pod: Client) -> tuple[Event, list[Event]]:
 def engine_starts(state: Path) -> list[dict[str, Any]]:
     """Each start of a stand-in engine, as it logged it (argv, pid, pgid, cwd)."""
     return [entry for entry in json_lines(state / "log.jsonl") if "argv" in entry]
+
+
+async def run_tool(name: str, arguments: dict[str, Any], ctx: ToolContext) -> ToolOutcome:
+    """A built-in tool run in-process, from a toolbox that offers them all."""
+    return await Toolbox.builtin(BUILTIN_TOOLS, ctx).run(name, arguments)

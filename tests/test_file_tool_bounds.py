@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from capd.tools import run_tool
 from capd.tools.base import DEFAULT_OUTPUT_LIMIT, ToolContext, ToolOutcome
 from capd.tools.files import EDIT_LIMIT_BYTES, PIECE_CHARS
 from protocol.client import Client
 from tests.conftest import CapdProcess
-from tests.helpers import connect_pod, is_event, scripted, spawn, wait_for
+from tests.helpers import connect_pod, is_event, run_tool, scripted, spawn, wait_for
 
 HUGE_BYTES = 128 * 2**20
 GROWTH_LIMIT = 32 * 2**20

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from capd.chat import ChatMessage
 from capd.providers.base import (
-    ChatMessage,
     ModelReply,
     ModelRequest,
     ProviderError,

@@ -9,13 +9,12 @@ from contextlib import aclosing
 import pytest
 from pydantic import ValidationError
 
+from capd.chat import INVALID_JSON_KEY, ChatMessage, ToolSpec
 from capd.providers import http
 from capd.providers.anthropic import AnthropicProvider
 from capd.providers.base import (
     CONTINUE_CUT_TEXT,
     CONTINUE_TEXT,
-    INVALID_JSON_KEY,
-    ChatMessage,
     ModelReply,
     ModelRequest,
     ProviderError,
@@ -24,7 +23,6 @@ from capd.providers.base import (
     ThinkingChunk,
     ToolCallArgs,
     ToolCallBegin,
-    ToolSpec,
 )
 from protocol.events import ThinkingBlock, ToolCall, Usage
 from protocol.manifest import ModelConfig

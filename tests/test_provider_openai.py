@@ -8,12 +8,11 @@ from contextlib import aclosing
 
 import pytest
 
+from capd.chat import INVALID_JSON_KEY, ChatMessage, ToolSpec
 from capd.providers import http
 from capd.providers.base import (
     CONTINUE_CUT_TEXT,
     CONTINUE_TEXT,
-    INVALID_JSON_KEY,
-    ChatMessage,
     ModelReply,
     ModelRequest,
     ProviderError,
@@ -22,7 +21,6 @@ from capd.providers.base import (
     ThinkingChunk,
     ToolCallArgs,
     ToolCallBegin,
-    ToolSpec,
 )
 from capd.providers.openai import OpenAIProvider
 from protocol.events import ToolCall, Usage

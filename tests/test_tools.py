@@ -10,12 +10,14 @@ from typing import get_args
 
 import pytest
 
+from capd.chat import INVALID_JSON_KEY
 from capd.proc.groups import KILL_GRACE_S
-from capd.providers.base import INVALID_JSON_KEY
-from capd.tools import BUILTIN_TOOLS, run_tool, tool_specs
+from capd.tools import BUILTIN_TOOLS
 from capd.tools.base import Tool, ToolContext, ToolOutcome
+from capd.tools.toolbox import Toolbox
 from protocol.names import ToolName
 from protocol.tools import NoArgs, ToolArgs
+from tests.helpers import run_tool
 
 WAIT_S = 5.0
 
@@ -349,11 +351,14 @@ async def test_edit_file_refuses_non_utf8(ctx: ToolContext) -> None:
     assert (ctx.cwd / "latin1.txt").read_bytes() == b"caf\xe9\n"
 
 
-# run_tool and tool_specs
+# the toolbox
 
 
-async def test_run_tool_refuses_unknown_tool(ctx: ToolContext) -> None:
-    assert await run_tool("rm_rf", {}, ctx) == ToolOutcome("unknown tool 'rm_rf'", True)
+async def test_toolbox_refuses_tools_it_does_not_offer(ctx: ToolContext) -> None:
+    toolbox = Toolbox.builtin(["bash", "read_file"], ctx)
+    refused = ToolOutcome("tool rm_rf is not enabled for this pod (enabled: bash, read_file)", True)
+    assert await toolbox.run("rm_rf", {}) == refused
+    assert (await toolbox.run("write_file", {})).output.startswith("tool write_file is not enabled")
 
 
 async def test_run_tool_reports_invalid_json(ctx: ToolContext) -> None:
@@ -380,20 +385,27 @@ class _Broken(Tool):
         raise KeyError("boom")
 
 
-async def test_run_tool_turns_unexpected_exceptions_into_errors(
-    ctx: ToolContext, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setitem(BUILTIN_TOOLS, "broken", _Broken())
-    outcome = await run_tool("broken", {}, ctx)
+async def test_run_tool_turns_unexpected_exceptions_into_errors(ctx: ToolContext) -> None:
+    outcome = await Toolbox(ctx, [_Broken()]).run("broken", {})
     assert outcome == ToolOutcome("tool broken failed: KeyError: 'boom'", True)
+
+
+async def test_a_toolbox_offers_what_is_added_until_it_closes(ctx: ToolContext) -> None:
+    toolbox = Toolbox.builtin(["bash"], ctx)
+    toolbox.add(_Broken())
+    assert [spec.name for spec in toolbox.specs()] == ["bash", "broken"]
+    await toolbox.aclose()
+    assert toolbox.specs() == []
+    refused = ToolOutcome("tool bash is not enabled for this pod (enabled: none)", True)
+    assert await toolbox.run("bash", {"command": "true"}) == refused
 
 
 def test_every_manifest_tool_name_is_built_in() -> None:
     assert set(get_args(ToolName)) == set(BUILTIN_TOOLS)
 
 
-def test_tool_specs_keep_manifest_order_once_each() -> None:
-    specs = tool_specs(["edit_file", "spawn_pod", "bash", "bash"])
+def test_tool_specs_keep_manifest_order_once_each(ctx: ToolContext) -> None:
+    specs = Toolbox.builtin(["edit_file", "spawn_pod", "bash", "bash"], ctx).specs()
     assert [spec.name for spec in specs] == ["edit_file", "spawn_pod", "bash"]
     assert specs[1].parameters["required"] == ["name", "task"]
     bash_schema = specs[2].parameters

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from capd.context import Context
-from capd.tools.base import ToolContext
+from capd.tools.toolbox import Toolbox
 from protocol.errors import ProtocolError
 from protocol.events import DurableEvent, Invoke, Notification, PodEventBase, TurnResult
 from protocol.manifest import Manifest
@@ -62,7 +62,7 @@ class TurnHost(Protocol):
     manifest: Manifest
     context: Context
     turn: Turn | None
-    tool_context: ToolContext
+    toolbox: Toolbox
     notes: list[PendingNote]
 
     def emit(self, event: DurableEvent, *, consumed: Sequence[int] = ()) -> None: ...

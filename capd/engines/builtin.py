@@ -8,6 +8,7 @@ stop) by cancelling the task: a streaming model call keeps its partial text as a
 import asyncio
 
 from capd.backoff import backoff_s
+from capd.chat import INVALID_JSON_KEY
 from capd.engines.base import (
     Turn,
     TurnHost,
@@ -18,7 +19,6 @@ from capd.engines.base import (
 )
 from capd.providers import make_provider
 from capd.providers.base import (
-    INVALID_JSON_KEY,
     ModelReply,
     ModelRequest,
     Provider,
@@ -27,21 +27,18 @@ from capd.providers.base import (
     ThinkingChunk,
     ToolCallArgs,
     ToolCallBegin,
-    ToolSpec,
 )
-from capd.tools import run_tool, tool_specs
 from capd.tools.base import ToolOutcome
 from protocol.events import (
     AssistantMessage,
     Retry,
     TextDelta,
     ThinkingDelta,
-    ToolCall,
     ToolCallDelta,
     ToolCallStart,
     ToolResult,
 )
-from protocol.manifest import Manifest, ModelConfig
+from protocol.manifest import ModelConfig
 
 RETRY_BASE_S = 0.5
 """The wait before a model call's first retry; it doubles with each retry after it."""
@@ -55,9 +52,8 @@ CUT_CALL = ToolOutcome(
 
 
 class BuiltinEngine:
-    def __init__(self, model: ModelConfig, manifest: Manifest) -> None:
+    def __init__(self, model: ModelConfig) -> None:
         self.provider: Provider = make_provider(model)
-        self.tool_specs: list[ToolSpec] = tool_specs(manifest.tools)
         self._max_retries = model.max_retries
         self._tool_choice = model.tool_choice
 
@@ -100,7 +96,7 @@ class BuiltinEngine:
             )
             for call in reply.tool_calls:
                 cut = reply.truncated and INVALID_JSON_KEY in call.arguments
-                outcome = CUT_CALL if cut else await self._run_call(host, call)
+                outcome = CUT_CALL if cut else await host.toolbox.run(call.name, call.arguments)
                 host.emit(
                     ToolResult(
                         turn_id=turn.turn_id,
@@ -115,16 +111,6 @@ class BuiltinEngine:
                 return TurnOutcome("finished", turn.output)
             if not reply.tool_calls and not reply.truncated:
                 return TurnOutcome("finished", turn.output)
-
-    async def _run_call(self, host: TurnHost, call: ToolCall) -> ToolOutcome:
-        """Run a tool the pod offers; any other name is an error the model can read."""
-        enabled = [spec.name for spec in self.tool_specs]
-        if call.name in enabled:
-            return await run_tool(call.name, call.arguments, host.tool_context)
-        listed = ", ".join(enabled) or "none"
-        return ToolOutcome(
-            f"tool {call.name} is not enabled for this pod (enabled: {listed})", True
-        )
 
     async def _call_model(self, host: TurnHost, turn: Turn) -> ModelReply:
         """One model call, sent again after a failure that may pass: at most
@@ -165,7 +151,7 @@ class BuiltinEngine:
         system_prompt = host.manifest.system_prompt
         # model.tool_choice goes with a turn's first call only, so the loop can end.
         choice = self._tool_choice if turn.steps == 0 else None
-        request = ModelRequest(system_prompt, host.context.messages, self.tool_specs, choice)
+        request = ModelRequest(system_prompt, host.context.messages, host.toolbox.specs(), choice)
         turn_id = turn.turn_id
         streamed: list[str] = []
         try:

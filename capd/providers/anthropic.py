@@ -17,8 +17,8 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from capd.chat import ChatMessage, ToolSpec, parse_tool_arguments
 from capd.providers.base import (
-    ChatMessage,
     ModelReply,
     ModelRequest,
     ProviderError,
@@ -27,9 +27,7 @@ from capd.providers.base import (
     ThinkingChunk,
     ToolCallArgs,
     ToolCallBegin,
-    ToolSpec,
     continue_text,
-    parse_tool_arguments,
 )
 from capd.providers.http import SseEndpoint, error_reason, excerpt, key_variable, read_to_end
 from protocol.events import ThinkingBlock, ToolCall, Usage

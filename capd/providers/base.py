@@ -7,15 +7,10 @@ loop retries the retryable ones. Cancelling the iteration must abort the request
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Protocol
 
-import orjson
-
+from capd.chat import ChatMessage, ToolSpec
 from protocol.events import ThinkingBlock, ToolCall, Usage
-from protocol.framing import shape_problem
-
-INVALID_JSON_KEY = "__invalid_json__"
-"""Key under which a provider keeps tool-call arguments that were not a JSON object."""
 
 CONTINUE_TEXT = "(Your reply above was interrupted. Continue it from exactly where it stopped.)"
 CONTINUE_CUT_TEXT = (
@@ -24,38 +19,11 @@ CONTINUE_CUT_TEXT = (
 )
 
 
-def continue_text(message: "ChatMessage") -> str:
+def continue_text(message: ChatMessage) -> str:
     """The user line that follows an assistant reply cut short, so the model continues it:
     APIs take a last assistant message as a prefill (which newer models refuse) or start
     afresh, and some chat templates want roles to alternate."""
     return CONTINUE_CUT_TEXT if message.truncated else CONTINUE_TEXT
-
-
-@dataclass(frozen=True, slots=True)
-class ChatMessage:
-    """One entry of a model's context, independent of any API's message format."""
-
-    role: Literal["user", "assistant", "tool"]
-    text: str = ""
-    tool_calls: tuple[ToolCall, ...] = ()
-    call_id: str = ""
-    name: str = ""
-    is_error: bool = False
-    interrupted: bool = False
-    truncated: bool = False
-    thinking: tuple[ThinkingBlock, ...] = ()
-
-    @property
-    def unfinished(self) -> bool:
-        """An assistant reply cut short, by a pause or by max_tokens, to be continued."""
-        return self.role == "assistant" and (self.interrupted or self.truncated)
-
-
-@dataclass(frozen=True, slots=True)
-class ToolSpec:
-    name: str
-    description: str
-    parameters: dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,20 +95,6 @@ class ProviderError(Exception):
         self.specific = specific
         """The server said what went wrong (not a generic "internal server error"): the same
         words again mean the request itself fails, not a passing fault."""
-
-
-def parse_tool_arguments(raw: str) -> dict[str, Any]:
-    """A tool call's streamed JSON arguments: `{}` when empty, kept under INVALID_JSON_KEY
-    when they are not a JSON object within the bounds of a request (protocol.framing)."""
-    if not raw.strip():
-        return {}
-    try:
-        value = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        value = None
-    if isinstance(value, dict) and shape_problem(value, raw.encode()) is None:
-        return value
-    return {INVALID_JSON_KEY: raw}
 
 
 class Provider(Protocol):

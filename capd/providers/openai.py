@@ -13,8 +13,8 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from capd.chat import ChatMessage, ToolSpec, parse_tool_arguments
 from capd.providers.base import (
-    ChatMessage,
     ModelReply,
     ModelRequest,
     ProviderError,
@@ -23,9 +23,7 @@ from capd.providers.base import (
     ThinkingChunk,
     ToolCallArgs,
     ToolCallBegin,
-    ToolSpec,
     continue_text,
-    parse_tool_arguments,
 )
 from capd.providers.http import (
     SseEndpoint,

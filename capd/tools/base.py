@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Generic, Protocol, TypeVar
 
-from capd.providers.base import ToolSpec
+from capd.chat import ToolSpec
 from protocol.tools import SpawnPodArgs, ToolArgs
 
 DEFAULT_OUTPUT_LIMIT = 64 * 1024
@@ -56,7 +56,7 @@ ArgsT = TypeVar("ArgsT", bound=ToolArgs)
 
 
 class Tool(ABC, Generic[ArgsT]):
-    """`run` receives arguments already validated by `args_model` (see `run_tool`)."""
+    """`run` receives arguments already validated by `args_model` (see `Toolbox.run`)."""
 
     name: ClassVar[str]
     description: ClassVar[str]
