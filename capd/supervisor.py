@@ -13,20 +13,20 @@ import logging
 import os
 import shutil
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from capd.children import ChildPods, check_child
 from capd.config import Config
 from capd.controller import PodController, StopMode
-from capd.engines import check_engine
+from capd.engines import check_engine, make_engine
 from capd.fanout import Hub
 from capd.outbox import Outbox
 from capd.registry import PodRegistry
 from capd.server import PodEndpoint
 from capd.store import PodRecord, Store
-from capd.tools.base import ToolFailed
+from capd.tools.base import ToolContext, ToolFailed
 from protocol.errors import ProtocolError
 from protocol.events import (
     PodDeleted,
@@ -196,7 +196,7 @@ class Supervisor:
         self._stopping.add(name)
         try:
             await self._take_down(name, "cancel")
-            report = running.controller.shut_down_report()
+            report = running.controller.journal.shut_down_report()
             self.registry.set_stopped(name, True, report)
             if report is not None:
                 self.outbox.poke(report.target)
@@ -304,18 +304,23 @@ class Supervisor:
 
     async def _bring_up(self, manifest: Manifest, parent: str | None) -> _RunningPod:
         name = manifest.name
+        socket_path = self.registry.socket(name)
+        assert manifest.cwd is not None
+        tool_context = ToolContext(
+            cwd=Path(manifest.cwd),
+            pod=name,
+            pods=ChildPods(self, self.registry, self.store, manifest, socket_path),
+            spill_dir=self._pod_state_dir(name) / "spill",
+        )
         controller = PodController(
             manifest,
+            engine=make_engine(manifest),
+            tool_context=tool_context,
             parent=parent,
-            socket_path=self.registry.socket(name),
+            socket_path=socket_path,
             store=self.store,
             outbox=self.outbox,
             on_status=self._pod_status_changed,
-        )
-        controller.tool_context = replace(
-            controller.tool_context,
-            pods=ChildPods(self, self.registry, self.store, manifest, controller.socket_path),
-            spill_dir=self._pod_state_dir(name) / "spill",
         )
         controller.restore(self._stored_events(name))
         endpoint = PodEndpoint(controller, self, self.config)

@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 
 from capd.controller import PodController
+from capd.engines import make_engine
 from capd.outbox import Outbox
 from capd.store import Store
+from capd.tools.base import ToolContext
 from protocol.client import Client
 from protocol.errors import ProtocolError
 from protocol.manifest import Manifest
@@ -136,6 +138,8 @@ async def test_an_actor_that_meets_a_failure_fails_that_request_and_keeps_servin
     )
     pod = PodController(
         manifest,
+        engine=make_engine(manifest),
+        tool_context=ToolContext(cwd=tmp_path, pod="h6"),
         parent=None,
         socket_path=tmp_path / "h6.sock",
         store=store,
