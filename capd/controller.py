@@ -33,6 +33,7 @@ from protocol.errors import ProtocolError
 from protocol.events import (
     ChildSpawned,
     DurableEvent,
+    Notification,
     PodEventBase,
     PodEventReceived,
     PodStatusName,
@@ -143,6 +144,21 @@ class PodController:
 
     def emit_ephemeral(self, event: PodEventBase) -> None:
         self.journal.emit_ephemeral(event)
+
+    def inject_notes(self, turn_id: str) -> None:
+        """Move the buffered notes into the context, oldest first, each committed as a
+        `notification` event of the turn with the deletion of its pending row."""
+        while self.notes:
+            note = self.notes.pop(0)
+            self.emit(
+                Notification(
+                    turn_id=turn_id,
+                    source=note.source,
+                    text=note.text,
+                    pod_event_seq=note.pod_event_seq,
+                ),
+                consumed=[note.pending_id] if note.pending_id is not None else [],
+            )
 
     def _set_status(self, status: PodStatusName) -> None:
         self.status = status
@@ -345,14 +361,12 @@ class PodController:
         """Start a turn from idle. Its status, turn_start and user_message commit together
         with the deletion of its queued-run row, so a crash never leaves a started turn
         without its prompt, nor a queued run that both started and is still queued."""
-        turn.first_message = len(self.context.messages)
-        events: list[DurableEvent] = [
-            StatusChanged(status="running", turn_id=turn.turn_id),
-            TurnStart(turn_id=turn.turn_id, invoke=turn.invoke),
-        ]
+        start = TurnStart(turn_id=turn.turn_id, invoke=turn.invoke)
+        events: list[DurableEvent] = [StatusChanged(status="running", turn_id=turn.turn_id), start]
         if text is not None:
             events.append(UserMessage(turn_id=turn.turn_id, text=text))
         self.journal.emit_all(events, turn, consumed=[pending_id] if pending_id is not None else [])
+        turn.started_seq = start.seq
         self.turn = turn
         self.status = "running"
         self._on_status(self.name, "running")

@@ -193,7 +193,7 @@ class Journal:
                 case StatusChanged(status=status):
                     found.status = status
                 case TurnStart(turn_id=turn_id, invoke=invoke):
-                    found.turn = Turn(turn_id, invoke, first_message=len(self.context.messages))
+                    found.turn = Turn(turn_id, invoke, started_seq=event.seq)
                     started.add(turn_id)
                 case TurnEnd():
                     found.turn = None
