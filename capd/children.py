@@ -6,28 +6,31 @@ reports): its cwd lies inside the parent's, its tools are a subset of the parent
 parent has fewer than `limits.max_children` running children and the new child is no
 deeper than `limits.max_depth`. That holds however the child is made: by `spawn_pod` or by
 a client's `spawn` with a `parent`. `ChildPods` serves the pod tools of one pod; they reach
-only its descendants, and every refusal is a ToolFailed the model can read.
+only its descendants, and every refusal is a ToolFailed the model can read. It sees the
+supervisor through `ChildHost`, the few calls it makes.
 """
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, TypeVar
 
 import orjson
 from pydantic import ValidationError
 
-from capd.controller import PodController
+from capd.engines.base import Turn
+from capd.registry import PodRegistry
+from capd.store import Store
 from capd.tools.base import ToolFailed
 from capd.tools.files import resolve_inside
 from protocol.errors import ProtocolError
-from protocol.events import AssistantMessage
+from protocol.events import AssistantMessage, PodStatusName
 from protocol.manifest import Manifest, ModelConfig
 from protocol.methods import Run, describe_validation_error
+from protocol.results import SpawnResult
 from protocol.tools import SpawnPodArgs
 
-if TYPE_CHECKING:
-    from capd.daemon import Daemon
+T = TypeVar("T")
 
 INHERITED_MODEL_FIELDS = ("provider", "base_url", "api_key_env")
 """A child cannot choose where its model calls go, nor which credential they carry."""
@@ -69,20 +72,59 @@ def check_child(
         )
 
 
-class ChildPods:
-    """The pod tools' view of the daemon, for one pod."""
+class RunningPod(Protocol):
+    """A running pod's actor, as the pod tools use it (the controller provides it)."""
 
-    def __init__(self, daemon: "Daemon", pod: PodController) -> None:
-        self._daemon = daemon
-        self._pod = pod
+    parent: str | None
+    status: PodStatusName
+    turn: Turn | None
+
+    async def call(self, request: Run) -> dict[str, Any]: ...
+
+    async def deliver(self, text: str, source: str) -> dict[str, Any]: ...
+
+
+class ChildHost(Protocol):
+    """What the pod tools ask of the supervisor."""
+
+    def in_background(self, work: Awaitable[T]) -> "asyncio.Task[T]": ...
+
+    async def spawn(
+        self, manifest: Manifest, parent: str | None, *, turn_id: str | None, make_cwd: bool
+    ) -> SpawnResult: ...
+
+    async def stop_pod(self, name: str) -> list[str]: ...
+
+    def running(self, name: str) -> RunningPod | None:
+        """None when the pod is stopped or unknown."""
+        ...
+
+
+class ChildPods:
+    """The pod tools' view of the daemon, for the pod `manifest` describes."""
+
+    def __init__(
+        self,
+        host: ChildHost,
+        registry: PodRegistry,
+        store: Store,
+        manifest: Manifest,
+        socket_path: Path,
+    ) -> None:
+        self._host = host
+        self._registry = registry
+        self._store = store
+        self._manifest = manifest
+        self._name = manifest.name
+        self._socket = str(socket_path)
 
     async def spawn(self, args: SpawnPodArgs) -> str:
         manifest = self._child_manifest(args)
-        if self._daemon.registry.get(args.name) is not None:
+        if self._registry.get(args.name) is not None:
             raise ToolFailed(self._name_taken(args.name))
-        # Run by the daemon and shielded: pausing or stopping this pod while the child
+        # Run by the supervisor and shielded: pausing or stopping this pod while the child
         # comes up must not leave it half made.
-        start = self._daemon.in_background(self._start_child(manifest, args.task))
+        start = self._host.in_background(self._start_child(manifest, args.task))
         turn_id = await asyncio.shield(start)
         return (
             f"spawned pod {args.name} (cwd {manifest.cwd}, tools: {_names(manifest.tools)}); "
@@ -92,15 +134,18 @@ class ChildPods:
 
     async def _start_child(self, manifest: Manifest, task: str) -> str:
         """Spawn the child and send it its task; the child's turn_id."""
-        me = self._pod
+        me = self._host.running(self._name)
         try:
-            await self._daemon.spawn(
+            await self._host.spawn(
                 manifest,
-                str(me.socket_path),
-                turn_id=me.turn.turn_id if me.turn else None,
+                self._socket,
+                turn_id=me.turn.turn_id if me and me.turn else None,
                 make_cwd=True,
             )
-            started = await self._daemon.pods[manifest.name].controller.call(Run(text=task))
+            child = self._host.running(manifest.name)
+            if child is None:
+                raise ProtocolError("shutting_down", f"pod {manifest.name} stopped at once")
+            started = await child.call(Run(text=task))
         except ProtocolError as exc:
             raise ToolFailed(f"cannot spawn pod {manifest.name}: {exc.message}") from None
         return str(started["turn_id"])
@@ -108,13 +153,13 @@ class ChildPods:
     async def send(self, name: str, text: str) -> str:
         child = self._reachable(name)
         try:
-            result = await child.deliver(text, f"pod {self._pod.name}")
+            result = await child.deliver(text, f"pod {self._name}")
         except ProtocolError as exc:
             raise ToolFailed(f"cannot send to pod {name}: {exc.message}") from None
         reply_to = (
             "you get"
-            if child.parent == str(self._pod.socket_path)
-            else (f"its parent {self._daemon.name_at(child.parent)} gets")
+            if child.parent == self._socket
+            else (f"its parent {self._registry.name_at(child.parent)} gets")
         )
         if "buffered" in result:
             return f"pod {name} is paused; it reads your message when it is resumed"
@@ -127,8 +172,8 @@ class ChildPods:
 
     def read_output(self, name: str, limit: int) -> str:
         self._check_descendant(name)
-        store = self._daemon.store
-        reader = self._pod.name
+        store = self._store
+        reader = self._name
         rows = store.events_of_kind_after(
             name, store.read_cursor(reader, name), "assistant_message"
         )
@@ -147,24 +192,24 @@ class ChildPods:
 
     async def stop(self, name: str) -> str:
         self._check_descendant(name)
-        if name not in self._daemon.pods:
+        if self._host.running(name) is None:
             return f"pod {name} is already stopped"
         # Shielded like spawn: a stop cut short would leave the child half stopped.
-        stopped = await asyncio.shield(self._daemon.in_background(self._daemon.stop_pod(name)))
+        stopped = await asyncio.shield(self._host.in_background(self._host.stop_pod(name)))
         others = [pod for pod in stopped if pod != name]
         also = f" and its descendants {_names(others)}" if others else ""
         return f"stopped pod {name}{also}; a running turn was cancelled"
 
     def tree(self) -> str:
-        family = self._daemon.descendants(self._pod.name)
+        family = self._registry.descendants(self._name)
         if not family:
             return "you have no child pods"
         lines = []
         for record, depth in family:
-            running = self._daemon.pods.get(record.name)
+            running = self._host.running(record.name)
             detail = self._status(record.name)
-            if running and running.controller.turn:
-                detail += f", turn {running.controller.turn.turn_id}"
+            if running and running.turn:
+                detail += f", turn {running.turn.turn_id}"
             lines.append(f"{'  ' * (depth - 1)}- {record.name} ({detail})")
         return "\n".join(lines)
 
@@ -172,7 +217,7 @@ class ChildPods:
 
     def _family(self) -> set[str]:
         """The names of this pod's descendants."""
-        return {record.name for record, _ in self._daemon.descendants(self._pod.name)}
+        return {record.name for record, _ in self._registry.descendants(self._name)}
 
     def _check_descendant(self, name: str) -> None:
         if name not in self._family():
@@ -180,16 +225,16 @@ class ChildPods:
                 f"{name} is not one of your child pods; list_pods shows the ones you can reach"
             )
 
-    def _reachable(self, name: str) -> PodController:
+    def _reachable(self, name: str) -> RunningPod:
         self._check_descendant(name)
-        running = self._daemon.pods.get(name)
+        running = self._host.running(name)
         if running is None:
             raise ToolFailed(f"pod {name} is stopped; it cannot take messages")
-        return running.controller
+        return running
 
     def _status(self, name: str) -> str:
-        running = self._daemon.pods.get(name)
-        return running.controller.status if running else "stopped"
+        running = self._host.running(name)
+        return running.status if running else "stopped"
 
     def _name_taken(self, name: str) -> str:
         if name in self._family():
@@ -201,7 +246,7 @@ class ChildPods:
 
     def _child_manifest(self, args: SpawnPodArgs) -> Manifest:
         """The child's manifest: the caller's, changed as asked; its cwd is not made yet."""
-        parent = self._pod.manifest
+        parent = self._manifest
         candidate: dict[str, Any] = {
             "name": args.name,
             "model": _child_model(parent.model, args.model or {}) if parent.model else None,

@@ -4,6 +4,7 @@ The same `apply` runs for each event as it is emitted and for each stored event 
 daemon restores a pod, so a restarted pod sees exactly the context it had.
 """
 
+from bisect import bisect_right
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,10 +35,27 @@ def notification_text(source: str, text: str) -> str:
 @dataclass
 class Context:
     messages: list[ChatMessage] = field(default_factory=list)
+    seqs: list[int] = field(default_factory=list)
+    """The seq of the event that made each message: a message is known by its seq, which
+    stays true when messages before it are dropped or rewritten."""
     engine_session: str | None = None
     """The external engine's session to resume (the latest `engine_session`)."""
 
     def apply(self, event: DurableEvent) -> None:
+        made = len(self.messages)
+        self._apply(event)
+        if len(self.messages) > made:
+            self.seqs.append(event.seq)
+
+    def index_after(self, seq: int) -> int:
+        """Where the messages made by events after `seq` begin in `messages`."""
+        return bisect_right(self.seqs, seq)
+
+    def last_message_seq(self) -> int:
+        """The seq of the newest message's event; 0 when there is none."""
+        return self.seqs[-1] if self.seqs else 0
+
+    def _apply(self, event: DurableEvent) -> None:
         match event:
             case UserMessage(text=text):
                 self.messages.append(ChatMessage("user", text))

@@ -5,36 +5,35 @@ Methods arrive in a mailbox and are handled one at a time. A turn runs as a sepa
 waits on the turn and on new methods at once: pause, cancel and notify act mid-turn.
 After each message `_kick` fires what is pending (a queued run, buffered notifications)
 when the pod is idle — the one place a turn starts on its own.
+
+Every turn ends in `_record_turn_end` (turn_end, the parent's report, idle). A task that
+returned gets there through `_end_done_turn`; a `run` over a busy pod, `cancel` and a
+stop through `_cancel_turn`. `_stop_turn_task` only stops the task: a pause leaves the
+turn open. Durable events, and the state derived from them, are the `Journal`'s.
 """
 
 import asyncio
 import logging
 import secrets
-import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import orjson
-
-from capd.context import INTERRUPTED_TOOL_OUTPUT, Context, describe_pod_event
-from capd.engines import make_engine, model_label
-from capd.engines.base import PendingNote, Turn, TurnOutcome
+from capd.context import INTERRUPTED_TOOL_OUTPUT, Context
+from capd.engines import model_label
+from capd.engines.base import Engine, PendingNote, Turn, TurnOutcome
 from capd.fanout import Hub
+from capd.journal import Journal, QueuedRun, new_event_id, report_note
 from capd.outbox import Outbox
-from capd.store import OwedReport, Store
-from capd.tools.base import ToolContext
+from capd.store import Store
 from capd.tools.toolbox import Toolbox
 from protocol.errors import ProtocolError
 from protocol.events import (
-    AssistantMessage,
     ChildSpawned,
     DurableEvent,
     Notification,
-    PermissionRequest,
-    PermissionResolved,
     PodEventBase,
     PodEventReceived,
     PodStatusName,
@@ -43,14 +42,11 @@ from protocol.events import (
     TurnEnd,
     TurnResult,
     TurnStart,
-    Usage,
     UserMessage,
-    parse_event,
 )
-from protocol.framing import encode
 from protocol.manifest import Manifest
 from protocol.methods import Cancel, Notify, Pause, Permission, PodEvent, Request, Resume, Run
-from protocol.reports import Errored, Report, ShutDown, TurnEnded, clip
+from protocol.reports import Errored, Report, TurnEnded, clip
 from protocol.results import HistoryResult, NotifyResult, RunResult
 
 log = logging.getLogger(__name__)
@@ -58,14 +54,6 @@ log = logging.getLogger(__name__)
 StopMode = Literal["cancel", "pause"]
 """How a stopping pod leaves its turn: `cancel` (the pod is stopped) or `pause` (the
 daemon is shutting down, so the turn resumes after a restart)."""
-
-
-@dataclass(frozen=True, slots=True)
-class _QueuedRun:
-    turn_id: str
-    text: str
-    pending_id: int
-    """Its row in the store's `pending` table, deleted as the run's user_message commits."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,125 +91,76 @@ def new_turn_id() -> str:
     return f"t-{secrets.token_hex(6)}"
 
 
-def new_event_id(pod: str) -> str:
-    return f"{pod}/{secrets.token_hex(8)}"
-
-
 class PodController:
     def __init__(
         self,
         manifest: Manifest,
         *,
+        engine: Engine,
+        toolbox: Toolbox,
         parent: str | None,
         socket_path: Path,
         store: Store,
         outbox: Outbox,
         on_status: Callable[[str, PodStatusName], None],
     ) -> None:
-        assert manifest.cwd is not None
         self.name = manifest.name
         self.manifest = manifest
         self.parent = parent
         self.socket_path = socket_path
         self.status: PodStatusName = "idle"
         self.turn: Turn | None = None
-        self.last_seq = 0
-        self.context = Context()
-        self.usage = Usage()
-        self.asked: dict[str, PermissionRequest] = {}
-        """The engine's permission questions still waiting for an answer, by request id."""
         self.notes: list[PendingNote] = []
-        self.engine = make_engine(manifest)
+        self.engine = engine
+        self.toolbox = toolbox
+        self.journal = Journal(self.name, parent, store, outbox)
         self._model_label = model_label(manifest)
-        self.toolbox = Toolbox.builtin(manifest.tools, ToolContext(Path(manifest.cwd), self.name))
-        self.hub = Hub(self.name, lambda: self.last_seq, self._page)
         self._store = store
-        self._outbox = outbox
         self._on_status = on_status
-        self._seen_event_ids: set[str] = set()
-        self._queue: deque[_QueuedRun] = deque()
+        self._queue: deque[QueuedRun] = deque()
         self._task: asyncio.Task[TurnOutcome] | None = None
         self._mailbox: asyncio.Queue[_Message] = asyncio.Queue()
         self._stopped = False
         self._unfinished: TurnOutcome | None = None
         """A finished turn whose turn_end has not committed yet."""
 
-    # -- events -------------------------------------------------------------------------
+    # -- the journal, as the engines and endpoints see it -------------------------------
+
+    @property
+    def context(self) -> Context:
+        return self.journal.context
+
+    @property
+    def last_seq(self) -> int:
+        return self.journal.last_seq
+
+    @property
+    def hub(self) -> Hub:
+        return self.journal.hub
 
     def emit(
         self, event: DurableEvent, *, report: Report | None = None, consumed: Sequence[int] = ()
     ) -> None:
-        """Commit a durable event to the store, then apply it and broadcast it. A `report`
-        for the parent is committed with it and handed to the outbox; `consumed` names the
-        pending rows (queued runs, buffered notifies) the event uses up."""
-        self._emit_all([event], report=report, consumed=consumed)
-
-    def _emit_all(
-        self,
-        events: list[DurableEvent],
-        *,
-        report: Report | None = None,
-        consumed: Sequence[int] = (),
-    ) -> None:
-        """`emit` for events that must be committed together or not at all."""
-        ts = time.time()
-        frames = []
-        for seq, event in enumerate(events, self.last_seq + 1):
-            event.pod, event.seq, event.ts = self.name, seq, ts
-            frames.append(encode(event))
-        owed = self._owed(report)
-        stored = [(e.seq, e.ts, e.event, f[:-1]) for e, f in zip(events, frames, strict=True)]
-        self._store.append(self.name, stored, owed, consumed)
-        # Only a committed event takes a seq: one that cannot be encoded or stored leaves
-        # no gap for subscribers to wait on.
-        self.last_seq += len(events)
-        if owed is not None:
-            self._outbox.poke(owed.target)
-        for event, frame in zip(events, frames, strict=True):
-            self._track(event)
-            self.hub.publish(frame, event.seq)
-
-    def _owed(self, report: Report | None) -> OwedReport | None:
-        if report is None or self.parent is None:
-            return None
-        return OwedReport(self.parent, encode(report)[:-1])
-
-    def shut_down_report(self) -> OwedReport | None:
-        """What a stop owes the parent; the daemon commits it as it marks the pod stopped."""
-        return self._owed(ShutDown(pod=self.name, event_id=new_event_id(self.name)))
+        """Commit a durable event of the current turn (see `Journal.emit`)."""
+        self.journal.emit(event, self.turn, report=report, consumed=consumed)
 
     def emit_ephemeral(self, event: PodEventBase) -> None:
-        if self.hub.subscriptions:
-            event.pod = self.name
-            self.hub.publish(encode(event))
+        self.journal.emit_ephemeral(event)
 
-    def _track(self, event: DurableEvent) -> None:
-        """Derived state shared by live emission and restore."""
-        self.context.apply(event)
-        match event:
-            case AssistantMessage(text=text, interrupted=True) if self.turn:
-                self.turn.partial += text
-            case AssistantMessage(text=text, usage=usage):
-                self.usage.input_tokens += usage.input_tokens
-                self.usage.output_tokens += usage.output_tokens
-                # One that says nothing (an ACP prompt's usage, reported after its last
-                # step) is no step and keeps the turn's output.
-                if self.turn and (text or event.tool_calls or event.thinking):
-                    self.turn.steps += 1
-                    self.turn.output = self.turn.partial + text
-                    # A reply max_tokens cut off goes on in the next step's text.
-                    self.turn.partial = self.turn.output if event.runs_on else ""
-            case PodEventReceived(payload=payload) if isinstance(payload.get("event_id"), str):
-                self._seen_event_ids.add(payload["event_id"])
-            case PermissionRequest(request_id=request_id):
-                self.asked[request_id] = event
-            case PermissionResolved(request_id=request_id):
-                self.asked.pop(request_id, None)
-            case TurnEnd():
-                self.asked.clear()
-
-    def _page(self, after_seq: int, limit: int) -> list[tuple[int, bytes]]:
-        return self._store.events_after(self.name, after_seq, limit)
+    def inject_notes(self, turn_id: str) -> None:
+        """Move the buffered notes into the context, oldest first, each committed as a
+        `notification` event of the turn with the deletion of its pending row."""
+        while self.notes:
+            note = self.notes.pop(0)
+            self.emit(
+                Notification(
+                    turn_id=turn_id,
+                    source=note.source,
+                    text=note.text,
+                    pod_event_seq=note.pod_event_seq,
+                ),
+                consumed=[note.pending_id] if note.pending_id is not None else [],
+            )
 
     def _set_status(self, status: PodStatusName) -> None:
         self.emit(StatusChanged(status=status, turn_id=self.turn.turn_id if self.turn else None))
@@ -231,47 +170,11 @@ class PodController:
     # -- restore ------------------------------------------------------------------------
 
     def restore(self, stored: Iterable[bytes]) -> None:
-        """Rebuild state from stored events; a turn still open comes back paused. Queued
-        runs, buffered notifications and received reports the model has not seen yet are
-        pending again."""
-        unseen: dict[int, PodEventReceived] = {}
-        started: set[str] = set()
-        for data in stored:
-            event = parse_event(orjson.loads(data))
-            if not isinstance(event, DurableEvent):
-                continue
-            self.last_seq = event.seq
-            self._track(event)
-            match event:
-                case StatusChanged(status=status):
-                    self.status = status
-                case TurnStart(turn_id=turn_id, invoke=invoke):
-                    self.turn = Turn(turn_id, invoke, first_message=len(self.context.messages))
-                    started.add(turn_id)
-                case TurnEnd():
-                    self.turn = None
-                case PodEventReceived(seq=seq):
-                    unseen[seq] = event
-                case Notification(pod_event_seq=int(seq)):
-                    unseen.pop(seq, None)
-        notes = [(event.ts, _report_note(event)) for event in unseen.values()]
-        for row in self._store.pending(self.name):
-            if row.kind == "notify":
-                assert row.source is not None
-                note = PendingNote("notify", row.source, row.text, pending_id=row.id)
-                notes.append((row.created, note))
-                continue
-            assert row.turn_id is not None
-            if row.turn_id in started:
-                # Its turn_start commits with the row's deletion, so this is a damaged store.
-                log.warning("pod %s: queued run %s already started; dropped", self.name, row.id)
-                self._store.drop_pending([row.id])
-            else:
-                self._queue.append(_QueuedRun(row.turn_id, row.text, row.id))
-        self.notes = [note for _, note in sorted(notes, key=lambda pair: pair[0])]
-        for asked in list(self.asked.values()):
-            # The engine that asked is gone with the capd that died; its question too.
-            self.emit(PermissionResolved(turn_id=asked.turn_id, request_id=asked.request_id))
+        """Rebuild state from stored events; a turn still open comes back paused."""
+        found = self.journal.restore(stored)
+        self.status, self.turn = found.status, found.turn
+        self._queue.extend(found.queue)
+        self.notes = found.notes
         wanted: PodStatusName = "paused" if self.turn else "idle"
         if self.status != wanted:
             self._set_status(wanted)
@@ -314,7 +217,7 @@ class PodController:
             while True:
                 msg = await self._mailbox.get()
                 if isinstance(msg, _TurnDone):
-                    self._guarded(self._complete, msg.task)
+                    self._guarded(self._end_done_turn, msg.task)
                 elif await self._serve(*msg):
                     return
                 self._guarded(self._kick)
@@ -325,20 +228,20 @@ class PodController:
     async def _serve(self, request: _Call, fut: "asyncio.Future[dict[str, Any]]") -> bool:
         """Handle one method and settle its future; True once the actor is to end."""
         if isinstance(request, _Stop):
-            self._guarded(self._collect_finished_turn)
+            self._guarded(self._end_turn_if_done)
             try:
-                await self._halt(request.mode)
+                await self._wind_down(request.mode)
             except Exception:
                 log.exception("pod %s: stopping it failed; it is stopped anyway", self.name)
             _settle(fut, {})
             return True
         try:
-            self._collect_finished_turn()
+            self._end_turn_if_done()
             result = await self._handle(request)
         except ProtocolError as exc:
             _settle(fut, exc)
         except (Exception, asyncio.CancelledError) as exc:
-            if _being_cancelled():  # the daemon gave up waiting for this pod to stop
+            if _being_cancelled():  # the supervisor gave up waiting for this pod to stop
                 _settle(fut, ProtocolError("shutting_down", f"pod {self.name} stopped"))
                 raise
             log.exception("pod %s: %s failed", self.name, type(request).__name__)
@@ -396,11 +299,11 @@ class PodController:
             if req.if_busy == "queue":
                 turn_id = new_turn_id()
                 row = self._store.add_pending(self.name, "run", req.text, turn_id=turn_id)
-                queued = _QueuedRun(turn_id, req.text, row)
+                queued = QueuedRun(turn_id, req.text, row)
                 self._queue.append(queued)
                 return RunResult(turn_id=queued.turn_id, queued=True).model_dump()
         if self.status != "idle":
-            await self._end_turn("cancelled")
+            await self._cancel_turn()
         turn = Turn(new_turn_id(), "run")
         self._start(turn, req.text)
         return RunResult(turn_id=turn.turn_id).model_dump()
@@ -409,7 +312,7 @@ class PodController:
         if self.status == "idle":
             raise ProtocolError("not_running", f"pod {self.name} is idle; nothing to pause")
         if self.status == "running":
-            await self._interrupt()
+            await self._stop_turn_task()
             self._set_status("paused")
         return {}
 
@@ -429,7 +332,7 @@ class PodController:
         if clear_queue:
             self._queue.clear()
         # The queued runs leave the store with the turn_end: a crash before it keeps them.
-        await self._end_turn("cancelled", consumed=dropped)
+        await self._cancel_turn(consumed=dropped)
         return {"cleared": len(dropped)}
 
     def _notify(self, text: str, source: str) -> dict[str, Any]:
@@ -442,12 +345,11 @@ class PodController:
         return NotifyResult(buffered=len(self.notes), turn_id=turn_id).model_dump()
 
     def _pod_event(self, payload: dict[str, Any]) -> dict[str, Any]:
-        event_id = payload.get("event_id")
-        if isinstance(event_id, str) and event_id in self._seen_event_ids:
+        if self.journal.is_duplicate(payload.get("event_id")):
             return {"duplicate": True}
         received = PodEventReceived(payload=payload)
         self.emit(received)
-        return self._buffer(_report_note(received))
+        return self._buffer(report_note(received))
 
     # -- turns --------------------------------------------------------------------------
 
@@ -457,7 +359,7 @@ class PodController:
         if self._stopped:
             return
         if self._unfinished is not None and self.status == "running" and self._task is None:
-            self._finish(self._unfinished.result, self._unfinished.error)
+            self._record_turn_end(self._unfinished.result, self._unfinished.error)
         if self.status != "idle":
             return
         if self._queue:
@@ -470,16 +372,14 @@ class PodController:
         """Start a turn from idle. Its status, turn_start and user_message commit together
         with the deletion of its queued-run row, so a crash never leaves a started turn
         without its prompt, nor a queued run that both started and is still queued."""
-        turn.first_message = len(self.context.messages)
-        events: list[DurableEvent] = [
-            StatusChanged(status="running", turn_id=turn.turn_id),
-            TurnStart(turn_id=turn.turn_id, invoke=turn.invoke),
-        ]
+        start = TurnStart(turn_id=turn.turn_id, invoke=turn.invoke)
+        events: list[DurableEvent] = [StatusChanged(status="running", turn_id=turn.turn_id), start]
         if text is not None:
             events.append(UserMessage(turn_id=turn.turn_id, text=text))
-        self._emit_all(events, consumed=[pending_id] if pending_id is not None else [])
+        self.journal.emit_all(events, turn, consumed=[pending_id] if pending_id is not None else [])
         if pending_id is not None:
             self._queue.popleft()  # the queued run _kick started, used up with the commit
+        turn.started_seq = start.seq
         self.turn = turn
         self.status = "running"
         self._on_status(self.name, "running")
@@ -492,13 +392,16 @@ class PodController:
         task.add_done_callback(lambda t: self._mailbox.put_nowait(_TurnDone(t)))
         self._task = task
 
-    def _collect_finished_turn(self) -> None:
-        """A turn that ended while its _TurnDone waits in the mailbox ends now, so the
-        method being handled sees the pod as it really is."""
+    def _end_turn_if_done(self) -> None:
+        """A turn whose task ended while its _TurnDone waits in the mailbox ends now, so
+        the method being handled sees the pod as it really is."""
         if self._task is not None and self._task.done():
-            self._complete(self._task)
+            self._end_done_turn(self._task)
 
-    def _complete(self, task: "asyncio.Task[TurnOutcome]") -> None:
+    def _end_done_turn(self, task: "asyncio.Task[TurnOutcome]") -> None:
+        """End the turn whose task returned by itself, with the outcome it returned (a
+        task that raised ends it `errored`). A task already collected or stopped is old
+        news and ignored."""
         if task is not self._task:
             return
         self._task = None
@@ -513,10 +416,11 @@ class PodController:
             outcome = task.result()
         # Kept until its turn_end commits: a failed commit is tried again at the next _kick.
         self._unfinished = outcome
-        self._finish(outcome.result, outcome.error)
+        self._record_turn_end(outcome.result, outcome.error)
 
-    async def _interrupt(self) -> None:
-        """Cancel the running turn task and wait until it has let go of what it held."""
+    async def _stop_turn_task(self) -> None:
+        """Cancel the running turn task and wait until it has let go of what it held. The
+        turn stays open: the caller pauses it or records its end."""
         task, self._task = self._task, None
         if task is None:
             return
@@ -525,13 +429,16 @@ class PodController:
         if not task.cancelled():
             task.exception()
 
-    async def _end_turn(
-        self, result: TurnResult, error: str | None = None, consumed: Sequence[int] = ()
-    ) -> None:
-        await self._interrupt()
-        self._finish(result, error, consumed)
+    async def _cancel_turn(self, consumed: Sequence[int] = ()) -> None:
+        """Stop the turn's task if it runs, and end the turn `cancelled`."""
+        await self._stop_turn_task()
+        self._record_turn_end("cancelled", None, consumed)
 
-    def _finish(self, result: TurnResult, error: str | None, consumed: Sequence[int] = ()) -> None:
+    def _record_turn_end(
+        self, result: TurnResult, error: str | None, consumed: Sequence[int] = ()
+    ) -> None:
+        """Commit the turn's turn_end (with the parent's report) and go idle; its task is
+        gone already. Every turn ends here."""
         turn = self.turn
         assert turn is not None
         self._close_orphans()
@@ -575,21 +482,22 @@ class PodController:
                 )
             )
 
-    async def _halt(self, mode: StopMode) -> None:
+    async def _wind_down(self, mode: StopMode) -> None:
+        """The actor's last step: leave the turn as `mode` says, end the subscriptions,
+        close the engine and the tools."""
         try:
             if self.status == "running" and mode == "pause":
-                await self._interrupt()
+                await self._stop_turn_task()
                 self._set_status("paused")
             elif self.status != "idle" and mode == "cancel":
-                await self._end_turn("cancelled")
+                await self._cancel_turn()
         finally:
-            # Also when stopping the turn failed, or took so long the daemon cancelled it.
-            self.hub.close_all()
-            await self.engine.aclose()
+            # Also when stopping the turn failed, or took so long the supervisor cancelled it.
+            await self.abandon()
 
     async def abandon(self) -> None:
-        """Let go of what the pod holds after its actor was cancelled mid-method (it would
-        not stop): its subscriptions and its engine."""
+        """Let go of what the pod holds: its subscriptions, its engine and its tools. Also
+        after its actor was cancelled mid-method, when it would not stop."""
         self.hub.close_all()
         await self.engine.aclose()
         await self.toolbox.aclose()
@@ -606,8 +514,7 @@ class PodController:
     # -- queries ------------------------------------------------------------------------
 
     def history(self, after_seq: int, limit: int) -> HistoryResult:
-        events = [orjson.loads(data) for _, data in self._page(after_seq, limit)]
-        return HistoryResult(events=events, last_seq=self.last_seq)
+        return self.journal.history(after_seq, limit)
 
     def status_result(self, children: list[str]) -> dict[str, Any]:
         """The `status` ack's result, a `protocol.results.PodStatus` built as a plain dict:
@@ -624,8 +531,8 @@ class PodController:
             "cwd": str(self.toolbox.context.cwd),
             "tools": list(self.manifest.tools),
             "usage": {
-                "input_tokens": self.usage.input_tokens,
-                "output_tokens": self.usage.output_tokens,
+                "input_tokens": self.journal.usage.input_tokens,
+                "output_tokens": self.journal.usage.output_tokens,
             },
             "socket": str(self.socket_path),
             "permissions": [
@@ -635,7 +542,7 @@ class PodController:
                     "tool_call": asked.tool_call,
                     "options": asked.options,
                 }
-                for asked in self.asked.values()
+                for asked in self.journal.asked.values()
             ],
         }
 
@@ -661,9 +568,3 @@ def _internal(pod: str, exc: Exception) -> ProtocolError:
         f"pod {pod} failed on this request ({type(exc).__name__}: {exc}); "
         "it goes on serving, capd's log has the details",
     )
-
-
-def _report_note(received: PodEventReceived) -> PendingNote:
-    payload = received.payload
-    source = f"pod {payload['pod']}" if isinstance(payload.get("pod"), str) else "pod_event"
-    return PendingNote("pod_event", source, describe_pod_event(payload), received.seq)

@@ -1,23 +1,31 @@
-"""Every pod this daemon knows, running or stopped: the store's `pods` table, mirrored.
+"""Every pod this daemon knows, running or stopped: the store's `pods` table, mirrored,
+and the tree its `parent` column makes (children, descendants, depth).
 
 `status` lists a pod's children and `list` every pod; with thousands of pods a query per
 request would dominate both. The registry answers from memory and writes through to the
-store, so the table and the mirror change together.
+store, so the table and the mirror change together. A pod names its parent by socket
+path, so the tree queries map names to sockets and back.
 """
 
 import dataclasses
+import os
 import time
+from pathlib import Path
 
 from capd.store import OwedReport, PodRecord, Store
+from protocol.paths import pod_socket
 
 
 class PodRegistry:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, runtime_dir: Path) -> None:
         self._store = store
+        self._runtime_dir = runtime_dir
         self._records: dict[str, PodRecord] = {record.name: record for record in store.pods()}
         """In creation order, as the table lists them."""
         self._children: dict[str, list[str]] = {}
         """Parent socket → names of the pods that name it as parent, in creation order."""
+        self._sockets: dict[str, str] = {}
+        """Name → socket path of each known pod; `status` asks for children on every call."""
         for record in self._records.values():
             self._index(record)
 
@@ -26,9 +34,6 @@ class PodRegistry:
 
     def all(self) -> list[PodRecord]:
         return list(self._records.values())
-
-    def children(self, parent_socket: str) -> list[str]:
-        return list(self._children.get(parent_socket, ()))
 
     def add(self, name: str, manifest: str, parent: str | None) -> None:
         self._store.add_pod(name, manifest, parent, time.time())
@@ -41,8 +46,9 @@ class PodRegistry:
         self._store.set_stopped(name, stopped, report)
         self._records[name] = dataclasses.replace(self._records[name], stopped=stopped)
 
-    def delete(self, name: str, socket: str) -> None:
+    def delete(self, name: str) -> None:
         """Remove the pod and its state; its children become top-level pods."""
+        socket = self._sockets.pop(name)
         self._store.delete_pod(name, socket)
         record = self._records.pop(name)
         if record.parent is not None:
@@ -50,6 +56,64 @@ class PodRegistry:
         for child in self._children.pop(socket, ()):
             self._records[child] = dataclasses.replace(self._records[child], parent=None)
 
+    # -- the tree -----------------------------------------------------------------------
+
+    def socket(self, name: str) -> Path:
+        """Where the pod named `name` listens (or would)."""
+        return pod_socket(self._runtime_dir, name)
+
+    def children_of(self, name: str) -> list[str]:
+        socket = self._sockets.get(name) or str(self.socket(name))
+        return list(self._children.get(socket, ()))
+
+    def descendants(self, name: str) -> list[tuple[PodRecord, int]]:
+        """The pod's children, their children and so on, depth first, each with its depth."""
+        found: list[tuple[PodRecord, int]] = []
+        seen = {name}
+
+        def walk(pod: str, depth: int) -> None:
+            for child in self.children_of(pod):
+                record = self._records.get(child)
+                if record is not None and child not in seen:
+                    seen.add(child)
+                    found.append((record, depth))
+                    walk(child, depth + 1)
+
+        walk(name, 1)
+        return found
+
+    def depth(self, name: str) -> int:
+        """How many local ancestors the pod has (0 for a top-level pod)."""
+        depth, seen = 0, {name}
+        record = self._records.get(name)
+        while record is not None and (parent := self.name_at(record.parent)) not in seen:
+            if parent is None:
+                break
+            depth += 1
+            seen.add(parent)
+            record = self._records.get(parent)
+        return depth
+
+    def name_at(self, socket: str | None) -> str | None:
+        """The name of a known pod (running or stopped) whose socket is `socket`."""
+        name = self.pods_dir_name(socket)
+        return name if name is not None and name in self._records else None
+
+    def pods_dir_name(self, socket: str | None) -> str | None:
+        """The pod name a socket path in this daemon's pods directory stands for, however
+        it is spelled (`..`, a symlink to the runtime dir or to the socket); None for a
+        path elsewhere. Whether such a pod exists is the caller's question."""
+        if socket is None:
+            return None
+        path = Path(socket)
+        if path != self.socket(path.stem):
+            path = Path(os.path.realpath(path))
+            pods_dir = Path(os.path.realpath(self._runtime_dir / "pods"))
+            if path.parent != pods_dir or path.suffix != ".sock":
+                return None
+        return path.stem
+
     def _index(self, record: PodRecord) -> None:
+        self._sockets[record.name] = str(self.socket(record.name))
         if record.parent is not None:
             self._children.setdefault(record.parent, []).append(record.name)

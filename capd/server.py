@@ -12,7 +12,7 @@ import socket
 import stat
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -25,6 +25,7 @@ from protocol import SERVER_NAME
 from protocol.errors import ProtocolError
 from protocol.events import Error, Hello, PodHello
 from protocol.framing import encode
+from protocol.manifest import Manifest
 from protocol.methods import (
     DAEMON_REQUESTS,
     POD_REQUESTS,
@@ -43,10 +44,7 @@ from protocol.methods import (
     Subscribe,
     Unsubscribe,
 )
-from protocol.results import SubscribeResult
-
-if TYPE_CHECKING:
-    from capd.daemon import Daemon
+from protocol.results import InfoResult, ListResult, SpawnResult, SubscribeResult
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +61,39 @@ def ack(request: Request, result: dict[str, Any] | None = None) -> bytes:
         {"event": "ack", "id": request.id, "result": result or {}},
         option=orjson.OPT_APPEND_NEWLINE,
     )
+
+
+class PodEndpointHost(Protocol):
+    """What a pod's socket asks of whoever runs the pod (the supervisor)."""
+
+    def children_of(self, name: str) -> list[str]: ...
+
+    def stop_pod_soon(self, name: str) -> None: ...
+
+
+class PodMethods(Protocol):
+    """The daemon socket's methods on pods; the supervisor provides them."""
+
+    hub: Hub
+    """Where the daemon socket's subscribers hear of pods spawned, stopped, deleted."""
+
+    async def spawn(self, manifest: Manifest, parent: str | None) -> SpawnResult: ...
+
+    def list_pods(self) -> ListResult: ...
+
+    async def stop_pod(self, name: str) -> list[str]: ...
+
+    async def start_pod(self, name: str) -> SpawnResult: ...
+
+    async def delete_pod(self, name: str) -> None: ...
+
+
+class ProcessMethods(Protocol):
+    """The daemon socket's methods on capd itself; the daemon provides them."""
+
+    def info(self) -> InfoResult: ...
+
+    def request_shutdown(self) -> None: ...
 
 
 class Endpoint(ABC):
@@ -218,10 +249,10 @@ def _remove_stale_socket(path: Path) -> None:
 
 
 class PodEndpoint(Endpoint):
-    def __init__(self, pod: PodController, daemon: "Daemon", config: Config) -> None:
+    def __init__(self, pod: PodController, host: PodEndpointHost, config: Config) -> None:
         super().__init__(pod.socket_path, config)
         self.pod = pod
-        self._daemon = daemon
+        self._host = host
 
     def hello(self) -> Hello:
         pod = self.pod
@@ -235,7 +266,7 @@ class PodEndpoint(Endpoint):
         pod = self.pod
         match request:
             case Status():
-                return ack(request, pod.status_result(self._daemon.children_of(pod.name)))
+                return ack(request, pod.status_result(self._host.children_of(pod.name)))
             case Subscribe(after_seq=after_seq):
                 self._subscribe(pod.hub, conn, request, after_seq)
                 return None
@@ -248,42 +279,43 @@ class PodEndpoint(Endpoint):
                 return ack(request, pod.history(after_seq, limit).model_dump())
             case StopPod():
                 conn.send(ack(request))
-                self._daemon.stop_pod_soon(pod.name)
+                self._host.stop_pod_soon(pod.name)
                 return None
         return ack(request, await pod.call(request))
 
 
 class DaemonEndpoint(Endpoint):
-    def __init__(self, daemon: "Daemon", config: Config) -> None:
+    def __init__(self, pods: PodMethods, process: ProcessMethods, config: Config) -> None:
         super().__init__(config.runtime_dir / "capd.sock", config)
-        self._daemon = daemon
+        self._pods = pods
+        self._process = process
 
     def hello(self) -> Hello:
         return Hello(server=SERVER_NAME, pod=None)
 
     async def _handle(self, frame: dict[str, Any], conn: Connection) -> bytes | None:
         request = DAEMON_REQUESTS.parse(frame)
-        daemon = self._daemon
+        pods, process = self._pods, self._process
         match request:
             case Spawn(manifest=manifest, parent=parent):
-                return ack(request, (await daemon.spawn(manifest, parent)).model_dump())
+                return ack(request, (await pods.spawn(manifest, parent)).model_dump())
             case ListPods():
-                return ack(request, daemon.list_pods().model_dump())
+                return ack(request, pods.list_pods().model_dump())
             case Stop(name=name):
-                await daemon.stop_pod(name)
+                await pods.stop_pod(name)
                 return ack(request)
             case Start(name=name):
-                return ack(request, (await daemon.start_pod(name)).model_dump())
+                return ack(request, (await pods.start_pod(name)).model_dump())
             case Delete(name=name):
-                await daemon.delete_pod(name)
+                await pods.delete_pod(name)
                 return ack(request)
             case Info():
-                return ack(request, daemon.info().model_dump())
+                return ack(request, process.info().model_dump())
             case Shutdown():
                 conn.send(ack(request))
-                daemon.request_shutdown()
+                process.request_shutdown()
                 return None
             case DaemonSubscribe():
-                self._subscribe(daemon.hub, conn, request, None)
+                self._subscribe(pods.hub, conn, request, None)
                 return None
         raise AssertionError(f"unhandled daemon method {request!r}")

@@ -12,9 +12,12 @@ import orjson
 import pytest
 
 from capd.controller import PodController
+from capd.engines import make_engine
 from capd.engines.base import Engine, Turn, TurnHost, TurnOutcome
 from capd.outbox import Outbox
 from capd.store import Store
+from capd.tools.base import ToolContext
+from capd.tools.toolbox import Toolbox
 from protocol.client import Client
 from protocol.errors import ProtocolError
 from protocol.framing import within_bounds
@@ -138,14 +141,14 @@ def _pod_in_process(tmp_path: Path, engine: Engine | None = None) -> tuple[PodCo
     )
     pod = PodController(
         manifest,
+        engine=engine or make_engine(manifest),
+        toolbox=Toolbox.builtin(manifest.tools, ToolContext(tmp_path, "h6")),
         parent=None,
         socket_path=tmp_path / "h6.sock",
         store=store,
         outbox=Outbox(store),
         on_status=lambda name, status: None,
     )
-    if engine is not None:
-        pod.engine = engine
     return pod, store
 
 
@@ -272,7 +275,9 @@ async def test_a_turn_end_that_could_not_commit_commits_at_the_next_chance(
         await pod.call(Run(text="go"))
         other.execute("BEGIN IMMEDIATE")
         finish.set()
-        while not any("complete failed" in r.getMessage() for r in caplog.records):
+        while not any(
+            r.exc_info and r.exc_info[0] is sqlite3.OperationalError for r in caplog.records
+        ):
             await asyncio.sleep(0.01)  # the turn ended; its turn_end met the lock
         assert pod.status == "running"
         other.execute("ROLLBACK")

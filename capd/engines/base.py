@@ -16,7 +16,7 @@ from typing import Protocol
 from capd.context import Context
 from capd.tools.toolbox import Toolbox
 from protocol.errors import ProtocolError
-from protocol.events import DurableEvent, Invoke, Notification, PodEventBase, TurnResult
+from protocol.events import DurableEvent, Invoke, PodEventBase, TurnResult
 from protocol.manifest import Manifest
 
 
@@ -31,8 +31,8 @@ class Turn:
     running_s: float = 0.0
     output: str = ""
     partial: str = ""
-    first_message: int = 0
-    """Where the turn's messages begin in the pod's context."""
+    started_seq: int = 0
+    """The seq of its `turn_start`: the turn's messages are those of later events."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,11 +63,15 @@ class TurnHost(Protocol):
     context: Context
     turn: Turn | None
     toolbox: Toolbox
-    notes: list[PendingNote]
 
     def emit(self, event: DurableEvent, *, consumed: Sequence[int] = ()) -> None: ...
 
     def emit_ephemeral(self, event: PodEventBase) -> None: ...
+
+    def inject_notes(self, turn_id: str) -> None:
+        """Move the buffered notifications into the context, each committed as a
+        `notification` event of the turn."""
+        ...
 
 
 class Engine(Protocol):
@@ -86,21 +90,6 @@ class Engine(Protocol):
 
 def never_asks(kind: str) -> ProtocolError:
     return ProtocolError("invalid_request", f"this pod's engine ({kind}) never asks for permission")
-
-
-def inject_notes(host: TurnHost, turn_id: str) -> None:
-    """Move buffered notifications into the context, each as a `notification` event."""
-    while host.notes:
-        note = host.notes.pop(0)
-        host.emit(
-            Notification(
-                turn_id=turn_id,
-                source=note.source,
-                text=note.text,
-                pod_event_seq=note.pod_event_seq,
-            ),
-            consumed=[note.pending_id] if note.pending_id is not None else [],
-        )
 
 
 async def run_timed(

@@ -13,7 +13,6 @@ from capd.engines.base import (
     Turn,
     TurnHost,
     TurnOutcome,
-    inject_notes,
     never_asks,
     run_timed,
 )
@@ -76,7 +75,7 @@ class BuiltinEngine:
         limits = host.manifest.limits
         cut_in_a_row = 0
         while True:
-            inject_notes(host, turn.turn_id)
+            host.inject_notes(turn.turn_id)
             if turn.steps >= limits.max_steps:
                 return TurnOutcome(
                     "limit_reached",

@@ -32,8 +32,8 @@ from typing import Any, ClassVar
 
 import orjson
 
-from capd.context import ChatMessage
-from capd.engines.base import Turn, TurnHost, TurnOutcome, inject_notes, run_timed
+from capd.context import Context
+from capd.engines.base import Turn, TurnHost, TurnOutcome, run_timed
 from capd.proc.groups import KILL_GRACE_S, signal_name
 from capd.proc.launcher import environment, launch, stop_group
 from protocol.errors import ProtocolError
@@ -260,8 +260,8 @@ class ExternalEngine(ABC):
         self._fresh = False
         """The engine's session is new: it has seen nothing of the pod's context."""
         self._sent: int | None = None
-        """How many context messages the engine's session has been given (None: unknown,
-        after a capd restart)."""
+        """The seq of the last context message the engine's session has been given (None:
+        unknown, after a capd restart)."""
         self._answered = False
         """Whether the engine said anything since the last prompt."""
 
@@ -279,7 +279,7 @@ class ExternalEngine(ABC):
     async def _run(self, host: TurnHost, turn: Turn) -> TurnOutcome:
         await self._settle()
         self._record_session(host, turn)
-        inject_notes(host, turn.turn_id)
+        host.inject_notes(turn.turn_id)
         restarted = False
         while True:
             # Reset before starting: an engine that dies while starting has answered nothing.
@@ -288,7 +288,7 @@ class ExternalEngine(ABC):
             try:
                 if self._proc is None:
                     await self._start_or_discard(host, turn)
-                prompt, upto = self._next_prompt(host.context.messages, turn)
+                prompt, upto = self._next_prompt(host.context, turn)
                 self._send_prompt(prompt)
                 self._sent, self._fresh = upto, False
                 return await self._read_turn(host, turn)
@@ -315,26 +315,28 @@ class ExternalEngine(ABC):
             await self._discard()
             raise
 
-    def _next_prompt(self, messages: Sequence[ChatMessage], turn: Turn) -> tuple[str, int]:
-        """The prompt for the turn, and how much of the context it brings the engine to.
+    def _next_prompt(self, context: Context, turn: Turn) -> tuple[str, int]:
+        """The prompt for the turn, and the seq of the last message it brings the engine to.
 
         It is the user messages and notifications the engine's session has not seen. A
         new session has seen none of the turn (what came before the turn is lost to it);
         after a capd restart a resumed session has seen all but the trailing user
         messages. When the session has seen part of the turn, the turn is resuming:
         CONTINUE_PROMPT follows whatever is new."""
+        messages = context.messages
+        first = context.index_after(turn.started_seq)
         if self._fresh:
-            start = turn.first_message
+            start = first
         elif self._sent is not None:
-            start = self._sent
+            start = context.index_after(self._sent)
         else:
             start = len(messages)
-            while start > turn.first_message and messages[start - 1].role == "user":
+            while start > first and messages[start - 1].role == "user":
                 start -= 1
         texts = [message.text for message in messages[start:] if message.role == "user"]
-        if start > turn.first_message or not texts:
+        if start > first or not texts:
             texts.append(CONTINUE_PROMPT)
-        return "\n\n".join(texts), len(messages)
+        return "\n\n".join(texts), context.last_message_seq()
 
     def _note_session(self, session_id: object) -> None:
         if isinstance(session_id, str) and session_id:

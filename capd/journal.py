@@ -1,0 +1,229 @@
+"""A pod's journal: its durable events, committed, applied and broadcast, the reports it
+owes its parent, and the state the events imply, rebuilt at restore.
+
+Every durable event goes through `emit_all`: it is committed to the store (with the
+parent report it owes and the pending rows it uses up), only then takes its seq, is
+applied to the derived state (`_track`) and offered to subscribers. `restore` runs the
+same `_track` over the stored events, so a restarted pod derives exactly what it had.
+"""
+
+import logging
+import secrets
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import orjson
+
+from capd.context import Context, describe_pod_event
+from capd.engines.base import PendingNote, Turn
+from capd.fanout import Hub
+from capd.outbox import Outbox
+from capd.store import OwedReport, Store
+from protocol.events import (
+    AssistantMessage,
+    DurableEvent,
+    Notification,
+    PermissionRequest,
+    PermissionResolved,
+    PodEventBase,
+    PodEventReceived,
+    PodStatusName,
+    StatusChanged,
+    TurnEnd,
+    TurnStart,
+    Usage,
+    parse_event,
+)
+from protocol.framing import encode
+from protocol.reports import Report, ShutDown
+from protocol.results import HistoryResult
+
+log = logging.getLogger(__name__)
+
+
+def new_event_id(pod: str) -> str:
+    return f"{pod}/{secrets.token_hex(8)}"
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedRun:
+    turn_id: str
+    text: str
+    pending_id: int
+    """Its row in the store's `pending` table, deleted as the run's user_message commits."""
+
+
+@dataclass
+class Restored:
+    """What restore found of the state machine: the last status, the turn still open,
+    and the work pending (queued runs, and notes the model has not read yet)."""
+
+    status: PodStatusName = "idle"
+    turn: Turn | None = None
+    queue: list[QueuedRun] = field(default_factory=list)
+    notes: list[PendingNote] = field(default_factory=list)
+
+
+class Journal:
+    def __init__(self, name: str, parent: str | None, store: Store, outbox: Outbox) -> None:
+        self.name = name
+        self.parent = parent
+        self.last_seq = 0
+        self.context = Context()
+        self.usage = Usage()
+        self.asked: dict[str, PermissionRequest] = {}
+        """The engine's permission questions still waiting for an answer, by request id."""
+        self.hub = Hub(name, lambda: self.last_seq, self.page)
+        self._store = store
+        self._outbox = outbox
+        self._seen_event_ids: set[str] = set()
+
+    # -- emitting -----------------------------------------------------------------------
+
+    def emit(
+        self,
+        event: DurableEvent,
+        turn: Turn | None,
+        *,
+        report: Report | None = None,
+        consumed: Sequence[int] = (),
+    ) -> None:
+        """Commit a durable event of `turn` (the pod's current turn) to the store, then
+        apply it and broadcast it. A `report` for the parent is committed with it and
+        handed to the outbox; `consumed` names the pending rows (queued runs, buffered
+        notifies) the event uses up."""
+        self.emit_all([event], turn, report=report, consumed=consumed)
+
+    def emit_all(
+        self,
+        events: list[DurableEvent],
+        turn: Turn | None,
+        *,
+        report: Report | None = None,
+        consumed: Sequence[int] = (),
+    ) -> None:
+        """`emit` for events that must be committed together or not at all."""
+        ts = time.time()
+        frames = []
+        for seq, event in enumerate(events, self.last_seq + 1):
+            event.pod, event.seq, event.ts = self.name, seq, ts
+            frames.append(encode(event))
+        owed = self._owed(report)
+        stored = [(e.seq, e.ts, e.event, f[:-1]) for e, f in zip(events, frames, strict=True)]
+        self._store.append(self.name, stored, owed, consumed)
+        # Only a committed event takes a seq: one that cannot be encoded or stored leaves
+        # no gap for subscribers to wait on.
+        self.last_seq += len(events)
+        if owed is not None:
+            self._outbox.poke(owed.target)
+        for event, frame in zip(events, frames, strict=True):
+            self._track(event, turn)
+            self.hub.publish(frame, event.seq)
+
+    def emit_ephemeral(self, event: PodEventBase) -> None:
+        if self.hub.subscriptions:
+            event.pod = self.name
+            self.hub.publish(encode(event))
+
+    def _owed(self, report: Report | None) -> OwedReport | None:
+        if report is None or self.parent is None:
+            return None
+        return OwedReport(self.parent, encode(report)[:-1])
+
+    def shut_down_report(self) -> OwedReport | None:
+        """What a stop owes the parent; the supervisor commits it as it marks the pod stopped."""
+        return self._owed(ShutDown(pod=self.name, event_id=new_event_id(self.name)))
+
+    def is_duplicate(self, event_id: object) -> bool:
+        """Whether a pod_event with this event_id was received already."""
+        return isinstance(event_id, str) and event_id in self._seen_event_ids
+
+    def _track(self, event: DurableEvent, turn: Turn | None) -> None:
+        """Derived state shared by live emission and restore."""
+        self.context.apply(event)
+        match event:
+            case AssistantMessage(text=text, interrupted=True) if turn:
+                turn.partial += text
+            case AssistantMessage(text=text, usage=usage):
+                self.usage.input_tokens += usage.input_tokens
+                self.usage.output_tokens += usage.output_tokens
+                # One that says nothing (an ACP prompt's usage, reported after its last
+                # step) is no step and keeps the turn's output.
+                if turn and (text or event.tool_calls or event.thinking):
+                    turn.steps += 1
+                    turn.output = turn.partial + text
+                    # A reply max_tokens cut off goes on in the next step's text.
+                    turn.partial = turn.output if event.runs_on else ""
+            case PodEventReceived(payload=payload) if isinstance(payload.get("event_id"), str):
+                self._seen_event_ids.add(payload["event_id"])
+            case PermissionRequest(request_id=request_id):
+                self.asked[request_id] = event
+            case PermissionResolved(request_id=request_id):
+                self.asked.pop(request_id, None)
+            case TurnEnd():
+                self.asked.clear()
+
+    # -- reading ------------------------------------------------------------------------
+
+    def page(self, after_seq: int, limit: int) -> list[tuple[int, bytes]]:
+        return self._store.events_after(self.name, after_seq, limit)
+
+    def history(self, after_seq: int, limit: int) -> HistoryResult:
+        events = [orjson.loads(data) for _, data in self.page(after_seq, limit)]
+        return HistoryResult(events=events, last_seq=self.last_seq)
+
+    # -- restore ------------------------------------------------------------------------
+
+    def restore(self, stored: Iterable[bytes]) -> Restored:
+        """Rebuild the derived state from stored events, and find the state machine's:
+        queued runs, buffered notifications and received reports the model has not seen
+        yet are pending again. The engine that asked a question still open is gone with
+        the capd that died, so its questions are resolved here."""
+        found = Restored()
+        unseen: dict[int, PodEventReceived] = {}
+        started: set[str] = set()
+        for data in stored:
+            event = parse_event(orjson.loads(data))
+            if not isinstance(event, DurableEvent):
+                continue
+            self.last_seq = event.seq
+            self._track(event, found.turn)
+            match event:
+                case StatusChanged(status=status):
+                    found.status = status
+                case TurnStart(turn_id=turn_id, invoke=invoke):
+                    found.turn = Turn(turn_id, invoke, started_seq=event.seq)
+                    started.add(turn_id)
+                case TurnEnd():
+                    found.turn = None
+                case PodEventReceived(seq=seq):
+                    unseen[seq] = event
+                case Notification(pod_event_seq=int(seq)):
+                    unseen.pop(seq, None)
+        notes = [(event.ts, report_note(event)) for event in unseen.values()]
+        for row in self._store.pending(self.name):
+            if row.kind == "notify":
+                assert row.source is not None
+                note = PendingNote("notify", row.source, row.text, pending_id=row.id)
+                notes.append((row.created, note))
+                continue
+            assert row.turn_id is not None
+            if row.turn_id in started:
+                # Its turn_start commits with the row's deletion, so this is a damaged store.
+                log.warning("pod %s: queued run %s already started; dropped", self.name, row.id)
+                self._store.drop_pending([row.id])
+            else:
+                found.queue.append(QueuedRun(row.turn_id, row.text, row.id))
+        found.notes = [note for _, note in sorted(notes, key=lambda pair: pair[0])]
+        for asked in list(self.asked.values()):
+            resolved = PermissionResolved(turn_id=asked.turn_id, request_id=asked.request_id)
+            self.emit(resolved, found.turn)
+        return found
+
+
+def report_note(received: PodEventReceived) -> PendingNote:
+    """The note a received report becomes, for the model to read."""
+    payload = received.payload
+    source = f"pod {payload['pod']}" if isinstance(payload.get("pod"), str) else "pod_event"
+    return PendingNote("pod_event", source, describe_pod_event(payload), received.seq)

@@ -1,0 +1,431 @@
+"""Pods' lifecycle: spawn, start, stop and delete, bringing a pod up and taking it down,
+and the checks a spawn passes.
+
+A running pod is its controller (the actor), its endpoint (the pod socket) and the task
+running the actor. The daemon makes one `Supervisor` at start-up, asks it to restore the
+stored pods, and to take them all down at shutdown; the daemon socket's pod methods and
+the pod tools (through `ChildPods`) call it in between.
+"""
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from capd.children import ChildPods, check_child
+from capd.config import Config
+from capd.controller import PodController, StopMode
+from capd.engines import check_engine, make_engine
+from capd.fanout import Hub
+from capd.outbox import Outbox
+from capd.registry import PodRegistry
+from capd.server import PodEndpoint
+from capd.store import PodRecord, Store
+from capd.tools.base import ToolContext, ToolFailed
+from capd.tools.toolbox import Toolbox
+from protocol.errors import ProtocolError
+from protocol.events import (
+    PodDeleted,
+    PodEventBase,
+    PodSpawned,
+    PodStatusEvent,
+    PodStatusName,
+    PodStopped,
+)
+from protocol.framing import encode
+from protocol.manifest import Manifest
+from protocol.results import ListResult, PodListEntry, SpawnResult
+
+log = logging.getLogger("capd")
+
+T = TypeVar("T")
+
+REPLAY_BATCH = 1000
+SHUTDOWN_GRACE_S = 10.0
+"""How long shutdown waits for spawns and stops under way."""
+POD_STOP_TIMEOUT_S = 8.0
+"""A pod's actor has this long to stop (its turn paused or cancelled, its engine closed;
+each of those is bounded well within it); then it is cancelled, so a stop never hangs."""
+ABANDON_TIMEOUT_S = 3.0
+"""How long a cancelled actor, then its engine's closing, may take. With the endpoints'
+close and SHUTDOWN_GRACE_S, shutdown stays inside the unit's TimeoutStopSec=30."""
+
+
+@dataclass(eq=False)
+class _RunningPod:
+    controller: PodController
+    endpoint: PodEndpoint
+    actor: "asyncio.Task[None]"
+
+
+class Supervisor:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        outbox: Outbox,
+        registry: PodRegistry,
+        on_status: Callable[[], None],
+    ) -> None:
+        """`on_status` is called when a pod's status changes, unless capd is closing."""
+        self.config = config
+        self.store = store
+        self.outbox = outbox
+        self.registry = registry
+        self.pods: dict[str, _RunningPod] = {}
+        self.hub = Hub("", lambda: 0)
+        """The daemon socket's subscribers: pods spawned, stopped, deleted, their status."""
+        self._on_status = on_status
+        self._background: set[asyncio.Task[Any]] = set()
+        self._stopping: set[str] = set()
+        self._broken: dict[str, str] = {}
+        """Pods that failed to come back up, and why."""
+        self._closing = False
+
+    # -- start-up and shutdown ----------------------------------------------------------
+
+    def to_restore(self) -> list[PodRecord]:
+        """The stored pods that were not stopped."""
+        return [record for record in self.registry.all() if not record.stopped]
+
+    async def restore(self, record: PodRecord) -> None:
+        """Bring a stored pod back up; one that cannot be is marked broken and left down."""
+        with contextlib.suppress(ProtocolError):
+            await self._bring_up_record(record)
+
+    def refuse_new_work(self) -> None:
+        self._closing = True
+
+    async def take_down_all(self) -> None:
+        """Let spawns and stops under way finish, then pause every pod's turn and stop it."""
+        if self._background:
+            await asyncio.wait(self._background, timeout=SHUTDOWN_GRACE_S)
+        await asyncio.gather(*(self._take_down(name, "pause") for name in list(self.pods)))
+
+    def summary(self) -> str:
+        """The one-line STATUS= systemd shows for capd."""
+        running = sum(1 for pod in self.pods.values() if pod.controller.status == "running")
+        return f"{len(self.pods)} pods up, {running} running"
+
+    # -- pods ---------------------------------------------------------------------------
+
+    async def spawn(
+        self,
+        manifest: Manifest,
+        parent: str | None,
+        *,
+        turn_id: str | None = None,
+        make_cwd: bool = False,
+    ) -> SpawnResult:
+        """Create and start a pod. With a local `parent` the child rules apply (see
+        children.py) and the parent records `child_spawned` with `turn_id`, the turn whose
+        spawn_pod call made it. `make_cwd` creates a missing cwd once all checks pass."""
+        self._refuse_when_closing()
+        self._check_room()
+        name = manifest.name
+        if name in self.pods or self.registry.get(name) is not None:
+            raise ProtocolError("already_exists", f"a pod named {name} already exists")
+        if parent is not None and (not Path(parent).is_absolute() or "\0" in parent):
+            raise ProtocolError(
+                "invalid_request", f"parent {parent!r} must be an absolute socket path"
+            )
+        cwd = self._resolve_cwd(manifest, must_exist=not make_cwd)
+        manifest = manifest.model_copy(update={"cwd": str(cwd)})
+        _check_api_key(manifest)
+        check_engine(manifest)
+        parent_name = self.registry.pods_dir_name(parent)
+        if parent_name is not None:
+            self._check_child_of(parent_name, manifest)
+            parent = str(self.registry.socket(parent_name))  # the spelling children_of looks up
+        if make_cwd:
+            try:
+                cwd.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ProtocolError(
+                    "invalid_request", f"cannot create cwd {cwd}: {exc.strerror or exc}"
+                ) from None
+        self._make_pod_state_dir(name)
+        self.registry.add(name, manifest.model_dump_json(), parent)
+        running = await self._bring_up(manifest, parent)
+        socket = str(running.endpoint.path)
+        if (local_parent := self._pod_at(parent)) is not None:
+            # A parent stopping meanwhile refuses; its stop cascade takes the child down.
+            with contextlib.suppress(ProtocolError):
+                await local_parent.controller.adopt(name, socket, turn_id)
+        self._publish(PodSpawned(pod=name, socket=socket, parent=parent))
+        return SpawnResult(name=name, socket=socket)
+
+    def _check_child_of(self, parent: str, manifest: Manifest) -> None:
+        if parent in self._stopping:
+            raise ProtocolError("shutting_down", f"parent pod {parent} is stopping")
+        record = self.registry.get(parent)
+        if record is None:
+            raise ProtocolError(
+                "not_found",
+                f"parent {self.registry.socket(parent)} is in capd's pods directory but no "
+                f"pod named {parent} exists; spawn the parent first",
+            )
+        check_child(
+            parent,
+            Manifest.model_validate_json(record.manifest),
+            manifest,
+            [child for child in self.registry.children_of(parent) if child in self.pods],
+            self.registry.depth(parent) + 1,
+        )
+
+    async def stop_pod(self, name: str) -> list[str]:
+        """Stop the pod, then its descendants; returns the names of those that were running.
+        Descendants are listed once the pod is down, so a child it was spawning is among them.
+        A pod that could not be restored is marked stopped, so restarts stop retrying it."""
+        self._require_known(name)
+        if self._broken.pop(name, None) is not None:
+            self.registry.set_stopped(name, True)
+            self._publish(PodStopped(pod=name))
+        stopped = [name] if await self._stop_one(name) else []
+        for record, _ in self.registry.descendants(name):
+            if await self._stop_one(record.name):
+                stopped.append(record.name)
+        return stopped
+
+    async def _stop_one(self, name: str) -> bool:
+        running = self.pods.get(name)
+        if running is None:
+            return False
+        self._stopping.add(name)
+        try:
+            await self._take_down(name, "cancel")
+            report = running.controller.journal.shut_down_report()
+            self.registry.set_stopped(name, True, report)
+            if report is not None:
+                self.outbox.poke(report.target)
+        finally:
+            self._stopping.discard(name)
+        self._publish(PodStopped(pod=name))
+        return True
+
+    def in_background(self, work: Awaitable[T]) -> "asyncio.Task[T]":
+        """Run `work` as a task the supervisor owns: shutdown waits for it, and whoever
+        awaits it can be cancelled (by `asyncio.shield`) without cutting it short."""
+
+        async def run() -> T:
+            return await work
+
+        task = asyncio.create_task(run())
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+        return task
+
+    def _background_done(self, task: "asyncio.Task[Any]") -> None:
+        """Forget the task; its awaiter may be gone, so log a failure nobody expected."""
+        self._background.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None and not isinstance(exc, ProtocolError | ToolFailed):
+            log.error("background work failed", exc_info=exc)
+
+    def stop_pod_soon(self, name: str) -> None:
+        """Stop a pod after the current request's reply went out (the pod's own `stop`)."""
+        self.in_background(self.stop_pod(name))
+
+    async def start_pod(self, name: str) -> SpawnResult:
+        self._refuse_when_closing()
+        record = self._require_known(name)
+        socket = str(self.registry.socket(name))
+        if name in self._stopping:
+            raise ProtocolError(
+                "shutting_down", f"pod {name} is stopping; start it once it has stopped"
+            )
+        if name not in self.pods:
+            self._check_room()
+        if name not in self.pods:
+            await self._bring_up_record(record)
+            self.registry.set_stopped(name, False)
+            self._publish(PodSpawned(pod=name, socket=socket, parent=record.parent))
+        return SpawnResult(name=name, socket=socket)
+
+    async def delete_pod(self, name: str) -> None:
+        """Stop the pod and its descendants, then remove its state: its children become
+        top-level pods and the reports still owed to it are dropped."""
+        self._require_known(name)
+        self._stopping.add(name)
+        try:
+            await self.stop_pod(name)
+            self.registry.delete(name)
+            shutil.rmtree(self._pod_state_dir(name) / "spill", ignore_errors=True)
+            self._broken.pop(name, None)
+        finally:
+            self._stopping.discard(name)
+        self._publish(PodDeleted(pod=name))
+
+    def list_pods(self) -> ListResult:
+        entries = []
+        for record in self.registry.all():
+            running = self.pods.get(record.name)
+            status = running.controller.status if running else "stopped"
+            entries.append(
+                PodListEntry(
+                    name=record.name,
+                    status=status,
+                    parent=record.parent,
+                    socket=str(self.registry.socket(record.name)),
+                    error=self._broken.get(record.name),
+                )
+            )
+        return ListResult(pods=entries)
+
+    def children_of(self, name: str) -> list[str]:
+        return self.registry.children_of(name)
+
+    def running(self, name: str) -> PodController | None:
+        """The actor of a running pod; None when the pod is stopped or unknown."""
+        pod = self.pods.get(name)
+        return pod.controller if pod else None
+
+    # -- bring-up and take-down ---------------------------------------------------------
+
+    async def _bring_up_record(self, record: PodRecord) -> _RunningPod:
+        """Restore a stored pod. One that cannot be restored (its stored state does not
+        parse, or its socket cannot be bound) stays down, marked in `list` with the reason,
+        rather than keeping capd or the other pods from starting."""
+        try:
+            running = await self._bring_up(
+                Manifest.model_validate_json(record.manifest), record.parent
+            )
+        except Exception as exc:
+            reason = f"cannot be restored: {type(exc).__name__}: {_first_line(exc)}"
+            log.error("pod %s %s", record.name, reason, exc_info=exc)
+            self._broken[record.name] = reason
+            raise ProtocolError("internal", f"pod {record.name} {reason}") from None
+        self._broken.pop(record.name, None)
+        return running
+
+    async def _bring_up(self, manifest: Manifest, parent: str | None) -> _RunningPod:
+        name = manifest.name
+        socket_path = self.registry.socket(name)
+        assert manifest.cwd is not None
+        tool_context = ToolContext(
+            cwd=Path(manifest.cwd),
+            pod=name,
+            pods=ChildPods(self, self.registry, self.store, manifest, socket_path),
+            spill_dir=self._pod_state_dir(name) / "spill",
+        )
+        controller = PodController(
+            manifest,
+            engine=make_engine(manifest),
+            toolbox=Toolbox.builtin(manifest.tools, tool_context),
+            parent=parent,
+            socket_path=socket_path,
+            store=self.store,
+            outbox=self.outbox,
+            on_status=self._pod_status_changed,
+        )
+        controller.restore(self._stored_events(name))
+        endpoint = PodEndpoint(controller, self, self.config)
+        await endpoint.listen()
+        self.outbox.retry_now(str(endpoint.path))
+        actor = asyncio.create_task(controller.run(), name=f"pod {name}")
+        running = _RunningPod(controller, endpoint, actor)
+        self.pods[name] = running
+        return running
+
+    async def _take_down(self, name: str, mode: StopMode) -> None:
+        running = self.pods.pop(name, None)
+        if running is None:
+            return
+        await running.endpoint.close_listener()
+        try:
+            async with asyncio.timeout(POD_STOP_TIMEOUT_S):
+                await running.controller.stop(mode)
+                await running.actor
+        except TimeoutError:
+            log.error("pod %s did not stop within %.0f s; cancelled", name, POD_STOP_TIMEOUT_S)
+            running.actor.cancel()
+            await asyncio.wait([running.actor], timeout=ABANDON_TIMEOUT_S)
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(ABANDON_TIMEOUT_S):
+                    await running.controller.abandon()
+        await running.endpoint.close()
+
+    def _stored_events(self, name: str) -> Iterator[bytes]:
+        after = 0
+        while rows := self.store.events_after(name, after, REPLAY_BATCH):
+            for _, data in rows:
+                yield data
+            after = rows[-1][0]
+
+    # -- checks and paths ---------------------------------------------------------------
+
+    def _require_known(self, name: str) -> PodRecord:
+        record = self.registry.get(name)
+        if record is not None:
+            return record
+        raise ProtocolError("not_found", f"no pod named {name}; `capctl ps` lists them")
+
+    def _pod_state_dir(self, name: str) -> Path:
+        return self.config.state_dir / "pods" / name
+
+    def _make_pod_state_dir(self, name: str) -> Path:
+        """The pod's state dir (its spilled tool output goes there), 0700 at each level."""
+        path = self._pod_state_dir(name)
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        path.mkdir(mode=0o700, exist_ok=True)
+        return path
+
+    def _pod_at(self, socket: str | None) -> _RunningPod | None:
+        name = self.registry.name_at(socket)
+        return self.pods.get(name) if name else None
+
+    def _check_room(self) -> None:
+        limit = self.config.max_pods
+        if len(self.pods) >= limit:
+            raise ProtocolError(
+                "limit_reached",
+                f"capd has {len(self.pods)} pods up, the most --max-pods={limit} allows; "
+                "stop or delete one first",
+            )
+
+    def _refuse_when_closing(self) -> None:
+        if self._closing:
+            raise ProtocolError("shutting_down", "capd is shutting down; try again once it is back")
+
+    def _resolve_cwd(self, manifest: Manifest, must_exist: bool) -> Path:
+        if manifest.cwd is None:
+            cwd = self._make_pod_state_dir(manifest.name) / "work"
+            cwd.mkdir(mode=0o700, exist_ok=True)
+            return cwd
+        cwd = Path(manifest.cwd)
+        if not cwd.is_absolute():
+            raise ProtocolError("invalid_request", f"cwd {cwd} must be an absolute path")
+        if must_exist and not cwd.is_dir():
+            raise ProtocolError(
+                "invalid_request", f"cwd {cwd} is not a directory; create it before spawning"
+            )
+        return cwd.resolve()
+
+    def _pod_status_changed(self, name: str, status: PodStatusName) -> None:
+        self._publish(PodStatusEvent(pod=name, status=status))
+        if not self._closing:
+            self._on_status()
+
+    def _publish(self, event: PodEventBase) -> None:
+        if self.hub.subscriptions:
+            self.hub.publish(encode(event))
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [""])[0]
+
+
+def _check_api_key(manifest: Manifest) -> None:
+    env = manifest.model.api_key_env if manifest.model else None
+    if env and not os.environ.get(env):
+        raise ProtocolError(
+            "invalid_request",
+            f"model.api_key_env names {env}, which is not set in capd's environment",
+        )
