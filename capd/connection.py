@@ -3,7 +3,9 @@
 Everything a connection sends goes through one outbox drained by one writer task, so a
 reply never overtakes an event queued before it. Replies are always accepted (the reader
 stops reading while too much is queued); events are accepted only while the outbox holds
-less than `max_queued_bytes`, which bounds the daemon's memory per slow client.
+less than `max_queued_bytes`, which bounds the daemon's memory per slow client. A
+connection holds at most one subscription (`capd.fanout`), whose replay and `lagged` frame
+its writer task runs in order with the rest.
 """
 
 import asyncio
@@ -11,44 +13,28 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from capd import heap
-from capd.fanout import Subscription
+from capd.fanout import Hub, Subscription, WriterJob
 from protocol.errors import ProtocolError
-from protocol.events import Error, Lagged
+from protocol.events import Error
 from protocol.framing import check_bounds, decode, encode
 from protocol.methods import request_id
 
 log = logging.getLogger(__name__)
 
-REPLAY_PAGE = 512
 OUTBOX_CHUNK_BYTES = 64 * 1024
 MAX_ERROR_CHARS = 2000
 """An error's message is cut here: it names what was wrong, it does not echo the frame."""
 Handler = Callable[[dict[str, Any], "Connection"], Awaitable[bytes | None]]
 
 
-@dataclass(frozen=True, slots=True)
-class _Replay:
-    """In the outbox: replay `sub` from the store here, then let it go live."""
-
-    sub: Subscription
-
-
-@dataclass(frozen=True, slots=True)
-class _LaggedMark:
-    """In the outbox: end `sub` here with a `lagged` event."""
-
-    sub: Subscription
-
-
 class Connection:
     def __init__(self, writer: asyncio.StreamWriter, max_queued_bytes: int) -> None:
         self._writer = writer
         self._max_queued = max_queued_bytes
-        self._outbox: deque[bytearray | _Replay | _LaggedMark] = deque()
+        self._outbox: deque[bytearray | WriterJob] = deque()
         self._queued_bytes = 0
         self._wake = asyncio.Event()
         self._drained = asyncio.Event()
@@ -56,7 +42,7 @@ class Connection:
         self._closing = False
         self._idle = False
         """The writer waits for work: nothing is queued or being written."""
-        self.subscription: Subscription | None = None
+        self._subscription: Subscription | None = None
         self._task = asyncio.create_task(self._write_loop())
 
     # -- producers ----------------------------------------------------------------------
@@ -72,12 +58,9 @@ class Connection:
         self._push(frame)
         return True
 
-    def push_replay(self, sub: Subscription) -> None:
-        self._outbox.append(_Replay(sub))
-        self._wake.set()
-
-    def push_lagged(self, sub: Subscription) -> None:
-        self._outbox.append(_LaggedMark(sub))
+    def run_in_order(self, job: WriterJob) -> None:
+        """Run `job` in the writer task once everything queued before it is written."""
+        self._outbox.append(job)
         self._wake.set()
 
     def _push(self, frame: bytes) -> None:
@@ -101,6 +84,18 @@ class Connection:
         if self._queued_bytes > self._max_queued:
             self._drained.clear()
         self._wake.set()
+
+    # -- subscription -------------------------------------------------------------------
+
+    def subscribe(self, hub: Hub, after_seq: int | None) -> None:
+        """Subscribe to `hub`, replacing this connection's subscription."""
+        self.unsubscribe()
+        self._subscription = hub.subscribe(self, after_seq)
+
+    def unsubscribe(self) -> None:
+        if self._subscription is not None:
+            self._subscription.end()
+            self._subscription = None
 
     async def backpressure(self) -> None:
         """Wait while the outbox is over its bound (the client is not reading)."""
@@ -133,40 +128,14 @@ class Connection:
                         self._drained.set()
                     await self._writer.drain()
                     continue
-                mark = self._outbox.popleft()
-                if isinstance(mark, _Replay):
-                    await self._replay(mark.sub)
-                else:
-                    await self._send_lagged(mark.sub)
+                job = self._outbox.popleft()
+                assert not isinstance(job, bytearray)
+                await job(self._writer)
         except ConnectionError:
             pass
         finally:
             self._drained.set()
             self._writer.close()
-
-    async def _replay(self, sub: Subscription) -> None:
-        hub = sub.hub
-        assert hub.page is not None
-        cursor = sub.last_durable
-        while not sub.closed and not self._writer.is_closing():
-            rows = hub.page(cursor, REPLAY_PAGE)
-            if rows:
-                self._writer.write(b"".join(data + b"\n" for _, data in rows))
-                cursor = rows[-1][0]
-                await self._writer.drain()
-            if cursor >= hub.last_seq():
-                # No await between this check and going live: nothing can slip between.
-                sub.last_durable = cursor
-                sub.live = True
-                return
-
-    async def _send_lagged(self, sub: Subscription) -> None:
-        sub.end()
-        if self.subscription is sub:
-            self.subscription = None
-        frame = encode(Lagged(pod=sub.hub.pod, missed=sub.missed, resume_from=sub.last_durable))
-        self._writer.write(frame)
-        await self._writer.drain()
 
     async def close(self) -> None:
         """Flush what is queued, then close."""

@@ -5,44 +5,111 @@ queue. A subscription that falls behind is cut off with `lagged {missed, resume_
 and the client re-subscribes from the store. A subscription with `after_seq` first replays
 durable events from the store, page by page, and goes live only once it has caught up, so
 replay and live meet with no gap and no duplicate.
+
+A subscription's state and its replay and lag handling live here; the connection only runs
+them in its writer task, in order with the frames queued before them (`Outlet`).
 """
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from enum import Enum
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from capd.connection import Connection
+from protocol.events import Lagged
+from protocol.framing import encode
+
+REPLAY_PAGE = 512
 
 ReplayPage = Callable[[int, int], list[tuple[int, bytes]]]
 """(after_seq, limit) -> [(seq, json)]: durable events from the store."""
 
+WriterJob = Callable[[asyncio.StreamWriter], Awaitable[None]]
+"""Work that writes to a connection's stream itself, run by its writer task."""
+
+
+class Outlet(Protocol):
+    """What a subscription needs of its connection (`capd.connection.Connection`)."""
+
+    def offer_event(self, frame: bytes) -> bool:
+        """Queue an event unless the outbox is full; False means the subscriber lags."""
+        ...
+
+    def run_in_order(self, job: WriterJob) -> None:
+        """Run `job` in the writer task once everything queued before it is written."""
+        ...
+
+
+class SubscriptionState(Enum):
+    REPLAYING = "replaying"
+    """Replay from the store is queued or under way; published events are not offered."""
+    LIVE = "live"
+    """Published events are offered to the connection."""
+    LAGGED = "lagged"
+    """The outbox was full: events are counted as missed until `lagged` is written."""
+    CLOSED = "closed"
+    """Ended: unsubscribed, lagged, the connection or the source closed."""
+
+
+# Module names for the states the publishing path compares against: on Python 3.11 reading
+# a global is several times faster than reading an Enum member from its class.
+REPLAYING = SubscriptionState.REPLAYING
+LIVE = SubscriptionState.LIVE
+LAGGED = SubscriptionState.LAGGED
+CLOSED = SubscriptionState.CLOSED
+
 
 @dataclass(eq=False, slots=True)
 class Subscription:
+    """One connection's subscription: replaying → live → lagged → closed, each step
+    optional but the last (`Hub.subscribe` starts it live when there is nothing to replay;
+    it may be closed in any state)."""
+
     hub: "Hub"
-    conn: "Connection"
-    live: bool = False
-    last_durable: int = 0
-    lagging: bool = False
+    outlet: Outlet
+    state: SubscriptionState
+    last_durable: int
+    """The last durable seq sent to the subscriber (while replaying, where replay starts)."""
     missed: int = 0
-    closed: bool = False
 
     def offer(self, frame: bytes, seq: int | None) -> None:
-        if self.lagging:
+        state = self.state
+        if state is LIVE:
+            if self.outlet.offer_event(frame):
+                if seq is not None:
+                    self.last_durable = seq
+                return
+            self.state = LAGGED
+            self.missed = 1
+            self.outlet.run_in_order(self._end_lagged)
+        elif state is LAGGED:
             self.missed += 1
-            return
-        if self.conn.offer_event(frame):
-            if seq is not None:
-                self.last_durable = seq
-            return
-        self.lagging = True
-        self.missed = 1
-        self.conn.push_lagged(self)
 
     def end(self) -> None:
-        self.closed = True
+        self.state = CLOSED
         self.hub.remove(self)
+
+    async def _replay(self, writer: asyncio.StreamWriter) -> None:
+        hub = self.hub
+        assert hub.page is not None
+        cursor = self.last_durable
+        while self.state is REPLAYING and not writer.is_closing():
+            rows = hub.page(cursor, REPLAY_PAGE)
+            if rows:
+                writer.write(b"".join(data + b"\n" for _, data in rows))
+                cursor = rows[-1][0]
+                await writer.drain()
+            if self.state is REPLAYING and cursor >= hub.last_seq():
+                # No await between this check and going live: nothing can slip between.
+                self.last_durable = cursor
+                self.state = LIVE
+                return
+
+    async def _end_lagged(self, writer: asyncio.StreamWriter) -> None:
+        self.end()
+        frame = encode(Lagged(pod=self.hub.pod, missed=self.missed, resume_from=self.last_durable))
+        writer.write(frame)
+        await writer.drain()
 
 
 @dataclass(eq=False)
@@ -56,18 +123,17 @@ class Hub:
 
     def publish(self, frame: bytes, seq: int | None = None) -> None:
         for sub in tuple(self.subscriptions):
-            if sub.live:
-                sub.offer(frame, seq)
+            sub.offer(frame, seq)
 
-    def subscribe(self, conn: "Connection", after_seq: int | None) -> Subscription:
-        """Register `conn`; live at once without `after_seq`, else after a replay."""
-        sub = Subscription(self, conn, last_durable=self.last_seq())
-        self.subscriptions.add(sub)
-        if after_seq is None or after_seq >= sub.last_durable:
-            sub.live = True
+    def subscribe(self, outlet: Outlet, after_seq: int | None) -> Subscription:
+        """Register `outlet`; live at once without `after_seq`, else after a replay."""
+        last = self.last_seq()
+        if after_seq is None or after_seq >= last:
+            sub = Subscription(self, outlet, LIVE, last)
         else:
-            sub.last_durable = after_seq
-            conn.push_replay(sub)
+            sub = Subscription(self, outlet, REPLAYING, after_seq)
+            outlet.run_in_order(sub._replay)
+        self.subscriptions.add(sub)
         return sub
 
     def remove(self, sub: Subscription) -> None:

@@ -186,17 +186,13 @@ class Endpoint(ABC):
 
     def _forget(self, conn: Connection) -> None:
         self._connections.discard(conn)
-        if conn.subscription is not None:
-            conn.subscription.end()
-            conn.subscription = None
+        conn.unsubscribe()
 
     def _subscribe(
         self, hub: Hub, conn: Connection, request: Request, after_seq: int | None
     ) -> None:
         """Ack, then register: the ack is queued before any replayed or live event."""
-        if conn.subscription is not None:
-            conn.subscription.end()
-            conn.subscription = None
+        conn.unsubscribe()
         limit = self._config.max_subscribers
         if len(hub.subscriptions) >= limit:
             raise ProtocolError(
@@ -205,7 +201,7 @@ class Endpoint(ABC):
                 f"capd --max-subscribers={limit} allows; close one first",
             )
         conn.send(ack(request, SubscribeResult(last_seq=hub.last_seq()).model_dump()))
-        conn.subscription = hub.subscribe(conn, after_seq)
+        conn.subscribe(hub, after_seq)
 
     @abstractmethod
     def hello(self) -> Hello: ...
@@ -271,9 +267,7 @@ class PodEndpoint(Endpoint):
                 self._subscribe(pod.hub, conn, request, after_seq)
                 return None
             case Unsubscribe():
-                if conn.subscription is not None:
-                    conn.subscription.end()
-                    conn.subscription = None
+                conn.unsubscribe()
                 return ack(request)
             case History(after_seq=after_seq, limit=limit):
                 return ack(request, pod.history(after_seq, limit).model_dump())
