@@ -22,6 +22,7 @@ from capd.providers.base import (
     ToolCallArgs,
     ToolCallBegin,
 )
+from capd.providers.http import NO_KEY_HINT
 from capd.providers.openai import OpenAIProvider
 from protocol.events import ToolCall, Usage
 from protocol.manifest import ModelConfig
@@ -386,9 +387,11 @@ async def test_http_errors(
     assert error.retryable is retryable
     assert error.status == status
     assert error.retry_after_s is None
+    # A refusal for want of a key, when capd sent none, says how to send one.
+    hint = f"; {NO_KEY_HINT}" if status == 401 else ""
     assert error.message == (
         f"openai: HTTP {status} from {server.base_url}/chat/completions: "
-        "Something specific went wrong"
+        f"Something specific went wrong{hint}"
     )
 
 
