@@ -56,6 +56,10 @@ ABANDON_TIMEOUT_S = 3.0
 close and SHUTDOWN_GRACE_S, shutdown stays inside the unit's TimeoutStopSec=30."""
 
 
+class CannotRestore(Exception):
+    """A stored pod could not be brought up; it stays down, its reason in `list`."""
+
+
 @dataclass(eq=False)
 class _RunningPod:
     controller: PodController
@@ -95,7 +99,7 @@ class Supervisor:
 
     async def restore(self, record: PodRecord) -> None:
         """Bring a stored pod back up; one that cannot be is marked broken and left down."""
-        with contextlib.suppress(ProtocolError):
+        with contextlib.suppress(CannotRestore):
             await self._bring_up_record(record)
 
     def refuse_new_work(self) -> None:
@@ -244,7 +248,10 @@ class Supervisor:
         if name not in self.pods:
             self._check_room()
         if name not in self.pods:
-            await self._bring_up_record(record)
+            try:
+                await self._bring_up_record(record)
+            except CannotRestore as exc:
+                raise ProtocolError("internal", str(exc)) from None
             self.registry.set_stopped(name, False)
             self._publish(PodSpawned(pod=name, socket=socket, parent=record.parent))
         return SpawnResult(name=name, socket=socket)
@@ -301,7 +308,7 @@ class Supervisor:
             reason = f"cannot be restored: {type(exc).__name__}: {_first_line(exc)}"
             log.error("pod %s %s", record.name, reason, exc_info=exc)
             self._broken[record.name] = reason
-            raise ProtocolError("internal", f"pod {record.name} {reason}") from None
+            raise CannotRestore(f"pod {record.name} {reason}") from None
         self._broken.pop(record.name, None)
         return running
 
