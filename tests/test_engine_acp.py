@@ -1,5 +1,5 @@
 """The acp engine, through a real capd and an ACP agent built on the official SDK
-(tests/acp_agent.py), each a real subprocess."""
+(tests/fakes/acp_agent.py), each a real subprocess."""
 
 import asyncio
 import os
@@ -29,7 +29,7 @@ from tests.helpers import (
     wait_for,
 )
 
-ACP_AGENT = Path(__file__).with_name("acp_agent.py")
+ACP_AGENT = Path(__file__).parent / "fakes" / "acp_agent.py"
 pytestmark = pytest.mark.shared_capd
 
 

@@ -1,6 +1,6 @@
 """Optional: the acp engine driving real ACP agents from npm, each against a local model
-server: Zed's claude-agent-acp (Claude Code as an ACP agent) on tests/anthropic_server.py,
-and opencode (`opencode acp`) on tests/openai_server.py.
+server: Zed's claude-agent-acp (Claude Code as an ACP agent) on tests/fakes/anthropic_server.py,
+and opencode (`opencode acp`) on tests/fakes/openai_server.py.
 
 Each agent runs only when its variable names its executable (CAPD_REAL_CLAUDE_ACP,
 CAPD_REAL_OPENCODE); `bash tests/real_acp/install-npm.sh` installs the pinned versions and
@@ -22,8 +22,9 @@ from typing import Any
 import pytest
 
 from capd.engines.process import CONTINUE_PROMPT
-from tests import anthropic_server, openai_server
 from tests.conftest import CapdProcess
+from tests.fakes import anthropic_server, openai_server
+from tests.fakes.sse_server import HeldReply, SseTestServer
 from tests.helpers import (
     connect_pod,
     daemon_request,
@@ -36,7 +37,6 @@ from tests.helpers import (
     until,
     wait_for,
 )
-from tests.sse_server import HeldReply, SseTestServer
 
 MODEL = "test-model"
 SMALL_MODEL = "small-model"

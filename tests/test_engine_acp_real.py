@@ -1,5 +1,5 @@
 """Optional: the acp engine driving a real ACP agent from PyPI, Mistral Vibe's `vibe-acp`,
-whose model is the local OpenAI-compatible test server (tests/openai_server.py).
+whose model is the local OpenAI-compatible test server (tests/fakes/openai_server.py).
 
 Skipped unless CAPD_REAL_ACP_AGENT names the `vibe-acp` executable; install the pinned
 version with `bash tests/real_acp/install.sh`, which prints the line to export. The agent
@@ -19,6 +19,8 @@ import pytest
 
 from capd.engines.process import CONTINUE_PROMPT
 from tests.conftest import CapdProcess
+from tests.fakes.openai_server import FunctionCall, OpenAITestServer, TextReply, ToolCallsReply
+from tests.fakes.sse_server import HeldReply
 from tests.helpers import (
     connect_pod,
     daemon_request,
@@ -32,8 +34,6 @@ from tests.helpers import (
     until,
     wait_for,
 )
-from tests.openai_server import FunctionCall, OpenAITestServer, TextReply, ToolCallsReply
-from tests.sse_server import HeldReply
 
 AGENT = os.environ.get("CAPD_REAL_ACP_AGENT", "")
 pytestmark = pytest.mark.skipif(

@@ -1,4 +1,4 @@
-"""The claude-code engine, through a real capd and the stand-in `claude` (tests/fake_claude.py)."""
+"""The claude-code engine, through a real capd and the stand-in `claude` (tests/fakes/claude.py)."""
 
 import asyncio
 import sys
@@ -11,7 +11,7 @@ from capd.context import INTERRUPTED_TOOL_OUTPUT
 from capd.engines.process import CONTINUE_PROMPT
 from protocol.errors import ProtocolError
 from tests.conftest import CapdProcess
-from tests.fake_claude import TOOL_STOPPED
+from tests.fakes.claude import TOOL_STOPPED
 from tests.helpers import (
     connect_pod,
     daemon_request,
@@ -29,7 +29,7 @@ from tests.helpers import (
 )
 from tests.test_capctl import capctl, ok
 
-FAKE_CLAUDE = Path(__file__).with_name("fake_claude.py")
+FAKE_CLAUDE = Path(__file__).parent / "fakes" / "claude.py"
 pytestmark = pytest.mark.shared_capd
 
 
@@ -396,7 +396,7 @@ async def test_steps_count_the_usage_the_api_reported_at_their_end(
         await run_turn(pod, "tool:echo counted")
         history = await full_history(pod)
     tool_step, text_step = [e for e in history if e["event"] == "assistant_message"]
-    # fake_claude: a tool_use message ends with output_tokens 20; a text one with 3 a chunk.
+    # The stand-in claude: a tool_use message ends with output_tokens 20; a text one with 3 a chunk.
     assert tool_step["usage"] == {"input_tokens": 10, "output_tokens": 20}
     assert text_step["usage"] == {"input_tokens": 20, "output_tokens": 3}
 

@@ -1,5 +1,5 @@
 """Optional: the claude-code engine driving the real Claude Code CLI from npm, whose model
-is the local Anthropic test server (tests/anthropic_server.py) with scripted replies.
+is the local Anthropic test server (tests/fakes/anthropic_server.py) with scripted replies.
 
 Skipped unless CAPD_REAL_CLAUDE names the `claude` executable; install the pinned version
 with `bash tests/real_claude/install.sh`, which prints the line to export. Each pod's CLI
@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from capd.engines.process import CONTINUE_PROMPT
-from tests.anthropic_server import AnthropicTestServer, TextReply, ToolUse, ToolUseReply
 from tests.conftest import CapdProcess
+from tests.fakes.anthropic_server import AnthropicTestServer, TextReply, ToolUse, ToolUseReply
 from tests.helpers import (
     connect_pod,
     daemon_request,
