@@ -2,7 +2,6 @@
 built-in tool in-process."""
 
 import asyncio
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -142,11 +141,6 @@ def group_alive(pgid: int) -> bool:
     return True
 
 
-def json_lines(path: Path) -> list[dict[str, Any]]:
-    """A JSON-lines log a test engine writes; empty until it exists."""
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
 async def run_turn(pod: Client, text: str) -> tuple[Event, list[Event]]:
     """`run` a turn and wait for its turn_end; the turn_end and every event seen."""
     await pod.request({"method": "run", "text": text})
@@ -164,11 +158,6 @@ async def resume_turn(pod: Client) -> tuple[Event, list[Event]]:
     """`resume` the paused turn and wait for its turn_end; the turn_end and every event seen."""
     await pod.request({"method": "resume"})
     return await wait_for(pod, is_event("turn_end"))
-
-
-def engine_starts(state: Path) -> list[dict[str, Any]]:
-    """Each start of a stand-in engine, as it logged it (argv, pid, pgid, cwd)."""
-    return [entry for entry in json_lines(state / "log.jsonl") if "argv" in entry]
 
 
 async def run_tool(name: str, arguments: dict[str, Any], ctx: ToolContext) -> ToolOutcome:

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from capd.providers.base import CONTINUE_CUT_TEXT, CONTINUE_TEXT
-from tests.anthropic_server import (
+from tests.conftest import CapdProcess
+from tests.fakes.anthropic_server import (
     AnthropicTestServer,
     ErrorReply,
     StreamErrorReply,
@@ -15,7 +16,6 @@ from tests.anthropic_server import (
     ToolUse,
     ToolUseReply,
 )
-from tests.conftest import CapdProcess
 from tests.helpers import (
     connect_pod,
     is_event,

@@ -8,6 +8,16 @@ import pytest
 from capd.providers.base import CONTINUE_CUT_TEXT, CONTINUE_TEXT
 from protocol.errors import ProtocolError
 from tests.conftest import CapdProcess
+from tests.fakes.openai_flavors import LLAMA_CPP_PYTHON, LLAMA_SERVER
+from tests.fakes.openai_server import (
+    ErrorReply,
+    FunctionCall,
+    OpenAITestServer,
+    OverflowReply,
+    TextReply,
+    ToolCallsReply,
+    validation_errors,
+)
 from tests.helpers import (
     connect_pod,
     is_event,
@@ -16,16 +26,6 @@ from tests.helpers import (
     resume_turn,
     spawn,
     wait_for,
-)
-from tests.openai_flavors import LLAMA_CPP_PYTHON, LLAMA_SERVER
-from tests.openai_server import (
-    ErrorReply,
-    FunctionCall,
-    OpenAITestServer,
-    OverflowReply,
-    TextReply,
-    ToolCallsReply,
-    validation_errors,
 )
 
 pytestmark = pytest.mark.shared_capd

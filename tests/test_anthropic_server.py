@@ -1,4 +1,4 @@
-"""The Anthropic stand-in (tests/anthropic_server.py) takes what the real Claude Code CLI
+"""The Anthropic stand-in (tests/fakes/anthropic_server.py) takes what the real Claude Code CLI
 sends and fails the way the real API fails. The requests below are the shapes Claude Code
 2.1.332 sent it, cut down by hand (texts shortened, tools reduced to one)."""
 
@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.anthropic_server import AnthropicTestServer, TextReply, ToolUse, ToolUseReply
+from tests.fakes.anthropic_server import AnthropicTestServer, TextReply, ToolUse, ToolUseReply
 
 HEADERS = {
     "anthropic-version": "2023-06-01",

@@ -12,11 +12,11 @@ import pytest
 from capd.providers import anthropic, openai
 from capd.providers.http import key_variable
 from protocol.manifest import ModelConfig
-from tests.anthropic_server import AnthropicTestServer
 from tests.conftest import CapdProcess
+from tests.fakes.anthropic_server import AnthropicTestServer
+from tests.fakes.openai_server import ErrorReply, OpenAITestServer
+from tests.fakes.sse_server import SseTestServer
 from tests.helpers import connect_pod, run_turn, spawn
-from tests.openai_server import ErrorReply, OpenAITestServer
-from tests.sse_server import SseTestServer
 
 NAMED = "CAPD_TEST_NAMED_KEY"
 ENV = {"OPENAI_API_KEY": "sk-usual-openai", "ANTHROPIC_API_KEY": "sk-usual-anthropic"}

@@ -19,6 +19,14 @@ import pytest
 from protocol.client import Client
 from protocol.errors import ProtocolError
 from tests.conftest import CapdProcess
+from tests.fakes.openai_server import (
+    FunctionCall,
+    OpenAITestServer,
+    TextReply,
+    ToolCallsReply,
+)
+from tests.fakes.parent_socket import ParentSocket
+from tests.fakes.sse_server import HeldReply
 from tests.helpers import (
     Event,
     connect_pod,
@@ -30,14 +38,6 @@ from tests.helpers import (
     spawn,
     wait_for,
 )
-from tests.openai_server import (
-    FunctionCall,
-    OpenAITestServer,
-    TextReply,
-    ToolCallsReply,
-)
-from tests.parent_socket import ParentSocket
-from tests.sse_server import HeldReply
 
 POD_TOOLS = ["spawn_pod", "send_to_pod", "read_pod_output", "stop_pod", "list_pods"]
 pytestmark = pytest.mark.shared_capd

@@ -1,5 +1,5 @@
 """The acp engine, through a real capd and an ACP agent built on the official SDK
-(tests/acp_agent.py), each a real subprocess."""
+(tests/fakes/acp_agent.py), each a real subprocess."""
 
 import asyncio
 import os
@@ -13,14 +13,13 @@ import pytest
 from capd.engines.process import CONTINUE_PROMPT
 from protocol.errors import ProtocolError
 from tests.conftest import CapdProcess
+from tests.engine_scaffold import STAND_IN_ACP_AGENT, engine_starts, spawn_on_engine, stand_in_log
 from tests.helpers import (
     connect_pod,
     daemon_request,
-    engine_starts,
     full_history,
     group_alive,
     is_event,
-    json_lines,
     kinds,
     pause_turn,
     resume_turn,
@@ -29,23 +28,18 @@ from tests.helpers import (
     wait_for,
 )
 
-ACP_AGENT = Path(__file__).with_name("acp_agent.py")
 pytestmark = pytest.mark.shared_capd
 
 
-async def _spawn(capd: CapdProcess, name: str, state: Path, **manifest: Any) -> None:
-    engine = {
-        "kind": "acp",
-        "command": [sys.executable, str(ACP_AGENT)],
-        "env": {"FAKE_ACP_DIR": str(state)},
-        "permission": manifest.pop("permission", "deny"),
-    }
-    request = {"method": "spawn", "manifest": {"name": name, "engine": engine, **manifest}}
-    await daemon_request(capd, request)
+async def _spawn(
+    capd: CapdProcess, name: str, state: Path, permission: str = "deny", **manifest: Any
+) -> None:
+    engine = STAND_IN_ACP_AGENT.engine(state, permission=permission)
+    await spawn_on_engine(capd, name, engine, **manifest)
 
 
 def _calls(state: Path, call: str) -> list[dict[str, Any]]:
-    return [entry for entry in json_lines(state / "log.jsonl") if entry.get("call") == call]
+    return [entry for entry in stand_in_log(state) if entry.get("call") == call]
 
 
 def _prompts(state: Path) -> list[str]:

@@ -1,6 +1,6 @@
 """Optional: the acp engine driving real ACP agents from npm, each against a local model
-server: Zed's claude-agent-acp (Claude Code as an ACP agent) on tests/anthropic_server.py,
-and opencode (`opencode acp`) on tests/openai_server.py.
+server: Zed's claude-agent-acp (Claude Code as an ACP agent) on tests/fakes/anthropic_server.py,
+and opencode (`opencode acp`) on tests/fakes/openai_server.py.
 
 Each agent runs only when its variable names its executable (CAPD_REAL_CLAUDE_ACP,
 CAPD_REAL_OPENCODE); `bash tests/real_acp/install-npm.sh` installs the pinned versions and
@@ -22,8 +22,10 @@ from typing import Any
 import pytest
 
 from capd.engines.process import CONTINUE_PROMPT
-from tests import anthropic_server, openai_server
 from tests.conftest import CapdProcess
+from tests.engine_scaffold import claude_code_env, groups_with_env, spawn_on_engine, user_texts
+from tests.fakes import anthropic_server, openai_server
+from tests.fakes.sse_server import HeldReply, SseTestServer
 from tests.helpers import (
     connect_pod,
     daemon_request,
@@ -36,7 +38,6 @@ from tests.helpers import (
     until,
     wait_for,
 )
-from tests.sse_server import HeldReply, SseTestServer
 
 MODEL = "test-model"
 SMALL_MODEL = "small-model"
@@ -62,7 +63,6 @@ class Agent:
         """The engine's environment: everything in `home`, the model at `base_url`.
         `ask`: opencode asks before running bash (Claude Code always does)."""
         home.mkdir()
-        common = {"HOME": str(home), MARKER: str(home)}
         if self.api == "anthropic":
             # Manual approval (ACP permission requests) rather than the `auto` mode, whose
             # classifier calls the model and which warns about a non-Anthropic base URL.
@@ -71,19 +71,13 @@ class Agent:
             settings = {"permissions": {"defaultMode": "default"}}
             (claude_dir / "settings.json").write_text(json.dumps(settings))
             return {
-                **common,
-                "CLAUDE_CONFIG_DIR": str(claude_dir),
-                "ANTHROPIC_BASE_URL": base_url,
-                "ANTHROPIC_API_KEY": API_KEY,
+                MARKER: str(home),
+                **claude_code_env(home, claude_dir, base_url, API_KEY),
                 # claude-agent-acp picks the `default` model, which is Sonnet's alias.
                 "ANTHROPIC_MODEL": MODEL,
                 "ANTHROPIC_DEFAULT_SONNET_MODEL": MODEL,
                 "ANTHROPIC_DEFAULT_OPUS_MODEL": MODEL,
                 "ANTHROPIC_DEFAULT_HAIKU_MODEL": SMALL_MODEL,
-                "DISABLE_TELEMETRY": "1",
-                "DISABLE_ERROR_REPORTING": "1",
-                "DISABLE_AUTOUPDATER": "1",
-                "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
                 # claude-agent-acp passes --allow-dangerously-skip-permissions, which the
                 # CLI refuses as root (CI runs as root) unless it is told it is sandboxed.
                 "IS_SANDBOX": "1",
@@ -103,7 +97,8 @@ class Agent:
             "share": "disabled",
         }
         return {
-            **common,
+            "HOME": str(home),
+            MARKER: str(home),
             **{f"XDG_{kind}_HOME": str(home / kind.lower()) for kind in XDG_KINDS},
             "OPENCODE_CONFIG_CONTENT": json.dumps(config),
             "OPENCODE_DISABLE_MODELS_FETCH": "1",
@@ -178,39 +173,8 @@ async def _spawn(
         "env": agent.env(tmp_path / "home", server.base_url, ask),
         "permission": permission,
     }
-    manifest = {"name": "ag", "cwd": str(cwd), "engine": engine}
-    await daemon_request(capd, {"method": "spawn", "manifest": manifest})
+    await spawn_on_engine(capd, "ag", engine, cwd=str(cwd))
     return cwd
-
-
-def _agent_groups(home: Path) -> set[int]:
-    """The process groups of the agent processes started with this home."""
-    groups = set()
-    marker = f"{MARKER}={home}".encode()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if marker in (proc / "environ").read_bytes().split(b"\0"):
-                groups.add(os.getpgid(int(proc.name)))
-        except OSError:
-            continue
-    return groups
-
-
-def _user_texts(request: dict[str, Any]) -> list[str]:
-    """The texts of a request's user messages (chat completions or Messages API)."""
-    texts = []
-    for message in request["messages"]:
-        content = message.get("content")
-        if message.get("role") != "user":
-            continue
-        if isinstance(content, str):
-            texts.append(content)
-        elif isinstance(content, list):
-            blocks = [b for b in content if isinstance(b, dict) and b.get("type") == "text"]
-            texts.append("".join(str(b.get("text", "")) for b in blocks))
-    return texts
 
 
 def _words(event: dict[str, Any]) -> bool:
@@ -219,7 +183,7 @@ def _words(event: dict[str, Any]) -> bool:
 
 
 def _said(requests: list[dict[str, Any]], text: str) -> bool:
-    return any(text in said for request in requests for said in _user_texts(request))
+    return any(text in said for request in requests for said in user_texts(request))
 
 
 async def _tool_turn(
@@ -406,11 +370,11 @@ async def test_an_agent_killed_mid_turn_is_restarted_and_finishes_the_turn(
     async with await connect_pod(capd, "ag") as pod:
         await pod.request({"method": "run", "text": "do the thing"})
         await server.wait_requests(1, timeout=TURN_TIMEOUT_S, model=MODEL)
-        (group,) = _agent_groups(home)
+        (group,) = groups_with_env(MARKER, str(home))
         os.killpg(group, signal.SIGKILL)
         end, _ = await wait_for(pod, is_event("turn_end"), TURN_TIMEOUT_S)
         history = await full_history(pod)
-        (restarted,) = _agent_groups(home)
+        (restarted,) = groups_with_env(MARKER, str(home))
         await daemon_request(capd, {"method": "delete", "name": "ag"})
         await until(lambda: not group_alive(restarted))
     never.set()

@@ -1,5 +1,5 @@
 """Optional: the acp engine driving a real ACP agent from PyPI, Mistral Vibe's `vibe-acp`,
-whose model is the local OpenAI-compatible test server (tests/openai_server.py).
+whose model is the local OpenAI-compatible test server (tests/fakes/openai_server.py).
 
 Skipped unless CAPD_REAL_ACP_AGENT names the `vibe-acp` executable; install the pinned
 version with `bash tests/real_acp/install.sh`, which prints the line to export. The agent
@@ -19,6 +19,9 @@ import pytest
 
 from capd.engines.process import CONTINUE_PROMPT
 from tests.conftest import CapdProcess
+from tests.engine_scaffold import groups_with_env, spawn_on_engine, user_texts
+from tests.fakes.openai_server import FunctionCall, OpenAITestServer, TextReply, ToolCallsReply
+from tests.fakes.sse_server import HeldReply
 from tests.helpers import (
     connect_pod,
     daemon_request,
@@ -32,8 +35,6 @@ from tests.helpers import (
     until,
     wait_for,
 )
-from tests.openai_server import FunctionCall, OpenAITestServer, TextReply, ToolCallsReply
-from tests.sse_server import HeldReply
 
 AGENT = os.environ.get("CAPD_REAL_ACP_AGENT", "")
 pytestmark = pytest.mark.skipif(
@@ -90,42 +91,12 @@ async def _spawn(
         "env": _vibe_home(tmp_path / "vibe-home", server.base_url),
         "permission": permission,
     }
-    manifest = {"name": "vibe", "cwd": str(cwd), "engine": engine}
-    await daemon_request(capd, {"method": "spawn", "manifest": manifest})
+    await spawn_on_engine(capd, "vibe", engine, cwd=str(cwd))
     return cwd
-
-
-def _agent_groups(vibe_home: Path) -> set[int]:
-    """The process groups of the agent processes started with this VIBE_HOME."""
-    groups = set()
-    marker = f"VIBE_HOME={vibe_home}".encode()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if marker in (proc / "environ").read_bytes().split(b"\0"):
-                groups.add(os.getpgid(int(proc.name)))
-        except OSError:
-            continue
-    return groups
 
 
 def _text(events: list[dict[str, Any]], kind: str = "text_delta") -> str:
     return "".join(e["text"] for e in events if e["event"] == kind)
-
-
-def _user_texts(request: dict[str, Any]) -> list[str]:
-    """The user messages' texts in a chat completions request."""
-    texts = []
-    for message in request["messages"]:
-        if message["role"] != "user":
-            continue
-        content = message["content"]
-        if isinstance(content, str):
-            texts.append(content)
-        else:
-            texts.append("".join(part.get("text", "") for part in content))
-    return texts
 
 
 async def _tool_turn(
@@ -157,7 +128,7 @@ async def test_a_turn_streams_the_models_reply(
     (request,) = server.requests
     assert request["model"] == MODEL
     assert request["stream"] is True
-    assert _user_texts(request)[-1] == "say hello"
+    assert user_texts(request)[-1] == "say hello"
     assert server.headers[0]["authorization"] == f"Bearer {API_KEY}"
 
 
@@ -236,7 +207,7 @@ async def test_cancel_mid_stream_ends_the_turn_and_the_agent_takes_the_next(
     assert partial["text"].startswith("word ")
     assert len(partial["text"]) < len("word ") * 200
     assert (end["result"], end["output"]) == ("finished", "Next one.")
-    assert _user_texts(server.requests[-1])[-1] == "and now?"
+    assert user_texts(server.requests[-1])[-1] == "and now?"
 
 
 async def test_pause_mid_stream_and_resume_continues_the_turn(
@@ -253,7 +224,7 @@ async def test_pause_mid_stream_and_resume_continues_the_turn(
     partial = next(e for e in seen if e["event"] == "assistant_message")
     assert partial["interrupted"] is True
     assert (end["result"], end["output"]) == ("finished", partial["text"] + " and done.")
-    assert _user_texts(server.requests[-1])[-1] == CONTINUE_PROMPT
+    assert user_texts(server.requests[-1])[-1] == CONTINUE_PROMPT
 
 
 async def test_a_restarted_capd_loads_the_agents_session(
@@ -273,7 +244,7 @@ async def test_a_restarted_capd_loads_the_agents_session(
     assert (end["result"], end["output"]) == ("finished", "It was kumquat.")
     # session/load gave the new agent process the first turn's conversation.
     second = server.requests[1]
-    assert _user_texts(second)[-2:] == ["remember a word", "which word?"]
+    assert user_texts(second)[-2:] == ["remember a word", "which word?"]
     assistant = [m.get("content") for m in second["messages"] if m["role"] == "assistant"]
     assert "The word is kumquat." in str(assistant)
     assert sum(e["event"] == "engine_session" for e in history) == 1
@@ -289,16 +260,16 @@ async def test_an_agent_killed_mid_turn_is_restarted_and_finishes_the_turn(
     async with await connect_pod(capd, "vibe") as pod:
         await pod.request({"method": "run", "text": "do the thing"})
         await server.wait_requests(1, timeout=STARTUP_TIMEOUT_S)
-        (group,) = _agent_groups(vibe_home)
+        (group,) = groups_with_env("VIBE_HOME", str(vibe_home))
         os.killpg(group, signal.SIGKILL)
         end, _ = await wait_for(pod, is_event("turn_end"), STARTUP_TIMEOUT_S)
         history = await full_history(pod)
-        (restarted,) = _agent_groups(vibe_home)
+        (restarted,) = groups_with_env("VIBE_HOME", str(vibe_home))
         await daemon_request(capd, {"method": "delete", "name": "vibe"})
         await until(lambda: not group_alive(restarted))
     never.set()
     assert (end["result"], end["output"]) == ("finished", "After the restart.")
     # The restarted agent loaded its session, which has the user's request.
-    assert _user_texts(server.requests[1])[0] == "do the thing"
+    assert user_texts(server.requests[1])[0] == "do the thing"
     assert sum(e["event"] == "engine_session" for e in history) == 1
     assert restarted != group

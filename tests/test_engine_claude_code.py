@@ -1,7 +1,6 @@
-"""The claude-code engine, through a real capd and the stand-in `claude` (tests/fake_claude.py)."""
+"""The claude-code engine, through a real capd and the stand-in `claude` (tests/fakes/claude.py)."""
 
 import asyncio
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,15 +10,14 @@ from capd.context import INTERRUPTED_TOOL_OUTPUT
 from capd.engines.process import CONTINUE_PROMPT
 from protocol.errors import ProtocolError
 from tests.conftest import CapdProcess
-from tests.fake_claude import TOOL_STOPPED
+from tests.engine_scaffold import STAND_IN_CLAUDE, engine_starts, spawn_on_engine, stand_in_log
+from tests.fakes.claude import TOOL_STOPPED
 from tests.helpers import (
     connect_pod,
     daemon_request,
-    engine_starts,
     full_history,
     group_alive,
     is_event,
-    json_lines,
     kinds,
     pause_turn,
     resume_turn,
@@ -29,17 +27,7 @@ from tests.helpers import (
 )
 from tests.test_capctl import capctl, ok
 
-FAKE_CLAUDE = Path(__file__).with_name("fake_claude.py")
 pytestmark = pytest.mark.shared_capd
-
-
-def _engine(state: Path, **extra: Any) -> dict[str, Any]:
-    return {
-        "kind": "claude-code",
-        "command": [sys.executable, str(FAKE_CLAUDE)],
-        "env": {"FAKE_CLAUDE_DIR": str(state)},
-        **extra,
-    }
 
 
 async def _spawn(
@@ -50,24 +38,14 @@ async def _spawn(
     engine_extra: dict[str, Any] | None = None,
     **manifest: Any,
 ) -> None:
-    engine = _engine(state, **(engine_extra or {}))
-    request: dict[str, Any] = {
-        "method": "spawn",
-        "manifest": {"name": name, "engine": engine, **manifest},
-    }
-    if parent is not None:
-        request["parent"] = parent
-    await daemon_request(capd, request)
-
-
-def _log(state: Path) -> list[dict[str, Any]]:
-    return json_lines(state / "log.jsonl")
+    engine = STAND_IN_CLAUDE.engine(state, **(engine_extra or {}))
+    await spawn_on_engine(capd, name, engine, parent, **manifest)
 
 
 def _prompts(state: Path) -> list[str]:
     return [
         entry["read"]["message"]["content"]
-        for entry in _log(state)
+        for entry in stand_in_log(state)
         if entry.get("read", {}).get("type") == "user"
     ]
 
@@ -75,7 +53,7 @@ def _prompts(state: Path) -> list[str]:
 def _interrupts(state: Path) -> list[dict[str, Any]]:
     return [
         entry["read"]
-        for entry in _log(state)
+        for entry in stand_in_log(state)
         if entry.get("read", {}).get("type") == "control_request"
     ]
 
@@ -396,7 +374,7 @@ async def test_steps_count_the_usage_the_api_reported_at_their_end(
         await run_turn(pod, "tool:echo counted")
         history = await full_history(pod)
     tool_step, text_step = [e for e in history if e["event"] == "assistant_message"]
-    # fake_claude: a tool_use message ends with output_tokens 20; a text one with 3 a chunk.
+    # The stand-in claude: a tool_use message ends with output_tokens 20; a text one with 3 a chunk.
     assert tool_step["usage"] == {"input_tokens": 10, "output_tokens": 20}
     assert text_step["usage"] == {"input_tokens": 20, "output_tokens": 3}
 

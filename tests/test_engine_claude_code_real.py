@@ -1,5 +1,5 @@
 """Optional: the claude-code engine driving the real Claude Code CLI from npm, whose model
-is the local Anthropic test server (tests/anthropic_server.py) with scripted replies.
+is the local Anthropic test server (tests/fakes/anthropic_server.py) with scripted replies.
 
 Skipped unless CAPD_REAL_CLAUDE names the `claude` executable; install the pinned version
 with `bash tests/real_claude/install.sh`, which prints the line to export. Each pod's CLI
@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 
 from capd.engines.process import CONTINUE_PROMPT
-from tests.anthropic_server import AnthropicTestServer, TextReply, ToolUse, ToolUseReply
 from tests.conftest import CapdProcess
+from tests.engine_scaffold import claude_code_env, spawn_on_engine
+from tests.fakes.anthropic_server import AnthropicTestServer, TextReply, ToolUse, ToolUseReply
 from tests.helpers import (
     connect_pod,
-    daemon_request,
     full_history,
     is_event,
     kinds,
@@ -48,34 +48,19 @@ async def server() -> AsyncIterator[AnthropicTestServer]:
         yield srv
 
 
-def _env(tmp_path: Path, base_url: str) -> dict[str, str]:
-    home = tmp_path / "home"
-    home.mkdir()
-    return {
-        "HOME": str(home),
-        "CLAUDE_CONFIG_DIR": str(tmp_path / "claude-config"),
-        "ANTHROPIC_BASE_URL": base_url,
-        "ANTHROPIC_API_KEY": API_KEY,
-        # Telemetry, error reports, update checks and other calls to Anthropic's servers.
-        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
-        "DISABLE_AUTOUPDATER": "1",
-        "DISABLE_TELEMETRY": "1",
-        "DISABLE_ERROR_REPORTING": "1",
-    }
-
-
 async def _spawn(capd: CapdProcess, server: AnthropicTestServer, tmp_path: Path) -> Path:
     """A claude-code pod on the real CLI, allowed to run Bash; returns its cwd."""
     cwd = tmp_path / "work"
     cwd.mkdir()
+    home = tmp_path / "home"
+    home.mkdir()
     engine = {
         "kind": "claude-code",
         "command": [CLAUDE],
         "args": ["--allowedTools", "Bash"],
-        "env": _env(tmp_path, server.base_url),
+        "env": claude_code_env(home, tmp_path / "claude-config", server.base_url, API_KEY),
     }
-    manifest = {"name": "cc", "cwd": str(cwd), "engine": engine}
-    await daemon_request(capd, {"method": "spawn", "manifest": manifest})
+    await spawn_on_engine(capd, "cc", engine, cwd=str(cwd))
     return cwd
 
 

@@ -24,6 +24,7 @@ from protocol.framing import within_bounds
 from protocol.manifest import Manifest
 from protocol.methods import Pause, PodEvent, Resume, Run
 from tests.conftest import CapdProcess
+from tests.fakes.openai_server import FunctionCall, OpenAITestServer, TextReply, ToolCallsReply
 from tests.helpers import (
     connect_pod,
     daemon_request,
@@ -33,7 +34,6 @@ from tests.helpers import (
     spawn,
     wait_for,
 )
-from tests.openai_server import FunctionCall, OpenAITestServer, TextReply, ToolCallsReply
 
 DEEP = b"[" * 300 + b"]" * 300
 """Nested deeper than orjson writes (about 254), though it reads it."""

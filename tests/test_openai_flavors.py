@@ -1,4 +1,4 @@
-"""The openai provider against each server flavor of tests/openai_flavors.py: streamed
+"""The openai provider against each server flavor of tests/fakes/openai_flavors.py: streamed
 text and reasoning, tool calls, usage, error bodies, errors inside the stream, overflow;
 and a tool loop of two calls through a real capd."""
 
@@ -22,9 +22,8 @@ from capd.providers.openai import OpenAIProvider
 from protocol.events import Usage
 from protocol.manifest import ModelConfig
 from tests.conftest import CapdProcess
-from tests.helpers import connect_pod, is_event, spawn, wait_for
-from tests.openai_flavors import FLAVORS, LLAMA_CPP_PYTHON, Flavor
-from tests.openai_server import (
+from tests.fakes.openai_flavors import FLAVORS, LLAMA_CPP_PYTHON, Flavor
+from tests.fakes.openai_server import (
     ErrorReply,
     FunctionCall,
     OpenAITestServer,
@@ -33,6 +32,7 @@ from tests.openai_server import (
     TextReply,
     ToolCallsReply,
 )
+from tests.helpers import connect_pod, is_event, spawn, wait_for
 
 TIMEOUT_S = 5.0
 HELLO = ModelRequest(system_prompt="", messages=[ChatMessage(role="user", text="hi")])

@@ -27,7 +27,7 @@ from capd.providers.base import (
 from capd.providers.http import NO_KEY_HINT
 from protocol.events import ThinkingBlock, ToolCall, Usage
 from protocol.manifest import ModelConfig
-from tests.anthropic_server import (
+from tests.fakes.anthropic_server import (
     AnthropicTestServer,
     DropReply,
     ErrorReply,

@@ -26,8 +26,8 @@ from capd.providers.http import NO_KEY_HINT
 from capd.providers.openai import OpenAIProvider
 from protocol.events import ToolCall, Usage
 from protocol.manifest import ModelConfig
-from tests.openai_flavors import LLAMA_CPP_PYTHON
-from tests.openai_server import (
+from tests.fakes.openai_flavors import LLAMA_CPP_PYTHON
+from tests.fakes.openai_server import (
     DropReply,
     ErrorReply,
     FunctionCall,

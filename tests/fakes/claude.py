@@ -2,7 +2,7 @@
 """A stand-in `claude` for tests: Claude Code's headless stream-json protocol, with the
 message shapes the real CLI (2.1.x) writes.
 
-Run as `fake_claude.py -p --input-format stream-json --output-format stream-json --verbose
+Run as `claude.py -p --input-format stream-json --output-format stream-json --verbose
 [--include-partial-messages] [--resume ID] ...`. Each user message starts a turn: a
 `system` init (the session id) and `status`, then what the prompt asks for, as
 `stream_event` partial messages, `assistant` messages (one per content block, sent before

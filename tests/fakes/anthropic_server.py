@@ -4,7 +4,7 @@
         server.enqueue(TextReply(["Hel", "lo"]), ToolUseReply([ToolUse("bash", {...})]))
         ...  # point a provider, or a capd subprocess, at server.base_url
 
-Each POST /v1/messages takes the next queued reply (see `tests/sse_server.py` for queues
+Each POST /v1/messages takes the next queued reply (see `tests/fakes/sse_server.py` for queues
 per model, held replies and framing); with none queued, a streamed text reply says
 "(no scripted reply)". Events are framed as the API frames them, `event: <type>` then
 `data: <json>`, and a stream is `message_start`, per content block `content_block_start`,
@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tests.sse_server import ErrorResponse, SseStream, SseTestServer, compact
+from tests.fakes.sse_server import ErrorResponse, SseStream, SseTestServer, compact
 
 MESSAGES_PATH = "/v1/messages"
 COUNT_TOKENS_PATH = "/v1/messages/count_tokens"

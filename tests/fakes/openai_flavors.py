@@ -1,6 +1,6 @@
 """How the OpenAI-compatible servers people run differ from api.openai.com on the wire.
 
-`tests/openai_server.py` shapes every reply by a Flavor. Each one below names where its
+`tests/fakes/openai_server.py` shapes every reply by a Flavor. Each one below names where its
 quirks come from: the server's source, or what its users captured from the real thing.
 Where a detail could not be looked up, the flavor keeps OpenAI's behaviour.
 """
@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from tests.sse_server import ErrorResponse, SseStream, compact
+from tests.fakes.sse_server import ErrorResponse, SseStream, compact
 
 UsagePolicy = Literal["requested", "always", "in_finish_chunk", "never"]
 """When a stream reports token usage: in a last chunk with no choices when the request
@@ -150,7 +150,7 @@ def _llama_cpp_python_overflow(overflow: Overflow) -> SseStream:
 LLAMA_CPP_PYTHON = Flavor(
     "llama-cpp-python",
     # errors.py: any exception → {"error": {message, type, param, code}}; FastAPI's own
-    # validation error too, as a 500 (see validation_errors in tests/openai_server.py).
+    # validation error too, as a 500 (see validation_errors in tests/fakes/openai_server.py).
     error_body=_openai_error,
     stream_error=_llama_cpp_python_cut,
     overflow=_llama_cpp_python_overflow,

@@ -4,10 +4,10 @@
         server.enqueue(TextReply(["Hel", "lo"]), ToolCallsReply([FunctionCall("bash", {...})]))
         ...  # point a provider, or a capd subprocess, at server.base_url
 
-Each POST /v1/chat/completions takes the next queued reply (see `tests/sse_server.py` for
+Each POST /v1/chat/completions takes the next queued reply (see `tests/fakes/sse_server.py` for
 queues per model, held replies and framing); with none queued, a streamed text reply says
 "(no scripted reply)". `OpenAITestServer(flavor)` shapes every answer like one of the
-servers people run (`tests/openai_flavors.py`): llama-cpp-python, llama-server, vLLM,
+servers people run (`tests/fakes/openai_flavors.py`): llama-cpp-python, llama-server, vLLM,
 Ollama, LM Studio, OpenRouter; the default is api.openai.com.
 """
 
@@ -19,8 +19,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tests.openai_flavors import DONE, OPENAI, Flavor, Overflow, sse
-from tests.sse_server import ErrorResponse, SseStream, SseTestServer, compact
+from tests.fakes.openai_flavors import DONE, OPENAI, Flavor, Overflow, sse
+from tests.fakes.sse_server import ErrorResponse, SseStream, SseTestServer, compact
 
 CHAT_PATH = "/v1/chat/completions"
 FALLBACK_TEXT = "(no scripted reply)"
