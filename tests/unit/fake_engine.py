@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from capd.engines.base import Turn, TurnHost, TurnOutcome
 from protocol.events import AssistantMessage, ToolCall, ToolResult, TurnResult
 
-WAIT_S = 2.0
+WAIT_S = 5.0
 """How long a test waits for something the pod is about to do."""
 
 Script = Callable[["Drive"], Awaitable[TurnOutcome]]
@@ -37,7 +37,8 @@ class Drive:
     """Set as `drive_turn` returns or raises."""
 
     def say(self, text: str, *calls: str, interrupted: bool = False) -> AssistantMessage:
-        """Emit an assistant_message; each of `calls` names a tool call `<name>-<n>`."""
+        """Emit an assistant_message asking for a tool call per name in `calls`, each with
+        the id `<name>-<its position>`."""
         tool_calls = [ToolCall(id=f"{name}-{i}", name=name) for i, name in enumerate(calls)]
         message = AssistantMessage(
             turn_id=self.turn.turn_id, text=text, tool_calls=tool_calls, interrupted=interrupted
