@@ -24,6 +24,7 @@ class _Writer:
 
     async def drain(self) -> None:
         self._outlet.on_drain()
+        await asyncio.sleep(0)  # a suspension point, as a real drain may be
 
     def is_closing(self) -> bool:
         return self._outlet.closing

@@ -84,6 +84,21 @@ async def test_replay_then_live_with_no_gap_and_no_duplicate(small_pages: None) 
     assert sub.last_durable == 10
 
 
+async def test_an_event_committed_as_the_last_page_is_written_is_replayed_too() -> None:
+    log, outlet = Log(3), FakeOutlet()
+    sub = log.hub.subscribe(outlet, 0)
+
+    def commit_one_more() -> None:  # the replay has written all it read
+        outlet.on_drain = lambda: None
+        log.append()
+
+    outlet.on_drain = commit_one_more
+    await flushed(outlet)
+    log.append()
+    assert sub.state is LIVE
+    assert (await flushed(outlet)).seqs() == [1, 2, 3, 4, 5]
+
+
 async def test_a_subscription_that_falls_behind_ends_lagged_with_where_to_resume() -> None:
     log, outlet = Log(), FakeOutlet(room=2 * FRAME_BYTES)
     sub = log.hub.subscribe(outlet, None)
