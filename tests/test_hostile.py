@@ -4,7 +4,6 @@ pod that met it goes on answering with no gap in its seq (issue 14's findings 1,
 import asyncio
 import signal
 import sqlite3
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ import pytest
 
 from capd.controller import PodController
 from capd.engines import make_engine
-from capd.engines.base import Engine, Turn, TurnHost, TurnOutcome
+from capd.engines.base import Engine, TurnOutcome
 from capd.outbox import Outbox
 from capd.store import Store
 from capd.tools.base import ToolContext
@@ -24,6 +23,7 @@ from protocol.framing import within_bounds
 from protocol.manifest import Manifest
 from protocol.methods import Pause, PodEvent, Resume, Run
 from tests.conftest import CapdProcess
+from tests.fakes.engine import Drive, FakeEngine
 from tests.fakes.openai_server import FunctionCall, OpenAITestServer, TextReply, ToolCallsReply
 from tests.helpers import (
     connect_pod,
@@ -152,23 +152,6 @@ def _pod_in_process(tmp_path: Path, engine: Engine | None = None) -> tuple[PodCo
     return pod, store
 
 
-class _StandInEngine:
-    """At the engine seam: each turn runs `turn`; `closed` once the pod let go of it."""
-
-    def __init__(self, turn: Callable[[], Awaitable[TurnOutcome]]) -> None:
-        self._turn = turn
-        self.closed = asyncio.Event()
-
-    async def drive_turn(self, host: TurnHost, turn: Turn) -> TurnOutcome:
-        return await self._turn()
-
-    def answer_permission(self, request_id: str, option_id: str | None) -> None:
-        raise ProtocolError("invalid_request", "no questions here")
-
-    async def aclose(self) -> None:
-        self.closed.set()
-
-
 def _stored(store: Store, kind: str) -> list[dict[str, Any]]:
     return [
         orjson.loads(data)
@@ -205,10 +188,10 @@ async def test_a_turn_task_cancelled_from_outside_ends_errored_and_the_pod_goes_
     """A CancelledError is no Exception: it once ended the actor silently, leaving the pod
     `running` for good and every later request refused."""
 
-    async def cancelled() -> TurnOutcome:
+    async def cancelled(_: Drive) -> TurnOutcome:
         raise asyncio.CancelledError
 
-    pod, store = _pod_in_process(tmp_path, _StandInEngine(cancelled))
+    pod, store = _pod_in_process(tmp_path, FakeEngine(cancelled))
     actor = asyncio.create_task(pod.run())
     async with asyncio.timeout(5):
         await pod.call(Run(text="go"))
@@ -231,7 +214,7 @@ async def test_an_actor_cancelled_mid_method_answers_it_and_lets_go_of_its_engin
     waiting on a turn that ignores cancellation) gets `shutting_down`, not silence."""
     release, interrupted = asyncio.Event(), asyncio.Event()
 
-    async def stubborn() -> TurnOutcome:
+    async def stubborn(_: Drive) -> TurnOutcome:
         while not release.is_set():
             try:
                 await release.wait()
@@ -239,7 +222,7 @@ async def test_an_actor_cancelled_mid_method_answers_it_and_lets_go_of_its_engin
                 interrupted.set()
         return TurnOutcome("finished", "")
 
-    engine = _StandInEngine(stubborn)
+    engine = FakeEngine(stubborn)
     pod, _ = _pod_in_process(tmp_path, engine)
     actor = asyncio.create_task(pod.run())
     async with asyncio.timeout(5):
@@ -263,11 +246,11 @@ async def test_a_turn_end_that_could_not_commit_commits_at_the_next_chance(
     the pod tries again with its next message instead of staying `running` for good."""
     finish = asyncio.Event()
 
-    async def waits() -> TurnOutcome:
+    async def waits(_: Drive) -> TurnOutcome:
         await finish.wait()
         return TurnOutcome("finished", "done")
 
-    pod, store = _pod_in_process(tmp_path, _StandInEngine(waits))
+    pod, store = _pod_in_process(tmp_path, FakeEngine(waits))
     store._db.execute("PRAGMA busy_timeout = 50")  # fail fast rather than after 5 s
     actor = asyncio.create_task(pod.run())
     other = sqlite3.connect(tmp_path / "capd.db", isolation_level=None)

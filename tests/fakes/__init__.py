@@ -16,4 +16,7 @@ skipped unless its variable names the real program, checks the same behaviour ag
 - `sse_server.py`, what the two model servers share.
 - `parent_socket.py`, a parent that is not a capd pod; its real counterpart is a capd
   pod's socket, which `tests/test_children.py` uses as a parent too.
+- `engine.py`, the one fake inside capd's own seams: an engine a test scripts, to drive a
+  pod's controller in process (`tests/unit/`, `tests/test_hostile.py`); the real engines
+  are tested black-box.
 """

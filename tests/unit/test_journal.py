@@ -1,0 +1,103 @@
+"""The journal: a durable event is committed, then takes its seq, then is broadcast as the
+bytes stored; the report it owes the parent commits with it."""
+
+import sqlite3
+
+import orjson
+import pytest
+
+from capd.journal import Journal
+from capd.store import Store
+from protocol.events import StatusChanged, TextDelta, TurnStart, UserMessage
+from protocol.reports import ShutDown
+from tests.unit.outlet import FakeOutlet, flushed
+from tests.unit.pods import PARENT, RecordingOutbox
+
+
+def _journal(store: Store, parent: str | None = None) -> tuple[Journal, RecordingOutbox]:
+    outbox = RecordingOutbox(store)
+    return Journal("p", parent, store, outbox), outbox
+
+
+async def test_subscribers_get_exactly_the_bytes_the_store_holds(store: Store) -> None:
+    journal, _ = _journal(store)
+    outlet = FakeOutlet()
+    journal.hub.subscribe(outlet, None)
+    event = StatusChanged(status="running", turn_id="t-1")
+    journal.emit(event, None)
+    assert (event.pod, event.seq, journal.last_seq) == ("p", 1, 1)
+    [(seq, stored)] = store.events_after("p", 0, 10)
+    assert seq == 1
+    assert (await flushed(outlet)).written == stored + b"\n"
+
+
+def test_events_emitted_together_take_consecutive_seqs_and_one_time(store: Store) -> None:
+    journal, _ = _journal(store)
+    journal.emit(StatusChanged(status="idle"), None)
+    events = [TurnStart(turn_id="t", invoke="run"), UserMessage(turn_id="t", text="hi")]
+    journal.emit_all(list(events), None)
+    assert [e.seq for e in events] == [2, 3]
+    assert events[0].ts == events[1].ts
+    assert journal.context.seqs == [3]
+
+
+async def test_an_event_that_cannot_commit_takes_no_seq_and_reaches_no_one(
+    store: Store,
+) -> None:
+    journal, _ = _journal(store)
+    outlet = FakeOutlet()
+    journal.hub.subscribe(outlet, None)
+    store.close()
+    with pytest.raises(sqlite3.ProgrammingError):
+        journal.emit(UserMessage(turn_id="t", text="lost"), None)
+    assert journal.last_seq == 0
+    assert journal.context.messages == []
+    assert (await flushed(outlet)).written == b""
+
+
+def test_a_report_commits_with_its_event_and_wakes_the_outbox(store: Store) -> None:
+    journal, outbox = _journal(store, PARENT)
+    report = ShutDown(pod="p", event_id="p/1")
+    journal.emit(StatusChanged(status="idle"), None, report=report)
+    [entry] = store.reports_for(PARENT, 10)
+    assert orjson.loads(entry.payload) == report.model_dump()
+    assert outbox.poked == [PARENT]
+
+
+def test_a_pod_without_a_parent_owes_no_report(store: Store) -> None:
+    journal, outbox = _journal(store)
+    journal.emit(StatusChanged(status="idle"), None, report=ShutDown(pod="p", event_id="p/1"))
+    assert store.report_targets() == []
+    assert outbox.poked == []
+    assert journal.shut_down_report() is None
+
+
+def test_an_event_commits_with_the_deletion_of_the_pending_rows_it_uses_up(
+    store: Store,
+) -> None:
+    journal, _ = _journal(store)
+    used, kept = (store.add_pending("p", "notify", t, source="s") for t in ("a", "b"))
+    journal.emit(UserMessage(turn_id="t", text="a"), None, consumed=[used])
+    assert [row.id for row in store.pending("p")] == [kept]
+
+
+async def test_ephemeral_events_reach_subscribers_without_a_seq(store: Store) -> None:
+    journal, _ = _journal(store)
+    journal.emit_ephemeral(TextDelta(turn_id="t", text="unseen"))  # nobody listens
+    outlet = FakeOutlet()
+    journal.hub.subscribe(outlet, None)
+    journal.emit_ephemeral(TextDelta(turn_id="t", text="seen"))
+    [frame] = (await flushed(outlet)).frames()
+    assert (frame["event"], frame["pod"], frame["text"]) == ("text_delta", "p", "seen")
+    assert "seq" not in frame
+    assert journal.last_seq == 0
+    assert store.events_after("p", 0, 10) == []
+
+
+def test_history_pages_the_stored_events(store: Store) -> None:
+    journal, _ = _journal(store)
+    for status in ("running", "paused", "running", "idle"):
+        journal.emit(StatusChanged(status=status), None)
+    page = journal.history(1, 2)
+    assert [e["seq"] for e in page.events] == [2, 3]
+    assert page.last_seq == 4

@@ -1,0 +1,115 @@
+"""The SQLite store: events, owed reports, pending work and read cursors round trip, and
+what must commit together commits together."""
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from capd.store import OwedReport, PodRecord, Store, StoredEvent
+
+
+def _events(first: int, count: int, kind: str = "status") -> list[StoredEvent]:
+    return [(seq, 1.0, kind, b'{"seq":%d}' % seq) for seq in range(first, first + count)]
+
+
+def test_events_page_in_seq_order_per_pod(store: Store) -> None:
+    store.append("p", _events(1, 5))
+    store.append("q", _events(1, 2))
+    assert [seq for seq, _ in store.events_after("p", 1, 3)] == [2, 3, 4]
+    assert store.events_after("p", 5, 10) == []
+    assert store.events_after("q", 0, 10) == [(1, b'{"seq":1}'), (2, b'{"seq":2}')]
+
+
+def test_events_of_one_kind(store: Store) -> None:
+    store.append("p", _events(1, 2) + _events(3, 2, "turn_end") + _events(5, 1))
+    assert [seq for seq, _ in store.events_of_kind_after("p", 3, "turn_end")] == [4]
+
+
+def test_an_append_commits_its_report_and_uses_up_its_pending_rows(store: Store) -> None:
+    row = store.add_pending("p", "run", "go", turn_id="t-1")
+    store.append("p", _events(1, 2), OwedReport("/parent", b'{"kind":"x"}'), [row])
+    [entry] = store.reports_for("/parent", 10)
+    assert (entry.pod, entry.payload) == ("p", b'{"kind":"x"}')
+    assert store.pending("p") == []
+
+
+def test_an_append_that_fails_keeps_its_report_and_pending_rows_out(store: Store) -> None:
+    store.append("p", _events(1, 1))
+    row = store.add_pending("p", "run", "go", turn_id="t-1")
+    with pytest.raises(sqlite3.IntegrityError):  # seq 1 again
+        store.append("p", _events(1, 2), OwedReport("/parent", b"{}"), [row])
+    assert len(store.events_after("p", 0, 10)) == 1
+    assert store.report_targets() == []
+    assert [r.id for r in store.pending("p")] == [row]
+
+
+def test_pending_rows_round_trip_oldest_first(store: Store) -> None:
+    run = store.add_pending("p", "run", "go", turn_id="t-1")
+    note = store.add_pending("p", "notify", "hi", source="ci")
+    store.add_pending("q", "notify", "elsewhere", source="ci")
+    rows = store.pending("p")
+    assert [(r.id, r.kind, r.turn_id, r.source, r.text) for r in rows] == [
+        (run, "run", "t-1", None, "go"),
+        (note, "notify", None, "ci", "hi"),
+    ]
+    assert rows[0].created <= rows[1].created
+    store.drop_pending([run])
+    assert [r.id for r in store.pending("p")] == [note]
+
+
+def test_owed_reports_go_out_per_parent_in_order_until_delivered(store: Store) -> None:
+    for n, target in enumerate(["/a", "/b", "/a", "/a"]):
+        store.append("p", _events(n + 1, 1), OwedReport(target, b"%d" % n))
+    assert sorted(store.report_targets()) == ["/a", "/b"]
+    first, second = store.reports_for("/a", 2)
+    assert (first.payload, second.payload) == (b"0", b"2")
+    store.report_delivered(first.id)
+    assert [e.payload for e in store.reports_for("/a", 10)] == [b"2", b"3"]
+
+
+def test_a_stop_marks_the_pod_with_the_report_it_owes(store: Store) -> None:
+    store.add_pod("p", "{}", "/parent", 1.0)
+    store.set_stopped("p", True, OwedReport("/parent", b"bye"))
+    assert store.pods() == [PodRecord("p", "{}", "/parent", True)]
+    assert [e.payload for e in store.reports_for("/parent", 10)] == [b"bye"]
+    store.set_stopped("p", False)
+    assert store.pods()[0].stopped is False
+
+
+def test_deleting_a_pod_orphans_its_children_and_keeps_what_it_owes(store: Store) -> None:
+    store.add_pod("p", "{}", "/grandparent", 1.0)
+    store.add_pod("c", "{}", "/run/p.sock", 2.0)
+    store.append("p", _events(1, 1), OwedReport("/grandparent", b"mine"))
+    store.append("c", _events(1, 1), OwedReport("/run/p.sock", b"to p"))
+    store.add_pending("p", "notify", "hi", source="x")
+    store.set_read_cursor("p", "c", 1)
+    store.set_read_cursor("c", "p", 1)
+    store.delete_pod("p", "/run/p.sock")
+    assert store.pods() == [PodRecord("c", "{}", None, False)]
+    assert store.events_after("p", 0, 10) == []
+    assert store.pending("p") == []
+    assert store.reports_for("/run/p.sock", 10) == []
+    assert [e.payload for e in store.reports_for("/grandparent", 10)] == [b"mine"]
+    assert store.read_cursor("p", "c") == store.read_cursor("c", "p") == 0
+
+
+def test_read_cursors_start_at_zero_and_move(store: Store) -> None:
+    assert store.read_cursor("p", "c") == 0
+    store.set_read_cursor("p", "c", 4)
+    store.set_read_cursor("p", "c", 9)
+    assert store.read_cursor("p", "c") == 9
+
+
+def test_what_one_store_committed_the_next_one_reads(tmp_path: Path, store: Store) -> None:
+    store.add_pod("p", "{}", None, 1.0)
+    store.append("p", _events(1, 3), OwedReport("/parent", b"r"))
+    row = store.add_pending("p", "run", "go", turn_id="t-1")
+    reopened = Store(tmp_path / "capd.db")
+    try:
+        assert [r.name for r in reopened.pods()] == ["p"]
+        assert len(reopened.events_after("p", 0, 10)) == 3
+        assert reopened.report_targets() == ["/parent"]
+        assert [r.id for r in reopened.pending("p")] == [row]
+    finally:
+        reopened.close()
