@@ -47,7 +47,7 @@ from protocol.events import (
 from protocol.manifest import Manifest
 from protocol.methods import Cancel, Notify, Pause, Permission, PodEvent, Request, Resume, Run
 from protocol.reports import Errored, Report, TurnEnded, clip
-from protocol.results import HistoryResult, NotifyResult, RunResult
+from protocol.results import NotifyResult, RunResult
 
 log = logging.getLogger(__name__)
 
@@ -512,9 +512,6 @@ class PodController:
             _settle(fut, {} if isinstance(request, _Stop) else stopped)
 
     # -- queries ------------------------------------------------------------------------
-
-    def history(self, after_seq: int, limit: int) -> HistoryResult:
-        return self.journal.history(after_seq, limit)
 
     def status_result(self, children: list[str]) -> dict[str, Any]:
         """The `status` ack's result, a `protocol.results.PodStatus` built as a plain dict:

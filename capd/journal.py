@@ -36,8 +36,8 @@ from protocol.events import (
     parse_event,
 )
 from protocol.framing import encode
+from protocol.methods import RequestId
 from protocol.reports import Report, ShutDown
-from protocol.results import HistoryResult
 
 log = logging.getLogger(__name__)
 
@@ -169,9 +169,13 @@ class Journal:
     def page(self, after_seq: int, limit: int) -> list[tuple[int, bytes]]:
         return self._store.events_after(self.name, after_seq, limit)
 
-    def history(self, after_seq: int, limit: int) -> HistoryResult:
-        events = [orjson.loads(data) for _, data in self.page(after_seq, limit)]
-        return HistoryResult(events=events, last_seq=self.last_seq)
+    def history(self, request_id: RequestId | None, after_seq: int, limit: int) -> bytes:
+        """The `history` ack (a `HistoryResult`), the stored events spliced in as they are
+        rather than parsed and encoded again."""
+        events = b",".join(data for _, data in self.page(after_seq, limit))
+        head = orjson.dumps({"event": "ack", "id": request_id})[:-1]
+        tail = orjson.dumps(self.last_seq)
+        return b'%s,"result":{"events":[%s],"last_seq":%s}}\n' % (head, events, tail)
 
     # -- restore ------------------------------------------------------------------------
 

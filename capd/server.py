@@ -270,7 +270,7 @@ class PodEndpoint(Endpoint):
                 conn.unsubscribe()
                 return ack(request)
             case History(after_seq=after_seq, limit=limit):
-                return ack(request, pod.history(after_seq, limit).model_dump())
+                return pod.journal.history(request.id, after_seq, limit)
             case StopPod():
                 conn.send(ack(request))
                 self._host.stop_pod_soon(pod.name)

@@ -102,6 +102,11 @@ class PendingRow:
     created: float
 
 
+PAGE_BYTES = 4 * 1024 * 1024
+"""What one page of stored events (history, replay, restore) holds at most, past its
+first event."""
+
+
 class Store:
     def __init__(self, path: Path) -> None:
         _make_private(path)
@@ -174,11 +179,21 @@ class Store:
             self._db.executemany("DELETE FROM pending WHERE id = ?", [(i,) for i in consumed])
 
     def events_after(self, pod: str, after_seq: int, limit: int) -> list[tuple[int, bytes]]:
-        """Up to `limit` events with seq > after_seq, oldest first, as (seq, json)."""
-        return self._db.execute(
+        """Up to `limit` events with seq > after_seq, oldest first, as (seq, json); fewer
+        once they hold PAGE_BYTES (always at least one), so a page of large events is not
+        read whole into memory. An empty list means there are no more."""
+        rows = self._db.execute(
             "SELECT seq, data FROM events WHERE pod = ? AND seq > ? ORDER BY seq LIMIT ?",
             (pod, after_seq, limit),
-        ).fetchall()
+        )
+        page: list[tuple[int, bytes]] = []
+        size = 0
+        for row in rows:
+            page.append(row)
+            size += len(row[1])
+            if size >= PAGE_BYTES:
+                break
+        return page
 
     def events_of_kind_after(self, pod: str, after_seq: int, kind: str) -> list[tuple[int, bytes]]:
         """Every event of one `kind` with seq > after_seq, oldest first, as (seq, json)."""

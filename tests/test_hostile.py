@@ -274,20 +274,23 @@ async def test_a_turn_end_that_could_not_commit_commits_at_the_next_chance(
     other.close()
 
 
-async def test_a_history_page_larger_than_any_request_reaches_the_client(
+async def test_history_pages_of_large_events_reach_the_client_whole(
     capd: CapdProcess,
 ) -> None:
-    """8 reports of 700 KB each make a history page of 5.6 MB: more than a request may be,
-    and more than the client once read (4 MiB, then it dropped the connection)."""
+    """Reports of 1 MB each: a page stops once it holds 4 MiB (the store no longer reads
+    10,000 of them at once), which is still a line longer than any request and than the
+    client once read (4 MiB, then it dropped the connection). Paging gets them all."""
     await spawn(capd, "h7", scripted())
     async with await connect_pod(capd, "h7", subscribe=False) as pod:
-        for n in range(8):
+        for n in range(6):
             await pod.request(
-                {"method": "pod_event", "event": {"kind": "x", "n": n, "d": "x" * 700_000}}
+                {"method": "pod_event", "event": {"kind": "x", "n": n, "d": "x" * 1_000_000}}
             )
-        page = await pod.request({"method": "history", "limit": 10_000})
-    received = [e["payload"]["n"] for e in page["events"] if e["event"] == "pod_event_received"]
-    assert received == list(range(8))
+        first = await pod.request({"method": "history", "limit": 10_000})
+        events = await full_history(pod)
+    assert 4 * 2**20 < len(orjson.dumps(first)) < 6 * 2**20
+    received = [e["payload"]["n"] for e in events if e["event"] == "pod_event_received"]
+    assert received == list(range(6))
 
 
 def test_an_agent_tool_input_past_the_bounds_is_kept_as_a_note() -> None:

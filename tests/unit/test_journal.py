@@ -8,8 +8,16 @@ import pytest
 
 from capd.journal import Journal
 from capd.store import Store
-from protocol.events import StatusChanged, TextDelta, TurnStart, UserMessage
+from protocol.events import (
+    Ack,
+    PodEventReceived,
+    StatusChanged,
+    TextDelta,
+    TurnStart,
+    UserMessage,
+)
 from protocol.reports import ShutDown
+from protocol.results import HistoryResult
 from tests.unit.outlet import FakeOutlet, flushed
 from tests.unit.pods import PARENT, RecordingOutbox
 
@@ -98,6 +106,20 @@ def test_history_pages_the_stored_events(store: Store) -> None:
     journal, _ = _journal(store)
     for status in ("running", "paused", "running", "idle"):
         journal.emit(StatusChanged(status=status), None)
-    page = journal.history(1, 2)
+    ack = Ack.model_validate_json(journal.history("h", 1, 2))
+    page = HistoryResult.model_validate(ack.result)
+    assert ack.id == "h"
     assert [e["seq"] for e in page.events] == [2, 3]
     assert page.last_seq == 4
+    # The stored bytes, spliced in as they were broadcast.
+    assert [orjson.dumps(e) for e in page.events] == [d for _, d in store.events_after("p", 1, 2)]
+
+
+def test_a_page_of_large_events_stops_at_its_byte_bound(store: Store) -> None:
+    """10,000 events of 1 MiB would have been read whole (10 GiB) for one history page."""
+    journal, _ = _journal(store)
+    for n in range(6):
+        journal.emit(PodEventReceived(payload={"kind": "x", "n": n, "d": "x" * 1_000_000}), None)
+    page = store.events_after("p", 0, 10_000)
+    assert [seq for seq, _ in page] == [1, 2, 3, 4, 5]  # the fifth passes PAGE_BYTES (4 MiB)
+    assert [seq for seq, _ in store.events_after("p", 5, 10_000)] == [6]
