@@ -10,7 +10,7 @@ import pytest
 
 from capd.proc.groups import KILL_GRACE_S
 from tests.conftest import CapdProcess
-from tests.helpers import connect_pod, scripted, spawn, until
+from tests.helpers import connect_pod, scripted, sigkill, spawn, until
 
 MARKER = "40.123"
 """The sleep's argument: no other process on the machine runs `sleep 40.123`."""
@@ -29,12 +29,6 @@ def _sleepers() -> list[int]:
     return pids
 
 
-async def _sigkill(capd: CapdProcess) -> None:
-    assert capd.proc is not None
-    capd.proc.kill()
-    await asyncio.to_thread(capd.proc.wait, 10)
-
-
 async def test_a_tool_ignoring_sigterm_dies_though_capd_is_killed_again_within_the_grace(
     capd: CapdProcess,
 ) -> None:
@@ -48,15 +42,18 @@ async def test_a_tool_ignoring_sigterm_dies_though_capd_is_killed_again_within_t
         async with await connect_pod(capd, "w1") as pod:
             await pod.request({"method": "run", "text": "go"})
             await until(lambda: bool(_sleepers()))
-        await _sigkill(capd)
+        await sigkill(capd)
+        started = time.monotonic()
         await asyncio.to_thread(capd.start)  # sends the sleep SIGTERM, which it ignores
         terminated = time.monotonic()  # the SIGTERM went out before capd answered
-        await _sigkill(capd)
+        await sigkill(capd)
         if not _sleepers():
+            # Only a capd that lived through the grace may have sent SIGKILL already.
+            assert time.monotonic() - started > KILL_GRACE_S, "SIGKILL came before the grace"
             pytest.skip("capd lived through the grace (a loaded machine): its SIGKILL landed")
         await until(lambda: time.monotonic() - terminated > KILL_GRACE_S)
         await asyncio.to_thread(capd.start)
-        await _sigkill(capd)
+        await sigkill(capd)
         await until(lambda: not _sleepers(), timeout=1)
     finally:
         for pid in _sleepers():
