@@ -53,6 +53,7 @@ STATUS_ORDER = (
     "children",
     "last_seq",
     "usage",
+    "context",
     "socket",
 )
 INFO_ORDER = ("version", "pid", "uptime", "pods", "runtime_dir", "state_dir")

@@ -162,6 +162,8 @@ def pod_status(status: dict[str, Any], order: Sequence[str]) -> str:
     """`capctl status`: the status object as `key: value` lines. A running pod waiting for
     its engine's permission questions says so, and each question is a line of its own."""
     shown = dict(status)
+    if isinstance(size := shown.get("context"), dict):
+        shown["context"] = context_size(size)
     asked = [q for q in shown.pop("permissions", None) or [] if isinstance(q, dict)]
     if not asked:
         return key_values(shown, order)
@@ -174,6 +176,14 @@ def pod_status(status: dict[str, Any], order: Sequence[str]) -> str:
     at = next(i for i, line in enumerate(lines) if line.startswith("permissions:"))
     indent = " " * (len(lines[at]) - len(questions[0]))
     return "\n".join([*lines[: at + 1], *(indent + q for q in questions[1:]), *lines[at + 1 :]])
+
+
+def context_size(size: dict[str, Any]) -> str:
+    """`status.context` as "1,234 / 32,768 tokens (4%)", or "1,234 tokens (window unknown)"."""
+    tokens, window = size.get("tokens") or 0, size.get("window")
+    if not isinstance(window, int) or window < 1:
+        return f"{tokens:,} tokens (window unknown)"
+    return f"{tokens:,} / {window:,} tokens ({tokens * 100 // window}%)"
 
 
 class EventPrinter:

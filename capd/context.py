@@ -11,6 +11,8 @@ from typing import Any
 import orjson
 
 from capd.chat import ChatMessage
+from capd.tokens import message_tokens, text_tokens
+from capd.window import window_in_error
 from protocol.events import (
     AssistantMessage,
     DurableEvent,
@@ -18,6 +20,7 @@ from protocol.events import (
     Notification,
     ToolCall,
     ToolResult,
+    TurnEnd,
     UserMessage,
 )
 from protocol.reports import Errored, ShutDown, TurnEnded, parse_report
@@ -40,12 +43,24 @@ class Context:
     stays true when messages before it are dropped or rewritten."""
     engine_session: str | None = None
     """The external engine's session to resume (the latest `engine_session`)."""
+    reported_tokens: int = 0
+    """The input tokens the provider reported for the latest call that reported any."""
+    reported_seq: int = 0
+    """The seq of that call's assistant message; 0 while no call reported its input."""
+    learned_window: int | None = None
+    """The context window the provider named in the latest overflow error, read back from
+    the `turn_end` it failed, so a restarted pod knows it too."""
+    estimated: list[int] = field(default_factory=list)
+    """The estimated tokens of the messages up to and including each one (a running sum,
+    so `tokens` costs the same however long the context is)."""
 
     def apply(self, event: DurableEvent) -> None:
         made = len(self.messages)
         self._apply(event)
         if len(self.messages) > made:
             self.seqs.append(event.seq)
+            before = self.estimated[-1] if self.estimated else 0
+            self.estimated.append(before + message_tokens(self.messages[-1]))
 
     def index_after(self, seq: int) -> int:
         """Where the messages made by events after `seq` begin in `messages`."""
@@ -54,6 +69,17 @@ class Context:
     def last_message_seq(self) -> int:
         """The seq of the newest message's event; 0 when there is none."""
         return self.seqs[-1] if self.seqs else 0
+
+    def tokens(self, system_prompt: str) -> int:
+        """The size of the context the next call sends: the provider's count for the
+        latest call that gave one plus an estimate (capd.tokens) for the messages since,
+        its reply included; before any such call, an estimate of it all."""
+        total = self.estimated[-1] if self.estimated else 0
+        if not self.reported_seq:
+            return text_tokens(system_prompt) + total
+        first = self.index_after(self.reported_seq - 1)
+        before = self.estimated[first - 1] if first else 0
+        return self.reported_tokens + total - before
 
     def _apply(self, event: DurableEvent) -> None:
         match event:
@@ -67,7 +93,10 @@ class Context:
                 interrupted=interrupted,
                 truncated=truncated,
                 thinking=thinking,
+                usage=usage,
             ):
+                if usage.input_tokens:
+                    self.reported_tokens, self.reported_seq = usage.input_tokens, event.seq
                 self.messages.append(
                     ChatMessage(
                         "assistant",
@@ -80,6 +109,8 @@ class Context:
                 )
             case EngineSession(session_id=session_id):
                 self.engine_session = session_id
+            case TurnEnd(result="errored", error=error) if error:
+                self.learned_window = window_in_error(error) or self.learned_window
             case ToolResult(call_id=call_id, name=name, output=output, is_error=is_error):
                 self.messages.append(
                     ChatMessage("tool", output, call_id=call_id, name=name, is_error=is_error)

@@ -29,6 +29,7 @@ from capd.journal import Journal, QueuedRun, new_event_id, report_note
 from capd.outbox import Outbox
 from capd.store import Store
 from capd.tools.toolbox import Toolbox
+from capd.window import context_window
 from protocol.errors import ProtocolError
 from protocol.events import (
     ChildSpawned,
@@ -530,6 +531,14 @@ class PodController:
             "usage": {
                 "input_tokens": self.journal.usage.input_tokens,
                 "output_tokens": self.journal.usage.output_tokens,
+            },
+            "context": {
+                "tokens": self.context.tokens(self.manifest.system_prompt),
+                "window": context_window(
+                    self.manifest.model.context_window,
+                    self.context.learned_window,
+                    self.manifest.model.name,
+                ),
             },
             "socket": str(self.socket_path),
             "permissions": [

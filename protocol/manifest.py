@@ -45,6 +45,9 @@ class ModelConfig(_Strict):
     base_url: str | None = None
     api_key_env: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
+    context_window: int | None = Field(default=None, ge=1)
+    """Tokens the model accepts (§10); unset: a well-known model's, else learned from the
+    provider's first overflow error."""
     temperature: float | None = Field(default=None, ge=0, le=2)
     request_timeout_s: float | None = Field(default=None, gt=0)
     max_retries: int = Field(default=4, ge=0, le=20)
@@ -78,6 +81,8 @@ class Limits(_Strict):
     """How many levels of descendants a pod may have below it (an addition)."""
     max_continuations: int = Field(default=3, ge=0)
     """How many replies cut off by max_tokens in a row the builtin engine continues (§10)."""
+    compact_at: float = Field(default=0.8, gt=0, le=1)
+    """Compact before a call would fill more than this share of the context window (§10)."""
 
 
 class BuiltinEngine(_Strict):

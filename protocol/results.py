@@ -31,6 +31,16 @@ class OpenPermission(Result):
     options: list[dict[str, Any]] = Field(default_factory=list)
 
 
+class ContextSize(Result):
+    """`status.context` (§10): `tokens`, the size of the context the next model call
+    sends (the provider's count for the last call plus an estimate for what came since,
+    or an estimate before any call); `window`, the model's context window, null while
+    unknown."""
+
+    tokens: int = 0
+    window: int | None = None
+
+
 class PodStatus(Result):
     name: str
     status: PodStatusName
@@ -43,6 +53,7 @@ class PodStatus(Result):
     cwd: str
     tools: list[str] = Field(default_factory=list)
     usage: Usage = Field(default_factory=Usage)
+    context: ContextSize = Field(default_factory=ContextSize)
     socket: str = ""
     permissions: list[OpenPermission] = Field(default_factory=list)
     """The engine's questions waiting for a `permission` answer (an addition); while there

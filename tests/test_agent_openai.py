@@ -183,6 +183,34 @@ async def test_an_overflow_ends_the_turn_with_one_line_and_the_pod_goes_on(
     assert (after["result"], after["output"]) == ("finished", "short")
 
 
+async def test_status_shows_the_context_size_against_the_window(
+    capd: CapdProcess, server: OpenAITestServer
+) -> None:
+    server.enqueue(TextReply("Hello!", prompt_tokens=1000))
+    await spawn(capd, "w1", _model(server, context_window=32768), system_prompt="Be brief.")
+    async with await connect_pod(capd, "w1") as pod:
+        before = await pod.request({"method": "status"})
+        await pod.request({"method": "run", "text": "hi"})
+        await wait_for(pod, is_event("turn_end"))
+        after = await pod.request({"method": "status"})
+    # estimates: "Be brief." 3 tokens; each message 4 plus its UTF-8 bytes / 4 rounded up
+    assert before["context"] == {"tokens": 3, "window": 32768}
+    assert after["context"] == {"tokens": 1000 + 4 + 2, "window": 32768}
+
+
+async def test_the_window_is_learned_from_the_first_overflow(capd: CapdProcess) -> None:
+    async with OpenAITestServer(LLAMA_SERVER) as server:
+        server.enqueue(OverflowReply(prompt_tokens=4476, n_ctx=4096))
+        await spawn(capd, "w1", _model(server))
+        async with await connect_pod(capd, "w1") as pod:
+            before = await pod.request({"method": "status"})
+            await pod.request({"method": "run", "text": "a long story"})
+            await wait_for(pod, is_event("turn_end"))
+            after = await pod.request({"method": "status"})
+    assert before["context"]["window"] is None
+    assert after["context"]["window"] == 4096
+
+
 async def test_llama_cpp_python_cutting_its_stream_twice_is_not_retried_again(
     capd: CapdProcess,
 ) -> None:

@@ -3,6 +3,7 @@
 import asyncio
 import json
 import os
+import re
 import select
 import signal
 import subprocess
@@ -160,10 +161,13 @@ def test_spawn_ps_and_status(capd: CapdProcess, tmp_path: Path) -> None:
     human = ok(rt, "status", "w1")
     assert "status:" in human
     assert "idle" in human
+    assert re.search(r"context:\s+\d+ tokens \(window unknown\)", human)
 
     # A server of its own at --base-url needs no key; the model name has a default.
     ok(rt, "spawn", "w3", "--provider", "anthropic", "--base-url", "http://127.0.0.1:9")
     assert pod_status(capd, "w3")["model"] == "anthropic/claude-sonnet-4-5"
+    assert pod_status(capd, "w3")["context"]["window"] == 200_000
+    assert re.search(r"context:\s+\d+ / 200,000 tokens \(0%\)", ok(rt, "status", "w3"))
 
 
 def test_send_streams_the_reply_and_reports_errors(capd: CapdProcess, tmp_path: Path) -> None:

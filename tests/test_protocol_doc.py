@@ -31,6 +31,7 @@ RESULT_METHODS: dict[type[BaseModel], tuple[str, ...]] = {
     results.NotifyResult: ("notify", "pod_event"),
     results.PodStatus: ("status",),
     results.OpenPermission: ("status",),
+    results.ContextSize: ("status",),
     results.SubscribeResult: ("subscribe",),
     results.HistoryResult: ("history",),
     results.SpawnResult: ("spawn", "start"),

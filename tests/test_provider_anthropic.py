@@ -492,18 +492,29 @@ async def test_a_reply_cut_off_by_max_tokens_is_truncated(
     server.enqueue(
         TextReply("Roses are", stop_reason="max_tokens"),
         ToolUseReply([ToolUse("write_file", '{"path": "a.txt", "cont')], stop_reason="max_tokens"),
-        TextReply("red", stop_reason="model_context_window_exceeded"),
         TextReply("."),
     )
     provider = make_provider()
 
-    replies = [(await collect(provider))[-1] for _ in range(4)]
+    replies = [(await collect(provider))[-1] for _ in range(3)]
 
     truncated = [isinstance(r, ModelReply) and r.truncated for r in replies]
-    assert truncated == [True, True, True, False]
+    assert truncated == [True, True, False]
     cut = replies[1]
     assert isinstance(cut, ModelReply)
     assert INVALID_JSON_KEY in cut.tool_calls[0].arguments
+
+
+async def test_a_reply_cut_off_by_the_context_window_is_an_overflow(
+    server: AnthropicTestServer, make_provider: ProviderFactory
+):
+    server.enqueue(TextReply("red", stop_reason="model_context_window_exceeded"))
+
+    error = await failure(make_provider())
+
+    assert error.overflow
+    assert not error.retryable
+    assert "model_context_window_exceeded" in error.message
 
 
 async def test_a_truncated_reply_is_followed_by_a_note_to_continue(

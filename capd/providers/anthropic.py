@@ -40,9 +40,9 @@ DEFAULT_MAX_TOKENS = 8192
 """The API requires max_tokens; this is what the reply may use besides any thinking budget."""
 DEFAULT_TIMEOUT_S = 600.0
 
-_CUT_OFF = frozenset({"max_tokens", "model_context_window_exceeded"})
-"""Stop reasons of a reply that did not end but was cut off: by max_tokens, or because
-the context window filled up while the model wrote (newer models)."""
+_OVERFLOW_STOP = "model_context_window_exceeded"
+"""The stop reason of a reply cut off because the context window filled up while the
+model wrote (newer models): an overflow, not a truncation by max_tokens."""
 
 _RETRYABLE_STREAM_ERRORS = frozenset(
     {"overloaded_error", "rate_limit_error", "api_error", "timeout_error"}
@@ -80,6 +80,12 @@ class AnthropicProvider:
             raise ProviderError(
                 f"anthropic: stream ended early from {self._endpoint.url} (no message_stop)",
                 retryable=True,
+            )
+        if assembler.stop_reason == _OVERFLOW_STOP:
+            raise ProviderError(
+                f"anthropic: the context window filled up while the model wrote its reply "
+                f"(stop_reason {_OVERFLOW_STOP})",
+                overflow=True,
             )
         yield assembler.reply()
 
@@ -282,7 +288,7 @@ class _ReplyAssembler:
 
     def __init__(self) -> None:
         self.finished = False
-        self._stop_reason = ""
+        self.stop_reason = ""
         self._blocks: dict[int, _OpenBlock] = {}
         self._input_tokens = 0
         self._output_tokens = 0
@@ -298,7 +304,7 @@ class _ReplyAssembler:
             case "message_delta":
                 self._count(event.usage)
                 if event.delta is not None and event.delta.stop_reason is not None:
-                    self._stop_reason = event.delta.stop_reason
+                    self.stop_reason = event.delta.stop_reason
             case "message_stop":
                 self.finished = True
         # ping, content_block_stop and event types added after this was written need nothing.
@@ -324,7 +330,7 @@ class _ReplyAssembler:
                 for block in blocks
                 if block.type in ("thinking", "redacted_thinking")
             ],
-            truncated=self._stop_reason in _CUT_OFF,
+            truncated=self.stop_reason == "max_tokens",
         )
 
     def _start(self, index: int, content: _ContentBlock) -> Iterator[StreamItem]:

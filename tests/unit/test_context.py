@@ -4,6 +4,7 @@ import pytest
 
 from capd.chat import ChatMessage
 from capd.context import Context, describe_pod_event
+from capd.tokens import message_tokens, text_tokens
 from protocol.events import (
     AssistantMessage,
     DurableEvent,
@@ -12,7 +13,9 @@ from protocol.events import (
     StatusChanged,
     ToolCall,
     ToolResult,
+    TurnEnd,
     TurnStart,
+    Usage,
     UserMessage,
 )
 
@@ -123,3 +126,35 @@ def test_a_report_reads_as_a_sentence_and_anything_else_as_its_json(
     payload: dict[str, object], text: str
 ) -> None:
     assert describe_pod_event(payload) == text
+
+
+def test_the_size_is_estimated_before_any_call_reports_one() -> None:
+    context = _context(UserMessage(turn_id=T, text="hello there"))
+    assert context.tokens("Be brief.") == text_tokens("Be brief.") + message_tokens(
+        ChatMessage("user", "hello there")
+    )
+
+
+def test_the_size_is_the_last_reported_input_plus_an_estimate_of_what_came_since() -> None:
+    context = _context(
+        UserMessage(turn_id=T, text="list files"),
+        AssistantMessage(turn_id=T, text="", tool_calls=[BASH], usage=Usage(input_tokens=900)),
+        ToolResult(turn_id=T, call_id="c1", name="bash", output="a.txt"),
+        AssistantMessage(turn_id=T, text="one file"),
+    )
+    since = context.messages[1:]
+    assert context.tokens("ignored once a call reported") == 900 + sum(
+        message_tokens(m) for m in since
+    )
+
+
+def test_an_overflow_error_in_a_stored_turn_end_teaches_the_window() -> None:
+    overflow = (
+        "the conversation no longer fits the model's context window ...; the server said: "
+        "request (4476 tokens) exceeds the available context size (4096 tokens)"
+    )
+    context = _context(
+        TurnEnd(turn_id=T, result="errored", error=overflow),
+        TurnEnd(turn_id="t-2", result="errored", error="model call failed: HTTP 503"),
+    )
+    assert context.learned_window == 4096
