@@ -514,6 +514,13 @@ class PodController:
 
     # -- queries ------------------------------------------------------------------------
 
+    def _context_window(self) -> int | None:
+        """The manifest's window, the one an overflow named, or a known model's; an
+        external engine's model is its own business, so only an overflow tells it."""
+        model = self.manifest.model
+        configured, name = (model.context_window, model.name) if model else (None, "")
+        return context_window(configured, self.context.learned_window, name)
+
     def status_result(self, children: list[str]) -> dict[str, Any]:
         """The `status` ack's result, a `protocol.results.PodStatus` built as a plain dict:
         `status` is the request a client polls, and the model cost half its time."""
@@ -534,11 +541,7 @@ class PodController:
             },
             "context": {
                 "tokens": self.context.tokens(self.manifest.system_prompt),
-                "window": context_window(
-                    self.manifest.model.context_window,
-                    self.context.learned_window,
-                    self.manifest.model.name,
-                ),
+                "window": self._context_window(),
             },
             "socket": str(self.socket_path),
             "permissions": [
