@@ -16,6 +16,7 @@ import httpx
 import orjson
 
 from capd.providers.base import ProviderError
+from capd.window import says_overflow
 from protocol.manifest import ModelConfig
 
 CONNECT_TIMEOUT_S = 10.0
@@ -185,37 +186,6 @@ async def read_to_end(events: AsyncIterator[str]) -> None:
                 pass
 
 
-_OVERFLOW_CODES = frozenset({"context_length_exceeded", "exceed_context_size_error"})
-"""`error.code` of OpenAI and llama-cpp-python, `error.type` of llama.cpp's llama-server."""
-
-_OVERFLOW_WORDS = re.compile(
-    "|".join(
-        [
-            # OpenAI, vLLM, llama-cpp-python, OpenRouter: "This model's maximum context
-            # length is 2048 tokens. However, you requested 2499 tokens (...)"
-            r"maximum context length",
-            # llama-cpp-python's own: "Requested tokens (2300) exceed context window of 2048";
-            # llama-server: "request (4476 tokens) exceeds the available context size (4096
-            # tokens), try increasing it"; OpenAI: "Your input exceeds the context window";
-            # Ollama: "the input length exceeds the context length"
-            r"exceeds? (the )?(available )?context (size|window|length)",
-            # llama-server, for a task it cannot split
-            r"larger than the max context size",
-            # vLLM V1: "The decoder prompt (length 8825) is longer than the maximum model length"
-            r"longer than the maximum model length",
-            # Anthropic: "prompt is too long: 208310 tokens > 200000 maximum"
-            r"prompt is too long",
-            # LM Studio: "The number of tokens to keep from the initial prompt is greater than
-            # the context length", "... loaded with context length of only 4096 tokens, which
-            # is not enough", "Input does not fit in context length."
-            r"greater than the context length",
-            r"context length of only",
-            r"does not fit in context length",
-        ]
-    ),
-    re.IGNORECASE,
-)
-
 _INVALID_TYPES = frozenset({"invalid_request_error", "BadRequestError"})
 """`error.type`s that call the request itself bad (OpenAI, Anthropic; vLLM)."""
 
@@ -241,7 +211,7 @@ class Reason:
     @property
     def overflow(self) -> bool:
         """The request does not fit the model's context window."""
-        return bool({self.type, self.code} & _OVERFLOW_CODES or _OVERFLOW_WORDS.search(self.text))
+        return says_overflow(self.text, self.type, self.code)
 
     @property
     def specific(self) -> bool:
