@@ -51,16 +51,15 @@ class Context:
     """The context window the provider named in the latest overflow error, read back from
     the `turn_end` it failed, so a restarted pod knows it too."""
     estimated: list[int] = field(default_factory=list)
-    """The estimated tokens of the messages up to and including each one (a running sum,
-    so `tokens` costs the same however long the context is)."""
+    """The estimated tokens of the messages up to and including each one: a running sum,
+    extended when `tokens` is asked (not as restore applies events), so a `status` costs
+    the same however long the context is."""
 
     def apply(self, event: DurableEvent) -> None:
         made = len(self.messages)
         self._apply(event)
         if len(self.messages) > made:
             self.seqs.append(event.seq)
-            before = self.estimated[-1] if self.estimated else 0
-            self.estimated.append(before + message_tokens(self.messages[-1]))
 
     def index_after(self, seq: int) -> int:
         """Where the messages made by events after `seq` begin in `messages`."""
@@ -74,6 +73,10 @@ class Context:
         """The size of the context the next call sends: the provider's count for the
         latest call that gave one plus an estimate (capd.tokens) for the messages since,
         its reply included; before any such call, an estimate of it all."""
+        for message in self.messages[len(self.estimated) :]:
+            self.estimated.append(
+                (self.estimated[-1] if self.estimated else 0) + message_tokens(message)
+            )
         total = self.estimated[-1] if self.estimated else 0
         if not self.reported_seq:
             return text_tokens(system_prompt) + total
