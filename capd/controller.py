@@ -255,9 +255,7 @@ class PodController:
         """Run an actor step no caller waits on; an unexpected failure is logged, not fatal."""
         try:
             step(*args)
-        except (Exception, asyncio.CancelledError):
-            if _being_cancelled():
-                raise
+        except Exception:
             log.exception("pod %s: %s failed", self.name, step.__name__.lstrip("_"))
 
     async def _handle(self, request: _Call) -> dict[str, Any]:
