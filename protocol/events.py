@@ -14,6 +14,7 @@ from protocol.methods import RequestId
 PodStatusName = Literal["idle", "running", "paused"]
 Invoke = Literal["run", "notify", "pod_event"]
 TurnResult = Literal["finished", "cancelled", "errored", "limit_reached"]
+CompactionTrigger = Literal["auto", "overflow", "request"]
 
 PROTOCOL_VERSION = 1
 
@@ -210,6 +211,26 @@ class PermissionResolved(DurableEvent):
     option_id: str | None = None
 
 
+class ContextCompacted(DurableEvent):
+    """§10: from here on the model's context is the system prompt, `summary`, then every
+    event after `through_seq`. Additions: `window`, the context window the compaction
+    measured against (on an overflow, the one the provider named), kept for the pod;
+    `restore_from`, the first seq a restart reads (the kept messages, the open turn and
+    reports the model has not read yet all come after it); `usage`, the pod's token
+    totals up to this event, which a restart takes instead of reading older events."""
+
+    event: Literal["context_compacted"] = "context_compacted"
+    turn_id: str | None = None
+    trigger: CompactionTrigger
+    summary: str
+    through_seq: int
+    tokens_before: int
+    tokens_after: int
+    window: int | None = None
+    restore_from: int = 0
+    usage: Usage = Field(default_factory=Usage)
+
+
 class TextDelta(PodEventBase):
     event: Literal["text_delta"] = "text_delta"
     turn_id: str
@@ -243,6 +264,15 @@ class Retry(PodEventBase):
     max_attempts: int
     wait_ms: int
     error: str
+
+
+class CompactionStarted(PodEventBase):
+    """The model is summarising the older part of the context (an addition); a
+    `context_compacted` follows when it is done, unless a pause or cancel stops it."""
+
+    event: Literal["compaction_started"] = "compaction_started"
+    turn_id: str | None = None
+    trigger: CompactionTrigger
 
 
 class Lagged(PodEventBase):
@@ -289,11 +319,13 @@ AnyEvent = Annotated[
     | EngineSession
     | PermissionRequest
     | PermissionResolved
+    | ContextCompacted
     | TextDelta
     | ThinkingDelta
     | ToolCallStart
     | ToolCallDelta
     | Retry
+    | CompactionStarted
     | Lagged
     | PodSpawned
     | PodStatusEvent

@@ -16,6 +16,8 @@ RequestId = str | int
 Seq = Annotated[int, Field(ge=0, le=2**63 - 1)]
 """A `seq` a request names: SQLite stores it as a signed 64-bit integer."""
 MAX_DESCRIBED_ERRORS = 5
+MAX_INSTRUCTIONS = 10_000
+"""Characters a `compact` request's instructions may hold."""
 PodName = Annotated[str, Field(pattern=POD_NAME_PATTERN)]
 
 
@@ -68,6 +70,14 @@ class Permission(Request):
     option_id: str | None = None
 
 
+class Compact(Request):
+    """§10: compact the model's context now (idle or paused) or at the next step boundary
+    (running); `instructions` add to the summary prompt."""
+
+    method: Literal["compact"] = "compact"
+    instructions: str | None = Field(default=None, max_length=MAX_INSTRUCTIONS)
+
+
 class Status(Request):
     method: Literal["status"] = "status"
 
@@ -99,6 +109,7 @@ PodRequest = Annotated[
     | Notify
     | PodEvent
     | Permission
+    | Compact
     | Status
     | Subscribe
     | Unsubscribe
