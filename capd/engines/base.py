@@ -16,7 +16,14 @@ from typing import Protocol
 from capd.context import Context
 from capd.tools.toolbox import Toolbox
 from protocol.errors import ProtocolError
-from protocol.events import DurableEvent, Invoke, PodEventBase, TurnResult
+from protocol.events import (
+    CompactionTrigger,
+    ContextCompacted,
+    DurableEvent,
+    Invoke,
+    PodEventBase,
+    TurnResult,
+)
 from protocol.manifest import Manifest
 
 
@@ -55,6 +62,14 @@ class PendingNote:
     """For a notify: its row in the store's `pending` table, deleted as it is injected."""
 
 
+@dataclass(frozen=True, slots=True)
+class CompactOrder:
+    """A compaction to make: why, and the `compact` request's instructions if any."""
+
+    trigger: CompactionTrigger
+    instructions: str | None = None
+
+
 class TurnHost(Protocol):
     """What a turn needs from its pod; the controller provides it."""
 
@@ -63,6 +78,9 @@ class TurnHost(Protocol):
     context: Context
     turn: Turn | None
     toolbox: Toolbox
+    compact_wanted: CompactOrder | None
+    """A `compact` request that came while the turn ran; the engine takes it (sets it to
+    None) at its next step boundary, else the pod compacts after the turn."""
 
     def emit(self, event: DurableEvent, *, consumed: Sequence[int] = ()) -> None: ...
 
@@ -73,10 +91,25 @@ class TurnHost(Protocol):
         `notification` event of the turn."""
         ...
 
+    def commit_compaction(self, event: ContextCompacted) -> None:
+        """Commit a `context_compacted` the engine made, with the fields only the pod
+        knows (`restore_from`, `usage`) filled in."""
+        ...
+
 
 class Engine(Protocol):
+    can_compact: bool
+    """Whether `compact` works: capd summarises the context itself (builtin), or the
+    engine compacts its own session on request."""
+
     async def drive_turn(self, host: TurnHost, turn: Turn) -> TurnOutcome:
         """Run the turn until it ends; cancelling the task interrupts it at once."""
+        ...
+
+    async def compact(self, host: TurnHost, order: CompactOrder) -> None:
+        """Compact the context now (the pod is idle or paused), committing
+        `context_compacted` through `host.commit_compaction`; cancelling the task stops it
+        and leaves the context as it was. Engines that cannot raise `cannot_compact`."""
         ...
 
     def answer_permission(self, request_id: str, option_id: str | None) -> None:
@@ -90,6 +123,12 @@ class Engine(Protocol):
 
 def never_asks(kind: str) -> ProtocolError:
     return ProtocolError("invalid_request", f"this pod's engine ({kind}) never asks for permission")
+
+
+def cannot_compact(kind: str) -> ProtocolError:
+    return ProtocolError(
+        "invalid_request", f"this pod's engine ({kind}) manages its own context; it cannot compact"
+    )
 
 
 async def run_timed(

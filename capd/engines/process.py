@@ -33,7 +33,14 @@ from typing import Any, ClassVar
 import orjson
 
 from capd.context import Context
-from capd.engines.base import Turn, TurnHost, TurnOutcome, run_timed
+from capd.engines.base import (
+    CompactOrder,
+    Turn,
+    TurnHost,
+    TurnOutcome,
+    cannot_compact,
+    run_timed,
+)
 from capd.proc.groups import KILL_GRACE_S, signal_name
 from capd.proc.launcher import environment, launch, stop_group
 from protocol.errors import ProtocolError
@@ -242,6 +249,7 @@ class ExternalEngine(ABC):
     """One engine process per pod, started at the pod's first turn."""
 
     kind: ClassVar[str]
+    can_compact: ClassVar[bool] = False
 
     def __init__(self, cwd: Path, config: AcpConfig | ClaudeCodeConfig) -> None:
         self._cwd = cwd
@@ -270,6 +278,9 @@ class ExternalEngine(ABC):
             return await run_timed(host, turn, lambda: self._run(host, turn))
         except EngineError as exc:
             return TurnOutcome("errored", turn.output, str(exc))
+
+    async def compact(self, host: TurnHost, order: CompactOrder) -> None:
+        raise cannot_compact(self.kind)
 
     async def aclose(self) -> None:
         if self._settling is not None:

@@ -13,7 +13,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from capd.engines.base import Turn, TurnHost, TurnOutcome
+from capd.engines.base import CompactOrder, Turn, TurnHost, TurnOutcome, cannot_compact
 from protocol.events import AssistantMessage, ToolCall, ToolResult, TurnResult
 
 WAIT_S = 5.0
@@ -72,6 +72,8 @@ async def _by_the_test(drive: Drive) -> TurnOutcome:
 
 
 class FakeEngine:
+    can_compact = False
+
     def __init__(self, script: Script = _by_the_test) -> None:
         self.script = script
         self.drives: list[Drive] = []
@@ -91,6 +93,9 @@ class FakeEngine:
             raise
         finally:
             drive.over.set()
+
+    async def compact(self, host: TurnHost, order: CompactOrder) -> None:
+        raise cannot_compact("fake")
 
     def answer_permission(self, request_id: str, option_id: str | None) -> None:
         self.answers.append((request_id, option_id))
