@@ -142,7 +142,7 @@ class AcpEngine(ExternalEngine):
 
     # -- the process --------------------------------------------------------------------
 
-    async def _start(self, host: TurnHost, turn: Turn) -> None:
+    async def _start(self, host: TurnHost, turn: Turn | None) -> None:
         self._prompt_id = None  # a wind-down cut short may have left it set
         await self._spawn(self._config.command)
         capabilities = {"fs": {"readTextFile": False, "writeTextFile": False}, "terminal": False}
