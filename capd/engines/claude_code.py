@@ -218,9 +218,9 @@ class ClaudeCodeEngine(ExternalEngine):
                     self._compacting(host, turn_id, state, message, "request")
                 case "system", "compact_boundary":
                     state.boundary = _boundary(message)
-                case "assistant":
+                case "assistant", _:
                     said = _text(message.get("message") or {}) or said
-                case "result":
+                case "result", _:
                     self._busy = False
                     self._note_session(message.get("session_id"))
                     self._record_session(host, host.turn)

@@ -333,9 +333,10 @@ class ExternalEngine(ABC):
         new session has seen none of the turn (what came before the turn is lost to it);
         after a capd restart a resumed session has seen all but the trailing user
         messages. When the session has seen part of the turn, the turn is resuming:
-        CONTINUE_PROMPT follows whatever is new."""
+        CONTINUE_PROMPT follows whatever is new. A compaction's summary heading the
+        context is the engine's own (it compacted its session), never part of a prompt."""
         messages = context.messages
-        first = context.index_after(turn.started_seq)
+        first = max(context.index_after(turn.started_seq), int(context.summary is not None))
         if self._fresh:
             start = first
         elif self._sent is not None:
