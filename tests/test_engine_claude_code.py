@@ -467,6 +467,26 @@ async def test_claude_codes_own_compaction_is_recorded(capd: CapdProcess, state:
     assert after["output"] == "You said: and after"
 
 
+@pytest.mark.own_capd
+async def test_a_turn_resumed_after_a_crash_past_a_compaction_sends_no_summary(
+    capd: CapdProcess, state: Path
+) -> None:
+    """capd dies just after the CLI compacted mid-turn: the summary heads the restored
+    context, the newest message of it. It is the CLI's own; the resumed turn's prompt
+    only asks it to go on."""
+    await _spawn(capd, "cc", state)
+    async with await connect_pod(capd, "cc") as pod:
+        await run_turn(pod, "hello")
+        await pod.request({"method": "run", "text": "compact-auto slow"})
+        await wait_for(pod, is_event("context_compacted"))
+    assert await asyncio.to_thread(capd.signal, 9) == -9
+    capd.start()
+    async with await connect_pod(capd, "cc") as pod:
+        end, _ = await resume_turn(pod)
+    assert _prompts(state)[-1] == CONTINUE_PROMPT
+    assert end["output"] == f"You said: {CONTINUE_PROMPT}"
+
+
 async def test_compact_sends_claude_code_its_compact_command(
     capd: CapdProcess, state: Path
 ) -> None:

@@ -16,7 +16,7 @@ the turn's API messages):
     crash         writes to stderr and exits 3 mid-turn, and so at every later prompt
     crash-once    as crash, unless $FAKE_CLAUDE_DIR/crashed exists (which it creates)
     compact-auto  compacts the session first, as the CLI's auto compaction does, then
-                  replies "done after compacting"
+                  replies "done after compacting"; `compact-auto PROMPT` then does PROMPT
     anything else "You said: <prompt>"
 
 `/compact [instructions]` runs the local command as the real CLI (2.1.332) does in print
@@ -360,6 +360,12 @@ def run_turn(turn: Turn, prompt: str) -> None:
         (STATE / "crashed").touch()
         turn.text(["about to "])
         crash()
+    elif prompt.startswith("compact-auto "):
+        if turn.compact("auto", ""):
+            run_turn(turn, prompt.removeprefix("compact-auto "))
+        else:
+            turn.result(None, "error_during_execution", is_error=True)
+        return
     elif prompt == "compact-auto":
         finished = turn.compact("auto", "") and turn.text(["done after compacting"])
         reply = "done after compacting"
