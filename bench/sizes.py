@@ -13,6 +13,9 @@ class Size:
     pods: int
     durable_events: int
     capctl_runs: int
+    restore_events: int
+    restore_rounds: int
+    """Stops and starts of each pod whose restore is timed."""
 
 
 SIZES = {
@@ -24,6 +27,8 @@ SIZES = {
         pods=1000,
         durable_events=50_000,
         capctl_runs=30,
+        restore_events=100_000,
+        restore_rounds=20,
     ),
     "tiny": Size(
         round_trips=80,
@@ -33,5 +38,7 @@ SIZES = {
         pods=10,
         durable_events=500,
         capctl_runs=2,
+        restore_events=600,
+        restore_rounds=2,
     ),
 }
