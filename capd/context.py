@@ -11,10 +11,12 @@ from typing import Any
 import orjson
 
 from capd.chat import ChatMessage
+from capd.compaction import summary_message
 from capd.tokens import message_tokens, text_tokens
 from capd.window import window_in_error
 from protocol.events import (
     AssistantMessage,
+    ContextCompacted,
     DurableEvent,
     EngineSession,
     Notification,
@@ -43,6 +45,11 @@ class Context:
     stays true when messages before it are dropped or rewritten."""
     engine_session: str | None = None
     """The external engine's session to resume (the latest `engine_session`)."""
+    engine_session_seq: int = 0
+    """The seq of that `engine_session` event."""
+    summary: str | None = None
+    """The latest compaction's summary, which heads `messages` (with the seq it covers
+    up to) until a newer compaction summarises it again."""
     reported_tokens: int = 0
     """The input tokens the provider reported for the latest call that reported any."""
     reported_seq: int = 0
@@ -58,7 +65,7 @@ class Context:
     def apply(self, event: DurableEvent) -> None:
         made = len(self.messages)
         self._apply(event)
-        if len(self.messages) > made:
+        if len(self.messages) > made and not isinstance(event, ContextCompacted):
             self.seqs.append(event.seq)
 
     def index_after(self, seq: int) -> int:
@@ -69,17 +76,18 @@ class Context:
         """The seq of the newest message's event; 0 when there is none."""
         return self.seqs[-1] if self.seqs else 0
 
-    def tokens(self, system_prompt: str) -> int:
+    def tokens(self, system_prompt: str, tools: int = 0) -> int:
         """The size of the context the next call sends: the provider's count for the
         latest call that gave one plus an estimate (capd.tokens) for the messages since,
-        its reply included; before any such call, an estimate of it all."""
+        its reply included; before any such call, an estimate of it all, with `tools` (the
+        tool definitions' estimate) added."""
         for message in self.messages[len(self.estimated) :]:
             self.estimated.append(
                 (self.estimated[-1] if self.estimated else 0) + message_tokens(message)
             )
         total = self.estimated[-1] if self.estimated else 0
         if not self.reported_seq:
-            return text_tokens(system_prompt) + total
+            return text_tokens(system_prompt) + tools + total
         first = self.index_after(self.reported_seq - 1)
         before = self.estimated[first - 1] if first else 0
         return self.reported_tokens + total - before
@@ -111,7 +119,16 @@ class Context:
                     )
                 )
             case EngineSession(session_id=session_id):
-                self.engine_session = session_id
+                self.engine_session, self.engine_session_seq = session_id, event.seq
+            case ContextCompacted(summary=summary, through_seq=through, window=window):
+                kept = self.index_after(through)
+                self.messages[:kept] = [summary_message(summary)]
+                self.seqs[:kept] = [through]
+                self.summary = summary
+                self.estimated.clear()
+                self.reported_tokens = self.reported_seq = 0
+                if event.trigger == "overflow" and window:
+                    self.learned_window = window
             case TurnEnd(result="errored", error=error) if error:
                 self.learned_window = window_in_error(error) or self.learned_window
             case ToolResult(call_id=call_id, name=name, output=output, is_error=is_error):

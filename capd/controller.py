@@ -19,11 +19,18 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias
 
 from capd.context import INTERRUPTED_TOOL_OUTPUT, Context
 from capd.engines import model_label
-from capd.engines.base import Engine, PendingNote, Turn, TurnOutcome
+from capd.engines.base import (
+    CompactOrder,
+    Engine,
+    PendingNote,
+    Turn,
+    TurnOutcome,
+    cannot_compact,
+)
 from capd.fanout import Hub
 from capd.journal import Journal, QueuedRun, new_event_id, report_note
 from capd.outbox import Outbox
@@ -33,6 +40,7 @@ from capd.window import context_window
 from protocol.errors import ProtocolError
 from protocol.events import (
     ChildSpawned,
+    ContextCompacted,
     DurableEvent,
     Notification,
     PodEventBase,
@@ -46,7 +54,17 @@ from protocol.events import (
     UserMessage,
 )
 from protocol.manifest import Manifest
-from protocol.methods import Cancel, Notify, Pause, Permission, PodEvent, Request, Resume, Run
+from protocol.methods import (
+    Cancel,
+    Compact,
+    Notify,
+    Pause,
+    Permission,
+    PodEvent,
+    Request,
+    Resume,
+    Run,
+)
 from protocol.reports import Errored, Report, TurnEnded, clip
 from protocol.results import NotifyResult, RunResult
 
@@ -60,6 +78,11 @@ daemon is shutting down, so the turn resumes after a restart)."""
 @dataclass(frozen=True, slots=True)
 class _TurnDone:
     task: "asyncio.Task[TurnOutcome]"
+
+
+@dataclass(frozen=True, slots=True)
+class _CompactionDone:
+    task: "asyncio.Task[None]"
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +108,8 @@ class _FromParent:
 
 
 _Call = Request | _Stop | _Adopt | _FromParent
-_Message = tuple[_Call, "asyncio.Future[dict[str, Any]]"] | _TurnDone
+_Reply: TypeAlias = "asyncio.Future[dict[str, Any]]"
+_Message = tuple[_Call, _Reply] | _TurnDone | _CompactionDone
 
 
 def new_turn_id() -> str:
@@ -124,6 +148,11 @@ class PodController:
         self._stopped = False
         self._unfinished: TurnOutcome | None = None
         """A finished turn whose turn_end has not committed yet."""
+        self.compact_wanted: CompactOrder | None = None
+        self._compaction: asyncio.Task[None] | None = None
+        """A compaction between turns or while paused; a turn waits for it to launch."""
+        self._compaction_waiters: list[asyncio.Future[dict[str, Any]]] = []
+        """The `compact` requests answered when it ends."""
 
     # -- the journal, as the engines and endpoints see it -------------------------------
 
@@ -162,6 +191,22 @@ class PodController:
                 ),
                 consumed=[note.pending_id] if note.pending_id is not None else [],
             )
+
+    def commit_compaction(self, event: ContextCompacted) -> None:
+        """Commit a compaction, its `usage` (the summary calls') made the pod's totals and
+        `restore_from` set to the first seq a restart must read: the first message kept,
+        the open turn's start, a report the model has not read, the engine's session."""
+        starts = [event.through_seq + 1]
+        if self.turn is not None:
+            starts.append(self.turn.started_seq)
+        starts += [n.pod_event_seq for n in self.notes if n.pod_event_seq is not None]
+        if self.context.engine_session_seq:
+            starts.append(self.context.engine_session_seq)
+        event.restore_from = min(starts)
+        totals = self.journal.usage
+        event.usage.input_tokens += totals.input_tokens
+        event.usage.output_tokens += totals.output_tokens
+        self.emit(event)
 
     def _set_status(self, status: PodStatusName) -> None:
         self.emit(StatusChanged(status=status, turn_id=self.turn.turn_id if self.turn else None))
@@ -219,6 +264,8 @@ class PodController:
                 msg = await self._mailbox.get()
                 if isinstance(msg, _TurnDone):
                     self._guarded(self._end_done_turn, msg.task)
+                elif isinstance(msg, _CompactionDone):
+                    self._guarded(self._end_compaction, msg.task)
                 elif await self._serve(*msg):
                     return
                 self._guarded(self._kick)
@@ -238,6 +285,9 @@ class PodController:
             return True
         try:
             self._end_turn_if_done()
+            if isinstance(request, Compact):
+                self._compact(request, fut)
+                return False
             result = await self._handle(request)
         except ProtocolError as exc:
             _settle(fut, exc)
@@ -308,8 +358,9 @@ class PodController:
         return RunResult(turn_id=turn.turn_id).model_dump()
 
     async def _pause(self) -> dict[str, Any]:
-        if self.status == "idle":
+        if self.status == "idle" and self._compaction is None:
             raise ProtocolError("not_running", f"pod {self.name} is idle; nothing to pause")
+        await self._stop_compaction()
         if self.status == "running":
             await self._stop_turn_task()
             self._set_status("paused")
@@ -325,14 +376,31 @@ class PodController:
         return {}
 
     async def _cancel(self, clear_queue: bool) -> dict[str, Any]:
-        if self.status == "idle":
+        if self.status == "idle" and self._compaction is None:
             raise ProtocolError("not_running", f"pod {self.name} is idle; nothing to cancel")
+        await self._stop_compaction()
+        if self.status == "idle":
+            return {"cleared": 0}
         dropped = [queued.pending_id for queued in self._queue] if clear_queue else []
         if clear_queue:
             self._queue.clear()
         # The queued runs leave the store with the turn_end: a crash before it keeps them.
         await self._cancel_turn(consumed=dropped)
         return {"cleared": len(dropped)}
+
+    def _compact(self, request: Compact, reply: _Reply) -> None:
+        """Compact at the running turn's next step boundary (answered at once), or now in a
+        task of its own, answered when it ends; a turn that starts meanwhile waits for it."""
+        if not self.engine.can_compact:
+            raise cannot_compact(self.manifest.engine.kind)
+        order = CompactOrder("request", request.instructions)
+        if self.status == "running" and self._compaction is None:
+            self.compact_wanted = order
+            _settle(reply, {})
+            return
+        self._compaction_waiters.append(reply)
+        if self._compaction is None:
+            self._start_compaction(order)
 
     def _notify(self, text: str, source: str) -> dict[str, Any]:
         row = self._store.add_pending(self.name, "notify", text, source=source)
@@ -354,13 +422,17 @@ class PodController:
 
     def _kick(self) -> None:
         """Finish a turn whose turn_end could not be committed before; then, when idle,
-        start what is pending: a queued run first, then buffered notes."""
+        start what is pending: a compaction asked for while the turn ran and not made at
+        a step boundary, a queued run, buffered notes."""
         if self._stopped:
             return
         if self._unfinished is not None and self.status == "running" and self._task is None:
             self._record_turn_end(self._unfinished.result, self._unfinished.error)
         if self.status != "idle":
             return
+        if self.compact_wanted is not None and self._compaction is None:
+            order, self.compact_wanted = self.compact_wanted, None
+            self._start_compaction(order)
         if self._queue:
             queued = self._queue[0]
             self._start(Turn(queued.turn_id, "run"), queued.text, queued.pending_id)
@@ -385,7 +457,10 @@ class PodController:
         self._launch()
 
     def _launch(self) -> None:
+        """Start the turn task, unless a compaction runs: its end launches the turn."""
         assert self.turn is not None
+        if self._compaction is not None:
+            return
         turn = self.engine.drive_turn(self, self.turn)
         task = asyncio.create_task(turn, name=f"turn {self.name}")
         task.add_done_callback(lambda t: self._mailbox.put_nowait(_TurnDone(t)))
@@ -416,6 +491,54 @@ class PodController:
         # Kept until its turn_end commits: a failed commit is tried again at the next _kick.
         self._unfinished = outcome
         self._record_turn_end(outcome.result, outcome.error)
+
+    def _start_compaction(self, order: CompactOrder) -> None:
+        task = asyncio.create_task(self.engine.compact(self, order), name=f"compact {self.name}")
+        task.add_done_callback(lambda t: self._mailbox.put_nowait(_CompactionDone(t)))
+        self._compaction = task
+
+    def _end_compaction(self, task: "asyncio.Task[None]") -> None:
+        """Answer the `compact` requests waiting on the compaction that ended, and launch
+        the turn that waited for it. One already stopped was answered then."""
+        if task is not self._compaction:
+            return
+        self._compaction = None
+        if task.cancelled():
+            outcome: dict[str, Any] | Exception = ProtocolError(
+                "internal", f"the compaction of pod {self.name} was cancelled from outside"
+            )
+        elif isinstance(exc := task.exception(), ProtocolError):
+            outcome = exc
+        elif exc is not None:
+            log.error("compaction of pod %s failed", self.name, exc_info=exc)
+            outcome = _internal(self.name, exc)
+        else:
+            outcome = {}
+        self._answer_compaction(outcome)
+        if self.status == "running" and self._task is None and self.turn is not None:
+            self._launch()
+
+    async def _stop_compaction(self) -> None:
+        """Stop a compaction in its task (a pause, cancel or stop): the context stays as
+        it was, and the requests waiting on it hear why."""
+        task, self._compaction = self._compaction, None
+        if task is None:
+            return
+        task.cancel()
+        await asyncio.wait([task])
+        if not task.cancelled():
+            task.exception()
+        stopped = ProtocolError(
+            "invalid_request",
+            f"pod {self.name}: the compaction was stopped by a pause, cancel or stop; "
+            "the context is as it was",
+        )
+        self._answer_compaction(stopped)
+
+    def _answer_compaction(self, outcome: dict[str, Any] | Exception) -> None:
+        waiters, self._compaction_waiters = self._compaction_waiters, []
+        for reply in waiters:
+            _settle(reply, outcome)
 
     async def _stop_turn_task(self) -> None:
         """Cancel the running turn task and wait until it has let go of what it held. The
@@ -497,6 +620,7 @@ class PodController:
     async def abandon(self) -> None:
         """Let go of what the pod holds: its subscriptions, its engine and its tools. Also
         after its actor was cancelled mid-method, when it would not stop."""
+        await self._stop_compaction()
         self.hub.close_all()
         await self.engine.aclose()
         await self.toolbox.aclose()
@@ -504,7 +628,7 @@ class PodController:
     def _refuse_pending(self) -> None:
         while not self._mailbox.empty():
             msg = self._mailbox.get_nowait()
-            if isinstance(msg, _TurnDone):
+            if isinstance(msg, _TurnDone | _CompactionDone):
                 continue
             request, fut = msg
             stopped = ProtocolError("shutting_down", f"pod {self.name} stopped")

@@ -22,6 +22,7 @@ from capd.outbox import Outbox
 from capd.store import OwedReport, Store
 from protocol.events import (
     AssistantMessage,
+    ContextCompacted,
     DurableEvent,
     Notification,
     PermissionRequest,
@@ -155,6 +156,10 @@ class Journal:
                     turn.output = turn.partial + text
                     # A reply max_tokens cut off goes on in the next step's text.
                     turn.partial = turn.output if event.runs_on else ""
+            case ContextCompacted(usage=usage):
+                # The pod's totals as of the compaction, its summary calls included: a
+                # restart that reads no older event still knows them.
+                self.usage = usage.model_copy()
             case PodEventReceived(payload=payload) if isinstance(payload.get("event_id"), str):
                 self._seen_event_ids.add(payload["event_id"])
             case PermissionRequest(request_id=request_id):

@@ -166,7 +166,11 @@ async def test_an_overflow_ends_the_turn_with_one_line_and_the_pod_goes_on(
     capd: CapdProcess,
 ) -> None:
     async with OpenAITestServer(LLAMA_SERVER) as server:
-        server.enqueue(OverflowReply(prompt_tokens=4476, n_ctx=4096), TextReply("short"))
+        server.enqueue(
+            OverflowReply(prompt_tokens=4476, n_ctx=4096),
+            TextReply("the user told a long story"),
+            TextReply("short"),
+        )
         await spawn(capd, "w1", _model(server))
         async with await connect_pod(capd, "w1") as pod:
             await pod.request({"method": "run", "text": "a long story"})
@@ -176,7 +180,7 @@ async def test_an_overflow_ends_the_turn_with_one_line_and_the_pod_goes_on(
     assert "retry" not in kinds(seen)
     assert end["result"] == "errored"
     error = end["error"]
-    assert error.startswith("the conversation no longer fits the model's context window")
+    assert error.startswith("the newest messages (about 7 tokens) do not fit")
     assert "--ctx-size" in error
     assert "exceeds the available context size (4096 tokens)" in error
     assert "\n" not in error

@@ -111,7 +111,7 @@ class AnthropicProvider:
         budget = config.thinking_budget_tokens
         body: dict[str, Any] = {
             "model": config.name,
-            "max_tokens": config.max_tokens or DEFAULT_MAX_TOKENS + (budget or 0),
+            "max_tokens": _max_tokens(request, config),
             "messages": _wire_messages(request.messages),
             "stream": True,
         }
@@ -147,6 +147,15 @@ class AnthropicProvider:
 
 
 # -- request ------------------------------------------------------------------------------
+
+
+def _max_tokens(request: ModelRequest, config: ModelConfig) -> int:
+    """`model.max_tokens` counts the thinking; capd's default and a summary call's limit
+    get the thinking budget on top."""
+    budget = config.thinking_budget_tokens or 0
+    if request.max_tokens is not None:
+        return request.max_tokens + budget
+    return config.max_tokens or DEFAULT_MAX_TOKENS + budget
 
 
 def _wire_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:

@@ -33,6 +33,8 @@ class ModelRequest:
     tools: Sequence[ToolSpec] = ()
     tool_choice: str | None = None
     """`auto`, `required`, `none` or a tool's name; None leaves it to the API's default."""
+    max_tokens: int | None = None
+    """The reply's limit for this call (a summary's), in place of `model.max_tokens`."""
 
 
 @dataclass(frozen=True, slots=True)

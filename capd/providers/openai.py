@@ -112,8 +112,9 @@ class OpenAIProvider:
             body["tools"] = [_wire_tool(tool) for tool in request.tools]
             if request.tool_choice is not None:
                 body["tool_choice"] = _wire_tool_choice(request.tool_choice)
-        if self._config.max_tokens is not None:
-            body["max_tokens"] = self._config.max_tokens
+        max_tokens = request.max_tokens or self._config.max_tokens
+        if max_tokens is not None:
+            body["max_tokens"] = max_tokens
         if self._config.temperature is not None:
             body["temperature"] = self._config.temperature
         return body
