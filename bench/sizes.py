@@ -16,6 +16,7 @@ class Size:
     restore_events: int
     restore_rounds: int
     """Stops and starts of each pod whose restore is timed."""
+    soak_turns: int
 
 
 SIZES = {
@@ -29,6 +30,7 @@ SIZES = {
         capctl_runs=30,
         restore_events=100_000,
         restore_rounds=20,
+        soak_turns=2000,
     ),
     "tiny": Size(
         round_trips=80,
@@ -40,5 +42,6 @@ SIZES = {
         capctl_runs=2,
         restore_events=600,
         restore_rounds=2,
+        soak_turns=30,
     ),
 }
