@@ -29,7 +29,7 @@ SIZES = {
         durable_events=50_000,
         capctl_runs=30,
         restore_events=100_000,
-        restore_rounds=20,
+        restore_rounds=50,
         soak_turns=2000,
     ),
     "tiny": Size(
