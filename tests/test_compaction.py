@@ -325,3 +325,44 @@ async def test_a_crash_mid_compaction_loses_nothing_and_restore_starts_from_it(
     assert "BRAVO lorem" in _texts(last)
     assert history[0]["seq"] == 1
     assert any("ALPHA" in e.get("text", "") for e in history)
+
+
+@pytest.mark.own_capd
+async def test_a_report_the_model_has_not_read_outlives_a_compaction_and_a_restart(
+    capd: CapdProcess, server: OpenAITestServer
+) -> None:
+    await spawn(capd, "boss", _model(server))
+    async with await connect_pod(capd, "boss") as pod:
+        await _two_turns(pod, server)
+        never = asyncio.Event()
+        server.enqueue(HeldReply(TextReply("never sent"), never))
+        await pod.request({"method": "run", "text": "CHARLIE: wait for w2"})
+        await server.wait_requests(3)
+        await pause_turn(pod)
+        report = {
+            "kind": "turn_ended",
+            "pod": "w2",
+            "event_id": "w2/5be0c1d2a3f49687",
+            "turn_id": "t-51c0ffee0001",
+            "result": "finished",
+            "output": "REPORT: fixed the flaky test",
+        }
+        await pod.request({"method": "pod_event", "event": report})
+        server.enqueue(TextReply("the summary"))
+        assert await pod.request({"method": "compact"}) == {}
+        compacted, _ = await wait_for(pod, is_event("context_compacted"))
+        history = await full_history(pod)
+    received = next(e for e in history if e["event"] == "pod_event_received")
+    assert compacted["restore_from"] == compacted["through_seq"] + 1 < received["seq"]
+    assert "REPORT" not in _texts(server.requests[-1])
+    await asyncio.to_thread(capd.stop)
+    await asyncio.to_thread(capd.start)
+    async with await connect_pod(capd, "boss") as pod:
+        server.enqueue(TextReply("thanks, w2"))
+        end, _ = await resume_turn(pod)
+    assert end["output"] == "thanks, w2"
+    last = server.requests[-1]
+    assert "REPORT: fixed the flaky test" in _texts(last)
+    assert "the summary" in _texts(last)
+    assert "CHARLIE: wait for w2" in _texts(last)
+    assert "ALPHA lorem" not in _texts(last)
