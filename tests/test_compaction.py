@@ -10,6 +10,9 @@ import pytest
 from capd.compaction import SUMMARY_HEADING, SUMMARY_SYSTEM_PROMPT
 from protocol.errors import ProtocolError
 from tests.conftest import CapdProcess
+from tests.fakes.anthropic_server import AnthropicTestServer
+from tests.fakes.anthropic_server import ErrorReply as AnthropicError
+from tests.fakes.anthropic_server import TextReply as AnthropicText
 from tests.fakes.openai_flavors import LLAMA_SERVER
 from tests.fakes.openai_server import (
     FunctionCall,
@@ -366,3 +369,29 @@ async def test_a_report_the_model_has_not_read_outlives_a_compaction_and_a_resta
     assert "the summary" in _texts(last)
     assert "CHARLIE: wait for w2" in _texts(last)
     assert "ALPHA lorem" not in _texts(last)
+
+
+async def test_anthropic_prompt_too_long_compacts_and_calls_again(capd: CapdProcess) -> None:
+    async with AnthropicTestServer() as server:
+        model = {"provider": "anthropic", "name": "claude-test", "base_url": server.base_url}
+        await spawn(capd, "w1", model)
+        async with await connect_pod(capd, "w1") as pod:
+            server.enqueue(AnthropicText("first answer"), AnthropicText("second answer"))
+            for tag in ("ALPHA", "BRAVO"):
+                await run_turn(pod, f"{tag} lorem ipsum")
+            server.enqueue(
+                AnthropicError(400, "prompt is too long: 208310 tokens > 200000 maximum"),
+                AnthropicText("summary of ALPHA and BRAVO"),
+                AnthropicText("went on"),
+            )
+            end, seen = await run_turn(pod, "CHARLIE")
+    assert (end["result"], end["output"]) == ("finished", "went on")
+    compacted = next(e for e in seen if e["event"] == "context_compacted")
+    assert (compacted["trigger"], compacted["window"]) == ("overflow", 200_000)
+    summary_call, retried = server.requests[-2], server.requests[-1]
+    assert summary_call["system"] == SUMMARY_SYSTEM_PROMPT
+    assert "tools" not in summary_call
+    assert [m["role"] for m in retried["messages"]] == ["user"]
+    assert "summary of ALPHA and BRAVO" in str(retried["messages"])
+    assert "CHARLIE" in str(retried["messages"])
+    assert "ALPHA lorem" not in str(retried["messages"])
