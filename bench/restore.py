@@ -14,7 +14,6 @@ comes once the pod is restored: the figure is that round trip, the median of
 
 import statistics
 import time
-from pathlib import Path
 
 from bench import servers
 from bench.report import Figure
@@ -104,7 +103,7 @@ class _Pod:
     def __init__(self, capd: servers.Server, old_turns: int, compacted: bool) -> None:
         self.capd = capd
         self.daemon = LineClient(capd.socket)
-        servers.spawn(self.daemon, "p", servers.scripted())
+        self.socket = servers.spawn(self.daemon, "p", servers.scripted())
         self.daemon.request({"id": "stop", "method": "stop", "name": "p"})
         store = Store(capd.workdir / "state" / "capd.db")
         try:
@@ -120,11 +119,11 @@ class _Pod:
         self.times.append(time.perf_counter() - start)
         if not self.rss:
             self.rss = self.capd.rss_bytes()
-            self._check(self.capd.socket.parent / "pods" / "p.sock")
+            self._check()
         self.daemon.request({"id": "stop", "method": "stop", "name": "p"})
 
-    def _check(self, socket: Path) -> None:
-        with LineClient(socket) as pod:
+    def _check(self) -> None:
+        with LineClient(self.socket) as pod:
             status = pod.request({"id": "s", "method": "status"})["result"]
         if (status["status"], status["last_seq"]) != ("idle", self.last_seq):
             raise RuntimeError(f"restored pod is {status['status']} at {status['last_seq']}")
