@@ -28,6 +28,8 @@ from capctl.oneshot import daemon_call, pod_call, wait_ready
 from capctl.render import (
     EventPrinter,
     TurnPrinter,
+    compacted_line,
+    compaction_started_line,
     duration,
     key_values,
     pod_status,
@@ -40,6 +42,8 @@ from protocol.names import IfBusy, ToolName
 T = TypeVar("T")
 
 HISTORY_PAGE = 1000
+COMPACT_ID = "compact"
+"""The `id` of `capctl compact`'s request, whose reply it reads among the pod's events."""
 STATUS_ORDER = (
     "name",
     "status",
@@ -371,6 +375,96 @@ def permission(settings: Settings, pod: str, request_id: str, option_id: str | N
     request = {"method": "permission", "request_id": request_id, "option_id": option_id}
     result = pod_call(settings.runtime, pod, request)
     report(settings, result, f"answered {request_id}: {option_id or 'cancelled'}")
+
+
+async def _compact(settings: Settings, pod: str, instructions: str | None, wait: bool) -> None:
+    """Subscribe from the pod's last seq, ask it to compact, and wait for its
+    `context_compacted` (trigger `request`). The request is sent with no reply awaited, so
+    that its ack arrives among the events in the order capd sent them: an idle or paused
+    pod commits the compaction before it acks, a running one acks first and compacts at its
+    next step boundary, and the status events before the ack tell which it was."""
+    from capctl.session import Subscription, connect_pod
+    from protocol.framing import encode
+    from protocol.methods import Compact
+
+    async with await connect_pod(settings.runtime, pod) as client:
+        found = client.hello.pod if client.hello else None
+        status = found.status if found else None
+        events = Subscription(client)
+        await events.start(found.last_seq if found else None)
+        request = Compact(instructions=instructions).model_dump(mode="json", exclude_none=True)
+        await client.send_raw(encode({**request, "id": COMPACT_ID}))
+        acked = compacted = False
+        async for event in events:
+            kind = event.get("event")
+            if kind in ("ack", "error") and event.get("id") == COMPACT_ID:
+                if kind == "error":
+                    raise CapctlError(f"{event.get('code')}: {event.get('message')}")
+                acked = True
+                if settings.json:
+                    echo_json(event.get("result") or {})
+                if compacted:
+                    return
+                if status != "running":
+                    if not settings.json:
+                        click.echo(f"{pod}: nothing to compact")
+                    return
+                if not settings.json:
+                    later = f"{pod} is running: it compacts at its next step boundary"
+                    click.echo(f"[{later}; waiting, Ctrl-C detaches]" if wait else later, err=wait)
+                if not wait:
+                    return
+            elif kind == "status":
+                status = event.get("status")
+            elif event.get("trigger") != "request":
+                continue
+            elif kind == "compaction_started" and not settings.json:
+                click.echo(f"[{pod}: {compaction_started_line(event)}]", err=True)
+            elif kind == "context_compacted":
+                if settings.json:
+                    echo_json(event)
+                else:
+                    click.echo(compacted_line(pod, event))
+                compacted = True
+                if acked:
+                    return
+    raise CapctlError(f"pod {pod} closed the connection before it compacted")
+
+
+@cli.command()
+@pod_argument
+@click.option(
+    "--instructions",
+    metavar="TEXT",
+    help="What the summary must keep or focus on; added to the summary prompt "
+    "(at most 10,000 characters).",
+)
+@click.option(
+    "--no-wait",
+    "no_wait",
+    is_flag=True,
+    help="Return once capd has taken the request, without waiting for a running pod to "
+    "reach its next step boundary.",
+)
+@json_option
+@pass_settings
+def compact(settings: Settings, pod: str, instructions: str | None, no_wait: bool) -> None:
+    """Compact the pod's model context: its model summarises the older part of it.
+
+    An idle or paused pod compacts at once; a running one at its next step boundary, and
+    capctl waits for that. Prints the context's size before and after. Exits 0 once
+    compacted, 1 on an error (an engine that manages its own context cannot compact).
+    Ctrl-C detaches: the compaction still happens.
+    """
+    from protocol.methods import MAX_INSTRUCTIONS
+
+    if instructions is not None and len(instructions) > MAX_INSTRUCTIONS:
+        raise click.BadParameter(
+            f"{len(instructions):,} characters; at most {MAX_INSTRUCTIONS:,}",
+            param_hint="'--instructions'",
+        )
+    note = f"detached from {pod}; the compaction still happens"
+    run(_compact(settings, pod, instructions, not no_wait), interrupt_note=note)
 
 
 async def _send(settings: Settings, pod: str, text: str, if_busy: IfBusy) -> int:
