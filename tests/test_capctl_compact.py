@@ -217,6 +217,11 @@ def test_compact_refuses_instructions_past_the_limit(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr
 
 
+def test_compact_without_a_daemon(tmp_path: Path) -> None:
+    done = capctl(tmp_path, "compact", "w1")
+    assert_one_line_error(done, f"cannot reach capd at {tmp_path / 'capd.sock'}")
+
+
 def test_watch_and_log_show_compactions() -> None:
     out = io.StringIO()
     printer = EventPrinter(out)
