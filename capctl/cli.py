@@ -28,8 +28,6 @@ from capctl.oneshot import daemon_call, pod_call, wait_ready
 from capctl.render import (
     EventPrinter,
     TurnPrinter,
-    compacted_line,
-    compaction_started_line,
     duration,
     key_values,
     pod_status,
@@ -42,8 +40,6 @@ from protocol.names import IfBusy, ToolName
 T = TypeVar("T")
 
 HISTORY_PAGE = 1000
-COMPACT_ID = "compact"
-"""The `id` of `capctl compact`'s request, whose reply it reads among the pod's events."""
 STATUS_ORDER = (
     "name",
     "status",
@@ -378,56 +374,23 @@ def permission(settings: Settings, pod: str, request_id: str, option_id: str | N
 
 
 async def _compact(settings: Settings, pod: str, instructions: str | None, wait: bool) -> None:
-    """Subscribe from the pod's last seq, ask it to compact, and wait for its
-    `context_compacted` (trigger `request`). The request is sent with no reply awaited, so
-    that its ack arrives among the events in the order capd sent them: an idle or paused
-    pod commits the compaction before it acks, a running one acks first and compacts at its
-    next step boundary, and the status events before the ack tell which it was."""
+    """Subscribe from the pod's last seq (so its status is known), ask, and follow the
+    request to its outcome (see `compacting.py`)."""
+    from capctl.compacting import COMPACT_ID, CompactionWatch
     from capctl.session import Subscription, connect_pod
     from protocol.framing import encode
     from protocol.methods import Compact
 
     async with await connect_pod(settings.runtime, pod) as client:
         found = client.hello.pod if client.hello else None
-        status = found.status if found else None
+        watch = CompactionWatch(pod, found.status if found else None, wait=wait, json=settings.json)
         events = Subscription(client)
         await events.start(found.last_seq if found else None)
         request = Compact(instructions=instructions).model_dump(mode="json", exclude_none=True)
         await client.send_raw(encode({**request, "id": COMPACT_ID}))
-        acked = compacted = False
         async for event in events:
-            kind = event.get("event")
-            if kind in ("ack", "error") and event.get("id") == COMPACT_ID:
-                if kind == "error":
-                    raise CapctlError(f"{event.get('code')}: {event.get('message')}")
-                acked = True
-                if settings.json:
-                    echo_json(event.get("result") or {})
-                if compacted:
-                    return
-                if status != "running":
-                    if not settings.json:
-                        click.echo(f"{pod}: nothing to compact")
-                    return
-                if not settings.json:
-                    later = f"{pod} is running: it compacts at its next step boundary"
-                    click.echo(f"[{later}; waiting, Ctrl-C detaches]" if wait else later, err=wait)
-                if not wait:
-                    return
-            elif kind == "status":
-                status = event.get("status")
-            elif event.get("trigger") != "request":
-                continue
-            elif kind == "compaction_started" and not settings.json:
-                click.echo(f"[{pod}: {compaction_started_line(event)}]", err=True)
-            elif kind == "context_compacted":
-                if settings.json:
-                    echo_json(event)
-                else:
-                    click.echo(compacted_line(pod, event))
-                compacted = True
-                if acked:
-                    return
+            if watch.see(event):
+                return
     raise CapctlError(f"pod {pod} closed the connection before it compacted")
 
 

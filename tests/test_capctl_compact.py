@@ -2,13 +2,12 @@
 
 The first tests drive capctl against a stand-in pod socket that answers as the contract
 says a pod does (an idle pod commits `context_compacted` before its ack, a running one
-acks first), so the waiting logic is checked frame by frame. The tests after them use a
-real capd; they are skipped until capd carries the server side of `compact`.
+acks first), so the waiting logic is checked frame by frame, and the printers are given
+events. The tests after them use a real capd.
 """
 
 import asyncio
 import contextlib
-import importlib.util
 import io
 import re
 import signal
@@ -63,9 +62,18 @@ def started(trigger: str = "request") -> Frame:
     return {"event": "compaction_started", "pod": "w1", "turn_id": None, "trigger": trigger}
 
 
-def running(seq: int) -> Frame:
-    return {"event": "status", "pod": "w1", "seq": seq, "ts": 1.0, "status": "running"} | {
-        "turn_id": "t-1"
+def status(seq: int, name: str) -> Frame:
+    turn_id = None if name == "idle" else "t-1"
+    return {"event": "status", "pod": "w1", "seq": seq, "ts": 1.0, "status": name} | {
+        "turn_id": turn_id
+    }
+
+
+def turn_end(seq: int, result: str, error: str | None = None) -> Frame:
+    return {"event": "turn_end", "pod": "w1", "seq": seq, "ts": 1.0, "turn_id": "t-1"} | {
+        "result": result,
+        "output": "",
+        "error": error,
     }
 
 
@@ -138,11 +146,13 @@ async def test_compact_an_idle_pod_prints_the_sizes(tmp_path: Path) -> None:
 async def test_compact_a_running_pod_waits_for_its_own_compaction(tmp_path: Path) -> None:
     """The hello said idle, but a turn started before the subscription: the replay's
     status tells capctl that the ack came before the compaction. An auto compaction
-    meanwhile is not the one it asked for."""
-    ours = compacted(12, tokens_before=9000, tokens_after=800, window=None, turn_id="t-1")
+    meanwhile is not the one it asked for, and a turn that ends before its next step
+    leaves the compaction to be made after it."""
+    ours = compacted(12, tokens_before=9000, tokens_after=800, window=None)
+    turn = [compacted(9, "auto", turn_id="t-1"), turn_end(10, "finished"), status(11, "idle")]
     answers = [
-        ("subscribe", [{"event": "ack", "result": {"last_seq": 7}}, running(8)]),
-        ("compact", [ACK, compacted(9, "auto", turn_id="t-1"), started(), ours]),
+        ("subscribe", [{"event": "ack", "result": {"last_seq": 7}}, status(8, "running")]),
+        ("compact", [ACK, *turn, started(), ours]),
     ]
     async with stand_in_pod(tmp_path, hello("idle", 7), answers):
         code, out, err = await run_capctl(tmp_path, "compact", "w1")
@@ -162,6 +172,34 @@ async def test_compact_no_wait_returns_after_the_ack(tmp_path: Path) -> None:
     async with stand_in_pod(tmp_path, hello("running", 3), answers):
         code, out, err = await run_capctl(tmp_path, "compact", "w1", "--no-wait")
     assert (code, out, err) == (0, RUNNING_NOTE + "\n", "")
+
+
+@pytest.mark.parametrize(
+    ("stop", "why"),
+    [
+        (
+            turn_end(9, "errored", "model call failed: boom"),
+            "the compaction of w1 did not finish (turn errored: model call failed: boom)",
+        ),
+        (status(9, "paused"), "a pause stopped the compaction of w1"),
+    ],
+)
+async def test_compact_reports_a_compaction_its_turn_stopped(
+    tmp_path: Path, stop: Frame, why: str
+) -> None:
+    """Begun at a step boundary, the compaction ends with the turn's pause or end."""
+    answers = [
+        ("subscribe", [{"event": "ack", "result": {"last_seq": 3}}]),
+        ("compact", [ACK, started() | {"turn_id": "t-1"}, stop]),
+    ]
+    async with stand_in_pod(tmp_path, hello("running", 3), answers):
+        code, out, err = await run_capctl(tmp_path, "compact", "w1")
+    assert (code, out) == (1, "")
+    assert err.splitlines()[:2] == [
+        f"[{RUNNING_NOTE}; waiting, Ctrl-C detaches]",
+        "[w1: compacting the context (request)…]",
+    ]
+    assert err.splitlines()[2:] == [f"capctl: {why}; capctl compact w1 asks again"]
 
 
 async def test_compact_reports_an_error_in_one_line(tmp_path: Path) -> None:
@@ -255,10 +293,6 @@ def test_send_notes_a_compaction_of_its_turn() -> None:
 
 # -- against a real capd ---------------------------------------------------------------------
 
-server_compacts = pytest.mark.skipif(
-    importlib.util.find_spec("capd.compaction") is None,
-    reason="capd has no server side of `compact` yet (capd/compaction.py)",
-)
 COMPACTED_LINE = re.compile(
     r"compacted w1: [\d,]+ → [\d,]+ (of [\d,]+ )?tokens \(through seq (\d+)\)\n"
 )
@@ -269,7 +303,6 @@ def _compactions(capd: CapdProcess, pod: str) -> list[Frame]:
     return [e for e in events if e["event"] == "context_compacted"]
 
 
-@server_compacts
 @pytest.mark.shared_capd
 def test_compact_an_idle_pod_of_capd(capd: CapdProcess, tmp_path: Path) -> None:
     rt = capd.runtime_dir
@@ -296,7 +329,6 @@ def test_compact_an_idle_pod_of_capd(capd: CapdProcess, tmp_path: Path) -> None:
     assert "── context compacted (request): " in ok(rt, "log", "w1")
 
 
-@server_compacts
 @pytest.mark.shared_capd
 def test_compact_a_running_pod_of_capd_at_its_next_step(capd: CapdProcess, tmp_path: Path) -> None:
     rt = capd.runtime_dir
@@ -327,7 +359,13 @@ def test_compact_a_running_pod_of_capd_at_its_next_step(capd: CapdProcess, tmp_p
     assert {e["trigger"] for e in _compactions(capd, "w1")} == {"request"}
 
 
-@server_compacts
+@pytest.mark.shared_capd
+def test_compact_with_nothing_to_compact(capd: CapdProcess, tmp_path: Path) -> None:
+    spawn_scripted(capd, tmp_path, "w1")
+    done = capctl(capd.runtime_dir, "compact", "w1")
+    assert_one_line_error(done, "invalid_request", "nothing to compact")
+
+
 @pytest.mark.shared_capd
 def test_compact_is_refused_by_an_external_engine(capd: CapdProcess, tmp_path: Path) -> None:
     state = tmp_path / "acp"
@@ -338,3 +376,30 @@ def test_compact_is_refused_by_an_external_engine(capd: CapdProcess, tmp_path: P
     ok(capd.runtime_dir, "spawn", "-f", str(manifest))
     done = capctl(capd.runtime_dir, "compact", "ag")
     assert_one_line_error(done, "invalid_request", "manages its own context", "cannot compact")
+
+
+@pytest.mark.shared_capd
+def test_compact_says_when_a_pause_stops_it(capd: CapdProcess, tmp_path: Path) -> None:
+    """The scripted provider answers a summary call (no assistant message in it) with the
+    script's first step: here a slow one, so the pause comes while the summary streams."""
+    rt = capd.runtime_dir
+    slow = {"text": "x" * 400, "chunk_chars": 1, "delay_ms": 5}
+    spawn_scripted(capd, tmp_path, "w1", [slow | {"tool_calls": [{"name": "bash"}]}])
+    send = start_capctl(rt, "send", "w1", "go")
+    try:
+        Output(send.stdout).until("x")
+        waiter = start_capctl(rt, "compact", "w1")
+        try:
+            Output(waiter.stderr).until("compacting the context (request)")
+            ok(rt, "pause", "w1")
+            _, err = waiter.communicate(timeout=TIMEOUT_S)
+        finally:
+            waiter.kill()
+        assert waiter.returncode == 1
+        assert err.decode() == "capctl: a pause stopped the compaction of w1; " + (
+            "capctl compact w1 asks again\n"
+        )
+    finally:
+        send.kill()
+        send.wait()
+    assert _compactions(capd, "w1") == []
