@@ -416,8 +416,9 @@ def compact(settings: Settings, pod: str, instructions: str | None, no_wait: boo
 
     An idle or paused pod compacts at once; a running one at its next step boundary, and
     capctl waits for that. Prints the context's size before and after. Exits 0 once
-    compacted, 1 on an error (an engine that manages its own context cannot compact).
-    Ctrl-C detaches: the compaction still happens.
+    compacted; 1 on an error: nothing to compact, the summary's model call failed, a
+    pause or cancel stopped it, or the engine manages its own context. Ctrl-C detaches:
+    the compaction still happens.
     """
     from protocol.methods import MAX_INSTRUCTIONS
 
