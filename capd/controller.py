@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeAlias
 
+from capd.compaction import tools_tokens
 from capd.context import INTERRUPTED_TOOL_OUTPUT, Context
 from capd.engines import model_label
 from capd.engines.base import (
@@ -662,7 +663,9 @@ class PodController:
                 "output_tokens": self.journal.usage.output_tokens,
             },
             "context": {
-                "tokens": self.context.tokens(self.manifest.system_prompt),
+                "tokens": self.context.tokens(
+                    self.manifest.system_prompt, tools_tokens(self.toolbox.specs())
+                ),
                 "window": self._context_window(),
             },
             "socket": str(self.socket_path),

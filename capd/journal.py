@@ -188,7 +188,9 @@ class Journal:
         """Rebuild the derived state from stored events, and find the state machine's:
         queued runs, buffered notifications and received reports the model has not seen
         yet are pending again. The engine that asked a question still open is gone with
-        the capd that died, so its questions are resolved here."""
+        the capd that died, so its questions are resolved here. `stored` may begin at the
+        latest compaction's `restore_from`: the open turn and the unread reports come after
+        it by construction, and that event carries the usage totals."""
         found = Restored()
         unseen: dict[int, PodEventReceived] = {}
         started: set[str] = set()

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import orjson
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS pods (
     name     TEXT PRIMARY KEY,
@@ -194,6 +196,20 @@ class Store:
             if size >= PAGE_BYTES:
                 break
         return page
+
+    def restore_start(self, pod: str) -> int:
+        """The first seq a restart reads: the `restore_from` of the pod's latest
+        `context_compacted` (never past that event itself), else 1. The scan runs back from
+        the newest event, so it reads only the events since that compaction."""
+        row = self._db.execute(
+            "SELECT seq, data FROM events WHERE pod = ? AND kind = 'context_compacted' "
+            "ORDER BY seq DESC LIMIT 1",
+            (pod,),
+        ).fetchone()
+        if row is None:
+            return 1
+        seq, data = row
+        return min(orjson.loads(data).get("restore_from") or 1, seq)
 
     def events_of_kind_after(self, pod: str, after_seq: int, kind: str) -> list[tuple[int, bytes]]:
         """Every event of one `kind` with seq > after_seq, oldest first, as (seq, json)."""

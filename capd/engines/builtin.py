@@ -229,7 +229,9 @@ class BuiltinEngine:
             # After an overflow the estimates proved too low: only the unread stays.
             cut = plan_cut(messages, fixed, room, keep_recent=order.trigger == "auto")
         older = messages[1 if previous is not None else 0 : cut.index]
-        if not older:
+        # An automatic compaction that would not shrink the context is not made.
+        worth = sum(map(message_tokens, older)) > (room.summary if order.trigger == "auto" else 0)
+        if not worth:
             if cut.fits and order.trigger != "overflow":
                 return False
             cut = Cut(len(messages), 0, fits=False)
@@ -270,10 +272,12 @@ class BuiltinEngine:
         room: Room,
     ) -> tuple[str, Usage]:
         """The summary of `older` (after the summary so far, `previous`), made piece by
-        piece; a summary call that overflows is made again with pieces half as long."""
+        piece, each piece's summary carried into the next; when a summary call overflows,
+        it all starts again with pieces half as long, at most SMALLER_PIECES times."""
         usage = Usage()
         piece_tokens = room.piece - (text_tokens(instructions) if instructions else 0)
-        for attempt in range(SMALLER_PIECES + 1):
+        halvings = 0
+        while True:
             summary = previous
             try:
                 lines = transcript_lines(older, max(1, piece_tokens // 2))
@@ -286,13 +290,13 @@ class BuiltinEngine:
                     usage.output_tokens += reply.usage.output_tokens
                     summary = reply.text.strip()
             except ProviderError as exc:
-                if not exc.overflow or attempt == SMALLER_PIECES:
+                if not exc.overflow or halvings == SMALLER_PIECES:
                     raise
+                halvings += 1
                 piece_tokens //= 2
                 continue
-            assert summary is not None
+            assert summary is not None  # `older` is never empty without a summary before
             return summary, usage
-        raise AssertionError("unreachable")
 
     async def _summary_once(self, prompt: str, max_tokens: int) -> ModelReply:
         request = ModelRequest(

@@ -26,6 +26,24 @@ def test_events_of_one_kind(store: Store) -> None:
     assert [seq for seq, _ in store.events_of_kind_after("p", 3, "turn_end")] == [4]
 
 
+def test_a_restore_starts_where_the_latest_compaction_says(store: Store) -> None:
+    def compacted(seq: int, restore_from: int) -> StoredEvent:
+        return (
+            seq,
+            1.0,
+            "context_compacted",
+            b'{"seq":%d,"restore_from":%d}' % (seq, restore_from),
+        )
+
+    assert store.restore_start("p") == 1
+    store.append("p", _events(1, 5))
+    assert store.restore_start("p") == 1
+    store.append("p", [compacted(6, 3), *_events(7, 3), compacted(10, 8), *_events(11, 2)])
+    store.append("q", [compacted(1, 0)])
+    assert store.restore_start("p") == 8
+    assert store.restore_start("q") == 1
+
+
 def test_an_append_commits_its_report_and_uses_up_its_pending_rows(store: Store) -> None:
     row = store.add_pending("p", "run", "go", turn_id="t-1")
     store.append("p", _events(1, 2), OwedReport("/parent", b'{"kind":"x"}'), [row])
