@@ -23,8 +23,9 @@ it compact (a `session/compact` is only proposed), so `compact` is refused
 `compaction_update` (`in_progress`, summary chunks, then `completed`) gets a
 `compaction_started` and, when completed, a `context_compacted` (trigger "auto") through
 the last message before it, with the summary it showed (else a note that it showed none);
-ACP gives no token counts, so both are 0. A failed or cancelled one changes nothing, and
-those replayed by `session/load` are not recorded again.
+ACP gives no token counts, so both are 0. Later updates of a completed one are patches and
+change nothing, nor does a failed or cancelled one; those replayed by `session/load` are
+not recorded again.
 """
 
 import asyncio
@@ -142,6 +143,9 @@ class AcpEngine(ExternalEngine):
         self._turn: tuple[TurnHost, Turn] | None = None
         self._asked: dict[str, _Asked] = {}
         self._asked_ids = itertools.count(1)
+        self._compacted: set[str] = set()
+        """The compactionIds recorded: later updates of one only patch it (claude-agent-acp
+        repeats the terminal update)."""
 
     def answer_permission(self, request_id: str, option_id: str | None) -> None:
         asked = self._asked.get(request_id)
@@ -368,6 +372,8 @@ class AcpEngine(ExternalEngine):
         """Follow a compaction the agent reports; record it once it is completed."""
         compaction_id = str(update.get("compactionId", ""))
         status = update.get("status")
+        if compaction_id in self._compacted:
+            return
         if update.get("sessionUpdate") == "compaction_summary_chunk":
             if compaction_id in state.summaries:
                 state.summaries[compaction_id] += _content_text(update.get("content"))
@@ -395,6 +401,7 @@ class AcpEngine(ExternalEngine):
                     )
                 )
                 self._sent = through
+                self._compacted.add(compaction_id)
             case "failed" | "cancelled":
                 state.summaries.pop(compaction_id, None)
 

@@ -25,7 +25,8 @@ What a prompt (its last text block) asks for:
     crash-once    as crash, unless $FAKE_ACP_DIR/crashed exists (which it creates)
     compact-auto  compacts its context first, if the client said it takes compaction
                   updates (`clientCapabilities.session`): `compaction_update` in_progress,
-                  the summary in two `compaction_summary_chunk`s, then `completed`; then
+                  the summary in two `compaction_summary_chunk`s, then `completed` twice
+                  (as claude-agent-acp 0.101, the second a status-only patch); then
                   "You said: compact-auto". `compact-silent` reports only `completed`,
                   with no summary; `compact-failed` reports in_progress then `failed`.
     anything else a thought, an empty chunk, then "You said: <prompt>"
@@ -433,7 +434,8 @@ class TestAgent(Agent):
         if how == "compact-auto":
             for piece in (SUMMARY[:10], SUMMARY[10:]):
                 updates.append({**chunk, "content": {"type": "text", "text": piece}})
-            updates.append({**update, "status": "completed"})
+            # claude-agent-acp 0.101 repeats the terminal update, status only.
+            updates += [{**update, "status": "completed"}, {**update, "status": "completed"}]
         elif how == "compact-silent":
             updates = [{**update, "status": "completed"}]
         else:
