@@ -526,10 +526,7 @@ class PodController:
         task, self._compaction = self._compaction, None
         if task is None:
             return
-        task.cancel()
-        await asyncio.wait([task])
-        if not task.cancelled():
-            task.exception()
+        await _cancel_and_wait(task)
         stopped = ProtocolError(
             "invalid_request",
             f"pod {self.name}: the compaction was stopped by a pause, cancel or stop; "
@@ -550,12 +547,8 @@ class PodController:
         """Cancel the running turn task and wait until it has let go of what it held. The
         turn stays open: the caller pauses it or records its end."""
         task, self._task = self._task, None
-        if task is None:
-            return
-        task.cancel()
-        await asyncio.wait([task])
-        if not task.cancelled():
-            task.exception()
+        if task is not None:
+            await _cancel_and_wait(task)
 
     async def _cancel_turn(self, consumed: Sequence[int] = ()) -> None:
         """Stop the turn's task if it runs, and end the turn `cancelled`, with the
@@ -692,6 +685,15 @@ class PodController:
                 for asked in self.journal.asked.values()
             ],
         }
+
+
+async def _cancel_and_wait(task: "asyncio.Task[Any]") -> None:
+    """Cancel `task` and wait until it has let go of what it held; what it raised
+    instead of stopping is the caller's to ignore."""
+    task.cancel()
+    await asyncio.wait([task])
+    if not task.cancelled():
+        task.exception()
 
 
 def _being_cancelled() -> bool:
