@@ -257,7 +257,9 @@ class BuiltinEngine:
             cut = Cut(len(messages), 0, fits=False)
             older = messages[1 if previous is not None else 0 :]
         host.emit_ephemeral(CompactionStarted(turn_id=turn_id, trigger=order.trigger))
-        summary, usage = await self._summarise(host, older, previous, order.instructions, room)
+        summary, usage = await self._summarise(
+            host, turn_id, older, previous, order.instructions, room
+        )
         after = fixed + message_tokens(summary_message(summary)) + cut.kept_tokens
         host.commit_compaction(
             ContextCompacted(
@@ -286,6 +288,7 @@ class BuiltinEngine:
     async def _summarise(
         self,
         host: TurnHost,
+        turn_id: str | None,
         older: list[ChatMessage],
         previous: str | None,
         instructions: str | None,
@@ -304,7 +307,7 @@ class BuiltinEngine:
                 for piece in pieces(lines, piece_tokens):
                     prompt = summary_prompt(piece, summary, instructions)
                     reply = await self._call_model(
-                        host, None, lambda prompt=prompt: self._summary_once(prompt, room.summary)
+                        host, turn_id, lambda p=prompt: self._summary_once(p, room.summary)
                     )
                     usage.input_tokens += reply.usage.input_tokens
                     usage.output_tokens += reply.usage.output_tokens
