@@ -3,7 +3,9 @@
 The request is sent with no reply awaited, so its ack (or error) arrives among the events in
 the order capd sent them. That order tells what happened: an idle or paused pod commits the
 `context_compacted` before it acks; a running pod acks at once and compacts at its next step
-boundary, or after the turn; the `status` events before the ack say which it was.
+boundary, or after the turn; the `status` events before the ack say which it was. A
+request a running pod does not make after all (nothing to compact, its summary call failed,
+the turn was cancelled) ends in `compaction_skipped`; a pause only puts it off.
 """
 
 from typing import Any
@@ -12,7 +14,7 @@ import click
 import orjson
 
 from capctl.errors import CapctlError
-from capctl.render import compacted_line, compaction_started_line, turn_failure
+from capctl.render import compacted_line, compaction_started_line
 
 COMPACT_ID = "compact"
 """The `id` of the request, by which its reply is told from the events."""
@@ -27,7 +29,6 @@ class CompactionWatch:
         self._wait = wait
         self._json = json
         self._acked = False
-        self._started = False
         self._compacted = False
 
     def see(self, event: dict[str, Any]) -> bool:
@@ -38,14 +39,13 @@ class CompactionWatch:
             self._status = event.get("status")
         ours = event.get("trigger") == "request"
         if kind == "compaction_started" and ours:
-            self._started = True
             self._note(f"[{self._pod}: {compaction_started_line(event)}]")
         elif kind == "context_compacted" and ours:
             self._compacted = True
             self._show(event, compacted_line(self._pod, event))
             return self._acked
-        elif self._acked and self._started:
-            self._check_not_stopped(event)
+        elif kind == "compaction_skipped" and ours and self._acked:
+            raise CapctlError(f"{self._pod} did not compact: {event.get('reason')}")
         return False
 
     def _reply(self, reply: dict[str, Any]) -> bool:
@@ -65,16 +65,6 @@ class CompactionWatch:
             return True
         self._note(f"[{later}; waiting, Ctrl-C detaches]")
         return False
-
-    def _check_not_stopped(self, event: dict[str, Any]) -> None:
-        """Once the running turn has begun the compaction, only the turn's pause or end can
-        stop it; either leaves the context as it was, and the request is not made again."""
-        again = f"capctl compact {self._pod} asks again"
-        if event.get("event") == "turn_end":
-            why = turn_failure(event) or "turn finished"
-            raise CapctlError(f"the compaction of {self._pod} did not finish ({why}); {again}")
-        if event.get("event") == "status" and self._status == "paused":
-            raise CapctlError(f"a pause stopped the compaction of {self._pod}; {again}")
 
     def _show(self, event: dict[str, Any] | None, line: str) -> None:
         """The outcome: `line` for people; with --json, the event (if any) as it came."""

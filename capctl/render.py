@@ -175,6 +175,8 @@ def describe(event: dict[str, Any]) -> str | None:
             return session_replaced_line(event)
         case "compaction_started":
             return f"── {compaction_started_line(event)}"
+        case "compaction_skipped":
+            return f"── compaction not made: {get('reason', '?')}"
         case "context_compacted":
             preview = summary_preview(str(get("summary", "")))
             return "\n".join([f"── {context_compacted_line(event)}", *("   " + p for p in preview)])

@@ -41,6 +41,7 @@ from capd.window import context_window
 from protocol.errors import ProtocolError
 from protocol.events import (
     ChildSpawned,
+    CompactionSkipped,
     ContextCompacted,
     DurableEvent,
     Notification,
@@ -525,10 +526,7 @@ class PodController:
         task, self._compaction = self._compaction, None
         if task is None:
             return
-        task.cancel()
-        await asyncio.wait([task])
-        if not task.cancelled():
-            task.exception()
+        await _cancel_and_wait(task)
         stopped = ProtocolError(
             "invalid_request",
             f"pod {self.name}: the compaction was stopped by a pause, cancel or stop; "
@@ -537,24 +535,32 @@ class PodController:
         self._answer_compaction(stopped)
 
     def _answer_compaction(self, outcome: dict[str, Any] | Exception) -> None:
+        """Answer the `compact` requests waiting; a compaction not made is also told to
+        the subscribers, for a request that came while a turn ran and waits for no ack."""
         waiters, self._compaction_waiters = self._compaction_waiters, []
         for reply in waiters:
             _settle(reply, outcome)
+        if isinstance(outcome, Exception):
+            self.emit_ephemeral(CompactionSkipped(trigger="request", reason=str(outcome)))
 
     async def _stop_turn_task(self) -> None:
         """Cancel the running turn task and wait until it has let go of what it held. The
         turn stays open: the caller pauses it or records its end."""
         task, self._task = self._task, None
-        if task is None:
-            return
-        task.cancel()
-        await asyncio.wait([task])
-        if not task.cancelled():
-            task.exception()
+        if task is not None:
+            await _cancel_and_wait(task)
 
     async def _cancel_turn(self, consumed: Sequence[int] = ()) -> None:
-        """Stop the turn's task if it runs, and end the turn `cancelled`."""
+        """Stop the turn's task if it runs, and end the turn `cancelled`, with the
+        compaction asked for while it ran."""
         await self._stop_turn_task()
+        if self.compact_wanted is not None:
+            self.compact_wanted = None
+            turn_id = self.turn.turn_id if self.turn else None
+            reason = "the turn was cancelled before it compacted"
+            self.emit_ephemeral(
+                CompactionSkipped(turn_id=turn_id, trigger="request", reason=reason)
+            )
         self._record_turn_end("cancelled", None, consumed)
 
     def _record_turn_end(
@@ -679,6 +685,15 @@ class PodController:
                 for asked in self.journal.asked.values()
             ],
         }
+
+
+async def _cancel_and_wait(task: "asyncio.Task[Any]") -> None:
+    """Cancel `task` and wait until it has let go of what it held; what it raised
+    instead of stopping is the caller's to ignore."""
+    task.cancel()
+    await asyncio.wait([task])
+    if not task.cancelled():
+        task.exception()
 
 
 def _being_cancelled() -> bool:

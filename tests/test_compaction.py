@@ -395,3 +395,24 @@ async def test_anthropic_prompt_too_long_compacts_and_calls_again(capd: CapdProc
     assert "summary of ALPHA and BRAVO" in str(retried["messages"])
     assert "CHARLIE" in str(retried["messages"])
     assert "ALPHA lorem" not in str(retried["messages"])
+
+
+async def test_a_cancel_drops_the_compaction_its_turn_was_asked_for(
+    capd: CapdProcess, server: OpenAITestServer
+) -> None:
+    await spawn(capd, "w1", _model(server))
+    async with await connect_pod(capd, "w1") as pod:
+        await _two_turns(pod, server)
+        never = asyncio.Event()
+        server.enqueue(HeldReply(TextReply("never sent"), never))
+        await pod.request({"method": "run", "text": "CHARLIE"})
+        await server.wait_requests(3)
+        assert await pod.request({"method": "compact"}) == {}
+        await pod.request({"method": "cancel"})
+        skipped, _ = await wait_for(pod, is_event("compaction_skipped"))
+        end, _ = await wait_for(pod, is_event("turn_end"))
+        history = await full_history(pod)
+    assert skipped["reason"] == "the turn was cancelled before it compacted"
+    assert end["result"] == "cancelled"
+    assert "context_compacted" not in kinds(history)
+    assert len(server.requests) == 3

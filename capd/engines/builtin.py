@@ -48,6 +48,7 @@ from capd.window import context_window, window_in_error
 from protocol.errors import ProtocolError
 from protocol.events import (
     AssistantMessage,
+    CompactionSkipped,
     CompactionStarted,
     ContextCompacted,
     Retry,
@@ -71,6 +72,10 @@ CUT_CALL = ToolOutcome(
 """The result of a tool call whose arguments a reply cut off by max_tokens left unfinished."""
 ASSUMED_WINDOW = 8192
 """The window a requested compaction measures against when the window is not known."""
+NOTHING_TO_COMPACT = (
+    "nothing to compact: the context holds only messages the model has not answered yet "
+    "(and the summary of a compaction before)"
+)
 SMALLER_PIECES = 3
 """How many times a summary call that overflows is made again with half the transcript."""
 
@@ -104,11 +109,7 @@ class BuiltinEngine:
         except DoesNotFit as exc:
             raise ProtocolError("invalid_request", str(exc)) from exc
         if not done:
-            raise ProtocolError(
-                "invalid_request",
-                "nothing to compact: the context holds only messages the model has not "
-                "answered yet (and the summary of a compaction before)",
-            )
+            raise ProtocolError("invalid_request", NOTHING_TO_COMPACT)
 
     def answer_permission(self, request_id: str, option_id: str | None) -> None:
         raise never_asks("builtin")
@@ -129,8 +130,9 @@ class BuiltinEngine:
                     turn.output,
                     f"turn reached limits.max_steps={limits.max_steps}",
                 )
-            order, host.compact_wanted = host.compact_wanted or self._due(host), None
-            if order is not None:
+            if host.compact_wanted is not None:
+                await self._requested(host, turn.turn_id)
+            elif (order := self._due(host)) is not None:
                 await self._compact(host, order, turn.turn_id)
             reply = await self._reply(host, turn)
             host.emit(
@@ -183,6 +185,24 @@ class BuiltinEngine:
                 "all of it was compacted for the next turn; the server said: "
                 f"{exc.message}"
             ) from exc
+
+    async def _requested(self, host: TurnHost, turn_id: str) -> None:
+        """The compaction a `compact` request asked for while the turn ran. A pause leaves
+        it asked for, made when the turn resumes; one not made says why."""
+        order = host.compact_wanted
+        assert order is not None
+        try:
+            made = await self._compact(host, order, turn_id)
+        except ProviderError as exc:
+            host.compact_wanted = None
+            _skipped(host, turn_id, f"compaction failed: {exc.message}")
+            raise
+        except DoesNotFit:
+            host.compact_wanted = None  # made, and the turn ends: see DoesNotFit
+            raise
+        host.compact_wanted = None
+        if not made:
+            _skipped(host, turn_id, NOTHING_TO_COMPACT)
 
     def _window(self, host: TurnHost) -> int | None:
         model = self._model
@@ -237,7 +257,9 @@ class BuiltinEngine:
             cut = Cut(len(messages), 0, fits=False)
             older = messages[1 if previous is not None else 0 :]
         host.emit_ephemeral(CompactionStarted(turn_id=turn_id, trigger=order.trigger))
-        summary, usage = await self._summarise(host, older, previous, order.instructions, room)
+        summary, usage = await self._summarise(
+            host, turn_id, older, previous, order.instructions, room
+        )
         after = fixed + message_tokens(summary_message(summary)) + cut.kept_tokens
         host.commit_compaction(
             ContextCompacted(
@@ -266,6 +288,7 @@ class BuiltinEngine:
     async def _summarise(
         self,
         host: TurnHost,
+        turn_id: str | None,
         older: list[ChatMessage],
         previous: str | None,
         instructions: str | None,
@@ -284,7 +307,7 @@ class BuiltinEngine:
                 for piece in pieces(lines, piece_tokens):
                     prompt = summary_prompt(piece, summary, instructions)
                     reply = await self._call_model(
-                        host, None, lambda prompt=prompt: self._summary_once(prompt, room.summary)
+                        host, turn_id, lambda p=prompt: self._summary_once(p, room.summary)
                     )
                     usage.input_tokens += reply.usage.input_tokens
                     usage.output_tokens += reply.usage.output_tokens
@@ -378,6 +401,10 @@ class BuiltinEngine:
                 host.emit(AssistantMessage(turn_id=turn_id, text=text, interrupted=True))
             raise
         raise ProviderError("the provider ended its stream without a reply", retryable=True)
+
+
+def _skipped(host: TurnHost, turn_id: str, reason: str) -> None:
+    host.emit_ephemeral(CompactionSkipped(turn_id=turn_id, trigger="request", reason=reason))
 
 
 def _failure(error: ProviderError) -> str:
