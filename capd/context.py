@@ -123,6 +123,10 @@ class Context:
                 self.engine_session, self.engine_session_seq = session_id, event.seq
             case ContextCompacted(summary=summary, through_seq=through, window=window):
                 kept = self.index_after(through)
+                # A result whose call the summary took (one committed while the summary was
+                # being written) goes with it: no API takes a result without its call.
+                while kept < len(self.messages) and self.messages[kept].role == "tool":
+                    kept += 1
                 self.messages[:kept] = [summary_message(summary)]
                 self.seqs[:kept] = [through]
                 self.summary = summary

@@ -402,6 +402,7 @@ class PodController:
             return
         self._compaction_waiters.append(reply)
         if self._compaction is None:
+            self.compact_wanted = None  # this compaction is the one a running turn was asked for
             self._start_compaction(order)
 
     def _notify(self, text: str, source: str) -> dict[str, Any]:
@@ -505,18 +506,8 @@ class PodController:
         if task is not self._compaction:
             return
         self._compaction = None
-        if task.cancelled():
-            outcome: dict[str, Any] | Exception = ProtocolError(
-                "internal", f"the compaction of pod {self.name} was cancelled from outside"
-            )
-        elif isinstance(exc := task.exception(), ProtocolError):
-            outcome = exc
-        elif exc is not None:
-            log.error("compaction of pod %s failed", self.name, exc_info=exc)
-            outcome = _internal(self.name, exc)
-        else:
-            outcome = {}
-        self._answer_compaction(outcome)
+        cancelled = f"the compaction of pod {self.name} was cancelled from outside"
+        self._answer_compaction(self._outcome(task, ProtocolError("internal", cancelled)))
         if self.status == "running" and self._task is None and self.turn is not None:
             self._launch()
 
@@ -526,13 +517,30 @@ class PodController:
         task, self._compaction = self._compaction, None
         if task is None:
             return
-        await _cancel_and_wait(task)
         stopped = ProtocolError(
             "invalid_request",
             f"pod {self.name}: the compaction was stopped by a pause, cancel or stop; "
             "the context is as it was",
         )
-        self._answer_compaction(stopped)
+        try:
+            await _cancel_and_wait(task)
+        finally:
+            # One that ended by itself before the cancel reached it was made (or failed).
+            self._answer_compaction(self._outcome(task, stopped))
+
+    def _outcome(
+        self, task: "asyncio.Task[None]", cancelled: ProtocolError
+    ) -> dict[str, Any] | Exception:
+        """What a finished compaction task answers its `compact` requests."""
+        if not task.done() or task.cancelled():
+            return cancelled
+        exc = task.exception()
+        if exc is None:
+            return {}
+        if isinstance(exc, ProtocolError):
+            return exc
+        log.error("compaction of pod %s failed", self.name, exc_info=exc)
+        return _internal(self.name, exc)
 
     def _answer_compaction(self, outcome: dict[str, Any] | Exception) -> None:
         """Answer the `compact` requests waiting; a compaction not made is also told to
@@ -628,6 +636,8 @@ class PodController:
         """Let go of what the pod holds: its subscriptions, its engine and its tools. Also
         after its actor was cancelled mid-method, when it would not stop."""
         await self._stop_compaction()
+        for reply in self._compaction_waiters:  # left when the actor was cancelled mid-stop
+            _settle(reply, ProtocolError("shutting_down", f"pod {self.name} stopped"))
         self.hub.close_all()
         await self.engine.aclose()
         await self.toolbox.aclose()

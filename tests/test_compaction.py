@@ -416,3 +416,17 @@ async def test_a_cancel_drops_the_compaction_its_turn_was_asked_for(
     assert end["result"] == "cancelled"
     assert "context_compacted" not in kinds(history)
     assert len(server.requests) == 3
+
+
+async def test_a_prompt_that_fits_the_window_is_sent_even_past_compact_at(
+    capd: CapdProcess, server: OpenAITestServer
+) -> None:
+    """2,500 tokens and 100 for the reply fit 3,000 though they pass 0.8 of it: with
+    nothing older to summarise, the call is made, not refused."""
+    await spawn(capd, "w1", _model(server, context_window=3000, max_tokens=100))
+    async with await connect_pod(capd, "w1") as pod:
+        server.enqueue(TextReply("fine"))
+        end, seen = await run_turn(pod, "word " * 2000)
+    assert (end["result"], end["output"]) == ("finished", "fine")
+    assert "context_compacted" not in kinds(seen)
+    assert len(server.requests) == 1

@@ -11,9 +11,11 @@ from collections.abc import Awaitable, Callable
 from capd.backoff import backoff_s
 from capd.chat import INVALID_JSON_KEY, ChatMessage
 from capd.compaction import (
+    MIN_PIECE_TOKENS,
     SUMMARY_SYSTEM_PROMPT,
     Cut,
     Room,
+    clip,
     pieces,
     plan_cut,
     reply_tokens,
@@ -42,7 +44,7 @@ from capd.providers.base import (
     ToolCallArgs,
     ToolCallBegin,
 )
-from capd.tokens import message_tokens, text_tokens
+from capd.tokens import BYTES_PER_TOKEN, message_tokens, text_tokens
 from capd.tools.base import ToolOutcome
 from capd.window import context_window, window_in_error
 from protocol.errors import ProtocolError
@@ -298,7 +300,9 @@ class BuiltinEngine:
         piece, each piece's summary carried into the next; when a summary call overflows,
         it all starts again with pieces half as long, at most SMALLER_PIECES times."""
         usage = Usage()
-        piece_tokens = room.piece - (text_tokens(instructions) if instructions else 0)
+        if instructions:
+            instructions = clip(instructions, room.piece // 2 * BYTES_PER_TOKEN)
+        piece_tokens = max(MIN_PIECE_TOKENS, room.piece - text_tokens(instructions or ""))
         halvings = 0
         while True:
             summary = previous

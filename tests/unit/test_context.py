@@ -187,3 +187,21 @@ def test_a_compaction_puts_its_summary_in_place_of_what_it_covers() -> None:
     assert context.summary == "they said first"
     assert context.learned_window == 4096
     assert context.tokens("") == sum(map(message_tokens, context.messages))
+
+
+def test_a_compaction_takes_results_whose_call_it_summarised() -> None:
+    context = _context(
+        UserMessage(turn_id=T, text="list"),
+        AssistantMessage(turn_id=T, text="", tool_calls=[BASH]),
+        ToolResult(turn_id=T, call_id="c1", name="bash", output="interrupted"),
+        ContextCompacted(
+            turn_id=None,
+            trigger="request",
+            summary="listed",
+            through_seq=2,
+            tokens_before=50,
+            tokens_after=10,
+        ),
+    )
+    assert context.messages == [summary_message("listed")]
+    assert context.seqs == [2]
