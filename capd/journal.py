@@ -78,7 +78,6 @@ class Journal:
         self.hub = Hub(name, lambda: self.last_seq, self.page)
         self._store = store
         self._outbox = outbox
-        self._seen_event_ids: set[str] = set()
 
     # -- emitting -----------------------------------------------------------------------
 
@@ -112,7 +111,12 @@ class Journal:
             frames.append(encode(event))
         owed = self._owed(report)
         stored = [(e.seq, e.ts, e.event, f[:-1]) for e, f in zip(events, frames, strict=True)]
-        self._store.append(self.name, stored, owed, consumed)
+        received = [
+            e.payload["event_id"]
+            for e in events
+            if isinstance(e, PodEventReceived) and isinstance(e.payload.get("event_id"), str)
+        ]
+        self._store.append(self.name, stored, owed, consumed, received)
         # Only a committed event takes a seq: one that cannot be encoded or stored leaves
         # no gap for subscribers to wait on.
         self.last_seq += len(events)
@@ -137,8 +141,9 @@ class Journal:
         return self._owed(ShutDown(pod=self.name, event_id=new_event_id(self.name)))
 
     def is_duplicate(self, event_id: object) -> bool:
-        """Whether a pod_event with this event_id was received already."""
-        return isinstance(event_id, str) and event_id in self._seen_event_ids
+        """Whether a pod_event with this event_id was received already (the store keeps
+        every id received, so neither a compaction nor a restart forgets one)."""
+        return isinstance(event_id, str) and self._store.received(self.name, event_id)
 
     def _track(self, event: DurableEvent, turn: Turn | None) -> None:
         """Derived state shared by live emission and restore."""
@@ -160,8 +165,6 @@ class Journal:
                 # The pod's totals as of the compaction, its summary calls included: a
                 # restart that reads no older event still knows them.
                 self.usage = usage.model_copy()
-            case PodEventReceived(payload=payload) if isinstance(payload.get("event_id"), str):
-                self._seen_event_ids.add(payload["event_id"])
             case PermissionRequest(request_id=request_id):
                 self.asked[request_id] = event
             case PermissionResolved(request_id=request_id):

@@ -7,7 +7,10 @@ a crash could take back. `outbox` holds reports to parent sockets until they are
 report is committed in the same transaction as the event that causes it. `pending` holds
 acked work a pod has not started yet — queued runs and buffered notifications — and each
 row is deleted in the same transaction as the event that consumes it. `read_cursors`
-remembers how far each pod has read each child's output (`read_pod_output`).
+remembers how far each pod has read each child's output (`read_pod_output`). `received`
+holds the `event_id` of every report a pod has received, committed with its
+`pod_event_received` event, so a re-sent report is known as a duplicate however old it is
+and without reading history at restore.
 `synchronous=NORMAL` keeps commits off fsync: a process crash loses nothing; a power cut
 may lose the last moments (see README).
 """
@@ -63,6 +66,22 @@ CREATE TABLE IF NOT EXISTS read_cursors (
 ) WITHOUT ROWID;
 """
 
+RECEIVED_SCHEMA = """
+CREATE TABLE IF NOT EXISTS received (
+    pod      TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    PRIMARY KEY (pod, event_id)
+) WITHOUT ROWID
+"""
+
+RECEIVED_BACKFILL = """
+INSERT OR IGNORE INTO received (pod, event_id)
+SELECT pod, json_extract(CAST(data AS TEXT), '$.payload.event_id') FROM events
+WHERE kind = 'pod_event_received'
+    AND json_type(CAST(data AS TEXT), '$.payload.event_id') = 'text'
+"""
+"""A database older than `received` fills it from the reports its events hold."""
+
 
 @dataclass(frozen=True, slots=True)
 class PodRecord:
@@ -116,6 +135,17 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        self._add_received()
+
+    def _add_received(self) -> None:
+        """Create `received`, filled from the stored reports when the database predates it,
+        in one transaction: a crash between the two cannot leave it empty."""
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            exists = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'received'"
+            if self._db.execute(exists).fetchone() is None:
+                self._db.execute(RECEIVED_SCHEMA)
+                self._db.execute(RECEIVED_BACKFILL)
 
     def close(self) -> None:
         self._db.close()
@@ -152,6 +182,7 @@ class Store:
             self._db.execute("DELETE FROM outbox WHERE target = ?", (socket,))
             self._db.execute("DELETE FROM events WHERE pod = ?", (name,))
             self._db.execute("DELETE FROM pending WHERE pod = ?", (name,))
+            self._db.execute("DELETE FROM received WHERE pod = ?", (name,))
             self._db.execute(
                 "DELETE FROM read_cursors WHERE reader = ? OR target = ?", (name, name)
             )
@@ -165,12 +196,14 @@ class Store:
         events: list[StoredEvent],
         report: OwedReport | None = None,
         consumed: Sequence[int] = (),
+        received: Sequence[str] = (),
     ) -> None:
-        """Commit events and, in the same transaction, the report to the parent they cause
-        and the deletion of the `pending` rows they use up: a crash keeps all or none."""
+        """Commit events and, in the same transaction, the report to the parent they cause,
+        the deletion of the `pending` rows they use up and the `event_id`s of the reports
+        they receive: a crash keeps all or none."""
         insert = "INSERT INTO events (pod, seq, ts, kind, data) VALUES (?, ?, ?, ?, ?)"
         rows = [(pod, *event) for event in events]
-        if len(rows) == 1 and report is None and not consumed:
+        if len(rows) == 1 and report is None and not consumed and not received:
             self._db.execute(insert, rows[0])
             return
         with self._db:
@@ -179,6 +212,17 @@ class Store:
             if report is not None:
                 self._insert_report(pod, report)
             self._db.executemany("DELETE FROM pending WHERE id = ?", [(i,) for i in consumed])
+            self._db.executemany(
+                "INSERT INTO received (pod, event_id) VALUES (?, ?)",
+                [(pod, event_id) for event_id in received],
+            )
+
+    def received(self, pod: str, event_id: str) -> bool:
+        """Whether the pod has received a report with this `event_id`."""
+        row = self._db.execute(
+            "SELECT 1 FROM received WHERE pod = ? AND event_id = ?", (pod, event_id)
+        ).fetchone()
+        return row is not None
 
     def events_after(self, pod: str, after_seq: int, limit: int) -> list[tuple[int, bytes]]:
         """Up to `limit` events with seq > after_seq, oldest first, as (seq, json); fewer

@@ -371,6 +371,39 @@ async def test_a_report_the_model_has_not_read_outlives_a_compaction_and_a_resta
     assert "ALPHA lorem" not in _texts(last)
 
 
+@pytest.mark.own_capd
+async def test_a_report_received_before_a_compaction_and_a_restart_is_still_a_duplicate(
+    capd: CapdProcess, server: OpenAITestServer
+) -> None:
+    report = {
+        "kind": "turn_ended",
+        "pod": "w2",
+        "event_id": "w2/0d1e2f3a4b5c6d7e",
+        "turn_id": "t-51c0ffee0002",
+        "result": "finished",
+        "output": "REPORT: the build is green",
+    }
+    await spawn(capd, "boss", _model(server))
+    async with await connect_pod(capd, "boss") as pod:
+        server.enqueue(TextReply("noted the report"))
+        assert "duplicate" not in await pod.request({"method": "pod_event", "event": report})
+        await wait_for(pod, is_event("turn_end"))
+        await _two_turns(pod, server)
+        server.enqueue(TextReply("the summary"))
+        assert await pod.request({"method": "compact"}) == {}
+        compacted, _ = await wait_for(pod, is_event("context_compacted"))
+        history = await full_history(pod)
+    received = next(e for e in history if e["event"] == "pod_event_received")
+    assert received["seq"] < compacted["restore_from"]
+    await asyncio.to_thread(capd.stop)
+    await asyncio.to_thread(capd.start)
+    async with await connect_pod(capd, "boss") as pod:
+        ack = await pod.request({"method": "pod_event", "event": report})
+        history = await full_history(pod)
+    assert ack == {"duplicate": True}
+    assert kinds(history).count("pod_event_received") == 1
+
+
 async def test_anthropic_prompt_too_long_compacts_and_calls_again(capd: CapdProcess) -> None:
     async with AnthropicTestServer() as server:
         model = {"provider": "anthropic", "name": "claude-test", "base_url": server.base_url}
