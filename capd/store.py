@@ -8,9 +8,10 @@ report is committed in the same transaction as the event that causes it. `pendin
 acked work a pod has not started yet — queued runs and buffered notifications — and each
 row is deleted in the same transaction as the event that consumes it. `read_cursors`
 remembers how far each pod has read each child's output (`read_pod_output`). `received`
-holds the `event_id` of every report a pod has received, committed with its
-`pod_event_received` event, so a re-sent report is known as a duplicate however old it is
-and without reading history at restore.
+holds the `event_id` of the reports a pod received before the events its restore reads
+(committed with the `context_compacted` that moved that start past them; the newer ones a
+restore finds in its events), so a re-sent report is known as a duplicate however old it
+is, without reading old history and without a write per report.
 `synchronous=NORMAL` keeps commits off fsync: a process crash loses nothing; a power cut
 may lose the last moments (see README).
 """
@@ -213,7 +214,7 @@ class Store:
                 self._insert_report(pod, report)
             self._db.executemany("DELETE FROM pending WHERE id = ?", [(i,) for i in consumed])
             self._db.executemany(
-                "INSERT INTO received (pod, event_id) VALUES (?, ?)",
+                "INSERT OR IGNORE INTO received (pod, event_id) VALUES (?, ?)",
                 [(pod, event_id) for event_id in received],
             )
 
