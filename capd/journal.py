@@ -151,8 +151,11 @@ class Journal:
     def _kept_ids(self, events: list[DurableEvent]) -> list[str]:
         """The received report ids a compaction among `events` puts before the events a
         restart reads: the store keeps them from then on, committed with it."""
-        start = next((e.restore_from for e in events if isinstance(e, ContextCompacted)), 0)
-        return [event_id for event_id, seq in self._received.items() if seq < start]
+        for event in events:
+            if isinstance(event, ContextCompacted):
+                start = event.restore_from
+                return [event_id for event_id, seq in self._received.items() if seq < start]
+        return []
 
     def _track(self, event: DurableEvent, turn: Turn | None) -> None:
         """Derived state shared by live emission and restore."""
