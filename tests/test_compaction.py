@@ -10,7 +10,7 @@ import pytest
 from capd.compaction import SUMMARY_HEADING, SUMMARY_SYSTEM_PROMPT
 from protocol.errors import ProtocolError
 from tests.conftest import CapdProcess
-from tests.fakes.openai_flavors import LLAMA_SERVER
+from tests.fakes.openai_flavors import LLAMA_CPP_PYTHON, LLAMA_SERVER
 from tests.fakes.openai_server import (
     FunctionCall,
     OpenAITestServer,
@@ -123,6 +123,36 @@ async def test_an_overflow_compacts_and_calls_again_once(capd: CapdProcess) -> N
     retried = server.requests[-1]
     assert "summary of ALPHA and BRAVO" in _texts(retried)
     assert "CHARLIE lorem" in _texts(retried)
+    assert "ALPHA lorem" not in _texts(retried)
+
+
+async def test_llama_cpp_pythons_empty_stream_is_an_overflow_that_compacts(
+    capd: CapdProcess,
+) -> None:
+    """Streamed, llama-cpp-python answers a prompt longer than its window with an empty 200
+    (it names no window): the pod compacts and goes on instead of failing every turn.
+    The window is then taken to be at most what was sent, so the turns are long."""
+    async with OpenAITestServer(LLAMA_CPP_PYTHON) as server:
+        await spawn(capd, "w1", _model(server))
+        async with await connect_pod(capd, "w1") as pod:
+            server.enqueue(TextReply("first answer"), TextReply("second answer"))
+            for tag in ("ALPHA", "BRAVO"):
+                end, _ = await run_turn(pod, _prompt(tag))
+                assert end["result"] == "finished"
+            server.enqueue(
+                OverflowReply(),
+                TextReply("summary of ALPHA"),
+                TextReply("summary of ALPHA and BRAVO"),
+                TextReply("went on"),
+            )
+            end, seen = await run_turn(pod, _prompt("CHARLIE"))
+    assert (end["result"], end["output"]) == ("finished", "went on")
+    assert [_is_summary_call(r) for r in server.requests[2:]] == [False, True, True, False]
+    assert not [e for e in seen if e["event"] == "retry"]
+    compacted = next(e for e in seen if e["event"] == "context_compacted")
+    assert (compacted["trigger"], compacted["window"]) == ("overflow", None)
+    retried = server.requests[-1]
+    assert "summary of ALPHA and BRAVO" in _texts(retried)
     assert "ALPHA lorem" not in _texts(retried)
 
 
