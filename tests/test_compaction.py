@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from capd.compaction import SUMMARY_HEADING, SUMMARY_SYSTEM_PROMPT
+from capd.compaction import EXCERPT_HEADING, SUMMARY_HEADING, SUMMARY_SYSTEM_PROMPT
 from protocol.errors import ProtocolError
 from tests.conftest import CapdProcess
 from tests.fakes.openai_flavors import LLAMA_CPP_PYTHON, LLAMA_SERVER
@@ -102,6 +102,27 @@ async def test_a_call_that_would_pass_compact_at_compacts_first(
     assert "BRAVO lorem" in _texts(next_call)
     assert before["tokens"] >= 1100
     assert after["tokens"] < before["tokens"] + 500
+
+
+async def test_a_model_that_writes_no_summary_gets_an_excerpt_in_its_place(
+    capd: CapdProcess, server: OpenAITestServer
+) -> None:
+    """gemma-3-270m under llama-cpp-python's chatml-function-calling writes nothing for the
+    summary prompt, each time it is asked (greedy): the compaction takes an excerpt of the
+    transcript instead of failing the turn, and every turn after it."""
+    await spawn(capd, "w1", _model(server, context_window=2500, max_tokens=100))
+    async with await connect_pod(capd, "w1") as pod:
+        server.enqueue(TextReply("noted ALPHA", prompt_tokens=1100))
+        await run_turn(pod, _prompt("ALPHA"))
+        server.enqueue(TextReply(""), TextReply("noted BRAVO"))
+        end, seen = await run_turn(pod, _prompt("BRAVO"))
+    assert (end["result"], end["output"]) == ("finished", "noted BRAVO")
+    assert not [e for e in seen if e["event"] == "retry"]
+    compacted = next(e for e in seen if e["event"] == "context_compacted")
+    assert compacted["summary"].startswith(EXCERPT_HEADING)
+    assert "ALPHA lorem" in compacted["summary"]
+    assert compacted["tokens_after"] < 2000
+    assert len(server.requests) == 3
 
 
 async def test_an_overflow_compacts_and_calls_again_once(capd: CapdProcess) -> None:

@@ -14,6 +14,7 @@ from capd.compaction import (
     SUMMARY_SYSTEM_PROMPT,
     Cut,
     Room,
+    excerpt_summary,
     pieces,
     plan_cut,
     reply_tokens,
@@ -284,7 +285,7 @@ class BuiltinEngine:
                     )
                     usage.input_tokens += reply.usage.input_tokens
                     usage.output_tokens += reply.usage.output_tokens
-                    summary = reply.text.strip()
+                    summary = reply.text.strip() or excerpt_summary(piece, summary, room.summary)
             except ProviderError as exc:
                 if not exc.overflow or attempt == SMALLER_PIECES:
                     raise
@@ -300,8 +301,6 @@ class BuiltinEngine:
         )
         async for item in self.provider.stream(request):
             if isinstance(item, ModelReply):
-                if not item.text.strip():
-                    raise ProviderError("the model wrote an empty summary", retryable=True)
                 return item
         raise ProviderError("the provider ended its stream without a reply", retryable=True)
 
