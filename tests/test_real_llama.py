@@ -47,6 +47,9 @@ START_TIMEOUT_S = 120.0
 TURN_TIMEOUT_S = 240.0
 """A turn on two shared cores: prompt evaluation runs at a few hundred tokens a second and
 generation at a few dozen, and a turn may make several calls."""
+COMPACTING_TURN_TIMEOUT_S = 900.0
+"""A turn that compacts makes a summary call per piece of the older context, each writing
+a few hundred tokens."""
 TEXT = "gemma"
 """llama-cpp-python: the model with gemma's own chat format, which talks at length."""
 TOOLS = "gemma-tools"
@@ -263,7 +266,7 @@ async def test_a_message_too_long_for_the_window_says_so_in_one_line_and_the_pod
     and the next turn works."""
     await spawn(capd, "long", server.model(TOOLS, max_tokens=16))
     async with await connect_pod(capd, "long") as pod:
-        end, seen = await _run(pod, f"Repeat this list. {HUGE_PROMPT}")
+        end, seen = await _run(pod, f"Repeat this list. {HUGE_PROMPT}", COMPACTING_TURN_TIMEOUT_S)
         later, events = await _run(pod, "Hi")
     assert end["result"] == "errored", end
     error = end["error"]
@@ -279,9 +282,6 @@ async def test_a_message_too_long_for_the_window_says_so_in_one_line_and_the_pod
 LONG_TURNS = 20
 TURN_ITEMS = 45
 """Items in a long turn's prompt: about 560 tokens, over a quarter of N_CTX."""
-COMPACTING_TURN_TIMEOUT_S = 900.0
-"""A turn that compacts makes a summary call per piece of the older context, each writing
-a few hundred tokens."""
 REPLY_TOKENS = 64
 """model.max_tokens of the long-lived pod, which llama-server counts against the window.
 Small, and no continuations of a cut reply: the tiny model never stops on its own, and on
