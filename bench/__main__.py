@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import orjson
 
-from bench import capctl_wall, control, density, durable, fanout, pause
+from bench import capctl_wall, control, density, durable, fanout, pause, restore, soak
 from bench.report import Figure, table
 from bench.sizes import SIZES, Size
 
@@ -20,6 +20,8 @@ BENCHMARKS: dict[str, Callable[[Size], list[Figure]]] = {
     "density": density.run,
     "durable": durable.run,
     "capctl": capctl_wall.run,
+    "restore": restore.run,
+    "soak": soak.run,
 }
 
 

@@ -13,6 +13,10 @@ class Size:
     pods: int
     durable_events: int
     capctl_runs: int
+    restore_events: int
+    restore_rounds: int
+    """Stops and starts of each pod whose restore is timed."""
+    soak_turns: int
 
 
 SIZES = {
@@ -24,6 +28,9 @@ SIZES = {
         pods=1000,
         durable_events=50_000,
         capctl_runs=30,
+        restore_events=100_000,
+        restore_rounds=50,
+        soak_turns=2000,
     ),
     "tiny": Size(
         round_trips=80,
@@ -33,5 +40,8 @@ SIZES = {
         pods=10,
         durable_events=500,
         capctl_runs=2,
+        restore_events=600,
+        restore_rounds=2,
+        soak_turns=30,
     ),
 }

@@ -373,6 +373,64 @@ def permission(settings: Settings, pod: str, request_id: str, option_id: str | N
     report(settings, result, f"answered {request_id}: {option_id or 'cancelled'}")
 
 
+async def _compact(settings: Settings, pod: str, instructions: str | None, wait: bool) -> None:
+    """Subscribe from the pod's last seq (so its status is known), ask, and follow the
+    request to its outcome (see `compacting.py`)."""
+    from capctl.compacting import COMPACT_ID, CompactionWatch
+    from capctl.session import Subscription, connect_pod
+    from protocol.framing import encode
+    from protocol.methods import Compact
+
+    async with await connect_pod(settings.runtime, pod) as client:
+        found = client.hello.pod if client.hello else None
+        watch = CompactionWatch(pod, found.status if found else None, wait=wait, json=settings.json)
+        events = Subscription(client)
+        await events.start(found.last_seq if found else None)
+        request = Compact(instructions=instructions).model_dump(mode="json", exclude_none=True)
+        await client.send_raw(encode({**request, "id": COMPACT_ID}))
+        async for event in events:
+            if watch.see(event):
+                return
+    raise CapctlError(f"pod {pod} closed the connection before it compacted")
+
+
+@cli.command()
+@pod_argument
+@click.option(
+    "--instructions",
+    metavar="TEXT",
+    help="What the summary must keep or focus on; added to the summary prompt "
+    "(at most 10,000 characters).",
+)
+@click.option(
+    "--no-wait",
+    "no_wait",
+    is_flag=True,
+    help="Return once capd has taken the request, without waiting for a running pod to "
+    "reach its next step boundary.",
+)
+@json_option
+@pass_settings
+def compact(settings: Settings, pod: str, instructions: str | None, no_wait: bool) -> None:
+    """Compact the pod's model context: its model summarises the older part of it.
+
+    An idle or paused pod compacts at once; a running one at its next step boundary, and
+    capctl waits for that. Prints the context's size before and after. Exits 0 once
+    compacted; 1 on an error: nothing to compact, the summary's model call failed, a
+    pause or cancel stopped it, or the engine manages its own context. Ctrl-C detaches:
+    the compaction still happens.
+    """
+    from protocol.methods import MAX_INSTRUCTIONS
+
+    if instructions is not None and len(instructions) > MAX_INSTRUCTIONS:
+        raise click.BadParameter(
+            f"{len(instructions):,} characters; at most {MAX_INSTRUCTIONS:,}",
+            param_hint="'--instructions'",
+        )
+    note = f"detached from {pod}; the compaction still happens"
+    run(_compact(settings, pod, instructions, not no_wait), interrupt_note=note)
+
+
 async def _send(settings: Settings, pod: str, text: str, if_busy: IfBusy) -> int:
     from capctl.session import Subscription, connect_pod
     from protocol.methods import Run

@@ -12,12 +12,18 @@ from typing import Any, TextIO
 import orjson
 
 SUMMARY_CHARS = 120
+COMPACTION_SUMMARY_LINES = 3
+"""Lines of a compaction's summary that `watch` and `log` show."""
+
+
+def shorten(line: str, limit: int = SUMMARY_CHARS) -> str:
+    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 def one_line(text: str, limit: int = SUMMARY_CHARS) -> str:
     """The first line of `text`, shortened, with a note of how many lines were left out."""
     lines = text.strip().splitlines() or [""]
-    first = lines[0] if len(lines[0]) <= limit else lines[0][: limit - 1] + "…"
+    first = shorten(lines[0], limit)
     if len(lines) > 1:
         first += f" (+{len(lines) - 1} lines)"
     return first or "(empty)"
@@ -90,6 +96,45 @@ def pod_event_line(payload: dict[str, Any]) -> str:
     return f"{line}: {one_line(str(detail))}" if detail else line
 
 
+def token_count(value: Any) -> str:
+    """A token count as people read it, `41,230`; `?` for a missing one."""
+    return f"{value:,}" if isinstance(value, int) else "?"
+
+
+def compaction_sizes(event: dict[str, Any]) -> str:
+    """A `context_compacted`'s sizes: `41,230 → 6,120 tokens`, with the window when known."""
+    window = event.get("window")
+    of = f" of {window:,}" if isinstance(window, int) else ""
+    before, after = token_count(event.get("tokens_before")), token_count(event.get("tokens_after"))
+    return f"{before} → {after}{of} tokens"
+
+
+def compaction_started_line(event: dict[str, Any]) -> str:
+    return f"compacting the context ({event.get('trigger', '?')})…"
+
+
+def context_compacted_line(event: dict[str, Any]) -> str:
+    return (
+        f"context compacted ({event.get('trigger', '?')}): {compaction_sizes(event)}, "
+        f"through seq {event.get('through_seq', '?')}"
+    )
+
+
+def compacted_line(pod: str, event: dict[str, Any]) -> str:
+    """`capctl compact`'s answer: `compacted w1: 41,230 → 6,120 tokens (through seq 812)`."""
+    through = event.get("through_seq", "?")
+    return f"compacted {pod}: {compaction_sizes(event)} (through seq {through})"
+
+
+def summary_preview(summary: str, lines: int = COMPACTION_SUMMARY_LINES) -> list[str]:
+    """The summary's first non-blank lines, shortened, the last noting how many are left."""
+    kept = [line.strip() for line in summary.splitlines() if line.strip()]
+    shown = [shorten(line) for line in kept[:lines]] or ["(empty)"]
+    if len(kept) > lines:
+        shown[-1] += f" (+{len(kept) - lines} lines)"
+    return shown
+
+
 def describe(event: dict[str, Any]) -> str | None:
     """One line for an event that is not streamed text, or None for one not worth showing."""
     kind = event.get("event")
@@ -128,6 +173,13 @@ def describe(event: dict[str, Any]) -> str | None:
             return f"permission {get('request_id', '?')}: {chosen or 'cancelled'}"
         case "engine_session" if get("replaced"):
             return session_replaced_line(event)
+        case "compaction_started":
+            return f"── {compaction_started_line(event)}"
+        case "compaction_skipped":
+            return f"── compaction not made: {get('reason', '?')}"
+        case "context_compacted":
+            preview = summary_preview(str(get("summary", "")))
+            return "\n".join([f"── {context_compacted_line(event)}", *("   " + p for p in preview)])
     return None
 
 
@@ -227,7 +279,7 @@ class EventPrinter:
 
 class TurnPrinter:
     """Follows one turn for `send`: the assistant's text on stdout as it streams; tool
-    calls, results, retries and pauses briefly on stderr."""
+    calls, results, retries, compactions and pauses briefly on stderr."""
 
     def __init__(self, pod: str, out: TextIO | None = None, err: TextIO | None = None) -> None:
         self._pod = pod
@@ -271,6 +323,10 @@ class TurnPrinter:
             self._note(describe(event) or "")
         elif kind == "engine_session" and event.get("replaced"):
             self._note(session_replaced_line(event))
+        elif kind == "compaction_started":
+            self._note(f"[{compaction_started_line(event)}]")
+        elif kind == "context_compacted":
+            self._note(f"[{context_compacted_line(event)}]")
 
     def _show_status(self, status: str) -> None:
         if status == "paused":

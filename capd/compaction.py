@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import orjson
 
 from capd.chat import ChatMessage, ToolSpec
-from capd.tokens import message_tokens, text_tokens
+from capd.tokens import BYTES_PER_TOKEN, message_tokens, text_tokens
 from protocol.manifest import ModelConfig
 
 KEEP_SHARE = 0.3
@@ -94,8 +94,10 @@ class Cut:
     kept_tokens: int
     """The estimate of the verbatim messages after the cut."""
     fits: bool
-    """Whether those messages, with a summary, fit the window; when they do not, the cut
-    takes the whole context, and the turn ends saying that its newest messages do not fit."""
+    """Whether those messages fit the window with what every call sends; when they do not,
+    the cut takes the whole context, and the turn ends saying that its newest messages do
+    not fit. (With the summary they may not: then the call overflows, and the overflow's
+    compaction decides.)"""
 
 
 def reply_tokens(model: ModelConfig) -> int:
@@ -138,7 +140,7 @@ def plan_cut(
     sizes = [message_tokens(message) for message in messages]
     start = unread_start(messages)
     kept = sum(sizes[start:])
-    if fixed_tokens + room.summary + kept > room.fit:
+    if fixed_tokens + kept > room.fit:
         return Cut(len(messages), 0, fits=False)
     index = start
     if keep_recent:
@@ -169,7 +171,7 @@ def transcript_lines(messages: Sequence[ChatMessage], line_tokens: int) -> list[
             case "tool":
                 failed = ", failed" if message.is_error else ""
                 line = f"[result of {message.name}{failed}]\n{message.text}"
-        lines.append(_clip(line, line_tokens * 4))
+        lines.append(clip(line, line_tokens * BYTES_PER_TOKEN))
     return lines
 
 
@@ -205,7 +207,7 @@ def excerpt_summary(piece: str, previous: str | None, summary_tokens: int) -> st
     nothing for this prompt, and again each time it is asked): the summary so far and the
     piece, cut to the summary's room, so that the compaction still frees the window."""
     text = f"{previous}\n\n{piece}" if previous else piece
-    return EXCERPT_HEADING + "\n" + _clip(text, summary_tokens * 4)
+    return EXCERPT_HEADING + "\n" + clip(text, summary_tokens * 4)
 
 
 def summary_message(summary: str) -> ChatMessage:
@@ -213,7 +215,9 @@ def summary_message(summary: str) -> ChatMessage:
     return ChatMessage("user", f"{SUMMARY_HEADING}\n{summary}")
 
 
-def _clip(text: str, chars: int) -> str:
+def clip(text: str, chars: int) -> str:
+    """`text` in at most about `chars` characters: its start and its end around a note
+    of how much was left out."""
     if len(text) <= chars:
         return text
     head = chars * 2 // 3

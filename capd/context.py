@@ -55,8 +55,9 @@ class Context:
     reported_seq: int = 0
     """The seq of that call's assistant message; 0 while no call reported its input."""
     learned_window: int | None = None
-    """The context window the provider named in the latest overflow error, read back from
-    the `turn_end` it failed, so a restarted pod knows it too."""
+    """The context window the provider named in the latest overflow error (read back from
+    the `turn_end` it failed, or the `context_compacted` it caused), or the one the latest
+    compaction measured against, so a restarted pod knows it too."""
     estimated: list[int] = field(default_factory=list)
     """The estimated tokens of the messages up to and including each one: a running sum,
     extended when `tokens` is asked (not as restore applies events), so a `status` costs
@@ -122,13 +123,18 @@ class Context:
                 self.engine_session, self.engine_session_seq = session_id, event.seq
             case ContextCompacted(summary=summary, through_seq=through, window=window):
                 kept = self.index_after(through)
+                # A result whose call the summary took (one committed while the summary was
+                # being written) goes with it: no API takes a result without its call.
+                while kept < len(self.messages) and self.messages[kept].role == "tool":
+                    kept += 1
                 self.messages[:kept] = [summary_message(summary)]
                 self.seqs[:kept] = [through]
                 self.summary = summary
                 self.estimated.clear()
                 self.reported_tokens = self.reported_seq = 0
-                if event.trigger == "overflow" and window:
-                    self.learned_window = window
+                # The window it measured against, an overflow's named one included: a restart
+                # reads no older event, so it learns the window here.
+                self.learned_window = window or self.learned_window
             case TurnEnd(result="errored", error=error) if error:
                 self.learned_window = window_in_error(error) or self.learned_window
             case ToolResult(call_id=call_id, name=name, output=output, is_error=is_error):

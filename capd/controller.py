@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeAlias
 
+from capd.compaction import tools_tokens
 from capd.context import INTERRUPTED_TOOL_OUTPUT, Context
 from capd.engines import model_label
 from capd.engines.base import (
@@ -40,6 +41,7 @@ from capd.window import context_window
 from protocol.errors import ProtocolError
 from protocol.events import (
     ChildSpawned,
+    CompactionSkipped,
     ContextCompacted,
     DurableEvent,
     Notification,
@@ -400,6 +402,7 @@ class PodController:
             return
         self._compaction_waiters.append(reply)
         if self._compaction is None:
+            self.compact_wanted = None  # this compaction is the one a running turn was asked for
             self._start_compaction(order)
 
     def _notify(self, text: str, source: str) -> dict[str, Any]:
@@ -503,18 +506,8 @@ class PodController:
         if task is not self._compaction:
             return
         self._compaction = None
-        if task.cancelled():
-            outcome: dict[str, Any] | Exception = ProtocolError(
-                "internal", f"the compaction of pod {self.name} was cancelled from outside"
-            )
-        elif isinstance(exc := task.exception(), ProtocolError):
-            outcome = exc
-        elif exc is not None:
-            log.error("compaction of pod %s failed", self.name, exc_info=exc)
-            outcome = _internal(self.name, exc)
-        else:
-            outcome = {}
-        self._answer_compaction(outcome)
+        cancelled = f"the compaction of pod {self.name} was cancelled from outside"
+        self._answer_compaction(self._outcome(task, ProtocolError("internal", cancelled)))
         if self.status == "running" and self._task is None and self.turn is not None:
             self._launch()
 
@@ -524,36 +517,58 @@ class PodController:
         task, self._compaction = self._compaction, None
         if task is None:
             return
-        task.cancel()
-        await asyncio.wait([task])
-        if not task.cancelled():
-            task.exception()
         stopped = ProtocolError(
             "invalid_request",
             f"pod {self.name}: the compaction was stopped by a pause, cancel or stop; "
             "the context is as it was",
         )
-        self._answer_compaction(stopped)
+        try:
+            await _cancel_and_wait(task)
+        finally:
+            # One that ended by itself before the cancel reached it was made (or failed).
+            self._answer_compaction(self._outcome(task, stopped))
+
+    def _outcome(
+        self, task: "asyncio.Task[None]", cancelled: ProtocolError
+    ) -> dict[str, Any] | Exception:
+        """What a finished compaction task answers its `compact` requests."""
+        if not task.done() or task.cancelled():
+            return cancelled
+        exc = task.exception()
+        if exc is None:
+            return {}
+        if isinstance(exc, ProtocolError):
+            return exc
+        log.error("compaction of pod %s failed", self.name, exc_info=exc)
+        return _internal(self.name, exc)
 
     def _answer_compaction(self, outcome: dict[str, Any] | Exception) -> None:
+        """Answer the `compact` requests waiting; a compaction not made is also told to
+        the subscribers, for a request that came while a turn ran and waits for no ack."""
         waiters, self._compaction_waiters = self._compaction_waiters, []
         for reply in waiters:
             _settle(reply, outcome)
+        if isinstance(outcome, Exception):
+            self.emit_ephemeral(CompactionSkipped(trigger="request", reason=str(outcome)))
 
     async def _stop_turn_task(self) -> None:
         """Cancel the running turn task and wait until it has let go of what it held. The
         turn stays open: the caller pauses it or records its end."""
         task, self._task = self._task, None
-        if task is None:
-            return
-        task.cancel()
-        await asyncio.wait([task])
-        if not task.cancelled():
-            task.exception()
+        if task is not None:
+            await _cancel_and_wait(task)
 
     async def _cancel_turn(self, consumed: Sequence[int] = ()) -> None:
-        """Stop the turn's task if it runs, and end the turn `cancelled`."""
+        """Stop the turn's task if it runs, and end the turn `cancelled`, with the
+        compaction asked for while it ran."""
         await self._stop_turn_task()
+        if self.compact_wanted is not None:
+            self.compact_wanted = None
+            turn_id = self.turn.turn_id if self.turn else None
+            reason = "the turn was cancelled before it compacted"
+            self.emit_ephemeral(
+                CompactionSkipped(turn_id=turn_id, trigger="request", reason=reason)
+            )
         self._record_turn_end("cancelled", None, consumed)
 
     def _record_turn_end(
@@ -621,6 +636,8 @@ class PodController:
         """Let go of what the pod holds: its subscriptions, its engine and its tools. Also
         after its actor was cancelled mid-method, when it would not stop."""
         await self._stop_compaction()
+        for reply in self._compaction_waiters:  # left when the actor was cancelled mid-stop
+            _settle(reply, ProtocolError("shutting_down", f"pod {self.name} stopped"))
         self.hub.close_all()
         await self.engine.aclose()
         await self.toolbox.aclose()
@@ -662,7 +679,9 @@ class PodController:
                 "output_tokens": self.journal.usage.output_tokens,
             },
             "context": {
-                "tokens": self.context.tokens(self.manifest.system_prompt),
+                "tokens": self.context.tokens(
+                    self.manifest.system_prompt, tools_tokens(self.toolbox.specs())
+                ),
                 "window": self._context_window(),
             },
             "socket": str(self.socket_path),
@@ -676,6 +695,15 @@ class PodController:
                 for asked in self.journal.asked.values()
             ],
         }
+
+
+async def _cancel_and_wait(task: "asyncio.Task[Any]") -> None:
+    """Cancel `task` and wait until it has let go of what it held; what it raised
+    instead of stopping is the caller's to ignore."""
+    task.cancel()
+    await asyncio.wait([task])
+    if not task.cancelled():
+        task.exception()
 
 
 def _being_cancelled() -> bool:

@@ -78,7 +78,9 @@ class Journal:
         self.hub = Hub(name, lambda: self.last_seq, self.page)
         self._store = store
         self._outbox = outbox
-        self._seen_event_ids: set[str] = set()
+        self._received: dict[str, int] = {}
+        """The ids of reports received since the events a restart reads begin, each with
+        its `pod_event_received`'s seq; older ones are in the store."""
 
     # -- emitting -----------------------------------------------------------------------
 
@@ -112,12 +114,15 @@ class Journal:
             frames.append(encode(event))
         owed = self._owed(report)
         stored = [(e.seq, e.ts, e.event, f[:-1]) for e, f in zip(events, frames, strict=True)]
-        self._store.append(self.name, stored, owed, consumed)
+        kept = self._kept_ids(events)
+        self._store.append(self.name, stored, owed, consumed, kept)
         # Only a committed event takes a seq: one that cannot be encoded or stored leaves
         # no gap for subscribers to wait on.
         self.last_seq += len(events)
         if owed is not None:
             self._outbox.poke(owed.target)
+        for event_id in kept:
+            del self._received[event_id]
         for event, frame in zip(events, frames, strict=True):
             self._track(event, turn)
             self.hub.publish(frame, event.seq)
@@ -137,8 +142,17 @@ class Journal:
         return self._owed(ShutDown(pod=self.name, event_id=new_event_id(self.name)))
 
     def is_duplicate(self, event_id: object) -> bool:
-        """Whether a pod_event with this event_id was received already."""
-        return isinstance(event_id, str) and event_id in self._seen_event_ids
+        """Whether a pod_event with this event_id was received already: since the events a
+        restart reads begin (in memory), or before (in the store)."""
+        if not isinstance(event_id, str):
+            return False
+        return event_id in self._received or self._store.received(self.name, event_id)
+
+    def _kept_ids(self, events: list[DurableEvent]) -> list[str]:
+        """The received report ids a compaction among `events` puts before the events a
+        restart reads: the store keeps them from then on, committed with it."""
+        start = next((e.restore_from for e in events if isinstance(e, ContextCompacted)), 0)
+        return [event_id for event_id, seq in self._received.items() if seq < start]
 
     def _track(self, event: DurableEvent, turn: Turn | None) -> None:
         """Derived state shared by live emission and restore."""
@@ -161,7 +175,7 @@ class Journal:
                 # restart that reads no older event still knows them.
                 self.usage = usage.model_copy()
             case PodEventReceived(payload=payload) if isinstance(payload.get("event_id"), str):
-                self._seen_event_ids.add(payload["event_id"])
+                self._received[payload["event_id"]] = event.seq
             case PermissionRequest(request_id=request_id):
                 self.asked[request_id] = event
             case PermissionResolved(request_id=request_id):
@@ -188,7 +202,9 @@ class Journal:
         """Rebuild the derived state from stored events, and find the state machine's:
         queued runs, buffered notifications and received reports the model has not seen
         yet are pending again. The engine that asked a question still open is gone with
-        the capd that died, so its questions are resolved here."""
+        the capd that died, so its questions are resolved here. `stored` may begin at the
+        latest compaction's `restore_from`: the open turn and the unread reports come after
+        it by construction, and that event carries the usage totals."""
         found = Restored()
         unseen: dict[int, PodEventReceived] = {}
         started: set[str] = set()

@@ -7,7 +7,11 @@ a crash could take back. `outbox` holds reports to parent sockets until they are
 report is committed in the same transaction as the event that causes it. `pending` holds
 acked work a pod has not started yet — queued runs and buffered notifications — and each
 row is deleted in the same transaction as the event that consumes it. `read_cursors`
-remembers how far each pod has read each child's output (`read_pod_output`).
+remembers how far each pod has read each child's output (`read_pod_output`). `received`
+holds the `event_id` of the reports a pod received before the events its restore reads
+(committed with the `context_compacted` that moved that start past them; the newer ones a
+restore finds in its events), so a re-sent report is known as a duplicate however old it
+is, without reading old history and without a write per report.
 `synchronous=NORMAL` keeps commits off fsync: a process crash loses nothing; a power cut
 may lose the last moments (see README).
 """
@@ -19,6 +23,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import orjson
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS pods (
@@ -60,6 +66,22 @@ CREATE TABLE IF NOT EXISTS read_cursors (
     PRIMARY KEY (reader, target)
 ) WITHOUT ROWID;
 """
+
+RECEIVED_SCHEMA = """
+CREATE TABLE IF NOT EXISTS received (
+    pod      TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    PRIMARY KEY (pod, event_id)
+) WITHOUT ROWID
+"""
+
+RECEIVED_BACKFILL = """
+INSERT OR IGNORE INTO received (pod, event_id)
+SELECT pod, json_extract(CAST(data AS TEXT), '$.payload.event_id') FROM events
+WHERE kind = 'pod_event_received'
+    AND json_type(CAST(data AS TEXT), '$.payload.event_id') = 'text'
+"""
+"""A database older than `received` fills it from the reports its events hold."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +136,17 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        self._add_received()
+
+    def _add_received(self) -> None:
+        """Create `received`, filled from the stored reports when the database predates it,
+        in one transaction: a crash between the two cannot leave it empty."""
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            exists = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'received'"
+            if self._db.execute(exists).fetchone() is None:
+                self._db.execute(RECEIVED_SCHEMA)
+                self._db.execute(RECEIVED_BACKFILL)
 
     def close(self) -> None:
         self._db.close()
@@ -150,6 +183,7 @@ class Store:
             self._db.execute("DELETE FROM outbox WHERE target = ?", (socket,))
             self._db.execute("DELETE FROM events WHERE pod = ?", (name,))
             self._db.execute("DELETE FROM pending WHERE pod = ?", (name,))
+            self._db.execute("DELETE FROM received WHERE pod = ?", (name,))
             self._db.execute(
                 "DELETE FROM read_cursors WHERE reader = ? OR target = ?", (name, name)
             )
@@ -163,12 +197,14 @@ class Store:
         events: list[StoredEvent],
         report: OwedReport | None = None,
         consumed: Sequence[int] = (),
+        received: Sequence[str] = (),
     ) -> None:
-        """Commit events and, in the same transaction, the report to the parent they cause
-        and the deletion of the `pending` rows they use up: a crash keeps all or none."""
+        """Commit events and, in the same transaction, the report to the parent they cause,
+        the deletion of the `pending` rows they use up and the `event_id`s of the reports
+        they receive: a crash keeps all or none."""
         insert = "INSERT INTO events (pod, seq, ts, kind, data) VALUES (?, ?, ?, ?, ?)"
         rows = [(pod, *event) for event in events]
-        if len(rows) == 1 and report is None and not consumed:
+        if len(rows) == 1 and report is None and not consumed and not received:
             self._db.execute(insert, rows[0])
             return
         with self._db:
@@ -177,6 +213,17 @@ class Store:
             if report is not None:
                 self._insert_report(pod, report)
             self._db.executemany("DELETE FROM pending WHERE id = ?", [(i,) for i in consumed])
+            self._db.executemany(
+                "INSERT OR IGNORE INTO received (pod, event_id) VALUES (?, ?)",
+                [(pod, event_id) for event_id in received],
+            )
+
+    def received(self, pod: str, event_id: str) -> bool:
+        """Whether the pod has received a report with this `event_id`."""
+        row = self._db.execute(
+            "SELECT 1 FROM received WHERE pod = ? AND event_id = ?", (pod, event_id)
+        ).fetchone()
+        return row is not None
 
     def events_after(self, pod: str, after_seq: int, limit: int) -> list[tuple[int, bytes]]:
         """Up to `limit` events with seq > after_seq, oldest first, as (seq, json); fewer
@@ -194,6 +241,20 @@ class Store:
             if size >= PAGE_BYTES:
                 break
         return page
+
+    def restore_start(self, pod: str) -> int:
+        """The first seq a restart reads: the `restore_from` of the pod's latest
+        `context_compacted` (never past that event itself), else 1. The scan runs back from
+        the newest event, so it reads only the events since that compaction."""
+        row = self._db.execute(
+            "SELECT seq, data FROM events WHERE pod = ? AND kind = 'context_compacted' "
+            "ORDER BY seq DESC LIMIT 1",
+            (pod,),
+        ).fetchone()
+        if row is None:
+            return 1
+        seq, data = row
+        return min(orjson.loads(data).get("restore_from") or 1, seq)
 
     def events_of_kind_after(self, pod: str, after_seq: int, kind: str) -> list[tuple[int, bytes]]:
         """Every event of one `kind` with seq > after_seq, oldest first, as (seq, json)."""

@@ -360,7 +360,9 @@ class Supervisor:
         await running.endpoint.close()
 
     def _stored_events(self, name: str) -> Iterator[bytes]:
-        after = 0
+        """The events a restore reads: from where the pod's latest compaction says a
+        restart starts (the whole history if it never compacted), in pages."""
+        after = self.store.restore_start(name) - 1
         while rows := self.store.events_after(name, after, REPLAY_BATCH):
             for _, data in rows:
                 yield data

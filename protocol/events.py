@@ -275,6 +275,16 @@ class CompactionStarted(PodEventBase):
     trigger: CompactionTrigger
 
 
+class CompactionSkipped(PodEventBase):
+    """A requested compaction that was not made (an addition): nothing to compact, its
+    summary call failed, or the turn it waited in was cancelled; `reason` says which."""
+
+    event: Literal["compaction_skipped"] = "compaction_skipped"
+    turn_id: str | None = None
+    trigger: CompactionTrigger
+    reason: str
+
+
 class Lagged(PodEventBase):
     event: Literal["lagged"] = "lagged"
     missed: int
@@ -326,6 +336,7 @@ AnyEvent = Annotated[
     | ToolCallDelta
     | Retry
     | CompactionStarted
+    | CompactionSkipped
     | Lagged
     | PodSpawned
     | PodStatusEvent

@@ -12,7 +12,15 @@ from pathlib import Path
 from bench.report import Figure
 
 ROOT = Path(__file__).resolve().parent.parent
-FIGURES = {"control": 2, "fanout": 1, "pause": 2, "density": 2, "durable": 2, "capctl": 1}
+FIGURES = {
+    "control": 2,
+    "fanout": 1,
+    "pause": 2,
+    "density": 2,
+    "durable": 2,
+    "capctl": 1,
+    "restore": 4,
+}
 
 
 def test_every_benchmark_runs_at_tiny_size() -> None:

@@ -10,6 +10,9 @@ import pytest
 from capd.compaction import EXCERPT_HEADING, SUMMARY_HEADING, SUMMARY_SYSTEM_PROMPT
 from protocol.errors import ProtocolError
 from tests.conftest import CapdProcess
+from tests.fakes.anthropic_server import AnthropicTestServer
+from tests.fakes.anthropic_server import ErrorReply as AnthropicError
+from tests.fakes.anthropic_server import TextReply as AnthropicText
 from tests.fakes.openai_flavors import LLAMA_CPP_PYTHON, LLAMA_SERVER
 from tests.fakes.openai_server import (
     FunctionCall,
@@ -376,3 +379,138 @@ async def test_a_crash_mid_compaction_loses_nothing_and_restore_starts_from_it(
     assert "BRAVO lorem" in _texts(last)
     assert history[0]["seq"] == 1
     assert any("ALPHA" in e.get("text", "") for e in history)
+
+
+@pytest.mark.own_capd
+async def test_a_report_the_model_has_not_read_outlives_a_compaction_and_a_restart(
+    capd: CapdProcess, server: OpenAITestServer
+) -> None:
+    await spawn(capd, "boss", _model(server))
+    async with await connect_pod(capd, "boss") as pod:
+        await _two_turns(pod, server)
+        never = asyncio.Event()
+        server.enqueue(HeldReply(TextReply("never sent"), never))
+        await pod.request({"method": "run", "text": "CHARLIE: wait for w2"})
+        await server.wait_requests(3)
+        await pause_turn(pod)
+        report = {
+            "kind": "turn_ended",
+            "pod": "w2",
+            "event_id": "w2/5be0c1d2a3f49687",
+            "turn_id": "t-51c0ffee0001",
+            "result": "finished",
+            "output": "REPORT: fixed the flaky test",
+        }
+        await pod.request({"method": "pod_event", "event": report})
+        server.enqueue(TextReply("the summary"))
+        assert await pod.request({"method": "compact"}) == {}
+        compacted, _ = await wait_for(pod, is_event("context_compacted"))
+        history = await full_history(pod)
+    received = next(e for e in history if e["event"] == "pod_event_received")
+    assert compacted["restore_from"] == compacted["through_seq"] + 1 < received["seq"]
+    assert "REPORT" not in _texts(server.requests[-1])
+    await asyncio.to_thread(capd.stop)
+    await asyncio.to_thread(capd.start)
+    async with await connect_pod(capd, "boss") as pod:
+        server.enqueue(TextReply("thanks, w2"))
+        end, _ = await resume_turn(pod)
+    assert end["output"] == "thanks, w2"
+    last = server.requests[-1]
+    assert "REPORT: fixed the flaky test" in _texts(last)
+    assert "the summary" in _texts(last)
+    assert "CHARLIE: wait for w2" in _texts(last)
+    assert "ALPHA lorem" not in _texts(last)
+
+
+@pytest.mark.own_capd
+async def test_a_report_received_before_a_compaction_and_a_restart_is_still_a_duplicate(
+    capd: CapdProcess, server: OpenAITestServer
+) -> None:
+    report = {
+        "kind": "turn_ended",
+        "pod": "w2",
+        "event_id": "w2/0d1e2f3a4b5c6d7e",
+        "turn_id": "t-51c0ffee0002",
+        "result": "finished",
+        "output": "REPORT: the build is green",
+    }
+    await spawn(capd, "boss", _model(server))
+    async with await connect_pod(capd, "boss") as pod:
+        server.enqueue(TextReply("noted the report"))
+        assert "duplicate" not in await pod.request({"method": "pod_event", "event": report})
+        await wait_for(pod, is_event("turn_end"))
+        await _two_turns(pod, server)
+        server.enqueue(TextReply("the summary"))
+        assert await pod.request({"method": "compact"}) == {}
+        compacted, _ = await wait_for(pod, is_event("context_compacted"))
+        history = await full_history(pod)
+    received = next(e for e in history if e["event"] == "pod_event_received")
+    assert received["seq"] < compacted["restore_from"]
+    await asyncio.to_thread(capd.stop)
+    await asyncio.to_thread(capd.start)
+    async with await connect_pod(capd, "boss") as pod:
+        ack = await pod.request({"method": "pod_event", "event": report})
+        history = await full_history(pod)
+    assert ack == {"duplicate": True}
+    assert kinds(history).count("pod_event_received") == 1
+
+
+async def test_anthropic_prompt_too_long_compacts_and_calls_again(capd: CapdProcess) -> None:
+    async with AnthropicTestServer() as server:
+        model = {"provider": "anthropic", "name": "claude-test", "base_url": server.base_url}
+        await spawn(capd, "w1", model)
+        async with await connect_pod(capd, "w1") as pod:
+            server.enqueue(AnthropicText("first answer"), AnthropicText("second answer"))
+            for tag in ("ALPHA", "BRAVO"):
+                await run_turn(pod, f"{tag} lorem ipsum")
+            server.enqueue(
+                AnthropicError(400, "prompt is too long: 208310 tokens > 200000 maximum"),
+                AnthropicText("summary of ALPHA and BRAVO"),
+                AnthropicText("went on"),
+            )
+            end, seen = await run_turn(pod, "CHARLIE")
+    assert (end["result"], end["output"]) == ("finished", "went on")
+    compacted = next(e for e in seen if e["event"] == "context_compacted")
+    assert (compacted["trigger"], compacted["window"]) == ("overflow", 200_000)
+    summary_call, retried = server.requests[-2], server.requests[-1]
+    assert summary_call["system"] == SUMMARY_SYSTEM_PROMPT
+    assert "tools" not in summary_call
+    assert [m["role"] for m in retried["messages"]] == ["user"]
+    assert "summary of ALPHA and BRAVO" in str(retried["messages"])
+    assert "CHARLIE" in str(retried["messages"])
+    assert "ALPHA lorem" not in str(retried["messages"])
+
+
+async def test_a_cancel_drops_the_compaction_its_turn_was_asked_for(
+    capd: CapdProcess, server: OpenAITestServer
+) -> None:
+    await spawn(capd, "w1", _model(server))
+    async with await connect_pod(capd, "w1") as pod:
+        await _two_turns(pod, server)
+        never = asyncio.Event()
+        server.enqueue(HeldReply(TextReply("never sent"), never))
+        await pod.request({"method": "run", "text": "CHARLIE"})
+        await server.wait_requests(3)
+        assert await pod.request({"method": "compact"}) == {}
+        await pod.request({"method": "cancel"})
+        skipped, _ = await wait_for(pod, is_event("compaction_skipped"))
+        end, _ = await wait_for(pod, is_event("turn_end"))
+        history = await full_history(pod)
+    assert skipped["reason"] == "the turn was cancelled before it compacted"
+    assert end["result"] == "cancelled"
+    assert "context_compacted" not in kinds(history)
+    assert len(server.requests) == 3
+
+
+async def test_a_prompt_that_fits_the_window_is_sent_even_past_compact_at(
+    capd: CapdProcess, server: OpenAITestServer
+) -> None:
+    """2,500 tokens and 100 for the reply fit 3,000 though they pass 0.8 of it: with
+    nothing older to summarise, the call is made, not refused."""
+    await spawn(capd, "w1", _model(server, context_window=3000, max_tokens=100))
+    async with await connect_pod(capd, "w1") as pod:
+        server.enqueue(TextReply("fine"))
+        end, seen = await run_turn(pod, "word " * 2000)
+    assert (end["result"], end["output"]) == ("finished", "fine")
+    assert "context_compacted" not in kinds(seen)
+    assert len(server.requests) == 1

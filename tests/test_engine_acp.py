@@ -661,3 +661,63 @@ async def test_a_step_is_recorded_once_the_input_of_each_call_is_final(
     assert [call["arguments"]["command"] for call in calls] == ["echo both", "echo both"]
     assert [r["call_id"] for r in durable[1:3]] == [call["id"] for call in calls]
     assert (end["result"], end["output"]) == ("finished", "done")
+
+
+async def test_a_compaction_the_agent_reports_is_recorded(capd: CapdProcess, state: Path) -> None:
+    """capd takes ACP's compaction updates: one the agent completes becomes a
+    context_compacted (trigger auto) through the turn's messages so far, with the summary
+    it streamed; the turn goes on."""
+    await _spawn(capd, "ag", state)
+    async with await connect_pod(capd, "ag") as pod:
+        await run_turn(pod, "hello")
+        end, seen = await run_turn(pod, "compact-auto")
+        after, _ = await run_turn(pod, "and after")
+        history = await full_history(pod)
+    (init,) = _calls(state, "initialize")
+    assert init["capabilities"]["session"] == {}  # the SDK's model drops `compaction: {}`
+    assert (end["result"], end["output"]) == ("finished", "You said: compact-auto")
+    (started,) = [e for e in seen if e["event"] == "compaction_started"]
+    assert (started["turn_id"], started["trigger"]) == (end["turn_id"], "auto")
+    (compacted,) = [e for e in history if e["event"] == "context_compacted"]
+    prompt = next(
+        e for e in history if e["event"] == "user_message" and e["text"] == "compact-auto"
+    )
+    assert (compacted["turn_id"], compacted["trigger"]) == (end["turn_id"], "auto")
+    assert compacted["summary"] == "The user said hello, then asked to compact."
+    assert compacted["through_seq"] == prompt["seq"]
+    assert (compacted["tokens_before"], compacted["tokens_after"]) == (0, 0)
+    assert _prompts(state)[-1] == "and after"
+    assert after["output"] == "You said: and after"
+
+
+@pytest.mark.parametrize(
+    ("how", "recorded"),
+    [
+        ("compact-silent", ["(The agent compacted its context and showed no summary of it.)"]),
+        ("compact-failed", []),
+    ],
+)
+async def test_a_compaction_without_summary_or_failed(
+    capd: CapdProcess, state: Path, how: str, recorded: list[str]
+) -> None:
+    await _spawn(capd, "ag", state)
+    async with await connect_pod(capd, "ag") as pod:
+        end, _ = await run_turn(pod, how)
+        history = await full_history(pod)
+    assert end["output"] == f"You said: {how}"
+    assert [e["summary"] for e in history if e["event"] == "context_compacted"] == recorded
+
+
+async def test_compact_is_refused_saying_the_agent_manages_its_context(
+    capd: CapdProcess, state: Path
+) -> None:
+    await _spawn(capd, "ag", state)
+    async with await connect_pod(capd, "ag") as pod:
+        await run_turn(pod, "hello")
+        with pytest.raises(ProtocolError) as refused:
+            await pod.request({"method": "compact", "instructions": "briefly"})
+    assert refused.value.code == "invalid_request"
+    assert refused.value.message == (
+        "this pod's engine (acp) manages its own context; it cannot compact"
+    )
+    assert _prompts(state) == ["hello"]

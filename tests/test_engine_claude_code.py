@@ -11,7 +11,13 @@ from capd.engines.process import CONTINUE_PROMPT
 from protocol.errors import ProtocolError
 from tests.conftest import CapdProcess
 from tests.engine_scaffold import STAND_IN_CLAUDE, engine_starts, spawn_on_engine, stand_in_log
-from tests.fakes.claude import TOOL_STOPPED
+from tests.fakes.claude import (
+    COMPACT_UNAVAILABLE,
+    COMPACTED_POST_TOKENS,
+    COMPACTED_PRE_TOKENS,
+    SUMMARY_HEAD,
+    TOOL_STOPPED,
+)
 from tests.helpers import (
     connect_pod,
     daemon_request,
@@ -416,3 +422,226 @@ async def _session_ids(capd: CapdProcess, name: str) -> list[str]:
     async with await connect_pod(capd, name, subscribe=False) as pod:
         history = await full_history(pod)
     return [e["session_id"] for e in history if e["event"] == "engine_session"]
+
+
+def _compactions(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in history if e["event"] == "context_compacted"]
+
+
+def _last_message_seq(history: list[dict[str, Any]], before: int) -> int:
+    messages = ("user_message", "notification", "assistant_message", "tool_result")
+    return max(e["seq"] for e in history if e["event"] in messages and e["seq"] < before)
+
+
+async def test_claude_codes_own_compaction_is_recorded(capd: CapdProcess, state: Path) -> None:
+    """The CLI compacts by itself mid-turn: its compact_boundary and the summary after it
+    become a context_compacted through the turn's messages so far; the turn goes on."""
+    await _spawn(capd, "cc", state)
+    async with await connect_pod(capd, "cc") as pod:
+        await run_turn(pod, "hello")
+        end, seen = await run_turn(pod, "compact-auto")
+        after, _ = await run_turn(pod, "and after")
+        history = await full_history(pod)
+    assert (end["result"], end["output"]) == ("finished", "done after compacting")
+    (started,) = [e for e in seen if e["event"] == "compaction_started"]
+    assert (started["turn_id"], started["trigger"]) == (end["turn_id"], "auto")
+    (compacted,) = _compactions(history)
+    assert compacted["turn_id"] == end["turn_id"]
+    assert compacted["trigger"] == "auto"
+    assert compacted["summary"].startswith(SUMMARY_HEAD)
+    assert "The user's prompts: hello, compact-auto." in compacted["summary"]
+    assert compacted["through_seq"] == _last_message_seq(history, compacted["seq"])
+    prompt = next(
+        e for e in history if e["event"] == "user_message" and e["text"] == "compact-auto"
+    )
+    assert compacted["through_seq"] == prompt["seq"]
+    assert (compacted["tokens_before"], compacted["tokens_after"]) == (
+        COMPACTED_PRE_TOKENS,
+        COMPACTED_POST_TOKENS,
+    )
+    assert kinds(seen, durable_only=True).index("context_compacted") < kinds(
+        seen, durable_only=True
+    ).index("assistant_message")
+    # The summary is the CLI's own context: never sent back as a prompt.
+    assert _prompts(state)[-1] == "and after"
+    assert after["output"] == "You said: and after"
+
+
+@pytest.mark.own_capd
+async def test_a_turn_resumed_after_a_crash_past_a_compaction_sends_no_summary(
+    capd: CapdProcess, state: Path
+) -> None:
+    """capd dies just after the CLI compacted mid-turn: the summary heads the restored
+    context, the newest message of it. It is the CLI's own; the resumed turn's prompt
+    only asks it to go on."""
+    await _spawn(capd, "cc", state)
+    async with await connect_pod(capd, "cc") as pod:
+        await run_turn(pod, "hello")
+        await pod.request({"method": "run", "text": "compact-auto slow"})
+        await wait_for(pod, is_event("context_compacted"))
+    assert await asyncio.to_thread(capd.signal, 9) == -9
+    capd.start()
+    async with await connect_pod(capd, "cc") as pod:
+        end, _ = await resume_turn(pod)
+    assert _prompts(state)[-1] == CONTINUE_PROMPT
+    assert end["output"] == f"You said: {CONTINUE_PROMPT}"
+
+
+async def test_compact_sends_claude_code_its_compact_command(
+    capd: CapdProcess, state: Path
+) -> None:
+    """`compact` on an idle pod: the CLI gets `/compact <instructions>` as its next prompt;
+    its compaction is recorded (trigger request) before the ack."""
+    await _spawn(capd, "cc", state)
+    async with await connect_pod(capd, "cc") as pod:
+        await run_turn(pod, "remember kumquat")
+        acked = await pod.request({"method": "compact", "instructions": "keep the fruit"})
+        _, seen = await wait_for(pod, is_event("context_compacted"))
+        history = await full_history(pod)
+        end, _ = await run_turn(pod, "which fruit?")
+        status = await pod.request({"method": "status"})
+    assert acked == {}
+    assert _prompts(state) == ["remember kumquat", "/compact keep the fruit", "which fruit?"]
+    (started,) = [e for e in seen if e["event"] == "compaction_started"]
+    assert (started["turn_id"], started["trigger"]) == (None, "request")
+    (compacted,) = _compactions(history)
+    assert (compacted["turn_id"], compacted["trigger"]) == (None, "request")
+    assert compacted["summary"].startswith(SUMMARY_HEAD)
+    assert compacted["summary"].endswith("As asked: keep the fruit")
+    assert compacted["through_seq"] == _last_message_seq(history, compacted["seq"])
+    assert compacted["tokens_before"] == COMPACTED_PRE_TOKENS
+    # The CLI's own words on it are no model step.
+    assert [e["event"] for e in history[-1:]] == ["context_compacted"]
+    assert end["output"] == "You said: which fruit?"
+    assert status["status"] == "idle"
+    assert len(engine_starts(state)) == 1
+
+
+@pytest.mark.own_capd
+async def test_compact_after_a_restart_resumes_the_session_to_compact_it(
+    capd: CapdProcess, state: Path
+) -> None:
+    await _spawn(capd, "cc", state)
+    async with await connect_pod(capd, "cc") as pod:
+        await run_turn(pod, "hello")
+    (session,) = await _session_ids(capd, "cc")
+    assert await asyncio.to_thread(capd.signal, 15) == 0
+    capd.start()
+    async with await connect_pod(capd, "cc", subscribe=False) as pod:
+        await pod.request({"method": "compact"})
+        history = await full_history(pod)
+    _, second = engine_starts(state)
+    assert second["argv"][second["argv"].index("--resume") + 1] == session
+    assert _prompts(state)[-1] == "/compact"
+    (event,) = _compactions(history)
+    assert "The user's prompts: hello." in event["summary"]
+    assert await _session_ids(capd, "cc") == [session]
+
+
+async def test_compact_before_any_turn_is_refused(capd: CapdProcess, state: Path) -> None:
+    await _spawn(capd, "cc", state)
+    async with await connect_pod(capd, "cc") as pod:
+        with pytest.raises(ProtocolError) as refused:
+            await pod.request({"method": "compact"})
+    assert refused.value.code == "invalid_request"
+    assert refused.value.message == "claude-code has no session to compact yet; run a turn first"
+    assert engine_starts(state) == []
+
+
+async def test_compact_where_claude_code_offers_no_compact_command_is_refused(
+    capd: CapdProcess, state: Path
+) -> None:
+    """With DISABLE_COMPACT the CLI lists no `compact` in its init and says so if asked;
+    a first `compact` (no init seen yet in this process) hears its words, the next one is
+    refused without asking."""
+    await _spawn(capd, "cc", state, engine_extra={"env": _env(state, DISABLE_COMPACT="1")})
+    async with await connect_pod(capd, "cc") as pod:
+        await run_turn(pod, "hello")
+        with pytest.raises(ProtocolError) as refused:
+            await pod.request({"method": "compact"})
+        history = await full_history(pod)
+    assert refused.value.code == "invalid_request"
+    assert "offers no /compact" in refused.value.message
+    assert _prompts(state) == ["hello"]
+    assert _compactions(history) == []
+
+
+@pytest.mark.own_capd
+async def test_what_claude_code_says_instead_of_compacting_is_the_error(
+    capd: CapdProcess, state: Path
+) -> None:
+    await _spawn(capd, "cc", state, engine_extra={"env": _env(state, DISABLE_COMPACT="1")})
+    async with await connect_pod(capd, "cc") as pod:
+        await run_turn(pod, "hello")
+    assert await asyncio.to_thread(capd.signal, 15) == 0
+    capd.start()
+    async with await connect_pod(capd, "cc") as pod:
+        with pytest.raises(ProtocolError) as refused:
+            await pod.request({"method": "compact"})
+        end, _ = await run_turn(pod, "still here")
+        history = await full_history(pod)
+    assert refused.value.code == "invalid_request"
+    assert refused.value.message == f"claude-code did not compact: {COMPACT_UNAVAILABLE}"
+    assert _compactions(history) == []
+    assert [e for e in history if e["event"] == "assistant_message"][-1]["text"] == (
+        "You said: still here"
+    )
+    assert end["output"] == "You said: still here"
+
+
+async def test_pause_stops_a_compaction_and_the_next_turn_goes_on(
+    capd: CapdProcess, state: Path
+) -> None:
+    await _spawn(capd, "cc", state)
+    async with await connect_pod(capd, "cc") as pod:
+        await run_turn(pod, "hello")
+        (state / "slow-compact").touch()
+        compacting = asyncio.create_task(pod.request({"method": "compact"}))
+        await wait_for(pod, is_event("compaction_started"))
+        async with await connect_pod(capd, "cc", subscribe=False) as other:
+            await other.request({"method": "pause"})
+        with pytest.raises(ProtocolError) as stopped:
+            await compacting
+        await until(lambda: len(_interrupts(state)) == 1)
+        end, _ = await run_turn(pod, "after that")
+        history = await full_history(pod)
+    assert "stopped by a pause" in stopped.value.message
+    assert _compactions(history) == []
+    assert end["output"] == "You said: after that"
+    assert _prompts(state) == ["hello", "/compact", "after that"]
+
+
+async def test_compact_while_running_compacts_after_the_turn(
+    capd: CapdProcess, state: Path
+) -> None:
+    """The CLI takes no prompt mid-turn: the compaction waits for the turn's end."""
+    await _spawn(capd, "cc", state)
+    async with await connect_pod(capd, "cc") as pod:
+        await pod.request({"method": "run", "text": "slow:20"})
+        await wait_for(pod, is_event("text_delta"))
+        acked = await pod.request({"method": "compact", "instructions": "briefly"})
+        end, _ = await wait_for(pod, is_event("turn_end"))
+        compacted, _ = await wait_for(pod, is_event("context_compacted"))
+    assert acked == {}
+    assert end["result"] == "finished"
+    assert compacted["trigger"] == "request"
+    assert _prompts(state) == ["slow:20", "/compact briefly"]
+
+
+async def test_limits_compact_at_reaches_claude_code_unless_its_env_says_otherwise(
+    capd: CapdProcess, state: Path, tmp_path: Path
+) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    await _spawn(capd, "cc", state, limits={"compact_at": 0.6})
+    pinned = _env(other, CLAUDE_AUTOCOMPACT_PCT_OVERRIDE="95")
+    await _spawn(capd, "pinned", other, engine_extra={"env": pinned}, limits={"compact_at": 0.6})
+    for name in ("cc", "pinned"):
+        async with await connect_pod(capd, name) as pod:
+            await run_turn(pod, "hello")
+    assert [start["pct"] for start in engine_starts(state)] == ["60"]
+    assert [start["pct"] for start in engine_starts(other)] == ["95"]
+
+
+def _env(state: Path, **more: str) -> dict[str, str]:
+    return {**STAND_IN_CLAUDE.engine(state)["env"], **more}

@@ -48,7 +48,9 @@ async def server() -> AsyncIterator[AnthropicTestServer]:
         yield srv
 
 
-async def _spawn(capd: CapdProcess, server: AnthropicTestServer, tmp_path: Path) -> Path:
+async def _spawn(
+    capd: CapdProcess, server: AnthropicTestServer, tmp_path: Path, **manifest: Any
+) -> Path:
     """A claude-code pod on the real CLI, allowed to run Bash; returns its cwd."""
     cwd = tmp_path / "work"
     cwd.mkdir()
@@ -60,7 +62,7 @@ async def _spawn(capd: CapdProcess, server: AnthropicTestServer, tmp_path: Path)
         "args": ["--allowedTools", "Bash"],
         "env": claude_code_env(home, tmp_path / "claude-config", server.base_url, API_KEY),
     }
-    await spawn_on_engine(capd, "cc", engine, cwd=str(cwd))
+    await spawn_on_engine(capd, "cc", engine, cwd=str(cwd), **manifest)
     return cwd
 
 
@@ -259,3 +261,62 @@ async def test_a_pruned_session_is_replaced_and_the_loss_recorded(
     assert "remember a word" not in _texts(server.requests[1])
     assert _texts(server.requests[1])[-1] == "which word?"
     assert _texts(server.requests[2])[-1] == "are you there?"
+
+
+SUMMARY = "<analysis>short</analysis><summary>The user asked to remember kumquat.</summary>"
+
+
+async def test_compact_runs_the_clis_compact_command_and_records_its_summary(
+    capd: CapdProcess, server: AnthropicTestServer, tmp_path: Path
+) -> None:
+    server.enqueue(
+        TextReply("The word is kumquat.", input_tokens=5000),
+        TextReply(SUMMARY),
+        TextReply("It was kumquat."),
+    )
+    await _spawn(capd, server, tmp_path)
+    async with await connect_pod(capd, "cc") as pod:
+        await _turn(pod, "remember a word")
+        await pod.request({"method": "compact", "instructions": "keep the word"}, TURN_TIMEOUT_S)
+        end, _ = await _turn(pod, "which word?")
+        history = await full_history(pod)
+    (compacted,) = [e for e in history if e["event"] == "context_compacted"]
+    assert compacted["trigger"] == "request"
+    assert compacted["summary"].startswith("This session is being continued")
+    assert "The user asked to remember kumquat." in compacted["summary"]
+    assert compacted["tokens_before"] > 0
+    asked = server.requests[1]
+    assert _texts(asked)[-1].endswith(
+        "Additional Instructions:\nkeep the word\n\nREMINDER: Do NOT call any tools. Respond "
+        "with plain text only \u2014 an <analysis> block followed by a <summary> block. Tool "
+        "calls will be rejected and you will fail the task."
+    )
+    assert (end["result"], end["output"]) == ("finished", "It was kumquat.")
+    last = _texts(server.requests[2])
+    assert last[-1] == "which word?"
+    assert "remember a word" not in last
+
+
+async def test_the_clis_own_compaction_at_limits_compact_at_is_recorded(
+    capd: CapdProcess, server: AnthropicTestServer, tmp_path: Path
+) -> None:
+    """limits.compact_at 0.5 reaches the CLI: a context past half its window is compacted
+    before the next call, and capd records the compaction the CLI reports."""
+    server.enqueue(*[TextReply(f"Reply {i}.") for i in range(5)])
+    server.enqueue(TextReply("Big one.", input_tokens=600_000), TextReply(SUMMARY))
+    server.enqueue(TextReply("It was kumquat."))
+    await _spawn(capd, server, tmp_path, limits={"compact_at": 0.5})
+    async with await connect_pod(capd, "cc") as pod:
+        for i in range(6):
+            await _turn(pod, f"prompt {i}")
+        end, seen = await _turn(pod, "which word?")
+        history = await full_history(pod)
+    assert (end["result"], end["output"]) == ("finished", "It was kumquat.")
+    assert [e["trigger"] for e in seen if e["event"] == "compaction_started"] == ["auto"]
+    (compacted,) = [e for e in history if e["event"] == "context_compacted"]
+    assert (compacted["turn_id"], compacted["trigger"]) == (end["turn_id"], "auto")
+    assert "The user asked to remember kumquat." in compacted["summary"]
+    assert compacted["tokens_before"] >= 600_000
+    assert 0 < compacted["tokens_after"] < compacted["tokens_before"]
+    prompt = next(e for e in history if e["event"] == "user_message" and e["text"] == "which word?")
+    assert compacted["through_seq"] == prompt["seq"]

@@ -15,6 +15,17 @@ or `failed` gives its `tool_result`, recorded after its step. Agents announce a 
 before its input is whole, so until the step is recorded a repeated `tool_call` or a
 `tool_call_update` with `rawInput` updates the call's arguments; the input is final once
 the call runs (`in_progress`), has ended, or was sent again.
+
+Compaction. An ACP agent manages its own context; ACP has no request for a client to make
+it compact (a `session/compact` is only proposed), so `compact` is refused
+(`cannot_compact`). capd opts in to ACP's session compaction updates
+(`clientCapabilities.session.compaction`): an agent that reports one with
+`compaction_update` (`in_progress`, summary chunks, then `completed`) gets a
+`compaction_started` and, when completed, a `context_compacted` (trigger "auto") through
+the last message before it, with the summary it showed (else a note that it showed none);
+ACP gives no token counts, so both are 0. Later updates of a completed one are patches and
+change nothing, nor does a failed or cancelled one; those replayed by `session/load` are
+not recorded again.
 """
 
 import asyncio
@@ -31,6 +42,8 @@ from capd.engines.process import EngineDied, EngineError, ExternalEngine
 from protocol.errors import ProtocolError
 from protocol.events import (
     AssistantMessage,
+    CompactionStarted,
+    ContextCompacted,
     PermissionRequest,
     PermissionResolved,
     TextDelta,
@@ -63,6 +76,8 @@ ANSWER_UPDATES = frozenset(
 METHOD_NOT_FOUND = -32601
 ERROR_DATA_CHARS = 2000
 """The longest agent error quoted in a turn's error."""
+SUMMARY_HIDDEN = "(The agent compacted its context and showed no summary of it.)"
+"""The summary recorded for a compaction the agent reported without one."""
 ALLOW_KINDS = ("allow_once", "allow_always")
 REJECT_KINDS = ("reject_once", "reject_always")
 
@@ -95,6 +110,8 @@ class _TurnState:
     """Tool titles by tool call id."""
     done: set[str] = field(default_factory=set)
     """Tool calls whose result is recorded."""
+    summaries: dict[str, str] = field(default_factory=dict)
+    """The summaries of the compactions in progress, by compactionId."""
 
 
 AUTH_REQUIRED = -32000
@@ -126,6 +143,9 @@ class AcpEngine(ExternalEngine):
         self._turn: tuple[TurnHost, Turn] | None = None
         self._asked: dict[str, _Asked] = {}
         self._asked_ids = itertools.count(1)
+        self._compacted: set[str] = set()
+        """The compactionIds recorded: later updates of one only patch it (claude-agent-acp
+        repeats the terminal update)."""
 
     def answer_permission(self, request_id: str, option_id: str | None) -> None:
         asked = self._asked.get(request_id)
@@ -142,10 +162,14 @@ class AcpEngine(ExternalEngine):
 
     # -- the process --------------------------------------------------------------------
 
-    async def _start(self, host: TurnHost, turn: Turn) -> None:
+    async def _start(self, host: TurnHost, turn: Turn | None) -> None:
         self._prompt_id = None  # a wind-down cut short may have left it set
         await self._spawn(self._config.command)
-        capabilities = {"fs": {"readTextFile": False, "writeTextFile": False}, "terminal": False}
+        capabilities = {
+            "fs": {"readTextFile": False, "writeTextFile": False},
+            "terminal": False,
+            "session": {"compaction": {}},
+        }
         init = await self._call(
             "initialize",
             {"protocolVersion": PROTOCOL_VERSION, "clientCapabilities": capabilities},
@@ -339,6 +363,47 @@ class AcpEngine(ExternalEngine):
             case "tool_call" | "tool_call_update":
                 self._track_call(host, turn, state, update)
                 self._tool_update(host, turn, state, update)
+            case "compaction_update" | "compaction_summary_chunk":
+                self._compaction(host, turn, state, update)
+
+    def _compaction(
+        self, host: TurnHost, turn: Turn, state: _TurnState, update: dict[str, Any]
+    ) -> None:
+        """Follow a compaction the agent reports; record it once it is completed."""
+        compaction_id = str(update.get("compactionId", ""))
+        status = update.get("status")
+        if compaction_id in self._compacted:
+            return
+        if update.get("sessionUpdate") == "compaction_summary_chunk":
+            if compaction_id in state.summaries:
+                state.summaries[compaction_id] += _content_text(update.get("content"))
+            return
+        if compaction_id not in state.summaries and status in ("in_progress", "completed"):
+            host.emit_ephemeral(CompactionStarted(turn_id=turn.turn_id, trigger="auto"))
+            state.summaries[compaction_id] = ""
+        if "summary" in update:  # a patch: a list replaces the summary, null clears it
+            blocks = update.get("summary")
+            text = "".join(_content_text(b) for b in blocks) if isinstance(blocks, list) else ""
+            state.summaries[compaction_id] = text
+        match status:
+            case "completed":
+                self._flush(host, turn, state)
+                through = host.context.last_message_seq()
+                summary = state.summaries.pop(compaction_id, "")
+                host.commit_compaction(
+                    ContextCompacted(
+                        turn_id=turn.turn_id,
+                        trigger="auto",
+                        summary=summary or SUMMARY_HIDDEN,
+                        through_seq=through,
+                        tokens_before=0,
+                        tokens_after=0,
+                    )
+                )
+                self._sent = through
+                self._compacted.add(compaction_id)
+            case "failed" | "cancelled":
+                state.summaries.pop(compaction_id, None)
 
     def _track_call(
         self, host: TurnHost, turn: Turn, state: _TurnState, update: dict[str, Any]

@@ -11,9 +11,11 @@ from collections.abc import Awaitable, Callable
 from capd.backoff import backoff_s
 from capd.chat import INVALID_JSON_KEY, ChatMessage
 from capd.compaction import (
+    MIN_PIECE_TOKENS,
     SUMMARY_SYSTEM_PROMPT,
     Cut,
     Room,
+    clip,
     excerpt_summary,
     pieces,
     plan_cut,
@@ -43,12 +45,13 @@ from capd.providers.base import (
     ToolCallArgs,
     ToolCallBegin,
 )
-from capd.tokens import message_tokens, text_tokens
+from capd.tokens import BYTES_PER_TOKEN, message_tokens, text_tokens
 from capd.tools.base import ToolOutcome
 from capd.window import context_window, window_in_error
 from protocol.errors import ProtocolError
 from protocol.events import (
     AssistantMessage,
+    CompactionSkipped,
     CompactionStarted,
     ContextCompacted,
     Retry,
@@ -72,6 +75,10 @@ CUT_CALL = ToolOutcome(
 """The result of a tool call whose arguments a reply cut off by max_tokens left unfinished."""
 ASSUMED_WINDOW = 8192
 """The window a requested compaction measures against when the window is not known."""
+NOTHING_TO_COMPACT = (
+    "nothing to compact: the context holds only messages the model has not answered yet "
+    "(and the summary of a compaction before)"
+)
 SMALLER_PIECES = 3
 """How many times a summary call that overflows is made again with half the transcript."""
 
@@ -105,11 +112,7 @@ class BuiltinEngine:
         except DoesNotFit as exc:
             raise ProtocolError("invalid_request", str(exc)) from exc
         if not done:
-            raise ProtocolError(
-                "invalid_request",
-                "nothing to compact: the context holds only messages the model has not "
-                "answered yet (and the summary of a compaction before)",
-            )
+            raise ProtocolError("invalid_request", NOTHING_TO_COMPACT)
 
     def answer_permission(self, request_id: str, option_id: str | None) -> None:
         raise never_asks("builtin")
@@ -130,8 +133,9 @@ class BuiltinEngine:
                     turn.output,
                     f"turn reached limits.max_steps={limits.max_steps}",
                 )
-            order, host.compact_wanted = host.compact_wanted or self._due(host), None
-            if order is not None:
+            if host.compact_wanted is not None:
+                await self._requested(host, turn.turn_id)
+            elif (order := self._due(host)) is not None:
                 await self._compact(host, order, turn.turn_id)
             reply = await self._reply(host, turn)
             host.emit(
@@ -185,6 +189,24 @@ class BuiltinEngine:
                 f"{exc.message}"
             ) from exc
 
+    async def _requested(self, host: TurnHost, turn_id: str) -> None:
+        """The compaction a `compact` request asked for while the turn ran. A pause leaves
+        it asked for, made when the turn resumes; one not made says why."""
+        order = host.compact_wanted
+        assert order is not None
+        try:
+            made = await self._compact(host, order, turn_id)
+        except ProviderError as exc:
+            host.compact_wanted = None
+            _skipped(host, turn_id, f"compaction failed: {exc.message}")
+            raise
+        except DoesNotFit:
+            host.compact_wanted = None  # made, and the turn ends: see DoesNotFit
+            raise
+        host.compact_wanted = None
+        if not made:
+            _skipped(host, turn_id, NOTHING_TO_COMPACT)
+
     def _window(self, host: TurnHost) -> int | None:
         model = self._model
         return context_window(model.context_window, host.context.learned_window, model.name)
@@ -230,13 +252,17 @@ class BuiltinEngine:
             # After an overflow the estimates proved too low: only the unread stays.
             cut = plan_cut(messages, fixed, room, keep_recent=order.trigger == "auto")
         older = messages[1 if previous is not None else 0 : cut.index]
-        if not older:
+        # An automatic compaction that would not shrink the context is not made.
+        worth = sum(map(message_tokens, older)) > (room.summary if order.trigger == "auto" else 0)
+        if not worth:
             if cut.fits and order.trigger != "overflow":
                 return False
             cut = Cut(len(messages), 0, fits=False)
             older = messages[1 if previous is not None else 0 :]
         host.emit_ephemeral(CompactionStarted(turn_id=turn_id, trigger=order.trigger))
-        summary, usage = await self._summarise(host, older, previous, order.instructions, room)
+        summary, usage = await self._summarise(
+            host, turn_id, older, previous, order.instructions, room
+        )
         after = fixed + message_tokens(summary_message(summary)) + cut.kept_tokens
         host.commit_compaction(
             ContextCompacted(
@@ -265,35 +291,40 @@ class BuiltinEngine:
     async def _summarise(
         self,
         host: TurnHost,
+        turn_id: str | None,
         older: list[ChatMessage],
         previous: str | None,
         instructions: str | None,
         room: Room,
     ) -> tuple[str, Usage]:
         """The summary of `older` (after the summary so far, `previous`), made piece by
-        piece; a summary call that overflows is made again with pieces half as long."""
+        piece, each piece's summary carried into the next; when a summary call overflows,
+        it all starts again with pieces half as long, at most SMALLER_PIECES times."""
         usage = Usage()
-        piece_tokens = room.piece - (text_tokens(instructions) if instructions else 0)
-        for attempt in range(SMALLER_PIECES + 1):
+        if instructions:
+            instructions = clip(instructions, room.piece // 2 * BYTES_PER_TOKEN)
+        piece_tokens = max(MIN_PIECE_TOKENS, room.piece - text_tokens(instructions or ""))
+        halvings = 0
+        while True:
             summary = previous
             try:
                 lines = transcript_lines(older, max(1, piece_tokens // 2))
                 for piece in pieces(lines, piece_tokens):
                     prompt = summary_prompt(piece, summary, instructions)
                     reply = await self._call_model(
-                        host, None, lambda prompt=prompt: self._summary_once(prompt, room.summary)
+                        host, turn_id, lambda p=prompt: self._summary_once(p, room.summary)
                     )
                     usage.input_tokens += reply.usage.input_tokens
                     usage.output_tokens += reply.usage.output_tokens
                     summary = reply.text.strip() or excerpt_summary(piece, summary, room.summary)
             except ProviderError as exc:
-                if not exc.overflow or attempt == SMALLER_PIECES:
+                if not exc.overflow or halvings == SMALLER_PIECES:
                     raise
+                halvings += 1
                 piece_tokens //= 2
                 continue
-            assert summary is not None
+            assert summary is not None  # `older` is never empty without a summary before
             return summary, usage
-        raise AssertionError("unreachable")
 
     async def _summary_once(self, prompt: str, max_tokens: int) -> ModelReply:
         request = ModelRequest(
@@ -373,6 +404,10 @@ class BuiltinEngine:
                 host.emit(AssistantMessage(turn_id=turn_id, text=text, interrupted=True))
             raise
         raise ProviderError("the provider ended its stream without a reply", retryable=True)
+
+
+def _skipped(host: TurnHost, turn_id: str, reason: str) -> None:
+    host.emit_ephemeral(CompactionSkipped(turn_id=turn_id, trigger="request", reason=reason))
 
 
 def _failure(error: ProviderError) -> str:

@@ -15,22 +15,40 @@ what the message's stream events report (message_start, then message_delta's tot
 `control_response` and ends the CLI's turn with a `result`; the next prompt waits for
 both. A `--resume` the CLI refuses (an error `result` before any `init`) replaces the
 session (`ExternalEngine._session_lost`).
+
+Compaction. Claude Code compacts its own session: automatically, before an API call that
+would pass its threshold, or when sent `/compact [instructions]` as a prompt (a local
+command it runs in print mode too). It says so with `system` `status: "compacting"` (a
+`compaction_started`), then a `compact_boundary` (`compact_metadata.trigger` "auto" or
+"manual", `pre_tokens`, `post_tokens`), then the summary as a `user` message flagged
+`isSynthetic`. capd records each as a `context_compacted` through the last message before
+it. Its auto compaction keeps the latest messages verbatim after the summary
+(`compact_metadata.preserved_messages`, by Claude Code's own message ids, which capd does
+not know): the record counts them as summarised. The manifest's `limits.compact_at`
+reaches it as CLAUDE_AUTOCOMPACT_PCT_OVERRIDE (a percentage of the window less the reply's
+room; Claude Code only ever lowers its own threshold with it), unless `engine.env` sets it.
+A compaction that begins while an interrupted turn winds down is not recorded.
 """
 
 import asyncio
 import contextlib
 import itertools
 import logging
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from capd.engines.base import Turn, TurnHost, TurnOutcome, never_asks
+from capd.engines.base import CompactOrder, Turn, TurnHost, TurnOutcome, never_asks
 from capd.engines.process import EngineDied, ExternalEngine
+from protocol.errors import ProtocolError
 from protocol.events import (
     AssistantMessage,
+    CompactionStarted,
+    CompactionTrigger,
+    ContextCompacted,
     TextDelta,
     ThinkingBlock,
     ThinkingDelta,
@@ -58,6 +76,21 @@ STREAM_JSON_ARGS = (
 LIMIT_SUBTYPES = frozenset({"error_max_turns", "error_max_budget_usd"})
 NO_SESSION = "No conversation found"
 """How the CLI says that the session given to --resume does not exist."""
+COMPACT_COMMAND = "compact"
+AUTOCOMPACT_PCT = "CLAUDE_AUTOCOMPACT_PCT_OVERRIDE"
+SUMMARY_KEPT = (
+    "(Claude Code compacted its session and keeps the summary there; it did not show it.)"
+)
+"""The summary recorded when the CLI's stream carries none."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Boundary:
+    """A compaction the CLI reported (`compact_boundary`), its summary yet to come."""
+
+    trigger: CompactionTrigger
+    tokens_before: int
+    tokens_after: int
 
 
 @dataclass
@@ -84,14 +117,20 @@ class _TurnState:
     """Usage by API message id, as the stream events report it."""
     streaming: str = ""
     """The id of the API message streaming now."""
+    compacting: bool = False
+    """The CLI said it is compacting (`compaction_started` sent)."""
+    boundary: _Boundary | None = None
+    """A compaction reported and not yet recorded: the next message may be its summary."""
 
 
 class ClaudeCodeEngine(ExternalEngine):
     kind = "claude-code"
+    can_compact = True
 
     def __init__(self, config: ClaudeCodeConfig, manifest: Manifest) -> None:
         assert manifest.cwd is not None
         super().__init__(Path(manifest.cwd), config)
+        self._env = {AUTOCOMPACT_PCT: f"{manifest.limits.compact_at * 100:g}", **config.env}
         self._config = config
         self._system_prompt = manifest.system_prompt
         self._resuming = False
@@ -99,11 +138,13 @@ class ClaudeCodeEngine(ExternalEngine):
         self._request_ids = itertools.count(1)
         self._busy = False
         """Whether the CLI is working on a prompt (sent, its `result` not yet read)."""
+        self._commands: frozenset[str] | None = None
+        """The slash commands the CLI's latest `init` listed (None before any)."""
 
     def answer_permission(self, request_id: str, option_id: str | None) -> None:
         raise never_asks(self.kind)
 
-    async def _start(self, host: TurnHost, turn: Turn) -> None:
+    async def _start(self, host: TurnHost, turn: Turn | None) -> None:
         config = self._config
         argv = [*config.command, *STREAM_JSON_ARGS]
         if config.model:
@@ -120,6 +161,130 @@ class ClaudeCodeEngine(ExternalEngine):
             argv += ["--resume", self._session_id]
         await self._spawn([*argv, *config.args])
         self._busy = False
+
+    async def compact(self, host: TurnHost, order: CompactOrder) -> None:
+        """Send `/compact [instructions]` as the session's next prompt (resuming the
+        session first if the CLI is not running) and record the compaction it reports.
+        What the CLI says instead of compacting ("No messages to compact", "/compact isn't
+        available in this environment.") is refused as invalid_request; a compaction that
+        fails is a provider_error."""
+        await self._settle()
+        if self._proc is None and self._session_to_resume(host) is None:
+            raise ProtocolError(
+                "invalid_request", "claude-code has no session to compact yet; run a turn first"
+            )
+        if self._commands is not None and COMPACT_COMMAND not in self._commands:
+            raise ProtocolError(
+                "invalid_request",
+                "claude-code offers no /compact in this session (DISABLE_COMPACT or "
+                "--disable-slash-commands)",
+            )
+        state = _TurnState()
+        try:
+            if self._proc is None:
+                await self._start_or_discard(host, None)
+            command = f"/{COMPACT_COMMAND} {order.instructions or ''}".rstrip()
+            self._send_prompt(command)
+            await self._read_compaction(host, state)
+        except EngineDied as exc:
+            await self._discard()
+            raise ProtocolError(
+                "provider_error", f"claude-code engine died while compacting: {exc}"
+            ) from None
+        except asyncio.CancelledError:
+            if self._busy:
+                self._interrupt(self._wind_down_compaction)
+            raise
+
+    async def _read_compaction(self, host: TurnHost, state: _TurnState) -> None:
+        turn_id = host.turn.turn_id if host.turn is not None else None
+        said, failed, recorded = "", "", False
+        while True:
+            message = await self._next_message()
+            if message.get("parent_tool_use_id"):
+                continue
+            if state.boundary is not None:
+                summary = _summary(message)
+                self._record_compaction(host, turn_id, state, summary)
+                recorded = True
+                if summary is not None:
+                    continue
+            match message.get("type"), message.get("subtype"):
+                case "system", "init":
+                    self._init(message)
+                    self._record_session(host, host.turn)
+                case "system", "status":
+                    failed = str(message.get("compact_error") or failed)
+                    self._compacting(host, turn_id, state, message, "request")
+                case "system", "compact_boundary":
+                    state.boundary = _boundary(message)
+                case "assistant", _:
+                    said = _text(message.get("message") or {}) or said
+                case "result", _:
+                    self._busy = False
+                    self._note_session(message.get("session_id"))
+                    self._record_session(host, host.turn)
+                    if recorded:
+                        return
+                    if failed or message.get("is_error"):
+                        reason = failed or _error_text(message)
+                        raise ProtocolError("provider_error", f"claude-code compaction: {reason}")
+                    reason = said or str(message.get("result") or "") or "it gave no reason"
+                    raise ProtocolError("invalid_request", f"claude-code did not compact: {reason}")
+
+    async def _wind_down_compaction(self, request_id: str) -> None:
+        """Read until the interrupt is acknowledged and the CLI's /compact has ended."""
+        acked = False
+        while self._busy or not acked:
+            message = await self._next_message()
+            match message.get("type"):
+                case "system" if message.get("subtype") == "init":
+                    self._init(message)
+                case "result":
+                    self._busy = False
+                    self._note_session(message.get("session_id"))
+                case "control_response":
+                    acked = (message.get("response") or {}).get("request_id") == request_id
+
+    def _init(self, message: dict[str, Any]) -> None:
+        self._note_session(message.get("session_id"))
+        commands = message.get("slash_commands")
+        if isinstance(commands, list):
+            self._commands = frozenset(str(c).removeprefix("/") for c in commands)
+
+    def _compacting(
+        self,
+        host: TurnHost,
+        turn_id: str | None,
+        state: _TurnState,
+        status: dict[str, Any],
+        trigger: CompactionTrigger,
+    ) -> None:
+        """A `status` message: the first "compacting" one of a compaction starts it."""
+        compacting = status.get("status") == "compacting"
+        if compacting and not state.compacting:
+            host.emit_ephemeral(CompactionStarted(turn_id=turn_id, trigger=trigger))
+        state.compacting = compacting
+
+    def _record_compaction(
+        self, host: TurnHost, turn_id: str | None, state: _TurnState, summary: str | None
+    ) -> None:
+        """Record the reported compaction through the last message so far; the session
+        has been given everything up to there."""
+        boundary, state.boundary = state.boundary, None
+        assert boundary is not None
+        through = host.context.last_message_seq()
+        host.commit_compaction(
+            ContextCompacted(
+                turn_id=turn_id,
+                trigger=boundary.trigger,
+                summary=summary or SUMMARY_KEPT,
+                through_seq=through,
+                tokens_before=boundary.tokens_before,
+                tokens_after=boundary.tokens_after,
+            )
+        )
+        self._sent = through
 
     def _send_prompt(self, prompt: str) -> None:
         # A CLI that has exited already is left to `_read_turn`, which reads what it said
@@ -148,16 +313,26 @@ class ClaudeCodeEngine(ExternalEngine):
                 text = state.partial
                 host.emit(AssistantMessage(turn_id=turn.turn_id, text=text, interrupted=True))
             if self._busy:
-                self._interrupt(host, turn, state)
+                self._interrupt(lambda request_id: self._wind_down(host, turn, state, request_id))
             raise
 
     def _apply(
         self, host: TurnHost, turn: Turn, state: _TurnState, message: dict[str, Any]
     ) -> TurnOutcome | None:
+        if state.boundary is not None:
+            summary = _summary(message)
+            self._record_compaction(host, turn.turn_id, state, summary)
+            if summary is not None:
+                return None
         match message.get("type"):
             case "system" if message.get("subtype") == "init":
-                self._note_session(message.get("session_id"))
+                self._init(message)
                 self._record_session(host, turn)
+            case "system" if message.get("subtype") == "status":
+                self._compacting(host, turn.turn_id, state, message, "auto")
+            case "system" if message.get("subtype") == "compact_boundary":
+                self._flush(host, turn, state)
+                state.boundary = _boundary(message)
             case "stream_event":
                 self._stream_event(host, turn, state, message.get("event") or {})
             case "assistant":
@@ -270,7 +445,10 @@ class ClaudeCodeEngine(ExternalEngine):
         ]
 
     def _flush(self, host: TurnHost, turn: Turn, state: _TurnState) -> None:
-        """Record the step so far as an `assistant_message`, if it has anything."""
+        """Record the step so far as an `assistant_message`, if it has anything, and a
+        compaction reported since (its summary did not come)."""
+        if state.boundary is not None:
+            self._record_compaction(host, turn.turn_id, state, None)
         step = state.step
         if step.text or step.tool_calls or step.thinking:
             host.emit(
@@ -284,14 +462,15 @@ class ClaudeCodeEngine(ExternalEngine):
             )
         state.step = _Step(message_id=step.message_id)
 
-    def _interrupt(self, host: TurnHost, turn: Turn, state: _TurnState) -> None:
+    def _interrupt(self, wind_down: Callable[[str], Coroutine[Any, Any, None]]) -> None:
+        """Send an interrupt; `wind_down(request_id)` reads until the CLI has stopped."""
         request_id = f"capd-{next(self._request_ids)}"
         interrupt = {"subtype": "interrupt"}
         try:
             self._send({"type": "control_request", "request_id": request_id, "request": interrupt})
         except EngineDied:
             return
-        self._settling = asyncio.create_task(self._wind_down(host, turn, state, request_id))
+        self._settling = asyncio.create_task(wind_down(request_id))
 
     async def _wind_down(
         self, host: TurnHost, turn: Turn, state: _TurnState, request_id: str
@@ -302,7 +481,7 @@ class ClaudeCodeEngine(ExternalEngine):
             message = await self._next_message()
             match message.get("type"):
                 case "system" if message.get("subtype") == "init":
-                    self._note_session(message.get("session_id"))
+                    self._init(message)
                     self._record_late(host, turn)
                 case "user" if not message.get("parent_tool_use_id"):
                     for result in self._tool_results(turn, state, message.get("message") or {}):
@@ -408,3 +587,29 @@ def _result_text(content: object) -> str:
         if texts:
             return "\n".join(texts)
     return "" if content is None else orjson.dumps(content).decode()
+
+
+def _boundary(message: dict[str, Any]) -> _Boundary:
+    """A `compact_boundary`'s trigger ("manual": capd's request) and token counts."""
+    metadata = message.get("compact_metadata") or {}
+    trigger: CompactionTrigger = "auto" if metadata.get("trigger") == "auto" else "request"
+    before, after = metadata.get("pre_tokens"), metadata.get("post_tokens")
+    return _Boundary(
+        trigger,
+        before if isinstance(before, int) else 0,
+        after if isinstance(after, int) else 0,
+    )
+
+
+def _summary(message: dict[str, Any]) -> str | None:
+    """The text of a compaction's summary: the synthetic `user` message after its
+    boundary; None for any other message."""
+    if message.get("type") != "user" or not message.get("isSynthetic"):
+        return None
+    return _result_text((message.get("message") or {}).get("content"))
+
+
+def _text(message: dict[str, Any]) -> str:
+    """The text blocks of an `assistant` message."""
+    blocks = message.get("content") or []
+    return "".join(str(b.get("text", "")) for b in blocks if b.get("type") == "text")

@@ -315,7 +315,7 @@ class ExternalEngine(ABC):
                 log.warning("pod %s: %s; restarting it", host.name, exc)
                 restarted = True
 
-    async def _start_or_discard(self, host: TurnHost, turn: Turn) -> None:
+    async def _start_or_discard(self, host: TurnHost, turn: Turn | None) -> None:
         try:
             await self._start(host, turn)
         except asyncio.CancelledError:
@@ -333,9 +333,10 @@ class ExternalEngine(ABC):
         new session has seen none of the turn (what came before the turn is lost to it);
         after a capd restart a resumed session has seen all but the trailing user
         messages. When the session has seen part of the turn, the turn is resuming:
-        CONTINUE_PROMPT follows whatever is new."""
+        CONTINUE_PROMPT follows whatever is new. A compaction's summary heading the
+        context is the engine's own (it compacted its session), never part of a prompt."""
         messages = context.messages
-        first = context.index_after(turn.started_seq)
+        first = max(context.index_after(turn.started_seq), int(context.summary is not None))
         if self._fresh:
             start = first
         elif self._sent is not None:
@@ -366,15 +367,16 @@ class ExternalEngine(ABC):
         self._session_id = None
         self._lost_session, self._lost_reason = session_id, reason
 
-    def _record_session(self, host: TurnHost, turn: Turn) -> None:
-        """Record a new session id where a restarted capd finds it to resume. It says which
-        session it replaces only when that one was lost (`_session_lost`): an engine that
-        moves to a new id by itself (a forked session) lost nothing."""
+    def _record_session(self, host: TurnHost, turn: Turn | None) -> None:
+        """Record a new session id where a restarted capd finds it to resume (`turn` is
+        None for an engine started to compact between turns). It says which session it
+        replaces only when that one was lost (`_session_lost`): an engine that moves to a
+        new id by itself (a forked session) lost nothing."""
         stored = host.context.engine_session
         if self._session_id and self._session_id != stored:
             lost = stored is not None and stored == self._lost_session
             event = EngineSession(
-                turn_id=turn.turn_id,
+                turn_id=turn.turn_id if turn is not None else None,
                 session_id=self._session_id,
                 replaced=stored if lost else None,
                 reason=self._lost_reason if lost else None,
@@ -465,9 +467,9 @@ class ExternalEngine(ABC):
             await asyncio.wait(self._reaping)
 
     @abstractmethod
-    async def _start(self, host: TurnHost, turn: Turn) -> None:
+    async def _start(self, host: TurnHost, turn: Turn | None) -> None:
         """Start the process (`_spawn`), open or resume the engine's session and set
-        `_session_id` and `_fresh`."""
+        `_session_id` and `_fresh`; `turn` is None when it starts to compact."""
 
     @abstractmethod
     def _send_prompt(self, prompt: str) -> None:

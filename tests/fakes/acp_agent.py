@@ -23,6 +23,12 @@ What a prompt (its last text block) asks for:
     bg            starts `sleep 300` in the background (in its process group), then replies
     crash         exits 3 mid-turn, and so at every later prompt
     crash-once    as crash, unless $FAKE_ACP_DIR/crashed exists (which it creates)
+    compact-auto  compacts its context first, if the client said it takes compaction
+                  updates (`clientCapabilities.session`): `compaction_update` in_progress,
+                  the summary in two `compaction_summary_chunk`s, then `completed` twice
+                  (as claude-agent-acp 0.101, the second a status-only patch); then
+                  "You said: compact-auto". `compact-silent` reports only `completed`,
+                  with no summary; `compact-failed` reports in_progress then `failed`.
     anything else a thought, an empty chunk, then "You said: <prompt>"
 
 Every prompt that ends `end_turn` sends a `usage_update` first and answers with `usage`,
@@ -133,6 +139,9 @@ class TestAgent(Agent):
     def __init__(self) -> None:
         self.client: Client | None = None
         self.cancelled: dict[str, asyncio.Event] = {}
+        self.compaction_updates = False
+        """The client takes compaction updates (its `session` capabilities: the SDK
+        predates `compaction` and drops it)."""
 
     def on_connect(self, conn: Client) -> None:
         self.client = conn
@@ -146,6 +155,7 @@ class TestAgent(Agent):
             else None
         )
         log({"call": "initialize", "protocolVersion": protocol_version, "capabilities": caps})
+        self.compaction_updates = bool(caps) and "session" in caps
         die = STATE / "die-in-init"
         if die.exists():
             die.unlink()
@@ -221,6 +231,8 @@ class TestAgent(Agent):
             return await self._late_input(session_id, text.removeprefix("late-input:"))
         if text.startswith("late-pair:"):
             return await self._late_pair(session_id, text.removeprefix("late-pair:"))
+        if text in COMPACTIONS and self.compaction_updates:
+            await self._compact(session_id, text)
         if text == "rpc-error":
             raise RequestError.internal_error(QUERY_CLOSED)
         if text == "rust-panic":
@@ -412,6 +424,27 @@ class TestAgent(Agent):
         await self.client.session_update(session_id, done)
         return True
 
+    async def _compact(self, session_id: str, how: str) -> None:
+        """Report a compaction as raw `session/update`s: the SDK predates them."""
+        assert self.client is not None
+        conn = self.client._conn
+        update = {"sessionUpdate": "compaction_update", "compactionId": "cmp_001"}
+        chunk = {"sessionUpdate": "compaction_summary_chunk", "compactionId": "cmp_001"}
+        updates: list[dict[str, Any]] = [{**update, "status": "in_progress"}]
+        if how == "compact-auto":
+            for piece in (SUMMARY[:10], SUMMARY[10:]):
+                updates.append({**chunk, "content": {"type": "text", "text": piece}})
+            # claude-agent-acp 0.101 repeats the terminal update, status only.
+            updates += [{**update, "status": "completed"}, {**update, "status": "completed"}]
+        elif how == "compact-silent":
+            updates = [{**update, "status": "completed"}]
+        else:
+            updates.append({**update, "status": "failed", "error": "the model refused"})
+        for body in updates:
+            await conn.send_notification(
+                "session/update", {"sessionId": session_id, "update": body}
+            )
+
     async def _say(self, session_id: str, text: str) -> None:
         assert self.client is not None
         await self.client.session_update(session_id, update_agent_message_text(text))
@@ -419,6 +452,10 @@ class TestAgent(Agent):
     def _save(self, session_id: str, turns: list[Any]) -> None:
         SESSIONS.mkdir(exist_ok=True)
         (SESSIONS / f"{session_id}.json").write_text(json.dumps(turns))
+
+
+COMPACTIONS = ("compact-auto", "compact-silent", "compact-failed")
+SUMMARY = "The user said hello, then asked to compact."
 
 
 def main() -> None:

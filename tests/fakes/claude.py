@@ -15,7 +15,20 @@ the turn's API messages):
     bg            starts `sleep 300` in the background (in its process group), then replies
     crash         writes to stderr and exits 3 mid-turn, and so at every later prompt
     crash-once    as crash, unless $FAKE_CLAUDE_DIR/crashed exists (which it creates)
+    compact-auto  compacts the session first, as the CLI's auto compaction does, then
+                  replies "done after compacting"; `compact-auto PROMPT` then does PROMPT
     anything else "You said: <prompt>"
+
+`/compact [instructions]` runs the local command as the real CLI (2.1.332) does in print
+mode: `status` "compacting", `status` with `compact_result`, `init`, `compact_boundary`
+(`trigger` "manual"), the summary as a `user` message flagged `isSynthetic`, the command's
+output as a replayed `user` message, then a `result` with `num_turns` 0. The summary lists
+the session's prompts so far and the instructions. With no prompt in the session it says
+"Error: No messages to compact" instead, and with DISABLE_COMPACT set "/compact isn't
+available in this environment." (`init` then leaves `compact` out of `slash_commands`),
+both as a synthetic `assistant` message. With $FAKE_CLAUDE_DIR/slow-compact present the
+compaction waits until interrupted (then `compact_result` "failed" and an error
+`result`).
 
 `control_request {subtype: interrupt}` is acknowledged at once (`control_response`) and
 stops the turn: a `user` message saying so, then a `result` with subtype
@@ -28,7 +41,8 @@ ID: ...") and exits 1 at once, as the real CLI does; with $FAKE_CLAUDE_DIR/die-o
 present, it only exits 1 instead. With $FAKE_CLAUDE_DIR/die-at-start present, every start
 exits 1 at once with a usage error on stderr. `--fork-session` resumes into a new session
 id, as the real CLI does.
-Every start (argv, pid, pgid, cwd) and every message read go to $FAKE_CLAUDE_DIR/log.jsonl.
+Every start (argv, pid, pgid, cwd, CLAUDE_AUTOCOMPACT_PCT_OVERRIDE) and every message
+read go to $FAKE_CLAUDE_DIR/log.jsonl.
 """
 
 import json
@@ -55,6 +69,15 @@ INTERRUPTED_TOOL = "[Request interrupted by user for tool use]"
 DIAGNOSTIC = "[ede_diagnostic] result_type=user last_content_type=n/a stop_reason=null"
 """The `errors` of the real CLI's result for an interrupted turn."""
 INPUT_TOKENS = 10
+COMPACTED_PRE_TOKENS = 4321
+COMPACTED_POST_TOKENS = 321
+SUMMARY_HEAD = (
+    "This session is being continued from a previous conversation that ran out of context. "
+    "The summary below covers the earlier portion of the conversation."
+)
+NO_MESSAGES = "Error: No messages to compact"
+COMPACT_UNAVAILABLE = "/compact isn't available in this environment."
+COMMANDS = ["clear", "compact", "context", "usage"]
 _out_lock = threading.Lock()
 _inbox: "queue.Queue[dict[str, Any] | None]" = queue.Queue()
 _interrupt = threading.Event()
@@ -212,6 +235,49 @@ class Turn:
             self.user([{"type": "text", "text": INTERRUPTED_TOOL}])
         return not stopped
 
+    def compact(self, trigger: str, instructions: str) -> bool:
+        """Compact the session, as the CLI does; False if interrupted."""
+        status = {**self.base("system"), "subtype": "status"}
+        out({**status, "status": "compacting", "compact_output_chars": 0})
+        if (STATE / "slow-compact").exists() and _interrupt.wait(30):
+            out({**status, "status": None, "compact_result": "failed"} | CANCELED)
+            return False
+        out({**status, "status": None, "compact_result": "success"})
+        if trigger == "manual":
+            out(init(self.session_id, sys.argv[1:]))
+        metadata = {
+            "trigger": trigger,
+            "pre_tokens": COMPACTED_PRE_TOKENS,
+            "post_tokens": COMPACTED_POST_TOKENS,
+        }
+        out({**self.base("system"), "subtype": "compact_boundary", "compact_metadata": metadata})
+        prompts = ", ".join(session_prompts(self.session_id))
+        summary = f"{SUMMARY_HEAD}\n\nSummary:\nThe user's prompts: {prompts}."
+        if instructions:
+            summary += f"\nAs asked: {instructions}"
+        content: str | list[dict[str, Any]] = summary
+        if trigger == "auto":
+            content = [{"type": "text", "text": summary}]
+        message = {"role": "user", "content": content}
+        out({**self.base("user"), "message": message, "parent_tool_use_id": None} | SYNTHETIC)
+        return True
+
+    def said(self, text: str, source: str) -> None:
+        """What a local command says, as a synthetic `assistant` message."""
+        message = {
+            "id": str(uuid.uuid4()),
+            "model": "<synthetic>",
+            "role": "assistant",
+            "stop_reason": "end_turn",
+            "type": "message",
+            "usage": usage(0, 0),
+            "content": [{"type": "text", "text": text}],
+        }
+        wrapped = {
+            "local_command_source": f"<local-command-{source}>{text}</local-command-{source}>"
+        }
+        out({**self.base("assistant"), "message": message, "parent_tool_use_id": None, **wrapped})
+
     def user(self, content: list[dict[str, Any]]) -> None:
         message = {"role": "user", "content": content}
         out({**self.base("user"), "message": message, "parent_tool_use_id": None})
@@ -236,6 +302,36 @@ class Turn:
         else:
             message["errors"] = [DIAGNOSTIC]
         out(message)
+
+
+CANCELED = {"compact_error": "Compaction canceled."}
+SYNTHETIC = {"isReplay": False, "isSynthetic": True}
+
+
+def session_prompts(session_id: str) -> list[str]:
+    path = SESSIONS / session_id
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def run_compact(turn: Turn, instructions: str, args: list[str]) -> None:
+    """`/compact`, a local command: no model turn (`num_turns` 0)."""
+    if "DISABLE_COMPACT" in os.environ:
+        out(init(turn.session_id, args))
+        turn.said(COMPACT_UNAVAILABLE, "stdout")
+        turn.result(COMPACT_UNAVAILABLE)
+        return
+    if not session_prompts(turn.session_id):
+        out(init(turn.session_id, args))
+        turn.said(NO_MESSAGES, "stderr")
+        turn.result("")
+        return
+    if not turn.compact("manual", instructions):
+        turn.said("Error: Compaction canceled.", "stderr")
+        turn.result(None, "error_during_execution", is_error=True)
+        return
+    replay = {"role": "user", "content": "<local-command-stdout>Compacted </local-command-stdout>"}
+    out({**turn.base("user"), "message": replay, "parent_tool_use_id": None, "isReplay": True})
+    turn.result("")
 
 
 def crash() -> None:
@@ -264,6 +360,15 @@ def run_turn(turn: Turn, prompt: str) -> None:
         (STATE / "crashed").touch()
         turn.text(["about to "])
         crash()
+    elif prompt.startswith("compact-auto "):
+        if turn.compact("auto", ""):
+            run_turn(turn, prompt.removeprefix("compact-auto "))
+        else:
+            turn.result(None, "error_during_execution", is_error=True)
+        return
+    elif prompt == "compact-auto":
+        finished = turn.compact("auto", "") and turn.text(["done after compacting"])
+        reply = "done after compacting"
     else:
         reply = f"You said: {prompt}"
         finished = turn.text([reply[i : i + 5] for i in range(0, len(reply), 5)])
@@ -284,6 +389,9 @@ def init(session_id: str, args: list[str]) -> dict[str, Any]:
         "mcp_servers": [],
         "model": MODEL,
         "permissionMode": mode,
+        "slash_commands": [
+            c for c in COMMANDS if c != "compact" or "DISABLE_COMPACT" not in os.environ
+        ],
         "apiKeySource": "ANTHROPIC_API_KEY",
         "claude_code_version": VERSION,
         "output_style": "default",
@@ -306,7 +414,8 @@ def refuse_resume(session_id: str) -> None:
 
 def main() -> None:
     args = sys.argv[1:]
-    log({"argv": args, "pid": os.getpid(), "pgid": os.getpgid(0), "cwd": os.getcwd()})
+    pct = os.environ.get("CLAUDE_AUTOCOMPACT_PCT_OVERRIDE")
+    log({"argv": args, "pid": os.getpid(), "pgid": os.getpgid(0), "cwd": os.getcwd(), "pct": pct})
     if (STATE / "die-at-start").exists():
         print("error: unknown option '--new-in-a-later-version'", file=sys.stderr)
         sys.exit(1)
@@ -325,10 +434,15 @@ def main() -> None:
         prompt = content if isinstance(content, str) else content[0]["text"]
         (SESSIONS / session_id).touch()
         turn = Turn(session_id, partial)
-        out(init(session_id, args))
-        out({**turn.base("system"), "subtype": "status", "status": "requesting"})
         set_busy(True)
-        run_turn(turn, prompt)
+        if prompt.split(" ", 1)[0] == "/compact":
+            run_compact(turn, prompt.removeprefix("/compact").strip(), args)
+        else:
+            with (SESSIONS / session_id).open("a") as f:
+                f.write(json.dumps(prompt) + "\n")
+            out(init(session_id, args))
+            out({**turn.base("system"), "subtype": "status", "status": "requesting"})
+            run_turn(turn, prompt)
         set_busy(False)
 
 

@@ -3,10 +3,12 @@
 import pytest
 
 from capd.chat import ChatMessage
+from capd.compaction import summary_message
 from capd.context import Context, describe_pod_event
 from capd.tokens import message_tokens, text_tokens
 from protocol.events import (
     AssistantMessage,
+    ContextCompacted,
     DurableEvent,
     EngineSession,
     Notification,
@@ -158,3 +160,48 @@ def test_an_overflow_error_in_a_stored_turn_end_teaches_the_window() -> None:
         TurnEnd(turn_id="t-2", result="errored", error="model call failed: HTTP 503"),
     )
     assert context.learned_window == 4096
+
+
+def test_a_compaction_puts_its_summary_in_place_of_what_it_covers() -> None:
+    context = _context(
+        UserMessage(turn_id=T, text="first"),
+        AssistantMessage(turn_id=T, text="one", usage=Usage(input_tokens=900)),
+        UserMessage(turn_id=T, text="second"),
+        ContextCompacted(
+            turn_id=T,
+            trigger="overflow",
+            summary="they said first",
+            through_seq=2,
+            tokens_before=950,
+            tokens_after=40,
+            window=4096,
+        ),
+        AssistantMessage(turn_id=T, text="two"),
+    )
+    assert context.messages == [
+        summary_message("they said first"),
+        ChatMessage("user", "second"),
+        ChatMessage("assistant", "two"),
+    ]
+    assert context.seqs == [2, 3, 5]
+    assert context.summary == "they said first"
+    assert context.learned_window == 4096
+    assert context.tokens("") == sum(map(message_tokens, context.messages))
+
+
+def test_a_compaction_takes_results_whose_call_it_summarised() -> None:
+    context = _context(
+        UserMessage(turn_id=T, text="list"),
+        AssistantMessage(turn_id=T, text="", tool_calls=[BASH]),
+        ToolResult(turn_id=T, call_id="c1", name="bash", output="interrupted"),
+        ContextCompacted(
+            turn_id=None,
+            trigger="request",
+            summary="listed",
+            through_seq=2,
+            tokens_before=50,
+            tokens_after=10,
+        ),
+    )
+    assert context.messages == [summary_message("listed")]
+    assert context.seqs == [2]

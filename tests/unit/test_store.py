@@ -1,12 +1,12 @@
-"""The SQLite store: events, owed reports, pending work and read cursors round trip, and
-what must commit together commits together."""
+"""The SQLite store: events, owed reports, pending work, read cursors and received report
+ids round trip, and what must commit together commits together."""
 
 import sqlite3
 from pathlib import Path
 
 import pytest
 
-from capd.store import OwedReport, PodRecord, Store, StoredEvent
+from capd.store import SCHEMA, OwedReport, PodRecord, Store, StoredEvent
 
 
 def _events(first: int, count: int, kind: str = "status") -> list[StoredEvent]:
@@ -24,6 +24,24 @@ def test_events_page_in_seq_order_per_pod(store: Store) -> None:
 def test_events_of_one_kind(store: Store) -> None:
     store.append("p", _events(1, 2) + _events(3, 2, "turn_end") + _events(5, 1))
     assert [seq for seq, _ in store.events_of_kind_after("p", 3, "turn_end")] == [4]
+
+
+def test_a_restore_starts_where_the_latest_compaction_says(store: Store) -> None:
+    def compacted(seq: int, restore_from: int) -> StoredEvent:
+        return (
+            seq,
+            1.0,
+            "context_compacted",
+            b'{"seq":%d,"restore_from":%d}' % (seq, restore_from),
+        )
+
+    assert store.restore_start("p") == 1
+    store.append("p", _events(1, 5))
+    assert store.restore_start("p") == 1
+    store.append("p", [compacted(6, 3), *_events(7, 3), compacted(10, 8), *_events(11, 2)])
+    store.append("q", [compacted(1, 0)])
+    assert store.restore_start("p") == 8
+    assert store.restore_start("q") == 1
 
 
 def test_an_append_commits_its_report_and_uses_up_its_pending_rows(store: Store) -> None:
@@ -92,6 +110,55 @@ def test_deleting_a_pod_orphans_its_children_and_keeps_what_it_owes(store: Store
     assert store.reports_for("/run/p.sock", 10) == []
     assert [e.payload for e in store.reports_for("/grandparent", 10)] == [b"mine"]
     assert store.read_cursor("p", "c") == store.read_cursor("c", "p") == 0
+
+
+def test_a_received_report_id_commits_with_its_event_and_goes_with_the_pod(store: Store) -> None:
+    store.append("p", _events(1, 1, "pod_event_received"), received=["c/1"])
+    with pytest.raises(sqlite3.IntegrityError):  # seq 1 again
+        store.append("p", _events(1, 1, "pod_event_received"), received=["c/2"])
+    assert store.received("p", "c/1")
+    assert not store.received("p", "c/2")
+    assert not store.received("q", "c/1")
+    store.delete_pod("p", "/run/p.sock")
+    assert not store.received("p", "c/1")
+
+
+def test_a_database_from_before_received_fills_it_from_the_stored_reports(
+    tmp_path: Path,
+) -> None:
+    def received(seq: int, event_id: bytes) -> tuple[str, int, float, str, bytes]:
+        data = b'{"event":"pod_event_received","seq":%d,"payload":{"event_id":%s}}'
+        return ("p", seq, 1.0, "pod_event_received", data % (seq, event_id))
+
+    old = sqlite3.connect(tmp_path / "capd.db", isolation_level=None)
+    old.executescript(SCHEMA)
+    old.executemany(
+        "INSERT INTO events (pod, seq, ts, kind, data) VALUES (?, ?, ?, ?, ?)",
+        [
+            received(1, b'"c/1"'),
+            received(2, b"7"),
+            ("p", 3, 1.0, "status", b'{"payload":{"event_id":"c/3"}}'),
+            received(4, b'"c/4"'),
+            received(5, b'"c/4"'),  # a duplicate an older capd took twice
+        ],
+    )
+    old.close()
+    store = Store(tmp_path / "capd.db")
+    try:
+        assert [store.received("p", i) for i in ("c/1", "7", "c/3", "c/4")] == [
+            True,
+            False,
+            False,
+            True,
+        ]
+        store.append("p", _events(6, 1, "pod_event_received"), received=["c/6"])
+    finally:
+        store.close()
+    reopened = Store(tmp_path / "capd.db")
+    try:
+        assert reopened.received("p", "c/6")
+    finally:
+        reopened.close()
 
 
 def test_read_cursors_start_at_zero_and_move(store: Store) -> None:
