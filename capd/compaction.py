@@ -33,6 +33,8 @@ SUMMARY_HEADING = (
     "the messages after it are verbatim]"
 )
 
+EXCERPT_HEADING = "[The model wrote no summary: the start and the end of the transcript]"
+
 SUMMARY_SYSTEM_PROMPT = (
     "You summarise an AI agent's work so far so that it can go on after the older part of "
     "its conversation is removed from its context. Reply with the summary only."
@@ -198,6 +200,14 @@ def summary_prompt(transcript: str, previous: str | None, instructions: str | No
         previous=f"\n<summary-so-far>\n{previous}\n</summary-so-far>" if previous else "",
         transcript=transcript,
     )
+
+
+def excerpt_summary(piece: str, previous: str | None, summary_tokens: int) -> str:
+    """What stands in for a summary the model left empty (a small model, greedy, may write
+    nothing for this prompt, and again each time it is asked): the summary so far and the
+    piece, cut to the summary's room, so that the compaction still frees the window."""
+    text = f"{previous}\n\n{piece}" if previous else piece
+    return EXCERPT_HEADING + "\n" + clip(text, summary_tokens * 4)
 
 
 def summary_message(summary: str) -> ChatMessage:

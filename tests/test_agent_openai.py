@@ -215,23 +215,6 @@ async def test_the_window_is_learned_from_the_first_overflow(capd: CapdProcess) 
     assert after["context"]["window"] == 4096
 
 
-async def test_llama_cpp_python_cutting_its_stream_twice_is_not_retried_again(
-    capd: CapdProcess,
-) -> None:
-    """Streamed, llama-cpp-python answers an overflow with an empty 200 stream, every time."""
-    async with OpenAITestServer(LLAMA_CPP_PYTHON) as server:
-        server.enqueue(*[OverflowReply()] * 3, TextReply("never sent"))
-        await spawn(capd, "w1", _model(server))
-        async with await connect_pod(capd, "w1") as pod:
-            await pod.request({"method": "run", "text": "a long story"})
-            end, seen = await wait_for(pod, is_event("turn_end"))
-    assert [e["attempt"] for e in seen if e["event"] == "retry"] == [1]
-    assert end["result"] == "errored"
-    assert "no longer fits the model's context window" in end["error"]
-    assert end["error"].endswith("(the same answer twice; not retried again)")
-    assert len(server.requests) == 2
-
-
 async def test_client_errors_fail_the_turn_at_once(
     capd: CapdProcess, server: OpenAITestServer
 ) -> None:

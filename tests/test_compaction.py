@@ -7,13 +7,13 @@ from typing import Any
 
 import pytest
 
-from capd.compaction import SUMMARY_HEADING, SUMMARY_SYSTEM_PROMPT
+from capd.compaction import EXCERPT_HEADING, SUMMARY_HEADING, SUMMARY_SYSTEM_PROMPT
 from protocol.errors import ProtocolError
 from tests.conftest import CapdProcess
 from tests.fakes.anthropic_server import AnthropicTestServer
 from tests.fakes.anthropic_server import ErrorReply as AnthropicError
 from tests.fakes.anthropic_server import TextReply as AnthropicText
-from tests.fakes.openai_flavors import LLAMA_SERVER
+from tests.fakes.openai_flavors import LLAMA_CPP_PYTHON, LLAMA_SERVER
 from tests.fakes.openai_server import (
     FunctionCall,
     OpenAITestServer,
@@ -107,6 +107,27 @@ async def test_a_call_that_would_pass_compact_at_compacts_first(
     assert after["tokens"] < before["tokens"] + 500
 
 
+async def test_a_model_that_writes_no_summary_gets_an_excerpt_in_its_place(
+    capd: CapdProcess, server: OpenAITestServer
+) -> None:
+    """gemma-3-270m under llama-cpp-python's chatml-function-calling writes nothing for the
+    summary prompt, each time it is asked (greedy): the compaction takes an excerpt of the
+    transcript instead of failing the turn, and every turn after it."""
+    await spawn(capd, "w1", _model(server, context_window=2500, max_tokens=100))
+    async with await connect_pod(capd, "w1") as pod:
+        server.enqueue(TextReply("noted ALPHA", prompt_tokens=1100))
+        await run_turn(pod, _prompt("ALPHA"))
+        server.enqueue(TextReply(""), TextReply("noted BRAVO"))
+        end, seen = await run_turn(pod, _prompt("BRAVO"))
+    assert (end["result"], end["output"]) == ("finished", "noted BRAVO")
+    assert not [e for e in seen if e["event"] == "retry"]
+    compacted = next(e for e in seen if e["event"] == "context_compacted")
+    assert compacted["summary"].startswith(EXCERPT_HEADING)
+    assert "ALPHA lorem" in compacted["summary"]
+    assert compacted["tokens_after"] < 2000
+    assert len(server.requests) == 3
+
+
 async def test_an_overflow_compacts_and_calls_again_once(capd: CapdProcess) -> None:
     async with OpenAITestServer(LLAMA_SERVER) as server:
         await spawn(capd, "w1", _model(server))
@@ -126,6 +147,36 @@ async def test_an_overflow_compacts_and_calls_again_once(capd: CapdProcess) -> N
     retried = server.requests[-1]
     assert "summary of ALPHA and BRAVO" in _texts(retried)
     assert "CHARLIE lorem" in _texts(retried)
+    assert "ALPHA lorem" not in _texts(retried)
+
+
+async def test_llama_cpp_pythons_empty_stream_is_an_overflow_that_compacts(
+    capd: CapdProcess,
+) -> None:
+    """Streamed, llama-cpp-python answers a prompt longer than its window with an empty 200
+    (it names no window): the pod compacts and goes on instead of failing every turn.
+    The window is then taken to be at most what was sent, so the turns are long."""
+    async with OpenAITestServer(LLAMA_CPP_PYTHON) as server:
+        await spawn(capd, "w1", _model(server))
+        async with await connect_pod(capd, "w1") as pod:
+            server.enqueue(TextReply("first answer"), TextReply("second answer"))
+            for tag in ("ALPHA", "BRAVO"):
+                end, _ = await run_turn(pod, _prompt(tag))
+                assert end["result"] == "finished"
+            server.enqueue(
+                OverflowReply(),
+                TextReply("summary of ALPHA"),
+                TextReply("summary of ALPHA and BRAVO"),
+                TextReply("went on"),
+            )
+            end, seen = await run_turn(pod, _prompt("CHARLIE"))
+    assert (end["result"], end["output"]) == ("finished", "went on")
+    assert [_is_summary_call(r) for r in server.requests[2:]] == [False, True, True, False]
+    assert not [e for e in seen if e["event"] == "retry"]
+    compacted = next(e for e in seen if e["event"] == "context_compacted")
+    assert (compacted["trigger"], compacted["window"]) == ("overflow", None)
+    retried = server.requests[-1]
+    assert "summary of ALPHA and BRAVO" in _texts(retried)
     assert "ALPHA lorem" not in _texts(retried)
 
 

@@ -474,14 +474,15 @@ async def test_done_without_a_finish_reason_is_an_incomplete_reply(
     assert "--interrupt_requests False" in error.message
 
 
-async def test_a_stream_that_ends_before_any_reply_says_why_it_may(
+async def test_a_stream_that_ends_before_any_reply_is_taken_as_an_overflow(
     server: OpenAITestServer, make_provider: ProviderFactory
 ):
     server.enqueue(RawStreamReply([]))
 
     error = await failure(make_provider())
 
-    assert error.retryable
+    assert error.overflow
+    assert not error.retryable
     assert "ended before any reply" in error.message
     assert "no longer fits the model's context window" in error.message
 

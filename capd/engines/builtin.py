@@ -16,6 +16,7 @@ from capd.compaction import (
     Cut,
     Room,
     clip,
+    excerpt_summary,
     pieces,
     plan_cut,
     reply_tokens,
@@ -315,7 +316,7 @@ class BuiltinEngine:
                     )
                     usage.input_tokens += reply.usage.input_tokens
                     usage.output_tokens += reply.usage.output_tokens
-                    summary = reply.text.strip()
+                    summary = reply.text.strip() or excerpt_summary(piece, summary, room.summary)
             except ProviderError as exc:
                 if not exc.overflow or halvings == SMALLER_PIECES:
                     raise
@@ -331,8 +332,6 @@ class BuiltinEngine:
         )
         async for item in self.provider.stream(request):
             if isinstance(item, ModelReply):
-                if not item.text.strip():
-                    raise ProviderError("the model wrote an empty summary", retryable=True)
                 return item
         raise ProviderError("the provider ended its stream without a reply", retryable=True)
 

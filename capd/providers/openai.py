@@ -134,13 +134,15 @@ class OpenAIProvider:
                 f"openai: stream ended early from {url} (no [DONE], no finish_reason)",
                 retryable=True,
             )
+        # llama-cpp-python checks the window inside the stream it has answered 200 to, and
+        # ends it empty when the prompt does not fit: taken as an overflow, so the pod
+        # compacts its context instead of failing every turn from then on.
         return ProviderError(
             f"openai: stream ended before any reply from {url} (no [DONE], no "
-            "finish_reason); llama-cpp-python's server ends it so when generation fails, as "
-            "when the conversation no longer fits the model's context window",
-            retryable=True,
+            "finish_reason); llama-cpp-python's server ends it so when the conversation no "
+            "longer fits the model's context window",
             status=200,
-            specific=True,
+            overflow=True,
         )
 
     def _parse_chunk(self, data: str) -> "_Chunk":

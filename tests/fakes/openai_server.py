@@ -303,7 +303,9 @@ class _Renderer:
             "total_tokens": prompt_tokens + completion_tokens,
         }
         timings = {"timings": {"predicted_n": completion_tokens}} if self._flavor.timings else {}
-        extra: dict[str, Any] = dict(timings)
+        # llama-server puts its timings on the stream's last chunk: the usage chunk when one
+        # follows, else the chunk that carries finish_reason.
+        extra: dict[str, Any] = {} if self._usage_due else dict(timings)
         if self._flavor.usage == "in_finish_chunk":
             extra["usage"] = usage
         events = [self.chunk(dict(delta), reply.finish_reason, **extra)]
