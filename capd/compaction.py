@@ -207,7 +207,7 @@ def excerpt_summary(piece: str, previous: str | None, summary_tokens: int) -> st
     nothing for this prompt, and again each time it is asked): the summary so far and the
     piece, cut to the summary's room, so that the compaction still frees the window."""
     text = f"{previous}\n\n{piece}" if previous else piece
-    return EXCERPT_HEADING + "\n" + clip(text, summary_tokens * 4)
+    return EXCERPT_HEADING + "\n" + clip(text, summary_tokens * BYTES_PER_TOKEN)
 
 
 def summary_message(summary: str) -> ChatMessage:

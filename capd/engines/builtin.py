@@ -423,13 +423,13 @@ def _failure(error: ProviderError) -> str:
 
 
 def _repeats(error: ProviderError, previous: ProviderError | None) -> bool:
-    """A 500 that names its cause, or a 200 whose stream ended before its reply did, that
-    says word for word what the last attempt's said comes from the request, not from a
-    passing fault (whose generic words, "internal server error", are retried as usual)."""
+    """A 500 that names its cause and says word for word what the last attempt's said
+    comes from the request, not from a passing fault (whose generic words, "internal
+    server error", are retried as usual)."""
     return (
         previous is not None
         and error.specific
-        and error.status in (200, 500)
-        and error.status == previous.status
+        and error.status == 500
+        and previous.status == 500
         and error.message == previous.message
     )
