@@ -63,6 +63,12 @@ def _texts(request: dict[str, Any]) -> str:
     return "\n".join(str(m.get("content") or "") for m in request["messages"])
 
 
+def _hold_next_call(server: OpenAITestServer) -> None:
+    """The next model call waits for an answer that never comes (a pause or a cancel
+    ends it)."""
+    server.enqueue(HeldReply(TextReply("never sent"), asyncio.Event()))
+
+
 async def _two_turns(pod: Any, server: OpenAITestServer) -> None:
     """Two short turns, ALPHA and BRAVO, for a compaction to summarise."""
     server.enqueue(TextReply("first answer"), TextReply("second answer"))
@@ -282,8 +288,7 @@ async def test_a_paused_compaction_runs_again_on_resume(
     async with await connect_pod(capd, "w1") as pod:
         server.enqueue(TextReply("noted ALPHA", prompt_tokens=1100))
         await run_turn(pod, _prompt("ALPHA"))
-        never = asyncio.Event()
-        server.enqueue(HeldReply(TextReply("never sent"), never))
+        _hold_next_call(server)
         await pod.request({"method": "run", "text": _prompt("BRAVO")})
         await wait_for(pod, is_event("compaction_started"))
         await server.wait_requests(2)
@@ -301,8 +306,7 @@ async def test_pause_stops_a_compaction_of_an_idle_pod(
     await spawn(capd, "w1", _model(server))
     async with await connect_pod(capd, "w1") as pod:
         await _two_turns(pod, server)
-        never = asyncio.Event()
-        server.enqueue(HeldReply(TextReply("never sent"), never))
+        _hold_next_call(server)
         async with await connect_pod(capd, "w1", subscribe=False) as asker:
             asked = asyncio.create_task(asker.request({"method": "compact"}))
             await server.wait_requests(3)
@@ -347,8 +351,7 @@ async def test_a_crash_mid_compaction_loses_nothing_and_restore_starts_from_it(
     async with await connect_pod(capd, "w1") as pod:
         server.enqueue(TextReply("noted ALPHA", prompt_tokens=1100, completion_tokens=7))
         await run_turn(pod, _prompt("ALPHA"))
-        never = asyncio.Event()
-        server.enqueue(HeldReply(TextReply("never sent"), never))
+        _hold_next_call(server)
         await pod.request({"method": "run", "text": _prompt("BRAVO")})
         await wait_for(pod, is_event("compaction_started"))
     await server.wait_requests(2)
@@ -388,8 +391,7 @@ async def test_a_report_the_model_has_not_read_outlives_a_compaction_and_a_resta
     await spawn(capd, "boss", _model(server))
     async with await connect_pod(capd, "boss") as pod:
         await _two_turns(pod, server)
-        never = asyncio.Event()
-        server.enqueue(HeldReply(TextReply("never sent"), never))
+        _hold_next_call(server)
         await pod.request({"method": "run", "text": "CHARLIE: wait for w2"})
         await server.wait_requests(3)
         await pause_turn(pod)
@@ -487,8 +489,7 @@ async def test_a_cancel_drops_the_compaction_its_turn_was_asked_for(
     await spawn(capd, "w1", _model(server))
     async with await connect_pod(capd, "w1") as pod:
         await _two_turns(pod, server)
-        never = asyncio.Event()
-        server.enqueue(HeldReply(TextReply("never sent"), never))
+        _hold_next_call(server)
         await pod.request({"method": "run", "text": "CHARLIE"})
         await server.wait_requests(3)
         assert await pod.request({"method": "compact"}) == {}
