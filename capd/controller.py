@@ -525,7 +525,8 @@ class PodController:
         try:
             await _cancel_and_wait(task)
         finally:
-            # One that ended by itself before the cancel reached it was made (or failed).
+            # Also when this actor is cancelled meanwhile. One that ended by itself before
+            # the cancel reached it was made (or failed), and answers so.
             self._answer_compaction(self._outcome(task, stopped))
 
     def _outcome(
@@ -636,8 +637,6 @@ class PodController:
         """Let go of what the pod holds: its subscriptions, its engine and its tools. Also
         after its actor was cancelled mid-method, when it would not stop."""
         await self._stop_compaction()
-        for reply in self._compaction_waiters:  # left when the actor was cancelled mid-stop
-            _settle(reply, ProtocolError("shutting_down", f"pod {self.name} stopped"))
         self.hub.close_all()
         await self.engine.aclose()
         await self.toolbox.aclose()
