@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import orjson
 
 from capd.chat import ChatMessage, ToolSpec
+from capd.providers.anthropic import DEFAULT_MAX_TOKENS
 from capd.tokens import BYTES_PER_TOKEN, message_tokens, text_tokens
 from protocol.manifest import ModelConfig
 
@@ -103,8 +104,6 @@ class Cut:
 def reply_tokens(model: ModelConfig) -> int:
     """The room a call keeps for its reply: `max_tokens`, or the Anthropic provider's
     default when unset (it must send one); other APIs reply into what is left."""
-    from capd.providers.anthropic import DEFAULT_MAX_TOKENS
-
     if model.max_tokens is not None:
         return model.max_tokens
     if model.provider == "anthropic":
