@@ -34,7 +34,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -193,7 +193,7 @@ class ClaudeCodeEngine(ExternalEngine):
             ) from None
         except asyncio.CancelledError:
             if self._busy:
-                self._interrupt(self._wind_down_compaction)
+                self._interrupt()
             raise
 
     async def _read_compaction(self, host: TurnHost, state: _TurnState) -> None:
@@ -231,20 +231,6 @@ class ClaudeCodeEngine(ExternalEngine):
                         raise ProtocolError("provider_error", f"claude-code compaction: {reason}")
                     reason = said or str(message.get("result") or "") or "it gave no reason"
                     raise ProtocolError("invalid_request", f"claude-code did not compact: {reason}")
-
-    async def _wind_down_compaction(self, request_id: str) -> None:
-        """Read until the interrupt is acknowledged and the CLI's /compact has ended."""
-        acked = False
-        while self._busy or not acked:
-            message = await self._next_message()
-            match message.get("type"):
-                case "system" if message.get("subtype") == "init":
-                    self._init(message)
-                case "result":
-                    self._busy = False
-                    self._note_session(message.get("session_id"))
-                case "control_response":
-                    acked = (message.get("response") or {}).get("request_id") == request_id
 
     def _init(self, message: dict[str, Any]) -> None:
         self._note_session(message.get("session_id"))
@@ -313,7 +299,7 @@ class ClaudeCodeEngine(ExternalEngine):
                 text = state.partial
                 host.emit(AssistantMessage(turn_id=turn.turn_id, text=text, interrupted=True))
             if self._busy:
-                self._interrupt(lambda request_id: self._wind_down(host, turn, state, request_id))
+                self._interrupt(lambda late: self._record_late_message(host, turn, state, late))
             raise
 
     def _apply(
@@ -462,36 +448,47 @@ class ClaudeCodeEngine(ExternalEngine):
             )
         state.step = _Step(message_id=step.message_id)
 
-    def _interrupt(self, wind_down: Callable[[str], Coroutine[Any, Any, None]]) -> None:
-        """Send an interrupt; `wind_down(request_id)` reads until the CLI has stopped."""
+    def _interrupt(self, record: Callable[[dict[str, Any]], None] | None = None) -> None:
+        """Send an interrupt, then read until the CLI has stopped (`_wind_down`)."""
         request_id = f"capd-{next(self._request_ids)}"
         interrupt = {"subtype": "interrupt"}
         try:
             self._send({"type": "control_request", "request_id": request_id, "request": interrupt})
         except EngineDied:
             return
-        self._settling = asyncio.create_task(wind_down(request_id))
+        self._settling = asyncio.create_task(self._wind_down(request_id, record))
 
     async def _wind_down(
-        self, host: TurnHost, turn: Turn, state: _TurnState, request_id: str
+        self, request_id: str, record: Callable[[dict[str, Any]], None] | None = None
     ) -> None:
-        """Read until the interrupt is acknowledged and the CLI's turn has ended."""
+        """Read until the interrupt is acknowledged and the CLI's turn (or its /compact)
+        has ended; `record` records what an interrupted turn still reports."""
         acked = False
         while self._busy or not acked:
             message = await self._next_message()
             match message.get("type"):
                 case "system" if message.get("subtype") == "init":
                     self._init(message)
-                    self._record_late(host, turn)
-                case "user" if not message.get("parent_tool_use_id"):
-                    for result in self._tool_results(turn, state, message.get("message") or {}):
-                        self._record_late(host, turn, result)
                 case "result":
                     self._busy = False
                     self._note_session(message.get("session_id"))
-                    self._record_late(host, turn)
                 case "control_response":
                     acked = (message.get("response") or {}).get("request_id") == request_id
+            if record is not None:
+                record(message)
+
+    def _record_late_message(
+        self, host: TurnHost, turn: Turn, state: _TurnState, message: dict[str, Any]
+    ) -> None:
+        """What an interrupted turn's winding down reports: its session, its tool results."""
+        match message.get("type"):
+            case "system" if message.get("subtype") == "init":
+                self._record_late(host, turn)
+            case "user" if not message.get("parent_tool_use_id"):
+                for result in self._tool_results(turn, state, message.get("message") or {}):
+                    self._record_late(host, turn, result)
+            case "result":
+                self._record_late(host, turn)
 
     def _dispatch(self, message: dict[str, Any]) -> bool:
         if self._resuming and self._resume_refused(message):
