@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from capd.chat import ChatMessage, ToolSpec
+from capd.chat import ChatMessage
 from capd.providers.anthropic import DEFAULT_MAX_TOKENS
 from capd.tokens import BYTES_PER_TOKEN, message_tokens, text_tokens
 from protocol.manifest import ModelConfig
@@ -109,14 +109,6 @@ def reply_tokens(model: ModelConfig) -> int:
     if model.provider == "anthropic":
         return DEFAULT_MAX_TOKENS + (model.thinking_budget_tokens or 0)
     return 0
-
-
-def tools_tokens(specs: Sequence[ToolSpec]) -> int:
-    """The estimate of the tool definitions a call sends."""
-    return sum(
-        text_tokens(spec.name + spec.description + orjson.dumps(spec.parameters).decode())
-        for spec in specs
-    )
 
 
 def unread_start(messages: Sequence[ChatMessage]) -> int:

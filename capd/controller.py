@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeAlias
 
-from capd.compaction import tools_tokens
 from capd.context import INTERRUPTED_TOOL_OUTPUT, Context
 from capd.engines import model_label
 from capd.engines.base import (
@@ -679,7 +678,7 @@ class PodController:
             },
             "context": {
                 "tokens": self.context.tokens(
-                    self.manifest.system_prompt, tools_tokens(self.toolbox.specs())
+                    self.manifest.system_prompt, self.toolbox.spec_tokens
                 ),
                 "window": self._context_window(),
             },

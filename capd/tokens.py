@@ -11,7 +11,7 @@ import math
 
 import orjson
 
-from capd.chat import ChatMessage
+from capd.chat import ChatMessage, ToolSpec
 
 BYTES_PER_TOKEN = 4
 MESSAGE_OVERHEAD = 4
@@ -29,3 +29,8 @@ def message_tokens(message: ChatMessage) -> int:
     for call in message.tool_calls:
         tokens += text_tokens(call.name) + text_tokens(orjson.dumps(call.arguments).decode())
     return tokens
+
+
+def spec_tokens(spec: ToolSpec) -> int:
+    """The estimate for one tool definition a call sends: its name, description and schema."""
+    return text_tokens(spec.name + spec.description + orjson.dumps(spec.parameters).decode())

@@ -20,7 +20,6 @@ from capd.compaction import (
     reply_tokens,
     summary_message,
     summary_prompt,
-    tools_tokens,
     transcript_lines,
     unread_start,
 )
@@ -86,8 +85,8 @@ class Compactor:
         window = self.window(host)
         if window is None:
             return None
-        tools = tools_tokens(host.toolbox.specs())
-        used = host.context.tokens(host.manifest.system_prompt, tools) + reply_tokens(self._model)
+        context = host.context.tokens(host.manifest.system_prompt, host.toolbox.spec_tokens)
+        used = context + reply_tokens(self._model)
         return CompactOrder("auto") if used > host.manifest.limits.compact_at * window else None
 
     async def compact(
@@ -109,7 +108,7 @@ class Compactor:
         if not messages:
             return False
         system = host.manifest.system_prompt
-        fixed = text_tokens(system) + tools_tokens(host.toolbox.specs())
+        fixed = text_tokens(system) + host.toolbox.spec_tokens
         before = context.tokens(system, fixed - text_tokens(system))
         known = (overflow and window_in_error(overflow.message)) or self.window(host)
         # Unknown, the window is at least what was sent last, or less than what overflowed.

@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from capd.chat import INVALID_JSON_KEY, ToolSpec
+from capd.tokens import spec_tokens
 from capd.tools import BUILTIN_TOOLS
 from capd.tools.base import Tool, ToolContext, ToolFailed, ToolOutcome
 from protocol.framing import MAX_NESTING
@@ -29,6 +30,9 @@ class Toolbox:
         self.context = context
         """Where and for whom the tools run."""
         self._offered: dict[str, tuple[Tool[Any], ToolSpec]] = {}
+        self.spec_tokens = 0
+        """The estimate of the tool definitions it offers (capd.tokens), kept as they are
+        added rather than counted at each model call and `status`."""
         for tool in tools:
             self.add(tool)
 
@@ -39,7 +43,10 @@ class Toolbox:
 
     def add(self, tool: Tool[Any]) -> None:
         """Offer `tool` from the next model call on, unless a tool of its name is offered."""
-        self._offered.setdefault(tool.name, (tool, tool.spec()))
+        if tool.name not in self._offered:
+            spec = tool.spec()
+            self._offered[tool.name] = (tool, spec)
+            self.spec_tokens += spec_tokens(spec)
 
     def specs(self) -> list[ToolSpec]:
         """What the model is offered now."""
@@ -75,3 +82,4 @@ class Toolbox:
         """The pod stops: offer nothing more. A tool that holds something (a server's
         connection) releases it here; the built-in tools hold nothing."""
         self._offered.clear()
+        self.spec_tokens = 0
