@@ -119,14 +119,15 @@ class Compactor:
         else:
             # After an overflow the estimates proved too low: only the unread stays.
             cut = plan_cut(messages, fixed, room, keep_recent=order.trigger == "auto")
-        older = messages[1 if previous is not None else 0 : cut.index]
+        first = 0 if previous is None else 1  # the summary so far goes in as such
+        older = messages[first : cut.index]
         # An automatic compaction that would not shrink the context is not made.
         worth = sum(map(message_tokens, older)) > (room.summary if order.trigger == "auto" else 0)
         if not worth:
             if cut.fits and order.trigger != "overflow":
                 return False
             cut = Cut(len(messages), 0, fits=False)
-            older = messages[1 if previous is not None else 0 :]
+            older = messages[first:]
         host.emit_ephemeral(CompactionStarted(turn_id=turn_id, trigger=order.trigger))
         summary, usage = await self._summarise(
             host, turn_id, older, previous, order.instructions, room
