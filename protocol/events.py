@@ -74,6 +74,24 @@ class ToolCall(Frame):
 class Usage(Frame):
     input_tokens: int = 0
     output_tokens: int = 0
+    cost_usd: float | None = None
+    """What the call cost in dollars (an addition): from `model.price` or a known list
+    price, or as the external engine reported it; null when unknown."""
+
+
+class Spent(Frame):
+    """Tokens (input and output) and dollars spent (§11); `usd` is null while nothing
+    spent had a known price."""
+
+    tokens: int = 0
+    usd: float | None = None
+
+
+class BudgetLimits(Frame):
+    """A pod's budget as events and results show it (§11): null is no limit."""
+
+    tokens: int | None = None
+    usd: float | None = None
 
 
 class ThinkingBlock(Frame):
@@ -231,6 +249,52 @@ class ContextCompacted(DurableEvent):
     usage: Usage = Field(default_factory=Usage)
 
 
+class Rewound(DurableEvent):
+    """§11: from here on the model's context is what it was just before `to_turn_id`
+    started. Additions: `to_seq`, the seq of that turn's `turn_start`; `new_session`, an
+    external engine's session was left behind and the next turn starts a new one primed
+    with the kept history."""
+
+    event: Literal["rewound"] = "rewound"
+    to_turn_id: str
+    files_restored: bool = False
+    to_seq: int = 0
+    new_session: bool = False
+
+
+class CheckpointTaken(DurableEvent):
+    """The cwd's files at the start of `turn_id` are saved (an addition): `rewind` with
+    `files` can restore them. `changed` counts the paths that differ from the previous
+    checkpoint; `left_out`, files past `workspace.checkpoint_file_max_mb` (at most 20
+    named), which a rewind leaves as they are."""
+
+    event: Literal["checkpoint"] = "checkpoint"
+    turn_id: str
+    changed: int = 0
+    duration_ms: int = 0
+    left_out: list[str] = Field(default_factory=list)
+
+
+class CheckpointSkipped(DurableEvent):
+    """No checkpoint for `turn_id` (an addition): `reason` says which bound it passed or
+    what failed. The turn runs as usual; a rewind to it cannot restore files."""
+
+    event: Literal["checkpoint_skipped"] = "checkpoint_skipped"
+    turn_id: str
+    reason: str
+
+
+class BudgetExhausted(DurableEvent):
+    """§11: the budget of pod `scope` (this pod or an ancestor) is spent by its subtree;
+    the turn pauses before its next model call. `set_budget` then `resume` goes on."""
+
+    event: Literal["budget_exhausted"] = "budget_exhausted"
+    turn_id: str
+    scope: str
+    used: Spent
+    budget: BudgetLimits
+
+
 class TextDelta(PodEventBase):
     event: Literal["text_delta"] = "text_delta"
     turn_id: str
@@ -330,6 +394,10 @@ AnyEvent = Annotated[
     | PermissionRequest
     | PermissionResolved
     | ContextCompacted
+    | Rewound
+    | CheckpointTaken
+    | CheckpointSkipped
+    | BudgetExhausted
     | TextDelta
     | ThinkingDelta
     | ToolCallStart

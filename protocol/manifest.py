@@ -39,6 +39,38 @@ class ScriptedStep(_Strict):
     retryable: bool = False
 
 
+class Price(_Strict):
+    """List prices in dollars per million tokens (§11); input counts cached prompt tokens
+    at the input price."""
+
+    input_per_mtok: float = Field(ge=0)
+    output_per_mtok: float = Field(ge=0)
+
+
+class Budget(_Strict):
+    """What a pod and all its descendants may spend (§11); an unset field is no limit."""
+
+    tokens: int | None = Field(default=None, ge=0)
+    usd: float | None = Field(default=None, ge=0)
+
+
+class Workspace(_Strict):
+    """The pod's cwd as capd keeps it (§11)."""
+
+    checkpoints: bool = True
+    """Snapshot the cwd's files at each turn start, so `rewind` can restore them."""
+    checkpoint_timeout_s: float = Field(default=30.0, gt=0)
+    """A checkpoint that takes longer is skipped (`checkpoint_skipped`), never the turn
+    (an addition)."""
+    checkpoint_max_mb: int = Field(default=1024, ge=1)
+    """A checkpoint that would store more new data than this is skipped (an addition)."""
+    checkpoint_max_files: int = Field(default=200_000, ge=1)
+    """A cwd with more files than this is not checkpointed (an addition)."""
+    checkpoint_file_max_mb: int = Field(default=100, ge=1)
+    """Files larger than this are left out of checkpoints, and a rewind leaves them as
+    they are (an addition)."""
+
+
 class ModelConfig(_Strict):
     provider: ProviderName
     name: str = ""
@@ -58,6 +90,8 @@ class ModelConfig(_Strict):
     each turn only (an addition): small local models may need a tool forced to start a
     tool loop, and forcing every call would never let the loop end."""
     script: list[ScriptedStep] = Field(default_factory=list)
+    price: Price | None = None
+    """Makes dollar figures possible (§11); unset: a known model's list price, if any."""
 
     @model_validator(mode="after")
     def _thinking_fits(self) -> "ModelConfig":
@@ -133,6 +167,8 @@ class Manifest(_Strict):
     cwd: str | None = None
     tools: list[ToolName] = Field(default_factory=list)
     limits: Limits = Field(default_factory=Limits)
+    workspace: Workspace = Field(default_factory=Workspace)
+    budget: Budget | None = None
 
     @model_validator(mode="after")
     def _fits_engine(self) -> "Manifest":

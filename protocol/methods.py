@@ -78,6 +78,24 @@ class Compact(Request):
     instructions: str | None = Field(default=None, max_length=MAX_INSTRUCTIONS)
 
 
+class Rewind(Request):
+    """§11: make the model's context what it was just before `turn_id` started, and with
+    `files` the cwd's files too (from that turn's checkpoint). Idle or paused pods only."""
+
+    method: Literal["rewind"] = "rewind"
+    turn_id: str = Field(min_length=1, max_length=200)
+    files: bool = False
+
+
+class SetBudget(Request):
+    """§11: set the pod's budget. A field left out keeps its value; null removes that
+    limit."""
+
+    method: Literal["set_budget"] = "set_budget"
+    tokens: int | None = Field(default=None, ge=0)
+    usd: float | None = Field(default=None, ge=0)
+
+
 class Status(Request):
     method: Literal["status"] = "status"
 
@@ -110,6 +128,8 @@ PodRequest = Annotated[
     | PodEvent
     | Permission
     | Compact
+    | Rewind
+    | SetBudget
     | Status
     | Subscribe
     | Unsubscribe

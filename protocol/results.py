@@ -4,7 +4,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from protocol.events import PodStatusName, Usage
+from protocol.events import BudgetLimits, PodStatusName, Spent, Usage
 
 
 class Result(BaseModel):
@@ -58,6 +58,14 @@ class PodStatus(Result):
     permissions: list[OpenPermission] = Field(default_factory=list)
     """The engine's questions waiting for a `permission` answer (an addition); while there
     are any, a running turn waits for them."""
+    budget: BudgetLimits = Field(default_factory=BudgetLimits)
+    """§11: the pod's own budget, for its whole subtree."""
+    spent: Spent = Field(default_factory=Spent)
+    """§11: what the pod and all its descendants have spent."""
+
+
+class SetBudgetResult(Result):
+    budget: BudgetLimits
 
 
 class SubscribeResult(Result):
@@ -81,6 +89,8 @@ class PodListEntry(Result):
     socket: str
     error: str | None = None
     """Why a pod that should be up is not (an addition): it could not be restored."""
+    spent: Spent = Field(default_factory=Spent)
+    """What the pod and its descendants have spent (an addition)."""
 
 
 class ListResult(Result):

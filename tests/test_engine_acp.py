@@ -587,7 +587,7 @@ async def test_usage_reported_after_the_last_step_keeps_the_turns_output(
         end, seen = await run_turn(pod, "quiet-tool:echo hi")
     assert (end["result"], end["output"]) == ("finished", "Running it.")
     steps = [e for e in seen if e["event"] == "assistant_message"]
-    assert steps[-1]["usage"] == {"input_tokens": 28, "output_tokens": 10}
+    assert steps[-1]["usage"] == {"input_tokens": 28, "output_tokens": 10, "cost_usd": None}
 
 
 async def test_status_shows_the_questions_waiting_for_an_answer(

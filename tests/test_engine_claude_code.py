@@ -381,8 +381,8 @@ async def test_steps_count_the_usage_the_api_reported_at_their_end(
         history = await full_history(pod)
     tool_step, text_step = [e for e in history if e["event"] == "assistant_message"]
     # The stand-in claude: a tool_use message ends with output_tokens 20; a text one with 3 a chunk.
-    assert tool_step["usage"] == {"input_tokens": 10, "output_tokens": 20}
-    assert text_step["usage"] == {"input_tokens": 20, "output_tokens": 3}
+    assert tool_step["usage"] == {"input_tokens": 10, "output_tokens": 20, "cost_usd": None}
+    assert text_step["usage"] == {"input_tokens": 20, "output_tokens": 3, "cost_usd": None}
 
 
 async def test_a_missing_command_is_refused_at_spawn(capd: CapdProcess, tmp_path: Path) -> None:

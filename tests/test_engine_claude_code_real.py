@@ -107,7 +107,7 @@ async def test_a_turn_streams_the_models_reply_and_counts_its_usage(
     (step,) = [e for e in history if e["event"] == "assistant_message"]
     assert step["text"] == "Hello from the test server"
     # The CLI's `assistant` message says output_tokens 1; message_delta said 45.
-    assert step["usage"] == {"input_tokens": 123, "output_tokens": 45}
+    assert step["usage"] == {"input_tokens": 123, "output_tokens": 45, "cost_usd": None}
     assert status["model"] == "claude-code"
     (request,) = server.requests
     assert _texts(request)[-1] == "say hello"

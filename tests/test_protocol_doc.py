@@ -38,6 +38,7 @@ RESULT_METHODS: dict[type[BaseModel], tuple[str, ...]] = {
     results.ListResult: ("list",),
     results.PodListEntry: ("list",),
     results.InfoResult: ("info",),
+    results.SetBudgetResult: ("set_budget",),
 }
 """Which method's section documents each ack result."""
 
