@@ -51,7 +51,6 @@ CONFIG = """\
 \thooksPath = /dev/null
 \texcludesFile = /dev/null
 \tattributesFile = /dev/null
-\tsymlinks = true
 [gc]
 \tauto = 0
 [advice]
