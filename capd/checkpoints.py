@@ -148,7 +148,8 @@ class CheckpointStore:
         self._child: asyncio.subprocess.Process | None = None
         """The git running, or killed and perhaps not gone yet."""
         self._tidy = False
-        """No git of ours was killed or failed since stale lock files were last removed."""
+        """No git of ours was killed or failed since stale lock files were last removed
+        from every ref."""
 
     async def take(self, turn_id: str) -> Taken | Skipped:
         """Record the cwd's files as they are at the start of `turn_id`. Never raises but
@@ -261,9 +262,8 @@ class CheckpointStore:
             with suppress(TimeoutError):
                 async with asyncio.timeout(KILL_GRACE_S + 1):
                     await child.wait()
-        if not self._tidy:
-            self._remove_stale_locks()
-            self._tidy = True
+        self._remove_stale_locks(everywhere=not self._tidy)
+        self._tidy = True
         if not (self._git_dir / "HEAD").is_file():
             await self._create()
         self._write_exclude()
@@ -305,12 +305,15 @@ class CheckpointStore:
                 return
         exclude.write_text(text)
 
-    def _remove_stale_locks(self) -> None:
-        """Lock files a killed git left; only called when no git of ours runs."""
-        stale = [self.root / "index.lock"]
+    def _remove_stale_locks(self, everywhere: bool) -> None:
+        """Lock files a killed git left (capd's or one killed by someone else), those
+        every checkpoint takes each time, under refs too when `everywhere`; only called
+        when no git of ours runs."""
+        stale = [self.root / "index.lock", self._git_dir / "refs" / "last.lock"]
         if self._git_dir.is_dir():
             stale += self._git_dir.glob("*.lock")
-            stale += (self._git_dir / "refs").rglob("*.lock")
+            if everywhere:
+                stale += (self._git_dir / "refs").rglob("*.lock")
         for lock in stale:
             with suppress(FileNotFoundError):
                 lock.unlink()
@@ -333,6 +336,9 @@ class CheckpointStore:
             )
         except OSError as error:
             raise _GitFailed(f"could not run git {args[0]}: {error.strerror or error}") from None
+        except BaseException:
+            self._tidy = False  # cancelled as it started: asyncio killed it, maybe part-way
+            raise
         self._child = process
         try:
             out, err = await process.communicate(input)
