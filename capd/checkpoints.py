@@ -39,6 +39,9 @@ from protocol.manifest import Workspace
 log = logging.getLogger(__name__)
 
 MB = 1024 * 1024
+INLINE_LISTING = 64 * 1024
+"""A listing of changed paths shorter than this is sorted on the event loop, a longer
+one (a first checkpoint, a big change) in a thread: each path is lstat'ed."""
 LEFT_OUT_NAMED = 20
 """At most this many left-out files are named in a `Taken`."""
 CONFIG = """\
@@ -51,6 +54,8 @@ CONFIG = """\
 \thooksPath = /dev/null
 \texcludesFile = /dev/null
 \tattributesFile = /dev/null
+[index]
+\tversion = 4
 [gc]
 \tauto = 0
 [advice]
@@ -147,6 +152,9 @@ class CheckpointStore:
         self._lock = asyncio.Lock()
         self._child: asyncio.subprocess.Process | None = None
         """The git running, or killed and perhaps not gone yet."""
+        self._rules_changed = True
+        """What git ignores may have changed since the recorded paths were last checked
+        against it (`.gitignore` files are recorded, so a change to one is seen)."""
         self._tidy = False
         """No git of ours was killed or failed since stale lock files were last removed
         from every ref."""
@@ -159,7 +167,8 @@ class CheckpointStore:
             try:
                 async with asyncio.timeout(self.workspace.checkpoint_timeout_s):
                     commit, changed, left_out = await self._record()
-                    await self._update_refs({_turn_ref(turn_id): commit, "refs/last": commit})
+                    self._write_ref(_turn_ref(turn_id), commit)
+                    self._write_ref("refs/last", commit)
             except TimeoutError:
                 return Skipped(self._timeout_reason())
             except _Skip as skip:
@@ -193,9 +202,9 @@ class CheckpointStore:
             saved = f"refs/rewound/{self._next_rewound()}"
             target = self._read_ref(_turn_ref(turn_id)) or _turn_ref(turn_id)
             try:
-                await self._update_refs({saved: current})
+                self._write_ref(saved, current)
                 await self._git("read-tree", "-u", "--reset", target)
-                await self._update_refs({"refs/last": target})
+                self._write_ref("refs/last", target)
             except (_Skip, OSError) as error:
                 raise CheckpointError(
                     f"restoring the files of turn {turn_id} failed: {error}"
@@ -212,9 +221,15 @@ class CheckpointStore:
         """Stage the cwd's changes and commit them: (commit, paths changed, left out)."""
         await self._prepare()
         listing = await self._git("ls-files", "-z", "-t", "-m", "-d", "-o", "--exclude-standard")
-        ignored = await self._git("ls-files", "-z", "-c", "-i", "--exclude-standard")
+        ignored = b""
+        if self._rules_changed or b".gitignore\0" in listing:
+            ignored = await self._git("ls-files", "-z", "-c", "-i", "--exclude-standard")
+            self._rules_changed = False
         max_file = self.workspace.checkpoint_file_max_mb * MB
-        plan = await asyncio.to_thread(_plan, self.cwd, listing, ignored, max_file)
+        if len(listing) < INLINE_LISTING:
+            plan = _plan(self.cwd, listing, ignored, max_file)
+        else:
+            plan = await asyncio.to_thread(_plan, self.cwd, listing, ignored, max_file)
         files = _index_entries(self._index) + plan.new_paths
         if files > self.workspace.checkpoint_max_files:
             raise _Skip(
@@ -266,7 +281,8 @@ class CheckpointStore:
         self._tidy = True
         if not (self._git_dir / "HEAD").is_file():
             await self._create()
-        self._write_exclude()
+        if self._write_exclude():
+            self._rules_changed = True
 
     async def _create(self) -> None:
         """`git init` beside the store, configured, then renamed into place: a store is
@@ -285,8 +301,9 @@ class CheckpointStore:
         (fresh / "info" / "attributes").write_text(ATTRIBUTES)
         fresh.rename(self._git_dir)
 
-    def _write_exclude(self) -> None:
-        """The cwd repository's own `.git/info/exclude`, then the hidden paths."""
+    def _write_exclude(self) -> bool:
+        """The cwd repository's own `.git/info/exclude`, then the hidden paths; whether
+        they changed."""
         lines: list[str] = []
         user_exclude = self.cwd / ".git" / "info" / "exclude"
         with suppress(OSError, UnicodeDecodeError):
@@ -302,8 +319,9 @@ class CheckpointStore:
         exclude = self._git_dir / "info" / "exclude"
         with suppress(OSError):
             if exclude.read_text() == text:
-                return
+                return False
         exclude.write_text(text)
+        return True
 
     def _remove_stale_locks(self, everywhere: bool) -> None:
         """Lock files a killed git left (capd's or one killed by someone else), those
@@ -353,10 +371,14 @@ class CheckpointStore:
             raise _GitFailed(f"git {args[0]} failed: {_last_line(err)}")
         return out
 
-    async def _update_refs(self, refs: dict[str, str]) -> None:
-        """Point each ref at its commit, all in one transaction."""
-        commands = "".join(f"update {ref} {commit}\n" for ref, commit in refs.items())
-        await self._git("update-ref", "--stdin", input=commands.encode())
+    def _write_ref(self, ref: str, commit: str) -> None:
+        """Point `ref` at `commit`, as git writes a loose ref: a whole file renamed into
+        place (no git runs meanwhile: the store is ours alone)."""
+        path = self._git_dir / ref
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fresh = self.root / "ref.new"
+        fresh.write_text(commit + "\n")
+        fresh.replace(path)
 
     def _read_ref(self, ref: str) -> str | None:
         with suppress(OSError):
