@@ -126,6 +126,9 @@ class _Plan:
 
 
 class CheckpointStore:
+    """A pod's checkpoints. Make one per pod and keep it for the pod's life: it alone runs
+    git in `root`, one git at a time."""
+
     def __init__(
         self, root: Path, cwd: Path, workspace: Workspace, hidden: Sequence[Path] = ()
     ) -> None:
@@ -156,8 +159,7 @@ class CheckpointStore:
         """What git ignores may have changed since the recorded paths were last checked
         against it (`.gitignore` files are recorded, so a change to one is seen)."""
         self._tidy = False
-        """No git of ours was killed or failed since stale lock files were last removed
-        from every ref."""
+        """Stale lock files were removed, and no git of ours was stopped or failed since."""
 
     async def take(self, turn_id: str) -> Taken | Skipped:
         """Record the cwd's files as they are at the start of `turn_id`. Never raises but
@@ -277,8 +279,9 @@ class CheckpointStore:
             with suppress(TimeoutError):
                 async with asyncio.timeout(KILL_GRACE_S + 1):
                     await child.wait()
-        self._remove_stale_locks(everywhere=not self._tidy)
-        self._tidy = True
+        if not self._tidy:
+            self._remove_stale_locks()
+            self._tidy = True
         if not (self._git_dir / "HEAD").is_file():
             await self._create()
         if self._write_exclude():
@@ -323,15 +326,15 @@ class CheckpointStore:
         exclude.write_text(text)
         return True
 
-    def _remove_stale_locks(self, everywhere: bool) -> None:
-        """Lock files a killed git left (capd's or one killed by someone else), those
-        every checkpoint takes each time, under refs too when `everywhere`; only called
-        when no git of ours runs."""
-        stale = [self.root / "index.lock", self._git_dir / "refs" / "last.lock"]
+    def _remove_stale_locks(self) -> None:
+        """Lock files a git killed part-way left: at the first git of this store (capd
+        may have been killed) and after one of ours was stopped or failed (someone
+        else may have killed it). Only then, and only with no git of ours running: one
+        store is made per pod, the only one running git in `root`."""
+        stale = [self.root / "index.lock"]
         if self._git_dir.is_dir():
             stale += self._git_dir.glob("*.lock")
-            if everywhere:
-                stale += (self._git_dir / "refs").rglob("*.lock")
+            stale += (self._git_dir / "refs").rglob("*.lock")
         for lock in stale:
             with suppress(FileNotFoundError):
                 lock.unlink()
@@ -368,7 +371,7 @@ class CheckpointStore:
         self._child = None
         if process.returncode != 0:
             self._tidy = False
-            raise _GitFailed(f"git {args[0]} failed: {_last_line(err)}")
+            raise _GitFailed(f"git {args[0]} failed: {_git_message(err)}")
         return out
 
     def _write_ref(self, ref: str, commit: str) -> None:
@@ -467,10 +470,13 @@ def _escape(path: str) -> str:
     return stripped + "\\ " * (len(escaped) - len(stripped))
 
 
-def _last_line(stderr: bytes) -> str:
+def _git_message(stderr: bytes) -> str:
+    """The line of git's stderr that says what went wrong: its first `fatal:` or
+    `error:`, else its last."""
     lines = [line.strip() for line in stderr.decode(errors="replace").splitlines()]
     lines = [line for line in lines if line]
-    return lines[-1] if lines else "no message"
+    said = [line for line in lines if line.startswith(("fatal:", "error:"))]
+    return (said or lines or ["no message"])[0 if said else -1]
 
 
 def _mb(size: int) -> str:

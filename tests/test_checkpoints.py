@@ -263,8 +263,39 @@ async def test_a_stale_index_lock_from_a_killed_git_does_not_block_the_next_chec
     taken = await restarted.take("t-2")
     assert isinstance(taken, Taken), taken
     assert taken.changed == 1
-    (root / "index.lock").write_bytes(b"")
-    assert isinstance(await restarted.take("t-3"), Taken)
+
+
+async def test_a_checkpoint_git_refuses_is_skipped_with_gits_reason_and_the_next_is_taken(
+    tmp_path: Path, cwd: Path
+) -> None:
+    checkpoints = store(tmp_path, cwd)
+    await checkpoints.take("t-1")
+    (checkpoints.root / "index.lock").write_bytes(b"")
+    (cwd / "notes.txt").write_text("changed\n")
+    skipped = await checkpoints.take("t-2")
+    assert isinstance(skipped, Skipped)
+    assert skipped.reason.startswith("git update-index failed: fatal: Unable to create")
+    assert "index.lock" in skipped.reason
+    assert isinstance(await checkpoints.take("t-3"), Taken)
+
+
+async def test_a_file_ignored_after_it_was_recorded_leaves_the_next_checkpoints(
+    tmp_path: Path, cwd: Path
+) -> None:
+    (cwd / "out").mkdir()
+    (cwd / "out" / "build.bin").write_text("v1\n")
+    checkpoints = store(tmp_path, cwd)
+    await checkpoints.take("t-1")
+    (cwd / ".gitignore").write_text("out/\n")
+    taken = await checkpoints.take("t-2")
+    assert isinstance(taken, Taken)
+    assert taken.changed == 2
+    recorded = store_git(checkpoints, "ls-tree", "-r", "--name-only", "refs/ckpt/t-2").split()
+    assert "out/build.bin" not in recorded
+    (cwd / "out" / "build.bin").write_text("v2\n")
+    await checkpoints.take("t-3")
+    await checkpoints.restore("t-2")
+    assert (cwd / "out" / "build.bin").read_text() == "v2\n"
 
 
 async def test_a_checkpoint_cancelled_part_way_stops_its_git_and_the_store_goes_on(
