@@ -21,6 +21,7 @@ behind; they are removed before the next git runs, once the killed one is gone.
 
 import asyncio
 import logging
+import math
 import os
 import re
 import shutil
@@ -221,6 +222,8 @@ class CheckpointStore:
 
     async def _record(self) -> tuple[str, int, list[str]]:
         """Stage the cwd's changes and commit them: (commit, paths changed, left out)."""
+        if not self.cwd.is_dir():
+            raise _Skip(f"the cwd {self.cwd} is not a directory")
         await self._prepare()
         listing = await self._git("ls-files", "-z", "-t", "-m", "-d", "-o", "--exclude-standard")
         ignored = b""
@@ -480,7 +483,8 @@ def _git_message(stderr: bytes) -> str:
 
 
 def _mb(size: int) -> str:
-    return f"{size / MB:.0f}"
+    """`size` in MB, rounded up: more than N MB never reads as N."""
+    return f"{math.ceil(size / MB):,}"
 
 
 def _unsaved(reason: str) -> str:

@@ -229,7 +229,7 @@ async def test_a_file_over_the_size_limit_is_left_out_named_and_left_as_it_is(
     ("bounds", "said"),
     [
         ({"checkpoint_max_files": 3}, "more than 3 files to record"),
-        ({"checkpoint_max_mb": 1}, "2 MB of changed files is more than"),
+        ({"checkpoint_max_mb": 1}, "3 MB of changed files is more than"),
         ({"checkpoint_timeout_s": 0.001}, "took longer than 0.001 s"),
     ],
 )
@@ -325,6 +325,11 @@ async def test_a_checkpoint_cancelled_part_way_stops_its_git_and_the_store_goes_
 async def test_rewinding_to_a_turn_without_a_checkpoint_says_so(tmp_path: Path, cwd: Path) -> None:
     with pytest.raises(CheckpointError, match=r"^turn t-7 has no checkpoint of the files$"):
         await store(tmp_path, cwd).restore("t-7")
+
+
+async def test_a_cwd_that_is_gone_skips_the_checkpoint_saying_so(tmp_path: Path) -> None:
+    skipped = await store(tmp_path, tmp_path / "gone").take("t-1")
+    assert skipped == Skipped(f"the cwd {tmp_path / 'gone'} is not a directory")
 
 
 async def test_a_deleted_pods_store_is_gone(tmp_path: Path, cwd: Path) -> None:
