@@ -80,6 +80,8 @@ async def _measure(tmp: Path, size: Size) -> list[Figure]:
             "ms",
             "lower",
             statistics.mean(firsts_git),
+            target=1.0,
+            target_is_ratio=True,
         ),
         Figure(
             "checkpoint",
