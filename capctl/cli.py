@@ -368,7 +368,7 @@ def budget(settings: Settings, pod: str, tokens: Any, usd: Any) -> None:
         pod_call(settings.runtime, pod, {"method": "set_budget", **request})
     status = pod_call(settings.runtime, pod, {"method": "status"})
     result = {"budget": status.get("budget"), "spent": status.get("spent")}
-    report(settings, result, f"budget  {spent_and_budget(result['spent'], result['budget'])}")
+    report(settings, result, f"{pod}: {spent_and_budget(result['spent'], result['budget'])}")
 
 
 @cli.command()

@@ -191,23 +191,28 @@ def usd(value: Any) -> str:
 
 
 def spent_and_budget(spent: Any, budget: Any) -> str:
-    """`5 / 1,000 tokens  $9.00 / no limit`: spent against each limit."""
+    """`5 / 1,000 tokens, $9.00 (no limit)`: what was spent against each limit."""
     spent = spent if isinstance(spent, dict) else {}
     budget = budget if isinstance(budget, dict) else {}
-    tokens_limit = token_count(budget["tokens"]) if budget.get("tokens") is not None else "no limit"
-    usd_limit = usd(budget["usd"]) if budget.get("usd") is not None else "no limit"
-    return (
-        f"{token_count(spent.get('tokens'))} / {tokens_limit} tokens  "
-        f"{usd(spent.get('usd'))} / {usd_limit}"
-    )
+    tokens = token_count(spent.get("tokens"))
+    if budget.get("tokens") is not None:
+        tokens = f"{tokens} / {token_count(budget['tokens'])} tokens"
+    else:
+        tokens = f"{tokens} tokens (no limit)"
+    dollars = usd(spent.get("usd"))
+    if budget.get("usd") is not None:
+        dollars = f"{dollars} / {usd(budget['usd'])}"
+    else:
+        dollars = f"{dollars} (no limit)"
+    return f"{tokens}, {dollars}"
 
 
 def budget_exhausted_line(event: dict[str, Any]) -> str:
-    """`budget of w1 spent (5 / 4 tokens  $7.00 / no limit): paused; raise it with ...`."""
+    """`budget of w1 spent: 5 / 4 tokens, $7.00 (no limit); paused: raise it ...`."""
     scope = event.get("scope", "?")
     return (
-        f"budget of {scope} spent ({spent_and_budget(event.get('used'), event.get('budget'))}): "
-        f"paused; raise it with capctl budget {scope}, then capctl resume {event.get('pod', '?')}"
+        f"budget of {scope} spent: {spent_and_budget(event.get('used'), event.get('budget'))}; "
+        f"paused: raise it with capctl budget {scope}, then capctl resume {event.get('pod', '?')}"
     )
 
 

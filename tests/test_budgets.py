@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from capctl.render import describe
 from protocol.errors import ProtocolError
 from tests.conftest import CapdProcess
 from tests.engine_scaffold import STAND_IN_ACP_AGENT, STAND_IN_CLAUDE, spawn_on_engine
@@ -238,7 +239,7 @@ async def test_capctl_budget_shows_and_sets_the_budget_and_ps_shows_spend(
     async with await connect_pod(capd, "bk") as pod:
         await run_turn(pod, "go")  # 1 in, 4 out: 5 tokens, $9
     shown = ok(capd.runtime_dir, "budget", "bk")
-    assert shown.splitlines() == ["budget  5 / 1,000 tokens  $9.00 / no limit"]
+    assert shown.splitlines() == ["bk: 5 / 1,000 tokens, $9.00 (no limit)"]
     ok(capd.runtime_dir, "budget", "bk", "--usd", "20", "--tokens", "none")
     as_json = json.loads(ok(capd.runtime_dir, "budget", "bk", "--json"))
     assert as_json == {
@@ -268,3 +269,18 @@ async def test_a_budget_set_at_run_time_and_the_spending_survive_a_restart(
     assert status["budget"] == {"tokens": 3, "usd": 40.0}
     assert status["spent"] == {"tokens": 3, "usd": 5.0}
     assert spent["used"] == {"tokens": 3, "usd": 5.0}
+
+
+def test_watch_shows_budget_exhausted_in_one_line() -> None:
+    event = {
+        "event": "budget_exhausted",
+        "pod": "kid",
+        "turn_id": "t-1",
+        "scope": "boss",
+        "used": {"tokens": 1234, "usd": 0.5},
+        "budget": {"tokens": None, "usd": 0.5},
+    }
+    assert describe(event) == (
+        "── budget of boss spent: 1,234 tokens (no limit), $0.50 / $0.50; "
+        "paused: raise it with capctl budget boss, then capctl resume kid"
+    )
