@@ -47,6 +47,7 @@ from protocol.events import (
     PodEventBase,
     PodEventReceived,
     PodStatusName,
+    Rewound,
     StatusChanged,
     ToolResult,
     TurnEnd,
@@ -64,6 +65,7 @@ from protocol.methods import (
     PodEvent,
     Request,
     Resume,
+    Rewind,
     Run,
 )
 from protocol.reports import Errored, Report, TurnEnded, clip
@@ -333,6 +335,8 @@ class PodController:
             case Permission(request_id=request_id, option_id=option_id):
                 self.engine.answer_permission(request_id, option_id)
                 return {}
+            case Rewind():
+                return await self._rewind(request)
         raise ProtocolError("invalid_request", f"{request!r} is not a pod actor call")
 
     # -- methods ------------------------------------------------------------------------
@@ -403,6 +407,45 @@ class PodController:
         if self._compaction is None:
             self.compact_wanted = None  # this compaction is the one a running turn was asked for
             self._start_compaction(order)
+
+    async def _rewind(self, request: Rewind) -> dict[str, Any]:
+        """Take the context (and with `files` the cwd) back to just before a turn started.
+        Everything that can refuse is checked before anything changes; then a paused turn
+        ends `cancelled`, a compaction between turns is stopped, the files are restored and
+        `rewound` commits."""
+        if self.status == "running":
+            assert self.turn is not None
+            raise ProtocolError(
+                "already_running",
+                f"pod {self.name} is running turn {self.turn.turn_id}; pause or cancel it "
+                "before rewinding",
+            )
+        to_seq = self._store.turn_start_seq(self.name, request.turn_id)
+        if to_seq is None:
+            raise ProtocolError(
+                "not_found",
+                f"pod {self.name} has no turn {request.turn_id}; `capctl log {self.name}` "
+                "shows its turns",
+            )
+        if request.files:
+            raise ProtocolError(
+                "invalid_request",
+                f"turn {request.turn_id} of pod {self.name} has no checkpoint of its files; "
+                "rewind without files",
+            )
+        await self._stop_compaction()
+        if self.status == "paused":
+            await self._cancel_turn()
+        new_session = await self.engine.forget_session(self)
+        self.emit(
+            Rewound(
+                to_turn_id=request.turn_id,
+                files_restored=request.files,
+                to_seq=to_seq,
+                new_session=new_session,
+            )
+        )
+        return {}
 
     def _notify(self, text: str, source: str) -> dict[str, Any]:
         row = self._store.add_pending(self.name, "notify", text, source=source)
