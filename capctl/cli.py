@@ -415,6 +415,25 @@ def permission(settings: Settings, pod: str, request_id: str, option_id: str | N
     report(settings, result, f"answered {request_id}: {option_id or 'cancelled'}")
 
 
+@cli.command()
+@pod_argument
+@click.argument("turn_id")
+@click.option("--files", is_flag=True, help="Also restore the cwd's files from the checkpoint.")
+@json_option
+@pass_settings
+def rewind(settings: Settings, pod: str, turn_id: str, files: bool) -> None:
+    """Take the pod's context back to just before turn TURN_ID started (a paused turn is
+    cancelled first); with --files, the cwd's files too.
+
+    `capctl log POD` shows the turns' ids. The history keeps everything: rewinding to a
+    later turn undoes a rewind.
+    """
+    request = {"method": "rewind", "turn_id": turn_id, "files": files}
+    result = pod_call(settings.runtime, pod, request)
+    restored = " and its files" if files else ""
+    report(settings, result, f"rewound {pod}{restored} to before turn {turn_id}")
+
+
 async def _compact(settings: Settings, pod: str, instructions: str | None, wait: bool) -> None:
     """Subscribe from the pod's last seq (so its status is known), ask, and follow the
     request to its outcome (see `compacting.py`)."""

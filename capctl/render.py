@@ -182,6 +182,12 @@ def describe(event: dict[str, Any]) -> str | None:
             return "\n".join([f"── {context_compacted_line(event)}", *("   " + p for p in preview)])
         case "budget_exhausted":
             return f"── {budget_exhausted_line(event)}"
+        case "rewound":
+            return f"── {rewound_line(event)}"
+        case "checkpoint":
+            return f"   {checkpoint_line(event)}"
+        case "checkpoint_skipped":
+            return f"   files not checkpointed: {get('reason', '?')}"
     return None
 
 
@@ -214,6 +220,23 @@ def budget_exhausted_line(event: dict[str, Any]) -> str:
         f"budget of {scope} spent: {spent_and_budget(event.get('used'), event.get('budget'))}; "
         f"paused: raise it with capctl budget {scope}, then capctl resume {event.get('pod', '?')}"
     )
+
+
+def rewound_line(event: dict[str, Any]) -> str:
+    files = " and files" if event.get("files_restored") else ""
+    session = "; the engine goes on in a new session" if event.get("new_session") else ""
+    return f"rewound context{files} to before turn {event.get('to_turn_id', '?')}{session}"
+
+
+def checkpoint_line(event: dict[str, Any]) -> str:
+    """A `checkpoint`: `files checkpointed (3 changed, 41 ms)`, with what was left out."""
+    line = (
+        f"files checkpointed ({event.get('changed', 0)} changed, {event.get('duration_ms', 0)} ms)"
+    )
+    left_out = event.get("left_out") or []
+    if left_out:
+        line += f"; too large to keep: {', '.join(map(str, left_out))}"
+    return line
 
 
 def session_replaced_line(event: dict[str, Any]) -> str:

@@ -52,6 +52,7 @@ from protocol.events import (
     PodEventBase,
     PodEventReceived,
     PodStatusName,
+    Rewound,
     StatusChanged,
     ToolResult,
     TurnEnd,
@@ -69,6 +70,7 @@ from protocol.methods import (
     PodEvent,
     Request,
     Resume,
+    Rewind,
     Run,
     SetBudget,
 )
@@ -376,6 +378,8 @@ class PodController:
                 return {}
             case SetBudget():
                 return self._set_budget(request)
+            case Rewind():
+                return await self._rewind(request)
         raise ProtocolError("invalid_request", f"{request!r} is not a pod actor call")
 
     # -- methods ------------------------------------------------------------------------
@@ -456,6 +460,45 @@ class PodController:
             update={"budget": None if budget == Budget() else budget}
         )
         return SetBudgetResult(budget=self._ledger.budget(self.name)).model_dump()
+
+    async def _rewind(self, request: Rewind) -> dict[str, Any]:
+        """Take the context (and with `files` the cwd) back to just before a turn started.
+        Everything that can refuse is checked before anything changes; then a paused turn
+        ends `cancelled`, a compaction between turns is stopped, the files are restored and
+        `rewound` commits."""
+        if self.status == "running":
+            assert self.turn is not None
+            raise ProtocolError(
+                "already_running",
+                f"pod {self.name} is running turn {self.turn.turn_id}; pause or cancel it "
+                "before rewinding",
+            )
+        to_seq = self._store.turn_start_seq(self.name, request.turn_id)
+        if to_seq is None:
+            raise ProtocolError(
+                "not_found",
+                f"pod {self.name} has no turn {request.turn_id}; `capctl log {self.name}` "
+                "shows its turns",
+            )
+        if request.files:
+            raise ProtocolError(
+                "invalid_request",
+                f"turn {request.turn_id} of pod {self.name} has no checkpoint of its files; "
+                "rewind without files",
+            )
+        await self._stop_compaction()
+        if self.status == "paused":
+            await self._cancel_turn()
+        new_session = await self.engine.forget_session(self)
+        self.emit(
+            Rewound(
+                to_turn_id=request.turn_id,
+                files_restored=request.files,
+                to_seq=to_seq,
+                new_session=new_session,
+            )
+        )
+        return {}
 
     def _notify(self, text: str, source: str) -> dict[str, Any]:
         row = self._store.add_pending(self.name, "notify", text, source=source)

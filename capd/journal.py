@@ -31,6 +31,7 @@ from protocol.events import (
     PodEventBase,
     PodEventReceived,
     PodStatusName,
+    Rewound,
     StatusChanged,
     TurnEnd,
     TurnStart,
@@ -42,6 +43,9 @@ from protocol.methods import RequestId
 from protocol.reports import Report, ShutDown
 
 log = logging.getLogger(__name__)
+
+REPLAY_PAGE = 1000
+"""Stored events read at a time to rebuild a context a `rewound` goes back to."""
 
 
 def new_event_id(pod: str) -> str:
@@ -175,6 +179,8 @@ class Journal:
                     turn.output = turn.partial + text
                     # A reply max_tokens cut off goes on in the next step's text.
                     turn.partial = turn.output if event.runs_on else ""
+            case Rewound(to_seq=to_seq):
+                self.context.rewind_to(self.context_before(to_seq), event)
             case ContextCompacted(usage=usage):
                 # The pod's totals as of the compaction, its summary calls included: a
                 # restart that reads no older event still knows them.
@@ -187,6 +193,24 @@ class Journal:
                 self.asked.pop(request_id, None)
             case TurnEnd():
                 self.asked.clear()
+
+    def context_before(self, seq: int) -> Context:
+        """The model's context as it stood just before event `seq`, rebuilt from the
+        stored events since the compaction then in force (a `rewound` among them is
+        rebuilt the same way, from further back)."""
+        context = Context()
+        after = self._store.context_start(self.name, seq) - 1
+        while rows := self._store.events_after(self.name, after, REPLAY_PAGE):
+            for row_seq, data in rows:
+                if row_seq >= seq:
+                    return context
+                event = parse_event(orjson.loads(data))
+                if isinstance(event, Rewound):
+                    context.rewind_to(self.context_before(event.to_seq), event)
+                elif isinstance(event, DurableEvent):
+                    context.apply(event)
+            after = rows[-1][0]
+        return context
 
     # -- reading ------------------------------------------------------------------------
 

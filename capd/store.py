@@ -249,10 +249,16 @@ class Store:
         """The first seq a restart reads: the `restore_from` of the pod's latest
         `context_compacted` (never past that event itself), else 1. The scan runs back from
         the newest event, so it reads only the events since that compaction."""
+        return self.context_start(pod, 2**63 - 1)
+
+    def context_start(self, pod: str, before_seq: int) -> int:
+        """The first seq to read to rebuild the pod's context as it stood just before
+        `before_seq`: the `restore_from` of its latest `context_compacted` before then
+        (never past that event itself), else 1."""
         row = self._db.execute(
             "SELECT seq, data FROM events WHERE pod = ? AND kind = 'context_compacted' "
-            "ORDER BY seq DESC LIMIT 1",
-            (pod,),
+            "AND seq < ? ORDER BY seq DESC LIMIT 1",
+            (pod, before_seq),
         ).fetchone()
         if row is None:
             return 1
@@ -285,6 +291,15 @@ class Store:
         if more_usd is not None:
             usd = more_usd if usd is None else usd + more_usd
         return inp + (more[0] or 0), out + (more[1] or 0), usd
+
+    def turn_start_seq(self, pod: str, turn_id: str) -> int | None:
+        """The seq of the `turn_start` of the pod's turn `turn_id`; None when it has none."""
+        row = self._db.execute(
+            "SELECT seq FROM events WHERE pod = ? AND kind = 'turn_start' "
+            "AND json_extract(CAST(data AS TEXT), '$.turn_id') = ?",
+            (pod, turn_id),
+        ).fetchone()
+        return row[0] if row else None
 
     def events_of_kind_after(self, pod: str, after_seq: int, kind: str) -> list[tuple[int, bytes]]:
         """Every event of one `kind` with seq > after_seq, oldest first, as (seq, json)."""

@@ -42,6 +42,8 @@ class Turn:
     partial: str = ""
     started_seq: int = 0
     """The seq of its `turn_start`: the turn's messages are those of later events."""
+    checkpointed: bool = False
+    """Its workspace checkpoint was made or skipped (an event says which)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +133,12 @@ class Engine(Protocol):
         """Compact the context now (the pod is idle or paused), committing
         `context_compacted` through `host.commit_compaction`; cancelling the task stops it
         and leaves the context as it was. Engines that cannot raise `cannot_compact`."""
+        ...
+
+    async def forget_session(self, host: TurnHost) -> bool:
+        """The pod was rewound: leave the engine's own session (an external engine's)
+        behind, so the next turn starts a new one primed with the context; True when
+        there was one. capd's own engine keeps no session and answers False."""
         ...
 
     def answer_permission(self, request_id: str, option_id: str | None) -> None:

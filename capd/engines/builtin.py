@@ -83,6 +83,9 @@ class BuiltinEngine:
         if not done:
             raise ProtocolError("invalid_request", NOTHING_TO_COMPACT)
 
+    async def forget_session(self, host: TurnHost) -> bool:
+        return False
+
     def answer_permission(self, request_id: str, option_id: str | None) -> None:
         raise never_asks("builtin")
 
