@@ -10,6 +10,7 @@ keeps it. A deleted pod's spending leaves its ancestors' sums with it.
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from capd.engines.base import BudgetSpent
 from capd.prices import add_usd, price_of
@@ -33,6 +34,9 @@ class _Sum:
 
     def spent(self) -> Spent:
         return Spent(tokens=self.tokens, usd=self.usd)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"tokens": self.tokens, "usd": self.usd}
 
 
 class Ledger:
@@ -68,9 +72,10 @@ class Ledger:
         for pod in self._chain(name):
             self._subtree.setdefault(pod, _Sum()).add(tokens, usd)
 
-    def spent(self, name: str) -> Spent:
-        """What the pod and all its descendants have spent."""
-        return self._subtree.get(name, _Sum()).spent()
+    def spent(self, name: str) -> dict[str, Any]:
+        """What the pod and all its descendants have spent (a `Spent`, as a plain dict:
+        `status` is polled, and building models would cost more than the rest of it)."""
+        return self._subtree.get(name, _Sum()).as_dict()
 
     def check(self, name: str) -> None:
         """Raise BudgetSpent for the nearest of the pod and its ancestors whose budget its
@@ -88,9 +93,12 @@ class Ledger:
 
     # -- budgets ------------------------------------------------------------------------
 
-    def budget(self, name: str) -> BudgetLimits:
-        budget = self._budgets.get(name) or Budget()
-        return BudgetLimits(tokens=budget.tokens, usd=budget.usd)
+    def budget(self, name: str) -> dict[str, Any]:
+        """The pod's own budget (a `BudgetLimits`, as a plain dict like `spent`)."""
+        budget = self._budgets.get(name)
+        if budget is None:
+            return {"tokens": None, "usd": None}
+        return {"tokens": budget.tokens, "usd": budget.usd}
 
     def set_budget(self, name: str, budget: Budget) -> None:
         """Make `budget` the pod's, in its stored manifest too."""

@@ -75,7 +75,7 @@ from protocol.methods import (
     SetBudget,
 )
 from protocol.reports import Errored, Report, TurnEnded, clip
-from protocol.results import NotifyResult, RunResult, SetBudgetResult
+from protocol.results import NotifyResult, RunResult
 
 log = logging.getLogger(__name__)
 
@@ -459,7 +459,7 @@ class PodController:
         self.manifest = self.manifest.model_copy(
             update={"budget": None if budget == Budget() else budget}
         )
-        return SetBudgetResult(budget=self._ledger.budget(self.name)).model_dump()
+        return {"budget": self._ledger.budget(self.name)}  # a SetBudgetResult
 
     async def _rewind(self, request: Rewind) -> dict[str, Any]:
         """Take the context (and with `files` the cwd) back to just before a turn started.
@@ -811,8 +811,8 @@ class PodController:
                 }
                 for asked in self.journal.asked.values()
             ],
-            "budget": self._ledger.budget(self.name).model_dump(),
-            "spent": self._ledger.spent(self.name).model_dump(),
+            "budget": self._ledger.budget(self.name),
+            "spent": self._ledger.spent(self.name),
         }
 
 

@@ -37,6 +37,7 @@ from protocol.events import (
     PodStatusEvent,
     PodStatusName,
     PodStopped,
+    Spent,
 )
 from protocol.framing import encode
 from protocol.manifest import Manifest
@@ -288,7 +289,7 @@ class Supervisor:
                     parent=record.parent,
                     socket=str(self.registry.socket(record.name)),
                     error=self._broken.get(record.name),
-                    spent=self.ledger.spent(record.name),
+                    spent=Spent.model_validate(self.ledger.spent(record.name)),
                 )
             )
         return ListResult(pods=entries)
