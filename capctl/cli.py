@@ -32,6 +32,7 @@ from capctl.render import (
     key_values,
     pod_status,
     pod_table,
+    spent_and_budget,
     turn_failure,
 )
 from protocol import paths
@@ -53,6 +54,8 @@ STATUS_ORDER = (
     "children",
     "last_seq",
     "usage",
+    "budget",
+    "spent",
     "context",
     "socket",
 )
@@ -327,6 +330,45 @@ def status(settings: Settings, pod: str) -> None:
     """Show a pod's status."""
     result = pod_call(settings.runtime, pod, {"method": "status"})
     report(settings, result, pod_status(result, STATUS_ORDER))
+
+
+def _limit(kind: type[int] | type[float]) -> Callable[..., int | float | str | None]:
+    """A budget limit option: a number, or `none` to remove the limit."""
+
+    def parse(_ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+        if value is None:
+            return None
+        if value.lower() == "none":
+            return "none"
+        try:
+            number = kind(value)
+        except ValueError:
+            number = -1
+        if number < 0:
+            raise click.BadParameter(f"{value!r} is not a number >= 0 or `none`")
+        return number
+
+    return parse
+
+
+@cli.command()
+@pod_argument
+@click.option(
+    "--tokens", callback=_limit(int), help="Limit in tokens (input plus output); `none` removes it."
+)
+@click.option("--usd", callback=_limit(float), help="Limit in dollars; `none` removes it.")
+@json_option
+@pass_settings
+def budget(settings: Settings, pod: str, tokens: Any, usd: Any) -> None:
+    """Show what the pod and its descendants spent against its budget; with --tokens or
+    --usd, set the budget first (an option left out keeps its limit)."""
+    limits = {key: value for key, value in (("tokens", tokens), ("usd", usd)) if value is not None}
+    if limits:
+        request = {k: None if v == "none" else v for k, v in limits.items()}
+        pod_call(settings.runtime, pod, {"method": "set_budget", **request})
+    status = pod_call(settings.runtime, pod, {"method": "status"})
+    result = {"budget": status.get("budget"), "spent": status.get("spent")}
+    report(settings, result, f"{pod}: {spent_and_budget(result['spent'], result['budget'])}")
 
 
 @cli.command()

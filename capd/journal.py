@@ -19,6 +19,7 @@ from capd.context import Context, describe_pod_event
 from capd.engines.base import PendingNote, Turn
 from capd.fanout import Hub
 from capd.outbox import Outbox
+from capd.prices import add_usd
 from capd.store import OwedReport, Store
 from protocol.events import (
     AssistantMessage,
@@ -170,6 +171,7 @@ class Journal:
             case AssistantMessage(text=text, usage=usage):
                 self.usage.input_tokens += usage.input_tokens
                 self.usage.output_tokens += usage.output_tokens
+                self.usage.cost_usd = add_usd(self.usage.cost_usd, usage.cost_usd)
                 # One that says nothing (an ACP prompt's usage, reported after its last
                 # step) is no step and keeps the turn's output.
                 if turn and (text or event.tool_calls or event.thinking):

@@ -17,11 +17,13 @@ from capd.context import Context
 from capd.tools.toolbox import Toolbox
 from protocol.errors import ProtocolError
 from protocol.events import (
+    BudgetLimits,
     CompactionTrigger,
     ContextCompacted,
     DurableEvent,
     Invoke,
     PodEventBase,
+    Spent,
     TurnResult,
 )
 from protocol.manifest import Manifest
@@ -64,6 +66,17 @@ class PendingNote:
     """For a notify: its row in the store's `pending` table, deleted as it is injected."""
 
 
+class BudgetSpent(Exception):
+    """The budget of pod `scope` (the pod itself or an ancestor) is spent by its subtree:
+    the turn pauses here, at a step boundary, and goes on after a raise and `resume`."""
+
+    def __init__(self, scope: str, used: Spent, budget: BudgetLimits) -> None:
+        super().__init__(f"the budget of pod {scope} is spent")
+        self.scope = scope
+        self.used = used
+        self.budget = budget
+
+
 @dataclass(frozen=True, slots=True)
 class CompactOrder:
     """A compaction to make: why, and the `compact` request's instructions if any."""
@@ -98,11 +111,19 @@ class TurnHost(Protocol):
         knows (`restore_from`, `usage`) filled in."""
         ...
 
+    def check_budget(self) -> None:
+        """Raise BudgetSpent when the budget of the pod or of an ancestor is spent."""
+        ...
+
 
 class Engine(Protocol):
     can_compact: bool
     """Whether `compact` works: capd summarises the context itself (builtin), or the
     engine compacts its own session on request."""
+    checks_budget: bool
+    """Whether the engine calls `host.check_budget` at each of its step boundaries
+    (builtin); otherwise it checks before each prompt and the pod pauses the turn after a
+    step that spent the budget."""
 
     async def drive_turn(self, host: TurnHost, turn: Turn) -> TurnOutcome:
         """Run the turn until it ends; cancelling the task interrupts it at once."""

@@ -269,6 +269,7 @@ class ExternalEngine(ABC):
 
     kind: ClassVar[str]
     can_compact: ClassVar[bool] = False
+    checks_budget: ClassVar[bool] = False
 
     def __init__(self, cwd: Path, config: AcpConfig | ClaudeCodeConfig) -> None:
         self._cwd = cwd
@@ -321,6 +322,7 @@ class ExternalEngine(ABC):
         return had
 
     async def _run(self, host: TurnHost, turn: Turn) -> TurnOutcome:
+        host.check_budget()
         await self._settle()
         self._record_session(host, turn)
         host.inject_notes(turn.turn_id)
