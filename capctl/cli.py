@@ -32,6 +32,7 @@ from capctl.render import (
     key_values,
     pod_status,
     pod_table,
+    spent_and_budget,
     turn_failure,
 )
 from protocol import paths
@@ -53,6 +54,8 @@ STATUS_ORDER = (
     "children",
     "last_seq",
     "usage",
+    "budget",
+    "spent",
     "context",
     "socket",
 )
@@ -329,6 +332,45 @@ def status(settings: Settings, pod: str) -> None:
     report(settings, result, pod_status(result, STATUS_ORDER))
 
 
+def _limit(kind: type[int] | type[float]) -> Callable[..., int | float | str | None]:
+    """A budget limit option: a number, or `none` to remove the limit."""
+
+    def parse(_ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+        if value is None:
+            return None
+        if value.lower() == "none":
+            return "none"
+        try:
+            number = kind(value)
+        except ValueError:
+            number = -1
+        if number < 0:
+            raise click.BadParameter(f"{value!r} is not a number >= 0 or `none`")
+        return number
+
+    return parse
+
+
+@cli.command()
+@pod_argument
+@click.option(
+    "--tokens", callback=_limit(int), help="Limit in tokens (input plus output); `none` removes it."
+)
+@click.option("--usd", callback=_limit(float), help="Limit in dollars; `none` removes it.")
+@json_option
+@pass_settings
+def budget(settings: Settings, pod: str, tokens: Any, usd: Any) -> None:
+    """Show what the pod and its descendants spent against its budget; with --tokens or
+    --usd, set the budget first (an option left out keeps its limit)."""
+    limits = {key: value for key, value in (("tokens", tokens), ("usd", usd)) if value is not None}
+    if limits:
+        request = {k: None if v == "none" else v for k, v in limits.items()}
+        pod_call(settings.runtime, pod, {"method": "set_budget", **request})
+    status = pod_call(settings.runtime, pod, {"method": "status"})
+    result = {"budget": status.get("budget"), "spent": status.get("spent")}
+    report(settings, result, f"{pod}: {spent_and_budget(result['spent'], result['budget'])}")
+
+
 @cli.command()
 @pod_argument
 @click.option("--all", "cancel_all", is_flag=True, help="Also drop the queued turns.")
@@ -371,6 +413,25 @@ def permission(settings: Settings, pod: str, request_id: str, option_id: str | N
     request = {"method": "permission", "request_id": request_id, "option_id": option_id}
     result = pod_call(settings.runtime, pod, request)
     report(settings, result, f"answered {request_id}: {option_id or 'cancelled'}")
+
+
+@cli.command()
+@pod_argument
+@click.argument("turn_id")
+@click.option("--files", is_flag=True, help="Also restore the cwd's files from the checkpoint.")
+@json_option
+@pass_settings
+def rewind(settings: Settings, pod: str, turn_id: str, files: bool) -> None:
+    """Take the pod's context back to just before turn TURN_ID started (a paused turn is
+    cancelled first); with --files, the cwd's files too.
+
+    `capctl log POD` shows the turns' ids. The history keeps everything: rewinding to a
+    later turn undoes a rewind.
+    """
+    request = {"method": "rewind", "turn_id": turn_id, "files": files}
+    result = pod_call(settings.runtime, pod, request)
+    restored = " and its files" if files else ""
+    report(settings, result, f"rewound {pod}{restored} to before turn {turn_id}")
 
 
 async def _compact(settings: Settings, pod: str, instructions: str | None, wait: bool) -> None:

@@ -180,7 +180,63 @@ def describe(event: dict[str, Any]) -> str | None:
         case "context_compacted":
             preview = summary_preview(str(get("summary", "")))
             return "\n".join([f"── {context_compacted_line(event)}", *("   " + p for p in preview)])
+        case "budget_exhausted":
+            return f"── {budget_exhausted_line(event)}"
+        case "rewound":
+            return f"── {rewound_line(event)}"
+        case "checkpoint":
+            return f"   {checkpoint_line(event)}"
+        case "checkpoint_skipped":
+            return f"   files not checkpointed: {get('reason', '?')}"
     return None
+
+
+def usd(value: Any) -> str:
+    """Dollars as people read them, `$0.42`; `-` while unknown."""
+    return f"${value:,.2f}" if isinstance(value, int | float) else "-"
+
+
+def spent_and_budget(spent: Any, budget: Any) -> str:
+    """`5 / 1,000 tokens, $9.00 (no limit)`: what was spent against each limit."""
+    spent = spent if isinstance(spent, dict) else {}
+    budget = budget if isinstance(budget, dict) else {}
+    tokens = token_count(spent.get("tokens"))
+    if budget.get("tokens") is not None:
+        tokens = f"{tokens} / {token_count(budget['tokens'])} tokens"
+    else:
+        tokens = f"{tokens} tokens (no limit)"
+    dollars = usd(spent.get("usd"))
+    if budget.get("usd") is not None:
+        dollars = f"{dollars} / {usd(budget['usd'])}"
+    else:
+        dollars = f"{dollars} (no limit)"
+    return f"{tokens}, {dollars}"
+
+
+def budget_exhausted_line(event: dict[str, Any]) -> str:
+    """`budget of w1 spent: 5 / 4 tokens, $7.00 (no limit); paused: raise it ...`."""
+    scope = event.get("scope", "?")
+    return (
+        f"budget of {scope} spent: {spent_and_budget(event.get('used'), event.get('budget'))}; "
+        f"paused: raise it with capctl budget {scope}, then capctl resume {event.get('pod', '?')}"
+    )
+
+
+def rewound_line(event: dict[str, Any]) -> str:
+    files = " and files" if event.get("files_restored") else ""
+    session = "; the engine goes on in a new session" if event.get("new_session") else ""
+    return f"rewound context{files} to before turn {event.get('to_turn_id', '?')}{session}"
+
+
+def checkpoint_line(event: dict[str, Any]) -> str:
+    """A `checkpoint`: `files checkpointed (3 changed, 41 ms)`, with what was left out."""
+    line = (
+        f"files checkpointed ({event.get('changed', 0)} changed, {event.get('duration_ms', 0)} ms)"
+    )
+    left_out = event.get("left_out") or []
+    if left_out:
+        line += f"; too large to keep: {', '.join(map(str, left_out))}"
+    return line
 
 
 def session_replaced_line(event: dict[str, Any]) -> str:
@@ -327,6 +383,8 @@ class TurnPrinter:
             self._note(f"[{compaction_started_line(event)}]")
         elif kind == "context_compacted":
             self._note(f"[{context_compacted_line(event)}]")
+        elif kind == "budget_exhausted":
+            self._note(f"[{budget_exhausted_line(event)}]")
 
     def _show_status(self, status: str) -> None:
         if status == "paused":
@@ -357,13 +415,14 @@ def turn_failure(turn_end: dict[str, Any]) -> str | None:
 
 
 def pod_table(pods: Sequence[dict[str, Any]]) -> str:
-    """NAME STATUS PARENT SOCKET, each child indented under its parent; STATUS is `error`
-    for a pod capd could not restore (`capctl ps --json` says why)."""
+    """NAME STATUS PARENT TOKENS COST SOCKET, each child indented under its parent; STATUS
+    is `error` for a pod capd could not restore (`capctl ps --json` says why). TOKENS and
+    COST are what the pod and its descendants spent (COST `-` while nothing had a price)."""
     by_ref = {pod.get(key): pod["name"] for pod in pods for key in ("name", "socket")}
     children: dict[str | None, list[dict[str, Any]]] = {}
     for pod in sorted(pods, key=lambda p: p["name"]):
         children.setdefault(by_ref.get(pod.get("parent")), []).append(pod)
-    rows = [("NAME", "STATUS", "PARENT", "SOCKET")]
+    rows = [("NAME", "STATUS", "PARENT", "TOKENS", "COST", "SOCKET")]
     seen: set[str] = set()
 
     def add(pod: dict[str, Any], depth: int) -> None:
@@ -372,11 +431,14 @@ def pod_table(pods: Sequence[dict[str, Any]]) -> str:
         seen.add(pod["name"])
         parent = pod.get("parent")
         parent_shown = by_ref.get(parent, parent) or "-"
+        spent = pod.get("spent") or {}
         rows.append(
             (
                 "  " * depth + pod["name"],
                 "error" if pod.get("error") else pod.get("status", "?"),
                 parent_shown,
+                token_count(spent.get("tokens", 0)),
+                usd(spent.get("usd")),
                 pod.get("socket", ""),
             )
         )
@@ -387,11 +449,11 @@ def pod_table(pods: Sequence[dict[str, Any]]) -> str:
         add(pod, 0)
     for pod in pods:
         add(pod, 0)
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
     return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths, strict=True))
+        "  ".join(cell.ljust(width) for cell, width in zip(row[:5], widths, strict=True))
         + "  "
-        + row[3]
+        + row[5]
         for row in rows
     )
 

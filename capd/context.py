@@ -20,6 +20,7 @@ from protocol.events import (
     DurableEvent,
     EngineSession,
     Notification,
+    Rewound,
     ToolCall,
     ToolResult,
     TurnEnd,
@@ -58,6 +59,9 @@ class Context:
     """The context window the provider named in the latest overflow error (read back from
     the `turn_end` it failed, or the `context_compacted` it caused), or the one the latest
     compaction measured against, so a restarted pod knows it too."""
+    rewound_seq: int = 0
+    """The seq of the latest `rewound` that left an external engine's session behind:
+    the session started after it is primed with the context (`primer_due`)."""
     estimated: list[int] = field(default_factory=list)
     """The estimated tokens of the messages up to and including each one: a running sum,
     extended when `tokens` is asked (not as restore applies events), so a `status` costs
@@ -68,6 +72,22 @@ class Context:
         self._apply(event)
         if len(self.messages) > made and not isinstance(event, ContextCompacted):
             self.seqs.append(event.seq)
+
+    def rewind_to(self, before: "Context", event: Rewound) -> None:
+        """Apply a `rewound`: the messages become those of `before`, the context as it
+        stood just before the turn rewound to. What the pod learned of its model (the
+        window) stays; a session left behind is forgotten."""
+        self.messages, self.seqs, self.summary = before.messages, before.seqs, before.summary
+        self.reported_tokens, self.reported_seq = before.reported_tokens, before.reported_seq
+        self.estimated.clear()
+        if event.new_session:
+            self.engine_session, self.engine_session_seq = None, 0
+            self.rewound_seq = event.seq
+
+    def primer_due(self) -> bool:
+        """Whether an external engine's next new session must be given the context first:
+        a rewind left the old session behind and no session has started since."""
+        return self.rewound_seq > self.engine_session_seq
 
     def index_after(self, seq: int) -> int:
         """Where the messages made by events after `seq` begin in `messages`."""

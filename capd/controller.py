@@ -21,9 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeAlias
 
+from capd.budgets import Ledger
 from capd.context import INTERRUPTED_TOOL_OUTPUT, Context
 from capd.engines import model_label
 from capd.engines.base import (
+    BudgetSpent,
     CompactOrder,
     Engine,
     PendingNote,
@@ -34,11 +36,14 @@ from capd.engines.base import (
 from capd.fanout import Hub
 from capd.journal import Journal, QueuedRun, new_event_id, report_note
 from capd.outbox import Outbox
+from capd.prices import add_usd
 from capd.store import Store
 from capd.tools.toolbox import Toolbox
 from capd.window import context_window
 from protocol.errors import ProtocolError
 from protocol.events import (
+    AssistantMessage,
+    BudgetExhausted,
     ChildSpawned,
     CompactionSkipped,
     ContextCompacted,
@@ -47,6 +52,7 @@ from protocol.events import (
     PodEventBase,
     PodEventReceived,
     PodStatusName,
+    Rewound,
     StatusChanged,
     ToolResult,
     TurnEnd,
@@ -54,7 +60,7 @@ from protocol.events import (
     TurnStart,
     UserMessage,
 )
-from protocol.manifest import Manifest
+from protocol.manifest import Budget, Manifest
 from protocol.methods import (
     Cancel,
     Compact,
@@ -64,7 +70,9 @@ from protocol.methods import (
     PodEvent,
     Request,
     Resume,
+    Rewind,
     Run,
+    SetBudget,
 )
 from protocol.reports import Errored, Report, TurnEnded, clip
 from protocol.results import NotifyResult, RunResult
@@ -84,6 +92,14 @@ class _TurnDone:
 @dataclass(frozen=True, slots=True)
 class _CompactionDone:
     task: "asyncio.Task[None]"
+
+
+@dataclass(frozen=True, slots=True)
+class _BudgetPause:
+    """An external engine's step spent the budget: pause the turn as `pause` does."""
+
+    task: "asyncio.Task[TurnOutcome]"
+    spent: BudgetSpent
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +126,7 @@ class _FromParent:
 
 _Call = Request | _Stop | _Adopt | _FromParent
 _Reply: TypeAlias = "asyncio.Future[dict[str, Any]]"
-_Message = tuple[_Call, _Reply] | _TurnDone | _CompactionDone
+_Message = tuple[_Call, _Reply] | _TurnDone | _CompactionDone | _BudgetPause
 
 
 def new_turn_id() -> str:
@@ -128,6 +144,7 @@ class PodController:
         socket_path: Path,
         store: Store,
         outbox: Outbox,
+        ledger: Ledger,
         on_status: Callable[[str, PodStatusName], None],
     ) -> None:
         self.name = manifest.name
@@ -142,6 +159,7 @@ class PodController:
         self.journal = Journal(self.name, parent, store, outbox)
         self._model_label = model_label(manifest)
         self._store = store
+        self._ledger = ledger
         self._on_status = on_status
         self._queue: deque[QueuedRun] = deque()
         self._task: asyncio.Task[TurnOutcome] | None = None
@@ -172,8 +190,27 @@ class PodController:
     def emit(
         self, event: DurableEvent, *, report: Report | None = None, consumed: Sequence[int] = ()
     ) -> None:
-        """Commit a durable event of the current turn (see `Journal.emit`)."""
+        """Commit a durable event of the current turn (see `Journal.emit`), counting the
+        usage it records in the ledger."""
+        before = self.journal.usage.model_copy()
         self.journal.emit(event, self.turn, report=report, consumed=consumed)
+        self._ledger.spend(self.name, before, self.journal.usage)
+        if isinstance(event, AssistantMessage) and not self.engine.checks_budget:
+            self._pause_if_spent()
+
+    def check_budget(self) -> None:
+        self._ledger.check(self.name)
+
+    def _pause_if_spent(self) -> None:
+        """After an external engine's step: once a budget is spent, ask the actor to pause
+        the turn (this runs in the turn task, which must not change the actor's state)."""
+        task = self._task
+        if self.status != "running" or task is None or task.done():
+            return
+        try:
+            self._ledger.check(self.name)
+        except BudgetSpent as spent:
+            self._mailbox.put_nowait(_BudgetPause(task, spent))
 
     def emit_ephemeral(self, event: PodEventBase) -> None:
         self.journal.emit_ephemeral(event)
@@ -207,6 +244,7 @@ class PodController:
         totals = self.journal.usage
         event.usage.input_tokens += totals.input_tokens
         event.usage.output_tokens += totals.output_tokens
+        event.usage.cost_usd = add_usd(event.usage.cost_usd, totals.cost_usd)
         self.emit(event)
 
     def _set_status(self, status: PodStatusName) -> None:
@@ -267,6 +305,11 @@ class PodController:
                     self._guarded(self._end_done_turn, msg.task)
                 elif isinstance(msg, _CompactionDone):
                     self._guarded(self._end_compaction, msg.task)
+                elif isinstance(msg, _BudgetPause):
+                    try:
+                        await self._pause_for_budget(msg)
+                    except Exception:
+                        log.exception("pod %s: pausing on a spent budget failed", self.name)
                 elif await self._serve(*msg):
                     return
                 self._guarded(self._kick)
@@ -333,6 +376,10 @@ class PodController:
             case Permission(request_id=request_id, option_id=option_id):
                 self.engine.answer_permission(request_id, option_id)
                 return {}
+            case SetBudget():
+                return self._set_budget(request)
+            case Rewind():
+                return await self._rewind(request)
         raise ProtocolError("invalid_request", f"{request!r} is not a pod actor call")
 
     # -- methods ------------------------------------------------------------------------
@@ -403,6 +450,55 @@ class PodController:
         if self._compaction is None:
             self.compact_wanted = None  # this compaction is the one a running turn was asked for
             self._start_compaction(order)
+
+    def _set_budget(self, request: SetBudget) -> dict[str, Any]:
+        """Replace the fields the request names; null removes that limit."""
+        given = request.model_dump(include={"tokens", "usd"} & request.model_fields_set)
+        budget = (self.manifest.budget or Budget()).model_copy(update=given)
+        self._ledger.set_budget(self.name, budget)
+        self.manifest = self.manifest.model_copy(
+            update={"budget": None if budget == Budget() else budget}
+        )
+        return {"budget": self._ledger.budget(self.name)}  # a SetBudgetResult
+
+    async def _rewind(self, request: Rewind) -> dict[str, Any]:
+        """Take the context (and with `files` the cwd) back to just before a turn started.
+        Everything that can refuse is checked before anything changes; then a paused turn
+        ends `cancelled`, a compaction between turns is stopped, the files are restored and
+        `rewound` commits."""
+        if self.status == "running":
+            assert self.turn is not None
+            raise ProtocolError(
+                "already_running",
+                f"pod {self.name} is running turn {self.turn.turn_id}; pause or cancel it "
+                "before rewinding",
+            )
+        to_seq = self._store.turn_start_seq(self.name, request.turn_id)
+        if to_seq is None:
+            raise ProtocolError(
+                "not_found",
+                f"pod {self.name} has no turn {request.turn_id}; `capctl log {self.name}` "
+                "shows its turns",
+            )
+        if request.files:
+            raise ProtocolError(
+                "invalid_request",
+                f"turn {request.turn_id} of pod {self.name} has no checkpoint of its files; "
+                "rewind without files",
+            )
+        await self._stop_compaction()
+        if self.status == "paused":
+            await self._cancel_turn()
+        new_session = await self.engine.forget_session(self)
+        self.emit(
+            Rewound(
+                to_turn_id=request.turn_id,
+                files_restored=request.files,
+                to_seq=to_seq,
+                new_session=new_session,
+            )
+        )
+        return {}
 
     def _notify(self, text: str, source: str) -> dict[str, Any]:
         row = self._store.add_pending(self.name, "notify", text, source=source)
@@ -485,6 +581,9 @@ class PodController:
         if task.cancelled():
             log.error("the turn task of pod %s was cancelled from outside", self.name)
             outcome = TurnOutcome("errored", output, "internal error: the turn was cancelled")
+        elif isinstance(spent := task.exception(), BudgetSpent):
+            self._record_budget_pause(spent)
+            return
         elif exc := task.exception():
             log.error("turn of pod %s failed", self.name, exc_info=exc)
             outcome = TurnOutcome("errored", output, f"internal error: {type(exc).__name__}: {exc}")
@@ -493,6 +592,25 @@ class PodController:
         # Kept until its turn_end commits: a failed commit is tried again at the next _kick.
         self._unfinished = outcome
         self._record_turn_end(outcome.result, outcome.error)
+
+    async def _pause_for_budget(self, pause: _BudgetPause) -> None:
+        """Pause the external engine's turn whose step spent the budget, unless the turn
+        has moved on (paused, cancelled, ended) since."""
+        if pause.task is not self._task or pause.task.done() or self.status != "running":
+            return
+        await self._stop_turn_task()
+        self._record_budget_pause(pause.spent)
+
+    def _record_budget_pause(self, spent: BudgetSpent) -> None:
+        """The turn stops at a step boundary with its budget spent: `budget_exhausted`,
+        then paused; the turn stays open for `set_budget` and `resume`."""
+        assert self.turn is not None
+        self.emit(
+            BudgetExhausted(
+                turn_id=self.turn.turn_id, scope=spent.scope, used=spent.used, budget=spent.budget
+            )
+        )
+        self._set_status("paused")
 
     def _start_compaction(self, order: CompactOrder) -> None:
         task = asyncio.create_task(self.engine.compact(self, order), name=f"compact {self.name}")
@@ -675,6 +793,7 @@ class PodController:
             "usage": {
                 "input_tokens": self.journal.usage.input_tokens,
                 "output_tokens": self.journal.usage.output_tokens,
+                "cost_usd": self.journal.usage.cost_usd,
             },
             "context": {
                 "tokens": self.context.tokens(
@@ -692,6 +811,8 @@ class PodController:
                 }
                 for asked in self.journal.asked.values()
             ],
+            "budget": self._ledger.budget(self.name),
+            "spent": self._ledger.spent(self.name),
         }
 
 

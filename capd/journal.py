@@ -19,6 +19,7 @@ from capd.context import Context, describe_pod_event
 from capd.engines.base import PendingNote, Turn
 from capd.fanout import Hub
 from capd.outbox import Outbox
+from capd.prices import add_usd
 from capd.store import OwedReport, Store
 from protocol.events import (
     AssistantMessage,
@@ -30,6 +31,7 @@ from protocol.events import (
     PodEventBase,
     PodEventReceived,
     PodStatusName,
+    Rewound,
     StatusChanged,
     TurnEnd,
     TurnStart,
@@ -41,6 +43,9 @@ from protocol.methods import RequestId
 from protocol.reports import Report, ShutDown
 
 log = logging.getLogger(__name__)
+
+REPLAY_PAGE = 1000
+"""Stored events read at a time to rebuild a context a `rewound` goes back to."""
 
 
 def new_event_id(pod: str) -> str:
@@ -166,6 +171,7 @@ class Journal:
             case AssistantMessage(text=text, usage=usage):
                 self.usage.input_tokens += usage.input_tokens
                 self.usage.output_tokens += usage.output_tokens
+                self.usage.cost_usd = add_usd(self.usage.cost_usd, usage.cost_usd)
                 # One that says nothing (an ACP prompt's usage, reported after its last
                 # step) is no step and keeps the turn's output.
                 if turn and (text or event.tool_calls or event.thinking):
@@ -173,6 +179,8 @@ class Journal:
                     turn.output = turn.partial + text
                     # A reply max_tokens cut off goes on in the next step's text.
                     turn.partial = turn.output if event.runs_on else ""
+            case Rewound(to_seq=to_seq):
+                self.context.rewind_to(self.context_before(to_seq), event)
             case ContextCompacted(usage=usage):
                 # The pod's totals as of the compaction, its summary calls included: a
                 # restart that reads no older event still knows them.
@@ -185,6 +193,24 @@ class Journal:
                 self.asked.pop(request_id, None)
             case TurnEnd():
                 self.asked.clear()
+
+    def context_before(self, seq: int) -> Context:
+        """The model's context as it stood just before event `seq`, rebuilt from the
+        stored events since the compaction then in force (a `rewound` among them is
+        rebuilt the same way, from further back)."""
+        context = Context()
+        after = self._store.context_start(self.name, seq) - 1
+        while rows := self._store.events_after(self.name, after, REPLAY_PAGE):
+            for row_seq, data in rows:
+                if row_seq >= seq:
+                    return context
+                event = parse_event(orjson.loads(data))
+                if isinstance(event, Rewound):
+                    context.rewind_to(self.context_before(event.to_seq), event)
+                elif isinstance(event, DurableEvent):
+                    context.apply(event)
+            after = rows[-1][0]
+        return context
 
     # -- reading ------------------------------------------------------------------------
 

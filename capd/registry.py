@@ -41,6 +41,16 @@ class PodRegistry:
         self._records[name] = record
         self._index(record)
 
+    def set_manifest(self, name: str, manifest: str) -> None:
+        """Replace the pod's stored manifest (a `set_budget` changed it)."""
+        self._store.set_manifest(name, manifest)
+        self._records[name] = dataclasses.replace(self._records[name], manifest=manifest)
+
+    def parent_of(self, name: str) -> str | None:
+        """The name of the pod's local parent; None for a top-level pod."""
+        record = self._records.get(name)
+        return self.name_at(record.parent) if record is not None else None
+
     def set_stopped(self, name: str, stopped: bool, report: OwedReport | None = None) -> None:
         """Mark the pod stopped or not, with the `shut_down` report a stop owes its parent."""
         self._store.set_stopped(name, stopped, report)

@@ -165,6 +165,9 @@ class Store:
         )
         return [PodRecord(n, m, p, bool(s)) for n, m, p, s in rows]
 
+    def set_manifest(self, name: str, manifest: str) -> None:
+        self._db.execute("UPDATE pods SET manifest = ? WHERE name = ?", (manifest, name))
+
     def set_stopped(self, name: str, stopped: bool, report: OwedReport | None = None) -> None:
         """Mark the pod stopped or not, with the `shut_down` report a stop owes its parent."""
         with self._db:
@@ -246,15 +249,57 @@ class Store:
         """The first seq a restart reads: the `restore_from` of the pod's latest
         `context_compacted` (never past that event itself), else 1. The scan runs back from
         the newest event, so it reads only the events since that compaction."""
+        return self.context_start(pod, 2**63 - 1)
+
+    def context_start(self, pod: str, before_seq: int) -> int:
+        """The first seq to read to rebuild the pod's context as it stood just before
+        `before_seq`: the `restore_from` of its latest `context_compacted` before then
+        (never past that event itself), else 1."""
         row = self._db.execute(
             "SELECT seq, data FROM events WHERE pod = ? AND kind = 'context_compacted' "
-            "ORDER BY seq DESC LIMIT 1",
-            (pod,),
+            "AND seq < ? ORDER BY seq DESC LIMIT 1",
+            (pod, before_seq),
         ).fetchone()
         if row is None:
             return 1
         seq, data = row
         return min(orjson.loads(data).get("restore_from") or 1, seq)
+
+    def usage_totals(self, pod: str) -> tuple[int, int, float | None]:
+        """The pod's (input tokens, output tokens, dollars or None) over its whole history,
+        as a restart derives them: its latest `context_compacted`'s `usage`, then the
+        `assistant_message`s after it."""
+        row = self._db.execute(
+            "SELECT seq, data FROM events WHERE pod = ? AND kind = 'context_compacted' "
+            "ORDER BY seq DESC LIMIT 1",
+            (pod,),
+        ).fetchone()
+        after, inp, out, usd = 0, 0, 0, None
+        if row is not None:
+            after, data = row
+            usage = orjson.loads(data).get("usage") or {}
+            inp, out = usage.get("input_tokens") or 0, usage.get("output_tokens") or 0
+            usd = usage.get("cost_usd")
+        more = self._db.execute(
+            "SELECT SUM(json_extract(CAST(data AS TEXT), '$.usage.input_tokens')), "
+            "SUM(json_extract(CAST(data AS TEXT), '$.usage.output_tokens')), "
+            "SUM(json_extract(CAST(data AS TEXT), '$.usage.cost_usd')) "
+            "FROM events WHERE pod = ? AND seq > ? AND kind = 'assistant_message'",
+            (pod, after),
+        ).fetchone()
+        more_usd = more[2]
+        if more_usd is not None:
+            usd = more_usd if usd is None else usd + more_usd
+        return inp + (more[0] or 0), out + (more[1] or 0), usd
+
+    def turn_start_seq(self, pod: str, turn_id: str) -> int | None:
+        """The seq of the `turn_start` of the pod's turn `turn_id`; None when it has none."""
+        row = self._db.execute(
+            "SELECT seq FROM events WHERE pod = ? AND kind = 'turn_start' "
+            "AND json_extract(CAST(data AS TEXT), '$.turn_id') = ?",
+            (pod, turn_id),
+        ).fetchone()
+        return row[0] if row else None
 
     def events_of_kind_after(self, pod: str, after_seq: int, kind: str) -> list[tuple[int, bytes]]:
         """Every event of one `kind` with seq > after_seq, oldest first, as (seq, json)."""

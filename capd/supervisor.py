@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from capd.budgets import Ledger
 from capd.children import ChildPods, check_child
 from capd.config import Config
 from capd.controller import PodController, StopMode
@@ -36,6 +37,7 @@ from protocol.events import (
     PodStatusEvent,
     PodStatusName,
     PodStopped,
+    Spent,
 )
 from protocol.framing import encode
 from protocol.manifest import Manifest
@@ -81,6 +83,8 @@ class Supervisor:
         self.store = store
         self.outbox = outbox
         self.registry = registry
+        self.ledger = Ledger(registry, store)
+        """What every pod (stopped ones too) spent and may spend."""
         self.pods: dict[str, _RunningPod] = {}
         self.hub = Hub("", lambda: 0)
         """The daemon socket's subscribers: pods spawned, stopped, deleted, their status."""
@@ -146,6 +150,7 @@ class Supervisor:
         if parent_name is not None:
             self._check_child_of(parent_name, manifest)
             parent = str(self.registry.socket(parent_name))  # the spelling children_of looks up
+        self.ledger.check_spawn(manifest, parent_name)
         if make_cwd:
             try:
                 cwd.mkdir(parents=True, exist_ok=True)
@@ -155,6 +160,7 @@ class Supervisor:
                 ) from None
         self._make_pod_state_dir(name)
         self.registry.add(name, manifest.model_dump_json(), parent)
+        self.ledger.added(name, manifest.budget)
         running = await self._bring_up(manifest, parent)
         socket = str(running.endpoint.path)
         if (local_parent := self._pod_at(parent)) is not None:
@@ -264,6 +270,7 @@ class Supervisor:
         try:
             await self.stop_pod(name)
             self.registry.delete(name)
+            self.ledger.deleted(name)
             shutil.rmtree(self._pod_state_dir(name) / "spill", ignore_errors=True)
             self._broken.pop(name, None)
         finally:
@@ -282,6 +289,7 @@ class Supervisor:
                     parent=record.parent,
                     socket=str(self.registry.socket(record.name)),
                     error=self._broken.get(record.name),
+                    spent=Spent.model_validate(self.ledger.spent(record.name)),
                 )
             )
         return ListResult(pods=entries)
@@ -330,6 +338,7 @@ class Supervisor:
             socket_path=socket_path,
             store=self.store,
             outbox=self.outbox,
+            ledger=self.ledger,
             on_status=self._pod_status_changed,
         )
         controller.restore(self._stored_events(name))

@@ -146,9 +146,9 @@ def test_spawn_ps_and_status(capd: CapdProcess, tmp_path: Path) -> None:
     ok(rt, "spawn", "-f", str(manifest))
 
     table = ok(rt, "ps").splitlines()
-    assert table[0].split() == ["NAME", "STATUS", "PARENT", "SOCKET"]
+    assert table[0].split() == ["NAME", "STATUS", "PARENT", "TOKENS", "COST", "SOCKET"]
     rows = {line.split()[0]: line.split() for line in table[1:]}
-    assert rows["w1"][1:] == ["idle", "-", str(capd.pod_socket("w1"))]
+    assert rows["w1"][1:] == ["idle", "-", "0", "-", str(capd.pod_socket("w1"))]
     assert rows["w2"][1] == "idle"
 
     status = pod_status(capd, "w2")
@@ -333,17 +333,23 @@ def test_no_daemon(tmp_path: Path, args: tuple[str, ...]) -> None:
 def test_ps_shows_children_under_their_parents() -> None:
     pods = [
         {"name": "kid", "status": "running", "parent": "/r/pods/boss.sock", "socket": "/r/k"},
-        {"name": "boss", "status": "idle", "parent": None, "socket": "/r/pods/boss.sock"},
+        {
+            "name": "boss",
+            "status": "idle",
+            "parent": None,
+            "socket": "/r/pods/boss.sock",
+            "spent": {"tokens": 1234, "usd": 0.0512},
+        },
         {"name": "grandkid", "status": "paused", "parent": "/r/k", "socket": "/r/g"},
         {"name": "orphan", "status": "stopped", "parent": "/r/gone.sock", "socket": "/r/o"},
     ]
     header, *rows = pod_table(pods).splitlines()
-    assert header.split() == ["NAME", "STATUS", "PARENT", "SOCKET"]
+    assert header.split() == ["NAME", "STATUS", "PARENT", "TOKENS", "COST", "SOCKET"]
     assert [(len(row) - len(row.lstrip()), row.split()) for row in rows] == [
-        (0, ["boss", "idle", "-", "/r/pods/boss.sock"]),
-        (2, ["kid", "running", "boss", "/r/k"]),
-        (4, ["grandkid", "paused", "kid", "/r/g"]),
-        (0, ["orphan", "stopped", "/r/gone.sock", "/r/o"]),
+        (0, ["boss", "idle", "-", "1,234", "$0.05", "/r/pods/boss.sock"]),
+        (2, ["kid", "running", "boss", "0", "-", "/r/k"]),
+        (4, ["grandkid", "paused", "kid", "0", "-", "/r/g"]),
+        (0, ["orphan", "stopped", "/r/gone.sock", "0", "-", "/r/o"]),
     ]
     assert len({row.index(row.split()[1]) for row in rows}) == 1, "STATUS is one column"
 

@@ -374,7 +374,7 @@ async def test_a_crash_mid_compaction_loses_nothing_and_restore_starts_from_it(
         status = await pod.request({"method": "status"})
         history = await full_history(pod)
     assert end["output"] == "still here"
-    assert usage == {"input_tokens": 1100 + 3 + 400, "output_tokens": 7 + 2 + 5}
+    assert usage == {"input_tokens": 1100 + 3 + 400, "output_tokens": 7 + 2 + 5, "cost_usd": None}
     assert status["usage"]["input_tokens"] == usage["input_tokens"] + 10
     last = server.requests[-1]
     assert "the summary" in _texts(last)

@@ -573,10 +573,10 @@ async def test_the_agents_usage_reports_count_for_the_step_and_the_pod(
     steps = [e for e in seen if e["event"] == "assistant_message"]
     # The prompt's usage (20 input, 5 + 3 cached, 10 output) goes with its last step.
     assert [step["usage"] for step in steps] == [
-        {"input_tokens": 0, "output_tokens": 0},
-        {"input_tokens": 28, "output_tokens": 10},
+        {"input_tokens": 0, "output_tokens": 0, "cost_usd": None},
+        {"input_tokens": 28, "output_tokens": 10, "cost_usd": None},
     ]
-    assert status["usage"] == {"input_tokens": 56, "output_tokens": 20}
+    assert status["usage"] == {"input_tokens": 56, "output_tokens": 20, "cost_usd": None}
 
 
 async def test_usage_reported_after_the_last_step_keeps_the_turns_output(

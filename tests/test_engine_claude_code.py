@@ -64,6 +64,13 @@ def _interrupts(state: Path) -> list[dict[str, Any]]:
     ]
 
 
+def _steps(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The steps recorded, without the usage-only messages that record what a turn cost."""
+    return [
+        e for e in history if e["event"] == "assistant_message" and (e["text"] or e["tool_calls"])
+    ]
+
+
 @pytest.fixture
 def state(tmp_path: Path) -> Path:
     path = tmp_path / "claude"
@@ -81,7 +88,7 @@ async def test_a_turn_streams_and_records_steps_and_tool_results(
         history = await full_history(pod)
     assert (end["result"], end["output"]) == ("finished", "done")
     assert {"text_delta", "tool_call_start", "tool_call_delta"} <= set(kinds(seen))
-    steps = [e for e in history if e["event"] == "assistant_message"]
+    steps = _steps(history)
     assert [s["tool_calls"][0]["name"] for s in steps[:1]] == ["Bash"]
     assert steps[0]["tool_calls"][0]["arguments"] == {"command": "echo hi from the tool"}
     assert steps[-1]["text"] == "done"
@@ -379,10 +386,17 @@ async def test_steps_count_the_usage_the_api_reported_at_their_end(
     async with await connect_pod(capd, "cc") as pod:
         await run_turn(pod, "tool:echo counted")
         history = await full_history(pod)
-    tool_step, text_step = [e for e in history if e["event"] == "assistant_message"]
+    tool_step, text_step, cost = [e for e in history if e["event"] == "assistant_message"]
     # The stand-in claude: a tool_use message ends with output_tokens 20; a text one with 3 a chunk.
     assert tool_step["usage"] == {"input_tokens": 10, "output_tokens": 20, "cost_usd": None}
     assert text_step["usage"] == {"input_tokens": 20, "output_tokens": 3, "cost_usd": None}
+    # Then what the turn cost, as its `result` said (tests/test_budgets.py has more).
+    assert (cost["text"], cost["usage"]["input_tokens"], cost["usage"]["output_tokens"]) == (
+        "",
+        0,
+        0,
+    )
+    assert cost["usage"]["cost_usd"] > 0
 
 
 async def test_a_missing_command_is_refused_at_spawn(capd: CapdProcess, tmp_path: Path) -> None:
@@ -583,9 +597,7 @@ async def test_what_claude_code_says_instead_of_compacting_is_the_error(
     assert refused.value.code == "invalid_request"
     assert refused.value.message == f"claude-code did not compact: {COMPACT_UNAVAILABLE}"
     assert _compactions(history) == []
-    assert [e for e in history if e["event"] == "assistant_message"][-1]["text"] == (
-        "You said: still here"
-    )
+    assert _steps(history)[-1]["text"] == "You said: still here"
     assert end["output"] == "You said: still here"
 
 

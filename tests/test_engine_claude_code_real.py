@@ -104,8 +104,10 @@ async def test_a_turn_streams_the_models_reply_and_counts_its_usage(
     (session,) = _sessions(history)
     assert session["session_id"]
     assert session["replaced"] is None
-    (step,) = [e for e in history if e["event"] == "assistant_message"]
+    step, *cost = [e for e in history if e["event"] == "assistant_message"]
     assert step["text"] == "Hello from the test server"
+    # What the CLI's `result` said the turn cost comes after it, if anything.
+    assert all(c["text"] == "" and c["usage"]["input_tokens"] == 0 for c in cost)
     # The CLI's `assistant` message says output_tokens 1; message_delta said 45.
     assert step["usage"] == {"input_tokens": 123, "output_tokens": 45, "cost_usd": None}
     assert status["model"] == "claude-code"

@@ -10,10 +10,12 @@ from typing import Any
 import orjson
 import pytest
 
+from capd.budgets import Ledger
 from capd.controller import PodController
 from capd.engines import make_engine
 from capd.engines.base import Engine, TurnOutcome
 from capd.outbox import Outbox
+from capd.registry import PodRegistry
 from capd.store import Store
 from capd.tools.base import ToolContext
 from capd.tools.toolbox import Toolbox
@@ -147,6 +149,7 @@ def _pod_in_process(tmp_path: Path, engine: Engine | None = None) -> tuple[PodCo
         socket_path=tmp_path / "h6.sock",
         store=store,
         outbox=Outbox(store),
+        ledger=Ledger(PodRegistry(store, tmp_path), store),
         on_status=lambda name, status: None,
     )
     return pod, store

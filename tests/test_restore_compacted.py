@@ -143,6 +143,7 @@ async def test_a_restored_pod_goes_on_from_the_summary_without_the_old_history(
     assert status["usage"] == {
         "input_tokens": steps * STEP_USAGE.input_tokens,
         "output_tokens": steps * STEP_USAGE.output_tokens,
+        "cost_usd": None,
     }
     assert end["output"] == "next answer"
     [request] = server.requests

@@ -112,6 +112,9 @@ class _TurnState:
     """Tool calls whose result is recorded."""
     summaries: dict[str, str] = field(default_factory=dict)
     """The summaries of the compactions in progress, by compactionId."""
+    cost_usd: float = 0.0
+    """Dollars the agent reported spent since the last recorded step, recorded with the
+    next one."""
 
 
 AUTH_REQUIRED = -32000
@@ -146,6 +149,10 @@ class AcpEngine(ExternalEngine):
         self._compacted: set[str] = set()
         """The compactionIds recorded: later updates of one only patch it (claude-agent-acp
         repeats the terminal update)."""
+        self._cost_seen: float | None = None
+        """The session's cumulative cost as last reported (0 for a new session). None
+        after a capd restart: the first report of the loaded session is where counting
+        starts again, so a prompt in flight across the restart goes uncounted."""
 
     def answer_permission(self, request_id: str, option_id: str | None) -> None:
         asked = self._asked.get(request_id)
@@ -198,6 +205,7 @@ class AcpEngine(ExternalEngine):
         created = await self._call("session/new", {"cwd": cwd, "mcpServers": []})
         self._note_session(created.get("sessionId"))
         self._fresh = True
+        self._cost_seen = 0.0
         self._record_session(host, turn)
 
     async def _call(self, method: str, params: dict[str, Any]) -> Any:
@@ -365,6 +373,20 @@ class AcpEngine(ExternalEngine):
                 self._tool_update(host, turn, state, update)
             case "compaction_update" | "compaction_summary_chunk":
                 self._compaction(host, turn, state, update)
+            case "usage_update":
+                self._cost(state, update.get("cost"))
+
+    def _cost(self, state: _TurnState, cost: object) -> None:
+        """A `usage_update`'s `cost`, the session's cumulative cost: what it grew by (in
+        US dollars; other currencies are not counted) goes with the next step recorded."""
+        if not isinstance(cost, dict) or str(cost.get("currency", "")).upper() != "USD":
+            return
+        amount = cost.get("amount")
+        if not isinstance(amount, int | float):
+            return
+        seen, self._cost_seen = self._cost_seen, float(amount)
+        if seen is not None and amount > seen:
+            state.cost_usd += amount - seen
 
     def _compaction(
         self, host: TurnHost, turn: Turn, state: _TurnState, update: dict[str, Any]
@@ -478,6 +500,9 @@ class AcpEngine(ExternalEngine):
         goes with its last step (an empty one if the last was recorded already)."""
         step = state.step
         state.step = _Step()
+        if state.cost_usd and not (interrupted and not step.calls):
+            usage = (usage or Usage()).model_copy(update={"cost_usd": state.cost_usd})
+            state.cost_usd = 0.0
         if interrupted and not step.calls:
             if step.text:
                 host.emit(AssistantMessage(turn_id=turn.turn_id, text=step.text, interrupted=True))
@@ -532,7 +557,9 @@ def _outcome(host: TurnHost, turn: Turn, answer: dict[str, Any]) -> TurnOutcome:
 
 
 def _record_step(host: TurnHost, turn: Turn, step: _Step, usage: Usage | None) -> None:
-    counted = usage is not None and (usage.input_tokens or usage.output_tokens)
+    counted = usage is not None and (
+        usage.input_tokens or usage.output_tokens or usage.cost_usd is not None
+    )
     if step.text or step.thinking or step.calls or counted:
         thinking = [ThinkingBlock(text=step.thinking)] if step.thinking else []
         host.emit(

@@ -17,11 +17,13 @@ from capd.context import Context
 from capd.tools.toolbox import Toolbox
 from protocol.errors import ProtocolError
 from protocol.events import (
+    BudgetLimits,
     CompactionTrigger,
     ContextCompacted,
     DurableEvent,
     Invoke,
     PodEventBase,
+    Spent,
     TurnResult,
 )
 from protocol.manifest import Manifest
@@ -40,6 +42,8 @@ class Turn:
     partial: str = ""
     started_seq: int = 0
     """The seq of its `turn_start`: the turn's messages are those of later events."""
+    checkpointed: bool = False
+    """Its workspace checkpoint was made or skipped (an event says which)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +64,17 @@ class PendingNote:
     """For a pod_event: the seq of its `pod_event_received` event."""
     pending_id: int | None = None
     """For a notify: its row in the store's `pending` table, deleted as it is injected."""
+
+
+class BudgetSpent(Exception):
+    """The budget of pod `scope` (the pod itself or an ancestor) is spent by its subtree:
+    the turn pauses here, at a step boundary, and goes on after a raise and `resume`."""
+
+    def __init__(self, scope: str, used: Spent, budget: BudgetLimits) -> None:
+        super().__init__(f"the budget of pod {scope} is spent")
+        self.scope = scope
+        self.used = used
+        self.budget = budget
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,11 +111,19 @@ class TurnHost(Protocol):
         knows (`restore_from`, `usage`) filled in."""
         ...
 
+    def check_budget(self) -> None:
+        """Raise BudgetSpent when the budget of the pod or of an ancestor is spent."""
+        ...
+
 
 class Engine(Protocol):
     can_compact: bool
     """Whether `compact` works: capd summarises the context itself (builtin), or the
     engine compacts its own session on request."""
+    checks_budget: bool
+    """Whether the engine calls `host.check_budget` at each of its step boundaries
+    (builtin); otherwise it checks before each prompt and the pod pauses the turn after a
+    step that spent the budget."""
 
     async def drive_turn(self, host: TurnHost, turn: Turn) -> TurnOutcome:
         """Run the turn until it ends; cancelling the task interrupts it at once."""
@@ -110,6 +133,12 @@ class Engine(Protocol):
         """Compact the context now (the pod is idle or paused), committing
         `context_compacted` through `host.commit_compaction`; cancelling the task stops it
         and leaves the context as it was. Engines that cannot raise `cannot_compact`."""
+        ...
+
+    async def forget_session(self, host: TurnHost) -> bool:
+        """The pod was rewound: leave the engine's own session (an external engine's)
+        behind, so the next turn starts a new one primed with the context; True when
+        there was one. capd's own engine keeps no session and answers False."""
         ...
 
     def answer_permission(self, request_id: str, option_id: str | None) -> None:

@@ -19,6 +19,7 @@ from capd.engines.base import (
     run_timed,
 )
 from capd.engines.compactor import NOTHING_TO_COMPACT, Compactor, DoesNotFit
+from capd.prices import cost_usd, price_of
 from capd.providers import make_provider
 from capd.providers.base import (
     ModelReply,
@@ -56,6 +57,7 @@ CUT_CALL = ToolOutcome(
 
 class BuiltinEngine:
     can_compact = True
+    checks_budget = True
 
     def __init__(self, model: ModelConfig) -> None:
         self.provider: Provider = make_provider(model)
@@ -81,6 +83,9 @@ class BuiltinEngine:
         if not done:
             raise ProtocolError("invalid_request", NOTHING_TO_COMPACT)
 
+    async def forget_session(self, host: TurnHost) -> bool:
+        return False
+
     def answer_permission(self, request_id: str, option_id: str | None) -> None:
         raise never_asks("builtin")
 
@@ -93,6 +98,7 @@ class BuiltinEngine:
         limits = host.manifest.limits
         cut_in_a_row = 0
         while True:
+            host.check_budget()
             host.inject_notes(turn.turn_id)
             if turn.steps >= limits.max_steps:
                 return TurnOutcome(
@@ -160,13 +166,16 @@ class BuiltinEngine:
         self, host: TurnHost, turn_id: str | None, attempt: Callable[[], Awaitable[ModelReply]]
     ) -> ModelReply:
         """One model call, sent again after a failure that may pass: at most
-        `model.max_retries` times, and only once more when a 500 names the same cause again."""
+        `model.max_retries` times, and only once more when a 500 names the same cause again.
+        The reply's usage carries its cost at the model's price, when that is known."""
         max_retries = self._model.max_retries
         tries = 0
         previous: ProviderError | None = None
         while True:
             try:
-                return await attempt()
+                reply = await attempt()
+                reply.usage.cost_usd = cost_usd(price_of(self._model), reply.usage)
+                return reply
             except ProviderError as exc:
                 if _repeats(exc, previous):
                     exc.message = f"{exc.message} (the same answer twice; not retried again)"

@@ -140,6 +140,8 @@ class ClaudeCodeEngine(ExternalEngine):
         """Whether the CLI is working on a prompt (sent, its `result` not yet read)."""
         self._commands: frozenset[str] | None = None
         """The slash commands the CLI's latest `init` listed (None before any)."""
+        self._cost_counted = 0.0
+        """The process's running `total_cost_usd` as far as it has been recorded."""
 
     def answer_permission(self, request_id: str, option_id: str | None) -> None:
         raise never_asks(self.kind)
@@ -161,6 +163,7 @@ class ClaudeCodeEngine(ExternalEngine):
             argv += ["--resume", self._session_id]
         await self._spawn([*argv, *config.args])
         self._busy = False
+        self._cost_counted = 0.0
 
     async def compact(self, host: TurnHost, order: CompactOrder) -> None:
         """Send `/compact [instructions]` as the session's next prompt (resuming the
@@ -330,6 +333,7 @@ class ClaudeCodeEngine(ExternalEngine):
             case "result":
                 self._busy = False
                 self._flush(host, turn, state)
+                self._record_cost(host, turn, message.get("total_cost_usd"))
                 self._note_session(message.get("session_id"))
                 self._record_session(host, turn)
                 return _outcome(turn, message)
@@ -447,6 +451,16 @@ class ClaudeCodeEngine(ExternalEngine):
                 )
             )
         state.step = _Step(message_id=step.message_id)
+
+    def _record_cost(self, host: TurnHost, turn: Turn, total: object) -> None:
+        """Record what the CLI's prompts cost since the last record, as a usage-only
+        `assistant_message` (no step). `total_cost_usd` is the process's running total (a
+        /compact's, or an interrupted turn's, is in the next one); a new process starts
+        from 0."""
+        if not isinstance(total, int | float) or total <= self._cost_counted:
+            return
+        cost, self._cost_counted = total - self._cost_counted, float(total)
+        host.emit(AssistantMessage(turn_id=turn.turn_id, text="", usage=Usage(cost_usd=cost)))
 
     def _interrupt(self, record: Callable[[dict[str, Any]], None] | None = None) -> None:
         """Send an interrupt, then read until the CLI has stopped (`_wind_down`)."""

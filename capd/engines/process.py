@@ -9,7 +9,8 @@ hold its output open).
 
 `ExternalEngine` holds one such process per pod. A turn sends one prompt (`_next_prompt`):
 the user messages and notifications the engine's session has not seen, followed by
-CONTINUE_PROMPT when the turn is resuming. A cancelled turn (pause, cancel, stop,
+CONTINUE_PROMPT when the turn is resuming; after a rewind, the new session's first prompt
+begins with the context the rewind kept (`primer`). A cancelled turn (pause, cancel, stop,
 timeout) interrupts the engine the way its protocol says, at once; the next prompt waits
 until the engine has wound that turn down. A process that dies mid-turn is started again
 once (resuming its session, or with the turn's prompt again in a new one); if it dies
@@ -32,6 +33,8 @@ from typing import Any, ClassVar
 
 import orjson
 
+from capd.chat import ChatMessage
+from capd.compaction import clip, transcript_lines
 from capd.context import Context
 from capd.engines.base import (
     CompactOrder,
@@ -69,6 +72,14 @@ FRAME_LINE = re.compile(r"^(?:at |File \"|\d+: |Traceback \(|stack backtrace:|no
 INBOX_LIMIT = 1024
 """Engine messages read ahead of the turn; past it the engine waits on its stdout."""
 CONTINUE_PROMPT = "You were interrupted. Continue where you left off."
+PRIMER = (
+    "[capd: this conversation was rewound, so it goes on in a new session. What was said "
+    "before, as a transcript:]\n\n{transcript}\n\n[end of the earlier conversation]"
+)
+PRIMER_LINE_TOKENS = 4000
+"""Tokens a message of the primer's transcript keeps at most (its start and its end)."""
+PRIMER_CHARS = 400_000
+"""Characters of transcript a primer carries at most (its start and its end)."""
 
 
 class EngineError(Exception):
@@ -245,11 +256,20 @@ def stderr_summary(text: str) -> str:
     return " | ".join(messages)[-STDERR_SHOWN:]
 
 
+def primer(messages: Sequence[ChatMessage]) -> str:
+    """The context a rewind kept, as a transcript for a new session: the session the
+    engine had holds what the rewind took back, so it is left behind. A long one keeps
+    its start and its end."""
+    transcript = "\n\n".join(transcript_lines(messages, PRIMER_LINE_TOKENS))
+    return PRIMER.format(transcript=clip(transcript, PRIMER_CHARS))
+
+
 class ExternalEngine(ABC):
     """One engine process per pod, started at the pod's first turn."""
 
     kind: ClassVar[str]
     can_compact: ClassVar[bool] = False
+    checks_budget: ClassVar[bool] = False
 
     def __init__(self, cwd: Path, config: AcpConfig | ClaudeCodeConfig) -> None:
         self._cwd = cwd
@@ -272,6 +292,8 @@ class ExternalEngine(ABC):
         unknown, after a capd restart)."""
         self._answered = False
         """Whether the engine said anything since the last prompt."""
+        self._primer = False
+        """The session is new after a rewind: its first prompt carries the context."""
 
     async def drive_turn(self, host: TurnHost, turn: Turn) -> TurnOutcome:
         try:
@@ -287,7 +309,20 @@ class ExternalEngine(ABC):
             self._settling.cancel()
         await self._discard()
 
+    async def forget_session(self, host: TurnHost) -> bool:
+        """Stop the process, which holds the session, and forget the session: the next
+        start opens a new one, which `_start_or_discard` marks for a primer."""
+        had = self._session_id is not None or host.context.engine_session is not None
+        if self._settling is not None:
+            self._settling.cancel()
+            self._settling = None
+        await self._discard()
+        self._session_id = self._lost_session = self._lost_reason = None
+        self._sent = None
+        return had
+
     async def _run(self, host: TurnHost, turn: Turn) -> TurnOutcome:
+        host.check_budget()
         await self._settle()
         self._record_session(host, turn)
         host.inject_notes(turn.turn_id)
@@ -301,7 +336,7 @@ class ExternalEngine(ABC):
                     await self._start_or_discard(host, turn)
                 prompt, upto = self._next_prompt(host.context, turn)
                 self._send_prompt(prompt)
-                self._sent, self._fresh = upto, False
+                self._sent, self._fresh, self._primer = upto, False, False
                 return await self._read_turn(host, turn)
             except EngineDied as exc:
                 await self._discard()
@@ -316,8 +351,11 @@ class ExternalEngine(ABC):
                 restarted = True
 
     async def _start_or_discard(self, host: TurnHost, turn: Turn | None) -> None:
+        # Asked before `_start` records the new session, which makes it no longer due.
+        primer_due = host.context.primer_due()
         try:
             await self._start(host, turn)
+            self._primer = primer_due and self._fresh
         except asyncio.CancelledError:
             # A pause must not wait for a half-started engine to exit.
             self._abandon()
@@ -348,6 +386,8 @@ class ExternalEngine(ABC):
         texts = [message.text for message in messages[start:] if message.role == "user"]
         if start > first or not texts:
             texts.append(CONTINUE_PROMPT)
+        if self._primer:
+            texts.insert(0, primer(messages[: context.index_after(turn.started_seq)]))
         return "\n\n".join(texts), context.last_message_seq()
 
     def _note_session(self, session_id: object) -> None:

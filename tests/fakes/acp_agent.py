@@ -32,7 +32,9 @@ What a prompt (its last text block) asks for:
     anything else a thought, an empty chunk, then "You said: <prompt>"
 
 Every prompt that ends `end_turn` sends a `usage_update` first and answers with `usage`,
-as claude-code-acp does: USAGE below, per prompt.
+as claude-code-acp does: USAGE below, per prompt. With $FAKE_ACP_DIR/report-cost present
+the `usage_update` also says the session's cumulative `cost` in USD, COST_PER_PROMPT more
+each prompt (kept in the session's file, so a `session/load` goes on from it).
 
 A tool still running when the prompt is cancelled is killed and reported `failed`
 ("stopped") before the `cancelled` answer, as ACP asks.
@@ -76,6 +78,7 @@ from acp.interfaces import Client
 from acp.schema import (
     AgentCapabilities,
     AllowedOutcome,
+    Cost,
     LoadSessionResponse,
     PermissionOption,
     ToolCallUpdate,
@@ -92,6 +95,7 @@ USAGE = Usage(
     cached_write_tokens=3,
     total_tokens=38,
 )
+COST_PER_PROMPT = 0.25
 QUERY_CLOSED = {"details": "Query closed before response received"}
 RUST_PANIC = (
     """thread 'main' panicked at codex-rs/acp/src/main.rs:42:10:
@@ -207,6 +211,9 @@ class TestAgent(Agent):
         self._save(session_id, [*json.loads(path.read_text()), [text, reply]])
         assert self.client is not None
         context = UsageUpdate(session_update="usage_update", used=33, size=200000)
+        if (STATE / "report-cost").exists():
+            prompts = len(json.loads(path.read_text()))
+            context.cost = Cost(amount=prompts * COST_PER_PROMPT, currency="USD")
         await self.client.session_update(session_id, context)
         return PromptResponse(stop_reason=stop, usage=USAGE)
 

@@ -8,7 +8,8 @@ Run as `claude.py -p --input-format stream-json --output-format stream-json --ve
 `stream_event` partial messages, `assistant` messages (one per content block, sent before
 the block's `content_block_stop` and carrying message_start's usage, whose real counts
 come in `message_delta`), `user` tool results and a closing `result` (usage summed over
-the turn's API messages):
+the turn's API messages; `total_cost_usd` the process's running total at PRICE, as the
+real CLI reports it in stream-json mode, so each result restates the earlier prompts'):
 
     slow:N        N text chunks, 20 ms apart (default 2000)
     tool:CMD      a Bash tool_use running CMD for real, its tool_result, then "done"
@@ -78,11 +79,15 @@ SUMMARY_HEAD = (
 NO_MESSAGES = "Error: No messages to compact"
 COMPACT_UNAVAILABLE = "/compact isn't available in this environment."
 COMMANDS = ["clear", "compact", "context", "usage"]
+PRICE = (3.0, 15.0)
+"""Dollars per million input and output tokens the stand-in charges."""
 _out_lock = threading.Lock()
 _inbox: "queue.Queue[dict[str, Any] | None]" = queue.Queue()
 _interrupt = threading.Event()
 _turn_lock = threading.Lock()
 _busy = False
+_cost_usd = 0.0
+"""The process's running total, as the real CLI's `total_cost_usd`."""
 
 
 def log(entry: dict[str, Any]) -> None:
@@ -283,6 +288,8 @@ class Turn:
         out({**self.base("user"), "message": message, "parent_tool_use_id": None})
 
     def result(self, text: str | None, subtype: str = "success", is_error: bool = False) -> None:
+        global _cost_usd
+        _cost_usd += (self.input_tokens * PRICE[0] + self.output_tokens * PRICE[1]) / 1_000_000
         message = {
             **self.base("result"),
             "subtype": subtype,
@@ -291,7 +298,7 @@ class Turn:
             "duration_api_ms": 1,
             "num_turns": self.count,
             "stop_reason": None if is_error else "end_turn",
-            "total_cost_usd": 0.000123,
+            "total_cost_usd": _cost_usd,
             "usage": usage(self.input_tokens, self.output_tokens),
             "modelUsage": {},
             "permission_denials": [],

@@ -73,6 +73,7 @@ async def _by_the_test(drive: Drive) -> TurnOutcome:
 
 class FakeEngine:
     can_compact = False
+    checks_budget = False
 
     def __init__(self, script: Script = _by_the_test) -> None:
         self.script = script

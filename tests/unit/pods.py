@@ -9,8 +9,10 @@ from typing import Any
 
 import orjson
 
+from capd.budgets import Ledger
 from capd.controller import PodController
 from capd.outbox import Outbox
+from capd.registry import PodRegistry
 from capd.store import Store
 from capd.tools.base import ToolContext
 from capd.tools.toolbox import Toolbox
@@ -84,6 +86,7 @@ class Rig:
             socket_path=tmp_path / f"{name}.sock",
             store=store,
             outbox=outbox,
+            ledger=Ledger(PodRegistry(store, tmp_path), store),
             on_status=statuses,
         )
         return cls(pod, engine, store, outbox, statuses)

@@ -143,7 +143,11 @@ async def test_usage_totals_come_back(tmp_path: Path, store: Store) -> None:
     await old.crash()
 
     new = _after_a_crash(tmp_path, store)
-    assert new.pod.status_result([])["usage"] == {"input_tokens": 30, "output_tokens": 2}
+    assert new.pod.status_result([])["usage"] == {
+        "input_tokens": 30,
+        "output_tokens": 2,
+        "cost_usd": None,
+    }
     assert new.pod.turn is not None
     assert new.pod.turn.steps == 2
 

@@ -1,0 +1,233 @@
+"""Rewind (§11) through a real capd and the local OpenAI-compatible server: what the model
+reads after a rewind, an undone rewind, a rewind across a compaction and a restart, a
+paused turn rewound, and the refusals."""
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from protocol.errors import ProtocolError
+from tests.conftest import CapdProcess
+from tests.engine_scaffold import (
+    STAND_IN_ACP_AGENT,
+    STAND_IN_CLAUDE,
+    StandIn,
+    engine_starts,
+    spawn_on_engine,
+    stand_in_log,
+)
+from tests.fakes.openai_server import OpenAITestServer, TextReply
+from tests.test_capctl import capctl, ok
+from tests.fakes.sse_server import HeldReply
+from tests.helpers import (
+    connect_pod,
+    full_history,
+    is_event,
+    pause_turn,
+    run_turn,
+    spawn,
+    until,
+    wait_for,
+)
+
+pytestmark = pytest.mark.shared_capd
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[OpenAITestServer]:
+    async with OpenAITestServer() as srv:
+        yield srv
+
+
+def _model(server: OpenAITestServer) -> dict[str, object]:
+    return {"provider": "openai", "name": "test-model", "base_url": server.base_url}
+
+
+def _said(request: dict[str, Any]) -> list[str]:
+    """What the model was given, message by message, the system prompt left out."""
+    return [str(m.get("content") or "") for m in request["messages"] if m["role"] != "system"]
+
+
+async def _turns(pod: Any, server: OpenAITestServer, *tags: str) -> list[str]:
+    """One finished turn per tag (`ALPHA` → the model answers `alpha done`); their ids."""
+    ids = []
+    for tag in tags:
+        server.enqueue(TextReply(f"{tag.lower()} done"))
+        end, _ = await run_turn(pod, tag)
+        assert end["result"] == "finished"
+        ids.append(end["turn_id"])
+    return ids
+
+
+async def _rewind(pod: Any, turn_id: str, **fields: Any) -> dict[str, Any]:
+    await pod.request({"method": "rewind", "turn_id": turn_id, **fields})
+    event, _ = await wait_for(pod, is_event("rewound"))
+    return event
+
+
+async def test_after_a_rewind_the_model_reads_only_what_came_before_that_turn(
+    capd: CapdProcess, server: OpenAITestServer
+) -> None:
+    await spawn(capd, "w1", _model(server))
+    async with await connect_pod(capd, "w1") as pod:
+        _, bravo, _ = await _turns(pod, server, "ALPHA", "BRAVO", "CHARLIE")
+        rewound = await _rewind(pod, bravo)
+        assert rewound["to_turn_id"] == bravo
+        assert (rewound["files_restored"], rewound["new_session"]) == (False, False)
+        await _turns(pod, server, "DELTA")
+        history = await full_history(pod)
+    assert _said(server.requests[-1]) == ["ALPHA", "alpha done", "DELTA"]
+    # Nothing left the history: the rewound turns are still there, in order.
+    texts = [e["text"] for e in history if e["event"] == "user_message"]
+    assert texts == ["ALPHA", "BRAVO", "CHARLIE", "DELTA"]
+    starts = {e["turn_id"]: e["seq"] for e in history if e["event"] == "turn_start"}
+    assert rewound["to_seq"] == starts[bravo]
+
+
+async def test_a_rewind_is_undone_by_rewinding_to_a_later_turn(
+    capd: CapdProcess, server: OpenAITestServer
+) -> None:
+    await spawn(capd, "w1", _model(server))
+    async with await connect_pod(capd, "w1") as pod:
+        alpha, _, charlie = await _turns(pod, server, "ALPHA", "BRAVO", "CHARLIE")
+        await _rewind(pod, alpha)
+        (delta,) = await _turns(pod, server, "DELTA")
+        assert _said(server.requests[-1]) == ["DELTA"]
+        # Back to before CHARLIE: ALPHA and BRAVO again, DELTA (after the first rewind) gone.
+        await _rewind(pod, charlie)
+        await _turns(pod, server, "ECHO")
+        assert _said(server.requests[-1]) == ["ALPHA", "alpha done", "BRAVO", "bravo done", "ECHO"]
+        # And to a turn made after a rewind: its context had the first rewind in it.
+        await _rewind(pod, delta)
+        await _turns(pod, server, "FOXTROT")
+    assert _said(server.requests[-1]) == ["FOXTROT"]
+
+
+@pytest.mark.own_capd
+async def test_a_restart_keeps_the_rewound_context_also_across_a_compaction(
+    capd: CapdProcess, server: OpenAITestServer
+) -> None:
+    """The compaction after BRAVO summarises ALPHA and BRAVO; rewinding to before BRAVO
+    takes the context back past it, and a restart (which reads from the compaction on)
+    rebuilds the same context."""
+    await spawn(capd, "w1", _model(server))
+    async with await connect_pod(capd, "w1") as pod:
+        _, bravo = await _turns(pod, server, "ALPHA", "BRAVO")
+        server.enqueue(TextReply("SUMMARY of alpha and bravo"))
+        await pod.request({"method": "compact"})
+        await _turns(pod, server, "CHARLIE")
+        assert _said(server.requests[-1])[1:] == ["CHARLIE"]
+        await _rewind(pod, bravo)
+    capd.stop()
+    await asyncio.to_thread(capd.start)
+    async with await connect_pod(capd, "w1") as pod:
+        status = await pod.request({"method": "status"})
+        assert status["status"] == "idle"
+        await _turns(pod, server, "DELTA")
+    assert _said(server.requests[-1]) == ["ALPHA", "alpha done", "DELTA"]
+
+
+async def test_rewinding_a_paused_turn_cancels_it_first(
+    capd: CapdProcess, server: OpenAITestServer
+) -> None:
+    await spawn(capd, "w1", _model(server))
+    async with await connect_pod(capd, "w1") as pod:
+        await _turns(pod, server, "ALPHA")
+        server.enqueue(HeldReply(TextReply("never sent"), asyncio.Event()))
+        started = await pod.request({"method": "run", "text": "BRAVO"})
+        await until(lambda: len(server.requests) == 2)
+        await pause_turn(pod)
+        await pod.request({"method": "rewind", "turn_id": started["turn_id"]})
+        end, seen = await wait_for(pod, is_event("rewound"))
+        ended = [e for e in seen if e["event"] == "turn_end"]
+        assert [(e["turn_id"], e["result"]) for e in ended] == [(started["turn_id"], "cancelled")]
+        assert (await pod.request({"method": "status"}))["status"] == "idle"
+        await _turns(pod, server, "CHARLIE")
+    assert _said(server.requests[-1]) == ["ALPHA", "alpha done", "CHARLIE"]
+    assert end["to_turn_id"] == started["turn_id"]
+
+
+async def test_rewind_refuses_a_running_pod_an_unknown_turn_and_files_without_a_checkpoint(
+    capd: CapdProcess, server: OpenAITestServer
+) -> None:
+    await spawn(capd, "w1", _model(server), workspace={"checkpoints": False})
+    async with await connect_pod(capd, "w1") as pod:
+        (alpha,) = await _turns(pod, server, "ALPHA")
+        with pytest.raises(ProtocolError) as unknown:
+            await pod.request({"method": "rewind", "turn_id": "t-nosuchturn"})
+        assert unknown.value.code == "not_found"
+        assert "capctl log w1" in unknown.value.message
+        with pytest.raises(ProtocolError) as no_files:
+            await pod.request({"method": "rewind", "turn_id": alpha, "files": True})
+        assert no_files.value.code == "invalid_request"
+        server.enqueue(HeldReply(TextReply("never sent"), asyncio.Event()))
+        await pod.request({"method": "run", "text": "BRAVO"})
+        await until(lambda: len(server.requests) == 2)
+        with pytest.raises(ProtocolError) as running:
+            await pod.request({"method": "rewind", "turn_id": alpha})
+        assert running.value.code == "already_running"
+        await pod.request({"method": "cancel"})
+        await wait_for(pod, is_event("turn_end"))
+        history = await full_history(pod)
+    assert "rewound" not in [e["event"] for e in history]
+
+
+@pytest.mark.parametrize("stand_in", [STAND_IN_CLAUDE, STAND_IN_ACP_AGENT], ids=lambda s: s.kind)
+async def test_an_external_engine_goes_on_in_a_new_session_primed_with_the_kept_turns(
+    capd: CapdProcess, tmp_path: Path, stand_in: StandIn
+) -> None:
+    await spawn_on_engine(capd, "ext", stand_in.engine(tmp_path))
+    async with await connect_pod(capd, "ext") as pod:
+        await run_turn(pod, "ALPHA")
+        second, _ = await run_turn(pod, "BRAVO")
+        rewound = await _rewind(pod, second["turn_id"])
+        end, _ = await run_turn(pod, "CHARLIE")
+        history = await full_history(pod)
+    assert rewound["new_session"] is True
+    assert end["result"] == "finished"
+    first, after = [e["session_id"] for e in history if e["event"] == "engine_session"]
+    assert first != after
+    starts = engine_starts(tmp_path)
+    assert len(starts) == 2
+    assert "--resume" not in starts[1]["argv"]
+    prompt = _last_prompt(tmp_path)
+    assert prompt.startswith("[capd: this conversation was rewound")
+    assert "ALPHA" in prompt
+    assert prompt.endswith("CHARLIE")
+    assert "BRAVO" not in prompt
+
+
+def _last_prompt(state: Path) -> str:
+    """The text of the last prompt a stand-in read (Claude Code's user message, the ACP
+    agent's prompt blocks)."""
+    for entry in reversed(stand_in_log(state)):
+        read = entry.get("read") or {}
+        if read.get("type") == "user":
+            return str(read["message"]["content"])
+        if entry.get("call") == "prompt":
+            return "\n\n".join(entry["texts"])
+    raise AssertionError("the stand-in read no prompt")
+
+
+async def test_capctl_log_shows_the_turn_ids_capctl_rewind_takes(
+    capd: CapdProcess, server: OpenAITestServer
+) -> None:
+    await spawn(capd, "w1", _model(server))
+    async with await connect_pod(capd, "w1") as pod:
+        alpha, bravo = await _turns(pod, server, "ALPHA", "BRAVO")
+    log = await asyncio.to_thread(ok, capd.runtime_dir, "log", "w1")
+    assert f"── turn {alpha} (run)" in log
+    assert f"── turn {bravo} (run)" in log
+    said = await asyncio.to_thread(ok, capd.runtime_dir, "rewind", "w1", bravo)
+    assert said == f"rewound w1 to before turn {bravo}\n"
+    log = await asyncio.to_thread(ok, capd.runtime_dir, "log", "w1")
+    assert log.rstrip().endswith(f"── rewound context to before turn {bravo}")
+    refused = await asyncio.to_thread(capctl, capd.runtime_dir, "rewind", "w1", "t-none")
+    assert refused.returncode == 1
+    assert (
+        refused.stderr
+        == "capctl: not_found: pod w1 has no turn t-none; `capctl log w1` shows its turns\n"
+    )
