@@ -48,6 +48,8 @@ PACK_FROM = 256
 than a file each (git's bulk check-in, by a `core.bigFileThreshold` below any file):
 creating 10,000 object files took twice as long as the pack on the machine measured.
 Smaller checkpoints write loose objects, so packs stay few."""
+STREAM_CHUNK = 256 * 1024
+"""Bytes of a listing read at a time."""
 LEFT_OUT_NAMED = 20
 """At most this many left-out files are named in a `Taken`."""
 CONFIG = """\
@@ -230,7 +232,10 @@ class CheckpointStore:
         if not self.cwd.is_dir():
             raise _Skip(f"the cwd {self.cwd} is not a directory")
         await self._prepare()
-        listing = await self._git("ls-files", "-z", "-t", "-m", "-d", "-o", "--exclude-standard")
+        room = self.workspace.checkpoint_max_files - _index_entries(self._index)
+        listing = await self._git(
+            "ls-files", "-z", "-t", "-m", "-d", "-o", "--exclude-standard", new_paths=room
+        )
         ignored = b""
         if self._rules_changed or b".gitignore\0" in listing:
             ignored = await self._git("ls-files", "-z", "-c", "-i", "--exclude-standard")
@@ -240,13 +245,8 @@ class CheckpointStore:
             plan = _plan(self.cwd, listing, ignored, max_file)
         else:
             plan = await asyncio.to_thread(_plan, self.cwd, listing, ignored, max_file)
-        files = _index_entries(self._index) + plan.new_paths
-        if files > self.workspace.checkpoint_max_files:
-            raise _Skip(
-                f"the cwd has more than {self.workspace.checkpoint_max_files} files to record"
-                " (workspace.checkpoint_max_files): raise it, or .gitignore what need not be"
-                " restored"
-            )
+        if plan.new_paths > room:
+            raise self._too_many_files()
         if plan.new_bytes > self.workspace.checkpoint_max_mb * MB:
             raise _Skip(
                 f"{_mb(plan.new_bytes)} MB of changed files is more than"
@@ -357,10 +357,13 @@ class CheckpointStore:
         input: bytes | None = None,
         bare: bool = False,
         options: Sequence[str] = (),
+        new_paths: int | None = None,
     ) -> bytes:
         """Run one git command in the store (`bare`: without the store, the index and the
         cwd), `input` on its stdin, git's `options` before the command; its stdout.
-        Cancelled: the git's process group is stopped and the cancellation goes on."""
+        `new_paths`: stop it as soon as it lists more paths new to the index than that
+        (`ls-files -t`: a cwd far too big is not walked to its end). Cancelled: the
+        git's process group is stopped and the cancellation goes on."""
         env = {k: v for k, v in self._env.items() if k not in _STORE} if bare else self._env
         try:
             process = await launch(
@@ -379,7 +382,10 @@ class CheckpointStore:
             raise
         self._child = process
         try:
-            out, err = await process.communicate(input)
+            if new_paths is None:
+                out, err = await process.communicate(input)
+            else:
+                out, err = await self._listing(process, new_paths)
         except BaseException:
             if process.returncode is None:
                 stop_group(process)
@@ -390,6 +396,30 @@ class CheckpointStore:
             self._tidy = False
             raise _GitFailed(f"git {args[0]} failed: {_git_message(err)}")
         return out
+
+    async def _listing(
+        self, process: asyncio.subprocess.Process, new_paths: int
+    ) -> tuple[bytes, bytes]:
+        """The stdout and stderr of an `ls-files -z -t`, read as it comes; _Skip once it
+        lists more than `new_paths` untracked (`? `) paths."""
+        assert process.stdout is not None
+        assert process.stderr is not None
+        errors = asyncio.ensure_future(process.stderr.read())
+        try:
+            chunks: list[bytes] = []
+            partial = b""
+            new = 0
+            while chunk := await process.stdout.read(STREAM_CHUNK):
+                chunks.append(chunk)
+                entries = (partial + chunk).split(b"\0")
+                partial = entries.pop()
+                new += sum(_is_new(entry) for entry in entries)
+                if new > new_paths:
+                    raise self._too_many_files()
+            await process.wait()
+            return b"".join(chunks), await errors
+        finally:
+            errors.cancel()
 
     def _write_ref(self, ref: str, commit: str) -> None:
         """Point `ref` at `commit`, as git writes a loose ref: a whole file renamed into
@@ -414,6 +444,13 @@ class CheckpointStore:
             numbers += [int(ref.name) for ref in refs if ref.name.isdigit()]
         return max(numbers) + 1
 
+    def _too_many_files(self) -> _Skip:
+        return _Skip(
+            f"the cwd has more than {self.workspace.checkpoint_max_files} files to record"
+            " (workspace.checkpoint_max_files): raise it, or .gitignore what need not be"
+            " restored"
+        )
+
     def _timeout_reason(self) -> str:
         seconds = self.workspace.checkpoint_timeout_s
         return (
@@ -429,7 +466,7 @@ def _plan(cwd: Path, listing: bytes, ignored: bytes, max_file: int) -> _Plan:
     seen = set(plan.drop)
     base = os.fsencode(cwd)
     for entry in listing.split(b"\0"):
-        tag, path = entry[:1], entry[2:]
+        path = entry[2:]  # after its tag and a space
         if not path or path in seen:
             continue
         seen.add(path)
@@ -446,11 +483,17 @@ def _plan(cwd: Path, listing: bytes, ignored: bytes, max_file: int) -> _Plan:
                 plan.left_out.append(path.decode(errors="backslashreplace"))
             continue
         plan.update.append(path)
-        if tag == b"?":
+        if _is_new(entry):
             plan.new_paths += 1
         if not stat.S_ISDIR(info.st_mode):
             plan.new_bytes += info.st_size
     return plan
+
+
+def _is_new(entry: bytes) -> bool:
+    """An `ls-files -t` entry of a file not recorded yet (a directory is a nested
+    repository)."""
+    return entry.startswith(b"? ") and not entry.endswith(b"/")
 
 
 def _nul(paths: list[bytes]) -> bytes:
