@@ -13,7 +13,8 @@ and commits it under `refs/ckpt/<turn id>`. Files ignored by the cwd's `.gitigno
 or its repository's `.git/info/exclude`, nested repositories, files larger than
 `checkpoint_file_max_mb` and the `hidden` paths are not recorded, so a restore leaves
 them as they are. A restore first records the current files under `refs/rewound/<n>` (so
-nothing unrecorded is lost), then `read-tree -u --reset` the checkpoint.
+nothing unrecorded is lost), then `read-tree -u --reset` the checkpoint, less any path
+where something not recorded now (ignored, too large) lies in its way.
 
 One git runs at a time per store. A git cancelled or killed part-way leaves its lock files
 behind; they are removed before the next git runs, once the killed one is gone.
@@ -213,13 +214,32 @@ class CheckpointStore:
             target = self._read_ref(_turn_ref(turn_id)) or _turn_ref(turn_id)
             try:
                 self._write_ref(saved, current)
-                await self._git("read-tree", "-u", "--reset", target)
+                tree = await self._tree_to_restore(target)
+                await self._git("read-tree", "-u", "--reset", tree)
                 self._write_ref("refs/last", target)
             except (_Skip, OSError) as error:
                 raise CheckpointError(
                     f"restoring the files of turn {turn_id} failed: {error}"
                     f" (the files before it are kept as {saved} in {self._git_dir})"
                 ) from None
+
+    async def _tree_to_restore(self, target: str) -> str:
+        """`target`, less the paths it would write over something not recorded now (an
+        ignored or too large file, an ignored directory): those stay as they are."""
+        absent = await self._git(
+            "diff-index", "--cached", "-z", "--name-only", "--no-renames", "--diff-filter=D",
+            target,
+        )  # fmt: skip
+        base = os.fsencode(self.cwd)
+        in_the_way = [path for path in absent.split(b"\0") if path and _taken(base, path)]
+        if not in_the_way:
+            return target
+        index = {"GIT_INDEX_FILE": str(self.root / "index.restore")}
+        await self._git("read-tree", target, env=index)
+        await self._git(
+            "update-index", "-z", "--force-remove", "--stdin", input=_nul(in_the_way), env=index
+        )
+        return (await self._git("write-tree", env=index)).decode().strip()
 
     def remove(self) -> None:
         """The pod was deleted: stop any git of ours and drop the store."""
@@ -358,18 +378,19 @@ class CheckpointStore:
         bare: bool = False,
         options: Sequence[str] = (),
         new_paths: int | None = None,
+        env: dict[str, str] | None = None,
     ) -> bytes:
         """Run one git command in the store (`bare`: without the store, the index and the
-        cwd), `input` on its stdin, git's `options` before the command; its stdout.
-        `new_paths`: stop it as soon as it lists more paths new to the index than that
-        (`ls-files -t`: a cwd far too big is not walked to its end). Cancelled: the
-        git's process group is stopped and the cancellation goes on."""
-        env = {k: v for k, v in self._env.items() if k not in _STORE} if bare else self._env
+        cwd), `input` on its stdin, git's `options` before the command, `env` over the
+        store's; its stdout. `new_paths`: stop it as soon as it lists more paths new to
+        the index than that (`ls-files -t`: a cwd far too big is not walked to its end).
+        Cancelled: the git's process group is stopped and the cancellation goes on."""
+        own = {k: v for k, v in self._env.items() if k not in _STORE} if bare else self._env
         try:
             process = await launch(
                 ["git", *options, *args],
                 cwd=self.root if bare else self.cwd,
-                env=env,
+                env={**own, **(env or {})},
                 inherit=_not_git,
                 stdin=asyncio.subprocess.DEVNULL if input is None else asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
@@ -488,6 +509,20 @@ def _plan(cwd: Path, listing: bytes, ignored: bytes, max_file: int) -> _Plan:
         if not stat.S_ISDIR(info.st_mode):
             plan.new_bytes += info.st_size
     return plan
+
+
+def _taken(base: bytes, path: bytes) -> bool:
+    """Whether something is at `path` under `base`, or a file where one of its
+    directories should be."""
+    if os.path.lexists(os.path.join(base, path)):
+        return True
+    parent = os.path.dirname(path)
+    while parent:
+        full = os.path.join(base, parent)
+        if os.path.lexists(full):
+            return not os.path.isdir(full) or os.path.islink(full)
+        parent = os.path.dirname(parent)
+    return False
 
 
 def _is_new(entry: bytes) -> bool:

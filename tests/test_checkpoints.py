@@ -216,13 +216,19 @@ async def test_a_file_over_the_size_limit_is_left_out_named_and_left_as_it_is(
     tmp_path: Path, cwd: Path
 ) -> None:
     (cwd / "big.bin").write_bytes(b"a" * (1024 * 1024 + 1))
+    (cwd / "grows.bin").write_bytes(b"small")
     checkpoints = store(tmp_path, cwd, checkpoint_file_max_mb=1)
     taken = await checkpoints.take("t-1")
     assert isinstance(taken, Taken)
     assert taken.left_out == ["big.bin"]
     (cwd / "big.bin").write_bytes(b"b" * (2 * 1024 * 1024))
+    (cwd / "grows.bin").write_bytes(b"g" * (2 * 1024 * 1024))
+    later = await checkpoints.take("t-2")
+    assert isinstance(later, Taken)
+    assert sorted(later.left_out) == ["big.bin", "grows.bin"]
     await checkpoints.restore("t-1")
     assert (cwd / "big.bin").read_bytes() == b"b" * (2 * 1024 * 1024)
+    assert (cwd / "grows.bin").read_bytes() == b"g" * (2 * 1024 * 1024)
 
 
 @pytest.mark.parametrize(
@@ -294,9 +300,25 @@ async def test_a_file_ignored_after_it_was_recorded_leaves_the_next_checkpoints(
     recorded = store_git(checkpoints, "ls-tree", "-r", "--name-only", "refs/ckpt/t-2").split()
     assert "out/build.bin" not in recorded
     (cwd / "out" / "build.bin").write_text("v2\n")
-    await checkpoints.take("t-3")
-    await checkpoints.restore("t-2")
+    await checkpoints.restore("t-1")
     assert (cwd / "out" / "build.bin").read_text() == "v2\n"
+    assert not (cwd / ".gitignore").exists()
+
+
+async def test_a_rewind_does_not_replace_an_ignored_directory_with_a_recorded_file(
+    tmp_path: Path, cwd: Path
+) -> None:
+    (cwd / "cache").write_text("a file, recorded\n")
+    checkpoints = store(tmp_path, cwd)
+    await checkpoints.take("t-1")
+    (cwd / "cache").unlink()
+    (cwd / "cache").mkdir()
+    (cwd / "cache" / "blob").write_text("ignored\n")
+    (cwd / ".gitignore").write_text("cache/\n")
+    (cwd / "notes.txt").write_text("changed\n")
+    await checkpoints.restore("t-1")
+    assert (cwd / "cache" / "blob").read_text() == "ignored\n"
+    assert (cwd / "notes.txt").read_text() == "notes\n"
 
 
 async def test_a_checkpoint_cancelled_part_way_stops_its_git_and_the_store_goes_on(
