@@ -361,7 +361,7 @@ class CheckpointStore:
         of this store (capd may have been killed) and after one of ours was stopped or
         failed (someone else may have killed it). Only then, and only with no git of ours
         running: one store is made per pod, the only one running git in `root`."""
-        stale = [self.root / "index.lock"]
+        stale = list(self.root.glob("*.lock"))
         if self._git_dir.is_dir():
             stale += self._git_dir.glob("*.lock")
             stale += (self._git_dir / "refs").rglob("*.lock")

@@ -344,6 +344,18 @@ async def test_a_checkpoint_cancelled_part_way_stops_its_git_and_the_store_goes_
     assert (cwd / "src" / "main.py").read_text() == "print('one')\n"
 
 
+async def test_a_turn_id_git_would_refuse_as_a_ref_name_still_gets_its_checkpoint(
+    tmp_path: Path, cwd: Path
+) -> None:
+    checkpoints = store(tmp_path, cwd)
+    odd = "turn ../x.lock"
+    assert isinstance(await checkpoints.take(odd), Taken)
+    assert checkpoints.has(odd)
+    (cwd / "notes.txt").write_text("changed\n")
+    await checkpoints.restore(odd)
+    assert (cwd / "notes.txt").read_text() == "notes\n"
+
+
 async def test_rewinding_to_a_turn_without_a_checkpoint_says_so(tmp_path: Path, cwd: Path) -> None:
     with pytest.raises(CheckpointError, match=r"^turn t-7 has no checkpoint of the files$"):
         await store(tmp_path, cwd).restore("t-7")
