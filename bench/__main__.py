@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import orjson
 
-from bench import capctl_wall, control, density, durable, fanout, pause, restore, soak
+from bench import capctl_wall, checkpoint, control, density, durable, fanout, pause, restore, soak
 from bench.report import Figure, table
 from bench.sizes import SIZES, Size
 
@@ -22,6 +22,7 @@ BENCHMARKS: dict[str, Callable[[Size], list[Figure]]] = {
     "capctl": capctl_wall.run,
     "restore": restore.run,
     "soak": soak.run,
+    "checkpoint": checkpoint.run,
 }
 
 

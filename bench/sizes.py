@@ -17,6 +17,11 @@ class Size:
     restore_rounds: int
     """Stops and starts of each pod whose restore is timed."""
     soak_turns: int
+    checkpoint_files: int
+    checkpoint_mb: int
+    """The cwd checkpointed: how many files, how many MB in all."""
+    checkpoint_rounds: int
+    """Rounds of one file changed, then a checkpoint and a `git add -A && git commit`."""
 
 
 SIZES = {
@@ -31,6 +36,9 @@ SIZES = {
         restore_events=100_000,
         restore_rounds=50,
         soak_turns=2000,
+        checkpoint_files=10_000,
+        checkpoint_mb=100,
+        checkpoint_rounds=15,
     ),
     "tiny": Size(
         round_trips=80,
@@ -43,5 +51,8 @@ SIZES = {
         restore_events=600,
         restore_rounds=2,
         soak_turns=30,
+        checkpoint_files=200,
+        checkpoint_mb=2,
+        checkpoint_rounds=3,
     ),
 }

@@ -20,6 +20,7 @@ FIGURES = {
     "durable": 2,
     "capctl": 1,
     "restore": 4,
+    "checkpoint": 2,
 }
 
 

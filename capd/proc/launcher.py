@@ -12,7 +12,7 @@ environment allow-list, resource limits) changes this module, not its callers.
 
 import asyncio
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from capd.proc.groups import terminate_group
@@ -27,19 +27,20 @@ async def launch(
     *,
     cwd: Path,
     env: Mapping[str, str] | None = None,
+    inherit: Callable[[str], bool] | None = None,
     stdin: int = asyncio.subprocess.DEVNULL,
     stdout: int = asyncio.subprocess.DEVNULL,
     stderr: int = asyncio.subprocess.DEVNULL,
     limit: int = STREAM_LIMIT,
 ) -> asyncio.subprocess.Process:
     """Start `argv` in `cwd` in a new process group. `env` adds to the environment;
-    `stdin`, `stdout` and `stderr` are each asyncio.subprocess.PIPE, DEVNULL or a file
-    descriptor; `limit` bounds a line read from a piped stream. OSError when it cannot
-    start."""
+    `inherit`, when given, says which of capd's own variables are passed on; `stdin`,
+    `stdout` and `stderr` are each asyncio.subprocess.PIPE, DEVNULL or a file descriptor;
+    `limit` bounds a line read from a piped stream. OSError when it cannot start."""
     return await asyncio.create_subprocess_exec(
         *argv,
         cwd=cwd,
-        env=environment(env),
+        env=environment(env, inherit),
         stdin=stdin,
         stdout=stdout,
         stderr=stderr,
@@ -48,9 +49,12 @@ async def launch(
     )
 
 
-def environment(env: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment of a process started with `env`."""
-    return {**os.environ, **(env or {}), **owner_mark()}
+def environment(
+    env: Mapping[str, str] | None = None, inherit: Callable[[str], bool] | None = None
+) -> dict[str, str]:
+    """The environment of a process started with `env` and `inherit`."""
+    own = os.environ if inherit is None else {k: v for k, v in os.environ.items() if inherit(k)}
+    return {**own, **(env or {}), **owner_mark()}
 
 
 def stop_group(process: asyncio.subprocess.Process) -> None:
