@@ -326,12 +326,15 @@ class CheckpointStore:
         shutil.rmtree(fresh, ignore_errors=True)
         shutil.rmtree(self._git_dir, ignore_errors=True)
         self._index.unlink(missing_ok=True)
-        await self._git("init", "-q", "--bare", "--template=", str(fresh), bare=True)
+        # --shared=0600: every file git makes in the store is its owner's alone.
+        await self._git(
+            "init", "-q", "--bare", "--shared=0600", "--template=", str(fresh), bare=True
+        )
         config = (fresh / "config").read_text()
         config = config.replace("bare = true", "bare = false")
         (fresh / "config").write_text(config + CONFIG)
-        (fresh / "info").mkdir(exist_ok=True)
-        (fresh / "info" / "attributes").write_text(ATTRIBUTES)
+        (fresh / "info").mkdir(mode=0o700, exist_ok=True)
+        _write_private(fresh / "info" / "attributes", ATTRIBUTES)
         fresh.rename(self._git_dir)
 
     def _write_exclude(self) -> bool:
@@ -353,7 +356,7 @@ class CheckpointStore:
         with suppress(OSError):
             if exclude.read_text() == text:
                 return False
-        exclude.write_text(text)
+        _write_private(exclude, text)
         return True
 
     def _remove_stale_locks(self) -> None:
@@ -446,9 +449,9 @@ class CheckpointStore:
         """Point `ref` at `commit`, as git writes a loose ref: a whole file renamed into
         place (no git runs meanwhile: the store is ours alone)."""
         path = self._git_dir / ref
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fresh = self.root / "ref.new"
-        fresh.write_text(commit + "\n")
+        _write_private(fresh, commit + "\n")
         fresh.replace(path)
 
     def _read_ref(self, ref: str) -> str | None:
@@ -529,6 +532,13 @@ def _is_new(entry: bytes) -> bool:
     """An `ls-files -t` entry of a file not recorded yet (a directory is a nested
     repository)."""
     return entry.startswith(b"? ") and not entry.endswith(b"/")
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write `text` to `path`, a file only its owner may read (as git's own are here)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(text)
 
 
 def _nul(paths: list[bytes]) -> bytes:

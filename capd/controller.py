@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeAlias
 
 from capd.budgets import Ledger
+from capd.checkpoints import CheckpointError, CheckpointStore, Taken
 from capd.context import INTERRUPTED_TOOL_OUTPUT, Context
 from capd.engines import model_label
 from capd.engines.base import (
@@ -44,6 +45,8 @@ from protocol.errors import ProtocolError
 from protocol.events import (
     AssistantMessage,
     BudgetExhausted,
+    CheckpointSkipped,
+    CheckpointTaken,
     ChildSpawned,
     CompactionSkipped,
     ContextCompacted,
@@ -146,6 +149,8 @@ class PodController:
         outbox: Outbox,
         ledger: Ledger,
         on_status: Callable[[str, PodStatusName], None],
+        checkpoints: CheckpointStore | None = None,
+        running_descendants: Callable[[], list[str]] = list,
     ) -> None:
         self.name = manifest.name
         self.manifest = manifest
@@ -161,6 +166,9 @@ class PodController:
         self._store = store
         self._ledger = ledger
         self._on_status = on_status
+        self._checkpoints = checkpoints
+        self._running_descendants = running_descendants
+        """The pod's descendants with a turn running: they may be writing in its cwd."""
         self._queue: deque[QueuedRun] = deque()
         self._task: asyncio.Task[TurnOutcome] | None = None
         self._mailbox: asyncio.Queue[_Message] = asyncio.Queue()
@@ -481,14 +489,18 @@ class PodController:
                 "shows its turns",
             )
         if request.files:
-            raise ProtocolError(
-                "invalid_request",
-                f"turn {request.turn_id} of pod {self.name} has no checkpoint of its files; "
-                "rewind without files",
-            )
+            self._check_files_restorable(request.turn_id)
         await self._stop_compaction()
         if self.status == "paused":
             await self._cancel_turn()
+        if request.files:
+            assert self._checkpoints is not None
+            try:
+                await self._checkpoints.restore(request.turn_id)
+            except CheckpointError as exc:
+                raise ProtocolError(
+                    "internal", f"pod {self.name}: restoring the files failed: {exc}"
+                ) from None
         new_session = await self.engine.forget_session(self)
         self.emit(
             Rewound(
@@ -499,6 +511,27 @@ class PodController:
             )
         )
         return {}
+
+    def _check_files_restorable(self, turn_id: str) -> None:
+        if self._checkpoints is None:
+            raise ProtocolError(
+                "invalid_request",
+                f"pod {self.name} keeps no checkpoints of its files (workspace.checkpoints "
+                "is off, or none of its tools can change files); rewind without --files",
+            )
+        if not self._checkpoints.has(turn_id):
+            raise ProtocolError(
+                "invalid_request",
+                f"turn {turn_id} of pod {self.name} has no checkpoint of its files (its "
+                "checkpoint_skipped event in `capctl log` says why); rewind without --files",
+            )
+        if busy := self._running_descendants():
+            pods = f"pods {', '.join(busy)} are" if len(busy) > 1 else f"pod {busy[0]} is"
+            raise ProtocolError(
+                "invalid_request",
+                f"{pods} running inside the cwd of pod {self.name}; pause before rewinding "
+                "its files",
+            )
 
     def _notify(self, text: str, source: str) -> dict[str, Any]:
         row = self._store.add_pending(self.name, "notify", text, source=source)
@@ -559,10 +592,27 @@ class PodController:
         assert self.turn is not None
         if self._compaction is not None:
             return
-        turn = self.engine.drive_turn(self, self.turn)
-        task = asyncio.create_task(turn, name=f"turn {self.name}")
+        task = asyncio.create_task(self._drive(self.turn), name=f"turn {self.name}")
         task.add_done_callback(lambda t: self._mailbox.put_nowait(_TurnDone(t)))
         self._task = task
+
+    async def _drive(self, turn: Turn) -> TurnOutcome:
+        """The turn task: the cwd's checkpoint first (once per turn; one a pause cut
+        short is taken when the turn resumes), then the engine's turn."""
+        if self._checkpoints is not None and not turn.checkpointed:
+            taken = await self._checkpoints.take(turn.turn_id)
+            if isinstance(taken, Taken):
+                self.emit(
+                    CheckpointTaken(
+                        turn_id=turn.turn_id,
+                        changed=taken.changed,
+                        duration_ms=taken.duration_ms,
+                        left_out=taken.left_out,
+                    )
+                )
+            else:
+                self.emit(CheckpointSkipped(turn_id=turn.turn_id, reason=taken.reason))
+        return await self.engine.drive_turn(self, turn)
 
     def _end_turn_if_done(self) -> None:
         """A turn whose task ended while its _TurnDone waits in the mailbox ends now, so

@@ -23,6 +23,8 @@ from capd.prices import add_usd
 from capd.store import OwedReport, Store
 from protocol.events import (
     AssistantMessage,
+    CheckpointSkipped,
+    CheckpointTaken,
     ContextCompacted,
     DurableEvent,
     Notification,
@@ -185,6 +187,8 @@ class Journal:
                 # The pod's totals as of the compaction, its summary calls included: a
                 # restart that reads no older event still knows them.
                 self.usage = usage.model_copy()
+            case CheckpointTaken() | CheckpointSkipped() if turn:
+                turn.checkpointed = True
             case PodEventReceived(payload=payload) if isinstance(payload.get("event_id"), str):
                 self._received[payload["event_id"]] = event.seq
             case PermissionRequest(request_id=request_id):

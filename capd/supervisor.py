@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from capd.budgets import Ledger
+from capd.checkpoints import CheckpointStore, require_git
 from capd.children import ChildPods, check_child
 from capd.config import Config
 from capd.controller import PodController, StopMode
@@ -27,6 +28,7 @@ from capd.outbox import Outbox
 from capd.registry import PodRegistry
 from capd.server import PodEndpoint
 from capd.store import PodRecord, Store
+from capd.tools import CHANGE_FILES
 from capd.tools.base import ToolContext, ToolFailed
 from capd.tools.toolbox import Toolbox
 from protocol.errors import ProtocolError
@@ -146,6 +148,8 @@ class Supervisor:
         manifest = manifest.model_copy(update={"cwd": str(cwd)})
         _check_api_key(manifest)
         check_engine(manifest)
+        if _checkpointed(manifest):
+            require_git()
         parent_name = self.registry.pods_dir_name(parent)
         if parent_name is not None:
             self._check_child_of(parent_name, manifest)
@@ -272,6 +276,7 @@ class Supervisor:
             self.registry.delete(name)
             self.ledger.deleted(name)
             shutil.rmtree(self._pod_state_dir(name) / "spill", ignore_errors=True)
+            shutil.rmtree(self._checkpoints_dir(name), ignore_errors=True)
             self._broken.pop(name, None)
         finally:
             self._stopping.discard(name)
@@ -340,6 +345,8 @@ class Supervisor:
             outbox=self.outbox,
             ledger=self.ledger,
             on_status=self._pod_status_changed,
+            checkpoints=self._checkpoint_store(name, Path(manifest.cwd), manifest),
+            running_descendants=lambda: self._running_descendants(name),
         )
         controller.restore(self._stored_events(name))
         endpoint = PodEndpoint(controller, self, self.config)
@@ -367,6 +374,24 @@ class Supervisor:
                 async with asyncio.timeout(ABANDON_TIMEOUT_S):
                     await running.controller.abandon()
         await running.endpoint.close()
+
+    def _checkpoint_store(self, name: str, cwd: Path, manifest: Manifest) -> CheckpointStore | None:
+        """The store of the cwd's checkpoints, which never records capd's own directories."""
+        if not _checkpointed(manifest):
+            return None
+        hidden = (self.config.state_dir, self.config.runtime_dir)
+        return CheckpointStore(self._checkpoints_dir(name), cwd, manifest.workspace, hidden)
+
+    def _checkpoints_dir(self, name: str) -> Path:
+        return self._pod_state_dir(name) / "checkpoints"
+
+    def _running_descendants(self, name: str) -> list[str]:
+        running = []
+        for record, _ in self.registry.descendants(name):
+            pod = self.pods.get(record.name)
+            if pod is not None and pod.controller.status == "running":
+                running.append(record.name)
+        return running
 
     def _stored_events(self, name: str) -> Iterator[bytes]:
         """The events a restore reads: from where the pod's latest compaction says a
@@ -438,6 +463,13 @@ class Supervisor:
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).splitlines() or [""])[0]
+
+
+def _checkpointed(manifest: Manifest) -> bool:
+    """Whether the pod's turns are checkpointed: checkpoints are on and a turn can change
+    the cwd's files (an external engine, or a builtin pod with a tool that does)."""
+    writes = manifest.engine.kind != "builtin" or not CHANGE_FILES.isdisjoint(manifest.tools)
+    return manifest.workspace.checkpoints and writes
 
 
 def _check_api_key(manifest: Manifest) -> None:

@@ -3,7 +3,10 @@ reads after a rewind, an undone rewind, a rewind across a compaction and a resta
 paused turn rewound, and the refusals."""
 
 import asyncio
-from collections.abc import AsyncIterator
+import hashlib
+import os
+import subprocess
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,18 +23,21 @@ from tests.engine_scaffold import (
     stand_in_log,
 )
 from tests.fakes.openai_server import OpenAITestServer, TextReply
-from tests.test_capctl import capctl, ok
 from tests.fakes.sse_server import HeldReply
 from tests.helpers import (
     connect_pod,
+    daemon_request,
     full_history,
     is_event,
     pause_turn,
     run_turn,
+    scripted,
+    sleeper,
     spawn,
     until,
     wait_for,
 )
+from tests.test_capctl import capctl, ok
 
 pytestmark = pytest.mark.shared_capd
 
@@ -231,3 +237,201 @@ async def test_capctl_log_shows_the_turn_ids_capctl_rewind_takes(
         refused.stderr
         == "capctl: not_found: pod w1 has no turn t-none; `capctl log w1` shows its turns\n"
     )
+
+
+# -- files ------------------------------------------------------------------------------
+
+
+def _bash(command: str) -> dict[str, Any]:
+    return {"tool_calls": [{"name": "bash", "arguments": {"command": command}}]}
+
+
+def _write(path: str, content: str) -> dict[str, Any]:
+    return {"tool_calls": [{"name": "write_file", "arguments": {"path": path, "content": content}}]}
+
+
+def _files(root: Path) -> dict[str, str]:
+    """Every file under `root` but the user's .git, with its text."""
+    return {
+        str(path.relative_to(root)): path.read_text()
+        for path in sorted(root.rglob("*"))
+        if path.is_file() and ".git" not in path.relative_to(root).parts
+    }
+
+
+async def _checkpointed_turn(pod: Any, text: str) -> str:
+    """Run a turn; its id, once it finished and its files were checkpointed."""
+    end, seen = await run_turn(pod, text)
+    assert end["result"] == "finished"
+    assert [e["event"] for e in seen].count("checkpoint") == 1
+    return str(end["turn_id"])
+
+
+async def test_rewind_with_files_undoes_file_tools_bash_and_a_child(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    cwd = tmp_path / "work"
+    (cwd / "sub").mkdir(parents=True)
+    (cwd / "keep.txt").write_text("kept\n")
+    (cwd / "gone.txt").write_text("deleted by bash\n")
+    before = _files(cwd)
+    model = scripted(
+        _write("keep.txt", "changed by write_file"),
+        {"text": "wrote"},
+        _bash("rm gone.txt && echo new > new.txt && mkdir -p deep/er && echo x > deep/er/x"),
+        {"text": "bashed"},
+    )
+    await spawn(capd, "w1", model, cwd=str(cwd), tools=["bash", "write_file"])
+    child = scripted(_write("child.txt", "by the child"), {"text": "child done"})
+    async with await connect_pod(capd, "w1") as pod:
+        first = await _checkpointed_turn(pod, "write")
+        await _checkpointed_turn(pod, "bash")
+        await spawn(capd, "kid", child, cwd=str(cwd / "sub"), tools=["write_file"])
+        await daemon_request(
+            capd,
+            {
+                "method": "spawn",
+                "manifest": {"name": "kid2", "model": child, "cwd": str(cwd / "sub")},
+                "parent": str(capd.pod_socket("w1")),
+            },
+        )
+        async with await connect_pod(capd, "kid") as kid:
+            await run_turn(kid, "write")
+        assert (cwd / "sub" / "child.txt").exists()
+        rewound = await _rewind(pod, first, files=True)
+    assert rewound["files_restored"] is True
+    assert _files(cwd) == before
+    assert not (cwd / "deep").exists()
+
+
+async def test_rewind_with_files_leaves_the_users_repository_as_it_was(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    cwd = tmp_path / "repo"
+    cwd.mkdir()
+    git = _git_in(cwd)
+    git("init", "-q", "-b", "main")
+    (cwd / ".gitignore").write_text("build/\n")
+    (cwd / "src.py").write_text("print(1)\n")
+    git("add", ".")
+    git("commit", "-qm", "first")
+    (cwd / "src.py").write_text("print(2)\n")
+    git("stash", "-q")
+    (cwd / "staged.py").write_text("staged\n")
+    git("add", "staged.py")
+    (cwd / "build").mkdir()
+    (cwd / "build" / "out.o").write_text("built\n")
+    repo_before = _repository(cwd)
+    files_before = _files(cwd)
+    model = scripted(
+        _bash(
+            "echo broken > src.py && rm staged.py && echo junk > junk.txt && echo re > build/out.o"
+        ),
+        {"text": "broke it"},
+    )
+    await spawn(capd, "w1", model, cwd=str(cwd), tools=["bash"])
+    async with await connect_pod(capd, "w1") as pod:
+        turn = await _checkpointed_turn(pod, "break things")
+        await _rewind(pod, turn, files=True)
+    assert _repository(cwd) == repo_before
+    # The ignored build output is not the checkpoint's: the rewind leaves it as it is.
+    assert _files(cwd) == {**files_before, "build/out.o": "re\n"}
+
+
+@pytest.mark.own_capd
+async def test_a_paused_turn_is_rewound_with_its_files_also_after_a_restart(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    cwd = tmp_path / "work"
+    cwd.mkdir()
+    (cwd / "a.txt").write_text("before\n")
+    model = scripted(_bash("echo during > a.txt && echo b > b.txt && sleep 30"))
+    await spawn(capd, "w1", model, cwd=str(cwd), tools=["bash"])
+    async with await connect_pod(capd, "w1") as pod:
+        started = await pod.request({"method": "run", "text": "go"})
+        await wait_for(pod, is_event("checkpoint"))
+        await until(lambda: (cwd / "b.txt").exists())
+        await pause_turn(pod)
+    capd.stop()
+    await asyncio.to_thread(capd.start)
+    async with await connect_pod(capd, "w1") as pod:
+        assert (await pod.request({"method": "status"}))["status"] == "paused"
+        await _rewind(pod, started["turn_id"], files=True)
+        history = await full_history(pod)
+    assert _files(cwd) == {"a.txt": "before\n"}
+    ends = [e["result"] for e in history if e["event"] == "turn_end"]
+    assert ends == ["cancelled"]
+
+
+async def test_rewinding_files_is_refused_while_a_child_runs_in_the_tree(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    cwd = tmp_path / "work"
+    cwd.mkdir()
+    await spawn(capd, "w1", scripted({"text": "hi"}), cwd=str(cwd), tools=["bash"])
+    await daemon_request(
+        capd,
+        {
+            "method": "spawn",
+            "manifest": {"name": "kid", "model": sleeper(), "cwd": str(cwd), "tools": ["bash"]},
+            "parent": str(capd.pod_socket("w1")),
+        },
+    )
+    async with await connect_pod(capd, "w1") as pod, await connect_pod(capd, "kid") as kid:
+        turn = await _checkpointed_turn(pod, "hello")
+        await kid.request({"method": "run", "text": "sleep"})
+        await wait_for(kid, is_event("tool_call_start"))
+        with pytest.raises(ProtocolError) as refused:
+            await pod.request({"method": "rewind", "turn_id": turn, "files": True})
+        await kid.request({"method": "cancel"})
+    assert refused.value.code == "invalid_request"
+    assert "pod kid is running inside the cwd of pod w1" in refused.value.message
+
+
+def _git_in(cwd: Path) -> Callable[..., str]:
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(cwd.parent),
+        "GIT_AUTHOR_NAME": "u",
+        "GIT_AUTHOR_EMAIL": "u@example.com",
+        "GIT_COMMITTER_NAME": "u",
+        "GIT_COMMITTER_EMAIL": "u@example.com",
+    }
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, check=True)
+        return done.stdout.decode()
+
+    return git
+
+
+def _repository(cwd: Path) -> dict[str, str]:
+    """What a user sees of their repository: HEAD, refs, stash, index, status."""
+    git = _git_in(cwd)
+    return {
+        "head": git("rev-parse", "HEAD"),
+        "refs": git("for-each-ref"),
+        "stash": git("stash", "list"),
+        "index": hashlib.sha256((cwd / ".git" / "index").read_bytes()).hexdigest(),
+        "status": git("status", "--porcelain", "--ignored"),
+    }
+
+
+async def test_a_checkpoint_past_its_bounds_is_skipped_and_the_turn_runs(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    cwd = tmp_path / "work"
+    cwd.mkdir()
+    for name in ("a", "b", "c"):
+        (cwd / name).write_text(name)
+    workspace = {"checkpoint_max_files": 2}
+    model = scripted(_bash("echo hi"), {"text": "done"})
+    await spawn(capd, "w1", model, cwd=str(cwd), tools=["bash"], workspace=workspace)
+    async with await connect_pod(capd, "w1") as pod:
+        end, seen = await run_turn(pod, "go")
+        with pytest.raises(ProtocolError) as refused:
+            await pod.request({"method": "rewind", "turn_id": end["turn_id"], "files": True})
+    [skipped] = [e for e in seen if e["event"] == "checkpoint_skipped"]
+    assert "workspace.checkpoint_max_files" in skipped["reason"]
+    assert end["result"] == "finished"
+    assert "checkpoint_skipped event" in refused.value.message

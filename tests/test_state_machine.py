@@ -301,7 +301,7 @@ async def test_status_reports_the_pod(capd: CapdProcess, tmp_path: Path) -> None
     assert status["model"] == "scripted"
     assert status["parent"] is None
     assert status["children"] == []
-    assert status["last_seq"] == 6
+    assert status["last_seq"] == 7  # status, turn_start, user_message, checkpoint, step, end, idle
     assert status["usage"]["output_tokens"] == 3
     # capd builds this result without the model: it must still be exactly a PodStatus.
     assert PodStatus.model_validate(status).model_dump(mode="json") == status

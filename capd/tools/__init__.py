@@ -28,3 +28,7 @@ BUILTIN_TOOLS: dict[str, Tool[Any]] = {
         ListPodsTool(),
     )
 }
+
+CHANGE_FILES = frozenset({"bash", "write_file", "edit_file", "spawn_pod", "send_to_pod"})
+"""The tools through which a turn can change files in the pod's cwd, itself or through a
+child pod (whose cwd lies inside it): a pod with none of them is not checkpointed."""
