@@ -99,10 +99,10 @@ class _CompactionDone:
 
 @dataclass(frozen=True, slots=True)
 class _BudgetPause:
-    """An external engine's step spent the budget: pause the turn as `pause` does."""
+    """An external engine's step spent the budget: pause the turn as `pause` does, if
+    the budget is still spent when the actor gets to it."""
 
     task: "asyncio.Task[TurnOutcome]"
-    spent: BudgetSpent
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +150,7 @@ class PodController:
         ledger: Ledger,
         on_status: Callable[[str, PodStatusName], None],
         checkpoints: CheckpointStore | None = None,
-        running_descendants: Callable[[], list[str]] = list,
+        running_in_tree: Callable[[], list[str]] = list,
     ) -> None:
         self.name = manifest.name
         self.manifest = manifest
@@ -167,8 +167,9 @@ class PodController:
         self._ledger = ledger
         self._on_status = on_status
         self._checkpoints = checkpoints
-        self._running_descendants = running_descendants
-        """The pod's descendants with a turn running: they may be writing in its cwd."""
+        self._running_in_tree = running_in_tree
+        """The other pods with a turn running in, inside or around its cwd: they may be
+        writing in it."""
         self._queue: deque[QueuedRun] = deque()
         self._task: asyncio.Task[TurnOutcome] | None = None
         self._mailbox: asyncio.Queue[_Message] = asyncio.Queue()
@@ -217,8 +218,8 @@ class PodController:
             return
         try:
             self._ledger.check(self.name)
-        except BudgetSpent as spent:
-            self._mailbox.put_nowait(_BudgetPause(task, spent))
+        except BudgetSpent:
+            self._mailbox.put_nowait(_BudgetPause(task))
 
     def emit_ephemeral(self, event: PodEventBase) -> None:
         self.journal.emit_ephemeral(event)
@@ -471,9 +472,11 @@ class PodController:
 
     async def _rewind(self, request: Rewind) -> dict[str, Any]:
         """Take the context (and with `files` the cwd) back to just before a turn started.
-        Everything that can refuse is checked before anything changes; then a paused turn
-        ends `cancelled`, a compaction between turns is stopped, the files are restored and
-        `rewound` commits."""
+        What can refuse is checked first. Then a compaction between turns is stopped and
+        the engine's session left behind (an external engine stops, so nothing it runs
+        writes during the restore), the files are restored, a paused turn ends
+        `cancelled` and `rewound` commits. A restore that fails changes nothing else: the
+        session left behind only in memory is resumed by the next turn."""
         if self.status == "running":
             assert self.turn is not None
             raise ProtocolError(
@@ -491,17 +494,11 @@ class PodController:
         if request.files:
             self._check_files_restorable(request.turn_id)
         await self._stop_compaction()
+        new_session = await self.engine.forget_session(self)
+        if request.files:
+            await self._restore_files(request.turn_id)
         if self.status == "paused":
             await self._cancel_turn()
-        if request.files:
-            assert self._checkpoints is not None
-            try:
-                await self._checkpoints.restore(request.turn_id)
-            except CheckpointError as exc:
-                raise ProtocolError(
-                    "internal", f"pod {self.name}: restoring the files failed: {exc}"
-                ) from None
-        new_session = await self.engine.forget_session(self)
         self.emit(
             Rewound(
                 to_turn_id=request.turn_id,
@@ -511,6 +508,18 @@ class PodController:
             )
         )
         return {}
+
+    async def _restore_files(self, turn_id: str) -> None:
+        """Restore the cwd from the turn's checkpoint. Shielded: a stop that gives up on
+        the pod meanwhile leaves the restore to finish rather than half done."""
+        assert self._checkpoints is not None
+        restoring = asyncio.ensure_future(self._checkpoints.restore(turn_id))
+        try:
+            await asyncio.shield(restoring)
+        except CheckpointError as exc:
+            raise ProtocolError(
+                "internal", f"pod {self.name}: restoring the files failed: {exc}"
+            ) from None
 
     def _check_files_restorable(self, turn_id: str) -> None:
         if self._checkpoints is None:
@@ -525,12 +534,12 @@ class PodController:
                 f"turn {turn_id} of pod {self.name} has no checkpoint of its files (its "
                 "checkpoint_skipped event in `capctl log` says why); rewind without --files",
             )
-        if busy := self._running_descendants():
+        if busy := self._running_in_tree():
             pods = f"pods {', '.join(busy)} are" if len(busy) > 1 else f"pod {busy[0]} is"
             raise ProtocolError(
                 "invalid_request",
-                f"{pods} running inside the cwd of pod {self.name}; pause before rewinding "
-                "its files",
+                f"{pods} running in the files of pod {self.name} (the same cwd, inside or "
+                "around it); pause before rewinding its files",
             )
 
     def _notify(self, text: str, source: str) -> dict[str, Any]:
@@ -645,11 +654,15 @@ class PodController:
 
     async def _pause_for_budget(self, pause: _BudgetPause) -> None:
         """Pause the external engine's turn whose step spent the budget, unless the turn
-        has moved on (paused, cancelled, ended) since."""
+        has moved on (paused, cancelled, ended) since, or a `set_budget` served meanwhile
+        made room again."""
         if pause.task is not self._task or pause.task.done() or self.status != "running":
             return
-        await self._stop_turn_task()
-        self._record_budget_pause(pause.spent)
+        try:
+            self._ledger.check(self.name)
+        except BudgetSpent as spent:
+            await self._stop_turn_task()
+            self._record_budget_pause(spent)
 
     def _record_budget_pause(self, spent: BudgetSpent) -> None:
         """The turn stops at a step boundary with its budget spent: `budget_exhausted`,
@@ -811,7 +824,7 @@ class PodController:
     def _refuse_pending(self) -> None:
         while not self._mailbox.empty():
             msg = self._mailbox.get_nowait()
-            if isinstance(msg, _TurnDone | _CompactionDone):
+            if isinstance(msg, _TurnDone | _CompactionDone | _BudgetPause):
                 continue
             request, fut = msg
             stopped = ProtocolError("shutting_down", f"pod {self.name} stopped")

@@ -200,18 +200,25 @@ class Journal:
 
     def context_before(self, seq: int) -> Context:
         """The model's context as it stood just before event `seq`, rebuilt from the
-        stored events since the compaction then in force (a `rewound` among them is
-        rebuilt the same way, from further back)."""
+        stored events since the compaction then in force; past a `rewound` among them,
+        from the context that rewind went back to (rebuilt the same way, from further
+        back), so each level reads its own stretch of events and no `rewound` is read
+        twice."""
+        start = self._store.context_start(self.name, seq)
         context = Context()
-        after = self._store.context_start(self.name, seq) - 1
+        rewound = self._store.latest_rewound(self.name, start, seq)
+        if rewound is not None:
+            start = rewound[0] + 1
+            event = parse_event(orjson.loads(rewound[1]))
+            assert isinstance(event, Rewound)
+            context.rewind_to(self.context_before(event.to_seq), event)
+        after = start - 1
         while rows := self._store.events_after(self.name, after, REPLAY_PAGE):
             for row_seq, data in rows:
                 if row_seq >= seq:
                     return context
                 event = parse_event(orjson.loads(data))
-                if isinstance(event, Rewound):
-                    context.rewind_to(self.context_before(event.to_seq), event)
-                elif isinstance(event, DurableEvent):
+                if isinstance(event, DurableEvent):
                     context.apply(event)
             after = rows[-1][0]
         return context

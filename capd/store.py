@@ -292,6 +292,14 @@ class Store:
             usd = more_usd if usd is None else usd + more_usd
         return inp + (more[0] or 0), out + (more[1] or 0), usd
 
+    def latest_rewound(self, pod: str, first: int, before_seq: int) -> tuple[int, bytes] | None:
+        """The pod's latest `rewound` with `first` <= seq < `before_seq`, as (seq, json)."""
+        return self._db.execute(
+            "SELECT seq, data FROM events WHERE pod = ? AND kind = 'rewound' "
+            "AND seq >= ? AND seq < ? ORDER BY seq DESC LIMIT 1",
+            (pod, first, before_seq),
+        ).fetchone()
+
     def turn_start_seq(self, pod: str, turn_id: str) -> int | None:
         """The seq of the `turn_start` of the pod's turn `turn_id`; None when it has none."""
         row = self._db.execute(

@@ -346,7 +346,7 @@ class Supervisor:
             ledger=self.ledger,
             on_status=self._pod_status_changed,
             checkpoints=self._checkpoint_store(name, Path(manifest.cwd), manifest),
-            running_descendants=lambda: self._running_descendants(name),
+            running_in_tree=lambda: self._running_in_tree(name),
         )
         controller.restore(self._stored_events(name))
         endpoint = PodEndpoint(controller, self, self.config)
@@ -385,13 +385,21 @@ class Supervisor:
     def _checkpoints_dir(self, name: str) -> Path:
         return self._pod_state_dir(name) / "checkpoints"
 
-    def _running_descendants(self, name: str) -> list[str]:
-        running = []
-        for record, _ in self.registry.descendants(name):
-            pod = self.pods.get(record.name)
-            if pod is not None and pod.controller.status == "running":
-                running.append(record.name)
-        return running
+    def _running_in_tree(self, name: str) -> list[str]:
+        """The other pods with a turn running whose cwd is the pod's, inside it or around
+        it: a rewind of its files would change theirs under them."""
+        running = self.pods.get(name)
+        if running is None or running.controller.manifest.cwd is None:
+            return []
+        cwd = Path(running.controller.manifest.cwd)
+        found = []
+        for other, pod in self.pods.items():
+            theirs = pod.controller.manifest.cwd
+            if other == name or pod.controller.status != "running" or theirs is None:
+                continue
+            if Path(theirs).is_relative_to(cwd) or cwd.is_relative_to(theirs):
+                found.append(other)
+        return found
 
     def _stored_events(self, name: str) -> Iterator[bytes]:
         """The events a restore reads: from where the pod's latest compaction says a

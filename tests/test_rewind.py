@@ -206,6 +206,37 @@ async def test_an_external_engine_goes_on_in_a_new_session_primed_with_the_kept_
     assert "BRAVO" not in prompt
 
 
+async def test_a_rewind_to_the_first_turn_starts_the_new_session_with_the_prompt_alone(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    await spawn_on_engine(capd, "ext", STAND_IN_CLAUDE.engine(tmp_path))
+    async with await connect_pod(capd, "ext") as pod:
+        first, _ = await run_turn(pod, "ALPHA")
+        await _rewind(pod, first["turn_id"])
+        await run_turn(pod, "BRAVO")
+    assert _last_prompt(tmp_path) == "BRAVO"
+
+
+@pytest.mark.own_capd
+async def test_a_restart_between_the_rewind_and_the_next_turn_still_primes_the_session(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    await spawn_on_engine(capd, "ext", STAND_IN_CLAUDE.engine(tmp_path))
+    async with await connect_pod(capd, "ext") as pod:
+        await run_turn(pod, "ALPHA")
+        second, _ = await run_turn(pod, "BRAVO")
+        await _rewind(pod, second["turn_id"])
+    capd.stop()
+    await asyncio.to_thread(capd.start)
+    async with await connect_pod(capd, "ext") as pod:
+        end, _ = await run_turn(pod, "CHARLIE")
+    assert end["result"] == "finished"
+    prompt = _last_prompt(tmp_path)
+    assert prompt.startswith("[capd: this conversation was rewound")
+    assert "ALPHA" in prompt
+    assert "BRAVO" not in prompt
+
+
 def _last_prompt(state: Path) -> str:
     """The text of the last prompt a stand-in read (Claude Code's user message, the ACP
     agent's prompt blocks)."""
@@ -363,29 +394,40 @@ async def test_a_paused_turn_is_rewound_with_its_files_also_after_a_restart(
     assert ends == ["cancelled"]
 
 
-async def test_rewinding_files_is_refused_while_a_child_runs_in_the_tree(
-    capd: CapdProcess, tmp_path: Path
+@pytest.mark.parametrize("busy", ["child", "parent"])
+async def test_rewinding_files_is_refused_while_another_pod_runs_in_the_tree(
+    capd: CapdProcess, tmp_path: Path, busy: str
 ) -> None:
+    """A child of the rewinding pod, or the parent of a rewinding child: either works in
+    the same files."""
     cwd = tmp_path / "work"
     cwd.mkdir()
-    await spawn(capd, "w1", scripted({"text": "hi"}), cwd=str(cwd), tools=["bash"])
+    models = {"boss": scripted({"text": "hi"}), "kid": scripted({"text": "hi"})}
+    models["kid" if busy == "child" else "boss"] = sleeper()
+    await spawn(capd, "boss", models["boss"], cwd=str(cwd), tools=["bash"])
     await daemon_request(
         capd,
         {
             "method": "spawn",
-            "manifest": {"name": "kid", "model": sleeper(), "cwd": str(cwd), "tools": ["bash"]},
-            "parent": str(capd.pod_socket("w1")),
+            "manifest": {"name": "kid", "model": models["kid"], "cwd": str(cwd), "tools": ["bash"]},
+            "parent": str(capd.pod_socket("boss")),
         },
     )
-    async with await connect_pod(capd, "w1") as pod, await connect_pod(capd, "kid") as kid:
+    rewinding, running = ("boss", "kid") if busy == "child" else ("kid", "boss")
+    async with (
+        await connect_pod(capd, rewinding) as pod,
+        await connect_pod(capd, running) as other,
+    ):
         turn = await _checkpointed_turn(pod, "hello")
-        await kid.request({"method": "run", "text": "sleep"})
-        await wait_for(kid, is_event("tool_call_start"))
+        (cwd / "theirs.txt").write_text("written by the running pod\n")
+        await other.request({"method": "run", "text": "sleep"})
+        await wait_for(other, is_event("tool_call_start"))
         with pytest.raises(ProtocolError) as refused:
             await pod.request({"method": "rewind", "turn_id": turn, "files": True})
-        await kid.request({"method": "cancel"})
+        await other.request({"method": "cancel"})
     assert refused.value.code == "invalid_request"
-    assert "pod kid is running inside the cwd of pod w1" in refused.value.message
+    assert f"pod {running} is running in the files of pod {rewinding}" in refused.value.message
+    assert (cwd / "theirs.txt").exists()
 
 
 def _git_in(cwd: Path) -> Callable[..., str]:

@@ -386,8 +386,9 @@ class ExternalEngine(ABC):
         texts = [message.text for message in messages[start:] if message.role == "user"]
         if start > first or not texts:
             texts.append(CONTINUE_PROMPT)
-        if self._primer:
-            texts.insert(0, primer(messages[: context.index_after(turn.started_seq)]))
+        kept = messages[: context.index_after(turn.started_seq)]
+        if self._primer and kept:
+            texts.insert(0, primer(kept))
         return "\n\n".join(texts), context.last_message_seq()
 
     def _note_session(self, session_id: object) -> None:

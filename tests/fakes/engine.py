@@ -98,6 +98,9 @@ class FakeEngine:
     async def compact(self, host: TurnHost, order: CompactOrder) -> None:
         raise cannot_compact("fake")
 
+    async def forget_session(self, host: TurnHost) -> bool:
+        return False
+
     def answer_permission(self, request_id: str, option_id: str | None) -> None:
         self.answers.append((request_id, option_id))
 
