@@ -322,3 +322,37 @@ async def test_the_clis_own_compaction_at_limits_compact_at_is_recorded(
     assert 0 < compacted["tokens_after"] < compacted["tokens_before"]
     prompt = next(e for e in history if e["event"] == "user_message" and e["text"] == "which word?")
     assert compacted["through_seq"] == prompt["seq"]
+
+
+async def test_a_rewind_restores_the_files_bash_changed_and_primes_a_new_session(
+    capd: CapdProcess, server: AnthropicTestServer, tmp_path: Path
+) -> None:
+    """The second turn writes a file through the CLI's own Bash; a rewind to before it
+    (with files) removes the file, and the next turn goes to a new session whose first
+    prompt carries the first turn, not the second."""
+    server.enqueue(
+        TextReply("The word is kumquat."),
+        ToolUseReply([ToolUse("Bash", {"command": "echo fig > word.txt", "description": "w"})]),
+        TextReply("Wrote fig."),
+        TextReply("It was kumquat."),
+    )
+    cwd = await _spawn(capd, server, tmp_path)
+    async with await connect_pod(capd, "cc") as pod:
+        await _turn(pod, "remember a word")
+        second, seen = await _turn(pod, "write another word to word.txt")
+        assert "checkpoint" in kinds(seen)
+        assert (cwd / "word.txt").read_text() == "fig\n"
+        await pod.request({"method": "rewind", "turn_id": second["turn_id"], "files": True})
+        rewound, _ = await wait_for(pod, is_event("rewound"))
+        end, _ = await _turn(pod, "which word?")
+        history = await full_history(pod)
+    assert (rewound["files_restored"], rewound["new_session"]) == (True, True)
+    assert not (cwd / "word.txt").exists()
+    assert (end["result"], end["output"]) == ("finished", "It was kumquat.")
+    first, after = _sessions(history)
+    assert first["session_id"] != after["session_id"]
+    prompt = _texts(server.requests[-1])
+    assert prompt[-1].startswith("[capd: this conversation was rewound")
+    assert "remember a word" in prompt[-1]
+    assert prompt[-1].endswith("which word?")
+    assert not [text for text in prompt if "another word" in text]
