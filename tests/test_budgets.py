@@ -130,9 +130,12 @@ async def test_a_childs_spending_pauses_it_and_its_running_parent_on_the_parents
         parent_status = await bp.request({"method": "status"})
         child_status = await bc.request({"method": "status"})
         listed = {p["name"]: p for p in (await daemon_request(capd, {"method": "list"}))["pods"]}
-        # A deleted pod's spending leaves its ancestors' sums.
+        # Deleting the child that spent the budget gives none of it back: the parent,
+        # resumed, pauses again at once.
         await daemon_request(capd, {"method": "delete", "name": "bc"})
         after_delete = await bp.request({"method": "status"})
+        await bp.request({"method": "resume"})
+        again, _ = await wait_for(bp, is_event("budget_exhausted"))
     assert child_spent["scope"] == parent_spent["scope"] == "bp"
     assert child_spent["used"] == {"tokens": 8, "usd": None}
     assert child_spent["budget"] == {"tokens": 6, "usd": None}
@@ -141,7 +144,8 @@ async def test_a_childs_spending_pauses_it_and_its_running_parent_on_the_parents
     assert child_status["budget"] == {"tokens": None, "usd": None}
     assert listed["bp"]["spent"] == {"tokens": 8, "usd": None}
     assert listed["bc"]["spent"] == {"tokens": 6, "usd": None}
-    assert after_delete["spent"] == {"tokens": 2, "usd": None}
+    assert after_delete["spent"] == {"tokens": 8, "usd": None}
+    assert again["used"] == {"tokens": 8, "usd": None}
 
 
 async def test_a_dollar_budget_over_a_model_without_a_price_is_refused(
