@@ -237,6 +237,49 @@ async def test_the_cost_an_acp_agent_reports_counts(capd: CapdProcess, tmp_path:
     assert "assistant_message" not in kinds(seen)
 
 
+async def test_what_an_acp_agent_said_a_prompt_a_pause_cut_short_cost_counts(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    state = tmp_path / "acp"
+    state.mkdir()
+    (state / "report-cost").touch()
+    await spawn_on_engine(capd, "bap", STAND_IN_ACP_AGENT.engine(state), None)
+    async with await connect_pod(capd, "bap") as pod:
+        await pod.request({"method": "run", "text": "slow:500"})
+        # The agent reports the prompt's cost between its first chunk and its second.
+        await wait_for(pod, is_event("text_delta"))
+        await wait_for(pod, is_event("text_delta"))
+        await pod.request({"method": "pause"})
+        # The text cut short carries that cost; the usage the agent's `cancelled` answer
+        # reports, once the paused prompt has wound down, is recorded after it.
+        cut, _ = await wait_for(pod, is_event("assistant_message", interrupted=True))
+        late, _ = await wait_for(pod, is_event("assistant_message", text=""))
+        status = await pod.request({"method": "status"})
+    assert cut["usage"] == {"input_tokens": 0, "output_tokens": 0, "cost_usd": COST_PER_PROMPT}
+    assert late["usage"] == {"input_tokens": 28, "output_tokens": 10, "cost_usd": None}
+    assert status["spent"] == {"tokens": 38, "usd": COST_PER_PROMPT}
+
+
+async def test_what_claude_code_said_a_prompt_a_pause_cut_short_spent_counts(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    state = tmp_path / "claude"
+    state.mkdir()
+    await spawn_on_engine(capd, "bcq", STAND_IN_CLAUDE.engine(state), None)
+    async with await connect_pod(capd, "bcq") as pod:
+        await pod.request({"method": "run", "text": "slow:500"})
+        await wait_for(pod, is_event("text_delta"))
+        await pod.request({"method": "pause"})
+        # The tokens its API message reported so far go with the text cut short; the cost
+        # the CLI's `result` reports as the interrupted prompt ends is recorded after it.
+        cut, _ = await wait_for(pod, is_event("assistant_message", interrupted=True))
+        cost, _ = await wait_for(pod, is_event("assistant_message", text=""))
+        status = await pod.request({"method": "status"})
+    assert cut["usage"]["input_tokens"] == 10
+    assert cost["usage"]["cost_usd"] == pytest.approx(10 * PRICE[0] / 1e6)
+    assert status["spent"]["usd"] == pytest.approx(10 * PRICE[0] / 1e6)
+
+
 async def test_capctl_budget_shows_and_sets_the_budget_and_ps_shows_spend(
     capd: CapdProcess,
 ) -> None:
