@@ -5,7 +5,9 @@ read from the store at start-up, so stopped pods count too, and grows as its jou
 records usage. Each pod's subtree sum (itself and every descendant) is kept up the parent
 chain as spending comes in, so a check at each step walks the ancestors only. A pod's
 budget comes from its manifest; `set_budget` replaces it there, in the store, so a restart
-keeps it. A deleted pod's spending leaves its ancestors' sums with it.
+keeps it. A deleted pod's subtree sum is carried by its parent (in the store, with the
+delete), so its former ancestors' sums keep it: deleting the pods that spent a budget
+does not give it back. Its children, top-level from then on, take their sums with them.
 """
 
 import logging
@@ -15,7 +17,7 @@ from typing import Any
 from capd.engines.base import BudgetSpent
 from capd.prices import add_usd, price_of
 from capd.registry import PodRegistry
-from capd.store import Store
+from capd.store import Carried, Store
 from protocol.errors import ProtocolError
 from protocol.events import BudgetLimits, Spent, Usage
 from protocol.manifest import Budget, BuiltinEngine, Manifest
@@ -45,6 +47,10 @@ class Ledger:
         self._own: dict[str, _Sum] = {}
         self._subtree: dict[str, _Sum] = {}
         self._budgets: dict[str, Budget] = {}
+        self._carried: dict[str, _Sum] = {
+            c.pod: _Sum(c.tokens, c.usd) for c in store.carried() if registry.get(c.pod)
+        }
+        """What each pod's deleted descendants spent: part of its subtree sum."""
         for record in registry.all():
             inp, out, usd = store.usage_totals(record.name)
             self._own[record.name] = _Sum(inp + out, usd)
@@ -158,17 +164,36 @@ class Ledger:
         for pod in self._chain(name):
             self._subtree.setdefault(pod, _Sum())
 
-    def deleted(self, name: str) -> None:
-        """The pod is gone (its children are top-level now): its spending leaves the sums."""
+    def carried_past(self, name: str) -> Carried | None:
+        """What the pod's parent carries once the pod is deleted: what it carried, plus
+        the pod's subtree sum. None for a top-level pod, or one that spent nothing."""
+        parent = self._registry.parent_of(name)
+        spent = self._subtree.get(name)
+        if parent is None or spent is None or (spent.tokens == 0 and spent.usd is None):
+            return None
+        carried = self._carried.get(parent, _Sum())
+        total = _Sum(carried.tokens, carried.usd)
+        total.add(spent.tokens, spent.usd)
+        return Carried(parent, total.tokens, total.usd)
+
+    def deleted(self, name: str, carried: Carried | None) -> None:
+        """The pod is gone (its children are top-level now), what it and its descendants
+        spent `carried` by its parent (`carried_past`)."""
         self._own.pop(name, None)
         self._budgets.pop(name, None)
+        self._carried.pop(name, None)
+        if carried is not None:
+            self._carried[carried.pod] = _Sum(carried.tokens, carried.usd)
         self._sum_subtrees()
 
     def _sum_subtrees(self) -> None:
         self._subtree = {}
         for name, own in self._own.items():
+            carried = self._carried.get(name, _Sum())
             for pod in self._chain(name):
-                self._subtree.setdefault(pod, _Sum()).add(own.tokens, own.usd)
+                subtree = self._subtree.setdefault(pod, _Sum())
+                subtree.add(own.tokens, own.usd)
+                subtree.add(carried.tokens, carried.usd)
 
     def _chain(self, name: str) -> list[str]:
         """The pod, then its parent, grandparent, ... up to a top-level pod."""

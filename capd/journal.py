@@ -164,16 +164,23 @@ class Journal:
                 return [event_id for event_id, seq in self._received.items() if seq < start]
         return []
 
+    def _count(self, usage: Usage) -> None:
+        """Add a step's usage to the pod's totals."""
+        self.usage.input_tokens += usage.input_tokens
+        self.usage.output_tokens += usage.output_tokens
+        self.usage.cost_usd = add_usd(self.usage.cost_usd, usage.cost_usd)
+
     def _track(self, event: DurableEvent, turn: Turn | None) -> None:
         """Derived state shared by live emission and restore."""
         self.context.apply(event)
         match event:
-            case AssistantMessage(text=text, interrupted=True) if turn:
+            case AssistantMessage(text=text, interrupted=True, usage=usage) if turn:
+                # What a provider reported for a call a pause cut short was spent: it
+                # counts, as `Store.usage_totals` counts it after a restart.
+                self._count(usage)
                 turn.partial += text
             case AssistantMessage(text=text, usage=usage):
-                self.usage.input_tokens += usage.input_tokens
-                self.usage.output_tokens += usage.output_tokens
-                self.usage.cost_usd = add_usd(self.usage.cost_usd, usage.cost_usd)
+                self._count(usage)
                 # One that says nothing (an ACP prompt's usage, reported after its last
                 # step) is no step and keeps the turn's output.
                 if turn and (text or event.tool_calls or event.thinking):

@@ -12,7 +12,7 @@ import os
 import time
 from pathlib import Path
 
-from capd.store import OwedReport, PodRecord, Store
+from capd.store import Carried, OwedReport, PodRecord, Store
 from protocol.paths import pod_socket
 
 
@@ -56,10 +56,11 @@ class PodRegistry:
         self._store.set_stopped(name, stopped, report)
         self._records[name] = dataclasses.replace(self._records[name], stopped=stopped)
 
-    def delete(self, name: str) -> None:
-        """Remove the pod and its state; its children become top-level pods."""
+    def delete(self, name: str, carried: Carried | None = None) -> None:
+        """Remove the pod and its state; its children become top-level pods. `carried`:
+        see `Store.delete_pod`."""
         socket = self._sockets.pop(name)
-        self._store.delete_pod(name, socket)
+        self._store.delete_pod(name, socket, carried)
         record = self._records.pop(name)
         if record.parent is not None:
             self._children[record.parent].remove(name)

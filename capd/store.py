@@ -11,7 +11,9 @@ remembers how far each pod has read each child's output (`read_pod_output`). `re
 holds the `event_id` of the reports a pod received before the events its restore reads
 (committed with the `context_compacted` that moved that start past them; the newer ones a
 restore finds in its events), so a re-sent report is known as a duplicate however old it
-is, without reading old history and without a write per report.
+is, without reading old history and without a write per report. `carried` holds what a
+pod's deleted descendants had spent (their events go with them), written in the
+transaction that deletes one, so a budget over the pod still counts it.
 `synchronous=NORMAL` keeps commits off fsync: a process crash loses nothing; a power cut
 may lose the last moments (see README).
 """
@@ -59,6 +61,11 @@ CREATE TABLE IF NOT EXISTS pending (
     created REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS pending_pod ON pending (pod, id);
+CREATE TABLE IF NOT EXISTS carried (
+    pod    TEXT PRIMARY KEY,
+    tokens INTEGER NOT NULL,
+    usd    REAL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS read_cursors (
     reader TEXT NOT NULL,
     target TEXT NOT NULL,
@@ -111,6 +118,16 @@ class OwedReport:
 
     target: str
     payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Carried:
+    """What a pod's deleted descendants spent, in all: tokens, and dollars (None while
+    no price was known)."""
+
+    pod: str
+    tokens: int
+    usd: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,12 +193,19 @@ class Store:
             if report is not None:
                 self._insert_report(name, report)
 
-    def delete_pod(self, name: str, socket: str) -> None:
+    def delete_pod(self, name: str, socket: str, carried: Carried | None = None) -> None:
         """Remove the pod's state for good, in one transaction: its children (parent =
         `socket`) become top-level pods and reports still owed to it are dropped. Reports
-        the pod itself owes its parent stay in the outbox."""
+        the pod itself owes its parent stay in the outbox. `carried` is its parent's new
+        total of what deleted descendants spent, this pod's whole subtree now included."""
         with self._db:
             self._db.execute("BEGIN")
+            if carried is not None:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO carried (pod, tokens, usd) VALUES (?, ?, ?)",
+                    (carried.pod, carried.tokens, carried.usd),
+                )
+            self._db.execute("DELETE FROM carried WHERE pod = ?", (name,))
             self._db.execute("UPDATE pods SET parent = NULL WHERE parent = ?", (socket,))
             self._db.execute("DELETE FROM outbox WHERE target = ?", (socket,))
             self._db.execute("DELETE FROM events WHERE pod = ?", (name,))
@@ -191,6 +215,10 @@ class Store:
                 "DELETE FROM read_cursors WHERE reader = ? OR target = ?", (name, name)
             )
             self._db.execute("DELETE FROM pods WHERE name = ?", (name,))
+
+    def carried(self) -> list[Carried]:
+        """What each pod's deleted descendants spent (pods with none are left out)."""
+        return [Carried(*row) for row in self._db.execute("SELECT pod, tokens, usd FROM carried")]
 
     # -- events -------------------------------------------------------------------------
 

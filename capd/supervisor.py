@@ -273,8 +273,9 @@ class Supervisor:
         self._stopping.add(name)
         try:
             await self.stop_pod(name)
-            self.registry.delete(name)
-            self.ledger.deleted(name)
+            carried = self.ledger.carried_past(name)
+            self.registry.delete(name, carried)
+            self.ledger.deleted(name, carried)
             shutil.rmtree(self._pod_state_dir(name) / "spill", ignore_errors=True)
             shutil.rmtree(self._checkpoints_dir(name), ignore_errors=True)
             self._broken.pop(name, None)

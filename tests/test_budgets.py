@@ -130,9 +130,12 @@ async def test_a_childs_spending_pauses_it_and_its_running_parent_on_the_parents
         parent_status = await bp.request({"method": "status"})
         child_status = await bc.request({"method": "status"})
         listed = {p["name"]: p for p in (await daemon_request(capd, {"method": "list"}))["pods"]}
-        # A deleted pod's spending leaves its ancestors' sums.
+        # Deleting the child that spent the budget gives none of it back: the parent,
+        # resumed, pauses again at once.
         await daemon_request(capd, {"method": "delete", "name": "bc"})
         after_delete = await bp.request({"method": "status"})
+        await bp.request({"method": "resume"})
+        again, _ = await wait_for(bp, is_event("budget_exhausted"))
     assert child_spent["scope"] == parent_spent["scope"] == "bp"
     assert child_spent["used"] == {"tokens": 8, "usd": None}
     assert child_spent["budget"] == {"tokens": 6, "usd": None}
@@ -141,7 +144,8 @@ async def test_a_childs_spending_pauses_it_and_its_running_parent_on_the_parents
     assert child_status["budget"] == {"tokens": None, "usd": None}
     assert listed["bp"]["spent"] == {"tokens": 8, "usd": None}
     assert listed["bc"]["spent"] == {"tokens": 6, "usd": None}
-    assert after_delete["spent"] == {"tokens": 2, "usd": None}
+    assert after_delete["spent"] == {"tokens": 8, "usd": None}
+    assert again["used"] == {"tokens": 8, "usd": None}
 
 
 async def test_a_dollar_budget_over_a_model_without_a_price_is_refused(
@@ -231,6 +235,49 @@ async def test_the_cost_an_acp_agent_reports_counts(capd: CapdProcess, tmp_path:
     assert costs == [COST_PER_PROMPT, COST_PER_PROMPT]
     assert status["spent"]["usd"] == spent["used"]["usd"] == COST_PER_PROMPT * 2
     assert "assistant_message" not in kinds(seen)
+
+
+async def test_what_an_acp_agent_said_a_prompt_a_pause_cut_short_cost_counts(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    state = tmp_path / "acp"
+    state.mkdir()
+    (state / "report-cost").touch()
+    await spawn_on_engine(capd, "bap", STAND_IN_ACP_AGENT.engine(state), None)
+    async with await connect_pod(capd, "bap") as pod:
+        await pod.request({"method": "run", "text": "slow:500"})
+        # The agent reports the prompt's cost between its first chunk and its second.
+        await wait_for(pod, is_event("text_delta"))
+        await wait_for(pod, is_event("text_delta"))
+        await pod.request({"method": "pause"})
+        # The text cut short carries that cost; the usage the agent's `cancelled` answer
+        # reports, once the paused prompt has wound down, is recorded after it.
+        cut, _ = await wait_for(pod, is_event("assistant_message", interrupted=True))
+        late, _ = await wait_for(pod, is_event("assistant_message", text=""))
+        status = await pod.request({"method": "status"})
+    assert cut["usage"] == {"input_tokens": 0, "output_tokens": 0, "cost_usd": COST_PER_PROMPT}
+    assert late["usage"] == {"input_tokens": 28, "output_tokens": 10, "cost_usd": None}
+    assert status["spent"] == {"tokens": 38, "usd": COST_PER_PROMPT}
+
+
+async def test_what_claude_code_said_a_prompt_a_pause_cut_short_spent_counts(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    state = tmp_path / "claude"
+    state.mkdir()
+    await spawn_on_engine(capd, "bcq", STAND_IN_CLAUDE.engine(state), None)
+    async with await connect_pod(capd, "bcq") as pod:
+        await pod.request({"method": "run", "text": "slow:500"})
+        await wait_for(pod, is_event("text_delta"))
+        await pod.request({"method": "pause"})
+        # The tokens its API message reported so far go with the text cut short; the cost
+        # the CLI's `result` reports as the interrupted prompt ends is recorded after it.
+        cut, _ = await wait_for(pod, is_event("assistant_message", interrupted=True))
+        cost, _ = await wait_for(pod, is_event("assistant_message", text=""))
+        status = await pod.request({"method": "status"})
+    assert cut["usage"]["input_tokens"] == 10
+    assert cost["usage"]["cost_usd"] == pytest.approx(10 * PRICE[0] / 1e6)
+    assert status["spent"]["usd"] == pytest.approx(10 * PRICE[0] / 1e6)
 
 
 async def test_capctl_budget_shows_and_sets_the_budget_and_ps_shows_spend(

@@ -39,6 +39,7 @@ import orjson
 
 from capd.engines.base import Turn, TurnHost, TurnOutcome
 from capd.engines.process import EngineDied, EngineError, ExternalEngine
+from capd.prices import add_usd
 from protocol.errors import ProtocolError
 from protocol.events import (
     AssistantMessage,
@@ -112,9 +113,6 @@ class _TurnState:
     """Tool calls whose result is recorded."""
     summaries: dict[str, str] = field(default_factory=dict)
     """The summaries of the compactions in progress, by compactionId."""
-    cost_usd: float = 0.0
-    """Dollars the agent reported spent since the last recorded step, recorded with the
-    next one."""
 
 
 AUTH_REQUIRED = -32000
@@ -153,6 +151,9 @@ class AcpEngine(ExternalEngine):
         """The session's cumulative cost as last reported (0 for a new session). None
         after a capd restart: the first report of the loaded session is where counting
         starts again, so a prompt in flight across the restart goes uncounted."""
+        self._unrecorded = Usage()
+        """What the agent reported spent that no event records yet: it goes with the
+        next step recorded, this turn's or, after a cancel, a later turn's."""
 
     def answer_permission(self, request_id: str, option_id: str | None) -> None:
         asked = self._asked.get(request_id)
@@ -374,9 +375,9 @@ class AcpEngine(ExternalEngine):
             case "compaction_update" | "compaction_summary_chunk":
                 self._compaction(host, turn, state, update)
             case "usage_update":
-                self._cost(state, update.get("cost"))
+                self._cost(update.get("cost"))
 
-    def _cost(self, state: _TurnState, cost: object) -> None:
+    def _cost(self, cost: object) -> None:
         """A `usage_update`'s `cost`, the session's cumulative cost: what it grew by (in
         US dollars; other currencies are not counted) goes with the next step recorded."""
         if not isinstance(cost, dict) or str(cost.get("currency", "")).upper() != "USD":
@@ -386,7 +387,7 @@ class AcpEngine(ExternalEngine):
             return
         seen, self._cost_seen = self._cost_seen, float(amount)
         if seen is not None and amount > seen:
-            state.cost_usd += amount - seen
+            self._unrecorded = _added(self._unrecorded, Usage(cost_usd=amount - seen))
 
     def _compaction(
         self, host: TurnHost, turn: Turn, state: _TurnState, update: dict[str, Any]
@@ -494,18 +495,25 @@ class AcpEngine(ExternalEngine):
         interrupted: bool = False,
         usage: Usage | None = None,
     ) -> None:
-        """Record the step so far as an `assistant_message`. Interrupted, text with no
-        tool call after it is partial; a step with tool calls is whole, and the pod
-        closes the calls left without a result. The prompt's `usage`, reported at its end,
-        goes with its last step (an empty one if the last was recorded already)."""
+        """Record the step so far as an `assistant_message`, with what the agent reported
+        spent since the last one recorded. Interrupted, text with no tool call after it is
+        partial (and what it cost is still recorded: with it, else as a usage-only step);
+        a step with tool calls is whole, and the pod closes the calls left without a
+        result. The prompt's `usage`, reported at its end, goes with its last step (an
+        empty one if the last was recorded already)."""
         step = state.step
         state.step = _Step()
-        if state.cost_usd and not (interrupted and not step.calls):
-            usage = (usage or Usage()).model_copy(update={"cost_usd": state.cost_usd})
-            state.cost_usd = 0.0
+        if self._unrecorded != Usage():
+            usage = _added(usage or Usage(), self._unrecorded)
+            self._unrecorded = Usage()
         if interrupted and not step.calls:
             if step.text:
-                host.emit(AssistantMessage(turn_id=turn.turn_id, text=step.text, interrupted=True))
+                cut = AssistantMessage(
+                    turn_id=turn.turn_id, text=step.text, interrupted=True, usage=usage or Usage()
+                )
+                host.emit(cut)
+            else:
+                _record_step(host, turn, _Step(), usage)
             return
         _record_step(host, turn, step, usage)
         for result in step.held:
@@ -534,14 +542,22 @@ class AcpEngine(ExternalEngine):
         self, host: TurnHost, turn: Turn, state: _TurnState, prompt_id: int
     ) -> None:
         """Read until the agent has answered the cancelled prompt, recording the results
-        of tool calls that still ran to the end."""
+        of tool calls that still ran to the end. What the agent reports the prompt cost
+        meanwhile, and the answer's usage, are recorded once it has answered while the
+        turn is still the pod's (paused); after a cancel they go with the next step."""
         while (message := await self._next_message()).get("id") != prompt_id:
             update = (message.get("params") or {}).get("update") or {}
-            if update.get("sessionUpdate") == "tool_call_update":
-                result = self._tool_result(turn, state, update)
-                if result is not None:
-                    self._record_late(host, turn, result)
+            match update.get("sessionUpdate"):
+                case "tool_call_update":
+                    result = self._tool_result(turn, state, update)
+                    if result is not None:
+                        self._record_late(host, turn, result)
+                case "usage_update":
+                    self._cost(update.get("cost"))
         self._prompt_id = None
+        self._unrecorded = _added(self._unrecorded, _usage(message))
+        if host.turn is turn:
+            self._flush(host, turn, _TurnState())  # a usage-only step, if anything was spent
 
 
 def _outcome(host: TurnHost, turn: Turn, answer: dict[str, Any]) -> TurnOutcome:
@@ -571,6 +587,15 @@ def _record_step(host: TurnHost, turn: Turn, step: _Step, usage: Usage | None) -
                 usage=usage or Usage(),
             )
         )
+
+
+def _added(usage: Usage, more: Usage) -> Usage:
+    """The two added up (dollars as `add_usd` adds them)."""
+    return Usage(
+        input_tokens=usage.input_tokens + more.input_tokens,
+        output_tokens=usage.output_tokens + more.output_tokens,
+        cost_usd=add_usd(usage.cost_usd, more.cost_usd),
+    )
 
 
 def _usage(answer: dict[str, Any]) -> Usage:

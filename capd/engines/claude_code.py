@@ -117,6 +117,8 @@ class _TurnState:
     """Usage by API message id, as the stream events report it."""
     streaming: str = ""
     """The id of the API message streaming now."""
+    recorded: set[str] = field(default_factory=set)
+    """Ids of the API messages whose step (and so usage) is recorded."""
     compacting: bool = False
     """The CLI said it is compacting (`compaction_started` sent)."""
     boundary: _Boundary | None = None
@@ -298,9 +300,7 @@ class ClaudeCodeEngine(ExternalEngine):
             raise
         except asyncio.CancelledError:
             self._flush(host, turn, state)
-            if state.partial:
-                text = state.partial
-                host.emit(AssistantMessage(turn_id=turn.turn_id, text=text, interrupted=True))
+            self._record_cut_short(host, turn, state)
             if self._busy:
                 self._interrupt(lambda late: self._record_late_message(host, turn, state, late))
             raise
@@ -450,7 +450,23 @@ class ClaudeCodeEngine(ExternalEngine):
                     thinking=step.thinking,
                 )
             )
+            state.recorded.add(step.message_id)
         state.step = _Step(message_id=step.message_id)
+
+    def _record_cut_short(self, host: TurnHost, turn: Turn, state: _TurnState) -> None:
+        """Record what an interrupt cut short: the text streamed so far, with the usage
+        the stream reported for its API message (unless its step recorded that already);
+        that usage alone if no text came."""
+        usage = Usage()
+        if state.streaming not in state.recorded:
+            usage = state.usage.get(state.streaming, usage)
+        if state.partial:
+            text = state.partial
+            host.emit(
+                AssistantMessage(turn_id=turn.turn_id, text=text, interrupted=True, usage=usage)
+            )
+        elif usage != Usage():
+            host.emit(AssistantMessage(turn_id=turn.turn_id, text="", usage=usage))
 
     def _record_cost(self, host: TurnHost, turn: Turn, total: object) -> None:
         """Record what the CLI's prompts cost since the last record, as a usage-only
@@ -494,7 +510,9 @@ class ClaudeCodeEngine(ExternalEngine):
     def _record_late_message(
         self, host: TurnHost, turn: Turn, state: _TurnState, message: dict[str, Any]
     ) -> None:
-        """What an interrupted turn's winding down reports: its session, its tool results."""
+        """What an interrupted turn's winding down reports: its session, its tool results
+        and, while the turn is still the pod's (paused), what its prompt cost; after a
+        cancel that cost is in the next prompt's `result`."""
         match message.get("type"):
             case "system" if message.get("subtype") == "init":
                 self._record_late(host, turn)
@@ -503,6 +521,8 @@ class ClaudeCodeEngine(ExternalEngine):
                     self._record_late(host, turn, result)
             case "result":
                 self._record_late(host, turn)
+                if host.turn is turn:
+                    self._record_cost(host, turn, message.get("total_cost_usd"))
 
     def _dispatch(self, message: dict[str, Any]) -> bool:
         if self._resuming and self._resume_refused(message):

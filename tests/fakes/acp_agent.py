@@ -34,7 +34,9 @@ What a prompt (its last text block) asks for:
 Every prompt that ends `end_turn` sends a `usage_update` first and answers with `usage`,
 as claude-code-acp does: USAGE below, per prompt. With $FAKE_ACP_DIR/report-cost present
 the `usage_update` also says the session's cumulative `cost` in USD, COST_PER_PROMPT more
-each prompt (kept in the session's file, so a `session/load` goes on from it).
+each prompt (kept beside the session's file, so a `session/load` goes on from it); `slow`
+charges it, and sends that `usage_update`, after its first chunk, so a `slow` cancelled
+later has cost it too; its `cancelled` answer then carries USAGE as well.
 
 A tool still running when the prompt is cancelled is killed and reported `failed`
 ("stopped") before the `cancelled` answer, as ACP asks.
@@ -146,6 +148,8 @@ class TestAgent(Agent):
         self.compaction_updates = False
         """The client takes compaction updates (its `session` capabilities: the SDK
         predates `compaction` and drops it)."""
+        self.charged: set[str] = set()
+        """The sessions whose prompt in progress has been charged COST_PER_PROMPT."""
 
     def on_connect(self, conn: Client) -> None:
         self.client = conn
@@ -203,27 +207,40 @@ class TestAgent(Agent):
         texts = [block.text for block in prompt if getattr(block, "type", "") == "text"]
         log({"call": "prompt", "id": session_id, "texts": texts})
         cancelled = self.cancelled[session_id] = asyncio.Event()
+        self.charged.discard(session_id)
         text = texts[-1]
         reply, stop = await self._answer(session_id, text, cancelled)
         if stop != "end_turn":
-            return PromptResponse(stop_reason=stop)
+            spent = session_id in self.charged
+            return PromptResponse(stop_reason=stop, usage=USAGE if spent else None)
         path = SESSIONS / f"{session_id}.json"
         self._save(session_id, [*json.loads(path.read_text()), [text, reply]])
+        await self._usage_update(session_id)
+        return PromptResponse(stop_reason=stop, usage=USAGE)
+
+    async def _usage_update(self, session_id: str) -> None:
+        """A `usage_update`; with report-cost, the session's cost, this prompt charged."""
         assert self.client is not None
         context = UsageUpdate(session_update="usage_update", used=33, size=200000)
         if (STATE / "report-cost").exists():
-            prompts = len(json.loads(path.read_text()))
-            context.cost = Cost(amount=prompts * COST_PER_PROMPT, currency="USD")
+            path = SESSIONS / f"{session_id}.cost"
+            total = float(path.read_text()) if path.exists() else 0.0
+            if session_id not in self.charged:
+                self.charged.add(session_id)
+                total += COST_PER_PROMPT
+                path.write_text(repr(total))
+            context.cost = Cost(amount=total, currency="USD")
         await self.client.session_update(session_id, context)
-        return PromptResponse(stop_reason=stop, usage=USAGE)
 
     async def _answer(self, session_id: str, text: str, cancelled: asyncio.Event) -> Any:
         if text.startswith("slow"):
             count = int(text.split(":", 1)[1]) if ":" in text else 2000
-            for _ in range(count):
+            for said in range(count):
                 if cancelled.is_set():
                     return "", "cancelled"
                 await self._say(session_id, "tok ")
+                if said == 0 and (STATE / "report-cost").exists():
+                    await self._usage_update(session_id)
                 await asyncio.sleep(0.02)
             return "tok " * count, "end_turn"
         if text.startswith("tool:"):

@@ -6,14 +6,17 @@ import sqlite3
 import orjson
 import pytest
 
+from capd.engines.base import Turn
 from capd.journal import Journal
 from capd.store import Store
 from protocol.events import (
     Ack,
+    AssistantMessage,
     PodEventReceived,
     StatusChanged,
     TextDelta,
     TurnStart,
+    Usage,
     UserMessage,
 )
 from protocol.reports import ShutDown
@@ -123,3 +126,21 @@ def test_a_page_of_large_events_stops_at_its_byte_bound(store: Store) -> None:
     page = store.events_after("p", 0, 10_000)
     assert [seq for seq, _ in page] == [1, 2, 3, 4, 5]  # the fifth passes PAGE_BYTES (4 MiB)
     assert [seq for seq, _ in store.events_after("p", 5, 10_000)] == [6]
+
+
+def test_the_usage_of_a_step_a_pause_cut_short_counts_live_as_after_a_restart(
+    store: Store,
+) -> None:
+    journal, _ = _journal(store)
+    turn = Turn("t", "run")
+    cut = AssistantMessage(
+        turn_id="t", text="half", interrupted=True, usage=Usage(input_tokens=7, cost_usd=0.5)
+    )
+    whole = AssistantMessage(turn_id="t", text="all", usage=Usage(input_tokens=9, output_tokens=2))
+    journal.emit_all([TurnStart(turn_id="t", invoke="run"), cut, whole], turn)
+    restored, _ = _journal(store)
+    restored.restore(data for _, data in store.events_after("p", 0, 10))
+    expected = Usage(input_tokens=16, output_tokens=2, cost_usd=0.5)
+    assert journal.usage == restored.usage == expected
+    assert store.usage_totals("p") == (16, 2, 0.5)
+    assert turn.output == "halfall"
