@@ -241,12 +241,6 @@ class CheckpointStore:
         )
         return (await self._git("write-tree", env=index)).decode().strip()
 
-    def remove(self) -> None:
-        """The pod was deleted: stop any git of ours and drop the store."""
-        if self._child is not None and self._child.returncode is None:
-            stop_group(self._child)
-        shutil.rmtree(self.root, ignore_errors=True)
-
     async def _record(self) -> tuple[str, int, list[str]]:
         """Stage the cwd's changes and commit them: (commit, paths changed, left out)."""
         if not self.cwd.is_dir():

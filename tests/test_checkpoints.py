@@ -91,6 +91,7 @@ async def test_a_rewind_brings_back_edited_and_deleted_files_and_removes_new_one
     assert isinstance(taken, Taken)
     assert (taken.changed, taken.left_out) == (4, [])
     assert checkpoints.has("t-1")
+    assert oct(checkpoints.root.stat().st_mode & 0o777) == "0o700"
 
     (cwd / "src" / "main.py").write_text("print('two')\n")
     (cwd / "notes.txt").unlink()
@@ -364,15 +365,6 @@ async def test_rewinding_to_a_turn_without_a_checkpoint_says_so(tmp_path: Path, 
 async def test_a_cwd_that_is_gone_skips_the_checkpoint_saying_so(tmp_path: Path) -> None:
     skipped = await store(tmp_path, tmp_path / "gone").take("t-1")
     assert skipped == Skipped(f"the cwd {tmp_path / 'gone'} is not a directory")
-
-
-async def test_a_deleted_pods_store_is_gone(tmp_path: Path, cwd: Path) -> None:
-    checkpoints = store(tmp_path, cwd)
-    await checkpoints.take("t-1")
-    assert oct(checkpoints.root.stat().st_mode & 0o777) == "0o700"
-    checkpoints.remove()
-    assert not checkpoints.root.exists()
-    assert files(cwd)["notes.txt"] == "notes\n"
 
 
 def test_without_git_a_pod_with_checkpoints_is_refused_naming_the_fix(
