@@ -13,8 +13,10 @@ and commits it under `refs/ckpt/<turn id>`. Files ignored by the cwd's `.gitigno
 or its repository's `.git/info/exclude`, nested repositories, files larger than
 `checkpoint_file_max_mb` and the `hidden` paths are not recorded, so a restore leaves
 them as they are. A restore first records the current files under `refs/rewound/<n>` (so
-nothing unrecorded is lost), then `read-tree -u --reset` the checkpoint, less any path
-where something not recorded now (ignored, too large) lies in its way.
+nothing unrecorded is lost; a one-off the user asked for, so not held to a checkpoint's
+files, MB and time bounds, only to `RESTORE_RECORD_TIMEOUT_S`), then `read-tree -u --reset`
+the checkpoint, less any path where something not recorded now (ignored, too large) lies
+in its way.
 
 One git runs at a time per store. A git cancelled or killed part-way leaves its lock files
 behind; they are removed before the next git runs, once the killed one is gone.
@@ -53,6 +55,10 @@ STREAM_CHUNK = 256 * 1024
 """Bytes of a listing read at a time."""
 LEFT_OUT_NAMED = 20
 """At most this many left-out files are named in a `Taken`."""
+RESTORE_RECORD_TIMEOUT_S = 600.0
+"""How long a restore's record of the current files may take, whatever
+`checkpoint_timeout_s` says: a restore is asked for, not part of every turn, and the turn
+to undo may have made far more files than a checkpoint would record."""
 CONFIG = """\
 [core]
 \tautocrlf = false
@@ -203,10 +209,10 @@ class CheckpointStore:
             if not self.has(turn_id):
                 raise CheckpointError(f"turn {turn_id} has no checkpoint of the files")
             try:
-                async with asyncio.timeout(self.workspace.checkpoint_timeout_s):
-                    current, _, _ = await self._record()
+                async with asyncio.timeout(RESTORE_RECORD_TIMEOUT_S):
+                    current, _, _ = await self._record(bounded=False)
             except TimeoutError:
-                reason = self._timeout_reason()
+                reason = f"recording them took longer than {RESTORE_RECORD_TIMEOUT_S:g} s"
                 raise CheckpointError(_unsaved(reason)) from None
             except (_Skip, OSError) as error:
                 raise CheckpointError(_unsaved(str(error))) from None
@@ -241,12 +247,15 @@ class CheckpointStore:
         )
         return (await self._git("write-tree", env=index)).decode().strip()
 
-    async def _record(self) -> tuple[str, int, list[str]]:
-        """Stage the cwd's changes and commit them: (commit, paths changed, left out)."""
+    async def _record(self, bounded: bool = True) -> tuple[str, int, list[str]]:
+        """Stage the cwd's changes and commit them: (commit, paths changed, left out).
+        `bounded`: skip it past `checkpoint_max_files` or `checkpoint_max_mb` (a restore's
+        record is not)."""
         if not self.cwd.is_dir():
             raise _Skip(f"the cwd {self.cwd} is not a directory")
         await self._prepare()
-        room = self.workspace.checkpoint_max_files - _index_entries(self._index)
+        held = _index_entries(self._index)
+        room = self.workspace.checkpoint_max_files - held if bounded else None
         listing = await self._git(
             "ls-files", "-z", "-t", "-m", "-d", "-o", "--exclude-standard", new_paths=room
         )
@@ -259,9 +268,9 @@ class CheckpointStore:
             plan = _plan(self.cwd, listing, ignored, max_file)
         else:
             plan = await asyncio.to_thread(_plan, self.cwd, listing, ignored, max_file)
-        if plan.new_paths > room:
+        if room is not None and plan.new_paths > room:
             raise self._too_many_files()
-        if plan.new_bytes > self.workspace.checkpoint_max_mb * MB:
+        if bounded and plan.new_bytes > self.workspace.checkpoint_max_mb * MB:
             raise _Skip(
                 f"{_mb(plan.new_bytes)} MB of changed files is more than"
                 f" workspace.checkpoint_max_mb ({self.workspace.checkpoint_max_mb}): raise"

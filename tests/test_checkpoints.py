@@ -258,6 +258,33 @@ async def test_a_checkpoint_past_a_bound_is_skipped_saying_which_and_how_to_rais
     assert isinstance(await checkpoints.take("t-2"), Taken)
 
 
+async def test_a_turn_that_made_more_than_a_checkpoint_may_hold_can_still_be_rewound(
+    tmp_path: Path, cwd: Path
+) -> None:
+    """The turn to undo made many files or big ones (an `npm install` without a
+    .gitignore): the restore's own record of them is not held to the checkpoint bounds,
+    but for the size of one file, and a file past it stays where it is."""
+    checkpoints = store(tmp_path, cwd)
+    await checkpoints.take("t-1")
+    before = files(cwd)
+    checkpoints.workspace = Workspace(
+        checkpoint_max_files=3,
+        checkpoint_max_mb=1,
+        checkpoint_timeout_s=0.001,
+        checkpoint_file_max_mb=2,
+    )
+    (cwd / "node_modules").mkdir()
+    for n in range(10):
+        (cwd / "node_modules" / f"junk{n}.js").write_bytes(b"j" * 200_000)
+    (cwd / "download.bin").write_bytes(b"d" * (3 * 1024 * 1024))
+    (cwd / "src" / "main.py").write_text("broken\n")
+    await checkpoints.restore("t-1")
+    assert files(cwd) == {**before, "download.bin": "d" * (3 * 1024 * 1024)}
+    kept = store_git(checkpoints, "ls-tree", "-r", "--name-only", "refs/rewound/1").split()
+    assert "node_modules/junk9.js" in kept
+    assert "download.bin" not in kept
+
+
 async def test_a_stale_index_lock_from_a_killed_git_does_not_block_the_next_checkpoint(
     tmp_path: Path, cwd: Path
 ) -> None:
