@@ -3,10 +3,13 @@ brings back, what it leaves alone, the user's repository untouched, the bounds, 
 store that survives a git killed part-way."""
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import signal
+import stat
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -113,6 +116,73 @@ async def test_a_rewind_brings_back_edited_and_deleted_files_and_removes_new_one
     assert not (cwd / "notes.txt").exists()
     assert not os.access(cwd / "run.sh", os.X_OK)
     assert os.readlink(cwd / "link") == "src/main.py"
+
+
+@contextlib.contextmanager
+def umask(mask: int) -> Iterator[None]:
+    """The process umask set to `mask` for a while: the one git writes files with."""
+    before = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(before)
+
+
+def bits(path: Path) -> str:
+    return oct(stat.S_IMODE(path.lstat().st_mode))
+
+
+async def test_a_rewind_gives_files_their_permission_bits_back(tmp_path: Path, cwd: Path) -> None:
+    """Git keeps only the executable bit and writes with the umask: a private file (a
+    .env, a key) the turn changed or deleted must not come back readable by everyone."""
+    for name in ("secret.env", "id_key", "chmodded"):
+        (cwd / name).write_text(f"{name} v1\n")
+        (cwd / name).chmod(0o600)
+    (cwd / "tool").write_text("#!/bin/sh\n")
+    (cwd / "tool").chmod(0o750)
+    checkpoints = store(tmp_path, cwd)
+    with umask(0o022):
+        await checkpoints.take("t-1")
+        (cwd / "notes.txt").write_text("the next checkpoint carries the bits forward\n")
+        await checkpoints.take("t-2")
+        (cwd / "secret.env").write_text("secret.env v2\n")
+        (cwd / "secret.env").chmod(0o644)
+        (cwd / "id_key").unlink()
+        (cwd / "chmodded").chmod(0o644)  # the bits alone: git sees no change
+        (cwd / "tool").write_text("#!/bin/sh\necho\n")
+        (cwd / "made").write_text("new\n")
+        (cwd / "made").chmod(0o600)
+        await checkpoints.take("t-3")
+        (cwd / "made").write_text("changed\n")
+        (cwd / "made").chmod(0o644)
+        await checkpoints.restore("t-2")
+        assert (cwd / "secret.env").read_text() == "secret.env v1\n"
+        assert [bits(cwd / name) for name in ("secret.env", "id_key", "chmodded", "tool")] == [
+            "0o600", "0o600", "0o600", "0o750"
+        ]  # fmt: skip
+        assert bits(cwd / "notes.txt") == "0o644"
+        assert not (cwd / "made").exists()
+        await checkpoints.restore("t-3")
+        assert [bits(cwd / name) for name in ("secret.env", "made", "tool")] == [
+            "0o644", "0o600", "0o750"
+        ]  # fmt: skip
+
+
+async def test_a_rewind_under_another_umask_gives_the_bits_of_the_checkpoint(
+    tmp_path: Path, cwd: Path
+) -> None:
+    """Taken under umask 077 a 0600 file is what git would write; restored under 022 it
+    would be 0644."""
+    checkpoints = store(tmp_path, cwd)
+    with umask(0o077):
+        (cwd / "secret.env").write_text("v1\n")
+        await checkpoints.take("t-1")
+    with umask(0o022):
+        (cwd / "secret.env").write_text("v2\n")
+        await checkpoints.restore("t-1")
+    assert (cwd / "secret.env").read_text() == "v1\n"
+    assert bits(cwd / "secret.env") == "0o600"
+    assert bits(cwd / "notes.txt") == "0o644"  # as it was, though 077 would make it 0600
 
 
 async def test_a_turn_that_changed_nothing_records_no_change(tmp_path: Path, cwd: Path) -> None:
