@@ -187,7 +187,11 @@ class CheckpointStore:
         self._git_dir = root / "ck.git"
         self._index = root / "index"
         self._index_modes = root / "index.modes"
+        self._index_modes_aside = root / "index.modes.aside"
         self._modes_dir = root / "modes"
+        self._index_modes_read: tuple[tuple[int, int, int], _Modes] | None = None
+        """The last `index.modes` read or written, and which file it was (inode, mtime,
+        size): a file is written whole and renamed into place, never changed."""
         self._env = {
             "GIT_DIR": str(self._git_dir),
             "GIT_WORK_TREE": str(cwd),
@@ -314,7 +318,7 @@ class CheckpointStore:
         await self._prepare()
         umask = _umask()
         held = _index_entries(self._index)
-        base = _read_modes(self._index_modes)
+        base = self._read_index_modes()
         room = self.workspace.checkpoint_max_files - held if bounded else None
         listing = await self._git(
             "ls-files", "-z", "-t", "-m", "-d", "-o", "--exclude-standard", new_paths=room
@@ -337,8 +341,9 @@ class CheckpointStore:
                 " it, or .gitignore what need not be restored"
             )
         staged = bool(plan.drop or plan.update)
-        if staged:
-            self._index_modes.unlink(missing_ok=True)  # until it matches the index again
+        if staged:  # set aside until it matches the index again
+            with suppress(FileNotFoundError):
+                self._index_modes.replace(self._index_modes_aside)
         if plan.drop:
             await self._git(
                 "update-index", "-z", "--force-remove", "--stdin", input=_nul(plan.drop)
@@ -362,22 +367,53 @@ class CheckpointStore:
         else:
             modes = _Modes(umask)  # all the files are in this listing
         _update(modes, plan)
-        if staged or modes != base:
+        if modes == base and staged:
+            self._index_modes_aside.replace(self._index_modes)
+        elif modes != base:
             self._write_modes(self._index_modes, modes)
         tree = (await self._git("write-tree")).decode().strip()
         parent = self._read_ref("refs/last")
         if parent is None:
             commit = (await self._git("commit-tree", "-m", "checkpoint", tree)).decode().strip()
-            self._write_modes(self._modes_dir / commit, modes)
+            self._keep_modes(commit)
             return _Recorded(commit, _index_entries(self._index), plan.left_out, modes)
         diff = await self._git("diff-tree", "-r", "-z", "--name-only", "--no-renames", parent, tree)
         changed = diff.count(b"\0")
-        if changed == 0 and _read_modes(self._modes_dir / parent) == modes:
+        if changed == 0 and self._same_modes(parent, modes):
             return _Recorded(parent, 0, plan.left_out, modes)
         commit = await self._git("commit-tree", "-p", parent, "-m", "checkpoint", tree)
         commit = commit.decode().strip()
-        self._write_modes(self._modes_dir / commit, modes)
+        self._keep_modes(commit)
         return _Recorded(commit, changed, plan.left_out, modes)
+
+    def _keep_modes(self, commit: str) -> None:
+        """`index.modes` kept as `commit`'s: a second name of the same file."""
+        kept = self._modes_dir / commit
+        kept.unlink(missing_ok=True)
+        os.link(self._index_modes, kept)
+
+    def _same_modes(self, commit: str, modes: _Modes) -> bool:
+        """Whether `commit`'s kept modes are `modes` (the index's): most often the very
+        file `index.modes` is."""
+        kept = self._modes_dir / commit
+        with suppress(OSError):
+            if os.path.samestat(kept.stat(), self._index_modes.stat()):
+                return True
+        return _read_modes(kept) == modes
+
+    def _read_index_modes(self) -> _Modes | None:
+        """`index.modes`, read again only when it is another file than last time."""
+        try:
+            info = self._index_modes.stat()
+        except FileNotFoundError:
+            return None
+        which = (info.st_ino, info.st_mtime_ns, info.st_size)
+        if self._index_modes_read is None or self._index_modes_read[0] != which:
+            modes = _read_modes(self._index_modes)
+            if modes is None:
+                return None
+            self._index_modes_read = (which, modes)
+        return self._index_modes_read[1]
 
     async def _scan_modes(self, umask: int) -> _Modes:
         """The permission-bit entries of every file the index holds, from the files."""
@@ -395,7 +431,10 @@ class CheckpointStore:
         fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as file:
             file.write(b"".join(lines))
+        info = fresh.stat()
         fresh.replace(path)
+        if path == self._index_modes:
+            self._index_modes_read = ((info.st_ino, info.st_mtime_ns, info.st_size), modes)
 
     async def _prepare(self) -> None:
         """Before the first git: the killed one gone and its locks removed, the store

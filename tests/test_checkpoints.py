@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -183,6 +184,25 @@ async def test_a_rewind_under_another_umask_gives_the_bits_of_the_checkpoint(
     assert (cwd / "secret.env").read_text() == "v1\n"
     assert bits(cwd / "secret.env") == "0o600"
     assert bits(cwd / "notes.txt") == "0o644"  # as it was, though 077 would make it 0600
+
+
+async def test_a_store_that_does_not_know_its_files_bits_looks_at_them_all_once(
+    tmp_path: Path, cwd: Path
+) -> None:
+    """Checkpoints taken before capd kept the bits, or a take stopped part-way: the next
+    take cannot carry them forward."""
+    (cwd / "secret.env").write_text("v1\n")
+    (cwd / "secret.env").chmod(0o600)
+    checkpoints = store(tmp_path, cwd)
+    with umask(0o022):
+        await checkpoints.take("t-1")
+        (checkpoints.root / "index.modes").unlink()
+        shutil.rmtree(checkpoints.root / "modes")
+        (cwd / "notes.txt").write_text("changed\n")
+        await CheckpointStore(checkpoints.root, cwd, Workspace()).take("t-2")
+        (cwd / "secret.env").write_text("v2\n")
+        await checkpoints.restore("t-2")
+    assert bits(cwd / "secret.env") == "0o600"
 
 
 async def test_a_turn_that_changed_nothing_records_no_change(tmp_path: Path, cwd: Path) -> None:
