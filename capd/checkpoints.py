@@ -388,6 +388,7 @@ class CheckpointStore:
 
     def _keep_modes(self, commit: str) -> None:
         """`index.modes` kept as `commit`'s: a second name of the same file."""
+        self._modes_dir.mkdir(mode=0o700, exist_ok=True)
         kept = self._modes_dir / commit
         kept.unlink(missing_ok=True)
         os.link(self._index_modes, kept)

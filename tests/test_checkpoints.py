@@ -199,7 +199,9 @@ async def test_a_store_that_does_not_know_its_files_bits_looks_at_them_all_once(
         (checkpoints.root / "index.modes").unlink()
         shutil.rmtree(checkpoints.root / "modes")
         (cwd / "notes.txt").write_text("changed\n")
-        await CheckpointStore(checkpoints.root, cwd, Workspace()).take("t-2")
+        assert isinstance(
+            await CheckpointStore(checkpoints.root, cwd, Workspace()).take("t-2"), Taken
+        )
         (cwd / "secret.env").write_text("v2\n")
         await checkpoints.restore("t-2")
     assert bits(cwd / "secret.env") == "0o600"
