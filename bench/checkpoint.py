@@ -114,7 +114,12 @@ def _add_and_commit(cwd: Path, git_dir: Path) -> float:
 
 def _git(cwd: Path, git_dir: Path, *args: str) -> None:
     env = {**GIT_ENV, "GIT_DIR": str(git_dir), "GIT_WORK_TREE": str(cwd)}
-    subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True)
+    # No automatic gc: after 10,000 loose objects a commit starts one in the background,
+    # which competes with what is timed next and writes into the repository as it is
+    # removed. The store never runs one either.
+    subprocess.run(
+        ["git", "-c", "gc.auto=0", *args], cwd=cwd, env=env, check=True, capture_output=True
+    )
 
 
 def _fill(cwd: Path, files: int, mb: int) -> None:

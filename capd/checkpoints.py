@@ -13,8 +13,18 @@ and commits it under `refs/ckpt/<turn id>`. Files ignored by the cwd's `.gitigno
 or its repository's `.git/info/exclude`, nested repositories, files larger than
 `checkpoint_file_max_mb` and the `hidden` paths are not recorded, so a restore leaves
 them as they are. A restore first records the current files under `refs/rewound/<n>` (so
-nothing unrecorded is lost), then `read-tree -u --reset` the checkpoint, less any path
-where something not recorded now (ignored, too large) lies in its way.
+nothing unrecorded is lost; a one-off the user asked for, so not held to a checkpoint's
+files, MB and time bounds, only to `RESTORE_RECORD_TIMEOUT_S`), then `read-tree -u --reset`
+the checkpoint, less any path where something not recorded now (ignored, too large) lies
+in its way.
+
+Git keeps only a file's executable bit, and writes what it restores with the umask. So
+each checkpoint also keeps its files' permission bits, beside it in `modes/<commit>`: the
+umask of the take and the files whose bits differ from what git would write with it
+(`.env` at 0600; with umask 022, files at 0644 and 0755 need no entry). A take carries
+the previous entries forward and updates those of the paths it stages, which it lstats
+anyway (`index.modes` holds the entries of what the index holds); a restore then chmods
+the files whose bits are not the checkpoint's.
 
 One git runs at a time per store. A git cancelled or killed part-way leaves its lock files
 behind; they are removed before the next git runs, once the killed one is gone.
@@ -53,6 +63,13 @@ STREAM_CHUNK = 256 * 1024
 """Bytes of a listing read at a time."""
 LEFT_OUT_NAMED = 20
 """At most this many left-out files are named in a `Taken`."""
+RESTORE_RECORD_TIMEOUT_S = 600.0
+"""How long a restore's record of the current files may take, whatever
+`checkpoint_timeout_s` says: a restore is asked for, not part of every turn, and the turn
+to undo may have made far more files than a checkpoint would record."""
+INLINE_MODES = 256
+"""Up to this many files' permission bits are looked at on the event loop, more in a
+thread."""
 CONFIG = """\
 [core]
 \tautocrlf = false
@@ -130,8 +147,27 @@ class _Plan:
     drop: list[bytes] = field(default_factory=list)
     """Paths to take out of the index though they exist: too large, or now ignored."""
     left_out: list[str] = field(default_factory=list)
+    modes: dict[bytes, int | None] = field(default_factory=dict)
+    """The permission-bit entries of the staged paths (None: none needed, or gone)."""
     new_paths: int = 0
     new_bytes: int = 0
+
+
+@dataclass
+class _Modes:
+    """The permission bits of a checkpoint's files: `entries` holds the regular files whose
+    bits are not those git writes under `umask` (`_entry`)."""
+
+    umask: int
+    entries: dict[bytes, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Recorded:
+    commit: str
+    changed: int
+    left_out: list[str]
+    modes: _Modes
 
 
 class CheckpointStore:
@@ -150,6 +186,12 @@ class CheckpointStore:
         self.hidden = [Path(path) for path in hidden]
         self._git_dir = root / "ck.git"
         self._index = root / "index"
+        self._index_modes = root / "index.modes"
+        self._index_modes_aside = root / "index.modes.aside"
+        self._modes_dir = root / "modes"
+        self._index_modes_read: tuple[tuple[int, int, int], _Modes] | None = None
+        """The last `index.modes` read or written, and which file it was (inode, mtime,
+        size): a file is written whole and renamed into place, never changed."""
         self._env = {
             "GIT_DIR": str(self._git_dir),
             "GIT_WORK_TREE": str(cwd),
@@ -177,9 +219,9 @@ class CheckpointStore:
         async with self._lock:
             try:
                 async with asyncio.timeout(self.workspace.checkpoint_timeout_s):
-                    commit, changed, left_out = await self._record()
-                    self._write_ref(_turn_ref(turn_id), commit)
-                    self._write_ref("refs/last", commit)
+                    recorded = await self._record()
+                    self._write_ref(_turn_ref(turn_id), recorded.commit)
+                    self._write_ref("refs/last", recorded.commit)
             except TimeoutError:
                 return Skipped(self._timeout_reason())
             except _Skip as skip:
@@ -190,7 +232,7 @@ class CheckpointStore:
                 log.exception("checkpoint of %s failed", self.cwd)
                 return Skipped(f"the checkpoint failed: {error!r}")
         duration_ms = round((time.monotonic() - started) * 1000)
-        return Taken(changed=changed, duration_ms=duration_ms, left_out=left_out)
+        return Taken(changed=recorded.changed, duration_ms=duration_ms, left_out=recorded.left_out)
 
     def has(self, turn_id: str) -> bool:
         """Whether `turn_id` has a checkpoint (refs are never packed: a file check)."""
@@ -203,29 +245,36 @@ class CheckpointStore:
             if not self.has(turn_id):
                 raise CheckpointError(f"turn {turn_id} has no checkpoint of the files")
             try:
-                async with asyncio.timeout(self.workspace.checkpoint_timeout_s):
-                    current, _, _ = await self._record()
+                async with asyncio.timeout(RESTORE_RECORD_TIMEOUT_S):
+                    current = await self._record(bounded=False)
             except TimeoutError:
-                reason = self._timeout_reason()
+                reason = f"recording them took longer than {RESTORE_RECORD_TIMEOUT_S:g} s"
                 raise CheckpointError(_unsaved(reason)) from None
             except (_Skip, OSError) as error:
                 raise CheckpointError(_unsaved(str(error))) from None
             saved = f"refs/rewound/{self._next_rewound()}"
             target = self._read_ref(_turn_ref(turn_id)) or _turn_ref(turn_id)
             try:
-                self._write_ref(saved, current)
-                tree = await self._tree_to_restore(target)
+                self._write_ref(saved, current.commit)
+                tree, in_the_way = await self._tree_to_restore(target)
+                self._index_modes.unlink(missing_ok=True)
                 await self._git("read-tree", "-u", "--reset", tree)
                 self._write_ref("refs/last", target)
+                wanted = _read_modes(self._modes_dir / target)
+                if wanted is not None:
+                    kept = {p: m for p, m in wanted.entries.items() if p not in in_the_way}
+                    self._write_modes(self._index_modes, _Modes(wanted.umask, kept))
+                    await self._give_modes_back(wanted, current.modes, tree, in_the_way)
             except (_Skip, OSError) as error:
                 raise CheckpointError(
                     f"restoring the files of turn {turn_id} failed: {error}"
                     f" (the files before it are kept as {saved} in {self._git_dir})"
                 ) from None
 
-    async def _tree_to_restore(self, target: str) -> str:
+    async def _tree_to_restore(self, target: str) -> tuple[str, set[bytes]]:
         """`target`, less the paths it would write over something not recorded now (an
-        ignored or too large file, an ignored directory): those stay as they are."""
+        ignored or too large file, an ignored directory): those stay as they are. And
+        those paths."""
         absent = await self._git(
             "diff-index", "--cached", "-z", "--name-only", "--no-renames", "--diff-filter=D",
             target,
@@ -233,26 +282,44 @@ class CheckpointStore:
         base = os.fsencode(self.cwd)
         in_the_way = [path for path in absent.split(b"\0") if path and _taken(base, path)]
         if not in_the_way:
-            return target
+            return target, set()
         index = {"GIT_INDEX_FILE": str(self.root / "index.restore")}
         await self._git("read-tree", target, env=index)
         await self._git(
             "update-index", "-z", "--force-remove", "--stdin", input=_nul(in_the_way), env=index
         )
-        return (await self._git("write-tree", env=index)).decode().strip()
+        tree = (await self._git("write-tree", env=index)).decode().strip()
+        return tree, set(in_the_way)
 
-    def remove(self) -> None:
-        """The pod was deleted: stop any git of ours and drop the store."""
-        if self._child is not None and self._child.returncode is None:
-            stop_group(self._child)
-        shutil.rmtree(self.root, ignore_errors=True)
+    async def _give_modes_back(
+        self, wanted: _Modes, current: _Modes, tree: str, in_the_way: set[bytes]
+    ) -> None:
+        """After `tree` was read into the cwd: chmod the files whose permission bits are
+        not `wanted`'s. Under the same umask, read-tree wrote the files without an entry
+        as they were, so only those with an entry either side can differ; under another
+        umask any file can."""
+        if wanted.umask == current.umask:
+            paths = set(wanted.entries)
+            paths.update(p for p, mode in current.entries.items() if wanted.entries.get(p) != mode)
+        else:
+            listed = await self._git("ls-tree", "-r", "-z", "--name-only", tree)
+            paths = {path for path in listed.split(b"\0") if path}
+        paths -= in_the_way
+        if len(paths) <= INLINE_MODES:
+            _chmod(self.cwd, paths, wanted)
+        else:
+            await asyncio.to_thread(_chmod, self.cwd, paths, wanted)
 
-    async def _record(self) -> tuple[str, int, list[str]]:
-        """Stage the cwd's changes and commit them: (commit, paths changed, left out)."""
+    async def _record(self, bounded: bool = True) -> _Recorded:
+        """Stage the cwd's changes and commit them. `bounded`: skip it past
+        `checkpoint_max_files` or `checkpoint_max_mb` (a restore's record is not)."""
         if not self.cwd.is_dir():
             raise _Skip(f"the cwd {self.cwd} is not a directory")
         await self._prepare()
-        room = self.workspace.checkpoint_max_files - _index_entries(self._index)
+        umask = _umask()
+        held = _index_entries(self._index)
+        base = self._read_index_modes()
+        room = self.workspace.checkpoint_max_files - held if bounded else None
         listing = await self._git(
             "ls-files", "-z", "-t", "-m", "-d", "-o", "--exclude-standard", new_paths=room
         )
@@ -262,17 +329,21 @@ class CheckpointStore:
             self._rules_changed = False
         max_file = self.workspace.checkpoint_file_max_mb * MB
         if len(listing) < INLINE_LISTING:
-            plan = _plan(self.cwd, listing, ignored, max_file)
+            plan = _plan(self.cwd, listing, ignored, max_file, umask)
         else:
-            plan = await asyncio.to_thread(_plan, self.cwd, listing, ignored, max_file)
-        if plan.new_paths > room:
+            plan = await asyncio.to_thread(_plan, self.cwd, listing, ignored, max_file, umask)
+        if room is not None and plan.new_paths > room:
             raise self._too_many_files()
-        if plan.new_bytes > self.workspace.checkpoint_max_mb * MB:
+        if bounded and plan.new_bytes > self.workspace.checkpoint_max_mb * MB:
             raise _Skip(
                 f"{_mb(plan.new_bytes)} MB of changed files is more than"
                 f" workspace.checkpoint_max_mb ({self.workspace.checkpoint_max_mb}): raise"
                 " it, or .gitignore what need not be restored"
             )
+        staged = bool(plan.drop or plan.update)
+        if staged:  # set aside until it matches the index again
+            with suppress(FileNotFoundError):
+                self._index_modes.replace(self._index_modes_aside)
         if plan.drop:
             await self._git(
                 "update-index", "-z", "--force-remove", "--stdin", input=_nul(plan.drop)
@@ -289,17 +360,82 @@ class CheckpointStore:
                 input=_nul(plan.update),
                 options=packed,
             )
+        if base is not None and base.umask == umask:
+            modes = _Modes(umask, dict(base.entries))
+        elif held:  # not known, or relative to another umask: look at every file once
+            modes = await self._scan_modes(umask)
+        else:
+            modes = _Modes(umask)  # all the files are in this listing
+        _update(modes, plan)
+        if modes == base and staged:
+            self._index_modes_aside.replace(self._index_modes)
+        elif modes != base:
+            self._write_modes(self._index_modes, modes)
         tree = (await self._git("write-tree")).decode().strip()
         parent = self._read_ref("refs/last")
         if parent is None:
-            commit = await self._git("commit-tree", "-m", "checkpoint", tree)
-            return commit.decode().strip(), _index_entries(self._index), plan.left_out
+            commit = (await self._git("commit-tree", "-m", "checkpoint", tree)).decode().strip()
+            self._keep_modes(commit)
+            return _Recorded(commit, _index_entries(self._index), plan.left_out, modes)
         diff = await self._git("diff-tree", "-r", "-z", "--name-only", "--no-renames", parent, tree)
         changed = diff.count(b"\0")
-        if changed == 0:
-            return parent, 0, plan.left_out
+        if changed == 0 and self._same_modes(parent, modes):
+            return _Recorded(parent, 0, plan.left_out, modes)
         commit = await self._git("commit-tree", "-p", parent, "-m", "checkpoint", tree)
-        return commit.decode().strip(), changed, plan.left_out
+        commit = commit.decode().strip()
+        self._keep_modes(commit)
+        return _Recorded(commit, changed, plan.left_out, modes)
+
+    def _keep_modes(self, commit: str) -> None:
+        """`index.modes` kept as `commit`'s: a second name of the same file."""
+        self._modes_dir.mkdir(mode=0o700, exist_ok=True)
+        kept = self._modes_dir / commit
+        kept.unlink(missing_ok=True)
+        os.link(self._index_modes, kept)
+
+    def _same_modes(self, commit: str, modes: _Modes) -> bool:
+        """Whether `commit`'s kept modes are `modes` (the index's): most often the very
+        file `index.modes` is."""
+        kept = self._modes_dir / commit
+        with suppress(OSError):
+            if os.path.samestat(kept.stat(), self._index_modes.stat()):
+                return True
+        return _read_modes(kept) == modes
+
+    def _read_index_modes(self) -> _Modes | None:
+        """`index.modes`, read again only when it is another file than last time."""
+        try:
+            info = self._index_modes.stat()
+        except FileNotFoundError:
+            return None
+        which = (info.st_ino, info.st_mtime_ns, info.st_size)
+        if self._index_modes_read is None or self._index_modes_read[0] != which:
+            modes = _read_modes(self._index_modes)
+            if modes is None:
+                return None
+            self._index_modes_read = (which, modes)
+        return self._index_modes_read[1]
+
+    async def _scan_modes(self, umask: int) -> _Modes:
+        """The permission-bit entries of every file the index holds, from the files."""
+        listed = await self._git("ls-files", "-z")
+        paths = [path for path in listed.split(b"\0") if path]
+        return await asyncio.to_thread(_scan, self.cwd, paths, umask)
+
+    def _write_modes(self, path: Path, modes: _Modes) -> None:
+        """Write `modes` whole to `path` (renamed into place): `<umask>\\0` then
+        `<bits> <path>\\0` per entry, in octal."""
+        self._modes_dir.mkdir(mode=0o700, exist_ok=True)
+        lines = [b"%o\0" % modes.umask]
+        lines += [b"%o %s\0" % (mode, name) for name, mode in sorted(modes.entries.items())]
+        fresh = self.root / "modes.new"
+        fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as file:
+            file.write(b"".join(lines))
+        info = fresh.stat()
+        fresh.replace(path)
+        if path == self._index_modes:
+            self._index_modes_read = ((info.st_ino, info.st_mtime_ns, info.st_size), modes)
 
     async def _prepare(self) -> None:
         """Before the first git: the killed one gone and its locks removed, the store
@@ -325,7 +461,9 @@ class CheckpointStore:
         fresh = self.root / "ck.git.new"
         shutil.rmtree(fresh, ignore_errors=True)
         shutil.rmtree(self._git_dir, ignore_errors=True)
+        shutil.rmtree(self._modes_dir, ignore_errors=True)
         self._index.unlink(missing_ok=True)
+        self._index_modes.unlink(missing_ok=True)
         # --shared=0600: every file git makes in the store is its owner's alone.
         await self._git(
             "init", "-q", "--bare", "--shared=0600", "--template=", str(fresh), bare=True
@@ -483,9 +621,10 @@ class CheckpointStore:
         )
 
 
-def _plan(cwd: Path, listing: bytes, ignored: bytes, max_file: int) -> _Plan:
+def _plan(cwd: Path, listing: bytes, ignored: bytes, max_file: int, umask: int) -> _Plan:
     """Sort `ls-files -t -m -d -o` output (`listing`) into what to stage, what to leave
-    out and how much; `ignored`: recorded paths now ignored, to take out."""
+    out and how much, with the permission-bit entries of what is staged; `ignored`:
+    recorded paths now ignored, to take out."""
     plan = _Plan(drop=[path for path in ignored.split(b"\0") if path])
     seen = set(plan.drop)
     base = os.fsencode(cwd)
@@ -500,6 +639,7 @@ def _plan(cwd: Path, listing: bytes, ignored: bytes, max_file: int) -> _Plan:
             info = os.lstat(os.path.join(base, path))
         except (FileNotFoundError, NotADirectoryError):
             plan.update.append(path)
+            plan.modes[path] = None
             continue
         if stat.S_ISREG(info.st_mode) and info.st_size > max_file:
             plan.drop.append(path)
@@ -507,11 +647,90 @@ def _plan(cwd: Path, listing: bytes, ignored: bytes, max_file: int) -> _Plan:
                 plan.left_out.append(path.decode(errors="backslashreplace"))
             continue
         plan.update.append(path)
+        plan.modes[path] = _entry(info.st_mode, umask)
         if _is_new(entry):
             plan.new_paths += 1
         if not stat.S_ISDIR(info.st_mode):
             plan.new_bytes += info.st_size
     return plan
+
+
+def _update(modes: _Modes, plan: _Plan) -> None:
+    """The entries of `modes` after `plan` was staged."""
+    for path in plan.drop:
+        modes.entries.pop(path, None)
+    for path, mode in plan.modes.items():
+        if mode is None:
+            modes.entries.pop(path, None)
+        else:
+            modes.entries[path] = mode
+
+
+def _entry(st_mode: int, umask: int) -> int | None:
+    """A regular file's permission bits when they are not what git writes for it under
+    `umask` (0666 or, executable for its owner, 0777, less the umask); else None."""
+    if not stat.S_ISREG(st_mode):
+        return None
+    bits = stat.S_IMODE(st_mode)
+    return None if bits == _written(st_mode, umask) else bits
+
+
+def _written(st_mode: int, umask: int) -> int:
+    """The bits git gives a file it writes: it keeps only the owner's executable bit."""
+    return (0o777 if st_mode & stat.S_IXUSR else 0o666) & ~umask
+
+
+def _scan(cwd: Path, paths: list[bytes], umask: int) -> _Modes:
+    modes = _Modes(umask)
+    base = os.fsencode(cwd)
+    for path in paths:
+        with suppress(OSError):
+            mode = _entry(os.lstat(os.path.join(base, path)).st_mode, umask)
+            if mode is not None:
+                modes.entries[path] = mode
+    return modes
+
+
+def _chmod(cwd: Path, paths: set[bytes], wanted: _Modes) -> None:
+    """Give each regular file among `paths` its bits in `wanted`."""
+    base = os.fsencode(cwd)
+    for path in paths:
+        full = os.path.join(base, path)
+        try:
+            info = os.lstat(full)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        if not stat.S_ISREG(info.st_mode):
+            continue
+        bits = wanted.entries.get(path, _written(info.st_mode, wanted.umask))
+        if stat.S_IMODE(info.st_mode) != bits:
+            os.chmod(full, bits)
+
+
+def _read_modes(path: Path) -> _Modes | None:
+    """The `_Modes` written to `path`; None when there is none (a checkpoint taken before
+    capd kept modes, an index being changed) or it cannot be read."""
+    try:
+        fields = path.read_bytes().split(b"\0")
+        modes = _Modes(int(fields[0], 8))
+        for line in fields[1:-1]:
+            mode, _, name = line.partition(b" ")
+            modes.entries[name] = int(mode, 8)
+    except (OSError, ValueError):
+        return None
+    return modes if fields[-1] == b"" else None
+
+
+def _umask() -> int:
+    """capd's umask, which the gits it runs write files with: read, not set and reset,
+    where Linux shows it."""
+    with suppress(OSError, ValueError), open("/proc/self/status", "rb") as status:
+        for line in status:
+            if line.startswith(b"Umask:"):
+                return int(line.split()[1], 8)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
 
 
 def _taken(base: bytes, path: bytes) -> bool:

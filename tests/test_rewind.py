@@ -477,3 +477,19 @@ async def test_a_checkpoint_past_its_bounds_is_skipped_and_the_turn_runs(
     assert "workspace.checkpoint_max_files" in skipped["reason"]
     assert end["result"] == "finished"
     assert "checkpoint_skipped event" in refused.value.message
+
+
+async def test_deleting_a_pod_deletes_its_checkpoints_and_leaves_its_files(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    cwd = tmp_path / "work"
+    cwd.mkdir()
+    (cwd / "a.txt").write_text("a\n")
+    await spawn(capd, "w1", scripted({"text": "hi"}), cwd=str(cwd), tools=["bash"])
+    async with await connect_pod(capd, "w1") as pod:
+        await _checkpointed_turn(pod, "hello")
+    store = capd.state_dir / "pods" / "w1" / "checkpoints"
+    assert (store / "ck.git" / "HEAD").is_file()
+    await daemon_request(capd, {"method": "delete", "name": "w1"})
+    assert not store.exists()
+    assert _files(cwd) == {"a.txt": "a\n"}
