@@ -90,7 +90,10 @@ async def _measure(tmp: Path, size: Size) -> list[Figure]:
             "ms",
             "lower",
             statistics.median(git_ms),
-            target=1.0,
+            # Five short gits (ls-files, update-index, write-tree, diff-tree, commit-tree)
+            # against `git add` and `git commit`: git's own start-up, 15-20 ms each, is most
+            # of both.
+            target=1.25,
             target_is_ratio=True,
         ),
     ]
