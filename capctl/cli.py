@@ -8,6 +8,7 @@ asyncio and the pydantic models are imported only by the commands that need them
 one-request commands (`oneshot.py`) start fast; see README: Performance.
 """
 
+import math
 import os
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -344,7 +345,7 @@ def _limit(kind: type[int] | type[float]) -> Callable[..., int | float | str | N
             number = kind(value)
         except ValueError:
             number = -1
-        if number < 0:
+        if not 0 <= number < math.inf:  # also nan
             raise click.BadParameter(f"{value!r} is not a number >= 0 or `none`")
         return number
 
