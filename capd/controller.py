@@ -37,7 +37,7 @@ from capd.engines.base import (
 from capd.fanout import Hub
 from capd.journal import Journal, QueuedRun, new_event_id, report_note
 from capd.outbox import Outbox
-from capd.prices import add_usd
+from capd.prices import add_usage
 from capd.store import Store
 from capd.tools.toolbox import Toolbox
 from capd.window import context_window
@@ -201,9 +201,10 @@ class PodController:
     ) -> None:
         """Commit a durable event of the current turn (see `Journal.emit`), counting the
         usage it records in the ledger."""
-        before = self.journal.usage.model_copy()
+        before = self.journal.usage  # replaced, never changed, by an event that counts
         self.journal.emit(event, self.turn, report=report, consumed=consumed)
-        self._ledger.spend(self.name, before, self.journal.usage)
+        if self.journal.usage is not before:
+            self._ledger.spend(self.name, before, self.journal.usage)
         if isinstance(event, AssistantMessage) and not self.engine.checks_budget:
             self._pause_if_spent()
 
@@ -250,10 +251,7 @@ class PodController:
         if self.context.engine_session_seq:
             starts.append(self.context.engine_session_seq)
         event.restore_from = min(starts)
-        totals = self.journal.usage
-        event.usage.input_tokens += totals.input_tokens
-        event.usage.output_tokens += totals.output_tokens
-        event.usage.cost_usd = add_usd(event.usage.cost_usd, totals.cost_usd)
+        event.usage = add_usage(event.usage, self.journal.usage)
         self.emit(event)
 
     def _set_status(self, status: PodStatusName) -> None:

@@ -19,7 +19,7 @@ from capd.context import Context, describe_pod_event
 from capd.engines.base import PendingNote, Turn
 from capd.fanout import Hub
 from capd.outbox import Outbox
-from capd.prices import add_usd
+from capd.prices import add_usage
 from capd.store import OwedReport, Store
 from protocol.events import (
     AssistantMessage,
@@ -80,6 +80,8 @@ class Journal:
         self.last_seq = 0
         self.context = Context()
         self.usage = Usage()
+        """The pod's usage totals: replaced, never changed in place, by each event that
+        counts, so a caller can tell whether an event counted (`PodController.emit`)."""
         self.asked: dict[str, PermissionRequest] = {}
         """The engine's permission questions still waiting for an answer, by request id."""
         self.hub = Hub(name, lambda: self.last_seq, self.page)
@@ -164,12 +166,6 @@ class Journal:
                 return [event_id for event_id, seq in self._received.items() if seq < start]
         return []
 
-    def _count(self, usage: Usage) -> None:
-        """Add a step's usage to the pod's totals."""
-        self.usage.input_tokens += usage.input_tokens
-        self.usage.output_tokens += usage.output_tokens
-        self.usage.cost_usd = add_usd(self.usage.cost_usd, usage.cost_usd)
-
     def _track(self, event: DurableEvent, turn: Turn | None) -> None:
         """Derived state shared by live emission and restore."""
         self.context.apply(event)
@@ -177,10 +173,10 @@ class Journal:
             case AssistantMessage(text=text, interrupted=True, usage=usage) if turn:
                 # What a provider reported for a call a pause cut short was spent: it
                 # counts, as `Store.usage_totals` counts it after a restart.
-                self._count(usage)
+                self.usage = add_usage(self.usage, usage)
                 turn.partial += text
             case AssistantMessage(text=text, usage=usage):
-                self._count(usage)
+                self.usage = add_usage(self.usage, usage)
                 # One that says nothing (an ACP prompt's usage, reported after its last
                 # step) is no step and keeps the turn's output.
                 if turn and (text or event.tool_calls or event.thinking):

@@ -67,6 +67,15 @@ def cost_usd(price: Price | None, usage: Usage) -> float | None:
     ) / 1_000_000
 
 
+def add_usage(usage: Usage, more: Usage) -> Usage:
+    """Two usages added up, their dollars as `add_usd` adds them."""
+    return Usage(
+        input_tokens=usage.input_tokens + more.input_tokens,
+        output_tokens=usage.output_tokens + more.output_tokens,
+        cost_usd=add_usd(usage.cost_usd, more.cost_usd),
+    )
+
+
 def add_usd(total: float | None, more: float | None) -> float | None:
     """Dollars added up, where None is "no known price": it stays None only while
     every part is."""

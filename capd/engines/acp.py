@@ -39,7 +39,7 @@ import orjson
 
 from capd.engines.base import Turn, TurnHost, TurnOutcome
 from capd.engines.process import EngineDied, EngineError, ExternalEngine
-from capd.prices import add_usd
+from capd.prices import add_usage
 from protocol.errors import ProtocolError
 from protocol.events import (
     AssistantMessage,
@@ -387,7 +387,7 @@ class AcpEngine(ExternalEngine):
             return
         seen, self._cost_seen = self._cost_seen, float(amount)
         if seen is not None and amount > seen:
-            self._unrecorded = _added(self._unrecorded, Usage(cost_usd=amount - seen))
+            self._unrecorded = add_usage(self._unrecorded, Usage(cost_usd=amount - seen))
 
     def _compaction(
         self, host: TurnHost, turn: Turn, state: _TurnState, update: dict[str, Any]
@@ -504,7 +504,7 @@ class AcpEngine(ExternalEngine):
         step = state.step
         state.step = _Step()
         if self._unrecorded != Usage():
-            usage = _added(usage or Usage(), self._unrecorded)
+            usage = add_usage(usage or Usage(), self._unrecorded)
             self._unrecorded = Usage()
         if interrupted and not step.calls:
             if step.text:
@@ -555,7 +555,7 @@ class AcpEngine(ExternalEngine):
                 case "usage_update":
                     self._cost(update.get("cost"))
         self._prompt_id = None
-        self._unrecorded = _added(self._unrecorded, _usage(message))
+        self._unrecorded = add_usage(self._unrecorded, _usage(message))
         if host.turn is turn:
             self._flush(host, turn, _TurnState())  # a usage-only step, if anything was spent
 
@@ -587,15 +587,6 @@ def _record_step(host: TurnHost, turn: Turn, step: _Step, usage: Usage | None) -
                 usage=usage or Usage(),
             )
         )
-
-
-def _added(usage: Usage, more: Usage) -> Usage:
-    """The two added up (dollars as `add_usd` adds them)."""
-    return Usage(
-        input_tokens=usage.input_tokens + more.input_tokens,
-        output_tokens=usage.output_tokens + more.output_tokens,
-        cost_usd=add_usd(usage.cost_usd, more.cost_usd),
-    )
 
 
 def _usage(answer: dict[str, Any]) -> Usage:

@@ -24,7 +24,7 @@ from capd.compaction import (
     unread_start,
 )
 from capd.engines.base import CompactOrder, TurnHost
-from capd.prices import add_usd
+from capd.prices import add_usage
 from capd.providers.base import ModelReply, ModelRequest, Provider, ProviderError
 from capd.tokens import BYTES_PER_TOKEN, message_tokens, text_tokens
 from capd.window import context_window, window_in_error
@@ -184,9 +184,7 @@ class Compactor:
                     reply = await self._call_model(
                         host, turn_id, lambda p=prompt: self._summary_once(p, room.summary)
                     )
-                    usage.input_tokens += reply.usage.input_tokens
-                    usage.output_tokens += reply.usage.output_tokens
-                    usage.cost_usd = add_usd(usage.cost_usd, reply.usage.cost_usd)
+                    usage = add_usage(usage, reply.usage)
                     summary = reply.text.strip() or excerpt_summary(piece, summary, room.summary)
             except ProviderError as exc:
                 if not exc.overflow or halvings == SMALLER_PIECES:
