@@ -24,7 +24,7 @@ umask of the take and the files whose bits differ from what git would write with
 (`.env` at 0600; with umask 022, files at 0644 and 0755 need no entry). A take carries
 the previous entries forward and updates those of the paths it stages, which it lstats
 anyway (`index.modes` holds the entries of what the index holds); a restore then chmods
-the files whose bits are not the checkpoint's.
+the files whose bits are not the checkpoint's (capd/file_modes.py).
 
 One git runs at a time per store. A git cancelled or killed part-way leaves its lock files
 behind; they are removed before the next git runs, once the killed one is gone.
@@ -43,6 +43,15 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from capd.file_modes import (
+    Modes,
+    bits_entry,
+    current_umask,
+    encode_modes,
+    give_bits,
+    read_modes,
+    scan_bits,
+)
 from capd.proc.groups import KILL_GRACE_S
 from capd.proc.launcher import launch, stop_group
 from protocol.errors import ProtocolError
@@ -154,20 +163,11 @@ class _Plan:
 
 
 @dataclass
-class _Modes:
-    """The permission bits of a checkpoint's files: `entries` holds the regular files whose
-    bits are not those git writes under `umask` (`_entry`)."""
-
-    umask: int
-    entries: dict[bytes, int] = field(default_factory=dict)
-
-
-@dataclass
 class _Recorded:
     commit: str
     changed: int
     left_out: list[str]
-    modes: _Modes
+    modes: Modes
 
 
 class CheckpointStore:
@@ -189,7 +189,7 @@ class CheckpointStore:
         self._index_modes = root / "index.modes"
         self._index_modes_aside = root / "index.modes.aside"
         self._modes_dir = root / "modes"
-        self._index_modes_read: tuple[tuple[int, int, int], _Modes] | None = None
+        self._index_modes_read: tuple[tuple[int, int, int], Modes] | None = None
         """The last `index.modes` read or written, and which file it was (inode, mtime,
         size): a file is written whole and renamed into place, never changed."""
         self._env = {
@@ -260,10 +260,10 @@ class CheckpointStore:
                 self._index_modes.unlink(missing_ok=True)
                 await self._git("read-tree", "-u", "--reset", tree)
                 self._write_ref("refs/last", target)
-                wanted = _read_modes(self._modes_dir / target)
+                wanted = read_modes(self._modes_dir / target)
                 if wanted is not None:
                     kept = {p: m for p, m in wanted.entries.items() if p not in in_the_way}
-                    self._write_modes(self._index_modes, _Modes(wanted.umask, kept))
+                    self._write_modes(self._index_modes, Modes(wanted.umask, kept))
                     await self._give_modes_back(wanted, current.modes, tree, in_the_way)
             except (_Skip, OSError) as error:
                 raise CheckpointError(
@@ -292,7 +292,7 @@ class CheckpointStore:
         return tree, set(in_the_way)
 
     async def _give_modes_back(
-        self, wanted: _Modes, current: _Modes, tree: str, in_the_way: set[bytes]
+        self, wanted: Modes, current: Modes, tree: str, in_the_way: set[bytes]
     ) -> None:
         """After `tree` was read into the cwd: chmod the files whose permission bits are
         not `wanted`'s. Under the same umask, read-tree wrote the files without an entry
@@ -306,9 +306,9 @@ class CheckpointStore:
             paths = {path for path in listed.split(b"\0") if path}
         paths -= in_the_way
         if len(paths) <= INLINE_MODES:
-            _chmod(self.cwd, paths, wanted)
+            give_bits(self.cwd, paths, wanted)
         else:
-            await asyncio.to_thread(_chmod, self.cwd, paths, wanted)
+            await asyncio.to_thread(give_bits, self.cwd, paths, wanted)
 
     async def _record(self, bounded: bool = True) -> _Recorded:
         """Stage the cwd's changes and commit them. `bounded`: skip it past
@@ -316,7 +316,7 @@ class CheckpointStore:
         if not self.cwd.is_dir():
             raise _Skip(f"the cwd {self.cwd} is not a directory")
         await self._prepare()
-        umask = _umask()
+        umask = current_umask()
         held = _index_entries(self._index)
         base = self._read_index_modes()
         room = self.workspace.checkpoint_max_files - held if bounded else None
@@ -361,11 +361,11 @@ class CheckpointStore:
                 options=packed,
             )
         if base is not None and base.umask == umask:
-            modes = _Modes(umask, dict(base.entries))
+            modes = Modes(umask, dict(base.entries))
         elif held:  # not known, or relative to another umask: look at every file once
             modes = await self._scan_modes(umask)
         else:
-            modes = _Modes(umask)  # all the files are in this listing
+            modes = Modes(umask)  # all the files are in this listing
         _update(modes, plan)
         if modes == base and staged:
             self._index_modes_aside.replace(self._index_modes)
@@ -393,16 +393,16 @@ class CheckpointStore:
         kept.unlink(missing_ok=True)
         os.link(self._index_modes, kept)
 
-    def _same_modes(self, commit: str, modes: _Modes) -> bool:
+    def _same_modes(self, commit: str, modes: Modes) -> bool:
         """Whether `commit`'s kept modes are `modes` (the index's): most often the very
         file `index.modes` is."""
         kept = self._modes_dir / commit
         with suppress(OSError):
             if os.path.samestat(kept.stat(), self._index_modes.stat()):
                 return True
-        return _read_modes(kept) == modes
+        return read_modes(kept) == modes
 
-    def _read_index_modes(self) -> _Modes | None:
+    def _read_index_modes(self) -> Modes | None:
         """`index.modes`, read again only when it is another file than last time."""
         try:
             info = self._index_modes.stat()
@@ -410,28 +410,23 @@ class CheckpointStore:
             return None
         which = (info.st_ino, info.st_mtime_ns, info.st_size)
         if self._index_modes_read is None or self._index_modes_read[0] != which:
-            modes = _read_modes(self._index_modes)
+            modes = read_modes(self._index_modes)
             if modes is None:
                 return None
             self._index_modes_read = (which, modes)
         return self._index_modes_read[1]
 
-    async def _scan_modes(self, umask: int) -> _Modes:
+    async def _scan_modes(self, umask: int) -> Modes:
         """The permission-bit entries of every file the index holds, from the files."""
         listed = await self._git("ls-files", "-z")
         paths = [path for path in listed.split(b"\0") if path]
-        return await asyncio.to_thread(_scan, self.cwd, paths, umask)
+        return await asyncio.to_thread(scan_bits, self.cwd, paths, umask)
 
-    def _write_modes(self, path: Path, modes: _Modes) -> None:
-        """Write `modes` whole to `path` (renamed into place): `<umask>\\0` then
-        `<bits> <path>\\0` per entry, in octal."""
+    def _write_modes(self, path: Path, modes: Modes) -> None:
+        """Write `modes` whole to `path` (renamed into place)."""
         self._modes_dir.mkdir(mode=0o700, exist_ok=True)
-        lines = [b"%o\0" % modes.umask]
-        lines += [b"%o %s\0" % (mode, name) for name, mode in sorted(modes.entries.items())]
         fresh = self.root / "modes.new"
-        fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as file:
-            file.write(b"".join(lines))
+        _write_private(fresh, encode_modes(modes))
         info = fresh.stat()
         fresh.replace(path)
         if path == self._index_modes:
@@ -647,7 +642,7 @@ def _plan(cwd: Path, listing: bytes, ignored: bytes, max_file: int, umask: int) 
                 plan.left_out.append(path.decode(errors="backslashreplace"))
             continue
         plan.update.append(path)
-        plan.modes[path] = _entry(info.st_mode, umask)
+        plan.modes[path] = bits_entry(info.st_mode, umask)
         if _is_new(entry):
             plan.new_paths += 1
         if not stat.S_ISDIR(info.st_mode):
@@ -655,7 +650,7 @@ def _plan(cwd: Path, listing: bytes, ignored: bytes, max_file: int, umask: int) 
     return plan
 
 
-def _update(modes: _Modes, plan: _Plan) -> None:
+def _update(modes: Modes, plan: _Plan) -> None:
     """The entries of `modes` after `plan` was staged."""
     for path in plan.drop:
         modes.entries.pop(path, None)
@@ -664,73 +659,6 @@ def _update(modes: _Modes, plan: _Plan) -> None:
             modes.entries.pop(path, None)
         else:
             modes.entries[path] = mode
-
-
-def _entry(st_mode: int, umask: int) -> int | None:
-    """A regular file's permission bits when they are not what git writes for it under
-    `umask` (0666 or, executable for its owner, 0777, less the umask); else None."""
-    if not stat.S_ISREG(st_mode):
-        return None
-    bits = stat.S_IMODE(st_mode)
-    return None if bits == _written(st_mode, umask) else bits
-
-
-def _written(st_mode: int, umask: int) -> int:
-    """The bits git gives a file it writes: it keeps only the owner's executable bit."""
-    return (0o777 if st_mode & stat.S_IXUSR else 0o666) & ~umask
-
-
-def _scan(cwd: Path, paths: list[bytes], umask: int) -> _Modes:
-    modes = _Modes(umask)
-    base = os.fsencode(cwd)
-    for path in paths:
-        with suppress(OSError):
-            mode = _entry(os.lstat(os.path.join(base, path)).st_mode, umask)
-            if mode is not None:
-                modes.entries[path] = mode
-    return modes
-
-
-def _chmod(cwd: Path, paths: set[bytes], wanted: _Modes) -> None:
-    """Give each regular file among `paths` its bits in `wanted`."""
-    base = os.fsencode(cwd)
-    for path in paths:
-        full = os.path.join(base, path)
-        try:
-            info = os.lstat(full)
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        if not stat.S_ISREG(info.st_mode):
-            continue
-        bits = wanted.entries.get(path, _written(info.st_mode, wanted.umask))
-        if stat.S_IMODE(info.st_mode) != bits:
-            os.chmod(full, bits)
-
-
-def _read_modes(path: Path) -> _Modes | None:
-    """The `_Modes` written to `path`; None when there is none (a checkpoint taken before
-    capd kept modes, an index being changed) or it cannot be read."""
-    try:
-        fields = path.read_bytes().split(b"\0")
-        modes = _Modes(int(fields[0], 8))
-        for line in fields[1:-1]:
-            mode, _, name = line.partition(b" ")
-            modes.entries[name] = int(mode, 8)
-    except (OSError, ValueError):
-        return None
-    return modes if fields[-1] == b"" else None
-
-
-def _umask() -> int:
-    """capd's umask, which the gits it runs write files with: read, not set and reset,
-    where Linux shows it."""
-    with suppress(OSError, ValueError), open("/proc/self/status", "rb") as status:
-        for line in status:
-            if line.startswith(b"Umask:"):
-                return int(line.split()[1], 8)
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return umask
 
 
 def _taken(base: bytes, path: bytes) -> bool:
@@ -753,11 +681,11 @@ def _is_new(entry: bytes) -> bool:
     return entry.startswith(b"? ") and not entry.endswith(b"/")
 
 
-def _write_private(path: Path, text: str) -> None:
-    """Write `text` to `path`, a file only its owner may read (as git's own are here)."""
+def _write_private(path: Path, data: str | bytes) -> None:
+    """Write `data` to `path`, a file only its owner may read (as git's own are here)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as file:
-        file.write(text)
+    with os.fdopen(fd, "wb") as file:
+        file.write(data.encode() if isinstance(data, str) else data)
 
 
 def _nul(paths: list[bytes]) -> bytes:
