@@ -25,6 +25,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -141,6 +142,8 @@ class PendingRow:
     created: float
 
 
+LAST_SEQ = 2**63 - 1
+"""Past every seq: SQLite's largest integer."""
 PAGE_BYTES = 4 * 1024 * 1024
 """What one page of stored events (history, replay, restore) holds at most, past its
 first event."""
@@ -277,35 +280,36 @@ class Store:
         """The first seq a restart reads: the `restore_from` of the pod's latest
         `context_compacted` (never past that event itself), else 1. The scan runs back from
         the newest event, so it reads only the events since that compaction."""
-        return self.context_start(pod, 2**63 - 1)
+        return self.context_start(pod, LAST_SEQ)
 
     def context_start(self, pod: str, before_seq: int) -> int:
         """The first seq to read to rebuild the pod's context as it stood just before
         `before_seq`: the `restore_from` of its latest `context_compacted` before then
         (never past that event itself), else 1."""
+        found = self._latest_compaction(pod, before_seq)
+        if found is None:
+            return 1
+        seq, compacted = found
+        return min(compacted.get("restore_from") or 1, seq)
+
+    def _latest_compaction(self, pod: str, before_seq: int) -> tuple[int, dict[str, Any]] | None:
+        """The pod's latest `context_compacted` before `before_seq`: (seq, the event)."""
         row = self._db.execute(
             "SELECT seq, data FROM events WHERE pod = ? AND kind = 'context_compacted' "
             "AND seq < ? ORDER BY seq DESC LIMIT 1",
             (pod, before_seq),
         ).fetchone()
-        if row is None:
-            return 1
-        seq, data = row
-        return min(orjson.loads(data).get("restore_from") or 1, seq)
+        return None if row is None else (row[0], orjson.loads(row[1]))
 
     def usage_totals(self, pod: str) -> tuple[int, int, float | None]:
         """The pod's (input tokens, output tokens, dollars or None) over its whole history,
         as a restart derives them: its latest `context_compacted`'s `usage`, then the
         `assistant_message`s after it."""
-        row = self._db.execute(
-            "SELECT seq, data FROM events WHERE pod = ? AND kind = 'context_compacted' "
-            "ORDER BY seq DESC LIMIT 1",
-            (pod,),
-        ).fetchone()
+        found = self._latest_compaction(pod, LAST_SEQ)
         after, inp, out, usd = 0, 0, 0, None
-        if row is not None:
-            after, data = row
-            usage = orjson.loads(data).get("usage") or {}
+        if found is not None:
+            after, compacted = found
+            usage = compacted.get("usage") or {}
             inp, out = usage.get("input_tokens") or 0, usage.get("output_tokens") or 0
             usd = usage.get("cost_usd")
         more = self._db.execute(
