@@ -874,6 +874,7 @@ class PodController:
             ],
             "budget": self._ledger.budget(self.name),
             "spent": self._ledger.spent(self.name),
+            "mcp": self.toolbox.mcp_status() + self.engine.mcp_status(),
         }
 
 

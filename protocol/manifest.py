@@ -3,7 +3,15 @@ in `spawn`."""
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    model_validator,
+)
 
 from protocol.names import ToolName
 from protocol.paths import POD_NAME_PATTERN
@@ -117,6 +125,62 @@ class Limits(_Strict):
     """How many replies cut off by max_tokens in a row the builtin engine continues (§10)."""
     compact_at: float = Field(default=0.8, gt=0, le=1)
     """Compact before a call would fill more than this share of the context window (§10)."""
+    mcp_startup_timeout_s: float = Field(default=60.0, gt=0)
+    """How long an MCP server has to start and list its tools, else it is restarted with
+    backoff (an addition)."""
+    mcp_call_timeout_s: float = Field(default=120.0, gt=0)
+    """How long an MCP tool call may take, then it is cancelled and the model reads an
+    error (an addition)."""
+
+
+MCP_SERVER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$"
+
+
+def _one_part(name: str) -> str:
+    if "__" in name or name.endswith("_"):
+        raise ValueError(f"MCP server name {name!r} may not contain '__' or end with '_'")
+    return name
+
+
+McpServerName = Annotated[str, Field(pattern=MCP_SERVER_NAME_PATTERN), AfterValidator(_one_part)]
+"""A server's name, the middle of its tools' names `mcp__<server>__<tool>`: without `__`
+and a trailing `_`, so the three parts stay apart, and short, so tool names fit
+providers' 64 characters."""
+
+
+class McpStdioServer(_Strict):
+    """An MCP server capd runs as one of the pod's processes, speaking over its stdio (§12)."""
+
+    type: Literal["stdio"] = "stdio"
+    """Optional, as in Claude Code's `.mcp.json` (an addition)."""
+    command: str = Field(min_length=1)
+    """An executable: a name with a `/` is taken relative to the pod's cwd, a bare name is
+    looked up on PATH."""
+    args: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+    """Set over capd's environment; `${VAR}` in a value reads capd's environment."""
+
+
+class McpHttpServer(_Strict):
+    """An MCP server reached over Streamable HTTP (§12)."""
+
+    type: Literal["http"] = "http"
+    """Optional, as in Claude Code's `.mcp.json` (an addition)."""
+    url: str = Field(pattern=r"^https?://[^\s]+$")
+    headers: dict[str, str] = Field(default_factory=dict)
+    """Sent with every request; `${VAR}` in a value reads capd's environment."""
+
+
+def _mcp_server_kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return "http" if "url" in value or value.get("type") == "http" else "stdio"
+    return "http" if isinstance(value, McpHttpServer) else "stdio"
+
+
+McpServerConfig = Annotated[
+    Annotated[McpStdioServer, Tag("stdio")] | Annotated[McpHttpServer, Tag("http")],
+    Discriminator(_mcp_server_kind),
+]
 
 
 class BuiltinEngine(_Strict):
@@ -169,6 +233,8 @@ class Manifest(_Strict):
     limits: Limits = Field(default_factory=Limits)
     workspace: Workspace = Field(default_factory=Workspace)
     budget: Budget | None = None
+    mcp_servers: dict[McpServerName, McpServerConfig] = Field(default_factory=dict)
+    """§12: the MCP servers whose tools the pod is offered, by name."""
 
     @model_validator(mode="after")
     def _fits_engine(self) -> "Manifest":

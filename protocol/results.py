@@ -41,6 +41,26 @@ class ContextSize(Result):
     window: int | None = None
 
 
+class McpServerState(Result):
+    """`status.mcp` (§12): one of the pod's MCP servers as capd sees it now."""
+
+    name: str
+    state: Literal["starting", "ready", "failed"]
+    tools: int = 0
+    """How many tools it offers."""
+    error: str | None = None
+    """Why it is not ready (failed), or why it was last restarted."""
+    transport: Literal["stdio", "http"] = "stdio"
+    """An addition."""
+    pid: int | None = None
+    """A stdio server's process while it runs (an addition)."""
+    restarts: int = 0
+    """How many times capd started it again after a failure (an addition)."""
+    managed_by: Literal["capd", "engine"] = "capd"
+    """`engine`: an external engine runs the server; capd only handed it over, and `state`
+    says whether the engine took it (an addition)."""
+
+
 class PodStatus(Result):
     name: str
     status: PodStatusName
@@ -62,6 +82,8 @@ class PodStatus(Result):
     """§11: the pod's own budget, for its whole subtree."""
     spent: Spent = Field(default_factory=Spent)
     """§11: what the pod and all its descendants have spent."""
+    mcp: list[McpServerState] = Field(default_factory=list)
+    """§12: the pod's MCP servers, in the manifest's order."""
 
 
 class SetBudgetResult(Result):

@@ -61,6 +61,11 @@ class SpawnPodArgs(ToolArgs):
         description='Model settings that differ from yours, e.g. {"name": "..."}; '
         "the provider, base_url and api_key_env are always yours.",
     )
+    mcp_servers: list[str] | None = Field(
+        default=None,
+        description="Names of your MCP servers the child may use (the middle part of "
+        "mcp__<server>__<tool>); all of yours if omitted.",
+    )
 
 
 class SendToPodArgs(ToolArgs):

@@ -16,6 +16,9 @@ from typing import Any
 
 import pytest
 
+from tests.mcp_servers import McpServerCommands
+from tests.mcp_servers import install as install_mcp_servers
+
 START_TIMEOUT_S = 10.0
 
 
@@ -176,3 +179,9 @@ def _daemon_result(capd: CapdProcess, request: dict[str, Any]) -> dict[str, Any]
     reply = _request(capd.socket, request, timeout=START_TIMEOUT_S)
     assert "result" in reply, f"{request} failed: {reply}"
     return reply["result"]
+
+
+@pytest.fixture(scope="session")
+def mcp_commands() -> "McpServerCommands":
+    """How to start the real MCP servers the tests use, installed on first use."""
+    return install_mcp_servers()

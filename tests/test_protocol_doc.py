@@ -32,6 +32,7 @@ RESULT_METHODS: dict[type[BaseModel], tuple[str, ...]] = {
     results.PodStatus: ("status",),
     results.OpenPermission: ("status",),
     results.ContextSize: ("status",),
+    results.McpServerState: ("status",),
     results.SubscribeResult: ("subscribe",),
     results.HistoryResult: ("history",),
     results.SpawnResult: ("spawn", "start"),

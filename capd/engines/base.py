@@ -11,7 +11,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from capd.context import Context
 from capd.tools.toolbox import Toolbox
@@ -143,6 +143,12 @@ class Engine(Protocol):
 
     def answer_permission(self, request_id: str, option_id: str | None) -> None:
         """A client's answer to a `permission_request` (None cancels it)."""
+        ...
+
+    def mcp_status(self) -> list[dict[str, Any]]:
+        """`status.mcp` entries (protocol.results.McpServerState) of the MCP servers an
+        external engine runs itself; capd's own engine has none (its servers are the
+        toolbox's)."""
         ...
 
     async def aclose(self) -> None:

@@ -7,6 +7,7 @@ stop) by cancelling the task: a streaming model call keeps its partial text as a
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from capd.backoff import backoff_s
 from capd.chat import INVALID_JSON_KEY
@@ -88,6 +89,9 @@ class BuiltinEngine:
 
     def answer_permission(self, request_id: str, option_id: str | None) -> None:
         raise never_asks("builtin")
+
+    def mcp_status(self) -> list[dict[str, Any]]:
+        return []
 
     async def aclose(self) -> None:
         await self.provider.aclose()

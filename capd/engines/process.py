@@ -304,6 +304,9 @@ class ExternalEngine(ABC):
     async def compact(self, host: TurnHost, order: CompactOrder) -> None:
         raise cannot_compact(self.kind)
 
+    def mcp_status(self) -> list[dict[str, Any]]:
+        return []
+
     async def aclose(self) -> None:
         if self._settling is not None:
             self._settling.cancel()

@@ -78,6 +78,11 @@ class Toolbox:
             log.exception("tool %s failed in pod %s", name, self.context.pod)
             return ToolOutcome(f"tool {name} failed: {type(exc).__name__}: {exc}", is_error=True)
 
+    def mcp_status(self) -> list[dict[str, Any]]:
+        """`status.mcp` entries (protocol.results.McpServerState) of the servers whose
+        tools it offers."""
+        return []
+
     async def aclose(self) -> None:
         """The pod stops: offer nothing more. A tool that holds something (a server's
         connection) releases it here; the built-in tools hold nothing."""

@@ -12,6 +12,7 @@ misbehave.
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from capd.engines.base import CompactOrder, Turn, TurnHost, TurnOutcome, cannot_compact
 from protocol.events import AssistantMessage, ToolCall, ToolResult, TurnResult
@@ -103,6 +104,9 @@ class FakeEngine:
 
     def answer_permission(self, request_id: str, option_id: str | None) -> None:
         self.answers.append((request_id, option_id))
+
+    def mcp_status(self) -> list[dict[str, Any]]:
+        return []
 
     async def aclose(self) -> None:
         self.closed.set()
