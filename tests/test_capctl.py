@@ -488,7 +488,7 @@ def test_spawn_mcp_adds_servers_and_status_shows_each(capd: CapdProcess, tmp_pat
         "--mcp",
         "tm=mcp-server-nowhere --local-timezone 'Europe/Paris' $HOME",
         "--mcp",
-        "docs=https://mcp.example.com/mcp",
+        "docs=http://127.0.0.1:9/mcp",
     )
     with sqlite3.connect(capd.state_dir / "capd.db") as db:
         (row,) = db.execute("SELECT manifest FROM pods WHERE name = 'w1'")
@@ -499,7 +499,7 @@ def test_spawn_mcp_adds_servers_and_status_shows_each(capd: CapdProcess, tmp_pat
             "args": ["--local-timezone", "Europe/Paris", "$HOME"],
             "env": {},
         },
-        "docs": {"type": "http", "url": "https://mcp.example.com/mcp", "headers": {}},
+        "docs": {"type": "http", "url": "http://127.0.0.1:9/mcp", "headers": {}},
     }
 
     # An external engine's servers show in status as soon as the pod is spawned.
