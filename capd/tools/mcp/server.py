@@ -380,7 +380,7 @@ class McpServer:
             return
         self._dead = reason
         if self._process is not None:
-            self._process.stop()
+            self._process.kill()
         self._wake.set()
 
     def _probe_later(self, conn: "Connection", generation: int, after: str) -> None:

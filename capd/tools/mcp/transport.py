@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from capd.engines.process import stderr_summary
-from capd.proc.groups import KILL_GRACE_S, signal_name
+from capd.proc.groups import KILL_GRACE_S, signal_name, terminate_group
 from capd.proc.launcher import environment, launch, stop_group
 
 LINE_LIMIT = 64 * 1024 * 1024
@@ -112,6 +112,13 @@ class ServerProcess:
         if self._proc.stdin is not None:
             self._proc.stdin.close()
         stop_group(self._proc)
+
+    def kill(self) -> None:
+        """SIGKILL the process group now: the server hangs (a stopped process ignores
+        SIGTERM)."""
+        if self._proc.stdin is not None:
+            self._proc.stdin.close()
+        terminate_group(self._proc.pid, grace=0)
 
     async def aclose(self) -> None:
         """Stop the group and wait for the process (bounded), and for its last stderr."""
