@@ -314,10 +314,13 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _holds(text: str, structured: object) -> bool:
+    """Whether `text` says what `structured` says: the same JSON, or the value a server
+    wrapped as `{"result": value}` (the SDK's servers do, for a tool returning a plain value)."""
     try:
-        return json.loads(text) == structured
+        said: object = json.loads(text)
     except ValueError:
-        return False
+        said = text
+    return said == structured or structured == {"result": said}
 
 
 def _decoded_size(data: str) -> str:

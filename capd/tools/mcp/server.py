@@ -49,6 +49,9 @@ STEADY_S = 30.0
 """A server that stayed ready this long starts its backoff over."""
 STOP_WAIT_S = 3.0
 """How long the pod's stop waits for a server's owner task."""
+RELIST_WAIT_S = 2.0
+"""How long a call that made the server announce new tools waits for the new list, so the
+next model call is offered it."""
 DOWN_WAIT_S = 2.0
 """How long a call whose connection closed waits for the owner to say why."""
 SECRET_MIN_CHARS = 4
@@ -107,6 +110,9 @@ class McpServer:
         """Set once the server was first ready or first failed."""
         self._down = asyncio.Event()
         self._stale = False
+        self._listed = asyncio.Event()
+        """Clear while a list the server said changed is being read again."""
+        self._listed.set()
         self._dead: str | None = None
         self._startup: asyncio.Timeout | None = None
         self._startup_cut = False
@@ -157,7 +163,7 @@ class McpServer:
         generation = self._generation
         timeout_s = self._limits.mcp_call_timeout_s
         try:
-            return await conn.call(tool.name, arguments, timeout_s, ctx)
+            outcome = await conn.call(tool.name, arguments, timeout_s, ctx)
         except CallTimedOut:
             self._probe_later(conn, generation, "a call timed out")
             return ToolOutcome(
@@ -176,6 +182,11 @@ class McpServer:
         except asyncio.CancelledError:
             self._probe_later(conn, generation, "a call was cancelled")
             raise
+        if not self._listed.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(RELIST_WAIT_S):
+                    await self._listed.wait()
+        return outcome
 
     async def aclose(self) -> None:
         """Stop the server: its process group is killed, its owner task waited for
@@ -260,8 +271,11 @@ class McpServer:
                 else:
                     headers = self._expand(self.config.headers)
                     transport = client.http_streams(self.config.url, headers)
-                async with client.connect(transport, self._tools_changed) as conn:
-                    tools = await conn.list_tools()
+                async with (
+                    client.connect(transport, self._tools_changed) as conn,
+                    conn.watching_tools(self._tools_changed),
+                ):
+                    tools = await conn.list_tools()  # after subscribing: changes are not replayed
                     self._startup.reschedule(None)
                     self._startup = None
                     self._publish(tools)
@@ -276,8 +290,7 @@ class McpServer:
                         len(tools),
                     )
                     self._set_state("ready")
-                    async with conn.watching_tools(self._tools_changed):
-                        reason = await self._serve(conn, process)
+                    reason = await self._serve(conn, process)
         except (MissingVariable, CannotStart) as exc:
             reason = str(exc)
         except asyncio.CancelledError:
@@ -290,6 +303,7 @@ class McpServer:
         finally:
             self._startup = None
             self._conn = None
+            self._listed.set()
             if process is not None:
                 await process.aclose()
         return self._scrub(reason or "stopped"), ready_at
@@ -321,6 +335,8 @@ class McpServer:
                 try:
                     async with asyncio.timeout(self._limits.mcp_startup_timeout_s):
                         self._publish(await conn.list_tools())
+                    if not self._stale:
+                        self._listed.set()
                 except TimeoutError:
                     return (
                         f"it did not list its tools within "
@@ -372,6 +388,7 @@ class McpServer:
 
     def _tools_changed(self) -> None:
         self._stale = True
+        self._listed.clear()
         self._wake.set()
 
     def _lose(self, generation: int, reason: str) -> None:
