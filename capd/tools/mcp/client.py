@@ -19,11 +19,11 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import httpx2
 import mcp_types as types
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.client.subscriptions import ListenNotSupportedError
-from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.exceptions import MCPError
 from mcp.shared.message import SessionMessage
 from mcp_types.jsonrpc import CONNECTION_CLOSED, REQUEST_TIMEOUT
@@ -42,6 +42,9 @@ PAGES_LIMIT = 1000
 """Pages of a tool list read at most (a server whose cursor never ends)."""
 CALL_SLACK_S = 5.0
 """How long past its timeout a call is awaited before capd gives up on the SDK's own."""
+HTTP_TIMEOUT = httpx2.Timeout(30.0, read=300.0)
+"""The SDK's own HTTP timeouts: a server may hold a response stream open for a long call
+(capd's call timeout bounds it)."""
 MESSAGE_SHOWN = 300
 """Characters of an exception's message kept in a one-line reason."""
 
@@ -99,10 +102,20 @@ async def stdio_streams(
 
 
 @asynccontextmanager
-async def http_streams(url: str, headers: Mapping[str, str]) -> AsyncIterator[Any]:
-    """The SDK's streams to a Streamable HTTP server, every request carrying `headers`."""
+async def http_streams(
+    url: str, headers: Mapping[str, str], on_error_status: Callable[[int], None]
+) -> AsyncIterator[Any]:
+    """The SDK's streams to a Streamable HTTP server, every request carrying `headers`.
+    An HTTP error status goes to `on_error_status` (the SDK's error does not name it)."""
+
+    async def note_status(response: httpx2.Response) -> None:
+        if response.status_code >= 400:
+            on_error_status(response.status_code)
+
     async with (
-        create_mcp_http_client(headers=dict(headers)) as http,
+        httpx2.AsyncClient(
+            headers=dict(headers), timeout=HTTP_TIMEOUT, event_hooks={"response": [note_status]}
+        ) as http,
         streamable_http_client(url, http_client=http) as streams,
     ):
         yield streams

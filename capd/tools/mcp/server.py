@@ -117,6 +117,7 @@ class McpServer:
         self._startup: asyncio.Timeout | None = None
         self._startup_cut = False
         self._junk = 0
+        self._http_status: int | None = None
         self._owner: asyncio.Task[None] | None = None
         self._probes: set[asyncio.Task[None]] = set()
 
@@ -254,7 +255,7 @@ class McpServer:
         """Start the server and serve it until it ends: why it ended, and when it became
         ready (None if it never did)."""
         self._generation += 1
-        self._dead, self._stale, self._junk = None, False, 0
+        self._dead, self._stale, self._junk, self._http_status = None, False, 0, None
         self._wake.clear()
         ready_at: float | None = None
         reason: str | None = None
@@ -270,7 +271,7 @@ class McpServer:
                     transport = client.stdio_streams(process, self._on_junk)
                 else:
                     headers = self._expand(self.config.headers)
-                    transport = client.http_streams(self.config.url, headers)
+                    transport = client.http_streams(self.config.url, headers, self._note_status)
                 async with (
                     client.connect(transport, self._tools_changed) as conn,
                     conn.watching_tools(self._tools_changed),
@@ -358,8 +359,9 @@ class McpServer:
                 return await process.exit_reason()
         if client is None:
             return f"{type(exc).__name__}: {exc}"
-        if self.transport == "http":
-            return f"{client.describe(exc)} ({self.config.url})"  # type: ignore[union-attr]
+        if isinstance(self.config, McpHttpServer):
+            status = f"HTTP {self._http_status} from " if self._http_status else ""
+            return f"{client.describe(exc)} ({status}{self.config.url})"
         return client.describe(exc)
 
     def _publish(self, tools: list[RemoteTool]) -> None:
@@ -385,6 +387,9 @@ class McpServer:
             self._settled.set()
             if state == "failed":
                 self._down.set()
+
+    def _note_status(self, status: int) -> None:
+        self._http_status = status
 
     def _tools_changed(self) -> None:
         self._stale = True
