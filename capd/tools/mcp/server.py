@@ -173,13 +173,17 @@ class McpServer:
                 is_error=True,
             )
         except ConnectionLost as exc:
-            self._lose(generation, f"the connection closed ({exc})")
+            process = self._process
+            if process is not None:  # it exited, most likely: its exit says more
+                await asyncio.wait([process.exited], timeout=DOWN_WAIT_S / 2)
+            if process is None or not process.exited.done():
+                self._lose(generation, f"the connection closed ({exc})")
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(DOWN_WAIT_S):
                     await self._down.wait()
             return self._unavailable()
         except ServerError as exc:
-            return ToolOutcome(f"MCP server {self.name}: {exc}", is_error=True)
+            return ToolOutcome(f"MCP server {self.name}: {self._scrub(str(exc))}", is_error=True)
         except asyncio.CancelledError:
             self._probe_later(conn, generation, "a call was cancelled")
             raise
