@@ -229,6 +229,14 @@ class McpServer:
     # -- the owner task ------------------------------------------------------------------
 
     async def _run(self) -> None:
+        try:
+            await self._supervise()
+        except Exception as exc:  # a bug: say so rather than leave the server "starting"
+            log.exception("pod %s: MCP server %s: supervision failed", self._pod, self.name)
+            self.error = f"capd stopped supervising it: {type(exc).__name__}: {exc}"
+            self._set_state("failed")
+
+    async def _supervise(self) -> None:
         loop = asyncio.get_running_loop()
         attempt = 0
         while True:
