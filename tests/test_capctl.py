@@ -501,6 +501,10 @@ def test_spawn_mcp_adds_servers_and_status_shows_each(capd: CapdProcess, tmp_pat
         },
         "docs": {"type": "http", "url": "http://127.0.0.1:9/mcp", "headers": {}},
     }
+    wait_for(lambda: "tm: failed" in ok(rt, "status", "w1"), "the missing server to fail")
+    shown = ok(rt, "status", "w1")
+    assert re.search(r"^mcp: +tm: failed \(stdio[^)]*\): .*mcp-server-nowhere", shown, re.M), shown
+    assert re.search(r"^ +docs: (starting|failed) \(http", shown, re.MULTILINE), shown
 
     # An external engine's servers show in status as soon as the pod is spawned.
     state = tmp_path / "claude"

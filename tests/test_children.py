@@ -588,5 +588,15 @@ async def test_spawn_pod_gives_a_child_the_mcp_servers_it_picks_from_its_parents
     expected["b"] = {"type": "stdio", **servers["b"]}
     assert _stored_manifest(capd, "one")["mcp_servers"] == {"b": expected["b"]}
     assert _stored_manifest(capd, "all")["mcp_servers"] == expected
+    assert [s["name"] for s in (await _status(capd, "all"))["mcp"]] == ["a", "b"]
+    # The child runs its own server process, in its own cwd.
+    servers = {}
+    async with asyncio.timeout(30):
+        while {s["state"] for pod in ("boss", "one") for s in servers.get(pod, [])} != {"ready"}:
+            servers = {pod: (await _status(capd, pod))["mcp"] for pod in ("boss", "one")}
+            await asyncio.sleep(0.05)
+    (own,) = servers["one"]
+    assert (own["name"], own["managed_by"], own["tools"] > 0) == ("b", "capd", True)
+    assert own["pid"] not in {s["pid"] for s in servers["boss"]}
     listing = await daemon_request(capd, {"method": "list"})
     assert sorted(p["name"] for p in listing["pods"]) == ["all", "boss", "one"]
