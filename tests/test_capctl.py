@@ -522,7 +522,7 @@ def test_spawn_mcp_adds_servers_and_status_shows_each(capd: CapdProcess, tmp_pat
     path.write_text(yaml.safe_dump(manifest))
     ok(rt, "spawn", "-f", str(path))
     assert re.search(
-        r"^mcp: +git: starting \(stdio, run by the engine\)\n +gone: starting \(stdio, run by",
+        r"^mcp: +git: starting \(stdio, run by the engine\)\n +gone: failed \(stdio, run by",
         ok(rt, "status", "cc"),
         re.MULTILINE,
     )

@@ -694,7 +694,7 @@ async def test_mcp_servers_reach_claude_code_as_mcp_config_with_their_variables_
     assert [(s["name"], s["state"]) for s in before["mcp"]] == [
         ("git", "starting"),
         ("docs", "starting"),
-        ("gone", "starting"),
+        ("gone", "failed"),
     ]
     (start,) = engine_starts(state)
     argv = start["argv"]

@@ -137,6 +137,10 @@ class AcpEngine(ExternalEngine):
         assert manifest.cwd is not None
         super().__init__(Path(manifest.cwd), config, manifest.mcp_servers)
         self._config = config
+        # A server that cannot be handed over shows failed from the start; whether the
+        # agent takes http servers waits for its `initialize`.
+        environ = environment(self._env)
+        self._mcp.starting(acp_servers(self._mcp.servers, self._cwd, environ, True)[1])
         self._system_prompt = manifest.system_prompt
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[Any]] = {}

@@ -139,6 +139,8 @@ class ClaudeCodeEngine(ExternalEngine):
         assert manifest.cwd is not None
         super().__init__(Path(manifest.cwd), config, manifest.mcp_servers)
         self._env = {AUTOCOMPACT_PCT: f"{manifest.limits.compact_at * 100:g}", **config.env}
+        # A server that cannot be handed over shows failed from the start.
+        self._mcp.starting(claude_code_config(self._mcp.servers, environment(self._env))[1])
         self._config = config
         self._system_prompt = manifest.system_prompt
         self._resuming = False
