@@ -791,7 +791,7 @@ async def test_mcp_servers_reach_the_agent_in_acp_shapes_with_their_values_expan
     assert states["docs"][0] == "failed"
     assert "does not take http MCP servers" in str(states["docs"][2])
     assert "${CAPD_TEST_MCP_UNSET} is not set" in str(states["gone"][2])
-    assert "command mcp-server-nowhere is not found" in str(states["nowhere"][2])
+    assert "command mcp-server-nowhere is not on PATH" in str(states["nowhere"][2])
     now = {s["name"]: (s["state"], s["transport"]) for s in second["mcp"]}
     assert now["docs"] == ("ready", "http")
     assert [now[name][0] for name in ("sh", "own", "gone", "nowhere")] == [

@@ -121,7 +121,8 @@ def acp_servers(
             continue
         command = _absolute_command(server.command, cwd, environ)
         if command is None:
-            left_out[name] = f"command {server.command} is not found (PATH or the pod's cwd)"
+            where = "an executable file in the pod's cwd" if "/" in server.command else "on PATH"
+            left_out[name] = f"command {server.command} is not {where}"
             continue
         handed.append({"name": name, "command": command, "args": server.args, "env": pairs})
     return handed, left_out
