@@ -141,12 +141,18 @@ async def connect(
         client_info=types.Implementation(name=CLIENT_NAME, version=_version()),
     )
     async with client:
-        yield Connection(client)
+        conn = Connection(client)
+        try:
+            yield conn
+        finally:
+            conn.closed = True
 
 
 class Connection:
     def __init__(self, client: Client) -> None:
         self._client = client
+        self.closed = False
+        """Set once the session is left; a call made then finds no session."""
         _hand_back_results_that_break_their_schema(client)
 
     @property
@@ -196,6 +202,10 @@ class Connection:
             raise ConnectionLost("the connection is closed") from None
         except ValidationError as exc:
             raise ServerError(f"its result is not MCP: {_one_line(exc)}") from None
+        except RuntimeError as exc:
+            if self.closed:
+                raise ConnectionLost("the connection is closed") from None
+            raise ServerError(_one_line(exc)) from None
         return ToolOutcome(clip_output(result_text(result).encode(), ctx, "mcp"), result.is_error)
 
     async def probe(self, timeout_s: float) -> bool:
@@ -206,7 +216,7 @@ class Connection:
                 await self._client.session.send_ping()
         except MCPError as exc:
             return exc.code not in (CONNECTION_CLOSED, REQUEST_TIMEOUT)
-        except (TimeoutError, anyio.ClosedResourceError, anyio.BrokenResourceError):
+        except (TimeoutError, RuntimeError, anyio.ClosedResourceError, anyio.BrokenResourceError):
             return False
         return True
 

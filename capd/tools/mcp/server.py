@@ -220,7 +220,7 @@ class McpServer:
             self._startup.reschedule(asyncio.get_running_loop().time())
 
     def _unavailable(self) -> ToolOutcome:
-        reason = self.error if self.state == "failed" and self.error else "it is still starting"
+        reason = self.error or "it is still starting"
         return ToolOutcome(
             f"MCP server {self.name} is unavailable: {reason}; capd is starting it again",
             is_error=True,
