@@ -319,6 +319,7 @@ class McpServer:
             self._listed.set()
             if process is not None:
                 await process.aclose()
+                self._process = None  # its group is gone: never signal that number again
         return self._scrub(reason or "stopped"), ready_at
 
     async def _start_process(self, config: McpStdioServer) -> ServerProcess:
