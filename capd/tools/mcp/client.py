@@ -45,6 +45,9 @@ CALL_SLACK_S = 5.0
 HTTP_TIMEOUT = httpx2.Timeout(30.0, read=300.0)
 """The SDK's own HTTP timeouts: a server may hold a response stream open for a long call
 (capd's call timeout bounds it)."""
+GOODBYE_TIMEOUT = httpx2.Timeout(2.0)
+"""For the DELETE that ends an HTTP session when capd leaves it: a hung server must not
+hold up a restart or the pod's stop."""
 MESSAGE_SHOWN = 300
 """Characters of an exception's message kept in a one-line reason."""
 
@@ -112,9 +115,15 @@ async def http_streams(
         if response.status_code >= 400:
             on_error_status(response.status_code)
 
+    async def bound_goodbye(request: httpx2.Request) -> None:
+        if request.method == "DELETE":
+            request.extensions["timeout"] = GOODBYE_TIMEOUT.as_dict()
+
     async with (
         httpx2.AsyncClient(
-            headers=dict(headers), timeout=HTTP_TIMEOUT, event_hooks={"response": [note_status]}
+            headers=dict(headers),
+            timeout=HTTP_TIMEOUT,
+            event_hooks={"request": [bound_goodbye], "response": [note_status]},
         ) as http,
         streamable_http_client(url, http_client=http) as streams,
     ):
