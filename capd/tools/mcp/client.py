@@ -45,6 +45,9 @@ CALL_SLACK_S = 5.0
 HTTP_TIMEOUT = httpx2.Timeout(30.0, read=300.0)
 """The SDK's own HTTP timeouts: a server may hold a response stream open for a long call
 (capd's call timeout bounds it)."""
+GOODBYE_TIMEOUT = httpx2.Timeout(2.0)
+"""For the DELETE that ends an HTTP session when capd leaves it: a hung server must not
+hold up a restart or the pod's stop."""
 MESSAGE_SHOWN = 300
 """Characters of an exception's message kept in a one-line reason."""
 
@@ -112,9 +115,15 @@ async def http_streams(
         if response.status_code >= 400:
             on_error_status(response.status_code)
 
+    async def bound_goodbye(request: httpx2.Request) -> None:
+        if request.method == "DELETE":
+            request.extensions["timeout"] = GOODBYE_TIMEOUT.as_dict()
+
     async with (
         httpx2.AsyncClient(
-            headers=dict(headers), timeout=HTTP_TIMEOUT, event_hooks={"response": [note_status]}
+            headers=dict(headers),
+            timeout=HTTP_TIMEOUT,
+            event_hooks={"request": [bound_goodbye], "response": [note_status]},
         ) as http,
         streamable_http_client(url, http_client=http) as streams,
     ):
@@ -141,12 +150,18 @@ async def connect(
         client_info=types.Implementation(name=CLIENT_NAME, version=_version()),
     )
     async with client:
-        yield Connection(client)
+        conn = Connection(client)
+        try:
+            yield conn
+        finally:
+            conn.closed = True
 
 
 class Connection:
     def __init__(self, client: Client) -> None:
         self._client = client
+        self.closed = False
+        """Set once the session is left; a call made then finds no session."""
         _hand_back_results_that_break_their_schema(client)
 
     @property
@@ -196,6 +211,10 @@ class Connection:
             raise ConnectionLost("the connection is closed") from None
         except ValidationError as exc:
             raise ServerError(f"its result is not MCP: {_one_line(exc)}") from None
+        except RuntimeError as exc:
+            if self.closed:
+                raise ConnectionLost("the connection is closed") from None
+            raise ServerError(_one_line(exc)) from None
         return ToolOutcome(clip_output(result_text(result).encode(), ctx, "mcp"), result.is_error)
 
     async def probe(self, timeout_s: float) -> bool:
@@ -206,7 +225,7 @@ class Connection:
                 await self._client.session.send_ping()
         except MCPError as exc:
             return exc.code not in (CONNECTION_CLOSED, REQUEST_TIMEOUT)
-        except (TimeoutError, anyio.ClosedResourceError, anyio.BrokenResourceError):
+        except (TimeoutError, RuntimeError, anyio.ClosedResourceError, anyio.BrokenResourceError):
             return False
         return True
 

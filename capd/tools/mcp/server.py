@@ -143,13 +143,17 @@ class McpServer:
             restarts=self.restarts,
         ).model_dump(mode="json")
 
-    async def call(self, exposed: str, arguments: dict[str, Any], ctx: ToolContext) -> ToolOutcome:
-        """Call the tool offered as `exposed`. Never raises but CancelledError."""
-        if not self._settled.is_set():
-            # The first turn after the pod came up: let the server finish starting.
+    async def first_start(self) -> None:
+        """Wait until the server was first ready or first failed since the pod came up
+        (at most limits.mcp_startup_timeout_s); at once after that."""
+        if not self._settled.is_set() and self._owner is not None:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._limits.mcp_startup_timeout_s):
                     await self._settled.wait()
+
+    async def call(self, exposed: str, arguments: dict[str, Any], ctx: ToolContext) -> ToolOutcome:
+        """Call the tool offered as `exposed`. Never raises but CancelledError."""
+        await self.first_start()  # the first turn after the pod came up
         tool = self._tools.get(exposed)
         conn = self._conn
         if self.state != "ready" or conn is None:
@@ -220,7 +224,7 @@ class McpServer:
             self._startup.reschedule(asyncio.get_running_loop().time())
 
     def _unavailable(self) -> ToolOutcome:
-        reason = self.error if self.state == "failed" and self.error else "it is still starting"
+        reason = self.error or "it is still starting"
         return ToolOutcome(
             f"MCP server {self.name} is unavailable: {reason}; capd is starting it again",
             is_error=True,
@@ -319,6 +323,7 @@ class McpServer:
             self._listed.set()
             if process is not None:
                 await process.aclose()
+                self._process = None  # its group is gone: never signal that number again
         return self._scrub(reason or "stopped"), ready_at
 
     async def _start_process(self, config: McpStdioServer) -> ServerProcess:
