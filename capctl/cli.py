@@ -24,6 +24,7 @@ from capctl.manifest import (
     DEFAULT_TOOLS,
     manifest_from_file,
     manifest_from_options,
+    mcp_servers_from_options,
 )
 from capctl.oneshot import daemon_call, pod_call, wait_ready
 from capctl.render import (
@@ -51,6 +52,7 @@ STATUS_ORDER = (
     "model",
     "cwd",
     "tools",
+    "mcp",
     "parent",
     "children",
     "last_seq",
@@ -210,6 +212,14 @@ def cli(ctx: click.Context, runtime_dir: Path | None, json_output: bool) -> None
     help=f"A tool the pod may use; repeat for more (default: {', '.join(DEFAULT_TOOLS)}).",
 )
 @click.option(
+    "--mcp",
+    "mcp",
+    multiple=True,
+    metavar="NAME=COMMAND",
+    help="An MCP server whose tools the pod uses, as mcp__NAME__<tool>; repeat for more. "
+    "COMMAND is split as a shell would (no expansion); NAME=http(s)://... is an HTTP server.",
+)
+@click.option(
     "--parent",
     help="Report to this parent: a pod name, or the path of any pod socket.",
 )
@@ -226,6 +236,7 @@ def spawn(
     system_prompt: str | None,
     cwd: Path | None,
     tools: tuple[str, ...],
+    mcp: tuple[str, ...],
     parent: str | None,
 ) -> None:
     """Start a pod: `spawn NAME [options]` or `spawn -f MANIFEST.yaml`.
@@ -244,6 +255,7 @@ def spawn(
                 ("--system-prompt", system_prompt),
                 ("--cwd", cwd),
                 ("--tool", tools),
+                ("--mcp", mcp),
             )
             if value
         ]
@@ -254,7 +266,15 @@ def spawn(
         raise click.UsageError("give a pod NAME or -f MANIFEST.yaml")
     else:
         manifest = manifest_from_options(
-            name, provider or "auto", model_name, base_url, api_key_env, system_prompt, cwd, tools
+            name,
+            provider or "auto",
+            model_name,
+            base_url,
+            api_key_env,
+            system_prompt,
+            cwd,
+            tools,
+            mcp_servers_from_options(mcp),
         )
     from protocol.methods import Spawn
 

@@ -5,8 +5,12 @@ start without them (see README: Performance).
 """
 
 import os
+import re
+import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import click
 
 from capctl.errors import CapctlError
 
@@ -78,6 +82,7 @@ def manifest_from_options(
     system_prompt: str | None,
     cwd: Path | None,
     tools: tuple[str, ...],
+    mcp_servers: dict[str, dict[str, Any]],
 ) -> "Manifest":
     if provider == "auto":
         provider = _provider_with_key()
@@ -96,4 +101,34 @@ def manifest_from_options(
     }
     if system_prompt is not None:
         data["system_prompt"] = system_prompt
+    if mcp_servers:
+        data["mcp_servers"] = mcp_servers
     return _validate_manifest(data)
+
+
+def mcp_servers_from_options(given: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """`--mcp NAME=COMMAND` options as the manifest's `mcp_servers`: COMMAND split as a
+    shell would (without expanding anything) into `command` and `args`, or a URL."""
+    from protocol.manifest import MCP_SERVER_NAME_PATTERN
+
+    servers: dict[str, dict[str, Any]] = {}
+    for option in given:
+        name, _, command = option.partition("=")
+        if not re.fullmatch(MCP_SERVER_NAME_PATTERN, name) or "__" in name or name[-1] == "_":
+            raise click.UsageError(
+                f"--mcp {option!r}: NAME must be 1-32 of A-Z a-z 0-9 _ -, starting with a "
+                "letter or digit, without '__' or a trailing '_' (--mcp NAME=COMMAND)"
+            )
+        if name in servers:
+            raise click.UsageError(f"--mcp {option!r}: {name} is given twice")
+        if re.match(r"https?://", command):
+            servers[name] = {"url": command}
+            continue
+        try:
+            argv = shlex.split(command)
+        except ValueError as exc:
+            raise click.UsageError(f"--mcp {option!r}: cannot split COMMAND: {exc}") from None
+        if not argv:
+            raise click.UsageError(f"--mcp {option!r}: give the server's COMMAND after NAME=")
+        servers[name] = {"command": argv[0], "args": argv[1:]}
+    return servers

@@ -268,22 +268,48 @@ def permission_question(asked: dict[str, Any], pod: str | None = None) -> str:
 
 def pod_status(status: dict[str, Any], order: Sequence[str]) -> str:
     """`capctl status`: the status object as `key: value` lines. A running pod waiting for
-    its engine's permission questions says so, and each question is a line of its own."""
+    its engine's permission questions says so, and each question is a line of its own, as
+    is each of its MCP servers."""
     shown = dict(status)
     if isinstance(size := shown.get("context"), dict):
         shown["context"] = context_size(size)
+    more: dict[str, list[str]] = {}
     asked = [q for q in shown.pop("permissions", None) or [] if isinstance(q, dict)]
-    if not asked:
-        return key_values(shown, order)
-    if shown.get("status") == "running":
-        shown["status"] = "running (waiting for permission)"
-    pod = str(shown.get("name", "POD"))
-    questions = [f"{q.get('request_id', '?')}: {permission_question(q, pod)}" for q in asked]
-    shown["permissions"] = questions[0]
+    if asked:
+        if shown.get("status") == "running":
+            shown["status"] = "running (waiting for permission)"
+        pod = str(shown.get("name", "POD"))
+        questions = [f"{q.get('request_id', '?')}: {permission_question(q, pod)}" for q in asked]
+        shown["permissions"], more["permissions"] = questions[0], questions[1:]
+    servers = [mcp_server(s) for s in shown.get("mcp") or [] if isinstance(s, dict)]
+    if servers:
+        shown["mcp"], more["mcp"] = servers[0], servers[1:]
     lines = key_values(shown, order).splitlines()
-    at = next(i for i, line in enumerate(lines) if line.startswith("permissions:"))
-    indent = " " * (len(lines[at]) - len(questions[0]))
-    return "\n".join([*lines[: at + 1], *(indent + q for q in questions[1:]), *lines[at + 1 :]])
+    for key, rest in more.items():
+        at = next(i for i, line in enumerate(lines) if line.startswith(f"{key}:"))
+        indent = " " * (len(lines[at]) - len(str(shown[key])))
+        lines[at + 1 : at + 1] = [indent + line for line in rest]
+    return "\n".join(lines)
+
+
+def mcp_server(server: dict[str, Any]) -> str:
+    """One of `status.mcp`: "git: ready (12 tools, stdio, pid 4242)", then why it failed
+    (or last restarted)."""
+    state = server.get("state", "?")
+    details = [str(server.get("transport", "stdio"))]
+    if tools := server.get("tools"):
+        details.insert(0, f"{tools} tool{'s' if tools != 1 else ''}")
+    if pid := server.get("pid"):
+        details.append(f"pid {pid}")
+    if restarts := server.get("restarts"):
+        details.append(f"restarted {restarts}x")
+    if server.get("managed_by") == "engine":
+        details.append("run by the engine")
+    line = f"{server.get('name', '?')}: {state} ({', '.join(details)})"
+    error = server.get("error")
+    if not error:
+        return line
+    return f"{line}: {error}" if state == "failed" else f"{line}; last error: {error}"
 
 
 def context_size(size: dict[str, Any]) -> str:

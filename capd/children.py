@@ -2,9 +2,11 @@
 
 A child is an ordinary pod whose `parent` is another pod's socket. When that parent is a
 pod of this daemon, `check_child` holds the child to it (docs/protocol.md, Parent
-reports): its cwd lies inside the parent's, its tools are a subset of the parent's, the
-parent has fewer than `limits.max_children` running children and the new child is no
-deeper than `limits.max_depth`. That holds however the child is made: by `spawn_pod` or by
+reports): its cwd lies inside the parent's, its tools are a subset of the parent's, its
+MCP servers are some of the parent's, each defined as the parent defines it (else a child
+could run anything under a server's name), the parent has fewer than
+`limits.max_children` running children and the new child is no deeper than
+`limits.max_depth`. That holds however the child is made: by `spawn_pod` or by
 a client's `spawn` with a `parent`. `ChildPods` serves the pod tools of one pod; they reach
 only its descendants, and every refusal is a ToolFailed the model can read. It sees the
 supervisor through `ChildHost`, the few calls it makes.
@@ -55,6 +57,16 @@ def check_child(
             "forbidden",
             f"tools {_names(extra)} are not among parent pod {parent}'s tools "
             f"({_names(rules.tools)}); a child's tools are a subset of its parent's",
+        )
+    foreign = [
+        name for name, server in child.mcp_servers.items() if rules.mcp_servers.get(name) != server
+    ]
+    if foreign:
+        raise ProtocolError(
+            "forbidden",
+            f"mcp_servers {_names(foreign)} are not among parent pod {parent}'s MCP servers "
+            f"({_names(rules.mcp_servers)}) as it defines them; a child's MCP servers are "
+            "some of its parent's, defined the same",
         )
     limits = rules.limits
     if len(running_children) >= limits.max_children:
@@ -126,8 +138,10 @@ class ChildPods:
         # comes up must not leave it half made.
         start = self._host.in_background(self._start_child(manifest, args.task))
         turn_id = await asyncio.shield(start)
+        servers = f", MCP servers: {_names(manifest.mcp_servers)}" if manifest.mcp_servers else ""
         return (
-            f"spawned pod {args.name} (cwd {manifest.cwd}, tools: {_names(manifest.tools)}); "
+            f"spawned pod {args.name} (cwd {manifest.cwd}, tools: {_names(manifest.tools)}"
+            f"{servers}); "
             f"it is working on your task as turn {turn_id}. Its report reaches you as a "
             "notification when that turn ends."
         )
@@ -257,6 +271,7 @@ class ChildPods:
             "cwd": str(_child_cwd(parent, args.cwd)),
             "tools": list(parent.tools) if args.tools is None else args.tools,
             "limits": parent.limits.model_dump(),
+            "mcp_servers": _child_mcp_servers(parent, args.mcp_servers),
         }
         try:
             return Manifest.model_validate(candidate)
@@ -275,6 +290,19 @@ def _child_model(parent: ModelConfig, overrides: dict[str, Any]) -> dict[str, An
                 f"leave {key} out of model"
             )
     return {**inherited, **overrides}
+
+
+def _child_mcp_servers(parent: Manifest, names: list[str] | None) -> dict[str, Any]:
+    """The parent's MCP servers that `names` picks (all of them when None), as defined."""
+    servers = parent.mcp_servers
+    unknown = [name for name in names or [] if name not in servers]
+    if unknown:
+        raise ToolFailed(
+            f"mcp_servers {_names(unknown)} are not among your MCP servers "
+            f"({_names(servers)}); a child gets some of yours"
+        )
+    chosen = servers if names is None else {name: servers[name] for name in names}
+    return {name: server.model_dump() for name, server in chosen.items()}
 
 
 def _child_cwd(parent: Manifest, cwd: str | None) -> Path:

@@ -6,6 +6,7 @@ import os
 import re
 import select
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ import yaml
 from capctl.render import pod_table
 from protocol.framing import decode, encode
 from tests.conftest import CapdProcess
+from tests.engine_scaffold import STAND_IN_CLAUDE
 
 TIMEOUT_S = 10.0
 pytestmark = pytest.mark.shared_capd
@@ -473,3 +475,82 @@ def test_spawn_with_a_parent_reports_to_it(capd: CapdProcess, tmp_path: Path) ->
     bad = capctl(rt, "spawn", "x", "--provider", "scripted", "--parent", "Not A Pod")
     assert bad.returncode == 2
     assert "neither a pod name nor a socket path" in bad.stderr
+
+
+def test_spawn_mcp_adds_servers_and_status_shows_each(capd: CapdProcess, tmp_path: Path) -> None:
+    rt = capd.runtime_dir
+    ok(
+        rt,
+        "spawn",
+        "w1",
+        "--provider",
+        "scripted",
+        "--mcp",
+        "tm=mcp-server-nowhere --local-timezone 'Europe/Paris' $HOME",
+        "--mcp",
+        "docs=http://127.0.0.1:9/mcp",
+    )
+    with sqlite3.connect(capd.state_dir / "capd.db") as db:
+        (row,) = db.execute("SELECT manifest FROM pods WHERE name = 'w1'")
+    assert json.loads(row[0])["mcp_servers"] == {
+        "tm": {
+            "type": "stdio",
+            "command": "mcp-server-nowhere",
+            "args": ["--local-timezone", "Europe/Paris", "$HOME"],
+            "env": {},
+        },
+        "docs": {"type": "http", "url": "http://127.0.0.1:9/mcp", "headers": {}},
+    }
+    wait_for(lambda: "tm: failed" in ok(rt, "status", "w1"), "the missing server to fail")
+    shown = ok(rt, "status", "w1")
+    assert re.search(r"^mcp: +tm: failed \(stdio[^)]*\): .*mcp-server-nowhere", shown, re.M), shown
+    assert re.search(r"^ +docs: (starting|failed) \(http", shown, re.MULTILINE), shown
+
+    # An external engine's servers show in status as soon as the pod is spawned.
+    state = tmp_path / "claude"
+    state.mkdir()
+    manifest = {
+        "name": "cc",
+        "engine": STAND_IN_CLAUDE.engine(state),
+        "cwd": str(tmp_path),
+        "mcp_servers": {
+            "git": {"command": "mcp-server-git"},
+            "gone": {"command": "x", "env": {"K": "${CAPD_TEST_UNSET_VARIABLE}"}},
+        },
+    }
+    path = tmp_path / "cc.yaml"
+    path.write_text(yaml.safe_dump(manifest))
+    ok(rt, "spawn", "-f", str(path))
+    assert re.search(
+        r"^mcp: +git: starting \(stdio, run by the engine\)\n +gone: failed \(stdio, run by",
+        ok(rt, "status", "cc"),
+        re.MULTILINE,
+    )
+    ok(rt, "send", "cc", "hello")
+    shown = ok(rt, "status", "cc")
+    assert re.search(
+        r"^mcp: +git: ready \(1 tool, stdio, run by the engine\)\n"
+        r" +gone: failed \(stdio, run by the engine\): \$\{CAPD_TEST_UNSET_VARIABLE\} is not set",
+        shown,
+        re.MULTILINE,
+    ), shown
+
+
+def test_spawn_mcp_usage_errors(capd: CapdProcess, tmp_path: Path) -> None:
+    rt = capd.runtime_dir
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text("name: w1\nmodel: {provider: scripted}\n")
+    flags = ("w1", "--provider", "scripted")
+    refusals = {
+        (*flags, "--mcp", "bad__name=x"): "NAME must be 1-32 of A-Z a-z 0-9 _ -",
+        (*flags, "--mcp", "=x"): "NAME must be",
+        (*flags, "--mcp", "tm="): "give the server's COMMAND after NAME=",
+        (*flags, "--mcp", "tm=x 'open"): "cannot split COMMAND",
+        (*flags, "--mcp", "tm=x", "--mcp", "tm=y"): "tm is given twice",
+        ("-f", str(manifest), "--mcp", "tm=x"): "--mcp: put these in the manifest with -f",
+    }
+    for args, needle in refusals.items():
+        done = capctl(rt, "spawn", *args)
+        assert (done.returncode, needle in done.stderr) == (2, True), (args, done.stderr)
+        assert "Traceback" not in done.stderr
+    assert ok(rt, "ps").splitlines()[1:] == []

@@ -7,7 +7,9 @@ without sleeping. A parent that is not a capd pod is played by `ParentSocket`.
 """
 
 import asyncio
+import json
 import signal
+import sqlite3
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -38,6 +40,7 @@ from tests.helpers import (
     spawn,
     wait_for,
 )
+from tests.mcp_servers import McpServerCommands
 
 POD_TOOLS = ["spawn_pod", "send_to_pod", "read_pod_output", "stop_pod", "list_pods"]
 pytestmark = pytest.mark.shared_capd
@@ -450,17 +453,32 @@ async def test_client_spawned_children_obey_the_child_rules(
 ) -> None:
     home = tmp_path / "boss"
     home.mkdir()
-    await spawn(capd, "boss", scripted(), cwd=str(home), tools=["read_file"])
+    server = {"command": "mcp-server-nowhere", "args": ["--fast"]}
+    mcp = {"mcp_servers": {"ev": server}}
+    await spawn(capd, "boss", scripted(), cwd=str(home), tools=["read_file"], **mcp)
     refusals = {
         "outside": ({"cwd": str(tmp_path)}, "forbidden", "is outside"),
         "tools": ({"cwd": str(home), "tools": ["bash"]}, "forbidden", "tools bash"),
+        "mcp-name": (
+            {"cwd": str(home), "mcp_servers": {"other": server}},
+            "forbidden",
+            "mcp_servers other are not among parent pod boss's MCP servers (ev)",
+        ),
+        "mcp-definition": (
+            {"cwd": str(home), "mcp_servers": {"ev": {**server, "args": ["--evil"]}}},
+            "forbidden",
+            "mcp_servers ev are not among parent pod boss's MCP servers (ev) as it defines",
+        ),
     }
     for name, (extra, code, needle) in refusals.items():
         with pytest.raises(ProtocolError) as refused:
             await _spawn_child(capd, name, "boss", scripted(), **extra)
-        assert (refused.value.code, needle in refused.value.message) == (code, True), name
+        message = refused.value.message
+        assert (refused.value.code, needle in message) == (code, True), (name, message)
+    same = {"ev": {"type": "stdio", **server}}
+    await _spawn_child(capd, "kid", "boss", scripted(), home, mcp_servers=same)
     listing = await daemon_request(capd, {"method": "list"})
-    assert [p["name"] for p in listing["pods"]] == ["boss"]
+    assert sorted(p["name"] for p in listing["pods"]) == ["boss", "kid"]
 
 
 async def test_send_to_pod_queues_behind_a_busy_child_and_waits_for_a_paused_one(
@@ -520,3 +538,65 @@ async def test_limits_max_depth_bounds_a_family_tree(capd: CapdProcess, tmp_path
     assert "would be 2 levels deep, more than its limits.max_depth=1" in refused["output"]
     listing = await daemon_request(capd, {"method": "list"})
     assert sorted(p["name"] for p in listing["pods"]) == ["boss", "kid"]
+
+
+def _stored_manifest(capd: CapdProcess, name: str) -> dict[str, Any]:
+    with sqlite3.connect(capd.state_dir / "capd.db") as db:
+        (row,) = db.execute("SELECT manifest FROM pods WHERE name = ?", (name,))
+    return dict(json.loads(row[0]))
+
+
+async def test_spawn_pod_gives_a_child_the_mcp_servers_it_picks_from_its_parents(
+    capd: CapdProcess, tmp_path: Path, mcp_commands: McpServerCommands
+) -> None:
+    node, script = mcp_commands.everything
+    servers = {
+        "a": {"command": node, "args": [script, "stdio"]},
+        "b": {"command": node, "args": [script, "stdio"], "env": {"WHO": "b"}},
+    }
+    kid_model = {"script": [{"text": "k"}]}
+    picks = {
+        "one": ["b"],
+        "unknown": ["b", "zz"],
+        "all": None,
+    }
+    calls = [
+        {
+            "name": "spawn_pod",
+            "arguments": {"name": name, "task": "x", "model": kid_model}
+            | ({} if chosen is None else {"mcp_servers": chosen}),
+        }
+        for name, chosen in picks.items()
+    ]
+    await spawn(
+        capd,
+        "boss",
+        scripted({"tool_calls": calls}, {"text": "done"}),
+        cwd=str(tmp_path),
+        tools=["spawn_pod"],
+        mcp_servers=servers,
+    )
+    async with await connect_pod(capd, "boss") as boss:
+        await boss.request({"method": "run", "text": "go"})
+        _, seen = await wait_for(boss, is_event("turn_end"))
+    results = dict(zip(picks, [e for e in seen if e["event"] == "tool_result"], strict=True))
+    assert results["unknown"]["is_error"] is True
+    assert "mcp_servers zz are not among your MCP servers (a, b)" in results["unknown"]["output"]
+    assert "MCP servers: b)" in results["one"]["output"]
+    assert "MCP servers: a, b)" in results["all"]["output"]
+    expected = {"a": {"type": "stdio", "env": {}, **servers["a"]}}
+    expected["b"] = {"type": "stdio", **servers["b"]}
+    assert _stored_manifest(capd, "one")["mcp_servers"] == {"b": expected["b"]}
+    assert _stored_manifest(capd, "all")["mcp_servers"] == expected
+    assert [s["name"] for s in (await _status(capd, "all"))["mcp"]] == ["a", "b"]
+    # The child runs its own server process, in its own cwd.
+    servers = {}
+    async with asyncio.timeout(30):
+        while {s["state"] for pod in ("boss", "one") for s in servers.get(pod, [])} != {"ready"}:
+            servers = {pod: (await _status(capd, pod))["mcp"] for pod in ("boss", "one")}
+            await asyncio.sleep(0.05)
+    (own,) = servers["one"]
+    assert (own["name"], own["managed_by"], own["tools"] > 0) == ("b", "capd", True)
+    assert own["pid"] not in {s["pid"] for s in servers["boss"]}
+    listing = await daemon_request(capd, {"method": "list"})
+    assert sorted(p["name"] for p in listing["pods"]) == ["all", "boss", "one"]

@@ -2,9 +2,12 @@
 (tests/fakes/acp_agent.py), each a real subprocess."""
 
 import asyncio
+import json
 import os
+import shutil
 import signal
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -721,3 +724,81 @@ async def test_compact_is_refused_saying_the_agent_manages_its_context(
         "this pod's engine (acp) manages its own context; it cannot compact"
     )
     assert _prompts(state) == ["hello"]
+
+
+@pytest.mark.own_capd
+async def test_mcp_servers_reach_the_agent_in_acp_shapes_with_their_values_expanded(
+    capd_dirs: CapdProcess, state: Path, tmp_path: Path
+) -> None:
+    secret = f"s3cret-{uuid.uuid4().hex}"
+    capd_dirs.env = {"CAPD_TEST_MCP_TOKEN": secret}
+    capd_dirs.log = tmp_path / "capd.log"
+    capd_dirs.start()
+    server = tmp_path / "bin" / "server"
+    server.parent.mkdir()
+    server.write_text("#!/bin/sh\n")
+    server.chmod(0o755)
+    servers = {
+        "sh": {"command": "sh", "args": ["-c", "true"], "env": {"TOKEN": "${CAPD_TEST_MCP_TOKEN}"}},
+        "own": {"command": "bin/server"},
+        "docs": {
+            "url": "https://mcp.example.com/mcp",
+            "headers": {"Authorization": "Bearer ${CAPD_TEST_MCP_TOKEN}"},
+        },
+        "gone": {"command": "sh", "env": {"KEY": "${CAPD_TEST_MCP_UNSET}"}},
+        "nowhere": {"command": "mcp-server-nowhere"},
+    }
+    await _spawn(capd_dirs, "ag", state, cwd=str(tmp_path), mcp_servers=servers)
+    async with await connect_pod(capd_dirs, "ag") as pod:
+        before = await pod.request({"method": "status"})
+        await run_turn(pod, "hello")
+        first = await pod.request({"method": "status"})
+        (state / "mcp-http").touch()
+        end, _ = await run_turn(pod, "crash-once")
+        second = await pod.request({"method": "status"})
+        history = await full_history(pod)
+    assert end["result"] == "finished"
+    # Before the agent starts, what cannot be handed over already failed; http waits.
+    assert [s["state"] for s in before["mcp"]] == [
+        "starting",
+        "starting",
+        "starting",
+        "failed",
+        "failed",
+    ]
+    stdio = [
+        {
+            "name": "sh",
+            "command": shutil.which("sh"),
+            "args": ["-c", "true"],
+            "env": [{"name": "TOKEN", "value": secret}],
+        },
+        {"name": "own", "command": str(server), "args": [], "env": []},
+    ]
+    http = {
+        "type": "http",
+        "name": "docs",
+        "url": "https://mcp.example.com/mcp",
+        "headers": [{"name": "Authorization", "value": f"Bearer {secret}"}],
+    }
+    (new,) = _calls(state, "new_session")
+    (load,) = _calls(state, "load_session")
+    assert new["mcpServers"] == stdio
+    assert load["mcpServers"] == [stdio[0], stdio[1], http]
+    states = {s["name"]: (s["state"], s["managed_by"], s["error"]) for s in first["mcp"]}
+    assert [s["name"] for s in first["mcp"]] == list(servers)
+    assert states["sh"] == states["own"] == ("ready", "engine", None)
+    assert states["docs"][0] == "failed"
+    assert "does not take http MCP servers" in str(states["docs"][2])
+    assert "${CAPD_TEST_MCP_UNSET} is not set" in str(states["gone"][2])
+    assert "command mcp-server-nowhere is not on PATH" in str(states["nowhere"][2])
+    now = {s["name"]: (s["state"], s["transport"]) for s in second["mcp"]}
+    assert now["docs"] == ("ready", "http")
+    assert [now[name][0] for name in ("sh", "own", "gone", "nowhere")] == [
+        "ready",
+        "ready",
+        "failed",
+        "failed",
+    ]
+    for seen in (json.dumps(history), json.dumps([first, second]), capd_dirs.output()):
+        assert secret not in seen

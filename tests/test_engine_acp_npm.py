@@ -38,6 +38,7 @@ from tests.helpers import (
     until,
     wait_for,
 )
+from tests.mcp_servers import McpServerCommands
 
 MODEL = "test-model"
 SMALL_MODEL = "small-model"
@@ -112,6 +113,15 @@ class Agent:
         server = anthropic_server if self.api == "anthropic" else openai_server
         return server.TextReply(pieces, delay_ms=delay_ms)
 
+    def calls(self, *calls: tuple[str, str, dict[str, Any]]) -> Any:
+        """A reply calling MCP tools, each (server, tool, arguments), by the agent's names
+        for them: Claude Code's mcp__<server>__<tool>, opencode's <server>_<tool>."""
+        if self.api == "anthropic":
+            uses = [anthropic_server.ToolUse(f"mcp__{s}__{t}", a) for s, t, a in calls]
+            return anthropic_server.ToolUseReply(uses)
+        functions = [openai_server.FunctionCall(f"{s}_{t}", a) for s, t, a in calls]
+        return openai_server.ToolCallsReply(functions)
+
     def bash(self, *commands: str, delay_ms: float = 0) -> Any:
         """A reply calling the agent's shell tool once per command."""
         inputs = [{"command": command, "description": "Runs the command"} for command in commands]
@@ -163,17 +173,19 @@ async def _spawn(
     tmp_path: Path,
     permission: str = "deny",
     ask: bool = True,
+    env: dict[str, str] | None = None,
+    **manifest: Any,
 ) -> Path:
-    """A pod on the agent; returns its cwd."""
+    """A pod on the agent, `env` over its environment; returns its cwd."""
     cwd = tmp_path / "work"
     cwd.mkdir()
     engine = {
         "kind": "acp",
         "command": [agent.command, "acp"] if agent.api == "openai" else [agent.command],
-        "env": agent.env(tmp_path / "home", server.base_url, ask),
+        "env": {**agent.env(tmp_path / "home", server.base_url, ask), **(env or {})},
         "permission": permission,
     }
-    await spawn_on_engine(capd, "ag", engine, cwd=str(cwd))
+    await spawn_on_engine(capd, "ag", engine, cwd=str(cwd), **manifest)
     return cwd
 
 
@@ -391,3 +403,55 @@ async def test_an_agent_killed_mid_turn_is_restarted_and_finishes_the_turn(
     # capd opens a new one and gives it the prompt again.
     assert sum(e["event"] == "engine_session" for e in history) in (1, 2)
     assert restarted != group
+
+
+async def test_the_manifests_mcp_servers_run_in_the_agent_and_their_results_come_back(
+    capd: CapdProcess,
+    agent: Agent,
+    server: SseTestServer[Any],
+    tmp_path: Path,
+    mcp_commands: McpServerCommands,
+) -> None:
+    """session/new's mcpServers as capd writes them, read by the real agent: it starts
+    mcp-server-time and server-everything, the latter with the env value capd expanded,
+    and the tools' results go back to the model."""
+    token = "capd-mcp-token-4711"
+    time_command, *time_args = mcp_commands.time
+    node, everything = mcp_commands.everything
+    servers = {
+        "time": {"command": time_command, "args": [*time_args, "--local-timezone", "UTC"]},
+        "ev": {
+            "command": node,
+            "args": [everything, "stdio"],
+            "env": {"CAPD_TOKEN_SEEN": "${CAPD_TEST_MCP_TOKEN}"},
+        },
+    }
+    server.enqueue(
+        agent.calls(
+            ("time", "get_current_time", {"timezone": "Europe/Paris"}), ("ev", "get-env", {})
+        ),
+        agent.text("It is time."),
+        model=MODEL,
+    )
+    await _spawn(
+        capd,
+        agent,
+        server,
+        tmp_path,
+        permission="allow",
+        env={"CAPD_TEST_MCP_TOKEN": token},
+        mcp_servers=servers,
+    )
+    async with await connect_pod(capd, "ag") as pod:
+        await pod.request({"method": "run", "text": "what time is it in Paris?"})
+        end, _ = await wait_for(pod, is_event("turn_end"), TURN_TIMEOUT_S)
+        status = await pod.request({"method": "status"})
+        history = await full_history(pod)
+    assert (end["result"], end["output"]) == ("finished", "It is time.")
+    answered = json.dumps(server.requests_for(MODEL)[1]["messages"])
+    assert "Europe/Paris" in answered
+    assert token in answered
+    results = [e for e in history if e["event"] == "tool_result"]
+    assert [e["is_error"] for e in results] == [False, False]
+    shown = {s["name"]: (s["state"], s["managed_by"]) for s in status["mcp"]}
+    assert shown == {"time": ("ready", "engine"), "ev": ("ready", "engine")}

@@ -1,6 +1,8 @@
 """The claude-code engine, through a real capd and the stand-in `claude` (tests/fakes/claude.py)."""
 
 import asyncio
+import json
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +117,9 @@ async def test_a_turn_streams_and_records_steps_and_tool_results(
     ]
     assert argv[argv.index("--append-system-prompt") + 1] == "Be brief."
     assert "--resume" not in argv
+    assert "--mcp-config" not in argv
+    assert "--strict-mcp-config" not in argv
+    assert status["mcp"] == []
     assert session["session_id"]
     assert status["model"] == "claude-code"
 
@@ -657,3 +662,67 @@ async def test_limits_compact_at_reaches_claude_code_unless_its_env_says_otherwi
 
 def _env(state: Path, **more: str) -> dict[str, str]:
     return {**STAND_IN_CLAUDE.engine(state)["env"], **more}
+
+
+@pytest.mark.own_capd
+async def test_mcp_servers_reach_claude_code_as_mcp_config_with_their_variables_unexpanded(
+    capd_dirs: CapdProcess, state: Path, tmp_path: Path
+) -> None:
+    secret = f"s3cret-{uuid.uuid4().hex}"
+    capd_dirs.env = {"CAPD_TEST_MCP_TOKEN": secret}
+    capd_dirs.log = tmp_path / "capd.log"
+    capd_dirs.start()
+    servers = {
+        "git": {
+            "command": "mcp-server-git",
+            "args": ["--repository", "."],
+            "env": {"TOKEN": "${CAPD_TEST_MCP_TOKEN}", "PAGER": "${CAPD_TEST_UNSET:-cat}"},
+        },
+        "docs": {
+            "url": "https://mcp.example.com/mcp",
+            "headers": {"Authorization": "Bearer ${CAPD_TEST_MCP_TOKEN}"},
+        },
+        "gone": {"command": "mcp-server-gone", "env": {"KEY": "${CAPD_TEST_MCP_UNSET}"}},
+    }
+    await _spawn(capd_dirs, "cc", state, mcp_servers=servers)
+    async with await connect_pod(capd_dirs, "cc") as pod:
+        before = await pod.request({"method": "status"})
+        end, _ = await run_turn(pod, "hello")
+        status = await pod.request({"method": "status"})
+        history = await full_history(pod)
+    assert end["result"] == "finished"
+    assert [(s["name"], s["state"]) for s in before["mcp"]] == [
+        ("git", "starting"),
+        ("docs", "starting"),
+        ("gone", "failed"),
+    ]
+    (start,) = engine_starts(state)
+    argv = start["argv"]
+    assert json.loads(argv[argv.index("--mcp-config") + 1]) == start["mcp_config"]
+    assert start["strict"] is True
+    assert start["mcp_config"] == {
+        "mcpServers": {
+            "git": {"type": "stdio", **servers["git"]},
+            "docs": {"type": "http", **servers["docs"]},
+        }
+    }
+    assert start["mcp_expanded"] == {
+        "git": {"TOKEN": secret, "PAGER": "cat"},
+        "docs": {"Authorization": f"Bearer {secret}"},
+    }
+    git, docs, gone = status["mcp"]
+    assert git == {
+        "name": "git",
+        "state": "ready",
+        "tools": 1,
+        "error": None,
+        "transport": "stdio",
+        "pid": None,
+        "restarts": 0,
+        "managed_by": "engine",
+    }
+    assert (docs["state"], docs["transport"], docs["managed_by"]) == ("ready", "http", "engine")
+    assert (gone["state"], gone["tools"]) == ("failed", 0)
+    assert "${CAPD_TEST_MCP_UNSET} is not set in capd's environment" in gone["error"]
+    for seen in (json.dumps(argv), json.dumps(history), json.dumps(status), capd_dirs.output()):
+        assert secret not in seen

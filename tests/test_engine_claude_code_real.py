@@ -9,6 +9,7 @@ error reports, update checks) off, so nothing leaves 127.0.0.1.
 """
 
 import asyncio
+import json
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -29,6 +30,7 @@ from tests.helpers import (
     until,
     wait_for,
 )
+from tests.mcp_servers import McpServerCommands
 
 CLAUDE = os.environ.get("CAPD_REAL_CLAUDE", "")
 pytestmark = pytest.mark.skipif(
@@ -49,18 +51,25 @@ async def server() -> AsyncIterator[AnthropicTestServer]:
 
 
 async def _spawn(
-    capd: CapdProcess, server: AnthropicTestServer, tmp_path: Path, **manifest: Any
+    capd: CapdProcess,
+    server: AnthropicTestServer,
+    tmp_path: Path,
+    allowed: str = "Bash",
+    env: dict[str, str] | None = None,
+    **manifest: Any,
 ) -> Path:
-    """A claude-code pod on the real CLI, allowed to run Bash; returns its cwd."""
+    """A claude-code pod on the real CLI, allowed to run `allowed` (Bash), its
+    environment `env` over the offline one; returns its cwd."""
     cwd = tmp_path / "work"
     cwd.mkdir()
     home = tmp_path / "home"
     home.mkdir()
+    offline = claude_code_env(home, tmp_path / "claude-config", server.base_url, API_KEY)
     engine = {
         "kind": "claude-code",
         "command": [CLAUDE],
-        "args": ["--allowedTools", "Bash"],
-        "env": claude_code_env(home, tmp_path / "claude-config", server.base_url, API_KEY),
+        "args": ["--allowedTools", allowed],
+        "env": {**offline, **(env or {})},
     }
     await spawn_on_engine(capd, "cc", engine, cwd=str(cwd), **manifest)
     return cwd
@@ -356,3 +365,58 @@ async def test_a_rewind_restores_the_files_bash_changed_and_primes_a_new_session
     assert "remember a word" in prompt[-1]
     assert prompt[-1].endswith("which word?")
     assert not [text for text in prompt if "another word" in text]
+
+
+async def test_the_manifests_mcp_servers_run_in_the_cli_and_their_results_come_back(
+    capd: CapdProcess,
+    server: AnthropicTestServer,
+    tmp_path: Path,
+    mcp_commands: McpServerCommands,
+) -> None:
+    """--mcp-config as capd writes it, read by the real CLI: it starts mcp-server-time and
+    server-everything, expands the `${VAR}` capd left in an env value from its own
+    environment, and the tools' results go back to the model."""
+    token = "capd-mcp-token-4711"
+    time_command, *time_args = mcp_commands.time
+    node, everything = mcp_commands.everything
+    servers = {
+        "time": {"command": time_command, "args": [*time_args, "--local-timezone", "UTC"]},
+        "ev": {
+            "command": node,
+            "args": [everything, "stdio"],
+            "env": {"CAPD_TOKEN_SEEN": "${CAPD_TEST_MCP_TOKEN}"},
+        },
+    }
+    server.enqueue(
+        ToolUseReply(
+            [
+                ToolUse("mcp__time__get_current_time", {"timezone": "Europe/Paris"}),
+                ToolUse("mcp__ev__get-env", {}),
+            ]
+        ),
+        TextReply("It is time."),
+    )
+    await _spawn(
+        capd,
+        server,
+        tmp_path,
+        allowed="Bash mcp__time mcp__ev",
+        env={"CAPD_TEST_MCP_TOKEN": token},
+        mcp_servers=servers,
+    )
+    async with await connect_pod(capd, "cc") as pod:
+        end, seen = await _turn(pod, "what time is it in Paris?")
+        status = await pod.request({"method": "status"})
+    assert (end["result"], end["output"]) == ("finished", "It is time.")
+    results = {e["name"]: e for e in seen if e["event"] == "tool_result"}
+    clock, env = results["mcp__time__get_current_time"], results["mcp__ev__get-env"]
+    assert clock["is_error"] is False
+    assert json.loads(clock["output"])["timezone"] == "Europe/Paris"
+    assert token in env["output"]
+    # The CLI defers MCP tools (tool search): the first request names them, not as tools.
+    assert "mcp__time__convert_time" in json.dumps(server.requests[0])
+    answered = json.dumps(server.requests[1]["messages"][-1]["content"])
+    assert "Europe/Paris" in answered
+    shown = {s["name"]: (s["state"], s["managed_by"]) for s in status["mcp"]}
+    assert shown == {"time": ("ready", "engine"), "ev": ("ready", "engine")}
+    assert {s["name"]: s["tools"] for s in status["mcp"]}["time"] == 2

@@ -3,10 +3,11 @@
 capd is the ACP client. It says it offers no file system and no terminal, so the agent
 uses its own tools. Per process: `initialize`, then `session/load` of the pod's session
 when the agent can load sessions and one is known, else `session/new` (cwd = the pod's,
-no MCP servers). Per turn: one `session/prompt`, whose `session/update` notifications
-become events until its response gives the `stopReason`. Pause and cancel send
-`session/cancel`; the agent then answers the prompt with `cancelled`, which the next
-prompt waits for. `session/request_permission` is answered by the pod's policy.
+`mcpServers` the pod's MCP servers in ACP's shapes, `capd.engines.mcp_handover`). Per
+turn: one `session/prompt`, whose `session/update` notifications become events until its
+response gives the `stopReason`. Pause and cancel send `session/cancel`; the agent then
+answers the prompt with `cancelled`, which the next prompt waits for.
+`session/request_permission` is answered by the pod's policy.
 
 Steps: text and thought chunks, and the tool calls announced after them, make one
 `assistant_message`, recorded when a chunk follows the calls, when a call has ended and
@@ -38,8 +39,10 @@ from typing import Any
 import orjson
 
 from capd.engines.base import Turn, TurnHost, TurnOutcome
+from capd.engines.mcp_handover import acp_servers
 from capd.engines.process import EngineDied, EngineError, ExternalEngine
 from capd.prices import add_usage
+from capd.proc.launcher import environment
 from protocol.errors import ProtocolError
 from protocol.events import (
     AssistantMessage,
@@ -132,8 +135,12 @@ class AcpEngine(ExternalEngine):
 
     def __init__(self, config: AcpConfig, manifest: Manifest) -> None:
         assert manifest.cwd is not None
-        super().__init__(Path(manifest.cwd), config)
+        super().__init__(Path(manifest.cwd), config, manifest.mcp_servers)
         self._config = config
+        # A server that cannot be handed over shows failed from the start; whether the
+        # agent takes http servers waits for its `initialize`.
+        environ = environment(self._env)
+        self._mcp.starting(acp_servers(self._mcp.servers, self._cwd, environ, True)[1])
         self._system_prompt = manifest.system_prompt
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[Any]] = {}
@@ -185,7 +192,13 @@ class AcpEngine(ExternalEngine):
         version = init.get("protocolVersion")
         if version != PROTOCOL_VERSION:
             raise EngineError(f"acp agent speaks protocol version {version}, capd speaks 1")
-        can_load = bool((init.get("agentCapabilities") or {}).get("loadSession"))
+        agent = init.get("agentCapabilities") or {}
+        can_load = bool(agent.get("loadSession"))
+        takes_http = bool((agent.get("mcpCapabilities") or {}).get("http"))
+        servers, left_out = acp_servers(
+            self._mcp.servers, self._cwd, environment(self._env), takes_http
+        )
+        self._mcp.starting(left_out)
         session_id = self._session_to_resume(host)
         cwd = str(self._cwd)
         if session_id and not can_load:
@@ -193,7 +206,7 @@ class AcpEngine(ExternalEngine):
         elif session_id:
             try:
                 await self._call(
-                    "session/load", {"sessionId": session_id, "cwd": cwd, "mcpServers": []}
+                    "session/load", {"sessionId": session_id, "cwd": cwd, "mcpServers": servers}
                 )
             except AcpEngineError as exc:
                 if exc.code == AUTH_REQUIRED:
@@ -202,11 +215,13 @@ class AcpEngine(ExternalEngine):
                 self._session_lost(session_id, str(exc))
             else:
                 self._session_id, self._fresh = session_id, False
+                self._mcp.taken()
                 return
-        created = await self._call("session/new", {"cwd": cwd, "mcpServers": []})
+        created = await self._call("session/new", {"cwd": cwd, "mcpServers": servers})
         self._note_session(created.get("sessionId"))
         self._fresh = True
         self._cost_seen = 0.0
+        self._mcp.taken()
         self._record_session(host, turn)
 
     async def _call(self, method: str, params: dict[str, Any]) -> Any:

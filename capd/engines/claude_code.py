@@ -28,6 +28,10 @@ not know): the record counts them as summarised. The manifest's `limits.compact_
 reaches it as CLAUDE_AUTOCOMPACT_PCT_OVERRIDE (a percentage of the window less the reply's
 room; Claude Code only ever lowers its own threshold with it), unless `engine.env` sets it.
 A compaction that begins while an interrupted turn winds down is not recorded.
+
+MCP servers. The manifest's go in `--mcp-config` (with `--strict-mcp-config`, so the pod
+gets exactly its own), `${VAR}`s left for the CLI to expand (`capd.engines.mcp_handover`);
+each `init` says how each one is doing (`status.mcp`).
 """
 
 import asyncio
@@ -42,7 +46,9 @@ from typing import Any
 import orjson
 
 from capd.engines.base import CompactOrder, Turn, TurnHost, TurnOutcome, never_asks
+from capd.engines.mcp_handover import claude_code_config
 from capd.engines.process import EngineDied, ExternalEngine
+from capd.proc.launcher import environment
 from protocol.errors import ProtocolError
 from protocol.events import (
     AssistantMessage,
@@ -131,8 +137,10 @@ class ClaudeCodeEngine(ExternalEngine):
 
     def __init__(self, config: ClaudeCodeConfig, manifest: Manifest) -> None:
         assert manifest.cwd is not None
-        super().__init__(Path(manifest.cwd), config)
+        super().__init__(Path(manifest.cwd), config, manifest.mcp_servers)
         self._env = {AUTOCOMPACT_PCT: f"{manifest.limits.compact_at * 100:g}", **config.env}
+        # A server that cannot be handed over shows failed from the start.
+        self._mcp.starting(claude_code_config(self._mcp.servers, environment(self._env))[1])
         self._config = config
         self._system_prompt = manifest.system_prompt
         self._resuming = False
@@ -158,6 +166,10 @@ class ClaudeCodeEngine(ExternalEngine):
             argv += ["--permission-mode", config.permission_mode]
         if self._system_prompt:
             argv += ["--append-system-prompt", self._system_prompt]
+        if self._mcp.servers:
+            servers, left_out = claude_code_config(self._mcp.servers, environment(self._env))
+            argv += ["--mcp-config", servers, "--strict-mcp-config"]
+            self._mcp.starting(left_out)
         self._session_id = self._session_to_resume(host)
         self._resuming = self._session_id is not None
         self._fresh = not self._resuming
@@ -525,6 +537,8 @@ class ClaudeCodeEngine(ExternalEngine):
                     self._record_cost(host, turn, message.get("total_cost_usd"))
 
     def _dispatch(self, message: dict[str, Any]) -> bool:
+        if message.get("type") == "system" and message.get("subtype") == "init":
+            self._mcp.claude_code_reported(message.get("mcp_servers"), message.get("tools"))
         if self._resuming and self._resume_refused(message):
             return False
         if message.get("type") != "control_request":

@@ -27,7 +27,7 @@ import re
 import shutil
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -44,12 +44,14 @@ from capd.engines.base import (
     cannot_compact,
     run_timed,
 )
+from capd.engines.mcp_handover import HandedServers
 from capd.proc.groups import KILL_GRACE_S, signal_name
 from capd.proc.launcher import environment, launch, stop_group
 from protocol.errors import ProtocolError
 from protocol.events import EngineSession, ToolResult
 from protocol.manifest import AcpEngine as AcpConfig
 from protocol.manifest import ClaudeCodeEngine as ClaudeCodeConfig
+from protocol.manifest import McpServerConfig
 
 log = logging.getLogger(__name__)
 
@@ -271,9 +273,16 @@ class ExternalEngine(ABC):
     can_compact: ClassVar[bool] = False
     checks_budget: ClassVar[bool] = False
 
-    def __init__(self, cwd: Path, config: AcpConfig | ClaudeCodeConfig) -> None:
+    def __init__(
+        self,
+        cwd: Path,
+        config: AcpConfig | ClaudeCodeConfig,
+        mcp_servers: Mapping[str, McpServerConfig],
+    ) -> None:
         self._cwd = cwd
         self._env = config.env
+        self._mcp = HandedServers(mcp_servers)
+        """The pod's MCP servers, which the engine runs itself."""
         self._settle_timeout_s = config.settle_timeout_s
         self._proc: EngineProcess | None = None
         self._pump_task: asyncio.Task[None] | None = None
@@ -305,7 +314,7 @@ class ExternalEngine(ABC):
         raise cannot_compact(self.kind)
 
     def mcp_status(self) -> list[dict[str, Any]]:
-        return []
+        return self._mcp.status()
 
     async def aclose(self) -> None:
         if self._settling is not None:

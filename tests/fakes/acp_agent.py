@@ -49,6 +49,9 @@ goes to $FAKE_ACP_DIR/log.jsonl. Files in $FAKE_ACP_DIR change the agent's ways:
     load-auth       `session/load` answers auth_required (-32000)
     hold-init       `initialize` waits until the file is gone
     die-in-init     it exits 4 in `initialize`, once: the file is removed as it does
+    mcp-http        it takes http MCP servers (`mcpCapabilities.http`)
+
+`session/new` and `session/load` log their `mcpServers` as the SDK parsed them.
 """
 
 import asyncio
@@ -82,6 +85,7 @@ from acp.schema import (
     AllowedOutcome,
     Cost,
     LoadSessionResponse,
+    McpCapabilities,
     PermissionOption,
     ToolCallUpdate,
     Usage,
@@ -130,6 +134,11 @@ async def run_command(command: str, cancelled: asyncio.Event) -> str | None:
     return wait.result()[0].decode().strip()
 
 
+def dump_servers(servers: list[Any] | None) -> list[dict[str, Any]]:
+    """`mcpServers` as the SDK parsed them (so in ACP's shapes), back as JSON."""
+    return [s.model_dump(by_alias=True, exclude_none=True) for s in servers or []]
+
+
 def log(entry: dict[str, Any]) -> None:
     with (STATE / "log.jsonl").open("a") as f:
         f.write(json.dumps(entry) + "\n")
@@ -173,21 +182,26 @@ class TestAgent(Agent):
         can_load = not (STATE / "no-load").exists()
         return InitializeResponse(
             protocol_version=PROTOCOL_VERSION,
-            agent_capabilities=AgentCapabilities(load_session=can_load),
+            agent_capabilities=AgentCapabilities(
+                load_session=can_load,
+                mcp_capabilities=McpCapabilities(http=(STATE / "mcp-http").exists()),
+            ),
         )
 
     async def new_session(
         self, cwd: str, mcp_servers: Any = None, **kwargs: Any
     ) -> NewSessionResponse:
         session_id = f"sess-{uuid.uuid4().hex[:8]}"
-        log({"call": "new_session", "cwd": cwd, "mcpServers": mcp_servers, "id": session_id})
+        servers = dump_servers(mcp_servers)
+        log({"call": "new_session", "cwd": cwd, "mcpServers": servers, "id": session_id})
         self._save(session_id, [])
         return NewSessionResponse(session_id=session_id)
 
     async def load_session(
         self, cwd: str, session_id: str, mcp_servers: Any = None, **kwargs: Any
     ) -> LoadSessionResponse:
-        log({"call": "load_session", "cwd": cwd, "id": session_id})
+        servers = dump_servers(mcp_servers)
+        log({"call": "load_session", "cwd": cwd, "mcpServers": servers, "id": session_id})
         if (STATE / "load-auth").exists():
             raise RequestError(-32000, "Authentication required")
         path = SESSIONS / f"{session_id}.json"

@@ -44,11 +44,19 @@ exits 1 at once with a usage error on stderr. `--fork-session` resumes into a ne
 id, as the real CLI does.
 Every start (argv, pid, pgid, cwd, CLAUDE_AUTOCOMPACT_PCT_OVERRIDE) and every message
 read go to $FAKE_CLAUDE_DIR/log.jsonl.
+
+`--mcp-config JSON` (one, inline) is read as the real CLI reads it: each server's `${VAR}`
+and `${VAR:-default}` in `env` and `headers` are expanded from the environment (the start's
+log entry has the config as given, `mcp_config`, and `mcp_expanded`, the values it got).
+`init` lists each server in `mcp_servers`: `connected` with one tool, `mcp__<name>__echo`,
+or `failed` when a `${VAR}` is not set, or when `type` is missing from an entry with a
+`url` (the real CLI then takes it for stdio and rejects it).
 """
 
 import json
 import os
 import queue
+import re
 import subprocess
 import sys
 import threading
@@ -88,6 +96,8 @@ _turn_lock = threading.Lock()
 _busy = False
 _cost_usd = 0.0
 """The process's running total, as the real CLI's `total_cost_usd`."""
+MCP: list[dict[str, str]] = []
+"""The MCP servers `init` reports, as --mcp-config gave them."""
 
 
 def log(entry: dict[str, Any]) -> None:
@@ -392,8 +402,8 @@ def init(session_id: str, args: list[str]) -> dict[str, Any]:
         "subtype": "init",
         "cwd": os.getcwd(),
         "session_id": session_id,
-        "tools": ["Bash"],
-        "mcp_servers": [],
+        "tools": ["Bash", *(f"mcp__{s['name']}__echo" for s in MCP if s["status"] == "connected")],
+        "mcp_servers": MCP,
         "model": MODEL,
         "permissionMode": mode,
         "slash_commands": [
@@ -419,10 +429,38 @@ def refuse_resume(session_id: str) -> None:
     sys.exit(1)
 
 
+def read_mcp_config(args: list[str]) -> dict[str, Any]:
+    """What --mcp-config gives, for the start's log entry; fills MCP for `init`."""
+    if "--mcp-config" not in args:
+        return {}
+    config = json.loads(args[args.index("--mcp-config") + 1])
+    expanded: dict[str, dict[str, str]] = {}
+    for name, server in config["mcpServers"].items():
+        values = server.get("env") or server.get("headers") or {}
+        try:
+            expanded[name] = {key: expand(value) for key, value in values.items()}
+            status = "connected" if "type" in server or "url" not in server else "failed"
+        except KeyError:
+            status = "failed"
+        MCP.append({"name": name, "status": status})
+    return {"mcp_config": config, "mcp_expanded": expanded, "strict": "--strict-mcp-config" in args}
+
+
+def expand(value: str) -> str:
+    def replace(match: re.Match[str]) -> str:
+        found = os.environ.get(match.group(1)) or match.group(2)
+        if found is None:
+            raise KeyError(match.group(1))
+        return found
+
+    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}", replace, value)
+
+
 def main() -> None:
     args = sys.argv[1:]
     pct = os.environ.get("CLAUDE_AUTOCOMPACT_PCT_OVERRIDE")
-    log({"argv": args, "pid": os.getpid(), "pgid": os.getpgid(0), "cwd": os.getcwd(), "pct": pct})
+    started = {"argv": args, "pid": os.getpid(), "pgid": os.getpgid(0), "cwd": os.getcwd()}
+    log({**started, "pct": pct, **read_mcp_config(args)})
     if (STATE / "die-at-start").exists():
         print("error: unknown option '--new-in-a-later-version'", file=sys.stderr)
         sys.exit(1)
