@@ -238,12 +238,12 @@ async def test_pause_interrupts_a_long_call_and_the_server_stays(
         await wait_for(pod, is_event("assistant_message"))
         await asyncio.sleep(0.3)  # let the call reach the server; it would run 30 s
         started = time.monotonic()
-        await pause_turn(pod)
+        seen = await pause_turn(pod)
         paused_after = time.monotonic() - started
-        end, seen = await resume_turn(pod)
+        end, resumed = await resume_turn(pod)
         after = (await mcp_states(pod))["everything"]
     assert paused_after < 2.0, f"pause took {paused_after:.1f} s"
-    interrupted, echoed = results(seen)
+    interrupted, echoed = results(seen + resumed)
     assert interrupted["is_error"] is True
     assert echoed["is_error"] is False
     assert "still here" in echoed["output"]
