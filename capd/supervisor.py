@@ -30,6 +30,7 @@ from capd.server import PodEndpoint
 from capd.store import PodRecord, Store
 from capd.tools import CHANGE_FILES
 from capd.tools.base import ToolContext, ToolFailed
+from capd.tools.mcp.server import pod_servers
 from capd.tools.toolbox import Toolbox
 from protocol.errors import ProtocolError
 from protocol.events import (
@@ -336,10 +337,21 @@ class Supervisor:
             pods=ChildPods(self, self.registry, self.store, manifest, socket_path),
             spill_dir=self._pod_state_dir(name) / "spill",
         )
+        toolbox = Toolbox.builtin(manifest.tools, tool_context)
+        if manifest.engine.kind == "builtin":  # external engines run their servers themselves
+            toolbox.add_mcp_servers(
+                pod_servers(
+                    manifest.mcp_servers,
+                    pod=name,
+                    cwd=Path(manifest.cwd),
+                    state_dir=self._pod_state_dir(name),
+                    limits=manifest.limits,
+                )
+            )
         controller = PodController(
             manifest,
             engine=make_engine(manifest),
-            toolbox=Toolbox.builtin(manifest.tools, tool_context),
+            toolbox=toolbox,
             parent=parent,
             socket_path=socket_path,
             store=self.store,
@@ -356,6 +368,7 @@ class Supervisor:
         actor = asyncio.create_task(controller.run(), name=f"pod {name}")
         running = _RunningPod(controller, endpoint, actor)
         self.pods[name] = running
+        toolbox.start_mcp_servers()  # not awaited: the pod is up even if a server cannot start
         return running
 
     async def _take_down(self, name: str, mode: StopMode) -> None:

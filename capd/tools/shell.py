@@ -59,7 +59,7 @@ class _OutputCollector(asyncio.Protocol):
     def _open_spill(self) -> None:
         assert self.spill_path is not None
         try:
-            _prune_spills(self.spill_path.parent)
+            _prune_spills(self.spill_path.parent, self.spill_path.name.partition("-")[0])
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
             self._spill = os.fdopen(os.open(self.spill_path, flags, 0o600), "wb")
         except OSError:
@@ -148,14 +148,8 @@ def _outcome(
 ) -> ToolOutcome:
     text = collector.kept.decode("utf-8", errors="replace").removesuffix("\n")
     lines = [text] if text else []
-    if collector.total > len(collector.kept):
-        shown = len(collector.kept)
-        note = f"output truncated: {collector.total} bytes in all, first {shown} shown"
-        if collector.spill_path is not None and collector.spilled == collector.total:
-            note += f"; all of it is in {collector.spill_path}"
-        elif collector.spill_path is not None:
-            note += f"; the first {collector.spilled} bytes are in {collector.spill_path}"
-        lines.append(f"[{note}]")
+    if note := _truncation_note(collector):
+        lines.append(note)
     if timed_out:
         lines.append(f"[command timed out after {timeout_s:g} s and was killed]")
     elif returncode < 0:
@@ -167,17 +161,41 @@ def _outcome(
     return ToolOutcome("\n".join(lines), is_error=timed_out or returncode != 0)
 
 
-def _prune_spills(spill_dir: Path) -> None:
-    """Make the directory (0700) and keep room for one more file: the newest
+def _truncation_note(collector: _OutputCollector) -> str | None:
+    if collector.total <= len(collector.kept):
+        return None
+    shown = len(collector.kept)
+    note = f"output truncated: {collector.total} bytes in all, first {shown} shown"
+    if collector.spill_path is not None and collector.spilled == collector.total:
+        note += f"; all of it is in {collector.spill_path}"
+    elif collector.spill_path is not None:
+        note += f"; the first {collector.spilled} bytes are in {collector.spill_path}"
+    return f"[{note}]"
+
+
+def clip_output(data: bytes, ctx: ToolContext, kind: str) -> str:
+    """Output of another tool (`kind`, e.g. `mcp`) cut as bash output is: the first
+    `ctx.output_limit` bytes, then a note saying how much there was and in which file of
+    the pod's spill dir all of it was saved. Call it on the event loop."""
+    collector = _OutputCollector(ctx.output_limit, _spill_path(ctx, kind))
+    collector.data_received(data)
+    collector.finish()
+    text = collector.kept.decode("utf-8", errors="replace")
+    note = _truncation_note(collector)
+    return f"{text}\n{note}" if note else text
+
+
+def _prune_spills(spill_dir: Path, kind: str) -> None:
+    """Make the directory (0700) and keep room for one more file of `kind`: the newest
     SPILL_FILES - 1 stay, so a looping agent cannot fill the disk the store is on."""
     spill_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    old = sorted(spill_dir.glob("bash-*.out"))
+    old = sorted(spill_dir.glob(f"{kind}-*.out"))
     for path in old[: max(0, len(old) - SPILL_FILES + 1)]:
         path.unlink(missing_ok=True)
 
 
-def _spill_path(ctx: ToolContext) -> Path | None:
+def _spill_path(ctx: ToolContext, kind: str = "bash") -> Path | None:
     if ctx.spill_dir is None:
         return None
     stamp = time.strftime("%Y%m%dT%H%M%S")
-    return ctx.spill_dir / f"bash-{stamp}-{secrets.token_hex(3)}.out"
+    return ctx.spill_dir / f"{kind}-{stamp}-{secrets.token_hex(3)}.out"

@@ -2,14 +2,17 @@
 into an outcome.
 
 Each pod has its own, and what it offers may change while the pod lives, so an engine
-reads `specs()` at each model call. `run` never raises except asyncio.CancelledError: a
-bad call from the model (a tool the pod does not offer, arguments that are not JSON or do
-not fit the schema) or a failing tool becomes an error outcome the model can read and act on.
+reads `specs()` at each model call: the built-in tools, then the tools of the pod's MCP
+servers as each lists them now (`capd.tools.mcp.server`). `run` never raises except
+asyncio.CancelledError: a bad call from the model (a tool the pod does not offer, arguments
+that are not JSON or do not fit the schema) or a failing tool becomes an error outcome the
+model can read and act on.
 """
 
+import asyncio
 import logging
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -17,8 +20,12 @@ from capd.chat import INVALID_JSON_KEY, ToolSpec
 from capd.tokens import spec_tokens
 from capd.tools import BUILTIN_TOOLS
 from capd.tools.base import Tool, ToolContext, ToolFailed, ToolOutcome
+from capd.tools.mcp.names import server_of
 from protocol.framing import MAX_NESTING
 from protocol.methods import describe_validation_error
+
+if TYPE_CHECKING:
+    from capd.tools.mcp.server import McpServer
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +37,8 @@ class Toolbox:
         self.context = context
         """Where and for whom the tools run."""
         self._offered: dict[str, tuple[Tool[Any], ToolSpec]] = {}
-        self.spec_tokens = 0
-        """The estimate of the tool definitions it offers (capd.tokens), kept as they are
-        added rather than counted at each model call and `status`."""
+        self._builtin_tokens = 0
+        self._mcp: dict[str, McpServer] = {}
         for tool in tools:
             self.add(tool)
 
@@ -46,25 +52,43 @@ class Toolbox:
         if tool.name not in self._offered:
             spec = tool.spec()
             self._offered[tool.name] = (tool, spec)
-            self.spec_tokens += spec_tokens(spec)
+            self._builtin_tokens += spec_tokens(spec)
+
+    def add_mcp_servers(self, servers: Iterable["McpServer"]) -> None:
+        """Offer the tools of `servers` (not started yet; see `start_mcp_servers`)."""
+        for server in servers:
+            self._mcp.setdefault(server.name, server)
+
+    def start_mcp_servers(self) -> None:
+        """Start the servers' connections; returns at once (a server that cannot start
+        leaves the pod working without its tools)."""
+        for server in self._mcp.values():
+            server.start()
+
+    @property
+    def spec_tokens(self) -> int:
+        """The estimate of the tool definitions it offers now (capd.tokens), kept as tools
+        are added and as servers list theirs rather than counted at each model call."""
+        return self._builtin_tokens + sum(server.spec_tokens for server in self._mcp.values())
 
     def specs(self) -> list[ToolSpec]:
         """What the model is offered now."""
-        return [spec for _, spec in self._offered.values()]
+        specs = [spec for _, spec in self._offered.values()]
+        for server in self._mcp.values():
+            specs += server.specs
+        return specs
 
     async def run(self, name: str, arguments: dict[str, Any]) -> ToolOutcome:
+        server = self._mcp.get(server_of(name) or "")
+        if server is not None:
+            return await self._run_mcp(server, name, arguments)
         offered = self._offered.get(name)
         if offered is None:
-            listed = ", ".join(self._offered) or "none"
+            listed = ", ".join([*self._offered, *self._mcp_names()]) or "none"
             return ToolOutcome(f"tool {name} is not enabled for this pod (enabled: {listed})", True)
         tool, _ = offered
-        if INVALID_JSON_KEY in arguments:
-            raw = str(arguments[INVALID_JSON_KEY])[:INVALID_JSON_SHOWN_CHARS]
-            return ToolOutcome(
-                f"arguments were not a JSON object, or nested deeper than {MAX_NESTING} levels: "
-                f"{raw}",
-                is_error=True,
-            )
+        if (refused := _not_an_object(arguments)) is not None:
+            return refused
         try:
             args = tool.args_model.model_validate(arguments)
         except ValidationError as exc:
@@ -78,13 +102,40 @@ class Toolbox:
             log.exception("tool %s failed in pod %s", name, self.context.pod)
             return ToolOutcome(f"tool {name} failed: {type(exc).__name__}: {exc}", is_error=True)
 
+    async def _run_mcp(
+        self, server: "McpServer", name: str, arguments: dict[str, Any]
+    ) -> ToolOutcome:
+        """The server checks the arguments against its schema and says what is wrong."""
+        if (refused := _not_an_object(arguments)) is not None:
+            return refused
+        try:
+            return await server.call(name, arguments, self.context)
+        except Exception as exc:
+            log.exception("tool %s failed in pod %s", name, self.context.pod)
+            return ToolOutcome(f"tool {name} failed: {type(exc).__name__}: {exc}", is_error=True)
+
+    def _mcp_names(self) -> list[str]:
+        return [spec.name for server in self._mcp.values() for spec in server.specs]
+
     def mcp_status(self) -> list[dict[str, Any]]:
         """`status.mcp` entries (protocol.results.McpServerState) of the servers whose
         tools it offers."""
-        return []
+        return [server.status() for server in self._mcp.values()]
 
     async def aclose(self) -> None:
-        """The pod stops: offer nothing more. A tool that holds something (a server's
-        connection) releases it here; the built-in tools hold nothing."""
+        """The pod stops: offer nothing more. The MCP servers are stopped (their process
+        groups killed); the built-in tools hold nothing."""
         self._offered.clear()
-        self.spec_tokens = 0
+        self._builtin_tokens = 0
+        servers, self._mcp = list(self._mcp.values()), {}
+        await asyncio.gather(*(server.aclose() for server in servers))
+
+
+def _not_an_object(arguments: dict[str, Any]) -> ToolOutcome | None:
+    if INVALID_JSON_KEY not in arguments:
+        return None
+    raw = str(arguments[INVALID_JSON_KEY])[:INVALID_JSON_SHOWN_CHARS]
+    return ToolOutcome(
+        f"arguments were not a JSON object, or nested deeper than {MAX_NESTING} levels: {raw}",
+        is_error=True,
+    )

@@ -1,0 +1,202 @@
+"""A stdio MCP server's process, started through capd's one launcher.
+
+It runs in the pod's cwd in its own process group with the owner mark (so a crashed capd's
+servers are reaped by the next one) and speaks newline-delimited JSON-RPC on stdin and
+stdout; lines may be long (results with images are). Its stderr is appended, with the
+values of the `${VAR}`s its config reads scrubbed out, to `mcp-<server>.stderr` in the
+pod's state dir (at most STDERR_FILE_LIMIT bytes, then the file starts over, the old one
+kept as `.1`), and its latest lines are kept to say why it died. Nothing here knows the
+MCP SDK: `client.py` turns this process into the SDK's streams.
+"""
+
+import asyncio
+import contextlib
+import os
+import shutil
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+from capd.engines.process import stderr_summary
+from capd.proc.groups import KILL_GRACE_S, signal_name, terminate_group
+from capd.proc.launcher import environment, launch, stop_group
+
+LINE_LIMIT = 64 * 1024 * 1024
+"""The longest line a server may write on stdout."""
+STDERR_KEPT = 64 * 1024
+"""Bytes of the latest stderr kept for error messages."""
+STDERR_FILE_LIMIT = 1024 * 1024
+"""Bytes a server's stderr file grows to before it starts over."""
+STDERR_LINE = 8 * 1024
+"""A longer stderr line is cut into pieces this long."""
+
+
+class CannotStart(Exception):
+    """The server's command is not there or cannot run; the message names it."""
+
+
+def resolve_command(command: str, cwd: Path, env: Mapping[str, str]) -> str:
+    """The executable `command` names, as external engines' commands are found: a name
+    with a `/` relative to `cwd`, a bare name on PATH (`env`'s, over capd's)."""
+    if "/" in command:
+        path = cwd / command
+        if path.is_file() and os.access(path, os.X_OK):
+            return str(path)
+        raise CannotStart(f"cannot start {command}: {path} is not an executable file")
+    found = shutil.which(command, path=environment(env).get("PATH", os.defpath))
+    if found is None:
+        raise CannotStart(f"cannot start {command}: it is not found on PATH")
+    return found
+
+
+class ServerProcess:
+    def __init__(
+        self,
+        proc: asyncio.subprocess.Process,
+        stderr_path: Path | None,
+        scrub: Callable[[str], str],
+    ) -> None:
+        self._proc = proc
+        self._scrub = scrub
+        self._stderr_path = stderr_path
+        self._tail: deque[str] = deque()
+        self._tail_bytes = 0
+        assert proc.stderr is not None
+        self._stderr_task = asyncio.create_task(self._collect_stderr(proc.stderr))
+        self.exited: asyncio.Task[int] = asyncio.create_task(proc.wait())
+        """Done with the exit status once the process has exited."""
+
+    @classmethod
+    async def start(
+        cls,
+        argv: Sequence[str],
+        *,
+        cwd: Path,
+        env: Mapping[str, str],
+        stderr_path: Path | None,
+        scrub: Callable[[str], str],
+    ) -> "ServerProcess":
+        try:
+            proc = await launch(
+                argv,
+                cwd=cwd,
+                env=env,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                limit=LINE_LIMIT,
+            )
+        except OSError as exc:
+            raise CannotStart(f"cannot start {argv[0]}: {exc.strerror or exc}") from None
+        return cls(proc, stderr_path, scrub)
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    async def readline(self) -> bytes:
+        """The next line of stdout; empty at its end. ValueError for a line over LINE_LIMIT."""
+        assert self._proc.stdout is not None
+        return await self._proc.stdout.readline()
+
+    async def write(self, line: bytes) -> None:
+        stdin = self._proc.stdin
+        assert stdin is not None
+        stdin.write(line)
+        await stdin.drain()
+
+    def stop(self) -> None:
+        """SIGTERM the process group now, SIGKILL it after KILL_GRACE_S."""
+        if self._proc.stdin is not None:
+            self._proc.stdin.close()
+        stop_group(self._proc)
+
+    def kill(self) -> None:
+        """SIGKILL the process group now: the server hangs (a stopped process ignores
+        SIGTERM)."""
+        if self._proc.stdin is not None:
+            self._proc.stdin.close()
+        terminate_group(self._proc.pid, grace=0)
+
+    async def aclose(self) -> None:
+        """Stop the group and wait for the process (bounded), and for its last stderr."""
+        self.stop()
+        await asyncio.wait([self.exited], timeout=KILL_GRACE_S + 1)
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            async with asyncio.timeout(0.5):
+                await asyncio.shield(self._stderr_task)
+        self._stderr_task.cancel()
+        self.exited.cancel()
+
+    async def exit_reason(self) -> str:
+        """How the process ended, with what its stderr last said (waits briefly for it)."""
+        code = self._proc.returncode
+        if code is None:
+            return "its output ended"
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            async with asyncio.timeout(0.5):
+                await asyncio.shield(self._stderr_task)
+        how = f"was killed by {signal_name(-code)}" if code < 0 else f"exited with code {code}"
+        summary = stderr_summary("".join(self._tail))
+        return f"it {how}; stderr: {summary}" if summary else f"it {how}"
+
+    def stderr_said(self) -> str:
+        """What its stderr says went wrong, in one line ("" when it said nothing)."""
+        return stderr_summary("".join(self._tail))
+
+    async def _collect_stderr(self, stream: asyncio.StreamReader) -> None:
+        out = self._open_stderr_file()
+        pending = b""
+        try:
+            while chunk := await stream.read(64 * 1024):
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                while len(pending) > STDERR_LINE:
+                    lines.append(pending[:STDERR_LINE])
+                    pending = pending[STDERR_LINE:]
+                for line in lines:
+                    out = self._keep(line, out)
+            if pending:
+                out = self._keep(pending, out)
+        finally:
+            if out is not None:
+                out.close()
+
+    def _keep(self, raw: bytes, out: BinaryIO | None) -> BinaryIO | None:
+        line = self._scrub(raw.decode("utf-8", errors="replace")) + "\n"
+        self._tail.append(line)
+        self._tail_bytes += len(line)
+        while self._tail_bytes - len(self._tail[0]) >= STDERR_KEPT:
+            self._tail_bytes -= len(self._tail.popleft())
+        if out is None:
+            return None
+        try:
+            if out.tell() > STDERR_FILE_LIMIT:
+                out.close()
+                assert self._stderr_path is not None
+                os.replace(
+                    self._stderr_path, self._stderr_path.with_name(self._stderr_path.name + ".1")
+                )
+                out = self._open_stderr_file()
+                if out is None:
+                    return None
+            out.write(line.encode())
+            out.flush()
+        except OSError:
+            return None
+        return out
+
+    def _open_stderr_file(self) -> BinaryIO | None:
+        if self._stderr_path is None:
+            return None
+        try:
+            self._stderr_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+            out = os.fdopen(os.open(self._stderr_path, flags, 0o600), "ab")
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+            out.write(f"--- {stamp} pid {self._proc.pid} started ---\n".encode())
+            return out
+        except OSError:
+            return None
