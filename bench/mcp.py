@@ -69,7 +69,7 @@ def _through_capd_ms(
         for server in manifest.get("mcp_servers", {}):
             _wait_ready(pod, server)
         pod.request({"id": "sub", "method": "subscribe"})
-        pod.request({"id": "run", "method": "run", "text": "go"})
+        pod.send({"id": "run", "method": "run", "text": "go"})  # events may precede its ack
         for _ in range(WARM_UP + calls):
             _, asked = pod.wait_event("assistant_message")
             result, answered = pod.wait_event("tool_result")
