@@ -5,6 +5,7 @@ whose tool list changes while it runs. Children and external engines are tested 
 
 import asyncio
 import os
+import re
 import secrets
 import signal
 import socket
@@ -23,6 +24,7 @@ from tests.fakes.openai_server import FunctionCall, OpenAITestServer, TextReply,
 from tests.helpers import (
     Event,
     connect_pod,
+    daemon_request,
     full_history,
     is_event,
     pause_turn,
@@ -42,6 +44,8 @@ READY_TIMEOUT_S = 20.0
 """A server's start (0.7-2.5 s alone) on 2 busy cores, or a restart after a backoff."""
 LIST_CHANGER = Path(__file__).parent / "fakes" / "mcp_list_changer.py"
 State = dict[str, Any]
+LEAK = 'echo "starting with token $MY_TOKEN" >&2; exit 3'
+"""A server that fails at once and prints its secret on stderr on the way out."""
 
 
 def call(name: str, **arguments: Any) -> dict[str, Any]:
@@ -152,7 +156,7 @@ async def test_time_server_is_offered_with_its_schema_and_answers(
 
 
 async def test_everything_results_become_text_the_model_reads(
-    capd: CapdProcess, mcp_commands: McpServerCommands, openai: OpenAITestServer
+    capd: CapdProcess, mcp_commands: McpServerCommands, openai: OpenAITestServer, tmp_path: Path
 ) -> None:
     big = "".join(secrets.token_hex(32) for _ in range(1600))  # 100 KiB: spilled
     calls = [
@@ -166,12 +170,18 @@ async def test_everything_results_become_text_the_model_reads(
         ToolCallsReply([FunctionCall(f"mcp__everything__{n}", a) for n, a in calls]),
         TextReply("done"),
     )
-    await spawn(
-        capd, "e1", openai_model(openai), mcp_servers={"everything": everything(mcp_commands)}
-    )
+    servers = {"everything": everything(mcp_commands)}
+    await spawn(capd, "e1", openai_model(openai), cwd=str(tmp_path), mcp_servers=servers)
     async with await connect_pod(capd, "e1") as pod:
         state = await wait_mcp(pod, "everything", ready)
         end, seen = await run_turn(pod, "show me")
+    assert Path(f"/proc/{state['pid']}/cwd").resolve() == tmp_path.resolve(), "the pod's cwd"
+    echo = next(e for e in results(seen) if e["name"] == "mcp__everything__echo")
+    spilled = re.search(r"/\S+/pods/e1/spill/[^\s\];]+", echo["output"])
+    assert spilled, f"the note names the spill file: {echo['output'][-300:]}"
+    assert big in Path(spilled[0]).read_text()
+    await daemon_request(capd, {"method": "delete", "name": "e1"})
+    await until(lambda: not alive(state["pid"]))  # stopped with its pod
     assert end["result"] == "finished"
     by_tool = {e["name"].removeprefix("mcp__everything__"): e for e in results(seen)}
     image = by_tool["get-tiny-image"]
@@ -193,10 +203,6 @@ async def test_everything_results_become_text_the_model_reads(
     assert big[:1000] in echo["output"]
     assert len(echo["output"]) < 80 * 1024, "past 64 KiB the output is cut"
     assert "truncated" in echo["output"]
-    spills = list((capd.state_dir / "pods" / "e1" / "spill").iterdir())
-    spilled = [p for p in spills if str(p) in echo["output"]]
-    assert spilled, f"the note names the spill file: {echo['output'][-300:]}"
-    assert big in spilled[0].read_text()
     # server-everything adds its capability-dependent tools after `initialize`.
     sent = [t["function"]["name"] for t in openai.requests[0]["tools"]]
     assert "mcp__everything__simulate-research-query" in sent
@@ -338,6 +344,7 @@ async def test_servers_that_never_start_leave_the_pod_working(
     assert (end["result"], end["output"]) == ("finished", "ok")
     assert [r["output"] for r in results(seen)] == ["the pod works"]
     assert missing in gone["error"]
+    assert gone["restarts"] < 5, "started again after a backoff, not in a loop"
     assert "did not start within 1 s" in hung["error"]
 
 
@@ -352,6 +359,11 @@ async def test_secrets_reach_the_server_and_nothing_else(
     servers = {
         "everything": everything(mcp_commands, env={"MY_TOKEN": "${CAPD_TEST_MCP_SECRET}"}),
         "unset": everything(mcp_commands, env={"MY_TOKEN": "${CAPD_TEST_MCP_UNSET_VAR}"}),
+        "leaky": {
+            "command": "sh",
+            "args": ["-c", LEAK],
+            "env": {"MY_TOKEN": "${CAPD_TEST_MCP_SECRET}"},
+        },
     }
     echo = call("mcp__everything__echo", message="hi")
     model = scripted(echo, {"text": "echoed"}, call("mcp__everything__get-env"), {"text": "env"})
@@ -359,12 +371,14 @@ async def test_secrets_reach_the_server_and_nothing_else(
     async with await connect_pod(capd_dirs, "s1") as pod:
         state = await wait_mcp(pod, "everything", ready)
         unset = await wait_mcp(pod, "unset", lambda s: s["state"] == "failed")
+        leaky = await wait_mcp(pod, "leaky", lambda s: s["state"] == "failed")
         await run_turn(pod, "echo")
         status = await pod.request({"method": "status"})
         history = await full_history(pod)
         environ = Path(f"/proc/{state['pid']}/environ").read_bytes().split(b"\0")
         assert f"MY_TOKEN={secret}".encode() in environ
         assert "CAPD_TEST_MCP_UNSET_VAR" in unset["error"]
+        assert leaky["error"], "says why it failed, without the value"
         assert secret not in str(status)
         assert secret not in str(history)
         for path in capd_dirs.state_dir.rglob("*"):
