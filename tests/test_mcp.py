@@ -258,6 +258,37 @@ async def test_pause_interrupts_a_long_call_and_the_server_stays(
     assert (after["pid"], after["restarts"]) == (before["pid"], 0), "the server answered"
 
 
+async def test_pause_of_a_call_to_a_hung_server_restarts_it(
+    capd: CapdProcess, mcp_commands: McpServerCommands, stopped_pids: list[int]
+) -> None:
+    """The pause does not wait for the server; the server, which cannot answer the
+    cancellation, is restarted, and the resumed turn uses the new one."""
+    long_call = call("mcp__everything__trigger-long-running-operation", duration=30, steps=30)
+    echo = call("mcp__everything__echo", message="new server")
+    model = scripted(long_call, echo, {"text": "after"})
+    await spawn(capd, "q1", model, mcp_servers={"everything": everything(mcp_commands)})
+    async with await connect_pod(capd, "q1") as pod:
+        before = await wait_mcp(pod, "everything", ready)
+        await pod.request({"method": "run", "text": "go"})
+        await wait_for(pod, is_event("assistant_message"))
+        await asyncio.sleep(0.3)  # let the call reach the server; it would run 30 s
+        os.kill(before["pid"], signal.SIGSTOP)
+        stopped_pids.append(before["pid"])
+        started = time.monotonic()
+        seen = await pause_turn(pod)
+        paused_after = time.monotonic() - started
+        again = await wait_mcp(pod, "everything", lambda s: ready(s) and s["pid"] != before["pid"])
+        end, resumed = await resume_turn(pod)
+    assert paused_after < 1.0, f"pause took {paused_after:.1f} s"
+    assert again["restarts"] == before["restarts"] + 1
+    await until(lambda: not alive(before["pid"]))
+    cut, echoed = results(seen + resumed)
+    assert cut["is_error"] is True
+    assert not echoed["is_error"]
+    assert "new server" in echoed["output"]
+    assert (end["result"], end["output"]) == ("finished", "after")
+
+
 async def test_a_hung_server_times_out_and_is_restarted(
     capd: CapdProcess, mcp_commands: McpServerCommands, stopped_pids: list[int]
 ) -> None:
@@ -392,28 +423,34 @@ async def test_secrets_reach_the_server_and_nothing_else(
 
 
 @pytest.mark.own_capd
-async def test_capd_killed_and_started_again_brings_the_server_back(
+async def test_capd_killed_mid_call_comes_back_with_the_server(
     capd: CapdProcess, mcp_commands: McpServerCommands
 ) -> None:
+    """The turn comes back paused; resume closes the cut call and goes on, with a new
+    server, and no server of the killed capd is left."""
+    long_call = call("mcp__everything__trigger-long-running-operation", duration=30, steps=30)
     echo = call("mcp__everything__echo", message="after the restart")
-    await spawn(
-        capd,
-        "r1",
-        scripted(echo, {"text": "ok"}),
-        mcp_servers={"everything": everything(mcp_commands)},
-    )
+    model = scripted(long_call, echo, {"text": "ok"})
+    await spawn(capd, "r1", model, mcp_servers={"everything": everything(mcp_commands)})
     async with await connect_pod(capd, "r1") as pod:
         before = await wait_mcp(pod, "everything", ready)
+        await pod.request({"method": "run", "text": "go"})
+        await wait_for(pod, is_event("assistant_message"))
+        await asyncio.sleep(0.3)  # let the call reach the server; it would run 30 s
     await sigkill(capd)
     capd.start()
     async with await connect_pod(capd, "r1") as pod:
+        status = await pod.request({"method": "status"})
         after = await wait_mcp(pod, "everything", ready)
-        end, seen = await run_turn(pod, "echo")
+        end, seen = await resume_turn(pod)
     await until(lambda: not alive(before["pid"]))
+    assert status["status"] == "paused"
     assert after["pid"] != before["pid"]
-    assert [r["is_error"] for r in results(seen)] == [False]
-    assert "after the restart" in results(seen)[0]["output"]
-    assert end["output"] == "ok"
+    cut, echoed = results(seen)
+    assert cut["is_error"] is True
+    assert not echoed["is_error"]
+    assert "after the restart" in echoed["output"]
+    assert (end["result"], end["output"]) == ("finished", "ok")
 
 
 def _free_port() -> int:
