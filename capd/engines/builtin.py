@@ -104,6 +104,7 @@ class BuiltinEngine:
         while True:
             host.check_budget()
             host.inject_notes(turn.turn_id)
+            await host.toolbox.servers_started()
             if turn.steps >= limits.max_steps:
                 return TurnOutcome(
                     "limit_reached",

@@ -65,6 +65,12 @@ class Toolbox:
         for server in self._mcp.values():
             server.start()
 
+    async def servers_started(self) -> None:
+        """Wait for the MCP servers starting for the first time since the pod came up (each
+        at most its limits.mcp_startup_timeout_s), so a model call is offered their tools;
+        returns at once once each was ready or failed."""
+        await asyncio.gather(*(server.first_start() for server in self._mcp.values()))
+
     @property
     def spec_tokens(self) -> int:
         """The estimate of the tool definitions it offers now (capd.tokens), kept as tools

@@ -19,11 +19,11 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import httpx2
 import mcp_types as types
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.client.subscriptions import ListenNotSupportedError
-from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.exceptions import MCPError
 from mcp.shared.message import SessionMessage
 from mcp_types.jsonrpc import CONNECTION_CLOSED, REQUEST_TIMEOUT
@@ -42,6 +42,12 @@ PAGES_LIMIT = 1000
 """Pages of a tool list read at most (a server whose cursor never ends)."""
 CALL_SLACK_S = 5.0
 """How long past its timeout a call is awaited before capd gives up on the SDK's own."""
+HTTP_TIMEOUT = httpx2.Timeout(30.0, read=300.0)
+"""The SDK's own HTTP timeouts: a server may hold a response stream open for a long call
+(capd's call timeout bounds it)."""
+GOODBYE_TIMEOUT = httpx2.Timeout(2.0)
+"""For the DELETE that ends an HTTP session when capd leaves it: a hung server must not
+hold up a restart or the pod's stop."""
 MESSAGE_SHOWN = 300
 """Characters of an exception's message kept in a one-line reason."""
 
@@ -99,10 +105,26 @@ async def stdio_streams(
 
 
 @asynccontextmanager
-async def http_streams(url: str, headers: Mapping[str, str]) -> AsyncIterator[Any]:
-    """The SDK's streams to a Streamable HTTP server, every request carrying `headers`."""
+async def http_streams(
+    url: str, headers: Mapping[str, str], on_error_status: Callable[[int], None]
+) -> AsyncIterator[Any]:
+    """The SDK's streams to a Streamable HTTP server, every request carrying `headers`.
+    An HTTP error status goes to `on_error_status` (the SDK's error does not name it)."""
+
+    async def note_status(response: httpx2.Response) -> None:
+        if response.status_code >= 400:
+            on_error_status(response.status_code)
+
+    async def bound_goodbye(request: httpx2.Request) -> None:
+        if request.method == "DELETE":
+            request.extensions["timeout"] = GOODBYE_TIMEOUT.as_dict()
+
     async with (
-        create_mcp_http_client(headers=dict(headers)) as http,
+        httpx2.AsyncClient(
+            headers=dict(headers),
+            timeout=HTTP_TIMEOUT,
+            event_hooks={"request": [bound_goodbye], "response": [note_status]},
+        ) as http,
         streamable_http_client(url, http_client=http) as streams,
     ):
         yield streams
@@ -128,12 +150,18 @@ async def connect(
         client_info=types.Implementation(name=CLIENT_NAME, version=_version()),
     )
     async with client:
-        yield Connection(client)
+        conn = Connection(client)
+        try:
+            yield conn
+        finally:
+            conn.closed = True
 
 
 class Connection:
     def __init__(self, client: Client) -> None:
         self._client = client
+        self.closed = False
+        """Set once the session is left; a call made then finds no session."""
         _hand_back_results_that_break_their_schema(client)
 
     @property
@@ -183,6 +211,10 @@ class Connection:
             raise ConnectionLost("the connection is closed") from None
         except ValidationError as exc:
             raise ServerError(f"its result is not MCP: {_one_line(exc)}") from None
+        except RuntimeError as exc:
+            if self.closed:
+                raise ConnectionLost("the connection is closed") from None
+            raise ServerError(_one_line(exc)) from None
         return ToolOutcome(clip_output(result_text(result).encode(), ctx, "mcp"), result.is_error)
 
     async def probe(self, timeout_s: float) -> bool:
@@ -193,7 +225,7 @@ class Connection:
                 await self._client.session.send_ping()
         except MCPError as exc:
             return exc.code not in (CONNECTION_CLOSED, REQUEST_TIMEOUT)
-        except (TimeoutError, anyio.ClosedResourceError, anyio.BrokenResourceError):
+        except (TimeoutError, RuntimeError, anyio.ClosedResourceError, anyio.BrokenResourceError):
             return False
         return True
 

@@ -117,6 +117,7 @@ class McpServer:
         self._startup: asyncio.Timeout | None = None
         self._startup_cut = False
         self._junk = 0
+        self._http_status: int | None = None
         self._owner: asyncio.Task[None] | None = None
         self._probes: set[asyncio.Task[None]] = set()
 
@@ -142,13 +143,17 @@ class McpServer:
             restarts=self.restarts,
         ).model_dump(mode="json")
 
-    async def call(self, exposed: str, arguments: dict[str, Any], ctx: ToolContext) -> ToolOutcome:
-        """Call the tool offered as `exposed`. Never raises but CancelledError."""
-        if not self._settled.is_set():
-            # The first turn after the pod came up: let the server finish starting.
+    async def first_start(self) -> None:
+        """Wait until the server was first ready or first failed since the pod came up
+        (at most limits.mcp_startup_timeout_s); at once after that."""
+        if not self._settled.is_set() and self._owner is not None:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._limits.mcp_startup_timeout_s):
                     await self._settled.wait()
+
+    async def call(self, exposed: str, arguments: dict[str, Any], ctx: ToolContext) -> ToolOutcome:
+        """Call the tool offered as `exposed`. Never raises but CancelledError."""
+        await self.first_start()  # the first turn after the pod came up
         tool = self._tools.get(exposed)
         conn = self._conn
         if self.state != "ready" or conn is None:
@@ -172,13 +177,17 @@ class McpServer:
                 is_error=True,
             )
         except ConnectionLost as exc:
-            self._lose(generation, f"the connection closed ({exc})")
+            process = self._process
+            if process is not None:  # it exited, most likely: its exit says more
+                await asyncio.wait([process.exited], timeout=DOWN_WAIT_S / 2)
+            if process is None or not process.exited.done():
+                self._lose(generation, f"the connection closed ({exc})")
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(DOWN_WAIT_S):
                     await self._down.wait()
             return self._unavailable()
         except ServerError as exc:
-            return ToolOutcome(f"MCP server {self.name}: {exc}", is_error=True)
+            return ToolOutcome(f"MCP server {self.name}: {self._scrub(str(exc))}", is_error=True)
         except asyncio.CancelledError:
             self._probe_later(conn, generation, "a call was cancelled")
             raise
@@ -215,7 +224,7 @@ class McpServer:
             self._startup.reschedule(asyncio.get_running_loop().time())
 
     def _unavailable(self) -> ToolOutcome:
-        reason = self.error if self.state == "failed" and self.error else "it is still starting"
+        reason = self.error or "it is still starting"
         return ToolOutcome(
             f"MCP server {self.name} is unavailable: {reason}; capd is starting it again",
             is_error=True,
@@ -224,6 +233,14 @@ class McpServer:
     # -- the owner task ------------------------------------------------------------------
 
     async def _run(self) -> None:
+        try:
+            await self._supervise()
+        except Exception as exc:  # a bug: say so rather than leave the server "starting"
+            log.exception("pod %s: MCP server %s: supervision failed", self._pod, self.name)
+            self.error = f"capd stopped supervising it: {type(exc).__name__}: {exc}"
+            self._set_state("failed")
+
+    async def _supervise(self) -> None:
         loop = asyncio.get_running_loop()
         attempt = 0
         while True:
@@ -254,7 +271,7 @@ class McpServer:
         """Start the server and serve it until it ends: why it ended, and when it became
         ready (None if it never did)."""
         self._generation += 1
-        self._dead, self._stale, self._junk = None, False, 0
+        self._dead, self._stale, self._junk, self._http_status = None, False, 0, None
         self._wake.clear()
         ready_at: float | None = None
         reason: str | None = None
@@ -270,7 +287,7 @@ class McpServer:
                     transport = client.stdio_streams(process, self._on_junk)
                 else:
                     headers = self._expand(self.config.headers)
-                    transport = client.http_streams(self.config.url, headers)
+                    transport = client.http_streams(self.config.url, headers, self._note_status)
                 async with (
                     client.connect(transport, self._tools_changed) as conn,
                     conn.watching_tools(self._tools_changed),
@@ -306,6 +323,7 @@ class McpServer:
             self._listed.set()
             if process is not None:
                 await process.aclose()
+                self._process = None  # its group is gone: never signal that number again
         return self._scrub(reason or "stopped"), ready_at
 
     async def _start_process(self, config: McpStdioServer) -> ServerProcess:
@@ -358,8 +376,9 @@ class McpServer:
                 return await process.exit_reason()
         if client is None:
             return f"{type(exc).__name__}: {exc}"
-        if self.transport == "http":
-            return f"{client.describe(exc)} ({self.config.url})"  # type: ignore[union-attr]
+        if isinstance(self.config, McpHttpServer):
+            status = f"HTTP {self._http_status} from " if self._http_status else ""
+            return f"{client.describe(exc)} ({status}{self.config.url})"
         return client.describe(exc)
 
     def _publish(self, tools: list[RemoteTool]) -> None:
@@ -385,6 +404,9 @@ class McpServer:
             self._settled.set()
             if state == "failed":
                 self._down.set()
+
+    def _note_status(self, status: int) -> None:
+        self._http_status = status
 
     def _tools_changed(self) -> None:
         self._stale = True

@@ -1,0 +1,53 @@
+"""A stdio MCP server's process: how its command is found, and what its stderr leaves."""
+
+import stat
+from pathlib import Path
+
+import pytest
+
+from capd.tools.mcp.transport import CannotStart, ServerProcess, resolve_command
+
+
+def test_a_command_with_a_slash_is_taken_relative_to_the_cwd(tmp_path: Path) -> None:
+    server = tmp_path / "bin" / "server"
+    server.parent.mkdir()
+    server.write_text("#!/bin/sh\n")
+    server.chmod(0o755)
+    assert resolve_command("bin/server", tmp_path, {}) == str(server)
+    with pytest.raises(CannotStart, match=r"cannot start bin/nope: .* is not an executable file"):
+        resolve_command("bin/nope", tmp_path, {})
+
+
+def test_a_bare_name_is_looked_up_on_path_the_servers_env_may_set(tmp_path: Path) -> None:
+    (tmp_path / "my-server").write_text("#!/bin/sh\n")
+    (tmp_path / "my-server").chmod(0o755)
+    assert resolve_command("sh", tmp_path, {}).endswith("/sh")
+    assert resolve_command("my-server", Path("/"), {"PATH": str(tmp_path)}) == str(
+        tmp_path / "my-server"
+    )
+    with pytest.raises(CannotStart, match="cannot start no-such-server: it is not found on PATH"):
+        resolve_command("no-such-server", tmp_path, {})
+
+
+async def test_stderr_is_kept_scrubbed_in_a_private_file_and_says_why_it_ended(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "state" / "mcp-s.stderr"
+    script = (
+        "echo 'token s3cr3t-value rejected' >&2; echo 'Error: bad token s3cr3t-value' >&2; exit 3"
+    )
+    process = await ServerProcess.start(
+        ["sh", "-c", script],
+        cwd=tmp_path,
+        env={},
+        stderr_path=path,
+        scrub=lambda text: text.replace("s3cr3t-value", "${TOKEN}"),
+    )
+    await process.exited
+    reason = await process.exit_reason()
+    await process.aclose()
+    assert reason == "it exited with code 3; stderr: Error: bad token ${TOKEN}"
+    text = path.read_text()
+    assert "token ${TOKEN} rejected" in text
+    assert "s3cr3t-value" not in text
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
