@@ -44,6 +44,8 @@ READY_TIMEOUT_S = 20.0
 """A server's start (0.7-2.5 s alone) on 2 busy cores, or a restart after a backoff."""
 LIST_CHANGER = Path(__file__).parent / "fakes" / "mcp_list_changer.py"
 State = dict[str, Any]
+PROBE_S = 2.0
+"""How long a server has to answer after a cancelled call before it is restarted."""
 LEAK = 'echo "starting with token $MY_TOKEN" >&2; exit 3'
 """A server that fails at once and prints its secret on stderr on the way out."""
 
@@ -134,8 +136,9 @@ async def test_time_server_is_offered_with_its_schema_and_answers(
     await spawn(capd, "t1", openai_model(openai), mcp_servers={"time": time_server})
     async with await connect_pod(capd, "t1") as pod:
         first = (await mcp_states(pod))["time"]
-        state = await wait_mcp(pod, "time", ready)
+        # Right away: the step waits for a server starting for the first time.
         end, seen = await run_turn(pod, "what time is it?")
+        state = (await mcp_states(pod))["time"]
     assert first["state"] in ("starting", "ready")
     assert (first["transport"], first["managed_by"]) == ("stdio", "capd")
     assert (state["tools"], state["error"], state["restarts"]) == (2, None, 0)
@@ -165,6 +168,7 @@ async def test_everything_results_become_text_the_model_reads(
         ("get-resource-links", {"count": 2}),
         ("get-sum", {"a": "x", "b": 1}),
         ("echo", {"message": big}),
+        ("no-such-tool", {}),
     ]
     openai.enqueue(
         ToolCallsReply([FunctionCall(f"mcp__everything__{n}", a) for n, a in calls]),
@@ -203,6 +207,7 @@ async def test_everything_results_become_text_the_model_reads(
     assert big[:1000] in echo["output"]
     assert len(echo["output"]) < 80 * 1024, "past 64 KiB the output is cut"
     assert "truncated" in echo["output"]
+    assert by_tool["no-such-tool"]["is_error"] is True
     # server-everything adds its capability-dependent tools after `initialize`.
     sent = [t["function"]["name"] for t in openai.requests[0]["tools"]]
     assert "mcp__everything__simulate-research-query" in sent
@@ -231,12 +236,12 @@ async def test_a_changed_tool_list_is_offered_at_the_next_step(
     assert (before["tools"], after["tools"]) == (1, 2)
 
 
-async def test_pause_interrupts_a_long_call_and_the_server_stays(
+async def test_pause_and_cancel_interrupt_a_long_call_and_the_server_stays(
     capd: CapdProcess, mcp_commands: McpServerCommands
 ) -> None:
     long_call = call("mcp__everything__trigger-long-running-operation", duration=30, steps=30)
     echo = call("mcp__everything__echo", message="still here")
-    model = scripted(long_call, echo, {"text": "after"})
+    model = scripted(long_call, echo, {"text": "after"}, long_call)
     await spawn(capd, "p1", model, mcp_servers={"everything": everything(mcp_commands)})
     async with await connect_pod(capd, "p1") as pod:
         before = await wait_mcp(pod, "everything", ready)
@@ -247,13 +252,24 @@ async def test_pause_interrupts_a_long_call_and_the_server_stays(
         seen = await pause_turn(pod)
         paused_after = time.monotonic() - started
         end, resumed = await resume_turn(pod)
+        await pod.request({"method": "run", "text": "again"})
+        await wait_for(pod, is_event("assistant_message"))
+        await asyncio.sleep(0.3)
+        started = time.monotonic()
+        await pod.request({"method": "cancel"})
+        cancelled, _ = await wait_for(pod, is_event("turn_end"))
+        cancelled_after = time.monotonic() - started
+        # Past the 2 s in which the server must answer after a cancellation.
+        await asyncio.sleep(PROBE_S + 0.5)
         after = (await mcp_states(pod))["everything"]
-    assert paused_after < 2.0, f"pause took {paused_after:.1f} s"
+    assert paused_after < 1.0, f"pause took {paused_after:.1f} s"
     interrupted, echoed = results(seen + resumed)
     assert interrupted["is_error"] is True
     assert echoed["is_error"] is False
     assert "still here" in echoed["output"]
     assert (end["result"], end["output"]) == ("finished", "after")
+    assert cancelled["result"] == "cancelled"
+    assert cancelled_after < 1.0, f"cancel took {cancelled_after:.1f} s"
     assert ready(after), after
     assert (after["pid"], after["restarts"]) == (before["pid"], 0), "the server answered"
 
@@ -408,8 +424,9 @@ async def test_secrets_reach_the_server_and_nothing_else(
         history = await full_history(pod)
         environ = Path(f"/proc/{state['pid']}/environ").read_bytes().split(b"\0")
         assert f"MY_TOKEN={secret}".encode() in environ
+        assert [server["name"] for server in status["mcp"]] == list(servers)
         assert "CAPD_TEST_MCP_UNSET_VAR" in unset["error"]
-        assert leaky["error"], "says why it failed, without the value"
+        assert "starting with token ${CAPD_TEST_MCP_SECRET}" in leaky["error"], "quotes stderr"
         assert secret not in str(status)
         assert secret not in str(history)
         for path in capd_dirs.state_dir.rglob("*"):
@@ -500,7 +517,8 @@ async def test_streamable_http_server_is_called_and_comes_back(
     http_servers.append(await asyncio.to_thread(_start_http_everything, mcp_commands, port, log))
     echo = call("mcp__web__echo", message="over http")
     model = scripted(echo, {"text": "one"}, echo, {"text": "two"}, echo, {"text": "three"})
-    web = {"url": f"http://127.0.0.1:{port}/mcp", "headers": {"X-Capd-Test": "yes"}}
+    headers = {"Authorization": "Bearer ${CAPD_TEST_MCP_UNSET_TOKEN:-anonymous}"}
+    web = {"url": f"http://127.0.0.1:{port}/mcp", "headers": headers}
     await spawn(capd, "w1", model, mcp_servers={"web": web})
     async with await connect_pod(capd, "w1") as pod:
         first = await wait_mcp(pod, "web", ready)
