@@ -65,12 +65,7 @@ async def stdio_streams(
     async def reader() -> None:
         async with read_w:
             while True:
-                try:
-                    line = await process.readline()
-                except ValueError:
-                    log.warning("MCP server (pid %d) wrote a line too long; stopped", process.pid)
-                    process.stop()
-                    return
+                line = await process.readline()
                 if not line:
                     return
                 if not line.strip():
