@@ -428,6 +428,7 @@ async def test_secrets_reach_the_server_and_nothing_else(
         assert "CAPD_TEST_MCP_UNSET_VAR" in unset["error"]
         assert "starting with token ${CAPD_TEST_MCP_SECRET}" in leaky["error"], "quotes stderr"
         assert secret not in str(status)
+        assert secret not in str(await daemon_request(capd_dirs, {"method": "list"}))
         assert secret not in str(history)
         for path in capd_dirs.state_dir.rglob("*"):
             if path.is_file():
