@@ -513,14 +513,18 @@ async def test_streamable_http_server_is_called_and_comes_back(
     mcp_commands: McpServerCommands,
     http_servers: list[subprocess.Popen[bytes]],
     tmp_path: Path,
+    openai: OpenAITestServer,
 ) -> None:
     port, log = _free_port(), tmp_path / "http.log"
     http_servers.append(await asyncio.to_thread(_start_http_everything, mcp_commands, port, log))
-    echo = call("mcp__web__echo", message="over http")
-    model = scripted(echo, {"text": "one"}, echo, {"text": "two"}, echo, {"text": "three"})
+    for text in ("one", "two", "three"):
+        openai.enqueue(
+            ToolCallsReply([FunctionCall("mcp__web__echo", {"message": "over http"})]),
+            TextReply(text),
+        )
     headers = {"Authorization": "Bearer ${CAPD_TEST_MCP_UNSET_TOKEN:-anonymous}"}
     web = {"url": f"http://127.0.0.1:{port}/mcp", "headers": headers}
-    await spawn(capd, "w1", model, mcp_servers={"web": web})
+    await spawn(capd, "w1", openai_model(openai), mcp_servers={"web": web})
     async with await connect_pod(capd, "w1") as pod:
         first = await wait_mcp(pod, "web", ready)
         _, seen_up = await run_turn(pod, "echo")
@@ -543,3 +547,7 @@ async def test_streamable_http_server_is_called_and_comes_back(
     assert not again["is_error"]
     assert "over http" in again["output"]
     assert end["output"] == "three"
+    # The step after the failed call, while the server was down, still offered its tools.
+    offered = [{t["function"]["name"] for t in r["tools"]} for r in openai.requests]
+    assert len(offered) == 6
+    assert all("mcp__web__echo" in names for names in offered), offered
