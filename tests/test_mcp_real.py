@@ -1,16 +1,28 @@
 """Longer runs with real MCP servers, skipped unless CAPD_REAL_MCP=1: `mcp-server-git`
-reviewing and committing in a pod's repository, and a server killed again and again while
-turns run. The servers are the ones tests/mcp_servers.py installs for the default suite."""
+reviewing and committing in a pod's repository, a server killed again and again, and
+servers of busy pods killed at random. The servers are the ones tests/mcp_servers.py installs for the default suite."""
 
+import asyncio
 import os
+import random
 import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from protocol.client import Client
 from tests.conftest import CapdProcess
-from tests.helpers import connect_pod, is_event, run_turn, scripted, spawn, wait_for
+from tests.helpers import (
+    Event,
+    connect_pod,
+    full_history,
+    is_event,
+    run_turn,
+    scripted,
+    spawn,
+    wait_for,
+)
 from tests.mcp_servers import McpServerCommands
 from tests.test_mcp import call, everything, mcp_states, ready, results, wait_mcp
 
@@ -30,6 +42,11 @@ AUTHOR = {
 }
 KILLS = 4
 """Kills in a row: the backoff doubles from 1 s, so the last restart waits about 8 s."""
+PODS = 3
+LOOP_CALLS = 1000
+"""Calls in each busy pod's turn, 10 ms or more each: longer than the kills take (and few
+enough for one spawn request's script)."""
+CHAOS_KILLS = 6
 
 
 def _git(repo: Path, *args: str) -> str:
@@ -41,6 +58,16 @@ def _git(repo: Path, *args: str) -> str:
         text=True,
     )
     return done.stdout
+
+
+async def _wait_idle(pod: Client, timeout: float = 120.0) -> None:
+    async with asyncio.timeout(timeout):
+        while (await pod.request({"method": "status"}))["status"] != "idle":
+            await asyncio.sleep(0.2)
+
+
+async def _last_turn_end(pod: Client) -> Event:
+    return [e for e in await full_history(pod) if e["event"] == "turn_end"][-1]
 
 
 async def test_git_server_reviews_and_commits_in_the_pods_repository(
@@ -110,3 +137,50 @@ async def test_a_server_killed_again_and_again_comes_back_each_time(
     assert last["restarts"] == first["restarts"] + KILLS
     assert [r["output"] for r in results(seen)] == ["Echo: survived"]
     assert end["output"] == "done"
+
+
+async def test_servers_of_busy_pods_killed_at_random_all_come_back(
+    capd: CapdProcess, mcp_commands: McpServerCommands
+) -> None:
+    """Pods call their servers in a loop while servers are SIGKILLed at random moments
+    (the seed is printed); every turn ends, every server is ready again with one restart
+    per kill, and no killed server is left."""
+    seed = int(os.environ.get("CAPD_MCP_CHAOS_SEED", random.randrange(1 << 32)))
+    print(f"CAPD_MCP_CHAOS_SEED={seed}")
+    rng = random.Random(seed)
+    names = [f"busy{i}" for i in range(PODS)]
+    short = call("mcp__everything__trigger-long-running-operation", duration=0.01, steps=1)
+    steps = [short] * LOOP_CALLS + [{"text": "done"}]
+    limits = {"max_steps": LOOP_CALLS + 2}
+    for name in names:
+        manifest = {"mcp_servers": {"everything": everything(mcp_commands)}, "limits": limits}
+        await spawn(capd, name, scripted(*steps), **manifest)
+    pods = {name: await connect_pod(capd, name, subscribe=False) for name in names}
+    try:
+        first = {name: await wait_mcp(pod, "everything", ready) for name, pod in pods.items()}
+        for pod in pods.values():
+            await pod.request({"method": "run", "text": "loop"})
+        kills = dict.fromkeys(names, 0)
+        killed: list[int] = []
+        for _ in range(CHAOS_KILLS):
+            name = rng.choice(names)
+            state = await wait_mcp(
+                pods[name], "everything", lambda s: ready(s) and s["pid"] not in killed
+            )
+            await asyncio.sleep(rng.uniform(0.0, 0.3))
+            os.kill(state["pid"], signal.SIGKILL)
+            killed.append(state["pid"])
+            kills[name] += 1
+        busy = [(await pod.request({"method": "status"}))["status"] for pod in pods.values()]
+        for pod in pods.values():
+            await _wait_idle(pod)
+        ends = {name: await _last_turn_end(pod) for name, pod in pods.items()}
+        last = {name: await wait_mcp(pod, "everything", ready, 60) for name, pod in pods.items()}
+    finally:
+        for pod in pods.values():
+            await pod.close()
+    assert "running" in busy, "the kills came while turns ran"
+    assert all(end["result"] == "finished" for end in ends.values()), ends
+    for name in names:
+        assert last[name]["restarts"] == first[name]["restarts"] + kills[name], (name, kills)
+    assert not [pid for pid in killed if Path(f"/proc/{pid}").exists()]
