@@ -1,6 +1,7 @@
 """Longer runs with real MCP servers, skipped unless CAPD_REAL_MCP=1: `mcp-server-git`
 reviewing and committing in a pod's repository, a server killed again and again, and
-servers of busy pods killed at random. The servers are the ones tests/mcp_servers.py installs for the default suite."""
+servers of busy pods killed at random. The servers are the ones tests/mcp_servers.py
+installs for the default suite."""
 
 import asyncio
 import os
