@@ -25,7 +25,7 @@ from tests.helpers import (
     wait_for,
 )
 from tests.mcp_servers import McpServerCommands
-from tests.test_mcp import call, everything, mcp_states, ready, results, wait_mcp
+from tests.test_mcp import call, everything, mcp_states, ready, restarted, results, wait_mcp
 
 pytestmark = [
     pytest.mark.skipif(
@@ -44,10 +44,12 @@ AUTHOR = {
 KILLS = 4
 """Kills in a row: the backoff doubles from 1 s, so the last restart waits about 8 s."""
 PODS = 3
-LOOP_CALLS = 1000
-"""Calls in each busy pod's turn, 10 ms or more each: longer than the kills take (and few
-enough for one spawn request's script)."""
-CHAOS_KILLS = 6
+LOOP_STEPS = 800
+"""Steps of each busy pod's turn, each an MCP call and a `bash true` (about 25 ms even
+while the server is down): longer than the kills take, and few enough for one spawn
+request's script."""
+KILLS_PER_POD = 2
+"""So that no pod's backoff grows past 2 s."""
 
 
 def _git(repo: Path, *args: str) -> str:
@@ -132,7 +134,7 @@ async def test_a_server_killed_again_and_again_comes_back_each_time(
                 os.kill(pid, signal.SIGKILL)
                 end, seen = await run_turn(pod, "call")
                 assert [r["is_error"] for r in results(seen)] == [True]
-            state = await wait_mcp(pod, "everything", lambda s, p=pid: ready(s) and s["pid"] != p)
+            state = await wait_mcp(pod, "everything", restarted(pid))
         end, seen = await run_turn(pod, "echo")
         last = (await mcp_states(pod))["everything"]
     assert last["restarts"] == first["restarts"] + KILLS
@@ -150,29 +152,37 @@ async def test_servers_of_busy_pods_killed_at_random_all_come_back(
     print(f"CAPD_MCP_CHAOS_SEED={seed}")
     rng = random.Random(seed)
     names = [f"busy{i}" for i in range(PODS)]
-    short = call("mcp__everything__trigger-long-running-operation", duration=0.01, steps=1)
-    steps = [short] * LOOP_CALLS + [{"text": "done"}]
-    limits = {"max_steps": LOOP_CALLS + 2}
+    both = {
+        "tool_calls": [
+            {"name": "mcp__everything__echo", "arguments": {"message": "busy"}},
+            {"name": "bash", "arguments": {"command": "true"}},
+        ]
+    }
+    steps = [both] * LOOP_STEPS + [{"text": "done"}]
+    manifest = {
+        "mcp_servers": {"everything": everything(mcp_commands)},
+        "tools": ["bash"],
+        "limits": {"max_steps": LOOP_STEPS + 2},
+    }
     for name in names:
-        manifest = {"mcp_servers": {"everything": everything(mcp_commands)}, "limits": limits}
         await spawn(capd, name, scripted(*steps), **manifest)
     pods = {name: await connect_pod(capd, name, subscribe=False) for name in names}
     try:
         first = {name: await wait_mcp(pod, "everything", ready) for name, pod in pods.items()}
         for pod in pods.values():
             await pod.request({"method": "run", "text": "loop"})
-        kills = dict.fromkeys(names, 0)
+        order = names * KILLS_PER_POD
+        rng.shuffle(order)
         killed: list[int] = []
-        for _ in range(CHAOS_KILLS):
-            name = rng.choice(names)
+        busy: list[str] = []
+        for name in order:
             state = await wait_mcp(
-                pods[name], "everything", lambda s: ready(s) and s["pid"] not in killed
+                pods[name], "everything", lambda s: ready(s) and s["pid"] not in (None, *killed)
             )
             await asyncio.sleep(rng.uniform(0.0, 0.3))
+            busy.append((await pods[name].request({"method": "status"}))["status"])
             os.kill(state["pid"], signal.SIGKILL)
             killed.append(state["pid"])
-            kills[name] += 1
-        busy = [(await pod.request({"method": "status"}))["status"] for pod in pods.values()]
         for pod in pods.values():
             await _wait_idle(pod)
         ends = {name: await _last_turn_end(pod) for name, pod in pods.items()}
@@ -180,8 +190,8 @@ async def test_servers_of_busy_pods_killed_at_random_all_come_back(
     finally:
         for pod in pods.values():
             await pod.close()
-    assert "running" in busy, "the kills came while turns ran"
+    assert busy == ["running"] * len(order), "each kill came while its pod's turn ran"
     assert all(end["result"] == "finished" for end in ends.values()), ends
     for name in names:
-        assert last[name]["restarts"] == first[name]["restarts"] + kills[name], (name, kills)
+        assert last[name]["restarts"] == first[name]["restarts"] + KILLS_PER_POD, name
     assert not [pid for pid in killed if Path(f"/proc/{pid}").exists()]
