@@ -147,9 +147,17 @@ class ServerProcess:
         with contextlib.suppress(TimeoutError, asyncio.CancelledError):
             async with asyncio.timeout(0.5):
                 await asyncio.shield(self._stderr_task)
-        how = f"was killed by {signal_name(-code)}" if code < 0 else f"exited with code {code}"
         summary = stderr_summary("".join(self._tail))
-        return f"it {how}; stderr: {summary}" if summary else f"it {how}"
+        return f"{self.exit_status()}; stderr: {summary}" if summary else self.exit_status()
+
+    def exit_status(self) -> str:
+        """How the process ended, once it has: its exit code or the signal that killed it."""
+        code = self._proc.returncode
+        if code is None:
+            return "it is running"
+        return (
+            f"it was killed by {signal_name(-code)}" if code < 0 else f"it exited with code {code}"
+        )
 
     def stderr_said(self) -> str:
         """What its stderr says went wrong, in one line ("" when it said nothing)."""
