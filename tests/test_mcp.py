@@ -557,3 +557,41 @@ async def test_streamable_http_server_is_called_and_comes_back(
     offered = [{t["function"]["name"] for t in r["tools"]} for r in openai.requests]
     assert len(offered) == 6
     assert all("mcp__web__echo" in names for names in offered), offered
+
+
+async def test_a_hung_streamable_http_server_is_failed_then_back(
+    capd: CapdProcess,
+    mcp_commands: McpServerCommands,
+    http_servers: list[subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:
+    """A server that stops answering over HTTP: the call times out, the probe after it
+    gets no answer, so status.mcp says `failed` while the server still hangs; once it
+    answers again capd connects again."""
+    port = _free_port()
+    server = await asyncio.to_thread(_start_http_everything, mcp_commands, port, tmp_path / "log")
+    http_servers.append(server)
+    long_call = call("mcp__web__trigger-long-running-operation", duration=30, steps=30)
+    echo = call("mcp__web__echo", message="answering again")
+    model = scripted(long_call, {"text": "timed out"}, echo, {"text": "answered"})
+    web = {"url": f"http://127.0.0.1:{port}/mcp"}
+    limits = {"mcp_call_timeout_s": 1}
+    await spawn(capd, "hh", model, mcp_servers={"web": web}, limits=limits)
+    async with await connect_pod(capd, "hh") as pod:
+        before = await wait_mcp(pod, "web", ready)
+        await pod.request({"method": "run", "text": "go"})
+        await wait_for(pod, is_event("assistant_message"))
+        await asyncio.sleep(0.3)  # let the call reach the server; it would run 30 s
+        server.send_signal(signal.SIGSTOP)
+        timed_out, _ = await wait_for(pod, is_event("tool_result"))
+        await wait_for(pod, is_event("turn_end"))
+        # 2 s for the probe, 2 s for the old session's DELETE, and some slack.
+        hung = await wait_mcp(pod, "web", lambda s: s["state"] != "ready", timeout=PROBE_S + 4)
+        server.send_signal(signal.SIGCONT)
+        back = await wait_mcp(pod, "web", lambda s: ready(s) and s["restarts"] > 0)
+        end, seen = await run_turn(pod, "again")
+    assert "did not answer within 1 s" in timed_out["output"]
+    assert hung["error"]
+    assert back["restarts"] == before["restarts"] + 1
+    assert [r["is_error"] for r in results(seen)] == [False]
+    assert end["output"] == "answered"
