@@ -431,6 +431,8 @@ class McpServer:
         self._dead = reason
         if self._process is not None:
             self._process.kill()
+        # Say so now: leaving the session can take a while with a hung HTTP server.
+        self.state, self.error = "failed", self._scrub(reason)
         self._wake.set()
 
     def _probe_later(self, conn: "Connection", generation: int, after: str) -> None:
