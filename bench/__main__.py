@@ -9,7 +9,18 @@ from collections.abc import Callable
 
 import orjson
 
-from bench import capctl_wall, checkpoint, control, density, durable, fanout, pause, restore, soak
+from bench import (
+    capctl_wall,
+    checkpoint,
+    control,
+    density,
+    durable,
+    fanout,
+    mcp,
+    pause,
+    restore,
+    soak,
+)
 from bench.report import Figure, table
 from bench.sizes import SIZES, Size
 
@@ -23,6 +34,7 @@ BENCHMARKS: dict[str, Callable[[Size], list[Figure]]] = {
     "restore": restore.run,
     "soak": soak.run,
     "checkpoint": checkpoint.run,
+    "mcp": mcp.run,
 }
 
 

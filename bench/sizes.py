@@ -22,6 +22,8 @@ class Size:
     """The cwd checkpointed: how many files, how many MB in all."""
     checkpoint_rounds: int
     """Rounds of one file changed, then a checkpoint and a `git add -A && git commit`."""
+    mcp_calls: int
+    """MCP `echo` calls timed, through capd and directly (and `bash true` calls)."""
 
 
 SIZES = {
@@ -39,6 +41,7 @@ SIZES = {
         checkpoint_files=10_000,
         checkpoint_mb=100,
         checkpoint_rounds=15,
+        mcp_calls=300,
     ),
     "tiny": Size(
         round_trips=80,
@@ -54,5 +57,6 @@ SIZES = {
         checkpoint_files=200,
         checkpoint_mb=2,
         checkpoint_rounds=3,
+        mcp_calls=5,
     ),
 }

@@ -21,6 +21,7 @@ FIGURES = {
     "capctl": 1,
     "restore": 4,
     "checkpoint": 2,
+    "mcp": 3,
 }
 
 

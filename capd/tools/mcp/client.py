@@ -65,12 +65,7 @@ async def stdio_streams(
     async def reader() -> None:
         async with read_w:
             while True:
-                try:
-                    line = await process.readline()
-                except ValueError:
-                    log.warning("MCP server (pid %d) wrote a line too long; stopped", process.pid)
-                    process.stop()
-                    return
+                line = await process.readline()
                 if not line:
                     return
                 if not line.strip():
@@ -218,16 +213,20 @@ class Connection:
         return ToolOutcome(clip_output(result_text(result).encode(), ctx, "mcp"), result.is_error)
 
     async def probe(self, timeout_s: float) -> bool:
-        """Whether the server still answers: any answer to a ping counts, an error too
-        (2026-07-28 dropped ping)."""
-        try:
-            async with asyncio.timeout(timeout_s):
-                await self._client.session.send_ping()
-        except MCPError as exc:
-            return exc.code not in (CONNECTION_CLOSED, REQUEST_TIMEOUT)
-        except (TimeoutError, RuntimeError, anyio.ClosedResourceError, anyio.BrokenResourceError):
+        """Whether the server answers a ping within `timeout_s`: any answer counts, an
+        error too (2026-07-28 dropped ping). The ping runs in a task of its own, left to
+        wind down by itself: cancelling it waits for the SDK's cancellation notice, which
+        a hung HTTP server can hold up for seconds."""
+        ping = asyncio.create_task(self._client.session.send_ping())
+        ping.add_done_callback(_retrieve)
+        await asyncio.wait([ping], timeout=timeout_s)
+        if not ping.done():
+            ping.cancel()
             return False
-        return True
+        exc = ping.exception()
+        if isinstance(exc, MCPError):
+            return exc.code not in (CONNECTION_CLOSED, REQUEST_TIMEOUT)
+        return exc is None
 
     @asynccontextmanager
     async def watching_tools(self, on_change: Callable[[], None]) -> AsyncIterator[None]:
@@ -258,6 +257,12 @@ class Connection:
                     task = asyncio.create_task(pump())
                     stack.callback(task.cancel)
             yield
+
+
+def _retrieve(task: "asyncio.Task[Any]") -> None:
+    """Mark a task's exception seen (its outcome was read another way, or not needed)."""
+    if not task.cancelled():
+        task.exception()
 
 
 class _BrokeItsSchema(RuntimeError):

@@ -133,11 +133,14 @@ class McpServer:
     def status(self) -> dict[str, Any]:
         process = self._process
         running = process is not None and not process.exited.done()
+        state, error = self.state, self.error
+        if state == "ready" and process is not None and not running:
+            state, error = "failed", process.exit_status()  # before `_exited` runs
         return McpServerState(
             name=self.name,
-            state=self.state,
+            state=state,
             tools=len(self._tools),
-            error=self.error,
+            error=error,
             transport=self.transport,
             pid=process.pid if running and process is not None else None,
             restarts=self.restarts,
@@ -333,8 +336,16 @@ class McpServer:
             argv, cwd=self._cwd, env=env, stderr_path=self._stderr_path, scrub=self._scrub
         )
         self._process = process
-        process.exited.add_done_callback(lambda _: self._wake.set())
+        process.exited.add_done_callback(lambda _: self._exited(process))
         return process
+
+    def _exited(self, process: ServerProcess) -> None:
+        """A ready server's process is gone: say so at once, as `status` shows it; the
+        owner records why in full (with what stderr said) right after."""
+        self._wake.set()
+        if process is self._process and self.state == "ready" and not self._stop.is_set():
+            self.state = "failed"
+            self.error = process.exit_status()
 
     async def _serve(self, conn: "Connection", process: ServerProcess | None) -> str:
         """Wait until the server must be left: why. Reads its tools again when it says
@@ -420,6 +431,8 @@ class McpServer:
         self._dead = reason
         if self._process is not None:
             self._process.kill()
+        # Say so now: leaving the session can take a while with a hung HTTP server.
+        self.state, self.error = "failed", self._scrub(reason)
         self._wake.set()
 
     def _probe_later(self, conn: "Connection", generation: int, after: str) -> None:

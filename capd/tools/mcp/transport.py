@@ -63,6 +63,7 @@ class ServerProcess:
         self._stderr_path = stderr_path
         self._tail: deque[str] = deque()
         self._tail_bytes = 0
+        self._broken: str | None = None
         assert proc.stderr is not None
         self._stderr_task = asyncio.create_task(self._collect_stderr(proc.stderr))
         self.exited: asyncio.Task[int] = asyncio.create_task(proc.wait())
@@ -97,9 +98,15 @@ class ServerProcess:
         return self._proc.pid
 
     async def readline(self) -> bytes:
-        """The next line of stdout; empty at its end. ValueError for a line over LINE_LIMIT."""
+        """The next line of stdout; empty at its end, and after a line over LINE_LIMIT,
+        which stops the server (the rest of its output cannot be framed)."""
         assert self._proc.stdout is not None
-        return await self._proc.stdout.readline()
+        try:
+            return await self._proc.stdout.readline()
+        except ValueError:
+            self._broken = f"it wrote a line longer than {LINE_LIMIT} bytes on stdout"
+            self.stop()
+            return b""
 
     async def write(self, line: bytes) -> None:
         stdin = self._proc.stdin
@@ -133,14 +140,24 @@ class ServerProcess:
     async def exit_reason(self) -> str:
         """How the process ended, with what its stderr last said (waits briefly for it)."""
         code = self._proc.returncode
+        if self._broken is not None:
+            return self._broken
         if code is None:
             return "its output ended"
         with contextlib.suppress(TimeoutError, asyncio.CancelledError):
             async with asyncio.timeout(0.5):
                 await asyncio.shield(self._stderr_task)
-        how = f"was killed by {signal_name(-code)}" if code < 0 else f"exited with code {code}"
         summary = stderr_summary("".join(self._tail))
-        return f"it {how}; stderr: {summary}" if summary else f"it {how}"
+        return f"{self.exit_status()}; stderr: {summary}" if summary else self.exit_status()
+
+    def exit_status(self) -> str:
+        """How the process ended, once it has: its exit code or the signal that killed it."""
+        code = self._proc.returncode
+        if code is None:
+            return "it is running"
+        return (
+            f"it was killed by {signal_name(-code)}" if code < 0 else f"it exited with code {code}"
+        )
 
     def stderr_said(self) -> str:
         """What its stderr says went wrong, in one line ("" when it said nothing)."""
