@@ -420,7 +420,8 @@ async def test_rewinding_files_is_refused_while_another_pod_runs_in_the_tree(
     ):
         turn = await _checkpointed_turn(pod, "hello")
         (cwd / "theirs.txt").write_text("written by the running pod\n")
-        await other.request({"method": "run", "text": "sleep"})
+        # The kid's finished turn may already have woken the boss with its report.
+        await other.request({"method": "run", "text": "sleep", "if_busy": "queue"})
         await wait_for(other, is_event("tool_call_start"))
         with pytest.raises(ProtocolError) as refused:
             await pod.request({"method": "rewind", "turn_id": turn, "files": True})
