@@ -3,8 +3,9 @@
 A child is an ordinary pod whose `parent` is another pod's socket. When that parent is a
 pod of this daemon, `check_child` holds the child to it (docs/protocol.md, Parent
 reports): its cwd lies inside the parent's, its tools are a subset of the parent's, its
-MCP servers are some of the parent's, each defined as the parent defines it (else a child
-could run anything under a server's name), the parent has fewer than
+MCP servers are some of the parent's, each defined as the parent defines it once a
+relative command is taken from each pod's own cwd (else a child could run anything under
+a server's name), the parent has fewer than
 `limits.max_children` running children and the new child is no deeper than
 `limits.max_depth`. That holds however the child is made: by `spawn_pod` or by
 a client's `spawn` with a `parent`. `ChildPods` serves the pod tools of one pod; they reach
@@ -14,7 +15,7 @@ supervisor through `ChildHost`, the few calls it makes.
 
 import asyncio
 from collections.abc import Awaitable, Iterable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Protocol, TypeVar
 
 import orjson
@@ -27,7 +28,7 @@ from capd.tools.base import ToolFailed
 from capd.tools.files import resolve_inside
 from protocol.errors import ProtocolError
 from protocol.events import AssistantMessage, PodStatusName
-from protocol.manifest import Manifest, ModelConfig
+from protocol.manifest import Manifest, McpServerConfig, McpStdioServer, ModelConfig
 from protocol.methods import Run, describe_validation_error
 from protocol.results import SpawnResult
 from protocol.tools import SpawnPodArgs
@@ -59,14 +60,18 @@ def check_child(
             f"({_names(rules.tools)}); a child's tools are a subset of its parent's",
         )
     foreign = [
-        name for name, server in child.mcp_servers.items() if rules.mcp_servers.get(name) != server
+        name
+        for name, server in child.mcp_servers.items()
+        if name not in rules.mcp_servers
+        or _anchored(server, child.cwd) != _anchored(rules.mcp_servers[name], rules.cwd)
     ]
     if foreign:
         raise ProtocolError(
             "forbidden",
             f"mcp_servers {_names(foreign)} are not among parent pod {parent}'s MCP servers "
             f"({_names(rules.mcp_servers)}) as it defines them; a child's MCP servers are "
-            "some of its parent's, defined the same",
+            "some of its parent's, defined the same (a relative command is taken from each "
+            "pod's own cwd)",
         )
     limits = rules.limits
     if len(running_children) >= limits.max_children:
@@ -293,7 +298,8 @@ def _child_model(parent: ModelConfig, overrides: dict[str, Any]) -> dict[str, An
 
 
 def _child_mcp_servers(parent: Manifest, names: list[str] | None) -> dict[str, Any]:
-    """The parent's MCP servers that `names` picks (all of them when None), as defined."""
+    """The parent's MCP servers that `names` picks (all of them when None), as defined
+    but for a relative command, made absolute so the child runs the parent's program."""
     servers = parent.mcp_servers
     unknown = [name for name in names or [] if name not in servers]
     if unknown:
@@ -302,7 +308,20 @@ def _child_mcp_servers(parent: Manifest, names: list[str] | None) -> dict[str, A
             f"({_names(servers)}); a child gets some of yours"
         )
     chosen = servers if names is None else {name: servers[name] for name in names}
-    return {name: server.model_dump() for name, server in chosen.items()}
+    assert parent.cwd is not None
+    return {name: _anchored(server, parent.cwd).model_dump() for name, server in chosen.items()}
+
+
+def _anchored(server: McpServerConfig, cwd: str) -> McpServerConfig:
+    """`server` as a pod working in `cwd` runs it: a stdio command with a `/` that is not
+    absolute made absolute against `cwd`. Only a leading `..` is folded, into `cwd` (which
+    is resolved); one further on may follow a symlink, so it stays as written."""
+    if not isinstance(server, McpStdioServer) or "/" not in server.command:
+        return server
+    base, parts = Path(cwd), PurePosixPath(server.command).parts
+    while parts and parts[0] == "..":
+        base, parts = base.parent, parts[1:]
+    return server.model_copy(update={"command": str(base.joinpath(*parts))})
 
 
 def _child_cwd(parent: Manifest, cwd: str | None) -> Path:

@@ -452,9 +452,10 @@ async def test_client_spawned_children_obey_the_child_rules(
     capd: CapdProcess, tmp_path: Path
 ) -> None:
     home = tmp_path / "boss"
-    home.mkdir()
+    sub = home / "sub"
+    sub.mkdir(parents=True)
     server = {"command": "mcp-server-nowhere", "args": ["--fast"]}
-    mcp = {"mcp_servers": {"ev": server}}
+    mcp = {"mcp_servers": {"ev": server, "rel": {"command": "./bin/srv"}}}
     await spawn(capd, "boss", scripted(), cwd=str(home), tools=["read_file"], **mcp)
     refusals = {
         "outside": ({"cwd": str(tmp_path)}, "forbidden", "is outside"),
@@ -462,12 +463,18 @@ async def test_client_spawned_children_obey_the_child_rules(
         "mcp-name": (
             {"cwd": str(home), "mcp_servers": {"other": server}},
             "forbidden",
-            "mcp_servers other are not among parent pod boss's MCP servers (ev)",
+            "mcp_servers other are not among parent pod boss's MCP servers (ev, rel)",
         ),
         "mcp-definition": (
             {"cwd": str(home), "mcp_servers": {"ev": {**server, "args": ["--evil"]}}},
             "forbidden",
-            "mcp_servers ev are not among parent pod boss's MCP servers (ev) as it defines",
+            "mcp_servers ev are not among parent pod boss's MCP servers (ev, rel) as it",
+        ),
+        # The same text, but in the child's cwd it names <sub>/bin/srv, another program.
+        "mcp-relative": (
+            {"cwd": str(sub), "mcp_servers": {"rel": {"command": "./bin/srv"}}},
+            "forbidden",
+            "mcp_servers rel are not among",
         ),
     }
     for name, (extra, code, needle) in refusals.items():
@@ -475,8 +482,8 @@ async def test_client_spawned_children_obey_the_child_rules(
             await _spawn_child(capd, name, "boss", scripted(), **extra)
         message = refused.value.message
         assert (refused.value.code, needle in message) == (code, True), (name, message)
-    same = {"ev": {"type": "stdio", **server}}
-    await _spawn_child(capd, "kid", "boss", scripted(), home, mcp_servers=same)
+    same = {"ev": {"type": "stdio", **server}, "rel": {"command": "../bin/srv"}}
+    await _spawn_child(capd, "kid", "boss", scripted(), sub, mcp_servers=same)
     listing = await daemon_request(capd, {"method": "list"})
     assert sorted(p["name"] for p in listing["pods"]) == ["boss", "kid"]
 
@@ -550,9 +557,14 @@ async def test_spawn_pod_gives_a_child_the_mcp_servers_it_picks_from_its_parents
     capd: CapdProcess, tmp_path: Path, mcp_commands: McpServerCommands
 ) -> None:
     node, script = mcp_commands.everything
+    # b's command is relative to boss's cwd; its children work in sub/ and run boss's program.
+    (tmp_path / "bin").mkdir()
+    wrapper = tmp_path / "bin" / "ev"
+    wrapper.write_text(f"#!/bin/sh\nexec '{node}' '{script}' \"$@\"\n")
+    wrapper.chmod(0o755)
     servers = {
         "a": {"command": node, "args": [script, "stdio"]},
-        "b": {"command": node, "args": [script, "stdio"], "env": {"WHO": "b"}},
+        "b": {"command": "./bin/ev", "args": ["stdio"], "env": {"WHO": "b"}},
     }
     kid_model = {"script": [{"text": "k"}]}
     picks = {
@@ -563,7 +575,7 @@ async def test_spawn_pod_gives_a_child_the_mcp_servers_it_picks_from_its_parents
     calls = [
         {
             "name": "spawn_pod",
-            "arguments": {"name": name, "task": "x", "model": kid_model}
+            "arguments": {"name": name, "task": "x", "model": kid_model, "cwd": "sub"}
             | ({} if chosen is None else {"mcp_servers": chosen}),
         }
         for name, chosen in picks.items()
@@ -585,7 +597,7 @@ async def test_spawn_pod_gives_a_child_the_mcp_servers_it_picks_from_its_parents
     assert "MCP servers: b)" in results["one"]["output"]
     assert "MCP servers: a, b)" in results["all"]["output"]
     expected = {"a": {"type": "stdio", "env": {}, **servers["a"]}}
-    expected["b"] = {"type": "stdio", **servers["b"]}
+    expected["b"] = {"type": "stdio", **servers["b"], "command": str(wrapper.resolve())}
     assert _stored_manifest(capd, "one")["mcp_servers"] == {"b": expected["b"]}
     assert _stored_manifest(capd, "all")["mcp_servers"] == expected
     assert [s["name"] for s in (await _status(capd, "all"))["mcp"]] == ["a", "b"]

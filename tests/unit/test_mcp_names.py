@@ -3,6 +3,8 @@
 import hashlib
 import re
 
+import pytest
+
 from capd.tools.mcp.names import MAX_LENGTH, exposed_names, server_of
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -19,10 +21,10 @@ def test_a_plain_name_is_kept() -> None:
     }
 
 
-def test_other_characters_become_underscores() -> None:
+def test_a_mended_name_ends_in_a_hash_of_the_tools_own_name() -> None:
     assert exposed_names("s", ["files.read", "a b/c"]) == {
-        "mcp__s__files_read": "files.read",
-        "mcp__s__a_b_c": "a b/c",
+        f"mcp__s__files_read_{_hex('files.read')}": "files.read",
+        f"mcp__s__a_b_c_{_hex('a b/c')}": "a b/c",
     }
 
 
@@ -36,17 +38,24 @@ def test_a_long_name_is_cut_and_ends_in_a_hash_of_the_tools_own_name() -> None:
     assert MODEL_NAME.match(name)
 
 
-def test_names_that_clash_once_mended_are_both_hashed() -> None:
-    names = exposed_names("s", ["a.b", "a_b", "c"])
-    assert names == {
-        f"mcp__s__a_b_{_hex('a.b')}": "a.b",
-        f"mcp__s__a_b_{_hex('a_b')}": "a_b",
-        "mcp__s__c": "c",
-    }
+def test_a_tool_added_later_renames_no_other() -> None:
+    before = exposed_names("fs", ["read_file", "write_file", "x" * 100])
+    after = exposed_names("fs", ["read_file", "write_file", "x" * 100, "read.file", "x" * 101])
+    assert after.items() >= before.items()
+    assert after[f"mcp__fs__read_file_{_hex('read.file')}"] == "read.file"
+
+
+def test_a_literal_name_equal_to_a_mended_one_wins_and_the_other_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    literal = f"read_file_{_hex('read.file')}"
+    for tools in (["read.file", literal, "c"], [literal, "c", "read.file"]):
+        assert exposed_names("fs", tools) == {f"mcp__fs__{literal}": literal, "mcp__fs__c": "c"}
+    assert "'read.file' is left out" in caplog.text
 
 
 def test_the_names_are_the_same_on_every_start_whatever_the_order() -> None:
-    tools = ["a.b", "a_b", "y" * 100, "plain"]
+    tools = ["a.b", "a_b", "y" * 100, "plain", f"a_b_{_hex('a.b')}"]
     assert exposed_names("s", tools) == exposed_names("s", list(reversed(tools)))
 
 

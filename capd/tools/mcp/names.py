@@ -2,14 +2,16 @@
 
 Model APIs accept `[A-Za-z0-9_-]{1,64}` (OpenAI and Anthropic both), while MCP allows 128
 characters and `.`, so a tool's own name may need mending: other characters become `_`,
-and a name that is too long, or that two tools would share once mended, ends in `_` and
-6 hex digits of the sha256 of the tool's own name. The same list gives the same names on
-every start, so the tool calls in a pod's history keep meaning the same tools.
+and a name that had to be mended or cut to 64 characters ends in `_` and 6 hex digits of
+the sha256 of the tool's own name. A name that needs neither is kept as it is. So each
+tool's exposed name depends on the server's name and its own alone, never on the rest of
+the list: a tool the server adds (a list change, an upgrade) renames no other, and the
+tool calls in a pod's history keep meaning the same tools.
 """
 
 import hashlib
+import logging
 import re
-from collections import Counter
 from collections.abc import Iterable
 
 PREFIX = "mcp__"
@@ -17,21 +19,41 @@ SEPARATOR = "__"
 MAX_LENGTH = 64
 HASH_HEX = 6
 _OUTSIDE = re.compile(r"[^A-Za-z0-9_-]")
+_PLAIN = re.compile(r"[A-Za-z0-9_-]+")
+
+log = logging.getLogger(__name__)
 
 
 def exposed_names(server: str, tools: Iterable[str]) -> dict[str, str]:
-    """The exposed name of each of a server's tools: {exposed: the tool's own name}."""
-    mended = {tool: _OUTSIDE.sub("_", tool) for tool in tools}
-    shared = Counter(mended.values())
+    """The exposed name of each of a server's tools: {exposed: the tool's own name}, in
+    the server's order. Should a mended name equal another tool's (a literal name that
+    happens to end in the same hash, or two hashes alike), the literal name, else the
+    first own name in sorted order, keeps it and the other tool is left out and logged."""
     head = f"{PREFIX}{server}{SEPARATOR}"
-    names: dict[str, str] = {}
-    for tool, part in mended.items():
-        name = head + part
-        if not part or shared[part] > 1 or len(name) > MAX_LENGTH:
-            digest = hashlib.sha256(tool.encode()).hexdigest()[:HASH_HEX]
-            name = f"{head}{part[: MAX_LENGTH - len(head) - HASH_HEX - 1]}_{digest}"
-        names.setdefault(name, tool)
-    return names
+    wanted = {tool: _exposed(head, tool) for tool in tools}
+    owners: dict[str, str] = {}
+    for tool in sorted(wanted, key=lambda tool: (wanted[tool] != head + tool, tool)):
+        name = wanted[tool]
+        if name in owners:
+            log.warning(
+                "MCP server %s: tools %r and %r would both be offered as %s; %r is left out",
+                server,
+                owners[name],
+                tool,
+                name,
+                tool,
+            )
+            continue
+        owners[name] = tool
+    return {name: tool for tool, name in wanted.items() if owners[name] == tool}
+
+
+def _exposed(head: str, tool: str) -> str:
+    name = head + tool
+    if _PLAIN.fullmatch(tool) and len(name) <= MAX_LENGTH:
+        return name
+    part = _OUTSIDE.sub("_", tool)[: MAX_LENGTH - len(head) - HASH_HEX - 1]
+    return f"{head}{part}_{hashlib.sha256(tool.encode()).hexdigest()[:HASH_HEX]}"
 
 
 def server_of(name: str) -> str | None:
