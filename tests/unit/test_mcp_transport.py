@@ -1,6 +1,7 @@
 """A stdio MCP server's process: how its command is found, and what its stderr leaves."""
 
 import stat
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,3 +52,31 @@ async def test_stderr_is_kept_scrubbed_in_a_private_file_and_says_why_it_ended(
     assert "token ${TOKEN} rejected" in text
     assert "s3cr3t-value" not in text
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+async def test_a_secret_in_a_long_unfinished_line_is_scrubbed_where_it_is_cut(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "mcp-s.stderr"
+    secret = "s3cr3t-value-0123456789"
+    # 8182 + 23 characters are more than a piece (8192): the cut falls inside the secret
+    # while the line is unfinished.
+    script = (
+        "import sys, time; "
+        f"sys.stderr.write('x' * 8182 + {secret!r}); sys.stderr.flush(); time.sleep(0.3); "
+        "sys.stderr.write('\\n'); sys.exit(3)"
+    )
+    process = await ServerProcess.start(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env={},
+        stderr_path=path,
+        scrub=lambda text: text.replace(secret, "${TOKEN}"),
+        secret_chars=len(secret),
+    )
+    await process.exited
+    reason = await process.exit_reason()
+    await process.aclose()
+    text = path.read_text()
+    assert "${TOKEN}" in text
+    assert not any(secret[:3] in piece for piece in (text, reason, process.stderr_said()))

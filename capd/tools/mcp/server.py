@@ -339,7 +339,12 @@ class McpServer:
         env = self._expand(config.env)
         argv = [resolve_command(config.command, self._cwd, env), *config.args]
         process = await ServerProcess.start(
-            argv, cwd=self._cwd, env=env, stderr_path=self._stderr_path, scrub=self._scrub
+            argv,
+            cwd=self._cwd,
+            env=env,
+            stderr_path=self._stderr_path,
+            scrub=self._scrub,
+            secret_chars=max(map(len, self._secrets), default=0),
         )
         self._process = process
         process.exited.add_done_callback(lambda _: self._exited(process))
