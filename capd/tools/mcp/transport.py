@@ -52,6 +52,11 @@ def resolve_command(command: str, cwd: Path, env: Mapping[str, str]) -> str:
     return found
 
 
+def _stop_launched(launching: "asyncio.Future[asyncio.subprocess.Process]") -> None:
+    if not launching.cancelled() and launching.exception() is None:
+        stop_group(launching.result())
+
+
 class ServerProcess:
     def __init__(
         self,
@@ -86,8 +91,8 @@ class ServerProcess:
         secret_chars: int = 0,
     ) -> "ServerProcess":
         """`scrub` takes the secrets out of a text; the longest is `secret_chars` long."""
-        try:
-            proc = await launch(
+        launching = asyncio.ensure_future(
+            launch(
                 argv,
                 cwd=cwd,
                 env=env,
@@ -96,6 +101,15 @@ class ServerProcess:
                 stderr=asyncio.subprocess.PIPE,
                 limit=LINE_LIMIT,
             )
+        )
+        try:
+            proc = await asyncio.shield(launching)
+        except asyncio.CancelledError:
+            # Cut short (a stop, the startup deadline) while it was being started: a cut
+            # launch kills only the process, not what it starts in its group, so let it
+            # finish and stop the whole group then.
+            launching.add_done_callback(_stop_launched)
+            raise
         except OSError as exc:
             raise CannotStart(f"cannot start {argv[0]}: {exc.strerror or exc}") from None
         return cls(proc, stderr_path, scrub, secret_chars)
