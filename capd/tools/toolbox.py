@@ -134,7 +134,17 @@ class Toolbox:
         self._offered.clear()
         self._builtin_tokens = 0
         servers, self._mcp = list(self._mcp.values()), {}
-        await asyncio.gather(*(server.aclose() for server in servers))
+        results = await asyncio.gather(
+            *(server.aclose() for server in servers), return_exceptions=True
+        )
+        for server, result in zip(servers, results, strict=True):
+            if isinstance(result, Exception):  # a bug: the pod's stop goes on regardless
+                log.error(
+                    "pod %s: stopping MCP server %s failed",
+                    self.context.pod,
+                    server.name,
+                    exc_info=result,
+                )
 
 
 def _not_an_object(arguments: dict[str, Any]) -> ToolOutcome | None:

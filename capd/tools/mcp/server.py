@@ -215,16 +215,19 @@ class McpServer:
         for probe in list(self._probes):
             probe.cancel()
         self.specs, self.spec_tokens, self._tools = [], 0, {}
+        self.error = "stopped"
+        self._set_state("failed")  # never `starting` (nor `ready`) once stopped
 
     def _stopping(self) -> None:
         self._stop.set()
         self._wake.set()
         if self._process is not None:
             self._process.stop()
-        if self._startup is not None:
+        startup = self._startup
+        if startup is not None and not startup.expired():
             # Cut a start under way short: one cancel of the owner, by its own deadline.
             self._startup_cut = True
-            self._startup.reschedule(asyncio.get_running_loop().time())
+            startup.reschedule(asyncio.get_running_loop().time())
 
     def _unavailable(self) -> ToolOutcome:
         reason = self.error or "it is still starting"
@@ -280,9 +283,11 @@ class McpServer:
         reason: str | None = None
         process: ServerProcess | None = None
         client: ModuleType | None = None
+        startup: asyncio.Timeout | None = None
         try:
             client = await load_client()
-            async with asyncio.timeout(self._limits.mcp_startup_timeout_s) as self._startup:
+            async with asyncio.timeout(self._limits.mcp_startup_timeout_s) as startup:
+                self._startup = startup
                 if self._stop.is_set():
                     return "stopped", None
                 if isinstance(self.config, McpStdioServer):
@@ -296,8 +301,8 @@ class McpServer:
                     conn.watching_tools(self._tools_changed),
                 ):
                     tools = await conn.list_tools()  # after subscribing: changes are not replayed
-                    self._startup.reschedule(None)
                     self._startup = None
+                    startup.reschedule(None)
                     self._publish(tools)
                     self._conn = conn
                     ready_at = asyncio.get_running_loop().time()
@@ -318,8 +323,9 @@ class McpServer:
                 raise
             reason = reason or "its connection was cancelled"
         except (Exception, BaseExceptionGroup) as exc:
+            self._startup = None  # finished: a stop meanwhile must not reschedule it
             if reason is None:
-                reason = await self._failure(exc, process, client)
+                reason = await self._failure(exc, process, client, startup)
         finally:
             self._startup = None
             self._conn = None
@@ -333,7 +339,12 @@ class McpServer:
         env = self._expand(config.env)
         argv = [resolve_command(config.command, self._cwd, env), *config.args]
         process = await ServerProcess.start(
-            argv, cwd=self._cwd, env=env, stderr_path=self._stderr_path, scrub=self._scrub
+            argv,
+            cwd=self._cwd,
+            env=env,
+            stderr_path=self._stderr_path,
+            scrub=self._scrub,
+            secret_chars=max(map(len, self._secrets), default=0),
         )
         self._process = process
         process.exited.add_done_callback(lambda _: self._exited(process))
@@ -373,9 +384,12 @@ class McpServer:
                     )
 
     async def _failure(
-        self, exc: BaseException, process: ServerProcess | None, client: ModuleType | None
+        self,
+        exc: BaseException,
+        process: ServerProcess | None,
+        client: ModuleType | None,
+        startup: asyncio.Timeout | None,
     ) -> str:
-        startup = self._startup
         if startup is not None and startup.expired() and not self._stop.is_set():
             limit = self._limits.mcp_startup_timeout_s
             said = process.stderr_said() if process is not None else ""

@@ -10,6 +10,7 @@ MCP SDK: `client.py` turns this process into the SDK's streams.
 """
 
 import asyncio
+import codecs
 import contextlib
 import os
 import shutil
@@ -30,7 +31,7 @@ STDERR_KEPT = 64 * 1024
 STDERR_FILE_LIMIT = 1024 * 1024
 """Bytes a server's stderr file grows to before it starts over."""
 STDERR_LINE = 8 * 1024
-"""A longer stderr line is cut into pieces this long."""
+"""A longer stderr line is cut into pieces this long (characters)."""
 
 
 class CannotStart(Exception):
@@ -51,15 +52,24 @@ def resolve_command(command: str, cwd: Path, env: Mapping[str, str]) -> str:
     return found
 
 
+def _stop_launched(launching: "asyncio.Future[asyncio.subprocess.Process]") -> None:
+    if not launching.cancelled() and launching.exception() is None:
+        stop_group(launching.result())
+
+
 class ServerProcess:
     def __init__(
         self,
         proc: asyncio.subprocess.Process,
         stderr_path: Path | None,
         scrub: Callable[[str], str],
+        secret_chars: int,
     ) -> None:
         self._proc = proc
         self._scrub = scrub
+        self._held = max(secret_chars - 1, 0)
+        """Characters of an unfinished stderr line never cut off: they may begin a secret
+        whose rest has not come yet."""
         self._stderr_path = stderr_path
         self._tail: deque[str] = deque()
         self._tail_bytes = 0
@@ -78,9 +88,11 @@ class ServerProcess:
         env: Mapping[str, str],
         stderr_path: Path | None,
         scrub: Callable[[str], str],
+        secret_chars: int = 0,
     ) -> "ServerProcess":
-        try:
-            proc = await launch(
+        """`scrub` takes the secrets out of a text; the longest is `secret_chars` long."""
+        launching = asyncio.ensure_future(
+            launch(
                 argv,
                 cwd=cwd,
                 env=env,
@@ -89,9 +101,18 @@ class ServerProcess:
                 stderr=asyncio.subprocess.PIPE,
                 limit=LINE_LIMIT,
             )
+        )
+        try:
+            proc = await asyncio.shield(launching)
+        except asyncio.CancelledError:
+            # Cut short (a stop, the startup deadline) while it was being started: a cut
+            # launch kills only the process, not what it starts in its group, so let it
+            # finish and stop the whole group then.
+            launching.add_done_callback(_stop_launched)
+            raise
         except OSError as exc:
             raise CannotStart(f"cannot start {argv[0]}: {exc.strerror or exc}") from None
-        return cls(proc, stderr_path, scrub)
+        return cls(proc, stderr_path, scrub, secret_chars)
 
     @property
     def pid(self) -> int:
@@ -165,24 +186,29 @@ class ServerProcess:
 
     async def _collect_stderr(self, stream: asyncio.StreamReader) -> None:
         out = self._open_stderr_file()
-        pending = b""
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        pending = ""
         try:
             while chunk := await stream.read(64 * 1024):
-                pending += chunk
-                *lines, pending = pending.split(b"\n")
-                while len(pending) > STDERR_LINE:
-                    lines.append(pending[:STDERR_LINE])
-                    pending = pending[STDERR_LINE:]
+                *lines, pending = (pending + decoder.decode(chunk)).split("\n")
                 for line in lines:
                     out = self._keep(line, out)
+                if len(pending) > STDERR_LINE + self._held:
+                    # Scrubbed before it is cut, so no cut splits a secret it holds whole;
+                    # the last _held characters stay, for a secret that is not all here.
+                    pending = self._scrub(pending)
+                    while len(pending) > STDERR_LINE + self._held:
+                        out = self._keep(pending[:STDERR_LINE], out)
+                        pending = pending[STDERR_LINE:]
+            pending += decoder.decode(b"", final=True)
             if pending:
                 out = self._keep(pending, out)
         finally:
             if out is not None:
                 out.close()
 
-    def _keep(self, raw: bytes, out: BinaryIO | None) -> BinaryIO | None:
-        line = self._scrub(raw.decode("utf-8", errors="replace")) + "\n"
+    def _keep(self, text: str, out: BinaryIO | None) -> BinaryIO | None:
+        line = self._scrub(text) + "\n"
         self._tail.append(line)
         self._tail_bytes += len(line)
         while self._tail_bytes - len(self._tail[0]) >= STDERR_KEPT:
