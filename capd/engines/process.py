@@ -46,7 +46,7 @@ from capd.engines.base import (
 )
 from capd.engines.mcp_handover import HandedServers
 from capd.proc.groups import KILL_GRACE_S, signal_name
-from capd.proc.launcher import environment, launch, stop_group
+from capd.proc.launcher import environment, launch_piped, stop_group
 from protocol.errors import ProtocolError
 from protocol.events import EngineSession, ToolResult
 from protocol.manifest import AcpEngine as AcpConfig
@@ -125,15 +125,7 @@ class EngineProcess:
         cls, label: str, argv: Sequence[str], cwd: Path, env: dict[str, str]
     ) -> "EngineProcess":
         try:
-            proc = await launch(
-                argv,
-                cwd=cwd,
-                env=env,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                limit=LINE_LIMIT,
-            )
+            proc = await launch_piped(argv, cwd=cwd, env=env, limit=LINE_LIMIT)
         except OSError as exc:
             raise EngineError(f"cannot start {label} ({argv[0]}): {exc.strerror}") from None
         return cls(proc, label)

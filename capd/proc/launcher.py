@@ -49,6 +49,36 @@ async def launch(
     )
 
 
+async def launch_piped(
+    argv: Sequence[str], *, cwd: Path, env: Mapping[str, str], limit: int
+) -> asyncio.subprocess.Process:
+    """`launch` with stdin, stdout and stderr piped: a long-lived process capd talks to
+    (an engine, an MCP server). A caller cancelled while it starts gets CancelledError and
+    the process's whole group is stopped once it has started: a start cut halfway would
+    kill only the process, not what it started in its group."""
+    launching = asyncio.ensure_future(
+        launch(
+            argv,
+            cwd=cwd,
+            env=env,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            limit=limit,
+        )
+    )
+    try:
+        return await asyncio.shield(launching)
+    except asyncio.CancelledError:
+        launching.add_done_callback(_stop_launched)
+        raise
+
+
+def _stop_launched(launching: "asyncio.Future[asyncio.subprocess.Process]") -> None:
+    if not launching.cancelled() and launching.exception() is None:
+        stop_group(launching.result())
+
+
 def environment(
     env: Mapping[str, str] | None = None, inherit: Callable[[str], bool] | None = None
 ) -> dict[str, str]:

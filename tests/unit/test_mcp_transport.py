@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
+from capd.proc import launcher
 from capd.proc.groups import KILL_GRACE_S
 from capd.proc.launcher import launch
-from capd.tools.mcp import transport
 from capd.tools.mcp.transport import CannotStart, ServerProcess, resolve_command
 
 
@@ -111,7 +111,7 @@ async def test_a_start_cut_short_while_launching_stops_the_servers_group(
         await go_on.wait()
         return proc
 
-    monkeypatch.setattr(transport, "launch", slow_launch)
+    monkeypatch.setattr(launcher, "launch", slow_launch)
     starting = asyncio.create_task(
         ServerProcess.start(
             ["sh", "-c", "sleep 60 & wait"],

@@ -22,7 +22,7 @@ from typing import BinaryIO
 
 from capd.engines.process import stderr_summary
 from capd.proc.groups import KILL_GRACE_S, signal_name, terminate_group
-from capd.proc.launcher import environment, launch, stop_group
+from capd.proc.launcher import environment, launch_piped, stop_group
 
 LINE_LIMIT = 64 * 1024 * 1024
 """The longest line a server may write on stdout."""
@@ -50,11 +50,6 @@ def resolve_command(command: str, cwd: Path, env: Mapping[str, str]) -> str:
     if found is None:
         raise CannotStart(f"cannot start {command}: it is not found on PATH")
     return found
-
-
-def _stop_launched(launching: "asyncio.Future[asyncio.subprocess.Process]") -> None:
-    if not launching.cancelled() and launching.exception() is None:
-        stop_group(launching.result())
 
 
 class ServerProcess:
@@ -91,25 +86,8 @@ class ServerProcess:
         secret_chars: int = 0,
     ) -> "ServerProcess":
         """`scrub` takes the secrets out of a text; the longest is `secret_chars` long."""
-        launching = asyncio.ensure_future(
-            launch(
-                argv,
-                cwd=cwd,
-                env=env,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                limit=LINE_LIMIT,
-            )
-        )
         try:
-            proc = await asyncio.shield(launching)
-        except asyncio.CancelledError:
-            # Cut short (a stop, the startup deadline) while it was being started: a cut
-            # launch kills only the process, not what it starts in its group, so let it
-            # finish and stop the whole group then.
-            launching.add_done_callback(_stop_launched)
-            raise
+            proc = await launch_piped(argv, cwd=cwd, env=env, limit=LINE_LIMIT)
         except OSError as exc:
             raise CannotStart(f"cannot start {argv[0]}: {exc.strerror or exc}") from None
         return cls(proc, stderr_path, scrub, secret_chars)
