@@ -513,6 +513,10 @@ async def test_capd_killed_mid_call_comes_back_with_the_server(
     assert (end["result"], end["output"]) == ("finished", "ok")
 
 
+POSTED = "Received MCP POST request"
+"""What server-everything over Streamable HTTP logs on stdout for each POST it receives."""
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -605,9 +609,10 @@ async def test_a_hung_streamable_http_server_is_failed_then_back(
     gets no answer, so status.mcp says `failed` while the server still hangs; once it
     answers again capd connects again."""
     port = _free_port()
-    server = await asyncio.to_thread(_start_http_everything, mcp_commands, port, tmp_path / "log")
+    log = tmp_path / "log"
+    server = await asyncio.to_thread(_start_http_everything, mcp_commands, port, log)
     http_servers.append(server)
-    long_call = call("mcp__web__trigger-long-running-operation", duration=30, steps=30)
+    long_call = call(f"mcp__web__{LONG}", duration=30, steps=30)
     echo = call("mcp__web__echo", message="answering again")
     model = scripted(long_call, {"text": "timed out"}, echo, {"text": "answered"})
     web = {"url": f"http://127.0.0.1:{port}/mcp"}
@@ -615,9 +620,11 @@ async def test_a_hung_streamable_http_server_is_failed_then_back(
     await spawn(capd, "hh", model, mcp_servers={"web": web}, limits=limits)
     async with await connect_pod(capd, "hh") as pod:
         before = await wait_mcp(pod, "web", ready)
+        posts = log.read_text().count(POSTED)
         await pod.request({"method": "run", "text": "go"})
-        await wait_for(pod, is_event("assistant_message"))
-        await asyncio.sleep(0.3)  # let the call reach the server; it would run 30 s
+        # The call's POST reached the server (the pod sends nothing else now); it would
+        # run 30 s.
+        await until(lambda: log.read_text().count(POSTED) > posts)
         server.send_signal(signal.SIGSTOP)
         timed_out, _ = await wait_for(pod, is_event("tool_result"))
         await wait_for(pod, is_event("turn_end"))
