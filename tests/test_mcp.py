@@ -284,6 +284,7 @@ async def test_pause_and_cancel_interrupt_a_long_call_and_the_server_stays(
     await spawn(capd, "p1", model, mcp_servers={"everything": tapped(mcp_commands, log)})
     async with await connect_pod(capd, "p1") as pod:
         before = await wait_mcp(pod, "everything", ready)
+        server = server_under(before["pid"])
         await pod.request({"method": "run", "text": "go"})
         await logged(log, EXECUTING)  # it would run 30 s
         started = time.monotonic()
@@ -312,6 +313,7 @@ async def test_pause_and_cancel_interrupt_a_long_call_and_the_server_stays(
     assert log.read_text().splitlines().count("notifications/cancelled") == 2, "told the server"
     assert ready(after), after
     assert (after["pid"], after["restarts"]) == (before["pid"], 0), "the server answered"
+    assert alive(server)
 
 
 async def test_pause_of_a_call_to_a_hung_server_restarts_it(

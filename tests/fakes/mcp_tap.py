@@ -47,8 +47,11 @@ class Tap:
                     meta["progressToken"] = token
                     self._tools[token] = tool
                 raw = json.dumps(message).encode() + b"\n"
-            self._server.stdin.write(raw)
-            self._server.stdin.flush()
+            try:
+                self._server.stdin.write(raw)
+                self._server.stdin.flush()
+            except BrokenPipeError:  # the server died: from_server sees it and exits
+                return
             self.note(method)
         self._server.stdin.close()
 
