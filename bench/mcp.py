@@ -56,15 +56,15 @@ def _spawn_caller(
     return servers.spawn(daemon, name, servers.scripted(*steps), limits=limits, **manifest)
 
 
-def _turn_ms(pod: LineClient, calls: int) -> list[float]:
-    """Run one turn of `calls` calls; milliseconds from each `assistant_message` to its
-    `tool_result`."""
+def _turn_ms(pod: LineClient, calls: int, answer: str) -> list[float]:
+    """Run one turn of `calls` calls, each answering `answer`; milliseconds from each
+    `assistant_message` to its `tool_result`."""
     pod.send({"id": "run", "method": "run", "text": "go"})  # events may precede its ack
     samples = []
     for _ in range(calls):
         _, asked = pod.wait_event("assistant_message")
         result, answered = pod.wait_event("tool_result")
-        if result["is_error"]:
+        if result["is_error"] or answer not in result["output"]:
             raise RuntimeError(f"{result['name']} failed: {result['output']}")
         samples.append((answered - asked) * 1000)
     pod.wait_event("turn_end")
@@ -78,7 +78,7 @@ async def _direct_block_ms(client: Any, calls: int) -> list[float]:
         start = time.perf_counter()
         result = await client.call_tool("echo", {"message": MESSAGE})
         samples.append((time.perf_counter() - start) * 1000)
-        if result.is_error:
+        if result.is_error or MESSAGE not in str(result.content):
             raise RuntimeError(f"echo failed: {result.content}")
     return samples
 
@@ -114,9 +114,9 @@ async def _measure(
                     counted = i > 0
                     sample = await _direct_block_ms(client, calls)
                     direct += sample if counted else []
-                    sample = _turn_ms(mcp, calls)
+                    sample = _turn_ms(mcp, calls, MESSAGE)
                     echo += sample if counted else []
-                    sample = _turn_ms(bash, calls)
+                    sample = _turn_ms(bash, calls, "")
                     shell += sample if counted else []
     return direct, echo, shell
 

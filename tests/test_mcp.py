@@ -43,6 +43,10 @@ pytestmark = pytest.mark.shared_capd
 READY_TIMEOUT_S = 20.0
 """A server's start (0.7-2.5 s alone) on 2 busy cores, or a restart after a backoff."""
 LIST_CHANGER = Path(__file__).parent / "fakes" / "mcp_list_changer.py"
+TAP = Path(__file__).parent / "fakes" / "mcp_tap.py"
+LONG = "trigger-long-running-operation"
+EXECUTING = f"executing {LONG}"
+"""The tap's line once server-everything sends the call's first progress (after 0.1 s)."""
 State = dict[str, Any]
 PROBE_S = 2.0
 """How long a server has to answer after a cancelled call before it is restarted."""
@@ -80,6 +84,35 @@ async def wait_mcp(
         if time.monotonic() > deadline:
             pytest.fail(f"status.mcp {name} did not match within {timeout:g} s: {state}")
         await asyncio.sleep(0.05)
+
+
+def tapped(commands: McpServerCommands, log: Path) -> dict[str, Any]:
+    """server-everything over stdio behind tests/fakes/mcp_tap.py, which logs to `log` what
+    the server received and when it is executing a call. status.mcp's pid is the tap's."""
+    server = everything(commands)
+    return {
+        "command": sys.executable,
+        "args": [str(TAP), str(log), server["command"], *server["args"]],
+    }
+
+
+def long_call() -> dict[str, Any]:
+    return call(f"mcp__everything__{LONG}", duration=30, steps=300)
+
+
+async def logged(log: Path, line: str, times: int = 1, timeout: float = READY_TIMEOUT_S) -> None:
+    """Wait until the tap has logged `line` `times` times: evidence, not a guess."""
+    deadline = time.monotonic() + timeout
+    while not log.exists() or log.read_text().splitlines().count(line) < times:
+        if time.monotonic() > deadline:
+            pytest.fail(f"the tap did not log {line!r} {times}x within {timeout:g} s")
+        await asyncio.sleep(0.02)
+
+
+def server_under(tap_pid: int) -> int:
+    """The real server: the tap's one child."""
+    (child,) = Path(f"/proc/{tap_pid}/task/{tap_pid}/children").read_text().split()
+    return int(child)
 
 
 def ready(state: State) -> bool:
@@ -243,30 +276,31 @@ async def test_a_changed_tool_list_is_offered_at_the_next_step(
 
 
 async def test_pause_and_cancel_interrupt_a_long_call_and_the_server_stays(
-    capd: CapdProcess, mcp_commands: McpServerCommands
+    capd: CapdProcess, mcp_commands: McpServerCommands, tmp_path: Path
 ) -> None:
-    long_call = call("mcp__everything__trigger-long-running-operation", duration=30, steps=30)
     echo = call("mcp__everything__echo", message="still here")
-    model = scripted(long_call, echo, {"text": "after"}, long_call)
-    await spawn(capd, "p1", model, mcp_servers={"everything": everything(mcp_commands)})
+    model = scripted(long_call(), echo, {"text": "after"}, long_call())
+    log = tmp_path / "tap.log"
+    await spawn(capd, "p1", model, mcp_servers={"everything": tapped(mcp_commands, log)})
     async with await connect_pod(capd, "p1") as pod:
         before = await wait_mcp(pod, "everything", ready)
+        server = server_under(before["pid"])
         await pod.request({"method": "run", "text": "go"})
-        await wait_for(pod, is_event("assistant_message"))
-        await asyncio.sleep(0.3)  # let the call reach the server; it would run 30 s
+        await logged(log, EXECUTING)  # it would run 30 s
         started = time.monotonic()
         seen = await pause_turn(pod)
         paused_after = time.monotonic() - started
         end, resumed = await resume_turn(pod)
         await pod.request({"method": "run", "text": "again"})
-        await wait_for(pod, is_event("assistant_message"))
-        await asyncio.sleep(0.3)
+        await logged(log, EXECUTING, times=2)
+        pings = log.read_text().splitlines().count("ping")
         started = time.monotonic()
         await pod.request({"method": "cancel"})
         cancelled, _ = await wait_for(pod, is_event("turn_end"))
         cancelled_after = time.monotonic() - started
-        # Past the 2 s in which the server must answer after a cancellation.
-        await asyncio.sleep(PROBE_S + 0.5)
+        await logged(log, "ping", times=pings + 1)  # the probe after the cancellation
+        # Past the 2 s in which the server must answer it.
+        await asyncio.sleep(PROBE_S + 0.5 - (time.monotonic() - started))
         after = (await mcp_states(pod))["everything"]
     assert paused_after < 1.0, f"pause took {paused_after:.1f} s"
     interrupted, echoed = results(seen + resumed)
@@ -276,26 +310,28 @@ async def test_pause_and_cancel_interrupt_a_long_call_and_the_server_stays(
     assert (end["result"], end["output"]) == ("finished", "after")
     assert cancelled["result"] == "cancelled"
     assert cancelled_after < 1.0, f"cancel took {cancelled_after:.1f} s"
+    assert log.read_text().splitlines().count("notifications/cancelled") == 2, "told the server"
     assert ready(after), after
     assert (after["pid"], after["restarts"]) == (before["pid"], 0), "the server answered"
+    assert alive(server)
 
 
 async def test_pause_of_a_call_to_a_hung_server_restarts_it(
-    capd: CapdProcess, mcp_commands: McpServerCommands, stopped_pids: list[int]
+    capd: CapdProcess, mcp_commands: McpServerCommands, stopped_pids: list[int], tmp_path: Path
 ) -> None:
     """The pause does not wait for the server; the server, which cannot answer the
     cancellation, is restarted, and the resumed turn uses the new one."""
-    long_call = call("mcp__everything__trigger-long-running-operation", duration=30, steps=30)
     echo = call("mcp__everything__echo", message="new server")
-    model = scripted(long_call, echo, {"text": "after"})
-    await spawn(capd, "q1", model, mcp_servers={"everything": everything(mcp_commands)})
+    model = scripted(long_call(), echo, {"text": "after"})
+    log = tmp_path / "tap.log"
+    await spawn(capd, "q1", model, mcp_servers={"everything": tapped(mcp_commands, log)})
     async with await connect_pod(capd, "q1") as pod:
         before = await wait_mcp(pod, "everything", ready)
+        server = server_under(before["pid"])
         await pod.request({"method": "run", "text": "go"})
-        await wait_for(pod, is_event("assistant_message"))
-        await asyncio.sleep(0.3)  # let the call reach the server; it would run 30 s
-        os.kill(before["pid"], signal.SIGSTOP)
-        stopped_pids.append(before["pid"])
+        await logged(log, EXECUTING)  # it would run 30 s
+        os.kill(server, signal.SIGSTOP)
+        stopped_pids.append(server)
         started = time.monotonic()
         seen = await pause_turn(pod)
         paused_after = time.monotonic() - started
@@ -303,7 +339,7 @@ async def test_pause_of_a_call_to_a_hung_server_restarts_it(
         end, resumed = await resume_turn(pod)
     assert paused_after < 1.0, f"pause took {paused_after:.1f} s"
     assert again["restarts"] == before["restarts"] + 1
-    await until(lambda: not alive(before["pid"]))
+    await until(lambda: not alive(server))
     cut, echoed = results(seen + resumed)
     assert cut["is_error"] is True
     assert not echoed["is_error"]
@@ -312,53 +348,55 @@ async def test_pause_of_a_call_to_a_hung_server_restarts_it(
 
 
 async def test_a_hung_server_times_out_and_is_restarted(
-    capd: CapdProcess, mcp_commands: McpServerCommands, stopped_pids: list[int]
+    capd: CapdProcess, mcp_commands: McpServerCommands, stopped_pids: list[int], tmp_path: Path
 ) -> None:
-    long_call = call("mcp__everything__trigger-long-running-operation", duration=30, steps=30)
     echo = call("mcp__everything__echo", message="back again")
-    model = scripted(long_call, {"text": "timed out"}, echo, {"text": "answered"})
+    model = scripted(long_call(), {"text": "timed out"}, echo, {"text": "answered"})
+    log = tmp_path / "tap.log"
     await spawn(
         capd,
         "h1",
         model,
-        mcp_servers={"everything": everything(mcp_commands)},
+        mcp_servers={"everything": tapped(mcp_commands, log)},
         limits={"mcp_call_timeout_s": 1},
     )
     async with await connect_pod(capd, "h1") as pod:
         before = await wait_mcp(pod, "everything", ready)
+        server = server_under(before["pid"])
         await pod.request({"method": "run", "text": "go"})
-        await wait_for(pod, is_event("assistant_message"))
-        os.kill(before["pid"], signal.SIGSTOP)
-        stopped_pids.append(before["pid"])
+        # In the server's input: stopped now, it hangs with the call (the 1 s timeout
+        # leaves too little room to wait for its progress on busy cores).
+        await logged(log, f"tools/call {LONG}")
+        os.kill(server, signal.SIGSTOP)
+        stopped_pids.append(server)
         timed_out, _ = await wait_for(pod, is_event("tool_result"))
         await wait_for(pod, is_event("turn_end"))
         again = await wait_mcp(pod, "everything", restarted(before["pid"]))
         end, seen = await run_turn(pod, "again")
     assert timed_out["is_error"] is True
     assert (
-        "mcp__everything__trigger-long-running-operation did not answer within 1 s "
+        f"mcp__everything__{LONG} did not answer within 1 s "
         "(limits.mcp_call_timeout_s); the call was cancelled"
     ) in timed_out["output"]
     assert again["restarts"] == before["restarts"] + 1
     assert again["error"], "says why it last restarted"
-    await until(lambda: not alive(before["pid"]))
+    await until(lambda: not alive(server))
     assert [r["is_error"] for r in results(seen)] == [False]
     assert end["output"] == "answered"
 
 
 async def test_a_server_killed_mid_call_is_unavailable_then_back(
-    capd: CapdProcess, mcp_commands: McpServerCommands
+    capd: CapdProcess, mcp_commands: McpServerCommands, tmp_path: Path
 ) -> None:
-    long_call = call("mcp__everything__trigger-long-running-operation", duration=30, steps=30)
     echo = call("mcp__everything__echo", message="back again")
-    model = scripted(long_call, {"text": "lost it"}, echo, {"text": "answered"})
-    await spawn(capd, "k1", model, mcp_servers={"everything": everything(mcp_commands)})
+    model = scripted(long_call(), {"text": "lost it"}, echo, {"text": "answered"})
+    log = tmp_path / "tap.log"
+    await spawn(capd, "k1", model, mcp_servers={"everything": tapped(mcp_commands, log)})
     async with await connect_pod(capd, "k1") as pod:
         before = await wait_mcp(pod, "everything", ready)
         await pod.request({"method": "run", "text": "go"})
-        await wait_for(pod, is_event("assistant_message"))
-        await asyncio.sleep(0.3)  # let the call reach the server; it would run 30 s
-        os.kill(before["pid"], signal.SIGKILL)
+        await logged(log, EXECUTING)  # it would run 30 s
+        os.kill(server_under(before["pid"]), signal.SIGKILL)  # the tap exits with it
         lost, _ = await wait_for(pod, is_event("tool_result"))
         await wait_for(pod, is_event("turn_end"))
         failed = await wait_mcp(pod, "everything", lambda s: s["state"] != "ready")
@@ -448,26 +486,26 @@ async def test_secrets_reach_the_server_and_nothing_else(
 
 @pytest.mark.own_capd
 async def test_capd_killed_mid_call_comes_back_with_the_server(
-    capd: CapdProcess, mcp_commands: McpServerCommands
+    capd: CapdProcess, mcp_commands: McpServerCommands, tmp_path: Path
 ) -> None:
     """The turn comes back paused; resume closes the cut call and goes on, with a new
     server, and no server of the killed capd is left."""
-    long_call = call("mcp__everything__trigger-long-running-operation", duration=30, steps=30)
     echo = call("mcp__everything__echo", message="after the restart")
-    model = scripted(long_call, echo, {"text": "ok"})
-    await spawn(capd, "r1", model, mcp_servers={"everything": everything(mcp_commands)})
+    model = scripted(long_call(), echo, {"text": "ok"})
+    log = tmp_path / "tap.log"
+    await spawn(capd, "r1", model, mcp_servers={"everything": tapped(mcp_commands, log)})
     async with await connect_pod(capd, "r1") as pod:
         before = await wait_mcp(pod, "everything", ready)
+        server = server_under(before["pid"])
         await pod.request({"method": "run", "text": "go"})
-        await wait_for(pod, is_event("assistant_message"))
-        await asyncio.sleep(0.3)  # let the call reach the server; it would run 30 s
+        await logged(log, EXECUTING)  # it would run 30 s
     await sigkill(capd)
     capd.start()
     async with await connect_pod(capd, "r1") as pod:
         status = await pod.request({"method": "status"})
         after = await wait_mcp(pod, "everything", ready)
         end, seen = await resume_turn(pod)
-    await until(lambda: not alive(before["pid"]))
+    await until(lambda: not alive(before["pid"]) and not alive(server))
     assert status["status"] == "paused"
     assert after["pid"] != before["pid"]
     cut, echoed = results(seen)
@@ -475,6 +513,10 @@ async def test_capd_killed_mid_call_comes_back_with_the_server(
     assert not echoed["is_error"]
     assert "after the restart" in echoed["output"]
     assert (end["result"], end["output"]) == ("finished", "ok")
+
+
+POSTED = "Received MCP POST request"
+"""What server-everything over Streamable HTTP logs on stdout for each POST it receives."""
 
 
 def _free_port() -> int:
@@ -569,9 +611,10 @@ async def test_a_hung_streamable_http_server_is_failed_then_back(
     gets no answer, so status.mcp says `failed` while the server still hangs; once it
     answers again capd connects again."""
     port = _free_port()
-    server = await asyncio.to_thread(_start_http_everything, mcp_commands, port, tmp_path / "log")
+    log = tmp_path / "log"
+    server = await asyncio.to_thread(_start_http_everything, mcp_commands, port, log)
     http_servers.append(server)
-    long_call = call("mcp__web__trigger-long-running-operation", duration=30, steps=30)
+    long_call = call(f"mcp__web__{LONG}", duration=30, steps=30)
     echo = call("mcp__web__echo", message="answering again")
     model = scripted(long_call, {"text": "timed out"}, echo, {"text": "answered"})
     web = {"url": f"http://127.0.0.1:{port}/mcp"}
@@ -579,9 +622,11 @@ async def test_a_hung_streamable_http_server_is_failed_then_back(
     await spawn(capd, "hh", model, mcp_servers={"web": web}, limits=limits)
     async with await connect_pod(capd, "hh") as pod:
         before = await wait_mcp(pod, "web", ready)
+        posts = log.read_text().count(POSTED)
         await pod.request({"method": "run", "text": "go"})
-        await wait_for(pod, is_event("assistant_message"))
-        await asyncio.sleep(0.3)  # let the call reach the server; it would run 30 s
+        # The call's POST reached the server (the pod sends nothing else now); it would
+        # run 30 s.
+        await until(lambda: log.read_text().count(POSTED) > posts)
         server.send_signal(signal.SIGSTOP)
         timed_out, _ = await wait_for(pod, is_event("tool_result"))
         await wait_for(pod, is_event("turn_end"))

@@ -25,7 +25,20 @@ from tests.helpers import (
     wait_for,
 )
 from tests.mcp_servers import McpServerCommands
-from tests.test_mcp import call, everything, mcp_states, ready, restarted, results, wait_mcp
+from tests.test_mcp import (
+    EXECUTING,
+    call,
+    everything,
+    logged,
+    long_call,
+    mcp_states,
+    ready,
+    restarted,
+    results,
+    server_under,
+    tapped,
+    wait_mcp,
+)
 
 pytestmark = [
     pytest.mark.skipif(
@@ -109,14 +122,14 @@ async def test_git_server_reviews_and_commits_in_the_pods_repository(
 
 
 async def test_a_server_killed_again_and_again_comes_back_each_time(
-    capd: CapdProcess, mcp_commands: McpServerCommands
+    capd: CapdProcess, mcp_commands: McpServerCommands, tmp_path: Path
 ) -> None:
     """Kills alternate between mid-call and idle; each restart comes after a longer
     backoff, and the tools work at the end."""
-    long_call = call("mcp__everything__trigger-long-running-operation", duration=30, steps=30)
-    steps = [long_call, {"text": "lost"}] * KILLS
+    steps = [long_call(), {"text": "lost"}] * KILLS
     steps += [call("mcp__everything__echo", message="survived"), {"text": "done"}]
-    await spawn(capd, "x1", scripted(*steps), mcp_servers={"everything": everything(mcp_commands)})
+    log = tmp_path / "tap.log"
+    await spawn(capd, "x1", scripted(*steps), mcp_servers={"everything": tapped(mcp_commands, log)})
     async with await connect_pod(capd, "x1") as pod:
         state = await wait_mcp(pod, "everything", ready)
         first = state
@@ -124,14 +137,14 @@ async def test_a_server_killed_again_and_again_comes_back_each_time(
             pid = state["pid"]
             if kill % 2 == 0:
                 await pod.request({"method": "run", "text": "call"})
-                await wait_for(pod, is_event("assistant_message"))
-                os.kill(pid, signal.SIGKILL)
+                await logged(log, EXECUTING, times=kill // 2 + 1)
+                os.kill(server_under(pid), signal.SIGKILL)  # the tap exits with it
                 lost, _ = await wait_for(pod, is_event("tool_result"))
                 await wait_for(pod, is_event("turn_end"))
                 assert lost["is_error"] is True
                 assert "MCP server everything is unavailable" in lost["output"]
             else:
-                os.kill(pid, signal.SIGKILL)
+                os.kill(server_under(pid), signal.SIGKILL)
                 end, seen = await run_turn(pod, "call")
                 assert [r["is_error"] for r in results(seen)] == [True]
             state = await wait_mcp(pod, "everything", restarted(pid))
