@@ -163,3 +163,12 @@ async def resume_turn(pod: Client) -> tuple[Event, list[Event]]:
 async def run_tool(name: str, arguments: dict[str, Any], ctx: ToolContext) -> ToolOutcome:
     """A built-in tool run in-process, from a toolbox that offers them all."""
     return await Toolbox.builtin(BUILTIN_TOOLS, ctx).run(name, arguments)
+
+
+def alive(pid: int) -> bool:
+    """True while `pid` runs; a zombie (dead, not yet reaped) counts as gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"

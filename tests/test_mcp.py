@@ -23,6 +23,7 @@ from tests.conftest import CapdProcess
 from tests.fakes.openai_server import FunctionCall, OpenAITestServer, TextReply, ToolCallsReply
 from tests.helpers import (
     Event,
+    alive,
     connect_pod,
     daemon_request,
     full_history,
@@ -127,15 +128,6 @@ def restarted(old_pid: int) -> Callable[[State], bool]:
 
 def results(seen: list[Event]) -> list[Event]:
     return [e for e in seen if e["event"] == "tool_result"]
-
-
-def alive(pid: int) -> bool:
-    """True while `pid` runs; a zombie counts as gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 @pytest.fixture

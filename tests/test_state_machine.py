@@ -2,7 +2,6 @@
 Unix sockets."""
 
 import asyncio
-import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ from protocol.errors import ProtocolError
 from protocol.results import PodStatus
 from tests.conftest import CapdProcess
 from tests.helpers import (
+    alive,
     connect_pod,
     is_event,
     kinds,
@@ -339,18 +339,6 @@ def _bash_step(command: str) -> dict[str, object]:
     return {"tool_calls": [{"name": "bash", "arguments": {"command": command}}]}
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is dead but not yet reaped by its parent; one reaped since os.kill is gone.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 async def _wait_for_pids(path: Path, count: int) -> list[int]:
     async with asyncio.timeout(10):
         while True:
@@ -364,11 +352,11 @@ async def _wait_for_pids(path: Path, count: int) -> list[int]:
 async def _wait_until_dead(pids: list[int], timeout: float) -> None:
     try:
         async with asyncio.timeout(timeout):
-            while any(_alive(pid) for pid in pids):
+            while any(alive(pid) for pid in pids):
                 await asyncio.sleep(0.005)
     except TimeoutError:
-        alive = [pid for pid in pids if _alive(pid)]
-        raise AssertionError(f"processes still alive after {timeout} s: {alive}") from None
+        alive_pids = [pid for pid in pids if alive(pid)]
+        raise AssertionError(f"processes still alive after {timeout} s: {alive_pids}") from None
 
 
 async def test_max_steps_ends_the_turn_limit_reached(capd: CapdProcess, tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from capd.tools.base import Tool, ToolContext, ToolOutcome
 from capd.tools.toolbox import Toolbox
 from protocol.names import ToolName
 from protocol.tools import NoArgs, ToolArgs
-from tests.helpers import run_tool
+from tests.helpers import alive, run_tool
 
 WAIT_S = 5.0
 
@@ -29,15 +29,6 @@ async def until(condition: Callable[[], bool], timeout_s: float = WAIT_S) -> Non
         if time.monotonic() > deadline:
             pytest.fail(f"condition not met within {timeout_s} s")
         await asyncio.sleep(0.01)
-
-
-def alive(pid: int) -> bool:
-    """True while `pid` runs; a zombie left for init to reap counts as dead."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def group_members(pgid: int) -> list[int]:
