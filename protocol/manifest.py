@@ -13,7 +13,7 @@ from pydantic import (
     model_validator,
 )
 
-from protocol.names import ToolName
+from protocol.names import ToolName, mcp_server_of
 from protocol.paths import POD_NAME_PATTERN
 
 ProviderName = Literal["openai", "anthropic", "scripted"]
@@ -250,8 +250,11 @@ class Manifest(_Strict):
     @model_validator(mode="after")
     def _tool_choice_is_offered(self) -> "Manifest":
         choice = self.model.tool_choice if self.model else None
-        if choice not in (None, *TOOL_CHOICES) and choice not in self.tools:
+        if choice is None or choice in TOOL_CHOICES or choice in self.tools:
+            return self
+        if mcp_server_of(choice) not in self.mcp_servers:
             raise ValueError(
-                f"model.tool_choice {choice!r} is neither auto, required, none nor one of tools"
+                f"model.tool_choice {choice!r} is neither auto, required, none, one of tools "
+                "nor mcp__<server>__<tool> of one of mcp_servers"
             )
         return self

@@ -18,3 +18,16 @@ ToolName = Literal[
 server's) are named by their source, not here."""
 
 IfBusy = Literal["reject", "queue", "interrupt"]
+
+MCP_PREFIX = "mcp__"
+MCP_SEPARATOR = "__"
+"""An MCP server's tools are offered as `mcp__<server>__<tool>` (§12)."""
+
+
+def mcp_server_of(name: str) -> str | None:
+    """The server part of an exposed name, None for a name that is not one. A server's
+    name holds no `__` and does not end in `_`, so the first `__` after it ends it."""
+    if not name.startswith(MCP_PREFIX):
+        return None
+    server, found, _ = name[len(MCP_PREFIX) :].partition(MCP_SEPARATOR)
+    return server if found and server else None

@@ -164,7 +164,8 @@ async def test_time_server_is_offered_with_its_schema_and_answers(
         TextReply("done"),
     )
     time_server = {"command": mcp_commands.time[0], "args": ["--local-timezone", "UTC"]}
-    await spawn(capd, "t1", openai_model(openai), mcp_servers={"time": time_server})
+    model = {**openai_model(openai), "tool_choice": get_time}
+    await spawn(capd, "t1", model, mcp_servers={"time": time_server})
     async with await connect_pod(capd, "t1") as pod:
         first = (await mcp_states(pod))["time"]
         # Right away: the step waits for a server starting for the first time.
@@ -183,10 +184,31 @@ async def test_time_server_is_offered_with_its_schema_and_answers(
     assert "Invalid timezone" in bad["output"]
     specs = {t["function"]["name"]: t["function"] for t in openai.requests[0]["tools"]}
     assert set(specs) == {get_time, "mcp__time__convert_time"}
+    forced = {"type": "function", "function": {"name": get_time}}
+    assert openai.requests[0]["tool_choice"] == forced
+    assert "tool_choice" not in openai.requests[1]
     assert specs[get_time]["description"] == "Get current time in a specific timezone"
     schema = specs[get_time]["parameters"]
     assert schema["required"] == ["timezone"]
     assert "IANA timezone name" in schema["properties"]["timezone"]["description"]
+
+
+async def test_a_tool_choice_naming_a_down_servers_tool_is_not_forced(
+    capd: CapdProcess, openai: OpenAITestServer, tmp_path: Path
+) -> None:
+    """Providers answer 400 to a tool_choice naming no offered tool (OpenAI, offered none:
+    "'tool_choice' is only allowed when 'tools' are specified"): while the server is down
+    the model chooses, so turns do not fail the same way."""
+    openai.enqueue(TextReply("no tools today"))
+    model = {**openai_model(openai), "tool_choice": "mcp__gone__lookup"}
+    servers = {"gone": {"command": str(tmp_path / "no-such-server")}}
+    await spawn(capd, "tc1", model, cwd=str(tmp_path), mcp_servers=servers)
+    async with await connect_pod(capd, "tc1") as pod:
+        end, _ = await run_turn(pod, "look it up")
+        state = (await mcp_states(pod))["gone"]
+    assert state["state"] == "failed"
+    assert end["result"] == "finished"
+    assert "tool_choice" not in openai.requests[0]
 
 
 async def test_everything_results_become_text_the_model_reads(

@@ -43,7 +43,7 @@ from protocol.events import (
     ToolCallStart,
     ToolResult,
 )
-from protocol.manifest import ModelConfig
+from protocol.manifest import TOOL_CHOICES, ModelConfig
 
 RETRY_BASE_S = 0.5
 """The wait before a model call's first retry; it doubles with each retry after it."""
@@ -210,9 +210,12 @@ class BuiltinEngine:
 
     async def _stream_once(self, host: TurnHost, turn: Turn) -> ModelReply:
         system_prompt = host.manifest.system_prompt
+        specs = host.toolbox.specs()
         # model.tool_choice goes with a turn's first call only, so the loop can end.
         choice = self._model.tool_choice if turn.steps == 0 else None
-        request = ModelRequest(system_prompt, host.context.messages, host.toolbox.specs(), choice)
+        if choice not in (None, *TOOL_CHOICES) and all(spec.name != choice for spec in specs):
+            choice = None  # an MCP server's tool it does not offer now (it is down)
+        request = ModelRequest(system_prompt, host.context.messages, specs, choice)
         turn_id = turn.turn_id
         streamed: list[str] = []
         try:

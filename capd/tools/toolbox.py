@@ -20,9 +20,9 @@ from capd.chat import INVALID_JSON_KEY, ToolSpec
 from capd.tokens import spec_tokens
 from capd.tools import BUILTIN_TOOLS
 from capd.tools.base import Tool, ToolContext, ToolFailed, ToolOutcome
-from capd.tools.mcp.names import server_of
 from protocol.framing import MAX_NESTING
 from protocol.methods import describe_validation_error
+from protocol.names import mcp_server_of
 
 if TYPE_CHECKING:
     from capd.tools.mcp.server import McpServer
@@ -85,7 +85,7 @@ class Toolbox:
         return specs
 
     async def run(self, name: str, arguments: dict[str, Any]) -> ToolOutcome:
-        server = self._mcp.get(server_of(name) or "")
+        server = self._mcp.get(mcp_server_of(name) or "")
         if server is not None:
             return await self._run_mcp(server, name, arguments)
         offered = self._offered.get(name)

@@ -5,7 +5,8 @@ import re
 
 import pytest
 
-from capd.tools.mcp.names import MAX_LENGTH, exposed_names, server_of
+from capd.tools.mcp.names import MAX_LENGTH, exposed_names
+from protocol.names import mcp_server_of
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -67,9 +68,9 @@ def test_every_name_fits_model_apis_with_the_longest_server_name() -> None:
 
 
 def test_the_server_is_read_back_from_an_exposed_name() -> None:
-    assert server_of("mcp__git__git_status") == "git"
-    assert server_of("mcp__a-b__c__d") == "a-b"
-    assert server_of("mcp__s___private") == "s"
-    assert server_of("bash") is None
-    assert server_of("mcp__nosep") is None
-    assert server_of("mcp____x") is None
+    assert mcp_server_of("mcp__git__git_status") == "git"
+    assert mcp_server_of("mcp__a-b__c__d") == "a-b"
+    assert mcp_server_of("mcp__s___private") == "s"
+    assert mcp_server_of("bash") is None
+    assert mcp_server_of("mcp__nosep") is None
+    assert mcp_server_of("mcp____x") is None

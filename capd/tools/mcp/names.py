@@ -14,8 +14,8 @@ import logging
 import re
 from collections.abc import Iterable
 
-PREFIX = "mcp__"
-SEPARATOR = "__"
+from protocol.names import MCP_PREFIX, MCP_SEPARATOR
+
 MAX_LENGTH = 64
 HASH_HEX = 6
 _OUTSIDE = re.compile(r"[^A-Za-z0-9_-]")
@@ -29,7 +29,7 @@ def exposed_names(server: str, tools: Iterable[str]) -> dict[str, str]:
     the server's order. Should a mended name equal another tool's (a literal name that
     happens to end in the same hash, or two hashes alike), the literal name, else the
     first own name in sorted order, keeps it and the other tool is left out and logged."""
-    head = f"{PREFIX}{server}{SEPARATOR}"
+    head = f"{MCP_PREFIX}{server}{MCP_SEPARATOR}"
     wanted = {tool: _exposed(head, tool) for tool in tools}
     owners: dict[str, str] = {}
     for tool in sorted(wanted, key=lambda tool: (wanted[tool] != head + tool, tool)):
@@ -54,12 +54,3 @@ def _exposed(head: str, tool: str) -> str:
         return name
     part = _OUTSIDE.sub("_", tool)[: MAX_LENGTH - len(head) - HASH_HEX - 1]
     return f"{head}{part}_{hashlib.sha256(tool.encode()).hexdigest()[:HASH_HEX]}"
-
-
-def server_of(name: str) -> str | None:
-    """The server part of an exposed name, None for a name that is not one. A server's
-    name holds no `__` and does not end in `_`, so the first `__` after it ends it."""
-    if not name.startswith(PREFIX):
-        return None
-    server, found, _ = name[len(PREFIX) :].partition(SEPARATOR)
-    return server if found and server else None
