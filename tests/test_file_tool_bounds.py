@@ -1,9 +1,12 @@
 """The file tools on huge files: capd's memory stays small and its event loop keeps turning."""
 
 import asyncio
+import ctypes
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from subprocess import PIPE
 
 import pytest
 
@@ -149,3 +152,60 @@ async def test_a_cancelled_write_has_finished_when_the_call_ends(ctx: ToolContex
         await call
     size = (ctx.cwd / "w.txt").stat().st_size
     assert size == len(content)
+
+
+# the bounds under a race: a directory swapped with a symlink to the outside
+
+RACE_CALLS = 200
+SWAPPER = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+a, b = os.fsencode(sys.argv[1]), os.fsencode(sys.argv[2])
+print(flush=True)
+while True:  # AT_FDCWD, RENAME_EXCHANGE
+    if libc.renameat2(-100, a, -100, b, 2) != 0:
+        sys.exit(os.strerror(ctypes.get_errno()))
+"""
+"""Swaps two names over and over with renameat2(RENAME_EXCHANGE); a process of its own,
+so that the tools' threads do not wait for it to let go of the GIL."""
+
+
+async def test_file_tools_stay_inside_while_a_directory_is_swapped_with_a_symlink(
+    tmp_path: Path,
+) -> None:
+    """A process swaps `d` with a symlink to an outside directory over and over, while the
+    tools read, write and edit under `d/`. Checking the path and then opening it by name
+    again let about 50 of 200 reads return the outside file and 50 writes land outside."""
+    if not hasattr(ctypes.CDLL(None), "renameat2"):
+        pytest.skip("no renameat2 in this libc")
+    cwd, outside = tmp_path / "cwd", tmp_path / "outside"
+    (cwd / "d").mkdir(parents=True)
+    outside.mkdir()
+    for directory, text in ((cwd / "d", "inside\n"), (outside, "OUTSIDE\n")):
+        (directory / "f.txt").write_text(text)
+        (directory / "e.txt").write_text(text)
+    (cwd / "swap").symlink_to(outside)
+    ctx = ToolContext(cwd=cwd, pod="test")
+    swapper = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", SWAPPER, str(cwd / "d"), str(cwd / "swap"), stdout=PIPE
+    )
+    try:
+        assert swapper.stdout is not None
+        await swapper.stdout.readline()  # it is swapping
+        reads = [await run_tool("read_file", {"path": "d/f.txt"}, ctx) for _ in range(RACE_CALLS)]
+        for n in range(RACE_CALLS):
+            await run_tool("write_file", {"path": f"d/w{n}.txt", "content": "x"}, ctx)
+            edit = {"path": "d/e.txt", "old_text": "SIDE", "new_text": "side"}
+            await run_tool("edit_file", edit, ctx)
+        assert swapper.returncode is None, "the swapper failed"
+    finally:
+        swapper.kill()
+        await swapper.wait()
+    leaked = sum("OUTSIDE" in outcome.output for outcome in reads)
+    landed = sorted(path.name for path in outside.iterdir())
+    assert (leaked, landed) == (0, ["e.txt", "f.txt"]), (
+        f"{leaked} of {RACE_CALLS} reads returned the outside file; "
+        f"{len(landed) - 2} writes landed outside"
+    )
+    assert (outside / "e.txt").read_text() == "OUTSIDE\n", "an edit changed the outside file"
+    assert any(outcome.output == "inside\n" for outcome in reads), "no read got through"

@@ -235,6 +235,49 @@ async def test_file_tools_accept_absolute_paths_and_symlinks_inside_cwd(ctx: Too
     assert await run_tool("read_file", {"path": "link.txt"}, ctx) == ToolOutcome("inside\n")
 
 
+async def test_file_tools_walk_symlinks_inside_cwd_but_never_above_it(
+    ctx: ToolContext, outside: Path
+) -> None:
+    """A symlink is walked by its text, as if typed; a `..` above the cwd is refused even
+    when the path would come back in."""
+    (ctx.cwd / "real").mkdir()
+    (ctx.cwd / "dir").symlink_to("real")
+    written = await run_tool("write_file", {"path": "dir/new/f.txt", "content": "x"}, ctx)
+    assert written == ToolOutcome("wrote 1 bytes to dir/new/f.txt")
+    assert (ctx.cwd / "real/new/f.txt").read_text() == "x"
+    assert await run_tool("read_file", {"path": "dir/../dir/new/f.txt"}, ctx) == ToolOutcome("x")
+    (ctx.cwd / "back").symlink_to(f"../{ctx.cwd.name}/real")
+    back = await run_tool("read_file", {"path": "back/new/f.txt"}, ctx)
+    assert back == ToolOutcome(
+        f"path back/new/f.txt resolves outside the working directory {ctx.cwd}", True
+    )
+    (ctx.cwd / "loop").symlink_to("loop")
+    loop = await run_tool("read_file", {"path": "loop"}, ctx)
+    assert loop == ToolOutcome("cannot read loop: Too many levels of symbolic links", True)
+    edit = {"path": "no/such/f.txt", "old_text": "a", "new_text": "b"}
+    missing = await run_tool("edit_file", edit, ctx)
+    assert missing == ToolOutcome("cannot edit no/such/f.txt: No such file or directory", True)
+    assert not (ctx.cwd / "no").exists(), "edit_file made directories"
+
+
+async def test_file_tools_write_no_file_with_other_hard_links(
+    ctx: ToolContext, outside: Path
+) -> None:
+    """A hard link to an outside file looks like any file inside: the writing tools refuse
+    every file with more than one link; read_file reads it."""
+    (ctx.cwd / "hard.txt").hardlink_to(outside / "secret.txt")
+    refusal = (
+        "hard.txt has 2 hard links, which may lead outside the working directory; "
+        "the file tools do not write such files, use bash"
+    )
+    write = await run_tool("write_file", {"path": "hard.txt", "content": "x"}, ctx)
+    edit = {"path": "hard.txt", "old_text": "secret", "new_text": "x"}
+    assert write == ToolOutcome(refusal, True)
+    assert await run_tool("edit_file", edit, ctx) == ToolOutcome(refusal, True)
+    assert untouched(outside)
+    assert await run_tool("read_file", {"path": "hard.txt"}, ctx) == ToolOutcome("secret\n")
+
+
 # read_file
 
 

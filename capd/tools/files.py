@@ -1,7 +1,12 @@
 """The file tools: read_file, write_file, edit_file, confined to the pod's working directory.
 
-A path is taken relative to the working directory and resolved, symlinks included; a path
-that lands outside it is refused, whether the file exists or not. Files are UTF-8 text:
+A path is taken relative to the working directory (an absolute one must start with it) and
+walked one component at a time from a directory fd, never letting the kernel follow a
+symlink: a symlink's text is walked the same way, and any `..` that would climb above the
+working directory is refused, whether the file exists or not, even if the path would come
+back in. So a directory swapped for a symlink mid-call cannot lead a tool outside. A
+regular file hard-linked elsewhere is out of a path check's sight: read_file reads it,
+write_file and edit_file refuse a file with more than one link. Files are UTF-8 text:
 read_file shows undecodable bytes as U+FFFD and refuses files that look binary (a NUL byte
 in their first 8 KiB); edit_file refuses files that are not valid UTF-8, since writing back
 a lossy decoding would corrupt them.
@@ -12,12 +17,15 @@ the output limit; edit_file must hold the whole file, so it refuses files over 8
 """
 
 import asyncio
+import contextlib
+import errno
 import io
 import os
 import stat
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import BinaryIO, TypeVar
 
 from capd.tools.base import Tool, ToolContext, ToolFailed, ToolOutcome
@@ -35,7 +43,10 @@ larger files."""
 
 
 def resolve_inside(path: str, cwd: Path) -> Path:
-    """The real path of `path` (relative to `cwd`), refused unless it lies inside `cwd`."""
+    """The real path of `path` (relative to `cwd`), refused unless it lies inside `cwd`.
+
+    A check of a name, which a rename can change right after: the file tools open through
+    `_open_inside` instead."""
     root = cwd.resolve()
     try:
         target = (root / path).resolve()
@@ -50,33 +61,177 @@ def _os_failure(action: str, path: str, exc: OSError) -> ToolFailed:
     return ToolFailed(f"cannot {action} {path}: {exc.strerror or exc}")
 
 
-def _file_inside(path: str, cwd: Path) -> Path:
-    """`resolve_inside`, refusing directories, FIFOs and devices as well: opening a FIFO
-    would block."""
-    target = resolve_inside(path, cwd)
-    if target.exists() and not target.is_file():
+_DIR_FLAGS = os.O_DIRECTORY | os.O_CLOEXEC | getattr(os, "O_PATH", os.O_RDONLY)
+_MAX_LINKS = 40
+"""Symlinks followed in one path before giving up, as the kernel does (ELOOP)."""
+
+
+def _open_inside(path: str, cwd: Path, flags: int) -> int:
+    """An fd for the regular file `path` names inside `cwd`, opened with `flags`.
+
+    The path is walked one component at a time, each opened relative to the directory fd
+    before it and never through a symlink (O_NOFOLLOW): a symlink's text is read and
+    walked the same way, so the kernel never follows a name we did not check, and a
+    directory swapped for a symlink mid-walk cannot lead outside. `..` climbs the fds
+    already open and stops at `cwd`. With O_CREAT, missing directories are created. For
+    writing, a file with more than one hard link is refused: a path check cannot see where
+    the other links are.
+    """
+    if "\0" in path:
+        raise ToolFailed(f"cannot resolve path {path}: embedded null byte")
+    outside = ToolFailed(f"path {path} resolves outside the working directory {cwd}")
+    pending = deque(_below(PurePosixPath(path), cwd, outside))
+    levels: list[tuple[str, int | None]] = [("", os.open(cwd.resolve(), _DIR_FLAGS))]
+    links = 0
+    try:
+        while pending:
+            name = pending.popleft()
+            if name == "..":
+                if len(levels) == 1:
+                    raise outside
+                _close(levels.pop()[1])
+                continue
+            top = _materialize(levels, creating=bool(flags & os.O_CREAT))
+            target = _step(name, top, flags, last=not pending, path=path)
+            if isinstance(target, int):
+                if pending:
+                    levels.append((name, target))
+                    continue
+                return target
+            if target is None:
+                levels.append((name, None))
+                continue
+            links += 1
+            if links > _MAX_LINKS:
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
+            link = PurePosixPath(target)
+            if link.is_absolute():
+                for _, fd in levels[1:]:
+                    _close(fd)
+                del levels[1:]
+            pending.extendleft(reversed(_below(link, cwd, outside)))
         raise ToolFailed(f"{path} is not a regular file")
-    return target
+    finally:
+        for _, fd in levels:
+            _close(fd)
 
 
-def _open_regular(target: Path, path: str, flags: int) -> BinaryIO:
-    """Open `target`, refusing what is not a regular file. O_NONBLOCK keeps a FIFO swapped
-    in since `_file_inside` looked from blocking the worker thread (and shutdown) forever."""
-    fd = os.open(target, flags | os.O_NONBLOCK, 0o666)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+def _below(path: PurePosixPath, cwd: Path, outside: ToolFailed) -> tuple[str, ...]:
+    """The components of `path` below `cwd`; an absolute path must start with `cwd`
+    (as given or resolved) or it is outside."""
+    if not path.is_absolute():
+        return path.parts
+    for base in (cwd.resolve(), cwd.absolute()):
+        if path.is_relative_to(base):
+            return path.relative_to(base).parts
+    raise outside
+
+
+def _materialize(levels: list[tuple[str, int | None]], *, creating: bool) -> int:
+    """The fd of the deepest level, creating the directories that are missing so far when
+    `creating` (else a missing one is an error)."""
+    for index, (name, fd) in enumerate(levels):
+        if fd is not None:
+            continue
+        if not creating:
+            raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
+        parent = levels[index - 1][1]
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, 0o777, dir_fd=parent)
+        levels[index] = (name, os.open(name, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=parent))
+    fd = levels[-1][1]
+    assert fd is not None
+    return fd
+
+
+def _step(name: str, top: int, flags: int, *, last: bool, path: str) -> int | str | None:
+    """Open `name` in the directory `top` without following it: an fd (a directory's, or
+    the file's when `last`), a symlink's text to walk instead, or None when a directory
+    on the way is missing."""
+    if not last:
+        try:
+            return os.open(name, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=top)
+        except FileNotFoundError:
+            return None
+        except OSError:
+            link = _link_text(name, top)
+            if link is None:
+                raise
+            return link
+    try:
+        found = os.stat(name, dir_fd=top, follow_symlinks=False)
+    except FileNotFoundError:
+        found = None
+    if found is not None and stat.S_ISLNK(found.st_mode):
+        return _link_text(name, top) or name  # no link any more: walk `name` again
+    if found is not None and not stat.S_ISREG(found.st_mode):
+        raise ToolFailed(f"{path} is not a regular file")
+    # O_NONBLOCK: a FIFO swapped in since the stat must not block the worker thread.
+    opening = (flags & ~os.O_TRUNC) | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(name, opening, 0o666, dir_fd=top)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return _link_text(name, top) or name  # a symlink swapped in since the stat
+        raise
+    try:
+        opened = os.fstat(fd)
+        if not stat.S_ISREG(opened.st_mode):
+            raise ToolFailed(f"{path} is not a regular file")
+        if (flags & os.O_ACCMODE) != os.O_RDONLY and opened.st_nlink > 1:
+            raise ToolFailed(
+                f"{path} has {opened.st_nlink} hard links, which may lead outside the "
+                "working directory; the file tools do not write such files, use bash"
+            )
+        if flags & os.O_TRUNC:
+            os.ftruncate(fd, 0)
+    except BaseException:
         os.close(fd)
-        raise ToolFailed(f"{path} is not a regular file")
-    return os.fdopen(fd, "rb" if (flags & os.O_ACCMODE) == os.O_RDONLY else "wb")
+        raise
+    return fd
 
 
-def _readable(path: str, ctx: ToolContext) -> Path:
+def _link_text(name: str, top: int) -> str | None:
+    """The text of the symlink `name` in `top`, or None if it is not one (any more)."""
+    try:
+        return os.readlink(name, dir_fd=top)
+    except OSError:
+        return None
+
+
+def _close(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)
+
+
+def _readable(path: str, ctx: ToolContext) -> int:
     """A file read_file may open: inside the working directory, or one of the pod's own
     spill files (the full output of a long bash command, which the note names)."""
-    if ctx.spill_dir is not None and Path(path).is_absolute():
-        spilled = Path(path).resolve()
-        if spilled.parent == ctx.spill_dir.resolve() and spilled.is_file():
-            return spilled
-    return _file_inside(path, ctx.cwd)
+    if ctx.spill_dir is not None and (spilled := _open_spilled(path, ctx.spill_dir)) is not None:
+        return spilled
+    return _open_inside(path, ctx.cwd, os.O_RDONLY)
+
+
+def _open_spilled(path: str, spill_dir: Path) -> int | None:
+    """An fd for the spill file `path` names, opened in the spill dir without following a
+    symlink; None if it is not one."""
+    spilled = PurePosixPath(path)
+    if not spilled.is_absolute() or spilled.parent not in (spill_dir, spill_dir.resolve()):
+        return None
+    try:
+        directory = os.open(spill_dir, _DIR_FLAGS)
+    except OSError:
+        return None
+    try:
+        fd = os.open(spilled.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=directory)
+    except OSError:
+        return None
+    finally:
+        os.close(directory)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    return fd
 
 
 class ReadFileTool(Tool[ReadFileArgs]):
@@ -96,9 +251,8 @@ class ReadFileTool(Tool[ReadFileArgs]):
 
 
 def _read_file(args: ReadFileArgs, ctx: ToolContext, stop: threading.Event) -> ToolOutcome:
-    target = _readable(args.path, ctx)
     try:
-        with _open_regular(target, args.path, os.O_RDONLY) as raw:
+        with os.fdopen(_readable(args.path, ctx), "rb") as raw:
             if b"\0" in raw.read(BINARY_SNIFF_BYTES):
                 raise ToolFailed(f"{args.path} looks like a binary file (it holds NUL bytes)")
             raw.seek(0)
@@ -184,19 +338,14 @@ async def _change(
 
 
 def _write_file(args: WriteFileArgs, ctx: ToolContext) -> ToolOutcome:
-    target = _file_inside(args.path, ctx.cwd)
     data = args.content.encode()
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        _write(target, args.path, data)
+        fd = _open_inside(args.path, ctx.cwd, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
     except OSError as exc:
         raise _os_failure("write", args.path, exc) from exc
     return ToolOutcome(f"wrote {len(data)} bytes to {args.path}")
-
-
-def _write(target: Path, path: str, data: bytes) -> None:
-    with _open_regular(target, path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC) as out:
-        out.write(data)
 
 
 class EditFileTool(Tool[EditFileArgs]):
@@ -214,30 +363,36 @@ class EditFileTool(Tool[EditFileArgs]):
 
 
 def _edit_file(args: EditFileArgs, ctx: ToolContext) -> ToolOutcome:
-    target = _file_inside(args.path, ctx.cwd)
-    text = _text_to_edit(target, args.path)
-    count = text.count(args.old_text)
-    if count == 0:
-        raise ToolFailed(f"old_text not found in {args.path}")
-    if count > 1:
-        raise ToolFailed(
-            f"old_text occurs {count} times in {args.path}; include more context "
-            "so that it occurs exactly once"
-        )
-    start = text.index(args.old_text)
-    edited = text[:start] + args.new_text + text[start + len(args.old_text) :]
+    """Read and write back through one fd, so that the file edited is the file read."""
     try:
-        _write(target, args.path, edited.encode())
+        fd = _open_inside(args.path, ctx.cwd, os.O_RDWR)
     except OSError as exc:
-        raise _os_failure("write", args.path, exc) from exc
+        raise _os_failure("edit", args.path, exc) from exc
+    with os.fdopen(fd, "r+b") as file:
+        text = _text_to_edit(file, args.path)
+        count = text.count(args.old_text)
+        if count == 0:
+            raise ToolFailed(f"old_text not found in {args.path}")
+        if count > 1:
+            raise ToolFailed(
+                f"old_text occurs {count} times in {args.path}; include more context "
+                "so that it occurs exactly once"
+            )
+        start = text.index(args.old_text)
+        edited = text[:start] + args.new_text + text[start + len(args.old_text) :]
+        try:
+            file.seek(0)
+            file.truncate()
+            file.write(edited.encode())
+        except OSError as exc:
+            raise _os_failure("write", args.path, exc) from exc
     line = text.count("\n", 0, start) + 1
     return ToolOutcome(f"edited {args.path}: replaced the text at line {line}")
 
 
-def _text_to_edit(target: Path, path: str) -> str:
+def _text_to_edit(file: BinaryIO, path: str) -> str:
     try:
-        with _open_regular(target, path, os.O_RDONLY) as raw:
-            data = raw.read(EDIT_LIMIT_BYTES + 1)
+        data = file.read(EDIT_LIMIT_BYTES + 1)
     except OSError as exc:
         raise _os_failure("read", path, exc) from exc
     if len(data) > EDIT_LIMIT_BYTES:
