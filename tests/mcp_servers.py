@@ -14,6 +14,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 PYTHON_SERVERS = ("mcp-server-time==2026.10.19", "mcp-server-git==2026.10.19")
 EVERYTHING = "@modelcontextprotocol/server-everything@2026.8.31"
@@ -89,3 +90,19 @@ def install() -> McpServerCommands:
             )
             (root / "installed").write_text("\n".join((*PYTHON_SERVERS, EVERYTHING)) + "\n")
     return commands
+
+
+def time_and_everything(commands: McpServerCommands) -> dict[str, dict[str, Any]]:
+    """`mcp_servers` for a real engine's own MCP client: mcp-server-time (in UTC) as `time`
+    and server-everything over stdio as `ev`, whose environment gets
+    `${CAPD_TEST_MCP_TOKEN}` as CAPD_TOKEN_SEEN (its `get-env` tool shows it)."""
+    time_command, *time_args = commands.time
+    node, everything = commands.everything
+    return {
+        "time": {"command": time_command, "args": [*time_args, "--local-timezone", "UTC"]},
+        "ev": {
+            "command": node,
+            "args": [everything, "stdio"],
+            "env": {"CAPD_TOKEN_SEEN": "${CAPD_TEST_MCP_TOKEN}"},
+        },
+    }

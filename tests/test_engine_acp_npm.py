@@ -38,7 +38,7 @@ from tests.helpers import (
     until,
     wait_for,
 )
-from tests.mcp_servers import McpServerCommands
+from tests.mcp_servers import McpServerCommands, time_and_everything
 
 MODEL = "test-model"
 SMALL_MODEL = "small-model"
@@ -416,16 +416,7 @@ async def test_the_manifests_mcp_servers_run_in_the_agent_and_their_results_come
     mcp-server-time and server-everything, the latter with the env value capd expanded,
     and the tools' results go back to the model."""
     token = "capd-mcp-token-4711"
-    time_command, *time_args = mcp_commands.time
-    node, everything = mcp_commands.everything
-    servers = {
-        "time": {"command": time_command, "args": [*time_args, "--local-timezone", "UTC"]},
-        "ev": {
-            "command": node,
-            "args": [everything, "stdio"],
-            "env": {"CAPD_TOKEN_SEEN": "${CAPD_TEST_MCP_TOKEN}"},
-        },
-    }
+    servers = time_and_everything(mcp_commands)
     server.enqueue(
         agent.calls(
             ("time", "get_current_time", {"timezone": "Europe/Paris"}), ("ev", "get-env", {})

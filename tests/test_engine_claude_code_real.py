@@ -30,7 +30,7 @@ from tests.helpers import (
     until,
     wait_for,
 )
-from tests.mcp_servers import McpServerCommands
+from tests.mcp_servers import McpServerCommands, time_and_everything
 
 CLAUDE = os.environ.get("CAPD_REAL_CLAUDE", "")
 pytestmark = pytest.mark.skipif(
@@ -377,16 +377,7 @@ async def test_the_manifests_mcp_servers_run_in_the_cli_and_their_results_come_b
     server-everything, expands the `${VAR}` capd left in an env value from its own
     environment, and the tools' results go back to the model."""
     token = "capd-mcp-token-4711"
-    time_command, *time_args = mcp_commands.time
-    node, everything = mcp_commands.everything
-    servers = {
-        "time": {"command": time_command, "args": [*time_args, "--local-timezone", "UTC"]},
-        "ev": {
-            "command": node,
-            "args": [everything, "stdio"],
-            "env": {"CAPD_TOKEN_SEEN": "${CAPD_TEST_MCP_TOKEN}"},
-        },
-    }
+    servers = time_and_everything(mcp_commands)
     server.enqueue(
         ToolUseReply(
             [
