@@ -278,6 +278,18 @@ async def test_file_tools_write_no_file_with_other_hard_links(
     assert await run_tool("read_file", {"path": "hard.txt"}, ctx) == ToolOutcome("secret\n")
 
 
+async def test_file_tools_refuse_paths_too_long_or_deep_to_walk(ctx: ToolContext) -> None:
+    """A walk holds an fd per directory level: a path must not make one call hold
+    thousands of them (while the daemon's other pods wait)."""
+    deep = "d/" * 300 + "f.txt"
+    refused = await run_tool("write_file", {"path": deep, "content": "x"}, ctx)
+    assert refused == ToolOutcome(f"cannot write {deep}: File name too long", True)
+    assert len(list(ctx.cwd.rglob("*"))) <= 257, "it stopped at the depth limit"
+    long_path = "x" * 4100
+    too_long = await run_tool("read_file", {"path": long_path}, ctx)
+    assert too_long == ToolOutcome(f"cannot read {long_path}: File name too long", True)
+
+
 # read_file
 
 

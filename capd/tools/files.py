@@ -64,6 +64,11 @@ def _os_failure(action: str, path: str, exc: OSError) -> ToolFailed:
 _DIR_FLAGS = os.O_DIRECTORY | os.O_CLOEXEC | getattr(os, "O_PATH", os.O_RDONLY)
 _MAX_LINKS = 40
 """Symlinks followed in one path before giving up, as the kernel does (ELOOP)."""
+_MAX_PATH_BYTES = 4096
+"""The longest path taken, as the kernel's PATH_MAX (ENAMETOOLONG)."""
+_MAX_DEPTH = 256
+"""Directories deep a walk may go: it holds one fd per level, which a path or a chain of
+symlinks must not run up (ENAMETOOLONG)."""
 
 
 def _open_inside(path: str, cwd: Path, flags: int) -> int:
@@ -79,6 +84,8 @@ def _open_inside(path: str, cwd: Path, flags: int) -> int:
     """
     if "\0" in path:
         raise ToolFailed(f"cannot resolve path {path}: embedded null byte")
+    if len(path.encode(errors="surrogateescape")) >= _MAX_PATH_BYTES:
+        raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
     outside = ToolFailed(f"path {path} resolves outside the working directory {cwd}")
     pending = deque(_below(PurePosixPath(path), cwd, outside))
     levels: list[tuple[str, int | None]] = [("", os.open(cwd.resolve(), _DIR_FLAGS))]
@@ -93,6 +100,9 @@ def _open_inside(path: str, cwd: Path, flags: int) -> int:
                 continue
             top = _materialize(levels, creating=bool(flags & os.O_CREAT))
             target = _step(name, top, flags, last=not pending, path=path)
+            if len(levels) > _MAX_DEPTH and not isinstance(target, str):
+                _close(target)
+                raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
             if isinstance(target, int):
                 if pending:
                     levels.append((name, target))
@@ -129,10 +139,13 @@ def _below(path: PurePosixPath, cwd: Path, outside: ToolFailed) -> tuple[str, ..
 
 def _materialize(levels: list[tuple[str, int | None]], *, creating: bool) -> int:
     """The fd of the deepest level, creating the directories that are missing so far when
-    `creating` (else a missing one is an error)."""
-    for index, (name, fd) in enumerate(levels):
-        if fd is not None:
-            continue
+    `creating` (else a missing one is an error). Missing levels are the last ones: a
+    level below a missing one is missing too."""
+    first_missing = len(levels)
+    while levels[first_missing - 1][1] is None:
+        first_missing -= 1
+    for index in range(first_missing, len(levels)):
+        name = levels[index][0]
         if not creating:
             raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
         parent = levels[index - 1][1]
