@@ -2,7 +2,7 @@
 
 import pytest
 
-from capd.engines.process import stderr_summary
+from capd.proc.stderr import stderr_summary
 
 RUST_PANIC = """\
 2026-05-01T10:00:00.000Z  INFO codex_acp: starting

@@ -139,8 +139,11 @@ class ClaudeCodeEngine(ExternalEngine):
         assert manifest.cwd is not None
         super().__init__(Path(manifest.cwd), config, manifest.mcp_servers)
         self._env = {AUTOCOMPACT_PCT: f"{manifest.limits.compact_at * 100:g}", **config.env}
-        # A server that cannot be handed over shows failed from the start.
-        self._mcp.starting(claude_code_config(self._mcp.servers, environment(self._env))[1])
+        self._mcp_config, self._mcp_left_out = claude_code_config(
+            self._mcp.servers, environment(self._env)
+        )
+        """`--mcp-config`'s JSON, and the servers that cannot be handed over (name: why)."""
+        self._mcp.starting(self._mcp_left_out)  # those show failed from the start
         self._config = config
         self._system_prompt = manifest.system_prompt
         self._resuming = False
@@ -167,9 +170,8 @@ class ClaudeCodeEngine(ExternalEngine):
         if self._system_prompt:
             argv += ["--append-system-prompt", self._system_prompt]
         if self._mcp.servers:
-            servers, left_out = claude_code_config(self._mcp.servers, environment(self._env))
-            argv += ["--mcp-config", servers, "--strict-mcp-config"]
-            self._mcp.starting(left_out)
+            argv += ["--mcp-config", self._mcp_config, "--strict-mcp-config"]
+            self._mcp.starting(self._mcp_left_out)
         self._session_id = self._session_to_resume(host)
         self._resuming = self._session_id is not None
         self._fresh = not self._resuming

@@ -3,7 +3,7 @@
 The process runs in its own session, so its process group holds everything it starts, in
 the pod's cwd, and speaks newline-delimited JSON on stdin and stdout. Its stderr is kept,
 bounded: when it dies, the end goes to capd's log and its error names the line that says
-why (`stderr_summary`). It is stopped with its whole group (`capd.proc.launcher`) when the pod
+why (`capd.proc.stderr`). It is stopped with its whole group (`capd.proc.launcher`) when the pod
 stops, is deleted or capd shuts down, and when it exits (what it started would otherwise
 hold its output open).
 
@@ -20,13 +20,12 @@ why (`_session_lost`, `_record_session`).
 """
 
 import asyncio
+import codecs
 import contextlib
 import logging
 import os
-import re
 import shutil
 from abc import ABC, abstractmethod
-from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -47,6 +46,7 @@ from capd.engines.base import (
 from capd.engines.mcp_handover import HandedServers
 from capd.proc.groups import KILL_GRACE_S, signal_name
 from capd.proc.launcher import environment, launch_piped, stop_group
+from capd.proc.stderr import StderrTail
 from protocol.errors import ProtocolError
 from protocol.events import EngineSession, ToolResult
 from protocol.manifest import AcpEngine as AcpConfig
@@ -57,20 +57,8 @@ log = logging.getLogger(__name__)
 
 LINE_LIMIT = 64 * 1024 * 1024
 """The longest line an engine may write on stdout."""
-STDERR_KEPT = 64 * 1024
-"""Bytes of an engine's latest stderr kept for error messages."""
-STDERR_SHOWN = 500
-"""Characters of stderr quoted in an error message."""
 STDERR_LOGGED = 8 * 1024
 """Characters of stderr's end written to capd's log when an engine dies."""
-FAILURE_LINE = re.compile(
-    r"^(?:[A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit)\b(?::|$)"
-    r"|(?:Error|error|fatal|FATAL|panic)(?:\[\w+\])?: )"
-)
-"""A line that says why a program failed: Python's last exception line, a Node or Rust
-`Error: ...`, `TypeError: ...`, `fatal: ...`."""
-FRAME_LINE = re.compile(r"^(?:at |File \"|\d+: |Traceback \(|stack backtrace:|note: |\^+$)")
-"""A line of a stack trace or its furniture, not a message."""
 INBOX_LIMIT = 1024
 """Engine messages read ahead of the turn; past it the engine waits on its stdout."""
 CONTINUE_PROMPT = "You were interrupted. Continue where you left off."
@@ -111,8 +99,7 @@ class EngineProcess:
     def __init__(self, proc: asyncio.subprocess.Process, label: str) -> None:
         self._proc = proc
         self.label = label
-        self._stderr: deque[bytes] = deque()
-        self._stderr_bytes = 0
+        self._stderr = StderrTail()
         self._output_deadline: float | None = None
         """Once the process has exited: when to stop waiting for its output to close."""
         self._reading: asyncio.Timeout | None = None
@@ -192,7 +179,7 @@ class EngineProcess:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(KILL_GRACE_S + 1):
                 await asyncio.shield(self._stderr_task)
-        if stderr := self._stderr_text():
+        if stderr := self._stderr.text():
             log.warning(
                 "%s (pid %d) ended; its stderr ended with:\n%s",
                 self.label,
@@ -218,36 +205,13 @@ class EngineProcess:
         self._exit_task.cancel()
 
     async def _collect_stderr(self, stream: asyncio.StreamReader) -> None:
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         while chunk := await stream.read(4096):
-            self._stderr.append(chunk)
-            self._stderr_bytes += len(chunk)
-            while self._stderr_bytes - len(self._stderr[0]) >= STDERR_KEPT:
-                self._stderr_bytes -= len(self._stderr.popleft())
-
-    def _stderr_text(self) -> str:
-        return b"".join(self._stderr).decode("utf-8", errors="replace")
+            self._stderr.add(decoder.decode(chunk))
 
     def _tail(self) -> str:
-        summary = stderr_summary(self._stderr_text())
+        summary = self._stderr.summary()
         return f"; stderr: {summary}" if summary else ""
-
-
-def stderr_summary(text: str) -> str:
-    """What a dead program's stderr says went wrong, in one line: the last Rust panic
-    (with its message, on the next line since Rust 1.73), else the last line that names
-    an error (Python's exception, Node's or Rust's `Error: ...`), else its last lines
-    without stack frames. A trace's end says nothing, but is most of what is there."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    for i in range(len(lines) - 1, -1, -1):
-        line = lines[i]
-        if "panicked at" in line:
-            if line.endswith(":") and i + 1 < len(lines):
-                line = f"{line} {lines[i + 1]}"
-            return line[:STDERR_SHOWN]
-        if FAILURE_LINE.match(line):
-            return line[:STDERR_SHOWN]
-    messages = [line for line in lines if not FRAME_LINE.match(line)]
-    return " | ".join(messages)[-STDERR_SHOWN:]
 
 
 def primer(messages: Sequence[ChatMessage]) -> str:

@@ -15,19 +15,16 @@ import contextlib
 import os
 import shutil
 import time
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-from capd.engines.process import stderr_summary
 from capd.proc.groups import KILL_GRACE_S, signal_name, terminate_group
 from capd.proc.launcher import environment, launch_piped, stop_group
+from capd.proc.stderr import StderrTail
 
 LINE_LIMIT = 64 * 1024 * 1024
 """The longest line a server may write on stdout."""
-STDERR_KEPT = 64 * 1024
-"""Bytes of the latest stderr kept for error messages."""
 STDERR_FILE_LIMIT = 1024 * 1024
 """Bytes a server's stderr file grows to before it starts over."""
 STDERR_LINE = 8 * 1024
@@ -66,8 +63,7 @@ class ServerProcess:
         """Characters of an unfinished stderr line never cut off: they may begin a secret
         whose rest has not come yet."""
         self._stderr_path = stderr_path
-        self._tail: deque[str] = deque()
-        self._tail_bytes = 0
+        self._tail = StderrTail()
         self._broken: str | None = None
         assert proc.stderr is not None
         self._stderr_task = asyncio.create_task(self._collect_stderr(proc.stderr))
@@ -146,7 +142,7 @@ class ServerProcess:
         with contextlib.suppress(TimeoutError, asyncio.CancelledError):
             async with asyncio.timeout(0.5):
                 await asyncio.shield(self._stderr_task)
-        summary = stderr_summary("".join(self._tail))
+        summary = self._tail.summary()
         return f"{self.exit_status()}; stderr: {summary}" if summary else self.exit_status()
 
     def exit_status(self) -> str:
@@ -160,7 +156,7 @@ class ServerProcess:
 
     def stderr_said(self) -> str:
         """What its stderr says went wrong, in one line ("" when it said nothing)."""
-        return stderr_summary("".join(self._tail))
+        return self._tail.summary()
 
     async def _collect_stderr(self, stream: asyncio.StreamReader) -> None:
         out = self._open_stderr_file()
@@ -187,10 +183,7 @@ class ServerProcess:
 
     def _keep(self, text: str, out: BinaryIO | None) -> BinaryIO | None:
         line = self._scrub(text) + "\n"
-        self._tail.append(line)
-        self._tail_bytes += len(line)
-        while self._tail_bytes - len(self._tail[0]) >= STDERR_KEPT:
-            self._tail_bytes -= len(self._tail.popleft())
+        self._tail.add(line)
         if out is None:
             return None
         try:
