@@ -27,6 +27,7 @@ from typing import Any
 import orjson
 
 from capd.tools.mcp.secrets import MissingVariable, expand_all
+from capd.tools.mcp.transport import CannotStart, resolve_command
 from protocol.manifest import McpHttpServer, McpServerConfig, McpStdioServer
 from protocol.results import McpServerState
 
@@ -119,13 +120,30 @@ def acp_servers(
                 continue
             handed.append({"type": "http", "name": name, "url": server.url, "headers": pairs})
             continue
-        command = _absolute_command(server.command, cwd, environ)
-        if command is None:
+        try:
+            command = resolve_command(server.command, cwd, environ)
+        except CannotStart:
             where = "an executable file in the pod's cwd" if "/" in server.command else "on PATH"
             left_out[name] = f"command {server.command} is not {where}"
             continue
         handed.append({"name": name, "command": command, "args": server.args, "env": pairs})
     return handed, left_out
+
+
+def _state(name: str, server: McpServerConfig, error: str | None = None) -> McpServerState:
+    return McpServerState(
+        name=name,
+        state="starting" if error is None else "failed",
+        error=error,
+        transport="http" if isinstance(server, McpHttpServer) else "stdio",
+        managed_by="engine",
+    )
+
+
+def _expanded(server: McpServerConfig, environ: Mapping[str, str]) -> dict[str, str]:
+    """A server's env (stdio) or headers (http) with `${VAR}`s read from `environ`."""
+    values = server.env if isinstance(server, McpStdioServer) else server.headers
+    return expand_all(values, environ)
 
 
 def _state(name: str, server: McpServerConfig, error: str | None = None) -> McpServerState:
