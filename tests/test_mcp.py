@@ -116,6 +116,17 @@ def server_under(tap_pid: int) -> int:
     return int(child)
 
 
+async def start_long_call(pod: Client, log: Path) -> tuple[dict[str, Any], int]:
+    """Run a turn whose first step is `long_call()` on the tapped server-everything once it
+    is ready, and return when the server executes the call: its `status.mcp` entry from
+    before, and the real server's pid (the tap's child)."""
+    before = await wait_mcp(pod, "everything", ready)
+    server = server_under(before["pid"])
+    await pod.request({"method": "run", "text": "go"})
+    await logged(log, EXECUTING)  # it would run 30 s
+    return before, server
+
+
 def ready(state: State) -> bool:
     return state["state"] == "ready"
 
@@ -297,10 +308,7 @@ async def test_pause_and_cancel_interrupt_a_long_call_and_the_server_stays(
     log = tmp_path / "tap.log"
     await spawn(capd, "p1", model, mcp_servers={"everything": tapped(mcp_commands, log)})
     async with await connect_pod(capd, "p1") as pod:
-        before = await wait_mcp(pod, "everything", ready)
-        server = server_under(before["pid"])
-        await pod.request({"method": "run", "text": "go"})
-        await logged(log, EXECUTING)  # it would run 30 s
+        before, server = await start_long_call(pod, log)
         started = time.monotonic()
         seen = await pause_turn(pod)
         paused_after = time.monotonic() - started
@@ -340,10 +348,7 @@ async def test_pause_of_a_call_to_a_hung_server_restarts_it(
     log = tmp_path / "tap.log"
     await spawn(capd, "q1", model, mcp_servers={"everything": tapped(mcp_commands, log)})
     async with await connect_pod(capd, "q1") as pod:
-        before = await wait_mcp(pod, "everything", ready)
-        server = server_under(before["pid"])
-        await pod.request({"method": "run", "text": "go"})
-        await logged(log, EXECUTING)  # it would run 30 s
+        before, server = await start_long_call(pod, log)
         os.kill(server, signal.SIGSTOP)
         stopped_pids.append(server)
         started = time.monotonic()
@@ -407,10 +412,8 @@ async def test_a_server_killed_mid_call_is_unavailable_then_back(
     log = tmp_path / "tap.log"
     await spawn(capd, "k1", model, mcp_servers={"everything": tapped(mcp_commands, log)})
     async with await connect_pod(capd, "k1") as pod:
-        before = await wait_mcp(pod, "everything", ready)
-        await pod.request({"method": "run", "text": "go"})
-        await logged(log, EXECUTING)  # it would run 30 s
-        os.kill(server_under(before["pid"]), signal.SIGKILL)  # the tap exits with it
+        before, server = await start_long_call(pod, log)
+        os.kill(server, signal.SIGKILL)  # the tap exits with it
         lost, _ = await wait_for(pod, is_event("tool_result"))
         await wait_for(pod, is_event("turn_end"))
         failed = await wait_mcp(pod, "everything", lambda s: s["state"] != "ready")
@@ -509,10 +512,7 @@ async def test_capd_killed_mid_call_comes_back_with_the_server(
     log = tmp_path / "tap.log"
     await spawn(capd, "r1", model, mcp_servers={"everything": tapped(mcp_commands, log)})
     async with await connect_pod(capd, "r1") as pod:
-        before = await wait_mcp(pod, "everything", ready)
-        server = server_under(before["pid"])
-        await pod.request({"method": "run", "text": "go"})
-        await logged(log, EXECUTING)  # it would run 30 s
+        before, server = await start_long_call(pod, log)
     await sigkill(capd)
     capd.start()
     async with await connect_pod(capd, "r1") as pod:
