@@ -131,6 +131,75 @@ class Limits(_Strict):
     mcp_call_timeout_s: float = Field(default=120.0, gt=0)
     """How long an MCP tool call may take, then it is cancelled and the model reads an
     error (an addition)."""
+    memory_mb: int | None = Field(default=None, ge=16)
+    """§13: memory of all the pod's processes together (each tool call, MCP server and
+    engine process on its own when capd falls back to rlimits); unset: unbounded."""
+    pids: int | None = Field(default=None, ge=8)
+    """§13: processes and threads of all the pod's processes together; unset: unbounded."""
+
+
+SandboxMode = Literal["workspace-write", "read-only", "off"]
+DEFAULT_SANDBOX_ENV = (
+    "PATH",
+    "HOME",
+    "LANG",
+    "LC_ALL",
+    "LC_CTYPE",
+    "TERM",
+    "TZ",
+    "USER",
+    "LOGNAME",
+)
+"""The variables of capd's environment a pod's processes see when `sandbox.env` is unset."""
+
+
+def _host_path(path: str) -> str:
+    if not (path.startswith("/") or path == "~" or path.startswith("~/")):
+        raise ValueError(f"{path!r} must be an absolute path (or start with ~/)")
+    return path
+
+
+HostPath = Annotated[str, Field(min_length=1), AfterValidator(_host_path)]
+"""An absolute path, or one under the home directory of capd's user (`~/...`)."""
+EnvName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+
+
+class Sandbox(_Strict):
+    """§13: how a pod's processes are confined."""
+
+    mode: SandboxMode = "workspace-write"
+    """`workspace-write`: read-only but the cwd, `writable` and a private /tmp; `read-only`:
+    the cwd too is read-only; `off`: no confinement."""
+    network: bool = True
+    """false: no network, only Unix sockets whose path the sandbox shows."""
+    writable: list[HostPath] = Field(default_factory=list)
+    """More writable paths, besides the cwd."""
+    env: list[EnvName] | None = None
+    """Variables of capd's environment passed on; unset: DEFAULT_SANDBOX_ENV. Never
+    `model.api_key_env`."""
+    hidden: list[HostPath] = Field(default_factory=list)
+    """More paths the pod's processes cannot see, e.g. `~/.ssh` (an addition; capd's state
+    and runtime directories are always hidden)."""
+
+
+PermissionAction = Literal["allow", "ask", "deny"]
+
+
+class PermissionRule(_Strict):
+    tool: str = Field(min_length=1)
+    """A tool's name or a glob (`mcp__*`, `mcp__git__*`)."""
+    match: str | None = Field(default=None, min_length=1)
+    """A glob against the bash command, or against the call's arguments as compact JSON
+    with sorted keys for other tools; unset: every call of the tool."""
+    action: PermissionAction
+
+
+class Permissions(_Strict):
+    """§13: which builtin and MCP tool calls run, are asked about, or are refused. The first
+    rule that matches decides; when none does, `default`."""
+
+    default: PermissionAction = "allow"
+    rules: list[PermissionRule] = Field(default_factory=list)
 
 
 MCP_SERVER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$"
@@ -235,6 +304,10 @@ class Manifest(_Strict):
     budget: Budget | None = None
     mcp_servers: dict[McpServerName, McpServerConfig] = Field(default_factory=dict)
     """§12: the MCP servers whose tools the pod is offered, by name."""
+    sandbox: Sandbox = Field(default_factory=Sandbox)
+    """§13: the confinement of every process the pod starts."""
+    permissions: Permissions = Field(default_factory=Permissions)
+    """§13: approvals of builtin and MCP tool calls (builtin engine only)."""
 
     @model_validator(mode="after")
     def _fits_engine(self) -> "Manifest":
@@ -245,6 +318,22 @@ class Manifest(_Strict):
             raise ValueError(f"engine {kind} brings its own model; leave model out")
         if kind != "builtin" and self.tools:
             raise ValueError(f"engine {kind} brings its own tools; leave tools out")
+        if kind != "builtin" and self.permissions != Permissions():
+            raise ValueError(
+                f"engine {kind} asks about its own tools (its permission settings); "
+                "leave permissions out"
+            )
+        if kind != "builtin" and not self.sandbox.network and self.sandbox.mode != "off":
+            raise ValueError(
+                f"engine {kind} needs the network to reach its model; "
+                "set sandbox.network: true (and confine it with its own settings)"
+            )
+        key = self.model.api_key_env if self.model else None
+        if key is not None and self.sandbox.env is not None and key in self.sandbox.env:
+            raise ValueError(
+                f"sandbox.env lists {key}, the model's api_key_env; "
+                "capd never passes its API keys to a pod's processes"
+            )
         return self
 
     @model_validator(mode="after")

@@ -5,6 +5,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from protocol.events import BudgetLimits, PodStatusName, Spent, Usage
+from protocol.manifest import SandboxMode
 
 
 class Result(BaseModel):
@@ -61,6 +62,21 @@ class McpServerState(Result):
     says whether the engine took it (an addition)."""
 
 
+class SandboxState(Result):
+    """`status.sandbox` (§13): the confinement in force for the pod's processes."""
+
+    mode: SandboxMode
+    network: bool
+    backend: Literal["bwrap", "none"]
+    """`none` only with mode `off`: a pod whose sandbox cannot be set up is refused."""
+    limits: Literal["cgroup2", "cgroup1", "rlimit", "none"] = "none"
+    """How limits.memory_mb and limits.pids are enforced (an addition): cgroup v2, cgroup v1
+    (hosts whose memory and pids controllers are still on v1), per-process rlimits, or
+    not at all (neither is set)."""
+    writable: list[str] = Field(default_factory=list)
+    """The writable paths besides /tmp, resolved, the cwd first (an addition)."""
+
+
 class PodStatus(Result):
     name: str
     status: PodStatusName
@@ -84,6 +100,8 @@ class PodStatus(Result):
     """§11: what the pod and all its descendants have spent."""
     mcp: list[McpServerState] = Field(default_factory=list)
     """§12: the pod's MCP servers, in the manifest's order."""
+    sandbox: SandboxState | None = None
+    """§13: set for every pod a daemon hosts."""
 
 
 class SetBudgetResult(Result):

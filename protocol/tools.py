@@ -66,6 +66,11 @@ class SpawnPodArgs(ToolArgs):
         description="Names of your MCP servers the child may use (the middle part of "
         "mcp__<server>__<tool>); all of yours if omitted.",
     )
+    sandbox: dict[str, Any] | None = Field(
+        default=None,
+        description='Sandbox settings for the child, no wider than yours, e.g. {"network": '
+        'false} or {"mode": "read-only"}; yours when omitted.',
+    )
 
 
 class SendToPodArgs(ToolArgs):
