@@ -5,6 +5,7 @@ import grp
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from capd.proc.limits import BACKENDS, Backend
 from protocol import VERSION
 from protocol.framing import DEFAULT_MAX_FRAME_BYTES
 from protocol.paths import runtime_dir, state_dir
@@ -27,6 +28,8 @@ class Config:
     """Subscribed connections per pod."""
     allow_gid: int | None = None
     """Members of this group may use capd too (`--allow-group`)."""
+    limits: Backend = "auto"
+    """How pods' limits.memory_mb and limits.pids are enforced (`--limits`)."""
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> "Config":
@@ -66,6 +69,13 @@ class Config:
             metavar="GROUP",
             help="let members of GROUP use capd too (runtime dir 0710, sockets 0660)",
         )
+        parser.add_argument(
+            "--limits",
+            choices=BACKENDS,
+            default=default["limits"],
+            help="how pods' limits.memory_mb and limits.pids are enforced: auto (cgroup v2, "
+            "else cgroup v1, else rlimits) or one of them, which must work (default auto)",
+        )
         parser.add_argument("--version", action="version", version=f"capd {VERSION}")
         args = parser.parse_args(argv)
         if args.max_frame_bytes < 1024:
@@ -92,6 +102,7 @@ class Config:
             max_pods=args.max_pods,
             max_subscribers=args.max_subscribers,
             allow_gid=allow_gid,
+            limits=args.limits,
         )
 
 

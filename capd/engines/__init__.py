@@ -4,10 +4,12 @@ from pathlib import Path
 
 from capd.engines.base import Engine
 from capd.engines.process import check_command
+from capd.proc.limits import PodLimits
 from protocol.manifest import AcpEngine, BuiltinEngine, ClaudeCodeEngine, Manifest
 
 
-def make_engine(manifest: Manifest) -> Engine:
+def make_engine(manifest: Manifest, pod_limits: PodLimits | None = None) -> Engine:
+    """The pod's engine; an external one's processes run in `pod_limits`' leaves."""
     match manifest.engine:
         case BuiltinEngine():
             from capd.engines.builtin import BuiltinEngine as Builtin
@@ -17,11 +19,11 @@ def make_engine(manifest: Manifest) -> Engine:
         case ClaudeCodeEngine() as config:
             from capd.engines.claude_code import ClaudeCodeEngine as ClaudeCode
 
-            return ClaudeCode(config, manifest)
+            return ClaudeCode(config, manifest, pod_limits)
         case AcpEngine() as config:
             from capd.engines.acp import AcpEngine as Acp
 
-            return Acp(config, manifest)
+            return Acp(config, manifest, pod_limits)
     raise AssertionError(f"unknown engine {manifest.engine.kind}")
 
 

@@ -43,6 +43,7 @@ from capd.engines.mcp_handover import acp_servers
 from capd.engines.process import EngineDied, EngineError, ExternalEngine
 from capd.prices import add_usage
 from capd.proc.launcher import environment
+from capd.proc.limits import PodLimits
 from protocol.errors import ProtocolError
 from protocol.events import (
     AssistantMessage,
@@ -133,9 +134,11 @@ class AcpEngineError(EngineError):
 class AcpEngine(ExternalEngine):
     kind = "acp"
 
-    def __init__(self, config: AcpConfig, manifest: Manifest) -> None:
+    def __init__(
+        self, config: AcpConfig, manifest: Manifest, pod_limits: PodLimits | None = None
+    ) -> None:
         assert manifest.cwd is not None
-        super().__init__(Path(manifest.cwd), config, manifest.mcp_servers)
+        super().__init__(Path(manifest.cwd), config, manifest.mcp_servers, pod_limits)
         self._config = config
         # A server that cannot be handed over shows failed from the start; whether the
         # agent takes http servers waits for its `initialize`.

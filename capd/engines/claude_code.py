@@ -49,6 +49,7 @@ from capd.engines.base import CompactOrder, Turn, TurnHost, TurnOutcome, never_a
 from capd.engines.mcp_handover import claude_code_config
 from capd.engines.process import EngineDied, ExternalEngine
 from capd.proc.launcher import environment
+from capd.proc.limits import PodLimits
 from protocol.errors import ProtocolError
 from protocol.events import (
     AssistantMessage,
@@ -135,9 +136,11 @@ class ClaudeCodeEngine(ExternalEngine):
     kind = "claude-code"
     can_compact = True
 
-    def __init__(self, config: ClaudeCodeConfig, manifest: Manifest) -> None:
+    def __init__(
+        self, config: ClaudeCodeConfig, manifest: Manifest, pod_limits: PodLimits | None = None
+    ) -> None:
         assert manifest.cwd is not None
-        super().__init__(Path(manifest.cwd), config, manifest.mcp_servers)
+        super().__init__(Path(manifest.cwd), config, manifest.mcp_servers, pod_limits)
         self._env = {AUTOCOMPACT_PCT: f"{manifest.limits.compact_at * 100:g}", **config.env}
         self._mcp_config, self._mcp_left_out = claude_code_config(
             self._mcp.servers, environment(self._env)

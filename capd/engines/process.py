@@ -46,6 +46,7 @@ from capd.engines.base import (
 from capd.engines.mcp_handover import HandedServers
 from capd.proc.groups import KILL_GRACE_S, signal_name
 from capd.proc.launcher import environment, launch_piped, stop_group
+from capd.proc.limits import Leaf, PodLimits
 from capd.proc.stderr import StderrTail
 from protocol.errors import ProtocolError
 from protocol.events import EngineSession, ToolResult
@@ -109,10 +110,10 @@ class EngineProcess:
 
     @classmethod
     async def start(
-        cls, label: str, argv: Sequence[str], cwd: Path, env: dict[str, str]
+        cls, label: str, argv: Sequence[str], cwd: Path, env: dict[str, str], leaf: Leaf | None
     ) -> "EngineProcess":
         try:
-            proc = await launch_piped(argv, cwd=cwd, env=env, limit=LINE_LIMIT)
+            proc = await launch_piped(argv, cwd=cwd, env=env, limit=LINE_LIMIT, leaf=leaf)
         except OSError as exc:
             raise EngineError(f"cannot start {label} ({argv[0]}): {exc.strerror}") from None
         return cls(proc, label)
@@ -234,8 +235,10 @@ class ExternalEngine(ABC):
         cwd: Path,
         config: AcpConfig | ClaudeCodeConfig,
         mcp_servers: Mapping[str, McpServerConfig],
+        pod_limits: PodLimits | None = None,
     ) -> None:
         self._cwd = cwd
+        self._pod_limits = pod_limits
         self._env = config.env
         self._mcp = HandedServers(mcp_servers)
         """The pod's MCP servers, which the engine runs itself."""
@@ -405,7 +408,8 @@ class ExternalEngine(ABC):
             host.emit(result)
 
     async def _spawn(self, argv: Sequence[str]) -> EngineProcess:
-        proc = await EngineProcess.start(f"{self.kind} engine", argv, self._cwd, self._env)
+        leaf = self._pod_limits.leaf("engine") if self._pod_limits else None
+        proc = await EngineProcess.start(f"{self.kind} engine", argv, self._cwd, self._env, leaf)
         self._proc = proc
         self._inbox = asyncio.Queue(INBOX_LIMIT)
         self._pump_task = asyncio.create_task(self._pump(proc))

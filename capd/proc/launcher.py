@@ -17,6 +17,7 @@ from pathlib import Path
 
 from capd.proc.groups import terminate_group
 from capd.proc.leftovers import owner_mark
+from capd.proc.limits import Leaf
 
 STREAM_LIMIT = 64 * 1024
 """asyncio's default bound on a line read from a piped stream."""
@@ -32,12 +33,17 @@ async def launch(
     stdout: int = asyncio.subprocess.DEVNULL,
     stderr: int = asyncio.subprocess.DEVNULL,
     limit: int = STREAM_LIMIT,
+    leaf: Leaf | None = None,
 ) -> asyncio.subprocess.Process:
     """Start `argv` in `cwd` in a new process group. `env` adds to the environment;
     `inherit`, when given, says which of capd's own variables are passed on; `stdin`,
     `stdout` and `stderr` are each asyncio.subprocess.PIPE, DEVNULL or a file descriptor;
-    `limit` bounds a line read from a piped stream. OSError when it cannot start."""
-    return await asyncio.create_subprocess_exec(
+    `limit` bounds a line read from a piped stream; `leaf` (`capd.proc.limits`) is where
+    the process and all it starts are limited, closed once it exits. OSError when it
+    cannot start."""
+    if leaf is not None:
+        argv = leaf.wrap(argv)  # outermost: the shim enters the leaf, then execs the rest
+    process = await asyncio.create_subprocess_exec(
         *argv,
         cwd=cwd,
         env=environment(env, inherit),
@@ -47,10 +53,18 @@ async def launch(
         start_new_session=True,
         limit=limit,
     )
+    if leaf is not None:
+        leaf.close_after(process)
+    return process
 
 
 async def launch_piped(
-    argv: Sequence[str], *, cwd: Path, env: Mapping[str, str], limit: int
+    argv: Sequence[str],
+    *,
+    cwd: Path,
+    env: Mapping[str, str],
+    limit: int,
+    leaf: Leaf | None = None,
 ) -> asyncio.subprocess.Process:
     """`launch` with stdin, stdout and stderr piped: a long-lived process capd talks to
     (an engine, an MCP server). A caller cancelled while it starts gets CancelledError and
@@ -65,6 +79,7 @@ async def launch_piped(
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             limit=limit,
+            leaf=leaf,
         )
     )
     try:

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from capd.proc.groups import KILL_GRACE_S
+
 log = logging.getLogger(__name__)
 
 Kind = Literal["cgroup2", "cgroup1", "rlimit", "none"]
@@ -70,7 +72,7 @@ class Limiter:
     ) -> "Limiter":
         """Pick the backend (`backend` forces one: LimitsUnavailable when it cannot be
         used) and remove the groups an earlier capd on `state_dir` left."""
-        tag = "capd-" + hashlib.sha256(str(state_dir).encode()).hexdigest()[:12]
+        tag = group_name(state_dir)
         mounts = _mounts(proc / "mountinfo")
         own = _own_groups(proc / "cgroup")
         reasons = []
@@ -91,6 +93,11 @@ class Limiter:
             log.info("limits fall back to rlimits (%s)", "; ".join(reasons))
         return cls("rlimit")
 
+    def close(self) -> None:
+        """Remove capd's groups once every pod is down (best effort)."""
+        for hierarchy in self.hierarchies:
+            Group(hierarchy.base, hierarchy).remove()
+
     def pod(self, name: str, memory_mb: int | None, pids: int | None) -> "PodLimits":
         """The pod's limits; no group, no shim when neither is set."""
         if memory_mb is None and pids is None:
@@ -102,6 +109,11 @@ class Limiter:
             _remove_tree(group.hierarchy, group.path, keep_root=False)  # a stale one
             group.make_pod(memory_mb, pids)
         return PodLimits(self.kind, memory_mb, pids, groups)
+
+
+def group_name(state_dir: Path) -> str:
+    """The name of the group that holds the pods of the capd on `state_dir`."""
+    return "capd-" + hashlib.sha256(str(state_dir).encode()).hexdigest()[:12]
 
 
 class Group:
@@ -221,9 +233,12 @@ class PodLimits:
         self._leaves.discard(leaf)
 
     async def close(self) -> None:
+        """The pod is down: its processes have KILL_GRACE_S (counted from the SIGTERM its
+        take-down sent them) to exit, then what is left is killed."""
+        leaves = [group for leaf in self._leaves for group in leaf.groups]
+        await _empty([*self._groups, *leaves], grace=KILL_GRACE_S)
         await asyncio.gather(*(leaf.close() for leaf in list(self._leaves)))
         for group in self._groups:
-            await _empty(group)
             if not group.remove():
                 log.warning("cannot remove %s: it still holds processes", group.path)
 
@@ -233,7 +248,7 @@ class Leaf:
 
     def __init__(self, pod: PodLimits, groups: tuple[Group, ...]) -> None:
         self._pod = pod
-        self._groups = groups
+        self.groups = groups
         self._pids_before = pod._pids_refused()
         self._outcome: str | None = None
         self._closing: asyncio.Future[None] | None = None
@@ -241,21 +256,21 @@ class Leaf:
 
     def wrap(self, argv: Sequence[str]) -> list[str]:
         """`argv` run by the shim that puts it in this leaf (or sets its rlimits)."""
-        if not self._groups:
+        if not self.groups:
             limits = []
             if self._pod.memory_mb is not None:
                 limits.append(f"ulimit -v {self._pod.memory_mb * 1024}")
             if self._pod.pids is not None:
                 limits.append(f"ulimit -p {self._pod.pids}")
             return [SH, "-c", " && ".join([*limits, 'exec "$@"']), "sh", *argv]
-        moves = [f'echo 0 > "${n}"' for n in range(1, len(self._groups) + 1)]
-        script = " && ".join([*moves, f"shift {len(self._groups)}", 'exec "$@"'])
+        moves = [f'echo 0 > "${n}"' for n in range(1, len(self.groups) + 1)]
+        script = " && ".join([*moves, f"shift {len(self.groups)}", 'exec "$@"'])
         return [
             SH,
             "-c",
             script,
             "sh",
-            *(str(g.path / "cgroup.procs") for g in self._groups),
+            *(str(g.path / "cgroup.procs") for g in self.groups),
             *argv,
         ]
 
@@ -268,16 +283,16 @@ class Leaf:
 
     def _read_outcome(self) -> str | None:
         lines = []
-        if any(g.oom_kills() for g in self._groups if g.has("memory")):
+        if any(g.oom_kills() for g in self.groups if g.has("memory")):
             lines.append(f"[killed: out of memory (limits.memory_mb={self._pod.memory_mb})]")
-        leaf_refused = sum(g.pids_refused() for g in self._groups if g.has("pids"))
-        if self._groups and (leaf_refused or self._pod._pids_refused() > self._pids_before):
+        leaf_refused = sum(g.pids_refused() for g in self.groups if g.has("pids"))
+        if self.groups and (leaf_refused or self._pod._pids_refused() > self._pids_before):
             lines.append(f"[limits.pids={self._pod.pids} reached: some processes could not start]")
         return "\n".join(lines) or None
 
     def close_after(self, process: asyncio.subprocess.Process) -> None:
         """Close the leaf once `process` (the one started in it) has exited."""
-        if self._groups and self._watch is None:
+        if self.groups and self._watch is None:
             self._watch = asyncio.create_task(self._close_after(process))
 
     async def _close_after(self, process: asyncio.subprocess.Process) -> None:
@@ -292,18 +307,23 @@ class Leaf:
         await asyncio.shield(self._closing)
 
     async def _close(self) -> None:
-        for group in self._groups:
-            await _empty(group)
+        await _empty(self.groups, grace=0)
+        for group in self.groups:
             if not group.remove():
                 log.warning("cannot remove %s: it still holds processes", group.path)
         self._pod._forget(self)
 
 
-async def _empty(group: Group) -> None:
-    """Kill the group's processes until none is left (at most EMPTY_TIMEOUT_S)."""
-    deadline = time.monotonic() + EMPTY_TIMEOUT_S
-    while group.procs() and time.monotonic() < deadline:
-        group.kill()
+async def _empty(groups: Sequence[Group], *, grace: float) -> None:
+    """Give the groups' processes `grace` seconds to exit, then kill them until none is
+    left (for at most EMPTY_TIMEOUT_S more). cgroupfs has no event for this on v1, so it
+    polls."""
+    kill_at = time.monotonic() + grace
+    deadline = kill_at + EMPTY_TIMEOUT_S
+    while (busy := [group for group in groups if group.procs()]) and time.monotonic() < deadline:
+        if time.monotonic() >= kill_at:
+            for group in busy:
+                group.kill()
         await asyncio.sleep(0.01)
 
 

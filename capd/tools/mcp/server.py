@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from capd.backoff import backoff_s
 from capd.chat import ToolSpec
+from capd.proc.limits import PodLimits
 from capd.tokens import spec_tokens
 from capd.tools.base import ToolContext, ToolOutcome
 from capd.tools.mcp.names import exposed_names
@@ -82,8 +83,10 @@ class McpServer:
         cwd: Path,
         state_dir: Path | None,
         limits: Limits,
+        pod_limits: PodLimits | None = None,
     ) -> None:
         self.name = name
+        self._pod_limits = pod_limits
         self.config = config
         self._pod = pod
         self._cwd = cwd
@@ -342,6 +345,7 @@ class McpServer:
             argv,
             cwd=self._cwd,
             env=env,
+            leaf=self._pod_limits.leaf(f"mcp-{self.name}") if self._pod_limits else None,
             stderr_path=self._stderr_path,
             scrub=self._scrub,
             secret_chars=max(map(len, self._secrets), default=0),
@@ -493,9 +497,18 @@ def pod_servers(
     cwd: Path,
     state_dir: Path | None,
     limits: Limits,
+    pod_limits: PodLimits | None = None,
 ) -> list[McpServer]:
     """A pod's servers in the manifest's order, not started yet."""
     return [
-        McpServer(name, config, pod=pod, cwd=cwd, state_dir=state_dir, limits=limits)
+        McpServer(
+            name,
+            config,
+            pod=pod,
+            cwd=cwd,
+            state_dir=state_dir,
+            limits=limits,
+            pod_limits=pod_limits,
+        )
         for name, config in servers.items()
     ]

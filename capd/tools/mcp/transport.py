@@ -21,6 +21,7 @@ from typing import BinaryIO
 
 from capd.proc.groups import KILL_GRACE_S, signal_name, terminate_group
 from capd.proc.launcher import environment, launch_piped, stop_group
+from capd.proc.limits import Leaf
 from capd.proc.stderr import StderrTail
 
 LINE_LIMIT = 64 * 1024 * 1024
@@ -80,10 +81,11 @@ class ServerProcess:
         stderr_path: Path | None,
         scrub: Callable[[str], str],
         secret_chars: int = 0,
+        leaf: Leaf | None = None,
     ) -> "ServerProcess":
         """`scrub` takes the secrets out of a text; the longest is `secret_chars` long."""
         try:
-            proc = await launch_piped(argv, cwd=cwd, env=env, limit=LINE_LIMIT)
+            proc = await launch_piped(argv, cwd=cwd, env=env, limit=LINE_LIMIT, leaf=leaf)
         except OSError as exc:
             raise CannotStart(f"cannot start {argv[0]}: {exc.strerror or exc}") from None
         return cls(proc, stderr_path, scrub, secret_chars)

@@ -1,0 +1,165 @@
+"""limits.memory_mb and limits.pids on a real capd, enforced with cgroups (§13).
+
+These run where capd can make cgroups: this project's machines have the memory and pids
+controllers on cgroup v1 and run the suite as root, so they exercise the cgroup1 backend.
+cgroup v2 is untested on a real host here (tests/unit/test_cgroups_fake.py checks only its
+paths and writes against a fake tree).
+"""
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from capd.proc.limits import Limiter, group_name
+from tests.conftest import CapdProcess
+from tests.helpers import (
+    alive,
+    connect_pod,
+    daemon_request,
+    is_event,
+    scripted,
+    sigkill,
+    spawn,
+    until,
+    wait_for,
+)
+
+BACKEND = Limiter.detect(Path("/nonexistent/capd-limits-probe")).kind
+pytestmark = [
+    pytest.mark.skipif(
+        BACKEND not in ("cgroup1", "cgroup2"),
+        reason=f"capd cannot make cgroups here (it would use {BACKEND}); run as root on a "
+        "host with the memory and pids controllers",
+    ),
+    pytest.mark.shared_capd,
+]
+
+
+def pod_groups(capd: CapdProcess, pod: str) -> list[Path]:
+    """The pod's group in each hierarchy capd uses."""
+    name = group_name(capd.state_dir)
+    found = []
+    for hierarchy in ("memory", "pids"):
+        root = Path("/sys/fs/cgroup") / hierarchy
+        found += [path / pod for path in _under(root, name)]
+    return found
+
+
+def _under(root: Path, name: str) -> list[Path]:
+    """The directories called `name` below `root`, two levels deep at most (capd's own
+    group is the root or one below)."""
+    return [path for pattern in (name, f"*/{name}", f"*/*/{name}") for path in root.glob(pattern)]
+
+
+def bash(command: str, timeout_s: float | None = None) -> dict[str, Any]:
+    arguments: dict[str, Any] = {"command": command}
+    if timeout_s is not None:
+        arguments["timeout_s"] = timeout_s
+    return {"tool_calls": [{"name": "bash", "arguments": arguments}]}
+
+
+def leaves(groups: list[Path]) -> list[Path]:
+    return [sub for group in groups if group.is_dir() for sub in group.iterdir() if sub.is_dir()]
+
+
+async def test_a_pids_limit_stops_a_fork_loop_and_capd_keeps_answering(
+    capd: CapdProcess,
+) -> None:
+    loop = "for i in $(seq 200); do sleep 30 & done; wait"
+    await spawn(
+        capd,
+        "w1",
+        scripted(bash(loop, timeout_s=4), {"text": "done"}),
+        tools=["bash"],
+        limits={"pids": 32},
+    )
+    groups = pod_groups(capd, "w1")
+    pids_group = next(group for group in groups if "/pids/" in str(group))
+    async with await connect_pod(capd, "w1") as pod:
+        await pod.request({"method": "run", "text": "go"})
+        await until(lambda: int((pids_group / "pids.current").read_text()) >= 32)
+        status = await asyncio.wait_for(pod.request({"method": "status"}), timeout=2)
+        assert status["status"] == "running"
+        result, _ = await wait_for(pod, is_event("tool_result"))
+        await wait_for(pod, is_event("turn_end"))
+    assert "[limits.pids=32 reached: some processes could not start]" in result["output"]
+    assert result["is_error"]
+    # Its leaf is removed once no process is left in it (killed processes that init has
+    # not reaped yet no longer count; pids.current still does, so it is not checked).
+    assert leaves(groups) == []
+    assert all((group / "cgroup.procs").read_text() == "" for group in groups)
+
+
+async def test_a_call_over_the_memory_limit_is_killed_and_capd_lives(capd: CapdProcess) -> None:
+    hog = f"{sys.executable} -c 'b = bytearray(512 << 20)'; echo after"
+    await spawn(
+        capd, "w1", scripted(bash(hog), {"text": "done"}), tools=["bash"], limits={"memory_mb": 64}
+    )
+    info = await daemon_request(capd, {"method": "info"})
+    async with await connect_pod(capd, "w1") as pod:
+        await pod.request({"method": "run", "text": "go"})
+        result, _ = await wait_for(pod, is_event("tool_result"))
+        await wait_for(pod, is_event("turn_end"))
+        status = await pod.request({"method": "status"})
+    assert result["is_error"]
+    assert result["output"].endswith("after\n[killed: out of memory (limits.memory_mb=64)]")
+    assert (await daemon_request(capd, {"method": "info"}))["pid"] == info["pid"]
+    assert status["sandbox"]["limits"] == BACKEND
+
+
+async def test_a_pod_without_limits_gets_no_group(capd: CapdProcess) -> None:
+    await spawn(capd, "w1", scripted(bash("cat /proc/self/cgroup")), tools=["bash"])
+    async with await connect_pod(capd, "w1") as pod:
+        await pod.request({"method": "run", "text": "go"})
+        result, _ = await wait_for(pod, is_event("tool_result"))
+        status = await pod.request({"method": "status"})
+    assert group_name(capd.state_dir) not in result["output"]
+    assert not any(group.exists() for group in pod_groups(capd, "w1"))
+    assert status["sandbox"]["limits"] == "none"
+
+
+async def test_stopping_a_pod_kills_its_processes_and_removes_its_groups(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    pid_file = tmp_path / "tool.pid"
+    command = f"setsid sleep 300 & echo $! > {pid_file}.new && mv {pid_file}.new {pid_file}; wait"
+    await spawn(capd, "w1", scripted(bash(command)), tools=["bash"], limits={"pids": 64})
+    groups = pod_groups(capd, "w1")
+    assert len(groups) == 2
+    assert all(group.is_dir() for group in groups)
+    async with await connect_pod(capd, "w1") as pod:
+        await pod.request({"method": "run", "text": "go"})
+        await until(pid_file.exists)
+    escaped = int(pid_file.read_text())
+    await daemon_request(capd, {"method": "stop", "name": "w1"})
+    assert not alive(escaped)
+    assert not any(group.exists() for group in groups)
+
+
+@pytest.mark.own_capd
+async def test_the_next_capd_removes_the_groups_a_killed_capd_left(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    # Without capd's owner mark, in its own session: only the pod's group still holds it.
+    pid_file = tmp_path / "tool.pid"
+    escape = "env -u CAPD_OWNER setsid sleep 300"
+    command = f"{escape} & echo $! > {pid_file}.new && mv {pid_file}.new {pid_file}; wait"
+    await spawn(capd, "w1", scripted(bash(command)), tools=["bash"], limits={"memory_mb": 256})
+    async with await connect_pod(capd, "w1") as pod:
+        await pod.request({"method": "run", "text": "go"})
+        await until(pid_file.exists)
+    groups = pod_groups(capd, "w1")
+    old_leaves = leaves(groups)
+    assert old_leaves
+    sleeper = int(pid_file.read_text())
+    await sigkill(capd)
+    assert alive(sleeper)
+    await asyncio.to_thread(capd.start)
+    await until(lambda: not alive(sleeper))
+    assert not any(leaf.exists() for leaf in old_leaves)
+    assert all(group.is_dir() for group in groups)  # made again for the restored pod
+    await daemon_request(capd, {"method": "delete", "name": "w1"})
+    assert not any(group.exists() for group in groups)
