@@ -27,7 +27,15 @@ from tests.helpers import (
     wait_for,
 )
 
-BACKEND = Limiter.detect(Path("/nonexistent/capd-limits-probe")).kind
+
+def backend_here() -> str:
+    """The backend a capd would pick here (its probe group removed again)."""
+    limiter = Limiter.detect(Path("/nonexistent/capd-limits-probe"))
+    limiter.close()
+    return limiter.kind
+
+
+BACKEND = backend_here()
 pytestmark = [
     pytest.mark.skipif(
         BACKEND not in ("cgroup1", "cgroup2"),
@@ -163,3 +171,21 @@ async def test_the_next_capd_removes_the_groups_a_killed_capd_left(
     assert all(group.is_dir() for group in groups)  # made again for the restored pod
     await daemon_request(capd, {"method": "delete", "name": "w1"})
     assert not any(group.exists() for group in groups)
+
+
+async def test_a_new_limiter_on_the_same_state_dir_removes_every_group_left(
+    tmp_path: Path,
+) -> None:
+    """What a killed capd left of pods that are not brought up again goes at start-up."""
+    first = Limiter.detect(tmp_path / "state")
+    leaf = first.pod("gone", 256, 64).leaf("bash")
+    assert leaf is not None
+    escaped = await asyncio.create_subprocess_exec(*leaf.wrap(["setsid", "sleep", "300"]))
+    groups = leaf.groups
+    await until(lambda: all((group.path / "cgroup.procs").read_text() for group in groups))
+    second = Limiter.detect(tmp_path / "state")
+    assert await asyncio.wait_for(escaped.wait(), 5) == -9
+    assert not any(group.path.parent.exists() for group in groups)
+    assert [h.base for h in second.hierarchies] == [h.base for h in first.hierarchies]
+    second.close()
+    assert not any(h.base.exists() for h in second.hierarchies)
