@@ -8,12 +8,14 @@ paths and writes against a fake tree).
 
 import asyncio
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from capd.proc.limits import Limiter, group_name
+from protocol.client import Client
 from tests.conftest import CapdProcess
 from tests.helpers import (
     alive,
@@ -26,6 +28,7 @@ from tests.helpers import (
     until,
     wait_for,
 )
+from tests.mcp_servers import McpServerCommands
 
 
 def backend_here() -> str:
@@ -189,3 +192,39 @@ async def test_a_new_limiter_on_the_same_state_dir_removes_every_group_left(
     assert [h.base for h in second.hierarchies] == [h.base for h in first.hierarchies]
     second.close()
     assert not any(h.base.exists() for h in second.hierarchies)
+
+
+async def mcp_server(pod: Client, name: str, ok: Callable[[dict[str, Any]], bool]) -> Any:
+    """The server's `status.mcp` entry once `ok` holds for it."""
+    found: dict[str, Any] = {}
+
+    async def check() -> bool:
+        status = await pod.request({"method": "status"})
+        found.update(next(s for s in status["mcp"] if s["name"] == name))
+        return ok(found)
+
+    async with asyncio.timeout(30):
+        while not await check():
+            await asyncio.sleep(0.05)
+    return found
+
+
+async def test_an_mcp_server_runs_in_its_own_leaf_and_is_restarted_when_killed_for_memory(
+    capd: CapdProcess, mcp_commands: McpServerCommands
+) -> None:
+    time_server = {"command": mcp_commands.time[0]}
+    await spawn(
+        capd, "w1", scripted(), mcp_servers={"time": time_server}, limits={"memory_mb": 256}
+    )
+    async with await connect_pod(capd, "w1") as pod:
+        server = await mcp_server(pod, "time", lambda s: s["state"] == "ready")
+    cgroups = Path(f"/proc/{server['pid']}/cgroup").read_text()
+    assert f"/{group_name(capd.state_dir)}/w1/mcp-time-1\n" in cgroups
+    await daemon_request(capd, {"method": "delete", "name": "w1"})
+    assert not alive(server["pid"])
+
+    # 16 MiB is less than the server needs to start: the kernel kills it, capd restarts it.
+    await spawn(capd, "w2", scripted(), mcp_servers={"time": time_server}, limits={"memory_mb": 16})
+    async with await connect_pod(capd, "w2") as pod:
+        server = await mcp_server(pod, "time", lambda s: s["restarts"] >= 1)
+    assert "SIGKILL" in server["error"]
