@@ -17,11 +17,13 @@ import pytest
 from capd.proc.limits import Limiter, group_name
 from protocol.client import Client
 from tests.conftest import CapdProcess
+from tests.engine_scaffold import STAND_IN_ACP_AGENT, spawn_on_engine
 from tests.helpers import (
     alive,
     connect_pod,
     daemon_request,
     is_event,
+    run_turn,
     scripted,
     sigkill,
     spawn,
@@ -228,3 +230,22 @@ async def test_an_mcp_server_runs_in_its_own_leaf_and_is_restarted_when_killed_f
     async with await connect_pod(capd, "w2") as pod:
         server = await mcp_server(pod, "time", lambda s: s["restarts"] >= 1)
     assert "SIGKILL" in server["error"]
+
+
+async def test_an_engine_process_runs_in_its_own_leaf(capd: CapdProcess, tmp_path: Path) -> None:
+    engine = STAND_IN_ACP_AGENT.engine(tmp_path)
+    await spawn_on_engine(capd, "ag", engine, cwd=str(tmp_path), limits={"pids": 64})
+    async with await connect_pod(capd, "ag") as pod:
+        end, _ = await run_turn(pod, "hello")
+    assert end["result"] == "finished"
+    groups = pod_groups(capd, "ag")
+    (leaf,) = {path.name for path in leaves(groups)}
+    assert leaf == "engine-1"
+    pids = [
+        int(pid) for group in groups for pid in (group / leaf / "cgroup.procs").read_text().split()
+    ]
+    commands = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in pids]
+    assert any(b"acp_agent.py" in command for command in commands)
+    await daemon_request(capd, {"method": "stop", "name": "ag"})
+    assert not any(alive(pid) for pid in pids)
+    assert not any(group.exists() for group in groups)
