@@ -149,14 +149,17 @@ class Group:
         leaf = Group(self.path / name, self.hierarchy)
         leaf.path.mkdir()
         if self.v2:
-            leaf.write("memory.oom.group", "1")  # an OOM kill takes the whole leaf
+            leaf.write("memory.oom.group", "1", optional=True)  # an OOM kill takes it all
         return leaf
 
     def write(self, name: str, value: str, *, optional: bool = False) -> None:
+        """Write a control file; an `optional` one this kernel lacks is skipped (cgroupfs
+        refuses to create a file, with EACCES)."""
+        path = self.path / name
         try:
-            (self.path / name).write_text(value)
-        except FileNotFoundError:
-            if not optional:
+            path.write_text(value)
+        except OSError:
+            if not optional or path.exists():
                 raise
 
     def counter(self, file: str, key: str) -> int:
@@ -218,12 +221,14 @@ class PodLimits:
         self._count = 0
 
     def leaf(self, label: str) -> "Leaf | None":
+        """A new leaf named after `label` (OSError when cgroupfs refuses it)."""
         if self.kind == "none":
             return None
         self._count += 1
         name = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', label)[:64]}-{self._count}"
         leaf = Leaf(self, tuple(group.make_leaf(name) for group in self._groups))
-        self._leaves.add(leaf)
+        if leaf.groups:  # an rlimit leaf holds nothing to close
+            self._leaves.add(leaf)
         return leaf
 
     def _pids_refused(self) -> int:

@@ -108,8 +108,8 @@ class BashTool(Tool[BashArgs]):
                 lambda: _OutputCollector(ctx.output_limit, spill),
                 os.fdopen(read_fd, "rb", buffering=0),
             )
-            leaf = ctx.limits.leaf("bash") if ctx.limits else None
             try:
+                leaf = _leaf(ctx)
                 proc = await _spawn(args.command, ctx, write_fd, leaf)
             except BaseException:
                 transport.close()
@@ -137,6 +137,14 @@ class BashTool(Tool[BashArgs]):
             collector.finish()
         limited = leaf.outcome() if leaf is not None else None
         return _outcome(collector, returncode, timed_out, timeout_s, limited)
+
+
+def _leaf(ctx: ToolContext) -> Leaf | None:
+    """The call's own leaf of the pod's limits, if it has any."""
+    try:
+        return ctx.limits.leaf("bash") if ctx.limits else None
+    except OSError as exc:
+        raise ToolFailed(f"cannot set up limits.memory_mb and limits.pids: {exc}") from exc
 
 
 async def _spawn(
