@@ -31,6 +31,10 @@ from tests.helpers import (
     wait_for,
 )
 from tests.mcp_servers import McpServerCommands
+UNBOXED = {"mode": "off"}
+"""For tests that read the pids of what a call started ($! inside bwrap is in its own pid
+namespace) and check that the cgroup alone catches what escapes: a sandbox's pid
+namespace would kill it anyway. Limits apply without a sandbox too."""
 
 
 def backend_here() -> str:
@@ -139,7 +143,9 @@ async def test_stopping_a_pod_kills_its_processes_and_removes_its_groups(
 ) -> None:
     pid_file = tmp_path / "tool.pid"
     command = f"setsid sleep 300 & echo $! > {pid_file}.new && mv {pid_file}.new {pid_file}; wait"
-    await spawn(capd, "w1", scripted(bash(command)), tools=["bash"], limits={"pids": 64})
+    await spawn(
+        capd, "w1", scripted(bash(command)), tools=["bash"], limits={"pids": 64}, sandbox=UNBOXED
+    )
     groups = pod_groups(capd, "w1")
     assert len(groups) == 2
     assert all(group.is_dir() for group in groups)
@@ -160,7 +166,14 @@ async def test_the_next_capd_removes_the_groups_a_killed_capd_left(
     pid_file = tmp_path / "tool.pid"
     escape = "env -u CAPD_OWNER setsid sleep 300"
     command = f"{escape} & echo $! > {pid_file}.new && mv {pid_file}.new {pid_file}; wait"
-    await spawn(capd, "w1", scripted(bash(command)), tools=["bash"], limits={"memory_mb": 256})
+    await spawn(
+        capd,
+        "w1",
+        scripted(bash(command)),
+        tools=["bash"],
+        limits={"memory_mb": 256},
+        sandbox=UNBOXED,
+    )
     async with await connect_pod(capd, "w1") as pod:
         await pod.request({"method": "run", "text": "go"})
         await until(pid_file.exists)
