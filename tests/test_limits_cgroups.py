@@ -31,6 +31,7 @@ from tests.helpers import (
     wait_for,
 )
 from tests.mcp_servers import McpServerCommands
+
 UNBOXED = {"mode": "off"}
 """For tests that read the pids of what a call started ($! inside bwrap is in its own pid
 namespace) and check that the cgroup alone catches what escapes: a sandbox's pid
