@@ -243,7 +243,8 @@ async def test_an_mcp_server_runs_in_its_own_leaf_and_is_restarted_when_killed_f
     await spawn(capd, "w2", scripted(), mcp_servers={"time": time_server}, limits={"memory_mb": 16})
     async with await connect_pod(capd, "w2") as pod:
         server = await mcp_server(pod, "time", lambda s: s["restarts"] >= 1)
-    assert "SIGKILL" in server["error"]
+    # Killed by SIGKILL; inside a sandbox, bwrap passes that on as exit code 128 + 9.
+    assert "SIGKILL" in server["error"] or "code 137" in server["error"]
 
 
 async def test_an_engine_process_runs_in_its_own_leaf(capd: CapdProcess, tmp_path: Path) -> None:
