@@ -84,8 +84,8 @@ class Limiter:
             except LimitsUnavailable as exc:
                 reasons.append(f"{kind}: {exc}")
                 continue
-            for hierarchy in hierarchies:
-                _remove_tree(hierarchy, hierarchy.base, keep_root=True)
+            for hierarchy in hierarchies:  # made again by the first pod with limits
+                _remove_tree(hierarchy, hierarchy.base)
             return cls(kind, hierarchies)  # type: ignore[arg-type]
         if backend not in ("auto", "rlimit"):
             raise LimitsUnavailable("; ".join(reasons))
@@ -106,7 +106,7 @@ class Limiter:
             return PodLimits("rlimit", memory_mb, pids, ())
         groups = tuple(Group(h.base / name, h) for h in self.hierarchies)
         for group in groups:
-            _remove_tree(group.hierarchy, group.path, keep_root=False)  # a stale one
+            _remove_tree(group.hierarchy, group.path)  # a stale one
             group.make_pod(memory_mb, pids)
         return PodLimits(self.kind, memory_mb, pids, groups)
 
@@ -131,6 +131,10 @@ class Group:
         return self.hierarchy.controller in (controller, "both")
 
     def make_pod(self, memory_mb: int | None, pids: int | None) -> None:
+        """Make the pod's group, and capd's group around it if it is the first."""
+        self.path.parent.mkdir(exist_ok=True)
+        if self.v2:
+            Group(self.path.parent, self.hierarchy).write("cgroup.subtree_control", "+memory +pids")
         self.path.mkdir()
         if self.has("memory") and memory_mb is not None:
             size = str(memory_mb * MIB)
@@ -246,6 +250,7 @@ class PodLimits:
         for group in self._groups:
             if not group.remove():
                 log.warning("cannot remove %s: it still holds processes", group.path)
+            Group(group.path.parent, group.hierarchy).remove()  # capd's, once no pod has one
 
 
 class Leaf:
@@ -332,16 +337,13 @@ async def _empty(groups: Sequence[Group], *, grace: float) -> None:
         await asyncio.sleep(0.01)
 
 
-def _remove_tree(hierarchy: Hierarchy, path: Path, *, keep_root: bool) -> None:
+def _remove_tree(hierarchy: Hierarchy, path: Path) -> None:
     """Kill every process in the groups under `path` and remove them, deepest first; at
     start-up and before a pod's group is made, so a plain wait."""
     if not path.is_dir():
         return
-    for sub, dirs, _ in sorted(os.walk(path), key=lambda entry: -len(entry[0])):
-        del dirs
+    for sub, _, _ in sorted(os.walk(path), key=lambda entry: -len(entry[0])):
         group_path = Path(sub)
-        if keep_root and group_path == path:
-            continue
         deadline = time.monotonic() + EMPTY_TIMEOUT_S
         group = Group(group_path, hierarchy)
         while group.procs() and time.monotonic() < deadline:
@@ -408,7 +410,6 @@ def _setup_v2(mounts: list[_Mount], own: dict[str, str], tag: str) -> list[Hiera
     base = own_dir / tag
     try:
         base.mkdir(exist_ok=True)
-        (base / "cgroup.subtree_control").write_text("+memory +pids")
     except OSError as exc:
         raise LimitsUnavailable(f"cannot set up {base}: {exc}") from None
     return [Hierarchy(base, "both")]

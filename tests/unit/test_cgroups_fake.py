@@ -36,14 +36,15 @@ def test_capd_moves_into_a_daemon_leaf_and_enables_the_controllers(tmp_path: Pat
     assert limiter.kind == "cgroup2"
     assert (own / "daemon" / "cgroup.procs").read_text() == "0"
     assert (own / "cgroup.subtree_control").read_text() == "+memory +pids"
-    base = own / group_name(tmp_path / "state")
-    assert (base / "cgroup.subtree_control").read_text() == "+memory +pids"
+    assert not (own / group_name(tmp_path / "state")).exists()  # until a pod has limits
 
 
 def test_a_pod_group_holds_the_limits_and_a_leaf_the_oom_group(tmp_path: Path) -> None:
     proc, own = fake_host(tmp_path)
     pod = Limiter.detect(tmp_path / "state", proc=proc).pod("w1", 64, 32)
-    group = own / group_name(tmp_path / "state") / "w1"
+    base = own / group_name(tmp_path / "state")
+    assert (base / "cgroup.subtree_control").read_text() == "+memory +pids"
+    group = base / "w1"
     assert (group / "memory.max").read_text() == str(64 * MIB)
     assert (group / "memory.swap.max").read_text() == "0"
     assert (group / "pids.max").read_text() == "32"
