@@ -22,6 +22,7 @@ from tests.helpers import (
     is_event,
     run_turn,
     scripted,
+    sigkill,
     spawn,
     wait_for,
 )
@@ -234,6 +235,29 @@ async def test_a_pause_closes_the_question_and_the_pod_goes_on(
     assert (end["result"], end["output"]) == ("finished", "after")
     assert not (tmp_path / "never").exists()
     assert (later["result"], later["output"]) == ("finished", "You said: next")
+
+
+@pytest.mark.own_capd
+async def test_a_question_open_when_capd_died_is_closed_and_the_turn_resumes(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    await spawn_asking(capd, "k2", tmp_path, bash("touch never"), {"text": "after"})
+    async with await connect_pod(capd, "k2") as pod:
+        await pod.request({"method": "run", "text": "go"})
+        asked, _ = await wait_for(pod, is_event("permission_request"))
+    await sigkill(capd)
+    capd.start()
+    async with await connect_pod(capd, "k2") as pod:
+        status = await pod.request({"method": "status"})
+        await pod.request({"method": "resume"})
+        end, resumed = await wait_for(pod, is_event("turn_end"))
+        history = await full_history(pod)
+    resolved = [e for e in history if e["event"] == "permission_resolved"]
+    assert [(e["request_id"], e["option_id"]) for e in resolved] == [(asked["request_id"], None)]
+    assert (status["status"], status["permissions"]) == ("paused", [])
+    assert [r["output"] for r in results(resumed)] == [INTERRUPTED_TOOL_OUTPUT]
+    assert (end["result"], end["output"]) == ("finished", "after")
+    assert not (tmp_path / "never").exists()
 
 
 async def test_a_cancel_closes_the_question(capd: CapdProcess, tmp_path: Path) -> None:
