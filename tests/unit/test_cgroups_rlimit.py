@@ -4,6 +4,7 @@ suite runs as root."""
 
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -55,6 +56,12 @@ def test_memory_over_the_address_space_limit_fails_to_allocate(tmp_path: Path) -
 
 @needs_nobody
 def test_processes_over_the_nproc_limit_cannot_start(tmp_path: Path) -> None:
-    loop = "for i in $(seq 30); do sleep 5 & done; kill $(jobs -p) 2>/dev/null; true"
-    done = run([*AS_NOBODY, *rlimit_leaf(None, 8).wrap(["sh", "-c", loop])], tmp_path)
-    assert "Cannot fork" in done.stderr
+    loop = "for i in $(seq 30); do sleep 5 & done"
+    argv = [*AS_NOBODY, *rlimit_leaf(None, 8).wrap(["sh", "-c", loop])]
+    shell = subprocess.Popen(
+        argv, cwd=tmp_path, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    shell.wait(timeout=30)  # dash gives up at the first fork that fails
+    os.killpg(shell.pid, signal.SIGKILL)  # the sleeps that did start
+    _, stderr = shell.communicate(timeout=30)
+    assert "Cannot fork" in stderr
