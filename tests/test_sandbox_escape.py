@@ -158,7 +158,7 @@ async def test_writes_outside_the_cwd_fail(host: Host) -> None:
     turns = [[bash("echo inside > mine.txt && cat mine.txt")], *([bash(w)] for w in writes)]
     async with await Attempts(host, "writer", turns).spawn() as pod:
         first = await pod.one()
-        assert (first["is_error"], first["output"]) == (False, "inside\n")
+        assert (first["is_error"], first["output"]) == (False, "inside")
         for _ in writes:
             _failed(await pod.one(), "Read-only file system")
     assert (host.state / "pods/writer/work/mine.txt").read_text() == "inside\n"
@@ -259,7 +259,7 @@ async def test_without_network_no_tcp_and_no_abstract_socket_is_reachable(host: 
         turns = [[bash(command)] for command in attempts]
         async with await Attempts(host, "online", turns).spawn() as pod:
             online = [await pod.one() for _ in attempts]
-        assert [r["output"] for r in online[:2]] == ["connected\n", "connected\n"], online
+        assert [r["output"] for r in online[:2]] == ["connected", "connected"], online
         assert listen["accepted"] == {"tcp": 1, "abstract": 1, "runtime": 0}
         async with await Attempts(host, "offline", turns).spawn(sandbox={"network": False}) as pod:
             offline = [await pod.one() for _ in attempts]
@@ -269,7 +269,7 @@ async def test_without_network_no_tcp_and_no_abstract_socket_is_reachable(host: 
     for results in (online, offline):
         _failed(results[2], "FileNotFoundError")
         _failed(results[3], "FileNotFoundError")
-        assert (results[4]["is_error"], results[4]["output"]) == (False, ""), results[4]
+        assert (results[4]["is_error"], results[4]["output"]) == (False, "[no output]")
     status = await daemon_request(host.capd, {"method": "list"})
     assert {"online", "offline"} <= {p["name"] for p in status["pods"]}
 
@@ -293,7 +293,7 @@ async def test_a_setsid_process_does_not_outlive_its_call(host: Host) -> None:
     )
     async with await Attempts(host, "leaver", [[bash(command)]]).spawn() as pod:
         result = await pod.one()
-    assert (result["is_error"], result["output"]) == (False, "running\n")
+    assert (result["is_error"], result["output"]) == (False, "running")
     await until(lambda: not _processes_with_args("sleep", seconds), timeout=5)
 
 
@@ -320,9 +320,9 @@ async def test_limits_pids_stops_a_fork_bomb(host: Host) -> None:
         bounded = await pod.one()
         _failed(bounded, "[limits.pids=64 reached: some processes could not start]")
         assert "all 200 started" not in bounded["output"]
-        assert (await pod.one())["output"] == "alive\n"
+        assert (await pod.one())["output"] == "alive"
         _failed(await pod.one(), "[limits.pids=64 reached")
-        assert (await pod.one())["output"] == "alive\n"
+        assert (await pod.one())["output"] == "alive"
     await until(lambda: not _processes_with_args("sleep", "60"), timeout=5)
 
 
@@ -337,7 +337,7 @@ async def test_limits_memory_mb_stops_an_allocation(host: Host) -> None:
         else:
             _failed(result, "[killed: out of memory (limits.memory_mb=64)]")
         assert str(512 << 20) not in result["output"]
-        assert (await pod.one())["output"] == "alive\n"
+        assert (await pod.one())["output"] == "alive"
 
 
 async def test_the_file_tools_do_not_follow_the_sandboxs_links_out(host: Host) -> None:
@@ -359,7 +359,7 @@ async def test_the_file_tools_do_not_follow_the_sandboxs_links_out(host: Host) -
     turns = [[bash(links)], [{"name": tool, "arguments": args} for tool, args in attempts]]
     tools = ["bash", "read_file", "write_file", "edit_file"]
     async with await Attempts(host, "filer", turns).spawn(tools=tools) as pod:
-        assert (await pod.one())["output"] == "linked\n"
+        assert (await pod.one())["output"] == "linked"
         refused = await pod.next()
     for (_, args), result in zip(attempts, refused, strict=True):
         _failed(result, f"path {args['path']} resolves outside the working directory")
@@ -367,45 +367,35 @@ async def test_the_file_tools_do_not_follow_the_sandboxs_links_out(host: Host) -
 
 
 async def test_a_child_is_no_wider_and_is_confined_as_its_parent_said(host: Host) -> None:
-    """spawn_pod asking for more than the parent is refused; a child narrowed to no
-    network really has none."""
+    """spawn_pod asking for more than a parent without network has is refused; a child
+    narrowed to read-only, and without network as its parent, can neither write nor dial."""
     async with _listeners(host) as listen:
         dial = bash(f"exec 3<>/dev/tcp/127.0.0.1/{listen['port']} && echo connected")
-        child_model = {"script": [{"tool_calls": [dial]}, {"text": "kid done"}]}
+        child_model = {"script": [{"tool_calls": [dial, bash("touch kid.txt")]}, {"text": "ok"}]}
         spawns = [
             {"name": "kid-net", "task": "x", "sandbox": {"network": True}},
             {"name": "kid-off", "task": "x", "sandbox": {"mode": "off"}},
             {"name": "kid-env", "task": "x", "sandbox": {"env": ["PATH", "OPENAI_API_KEY"]}},
             {"name": "kid-hid", "task": "x", "sandbox": {"hidden": []}},
             {"name": "kid-out", "task": "x", "sandbox": {"writable": [str(host.sibling)]}},
-            {"name": "kid", "task": "x", "model": child_model, "sandbox": {"network": False}},
+            {"name": "kid", "task": "x", "model": child_model, "sandbox": {"mode": "read-only"}},
         ]
         turns = [[{"name": "spawn_pod", "arguments": args} for args in spawns]]
         boss = Attempts(host, "boss", turns)
-        await boss.spawn(
-            tools=["bash", "spawn_pod"],
-            sandbox={"network": True, "env": ["PATH"], "hidden": [str(host.sibling)]},
-        )
+        sandbox = {"network": False, "env": ["PATH"], "hidden": [str(host.sibling)]}
+        await boss.spawn(tools=["bash", "spawn_pod"], sandbox=sandbox)
         async with boss:
             results = await boss.next()
-        for result, field in zip(
-            results,
-            [
-                "sandbox.network",
-                "sandbox.mode",
-                "sandbox.env",
-                "sandbox.hidden",
-                "sandbox.writable",
-            ],
-            strict=False,
-        ):
-            _failed(result, "cannot spawn pod kid-")
-            assert f"{field} " in result["output"], result
+        fields = ["network", "mode", "env", "hidden", "writable"]
+        for result, args, field in zip(results, spawns, fields, strict=False):
+            _failed(result, f"cannot spawn pod {args['name']}: sandbox.{field} ")
             assert "no wider than its parent's" in result["output"], result
         assert not results[-1]["is_error"], results[-1]
         async with await Client.connect(host.capd.pod_socket("kid")) as kid:
             await kid.request({"method": "subscribe", "after_seq": 0})
             _, seen = await wait_for(kid, is_event("turn_end"))
-        (dialed,) = [e for e in seen if e["event"] == "tool_result"]
+        dialed, touched = [e for e in seen if e["event"] == "tool_result"]
         _failed(dialed, "Connection refused")
+        _failed(touched, "Read-only file system")
         assert listen["accepted"]["tcp"] == 0
+    assert not (host.state / "pods/boss/work/kid.txt").exists()
