@@ -305,9 +305,8 @@ async def test_file_tools_write_nothing_in_a_read_only_sandbox(tree: dict[str, P
 
 
 async def test_file_tools_never_open_a_hidden_path_by_any_name(tree: dict[str, Path]) -> None:
-    """A hidden directory inside the cwd (capd refuses such a cwd at spawn; a bind mount or
-    a directory made later can still put one there), a symlink to it, and a hard link to a
-    hidden file are all refused."""
+    """A hidden directory inside the cwd (or one a bind mount puts there), a symlink to it,
+    and a hard link to a hidden file are all refused."""
     cwd, secret = tree["cwd"], tree["secret"]
     inner = cwd / "inner"
     inner.mkdir()

@@ -308,7 +308,8 @@ async def _limits_in_force(pod: Attempts, what: str) -> str:
 
 async def test_limits_pids_stops_a_fork_bomb(host: Host) -> None:
     """A bounded loop first: only once it fails at the limit does the real bomb run."""
-    loop = "sh -c 'for i in $(seq 200); do sleep 60 & done; echo all 200 started'"
+    seconds = f"60.{os.getpid()}"
+    loop = f"sh -c 'for i in $(seq 200); do sleep {seconds} & done; echo all 200 started'"
     turns = [
         [bash(loop, timeout_s=30)],
         [bash("echo alive")],
@@ -323,7 +324,7 @@ async def test_limits_pids_stops_a_fork_bomb(host: Host) -> None:
         assert (await pod.one())["output"] == "alive"
         _failed(await pod.one(), "[limits.pids=64 reached")
         assert (await pod.one())["output"] == "alive"
-    await until(lambda: not _processes_with_args("sleep", "60"), timeout=5)
+    await until(lambda: not _processes_with_args("sleep", seconds), timeout=5)
 
 
 async def test_limits_memory_mb_stops_an_allocation(host: Host) -> None:
