@@ -33,6 +33,7 @@ RESULT_METHODS: dict[type[BaseModel], tuple[str, ...]] = {
     results.OpenPermission: ("status",),
     results.ContextSize: ("status",),
     results.McpServerState: ("status",),
+    results.SandboxState: ("status",),
     results.SubscribeResult: ("subscribe",),
     results.HistoryResult: ("history",),
     results.SpawnResult: ("spawn", "start"),
