@@ -462,7 +462,7 @@ async def test_secrets_reach_the_server_and_nothing_else(
 ) -> None:
     secret = f"s3cret-{secrets.token_hex(12)}"
     capd_dirs.env = {"CAPD_TEST_MCP_SECRET": secret}
-    capd_dirs.log = capd_dirs.state_dir.parent / "capd.log"
+    capd_dirs.log = capd_dirs.state_dir.with_name(f"{capd_dirs.state_dir.name}.log")
     capd_dirs.start()
     servers = {
         "everything": everything(mcp_commands, env={"MY_TOKEN": "${CAPD_TEST_MCP_SECRET}"}),

@@ -43,6 +43,7 @@ from capd.engines.mcp_handover import acp_servers
 from capd.engines.process import EngineDied, EngineError, ExternalEngine
 from capd.prices import add_usage
 from capd.proc.launcher import environment
+from capd.proc.sandbox import Confinement
 from protocol.errors import ProtocolError
 from protocol.events import (
     AssistantMessage,
@@ -133,13 +134,13 @@ class AcpEngineError(EngineError):
 class AcpEngine(ExternalEngine):
     kind = "acp"
 
-    def __init__(self, config: AcpConfig, manifest: Manifest) -> None:
+    def __init__(self, config: AcpConfig, manifest: Manifest, sandbox: Confinement | None) -> None:
         assert manifest.cwd is not None
-        super().__init__(Path(manifest.cwd), config, manifest.mcp_servers)
+        super().__init__(Path(manifest.cwd), config, manifest.mcp_servers, sandbox)
         self._config = config
         # A server that cannot be handed over shows failed from the start; whether the
         # agent takes http servers waits for its `initialize`.
-        environ = environment(self._env)
+        environ = environment(self._env, confine=sandbox)
         self._mcp.starting(acp_servers(self._mcp.servers, self._cwd, environ, True)[1])
         self._system_prompt = manifest.system_prompt
         self._ids = itertools.count(1)
@@ -196,7 +197,7 @@ class AcpEngine(ExternalEngine):
         can_load = bool(agent.get("loadSession"))
         takes_http = bool((agent.get("mcpCapabilities") or {}).get("http"))
         servers, left_out = acp_servers(
-            self._mcp.servers, self._cwd, environment(self._env), takes_http
+            self._mcp.servers, self._cwd, environment(self._env, confine=self._sandbox), takes_http
         )
         self._mcp.starting(left_out)
         session_id = self._session_to_resume(host)

@@ -49,6 +49,7 @@ from capd.engines.base import CompactOrder, Turn, TurnHost, TurnOutcome, never_a
 from capd.engines.mcp_handover import claude_code_config
 from capd.engines.process import EngineDied, ExternalEngine
 from capd.proc.launcher import environment
+from capd.proc.sandbox import Confinement
 from protocol.errors import ProtocolError
 from protocol.events import (
     AssistantMessage,
@@ -135,12 +136,16 @@ class ClaudeCodeEngine(ExternalEngine):
     kind = "claude-code"
     can_compact = True
 
-    def __init__(self, config: ClaudeCodeConfig, manifest: Manifest) -> None:
+    def __init__(
+        self, config: ClaudeCodeConfig, manifest: Manifest, sandbox: Confinement | None
+    ) -> None:
         assert manifest.cwd is not None
-        super().__init__(Path(manifest.cwd), config, manifest.mcp_servers)
+        if sandbox is not None:
+            sandbox = sandbox.widened(own_state())
+        super().__init__(Path(manifest.cwd), config, manifest.mcp_servers, sandbox)
         self._env = {AUTOCOMPACT_PCT: f"{manifest.limits.compact_at * 100:g}", **config.env}
         self._mcp_config, self._mcp_left_out = claude_code_config(
-            self._mcp.servers, environment(self._env)
+            self._mcp.servers, environment(self._env, confine=sandbox)
         )
         """`--mcp-config`'s JSON, and the servers that cannot be handed over (name: why)."""
         self._mcp.starting(self._mcp_left_out)  # those show failed from the start
@@ -590,6 +595,15 @@ class ClaudeCodeEngine(ExternalEngine):
             assert self._session_id is not None
             if self._session_id in str(died) or NO_SESSION in str(died):
                 self._session_lost(self._session_id, str(died))
+
+
+def own_state() -> list[Path]:
+    """What Claude Code writes outside the cwd, writable in its sandbox: `~/.claude` (its
+    sessions and credentials; made when missing) and `~/.claude.json` (its login and
+    settings, when it exists)."""
+    home = Path.home()
+    (home / ".claude").mkdir(mode=0o700, exist_ok=True)
+    return [home / ".claude", home / ".claude.json"]
 
 
 def _outcome(turn: Turn, result: dict[str, Any]) -> TurnOutcome:
