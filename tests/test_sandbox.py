@@ -4,6 +4,7 @@ start refuses sandboxed pods with one line. (The escape attempts are
 tests/test_sandbox_escape.py's.)"""
 
 import os
+import secrets
 import shutil
 import sys
 from pathlib import Path
@@ -14,7 +15,16 @@ import pytest
 from protocol.client import Client
 from protocol.errors import ProtocolError
 from tests.conftest import CapdProcess
-from tests.helpers import connect_pod, daemon_request, run_turn, scripted, spawn
+from tests.helpers import (
+    connect_pod,
+    daemon_request,
+    run_turn,
+    scripted,
+    sigkill,
+    spawn,
+    until,
+    wait_for,
+)
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="bubblewrap is Linux-only")
 
@@ -134,6 +144,33 @@ async def test_a_cwd_around_capds_state_dir_is_refused(capd_dirs: CapdProcess) -
     with pytest.raises(ProtocolError) as refused:
         await spawn(capd_dirs, "sb4", scripted(), sandbox={"writable": [str(around)]})
     assert f"the sandbox.writable path {around} contains" in refused.value.message
+
+
+def _running(marker: str) -> list[int]:
+    """The processes whose command line holds `marker`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker.encode() in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+async def test_a_sandboxed_tool_dies_with_a_killed_capd(capd_dirs: CapdProcess) -> None:
+    """bwrap --die-with-parent: nothing of a call outlives capd, `setsid` or not."""
+    capd_dirs.start()
+    seconds = f"{300 + secrets.randbelow(10**6)}.{secrets.randbelow(10**6)}"
+    command = f"setsid sleep {seconds} & sleep {seconds}"
+    model = scripted({"tool_calls": [{"name": "bash", "arguments": {"command": command}}]})
+    await spawn(capd_dirs, "sb7", model, tools=["bash"])
+    async with await connect_pod(capd_dirs, "sb7") as pod:
+        await pod.request({"method": "run", "text": "go"})
+        await wait_for(pod, lambda e: e.get("event") == "tool_call_start")
+        await until(lambda: len(_running(f"sleep {seconds}")) >= 2)
+    await sigkill(capd_dirs)
+    await until(lambda: not _running(f"sleep {seconds}"))
 
 
 def _fake_bubblewrap(root: Path) -> Path:

@@ -140,7 +140,9 @@ class AcpEngine(ExternalEngine):
         self._config = config
         # A server that cannot be handed over shows failed from the start; whether the
         # agent takes http servers waits for its `initialize`.
-        environ = environment(self._env, confine=sandbox)
+        # capd expands the servers' ${VAR}s, from its own environment, as for its own
+        # servers: they reach the agent only over its stdin, whatever its sandbox passes.
+        environ = environment(self._env)
         self._mcp.starting(acp_servers(self._mcp.servers, self._cwd, environ, True)[1])
         self._system_prompt = manifest.system_prompt
         self._ids = itertools.count(1)
@@ -197,7 +199,7 @@ class AcpEngine(ExternalEngine):
         can_load = bool(agent.get("loadSession"))
         takes_http = bool((agent.get("mcpCapabilities") or {}).get("http"))
         servers, left_out = acp_servers(
-            self._mcp.servers, self._cwd, environment(self._env, confine=self._sandbox), takes_http
+            self._mcp.servers, self._cwd, environment(self._env), takes_http
         )
         self._mcp.starting(left_out)
         session_id = self._session_to_resume(host)
