@@ -33,12 +33,14 @@ RESULT_METHODS: dict[type[BaseModel], tuple[str, ...]] = {
     results.OpenPermission: ("status",),
     results.ContextSize: ("status",),
     results.McpServerState: ("status",),
+    results.SandboxState: ("status",),
     results.SubscribeResult: ("subscribe",),
     results.HistoryResult: ("history",),
     results.SpawnResult: ("spawn", "start"),
     results.ListResult: ("list",),
     results.PodListEntry: ("list",),
     results.InfoResult: ("info",),
+    results.SandboxBackend: ("info",),
     results.SetBudgetResult: ("set_budget",),
 }
 """Which method's section documents each ack result."""
