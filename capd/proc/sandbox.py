@@ -15,7 +15,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from capd.proc.leftovers import OWNER_ENV
@@ -72,16 +72,7 @@ class Confinement:
     def widened(self, writable: Iterable[Path]) -> "Confinement":
         """The same with more writable paths (an engine's own state)."""
         more = tuple(path for path in writable if path not in self.writable)
-        return Confinement(
-            self.bwrap,
-            self.mode,
-            self.network,
-            self.cwd,
-            self.writable + more,
-            self.hidden,
-            self.shown,
-            self.env,
-        )
+        return replace(self, writable=self.writable + more)
 
     def environment(self, env: Mapping[str, str] | None = None) -> dict[str, str]:
         """The environment inside: the allowed variables capd has, TMPDIR=/tmp, HOME=/tmp
