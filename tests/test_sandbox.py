@@ -190,6 +190,10 @@ def _fake_bubblewrap(root: Path) -> Path:
 async def test_where_no_bwrap_works_a_sandboxed_pod_is_refused_in_one_line(
     capd_dirs: CapdProcess, tmp_path: Path
 ) -> None:
+    capd_dirs.start()
+    await spawn(capd_dirs, "sb5", scripted())  # a sandboxed pod, stopped, then started again
+    await daemon_request(capd_dirs, {"method": "stop", "name": "sb5"})
+    capd_dirs.stop()
     fake = _fake_bubblewrap(tmp_path)
     path = [d for d in os.environ["PATH"].split(":") if d and not shutil.which("bwrap", path=d)]
     capd_dirs.env = {
@@ -201,12 +205,16 @@ async def test_where_no_bwrap_works_a_sandboxed_pod_is_refused_in_one_line(
     expected = "sandbox: bwrap cannot start here: setting up uid map: Permission denied; AppArmor"
     assert info["sandbox"]["path"] is None
     assert info["sandbox"]["error"].startswith(expected)
-    with pytest.raises(ProtocolError) as refused:
-        await spawn(capd_dirs, "sb5", scripted())
-    assert refused.value.code == "invalid_request"
-    assert refused.value.message == info["sandbox"]["error"]
-    assert refused.value.message.endswith("or set sandbox.mode: off")
-    await spawn(capd_dirs, "sb6", scripted(), sandbox={"mode": "off"})
+    for request in (
+        {"method": "spawn", "manifest": {"name": "sb6", "model": scripted()}},
+        {"method": "start", "name": "sb5"},
+    ):
+        with pytest.raises(ProtocolError) as refused:
+            await daemon_request(capd_dirs, request)
+        assert refused.value.code == "invalid_request"
+        assert refused.value.message == info["sandbox"]["error"]
+        assert refused.value.message.endswith("or set sandbox.mode: off")
+    await spawn(capd_dirs, "sb7", scripted(), sandbox={"mode": "off"})
     async with await Client.connect(capd_dirs.socket) as daemon:
         pods = (await daemon.request({"method": "list"}))["pods"]
-    assert [pod["name"] for pod in pods] == ["sb6"]
+    assert {pod["name"]: pod["status"] for pod in pods} == {"sb5": "stopped", "sb7": "idle"}
