@@ -428,9 +428,9 @@ def notify(settings: Settings, pod: str, text: tuple[str, ...], source: str | No
 @json_option
 @pass_settings
 def permission(settings: Settings, pod: str, request_id: str, option_id: str | None) -> None:
-    """Answer a permission request of the pod's engine with OPTION_ID (omit it to cancel).
+    """Answer a permission request of the pod with OPTION_ID (omit it to cancel).
 
-    `watch` and `send` show the requests, each with its options.
+    `status`, `watch` and `send` show the requests, each with its options.
     """
     request = {"method": "permission", "request_id": request_id, "option_id": option_id}
     result = pod_call(settings.runtime, pod, request)

@@ -258,12 +258,16 @@ def permission_question(asked: dict[str, Any], pod: str | None = None) -> str:
     call = asked.get("tool_call") or {}
     what = call.get("title") or call.get("kind") or compact_json(call)
     options = ", ".join(
-        f"{option.get('optionId')} ({option.get('kind') or option.get('name')})"
-        for option in asked.get("options") or []
-        if isinstance(option, dict)
+        option_label(option) for option in asked.get("options") or [] if isinstance(option, dict)
     )
     pod, request = pod or asked.get("pod", "POD"), asked.get("request_id", "?")
     return f"{what}; options: {options or 'none'} — capctl permission {pod} {request} OPTION"
+
+
+def option_label(option: dict[str, Any]) -> str:
+    """`allow (allow_once)`: what to answer, and what it means unless that is its name."""
+    option_id, kind = option.get("optionId"), option.get("kind") or option.get("name")
+    return str(option_id) if kind == option_id else f"{option_id} ({kind})"
 
 
 def pod_status(status: dict[str, Any], order: Sequence[str]) -> str:

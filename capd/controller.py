@@ -37,6 +37,7 @@ from capd.engines.base import (
 from capd.fanout import Hub
 from capd.journal import Journal, QueuedRun, new_event_id, report_note
 from capd.outbox import Outbox
+from capd.permissions import Grants
 from capd.prices import add_usage
 from capd.proc.sandbox import status as sandbox_status
 from capd.store import Store
@@ -196,6 +197,10 @@ class PodController:
     @property
     def hub(self) -> Hub:
         return self.journal.hub
+
+    @property
+    def grants(self) -> Grants:
+        return self.journal.grants
 
     def emit(
         self, event: DurableEvent, *, report: Report | None = None, consumed: Sequence[int] = ()

@@ -19,6 +19,7 @@ from capd.context import Context, describe_pod_event
 from capd.engines.base import PendingNote, Turn
 from capd.fanout import Hub
 from capd.outbox import Outbox
+from capd.permissions import Grants
 from capd.prices import add_usage
 from capd.store import OwedReport, Store
 from protocol.events import (
@@ -84,6 +85,8 @@ class Journal:
         counts, so a caller can tell whether an event counted (`PodController.emit`)."""
         self.asked: dict[str, PermissionRequest] = {}
         """The engine's permission questions still waiting for an answer, by request id."""
+        self.grants = Grants()
+        """What `allow_always` answers granted, as their `permission_resolved` events say."""
         self.hub = Hub(name, lambda: self.last_seq, self.page)
         self._store = store
         self._outbox = outbox
@@ -196,8 +199,10 @@ class Journal:
                 self._received[payload["event_id"]] = event.seq
             case PermissionRequest(request_id=request_id):
                 self.asked[request_id] = event
-            case PermissionResolved(request_id=request_id):
+            case PermissionResolved(request_id=request_id, grant=grant):
                 self.asked.pop(request_id, None)
+                if grant is not None:
+                    self.grants.add(grant)
             case TurnEnd():
                 self.asked.clear()
 
@@ -249,6 +254,7 @@ class Journal:
         latest compaction's `restore_from`: the open turn and the unread reports come after
         it by construction, and that event carries the usage totals."""
         found = Restored()
+        self._restore_grants()
         unseen: dict[int, PodEventReceived] = {}
         started: set[str] = set()
         for data in stored:
@@ -288,6 +294,14 @@ class Journal:
             resolved = PermissionResolved(turn_id=asked.turn_id, request_id=asked.request_id)
             self.emit(resolved, found.turn)
         return found
+
+    def _restore_grants(self) -> None:
+        """The grants of the pod's whole life: those before the events a restore reads
+        (a compaction's `restore_from`) too."""
+        for _, data in self._store.events_of_kind_after(self.name, 0, "permission_resolved"):
+            event = parse_event(orjson.loads(data))
+            if isinstance(event, PermissionResolved) and event.grant is not None:
+                self.grants.add(event.grant)
 
 
 def report_note(received: PodEventReceived) -> PendingNote:

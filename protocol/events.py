@@ -219,14 +219,26 @@ class PermissionRequest(DurableEvent):
     options: list[dict[str, Any]] = Field(default_factory=list)
 
 
+class PermissionGrant(Frame):
+    """What an `allow_always` answer to a builtin-engine pod's question lets run from then
+    on: the rule of `permissions.rules` at index `rule` (its calls that would be asked
+    about), or, when `rule` is null (`permissions.default` asked), calls of `tool` that no
+    rule matches."""
+
+    rule: int | None = None
+    tool: str
+
+
 class PermissionResolved(DurableEvent):
     """A `permission_request` answered: `option_id` is the option chosen, null when the
-    request was cancelled (by the client, or because the turn stopped)."""
+    request was cancelled (by the client, or because the turn stopped). `grant` (an
+    addition): what an `allow_always` of a builtin-engine pod granted, read back at restore."""
 
     event: Literal["permission_resolved"] = "permission_resolved"
     turn_id: str
     request_id: str
     option_id: str | None = None
+    grant: PermissionGrant | None = None
 
 
 class ContextCompacted(DurableEvent):

@@ -15,7 +15,7 @@ def make_engine(manifest: Manifest, sandbox: Confinement | None) -> Engine:
             from capd.engines.builtin import BuiltinEngine as Builtin
 
             assert manifest.model is not None
-            return Builtin(manifest.model)
+            return Builtin(manifest.model, manifest.permissions)
         case ClaudeCodeEngine() as config:
             from capd.engines.claude_code import ClaudeCodeEngine as ClaudeCode
 

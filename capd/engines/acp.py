@@ -41,16 +41,14 @@ import orjson
 from capd.engines.base import Turn, TurnHost, TurnOutcome
 from capd.engines.mcp_handover import acp_servers
 from capd.engines.process import EngineDied, EngineError, ExternalEngine
+from capd.engines.questions import Questions
 from capd.prices import add_usage
 from capd.proc.launcher import environment
 from capd.proc.sandbox import Confinement
-from protocol.errors import ProtocolError
 from protocol.events import (
     AssistantMessage,
     CompactionStarted,
     ContextCompacted,
-    PermissionRequest,
-    PermissionResolved,
     TextDelta,
     ThinkingBlock,
     ThinkingDelta,
@@ -99,16 +97,6 @@ class _Step:
 
 
 @dataclass
-class _Asked:
-    """A permission request put to the pod's clients."""
-
-    rpc_id: Any
-    host: TurnHost
-    turn_id: str
-    options: list[str]
-
-
-@dataclass
 class _TurnState:
     step: _Step = field(default_factory=_Step)
     names: dict[str, str] = field(default_factory=dict)
@@ -152,8 +140,7 @@ class AcpEngine(ExternalEngine):
         updates while it runs, go to the inbox; other updates (the history `session/load`
         replays) are not for any turn."""
         self._turn: tuple[TurnHost, Turn] | None = None
-        self._asked: dict[str, _Asked] = {}
-        self._asked_ids = itertools.count(1)
+        self._questions = Questions()
         self._compacted: set[str] = set()
         """The compactionIds recorded: later updates of one only patch it (claude-agent-acp
         repeats the terminal update)."""
@@ -166,17 +153,7 @@ class AcpEngine(ExternalEngine):
         next step recorded, this turn's or, after a cancel, a later turn's."""
 
     def answer_permission(self, request_id: str, option_id: str | None) -> None:
-        asked = self._asked.get(request_id)
-        if asked is None:
-            raise ProtocolError(
-                "not_found", f"no permission request {request_id} is waiting for an answer"
-            )
-        if option_id is not None and option_id not in asked.options:
-            raise ProtocolError(
-                "invalid_request",
-                f"option_id {option_id} is not one of {', '.join(asked.options)}",
-            )
-        self._resolve(request_id, option_id)
+        self._questions.answer(request_id, option_id)
 
     # -- the process --------------------------------------------------------------------
 
@@ -289,32 +266,17 @@ class AcpEngine(ExternalEngine):
         policy = self._config.permission
         if policy == "ask":
             host, turn = self._turn
-            request_id = f"perm-{next(self._asked_ids)}"
-            ids = [str(o.get("optionId")) for o in options]
-            self._asked[request_id] = _Asked(rpc_id, host, turn.turn_id, ids)
-            host.emit(
-                PermissionRequest(
-                    turn_id=turn.turn_id,
-                    request_id=request_id,
-                    tool_call=params.get("toolCall") or {},
-                    options=options,
-                )
+            self._questions.ask(
+                host,
+                turn.turn_id,
+                params.get("toolCall") or {},
+                options,
+                lambda option_id: self._send_outcome(rpc_id, option_id),
             )
             return
         kinds = ALLOW_KINDS if policy == "allow" else REJECT_KINDS
         chosen = next((o.get("optionId") for o in options if o.get("kind") in kinds), None)
         self._send_outcome(rpc_id, None if chosen is None else str(chosen))
-
-    def _cancel_asked(self) -> None:
-        for request_id in list(self._asked):
-            self._resolve(request_id, None)
-
-    def _resolve(self, request_id: str, option_id: str | None) -> None:
-        asked = self._asked.pop(request_id)
-        self._send_outcome(asked.rpc_id, option_id)
-        asked.host.emit(
-            PermissionResolved(turn_id=asked.turn_id, request_id=request_id, option_id=option_id)
-        )
 
     def _send_outcome(self, rpc_id: Any, option_id: str | None) -> None:
         outcome: dict[str, Any] = (
@@ -364,7 +326,7 @@ class AcpEngine(ExternalEngine):
         finally:
             self._turn = None
             # Questions still open when the prompt ends (or the agent dies) are moot.
-            self._cancel_asked()
+            self._questions.cancel_all()
 
     def _update(
         self, host: TurnHost, turn: Turn, state: _TurnState, update: dict[str, Any]

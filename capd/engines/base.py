@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from capd.context import Context
+from capd.permissions import Grants
 from capd.tools.toolbox import Toolbox
 from protocol.errors import ProtocolError
 from protocol.events import (
@@ -93,6 +94,8 @@ class TurnHost(Protocol):
     context: Context
     turn: Turn | None
     toolbox: Toolbox
+    grants: Grants
+    """The `allow_always` answers of the pod's life (`capd.permissions`)."""
     compact_wanted: CompactOrder | None
     """A `compact` request that came while the turn ran; the engine takes it (sets it to
     None) at its next step boundary, else the pod compacts after the turn."""

@@ -2,10 +2,12 @@
 
 `drive_turn` runs as the pod's turn task. The controller interrupts it (pause, cancel,
 stop) by cancelling the task: a streaming model call keeps its partial text as an
-`interrupted` assistant message, a running tool is killed by the tool itself.
+`interrupted` assistant message, a running tool is killed by the tool itself, and a
+question a call waits on (`permissions` said `ask`) is closed with no answer.
 """
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -16,10 +18,19 @@ from capd.engines.base import (
     Turn,
     TurnHost,
     TurnOutcome,
-    never_asks,
     run_timed,
 )
 from capd.engines.compactor import NOTHING_TO_COMPACT, Compactor, DoesNotFit
+from capd.engines.questions import Questions
+from capd.permissions import (
+    ALLOW_ALWAYS,
+    ALLOW_ONCE,
+    OPTIONS,
+    REJECTED,
+    Gate,
+    can_ask,
+    tool_call,
+)
 from capd.prices import cost_usd, price_of
 from capd.providers import make_provider
 from capd.providers.base import (
@@ -36,6 +47,7 @@ from capd.tools.base import ToolOutcome
 from protocol.errors import ProtocolError
 from protocol.events import (
     AssistantMessage,
+    PermissionGrant,
     Retry,
     TextDelta,
     ThinkingDelta,
@@ -43,7 +55,7 @@ from protocol.events import (
     ToolCallStart,
     ToolResult,
 )
-from protocol.manifest import TOOL_CHOICES, ModelConfig
+from protocol.manifest import TOOL_CHOICES, ModelConfig, Permissions
 
 RETRY_BASE_S = 0.5
 """The wait before a model call's first retry; it doubles with each retry after it."""
@@ -60,9 +72,11 @@ class BuiltinEngine:
     can_compact = True
     checks_budget = True
 
-    def __init__(self, model: ModelConfig) -> None:
+    def __init__(self, model: ModelConfig, permissions: Permissions) -> None:
         self.provider: Provider = make_provider(model)
         self._model = model
+        self._permissions = permissions
+        self._questions = Questions()
         self._compactor = Compactor(self.provider, model, self._call_model)
 
     async def drive_turn(self, host: TurnHost, turn: Turn) -> TurnOutcome:
@@ -88,7 +102,13 @@ class BuiltinEngine:
         return False
 
     def answer_permission(self, request_id: str, option_id: str | None) -> None:
-        raise never_asks("builtin")
+        if not can_ask(self._permissions):
+            raise ProtocolError(
+                "invalid_request",
+                "this pod never asks for permission: no rule of its permissions, nor their "
+                "default, says ask",
+            )
+        self._questions.answer(request_id, option_id)
 
     def mcp_status(self) -> list[dict[str, Any]]:
         return []
@@ -126,9 +146,13 @@ class BuiltinEngine:
                     truncated=reply.truncated,
                 )
             )
+            gate = Gate(self._permissions, host.grants)
             for call in reply.tool_calls:
                 cut = reply.truncated and INVALID_JSON_KEY in call.arguments
-                outcome = CUT_CALL if cut else await host.toolbox.run(call.name, call.arguments)
+                approve = functools.partial(self._approve, host, turn, gate, call.id)
+                outcome = (
+                    CUT_CALL if cut else await host.toolbox.run(call.name, call.arguments, approve)
+                )
                 host.emit(
                     ToolResult(
                         turn_id=turn.turn_id,
@@ -143,6 +167,30 @@ class BuiltinEngine:
                 return TurnOutcome("finished", turn.output)
             if not reply.tool_calls and not reply.truncated:
                 return TurnOutcome("finished", turn.output)
+
+    async def _approve(
+        self,
+        host: TurnHost,
+        turn: Turn,
+        gate: Gate,
+        call_id: str,
+        name: str,
+        arguments: dict[str, Any],
+    ) -> str | None:
+        """What the pod's permissions say of the call: None (it runs), or why not."""
+        action, rule = gate.decide(name, arguments)
+        if action == "allow":
+            return None
+        if action == "deny":
+            return gate.denial(rule)
+        chosen = await self._questions.wait(
+            host,
+            turn.turn_id,
+            tool_call(call_id, name, arguments),
+            OPTIONS,
+            PermissionGrant(rule=rule, tool=name),
+        )
+        return None if chosen in (ALLOW_ONCE, ALLOW_ALWAYS) else REJECTED
 
     async def _reply(self, host: TurnHost, turn: Turn) -> ModelReply:
         """The step's model call. When the provider says the context is too long for the

@@ -6,12 +6,14 @@ reads `specs()` at each model call: the built-in tools, then the tools of the po
 servers as each lists them now (`capd.tools.mcp.server`). `run` never raises except
 asyncio.CancelledError: a bad call from the model (a tool the pod does not offer, arguments
 that are not JSON or do not fit the schema) or a failing tool becomes an error outcome the
-model can read and act on.
+model can read and act on. An engine may pass `approve`, asked before a call runs once
+its tool is known and its arguments fit (the builtin engine's approvals,
+`capd.permissions`): the one place both built-in and MCP calls pass.
 """
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
@@ -30,6 +32,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 INVALID_JSON_SHOWN_CHARS = 200
+
+Approve = Callable[[str, dict[str, Any]], Awaitable[str | None]]
+"""Asked with a call's tool name and arguments: None lets it run, a text refuses it (the
+call's error result)."""
 
 
 class Toolbox:
@@ -84,10 +90,12 @@ class Toolbox:
             specs += server.specs
         return specs
 
-    async def run(self, name: str, arguments: dict[str, Any]) -> ToolOutcome:
+    async def run(
+        self, name: str, arguments: dict[str, Any], approve: Approve | None = None
+    ) -> ToolOutcome:
         server = self._mcp.get(mcp_server_of(name) or "")
         if server is not None:
-            return await self._run_mcp(server, name, arguments)
+            return await self._run_mcp(server, name, arguments, approve)
         offered = self._offered.get(name)
         if offered is None:
             listed = ", ".join([*self._offered, *self._mcp_names()]) or "none"
@@ -100,6 +108,8 @@ class Toolbox:
         except ValidationError as exc:
             problems = describe_validation_error(exc)
             return ToolOutcome(f"invalid arguments for {name}: {problems}", is_error=True)
+        if approve is not None and (refused := await approve(name, arguments)) is not None:
+            return ToolOutcome(refused, is_error=True)
         try:
             return await tool.run(args, self.context)
         except ToolFailed as exc:
@@ -109,11 +119,13 @@ class Toolbox:
             return ToolOutcome(f"tool {name} failed: {type(exc).__name__}: {exc}", is_error=True)
 
     async def _run_mcp(
-        self, server: "McpServer", name: str, arguments: dict[str, Any]
+        self, server: "McpServer", name: str, arguments: dict[str, Any], approve: Approve | None
     ) -> ToolOutcome:
         """The server checks the arguments against its schema and says what is wrong."""
         if (refused := _not_an_object(arguments)) is not None:
             return refused
+        if approve is not None and (denied := await approve(name, arguments)) is not None:
+            return ToolOutcome(denied, is_error=True)
         try:
             return await server.call(name, arguments, self.context)
         except Exception as exc:
