@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from capctl.render import sandbox_line
 from capd.proc.leftovers import OWNER_ENV
 from capd.proc.sandbox import Confinement, candidates, probe, refusal
 from protocol.manifest import DEFAULT_SANDBOX_ENV
@@ -173,3 +174,11 @@ def test_a_working_candidate_after_a_failing_one_is_kept(tmp_path: Path) -> None
     assert backend.version is not None
     assert backend.version.startswith("bubblewrap")
     assert len(backend.failures) == 1
+
+
+def test_capctl_status_shows_the_sandbox_in_a_line() -> None:
+    box = {"mode": "workspace-write", "network": True, "backend": "bwrap", "limits": "none"}
+    assert sandbox_line(box) == "workspace-write, network on, bwrap"
+    box = {**box, "mode": "read-only", "network": False, "limits": "cgroup1"}
+    assert sandbox_line(box) == "read-only, network off, bwrap, limits cgroup1"
+    assert sandbox_line({"mode": "off", "backend": "none"}) == "off (not confined)"
