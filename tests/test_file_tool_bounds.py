@@ -5,15 +5,16 @@ import ctypes
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from subprocess import PIPE
 
 import pytest
 
+from capd.proc.sandbox import Confinement
 from capd.tools.base import DEFAULT_OUTPUT_LIMIT, ToolContext, ToolOutcome
 from capd.tools.files import EDIT_LIMIT_BYTES, PIECE_CHARS
 from protocol.client import Client
+from protocol.manifest import SandboxMode
 from tests.conftest import CapdProcess
 from tests.helpers import connect_pod, is_event, run_tool, scripted, spawn, wait_for
 
@@ -227,24 +228,13 @@ async def test_file_tools_stay_inside_while_a_directory_is_swapped(
 # the bounds of a sandbox: writable paths, mode read-only, hidden paths
 
 
-@dataclass(frozen=True, slots=True)
-class _Confinement:
-    """Stands in for the fields of capd.proc.sandbox.Confinement the file tools read."""
-
-    mode: str
-    writable: tuple[Path, ...] = ()
-    hidden: tuple[Path, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class _SandboxedContext(ToolContext):
-    sandbox: _Confinement | None = None
-
-
-def _sandboxed(cwd: Path, mode: str = "workspace-write", **paths: list[Path]) -> ToolContext:
+def _sandboxed(
+    cwd: Path, mode: SandboxMode = "workspace-write", **paths: list[Path]
+) -> ToolContext:
     """A pod's tool context with a sandbox of `mode` and `writable` and `hidden` paths."""
-    box = _Confinement(mode, *(tuple(paths.get(key, ())) for key in ("writable", "hidden")))
-    return _SandboxedContext(cwd=cwd, pod="test", sandbox=box)
+    writable, hidden = (tuple(paths.get(key, ())) for key in ("writable", "hidden"))
+    box = Confinement("bwrap", mode, True, cwd, writable=writable, hidden=hidden)
+    return ToolContext(cwd=cwd, pod="test", sandbox=None if mode == "off" else box)
 
 
 @pytest.fixture

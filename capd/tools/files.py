@@ -93,8 +93,8 @@ class _Bounds:
 
 def _bounds(ctx: ToolContext, *, writing: bool, path: str) -> _Bounds:
     """The bounds of one call; a write in a read-only sandbox is refused here."""
-    box = getattr(ctx, "sandbox", None)  # ToolContext.sandbox: the pod's Confinement
-    if box is None or box.mode == "off":
+    box = ctx.sandbox
+    if box is None:  # mode off
         return _Bounds((ctx.cwd,), {})
     if writing and box.mode == "read-only":
         raise ToolFailed(
