@@ -19,6 +19,7 @@ from bench import (
     mcp,
     pause,
     restore,
+    sandbox,
     soak,
 )
 from bench.report import Figure, table
@@ -35,6 +36,7 @@ BENCHMARKS: dict[str, Callable[[Size], list[Figure]]] = {
     "soak": soak.run,
     "checkpoint": checkpoint.run,
     "mcp": mcp.run,
+    "sandbox": sandbox.run,
 }
 
 

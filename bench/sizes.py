@@ -24,6 +24,8 @@ class Size:
     """Rounds of one file changed, then a checkpoint and a `git add -A && git commit`."""
     mcp_calls: int
     """MCP `echo` calls timed, through capd and directly (and `bash true` calls)."""
+    sandbox_calls: int
+    """`bash true` calls timed confined, and as many with sandbox mode `off`."""
 
 
 SIZES = {
@@ -42,6 +44,7 @@ SIZES = {
         checkpoint_mb=100,
         checkpoint_rounds=15,
         mcp_calls=300,
+        sandbox_calls=200,
     ),
     "tiny": Size(
         round_trips=80,
@@ -58,5 +61,6 @@ SIZES = {
         checkpoint_mb=2,
         checkpoint_rounds=3,
         mcp_calls=5,
+        sandbox_calls=5,
     ),
 }

@@ -53,6 +53,7 @@ STATUS_ORDER = (
     "cwd",
     "tools",
     "mcp",
+    "sandbox",
     "parent",
     "children",
     "last_seq",

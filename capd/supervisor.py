@@ -26,6 +26,7 @@ from capd.engines import check_engine, make_engine
 from capd.fanout import Hub
 from capd.outbox import Outbox
 from capd.proc.limits import Limiter, PodLimits
+from capd.proc.sandbox import Backend, Confinement, confinement, containing, resolve_paths
 from capd.registry import PodRegistry
 from capd.server import PodEndpoint
 from capd.store import PodRecord, Store
@@ -82,9 +83,12 @@ class Supervisor:
         outbox: Outbox,
         registry: PodRegistry,
         on_status: Callable[[], None],
+        sandbox: Backend,
     ) -> None:
-        """`on_status` is called when a pod's status changes, unless capd is closing."""
+        """`on_status` is called when a pod's status changes, unless capd is closing;
+        `sandbox` is the bwrap that confines pods' processes (or why none can)."""
         self.config = config
+        self.sandbox = sandbox
         self.store = store
         self.outbox = outbox
         self.registry = registry
@@ -151,9 +155,10 @@ class Supervisor:
                 "invalid_request", f"parent {parent!r} must be an absolute socket path"
             )
         cwd = self._resolve_cwd(manifest, must_exist=not make_cwd)
-        manifest = manifest.model_copy(update={"cwd": str(cwd)})
+        sandbox = resolve_paths(manifest.sandbox)
+        manifest = manifest.model_copy(update={"cwd": str(cwd), "sandbox": sandbox})
         _check_api_key(manifest)
-        check_engine(manifest)
+        check_engine(manifest, self._confinement(manifest))
         if _checkpointed(manifest):
             require_git()
         parent_name = self.registry.pods_dir_name(parent)
@@ -264,6 +269,8 @@ class Supervisor:
         if name not in self.pods:
             self._check_room()
         if name not in self.pods:
+            with contextlib.suppress(ValueError):  # one that does not parse says so below
+                self._confinement(Manifest.model_validate_json(record.manifest))
             try:
                 await self._bring_up_record(record)
             except CannotRestore as exc:
@@ -336,6 +343,7 @@ class Supervisor:
         name = manifest.name
         socket_path = self.registry.socket(name)
         assert manifest.cwd is not None
+        sandbox = self._confinement(manifest)
         # A bring-up that fails leaves the group to the next one's (or capd's) clean-up.
         limits = self.limiter.pod(name, manifest.limits.memory_mb, manifest.limits.pids)
         tool_context = ToolContext(
@@ -343,6 +351,7 @@ class Supervisor:
             pod=name,
             pods=ChildPods(self, self.registry, self.store, manifest, socket_path),
             spill_dir=self._pod_state_dir(name) / "spill",
+            sandbox=sandbox,
             limits=limits,
         )
         toolbox = Toolbox.builtin(manifest.tools, tool_context)
@@ -354,12 +363,13 @@ class Supervisor:
                     cwd=Path(manifest.cwd),
                     state_dir=self._pod_state_dir(name),
                     limits=manifest.limits,
+                    sandbox=sandbox,
                     pod_limits=limits,
                 )
             )
         controller = PodController(
             manifest,
-            engine=make_engine(manifest, limits),
+            engine=make_engine(manifest, sandbox, limits),
             toolbox=toolbox,
             parent=parent,
             socket_path=socket_path,
@@ -441,6 +451,29 @@ class Supervisor:
         if record is not None:
             return record
         raise ProtocolError("not_found", f"no pod named {name}; `capctl ps` lists them")
+
+    def _confinement(self, manifest: Manifest) -> Confinement | None:
+        """How the pod's processes are confined (None: sandbox mode `off`); refused
+        (invalid_request) when no bwrap works here, or when its cwd or a writable path
+        contains capd's own directories, which every sandbox hides."""
+        config = manifest.sandbox
+        if config.mode == "off":
+            return None
+        if self.sandbox.path is None:
+            raise ProtocolError("invalid_request", self.sandbox.refusal)
+        assert manifest.cwd is not None
+        cwd = Path(manifest.cwd)
+        own = (self.config.state_dir, self.config.runtime_dir)
+        if found := containing([cwd, *map(Path, config.writable)], own):
+            outer, inner = found
+            what = "cwd" if outer == cwd else "sandbox.writable path"
+            raise ProtocolError(
+                "invalid_request",
+                f"sandbox: the {what} {outer} contains capd's own {inner}, which every "
+                "sandbox hides; choose a path that does not, or set sandbox.mode: off",
+            )
+        spill = self._pod_state_dir(manifest.name) / "spill"  # shown once it exists
+        return confinement(config, bwrap=self.sandbox.path, cwd=cwd, capd_dirs=own, shown=[spill])
 
     def _pod_state_dir(self, name: str) -> Path:
         return self.config.state_dir / "pods" / name

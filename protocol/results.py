@@ -137,6 +137,19 @@ class ListResult(Result):
     pods: list[PodListEntry]
 
 
+class SandboxBackend(Result):
+    """`info.sandbox` (an addition): the bwrap binary that confines pods, or why none can."""
+
+    path: str | None = None
+    """The binary in use; null when none works here."""
+    version: str | None = None
+    """What `bwrap --version` says."""
+    error: str | None = None
+    """When none works: the line a spawn with a sandbox is refused with."""
+    failures: list[str] = Field(default_factory=list)
+    """Each candidate tried before (`<path>: <first line of its stderr>`)."""
+
+
 class InfoResult(Result):
     version: str
     pid: int
@@ -144,3 +157,4 @@ class InfoResult(Result):
     pods: int
     runtime_dir: str
     state_dir: str
+    sandbox: SandboxBackend | None = None

@@ -131,8 +131,10 @@ def _stopped_at_exit(state_dir: Path) -> Iterator[CapdProcess]:
 
 @pytest.fixture
 def capd_dirs(tmp_path: Path) -> Iterator[CapdProcess]:
-    """A capd not yet started, so a test can set args or env first."""
-    yield from _stopped_at_exit(tmp_path / "state")
+    """A capd not yet started, so a test can set args or env first. Its state dir is
+    beside `tmp_path`, not in it: tests use `tmp_path` as a pod's cwd, and a sandboxed
+    pod's cwd may not contain capd's state dir."""
+    yield from _stopped_at_exit(tmp_path.with_name(f"{tmp_path.name}-state"))
 
 
 def pytest_configure(config: pytest.Config) -> None:

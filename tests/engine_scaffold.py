@@ -40,6 +40,10 @@ class StandIn:
         }
 
 
+UNCONFINED = {"mode": "off"}
+"""The sandbox of a test that checks a stand-in's pid or process group: inside a sandbox
+it would report those of its own PID namespace."""
+
 STAND_IN_CLAUDE = StandIn("claude-code", FAKES / "claude.py", "FAKE_CLAUDE_DIR")
 STAND_IN_ACP_AGENT = StandIn("acp", FAKES / "acp_agent.py", "FAKE_ACP_DIR")
 
@@ -51,7 +55,16 @@ async def spawn_on_engine(
     parent: str | None = None,
     **manifest: Any,
 ) -> None:
-    """Spawn pod `name` on `engine` (a manifest's `engine`), the child of `parent` if given."""
+    """Spawn pod `name` on `engine` (a manifest's `engine`), the child of `parent` if given.
+    A stand-in keeps its sessions and log in its directory, as a real agent keeps its
+    state: unless the test says otherwise, that directory is writable in its sandbox."""
+    stand_in_dirs = [
+        value
+        for key, value in engine.get("env", {}).items()
+        if key in (STAND_IN_CLAUDE.variable, STAND_IN_ACP_AGENT.variable)
+    ]
+    if stand_in_dirs and "sandbox" not in manifest:
+        manifest["sandbox"] = {"writable": stand_in_dirs}
     request: dict[str, Any] = {
         "method": "spawn",
         "manifest": {"name": name, "engine": engine, **manifest},

@@ -22,6 +22,7 @@ FIGURES = {
     "restore": 4,
     "checkpoint": 2,
     "mcp": 3,
+    "sandbox": 2,
 }
 
 

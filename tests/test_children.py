@@ -587,6 +587,9 @@ async def test_spawn_pod_gives_a_child_the_mcp_servers_it_picks_from_its_parents
         cwd=str(tmp_path),
         tools=["spawn_pod"],
         mcp_servers=servers,
+        # The children (in sub/) run bin/ev, which is outside their cwd and under /tmp: a
+        # sandbox's private /tmp would hide it. This test is about the command's path.
+        sandbox={"mode": "off"},
     )
     async with await connect_pod(capd, "boss") as boss:
         await boss.request({"method": "run", "text": "go"})

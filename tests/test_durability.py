@@ -347,7 +347,10 @@ async def test_the_next_capd_stops_the_tools_a_killed_capd_left_running(
     pid_file = tmp_path / "tool.pid"
     command = f"echo $$ > {pid_file}.new && mv {pid_file}.new {pid_file}; sleep 300"
     tool = {"tool_calls": [{"name": "bash", "arguments": {"command": command}}]}
-    await spawn(capd, "w1", scripted(tool), tools=["bash"])
+    # Unconfined: a sandboxed tool dies with capd by itself (tests/test_sandbox.py), and
+    # writes no pid from outside its own PID namespace.
+    off = {"mode": "off"}
+    await spawn(capd, "w1", scripted(tool), tools=["bash"], sandbox=off)
     async with await connect_pod(capd, "w1") as pod:
         await pod.request({"method": "run", "text": "go"})
         await until(pid_file.exists)

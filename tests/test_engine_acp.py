@@ -16,7 +16,13 @@ import pytest
 from capd.engines.process import CONTINUE_PROMPT
 from protocol.errors import ProtocolError
 from tests.conftest import CapdProcess
-from tests.engine_scaffold import STAND_IN_ACP_AGENT, engine_starts, spawn_on_engine, stand_in_log
+from tests.engine_scaffold import (
+    STAND_IN_ACP_AGENT,
+    UNCONFINED,
+    engine_starts,
+    spawn_on_engine,
+    stand_in_log,
+)
 from tests.helpers import (
     connect_pod,
     daemon_request,
@@ -238,7 +244,7 @@ async def test_an_agent_that_dies_again_errors_the_turn_clearly(
 
 
 async def test_the_agent_process_group_dies_with_its_pod(capd: CapdProcess, state: Path) -> None:
-    await _spawn(capd, "ag", state)
+    await _spawn(capd, "ag", state, sandbox=UNCONFINED)
     async with await connect_pod(capd, "ag") as pod:
         await run_turn(pod, "bg")
     (start,) = engine_starts(state)
@@ -249,7 +255,7 @@ async def test_the_agent_process_group_dies_with_its_pod(capd: CapdProcess, stat
 
 @pytest.mark.own_capd
 async def test_a_restarted_capd_loads_the_agent_session(capd: CapdProcess, state: Path) -> None:
-    await _spawn(capd, "ag", state)
+    await _spawn(capd, "ag", state, sandbox=UNCONFINED)
     async with await connect_pod(capd, "ag") as pod:
         await run_turn(pod, "hello")
         await pod.request({"method": "run", "text": "slow"})
@@ -306,7 +312,7 @@ async def test_a_pause_while_the_agent_starts_keeps_the_prompt_for_resume(
     capd: CapdProcess, state: Path
 ) -> None:
     (state / "hold-init").touch()
-    await _spawn(capd, "ag", state)
+    await _spawn(capd, "ag", state, sandbox=UNCONFINED)
     async with await connect_pod(capd, "ag") as pod:
         await pod.request({"method": "run", "text": "hello"})
         await until(lambda: bool(_calls(state, "initialize")))
@@ -398,7 +404,7 @@ async def test_an_agent_that_cannot_load_its_session_gets_the_prompt_again(
 async def test_an_agent_exiting_while_its_child_holds_its_output_is_restarted(
     capd: CapdProcess, state: Path
 ) -> None:
-    await _spawn(capd, "ag", state)
+    await _spawn(capd, "ag", state, sandbox=UNCONFINED)
     async with await connect_pod(capd, "ag") as pod:
         await run_turn(pod, "bg")
         end, _ = await run_turn(pod, "crash-once")
@@ -462,7 +468,7 @@ async def test_tools_the_agent_stops_on_pause_keep_its_results(
 async def test_an_agent_dying_while_asking_resolves_the_question(
     capd: CapdProcess, state: Path
 ) -> None:
-    await _spawn(capd, "ag", state, permission="ask")
+    await _spawn(capd, "ag", state, permission="ask", sandbox=UNCONFINED)
     async with await connect_pod(capd, "ag") as pod:
         await pod.request({"method": "run", "text": "tool:echo asked"})
         asked, _ = await wait_for(pod, is_event("permission_request"))

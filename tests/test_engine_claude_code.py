@@ -12,7 +12,13 @@ from capd.context import INTERRUPTED_TOOL_OUTPUT
 from capd.engines.process import CONTINUE_PROMPT
 from protocol.errors import ProtocolError
 from tests.conftest import CapdProcess
-from tests.engine_scaffold import STAND_IN_CLAUDE, engine_starts, spawn_on_engine, stand_in_log
+from tests.engine_scaffold import (
+    STAND_IN_CLAUDE,
+    UNCONFINED,
+    engine_starts,
+    spawn_on_engine,
+    stand_in_log,
+)
 from tests.fakes.claude import (
     COMPACT_UNAVAILABLE,
     COMPACTED_POST_TOKENS,
@@ -83,7 +89,9 @@ def state(tmp_path: Path) -> Path:
 async def test_a_turn_streams_and_records_steps_and_tool_results(
     capd: CapdProcess, state: Path, tmp_path: Path
 ) -> None:
-    await _spawn(capd, "cc", state, cwd=str(tmp_path), system_prompt="Be brief.")
+    await _spawn(
+        capd, "cc", state, cwd=str(tmp_path), system_prompt="Be brief.", sandbox=UNCONFINED
+    )
     async with await connect_pod(capd, "cc") as pod:
         end, seen = await run_turn(pod, "tool:echo hi from the tool")
         status = await pod.request({"method": "status"})
@@ -186,7 +194,7 @@ async def test_an_engine_deaf_to_interrupts_is_restarted_after_the_settle_timeou
     capd: CapdProcess, state: Path
 ) -> None:
     (state / "deaf").touch()
-    await _spawn(capd, "cc", state, engine_extra={"settle_timeout_s": 0.2})
+    await _spawn(capd, "cc", state, engine_extra={"settle_timeout_s": 0.2}, sandbox=UNCONFINED)
     async with await connect_pod(capd, "cc") as pod:
         await pod.request({"method": "run", "text": "slow"})
         await wait_for(pod, is_event("text_delta"))
@@ -264,7 +272,7 @@ async def test_an_engine_that_dies_again_errors_the_turn_clearly(
 
 
 async def test_the_engine_process_group_dies_with_its_pod(capd: CapdProcess, state: Path) -> None:
-    await _spawn(capd, "cc", state)
+    await _spawn(capd, "cc", state, sandbox=UNCONFINED)
     async with await connect_pod(capd, "cc") as pod:
         end, _ = await run_turn(pod, "bg")
     assert end["output"] == "started"
@@ -276,7 +284,7 @@ async def test_the_engine_process_group_dies_with_its_pod(capd: CapdProcess, sta
 
 @pytest.mark.own_capd
 async def test_a_restarted_capd_resumes_the_engine_session(capd: CapdProcess, state: Path) -> None:
-    await _spawn(capd, "cc", state)
+    await _spawn(capd, "cc", state, sandbox=UNCONFINED)
     async with await connect_pod(capd, "cc") as pod:
         await run_turn(pod, "hello")
         await pod.request({"method": "run", "text": "slow"})

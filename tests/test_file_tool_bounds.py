@@ -10,9 +10,11 @@ from subprocess import PIPE
 
 import pytest
 
+from capd.proc.sandbox import Confinement
 from capd.tools.base import DEFAULT_OUTPUT_LIMIT, ToolContext, ToolOutcome
 from capd.tools.files import EDIT_LIMIT_BYTES, PIECE_CHARS
 from protocol.client import Client
+from protocol.manifest import SandboxMode
 from tests.conftest import CapdProcess
 from tests.helpers import connect_pod, is_event, run_tool, scripted, spawn, wait_for
 
@@ -156,7 +158,7 @@ async def test_a_cancelled_write_has_finished_when_the_call_ends(ctx: ToolContex
 
 # the bounds under a race: a directory swapped with a symlink to the outside
 
-RACE_CALLS = 200
+RACE_CALLS = 70
 SWAPPER = """
 import ctypes, os, sys
 libc = ctypes.CDLL(None, use_errno=True)
@@ -170,42 +172,149 @@ while True:  # AT_FDCWD, RENAME_EXCHANGE
 so that the tools' threads do not wait for it to let go of the GIL."""
 
 
-async def test_file_tools_stay_inside_while_a_directory_is_swapped_with_a_symlink(
-    tmp_path: Path,
+@pytest.mark.parametrize("where", ["cwd", "writable", "hidden"])
+async def test_file_tools_stay_inside_while_a_directory_is_swapped(
+    tmp_path: Path, where: str
 ) -> None:
-    """A process swaps `d` with a symlink to an outside directory over and over, while the
-    tools read, write and edit under `d/`. Checking the path and then opening it by name
-    again let about 50 of 200 reads return the outside file and 50 writes land outside."""
+    """A process swaps `d` (in the cwd, or in a writable path) over and over with a symlink
+    to an outside directory, or to a hidden one beside it, while the tools read, write and
+    edit under `d/`. Checking the path and then opening it by name again let
+    about a quarter of the reads return the outside file and of the writes land outside."""
     if not hasattr(ctypes.CDLL(None), "renameat2"):
         pytest.skip("no renameat2 in this libc")
-    cwd, outside = tmp_path / "cwd", tmp_path / "outside"
-    (cwd / "d").mkdir(parents=True)
-    outside.mkdir()
-    for directory, text in ((cwd / "d", "inside\n"), (outside, "OUTSIDE\n")):
+    cwd = tmp_path / "cwd"
+    root = tmp_path / "shared" if where == "writable" else cwd
+    forbidden = cwd / "h" if where == "hidden" else tmp_path / "outside"
+    (root / "d").mkdir(parents=True)
+    cwd.mkdir(exist_ok=True)
+    forbidden.mkdir()
+    for directory, text in ((root / "d", "inside\n"), (forbidden, "OUTSIDE\n")):
         (directory / "f.txt").write_text(text)
         (directory / "e.txt").write_text(text)
-    (cwd / "swap").symlink_to(outside)
-    ctx = ToolContext(cwd=cwd, pod="test")
+    (root / "swap").symlink_to(forbidden)
+    ctx = {
+        "cwd": ToolContext(cwd=cwd, pod="test"),
+        "writable": _sandboxed(cwd, writable=[root]),
+        "hidden": _sandboxed(cwd, hidden=[forbidden]),
+    }[where]
+    d = "d" if root == cwd else str(root / "d")
     swapper = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", SWAPPER, str(cwd / "d"), str(cwd / "swap"), stdout=PIPE
+        sys.executable, "-c", SWAPPER, str(root / "d"), str(root / "swap"), stdout=PIPE
     )
     try:
         assert swapper.stdout is not None
         await swapper.stdout.readline()  # it is swapping
-        reads = [await run_tool("read_file", {"path": "d/f.txt"}, ctx) for _ in range(RACE_CALLS)]
+        reads = [
+            await run_tool("read_file", {"path": f"{d}/f.txt"}, ctx) for _ in range(RACE_CALLS)
+        ]
         for n in range(RACE_CALLS):
-            await run_tool("write_file", {"path": f"d/w{n}.txt", "content": "x"}, ctx)
-            edit = {"path": "d/e.txt", "old_text": "SIDE", "new_text": "side"}
+            await run_tool("write_file", {"path": f"{d}/w{n}.txt", "content": "x"}, ctx)
+            edit = {"path": f"{d}/e.txt", "old_text": "SIDE", "new_text": "side"}
             await run_tool("edit_file", edit, ctx)
         assert swapper.returncode is None, "the swapper failed"
     finally:
         swapper.kill()
         await swapper.wait()
     leaked = sum("OUTSIDE" in outcome.output for outcome in reads)
-    landed = sorted(path.name for path in outside.iterdir())
+    landed = sorted(path.name for path in forbidden.iterdir())
     assert (leaked, landed) == (0, ["e.txt", "f.txt"]), (
         f"{leaked} of {RACE_CALLS} reads returned the outside file; "
         f"{len(landed) - 2} writes landed outside"
     )
-    assert (outside / "e.txt").read_text() == "OUTSIDE\n", "an edit changed the outside file"
+    assert (forbidden / "e.txt").read_text() == "OUTSIDE\n", "an edit changed the outside file"
     assert any(outcome.output == "inside\n" for outcome in reads), "no read got through"
+
+
+# the bounds of a sandbox: writable paths, mode read-only, hidden paths
+
+
+def _sandboxed(
+    cwd: Path, mode: SandboxMode = "workspace-write", **paths: list[Path]
+) -> ToolContext:
+    """A pod's tool context with a sandbox of `mode` and `writable` and `hidden` paths."""
+    writable, hidden = (tuple(paths.get(key, ())) for key in ("writable", "hidden"))
+    box = Confinement("bwrap", mode, True, cwd, writable=writable, hidden=hidden)
+    return ToolContext(cwd=cwd, pod="test", sandbox=None if mode == "off" else box)
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> dict[str, Path]:
+    """A cwd, a writable path and a hidden directory beside it, and one outside all."""
+    dirs = {name: tmp_path / name for name in ("cwd", "shared", "secret", "outside")}
+    for name, directory in dirs.items():
+        directory.mkdir()
+        (directory / "f.txt").write_text(f"{name}\n")
+    return dirs
+
+
+async def test_file_tools_write_in_writable_paths_by_absolute_path_only(
+    tree: dict[str, Path],
+) -> None:
+    cwd, shared, outside = tree["cwd"], tree["shared"], tree["outside"]
+    ctx = _sandboxed(cwd, writable=[shared])
+    wrote = await run_tool("write_file", {"path": str(shared / "new/n.txt"), "content": "n"}, ctx)
+    assert wrote == ToolOutcome(f"wrote 1 bytes to {shared / 'new/n.txt'}")
+    assert (shared / "new/n.txt").read_text() == "n"
+    edit = {"path": str(shared / "f.txt"), "old_text": "shared", "new_text": "edited"}
+    assert not (await run_tool("edit_file", edit, ctx)).is_error
+    assert await run_tool("read_file", {"path": str(shared / "f.txt")}, ctx) == ToolOutcome(
+        "edited\n"
+    )
+    (shared / "out").symlink_to(outside)
+    for path in ("../shared/f.txt", str(outside / "f.txt"), str(shared / "out/f.txt")):
+        refused = await run_tool("write_file", {"path": path, "content": "x"}, ctx)
+        assert refused == ToolOutcome(
+            f"path {path} resolves outside the working directory {cwd} and the writable "
+            f"paths ({shared})",
+            True,
+        )
+    assert (outside / "f.txt").read_text() == "outside\n"
+    unconfined = _sandboxed(cwd, "off", writable=[shared])
+    off = await run_tool("write_file", {"path": str(shared / "f.txt"), "content": "x"}, unconfined)
+    assert off.is_error, "with mode off the file tools work as without a sandbox"
+
+
+async def test_file_tools_write_nothing_in_a_read_only_sandbox(tree: dict[str, Path]) -> None:
+    cwd, shared = tree["cwd"], tree["shared"]
+    ctx = _sandboxed(cwd, "read-only", writable=[shared])
+    for tool, args in (
+        ("write_file", {"path": "new.txt", "content": "x"}),
+        ("edit_file", {"path": "f.txt", "old_text": "cwd", "new_text": "x"}),
+        ("write_file", {"path": str(shared / "f.txt"), "content": "x"}),
+    ):
+        refused = await run_tool(tool, args, ctx)
+        assert refused == ToolOutcome(
+            f"cannot write {args['path']}: this pod's sandbox.mode is read-only, so nothing "
+            "is writable, not even the working directory",
+            True,
+        )
+    assert (cwd / "f.txt").read_text() == "cwd\n"
+    assert not (cwd / "new.txt").exists()
+    assert (shared / "f.txt").read_text() == "shared\n"
+    assert await run_tool("read_file", {"path": "f.txt"}, ctx) == ToolOutcome("cwd\n")
+
+
+async def test_file_tools_never_open_a_hidden_path_by_any_name(tree: dict[str, Path]) -> None:
+    """A hidden directory inside the cwd (or one a bind mount puts there), a symlink to it,
+    and a hard link to a hidden file are all refused."""
+    cwd, secret = tree["cwd"], tree["secret"]
+    inner = cwd / "inner"
+    inner.mkdir()
+    (inner / "g.txt").write_text("inner\n")
+    (cwd / "to-inner").symlink_to("inner")
+    (cwd / "hard.txt").hardlink_to(secret / "f.txt")
+    ctx = _sandboxed(cwd, hidden=[inner, secret / "f.txt"])
+    attempts = [("read_file", {}, path, inner) for path in ("inner/g.txt", "to-inner/g.txt")] + [
+        ("write_file", {"content": "x"}, path, inner)
+        for path in ("inner/g.txt", "to-inner/new.txt", str(inner / "new/h.txt"))
+    ]
+    attempts.append(("read_file", {}, "hard.txt", secret / "f.txt"))
+    for tool, extra, path, hidden in attempts:
+        refused = await run_tool(tool, {"path": path, **extra}, ctx)
+        assert refused == ToolOutcome(
+            f"{path} leads into {hidden}, which the sandbox hides; the file tools do not open it",
+            True,
+        ), (tool, path)
+    assert sorted(p.name for p in inner.iterdir()) == ["g.txt"]
+    assert (inner / "g.txt").read_text() == "inner\n"
+    assert await run_tool("read_file", {"path": "f.txt"}, ctx) == ToolOutcome("cwd\n")

@@ -143,7 +143,7 @@ def _pod_in_process(tmp_path: Path, engine: Engine | None = None) -> tuple[PodCo
     )
     pod = PodController(
         manifest,
-        engine=engine or make_engine(manifest),
+        engine=engine or make_engine(manifest, None),
         toolbox=Toolbox.builtin(manifest.tools, ToolContext(tmp_path, "h6")),
         parent=None,
         socket_path=tmp_path / "h6.sock",

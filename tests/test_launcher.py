@@ -27,6 +27,7 @@ async def test_a_process_starts_in_its_own_group_in_cwd_marked_as_this_capds(
     proc = await launch(
         [sys.executable, "-c", REPORT],
         cwd=tmp_path,
+        confine=None,
         env={"LAUNCHER_TEST": "1", OWNER_ENV: "not-capd"},
         stdout=asyncio.subprocess.PIPE,
     )
@@ -39,7 +40,7 @@ async def test_a_process_starts_in_its_own_group_in_cwd_marked_as_this_capds(
 
 
 async def test_stop_group_stops_what_the_process_started(tmp_path: Path) -> None:
-    proc = await launch(["sh", "-c", "sleep 60 & exec sleep 60"], cwd=tmp_path)
+    proc = await launch(["sh", "-c", "sleep 60 & exec sleep 60"], cwd=tmp_path, confine=None)
     stop_group(proc)
     assert await asyncio.wait_for(proc.wait(), 5) < 0
     async with asyncio.timeout(5):

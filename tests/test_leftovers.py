@@ -37,7 +37,8 @@ async def test_a_tool_ignoring_sigterm_dies_though_capd_is_killed_again_within_t
     before it even listens."""
     command = f"trap '' TERM; exec sleep {MARKER}"
     tool = {"tool_calls": [{"name": "bash", "arguments": {"command": command}}]}
-    await spawn(capd, "w1", scripted(tool), tools=["bash"])
+    # Unconfined: a sandboxed tool dies with capd by itself (tests/test_sandbox.py).
+    await spawn(capd, "w1", scripted(tool), tools=["bash"], sandbox={"mode": "off"})
     try:
         async with await connect_pod(capd, "w1") as pod:
             await pod.request({"method": "run", "text": "go"})

@@ -97,6 +97,11 @@ def tapped(commands: McpServerCommands, log: Path) -> dict[str, Any]:
     }
 
 
+def tap_sandbox(log: Path) -> dict[str, Any]:
+    """The sandbox of a pod with a `tapped` server: the tap writes its log."""
+    return {"writable": [str(log.parent)]}
+
+
 def long_call() -> dict[str, Any]:
     return call(f"mcp__everything__{LONG}", duration=30, steps=300)
 
@@ -110,10 +115,12 @@ async def logged(log: Path, line: str, times: int = 1, timeout: float = READY_TI
         await asyncio.sleep(0.02)
 
 
-def server_under(tap_pid: int) -> int:
-    """The real server: the tap's one child."""
-    (child,) = Path(f"/proc/{tap_pid}/task/{tap_pid}/children").read_text().split()
-    return int(child)
+def server_under(pid: int) -> int:
+    """The real server: the end of the line of only children from `status.mcp`'s pid (the
+    tap's, or in a sandbox bwrap's, whose child bwrap runs the tap)."""
+    while len(children := Path(f"/proc/{pid}/task/{pid}/children").read_text().split()) == 1:
+        pid = int(children[0])
+    return pid
 
 
 async def start_long_call(pod: Client, log: Path) -> tuple[dict[str, Any], int]:
@@ -306,7 +313,13 @@ async def test_pause_and_cancel_interrupt_a_long_call_and_the_server_stays(
     echo = call("mcp__everything__echo", message="still here")
     model = scripted(long_call(), echo, {"text": "after"}, long_call())
     log = tmp_path / "tap.log"
-    await spawn(capd, "p1", model, mcp_servers={"everything": tapped(mcp_commands, log)})
+    await spawn(
+        capd,
+        "p1",
+        model,
+        mcp_servers={"everything": tapped(mcp_commands, log)},
+        sandbox=tap_sandbox(log),
+    )
     async with await connect_pod(capd, "p1") as pod:
         before, server = await start_long_call(pod, log)
         started = time.monotonic()
@@ -346,7 +359,13 @@ async def test_pause_of_a_call_to_a_hung_server_restarts_it(
     echo = call("mcp__everything__echo", message="new server")
     model = scripted(long_call(), echo, {"text": "after"})
     log = tmp_path / "tap.log"
-    await spawn(capd, "q1", model, mcp_servers={"everything": tapped(mcp_commands, log)})
+    await spawn(
+        capd,
+        "q1",
+        model,
+        mcp_servers={"everything": tapped(mcp_commands, log)},
+        sandbox=tap_sandbox(log),
+    )
     async with await connect_pod(capd, "q1") as pod:
         before, server = await start_long_call(pod, log)
         os.kill(server, signal.SIGSTOP)
@@ -377,6 +396,7 @@ async def test_a_hung_server_times_out_and_is_restarted(
         "h1",
         model,
         mcp_servers={"everything": tapped(mcp_commands, log)},
+        sandbox=tap_sandbox(log),
         limits={"mcp_call_timeout_s": 1},
     )
     async with await connect_pod(capd, "h1") as pod:
@@ -410,7 +430,13 @@ async def test_a_server_killed_mid_call_is_unavailable_then_back(
     echo = call("mcp__everything__echo", message="back again")
     model = scripted(long_call(), {"text": "lost it"}, echo, {"text": "answered"})
     log = tmp_path / "tap.log"
-    await spawn(capd, "k1", model, mcp_servers={"everything": tapped(mcp_commands, log)})
+    await spawn(
+        capd,
+        "k1",
+        model,
+        mcp_servers={"everything": tapped(mcp_commands, log)},
+        sandbox=tap_sandbox(log),
+    )
     async with await connect_pod(capd, "k1") as pod:
         before, server = await start_long_call(pod, log)
         os.kill(server, signal.SIGKILL)  # the tap exits with it
@@ -462,7 +488,7 @@ async def test_secrets_reach_the_server_and_nothing_else(
 ) -> None:
     secret = f"s3cret-{secrets.token_hex(12)}"
     capd_dirs.env = {"CAPD_TEST_MCP_SECRET": secret}
-    capd_dirs.log = capd_dirs.state_dir.parent / "capd.log"
+    capd_dirs.log = capd_dirs.state_dir.with_name(f"{capd_dirs.state_dir.name}.log")
     capd_dirs.start()
     servers = {
         "everything": everything(mcp_commands, env={"MY_TOKEN": "${CAPD_TEST_MCP_SECRET}"}),
@@ -510,7 +536,13 @@ async def test_capd_killed_mid_call_comes_back_with_the_server(
     echo = call("mcp__everything__echo", message="after the restart")
     model = scripted(long_call(), echo, {"text": "ok"})
     log = tmp_path / "tap.log"
-    await spawn(capd, "r1", model, mcp_servers={"everything": tapped(mcp_commands, log)})
+    await spawn(
+        capd,
+        "r1",
+        model,
+        mcp_servers={"everything": tapped(mcp_commands, log)},
+        sandbox=tap_sandbox(log),
+    )
     async with await connect_pod(capd, "r1") as pod:
         before, server = await start_long_call(pod, log)
     await sigkill(capd)

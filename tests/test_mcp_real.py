@@ -36,6 +36,7 @@ from tests.test_mcp import (
     restarted,
     results,
     server_under,
+    tap_sandbox,
     tapped,
     wait_mcp,
 )
@@ -129,7 +130,13 @@ async def test_a_server_killed_again_and_again_comes_back_each_time(
     steps = [long_call(), {"text": "lost"}] * KILLS
     steps += [call("mcp__everything__echo", message="survived"), {"text": "done"}]
     log = tmp_path / "tap.log"
-    await spawn(capd, "x1", scripted(*steps), mcp_servers={"everything": tapped(mcp_commands, log)})
+    await spawn(
+        capd,
+        "x1",
+        scripted(*steps),
+        mcp_servers={"everything": tapped(mcp_commands, log)},
+        sandbox=tap_sandbox(log),
+    )
     async with await connect_pod(capd, "x1") as pod:
         state = await wait_mcp(pod, "everything", ready)
         first = state

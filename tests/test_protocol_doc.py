@@ -40,6 +40,7 @@ RESULT_METHODS: dict[type[BaseModel], tuple[str, ...]] = {
     results.ListResult: ("list",),
     results.PodListEntry: ("list",),
     results.InfoResult: ("info",),
+    results.SandboxBackend: ("info",),
     results.SetBudgetResult: ("set_budget",),
 }
 """Which method's section documents each ack result."""

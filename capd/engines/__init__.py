@@ -5,11 +5,15 @@ from pathlib import Path
 from capd.engines.base import Engine
 from capd.engines.process import check_command
 from capd.proc.limits import PodLimits
+from capd.proc.sandbox import Confinement
 from protocol.manifest import AcpEngine, BuiltinEngine, ClaudeCodeEngine, Manifest
 
 
-def make_engine(manifest: Manifest, pod_limits: PodLimits | None = None) -> Engine:
-    """The pod's engine; an external one's processes run in `pod_limits`' leaves."""
+def make_engine(
+    manifest: Manifest, sandbox: Confinement | None, pod_limits: PodLimits | None = None
+) -> Engine:
+    """The pod's engine; an external one's process is confined by `sandbox` and runs in
+    `pod_limits`' leaves."""
     match manifest.engine:
         case BuiltinEngine():
             from capd.engines.builtin import BuiltinEngine as Builtin
@@ -19,20 +23,20 @@ def make_engine(manifest: Manifest, pod_limits: PodLimits | None = None) -> Engi
         case ClaudeCodeEngine() as config:
             from capd.engines.claude_code import ClaudeCodeEngine as ClaudeCode
 
-            return ClaudeCode(config, manifest, pod_limits)
+            return ClaudeCode(config, manifest, sandbox, pod_limits)
         case AcpEngine() as config:
             from capd.engines.acp import AcpEngine as Acp
 
-            return Acp(config, manifest, pod_limits)
+            return Acp(config, manifest, sandbox, pod_limits)
     raise AssertionError(f"unknown engine {manifest.engine.kind}")
 
 
-def check_engine(manifest: Manifest) -> None:
+def check_engine(manifest: Manifest, sandbox: Confinement | None) -> None:
     """Refuse (invalid_request) an external engine whose command names no executable."""
     engine = manifest.engine
     if isinstance(engine, AcpEngine | ClaudeCodeEngine):
         assert manifest.cwd is not None
-        check_command(engine.kind, engine.command, engine.env, Path(manifest.cwd))
+        check_command(engine.kind, engine.command, engine.env, Path(manifest.cwd), sandbox)
 
 
 def model_label(manifest: Manifest) -> str:

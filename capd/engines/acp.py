@@ -45,6 +45,7 @@ from capd.engines.questions import Questions
 from capd.prices import add_usage
 from capd.proc.launcher import environment
 from capd.proc.limits import PodLimits
+from capd.proc.sandbox import Confinement
 from protocol.events import (
     AssistantMessage,
     CompactionStarted,
@@ -123,13 +124,19 @@ class AcpEngine(ExternalEngine):
     kind = "acp"
 
     def __init__(
-        self, config: AcpConfig, manifest: Manifest, pod_limits: PodLimits | None = None
+        self,
+        config: AcpConfig,
+        manifest: Manifest,
+        sandbox: Confinement | None,
+        pod_limits: PodLimits | None = None,
     ) -> None:
         assert manifest.cwd is not None
-        super().__init__(Path(manifest.cwd), config, manifest.mcp_servers, pod_limits)
+        super().__init__(Path(manifest.cwd), config, manifest.mcp_servers, sandbox, pod_limits)
         self._config = config
         # A server that cannot be handed over shows failed from the start; whether the
         # agent takes http servers waits for its `initialize`.
+        # capd expands the servers' ${VAR}s, from its own environment, as for its own
+        # servers: they reach the agent only over its stdin, whatever its sandbox passes.
         environ = environment(self._env)
         self._mcp.starting(acp_servers(self._mcp.servers, self._cwd, environ, True)[1])
         self._system_prompt = manifest.system_prompt

@@ -38,7 +38,8 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,8 @@ from capd.engines.mcp_handover import claude_code_config
 from capd.engines.process import EngineDied, ExternalEngine
 from capd.proc.launcher import environment
 from capd.proc.limits import PodLimits
+from capd.proc.sandbox import Confinement
+from capd.tools.mcp.secrets import referenced
 from protocol.errors import ProtocolError
 from protocol.events import (
     AssistantMessage,
@@ -67,7 +70,7 @@ from protocol.events import (
 )
 from protocol.framing import within_bounds
 from protocol.manifest import ClaudeCodeEngine as ClaudeCodeConfig
-from protocol.manifest import Manifest
+from protocol.manifest import Manifest, McpServerConfig, McpStdioServer
 
 log = logging.getLogger(__name__)
 
@@ -137,11 +140,21 @@ class ClaudeCodeEngine(ExternalEngine):
     can_compact = True
 
     def __init__(
-        self, config: ClaudeCodeConfig, manifest: Manifest, pod_limits: PodLimits | None = None
+        self,
+        config: ClaudeCodeConfig,
+        manifest: Manifest,
+        sandbox: Confinement | None,
+        pod_limits: PodLimits | None = None,
     ) -> None:
         assert manifest.cwd is not None
-        super().__init__(Path(manifest.cwd), config, manifest.mcp_servers, pod_limits)
+        if sandbox is not None:
+            sandbox = sandbox.widened(own_state())
+        super().__init__(Path(manifest.cwd), config, manifest.mcp_servers, sandbox, pod_limits)
         self._env = {AUTOCOMPACT_PCT: f"{manifest.limits.compact_at * 100:g}", **config.env}
+        if sandbox is not None:
+            # Claude Code expands its servers' ${VAR}s itself: it gets those capd has,
+            # as it would unconfined, whatever sandbox.env lists.
+            self._env = {**_referenced(manifest.mcp_servers.values()), **self._env}
         self._mcp_config, self._mcp_left_out = claude_code_config(
             self._mcp.servers, environment(self._env)
         )
@@ -593,6 +606,25 @@ class ClaudeCodeEngine(ExternalEngine):
             assert self._session_id is not None
             if self._session_id in str(died) or NO_SESSION in str(died):
                 self._session_lost(self._session_id, str(died))
+
+
+def _referenced(servers: Iterable[McpServerConfig]) -> dict[str, str]:
+    """The variables of capd's environment that the servers' `${VAR}`s name."""
+    names = [
+        name
+        for server in servers
+        for name in referenced(server.env if isinstance(server, McpStdioServer) else server.headers)
+    ]
+    return {name: os.environ[name] for name in names if name in os.environ}
+
+
+def own_state() -> list[Path]:
+    """What Claude Code writes outside the cwd, writable in its sandbox: `~/.claude` (its
+    sessions and credentials; made when missing) and `~/.claude.json` (its login and
+    settings, when it exists)."""
+    home = Path.home()
+    (home / ".claude").mkdir(mode=0o700, exist_ok=True)
+    return [home / ".claude", home / ".claude.json"]
 
 
 def _outcome(turn: Turn, result: dict[str, Any]) -> TurnOutcome:

@@ -45,8 +45,9 @@ from capd.engines.base import (
 )
 from capd.engines.mcp_handover import HandedServers
 from capd.proc.groups import KILL_GRACE_S, signal_name
-from capd.proc.launcher import environment, launch_piped, stop_group
+from capd.proc.launcher import close_piped, environment, launch_piped, stop_group
 from capd.proc.limits import Leaf, PodLimits
+from capd.proc.sandbox import Confinement
 from capd.proc.stderr import StderrTail
 from protocol.errors import ProtocolError
 from protocol.events import EngineSession, ToolResult
@@ -81,7 +82,13 @@ class EngineDied(EngineError):
     """The engine process exited, or broke its protocol and was stopped."""
 
 
-def check_command(kind: str, command: Sequence[str], env: dict[str, str], cwd: Path) -> None:
+def check_command(
+    kind: str,
+    command: Sequence[str],
+    env: dict[str, str],
+    cwd: Path,
+    confine: Confinement | None,
+) -> None:
     """Refuse (invalid_request) an engine command that names no executable file."""
     exe = command[0]
     if "/" in exe:
@@ -89,7 +96,7 @@ def check_command(kind: str, command: Sequence[str], env: dict[str, str], cwd: P
         found = path.is_file() and os.access(path, os.X_OK)
         where = f"{path} is not an executable file"
     else:
-        search = environment(env).get("PATH", os.defpath)
+        search = environment(env, confine=confine).get("PATH", os.defpath)
         found = shutil.which(exe, path=search) is not None
         where = f"{exe} is not found on PATH"
     if not found:
@@ -97,9 +104,10 @@ def check_command(kind: str, command: Sequence[str], env: dict[str, str], cwd: P
 
 
 class EngineProcess:
-    def __init__(self, proc: asyncio.subprocess.Process, label: str) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, label: str, confined: bool) -> None:
         self._proc = proc
         self.label = label
+        self._confined = confined
         self._stderr = StderrTail()
         self._output_deadline: float | None = None
         """Once the process has exited: when to stop waiting for its output to close."""
@@ -110,13 +118,21 @@ class EngineProcess:
 
     @classmethod
     async def start(
-        cls, label: str, argv: Sequence[str], cwd: Path, env: dict[str, str], leaf: Leaf | None
+        cls,
+        label: str,
+        argv: Sequence[str],
+        cwd: Path,
+        env: dict[str, str],
+        confine: Confinement | None,
+        leaf: Leaf | None = None,
     ) -> "EngineProcess":
         try:
-            proc = await launch_piped(argv, cwd=cwd, env=env, limit=LINE_LIMIT, leaf=leaf)
+            proc = await launch_piped(
+                argv, cwd=cwd, confine=confine, env=env, limit=LINE_LIMIT, leaf=leaf
+            )
         except OSError as exc:
             raise EngineError(f"cannot start {label} ({argv[0]}): {exc.strerror}") from None
-        return cls(proc, label)
+        return cls(proc, label, confine is not None)
 
     @property
     def pid(self) -> int:
@@ -198,7 +214,7 @@ class EngineProcess:
         stop_group(self._proc)
 
     async def aclose(self) -> None:
-        self.stop()
+        await close_piped(self._proc, self._confined)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(KILL_GRACE_S + 1):
                 await self._proc.wait()
@@ -235,11 +251,14 @@ class ExternalEngine(ABC):
         cwd: Path,
         config: AcpConfig | ClaudeCodeConfig,
         mcp_servers: Mapping[str, McpServerConfig],
+        sandbox: Confinement | None,
         pod_limits: PodLimits | None = None,
     ) -> None:
         self._cwd = cwd
         self._pod_limits = pod_limits
         self._env = config.env
+        self._sandbox = sandbox
+        """How the process is confined (None: not at all)."""
         self._mcp = HandedServers(mcp_servers)
         """The pod's MCP servers, which the engine runs itself."""
         self._settle_timeout_s = config.settle_timeout_s
@@ -409,7 +428,9 @@ class ExternalEngine(ABC):
 
     async def _spawn(self, argv: Sequence[str]) -> EngineProcess:
         leaf = self._pod_limits.leaf("engine") if self._pod_limits else None
-        proc = await EngineProcess.start(f"{self.kind} engine", argv, self._cwd, self._env, leaf)
+        proc = await EngineProcess.start(
+            f"{self.kind} engine", argv, self._cwd, self._env, self._sandbox, leaf
+        )
         self._proc = proc
         self._inbox = asyncio.Queue(INBOX_LIMIT)
         self._pump_task = asyncio.create_task(self._pump(proc))

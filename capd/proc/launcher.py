@@ -5,19 +5,23 @@ A process starts in its own session, so its process group holds everything it st
 `stop_group` stops all of it (`capd.proc.groups`: SIGTERM now, SIGKILL after the grace).
 It runs in the directory it is given, with capd's environment, the caller's variables over
 it and the owner mark over both (`capd.proc.leftovers`: the next capd stops it if this one
-dies). Its stdin, stdout and stderr are what the caller asks for, never capd's own. How a
-process runs is decided here alone, so confining it (a sandbox around the argv, an
-environment allow-list, resource limits) changes this module, not its callers.
+dies). A confined process (`capd.proc.sandbox`) runs inside bwrap instead, with only the
+variables its confinement allows and the caller's: bwrap alone keeps the owner mark (it
+leads the group, and what runs inside dies with it). Its stdin, stdout and
+stderr are what the caller asks for, never capd's own. How a process runs is decided here
+alone, so its callers do not change when confining it does.
 """
 
 import asyncio
+import contextlib
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from capd.proc.groups import terminate_group
+from capd.proc.groups import KILL_GRACE_S, terminate_group
 from capd.proc.leftovers import owner_mark
 from capd.proc.limits import Leaf
+from capd.proc.sandbox import Confinement
 
 STREAM_LIMIT = 64 * 1024
 """asyncio's default bound on a line read from a piped stream."""
@@ -27,6 +31,7 @@ async def launch(
     argv: Sequence[str],
     *,
     cwd: Path,
+    confine: Confinement | None,
     env: Mapping[str, str] | None = None,
     inherit: Callable[[str], bool] | None = None,
     stdin: int = asyncio.subprocess.DEVNULL,
@@ -35,18 +40,23 @@ async def launch(
     limit: int = STREAM_LIMIT,
     leaf: Leaf | None = None,
 ) -> asyncio.subprocess.Process:
-    """Start `argv` in `cwd` in a new process group. `env` adds to the environment;
-    `inherit`, when given, says which of capd's own variables are passed on; `stdin`,
-    `stdout` and `stderr` are each asyncio.subprocess.PIPE, DEVNULL or a file descriptor;
-    `limit` bounds a line read from a piped stream; `leaf` (`capd.proc.limits`) is where
-    the process and all it starts are limited, closed once it exits. OSError when it
-    cannot start."""
+    """Start `argv` in `cwd` in a new process group, confined by `confine` (None: capd's
+    own processes, and pods with sandbox mode `off`). `env` adds to the environment;
+    `inherit`, when given, says which of capd's own variables are passed on (unconfined);
+    `stdin`, `stdout` and `stderr` are each asyncio.subprocess.PIPE, DEVNULL or a file
+    descriptor; `limit` bounds a line read from a piped stream; `leaf`
+    (`capd.proc.limits`) is where the process and all it starts are limited, closed once
+    it exits. OSError when it cannot start."""
+    if confine is not None:
+        argv, outer = confine.wrap(argv), {**confine.environment(env), **owner_mark()}
+    else:
+        outer = environment(env, inherit)
     if leaf is not None:
-        argv = leaf.wrap(argv)  # outermost: the shim enters the leaf, then execs the rest
+        argv = leaf.wrap(argv)  # outermost: the shim enters the leaf, then execs bwrap
     process = await asyncio.create_subprocess_exec(
         *argv,
         cwd=cwd,
-        env=environment(env, inherit),
+        env=outer,
         stdin=stdin,
         stdout=stdout,
         stderr=stderr,
@@ -62,6 +72,7 @@ async def launch_piped(
     argv: Sequence[str],
     *,
     cwd: Path,
+    confine: Confinement | None,
     env: Mapping[str, str],
     limit: int,
     leaf: Leaf | None = None,
@@ -74,6 +85,7 @@ async def launch_piped(
         launch(
             argv,
             cwd=cwd,
+            confine=confine,
             env=env,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
@@ -95,9 +107,14 @@ def _stop_launched(launching: "asyncio.Future[asyncio.subprocess.Process]") -> N
 
 
 def environment(
-    env: Mapping[str, str] | None = None, inherit: Callable[[str], bool] | None = None
+    env: Mapping[str, str] | None = None,
+    inherit: Callable[[str], bool] | None = None,
+    confine: Confinement | None = None,
 ) -> dict[str, str]:
-    """The environment of a process started with `env` and `inherit`."""
+    """The environment of a process started with `env` and `inherit` (or `confine`),
+    without the owner mark when it is confined: what the process itself sees."""
+    if confine is not None:
+        return confine.environment(env)
     own = os.environ if inherit is None else {k: v for k, v in os.environ.items() if inherit(k)}
     return {**own, **(env or {}), **owner_mark()}
 
@@ -106,3 +123,16 @@ def stop_group(process: asyncio.subprocess.Process) -> None:
     """SIGTERM the group of a process `launch` started, SIGKILL it after the grace unless
     it is gone. Returns at once."""
     terminate_group(process.pid)
+
+
+async def close_piped(process: asyncio.subprocess.Process, confined: bool) -> None:
+    """Close the stdin of a process `launch_piped` started, then stop its group. A
+    confined one first gets up to KILL_GRACE_S to exit on its own: a signal to its group
+    tears its sandbox down at once, SIGTERM's grace included."""
+    if process.stdin is not None:
+        process.stdin.close()
+    if confined and process.returncode is None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(KILL_GRACE_S):
+                await process.wait()
+    stop_group(process)

@@ -12,6 +12,7 @@ from typing import ClassVar, Generic, Protocol, TypeVar
 
 from capd.chat import ToolSpec
 from capd.proc.limits import PodLimits
+from capd.proc.sandbox import Confinement
 from protocol.tools import SpawnPodArgs, ToolArgs
 
 DEFAULT_OUTPUT_LIMIT = 64 * 1024
@@ -41,6 +42,8 @@ class ToolContext:
     """Set for pods hosted by a daemon; the pod tools need it."""
     spill_dir: Path | None = None
     """Where output too long to show is written in full (the pod's state dir)."""
+    sandbox: Confinement | None = None
+    """How the pod's processes are confined; None: not at all (sandbox mode `off`)."""
     limits: PodLimits | None = None
     """The pod's limits.memory_mb and limits.pids; None: none."""
 

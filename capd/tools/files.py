@@ -1,12 +1,16 @@
-"""The file tools: read_file, write_file, edit_file, confined to the pod's working directory.
+"""The file tools: read_file, write_file, edit_file, confined to the pod's working directory
+and, in a sandbox, its `sandbox.writable` paths (docs/protocol.md, Sandbox).
 
-A path is taken relative to the working directory (an absolute one must start with it) and
-walked one component at a time from a directory fd, never letting the kernel follow a
-symlink: a symlink's text is walked the same way, and any `..` that would climb above the
-working directory is refused, whether the file exists or not, even if the path would come
-back in. So a directory swapped for a symlink mid-call cannot lead a tool outside. A
-regular file hard-linked elsewhere is out of a path check's sight: read_file reads it,
-write_file and edit_file refuse a file with more than one link. Files are UTF-8 text:
+A path is taken relative to the working directory (an absolute one must start with it or
+with a writable path: its root) and walked one component at a time from the root's
+directory fd, never letting the kernel follow a symlink: a symlink's text is walked the
+same way, and any `..` that would climb above the root is refused, whether the file exists
+or not, even if the path would come back in. So a directory swapped for a symlink mid-call
+cannot lead a tool outside. In a sandbox no directory or file met on the way may be one the
+sandbox hides (compared by device and inode, so another name for it is refused too), and
+with mode `read-only` nothing is written. A regular file hard-linked elsewhere is out of a
+path check's sight: read_file reads it, write_file and edit_file refuse a file with more
+than one link. Files are UTF-8 text:
 read_file shows undecodable bytes as U+FFFD and refuses files that look binary (a NUL byte
 in their first 8 KiB); edit_file refuses files that are not valid UTF-8, since writing back
 a lossy decoding would corrupt them.
@@ -24,7 +28,8 @@ import os
 import stat
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, TypeVar
 
@@ -71,24 +76,66 @@ _MAX_DEPTH = 256
 symlinks must not run up (ENAMETOOLONG)."""
 
 
-def _open_inside(path: str, cwd: Path, flags: int) -> int:
-    """An fd for the regular file `path` names inside `cwd`, opened with `flags`.
+@dataclass(frozen=True, slots=True)
+class _Bounds:
+    """Where a file tool may go: below one of `roots` (the cwd first), never into a
+    directory or file of `hidden` (keyed by device and inode)."""
+
+    roots: tuple[Path, ...]
+    hidden: dict[tuple[int, int], Path]
+
+    def outside(self, path: str) -> ToolFailed:
+        where = f"the working directory {self.roots[0]}"
+        if len(self.roots) > 1:
+            where += f" and the writable paths ({', '.join(map(str, self.roots[1:]))})"
+        return ToolFailed(f"path {path} resolves outside {where}")
+
+
+def _bounds(ctx: ToolContext, *, writing: bool, path: str) -> _Bounds:
+    """The bounds of one call; a write in a read-only sandbox is refused here."""
+    box = ctx.sandbox
+    if box is None:  # mode off
+        return _Bounds((ctx.cwd,), {})
+    if writing and box.mode == "read-only":
+        raise ToolFailed(
+            f"cannot write {path}: this pod's sandbox.mode is read-only, so nothing is "
+            "writable, not even the working directory"
+        )
+    return _Bounds((ctx.cwd, *map(Path, box.writable)), _identities(box.hidden))
+
+
+def _identities(paths: Iterable[Path | str]) -> dict[tuple[int, int], Path]:
+    """The device and inode of each path that exists."""
+    found = {}
+    for path in map(Path, paths):
+        with contextlib.suppress(OSError):
+            info = path.stat()
+            found[(info.st_dev, info.st_ino)] = path
+    return found
+
+
+def _open_inside(path: str, bounds: _Bounds, flags: int) -> int:
+    """An fd for the regular file `path` names inside one of `bounds.roots`, opened with
+    `flags`.
 
     The path is walked one component at a time, each opened relative to the directory fd
     before it and never through a symlink (O_NOFOLLOW): a symlink's text is read and
     walked the same way, so the kernel never follows a name we did not check, and a
     directory swapped for a symlink mid-walk cannot lead outside. `..` climbs the fds
-    already open and stops at `cwd`. With O_CREAT, missing directories are created. For
-    writing, a file with more than one hard link is refused: a path check cannot see where
-    the other links are.
+    already open and stops at the root. Each fd is checked against the hidden paths before
+    it is used. With O_CREAT, missing directories are created. For writing, a file with
+    more than one hard link is refused: a path check cannot see where the other links are.
     """
     if "\0" in path:
         raise ToolFailed(f"cannot resolve path {path}: embedded null byte")
     if len(path.encode(errors="surrogateescape")) >= _MAX_PATH_BYTES:
         raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
-    outside = ToolFailed(f"path {path} resolves outside the working directory {cwd}")
-    pending = deque(_below(PurePosixPath(path), cwd, outside))
-    levels: list[tuple[str, int | None]] = [("", os.open(cwd.resolve(), _DIR_FLAGS))]
+    outside = bounds.outside(path)
+    root, parts = _rooted(PurePosixPath(path), bounds.roots, outside)
+    pending = deque(parts)
+    levels: list[tuple[str, int | None]] = [
+        ("", _unhidden(os.open(root, _DIR_FLAGS), bounds, path))
+    ]
     links = 0
     try:
         while pending:
@@ -98,12 +145,13 @@ def _open_inside(path: str, cwd: Path, flags: int) -> int:
                     raise outside
                 _close(levels.pop()[1])
                 continue
-            top = _materialize(levels, creating=bool(flags & os.O_CREAT))
+            top = _materialize(levels, bounds, path, creating=bool(flags & os.O_CREAT))
             target = _step(name, top, flags, last=not pending, path=path)
             if len(levels) > _MAX_DEPTH and not isinstance(target, str):
                 _close(target)
                 raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
             if isinstance(target, int):
+                _unhidden(target, bounds, path)
                 if pending:
                     levels.append((name, target))
                     continue
@@ -119,25 +167,54 @@ def _open_inside(path: str, cwd: Path, flags: int) -> int:
                 for _, fd in levels[1:]:
                     _close(fd)
                 del levels[1:]
-            pending.extendleft(reversed(_below(link, cwd, outside)))
+            pending.extendleft(reversed(_below(link, root, outside)))
         raise ToolFailed(f"{path} is not a regular file")
     finally:
         for _, fd in levels:
             _close(fd)
 
 
-def _below(path: PurePosixPath, cwd: Path, outside: ToolFailed) -> tuple[str, ...]:
-    """The components of `path` below `cwd`; an absolute path must start with `cwd`
+def _rooted(
+    path: PurePosixPath, roots: tuple[Path, ...], outside: ToolFailed
+) -> tuple[Path, tuple[str, ...]]:
+    """The root `path` is walked from (a relative path: the cwd) and its components
+    below it."""
+    if not path.is_absolute():
+        return roots[0], path.parts
+    for root in roots:
+        with contextlib.suppress(ToolFailed):
+            return root, _below(path, root, outside)
+    raise outside
+
+
+def _below(path: PurePosixPath, root: Path, outside: ToolFailed) -> tuple[str, ...]:
+    """The components of `path` below `root`; an absolute path must start with `root`
     (as given or resolved) or it is outside."""
     if not path.is_absolute():
         return path.parts
-    for base in (cwd.resolve(), cwd.absolute()):
+    for base in (root.resolve(), root.absolute()):
         if path.is_relative_to(base):
             return path.relative_to(base).parts
     raise outside
 
 
-def _materialize(levels: list[tuple[str, int | None]], *, creating: bool) -> int:
+def _unhidden(fd: int, bounds: _Bounds, path: str) -> int:
+    """`fd`, unless it is a directory or file the sandbox hides (then it is closed)."""
+    if not bounds.hidden:
+        return fd
+    info = os.fstat(fd)
+    hidden = bounds.hidden.get((info.st_dev, info.st_ino))
+    if hidden is not None:
+        os.close(fd)
+        raise ToolFailed(
+            f"{path} leads into {hidden}, which the sandbox hides; the file tools do not open it"
+        )
+    return fd
+
+
+def _materialize(
+    levels: list[tuple[str, int | None]], bounds: _Bounds, path: str, *, creating: bool
+) -> int:
     """The fd of the deepest level, creating the directories that are missing so far when
     `creating` (else a missing one is an error). Missing levels are the last ones: a
     level below a missing one is missing too."""
@@ -151,7 +228,8 @@ def _materialize(levels: list[tuple[str, int | None]], *, creating: bool) -> int
         parent = levels[index - 1][1]
         with contextlib.suppress(FileExistsError):
             os.mkdir(name, 0o777, dir_fd=parent)
-        levels[index] = (name, os.open(name, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=parent))
+        opened = os.open(name, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=parent)
+        levels[index] = (name, _unhidden(opened, bounds, path))
     fd = levels[-1][1]
     assert fd is not None
     return fd
@@ -222,7 +300,7 @@ def _readable(path: str, ctx: ToolContext) -> int:
     spill files (the full output of a long bash command, which the note names)."""
     if ctx.spill_dir is not None and (spilled := _open_spilled(path, ctx.spill_dir)) is not None:
         return spilled
-    return _open_inside(path, ctx.cwd, os.O_RDONLY)
+    return _open_inside(path, _bounds(ctx, writing=False, path=path), os.O_RDONLY)
 
 
 def _open_spilled(path: str, spill_dir: Path) -> int | None:
@@ -353,7 +431,8 @@ async def _change(
 def _write_file(args: WriteFileArgs, ctx: ToolContext) -> ToolOutcome:
     data = args.content.encode()
     try:
-        fd = _open_inside(args.path, ctx.cwd, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        bounds = _bounds(ctx, writing=True, path=args.path)
+        fd = _open_inside(args.path, bounds, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         with os.fdopen(fd, "wb") as out:
             out.write(data)
     except OSError as exc:
@@ -378,7 +457,7 @@ class EditFileTool(Tool[EditFileArgs]):
 def _edit_file(args: EditFileArgs, ctx: ToolContext) -> ToolOutcome:
     """Read and write back through one fd, so that the file edited is the file read."""
     try:
-        fd = _open_inside(args.path, ctx.cwd, os.O_RDWR)
+        fd = _open_inside(args.path, _bounds(ctx, writing=True, path=args.path), os.O_RDWR)
     except OSError as exc:
         raise _os_failure("edit", args.path, exc) from exc
     with os.fdopen(fd, "r+b") as file:

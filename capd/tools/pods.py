@@ -19,8 +19,9 @@ class SpawnPodTool(Tool[SpawnPodArgs]):
     name = "spawn_pod"
     description = (
         "Start a child pod that works on `task` on its own, in your working directory or a "
-        "directory inside it, with your tools or fewer. Returns at once; when the child's "
-        "turn ends its report reaches you as a notification, so do not poll."
+        "directory inside it, with your tools or fewer and a sandbox no wider than yours. "
+        "Returns at once; when the child's turn ends its report reaches you as a notification, "
+        "so do not poll."
     )
     args_model = SpawnPodArgs
 

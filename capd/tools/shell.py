@@ -152,7 +152,12 @@ async def _spawn(
 ) -> asyncio.subprocess.Process:
     try:
         return await launch(
-            ["bash", "-c", command], cwd=ctx.cwd, stdout=output_fd, stderr=output_fd, leaf=leaf
+            ["bash", "-c", command],
+            cwd=ctx.cwd,
+            confine=ctx.sandbox,
+            stdout=output_fd,
+            stderr=output_fd,
+            leaf=leaf,
         )
     except OSError as exc:
         raise ToolFailed(f"cannot run bash in {ctx.cwd}: {exc.strerror}") from exc

@@ -120,8 +120,15 @@ stack backtrace:
 
 async def run_command(command: str, cancelled: asyncio.Event) -> str | None:
     """`command`'s output, or None once the prompt is cancelled (the command is killed)."""
+    # No stdin, as a real agent's tool: ours is capd's socket, and bash reads ~/.bashrc
+    # when its stdin is a socket.
     proc = await asyncio.create_subprocess_exec(
-        "bash", "-c", command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        "bash",
+        "-c",
+        command,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     wait = asyncio.ensure_future(proc.communicate())
     stop = asyncio.ensure_future(cancelled.wait())
@@ -429,7 +436,12 @@ class TestAgent(Agent):
     async def _run_bash(self, session_id: str, call_id: str, command: str) -> None:
         assert self.client is not None
         proc = await asyncio.create_subprocess_exec(
-            "bash", "-c", command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            "bash",
+            "-c",
+            command,
+            stdin=subprocess.DEVNULL,  # as in run_command
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
         )
         output = (await proc.communicate())[0].decode()
         done = update_tool_call(

@@ -231,8 +231,13 @@ class Turn:
         self.stream(message_id, {"type": "content_block_delta", "index": 0, "delta": delta})
         self.block(message_id, 0, block)
         self.end_message(message_id, "tool_use", 20)
+        # As the real CLI's Bash tool: no stdin (ours is capd's socket, and bash reads
+        # ~/.bashrc when its stdin is a socket).
         proc = subprocess.Popen(
-            ["bash", "-c", command], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            ["bash", "-c", command],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
         )
         stopped = False
         while proc.poll() is None and not stopped:

@@ -46,6 +46,7 @@ async def test_stderr_is_kept_scrubbed_in_a_private_file_and_says_why_it_ended(
     process = await ServerProcess.start(
         ["sh", "-c", script],
         cwd=tmp_path,
+        confine=None,
         env={},
         stderr_path=path,
         scrub=lambda text: text.replace("s3cr3t-value", "${TOKEN}"),
@@ -75,6 +76,7 @@ async def test_a_secret_in_a_long_unfinished_line_is_scrubbed_where_it_is_cut(
     process = await ServerProcess.start(
         [sys.executable, "-c", script],
         cwd=tmp_path,
+        confine=None,
         env={},
         stderr_path=path,
         scrub=lambda text: text.replace(secret, "${TOKEN}"),
@@ -116,6 +118,7 @@ async def test_a_start_cut_short_while_launching_stops_the_servers_group(
         ServerProcess.start(
             ["sh", "-c", "sleep 60 & wait"],
             cwd=tmp_path,
+            confine=None,
             env={},
             stderr_path=None,
             scrub=str,

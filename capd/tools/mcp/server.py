@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from capd.backoff import backoff_s
 from capd.chat import ToolSpec
 from capd.proc.limits import PodLimits
+from capd.proc.sandbox import Confinement
 from capd.tokens import spec_tokens
 from capd.tools.base import ToolContext, ToolOutcome
 from capd.tools.mcp.names import exposed_names
@@ -83,9 +84,11 @@ class McpServer:
         cwd: Path,
         state_dir: Path | None,
         limits: Limits,
+        sandbox: Confinement | None = None,
         pod_limits: PodLimits | None = None,
     ) -> None:
         self.name = name
+        self._sandbox = sandbox
         self._pod_limits = pod_limits
         self.config = config
         self._pod = pod
@@ -340,10 +343,11 @@ class McpServer:
 
     async def _start_process(self, config: McpStdioServer) -> ServerProcess:
         env = self._expand(config.env)
-        argv = [resolve_command(config.command, self._cwd, env), *config.args]
+        argv = [resolve_command(config.command, self._cwd, env, self._sandbox), *config.args]
         process = await ServerProcess.start(
             argv,
             cwd=self._cwd,
+            confine=self._sandbox,
             env=env,
             leaf=self._pod_limits.leaf(f"mcp-{self.name}") if self._pod_limits else None,
             stderr_path=self._stderr_path,
@@ -497,6 +501,7 @@ def pod_servers(
     cwd: Path,
     state_dir: Path | None,
     limits: Limits,
+    sandbox: Confinement | None,
     pod_limits: PodLimits | None = None,
 ) -> list[McpServer]:
     """A pod's servers in the manifest's order, not started yet."""
@@ -508,6 +513,7 @@ def pod_servers(
             cwd=cwd,
             state_dir=state_dir,
             limits=limits,
+            sandbox=sandbox,
             pod_limits=pod_limits,
         )
         for name, config in servers.items()

