@@ -5,6 +5,7 @@ import grp
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from capd.proc.limits import BACKENDS, Backend
 from protocol import VERSION
 from protocol.framing import DEFAULT_MAX_FRAME_BYTES
 from protocol.paths import runtime_dir, state_dir
@@ -27,6 +28,8 @@ class Config:
     """Subscribed connections per pod."""
     allow_gid: int | None = None
     """Members of this group may use capd too (`--allow-group`)."""
+    limits: Backend = "auto"
+    """How pods' limits.memory_mb and limits.pids are enforced (`--limits`)."""
     bwrap: str | None = None
     """The bubblewrap binary to try first (`--bwrap`)."""
 
@@ -69,6 +72,13 @@ class Config:
             help="let members of GROUP use capd too (runtime dir 0710, sockets 0660)",
         )
         parser.add_argument(
+            "--limits",
+            choices=BACKENDS,
+            default=default["limits"],
+            help="how pods' limits.memory_mb and limits.pids are enforced: auto (cgroup v2, "
+            "else cgroup v1, else rlimits) or one of them, which must work (default auto)",
+        )
+        parser.add_argument(
             "--bwrap",
             metavar="PATH",
             help="the bubblewrap binary that confines pods' processes, tried before "
@@ -100,6 +110,7 @@ class Config:
             max_pods=args.max_pods,
             max_subscribers=args.max_subscribers,
             allow_gid=allow_gid,
+            limits=args.limits,
             bwrap=args.bwrap,
         )
 

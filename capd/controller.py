@@ -881,7 +881,10 @@ class PodController:
             "budget": self._ledger.budget(self.name),
             "spent": self._ledger.spent(self.name),
             "mcp": self.toolbox.mcp_status() + self.engine.mcp_status(),
-            "sandbox": sandbox_status(self.manifest.sandbox, self.toolbox.context.sandbox),
+            "sandbox": {
+                **sandbox_status(self.manifest.sandbox, self.toolbox.context.sandbox),
+                "limits": limits.kind if (limits := self.toolbox.context.limits) else "none",
+            },
         }
 
 

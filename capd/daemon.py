@@ -22,6 +22,7 @@ from capd.config import Config
 from capd.outbox import Outbox
 from capd.proc import leftovers
 from capd.proc.groups import stop_all_groups
+from capd.proc.limits import LimitsUnavailable
 from capd.proc.sandbox import Backend, candidates, probe
 from capd.registry import PodRegistry
 from capd.server import DaemonEndpoint
@@ -246,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     _install_loop()
     try:
         asyncio.run(Daemon(config).serve())
-    except DaemonLocked as exc:
+    except (DaemonLocked, LimitsUnavailable) as exc:
         print(f"capd: {exc}", file=sys.stderr)
         sys.exit(1)
     except OSError as exc:

@@ -25,6 +25,7 @@ from capd.controller import PodController, StopMode
 from capd.engines import check_engine, make_engine
 from capd.fanout import Hub
 from capd.outbox import Outbox
+from capd.proc.limits import Limiter, PodLimits
 from capd.proc.sandbox import Backend, Confinement, confinement, containing, resolve_paths
 from capd.registry import PodRegistry
 from capd.server import PodEndpoint
@@ -71,6 +72,7 @@ class _RunningPod:
     controller: PodController
     endpoint: PodEndpoint
     actor: "asyncio.Task[None]"
+    limits: PodLimits
 
 
 class Supervisor:
@@ -101,6 +103,8 @@ class Supervisor:
         self._broken: dict[str, str] = {}
         """Pods that failed to come back up, and why."""
         self._closing = False
+        self.limiter = Limiter.detect(config.state_dir, config.limits)
+        """How pods' limits.memory_mb and limits.pids are enforced (detected once)."""
 
     # -- start-up and shutdown ----------------------------------------------------------
 
@@ -121,6 +125,7 @@ class Supervisor:
         if self._background:
             await asyncio.wait(self._background, timeout=SHUTDOWN_GRACE_S)
         await asyncio.gather(*(self._take_down(name, "pause") for name in list(self.pods)))
+        self.limiter.close()
 
     def summary(self) -> str:
         """The one-line STATUS= systemd shows for capd."""
@@ -339,12 +344,15 @@ class Supervisor:
         socket_path = self.registry.socket(name)
         assert manifest.cwd is not None
         sandbox = self._confinement(manifest)
+        # A bring-up that fails leaves the group to the next one's (or capd's) clean-up.
+        limits = self.limiter.pod(name, manifest.limits.memory_mb, manifest.limits.pids)
         tool_context = ToolContext(
             cwd=Path(manifest.cwd),
             pod=name,
             pods=ChildPods(self, self.registry, self.store, manifest, socket_path),
             spill_dir=self._pod_state_dir(name) / "spill",
             sandbox=sandbox,
+            limits=limits,
         )
         toolbox = Toolbox.builtin(manifest.tools, tool_context)
         if manifest.engine.kind == "builtin":  # external engines run their servers themselves
@@ -356,11 +364,12 @@ class Supervisor:
                     state_dir=self._pod_state_dir(name),
                     limits=manifest.limits,
                     sandbox=sandbox,
+                    pod_limits=limits,
                 )
             )
         controller = PodController(
             manifest,
-            engine=make_engine(manifest, sandbox),
+            engine=make_engine(manifest, sandbox, limits),
             toolbox=toolbox,
             parent=parent,
             socket_path=socket_path,
@@ -376,7 +385,7 @@ class Supervisor:
         await endpoint.listen()
         self.outbox.retry_now(str(endpoint.path))
         actor = asyncio.create_task(controller.run(), name=f"pod {name}")
-        running = _RunningPod(controller, endpoint, actor)
+        running = _RunningPod(controller, endpoint, actor, limits)
         self.pods[name] = running
         toolbox.start_mcp_servers()  # not awaited: the pod is up even if a server cannot start
         return running
@@ -398,6 +407,7 @@ class Supervisor:
                 async with asyncio.timeout(ABANDON_TIMEOUT_S):
                     await running.controller.abandon()
         await running.endpoint.close()
+        await running.limits.close()
 
     def _checkpoint_store(self, name: str, cwd: Path, manifest: Manifest) -> CheckpointStore | None:
         """The store of the cwd's checkpoints, which never records capd's own directories."""

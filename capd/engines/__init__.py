@@ -4,12 +4,16 @@ from pathlib import Path
 
 from capd.engines.base import Engine
 from capd.engines.process import check_command
+from capd.proc.limits import PodLimits
 from capd.proc.sandbox import Confinement
 from protocol.manifest import AcpEngine, BuiltinEngine, ClaudeCodeEngine, Manifest
 
 
-def make_engine(manifest: Manifest, sandbox: Confinement | None) -> Engine:
-    """The pod's engine; an external one's process is confined by `sandbox`."""
+def make_engine(
+    manifest: Manifest, sandbox: Confinement | None, pod_limits: PodLimits | None = None
+) -> Engine:
+    """The pod's engine; an external one's process is confined by `sandbox` and runs in
+    `pod_limits`' leaves."""
     match manifest.engine:
         case BuiltinEngine():
             from capd.engines.builtin import BuiltinEngine as Builtin
@@ -19,11 +23,11 @@ def make_engine(manifest: Manifest, sandbox: Confinement | None) -> Engine:
         case ClaudeCodeEngine() as config:
             from capd.engines.claude_code import ClaudeCodeEngine as ClaudeCode
 
-            return ClaudeCode(config, manifest, sandbox)
+            return ClaudeCode(config, manifest, sandbox, pod_limits)
         case AcpEngine() as config:
             from capd.engines.acp import AcpEngine as Acp
 
-            return Acp(config, manifest, sandbox)
+            return Acp(config, manifest, sandbox, pod_limits)
     raise AssertionError(f"unknown engine {manifest.engine.kind}")
 
 

@@ -44,6 +44,7 @@ from capd.engines.process import EngineDied, EngineError, ExternalEngine
 from capd.engines.questions import Questions
 from capd.prices import add_usage
 from capd.proc.launcher import environment
+from capd.proc.limits import PodLimits
 from capd.proc.sandbox import Confinement
 from protocol.events import (
     AssistantMessage,
@@ -122,9 +123,15 @@ class AcpEngineError(EngineError):
 class AcpEngine(ExternalEngine):
     kind = "acp"
 
-    def __init__(self, config: AcpConfig, manifest: Manifest, sandbox: Confinement | None) -> None:
+    def __init__(
+        self,
+        config: AcpConfig,
+        manifest: Manifest,
+        sandbox: Confinement | None,
+        pod_limits: PodLimits | None = None,
+    ) -> None:
         assert manifest.cwd is not None
-        super().__init__(Path(manifest.cwd), config, manifest.mcp_servers, sandbox)
+        super().__init__(Path(manifest.cwd), config, manifest.mcp_servers, sandbox, pod_limits)
         self._config = config
         # A server that cannot be handed over shows failed from the start; whether the
         # agent takes http servers waits for its `initialize`.

@@ -50,6 +50,7 @@ from capd.engines.base import CompactOrder, Turn, TurnHost, TurnOutcome, never_a
 from capd.engines.mcp_handover import claude_code_config
 from capd.engines.process import EngineDied, ExternalEngine
 from capd.proc.launcher import environment
+from capd.proc.limits import PodLimits
 from capd.proc.sandbox import Confinement
 from capd.tools.mcp.secrets import referenced
 from protocol.errors import ProtocolError
@@ -139,12 +140,16 @@ class ClaudeCodeEngine(ExternalEngine):
     can_compact = True
 
     def __init__(
-        self, config: ClaudeCodeConfig, manifest: Manifest, sandbox: Confinement | None
+        self,
+        config: ClaudeCodeConfig,
+        manifest: Manifest,
+        sandbox: Confinement | None,
+        pod_limits: PodLimits | None = None,
     ) -> None:
         assert manifest.cwd is not None
         if sandbox is not None:
             sandbox = sandbox.widened(own_state())
-        super().__init__(Path(manifest.cwd), config, manifest.mcp_servers, sandbox)
+        super().__init__(Path(manifest.cwd), config, manifest.mcp_servers, sandbox, pod_limits)
         self._env = {AUTOCOMPACT_PCT: f"{manifest.limits.compact_at * 100:g}", **config.env}
         if sandbox is not None:
             # Claude Code expands its servers' ${VAR}s itself: it gets those capd has,

@@ -46,6 +46,7 @@ from capd.engines.base import (
 from capd.engines.mcp_handover import HandedServers
 from capd.proc.groups import KILL_GRACE_S, signal_name
 from capd.proc.launcher import close_piped, environment, launch_piped, stop_group
+from capd.proc.limits import Leaf, PodLimits
 from capd.proc.sandbox import Confinement
 from capd.proc.stderr import StderrTail
 from protocol.errors import ProtocolError
@@ -123,9 +124,12 @@ class EngineProcess:
         cwd: Path,
         env: dict[str, str],
         confine: Confinement | None,
+        leaf: Leaf | None = None,
     ) -> "EngineProcess":
         try:
-            proc = await launch_piped(argv, cwd=cwd, confine=confine, env=env, limit=LINE_LIMIT)
+            proc = await launch_piped(
+                argv, cwd=cwd, confine=confine, env=env, limit=LINE_LIMIT, leaf=leaf
+            )
         except OSError as exc:
             raise EngineError(f"cannot start {label} ({argv[0]}): {exc.strerror}") from None
         return cls(proc, label, confine is not None)
@@ -248,8 +252,10 @@ class ExternalEngine(ABC):
         config: AcpConfig | ClaudeCodeConfig,
         mcp_servers: Mapping[str, McpServerConfig],
         sandbox: Confinement | None,
+        pod_limits: PodLimits | None = None,
     ) -> None:
         self._cwd = cwd
+        self._pod_limits = pod_limits
         self._env = config.env
         self._sandbox = sandbox
         """How the process is confined (None: not at all)."""
@@ -421,8 +427,9 @@ class ExternalEngine(ABC):
             host.emit(result)
 
     async def _spawn(self, argv: Sequence[str]) -> EngineProcess:
+        leaf = self._pod_limits.leaf("engine") if self._pod_limits else None
         proc = await EngineProcess.start(
-            f"{self.kind} engine", argv, self._cwd, self._env, self._sandbox
+            f"{self.kind} engine", argv, self._cwd, self._env, self._sandbox, leaf
         )
         self._proc = proc
         self._inbox = asyncio.Queue(INBOX_LIMIT)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from capd.proc.groups import KILL_GRACE_S, terminate_group
 from capd.proc.leftovers import owner_mark
+from capd.proc.limits import Leaf
 from capd.proc.sandbox import Confinement
 
 STREAM_LIMIT = 64 * 1024
@@ -37,18 +38,22 @@ async def launch(
     stdout: int = asyncio.subprocess.DEVNULL,
     stderr: int = asyncio.subprocess.DEVNULL,
     limit: int = STREAM_LIMIT,
+    leaf: Leaf | None = None,
 ) -> asyncio.subprocess.Process:
     """Start `argv` in `cwd` in a new process group, confined by `confine` (None: capd's
     own processes, and pods with sandbox mode `off`). `env` adds to the environment;
     `inherit`, when given, says which of capd's own variables are passed on (unconfined);
     `stdin`, `stdout` and `stderr` are each asyncio.subprocess.PIPE, DEVNULL or a file
-    descriptor; `limit` bounds a line read from a piped stream. OSError when it cannot
-    start."""
+    descriptor; `limit` bounds a line read from a piped stream; `leaf`
+    (`capd.proc.limits`) is where the process and all it starts are limited, closed once
+    it exits. OSError when it cannot start."""
     if confine is not None:
         argv, outer = confine.wrap(argv), {**confine.environment(env), **owner_mark()}
     else:
         outer = environment(env, inherit)
-    return await asyncio.create_subprocess_exec(
+    if leaf is not None:
+        argv = leaf.wrap(argv)  # outermost: the shim enters the leaf, then execs bwrap
+    process = await asyncio.create_subprocess_exec(
         *argv,
         cwd=cwd,
         env=outer,
@@ -58,6 +63,9 @@ async def launch(
         start_new_session=True,
         limit=limit,
     )
+    if leaf is not None:
+        leaf.close_after(process)
+    return process
 
 
 async def launch_piped(
@@ -67,6 +75,7 @@ async def launch_piped(
     confine: Confinement | None,
     env: Mapping[str, str],
     limit: int,
+    leaf: Leaf | None = None,
 ) -> asyncio.subprocess.Process:
     """`launch` with stdin, stdout and stderr piped: a long-lived process capd talks to
     (an engine, an MCP server). A caller cancelled while it starts gets CancelledError and
@@ -82,6 +91,7 @@ async def launch_piped(
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             limit=limit,
+            leaf=leaf,
         )
     )
     try:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import ClassVar, Generic, Protocol, TypeVar
 
 from capd.chat import ToolSpec
+from capd.proc.limits import PodLimits
 from capd.proc.sandbox import Confinement
 from protocol.tools import SpawnPodArgs, ToolArgs
 
@@ -43,6 +44,8 @@ class ToolContext:
     """Where output too long to show is written in full (the pod's state dir)."""
     sandbox: Confinement | None = None
     """How the pod's processes are confined; None: not at all (sandbox mode `off`)."""
+    limits: PodLimits | None = None
+    """The pod's limits.memory_mb and limits.pids; None: none."""
 
 
 @dataclass(frozen=True, slots=True)

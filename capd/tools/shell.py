@@ -18,6 +18,7 @@ from typing import BinaryIO
 
 from capd.proc.groups import signal_name
 from capd.proc.launcher import launch, stop_group
+from capd.proc.limits import Leaf
 from capd.tools.base import Tool, ToolContext, ToolFailed, ToolOutcome
 from protocol.tools import BashArgs
 
@@ -108,7 +109,8 @@ class BashTool(Tool[BashArgs]):
                 os.fdopen(read_fd, "rb", buffering=0),
             )
             try:
-                proc = await _spawn(args.command, ctx, write_fd)
+                leaf = _leaf(ctx)
+                proc = await _spawn(args.command, ctx, write_fd, leaf)
             except BaseException:
                 transport.close()
                 raise
@@ -124,6 +126,8 @@ class BashTool(Tool[BashArgs]):
                 timed_out = True
             stop_group(proc)
             returncode = await proc.wait()
+            if leaf is not None:
+                await leaf.close()  # what is left in it dies now, setsid escapees too
             await asyncio.wait([collector.closed], timeout=DRAIN_GRACE_S)
         except BaseException:
             stop_group(proc)
@@ -131,10 +135,21 @@ class BashTool(Tool[BashArgs]):
         finally:
             transport.close()
             collector.finish()
-        return _outcome(collector, returncode, timed_out, timeout_s)
+        limited = leaf.outcome() if leaf is not None else None
+        return _outcome(collector, returncode, timed_out, timeout_s, limited)
 
 
-async def _spawn(command: str, ctx: ToolContext, output_fd: int) -> asyncio.subprocess.Process:
+def _leaf(ctx: ToolContext) -> Leaf | None:
+    """The call's own leaf of the pod's limits, if it has any."""
+    try:
+        return ctx.limits.leaf("bash") if ctx.limits else None
+    except OSError as exc:
+        raise ToolFailed(f"cannot set up limits.memory_mb and limits.pids: {exc}") from exc
+
+
+async def _spawn(
+    command: str, ctx: ToolContext, output_fd: int, leaf: Leaf | None
+) -> asyncio.subprocess.Process:
     try:
         return await launch(
             ["bash", "-c", command],
@@ -142,14 +157,21 @@ async def _spawn(command: str, ctx: ToolContext, output_fd: int) -> asyncio.subp
             confine=ctx.sandbox,
             stdout=output_fd,
             stderr=output_fd,
+            leaf=leaf,
         )
     except OSError as exc:
         raise ToolFailed(f"cannot run bash in {ctx.cwd}: {exc.strerror}") from exc
 
 
 def _outcome(
-    collector: _OutputCollector, returncode: int, timed_out: bool, timeout_s: float
+    collector: _OutputCollector,
+    returncode: int,
+    timed_out: bool,
+    timeout_s: float,
+    limited: str | None,
 ) -> ToolOutcome:
+    """The result's text and whether it is an error; `limited` is what the pod's limits
+    did (`Leaf.outcome`)."""
     text = collector.kept.decode("utf-8", errors="replace").removesuffix("\n")
     lines = [text] if text else []
     if note := _truncation_note(collector):
@@ -160,9 +182,12 @@ def _outcome(
         lines.append(f"[killed by signal {signal_name(-returncode)}]")
     elif returncode > 0:
         lines.append(f"[exit code {returncode}]")
+    if limited:
+        lines.append(limited)
     if not lines:
         lines.append("[no output]")
-    return ToolOutcome("\n".join(lines), is_error=timed_out or returncode != 0)
+    failed = timed_out or returncode != 0 or limited is not None
+    return ToolOutcome("\n".join(lines), is_error=failed)
 
 
 def _truncation_note(collector: _OutputCollector) -> str | None:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from capd.backoff import backoff_s
 from capd.chat import ToolSpec
+from capd.proc.limits import PodLimits
 from capd.proc.sandbox import Confinement
 from capd.tokens import spec_tokens
 from capd.tools.base import ToolContext, ToolOutcome
@@ -84,9 +85,11 @@ class McpServer:
         state_dir: Path | None,
         limits: Limits,
         sandbox: Confinement | None = None,
+        pod_limits: PodLimits | None = None,
     ) -> None:
         self.name = name
         self._sandbox = sandbox
+        self._pod_limits = pod_limits
         self.config = config
         self._pod = pod
         self._cwd = cwd
@@ -346,6 +349,7 @@ class McpServer:
             cwd=self._cwd,
             confine=self._sandbox,
             env=env,
+            leaf=self._pod_limits.leaf(f"mcp-{self.name}") if self._pod_limits else None,
             stderr_path=self._stderr_path,
             scrub=self._scrub,
             secret_chars=max(map(len, self._secrets), default=0),
@@ -498,11 +502,19 @@ def pod_servers(
     state_dir: Path | None,
     limits: Limits,
     sandbox: Confinement | None,
+    pod_limits: PodLimits | None = None,
 ) -> list[McpServer]:
     """A pod's servers in the manifest's order, not started yet."""
     return [
         McpServer(
-            name, config, pod=pod, cwd=cwd, state_dir=state_dir, limits=limits, sandbox=sandbox
+            name,
+            config,
+            pod=pod,
+            cwd=cwd,
+            state_dir=state_dir,
+            limits=limits,
+            sandbox=sandbox,
+            pod_limits=pod_limits,
         )
         for name, config in servers.items()
     ]

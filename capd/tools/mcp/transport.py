@@ -22,6 +22,7 @@ from typing import BinaryIO
 
 from capd.proc.groups import KILL_GRACE_S, signal_name, terminate_group
 from capd.proc.launcher import close_piped, environment, launch_piped, stop_group
+from capd.proc.limits import Leaf
 from capd.proc.sandbox import Confinement
 from capd.proc.stderr import StderrTail
 
@@ -89,10 +90,13 @@ class ServerProcess:
         stderr_path: Path | None,
         scrub: Callable[[str], str],
         secret_chars: int = 0,
+        leaf: Leaf | None = None,
     ) -> "ServerProcess":
         """`scrub` takes the secrets out of a text; the longest is `secret_chars` long."""
         try:
-            proc = await launch_piped(argv, cwd=cwd, confine=confine, env=env, limit=LINE_LIMIT)
+            proc = await launch_piped(
+                argv, cwd=cwd, confine=confine, env=env, limit=LINE_LIMIT, leaf=leaf
+            )
         except OSError as exc:
             raise CannotStart(f"cannot start {argv[0]}: {exc.strerror or exc}") from None
         return cls(proc, stderr_path, scrub, secret_chars, confine is not None)
