@@ -167,13 +167,13 @@ class Supervisor:
         sandbox = resolve_paths(manifest.sandbox)
         manifest = manifest.model_copy(update={"cwd": str(cwd), "sandbox": sandbox})
         _check_api_key(manifest)
-        check_engine(manifest, self._confinement(manifest))
-        if _checkpointed(manifest):
-            require_git()
         parent_name = self.registry.pods_dir_name(parent)
         if parent_name is not None:
             self._check_child_of(parent_name, manifest)
             parent = str(self.registry.socket(parent_name))  # the spelling children_of looks up
+        check_engine(manifest, self._confinement(manifest))
+        if _checkpointed(manifest):
+            require_git()
         self.ledger.check_spawn(manifest, parent_name)
         if make_cwd:
             try:
