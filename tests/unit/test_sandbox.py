@@ -22,7 +22,9 @@ from capd.proc.sandbox import (
     probe,
     refusal,
 )
+from capd.tools.base import ToolContext, ToolOutcome
 from protocol.manifest import DEFAULT_SANDBOX_ENV, Sandbox
+from tests.helpers import run_tool
 
 
 def _working_bwrap() -> str | None:
@@ -364,3 +366,17 @@ def test_bound_fds_survive_the_limits_shim(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["CapEff:", "0000000000000000"]
     assert (cwd / "made").exists()
+
+
+async def test_a_bwrap_gone_since_start_is_named_with_the_fix(tmp_path: Path) -> None:
+    """Review 19 #4: the bash tool says what is missing and what to do, not that bash
+    could not run in the cwd."""
+    gone = tmp_path / "bwrap"
+    ctx = ToolContext(
+        cwd=tmp_path, pod="p", sandbox=Confinement(str(gone), "workspace-write", True, tmp_path)
+    )
+    outcome = await run_tool("bash", {"command": "echo hi"}, ctx)
+    assert outcome == ToolOutcome(
+        f"sandbox: bwrap {gone} is gone since capd started; reinstall it or restart capd",
+        is_error=True,
+    )
