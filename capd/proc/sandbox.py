@@ -224,11 +224,12 @@ def _open_bound(path: Path, *, required: bool) -> int | None:
 
 
 def _moved(path: Path, component: Path) -> PathMoved:
+    where = "" if component == path else f" (so {path} is not the path it was)"
     return PathMoved(
         errno.ELOOP,
-        f"sandbox: {component} is now a symlink or not a directory, so {path} is not the "
-        "path resolved when the pod was spawned; rename it back (a path the pod binds is "
-        "never followed through a symlink)",
+        f"sandbox: {component} is now a symlink or not a directory, not what it was when "
+        f"the pod was spawned{where}; rename it back (a pod's paths are never bound "
+        "through a symlink)",
     )
 
 
