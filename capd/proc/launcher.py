@@ -67,7 +67,7 @@ async def launch(
     try:
         process = await asyncio.create_subprocess_exec(
             *argv,
-            cwd=cwd if confine is None else "/",  # bwrap enters the cwd it bound by fd
+            cwd=cwd,  # bwrap itself enters the cwd it bound by fd (--chdir)
             env=outer,
             stdin=stdin,
             stdout=stdout,
