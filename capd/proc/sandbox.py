@@ -164,7 +164,7 @@ class Confinement:
     def _hidden_others(self) -> list[Path]:
         """Hidden paths that exist and are no directory (files, sockets, fifos, devices):
         covered with /dev/null."""
-        return [path for path in self.hidden if os.path.lexists(path) and not path.is_dir()]
+        return [path for path in self.hidden if path.exists() and not path.is_dir()]
 
     def _is_hidden(self, path: Path) -> bool:
         shown = self.writable_paths() + ([self.cwd] if self.mode == "read-only" else [])
