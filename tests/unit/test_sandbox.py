@@ -196,6 +196,7 @@ def test_a_bwrap_that_fails_gives_its_first_line_and_a_fix(tmp_path: Path) -> No
             "user.max_user_namespaces",
         ),
         ("Can't mount proc on /newroot/proc: Operation not permitted", "ProtectKernelTunables"),
+        ("Unknown option --bind-fd", "bubblewrap 0.8 or later"),
         ("something else", "README's Sandbox section"),
     ],
 )
