@@ -12,8 +12,9 @@ MCP server or engine process a leaf below it, so a memory kill takes only that l
 processes and its counters tell the call what happened. A process enters its leaf
 race-free: the launcher runs it through an `sh` shim that writes `0` (itself) to the
 leaf's `cgroup.procs` and then execs it, so everything it starts is born inside. The
-rlimit fallback is the same shim doing `ulimit -v` and `ulimit -p` instead: per process,
-address space rather than memory, and NPROC counts the whole user (root is exempt).
+rlimit fallback is the same shim doing `ulimit -v` and NPROC instead (`ulimit -u`, or `-p`
+where /bin/sh is dash: in bash `-p` is the pipe size): per process, address space rather
+than memory, and NPROC counts the whole user (root is exempt).
 """
 
 import asyncio
@@ -270,8 +271,8 @@ class Leaf:
             limits = []
             if self._pod.memory_mb is not None:
                 limits.append(f"ulimit -v {self._pod.memory_mb * 1024}")
-            if self._pod.pids is not None:
-                limits.append(f"ulimit -p {self._pod.pids}")
+            if (pids := self._pod.pids) is not None:  # NPROC: -u in bash, busybox; -p in dash
+                limits.append(f"{{ ulimit -u {pids} 2>/dev/null || ulimit -p {pids}; }}")
             return [SH, "-c", " && ".join([*limits, 'exec "$@"']), "sh", *argv]
         moves = [f'echo 0 > "${n}"' for n in range(1, len(self.groups) + 1)]
         script = " && ".join([*moves, f"shift {len(self.groups)}", 'exec "$@"'])
