@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from capd.proc.limits import Limiter, group_name
+from capd.proc.limits import Limiter, group_name, pod_group
 from protocol.client import Client
 from tests.conftest import CapdProcess
 from tests.engine_scaffold import STAND_IN_ACP_AGENT, spawn_on_engine
@@ -60,7 +60,7 @@ def pod_groups(capd: CapdProcess, pod: str) -> list[Path]:
     found = []
     for hierarchy in ("memory", "pids"):
         root = Path("/sys/fs/cgroup") / hierarchy
-        found += [path / pod for path in _under(root, name)]
+        found += [path / pod_group(pod) for path in _under(root, name)]
     return found
 
 
@@ -124,6 +124,30 @@ async def test_a_call_over_the_memory_limit_is_killed_and_capd_lives(capd: CapdP
     assert result["output"].endswith("after\n[killed: out of memory (limits.memory_mb=64)]")
     assert (await daemon_request(capd, {"method": "info"}))["pid"] == info["pid"]
     assert status["sandbox"]["limits"] == BACKEND
+
+
+async def test_a_pod_named_like_a_control_file_gets_its_own_group(capd: CapdProcess) -> None:
+    """`tasks`, `cgroup.procs`, `pids.max` are files of the group the pods' groups are made
+    in (`memory.max` too, on v2): a pod's group is named `pod-<name>`."""
+    names = ["tasks", "cgroup.procs", "pids.max", "memory.max"]
+    for name in names:
+        await spawn(
+            capd,
+            name,
+            scripted(bash("cat /proc/self/cgroup"), {"text": "done"}),
+            tools=["bash"],
+            limits={"memory_mb": 256, "pids": 64},
+            sandbox=UNBOXED,  # in bwrap's cgroup namespace /proc/self/cgroup says `/`
+        )
+    for name in names:
+        async with await connect_pod(capd, name) as pod:
+            await pod.request({"method": "run", "text": "go"})
+            result, _ = await wait_for(pod, is_event("tool_result"))
+            await wait_for(pod, is_event("turn_end"))
+        assert not result["is_error"], result["output"]
+        assert f"/{group_name(capd.state_dir)}/pod-{name}/bash-1\n" in result["output"]
+        await daemon_request(capd, {"method": "delete", "name": name})
+        assert not any(group.exists() for group in pod_groups(capd, name))
 
 
 async def test_a_pod_without_limits_gets_no_group(capd: CapdProcess) -> None:
@@ -232,7 +256,7 @@ async def test_an_mcp_server_runs_in_its_own_leaf_and_is_restarted_when_killed_f
     async with await connect_pod(capd, "w1") as pod:
         server = await mcp_server(pod, "time", lambda s: s["state"] == "ready")
     cgroups = Path(f"/proc/{server['pid']}/cgroup").read_text()
-    assert f"/{group_name(capd.state_dir)}/w1/mcp-time-1\n" in cgroups
+    assert f"/{group_name(capd.state_dir)}/pod-w1/mcp-time-1\n" in cgroups
     await daemon_request(capd, {"method": "delete", "name": "w1"})
     assert not alive(server["pid"])
 

@@ -7,7 +7,7 @@ else cgroup v1 when the memory and pids hierarchies are mounted and capd may mak
 in its own there; else rlimits. Each capd names its groups after its state directory
 (`capd-<tag>`), so the next capd on that directory removes what a killed one left.
 
-A pod with a limit gets `<own>/capd-<tag>/<pod>` (holding the limits) and each bash call,
+A pod with a limit gets `<own>/capd-<tag>/pod-<pod>` (holding the limits) and each bash call,
 MCP server or engine process a leaf below it, so a memory kill takes only that leaf's
 processes and its counters tell the call what happened. A process enters its leaf
 race-free: the launcher runs it through an `sh` shim that writes `0` (itself) to the
@@ -105,11 +105,18 @@ class Limiter:
             return PodLimits("none", memory_mb, pids, ())
         if self.kind == "rlimit":
             return PodLimits("rlimit", memory_mb, pids, ())
-        groups = tuple(Group(h.base / name, h) for h in self.hierarchies)
+        groups = tuple(Group(h.base / pod_group(name), h) for h in self.hierarchies)
         for group in groups:
             _remove_tree(group.hierarchy, group.path)  # a stale one
             group.make_pod(memory_mb, pids)
         return PodLimits(self.kind, memory_mb, pids, groups)
+
+
+def pod_group(pod: str) -> str:
+    """The name of a pod's group: prefixed, as a pod name may be a control file's of the
+    group it is made in (`tasks`, `cgroup.procs`, `memory.max`...). Leaves are safe as they
+    are: their names end in `-<n>`, which no control file's does."""
+    return f"pod-{pod}"
 
 
 def group_name(state_dir: Path) -> str:

@@ -44,7 +44,7 @@ def test_a_pod_group_holds_the_limits_and_a_leaf_the_oom_group(tmp_path: Path) -
     pod = Limiter.detect(tmp_path / "state", proc=proc).pod("w1", 64, 32)
     base = own / group_name(tmp_path / "state")
     assert (base / "cgroup.subtree_control").read_text() == "+memory +pids"
-    group = base / "w1"
+    group = base / "pod-w1"
     assert (group / "memory.max").read_text() == str(64 * MIB)
     assert (group / "memory.swap.max").read_text() == "0"
     assert (group / "pids.max").read_text() == "32"
@@ -67,7 +67,7 @@ def test_a_pod_group_holds_the_limits_and_a_leaf_the_oom_group(tmp_path: Path) -
 def test_the_outcome_reads_the_leafs_events_and_the_pods_pids_events(tmp_path: Path) -> None:
     proc, own = fake_host(tmp_path)
     pod = Limiter.detect(tmp_path / "state", proc=proc).pod("w1", 64, 32)
-    group = own / group_name(tmp_path / "state") / "w1"
+    group = own / group_name(tmp_path / "state") / "pod-w1"
     (group / "pids.events").write_text("max 4\n")  # before this leaf: not its doing
     quiet, killed, refused = pod.leaf("bash"), pod.leaf("bash"), pod.leaf("bash")
     assert quiet is not None
@@ -92,4 +92,4 @@ def test_a_pod_without_limits_makes_no_group(tmp_path: Path) -> None:
     pod = Limiter.detect(tmp_path / "state", proc=proc).pod("w1", None, None)
     assert pod.kind == "none"
     assert pod.leaf("bash") is None
-    assert not (own / group_name(tmp_path / "state") / "w1").exists()
+    assert not (own / group_name(tmp_path / "state") / "pod-w1").exists()
