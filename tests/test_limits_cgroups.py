@@ -150,6 +150,30 @@ async def test_a_pod_named_like_a_control_file_gets_its_own_group(capd: CapdProc
         assert not any(group.exists() for group in pod_groups(capd, name))
 
 
+async def test_a_call_that_cannot_start_leaves_no_leaf(capd: CapdProcess, tmp_path: Path) -> None:
+    cwd = tmp_path / "gone"
+    cwd.mkdir()
+    await spawn(
+        capd,
+        "w1",
+        scripted(bash("echo ran"), {"text": "done"}),
+        tools=["bash"],
+        cwd=str(cwd),
+        limits={"pids": 64},
+        sandbox=UNBOXED,
+    )
+    groups = pod_groups(capd, "w1")
+    cwd.rmdir()  # the exec fails: no directory to run in
+    async with await connect_pod(capd, "w1") as pod:
+        await pod.request({"method": "run", "text": "go"})
+        result, _ = await wait_for(pod, is_event("tool_result"))
+        await wait_for(pod, is_event("turn_end"))
+    assert result["is_error"]
+    assert "No such file or directory" in result["output"]
+    assert all(group.is_dir() for group in groups)
+    assert leaves(groups) == []
+
+
 async def test_a_pod_without_limits_gets_no_group(capd: CapdProcess) -> None:
     await spawn(capd, "w1", scripted(bash("cat /proc/self/cgroup")), tools=["bash"])
     async with await connect_pod(capd, "w1") as pod:

@@ -25,10 +25,10 @@ import os
 import re
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from capd.proc.groups import KILL_GRACE_S
 
@@ -238,7 +238,15 @@ class PodLimits:
             return None
         self._count += 1
         name = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', label)[:64]}-{self._count}"
-        leaf = Leaf(self, tuple(group.make_leaf(name) for group in self._groups))
+        made: list[Group] = []
+        try:
+            for group in self._groups:
+                made.append(group.make_leaf(name))
+        except OSError:
+            for group in made:  # v1: the memory leaf, when the pids one cannot be made
+                group.remove()
+            raise
+        leaf = Leaf(self, tuple(made))
         if leaf.groups:  # an rlimit leaf holds nothing to close
             self._leaves.add(leaf)
         return leaf
@@ -308,10 +316,22 @@ class Leaf:
             lines.append(f"[limits.pids={self._pod.pids} reached: some processes could not start]")
         return "\n".join(lines) or None
 
-    def close_after(self, process: asyncio.subprocess.Process) -> None:
-        """Close the leaf once `process` (the one started in it) has exited."""
+    async def start(
+        self, starting: Coroutine[Any, Any, asyncio.subprocess.Process]
+    ) -> asyncio.subprocess.Process:
+        """Await `starting`, the start of the process `wrap`ped for this leaf, and close the
+        leaf once that process has exited, or at once when it could not start."""
+        try:
+            process = await starting
+        except BaseException:
+            if all(group.remove() for group in self.groups):
+                self._pod._forget(self)
+            else:  # cancelled once the process had started in it
+                self._watch = asyncio.ensure_future(self.close())
+            raise
         if self.groups and self._watch is None:
             self._watch = asyncio.create_task(self._close_after(process))
+        return process
 
     async def _close_after(self, process: asyncio.subprocess.Process) -> None:
         await process.wait()
