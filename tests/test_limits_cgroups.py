@@ -255,6 +255,31 @@ async def test_a_new_limiter_on_the_same_state_dir_removes_every_group_left(
     assert not any(h.base.exists() for h in second.hierarchies)  # until a pod has limits
 
 
+async def test_a_fork_refused_in_one_leaf_is_not_another_leafs(tmp_path: Path) -> None:
+    """The kernel counts a refused fork in the leaf that forked (v1; v2 before
+    pids.events.local): a call is not blamed for another process of its pod."""
+    limiter = Limiter.detect(tmp_path / "state")
+    pod = limiter.pod("w1", None, 16)
+    quiet, forking = pod.leaf("bash"), pod.leaf("bash")
+    assert quiet is not None
+    assert forking is not None
+    waiting = await asyncio.create_subprocess_exec(*quiet.wrap(["sleep", "300"]))
+    loop = "import os, time\nfor _ in range(40):\n    os.fork() or time.sleep(300)"
+    forks = await asyncio.create_subprocess_exec(
+        *forking.wrap([sys.executable, "-c", loop]), stderr=asyncio.subprocess.DEVNULL
+    )
+    assert await forks.wait() == 1  # BlockingIOError at the first fork refused
+    refused = forking.outcome()
+    assert refused is not None
+    assert refused.failed
+    waiting.kill()
+    await waiting.wait()
+    await asyncio.gather(quiet.close(), forking.close())
+    assert quiet.outcome() is None
+    await pod.close()
+    limiter.close()
+
+
 async def mcp_server(pod: Client, name: str, ok: Callable[[dict[str, Any]], bool]) -> Any:
     """The server's `status.mcp` entry once `ok` holds for it."""
     found: dict[str, Any] = {}

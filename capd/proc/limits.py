@@ -54,6 +54,11 @@ class Hierarchy:
     base: Path
     controller: Literal["memory", "pids", "both"]
     """`both` on v2, where one tree has every controller."""
+    forks_counted_where_made: bool = True
+    """`pids.events` of a group counts the forks its own processes were refused (v1; v2
+    on kernels before `pids.events.local`, or mounted with `pids_localevents`). False:
+    it counts how often the group's own limit, or a descendant's, was hit, so a leaf
+    (which has none) never sees the pod's limit refuse it."""
 
 
 class Limiter:
@@ -269,6 +274,16 @@ class PodLimits:
             Group(group.path.parent, group.hierarchy).remove()  # capd's, once no pod has one
 
 
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What the limits did to a leaf's processes: the lines a tool result ends with, and
+    whether they make it an error (False when the limit may have refused another process
+    of the pod instead)."""
+
+    text: str
+    failed: bool
+
+
 class Leaf:
     """One process's leaf: `wrap` its argv, read `outcome` once it ended, `close`."""
 
@@ -276,7 +291,7 @@ class Leaf:
         self._pod = pod
         self.groups = groups
         self._pids_before = pod._pids_refused()
-        self._outcome: str | None = None
+        self._outcome: Outcome | None = None
         self._closing: asyncio.Future[None] | None = None
         self._watch: asyncio.Task[None] | None = None
 
@@ -300,21 +315,33 @@ class Leaf:
             *argv,
         ]
 
-    def outcome(self) -> str | None:
-        """What the limits did to the leaf's processes, as the lines a tool result ends
-        with; None when nothing (always, with rlimits: they leave no trace)."""
+    def outcome(self) -> Outcome | None:
+        """What the limits did to the leaf's processes; None when nothing (always, with
+        rlimits: they leave no trace)."""
         if self._closing is None:
             self._outcome = self._read_outcome()
         return self._outcome
 
-    def _read_outcome(self) -> str | None:
-        lines = []
+    def _read_outcome(self) -> Outcome | None:
+        lines: list[str] = []
+        failed = False
         if any(g.oom_kills() for g in self.groups if g.has("memory")):
             lines.append(f"[killed: out of memory (limits.memory_mb={self._pod.memory_mb})]")
-        leaf_refused = sum(g.pids_refused() for g in self.groups if g.has("pids"))
-        if self.groups and (leaf_refused or self._pod._pids_refused() > self._pids_before):
+            failed = True
+        pids = [g for g in self.groups if g.has("pids")]
+        blind = not all(g.hierarchy.forks_counted_where_made for g in pids)
+        if any(g.pids_refused() for g in pids):  # v1, older v2: counted where it forked
             lines.append(f"[limits.pids={self._pod.pids} reached: some processes could not start]")
-        return "\n".join(lines) or None
+            failed = True
+        elif blind and self._pod._pids_refused() > self._pids_before:
+            # Newer v2 kernels count a refused fork only where the limit was hit, the pod's
+            # group, so the leaf cannot tell: any process of the pod (an MCP server) may
+            # have been refused. Say so, without making the call an error.
+            lines.append(
+                f"[limits.pids={self._pod.pids} reached while this ran: some process of the "
+                "pod, maybe of this call, could not start]"
+            )
+        return Outcome("\n".join(lines), failed) if lines else None
 
     async def start(
         self, starting: Coroutine[Any, Any, asyncio.subprocess.Process]
@@ -440,7 +467,8 @@ def _setup_v2(mounts: list[_Mount], own: dict[str, str], tag: str) -> list[Hiera
         base.mkdir(exist_ok=True)
     except OSError as exc:
         raise LimitsUnavailable(f"cannot set up {base}: {exc}") from None
-    return [Hierarchy(base, "both")]
+    legacy = "pids_localevents" in mount.options or not (own_dir / "pids.events.local").exists()
+    return [Hierarchy(base, "both", forks_counted_where_made=legacy)]
 
 
 def _move_into_daemon_leaf(own_dir: Path) -> None:
