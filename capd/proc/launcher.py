@@ -53,7 +53,7 @@ async def launch(
         outer = environment(env, inherit)
     if leaf is not None:
         argv = leaf.wrap(argv)  # outermost: the shim enters the leaf, then execs bwrap
-    process = await asyncio.create_subprocess_exec(
+    starting = asyncio.create_subprocess_exec(
         *argv,
         cwd=cwd,
         env=outer,
@@ -63,9 +63,7 @@ async def launch(
         start_new_session=True,
         limit=limit,
     )
-    if leaf is not None:
-        leaf.close_after(process)
-    return process
+    return await (leaf.start(starting) if leaf is not None else starting)  # closes the leaf
 
 
 async def launch_piped(
