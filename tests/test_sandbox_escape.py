@@ -313,7 +313,7 @@ async def test_limits_pids_stops_a_fork_bomb(host: Host) -> None:
     turns = [
         [bash(loop, timeout_s=30)],
         [bash("echo alive")],
-        [bash(":(){ :|:& };:", timeout_s=3)],
+        [bash(":(){ :|:& };:; sleep 10", timeout_s=3)],  # alive until the bomb hits the limit
         [bash("echo alive")],
     ]
     async with await Attempts(host, "forker", turns).spawn(limits={"pids": 64}) as pod:
