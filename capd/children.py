@@ -106,8 +106,10 @@ MODE_WIDTH: dict[SandboxMode, int] = {"read-only": 0, "workspace-write": 1, "off
 
 
 def _check_sandbox(parent: str, rules: Manifest, child: Manifest) -> None:
-    """Refuse a child whose sandbox is wider than its parent's. Paths are resolved (the
-    supervisor stores them so), so comparing them as they are is enough."""
+    """Refuse a child whose sandbox is wider than its parent's: its cwd and writable
+    paths stay out of what the parent hides (a child's sandbox shows its cwd and writable
+    paths even under a hidden one), its hidden paths cover the parent's. Paths are
+    resolved (the supervisor stores them so), so comparing them as they are is enough."""
     mine, theirs = rules.sandbox, child.sandbox
     if mine.mode == "off":
         return  # an unconfined parent can do all that any child can
@@ -115,6 +117,14 @@ def _check_sandbox(parent: str, rules: Manifest, child: Manifest) -> None:
         raise _wider(f"sandbox.mode {theirs.mode} is wider than parent pod {parent}'s {mine.mode}")
     if theirs.network and not mine.network:
         raise _wider(f"sandbox.network is true, but parent pod {parent} has no network")
+    assert child.cwd is not None
+    for field, paths in (("cwd", [child.cwd]), ("sandbox.writable", theirs.writable)):
+        for path in paths:
+            if hider := next((h for h in mine.hidden if Path(path).is_relative_to(h)), None):
+                raise _wider(
+                    f"{field} {path} lies inside {hider}, which parent pod {parent} hides "
+                    "(sandbox.hidden): a child would see it"
+                )
     if theirs.mode == "workspace-write":  # with read-only, `writable` writes nothing
         assert rules.cwd is not None
         roots = [Path(rules.cwd), *map(Path, mine.writable)]

@@ -79,6 +79,11 @@ class Workspace(_Strict):
     they are (an addition)."""
 
 
+PROVIDER_KEY_ENV: dict[str, str] = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
+"""The variable a provider reads its key from when `api_key_env` is unset (the providers'
+DEFAULT_KEY_ENV)."""
+
+
 class ModelConfig(_Strict):
     provider: ProviderName
     name: str = ""
@@ -175,8 +180,8 @@ class Sandbox(_Strict):
     writable: list[HostPath] = Field(default_factory=list)
     """More writable paths, besides the cwd."""
     env: list[EnvName] | None = None
-    """Variables of capd's environment passed on; unset: DEFAULT_SANDBOX_ENV. Never
-    `model.api_key_env`."""
+    """Variables of capd's environment passed on; unset: DEFAULT_SANDBOX_ENV. Never the
+    model's key: `model.api_key_env`, else the provider's (PROVIDER_KEY_ENV)."""
     hidden: list[HostPath] = Field(default_factory=list)
     """More paths the pod's processes cannot see, e.g. `~/.ssh` (an addition; capd's state
     and runtime directories are always hidden)."""
@@ -328,12 +333,15 @@ class Manifest(_Strict):
                 f"engine {kind} needs the network to reach its model; "
                 "set sandbox.network: true (and confine it with its own settings)"
             )
-        key = self.model.api_key_env if self.model else None
-        if key is not None and self.sandbox.env is not None and key in self.sandbox.env:
-            raise ValueError(
-                f"sandbox.env lists {key}, the model's api_key_env; "
-                "capd never passes its API keys to a pod's processes"
-            )
+        if self.model is not None and self.sandbox.env is not None:
+            named = self.model.api_key_env
+            key = named or PROVIDER_KEY_ENV.get(self.model.provider)
+            if key in self.sandbox.env:
+                whose = "the model's api_key_env" if named else f"{self.model.provider}'s key"
+                raise ValueError(
+                    f"sandbox.env lists {key}, {whose}; "
+                    "capd never passes its API keys to a pod's processes"
+                )
         return self
 
     @model_validator(mode="after")

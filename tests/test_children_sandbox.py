@@ -190,3 +190,60 @@ async def test_an_unconfined_parent_may_have_any_child_but_not_more_memory(
         sandbox={"mode": "off", "env": ["PATH", "OPENAI_API_KEY"]},
         limits={"pids": 64, "memory_mb": 4096},
     )
+
+
+async def test_a_child_cannot_work_or_write_in_what_its_parent_hides(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    """A child's sandbox shows its cwd and writable paths even under a hidden path: one
+    inside its parent's hidden paths would let the parent's model read and write them
+    through the child (the review's test_rv19_child_hidden.py)."""
+    home, shared, _ = _parent_dirs(tmp_path)
+    secrets, private = home / "secrets", shared / "private"
+    for hidden in (secrets, private):
+        hidden.mkdir()
+        (hidden / "key").write_text("TOPSECRET\n")
+    sandbox = {**_sandbox(shared, secrets), "hidden": [str(secrets), str(private)]}
+    attempts: dict[str, dict[str, Any]] = {
+        "cwd": {"cwd": "secrets"},
+        "cwd below": {"cwd": "secrets/deep"},
+        "writable": {"sandbox": {"writable": [str(secrets)]}},
+        "writable below": {"sandbox": {"writable": [str(private / "out")]}},
+    }
+    calls = [
+        {"name": "spawn_pod", "arguments": {"name": f"c{n}", "task": "x", **args}}
+        for n, args in enumerate(attempts.values())
+    ]
+    await spawn(
+        capd,
+        "boss",
+        scripted({"tool_calls": calls}, {"text": "done"}),
+        cwd=str(home),
+        tools=["spawn_pod"],
+        sandbox=sandbox,
+    )
+    async with await connect_pod(capd, "boss") as boss:
+        await boss.request({"method": "run", "text": "try"})
+        _, seen = await wait_for(boss, is_event("turn_end"))
+    results = [e for e in seen if e["event"] == "tool_result"]
+    expected = {
+        "cwd": f"cwd {secrets} lies inside {secrets}",
+        "cwd below": f"cwd {secrets / 'deep'} lies inside {secrets}",
+        "writable": f"sandbox.writable {secrets} lies inside {secrets}",
+        "writable below": f"sandbox.writable {private / 'out'} lies inside {private}",
+    }
+    for (key, needle), result in zip(expected.items(), results, strict=True):
+        assert result["is_error"], (key, result)
+        assert f"{needle}, which parent pod boss hides (sandbox.hidden)" in result["output"], (
+            key,
+            result["output"],
+        )
+    with pytest.raises(ProtocolError) as refused:
+        await _spawn_child(capd, "kid", "boss", cwd=str(secrets), sandbox=sandbox)
+    assert refused.value.code == "forbidden"
+    assert f"cwd {secrets} lies inside {secrets}, which parent pod boss hides" in (
+        refused.value.message
+    )
+    listing = await daemon_request(capd, {"method": "list"})
+    assert [p["name"] for p in listing["pods"]] == ["boss"]
+    assert sorted(p.name for p in secrets.iterdir()) == ["key"]

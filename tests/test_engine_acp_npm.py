@@ -185,6 +185,7 @@ async def _spawn(
         "env": {**agent.env(tmp_path / "home", server.base_url, ask), **(env or {})},
         "permission": permission,
     }
+    manifest.setdefault("sandbox", {"writable": [str(tmp_path / "home")]})  # the agent's state
     await spawn_on_engine(capd, "ag", engine, cwd=str(cwd), **manifest)
     return cwd
 

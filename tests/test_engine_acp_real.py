@@ -91,7 +91,8 @@ async def _spawn(
         "env": _vibe_home(tmp_path / "vibe-home", server.base_url),
         "permission": permission,
     }
-    await spawn_on_engine(capd, "vibe", engine, cwd=str(cwd))
+    home = {"writable": [str(tmp_path / "vibe-home")]}  # the agent's state: sessions, logs
+    await spawn_on_engine(capd, "vibe", engine, cwd=str(cwd), sandbox=home)
     return cwd
 
 

@@ -318,3 +318,51 @@ async def test_file_tools_never_open_a_hidden_path_by_any_name(tree: dict[str, P
     assert sorted(p.name for p in inner.iterdir()) == ["g.txt"]
     assert (inner / "g.txt").read_text() == "inner\n"
     assert await run_tool("read_file", {"path": "f.txt"}, ctx) == ToolOutcome("cwd\n")
+
+
+async def test_file_tools_never_follow_a_root_swapped_for_a_symlink(tree: dict[str, Path]) -> None:
+    """A writable path the pod's bash turned into a symlink (it lies in the cwd, or in a
+    directory the pod may write), and a cwd its parent pod swapped for one: the tools
+    neither take a path under the symlink's target as inside nor open the root through
+    it. They used to write into the target (the review's files_root_symlink.py)."""
+    cwd, shared, outside = tree["cwd"], tree["shared"], tree["outside"]
+    build, made = cwd / "build", shared / "made"
+    ctx = _sandboxed(cwd, writable=[build, made, shared / "gone"])
+    roots = ", ".join(map(str, (build, made, shared / "gone")))
+
+    def ctx_outside(path: str) -> str:
+        where = f"the working directory {cwd} and the writable paths ({roots})"
+        return f"path {path} resolves outside {where}"
+
+    for target in ("../outside", str(outside)):
+        build.symlink_to(target)
+        made.symlink_to(outside)
+        for path in (str(outside / "planted"), str(build / "planted")):
+            refused = await run_tool("write_file", {"path": path, "content": "x"}, ctx)
+            assert refused == ToolOutcome(ctx_outside(path), True)
+        refused = await run_tool("write_file", {"path": str(made / "p"), "content": "x"}, ctx)
+        assert refused == ToolOutcome(
+            f"cannot open {made / 'p'}: {made} is a symlink now, so the writable path {made} "
+            "is not the directory the pod was given; the file tools do not follow it",
+            True,
+        )
+        build.unlink()
+        made.unlink()
+    gone = str(shared / "gone/x")
+    assert await run_tool("write_file", {"path": gone, "content": "x"}, ctx) == ToolOutcome(
+        f"cannot open {gone}: the writable path {shared / 'gone'} does not exist", True
+    )
+    sub = cwd / "sub"
+    sub.mkdir()
+    child = _sandboxed(sub)
+    sub.rename(cwd / "sub.old")
+    sub.symlink_to("../outside")
+    for tool, args in (("read_file", {}), ("write_file", {"content": "x"})):
+        refused = await run_tool(tool, {"path": "f.txt", **args}, child)
+        assert refused == ToolOutcome(
+            f"cannot open f.txt: {sub} is a symlink now, so the working directory {sub} is "
+            "not the directory the pod was given; the file tools do not follow it",
+            True,
+        )
+    assert sorted(p.name for p in outside.iterdir()) == ["f.txt"]
+    assert (outside / "f.txt").read_text() == "outside\n"

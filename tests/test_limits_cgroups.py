@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from capd.proc.limits import Limiter, group_name
+from capd.proc.limits import Limiter, group_name, pod_group
 from protocol.client import Client
 from tests.conftest import CapdProcess
 from tests.engine_scaffold import STAND_IN_ACP_AGENT, spawn_on_engine
@@ -60,7 +60,7 @@ def pod_groups(capd: CapdProcess, pod: str) -> list[Path]:
     found = []
     for hierarchy in ("memory", "pids"):
         root = Path("/sys/fs/cgroup") / hierarchy
-        found += [path / pod for path in _under(root, name)]
+        found += [path / pod_group(pod) for path in _under(root, name)]
     return found
 
 
@@ -124,6 +124,54 @@ async def test_a_call_over_the_memory_limit_is_killed_and_capd_lives(capd: CapdP
     assert result["output"].endswith("after\n[killed: out of memory (limits.memory_mb=64)]")
     assert (await daemon_request(capd, {"method": "info"}))["pid"] == info["pid"]
     assert status["sandbox"]["limits"] == BACKEND
+
+
+async def test_a_pod_named_like_a_control_file_gets_its_own_group(capd: CapdProcess) -> None:
+    """`tasks`, `cgroup.procs`, `pids.max` are files of the group the pods' groups are made
+    in (`memory.max` too, on v2): a pod's group is named `pod-<name>`."""
+    names = ["tasks", "cgroup.procs", "pids.max", "memory.max"]
+    for name in names:
+        await spawn(
+            capd,
+            name,
+            scripted(bash("cat /proc/self/cgroup"), {"text": "done"}),
+            tools=["bash"],
+            limits={"memory_mb": 256, "pids": 64},
+            sandbox=UNBOXED,  # in bwrap's cgroup namespace /proc/self/cgroup says `/`
+        )
+    for name in names:
+        async with await connect_pod(capd, name) as pod:
+            await pod.request({"method": "run", "text": "go"})
+            result, _ = await wait_for(pod, is_event("tool_result"))
+            await wait_for(pod, is_event("turn_end"))
+        assert not result["is_error"], result["output"]
+        assert f"/{group_name(capd.state_dir)}/pod-{name}/bash-1\n" in result["output"]
+        await daemon_request(capd, {"method": "delete", "name": name})
+        assert not any(group.exists() for group in pod_groups(capd, name))
+
+
+async def test_a_call_that_cannot_start_leaves_no_leaf(capd: CapdProcess, tmp_path: Path) -> None:
+    cwd = tmp_path / "gone"
+    cwd.mkdir()
+    await spawn(
+        capd,
+        "w1",
+        scripted(bash("echo ran"), {"text": "done"}),
+        tools=["bash"],
+        cwd=str(cwd),
+        limits={"pids": 64},
+        sandbox=UNBOXED,
+    )
+    groups = pod_groups(capd, "w1")
+    cwd.rmdir()  # the exec fails: no directory to run in
+    async with await connect_pod(capd, "w1") as pod:
+        await pod.request({"method": "run", "text": "go"})
+        result, _ = await wait_for(pod, is_event("tool_result"))
+        await wait_for(pod, is_event("turn_end"))
+    assert result["is_error"]
+    assert "No such file or directory" in result["output"]
+    assert all(group.is_dir() for group in groups)
+    assert leaves(groups) == []
 
 
 async def test_a_pod_without_limits_gets_no_group(capd: CapdProcess) -> None:
@@ -207,6 +255,31 @@ async def test_a_new_limiter_on_the_same_state_dir_removes_every_group_left(
     assert not any(h.base.exists() for h in second.hierarchies)  # until a pod has limits
 
 
+async def test_a_fork_refused_in_one_leaf_is_not_another_leafs(tmp_path: Path) -> None:
+    """The kernel counts a refused fork in the leaf that forked (v1; v2 before
+    pids.events.local): a call is not blamed for another process of its pod."""
+    limiter = Limiter.detect(tmp_path / "state")
+    pod = limiter.pod("w1", None, 16)
+    quiet, forking = pod.leaf("bash"), pod.leaf("bash")
+    assert quiet is not None
+    assert forking is not None
+    waiting = await asyncio.create_subprocess_exec(*quiet.wrap(["sleep", "300"]))
+    loop = "import os, time\nfor _ in range(40):\n    os.fork() or time.sleep(300)"
+    forks = await asyncio.create_subprocess_exec(
+        *forking.wrap([sys.executable, "-c", loop]), stderr=asyncio.subprocess.DEVNULL
+    )
+    assert await forks.wait() == 1  # BlockingIOError at the first fork refused
+    refused = forking.outcome()
+    assert refused is not None
+    assert refused.failed
+    waiting.kill()
+    await waiting.wait()
+    await asyncio.gather(quiet.close(), forking.close())
+    assert quiet.outcome() is None
+    await pod.close()
+    limiter.close()
+
+
 async def mcp_server(pod: Client, name: str, ok: Callable[[dict[str, Any]], bool]) -> Any:
     """The server's `status.mcp` entry once `ok` holds for it."""
     found: dict[str, Any] = {}
@@ -232,7 +305,7 @@ async def test_an_mcp_server_runs_in_its_own_leaf_and_is_restarted_when_killed_f
     async with await connect_pod(capd, "w1") as pod:
         server = await mcp_server(pod, "time", lambda s: s["state"] == "ready")
     cgroups = Path(f"/proc/{server['pid']}/cgroup").read_text()
-    assert f"/{group_name(capd.state_dir)}/w1/mcp-time-1\n" in cgroups
+    assert f"/{group_name(capd.state_dir)}/pod-w1/mcp-time-1\n" in cgroups
     await daemon_request(capd, {"method": "delete", "name": "w1"})
     assert not alive(server["pid"])
 

@@ -351,3 +351,40 @@ async def _line_with(proc: asyncio.subprocess.Process, needle: str) -> str:
         while needle not in (line := (await proc.stdout.readline()).decode()):
             assert line, f"capctl watch ended before {needle!r}"
     return line
+
+
+async def test_an_mcp_call_that_cannot_run_gets_its_error_without_a_question(
+    capd: CapdProcess, mcp_commands: McpServerCommands, tmp_path: Path
+) -> None:
+    """A tool its server does not list, and a server that is down, get their error at once:
+    nobody is asked about a call that could not run (it used to ask first)."""
+    servers = {
+        "time": {"command": mcp_commands.time[0], "args": mcp_commands.time[1:]},
+        "dead": {"command": "false"},
+    }
+    bogus = {"name": "mcp__time__bogus", "arguments": {}}
+    down = {"name": "mcp__dead__anything", "arguments": {}}
+    good = {"name": "mcp__time__get_current_time", "arguments": {"timezone": "UTC"}}
+    await spawn(
+        capd,
+        "m2",
+        scripted({"tool_calls": [bogus, down]}, {"tool_calls": [good]}, {"text": "done"}),
+        cwd=str(tmp_path),
+        mcp_servers=servers,
+        permissions={"default": "ask"},
+    )
+    async with await connect_pod(capd, "m2") as pod:
+        await pod.request({"method": "run", "text": "what time is it"})
+        asked, before = await wait_for(pod, is_event("permission_request"), timeout=MCP_READY_S)
+        await answer(pod, asked, "allow_once")
+        end, _ = await wait_for(pod, is_event("turn_end"))
+    assert asked["tool_call"]["title"] == 'mcp__time__get_current_time {"timezone":"UTC"}'
+    not_offered, unavailable = results(before)
+    assert not_offered["is_error"] is True
+    assert not_offered["output"].startswith(
+        "tool mcp__time__bogus is not offered now: MCP server time does not list it (it "
+        "offers: mcp__time__get_current_time"
+    )
+    assert unavailable["is_error"] is True
+    assert unavailable["output"].startswith("MCP server dead is unavailable: ")
+    assert end["output"] == "done"

@@ -313,7 +313,7 @@ async def test_limits_pids_stops_a_fork_bomb(host: Host) -> None:
     turns = [
         [bash(loop, timeout_s=30)],
         [bash("echo alive")],
-        [bash(":(){ :|:& };:", timeout_s=3)],
+        [bash(":(){ :|:& };:; sleep 10", timeout_s=3)],  # alive until the bomb hits the limit
         [bash("echo alive")],
     ]
     async with await Attempts(host, "forker", turns).spawn(limits={"pids": 64}) as pod:
@@ -365,6 +365,41 @@ async def test_the_file_tools_do_not_follow_the_sandboxs_links_out(host: Host) -
     for (_, args), result in zip(attempts, refused, strict=True):
         _failed(result, f"path {args['path']} resolves outside the working directory")
     assert not (host.sibling / "escape").exists()
+
+
+async def test_a_childs_cwd_swapped_for_a_symlink_leads_its_file_tools_nowhere(
+    host: Host,
+) -> None:
+    """A child's cwd lies in its parent's, so the parent's bash may rename it and leave a
+    symlink in its place (here the test does it, between the child's spawn and its turn).
+    The child's file tools then refuse to open their root: they used to follow it, below a
+    hidden directory too, and read and write there (review19 #13, the file tools' side)."""
+    home, secrets = host.base / "boss13", host.base / "secrets13"
+    for directory in (home / "sub", secrets / "inner"):
+        directory.mkdir(parents=True)
+    (secrets / "inner" / "key").write_text("TOPSECRET\n")
+    tools, sandbox = ["read_file", "write_file"], {"hidden": [str(secrets)]}
+    await spawn(host.capd, "boss13", scripted(), cwd=str(home), tools=tools, sandbox=sandbox)
+    calls = [
+        {"name": "read_file", "arguments": {"path": "key"}},
+        {"name": "write_file", "arguments": {"path": "planted", "content": "x"}},
+    ]
+    child = {"name": "kid13", "model": scripted({"tool_calls": calls}, {"text": "done"})}
+    manifest = {**child, "cwd": str(home / "sub"), "tools": tools, "sandbox": sandbox}
+    parent = str(host.capd.pod_socket("boss13"))
+    await daemon_request(host.capd, {"method": "spawn", "manifest": manifest, "parent": parent})
+    (home / "sub").rename(home / "sub.old")
+    (home / "sub").symlink_to("../secrets13/inner")
+    async with await connect_pod(host.capd, "kid13") as kid:
+        _, seen = await run_turn(kid, "go")
+    results = [event for event in seen if event["event"] == "tool_result"]
+    for result, call in zip(results, calls, strict=True):
+        _failed(
+            result,
+            f"cannot open {call['arguments']['path']}: {home / 'sub'} is a symlink now, so the "
+            "working directory",
+        )
+    assert sorted(p.name for p in (secrets / "inner").iterdir()) == ["key"]
 
 
 async def test_a_child_is_no_wider_and_is_confined_as_its_parent_said(host: Host) -> None:

@@ -10,10 +10,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from capd.engines.base import TurnHost
+from capd.permissions import ALLOW_ALWAYS
 from protocol.errors import ProtocolError
 from protocol.events import PermissionGrant, PermissionRequest, PermissionResolved
-
-ALLOW_ALWAYS = "allow_always"
 
 
 @dataclass

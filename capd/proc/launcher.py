@@ -50,6 +50,22 @@ async def launch(
     it exits. OSError when it cannot start: `capd.proc.sandbox.PathMoved`, whose text is
     the whole story, when its confinement cannot be set up (bwrap gone, a bound path
     renamed)."""
+    starting = _start(argv, cwd, confine, env, inherit, leaf, (stdin, stdout, stderr), limit)
+    return await (leaf.start(starting) if leaf is not None else starting)  # closes the leaf
+
+
+async def _start(
+    argv: Sequence[str],
+    cwd: Path,
+    confine: Confinement | None,
+    env: Mapping[str, str] | None,
+    inherit: Callable[[str], bool] | None,
+    leaf: Leaf | None,
+    streams: tuple[int, int, int],
+    limit: int,
+) -> asyncio.subprocess.Process:
+    """`launch`'s start, inside the leaf's `start` (which closes the leaf when it fails,
+    a confinement refused included)."""
     fds: tuple[int, ...] = ()
     if confine is not None:
         if not os.access(confine.bwrap, os.X_OK):
@@ -64,8 +80,9 @@ async def launch(
         outer = environment(env, inherit)
     if leaf is not None:
         argv = leaf.wrap(argv)  # outermost: the shim enters the leaf, then execs bwrap
+    stdin, stdout, stderr = streams
     try:
-        process = await asyncio.create_subprocess_exec(
+        return await asyncio.create_subprocess_exec(
             *argv,
             cwd=cwd,  # bwrap itself enters the cwd it bound by fd (--chdir)
             env=outer,
@@ -79,9 +96,6 @@ async def launch(
     finally:
         for fd in fds:  # bwrap has its own copies
             os.close(fd)
-    if leaf is not None:
-        leaf.close_after(process)
-    return process
 
 
 async def launch_piped(

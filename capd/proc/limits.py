@@ -7,13 +7,14 @@ else cgroup v1 when the memory and pids hierarchies are mounted and capd may mak
 in its own there; else rlimits. Each capd names its groups after its state directory
 (`capd-<tag>`), so the next capd on that directory removes what a killed one left.
 
-A pod with a limit gets `<own>/capd-<tag>/<pod>` (holding the limits) and each bash call,
+A pod with a limit gets `<own>/capd-<tag>/pod-<pod>` (holding the limits) and each bash call,
 MCP server or engine process a leaf below it, so a memory kill takes only that leaf's
 processes and its counters tell the call what happened. A process enters its leaf
 race-free: the launcher runs it through an `sh` shim that writes `0` (itself) to the
 leaf's `cgroup.procs` and then execs it, so everything it starts is born inside. The
-rlimit fallback is the same shim doing `ulimit -v` and `ulimit -p` instead: per process,
-address space rather than memory, and NPROC counts the whole user (root is exempt).
+rlimit fallback is the same shim doing `ulimit -v` and NPROC instead (`ulimit -u`, or `-p`
+where /bin/sh is dash: in bash `-p` is the pipe size): per process, address space rather
+than memory, and NPROC counts the whole user (root is exempt).
 """
 
 import asyncio
@@ -24,10 +25,10 @@ import os
 import re
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from capd.proc.groups import KILL_GRACE_S
 
@@ -53,6 +54,11 @@ class Hierarchy:
     base: Path
     controller: Literal["memory", "pids", "both"]
     """`both` on v2, where one tree has every controller."""
+    forks_counted_where_made: bool = True
+    """`pids.events` of a group counts the forks its own processes were refused (v1; v2
+    on kernels before `pids.events.local`, or mounted with `pids_localevents`). False:
+    it counts how often the group's own limit, or a descendant's, was hit, so a leaf
+    (which has none) never sees the pod's limit refuse it."""
 
 
 class Limiter:
@@ -104,11 +110,18 @@ class Limiter:
             return PodLimits("none", memory_mb, pids, ())
         if self.kind == "rlimit":
             return PodLimits("rlimit", memory_mb, pids, ())
-        groups = tuple(Group(h.base / name, h) for h in self.hierarchies)
+        groups = tuple(Group(h.base / pod_group(name), h) for h in self.hierarchies)
         for group in groups:
             _remove_tree(group.hierarchy, group.path)  # a stale one
             group.make_pod(memory_mb, pids)
         return PodLimits(self.kind, memory_mb, pids, groups)
+
+
+def pod_group(pod: str) -> str:
+    """The name of a pod's group: prefixed, as a pod name may be a control file's of the
+    group it is made in (`tasks`, `cgroup.procs`, `memory.max`...). Leaves are safe as they
+    are: their names end in `-<n>`, which no control file's does."""
+    return f"pod-{pod}"
 
 
 def group_name(state_dir: Path) -> str:
@@ -230,7 +243,15 @@ class PodLimits:
             return None
         self._count += 1
         name = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', label)[:64]}-{self._count}"
-        leaf = Leaf(self, tuple(group.make_leaf(name) for group in self._groups))
+        made: list[Group] = []
+        try:
+            for group in self._groups:
+                made.append(group.make_leaf(name))
+        except OSError:
+            for group in made:  # v1: the memory leaf, when the pids one cannot be made
+                group.remove()
+            raise
+        leaf = Leaf(self, tuple(made))
         if leaf.groups:  # an rlimit leaf holds nothing to close
             self._leaves.add(leaf)
         return leaf
@@ -253,6 +274,16 @@ class PodLimits:
             Group(group.path.parent, group.hierarchy).remove()  # capd's, once no pod has one
 
 
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What the limits did to a leaf's processes: the lines a tool result ends with, and
+    whether they make it an error (False when the limit may have refused another process
+    of the pod instead)."""
+
+    text: str
+    failed: bool
+
+
 class Leaf:
     """One process's leaf: `wrap` its argv, read `outcome` once it ended, `close`."""
 
@@ -260,7 +291,7 @@ class Leaf:
         self._pod = pod
         self.groups = groups
         self._pids_before = pod._pids_refused()
-        self._outcome: str | None = None
+        self._outcome: Outcome | None = None
         self._closing: asyncio.Future[None] | None = None
         self._watch: asyncio.Task[None] | None = None
 
@@ -270,8 +301,8 @@ class Leaf:
             limits = []
             if self._pod.memory_mb is not None:
                 limits.append(f"ulimit -v {self._pod.memory_mb * 1024}")
-            if self._pod.pids is not None:
-                limits.append(f"ulimit -p {self._pod.pids}")
+            if (pids := self._pod.pids) is not None:  # NPROC: -u in bash, busybox; -p in dash
+                limits.append(f"{{ ulimit -u {pids} 2>/dev/null || ulimit -p {pids}; }}")
             return [SH, "-c", " && ".join([*limits, 'exec "$@"']), "sh", *argv]
         moves = [f'echo 0 > "${n}"' for n in range(1, len(self.groups) + 1)]
         script = " && ".join([*moves, f"shift {len(self.groups)}", 'exec "$@"'])
@@ -284,26 +315,50 @@ class Leaf:
             *argv,
         ]
 
-    def outcome(self) -> str | None:
-        """What the limits did to the leaf's processes, as the lines a tool result ends
-        with; None when nothing (always, with rlimits: they leave no trace)."""
+    def outcome(self) -> Outcome | None:
+        """What the limits did to the leaf's processes; None when nothing (always, with
+        rlimits: they leave no trace)."""
         if self._closing is None:
             self._outcome = self._read_outcome()
         return self._outcome
 
-    def _read_outcome(self) -> str | None:
-        lines = []
+    def _read_outcome(self) -> Outcome | None:
+        lines: list[str] = []
+        failed = False
         if any(g.oom_kills() for g in self.groups if g.has("memory")):
             lines.append(f"[killed: out of memory (limits.memory_mb={self._pod.memory_mb})]")
-        leaf_refused = sum(g.pids_refused() for g in self.groups if g.has("pids"))
-        if self.groups and (leaf_refused or self._pod._pids_refused() > self._pids_before):
+            failed = True
+        pids = [g for g in self.groups if g.has("pids")]
+        blind = not all(g.hierarchy.forks_counted_where_made for g in pids)
+        if any(g.pids_refused() for g in pids):  # v1, older v2: counted where it forked
             lines.append(f"[limits.pids={self._pod.pids} reached: some processes could not start]")
-        return "\n".join(lines) or None
+            failed = True
+        elif blind and self._pod._pids_refused() > self._pids_before:
+            # Newer v2 kernels count a refused fork only where the limit was hit, the pod's
+            # group, so the leaf cannot tell: any process of the pod (an MCP server) may
+            # have been refused. Say so, without making the call an error.
+            lines.append(
+                f"[limits.pids={self._pod.pids} reached while this ran: some process of the "
+                "pod, maybe of this call, could not start]"
+            )
+        return Outcome("\n".join(lines), failed) if lines else None
 
-    def close_after(self, process: asyncio.subprocess.Process) -> None:
-        """Close the leaf once `process` (the one started in it) has exited."""
+    async def start(
+        self, starting: Coroutine[Any, Any, asyncio.subprocess.Process]
+    ) -> asyncio.subprocess.Process:
+        """Await `starting`, the start of the process `wrap`ped for this leaf, and close the
+        leaf once that process has exited, or at once when it could not start."""
+        try:
+            process = await starting
+        except BaseException:
+            if all(group.remove() for group in self.groups):
+                self._pod._forget(self)
+            else:  # cancelled once the process had started in it
+                self._watch = asyncio.ensure_future(self.close())
+            raise
         if self.groups and self._watch is None:
             self._watch = asyncio.create_task(self._close_after(process))
+        return process
 
     async def _close_after(self, process: asyncio.subprocess.Process) -> None:
         await process.wait()
@@ -412,7 +467,8 @@ def _setup_v2(mounts: list[_Mount], own: dict[str, str], tag: str) -> list[Hiera
         base.mkdir(exist_ok=True)
     except OSError as exc:
         raise LimitsUnavailable(f"cannot set up {base}: {exc}") from None
-    return [Hierarchy(base, "both")]
+    legacy = "pids_localevents" in mount.options or not (own_dir / "pids.events.local").exists()
+    return [Hierarchy(base, "both", forks_counted_where_made=legacy)]
 
 
 def _move_into_daemon_leaf(own_dir: Path) -> None:

@@ -5,13 +5,14 @@ A path is taken relative to the working directory (an absolute one must start wi
 with a writable path: its root) and walked one component at a time from the root's
 directory fd, never letting the kernel follow a symlink: a symlink's text is walked the
 same way, and any `..` that would climb above the root is refused, whether the file exists
-or not, even if the path would come back in. So a directory swapped for a symlink mid-call
-cannot lead a tool outside. In a sandbox no directory or file met on the way may be one the
-sandbox hides (compared by device and inode, so another name for it is refused too), and
-with mode `read-only` nothing is written. A regular file hard-linked elsewhere is out of a
-path check's sight: read_file reads it, write_file and edit_file refuse a file with more
-than one link. Files are UTF-8 text:
-read_file shows undecodable bytes as U+FFFD and refuses files that look binary (a NUL byte
+or not, even if the path would come back in. The root itself is reached from `/` the same
+way, and a symlink on its way refuses the call (roots are stored resolved at spawn). So a
+directory swapped for a symlink, mid-call or between calls, cannot lead a tool outside. In a
+sandbox no directory or file met on the way may be one the sandbox hides (compared by device
+and inode, so another name for it is refused too), and with mode `read-only` nothing is
+written. A regular file hard-linked elsewhere is out of a path check's sight: read_file
+reads it, write_file and edit_file refuse a file with more than one link. Files are UTF-8
+text: read_file shows undecodable bytes as U+FFFD and refuses files that look binary (a NUL byte
 in their first 8 KiB); edit_file refuses files that are not valid UTF-8, since writing back
 a lossy decoding would corrupt them.
 
@@ -133,9 +134,7 @@ def _open_inside(path: str, bounds: _Bounds, flags: int) -> int:
     outside = bounds.outside(path)
     root, parts = _rooted(PurePosixPath(path), bounds.roots, outside)
     pending = deque(parts)
-    levels: list[tuple[str, int | None]] = [
-        ("", _unhidden(os.open(root, _DIR_FLAGS), bounds, path))
-    ]
+    levels: list[tuple[str, int | None]] = [("", _open_root(root, bounds, path))]
     links = 0
     try:
         while pending:
@@ -189,13 +188,41 @@ def _rooted(
 
 def _below(path: PurePosixPath, root: Path, outside: ToolFailed) -> tuple[str, ...]:
     """The components of `path` below `root`; an absolute path must start with `root`
-    (as given or resolved) or it is outside."""
+    as stored (never as it resolves now: a pod may have swapped a component for a symlink)
+    or it is outside."""
     if not path.is_absolute():
         return path.parts
-    for base in (root.resolve(), root.absolute()):
-        if path.is_relative_to(base):
-            return path.relative_to(base).parts
+    if path.is_relative_to(root):
+        return path.relative_to(root).parts
     raise outside
+
+
+def _open_root(root: Path, bounds: _Bounds, path: str) -> int:
+    """An fd for the directory `root`, walked from `/` one component at a time without
+    following a symlink. Roots are stored resolved at spawn, so a symlink on the way means
+    a component was swapped since (a pod may rename what lies in its own cwd, a parent its
+    child's cwd): the call is refused rather than led wherever the symlink points."""
+    what = "working directory" if root == bounds.roots[0] else "writable path"
+    fd = os.open("/", _DIR_FLAGS)
+    try:
+        for depth, name in enumerate(root.parts[1:], start=2):
+            try:
+                below = os.open(name, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
+            except FileNotFoundError:
+                raise ToolFailed(f"cannot open {path}: the {what} {root} does not exist") from None
+            except NotADirectoryError:
+                swapped = Path(*root.parts[:depth])
+                kind = "a symlink" if swapped.is_symlink() else "not a directory"
+                raise ToolFailed(
+                    f"cannot open {path}: {swapped} is {kind} now, so the {what} {root} is "
+                    "not the directory the pod was given; the file tools do not follow it"
+                ) from None
+            os.close(fd)
+            fd = below
+    except BaseException:
+        os.close(fd)
+        raise
+    return _unhidden(fd, bounds, path)
 
 
 def _unhidden(fd: int, bounds: _Bounds, path: str) -> int:

@@ -18,7 +18,7 @@ from typing import BinaryIO
 
 from capd.proc.groups import signal_name
 from capd.proc.launcher import launch, stop_group
-from capd.proc.limits import Leaf
+from capd.proc.limits import Leaf, Outcome
 from capd.proc.sandbox import PathMoved
 from capd.tools.base import Tool, ToolContext, ToolFailed, ToolOutcome
 from protocol.tools import BashArgs
@@ -171,7 +171,7 @@ def _outcome(
     returncode: int,
     timed_out: bool,
     timeout_s: float,
-    limited: str | None,
+    limited: Outcome | None,
 ) -> ToolOutcome:
     """The result's text and whether it is an error; `limited` is what the pod's limits
     did (`Leaf.outcome`)."""
@@ -185,11 +185,11 @@ def _outcome(
         lines.append(f"[killed by signal {signal_name(-returncode)}]")
     elif returncode > 0:
         lines.append(f"[exit code {returncode}]")
-    if limited:
-        lines.append(limited)
+    if limited is not None:
+        lines.append(limited.text)
     if not lines:
         lines.append("[no output]")
-    failed = timed_out or returncode != 0 or limited is not None
+    failed = timed_out or returncode != 0 or (limited is not None and limited.failed)
     return ToolOutcome("\n".join(lines), is_error=failed)
 
 

@@ -7,8 +7,9 @@ servers as each lists them now (`capd.tools.mcp.server`). `run` never raises exc
 asyncio.CancelledError: a bad call from the model (a tool the pod does not offer, arguments
 that are not JSON or do not fit the schema) or a failing tool becomes an error outcome the
 model can read and act on. An engine may pass `approve`, asked before a call runs once
-its tool is known and its arguments fit (the builtin engine's approvals,
-`capd.permissions`): the one place both built-in and MCP calls pass.
+its tool is known and its arguments fit (an MCP tool: once its server is ready and lists
+it; the server checks the arguments) — the builtin engine's approvals,
+`capd.permissions`: the one place both built-in and MCP calls pass.
 """
 
 import asyncio
@@ -121,11 +122,17 @@ class Toolbox:
     async def _run_mcp(
         self, server: "McpServer", name: str, arguments: dict[str, Any], approve: Approve | None
     ) -> ToolOutcome:
-        """The server checks the arguments against its schema and says what is wrong."""
+        """The server checks the arguments against its schema and says what is wrong.
+        A call that cannot run now (the server does not list the tool, or is not ready)
+        gets that error without asking `approve`: a person is not asked about it."""
         if (refused := _not_an_object(arguments)) is not None:
             return refused
-        if approve is not None and (denied := await approve(name, arguments)) is not None:
-            return ToolOutcome(denied, is_error=True)
+        if approve is not None:
+            await server.first_start()
+            if (refused := server.refusal(name)) is not None:
+                return refused
+            if (denied := await approve(name, arguments)) is not None:
+                return ToolOutcome(denied, is_error=True)
         try:
             return await server.call(name, arguments, self.context)
         except Exception as exc:

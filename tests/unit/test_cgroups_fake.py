@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from capd.proc.limits import MIB, SH, Limiter, LimitsUnavailable, group_name
+from capd.proc.limits import MIB, SH, Limiter, LimitsUnavailable, Outcome, group_name
 
 OWN = "system.slice/capd.service"
 
@@ -44,7 +44,7 @@ def test_a_pod_group_holds_the_limits_and_a_leaf_the_oom_group(tmp_path: Path) -
     pod = Limiter.detect(tmp_path / "state", proc=proc).pod("w1", 64, 32)
     base = own / group_name(tmp_path / "state")
     assert (base / "cgroup.subtree_control").read_text() == "+memory +pids"
-    group = base / "w1"
+    group = base / "pod-w1"
     assert (group / "memory.max").read_text() == str(64 * MIB)
     assert (group / "memory.swap.max").read_text() == "0"
     assert (group / "pids.max").read_text() == "32"
@@ -64,20 +64,58 @@ def test_a_pod_group_holds_the_limits_and_a_leaf_the_oom_group(tmp_path: Path) -
     ]
 
 
-def test_the_outcome_reads_the_leafs_events_and_the_pods_pids_events(tmp_path: Path) -> None:
+def test_the_outcome_reads_the_leafs_events(tmp_path: Path) -> None:
+    """Kernels without pids.events.local count a refused fork in the leaf that forked: the
+    pod's counter moving is another leaf's doing."""
     proc, own = fake_host(tmp_path)
     pod = Limiter.detect(tmp_path / "state", proc=proc).pod("w1", 64, 32)
-    group = own / group_name(tmp_path / "state") / "w1"
-    (group / "pids.events").write_text("max 4\n")  # before this leaf: not its doing
+    group = own / group_name(tmp_path / "state") / "pod-w1"
     quiet, killed, refused = pod.leaf("bash"), pod.leaf("bash"), pod.leaf("bash")
     assert quiet is not None
     assert killed is not None
     assert refused is not None
     (group / "bash-2" / "memory.events").write_text("low 0\nhigh 0\nmax 9\noom 1\noom_kill 1\n")
-    assert killed.outcome() == "[killed: out of memory (limits.memory_mb=64)]"
+    assert killed.outcome() == Outcome("[killed: out of memory (limits.memory_mb=64)]", True)
+    (group / "pids.events").write_text("max 5\n")  # not the leaf's: it counts its own
     assert quiet.outcome() is None
-    (group / "pids.events").write_text("max 5\n")  # newer kernels count it where it was hit
-    assert refused.outcome() == "[limits.pids=32 reached: some processes could not start]"
+    (group / "bash-3" / "pids.events").write_text("max 1\n")
+    assert refused.outcome() == Outcome(
+        "[limits.pids=32 reached: some processes could not start]", True
+    )
+
+
+def test_where_the_leaf_cannot_tell_the_pods_counter_is_a_note_not_an_error(
+    tmp_path: Path,
+) -> None:
+    """Kernels with pids.events.local count a refused fork where the limit was hit (the
+    pod's group), hierarchically: the leaf's counter never moves."""
+    proc, own = fake_host(tmp_path)
+    (own / "pids.events.local").write_text("max 0\n")
+    pod = Limiter.detect(tmp_path / "state", proc=proc).pod("w1", 64, 32)
+    group = own / group_name(tmp_path / "state") / "pod-w1"
+    (group / "pids.events").write_text("max 4\n")  # before this leaf: not its doing
+    earlier, during = pod.leaf("bash"), pod.leaf("bash")
+    assert earlier is not None
+    assert during is not None
+    assert during.outcome() is None
+    (group / "pids.events").write_text("max 5\n")  # an MCP server's fork, or this call's
+    note = "[limits.pids=32 reached while this ran: some process of the pod, maybe of this call"
+    outcome = during.outcome()
+    assert outcome is not None
+    assert outcome.text.startswith(note)
+    assert not outcome.failed
+
+
+def test_mounted_with_pids_localevents_the_leaf_tells(tmp_path: Path) -> None:
+    proc, own = fake_host(tmp_path)
+    (own / "pids.events.local").write_text("max 0\n")
+    mountinfo = proc / "mountinfo"
+    mountinfo.write_text(mountinfo.read_text().replace("nsdelegate", "nsdelegate,pids_localevents"))
+    pod = Limiter.detect(tmp_path / "state", proc=proc).pod("w1", 64, 32)
+    leaf = pod.leaf("bash")
+    assert leaf is not None
+    (own / group_name(tmp_path / "state") / "pod-w1" / "pids.events").write_text("max 5\n")
+    assert leaf.outcome() is None
 
 
 def test_no_memory_controller_falls_back_or_refuses_a_forced_cgroup2(tmp_path: Path) -> None:
@@ -92,4 +130,4 @@ def test_a_pod_without_limits_makes_no_group(tmp_path: Path) -> None:
     pod = Limiter.detect(tmp_path / "state", proc=proc).pod("w1", None, None)
     assert pod.kind == "none"
     assert pod.leaf("bash") is None
-    assert not (own / group_name(tmp_path / "state") / "w1").exists()
+    assert not (own / group_name(tmp_path / "state") / "pod-w1").exists()

@@ -1,6 +1,6 @@
-"""The rlimit fallback: the `sh` shim's `ulimit -v` and `ulimit -p`, run for real. NPROC is
-ignored for root, so the limits' effect is checked as `nobody` (via setpriv) when the
-suite runs as root."""
+"""The rlimit fallback: the `sh` shim's `ulimit -v` and NPROC, run for real under dash and
+bash. NPROC is ignored for root, so the limits' effect is checked as `nobody` (via setpriv)
+when the suite runs as root."""
 
 import os
 import shutil
@@ -31,19 +31,38 @@ def run(argv: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_the_shim_sets_both_limits_then_execs(tmp_path: Path) -> None:
+SHOW_LIMITS = [
+    "/usr/bin/python3",
+    "-c",
+    "import resource as r; print(r.getrlimit(r.RLIMIT_AS)[0], r.getrlimit(r.RLIMIT_NPROC)[0])",
+]
+SHELLS = [["dash"], ["bash"], ["bash", "--posix"]]
+"""/bin/sh is dash on Debian, bash on Fedora, RHEL and Arch: the shim must work in both."""
+
+
+@pytest.mark.parametrize("shell", SHELLS, ids=" ".join)
+def test_the_shim_sets_both_limits_then_execs_in_dash_and_bash(
+    tmp_path: Path, shell: list[str]
+) -> None:
+    if shutil.which(shell[0]) is None:
+        pytest.skip(f"no {shell[0]} here")
     leaf = rlimit_leaf(256, 64)
-    argv = leaf.wrap(["sh", "-c", "ulimit -v; ulimit -p"])
-    assert argv[:4] == [SH, "-c", 'ulimit -v 262144 && ulimit -p 64 && exec "$@"', "sh"]
-    done = run(argv, tmp_path)
-    assert done.stdout.split() == ["262144", "64"]
+    argv = leaf.wrap(SHOW_LIMITS)
+    assert argv[0] == SH
+    done = run([*shell, *argv[1:]], tmp_path)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout.split() == [str(256 * 1024 * 1024), "64"]
     assert leaf.outcome() is None  # rlimits leave nothing to read
 
 
-def test_only_the_limits_set_are_applied(tmp_path: Path) -> None:
-    done = run(rlimit_leaf(None, 64).wrap(["sh", "-c", "ulimit -v; ulimit -p"]), tmp_path)
+@pytest.mark.parametrize("shell", SHELLS, ids=" ".join)
+def test_only_the_limits_set_are_applied(tmp_path: Path, shell: list[str]) -> None:
+    if shutil.which(shell[0]) is None:
+        pytest.skip(f"no {shell[0]} here")
+    done = run([*shell, *rlimit_leaf(None, 64).wrap(SHOW_LIMITS)[1:]], tmp_path)
+    assert done.returncode == 0, done.stderr
     assert done.stdout.split()[1] == "64"
-    assert done.stdout.split()[0] != "262144"
+    assert done.stdout.split()[0] != str(256 * 1024 * 1024)
 
 
 @needs_nobody

@@ -160,20 +160,27 @@ class McpServer:
                 async with asyncio.timeout(self._limits.mcp_startup_timeout_s):
                     await self._settled.wait()
 
-    async def call(self, exposed: str, arguments: dict[str, Any], ctx: ToolContext) -> ToolOutcome:
-        """Call the tool offered as `exposed`. Never raises but CancelledError."""
-        await self.first_start()  # the first turn after the pod came up
-        tool = self._tools.get(exposed)
-        conn = self._conn
-        if self.state != "ready" or conn is None:
+    def refusal(self, exposed: str) -> ToolOutcome | None:
+        """Why a call of the tool offered as `exposed` cannot run now (the server is not
+        ready, or does not list it), as its error result; None when it can."""
+        if self.state != "ready" or self._conn is None:
             return self._unavailable()
-        if tool is None:
+        if exposed not in self._tools:
             offered = ", ".join(self._tools) or "none"
             return ToolOutcome(
                 f"tool {exposed} is not offered now: MCP server {self.name} does not list it "
                 f"(it offers: {offered})",
                 is_error=True,
             )
+        return None
+
+    async def call(self, exposed: str, arguments: dict[str, Any], ctx: ToolContext) -> ToolOutcome:
+        """Call the tool offered as `exposed`. Never raises but CancelledError."""
+        await self.first_start()  # the first turn after the pod came up
+        if (refused := self.refusal(exposed)) is not None:
+            return refused
+        tool, conn = self._tools[exposed], self._conn
+        assert conn is not None
         generation = self._generation
         timeout_s = self._limits.mcp_call_timeout_s
         try:
