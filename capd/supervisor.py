@@ -23,10 +23,18 @@ from capd.children import ChildPods, check_child
 from capd.config import Config
 from capd.controller import PodController, StopMode
 from capd.engines import check_engine, make_engine
+from capd.engines.claude_code import state_paths as claude_code_state
 from capd.fanout import Hub
 from capd.outbox import Outbox
 from capd.proc.limits import Limiter, PodLimits
-from capd.proc.sandbox import Backend, Confinement, confinement, containing, resolve_paths
+from capd.proc.sandbox import (
+    Backend,
+    Confinement,
+    SandboxRefused,
+    confinement,
+    containing,
+    resolve_paths,
+)
 from capd.registry import PodRegistry
 from capd.server import PodEndpoint
 from capd.store import PodRecord, Store
@@ -45,7 +53,7 @@ from protocol.events import (
     Spent,
 )
 from protocol.framing import encode
-from protocol.manifest import Manifest
+from protocol.manifest import ClaudeCodeEngine, Manifest
 from protocol.results import ListResult, PodListEntry, SpawnResult
 
 log = logging.getLogger("capd")
@@ -154,17 +162,18 @@ class Supervisor:
             raise ProtocolError(
                 "invalid_request", f"parent {parent!r} must be an absolute socket path"
             )
+        fresh = not self._pod_state_dir(name).exists()
         cwd = self._resolve_cwd(manifest, must_exist=not make_cwd)
         sandbox = resolve_paths(manifest.sandbox)
         manifest = manifest.model_copy(update={"cwd": str(cwd), "sandbox": sandbox})
         _check_api_key(manifest)
-        check_engine(manifest, self._confinement(manifest))
-        if _checkpointed(manifest):
-            require_git()
         parent_name = self.registry.pods_dir_name(parent)
         if parent_name is not None:
             self._check_child_of(parent_name, manifest)
             parent = str(self.registry.socket(parent_name))  # the spelling children_of looks up
+        check_engine(manifest, self._confinement(manifest))
+        if _checkpointed(manifest):
+            require_git()
         self.ledger.check_spawn(manifest, parent_name)
         if make_cwd:
             try:
@@ -176,7 +185,18 @@ class Supervisor:
         self._make_pod_state_dir(name)
         self.registry.add(name, manifest.model_dump_json(), parent)
         self.ledger.added(name, manifest.budget)
-        running = await self._bring_up(manifest, parent)
+        try:
+            running = await self._bring_up(manifest, parent)
+        except BaseException as exc:
+            self._forget_unborn(name, fresh)
+            if isinstance(exc, ProtocolError) or not isinstance(exc, Exception):
+                raise
+            log.error("pod %s could not start", name, exc_info=exc)
+            raise ProtocolError(
+                "internal",
+                f"pod {name} could not start, so it was not kept: {type(exc).__name__}: "
+                f"{_first_line(exc)}",
+            ) from None
         socket = str(running.endpoint.path)
         if (local_parent := self._pod_at(parent)) is not None:
             # A parent stopping meanwhile refuses; its stop cascade takes the child down.
@@ -184,6 +204,14 @@ class Supervisor:
                 await local_parent.controller.adopt(name, socket, turn_id)
         self._publish(PodSpawned(pod=name, socket=socket, parent=parent))
         return SpawnResult(name=name, socket=socket)
+
+    def _forget_unborn(self, name: str, fresh: bool) -> None:
+        """Undo a spawn whose bring-up failed: no record, no ledger entry, and no state dir
+        when this spawn made it (`fresh`), so the name is free again."""
+        self.registry.delete(name)
+        self.ledger.deleted(name, None)
+        if fresh:
+            shutil.rmtree(self._pod_state_dir(name), ignore_errors=True)
 
     def _check_child_of(self, parent: str, manifest: Manifest) -> None:
         if parent in self._stopping:
@@ -340,12 +368,24 @@ class Supervisor:
         return running
 
     async def _bring_up(self, manifest: Manifest, parent: str | None) -> _RunningPod:
+        sandbox = self._confinement(manifest)
+        limits = self.limiter.pod(manifest.name, manifest.limits.memory_mb, manifest.limits.pids)
+        try:
+            return await self._start_pod(manifest, parent, sandbox, limits)
+        except BaseException:
+            await limits.close()
+            raise
+
+    async def _start_pod(
+        self,
+        manifest: Manifest,
+        parent: str | None,
+        sandbox: Confinement | None,
+        limits: PodLimits,
+    ) -> _RunningPod:
         name = manifest.name
         socket_path = self.registry.socket(name)
         assert manifest.cwd is not None
-        sandbox = self._confinement(manifest)
-        # A bring-up that fails leaves the group to the next one's (or capd's) clean-up.
-        limits = self.limiter.pod(name, manifest.limits.memory_mb, manifest.limits.pids)
         tool_context = ToolContext(
             cwd=Path(manifest.cwd),
             pod=name,
@@ -455,7 +495,9 @@ class Supervisor:
     def _confinement(self, manifest: Manifest) -> Confinement | None:
         """How the pod's processes are confined (None: sandbox mode `off`); refused
         (invalid_request) when no bwrap works here, or when its cwd or a writable path
-        contains capd's own directories, which every sandbox hides."""
+        contains capd's own directories, which every sandbox hides, or its paths do not fit
+        together (`capd.proc.sandbox.SandboxRefused`). A claude-code pod may write its
+        engine's own state too (`claude_code_state`)."""
         config = manifest.sandbox
         if config.mode == "off":
             return None
@@ -473,7 +515,15 @@ class Supervisor:
                 "sandbox hides; choose a path that does not, or set sandbox.mode: off",
             )
         spill = self._pod_state_dir(manifest.name) / "spill"  # shown once it exists
-        return confinement(config, bwrap=self.sandbox.path, cwd=cwd, capd_dirs=own, shown=[spill])
+        try:
+            confine = confinement(
+                config, bwrap=self.sandbox.path, cwd=cwd, capd_dirs=own, shown=[spill]
+            )
+            if isinstance(manifest.engine, ClaudeCodeEngine):
+                confine = confine.widened(claude_code_state(manifest.engine.env))
+        except SandboxRefused as exc:
+            raise ProtocolError("invalid_request", str(exc)) from None
+        return confine
 
     def _pod_state_dir(self, name: str) -> Path:
         return self.config.state_dir / "pods" / name

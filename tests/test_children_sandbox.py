@@ -197,18 +197,24 @@ async def test_a_child_cannot_work_or_write_in_what_its_parent_hides(
 ) -> None:
     """A child's sandbox shows its cwd and writable paths even under a hidden path: one
     inside its parent's hidden paths would let the parent's model read and write them
-    through the child (the review's test_rv19_child_hidden.py)."""
-    home, shared, _ = _parent_dirs(tmp_path)
-    secrets, private = home / "secrets", shared / "private"
+    through the child (the review's test_rv19_child_hidden.py). The parent is read-only:
+    a hidden path inside a writable cwd is refused already (test_sandbox.py)."""
+    home, _, _ = _parent_dirs(tmp_path)
+    secrets, private = home / "secrets", home / "private"
     for hidden in (secrets, private):
         hidden.mkdir()
         (hidden / "key").write_text("TOPSECRET\n")
-    sandbox = {**_sandbox(shared, secrets), "hidden": [str(secrets), str(private)]}
+    sandbox = {
+        "mode": "read-only",
+        "network": False,
+        "env": ENV,
+        "hidden": [str(secrets), str(private)],
+    }
     attempts: dict[str, dict[str, Any]] = {
         "cwd": {"cwd": "secrets"},
         "cwd below": {"cwd": "secrets/deep"},
-        "writable": {"sandbox": {"writable": [str(secrets)]}},
-        "writable below": {"sandbox": {"writable": [str(private / "out")]}},
+        "writable": {"sandbox": {**sandbox, "writable": [str(secrets)]}},
+        "writable below": {"sandbox": {**sandbox, "writable": [str(private / "out")]}},
     }
     calls = [
         {"name": "spawn_pod", "arguments": {"name": f"c{n}", "task": "x", **args}}

@@ -218,3 +218,91 @@ async def test_where_no_bwrap_works_a_sandboxed_pod_is_refused_in_one_line(
     async with await Client.connect(capd_dirs.socket) as daemon:
         pods = (await daemon.request({"method": "list"}))["pods"]
     assert {pod["name"]: pod["status"] for pod in pods} == {"sb5": "stopped", "sb7": "idle"}
+
+
+async def test_a_cwd_another_pod_swapped_for_a_symlink_is_not_entered(
+    capd_dirs: CapdProcess, tmp_path: Path
+) -> None:
+    """Review 19 #13: a pod whose cwd lies in another pod's cwd; that one swaps it for a
+    relative symlink to a hidden directory. The next call is refused in one line, and the
+    hidden directory is neither read nor written."""
+    capd_dirs.start()
+    boss, secrets_dir = tmp_path / "boss", tmp_path / "secrets"
+    (boss / "sub").mkdir(parents=True)
+    secrets_dir.mkdir()
+    (secrets_dir / "key").write_text("TOPSECRET\n")
+    hidden = {"hidden": [str(secrets_dir)]}
+    await spawn(
+        capd_dirs,
+        "kid",
+        _bash("cat key; echo pwned > written"),
+        tools=["bash"],
+        cwd=str(boss / "sub"),
+        sandbox=hidden,
+    )
+    swap = "mv sub sub.old && ln -s ../secrets sub && echo swapped"
+    swapped = await _outputs(capd_dirs, "boss", swap, cwd=str(boss), sandbox=hidden)
+    assert swapped[0] == "swapped"
+    async with await connect_pod(capd_dirs, "kid") as pod:
+        _, seen = await run_turn(pod, "go")
+    (result,) = [event for event in seen if event["event"] == "tool_result"]
+    assert result["is_error"], result
+    assert result["output"].startswith(
+        f"sandbox: {boss / 'sub'} is now a symlink or not a directory"
+    ), result
+    assert sorted(p.name for p in secrets_dir.iterdir()) == ["key"]
+
+
+async def test_a_pod_that_cannot_start_is_not_kept(capd_dirs: CapdProcess) -> None:
+    """Review 19 #14: a failure after the pod was recorded (here: a file where its socket
+    goes) leaves no record behind, so the name can be spawned once the cause is gone."""
+    capd_dirs.start()
+    blocker = capd_dirs.pod_socket("sb8")
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_text("not a socket")
+    with pytest.raises(ProtocolError) as refused:
+        await spawn(capd_dirs, "sb8", scripted())
+    assert refused.value.code == "internal"
+    assert refused.value.message.startswith("pod sb8 could not start, so it was not kept: ")
+    assert (await daemon_request(capd_dirs, {"method": "list"}))["pods"] == []
+    assert not (capd_dirs.state_dir / "pods" / "sb8").exists()
+    blocker.unlink()
+    await spawn(capd_dirs, "sb8", scripted())
+
+
+async def test_a_claude_code_pod_may_write_the_config_dir_its_env_names(
+    capd_dirs: CapdProcess, tmp_path: Path
+) -> None:
+    """Review 19 #7: the engine's CLAUDE_CONFIG_DIR, else its HOME's .claude and
+    .claude.json, are what it may write besides its cwd, and status says so; one it cannot
+    have is refused at spawn."""
+    capd_dirs.start()
+    home, config, cwd = tmp_path / "home", tmp_path / "cc-config", tmp_path / "work"
+    home.mkdir()
+    cwd.mkdir()
+    engines = {
+        "cc1": ({"CLAUDE_CONFIG_DIR": str(config)}, [config]),
+        "cc2": ({"HOME": str(home)}, [home / ".claude", home / ".claude.json"]),
+    }
+    for name, (env, writable) in engines.items():
+        engine = {"kind": "claude-code", "command": ["true"], "env": env}
+        await daemon_request(
+            capd_dirs,
+            {"method": "spawn", "manifest": {"name": name, "engine": engine, "cwd": str(cwd)}},
+        )
+        async with await connect_pod(capd_dirs, name, subscribe=False) as pod:
+            status = await pod.request({"method": "status"})
+        assert status["sandbox"]["writable"] == [str(cwd), *map(str, writable)]
+        assert writable[0].is_dir()
+    engine = {
+        "kind": "claude-code",
+        "command": ["true"],
+        "env": {"HOME": str(home / ".claude.json" / "x")},
+    }
+    (home / ".claude.json").write_text("{}")
+    with pytest.raises(ProtocolError) as refused:
+        await daemon_request(
+            capd_dirs, {"method": "spawn", "manifest": {"name": "cc3", "engine": engine}}
+        )
+    assert refused.value.code == "invalid_request"
+    assert refused.value.message.startswith("claude-code: cannot create its config dir ")

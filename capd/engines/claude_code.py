@@ -39,7 +39,7 @@ import contextlib
 import itertools
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +51,7 @@ from capd.engines.mcp_handover import claude_code_config
 from capd.engines.process import EngineDied, ExternalEngine
 from capd.proc.launcher import environment
 from capd.proc.limits import PodLimits
-from capd.proc.sandbox import Confinement
+from capd.proc.sandbox import Confinement, SandboxRefused
 from capd.tools.mcp.secrets import referenced
 from protocol.errors import ProtocolError
 from protocol.events import (
@@ -147,8 +147,6 @@ class ClaudeCodeEngine(ExternalEngine):
         pod_limits: PodLimits | None = None,
     ) -> None:
         assert manifest.cwd is not None
-        if sandbox is not None:
-            sandbox = sandbox.widened(own_state())
         super().__init__(Path(manifest.cwd), config, manifest.mcp_servers, sandbox, pod_limits)
         self._env = {AUTOCOMPACT_PCT: f"{manifest.limits.compact_at * 100:g}", **config.env}
         if sandbox is not None:
@@ -618,13 +616,23 @@ def _referenced(servers: Iterable[McpServerConfig]) -> dict[str, str]:
     return {name: os.environ[name] for name in names if name in os.environ}
 
 
-def own_state() -> list[Path]:
-    """What Claude Code writes outside the cwd, writable in its sandbox: `~/.claude` (its
-    sessions and credentials; made when missing) and `~/.claude.json` (its login and
-    settings, when it exists)."""
-    home = Path.home()
-    (home / ".claude").mkdir(mode=0o700, exist_ok=True)
-    return [home / ".claude", home / ".claude.json"]
+def state_paths(env: Mapping[str, str]) -> list[Path]:
+    """What Claude Code writes outside the cwd, writable in its sandbox, as the engine's
+    environment `env` over capd's own says: `$CLAUDE_CONFIG_DIR` (made when missing),
+    else `<HOME>/.claude` (made when missing) and `<HOME>/.claude.json` (its login and
+    settings). SandboxRefused, in one line, when the directory cannot be made."""
+    config_dir = env.get("CLAUDE_CONFIG_DIR") or os.environ.get("CLAUDE_CONFIG_DIR")
+    home = Path(env.get("HOME") or os.environ.get("HOME") or Path.home())
+    paths = [Path(config_dir)] if config_dir else [home / ".claude", home / ".claude.json"]
+    paths = [Path(os.path.abspath(os.path.expanduser(path))) for path in paths]
+    try:
+        paths[0].mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SandboxRefused(
+            f"claude-code: cannot create its config dir {paths[0]}: {exc.strerror or exc}; "
+            "set CLAUDE_CONFIG_DIR (or HOME) in engine.env to a directory capd can write"
+        ) from None
+    return [path.resolve() for path in paths]
 
 
 def _outcome(turn: Turn, result: dict[str, Any]) -> TurnOutcome:

@@ -14,6 +14,7 @@ alone, so its callers do not change when confining it does.
 
 import asyncio
 import contextlib
+import errno
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -21,7 +22,7 @@ from pathlib import Path
 from capd.proc.groups import KILL_GRACE_S, terminate_group
 from capd.proc.leftovers import owner_mark
 from capd.proc.limits import Leaf
-from capd.proc.sandbox import Confinement
+from capd.proc.sandbox import Confinement, PathMoved
 
 STREAM_LIMIT = 64 * 1024
 """asyncio's default bound on a line read from a piped stream."""
@@ -46,24 +47,55 @@ async def launch(
     `stdin`, `stdout` and `stderr` are each asyncio.subprocess.PIPE, DEVNULL or a file
     descriptor; `limit` bounds a line read from a piped stream; `leaf`
     (`capd.proc.limits`) is where the process and all it starts are limited, closed once
-    it exits. OSError when it cannot start."""
+    it exits. OSError when it cannot start: `capd.proc.sandbox.PathMoved`, whose text is
+    the whole story, when its confinement cannot be set up (bwrap gone, a bound path
+    renamed)."""
+    starting = _start(argv, cwd, confine, env, inherit, leaf, (stdin, stdout, stderr), limit)
+    return await (leaf.start(starting) if leaf is not None else starting)  # closes the leaf
+
+
+async def _start(
+    argv: Sequence[str],
+    cwd: Path,
+    confine: Confinement | None,
+    env: Mapping[str, str] | None,
+    inherit: Callable[[str], bool] | None,
+    leaf: Leaf | None,
+    streams: tuple[int, int, int],
+    limit: int,
+) -> asyncio.subprocess.Process:
+    """`launch`'s start, inside the leaf's `start` (which closes the leaf when it fails,
+    a confinement refused included)."""
+    fds: tuple[int, ...] = ()
     if confine is not None:
-        argv, outer = confine.wrap(argv), {**confine.environment(env), **owner_mark()}
+        if not os.access(confine.bwrap, os.X_OK):
+            raise PathMoved(
+                errno.ENOENT,
+                f"sandbox: bwrap {confine.bwrap} is gone since capd started; reinstall it "
+                "or restart capd",
+            )
+        wrapped = confine.wrap(argv)
+        argv, fds, outer = wrapped.argv, wrapped.fds, {**confine.environment(env), **owner_mark()}
     else:
         outer = environment(env, inherit)
     if leaf is not None:
         argv = leaf.wrap(argv)  # outermost: the shim enters the leaf, then execs bwrap
-    starting = asyncio.create_subprocess_exec(
-        *argv,
-        cwd=cwd,
-        env=outer,
-        stdin=stdin,
-        stdout=stdout,
-        stderr=stderr,
-        start_new_session=True,
-        limit=limit,
-    )
-    return await (leaf.start(starting) if leaf is not None else starting)  # closes the leaf
+    stdin, stdout, stderr = streams
+    try:
+        return await asyncio.create_subprocess_exec(
+            *argv,
+            cwd=cwd,  # bwrap itself enters the cwd it bound by fd (--chdir)
+            env=outer,
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+            start_new_session=True,
+            limit=limit,
+            pass_fds=fds,
+        )
+    finally:
+        for fd in fds:  # bwrap has its own copies
+            os.close(fd)
 
 
 async def launch_piped(

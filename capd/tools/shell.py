@@ -19,6 +19,7 @@ from typing import BinaryIO
 from capd.proc.groups import signal_name
 from capd.proc.launcher import launch, stop_group
 from capd.proc.limits import Leaf, Outcome
+from capd.proc.sandbox import PathMoved
 from capd.tools.base import Tool, ToolContext, ToolFailed, ToolOutcome
 from protocol.tools import BashArgs
 
@@ -159,6 +160,8 @@ async def _spawn(
             stderr=output_fd,
             leaf=leaf,
         )
+    except PathMoved as exc:
+        raise ToolFailed(str(exc)) from exc
     except OSError as exc:
         raise ToolFailed(f"cannot run bash in {ctx.cwd}: {exc.strerror}") from exc
 
