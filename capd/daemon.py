@@ -89,7 +89,7 @@ class Daemon:
                 " ".join(map(str, left)),
             )
         _raise_fd_limit()
-        self._sandbox = sandbox = probe(candidates(cfg.bwrap), cfg.state_dir)
+        self._sandbox = sandbox = probe(candidates(cfg.bwrap), cfg.state_dir.resolve())
         if sandbox.path is None:
             log.warning("%s (pods with a sandbox are refused)", sandbox.refusal)
         else:

@@ -556,7 +556,7 @@ class Supervisor:
         if manifest.cwd is None:
             cwd = self._make_pod_state_dir(manifest.name) / "work"
             cwd.mkdir(mode=0o700, exist_ok=True)
-            return cwd
+            return cwd.resolve()  # stored resolved, as the file tools and the sandbox walk it
         cwd = Path(manifest.cwd)
         if not cwd.is_absolute():
             raise ProtocolError("invalid_request", f"cwd {cwd} must be an absolute path")

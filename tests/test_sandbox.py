@@ -306,3 +306,28 @@ async def test_a_claude_code_pod_may_write_the_config_dir_its_env_names(
         )
     assert refused.value.code == "invalid_request"
     assert refused.value.message.startswith("claude-code: cannot create its config dir ")
+
+
+async def test_a_state_dir_reached_through_a_symlink_keeps_default_cwds_usable(
+    capd_dirs: CapdProcess, tmp_path: Path
+) -> None:
+    """The default cwd lies in the state dir; stored unresolved, the no-follow walks of the
+    file tools and the sandbox would refuse every call behind the symlink."""
+    capd_dirs.state_dir.mkdir()
+    link = tmp_path / "state-link"
+    link.symlink_to(capd_dirs.state_dir)
+    capd_dirs.state_dir = link
+    capd_dirs.start()
+    write = {"name": "write_file", "arguments": {"path": "f.txt", "content": "kept"}}
+    model = scripted(
+        {"tool_calls": [write]},
+        {"tool_calls": [{"name": "bash", "arguments": {"command": "cat f.txt"}}]},
+        {"text": "done"},
+    )
+    await spawn(capd_dirs, "sl", model, tools=["bash", "write_file"])
+    async with await connect_pod(capd_dirs, "sl") as pod:
+        end, seen = await run_turn(pod, "go")
+    results = [(e["is_error"], e["output"]) for e in seen if e["event"] == "tool_result"]
+    assert end["result"] == "finished"
+    assert results[1] == (False, "kept"), results
+    assert not results[0][0], results
