@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -47,12 +48,15 @@ def _argv(conf: Confinement, command: list[str]) -> list[str]:
     ]
 
 
-def _run(conf: Confinement, script: str) -> subprocess.CompletedProcess[str]:
-    """`script` run by sh in `conf`, as capd launches it."""
+def _run(
+    conf: Confinement, script: str, shim: Sequence[str] = ()
+) -> subprocess.CompletedProcess[str]:
+    """`script` run by sh in `conf`, as capd launches it (behind `shim`, as the limits'
+    shim runs bwrap)."""
     wrapped = conf.wrap(["sh", "-c", script])
     try:
         return subprocess.run(
-            wrapped.argv,
+            [*shim, *wrapped.argv],
             cwd="/",
             env=conf.environment(),
             pass_fds=wrapped.fds,
@@ -350,20 +354,8 @@ def test_bound_fds_survive_the_limits_shim(tmp_path: Path) -> None:
     shim), and capabilities are dropped even when capd runs as root (#18)."""
     _, cwd = _tree(tmp_path)
     conf = _confine(cwd, tmp_path / "state")
-    wrapped = conf.wrap(["sh", "-c", "touch made; grep CapEff /proc/self/status"])
-    try:
-        done = subprocess.run(
-            ["sh", "-c", 'ulimit -v unlimited && exec "$@"', "shim", *wrapped.argv],
-            cwd="/",
-            env=conf.environment(),
-            pass_fds=wrapped.fds,
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=30,
-        )
-    finally:
-        wrapped.close()
+    shim = ["sh", "-c", 'ulimit -v unlimited && exec "$@"', "shim"]
+    done = _run(conf, "touch made; grep CapEff /proc/self/status", shim)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["CapEff:", "0000000000000000"]
     assert (cwd / "made").exists()
