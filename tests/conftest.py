@@ -20,6 +20,10 @@ from tests.mcp_servers import McpServerCommands
 from tests.mcp_servers import install as install_mcp_servers
 
 START_TIMEOUT_S = 10.0
+REPO = Path(__file__).resolve().parents[1]
+SHOW_CHECKOUT = ["--sandbox-show", str(REPO)] if REPO.is_relative_to("/tmp") else []
+"""A checkout under /tmp (a CI runner's) would be hidden by every sandbox's private /tmp,
+and with it the venv and the stand-in engines and servers pods run from tests/fakes."""
 
 
 @dataclass
@@ -53,6 +57,7 @@ class CapdProcess:
             str(self.runtime_dir),
             "--state-dir",
             str(self.state_dir),
+            *SHOW_CHECKOUT,
             *self.extra_args,
         ]
         stdin = None

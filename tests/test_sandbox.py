@@ -331,3 +331,18 @@ async def test_a_state_dir_reached_through_a_symlink_keeps_default_cwds_usable(
     assert end["result"] == "finished"
     assert results[1] == (False, "kept"), results
     assert not results[0][0], results
+
+
+async def test_sandbox_show_shows_a_path_under_tmp_read_only(
+    capd_dirs: CapdProcess, tmp_path: Path
+) -> None:
+    tools = tmp_path / "toolchain"
+    tools.mkdir()
+    (tools / "tool").write_text("found\n")
+    capd_dirs.extra_args = ["--sandbox-show", str(tools)]
+    capd_dirs.start()
+    read, write, _ = await _outputs(
+        capd_dirs, "show", f"cat {tools}/tool", f"touch {tools}/x 2>&1; true"
+    )
+    assert read == "found"
+    assert "Read-only file system" in write
