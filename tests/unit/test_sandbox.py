@@ -341,7 +341,8 @@ def test_a_hidden_unix_socket_cannot_be_reached(tmp_path: Path) -> None:
     conf = _confine(cwd, tmp_path / "state", network=False, hidden=[str(sock_path)])
     connect = f"import socket; socket.socket(socket.AF_UNIX).connect('{sock_path}'); print('in')"
     try:
-        done = _run(conf, f'{sys.executable} -c "{connect}"')
+        # The interpreter itself, not the venv's link to it: a checkout under /tmp is hidden.
+        done = _run(conf, f'{os.path.realpath(sys.executable)} -c "{connect}"')
     finally:
         server.close()
     assert (done.returncode, done.stdout) == (1, ""), done
