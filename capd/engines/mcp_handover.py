@@ -146,22 +146,6 @@ def _expanded(server: McpServerConfig, environ: Mapping[str, str]) -> dict[str, 
     return expand_all(values, environ)
 
 
-def _state(name: str, server: McpServerConfig, error: str | None = None) -> McpServerState:
-    return McpServerState(
-        name=name,
-        state="starting" if error is None else "failed",
-        error=error,
-        transport="http" if isinstance(server, McpHttpServer) else "stdio",
-        managed_by="engine",
-    )
-
-
-def _expanded(server: McpServerConfig, environ: Mapping[str, str]) -> dict[str, str]:
-    """A server's env (stdio) or headers (http) with `${VAR}`s read from `environ`."""
-    values = server.env if isinstance(server, McpStdioServer) else server.headers
-    return expand_all(values, environ)
-
-
 def _absolute_command(command: str, cwd: Path, environ: Mapping[str, str]) -> str | None:
     """`command` as an absolute path: with a `/` relative to the pod's cwd, else found on
     the engine's PATH; None when there is no such executable."""
