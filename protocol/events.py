@@ -114,6 +114,8 @@ class TurnStart(DurableEvent):
     event: Literal["turn_start"] = "turn_start"
     turn_id: str
     invoke: Invoke
+    traceparent: str | None = None
+    """The `run` request's `traceparent` (an addition)."""
 
 
 class UserMessage(DurableEvent):
@@ -307,6 +309,13 @@ class BudgetExhausted(DurableEvent):
     budget: BudgetLimits
 
 
+class Reconfigured(DurableEvent):
+    """§14: the pod took a new manifest; `changed` names its top-level fields that differ."""
+
+    event: Literal["reconfigured"] = "reconfigured"
+    changed: list[str]
+
+
 class TextDelta(PodEventBase):
     event: Literal["text_delta"] = "text_delta"
     turn_id: str
@@ -389,6 +398,45 @@ class PodDeleted(PodEventBase):
     event: Literal["pod_deleted"] = "pod_deleted"
 
 
+Phase = Literal["model", "tool", "permission", "retry", "compacting"]
+
+
+class PodActivity(PodEventBase):
+    """What a pod is doing now, for a view of many pods (an addition): a daemon event for
+    subscribers that ask for `activity`, and the entries of `overview`."""
+
+    event: Literal["pod_activity"] = "pod_activity"
+    status: Literal["idle", "running", "paused", "stopped"]
+    since: float = 0.0
+    """When the pod entered `status` (unix time; 0 when unknown)."""
+    socket: str = ""
+    parent: str | None = None
+    """The parent's socket, as `list` gives it."""
+    model: str = ""
+    """As `status.model` names it."""
+    turn_id: str | None = None
+    step: int = 0
+    """The current turn's model steps so far (its `assistant_message`s)."""
+    phase: Phase | None = None
+    """What the running turn waits for; null when no turn runs."""
+    phase_since: float | None = None
+    tool: str | None = None
+    """The tool running now, while `phase` is `tool`."""
+    queued: int = 0
+    permissions: int = 0
+    """Open permission questions."""
+    context_tokens: int = 0
+    context_window: int | None = None
+    usage: Usage = Field(default_factory=Usage)
+    """The pod's own usage, as in `status`."""
+    spent: Spent = Field(default_factory=Spent)
+    """The pod and its descendants, as in `status`."""
+    last_result: TurnResult | None = None
+    """How the pod's last turn ended."""
+    error: str | None = None
+    """Why a pod that should be up is not, as in `list`."""
+
+
 AnyEvent = Annotated[
     Hello
     | Ack
@@ -410,6 +458,7 @@ AnyEvent = Annotated[
     | CheckpointTaken
     | CheckpointSkipped
     | BudgetExhausted
+    | Reconfigured
     | TextDelta
     | ThinkingDelta
     | ToolCallStart
@@ -421,7 +470,8 @@ AnyEvent = Annotated[
     | PodSpawned
     | PodStatusEvent
     | PodStopped
-    | PodDeleted,
+    | PodDeleted
+    | PodActivity,
     Field(discriminator="event"),
 ]
 

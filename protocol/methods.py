@@ -15,6 +15,8 @@ from protocol.paths import POD_NAME_PATTERN
 RequestId = str | int
 Seq = Annotated[int, Field(ge=0, le=2**63 - 1)]
 """A `seq` a request names: SQLite stores it as a signed 64-bit integer."""
+TRACEPARENT_PATTERN = r"^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"
+"""A W3C trace context `traceparent`, version 00."""
 MAX_DESCRIBED_ERRORS = 5
 MAX_INSTRUCTIONS = 10_000
 """Characters a `compact` request's instructions may hold."""
@@ -33,6 +35,9 @@ class Run(Request):
     method: Literal["run"] = "run"
     text: str
     if_busy: IfBusy = "reject"
+    traceparent: str | None = Field(default=None, pattern=TRACEPARENT_PATTERN)
+    """The span that asked for this run (an addition): the turn's `invoke_agent` span links
+    to it, and `turn_start` keeps it."""
 
 
 class Pause(Request):
@@ -103,6 +108,8 @@ class Status(Request):
 class Subscribe(Request):
     method: Literal["subscribe"] = "subscribe"
     after_seq: Seq | None = None
+    deltas: bool = True
+    """False: no `text_delta`, `thinking_delta` or `tool_call_delta` (an addition)."""
 
 
 class Unsubscribe(Request):
@@ -113,10 +120,20 @@ class History(Request):
     method: Literal["history"] = "history"
     after_seq: Seq = 0
     limit: int = Field(default=1000, ge=1, le=10000)
+    last_turns: int | None = Field(default=None, ge=1, le=10000)
+    """Start at the `turn_start` of the last this-many turns instead of `after_seq` (an
+    addition)."""
 
 
 class StopPod(Request):
     method: Literal["stop"] = "stop"
+
+
+class Reconfigure(Request):
+    """§14: give an idle or paused pod a new manifest; it keeps its history."""
+
+    method: Literal["reconfigure"] = "reconfigure"
+    manifest: Manifest
 
 
 PodRequest = Annotated[
@@ -134,7 +151,8 @@ PodRequest = Annotated[
     | Subscribe
     | Unsubscribe
     | History
-    | StopPod,
+    | StopPod
+    | Reconfigure,
     Field(discriminator="method"),
 ]
 
@@ -177,10 +195,42 @@ class Shutdown(Request):
 
 class DaemonSubscribe(Request):
     method: Literal["subscribe"] = "subscribe"
+    activity: bool = False
+    """Also send `pod_activity` events (an addition)."""
+
+
+class Restart(Request):
+    """Stop a pod and its descendants, then start it and those of them that were up (an
+    addition)."""
+
+    method: Literal["restart"] = "restart"
+    name: PodName
+
+
+class Overview(Request):
+    """Every pod's `pod_activity` object at once (an addition)."""
+
+    method: Literal["overview"] = "overview"
+
+
+class Metrics(Request):
+    """§14: the daemon's metrics in the Prometheus text format."""
+
+    method: Literal["metrics"] = "metrics"
 
 
 DaemonRequest = Annotated[
-    Spawn | ListPods | Stop | Start | Delete | Info | Shutdown | DaemonSubscribe,
+    Spawn
+    | ListPods
+    | Stop
+    | Start
+    | Restart
+    | Delete
+    | Info
+    | Shutdown
+    | DaemonSubscribe
+    | Overview
+    | Metrics,
     Field(discriminator="method"),
 ]
 

@@ -4,7 +4,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from protocol.events import BudgetLimits, PodStatusName, Spent, Usage
+from protocol.events import BudgetLimits, PodActivity, PodStatusName, Spent, Usage
 from protocol.manifest import SandboxMode
 
 
@@ -120,6 +120,20 @@ class HistoryResult(Result):
 class SpawnResult(Result):
     name: str
     socket: str
+    cwd: str | None = None
+    """The pod's working directory, resolved (an addition)."""
+
+
+class ReconfigureResult(Result):
+    changed: list[str]
+
+
+class OverviewResult(Result):
+    pods: list[PodActivity]
+
+
+class MetricsResult(Result):
+    text: str
 
 
 class PodListEntry(Result):
@@ -158,3 +172,5 @@ class InfoResult(Result):
     runtime_dir: str
     state_dir: str
     sandbox: SandboxBackend | None = None
+    metrics_listen: str | None = None
+    """`host:port` where `--metrics-listen` serves /metrics, as bound (an addition)."""

@@ -42,6 +42,9 @@ RESULT_METHODS: dict[type[BaseModel], tuple[str, ...]] = {
     results.InfoResult: ("info",),
     results.SandboxBackend: ("info",),
     results.SetBudgetResult: ("set_budget",),
+    results.ReconfigureResult: ("reconfigure",),
+    results.OverviewResult: ("overview",),
+    results.MetricsResult: ("metrics",),
 }
 """Which method's section documents each ack result."""
 
@@ -107,7 +110,8 @@ def _tag(model: type[BaseModel], field: str) -> str:
 
 def _wire_names(model: type[BaseModel], base: type[BaseModel] | None = None) -> set[str]:
     """The model's field names on the wire (aliases), without those of `base`, and the
-    fields of the models nested in them (but the manifest's, which has its own section)."""
+    fields of the models nested in them (but the manifest's and an event's, which have
+    their own sections)."""
     inherited = set(base.model_fields) if base else set()
     names: set[str] = set()
     for name, info in model.model_fields.items():
@@ -115,7 +119,7 @@ def _wire_names(model: type[BaseModel], base: type[BaseModel] | None = None) -> 
             continue
         names.add(info.alias or name)
         for nested in _nested_models(info.annotation):
-            if nested is not Manifest:
+            if nested is not Manifest and not issubclass(nested, PodEventBase):
                 names |= _wire_names(nested)
     return names
 
