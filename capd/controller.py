@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeAlias
 
+from capd import metrics
 from capd.budgets import Ledger
 from capd.checkpoints import CheckpointError, CheckpointStore, Taken
 from capd.context import INTERRUPTED_TOOL_OUTPUT, Context
@@ -769,6 +770,7 @@ class PodController:
             report=self._turn_report(turn, result, error),
             consumed=consumed,
         )
+        metrics.turn_ended(self.name, result)
         self._unfinished = None
         self.turn = None
         self._set_status("idle")

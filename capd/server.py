@@ -34,6 +34,7 @@ from protocol.methods import (
     History,
     Info,
     ListPods,
+    Metrics,
     Request,
     Shutdown,
     Spawn,
@@ -44,7 +45,13 @@ from protocol.methods import (
     Subscribe,
     Unsubscribe,
 )
-from protocol.results import InfoResult, ListResult, SpawnResult, SubscribeResult
+from protocol.results import (
+    InfoResult,
+    ListResult,
+    MetricsResult,
+    SpawnResult,
+    SubscribeResult,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +99,8 @@ class ProcessMethods(Protocol):
     """The daemon socket's methods on capd itself; the daemon provides them."""
 
     def info(self) -> InfoResult: ...
+
+    def metrics(self) -> str: ...
 
     def request_shutdown(self) -> None: ...
 
@@ -305,6 +314,8 @@ class DaemonEndpoint(Endpoint):
                 return ack(request)
             case Info():
                 return ack(request, process.info().model_dump())
+            case Metrics():
+                return ack(request, MetricsResult(text=process.metrics()).model_dump())
             case Shutdown():
                 conn.send(ack(request))
                 process.request_shutdown()

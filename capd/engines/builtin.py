@@ -11,6 +11,7 @@ import functools
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from capd import metrics
 from capd.backoff import backoff_s
 from capd.chat import INVALID_JSON_KEY
 from capd.engines.base import (
@@ -215,6 +216,7 @@ class BuiltinEngine:
                 f"{exc.message}"
             ) from exc
 
+    @metrics.timed_model_call
     async def _call_model(
         self, host: TurnHost, turn_id: str | None, attempt: Callable[[], Awaitable[ModelReply]]
     ) -> ModelReply:
@@ -244,6 +246,7 @@ class BuiltinEngine:
                     if exc.retry_after_s is not None
                     else backoff_s(tries, RETRY_BASE_S)
                 )
+                metrics.model_retried(self._model.provider)
                 if turn_id is not None:
                     host.emit_ephemeral(
                         Retry(

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from capd import metrics
 from capd.chat import INVALID_JSON_KEY, ToolSpec
 from capd.tokens import spec_tokens
 from capd.tools import BUILTIN_TOOLS
@@ -91,6 +92,11 @@ class Toolbox:
             specs += server.specs
         return specs
 
+    def offers(self, name: str) -> bool:
+        """Whether a tool of that name is offered now (the model may call any name)."""
+        return name in self._offered or name in self._mcp_names()
+
+    @metrics.timed_tool_run
     async def run(
         self, name: str, arguments: dict[str, Any], approve: Approve | None = None
     ) -> ToolOutcome:
