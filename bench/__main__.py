@@ -17,6 +17,7 @@ from bench import (
     durable,
     fanout,
     mcp,
+    metrics,
     pause,
     restore,
     sandbox,
@@ -37,6 +38,7 @@ BENCHMARKS: dict[str, Callable[[Size], list[Figure]]] = {
     "checkpoint": checkpoint.run,
     "mcp": mcp.run,
     "sandbox": sandbox.run,
+    "metrics": metrics.run,
 }
 
 

@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 from typing import IO
 
-from capd import metrics
 from capd.config import Config
 from capd.metrics_http import MetricsHttp
+from capd.metrics_scrape import scrape
 from capd.outbox import Outbox
 from capd.proc import leftovers
 from capd.proc.groups import stop_all_groups
@@ -200,7 +200,7 @@ class Daemon:
 
     def metrics(self) -> str:
         assert self._endpoint is not None
-        return metrics.scrape(self.supervisor, self._endpoint, self._started_at)
+        return scrape(self.supervisor, self._endpoint, self._started_at)
 
     def _pod_status_changed(self) -> None:
         if self._notifier.enabled:

@@ -16,18 +16,11 @@ import time
 from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, TypeVar
 
-from protocol import VERSION
-
-if TYPE_CHECKING:
-    from capd.engines.builtin import BuiltinEngine
-    from capd.providers.base import ModelReply
-    from capd.server import Endpoint
-    from capd.supervisor import Supervisor
-    from capd.tools.base import ToolOutcome
-    from capd.tools.toolbox import Approve, Toolbox
-    from protocol.events import Usage
+from capd.tools.base import ToolOutcome
+from protocol.events import Usage
+from protocol.manifest import ModelConfig
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MODEL_BUCKETS = (0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
@@ -86,6 +79,19 @@ PER_POD = (
 """The per-pod families after capd_tokens_total: (name, type, PodSample field, help)."""
 
 Labels = tuple[str, ...]
+T = TypeVar("T")
+
+
+class _ModelCaller(Protocol):
+    """What `timed_model_call` reads of the engine (capd.engines.builtin)."""
+
+    _model: ModelConfig
+
+
+class _ToolRunner(Protocol):
+    """What `timed_tool_run` asks of the toolbox (capd.tools.toolbox)."""
+
+    def offers(self, name: str) -> bool: ...
 
 
 class Histogram:
@@ -150,7 +156,7 @@ def subscription_lagged() -> None:
     HOT.lagged += 1
 
 
-def pod_stopped(name: str, usage: "Usage") -> None:
+def pod_stopped(name: str, usage: Usage) -> None:
     HOT.stopped_usage[name] = (usage.input_tokens, usage.output_tokens, usage.cost_usd)
 
 
@@ -158,14 +164,12 @@ def pod_deleted(name: str) -> None:
     HOT.forget_pod(name)
 
 
-def timed_model_call(
-    call: "Callable[..., Awaitable[ModelReply]]",
-) -> "Callable[..., Awaitable[ModelReply]]":
+def timed_model_call(call: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     """Decorates `BuiltinEngine._call_model`: one logical call, its retries included, by
     outcome `ok` or `error`. A call cut short by a pause, cancel or stop is not counted."""
 
     @functools.wraps(call)
-    async def timed(engine: "BuiltinEngine", *args: Any) -> "ModelReply":
+    async def timed(engine: _ModelCaller, *args: Any) -> T:
         started = time.perf_counter()
         outcome = "error"
         try:
@@ -185,16 +189,16 @@ def timed_model_call(
 
 
 def timed_tool_run(
-    run: "Callable[..., Awaitable[ToolOutcome]]",
-) -> "Callable[..., Awaitable[ToolOutcome]]":
+    run: Callable[..., Awaitable[ToolOutcome]],
+) -> Callable[..., Awaitable[ToolOutcome]]:
     """Decorates `Toolbox.run`: every call, by tool and outcome (`error` when its result
     is an error), a permission question's wait included. A call cut short by a pause,
     cancel or stop is not counted."""
 
     @functools.wraps(run)
     async def timed(
-        toolbox: "Toolbox", name: str, arguments: dict[str, Any], approve: "Approve | None" = None
-    ) -> "ToolOutcome":
+        toolbox: _ToolRunner, name: str, arguments: dict[str, Any], approve: Any = None
+    ) -> ToolOutcome:
         started = time.perf_counter()
         outcome = await run(toolbox, name, arguments, approve)
         labels = (
@@ -230,6 +234,8 @@ class PodSample:
 
 @dataclass(slots=True)
 class DaemonSample:
+    """capd's own figures at a scrape."""
+
     version: str
     start_time: float
     subscribers: dict[str, int]
@@ -364,63 +370,3 @@ def _escape(value: str) -> str:
     if "\\" in value or '"' in value or "\n" in value:
         return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
     return value
-
-
-# -- reading capd's state ---------------------------------------------------------------
-
-
-def scrape(supervisor: "Supervisor", endpoint: "Endpoint", start_time: float) -> str:
-    """The exposition of capd now: `endpoint` is the daemon socket's."""
-    reports, targets = supervisor.store.outbox_counts()
-    pods = supervisor.pods.values()
-    daemon = DaemonSample(
-        version=VERSION,
-        start_time=start_time,
-        subscribers={
-            "daemon": len(supervisor.hub.subscriptions),
-            "pod": sum(len(pod.controller.hub.subscriptions) for pod in pods),
-        },
-        connections={
-            "daemon": len(endpoint._connections),
-            "pod": sum(len(pod.endpoint._connections) for pod in pods),
-        },
-        outbox_reports=reports,
-        outbox_targets=targets,
-    )
-    return render(daemon, pod_samples(supervisor))
-
-
-def pod_samples(supervisor: "Supervisor") -> list[PodSample]:
-    """Every pod capd knows, in creation order."""
-    samples = []
-    for record in supervisor.registry.all():
-        name = record.name
-        spent = supervisor.ledger.spent(name)
-        pod = supervisor.running(name)
-        if pod is None:
-            usage = HOT.stopped_usage.get(name)
-            if usage is None:
-                usage = HOT.stopped_usage[name] = supervisor.store.usage_totals(name)
-            status = "error" if supervisor.is_broken(name) else "stopped"
-            samples.append(PodSample(name, status, *usage, spent["tokens"], spent["usd"]))
-            continue
-        live = pod.journal.usage
-        samples.append(
-            PodSample(
-                name,
-                pod.status,
-                live.input_tokens,
-                live.output_tokens,
-                live.cost_usd,
-                spent["tokens"],
-                spent["usd"],
-                context_tokens=pod.context.tokens(
-                    pod.manifest.system_prompt, pod.toolbox.spec_tokens
-                ),
-                context_window=pod._context_window(),
-                queued_runs=len(pod._queue),
-                notifications=len(pod.notes),
-                permission_requests=len(pod.journal.asked),
-            )
-        )
-    return samples
