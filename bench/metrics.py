@@ -1,7 +1,7 @@
 """Metrics: what the hot hooks cost a turn, a model call or a tool call, and what a scrape
 costs as the pods grow (capd.metrics).
 
-In-process, no capd: the figures are the hooks' and the writer's own.
+In process (the hooks' and the writer's own figures):
 - `observe`: one histogram observation (a tool call's), against a dict increment (the
   cheapest counter there is), per call.
 - `tool call hook`: a tool call through `timed_tool_run` (two clock reads, the label's
@@ -9,7 +9,10 @@ In-process, no capd: the figures are the hooks' and the writer's own.
 - `render N pods`: the whole exposition of N pods (every family, each pod with two turn
   results, ten tools, three model series), against formatting as many lines with one
   f-string each and joining them — the least any writer of that text does.
-Each figure is the best of REPEATS runs.
+And against a real capd with `pods` idle pods (scripted, `read_file`, a turn each):
+- `scrape N pods`: a `metrics` request's round trip on the daemon socket, against an
+  `info` request's (the same socket, the same framing, almost no work).
+The in-process figures are the best of REPEATS runs, the round trips the median.
 """
 
 import asyncio
@@ -17,8 +20,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bench.report import Figure
+from bench import servers
+from bench.report import Figure, median
 from bench.sizes import Size
+from bench.wire import LineClient
 from capd.metrics import DaemonSample, Hot, PodSample, render, timed_tool_run
 from capd.tools.base import ToolOutcome
 
@@ -120,6 +125,31 @@ def _render(pods: int, rounds: int) -> tuple[float, float]:
     return _best_ns(rendering, rounds) / 1e6, _best_ns(formatting, rounds) / 1e6
 
 
+def _scrape(pods: int, rounds: int) -> tuple[float, float]:
+    """(ms per `metrics` round trip, ms per `info` round trip) with `pods` pods."""
+    with servers.capd() as capd, LineClient(capd.socket) as daemon:
+        sockets = [
+            servers.spawn(daemon, f"idle-{i}", servers.scripted(), tools=["read_file"]) for i in range(pods)
+        ]
+        for socket in sockets:
+            with LineClient(socket) as pod:
+                pod.request({"id": "s", "method": "subscribe"})
+                pod.request({"id": "r", "method": "run", "text": "hello there"})
+                pod.wait_event("turn_end")
+        text = daemon.request({"id": "m", "method": "metrics"})["result"]["text"]
+        if f'capd_turns_total{{pod="idle-{pods - 1}",result="finished"}} 1' not in text:
+            raise RuntimeError("the scrape misses the last pod's turn")
+        took = {}
+        for method in ("metrics", "info", "metrics", "info"):  # interleaved against drift
+            times = []
+            for _ in range(rounds):
+                started = time.perf_counter()
+                daemon.request({"id": method, "method": method})
+                times.append(time.perf_counter() - started)
+            took[method] = took.get(method, []) + times
+    return median(took["metrics"]) * 1000, median(took["info"]) * 1000
+
+
 def run(size: Size) -> list[Figure]:
     n = size.round_trips * 100
     figures = [
@@ -132,4 +162,6 @@ def run(size: Size) -> list[Figure]:
     for pods in (size.pods // 10, size.pods):
         took, baseline = _render(pods, max(3, size.round_trips // max(pods, 1)))
         figures.append(Figure("metrics", f"render {pods} pods", took, "ms", "lower", baseline))
+    took, baseline = _scrape(size.pods, max(5, size.round_trips // 100))
+    figures.append(Figure("metrics", f"scrape {size.pods} pods", took, "ms", "lower", baseline))
     return figures

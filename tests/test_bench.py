@@ -23,7 +23,7 @@ FIGURES = {
     "checkpoint": 2,
     "mcp": 3,
     "sandbox": 2,
-    "metrics": 4,
+    "metrics": 5,
 }
 
 
