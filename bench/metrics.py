@@ -129,7 +129,8 @@ def _scrape(pods: int, rounds: int) -> tuple[float, float]:
     """(ms per `metrics` round trip, ms per `info` round trip) with `pods` pods."""
     with servers.capd() as capd, LineClient(capd.socket) as daemon:
         sockets = [
-            servers.spawn(daemon, f"idle-{i}", servers.scripted(), tools=["read_file"]) for i in range(pods)
+            servers.spawn(daemon, f"idle-{i}", servers.scripted(), tools=["read_file"])
+            for i in range(pods)
         ]
         for socket in sockets:
             with LineClient(socket) as pod:
