@@ -3,6 +3,7 @@ prometheus-client's parser reads back; and the strict checker refuses what it mu
 
 import math
 import re
+from pathlib import Path
 
 import pytest
 
@@ -137,3 +138,16 @@ def test_the_checker_refuses(text: str, why: str) -> None:
     check(GOOD)
     with pytest.raises(NotExposition, match=re.escape(why)):
         check(text)
+
+
+def test_docs_list_every_metric() -> None:
+    """docs/protocol.md's Metrics table names each family rendered, and no other."""
+    hot = Hot()
+    hot.retries = {"openai": 1}
+    hot.model_calls.observe(("openai", "m", "ok"), 1.0)
+    text = render(daemon(), pods(), hot)
+    rendered = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")}
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text()
+    table = doc.split("\n### Metrics\n", 1)[1].split("\n### ", 1)[0]
+    documented = set(re.findall(r"^\| `([a-z_]+)` \|", table, re.MULTILINE))
+    assert documented == rendered
