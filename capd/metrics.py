@@ -16,17 +16,18 @@ import time
 from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, get_args
 
 from capd.tools.base import ToolOutcome
-from protocol.events import Usage
+from protocol.events import PodStatusName, Usage
 from protocol.manifest import ModelConfig
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MODEL_BUCKETS = (0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 """Seconds, for a model call with its retries."""
 TOOL_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
-STATUSES = ("idle", "running", "paused", "stopped", "error")
+STATUSES = (*get_args(PodStatusName), "stopped", "error")
+"""`capd_pods`' statuses: a pod's own, then those of pods not up."""
 UNKNOWN_TOOL = "unknown"
 """The `tool` label of a call to a tool the pod does not offer: the model names those,
 so they would make series without bound."""
