@@ -203,7 +203,7 @@ class Supervisor:
             with contextlib.suppress(ProtocolError):
                 await local_parent.controller.adopt(name, socket, turn_id)
         self._publish(PodSpawned(pod=name, socket=socket, parent=parent))
-        return SpawnResult(name=name, socket=socket)
+        return SpawnResult(name=name, socket=socket, cwd=manifest.cwd)
 
     def _forget_unborn(self, name: str, fresh: bool) -> None:
         """Undo a spawn whose bring-up failed: no record, no ledger entry, and no state dir
@@ -305,7 +305,33 @@ class Supervisor:
                 raise ProtocolError("internal", str(exc)) from None
             self.registry.set_stopped(name, False)
             self._publish(PodSpawned(pod=name, socket=socket, parent=record.parent))
-        return SpawnResult(name=name, socket=socket)
+        return SpawnResult(name=name, socket=socket, cwd=self.pods[name].controller.manifest.cwd)
+
+    async def restart_pod(self, name: str) -> SpawnResult:
+        """Stop the pod and its descendants, then start it and, parents first, each
+        descendant that was up. One that cannot start is named in the error; the others
+        are started still."""
+        self._refuse_when_closing()
+        self._require_known(name)
+        was_up = await self.stop_pod(name)
+        result = await self.start_pod(name)
+        failed: list[tuple[str, ProtocolError]] = []
+        for child in was_up:
+            if child == name:
+                continue
+            try:
+                await self.start_pod(child)
+            except ProtocolError as exc:
+                failed.append((child, exc))
+        if failed:
+            child, exc = failed[0]
+            others = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+            raise ProtocolError(
+                exc.code,
+                f"pod {name} restarted, but its descendant {child} did not start{others}: "
+                f"{exc.message}; `capctl start {child}` once that is fixed",
+            )
+        return result
 
     async def delete_pod(self, name: str) -> None:
         """Stop the pod and its descendants, then remove its state: its children become
