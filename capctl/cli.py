@@ -280,9 +280,24 @@ def spawn(
     from protocol.methods import Spawn
 
     request = Spawn(manifest=manifest, parent=_parent_socket(settings.runtime, parent))
-    result = daemon_call(settings.runtime, request.model_dump(mode="json", exclude_none=True))
+    try:
+        result = daemon_call(settings.runtime, request.model_dump(mode="json", exclude_none=True))
+    except CapctlError as exc:
+        raise _with_key_hint(exc) from None
     line = f"spawned {result.get('name')} in {result.get('cwd')} (socket {result.get('socket')})"
     report(settings, result, line)
+
+
+def _with_key_hint(exc: CapctlError) -> CapctlError:
+    """A refusal for want of a key that this shell has: say that capd reads its own."""
+    import re
+
+    found = re.search(r"(\w+), which is not set in capd's environment", exc.message)
+    if found and os.environ.get(found.group(1)):
+        exc.message += (
+            f" ({found.group(1)} is set in this shell, but capd reads its own environment)"
+        )
+    return exc
 
 
 def _parent_socket(runtime: Path, parent: str | None) -> str | None:

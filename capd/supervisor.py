@@ -10,7 +10,6 @@ the pod tools (through `ChildPods`) call it in between.
 import asyncio
 import contextlib
 import logging
-import os
 import shutil
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from capd.proc.sandbox import (
     containing,
     resolve_paths,
 )
+from capd.providers import missing_key
 from capd.registry import PodRegistry
 from capd.server import PodEndpoint
 from capd.store import PodRecord, Store
@@ -166,12 +166,12 @@ class Supervisor:
         cwd = self._resolve_cwd(manifest, must_exist=not make_cwd)
         sandbox = resolve_paths(manifest.sandbox)
         manifest = manifest.model_copy(update={"cwd": str(cwd), "sandbox": sandbox})
-        _check_api_key(manifest)
         parent_name = self.registry.pods_dir_name(parent)
         if parent_name is not None:
             self._check_child_of(parent_name, manifest)
             parent = str(self.registry.socket(parent_name))  # the spelling children_of looks up
         check_engine(manifest, self._confinement(manifest))
+        _check_api_key(manifest)
         if _checkpointed(manifest):
             require_git()
         self.ledger.check_spawn(manifest, parent_name)
@@ -618,9 +618,7 @@ def _checkpointed(manifest: Manifest) -> bool:
 
 
 def _check_api_key(manifest: Manifest) -> None:
-    env = manifest.model.api_key_env if manifest.model else None
-    if env and not os.environ.get(env):
-        raise ProtocolError(
-            "invalid_request",
-            f"model.api_key_env names {env}, which is not set in capd's environment",
-        )
+    """Refuse a model whose key is not in capd's environment (at spawn, never at restore:
+    a stored pod comes back, and its calls fail until the key is there)."""
+    if manifest.model is not None and (missing := missing_key(manifest.model)):
+        raise ProtocolError("invalid_request", missing)
