@@ -311,8 +311,8 @@ class DaemonEndpoint(Endpoint):
             case Info():
                 return ack(request, process.info().model_dump())
             case Shutdown():
+                process.request_shutdown()  # first: whoever reads the ack finds capd stopping
                 conn.send(ack(request))
-                process.request_shutdown()
                 return None
             case DaemonSubscribe():
                 self._subscribe(pods.hub, conn, request, None)
