@@ -61,7 +61,6 @@ class Daemon:
         self._started = time.monotonic()
         self._notifier = Notifier({})
         self._sandbox = Backend()
-        self._waited = False
 
     @property
     def supervisor(self) -> Supervisor:
@@ -162,11 +161,12 @@ class Daemon:
         (or a shutdown that lasts longer) fails this one at once (DaemonLocked)."""
         deadline = time.monotonic() + self.config.lock_wait_s
         taken: list[IO[str]] = []
+        told = False
         try:
             for path in paths:
                 while (handle := _lock(path, deadline, self._should_exit.is_set())) is None:
-                    if not self._waited:
-                        self._waited = True
+                    if not told:
+                        told = True
                         log.info(
                             "capd pid %s is shutting down; waiting up to %g s for it",
                             _lock_owner(path)[0],
@@ -256,8 +256,8 @@ def _lock(path: Path, deadline: float, give_up: bool) -> IO[str] | None:
             return None
         if stopping:
             raise DaemonLocked(
-                f"{path.parent} is in use by capd (pid {owner}), which is shutting down but "
-                "did not exit within --lock-wait-s; start this one once it has"
+                f"{path.parent} is in use by capd (pid {owner}), which is still shutting "
+                "down; start this one once it has exited, or wait longer with --lock-wait-s"
             ) from None
         raise DaemonLocked(
             f"{path.parent} is in use by capd (pid {owner}); stop it first "

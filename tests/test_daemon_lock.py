@@ -56,6 +56,7 @@ async def test_a_capd_waits_for_the_one_shutting_down(capd: CapdProcess, tmp_pat
         await pod.request({"method": "run", "text": "go"})
     await until((tmp_path / "started").exists)
     successor = _warm_capd(capd)
+    impatient = _warm_capd(capd, "--lock-wait-s", "0")
     assert capd.proc is not None
     old = capd.proc
 
@@ -63,10 +64,20 @@ async def test_a_capd_waits_for_the_one_shutting_down(capd: CapdProcess, tmp_pat
     lock = capd.state_dir / "capd.lock"
     assert lock.read_text() == f"{old.pid} stopping", "marked before the ack"
     _go(successor)
-    await until(lambda: successor.poll() is not None or _answers_as(capd.socket, successor.pid))
+    _go(impatient)
+    await until(
+        lambda: successor.poll() is not None or _answers_as(capd.socket, successor.pid),
+        timeout=GO_TIMEOUT_S,
+    )
     assert successor.poll() is None, successor.communicate()[0]
 
     assert old.wait(timeout=GO_TIMEOUT_S) == 0
+    output, _ = impatient.communicate(timeout=GO_TIMEOUT_S)
+    assert impatient.returncode == 1
+    assert output.splitlines()[-1] == (
+        f"capd: {capd.state_dir} is in use by capd (pid {old.pid}), which is still shutting "
+        "down; start this one once it has exited, or wait longer with --lock-wait-s"
+    )
     info = await daemon_request(capd, {"method": "info"})
     assert info["pid"] == successor.pid
     (pod,) = (await daemon_request(capd, {"method": "list"}))["pods"]
@@ -84,15 +95,16 @@ async def _output_after_stop(capd: CapdProcess) -> str:
     return capd.proc.stdout.read()
 
 
-def test_a_capd_beside_a_live_one_fails_at_once(capd: CapdProcess) -> None:
-    second = _warm_capd(capd)
+def test_a_capd_beside_a_live_one_fails_at_once(capd: CapdProcess, tmp_path: Path) -> None:
+    """Its one line goes to stderr even with --log-file, for whoever started it."""
+    second = _warm_capd(capd, "--log-file", str(tmp_path / "second.log"))
     started = _go(second)
     output, _ = second.communicate(timeout=GO_TIMEOUT_S)
     took = time.monotonic() - started
     assert second.returncode == 1
-    assert output.splitlines()[-1] == (
+    assert output == (
         f"capd: {capd.state_dir} is in use by capd (pid {capd.proc.pid}); stop it first "
-        "or give this one other --runtime-dir/--state-dir"
+        "or give this one other --runtime-dir/--state-dir\n"
     )
     assert took < 5, f"waited {took:.1f} s"
     assert (capd.state_dir / "capd.lock").read_text() == str(capd.proc.pid)
