@@ -679,6 +679,44 @@ def log(
     run(_log(settings, pod, from_seq or 0, limit, tail, tail_events))
 
 
+@cli.command()
+@pod_argument
+@click.option(
+    "--turns",
+    type=click.IntRange(1, 10000),
+    default=3,
+    show_default=True,
+    help="Start the transcript this many turns back.",
+)
+@pass_settings
+def attach(settings: Settings, pod: str, turns: int) -> None:
+    """Follow the pod live, full screen, and type messages into it.
+
+    The last turns come first, then events as they happen. Enter runs the line (queued
+    while a turn runs); Esc or F2 pauses and resumes the turn; y/n (with the line empty)
+    answer a permission question. Ctrl-C detaches and never cancels: the turn goes on.
+    """
+    import sys
+
+    from capctl.oneshot import why_no_pod
+
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise CapctlError(f"attach needs a terminal; capctl watch {pod} follows it as lines")
+    socket = paths.pod_socket(settings.runtime, pod)
+    if not socket.exists():
+        raise CapctlError(why_no_pod(settings.runtime, pod))
+    from capctl.tui.attach import AttachApp
+
+    app = AttachApp(str(socket), pod, turns)
+    failure = app.run()
+    if app.return_code:
+        raise click.exceptions.Exit(app.return_code)
+    if failure:
+        raise CapctlError(failure)
+    goes_on = app.attached.state.status in ("running", "paused")
+    click.echo(f"detached from {pod}" + ("; its turn goes on" if goes_on else ""))
+
+
 # -- one request about a pod, one line -------------------------------------------------------
 
 
