@@ -13,7 +13,7 @@ import pytest
 from textual.pilot import Pilot
 from textual.widgets import RichLog, Static
 
-from capctl.tui.attach import AttachApp, AttachScreen
+from capctl.tui.attach import AttachApp, AttachScreen, MessageInput
 from protocol.client import Client
 from tests.conftest import CapdProcess
 from tests.helpers import (
@@ -25,11 +25,14 @@ from tests.helpers import (
     spawn,
     wait_for,
 )
-from tests.test_capctl import assert_one_line_error, capctl
+from tests.test_capctl import assert_one_line_error, capctl, capctl_cmd
+from tests.tmux import Screen
 
 pytestmark = pytest.mark.shared_capd
 
 SIZE = (100, 30)
+NO_CHECKPOINTS = {"checkpoints": False}
+"""Tests of what attach shows need no checkpoint of the cwd at every step."""
 
 
 def sleep_call(seconds: int) -> dict[str, Any]:
@@ -98,51 +101,46 @@ async def test_replays_the_last_turns_then_streams_live(capd: CapdProcess) -> No
             assert str(partial.render()) == ""
 
 
-async def test_typed_line_queues_while_busy_pause_resume_and_detach(
+async def test_a_line_typed_while_paused_is_refused_and_detach_leaves_the_turn(
     capd: CapdProcess, tmp_path: Path
 ) -> None:
-    model = scripted(
-        {"text": "working", "tool_calls": [sleep_call(10)]},
-        {"text": "worked"},
-        {"tool_calls": [sleep_call(30)]},
-    )
-    await spawn(capd, "w1", model, cwd=str(tmp_path), tools=["bash"])
+    """A run would cancel the paused turn, so attach does not send it; F2 pauses like
+    Esc; Ctrl-C ends attach and leaves the turn as it is. (Queueing, Esc and what the
+    terminal shows: `test_attach_in_a_terminal`.)"""
+    model = scripted({"text": "working", "tool_calls": [sleep_call(30)]})
+    await spawn(capd, "w1", model, cwd=str(tmp_path), tools=["bash"], workspace=NO_CHECKPOINTS)
     async with await connect_pod(capd, "w1") as pod, attached(capd) as (app, pilot):
         screen = app.attached
         await until_shown(pilot, screen, lambda t: "live from here" in t, "the subscription")
-        first = (await pod.request({"method": "run", "text": "go"}))["turn_id"]
-        await until_shown(pilot, screen, lambda t: "sleep 10" in t, "the tool call")
-        await pilot.press(*"later", "enter")
-        await until_shown(pilot, screen, lambda t: "[queued] later" in t, "[queued]")
-        assert (await pod.request({"method": "status"}))["queued"] == 1
-
-        await pilot.press("escape")
+        turn = (await pod.request({"method": "run", "text": "go"}))["turn_id"]
+        await until_shown(pilot, screen, lambda t: "sleep 30" in t, "the tool call")
+        await pilot.press("f2")
         await wait_for(pod, is_event("status", status="paused"))
         await until_shown(pilot, screen, lambda t: "w1 · paused" in t, "paused")
         await pilot.press(*"nope", "enter")
         await until_shown(pilot, screen, lambda t: "resume it first" in t, "the refusal")
-        assert (await pod.request({"method": "status"}))["turn_id"] == first
+        assert screen.query_one(MessageInput).value == "nope", "the line is kept"
 
-        await pilot.press("f2")
-        await wait_for(pod, is_event("turn_end", turn_id=first))
-        started, _ = await wait_for(pod, is_event("turn_start"))
-        text = await until_shown(pilot, screen, lambda t: "user: later" in t, "the queued run")
-        assert text.index("[queued] later") < text.index("worked") < text.index("user: later")
-        assert "user: nope" not in text
-        await until_shown(pilot, screen, lambda t: "sleep 30" in t, "the second tool call")
         await pilot.press("ctrl+c")
         await pilot.pause()
         assert app.return_value is None
         assert not app.is_running
-    async with await connect_pod(capd, "w1", subscribe=False) as pod:
         status = await pod.request({"method": "status"})
-    assert (status["status"], status["turn_id"]) == ("running", started["turn_id"])
+    assert (status["status"], status["turn_id"], status["queued"]) == ("paused", turn, 0)
 
 
 async def test_a_permission_question_is_answered_with_y(capd: CapdProcess, tmp_path: Path) -> None:
     permissions = {"rules": [{"tool": "bash", "action": "ask"}]}
     model = scripted({"tool_calls": [{"name": "bash", "arguments": {"command": "echo asked"}}]})
-    await spawn(capd, "w1", model, cwd=str(tmp_path), tools=["bash"], permissions=permissions)
+    await spawn(
+        capd,
+        "w1",
+        model,
+        cwd=str(tmp_path),
+        tools=["bash"],
+        permissions=permissions,
+        workspace=NO_CHECKPOINTS,
+    )
     async with await connect_pod(capd, "w1") as pod, attached(capd) as (app, pilot):
         screen = app.attached
         await until_shown(pilot, screen, lambda t: "live from here" in t, "the subscription")
@@ -176,3 +174,52 @@ def test_capctl_loads_textual_only_for_the_full_screen_commands(tmp_path: Path) 
     assert done.stdout == "[]\n", done.stderr
     done = capctl(tmp_path, "attach", "w1")
     assert_one_line_error(done, "attach needs a terminal; capctl watch w1 follows it as lines")
+
+
+async def test_attach_in_a_terminal(capd: CapdProcess, tmp_path: Path) -> None:
+    """What a person sees: the last two of three turns, then the live turn; a line typed while it
+    runs is queued and runs after; Esc pauses and resumes; Ctrl-C detaches, exit 0, and
+    the pod's turn goes on."""
+    model = scripted(
+        *({"text": f"reply-{n}"} for n in range(1, 4)),
+        {
+            "text": "alpha streaming",
+            "chunk_chars": 1,
+            "delay_ms": 20,
+            "tool_calls": [sleep_call(10)],
+        },
+        {"text": "beta after resume"},
+        {"tool_calls": [sleep_call(31)]},
+    )
+    await spawn(capd, "w1", model, cwd=str(tmp_path), tools=["bash"], workspace=NO_CHECKPOINTS)
+    argv = [*capctl_cmd(capd.runtime_dir, "attach", "w1", "--turns", "2")]
+    async with await connect_pod(capd, "w1") as pod:
+        for n in range(1, 4):
+            await run_turn(pod, f"message-{n}")
+        with Screen(argv, width=110, height=40, conf_dir=tmp_path) as screen:
+            text = await asyncio.to_thread(screen.wait_for, "live from here")
+            assert "reply-2" in text
+            assert "reply-3" in text
+            assert "reply-1" not in text
+
+            first = (await pod.request({"method": "run", "text": "go"}))["turn_id"]
+            await asyncio.to_thread(screen.wait_for, "sleep 10")
+            assert "assistant: alpha streaming" in screen.text()
+            screen.type("later")
+            screen.keys("Enter")
+            await asyncio.to_thread(screen.wait_for, "[queued] later")
+
+            screen.keys("Escape")
+            await wait_for(pod, is_event("status", status="paused"))
+            await asyncio.to_thread(screen.wait_for, "w1 · paused")
+            screen.keys("Escape")
+            await wait_for(pod, is_event("turn_end", turn_id=first))
+            started, _ = await wait_for(pod, is_event("turn_start"))
+            text = await asyncio.to_thread(screen.wait_for, "sleep 31")
+            assert text.index("beta after resume") < text.index("user: later")
+
+            screen.keys("C-c")
+            assert await asyncio.to_thread(screen.wait_exit) == 0
+            assert "detached from w1; its turn goes on" in screen.text(history=True)
+        status = await pod.request({"method": "status"})
+    assert (status["status"], status["turn_id"]) == ("running", started["turn_id"])
