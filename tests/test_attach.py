@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from textual.app import App
 from textual.pilot import Pilot
 from textual.widgets import RichLog, Static
 
@@ -223,3 +224,36 @@ async def test_attach_in_a_terminal(capd: CapdProcess, tmp_path: Path) -> None:
             assert "detached from w1; its turn goes on" in screen.text(history=True)
         status = await pod.request({"method": "status"})
     assert (status["status"], status["turn_id"]) == ("running", started["turn_id"])
+
+
+class Host(App[None]):
+    """An app that opens the AttachScreen over its own, as `capctl top` does."""
+
+    ENABLE_COMMAND_PALETTE = False
+
+    def __init__(self, socket_path: str) -> None:
+        super().__init__()
+        self.socket_path = socket_path
+        self.results: list[str | None] = []
+
+    async def open(self) -> AttachScreen:
+        screen = AttachScreen(self.socket_path, "w1", escape_detaches=True)
+        await self.push_screen(screen, self.results.append)
+        return screen
+
+
+async def test_an_app_that_pushes_the_screen_gets_back_on_ctrl_c_and_esc(
+    capd: CapdProcess,
+) -> None:
+    await spawn(capd, "w1", scripted())
+    host = Host(str(capd.pod_socket("w1")))
+    async with host.run_test(size=SIZE) as pilot:
+        for key in ("ctrl+c", "escape"):
+            screen = await host.open()
+            await until_shown(pilot, screen, lambda t: "live from here" in t, "the subscription")
+            assert "F2 pause/resume" in shown(screen)
+            await pilot.press(key)
+            await pilot.pause()
+            assert host.screen is not screen
+            assert host.is_running
+        assert host.results == [None, None]

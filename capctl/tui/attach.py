@@ -10,7 +10,7 @@ it. Ctrl-C detaches and never cancels: the pod's turn goes on.
 """
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TextIO, cast
 
 from rich.text import Text
 from textual.app import App, ComposeResult
@@ -114,7 +114,6 @@ class AttachScreen(Screen[str | None]):
     or with what went wrong when the pod cannot be reached or closes the connection.
     """
 
-    ENABLE_COMMAND_PALETTE = False
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("ctrl+c", "detach", "detach", priority=True),
         Binding("f2", "toggle_pause", "pause/resume", priority=True),
@@ -159,7 +158,8 @@ class AttachScreen(Screen[str | None]):
 
     def on_mount(self) -> None:
         self._lines = LogLines(self.query_one(RichLog), self.query_one("#partial", Static))
-        self._printer = EventPrinter(self._lines)  # type: ignore[arg-type]
+        # LogLines has the two methods of a text stream that EventPrinter uses.
+        self._printer = EventPrinter(cast(TextIO, self._lines))
         self._show_state()
         self.query_one(MessageInput).focus()
         self.run_worker(self._follow(), group="follow")
@@ -170,7 +170,7 @@ class AttachScreen(Screen[str | None]):
         try:
             client = await Client.connect(self.socket_path, timeout=CONNECT_TIMEOUT_S)
         except (OSError, TimeoutError, ValueError) as exc:
-            self.dismiss(f"cannot reach pod {self.pod} at {self.socket_path}: {exc}")
+            self._fail(f"cannot reach pod {self.pod} at {self.socket_path}: {exc}")
             return
         async with client:
             self._client = client
@@ -180,9 +180,15 @@ class AttachScreen(Screen[str | None]):
             try:
                 await self._stream(client)
             except (ProtocolError, ConnectionError, ConnectionClosed, TimeoutError) as exc:
-                self.dismiss(f"lost pod {self.pod}: {exc or type(exc).__name__}")
+                self._fail(f"lost pod {self.pod}: {exc or type(exc).__name__}")
                 return
-        self.dismiss(f"pod {self.pod} closed the connection (stopped?)")
+        self._fail(f"pod {self.pod} closed the connection (stopped?)")
+
+    def _fail(self, why: str) -> None:
+        """End the screen with `why`, also as a notification for the app underneath (top)."""
+        if self.is_current:
+            self.app.notify(why, severity="error")
+            self.dismiss(why)
 
     async def _stream(self, client: Client) -> None:
         first = await client.request(History(last_turns=self.turns, limit=1))
