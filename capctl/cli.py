@@ -705,10 +705,14 @@ def attach(settings: Settings, pod: str, turns: int) -> None:
     socket = paths.pod_socket(settings.runtime, pod)
     if not socket.exists():
         raise CapctlError(why_no_pod(settings.runtime, pod))
-    from capctl.tui.attach import AttachApp
+    try:
+        from capctl.tui.attach import AttachApp
 
-    app = AttachApp(str(socket), pod, turns)
-    failure = app.run()
+        app = AttachApp(str(socket), pod, turns)
+        failure = app.run()
+    except KeyboardInterrupt:  # before textual took the terminal (it reads Ctrl-C as a key)
+        click.echo(f"detached from {pod}")
+        return
     if app.return_code:
         raise click.exceptions.Exit(app.return_code)
     if failure:

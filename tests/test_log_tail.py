@@ -169,15 +169,17 @@ async def test_log_tail_options_exclude_each_other(tmp_path: Path) -> None:
         asyncio.to_thread(capctl, tmp_path, "log", "w1", *args)
         for args in (
             ("--tail", "1", "--from-seq", "3"),
-            ("--tail", "1", "--tail-events", "2"),
-            ("--tail-events", "1", "--from-seq", "0"),
+            ("--tail-events", "1", "--tail", "2", "--from-seq", "0"),
             ("--tail", "0"),
         )
     ]
-    *conflicts, zero = await asyncio.gather(*runs)
-    for done in conflicts:
+    two, three, zero = await asyncio.gather(*runs)
+    for done, flags in (
+        (two, "--from-seq and --tail"),
+        (three, "--from-seq and --tail and --tail-events"),
+    ):
         assert done.returncode == 2, done
-        assert "exclude each other: give one" in done.stderr
+        assert f"Error: {flags} exclude each other: give one" in done.stderr
         assert "Traceback" not in done.stderr
     assert zero.returncode == 2
     assert "'--tail'" in zero.stderr
