@@ -73,7 +73,7 @@ async def attached(
 
 
 async def test_replays_the_last_turns_then_streams_live(capd: CapdProcess) -> None:
-    streaming = {"text": "streamed " * 40, "chunk_chars": 3, "delay_ms": 15}
+    streaming = {"text": "streamed " * 100, "chunk_chars": 3, "delay_ms": 30}  # 10 s
     steps = [{"text": f"reply-{n}"} for n in range(1, 5)]
     await spawn(capd, "w1", scripted(*steps, streaming))
     async with await connect_pod(capd, "w1") as pod:
@@ -96,10 +96,11 @@ async def test_replays_the_last_turns_then_streams_live(capd: CapdProcess) -> No
                 pilot, screen, lambda _: "streamed" in str(partial.render()), "deltas"
             )
             assert "w1 · running" in shown(screen)
+            await pod.request({"method": "cancel"})
             await wait_for(pod, is_event("turn_end"))
             text = await until_shown(pilot, screen, lambda t: "w1 · idle" in t, "the turn's end")
             assert text.count("user: stream please") == 1, "no event twice"
-            assert str(partial.render()) == ""
+            assert "cancelled" in text
 
 
 async def test_a_line_typed_while_paused_is_refused_and_detach_leaves_the_turn(
@@ -187,7 +188,7 @@ async def test_attach_in_a_terminal(capd: CapdProcess, tmp_path: Path) -> None:
             "text": "alpha streaming",
             "chunk_chars": 1,
             "delay_ms": 20,
-            "tool_calls": [sleep_call(10)],
+            "tool_calls": [sleep_call(20)],
         },
         {"text": "beta after resume"},
         {"tool_calls": [sleep_call(31)]},
@@ -204,7 +205,7 @@ async def test_attach_in_a_terminal(capd: CapdProcess, tmp_path: Path) -> None:
             assert "reply-1" not in text
 
             first = (await pod.request({"method": "run", "text": "go"}))["turn_id"]
-            await asyncio.to_thread(screen.wait_for, "sleep 10")
+            await asyncio.to_thread(screen.wait_for, "sleep 20")
             assert "assistant: alpha streaming" in screen.text()
             screen.type("later")
             screen.keys("Enter")
