@@ -9,7 +9,7 @@ finished line goes into a RichLog, and the line a text delta is still writing sh
 it. Ctrl-C detaches and never cancels: the pod's turn goes on.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, TextIO, cast
 
 from rich.text import Text
@@ -33,11 +33,12 @@ ALLOW_KINDS = ("allow_once", "allow_always")
 REJECT_KINDS = ("reject_once", "reject_always")
 """The options `y` and `n` choose, in order of preference (ACP's option kinds)."""
 STATE_EVENTS = frozenset({"status", "permission_request", "permission_resolved", "turn_end"})
+"""The events that change what the header and the question line show."""
 
 
 class LogLines:
     """The text stream `EventPrinter` writes to: finished lines go to the RichLog, the
-    unfinished one (text still streaming) to a one-line Static under it."""
+    unfinished one (text still streaming) to a Static under it."""
 
     def __init__(self, log: RichLog, partial: Static) -> None:
         self._log = log
@@ -66,23 +67,22 @@ class PodState:
 
     status: str | None = None
     turn_id: str | None = None
-    asked: dict[str, dict[str, Any]] | None = None
+    asked: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """The open permission questions by request id, oldest first."""
 
     def see(self, event: dict[str, Any]) -> None:
-        asked = self.asked if self.asked is not None else {}
         match event.get("event"):
             case "status":
                 self.status, self.turn_id = event.get("status"), event.get("turn_id")
             case "permission_request":
-                asked[str(event.get("request_id"))] = event
+                self.asked[str(event.get("request_id"))] = event
             case "permission_resolved":
-                asked.pop(str(event.get("request_id")), None)
+                self.asked.pop(str(event.get("request_id")), None)
             case "turn_end":
-                asked.clear()
-        self.asked = asked
+                self.asked.clear()
 
     def oldest_question(self) -> dict[str, Any] | None:
-        return next(iter(self.asked.values()), None) if self.asked else None
+        return next(iter(self.asked.values()), None)
 
 
 def choose_option(asked: dict[str, Any], kinds: tuple[str, ...]) -> str | None:
