@@ -192,7 +192,12 @@ class Endpoint(ABC):
         conn.unsubscribe()
 
     def _subscribe(
-        self, hub: Hub, conn: Connection, request: Request, after_seq: int | None
+        self,
+        hub: Hub,
+        conn: Connection,
+        request: Request,
+        after_seq: int | None,
+        deltas: bool = True,
     ) -> None:
         """Ack, then register: the ack is queued before any replayed or live event."""
         conn.unsubscribe()
@@ -204,7 +209,7 @@ class Endpoint(ABC):
                 f"capd --max-subscribers={limit} allows; close one first",
             )
         conn.send(ack(request, SubscribeResult(last_seq=hub.last_seq()).model_dump()))
-        conn.subscribe(hub, after_seq)
+        conn.subscribe(hub, after_seq, deltas)
 
     @abstractmethod
     def hello(self) -> Hello: ...
@@ -266,14 +271,14 @@ class PodEndpoint(Endpoint):
         match request:
             case Status():
                 return ack(request, pod.status_result(self._host.children_of(pod.name)))
-            case Subscribe(after_seq=after_seq):
-                self._subscribe(pod.hub, conn, request, after_seq)
+            case Subscribe(after_seq=after_seq, deltas=deltas):
+                self._subscribe(pod.hub, conn, request, after_seq, deltas)
                 return None
             case Unsubscribe():
                 conn.unsubscribe()
                 return ack(request)
-            case History(after_seq=after_seq, limit=limit):
-                return pod.journal.history(request.id, after_seq, limit)
+            case History(after_seq=after_seq, limit=limit, last_turns=last_turns):
+                return pod.journal.history(request.id, after_seq, limit, last_turns)
             case StopPod():
                 conn.send(ack(request))
                 self._host.stop_pod_soon(pod.name)
