@@ -280,8 +280,24 @@ def spawn(
     from protocol.methods import Spawn
 
     request = Spawn(manifest=manifest, parent=_parent_socket(settings.runtime, parent))
-    result = daemon_call(settings.runtime, request.model_dump(mode="json", exclude_none=True))
-    report(settings, result, f"spawned {result.get('name')} at {result.get('socket')}")
+    try:
+        result = daemon_call(settings.runtime, request.model_dump(mode="json", exclude_none=True))
+    except CapctlError as exc:
+        raise _with_key_hint(exc) from None
+    line = f"spawned {result.get('name')} in {result.get('cwd')} (socket {result.get('socket')})"
+    report(settings, result, line)
+
+
+def _with_key_hint(exc: CapctlError) -> CapctlError:
+    """A refusal for want of a key that this shell has: say that capd reads its own."""
+    import re
+
+    found = re.search(r"(\w+), which is not set in capd's environment", exc.message)
+    if found and os.environ.get(found.group(1)):
+        exc.message += (
+            f" ({found.group(1)} is set in this shell, but capd reads its own environment)"
+        )
+    return exc
 
 
 def _parent_socket(runtime: Path, parent: str | None) -> str | None:
@@ -292,6 +308,38 @@ def _parent_socket(runtime: Path, parent: str | None) -> str | None:
     if not paths.POD_NAME_RE.match(parent):
         raise click.BadParameter(f"{parent!r} is neither a pod name nor a socket path")
     return str(paths.pod_socket(runtime, parent))
+
+
+@cli.command()
+@pod_argument
+@json_option
+@pass_settings
+def restart(settings: Settings, pod: str) -> None:
+    """Stop a pod and its descendants, then start it and those of them that were up.
+
+    A running or paused turn is cancelled; queued messages are kept and run after.
+    """
+    result = daemon_call(settings.runtime, {"method": "restart", "name": pod})
+    if settings.json:
+        echo_json(result)
+        return
+    pods = daemon_call(settings.runtime, {"method": "list"}).get("pods") or []
+    up = len(_descendants_up(pods, result.get("socket")))
+    more = f" (and {up} descendant{'s' if up > 1 else ''})" if up else ""
+    click.echo(f"restarted {pod}{more}")
+
+
+def _descendants_up(pods: list[dict[str, Any]], socket: str | None) -> list[str]:
+    """The names of the pods under the one at `socket` that are not stopped."""
+    found: list[str] = []
+    parents = {socket}
+    while below := [
+        pod for pod in pods if pod.get("parent") in parents and pod["name"] not in found
+    ]:
+        found += [pod["name"] for pod in below]
+        parents = {pod.get("socket") for pod in below}
+    statuses = {pod["name"]: pod.get("status") for pod in pods}
+    return [name for name in found if statuses[name] != "stopped"]
 
 
 @cli.command()

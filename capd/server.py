@@ -35,6 +35,7 @@ from protocol.methods import (
     Info,
     ListPods,
     Request,
+    Restart,
     Shutdown,
     Spawn,
     Start,
@@ -84,6 +85,8 @@ class PodMethods(Protocol):
     async def stop_pod(self, name: str) -> list[str]: ...
 
     async def start_pod(self, name: str) -> SpawnResult: ...
+
+    async def restart_pod(self, name: str) -> SpawnResult: ...
 
     async def delete_pod(self, name: str) -> None: ...
 
@@ -305,14 +308,16 @@ class DaemonEndpoint(Endpoint):
                 return ack(request)
             case Start(name=name):
                 return ack(request, (await pods.start_pod(name)).model_dump())
+            case Restart(name=name):
+                return ack(request, (await pods.restart_pod(name)).model_dump())
             case Delete(name=name):
                 await pods.delete_pod(name)
                 return ack(request)
             case Info():
                 return ack(request, process.info().model_dump())
             case Shutdown():
+                process.request_shutdown()  # first: whoever reads the ack finds capd stopping
                 conn.send(ack(request))
-                process.request_shutdown()
                 return None
             case DaemonSubscribe():
                 self._subscribe(pods.hub, conn, request, None)
