@@ -38,6 +38,11 @@ class Config:
     metrics_listen: tuple[str, int] | None = None
     """(host, port) where HTTP `GET /metrics` is served (`--metrics-listen`); port 0 lets
     the system choose one."""
+    log_file: Path | None = None
+    """Where the log goes instead of stderr (`--log-file`)."""
+    lock_wait_s: float = 35.0
+    """How long to wait for a capd still shutting down to let go of the directories
+    (`--lock-wait-s`): longer than the unit's TimeoutStopSec=30."""
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> "Config":
@@ -104,6 +109,20 @@ class Config:
             help="serve the metrics over HTTP at http://HOST:PORT/metrics, e.g. "
             "127.0.0.1:9464 (pod names are labels: keep it off public addresses)",
         )
+        parser.add_argument(
+            "--log-file",
+            metavar="PATH",
+            type=Path,
+            help="log to PATH (created 0600, reopened when logrotate moves it) instead of "
+            "stderr; its directory must exist",
+        )
+        parser.add_argument(
+            "--lock-wait-s",
+            type=float,
+            default=default["lock_wait_s"],
+            help="how long to wait for a capd that is shutting down on the same directories "
+            "(default %(default)s); one that is not shutting down fails this one at once",
+        )
         parser.add_argument("--version", action="version", version=f"capd {VERSION}")
         args = parser.parse_args(argv)
         if args.max_frame_bytes < 1024:
@@ -115,6 +134,10 @@ class Config:
         ):
             if value < 1:
                 parser.error(f"{flag} must be at least 1, got {value}")
+        if not 0 <= args.lock_wait_s < float("inf"):
+            parser.error(
+                f"--lock-wait-s must be a number of seconds, 0 or more, got {args.lock_wait_s}"
+            )
         allow_gid = None
         if args.allow_group is not None:
             try:
@@ -150,6 +173,8 @@ class Config:
             bwrap=args.bwrap,
             sandbox_show=shown,
             metrics_listen=metrics_listen,
+            log_file=args.log_file and args.log_file.expanduser().absolute(),
+            lock_wait_s=args.lock_wait_s,
         )
 
 
