@@ -456,7 +456,10 @@ class Supervisor:
         the pod commits the manifest with `reconfigured` and swaps them in, then the old
         ones close (an external engine's process stops: its next turn resumes the
         session)."""
-        running = self.pods[pod.name]
+        self._refuse_when_closing()
+        running = self.pods.get(pod.name)
+        if running is None or running.controller is not pod:
+            raise ProtocolError("shutting_down", f"pod {pod.name} is stopping")
         old = pod.manifest
         manifest = self._resolved(old, requested)
         changed = changed_fields(old, manifest)
@@ -728,6 +731,12 @@ def _resource_limits(manifest: Manifest) -> tuple[int | None, int | None]:
 
 
 async def _close(parts: Parts) -> None:
-    """Close the parts a reconfigured pod let go of (or never took)."""
-    await parts.engine.aclose()
-    await parts.toolbox.aclose()
+    """Close the parts a reconfigured pod let go of (or never took); a failure is logged,
+    as the pod has its new manifest by then."""
+    for part in (parts.engine, parts.toolbox):
+        try:
+            await part.aclose()
+        except Exception:
+            log.exception(
+                "pod %s: closing its old %s failed", parts.toolbox.context.pod, type(part).__name__
+            )

@@ -2,6 +2,7 @@
 and keeps its history; what it may not change, and when, is refused."""
 
 import asyncio
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from tests.engine_scaffold import STAND_IN_CLAUDE, UNCONFINED, engine_starts, sp
 from tests.fakes.openai_server import OpenAITestServer, TextReply
 from tests.helpers import (
     Event,
+    alive,
     connect_pod,
     daemon_request,
     full_history,
@@ -23,9 +25,11 @@ from tests.helpers import (
     scripted,
     sleeper,
     spawn,
+    until,
     wait_for,
 )
 from tests.test_capctl import assert_one_line_error, capctl, ok
+from tests.test_mcp import LIST_CHANGER, mcp_states, wait_mcp
 
 pytestmark = pytest.mark.shared_capd
 
@@ -135,6 +139,27 @@ async def test_what_a_pod_keeps_and_a_running_turn_are_refused(
     assert started["turn_id"] in running.message
     assert "capctl pause r3" in running.message
     assert reconfigured(history) == []
+
+
+async def test_mcp_servers_are_kept_unless_what_they_depend_on_changes(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    changer = {"command": sys.executable, "args": [str(LIST_CHANGER)]}
+    model = scripted({"text": "hi"})
+    base = {"name": "r9", "model": model, "cwd": str(tmp_path), "mcp_servers": {"a": changer}}
+    await spawn(capd, "r9", model, cwd=str(tmp_path), mcp_servers={"a": changer})
+    async with await connect_pod(capd, "r9", subscribe=False) as pod:
+        ready = await wait_mcp(pod, "a", lambda state: state["state"] == "ready")
+        assert await reconfigure(pod, {**base, "system_prompt": "B"}) == ["system_prompt"]
+        kept = await mcp_states(pod)
+        renamed = {**base, "system_prompt": "B", "mcp_servers": {"b": changer}}
+        assert await reconfigure(pod, renamed) == ["mcp_servers"]
+        started = await wait_mcp(pod, "b", lambda state: state["state"] == "ready")
+        await until(lambda: not alive(ready["pid"]))
+        names = list(await mcp_states(pod))
+    assert kept["a"]["pid"] == ready["pid"]
+    assert started["pid"] != ready["pid"]
+    assert names == ["b"]
 
 
 async def test_a_paused_turn_resumes_under_the_new_model(capd: CapdProcess, tmp_path: Path) -> None:
