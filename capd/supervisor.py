@@ -484,7 +484,8 @@ class Supervisor:
             pod.toolbox.take_mcp_servers(let_go.toolbox)
         self.registry.manifest_committed(pod.name, manifest.model_dump_json())
         self.ledger.budget_changed(pod.name, manifest.budget)
-        await _close(let_go)
+        if not renew:  # else closed already
+            await _close(let_go)
         pod.toolbox.start_mcp_servers()
         return changed
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from capctl.render import describe
 from protocol.client import Client
 from protocol.errors import ProtocolError
 from tests.conftest import CapdProcess
@@ -157,9 +158,15 @@ async def test_mcp_servers_are_kept_unless_what_they_depend_on_changes(
         started = await wait_mcp(pod, "b", lambda state: state["state"] == "ready")
         await until(lambda: not alive(ready["pid"]))
         names = list(await mcp_states(pod))
+        # New resource limits stop the pod's processes before they apply.
+        limited = {**renamed, "limits": {"memory_mb": 256}}
+        assert await reconfigure(pod, limited) == ["limits"]
+        assert not alive(started["pid"])
+        again = await wait_mcp(pod, "b", lambda state: state["state"] == "ready")
     assert kept["a"]["pid"] == ready["pid"]
     assert started["pid"] != ready["pid"]
     assert names == ["b"]
+    assert again["pid"] != started["pid"]
 
 
 async def test_a_paused_turn_resumes_under_the_new_model(capd: CapdProcess, tmp_path: Path) -> None:
@@ -265,3 +272,8 @@ async def test_capctl_update_says_what_changed(capd: CapdProcess, tmp_path: Path
     assert ok(runtime, "update", "r7", "-f", str(manifest)) == "r7: nothing changed\n"
     manifest.write_text("model: {provider: scripted}\ncwd: /\n")
     assert_one_line_error(capctl(runtime, "update", "r7", "-f", str(manifest)), "cwd / is not")
+
+
+def test_log_shows_what_a_reconfigure_changed() -> None:
+    event = {"event": "reconfigured", "changed": ["model", "tools"]}
+    assert describe(event) == "── reconfigured: model, tools changed"
