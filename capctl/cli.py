@@ -504,6 +504,33 @@ def rewind(settings: Settings, pod: str, turn_id: str, files: bool) -> None:
     report(settings, result, f"rewound {pod}{restored} to before turn {turn_id}")
 
 
+@cli.command()
+@pod_argument
+@click.option(
+    "-f",
+    "--file",
+    "manifest_file",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The pod's new YAML manifest; its name is POD, and without a cwd it keeps its own.",
+)
+@json_option
+@pass_settings
+def update(settings: Settings, pod: str, manifest_file: Path) -> None:
+    """Give an idle or paused pod a new manifest (`reconfigure`): it keeps its history,
+    and a paused turn resumes under the new one. Its name, cwd, workspace and engine
+    kind stay."""
+    manifest = manifest_from_file(manifest_file, pod)
+    request = {
+        "method": "reconfigure",
+        "manifest": manifest.model_dump(mode="json", exclude_none=True),
+    }
+    result = pod_call(settings.runtime, pod, request)
+    changed = result.get("changed") or []
+    line = f"updated {pod}: {', '.join(changed)} changed" if changed else f"{pod}: nothing changed"
+    report(settings, result, line)
+
+
 async def _compact(settings: Settings, pod: str, instructions: str | None, wait: bool) -> None:
     """Subscribe from the pod's last seq (so its status is known), ask, and follow the
     request to its outcome (see `compacting.py`)."""

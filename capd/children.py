@@ -54,6 +54,27 @@ def check_child(
 ) -> None:
     """Refuse (ProtocolError) a `child` of pod `parent`, whose manifest is `rules`, that
     would be `depth` levels below the top; both cwds are resolved."""
+    check_within(parent, rules, child)
+    limits = rules.limits
+    if len(running_children) >= limits.max_children:
+        raise ProtocolError(
+            "limit_reached",
+            f"pod {parent} already has {len(running_children)} running children "
+            f"({_names(running_children)}), the most its limits.max_children="
+            f"{limits.max_children} allows; stop one first",
+        )
+    if depth > limits.max_depth:
+        raise ProtocolError(
+            "limit_reached",
+            f"a child of pod {parent} would be {depth} levels deep, more than its "
+            f"limits.max_depth={limits.max_depth}",
+        )
+
+
+def check_within(parent: str, rules: Manifest, child: Manifest) -> None:
+    """Refuse (forbidden) a `child` wider than pod `parent`, whose manifest is `rules`: its
+    cwd, tools, MCP servers, sandbox and resource limits (a spawn, and a `reconfigure` of
+    either pod, check this)."""
     assert child.cwd is not None
     assert rules.cwd is not None
     if not Path(child.cwd).is_relative_to(rules.cwd):
@@ -85,20 +106,6 @@ def check_child(
         )
     _check_sandbox(parent, rules, child)
     _check_resource_limits(parent, rules.limits, child.limits)
-    limits = rules.limits
-    if len(running_children) >= limits.max_children:
-        raise ProtocolError(
-            "limit_reached",
-            f"pod {parent} already has {len(running_children)} running children "
-            f"({_names(running_children)}), the most its limits.max_children="
-            f"{limits.max_children} allows; stop one first",
-        )
-    if depth > limits.max_depth:
-        raise ProtocolError(
-            "limit_reached",
-            f"a child of pod {parent} would be {depth} levels deep, more than its "
-            f"limits.max_depth={limits.max_depth}",
-        )
 
 
 MODE_WIDTH: dict[SandboxMode, int] = {"read-only": 0, "workspace-write": 1, "off": 2}

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import secrets
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeAlias
@@ -40,6 +40,7 @@ from capd.outbox import Outbox
 from capd.permissions import Grants
 from capd.prices import add_usage
 from capd.proc.sandbox import status as sandbox_status
+from capd.reconfigure import Parts
 from capd.store import Store
 from capd.tools.toolbox import Toolbox
 from capd.window import context_window
@@ -57,6 +58,7 @@ from protocol.events import (
     PodEventBase,
     PodEventReceived,
     PodStatusName,
+    Reconfigured,
     Rewound,
     StatusChanged,
     ToolResult,
@@ -73,6 +75,7 @@ from protocol.methods import (
     Pause,
     Permission,
     PodEvent,
+    Reconfigure,
     Request,
     Resume,
     Rewind,
@@ -80,7 +83,7 @@ from protocol.methods import (
     SetBudget,
 )
 from protocol.reports import Errored, Report, TurnEnded, clip
-from protocol.results import NotifyResult, RunResult
+from protocol.results import NotifyResult, ReconfigureResult, RunResult
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +137,10 @@ _Reply: TypeAlias = "asyncio.Future[dict[str, Any]]"
 _Message = tuple[_Call, _Reply] | _TurnDone | _CompactionDone | _BudgetPause
 
 
+Reconfigurer: TypeAlias = "Callable[[PodController, Manifest], Awaitable[list[str]]]"
+"""Gives the pod a new manifest, returning the fields it changed (`Supervisor.reconfigure`)."""
+
+
 def new_turn_id() -> str:
     return f"t-{secrets.token_hex(6)}"
 
@@ -153,6 +160,7 @@ class PodController:
         on_status: Callable[[str, PodStatusName], None],
         checkpoints: CheckpointStore | None = None,
         running_in_tree: Callable[[], list[str]] = list,
+        reconfigure: "Reconfigurer | None" = None,
     ) -> None:
         self.name = manifest.name
         self.manifest = manifest
@@ -172,6 +180,7 @@ class PodController:
         self._running_in_tree = running_in_tree
         """The other pods with a turn running in, inside or around its cwd: they may be
         writing in it."""
+        self._reconfigure_with = reconfigure
         self._queue: deque[QueuedRun] = deque()
         self._task: asyncio.Task[TurnOutcome] | None = None
         self._mailbox: asyncio.Queue[_Message] = asyncio.Queue()
@@ -393,6 +402,8 @@ class PodController:
                 return self._set_budget(request)
             case Rewind():
                 return await self._rewind(request)
+            case Reconfigure(manifest=manifest):
+                return await self._reconfigure(manifest)
         raise ProtocolError("invalid_request", f"{request!r} is not a pod actor call")
 
     # -- methods ------------------------------------------------------------------------
@@ -512,6 +523,41 @@ class PodController:
             )
         )
         return {}
+
+    async def _reconfigure(self, manifest: Manifest) -> dict[str, Any]:
+        """Take a new manifest when idle or paused (a paused turn resumes under it); not
+        while a compaction runs, with the engine it would replace."""
+        if self.status == "running" or self._compaction is not None:
+            running = self.status == "running" and self.turn is not None
+            doing = f"running turn {self.turn.turn_id}" if running else "compacting"
+            raise ProtocolError(
+                "already_running",
+                f"pod {self.name} is {doing}; reconfigure it when idle or paused "
+                f"(capctl pause {self.name})",
+            )
+        if self._reconfigure_with is None:
+            raise ProtocolError("invalid_request", f"pod {self.name} cannot be reconfigured")
+        changed = await self._reconfigure_with(self, manifest)
+        return ReconfigureResult(changed=changed).model_dump()
+
+    def commit_manifest(self, manifest: Manifest, changed: list[str]) -> None:
+        """Commit the pod's new manifest with its `reconfigured` event (a `permissions`
+        change drops the `allow_always` grants, which name rules by index)."""
+        self.journal.emit_all(
+            [Reconfigured(changed=changed)], self.turn, manifest=manifest.model_dump_json()
+        )
+
+    def use_parts(self, manifest: Manifest, parts: Parts) -> Parts:
+        """Run under `manifest` with `parts` from now on; returns the parts let go of, for
+        the caller to close. The system prompt, the limits and all else read from the
+        manifest apply from the next model call."""
+        old = Parts(self.engine, self.toolbox, self._checkpoints)
+        self.manifest = manifest
+        self.engine = parts.engine
+        self.toolbox = parts.toolbox
+        self._checkpoints = parts.checkpoints
+        self._model_label = model_label(manifest)
+        return old
 
     async def _restore_files(self, turn_id: str) -> None:
         """Restore the cwd from the turn's checkpoint. Shielded: a stop that gives up on

@@ -34,6 +34,7 @@ from protocol.events import (
     PodEventBase,
     PodEventReceived,
     PodStatusName,
+    Reconfigured,
     Rewound,
     StatusChanged,
     TurnEnd,
@@ -119,8 +120,10 @@ class Journal:
         *,
         report: Report | None = None,
         consumed: Sequence[int] = (),
+        manifest: str | None = None,
     ) -> None:
-        """`emit` for events that must be committed together or not at all."""
+        """`emit` for events that must be committed together or not at all; `manifest`,
+        the pod's new one, commits with them."""
         ts = time.time()
         frames = []
         for seq, event in enumerate(events, self.last_seq + 1):
@@ -129,7 +132,7 @@ class Journal:
         owed = self._owed(report)
         stored = [(e.seq, e.ts, e.event, f[:-1]) for e, f in zip(events, frames, strict=True)]
         kept = self._kept_ids(events)
-        self._store.append(self.name, stored, owed, consumed, kept)
+        self._store.append(self.name, stored, owed, consumed, kept, manifest)
         # Only a committed event takes a seq: one that cannot be encoded or stored leaves
         # no gap for subscribers to wait on.
         self.last_seq += len(events)
@@ -207,6 +210,8 @@ class Journal:
                     self.grants.add(grant)
             case TurnEnd():
                 self.asked.clear()
+            case Reconfigured(changed=changed) if "permissions" in changed:
+                self.grants = Grants()  # granted by index into rules that are gone
 
     def context_before(self, seq: int) -> Context:
         """The model's context as it stood just before event `seq`, rebuilt from the
@@ -309,8 +314,12 @@ class Journal:
 
     def _restore_grants(self) -> None:
         """The grants of the pod's whole life: those before the events a restore reads
-        (a compaction's `restore_from`) too."""
-        for _, data in self._store.events_of_kind_after(self.name, 0, "permission_resolved"):
+        (a compaction's `restore_from`) too, since its permissions last changed."""
+        since = 0
+        for seq, data in self._store.events_of_kind_after(self.name, 0, "reconfigured"):
+            if "permissions" in Reconfigured.model_validate_json(data).changed:
+                since = seq
+        for _, data in self._store.events_of_kind_after(self.name, since, "permission_resolved"):
             event = parse_event(orjson.loads(data))
             if isinstance(event, PermissionResolved) and event.grant is not None:
                 self.grants.add(event.grant)

@@ -66,6 +66,11 @@ class Toolbox:
         for server in servers:
             self._mcp.setdefault(server.name, server)
 
+    def take_mcp_servers(self, other: "Toolbox") -> None:
+        """Offer the servers `other` has, which offers them no more (a reconfigured pod
+        keeps servers nothing they depend on changed)."""
+        self._mcp, other._mcp = other._mcp, {}
+
     def start_mcp_servers(self) -> None:
         """Start the servers' connections; returns at once (a server that cannot start
         leaves the pod working without its tools)."""
