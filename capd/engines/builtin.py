@@ -11,6 +11,7 @@ import functools
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from capd import tracing
 from capd.backoff import backoff_s
 from capd.chat import INVALID_JSON_KEY
 from capd.engines.base import (
@@ -151,7 +152,9 @@ class BuiltinEngine:
                 cut = reply.truncated and INVALID_JSON_KEY in call.arguments
                 approve = functools.partial(self._approve, host, turn, gate, call.id)
                 outcome = (
-                    CUT_CALL if cut else await host.toolbox.run(call.name, call.arguments, approve)
+                    CUT_CALL
+                    if cut
+                    else await host.toolbox.run(call.name, call.arguments, approve, call.id)
                 )
                 host.emit(
                     ToolResult(
@@ -218,6 +221,14 @@ class BuiltinEngine:
     async def _call_model(
         self, host: TurnHost, turn_id: str | None, attempt: Callable[[], Awaitable[ModelReply]]
     ) -> ModelReply:
+        if tracing.TRACER is None:
+            return await self._retrying(host, turn_id, attempt)
+        call = functools.partial(self._retrying, host, turn_id, attempt)
+        return await tracing.TRACER.chat(self._model, tracing.provider_name(host.manifest), call)
+
+    async def _retrying(
+        self, host: TurnHost, turn_id: str | None, attempt: Callable[[], Awaitable[ModelReply]]
+    ) -> ModelReply:
         """One model call, sent again after a failure that may pass: at most
         `model.max_retries` times, and only once more when a 500 names the same cause again.
         The reply's usage carries its cost at the model's price, when that is known."""
@@ -244,6 +255,8 @@ class BuiltinEngine:
                     if exc.retry_after_s is not None
                     else backoff_s(tries, RETRY_BASE_S)
                 )
+                if tracing.TRACER is not None:
+                    tracing.TRACER.retry(tries, wait_s, exc)
                 if turn_id is not None:
                     host.emit_ephemeral(
                         Retry(

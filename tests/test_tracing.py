@@ -1,0 +1,191 @@
+"""OpenTelemetry traces: a real capd exporting to a real OTLP/HTTP receiver
+(tests/fakes/otlp_receiver.py), and a capd that loads no OpenTelemetry code when off."""
+
+import asyncio
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+from capd import tracing as t
+from protocol.client import Client
+from protocol.errors import ProtocolError
+from tests.conftest import CapdProcess
+from tests.fakes.otlp_receiver import OtlpReceiver, attributes
+from tests.helpers import connect_pod, full_history, is_event, scripted, spawn, wait_for
+
+KID_TASK = "count the files"
+CONTENT_KEYS = {t.TOOL_ARGUMENTS, t.TOOL_RESULT, "gen_ai.input.messages", "gen_ai.output.messages"}
+
+
+def _traceparent() -> str:
+    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+
+
+def _lead_model() -> dict[str, Any]:
+    kid = {"name": "kid", "task": KID_TASK, "model": {"script": [{"text": "kid done"}]}}
+    return {
+        **scripted(
+            {"tool_calls": [{"name": "bash", "arguments": {"command": "echo hi"}}]},
+            {"tool_calls": [{"name": "spawn_pod", "arguments": kid}]},
+            {"text": "lead done"},
+        ),
+        "name": "script-1",
+    }
+
+
+def _traced(capd: CapdProcess, receiver: OtlpReceiver) -> None:
+    capd.env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+        "OTEL_BSP_SCHEDULE_DELAY": "50",
+        "PYTHONPROFILEIMPORTTIME": "1",  # the import log shows what capd loaded
+    }
+    capd.log = capd.state_dir.with_name(capd.state_dir.name + ".log")
+
+
+def _named(spans: list[Span], name: str) -> list[Span]:
+    return [span for span in spans if span.name == name]
+
+
+def _one(spans: list[Span], name: str, **attrs: Any) -> Span:
+    found = [s for s in _named(spans, name) if attrs.items() <= attributes(s.attributes).items()]
+    assert len(found) == 1, f"{name} {attrs}: {[(s.name, attributes(s.attributes)) for s in spans]}"
+    return found[0]
+
+
+async def test_a_turn_its_model_calls_tools_and_child_are_spans(
+    capd_dirs: CapdProcess, tmp_path: Path
+) -> None:
+    asked_by = _traceparent()
+    async with OtlpReceiver() as receiver:
+        _traced(capd_dirs, receiver)
+        await asyncio.to_thread(capd_dirs.start)
+        await spawn(
+            capd_dirs, "lead", _lead_model(), cwd=str(tmp_path), tools=["bash", "spawn_pod"]
+        )
+        async with await connect_pod(capd_dirs, "lead", subscribe=False) as lead:
+            run = await lead.request({"method": "run", "text": "go", "traceparent": asked_by})
+        spans = await receiver.wait_for_spans(
+            lambda spans: (
+                any(
+                    attributes(s.attributes).get(t.TURN_ID) == run["turn_id"]
+                    and s.name == "invoke_agent lead"
+                    for s in spans
+                )
+                and _named(spans, "invoke_agent kid")
+            )
+        )
+        async with await connect_pod(capd_dirs, "kid", subscribe=False) as kid:
+            kid_start = next(e for e in await full_history(kid) if e["event"] == "turn_start")
+        await asyncio.to_thread(capd_dirs.stop)
+    turn = _one(spans, "invoke_agent lead", **{t.TURN_ID: run["turn_id"]})
+    assert turn.kind == Span.SPAN_KIND_INTERNAL
+    assert not turn.parent_span_id
+    assert attributes(turn.attributes) == {
+        t.OPERATION: "invoke_agent",
+        t.PROVIDER: "capd.scripted",
+        t.AGENT_NAME: "lead",
+        t.AGENT_ID: "lead",
+        t.CONVERSATION_ID: "lead",
+        t.REQUEST_MODEL: "script-1",
+        t.TURN_ID: run["turn_id"],
+        t.TURN_INVOKE: "run",
+        t.TURN_RESULT: "finished",
+    }
+    _, trace_id, span_id, _ = asked_by.split("-")
+    assert [(link.trace_id.hex(), link.span_id.hex()) for link in turn.links] == [
+        (trace_id, span_id)
+    ]
+    assert attributes(turn.links[0].attributes) == {t.LINK_KIND: "run"}
+
+    in_turn = [s for s in spans if s.parent_span_id == turn.span_id]
+    assert all(s.trace_id == turn.trace_id for s in in_turn)
+    chats = [s for s in in_turn if s.name == "chat script-1"]
+    assert [attributes(s.attributes)[t.FINISH_REASONS] for s in chats] == [
+        ["tool_calls"],
+        ["tool_calls"],
+        ["stop"],
+    ]
+    for chat in chats:
+        assert chat.kind == Span.SPAN_KIND_CLIENT
+        assert {t.OPERATION: "chat", t.PROVIDER: "capd.scripted"}.items() <= attributes(
+            chat.attributes
+        ).items()
+        assert {t.INPUT_TOKENS, t.OUTPUT_TOKENS} <= attributes(chat.attributes).keys()
+    bash = _one(in_turn, "execute_tool bash")
+    spawn_pod = _one(in_turn, "execute_tool spawn_pod")
+    for tool, name in ((bash, "bash"), (spawn_pod, "spawn_pod")):
+        assert tool.kind == Span.SPAN_KIND_INTERNAL
+        found = attributes(tool.attributes)
+        assert found[t.OPERATION] == "execute_tool"
+        assert found[t.TOOL_NAME] == name
+        assert found[t.TOOL_TYPE] == "function"
+        assert found[t.TOOL_CALL_ID]
+        assert t.ERROR_TYPE not in found
+
+    kid_turn = _one(spans, "invoke_agent kid")
+    assert kid_turn.trace_id != turn.trace_id
+    assert not kid_turn.parent_span_id
+    assert [(link.trace_id, link.span_id) for link in kid_turn.links] == [
+        (spawn_pod.trace_id, spawn_pod.span_id)
+    ]
+    assert kid_start["traceparent"].startswith(
+        f"00-{spawn_pod.trace_id.hex()}-{spawn_pod.span_id.hex()}-"
+    )
+
+    for span in spans:
+        assert "gen_ai.system" not in attributes(span.attributes)
+        assert not CONTENT_KEYS & attributes(span.attributes).keys()
+    resource = attributes(receiver.requests[0].resource_spans[0].resource.attributes)
+    assert resource["service.name"] == "capd"
+    assert "opentelemetry.sdk.trace" in capd_dirs.output()
+
+
+@pytest.mark.parametrize(
+    "env",
+    [{}, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9", "OTEL_SDK_DISABLED": "true"}],
+    ids=["unset", "disabled"],
+)
+async def test_off_loads_no_opentelemetry_and_keeps_traceparent(
+    capd_dirs: CapdProcess, tmp_path: Path, env: dict[str, str]
+) -> None:
+    capd_dirs.env = {**env, "PYTHONPROFILEIMPORTTIME": "1"}
+    capd_dirs.log = capd_dirs.state_dir.with_name(capd_dirs.state_dir.name + ".log")
+    capd_dirs.start()
+    model = scripted({"tool_calls": [{"name": "bash", "arguments": {"command": "true"}}]})
+    await spawn(capd_dirs, "p", model, cwd=str(tmp_path), tools=["bash"])
+    asked_by = _traceparent()
+    async with await connect_pod(capd_dirs, "p") as pod:
+        with pytest.raises(ProtocolError) as refused:
+            await pod.request({"method": "run", "text": "go", "traceparent": "00-nothex-01"})
+        assert refused.value.code == "invalid_request"
+        await pod.request({"method": "run", "text": "go", "traceparent": asked_by})
+        start, _ = await wait_for(pod, is_event("turn_start"))
+        await wait_for(pod, is_event("status", status="idle"))
+    assert start["traceparent"] == asked_by
+    capd_dirs.stop()
+    imported = capd_dirs.output()
+    assert "capd.tools.shell" in imported  # the import log is there
+    assert "opentelemetry" not in imported
+
+
+async def test_a_missing_extra_is_one_warning(capd_dirs: CapdProcess, tmp_path: Path) -> None:
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text("import sys\nsys.modules['opentelemetry.sdk'] = None\n")
+    path = os.pathsep.join(filter(None, [str(hide), os.environ.get("PYTHONPATH")]))
+    capd_dirs.env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9", "PYTHONPATH": path}
+    capd_dirs.log = capd_dirs.state_dir.with_name(capd_dirs.state_dir.name + ".log")
+    capd_dirs.start()
+    await spawn(capd_dirs, "p", scripted({"text": "fine"}), cwd=str(tmp_path))
+    async with await Client.connect(capd_dirs.pod_socket("p")) as pod:
+        await pod.request({"method": "subscribe"})
+        await pod.request({"method": "run", "text": "go"})
+        await wait_for(pod, is_event("turn_end", result="finished"))
+    capd_dirs.stop()
+    warnings = [line for line in capd_dirs.output().splitlines() if "capd[otel]" in line]
+    assert len(warnings) == 1
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT is set" in warnings[0]
