@@ -189,3 +189,63 @@ async def test_a_missing_extra_is_one_warning(capd_dirs: CapdProcess, tmp_path: 
     warnings = [line for line in capd_dirs.output().splitlines() if "capd[otel]" in line]
     assert len(warnings) == 1
     assert "OTEL_EXPORTER_OTLP_ENDPOINT is set" in warnings[0]
+
+
+async def test_segments_of_a_paused_turn_and_a_queued_run_keep_their_links(
+    capd_dirs: CapdProcess, tmp_path: Path
+) -> None:
+    """Each running segment is a span (a pause ends it; a resume links to it); a queued
+    run's traceparent and a paused turn's survive a restart of capd."""
+    first, queued = _traceparent(), _traceparent()
+    sleep = {"tool_calls": [{"name": "bash", "arguments": {"command": "sleep 30"}}]}
+    async with OtlpReceiver() as receiver:
+        _traced(capd_dirs, receiver)
+        await asyncio.to_thread(capd_dirs.start)
+        model = scripted(sleep, sleep, {"text": "after"})
+        await spawn(capd_dirs, "s", model, cwd=str(tmp_path), tools=["bash"])
+        async with await connect_pod(capd_dirs, "s") as pod:
+            run = await pod.request({"method": "run", "text": "go", "traceparent": first})
+            await wait_for(pod, is_event("tool_call_start"))
+            await pod.request({"method": "pause"})
+            await pod.request({"method": "resume"})
+            await wait_for(pod, is_event("tool_call_start"))
+            later = {"method": "run", "text": "next", "if_busy": "queue", "traceparent": queued}
+            second = await pod.request(later)
+        await asyncio.to_thread(capd_dirs.stop)  # pauses the turn; the run stays queued
+        await asyncio.to_thread(capd_dirs.start)
+        async with await connect_pod(capd_dirs, "s") as pod:
+            await pod.request({"method": "resume"})
+            await wait_for(pod, is_event("turn_end", turn_id=second["turn_id"]))
+            history = await full_history(pod)
+        spans = await receiver.wait_for_spans(
+            lambda spans: len(_named(spans, "invoke_agent s")) == 4
+        )
+        await asyncio.to_thread(capd_dirs.stop)
+    starts = {e["turn_id"]: e["traceparent"] for e in history if e["event"] == "turn_start"}
+    assert starts == {run["turn_id"]: first, second["turn_id"]: queued}
+    segments = _named(spans, "invoke_agent s")
+    segments.sort(key=lambda span: span.start_time_unix_nano)
+    turns = [attributes(s.attributes)[t.TURN_ID] for s in segments]
+    assert turns == [run["turn_id"]] * 3 + [second["turn_id"]]
+    ends = [attributes(s.attributes).get(t.TURN_RESULT) for s in segments]
+    assert ends == [None, None, "finished", "finished"]
+    assert [attributes(s.attributes).get(t.TURN_PAUSED) for s in segments] == [
+        True,
+        True,
+        None,
+        None,
+    ]
+
+    def links(span: Span) -> list[tuple[str, str]]:
+        return [
+            (link.span_id.hex(), attributes(link.attributes)[t.LINK_KIND]) for link in span.links
+        ]
+
+    def span_id(traceparent: str) -> str:
+        return traceparent.split("-")[2]
+
+    assert links(segments[0]) == [(span_id(first), "run")]
+    assert links(segments[1]) == [(span_id(first), "run"), (segments[0].span_id.hex(), "resumed")]
+    assert links(segments[2]) == [(span_id(first), "run")]  # after the restart
+    assert links(segments[3]) == [(span_id(queued), "run")]
+    assert len({s.trace_id for s in segments}) == 4
