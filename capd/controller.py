@@ -627,11 +627,7 @@ class PodController:
         segment before it; the turn task runs in the context it returns."""
         assert tracing.TRACER is not None
         assert self.turn is not None
-        model = self.manifest.model.name if self.manifest.model else None
-        provider = tracing.provider_name(self.manifest)
-        self._span, ctx = tracing.TRACER.start_turn(
-            self.name, self.turn, provider, model, previous=self._span
-        )
+        self._span, ctx = tracing.TRACER.start_turn(self.manifest, self.turn, self._span)
         return ctx
 
     def _end_span(self, result: TurnResult | None, error: str | None) -> None:

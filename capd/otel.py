@@ -28,13 +28,13 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
-from capd import tracing as t
+from capd import semconv as t
 from capd.engines.base import Turn
 from capd.providers.base import ModelReply, ProviderError
 from capd.tools.base import ToolOutcome
 from protocol import VERSION
 from protocol.events import TurnResult
-from protocol.manifest import ModelConfig
+from protocol.manifest import Manifest, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +96,8 @@ class Tracer:
 
     def start_turn(
         self,
-        pod: str,
+        manifest: Manifest,
         turn: Turn,
-        provider: str,
-        model: str | None,
         previous: Span | None,
     ) -> tuple[Span, contextvars.Context]:
         """The `invoke_agent` span of a turn's running segment, and the context to run the
@@ -111,17 +109,17 @@ class Tracer:
             links.append(Link(previous.get_span_context(), {t.LINK_KIND: "resumed"}))
         attributes: dict[str, Any] = {
             t.OPERATION: "invoke_agent",
-            t.PROVIDER: provider,
-            t.AGENT_NAME: pod,
-            t.AGENT_ID: pod,
-            t.CONVERSATION_ID: pod,
+            t.PROVIDER: t.provider_name(manifest),
+            t.AGENT_NAME: manifest.name,
+            t.AGENT_ID: manifest.name,
+            t.CONVERSATION_ID: manifest.name,
             t.TURN_ID: turn.turn_id,
             t.TURN_INVOKE: turn.invoke,
         }
-        if model:
-            attributes[t.REQUEST_MODEL] = model
+        if manifest.model is not None and manifest.model.name:
+            attributes[t.REQUEST_MODEL] = manifest.model.name
         span = self._tracer.start_span(
-            f"invoke_agent {pod}",
+            f"invoke_agent {manifest.name}",
             context=otel_context.Context(),  # a new trace: what asked for it is a link
             kind=SpanKind.INTERNAL,
             attributes=attributes,
@@ -148,12 +146,12 @@ class Tracer:
     # -- chat ---------------------------------------------------------------------------
 
     async def chat(
-        self, config: ModelConfig, provider: str, call: Callable[[], Awaitable[ModelReply]]
+        self, config: ModelConfig, call: Callable[[], Awaitable[ModelReply]]
     ) -> ModelReply:
         """A `chat` span around a whole model call, its retries included."""
         attributes: dict[str, Any] = {
             t.OPERATION: "chat",
-            t.PROVIDER: provider,
+            t.PROVIDER: t.model_provider(config),
             t.REQUEST_STREAM: True,
         }
         if config.name:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from capd import tracing as t
+from capd import semconv as t
 from protocol.client import Client
 from protocol.errors import ProtocolError
 from tests.conftest import CapdProcess

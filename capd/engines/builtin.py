@@ -224,7 +224,7 @@ class BuiltinEngine:
         if tracing.TRACER is None:
             return await self._retrying(host, turn_id, attempt)
         call = functools.partial(self._retrying, host, turn_id, attempt)
-        return await tracing.TRACER.chat(self._model, tracing.provider_name(host.manifest), call)
+        return await tracing.TRACER.chat(self._model, call)
 
     async def _retrying(
         self, host: TurnHost, turn_id: str | None, attempt: Callable[[], Awaitable[ModelReply]]

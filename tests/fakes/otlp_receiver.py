@@ -78,8 +78,8 @@ class OtlpReceiver:
                     b"Content-Length: %d\r\n\r\n%s" % (len(reply), reply)
                 )
                 await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass  # the client closed the connection
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass  # the client closed the connection, or the receiver closes
         finally:
             self._connections.discard(task)
             writer.close()
