@@ -4,6 +4,8 @@
 import asyncio
 import os
 import secrets
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,20 @@ def _traced(capd: CapdProcess, receiver: OtlpReceiver) -> None:
         "PYTHONPROFILEIMPORTTIME": "1",  # the import log shows what capd loaded
     }
     capd.log = capd.state_dir.with_name(capd.state_dir.name + ".log")
+
+
+async def _capctl(
+    capd: CapdProcess, env: dict[str, str], *args: str
+) -> "subprocess.CompletedProcess[str]":
+    command = [sys.executable, "-m", "capctl", "--runtime-dir", str(capd.runtime_dir), *args]
+    return await asyncio.to_thread(
+        subprocess.run,
+        command,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
 
 
 def _named(spans: list[Span], name: str) -> list[Span]:
@@ -166,6 +182,21 @@ async def test_off_loads_no_opentelemetry_and_keeps_traceparent(
         start, _ = await wait_for(pod, is_event("turn_start"))
         await wait_for(pod, is_event("status", status="idle"))
     assert start["traceparent"] == asked_by
+    by_capctl = _traceparent()
+    sent = await _capctl(capd_dirs, {"TRACEPARENT": by_capctl}, "send", "p", "again")
+    assert sent.returncode == 0, sent.stderr
+    async with await connect_pod(capd_dirs, "p", subscribe=False) as pod:
+        history = await full_history(pod)
+    assert [e["traceparent"] for e in history if e["event"] == "turn_start"] == [
+        asked_by,
+        by_capctl,
+    ]
+    refused = await _capctl(capd_dirs, {"TRACEPARENT": "00-1-2-3"}, "send", "p", "more")
+    assert refused.returncode == 1
+    assert refused.stderr.splitlines() == [
+        "capctl: TRACEPARENT=00-1-2-3 is not a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>); "
+        "set it right or unset it"
+    ]
     capd_dirs.stop()
     imported = capd_dirs.output()
     assert "capd.tools.shell" in imported  # the import log is there
