@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from opentelemetry.proto.trace.v1.trace_pb2 import Span
+from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from capd import semconv as t
 from protocol.client import Client
@@ -37,6 +37,28 @@ def _lead_model() -> dict[str, Any]:
         ),
         "name": "script-1",
     }
+
+
+def _failing_model() -> dict[str, Any]:
+    """A tool call that fails, then a model call that fails twice (retried once)."""
+    nope = {"tool_calls": [{"name": "nope", "arguments": {}}]}
+    return {**scripted(nope, {"error": "boom", "retryable": True}), "max_retries": 1}
+
+
+def _check_failures(spans: list[Span]) -> None:
+    turn = _one(spans, "invoke_agent bad")
+    assert turn.status.code == Status.STATUS_CODE_ERROR
+    assert attributes(turn.attributes)[t.ERROR_TYPE] == "errored"
+    assert attributes(turn.attributes)[t.TURN_RESULT] == "errored"
+    tool = _one(spans, "execute_tool nope")
+    assert tool.parent_span_id == turn.span_id
+    assert tool.status.code == Status.STATUS_CODE_ERROR
+    assert attributes(tool.attributes)[t.ERROR_TYPE] == "tool_error"
+    chats = [s for s in _named(spans, "chat") if s.parent_span_id == turn.span_id]
+    assert [s.status.code for s in chats] == [Status.STATUS_CODE_UNSET, Status.STATUS_CODE_ERROR]
+    failed = chats[1]
+    assert attributes(failed.attributes)[t.ERROR_TYPE] == "ProviderError"
+    assert [(e.name, attributes(e.attributes)["attempt"]) for e in failed.events] == [("retry", 1)]
 
 
 def _traced(capd: CapdProcess, receiver: OtlpReceiver) -> None:
@@ -82,8 +104,11 @@ async def test_a_turn_its_model_calls_tools_and_child_are_spans(
         await spawn(
             capd_dirs, "lead", _lead_model(), cwd=str(tmp_path), tools=["bash", "spawn_pod"]
         )
+        await spawn(capd_dirs, "bad", _failing_model(), cwd=str(tmp_path), tools=["bash"])
         async with await connect_pod(capd_dirs, "lead", subscribe=False) as lead:
             run = await lead.request({"method": "run", "text": "go", "traceparent": asked_by})
+        async with await connect_pod(capd_dirs, "bad", subscribe=False) as bad:
+            await bad.request({"method": "run", "text": "go"})
         spans = await receiver.wait_for_spans(
             lambda spans: (
                 any(
@@ -92,6 +117,7 @@ async def test_a_turn_its_model_calls_tools_and_child_are_spans(
                     for s in spans
                 )
                 and _named(spans, "invoke_agent kid")
+                and _named(spans, "invoke_agent bad")
             )
         )
         async with await connect_pod(capd_dirs, "kid", subscribe=False) as kid:
@@ -152,6 +178,7 @@ async def test_a_turn_its_model_calls_tools_and_child_are_spans(
         f"00-{spawn_pod.trace_id.hex()}-{spawn_pod.span_id.hex()}-"
     )
 
+    _check_failures(spans)
     for span in spans:
         assert "gen_ai.system" not in attributes(span.attributes)
         assert not CONTENT_KEYS & attributes(span.attributes).keys()
