@@ -4,8 +4,10 @@
 import asyncio
 import os
 import secrets
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ import pytest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from capd import semconv as t
+from capd.otel import SHUTDOWN_S
 from protocol.client import Client
 from protocol.errors import ProtocolError
 from tests.conftest import CapdProcess
@@ -307,3 +310,27 @@ async def test_segments_of_a_paused_turn_and_a_queued_run_keep_their_links(
     assert links(segments[2]) == [(span_id(first), "run")]  # after the restart
     assert links(segments[3]) == [(span_id(queued), "run")]
     assert len({s.trace_id for s in segments}) == 4
+
+
+async def test_a_collector_that_is_down_delays_shutdown_a_bounded_time(
+    capd_dirs: CapdProcess, tmp_path: Path
+) -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    capd_dirs.env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+        "OTEL_BSP_SCHEDULE_DELAY": "60000",  # the spans wait for the shutdown
+    }
+    capd_dirs.log = capd_dirs.state_dir.with_name(capd_dirs.state_dir.name + ".log")
+    capd_dirs.start()
+    await spawn(capd_dirs, "p", scripted({"text": "fine"}), cwd=str(tmp_path))
+    async with await connect_pod(capd_dirs, "p") as pod:
+        await pod.request({"method": "run", "text": "go"})
+        await wait_for(pod, is_event("turn_end", result="finished"))
+    started = time.monotonic()
+    await asyncio.to_thread(capd_dirs.stop)  # exit code 0 checked
+    # Unbounded, the exporter would retry for its whole timeout (10 s) first.
+    assert time.monotonic() - started < SHUTDOWN_S + 4
+    logged = capd_dirs.output()
+    assert "WARNING opentelemetry" not in logged  # the exporter's retries are not shown
