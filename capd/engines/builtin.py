@@ -218,13 +218,15 @@ class BuiltinEngine:
                 f"{exc.message}"
             ) from exc
 
-    async def _call_model(
+    def _call_model(
         self, host: TurnHost, turn_id: str | None, attempt: Callable[[], Awaitable[ModelReply]]
-    ) -> ModelReply:
+    ) -> Awaitable[ModelReply]:
+        """The model call, in a `chat` span when tracing is on (a plain function, so that
+        off it costs no coroutine of its own)."""
         if tracing.TRACER is None:
-            return await self._retrying(host, turn_id, attempt)
+            return self._retrying(host, turn_id, attempt)
         call = functools.partial(self._retrying, host, turn_id, attempt)
-        return await tracing.TRACER.chat(self._model, call)
+        return tracing.TRACER.chat(self._model, call)
 
     async def _retrying(
         self, host: TurnHost, turn_id: str | None, attempt: Callable[[], Awaitable[ModelReply]]

@@ -93,20 +93,22 @@ class Toolbox:
             specs += server.specs
         return specs
 
-    async def run(
+    def run(
         self,
         name: str,
         arguments: dict[str, Any],
         approve: Approve | None = None,
         call_id: str | None = None,
-    ) -> ToolOutcome:
+    ) -> Awaitable[ToolOutcome]:
+        """The call's outcome, in an `execute_tool` span when tracing is on (a plain
+        function, so that off it costs no coroutine of its own)."""
         if tracing.TRACER is None:
-            return await self._run(name, arguments, approve)
+            return self._run(name, arguments, approve)
         offered = self._offered.get(name)
         kind = "extension" if mcp_server_of(name) in self._mcp else "function"
         description = offered[0].description if offered else None
         run = functools.partial(self._run, name, arguments, approve)
-        return await tracing.TRACER.tool(name, kind, call_id, description, arguments, run)
+        return tracing.TRACER.tool(name, kind, call_id, description, arguments, run)
 
     async def _run(
         self, name: str, arguments: dict[str, Any], approve: Approve | None
