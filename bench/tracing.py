@@ -1,10 +1,11 @@
 """What tracing costs when it is off (issue 20): the wrappers at the hot call sites.
 
 With tracing off, `Toolbox.run` and `BuiltinEngine._call_model` check `tracing.TRACER`
-and await the unwrapped call (`Toolbox._run`, `BuiltinEngine._retrying`), which is the
-baseline, timed in alternating blocks in the same run. The tool is a no-op and the model
-call returns a ready reply, so the wrapper is all that differs; a real tool call or model
-call costs milliseconds more. The figures are nanoseconds per call, median of the blocks.
+and return the unwrapped call's coroutine (`Toolbox._run`, `BuiltinEngine._retrying`),
+which is the baseline, timed in alternating blocks in the same run. The tool is a no-op
+and the model call returns a ready reply, so the wrapper is all that differs; a real tool
+call or model call costs milliseconds more. The figures are nanoseconds per call, median
+of the blocks.
 """
 
 import asyncio

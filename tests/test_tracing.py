@@ -256,11 +256,13 @@ async def test_segments_of_a_paused_turn_and_a_queued_run_keep_their_links(
     capd_dirs: CapdProcess, tmp_path: Path
 ) -> None:
     """Each running segment is a span (a pause ends it; a resume links to it); a queued
-    run's traceparent and a paused turn's survive a restart of capd."""
+    run's traceparent and a paused turn's survive a restart of capd. Content capture is
+    on here: the tool calls carry their arguments."""
     first, queued = _traceparent(), _traceparent()
     sleep = {"tool_calls": [{"name": "bash", "arguments": {"command": "sleep 30"}}]}
     async with OtlpReceiver() as receiver:
         _traced(capd_dirs, receiver)
+        capd_dirs.env[t.CAPTURE_CONTENT_VARIABLE] = "true"
         await asyncio.to_thread(capd_dirs.start)
         model = scripted(sleep, sleep, {"text": "after"})
         await spawn(capd_dirs, "s", model, cwd=str(tmp_path), tools=["bash"])
@@ -310,6 +312,10 @@ async def test_segments_of_a_paused_turn_and_a_queued_run_keep_their_links(
     assert links(segments[2]) == [(span_id(first), "run")]  # after the restart
     assert links(segments[3]) == [(span_id(queued), "run")]
     assert len({s.trace_id for s in segments}) == 4
+    tools = _named(spans, "execute_tool bash")
+    assert len(tools) == 2
+    for tool in tools:  # both cut short by a pause or the stop: no result
+        assert attributes(tool.attributes)[t.TOOL_ARGUMENTS] == '{"command":"sleep 30"}'
 
 
 async def test_a_collector_that_is_down_delays_shutdown_a_bounded_time(
