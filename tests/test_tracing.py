@@ -195,7 +195,7 @@ async def test_a_turn_its_model_calls_tools_and_child_are_spans(
     [{}, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9", "OTEL_SDK_DISABLED": "true"}],
     ids=["unset", "disabled"],
 )
-async def test_off_loads_no_opentelemetry_and_keeps_traceparent(
+async def test_off_loads_no_opentelemetry_and_keeps_run_traceparent(
     capd_dirs: CapdProcess, tmp_path: Path, env: dict[str, str]
 ) -> None:
     capd_dirs.env = {**env, "PYTHONPROFILEIMPORTTIME": "1"}
@@ -212,25 +212,26 @@ async def test_off_loads_no_opentelemetry_and_keeps_traceparent(
         start, _ = await wait_for(pod, is_event("turn_start"))
         await wait_for(pod, is_event("status", status="idle"))
     assert start["traceparent"] == asked_by
+    capd_dirs.stop()
+    imported = capd_dirs.output()
+    assert "capd.tools.shell" in imported  # the import log is there
+    assert "opentelemetry" not in imported
+
+
+async def test_capctl_send_passes_traceparent(capd: CapdProcess, tmp_path: Path) -> None:
+    await spawn(capd, "p", scripted({"text": "fine"}), cwd=str(tmp_path))
     by_capctl = _traceparent()
-    sent = await _capctl(capd_dirs, {"TRACEPARENT": by_capctl}, "send", "p", "again")
+    sent = await _capctl(capd, {"TRACEPARENT": by_capctl}, "send", "p", "go")
     assert sent.returncode == 0, sent.stderr
-    async with await connect_pod(capd_dirs, "p", subscribe=False) as pod:
+    async with await connect_pod(capd, "p", subscribe=False) as pod:
         history = await full_history(pod)
-    assert [e["traceparent"] for e in history if e["event"] == "turn_start"] == [
-        asked_by,
-        by_capctl,
-    ]
-    refused = await _capctl(capd_dirs, {"TRACEPARENT": "00-1-2-3"}, "send", "p", "more")
+    assert [e["traceparent"] for e in history if e["event"] == "turn_start"] == [by_capctl]
+    refused = await _capctl(capd, {"TRACEPARENT": "00-1-2-3"}, "send", "p", "more")
     assert refused.returncode == 1
     assert refused.stderr.splitlines() == [
         "capctl: TRACEPARENT=00-1-2-3 is not a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>); "
         "set it right or unset it"
     ]
-    capd_dirs.stop()
-    imported = capd_dirs.output()
-    assert "capd.tools.shell" in imported  # the import log is there
-    assert "opentelemetry" not in imported
 
 
 async def test_a_missing_extra_is_one_warning(capd_dirs: CapdProcess, tmp_path: Path) -> None:
