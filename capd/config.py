@@ -35,6 +35,11 @@ class Config:
     sandbox_show: tuple[Path, ...] = ()
     """Paths every sandbox shows read-only, even under its private /tmp or a hidden path
     (`--sandbox-show`): a tool chain installed under /tmp, say."""
+    log_file: Path | None = None
+    """Where the log goes instead of stderr (`--log-file`)."""
+    lock_wait_s: float = 35.0
+    """How long to wait for a capd still shutting down to let go of the directories
+    (`--lock-wait-s`): longer than the unit's TimeoutStopSec=30."""
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> "Config":
@@ -95,6 +100,20 @@ class Config:
             help="a path every sandbox shows read-only even where its private /tmp or a "
             "hidden path covers it, e.g. tools installed under /tmp (repeatable)",
         )
+        parser.add_argument(
+            "--log-file",
+            metavar="PATH",
+            type=Path,
+            help="log to PATH (created 0600, reopened when logrotate moves it) instead of "
+            "stderr; its directory must exist",
+        )
+        parser.add_argument(
+            "--lock-wait-s",
+            type=float,
+            default=default["lock_wait_s"],
+            help="how long to wait for a capd that is shutting down on the same directories "
+            "(default %(default)s); one that is not shutting down fails this one at once",
+        )
         parser.add_argument("--version", action="version", version=f"capd {VERSION}")
         args = parser.parse_args(argv)
         if args.max_frame_bytes < 1024:
@@ -106,6 +125,10 @@ class Config:
         ):
             if value < 1:
                 parser.error(f"{flag} must be at least 1, got {value}")
+        if not 0 <= args.lock_wait_s < float("inf"):
+            parser.error(
+                f"--lock-wait-s must be a number of seconds, 0 or more, got {args.lock_wait_s}"
+            )
         allow_gid = None
         if args.allow_group is not None:
             try:
@@ -132,6 +155,8 @@ class Config:
             limits=args.limits,
             bwrap=args.bwrap,
             sandbox_show=shown,
+            log_file=args.log_file and args.log_file.expanduser().absolute(),
+            lock_wait_s=args.lock_wait_s,
         )
 
 

@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 
 REPLAY_PAGE = 1000
 """Stored events read at a time to rebuild a context a `rewound` goes back to."""
+DELTA_EVENTS = frozenset({"text_delta", "thinking_delta", "tool_call_delta"})
+"""What a `subscribe {deltas: false}` leaves out."""
 
 
 def new_event_id(pod: str) -> str:
@@ -144,7 +146,7 @@ class Journal:
     def emit_ephemeral(self, event: PodEventBase) -> None:
         if self.hub.subscriptions:
             event.pod = self.name
-            self.hub.publish(encode(event))
+            self.hub.publish(encode(event), None, event.event in DELTA_EVENTS)
 
     def _owed(self, report: Report | None) -> OwedReport | None:
         if report is None or self.parent is None:
@@ -238,9 +240,19 @@ class Journal:
     def page(self, after_seq: int, limit: int) -> list[tuple[int, bytes]]:
         return self._store.events_after(self.name, after_seq, limit)
 
-    def history(self, request_id: RequestId | None, after_seq: int, limit: int) -> bytes:
+    def history(
+        self,
+        request_id: RequestId | None,
+        after_seq: int,
+        limit: int,
+        last_turns: int | None = None,
+    ) -> bytes:
         """The `history` ack (a `HistoryResult`), the stored events spliced in as they are
-        rather than parsed and encoded again."""
+        rather than parsed and encoded again. With `last_turns` the page starts at the
+        `turn_start` of the last this-many turns (at the first event when there are fewer)."""
+        if last_turns is not None:
+            start = self._store.last_turns_start(self.name, last_turns)
+            after_seq = 0 if start is None else start - 1
         events = b",".join(data for _, data in self.page(after_seq, limit))
         head = orjson.dumps({"event": "ack", "id": request_id})[:-1]
         tail = orjson.dumps(self.last_seq)

@@ -342,6 +342,17 @@ class Store:
         ).fetchone()
         return row[0] if row else None
 
+    def last_turns_start(self, pod: str, turns: int) -> int | None:
+        """The seq of the `turn_start` of the pod's last `turns` turns; None when it has
+        fewer. The primary key (pod, seq) lets SQLite walk back from the newest event and
+        stop at that `turn_start`."""
+        row = self._db.execute(
+            "SELECT seq FROM events WHERE pod = ? AND kind = 'turn_start' "
+            "ORDER BY seq DESC LIMIT 1 OFFSET ?",
+            (pod, turns - 1),
+        ).fetchone()
+        return row[0] if row else None
+
     def events_of_kind_after(self, pod: str, after_seq: int, kind: str) -> list[tuple[int, bytes]]:
         """Every event of one `kind` with seq > after_seq, oldest first, as (seq, json)."""
         return self._db.execute(

@@ -10,7 +10,6 @@ the pod tools (through `ChildPods`) call it in between.
 import asyncio
 import contextlib
 import logging
-import os
 import shutil
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from capd.proc.sandbox import (
     containing,
     resolve_paths,
 )
+from capd.providers import missing_key
 from capd.registry import PodRegistry
 from capd.server import PodEndpoint
 from capd.store import PodRecord, Store
@@ -166,12 +166,12 @@ class Supervisor:
         cwd = self._resolve_cwd(manifest, must_exist=not make_cwd)
         sandbox = resolve_paths(manifest.sandbox)
         manifest = manifest.model_copy(update={"cwd": str(cwd), "sandbox": sandbox})
-        _check_api_key(manifest)
         parent_name = self.registry.pods_dir_name(parent)
         if parent_name is not None:
             self._check_child_of(parent_name, manifest)
             parent = str(self.registry.socket(parent_name))  # the spelling children_of looks up
         check_engine(manifest, self._confinement(manifest))
+        _check_api_key(manifest)
         if _checkpointed(manifest):
             require_git()
         self.ledger.check_spawn(manifest, parent_name)
@@ -203,7 +203,7 @@ class Supervisor:
             with contextlib.suppress(ProtocolError):
                 await local_parent.controller.adopt(name, socket, turn_id)
         self._publish(PodSpawned(pod=name, socket=socket, parent=parent))
-        return SpawnResult(name=name, socket=socket)
+        return SpawnResult(name=name, socket=socket, cwd=manifest.cwd)
 
     def _forget_unborn(self, name: str, fresh: bool) -> None:
         """Undo a spawn whose bring-up failed: no record, no ledger entry, and no state dir
@@ -305,7 +305,33 @@ class Supervisor:
                 raise ProtocolError("internal", str(exc)) from None
             self.registry.set_stopped(name, False)
             self._publish(PodSpawned(pod=name, socket=socket, parent=record.parent))
-        return SpawnResult(name=name, socket=socket)
+        return SpawnResult(name=name, socket=socket, cwd=self.pods[name].controller.manifest.cwd)
+
+    async def restart_pod(self, name: str) -> SpawnResult:
+        """Stop the pod and its descendants, then start it and, parents first, each
+        descendant that was up. One that cannot start is named in the error; the others
+        are started still."""
+        self._refuse_when_closing()
+        self._require_known(name)
+        was_up = await self.stop_pod(name)
+        result = await self.start_pod(name)
+        failed: list[tuple[str, ProtocolError]] = []
+        for child in was_up:
+            if child == name:
+                continue
+            try:
+                await self.start_pod(child)
+            except ProtocolError as exc:
+                failed.append((child, exc))
+        if failed:
+            child, exc = failed[0]
+            others = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+            raise ProtocolError(
+                exc.code,
+                f"pod {name} restarted, but its descendant {child} did not start{others}: "
+                f"{exc.message}; `capctl start {child}` once that is fixed",
+            )
+        return result
 
     async def delete_pod(self, name: str) -> None:
         """Stop the pod and its descendants, then remove its state: its children become
@@ -592,9 +618,7 @@ def _checkpointed(manifest: Manifest) -> bool:
 
 
 def _check_api_key(manifest: Manifest) -> None:
-    env = manifest.model.api_key_env if manifest.model else None
-    if env and not os.environ.get(env):
-        raise ProtocolError(
-            "invalid_request",
-            f"model.api_key_env names {env}, which is not set in capd's environment",
-        )
+    """Refuse a model whose key is not in capd's environment (at spawn, never at restore:
+    a stored pod comes back, and its calls fail until the key is there)."""
+    if manifest.model is not None and (missing := missing_key(manifest.model)):
+        raise ProtocolError("invalid_request", missing)
