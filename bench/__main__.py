@@ -21,6 +21,7 @@ from bench import (
     restore,
     sandbox,
     soak,
+    tracing,
 )
 from bench.report import Figure, table
 from bench.sizes import SIZES, Size
@@ -37,6 +38,7 @@ BENCHMARKS: dict[str, Callable[[Size], list[Figure]]] = {
     "checkpoint": checkpoint.run,
     "mcp": mcp.run,
     "sandbox": sandbox.run,
+    "tracing": tracing.run,
 }
 
 

@@ -10,6 +10,7 @@ one-request commands (`oneshot.py`) start fast; see README: Performance.
 
 import math
 import os
+import re
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -591,12 +592,18 @@ def compact(settings: Settings, pod: str, instructions: str | None, no_wait: boo
 
 async def _send(settings: Settings, pod: str, text: str, if_busy: IfBusy) -> int:
     from capctl.session import Subscription, connect_pod
-    from protocol.methods import Run
+    from protocol.methods import TRACEPARENT_PATTERN, Run
 
+    traceparent = os.environ.get("TRACEPARENT") or None  # the caller's span, linked to
+    if traceparent is not None and not re.fullmatch(TRACEPARENT_PATTERN, traceparent):
+        raise CapctlError(
+            f"TRACEPARENT={traceparent} is not a W3C traceparent "
+            "(00-<32 hex>-<16 hex>-<2 hex>); set it right or unset it"
+        )
     async with await connect_pod(settings.runtime, pod) as client:
         events = Subscription(client)
         await events.start()
-        ack = await client.request(Run(text=text, if_busy=if_busy))
+        ack = await client.request(Run(text=text, if_busy=if_busy, traceparent=traceparent))
         turn_id = ack.get("turn_id")
         printer = TurnPrinter(pod)
         if settings.json:
@@ -641,7 +648,8 @@ def send(
     """Run a turn with TEXT (or - for stdin) and stream the reply.
 
     Exits 0 when the turn finishes, 1 when it is cancelled or fails. Ctrl-C detaches
-    without cancelling the turn.
+    without cancelling the turn. With $TRACEPARENT set (W3C trace context), the turn's
+    trace links to that span.
     """
     message = read_text(text)
     note = f"detached from {pod}; its turn goes on (capctl cancel {pod} stops it)"

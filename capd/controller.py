@@ -13,6 +13,7 @@ turn open. Durable events, and the state derived from them, are the `Journal`'s.
 """
 
 import asyncio
+import contextvars
 import logging
 import secrets
 from collections import deque
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeAlias
 
+from capd import tracing
 from capd.budgets import Ledger
 from capd.checkpoints import CheckpointError, CheckpointStore, Taken
 from capd.context import INTERRUPTED_TOOL_OUTPUT, Context
@@ -130,6 +132,7 @@ class _FromParent:
 
     text: str
     source: str
+    traceparent: str | None = None
 
 
 _Call = Request | _Stop | _Adopt | _FromParent
@@ -192,6 +195,8 @@ class PodController:
         """A compaction between turns or while paused; a turn waits for it to launch."""
         self._compaction_waiters: list[asyncio.Future[dict[str, Any]]] = []
         """The `compact` requests answered when it ends."""
+        self._span: Any = None
+        """The turn's `invoke_agent` span of its running (or last) segment; tracing only."""
 
     # -- the journal, as the engines and endpoints see it -------------------------------
 
@@ -270,6 +275,8 @@ class PodController:
         self.emit(event)
 
     def _set_status(self, status: PodStatusName) -> None:
+        if status == "paused" and self._span is not None:
+            self._end_span(None, None)
         self.emit(StatusChanged(status=status, turn_id=self.turn.turn_id if self.turn else None))
         self.status = status
         self._on_status(self.name, status)
@@ -300,11 +307,13 @@ class PodController:
         """Record a child spawned with this pod as its parent (`child_spawned`)."""
         await self.call(_Adopt(name, socket, turn_id))
 
-    async def deliver(self, text: str, source: str) -> dict[str, Any]:
+    async def deliver(
+        self, text: str, source: str, traceparent: str | None = None
+    ) -> dict[str, Any]:
         """A parent's message, decided inside the actor so the status cannot change under
         it: a paused pod buffers it as a notification (a `run` would cancel the paused turn);
         otherwise it is a `run` queued behind any current turn, so the parent gets a report."""
-        return await self.call(_FromParent(text, source))
+        return await self.call(_FromParent(text, source, traceparent))
 
     async def stop(self, mode: StopMode) -> None:
         """End the actor after the messages already queued; see StopMode."""
@@ -381,8 +390,8 @@ class PodController:
                 return {}
             case _FromParent(text=text, source=source) if self.status == "paused":
                 return self._notify(text, source)
-            case _FromParent(text=text):
-                return await self._run(Run(text=text, if_busy="queue"))
+            case _FromParent(text=text, traceparent=traceparent):
+                return await self._run(Run(text=text, if_busy="queue", traceparent=traceparent))
             case Run():
                 return await self._run(request)
             case Pause():
@@ -419,13 +428,15 @@ class PodController:
                 )
             if req.if_busy == "queue":
                 turn_id = new_turn_id()
-                row = self._store.add_pending(self.name, "run", req.text, turn_id=turn_id)
-                queued = QueuedRun(turn_id, req.text, row)
+                row = self._store.add_pending(
+                    self.name, "run", req.text, turn_id=turn_id, source=req.traceparent
+                )
+                queued = QueuedRun(turn_id, req.text, row, req.traceparent)
                 self._queue.append(queued)
                 return RunResult(turn_id=queued.turn_id, queued=True).model_dump()
         if self.status != "idle":
             await self._cancel_turn()
-        turn = Turn(new_turn_id(), "run")
+        turn = Turn(new_turn_id(), "run", traceparent=req.traceparent)
         self._start(turn, req.text)
         return RunResult(turn_id=turn.turn_id).model_dump()
 
@@ -625,7 +636,8 @@ class PodController:
             self._start_compaction(order)
         if self._queue:
             queued = self._queue[0]
-            self._start(Turn(queued.turn_id, "run"), queued.text, queued.pending_id)
+            turn = Turn(queued.turn_id, "run", traceparent=queued.traceparent)
+            self._start(turn, queued.text, queued.pending_id)
         elif self.notes:
             self._start(Turn(new_turn_id(), self.notes[0].kind), None)
 
@@ -633,7 +645,7 @@ class PodController:
         """Start a turn from idle. Its status, turn_start and user_message commit together
         with the deletion of its queued-run row, so a crash never leaves a started turn
         without its prompt, nor a queued run that both started and is still queued."""
-        start = TurnStart(turn_id=turn.turn_id, invoke=turn.invoke)
+        start = TurnStart(turn_id=turn.turn_id, invoke=turn.invoke, traceparent=turn.traceparent)
         events: list[DurableEvent] = [StatusChanged(status="running", turn_id=turn.turn_id), start]
         if text is not None:
             events.append(UserMessage(turn_id=turn.turn_id, text=text))
@@ -651,9 +663,25 @@ class PodController:
         assert self.turn is not None
         if self._compaction is not None:
             return
-        task = asyncio.create_task(self._drive(self.turn), name=f"turn {self.name}")
+        ctx = None if tracing.TRACER is None else self._start_span()
+        task = asyncio.create_task(self._drive(self.turn), name=f"turn {self.name}", context=ctx)
         task.add_done_callback(lambda t: self._mailbox.put_nowait(_TurnDone(t)))
         self._task = task
+
+    def _start_span(self) -> contextvars.Context:
+        """Open the `invoke_agent` span of the turn's running segment, linked to the
+        segment before it; the turn task runs in the context it returns."""
+        assert tracing.TRACER is not None
+        assert self.turn is not None
+        self._span, ctx = tracing.TRACER.start_turn(self.manifest, self.turn, self._span)
+        return ctx
+
+    def _end_span(self, result: TurnResult | None, error: str | None) -> None:
+        """End the running segment's span: with the turn's result, or (None) paused."""
+        if tracing.TRACER is not None:
+            tracing.TRACER.end_turn(self._span, result, error)
+        if result is not None:
+            self._span = None
 
     async def _drive(self, turn: Turn) -> TurnOutcome:
         """The turn task: the cwd's checkpoint first (once per turn; one a pause cut
@@ -810,6 +838,8 @@ class PodController:
         turn = self.turn
         assert turn is not None
         self._close_orphans()
+        if self._span is not None:
+            self._end_span(result, error)
         self.emit(
             TurnEnd(turn_id=turn.turn_id, result=result, output=turn.output, error=error),
             report=self._turn_report(turn, result, error),

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import IO
 
+from capd import tracing
 from capd.config import Config
 from capd.outbox import Outbox
 from capd.proc import leftovers
@@ -96,6 +97,7 @@ class Daemon:
                 " ".join(map(str, left)),
             )
         _raise_fd_limit()
+        tracing.setup(debug=cfg.log_level == "debug")
         self._sandbox = sandbox = probe(candidates(cfg.bwrap), cfg.state_dir.resolve())
         if sandbox.path is None:
             log.warning("%s (pods with a sandbox are refused)", sandbox.refusal)
@@ -200,6 +202,7 @@ class Daemon:
         if self._supervisor is not None:
             await self._supervisor.take_down_all()
         await stop_all_groups()
+        await tracing.shutdown()  # after the pods paused: their spans ended
         if self._locks:
             leftovers.release(self.config.state_dir)
         if self._outbox is not None:

@@ -64,6 +64,8 @@ class QueuedRun:
     text: str
     pending_id: int
     """Its row in the store's `pending` table, deleted as the run's user_message commits."""
+    traceparent: str | None = None
+    """The `run`'s `traceparent`, kept in the row's `source` (unused by queued runs)."""
 
 
 @dataclass
@@ -283,8 +285,10 @@ class Journal:
             match event:
                 case StatusChanged(status=status):
                     found.status = status
-                case TurnStart(turn_id=turn_id, invoke=invoke):
-                    found.turn = Turn(turn_id, invoke, started_seq=event.seq)
+                case TurnStart(turn_id=turn_id, invoke=invoke, traceparent=traceparent):
+                    found.turn = Turn(
+                        turn_id, invoke, started_seq=event.seq, traceparent=traceparent
+                    )
                     started.add(turn_id)
                 case TurnEnd():
                     found.turn = None
@@ -305,7 +309,7 @@ class Journal:
                 log.warning("pod %s: queued run %s already started; dropped", self.name, row.id)
                 self._store.drop_pending([row.id])
             else:
-                found.queue.append(QueuedRun(row.turn_id, row.text, row.id))
+                found.queue.append(QueuedRun(row.turn_id, row.text, row.id, row.source))
         found.notes = [note for _, note in sorted(notes, key=lambda pair: pair[0])]
         for asked in list(self.asked.values()):
             resolved = PermissionResolved(turn_id=asked.turn_id, request_id=asked.request_id)

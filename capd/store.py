@@ -138,6 +138,7 @@ class PendingRow:
     """`run` (a queued run, with its turn_id) or `notify` (with its source)."""
     turn_id: str | None
     source: str | None
+    """A notify's source; a queued run's `traceparent` (capd.tracing), if it had one."""
     text: str
     created: float
 

@@ -23,6 +23,7 @@ FIGURES = {
     "checkpoint": 2,
     "mcp": 3,
     "sandbox": 2,
+    "tracing": 2,
 }
 
 

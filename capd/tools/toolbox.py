@@ -13,12 +13,14 @@ it; the server checks the arguments) — the builtin engine's approvals,
 """
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from capd import tracing
 from capd.chat import INVALID_JSON_KEY, ToolSpec
 from capd.tokens import spec_tokens
 from capd.tools import BUILTIN_TOOLS
@@ -96,8 +98,25 @@ class Toolbox:
             specs += server.specs
         return specs
 
-    async def run(
-        self, name: str, arguments: dict[str, Any], approve: Approve | None = None
+    def run(
+        self,
+        name: str,
+        arguments: dict[str, Any],
+        approve: Approve | None = None,
+        call_id: str | None = None,
+    ) -> Awaitable[ToolOutcome]:
+        """The call's outcome, in an `execute_tool` span when tracing is on (a plain
+        function, so that off it costs no coroutine of its own)."""
+        if tracing.TRACER is None:
+            return self._run(name, arguments, approve)
+        offered = self._offered.get(name)
+        kind = "extension" if mcp_server_of(name) in self._mcp else "function"
+        description = offered[0].description if offered else None
+        run = functools.partial(self._run, name, arguments, approve)
+        return tracing.TRACER.tool(name, kind, call_id, description, arguments, run)
+
+    async def _run(
+        self, name: str, arguments: dict[str, Any], approve: Approve | None
     ) -> ToolOutcome:
         server = self._mcp.get(mcp_server_of(name) or "")
         if server is not None:
