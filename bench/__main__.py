@@ -22,6 +22,7 @@ from bench import (
     restore,
     sandbox,
     soak,
+    tracing,
 )
 from bench.report import Figure, table
 from bench.sizes import SIZES, Size
@@ -39,6 +40,7 @@ BENCHMARKS: dict[str, Callable[[Size], list[Figure]]] = {
     "mcp": mcp.run,
     "sandbox": sandbox.run,
     "metrics": metrics.run,
+    "tracing": tracing.run,
 }
 
 

@@ -10,6 +10,7 @@ one-request commands (`oneshot.py`) start fast; see README: Performance.
 
 import math
 import os
+import re
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -516,6 +517,33 @@ def rewind(settings: Settings, pod: str, turn_id: str, files: bool) -> None:
     report(settings, result, f"rewound {pod}{restored} to before turn {turn_id}")
 
 
+@cli.command()
+@pod_argument
+@click.option(
+    "-f",
+    "--file",
+    "manifest_file",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The pod's new YAML manifest; its name is POD, and without a cwd it keeps its own.",
+)
+@json_option
+@pass_settings
+def update(settings: Settings, pod: str, manifest_file: Path) -> None:
+    """Give an idle or paused pod a new manifest (`reconfigure`): it keeps its history,
+    and a paused turn resumes under the new one. Its name, cwd, workspace and engine
+    kind stay."""
+    manifest = manifest_from_file(manifest_file, pod)
+    request = {
+        "method": "reconfigure",
+        "manifest": manifest.model_dump(mode="json", exclude_none=True),
+    }
+    result = pod_call(settings.runtime, pod, request)
+    changed = result.get("changed") or []
+    line = f"updated {pod}: {', '.join(changed)} changed" if changed else f"{pod}: nothing changed"
+    report(settings, result, line)
+
+
 async def _compact(settings: Settings, pod: str, instructions: str | None, wait: bool) -> None:
     """Subscribe from the pod's last seq (so its status is known), ask, and follow the
     request to its outcome (see `compacting.py`)."""
@@ -576,12 +604,18 @@ def compact(settings: Settings, pod: str, instructions: str | None, no_wait: boo
 
 async def _send(settings: Settings, pod: str, text: str, if_busy: IfBusy) -> int:
     from capctl.session import Subscription, connect_pod
-    from protocol.methods import Run
+    from protocol.methods import TRACEPARENT_PATTERN, Run
 
+    traceparent = os.environ.get("TRACEPARENT") or None  # the caller's span, linked to
+    if traceparent is not None and not re.fullmatch(TRACEPARENT_PATTERN, traceparent):
+        raise CapctlError(
+            f"TRACEPARENT={traceparent} is not a W3C traceparent "
+            "(00-<32 hex>-<16 hex>-<2 hex>); set it right or unset it"
+        )
     async with await connect_pod(settings.runtime, pod) as client:
         events = Subscription(client)
         await events.start()
-        ack = await client.request(Run(text=text, if_busy=if_busy))
+        ack = await client.request(Run(text=text, if_busy=if_busy, traceparent=traceparent))
         turn_id = ack.get("turn_id")
         printer = TurnPrinter(pod)
         if settings.json:
@@ -626,7 +660,8 @@ def send(
     """Run a turn with TEXT (or - for stdin) and stream the reply.
 
     Exits 0 when the turn finishes, 1 when it is cancelled or fails. Ctrl-C detaches
-    without cancelling the turn.
+    without cancelling the turn. With $TRACEPARENT set (W3C trace context), the turn's
+    trace links to that span.
     """
     message = read_text(text)
     note = f"detached from {pod}; its turn goes on (capctl cancel {pod} stops it)"

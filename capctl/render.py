@@ -184,6 +184,8 @@ def describe(event: dict[str, Any]) -> str | None:
             return f"── {budget_exhausted_line(event)}"
         case "rewound":
             return f"── {rewound_line(event)}"
+        case "reconfigured":
+            return f"── reconfigured: {', '.join(get('changed') or ['nothing'])} changed"
         case "checkpoint":
             return f"   {checkpoint_line(event)}"
         case "checkpoint_skipped":

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import IO
 
+from capd import tracing
 from capd.config import Config
 from capd.metrics_http import MetricsHttp
 from capd.metrics_scrape import scrape
@@ -101,6 +102,7 @@ class Daemon:
                 " ".join(map(str, left)),
             )
         _raise_fd_limit()
+        tracing.setup(debug=cfg.log_level == "debug")
         self._sandbox = sandbox = probe(candidates(cfg.bwrap), cfg.state_dir.resolve())
         if sandbox.path is None:
             log.warning("%s (pods with a sandbox are refused)", sandbox.refusal)
@@ -211,6 +213,7 @@ class Daemon:
         if self._supervisor is not None:
             await self._supervisor.take_down_all()
         await stop_all_groups()
+        await tracing.shutdown()  # after the pods paused: their spans ended
         if self._locks:
             leftovers.release(self.config.state_dir)
         if self._outbox is not None:

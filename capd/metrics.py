@@ -166,7 +166,7 @@ def pod_deleted(name: str) -> None:
 
 
 def timed_model_call(call: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """Decorates `BuiltinEngine._call_model`: one logical call, its retries included, by
+    """Decorates `BuiltinEngine._retrying`: one logical model call, its retries included, by
     outcome `ok` or `error`. A call cut short by a pause, cancel or stop is not counted."""
 
     @functools.wraps(call)
@@ -192,7 +192,7 @@ def timed_model_call(call: Callable[..., Awaitable[T]]) -> Callable[..., Awaitab
 def timed_tool_run(
     run: Callable[..., Awaitable[ToolOutcome]],
 ) -> Callable[..., Awaitable[ToolOutcome]]:
-    """Decorates `Toolbox.run`: every call, by tool and outcome (`error` when its result
+    """Decorates `Toolbox._run`: every call, by tool and outcome (`error` when its result
     is an error), a permission question's wait included. A call cut short by a pause,
     cancel or stop is not counted."""
 

@@ -138,6 +138,7 @@ class PendingRow:
     """`run` (a queued run, with its turn_id) or `notify` (with its source)."""
     turn_id: str | None
     source: str | None
+    """A notify's source; a queued run's `traceparent` (capd.tracing), if it had one."""
     text: str
     created: float
 
@@ -232,18 +233,22 @@ class Store:
         report: OwedReport | None = None,
         consumed: Sequence[int] = (),
         received: Sequence[str] = (),
+        manifest: str | None = None,
     ) -> None:
         """Commit events and, in the same transaction, the report to the parent they cause,
-        the deletion of the `pending` rows they use up and the `event_id`s of the reports
-        they receive: a crash keeps all or none."""
+        the deletion of the `pending` rows they use up, the `event_id`s of the reports
+        they receive and the pod's new `manifest` (a `reconfigured`): a crash keeps all or
+        none."""
         insert = "INSERT INTO events (pod, seq, ts, kind, data) VALUES (?, ?, ?, ?, ?)"
         rows = [(pod, *event) for event in events]
-        if len(rows) == 1 and report is None and not consumed and not received:
+        if len(rows) == 1 and report is None and not consumed and not received and manifest is None:
             self._db.execute(insert, rows[0])
             return
         with self._db:
             self._db.execute("BEGIN")
             self._db.executemany(insert, rows)
+            if manifest is not None:
+                self.set_manifest(pod, manifest)
             if report is not None:
                 self._insert_report(pod, report)
             self._db.executemany("DELETE FROM pending WHERE id = ?", [(i,) for i in consumed])

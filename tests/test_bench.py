@@ -24,6 +24,7 @@ FIGURES = {
     "mcp": 3,
     "sandbox": 2,
     "metrics": 5,
+    "tracing": 2,
 }
 
 
