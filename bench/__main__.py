@@ -17,6 +17,7 @@ from bench import (
     durable,
     fanout,
     mcp,
+    metrics,
     pause,
     restore,
     sandbox,
@@ -38,6 +39,7 @@ BENCHMARKS: dict[str, Callable[[Size], list[Figure]]] = {
     "checkpoint": checkpoint.run,
     "mcp": mcp.run,
     "sandbox": sandbox.run,
+    "metrics": metrics.run,
     "tracing": tracing.run,
 }
 

@@ -370,6 +370,18 @@ def info(settings: Settings) -> None:
 
 
 @cli.command()
+@json_option
+@pass_settings
+def metrics(settings: Settings) -> None:
+    """Print the daemon's metrics (Prometheus text format)."""
+    result = daemon_call(settings.runtime, {"method": "metrics"})
+    if settings.json:
+        echo_json(result)
+        return
+    click.echo(result["text"], nl=False)
+
+
+@cli.command()
 @click.option(
     "--timeout", "timeout_s", type=float, default=10.0, show_default=True, help="Seconds to wait."
 )

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeAlias
 
-from capd import tracing
+from capd import metrics, tracing
 from capd.budgets import Ledger
 from capd.checkpoints import CheckpointError, CheckpointStore, Taken
 from capd.context import INTERRUPTED_TOOL_OUTPUT, Context
@@ -845,6 +845,7 @@ class PodController:
             report=self._turn_report(turn, result, error),
             consumed=consumed,
         )
+        metrics.turn_ended(self.name, result)
         self._unfinished = None
         self.turn = None
         self._set_status("idle")

@@ -21,6 +21,8 @@ from typing import IO
 
 from capd import tracing
 from capd.config import Config
+from capd.metrics_http import MetricsHttp
+from capd.metrics_scrape import scrape
 from capd.outbox import Outbox
 from capd.proc import leftovers
 from capd.proc.groups import stop_all_groups
@@ -60,6 +62,9 @@ class Daemon:
         self._locks: list[IO[str]] = []
         self._should_exit = asyncio.Event()
         self._started = time.monotonic()
+        self._started_at = time.time()
+        self._metrics_http: MetricsHttp | None = None
+        self._metrics_listen: str | None = None
         self._notifier = Notifier({})
         self._sandbox = Backend()
 
@@ -110,6 +115,10 @@ class Daemon:
             cfg, store, outbox, registry, self._pod_status_changed, sandbox
         )
         self._endpoint = DaemonEndpoint(self.supervisor, self, cfg)
+        if cfg.metrics_listen is not None:
+            self._metrics_http = MetricsHttp(self.metrics)
+            self._metrics_listen = await self._metrics_http.start(*cfg.metrics_listen)
+            log.info("metrics at http://%s/metrics", self._metrics_listen)
         await self._restore_pods()
         await self._endpoint.listen(activated)
         outbox.start()
@@ -197,6 +206,8 @@ class Daemon:
         self._notifier.stopping("stopping: pausing running turns")
         if self._supervisor is not None:
             self._supervisor.refuse_new_work()
+        if self._metrics_http is not None:
+            await self._metrics_http.close()
         if self._endpoint is not None:
             await self._endpoint.close()
         if self._supervisor is not None:
@@ -221,6 +232,7 @@ class Daemon:
             pods=len(self.supervisor.pods),
             runtime_dir=str(self.config.runtime_dir),
             state_dir=str(self.config.state_dir),
+            metrics_listen=self._metrics_listen,
             sandbox=SandboxBackend(
                 path=self._sandbox.path,
                 version=self._sandbox.version,
@@ -228,6 +240,10 @@ class Daemon:
                 failures=self._sandbox.failures,
             ),
         )
+
+    def metrics(self) -> str:
+        assert self._endpoint is not None
+        return scrape(self.supervisor, self._endpoint, self._started_at)
 
     def _pod_status_changed(self) -> None:
         if self._notifier.enabled:

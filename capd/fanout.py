@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
 
+from capd import metrics
 from protocol.events import Lagged
 from protocol.framing import encode
 
@@ -83,6 +84,7 @@ class Subscription:
                 return
             self.state = LAGGED
             self.missed = 1
+            metrics.subscription_lagged()
             self.outlet.run_in_order(self._end_lagged)
         elif state is LAGGED:
             self.missed += 1

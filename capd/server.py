@@ -34,6 +34,7 @@ from protocol.methods import (
     History,
     Info,
     ListPods,
+    Metrics,
     Request,
     Restart,
     Shutdown,
@@ -45,7 +46,13 @@ from protocol.methods import (
     Subscribe,
     Unsubscribe,
 )
-from protocol.results import InfoResult, ListResult, SpawnResult, SubscribeResult
+from protocol.results import (
+    InfoResult,
+    ListResult,
+    MetricsResult,
+    SpawnResult,
+    SubscribeResult,
+)
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +102,8 @@ class ProcessMethods(Protocol):
     """The daemon socket's methods on capd itself; the daemon provides them."""
 
     def info(self) -> InfoResult: ...
+
+    def metrics(self) -> str: ...
 
     def request_shutdown(self) -> None: ...
 
@@ -315,6 +324,8 @@ class DaemonEndpoint(Endpoint):
                 return ack(request)
             case Info():
                 return ack(request, process.info().model_dump())
+            case Metrics():
+                return ack(request, MetricsResult(text=process.metrics()).model_dump())
             case Shutdown():
                 process.request_shutdown()  # first: whoever reads the ack finds capd stopping
                 conn.send(ack(request))

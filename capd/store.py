@@ -375,6 +375,10 @@ class Store:
     def report_targets(self) -> list[str]:
         return [row[0] for row in self._db.execute("SELECT DISTINCT target FROM outbox")]
 
+    def outbox_counts(self) -> tuple[int, int]:
+        """(reports owed, distinct parents they are owed to)."""
+        return self._db.execute("SELECT COUNT(*), COUNT(DISTINCT target) FROM outbox").fetchone()
+
     def reports_for(self, target: str, limit: int) -> list[OutboxEntry]:
         """The oldest `limit` reports still owed to `target`, in the order they were made."""
         rows = self._db.execute(

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from capd import metrics
 from capd.budgets import Ledger
 from capd.checkpoints import CheckpointStore, require_git
 from capd.children import ChildPods, check_child, check_within
@@ -254,6 +255,7 @@ class Supervisor:
         try:
             await self._take_down(name, "cancel")
             report = running.controller.journal.shut_down_report()
+            metrics.pod_stopped(name, running.controller.journal.usage)
             self.registry.set_stopped(name, True, report)
             if report is not None:
                 self.outbox.poke(report.target)
@@ -347,6 +349,7 @@ class Supervisor:
             shutil.rmtree(self._pod_state_dir(name) / "spill", ignore_errors=True)
             shutil.rmtree(self._checkpoints_dir(name), ignore_errors=True)
             self._broken.pop(name, None)
+            metrics.pod_deleted(name)
         finally:
             self._stopping.discard(name)
         self._publish(PodDeleted(pod=name))
@@ -375,6 +378,10 @@ class Supervisor:
         """The actor of a running pod; None when the pod is stopped or unknown."""
         pod = self.pods.get(name)
         return pod.controller if pod else None
+
+    def is_broken(self, name: str) -> bool:
+        """Whether the pod could not be brought back up (`list` says why)."""
+        return name in self._broken
 
     # -- bring-up and take-down ---------------------------------------------------------
 

@@ -11,7 +11,7 @@ import functools
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from capd import tracing
+from capd import metrics, tracing
 from capd.backoff import backoff_s
 from capd.chat import INVALID_JSON_KEY
 from capd.engines.base import (
@@ -228,6 +228,7 @@ class BuiltinEngine:
         call = functools.partial(self._retrying, host, turn_id, attempt)
         return tracing.TRACER.chat(self._model, call)
 
+    @metrics.timed_model_call
     async def _retrying(
         self, host: TurnHost, turn_id: str | None, attempt: Callable[[], Awaitable[ModelReply]]
     ) -> ModelReply:
@@ -257,6 +258,7 @@ class BuiltinEngine:
                     if exc.retry_after_s is not None
                     else backoff_s(tries, RETRY_BASE_S)
                 )
+                metrics.model_retried(self._model.provider)
                 if tracing.TRACER is not None:
                     tracing.TRACER.retry(tries, wait_s, exc)
                 if turn_id is not None:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from capd import tracing
+from capd import metrics, tracing
 from capd.chat import INVALID_JSON_KEY, ToolSpec
 from capd.tokens import spec_tokens
 from capd.tools import BUILTIN_TOOLS
@@ -98,6 +98,10 @@ class Toolbox:
             specs += server.specs
         return specs
 
+    def offers(self, name: str) -> bool:
+        """Whether a tool of that name is offered now (the model may call any name)."""
+        return name in self._offered or name in self._mcp_names()
+
     def run(
         self,
         name: str,
@@ -115,6 +119,7 @@ class Toolbox:
         run = functools.partial(self._run, name, arguments, approve)
         return tracing.TRACER.tool(name, kind, call_id, description, arguments, run)
 
+    @metrics.timed_tool_run
     async def _run(
         self, name: str, arguments: dict[str, Any], approve: Approve | None
     ) -> ToolOutcome:
