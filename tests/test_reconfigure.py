@@ -240,6 +240,49 @@ async def test_a_parent_cannot_be_narrowed_below_a_stopped_child(
     assert status["tools"] == ["bash"]
 
 
+async def test_a_child_spawned_while_new_limits_apply_refuses_them_and_the_old_ones_stay(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    """New limits stop the pod's processes first; a wider child spawned meanwhile is seen
+    just before the commit, and the pod goes on with its old manifest and limits."""
+    stopping = tmp_path / "stopping"
+    # An MCP server that takes a second to exit once told to (its stdin closed), saying
+    # so; unconfined, as a sandbox goes at once with its processes.
+    script = f'trap "" TERM; {sys.executable} {LIST_CHANGER}; touch {stopping}; sleep 1'
+    model = scripted({"text": "hi"})
+    tools = ["bash", "read_file"]
+    parent = {
+        "name": "p4",
+        "model": model,
+        "cwd": str(tmp_path),
+        "tools": tools,
+        "mcp_servers": {"a": {"command": "bash", "args": ["-c", script]}},
+        "sandbox": UNCONFINED,
+    }
+    socket = (await daemon_request(capd, {"method": "spawn", "manifest": parent}))["socket"]
+    child = {"name": "c4", "model": model, "cwd": str(tmp_path), "tools": ["bash"]}
+    child["sandbox"] = UNCONFINED
+    narrowed = {**parent, "tools": ["read_file"], "limits": {"memory_mb": 256}}
+    async with await connect_pod(capd, "p4", subscribe=False) as pod:
+        first = await wait_mcp(pod, "a", lambda state: state["state"] == "ready")
+        request = {"method": "reconfigure", "manifest": narrowed}
+        reconfiguring = asyncio.ensure_future(pod.request(request))
+        await until(stopping.exists)
+        await daemon_request(capd, {"method": "spawn", "manifest": child, "parent": socket})
+        with pytest.raises(ProtocolError) as refused:
+            await reconfiguring
+        status = await pod.request({"method": "status"})
+        again = await wait_mcp(pod, "a", lambda state: state["state"] == "ready")
+        history = await full_history(pod)
+    assert refused.value.code == "forbidden"
+    assert "pod p4 would be narrower than its child pod c4: tools bash" in refused.value.message
+    assert (status["tools"], status["sandbox"]["limits"]) == (tools, "none")
+    assert again["pid"] != first["pid"]
+    assert "256" not in Path(f"/proc/{again['pid']}/limits").read_text()
+    assert "p4" not in Path(f"/proc/{again['pid']}/cgroup").read_text()
+    assert reconfigured(history) == []
+
+
 @pytest.mark.own_capd
 async def test_a_child_wider_than_its_parent_now_does_not_come_up(
     capd: CapdProcess, tmp_path: Path
