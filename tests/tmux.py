@@ -122,8 +122,8 @@ class Screen:
             dead, _, status = self._run(
                 "display-message", "-p", "-t", "t", "#{pane_dead} #{pane_dead_status}"
             ).partition(" ")
-            if dead == "1":
-                return int(status or -1)
+            if dead == "1" and status:  # a pane may read dead before its status is in
+                return int(status)
             left = deadline - time.monotonic()
             if left <= 0:
                 raise AssertionError(f"the command did not exit in {timeout} s:\n{self.text()}")

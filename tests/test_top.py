@@ -1,0 +1,152 @@
+"""`capctl top` against a real capd: in a real terminal (tmux, `tests/tmux.py`) for what a
+person sees and types, through textual's Pilot for the keys' logic, and `top --once`."""
+
+import asyncio
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from capctl.tui.feed import Feed
+from capctl.tui.rows import COLUMNS
+from capctl.tui.top import TopApp
+from protocol.client import Client
+from tests.conftest import CapdProcess
+from tests.helpers import daemon_request, scripted, spawn
+from tests.tmux import Screen
+
+pytestmark = pytest.mark.shared_capd
+
+SLEEP = {"tool_calls": [{"name": "bash", "arguments": {"command": "sleep 30"}}]}
+HEADER = re.compile(r"^ ?" + r"\s+".join(re.escape(name) for name, _ in COLUMNS) + r"$", re.M)
+
+
+def capctl(capd: CapdProcess, *args: str) -> list[str]:
+    return [sys.executable, "-m", "capctl", "--runtime-dir", str(capd.runtime_dir), *args]
+
+
+async def spawn_tree(capd: CapdProcess, cwd: Path) -> list[tuple[str, int]]:
+    """Three parents with two children each (c2a runs `sleep 30` twice once told to); the
+    rows `top` shows, in order, with their depth."""
+    rows = []
+    for parent in ("p1", "p2", "p3"):
+        socket = await spawn(capd, parent, scripted(), cwd=str(cwd), tools=["bash"])
+        rows.append((parent, 0))
+        for child in (f"c{parent[1]}a", f"c{parent[1]}b"):
+            model = scripted(SLEEP, SLEEP, {"text": "done"}) if child == "c2a" else scripted()
+            manifest = {"name": child, "model": model, "cwd": str(cwd), "tools": ["bash"]}
+            await daemon_request(
+                capd, {"method": "spawn", "parent": str(socket), "manifest": manifest}
+            )
+            rows.append((child, 1))
+    return rows
+
+
+async def pod_request(capd: CapdProcess, pod: str, request: dict[str, Any]) -> dict[str, Any]:
+    async with await Client.connect(capd.pod_socket(pod)) as client:
+        return await client.request(request)
+
+
+async def test_top_shows_the_tree_and_steers_the_pod_on_the_cursor_row(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    rows = await spawn_tree(capd, tmp_path)
+    await pod_request(capd, "c2a", {"method": "run", "text": "go"})
+    with Screen(capctl(capd, "top"), width=120, height=30, conf_dir=tmp_path) as screen:
+        shown = screen.wait_for(re.compile(r"c2a\s+running\s+t-\w+\s+1\s+bash"))
+        assert HEADER.search(shown), shown
+        names = [line.split()[0] for line in shown.splitlines()[1:] if line.strip()][:9]
+        assert names == [name for name, _ in rows]
+        for name, depth in rows:
+            assert re.search(rf"^ ?{'  ' * depth}{name}\s", shown, re.M), (name, shown)
+        screen.keys(*["Down"] * [name for name, _ in rows].index("c2a"))
+
+        screen.keys("p")
+        screen.wait_for(re.compile(r"c2a\s+paused"))
+        assert (await pod_request(capd, "c2a", {"method": "status"}))["status"] == "paused"
+        screen.keys("r")
+        screen.wait_for("c2a: resumed")
+        screen.wait_for(re.compile(r"c2a\s+running\s+t-\w+\s+2\s+bash"))
+        screen.keys("c")
+        screen.wait_for("c2a: cancelled")
+        screen.wait_for(re.compile(r"c2a\s+idle\s+-\s+-\s+cancelled"))
+        screen.keys("c")
+        screen.wait_for("cancel c2a: not_running")
+
+        screen.keys("q")
+        assert screen.wait_exit() == 0
+
+
+async def test_a_hundred_pods_are_listed_at_first_paint(capd: CapdProcess, tmp_path: Path) -> None:
+    manifest = {"model": scripted(), "cwd": str(tmp_path)}
+    async with await Client.connect(capd.socket) as daemon:
+        await asyncio.gather(
+            *(
+                daemon.request({"method": "spawn", "manifest": {**manifest, "name": f"n{i:03d}"}})
+                for i in range(100)
+            )
+        )
+    with Screen(capctl(capd, "top"), width=120, height=30, conf_dir=tmp_path) as screen:
+        screen.wait_for("100 pods, 0 running")
+        screen.wait_for(re.compile(r"n000\s+idle"))
+        screen.keys(*["NPage"] * 4)
+        screen.wait_for(re.compile(r"n099\s+idle"))
+        screen.keys("C-c")
+        assert screen.wait_exit() == 0
+
+
+async def test_top_once_prints_the_tree(capd: CapdProcess, tmp_path: Path) -> None:
+    rows = await spawn_tree(capd, tmp_path)
+    await daemon_request(capd, {"method": "stop", "name": "c3b"})
+    done = await asyncio.to_thread(
+        subprocess.run, capctl(capd, "top", "--once"), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert HEADER.match(lines[0])
+    assert [line.split()[0] for line in lines[1:]] == [name for name, _ in rows]
+    assert lines[1].startswith("p1 ")
+    assert lines[2].startswith("  c1a ")
+    assert re.match(r"^  c3b\s+stopped\s", lines[-1])
+
+
+async def test_y_answers_the_oldest_question_and_errors_go_to_the_status_line(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    """Through textual's Pilot: keys on the cursor row, a real pod asking permission."""
+    permissions = {"default": "ask"}
+    model = scripted({"tool_calls": [{"name": "bash", "arguments": {"command": "true"}}]})
+    await spawn(capd, "idle1", scripted(), cwd=str(tmp_path))
+    await spawn(capd, "asker", model, cwd=str(tmp_path), tools=["bash"], permissions=permissions)
+    await pod_request(capd, "asker", {"method": "run", "text": "go"})
+    app = TopApp(capd.runtime_dir, Feed(capd.socket))
+    async with app.run_test(size=(120, 20)) as pilot:
+        await wait_until(pilot, lambda: app.feed.pods.get("asker", {}).get("permissions") == 1)
+        assert "1 asking" in str(app.query_one("#summary").render())
+        await pilot.press("c")  # the cursor is on idle1
+        await wait_until(pilot, lambda: "not_running" in app.note)
+        await pilot.press("down", "y")
+        await wait_until(pilot, lambda: app.note.startswith("asker: allowed"))
+        await wait_until(pilot, lambda: app.feed.pods["asker"].get("last_result") == "finished")
+        status = await pod_request(capd, "asker", {"method": "status"})
+        assert status["permissions"] == []
+        await pilot.press("y")
+        await wait_until(pilot, lambda: app.note == "asker has no open permission question")
+        await pilot.press("q")
+    assert app.return_code == 0
+
+
+async def wait_until(pilot: Any, done: Any, timeout: float = 10.0) -> None:
+    """Let the app run until `done()` holds: textual has no event for "a reply came"."""
+    async with asyncio.timeout(timeout):
+        while not done():
+            await pilot.pause(0.02)
+
+
+def test_capctl_cli_does_not_load_textual() -> None:
+    code = "import sys, capctl.cli, capctl.tui.rows; print('textual' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.strip() == "False", done.stderr
