@@ -12,9 +12,9 @@ import pytest
 
 from capctl.tui.feed import Feed
 from capctl.tui.rows import COLUMNS
-from capctl.tui.top import TopApp
+from capctl.tui.top import KEYS, TopApp
 from protocol.client import Client
-from tests.conftest import CapdProcess
+from tests.conftest import REPO, CapdProcess
 from tests.helpers import daemon_request, scripted, spawn
 from tests.tmux import Screen
 
@@ -150,3 +150,17 @@ def test_capctl_cli_does_not_load_textual() -> None:
     code = "import sys, capctl.cli, capctl.tui.rows; print('textual' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.stdout.strip() == "False", done.stderr
+
+
+def test_the_readme_capture_has_the_table_s_layout() -> None:
+    """README's capture of `top` was rendered for real; it must still show its columns."""
+    section = (REPO / "README.md").read_text().split("### Watching many pods: `capctl top`")[1]
+    lines = section.split("```text\n", 1)[1].split("```", 1)[0].splitlines()
+    assert HEADER.match(lines[0]), lines[0]
+    assert lines[-1].strip() == KEYS
+    starts = [lines[0].index(name) for name, _ in COLUMNS]
+    rows = lines[1 : lines.index("")]
+    assert len(rows) >= 5
+    for row in rows:
+        assert row[starts[1] : starts[2]].split()[0] in ("idle", "running", "paused", "stopped")
+        assert row[starts[1] - 2 : starts[1]] == "  "
