@@ -127,6 +127,8 @@ class Activity:
             case Retry(wait_ms=wait_ms) if self._running:
                 self._retry_until = ts + wait_ms / 1000
                 self._set("retry", ts)
+                # The model is called again then, with no event to say so.
+                asyncio.get_running_loop().call_later(wait_ms / 1000, self.on_change, self.name)
             case CompactionStarted() if self._running:
                 self._set("compacting", ts)
             case ContextCompacted() | CompactionSkipped() if self.phase == "compacting":

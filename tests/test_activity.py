@@ -3,6 +3,7 @@ pod_activity), through a real capd, on the builtin engine and the stand-in exter
 
 import asyncio
 import itertools
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,18 @@ async def test_a_turn_with_a_slow_tool_shows_its_phases(capd: CapdProcess) -> No
     await feed.close()
 
 
+async def test_a_model_call_waiting_to_be_retried_shows_retry(capd: CapdProcess) -> None:
+    model = {**scripted({"error": "overloaded", "retryable": True}), "max_retries": 1}
+    await spawn(capd, "r1", model)
+    feed = await activity_feed(capd)
+    await run(capd, "r1", "go")
+    retry, _ = await wait_for(feed, activity_of("r1", phase="retry"))
+    assert retry["status"] == "running"
+    end, _ = await wait_for(feed, activity_of("r1", status="idle"))
+    assert end["last_result"] == "errored"
+    await feed.close()
+
+
 async def test_pod_activity_is_coalesced_per_pod(capd: CapdProcess) -> None:
     """A turn of 12 quick tool steps emits dozens of events in well under a second; a
     subscriber gets one pod_activity per pod per 250 ms at most, the last one current."""
@@ -196,3 +209,32 @@ async def test_acp_shows_its_question_then_its_running_tool(
     end, _ = await wait_for(feed, activity_of("x2", status="idle"), timeout=20)
     assert end["last_result"] == "finished"
     await feed.close()
+
+
+@pytest.mark.own_capd
+async def test_pods_down_after_a_restart_are_listed_stopped(capd: CapdProcess) -> None:
+    """One stopped before capd started (since unknown, its usage from the store) and one
+    whose stored state is damaged (with the reason)."""
+    for name in ("parked", "bad"):
+        await spawn(capd, name, scripted())
+        async with await Client.connect(capd.pod_socket(name)) as pod:
+            await pod.request({"method": "subscribe"})
+            await pod.request({"method": "run", "text": "hello there"})
+            await wait_for(pod, lambda e: e.get("event") == "turn_end")
+    await daemon_request(capd, {"method": "stop", "name": "parked"})
+    capd.stop()
+    with sqlite3.connect(capd.state_dir / "capd.db") as db:
+        db.execute("UPDATE events SET data = '{\"event\": \"turn_st' WHERE pod = 'bad' AND seq = 2")
+    db.close()
+    await asyncio.to_thread(capd.start)
+
+    pods = {p["pod"]: p for p in (await daemon_request(capd, {"method": "overview"}))["pods"]}
+
+    parked, bad = pods["parked"], pods["bad"]
+    assert (parked["status"], parked["since"], parked["error"]) == ("stopped", 0, None)
+    assert parked["usage"]["input_tokens"] > 0
+    assert parked["spent"]["tokens"] == sum(
+        parked["usage"][k] for k in ("input_tokens", "output_tokens")
+    )
+    assert bad["status"] == "stopped"
+    assert bad["error"].startswith("cannot be restored")
