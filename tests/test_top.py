@@ -123,19 +123,20 @@ async def test_y_answers_the_oldest_question_and_errors_go_to_the_status_line(
     await spawn(capd, "asker", model, cwd=str(tmp_path), tools=["bash"], permissions=permissions)
     await pod_request(capd, "asker", {"method": "run", "text": "go"})
     app = TopApp(capd.runtime_dir, Feed(capd.socket))
+    top = app.top
     async with app.run_test(size=(120, 20)) as pilot:
-        await wait_until(pilot, lambda: app.feed.pods.get("asker", {}).get("permissions") == 1)
-        assert "1 asking" in str(app.query_one("#summary").render())
+        await wait_until(pilot, lambda: top.feed.pods.get("asker", {}).get("permissions") == 1)
+        assert "1 asking" in str(top.summary.render())
         await pilot.press("c")  # the cursor is on idle1
-        await wait_until(pilot, lambda: "not_running" in app.note)
+        await wait_until(pilot, lambda: "not_running" in top.note)
         await pilot.press("down", "y")
-        await wait_until(pilot, lambda: app.note.startswith("asker: allowed"))
-        await wait_until(pilot, lambda: app.feed.pods["asker"].get("last_result") == "finished")
+        await wait_until(pilot, lambda: top.note.startswith("asker: allowed"))
+        await wait_until(pilot, lambda: top.feed.pods["asker"].get("last_result") == "finished")
         status = await pod_request(capd, "asker", {"method": "status"})
         assert status["permissions"] == []
         await pilot.press("y")
-        await wait_until(pilot, lambda: app.note == "asker has no open permission question")
-        await pilot.press("q")
+        await wait_until(pilot, lambda: top.note == "asker has no open permission question")
+        await pilot.press("ctrl+c")
     assert app.return_code == 0
 
 

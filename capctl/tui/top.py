@@ -2,7 +2,9 @@
 
 The table follows `Feed` (one daemon connection). A key's request goes to the row's pod
 socket as a one-shot request in a worker thread; what it answers, or why it failed, goes
-to the status line.
+to the status line. The table and its keys are a screen of their own: a pod's transcript
+(`AttachScreen`) pushed over it has its own keys, Ctrl-C among them, and the table goes on
+following the feed underneath.
 """
 
 import asyncio
@@ -12,6 +14,7 @@ from typing import Any
 
 from textual.app import App, ComposeResult
 from textual.binding import Binding
+from textual.screen import Screen
 from textual.widgets import DataTable, Static
 
 from capctl.errors import CapctlError
@@ -36,16 +39,10 @@ def pick_option(options: list[dict[str, Any]], allow: bool) -> str | None:
     return None
 
 
-class TopApp(App[int]):
-    ENABLE_COMMAND_PALETTE = False
-    CSS = """
-    DataTable { height: 1fr; }
-    #summary { height: 1; background: $boost; }
-    #keys { height: 1; color: $text-muted; }
-    """
+class TopScreen(Screen[None]):
     BINDINGS = [
         Binding("q", "quit_top", "quit"),
-        Binding("ctrl+c", "quit_top", "quit", priority=True),
+        Binding("ctrl+c", "quit_top", "quit"),
         Binding("p", "pod('pause')", "pause"),
         Binding("r", "pod('resume')", "resume"),
         Binding("c", "pod('cancel')", "cancel"),
@@ -62,14 +59,16 @@ class TopApp(App[int]):
         """The last action's outcome, shown in the status line."""
         self._order: list[str] = []
         self._shown: dict[str, tuple[str, ...]] = {}
+        self.table: DataTable[str] = DataTable(cursor_type="row", zebra_stripes=True)
+        self.summary = Static(id="summary")
 
     def compose(self) -> ComposeResult:
-        yield DataTable(cursor_type="row", zebra_stripes=True)
-        yield Static(id="summary")
+        yield self.table
+        yield self.summary
         yield Static(KEYS, id="keys")
 
     def on_mount(self) -> None:
-        table = self.query_one(DataTable)
+        table = self.table
         for label, width in COLUMNS:
             table.add_column(label, width=width, key=label)
         table.focus()
@@ -89,7 +88,7 @@ class TopApp(App[int]):
     # -- the table ----------------------------------------------------------------------
 
     def refresh_rows(self) -> None:
-        table = self.query_one(DataTable)
+        table = self.table
         now = time.time()
         rows = [(pod["pod"], cells(pod, depth, now)) for pod, depth in tree(self.feed.pods)]
         order = [name for name, _ in rows]
@@ -121,10 +120,10 @@ class TopApp(App[int]):
             parts.append(f"lagged {self.feed.resyncs}x, resynced")
         if self.note:
             parts.append(self.note)
-        self.query_one("#summary", Static).update(" | ".join(parts))
+        self.summary.update(" | ".join(parts))
 
     def current_pod(self) -> str | None:
-        table = self.query_one(DataTable)
+        table = self.table
         if not self._order or not table.is_valid_row_index(table.cursor_row):
             return None
         return self._order[table.cursor_row]
@@ -136,7 +135,7 @@ class TopApp(App[int]):
     # -- keys ---------------------------------------------------------------------------
 
     def action_quit_top(self) -> None:
-        self.exit(0)
+        self.app.exit(0)
 
     def action_pod(self, method: str) -> None:
         name = self.current_pod()
@@ -152,8 +151,14 @@ class TopApp(App[int]):
         from capctl.tui.attach import AttachScreen
 
         name = self.current_pod()
-        if name is not None:
-            self.push_screen(AttachScreen(str(self.feed.pods[name].get("socket")), name))
+        if name is None:
+            return
+        socket = str(self.feed.pods[name].get("socket"))
+
+        def back(trouble: str | None) -> None:
+            self.say(f"{name}: {trouble}" if trouble else f"detached from {name}")
+
+        self.app.push_screen(AttachScreen(socket, name, escape_detaches=True), back)
 
     def on_data_table_row_selected(self, _event: DataTable.RowSelected) -> None:
         self.action_attach()
@@ -189,6 +194,22 @@ class TopApp(App[int]):
         except OSError as exc:
             self.say(f"{frame['method']} {name}: {exc.strerror or exc}")
         return None
+
+
+class TopApp(App[int]):
+    ENABLE_COMMAND_PALETTE = False
+    CSS = """
+    DataTable { height: 1fr; }
+    #summary { height: 1; background: $boost; }
+    #keys { height: 1; color: $text-muted; }
+    """
+
+    def __init__(self, runtime: Path, feed: Feed) -> None:
+        super().__init__()
+        self.top = TopScreen(runtime, feed)
+
+    def get_default_screen(self) -> Screen[None]:
+        return self.top
 
 
 def run_top(runtime: Path, socket: Path) -> int:
