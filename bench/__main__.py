@@ -17,10 +17,12 @@ from bench import (
     durable,
     fanout,
     mcp,
+    metrics,
     pause,
     restore,
     sandbox,
     soak,
+    tracing,
 )
 from bench.report import Figure, table
 from bench.sizes import SIZES, Size
@@ -37,6 +39,8 @@ BENCHMARKS: dict[str, Callable[[Size], list[Figure]]] = {
     "checkpoint": checkpoint.run,
     "mcp": mcp.run,
     "sandbox": sandbox.run,
+    "metrics": metrics.run,
+    "tracing": tracing.run,
 }
 
 

@@ -10,6 +10,7 @@ one-request commands (`oneshot.py`) start fast; see README: Performance.
 
 import math
 import os
+import re
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -280,8 +281,24 @@ def spawn(
     from protocol.methods import Spawn
 
     request = Spawn(manifest=manifest, parent=_parent_socket(settings.runtime, parent))
-    result = daemon_call(settings.runtime, request.model_dump(mode="json", exclude_none=True))
-    report(settings, result, f"spawned {result.get('name')} at {result.get('socket')}")
+    try:
+        result = daemon_call(settings.runtime, request.model_dump(mode="json", exclude_none=True))
+    except CapctlError as exc:
+        raise _with_key_hint(exc) from None
+    line = f"spawned {result.get('name')} in {result.get('cwd')} (socket {result.get('socket')})"
+    report(settings, result, line)
+
+
+def _with_key_hint(exc: CapctlError) -> CapctlError:
+    """A refusal for want of a key that this shell has: say that capd reads its own."""
+    import re
+
+    found = re.search(r"(\w+), which is not set in capd's environment", exc.message)
+    if found and os.environ.get(found.group(1)):
+        exc.message += (
+            f" ({found.group(1)} is set in this shell, but capd reads its own environment)"
+        )
+    return exc
 
 
 def _parent_socket(runtime: Path, parent: str | None) -> str | None:
@@ -292,6 +309,38 @@ def _parent_socket(runtime: Path, parent: str | None) -> str | None:
     if not paths.POD_NAME_RE.match(parent):
         raise click.BadParameter(f"{parent!r} is neither a pod name nor a socket path")
     return str(paths.pod_socket(runtime, parent))
+
+
+@cli.command()
+@pod_argument
+@json_option
+@pass_settings
+def restart(settings: Settings, pod: str) -> None:
+    """Stop a pod and its descendants, then start it and those of them that were up.
+
+    A running or paused turn is cancelled; queued messages are kept and run after.
+    """
+    result = daemon_call(settings.runtime, {"method": "restart", "name": pod})
+    if settings.json:
+        echo_json(result)
+        return
+    pods = daemon_call(settings.runtime, {"method": "list"}).get("pods") or []
+    up = len(_descendants_up(pods, result.get("socket")))
+    more = f" (and {up} descendant{'s' if up > 1 else ''})" if up else ""
+    click.echo(f"restarted {pod}{more}")
+
+
+def _descendants_up(pods: list[dict[str, Any]], socket: str | None) -> list[str]:
+    """The names of the pods under the one at `socket` that are not stopped."""
+    found: list[str] = []
+    parents = {socket}
+    while below := [
+        pod for pod in pods if pod.get("parent") in parents and pod["name"] not in found
+    ]:
+        found += [pod["name"] for pod in below]
+        parents = {pod.get("socket") for pod in below}
+    statuses = {pod["name"]: pod.get("status") for pod in pods}
+    return [name for name in found if statuses[name] != "stopped"]
 
 
 @cli.command()
@@ -340,6 +389,18 @@ def info(settings: Settings) -> None:
     if isinstance(uptime, int | float):
         shown["uptime"] = duration(uptime)
     click.echo(key_values(shown, INFO_ORDER))
+
+
+@cli.command()
+@json_option
+@pass_settings
+def metrics(settings: Settings) -> None:
+    """Print the daemon's metrics (Prometheus text format)."""
+    result = daemon_call(settings.runtime, {"method": "metrics"})
+    if settings.json:
+        echo_json(result)
+        return
+    click.echo(result["text"], nl=False)
 
 
 @cli.command()
@@ -478,6 +539,33 @@ def rewind(settings: Settings, pod: str, turn_id: str, files: bool) -> None:
     report(settings, result, f"rewound {pod}{restored} to before turn {turn_id}")
 
 
+@cli.command()
+@pod_argument
+@click.option(
+    "-f",
+    "--file",
+    "manifest_file",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The pod's new YAML manifest; its name is POD, and without a cwd it keeps its own.",
+)
+@json_option
+@pass_settings
+def update(settings: Settings, pod: str, manifest_file: Path) -> None:
+    """Give an idle or paused pod a new manifest (`reconfigure`): it keeps its history,
+    and a paused turn resumes under the new one. Its name, cwd, workspace and engine
+    kind stay."""
+    manifest = manifest_from_file(manifest_file, pod)
+    request = {
+        "method": "reconfigure",
+        "manifest": manifest.model_dump(mode="json", exclude_none=True),
+    }
+    result = pod_call(settings.runtime, pod, request)
+    changed = result.get("changed") or []
+    line = f"updated {pod}: {', '.join(changed)} changed" if changed else f"{pod}: nothing changed"
+    report(settings, result, line)
+
+
 async def _compact(settings: Settings, pod: str, instructions: str | None, wait: bool) -> None:
     """Subscribe from the pod's last seq (so its status is known), ask, and follow the
     request to its outcome (see `compacting.py`)."""
@@ -538,12 +626,18 @@ def compact(settings: Settings, pod: str, instructions: str | None, no_wait: boo
 
 async def _send(settings: Settings, pod: str, text: str, if_busy: IfBusy) -> int:
     from capctl.session import Subscription, connect_pod
-    from protocol.methods import Run
+    from protocol.methods import TRACEPARENT_PATTERN, Run
 
+    traceparent = os.environ.get("TRACEPARENT") or None  # the caller's span, linked to
+    if traceparent is not None and not re.fullmatch(TRACEPARENT_PATTERN, traceparent):
+        raise CapctlError(
+            f"TRACEPARENT={traceparent} is not a W3C traceparent "
+            "(00-<32 hex>-<16 hex>-<2 hex>); set it right or unset it"
+        )
     async with await connect_pod(settings.runtime, pod) as client:
         events = Subscription(client)
         await events.start()
-        ack = await client.request(Run(text=text, if_busy=if_busy))
+        ack = await client.request(Run(text=text, if_busy=if_busy, traceparent=traceparent))
         turn_id = ack.get("turn_id")
         printer = TurnPrinter(pod)
         if settings.json:
@@ -588,7 +682,8 @@ def send(
     """Run a turn with TEXT (or - for stdin) and stream the reply.
 
     Exits 0 when the turn finishes, 1 when it is cancelled or fails. Ctrl-C detaches
-    without cancelling the turn.
+    without cancelling the turn. With $TRACEPARENT set (W3C trace context), the turn's
+    trace links to that span.
     """
     message = read_text(text)
     note = f"detached from {pod}; its turn goes on (capctl cancel {pod} stops it)"
@@ -621,7 +716,16 @@ def watch(settings: Settings, pod: str, from_seq: int | None) -> None:
     run(_watch(settings, pod, from_seq), interrupt_exit=0)
 
 
-async def _log(settings: Settings, pod: str, from_seq: int, limit: int | None) -> None:
+async def _log(
+    settings: Settings,
+    pod: str,
+    from_seq: int,
+    limit: int | None,
+    tail: int | None = None,
+    tail_events: int | None = None,
+) -> None:
+    """Page `history` forward from `from_seq`; `tail` starts at the last this-many turns,
+    `tail_events` at the last this-many events (seqs are gapless)."""
     from capctl.session import connect_pod
     from protocol.methods import History
 
@@ -629,9 +733,16 @@ async def _log(settings: Settings, pod: str, from_seq: int, limit: int | None) -
     async with await connect_pod(settings.runtime, pod) as client:
         after = from_seq
         remaining = limit
+        if tail_events is not None:
+            last_seq = client.hello.pod.last_seq if client.hello and client.hello.pod else 0
+            after = max(0, last_seq - tail_events)
+            remaining = tail_events if limit is None else min(limit, tail_events)
+        last_turns = tail
         while remaining is None or remaining > 0:
             page = HISTORY_PAGE if remaining is None else min(HISTORY_PAGE, remaining)
-            result = await client.request(History(after_seq=after, limit=page))
+            request = History(after_seq=after, limit=page, last_turns=last_turns)
+            last_turns = None
+            result = await client.request(request)
             events: list[dict[str, Any]] = result.get("events") or []
             for event in events:
                 show(event)
@@ -648,15 +759,83 @@ async def _log(settings: Settings, pod: str, from_seq: int, limit: int | None) -
 @click.option(
     "--from-seq",
     type=click.IntRange(min=0),
-    default=0,
     help="Only the events after this seq.",
+)
+@click.option(
+    "--tail",
+    type=click.IntRange(1, 10000),
+    metavar="N",
+    help="Only the last N turns (all of them when there are fewer).",
+)
+@click.option(
+    "--tail-events", type=click.IntRange(min=1), metavar="N", help="Only the last N events."
 )
 @click.option("--limit", type=click.IntRange(min=1), help="Print at most this many events.")
 @json_option
 @pass_settings
-def log(settings: Settings, pod: str, from_seq: int, limit: int | None) -> None:
+def log(
+    settings: Settings,
+    pod: str,
+    from_seq: int | None,
+    tail: int | None,
+    tail_events: int | None,
+    limit: int | None,
+) -> None:
     """Print the pod's durable history: messages, tool calls and results, turns."""
-    run(_log(settings, pod, from_seq, limit))
+    starts = [
+        flag
+        for flag, value in (
+            ("--from-seq", from_seq),
+            ("--tail", tail),
+            ("--tail-events", tail_events),
+        )
+        if value is not None
+    ]
+    if len(starts) > 1:
+        raise click.UsageError(f"{' and '.join(starts)} exclude each other: give one")
+    run(_log(settings, pod, from_seq or 0, limit, tail, tail_events))
+
+
+@cli.command()
+@pod_argument
+@click.option(
+    "--turns",
+    type=click.IntRange(1, 10000),
+    default=3,
+    show_default=True,
+    help="Start the transcript this many turns back.",
+)
+@pass_settings
+def attach(settings: Settings, pod: str, turns: int) -> None:
+    """Follow the pod live, full screen, and type messages into it.
+
+    The last turns come first, then events as they happen. Enter runs the line (queued
+    while a turn runs); Esc or F2 pauses and resumes the turn; y/n (with the line empty)
+    answer a permission question. Ctrl-C detaches and never cancels: the turn goes on.
+    """
+    import sys
+
+    from capctl.oneshot import why_no_pod
+
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise CapctlError(f"attach needs a terminal; capctl watch {pod} follows it as lines")
+    socket = paths.pod_socket(settings.runtime, pod)
+    if not socket.exists():
+        raise CapctlError(why_no_pod(settings.runtime, pod))
+    try:
+        from capctl.tui.attach import AttachApp
+
+        app = AttachApp(str(socket), pod, turns)
+        failure = app.run()
+    except KeyboardInterrupt:  # before textual took the terminal (it reads Ctrl-C as a key)
+        click.echo(f"detached from {pod}")
+        return
+    if app.return_code:
+        raise click.exceptions.Exit(app.return_code)
+    if failure:
+        raise CapctlError(failure)
+    goes_on = app.attached.state.status in ("running", "paused")
+    click.echo(f"detached from {pod}" + ("; its turn goes on" if goes_on else ""))
 
 
 # -- one request about a pod, one line -------------------------------------------------------

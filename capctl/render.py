@@ -184,6 +184,8 @@ def describe(event: dict[str, Any]) -> str | None:
             return f"── {budget_exhausted_line(event)}"
         case "rewound":
             return f"── {rewound_line(event)}"
+        case "reconfigured":
+            return f"── reconfigured: {', '.join(get('changed') or ['nothing'])} changed"
         case "checkpoint":
             return f"   {checkpoint_line(event)}"
         case "checkpoint_skipped":
@@ -461,7 +463,8 @@ def turn_failure(turn_end: dict[str, Any]) -> str | None:
 def pod_table(pods: Sequence[dict[str, Any]]) -> str:
     """NAME STATUS PARENT TOKENS COST SOCKET, each child indented under its parent; STATUS
     is `error` for a pod capd could not restore (`capctl ps --json` says why). TOKENS and
-    COST are what the pod and its descendants spent (COST `-` while nothing had a price)."""
+    COST are what the pod and its descendants spent (COST `-` while nothing had a price);
+    SOCKET is `-` for a stopped pod, which has none (its path still names it as a parent)."""
     by_ref = {pod.get(key): pod["name"] for pod in pods for key in ("name", "socket")}
     children: dict[str | None, list[dict[str, Any]]] = {}
     for pod in sorted(pods, key=lambda p: p["name"]):
@@ -483,7 +486,7 @@ def pod_table(pods: Sequence[dict[str, Any]]) -> str:
                 parent_shown,
                 token_count(spent.get("tokens", 0)),
                 usd(spent.get("usd")),
-                pod.get("socket", ""),
+                "-" if pod.get("status") == "stopped" else pod.get("socket", ""),
             )
         )
         for child in children.get(pod["name"], []):

@@ -116,7 +116,11 @@ class Ledger:
             stored = None if budget == Budget() else budget
             manifest = manifest.model_copy(update={"budget": stored})
             self._registry.set_manifest(name, manifest.model_dump_json())
-        if budget == Budget():
+        self.budget_changed(name, None if budget == Budget() else budget)
+
+    def budget_changed(self, name: str, budget: Budget | None) -> None:
+        """The pod's manifest has `budget` now (stored by the caller)."""
+        if budget is None:
             self._budgets.pop(name, None)
         else:
             self._budgets[name] = budget
@@ -138,9 +142,18 @@ class Ledger:
                     f"pod {pod}'s budget.usd would cover pod {name}, but its {reason}",
                 )
 
-    def _check_priced(self, name: str, budget: Budget) -> None:
+    def check_reconfigure(self, manifest: Manifest, parent: str | None) -> None:
+        """`check_spawn` for a pod taking a new manifest, whose dollar budget covers its
+        descendants too."""
+        self.check_spawn(manifest, parent)
+        budget = manifest.budget
+        if budget is not None and budget.usd is not None:
+            self._check_priced(manifest.name, budget, descendants_only=True)
+
+    def _check_priced(self, name: str, budget: Budget, descendants_only: bool = False) -> None:
         """A dollar budget over a pod whose spending has no price is refused."""
-        for pod in [name, *(record.name for record, _ in self._registry.descendants(name))]:
+        pods = [record.name for record, _ in self._registry.descendants(name)]
+        for pod in pods if descendants_only else [name, *pods]:
             record = self._registry.get(pod)
             if record is None:
                 continue

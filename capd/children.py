@@ -22,6 +22,7 @@ from typing import Any, Protocol, TypeVar
 import orjson
 from pydantic import ValidationError
 
+from capd import tracing
 from capd.engines.base import Turn
 from capd.registry import PodRegistry
 from capd.store import Store
@@ -54,6 +55,27 @@ def check_child(
 ) -> None:
     """Refuse (ProtocolError) a `child` of pod `parent`, whose manifest is `rules`, that
     would be `depth` levels below the top; both cwds are resolved."""
+    check_within(parent, rules, child)
+    limits = rules.limits
+    if len(running_children) >= limits.max_children:
+        raise ProtocolError(
+            "limit_reached",
+            f"pod {parent} already has {len(running_children)} running children "
+            f"({_names(running_children)}), the most its limits.max_children="
+            f"{limits.max_children} allows; stop one first",
+        )
+    if depth > limits.max_depth:
+        raise ProtocolError(
+            "limit_reached",
+            f"a child of pod {parent} would be {depth} levels deep, more than its "
+            f"limits.max_depth={limits.max_depth}",
+        )
+
+
+def check_within(parent: str, rules: Manifest, child: Manifest) -> None:
+    """Refuse (forbidden) a `child` wider than pod `parent`, whose manifest is `rules`: its
+    cwd, tools, MCP servers, sandbox and resource limits (a spawn, and a `reconfigure` of
+    either pod, check this)."""
     assert child.cwd is not None
     assert rules.cwd is not None
     if not Path(child.cwd).is_relative_to(rules.cwd):
@@ -85,20 +107,6 @@ def check_child(
         )
     _check_sandbox(parent, rules, child)
     _check_resource_limits(parent, rules.limits, child.limits)
-    limits = rules.limits
-    if len(running_children) >= limits.max_children:
-        raise ProtocolError(
-            "limit_reached",
-            f"pod {parent} already has {len(running_children)} running children "
-            f"({_names(running_children)}), the most its limits.max_children="
-            f"{limits.max_children} allows; stop one first",
-        )
-    if depth > limits.max_depth:
-        raise ProtocolError(
-            "limit_reached",
-            f"a child of pod {parent} would be {depth} levels deep, more than its "
-            f"limits.max_depth={limits.max_depth}",
-        )
 
 
 MODE_WIDTH: dict[SandboxMode, int] = {"read-only": 0, "workspace-write": 1, "off": 2}
@@ -174,7 +182,9 @@ class RunningPod(Protocol):
 
     async def call(self, request: Run) -> dict[str, Any]: ...
 
-    async def deliver(self, text: str, source: str) -> dict[str, Any]: ...
+    async def deliver(
+        self, text: str, source: str, traceparent: str | None = None
+    ) -> dict[str, Any]: ...
 
 
 class ChildHost(Protocol):
@@ -216,8 +226,9 @@ class ChildPods:
         if self._registry.get(args.name) is not None:
             raise ToolFailed(self._name_taken(args.name))
         # Run by the supervisor and shielded: pausing or stopping this pod while the child
-        # comes up must not leave it half made.
-        start = self._host.in_background(self._start_child(manifest, args.task))
+        # comes up must not leave it half made. The child's turn links to this call's span.
+        traceparent = tracing.current_traceparent()
+        start = self._host.in_background(self._start_child(manifest, args.task, traceparent))
         turn_id = await asyncio.shield(start)
         servers = f", MCP servers: {_names(manifest.mcp_servers)}" if manifest.mcp_servers else ""
         return (
@@ -227,7 +238,7 @@ class ChildPods:
             "notification when that turn ends."
         )
 
-    async def _start_child(self, manifest: Manifest, task: str) -> str:
+    async def _start_child(self, manifest: Manifest, task: str, traceparent: str | None) -> str:
         """Spawn the child and send it its task; the child's turn_id."""
         me = self._host.running(self._name)
         try:
@@ -240,7 +251,7 @@ class ChildPods:
             child = self._host.running(manifest.name)
             if child is None:
                 raise ProtocolError("shutting_down", f"pod {manifest.name} stopped at once")
-            started = await child.call(Run(text=task))
+            started = await child.call(Run(text=task, traceparent=traceparent))
         except ProtocolError as exc:
             raise ToolFailed(f"cannot spawn pod {manifest.name}: {exc.message}") from None
         return str(started["turn_id"])
@@ -248,7 +259,7 @@ class ChildPods:
     async def send(self, name: str, text: str) -> str:
         child = self._reachable(name)
         try:
-            result = await child.deliver(text, f"pod {self._name}")
+            result = await child.deliver(text, f"pod {self._name}", tracing.current_traceparent())
         except ProtocolError as exc:
             raise ToolFailed(f"cannot send to pod {name}: {exc.message}") from None
         reply_to = (

@@ -35,6 +35,14 @@ class Config:
     sandbox_show: tuple[Path, ...] = ()
     """Paths every sandbox shows read-only, even under its private /tmp or a hidden path
     (`--sandbox-show`): a tool chain installed under /tmp, say."""
+    metrics_listen: tuple[str, int] | None = None
+    """(host, port) where HTTP `GET /metrics` is served (`--metrics-listen`); port 0 lets
+    the system choose one."""
+    log_file: Path | None = None
+    """Where the log goes instead of stderr (`--log-file`)."""
+    lock_wait_s: float = 35.0
+    """How long to wait for a capd still shutting down to let go of the directories
+    (`--lock-wait-s`): longer than the unit's TimeoutStopSec=30."""
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> "Config":
@@ -95,6 +103,26 @@ class Config:
             help="a path every sandbox shows read-only even where its private /tmp or a "
             "hidden path covers it, e.g. tools installed under /tmp (repeatable)",
         )
+        parser.add_argument(
+            "--metrics-listen",
+            metavar="HOST:PORT",
+            help="serve the metrics over HTTP at http://HOST:PORT/metrics, e.g. "
+            "127.0.0.1:9464 (pod names are labels: keep it off public addresses)",
+        )
+        parser.add_argument(
+            "--log-file",
+            metavar="PATH",
+            type=Path,
+            help="log to PATH (created 0600, reopened when logrotate moves it) instead of "
+            "stderr; its directory must exist",
+        )
+        parser.add_argument(
+            "--lock-wait-s",
+            type=float,
+            default=default["lock_wait_s"],
+            help="how long to wait for a capd that is shutting down on the same directories "
+            "(default %(default)s); one that is not shutting down fails this one at once",
+        )
         parser.add_argument("--version", action="version", version=f"capd {VERSION}")
         args = parser.parse_args(argv)
         if args.max_frame_bytes < 1024:
@@ -106,6 +134,10 @@ class Config:
         ):
             if value < 1:
                 parser.error(f"{flag} must be at least 1, got {value}")
+        if not 0 <= args.lock_wait_s < float("inf"):
+            parser.error(
+                f"--lock-wait-s must be a number of seconds, 0 or more, got {args.lock_wait_s}"
+            )
         allow_gid = None
         if args.allow_group is not None:
             try:
@@ -120,6 +152,14 @@ class Config:
         for path in shown:
             if any(own.resolve().is_relative_to(path) for own in (runtime, state)):
                 parser.error(f"--sandbox-show {path} contains capd's own directories")
+        metrics_listen = None
+        if args.metrics_listen is not None:
+            metrics_listen = _host_port(args.metrics_listen)
+            if metrics_listen is None:
+                parser.error(
+                    f"--metrics-listen {args.metrics_listen}: expected HOST:PORT with a port "
+                    "from 0 to 65535, e.g. 127.0.0.1:9464 or [::1]:9464"
+                )
         return cls(
             runtime_dir=runtime,
             state_dir=state,
@@ -132,7 +172,20 @@ class Config:
             limits=args.limits,
             bwrap=args.bwrap,
             sandbox_show=shown,
+            metrics_listen=metrics_listen,
+            log_file=args.log_file and args.log_file.expanduser().absolute(),
+            lock_wait_s=args.lock_wait_s,
         )
+
+
+def _host_port(text: str) -> tuple[str, int] | None:
+    """`host:port` or `[v6 address]:port` as (host, port); None when it is neither."""
+    host, colon, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not colon or not host or not port.isdigit() or int(port) > 65535:
+        return None
+    return host, int(port)
 
 
 def _mib(size: int) -> str:

@@ -87,10 +87,10 @@ class Connection:
 
     # -- subscription -------------------------------------------------------------------
 
-    def subscribe(self, hub: Hub, after_seq: int | None) -> None:
+    def subscribe(self, hub: Hub, after_seq: int | None, deltas: bool = True) -> None:
         """Subscribe to `hub`, replacing this connection's subscription."""
         self.unsubscribe()
-        self._subscription = hub.subscribe(self, after_seq)
+        self._subscription = hub.subscribe(self, after_seq, deltas)
 
     def unsubscribe(self) -> None:
         if self._subscription is not None:

@@ -13,14 +13,16 @@ turn open. Durable events, and the state derived from them, are the `Journal`'s.
 """
 
 import asyncio
+import contextvars
 import logging
 import secrets
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeAlias
 
+from capd import metrics, tracing
 from capd.activity import WATCHED_EPHEMERAL, Activity
 from capd.budgets import Ledger
 from capd.checkpoints import CheckpointError, CheckpointStore, Taken
@@ -41,6 +43,7 @@ from capd.outbox import Outbox
 from capd.permissions import Grants
 from capd.prices import add_usage
 from capd.proc.sandbox import status as sandbox_status
+from capd.reconfigure import Parts
 from capd.store import Store
 from capd.tools.toolbox import Toolbox
 from capd.window import context_window
@@ -58,6 +61,7 @@ from protocol.events import (
     PodEventBase,
     PodEventReceived,
     PodStatusName,
+    Reconfigured,
     Rewound,
     StatusChanged,
     ToolResult,
@@ -74,6 +78,7 @@ from protocol.methods import (
     Pause,
     Permission,
     PodEvent,
+    Reconfigure,
     Request,
     Resume,
     Rewind,
@@ -81,7 +86,7 @@ from protocol.methods import (
     SetBudget,
 )
 from protocol.reports import Errored, Report, TurnEnded, clip
-from protocol.results import NotifyResult, RunResult
+from protocol.results import NotifyResult, ReconfigureResult, RunResult
 
 log = logging.getLogger(__name__)
 
@@ -128,11 +133,16 @@ class _FromParent:
 
     text: str
     source: str
+    traceparent: str | None = None
 
 
 _Call = Request | _Stop | _Adopt | _FromParent
 _Reply: TypeAlias = "asyncio.Future[dict[str, Any]]"
 _Message = tuple[_Call, _Reply] | _TurnDone | _CompactionDone | _BudgetPause
+
+
+Reconfigurer: TypeAlias = "Callable[[PodController, Manifest], Awaitable[list[str]]]"
+"""Gives the pod a new manifest, returning the fields it changed (`Supervisor.reconfigure`)."""
 
 
 def new_turn_id() -> str:
@@ -154,6 +164,7 @@ class PodController:
         on_status: Callable[[str, PodStatusName], None],
         checkpoints: CheckpointStore | None = None,
         running_in_tree: Callable[[], list[str]] = list,
+        reconfigure: "Reconfigurer | None" = None,
     ) -> None:
         self.name = manifest.name
         self.manifest = manifest
@@ -174,6 +185,7 @@ class PodController:
         self._running_in_tree = running_in_tree
         """The other pods with a turn running in, inside or around its cwd: they may be
         writing in it."""
+        self._reconfigure_with = reconfigure
         self._queue: deque[QueuedRun] = deque()
         self._task: asyncio.Task[TurnOutcome] | None = None
         self._mailbox: asyncio.Queue[_Message] = asyncio.Queue()
@@ -185,6 +197,8 @@ class PodController:
         """A compaction between turns or while paused; a turn waits for it to launch."""
         self._compaction_waiters: list[asyncio.Future[dict[str, Any]]] = []
         """The `compact` requests answered when it ends."""
+        self._span: Any = None
+        """The turn's `invoke_agent` span of its running (or last) segment; tracing only."""
 
     # -- the journal, as the engines and endpoints see it -------------------------------
 
@@ -266,6 +280,8 @@ class PodController:
         self.emit(event)
 
     def _set_status(self, status: PodStatusName) -> None:
+        if status == "paused" and self._span is not None:
+            self._end_span(None, None)
         self.emit(StatusChanged(status=status, turn_id=self.turn.turn_id if self.turn else None))
         self.status = status
         self._on_status(self.name, status)
@@ -296,11 +312,13 @@ class PodController:
         """Record a child spawned with this pod as its parent (`child_spawned`)."""
         await self.call(_Adopt(name, socket, turn_id))
 
-    async def deliver(self, text: str, source: str) -> dict[str, Any]:
+    async def deliver(
+        self, text: str, source: str, traceparent: str | None = None
+    ) -> dict[str, Any]:
         """A parent's message, decided inside the actor so the status cannot change under
         it: a paused pod buffers it as a notification (a `run` would cancel the paused turn);
         otherwise it is a `run` queued behind any current turn, so the parent gets a report."""
-        return await self.call(_FromParent(text, source))
+        return await self.call(_FromParent(text, source, traceparent))
 
     async def stop(self, mode: StopMode) -> None:
         """End the actor after the messages already queued; see StopMode."""
@@ -377,8 +395,8 @@ class PodController:
                 return {}
             case _FromParent(text=text, source=source) if self.status == "paused":
                 return self._notify(text, source)
-            case _FromParent(text=text):
-                return await self._run(Run(text=text, if_busy="queue"))
+            case _FromParent(text=text, traceparent=traceparent):
+                return await self._run(Run(text=text, if_busy="queue", traceparent=traceparent))
             case Run():
                 return await self._run(request)
             case Pause():
@@ -398,6 +416,8 @@ class PodController:
                 return self._set_budget(request)
             case Rewind():
                 return await self._rewind(request)
+            case Reconfigure(manifest=manifest):
+                return await self._reconfigure(manifest)
         raise ProtocolError("invalid_request", f"{request!r} is not a pod actor call")
 
     # -- methods ------------------------------------------------------------------------
@@ -413,13 +433,15 @@ class PodController:
                 )
             if req.if_busy == "queue":
                 turn_id = new_turn_id()
-                row = self._store.add_pending(self.name, "run", req.text, turn_id=turn_id)
-                queued = QueuedRun(turn_id, req.text, row)
+                row = self._store.add_pending(
+                    self.name, "run", req.text, turn_id=turn_id, source=req.traceparent
+                )
+                queued = QueuedRun(turn_id, req.text, row, req.traceparent)
                 self._queue.append(queued)
                 return RunResult(turn_id=queued.turn_id, queued=True).model_dump()
         if self.status != "idle":
             await self._cancel_turn()
-        turn = Turn(new_turn_id(), "run")
+        turn = Turn(new_turn_id(), "run", traceparent=req.traceparent)
         self._start(turn, req.text)
         return RunResult(turn_id=turn.turn_id).model_dump()
 
@@ -518,6 +540,41 @@ class PodController:
         )
         return {}
 
+    async def _reconfigure(self, manifest: Manifest) -> dict[str, Any]:
+        """Take a new manifest when idle or paused (a paused turn resumes under it); not
+        while a compaction runs, with the engine it would replace."""
+        if self.status == "running" or self._compaction is not None:
+            running = self.status == "running" and self.turn is not None
+            doing = f"running turn {self.turn.turn_id}" if running else "compacting"
+            raise ProtocolError(
+                "already_running",
+                f"pod {self.name} is {doing}; reconfigure it when idle or paused "
+                f"(capctl pause {self.name})",
+            )
+        if self._reconfigure_with is None:
+            raise ProtocolError("invalid_request", f"pod {self.name} cannot be reconfigured")
+        changed = await self._reconfigure_with(self, manifest)
+        return ReconfigureResult(changed=changed).model_dump()
+
+    def commit_manifest(self, manifest: Manifest, changed: list[str]) -> None:
+        """Commit the pod's new manifest with its `reconfigured` event (a `permissions`
+        change drops the `allow_always` grants, which name rules by index)."""
+        self.journal.emit_all(
+            [Reconfigured(changed=changed)], self.turn, manifest=manifest.model_dump_json()
+        )
+
+    def use_parts(self, manifest: Manifest, parts: Parts) -> Parts:
+        """Run under `manifest` with `parts` from now on; returns the parts let go of, for
+        the caller to close. The system prompt, the limits and all else read from the
+        manifest apply from the next model call."""
+        old = Parts(self.engine, self.toolbox, self._checkpoints)
+        self.manifest = manifest
+        self.engine = parts.engine
+        self.toolbox = parts.toolbox
+        self._checkpoints = parts.checkpoints
+        self._model_label = model_label(manifest)
+        return old
+
     async def _restore_files(self, turn_id: str) -> None:
         """Restore the cwd from the turn's checkpoint. Shielded: a stop that gives up on
         the pod meanwhile leaves the restore to finish rather than half done."""
@@ -584,7 +641,8 @@ class PodController:
             self._start_compaction(order)
         if self._queue:
             queued = self._queue[0]
-            self._start(Turn(queued.turn_id, "run"), queued.text, queued.pending_id)
+            turn = Turn(queued.turn_id, "run", traceparent=queued.traceparent)
+            self._start(turn, queued.text, queued.pending_id)
         elif self.notes:
             self._start(Turn(new_turn_id(), self.notes[0].kind), None)
 
@@ -592,7 +650,7 @@ class PodController:
         """Start a turn from idle. Its status, turn_start and user_message commit together
         with the deletion of its queued-run row, so a crash never leaves a started turn
         without its prompt, nor a queued run that both started and is still queued."""
-        start = TurnStart(turn_id=turn.turn_id, invoke=turn.invoke)
+        start = TurnStart(turn_id=turn.turn_id, invoke=turn.invoke, traceparent=turn.traceparent)
         events: list[DurableEvent] = [StatusChanged(status="running", turn_id=turn.turn_id), start]
         if text is not None:
             events.append(UserMessage(turn_id=turn.turn_id, text=text))
@@ -612,9 +670,25 @@ class PodController:
         assert self.turn is not None
         if self._compaction is not None:
             return
-        task = asyncio.create_task(self._drive(self.turn), name=f"turn {self.name}")
+        ctx = None if tracing.TRACER is None else self._start_span()
+        task = asyncio.create_task(self._drive(self.turn), name=f"turn {self.name}", context=ctx)
         task.add_done_callback(lambda t: self._mailbox.put_nowait(_TurnDone(t)))
         self._task = task
+
+    def _start_span(self) -> contextvars.Context:
+        """Open the `invoke_agent` span of the turn's running segment, linked to the
+        segment before it; the turn task runs in the context it returns."""
+        assert tracing.TRACER is not None
+        assert self.turn is not None
+        self._span, ctx = tracing.TRACER.start_turn(self.manifest, self.turn, self._span)
+        return ctx
+
+    def _end_span(self, result: TurnResult | None, error: str | None) -> None:
+        """End the running segment's span: with the turn's result, or (None) paused."""
+        if tracing.TRACER is not None:
+            tracing.TRACER.end_turn(self._span, result, error)
+        if result is not None:
+            self._span = None
 
     async def _drive(self, turn: Turn) -> TurnOutcome:
         """The turn task: the cwd's checkpoint first (once per turn; one a pause cut
@@ -771,11 +845,14 @@ class PodController:
         turn = self.turn
         assert turn is not None
         self._close_orphans()
+        if self._span is not None:
+            self._end_span(result, error)
         self.emit(
             TurnEnd(turn_id=turn.turn_id, result=result, output=turn.output, error=error),
             report=self._turn_report(turn, result, error),
             consumed=consumed,
         )
+        metrics.turn_ended(self.name, result)
         self._unfinished = None
         self.turn = None
         self._set_status("idle")

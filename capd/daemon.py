@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import gc
 import logging
+import logging.handlers
 import os
 import resource
 import signal
@@ -18,7 +19,10 @@ import time
 from pathlib import Path
 from typing import IO
 
+from capd import tracing
 from capd.config import Config
+from capd.metrics_http import MetricsHttp
+from capd.metrics_scrape import scrape
 from capd.outbox import Outbox
 from capd.proc import leftovers
 from capd.proc.groups import stop_all_groups
@@ -38,6 +42,10 @@ RESTORE_REPORT_S = 1.0
 """How often a restore under way tells systemd its progress."""
 RESTORE_EXTEND_USEC = 30_000_000
 """How long each progress report extends systemd's start-up timeout."""
+LOCK_POLL_S = 0.05
+"""How often a capd waiting for one that is shutting down tries its lock again."""
+STOPPING = "stopping"
+"""What a capd that is shutting down adds to its pid in its lock files."""
 
 
 class DaemonLocked(Exception):
@@ -54,6 +62,9 @@ class Daemon:
         self._locks: list[IO[str]] = []
         self._should_exit = asyncio.Event()
         self._started = time.monotonic()
+        self._started_at = time.time()
+        self._metrics_http: MetricsHttp | None = None
+        self._metrics_listen: str | None = None
         self._notifier = Notifier({})
         self._sandbox = Backend()
 
@@ -81,7 +92,9 @@ class Daemon:
         _make_private_dir(cfg.runtime_dir, cfg.allow_gid)
         _make_private_dir(cfg.runtime_dir / "pods", cfg.allow_gid)
         _make_private_dir(cfg.state_dir, None)
-        self._locks = [_lock(cfg.state_dir / "capd.lock"), _lock(cfg.runtime_dir / "capd.lock")]
+        self._locks = await self._take_locks(
+            [cfg.state_dir / "capd.lock", cfg.runtime_dir / "capd.lock"]
+        )
         if left := leftovers.claim(cfg.state_dir):
             log.warning(
                 "stopping %d process groups the last capd left running (%s)",
@@ -89,6 +102,7 @@ class Daemon:
                 " ".join(map(str, left)),
             )
         _raise_fd_limit()
+        tracing.setup(debug=cfg.log_level == "debug")
         self._sandbox = sandbox = probe(candidates(cfg.bwrap), cfg.state_dir.resolve())
         if sandbox.path is None:
             log.warning("%s (pods with a sandbox are refused)", sandbox.refusal)
@@ -101,6 +115,10 @@ class Daemon:
             cfg, store, outbox, registry, self._pod_status_changed, sandbox
         )
         self._endpoint = DaemonEndpoint(self.supervisor, self, cfg)
+        if cfg.metrics_listen is not None:
+            self._metrics_http = MetricsHttp(self.metrics)
+            self._metrics_listen = await self._metrics_http.start(*cfg.metrics_listen)
+            log.info("metrics at http://%s/metrics", self._metrics_listen)
         await self._restore_pods()
         await self._endpoint.listen(activated)
         outbox.start()
@@ -145,21 +163,57 @@ class Daemon:
                     await self._should_exit.wait()
 
     def request_shutdown(self) -> None:
+        self._mark_stopping()
         self._should_exit.set()
+
+    async def _take_locks(self, paths: list[Path]) -> list[IO[str]]:
+        """Lock each of capd's directories. One held by a capd that is shutting down is
+        waited for, all of them within one --lock-wait-s; one held by a capd that is not
+        (or a shutdown that lasts longer) fails this one at once (DaemonLocked)."""
+        deadline = time.monotonic() + self.config.lock_wait_s
+        taken: list[IO[str]] = []
+        told = False
+        try:
+            for path in paths:
+                while (handle := _lock(path, deadline, self._should_exit.is_set())) is None:
+                    if not told:
+                        told = True
+                        log.info(
+                            "capd pid %s is shutting down; waiting up to %g s for it",
+                            _lock_owner(path)[0],
+                            self.config.lock_wait_s,
+                        )
+                    await asyncio.sleep(LOCK_POLL_S)
+                taken.append(handle)
+        except BaseException:
+            for handle in taken:
+                handle.close()
+            raise
+        return taken
+
+    def _mark_stopping(self) -> None:
+        """Tell a capd starting on these directories that this one is on its way out, so
+        it waits for the locks instead of failing."""
+        for lock in self._locks:
+            _write_owner(lock, f"{os.getpid()} {STOPPING}")
 
     async def shutdown(self) -> None:
         """Refuse new work, let spawns and stops under way finish, pause the pods' turns,
         give their tools' process groups KILL_GRACE_S to exit after SIGTERM (then SIGKILL),
         then stop delivering reports; what is undelivered waits in the store."""
+        self._mark_stopping()
         log.info("shutting down: pausing in-flight turns")
         self._notifier.stopping("stopping: pausing running turns")
         if self._supervisor is not None:
             self._supervisor.refuse_new_work()
+        if self._metrics_http is not None:
+            await self._metrics_http.close()
         if self._endpoint is not None:
             await self._endpoint.close()
         if self._supervisor is not None:
             await self._supervisor.take_down_all()
         await stop_all_groups()
+        await tracing.shutdown()  # after the pods paused: their spans ended
         if self._locks:
             leftovers.release(self.config.state_dir)
         if self._outbox is not None:
@@ -178,6 +232,7 @@ class Daemon:
             pods=len(self.supervisor.pods),
             runtime_dir=str(self.config.runtime_dir),
             state_dir=str(self.config.state_dir),
+            metrics_listen=self._metrics_listen,
             sandbox=SandboxBackend(
                 path=self._sandbox.path,
                 version=self._sandbox.version,
@@ -185,6 +240,10 @@ class Daemon:
                 failures=self._sandbox.failures,
             ),
         )
+
+    def metrics(self) -> str:
+        assert self._endpoint is not None
+        return scrape(self.supervisor, self._endpoint, self._started_at)
 
     def _pod_status_changed(self) -> None:
         if self._notifier.enabled:
@@ -200,24 +259,48 @@ def _make_private_dir(path: Path, group: int | None) -> None:
         os.chmod(path, 0o700 if group is None else 0o710)
 
 
-def _lock(path: Path) -> IO[str]:
+def _lock(path: Path, deadline: float, give_up: bool) -> IO[str] | None:
+    """The lock on `path`'s directory, or None when a capd that is shutting down holds it
+    and `deadline` has not passed (the caller waits and tries again). `give_up`: this
+    capd was told to stop meanwhile, so it waits no longer."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     os.fchmod(fd, 0o600)  # one an older capd made 0644
     handle = os.fdopen(fd, "r+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        handle.seek(0)
-        owner = handle.read().strip() or "another process"
         handle.close()
+        owner, stopping = _lock_owner(path)
+        if stopping and not give_up and time.monotonic() < deadline:
+            return None
+        if stopping:
+            raise DaemonLocked(
+                f"{path.parent} is in use by capd (pid {owner}), which is still shutting "
+                "down; start this one once it has exited, or wait longer with --lock-wait-s"
+            ) from None
         raise DaemonLocked(
             f"{path.parent} is in use by capd (pid {owner}); stop it first "
             "or give this one other --runtime-dir/--state-dir"
         ) from None
-    handle.truncate(0)
-    handle.write(str(os.getpid()))
-    handle.flush()
+    _write_owner(handle, str(os.getpid()))
     return handle
+
+
+def _lock_owner(path: Path) -> tuple[str, bool]:
+    """Who holds the lock file at `path`, as it says, and whether it says it is stopping."""
+    with contextlib.suppress(OSError):
+        words = path.read_text().split()
+        if words:
+            return words[0], words[1:] == [STOPPING]
+    return "another process", False
+
+
+def _write_owner(handle: IO[str], text: str) -> None:
+    """Overwrite the lock file in one write, then cut what is left of a longer text: a
+    reader never sees it empty."""
+    data = text.encode()
+    os.pwrite(handle.fileno(), data, 0)
+    os.ftruncate(handle.fileno(), len(data))
 
 
 def _raise_fd_limit() -> None:
@@ -237,12 +320,37 @@ def _install_loop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
+class _PrivateLogFile(logging.handlers.WatchedFileHandler):
+    """A log file created 0600, at start and again after logrotate moved it: the log
+    quotes what engines and servers say, errors and all."""
+
+    def _open(self) -> IO[str]:
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        fd = os.open(self.baseFilename, flags, 0o600)
+        return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
+
+
+def _log_handler(path: Path | None) -> logging.Handler:
+    """Where the log goes: `path`, or stderr. Start-up failures are printed to stderr
+    either way, for whoever started capd."""
+    if path is None:
+        return logging.StreamHandler(sys.stderr)
+    if not path.parent.is_dir():
+        print(f"capd: --log-file {path}: {path.parent} is not a directory", file=sys.stderr)
+        sys.exit(1)
+    try:
+        return _PrivateLogFile(path, encoding="utf-8")
+    except OSError as exc:
+        print(f"capd: --log-file {path}: {exc.strerror or exc}", file=sys.stderr)
+        sys.exit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
     config = Config.from_args(argv)
     logging.basicConfig(
         level=config.log_level.upper(),
         format="%(asctime)s capd[%(process)d] %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+        handlers=[_log_handler(config.log_file)],
     )
     _install_loop()
     try:

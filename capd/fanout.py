@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
 
+from capd import metrics
 from protocol.events import Lagged
 from protocol.framing import encode
 
@@ -70,6 +71,8 @@ class Subscription:
     state: SubscriptionState
     last_durable: int
     """The last durable seq sent to the subscriber (while replaying, where replay starts)."""
+    deltas: bool = True
+    """False: text, thinking and tool-call deltas are not offered (`subscribe {deltas}`)."""
     missed: int = 0
 
     def offer(self, frame: bytes, seq: int | None) -> None:
@@ -81,6 +84,7 @@ class Subscription:
                 return
             self.state = LAGGED
             self.missed = 1
+            metrics.subscription_lagged()
             self.outlet.run_in_order(self._end_lagged)
         elif state is LAGGED:
             self.missed += 1
@@ -121,17 +125,20 @@ class Hub:
     page: ReplayPage | None = None
     subscriptions: set[Subscription] = field(default_factory=set)
 
-    def publish(self, frame: bytes, seq: int | None = None) -> None:
+    def publish(self, frame: bytes, seq: int | None = None, delta: bool = False) -> None:
+        """Offer `frame` to every subscription; a `delta` only to those that take deltas."""
         for sub in tuple(self.subscriptions):
+            if delta and not sub.deltas:
+                continue
             sub.offer(frame, seq)
 
-    def subscribe(self, outlet: Outlet, after_seq: int | None) -> Subscription:
+    def subscribe(self, outlet: Outlet, after_seq: int | None, deltas: bool = True) -> Subscription:
         """Register `outlet`; live at once without `after_seq`, else after a replay."""
         last = self.last_seq()
         if after_seq is None or after_seq >= last:
-            sub = Subscription(self, outlet, LIVE, last)
+            sub = Subscription(self, outlet, LIVE, last, deltas)
         else:
-            sub = Subscription(self, outlet, REPLAYING, after_seq)
+            sub = Subscription(self, outlet, REPLAYING, after_seq, deltas)
             outlet.run_in_order(sub._replay)
         self.subscriptions.add(sub)
         return sub

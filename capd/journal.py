@@ -34,6 +34,7 @@ from protocol.events import (
     PodEventBase,
     PodEventReceived,
     PodStatusName,
+    Reconfigured,
     Rewound,
     StatusChanged,
     TurnEnd,
@@ -49,6 +50,8 @@ log = logging.getLogger(__name__)
 
 REPLAY_PAGE = 1000
 """Stored events read at a time to rebuild a context a `rewound` goes back to."""
+DELTA_EVENTS = frozenset({"text_delta", "thinking_delta", "tool_call_delta"})
+"""What a `subscribe {deltas: false}` leaves out."""
 
 
 def new_event_id(pod: str) -> str:
@@ -61,6 +64,8 @@ class QueuedRun:
     text: str
     pending_id: int
     """Its row in the store's `pending` table, deleted as the run's user_message commits."""
+    traceparent: str | None = None
+    """The `run`'s `traceparent`, kept in the row's `source` (unused by queued runs)."""
 
 
 @dataclass
@@ -117,8 +122,10 @@ class Journal:
         *,
         report: Report | None = None,
         consumed: Sequence[int] = (),
+        manifest: str | None = None,
     ) -> None:
-        """`emit` for events that must be committed together or not at all."""
+        """`emit` for events that must be committed together or not at all; `manifest`,
+        the pod's new one, commits with them."""
         ts = time.time()
         frames = []
         for seq, event in enumerate(events, self.last_seq + 1):
@@ -127,7 +134,7 @@ class Journal:
         owed = self._owed(report)
         stored = [(e.seq, e.ts, e.event, f[:-1]) for e, f in zip(events, frames, strict=True)]
         kept = self._kept_ids(events)
-        self._store.append(self.name, stored, owed, consumed, kept)
+        self._store.append(self.name, stored, owed, consumed, kept, manifest)
         # Only a committed event takes a seq: one that cannot be encoded or stored leaves
         # no gap for subscribers to wait on.
         self.last_seq += len(events)
@@ -142,7 +149,7 @@ class Journal:
     def emit_ephemeral(self, event: PodEventBase) -> None:
         if self.hub.subscriptions:
             event.pod = self.name
-            self.hub.publish(encode(event))
+            self.hub.publish(encode(event), None, event.event in DELTA_EVENTS)
 
     def _owed(self, report: Report | None) -> OwedReport | None:
         if report is None or self.parent is None:
@@ -205,6 +212,8 @@ class Journal:
                     self.grants.add(grant)
             case TurnEnd():
                 self.asked.clear()
+            case Reconfigured(changed=changed) if "permissions" in changed:
+                self.grants = Grants()  # granted by index into rules that are gone
 
     def context_before(self, seq: int) -> Context:
         """The model's context as it stood just before event `seq`, rebuilt from the
@@ -236,9 +245,19 @@ class Journal:
     def page(self, after_seq: int, limit: int) -> list[tuple[int, bytes]]:
         return self._store.events_after(self.name, after_seq, limit)
 
-    def history(self, request_id: RequestId | None, after_seq: int, limit: int) -> bytes:
+    def history(
+        self,
+        request_id: RequestId | None,
+        after_seq: int,
+        limit: int,
+        last_turns: int | None = None,
+    ) -> bytes:
         """The `history` ack (a `HistoryResult`), the stored events spliced in as they are
-        rather than parsed and encoded again."""
+        rather than parsed and encoded again. With `last_turns` the page starts at the
+        `turn_start` of the last this-many turns (at the first event when there are fewer)."""
+        if last_turns is not None:
+            start = self._store.last_turns_start(self.name, last_turns)
+            after_seq = 0 if start is None else start - 1
         events = b",".join(data for _, data in self.page(after_seq, limit))
         head = orjson.dumps({"event": "ack", "id": request_id})[:-1]
         tail = orjson.dumps(self.last_seq)
@@ -266,8 +285,10 @@ class Journal:
             match event:
                 case StatusChanged(status=status):
                     found.status = status
-                case TurnStart(turn_id=turn_id, invoke=invoke):
-                    found.turn = Turn(turn_id, invoke, started_seq=event.seq)
+                case TurnStart(turn_id=turn_id, invoke=invoke, traceparent=traceparent):
+                    found.turn = Turn(
+                        turn_id, invoke, started_seq=event.seq, traceparent=traceparent
+                    )
                     started.add(turn_id)
                 case TurnEnd():
                     found.turn = None
@@ -288,7 +309,7 @@ class Journal:
                 log.warning("pod %s: queued run %s already started; dropped", self.name, row.id)
                 self._store.drop_pending([row.id])
             else:
-                found.queue.append(QueuedRun(row.turn_id, row.text, row.id))
+                found.queue.append(QueuedRun(row.turn_id, row.text, row.id, row.source))
         found.notes = [note for _, note in sorted(notes, key=lambda pair: pair[0])]
         for asked in list(self.asked.values()):
             resolved = PermissionResolved(turn_id=asked.turn_id, request_id=asked.request_id)
@@ -297,8 +318,12 @@ class Journal:
 
     def _restore_grants(self) -> None:
         """The grants of the pod's whole life: those before the events a restore reads
-        (a compaction's `restore_from`) too."""
-        for _, data in self._store.events_of_kind_after(self.name, 0, "permission_resolved"):
+        (a compaction's `restore_from`) too, since its permissions last changed."""
+        since = 0
+        for seq, data in self._store.events_of_kind_after(self.name, 0, "reconfigured"):
+            if "permissions" in Reconfigured.model_validate_json(data).changed:
+                since = seq
+        for _, data in self._store.events_of_kind_after(self.name, since, "permission_resolved"):
             event = parse_event(orjson.loads(data))
             if isinstance(event, PermissionResolved) and event.grant is not None:
                 self.grants.add(event.grant)

@@ -46,6 +46,10 @@ class PodRegistry:
         self._store.set_manifest(name, manifest)
         self._records[name] = dataclasses.replace(self._records[name], manifest=manifest)
 
+    def manifest_committed(self, name: str, manifest: str) -> None:
+        """The pod's manifest changed in the store, committed with its `reconfigured`."""
+        self._records[name] = dataclasses.replace(self._records[name], manifest=manifest)
+
     def parent_of(self, name: str) -> str | None:
         """The name of the pod's local parent; None for a top-level pod."""
         record = self._records.get(name)

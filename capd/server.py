@@ -35,8 +35,10 @@ from protocol.methods import (
     History,
     Info,
     ListPods,
+    Metrics,
     Overview,
     Request,
+    Restart,
     Shutdown,
     Spawn,
     Start,
@@ -46,7 +48,13 @@ from protocol.methods import (
     Subscribe,
     Unsubscribe,
 )
-from protocol.results import InfoResult, ListResult, SpawnResult, SubscribeResult
+from protocol.results import (
+    InfoResult,
+    ListResult,
+    MetricsResult,
+    SpawnResult,
+    SubscribeResult,
+)
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +99,8 @@ class PodMethods(Protocol):
 
     async def start_pod(self, name: str) -> SpawnResult: ...
 
+    async def restart_pod(self, name: str) -> SpawnResult: ...
+
     async def delete_pod(self, name: str) -> None: ...
 
 
@@ -98,6 +108,8 @@ class ProcessMethods(Protocol):
     """The daemon socket's methods on capd itself; the daemon provides them."""
 
     def info(self) -> InfoResult: ...
+
+    def metrics(self) -> str: ...
 
     def request_shutdown(self) -> None: ...
 
@@ -195,7 +207,12 @@ class Endpoint(ABC):
         conn.unsubscribe()
 
     def _subscribe(
-        self, hub: Hub, conn: Connection, request: Request, after_seq: int | None
+        self,
+        hub: Hub,
+        conn: Connection,
+        request: Request,
+        after_seq: int | None,
+        deltas: bool = True,
     ) -> None:
         """Ack, then register: the ack is queued before any replayed or live event."""
         conn.unsubscribe()
@@ -207,7 +224,7 @@ class Endpoint(ABC):
                 f"capd --max-subscribers={limit} allows; close one first",
             )
         conn.send(ack(request, SubscribeResult(last_seq=hub.last_seq()).model_dump()))
-        conn.subscribe(hub, after_seq)
+        conn.subscribe(hub, after_seq, deltas)
 
     @abstractmethod
     def hello(self) -> Hello: ...
@@ -269,14 +286,14 @@ class PodEndpoint(Endpoint):
         match request:
             case Status():
                 return ack(request, pod.status_result(self._host.children_of(pod.name)))
-            case Subscribe(after_seq=after_seq):
-                self._subscribe(pod.hub, conn, request, after_seq)
+            case Subscribe(after_seq=after_seq, deltas=deltas):
+                self._subscribe(pod.hub, conn, request, after_seq, deltas)
                 return None
             case Unsubscribe():
                 conn.unsubscribe()
                 return ack(request)
-            case History(after_seq=after_seq, limit=limit):
-                return pod.journal.history(request.id, after_seq, limit)
+            case History(after_seq=after_seq, limit=limit, last_turns=last_turns):
+                return pod.journal.history(request.id, after_seq, limit, last_turns)
             case StopPod():
                 conn.send(ack(request))
                 self._host.stop_pod_soon(pod.name)
@@ -306,14 +323,18 @@ class DaemonEndpoint(Endpoint):
                 return ack(request)
             case Start(name=name):
                 return ack(request, (await pods.start_pod(name)).model_dump())
+            case Restart(name=name):
+                return ack(request, (await pods.restart_pod(name)).model_dump())
             case Delete(name=name):
                 await pods.delete_pod(name)
                 return ack(request)
             case Info():
                 return ack(request, process.info().model_dump())
+            case Metrics():
+                return ack(request, MetricsResult(text=process.metrics()).model_dump())
             case Shutdown():
+                process.request_shutdown()  # first: whoever reads the ack finds capd stopping
                 conn.send(ack(request))
-                process.request_shutdown()
                 return None
             case DaemonSubscribe(activity=True):
                 self._subscribe(pods.activity.hub, conn, request, None)

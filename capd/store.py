@@ -138,6 +138,7 @@ class PendingRow:
     """`run` (a queued run, with its turn_id) or `notify` (with its source)."""
     turn_id: str | None
     source: str | None
+    """A notify's source; a queued run's `traceparent` (capd.tracing), if it had one."""
     text: str
     created: float
 
@@ -232,18 +233,22 @@ class Store:
         report: OwedReport | None = None,
         consumed: Sequence[int] = (),
         received: Sequence[str] = (),
+        manifest: str | None = None,
     ) -> None:
         """Commit events and, in the same transaction, the report to the parent they cause,
-        the deletion of the `pending` rows they use up and the `event_id`s of the reports
-        they receive: a crash keeps all or none."""
+        the deletion of the `pending` rows they use up, the `event_id`s of the reports
+        they receive and the pod's new `manifest` (a `reconfigured`): a crash keeps all or
+        none."""
         insert = "INSERT INTO events (pod, seq, ts, kind, data) VALUES (?, ?, ?, ?, ?)"
         rows = [(pod, *event) for event in events]
-        if len(rows) == 1 and report is None and not consumed and not received:
+        if len(rows) == 1 and report is None and not consumed and not received and manifest is None:
             self._db.execute(insert, rows[0])
             return
         with self._db:
             self._db.execute("BEGIN")
             self._db.executemany(insert, rows)
+            if manifest is not None:
+                self.set_manifest(pod, manifest)
             if report is not None:
                 self._insert_report(pod, report)
             self._db.executemany("DELETE FROM pending WHERE id = ?", [(i,) for i in consumed])
@@ -341,6 +346,17 @@ class Store:
         ).fetchone()
         return row[0] if row else None
 
+    def last_turns_start(self, pod: str, turns: int) -> int | None:
+        """The seq of the `turn_start` of the pod's last `turns` turns; None when it has
+        fewer. The primary key (pod, seq) lets SQLite walk back from the newest event and
+        stop at that `turn_start`."""
+        row = self._db.execute(
+            "SELECT seq FROM events WHERE pod = ? AND kind = 'turn_start' "
+            "ORDER BY seq DESC LIMIT 1 OFFSET ?",
+            (pod, turns - 1),
+        ).fetchone()
+        return row[0] if row else None
+
     def events_of_kind_after(self, pod: str, after_seq: int, kind: str) -> list[tuple[int, bytes]]:
         """Every event of one `kind` with seq > after_seq, oldest first, as (seq, json)."""
         return self._db.execute(
@@ -358,6 +374,10 @@ class Store:
 
     def report_targets(self) -> list[str]:
         return [row[0] for row in self._db.execute("SELECT DISTINCT target FROM outbox")]
+
+    def outbox_counts(self) -> tuple[int, int]:
+        """(reports owed, distinct parents they are owed to)."""
+        return self._db.execute("SELECT COUNT(*), COUNT(DISTINCT target) FROM outbox").fetchone()
 
     def reports_for(self, target: str, limit: int) -> list[OutboxEntry]:
         """The oldest `limit` reports still owed to `target`, in the order they were made."""

@@ -10,17 +10,17 @@ the pod tools (through `ChildPods`) call it in between.
 import asyncio
 import contextlib
 import logging
-import os
 import shutil
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from capd import metrics
 from capd.activity import ActivityFeed, Built, running_activity, stopped_activity
 from capd.budgets import Ledger
 from capd.checkpoints import CheckpointStore, require_git
-from capd.children import ChildPods, check_child
+from capd.children import ChildPods, check_child, check_within
 from capd.config import Config
 from capd.controller import PodController, StopMode
 from capd.engines import check_engine, make_engine, model_label
@@ -36,6 +36,8 @@ from capd.proc.sandbox import (
     containing,
     resolve_paths,
 )
+from capd.providers import missing_key
+from capd.reconfigure import Parts, changed_fields
 from capd.registry import PodRegistry
 from capd.server import PodEndpoint
 from capd.store import PodRecord, Store
@@ -170,12 +172,12 @@ class Supervisor:
         cwd = self._resolve_cwd(manifest, must_exist=not make_cwd)
         sandbox = resolve_paths(manifest.sandbox)
         manifest = manifest.model_copy(update={"cwd": str(cwd), "sandbox": sandbox})
-        _check_api_key(manifest)
         parent_name = self.registry.pods_dir_name(parent)
         if parent_name is not None:
             self._check_child_of(parent_name, manifest)
             parent = str(self.registry.socket(parent_name))  # the spelling children_of looks up
         check_engine(manifest, self._confinement(manifest))
+        _check_api_key(manifest)
         if _checkpointed(manifest):
             require_git()
         self.ledger.check_spawn(manifest, parent_name)
@@ -207,7 +209,7 @@ class Supervisor:
             with contextlib.suppress(ProtocolError):
                 await local_parent.controller.adopt(name, socket, turn_id)
         self._publish(PodSpawned(pod=name, socket=socket, parent=parent))
-        return SpawnResult(name=name, socket=socket)
+        return SpawnResult(name=name, socket=socket, cwd=manifest.cwd)
 
     def _forget_unborn(self, name: str, fresh: bool) -> None:
         """Undo a spawn whose bring-up failed: no record, no ledger entry, and no state dir
@@ -257,6 +259,7 @@ class Supervisor:
         try:
             await self._take_down(name, "cancel")
             report = running.controller.journal.shut_down_report()
+            metrics.pod_stopped(name, running.controller.journal.usage)
             self.registry.set_stopped(name, True, report)
             if report is not None:
                 self.outbox.poke(report.target)
@@ -309,7 +312,33 @@ class Supervisor:
                 raise ProtocolError("internal", str(exc)) from None
             self.registry.set_stopped(name, False)
             self._publish(PodSpawned(pod=name, socket=socket, parent=record.parent))
-        return SpawnResult(name=name, socket=socket)
+        return SpawnResult(name=name, socket=socket, cwd=self.pods[name].controller.manifest.cwd)
+
+    async def restart_pod(self, name: str) -> SpawnResult:
+        """Stop the pod and its descendants, then start it and, parents first, each
+        descendant that was up. One that cannot start is named in the error; the others
+        are started still."""
+        self._refuse_when_closing()
+        self._require_known(name)
+        was_up = await self.stop_pod(name)
+        result = await self.start_pod(name)
+        failed: list[tuple[str, ProtocolError]] = []
+        for child in was_up:
+            if child == name:
+                continue
+            try:
+                await self.start_pod(child)
+            except ProtocolError as exc:
+                failed.append((child, exc))
+        if failed:
+            child, exc = failed[0]
+            others = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+            raise ProtocolError(
+                exc.code,
+                f"pod {name} restarted, but its descendant {child} did not start{others}: "
+                f"{exc.message}; `capctl start {child}` once that is fixed",
+            )
+        return result
 
     async def delete_pod(self, name: str) -> None:
         """Stop the pod and its descendants, then remove its state: its children become
@@ -324,6 +353,7 @@ class Supervisor:
             shutil.rmtree(self._pod_state_dir(name) / "spill", ignore_errors=True)
             shutil.rmtree(self._checkpoints_dir(name), ignore_errors=True)
             self._broken.pop(name, None)
+            metrics.pod_deleted(name)
         finally:
             self._stopping.discard(name)
         self._publish(PodDeleted(pod=name))
@@ -352,6 +382,10 @@ class Supervisor:
         """The actor of a running pod; None when the pod is stopped or unknown."""
         pod = self.pods.get(name)
         return pod.controller if pod else None
+
+    def is_broken(self, name: str) -> bool:
+        """Whether the pod could not be brought back up (`list` says why)."""
+        return name in self._broken
 
     # -- bring-up and take-down ---------------------------------------------------------
 
@@ -390,27 +424,7 @@ class Supervisor:
         name = manifest.name
         socket_path = self.registry.socket(name)
         assert manifest.cwd is not None
-        tool_context = ToolContext(
-            cwd=Path(manifest.cwd),
-            pod=name,
-            pods=ChildPods(self, self.registry, self.store, manifest, socket_path),
-            spill_dir=self._pod_state_dir(name) / "spill",
-            sandbox=sandbox,
-            limits=limits,
-        )
-        toolbox = Toolbox.builtin(manifest.tools, tool_context)
-        if manifest.engine.kind == "builtin":  # external engines run their servers themselves
-            toolbox.add_mcp_servers(
-                pod_servers(
-                    manifest.mcp_servers,
-                    pod=name,
-                    cwd=Path(manifest.cwd),
-                    state_dir=self._pod_state_dir(name),
-                    limits=manifest.limits,
-                    sandbox=sandbox,
-                    pod_limits=limits,
-                )
-            )
+        toolbox = self._toolbox(manifest, sandbox, limits)
         controller = PodController(
             manifest,
             engine=make_engine(manifest, sandbox, limits),
@@ -423,6 +437,7 @@ class Supervisor:
             on_status=self._pod_status_changed,
             checkpoints=self._checkpoint_store(name, Path(manifest.cwd), manifest),
             running_in_tree=lambda: self._running_in_tree(name),
+            reconfigure=self.reconfigure,
         )
         controller.restore(self._stored_events(name))
         self.activity.track(controller.activity)
@@ -435,6 +450,151 @@ class Supervisor:
         self.pods[name] = running
         toolbox.start_mcp_servers()  # not awaited: the pod is up even if a server cannot start
         return running
+
+    def _toolbox(
+        self,
+        manifest: Manifest,
+        sandbox: Confinement | None,
+        limits: PodLimits,
+        servers: bool = True,
+    ) -> Toolbox:
+        """The pod's tools, with its MCP servers (not started yet) unless not `servers`."""
+        name = manifest.name
+        assert manifest.cwd is not None
+        tool_context = ToolContext(
+            cwd=Path(manifest.cwd),
+            pod=name,
+            pods=ChildPods(self, self.registry, self.store, manifest, self.registry.socket(name)),
+            spill_dir=self._pod_state_dir(name) / "spill",
+            sandbox=sandbox,
+            limits=limits,
+        )
+        toolbox = Toolbox.builtin(manifest.tools, tool_context)
+        if (
+            servers and manifest.engine.kind == "builtin"
+        ):  # external engines run their servers themselves
+            toolbox.add_mcp_servers(
+                pod_servers(
+                    manifest.mcp_servers,
+                    pod=name,
+                    cwd=Path(manifest.cwd),
+                    state_dir=self._pod_state_dir(name),
+                    limits=manifest.limits,
+                    sandbox=sandbox,
+                    pod_limits=limits,
+                )
+            )
+        return toolbox
+
+    # -- reconfigure (§14) --------------------------------------------------------------
+
+    async def reconfigure(self, pod: PodController, requested: Manifest) -> list[str]:
+        """Give the pod (idle or paused: its actor calls this) a new manifest, checked as
+        a spawn's; returns the fields that changed. Its engine, toolbox and checkpoint
+        store are built anew, its MCP servers kept when nothing they depend on changed;
+        the pod commits the manifest with `reconfigured` and swaps them in, then the old
+        ones close (an external engine's process stops: its next turn resumes the
+        session)."""
+        self._refuse_when_closing()
+        running = self.pods.get(pod.name)
+        if running is None or running.controller is not pod:
+            raise ProtocolError("shutting_down", f"pod {pod.name} is stopping")
+        old = pod.manifest
+        manifest = self._resolved(old, requested)
+        changed = changed_fields(old, manifest)
+        if not changed:
+            return []
+        sandbox = self._check_reconfigured(old, manifest)
+        renew = _resource_limits(manifest) != _resource_limits(old)
+        if renew:
+            await self._renew_limits(running, manifest)
+        keep_servers = not {"mcp_servers", "sandbox", "limits"} & set(changed)
+        parts = self._parts(manifest, sandbox, running.limits, new_servers=not keep_servers)
+        try:
+            pod.commit_manifest(manifest, changed)
+        except BaseException:
+            await _close(parts)
+            if renew:  # the old parts are closed already: new ones, under the new limits
+                pod.use_parts(old, self._parts(old, self._confinement(old), running.limits))
+                pod.toolbox.start_mcp_servers()
+            raise
+        let_go = pod.use_parts(manifest, parts)
+        if keep_servers:
+            pod.toolbox.take_mcp_servers(let_go.toolbox)
+        self.registry.manifest_committed(pod.name, manifest.model_dump_json())
+        self.ledger.budget_changed(pod.name, manifest.budget)
+        if not renew:  # else closed already
+            await _close(let_go)
+        pod.toolbox.start_mcp_servers()
+        return changed
+
+    async def _renew_limits(self, running: _RunningPod, manifest: Manifest) -> None:
+        """New limits.memory_mb or limits.pids: the pod's processes (its engine's, its MCP
+        servers') stop with the old limits' group, which goes, before the new one is made
+        under the same name. When it cannot be made, the old one is made again and the
+        pod's parts built anew: the pod goes on as it was (internal)."""
+        pod, old = running.controller, running.controller.manifest
+        await _close(Parts(pod.engine, pod.toolbox, None))
+        await running.limits.close()
+        try:
+            running.limits = self.limiter.pod(pod.name, *_resource_limits(manifest))
+        except OSError as exc:
+            running.limits = self.limiter.pod(pod.name, *_resource_limits(old))
+            pod.use_parts(old, self._parts(old, self._confinement(old), running.limits))
+            pod.toolbox.start_mcp_servers()
+            raise ProtocolError(
+                "internal",
+                f"cannot reconfigure pod {pod.name}: its new limits could not be set up "
+                f"({exc}); it keeps its manifest",
+            ) from None
+
+    def _parts(
+        self,
+        manifest: Manifest,
+        sandbox: Confinement | None,
+        limits: PodLimits,
+        new_servers: bool = True,
+    ) -> Parts:
+        """A running pod's replaceable parts for `manifest`; without `new_servers` its
+        toolbox has no MCP servers yet (it takes the old toolbox's)."""
+        assert manifest.cwd is not None
+        return Parts(
+            make_engine(manifest, sandbox, limits),
+            self._toolbox(manifest, sandbox, limits, new_servers),
+            self._checkpoint_store(manifest.name, Path(manifest.cwd), manifest),
+        )
+
+    def _resolved(self, old: Manifest, requested: Manifest) -> Manifest:
+        """`requested` with its paths resolved as a spawn stores them; no cwd keeps the pod's."""
+        cwd = old.cwd if requested.cwd is None else str(self._resolve_cwd(requested, False))
+        sandbox = resolve_paths(requested.sandbox)
+        return requested.model_copy(update={"cwd": cwd, "sandbox": sandbox})
+
+    def _check_reconfigured(self, old: Manifest, manifest: Manifest) -> Confinement | None:
+        """What a spawn checks, and that no child that is up is wider than the pod will
+        be; returns the pod's new confinement."""
+        name = manifest.name
+        _check_api_key(manifest)
+        parent = self.registry.parent_of(name)
+        if parent is not None and (record := self.registry.get(parent)) is not None:
+            check_within(parent, Manifest.model_validate_json(record.manifest), manifest)
+        for child in self.registry.children_of(name):
+            if (up := self.pods.get(child)) is None:
+                continue
+            try:
+                check_within(name, manifest, up.controller.manifest)
+            except ProtocolError as exc:
+                raise ProtocolError(
+                    "forbidden",
+                    f"pod {name} would be narrower than its child pod {child}, which is up: "
+                    f"{exc.message}; stop pod {child} first, or keep what it uses",
+                ) from None
+        sandbox = self._confinement(manifest)
+        check_engine(manifest, sandbox)
+        if _checkpointed(manifest) and not _checkpointed(old):
+            require_git()
+        self.ledger.check_reconfigure(manifest, parent)
+        return sandbox
 
     async def _take_down(self, name: str, mode: StopMode) -> None:
         running = self.pods.pop(name, None)
@@ -636,9 +796,23 @@ def _checkpointed(manifest: Manifest) -> bool:
 
 
 def _check_api_key(manifest: Manifest) -> None:
-    env = manifest.model.api_key_env if manifest.model else None
-    if env and not os.environ.get(env):
-        raise ProtocolError(
-            "invalid_request",
-            f"model.api_key_env names {env}, which is not set in capd's environment",
-        )
+    """Refuse a model whose key is not in capd's environment (at spawn, never at restore:
+    a stored pod comes back, and its calls fail until the key is there)."""
+    if manifest.model is not None and (missing := missing_key(manifest.model)):
+        raise ProtocolError("invalid_request", missing)
+
+
+def _resource_limits(manifest: Manifest) -> tuple[int | None, int | None]:
+    return manifest.limits.memory_mb, manifest.limits.pids
+
+
+async def _close(parts: Parts) -> None:
+    """Close the parts a reconfigured pod let go of (or never took); a failure is logged,
+    as the pod has its new manifest by then."""
+    for part in (parts.engine, parts.toolbox):
+        try:
+            await part.aclose()
+        except Exception:
+            log.exception(
+                "pod %s: closing its old %s failed", parts.toolbox.context.pod, type(part).__name__
+            )

@@ -4,19 +4,25 @@ variable (`model.api_key_env`), or to the provider's own server. A pod aimed at 
 
 The stand-in servers record each request's headers; capd runs with both usual keys set."""
 
+import asyncio
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from capd.providers import anthropic, openai
+from capd.providers import anthropic, key_needed, openai
 from capd.providers.http import key_variable
+from protocol.errors import ProtocolError
 from protocol.manifest import ModelConfig
 from tests.conftest import CapdProcess
 from tests.fakes.anthropic_server import AnthropicTestServer
 from tests.fakes.openai_server import ErrorReply, OpenAITestServer
 from tests.fakes.sse_server import SseTestServer
-from tests.helpers import connect_pod, run_turn, spawn
+from tests.helpers import connect_pod, daemon_request, run_turn, spawn
 
 NAMED = "CAPD_TEST_NAMED_KEY"
 ENV = {"OPENAI_API_KEY": "sk-usual-openai", "ANTHROPIC_API_KEY": "sk-usual-anthropic"}
@@ -109,3 +115,91 @@ async def test_a_refusal_for_want_of_a_key_says_how_to_send_one(capd: CapdProces
     assert "HTTP 401" in end["error"]
     assert "capd sent no API key" in end["error"]
     assert "model.api_key_env" in end["error"]
+
+
+NO_KEYS = {"OPENAI_API_KEY": "", "ANTHROPIC_API_KEY": "", NAMED: ""}
+
+
+@pytest.fixture
+def keyless(capd_dirs: CapdProcess) -> CapdProcess:
+    """A capd whose environment has neither usual key (set empty, whatever the suite's)."""
+    capd_dirs.env.update(NO_KEYS)
+    capd_dirs.start()
+    return capd_dirs
+
+
+async def _refusal(capd: CapdProcess, manifest: dict[str, Any], parent: str | None = None) -> str:
+    with pytest.raises(ProtocolError) as refused:
+        await daemon_request(capd, {"method": "spawn", "manifest": manifest, "parent": parent})
+    assert refused.value.code == "invalid_request"
+    return refused.value.message
+
+
+async def test_a_spawn_whose_key_capd_lacks_is_refused_at_once(keyless: CapdProcess) -> None:
+    for provider, api in (("openai", openai), ("anthropic", anthropic)):
+        message = await _refusal(keyless, {"name": "w1", "model": {"provider": provider}})
+        assert message == (
+            f"model.provider {provider} sends its requests to {api.DEFAULT_BASE_URL} with the "
+            f"key in {api.DEFAULT_KEY_ENV}, which is not set in capd's environment (capd reads "
+            "its own, not the client's); set it where capd runs (the unit's EnvironmentFile, "
+            "or `systemctl --user set-environment`), or give model.base_url for a local server"
+        )
+        named = {"name": "w1", "model": {"provider": provider, "api_key_env": NAMED}}
+        assert (await _refusal(keyless, named)).startswith(
+            f"model.api_key_env names {NAMED}, which is not set in capd's environment"
+        )
+        local = {"provider": provider, "base_url": "http://127.0.0.1:9/v1"}
+        await spawn(keyless, provider, local)  # a server of one's own needs no key
+    pods = (await daemon_request(keyless, {"method": "list"}))["pods"]
+    assert [pod["name"] for pod in pods] == ["openai", "anthropic"]
+
+    # capctl: only a refusal for a key its own shell has gets the hint.
+    command = [sys.executable, "-m", "capctl", "--runtime-dir", str(keyless.runtime_dir)]
+    hint = "(OPENAI_API_KEY is set in this shell, but capd reads its own environment)"
+    for shell_key in ("sk-in-this-shell", ""):
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [*command, "spawn", "w1", "--provider", "openai"],
+            env={**os.environ, "OPENAI_API_KEY": shell_key},
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        assert done.returncode == 1
+        (line,) = done.stderr.splitlines()
+        assert line.startswith("capctl: invalid_request: model.provider openai sends")
+        assert line.endswith(hint) == bool(shell_key)
+
+
+def test_which_variable_a_model_needs() -> None:
+    def needed(**model: str) -> str | None:
+        return key_needed(ModelConfig.model_validate(model))
+
+    assert needed(provider="openai") == "OPENAI_API_KEY"
+    assert needed(provider="anthropic", base_url="https://api.anthropic.com/") == (
+        "ANTHROPIC_API_KEY"
+    )
+    assert needed(provider="openai", base_url="http://127.0.0.1:8080/v1") is None
+    assert needed(provider="openai", base_url="http://127.0.0.1:8080/v1", api_key_env=NAMED) == (
+        NAMED
+    )
+    assert needed(provider="scripted") is None
+
+
+async def test_a_stored_pod_comes_back_without_its_key_but_its_children_are_refused(
+    capd_dirs: CapdProcess, tmp_path: Path
+) -> None:
+    """Restore never checks the key; a new child of the pod (spawn_pod, or a client's
+    spawn naming it as parent: the same check) is refused like any spawn."""
+    capd_dirs.env.update(ENV)
+    capd_dirs.start()
+    cwd = str(tmp_path)
+    boss = await spawn(capd_dirs, "boss", {"provider": "openai", "name": "gpt-4.1"}, cwd=cwd)
+    capd_dirs.stop()
+    capd_dirs.env.update(NO_KEYS)
+    capd_dirs.start()
+
+    (pod,) = (await daemon_request(capd_dirs, {"method": "list"}))["pods"]
+    assert (pod["name"], pod["status"], pod["error"]) == ("boss", "idle", None)
+    child = {"name": "kid", "model": {"provider": "openai", "name": "gpt-4.1-mini"}, "cwd": cwd}
+    assert "OPENAI_API_KEY, which is not set" in await _refusal(capd_dirs, child, str(boss))

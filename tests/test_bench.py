@@ -23,6 +23,8 @@ FIGURES = {
     "checkpoint": 2,
     "mcp": 3,
     "sandbox": 2,
+    "metrics": 5,
+    "tracing": 2,
 }
 
 

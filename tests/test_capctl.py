@@ -165,6 +165,10 @@ def test_spawn_ps_and_status(capd: CapdProcess, tmp_path: Path) -> None:
     assert "idle" in human
     assert re.search(r"context:\s+\d+ tokens \(window unknown\)", human)
 
+    ok(rt, "stop", "w1")
+    rows = {line.split()[0]: line.split() for line in ok(rt, "ps").splitlines()[1:]}
+    assert rows["w1"][1:] == ["stopped", "-", "0", "-", "-"]
+
     # A server of its own at --base-url needs no key; the model name has a default.
     ok(rt, "spawn", "w3", "--provider", "anthropic", "--base-url", "http://127.0.0.1:9")
     assert pod_status(capd, "w3")["model"] == "anthropic/claude-sonnet-4-5"
@@ -270,10 +274,29 @@ def test_notify_log_and_watch(capd: CapdProcess, tmp_path: Path) -> None:
     assert "Traceback" not in err.decode()
 
 
+def test_spawn_says_which_cwd_the_pod_got(capd: CapdProcess, tmp_path: Path) -> None:
+    """Without --cwd, capctl's current directory; with -f and no cwd, capd's default."""
+    here = subprocess.run(
+        capctl_cmd(capd.runtime_dir, "spawn", "here", "--provider", "scripted"),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    socket = capd.pod_socket("here")
+    assert here.stdout == f"spawned here in {tmp_path.resolve()} (socket {socket})\n"
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text("name: there\nmodel: {provider: scripted}\n")
+    there = ok(capd.runtime_dir, "spawn", "-f", str(manifest))
+    work = (capd.state_dir / "pods" / "there" / "work").resolve()
+    assert there == f"spawned there in {work} (socket {capd.pod_socket('there')})\n"
+
+
 def test_json_output_is_one_object_per_line(capd: CapdProcess, tmp_path: Path) -> None:
     rt = capd.runtime_dir
     spawned = json_lines(ok(rt, "--json", "spawn", "w1", "--provider", "scripted"))
-    assert spawned == [{"name": "w1", "socket": str(capd.pod_socket("w1"))}]
+    cwd = str(Path.cwd().resolve())  # capctl's own, as no --cwd was given
+    assert spawned == [{"name": "w1", "socket": str(capd.pod_socket("w1")), "cwd": cwd}]
     assert json_lines(ok(rt, "ps", "--json"))[0]["pods"][0]["name"] == "w1"
     assert json_lines(ok(rt, "--json", "info"))[0]["pid"] == capd.proc.pid
 
@@ -344,6 +367,8 @@ def test_ps_shows_children_under_their_parents() -> None:
         },
         {"name": "grandkid", "status": "paused", "parent": "/r/k", "socket": "/r/g"},
         {"name": "orphan", "status": "stopped", "parent": "/r/gone.sock", "socket": "/r/o"},
+        {"name": "nap", "status": "stopped", "parent": None, "socket": "/r/pods/nap.sock"},
+        {"name": "woke", "status": "idle", "parent": "/r/pods/nap.sock", "socket": "/r/w"},
     ]
     header, *rows = pod_table(pods).splitlines()
     assert header.split() == ["NAME", "STATUS", "PARENT", "TOKENS", "COST", "SOCKET"]
@@ -351,7 +376,9 @@ def test_ps_shows_children_under_their_parents() -> None:
         (0, ["boss", "idle", "-", "1,234", "$0.05", "/r/pods/boss.sock"]),
         (2, ["kid", "running", "boss", "0", "-", "/r/k"]),
         (4, ["grandkid", "paused", "kid", "0", "-", "/r/g"]),
-        (0, ["orphan", "stopped", "/r/gone.sock", "0", "-", "/r/o"]),
+        (0, ["nap", "stopped", "-", "0", "-", "-"]),
+        (2, ["woke", "idle", "nap", "0", "-", "/r/w"]),
+        (0, ["orphan", "stopped", "/r/gone.sock", "0", "-", "-"]),
     ]
     assert len({row.index(row.split()[1]) for row in rows}) == 1, "STATUS is one column"
 

@@ -100,9 +100,10 @@ class Screen:
 
     # -- reading --------------------------------------------------------------------------
 
-    def text(self) -> str:
-        """The visible screen, one line per row, trailing blanks removed."""
-        return self._run("capture-pane", "-p", "-t", "t")
+    def text(self, history: bool = False) -> str:
+        """The visible screen, one line per row, trailing blanks removed; with `history`,
+        the lines scrolled off it first (where tmux puts a dead pane's last output)."""
+        return self._run("capture-pane", "-p", *(["-S", "-"] if history else []), "-t", "t")
 
     def wait_for(self, pattern: Pattern, timeout: float = 20.0) -> str:
         """The screen once `pattern` (a substring or a regex) is on it; fails with the

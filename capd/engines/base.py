@@ -45,6 +45,8 @@ class Turn:
     """The seq of its `turn_start`: the turn's messages are those of later events."""
     checkpointed: bool = False
     """Its workspace checkpoint was made or skipped (an event says which)."""
+    traceparent: str | None = None
+    """The span that asked for it (`run`'s `traceparent`), kept by its `turn_start`."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,7 @@ import functools
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from capd import metrics, tracing
 from capd.backoff import backoff_s
 from capd.chat import INVALID_JSON_KEY
 from capd.engines.base import (
@@ -151,7 +152,9 @@ class BuiltinEngine:
                 cut = reply.truncated and INVALID_JSON_KEY in call.arguments
                 approve = functools.partial(self._approve, host, turn, gate, call.id)
                 outcome = (
-                    CUT_CALL if cut else await host.toolbox.run(call.name, call.arguments, approve)
+                    CUT_CALL
+                    if cut
+                    else await host.toolbox.run(call.name, call.arguments, approve, call.id)
                 )
                 host.emit(
                     ToolResult(
@@ -215,7 +218,18 @@ class BuiltinEngine:
                 f"{exc.message}"
             ) from exc
 
-    async def _call_model(
+    def _call_model(
+        self, host: TurnHost, turn_id: str | None, attempt: Callable[[], Awaitable[ModelReply]]
+    ) -> Awaitable[ModelReply]:
+        """The model call, in a `chat` span when tracing is on (a plain function, so that
+        off it costs no coroutine of its own)."""
+        if tracing.TRACER is None:
+            return self._retrying(host, turn_id, attempt)
+        call = functools.partial(self._retrying, host, turn_id, attempt)
+        return tracing.TRACER.chat(self._model, call)
+
+    @metrics.timed_model_call
+    async def _retrying(
         self, host: TurnHost, turn_id: str | None, attempt: Callable[[], Awaitable[ModelReply]]
     ) -> ModelReply:
         """One model call, sent again after a failure that may pass: at most
@@ -244,6 +258,9 @@ class BuiltinEngine:
                     if exc.retry_after_s is not None
                     else backoff_s(tries, RETRY_BASE_S)
                 )
+                metrics.model_retried(self._model.provider)
+                if tracing.TRACER is not None:
+                    tracing.TRACER.retry(tries, wait_s, exc)
                 if turn_id is not None:
                     host.emit_ephemeral(
                         Retry(

@@ -13,12 +13,14 @@ it; the server checks the arguments) — the builtin engine's approvals,
 """
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from capd import metrics, tracing
 from capd.chat import INVALID_JSON_KEY, ToolSpec
 from capd.tokens import spec_tokens
 from capd.tools import BUILTIN_TOOLS
@@ -66,6 +68,11 @@ class Toolbox:
         for server in servers:
             self._mcp.setdefault(server.name, server)
 
+    def take_mcp_servers(self, other: "Toolbox") -> None:
+        """Offer the servers `other` has, which offers them no more (a reconfigured pod
+        keeps servers nothing they depend on changed)."""
+        self._mcp, other._mcp = other._mcp, {}
+
     def start_mcp_servers(self) -> None:
         """Start the servers' connections; returns at once (a server that cannot start
         leaves the pod working without its tools)."""
@@ -91,8 +98,30 @@ class Toolbox:
             specs += server.specs
         return specs
 
-    async def run(
-        self, name: str, arguments: dict[str, Any], approve: Approve | None = None
+    def offers(self, name: str) -> bool:
+        """Whether a tool of that name is offered now (the model may call any name)."""
+        return name in self._offered or name in self._mcp_names()
+
+    def run(
+        self,
+        name: str,
+        arguments: dict[str, Any],
+        approve: Approve | None = None,
+        call_id: str | None = None,
+    ) -> Awaitable[ToolOutcome]:
+        """The call's outcome, in an `execute_tool` span when tracing is on (a plain
+        function, so that off it costs no coroutine of its own)."""
+        if tracing.TRACER is None:
+            return self._run(name, arguments, approve)
+        offered = self._offered.get(name)
+        kind = "extension" if mcp_server_of(name) in self._mcp else "function"
+        description = offered[0].description if offered else None
+        run = functools.partial(self._run, name, arguments, approve)
+        return tracing.TRACER.tool(name, kind, call_id, description, arguments, run)
+
+    @metrics.timed_tool_run
+    async def _run(
+        self, name: str, arguments: dict[str, Any], approve: Approve | None
     ) -> ToolOutcome:
         server = self._mcp.get(mcp_server_of(name) or "")
         if server is not None:

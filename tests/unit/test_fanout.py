@@ -155,3 +155,14 @@ async def test_close_all_ends_every_subscription() -> None:
     log.hub.close_all()
     assert [sub.state for sub in subs] == [CLOSED, CLOSED]
     assert log.hub.subscriptions == set()
+
+
+async def test_a_subscription_without_deltas_is_not_offered_them() -> None:
+    log, every, whole = Log(1), FakeOutlet(), FakeOutlet()
+    log.hub.subscribe(every, None)
+    log.hub.subscribe(whole, None, deltas=False)
+    log.hub.publish(encode(TextDelta(pod="p", turn_id="t", text="...")), None, delta=True)
+    log.ephemeral()  # an ephemeral event that is no delta
+    log.append()
+    assert (await flushed(every)).seqs() == [None, None, 2]
+    assert (await flushed(whole)).seqs() == [None, 2]

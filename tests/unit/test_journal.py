@@ -8,11 +8,15 @@ import pytest
 
 from capd.engines.base import Turn
 from capd.journal import Journal
+from capd.permissions import Grants
 from capd.store import Store
 from protocol.events import (
     Ack,
     AssistantMessage,
+    PermissionGrant,
+    PermissionResolved,
     PodEventReceived,
+    Reconfigured,
     StatusChanged,
     TextDelta,
     TurnStart,
@@ -144,3 +148,28 @@ def test_the_usage_of_a_step_a_pause_cut_short_counts_live_as_after_a_restart(
     assert journal.usage == restored.usage == expected
     assert store.usage_totals("p") == (16, 2, 0.5)
     assert turn.output == "halfall"
+
+
+def test_new_permissions_drop_the_grants_live_and_for_a_restore_past_a_compaction(
+    store: Store,
+) -> None:
+    """Grants name rules by index; a `reconfigured` of `permissions` commits with the new
+    manifest and drops them, and a restore that reads only later events (as after a
+    compaction) does not read them back."""
+    store.add_pod("p", "old", None, 0.0)
+    journal, _ = _journal(store)
+
+    def granted(request_id: str, rule: int | None, tool: str) -> PermissionResolved:
+        grant = PermissionGrant(rule=rule, tool=tool)
+        return PermissionResolved(turn_id="t", request_id=request_id, grant=grant)
+
+    journal.emit(granted("r1", 0, "bash"), None)
+    journal.emit_all([Reconfigured(changed=["system_prompt"])], None, manifest="kept")
+    assert journal.grants == Grants(rules={0})
+    journal.emit_all([Reconfigured(changed=["permissions"])], None, manifest="new")
+    assert journal.grants == Grants()
+    journal.emit(granted("r2", None, "read_file"), None)
+    assert [record.manifest for record in store.pods()] == ["new"]
+    restored, _ = _journal(store)
+    restored.restore(data for _, data in store.events_after("p", journal.last_seq - 1, 10))
+    assert restored.grants == Grants(tools={"read_file"})
