@@ -56,7 +56,10 @@ async def test_top_shows_the_tree_and_steers_the_pod_on_the_cursor_row(
     rows = await spawn_tree(capd, tmp_path)
     await pod_request(capd, "c2a", {"method": "run", "text": "go"})
     with Screen(capctl(capd, "top"), width=120, height=30, conf_dir=tmp_path) as screen:
-        shown = screen.wait_for(re.compile(r"c2a\s+running\s+t-\w+\s+1\s+bash"))
+        screen.wait_for(re.compile(r"c2a\s+running\s+t-\w+\s+1\s+bash"))
+        # the last row whole, to its USD column: the frame is painted (tmux may show it
+        # halfway through)
+        shown = screen.wait_for(re.compile(r"^\s+c3b(\s+\S+){8}$", re.M))
         assert HEADER.search(shown), shown
         names = [line.split()[0] for line in shown.splitlines()[1:] if line.strip()][:9]
         assert names == [name for name, _ in rows]
@@ -92,6 +95,11 @@ async def test_a_hundred_pods_are_listed_at_first_paint(capd: CapdProcess, tmp_p
     with Screen(capctl(capd, "top"), width=120, height=30, conf_dir=tmp_path) as screen:
         screen.wait_for("100 pods, 0 running")
         screen.wait_for(re.compile(r"n000\s+idle"))
+        metrics = (await daemon_request(capd, {"method": "metrics"}))["text"]
+        # top's one connection (and this request's); none to a pod socket
+        assert 'capd_connections{socket="daemon"} 2\n' in metrics
+        assert 'capd_connections{socket="pod"} 0\n' in metrics
+        assert 'capd_subscribers{socket="daemon"} 1\n' in metrics
         screen.keys(*["NPage"] * 4)
         screen.wait_for(re.compile(r"n099\s+idle"))
         screen.keys("C-c")

@@ -62,6 +62,8 @@ class Screen:
         conf.write_text(CONF)
         self._env = dict(os.environ if env is None else env)
         self._env.pop("TMUX", None)
+        for size in ("COLUMNS", "LINES"):  # pytest-xdist's workers set 80x24; textual obeys
+            self._env.pop(size, None)
         command = shlex.join(argv)
         self._run(
             "-f", str(conf), "new-session", "-d", "-s", "t", "-x", str(width), "-y",
