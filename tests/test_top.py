@@ -148,6 +148,27 @@ async def test_y_answers_the_oldest_question_and_errors_go_to_the_status_line(
     assert app.return_code == 0
 
 
+async def test_enter_opens_the_pod_and_ctrl_c_comes_back_to_the_table(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    from capctl.tui.attach import AttachScreen
+
+    await spawn(capd, "w1", scripted(), cwd=str(tmp_path))
+    app = TopApp(capd.runtime_dir, Feed(capd.socket))
+    async with app.run_test(size=(120, 20)) as pilot:
+        await wait_until(pilot, lambda: "w1" in app.top.feed.pods)
+        await wait_until(pilot, lambda: app.top.current_pod() == "w1")
+        for key in ("enter", "a"):
+            await pilot.press(key)
+            await wait_until(pilot, lambda: isinstance(app.screen, AttachScreen))
+            assert app.screen.pod == "w1"
+            await pilot.press("ctrl+c")
+            await wait_until(pilot, lambda: app.screen is app.top)
+            assert app.top.note == "detached from w1"
+        await pilot.press("q")
+    assert app.return_code == 0
+
+
 async def wait_until(pilot: Any, done: Any, timeout: float = 10.0) -> None:
     """Let the app run until `done()` holds: textual has no event for "a reply came"."""
     async with asyncio.timeout(timeout):
