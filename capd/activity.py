@@ -175,7 +175,7 @@ class Controller(Protocol):
     def status_result(self, children: list[str]) -> dict[str, Any]: ...
 
 
-def running_activity(controller: Controller, error: str | None = None) -> Built:
+def running_activity(controller: Controller) -> Built:
     """The pod_activity of a pod that is up: its tracker, and what `status` says."""
     status = controller.status_result([])
     activity = controller.activity
@@ -201,7 +201,7 @@ def running_activity(controller: Controller, error: str | None = None) -> Built:
         "usage": status["usage"],
         "spent": status["spent"],
         "last_result": activity.last_result,
-        "error": error,
+        "error": None,
     }
 
 
