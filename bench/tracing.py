@@ -81,8 +81,8 @@ async def _measure(calls: int) -> list[Figure]:
         calls,
     )
     await engine.aclose()
-    if any(name.startswith("opentelemetry") for name in sys.modules):
-        raise RuntimeError("tracing is off, yet opentelemetry was imported")
+    if "capd.otel" in sys.modules or any(n.startswith("opentelemetry.sdk") for n in sys.modules):
+        raise RuntimeError("tracing is off, yet capd loaded the OpenTelemetry SDK")
     return [
         Figure("tracing", "Toolbox.run, tracing off", tool[0], "ns", "lower", tool[1], 1.2, True),
         Figure(
