@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from capctl.tui.feed import Feed
-from capctl.tui.rows import COLUMNS
+from capctl.tui.rows import COLUMNS, cells, tree
 from capctl.tui.top import KEYS, TopApp
 from protocol.client import Client
 from tests.conftest import REPO, CapdProcess
@@ -194,3 +194,23 @@ def test_the_readme_capture_has_the_table_s_layout() -> None:
     for row in rows:
         assert row[starts[1] : starts[2]].split()[0] in ("idle", "running", "paused", "stopped")
         assert row[starts[1] - 2 : starts[1]] == "  "
+
+
+def test_rows_put_children_under_parents_and_show_what_is_wrong() -> None:
+    """Pure formatting: a child listed before its parent, a parent outside capd, an open
+    question, a pod that could not be restored."""
+    pods = {
+        "kid": {"pod": "kid", "socket": "/r/kid.sock", "parent": "/r/mom.sock"},
+        "mom": {"pod": "mom", "socket": "/r/mom.sock", "parent": None},
+        "far": {"pod": "far", "socket": "/r/far.sock", "parent": "/elsewhere/x.sock"},
+    }
+    assert [(pod["pod"], depth) for pod, depth in tree(pods)] == [
+        ("mom", 0),
+        ("kid", 1),
+        ("far", 0),
+    ]
+    asking = {"pod": "a", "status": "running", "permissions": 2, "phase": "permission"}
+    broken = {"pod": "b", "status": "stopped", "error": "cannot be restored: ValueError"}
+    assert cells(asking, 0, 0.0)[1:5:3] == ("running !2", "permission")
+    assert cells(broken, 1, 0.0)[:2] == ("  b", "error")
+    assert cells(broken, 1, 0.0)[4] == "not restored"
