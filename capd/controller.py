@@ -162,9 +162,9 @@ class PodController:
         outbox: Outbox,
         ledger: Ledger,
         on_status: Callable[[str, PodStatusName], None],
+        reconfigure: "Reconfigurer",
         checkpoints: CheckpointStore | None = None,
         running_in_tree: Callable[[], list[str]] = list,
-        reconfigure: "Reconfigurer | None" = None,
     ) -> None:
         self.name = manifest.name
         self.manifest = manifest
@@ -551,8 +551,6 @@ class PodController:
                 f"pod {self.name} is {doing}; reconfigure it when idle or paused "
                 f"(capctl pause {self.name})",
             )
-        if self._reconfigure_with is None:
-            raise ProtocolError("invalid_request", f"pod {self.name} cannot be reconfigured")
         changed = await self._reconfigure_with(self, manifest)
         return ReconfigureResult(changed=changed).model_dump()
 
