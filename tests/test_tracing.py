@@ -31,7 +31,8 @@ def _traceparent() -> str:
 
 
 def _lead_model() -> dict[str, Any]:
-    kid = {"name": "kid", "task": KID_TASK, "model": {"script": [{"text": "kid done"}]}}
+    kid_script = [{"text": "kid done"}, {"text": "SUMMARY"}]  # then a compaction
+    kid = {"name": "kid", "task": KID_TASK, "model": {"script": kid_script}}
     return {
         **scripted(
             {"tool_calls": [{"name": "bash", "arguments": {"command": "echo hi"}}]},
@@ -91,6 +92,19 @@ def _named(spans: list[Span], name: str) -> list[Span]:
     return [span for span in spans if span.name == name]
 
 
+def _outside_turns(spans: list[Span], since: int) -> list[Span]:
+    """The `chat` spans started since `since` whose parent is no turn: none, or (wrongly)
+    the parent's `spawn_pod` call."""
+    spawn_pod = {s.span_id for s in _named(spans, "execute_tool spawn_pod")}
+    return [
+        s
+        for s in spans
+        if s.name.startswith("chat")
+        and s.start_time_unix_nano >= since
+        and (not s.parent_span_id or s.parent_span_id in spawn_pod)
+    ]
+
+
 def _one(spans: list[Span], name: str, **attrs: Any) -> Span:
     found = [s for s in _named(spans, name) if attrs.items() <= attributes(s.attributes).items()]
     assert len(found) == 1, f"{name} {attrs}: {[(s.name, attributes(s.attributes)) for s in spans]}"
@@ -123,8 +137,13 @@ async def test_a_turn_its_model_calls_tools_and_child_are_spans(
                 and _named(spans, "invoke_agent bad")
             )
         )
-        async with await connect_pod(capd_dirs, "kid", subscribe=False) as kid:
+        async with await connect_pod(capd_dirs, "kid") as kid:
+            if (await kid.request({"method": "status"}))["status"] != "idle":
+                await wait_for(kid, is_event("status", status="idle"))
+            compacting = time.time_ns()
+            await kid.request({"method": "compact"})  # idle: answered once compacted
             kid_start = next(e for e in await full_history(kid) if e["event"] == "turn_start")
+        spans = await receiver.wait_for_spans(lambda spans: _outside_turns(spans, compacting))
         await asyncio.to_thread(capd_dirs.stop)
     turn = _one(spans, "invoke_agent lead", **{t.TURN_ID: run["turn_id"]})
     assert turn.kind == Span.SPAN_KIND_INTERNAL
@@ -170,6 +189,10 @@ async def test_a_turn_its_model_calls_tools_and_child_are_spans(
         assert found[t.TOOL_TYPE] == "function"
         assert found[t.TOOL_CALL_ID]
         assert t.ERROR_TYPE not in found
+
+    # The child's compaction is outside any turn: a trace of its own, not the parent's.
+    [summary] = _outside_turns(spans, compacting)
+    assert not summary.parent_span_id
 
     kid_turn = _one(spans, "invoke_agent kid")
     assert kid_turn.trace_id != turn.trace_id
