@@ -351,7 +351,7 @@ class Supervisor:
             shutil.rmtree(self._pod_state_dir(name) / "spill", ignore_errors=True)
             shutil.rmtree(self._checkpoints_dir(name), ignore_errors=True)
             self._broken.pop(name, None)
-            metrics.pod_deleted(name)
+            metrics.pod_deleted(name, [record.manifest for record in self.registry.all()])
         finally:
             self._stopping.discard(name)
         self._publish(PodDeleted(pod=name))
