@@ -31,12 +31,14 @@ def _traceparent() -> str:
 
 
 def _lead_model() -> dict[str, Any]:
-    kid_script = [{"text": "kid done"}, {"text": "SUMMARY"}]  # then a compaction
+    kid_script = [{"text": "kid done"}, {"text": "kid two"}, {"text": "SUMMARY"}]  # compacted
     kid = {"name": "kid", "task": KID_TASK, "model": {"script": kid_script}}
+    more = {"name": "kid", "text": "more"}
     return {
         **scripted(
             {"tool_calls": [{"name": "bash", "arguments": {"command": "echo hi"}}]},
             {"tool_calls": [{"name": "spawn_pod", "arguments": kid}]},
+            {"tool_calls": [{"name": "send_to_pod", "arguments": more}]},
             {"text": "lead done"},
         ),
         "name": "script-1",
@@ -69,8 +71,7 @@ def _check_failures(spans: list[Span]) -> None:
 def _traced(capd: CapdProcess, receiver: OtlpReceiver) -> None:
     capd.env = {
         "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
-        "OTEL_BSP_SCHEDULE_DELAY": "50",
-        "PYTHONPROFILEIMPORTTIME": "1",  # the import log shows what capd loaded
+        "OTEL_BSP_SCHEDULE_DELAY": "20",
     }
     capd.log = capd.state_dir.with_name(capd.state_dir.name + ".log")
 
@@ -120,7 +121,11 @@ async def test_a_turn_its_model_calls_tools_and_child_are_spans(
         _traced(capd_dirs, receiver)
         await asyncio.to_thread(capd_dirs.start)
         await spawn(
-            capd_dirs, "lead", _lead_model(), cwd=str(tmp_path), tools=["bash", "spawn_pod"]
+            capd_dirs,
+            "lead",
+            _lead_model(),
+            cwd=str(tmp_path),
+            tools=["bash", "spawn_pod", "send_to_pod"],
         )
         await spawn(capd_dirs, "bad", _failing_model(), cwd=str(tmp_path), tools=["bash"])
         async with await connect_pod(capd_dirs, "lead", subscribe=False) as lead:
@@ -134,7 +139,7 @@ async def test_a_turn_its_model_calls_tools_and_child_are_spans(
                     and s.name == "invoke_agent lead"
                     for s in spans
                 )
-                and _named(spans, "invoke_agent kid")
+                and len(_named(spans, "invoke_agent kid")) == 2
                 and _named(spans, "invoke_agent bad")
             )
         )
@@ -172,6 +177,7 @@ async def test_a_turn_its_model_calls_tools_and_child_are_spans(
     assert [attributes(s.attributes)[t.FINISH_REASONS] for s in chats] == [
         ["tool_calls"],
         ["tool_calls"],
+        ["tool_calls"],
         ["stop"],
     ]
     for chat in chats:
@@ -182,7 +188,8 @@ async def test_a_turn_its_model_calls_tools_and_child_are_spans(
         assert {t.INPUT_TOKENS, t.OUTPUT_TOKENS} <= attributes(chat.attributes).keys()
     bash = _one(in_turn, "execute_tool bash")
     spawn_pod = _one(in_turn, "execute_tool spawn_pod")
-    for tool, name in ((bash, "bash"), (spawn_pod, "spawn_pod")):
+    send_to_pod = _one(in_turn, "execute_tool send_to_pod")
+    for tool, name in ((bash, "bash"), (spawn_pod, "spawn_pod"), (send_to_pod, "send_to_pod")):
         assert tool.kind == Span.SPAN_KIND_INTERNAL
         found = attributes(tool.attributes)
         assert found[t.OPERATION] == "execute_tool"
@@ -195,12 +202,15 @@ async def test_a_turn_its_model_calls_tools_and_child_are_spans(
     [summary] = _outside_turns(spans, compacting)
     assert not summary.parent_span_id
 
-    kid_turn = _one(spans, "invoke_agent kid")
-    assert kid_turn.trace_id != turn.trace_id
-    assert not kid_turn.parent_span_id
-    assert [(link.trace_id, link.span_id) for link in kid_turn.links] == [
-        (spawn_pod.trace_id, spawn_pod.span_id)
-    ]
+    kid_turn, kid_more = sorted(
+        _named(spans, "invoke_agent kid"), key=lambda span: span.start_time_unix_nano
+    )
+    for kid_span, asker in ((kid_turn, spawn_pod), (kid_more, send_to_pod)):
+        assert kid_span.trace_id != turn.trace_id
+        assert not kid_span.parent_span_id
+        assert [(link.trace_id, link.span_id) for link in kid_span.links] == [
+            (asker.trace_id, asker.span_id)
+        ]
     assert kid_start["traceparent"].startswith(
         f"00-{spawn_pod.trace_id.hex()}-{spawn_pod.span_id.hex()}-"
     )
@@ -211,7 +221,7 @@ async def test_a_turn_its_model_calls_tools_and_child_are_spans(
         assert not CONTENT_KEYS & attributes(span.attributes).keys()
     resource = attributes(receiver.requests[0].resource_spans[0].resource.attributes)
     assert resource["service.name"] == "capd"
-    assert "opentelemetry.sdk.trace" in capd_dirs.output()
+    assert "exporting traces (OTLP/HTTP)" in capd_dirs.output()
 
 
 @pytest.mark.parametrize(
@@ -377,3 +387,14 @@ async def test_a_collector_that_is_down_delays_shutdown_a_bounded_time(
     assert time.monotonic() - started < SHUTDOWN_S + 4
     logged = capd_dirs.output()
     assert "WARNING opentelemetry" not in logged  # the exporter's retries are not shown
+
+
+async def test_the_receiver_reports_a_request_it_cannot_take() -> None:
+    """tests/fakes/otlp_receiver.py: a wrong request fails `wait_for_spans` at once."""
+    async with OtlpReceiver() as receiver:
+        host, port = receiver.endpoint.removeprefix("http://").split(":")
+        _, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"POST /v1/logs HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+        with pytest.raises(AssertionError, match="/v1/logs"):
+            await receiver.wait_for_spans(lambda spans: False, timeout=5)
+        writer.close()
