@@ -129,7 +129,7 @@ class Hot:
         self.lagged = 0
         self.stopped_usage: dict[str, tuple[int, int, float | None]] = {}
         """A stopped pod's usage totals, which cannot change while it is stopped: taken
-        when it stops, or from the store once, rather than at every scrape."""
+        when it stops, or from the store at capd's start, rather than at every scrape."""
 
     def forget_pod(self, name: str) -> None:
         """A deleted pod's series go away."""
@@ -155,6 +155,12 @@ def model_retried(provider: str) -> None:
 
 def subscription_lagged() -> None:
     HOT.lagged += 1
+
+
+def usage_stored(name: str, totals: tuple[int, int, float | None]) -> None:
+    """A pod's usage totals as the store has them at capd's start (the ledger reads them
+    anyway), for the scrapes while it is stopped."""
+    HOT.stopped_usage[name] = totals
 
 
 def pod_stopped(name: str, usage: Usage) -> None:
