@@ -200,6 +200,8 @@ async def test_http_endpoint_and_lagged_subscribers(capd_dirs: CapdProcess) -> N
     status, headers, body = await http(address, b"HEAD /metrics HTTP/1.1\r\n\r\n")
     assert (status, headers["Content-Type"], body) == ("HTTP/1.1 200 OK", CONTENT_TYPE, b"")
     assert int(headers["Content-Length"]) > 0
+    status, _, body = await http(address, b"GET /metrics HTTP/1.0\n\n")  # LF line ends
+    assert (status, body.count(b"\n# TYPE capd_pods gauge\n")) == ("HTTP/1.1 200 OK", 1)
     status, _, _ = await http(address, b"GET /other HTTP/1.1\r\n\r\n")
     assert status == "HTTP/1.1 404 Not Found"
     status, headers, _ = await http(address, b"POST /metrics HTTP/1.1\r\n\r\n")
@@ -230,6 +232,16 @@ async def test_http_endpoint_and_lagged_subscribers(capd_dirs: CapdProcess) -> N
     )
     assert done.returncode == 0, done.stderr
     assert value(samples(done.stdout), lagged) == value(after, lagged)
+
+    # capd stops with an exchange under way: it ends it, and asyncio logs no traceback.
+    _, idle = await asyncio.open_connection(host, int(port))
+    idle.write(b"GET /metrics HTTP/1.1\r\n")
+    await idle.drain()
+    await asyncio.to_thread(capd_dirs.stop)
+    idle.close()
+    logged = capd_dirs.output()
+    assert "capd stopped" in logged
+    assert "Traceback" not in logged
 
 
 def test_a_metrics_address_in_use_stops_capd_at_start(capd_dirs: CapdProcess) -> None:
