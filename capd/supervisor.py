@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from capd import metrics
+from capd.activity import ActivityFeed, Built, running_activity, stopped_activity
 from capd.budgets import Ledger
 from capd.checkpoints import CheckpointStore, require_git
 from capd.children import ChildPods, check_child, check_within
 from capd.config import Config
 from capd.controller import PodController, StopMode
-from capd.engines import check_engine, make_engine
+from capd.engines import check_engine, make_engine, model_label
 from capd.engines.claude_code import state_paths as claude_code_state
 from capd.fanout import Hub
 from capd.outbox import Outbox
@@ -108,6 +109,9 @@ class Supervisor:
         self.pods: dict[str, _RunningPod] = {}
         self.hub = Hub("", lambda: 0)
         """The daemon socket's subscribers: pods spawned, stopped, deleted, their status."""
+        self.activity = ActivityFeed(self._activity_of)
+        """The daemon subscribers that asked for activity too."""
+        self._stopped_usage: dict[str, dict[str, Any]] = {}
         self._on_status = on_status
         self._background: set[asyncio.Task[Any]] = set()
         self._stopping: set[str] = set()
@@ -438,6 +442,8 @@ class Supervisor:
             reconfigure=self.reconfigure,
         )
         controller.restore(self._stored_events(name))
+        self.activity.track(controller.activity)
+        self._stopped_usage.pop(name, None)
         endpoint = PodEndpoint(controller, self, self.config)
         await endpoint.listen()
         self.outbox.retry_now(str(endpoint.path))
@@ -742,6 +748,44 @@ class Supervisor:
     def _publish(self, event: PodEventBase) -> None:
         if self.hub.subscriptions:
             self.hub.publish(encode(event))
+        self.activity.lifecycle(event)
+
+    # -- activity -----------------------------------------------------------------------
+
+    def overview(self) -> dict[str, Any]:
+        """The `overview` ack's result: every pod's pod_activity, in creation order."""
+        return {"pods": [self._activity_of(record.name) for record in self.registry.all()]}
+
+    def _activity_of(self, name: str) -> Built | None:
+        running = self.pods.get(name)
+        if running is not None:
+            return running_activity(running.controller)
+        record = self.registry.get(name)
+        if record is None:
+            return None
+        if name not in self._stopped_usage:  # a stopped pod spends nothing more
+            inp, out, usd = self.store.usage_totals(name)
+            self._stopped_usage[name] = {
+                "input_tokens": inp,
+                "output_tokens": out,
+                "cost_usd": usd,
+            }
+        try:
+            model = model_label(Manifest.model_validate_json(record.manifest))
+        except ValueError:
+            model = ""  # it cannot be restored either; `error` says so
+        return stopped_activity(
+            name,
+            socket=str(self.registry.socket(name)),
+            parent=record.parent,
+            model=model,
+            since=self.activity.stopped_at.get(name, 0.0),
+            usage=self._stopped_usage[name],
+            spent=self.ledger.spent(name),
+            queued=sum(row.kind == "run" for row in self.store.pending(name)),
+            last_result=self.activity.last_result(name),
+            error=self._broken.get(name),
+        )
 
 
 def _first_line(exc: BaseException) -> str:
