@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from capd import metrics
 from capd.engines.base import BudgetSpent
 from capd.prices import add_usd, price_of
 from capd.registry import PodRegistry
@@ -53,6 +54,7 @@ class Ledger:
         """What each pod's deleted descendants spent: part of its subtree sum."""
         for record in registry.all():
             inp, out, usd = store.usage_totals(record.name)
+            metrics.usage_stored(record.name, (inp, out, usd))
             self._own[record.name] = _Sum(inp + out, usd)
             try:
                 budget = Manifest.model_validate_json(record.manifest).budget

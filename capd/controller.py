@@ -684,7 +684,8 @@ class PodController:
     def _end_span(self, result: TurnResult | None, error: str | None) -> None:
         """End the running segment's span: with the turn's result, or (None) paused."""
         if tracing.TRACER is not None:
-            tracing.TRACER.end_turn(self._span, result, error)
+            assert self.turn is not None
+            tracing.TRACER.end_turn(self.manifest, self.turn, self._span, result, error)
         if result is not None:
             self._span = None
 
@@ -843,8 +844,7 @@ class PodController:
         turn = self.turn
         assert turn is not None
         self._close_orphans()
-        if self._span is not None:
-            self._end_span(result, error)
+        self._end_span(result, error)
         self.emit(
             TurnEnd(turn_id=turn.turn_id, result=result, output=turn.output, error=error),
             report=self._turn_report(turn, result, error),

@@ -22,7 +22,7 @@ from typing import IO
 
 from capd import tracing
 from capd.config import Config
-from capd.metrics_http import MetricsHttp
+from capd.metrics_http import Cached, MetricsHttp
 from capd.metrics_scrape import scrape
 from capd.outbox import Outbox
 from capd.proc import leftovers
@@ -64,6 +64,7 @@ class Daemon:
         self._should_exit = asyncio.Event()
         self._started = time.monotonic()
         self._started_at = time.time()
+        self._metrics = Cached(self._scrape)
         self._metrics_http: MetricsHttp | None = None
         self._metrics_listen: str | None = None
         self._notifier = Notifier({})
@@ -117,10 +118,12 @@ class Daemon:
         )
         self._endpoint = DaemonEndpoint(self.supervisor, self, cfg)
         if cfg.metrics_listen is not None:
-            self._metrics_http = MetricsHttp(self.metrics)
-            self._metrics_listen = await self._metrics_http.start(*cfg.metrics_listen)
-            log.info("metrics at http://%s/metrics", self._metrics_listen)
+            self._metrics_http = MetricsHttp(self._metrics.get)
+            self._metrics_listen = await self._metrics_http.bind(*cfg.metrics_listen)
         await self._restore_pods()
+        if self._metrics_http is not None:  # once restored: no scrape sees pods not up yet
+            await self._metrics_http.serve()
+            log.info("metrics at http://%s/metrics", self._metrics_listen)
         await self._endpoint.listen(activated)
         outbox.start()
         log.info(
@@ -243,6 +246,11 @@ class Daemon:
         )
 
     def metrics(self) -> str:
+        """Rendered now: the daemon socket's clients are trusted (they can spawn pods), and
+        they see what they just did. The HTTP listener serves it cached."""
+        return self._metrics.fresh()
+
+    def _scrape(self) -> str:
         assert self._endpoint is not None
         return scrape(self.supervisor, self._endpoint, self._started_at)
 

@@ -20,7 +20,7 @@ from typing import Any, Protocol, TypeVar, get_args
 
 from capd.tools.base import ToolOutcome
 from protocol.events import PodStatusName, Usage
-from protocol.manifest import ModelConfig
+from protocol.manifest import Manifest, ModelConfig
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MODEL_BUCKETS = (0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
@@ -129,7 +129,7 @@ class Hot:
         self.lagged = 0
         self.stopped_usage: dict[str, tuple[int, int, float | None]] = {}
         """A stopped pod's usage totals, which cannot change while it is stopped: taken
-        when it stops, or from the store once, rather than at every scrape."""
+        when it stops, or from the store at capd's start, rather than at every scrape."""
 
     def forget_pod(self, name: str) -> None:
         """A deleted pod's series go away."""
@@ -157,12 +157,32 @@ def subscription_lagged() -> None:
     HOT.lagged += 1
 
 
+def usage_stored(name: str, totals: tuple[int, int, float | None]) -> None:
+    """A pod's usage totals as the store has them at capd's start (the ledger reads them
+    anyway), for the scrapes while it is stopped."""
+    HOT.stopped_usage[name] = totals
+
+
 def pod_stopped(name: str, usage: Usage) -> None:
     HOT.stopped_usage[name] = (usage.input_tokens, usage.output_tokens, usage.cost_usd)
 
 
-def pod_deleted(name: str) -> None:
+def pod_deleted(name: str, manifests: Iterable[str]) -> None:
+    """The deleted pod's series go away, and the model calls' series of the models no pod
+    left uses (`manifests`: the pods', as JSON): model names come from manifests, so over a
+    long life they would grow without bound."""
     HOT.forget_pod(name)
+    used = set()
+    for text in manifests:
+        try:
+            model = Manifest.model_validate_json(text).model
+        except ValueError:
+            continue  # a pod that cannot be restored runs no model
+        if model is not None:
+            used.add((model.provider, model.name))
+    series = HOT.model_calls.series
+    for labels in [labels for labels in series if labels[:2] not in used]:
+        del series[labels]
 
 
 def timed_model_call(call: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:

@@ -30,6 +30,7 @@ from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Status, Statu
 
 from capd import semconv as t
 from capd.engines.base import Turn
+from capd.metrics import UNKNOWN_TOOL
 from capd.providers.base import ModelReply, ProviderError
 from capd.tools.base import ToolOutcome
 from protocol import VERSION
@@ -54,11 +55,8 @@ class Tracer:
 
     @classmethod
     def from_env(cls, debug: bool) -> "Tracer":
-        if os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf") != "http/protobuf":
-            log.warning(
-                "OTEL_EXPORTER_OTLP_PROTOCOL=%s: capd exports traces over http/protobuf only",
-                os.environ["OTEL_EXPORTER_OTLP_PROTOCOL"],
-            )
+        if (unsupported := unsupported_setting()) is not None:
+            log.warning("%s: capd exports traces over OTLP with http/protobuf only", unsupported)
         if not debug:  # the exporter logs a warning per failed attempt
             logging.getLogger("opentelemetry").setLevel(logging.ERROR)
         resource = Resource.create(
@@ -129,10 +127,21 @@ class Tracer:
         ctx.run(otel_context.attach, trace.set_span_in_context(span))
         return span, ctx
 
-    def end_turn(self, span: Span, result: TurnResult | None, error: str | None) -> None:
-        """End a segment: with the turn's result, or (None) paused."""
-        if not span.is_recording():
-            return
+    def end_turn(
+        self,
+        manifest: Manifest,
+        turn: Turn,
+        span: Span | None,
+        result: TurnResult | None,
+        error: str | None,
+    ) -> None:
+        """End a segment: with the turn's result, or (None) paused. A turn that ends with
+        no segment running (cancelled while paused, or before its first segment) gets a
+        zero-length one, linked `resumed` to the last, to carry its result."""
+        if span is None or not span.is_recording():
+            if result is None:
+                return
+            span, _ = self.start_turn(manifest, turn, span)
         if result is None:
             span.set_attribute(t.TURN_PAUSED, True)
         else:
@@ -195,6 +204,7 @@ class Tracer:
     async def tool(
         self,
         name: str,
+        offered: bool,
         tool_type: str,
         call_id: str | None,
         description: str | None,
@@ -202,7 +212,8 @@ class Tracer:
         run: Callable[[], Awaitable[ToolOutcome]],
     ) -> ToolOutcome:
         """An `execute_tool` span around a tool call; `tool_type` is `function` (capd's
-        tools) or `extension` (an MCP server's)."""
+        tools) or `extension` (an MCP server's). A tool the pod does not offer is named
+        `unknown` in the span's name, as in the metrics: the model makes such names up."""
         attributes: dict[str, Any] = {
             t.OPERATION: "execute_tool",
             t.TOOL_NAME: name,
@@ -215,7 +226,9 @@ class Tracer:
         if self.capture_content:
             attributes[t.TOOL_ARGUMENTS] = orjson.dumps(arguments).decode()
         with self._tracer.start_as_current_span(
-            f"execute_tool {name}", kind=SpanKind.INTERNAL, attributes=attributes
+            f"execute_tool {name if offered else UNKNOWN_TOOL}",
+            kind=SpanKind.INTERNAL,
+            attributes=attributes,
         ) as span:
             outcome = await run()
             if outcome.is_error:
@@ -230,6 +243,19 @@ class Tracer:
         if not ctx.is_valid:
             return None
         return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
+
+
+def unsupported_setting() -> str | None:
+    """`VARIABLE=value` of a setting capd does not follow (it warns and goes on): an
+    exporter other than OTLP, a protocol other than http/protobuf (the traces' own
+    variable first, as the exporter reads them)."""
+    exporter = os.environ.get("OTEL_TRACES_EXPORTER", "otlp")
+    if exporter.strip().lower() != "otlp":
+        return f"OTEL_TRACES_EXPORTER={exporter}"
+    for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+        if value := os.environ.get(name):
+            return None if value == "http/protobuf" else f"{name}={value}"
+    return None
 
 
 def _span_context(traceparent: str | None) -> SpanContext | None:

@@ -29,6 +29,8 @@ from typing import Any
 
 import orjson
 
+from capd.prices import add_usd
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS pods (
     name     TEXT PRIMARY KEY,
@@ -309,7 +311,9 @@ class Store:
     def usage_totals(self, pod: str) -> tuple[int, int, float | None]:
         """The pod's (input tokens, output tokens, dollars or None) over its whole history,
         as a restart derives them: its latest `context_compacted`'s `usage`, then the
-        `assistant_message`s after it."""
+        `assistant_message`s after it. The dollars are added in Python in seq order, as the
+        journal adds them: a sum in another order can differ in the last bits, and
+        `capd_cost_usd_total` must not go backwards when a stopped pod starts."""
         found = self._latest_compaction(pod, LAST_SEQ)
         after, inp, out, usd = 0, 0, 0, None
         if found is not None:
@@ -317,17 +321,17 @@ class Store:
             usage = compacted.get("usage") or {}
             inp, out = usage.get("input_tokens") or 0, usage.get("output_tokens") or 0
             usd = usage.get("cost_usd")
-        more = self._db.execute(
-            "SELECT SUM(json_extract(CAST(data AS TEXT), '$.usage.input_tokens')), "
-            "SUM(json_extract(CAST(data AS TEXT), '$.usage.output_tokens')), "
-            "SUM(json_extract(CAST(data AS TEXT), '$.usage.cost_usd')) "
-            "FROM events WHERE pod = ? AND seq > ? AND kind = 'assistant_message'",
+        rows = self._db.execute(
+            "SELECT json_extract(CAST(data AS TEXT), '$.usage') "
+            "FROM events WHERE pod = ? AND seq > ? AND kind = 'assistant_message' ORDER BY seq",
             (pod, after),
-        ).fetchone()
-        more_usd = more[2]
-        if more_usd is not None:
-            usd = more_usd if usd is None else usd + more_usd
-        return inp + (more[0] or 0), out + (more[1] or 0), usd
+        )
+        for (text,) in rows:
+            usage = orjson.loads(text) if text else {}
+            inp += usage.get("input_tokens") or 0
+            out += usage.get("output_tokens") or 0
+            usd = add_usd(usd, usage.get("cost_usd"))
+        return inp, out, usd
 
     def latest_rewound(self, pod: str, first: int, before_seq: int) -> tuple[int, bytes] | None:
         """The pod's latest `rewound` with `first` <= seq < `before_seq`, as (seq, json)."""

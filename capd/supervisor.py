@@ -9,6 +9,7 @@ the pod tools (through `ChildPods`) call it in between.
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import shutil
 from collections.abc import Awaitable, Callable, Iterator
@@ -275,12 +276,13 @@ class Supervisor:
 
     def in_background(self, work: Awaitable[T]) -> "asyncio.Task[T]":
         """Run `work` as a task the supervisor owns: shutdown waits for it, and whoever
-        awaits it can be cancelled (by `asyncio.shield`) without cutting it short."""
+        awaits it can be cancelled (by `asyncio.shield`) without cutting it short. It runs
+        in a fresh context: a child a tool call spawns is not part of that call's span."""
 
         async def run() -> T:
             return await work
 
-        task = asyncio.create_task(run())
+        task = asyncio.create_task(run(), context=contextvars.Context())
         self._background.add(task)
         task.add_done_callback(self._background_done)
         return task
@@ -368,7 +370,7 @@ class Supervisor:
             shutil.rmtree(self._pod_state_dir(name) / "spill", ignore_errors=True)
             shutil.rmtree(self._checkpoints_dir(name), ignore_errors=True)
             self._broken.pop(name, None)
-            metrics.pod_deleted(name)
+            metrics.pod_deleted(name, [record.manifest for record in self.registry.all()])
         finally:
             self._stopping.discard(name)
         self._publish(PodDeleted(pod=name))
@@ -478,7 +480,9 @@ class Supervisor:
         endpoint = PodEndpoint(controller, self, self.config)
         await endpoint.listen()
         self.outbox.retry_now(str(endpoint.path))
-        actor = asyncio.create_task(controller.run(), name=f"pod {name}")
+        actor = asyncio.create_task(
+            controller.run(), name=f"pod {name}", context=contextvars.Context()
+        )
         running = _RunningPod(controller, endpoint, actor, limits)
         self.pods[name] = running
         toolbox.start_mcp_servers()  # not awaited: the pod is up even if a server cannot start

@@ -1,7 +1,8 @@
 """OpenTelemetry traces, off unless asked for: the facade the rest of capd calls.
 
 Tracing is on when `OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`
-is set and `OTEL_SDK_DISABLED` is not `true`, and the `otel` extra is installed. Only then
+is set, `OTEL_SDK_DISABLED` is not `true` nor `OTEL_TRACES_EXPORTER` `none`, and the
+`otel` extra is installed. Only then
 does `setup` import `capd.otel`, the one module that imports opentelemetry; `TRACER` stays
 None otherwise, and every call site checks it first (`if tracing.TRACER is not None`),
 which costs a module attribute lookup: the OTel API's no-op spans cost ~16 µs each.
@@ -30,6 +31,8 @@ MISSING_EXTRA = (
 def enabled() -> str | None:
     """The variable that turns tracing on, or None when it is off."""
     if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return None
+    if os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "none":
         return None
     return next((name for name in ENDPOINT_VARIABLES if os.environ.get(name)), None)
 

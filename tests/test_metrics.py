@@ -97,21 +97,57 @@ async def test_values_follow_turns_and_calls(capd: CapdProcess) -> None:
     assert pod_series(deleted, "m2") != []
 
 
+def priced(i: int) -> dict[str, object]:
+    """Two turns, a compaction and two more, at odd prices: the dollars of a sum in another
+    order than the journal's differ in the last bits for some of these (pods 1 and 3)."""
+    steps = [
+        {"text": "a b c " * (i + 1)},
+        {"text": "d e " * (i + 3)},
+        {"text": "SUMMARY x"},
+        {"text": "f g h " * (i + 2)},
+        {"text": "i j"},
+    ]
+    price = {"input_per_mtok": 0.15 + i * 0.37, "output_per_mtok": 0.6 + i * 1.13}
+    return {"provider": "scripted", "script": steps, "price": price}
+
+
+def totals(found: Samples, pod: str) -> tuple[float, float, float]:
+    return (
+        value(found, "capd_tokens_total", pod=pod, type="input"),
+        value(found, "capd_tokens_total", pod=pod, type="output"),
+        value(found, "capd_cost_usd_total", pod=pod),
+    )
+
+
 @pytest.mark.own_capd
-async def test_stopped_pods_totals_come_from_the_store_after_a_restart(
+async def test_a_stopped_pods_totals_are_the_same_before_and_after_restart_and_start(
     capd: CapdProcess,
 ) -> None:
-    await spawn(capd, "keep", scripted({"text": "one two three"}))
-    async with await connect_pod(capd, "keep") as pod:
-        await run_turn(pod, "go")
-        usage = (await pod.request({"method": "status"}))["usage"]
-    await daemon_request(capd, {"method": "stop", "name": "keep"})
+    """The totals of a stopped pod come from its journal at stop, from the store after a
+    capd restart, and from its journal again once started: the same numbers, to the last
+    bit, or Prometheus sees a counter reset."""
+    names = ["p1", "p3"]
+    for name in names:
+        await spawn(capd, name, priced(int(name[1:])))
+        async with await connect_pod(capd, name) as pod:
+            await run_turn(pod, "one two three four five")
+            await run_turn(pod, "six seven")
+            await pod.request({"method": "compact"})
+            await wait_for(pod, is_event("context_compacted"))
+            await run_turn(pod, "eight nine ten")
+            await run_turn(pod, "eleven")
+        await daemon_request(capd, {"method": "stop", "name": name})
+    at_stop = await scrape(capd)
     capd.stop()
     capd.start()
-    found = await scrape(capd)
-    assert value(found, "capd_pods", status="stopped") == 1
-    assert value(found, "capd_tokens_total", pod="keep", type="output") == usage["output_tokens"]
-    assert value(found, "capd_tokens_total", pod="keep", type="input") == usage["input_tokens"]
+    restarted = await scrape(capd)
+    assert value(restarted, "capd_pods", status="stopped") == len(names)
+    for name in names:
+        await daemon_request(capd, {"method": "start", "name": name})
+    started = await scrape(capd)
+    for name in names:
+        assert totals(at_stop, name)[2] > 0
+        assert totals(at_stop, name) == totals(restarted, name) == totals(started, name), name
 
 
 async def test_reports_owed_to_an_absent_parent_are_counted(
@@ -164,6 +200,8 @@ async def test_http_endpoint_and_lagged_subscribers(capd_dirs: CapdProcess) -> N
     status, headers, body = await http(address, b"HEAD /metrics HTTP/1.1\r\n\r\n")
     assert (status, headers["Content-Type"], body) == ("HTTP/1.1 200 OK", CONTENT_TYPE, b"")
     assert int(headers["Content-Length"]) > 0
+    status, _, body = await http(address, b"GET /metrics HTTP/1.0\n\n")  # LF line ends
+    assert (status, body.count(b"\n# TYPE capd_pods gauge\n")) == ("HTTP/1.1 200 OK", 1)
     status, _, _ = await http(address, b"GET /other HTTP/1.1\r\n\r\n")
     assert status == "HTTP/1.1 404 Not Found"
     status, headers, _ = await http(address, b"POST /metrics HTTP/1.1\r\n\r\n")
@@ -194,6 +232,16 @@ async def test_http_endpoint_and_lagged_subscribers(capd_dirs: CapdProcess) -> N
     )
     assert done.returncode == 0, done.stderr
     assert value(samples(done.stdout), lagged) == value(after, lagged)
+
+    # capd stops with an exchange under way: it ends it, and asyncio logs no traceback.
+    _, idle = await asyncio.open_connection(host, int(port))
+    idle.write(b"GET /metrics HTTP/1.1\r\n")
+    await idle.drain()
+    await asyncio.to_thread(capd_dirs.stop)
+    idle.close()
+    logged = capd_dirs.output()
+    assert "capd stopped" in logged
+    assert "Traceback" not in logged
 
 
 def test_a_metrics_address_in_use_stops_capd_at_start(capd_dirs: CapdProcess) -> None:

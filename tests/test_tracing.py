@@ -31,11 +31,14 @@ def _traceparent() -> str:
 
 
 def _lead_model() -> dict[str, Any]:
-    kid = {"name": "kid", "task": KID_TASK, "model": {"script": [{"text": "kid done"}]}}
+    kid_script = [{"text": "kid done"}, {"text": "kid two"}, {"text": "SUMMARY"}]  # compacted
+    kid = {"name": "kid", "task": KID_TASK, "model": {"script": kid_script}}
+    more = {"name": "kid", "text": "more"}
     return {
         **scripted(
             {"tool_calls": [{"name": "bash", "arguments": {"command": "echo hi"}}]},
             {"tool_calls": [{"name": "spawn_pod", "arguments": kid}]},
+            {"tool_calls": [{"name": "send_to_pod", "arguments": more}]},
             {"text": "lead done"},
         ),
         "name": "script-1",
@@ -53,7 +56,8 @@ def _check_failures(spans: list[Span]) -> None:
     assert turn.status.code == Status.STATUS_CODE_ERROR
     assert attributes(turn.attributes)[t.ERROR_TYPE] == "errored"
     assert attributes(turn.attributes)[t.TURN_RESULT] == "errored"
-    tool = _one(spans, "execute_tool nope")
+    tool = _one(spans, "execute_tool unknown")  # a name the pod does not offer
+    assert attributes(tool.attributes)[t.TOOL_NAME] == "nope"
     assert tool.parent_span_id == turn.span_id
     assert tool.status.code == Status.STATUS_CODE_ERROR
     assert attributes(tool.attributes)[t.ERROR_TYPE] == "tool_error"
@@ -67,8 +71,7 @@ def _check_failures(spans: list[Span]) -> None:
 def _traced(capd: CapdProcess, receiver: OtlpReceiver) -> None:
     capd.env = {
         "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
-        "OTEL_BSP_SCHEDULE_DELAY": "50",
-        "PYTHONPROFILEIMPORTTIME": "1",  # the import log shows what capd loaded
+        "OTEL_BSP_SCHEDULE_DELAY": "20",
     }
     capd.log = capd.state_dir.with_name(capd.state_dir.name + ".log")
 
@@ -91,6 +94,19 @@ def _named(spans: list[Span], name: str) -> list[Span]:
     return [span for span in spans if span.name == name]
 
 
+def _outside_turns(spans: list[Span], since: int) -> list[Span]:
+    """The `chat` spans started since `since` whose parent is no turn: none, or (wrongly)
+    the parent's `spawn_pod` call."""
+    spawn_pod = {s.span_id for s in _named(spans, "execute_tool spawn_pod")}
+    return [
+        s
+        for s in spans
+        if s.name.startswith("chat")
+        and s.start_time_unix_nano >= since
+        and (not s.parent_span_id or s.parent_span_id in spawn_pod)
+    ]
+
+
 def _one(spans: list[Span], name: str, **attrs: Any) -> Span:
     found = [s for s in _named(spans, name) if attrs.items() <= attributes(s.attributes).items()]
     assert len(found) == 1, f"{name} {attrs}: {[(s.name, attributes(s.attributes)) for s in spans]}"
@@ -105,7 +121,11 @@ async def test_a_turn_its_model_calls_tools_and_child_are_spans(
         _traced(capd_dirs, receiver)
         await asyncio.to_thread(capd_dirs.start)
         await spawn(
-            capd_dirs, "lead", _lead_model(), cwd=str(tmp_path), tools=["bash", "spawn_pod"]
+            capd_dirs,
+            "lead",
+            _lead_model(),
+            cwd=str(tmp_path),
+            tools=["bash", "spawn_pod", "send_to_pod"],
         )
         await spawn(capd_dirs, "bad", _failing_model(), cwd=str(tmp_path), tools=["bash"])
         async with await connect_pod(capd_dirs, "lead", subscribe=False) as lead:
@@ -119,12 +139,17 @@ async def test_a_turn_its_model_calls_tools_and_child_are_spans(
                     and s.name == "invoke_agent lead"
                     for s in spans
                 )
-                and _named(spans, "invoke_agent kid")
+                and len(_named(spans, "invoke_agent kid")) == 2
                 and _named(spans, "invoke_agent bad")
             )
         )
-        async with await connect_pod(capd_dirs, "kid", subscribe=False) as kid:
+        async with await connect_pod(capd_dirs, "kid") as kid:
+            if (await kid.request({"method": "status"}))["status"] != "idle":
+                await wait_for(kid, is_event("status", status="idle"))
+            compacting = time.time_ns()
+            await kid.request({"method": "compact"})  # idle: answered once compacted
             kid_start = next(e for e in await full_history(kid) if e["event"] == "turn_start")
+        spans = await receiver.wait_for_spans(lambda spans: _outside_turns(spans, compacting))
         await asyncio.to_thread(capd_dirs.stop)
     turn = _one(spans, "invoke_agent lead", **{t.TURN_ID: run["turn_id"]})
     assert turn.kind == Span.SPAN_KIND_INTERNAL
@@ -152,6 +177,7 @@ async def test_a_turn_its_model_calls_tools_and_child_are_spans(
     assert [attributes(s.attributes)[t.FINISH_REASONS] for s in chats] == [
         ["tool_calls"],
         ["tool_calls"],
+        ["tool_calls"],
         ["stop"],
     ]
     for chat in chats:
@@ -162,7 +188,8 @@ async def test_a_turn_its_model_calls_tools_and_child_are_spans(
         assert {t.INPUT_TOKENS, t.OUTPUT_TOKENS} <= attributes(chat.attributes).keys()
     bash = _one(in_turn, "execute_tool bash")
     spawn_pod = _one(in_turn, "execute_tool spawn_pod")
-    for tool, name in ((bash, "bash"), (spawn_pod, "spawn_pod")):
+    send_to_pod = _one(in_turn, "execute_tool send_to_pod")
+    for tool, name in ((bash, "bash"), (spawn_pod, "spawn_pod"), (send_to_pod, "send_to_pod")):
         assert tool.kind == Span.SPAN_KIND_INTERNAL
         found = attributes(tool.attributes)
         assert found[t.OPERATION] == "execute_tool"
@@ -171,12 +198,19 @@ async def test_a_turn_its_model_calls_tools_and_child_are_spans(
         assert found[t.TOOL_CALL_ID]
         assert t.ERROR_TYPE not in found
 
-    kid_turn = _one(spans, "invoke_agent kid")
-    assert kid_turn.trace_id != turn.trace_id
-    assert not kid_turn.parent_span_id
-    assert [(link.trace_id, link.span_id) for link in kid_turn.links] == [
-        (spawn_pod.trace_id, spawn_pod.span_id)
-    ]
+    # The child's compaction is outside any turn: a trace of its own, not the parent's.
+    [summary] = _outside_turns(spans, compacting)
+    assert not summary.parent_span_id
+
+    kid_turn, kid_more = sorted(
+        _named(spans, "invoke_agent kid"), key=lambda span: span.start_time_unix_nano
+    )
+    for kid_span, asker in ((kid_turn, spawn_pod), (kid_more, send_to_pod)):
+        assert kid_span.trace_id != turn.trace_id
+        assert not kid_span.parent_span_id
+        assert [(link.trace_id, link.span_id) for link in kid_span.links] == [
+            (asker.trace_id, asker.span_id)
+        ]
     assert kid_start["traceparent"].startswith(
         f"00-{spawn_pod.trace_id.hex()}-{spawn_pod.span_id.hex()}-"
     )
@@ -187,7 +221,7 @@ async def test_a_turn_its_model_calls_tools_and_child_are_spans(
         assert not CONTENT_KEYS & attributes(span.attributes).keys()
     resource = attributes(receiver.requests[0].resource_spans[0].resource.attributes)
     assert resource["service.name"] == "capd"
-    assert "opentelemetry.sdk.trace" in capd_dirs.output()
+    assert "exporting traces (OTLP/HTTP)" in capd_dirs.output()
 
 
 @pytest.mark.parametrize(
@@ -226,12 +260,20 @@ async def test_capctl_send_passes_traceparent(capd: CapdProcess, tmp_path: Path)
     async with await connect_pod(capd, "p", subscribe=False) as pod:
         history = await full_history(pod)
     assert [e["traceparent"] for e in history if e["event"] == "turn_start"] == [by_capctl]
-    refused = await _capctl(capd, {"TRACEPARENT": "00-1-2-3"}, "send", "p", "more")
-    assert refused.returncode == 1
-    assert refused.stderr.splitlines() == [
-        "capctl: TRACEPARENT=00-1-2-3 is not a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>); "
-        "set it right or unset it"
+    # A later version: its first four fields. One that does not parse: ignored (W3C).
+    later = "01" + _traceparent()[2:] + "-more"
+    sent = await _capctl(capd, {"TRACEPARENT": later}, "send", "p", "later")
+    assert (sent.returncode, sent.stderr) == (0, "")
+    ignored = await _capctl(capd, {"TRACEPARENT": "00-1-2-3"}, "send", "p", "more")
+    assert ignored.returncode == 0
+    assert ignored.stderr.splitlines() == [
+        "capctl: ignoring TRACEPARENT=00-1-2-3: not a W3C traceparent "
+        "(00-<32 hex>-<16 hex>-<2 hex>)"
     ]
+    async with await connect_pod(capd, "p", subscribe=False) as pod:
+        history = await full_history(pod)
+    starts = [e.get("traceparent") for e in history if e["event"] == "turn_start"]
+    assert starts == [by_capctl, "00" + later[2:-5], None]
 
 
 async def test_a_missing_extra_is_one_warning(capd_dirs: CapdProcess, tmp_path: Path) -> None:
@@ -265,7 +307,7 @@ async def test_segments_of_a_paused_turn_and_a_queued_run_keep_their_links(
         _traced(capd_dirs, receiver)
         capd_dirs.env[t.CAPTURE_CONTENT_VARIABLE] = "true"
         await asyncio.to_thread(capd_dirs.start)
-        model = scripted(sleep, sleep, {"text": "after"})
+        model = scripted(sleep, sleep, {"text": "after"}, {"text": "next"}, sleep)
         await spawn(capd_dirs, "s", model, cwd=str(tmp_path), tools=["bash"])
         async with await connect_pod(capd_dirs, "s") as pod:
             run = await pod.request({"method": "run", "text": "go", "traceparent": first})
@@ -281,8 +323,13 @@ async def test_segments_of_a_paused_turn_and_a_queued_run_keep_their_links(
             await pod.request({"method": "resume"})
             await wait_for(pod, is_event("turn_end", turn_id=second["turn_id"]))
             history = await full_history(pod)
+            third = await pod.request({"method": "run", "text": "then"})
+            await wait_for(pod, is_event("tool_call_start"))
+            await pod.request({"method": "pause"})
+            await pod.request({"method": "cancel"})  # while paused: no segment runs
+            await wait_for(pod, is_event("turn_end", result="cancelled"))
         spans = await receiver.wait_for_spans(
-            lambda spans: len(_named(spans, "invoke_agent s")) == 4
+            lambda spans: len(_named(spans, "invoke_agent s")) == 6
         )
         await asyncio.to_thread(capd_dirs.stop)
     starts = {e["turn_id"]: e["traceparent"] for e in history if e["event"] == "turn_start"}
@@ -290,15 +337,13 @@ async def test_segments_of_a_paused_turn_and_a_queued_run_keep_their_links(
     segments = _named(spans, "invoke_agent s")
     segments.sort(key=lambda span: span.start_time_unix_nano)
     turns = [attributes(s.attributes)[t.TURN_ID] for s in segments]
-    assert turns == [run["turn_id"]] * 3 + [second["turn_id"]]
+    assert turns == [run["turn_id"]] * 3 + [second["turn_id"]] + [third["turn_id"]] * 2
     ends = [attributes(s.attributes).get(t.TURN_RESULT) for s in segments]
-    assert ends == [None, None, "finished", "finished"]
-    assert [attributes(s.attributes).get(t.TURN_PAUSED) for s in segments] == [
-        True,
-        True,
-        None,
-        None,
-    ]
+    assert ends == [None, None, "finished", "finished", None, "cancelled"]
+    paused = [attributes(s.attributes).get(t.TURN_PAUSED) for s in segments]
+    assert paused == [True, True, None, None, True, None]
+    # The cancel of the paused turn is a zero-length segment after the paused one.
+    assert segments[5].end_time_unix_nano - segments[5].start_time_unix_nano < 10**7
 
     def links(span: Span) -> list[tuple[str, str]]:
         return [
@@ -312,9 +357,10 @@ async def test_segments_of_a_paused_turn_and_a_queued_run_keep_their_links(
     assert links(segments[1]) == [(span_id(first), "run"), (segments[0].span_id.hex(), "resumed")]
     assert links(segments[2]) == [(span_id(first), "run")]  # after the restart
     assert links(segments[3]) == [(span_id(queued), "run")]
-    assert len({s.trace_id for s in segments}) == 4
+    assert links(segments[5]) == [(segments[4].span_id.hex(), "resumed")]
+    assert len({s.trace_id for s in segments}) == 6
     tools = _named(spans, "execute_tool bash")
-    assert len(tools) == 2
+    assert len(tools) == 3
     for tool in tools:  # both cut short by a pause or the stop: no result
         assert attributes(tool.attributes)[t.TOOL_ARGUMENTS] == '{"command":"sleep 30"}'
 
@@ -341,3 +387,14 @@ async def test_a_collector_that_is_down_delays_shutdown_a_bounded_time(
     assert time.monotonic() - started < SHUTDOWN_S + 4
     logged = capd_dirs.output()
     assert "WARNING opentelemetry" not in logged  # the exporter's retries are not shown
+
+
+async def test_the_receiver_reports_a_request_it_cannot_take() -> None:
+    """tests/fakes/otlp_receiver.py: a wrong request fails `wait_for_spans` at once."""
+    async with OtlpReceiver() as receiver:
+        host, port = receiver.endpoint.removeprefix("http://").split(":")
+        _, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"POST /v1/logs HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+        with pytest.raises(AssertionError, match="/v1/logs"):
+            await receiver.wait_for_spans(lambda spans: False, timeout=5)
+        writer.close()

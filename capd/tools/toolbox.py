@@ -117,7 +117,8 @@ class Toolbox:
         kind = "extension" if mcp_server_of(name) in self._mcp else "function"
         description = offered[0].description if offered else None
         run = functools.partial(self._run, name, arguments, approve)
-        return tracing.TRACER.tool(name, kind, call_id, description, arguments, run)
+        offers = self.offers(name)
+        return tracing.TRACER.tool(name, offers, kind, call_id, description, arguments, run)
 
     @metrics.timed_tool_run
     async def _run(

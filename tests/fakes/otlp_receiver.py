@@ -2,7 +2,9 @@
 `ExportTraceServiceRequest` (opentelemetry-proto) and keeps its spans.
 
 It runs on the test's event loop, so the test must await, not block. Connections are kept
-alive (the exporter's requests session reuses them); gzip bodies are inflated.
+alive (the exporter's requests session reuses them); gzip bodies are inflated. A request it
+cannot take (another path, content type, a body that does not decode) is kept as `error`,
+and `wait_for_spans` raises it rather than time out.
 """
 
 import asyncio
@@ -24,6 +26,7 @@ class OtlpReceiver:
         self._changed = asyncio.Condition()
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        self.error: Exception | None = None
 
     async def __aenter__(self) -> Self:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -49,9 +52,12 @@ class OtlpReceiver:
         ]
 
     async def wait_for_spans(self, done: Any, timeout: float = 10.0) -> list[Span]:
-        """Wait until `done(spans)` holds; the spans then."""
+        """Wait until `done(spans)` holds; the spans then. A request the receiver could
+        not take fails it at once."""
         async with asyncio.timeout(timeout), self._changed:
-            await self._changed.wait_for(lambda: done(self.spans()))
+            await self._changed.wait_for(lambda: self.error is not None or done(self.spans()))
+        if self.error is not None:
+            raise AssertionError(f"the OTLP receiver failed: {self.error!r}") from self.error
         return self.spans()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -80,6 +86,10 @@ class OtlpReceiver:
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
             pass  # the client closed the connection, or the receiver closes
+        except Exception as exc:
+            async with self._changed:
+                self.error = self.error or exc
+                self._changed.notify_all()
         finally:
             self._connections.discard(task)
             writer.close()

@@ -4,9 +4,10 @@ a call cut short by a cancel counts nothing."""
 import asyncio
 from typing import Any
 
+import orjson
 import pytest
 
-from capd.metrics import HOT, UNKNOWN_TOOL, timed_model_call, timed_tool_run
+from capd.metrics import HOT, UNKNOWN_TOOL, pod_deleted, timed_model_call, timed_tool_run
 from capd.providers.base import ProviderError
 from capd.tools.base import ToolOutcome
 from protocol.manifest import ModelConfig
@@ -75,3 +76,12 @@ async def test_tool_calls_count_by_tool_and_outcome() -> None:
     after = [tool_count("bash", "ok"), tool_count("bash", "error"), tool_count(UNKNOWN_TOOL, "ok")]
     assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1, 1]
     assert ("made_up", "ok") not in HOT.tool_calls.series
+
+
+def test_a_deleted_pods_model_series_go_once_no_pod_uses_the_model() -> None:
+    HOT.model_calls.observe(("scripted", "gone", "ok"), 1.0)
+    HOT.model_calls.observe(("scripted", "kept", "error"), 1.0)
+    kept = orjson.dumps({"name": "k", "model": {"provider": "scripted", "name": "kept"}})
+    pod_deleted("g", [kept.decode(), "{not a manifest"])
+    assert ("scripted", "gone", "ok") not in HOT.model_calls.series
+    assert ("scripted", "kept", "error") in HOT.model_calls.series
