@@ -354,6 +354,28 @@ def ps(settings: Settings) -> None:
 
 
 @cli.command()
+@click.option("--once", is_flag=True, help="Print the table once, as plain text, and exit.")
+@json_option
+@pass_settings
+def top(settings: Settings, once: bool) -> None:
+    """Watch every pod live: status, turn and step, running tool, context, spend; keys
+    pause, resume, cancel, answer and attach to the pod on the cursor row (q quits)."""
+    if once or settings.json:
+        import time
+
+        from capctl.tui.rows import once as table
+
+        result = daemon_call(settings.runtime, {"method": "overview"})
+        pods = {pod["pod"]: pod for pod in result.get("pods") or []}
+        report(settings, result, table(pods, time.time()) if pods else "no pods")
+        return
+    daemon_call(settings.runtime, {"method": "info"})  # fail here, not in a full screen
+    from capctl.tui.top import run_top
+
+    raise SystemExit(run_top(settings.runtime, paths.daemon_socket(settings.runtime)))
+
+
+@cli.command()
 @json_option
 @pass_settings
 def info(settings: Settings) -> None:

@@ -74,8 +74,8 @@ def check_child(
 
 def check_within(parent: str, rules: Manifest, child: Manifest) -> None:
     """Refuse (forbidden) a `child` wider than pod `parent`, whose manifest is `rules`: its
-    cwd, tools, MCP servers, sandbox and resource limits (a spawn, and a `reconfigure` of
-    either pod, check this)."""
+    cwd, tools, MCP servers, sandbox and resource limits (a spawn, a `reconfigure` of
+    either pod, and a child's start or restore check this)."""
     assert child.cwd is not None
     assert rules.cwd is not None
     if not Path(child.cwd).is_relative_to(rules.cwd):

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeAlias
 
 from capd import metrics, tracing
+from capd.activity import WATCHED_EPHEMERAL, Activity
 from capd.budgets import Ledger
 from capd.checkpoints import CheckpointError, CheckpointStore, Taken
 from capd.context import INTERRUPTED_TOOL_OUTPUT, Context
@@ -161,9 +162,9 @@ class PodController:
         outbox: Outbox,
         ledger: Ledger,
         on_status: Callable[[str, PodStatusName], None],
+        reconfigure: "Reconfigurer",
         checkpoints: CheckpointStore | None = None,
         running_in_tree: Callable[[], list[str]] = list,
-        reconfigure: "Reconfigurer | None" = None,
     ) -> None:
         self.name = manifest.name
         self.manifest = manifest
@@ -175,6 +176,7 @@ class PodController:
         self.engine = engine
         self.toolbox = toolbox
         self.journal = Journal(self.name, parent, store, outbox)
+        self.activity = Activity(self.name, external=manifest.engine.kind != "builtin")
         self._model_label = model_label(manifest)
         self._store = store
         self._ledger = ledger
@@ -223,6 +225,7 @@ class PodController:
         usage it records in the ledger."""
         before = self.journal.usage  # replaced, never changed, by an event that counts
         self.journal.emit(event, self.turn, report=report, consumed=consumed)
+        self.activity.see(event)
         if self.journal.usage is not before:
             self._ledger.spend(self.name, before, self.journal.usage)
         if isinstance(event, AssistantMessage) and not self.engine.checks_budget:
@@ -243,6 +246,8 @@ class PodController:
             self._mailbox.put_nowait(_BudgetPause(task))
 
     def emit_ephemeral(self, event: PodEventBase) -> None:
+        if type(event) in WATCHED_EPHEMERAL:  # a text delta costs this `if` alone
+            self.activity.see(event)
         self.journal.emit_ephemeral(event)
 
     def inject_notes(self, turn_id: str) -> None:
@@ -546,8 +551,6 @@ class PodController:
                 f"pod {self.name} is {doing}; reconfigure it when idle or paused "
                 f"(capctl pause {self.name})",
             )
-        if self._reconfigure_with is None:
-            raise ProtocolError("invalid_request", f"pod {self.name} cannot be reconfigured")
         changed = await self._reconfigure_with(self, manifest)
         return ReconfigureResult(changed=changed).model_dump()
 
@@ -650,6 +653,8 @@ class PodController:
         if text is not None:
             events.append(UserMessage(turn_id=turn.turn_id, text=text))
         self.journal.emit_all(events, turn, consumed=[pending_id] if pending_id is not None else [])
+        for event in events:
+            self.activity.see(event)
         if pending_id is not None:
             self._queue.popleft()  # the queued run _kick started, used up with the commit
         turn.started_seq = start.seq

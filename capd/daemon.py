@@ -7,6 +7,7 @@ or stopped.
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import gc
 import logging
@@ -321,12 +322,18 @@ def _install_loop() -> None:
 
 
 class _PrivateLogFile(logging.handlers.WatchedFileHandler):
-    """A log file created 0600, at start and again after logrotate moved it: the log
-    quotes what engines and servers say, errors and all."""
+    """A log file made 0600 (one that was there too), at start and again after logrotate
+    moved it, and never a symlink's target: the log quotes what engines and servers say,
+    errors and all."""
 
     def _open(self) -> IO[str]:
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
         fd = os.open(self.baseFilename, flags, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+        except OSError:
+            os.close(fd)
+            raise
         return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
 
 
@@ -341,7 +348,10 @@ def _log_handler(path: Path | None) -> logging.Handler:
     try:
         return _PrivateLogFile(path, encoding="utf-8")
     except OSError as exc:
-        print(f"capd: --log-file {path}: {exc.strerror or exc}", file=sys.stderr)
+        why = exc.strerror or str(exc)
+        if exc.errno == errno.ELOOP:
+            why = "is a symbolic link; give the log file's own path"
+        print(f"capd: --log-file {path}: {why}", file=sys.stderr)
         sys.exit(1)
 
 

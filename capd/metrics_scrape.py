@@ -20,7 +20,8 @@ def scrape(supervisor: "Supervisor", endpoint: "Endpoint", start_time: float) ->
         version=VERSION,
         start_time=start_time,
         subscribers={
-            "daemon": len(supervisor.hub.subscriptions),
+            "daemon": len(supervisor.hub.subscriptions)
+            + len(supervisor.activity.hub.subscriptions),
             "pod": sum(len(pod.controller.hub.subscriptions) for pod in pods),
         },
         connections={

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import orjson
 
 from capd.access import current_policy, peer_of
+from capd.activity import ActivityFeed
 from capd.config import Config
 from capd.connection import Connection, serve_connection
 from capd.controller import PodController
@@ -35,6 +36,7 @@ from protocol.methods import (
     Info,
     ListPods,
     Metrics,
+    Overview,
     Request,
     Restart,
     Shutdown,
@@ -84,10 +86,14 @@ class PodMethods(Protocol):
 
     hub: Hub
     """Where the daemon socket's subscribers hear of pods spawned, stopped, deleted."""
+    activity: ActivityFeed
+    """The same for subscribers that asked for activity, with each pod's pod_activity."""
 
     async def spawn(self, manifest: Manifest, parent: str | None) -> SpawnResult: ...
 
     def list_pods(self) -> ListResult: ...
+
+    def overview(self) -> dict[str, Any]: ...
 
     async def stop_pod(self, name: str) -> list[str]: ...
 
@@ -330,7 +336,12 @@ class DaemonEndpoint(Endpoint):
                 process.request_shutdown()  # first: whoever reads the ack finds capd stopping
                 conn.send(ack(request))
                 return None
+            case DaemonSubscribe(activity=True):
+                self._subscribe(pods.activity.hub, conn, request, None)
+                return None
             case DaemonSubscribe():
                 self._subscribe(pods.hub, conn, request, None)
                 return None
+            case Overview():
+                return ack(request, pods.overview())
         raise AssertionError(f"unhandled daemon method {request!r}")

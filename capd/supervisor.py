@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from capd import metrics
+from capd.activity import ActivityFeed, Built, running_activity, stopped_activity
 from capd.budgets import Ledger
 from capd.checkpoints import CheckpointStore, require_git
 from capd.children import ChildPods, check_child, check_within
 from capd.config import Config
 from capd.controller import PodController, StopMode
-from capd.engines import check_engine, make_engine
+from capd.engines import check_engine, make_engine, model_label
 from capd.engines.claude_code import state_paths as claude_code_state
 from capd.fanout import Hub
 from capd.outbox import Outbox
@@ -44,7 +45,7 @@ from capd.tools import CHANGE_FILES
 from capd.tools.base import ToolContext, ToolFailed
 from capd.tools.mcp.server import pod_servers
 from capd.tools.toolbox import Toolbox
-from protocol.errors import ProtocolError
+from protocol.errors import ErrorCode, ProtocolError
 from protocol.events import (
     PodDeleted,
     PodEventBase,
@@ -74,7 +75,12 @@ close and SHUTDOWN_GRACE_S, shutdown stays inside the unit's TimeoutStopSec=30."
 
 
 class CannotRestore(Exception):
-    """A stored pod could not be brought up; it stays down, its reason in `list`."""
+    """A stored pod could not be brought up; it stays down, its reason in `list`. `code`
+    is the error a `start` of it gives."""
+
+    def __init__(self, message: str, code: ErrorCode = "internal") -> None:
+        super().__init__(message)
+        self.code: ErrorCode = code
 
 
 @dataclass(eq=False)
@@ -107,6 +113,9 @@ class Supervisor:
         self.pods: dict[str, _RunningPod] = {}
         self.hub = Hub("", lambda: 0)
         """The daemon socket's subscribers: pods spawned, stopped, deleted, their status."""
+        self.activity = ActivityFeed(self._activity_of)
+        """The daemon subscribers that asked for activity too."""
+        self._stopped_usage: dict[str, dict[str, Any]] = {}
         self._on_status = on_status
         self._background: set[asyncio.Task[Any]] = set()
         self._stopping: set[str] = set()
@@ -305,19 +314,29 @@ class Supervisor:
             try:
                 await self._bring_up_record(record)
             except CannotRestore as exc:
-                raise ProtocolError("internal", str(exc)) from None
+                raise ProtocolError(exc.code, str(exc)) from None
             self.registry.set_stopped(name, False)
             self._publish(PodSpawned(pod=name, socket=socket, parent=record.parent))
         return SpawnResult(name=name, socket=socket, cwd=self.pods[name].controller.manifest.cwd)
 
     async def restart_pod(self, name: str) -> SpawnResult:
         """Stop the pod and its descendants, then start it and, parents first, each
-        descendant that was up. One that cannot start is named in the error; the others
-        are started still."""
+        descendant that was up. A descendant that cannot start is named in the error; the
+        others are started still. When the pod cannot start, none is, and the error names
+        them."""
         self._refuse_when_closing()
         self._require_known(name)
         was_up = await self.stop_pod(name)
-        result = await self.start_pod(name)
+        try:
+            result = await self.start_pod(name)
+        except ProtocolError as exc:
+            if down := [child for child in was_up if child != name]:
+                raise ProtocolError(
+                    exc.code,
+                    f"{exc.message}; so its descendants {', '.join(down)} stay stopped "
+                    f"(`capctl start` each once pod {name} is up)",
+                ) from None
+            raise
         failed: list[tuple[str, ProtocolError]] = []
         for child in was_up:
             if child == name:
@@ -387,19 +406,37 @@ class Supervisor:
 
     async def _bring_up_record(self, record: PodRecord) -> _RunningPod:
         """Restore a stored pod. One that cannot be restored (its stored state does not
-        parse, or its socket cannot be bound) stays down, marked in `list` with the reason,
-        rather than keeping capd or the other pods from starting."""
+        parse, it is wider than its parent now, or its socket cannot be bound) stays down,
+        marked in `list` with the reason, rather than keeping capd or the other pods from
+        starting."""
         try:
-            running = await self._bring_up(
-                Manifest.model_validate_json(record.manifest), record.parent
+            manifest = Manifest.model_validate_json(record.manifest)
+        except ValueError as exc:
+            raise self._cannot_restore(record.name, exc) from None
+        try:
+            self._check_within_parent(manifest)
+        except ProtocolError as exc:
+            parent = self.registry.parent_of(record.name)
+            reason = (
+                f"cannot start, as it is wider than its parent pod {parent} now: "
+                f"{exc.message}; `capctl update {parent}` to give it back what pod "
+                f"{record.name} uses, or delete pod {record.name}"
             )
-        except Exception as exc:
-            reason = f"cannot be restored: {type(exc).__name__}: {_first_line(exc)}"
-            log.error("pod %s %s", record.name, reason, exc_info=exc)
+            log.error("pod %s %s", record.name, reason)
             self._broken[record.name] = reason
-            raise CannotRestore(f"pod {record.name} {reason}") from None
+            raise CannotRestore(f"pod {record.name} {reason}", exc.code) from None
+        try:
+            running = await self._bring_up(manifest, record.parent)
+        except Exception as exc:
+            raise self._cannot_restore(record.name, exc) from None
         self._broken.pop(record.name, None)
         return running
+
+    def _cannot_restore(self, name: str, exc: Exception) -> CannotRestore:
+        reason = f"cannot be restored: {type(exc).__name__}: {_first_line(exc)}"
+        log.error("pod %s %s", name, reason, exc_info=exc)
+        self._broken[name] = reason
+        return CannotRestore(f"pod {name} {reason}")
 
     async def _bring_up(self, manifest: Manifest, parent: str | None) -> _RunningPod:
         sandbox = self._confinement(manifest)
@@ -436,6 +473,8 @@ class Supervisor:
             reconfigure=self.reconfigure,
         )
         controller.restore(self._stored_events(name))
+        self.activity.track(controller.activity)
+        self._stopped_usage.pop(name, None)
         endpoint = PodEndpoint(controller, self, self.config)
         await endpoint.listen()
         self.outbox.retry_now(str(endpoint.path))
@@ -499,16 +538,22 @@ class Supervisor:
         if not changed:
             return []
         sandbox = self._check_reconfigured(old, manifest)
+        await pod.engine.settle()  # what a paused prompt still reports is the old engine's
         renew = _resource_limits(manifest) != _resource_limits(old)
         if renew:
             await self._renew_limits(running, manifest)
         keep_servers = not {"mcp_servers", "sandbox", "limits"} & set(changed)
-        parts = self._parts(manifest, sandbox, running.limits, new_servers=not keep_servers)
+        parts: Parts | None = None
         try:
+            parts = self._parts(manifest, sandbox, running.limits, new_servers=not keep_servers)
+            self._check_family(manifest)  # again: a child may have been spawned meanwhile
             pod.commit_manifest(manifest, changed)
         except BaseException:
-            await _close(parts)
-            if renew:  # the old parts are closed already: new ones, under the new limits
+            if parts is not None:
+                await _close(parts)
+            if renew:  # the old parts are closed already: the old limits, and parts anew
+                await running.limits.close()
+                running.limits = self.limiter.pod(pod.name, *_resource_limits(old))
                 pod.use_parts(old, self._parts(old, self._confinement(old), running.limits))
                 pod.toolbox.start_mcp_servers()
             raise
@@ -559,36 +604,66 @@ class Supervisor:
         )
 
     def _resolved(self, old: Manifest, requested: Manifest) -> Manifest:
-        """`requested` with its paths resolved as a spawn stores them; no cwd keeps the pod's."""
+        """`requested` with its paths resolved as a spawn stores them; no cwd, or no
+        workspace, keeps the pod's (neither can change)."""
         cwd = old.cwd if requested.cwd is None else str(self._resolve_cwd(requested, False))
         sandbox = resolve_paths(requested.sandbox)
-        return requested.model_copy(update={"cwd": cwd, "sandbox": sandbox})
+        workspace = requested.workspace
+        if "workspace" not in requested.model_fields_set:
+            workspace = old.workspace
+        return requested.model_copy(update={"cwd": cwd, "sandbox": sandbox, "workspace": workspace})
 
     def _check_reconfigured(self, old: Manifest, manifest: Manifest) -> Confinement | None:
-        """What a spawn checks, and that no child that is up is wider than the pod will
-        be; returns the pod's new confinement."""
-        name = manifest.name
+        """What a spawn checks, and the child rules against the pod's parent and children
+        (`_check_family`); returns the pod's new confinement."""
         _check_api_key(manifest)
-        parent = self.registry.parent_of(name)
-        if parent is not None and (record := self.registry.get(parent)) is not None:
-            check_within(parent, Manifest.model_validate_json(record.manifest), manifest)
-        for child in self.registry.children_of(name):
-            if (up := self.pods.get(child)) is None:
-                continue
-            try:
-                check_within(name, manifest, up.controller.manifest)
-            except ProtocolError as exc:
-                raise ProtocolError(
-                    "forbidden",
-                    f"pod {name} would be narrower than its child pod {child}, which is up: "
-                    f"{exc.message}; stop pod {child} first, or keep what it uses",
-                ) from None
+        self._check_family(manifest)
         sandbox = self._confinement(manifest)
         check_engine(manifest, sandbox)
         if _checkpointed(manifest) and not _checkpointed(old):
             require_git()
-        self.ledger.check_reconfigure(manifest, parent)
+        self.ledger.check_reconfigure(manifest, self.registry.parent_of(manifest.name))
         return sandbox
+
+    def _check_family(self, manifest: Manifest) -> None:
+        """Refuse (forbidden) a pod's new manifest that is wider than its parent, or
+        narrower than one of its children: every child, stopped, broken or still being
+        spawned too (its stored manifest), as `start` checks it again."""
+        name = manifest.name
+        self._check_within_parent(manifest)
+        for child in self.registry.children_of(name):
+            theirs = self._manifest_of(child)
+            if theirs is None:
+                continue
+            try:
+                check_within(name, manifest, theirs)
+            except ProtocolError as exc:
+                raise ProtocolError(
+                    "forbidden",
+                    f"pod {name} would be narrower than its child pod {child}: "
+                    f"{exc.message}; narrow pod {child} first (`capctl update {child}`, "
+                    f"started if it is stopped), delete it, or keep what it uses",
+                ) from None
+
+    def _check_within_parent(self, manifest: Manifest) -> None:
+        """Refuse (forbidden) a pod wider than its local parent is now (a parent's
+        `reconfigure` may have narrowed it while the pod was down)."""
+        parent = self.registry.parent_of(manifest.name)
+        if parent is None or (rules := self._manifest_of(parent)) is None:
+            return
+        check_within(parent, rules, manifest)
+
+    def _manifest_of(self, name: str) -> Manifest | None:
+        """The pod's manifest: its running one, else its stored one (None: no pod, or a
+        stored manifest that does not parse, which cannot start)."""
+        if (up := self.pods.get(name)) is not None:
+            return up.controller.manifest
+        record = self.registry.get(name)
+        if record is None:
+            return None
+        with contextlib.suppress(ValueError):
+            return Manifest.model_validate_json(record.manifest)
+        return None
 
     async def _take_down(self, name: str, mode: StopMode) -> None:
         running = self.pods.pop(name, None)
@@ -738,6 +813,44 @@ class Supervisor:
     def _publish(self, event: PodEventBase) -> None:
         if self.hub.subscriptions:
             self.hub.publish(encode(event))
+        self.activity.lifecycle(event)
+
+    # -- activity -----------------------------------------------------------------------
+
+    def overview(self) -> dict[str, Any]:
+        """The `overview` ack's result: every pod's pod_activity, in creation order."""
+        return {"pods": [self._activity_of(record.name) for record in self.registry.all()]}
+
+    def _activity_of(self, name: str) -> Built | None:
+        running = self.pods.get(name)
+        if running is not None:
+            return running_activity(running.controller)
+        record = self.registry.get(name)
+        if record is None:
+            return None
+        if name not in self._stopped_usage:  # a stopped pod spends nothing more
+            inp, out, usd = self.store.usage_totals(name)
+            self._stopped_usage[name] = {
+                "input_tokens": inp,
+                "output_tokens": out,
+                "cost_usd": usd,
+            }
+        try:
+            model = model_label(Manifest.model_validate_json(record.manifest))
+        except ValueError:
+            model = ""  # it cannot be restored either; `error` says so
+        return stopped_activity(
+            name,
+            socket=str(self.registry.socket(name)),
+            parent=record.parent,
+            model=model,
+            since=self.activity.stopped_at.get(name, 0.0),
+            usage=self._stopped_usage[name],
+            spent=self.ledger.spent(name),
+            queued=sum(row.kind == "run" for row in self.store.pending(name)),
+            last_result=self.activity.last_result(name),
+            error=self._broken.get(name),
+        )
 
 
 def _first_line(exc: BaseException) -> str:

@@ -36,6 +36,7 @@ from tests.helpers import (
     spawn,
     wait_for,
 )
+from tests.unit.pods import not_reconfigured
 
 DEEP = b"[" * 300 + b"]" * 300
 """Nested deeper than orjson writes (about 254), though it reads it."""
@@ -151,6 +152,7 @@ def _pod_in_process(tmp_path: Path, engine: Engine | None = None) -> tuple[PodCo
         outbox=Outbox(store),
         ledger=Ledger(PodRegistry(store, tmp_path), store),
         on_status=lambda name, status: None,
+        reconfigure=not_reconfigured,
     )
     return pod, store
 

@@ -19,9 +19,12 @@ async def test_the_log_goes_to_a_private_file_reopened_after_a_move(
 ) -> None:
     log = tmp_path / "logs" / "capd.log"
     log.parent.mkdir()
+    log.write_text("an older capd's\n")
+    log.chmod(0o644)  # as an older capd, or logrotate's `create 0644`, left it
     capd_dirs.extra_args = ["--log-file", str(log)]
     capd_dirs.start()
     assert "listening on" in log.read_text()
+    assert log.read_text().startswith("an older capd's\n")
     assert _mode(log) == 0o600
 
     log.rename(log.with_suffix(".log.1"))  # as logrotate does, without copytruncate
@@ -45,3 +48,17 @@ def test_a_log_file_in_a_missing_directory_is_one_line_and_exit_1(tmp_path: Path
     assert (done.returncode, done.stdout) == (1, "")
     assert done.stderr == f"capd: --log-file {missing}: {missing.parent} is not a directory\n"
     assert not (tmp_path / "state").exists(), "nothing started"
+
+
+def test_a_log_file_that_is_a_symlink_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere"
+    target.write_text("")
+    target.chmod(0o644)
+    link = tmp_path / "capd.log"
+    link.symlink_to(target)
+    done = _capd(tmp_path / "run", tmp_path / "state", link)
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr == (
+        f"capd: --log-file {link}: is a symbolic link; give the log file's own path\n"
+    )
+    assert (target.read_text(), _mode(target)) == ("", 0o644)

@@ -2,6 +2,8 @@
 and keeps its history; what it may not change, and when, is refused."""
 
 import asyncio
+import json
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Any
@@ -102,12 +104,19 @@ async def test_the_same_manifest_changes_nothing_and_records_nothing(
     capd: CapdProcess, tmp_path: Path
 ) -> None:
     model = scripted({"text": "hi"})
-    await spawn(capd, "r2", model, cwd=str(tmp_path), tools=["bash"])
+    no_checkpoints = {"checkpoints": False}
+    await spawn(capd, "r2", model, cwd=str(tmp_path), tools=["bash"], workspace=no_checkpoints)
     async with await connect_pod(capd, "r2") as pod:
         before = await pod.request({"method": "status"})
-        # No cwd keeps the pod's; one spelled another way is the same directory.
+        # No cwd, or no workspace, keeps the pod's; a cwd spelled another way is the same.
         assert await reconfigure(pod, {"name": "r2", "model": model, "tools": ["bash"]}) == []
-        same = {"name": "r2", "model": model, "tools": ["bash"], "cwd": f"{tmp_path}/./"}
+        same = {
+            "name": "r2",
+            "model": model,
+            "tools": ["bash"],
+            "cwd": f"{tmp_path}/./",
+            "workspace": no_checkpoints,
+        }
         assert await reconfigure(pod, same) == []
         after = await pod.request({"method": "status"})
     assert after["last_seq"] == before["last_seq"]
@@ -202,16 +211,129 @@ async def test_a_parent_cannot_be_narrowed_below_a_child_that_is_up(
     async with await connect_pod(capd, "c1", subscribe=False) as pod:
         widened = await refusal(pod, {**child, "tools": tools})
     assert narrowed.code == "forbidden"
-    assert "pod p1 would be narrower than its child pod c1, which is up" in narrowed.message
+    assert "pod p1 would be narrower than its child pod c1: " in narrowed.message
     assert "tools read_file are not among parent pod p1's tools (bash)" in narrowed.message
     assert widened.code == "forbidden"
     assert "tools bash are not among parent pod p1's tools (read_file)" in widened.message
+
+
+async def test_a_parent_cannot_be_narrowed_below_a_stopped_child(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    model = scripted({"text": "hi"})
+    tools = ["bash", "read_file"]
+    parent = {"name": "p2", "model": model, "cwd": str(tmp_path), "tools": tools}
+    socket = await spawn(capd, "p2", model, cwd=str(tmp_path), tools=tools)
+    child = {"name": "c2", "model": model, "cwd": str(tmp_path), "tools": ["bash"]}
+    await daemon_request(capd, {"method": "spawn", "manifest": child, "parent": str(socket)})
+    async with await connect_pod(capd, "p2") as pod:
+        await daemon_request(capd, {"method": "stop", "name": "c2"})
+        await wait_for(pod, is_event("turn_end"))  # the child's shut_down report
+        narrowed = await refusal(pod, {**parent, "tools": ["read_file"]})
+    started = await daemon_request(capd, {"method": "start", "name": "c2"})
+    async with await connect_pod(capd, "c2", subscribe=False) as pod:
+        status = await pod.request({"method": "status"})
+    assert narrowed.code == "forbidden"
+    assert "pod p2 would be narrower than its child pod c2: tools bash" in narrowed.message
+    assert "`capctl update c2`" in narrowed.message
+    assert started["name"] == "c2"
+    assert status["tools"] == ["bash"]
+
+
+async def test_a_child_spawned_while_new_limits_apply_refuses_them_and_the_old_ones_stay(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    """New limits stop the pod's processes first; a wider child spawned meanwhile is seen
+    just before the commit, and the pod goes on with its old manifest and limits."""
+    stopping = tmp_path / "stopping"
+    # An MCP server that takes a second to exit once told to (its stdin closed), saying
+    # so; unconfined, as a sandbox goes at once with its processes.
+    script = f'trap "" TERM; {sys.executable} {LIST_CHANGER}; touch {stopping}; sleep 1'
+    model = scripted({"text": "hi"})
+    tools = ["bash", "read_file"]
+    parent = {
+        "name": "p4",
+        "model": model,
+        "cwd": str(tmp_path),
+        "tools": tools,
+        "mcp_servers": {"a": {"command": "bash", "args": ["-c", script]}},
+        "sandbox": UNCONFINED,
+    }
+    socket = (await daemon_request(capd, {"method": "spawn", "manifest": parent}))["socket"]
+    child = {"name": "c4", "model": model, "cwd": str(tmp_path), "tools": ["bash"]}
+    child["sandbox"] = UNCONFINED
+    narrowed = {**parent, "tools": ["read_file"], "limits": {"memory_mb": 256}}
+    async with await connect_pod(capd, "p4", subscribe=False) as pod:
+        first = await wait_mcp(pod, "a", lambda state: state["state"] == "ready")
+        request = {"method": "reconfigure", "manifest": narrowed}
+        reconfiguring = asyncio.ensure_future(pod.request(request))
+        await until(stopping.exists)
+        await daemon_request(capd, {"method": "spawn", "manifest": child, "parent": socket})
+        with pytest.raises(ProtocolError) as refused:
+            await reconfiguring
+        status = await pod.request({"method": "status"})
+        again = await wait_mcp(pod, "a", lambda state: state["state"] == "ready")
+        history = await full_history(pod)
+    assert refused.value.code == "forbidden"
+    assert "pod p4 would be narrower than its child pod c4: tools bash" in refused.value.message
+    assert (status["tools"], status["sandbox"]["limits"]) == (tools, "none")
+    assert again["pid"] != first["pid"]
+    assert "256" not in Path(f"/proc/{again['pid']}/limits").read_text()
+    assert "p4" not in Path(f"/proc/{again['pid']}/cgroup").read_text()
+    assert reconfigured(history) == []
+
+
+@pytest.mark.own_capd
+async def test_a_child_wider_than_its_parent_now_does_not_come_up(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    """A parent narrowed below a child (by a capd that did not check stopped children):
+    the child stays down at restore, listed with why, and start and restart refuse it;
+    a restart says which of its descendants it took down stay stopped."""
+    model = scripted({"text": "hi"})
+    tools = ["bash", "read_file"]
+    socket = await spawn(capd, "p3", model, cwd=str(tmp_path), tools=tools)
+    child = {"name": "c3", "model": model, "cwd": str(tmp_path), "tools": tools}
+    result = await daemon_request(
+        capd, {"method": "spawn", "manifest": child, "parent": str(socket)}
+    )
+    grandchild = {"name": "g3", "model": model, "cwd": str(tmp_path), "tools": ["read_file"]}
+    await daemon_request(
+        capd, {"method": "spawn", "manifest": grandchild, "parent": result["socket"]}
+    )
+    capd.stop()
+    with sqlite3.connect(capd.state_dir / "capd.db") as db:
+        (stored,) = db.execute("SELECT manifest FROM pods WHERE name = 'p3'").fetchone()
+        narrowed = json.loads(stored) | {"tools": ["read_file"]}
+        db.execute("UPDATE pods SET manifest = ? WHERE name = 'p3'", (json.dumps(narrowed),))
+    await asyncio.to_thread(capd.start)
+    listed = await daemon_request(capd, {"method": "list"})
+    restored = {pod["name"]: (pod["status"], pod["error"]) for pod in listed["pods"]}
+    refusals = []
+    for method in ("start", "restart"):
+        with pytest.raises(ProtocolError) as refused:
+            await daemon_request(capd, {"method": method, "name": "c3"})
+        refusals.append(refused.value)
+    listed = await daemon_request(capd, {"method": "list"})
+    after = {pod["name"]: pod["status"] for pod in listed["pods"]}
+    assert (restored["p3"], restored["g3"]) == (("idle", None), ("idle", None))
+    status, error = restored["c3"]
+    assert status == "stopped"
+    assert error is not None
+    assert "cannot start, as it is wider than its parent pod p3 now: tools bash" in error
+    for refused in refusals:
+        assert refused.code == "forbidden"
+        assert "pod c3 cannot start, as it is wider than its parent pod p3" in refused.message
+        assert "`capctl update p3`" in refused.message
+    assert "so its descendants g3 stay stopped" in refusals[1].message
+    assert after == {"p3": "idle", "c3": "stopped", "g3": "stopped"}
 
 
 async def test_an_external_engines_process_stops_and_its_session_resumes_with_new_options(
     capd: CapdProcess, tmp_path: Path
 ) -> None:
     engine = STAND_IN_CLAUDE.engine(tmp_path)
+    (tmp_path / "slow-interrupt").touch()  # the paused prompt winds down after a while
     manifest = {"name": "r8", "engine": engine, "cwd": str(tmp_path), "sandbox": UNCONFINED}
     await spawn_on_engine(capd, "r8", engine, cwd=str(tmp_path), sandbox=UNCONFINED)
     async with await connect_pod(capd, "r8") as pod:
@@ -221,6 +343,11 @@ async def test_an_external_engines_process_stops_and_its_session_resumes_with_ne
         await wait_for(pod, is_event("status", status="paused"))
         new = {**manifest, "engine": {**engine, "model": "opus"}}
         assert await reconfigure(pod, new) == ["engine"]
+        paused_costs = [
+            (e.get("usage") or {}).get("cost_usd")
+            for e in await full_history(pod)
+            if e["event"] == "assistant_message"
+        ]
         status = await pod.request({"method": "status"})
         (first,) = engine_starts(tmp_path)
         stopped = not group_alive(first["pgid"])
@@ -228,6 +355,8 @@ async def test_an_external_engines_process_stops_and_its_session_resumes_with_ne
         end, _ = await wait_for(pod, is_event("turn_end"))
         history = await full_history(pod)
     assert (status["status"], status["model"]) == ("paused", "claude-code/opus")
+    # The paused prompt's cost came in as its old process wound down, before it stopped.
+    assert any(cost and cost > 0 for cost in paused_costs), paused_costs
     assert stopped
     _, second = engine_starts(tmp_path)
     [session] = [e["session_id"] for e in history if e["event"] == "engine_session"]
@@ -260,6 +389,30 @@ async def test_new_permissions_drop_the_grants_and_a_restart_keeps_the_new_manif
         await answer(pod, asked, "allow_once")
         end, _ = await wait_for(pod, is_event("turn_end"))
         assert await reconfigure(pod, new) == []  # the manifest restored is the new one
+    assert end["output"] == "two"
+
+
+async def test_new_permissions_drop_the_grants_of_a_pod_that_stays_up(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    model = scripted(bash("true"), {"text": "one"}, bash("true"), {"text": "two"})
+    asking = {"name": "r10", "model": model, "cwd": str(tmp_path), "tools": ["bash"]}
+    await spawn(capd, "r10", model, cwd=str(tmp_path), tools=["bash"], permissions=ASK_BASH)
+    async with await connect_pod(capd, "r10") as pod:
+        await pod.request({"method": "run", "text": "go"})
+        asked, _ = await wait_for(pod, is_event("permission_request"))
+        await answer(pod, asked, "allow_always")
+        await wait_for(pod, is_event("turn_end"))
+        stricter = {"rules": [*ASK_BASH["rules"], {"tool": "read_file", "action": "deny"}]}
+        assert await reconfigure(pod, {**asking, "permissions": stricter}) == ["permissions"]
+        await pod.request({"method": "run", "text": "again"})
+        # The grant would let bash run unasked, and the turn end.
+        asked_again, _ = await wait_for(
+            pod, lambda e: e["event"] in ("permission_request", "turn_end")
+        )
+        assert asked_again["event"] == "permission_request"
+        await answer(pod, asked_again, "allow_once")
+        end, _ = await wait_for(pod, is_event("turn_end"))
     assert end["output"] == "two"
 
 

@@ -60,6 +60,38 @@ async def test_restart_brings_back_the_descendants_that_were_up(
     assert after[: len(before)] == before
 
 
+async def test_a_descendant_that_cannot_start_is_named_and_the_others_are_up(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    """A child whose hidden path became a symlink into its cwd since its spawn cannot be
+    started (its sandbox would show it); the restart says so and the rest is up."""
+    cwd = tmp_path.resolve()
+    (cwd / "work" / "inner").mkdir(parents=True)
+    secret = cwd / "secret"
+    secret.mkdir()
+    boss = await spawn(capd, "boss3", scripted(), cwd=str(cwd))
+    hiding = {
+        "name": "hider",
+        "model": scripted(),
+        "cwd": str(cwd / "work"),
+        "sandbox": {"hidden": [str(secret)]},
+    }
+    await daemon_request(capd, {"method": "spawn", "manifest": hiding, "parent": str(boss)})
+    await _child(capd, "other", boss, str(cwd))
+    secret.rmdir()
+    secret.symlink_to(cwd / "work" / "inner")
+
+    with pytest.raises(ProtocolError) as refused:
+        await daemon_request(capd, {"method": "restart", "name": "boss3"})
+
+    pods = (await daemon_request(capd, {"method": "list"}))["pods"]
+    assert _up(pods) == {"boss3": True, "hider": False, "other": True}
+    assert refused.value.code == "invalid_request"  # the start error's
+    assert "pod boss3 restarted, but its descendant hider did not start" in refused.value.message
+    assert f"sandbox.hidden {cwd / 'work' / 'inner'} lies inside" in refused.value.message
+    assert "capctl start hider" in refused.value.message
+
+
 async def test_restart_cancels_a_running_turn_and_keeps_the_pod(
     capd: CapdProcess, tmp_path: Path
 ) -> None:

@@ -62,6 +62,8 @@ class Screen:
         conf.write_text(CONF)
         self._env = dict(os.environ if env is None else env)
         self._env.pop("TMUX", None)
+        for size in ("COLUMNS", "LINES"):  # pytest-xdist's workers set 80x24; textual obeys
+            self._env.pop(size, None)
         command = shlex.join(argv)
         self._run(
             "-f", str(conf), "new-session", "-d", "-s", "t", "-x", str(width), "-y",
@@ -120,11 +122,13 @@ class Screen:
         """The command's exit status, once it has exited."""
         deadline = time.monotonic() + timeout
         while True:
-            dead, _, status = self._run(
-                "display-message", "-p", "-t", "t", "#{pane_dead} #{pane_dead_status}"
-            ).partition(" ")
-            if dead == "1":
-                return int(status or -1)
+            dead, pid, status = self._run(
+                "display-message", "-p", "-t", "t", "#{pane_dead} #{pane_pid} #{pane_dead_status}"
+            ).split(" ")
+            if dead == "1" and status:
+                return int(status)
+            if dead == "1" and (zombie := _zombie_status(pid)) is not None:
+                return zombie
             left = deadline - time.monotonic()
             if left <= 0:
                 raise AssertionError(f"the command did not exit in {timeout} s:\n{self.text()}")
@@ -183,6 +187,19 @@ class Screen:
         if done.returncode != 0:
             raise AssertionError(f"tmux {' '.join(args)} failed: {done.stderr.strip()}")
         return done.stdout.rstrip("\n")
+
+
+def _zombie_status(pid: str) -> int | None:
+    """The exit status of an exited process its parent has not reaped yet: tmux 3.3a now
+    and then leaves a dead pane's process a zombie, with no #{pane_dead_status}, for good."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()
+    if fields[0] != "Z":
+        return None
+    return os.waitstatus_to_exitcode(int(fields[-1]))
 
 
 def _found(pattern: Pattern, screen: str) -> bool:

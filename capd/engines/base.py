@@ -156,6 +156,12 @@ class Engine(Protocol):
         toolbox's)."""
         ...
 
+    async def settle(self) -> None:
+        """Let a turn the engine was interrupted in wind down, so what its prompt still
+        reports (an external engine's paused prompt's cost) is recorded before the engine
+        is replaced; bounded (settle_timeout_s). capd's own engine has nothing to wait for."""
+        ...
+
     async def aclose(self) -> None:
         """Release what the engine holds (connections, its process group)."""
         ...

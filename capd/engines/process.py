@@ -294,6 +294,9 @@ class ExternalEngine(ABC):
     def mcp_status(self) -> list[dict[str, Any]]:
         return self._mcp.status()
 
+    async def settle(self) -> None:
+        await self._settle()
+
     async def aclose(self) -> None:
         if self._settling is not None:
             self._settling.cancel()

@@ -34,7 +34,9 @@ compaction waits until interrupted (then `compact_result` "failed" and an error
 `control_request {subtype: interrupt}` is acknowledged at once (`control_response`) and
 stops the turn: a `user` message saying so, then a `result` with subtype
 `error_during_execution`. A tool it stops gets a tool_result saying so (TOOL_STOPPED), as
-the real CLI's does. With $FAKE_CLAUDE_DIR/deaf present, interrupts are read and ignored.
+the real CLI's does. With $FAKE_CLAUDE_DIR/deaf present, interrupts are read and ignored;
+with $FAKE_CLAUDE_DIR/slow-interrupt present, the turn stops SLOW_INTERRUPT_S after the
+acknowledgement (a turn winding down a while).
 
 Sessions are files in $FAKE_CLAUDE_DIR/sessions (the real CLI's transcripts): `--resume`
 of one that is not there writes an error `result` ("No conversation found with session
@@ -87,6 +89,7 @@ SUMMARY_HEAD = (
 NO_MESSAGES = "Error: No messages to compact"
 COMPACT_UNAVAILABLE = "/compact isn't available in this environment."
 COMMANDS = ["clear", "compact", "context", "usage"]
+SLOW_INTERRUPT_S = 0.5
 PRICE = (3.0, 15.0)
 """Dollars per million input and output tokens the stand-in charges."""
 _out_lock = threading.Lock()
@@ -127,7 +130,10 @@ def read_stdin() -> None:
             ack(message["request_id"])
             with _turn_lock:
                 if message["request"]["subtype"] == "interrupt" and _busy:
-                    _interrupt.set()
+                    if (STATE / "slow-interrupt").exists():
+                        threading.Timer(SLOW_INTERRUPT_S, _interrupt.set).start()
+                    else:
+                        _interrupt.set()
         else:
             _inbox.put(message)
     _inbox.put(None)

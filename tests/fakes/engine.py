@@ -102,6 +102,9 @@ class FakeEngine:
     async def forget_session(self, host: TurnHost) -> bool:
         return False
 
+    async def settle(self) -> None:
+        pass
+
     def answer_permission(self, request_id: str, option_id: str | None) -> None:
         self.answers.append((request_id, option_id))
 

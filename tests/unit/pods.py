@@ -24,6 +24,11 @@ PARENT = "/run/capd/pods/parent.sock"
 """The parent socket of the `child` fixture's pod; nothing listens on it."""
 
 
+async def not_reconfigured(pod: PodController, manifest: Manifest) -> list[str]:
+    """The supervisor's `reconfigure`, which these controllers without one never reach."""
+    raise AssertionError(f"pod {pod.name} was reconfigured in a test without a supervisor")
+
+
 class RecordingOutbox(Outbox):
     """Records each `poke`; the reports stay in the store for the test to read."""
 
@@ -88,6 +93,7 @@ class Rig:
             outbox=outbox,
             ledger=Ledger(PodRegistry(store, tmp_path), store),
             on_status=statuses,
+            reconfigure=not_reconfigured,
         )
         return cls(pod, engine, store, outbox, statuses)
 
