@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import orjson
 
 from capd.chat import ChatMessage
-from capd.providers.anthropic import DEFAULT_MAX_TOKENS
 from capd.tokens import BYTES_PER_TOKEN, message_tokens, text_tokens
 from protocol.manifest import ModelConfig
 
@@ -107,6 +106,10 @@ def reply_tokens(model: ModelConfig) -> int:
     if model.max_tokens is not None:
         return model.max_tokens
     if model.provider == "anthropic":
+        # Here, not at the top: the provider module brings httpx, which capd's start
+        # does without until a pod calls an HTTP model.
+        from capd.providers.anthropic import DEFAULT_MAX_TOKENS
+
         return DEFAULT_MAX_TOKENS + (model.thinking_budget_tokens or 0)
     return 0
 

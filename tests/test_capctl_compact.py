@@ -9,6 +9,7 @@ events. The tests after them use a real capd.
 import asyncio
 import contextlib
 import io
+import os
 import re
 import signal
 from collections.abc import AsyncIterator
@@ -22,6 +23,7 @@ from capctl.render import EventPrinter, TurnPrinter
 from protocol.framing import decode, encode
 from tests.conftest import CapdProcess
 from tests.engine_scaffold import STAND_IN_ACP_AGENT
+from tests.helpers import connect_pod, run_turn, scripted, spawn
 from tests.test_capctl import (
     TIMEOUT_S,
     Output,
@@ -298,12 +300,23 @@ def _compactions(capd: CapdProcess, pod: str) -> list[Frame]:
     return [e for e in events if e["event"] == "context_compacted"]
 
 
+def _run_turns(capd: CapdProcess, pod: str, *texts: str) -> None:
+    """Run a turn for each of `texts`, in order, over the pod's socket (quicker than a
+    `capctl send` each: what is tested here is compact)."""
+
+    async def run() -> None:
+        async with await connect_pod(capd, pod) as client:
+            for text in texts:
+                await run_turn(client, text)
+
+    asyncio.run(run())
+
+
 @pytest.mark.shared_capd
 def test_compact_an_idle_pod_of_capd(capd: CapdProcess, tmp_path: Path) -> None:
     rt = capd.runtime_dir
     spawn_scripted(capd, tmp_path, "w1")
-    for text in ("first task", "second task", "third task", "fourth task"):
-        ok(rt, "send", "w1", text)
+    _run_turns(capd, "w1", "first task", "second task", "third task", "fourth task")
     watch = start_capctl(rt, "watch", "w1", "--from-seq", "0")
     try:
         shown = Output(watch.stdout)
@@ -326,11 +339,20 @@ def test_compact_an_idle_pod_of_capd(capd: CapdProcess, tmp_path: Path) -> None:
 
 @pytest.mark.shared_capd
 def test_compact_a_running_pod_of_capd_at_its_next_step(capd: CapdProcess, tmp_path: Path) -> None:
+    """The turn's tool waits on a FIFO the test writes to once both compacts were acked,
+    so the pod is running (between two steps) while they are asked for. The compaction
+    keeps that step's call and result, so the scripted model (which counts the assistant
+    messages in its context) plays the step again: the test lets it pass twice."""
     rt = capd.runtime_dir
-    slow_step = {"text": "x" * 800, "chunk_chars": 1, "delay_ms": 5}
-    tool_step = slow_step | {"tool_calls": [{"name": "bash", "arguments": {"command": "true"}}]}
-    spawn_scripted(capd, tmp_path, "w1", [{"text": "warm"}, tool_step, {"text": "done"}])
-    ok(rt, "send", "w1", "warm up the context")
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    wait = {"name": "bash", "arguments": {"command": "read -r _ < gate"}}
+    tool_step = {"text": "x", "tool_calls": [wait]}
+    model = scripted({"text": "warm"}, tool_step, {"text": "done"})
+    asyncio.run(spawn(capd, "w1", model, cwd=str(tmp_path), tools=["bash"]))
+    _run_turns(capd, "w1", "warm up the context")
+    # Read-write, so it never blocks; the line waits in the pipe until the tool reads it.
+    release = os.open(gate, os.O_RDWR)
     send = start_capctl(rt, "send", "w1", "go")
     try:
         Output(send.stdout).until("x")
@@ -338,6 +360,7 @@ def test_compact_a_running_pod_of_capd_at_its_next_step(capd: CapdProcess, tmp_p
         waiter = start_capctl(rt, "compact", "w1")
         try:
             Output(waiter.stderr).until(RUNNING_NOTE)
+            os.write(release, b"go\ngo\n")
             out, err = waiter.communicate(timeout=TIMEOUT_S)
         finally:
             waiter.kill()
@@ -346,6 +369,7 @@ def test_compact_a_running_pod_of_capd_at_its_next_step(capd: CapdProcess, tmp_p
         assert send.wait(timeout=TIMEOUT_S) == 0
     finally:
         send.kill()
+        os.close(release)
     events = json_lines(ok(rt, "log", "w1", "--json"))
     turn = [e for e in events if e["event"] == "turn_start"][-1]["turn_id"]
     kinds = [e["event"] for e in events if e.get("turn_id") == turn]

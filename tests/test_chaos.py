@@ -10,7 +10,8 @@ acked run, notify, pod_event and child report took effect exactly once, each too
 once (exactly once where its result was recorded).
 
 The seed is random and printed; CAPD_CHAOS_SEED=N replays its choices (the timing of a
-kill against the pods' work still varies), CAPD_CHAOS_ROUNDS=N runs longer.
+kill against the pods' work still varies). It runs 6 rounds, a new seed each time it runs;
+CAPD_CHAOS_ROUNDS=N runs longer.
 """
 
 import asyncio
@@ -46,7 +47,7 @@ from tests.helpers import (
 )
 
 SEED = int(os.environ.get("CAPD_CHAOS_SEED") or random.SystemRandom().randrange(2**32))
-ROUNDS = int(os.environ.get("CAPD_CHAOS_ROUNDS") or 10)
+ROUNDS = int(os.environ.get("CAPD_CHAOS_ROUNDS") or 6)
 STEPS = 20 + 12 * ROUNDS
 """Script steps per pod: more than the model calls the rounds make, so tools keep running."""
 SETTLE_TIMEOUT_S = 60.0
