@@ -319,13 +319,12 @@ class Journal:
     def _restore_grants(self) -> None:
         """The grants of the pod's whole life: those before the events a restore reads
         (a compaction's `restore_from`) too, since its permissions last changed."""
-        since = 0
-        for seq, data in self._store.events_of_kind_after(self.name, 0, "reconfigured"):
-            if "permissions" in Reconfigured.model_validate_json(data).changed:
-                since = seq
-        for _, data in self._store.events_of_kind_after(self.name, since, "permission_resolved"):
+        kinds = ("reconfigured", "permission_resolved")
+        for _, data in self._store.events_of_kind_after(self.name, 0, *kinds):
             event = parse_event(orjson.loads(data))
-            if isinstance(event, PermissionResolved) and event.grant is not None:
+            if isinstance(event, Reconfigured) and "permissions" in event.changed:
+                self.grants = Grants()  # granted by index into rules that are gone
+            elif isinstance(event, PermissionResolved) and event.grant is not None:
                 self.grants.add(event.grant)
 
 

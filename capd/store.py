@@ -361,11 +361,16 @@ class Store:
         ).fetchone()
         return row[0] if row else None
 
-    def events_of_kind_after(self, pod: str, after_seq: int, kind: str) -> list[tuple[int, bytes]]:
-        """Every event of one `kind` with seq > after_seq, oldest first, as (seq, json)."""
+    def events_of_kind_after(
+        self, pod: str, after_seq: int, *kinds: str
+    ) -> list[tuple[int, bytes]]:
+        """Every event of these `kinds` with seq > after_seq, oldest first, as (seq, json):
+        one pass over the pod's events, however many kinds."""
+        marks = ", ".join("?" * len(kinds))
         return self._db.execute(
-            "SELECT seq, data FROM events WHERE pod = ? AND seq > ? AND kind = ? ORDER BY seq",
-            (pod, after_seq, kind),
+            f"SELECT seq, data FROM events WHERE pod = ? AND seq > ? AND kind IN ({marks}) "
+            "ORDER BY seq",
+            (pod, after_seq, *kinds),
         ).fetchall()
 
     # -- outbox -------------------------------------------------------------------------
