@@ -217,14 +217,18 @@ class Endpoint(ABC):
         """Ack, then register: the ack is queued before any replayed or live event."""
         conn.unsubscribe()
         limit = self._config.max_subscribers
-        if len(hub.subscriptions) >= limit:
+        if (subscribed := self._subscribers(hub)) >= limit:
             raise ProtocolError(
                 "limit_reached",
-                f"{len(hub.subscriptions)} connections already subscribe here, the most "
+                f"{subscribed} connections already subscribe here, the most "
                 f"capd --max-subscribers={limit} allows; close one first",
             )
         conn.send(ack(request, SubscribeResult(last_seq=hub.last_seq()).model_dump()))
         conn.subscribe(hub, after_seq, deltas)
+
+    def _subscribers(self, hub: Hub) -> int:
+        """The connections subscribed at this socket, which `--max-subscribers` bounds."""
+        return len(hub.subscriptions)
 
     @abstractmethod
     def hello(self) -> Hello: ...
@@ -309,6 +313,10 @@ class DaemonEndpoint(Endpoint):
 
     def hello(self) -> Hello:
         return Hello(server=SERVER_NAME, pod=None)
+
+    def _subscribers(self, hub: Hub) -> int:
+        """Both kinds of daemon subscriber, with activity or without, count."""
+        return len(self._pods.hub.subscriptions) + len(self._pods.activity.hub.subscriptions)
 
     async def _handle(self, frame: dict[str, Any], conn: Connection) -> bytes | None:
         request = DAEMON_REQUESTS.parse(frame)

@@ -4,6 +4,7 @@ import asyncio
 
 import pytest
 
+from protocol.client import Client
 from protocol.errors import ProtocolError
 from tests.conftest import CapdProcess
 from tests.helpers import (
@@ -50,6 +51,23 @@ async def test_max_subscribers_per_pod(capd_dirs: CapdProcess) -> None:
         await second.request({"method": "run", "text": "hi"})
         end, _ = await wait_for(third, is_event("turn_end"))
     assert end["output"] == "You said: hi"
+
+
+async def test_max_subscribers_counts_both_kinds_of_daemon_subscriber(
+    capd_dirs: CapdProcess,
+) -> None:
+    capd_dirs.extra_args = ["--max-subscribers", "2"]
+    await asyncio.to_thread(capd_dirs.start)
+    plain, activity, third = [await Client.connect(capd_dirs.socket) for _ in range(3)]
+    async with plain, activity, third:
+        await plain.request({"method": "subscribe"})
+        await activity.request({"method": "subscribe", "activity": True})
+        for request in ({"method": "subscribe"}, {"method": "subscribe", "activity": True}):
+            with pytest.raises(ProtocolError) as full:
+                await third.request(request)
+            assert full.value.code == "limit_reached"
+        await activity.request({"method": "subscribe"})  # switching kinds keeps its place
+        await plain.request({"method": "subscribe", "activity": True})
 
 
 async def _stream_turn(socket_path: str, pid: int, expected: int) -> int:
