@@ -16,6 +16,7 @@ from capctl.tui.top import KEYS, TopApp
 from protocol.client import Client
 from tests.conftest import REPO, CapdProcess
 from tests.helpers import daemon_request, scripted, spawn
+from tests.promcheck import samples, value
 from tests.tmux import Screen
 
 pytestmark = pytest.mark.shared_capd
@@ -167,6 +168,66 @@ async def test_enter_opens_the_pod_and_ctrl_c_comes_back_to_the_table(
             assert app.top.note == "detached from w1"
         await pilot.press("q")
     assert app.return_code == 0
+
+
+async def test_the_feed_resyncs_after_it_lags_and_shows_what_overview_shows(
+    capd_dirs: CapdProcess, tmp_path: Path
+) -> None:
+    """The feed's socket is not read while pods are spawned until capd cuts its
+    subscription off with `lagged`; pods stopped, deleted and spawned after that reach it
+    only through the new overview it takes once it reads again."""
+    capd_dirs.extra_args = ["--max-queued-bytes", "1024"]
+    await asyncio.to_thread(capd_dirs.start)
+    manifest = {"model": scripted(), "cwd": str(tmp_path)}
+    feed = Feed(capd_dirs.socket)
+    await feed.connect()
+    assert feed._writer is not None
+    feed._writer.transport.pause_reading()  # type: ignore[attr-defined]
+    async with await Client.connect(capd_dirs.socket) as daemon:
+
+        async def lagged() -> float:
+            text = (await daemon.request({"method": "metrics"}))["text"]
+            return value(samples(text), "capd_subscriptions_lagged_total")
+
+        batches = 0
+        while not await lagged():  # the kernel's buffer, then 1 KiB of queue, fill
+            assert batches < 20, "the feed never lagged"
+            await asyncio.gather(
+                *(
+                    daemon.request({"method": "spawn", "manifest": {**manifest, "name": name}})
+                    for name in (f"b{batches}-{i:02d}" for i in range(50))
+                )
+            )
+            batches += 1
+        await daemon.request({"method": "stop", "name": "b0-00"})
+        await daemon.request({"method": "stop", "name": "b0-01"})
+        await daemon.request({"method": "delete", "name": "b0-02"})
+        await daemon.request({"method": "spawn", "manifest": {**manifest, "name": "late"}})
+        expected = (await daemon.request({"method": "overview"}))["pods"]
+    stale: list[str] = []
+    resynced = asyncio.Event()
+
+    def changed() -> None:
+        if feed.resyncs:
+            resynced.set()
+        else:
+            stale[:] = feed.pods
+
+    follow = asyncio.create_task(feed.follow(changed))
+    feed._writer.transport.resume_reading()  # type: ignore[attr-defined]
+    try:
+        await asyncio.wait_for(resynced.wait(), 10)
+    finally:
+        follow.cancel()
+        await feed.close()
+    assert "b0-02" in stale  # what the lag cost it: the deletion, and the pod spawned last
+    assert "late" not in stale
+    assert feed.resyncs == 1
+    assert [(p["pod"], p["status"]) for p in feed.pods.values()] == [
+        (p["pod"], p["status"]) for p in expected
+    ]
+    assert feed.pods["b0-00"]["status"] == "stopped"
+    assert list(feed.pods.values()) == expected
 
 
 async def wait_until(pilot: Any, done: Any, timeout: float = 10.0) -> None:
