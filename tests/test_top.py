@@ -14,6 +14,7 @@ from capctl.tui.feed import Feed
 from capctl.tui.rows import COLUMNS, cells, tree
 from capctl.tui.top import KEYS, TopApp
 from protocol.client import Client
+from protocol.framing import decode, encode
 from tests.conftest import REPO, CapdProcess
 from tests.helpers import daemon_request, scripted, spawn
 from tests.promcheck import samples, value
@@ -275,3 +276,37 @@ def test_rows_put_children_under_parents_and_show_what_is_wrong() -> None:
     assert cells(asking, 0, 0.0)[1:5:3] == ("running !2", "permission")
     assert cells(broken, 1, 0.0)[:2] == ("  b", "error")
     assert cells(broken, 1, 0.0)[4] == "not restored"
+
+
+async def test_a_lag_before_the_overview_reply_takes_the_subscription_again(
+    tmp_path: Path,
+) -> None:
+    """capd cuts the new subscription off while the feed waits for its overview: that
+    overview may miss what came after, so the feed subscribes and asks again. A server
+    speaking the daemon socket's wire plays capd, since only its timing is scripted."""
+    asked: list[str] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(encode({"event": "hello", "protocol": 1, "server": "capd", "pod": None}))
+        while line := await reader.readline():
+            request = decode(line)
+            asked.append(request["method"])
+            reply: dict[str, Any] = {"event": "ack", "id": request["id"], "result": {}}
+            if request["method"] == "subscribe":
+                reply["result"] = {"last_seq": 0}
+            elif len(asked) == 2:  # the first overview: its subscription lags first
+                writer.write(encode({"event": "lagged", "pod": "", "missed": 3, "resume_from": 0}))
+                reply["result"] = {"pods": [{"pod": "old", "status": "idle"}]}
+            else:
+                reply["result"] = {"pods": [{"pod": "new", "status": "running"}]}
+            writer.write(encode(reply))
+
+    path = tmp_path / "capd.sock"
+    server = await asyncio.start_unix_server(serve, str(path))
+    async with server:
+        feed = Feed(path)
+        await asyncio.wait_for(feed.connect(), 5)
+        await feed.close()
+    assert asked == ["subscribe", "overview", "subscribe", "overview"]
+    assert feed.resyncs == 1
+    assert feed.pods == {"new": {"pod": "new", "status": "running"}}

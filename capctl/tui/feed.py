@@ -34,6 +34,8 @@ class Feed:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._ids = itertools.count(1)
+        self._lagged = False
+        """A `lagged` came while a request waited for its reply."""
 
     async def connect(self) -> None:
         reader, writer = await asyncio.open_unix_connection(str(self.socket), limit=LINE_LIMIT)
@@ -82,9 +84,15 @@ class Feed:
                 self.pods.pop(name, None)
 
     async def _sync(self) -> None:
-        """Subscribe, then take the overview: what came before its reply is in it."""
-        await self._request({"method": "subscribe", "activity": True})
-        result = await self._request({"method": "overview"})
+        """Subscribe, then take the overview: what came before its reply is in it. A
+        subscription that lags before that reply is taken again."""
+        while True:
+            self._lagged = False
+            await self._request({"method": "subscribe", "activity": True})
+            result = await self._request({"method": "overview"})
+            if not self._lagged:
+                break
+            self.resyncs += 1
         self.pods = {pod["pod"]: pod for pod in result.get("pods", [])}
 
     async def _request(self, frame: dict[str, Any]) -> dict[str, Any]:
@@ -96,6 +104,7 @@ class Feed:
         while True:
             reply = await self._read()
             if reply.get("id") != request_id:
+                self._lagged = self._lagged or reply.get("event") == "lagged"
                 continue
             if reply.get("event") == "error":
                 raise ProtocolError(reply.get("code", "internal"), str(reply.get("message")))
