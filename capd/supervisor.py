@@ -562,6 +562,7 @@ class Supervisor:
                 pod.toolbox.start_mcp_servers()
             raise
         let_go = pod.use_parts(manifest, parts)
+        pod.engine.take_over(let_go.engine)
         if keep_servers:
             pod.toolbox.take_mcp_servers(let_go.toolbox)
         self.registry.manifest_committed(pod.name, manifest.model_dump_json())

@@ -14,7 +14,13 @@ from capctl.render import describe
 from protocol.client import Client
 from protocol.errors import ProtocolError
 from tests.conftest import CapdProcess
-from tests.engine_scaffold import STAND_IN_CLAUDE, UNCONFINED, engine_starts, spawn_on_engine
+from tests.engine_scaffold import (
+    STAND_IN_ACP_AGENT,
+    STAND_IN_CLAUDE,
+    UNCONFINED,
+    engine_starts,
+    spawn_on_engine,
+)
 from tests.fakes.openai_server import OpenAITestServer, TextReply
 from tests.helpers import (
     Event,
@@ -430,3 +436,22 @@ async def test_capctl_update_says_what_changed(capd: CapdProcess, tmp_path: Path
 def test_log_shows_what_a_reconfigure_changed() -> None:
     event = {"event": "reconfigured", "changed": ["model", "tools"]}
     assert describe(event) == "── reconfigured: model, tools changed"
+
+
+async def test_an_acp_pods_new_engine_counts_the_loaded_sessions_cost_from_where_it_was(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    """The agent reports its session's cumulative cost; the engine a reconfigure brings up
+    loads that session, and its next prompt's cost counts in full."""
+    (tmp_path / "report-cost").touch()
+    engine = STAND_IN_ACP_AGENT.engine(tmp_path)
+    manifest = {"name": "r11", "engine": engine, "cwd": str(tmp_path), "sandbox": UNCONFINED}
+    await spawn_on_engine(capd, "r11", engine, cwd=str(tmp_path), sandbox=UNCONFINED)
+    async with await connect_pod(capd, "r11") as pod:
+        await run_turn(pod, "one")
+        once = (await pod.request({"method": "status"}))["spent"]["usd"]
+        assert await reconfigure(pod, {**manifest, "system_prompt": "B"}) == ["system_prompt"]
+        await run_turn(pod, "two")
+        twice = (await pod.request({"method": "status"}))["spent"]["usd"]
+    assert once > 0
+    assert twice == pytest.approx(2 * once)

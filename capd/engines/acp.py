@@ -38,7 +38,7 @@ from typing import Any
 
 import orjson
 
-from capd.engines.base import Turn, TurnHost, TurnOutcome
+from capd.engines.base import Engine, Turn, TurnHost, TurnOutcome
 from capd.engines.mcp_handover import acp_servers
 from capd.engines.process import EngineDied, EngineError, ExternalEngine
 from capd.engines.questions import Questions
@@ -363,6 +363,14 @@ class AcpEngine(ExternalEngine):
                 self._compaction(host, turn, state, update)
             case "usage_update":
                 self._cost(update.get("cost"))
+
+    def take_over(self, old: Engine) -> None:
+        """The session's cost as the old engine last saw it, and what it reported that no
+        event records yet: the new engine loads the same session, whose next cumulative
+        `cost` would otherwise start counting anew and lose a prompt's cost."""
+        if isinstance(old, AcpEngine):
+            self._cost_seen = old._cost_seen
+            self._unrecorded = add_usage(self._unrecorded, old._unrecorded)
 
     def _cost(self, cost: object) -> None:
         """A `usage_update`'s `cost`, the session's cumulative cost: what it grew by (in

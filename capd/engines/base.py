@@ -162,6 +162,11 @@ class Engine(Protocol):
         is replaced; bounded (settle_timeout_s). capd's own engine has nothing to wait for."""
         ...
 
+    def take_over(self, old: "Engine") -> None:
+        """Carry on from `old`, the engine this one replaces in a reconfigured pod (after
+        `old.settle()`): what it knew of its session that the events do not hold."""
+        ...
+
     async def aclose(self) -> None:
         """Release what the engine holds (connections, its process group)."""
         ...

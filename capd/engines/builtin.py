@@ -16,6 +16,7 @@ from capd.backoff import backoff_s
 from capd.chat import INVALID_JSON_KEY
 from capd.engines.base import (
     CompactOrder,
+    Engine,
     Turn,
     TurnHost,
     TurnOutcome,
@@ -103,6 +104,9 @@ class BuiltinEngine:
         return False
 
     async def settle(self) -> None:
+        pass
+
+    def take_over(self, old: Engine) -> None:
         pass
 
     def answer_permission(self, request_id: str, option_id: str | None) -> None:

@@ -46,7 +46,7 @@ from typing import Any
 
 import orjson
 
-from capd.engines.base import CompactOrder, Turn, TurnHost, TurnOutcome, never_asks
+from capd.engines.base import CompactOrder, Engine, Turn, TurnHost, TurnOutcome, never_asks
 from capd.engines.mcp_handover import claude_code_config
 from capd.engines.process import EngineDied, ExternalEngine
 from capd.proc.launcher import environment
@@ -172,6 +172,10 @@ class ClaudeCodeEngine(ExternalEngine):
 
     def answer_permission(self, request_id: str, option_id: str | None) -> None:
         raise never_asks(self.kind)
+
+    def take_over(self, old: Engine) -> None:
+        """Nothing to carry: the CLI's running total starts anew with each process, as
+        this engine's count of it does."""
 
     async def _start(self, host: TurnHost, turn: Turn | None) -> None:
         config = self._config

@@ -14,7 +14,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from capd.engines.base import CompactOrder, Turn, TurnHost, TurnOutcome, cannot_compact
+from capd.engines.base import (
+    CompactOrder,
+    Engine,
+    Turn,
+    TurnHost,
+    TurnOutcome,
+    cannot_compact,
+)
 from protocol.events import AssistantMessage, ToolCall, ToolResult, TurnResult
 
 WAIT_S = 5.0
@@ -103,6 +110,9 @@ class FakeEngine:
         return False
 
     async def settle(self) -> None:
+        pass
+
+    def take_over(self, old: Engine) -> None:
         pass
 
     def answer_permission(self, request_id: str, option_id: str | None) -> None:
