@@ -3,6 +3,7 @@
 
 import asyncio
 import os
+import re
 import secrets
 import socket
 import subprocess
@@ -250,6 +251,8 @@ async def test_off_loads_no_opentelemetry_and_keeps_run_traceparent(
     imported = capd_dirs.output()
     assert "capd.tools.shell" in imported  # the import log is there
     assert "opentelemetry" not in imported
+    # Nor, with a scripted model, an HTTP client and the CLI libraries it drags in.
+    assert not re.findall(r"\|\s+(httpx|rich|click)$", imported, re.MULTILINE)
 
 
 async def test_capctl_send_passes_traceparent(capd: CapdProcess, tmp_path: Path) -> None:
