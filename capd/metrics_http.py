@@ -6,8 +6,9 @@ another method 405, a render that fails 500. One request per connection: the rep
 
 The port is TCP, so any local user can reach it: the text is rendered at most once per
 CACHE_S (`Cached`), at most MAX_CONNECTIONS are served at once (more are answered 503 and
-closed), and a client that does not send its request and read the reply within
-TIMEOUT_S, or sends more than REQUEST_LIMIT bytes of request line and headers, is dropped.
+closed), and a client that does not send its request within HEAD_TIMEOUT_S (idle
+connections would hold the places of scrapes), does not read the reply within TIMEOUT_S
+in all, or sends more than REQUEST_LIMIT bytes of request line and headers, is dropped.
 """
 
 import asyncio
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 PATH = "/metrics"
 REQUEST_LIMIT = 16 * 1024
 TIMEOUT_S = 10.0
+HEAD_TIMEOUT_S = 2.0
 MAX_CONNECTIONS = 16
 CACHE_S = 1.0
 REASONS = {
@@ -59,9 +61,15 @@ class MetricsHttp:
     """The listener; `render` makes the exposition, called for each GET or HEAD (give it
     `Cached.get`)."""
 
-    def __init__(self, render: Callable[[], str], timeout_s: float = TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        render: Callable[[], str],
+        timeout_s: float = TIMEOUT_S,
+        head_timeout_s: float = HEAD_TIMEOUT_S,
+    ) -> None:
         self._render = render
         self._timeout_s = timeout_s
+        self._head_timeout_s = head_timeout_s
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
         self._failing = False
@@ -108,7 +116,9 @@ class MetricsHttp:
         done = False
         try:
             async with asyncio.timeout(self._timeout_s):
-                writer.write(self._reply(await _read_head(reader)))
+                async with asyncio.timeout(self._head_timeout_s):
+                    head = await _read_head(reader)
+                writer.write(self._reply(head))
                 await writer.drain()
                 writer.close()
                 await writer.wait_closed()

@@ -63,6 +63,22 @@ async def test_a_client_that_never_reads_is_dropped_after_the_timeout() -> None:
         await server.close()
 
 
+async def test_connections_that_send_no_request_give_their_places_back_soon() -> None:
+    server, host, port = await serving(lambda: "x 1\n", head_timeout_s=0.2)
+    idle = [await asyncio.open_connection(host, port) for _ in range(MAX_CONNECTIONS)]
+    try:
+        async with asyncio.timeout(WAIT_S):  # well before the 10 s an exchange may take
+            while len(server._handlers) < MAX_CONNECTIONS:  # accepted on this loop
+                await asyncio.sleep(0)
+            await asyncio.gather(*server._handlers)
+        reply = await exchange(host, port, b"GET /metrics HTTP/1.1\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 200 OK\r\n")
+    finally:
+        for _, writer in idle:
+            writer.close()
+        await server.close()
+
+
 async def test_connections_beyond_the_cap_get_503_at_once() -> None:
     server, host, port = await serving(lambda: "x 1\n")
     idle = [await asyncio.open_connection(host, port) for _ in range(MAX_CONNECTIONS)]
