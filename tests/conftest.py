@@ -130,9 +130,11 @@ def _stopped_at_exit(state_dir: Path) -> Iterator[CapdProcess]:
     # Unix socket paths are limited to 108 bytes: keep the runtime dir short.
     runtime = Path(f"/tmp/capd-test-{os.getpid()}-{time.monotonic_ns() % 10**9}")
     proc = CapdProcess(runtime_dir=runtime, state_dir=state_dir)
-    yield proc
-    proc.stop()
-    shutil.rmtree(runtime, ignore_errors=True)
+    try:
+        yield proc
+    finally:
+        proc.stop()
+        shutil.rmtree(runtime, ignore_errors=True)
 
 
 @pytest.fixture
@@ -177,7 +179,9 @@ def capd(request: pytest.FixtureRequest) -> Iterator[CapdProcess]:
 
 @pytest.fixture(scope="module")
 def _module_capd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CapdProcess]:
-    for proc in _stopped_at_exit(tmp_path_factory.mktemp("state")):
+    # Stopped even when its start fails (a capd too slow to listen still runs).
+    with contextlib.closing(_stopped_at_exit(tmp_path_factory.mktemp("state"))) as runs:
+        proc = next(runs)
         proc.log = proc.state_dir / "capd.log"
         proc.start()
         yield proc
