@@ -33,14 +33,14 @@ def capctl_cmd(runtime_dir: Path, *args: str) -> list[str]:
 
 
 def capctl(
-    runtime_dir: Path, *args: str, stdin: str | None = None
+    runtime_dir: Path, *args: str, stdin: str | None = None, timeout: float = TIMEOUT_S
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         capctl_cmd(runtime_dir, *args),
         input=stdin,
         capture_output=True,
         text=True,
-        timeout=TIMEOUT_S,
+        timeout=timeout,
     )
 
 

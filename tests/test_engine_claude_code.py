@@ -365,7 +365,10 @@ async def test_a_session_claude_cannot_resume_is_replaced_by_a_new_one(
     if refusal == "exit":
         (state / "die-on-resume").touch()
     capd.start()
-    sent = await asyncio.to_thread(capctl, capd.runtime_dir, "send", "cc", "hello again")
+    # The turn starts a CLI that fails to resume, then a fresh one: under load, slow.
+    sent = await asyncio.to_thread(
+        capctl, capd.runtime_dir, "send", "cc", "hello again", timeout=30
+    )
     async with await connect_pod(capd, "cc") as pod:
         second, _ = await run_turn(pod, "and again")
         history = await full_history(pod)
