@@ -16,7 +16,7 @@ import os
 import socket
 import threading
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import orjson
@@ -29,7 +29,6 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from capd import semconv as t
-from capd.engines.base import Turn
 from capd.metrics import UNKNOWN_TOOL
 from capd.providers.base import ModelReply, ProviderError
 from capd.tools.base import ToolOutcome
@@ -45,6 +44,15 @@ DEFAULT_SERVERS = {
     "openai": ("api.openai.com", 443),
     "anthropic": ("api.anthropic.com", 443),
 }
+
+
+class SpannedTurn(Protocol):
+    """What a turn's span reads of it (`capd.engines.base.Turn`; not imported, as the
+    engines import the toolbox, which imports `capd.tracing`)."""
+
+    turn_id: str
+    invoke: str
+    traceparent: str | None
 
 
 class Tracer:
@@ -95,7 +103,7 @@ class Tracer:
     def start_turn(
         self,
         manifest: Manifest,
-        turn: Turn,
+        turn: "SpannedTurn",
         previous: Span | None,
     ) -> tuple[Span, contextvars.Context]:
         """The `invoke_agent` span of a turn's running segment, and the context to run the
@@ -130,7 +138,7 @@ class Tracer:
     def end_turn(
         self,
         manifest: Manifest,
-        turn: Turn,
+        turn: "SpannedTurn",
         span: Span | None,
         result: TurnResult | None,
         error: str | None,
