@@ -557,9 +557,7 @@ class Supervisor:
                 await _close(parts)
             if renew:  # the old parts are closed already: the old limits, and parts anew
                 await running.limits.close()
-                running.limits = self.limiter.pod(pod.name, *_resource_limits(old))
-                pod.use_parts(old, self._parts(old, self._confinement(old), running.limits))
-                pod.toolbox.start_mcp_servers()
+                self._rebuild_as(running, old)
             raise
         let_go = pod.use_parts(manifest, parts)
         pod.engine.take_over(let_go.engine)
@@ -583,14 +581,20 @@ class Supervisor:
         try:
             running.limits = self.limiter.pod(pod.name, *_resource_limits(manifest))
         except OSError as exc:
-            running.limits = self.limiter.pod(pod.name, *_resource_limits(old))
-            pod.use_parts(old, self._parts(old, self._confinement(old), running.limits))
-            pod.toolbox.start_mcp_servers()
+            self._rebuild_as(running, old)
             raise ProtocolError(
                 "internal",
                 f"cannot reconfigure pod {pod.name}: its new limits could not be set up "
                 f"({exc}); it keeps its manifest",
             ) from None
+
+    def _rebuild_as(self, running: _RunningPod, manifest: Manifest) -> None:
+        """A pod whose parts and limits group were closed goes on as `manifest` says, with
+        them made anew."""
+        running.limits = self.limiter.pod(manifest.name, *_resource_limits(manifest))
+        pod = running.controller
+        pod.use_parts(manifest, self._parts(manifest, self._confinement(manifest), running.limits))
+        pod.toolbox.start_mcp_servers()
 
     def _parts(
         self,
