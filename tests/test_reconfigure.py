@@ -371,20 +371,31 @@ async def test_an_external_engines_process_stops_and_its_session_resumes_with_ne
     assert end["result"] == "finished"
 
 
-@pytest.mark.own_capd
-async def test_new_permissions_drop_the_grants_and_a_restart_keeps_the_new_manifest(
-    capd: CapdProcess, tmp_path: Path
-) -> None:
+STRICTER = {"rules": [*ASK_BASH["rules"], {"tool": "read_file", "action": "deny"}]}
+"""ASK_BASH and one rule more: the rule indexes the grants name are other rules now."""
+
+
+async def spawn_granted(capd: CapdProcess, name: str, cwd: Path) -> dict[str, Any]:
+    """Spawn `name` asking before bash, and run a turn whose question is answered
+    `allow_always`; returns its manifest, but for `permissions`. Its next turn runs bash
+    again and answers "two"."""
     model = scripted(bash("true"), {"text": "one"}, bash("true"), {"text": "two"})
-    asking = {"name": "r6", "model": model, "cwd": str(tmp_path), "tools": ["bash"]}
-    await spawn(capd, "r6", model, cwd=str(tmp_path), tools=["bash"], permissions=ASK_BASH)
-    async with await connect_pod(capd, "r6") as pod:
+    await spawn(capd, name, model, cwd=str(cwd), tools=["bash"], permissions=ASK_BASH)
+    async with await connect_pod(capd, name) as pod:
         await pod.request({"method": "run", "text": "go"})
         asked, _ = await wait_for(pod, is_event("permission_request"))
         await answer(pod, asked, "allow_always")
         await wait_for(pod, is_event("turn_end"))
-        stricter = {"rules": [*ASK_BASH["rules"], {"tool": "read_file", "action": "deny"}]}
-        new = {**asking, "permissions": stricter, "system_prompt": "B"}
+    return {"name": name, "model": model, "cwd": str(cwd), "tools": ["bash"]}
+
+
+@pytest.mark.own_capd
+async def test_new_permissions_drop_the_grants_and_a_restart_keeps_the_new_manifest(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    asking = await spawn_granted(capd, "r6", tmp_path)
+    async with await connect_pod(capd, "r6") as pod:
+        new = {**asking, "permissions": STRICTER, "system_prompt": "B"}
         assert await reconfigure(pod, new) == ["system_prompt", "permissions"]
 
     capd.stop()
@@ -401,16 +412,9 @@ async def test_new_permissions_drop_the_grants_and_a_restart_keeps_the_new_manif
 async def test_new_permissions_drop_the_grants_of_a_pod_that_stays_up(
     capd: CapdProcess, tmp_path: Path
 ) -> None:
-    model = scripted(bash("true"), {"text": "one"}, bash("true"), {"text": "two"})
-    asking = {"name": "r10", "model": model, "cwd": str(tmp_path), "tools": ["bash"]}
-    await spawn(capd, "r10", model, cwd=str(tmp_path), tools=["bash"], permissions=ASK_BASH)
+    asking = await spawn_granted(capd, "r10", tmp_path)
     async with await connect_pod(capd, "r10") as pod:
-        await pod.request({"method": "run", "text": "go"})
-        asked, _ = await wait_for(pod, is_event("permission_request"))
-        await answer(pod, asked, "allow_always")
-        await wait_for(pod, is_event("turn_end"))
-        stricter = {"rules": [*ASK_BASH["rules"], {"tool": "read_file", "action": "deny"}]}
-        assert await reconfigure(pod, {**asking, "permissions": stricter}) == ["permissions"]
+        assert await reconfigure(pod, {**asking, "permissions": STRICTER}) == ["permissions"]
         await pod.request({"method": "run", "text": "again"})
         # The grant would let bash run unasked, and the turn end.
         asked_again, _ = await wait_for(
