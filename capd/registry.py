@@ -35,9 +35,16 @@ class PodRegistry:
     def all(self) -> list[PodRecord]:
         return list(self._records.values())
 
-    def add(self, name: str, manifest: str, parent: str | None) -> None:
-        self._store.add_pod(name, manifest, parent, time.time())
-        record = PodRecord(name, manifest, parent, stopped=False)
+    def add(
+        self,
+        name: str,
+        manifest: str,
+        parent: str | None,
+        team: str | None = None,
+        worktree: str | None = None,
+    ) -> None:
+        self._store.add_pod(name, manifest, parent, time.time(), team, worktree)
+        record = PodRecord(name, manifest, parent, False, team, worktree)
         self._records[name] = record
         self._index(record)
 
@@ -47,8 +54,16 @@ class PodRegistry:
         self._records[name] = dataclasses.replace(self._records[name], manifest=manifest)
 
     def manifest_committed(self, name: str, manifest: str) -> None:
-        """The pod's manifest changed in the store, committed with its `reconfigured`."""
-        self._records[name] = dataclasses.replace(self._records[name], manifest=manifest)
+        """The pod's manifest changed in the store, committed with its `reconfigured` (which
+        also clears a pending manifest)."""
+        self._records[name] = dataclasses.replace(
+            self._records[name], manifest=manifest, pending_manifest=None
+        )
+
+    def set_pending_manifest(self, name: str, manifest: str | None) -> None:
+        """Keep (or drop) a manifest to apply when the pod's running turn ends."""
+        self._store.set_pending_manifest(name, manifest)
+        self._records[name] = dataclasses.replace(self._records[name], pending_manifest=manifest)
 
     def parent_of(self, name: str) -> str | None:
         """The name of the pod's local parent; None for a top-level pod."""

@@ -37,7 +37,10 @@ CREATE TABLE IF NOT EXISTS pods (
     manifest TEXT NOT NULL,
     parent   TEXT,
     stopped  INTEGER NOT NULL DEFAULT 0,
-    created  REAL NOT NULL
+    created  REAL NOT NULL,
+    team     TEXT,
+    worktree TEXT,
+    pending_manifest TEXT
 );
 CREATE TABLE IF NOT EXISTS events (
     pod  TEXT NOT NULL,
@@ -93,6 +96,9 @@ WHERE kind = 'pod_event_received'
 """
 """A database older than `received` fills it from the reports its events hold."""
 
+POD_COLUMNS_ADDED = ("team", "worktree", "pending_manifest")
+"""`pods` columns a database made before issue 21 lacks; each is added, NULL for old rows."""
+
 
 @dataclass(frozen=True, slots=True)
 class PodRecord:
@@ -100,6 +106,12 @@ class PodRecord:
     manifest: str
     parent: str | None
     stopped: bool
+    team: str | None = None
+    """§16: the team `apply` made the pod for."""
+    worktree: str | None = None
+    """§16: the pod's git work tree as JSON (capd.worktrees), what `delete` must undo."""
+    pending_manifest: str | None = None
+    """A manifest `apply` gave the pod while its turn ran, applied when the turn ends."""
 
 
 StoredEvent = tuple[int, float, str, bytes]
@@ -159,7 +171,14 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        self._add_pod_columns()
         self._add_received()
+
+    def _add_pod_columns(self) -> None:
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(pods)")}
+        for column in POD_COLUMNS_ADDED:
+            if column not in have:
+                self._db.execute(f"ALTER TABLE pods ADD COLUMN {column} TEXT")
 
     def _add_received(self) -> None:
         """Create `received`, filled from the stored reports when the database predates it,
@@ -176,20 +195,33 @@ class Store:
 
     # -- pods ---------------------------------------------------------------------------
 
-    def add_pod(self, name: str, manifest: str, parent: str | None, created: float) -> None:
+    def add_pod(
+        self,
+        name: str,
+        manifest: str,
+        parent: str | None,
+        created: float,
+        team: str | None = None,
+        worktree: str | None = None,
+    ) -> None:
         self._db.execute(
-            "INSERT INTO pods (name, manifest, parent, created) VALUES (?, ?, ?, ?)",
-            (name, manifest, parent, created),
+            "INSERT INTO pods (name, manifest, parent, created, team, worktree)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (name, manifest, parent, created, team, worktree),
         )
 
     def pods(self) -> list[PodRecord]:
         rows = self._db.execute(
-            "SELECT name, manifest, parent, stopped FROM pods ORDER BY created, name"
+            "SELECT name, manifest, parent, stopped, team, worktree, pending_manifest"
+            " FROM pods ORDER BY created, name"
         )
-        return [PodRecord(n, m, p, bool(s)) for n, m, p, s in rows]
+        return [PodRecord(n, m, p, bool(s), t, w, pm) for n, m, p, s, t, w, pm in rows]
 
     def set_manifest(self, name: str, manifest: str) -> None:
         self._db.execute("UPDATE pods SET manifest = ? WHERE name = ?", (manifest, name))
+
+    def set_pending_manifest(self, name: str, manifest: str | None) -> None:
+        self._db.execute("UPDATE pods SET pending_manifest = ? WHERE name = ?", (manifest, name))
 
     def set_stopped(self, name: str, stopped: bool, report: OwedReport | None = None) -> None:
         """Mark the pod stopped or not, with the `shut_down` report a stop owes its parent."""
@@ -250,7 +282,10 @@ class Store:
             self._db.execute("BEGIN")
             self._db.executemany(insert, rows)
             if manifest is not None:
-                self.set_manifest(pod, manifest)
+                self._db.execute(
+                    "UPDATE pods SET manifest = ?, pending_manifest = NULL WHERE name = ?",
+                    (manifest, pod),
+                )
             if report is not None:
                 self._insert_report(pod, report)
             self._db.executemany("DELETE FROM pending WHERE id = ?", [(i,) for i in consumed])

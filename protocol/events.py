@@ -401,6 +401,19 @@ class PodDeleted(PodEventBase):
 Phase = Literal["model", "tool", "permission", "retry", "compacting"]
 
 
+class EngineState(BaseModel):
+    """§16: an external engine's process (`status.engine`; null for the builtin engine)."""
+
+    model_config = ConfigDict(extra="ignore")
+    state: Literal["running", "stopped"]
+    pid: int | None = None
+    since: float = 0.0
+    """When the process started or stopped (unix time; an addition)."""
+    reaped: int = 0
+    """How many times capd stopped it for idleness or the process limit since capd started
+    (an addition)."""
+
+
 class PodActivity(PodEventBase):
     """What a pod is doing now, for a view of many pods (an addition): a daemon event for
     subscribers that ask for `activity`, and the entries of `overview`."""
@@ -435,6 +448,8 @@ class PodActivity(PodEventBase):
     """How the pod's last turn ended."""
     error: str | None = None
     """Why a pod that should be up is not, as in `list`."""
+    engine: EngineState | None = None
+    """§16: as in `status` (an addition)."""
 
 
 AnyEvent = Annotated[

@@ -1,6 +1,7 @@
 """The pod manifest (docs/protocol.md, Manifest): a YAML file, or the same object as JSON
 in `spawn`."""
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -62,8 +63,50 @@ class Budget(_Strict):
     usd: float | None = Field(default=None, ge=0)
 
 
+def _host_path(path: str) -> str:
+    if not (path.startswith("/") or path == "~" or path.startswith("~/")):
+        raise ValueError(f"{path!r} must be an absolute path (or start with ~/)")
+    return path
+
+
+HostPath = Annotated[str, Field(min_length=1), AfterValidator(_host_path)]
+"""An absolute path, or one under the home directory of capd's user (`~/...`)."""
+
+
+_BAD_IN_BRANCH = re.compile(r"\.\.|@\{|//|/\.|\.lock/|[\x00-\x20\x7f~^:?*\[\\]")
+
+
+def _branch_name(name: str) -> str:
+    """Refuse what `git check-ref-format --branch` refuses, without running git."""
+    if (
+        _BAD_IN_BRANCH.search(name)
+        or name.startswith(("-", "/", "."))
+        or name.endswith(("/", ".", ".lock"))
+        or name == "@"
+    ):
+        raise ValueError(f"{name!r} is not a valid git branch name")
+    return name
+
+
+BranchName = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_branch_name)]
+
+
+class GitWorkspace(_Strict):
+    """§16: the pod's cwd is a work tree of `repo` on a branch of its own."""
+
+    repo: HostPath
+    """The repository (its top level, or any directory inside it; resolved at spawn)."""
+    base: str | None = Field(default=None, min_length=1, max_length=256)
+    """What the new branch starts from (a branch, tag or commit); the repo's HEAD when unset."""
+    branch: BranchName | None = None
+    """The pod's branch; `capd/<pod>` when unset. An existing branch is reused as it is."""
+
+
 class Workspace(_Strict):
     """The pod's cwd as capd keeps it (§11)."""
+
+    git: GitWorkspace | None = None
+    """§16: give the pod a work tree of a git repository as its cwd."""
 
     checkpoints: bool = True
     """Snapshot the cwd's files at each turn start, so `rewind` can restore them."""
@@ -141,6 +184,9 @@ class Limits(_Strict):
     engine process on its own when capd falls back to rlimits); unset: unbounded."""
     pids: int | None = Field(default=None, ge=8)
     """§13: processes and threads of all the pod's processes together; unset: unbounded."""
+    engine_idle_s: float | None = Field(default=600.0, gt=0)
+    """§16: an external engine's process idle this long is stopped, and started again with
+    its session at the next turn; null: never (an addition)."""
 
 
 SandboxMode = Literal["workspace-write", "read-only", "off"]
@@ -158,14 +204,6 @@ DEFAULT_SANDBOX_ENV = (
 """The variables of capd's environment a pod's processes see when `sandbox.env` is unset."""
 
 
-def _host_path(path: str) -> str:
-    if not (path.startswith("/") or path == "~" or path.startswith("~/")):
-        raise ValueError(f"{path!r} must be an absolute path (or start with ~/)")
-    return path
-
-
-HostPath = Annotated[str, Field(min_length=1), AfterValidator(_host_path)]
-"""An absolute path, or one under the home directory of capd's user (`~/...`)."""
 EnvName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 
 

@@ -11,6 +11,7 @@ from protocol.errors import ProtocolError
 from protocol.manifest import Manifest
 from protocol.names import IfBusy
 from protocol.paths import POD_NAME_PATTERN
+from protocol.team import TeamPod
 
 RequestId = str | int
 Seq = Annotated[int, Field(ge=0, le=2**63 - 1)]
@@ -164,6 +165,8 @@ class Spawn(Request):
     method: Literal["spawn"] = "spawn"
     manifest: Manifest
     parent: str | None = None
+    team: PodName | None = None
+    """§16: the team the pod belongs to (an addition; `apply` sets it)."""
 
 
 class ListPods(Request):
@@ -173,6 +176,9 @@ class ListPods(Request):
 class Stop(Request):
     method: Literal["stop"] = "stop"
     name: PodName
+    keep_turn: bool = False
+    """§16: a running or paused turn comes back `paused` at `start` instead of ending
+    `cancelled`."""
 
 
 class Start(Request):
@@ -183,6 +189,8 @@ class Start(Request):
 class Delete(Request):
     method: Literal["delete"] = "delete"
     name: PodName
+    delete_branch: bool = False
+    """§16: also delete the branch of the pod's `workspace.git` work tree (an addition)."""
 
 
 class Info(Request):
@@ -219,6 +227,38 @@ class Metrics(Request):
     method: Literal["metrics"] = "metrics"
 
 
+class Diff(Request):
+    """§16: the pod's work tree (committed and not) against the merge base with its
+    `workspace.git.base` (an addition: `capctl diff` asks the daemon)."""
+
+    method: Literal["diff"] = "diff"
+    name: PodName
+    stat: bool = False
+    """A `--stat` summary instead of the patch."""
+
+
+class Apply(Request):
+    """§16: make the team's pods match `pods` (an addition: `capctl apply` asks the
+    daemon, which checks every pod before it changes anything)."""
+
+    method: Literal["apply"] = "apply"
+    team: PodName
+    pods: list[TeamPod] = Field(min_length=1)
+    prune: bool = False
+    """Delete the team's pods that `pods` does not list."""
+    dry_run: bool = False
+    """Only say what would be done."""
+
+
+class Down(Request):
+    """§16: bring the team down (an addition: `capctl down` asks the daemon, which keeps
+    the team's pods from starting turns of their own while it drains them)."""
+
+    method: Literal["down"] = "down"
+    team: PodName
+    drain_timeout_s: float = Field(default=30.0, ge=0, le=86400)
+
+
 DaemonRequest = Annotated[
     Spawn
     | ListPods
@@ -230,7 +270,10 @@ DaemonRequest = Annotated[
     | Shutdown
     | DaemonSubscribe
     | Overview
-    | Metrics,
+    | Metrics
+    | Diff
+    | Apply
+    | Down,
     Field(discriminator="method"),
 ]
 

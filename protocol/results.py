@@ -4,7 +4,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from protocol.events import BudgetLimits, PodActivity, PodStatusName, Spent, Usage
+from protocol.events import BudgetLimits, EngineState, PodActivity, PodStatusName, Spent, Usage
 from protocol.manifest import SandboxMode
 
 
@@ -77,6 +77,22 @@ class SandboxState(Result):
     """The writable paths besides /tmp, resolved, the cwd first (an addition)."""
 
 
+class WorkspaceState(Result):
+    """`status.workspace` (§16): the pod's work tree of a git repository."""
+
+    repo: str
+    branch: str
+    base: str
+    """`workspace.git.base` as given, or the commit it resolved to when it was unset."""
+    path: str = ""
+    """The work tree (the pod's cwd; an addition)."""
+    base_commit: str = ""
+    """The commit the branch started from (an addition)."""
+    sync_error: str | None = None
+    """Why capd could not bring the repository's branch up to date after the last turn
+    (an addition; null when it is)."""
+
+
 class PodStatus(Result):
     name: str
     status: PodStatusName
@@ -102,6 +118,12 @@ class PodStatus(Result):
     """§12: the pod's MCP servers, in the manifest's order."""
     sandbox: SandboxState | None = None
     """§13: set for every pod a daemon hosts."""
+    team: str | None = None
+    """§16: the team that `apply` made the pod for."""
+    workspace: WorkspaceState | None = None
+    """§16: set when the pod has a `workspace.git` work tree."""
+    engine: EngineState | None = None
+    """§16: the external engine's process; null for the builtin engine."""
 
 
 class SetBudgetResult(Result):
@@ -136,6 +158,45 @@ class MetricsResult(Result):
     text: str
 
 
+class DiffResult(Result):
+    repo: str
+    branch: str
+    base: str
+    merge_base: str
+    """The commit the diff is taken against."""
+    text: str
+    """What `git diff` prints: the patch, or the `--stat` summary."""
+
+
+PlanAction = Literal["spawn", "start", "reconfigure", "deferred", "delete", "unchanged"]
+
+
+class PlanStep(Result):
+    pod: str
+    action: PlanAction
+    changed: list[str] = Field(default_factory=list)
+    """The manifest fields a `reconfigure` or `deferred` step changes."""
+    note: str | None = None
+
+
+class ApplyResult(Result):
+    plan: list[PlanStep]
+    """In the order the steps run (or would run, with `dry_run`)."""
+    done: bool
+    """False for a `dry_run`."""
+
+
+class DownOutcome(Result):
+    pod: str
+    outcome: Literal["finished", "paused", "stopped"]
+    """`finished`: its turn ended within the drain timeout; `paused`: it was paused and
+    keeps its turn; `stopped`: it had no turn."""
+
+
+class DownResult(Result):
+    pods: list[DownOutcome]
+
+
 class PodListEntry(Result):
     name: str
     status: Literal["idle", "running", "paused", "stopped"]
@@ -145,6 +206,10 @@ class PodListEntry(Result):
     """Why a pod that should be up is not (an addition): it could not be restored."""
     spent: Spent = Field(default_factory=Spent)
     """What the pod and its descendants have spent (an addition)."""
+    team: str | None = None
+    """§16: the pod's team."""
+    engine: EngineState | None = None
+    """§16: as in `status` (an addition); null for the builtin engine and a stopped pod."""
 
 
 class ListResult(Result):

@@ -71,6 +71,11 @@ class SpawnPodArgs(ToolArgs):
         description='Sandbox settings for the child, no wider than yours, e.g. {"network": '
         'false} or {"mode": "read-only"}; yours when omitted.',
     )
+    worktree: bool = Field(
+        default=False,
+        description="Give the child its own git work tree of your repository, on a new branch "
+        "from your current commit (only when your cwd is such a work tree); cwd must be omitted.",
+    )
 
 
 class SendToPodArgs(ToolArgs):

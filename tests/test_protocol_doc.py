@@ -45,6 +45,12 @@ RESULT_METHODS: dict[type[BaseModel], tuple[str, ...]] = {
     results.ReconfigureResult: ("reconfigure",),
     results.OverviewResult: ("overview",),
     results.MetricsResult: ("metrics",),
+    results.WorkspaceState: ("status",),
+    results.DiffResult: ("diff",),
+    results.PlanStep: ("apply",),
+    results.ApplyResult: ("apply",),
+    results.DownOutcome: ("down",),
+    results.DownResult: ("down",),
 }
 """Which method's section documents each ack result."""
 
@@ -110,7 +116,7 @@ def _tag(model: type[BaseModel], field: str) -> str:
 
 def _wire_names(model: type[BaseModel], base: type[BaseModel] | None = None) -> set[str]:
     """The model's field names on the wire (aliases), without those of `base`, and the
-    fields of the models nested in them (but the manifest's and an event's, which have
+    fields of the models nested in them (but a manifest's and an event's, which have
     their own sections)."""
     inherited = set(base.model_fields) if base else set()
     names: set[str] = set()
@@ -119,7 +125,7 @@ def _wire_names(model: type[BaseModel], base: type[BaseModel] | None = None) -> 
             continue
         names.add(info.alias or name)
         for nested in _nested_models(info.annotation):
-            if nested is not Manifest and not issubclass(nested, PodEventBase):
+            if not issubclass(nested, Manifest | PodEventBase):
                 names |= _wire_names(nested)
     return names
 
