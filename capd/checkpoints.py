@@ -171,15 +171,23 @@ class CheckpointStore:
     git in `root`, one git at a time."""
 
     def __init__(
-        self, root: Path, cwd: Path, workspace: Workspace, hidden: Sequence[Path] = ()
+        self,
+        root: Path,
+        cwd: Path,
+        workspace: Workspace,
+        hidden: Sequence[Path] = (),
+        exclude: Path | None = None,
     ) -> None:
         """root: <state>/pods/<name>/checkpoints (created on first use, 0700); cwd: the
         work tree; hidden: absolute paths never recorded nor touched (capd's state and
-        runtime dirs when they lie inside cwd)."""
+        runtime dirs when they lie inside cwd); exclude: the repository's `info/exclude`
+        (`cwd/.git/info/exclude` when None; a `workspace.git` work tree's is in its own
+        git directory)."""
         self.root = root
         self.cwd = cwd
         self.workspace = workspace
         self.hidden = [Path(path) for path in hidden]
+        self._user_exclude = exclude or cwd / ".git" / "info" / "exclude"
         self._git_dir = root / "ck.git"
         self._index = root / "index"
         self._index_modes = root / "index.modes"
@@ -463,12 +471,11 @@ class CheckpointStore:
         fresh.rename(self._git_dir)
 
     def _write_exclude(self) -> bool:
-        """The cwd repository's own `.git/info/exclude`, then the hidden paths; whether
-        they changed."""
+        """The repository's own `info/exclude`, then the hidden paths; whether they
+        changed."""
         lines: list[str] = []
-        user_exclude = self.cwd / ".git" / "info" / "exclude"
         with suppress(OSError, UnicodeDecodeError):
-            lines.append(user_exclude.read_text())
+            lines.append(self._user_exclude.read_text())
         lines.append("# capd's own directories")
         cwd = self.cwd.resolve()
         for path in self.hidden:

@@ -165,6 +165,7 @@ class PodController:
         reconfigure: "Reconfigurer",
         checkpoints: CheckpointStore | None = None,
         running_in_tree: Callable[[], list[str]] = list,
+        workspace: Callable[[], dict[str, Any] | None] = lambda: None,
     ) -> None:
         self.name = manifest.name
         self.manifest = manifest
@@ -186,6 +187,8 @@ class PodController:
         """The other pods with a turn running in, inside or around its cwd: they may be
         writing in it."""
         self._reconfigure_with = reconfigure
+        self._workspace = workspace
+        """`status.workspace`: the pod's work tree, if it has one (capd/pod_worktrees.py)."""
         self._queue: deque[QueuedRun] = deque()
         self._task: asyncio.Task[TurnOutcome] | None = None
         self._mailbox: asyncio.Queue[_Message] = asyncio.Queue()
@@ -938,6 +941,7 @@ class PodController:
             "children": children,
             "model": self._model_label,
             "cwd": str(self.toolbox.context.cwd),
+            "workspace": self._workspace(),
             "tools": list(self.manifest.tools),
             "usage": {
                 "input_tokens": self.journal.usage.input_tokens,

@@ -1,0 +1,201 @@
+"""`workspace.git` through a real capd (docs/protocol.md "Worktrees"): pods work in work
+trees of their own of one repository, their commits reach its branches after each turn,
+`diff` shows their work, `delete` removes the work tree (and the branch when asked), and
+a spawn that fails leaves nothing behind."""
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from protocol.errors import ProtocolError
+from tests.conftest import CapdProcess
+from tests.gitrepo import bash_pod, branch_tip, git, make_repo
+from tests.helpers import connect_pod, daemon_request, run_turn, spawn, until
+
+pytestmark = [
+    pytest.mark.skipif(sys.platform != "linux", reason="bubblewrap is Linux-only"),
+    pytest.mark.shared_capd,
+]
+
+COMMIT = "echo {0} > {0}.txt && git add {0}.txt && git commit -qm 'from {0}' && git rev-parse HEAD"
+
+
+async def _commit_in(capd: CapdProcess, name: str) -> str:
+    """Run a turn in which pod `name` commits `<name>.txt`; the commit."""
+    async with await connect_pod(capd, name) as pod:
+        end, seen = await run_turn(pod, "commit")
+    assert end["result"] == "finished", end
+    outputs = [event["output"] for event in seen if event["event"] == "tool_result"]
+    [commit] = [output.strip() for output in outputs]
+    assert len(commit) == 40, outputs
+    return commit
+
+
+async def test_three_pods_commit_on_their_own_branches_of_one_repository(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    repo = make_repo(tmp_path / "repo")
+    first = branch_tip(repo, "main")
+    names = ["wa", "wb", "wc"]
+    for name in names:
+        await spawn(
+            capd,
+            name,
+            bash_pod(COMMIT.format(name)),
+            tools=["bash"],
+            workspace={"git": {"repo": str(repo / ".")}},
+        )
+    commits = {name: await _commit_in(capd, name) for name in names}
+    # Each turn's end brings its branch into the repository (in the background).
+    await until(lambda: all(branch_tip(repo, f"capd/{n}") == commits[n] for n in names))
+    assert len(set(commits.values())) == 3
+    for name in names:
+        assert git(repo, "show", "--format=%s", "-s", f"capd/{name}") == f"from {name}"
+        assert git(repo, "ls-tree", "--name-only", f"capd/{name}").split() == [
+            "README",
+            f"{name}.txt",
+        ]
+    # The user's checkout is untouched: same branch, same commit, nothing new in it.
+    assert git(repo, "symbolic-ref", "HEAD") == "refs/heads/main"
+    assert branch_tip(repo, "main") == first
+    assert git(repo, "status", "--porcelain") == ""
+    async with await connect_pod(capd, "wa") as pod:
+        status = await pod.request({"method": "status"})
+    work = capd.state_dir.resolve() / "worktrees" / "wa" / "work"
+    assert status["cwd"] == str(work)
+    assert status["workspace"] == {
+        "repo": str(repo),
+        "branch": "capd/wa",
+        "base": first,
+        "path": str(work),
+        "base_commit": first,
+        "sync_error": None,
+    }
+    assert (work / ".git").read_text() == f"gitdir: {work.parent / 'git'}\n"
+
+
+async def test_diff_shows_committed_changed_and_untracked_work_and_touches_nothing(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    repo = make_repo(tmp_path / "repo")
+    await spawn(
+        capd,
+        "wd",
+        bash_pod(COMMIT.format("wd") + " && echo more >> README && echo new > untracked.txt"),
+        tools=["bash"],
+        workspace={"git": {"repo": str(repo), "base": "main"}},
+    )
+    await _commit_in(capd, "wd")
+    work = capd.state_dir.resolve() / "worktrees" / "wd" / "work"
+    before = git(work, "status", "--porcelain")
+    result = await daemon_request(capd, {"method": "diff", "name": "wd"})
+    assert result["repo"] == str(repo)
+    assert result["branch"] == "capd/wd"
+    assert result["base"] == "main"
+    assert result["merge_base"] == branch_tip(repo, "main")
+    text = result["text"]
+    for shown in ("+++ b/wd.txt", "+++ b/README", "+more", "+++ b/untracked.txt", "+new"):
+        assert shown in text, text
+    assert git(work, "status", "--porcelain") == before == "M README\n?? untracked.txt".strip()
+    stat = await daemon_request(capd, {"method": "diff", "name": "wd", "stat": True})
+    assert "3 files changed" in stat["text"]
+    # diff syncs first: the branch is in the repository now whatever the background did.
+    assert git(repo, "ls-tree", "--name-only", "capd/wd").split() == ["README", "wd.txt"]
+    await spawn(capd, "plain", bash_pod(), tools=["bash"], cwd=str(tmp_path))
+    with pytest.raises(ProtocolError) as refused:
+        await daemon_request(capd, {"method": "diff", "name": "plain"})
+    assert refused.value.code == "invalid_request"
+    assert "no workspace.git" in refused.value.message
+    with pytest.raises(ProtocolError) as unknown:
+        await daemon_request(capd, {"method": "diff", "name": "nobody"})
+    assert unknown.value.code == "not_found"
+
+
+async def test_delete_keeps_the_branch_and_delete_branch_removes_it(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    repo = make_repo(tmp_path / "repo")
+    for name in ("keep", "drop"):
+        await spawn(
+            capd,
+            name,
+            bash_pod(COMMIT.format(name)),
+            tools=["bash"],
+            workspace={"git": {"repo": str(repo)}},
+        )
+    commits = {name: await _commit_in(capd, name) for name in ("keep", "drop")}
+    root = capd.state_dir.resolve() / "worktrees"
+    await daemon_request(capd, {"method": "delete", "name": "keep"})
+    assert not (root / "keep").exists()
+    assert branch_tip(repo, "capd/keep") == commits["keep"]  # synced before it went
+    await daemon_request(capd, {"method": "delete", "name": "drop", "delete_branch": True})
+    assert not (root / "drop").exists()
+    assert branch_tip(repo, "capd/drop") is None
+    assert git(repo, "branch", "--format=%(refname:short)").split() == ["capd/keep", "main"]
+
+
+async def test_a_spawn_that_fails_late_leaves_no_work_tree_and_no_new_branch(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    repo = make_repo(tmp_path / "repo")
+    git(repo, "branch", "feature")
+    (repo / "next").write_text("x\n")
+    git(repo, "add", "next")
+    git(repo, "commit", "-qm", "second")
+    feature = branch_tip(repo, "feature")
+    root = capd.state_dir.resolve() / "worktrees"
+    for name, branch in (("late1", None), ("late2", "feature")):
+        # A file where the pod's socket goes: the pod cannot listen, after its work tree
+        # was made.
+        capd.pod_socket(name).parent.mkdir(parents=True, exist_ok=True)
+        capd.pod_socket(name).write_text("in the way")
+        with pytest.raises(ProtocolError) as failed:
+            await spawn(
+                capd,
+                name,
+                bash_pod(),
+                tools=["bash"],
+                workspace={"git": {"repo": str(repo), "branch": branch}},
+            )
+        capd.pod_socket(name).unlink()
+        assert failed.value.code == "internal", failed.value.message
+        assert not (root / name).exists()
+    assert branch_tip(repo, "capd/late1") is None
+    assert branch_tip(repo, "feature") == feature  # reused, so left as it was
+    assert git(repo, "branch", "--format=%(refname:short)").split() == ["feature", "main"]
+    listed = await daemon_request(capd, {"method": "list"})
+    assert [pod["name"] for pod in listed["pods"]] == []
+
+
+async def test_bad_workspaces_are_refused_naming_the_field(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    repo = make_repo(tmp_path / "repo")
+    (tmp_path / "empty").mkdir()
+    git(tmp_path / "empty", "init", "-q")
+    git(tmp_path, "init", "-q", "--bare", "bare.git")
+    inside = make_repo(capd.state_dir / f"repo-{tmp_path.name}")  # in capd's state dir
+    await spawn(capd, "holder", bash_pod(), workspace={"git": {"repo": str(repo)}})
+    cases = [
+        ({"repo": str(repo)}, {"cwd": str(tmp_path)}, "invalid_request", "leave cwd out"),
+        ({"repo": str(tmp_path / "nowhere")}, {}, "invalid_request", "workspace.git.repo"),
+        ({"repo": str(tmp_path / "bare.git")}, {}, "invalid_request", "bare"),
+        ({"repo": str(tmp_path / "empty")}, {}, "invalid_request", "has no commit"),
+        ({"repo": str(repo), "base": "nope"}, {}, "invalid_request", "workspace.git.base"),
+        ({"repo": str(repo), "branch": "main"}, {}, "already_exists", "checked out at"),
+        ({"repo": str(repo), "branch": "capd/holder"}, {}, "already_exists", "pod holder's"),
+        ({"repo": str(inside)}, {}, "invalid_request", "capd's own"),
+    ]
+    for spec, extra, code, said in cases:
+        with pytest.raises(ProtocolError) as refused:
+            await spawn(capd, "bad", bash_pod(), workspace={"git": spec}, **extra)
+        assert (refused.value.code, said in refused.value.message) == (code, True), (
+            spec,
+            refused.value.message,
+        )
+        assert "\n" not in refused.value.message
+    assert sorted(p.name for p in (capd.state_dir / "worktrees").iterdir()) == ["holder"]
+    assert git(repo, "branch", "--format=%(refname:short)").split() == ["capd/holder", "main"]
+    shutil.rmtree(inside)
