@@ -35,12 +35,13 @@ from protocol.manifest import GitWorkspace
 
 log = logging.getLogger(__name__)
 
-DIFF_TIMEOUT_S = 120.0
-"""How long rendering a `diff` may take (it hashes the work tree's changed files)."""
+DIFF_TIMEOUT_S = 25.0
+"""How long rendering a `diff` may take (it hashes the work tree's changed files): less
+than capctl waits for an answer."""
 DIFF_MAX_BYTES = 16 * 1024 * 1024
 """A longer diff is cut there, and says so."""
 FETCH_FLAGS = (
-    "fetch", "--quiet", "--no-tags", "--no-write-fetch-head", "--no-recurse-submodules",
+    "fetch", "--no-tags", "--no-write-fetch-head", "--no-recurse-submodules",
     "--no-auto-maintenance",
 )  # fmt: skip
 
@@ -206,8 +207,8 @@ async def sync(tree: Worktree) -> str | None:
         await _in_repo(
             Path(tree.repo), *FETCH_FLAGS, "--end-of-options", tree.gitdir, f"{ref}:{ref}"
         )
-    except GitFailed as exc:
-        return f"branch {tree.branch} of {tree.repo} was not updated: {exc}"
+    except GitFailed as exc:  # its line says why: "! [rejected] ... (non-fast-forward)"
+        return f"branch {tree.branch} of {tree.repo} was not updated: {' '.join(str(exc).split())}"
     return None
 
 

@@ -4,6 +4,7 @@ trees of their own of one repository, their commits reach its branches after eac
 a spawn that fails leaves nothing behind."""
 
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 from protocol.errors import ProtocolError
 from tests.conftest import CapdProcess
 from tests.gitrepo import bash_pod, branch_tip, git, make_repo
-from tests.helpers import connect_pod, daemon_request, run_turn, spawn, until
+from tests.helpers import connect_pod, daemon_request, run_turn, scripted, spawn, until
 
 pytestmark = [
     pytest.mark.skipif(sys.platform != "linux", reason="bubblewrap is Linux-only"),
@@ -20,6 +21,19 @@ pytestmark = [
 ]
 
 COMMIT = "echo {0} > {0}.txt && git add {0}.txt && git commit -qm 'from {0}' && git rev-parse HEAD"
+
+
+def _capctl(capd: CapdProcess, *args: str) -> str:
+    """Run capctl (its stdout is no terminal), expect exit 0; its stdout."""
+    done = subprocess.run(
+        [sys.executable, "-m", "capctl", "--runtime-dir", str(capd.runtime_dir), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
 
 
 async def _commit_in(capd: CapdProcess, name: str) -> str:
@@ -99,8 +113,9 @@ async def test_diff_shows_committed_changed_and_untracked_work_and_touches_nothi
     for shown in ("+++ b/wd.txt", "+++ b/README", "+more", "+++ b/untracked.txt", "+new"):
         assert shown in text, text
     assert git(work, "status", "--porcelain") == before == "M README\n?? untracked.txt".strip()
-    stat = await daemon_request(capd, {"method": "diff", "name": "wd", "stat": True})
-    assert "3 files changed" in stat["text"]
+    stat = _capctl(capd, "diff", "wd", "--stat")
+    assert stat.splitlines()[-1] == " 3 files changed, 3 insertions(+)", stat
+    assert _capctl(capd, "diff", "wd") == text
     # diff syncs first: the branch is in the repository now whatever the background did.
     assert git(repo, "ls-tree", "--name-only", "capd/wd").split() == ["README", "wd.txt"]
     await spawn(capd, "plain", bash_pod(), tools=["bash"], cwd=str(tmp_path))
@@ -130,7 +145,7 @@ async def test_delete_keeps_the_branch_and_delete_branch_removes_it(
     await daemon_request(capd, {"method": "delete", "name": "keep"})
     assert not (root / "keep").exists()
     assert branch_tip(repo, "capd/keep") == commits["keep"]  # synced before it went
-    await daemon_request(capd, {"method": "delete", "name": "drop", "delete_branch": True})
+    assert _capctl(capd, "rm", "drop", "--delete-branch") == "removed drop and its branch\n"
     assert not (root / "drop").exists()
     assert branch_tip(repo, "capd/drop") is None
     assert git(repo, "branch", "--format=%(refname:short)").split() == ["capd/keep", "main"]
@@ -199,3 +214,84 @@ async def test_bad_workspaces_are_refused_naming_the_field(
     assert sorted(p.name for p in (capd.state_dir / "worktrees").iterdir()) == ["holder"]
     assert git(repo, "branch", "--format=%(refname:short)").split() == ["capd/holder", "main"]
     shutil.rmtree(inside)
+
+
+async def test_a_branch_the_user_moved_or_checked_out_is_never_forced(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    repo = make_repo(tmp_path / "repo")
+    turns = [COMMIT.format(n) for n in ("one", "two", "three")]
+    steps = []
+    for command in turns:
+        steps += [{"tool_calls": [{"name": "bash", "arguments": {"command": command}}]}]
+        steps += [{"text": "done"}]
+    await spawn(
+        capd, "ws", scripted(*steps), tools=["bash"], workspace={"git": {"repo": str(repo)}}
+    )
+
+    async def workspace() -> dict[str, object]:
+        async with await connect_pod(capd, "ws") as pod:
+            return (await pod.request({"method": "status"}))["workspace"]
+
+    one = await _commit_in(capd, "ws")
+    await until(lambda: branch_tip(repo, "capd/ws") == one)
+    git(repo, "checkout", "-q", "capd/ws")  # the user works on the pod's branch
+    two = await _commit_in(capd, "ws")
+    await daemon_request(capd, {"method": "diff", "name": "ws"})  # syncs, and waits for it
+    error = (await workspace())["sync_error"]
+    assert isinstance(error, str)
+    assert "branch capd/ws of" in error
+    assert "checked out" in error
+    assert branch_tip(repo, "capd/ws") == one
+    (repo / "user.txt").write_text("mine\n")
+    git(repo, "add", "user.txt")
+    git(repo, "commit", "-qm", "the user's")
+    mine = branch_tip(repo, "capd/ws")
+    git(repo, "checkout", "-q", "main")
+    three = await _commit_in(capd, "ws")
+    await daemon_request(capd, {"method": "diff", "name": "ws"})
+    error = (await workspace())["sync_error"]
+    assert isinstance(error, str)
+    assert "non-fast-forward" in error
+    assert branch_tip(repo, "capd/ws") == mine  # the user's commit is kept
+    git(repo, "branch", "-f", "capd/ws", two)  # the user gives the branch back
+    await daemon_request(capd, {"method": "diff", "name": "ws"})
+    assert (await workspace())["sync_error"] is None
+    assert branch_tip(repo, "capd/ws") == three
+
+
+async def test_capds_git_ignores_a_fake_submodule_that_runs_code_at_git_status(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    repo = make_repo(tmp_path / "repo")
+    marker = tmp_path / "PWNED"
+    work = capd.state_dir.resolve() / "worktrees" / "trap" / "work"
+    trap = (
+        "mkdir sub && git init -q --bare .stuff/g && git --git-dir=.stuff/g config core.bare false"
+        f" && git --git-dir=.stuff/g config core.fsmonitor 'touch {marker}'"
+        f" && echo 'gitdir: {work}/.stuff/g' > sub/.git"
+        " && git config -f .gitmodules submodule.sub.path sub"
+        " && git config -f .gitmodules submodule.sub.url ./sub"
+        " && git update-index --add --cacheinfo 160000,$(git rev-parse HEAD),sub && echo set"
+    )
+    model = scripted(
+        {"tool_calls": [{"name": "bash", "arguments": {"command": trap}}]},
+        {"text": "set"},
+        {"text": "a second turn, which starts with a checkpoint of the files"},
+    )
+    await spawn(capd, "trap", model, tools=["bash"], workspace={"git": {"repo": str(repo)}})
+    async with await connect_pod(capd, "trap") as pod:
+        end, seen = await run_turn(pod, "set the trap")
+        assert end["result"] == "finished", end
+        assert [e["output"] for e in seen if e["event"] == "tool_result"] == ["set"]
+        end, _ = await run_turn(pod, "again")
+        assert end["result"] == "finished", end
+    result = await daemon_request(capd, {"method": "diff", "name": "trap"})
+    assert "+++ b/.gitmodules" in result["text"]
+    assert not marker.exists()  # not by the sync, the checkpoint nor diff
+    # The trap is real: a plain `git status` there runs the pod's code.
+    git(work, "status", "--short")
+    assert marker.exists()
+    marker.unlink()
+    await daemon_request(capd, {"method": "delete", "name": "trap", "delete_branch": True})
+    assert not marker.exists()
