@@ -120,6 +120,24 @@ class PodWorktrees:
                 log.warning("pod %s: %s", name, error)
             self._sync_errors[name] = error
 
+    async def from_parent(self, parent: str, child: Manifest) -> Manifest:
+        """A `spawn_pod {worktree: true}` child's manifest, its `workspace.git.base` the
+        parent's current commit (brought into the repository, the parent's branch synced
+        first)."""
+        tree = self.of(parent)
+        spec = child.workspace.git
+        if tree is None or spec is None:
+            raise ProtocolError(
+                "invalid_request",
+                f"pod {parent} has no workspace.git work tree, so its child cannot have one "
+                "of the same repository; leave worktree out",
+            )
+        await self.sync(parent)
+        base = await worktrees.head_into_repo(tree)
+        git = spec.model_copy(update={"base": base})
+        workspace = child.workspace.model_copy(update={"git": git})
+        return child.model_copy(update={"workspace": workspace})
+
     async def check_delete(self, name: str, delete_branch: bool) -> None:
         """Refuse a `delete_branch` that could not be done, before anything is deleted."""
         tree = self.of(name)

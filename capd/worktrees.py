@@ -212,6 +212,24 @@ async def sync(tree: Worktree) -> str | None:
     return None
 
 
+async def head_into_repo(tree: Worktree) -> str:
+    """The commit the work tree's HEAD is at, its objects fetched into the repository
+    (no ref made there): a child's work tree branches from it."""
+    env = hostile_env(Path(tree.gitdir), Path(tree.path))
+    try:
+        out = await gitenv.run(
+            [*gitenv.HARDENED, "rev-parse", "--verify", "HEAD^{commit}"],
+            cwd=Path(tree.path),
+            env=env,
+        )
+        await _in_repo(Path(tree.repo), *FETCH_FLAGS, "--end-of-options", tree.gitdir, "HEAD")
+    except GitFailed as exc:
+        raise ProtocolError(
+            "invalid_request", f"the commit of work tree {tree.path} cannot be taken: {exc}"
+        ) from None
+    return out.decode().strip()
+
+
 async def diff(tree: Worktree, stat: bool) -> tuple[str, str]:
     """The work tree, committed and not, untracked files included, against the merge
     base of its HEAD with `base` (the branch as it is now in the repository, else the
