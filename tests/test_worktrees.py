@@ -295,3 +295,33 @@ async def test_capds_git_ignores_a_fake_submodule_that_runs_code_at_git_status(
     marker.unlink()
     await daemon_request(capd, {"method": "delete", "name": "trap", "delete_branch": True})
     assert not marker.exists()
+
+
+async def test_rewinding_files_in_a_work_tree_keeps_git_and_the_repositorys_excludes(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    repo = make_repo(tmp_path / "repo")
+    with (repo / ".git" / "info" / "exclude").open("a") as exclude:
+        exclude.write("secret.txt\n")
+    steps: list[dict[str, object]] = []
+    for command in (
+        "echo v1 > f.txt && echo s1 > secret.txt",
+        "echo v2 > f.txt && echo s2 > secret.txt && git add f.txt && git commit -qm v2",
+    ):
+        steps += [{"tool_calls": [{"name": "bash", "arguments": {"command": command}}]}]
+        steps += [{"text": "done"}]
+    await spawn(
+        capd, "wr", scripted(*steps), tools=["bash"], workspace={"git": {"repo": str(repo)}}
+    )
+    work = capd.state_dir.resolve() / "worktrees" / "wr" / "work"
+    dot_git = (work / ".git").read_text()
+    async with await connect_pod(capd, "wr") as pod:
+        await run_turn(pod, "one")
+        second, _ = await run_turn(pod, "two")
+        await pod.request({"method": "rewind", "turn_id": second["turn_id"], "files": True})
+    assert (work / "f.txt").read_text() == "v1\n"
+    assert (work / "secret.txt").read_text() == "s2\n"  # excluded: never recorded nor restored
+    assert (work / ".git").read_text() == dot_git
+    # Files only: the branch keeps the commit the rewound turn made.
+    assert git(work, "log", "--format=%s", "-1") == "v2"
+    assert git(work, "status", "--porcelain") == "M f.txt"
