@@ -85,13 +85,15 @@ class PodWorktrees:
         return Worktree.from_json(record.worktree)
 
     def confine(self, name: str, confine: Confinement) -> Confinement:
-        """The pod's confinement with its work tree: its git directory writable, the pins
-        read-only (none without one)."""
+        """The pod's confinement with its work tree: its git directory writable (with mode
+        workspace-write, as the work tree), the pins read-only (none without one)."""
         tree = self.of(name)
         if tree is None:
             return confine
-        shown = (*confine.shown, *tree.pins())
-        return dataclasses.replace(confine, shown=shown).widened([Path(tree.gitdir)])
+        confine = dataclasses.replace(confine, shown=(*confine.shown, *tree.pins()))
+        if confine.mode != "workspace-write":
+            return confine
+        return confine.widened([Path(tree.gitdir)])
 
     def status(self, name: str) -> dict[str, object] | None:
         """`status.workspace`."""

@@ -166,8 +166,9 @@ async def remove(tree: Worktree, *, delete_branch: bool = False) -> None:
     """Remove the work tree and its git directory (at `delete`); the branch too with
     `delete_branch`. GitFailed when the branch cannot be deleted."""
     _rmtree(tree.root)
-    if delete_branch:
-        await _in_repo(Path(tree.repo), "branch", "-D", "--", tree.branch)
+    repo = Path(tree.repo)
+    if delete_branch and await _commit(repo, f"refs/heads/{tree.branch}") is not None:
+        await _in_repo(repo, "branch", "-D", "--", tree.branch)
 
 
 async def undo(tree: Worktree) -> None:

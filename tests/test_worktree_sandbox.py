@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import CapdProcess
 from tests.gitrepo import branch_tip, git, make_repo
-from tests.helpers import connect_pod, run_turn, scripted, spawn
+from tests.helpers import connect_pod, run_turn, scripted, spawn, until
 
 pytestmark = [
     pytest.mark.skipif(sys.platform != "linux", reason="bubblewrap is Linux-only"),
@@ -98,3 +98,30 @@ async def test_git_works_and_its_pins_hold_inside_the_sandbox(
     assert "fsmonitor" not in (gitdir / "config").read_text()
     assert list((gitdir / "hooks").iterdir()) == []
     assert (work / "made.txt").read_text() == "by the file tool\n"
+
+
+@pytest.mark.own_capd
+async def test_a_restarted_capd_confines_and_syncs_the_work_tree_as_before(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    repo = make_repo(tmp_path / "repo")
+    commit = "echo {0} > {0}.txt && git add {0}.txt && git commit -qm {0} && git rev-parse HEAD"
+    model = _calls(
+        _bash(commit.format("before")),
+        _bash("git config core.fsmonitor x 2>&1; " + commit.format("after")),
+    )
+    model["script"].insert(1, {"text": "first turn done"})
+    await spawn(capd, "again", model, tools=["bash"], workspace={"git": {"repo": str(repo)}})
+    async with await connect_pod(capd, "again") as pod:
+        end, _ = await run_turn(pod, "one")
+    assert end["result"] == "finished", end
+    capd.stop()
+    capd.start()
+    async with await connect_pod(capd, "again") as pod:
+        end, seen = await run_turn(pod, "two")
+    assert end["result"] == "finished", end
+    [output] = [event["output"] for event in seen if event["event"] == "tool_result"]
+    refusal, after = output.splitlines()
+    assert "Device or resource busy" in refusal
+    await until(lambda: branch_tip(repo, "capd/again") == after)
+    assert git(repo, "log", "--format=%s", "capd/again").split() == ["after", "before", "first"]

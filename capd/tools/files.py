@@ -105,7 +105,8 @@ def _bounds(ctx: ToolContext, *, writing: bool, path: str) -> _Bounds:
             f"cannot write {path}: this pod's sandbox.mode is read-only, so nothing is "
             "writable, not even the working directory"
         )
-    read_only = _identities(box.shown) if writing else {}
+    writable = box.writable_paths()
+    read_only = _identities(p for p in box.shown if p not in writable) if writing else {}
     return _Bounds((ctx.cwd, *map(Path, box.writable)), _identities(box.hidden), read_only)
 
 
