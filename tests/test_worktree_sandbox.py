@@ -45,6 +45,10 @@ async def test_git_works_and_its_pins_hold_inside_the_sandbox(
         _bash(f"echo /tmp > {gitdir}/commondir" + refused),
         _bash(f"echo /tmp/objects > {gitdir}/objects/info/alternates" + refused),
         _bash(f"touch {gitdir}/hooks/pre-commit" + refused),
+        _bash(
+            f"mv {gitdir}/objects/info {gitdir}/objects/aside 2>&1;"
+            f" mv {gitdir}/objects {gitdir}/aside 2>&1; echo rc=$?"
+        ),
         _bash(f"git --git-dir={repo}/.git update-ref refs/heads/evil HEAD" + refused),
         _bash(
             "git checkout -qb other && echo theirs > README && git commit -qam theirs"
@@ -71,16 +75,17 @@ async def test_git_works_and_its_pins_hold_inside_the_sandbox(
     results = [event for event in seen if event["event"] == "tool_result"]
     outputs = [event["output"] for event in results]
     config_set, repo_config, hook, git_file, moved, commondir, alternates, own_hook = outputs[:8]
-    update_main, merged, stashed, rebased = outputs[8:12]
+    moved_aside, update_main, merged, stashed, rebased = outputs[8:13]
     for output in (repo_config, hook, git_file, commondir, alternates, own_hook, update_main):
         assert "Read-only file system" in output, output
     for output in (config_set, moved):  # a mount point cannot be replaced
         assert "Device or resource busy" in output, output
+    assert moved_aside.count("Device or resource busy") == 2, moved_aside
     assert "CONFLICT" in merged, merged
     assert merged.endswith("aborted"), merged
     assert stashed.splitlines() == ["ours", "ours", "stashed"]
     assert rebased.splitlines() == ["conflicted", " M README"]
-    git_tool, config_tool, made = results[12:]
+    git_tool, config_tool, made = results[13:]
     for refusal in (git_tool, config_tool):
         assert refusal["is_error"], refusal
         assert "keeps read-only" in refusal["output"], refusal
