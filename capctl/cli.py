@@ -52,6 +52,7 @@ STATUS_ORDER = (
     "queued",
     "model",
     "cwd",
+    "workspace",
     "tools",
     "mcp",
     "sandbox",

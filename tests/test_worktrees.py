@@ -116,6 +116,10 @@ async def test_diff_shows_committed_changed_and_untracked_work_and_touches_nothi
     stat = _capctl(capd, "diff", "wd", "--stat")
     assert stat.splitlines()[-1] == " 3 files changed, 3 insertions(+)", stat
     assert _capctl(capd, "diff", "wd") == text
+    main = result["merge_base"][:8]
+    assert f"workspace: branch capd/wd of {repo} from main ({main})\n" in _capctl(
+        capd, "status", "wd"
+    )
     # diff syncs first: the branch is in the repository now whatever the background did.
     assert git(repo, "ls-tree", "--name-only", "capd/wd").split() == ["README", "wd.txt"]
     await spawn(capd, "plain", bash_pod(), tools=["bash"], cwd=str(tmp_path))
@@ -253,6 +257,7 @@ async def test_a_branch_the_user_moved_or_checked_out_is_never_forced(
     error = (await workspace())["sync_error"]
     assert isinstance(error, str)
     assert "non-fast-forward" in error
+    assert f"; not synced: {error}" in _capctl(capd, "status", "ws")
     assert branch_tip(repo, "capd/ws") == mine  # the user's commit is kept
     git(repo, "branch", "-f", "capd/ws", two)  # the user gives the branch back
     await daemon_request(capd, {"method": "diff", "name": "ws"})
