@@ -149,6 +149,13 @@ async def test_delete_keeps_the_branch_and_delete_branch_removes_it(
     await daemon_request(capd, {"method": "delete", "name": "keep"})
     assert not (root / "keep").exists()
     assert branch_tip(repo, "capd/keep") == commits["keep"]  # synced before it went
+    git(repo, "checkout", "-q", "capd/drop")
+    with pytest.raises(ProtocolError) as refused:
+        await daemon_request(capd, {"method": "delete", "name": "drop", "delete_branch": True})
+    assert refused.value.code == "invalid_request"
+    assert "branch capd/drop is checked out in" in refused.value.message
+    assert (root / "drop" / "work").is_dir()  # refused before anything was deleted
+    git(repo, "checkout", "-q", "main")
     assert _capctl(capd, "rm", "drop", "--delete-branch") == "removed drop and its branch\n"
     assert not (root / "drop").exists()
     assert branch_tip(repo, "capd/drop") is None
