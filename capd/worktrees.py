@@ -446,6 +446,11 @@ def _copy_index(source: Path, target: Path) -> None:
     target.write_bytes(data)
 
 
+def remove_dir(path: Path) -> None:
+    """Remove a work tree's directory (`root_of`) that no pod has."""
+    _rmtree(path)
+
+
 def _rmtree(path: Path) -> None:
     """Remove `path` whatever the pod did to its modes: each directory (never through a
     symlink) is made the owner's again first."""

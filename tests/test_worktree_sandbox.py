@@ -1,7 +1,8 @@
 """A `workspace.git` pod's sandbox (docs/protocol.md "Worktrees"): git works in its work
 tree (merge conflicts and their abort, stash and pop), and nothing that would run code
 outside it can be written: its git config, the repository's `.git`, the work tree's
-`.git` file, the pinned files of its git directory; the file tools refuse them too."""
+`.git` file, the pinned files of its git directory; the file tools refuse them too. A
+restarted capd confines it the same, and removes work trees no pod has."""
 
 import sys
 from pathlib import Path
@@ -121,7 +122,11 @@ async def test_a_restarted_capd_confines_and_syncs_the_work_tree_as_before(
         end, _ = await run_turn(pod, "one")
     assert end["result"] == "finished", end
     capd.stop()
+    ghost = capd.state_dir / "worktrees" / "ghost" / "work"  # a capd killed mid-spawn left it
+    ghost.mkdir(parents=True)
+    ghost.chmod(0o500)
     capd.start()
+    assert not ghost.parent.exists()
     async with await connect_pod(capd, "again") as pod:
         end, seen = await run_turn(pod, "two")
     assert end["result"] == "finished", end
