@@ -66,6 +66,7 @@ async def test_git_works_and_its_pins_hold_inside_the_sandbox(
         ("write_file", {"path": ".git", "content": "gitdir: /tmp/elsewhere\n"}),
         ("write_file", {"path": f"{gitdir}/config", "content": "[core]\n\tfsmonitor = x\n"}),
         ("write_file", {"path": "made.txt", "content": "by the file tool\n"}),
+        _bash("git fetch -q origin && git branch -r"),
     )
     await spawn(
         capd, "pin", model, tools=["bash", "write_file"], workspace={"git": {"repo": str(repo)}}
@@ -86,7 +87,8 @@ async def test_git_works_and_its_pins_hold_inside_the_sandbox(
     assert merged.endswith("aborted"), merged
     assert stashed.splitlines() == ["ours", "ours", "stashed"]
     assert rebased.splitlines() == ["conflicted", " M README"]
-    git_tool, config_tool, made = results[13:]
+    git_tool, config_tool, made, fetched = results[13:]
+    assert fetched["output"].split() == ["origin/capd/pin", "origin/main"], fetched
     for refusal in (git_tool, config_tool):
         assert refusal["is_error"], refusal
         assert "keeps read-only" in refusal["output"], refusal
