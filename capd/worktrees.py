@@ -252,7 +252,11 @@ async def diff(tree: Worktree, stat: bool) -> tuple[str, str]:
         }
         async with asyncio.timeout(DIFF_TIMEOUT_S):
             merge_base = (await _hostile(tree, env, "merge-base", base, "HEAD")).decode().strip()
-            await _hostile(tree, env, "add", "-A", "--ignore-errors", "--", ".")
+            unread = b""
+            try:  # a file it cannot read is left out (and said), the others are added
+                await _hostile(tree, env, "add", "-A", "--ignore-errors", "--", ".")
+            except GitFailed as exc:
+                unread = f"[capd: some files are not in this diff: {exc}]\n".encode()
             shown = ["--stat"] if stat else []
             text = await _hostile(
                 tree, env,
@@ -269,7 +273,7 @@ async def diff(tree: Worktree, stat: bool) -> tuple[str, str]:
         _rmtree(scratch)
     if len(text) > DIFF_MAX_BYTES:
         text = text[:DIFF_MAX_BYTES] + b"\n[capd: the diff is cut here, at 16 MiB]\n"
-    return merge_base, text.decode(errors="replace")
+    return merge_base, (text + unread).decode(errors="replace")
 
 
 # -- making it ----------------------------------------------------------------------------
