@@ -337,3 +337,28 @@ async def test_rewinding_files_in_a_work_tree_keeps_git_and_the_repositorys_excl
     # Files only: the branch keeps the commit the rewound turn made.
     assert git(work, "log", "--format=%s", "-1") == "v2"
     assert git(work, "status", "--porcelain") == "M f.txt"
+
+
+async def test_reconfigure_keeps_the_work_tree_and_refuses_another(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    repo = make_repo(tmp_path / "repo")
+    workspace = {"git": {"repo": str(repo)}}
+    await spawn(capd, "wu", bash_pod(), tools=["bash"], workspace=workspace)
+    async with await connect_pod(capd, "wu", subscribe=False) as pod:
+        before = await pod.request({"method": "status"})
+        manifest = {"name": "wu", "model": bash_pod(), "tools": ["bash", "read_file"]}
+        result = await pod.request({"method": "reconfigure", "manifest": manifest})
+        assert result["changed"] == ["tools"]
+        manifest["workspace"] = workspace  # the same, given again
+        result = await pod.request({"method": "reconfigure", "manifest": manifest})
+        assert result["changed"] == []
+        manifest["workspace"] = {"git": {"repo": str(repo), "branch": "other"}}
+        with pytest.raises(ProtocolError) as refused:
+            await pod.request({"method": "reconfigure", "manifest": manifest})
+        after = await pod.request({"method": "status"})
+    assert refused.value.code == "invalid_request"
+    assert "a pod keeps its workspace settings" in refused.value.message
+    assert after["cwd"] == before["cwd"]
+    assert after["workspace"] == before["workspace"]
+    assert after["sandbox"]["writable"] == before["sandbox"]["writable"]
