@@ -88,6 +88,10 @@ async def test_three_pods_commit_on_their_own_branches_of_one_repository(
         "sync_error": None,
     }
     assert (work / ".git").read_text() == f"gitdir: {work.parent / 'git'}\n"
+    gitdir = work.parent / "git"
+    assert status["sandbox"]["writable"] == [
+        str(path) for path in (work, gitdir, gitdir / "objects", gitdir / "objects" / "info")
+    ]
 
 
 async def test_diff_shows_committed_changed_and_untracked_work_and_touches_nothing(
