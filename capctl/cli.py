@@ -313,6 +313,24 @@ def _parent_socket(runtime: Path, parent: str | None) -> str | None:
 
 @cli.command()
 @pod_argument
+@click.option(
+    "--keep-turn",
+    is_flag=True,
+    help="Pause its (and its descendants') turn instead of cancelling it: `start` brings "
+    "it back paused.",
+)
+@json_option
+@pass_settings
+def stop(settings: Settings, pod: str, keep_turn: bool) -> None:
+    """Stop a pod and its descendants, keeping their state (start brings each back)."""
+    request: dict[str, Any] = {"method": "stop", "name": pod}
+    if keep_turn:
+        request["keep_turn"] = True
+    report(settings, daemon_call(settings.runtime, request), f"stopped {pod}")
+
+
+@cli.command()
+@pod_argument
 @json_option
 @pass_settings
 def restart(settings: Settings, pod: str) -> None:
@@ -873,13 +891,6 @@ class PodCommand:
 
 
 POD_COMMANDS = (
-    PodCommand(
-        "stop",
-        "stop",
-        "daemon",
-        "stopped {pod}",
-        "Stop a pod, keeping its state (start brings it back).",
-    ),
     PodCommand("start", "start", "daemon", "started {pod}", "Start a stopped pod again."),
     PodCommand("rm", "delete", "daemon", "removed {pod}", "Stop a pod and delete its state."),
     PodCommand(

@@ -95,7 +95,7 @@ class PodMethods(Protocol):
 
     def overview(self) -> dict[str, Any]: ...
 
-    async def stop_pod(self, name: str) -> list[str]: ...
+    async def stop_pod(self, name: str, keep_turn: bool = False) -> list[str]: ...
 
     async def start_pod(self, name: str) -> SpawnResult: ...
 
@@ -326,8 +326,8 @@ class DaemonEndpoint(Endpoint):
                 return ack(request, (await pods.spawn(manifest, parent)).model_dump())
             case ListPods():
                 return ack(request, pods.list_pods().model_dump())
-            case Stop(name=name):
-                await pods.stop_pod(name)
+            case Stop(name=name, keep_turn=keep_turn):
+                await pods.stop_pod(name, keep_turn)
                 return ack(request)
             case Start(name=name):
                 return ack(request, (await pods.start_pod(name)).model_dump())

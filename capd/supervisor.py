@@ -243,27 +243,29 @@ class Supervisor:
             self.registry.depth(parent) + 1,
         )
 
-    async def stop_pod(self, name: str) -> list[str]:
+    async def stop_pod(self, name: str, keep_turn: bool = False) -> list[str]:
         """Stop the pod, then its descendants; returns the names of those that were running.
         Descendants are listed once the pod is down, so a child it was spawning is among them.
-        A pod that could not be restored is marked stopped, so restarts stop retrying it."""
+        A pod that could not be restored is marked stopped, so restarts stop retrying it.
+        With `keep_turn` their turns are paused, not cancelled, as capd's shutdown does."""
         self._require_known(name)
         if self._broken.pop(name, None) is not None:
             self.registry.set_stopped(name, True)
             self._publish(PodStopped(pod=name))
-        stopped = [name] if await self._stop_one(name) else []
+        mode: StopMode = "pause" if keep_turn else "cancel"
+        stopped = [name] if await self._stop_one(name, mode) else []
         for record, _ in self.registry.descendants(name):
-            if await self._stop_one(record.name):
+            if await self._stop_one(record.name, mode):
                 stopped.append(record.name)
         return stopped
 
-    async def _stop_one(self, name: str) -> bool:
+    async def _stop_one(self, name: str, mode: StopMode = "cancel") -> bool:
         running = self.pods.get(name)
         if running is None:
             return False
         self._stopping.add(name)
         try:
-            await self._take_down(name, "cancel")
+            await self._take_down(name, mode)
             report = running.controller.journal.shut_down_report()
             metrics.pod_stopped(name, running.controller.journal.usage)
             self.registry.set_stopped(name, True, report)
