@@ -165,8 +165,10 @@ class PodController:
         reconfigure: "Reconfigurer",
         checkpoints: CheckpointStore | None = None,
         running_in_tree: Callable[[], list[str]] = list,
+        team: str | None = None,
     ) -> None:
         self.name = manifest.name
+        self.team = team
         self.manifest = manifest
         self.parent = parent
         self.socket_path = socket_path
@@ -967,6 +969,7 @@ class PodController:
                 **sandbox_status(self.manifest.sandbox, self.toolbox.context.sandbox),
                 "limits": limits.kind if (limits := self.toolbox.context.limits) else "none",
             },
+            "team": self.team,
         }
 
 

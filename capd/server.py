@@ -89,7 +89,9 @@ class PodMethods(Protocol):
     activity: ActivityFeed
     """The same for subscribers that asked for activity, with each pod's pod_activity."""
 
-    async def spawn(self, manifest: Manifest, parent: str | None) -> SpawnResult: ...
+    async def spawn(
+        self, manifest: Manifest, parent: str | None, *, team: str | None = None
+    ) -> SpawnResult: ...
 
     def list_pods(self) -> ListResult: ...
 
@@ -322,8 +324,8 @@ class DaemonEndpoint(Endpoint):
         request = DAEMON_REQUESTS.parse(frame)
         pods, process = self._pods, self._process
         match request:
-            case Spawn(manifest=manifest, parent=parent):
-                return ack(request, (await pods.spawn(manifest, parent)).model_dump())
+            case Spawn(manifest=manifest, parent=parent, team=team):
+                return ack(request, (await pods.spawn(manifest, parent, team=team)).model_dump())
             case ListPods():
                 return ack(request, pods.list_pods().model_dump())
             case Stop(name=name, keep_turn=keep_turn):

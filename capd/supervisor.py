@@ -161,10 +161,12 @@ class Supervisor:
         *,
         turn_id: str | None = None,
         make_cwd: bool = False,
+        team: str | None = None,
     ) -> SpawnResult:
         """Create and start a pod. With a local `parent` the child rules apply (see
         children.py) and the parent records `child_spawned` with `turn_id`, the turn whose
-        spawn_pod call made it. `make_cwd` creates a missing cwd once all checks pass."""
+        spawn_pod call made it. `make_cwd` creates a missing cwd once all checks pass.
+        `team`: the team `apply` makes it for (it never changes)."""
         self._refuse_when_closing()
         self._check_room()
         name = manifest.name
@@ -195,7 +197,7 @@ class Supervisor:
                     "invalid_request", f"cannot create cwd {cwd}: {exc.strerror or exc}"
                 ) from None
         self._make_pod_state_dir(name)
-        self.registry.add(name, manifest.model_dump_json(), parent)
+        self.registry.add(name, manifest.model_dump_json(), parent, team=team)
         self.ledger.added(name, manifest.budget)
         try:
             running = await self._bring_up(manifest, parent)
@@ -390,6 +392,7 @@ class Supervisor:
                     socket=str(self.registry.socket(record.name)),
                     error=self._broken.get(record.name),
                     spent=Spent.model_validate(self.ledger.spent(record.name)),
+                    team=record.team,
                 )
             )
         return ListResult(pods=entries)
@@ -475,6 +478,7 @@ class Supervisor:
             checkpoints=self._checkpoint_store(name, Path(manifest.cwd), manifest),
             running_in_tree=lambda: self._running_in_tree(name),
             reconfigure=self.reconfigure,
+            team=record.team if (record := self.registry.get(name)) else None,
         )
         controller.restore(self._stored_events(name))
         self.activity.track(controller.activity)
