@@ -30,8 +30,10 @@ from protocol.manifest import Manifest
 from protocol.methods import (
     DAEMON_REQUESTS,
     POD_REQUESTS,
+    Apply,
     DaemonSubscribe,
     Delete,
+    Down,
     History,
     Info,
     ListPods,
@@ -49,6 +51,8 @@ from protocol.methods import (
     Unsubscribe,
 )
 from protocol.results import (
+    ApplyResult,
+    DownResult,
     InfoResult,
     ListResult,
     MetricsResult,
@@ -81,9 +85,18 @@ class PodEndpointHost(Protocol):
     def stop_pod_soon(self, name: str) -> None: ...
 
 
+class TeamMethods(Protocol):
+    """The daemon socket's methods on teams (capd.teams)."""
+
+    async def apply(self, request: Apply) -> ApplyResult: ...
+
+    async def down(self, team: str, drain_timeout_s: float) -> DownResult: ...
+
+
 class PodMethods(Protocol):
     """The daemon socket's methods on pods; the supervisor provides them."""
 
+    teams: TeamMethods
     hub: Hub
     """Where the daemon socket's subscribers hear of pods spawned, stopped, deleted."""
     activity: ActivityFeed
@@ -354,4 +367,8 @@ class DaemonEndpoint(Endpoint):
                 return None
             case Overview():
                 return ack(request, pods.overview())
+            case Apply():
+                return ack(request, (await pods.teams.apply(request)).model_dump())
+            case Down(team=team, drain_timeout_s=drain_timeout_s):
+                return ack(request, (await pods.teams.down(team, drain_timeout_s)).model_dump())
         raise AssertionError(f"unhandled daemon method {request!r}")

@@ -42,6 +42,7 @@ from capd.reconfigure import Parts, changed_fields
 from capd.registry import PodRegistry
 from capd.server import PodEndpoint
 from capd.store import PodRecord, Store
+from capd.teams import Teams
 from capd.tools import CHANGE_FILES
 from capd.tools.base import ToolContext, ToolFailed
 from capd.tools.mcp.server import pod_servers
@@ -125,6 +126,8 @@ class Supervisor:
         self._closing = False
         self.limiter = Limiter.detect(config.state_dir, config.limits)
         """How pods' limits.memory_mb and limits.pids are enforced (detected once)."""
+        self.teams = Teams(self)
+        """The daemon's `apply` and `down`."""
 
     # -- start-up and shutdown ----------------------------------------------------------
 
@@ -480,6 +483,7 @@ class Supervisor:
             reconfigure=self.reconfigure,
             team=record.team if (record := self.registry.get(name)) else None,
         )
+        self.teams.attach(controller)
         controller.restore(self._stored_events(name))
         self.activity.track(controller.activity)
         self._stopped_usage.pop(name, None)
@@ -821,6 +825,7 @@ class Supervisor:
         return cwd.resolve()
 
     def _pod_status_changed(self, name: str, status: PodStatusName) -> None:
+        self.teams.status_changed(name, status)
         self._publish(PodStatusEvent(pod=name, status=status))
         if not self._closing:
             self._on_status()

@@ -1,13 +1,30 @@
 """Teams (§16): `spawn {team}`, `capctl apply -f FILE` and `capctl down -f FILE` against a
 real capd, with scripted models."""
 
+import asyncio
+import contextlib
+import os
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
+from capctl.team import plan_lines, read_team
+from protocol.client import Client, ConnectionClosed
+from protocol.errors import ProtocolError
 from tests.conftest import CapdProcess
-from tests.helpers import connect_pod, daemon_request, scripted
-from tests.test_capctl import ok
+from tests.helpers import (
+    EVENT_TIMEOUT_S,
+    connect_pod,
+    daemon_request,
+    full_history,
+    is_event,
+    resume_turn,
+    scripted,
+    wait_for,
+)
+from tests.test_capctl import TIMEOUT_S, ok, start_capctl
 
 pytestmark = pytest.mark.shared_capd
 
@@ -27,3 +44,218 @@ async def test_spawn_team_is_in_list_status_and_ps(capd: CapdProcess, tmp_path: 
     await daemon_request(capd, {"method": "start", "name": "tm1"})
     async with await connect_pod(capd, "tm1", subscribe=False) as pod:
         assert (await pod.request({"method": "status"}))["team"] == "pay"
+
+
+def _team_file(tmp_path: Path, pods: list[dict[str, Any]], team: str = "crew") -> Path:
+    path = tmp_path / "team.yaml"
+    path.write_text(yaml.safe_dump({"team": team, "pods": pods}, sort_keys=False))
+    return path
+
+
+def _crew(lead_prompt: str = "lead", qa_tools: tuple[str, ...] = ("bash",)) -> list[dict]:
+    """Five pods, two of them roots: lead > dev > doc, lead > qa; ops."""
+    model = {"provider": "scripted"}
+    return [
+        {"name": "lead", "model": model, "cwd": ".", "system_prompt": lead_prompt}
+        | {"tools": ["bash", "read_file"]},
+        {"name": "dev", "parent": "lead", "model": model, "tools": ["bash", "read_file"]},
+        {"name": "qa", "parent": "lead", "model": model, "tools": list(qa_tools)},
+        {"name": "doc", "parent": "dev", "model": model, "tools": ["read_file"]},
+        {"name": "ops", "model": model, "cwd": ".", "tools": ["bash"]},
+    ]
+
+
+def _capctl_apply(capd: CapdProcess, path: Path, *flags: str) -> list[str]:
+    return ok(capd.runtime_dir, "apply", "-f", str(path), *flags).splitlines()
+
+
+async def _apply(capd: CapdProcess, path: Path, prune: bool = False) -> list[str]:
+    """What `capctl apply` sends and prints, without its start-up."""
+    team = read_team(path)
+    pods = [pod.model_dump(mode="json", exclude_unset=True) for pod in team.pods]
+    request = {"method": "apply", "team": team.team, "pods": pods, "prune": prune}
+    return plan_lines((await daemon_request(capd, request))["plan"])
+
+
+async def test_apply_spawns_a_team_then_changes_nothing_then_reconfigures(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    path = _team_file(tmp_path, _crew())
+    assert _capctl_apply(capd, path) == [
+        "+ spawn lead",
+        "+ spawn dev",
+        "+ spawn doc",
+        "+ spawn qa",
+        "+ spawn ops",
+    ]
+    listed = {pod["name"]: pod for pod in (await daemon_request(capd, {"method": "list"}))["pods"]}
+    assert {name: pod["team"] for name, pod in listed.items()} == dict.fromkeys(listed, "crew")
+    parents = {name: pod["parent"] for name, pod in listed.items()}
+    assert parents["doc"] == str(capd.pod_socket("dev"))
+    assert parents["qa"] == parents["dev"] == str(capd.pod_socket("lead"))
+    assert parents["lead"] is parents["ops"] is None
+    async with await connect_pod(capd, "doc", subscribe=False) as pod:
+        assert (await pod.request({"method": "status"}))["cwd"] == str(tmp_path.resolve())
+    assert await _apply(capd, path) == [
+        f"= unchanged {name}" for name in ("lead", "dev", "doc", "qa", "ops")
+    ]
+
+    changed = _team_file(tmp_path, _crew("lead, changed", ("bash", "read_file")))
+    expected = [
+        "~ reconfigure lead (system_prompt)",
+        "= unchanged dev",
+        "= unchanged doc",
+        "~ reconfigure qa (tools)",
+        "= unchanged ops",
+    ]
+    assert _capctl_apply(capd, changed, "--dry-run") == [*expected, "dry run: nothing was changed"]
+    assert await _tools(capd, "qa") == ["bash"]
+    assert await _apply(capd, changed) == expected
+    assert await _tools(capd, "qa") == ["bash", "read_file"]
+    assert await _apply(capd, changed) == [
+        f"= unchanged {name}" for name in ("lead", "dev", "doc", "qa", "ops")
+    ]
+
+    fewer = _team_file(tmp_path, _crew("lead, changed", ("bash", "read_file"))[:3])
+    assert (await _apply(capd, fewer))[-1] == "= unchanged qa"
+    assert _capctl_apply(capd, fewer, "--prune", "--dry-run")[-3:] == [
+        "- delete doc",
+        "- delete ops",
+        "dry run: nothing was changed",
+    ]
+    assert (await _apply(capd, fewer, prune=True))[-2:] == ["- delete doc", "- delete ops"]
+    listed = (await daemon_request(capd, {"method": "list"}))["pods"]
+    assert sorted(pod["name"] for pod in listed) == ["dev", "lead", "qa"]
+
+
+async def _tools(capd: CapdProcess, name: str) -> list[str]:
+    async with await connect_pod(capd, name, subscribe=False) as pod:
+        return (await pod.request({"method": "status"}))["tools"]
+
+
+def _held(gate: Path, *then: str) -> dict[str, Any]:
+    """A scripted model whose first step's tool waits on the FIFO `gate`."""
+    wait = {"name": "bash", "arguments": {"command": f"read -r _ < {gate}"}}
+    return scripted({"tool_calls": [wait]}, *({"text": text} for text in then))
+
+
+async def test_a_running_pods_change_is_deferred_to_its_turns_end(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    pod = {"name": "busy", "model": _held(gate, "done"), "cwd": ".", "tools": ["bash"]}
+    path = _team_file(tmp_path, [pod], team="solo")
+    assert await _apply(capd, path) == ["+ spawn busy"]
+    release = os.open(gate, os.O_RDWR)
+    try:
+        async with await connect_pod(capd, "busy") as busy:
+            await busy.request({"method": "run", "text": "go"})
+            await wait_for(busy, is_event("assistant_message"))
+            await busy.request({"method": "run", "text": "next", "if_busy": "queue"})
+            changed = _team_file(tmp_path, [pod | {"system_prompt": "new"}], team="solo")
+            assert _capctl_apply(capd, changed) == [
+                "… deferred busy (system_prompt): pod busy is running; its change applies "
+                "when its turn ends"
+            ]
+            assert await _apply(capd, changed) == [
+                "… deferred busy (system_prompt): pod busy is running; its change applies "
+                "when its turn ends"
+            ]
+            os.write(release, b"go\n")
+            _, seen = await wait_for(busy, is_event("turn_start"))
+            durable = [e["event"] for e in seen if "seq" in e and e["event"] != "status"]
+            assert durable[-3:] == ["turn_end", "reconfigured", "turn_start"]
+            await wait_for(busy, is_event("turn_end"))
+    finally:
+        os.close(release)
+    assert await _apply(capd, changed) == ["= unchanged busy"]
+
+
+async def test_down_drains_pauses_and_stops_children_first(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    """`held` outlives the drain timeout, `quick` finishes within it with a run queued;
+    their parent `boss`, idle, hears of both but starts no turn while the team goes down."""
+    held_gate, quick_gate = tmp_path / "held", tmp_path / "quick"
+    for gate in (held_gate, quick_gate):
+        os.mkfifo(gate)
+    model = {"provider": "scripted"}
+    pods = [
+        {"name": "boss", "model": model, "cwd": ".", "tools": ["bash"]},
+        {"name": "held", "parent": "boss", "model": _held(held_gate, "held done")}
+        | {"tools": ["bash"]},
+        {"name": "quick", "parent": "boss", "model": _held(quick_gate, "quick done")}
+        | {"tools": ["bash"]},
+    ]
+    path = _team_file(tmp_path, pods, team="dn")
+    await _apply(capd, path)
+    release = os.open(quick_gate, os.O_RDWR)
+    boss = await connect_pod(capd, "boss")
+    quick = await connect_pod(capd, "quick")
+    try:
+        for name in ("held", "quick"):
+            async with await connect_pod(capd, name) as pod:
+                await pod.request({"method": "run", "text": "go"})
+                await wait_for(pod, is_event("assistant_message"))
+        await quick.request({"method": "run", "text": "later", "if_busy": "queue"})
+        down = start_capctl(capd.runtime_dir, "down", "-f", str(path), "--drain-timeout", "2")
+        try:
+            await until_refused(quick)
+            os.write(release, b"go\n")
+            out, err = await asyncio.to_thread(down.communicate, timeout=TIMEOUT_S)
+        finally:
+            down.kill()
+        assert down.returncode == 0, err
+        assert out.decode().splitlines() == ["boss: stopped", "held: paused", "quick: finished"]
+        boss_saw = await events_until_closed(boss)
+        quick_saw = await events_until_closed(quick)
+    finally:
+        os.close(release)
+        await boss.close()
+        await quick.close()
+    assert "turn_start" not in [e["event"] for e in boss_saw]
+    turns = [e["event"] for e in quick_saw if e["event"] in ("turn_start", "turn_end")]
+    assert turns == ["turn_start", "turn_end"], "the queued run started during the drain"
+    listed = (await daemon_request(capd, {"method": "list"}))["pods"]
+    assert {pod["name"]: pod["status"] for pod in listed} == dict.fromkeys(
+        ("boss", "held", "quick"), "stopped"
+    )
+
+    assert await _apply(capd, path) == [
+        "> start boss",
+        "> start held: paused: `capctl resume held`",
+        "> start quick",
+    ]
+    async with await connect_pod(capd, "held") as held:
+        end, _ = await resume_turn(held)
+    assert (end["result"], end["output"]) == ("finished", "held done")
+    async with await connect_pod(capd, "quick", subscribe=False) as quick:
+        history = await full_history(quick)
+    assert [e["text"] for e in history if e["event"] == "user_message"][-1] == "later"
+
+
+async def until_refused(pod: Client) -> None:
+    """Wait until the running pod refuses a `run` as its team goes down (until then it
+    answers `already_running`, which changes nothing)."""
+    async with asyncio.timeout(EVENT_TIMEOUT_S):
+        while True:
+            try:
+                await pod.request({"method": "run", "text": "probe", "if_busy": "reject"})
+            except ProtocolError as exc:
+                refused = exc.code
+            else:
+                raise AssertionError("a running pod started another run")
+            if refused == "shutting_down":
+                return
+            assert refused == "already_running", refused
+            await asyncio.sleep(0.02)
+
+
+async def events_until_closed(pod: Client) -> list[dict[str, Any]]:
+    """The events a subscribed pod sent until it stopped."""
+    seen = []
+    with contextlib.suppress(ConnectionClosed):
+        while True:
+            seen.append(await pod.next_event(EVENT_TIMEOUT_S))
+    return seen
