@@ -24,7 +24,7 @@ from tests.helpers import (
     scripted,
     wait_for,
 )
-from tests.test_capctl import TIMEOUT_S, ok, start_capctl
+from tests.test_capctl import TIMEOUT_S, assert_one_line_error, capctl, ok, start_capctl
 
 pytestmark = pytest.mark.shared_capd
 
@@ -259,3 +259,63 @@ async def events_until_closed(pod: Client) -> list[dict[str, Any]]:
         while True:
             seen.append(await pod.next_event(EVENT_TIMEOUT_S))
     return seen
+
+
+async def test_apply_checks_every_pod_before_it_changes_anything(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    rt = capd.runtime_dir
+    (tmp_path / "elsewhere").mkdir()
+    manifest = {"name": "loner", "model": scripted(), "cwd": str(tmp_path)}
+    await daemon_request(capd, {"method": "spawn", "manifest": manifest})
+    model = {"provider": "scripted"}
+    lead = {"name": "lead", "model": model, "cwd": ".", "tools": ["bash"]}
+    cases = [
+        (
+            [lead, {"name": "loner", "model": model, "cwd": "."}],
+            "already_exists: pod loner: name: pod loner exists and is not of team crew (it "
+            "has no team)",
+        ),
+        (
+            [lead, {"name": "qa", "parent": "lead", "model": model, "tools": ["read_file"]}],
+            "forbidden: pod qa: tools read_file are not among parent pod lead's tools (bash)",
+        ),
+        (
+            [
+                lead,
+                {"name": "qa", "parent": "lead", "model": model, "cwd": "elsewhere/.."},
+                {"name": "x", "parent": "qa", "model": model, "cwd": "/"},
+            ],
+            "forbidden: pod x: cwd / is outside",
+        ),
+        (
+            [lead, {"name": "ghost", "model": model, "cwd": "missing"}],
+            f"invalid_request: pod ghost: cwd {tmp_path / 'missing'} is not a directory",
+        ),
+    ]
+    path = _team_file(tmp_path, cases[0][0])
+    done = capctl(rt, "apply", "-f", str(path))
+    assert_one_line_error(done)
+    assert done.stderr.startswith(f"capctl: {path}: {cases[0][1]}"), done.stderr
+    for pods, expected in cases:
+        refusal = await _refusal(capd, _team_file(tmp_path, pods))
+        assert refusal.startswith(expected), refusal
+        listed = (await daemon_request(capd, {"method": "list"}))["pods"]
+        assert [pod["name"] for pod in listed] == ["loner"], "something changed"
+
+    path = _team_file(tmp_path, [lead])
+    assert await _apply(capd, path) == ["+ spawn lead"]
+    for change, expected in (
+        ({"cwd": "elsewhere"}, "invalid_request: pod lead: cannot reconfigure pod lead: cwd "),
+        ({"parent": "other"}, "invalid_request: pod lead: parent: other is not its parent null"),
+    ):
+        pods = [lead | change, {"name": "other", "model": model, "cwd": "."}]
+        refusal = await _refusal(capd, _team_file(tmp_path, pods))
+        assert refusal.startswith(expected), refusal
+
+
+async def _refusal(capd: CapdProcess, path: Path) -> str:
+    """How `apply` refuses the file: `code: message`."""
+    with pytest.raises(ProtocolError) as refused:
+        await _apply(capd, path)
+    return f"{refused.value.code}: {refused.value.message}"
