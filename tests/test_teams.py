@@ -22,6 +22,8 @@ from tests.helpers import (
     is_event,
     resume_turn,
     scripted,
+    sigkill,
+    sleeper,
     wait_for,
 )
 from tests.test_capctl import TIMEOUT_S, assert_one_line_error, capctl, ok, start_capctl
@@ -319,3 +321,26 @@ async def _refusal(capd: CapdProcess, path: Path) -> str:
     with pytest.raises(ProtocolError) as refused:
         await _apply(capd, path)
     return f"{refused.value.code}: {refused.value.message}"
+
+
+@pytest.mark.own_capd
+async def test_a_deferred_change_survives_a_crash_of_capd(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    pod = {"name": "keep", "model": sleeper("done"), "cwd": ".", "tools": ["bash"]}
+    path = _team_file(tmp_path, [pod], team="solo")
+    await _apply(capd, path)
+    async with await connect_pod(capd, "keep") as keep:
+        await keep.request({"method": "run", "text": "go"})
+        await wait_for(keep, is_event("assistant_message"))
+    changed = _team_file(tmp_path, [pod | {"system_prompt": "new"}], team="solo")
+    assert (await _apply(capd, changed))[0].startswith("… deferred keep (system_prompt)")
+    await sigkill(capd)
+    capd.start()
+    async with await connect_pod(capd, "keep") as keep:
+        assert (await keep.request({"method": "status"}))["status"] == "paused"
+        end, _ = await resume_turn(keep)
+        assert end["output"] == "done"
+        event, _ = await wait_for(keep, lambda e: e["event"] in ("reconfigured", "turn_start"))
+    assert (event["event"], event["changed"]) == ("reconfigured", ["system_prompt"])
+    assert await _apply(capd, changed) == ["= unchanged keep"]
