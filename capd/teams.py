@@ -53,7 +53,8 @@ class _Planning:
 class _Step:
     plan: PlanStep
     manifest: Manifest | None = None
-    """`spawn`: what is sent; `reconfigure`/`deferred`: the new manifest, resolved."""
+    """`spawn`: what is sent; `reconfigure`/`deferred`: the new manifest, resolved;
+    `start`: that of the step after it, if any."""
     parent: str | None = None
     """`spawn`: the parent's name."""
 
@@ -189,7 +190,8 @@ class Teams:
         self._check_family(name, manifest, parent, pod.parent, ctx.listed)
         new[name] = manifest
         up = sup.running(name)
-        steps = [] if up is not None else [_Step(PlanStep(pod=name, action="start"))]
+        start = _Step(PlanStep(pod=name, action="start"), manifest if changed else None)
+        steps = [] if up is not None else [start]
         if not changed:
             return steps or [_Step(PlanStep(pod=name, action="unchanged"))]
         if up is not None and up.status == "running":
@@ -293,7 +295,12 @@ class Teams:
                 parent = str(sup.registry.socket(step.parent)) if step.parent else None
                 await sup.spawn(step.manifest, parent, team=team)
             case "start":
-                self._drop_pending(name)  # the file says what the pod is to be now
+                # The file says what the pod is to be now: a change is taken as it comes
+                # up, before a turn can start (the reconfigure step after this says so).
+                if step.manifest is None:
+                    self._drop_pending(name)
+                else:
+                    sup.registry.set_pending_manifest(name, step.manifest.model_dump_json())
                 await sup.start_pod(name)
                 if (up := sup.running(name)) is not None and up.status == "paused":
                     return plan.model_copy(update={"note": f"paused: `capctl resume {name}`"})
@@ -319,11 +326,11 @@ class Teams:
         except BaseException:
             self._drop_pending(name)
             raise
-        if result["deferred"]:
+        if result["deferred"] and changed_fields(pod.manifest, manifest):
             note = f"pod {name} is running; its change applies when its turn ends"
             return plan.model_copy(update={"action": "deferred", "note": note})
-        self._drop_pending(name)  # a reconfigured commit cleared it, unless nothing changed
-        return plan.model_copy(update={"action": "reconfigure", "changed": result["changed"]})
+        self._drop_pending(name)  # taken now, or as the pod started (see "start")
+        return plan.model_copy(update={"action": "reconfigure", "note": None})
 
     def _drop_pending(self, name: str) -> None:
         record = self._sup.registry.get(name)

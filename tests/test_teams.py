@@ -178,7 +178,8 @@ async def test_down_drains_pauses_and_stops_children_first(
     capd: CapdProcess, tmp_path: Path
 ) -> None:
     """`held` outlives the drain timeout, `quick` finishes within it with a run queued;
-    their parent `boss`, idle, hears of both but starts no turn while the team goes down."""
+    their parent `boss`, idle, hears of both but starts no turn while the team goes down;
+    it takes its change as the next apply starts it, before those reports wake it."""
     held_gate, quick_gate = tmp_path / "held", tmp_path / "quick"
     for gate in (held_gate, quick_gate):
         os.mkfifo(gate)
@@ -224,11 +225,19 @@ async def test_down_drains_pauses_and_stops_children_first(
         ("boss", "held", "quick"), "stopped"
     )
 
-    assert await _apply(capd, path) == [
+    pods[0]["system_prompt"] = "you are back"
+    assert await _apply(capd, _team_file(tmp_path, pods, team="dn")) == [
         "> start boss",
+        "~ reconfigure boss (system_prompt)",
         "> start held: paused: `capctl resume held`",
         "> start quick",
     ]
+    async with await connect_pod(capd, "boss", subscribe=False) as boss:
+        await boss.request({"method": "subscribe", "after_seq": 0})
+        await wait_for(boss, is_event("turn_end"))  # the buffered reports woke it
+        history = await full_history(boss)
+    woke = [e["event"] for e in history if e["event"] in ("reconfigured", "turn_start")]
+    assert woke == ["reconfigured", "turn_start"]
     async with await connect_pod(capd, "held") as held:
         end, _ = await resume_turn(held)
     assert (end["result"], end["output"]) == ("finished", "held done")
