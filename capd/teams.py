@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from capd.budgets import unpriced
@@ -47,6 +47,8 @@ class _Planning:
     parents: dict[str, str | None]
     new: dict[str, Manifest]
     """Each pod planned so far as it will be: stored, or spawned, paths resolved."""
+    deferred: set[str] = field(default_factory=set)
+    """The pods whose change waits for their running turn."""
 
 
 @dataclass
@@ -139,6 +141,7 @@ class Teams:
                 steps += self._plan_pod(ctx, pod)
             except ProtocolError as exc:
                 raise ProtocolError(exc.code, f"pod {pod.name}: {exc.message}") from None
+        steps = self._narrowing_last(ctx, steps)
         registry = self._sup.registry
         if request.prune:
             doomed = [r.name for r in registry.all() if r.team == request.team]
@@ -159,10 +162,12 @@ class Teams:
         sup, name, team, new = self._sup, pod.name, ctx.team, ctx.new
         requested = pod.manifest()
         parent = new[pod.parent] if pod.parent is not None else None
+        if pod.parent in ctx.deferred:  # this pod's steps run before the parent's change
+            parent = sup._manifest_of(pod.parent)
         record = sup.registry.get(name)
         if record is None:
             send, manifest = self._as_spawned(requested, parent)
-            self._check_spawn(ctx, manifest, pod.parent)
+            self._check_spawn(ctx, manifest, pod.parent, parent)
             new[name] = manifest
             return [_Step(PlanStep(pod=name, action="spawn"), send, pod.parent)]
         if record.team != team:
@@ -197,9 +202,43 @@ class Teams:
         if up is not None and up.status == "running":
             note = f"pod {name} is running; its change applies when its turn ends"
             step = PlanStep(pod=name, action="deferred", changed=changed, note=note)
+            ctx.deferred.add(name)
         else:
             step = PlanStep(pod=name, action="reconfigure", changed=changed)
         return [*steps, _Step(step, manifest)]
+
+    def _narrowing_last(self, ctx: _Planning, steps: list[_Step]) -> list[_Step]:
+        """Move a pod's reconfigure after its descendants' steps when its new manifest is
+        narrower than what a child of it uses now (that child narrows in its own step),
+        as capd refuses a parent narrower than its child. A child whose change is
+        deferred cannot narrow first: that is refused."""
+        sup = self._sup
+        for step in reversed(list(steps)):
+            name = step.plan.pod
+            if step.plan.action != "reconfigure":
+                continue
+            narrower = []
+            for child in sup.registry.children_of(name):
+                theirs = sup._manifest_of(child)
+                if child not in ctx.listed or theirs is None:
+                    continue
+                try:
+                    check_within(name, ctx.new[name], _for_rules(theirs, ctx.new[name]))
+                except ProtocolError as exc:
+                    if child in ctx.deferred:
+                        raise ProtocolError(
+                            "forbidden",
+                            f"pod {name}: it would be narrower than its child pod {child}, "
+                            f"whose change waits for its running turn: {exc.message}; "
+                            f"apply again once pod {child}'s turn has ended",
+                        ) from None
+                    narrower.append(child)
+            if narrower:
+                below = {record.name for record, _ in sup.registry.descendants(name)}
+                steps.remove(step)
+                last = max(i for i, other in enumerate(steps) if other.plan.pod in below)
+                steps.insert(last + 1, step)
+        return steps
 
     def _as_spawned(
         self, requested: Manifest, parent: Manifest | None
@@ -217,13 +256,16 @@ class Teams:
         stored = send.model_copy(update={"cwd": str(cwd), "sandbox": resolve_paths(send.sandbox)})
         return send, stored
 
-    def _check_spawn(self, ctx: _Planning, manifest: Manifest, parent: str | None) -> None:
-        """What `spawn` checks, with the child rules against the file's parent."""
+    def _check_spawn(
+        self, ctx: _Planning, manifest: Manifest, parent: str | None, rules: Manifest | None
+    ) -> None:
+        """What `spawn` checks, with the child rules against the parent's manifest `rules`
+        (the file's, unless its change is deferred)."""
         from capd.supervisor import _check_api_key, _checkpointed
 
         sup = self._sup
         if parent is not None:
-            rules = ctx.new[parent]
+            assert rules is not None
             siblings = [name for name in ctx.new if ctx.parents.get(name) == parent]
             up = [child for child in sup.registry.children_of(parent) if child in sup.pods]
             depth, above = 1, ctx.parents[parent]

@@ -129,6 +129,18 @@ async def test_apply_spawns_a_team_then_changes_nothing_then_reconfigures(
     listed = (await daemon_request(capd, {"method": "list"}))["pods"]
     assert sorted(pod["name"] for pod in listed) == ["dev", "lead", "qa"]
 
+    # Narrowing a parent and its children together: each child first, as capd refuses a
+    # parent narrower than its child. (dev, woken by doc's shut_down report, is idle first.)
+    async with await connect_pod(capd, "dev", subscribe=False) as dev:
+        await dev.request({"method": "subscribe", "after_seq": 0})
+        await wait_for(dev, is_event("turn_end"))
+    narrow = [pod | {"tools": ["bash"]} for pod in _crew("lead, changed")[:3]]
+    assert await _apply(capd, _team_file(tmp_path, narrow)) == [
+        "~ reconfigure dev (tools)",
+        "~ reconfigure qa (tools)",
+        "~ reconfigure lead (tools)",
+    ]
+
 
 async def _tools(capd: CapdProcess, name: str) -> list[str]:
     async with await connect_pod(capd, name, subscribe=False) as pod:
