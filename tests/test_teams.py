@@ -4,6 +4,7 @@ real capd, with scripted models."""
 import asyncio
 import contextlib
 import os
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from tests.helpers import (
     full_history,
     is_event,
     resume_turn,
+    run_turn,
     scripted,
     sigkill,
     sleeper,
@@ -365,3 +367,22 @@ async def test_a_deferred_change_survives_a_crash_of_capd(
         event, _ = await wait_for(keep, lambda e: e["event"] in ("reconfigured", "turn_start"))
     assert (event["event"], event["changed"]) == ("reconfigured", ["system_prompt"])
     assert await _apply(capd, changed) == ["= unchanged keep"]
+
+
+@pytest.mark.own_capd
+async def test_a_failing_step_says_which_steps_were_done(capd: CapdProcess, tmp_path: Path) -> None:
+    """`bad`'s stored history is damaged, so its start fails after `a`'s step."""
+    model = {"provider": "scripted"}
+    path = _team_file(tmp_path, [{"name": name, "model": model, "cwd": "."} for name in "ab"])
+    await _apply(capd, path)
+    async with await connect_pod(capd, "b") as pod:
+        await run_turn(pod, "hi")
+    capd.stop()
+    damaged = "UPDATE events SET data = '{\"event\": \"turn_st' WHERE pod = 'b' AND seq = 2"
+    with contextlib.closing(sqlite3.connect(capd.state_dir / "capd.db")) as db, db:
+        db.execute(damaged)
+    await asyncio.to_thread(capd.start)
+    refusal = await _refusal(capd, path)
+    assert refusal.startswith(
+        "internal: applied 1 of 2 steps (= unchanged a); pod b: pod b cannot be restored: "
+    ), refusal
