@@ -243,13 +243,17 @@ class Teams:
     def _as_spawned(
         self, requested: Manifest, parent: Manifest | None
     ) -> tuple[Manifest, Manifest]:
-        """What `spawn` is sent (a child without a cwd gets its parent's) and the manifest
-        as it will be stored: cwd and sandbox paths resolved. Nothing is created."""
+        """What `spawn` is sent (a child with neither a cwd nor `workspace.git` gets its
+        parent's cwd) and the manifest as it will be stored: cwd and sandbox paths
+        resolved. Nothing is created."""
         sup = self._sup
         send = requested
-        if requested.cwd is None and parent is not None:
+        git = requested.workspace.git is not None
+        if requested.cwd is None and parent is not None and not git:
             send = requested.model_copy(update={"cwd": parent.cwd})
-        if send.cwd is None:
+        if git:  # the work tree capd makes at spawn (capd.worktrees)
+            cwd = sup.config.state_dir.resolve() / "worktrees" / requested.name / "work"
+        elif send.cwd is None:
             cwd = sup._pod_state_dir(requested.name).resolve() / "work"
         else:
             cwd = sup._resolve_cwd(send, must_exist=True)

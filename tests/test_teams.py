@@ -328,6 +328,16 @@ async def test_apply_checks_every_pod_before_it_changes_anything(
         listed = (await daemon_request(capd, {"method": "list"}))["pods"]
         assert [pod["name"] for pod in listed] == ["loner"], "something changed"
 
+    # A worktree child's cwd is its own work tree (the same repository is its spawn's
+    # rule), not its parent's directory.
+    git = {"workspace": {"git": {"repo": str(tmp_path / "elsewhere")}}}
+    tester = {"name": "tester", "parent": "lead", "model": model, "tools": ["bash"]} | git
+    request = {"method": "apply", "team": "crew", "pods": [lead, tester], "dry_run": True}
+    request["pods"][0] = lead | {"cwd": str(tmp_path)}
+    planned = await daemon_request(capd, request)
+    assert plan_lines(planned["plan"]) == ["+ spawn lead", "+ spawn tester"]
+    assert not planned["done"]
+
     path = _team_file(tmp_path, [lead])
     assert await _apply(capd, path) == ["+ spawn lead"]
     for change, expected in (
