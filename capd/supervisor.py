@@ -42,6 +42,7 @@ from capd.reconfigure import Parts, changed_fields
 from capd.registry import PodRegistry
 from capd.server import PodEndpoint
 from capd.store import PodRecord, Store
+from capd.teams import Teams
 from capd.tools import CHANGE_FILES
 from capd.tools.base import ToolContext, ToolFailed
 from capd.tools.mcp.server import pod_servers
@@ -125,6 +126,8 @@ class Supervisor:
         self._closing = False
         self.limiter = Limiter.detect(config.state_dir, config.limits)
         """How pods' limits.memory_mb and limits.pids are enforced (detected once)."""
+        self.teams = Teams(self)
+        """The daemon's `apply` and `down`."""
 
     # -- start-up and shutdown ----------------------------------------------------------
 
@@ -161,10 +164,12 @@ class Supervisor:
         *,
         turn_id: str | None = None,
         make_cwd: bool = False,
+        team: str | None = None,
     ) -> SpawnResult:
         """Create and start a pod. With a local `parent` the child rules apply (see
         children.py) and the parent records `child_spawned` with `turn_id`, the turn whose
-        spawn_pod call made it. `make_cwd` creates a missing cwd once all checks pass."""
+        spawn_pod call made it. `make_cwd` creates a missing cwd once all checks pass.
+        `team`: the team `apply` makes it for (it never changes)."""
         self._refuse_when_closing()
         self._check_room()
         name = manifest.name
@@ -195,7 +200,7 @@ class Supervisor:
                     "invalid_request", f"cannot create cwd {cwd}: {exc.strerror or exc}"
                 ) from None
         self._make_pod_state_dir(name)
-        self.registry.add(name, manifest.model_dump_json(), parent)
+        self.registry.add(name, manifest.model_dump_json(), parent, team=team)
         self.ledger.added(name, manifest.budget)
         try:
             running = await self._bring_up(manifest, parent)
@@ -243,27 +248,29 @@ class Supervisor:
             self.registry.depth(parent) + 1,
         )
 
-    async def stop_pod(self, name: str) -> list[str]:
+    async def stop_pod(self, name: str, keep_turn: bool = False) -> list[str]:
         """Stop the pod, then its descendants; returns the names of those that were running.
         Descendants are listed once the pod is down, so a child it was spawning is among them.
-        A pod that could not be restored is marked stopped, so restarts stop retrying it."""
+        A pod that could not be restored is marked stopped, so restarts stop retrying it.
+        With `keep_turn` their turns are paused, not cancelled, as capd's shutdown does."""
         self._require_known(name)
         if self._broken.pop(name, None) is not None:
             self.registry.set_stopped(name, True)
             self._publish(PodStopped(pod=name))
-        stopped = [name] if await self._stop_one(name) else []
+        mode: StopMode = "pause" if keep_turn else "cancel"
+        stopped = [name] if await self._stop_one(name, mode) else []
         for record, _ in self.registry.descendants(name):
-            if await self._stop_one(record.name):
+            if await self._stop_one(record.name, mode):
                 stopped.append(record.name)
         return stopped
 
-    async def _stop_one(self, name: str) -> bool:
+    async def _stop_one(self, name: str, mode: StopMode = "cancel") -> bool:
         running = self.pods.get(name)
         if running is None:
             return False
         self._stopping.add(name)
         try:
-            await self._take_down(name, "cancel")
+            await self._take_down(name, mode)
             report = running.controller.journal.shut_down_report()
             metrics.pod_stopped(name, running.controller.journal.usage)
             self.registry.set_stopped(name, True, report)
@@ -388,6 +395,7 @@ class Supervisor:
                     socket=str(self.registry.socket(record.name)),
                     error=self._broken.get(record.name),
                     spent=Spent.model_validate(self.ledger.spent(record.name)),
+                    team=record.team,
                 )
             )
         return ListResult(pods=entries)
@@ -473,7 +481,9 @@ class Supervisor:
             checkpoints=self._checkpoint_store(name, Path(manifest.cwd), manifest),
             running_in_tree=lambda: self._running_in_tree(name),
             reconfigure=self.reconfigure,
+            team=record.team if (record := self.registry.get(name)) else None,
         )
+        self.teams.attach(controller)
         controller.restore(self._stored_events(name))
         self.activity.track(controller.activity)
         self._stopped_usage.pop(name, None)
@@ -815,6 +825,7 @@ class Supervisor:
         return cwd.resolve()
 
     def _pod_status_changed(self, name: str, status: PodStatusName) -> None:
+        self.teams.status_changed(name, status)
         self._publish(PodStatusEvent(pod=name, status=status))
         if not self._closing:
             self._on_status()
