@@ -312,6 +312,88 @@ def _parent_socket(runtime: Path, parent: str | None) -> str | None:
     return str(paths.pod_socket(runtime, parent))
 
 
+team_file_option = click.option(
+    "-f",
+    "--file",
+    "team_file",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The team file (YAML): `team` and its `pods`.",
+)
+
+
+@cli.command()
+@team_file_option
+@click.option("--prune", is_flag=True, help="Delete the team's pods the file does not list.")
+@click.option("--dry-run", is_flag=True, help="Print the plan; change nothing.")
+@json_option
+@pass_settings
+def apply(settings: Settings, team_file: Path, prune: bool, dry_run: bool) -> None:
+    """Make the team's pods match a team file: spawn, start and reconfigure them, parents
+    first (a running pod's change applies when its turn ends); --prune deletes the pods
+    of the team the file no longer lists. Nothing changes when the file is invalid."""
+    from capctl.team import plan_lines, read_team, send
+
+    team = read_team(team_file)
+    request = {
+        "method": "apply",
+        "team": team.team,
+        "pods": [pod.model_dump(mode="json", exclude_unset=True) for pod in team.pods],
+        "prune": prune,
+        "dry_run": dry_run,
+    }
+    result = run(send(settings.runtime, team_file, request))
+    lines = plan_lines(result.get("plan") or [])
+    if dry_run:
+        lines.append("dry run: nothing was changed")
+    report(settings, result, "\n".join(lines))
+
+
+@cli.command()
+@team_file_option
+@click.option(
+    "--drain-timeout",
+    type=click.FloatRange(0, 86400),
+    default=30.0,
+    show_default=True,
+    help="Seconds running turns may go on before they are paused.",
+)
+@json_option
+@pass_settings
+def down(settings: Settings, team_file: Path, drain_timeout: float) -> None:
+    """Bring a team down: its running turns may finish within --drain-timeout, what still
+    runs is paused, then its pods stop, children first, keeping their paused turns
+    (`capctl apply` brings them back). Meanwhile they start no turn of their own."""
+    from capctl.team import read_team, send
+
+    team = read_team(team_file).team
+    request = {"method": "down", "team": team, "drain_timeout_s": drain_timeout}
+    result = run(
+        send(settings.runtime, team_file, request),
+        interrupt_note=f"capd goes on bringing team {team} down",
+    )
+    lines = [f"{pod.get('pod')}: {pod.get('outcome')}" for pod in result.get("pods") or []]
+    report(settings, result, "\n".join(lines))
+
+
+@cli.command()
+@pod_argument
+@click.option(
+    "--keep-turn",
+    is_flag=True,
+    help="Pause its (and its descendants') turn instead of cancelling it: `start` brings "
+    "it back paused.",
+)
+@json_option
+@pass_settings
+def stop(settings: Settings, pod: str, keep_turn: bool) -> None:
+    """Stop a pod and its descendants, keeping their state (start brings each back)."""
+    request: dict[str, Any] = {"method": "stop", "name": pod}
+    if keep_turn:
+        request["keep_turn"] = True
+    report(settings, daemon_call(settings.runtime, request), f"stopped {pod}")
+
+
 @cli.command()
 @pod_argument
 @json_option
@@ -915,13 +997,6 @@ class PodCommand:
 
 
 POD_COMMANDS = (
-    PodCommand(
-        "stop",
-        "stop",
-        "daemon",
-        "stopped {pod}",
-        "Stop a pod, keeping its state (start brings it back).",
-    ),
     PodCommand("start", "start", "daemon", "started {pod}", "Start a stopped pod again."),
     PodCommand(
         "pause",

@@ -136,7 +136,15 @@ class _FromParent:
     traceparent: str | None = None
 
 
-_Call = Request | _Stop | _Adopt | _FromParent
+@dataclass(frozen=True, slots=True)
+class _TakeManifest:
+    """`apply`'s new manifest: taken now when the pod is idle or paused (`reconfigure`),
+    kept in `pending_manifest` while a turn runs."""
+
+    manifest: Manifest
+
+
+_Call = Request | _Stop | _Adopt | _FromParent | _TakeManifest
 _Reply: TypeAlias = "asyncio.Future[dict[str, Any]]"
 _Message = tuple[_Call, _Reply] | _TurnDone | _CompactionDone | _BudgetPause
 
@@ -166,8 +174,10 @@ class PodController:
         checkpoints: CheckpointStore | None = None,
         running_in_tree: Callable[[], list[str]] = list,
         workspace: Callable[[], dict[str, Any] | None] = lambda: None,
+        team: str | None = None,
     ) -> None:
         self.name = manifest.name
+        self.team = team
         self.manifest = manifest
         self.parent = parent
         self.socket_path = socket_path
@@ -202,6 +212,12 @@ class PodController:
         """The `compact` requests answered when it ends."""
         self._span: Any = None
         """The turn's `invoke_agent` span of its running (or last) segment; tracing only."""
+        self.draining = False
+        """Its team is going down (`down`): no turn starts on its own, a `run` is refused."""
+        self.pending_manifest: Manifest | None = None
+        """A manifest `apply` gave while a turn ran, taken when the pod is idle again."""
+        self.take_pending: Reconfigurer | None = None
+        """Takes `pending_manifest` (capd.teams); never raises."""
 
     # -- the journal, as the engines and endpoints see it -------------------------------
 
@@ -337,6 +353,7 @@ class PodController:
         caller gets `internal`, the log the traceback) and the actor goes on; if the actor
         ends anyway, what waits in its mailbox is refused rather than left hanging."""
         try:
+            await self._take_pending()
             self._guarded(self._kick)
             while True:
                 msg = await self._mailbox.get()
@@ -351,6 +368,7 @@ class PodController:
                         log.exception("pod %s: pausing on a spent budget failed", self.name)
                 elif await self._serve(*msg):
                     return
+                await self._take_pending()
                 self._guarded(self._kick)
         finally:
             self._stopped = True
@@ -421,11 +439,23 @@ class PodController:
                 return await self._rewind(request)
             case Reconfigure(manifest=manifest):
                 return await self._reconfigure(manifest)
+            case _TakeManifest(manifest=manifest) if self.status == "running":
+                self.pending_manifest = manifest
+                return {"deferred": True}
+            case _TakeManifest(manifest=manifest):
+                self.pending_manifest = None
+                return {"deferred": False, **await self._reconfigure(manifest)}
         raise ProtocolError("invalid_request", f"{request!r} is not a pod actor call")
 
     # -- methods ------------------------------------------------------------------------
 
     async def _run(self, req: Run) -> dict[str, Any]:
+        if self.draining:
+            raise ProtocolError(
+                "shutting_down",
+                f"pod {self.name}'s team is going down (capctl down); send once it is "
+                "started again",
+            )
         if self.status == "running":
             assert self.turn is not None
             if req.if_busy == "reject":
@@ -557,6 +587,20 @@ class PodController:
         changed = await self._reconfigure_with(self, manifest)
         return ReconfigureResult(changed=changed).model_dump()
 
+    async def take_manifest(self, manifest: Manifest) -> dict[str, Any]:
+        """`apply`'s change: a ReconfigureResult with `deferred: false`, or `deferred:
+        true` when a turn runs (taken when it ends, before a queued run starts)."""
+        return await self.call(_TakeManifest(manifest))
+
+    async def _take_pending(self) -> None:
+        """Take the manifest deferred while a turn ran, once the pod is idle."""
+        manifest = self.pending_manifest
+        if manifest is None or self.status != "idle" or self._compaction is not None:
+            return
+        self.pending_manifest = None
+        if self.take_pending is not None and not self._stopped:
+            await self.take_pending(self, manifest)
+
     def commit_manifest(self, manifest: Manifest, changed: list[str]) -> None:
         """Commit the pod's new manifest with its `reconfigured` event (a `permissions`
         change drops the `allow_always` grants, which name rules by index)."""
@@ -635,7 +679,7 @@ class PodController:
             return
         if self._unfinished is not None and self.status == "running" and self._task is None:
             self._record_turn_end(self._unfinished.result, self._unfinished.error)
-        if self.status != "idle":
+        if self.status != "idle" or self.draining:
             return
         if self.compact_wanted is not None and self._compaction is None:
             order, self.compact_wanted = self.compact_wanted, None
@@ -971,6 +1015,7 @@ class PodController:
                 **sandbox_status(self.manifest.sandbox, self.toolbox.context.sandbox),
                 "limits": limits.kind if (limits := self.toolbox.context.limits) else "none",
             },
+            "team": self.team,
         }
 
 

@@ -30,9 +30,11 @@ from protocol.manifest import Manifest
 from protocol.methods import (
     DAEMON_REQUESTS,
     POD_REQUESTS,
+    Apply,
     DaemonSubscribe,
     Delete,
     Diff,
+    Down,
     History,
     Info,
     ListPods,
@@ -50,7 +52,9 @@ from protocol.methods import (
     Unsubscribe,
 )
 from protocol.results import (
+    ApplyResult,
     DiffResult,
+    DownResult,
     InfoResult,
     ListResult,
     MetricsResult,
@@ -83,21 +87,32 @@ class PodEndpointHost(Protocol):
     def stop_pod_soon(self, name: str) -> None: ...
 
 
+class TeamMethods(Protocol):
+    """The daemon socket's methods on teams (capd.teams)."""
+
+    async def apply(self, request: Apply) -> ApplyResult: ...
+
+    async def down(self, team: str, drain_timeout_s: float) -> DownResult: ...
+
+
 class PodMethods(Protocol):
     """The daemon socket's methods on pods; the supervisor provides them."""
 
+    teams: TeamMethods
     hub: Hub
     """Where the daemon socket's subscribers hear of pods spawned, stopped, deleted."""
     activity: ActivityFeed
     """The same for subscribers that asked for activity, with each pod's pod_activity."""
 
-    async def spawn(self, manifest: Manifest, parent: str | None) -> SpawnResult: ...
+    async def spawn(
+        self, manifest: Manifest, parent: str | None, *, team: str | None = None
+    ) -> SpawnResult: ...
 
     def list_pods(self) -> ListResult: ...
 
     def overview(self) -> dict[str, Any]: ...
 
-    async def stop_pod(self, name: str) -> list[str]: ...
+    async def stop_pod(self, name: str, keep_turn: bool = False) -> list[str]: ...
 
     async def start_pod(self, name: str) -> SpawnResult: ...
 
@@ -326,12 +341,12 @@ class DaemonEndpoint(Endpoint):
         request = DAEMON_REQUESTS.parse(frame)
         pods, process = self._pods, self._process
         match request:
-            case Spawn(manifest=manifest, parent=parent):
-                return ack(request, (await pods.spawn(manifest, parent)).model_dump())
+            case Spawn(manifest=manifest, parent=parent, team=team):
+                return ack(request, (await pods.spawn(manifest, parent, team=team)).model_dump())
             case ListPods():
                 return ack(request, pods.list_pods().model_dump())
-            case Stop(name=name):
-                await pods.stop_pod(name)
+            case Stop(name=name, keep_turn=keep_turn):
+                await pods.stop_pod(name, keep_turn)
                 return ack(request)
             case Start(name=name):
                 return ack(request, (await pods.start_pod(name)).model_dump())
@@ -358,4 +373,8 @@ class DaemonEndpoint(Endpoint):
                 return None
             case Overview():
                 return ack(request, pods.overview())
+            case Apply():
+                return ack(request, (await pods.teams.apply(request)).model_dump())
+            case Down(team=team, drain_timeout_s=drain_timeout_s):
+                return ack(request, (await pods.teams.down(team, drain_timeout_s)).model_dump())
         raise AssertionError(f"unhandled daemon method {request!r}")

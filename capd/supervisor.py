@@ -43,6 +43,7 @@ from capd.reconfigure import Parts, changed_fields
 from capd.registry import PodRegistry
 from capd.server import PodEndpoint
 from capd.store import PodRecord, Store
+from capd.teams import Teams
 from capd.tools import CHANGE_FILES
 from capd.tools.base import ToolContext, ToolFailed
 from capd.tools.mcp.server import pod_servers
@@ -129,6 +130,8 @@ class Supervisor:
         own = (config.state_dir, config.runtime_dir)
         self.worktrees = PodWorktrees(registry, config.state_dir, own, self.in_background)
         """The pods' `workspace.git` work trees."""
+        self.teams = Teams(self)
+        """The daemon's `apply` and `down`."""
 
     # -- start-up and shutdown ----------------------------------------------------------
 
@@ -165,10 +168,12 @@ class Supervisor:
         *,
         turn_id: str | None = None,
         make_cwd: bool = False,
+        team: str | None = None,
     ) -> SpawnResult:
         """Create and start a pod. With a local `parent` the child rules apply (see
         children.py) and the parent records `child_spawned` with `turn_id`, the turn whose
-        spawn_pod call made it. `make_cwd` creates a missing cwd once all checks pass."""
+        spawn_pod call made it. `make_cwd` creates a missing cwd once all checks pass.
+        `team`: the team `apply` makes it for (it never changes)."""
         self._refuse_when_closing()
         self._check_room()
         name = manifest.name
@@ -200,9 +205,8 @@ class Supervisor:
                 ) from None
         tree = await self.worktrees.make(manifest)  # the record is added before any await
         self._make_pod_state_dir(name)
-        self.registry.add(
-            name, manifest.model_dump_json(), parent, worktree=tree.to_json() if tree else None
-        )
+        worktree = tree.to_json() if tree else None
+        self.registry.add(name, manifest.model_dump_json(), parent, team=team, worktree=worktree)
         self.ledger.added(name, manifest.budget)
         try:
             running = await self._bring_up(manifest, parent)
@@ -251,27 +255,29 @@ class Supervisor:
             self.registry.depth(parent) + 1,
         )
 
-    async def stop_pod(self, name: str) -> list[str]:
+    async def stop_pod(self, name: str, keep_turn: bool = False) -> list[str]:
         """Stop the pod, then its descendants; returns the names of those that were running.
         Descendants are listed once the pod is down, so a child it was spawning is among them.
-        A pod that could not be restored is marked stopped, so restarts stop retrying it."""
+        A pod that could not be restored is marked stopped, so restarts stop retrying it.
+        With `keep_turn` their turns are paused, not cancelled, as capd's shutdown does."""
         self._require_known(name)
         if self._broken.pop(name, None) is not None:
             self.registry.set_stopped(name, True)
             self._publish(PodStopped(pod=name))
-        stopped = [name] if await self._stop_one(name) else []
+        mode: StopMode = "pause" if keep_turn else "cancel"
+        stopped = [name] if await self._stop_one(name, mode) else []
         for record, _ in self.registry.descendants(name):
-            if await self._stop_one(record.name):
+            if await self._stop_one(record.name, mode):
                 stopped.append(record.name)
         return stopped
 
-    async def _stop_one(self, name: str) -> bool:
+    async def _stop_one(self, name: str, mode: StopMode = "cancel") -> bool:
         running = self.pods.get(name)
         if running is None:
             return False
         self._stopping.add(name)
         try:
-            await self._take_down(name, "cancel")
+            await self._take_down(name, mode)
             report = running.controller.journal.shut_down_report()
             metrics.pod_stopped(name, running.controller.journal.usage)
             self.registry.set_stopped(name, True, report)
@@ -404,6 +410,7 @@ class Supervisor:
                     socket=str(self.registry.socket(record.name)),
                     error=self._broken.get(record.name),
                     spent=Spent.model_validate(self.ledger.spent(record.name)),
+                    team=record.team,
                 )
             )
         return ListResult(pods=entries)
@@ -490,7 +497,9 @@ class Supervisor:
             running_in_tree=lambda: self._running_in_tree(name),
             reconfigure=self.reconfigure,
             workspace=lambda: self.worktrees.status(name),
+            team=record.team if (record := self.registry.get(name)) else None,
         )
+        self.teams.attach(controller)
         controller.restore(self._stored_events(name))
         self.activity.track(controller.activity)
         self._stopped_usage.pop(name, None)
@@ -836,6 +845,7 @@ class Supervisor:
         return cwd.resolve()
 
     def _pod_status_changed(self, name: str, status: PodStatusName) -> None:
+        self.teams.status_changed(name, status)
         self._publish(PodStatusEvent(pod=name, status=status))
         if status == "idle":  # a turn ended: its commits go to the repository's branch
             self.worktrees.sync_soon(name)

@@ -1,7 +1,8 @@
 """The YAML in README.md and docs/*.md can be copied: each block is one document, and a
 block of manifest fields validates as a manifest: a whole one with its `name`, a file for
 `capctl spawn NAME -f` or `capctl update POD -f` without one, or a fragment (its fields
-with a name and a scripted model). Other YAML (a Prometheus config) is skipped."""
+with a name and a scripted model), and a team file validates as one. Other YAML (a
+Prometheus config) is skipped."""
 
 import re
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 import yaml
 
 from protocol.manifest import Manifest
+from protocol.team import TeamFile
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -51,7 +53,9 @@ def test_a_yaml_block_is_one_document_and_a_whole_manifest_validates(where: str,
     documents = list(yaml.safe_load_all(text))
     assert len(documents) == 1, f"{where}: {len(documents)} YAML documents in one block"
     (document,) = documents
-    if _manifest_fields(document):
+    if isinstance(document, dict) and document.keys() == {"team", "pods"}:
+        TeamFile.model_validate(document)
+    elif _manifest_fields(document):
         assert isinstance(document, dict)
         filled = document if "name" in document else FILLED | document
         Manifest.model_validate(filled)

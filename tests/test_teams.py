@@ -1,0 +1,398 @@
+"""Teams (§16): `spawn {team}`, `capctl apply -f FILE` and `capctl down -f FILE` against a
+real capd, with scripted models."""
+
+import asyncio
+import contextlib
+import os
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from capctl.team import plan_lines, read_team
+from protocol.client import Client, ConnectionClosed
+from protocol.errors import ProtocolError
+from tests.conftest import CapdProcess
+from tests.helpers import (
+    EVENT_TIMEOUT_S,
+    connect_pod,
+    daemon_request,
+    full_history,
+    is_event,
+    resume_turn,
+    run_turn,
+    scripted,
+    sigkill,
+    sleeper,
+    wait_for,
+)
+from tests.test_capctl import TIMEOUT_S, assert_one_line_error, capctl, ok, start_capctl
+
+pytestmark = pytest.mark.shared_capd
+
+
+async def test_spawn_team_is_in_list_status_and_ps(capd: CapdProcess, tmp_path: Path) -> None:
+    for name, team in (("tm1", "pay"), ("tm2", None)):
+        manifest = {"name": name, "model": scripted(), "cwd": str(tmp_path)}
+        await daemon_request(capd, {"method": "spawn", "manifest": manifest, "team": team})
+    listed = (await daemon_request(capd, {"method": "list"}))["pods"]
+    assert {pod["name"]: pod["team"] for pod in listed} == {"tm1": "pay", "tm2": None}
+    async with await connect_pod(capd, "tm1", subscribe=False) as pod:
+        assert (await pod.request({"method": "status"}))["team"] == "pay"
+    header, *rows = ok(capd.runtime_dir, "ps").splitlines()
+    column = header.split().index("TEAM")
+    assert {row.split()[0]: row.split()[column] for row in rows} == {"tm1": "pay", "tm2": "-"}
+    await daemon_request(capd, {"method": "stop", "name": "tm1"})
+    await daemon_request(capd, {"method": "start", "name": "tm1"})
+    async with await connect_pod(capd, "tm1", subscribe=False) as pod:
+        assert (await pod.request({"method": "status"}))["team"] == "pay"
+
+
+def _team_file(tmp_path: Path, pods: list[dict[str, Any]], team: str = "crew") -> Path:
+    path = tmp_path / "team.yaml"
+    path.write_text(yaml.safe_dump({"team": team, "pods": pods}, sort_keys=False))
+    return path
+
+
+def _crew(lead_prompt: str = "lead", qa_tools: tuple[str, ...] = ("bash",)) -> list[dict]:
+    """Five pods, two of them roots: lead > dev > doc, lead > qa; ops."""
+    model = {"provider": "scripted"}
+    return [
+        {"name": "lead", "model": model, "cwd": ".", "system_prompt": lead_prompt}
+        | {"tools": ["bash", "read_file"]},
+        {"name": "dev", "parent": "lead", "model": model, "tools": ["bash", "read_file"]},
+        {"name": "qa", "parent": "lead", "model": model, "tools": list(qa_tools)},
+        {"name": "doc", "parent": "dev", "model": model, "tools": ["read_file"]},
+        {"name": "ops", "model": model, "cwd": ".", "tools": ["bash"]},
+    ]
+
+
+def _capctl_apply(capd: CapdProcess, path: Path, *flags: str) -> list[str]:
+    return ok(capd.runtime_dir, "apply", "-f", str(path), *flags).splitlines()
+
+
+async def _apply(capd: CapdProcess, path: Path, prune: bool = False) -> list[str]:
+    """What `capctl apply` sends and prints, without its start-up."""
+    team = read_team(path)
+    pods = [pod.model_dump(mode="json", exclude_unset=True) for pod in team.pods]
+    request = {"method": "apply", "team": team.team, "pods": pods, "prune": prune}
+    return plan_lines((await daemon_request(capd, request))["plan"])
+
+
+async def test_apply_spawns_a_team_then_changes_nothing_then_reconfigures(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    path = _team_file(tmp_path, _crew())
+    assert _capctl_apply(capd, path) == [
+        "+ spawn lead",
+        "+ spawn dev",
+        "+ spawn doc",
+        "+ spawn qa",
+        "+ spawn ops",
+    ]
+    listed = {pod["name"]: pod for pod in (await daemon_request(capd, {"method": "list"}))["pods"]}
+    assert {name: pod["team"] for name, pod in listed.items()} == dict.fromkeys(listed, "crew")
+    parents = {name: pod["parent"] for name, pod in listed.items()}
+    assert parents["doc"] == str(capd.pod_socket("dev"))
+    assert parents["qa"] == parents["dev"] == str(capd.pod_socket("lead"))
+    assert parents["lead"] is parents["ops"] is None
+    async with await connect_pod(capd, "doc", subscribe=False) as pod:
+        assert (await pod.request({"method": "status"}))["cwd"] == str(tmp_path.resolve())
+    assert await _apply(capd, path) == [
+        f"= unchanged {name}" for name in ("lead", "dev", "doc", "qa", "ops")
+    ]
+
+    changed = _team_file(tmp_path, _crew("lead, changed", ("bash", "read_file")))
+    expected = [
+        "~ reconfigure lead (system_prompt)",
+        "= unchanged dev",
+        "= unchanged doc",
+        "~ reconfigure qa (tools)",
+        "= unchanged ops",
+    ]
+    assert _capctl_apply(capd, changed, "--dry-run") == [*expected, "dry run: nothing was changed"]
+    assert await _tools(capd, "qa") == ["bash"]
+    assert await _apply(capd, changed) == expected
+    assert await _tools(capd, "qa") == ["bash", "read_file"]
+    assert await _apply(capd, changed) == [
+        f"= unchanged {name}" for name in ("lead", "dev", "doc", "qa", "ops")
+    ]
+
+    fewer = _team_file(tmp_path, _crew("lead, changed", ("bash", "read_file"))[:3])
+    assert (await _apply(capd, fewer))[-1] == "= unchanged qa"
+    assert _capctl_apply(capd, fewer, "--prune", "--dry-run")[-3:] == [
+        "- delete doc",
+        "- delete ops",
+        "dry run: nothing was changed",
+    ]
+    assert (await _apply(capd, fewer, prune=True))[-2:] == ["- delete doc", "- delete ops"]
+    listed = (await daemon_request(capd, {"method": "list"}))["pods"]
+    assert sorted(pod["name"] for pod in listed) == ["dev", "lead", "qa"]
+
+    # Narrowing a parent and its children together: each child first, as capd refuses a
+    # parent narrower than its child. (dev, woken by doc's shut_down report, is idle first.)
+    async with await connect_pod(capd, "dev", subscribe=False) as dev:
+        await dev.request({"method": "subscribe", "after_seq": 0})
+        await wait_for(dev, is_event("turn_end"))
+    narrow = [pod | {"tools": ["bash"]} for pod in _crew("lead, changed")[:3]]
+    assert await _apply(capd, _team_file(tmp_path, narrow)) == [
+        "~ reconfigure dev (tools)",
+        "~ reconfigure qa (tools)",
+        "~ reconfigure lead (tools)",
+    ]
+
+
+async def _tools(capd: CapdProcess, name: str) -> list[str]:
+    async with await connect_pod(capd, name, subscribe=False) as pod:
+        return (await pod.request({"method": "status"}))["tools"]
+
+
+def _held(gate: Path, *then: str) -> dict[str, Any]:
+    """A scripted model whose first step's tool waits on the FIFO `gate`."""
+    wait = {"name": "bash", "arguments": {"command": f"read -r _ < {gate}"}}
+    return scripted({"tool_calls": [wait]}, *({"text": text} for text in then))
+
+
+async def test_a_running_pods_change_is_deferred_to_its_turns_end(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    pod = {"name": "busy", "model": _held(gate, "done"), "cwd": ".", "tools": ["bash"]}
+    path = _team_file(tmp_path, [pod], team="solo")
+    assert await _apply(capd, path) == ["+ spawn busy"]
+    release = os.open(gate, os.O_RDWR)
+    try:
+        async with await connect_pod(capd, "busy") as busy:
+            await busy.request({"method": "run", "text": "go"})
+            await wait_for(busy, is_event("assistant_message"))
+            await busy.request({"method": "run", "text": "next", "if_busy": "queue"})
+            changed = _team_file(tmp_path, [pod | {"system_prompt": "new"}], team="solo")
+            assert _capctl_apply(capd, changed) == [
+                "… deferred busy (system_prompt): pod busy is running; its change applies "
+                "when its turn ends"
+            ]
+            assert await _apply(capd, changed) == [
+                "… deferred busy (system_prompt): pod busy is running; its change applies "
+                "when its turn ends"
+            ]
+            os.write(release, b"go\n")
+            _, seen = await wait_for(busy, is_event("turn_start"))
+            durable = [e["event"] for e in seen if "seq" in e and e["event"] != "status"]
+            assert durable[-3:] == ["turn_end", "reconfigured", "turn_start"]
+            await wait_for(busy, is_event("turn_end"))
+    finally:
+        os.close(release)
+    assert await _apply(capd, changed) == ["= unchanged busy"]
+
+
+async def test_down_drains_pauses_and_stops_children_first(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    """`held` outlives the drain timeout, `quick` finishes within it with a run queued;
+    their parent `boss`, idle, hears of both but starts no turn while the team goes down;
+    it takes its change as the next apply starts it, before those reports wake it."""
+    held_gate, quick_gate = tmp_path / "held", tmp_path / "quick"
+    for gate in (held_gate, quick_gate):
+        os.mkfifo(gate)
+    model = {"provider": "scripted"}
+    pods = [
+        {"name": "boss", "model": model, "cwd": ".", "tools": ["bash"]},
+        {"name": "held", "parent": "boss", "model": _held(held_gate, "held done")}
+        | {"tools": ["bash"]},
+        {"name": "quick", "parent": "boss", "model": _held(quick_gate, "quick done")}
+        | {"tools": ["bash"]},
+    ]
+    path = _team_file(tmp_path, pods, team="dn")
+    await _apply(capd, path)
+    release = os.open(quick_gate, os.O_RDWR)
+    boss = await connect_pod(capd, "boss")
+    quick = await connect_pod(capd, "quick")
+    try:
+        for name in ("held", "quick"):
+            async with await connect_pod(capd, name) as pod:
+                await pod.request({"method": "run", "text": "go"})
+                await wait_for(pod, is_event("assistant_message"))
+        await quick.request({"method": "run", "text": "later", "if_busy": "queue"})
+        down = start_capctl(capd.runtime_dir, "down", "-f", str(path), "--drain-timeout", "2")
+        try:
+            await until_refused(quick)
+            os.write(release, b"go\n")
+            out, err = await asyncio.to_thread(down.communicate, timeout=TIMEOUT_S)
+        finally:
+            down.kill()
+        assert down.returncode == 0, err
+        assert out.decode().splitlines() == ["boss: stopped", "held: paused", "quick: finished"]
+        boss_saw = await events_until_closed(boss)
+        quick_saw = await events_until_closed(quick)
+    finally:
+        os.close(release)
+        await boss.close()
+        await quick.close()
+    assert "turn_start" not in [e["event"] for e in boss_saw]
+    turns = [e["event"] for e in quick_saw if e["event"] in ("turn_start", "turn_end")]
+    assert turns == ["turn_start", "turn_end"], "the queued run started during the drain"
+    listed = (await daemon_request(capd, {"method": "list"}))["pods"]
+    assert {pod["name"]: pod["status"] for pod in listed} == dict.fromkeys(
+        ("boss", "held", "quick"), "stopped"
+    )
+
+    pods[0]["system_prompt"] = "you are back"
+    assert await _apply(capd, _team_file(tmp_path, pods, team="dn")) == [
+        "> start boss",
+        "~ reconfigure boss (system_prompt)",
+        "> start held: paused: `capctl resume held`",
+        "> start quick",
+    ]
+    async with await connect_pod(capd, "boss", subscribe=False) as boss:
+        await boss.request({"method": "subscribe", "after_seq": 0})
+        await wait_for(boss, is_event("turn_end"))  # the buffered reports woke it
+        history = await full_history(boss)
+    woke = [e["event"] for e in history if e["event"] in ("reconfigured", "turn_start")]
+    assert woke == ["reconfigured", "turn_start"]
+    async with await connect_pod(capd, "held") as held:
+        end, _ = await resume_turn(held)
+    assert (end["result"], end["output"]) == ("finished", "held done")
+    async with await connect_pod(capd, "quick", subscribe=False) as quick:
+        history = await full_history(quick)
+    assert [e["text"] for e in history if e["event"] == "user_message"][-1] == "later"
+
+
+async def until_refused(pod: Client) -> None:
+    """Wait until the running pod refuses a `run` as its team goes down (until then it
+    answers `already_running`, which changes nothing)."""
+    async with asyncio.timeout(EVENT_TIMEOUT_S):
+        while True:
+            try:
+                await pod.request({"method": "run", "text": "probe", "if_busy": "reject"})
+            except ProtocolError as exc:
+                refused = exc.code
+            else:
+                raise AssertionError("a running pod started another run")
+            if refused == "shutting_down":
+                return
+            assert refused == "already_running", refused
+            await asyncio.sleep(0.02)
+
+
+async def events_until_closed(pod: Client) -> list[dict[str, Any]]:
+    """The events a subscribed pod sent until it stopped."""
+    seen = []
+    with contextlib.suppress(ConnectionClosed):
+        while True:
+            seen.append(await pod.next_event(EVENT_TIMEOUT_S))
+    return seen
+
+
+async def test_apply_checks_every_pod_before_it_changes_anything(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    rt = capd.runtime_dir
+    (tmp_path / "elsewhere").mkdir()
+    manifest = {"name": "loner", "model": scripted(), "cwd": str(tmp_path)}
+    await daemon_request(capd, {"method": "spawn", "manifest": manifest})
+    model = {"provider": "scripted"}
+    lead = {"name": "lead", "model": model, "cwd": ".", "tools": ["bash"]}
+    cases = [
+        (
+            [lead, {"name": "loner", "model": model, "cwd": "."}],
+            "already_exists: pod loner: name: pod loner exists and is not of team crew (it "
+            "has no team)",
+        ),
+        (
+            [lead, {"name": "qa", "parent": "lead", "model": model, "tools": ["read_file"]}],
+            "forbidden: pod qa: tools read_file are not among parent pod lead's tools (bash)",
+        ),
+        (
+            [
+                lead,
+                {"name": "qa", "parent": "lead", "model": model, "cwd": "elsewhere/.."},
+                {"name": "x", "parent": "qa", "model": model, "cwd": "/"},
+            ],
+            "forbidden: pod x: cwd / is outside",
+        ),
+        (
+            [lead, {"name": "ghost", "model": model, "cwd": "missing"}],
+            f"invalid_request: pod ghost: cwd {tmp_path / 'missing'} is not a directory",
+        ),
+    ]
+    path = _team_file(tmp_path, cases[0][0])
+    done = capctl(rt, "apply", "-f", str(path))
+    assert_one_line_error(done)
+    assert done.stderr.startswith(f"capctl: {path}: {cases[0][1]}"), done.stderr
+    for pods, expected in cases:
+        refusal = await _refusal(capd, _team_file(tmp_path, pods))
+        assert refusal.startswith(expected), refusal
+        listed = (await daemon_request(capd, {"method": "list"}))["pods"]
+        assert [pod["name"] for pod in listed] == ["loner"], "something changed"
+
+    # A worktree child's cwd is its own work tree (the same repository is its spawn's
+    # rule), not its parent's directory.
+    git = {"workspace": {"git": {"repo": str(tmp_path / "elsewhere")}}}
+    tester = {"name": "tester", "parent": "lead", "model": model, "tools": ["bash"]} | git
+    request = {"method": "apply", "team": "crew", "pods": [lead, tester], "dry_run": True}
+    request["pods"][0] = lead | {"cwd": str(tmp_path)}
+    planned = await daemon_request(capd, request)
+    assert plan_lines(planned["plan"]) == ["+ spawn lead", "+ spawn tester"]
+    assert not planned["done"]
+
+    path = _team_file(tmp_path, [lead])
+    assert await _apply(capd, path) == ["+ spawn lead"]
+    for change, expected in (
+        ({"cwd": "elsewhere"}, "invalid_request: pod lead: cannot reconfigure pod lead: cwd "),
+        ({"parent": "other"}, "invalid_request: pod lead: parent: other is not its parent null"),
+    ):
+        pods = [lead | change, {"name": "other", "model": model, "cwd": "."}]
+        refusal = await _refusal(capd, _team_file(tmp_path, pods))
+        assert refusal.startswith(expected), refusal
+
+
+async def _refusal(capd: CapdProcess, path: Path) -> str:
+    """How `apply` refuses the file: `code: message`."""
+    with pytest.raises(ProtocolError) as refused:
+        await _apply(capd, path)
+    return f"{refused.value.code}: {refused.value.message}"
+
+
+@pytest.mark.own_capd
+async def test_a_deferred_change_survives_a_crash_of_capd(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    pod = {"name": "keep", "model": sleeper("done"), "cwd": ".", "tools": ["bash"]}
+    path = _team_file(tmp_path, [pod], team="solo")
+    await _apply(capd, path)
+    async with await connect_pod(capd, "keep") as keep:
+        await keep.request({"method": "run", "text": "go"})
+        await wait_for(keep, is_event("assistant_message"))
+    changed = _team_file(tmp_path, [pod | {"system_prompt": "new"}], team="solo")
+    assert (await _apply(capd, changed))[0].startswith("… deferred keep (system_prompt)")
+    await sigkill(capd)
+    capd.start()
+    async with await connect_pod(capd, "keep") as keep:
+        assert (await keep.request({"method": "status"}))["status"] == "paused"
+        end, _ = await resume_turn(keep)
+        assert end["output"] == "done"
+        event, _ = await wait_for(keep, lambda e: e["event"] in ("reconfigured", "turn_start"))
+    assert (event["event"], event["changed"]) == ("reconfigured", ["system_prompt"])
+    assert await _apply(capd, changed) == ["= unchanged keep"]
+
+
+@pytest.mark.own_capd
+async def test_a_failing_step_says_which_steps_were_done(capd: CapdProcess, tmp_path: Path) -> None:
+    """`bad`'s stored history is damaged, so its start fails after `a`'s step."""
+    model = {"provider": "scripted"}
+    path = _team_file(tmp_path, [{"name": name, "model": model, "cwd": "."} for name in "ab"])
+    await _apply(capd, path)
+    async with await connect_pod(capd, "b") as pod:
+        await run_turn(pod, "hi")
+    capd.stop()
+    damaged = "UPDATE events SET data = '{\"event\": \"turn_st' WHERE pod = 'b' AND seq = 2"
+    with contextlib.closing(sqlite3.connect(capd.state_dir / "capd.db")) as db, db:
+        db.execute(damaged)
+    await asyncio.to_thread(capd.start)
+    refusal = await _refusal(capd, path)
+    assert refusal.startswith(
+        "internal: applied 1 of 2 steps (= unchanged a); pod b: pod b cannot be restored: "
+    ), refusal
