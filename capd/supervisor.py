@@ -26,6 +26,7 @@ from capd.config import Config
 from capd.controller import PodController, StopMode
 from capd.engines import check_engine, make_engine, model_label
 from capd.engines.claude_code import state_paths as claude_code_state
+from capd.engines.slots import EngineSlots
 from capd.fanout import Hub
 from capd.outbox import Outbox
 from capd.proc.limits import Limiter, PodLimits
@@ -125,6 +126,8 @@ class Supervisor:
         self._closing = False
         self.limiter = Limiter.detect(config.state_dir, config.limits)
         """How pods' limits.memory_mb and limits.pids are enforced (detected once)."""
+        self.engine_slots = EngineSlots(config.max_engine_processes, self._reap_engine)
+        """The external engines' processes, bounded by --max-engine-processes."""
 
     # -- start-up and shutdown ----------------------------------------------------------
 
@@ -388,9 +391,15 @@ class Supervisor:
                     socket=str(self.registry.socket(record.name)),
                     error=self._broken.get(record.name),
                     spent=Spent.model_validate(self.ledger.spent(record.name)),
+                    engine=running.controller.engine_status() if running else None,
                 )
             )
         return ListResult(pods=entries)
+
+    async def _reap_engine(self, name: str) -> bool:
+        """Ask pod `name` to stop its idle engine for --max-engine-processes."""
+        running = self.pods.get(name)
+        return running is not None and await running.controller.reap_engine("limit")
 
     def children_of(self, name: str) -> list[str]:
         return self.registry.children_of(name)
@@ -462,7 +471,7 @@ class Supervisor:
         toolbox = self._toolbox(manifest, sandbox, limits)
         controller = PodController(
             manifest,
-            engine=make_engine(manifest, sandbox, limits),
+            engine=make_engine(manifest, sandbox, limits, self.engine_slots.slot(name)),
             toolbox=toolbox,
             parent=parent,
             socket_path=socket_path,
@@ -607,7 +616,7 @@ class Supervisor:
         toolbox has no MCP servers yet (it takes the old toolbox's)."""
         assert manifest.cwd is not None
         return Parts(
-            make_engine(manifest, sandbox, limits),
+            make_engine(manifest, sandbox, limits, self.engine_slots.slot(manifest.name)),
             self._toolbox(manifest, sandbox, limits, new_servers),
             self._checkpoint_store(manifest.name, Path(manifest.cwd), manifest),
         )

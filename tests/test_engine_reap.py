@@ -1,0 +1,204 @@
+"""Idle engines (docs/protocol.md "Idle engines"): an idle pod's external engine process is
+stopped after `limits.engine_idle_s` and resumes its session at the next turn, through a
+real capd and the stand-in engines. Stops are awaited as the daemon's `pod_activity`
+events, never slept for; that a pod keeps its process is read once another pod with the
+same `engine_idle_s`, idle since later, has lost its own."""
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from capd.engines.process import LOST
+from protocol.client import Client
+from tests.conftest import CapdProcess
+from tests.engine_scaffold import (
+    STAND_IN_ACP_AGENT,
+    STAND_IN_CLAUDE,
+    UNCONFINED,
+    engine_starts,
+    spawn_on_engine,
+    stand_in_log,
+)
+from tests.helpers import (
+    alive,
+    connect_pod,
+    daemon_request,
+    full_history,
+    is_event,
+    run_turn,
+    wait_for,
+)
+from tests.test_activity import activity_feed
+
+pytestmark = pytest.mark.shared_capd
+
+IDLE = {"engine_idle_s": 0.3}
+
+
+@pytest.fixture
+async def feed(capd: CapdProcess) -> AsyncIterator[Client]:
+    """The daemon's activity events."""
+    async with await activity_feed(capd) as client:
+        yield client
+
+
+def engine_stopped(pod: str, reaped: int = 1) -> Any:
+    """A pod_activity saying the pod's engine process was stopped the `reaped`th time."""
+    return lambda e: (
+        e.get("event") == "pod_activity"
+        and e.get("pod") == pod
+        and (e.get("engine") or {}).get("state") == "stopped"
+        and e["engine"]["reaped"] == reaped
+    )
+
+
+def _prompts(state: Path) -> list[str]:
+    return [
+        entry["read"]["message"]["content"]
+        for entry in stand_in_log(state)
+        if entry.get("read", {}).get("type") == "user"
+    ]
+
+
+def _calls(state: Path) -> list[str]:
+    return [entry["call"] for entry in stand_in_log(state) if "call" in entry]
+
+
+async def _engine(capd: CapdProcess, name: str) -> dict[str, Any]:
+    async with await connect_pod(capd, name, subscribe=False) as pod:
+        return (await pod.request({"method": "status"}))["engine"]
+
+
+@pytest.mark.parametrize("sandboxed", [False, True])
+async def test_an_idle_claude_code_engine_stops_and_resumes_its_session(
+    capd: CapdProcess, feed: Client, tmp_path: Path, sandboxed: bool
+) -> None:
+    extra = {} if sandboxed else {"sandbox": UNCONFINED}
+    await spawn_on_engine(capd, "cc", STAND_IN_CLAUDE.engine(tmp_path), limits=IDLE, **extra)
+    async with await connect_pod(capd, "cc") as pod:
+        first, _ = await run_turn(pod, "hello")
+        running = (await pod.request({"method": "status"}))["engine"]
+        stopped, _ = await wait_for(feed, engine_stopped("cc"))
+        listed = (await daemon_request(capd, {"method": "list"}))["pods"][0]["engine"]
+        second, _ = await run_turn(pod, "again")
+        history = await full_history(pod)
+    assert (running["state"], running["reaped"]) == ("running", 0)
+    assert not alive(running["pid"])
+    assert stopped["engine"]["pid"] is None
+    assert stopped["engine"]["since"] >= running["since"]
+    assert listed == stopped["engine"]
+    assert (first["result"], second["output"]) == ("finished", "You said: again")
+    (session,) = [e["session_id"] for e in history if e["event"] == "engine_session"]
+    one, two = engine_starts(tmp_path)
+    assert "--resume" not in one["argv"]
+    assert two["argv"][two["argv"].index("--resume") + 1] == session
+    assert _prompts(tmp_path) == ["hello", "again"]  # nothing sent again, no continue
+    # The second process went on in the first one's session, which holds both turns.
+    assert (tmp_path / "sessions" / session).read_text().split() == ['"hello"', '"again"']
+
+
+async def test_a_session_lost_after_a_stop_is_primed_with_the_context(
+    capd: CapdProcess, feed: Client, tmp_path: Path
+) -> None:
+    """The CLI cannot resume the stopped engine's session (pruned meanwhile): the new
+    session's first prompt carries the pod's context, as after a rewind."""
+    await spawn_on_engine(capd, "cc", STAND_IN_CLAUDE.engine(tmp_path), limits=IDLE)
+    async with await connect_pod(capd, "cc") as pod:
+        await run_turn(pod, "remember 42")
+        await wait_for(feed, engine_stopped("cc"))
+        for saved in (tmp_path / "sessions").iterdir():
+            saved.unlink()
+        end, _ = await run_turn(pod, "what was it?")
+        history = await full_history(pod)
+    first, replacing = [e for e in history if e["event"] == "engine_session"]
+    assert replacing["replaced"] == first["session_id"]
+    primed = _prompts(tmp_path)[-1]
+    assert primed.startswith(f"[capd: {LOST}")
+    assert "remember 42" in primed
+    assert primed.endswith("what was it?")
+    assert end["result"] == "finished"
+
+
+async def test_an_idle_acp_engine_stops_and_loads_its_session(
+    capd: CapdProcess, feed: Client, tmp_path: Path
+) -> None:
+    engine = STAND_IN_ACP_AGENT.engine(tmp_path)
+    await spawn_on_engine(capd, "ag", engine, limits=IDLE)
+    async with await connect_pod(capd, "ag") as pod:
+        await run_turn(pod, "hello")
+        await wait_for(feed, engine_stopped("ag"))
+        end, _ = await run_turn(pod, "again")
+    calls = _calls(tmp_path)
+    assert calls == ["initialize", "new_session", "prompt", "initialize", "load_session", "prompt"]
+    assert (end["result"], end["output"]) == ("finished", "You said: again")
+
+
+async def _reaped_meanwhile(capd: CapdProcess, feed: Any, state: Path) -> None:
+    """Run a turn on a control pod with IDLE and wait until its engine stops."""
+    state.mkdir()
+    await spawn_on_engine(capd, "control", STAND_IN_CLAUDE.engine(state), limits=IDLE)
+    async with await connect_pod(capd, "control") as pod:
+        await run_turn(pod, "hi")
+    await wait_for(feed, engine_stopped("control"))
+
+
+async def test_an_acp_agent_that_cannot_load_sessions_keeps_its_process(
+    capd: CapdProcess, feed: Client, tmp_path: Path
+) -> None:
+    (agent := tmp_path / "agent").mkdir()
+    (agent / "no-load").touch()
+    await spawn_on_engine(capd, "ag", STAND_IN_ACP_AGENT.engine(agent), limits=IDLE)
+    async with await connect_pod(capd, "ag") as pod:
+        await run_turn(pod, "hello")
+        await _reaped_meanwhile(capd, feed, tmp_path / "control")
+        engine = (await pod.request({"method": "status"}))["engine"]
+        end, _ = await run_turn(pod, "again")
+    assert engine["state"] == "running"
+    assert alive(engine["pid"])
+    assert _calls(agent) == ["initialize", "new_session", "prompt", "prompt"]
+    assert end["result"] == "finished"
+
+
+async def test_no_stop_while_a_permission_question_is_open(
+    capd: CapdProcess, feed: Client, tmp_path: Path
+) -> None:
+    (agent := tmp_path / "agent").mkdir()
+    engine = STAND_IN_ACP_AGENT.engine(agent, permission="ask")
+    await spawn_on_engine(capd, "ag", engine, limits=IDLE)
+    async with await connect_pod(capd, "ag") as pod:
+        await pod.request({"method": "run", "text": "tool:true"})
+        asked, _ = await wait_for(pod, is_event("permission_request"))
+        await _reaped_meanwhile(capd, feed, tmp_path / "control")
+        during = (await pod.request({"method": "status"}))["engine"]
+        answer = {"request_id": asked["request_id"], "option_id": "allow"}
+        await pod.request({"method": "permission", **answer})
+        end, _ = await wait_for(pod, is_event("turn_end"))
+    after, _ = await wait_for(feed, engine_stopped("ag"))  # once idle, it goes
+    assert (during["state"], during["reaped"]) == ("running", 0)
+    assert end["result"] == "finished"
+    assert after["engine"]["reaped"] == 1
+
+
+async def test_no_stop_between_a_turn_and_the_run_queued_behind_it(
+    capd: CapdProcess, feed: Client, tmp_path: Path
+) -> None:
+    await spawn_on_engine(capd, "cc", STAND_IN_CLAUDE.engine(tmp_path), limits=IDLE)
+    async with await connect_pod(capd, "cc") as pod:
+        await pod.request({"method": "run", "text": "slow:20"})
+        await wait_for(pod, is_event("text_delta"))
+        await pod.request({"method": "run", "text": "queued", "if_busy": "queue"})
+        await wait_for(pod, is_event("turn_end"))
+        second, _ = await wait_for(pod, is_event("turn_end"))
+    await wait_for(feed, engine_stopped("cc"))
+    assert second["output"] == "You said: queued"
+    assert len(engine_starts(tmp_path)) == 1
+
+
+async def test_the_builtin_engine_has_no_engine_state(capd: CapdProcess) -> None:
+    script = {"provider": "scripted", "script": [{"text": "hi"}]}
+    await daemon_request(capd, {"method": "spawn", "manifest": {"name": "b", "model": script}})
+    assert await _engine(capd, "b") is None
+    (entry,) = (await daemon_request(capd, {"method": "list"}))["pods"]
+    assert entry["engine"] is None
