@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from capd.config import Config
 from capd.engines.process import LOST
 from protocol.client import Client
 from tests.conftest import CapdProcess
@@ -202,3 +203,86 @@ async def test_the_builtin_engine_has_no_engine_state(capd: CapdProcess) -> None
     assert await _engine(capd, "b") is None
     (entry,) = (await daemon_request(capd, {"method": "list"}))["pods"]
     assert entry["engine"] is None
+
+
+async def _limited_capd(capd: CapdProcess, tmp_path: Path, names: list[str]) -> None:
+    """Start capd with --max-engine-processes 2 and spawn `names` on the claude stand-in."""
+    capd.extra_args = ["--max-engine-processes", "2"]
+    capd.log = tmp_path / "capd.log"
+    capd.start()
+    for name in names:
+        (tmp_path / name).mkdir()
+        engine = STAND_IN_CLAUDE.engine(tmp_path / name)
+        await spawn_on_engine(capd, name, engine, sandbox=UNCONFINED)
+
+
+async def _running_engines(capd: CapdProcess) -> dict[str, dict[str, Any]]:
+    pods = (await daemon_request(capd, {"method": "list"}))["pods"]
+    return {p["name"]: p["engine"] for p in pods if p["engine"]["state"] == "running"}
+
+
+async def test_the_longest_idle_engine_stops_for_a_new_one(
+    capd_dirs: CapdProcess, tmp_path: Path
+) -> None:
+    capd, names = capd_dirs, [f"e{i}" for i in range(5)]
+    await _limited_capd(capd, tmp_path, names)
+    running = []
+    for name in [*names, "e0"]:
+        async with await connect_pod(capd, name) as pod:
+            end, _ = await run_turn(pod, f"hello {name}")
+        assert end["result"] == "finished"
+        live = await _running_engines(capd)
+        running.append(sorted(live))
+        assert all(alive(engine["pid"]) for engine in live.values())
+    assert running == [
+        ["e0"],
+        ["e0", "e1"],
+        ["e1", "e2"],
+        ["e2", "e3"],
+        ["e3", "e4"],
+        ["e0", "e4"],  # e0 resumes its session; e3 was idle longest
+    ]
+    starts = engine_starts(tmp_path / "e0")
+    assert len(starts) == 2
+    assert "--resume" in starts[1]["argv"]
+    pods = (await daemon_request(capd, {"method": "list"}))["pods"]
+    assert [p["engine"]["reaped"] for p in pods] == [1, 1, 1, 1, 0]
+    metrics = (await daemon_request(capd, {"method": "metrics"}))["text"]
+    assert 'capd_engine_stops_total{reason="limit"} 4' in metrics
+    assert "capd_engine_processes 2" in metrics
+
+
+async def test_when_every_engine_is_busy_one_more_starts_and_is_stopped_once_idle(
+    capd_dirs: CapdProcess, tmp_path: Path
+) -> None:
+    capd, names = capd_dirs, ["b0", "b1", "b2"]
+    await _limited_capd(capd, tmp_path, names)
+    async with await activity_feed(capd) as feed:
+        pods = [await connect_pod(capd, name) for name in names]
+        for pod in pods:
+            await pod.request({"method": "run", "text": "slow:500"})
+            await wait_for(pod, is_event("text_delta"))
+        over = await _running_engines(capd)
+        await pods[0].request({"method": "cancel"})
+        await wait_for(feed, engine_stopped("b0"))
+        for pod in pods[1:]:
+            await pod.request({"method": "cancel"})
+            await wait_for(pod, is_event("turn_end"))
+        for pod in pods:
+            await pod.close()
+    metrics = (await daemon_request(capd, {"method": "metrics"}))["text"]
+    assert sorted(over) == names
+    assert sorted(await _running_engines(capd)) == ["b1", "b2"]
+    assert "capd_engine_limit_exceeded_total 1" in metrics
+    assert 'capd_engine_stops_total{reason="limit"} 1' in metrics
+    capd.stop()
+    warned = [line for line in capd.output().splitlines() if "engine limit 2 exceeded" in line]
+    assert len(warned) == 1
+    assert "pod b2 starts one more" in warned[0]
+
+
+def test_a_negative_engine_limit_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        Config.from_args(["--max-engine-processes", "-1"])
+    assert exited.value.code == 2
+    assert "--max-engine-processes must be 0 (no limit) or more, got -1" in capsys.readouterr().err
