@@ -461,15 +461,17 @@ def turn_failure(turn_end: dict[str, Any]) -> str | None:
 
 
 def pod_table(pods: Sequence[dict[str, Any]]) -> str:
-    """NAME STATUS PARENT TOKENS COST SOCKET, each child indented under its parent; STATUS
-    is `error` for a pod capd could not restore (`capctl ps --json` says why). TOKENS and
-    COST are what the pod and its descendants spent (COST `-` while nothing had a price);
-    SOCKET is `-` for a stopped pod, which has none (its path still names it as a parent)."""
+    """NAME STATUS PARENT TOKENS COST ENGINE SOCKET, each child indented under its parent;
+    STATUS is `error` for a pod capd could not restore (`capctl ps --json` says why). TOKENS
+    and COST are what the pod and its descendants spent (COST `-` while nothing had a
+    price); ENGINE is an external engine's process (`pid N`, or `stopped` while it is not
+    running), `-` for the builtin engine and a stopped pod; SOCKET is `-` for a stopped
+    pod, which has none (its path still names it as a parent)."""
     by_ref = {pod.get(key): pod["name"] for pod in pods for key in ("name", "socket")}
     children: dict[str | None, list[dict[str, Any]]] = {}
     for pod in sorted(pods, key=lambda p: p["name"]):
         children.setdefault(by_ref.get(pod.get("parent")), []).append(pod)
-    rows = [("NAME", "STATUS", "PARENT", "TOKENS", "COST", "SOCKET")]
+    rows = [("NAME", "STATUS", "PARENT", "TOKENS", "COST", "ENGINE", "SOCKET")]
     seen: set[str] = set()
 
     def add(pod: dict[str, Any], depth: int) -> None:
@@ -486,6 +488,7 @@ def pod_table(pods: Sequence[dict[str, Any]]) -> str:
                 parent_shown,
                 token_count(spent.get("tokens", 0)),
                 usd(spent.get("usd")),
+                _engine_cell(pod.get("engine")),
                 "-" if pod.get("status") == "stopped" else pod.get("socket", ""),
             )
         )
@@ -496,13 +499,19 @@ def pod_table(pods: Sequence[dict[str, Any]]) -> str:
         add(pod, 0)
     for pod in pods:
         add(pod, 0)
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row[:5], widths, strict=True))
+        "  ".join(cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True))
         + "  "
-        + row[5]
+        + row[-1]
         for row in rows
     )
+
+
+def _engine_cell(engine: dict[str, Any] | None) -> str:
+    if not engine:
+        return "-"
+    return f"pid {engine['pid']}" if engine.get("state") == "running" else "stopped"
 
 
 def format_value(value: Any) -> str:

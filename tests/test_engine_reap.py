@@ -4,6 +4,7 @@ real capd and the stand-in engines. Stops are awaited as the daemon's `pod_activ
 events, never slept for; that a pod keeps its process is read once another pod with the
 same `engine_idle_s`, idle since later, has lost its own."""
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from tests.helpers import (
     wait_for,
 )
 from tests.test_activity import activity_feed
+from tests.test_capctl import ok
 
 pytestmark = pytest.mark.shared_capd
 
@@ -250,6 +252,10 @@ async def test_the_longest_idle_engine_stops_for_a_new_one(
     metrics = (await daemon_request(capd, {"method": "metrics"}))["text"]
     assert 'capd_engine_stops_total{reason="limit"} 4' in metrics
     assert "capd_engine_processes 2" in metrics
+    table = await asyncio.to_thread(ok, capd.runtime_dir, "ps")
+    engines = {row.split()[0]: row.split()[5:-1] for row in table.splitlines()[1:]}
+    assert engines["e0"] == ["pid", str(pods[0]["engine"]["pid"])]
+    assert engines["e1"] == ["stopped"]
 
 
 async def test_when_every_engine_is_busy_one_more_starts_and_is_stopped_once_idle(
