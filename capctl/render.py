@@ -289,6 +289,8 @@ def pod_status(status: dict[str, Any], order: Sequence[str]) -> str:
         shown["permissions"], more["permissions"] = questions[0], questions[1:]
     if isinstance(box := shown.get("sandbox"), dict):
         shown["sandbox"] = sandbox_line(box)
+    if isinstance(engine := shown.get("engine"), dict):
+        shown["engine"] = engine_line(engine)
     servers = [mcp_server(s) for s in shown.get("mcp") or [] if isinstance(s, dict)]
     if servers:
         shown["mcp"], more["mcp"] = servers[0], servers[1:]
@@ -298,6 +300,17 @@ def pod_status(status: dict[str, Any], order: Sequence[str]) -> str:
         indent = " " * (len(lines[at]) - len(str(shown[key])))
         lines[at + 1 : at + 1] = [indent + line for line in rest]
     return "\n".join(lines)
+
+
+def engine_line(engine: dict[str, Any]) -> str:
+    """`status.engine` as "pid 4242" or "stopped (starts at the next turn)", then how
+    often capd stopped it idle."""
+    line = f"pid {engine.get('pid')}" if engine.get("state") == "running" else "stopped"
+    if engine.get("state") != "running":
+        line += " (starts at the next turn)"
+    if reaped := engine.get("reaped"):
+        line += f", stopped idle {reaped}x since capd started"
+    return line
 
 
 def sandbox_line(box: dict[str, Any]) -> str:

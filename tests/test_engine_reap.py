@@ -5,6 +5,7 @@ events, never slept for; that a pod keeps its process is read once another pod w
 same `engine_idle_s`, idle since later, has lost its own."""
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,7 @@ async def test_an_idle_claude_code_engine_stops_and_resumes_its_session(
         running = (await pod.request({"method": "status"}))["engine"]
         stopped, _ = await wait_for(feed, engine_stopped("cc"))
         listed = (await daemon_request(capd, {"method": "list"}))["pods"][0]["engine"]
+        shown = await asyncio.to_thread(ok, capd.runtime_dir, "status", "cc")
         second, _ = await run_turn(pod, "again")
         history = await full_history(pod)
     assert (running["state"], running["reaped"]) == ("running", 0)
@@ -92,6 +94,7 @@ async def test_an_idle_claude_code_engine_stops_and_resumes_its_session(
     assert stopped["engine"]["pid"] is None
     assert stopped["engine"]["since"] >= running["since"]
     assert listed == stopped["engine"]
+    assert re.search(r"^engine: +stopped \(starts at the next turn\), stopped idle 1x", shown, re.M)
     assert (first["result"], second["output"]) == ("finished", "You said: again")
     (session,) = [e["session_id"] for e in history if e["event"] == "engine_session"]
     one, two = engine_starts(tmp_path)
