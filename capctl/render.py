@@ -304,12 +304,12 @@ def pod_status(status: dict[str, Any], order: Sequence[str]) -> str:
 
 def engine_line(engine: dict[str, Any]) -> str:
     """`status.engine` as "pid 4242" or "stopped (starts at the next turn)", then how
-    often capd stopped it idle."""
+    often capd stopped it while the pod was idle."""
     line = f"pid {engine.get('pid')}" if engine.get("state") == "running" else "stopped"
     if engine.get("state") != "running":
         line += " (starts at the next turn)"
     if reaped := engine.get("reaped"):
-        line += f", stopped idle {reaped}x since capd started"
+        line += f", stopped while idle {reaped}x since capd started"
     return line
 
 

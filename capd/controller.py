@@ -214,7 +214,8 @@ class PodController:
         self._reap_epoch = 0
         """Bumped whenever the timer is armed or disarmed: an older timer's `_Reap` is stale."""
         self._reaped = 0
-        """Times the engine's process was stopped idle (`status.engine.reaped`)."""
+        """Times the engine's process was stopped, idle or for the process limit
+        (`status.engine.reaped`)."""
 
     # -- the journal, as the engines and endpoints see it -------------------------------
 
@@ -467,7 +468,7 @@ class PodController:
             msg.answer.set_result(stopped)
 
     def engine_status(self) -> dict[str, Any] | None:
-        """`status.engine`: the engine's process, and how often it was stopped idle."""
+        """`status.engine`: the engine's process, and how often `_reap` stopped it."""
         state = self.engine.engine_state()
         return None if state is None else {**state, "reaped": self._reaped}
 

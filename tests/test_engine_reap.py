@@ -94,7 +94,9 @@ async def test_an_idle_claude_code_engine_stops_and_resumes_its_session(
     assert stopped["engine"]["pid"] is None
     assert stopped["engine"]["since"] >= running["since"]
     assert listed == stopped["engine"]
-    assert re.search(r"^engine: +stopped \(starts at the next turn\), stopped idle 1x", shown, re.M)
+    assert re.search(
+        r"^engine: +stopped \(starts at the next turn\), stopped while idle 1x", shown, re.M
+    )
     assert (first["result"], second["output"]) == ("finished", "You said: again")
     (session,) = [e["session_id"] for e in history if e["event"] == "engine_session"]
     one, two = engine_starts(tmp_path)

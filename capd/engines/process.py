@@ -13,9 +13,9 @@ CONTINUE_PROMPT when the turn is resuming; after a rewind, the new session's fir
 begins with the context the rewind kept (`primer`). An idle pod's process is stopped
 when its session survives that (`release`, asked by the pod's actor); the next turn starts
 it again and resumes the session, or, when the engine cannot resume it, primes the new
-one with the context. A cancelled turn (pause, cancel, stop,
-timeout) interrupts the engine the way its protocol says, at once; the next prompt waits
-until the engine has wound that turn down. A process that dies mid-turn is started again
+one with the context. A cancelled turn (pause, cancel, stop, timeout) interrupts the
+engine the way its protocol says, at once; the next prompt waits until the engine has
+wound that turn down. A process that dies mid-turn is started again
 once (resuming its session, or with the turn's prompt again in a new one); if it dies
 again the turn errors. A session the engine cannot resume is replaced by a new one, never
 tried again, and the new session's `engine_session` event says which one it replaces and
