@@ -204,6 +204,26 @@ async def test_no_stop_between_a_turn_and_the_run_queued_behind_it(
     assert len(engine_starts(tmp_path)) == 1
 
 
+async def test_engine_idle_s_set_by_reconfigure_applies_from_the_next_idle_spell(
+    capd: CapdProcess, feed: Client, tmp_path: Path
+) -> None:
+    engine = STAND_IN_CLAUDE.engine(tmp_path)
+    manifest = {"name": "cc", "engine": engine, "sandbox": {"writable": [str(tmp_path)]}}
+    await daemon_request(
+        capd, {"method": "spawn", "manifest": {**manifest, "limits": {"engine_idle_s": None}}}
+    )
+    async with await connect_pod(capd, "cc") as pod:
+        await run_turn(pod, "hello")
+        changed = await pod.request(
+            {"method": "reconfigure", "manifest": {**manifest, "limits": IDLE}}
+        )
+        await run_turn(pod, "again")  # the reconfigure stopped the engine: it starts again
+        await wait_for(feed, engine_stopped("cc"))
+    assert changed["changed"] == ["limits"]
+    _, restarted = engine_starts(tmp_path)
+    assert "--resume" in restarted["argv"]
+
+
 async def test_the_builtin_engine_has_no_engine_state(capd: CapdProcess) -> None:
     script = {"provider": "scripted", "script": [{"text": "hi"}]}
     await daemon_request(capd, {"method": "spawn", "manifest": {"name": "b", "model": script}})
