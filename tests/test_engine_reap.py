@@ -129,6 +129,24 @@ async def test_a_session_lost_after_a_stop_is_primed_with_the_context(
     assert end["result"] == "finished"
 
 
+async def test_an_acp_session_lost_after_a_stop_is_primed_with_the_context(
+    capd: CapdProcess, feed: Client, tmp_path: Path
+) -> None:
+    """As an agent whose session store is not writable in its sandbox: `session/load`
+    fails after the stop, and the new session is given the context."""
+    await spawn_on_engine(capd, "ag", STAND_IN_ACP_AGENT.engine(tmp_path), limits=IDLE)
+    async with await connect_pod(capd, "ag") as pod:
+        await run_turn(pod, "remember 42")
+        await wait_for(feed, engine_stopped("ag"))
+        for saved in (tmp_path / "sessions").iterdir():
+            saved.unlink()
+        end, _ = await run_turn(pod, "what was it?")
+    prompts = [e["texts"][-1] for e in stand_in_log(tmp_path) if e.get("call") == "prompt"]
+    assert prompts[-1].startswith(f"[capd: {LOST}")
+    assert "remember 42" in prompts[-1]
+    assert end["result"] == "finished"
+
+
 async def test_an_idle_acp_engine_stops_and_loads_its_session(
     capd: CapdProcess, feed: Client, tmp_path: Path
 ) -> None:
