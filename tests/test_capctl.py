@@ -401,10 +401,10 @@ def test_ps_shows_children_under_their_parents() -> None:
     assert [(len(row) - len(row.lstrip()), row.split()) for row in rows] == [
         (0, ["boss", "idle", "-", "1,234", "$0.05", "pay", "stopped", "/r/pods/boss.sock"]),
         (2, ["kid", "running", "boss", "0", "-", "-", "pid", "4242", "/r/k"]),
-        (4, ["grandkid", "paused", "kid", "0", "-", "-", "/r/g"]),
-        (0, ["nap", "stopped", "-", "0", "-", "-", "-"]),
-        (2, ["woke", "idle", "nap", "0", "-", "-", "/r/w"]),
-        (0, ["orphan", "stopped", "/r/gone.sock", "0", "-", "-", "-"]),
+        (4, ["grandkid", "paused", "kid", "0", "-", "-", "-", "/r/g"]),
+        (0, ["nap", "stopped", "-", "0", "-", "-", "-", "-"]),
+        (2, ["woke", "idle", "nap", "0", "-", "-", "-", "/r/w"]),
+        (0, ["orphan", "stopped", "/r/gone.sock", "0", "-", "-", "-", "-"]),
     ]
     assert len({row.index(row.split()[1]) for row in rows}) == 1, "STATUS is one column"
 
