@@ -296,7 +296,7 @@ async def test_the_longest_idle_engine_stops_for_a_new_one(
     assert 'capd_engine_stops_total{reason="limit"} 4' in metrics
     assert "capd_engine_processes 2" in metrics
     table = await asyncio.to_thread(ok, capd.runtime_dir, "ps")
-    engines = {row.split()[0]: row.split()[5:-1] for row in table.splitlines()[1:]}
+    engines = {row.split()[0]: row.split()[6:-1] for row in table.splitlines()[1:]}
     assert engines["e0"] == ["pid", str(pods[0]["engine"]["pid"])]
     assert engines["e1"] == ["stopped"]
 
