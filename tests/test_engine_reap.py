@@ -5,7 +5,9 @@ events, never slept for; that a pod keeps its process is read once another pod w
 same `engine_idle_s`, idle since later, has lost its own."""
 
 import asyncio
+import os
 import re
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -335,3 +337,38 @@ def test_a_negative_engine_limit_is_a_usage_error(capsys: pytest.CaptureFixture[
         Config.from_args(["--max-engine-processes", "-1"])
     assert exited.value.code == 2
     assert "--max-engine-processes must be 0 (no limit) or more, got -1" in capsys.readouterr().err
+
+
+async def _engine_stopped(capd: CapdProcess, name: str) -> None:
+    """Wait until the pod's status says its engine is stopped (a death offers no event)."""
+    async with asyncio.timeout(10):
+        while (await _engine(capd, name))["state"] != "stopped":
+            await asyncio.sleep(0.02)
+
+
+async def test_an_engine_that_died_while_idle_gives_its_place_back(
+    capd_dirs: CapdProcess, tmp_path: Path
+) -> None:
+    """Its dead process counts no more: a new engine takes its place under the limit
+    rather than stopping a live one, and its own next turn resumes its session."""
+    capd, names = capd_dirs, ["e0", "e1", "e2"]
+    await _limited_capd(capd, tmp_path, names)
+    for name in names[:2]:
+        async with await connect_pod(capd, name) as pod:
+            await run_turn(pod, f"hello {name}")
+    before = await _running_engines(capd)
+    os.kill(before["e1"]["pid"], signal.SIGKILL)
+    await _engine_stopped(capd, "e1")
+    async with await connect_pod(capd, "e2") as pod:
+        await run_turn(pod, "hello e2")
+    kept = await _running_engines(capd)
+    async with await connect_pod(capd, "e1") as pod:
+        end, _ = await run_turn(pod, "again")
+    pods = (await daemon_request(capd, {"method": "list"}))["pods"]
+    metrics = (await daemon_request(capd, {"method": "metrics"}))["text"]
+    assert sorted(kept) == ["e0", "e2"]
+    assert kept["e0"]["pid"] == before["e0"]["pid"]
+    assert [p["engine"]["reaped"] for p in pods] == [1, 0, 0]  # e0, for e1 again
+    assert 'capd_engine_stops_total{reason="limit"} 1' in metrics
+    assert end["output"] == "You said: again"
+    assert "--resume" in engine_starts(tmp_path / "e1")[1]["argv"]

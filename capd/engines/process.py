@@ -331,7 +331,7 @@ class ExternalEngine(ABC):
         }
 
     def holds_process(self) -> bool:
-        return self._proc is not None and self._can_resume()
+        return self._proc is not None and not self._proc.exited and self._can_resume()
 
     def crowded(self) -> bool:
         return self._slot is not None and self._proc is not None and self._slot.crowded()
@@ -524,6 +524,10 @@ class ExternalEngine(ABC):
             died = EngineDied(
                 f"{self.kind} engine sent a message capd cannot handle: {type(exc).__name__}: {exc}"
             )
+        if self._proc is proc:
+            self._since = time.time()
+            if self._slot is not None:
+                self._slot.release()  # dead, it takes no place under the limit any more
         self._on_death(died)
         await self._inbox.put(died)
 
