@@ -372,3 +372,25 @@ async def test_an_engine_that_died_while_idle_gives_its_place_back(
     assert 'capd_engine_stops_total{reason="limit"} 1' in metrics
     assert end["output"] == "You said: again"
     assert "--resume" in engine_starts(tmp_path / "e1")[1]["argv"]
+
+
+async def test_a_stopped_engine_starts_again_to_compact_its_session(
+    capd: CapdProcess, feed: Client, tmp_path: Path
+) -> None:
+    """`/compact` on an idle pod whose engine stopped resumes the session to compact it;
+    the engine stops again once the compaction is over."""
+    await spawn_on_engine(capd, "cc", STAND_IN_CLAUDE.engine(tmp_path), limits=IDLE)
+    async with await connect_pod(capd, "cc") as pod:
+        await run_turn(pod, "hello")
+        await wait_for(feed, engine_stopped("cc"))
+        await pod.request({"method": "compact"})
+        compacted, _ = await wait_for(pod, is_event("context_compacted"))
+        await wait_for(feed, engine_stopped("cc", reaped=2))
+        end, _ = await run_turn(pod, "again")
+    one, two, three = engine_starts(tmp_path)
+    session = two["argv"][two["argv"].index("--resume") + 1]
+    assert "--resume" not in one["argv"]
+    assert three["argv"][three["argv"].index("--resume") + 1] == session
+    assert _prompts(tmp_path) == ["hello", "/compact", "again"]
+    assert compacted["trigger"] == "request"
+    assert end["output"] == "You said: again"
