@@ -32,7 +32,10 @@ from tests.helpers import (
     daemon_request,
     full_history,
     is_event,
+    pause_turn,
+    resume_turn,
     run_turn,
+    until,
     wait_for,
 )
 from tests.test_activity import activity_feed
@@ -393,4 +396,27 @@ async def test_a_stopped_engine_starts_again_to_compact_its_session(
     assert three["argv"][three["argv"].index("--resume") + 1] == session
     assert _prompts(tmp_path) == ["hello", "/compact", "again"]
     assert compacted["trigger"] == "request"
+    assert end["output"] == "You said: again"
+
+
+async def test_a_start_paused_midway_waits_for_the_old_process_before_the_next(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    """A pause while the agent starts stops it; the turn's resume starts another only
+    once the first has exited, so the two never hold the session at once (the agent
+    takes a while to exit, as one saving its session does)."""
+    await spawn_on_engine(capd, "ag", STAND_IN_ACP_AGENT.engine(tmp_path), sandbox=UNCONFINED)
+    (tmp_path / "hold-init").touch()
+    (tmp_path / "linger").touch()
+    async with await connect_pod(capd, "ag") as pod:
+        await pod.request({"method": "run", "text": "again"})
+        await until(lambda: _calls(tmp_path)[-1:] == ["initialize"])
+        await pause_turn(pod)
+        (tmp_path / "hold-init").unlink()
+        end, _ = await resume_turn(pod)
+    log = stand_in_log(tmp_path)
+    starts = [i for i, entry in enumerate(log) if "argv" in entry]
+    (exited,) = [i for i, entry in enumerate(log) if entry.get("exit") == log[starts[0]]["pid"]]
+    assert len(starts) == 2
+    assert exited < starts[1]
     assert end["output"] == "You said: again"

@@ -492,6 +492,8 @@ class ExternalEngine(ABC):
             host.emit(result)
 
     async def _spawn(self, argv: Sequence[str]) -> EngineProcess:
+        if self._reaping:  # one stopped mid-start (`_abandon`) may still hold the session
+            await asyncio.wait(self._reaping)
         leaf = self._pod_limits.leaf("engine") if self._pod_limits else None
         if self._slot is not None:
             await self._slot.acquire()
