@@ -420,3 +420,25 @@ async def test_a_start_paused_midway_waits_for_the_old_process_before_the_next(
     assert len(starts) == 2
     assert exited < starts[1]
     assert end["output"] == "You said: again"
+
+
+async def test_a_session_lost_after_a_reconfigure_is_primed_too(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    """A reconfigure stops the engine's process as an idle stop does: should its
+    session not resume, the new one is given the context all the same."""
+    engine = STAND_IN_CLAUDE.engine(tmp_path)
+    manifest = {"name": "cc", "engine": engine, "sandbox": UNCONFINED}
+    await daemon_request(capd, {"method": "spawn", "manifest": manifest})
+    async with await connect_pod(capd, "cc") as pod:
+        await run_turn(pod, "remember 42")
+        await pod.request(
+            {"method": "reconfigure", "manifest": {**manifest, "system_prompt": "Be brief."}}
+        )
+        for saved in (tmp_path / "sessions").iterdir():
+            saved.unlink()
+        end, _ = await run_turn(pod, "what was it?")
+    primed = _prompts(tmp_path)[-1]
+    assert primed.startswith(f"[capd: {LOST}")
+    assert "remember 42" in primed
+    assert end["result"] == "finished"

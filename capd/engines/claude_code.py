@@ -181,8 +181,9 @@ class ClaudeCodeEngine(ExternalEngine):
         return self._busy
 
     def take_over(self, old: Engine) -> None:
-        """Nothing to carry: the CLI's running total starts anew with each process, as
-        this engine's count of it does."""
+        """Only the session (ExternalEngine's): the CLI's running total starts anew with
+        each process, as this engine's count of it does."""
+        super().take_over(old)
 
     async def _start(self, host: TurnHost, turn: Turn | None) -> None:
         config = self._config

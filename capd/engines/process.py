@@ -41,6 +41,7 @@ from capd.compaction import clip, transcript_lines
 from capd.context import Context
 from capd.engines.base import (
     CompactOrder,
+    Engine,
     Turn,
     TurnHost,
     TurnOutcome,
@@ -74,7 +75,7 @@ PRIMER = (
     "before, as a transcript:]\n\n{transcript}\n\n[end of the earlier conversation]"
 )
 REWOUND = "this conversation was rewound"
-LOST = "this conversation's session could not be resumed after its idle engine stopped"
+LOST = "this conversation's session could not be resumed after its engine stopped"
 PRIMER_LINE_TOKENS = 4000
 """Tokens a message of the primer's transcript keeps at most (its start and its end)."""
 PRIMER_CHARS = 400_000
@@ -274,8 +275,9 @@ class ExternalEngine(ABC):
         self._since = time.time()
         """When the process last started or stopped (`engine_state`)."""
         self._released = False
-        """The process was stopped by `release`, and no turn has been answered since: a
-        new session that replaces the one it could not resume is primed (LOST)."""
+        """The process was stopped by `release` (or the engine replaced one a reconfigure
+        stopped, `take_over`), and no turn has been answered since: a new session that
+        replaces the one it could not resume is primed (LOST)."""
         self._env = config.env
         self._sandbox = sandbox
         """How the process is confined (None: not at all)."""
@@ -347,6 +349,12 @@ class ExternalEngine(ABC):
         await self._discard()
         self._released = True
         return True
+
+    def take_over(self, old: Engine) -> None:
+        """The engine a reconfigure replaces stops with its process: a session of its that
+        this one cannot resume is primed, as after `release`."""
+        if isinstance(old, ExternalEngine) and old._session_id is not None:
+            self._released = True
 
     def _working(self) -> bool:
         """Whether the engine works on a prompt of its own (Claude Code's /compact)."""
