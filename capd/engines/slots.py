@@ -75,8 +75,9 @@ class EngineSlots:
                 if not self._exceeded:
                     self._exceeded = True
                     log.warning(
-                        "engine limit %d exceeded: every engine is busy, so pod %s starts "
-                        "one more (--max-engine-processes)",
+                        "engine limit %d exceeded: every other engine is busy (or cannot "
+                        "resume its session), so pod %s starts one more "
+                        "(--max-engine-processes)",
                         self.limit,
                         slot.pod,
                     )
