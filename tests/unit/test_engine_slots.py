@@ -4,6 +4,7 @@ import asyncio
 
 import pytest
 
+from capd.engines import slots
 from capd.engines.slots import EngineSlot, EngineSlots
 
 
@@ -89,3 +90,18 @@ async def test_a_start_cancelled_while_it_asks_takes_no_slot_and_frees_its_victi
     await fleet.start("c")
     assert fleet.asked == ["a", "a"]
     assert fleet.live() == ["c"]
+
+
+async def test_the_asks_of_one_start_wait_at_most_the_timeout_in_all(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pods slow to answer cost a start REAP_TIMEOUT_S in all, not that much each: it
+    then starts over the limit."""
+    monkeypatch.setattr(slots, "REAP_TIMEOUT_S", 0.05)
+    fleet = Fleet(2)
+    await fleet.start("a")
+    await fleet.start("b")
+    fleet.hold = asyncio.Event()
+    await fleet.start("c")
+    assert fleet.asked == ["a"]
+    assert fleet.live() == ["a", "b", "c"]
