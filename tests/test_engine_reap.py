@@ -342,26 +342,21 @@ def test_a_negative_engine_limit_is_a_usage_error(capsys: pytest.CaptureFixture[
     assert "--max-engine-processes must be 0 (no limit) or more, got -1" in capsys.readouterr().err
 
 
-async def _engine_stopped(capd: CapdProcess, name: str) -> None:
-    """Wait until the pod's status says its engine is stopped (a death offers no event)."""
-    async with asyncio.timeout(10):
-        while (await _engine(capd, name))["state"] != "stopped":
-            await asyncio.sleep(0.02)
-
-
 async def test_an_engine_that_died_while_idle_gives_its_place_back(
     capd_dirs: CapdProcess, tmp_path: Path
 ) -> None:
-    """Its dead process counts no more: a new engine takes its place under the limit
-    rather than stopping a live one, and its own next turn resumes its session."""
+    """Its dead process counts no more: `pod_activity` says so, a new engine takes its
+    place under the limit rather than stopping a live one, and its own next turn resumes
+    its session."""
     capd, names = capd_dirs, ["e0", "e1", "e2"]
     await _limited_capd(capd, tmp_path, names)
     for name in names[:2]:
         async with await connect_pod(capd, name) as pod:
             await run_turn(pod, f"hello {name}")
     before = await _running_engines(capd)
-    os.kill(before["e1"]["pid"], signal.SIGKILL)
-    await _engine_stopped(capd, "e1")
+    async with await activity_feed(capd) as feed:
+        os.kill(before["e1"]["pid"], signal.SIGKILL)
+        await wait_for(feed, engine_stopped("e1", reaped=0))  # watchers are told
     async with await connect_pod(capd, "e2") as pod:
         await run_turn(pod, "hello e2")
     kept = await _running_engines(capd)

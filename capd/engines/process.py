@@ -537,7 +537,7 @@ class ExternalEngine(ABC):
         if self._proc is proc:
             self._since = time.time()
             if self._slot is not None:
-                self._slot.release()  # dead, it takes no place under the limit any more
+                self._slot.exited()
         self._on_death(died)
         await self._inbox.put(died)
 

@@ -42,6 +42,12 @@ class EngineSlot:
     def release(self) -> None:
         self._slots.release(self)
 
+    def exited(self) -> None:
+        """The process died by itself: it takes no place any more, and the pod's
+        `pod_activity` says so."""
+        self._slots.release(self)
+        self._slots.exited(self.pod)
+
     def touch(self) -> None:
         self._slots.touch(self)
 
@@ -51,11 +57,18 @@ class EngineSlot:
 
 
 class EngineSlots:
-    def __init__(self, limit: int, reap: Callable[[str], Awaitable[bool]]) -> None:
+    def __init__(
+        self,
+        limit: int,
+        reap: Callable[[str], Awaitable[bool]],
+        exited: Callable[[str], None] = lambda pod: None,
+    ) -> None:
         """`limit` 0 counts the processes but bounds nothing; `reap(pod)` asks the pod's
-        actor to stop its engine for the limit, True when it did."""
+        actor to stop its engine for the limit, True when it did; `exited(pod)` is told
+        when a pod's engine process died by itself."""
         self.limit = limit
         self._reap = reap
+        self.exited = exited
         self.live: dict[EngineSlot, float] = {}
         """The slots whose process runs → when their engine was last active (monotonic)."""
         self._asked: set[EngineSlot] = set()
