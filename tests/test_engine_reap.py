@@ -437,3 +437,21 @@ async def test_a_session_lost_after_a_reconfigure_is_primed_too(
     assert primed.startswith(f"[capd: {LOST}")
     assert "remember 42" in primed
     assert end["result"] == "finished"
+
+
+async def test_a_compaction_counts_as_activity_for_the_limit(
+    capd_dirs: CapdProcess, tmp_path: Path
+) -> None:
+    """Compacted after b's turn, a's engine is the more recently active: c's start stops
+    b's."""
+    capd, names = capd_dirs, ["a", "b", "c"]
+    await _limited_capd(capd, tmp_path, names)
+    for name in names[:2]:
+        async with await connect_pod(capd, name) as pod:
+            await run_turn(pod, f"hello {name}")
+    async with await connect_pod(capd, "a") as pod:
+        await pod.request({"method": "compact"})
+        await wait_for(pod, is_event("context_compacted"))
+    async with await connect_pod(capd, "c") as pod:
+        await run_turn(pod, "hello c")
+    assert sorted(await _running_engines(capd)) == ["a", "c"]

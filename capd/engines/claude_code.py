@@ -240,6 +240,8 @@ class ClaudeCodeEngine(ExternalEngine):
             if self._busy:
                 self._interrupt()
             raise
+        finally:
+            self._touch()
 
     async def _read_compaction(self, host: TurnHost, state: _TurnState) -> None:
         turn_id = host.turn.turn_id if host.turn is not None else None

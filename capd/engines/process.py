@@ -311,8 +311,7 @@ class ExternalEngine(ABC):
         except EngineError as exc:
             return TurnOutcome("errored", turn.output, str(exc))
         finally:
-            if self._slot is not None:
-                self._slot.touch()
+            self._touch()
 
     async def compact(self, host: TurnHost, order: CompactOrder) -> None:
         raise cannot_compact(self.kind)
@@ -355,6 +354,11 @@ class ExternalEngine(ABC):
         this one cannot resume is primed, as after `release`."""
         if isinstance(old, ExternalEngine) and old._session_id is not None:
             self._released = True
+
+    def _touch(self) -> None:
+        """The engine was at work just now: the limit stops the longest idle first."""
+        if self._slot is not None:
+            self._slot.touch()
 
     def _working(self) -> bool:
         """Whether the engine works on a prompt of its own (Claude Code's /compact)."""
