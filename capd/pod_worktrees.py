@@ -99,7 +99,8 @@ class PodWorktrees:
 
     def confine(self, name: str, confine: Confinement) -> Confinement:
         """The pod's confinement with its work tree: its git directory writable (with mode
-        workspace-write, as the work tree), the pins read-only (none without one).
+        workspace-write, as the work tree; else read-only), the pins read-only (none
+        without one).
 
         A directory holding a mount point can be renamed, and a new one made in its
         place: so `objects` and `objects/info` are bound (writable) on their own too, and
@@ -108,8 +109,8 @@ class PodWorktrees:
         if tree is None:
             return confine
         confine = dataclasses.replace(confine, shown=(*confine.shown, *tree.pins()))
-        if confine.mode != "workspace-write":
-            return confine
+        if confine.mode != "workspace-write":  # git reads its git directory, under hidden state
+            return dataclasses.replace(confine, shown=(*confine.shown, Path(tree.gitdir)))
         objects = Path(tree.gitdir) / "objects"
         confine = confine.widened([Path(tree.gitdir)])
         return dataclasses.replace(confine, writable=(*confine.writable, objects, objects / "info"))

@@ -137,3 +137,28 @@ async def test_a_restarted_capd_confines_and_syncs_the_work_tree_as_before(
     assert "Device or resource busy" in refusal
     await until(lambda: branch_tip(repo, "capd/again") == after)
     assert git(repo, "log", "--format=%s", "capd/again").split() == ["after", "before", "first"]
+
+
+async def test_a_read_only_pod_reads_its_work_trees_history(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    repo = make_repo(tmp_path / "repo")
+    model = _calls(
+        _bash("git log --format=%s && git status --porcelain && touch x 2>&1; echo rc=$?")
+    )
+    await spawn(
+        capd,
+        "reader",
+        model,
+        tools=["bash"],
+        workspace={"git": {"repo": str(repo)}},
+        sandbox={"mode": "read-only"},
+    )
+    async with await connect_pod(capd, "reader") as pod:
+        end, seen = await run_turn(pod, "read")
+    assert end["result"] == "finished", end
+    [output] = [event["output"] for event in seen if event["event"] == "tool_result"]
+    first, refused, rc = output.splitlines()
+    assert first == "first", output
+    assert "Read-only file system" in refused, output
+    assert rc == "rc=1", output
