@@ -43,19 +43,19 @@ class PodWorktrees:
         self._making = asyncio.Lock()
         self._syncing: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._sync_errors: dict[str, str | None] = {}
-        self._sweep()
 
-    def _sweep(self) -> None:
-        """Remove the work trees no pod has: left by a capd that died while it made or
-        removed one (no pod is spawned yet, so none is being made)."""
+    async def sweep(self) -> None:
+        """Remove the work trees no pod has, and the branches capd was making for them:
+        left by a capd that died while it made or removed one (at start-up, before any
+        spawn)."""
         root = self._state_dir / "worktrees"
         if not root.is_dir():
             return
-        for found in root.iterdir():
+        for found in sorted(root.iterdir()):
             record = self._registry.get(found.name)
             if record is None or record.worktree is None:
                 log.warning("removing %s, a work tree no pod has", found)
-                worktrees.remove_dir(found)
+                await worktrees.sweep(found)
 
     def cwd(self, manifest: Manifest) -> Path | None:
         """The cwd of a pod with `workspace.git` (its work tree, made later by `make`);

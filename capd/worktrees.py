@@ -40,6 +40,9 @@ DIFF_TIMEOUT_S = 25.0
 than capctl waits for an answer."""
 DIFF_MAX_BYTES = 16 * 1024 * 1024
 """A longer diff is cut there, and says so."""
+MAKING = "making.json"
+"""In a work tree's directory while `make` runs: what it is making, so a capd that died
+meanwhile undoes it at its next start (`sweep`)."""
 FETCH_FLAGS = (
     "fetch", "--no-tags", "--no-write-fetch-head", "--no-recurse-submodules",
     "--no-auto-maintenance",
@@ -143,10 +146,12 @@ async def make(
     made_branch = False
     try:
         _make_root(root)
+        (root / MAKING).write_text(tree.to_json())
         if tree.created_branch:
             await _in_repo(repo, "branch", "--no-track", "--", branch, base_commit)
             made_branch = True
         await _set_up(tree, pod, object_format)
+        (root / MAKING).unlink()
     except BaseException as exc:
         await undo(dataclasses.replace(tree, created_branch=made_branch))
         if isinstance(exc, GitFailed):
@@ -450,9 +455,16 @@ def _copy_index(source: Path, target: Path) -> None:
     target.write_bytes(data)
 
 
-def remove_dir(path: Path) -> None:
-    """Remove a work tree's directory (`root_of`) that no pod has."""
-    _rmtree(path)
+async def sweep(root: Path) -> None:
+    """Remove a work tree's directory (`root_of`) that no pod has, left by a capd that
+    died while it made or removed it; one it was making is undone (`undo`: the branch
+    too, when capd made it and nobody moved it since)."""
+    try:
+        tree = Worktree.from_json((root / MAKING).read_text())
+    except (OSError, ValueError, TypeError):
+        _rmtree(root)
+        return
+    await undo(dataclasses.replace(tree, path=str(root / "work")))  # where it is now
 
 
 def _rmtree(path: Path) -> None:
