@@ -12,11 +12,13 @@ user's config, only without capd's `GIT_*` variables and without a terminal prom
 (`user_env`).
 
 `run` runs one git command with a timeout, stopping its process group when it is cut
-short; a failure is a `GitFailed` whose message is git's own line.
+short; a failure is a `GitFailed` whose message is git's own line. `read_regular` reads
+a file of such a directory without letting it block or flood capd.
 """
 
 import asyncio
 import os
+import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -130,3 +132,20 @@ def _command(args: Sequence[str]) -> str:
     while rest and rest[0] == "-c":
         rest = rest[2:]
     return rest[0] if rest else ""
+
+
+def read_regular(path: Path, limit: int, *, follow: bool = True) -> bytes | None:
+    """The content of `path`, a file a pod may have made: None when it is missing, not a
+    regular file (opening a FIFO would block capd's event loop, a device never ends),
+    bigger than `limit` bytes, or a symlink and not `follow`."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as file:
+        info = os.fstat(file.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
+            return None
+        data = file.read(limit + 1)  # a file that grew meanwhile is still bounded
+    return data if len(data) <= limit else None

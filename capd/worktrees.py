@@ -22,7 +22,6 @@ import logging
 import os
 import secrets
 import shutil
-import stat
 from collections.abc import Iterable
 from contextlib import suppress
 from dataclasses import asdict, dataclass
@@ -40,6 +39,8 @@ DIFF_TIMEOUT_S = 25.0
 than capctl waits for an answer."""
 DIFF_MAX_BYTES = 16 * 1024 * 1024
 """A longer diff is cut there, and says so."""
+INDEX_MAX_BYTES = 256 * 1024 * 1024
+"""A bigger index of the pod's is not copied for `diff` (it only saves hashing files)."""
 MAKING = "making.json"
 """In a work tree's directory while `make` runs: what it is making, so a capd that died
 meanwhile undoes it at its next start (`sweep`)."""
@@ -248,7 +249,7 @@ async def diff(tree: Worktree, stat: bool) -> tuple[str, str]:
     index = scratch / "index"
     try:
         objects.mkdir(mode=0o700, parents=True)
-        _copy_index(Path(tree.gitdir) / "index", index)
+        copied = _copy_index(Path(tree.gitdir) / "index", index)
         env = {
             **hostile_env(Path(tree.gitdir), Path(tree.path)),
             "GIT_INDEX_FILE": str(index),
@@ -257,11 +258,7 @@ async def diff(tree: Worktree, stat: bool) -> tuple[str, str]:
         }
         async with asyncio.timeout(DIFF_TIMEOUT_S):
             merge_base = (await _hostile(tree, env, "merge-base", base, "HEAD")).decode().strip()
-            unread = b""
-            try:  # a file it cannot read is left out (and said), the others are added
-                await _hostile(tree, env, "add", "-A", "--ignore-errors", "--", ".")
-            except GitFailed as exc:
-                unread = f"[capd: some files are not in this diff: {exc}]\n".encode()
+            unread = await _add_all(tree, env, index, copied)
             shown = ["--stat"] if stat else []
             text = await _hostile(
                 tree, env,
@@ -442,17 +439,29 @@ async def _hostile(tree: Worktree, env: dict[str, str], *args: str) -> bytes:
     )
 
 
-def _copy_index(source: Path, target: Path) -> None:
-    """Copy the pod's index, never following a symlink the pod put there; none is fine."""
+async def _add_all(tree: Worktree, env: dict[str, str], index: Path, copied: bool) -> bytes:
+    """Stage the whole work tree in `index`; a line naming what could not be read (left
+    out, the rest staged), or nothing. The pod's index, `copied` there, only saves hashing
+    unchanged files: when git cannot use it (the pod wrote it), staging starts afresh."""
     try:
-        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        return
-    with os.fdopen(fd, "rb") as file:
-        if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
-            return
-        data = file.read()
+        await _hostile(tree, env, "add", "-A", "--ignore-errors", "--", ".")
+    except GitFailed as exc:
+        if not copied:
+            return f"[capd: some files are not in this diff: {exc}]\n".encode()
+        with suppress(FileNotFoundError):
+            os.unlink(index)
+        return await _add_all(tree, env, index, copied=False)
+    return b""
+
+
+def _copy_index(source: Path, target: Path) -> bool:
+    """Copy the pod's index, never following a symlink the pod put there, nor reading
+    one bigger than INDEX_MAX_BYTES; whether it was copied (none is fine)."""
+    data = gitenv.read_regular(source, INDEX_MAX_BYTES, follow=False)
+    if data is None:
+        return False
     target.write_bytes(data)
+    return True
 
 
 async def sweep(root: Path) -> None:

@@ -145,6 +145,30 @@ async def test_diff_shows_committed_changed_and_untracked_work_and_touches_nothi
     assert unknown.value.code == "not_found"
 
 
+async def test_diff_shows_the_work_whatever_the_pod_made_of_its_index(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    repo = make_repo(tmp_path / "repo")
+    steps: list[dict[str, object]] = []
+    for command in (
+        "echo new > new.txt && printf junk > ../git/index",
+        "rm ../git/index && mkfifo ../git/index",  # opening it would block capd
+        "rm ../git/index && truncate -s 1G ../git/index",  # reading it would flood capd
+    ):
+        steps += [{"tool_calls": [{"name": "bash", "arguments": {"command": command}}]}]
+        steps += [{"text": "done"}]
+    workspace = {"git": {"repo": str(repo)}}
+    await spawn(capd, "wi", scripted(*steps), tools=["bash"], workspace=workspace)
+    async with await connect_pod(capd, "wi") as pod:
+        for turn in range(3):
+            end, _ = await run_turn(pod, "go")
+            assert end["result"] == "finished", end
+            async with asyncio.timeout(20):
+                result = await daemon_request(capd, {"method": "diff", "name": "wi"})
+            assert "+++ b/new.txt" in result["text"], (turn, result["text"])
+            assert "[capd:" not in result["text"], (turn, result["text"])
+
+
 async def test_delete_keeps_the_branch_and_delete_branch_removes_it(
     capd: CapdProcess, tmp_path: Path
 ) -> None:
