@@ -86,9 +86,12 @@ async def run(
     env: Mapping[str, str],
     input: bytes | None = None,
     timeout: float = GIT_TIMEOUT_S,
+    limit: int | None = None,
 ) -> bytes:
     """Run `git args` unconfined in `cwd` with `env` over capd's environment (less its
-    GIT_* variables), `input` on its stdin; its stdout. GitFailed when it fails."""
+    GIT_* variables), `input` on its stdin; its stdout. GitFailed when it fails. With
+    `limit` (and no `input`), a stdout longer than that is cut after `limit` + 1 bytes
+    and the git stopped: capd never holds more."""
     try:
         process = await launch(
             ["git", *args],
@@ -104,7 +107,10 @@ async def run(
         raise GitFailed(f"could not run git: {error.strerror or error}") from None
     try:
         async with asyncio.timeout(timeout):
-            out, err = await process.communicate(input)
+            if limit is None:
+                out, err = await process.communicate(input)
+            else:
+                out, err = await _at_most(process, limit)
     except TimeoutError:
         stop_group(process)
         raise GitFailed(f"git {_command(args)} took longer than {timeout:g} s") from None
@@ -112,9 +118,29 @@ async def run(
         if process.returncode is None:
             stop_group(process)
         raise
-    if process.returncode != 0:
+    if process.returncode != 0 and (limit is None or len(out) <= limit):
         raise GitFailed(message(err))
     return out
+
+
+async def _at_most(process: asyncio.subprocess.Process, limit: int) -> tuple[bytes, bytes]:
+    """The stdout (at most `limit` + 1 bytes: then the process is stopped) and stderr of
+    `process`, once it has exited."""
+    assert process.stdout is not None
+    assert process.stderr is not None
+    errors = asyncio.ensure_future(process.stderr.read())
+    try:
+        chunks: list[bytes] = []
+        size = 0
+        while size <= limit and (chunk := await process.stdout.read(limit + 1 - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > limit:
+            stop_group(process)
+        await process.wait()
+        return b"".join(chunks), await errors
+    finally:
+        errors.cancel()
 
 
 def message(stderr: bytes) -> str:

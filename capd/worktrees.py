@@ -263,7 +263,7 @@ async def diff(tree: Worktree, stat: bool) -> tuple[str, str]:
             text = await _hostile(
                 tree, env,
                 "diff", "--cached", "--no-color", "--no-ext-diff", "--no-textconv",
-                "--ignore-submodules=all", *shown, merge_base, "--",
+                "--ignore-submodules=all", *shown, merge_base, "--", limit=DIFF_MAX_BYTES,
             )  # fmt: skip
     except TimeoutError:
         raise ProtocolError(
@@ -432,11 +432,14 @@ async def _in_repo(repo: Path, *args: str) -> bytes:
     return await gitenv.run(args, cwd=repo, env=user_env())
 
 
-async def _hostile(tree: Worktree, env: dict[str, str], *args: str) -> bytes:
-    """A hardened git command in the pod's work tree."""
+async def _hostile(
+    tree: Worktree, env: dict[str, str], *args: str, limit: int | None = None
+) -> bytes:
+    """A hardened git command in the pod's work tree (its stdout cut after `limit`)."""
     return await gitenv.run(
-        [*gitenv.HARDENED, *args], cwd=Path(tree.path), env=env, timeout=DIFF_TIMEOUT_S
-    )
+        [*gitenv.HARDENED, *args], cwd=Path(tree.path), env=env, timeout=DIFF_TIMEOUT_S,
+        limit=limit,
+    )  # fmt: skip
 
 
 async def _add_all(tree: Worktree, env: dict[str, str], index: Path, copied: bool) -> bytes:
