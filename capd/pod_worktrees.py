@@ -87,9 +87,14 @@ class PodWorktrees:
         return tree
 
     async def undo(self, tree: Worktree | None) -> None:
-        """Undo `make` for a spawn that failed after it."""
-        if tree is not None:
-            await worktrees.undo(tree)
+        """Undo `make` for a spawn that failed after it (its record gone): the branch is
+        left to a pod spawned meanwhile that took it."""
+        if tree is None:
+            return
+        worktrees.discard(tree)
+        async with self._making:
+            if self._taken(tree) is None:
+                await worktrees.undo_branch(tree)
 
     def of(self, name: str) -> Worktree | None:
         record = self._registry.get(name)
@@ -172,14 +177,21 @@ class PodWorktrees:
         self._syncing.pop(name, None)
         if tree is None:
             return
-        try:
-            await worktrees.remove(tree, delete_branch=delete_branch)
-        except GitFailed as exc:
-            raise ProtocolError(
-                "internal",
-                f"pod {name} was deleted, but its branch {tree.branch} could not be deleted "
-                f"from {tree.repo}: {exc}",
-            ) from None
+        worktrees.discard(tree)
+        if not delete_branch:
+            return
+        async with self._making:
+            if (taker := self._taken(tree)) is not None:  # spawned since the record went
+                log.warning("pod %s: branch %s is kept, pod %s has it", name, tree.branch, taker)
+                return
+            try:
+                await worktrees.delete_branch(tree)
+            except GitFailed as exc:
+                raise ProtocolError(
+                    "internal",
+                    f"pod {name} was deleted, but its branch {tree.branch} could not be "
+                    f"deleted from {tree.repo}: {exc}",
+                ) from None
 
     async def diff(self, name: str, stat: bool) -> DiffResult:
         """The daemon's `diff`: synced first, then rendered by capd's hardened git."""
@@ -195,6 +207,13 @@ class PodWorktrees:
         return DiffResult(
             repo=tree.repo, branch=tree.branch, base=tree.base, merge_base=merge_base, text=text
         )
+
+    def _taken(self, tree: Worktree) -> str | None:
+        """The pod whose work tree is on `tree`'s branch of its repository now, if any."""
+        for name, theirs in self._in_use():
+            if theirs.common_dir == tree.common_dir and theirs.branch == tree.branch:
+                return name
+        return None
 
     def _in_use(self) -> list[tuple[str, Worktree]]:
         """The pods' work trees, whose branches are taken."""

@@ -168,20 +168,30 @@ async def make(
     return tree
 
 
-async def remove(tree: Worktree, *, delete_branch: bool = False) -> None:
-    """Remove the work tree and its git directory (at `delete`); the branch too with
-    `delete_branch`. GitFailed when the branch cannot be deleted."""
+def discard(tree: Worktree) -> None:
+    """Remove the work tree and its git directory, at once: callers do it before their
+    next await, so a pod spawned meanwhile under the same name is never touched."""
     _rmtree(tree.root)
+
+
+async def delete_branch(tree: Worktree) -> None:
+    """Delete the branch from the repository (`delete_branch`), if it is there.
+    GitFailed when it cannot be deleted."""
     repo = Path(tree.repo)
-    if delete_branch and await _commit(repo, f"refs/heads/{tree.branch}") is not None:
+    if await _commit(repo, f"refs/heads/{tree.branch}") is not None:
         await _in_repo(repo, "branch", "-D", "--", tree.branch)
 
 
 async def undo(tree: Worktree) -> None:
     """Undo `make` for a spawn that failed after it: the work tree and its git directory
-    go, and the branch when capd made it and nobody moved it since. Never raises (what
+    go, and the branch when capd made it and nobody moved it since (`undo_branch`)."""
+    discard(tree)
+    await undo_branch(tree)
+
+
+async def undo_branch(tree: Worktree) -> None:
+    """Delete the branch `make` made, unless it has moved since. Never raises (what
     cannot be undone is logged)."""
-    _rmtree(tree.root)
     if not tree.created_branch:
         return
     try:
