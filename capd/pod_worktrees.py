@@ -78,13 +78,20 @@ class PodWorktrees:
             return None
         name = manifest.name
         async with self._making:
+            self._refuse_taken_name(name)  # before make clears <state>/worktrees/<name>
             tree = await worktrees.make(
                 spec, name, self._state_dir, self._protected, self._in_use()
             )
             if self._registry.get(name) is not None:  # spawned meanwhile under that name
                 await worktrees.undo(tree)
-                raise ProtocolError("already_exists", f"a pod named {name} already exists")
+                self._refuse_taken_name(name)
         return tree
+
+    def _refuse_taken_name(self, name: str) -> None:
+        """A spawn of that name made its work tree while this one waited, or one without
+        a work tree was spawned meanwhile."""
+        if self._registry.get(name) is not None:
+            raise ProtocolError("already_exists", f"a pod named {name} already exists")
 
     async def undo(self, tree: Worktree | None) -> None:
         """Undo `make` for a spawn that failed after it (its record gone): the branch is

@@ -4,6 +4,7 @@ trees of their own of one repository, their commits reach its branches after eac
 a spawn that fails leaves nothing behind."""
 
 import asyncio
+import os
 import shutil
 import subprocess
 import sys
@@ -256,6 +257,40 @@ async def test_a_capd_killed_mid_spawn_leaves_no_branch_once_restarted(
     capd.start()
     assert not root.exists()
     assert git(repo, "branch", "--format=%(refname:short)").split() == ["main"]
+
+
+async def test_a_second_spawn_of_a_name_leaves_the_first_ones_work_tree_alone(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    repo = make_repo(tmp_path / "repo")
+    gate, held, release = tmp_path / "gate", tmp_path / "held", tmp_path / "release"
+    gate.touch()
+    os.mkfifo(release)
+    hook = repo / ".git" / "hooks" / "reference-transaction"  # holds the first spawn once
+    hook.write_text(
+        f'#!/bin/sh\n[ "$1" = committed ] && [ -e {gate} ] || exit 0\n'
+        f"rm {gate} && touch {held} && read _ < {release}\n"
+    )
+    hook.chmod(0o755)
+
+    def twin(branch: str) -> "asyncio.Task[Path]":
+        workspace = {"git": {"repo": str(repo), "branch": branch}}
+        return asyncio.create_task(spawn(capd, "twin", bash_pod(), workspace=workspace))
+
+    first = twin("b0")
+    await until(held.exists)  # making its work tree
+    second = twin("b1")
+    await daemon_request(capd, {"method": "list"})  # the second spawn is waiting meanwhile
+    with open(release, "w") as fifo:
+        fifo.write("go\n")
+    await first
+    with pytest.raises(ProtocolError) as refused:
+        await second
+    assert refused.value.code == "already_exists"
+    assert refused.value.message == "a pod named twin already exists"
+    work = capd.state_dir.resolve() / "worktrees" / "twin" / "work"
+    assert (work / "README").read_text() == "hello\n"
+    assert git(repo, "branch", "--format=%(refname:short)").split() == ["b0", "main"]
 
 
 async def test_bad_workspaces_are_refused_naming_the_field(
