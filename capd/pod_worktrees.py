@@ -79,8 +79,9 @@ class PodWorktrees:
         name = manifest.name
         async with self._making:
             self._refuse_taken_name(name)  # before make clears <state>/worktrees/<name>
+            writers = [(name, path) for path in writable(manifest)] + self._writers()
             tree = await worktrees.make(
-                spec, name, self._state_dir, self._protected, self._in_use()
+                spec, name, self._state_dir, self._protected, self._in_use(), writers
             )
             if self._registry.get(name) is not None:  # spawned meanwhile under that name
                 await worktrees.undo(tree)
@@ -215,6 +216,23 @@ class PodWorktrees:
             repo=tree.repo, branch=tree.branch, base=tree.base, merge_base=merge_base, text=text
         )
 
+    def check_writer(self, manifest: Manifest) -> None:
+        """Refuse (invalid_request) a pod being spawned that could write a repository
+        another pod has a work tree of (see `worktrees.check_unwritable`)."""
+        for path in writable(manifest):
+            for _, tree in self._in_use():
+                worktrees.check_unwritable(
+                    Path(tree.repo), Path(tree.common_dir), manifest.name, path
+                )
+
+    def _writers(self) -> list[tuple[str, Path]]:
+        """What the pods' confined processes can write, each with the pod's name."""
+        found = []
+        for record in self._registry.all():
+            manifest = Manifest.model_validate_json(record.manifest)
+            found += [(record.name, path) for path in writable(manifest)]
+        return found
+
     def _taken(self, tree: Worktree) -> str | None:
         """The pod whose work tree is on `tree`'s branch of its repository now, if any."""
         for name, theirs in self._in_use():
@@ -229,3 +247,12 @@ class PodWorktrees:
             if record.worktree is not None:
                 found.append((record.name, Worktree.from_json(record.worktree)))
         return found
+
+
+def writable(manifest: Manifest) -> list[Path]:
+    """What a confined pod's processes can write: its cwd and `sandbox.writable` with mode
+    workspace-write, nothing with read-only (with mode off it is not confined: it could
+    run anything itself)."""
+    if manifest.sandbox.mode != "workspace-write":
+        return []
+    return [Path(path) for path in (manifest.cwd, *manifest.sandbox.writable) if path]

@@ -187,6 +187,7 @@ class Supervisor:
         cwd = self.worktrees.cwd(manifest) or self._resolve_cwd(manifest, not make_cwd)
         sandbox = resolve_paths(manifest.sandbox)
         manifest = manifest.model_copy(update={"cwd": str(cwd), "sandbox": sandbox})
+        self.worktrees.check_writer(manifest)
         parent_name = self.registry.pods_dir_name(parent)
         if parent_name is not None:
             self._check_child_of(parent_name, manifest)

@@ -115,12 +115,16 @@ async def make(
     state_dir: Path,
     protected: Iterable[Path],
     others: Iterable[tuple[str, Worktree]],
+    writers: Iterable[tuple[str, Path]] = (),
 ) -> Worktree:
     """Make pod `pod`'s work tree of `spec.repo` under `state_dir`. `protected`: capd's
     own directories, which the repository may not lie in; `others`: the work trees of the
-    other pods, whose branches are taken. ProtocolError when it cannot (nothing made is
-    left behind)."""
+    other pods, whose branches are taken; `writers`: what confined pods can write (each
+    pod and path), where the repository may not lie either (`check_unwritable`).
+    ProtocolError when it cannot (nothing made is left behind)."""
     repo, common, object_format = await _inspect(spec.repo, protected)
+    for writer, path in writers:
+        check_unwritable(repo, common, writer, path)
     branch = spec.branch or f"capd/{pod}"
     for other, theirs in others:
         if Path(theirs.common_dir) == common and theirs.branch == branch:
@@ -312,6 +316,19 @@ async def _inspect(given: str, protected: Iterable[Path]) -> tuple[Path, Path, s
     except GitFailed as exc:
         raise _bad_repo(f"{given} is not in a work tree of a repository ({exc})") from None
     return _outside(top.decode().strip(), protected), _real(common), object_format
+
+
+def check_unwritable(repo: Path, common: Path, pod: str, path: Path) -> None:
+    """Refuse (invalid_request) a repository, or its git directory, inside `path`, which
+    confined pod `pod` can write: capd's own git in the repository runs its hooks and
+    reads its config, so that pod could plant code capd runs outside any sandbox."""
+    for mine in (repo, common):
+        if mine.is_relative_to(path):
+            raise _bad_repo(
+                f"{mine} lies in {path}, which pod {pod} can write, and capd's own git there "
+                "would run what that pod puts in it (hooks, config); use a repository no "
+                f"confined pod can write, or keep {path} out of pod {pod}'s writable paths"
+            )
 
 
 def _directory(given: str) -> Path:

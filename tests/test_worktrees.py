@@ -136,7 +136,8 @@ async def test_diff_shows_committed_changed_and_untracked_work_and_touches_nothi
     )
     # diff syncs first: the branch is in the repository now whatever the background did.
     assert git(repo, "ls-tree", "--name-only", "capd/wd").split() == ["README", "wd.txt"]
-    await spawn(capd, "plain", bash_pod(), tools=["bash"], cwd=str(tmp_path))
+    (tmp_path / "plain").mkdir()
+    await spawn(capd, "plain", bash_pod(), tools=["bash"], cwd=str(tmp_path / "plain"))
     with pytest.raises(ProtocolError) as refused:
         await daemon_request(capd, {"method": "diff", "name": "plain"})
     assert refused.value.code == "invalid_request"
@@ -291,6 +292,36 @@ async def test_a_second_spawn_of_a_name_leaves_the_first_ones_work_tree_alone(
     work = capd.state_dir.resolve() / "worktrees" / "twin" / "work"
     assert (work / "README").read_text() == "hello\n"
     assert git(repo, "branch", "--format=%(refname:short)").split() == ["b0", "main"]
+
+
+async def test_a_repository_a_confined_pod_can_write_is_refused_either_way(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    """Its hooks and config would run in capd's own git (branch, sync) outside the
+    sandbox: a reference-transaction hook planted by the writer runs at the branch."""
+    repo = make_repo(tmp_path / "repo")
+    marker = tmp_path / "PWNED"
+    hook = repo / ".git" / "hooks" / "reference-transaction"
+    plant = f"printf '#!/bin/sh\\ntouch {marker}\\n' > {hook} && chmod +x {hook} && echo planted"
+    await spawn(capd, "writer", bash_pod(plant), tools=["bash"], cwd=str(tmp_path))
+    async with await connect_pod(capd, "writer") as pod:
+        end, seen = await run_turn(pod, "plant")
+    assert [e["output"] for e in seen if e["event"] == "tool_result"] == ["planted"], end
+    workspace = {"git": {"repo": str(repo)}}
+    with pytest.raises(ProtocolError) as refused:
+        await spawn(capd, "victim", bash_pod(), workspace=workspace)
+    assert refused.value.code == "invalid_request"
+    assert f"lies in {tmp_path}, which pod writer can write" in refused.value.message
+    assert not marker.exists()
+    assert branch_tip(repo, "capd/victim") is None
+    await daemon_request(capd, {"method": "delete", "name": "writer"})
+    hook.unlink()
+    await spawn(capd, "first", bash_pod(), workspace=workspace)
+    with pytest.raises(ProtocolError) as refused:  # the other way round
+        await spawn(capd, "second", bash_pod(), cwd=str(tmp_path), sandbox={"writable": []})
+    assert refused.value.code == "invalid_request"
+    assert f"{repo} lies in {tmp_path}, which pod second can write" in refused.value.message
+    await spawn(capd, "reader", bash_pod(), cwd=str(tmp_path), sandbox={"mode": "read-only"})
 
 
 async def test_bad_workspaces_are_refused_naming_the_field(
