@@ -654,6 +654,7 @@ class Supervisor:
         (`_check_family`); returns the pod's new confinement."""
         _check_api_key(manifest)
         self._check_family(manifest)
+        self.worktrees.check_writer(manifest)
         sandbox = self._confinement(manifest)
         check_engine(manifest, sandbox)
         if _checkpointed(manifest) and not _checkpointed(old):

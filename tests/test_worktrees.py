@@ -322,6 +322,12 @@ async def test_a_repository_a_confined_pod_can_write_is_refused_either_way(
     assert refused.value.code == "invalid_request"
     assert f"{repo} lies in {tmp_path}, which pod second can write" in refused.value.message
     await spawn(capd, "reader", bash_pod(), cwd=str(tmp_path), sandbox={"mode": "read-only"})
+    async with await connect_pod(capd, "reader", subscribe=False) as pod:
+        widened = {"name": "reader", "model": bash_pod(), "sandbox": {"mode": "workspace-write"}}
+        with pytest.raises(ProtocolError) as refused:
+            await pod.request({"method": "reconfigure", "manifest": widened})
+    assert refused.value.code == "invalid_request"
+    assert f"{repo} lies in {tmp_path}, which pod reader can write" in refused.value.message
 
 
 async def test_bad_workspaces_are_refused_naming_the_field(
