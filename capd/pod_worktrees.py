@@ -88,12 +88,6 @@ class PodWorktrees:
                 self._refuse_taken_name(name)
         return tree
 
-    def _refuse_taken_name(self, name: str) -> None:
-        """A spawn of that name made its work tree while this one waited, or one without
-        a work tree was spawned meanwhile."""
-        if self._registry.get(name) is not None:
-            raise ProtocolError("already_exists", f"a pod named {name} already exists")
-
     async def undo(self, tree: Worktree | None) -> None:
         """Undo `make` for a spawn that failed after it (its record gone): the branch is
         left to a pod spawned meanwhile that took it."""
@@ -232,6 +226,12 @@ class PodWorktrees:
             manifest = Manifest.model_validate_json(record.manifest)
             found += [(record.name, path) for path in writable(manifest)]
         return found
+
+    def _refuse_taken_name(self, name: str) -> None:
+        """A spawn of that name made its work tree while this one waited, or one without
+        a work tree was spawned meanwhile."""
+        if self._registry.get(name) is not None:
+            raise ProtocolError("already_exists", f"a pod named {name} already exists")
 
     def _taken(self, tree: Worktree) -> str | None:
         """The pod whose work tree is on `tree`'s branch of its repository now, if any."""

@@ -115,16 +115,13 @@ async def make(
     state_dir: Path,
     protected: Iterable[Path],
     others: Iterable[tuple[str, Worktree]],
-    writers: Iterable[tuple[str, Path]] = (),
+    writers: Iterable[tuple[str, Path]] = (),  # each pod's writable paths: check_unwritable
 ) -> Worktree:
     """Make pod `pod`'s work tree of `spec.repo` under `state_dir`. `protected`: capd's
     own directories, which the repository may not lie in; `others`: the work trees of the
-    other pods, whose branches are taken; `writers`: what confined pods can write (each
-    pod and path), where the repository may not lie either (`check_unwritable`).
-    ProtocolError when it cannot (nothing made is left behind)."""
+    other pods, whose branches are taken. ProtocolError when it cannot (nothing made is
+    left behind)."""
     repo, common, object_format = await _inspect(spec.repo, protected)
-    for writer, path in writers:
-        check_unwritable(repo, common, writer, path)
     branch = spec.branch or f"capd/{pod}"
     for other, theirs in others:
         if Path(theirs.common_dir) == common and theirs.branch == branch:
@@ -136,6 +133,8 @@ async def make(
     await _refuse_checked_out(repo, branch)
     start = await _base_commit(repo, spec.base)
     tip = await _commit(repo, f"refs/heads/{branch}")
+    for writer, path in writers:  # before capd's first git that runs hooks there
+        check_unwritable(repo, common, writer, path)
     base, base_commit = spec.base or start, tip or start
     root = root_of(state_dir, pod)
     tree = Worktree(
