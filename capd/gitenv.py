@@ -137,6 +137,8 @@ async def _at_most(process: asyncio.subprocess.Process, limit: int) -> tuple[byt
             size += len(chunk)
         if size > limit:
             stop_group(process)
+            while await process.stdout.read(1 << 16):  # what it wrote before it died:
+                pass  # Python 3.11's wait() waits for its pipes to close too
         await process.wait()
         return b"".join(chunks), await errors
     finally:
