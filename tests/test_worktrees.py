@@ -20,7 +20,6 @@ from tests.helpers import (
     daemon_request,
     run_turn,
     scripted,
-    sigkill,
     spawn,
     until,
 )
@@ -232,32 +231,6 @@ async def test_a_spawn_that_fails_late_leaves_no_work_tree_and_no_new_branch(
     assert git(repo, "branch", "--format=%(refname:short)").split() == ["feature", "main"]
     listed = await daemon_request(capd, {"method": "list"})
     assert [pod["name"] for pod in listed["pods"]] == []
-
-
-@pytest.mark.own_capd
-async def test_a_capd_killed_mid_spawn_leaves_no_branch_once_restarted(
-    capd: CapdProcess, tmp_path: Path
-) -> None:
-    repo = make_repo(tmp_path / "repo")
-    held = tmp_path / "held"
-    hook = repo / ".git" / "hooks" / "reference-transaction"  # the user's: capd runs it
-    hook.write_text(
-        f'#!/bin/sh\n[ "$1" = committed ] && [ ! -e {held} ] || exit 0\n'
-        f"touch {held}\nexec sleep 30\n"
-    )
-    hook.chmod(0o755)
-    workspace = {"git": {"repo": str(repo)}}
-    spawning = asyncio.create_task(spawn(capd, "cut", bash_pod(), workspace=workspace))
-    await until(held.exists)  # the branch is made; the work tree is not yet
-    await sigkill(capd)
-    [lost] = await asyncio.gather(spawning, return_exceptions=True)
-    assert isinstance(lost, Exception)
-    root = capd.state_dir.resolve() / "worktrees" / "cut"
-    assert branch_tip(repo, "capd/cut") == branch_tip(repo, "main")
-    assert root.is_dir()
-    capd.start()
-    assert not root.exists()
-    assert git(repo, "branch", "--format=%(refname:short)").split() == ["main"]
 
 
 async def test_a_second_spawn_of_a_name_leaves_the_first_ones_work_tree_alone(
