@@ -318,16 +318,22 @@ async def _inspect(given: str, protected: Iterable[Path]) -> tuple[Path, Path, s
 
 
 def check_unwritable(repo: Path, common: Path, pod: str, path: Path) -> None:
-    """Refuse (invalid_request) a repository, or its git directory, inside `path`, which
-    confined pod `pod` can write: capd's own git in the repository runs its hooks and
-    reads its config, so that pod could plant code capd runs outside any sandbox."""
-    for mine in (repo, common):
-        if mine.is_relative_to(path):
-            raise _bad_repo(
-                f"{mine} lies in {path}, which pod {pod} can write, and capd's own git there "
-                "would run what that pod puts in it (hooks, config); use a repository no "
-                f"confined pod can write, or keep {path} out of pod {pod}'s writable paths"
-            )
+    """Refuse (invalid_request) a repository, or its git directory, inside `path`, or
+    `path` inside the git directory, which confined pod `pod` can write: capd's own git in
+    the repository runs its hooks and reads its config, so that pod could plant code capd
+    runs outside any sandbox."""
+    inside = next((mine for mine in (repo, common) if mine.is_relative_to(path)), None)
+    if inside is not None:
+        where = f"{inside} lies in {path}, which pod {pod} can write"
+    elif path.is_relative_to(common):
+        where = f"pod {pod} can write {path}, in {common}"
+    else:
+        return
+    raise _bad_repo(
+        f"{where}, and capd's own git there would run what that pod puts in it (hooks, "
+        f"config); use a repository no confined pod can write, or keep {path} out of pod "
+        f"{pod}'s writable paths"
+    )
 
 
 def _directory(given: str) -> Path:

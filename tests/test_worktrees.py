@@ -294,6 +294,17 @@ async def test_a_repository_a_confined_pod_can_write_is_refused_either_way(
         await spawn(capd, "second", bash_pod(), cwd=str(tmp_path), sandbox={"writable": []})
     assert refused.value.code == "invalid_request"
     assert f"{repo} lies in {tmp_path}, which pod second can write" in refused.value.message
+    (tmp_path / "other").mkdir()
+    hooks = repo / ".git" / "hooks"
+    with pytest.raises(ProtocolError) as refused:  # inside the git directory
+        await spawn(
+            capd,
+            "third",
+            bash_pod(),
+            cwd=str(tmp_path / "other"),
+            sandbox={"writable": [str(hooks)]},
+        )
+    assert f"pod third can write {hooks}, in {repo / '.git'}" in refused.value.message
     await spawn(capd, "reader", bash_pod(), cwd=str(tmp_path), sandbox={"mode": "read-only"})
     async with await connect_pod(capd, "reader", subscribe=False) as pod:
         widened = {"name": "reader", "model": bash_pod(), "sandbox": {"mode": "workspace-write"}}
