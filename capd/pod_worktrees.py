@@ -170,8 +170,15 @@ class PodWorktrees:
     async def check_delete(self, name: str, delete_branch: bool) -> None:
         """Refuse a `delete_branch` that could not be done, before anything is deleted."""
         tree = self.of(name)
-        if tree is not None and delete_branch:
-            await worktrees.check_deletable(tree)
+        if not delete_branch:
+            return
+        if tree is None:
+            raise ProtocolError(
+                "invalid_request",
+                f"pod {name} has no workspace.git work tree, so no branch of its own to "
+                "delete; delete it without delete_branch",
+            )
+        await worktrees.check_deletable(tree)
 
     async def remove(self, tree: Worktree | None, name: str, delete_branch: bool) -> None:
         """Remove a deleted pod's work tree (and its branch with `delete_branch`)."""

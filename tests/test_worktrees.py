@@ -198,6 +198,13 @@ async def test_delete_keeps_the_branch_and_delete_branch_removes_it(
     assert not (root / "drop").exists()
     assert branch_tip(repo, "capd/drop") is None
     assert git(repo, "branch", "--format=%(refname:short)").split() == ["capd/keep", "main"]
+    (tmp_path / "plain").mkdir()
+    await spawn(capd, "plain", bash_pod(), cwd=str(tmp_path / "plain"))
+    with pytest.raises(ProtocolError) as refused:  # capctl would say "and its branch"
+        await daemon_request(capd, {"method": "delete", "name": "plain", "delete_branch": True})
+    assert refused.value.code == "invalid_request"
+    assert "pod plain has no workspace.git work tree" in refused.value.message
+    await daemon_request(capd, {"method": "delete", "name": "plain"})
 
 
 async def test_a_spawn_that_fails_late_leaves_no_work_tree_and_no_new_branch(
