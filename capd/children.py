@@ -115,11 +115,20 @@ def check_within(parent: str, rules: Manifest, child: Manifest) -> None:
 
 def _check_same_repository(parent: str, rules: Manifest, repo: str) -> None:
     """A child with a work tree of its own (outside its parent's cwd) works on its
-    parent's repository: the parent's `workspace.git.repo`, or one inside its cwd."""
+    parent's repository: the parent's `workspace.git.repo`, or one inside its cwd that
+    the parent's sandbox does not hide (the child's work tree would show it)."""
     assert rules.cwd is not None
     theirs = _real(repo)
     mine = rules.workspace.git
-    if (mine is not None and _real(mine.repo) == theirs) or theirs.is_relative_to(rules.cwd):
+    if mine is not None and _real(mine.repo) == theirs:
+        return
+    if theirs.is_relative_to(rules.cwd):
+        hides = rules.sandbox.hidden if rules.sandbox.mode != "off" else []
+        if hider := next((h for h in hides if theirs.is_relative_to(h)), None):
+            raise _wider(
+                f"workspace.git.repo {repo} lies inside {hider}, which parent pod {parent} "
+                "hides (sandbox.hidden): a child would see it"
+            )
         return
     raise ProtocolError(
         "forbidden",
