@@ -402,9 +402,12 @@ class Teams:
                 )
             below = [record.name for name in members for record, _ in registry.descendants(name)]
             marked = list(dict.fromkeys([*members, *below]))
-            for name in marked:
-                if (pod := sup.running(name)) is not None:
-                    pod.draining = True
+            up = [pod for name in marked if (pod := sup.running(name)) is not None]
+            for pod in up:
+                pod.draining = True
+                # Stored: a capd that stops or dies meanwhile leaves the pod stopped at its
+                # next start (its turn kept), so it does not start what the drain held back.
+                registry.set_stopped(pod.name, True)
             try:
                 was_running = {name for name in marked if self._status(name) == "running"}
                 await self._turns_end(was_running, drain_timeout_s)
@@ -419,6 +422,11 @@ class Teams:
                 for name in sorted(marked, key=registry.depth, reverse=True):
                     if registry.get(name) is not None:
                         await sup.stop_pod(name, keep_turn=True)
+            except BaseException:
+                for pod in up:  # a down that failed leaves those still up as they were
+                    if sup.running(pod.name) is pod:
+                        registry.set_stopped(pod.name, False)
+                raise
             finally:
                 for name in marked:
                     if (pod := sup.running(name)) is not None:

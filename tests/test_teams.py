@@ -396,3 +396,34 @@ async def test_a_failing_step_says_which_steps_were_done(capd: CapdProcess, tmp_
     assert refusal.startswith(
         "internal: applied 1 of 2 steps (= unchanged a); pod b: pod b cannot be restored: "
     ), refusal
+
+
+@pytest.mark.own_capd
+async def test_a_team_going_down_stays_down_after_a_crash_of_capd(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    """capd dies during `down`'s drain: at its next start the team's pods stay stopped,
+    their turns kept, instead of coming back to start what the drain held back (`boss`'s
+    buffered notification)."""
+    pods = [
+        {"name": "boss", "model": {"provider": "scripted"}, "cwd": ".", "tools": ["bash"]},
+        {"name": "busy", "parent": "boss", "model": sleeper("done"), "tools": ["bash"]},
+    ]
+    path = _team_file(tmp_path, pods, team="dc")
+    await _apply(capd, path)
+    request = {"method": "down", "team": "dc", "drain_timeout_s": 600}
+    async with await connect_pod(capd, "busy") as busy:
+        await busy.request({"method": "run", "text": "go"})
+        await wait_for(busy, is_event("assistant_message"))
+        down = asyncio.create_task(daemon_request(capd, request))
+        await until_refused(busy)
+    async with await connect_pod(capd, "boss", subscribe=False) as boss:
+        assert (await boss.request({"method": "notify", "text": "later"}))["buffered"] == 1
+    await sigkill(capd)
+    with pytest.raises((ConnectionClosed, OSError)):
+        await down
+    await asyncio.to_thread(capd.start)
+    listed = (await daemon_request(capd, {"method": "list"}))["pods"]
+    assert {pod["name"]: pod["status"] for pod in listed} == {"boss": "stopped", "busy": "stopped"}
+    started = ["> start boss", "> start busy: paused: `capctl resume busy`"]
+    assert await _apply(capd, path) == started
