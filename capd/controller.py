@@ -600,10 +600,12 @@ class PodController:
 
     def commit_manifest(self, manifest: Manifest, changed: list[str]) -> None:
         """Commit the pod's new manifest with its `reconfigured` event (a `permissions`
-        change drops the `allow_always` grants, which name rules by index)."""
+        change drops the `allow_always` grants, which name rules by index). A change
+        `apply` deferred is dropped, as the commit drops it from the store: this is newer."""
         self.journal.emit_all(
             [Reconfigured(changed=changed)], self.turn, manifest=manifest.model_dump_json()
         )
+        self.pending_manifest = None
 
     def use_parts(self, manifest: Manifest, parts: Parts) -> Parts:
         """Run under `manifest` with `parts` from now on; returns the parts let go of, for

@@ -427,3 +427,28 @@ async def test_a_team_going_down_stays_down_after_a_crash_of_capd(
     assert {pod["name"]: pod["status"] for pod in listed} == {"boss": "stopped", "busy": "stopped"}
     started = ["> start boss", "> start busy: paused: `capctl resume busy`"]
     assert await _apply(capd, path) == started
+
+
+async def test_a_reconfigure_after_a_deferred_change_wins(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    """The user's `reconfigure` of the paused pod comes after `apply`'s deferred change:
+    the turn's end does not bring the older change back (nor would a restart: the store
+    forgot it with the reconfigure's commit)."""
+    pod = {"name": "later", "model": sleeper("done"), "cwd": ".", "tools": ["bash"]}
+    path = _team_file(tmp_path, [pod], team="rw")
+    await _apply(capd, path)
+    changed = _team_file(tmp_path, [pod | {"system_prompt": "from apply"}], team="rw")
+    async with await connect_pod(capd, "later") as later:
+        await later.request({"method": "run", "text": "go"})
+        await wait_for(later, is_event("assistant_message"))
+        assert (await _apply(capd, changed))[0].startswith("… deferred later (system_prompt)")
+        await later.request({"method": "pause"})
+        manifest = {k: v for k, v in pod.items() if k != "cwd"} | {"system_prompt": "user's"}
+        await later.request({"method": "reconfigure", "manifest": manifest})
+        end, _ = await resume_turn(later)
+        assert end["output"] == "done"
+        await later.request({"method": "status"})  # after what the turn's end did
+        history = await full_history(later)
+    assert [e["changed"] for e in history if e["event"] == "reconfigured"] == [["system_prompt"]]
+    assert await _apply(capd, changed) == ["~ reconfigure later (system_prompt)"]
