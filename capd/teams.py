@@ -343,11 +343,19 @@ class Teams:
             case "start":
                 # The file says what the pod is to be now: a change is taken as it comes
                 # up, before a turn can start (the reconfigure step after this says so).
+                # A start that fails leaves the stored change as it was.
+                record = sup.registry.get(name)
+                before = record.pending_manifest if record is not None else None
                 if step.manifest is None:
                     self._drop_pending(name)
                 else:
                     sup.registry.set_pending_manifest(name, step.manifest.model_dump_json())
-                await sup.start_pod(name)
+                try:
+                    await sup.start_pod(name)
+                except BaseException:
+                    if sup.running(name) is None and sup.registry.get(name) is not None:
+                        sup.registry.set_pending_manifest(name, before)
+                    raise
                 if (up := sup.running(name)) is not None and up.status == "paused":
                     return plan.model_copy(update={"note": f"paused: `capctl resume {name}`"})
             case "unchanged":

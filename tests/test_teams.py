@@ -397,6 +397,14 @@ async def test_a_failing_step_says_which_steps_were_done(capd: CapdProcess, tmp_
         "internal: applied 1 of 2 steps (= unchanged a); pod b: pod b cannot be restored: "
     ), refusal
 
+    # A change of `b` the failed start would have taken is not left for a later `start`.
+    pods = [{"name": name, "model": model, "cwd": ".", "system_prompt": "new"} for name in "ab"]
+    refusal = await _refusal(capd, _team_file(tmp_path, pods))
+    assert refusal.startswith("internal: applied 1 of 3 steps (~ reconfigure a); pod b: ")
+    with contextlib.closing(sqlite3.connect(capd.state_dir / "capd.db")) as db:
+        kept = db.execute("SELECT pending_manifest FROM pods WHERE name = 'b'").fetchall()
+    assert kept == [(None,)]
+
 
 @pytest.mark.own_capd
 async def test_a_team_going_down_stays_down_after_a_crash_of_capd(
