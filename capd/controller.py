@@ -139,7 +139,7 @@ class _FromParent:
 @dataclass(frozen=True, slots=True)
 class _TakeManifest:
     """`apply`'s new manifest: taken now when the pod is idle or paused (`reconfigure`),
-    kept in `pending_manifest` while a turn runs."""
+    kept in `pending_manifest` while a turn or a compaction runs."""
 
     manifest: Manifest
 
@@ -436,7 +436,9 @@ class PodController:
                 return await self._rewind(request)
             case Reconfigure(manifest=manifest):
                 return await self._reconfigure(manifest)
-            case _TakeManifest(manifest=manifest) if self.status == "running":
+            case _TakeManifest(manifest=manifest) if (
+                self.status == "running" or self._compaction is not None
+            ):
                 self.pending_manifest = manifest
                 return {"deferred": True}
             case _TakeManifest(manifest=manifest):

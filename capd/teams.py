@@ -382,6 +382,8 @@ class Teams:
             raise
         if result["deferred"] and changed_fields(pod.manifest, manifest):
             note = f"pod {name} is running; its change applies when its turn ends"
+            if pod.status != "running":
+                note = f"pod {name} is compacting; its change applies when the compaction ends"
             return plan.model_copy(update={"action": "deferred", "note": note})
         self._drop_pending(name)  # taken now, or as the pod started (see "start")
         return plan.model_copy(update={"action": "reconfigure", "note": None})

@@ -15,6 +15,8 @@ from capctl.team import plan_lines, read_team
 from protocol.client import Client, ConnectionClosed
 from protocol.errors import ProtocolError
 from tests.conftest import CapdProcess
+from tests.fakes.openai_server import OpenAITestServer, TextReply
+from tests.fakes.sse_server import HeldReply
 from tests.helpers import (
     EVENT_TIMEOUT_S,
     connect_pod,
@@ -460,3 +462,37 @@ async def test_a_reconfigure_after_a_deferred_change_wins(
         history = await full_history(later)
     assert [e["changed"] for e in history if e["event"] == "reconfigured"] == [["system_prompt"]]
     assert await _apply(capd, changed) == ["~ reconfigure later (system_prompt)"]
+
+
+async def test_a_compacting_pods_change_waits_for_the_compaction(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    """An idle pod that compacts cannot be reconfigured (its engine is in use): apply
+    defers the change to the compaction's end rather than failing."""
+    async with OpenAITestServer() as server:
+        model = {"provider": "openai", "name": "test-model", "base_url": server.base_url}
+        pod = {"name": "squeeze", "model": model, "cwd": "."}
+        await _apply(capd, _team_file(tmp_path, [pod], team="cz"))
+        changed = _team_file(tmp_path, [pod | {"system_prompt": "new"}], team="cz")
+        async with await connect_pod(capd, "squeeze") as squeeze:
+            server.enqueue(TextReply("first"), TextReply("second"))
+            for text in ("ALPHA", "BRAVO"):
+                await run_turn(squeeze, text)
+            answer = asyncio.Event()
+            server.enqueue(HeldReply(TextReply("the summary"), answer))
+            asked = asyncio.create_task(daemon_compact(capd, "squeeze"))
+            await server.wait_requests(3)
+            assert await _apply(capd, changed) == [
+                "… deferred squeeze (system_prompt): pod squeeze is compacting; its change "
+                "applies when the compaction ends"
+            ]
+            answer.set()
+            await asked
+            event, _ = await wait_for(squeeze, is_event("reconfigured"))
+        assert event["changed"] == ["system_prompt"]
+        assert await _apply(capd, changed) == ["= unchanged squeeze"]
+
+
+async def daemon_compact(capd: CapdProcess, name: str) -> None:
+    async with await connect_pod(capd, name, subscribe=False) as pod:
+        await pod.request({"method": "compact"})
