@@ -52,6 +52,7 @@ STATUS_ORDER = (
     "queued",
     "model",
     "cwd",
+    "workspace",
     "tools",
     "mcp",
     "sandbox",
@@ -938,6 +939,47 @@ def attach(settings: Settings, pod: str, turns: int) -> None:
     click.echo(f"detached from {pod}" + ("; its turn goes on" if goes_on else ""))
 
 
+@cli.command()
+@pod_argument
+@click.option(
+    "--delete-branch",
+    is_flag=True,
+    help="Also delete the branch of the pod's workspace.git work tree from its repository.",
+)
+@json_option
+@pass_settings
+def rm(settings: Settings, pod: str, delete_branch: bool) -> None:
+    """Stop a pod and delete its state.
+
+    A workspace.git work tree is removed too; its branch stays in the repository unless
+    --delete-branch.
+    """
+    request: dict[str, Any] = {"method": "delete", "name": pod}
+    if delete_branch:
+        request["delete_branch"] = True
+    result = daemon_call(settings.runtime, request)
+    report(settings, result, f"removed {pod}" + (" and its branch" if delete_branch else ""))
+
+
+@cli.command()
+@pod_argument
+@click.option("--stat", is_flag=True, help="A summary of the changed files instead of the patch.")
+@json_option
+@pass_settings
+def diff(settings: Settings, pod: str, stat: bool) -> None:
+    """Show a workspace.git pod's work, committed and not, against its base.
+
+    capd renders it with git hardened against the work tree (running git there yourself
+    runs the pod's code). On a terminal it goes through $PAGER.
+    """
+    result = daemon_call(settings.runtime, {"method": "diff", "name": pod, "stat": stat})
+    if settings.json:
+        echo_json(result)
+    elif text := result.get("text"):
+        # Pages only when stdin and stdout are terminals; it ends the text with a newline.
+        click.echo_via_pager(text.removesuffix("\n"))
+
+
 # -- one request about a pod, one line -------------------------------------------------------
 
 
@@ -956,7 +998,6 @@ class PodCommand:
 
 POD_COMMANDS = (
     PodCommand("start", "start", "daemon", "started {pod}", "Start a stopped pod again."),
-    PodCommand("rm", "delete", "daemon", "removed {pod}", "Stop a pod and delete its state."),
     PodCommand(
         "pause",
         "pause",

@@ -289,6 +289,8 @@ def pod_status(status: dict[str, Any], order: Sequence[str]) -> str:
         shown["permissions"], more["permissions"] = questions[0], questions[1:]
     if isinstance(box := shown.get("sandbox"), dict):
         shown["sandbox"] = sandbox_line(box)
+    if isinstance(tree := shown.get("workspace"), dict):
+        shown["workspace"] = workspace_line(tree)
     servers = [mcp_server(s) for s in shown.get("mcp") or [] if isinstance(s, dict)]
     if servers:
         shown["mcp"], more["mcp"] = servers[0], servers[1:]
@@ -298,6 +300,17 @@ def pod_status(status: dict[str, Any], order: Sequence[str]) -> str:
         indent = " " * (len(lines[at]) - len(str(shown[key])))
         lines[at + 1 : at + 1] = [indent + line for line in rest]
     return "\n".join(lines)
+
+
+def workspace_line(tree: dict[str, Any]) -> str:
+    """`status.workspace` as "branch capd/x of /src/repo from main (1a2b3c4d)", then why
+    the last sync failed, if it did."""
+    base, commit = str(tree.get("base", "")), str(tree.get("base_commit", ""))
+    start = commit[:8] if base == commit else f"{base} ({commit[:8]})"
+    line = f"branch {tree.get('branch')} of {tree.get('repo')} from {start or '?'}"
+    if error := tree.get("sync_error"):
+        line += f"; not synced: {error}"
+    return line
 
 
 def sandbox_line(box: dict[str, Any]) -> str:

@@ -52,6 +52,8 @@ from capd.file_modes import (
     read_modes,
     scan_bits,
 )
+from capd.gitenv import IDENTITY, NO_CONFIG, not_git
+from capd.gitenv import message as _git_message
 from capd.proc.groups import KILL_GRACE_S
 from capd.proc.launcher import launch, stop_group
 from protocol.errors import ProtocolError
@@ -100,12 +102,6 @@ CONFIG = """\
 background, objects are stored with the fastest compression."""
 ATTRIBUTES = "* -text -eol -filter -ident -working-tree-encoding\n"
 """Overrides any `.gitattributes` in the cwd: files are recorded byte for byte."""
-IDENTITY = {
-    "GIT_AUTHOR_NAME": "capd",
-    "GIT_AUTHOR_EMAIL": "capd@localhost",
-    "GIT_COMMITTER_NAME": "capd",
-    "GIT_COMMITTER_EMAIL": "capd@localhost",
-}
 _STORE = ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE")
 _PLAIN_REF = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,199}")
 
@@ -175,15 +171,23 @@ class CheckpointStore:
     git in `root`, one git at a time."""
 
     def __init__(
-        self, root: Path, cwd: Path, workspace: Workspace, hidden: Sequence[Path] = ()
+        self,
+        root: Path,
+        cwd: Path,
+        workspace: Workspace,
+        hidden: Sequence[Path] = (),
+        exclude: Path | None = None,
     ) -> None:
         """root: <state>/pods/<name>/checkpoints (created on first use, 0700); cwd: the
         work tree; hidden: absolute paths never recorded nor touched (capd's state and
-        runtime dirs when they lie inside cwd)."""
+        runtime dirs when they lie inside cwd); exclude: the repository's `info/exclude`
+        (`cwd/.git/info/exclude` when None; a `workspace.git` work tree's is in its own
+        git directory)."""
         self.root = root
         self.cwd = cwd
         self.workspace = workspace
         self.hidden = [Path(path) for path in hidden]
+        self._user_exclude = exclude or cwd / ".git" / "info" / "exclude"
         self._git_dir = root / "ck.git"
         self._index = root / "index"
         self._index_modes = root / "index.modes"
@@ -196,11 +200,7 @@ class CheckpointStore:
             "GIT_DIR": str(self._git_dir),
             "GIT_WORK_TREE": str(cwd),
             "GIT_INDEX_FILE": str(self._index),
-            "GIT_CONFIG_NOSYSTEM": "1",
-            "GIT_CONFIG_GLOBAL": os.devnull,
-            "GIT_OPTIONAL_LOCKS": "0",
-            "GIT_TERMINAL_PROMPT": "0",
-            "LC_ALL": "C",
+            **NO_CONFIG,
             **IDENTITY,
         }
         self._lock = asyncio.Lock()
@@ -471,12 +471,11 @@ class CheckpointStore:
         fresh.rename(self._git_dir)
 
     def _write_exclude(self) -> bool:
-        """The cwd repository's own `.git/info/exclude`, then the hidden paths; whether
-        they changed."""
+        """The repository's own `info/exclude`, then the hidden paths; whether they
+        changed."""
         lines: list[str] = []
-        user_exclude = self.cwd / ".git" / "info" / "exclude"
         with suppress(OSError, UnicodeDecodeError):
-            lines.append(user_exclude.read_text())
+            lines.append(self._user_exclude.read_text())
         lines.append("# capd's own directories")
         cwd = self.cwd.resolve()
         for path in self.hidden:
@@ -528,7 +527,7 @@ class CheckpointStore:
                 cwd=self.root if bare else self.cwd,
                 confine=None,  # capd's own: it writes the store in capd's state dir
                 env={**own, **(env or {})},
-                inherit=_not_git,
+                inherit=not_git,
                 stdin=asyncio.subprocess.DEVNULL if input is None else asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
@@ -710,26 +709,11 @@ def _index_entries(index: Path) -> int:
     return int.from_bytes(header[8:12], "big") if header[:4] == b"DIRC" else 0
 
 
-def _not_git(name: str) -> bool:
-    """capd's own variables a git of the store gets: none of GIT_* (GIT_DIR and the like
-    would point it elsewhere)."""
-    return not name.startswith("GIT_")
-
-
 def _escape(path: str) -> str:
     """`path` as a gitignore pattern that matches it alone."""
     escaped = re.sub(r"([\\*?\[!#])", r"\\\1", path)
     stripped = escaped.rstrip(" ")
     return stripped + "\\ " * (len(escaped) - len(stripped))
-
-
-def _git_message(stderr: bytes) -> str:
-    """The line of git's stderr that says what went wrong: its first `fatal:` or
-    `error:`, else its last."""
-    lines = [line.strip() for line in stderr.decode(errors="replace").splitlines()]
-    lines = [line for line in lines if line]
-    said = [line for line in lines if line.startswith(("fatal:", "error:"))]
-    return (said or lines or ["no message"])[0 if said else -1]
 
 
 def _mb(size: int) -> str:

@@ -15,6 +15,7 @@ supervisor through `ChildHost`, the few calls it makes.
 """
 
 import asyncio
+import os
 from collections.abc import Awaitable, Iterable
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol, TypeVar
@@ -24,6 +25,7 @@ from pydantic import ValidationError
 
 from capd import tracing
 from capd.engines.base import Turn
+from capd.pod_worktrees import PodWorktrees
 from capd.registry import PodRegistry
 from capd.store import Store
 from capd.tools.base import ToolFailed
@@ -78,7 +80,9 @@ def check_within(parent: str, rules: Manifest, child: Manifest) -> None:
     either pod, and a child's start or restore check this)."""
     assert child.cwd is not None
     assert rules.cwd is not None
-    if not Path(child.cwd).is_relative_to(rules.cwd):
+    if child.workspace.git is not None:
+        _check_same_repository(parent, rules, child.workspace.git.repo)
+    elif not Path(child.cwd).is_relative_to(rules.cwd):
         raise ProtocolError(
             "forbidden",
             f"cwd {child.cwd} is outside {rules.cwd}, the cwd of parent pod {parent}; "
@@ -107,6 +111,25 @@ def check_within(parent: str, rules: Manifest, child: Manifest) -> None:
         )
     _check_sandbox(parent, rules, child)
     _check_resource_limits(parent, rules.limits, child.limits)
+
+
+def _check_same_repository(parent: str, rules: Manifest, repo: str) -> None:
+    """A child with a work tree of its own (outside its parent's cwd) works on its
+    parent's repository: the parent's `workspace.git.repo`, or one inside its cwd."""
+    assert rules.cwd is not None
+    theirs = _real(repo)
+    mine = rules.workspace.git
+    if (mine is not None and _real(mine.repo) == theirs) or theirs.is_relative_to(rules.cwd):
+        return
+    raise ProtocolError(
+        "forbidden",
+        f"workspace.git.repo {repo} is neither parent pod {parent}'s repository nor inside "
+        f"its cwd {rules.cwd}; a child with a work tree works on its parent's repository",
+    )
+
+
+def _real(path: str) -> Path:
+    return Path(os.path.expanduser(path)).resolve()
 
 
 MODE_WIDTH: dict[SandboxMode, int] = {"read-only": 0, "workspace-write": 1, "off": 2}
@@ -198,6 +221,9 @@ class ChildHost(Protocol):
 
     async def stop_pod(self, name: str) -> list[str]: ...
 
+    @property
+    def worktrees(self) -> PodWorktrees: ...
+
     def running(self, name: str) -> RunningPod | None:
         """None when the pod is stopped or unknown."""
         ...
@@ -231,8 +257,9 @@ class ChildPods:
         start = self._host.in_background(self._start_child(manifest, args.task, traceparent))
         turn_id = await asyncio.shield(start)
         servers = f", MCP servers: {_names(manifest.mcp_servers)}" if manifest.mcp_servers else ""
+        where = manifest.cwd or f"a work tree of its own on branch capd/{args.name}"
         return (
-            f"spawned pod {args.name} (cwd {manifest.cwd}, tools: {_names(manifest.tools)}"
+            f"spawned pod {args.name} (cwd {where}, tools: {_names(manifest.tools)}"
             f"{servers}); "
             f"it is working on your task as turn {turn_id}. Its report reaches you as a "
             "notification when that turn ends."
@@ -242,6 +269,8 @@ class ChildPods:
         """Spawn the child and send it its task; the child's turn_id."""
         me = self._host.running(self._name)
         try:
+            if manifest.workspace.git is not None:  # from this pod's current commit
+                manifest = await self._host.worktrees.from_parent(self._name, manifest)
             await self._host.spawn(
                 manifest,
                 self._socket,
@@ -360,7 +389,8 @@ class ChildPods:
             "system_prompt": parent.system_prompt
             if args.system_prompt is None
             else args.system_prompt,
-            "cwd": str(_child_cwd(parent, args.cwd)),
+            "cwd": None if args.worktree else str(_child_cwd(parent, args.cwd)),
+            "workspace": _child_workspace(parent, args),
             "tools": list(parent.tools) if args.tools is None else args.tools,
             "limits": parent.limits.model_dump(),
             "mcp_servers": _child_mcp_servers(parent, args.mcp_servers),
@@ -412,6 +442,20 @@ def _anchored(server: McpServerConfig, cwd: str) -> McpServerConfig:
     while parts and parts[0] == "..":
         base, parts = base.parent, parts[1:]
     return server.model_copy(update={"command": str(base.joinpath(*parts))})
+
+
+def _child_workspace(parent: Manifest, args: SpawnPodArgs) -> dict[str, Any]:
+    """A `worktree` child's work tree of the caller's repository (its base, the caller's
+    commit, is set when it is spawned); none otherwise."""
+    if not args.worktree:
+        return {}
+    if args.cwd is not None:
+        raise ToolFailed("cwd and worktree exclude each other: a worktree child works in its own")
+    if parent.workspace.git is None:
+        raise ToolFailed(
+            "worktree needs your cwd to be a git work tree (workspace.git); leave it out"
+        )
+    return {"git": {"repo": parent.workspace.git.repo}}
 
 
 def _child_cwd(parent: Manifest, cwd: str | None) -> Path:

@@ -173,6 +173,7 @@ class PodController:
         reconfigure: "Reconfigurer",
         checkpoints: CheckpointStore | None = None,
         running_in_tree: Callable[[], list[str]] = list,
+        workspace: Callable[[], dict[str, Any] | None] = lambda: None,
         team: str | None = None,
     ) -> None:
         self.name = manifest.name
@@ -196,6 +197,8 @@ class PodController:
         """The other pods with a turn running in, inside or around its cwd: they may be
         writing in it."""
         self._reconfigure_with = reconfigure
+        self._workspace = workspace
+        """`status.workspace`: the pod's work tree, if it has one (capd/pod_worktrees.py)."""
         self._queue: deque[QueuedRun] = deque()
         self._task: asyncio.Task[TurnOutcome] | None = None
         self._mailbox: asyncio.Queue[_Message] = asyncio.Queue()
@@ -986,6 +989,7 @@ class PodController:
             "children": children,
             "model": self._model_label,
             "cwd": str(self.toolbox.context.cwd),
+            "workspace": self._workspace(),
             "tools": list(self.manifest.tools),
             "usage": {
                 "input_tokens": self.journal.usage.input_tokens,

@@ -33,6 +33,7 @@ from protocol.methods import (
     Apply,
     DaemonSubscribe,
     Delete,
+    Diff,
     Down,
     History,
     Info,
@@ -52,6 +53,7 @@ from protocol.methods import (
 )
 from protocol.results import (
     ApplyResult,
+    DiffResult,
     DownResult,
     InfoResult,
     ListResult,
@@ -116,7 +118,9 @@ class PodMethods(Protocol):
 
     async def restart_pod(self, name: str) -> SpawnResult: ...
 
-    async def delete_pod(self, name: str) -> None: ...
+    async def delete_pod(self, name: str, delete_branch: bool = False) -> None: ...
+
+    async def diff(self, name: str, stat: bool) -> DiffResult: ...
 
 
 class ProcessMethods(Protocol):
@@ -348,9 +352,11 @@ class DaemonEndpoint(Endpoint):
                 return ack(request, (await pods.start_pod(name)).model_dump())
             case Restart(name=name):
                 return ack(request, (await pods.restart_pod(name)).model_dump())
-            case Delete(name=name):
-                await pods.delete_pod(name)
+            case Delete(name=name, delete_branch=delete_branch):
+                await pods.delete_pod(name, delete_branch)
                 return ack(request)
+            case Diff(name=name, stat=stat):
+                return ack(request, (await pods.diff(name, stat)).model_dump())
             case Info():
                 return ack(request, process.info().model_dump())
             case Metrics():

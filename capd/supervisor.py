@@ -28,6 +28,7 @@ from capd.engines import check_engine, make_engine, model_label
 from capd.engines.claude_code import state_paths as claude_code_state
 from capd.fanout import Hub
 from capd.outbox import Outbox
+from capd.pod_worktrees import PodWorktrees
 from capd.proc.limits import Limiter, PodLimits
 from capd.proc.sandbox import (
     Backend,
@@ -59,7 +60,7 @@ from protocol.events import (
 )
 from protocol.framing import encode
 from protocol.manifest import ClaudeCodeEngine, Manifest
-from protocol.results import ListResult, PodListEntry, SpawnResult
+from protocol.results import DiffResult, ListResult, PodListEntry, SpawnResult
 
 log = logging.getLogger("capd")
 
@@ -126,6 +127,9 @@ class Supervisor:
         self._closing = False
         self.limiter = Limiter.detect(config.state_dir, config.limits)
         """How pods' limits.memory_mb and limits.pids are enforced (detected once)."""
+        own = (config.state_dir, config.runtime_dir)
+        self.worktrees = PodWorktrees(registry, config.state_dir, own, self.in_background)
+        """The pods' `workspace.git` work trees."""
         self.teams = Teams(self)
         """The daemon's `apply` and `down`."""
 
@@ -180,7 +184,7 @@ class Supervisor:
                 "invalid_request", f"parent {parent!r} must be an absolute socket path"
             )
         fresh = not self._pod_state_dir(name).exists()
-        cwd = self._resolve_cwd(manifest, must_exist=not make_cwd)
+        cwd = self.worktrees.cwd(manifest) or self._resolve_cwd(manifest, not make_cwd)
         sandbox = resolve_paths(manifest.sandbox)
         manifest = manifest.model_copy(update={"cwd": str(cwd), "sandbox": sandbox})
         parent_name = self.registry.pods_dir_name(parent)
@@ -199,13 +203,16 @@ class Supervisor:
                 raise ProtocolError(
                     "invalid_request", f"cannot create cwd {cwd}: {exc.strerror or exc}"
                 ) from None
+        tree = await self.worktrees.make(manifest)  # the record is added before any await
         self._make_pod_state_dir(name)
-        self.registry.add(name, manifest.model_dump_json(), parent, team=team)
+        worktree = tree.to_json() if tree else None
+        self.registry.add(name, manifest.model_dump_json(), parent, team=team, worktree=worktree)
         self.ledger.added(name, manifest.budget)
         try:
             running = await self._bring_up(manifest, parent)
         except BaseException as exc:
             self._forget_unborn(name, fresh)
+            await self.worktrees.undo(tree)
             if isinstance(exc, ProtocolError) or not isinstance(exc, Exception):
                 raise
             log.error("pod %s could not start", name, exc_info=exc)
@@ -364,13 +371,17 @@ class Supervisor:
             )
         return result
 
-    async def delete_pod(self, name: str) -> None:
+    async def delete_pod(self, name: str, delete_branch: bool = False) -> None:
         """Stop the pod and its descendants, then remove its state: its children become
-        top-level pods and the reports still owed to it are dropped."""
+        top-level pods and the reports still owed to it are dropped. Its work tree goes
+        (its branch synced first, deleted with `delete_branch`)."""
         self._require_known(name)
+        await self.worktrees.check_delete(name, delete_branch)
+        tree = self.worktrees.of(name)
         self._stopping.add(name)
         try:
             await self.stop_pod(name)
+            await self.worktrees.sync(name)
             carried = self.ledger.carried_past(name)
             self.registry.delete(name, carried)
             self.ledger.deleted(name, carried)
@@ -381,6 +392,10 @@ class Supervisor:
         finally:
             self._stopping.discard(name)
         self._publish(PodDeleted(pod=name))
+        await self.worktrees.remove(tree, name, delete_branch)
+
+    async def diff(self, name: str, stat: bool) -> DiffResult:
+        return await self.worktrees.diff(name, stat)
 
     def list_pods(self) -> ListResult:
         entries = []
@@ -481,6 +496,7 @@ class Supervisor:
             checkpoints=self._checkpoint_store(name, Path(manifest.cwd), manifest),
             running_in_tree=lambda: self._running_in_tree(name),
             reconfigure=self.reconfigure,
+            workspace=lambda: self.worktrees.status(name),
             team=record.team if (record := self.registry.get(name)) else None,
         )
         self.teams.attach(controller)
@@ -708,7 +724,10 @@ class Supervisor:
         if not _checkpointed(manifest):
             return None
         hidden = (self.config.state_dir, self.config.runtime_dir)
-        return CheckpointStore(self._checkpoints_dir(name), cwd, manifest.workspace, hidden)
+        exclude = self.worktrees.exclude(name)
+        return CheckpointStore(
+            self._checkpoints_dir(name), cwd, manifest.workspace, hidden, exclude
+        )
 
     def _checkpoints_dir(self, name: str) -> Path:
         return self._pod_state_dir(name) / "checkpoints"
@@ -779,6 +798,7 @@ class Supervisor:
             )
             if isinstance(manifest.engine, ClaudeCodeEngine):
                 confine = confine.widened(claude_code_state(manifest.engine.env))
+            confine = self.worktrees.confine(manifest.name, confine)
         except SandboxRefused as exc:
             raise ProtocolError("invalid_request", str(exc)) from None
         return confine
@@ -827,6 +847,8 @@ class Supervisor:
     def _pod_status_changed(self, name: str, status: PodStatusName) -> None:
         self.teams.status_changed(name, status)
         self._publish(PodStatusEvent(pod=name, status=status))
+        if status == "idle":  # a turn ended: its commits go to the repository's branch
+            self.worktrees.sync_soon(name)
         if not self._closing:
             self._on_status()
 

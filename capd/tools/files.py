@@ -30,7 +30,7 @@ import stat
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, TypeVar
 
@@ -84,6 +84,9 @@ class _Bounds:
 
     roots: tuple[Path, ...]
     hidden: dict[tuple[int, int], Path]
+    read_only: dict[tuple[int, int], Path] = field(default_factory=dict)
+    """For a write: what the sandbox shows read-only, though inside a writable path (a
+    work tree's `.git` file, its git directory's config)."""
 
     def outside(self, path: str) -> ToolFailed:
         where = f"the working directory {self.roots[0]}"
@@ -102,7 +105,9 @@ def _bounds(ctx: ToolContext, *, writing: bool, path: str) -> _Bounds:
             f"cannot write {path}: this pod's sandbox.mode is read-only, so nothing is "
             "writable, not even the working directory"
         )
-    return _Bounds((ctx.cwd, *map(Path, box.writable)), _identities(box.hidden))
+    writable = box.writable_paths()
+    read_only = _identities(p for p in box.shown if p not in writable) if writing else {}
+    return _Bounds((ctx.cwd, *map(Path, box.writable)), _identities(box.hidden), read_only)
 
 
 def _identities(paths: Iterable[Path | str]) -> dict[tuple[int, int], Path]:
@@ -226,8 +231,9 @@ def _open_root(root: Path, bounds: _Bounds, path: str) -> int:
 
 
 def _unhidden(fd: int, bounds: _Bounds, path: str) -> int:
-    """`fd`, unless it is a directory or file the sandbox hides (then it is closed)."""
-    if not bounds.hidden:
+    """`fd`, unless it is a directory or file the sandbox hides, or keeps read-only for
+    a write (then it is closed)."""
+    if not bounds.hidden and not bounds.read_only:
         return fd
     info = os.fstat(fd)
     hidden = bounds.hidden.get((info.st_dev, info.st_ino))
@@ -235,6 +241,13 @@ def _unhidden(fd: int, bounds: _Bounds, path: str) -> int:
         os.close(fd)
         raise ToolFailed(
             f"{path} leads into {hidden}, which the sandbox hides; the file tools do not open it"
+        )
+    pinned = bounds.read_only.get((info.st_dev, info.st_ino))
+    if pinned is not None:
+        os.close(fd)
+        raise ToolFailed(
+            f"{path} leads into {pinned}, which the sandbox keeps read-only; the file tools "
+            "do not write it"
         )
     return fd
 
@@ -459,8 +472,9 @@ def _write_file(args: WriteFileArgs, ctx: ToolContext) -> ToolOutcome:
     data = args.content.encode()
     try:
         bounds = _bounds(ctx, writing=True, path=args.path)
-        fd = _open_inside(args.path, bounds, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        fd = _open_inside(args.path, bounds, os.O_WRONLY | os.O_CREAT)
         with os.fdopen(fd, "wb") as out:
+            out.truncate()  # once the file was checked (a read-only one is left whole)
             out.write(data)
     except OSError as exc:
         raise _os_failure("write", args.path, exc) from exc

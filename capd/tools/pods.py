@@ -19,7 +19,8 @@ class SpawnPodTool(Tool[SpawnPodArgs]):
     name = "spawn_pod"
     description = (
         "Start a child pod that works on `task` on its own, in your working directory or a "
-        "directory inside it, with your tools or fewer and a sandbox no wider than yours. "
+        "directory inside it (or, with worktree, in a git work tree of its own of your "
+        "repository), with your tools or fewer and a sandbox no wider than yours. "
         "Returns at once; when the child's turn ends its report reaches you as a notification, "
         "so do not poll."
     )

@@ -1,0 +1,204 @@
+"""The daemon's pods' work trees (`workspace.git`): what the supervisor asks at spawn,
+start, delete and after each turn, and what `status.workspace` and `diff` show.
+
+A pod's `Worktree` (capd/worktrees.py) is stored with its record (`pods.worktree`). Work
+trees are made one at a time, so two spawns never take one branch; the syncs of one pod
+run one at a time.
+"""
+
+import asyncio
+import dataclasses
+import logging
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from capd import worktrees
+from capd.gitenv import GitFailed
+from capd.proc.sandbox import Confinement
+from capd.registry import PodRegistry
+from capd.worktrees import Worktree
+from protocol.errors import ProtocolError
+from protocol.manifest import Manifest
+from protocol.results import DiffResult
+
+log = logging.getLogger("capd")
+
+
+class PodWorktrees:
+    def __init__(
+        self,
+        registry: PodRegistry,
+        state_dir: Path,
+        protected: Sequence[Path],
+        in_background: Callable[[Awaitable[Any]], "asyncio.Task[Any]"],
+    ) -> None:
+        """`protected`: capd's own directories, where no repository may lie;
+        `in_background`: runs the sync after a turn (the supervisor's)."""
+        self._registry = registry
+        self._state_dir = state_dir.resolve()
+        self._protected = protected
+        self._in_background = in_background
+        self._making = asyncio.Lock()
+        self._syncing: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._sync_errors: dict[str, str | None] = {}
+        self._sweep()
+
+    def _sweep(self) -> None:
+        """Remove the work trees no pod has: left by a capd that died while it made or
+        removed one (no pod is spawned yet, so none is being made)."""
+        root = self._state_dir / "worktrees"
+        if not root.is_dir():
+            return
+        for found in root.iterdir():
+            record = self._registry.get(found.name)
+            if record is None or record.worktree is None:
+                log.warning("removing %s, a work tree no pod has", found)
+                worktrees.remove_dir(found)
+
+    def cwd(self, manifest: Manifest) -> Path | None:
+        """The cwd of a pod with `workspace.git` (its work tree, made later by `make`);
+        None without. invalid_request when the manifest names a cwd too."""
+        if manifest.workspace.git is None:
+            return None
+        if manifest.cwd is not None:
+            raise ProtocolError(
+                "invalid_request",
+                "cwd and workspace.git are both set: a pod with workspace.git works in a "
+                "work tree of its own; leave cwd out",
+            )
+        return worktrees.root_of(self._state_dir, manifest.name) / "work"
+
+    async def make(self, manifest: Manifest) -> Worktree | None:
+        """Make the work tree of a pod being spawned (None without `workspace.git`); the
+        caller adds the pod's record before its next await, or `undo`es it."""
+        spec = manifest.workspace.git
+        if spec is None:
+            return None
+        name = manifest.name
+        async with self._making:
+            tree = await worktrees.make(
+                spec, name, self._state_dir, self._protected, self._in_use()
+            )
+            if self._registry.get(name) is not None:  # spawned meanwhile under that name
+                await worktrees.undo(tree)
+                raise ProtocolError("already_exists", f"a pod named {name} already exists")
+        return tree
+
+    async def undo(self, tree: Worktree | None) -> None:
+        """Undo `make` for a spawn that failed after it."""
+        if tree is not None:
+            await worktrees.undo(tree)
+
+    def of(self, name: str) -> Worktree | None:
+        record = self._registry.get(name)
+        if record is None or record.worktree is None:
+            return None
+        return Worktree.from_json(record.worktree)
+
+    def confine(self, name: str, confine: Confinement) -> Confinement:
+        """The pod's confinement with its work tree: its git directory writable (with mode
+        workspace-write, as the work tree), the pins read-only (none without one).
+
+        A directory holding a mount point can be renamed, and a new one made in its
+        place: so `objects` and `objects/info` are bound (writable) on their own too, and
+        the way to the `alternates` pin is made of mount points, which cannot be."""
+        tree = self.of(name)
+        if tree is None:
+            return confine
+        confine = dataclasses.replace(confine, shown=(*confine.shown, *tree.pins()))
+        if confine.mode != "workspace-write":
+            return confine
+        objects = Path(tree.gitdir) / "objects"
+        confine = confine.widened([Path(tree.gitdir)])
+        return dataclasses.replace(confine, writable=(*confine.writable, objects, objects / "info"))
+
+    def status(self, name: str) -> dict[str, object] | None:
+        """`status.workspace`."""
+        tree = self.of(name)
+        return None if tree is None else tree.status(self._sync_errors.get(name))
+
+    def exclude(self, name: str) -> Path | None:
+        """The work tree's `info/exclude` (a copy of the repository's), for checkpoints."""
+        tree = self.of(name)
+        return None if tree is None else Path(tree.gitdir) / "info" / "exclude"
+
+    def sync_soon(self, name: str) -> None:
+        """Sync the pod's branch into its repository in the background (after a turn)."""
+        if self.of(name) is not None:
+            self._in_background(self.sync(name))
+
+    async def sync(self, name: str) -> None:
+        """Bring the repository's branch up to the work tree's (fast-forward only); why
+        it could not goes to `status.workspace.sync_error` and the log."""
+        async with self._syncing[name]:
+            tree = self.of(name)
+            if tree is None:
+                return
+            error = await worktrees.sync(tree)
+            if error is not None and error != self._sync_errors.get(name):
+                log.warning("pod %s: %s", name, error)
+            self._sync_errors[name] = error
+
+    async def from_parent(self, parent: str, child: Manifest) -> Manifest:
+        """A `spawn_pod {worktree: true}` child's manifest, its `workspace.git.base` the
+        parent's current commit (brought into the repository, the parent's branch synced
+        first)."""
+        tree = self.of(parent)
+        spec = child.workspace.git
+        if tree is None or spec is None:
+            raise ProtocolError(
+                "invalid_request",
+                f"pod {parent} has no workspace.git work tree, so its child cannot have one "
+                "of the same repository; leave worktree out",
+            )
+        await self.sync(parent)
+        base = await worktrees.head_into_repo(tree)
+        git = spec.model_copy(update={"base": base})
+        workspace = child.workspace.model_copy(update={"git": git})
+        return child.model_copy(update={"workspace": workspace})
+
+    async def check_delete(self, name: str, delete_branch: bool) -> None:
+        """Refuse a `delete_branch` that could not be done, before anything is deleted."""
+        tree = self.of(name)
+        if tree is not None and delete_branch:
+            await worktrees.check_deletable(tree)
+
+    async def remove(self, tree: Worktree | None, name: str, delete_branch: bool) -> None:
+        """Remove a deleted pod's work tree (and its branch with `delete_branch`)."""
+        self._sync_errors.pop(name, None)
+        self._syncing.pop(name, None)
+        if tree is None:
+            return
+        try:
+            await worktrees.remove(tree, delete_branch=delete_branch)
+        except GitFailed as exc:
+            raise ProtocolError(
+                "internal",
+                f"pod {name} was deleted, but its branch {tree.branch} could not be deleted "
+                f"from {tree.repo}: {exc}",
+            ) from None
+
+    async def diff(self, name: str, stat: bool) -> DiffResult:
+        """The daemon's `diff`: synced first, then rendered by capd's hardened git."""
+        if self._registry.get(name) is None:
+            raise ProtocolError("not_found", f"no pod named {name}; `capctl ps` lists them")
+        tree = self.of(name)
+        if tree is None:
+            raise ProtocolError(
+                "invalid_request", f"pod {name} has no workspace.git work tree to diff"
+            )
+        await self.sync(name)
+        merge_base, text = await worktrees.diff(tree, stat)
+        return DiffResult(
+            repo=tree.repo, branch=tree.branch, base=tree.base, merge_base=merge_base, text=text
+        )
+
+    def _in_use(self) -> list[tuple[str, Worktree]]:
+        """The pods' work trees, whose branches are taken."""
+        found = []
+        for record in self._registry.all():
+            if record.worktree is not None:
+                found.append((record.name, Worktree.from_json(record.worktree)))
+        return found

@@ -1,0 +1,368 @@
+"""`workspace.git` through a real capd (docs/protocol.md "Worktrees"): pods work in work
+trees of their own of one repository, their commits reach its branches after each turn,
+`diff` shows their work, `delete` removes the work tree (and the branch when asked), and
+a spawn that fails leaves nothing behind."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from protocol.errors import ProtocolError
+from tests.conftest import CapdProcess
+from tests.gitrepo import bash_pod, branch_tip, git, make_repo
+from tests.helpers import connect_pod, daemon_request, run_turn, scripted, spawn, until
+
+pytestmark = [
+    pytest.mark.skipif(sys.platform != "linux", reason="bubblewrap is Linux-only"),
+    pytest.mark.shared_capd,
+]
+
+COMMIT = "echo {0} > {0}.txt && git add {0}.txt && git commit -qm 'from {0}' && git rev-parse HEAD"
+
+
+def _capctl(capd: CapdProcess, *args: str) -> str:
+    """Run capctl (its stdout is no terminal), expect exit 0; its stdout."""
+    done = subprocess.run(
+        [sys.executable, "-m", "capctl", "--runtime-dir", str(capd.runtime_dir), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+async def _commit_in(capd: CapdProcess, name: str) -> str:
+    """Run a turn in which pod `name` commits `<name>.txt`; the commit."""
+    async with await connect_pod(capd, name) as pod:
+        end, seen = await run_turn(pod, "commit")
+    assert end["result"] == "finished", end
+    outputs = [event["output"] for event in seen if event["event"] == "tool_result"]
+    [commit] = [output.strip() for output in outputs]
+    assert len(commit) == 40, outputs
+    return commit
+
+
+async def test_three_pods_commit_on_their_own_branches_of_one_repository(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    repo = make_repo(tmp_path / "repo")
+    first = branch_tip(repo, "main")
+    names = ["wa", "wb", "wc"]
+    for name in names:
+        await spawn(
+            capd,
+            name,
+            bash_pod(COMMIT.format(name)),
+            tools=["bash"],
+            workspace={"git": {"repo": str(repo / ".")}},
+        )
+    commits = {name: await _commit_in(capd, name) for name in names}
+    # Each turn's end brings its branch into the repository (in the background).
+    await until(lambda: all(branch_tip(repo, f"capd/{n}") == commits[n] for n in names))
+    assert len(set(commits.values())) == 3
+    for name in names:
+        assert git(repo, "show", "--format=%s", "-s", f"capd/{name}") == f"from {name}"
+        assert git(repo, "ls-tree", "--name-only", f"capd/{name}").split() == [
+            "README",
+            f"{name}.txt",
+        ]
+    # The user's checkout is untouched: same branch, same commit, nothing new in it.
+    assert git(repo, "symbolic-ref", "HEAD") == "refs/heads/main"
+    assert branch_tip(repo, "main") == first
+    assert git(repo, "status", "--porcelain") == ""
+    async with await connect_pod(capd, "wa") as pod:
+        status = await pod.request({"method": "status"})
+    work = capd.state_dir.resolve() / "worktrees" / "wa" / "work"
+    assert status["cwd"] == str(work)
+    assert status["workspace"] == {
+        "repo": str(repo),
+        "branch": "capd/wa",
+        "base": first,
+        "path": str(work),
+        "base_commit": first,
+        "sync_error": None,
+    }
+    assert (work / ".git").read_text() == f"gitdir: {work.parent / 'git'}\n"
+    gitdir = work.parent / "git"
+    assert status["sandbox"]["writable"] == [
+        str(path) for path in (work, gitdir, gitdir / "objects", gitdir / "objects" / "info")
+    ]
+
+
+async def test_diff_shows_committed_changed_and_untracked_work_and_touches_nothing(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    repo = make_repo(tmp_path / "repo")
+    await spawn(
+        capd,
+        "wd",
+        bash_pod(COMMIT.format("wd") + " && echo more >> README && echo new > untracked.txt"),
+        tools=["bash"],
+        workspace={"git": {"repo": str(repo), "base": "main"}},
+    )
+    await _commit_in(capd, "wd")
+    work = capd.state_dir.resolve() / "worktrees" / "wd" / "work"
+    before = git(work, "status", "--porcelain")
+    result = await daemon_request(capd, {"method": "diff", "name": "wd"})
+    assert result["repo"] == str(repo)
+    assert result["branch"] == "capd/wd"
+    assert result["base"] == "main"
+    assert result["merge_base"] == branch_tip(repo, "main")
+    text = result["text"]
+    for shown in ("+++ b/wd.txt", "+++ b/README", "+more", "+++ b/untracked.txt", "+new"):
+        assert shown in text, text
+    assert git(work, "status", "--porcelain") == before == "M README\n?? untracked.txt".strip()
+    stat = _capctl(capd, "diff", "wd", "--stat")
+    assert stat.splitlines()[-1] == " 3 files changed, 3 insertions(+)", stat
+    assert _capctl(capd, "diff", "wd") == text
+    main = result["merge_base"][:8]
+    assert f"workspace: branch capd/wd of {repo} from main ({main})\n" in _capctl(
+        capd, "status", "wd"
+    )
+    # diff syncs first: the branch is in the repository now whatever the background did.
+    assert git(repo, "ls-tree", "--name-only", "capd/wd").split() == ["README", "wd.txt"]
+    await spawn(capd, "plain", bash_pod(), tools=["bash"], cwd=str(tmp_path))
+    with pytest.raises(ProtocolError) as refused:
+        await daemon_request(capd, {"method": "diff", "name": "plain"})
+    assert refused.value.code == "invalid_request"
+    assert "no workspace.git" in refused.value.message
+    with pytest.raises(ProtocolError) as unknown:
+        await daemon_request(capd, {"method": "diff", "name": "nobody"})
+    assert unknown.value.code == "not_found"
+
+
+async def test_delete_keeps_the_branch_and_delete_branch_removes_it(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    repo = make_repo(tmp_path / "repo")
+    for name in ("keep", "drop"):
+        await spawn(
+            capd,
+            name,
+            bash_pod(COMMIT.format(name)),
+            tools=["bash"],
+            workspace={"git": {"repo": str(repo)}},
+        )
+    commits = {name: await _commit_in(capd, name) for name in ("keep", "drop")}
+    root = capd.state_dir.resolve() / "worktrees"
+    await daemon_request(capd, {"method": "delete", "name": "keep"})
+    assert not (root / "keep").exists()
+    assert branch_tip(repo, "capd/keep") == commits["keep"]  # synced before it went
+    git(repo, "checkout", "-q", "capd/drop")
+    with pytest.raises(ProtocolError) as refused:
+        await daemon_request(capd, {"method": "delete", "name": "drop", "delete_branch": True})
+    assert refused.value.code == "invalid_request"
+    assert "branch capd/drop is checked out in" in refused.value.message
+    assert (root / "drop" / "work").is_dir()  # refused before anything was deleted
+    git(repo, "checkout", "-q", "main")
+    assert _capctl(capd, "rm", "drop", "--delete-branch") == "removed drop and its branch\n"
+    assert not (root / "drop").exists()
+    assert branch_tip(repo, "capd/drop") is None
+    assert git(repo, "branch", "--format=%(refname:short)").split() == ["capd/keep", "main"]
+
+
+async def test_a_spawn_that_fails_late_leaves_no_work_tree_and_no_new_branch(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    repo = make_repo(tmp_path / "repo")
+    git(repo, "branch", "feature")
+    (repo / "next").write_text("x\n")
+    git(repo, "add", "next")
+    git(repo, "commit", "-qm", "second")
+    feature = branch_tip(repo, "feature")
+    root = capd.state_dir.resolve() / "worktrees"
+    for name, branch in (("late1", None), ("late2", "feature")):
+        # A file where the pod's socket goes: the pod cannot listen, after its work tree
+        # was made.
+        capd.pod_socket(name).parent.mkdir(parents=True, exist_ok=True)
+        capd.pod_socket(name).write_text("in the way")
+        with pytest.raises(ProtocolError) as failed:
+            await spawn(
+                capd,
+                name,
+                bash_pod(),
+                tools=["bash"],
+                workspace={"git": {"repo": str(repo), "branch": branch}},
+            )
+        capd.pod_socket(name).unlink()
+        assert failed.value.code == "internal", failed.value.message
+        assert not (root / name).exists()
+    assert branch_tip(repo, "capd/late1") is None
+    assert branch_tip(repo, "feature") == feature  # reused, so left as it was
+    assert git(repo, "branch", "--format=%(refname:short)").split() == ["feature", "main"]
+    listed = await daemon_request(capd, {"method": "list"})
+    assert [pod["name"] for pod in listed["pods"]] == []
+
+
+async def test_bad_workspaces_are_refused_naming_the_field(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    repo = make_repo(tmp_path / "repo")
+    (tmp_path / "empty").mkdir()
+    git(tmp_path / "empty", "init", "-q")
+    git(tmp_path, "init", "-q", "--bare", "bare.git")
+    inside = make_repo(capd.state_dir / f"repo-{tmp_path.name}")  # in capd's state dir
+    await spawn(capd, "holder", bash_pod(), workspace={"git": {"repo": str(repo)}})
+    cases = [
+        ({"repo": str(repo)}, {"cwd": str(tmp_path)}, "invalid_request", "leave cwd out"),
+        ({"repo": str(tmp_path / "nowhere")}, {}, "invalid_request", "workspace.git.repo"),
+        ({"repo": str(tmp_path / "bare.git")}, {}, "invalid_request", "bare"),
+        ({"repo": str(tmp_path / "empty")}, {}, "invalid_request", "has no commit"),
+        ({"repo": str(repo), "base": "nope"}, {}, "invalid_request", "workspace.git.base"),
+        ({"repo": str(repo), "branch": "main"}, {}, "already_exists", "checked out at"),
+        ({"repo": str(repo), "branch": "capd/holder"}, {}, "already_exists", "pod holder's"),
+        ({"repo": str(inside)}, {}, "invalid_request", "capd's own"),
+    ]
+    for spec, extra, code, said in cases:
+        with pytest.raises(ProtocolError) as refused:
+            await spawn(capd, "bad", bash_pod(), workspace={"git": spec}, **extra)
+        assert (refused.value.code, said in refused.value.message) == (code, True), (
+            spec,
+            refused.value.message,
+        )
+        assert "\n" not in refused.value.message
+    assert sorted(p.name for p in (capd.state_dir / "worktrees").iterdir()) == ["holder"]
+    assert git(repo, "branch", "--format=%(refname:short)").split() == ["capd/holder", "main"]
+    shutil.rmtree(inside)
+
+
+async def test_a_branch_the_user_moved_or_checked_out_is_never_forced(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    repo = make_repo(tmp_path / "repo")
+    turns = [COMMIT.format(n) for n in ("one", "two", "three")]
+    steps = []
+    for command in turns:
+        steps += [{"tool_calls": [{"name": "bash", "arguments": {"command": command}}]}]
+        steps += [{"text": "done"}]
+    await spawn(
+        capd, "ws", scripted(*steps), tools=["bash"], workspace={"git": {"repo": str(repo)}}
+    )
+
+    async def workspace() -> dict[str, object]:
+        async with await connect_pod(capd, "ws") as pod:
+            return (await pod.request({"method": "status"}))["workspace"]
+
+    one = await _commit_in(capd, "ws")
+    await until(lambda: branch_tip(repo, "capd/ws") == one)
+    git(repo, "checkout", "-q", "capd/ws")  # the user works on the pod's branch
+    two = await _commit_in(capd, "ws")
+    await daemon_request(capd, {"method": "diff", "name": "ws"})  # syncs, and waits for it
+    error = (await workspace())["sync_error"]
+    assert isinstance(error, str)
+    assert "branch capd/ws of" in error
+    assert "checked out" in error
+    assert branch_tip(repo, "capd/ws") == one
+    (repo / "user.txt").write_text("mine\n")
+    git(repo, "add", "user.txt")
+    git(repo, "commit", "-qm", "the user's")
+    mine = branch_tip(repo, "capd/ws")
+    git(repo, "checkout", "-q", "main")
+    three = await _commit_in(capd, "ws")
+    await daemon_request(capd, {"method": "diff", "name": "ws"})
+    error = (await workspace())["sync_error"]
+    assert isinstance(error, str)
+    assert "non-fast-forward" in error
+    assert f"; not synced: {error}" in _capctl(capd, "status", "ws")
+    assert branch_tip(repo, "capd/ws") == mine  # the user's commit is kept
+    git(repo, "branch", "-f", "capd/ws", two)  # the user gives the branch back
+    await daemon_request(capd, {"method": "diff", "name": "ws"})
+    assert (await workspace())["sync_error"] is None
+    assert branch_tip(repo, "capd/ws") == three
+
+
+async def test_capds_git_ignores_a_fake_submodule_that_runs_code_at_git_status(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    repo = make_repo(tmp_path / "repo")
+    marker = tmp_path / "PWNED"
+    work = capd.state_dir.resolve() / "worktrees" / "trap" / "work"
+    trap = (
+        "mkdir sub && git init -q --bare .stuff/g && git --git-dir=.stuff/g config core.bare false"
+        f" && git --git-dir=.stuff/g config core.fsmonitor 'touch {marker}'"
+        f" && echo 'gitdir: {work}/.stuff/g' > sub/.git"
+        " && git config -f .gitmodules submodule.sub.path sub"
+        " && git config -f .gitmodules submodule.sub.url ./sub"
+        " && git update-index --add --cacheinfo 160000,$(git rev-parse HEAD),sub && echo set"
+    )
+    model = scripted(
+        {"tool_calls": [{"name": "bash", "arguments": {"command": trap}}]},
+        {"text": "set"},
+        {"text": "a second turn, which starts with a checkpoint of the files"},
+    )
+    await spawn(capd, "trap", model, tools=["bash"], workspace={"git": {"repo": str(repo)}})
+    async with await connect_pod(capd, "trap") as pod:
+        end, seen = await run_turn(pod, "set the trap")
+        assert end["result"] == "finished", end
+        assert [e["output"] for e in seen if e["event"] == "tool_result"] == ["set"]
+        end, _ = await run_turn(pod, "again")
+        assert end["result"] == "finished", end
+    result = await daemon_request(capd, {"method": "diff", "name": "trap"})
+    assert "+++ b/.gitmodules" in result["text"]
+    assert not marker.exists()  # not by the sync, the checkpoint nor diff
+    # The trap is real: a plain `git status` there runs the pod's code.
+    git(work, "status", "--short")
+    assert marker.exists()
+    marker.unlink()
+    await daemon_request(capd, {"method": "delete", "name": "trap", "delete_branch": True})
+    assert not marker.exists()
+
+
+async def test_rewinding_files_in_a_work_tree_keeps_git_and_the_repositorys_excludes(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    repo = make_repo(tmp_path / "repo")
+    with (repo / ".git" / "info" / "exclude").open("a") as exclude:
+        exclude.write("secret.txt\n")
+    steps: list[dict[str, object]] = []
+    for command in (
+        "echo v1 > f.txt && echo s1 > secret.txt",
+        "echo v2 > f.txt && echo s2 > secret.txt && git add f.txt && git commit -qm v2",
+    ):
+        steps += [{"tool_calls": [{"name": "bash", "arguments": {"command": command}}]}]
+        steps += [{"text": "done"}]
+    await spawn(
+        capd, "wr", scripted(*steps), tools=["bash"], workspace={"git": {"repo": str(repo)}}
+    )
+    work = capd.state_dir.resolve() / "worktrees" / "wr" / "work"
+    dot_git = (work / ".git").read_text()
+    async with await connect_pod(capd, "wr") as pod:
+        await run_turn(pod, "one")
+        second, _ = await run_turn(pod, "two")
+        await pod.request({"method": "rewind", "turn_id": second["turn_id"], "files": True})
+    assert (work / "f.txt").read_text() == "v1\n"
+    assert (work / "secret.txt").read_text() == "s2\n"  # excluded: never recorded nor restored
+    assert (work / ".git").read_text() == dot_git
+    # Files only: the branch keeps the commit the rewound turn made.
+    assert git(work, "log", "--format=%s", "-1") == "v2"
+    assert git(work, "status", "--porcelain") == "M f.txt"
+
+
+async def test_reconfigure_keeps_the_work_tree_and_refuses_another(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    repo = make_repo(tmp_path / "repo")
+    workspace = {"git": {"repo": str(repo)}}
+    await spawn(capd, "wu", bash_pod(), tools=["bash"], workspace=workspace)
+    async with await connect_pod(capd, "wu", subscribe=False) as pod:
+        before = await pod.request({"method": "status"})
+        manifest = {"name": "wu", "model": bash_pod(), "tools": ["bash", "read_file"]}
+        result = await pod.request({"method": "reconfigure", "manifest": manifest})
+        assert result["changed"] == ["tools"]
+        manifest["workspace"] = workspace  # the same, given again
+        result = await pod.request({"method": "reconfigure", "manifest": manifest})
+        assert result["changed"] == []
+        manifest["workspace"] = {"git": {"repo": str(repo), "branch": "other"}}
+        with pytest.raises(ProtocolError) as refused:
+            await pod.request({"method": "reconfigure", "manifest": manifest})
+        after = await pod.request({"method": "status"})
+    assert refused.value.code == "invalid_request"
+    assert "a pod keeps its workspace settings" in refused.value.message
+    assert after["cwd"] == before["cwd"]
+    assert after["workspace"] == before["workspace"]
+    assert after["sandbox"]["writable"] == before["sandbox"]["writable"]
