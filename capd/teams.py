@@ -14,6 +14,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from capd.budgets import unpriced
@@ -49,6 +50,8 @@ class _Planning:
     """Each pod planned so far as it will be: stored, or spawned, paths resolved."""
     deferred: set[str] = field(default_factory=set)
     """The pods whose change waits for their running turn."""
+    branches: dict[tuple[Path, str], str] = field(default_factory=dict)
+    """The work-tree branches the file's new pods take: (common git dir, branch) → pod."""
 
 
 @dataclass
@@ -110,7 +113,7 @@ class Teams:
 
     async def _apply(self, request: Apply) -> ApplyResult:
         async with self._lock(request.team):
-            steps = self._plan(request)
+            steps = await self._plan(request)
             if request.dry_run:
                 return ApplyResult(plan=[step.plan for step in steps], done=False)
             done: list[PlanStep] = []
@@ -126,7 +129,7 @@ class Teams:
                     ) from None
             return ApplyResult(plan=done, done=True)
 
-    def _plan(self, request: Apply) -> list[_Step]:
+    async def _plan(self, request: Apply) -> list[_Step]:
         """Check every pod and plan its steps, parents first, then the deletions."""
         try:
             check_tree(request.pods)
@@ -138,7 +141,7 @@ class Teams:
         steps: list[_Step] = []
         for pod in in_tree_order(request.pods):
             try:
-                steps += self._plan_pod(ctx, pod)
+                steps += await self._plan_pod(ctx, pod)
             except ProtocolError as exc:
                 raise ProtocolError(exc.code, f"pod {pod.name}: {exc.message}") from None
         steps = self._narrowing_last(ctx, steps)
@@ -158,7 +161,7 @@ class Teams:
             )
         return steps
 
-    def _plan_pod(self, ctx: _Planning, pod: TeamPod) -> list[_Step]:
+    async def _plan_pod(self, ctx: _Planning, pod: TeamPod) -> list[_Step]:
         sup, name, team, new = self._sup, pod.name, ctx.team, ctx.new
         requested = pod.manifest()
         parent = new[pod.parent] if pod.parent is not None else None
@@ -167,7 +170,7 @@ class Teams:
         record = sup.registry.get(name)
         if record is None:
             send, manifest = self._as_spawned(requested, parent)
-            self._check_spawn(ctx, manifest, pod.parent, parent)
+            await self._check_spawn(ctx, manifest, pod.parent, parent)
             new[name] = manifest
             return [_Step(PlanStep(pod=name, action="spawn"), send, pod.parent)]
         if record.team != team:
@@ -223,7 +226,7 @@ class Teams:
                 if child not in ctx.listed or theirs is None:
                     continue
                 try:
-                    check_within(name, ctx.new[name], _for_rules(theirs, ctx.new[name]))
+                    check_within(name, ctx.new[name], theirs)
                 except ProtocolError as exc:
                     if child in ctx.deferred:
                         raise ProtocolError(
@@ -248,23 +251,23 @@ class Teams:
         resolved. Nothing is created."""
         sup = self._sup
         send = requested
-        git = requested.workspace.git is not None
-        if requested.cwd is None and parent is not None and not git:
+        if (tree := sup.worktrees.cwd(requested)) is not None:  # made at spawn
+            cwd = tree
+        elif requested.cwd is None and parent is not None:
             send = requested.model_copy(update={"cwd": parent.cwd})
-        if git:  # the work tree capd makes at spawn (capd.worktrees)
-            cwd = sup.config.state_dir.resolve() / "worktrees" / requested.name / "work"
-        elif send.cwd is None:
+            cwd = Path(str(parent.cwd))  # resolved; made by the parent's spawn if new
+        elif requested.cwd is None:
             cwd = sup._pod_state_dir(requested.name).resolve() / "work"
         else:
             cwd = sup._resolve_cwd(send, must_exist=True)
         stored = send.model_copy(update={"cwd": str(cwd), "sandbox": resolve_paths(send.sandbox)})
         return send, stored
 
-    def _check_spawn(
+    async def _check_spawn(
         self, ctx: _Planning, manifest: Manifest, parent: str | None, rules: Manifest | None
     ) -> None:
         """What `spawn` checks, with the child rules against the parent's manifest `rules`
-        (the file's, unless its change is deferred)."""
+        (the file's, unless its change is deferred), and its work tree's."""
         from capd.supervisor import _check_api_key, _checkpointed
 
         sup = self._sup
@@ -276,7 +279,7 @@ class Teams:
             while above is not None:
                 depth, above = depth + 1, ctx.parents[above]
             others = list(dict.fromkeys([*up, *siblings]))
-            check_child(parent, rules, _for_rules(manifest, rules), others, depth)
+            check_child(parent, rules, manifest, others, depth)
         check_engine(manifest, sup._confinement(manifest))
         _check_api_key(manifest)
         if _checkpointed(manifest):
@@ -284,6 +287,15 @@ class Teams:
         if sup.registry.get(parent or "") is not None:
             sup.ledger.check_spawn(manifest, parent)
         self._check_budgets_above(ctx, manifest, parent)
+        if (taken := await sup.worktrees.check(manifest)) is None:
+            return
+        if (other := ctx.branches.setdefault(taken, manifest.name)) != manifest.name:
+            assert manifest.workspace.git is not None
+            raise ProtocolError(
+                "already_exists",
+                f"workspace.git.branch {taken[1]} of {manifest.workspace.git.repo} is pod "
+                f"{other}'s in the file too; name another branch for one of them",
+            )
 
     def _check_change(self, old: Manifest, manifest: Manifest) -> None:
         """What `reconfigure` checks of the pod itself."""
@@ -307,7 +319,7 @@ class Teams:
         """An existing pod: within its parent as the file has it, and no narrower than
         its children the file does not list (those it lists are checked in their turn)."""
         if parent is not None and parent_name is not None:
-            check_within(parent_name, parent, _for_rules(manifest, parent))
+            check_within(parent_name, parent, manifest)
         for child in self._sup.registry.children_of(name):
             theirs = self._sup._manifest_of(child)
             if child in listed or theirs is None:
@@ -475,11 +487,3 @@ class Teams:
 
     def _lock(self, team: str) -> asyncio.Lock:
         return self._locks.setdefault(team, asyncio.Lock())
-
-
-def _for_rules(child: Manifest, parent: Manifest) -> Manifest:
-    """The child as the child rules see it: a worktree pod's cwd is not its parent's
-    directory but the same repository, which its spawn checks (capd.worktrees)."""
-    if child.workspace.git is None and parent.workspace.git is None:
-        return child
-    return child.model_copy(update={"cwd": parent.cwd})

@@ -17,6 +17,7 @@ from protocol.errors import ProtocolError
 from tests.conftest import CapdProcess
 from tests.fakes.openai_server import OpenAITestServer, TextReply
 from tests.fakes.sse_server import HeldReply
+from tests.gitrepo import git, make_repo
 from tests.helpers import (
     EVENT_TIMEOUT_S,
     connect_pod,
@@ -332,7 +333,7 @@ async def test_apply_checks_every_pod_before_it_changes_anything(
 
     # A worktree child's cwd is its own work tree (the same repository is its spawn's
     # rule), not its parent's directory.
-    git = {"workspace": {"git": {"repo": str(tmp_path / "elsewhere")}}}
+    git = _git(str(make_repo(tmp_path / "proj")))
     tester = {"name": "tester", "parent": "lead", "model": model, "tools": ["bash"]} | git
     request = {"method": "apply", "team": "crew", "pods": [lead, tester], "dry_run": True}
     request["pods"][0] = lead | {"cwd": str(tmp_path)}
@@ -496,3 +497,62 @@ async def test_a_compacting_pods_change_waits_for_the_compaction(
 async def daemon_compact(capd: CapdProcess, name: str) -> None:
     async with await connect_pod(capd, name, subscribe=False) as pod:
         await pod.request({"method": "compact"})
+
+
+async def test_apply_checks_work_trees_before_it_changes_anything(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    """What a `workspace.git` spawn refuses, and a child outside its work-tree parent's
+    cwd, are refused before the first pod of the file is spawned."""
+    repo = str(make_repo(tmp_path / "repo"))
+    model = {"provider": "scripted"}
+    first = {"name": "first", "model": model, "cwd": ".", "tools": ["bash"]}
+    lead = {"name": "wlead", "model": model, "workspace": {"git": {"repo": repo}}}
+    cases = [
+        (
+            [first, {"name": "typo", "model": model} | _git(repo, base="mian")],
+            "invalid_request: pod typo: workspace.git.base 'mian' is not a branch, tag or "
+            "commit of ",
+        ),
+        (
+            [first, {"name": "both", "model": model, "cwd": "."} | _git(repo)],
+            "invalid_request: pod both: cwd and workspace.git are both set",
+        ),
+        (
+            [
+                {"name": "b1", "model": model} | _git(repo, branch="work"),
+                {"name": "b2", "model": model} | _git(repo, branch="work"),
+            ],
+            "already_exists: pod b2: workspace.git.branch work of ",
+        ),
+        (
+            [
+                lead | {"tools": ["bash"]},
+                {"name": "in", "parent": "wlead", "model": model},
+                first | {"parent": "wlead", "cwd": "/"},
+            ],
+            "forbidden: pod first: cwd / is outside ",
+        ),
+    ]
+    for pods, expected in cases:
+        refusal = await _refusal(capd, _team_file(tmp_path, pods, team="wt"))
+        assert refusal.startswith(expected), refusal
+        listed = (await daemon_request(capd, {"method": "list"}))["pods"]
+        assert [pod for pod in listed if pod["team"] == "wt"] == [], "something changed"
+    assert git(Path(repo), "branch", "--format=%(refname:short)").split() == ["main"]
+
+    # A child with neither cwd nor workspace.git works in its new parent's work tree.
+    pods = [lead | {"tools": ["bash"]}, {"name": "in", "parent": "wlead", "model": model}]
+    assert await _apply(capd, _team_file(tmp_path, pods, team="wt")) == [
+        "+ spawn wlead",
+        "+ spawn in",
+    ]
+    cwds = []
+    for name in ("wlead", "in"):
+        async with await connect_pod(capd, name, subscribe=False) as pod:
+            cwds.append((await pod.request({"method": "status"}))["cwd"])
+    assert cwds == [str(capd.state_dir.resolve() / "worktrees" / "wlead" / "work")] * 2
+
+
+def _git(repo: str, **spec: str) -> dict[str, Any]:
+    return {"workspace": {"git": {"repo": repo, **spec}}}
