@@ -112,10 +112,10 @@ class Teams:
         return await asyncio.shield(self._sup.in_background(self._apply(request)))
 
     async def _apply(self, request: Apply) -> ApplyResult:
+        if request.dry_run:  # changes nothing: no need to wait for an apply or a down
+            return ApplyResult(plan=[step.plan for step in await self._plan(request)], done=False)
         async with self._lock(request.team):
             steps = await self._plan(request)
-            if request.dry_run:
-                return ApplyResult(plan=[step.plan for step in steps], done=False)
             done: list[PlanStep] = []
             for step in steps:
                 try:

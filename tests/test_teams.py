@@ -430,6 +430,13 @@ async def test_a_team_going_down_stays_down_after_a_crash_of_capd(
         await until_refused(busy)
     async with await connect_pod(capd, "boss", subscribe=False) as boss:
         assert (await boss.request({"method": "notify", "text": "later"}))["buffered"] == 1
+    # A dry run changes nothing, so it does not wait for the down to finish.
+    team = read_team(path)
+    dry = {"method": "apply", "team": "dc", "dry_run": True}
+    dry["pods"] = [pod.model_dump(mode="json", exclude_unset=True) for pod in team.pods]
+    async with asyncio.timeout(EVENT_TIMEOUT_S):
+        planned = await daemon_request(capd, dry)
+    assert plan_lines(planned["plan"]) == ["= unchanged boss", "= unchanged busy"]
     await sigkill(capd)
     with pytest.raises((ConnectionClosed, OSError)):
         await down
