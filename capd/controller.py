@@ -452,15 +452,15 @@ class PodController:
     # -- methods ------------------------------------------------------------------------
 
     async def _run(self, req: Run) -> dict[str, Any]:
-        if self.draining:
+        if self.draining and req.if_busy != "queue":
             raise ProtocolError(
                 "shutting_down",
                 f"pod {self.name}'s team is going down (capctl down); send once it is "
-                "started again",
+                "started again, or queue it (if_busy 'queue')",
             )
-        if self.status == "running":
-            assert self.turn is not None
+        if self.status == "running" or self.draining:  # draining: queued, started later
             if req.if_busy == "reject":
+                assert self.turn is not None
                 raise ProtocolError(
                     "already_running",
                     f"pod {self.name} is running turn {self.turn.turn_id}; "

@@ -563,3 +563,55 @@ async def test_apply_checks_work_trees_before_it_changes_anything(
 
 def _git(repo: str, **spec: str) -> dict[str, Any]:
     return {"workspace": {"git": {"repo": repo, **spec}}}
+
+
+async def test_a_child_spawned_or_sent_to_while_its_team_drains_keeps_its_task(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    """The parent's turn goes on during the drain and spawns a child and sends to another:
+    both take the message as a queued run, started when they are started again, instead
+    of a spawn that fails with the child made anyway and a message refused."""
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    kid_model = {"provider": "scripted", "script": [{"text": "kid done"}]}
+    spawn_kid = {"name": "spawn_pod", "arguments": {"name": "dkid", "task": "work"}}
+    spawn_kid["arguments"]["model"] = kid_model
+    send = {"name": "send_to_pod", "arguments": {"name": "dsib", "text": "hello"}}
+    lead_model = _held(gate, "sent")
+    lead_model["script"][1:1] = [{"tool_calls": [spawn_kid, send]}]
+    pods = [
+        {"name": "dlead", "model": lead_model, "cwd": "."}
+        | {"tools": ["bash", "spawn_pod", "send_to_pod"]},
+        {"name": "dsib", "parent": "dlead", "model": kid_model},
+    ]
+    path = _team_file(tmp_path, pods, team="dk")
+    await _apply(capd, path)
+    release = os.open(gate, os.O_RDWR)
+    try:
+        async with await connect_pod(capd, "dlead") as lead:
+            await lead.request({"method": "run", "text": "go"})
+            await wait_for(lead, is_event("assistant_message"))
+            request = {"method": "down", "team": "dk", "drain_timeout_s": EVENT_TIMEOUT_S}
+            down = asyncio.create_task(daemon_request(capd, request))
+            await until_refused(lead)
+            os.write(release, b"go\n")
+            _, seen = await wait_for(lead, is_event("turn_end"))
+    finally:
+        os.close(release)
+    assert (await down)["pods"] == [
+        {"pod": "dlead", "outcome": "finished"},
+        {"pod": "dsib", "outcome": "stopped"},
+    ]
+    results = [e["output"] for e in seen if e["event"] == "tool_result"][-2:]
+    assert "cannot" not in results[0], results
+    assert results[1].startswith("pod dsib's team is going down; your message is queued")
+    for name in ("dkid", "dsib"):
+        await daemon_request(capd, {"method": "start", "name": name})
+        async with await connect_pod(capd, name, subscribe=False) as pod:
+            await pod.request({"method": "subscribe", "after_seq": 0})
+            end, _ = await wait_for(pod, is_event("turn_end"))
+            history = await full_history(pod)
+        assert end["output"] == "kid done"
+        assert [e["text"] for e in history if e["event"] == "user_message"] == [
+            {"dkid": "work", "dsib": "hello"}[name]
+        ]
