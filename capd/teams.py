@@ -83,6 +83,8 @@ class Teams:
         pod.take_pending = self._take_pending
         parent = self._sup.running(registry.parent_of(pod.name) or "")
         pod.draining = parent is not None and parent.draining
+        if pod.draining and record is not None:  # stored stopped, as `down` stores its pods
+            registry.set_stopped(pod.name, True)
 
     async def _take_pending(self, pod: PodController, manifest: Manifest) -> list[str]:
         """Reconfigure the pod, whose turn ended, with the manifest `apply` deferred; a
@@ -422,10 +424,8 @@ class Teams:
                 raise ProtocolError(
                     "not_found", f"no pod is of team {team}; `capctl ps` shows pods' teams"
                 )
-            below = [record.name for name in members for record, _ in registry.descendants(name)]
-            marked = list(dict.fromkeys([*members, *below]))
-            up = [pod for name in marked if (pod := sup.running(name)) is not None]
-            for pod in up:
+            marked = self._with_descendants(members)
+            for pod in [pod for name in marked if (pod := sup.running(name)) is not None]:
                 pod.draining = True
                 # Stored: a capd that stops or dies meanwhile leaves the pod stopped at its
                 # next start (its turn kept), so it does not start what the drain held back.
@@ -445,15 +445,21 @@ class Teams:
                     if registry.get(name) is not None:
                         await sup.stop_pod(name, keep_turn=True)
             except BaseException:
-                for pod in up:  # a down that failed leaves those still up as they were
-                    if sup.running(pod.name) is pod:
-                        registry.set_stopped(pod.name, False)
+                # A down that failed: the pods still up go on as they were.
+                for name in self._with_descendants(members):
+                    if (pod := sup.running(name)) is not None and pod.draining:
+                        registry.set_stopped(name, False)
                 raise
             finally:
-                for name in marked:
+                for name in self._with_descendants(members):  # spawned meanwhile too
                     if (pod := sup.running(name)) is not None:
                         pod.draining = False
         return DownResult(pods=outcomes)
+
+    def _with_descendants(self, names: list[str]) -> list[str]:
+        registry = self._sup.registry
+        below = [record.name for name in names for record, _ in registry.descendants(name)]
+        return list(dict.fromkeys([*names, *below]))
 
     def _status(self, name: str) -> PodStatusName | None:
         pod = self._sup.running(name)

@@ -615,3 +615,39 @@ async def test_a_child_spawned_or_sent_to_while_its_team_drains_keeps_its_task(
         assert [e["text"] for e in history if e["event"] == "user_message"] == [
             {"dkid": "work", "dsib": "hello"}[name]
         ]
+
+
+@pytest.mark.own_capd
+async def test_a_child_spawned_during_down_stays_down_after_a_crash_of_capd(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    """As the team's own pods, a child a draining pod spawned is stored stopped at once:
+    a capd that dies before `down` stops it does not restore it to start its task."""
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    kid_model = {"provider": "scripted", "script": [{"text": "kid done"}]}
+    spawn_kid = {"name": "spawn_pod", "arguments": {"name": "ckid", "task": "work"}}
+    spawn_kid["arguments"]["model"] = kid_model
+    sleep = {"name": "bash", "arguments": {"command": "sleep 30"}}
+    lead_model = _held(gate, "done")
+    lead_model["script"][1:1] = [{"tool_calls": [spawn_kid]}, {"tool_calls": [sleep]}]
+    lead = {"name": "clead", "model": lead_model, "cwd": ".", "tools": ["bash", "spawn_pod"]}
+    await _apply(capd, _team_file(tmp_path, [lead], team="ck"))
+    release = os.open(gate, os.O_RDWR)
+    try:
+        async with await connect_pod(capd, "clead") as pod:
+            await pod.request({"method": "run", "text": "go"})
+            await wait_for(pod, is_event("assistant_message"))
+            request = {"method": "down", "team": "ck", "drain_timeout_s": 600}
+            down = asyncio.create_task(daemon_request(capd, request))
+            await until_refused(pod)
+            os.write(release, b"go\n")
+            await wait_for(pod, lambda e: e["event"] == "tool_result" and "ckid" in e["output"])
+        await sigkill(capd)
+    finally:
+        os.close(release)
+    with pytest.raises((ConnectionClosed, OSError)):
+        await down
+    await asyncio.to_thread(capd.start)
+    listed = (await daemon_request(capd, {"method": "list"}))["pods"]
+    assert {pod["name"]: pod["status"] for pod in listed} == {"clead": "stopped", "ckid": "stopped"}
