@@ -342,7 +342,8 @@ def apply(settings: Settings, team_file: Path, prune: bool, dry_run: bool) -> No
         "prune": prune,
         "dry_run": dry_run,
     }
-    result = run(send(settings.runtime, team_file, request))
+    note = None if dry_run else f"capd goes on applying {team_file}"
+    result = run(send(settings.runtime, team_file, request), interrupt_note=note)
     lines = plan_lines(result.get("plan") or [])
     if dry_run:
         lines.append("dry run: nothing was changed")
