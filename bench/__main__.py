@@ -15,6 +15,7 @@ from bench import (
     control,
     density,
     durable,
+    engines,
     fanout,
     mcp,
     metrics,
@@ -41,6 +42,7 @@ BENCHMARKS: dict[str, Callable[[Size], list[Figure]]] = {
     "sandbox": sandbox.run,
     "metrics": metrics.run,
     "tracing": tracing.run,
+    "engines": engines.run,
 }
 
 

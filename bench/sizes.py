@@ -26,6 +26,10 @@ class Size:
     """MCP `echo` calls timed, through capd and directly (and `bash true` calls)."""
     sandbox_calls: int
     """`bash true` calls timed confined, and as many with sandbox mode `off`."""
+    engine_pods: int
+    """Pods on the Claude Code stand-in whose idle engines are kept, then stopped."""
+    engine_turns: int
+    """Turns timed on a live engine, and as many after the engine stopped."""
 
 
 SIZES = {
@@ -45,6 +49,8 @@ SIZES = {
         checkpoint_rounds=15,
         mcp_calls=300,
         sandbox_calls=200,
+        engine_pods=20,
+        engine_turns=7,
     ),
     "tiny": Size(
         round_trips=80,
@@ -62,5 +68,7 @@ SIZES = {
         checkpoint_rounds=3,
         mcp_calls=5,
         sandbox_calls=5,
+        engine_pods=2,
+        engine_turns=2,
     ),
 }

@@ -291,6 +291,8 @@ def pod_status(status: dict[str, Any], order: Sequence[str]) -> str:
         shown["sandbox"] = sandbox_line(box)
     if isinstance(tree := shown.get("workspace"), dict):
         shown["workspace"] = workspace_line(tree)
+    if isinstance(engine := shown.get("engine"), dict):
+        shown["engine"] = engine_line(engine)
     servers = [mcp_server(s) for s in shown.get("mcp") or [] if isinstance(s, dict)]
     if servers:
         shown["mcp"], more["mcp"] = servers[0], servers[1:]
@@ -310,6 +312,17 @@ def workspace_line(tree: dict[str, Any]) -> str:
     line = f"branch {tree.get('branch')} of {tree.get('repo')} from {start or '?'}"
     if error := tree.get("sync_error"):
         line += f"; not synced: {error}"
+    return line
+
+
+def engine_line(engine: dict[str, Any]) -> str:
+    """`status.engine` as "pid 4242" or "stopped (starts at the next turn)", then how
+    often capd stopped it while the pod was idle."""
+    line = f"pid {engine.get('pid')}" if engine.get("state") == "running" else "stopped"
+    if engine.get("state") != "running":
+        line += " (starts at the next turn)"
+    if reaped := engine.get("reaped"):
+        line += f", stopped while idle {reaped}x since capd started"
     return line
 
 
@@ -474,16 +487,17 @@ def turn_failure(turn_end: dict[str, Any]) -> str | None:
 
 
 def pod_table(pods: Sequence[dict[str, Any]]) -> str:
-    """NAME STATUS PARENT TOKENS COST TEAM SOCKET, each child indented under its parent;
-    STATUS is `error` for a pod capd could not restore (`capctl ps --json` says why). TOKENS
-    and COST are what the pod and its descendants spent (COST `-` while nothing had a
-    price); TEAM is `-` for a pod of no team; SOCKET is `-` for a stopped pod, which has
-    none (its path still names it as a parent)."""
+    """NAME STATUS PARENT TOKENS COST TEAM ENGINE SOCKET, each child indented under its
+    parent; STATUS is `error` for a pod capd could not restore (`capctl ps --json` says why).
+    TOKENS and COST are what the pod and its descendants spent (COST `-` while nothing had a
+    price); TEAM is `-` for a pod of no team; ENGINE is an external engine's process (`pid
+    N`, or `stopped` while it is not running), `-` for the builtin engine and a stopped pod;
+    SOCKET is `-` for a stopped pod, which has none (its path still names it as a parent)."""
     by_ref = {pod.get(key): pod["name"] for pod in pods for key in ("name", "socket")}
     children: dict[str | None, list[dict[str, Any]]] = {}
     for pod in sorted(pods, key=lambda p: p["name"]):
         children.setdefault(by_ref.get(pod.get("parent")), []).append(pod)
-    rows = [("NAME", "STATUS", "PARENT", "TOKENS", "COST", "TEAM", "SOCKET")]
+    rows = [("NAME", "STATUS", "PARENT", "TOKENS", "COST", "TEAM", "ENGINE", "SOCKET")]
     seen: set[str] = set()
 
     def add(pod: dict[str, Any], depth: int) -> None:
@@ -501,6 +515,7 @@ def pod_table(pods: Sequence[dict[str, Any]]) -> str:
                 token_count(spent.get("tokens", 0)),
                 usd(spent.get("usd")),
                 pod.get("team") or "-",
+                _engine_cell(pod.get("engine")),
                 "-" if pod.get("status") == "stopped" else pod.get("socket", ""),
             )
         )
@@ -518,6 +533,12 @@ def pod_table(pods: Sequence[dict[str, Any]]) -> str:
         + row[-1]
         for row in rows
     )
+
+
+def _engine_cell(engine: dict[str, Any] | None) -> str:
+    if not engine:
+        return "-"
+    return f"pid {engine['pid']}" if engine.get("state") == "running" else "stopped"
 
 
 def format_value(value: Any) -> str:

@@ -202,6 +202,7 @@ def running_activity(controller: Controller) -> Built:
         "spent": status["spent"],
         "last_result": activity.last_result,
         "error": None,
+        "engine": status["engine"],
     }
 
 
@@ -239,6 +240,7 @@ def stopped_activity(
         "spent": spent,
         "last_result": last_result,
         "error": error,
+        "engine": None,
     }
 
 

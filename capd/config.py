@@ -40,6 +40,9 @@ class Config:
     the system choose one."""
     log_file: Path | None = None
     """Where the log goes instead of stderr (`--log-file`)."""
+    max_engine_processes: int = 0
+    """External engine processes running at once, all pods together; 0: no limit
+    (`--max-engine-processes`, see capd.engines.slots)."""
     lock_wait_s: float = 35.0
     """How long to wait for a capd still shutting down to let go of the directories
     (`--lock-wait-s`): longer than the unit's TimeoutStopSec=30."""
@@ -123,6 +126,14 @@ class Config:
             help="how long to wait for a capd that is shutting down on the same directories "
             "(default %(default)s); one that is not shutting down fails this one at once",
         )
+        parser.add_argument(
+            "--max-engine-processes",
+            metavar="N",
+            type=int,
+            default=default["max_engine_processes"],
+            help="external engine processes (claude-code, acp) running at once: a new one "
+            "first stops the longest-idle one (default 0: no limit)",
+        )
         parser.add_argument("--version", action="version", version=f"capd {VERSION}")
         args = parser.parse_args(argv)
         if args.max_frame_bytes < 1024:
@@ -134,6 +145,11 @@ class Config:
         ):
             if value < 1:
                 parser.error(f"{flag} must be at least 1, got {value}")
+        if args.max_engine_processes < 0:
+            parser.error(
+                f"--max-engine-processes must be 0 (no limit) or more, got "
+                f"{args.max_engine_processes}"
+            )
         if not 0 <= args.lock_wait_s < float("inf"):
             parser.error(
                 f"--lock-wait-s must be a number of seconds, 0 or more, got {args.lock_wait_s}"
@@ -175,6 +191,7 @@ class Config:
             metrics_listen=metrics_listen,
             log_file=args.log_file and args.log_file.expanduser().absolute(),
             lock_wait_s=args.lock_wait_s,
+            max_engine_processes=args.max_engine_processes,
         )
 
 

@@ -114,6 +114,16 @@ class _BudgetPause:
 
 
 @dataclass(frozen=True, slots=True)
+class _Reap:
+    """Stop the engine's process if the pod is idle: the idle timer of `epoch` fired
+    (stale when the epoch moved on), or capd.engines.slots asks, for `answer`."""
+
+    reason: Literal["idle", "limit"]
+    epoch: int | None = None
+    answer: "asyncio.Future[bool] | None" = None
+
+
+@dataclass(frozen=True, slots=True)
 class _Stop:
     mode: StopMode
 
@@ -146,7 +156,7 @@ class _TakeManifest:
 
 _Call = Request | _Stop | _Adopt | _FromParent | _TakeManifest
 _Reply: TypeAlias = "asyncio.Future[dict[str, Any]]"
-_Message = tuple[_Call, _Reply] | _TurnDone | _CompactionDone | _BudgetPause
+_Message = tuple[_Call, _Reply] | _TurnDone | _CompactionDone | _BudgetPause | _Reap
 
 
 Reconfigurer: TypeAlias = "Callable[[PodController, Manifest], Awaitable[list[str]]]"
@@ -218,6 +228,13 @@ class PodController:
         """A manifest `apply` gave while a turn ran, taken when the pod is idle again."""
         self.take_pending: Reconfigurer | None = None
         """Takes `pending_manifest` (capd.teams); never raises."""
+        self._reap_timer: asyncio.TimerHandle | None = None
+        """The idle timer of the engine's process (`_arm_reap`)."""
+        self._reap_epoch = 0
+        """Bumped whenever the timer is armed or disarmed: an older timer's `_Reap` is stale."""
+        self._reaped = 0
+        """Times the engine's process was stopped, idle or for the process limit
+        (`status.engine.reaped`)."""
 
     # -- the journal, as the engines and endpoints see it -------------------------------
 
@@ -366,10 +383,13 @@ class PodController:
                         await self._pause_for_budget(msg)
                     except Exception:
                         log.exception("pod %s: pausing on a spent budget failed", self.name)
+                elif isinstance(msg, _Reap):
+                    await self._reap(msg)
                 elif await self._serve(*msg):
                     return
                 await self._take_pending()
                 self._guarded(self._kick)
+                self._guarded(self._arm_reap)
         finally:
             self._stopped = True
             self._refuse_pending()
@@ -401,6 +421,77 @@ class PodController:
         else:
             _settle(fut, result)
         return False
+
+    async def reap_engine(self, reason: Literal["idle", "limit"]) -> bool:
+        """Ask the actor to stop the engine's process if the pod is idle (see `_reap`)."""
+        if self._stopped:
+            return False
+        answer: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._mailbox.put_nowait(_Reap(reason, answer=answer))
+        return await answer
+
+    def _idle(self) -> bool:
+        """Idle with nothing about to start: no queued run, no buffered note, no
+        compaction, no open question."""
+        return (
+            self.status == "idle"
+            and self._task is None
+            and not self._queue
+            and not self.notes
+            and self._compaction is None
+            and self.compact_wanted is None
+            and not self.journal.asked
+            and not self._stopped
+        )
+
+    def _arm_reap(self) -> None:
+        """After each message: the idle timer runs while the pod is idle and its engine
+        holds a process (at once when that process is one too many); else it is off."""
+        reason: Literal["idle", "limit"] = "idle"
+        delay = self.manifest.limits.engine_idle_s
+        if self.engine.crowded():
+            reason, delay = "limit", 0.0
+        if delay is None or not self._idle() or not self.engine.holds_process():
+            if self._reap_timer is not None:
+                self._reap_timer.cancel()
+                self._reap_timer = None
+                self._reap_epoch += 1
+            return
+        if self._reap_timer is None:
+            self._reap_epoch += 1
+            message = _Reap(reason, self._reap_epoch)
+            loop = asyncio.get_running_loop()
+            self._reap_timer = loop.call_later(delay, self._mailbox.put_nowait, message)
+
+    async def _reap(self, msg: _Reap) -> None:
+        """Stop the engine's process if the pod is still idle: the timer's message when
+        it is not stale (for the limit, while the process is still one too many), the
+        slots' request while the asker still waits; the asker hears whether it did."""
+        if msg.epoch is not None:
+            if msg.epoch != self._reap_epoch:
+                return
+            self._reap_timer = None
+        stopped = False
+        wanted = msg.answer is None or not msg.answer.done()
+        if msg.epoch is not None and msg.reason == "limit":
+            wanted = self.engine.crowded()
+        if wanted and self._idle() and self.engine.holds_process():
+            try:
+                stopped = await self.engine.release()
+            except Exception:
+                log.exception("pod %s: stopping its idle engine failed", self.name)
+        if stopped:
+            self._reaped += 1
+            metrics.engine_stopped(msg.reason)
+            self.activity.on_change(self.name)
+            log.info("pod %s: engine process stopped (%s)", self.name, msg.reason)
+        if msg.answer is not None and not msg.answer.done():
+            msg.answer.set_result(stopped)
+
+    def engine_status(self) -> dict[str, Any] | None:
+        """`status.engine`: the engine's process, and how often `_reap` stopped it."""
+        state = self.engine.engine_state()
+        return None if state is None else {**state, "reaped": self._reaped}
 
     def _guarded(self, step: Callable[..., None], *args: Any) -> None:
         """Run an actor step no caller waits on; an unexpected failure is logged, not fatal."""
@@ -953,6 +1044,9 @@ class PodController:
     async def abandon(self) -> None:
         """Let go of what the pod holds: its subscriptions, its engine and its tools. Also
         after its actor was cancelled mid-method, when it would not stop."""
+        if self._reap_timer is not None:
+            self._reap_timer.cancel()
+            self._reap_timer = None
         await self._stop_compaction()
         self.hub.close_all()
         await self.engine.aclose()
@@ -961,6 +1055,10 @@ class PodController:
     def _refuse_pending(self) -> None:
         while not self._mailbox.empty():
             msg = self._mailbox.get_nowait()
+            if isinstance(msg, _Reap):
+                if msg.answer is not None and not msg.answer.done():
+                    msg.answer.set_result(False)
+                continue
             if isinstance(msg, _TurnDone | _CompactionDone | _BudgetPause):
                 continue
             request, fut = msg
@@ -1003,6 +1101,7 @@ class PodController:
                 "window": self._context_window(),
             },
             "socket": str(self.socket_path),
+            "engine": self.engine_status(),
             "permissions": [
                 {
                     "request_id": asked.request_id,

@@ -127,6 +127,9 @@ class Hot:
         self.tool_calls = Histogram(TOOL_BUCKETS)
         """(tool, outcome) → seconds per call."""
         self.lagged = 0
+        self.engine_stops: dict[str, int] = {}
+        """reason (`idle`, `limit`) → engine processes capd stopped."""
+        self.engine_limit_exceeded = 0
         self.stopped_usage: dict[str, tuple[int, int, float | None]] = {}
         """A stopped pod's usage totals, which cannot change while it is stopped: taken
         when it stops, or from the store at capd's start, rather than at every scrape."""
@@ -155,6 +158,14 @@ def model_retried(provider: str) -> None:
 
 def subscription_lagged() -> None:
     HOT.lagged += 1
+
+
+def engine_stopped(reason: str) -> None:
+    HOT.engine_stops[reason] = HOT.engine_stops.get(reason, 0) + 1
+
+
+def engine_limit_exceeded() -> None:
+    HOT.engine_limit_exceeded += 1
 
 
 def usage_stored(name: str, totals: tuple[int, int, float | None]) -> None:
@@ -264,6 +275,8 @@ class DaemonSample:
     connections: dict[str, int]
     outbox_reports: int
     outbox_targets: int
+    engine_processes: int = 0
+    """External engine processes running."""
 
 
 def render(daemon: DaemonSample, pods: list[PodSample], hot: Hot = HOT) -> str:
@@ -325,8 +338,29 @@ def render(daemon: DaemonSample, pods: list[PodSample], hot: Hot = HOT) -> str:
     out.family("capd_connections", "gauge", "Open client connections, by socket.")
     for socket, count in daemon.connections.items():
         out.sample("capd_connections", f'{{socket="{socket}"}}', count)
+    _engines(out, daemon, hot)
     _process(out)
     return out.text()
+
+
+def _engines(out: "_Writer", daemon: DaemonSample, hot: Hot) -> None:
+    out.family("capd_engine_processes", "gauge", "External engine processes running.")
+    out.sample("capd_engine_processes", "", daemon.engine_processes)
+    out.family(
+        "capd_engine_stops_total",
+        "counter",
+        "Engine processes capd stopped, idle or over --max-engine-processes, by reason.",
+    )
+    for reason in ("idle", "limit"):
+        out.sample(
+            "capd_engine_stops_total", f'{{reason="{reason}"}}', hot.engine_stops.get(reason, 0)
+        )
+    out.family(
+        "capd_engine_limit_exceeded_total",
+        "counter",
+        "Engine processes started over --max-engine-processes: every other one was busy.",
+    )
+    out.sample("capd_engine_limit_exceeded_total", "", hot.engine_limit_exceeded)
 
 
 def _histogram(out: "_Writer", family: str, hist: Histogram, names: Labels, help_text: str) -> None:

@@ -30,6 +30,7 @@ def scrape(supervisor: "Supervisor", endpoint: "Endpoint", start_time: float) ->
         },
         outbox_reports=reports,
         outbox_targets=targets,
+        engine_processes=len(supervisor.engine_slots.live),
     )
     return render(daemon, pod_samples(supervisor))
 

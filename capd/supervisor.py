@@ -26,6 +26,7 @@ from capd.config import Config
 from capd.controller import PodController, StopMode
 from capd.engines import check_engine, make_engine, model_label
 from capd.engines.claude_code import state_paths as claude_code_state
+from capd.engines.slots import EngineSlots
 from capd.fanout import Hub
 from capd.outbox import Outbox
 from capd.pod_worktrees import PodWorktrees
@@ -132,6 +133,8 @@ class Supervisor:
         """The pods' `workspace.git` work trees."""
         self.teams = Teams(self)
         """The daemon's `apply` and `down`."""
+        self.engine_slots = EngineSlots(config.max_engine_processes, self._reap_engine)
+        """The external engines' processes, bounded by --max-engine-processes."""
 
     # -- start-up and shutdown ----------------------------------------------------------
 
@@ -411,9 +414,15 @@ class Supervisor:
                     error=self._broken.get(record.name),
                     spent=Spent.model_validate(self.ledger.spent(record.name)),
                     team=record.team,
+                    engine=running.controller.engine_status() if running else None,
                 )
             )
         return ListResult(pods=entries)
+
+    async def _reap_engine(self, name: str) -> bool:
+        """Ask pod `name` to stop its idle engine for --max-engine-processes."""
+        running = self.pods.get(name)
+        return running is not None and await running.controller.reap_engine("limit")
 
     def children_of(self, name: str) -> list[str]:
         return self.registry.children_of(name)
@@ -485,7 +494,7 @@ class Supervisor:
         toolbox = self._toolbox(manifest, sandbox, limits)
         controller = PodController(
             manifest,
-            engine=make_engine(manifest, sandbox, limits),
+            engine=make_engine(manifest, sandbox, limits, self.engine_slots.slot(name)),
             toolbox=toolbox,
             parent=parent,
             socket_path=socket_path,
@@ -633,7 +642,7 @@ class Supervisor:
         toolbox has no MCP servers yet (it takes the old toolbox's)."""
         assert manifest.cwd is not None
         return Parts(
-            make_engine(manifest, sandbox, limits),
+            make_engine(manifest, sandbox, limits, self.engine_slots.slot(manifest.name)),
             self._toolbox(manifest, sandbox, limits, new_servers),
             self._checkpoint_store(manifest.name, Path(manifest.cwd), manifest),
         )

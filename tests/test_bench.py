@@ -30,6 +30,7 @@ FIGURES = {
     "sandbox": 2,
     "metrics": 5,
     "tracing": 2,
+    "engines": 3,
 }
 
 

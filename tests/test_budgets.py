@@ -298,7 +298,16 @@ async def test_capctl_budget_shows_and_sets_the_budget_and_ps_shows_spend(
         "spent": {"tokens": 5, "usd": 9.0},
     }
     header, *rows = ok(capd.runtime_dir, "ps").splitlines()
-    assert header.split() == ["NAME", "STATUS", "PARENT", "TOKENS", "COST", "TEAM", "SOCKET"]
+    assert header.split() == [
+        "NAME",
+        "STATUS",
+        "PARENT",
+        "TOKENS",
+        "COST",
+        "TEAM",
+        "ENGINE",
+        "SOCKET",
+    ]
     assert rows[0].split()[:5] == ["bk", "idle", "-", "5", "$9.00"]
 
 

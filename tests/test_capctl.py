@@ -148,9 +148,18 @@ def test_spawn_ps_and_status(capd: CapdProcess, tmp_path: Path) -> None:
     ok(rt, "spawn", "-f", str(manifest))
 
     table = ok(rt, "ps").splitlines()
-    assert table[0].split() == ["NAME", "STATUS", "PARENT", "TOKENS", "COST", "TEAM", "SOCKET"]
+    assert table[0].split() == [
+        "NAME",
+        "STATUS",
+        "PARENT",
+        "TOKENS",
+        "COST",
+        "TEAM",
+        "ENGINE",
+        "SOCKET",
+    ]
     rows = {line.split()[0]: line.split() for line in table[1:]}
-    assert rows["w1"][1:] == ["idle", "-", "0", "-", "-", str(capd.pod_socket("w1"))]
+    assert rows["w1"][1:] == ["idle", "-", "0", "-", "-", "-", str(capd.pod_socket("w1"))]
     assert rows["w2"][1] == "idle"
 
     status = pod_status(capd, "w2")
@@ -167,7 +176,7 @@ def test_spawn_ps_and_status(capd: CapdProcess, tmp_path: Path) -> None:
 
     ok(rt, "stop", "w1")
     rows = {line.split()[0]: line.split() for line in ok(rt, "ps").splitlines()[1:]}
-    assert rows["w1"][1:] == ["stopped", "-", "0", "-", "-", "-"]
+    assert rows["w1"][1:] == ["stopped", "-", "0", "-", "-", "-", "-"]
 
     # A server of its own at --base-url needs no key; the model name has a default.
     ok(rt, "spawn", "w3", "--provider", "anthropic", "--base-url", "http://127.0.0.1:9")
@@ -357,7 +366,13 @@ def test_no_daemon(tmp_path: Path, args: tuple[str, ...]) -> None:
 
 def test_ps_shows_children_under_their_parents() -> None:
     pods = [
-        {"name": "kid", "status": "running", "parent": "/r/pods/boss.sock", "socket": "/r/k"},
+        {
+            "name": "kid",
+            "status": "running",
+            "parent": "/r/pods/boss.sock",
+            "socket": "/r/k",
+            "engine": {"state": "running", "pid": 4242},
+        },
         {
             "name": "boss",
             "status": "idle",
@@ -365,6 +380,7 @@ def test_ps_shows_children_under_their_parents() -> None:
             "socket": "/r/pods/boss.sock",
             "spent": {"tokens": 1234, "usd": 0.0512},
             "team": "pay",
+            "engine": {"state": "stopped", "pid": None},
         },
         {"name": "grandkid", "status": "paused", "parent": "/r/k", "socket": "/r/g"},
         {"name": "orphan", "status": "stopped", "parent": "/r/gone.sock", "socket": "/r/o"},
@@ -372,14 +388,23 @@ def test_ps_shows_children_under_their_parents() -> None:
         {"name": "woke", "status": "idle", "parent": "/r/pods/nap.sock", "socket": "/r/w"},
     ]
     header, *rows = pod_table(pods).splitlines()
-    assert header.split() == ["NAME", "STATUS", "PARENT", "TOKENS", "COST", "TEAM", "SOCKET"]
+    assert header.split() == [
+        "NAME",
+        "STATUS",
+        "PARENT",
+        "TOKENS",
+        "COST",
+        "TEAM",
+        "ENGINE",
+        "SOCKET",
+    ]
     assert [(len(row) - len(row.lstrip()), row.split()) for row in rows] == [
-        (0, ["boss", "idle", "-", "1,234", "$0.05", "pay", "/r/pods/boss.sock"]),
-        (2, ["kid", "running", "boss", "0", "-", "-", "/r/k"]),
-        (4, ["grandkid", "paused", "kid", "0", "-", "-", "/r/g"]),
-        (0, ["nap", "stopped", "-", "0", "-", "-", "-"]),
-        (2, ["woke", "idle", "nap", "0", "-", "-", "/r/w"]),
-        (0, ["orphan", "stopped", "/r/gone.sock", "0", "-", "-", "-"]),
+        (0, ["boss", "idle", "-", "1,234", "$0.05", "pay", "stopped", "/r/pods/boss.sock"]),
+        (2, ["kid", "running", "boss", "0", "-", "-", "pid", "4242", "/r/k"]),
+        (4, ["grandkid", "paused", "kid", "0", "-", "-", "-", "/r/g"]),
+        (0, ["nap", "stopped", "-", "0", "-", "-", "-", "-"]),
+        (2, ["woke", "idle", "nap", "0", "-", "-", "-", "/r/w"]),
+        (0, ["orphan", "stopped", "/r/gone.sock", "0", "-", "-", "-", "-"]),
     ]
     assert len({row.index(row.split()[1]) for row in rows}) == 1, "STATUS is one column"
 

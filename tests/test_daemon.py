@@ -81,6 +81,8 @@ async def test_list_info_and_daemon_events(capd: CapdProcess) -> None:
             "socket": str(capd.pod_socket("w1")),
             "error": None,
             "spent": {"tokens": 4, "usd": None},  # the scripted model's word counts
+            "team": None,
+            "engine": None,
         }
     ]
 

@@ -23,6 +23,7 @@ from tests.engine_scaffold import groups_with_env, spawn_on_engine, user_texts
 from tests.fakes.openai_server import FunctionCall, OpenAITestServer, TextReply, ToolCallsReply
 from tests.fakes.sse_server import HeldReply
 from tests.helpers import (
+    alive,
     connect_pod,
     daemon_request,
     full_history,
@@ -35,6 +36,8 @@ from tests.helpers import (
     until,
     wait_for,
 )
+from tests.test_activity import activity_feed
+from tests.test_engine_reap import engine_stopped
 
 AGENT = os.environ.get("CAPD_REAL_ACP_AGENT", "")
 pytestmark = pytest.mark.skipif(
@@ -80,7 +83,11 @@ alias = "local"
 
 
 async def _spawn(
-    capd: CapdProcess, server: OpenAITestServer, tmp_path: Path, permission: str = "deny"
+    capd: CapdProcess,
+    server: OpenAITestServer,
+    tmp_path: Path,
+    permission: str = "deny",
+    **manifest: Any,
 ) -> Path:
     """An acp pod on the real agent; returns its cwd."""
     cwd = tmp_path / "work"
@@ -92,7 +99,7 @@ async def _spawn(
         "permission": permission,
     }
     home = {"writable": [str(tmp_path / "vibe-home")]}  # the agent's state: sessions, logs
-    await spawn_on_engine(capd, "vibe", engine, cwd=str(cwd), sandbox=home)
+    await spawn_on_engine(capd, "vibe", engine, cwd=str(cwd), sandbox=home, **manifest)
     return cwd
 
 
@@ -274,3 +281,26 @@ async def test_an_agent_killed_mid_turn_is_restarted_and_finishes_the_turn(
     assert user_texts(server.requests[1])[0] == "do the thing"
     assert sum(e["event"] == "engine_session" for e in history) == 1
     assert restarted != group
+
+
+async def test_an_idle_agent_stops_and_the_next_turn_loads_its_session(
+    capd: CapdProcess, server: OpenAITestServer, tmp_path: Path
+) -> None:
+    """docs/protocol.md "Idle engines": the agent stops after limits.engine_idle_s (it
+    loads sessions); the next turn's `session/load` sends the model the first turn too."""
+    server.enqueue(TextReply("Noted."), TextReply("It was 42."))
+    await _spawn(capd, server, tmp_path, limits={"engine_idle_s": 0.5})
+    async with await activity_feed(capd) as feed, await connect_pod(capd, "vibe") as pod:
+        await pod.request({"method": "run", "text": "remember 42"})
+        first, _ = await wait_for(pod, is_event("turn_end"), STARTUP_TIMEOUT_S)
+        pid = (await pod.request({"method": "status"}))["engine"]["pid"]
+        await wait_for(feed, engine_stopped("vibe"), STARTUP_TIMEOUT_S)
+        await pod.request({"method": "run", "text": "what was it?"})
+        second, _ = await wait_for(pod, is_event("turn_end"), STARTUP_TIMEOUT_S)
+        history = await full_history(pod)
+    assert (first["result"], second["output"]) == ("finished", "It was 42.")
+    assert not alive(pid)
+    assert len([e for e in history if e["event"] == "engine_session"]) == 1
+    texts = user_texts(server.requests[-1])
+    assert "remember 42" in texts
+    assert texts[-1] == "what was it?"

@@ -22,6 +22,7 @@ from tests.conftest import CapdProcess
 from tests.engine_scaffold import claude_code_env, spawn_on_engine
 from tests.fakes.anthropic_server import AnthropicTestServer, TextReply, ToolUse, ToolUseReply
 from tests.helpers import (
+    alive,
     connect_pod,
     full_history,
     is_event,
@@ -31,6 +32,8 @@ from tests.helpers import (
     wait_for,
 )
 from tests.mcp_servers import McpServerCommands, time_and_everything
+from tests.test_activity import activity_feed
+from tests.test_engine_reap import engine_stopped
 
 CLAUDE = os.environ.get("CAPD_REAL_CLAUDE", "")
 pytestmark = pytest.mark.skipif(
@@ -411,3 +414,24 @@ async def test_the_manifests_mcp_servers_run_in_the_cli_and_their_results_come_b
     shown = {s["name"]: (s["state"], s["managed_by"]) for s in status["mcp"]}
     assert shown == {"time": ("ready", "engine"), "ev": ("ready", "engine")}
     assert {s["name"]: s["tools"] for s in status["mcp"]}["time"] == 2
+
+
+async def test_an_idle_cli_stops_and_the_next_turn_resumes_its_session(
+    capd: CapdProcess, server: AnthropicTestServer, tmp_path: Path
+) -> None:
+    """docs/protocol.md "Idle engines": the CLI stops after limits.engine_idle_s; the
+    next turn's `--resume` sends the model the first turn too."""
+    server.enqueue(TextReply("Noted."), TextReply("It was 42."))
+    await _spawn(capd, server, tmp_path, limits={"engine_idle_s": 0.5})
+    async with await activity_feed(capd) as feed, await connect_pod(capd, "cc") as pod:
+        first, _ = await _turn(pod, "remember 42")
+        pid = (await pod.request({"method": "status"}))["engine"]["pid"]
+        await wait_for(feed, engine_stopped("cc"), TURN_TIMEOUT_S)
+        second, _ = await _turn(pod, "what was it?")
+        history = await full_history(pod)
+    assert (first["result"], second["output"]) == ("finished", "It was 42.")
+    assert not alive(pid)
+    assert len(_sessions(history)) == 1
+    texts = _texts(server.requests[-1])
+    assert "remember 42" in texts
+    assert texts[-1] == "what was it?"

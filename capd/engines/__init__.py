@@ -4,16 +4,20 @@ from pathlib import Path
 
 from capd.engines.base import Engine
 from capd.engines.process import check_command
+from capd.engines.slots import EngineSlot
 from capd.proc.limits import PodLimits
 from capd.proc.sandbox import Confinement
 from protocol.manifest import AcpEngine, BuiltinEngine, ClaudeCodeEngine, Manifest
 
 
 def make_engine(
-    manifest: Manifest, sandbox: Confinement | None, pod_limits: PodLimits | None = None
+    manifest: Manifest,
+    sandbox: Confinement | None,
+    pod_limits: PodLimits | None = None,
+    slot: EngineSlot | None = None,
 ) -> Engine:
-    """The pod's engine; an external one's process is confined by `sandbox` and runs in
-    `pod_limits`' leaves."""
+    """The pod's engine; an external one's process is confined by `sandbox`, runs in
+    `pod_limits`' leaves and holds `slot` while it runs."""
     match manifest.engine:
         case BuiltinEngine():
             from capd.engines.builtin import BuiltinEngine as Builtin
@@ -23,11 +27,11 @@ def make_engine(
         case ClaudeCodeEngine() as config:
             from capd.engines.claude_code import ClaudeCodeEngine as ClaudeCode
 
-            return ClaudeCode(config, manifest, sandbox, pod_limits)
+            return ClaudeCode(config, manifest, sandbox, pod_limits, slot)
         case AcpEngine() as config:
             from capd.engines.acp import AcpEngine as Acp
 
-            return Acp(config, manifest, sandbox, pod_limits)
+            return Acp(config, manifest, sandbox, pod_limits, slot)
     raise AssertionError(f"unknown engine {manifest.engine.kind}")
 
 

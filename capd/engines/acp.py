@@ -42,6 +42,7 @@ from capd.engines.base import Engine, Turn, TurnHost, TurnOutcome
 from capd.engines.mcp_handover import acp_servers
 from capd.engines.process import EngineDied, EngineError, ExternalEngine
 from capd.engines.questions import Questions
+from capd.engines.slots import EngineSlot
 from capd.prices import add_usage
 from capd.proc.launcher import environment
 from capd.proc.limits import PodLimits
@@ -129,9 +130,12 @@ class AcpEngine(ExternalEngine):
         manifest: Manifest,
         sandbox: Confinement | None,
         pod_limits: PodLimits | None = None,
+        slot: EngineSlot | None = None,
     ) -> None:
         assert manifest.cwd is not None
-        super().__init__(Path(manifest.cwd), config, manifest.mcp_servers, sandbox, pod_limits)
+        super().__init__(
+            Path(manifest.cwd), config, manifest.mcp_servers, sandbox, pod_limits, slot
+        )
         self._config = config
         # A server that cannot be handed over shows failed from the start; whether the
         # agent takes http servers waits for its `initialize`.
@@ -158,9 +162,15 @@ class AcpEngine(ExternalEngine):
         self._unrecorded = Usage()
         """What the agent reported spent that no event records yet: it goes with the
         next step recorded, this turn's or, after a cancel, a later turn's."""
+        self._can_load = False
+        """The running agent said it loads sessions (`loadSession`)."""
 
     def answer_permission(self, request_id: str, option_id: str | None) -> None:
         self._questions.answer(request_id, option_id)
+
+    def _can_resume(self) -> bool:
+        """An agent that cannot load sessions would lose its session with its process."""
+        return self._can_load or self._session_id is None
 
     # -- the process --------------------------------------------------------------------
 
@@ -180,7 +190,7 @@ class AcpEngine(ExternalEngine):
         if version != PROTOCOL_VERSION:
             raise EngineError(f"acp agent speaks protocol version {version}, capd speaks 1")
         agent = init.get("agentCapabilities") or {}
-        can_load = bool(agent.get("loadSession"))
+        can_load = self._can_load = bool(agent.get("loadSession"))
         takes_http = bool((agent.get("mcpCapabilities") or {}).get("http"))
         servers, left_out = acp_servers(
             self._mcp.servers, self._cwd, environment(self._env), takes_http

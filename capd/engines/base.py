@@ -162,6 +162,24 @@ class Engine(Protocol):
         is replaced; bounded (settle_timeout_s). capd's own engine has nothing to wait for."""
         ...
 
+    def engine_state(self) -> dict[str, Any] | None:
+        """An external engine's process for `status.engine` (`state`, `pid`, `since`; the
+        pod adds `reaped`); None for capd's own engine."""
+        ...
+
+    def holds_process(self) -> bool:
+        """Whether a process runs that `release` may stop (its session survives it)."""
+        ...
+
+    def crowded(self) -> bool:
+        """Whether its running process is one over `--max-engine-processes`."""
+        ...
+
+    async def release(self) -> bool:
+        """Stop the process of an idle pod's engine (the actor asks) if its session
+        survives it; True when it stopped. The next turn starts it again, resuming."""
+        ...
+
     def take_over(self, old: "Engine") -> None:
         """Carry on from `old`, the engine this one replaces in a reconfigured pod (after
         `old.settle()`): what it knew of its session that the events do not hold."""

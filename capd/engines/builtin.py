@@ -106,6 +106,18 @@ class BuiltinEngine:
     async def settle(self) -> None:
         pass
 
+    def engine_state(self) -> None:
+        return None
+
+    def holds_process(self) -> bool:
+        return False
+
+    def crowded(self) -> bool:
+        return False
+
+    async def release(self) -> bool:
+        return False
+
     def take_over(self, old: Engine) -> None:
         pass
 

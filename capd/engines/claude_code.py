@@ -49,6 +49,7 @@ import orjson
 from capd.engines.base import CompactOrder, Engine, Turn, TurnHost, TurnOutcome, never_asks
 from capd.engines.mcp_handover import claude_code_config
 from capd.engines.process import EngineDied, ExternalEngine
+from capd.engines.slots import EngineSlot
 from capd.proc.launcher import environment
 from capd.proc.limits import PodLimits
 from capd.proc.sandbox import Confinement, SandboxRefused
@@ -145,9 +146,12 @@ class ClaudeCodeEngine(ExternalEngine):
         manifest: Manifest,
         sandbox: Confinement | None,
         pod_limits: PodLimits | None = None,
+        slot: EngineSlot | None = None,
     ) -> None:
         assert manifest.cwd is not None
-        super().__init__(Path(manifest.cwd), config, manifest.mcp_servers, sandbox, pod_limits)
+        super().__init__(
+            Path(manifest.cwd), config, manifest.mcp_servers, sandbox, pod_limits, slot
+        )
         self._env = {AUTOCOMPACT_PCT: f"{manifest.limits.compact_at * 100:g}", **config.env}
         if sandbox is not None:
             # Claude Code expands its servers' ${VAR}s itself: it gets those capd has,
@@ -172,6 +176,9 @@ class ClaudeCodeEngine(ExternalEngine):
 
     def answer_permission(self, request_id: str, option_id: str | None) -> None:
         raise never_asks(self.kind)
+
+    def _working(self) -> bool:
+        return self._busy
 
     def take_over(self, old: Engine) -> None:
         """Nothing to carry: the CLI's running total starts anew with each process, as

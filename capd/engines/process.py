@@ -10,9 +10,12 @@ hold its output open).
 `ExternalEngine` holds one such process per pod. A turn sends one prompt (`_next_prompt`):
 the user messages and notifications the engine's session has not seen, followed by
 CONTINUE_PROMPT when the turn is resuming; after a rewind, the new session's first prompt
-begins with the context the rewind kept (`primer`). A cancelled turn (pause, cancel, stop,
-timeout) interrupts the engine the way its protocol says, at once; the next prompt waits
-until the engine has wound that turn down. A process that dies mid-turn is started again
+begins with the context the rewind kept (`primer`). An idle pod's process is stopped
+when its session survives that (`release`, asked by the pod's actor); the next turn starts
+it again and resumes the session, or, when the engine cannot resume it, primes the new
+one with the context. A cancelled turn (pause, cancel, stop, timeout) interrupts the
+engine the way its protocol says, at once; the next prompt waits until the engine has
+wound that turn down. A process that dies mid-turn is started again
 once (resuming its session, or with the turn's prompt again in a new one); if it dies
 again the turn errors. A session the engine cannot resume is replaced by a new one, never
 tried again, and the new session's `engine_session` event says which one it replaces and
@@ -25,6 +28,7 @@ import contextlib
 import logging
 import os
 import shutil
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -44,6 +48,7 @@ from capd.engines.base import (
     run_timed,
 )
 from capd.engines.mcp_handover import HandedServers
+from capd.engines.slots import EngineSlot
 from capd.proc.groups import KILL_GRACE_S, signal_name
 from capd.proc.launcher import close_piped, environment, launch_piped, stop_group
 from capd.proc.limits import Leaf, PodLimits
@@ -65,9 +70,11 @@ INBOX_LIMIT = 1024
 """Engine messages read ahead of the turn; past it the engine waits on its stdout."""
 CONTINUE_PROMPT = "You were interrupted. Continue where you left off."
 PRIMER = (
-    "[capd: this conversation was rewound, so it goes on in a new session. What was said "
+    "[capd: {why}, so it goes on in a new session. What was said "
     "before, as a transcript:]\n\n{transcript}\n\n[end of the earlier conversation]"
 )
+REWOUND = "this conversation was rewound"
+LOST = "this conversation's session could not be resumed after its idle engine stopped"
 PRIMER_LINE_TOKENS = 4000
 """Tokens a message of the primer's transcript keeps at most (its start and its end)."""
 PRIMER_CHARS = 400_000
@@ -137,6 +144,10 @@ class EngineProcess:
     @property
     def pid(self) -> int:
         return self._proc.pid
+
+    @property
+    def exited(self) -> bool:
+        return self._proc.returncode is not None
 
     async def read(self) -> dict[str, Any] | None:
         """The next JSON object on stdout; None once the output has ended. Other lines are
@@ -231,12 +242,13 @@ class EngineProcess:
         return f"; stderr: {summary}" if summary else ""
 
 
-def primer(messages: Sequence[ChatMessage]) -> str:
+def primer(messages: Sequence[ChatMessage], why: str = REWOUND) -> str:
     """The context a rewind kept, as a transcript for a new session: the session the
-    engine had holds what the rewind took back, so it is left behind. A long one keeps
+    engine had holds what the rewind took back, so it is left behind. Also the context of
+    a session lost when its stopped idle engine started again (`why`). A long one keeps
     its start and its end."""
     transcript = "\n\n".join(transcript_lines(messages, PRIMER_LINE_TOKENS))
-    return PRIMER.format(transcript=clip(transcript, PRIMER_CHARS))
+    return PRIMER.format(why=why, transcript=clip(transcript, PRIMER_CHARS))
 
 
 class ExternalEngine(ABC):
@@ -253,9 +265,17 @@ class ExternalEngine(ABC):
         mcp_servers: Mapping[str, McpServerConfig],
         sandbox: Confinement | None,
         pod_limits: PodLimits | None = None,
+        slot: EngineSlot | None = None,
     ) -> None:
         self._cwd = cwd
         self._pod_limits = pod_limits
+        self._slot = slot
+        """Its claim on a process under --max-engine-processes (None: not counted)."""
+        self._since = time.time()
+        """When the process last started or stopped (`engine_state`)."""
+        self._released = False
+        """The process was stopped by `release`, and no turn has been answered since: a
+        new session that replaces the one it could not resume is primed (LOST)."""
         self._env = config.env
         self._sandbox = sandbox
         """How the process is confined (None: not at all)."""
@@ -279,14 +299,18 @@ class ExternalEngine(ABC):
         unknown, after a capd restart)."""
         self._answered = False
         """Whether the engine said anything since the last prompt."""
-        self._primer = False
-        """The session is new after a rewind: its first prompt carries the context."""
+        self._primer: str | None = None
+        """The session is new after a rewind, or replaces one lost after `release`: its
+        first prompt carries the context, saying why (REWOUND or LOST)."""
 
     async def drive_turn(self, host: TurnHost, turn: Turn) -> TurnOutcome:
         try:
             return await run_timed(host, turn, lambda: self._run(host, turn))
         except EngineError as exc:
             return TurnOutcome("errored", turn.output, str(exc))
+        finally:
+            if self._slot is not None:
+                self._slot.touch()
 
     async def compact(self, host: TurnHost, order: CompactOrder) -> None:
         raise cannot_compact(self.kind)
@@ -296,6 +320,41 @@ class ExternalEngine(ABC):
 
     async def settle(self) -> None:
         await self._settle()
+
+    def engine_state(self) -> dict[str, Any]:
+        proc = self._proc
+        running = proc is not None and not proc.exited
+        return {
+            "state": "running" if running else "stopped",
+            "pid": proc.pid if running and proc is not None else None,
+            "since": self._since,
+        }
+
+    def holds_process(self) -> bool:
+        return self._proc is not None and self._can_resume()
+
+    def crowded(self) -> bool:
+        return self._slot is not None and self._proc is not None and self._slot.crowded()
+
+    async def release(self) -> bool:
+        """Stop the process if its session survives it: after an interrupted prompt has
+        wound down, unless the engine is still busy or could not resume the session."""
+        if self._proc is None:
+            return False
+        await self._settle()
+        if self._proc is None or self._working() or not self._can_resume():
+            return False
+        await self._discard()
+        self._released = True
+        return True
+
+    def _working(self) -> bool:
+        """Whether the engine works on a prompt of its own (Claude Code's /compact)."""
+        return False
+
+    def _can_resume(self) -> bool:
+        """Whether a new process can resume the session this one holds."""
+        return True
 
     async def aclose(self) -> None:
         if self._settling is not None:
@@ -329,8 +388,10 @@ class ExternalEngine(ABC):
                     await self._start_or_discard(host, turn)
                 prompt, upto = self._next_prompt(host.context, turn)
                 self._send_prompt(prompt)
-                self._sent, self._fresh, self._primer = upto, False, False
-                return await self._read_turn(host, turn)
+                self._sent, self._fresh, self._primer = upto, False, None
+                outcome = await self._read_turn(host, turn)
+                self._released = False  # the session, resumed or primed, answered
+                return outcome
             except EngineDied as exc:
                 await self._discard()
                 if not self._answered:
@@ -345,10 +406,11 @@ class ExternalEngine(ABC):
 
     async def _start_or_discard(self, host: TurnHost, turn: Turn | None) -> None:
         # Asked before `_start` records the new session, which makes it no longer due.
-        primer_due = host.context.primer_due()
+        rewound = host.context.primer_due()
         try:
             await self._start(host, turn)
-            self._primer = primer_due and self._fresh
+            why = REWOUND if rewound else LOST if self._released else None
+            self._primer = why if self._fresh else None
         except asyncio.CancelledError:
             # A pause must not wait for a half-started engine to exit.
             self._abandon()
@@ -380,8 +442,8 @@ class ExternalEngine(ABC):
         if start > first or not texts:
             texts.append(CONTINUE_PROMPT)
         kept = messages[: context.index_after(turn.started_seq)]
-        if self._primer and kept:
-            texts.insert(0, primer(kept))
+        if self._primer is not None and kept:
+            texts.insert(0, primer(kept, self._primer))
         return "\n\n".join(texts), context.last_message_seq()
 
     def _note_session(self, session_id: object) -> None:
@@ -431,10 +493,17 @@ class ExternalEngine(ABC):
 
     async def _spawn(self, argv: Sequence[str]) -> EngineProcess:
         leaf = self._pod_limits.leaf("engine") if self._pod_limits else None
-        proc = await EngineProcess.start(
-            f"{self.kind} engine", argv, self._cwd, self._env, self._sandbox, leaf
-        )
-        self._proc = proc
+        if self._slot is not None:
+            await self._slot.acquire()
+        try:
+            proc = await EngineProcess.start(
+                f"{self.kind} engine", argv, self._cwd, self._env, self._sandbox, leaf
+            )
+        except BaseException:
+            if self._slot is not None:
+                self._slot.release()
+            raise
+        self._proc, self._since = proc, time.time()
         self._inbox = asyncio.Queue(INBOX_LIMIT)
         self._pump_task = asyncio.create_task(self._pump(proc))
         return proc
@@ -492,7 +561,10 @@ class ExternalEngine(ABC):
         if self._pump_task is not None:
             self._pump_task.cancel()
             self._pump_task = None
+        if self._slot is not None:
+            self._slot.release()
         if proc is not None:
+            self._since = time.time()
             reaping = asyncio.create_task(proc.aclose())
             self._reaping.add(reaping)
             reaping.add_done_callback(self._reaping.discard)

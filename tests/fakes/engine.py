@@ -121,6 +121,18 @@ class FakeEngine:
     def mcp_status(self) -> list[dict[str, Any]]:
         return []
 
+    def engine_state(self) -> None:
+        return None
+
+    def holds_process(self) -> bool:
+        return False
+
+    def crowded(self) -> bool:
+        return False
+
+    async def release(self) -> bool:
+        return False
+
     async def aclose(self) -> None:
         self.closed.set()
 
