@@ -78,8 +78,14 @@ class Teams:
         registry = self._sup.registry
         record = registry.get(pod.name)
         if record is not None and record.pending_manifest is not None:
-            with contextlib.suppress(ValueError):
+            try:
                 pod.pending_manifest = Manifest.model_validate_json(record.pending_manifest)
+            except ValueError as exc:
+                why = " ".join(str(exc).split())
+                log.error(
+                    "pod %s: the change apply deferred cannot be read; dropped: %s", pod.name, why
+                )
+                registry.set_pending_manifest(pod.name, None)
         pod.take_pending = self._take_pending
         parent = self._sup.running(registry.parent_of(pod.name) or "")
         pod.draining = parent is not None and parent.draining

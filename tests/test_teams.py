@@ -651,3 +651,23 @@ async def test_a_child_spawned_during_down_stays_down_after_a_crash_of_capd(
     await asyncio.to_thread(capd.start)
     listed = (await daemon_request(capd, {"method": "list"}))["pods"]
     assert {pod["name"]: pod["status"] for pod in listed} == {"clead": "stopped", "ckid": "stopped"}
+
+
+@pytest.mark.own_capd
+async def test_a_deferred_change_that_cannot_be_read_is_dropped_and_logged(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    """A stored change capd cannot read back (a newer capd's, a damaged row) is dropped with
+    a line in the log, not kept forever in silence."""
+    path = _team_file(tmp_path, [{"name": "odd", "model": scripted(), "cwd": "."}], team="od")
+    await _apply(capd, path)
+    capd.stop()
+    with contextlib.closing(sqlite3.connect(capd.state_dir / "capd.db")) as db, db:
+        db.execute("UPDATE pods SET pending_manifest = '{\"name\": 1}' WHERE name = 'odd'")
+    await asyncio.to_thread(capd.start)
+    await daemon_request(capd, {"method": "list"})
+    with contextlib.closing(sqlite3.connect(capd.state_dir / "capd.db")) as db:
+        kept = db.execute("SELECT pending_manifest FROM pods WHERE name = 'odd'").fetchall()
+    assert kept == [(None,)]
+    capd.stop()
+    assert "pod odd: the change apply deferred cannot be read; dropped:" in capd.output()
