@@ -33,6 +33,20 @@ def read_team(path: Path) -> "TeamFile":
         raise CapctlError(f"{path}: {describe(exc, data)}") from None
 
 
+def team_name(path: Path) -> str:
+    """Only the file's `team`, which is all `down` sends: a file whose pods no longer
+    check can still bring its team down."""
+    import re
+
+    from protocol.paths import POD_NAME_PATTERN
+
+    data = read_yaml(path, "team file", str(path))
+    team = data.get("team") if isinstance(data, dict) else None
+    if not isinstance(team, str) or re.fullmatch(POD_NAME_PATTERN, team) is None:
+        raise CapctlError(f"{path}: team: expected the team's name ({POD_NAME_PATTERN})")
+    return team
+
+
 def describe(exc: "ValidationError", data: dict[str, Any]) -> str:
     """pydantic's errors as `pod NAME (pods[i]): field: what`, `team: what`, or the
     file-level check's own words."""

@@ -671,3 +671,14 @@ async def test_a_deferred_change_that_cannot_be_read_is_dropped_and_logged(
     assert kept == [(None,)]
     capd.stop()
     assert "pod odd: the change apply deferred cannot be read; dropped:" in capd.output()
+
+
+async def test_down_needs_only_the_files_team(capd: CapdProcess, tmp_path: Path) -> None:
+    """A file whose pods no longer check can still bring its team down: `down` sends only
+    `team`. A file without a team name is refused, naming the file and the field."""
+    path = _team_file(tmp_path, [{"name": "x", "colour": "red"}], team="gone")
+    done = capctl(capd.runtime_dir, "down", "-f", str(path))
+    assert_one_line_error(done, f"{path}: not_found: no pod is of team gone")
+    path.write_text("pods: []\n")
+    done = capctl(capd.runtime_dir, "down", "-f", str(path))
+    assert_one_line_error(done, f"{path}: team: ")
