@@ -254,7 +254,10 @@ async def test_down_drains_pauses_and_stops_children_first(
         await wait_for(boss, is_event("turn_end"))  # the buffered reports woke it
         history = await full_history(boss)
     woke = [e["event"] for e in history if e["event"] in ("reconfigured", "turn_start")]
-    assert woke == ["reconfigured", "turn_start"]
+    # The reports kept while it was stopped and those the outbox delivers as it starts may
+    # wake it once or twice, as they arrive; the change comes before the first.
+    assert woke[:2] == ["reconfigured", "turn_start"], woke
+    assert woke.count("reconfigured") == 1, woke
     async with await connect_pod(capd, "held") as held:
         end, _ = await resume_turn(held)
     assert (end["result"], end["output"]) == ("finished", "held done")
