@@ -289,7 +289,8 @@ class ChildPods:
             child = self._host.running(manifest.name)
             if child is None:
                 raise ProtocolError("shutting_down", f"pod {manifest.name} stopped at once")
-            started = await child.call(Run(text=task, traceparent=traceparent))
+            # Queued only while the child's team goes down (capctl down); else it starts.
+            started = await child.call(Run(text=task, traceparent=traceparent, if_busy="queue"))
         except ProtocolError as exc:
             raise ToolFailed(f"cannot spawn pod {manifest.name}: {exc.message}") from None
         return str(started["turn_id"])
@@ -308,8 +309,9 @@ class ChildPods:
         if "buffered" in result:
             return f"pod {name} is paused; it reads your message when it is resumed"
         if result.get("queued"):
+            why = "'s team is going down" if child.draining else " is busy"
             return (
-                f"pod {name} is busy; your message is queued as its next turn "
+                f"pod {name}{why}; your message is queued as its next turn "
                 f"{result['turn_id']}, and {reply_to} a report when that turn ends"
             )
         return f"pod {name} started turn {result['turn_id']}; {reply_to} a report when it ends"

@@ -88,6 +88,14 @@ class PodWorktrees:
                 self._refuse_taken_name(name)
         return tree
 
+    async def check(self, manifest: Manifest) -> tuple[Path, str] | None:
+        """What `make` would refuse, without making anything; the repository's common
+        git directory and the branch (None without `workspace.git`)."""
+        spec = manifest.workspace.git
+        if spec is None:
+            return None
+        return await worktrees.check(spec, manifest.name, self._protected, self._in_use())
+
     async def undo(self, tree: Worktree | None) -> None:
         """Undo `make` for a spawn that failed after it (its record gone): the branch is
         left to a pod spawned meanwhile that took it."""

@@ -121,17 +121,7 @@ async def make(
     own directories, which the repository may not lie in; `others`: the work trees of the
     other pods, whose branches are taken. ProtocolError when it cannot (nothing made is
     left behind)."""
-    repo, common, object_format = await _inspect(spec.repo, protected)
-    branch = spec.branch or f"capd/{pod}"
-    for other, theirs in others:
-        if Path(theirs.common_dir) == common and theirs.branch == branch:
-            raise ProtocolError(
-                "already_exists",
-                f"workspace.git.branch {branch} of {repo} is pod {other}'s; "
-                "name another branch, or delete that pod first",
-            )
-    await _refuse_checked_out(repo, branch)
-    start = await _base_commit(repo, spec.base)
+    repo, common, object_format, branch, start = await _checked(spec, pod, protected, others)
     tip = await _commit(repo, f"refs/heads/{branch}")
     for writer, path in writers:  # before capd's first git that runs hooks there
         check_unwritable(repo, common, writer, path)
@@ -169,6 +159,39 @@ async def make(
             ) from None
         raise
     return tree
+
+
+async def check(
+    spec: GitWorkspace,
+    pod: str,
+    protected: Iterable[Path],
+    others: Iterable[tuple[str, Worktree]],
+) -> tuple[Path, str]:
+    """What `make` refuses, found without making anything (`apply` checks a team file
+    before its first change); the repository's common git directory and the branch."""
+    _, common, _, branch, _ = await _checked(spec, pod, protected, others)
+    return common, branch
+
+
+async def _checked(
+    spec: GitWorkspace,
+    pod: str,
+    protected: Iterable[Path],
+    others: Iterable[tuple[str, Worktree]],
+) -> tuple[Path, Path, str, str, str]:
+    """The repository's top level, common git directory and object format, the branch
+    and the commit `base` names; ProtocolError as `make` refuses."""
+    repo, common, object_format = await _inspect(spec.repo, protected)
+    branch = spec.branch or f"capd/{pod}"
+    for other, theirs in others:
+        if Path(theirs.common_dir) == common and theirs.branch == branch:
+            raise ProtocolError(
+                "already_exists",
+                f"workspace.git.branch {branch} of {repo} is pod {other}'s; "
+                "name another branch, or delete that pod first",
+            )
+    await _refuse_checked_out(repo, branch)
+    return repo, common, object_format, branch, await _base_commit(repo, spec.base)
 
 
 def discard(tree: Worktree) -> None:
