@@ -88,13 +88,18 @@ class PodWorktrees:
                 self._refuse_taken_name(name)
         return tree
 
-    async def check(self, manifest: Manifest) -> tuple[Path, str] | None:
+    async def check(
+        self, manifest: Manifest, planned: Sequence[Manifest] = ()
+    ) -> tuple[Path, str] | None:
         """What `make` would refuse, without making anything; the repository's common
-        git directory and the branch (None without `workspace.git`)."""
+        git directory and the branch (None without `workspace.git`). `planned`: pods not
+        spawned yet whose writable paths count as the running pods' do."""
         spec = manifest.workspace.git
         if spec is None:
             return None
-        return await worktrees.check(spec, manifest.name, self._protected, self._in_use())
+        writers = [(other.name, path) for other in planned for path in writable(other)]
+        writers += [(manifest.name, path) for path in writable(manifest)] + self._writers()
+        return await worktrees.check(spec, manifest.name, self._protected, self._in_use(), writers)
 
     async def undo(self, tree: Worktree | None) -> None:
         """Undo `make` for a spawn that failed after it (its record gone): the branch is

@@ -295,7 +295,8 @@ class Teams:
         if sup.registry.get(parent or "") is not None:
             sup.ledger.check_spawn(manifest, parent)
         self._check_budgets_above(ctx, manifest, parent)
-        if (taken := await sup.worktrees.check(manifest)) is None:
+        planned = [other for other in ctx.new.values() if other.name != manifest.name]
+        if (taken := await sup.worktrees.check(manifest, planned)) is None:
             return
         if (other := ctx.branches.setdefault(taken, manifest.name)) != manifest.name:
             assert manifest.workspace.git is not None

@@ -166,10 +166,13 @@ async def check(
     pod: str,
     protected: Iterable[Path],
     others: Iterable[tuple[str, Worktree]],
+    writers: Iterable[tuple[str, Path]] = (),
 ) -> tuple[Path, str]:
     """What `make` refuses, found without making anything (`apply` checks a team file
     before its first change); the repository's common git directory and the branch."""
-    _, common, _, branch, _ = await _checked(spec, pod, protected, others)
+    repo, common, _, branch, _ = await _checked(spec, pod, protected, others)
+    for writer, path in writers:
+        check_unwritable(repo, common, writer, path)
     return common, branch
 
 

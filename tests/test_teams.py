@@ -293,7 +293,7 @@ async def events_until_closed(pod: Client) -> list[dict[str, Any]]:
 
 
 async def test_apply_checks_every_pod_before_it_changes_anything(
-    capd: CapdProcess, tmp_path: Path
+    capd: CapdProcess, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     rt = capd.runtime_dir
     (tmp_path / "elsewhere").mkdir()
@@ -335,11 +335,20 @@ async def test_apply_checks_every_pod_before_it_changes_anything(
         assert [pod["name"] for pod in listed] == ["loner"], "something changed"
 
     # A worktree child's cwd is its own work tree (the same repository is its spawn's
-    # rule), not its parent's directory.
+    # rule), not its parent's directory; a repository its confined parent can write is
+    # refused before anything changes (capd's own git there would run the parent's hooks).
     git = _git(str(make_repo(tmp_path / "proj")))
     tester = {"name": "tester", "parent": "lead", "model": model, "tools": ["bash"]} | git
     request = {"method": "apply", "team": "crew", "pods": [lead, tester], "dry_run": True}
     request["pods"][0] = lead | {"cwd": str(tmp_path)}
+    with pytest.raises(ProtocolError) as refused:
+        await daemon_request(capd, request)
+    assert refused.value.code == "invalid_request"
+    assert refused.value.message.startswith("pod tester: workspace.git.repo: "), refused.value
+    assert "which pod lead can write" in refused.value.message
+    git = _git(str(make_repo(tmp_path_factory.mktemp("apart") / "proj")))  # not loner's
+    request["pods"][0] = {k: v for k, v in lead.items() if k != "cwd"} | git
+    request["pods"][1] = tester | git
     planned = await daemon_request(capd, request)
     assert plan_lines(planned["plan"]) == ["+ spawn lead", "+ spawn tester"]
     assert not planned["done"]
