@@ -342,7 +342,8 @@ def apply(settings: Settings, team_file: Path, prune: bool, dry_run: bool) -> No
         "prune": prune,
         "dry_run": dry_run,
     }
-    result = run(send(settings.runtime, team_file, request))
+    note = None if dry_run else f"capd goes on applying {team_file}"
+    result = run(send(settings.runtime, team_file, request), interrupt_note=note)
     lines = plan_lines(result.get("plan") or [])
     if dry_run:
         lines.append("dry run: nothing was changed")
@@ -364,9 +365,9 @@ def down(settings: Settings, team_file: Path, drain_timeout: float) -> None:
     """Bring a team down: its running turns may finish within --drain-timeout, what still
     runs is paused, then its pods stop, children first, keeping their paused turns
     (`capctl apply` brings them back). Meanwhile they start no turn of their own."""
-    from capctl.team import read_team, send
+    from capctl.team import send, team_name
 
-    team = read_team(team_file).team
+    team = team_name(team_file)
     request = {"method": "down", "team": team, "drain_timeout_s": drain_timeout}
     result = run(
         send(settings.runtime, team_file, request),

@@ -44,25 +44,37 @@ def _validate_manifest(data: dict[str, Any], origin: Path | None = None) -> "Man
 
 def manifest_from_file(path: Path, name: str | None) -> "Manifest":
     """Read a YAML manifest; a relative `cwd` is taken from the file's directory."""
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise CapctlError(f"cannot read manifest {path}: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
-        raise CapctlError(f"bad manifest {path}: {where}{problem}") from None
+    data = read_yaml(path, "manifest", f"bad manifest {path}")
     if not isinstance(data, dict):
         raise CapctlError(f"bad manifest {path}: expected a mapping of manifest fields")
     if name is not None:
         data["name"] = name
-    if isinstance(data.get("cwd"), str):
-        cwd = os.path.expanduser(data["cwd"])
-        data["cwd"] = os.path.normpath(os.path.join(path.parent.absolute(), cwd))
+    resolve_cwd(data, path)
     return _validate_manifest(data, path)
+
+
+def read_yaml(path: Path, what: str, bad: str) -> Any:
+    """The YAML document in the file `path`: a one-line CapctlError when it cannot be
+    read (`cannot read {what} {path}`) or parsed (`{bad}: line L, column C: problem`)."""
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise CapctlError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+        raise CapctlError(f"{bad}: {where}{problem}") from None
+
+
+def resolve_cwd(fields: dict[str, Any], path: Path) -> None:
+    """A `cwd` in a manifest's `fields` read from the file `path`, as the file means it:
+    `~` expanded, a relative one taken from the file's directory."""
+    if isinstance(fields.get("cwd"), str):
+        cwd = os.path.expanduser(fields["cwd"])
+        fields["cwd"] = os.path.normpath(os.path.join(path.parent.absolute(), cwd))
 
 
 def _provider_with_key() -> str:

@@ -2,11 +2,11 @@
 (each error names the file, the pod and the field), send it to capd, which checks it
 against its pods and does the work, and print what capd did."""
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from capctl.errors import CapctlError
+from capctl.manifest import read_yaml, resolve_cwd
 
 if TYPE_CHECKING:
     from pydantic import ValidationError
@@ -16,31 +16,35 @@ if TYPE_CHECKING:
 
 def read_team(path: Path) -> "TeamFile":
     """The team file, checked; a relative `cwd` is taken from the file's directory."""
-    import yaml
     from pydantic import ValidationError
 
     from protocol.team import TeamFile
 
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise CapctlError(f"cannot read team file {path}: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
-        raise CapctlError(f"{path}: {where}{problem}") from None
+    data = read_yaml(path, "team file", str(path))
     if not isinstance(data, dict):
         raise CapctlError(f"{path}: expected a mapping with `team` and `pods`")
     pods = data.get("pods")
     for pod in pods if isinstance(pods, list) else []:
-        if isinstance(pod, dict) and isinstance(pod.get("cwd"), str):
-            cwd = os.path.expanduser(pod["cwd"])
-            pod["cwd"] = os.path.normpath(os.path.join(path.parent.absolute(), cwd))
+        if isinstance(pod, dict):
+            resolve_cwd(pod, path)
     try:
         return TeamFile.model_validate(data)
     except ValidationError as exc:
         raise CapctlError(f"{path}: {describe(exc, data)}") from None
+
+
+def team_name(path: Path) -> str:
+    """Only the file's `team`, which is all `down` sends: a file whose pods no longer
+    check can still bring its team down."""
+    import re
+
+    from protocol.paths import POD_NAME_PATTERN
+
+    data = read_yaml(path, "team file", str(path))
+    team = data.get("team") if isinstance(data, dict) else None
+    if not isinstance(team, str) or re.fullmatch(POD_NAME_PATTERN, team) is None:
+        raise CapctlError(f"{path}: team: expected the team's name ({POD_NAME_PATTERN})")
+    return team
 
 
 def describe(exc: "ValidationError", data: dict[str, Any]) -> str:

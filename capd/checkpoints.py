@@ -52,7 +52,7 @@ from capd.file_modes import (
     read_modes,
     scan_bits,
 )
-from capd.gitenv import IDENTITY, NO_CONFIG, not_git
+from capd.gitenv import IDENTITY, NO_CONFIG, not_git, read_regular
 from capd.gitenv import message as _git_message
 from capd.proc.groups import KILL_GRACE_S
 from capd.proc.launcher import launch, stop_group
@@ -102,6 +102,8 @@ CONFIG = """\
 background, objects are stored with the fastest compression."""
 ATTRIBUTES = "* -text -eol -filter -ident -working-tree-encoding\n"
 """Overrides any `.gitattributes` in the cwd: files are recorded byte for byte."""
+EXCLUDE_MAX_BYTES = 1024 * 1024
+"""The repository's `info/exclude` is left out when bigger."""
 _STORE = ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE")
 _PLAIN_REF = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,199}")
 
@@ -474,8 +476,9 @@ class CheckpointStore:
         """The repository's own `info/exclude`, then the hidden paths; whether they
         changed."""
         lines: list[str] = []
-        with suppress(OSError, UnicodeDecodeError):
-            lines.append(self._user_exclude.read_text())
+        user = read_regular(self._user_exclude, EXCLUDE_MAX_BYTES)  # the pod may have made it
+        with suppress(UnicodeDecodeError):
+            lines += [] if user is None else [user.decode()]
         lines.append("# capd's own directories")
         cwd = self.cwd.resolve()
         for path in self.hidden:

@@ -115,11 +115,20 @@ def check_within(parent: str, rules: Manifest, child: Manifest) -> None:
 
 def _check_same_repository(parent: str, rules: Manifest, repo: str) -> None:
     """A child with a work tree of its own (outside its parent's cwd) works on its
-    parent's repository: the parent's `workspace.git.repo`, or one inside its cwd."""
+    parent's repository: the parent's `workspace.git.repo`, or one inside its cwd that
+    the parent's sandbox does not hide (the child's work tree would show it)."""
     assert rules.cwd is not None
     theirs = _real(repo)
     mine = rules.workspace.git
-    if (mine is not None and _real(mine.repo) == theirs) or theirs.is_relative_to(rules.cwd):
+    if mine is not None and _real(mine.repo) == theirs:
+        return
+    if theirs.is_relative_to(rules.cwd):
+        hides = rules.sandbox.hidden if rules.sandbox.mode != "off" else []
+        if hider := next((h for h in hides if theirs.is_relative_to(h)), None):
+            raise _wider(
+                f"workspace.git.repo {repo} lies inside {hider}, which parent pod {parent} "
+                "hides (sandbox.hidden): a child would see it"
+            )
         return
     raise ProtocolError(
         "forbidden",
@@ -280,7 +289,8 @@ class ChildPods:
             child = self._host.running(manifest.name)
             if child is None:
                 raise ProtocolError("shutting_down", f"pod {manifest.name} stopped at once")
-            started = await child.call(Run(text=task, traceparent=traceparent))
+            # Queued only while the child's team goes down (capctl down); else it starts.
+            started = await child.call(Run(text=task, traceparent=traceparent, if_busy="queue"))
         except ProtocolError as exc:
             raise ToolFailed(f"cannot spawn pod {manifest.name}: {exc.message}") from None
         return str(started["turn_id"])
@@ -299,8 +309,9 @@ class ChildPods:
         if "buffered" in result:
             return f"pod {name} is paused; it reads your message when it is resumed"
         if result.get("queued"):
+            why = "'s team is going down" if child.draining else " is busy"
             return (
-                f"pod {name} is busy; your message is queued as its next turn "
+                f"pod {name}{why}; your message is queued as its next turn "
                 f"{result['turn_id']}, and {reply_to} a report when that turn ends"
             )
         return f"pod {name} started turn {result['turn_id']}; {reply_to} a report when it ends"

@@ -149,7 +149,7 @@ class _FromParent:
 @dataclass(frozen=True, slots=True)
 class _TakeManifest:
     """`apply`'s new manifest: taken now when the pod is idle or paused (`reconfigure`),
-    kept in `pending_manifest` while a turn runs."""
+    kept in `pending_manifest` while a turn or a compaction runs."""
 
     manifest: Manifest
 
@@ -534,7 +534,9 @@ class PodController:
                 return await self._rewind(request)
             case Reconfigure(manifest=manifest):
                 return await self._reconfigure(manifest)
-            case _TakeManifest(manifest=manifest) if self.status == "running":
+            case _TakeManifest(manifest=manifest) if (
+                self.status == "running" or self._compaction is not None
+            ):
                 self.pending_manifest = manifest
                 return {"deferred": True}
             case _TakeManifest(manifest=manifest):
@@ -545,15 +547,15 @@ class PodController:
     # -- methods ------------------------------------------------------------------------
 
     async def _run(self, req: Run) -> dict[str, Any]:
-        if self.draining:
+        if self.draining and req.if_busy != "queue":
             raise ProtocolError(
                 "shutting_down",
                 f"pod {self.name}'s team is going down (capctl down); send once it is "
-                "started again",
+                "started again, or queue it (if_busy 'queue')",
             )
-        if self.status == "running":
-            assert self.turn is not None
+        if self.status == "running" or self.draining:  # draining: queued, started later
             if req.if_busy == "reject":
+                assert self.turn is not None
                 raise ProtocolError(
                     "already_running",
                     f"pod {self.name} is running turn {self.turn.turn_id}; "
@@ -698,10 +700,12 @@ class PodController:
 
     def commit_manifest(self, manifest: Manifest, changed: list[str]) -> None:
         """Commit the pod's new manifest with its `reconfigured` event (a `permissions`
-        change drops the `allow_always` grants, which name rules by index)."""
+        change drops the `allow_always` grants, which name rules by index). A change
+        `apply` deferred is dropped, as the commit drops it from the store: this is newer."""
         self.journal.emit_all(
             [Reconfigured(changed=changed)], self.turn, manifest=manifest.model_dump_json()
         )
+        self.pending_manifest = None
 
     def use_parts(self, manifest: Manifest, parts: Parts) -> Parts:
         """Run under `manifest` with `parts` from now on; returns the parts let go of, for

@@ -116,6 +116,7 @@ class Daemon:
         self._supervisor = Supervisor(
             cfg, store, outbox, registry, self._pod_status_changed, sandbox
         )
+        await self.supervisor.worktrees.sweep()
         self._endpoint = DaemonEndpoint(self.supervisor, self, cfg)
         if cfg.metrics_listen is not None:
             self._metrics_http = MetricsHttp(self._metrics.get)

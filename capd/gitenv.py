@@ -12,11 +12,13 @@ user's config, only without capd's `GIT_*` variables and without a terminal prom
 (`user_env`).
 
 `run` runs one git command with a timeout, stopping its process group when it is cut
-short; a failure is a `GitFailed` whose message is git's own line.
+short; a failure is a `GitFailed` whose message is git's own line. `read_regular` reads
+a file of such a directory without letting it block or flood capd.
 """
 
 import asyncio
 import os
+import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -84,9 +86,12 @@ async def run(
     env: Mapping[str, str],
     input: bytes | None = None,
     timeout: float = GIT_TIMEOUT_S,
+    limit: int | None = None,
 ) -> bytes:
     """Run `git args` unconfined in `cwd` with `env` over capd's environment (less its
-    GIT_* variables), `input` on its stdin; its stdout. GitFailed when it fails."""
+    GIT_* variables), `input` on its stdin; its stdout. GitFailed when it fails. With
+    `limit` (and no `input`), a stdout longer than that is cut after `limit` + 1 bytes
+    and the git stopped: capd never holds more."""
     try:
         process = await launch(
             ["git", *args],
@@ -102,7 +107,10 @@ async def run(
         raise GitFailed(f"could not run git: {error.strerror or error}") from None
     try:
         async with asyncio.timeout(timeout):
-            out, err = await process.communicate(input)
+            if limit is None:
+                out, err = await process.communicate(input)
+            else:
+                out, err = await _at_most(process, limit)
     except TimeoutError:
         stop_group(process)
         raise GitFailed(f"git {_command(args)} took longer than {timeout:g} s") from None
@@ -110,9 +118,31 @@ async def run(
         if process.returncode is None:
             stop_group(process)
         raise
-    if process.returncode != 0:
+    if process.returncode != 0 and (limit is None or len(out) <= limit):
         raise GitFailed(message(err))
     return out
+
+
+async def _at_most(process: asyncio.subprocess.Process, limit: int) -> tuple[bytes, bytes]:
+    """The stdout (at most `limit` + 1 bytes: then the process is stopped) and stderr of
+    `process`, once it has exited."""
+    assert process.stdout is not None
+    assert process.stderr is not None
+    errors = asyncio.ensure_future(process.stderr.read())
+    try:
+        chunks: list[bytes] = []
+        size = 0
+        while size <= limit and (chunk := await process.stdout.read(limit + 1 - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > limit:
+            stop_group(process)
+            while await process.stdout.read(1 << 16):  # what it wrote before it died:
+                pass  # Python 3.11's wait() waits for its pipes to close too
+        await process.wait()
+        return b"".join(chunks), await errors
+    finally:
+        errors.cancel()
 
 
 def message(stderr: bytes) -> str:
@@ -130,3 +160,20 @@ def _command(args: Sequence[str]) -> str:
     while rest and rest[0] == "-c":
         rest = rest[2:]
     return rest[0] if rest else ""
+
+
+def read_regular(path: Path, limit: int, *, follow: bool = True) -> bytes | None:
+    """The content of `path`, a file a pod may have made: None when it is missing, not a
+    regular file (opening a FIFO would block capd's event loop, a device never ends),
+    bigger than `limit` bytes, or a symlink and not `follow`."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as file:
+        info = os.fstat(file.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
+            return None
+        data = file.read(limit + 1)  # a file that grew meanwhile is still bounded
+    return data if len(data) <= limit else None

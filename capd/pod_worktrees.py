@@ -43,19 +43,19 @@ class PodWorktrees:
         self._making = asyncio.Lock()
         self._syncing: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._sync_errors: dict[str, str | None] = {}
-        self._sweep()
 
-    def _sweep(self) -> None:
-        """Remove the work trees no pod has: left by a capd that died while it made or
-        removed one (no pod is spawned yet, so none is being made)."""
+    async def sweep(self) -> None:
+        """Remove the work trees no pod has, and the branches capd was making for them:
+        left by a capd that died while it made or removed one (at start-up, before any
+        spawn)."""
         root = self._state_dir / "worktrees"
         if not root.is_dir():
             return
-        for found in root.iterdir():
+        for found in sorted(root.iterdir()):
             record = self._registry.get(found.name)
             if record is None or record.worktree is None:
                 log.warning("removing %s, a work tree no pod has", found)
-                worktrees.remove_dir(found)
+                await worktrees.sweep(found)
 
     def cwd(self, manifest: Manifest) -> Path | None:
         """The cwd of a pod with `workspace.git` (its work tree, made later by `make`);
@@ -78,18 +78,38 @@ class PodWorktrees:
             return None
         name = manifest.name
         async with self._making:
+            self._refuse_taken_name(name)  # before make clears <state>/worktrees/<name>
+            writers = [(name, path) for path in writable(manifest)] + self._writers()
             tree = await worktrees.make(
-                spec, name, self._state_dir, self._protected, self._in_use()
+                spec, name, self._state_dir, self._protected, self._in_use(), writers
             )
             if self._registry.get(name) is not None:  # spawned meanwhile under that name
                 await worktrees.undo(tree)
-                raise ProtocolError("already_exists", f"a pod named {name} already exists")
+                self._refuse_taken_name(name)
         return tree
 
+    async def check(
+        self, manifest: Manifest, planned: Sequence[Manifest] = ()
+    ) -> tuple[Path, str] | None:
+        """What `make` would refuse, without making anything; the repository's common
+        git directory and the branch (None without `workspace.git`). `planned`: pods not
+        spawned yet whose writable paths count as the running pods' do."""
+        spec = manifest.workspace.git
+        if spec is None:
+            return None
+        writers = [(other.name, path) for other in planned for path in writable(other)]
+        writers += [(manifest.name, path) for path in writable(manifest)] + self._writers()
+        return await worktrees.check(spec, manifest.name, self._protected, self._in_use(), writers)
+
     async def undo(self, tree: Worktree | None) -> None:
-        """Undo `make` for a spawn that failed after it."""
-        if tree is not None:
-            await worktrees.undo(tree)
+        """Undo `make` for a spawn that failed after it (its record gone): the branch is
+        left to a pod spawned meanwhile that took it."""
+        if tree is None:
+            return
+        worktrees.discard(tree)
+        async with self._making:
+            if self._taken(tree) is None:
+                await worktrees.undo_branch(tree)
 
     def of(self, name: str) -> Worktree | None:
         record = self._registry.get(name)
@@ -99,7 +119,8 @@ class PodWorktrees:
 
     def confine(self, name: str, confine: Confinement) -> Confinement:
         """The pod's confinement with its work tree: its git directory writable (with mode
-        workspace-write, as the work tree), the pins read-only (none without one).
+        workspace-write, as the work tree; else read-only), the pins read-only (none
+        without one).
 
         A directory holding a mount point can be renamed, and a new one made in its
         place: so `objects` and `objects/info` are bound (writable) on their own too, and
@@ -108,8 +129,8 @@ class PodWorktrees:
         if tree is None:
             return confine
         confine = dataclasses.replace(confine, shown=(*confine.shown, *tree.pins()))
-        if confine.mode != "workspace-write":
-            return confine
+        if confine.mode != "workspace-write":  # git reads its git directory, under hidden state
+            return dataclasses.replace(confine, shown=(*confine.shown, Path(tree.gitdir)))
         objects = Path(tree.gitdir) / "objects"
         confine = confine.widened([Path(tree.gitdir)])
         return dataclasses.replace(confine, writable=(*confine.writable, objects, objects / "info"))
@@ -162,8 +183,15 @@ class PodWorktrees:
     async def check_delete(self, name: str, delete_branch: bool) -> None:
         """Refuse a `delete_branch` that could not be done, before anything is deleted."""
         tree = self.of(name)
-        if tree is not None and delete_branch:
-            await worktrees.check_deletable(tree)
+        if not delete_branch:
+            return
+        if tree is None:
+            raise ProtocolError(
+                "invalid_request",
+                f"pod {name} has no workspace.git work tree, so no branch of its own to "
+                "delete; delete it without delete_branch",
+            )
+        await worktrees.check_deletable(tree)
 
     async def remove(self, tree: Worktree | None, name: str, delete_branch: bool) -> None:
         """Remove a deleted pod's work tree (and its branch with `delete_branch`)."""
@@ -171,14 +199,21 @@ class PodWorktrees:
         self._syncing.pop(name, None)
         if tree is None:
             return
-        try:
-            await worktrees.remove(tree, delete_branch=delete_branch)
-        except GitFailed as exc:
-            raise ProtocolError(
-                "internal",
-                f"pod {name} was deleted, but its branch {tree.branch} could not be deleted "
-                f"from {tree.repo}: {exc}",
-            ) from None
+        worktrees.discard(tree)
+        if not delete_branch:
+            return
+        async with self._making:
+            if (taker := self._taken(tree)) is not None:  # spawned since the record went
+                log.warning("pod %s: branch %s is kept, pod %s has it", name, tree.branch, taker)
+                return
+            try:
+                await worktrees.delete_branch(tree)
+            except GitFailed as exc:
+                raise ProtocolError(
+                    "internal",
+                    f"pod {name} was deleted, but its branch {tree.branch} could not be "
+                    f"deleted from {tree.repo}: {exc}",
+                ) from None
 
     async def diff(self, name: str, stat: bool) -> DiffResult:
         """The daemon's `diff`: synced first, then rendered by capd's hardened git."""
@@ -195,6 +230,36 @@ class PodWorktrees:
             repo=tree.repo, branch=tree.branch, base=tree.base, merge_base=merge_base, text=text
         )
 
+    def check_writer(self, manifest: Manifest) -> None:
+        """Refuse (invalid_request) a pod being spawned that could write a repository
+        another pod has a work tree of (see `worktrees.check_unwritable`)."""
+        for path in writable(manifest):
+            for _, tree in self._in_use():
+                worktrees.check_unwritable(
+                    Path(tree.repo), Path(tree.common_dir), manifest.name, path
+                )
+
+    def _writers(self) -> list[tuple[str, Path]]:
+        """What the pods' confined processes can write, each with the pod's name."""
+        found = []
+        for record in self._registry.all():
+            manifest = Manifest.model_validate_json(record.manifest)
+            found += [(record.name, path) for path in writable(manifest)]
+        return found
+
+    def _refuse_taken_name(self, name: str) -> None:
+        """A spawn of that name made its work tree while this one waited, or one without
+        a work tree was spawned meanwhile."""
+        if self._registry.get(name) is not None:
+            raise ProtocolError("already_exists", f"a pod named {name} already exists")
+
+    def _taken(self, tree: Worktree) -> str | None:
+        """The pod whose work tree is on `tree`'s branch of its repository now, if any."""
+        for name, theirs in self._in_use():
+            if theirs.common_dir == tree.common_dir and theirs.branch == tree.branch:
+                return name
+        return None
+
     def _in_use(self) -> list[tuple[str, Worktree]]:
         """The pods' work trees, whose branches are taken."""
         found = []
@@ -202,3 +267,12 @@ class PodWorktrees:
             if record.worktree is not None:
                 found.append((record.name, Worktree.from_json(record.worktree)))
         return found
+
+
+def writable(manifest: Manifest) -> list[Path]:
+    """What a confined pod's processes can write: its cwd and `sandbox.writable` with mode
+    workspace-write, nothing with read-only (with mode off it is not confined: it could
+    run anything itself)."""
+    if manifest.sandbox.mode != "workspace-write":
+        return []
+    return [Path(path) for path in (manifest.cwd, *manifest.sandbox.writable) if path]

@@ -192,6 +192,7 @@ class Supervisor:
         cwd = self.worktrees.cwd(manifest) or self._resolve_cwd(manifest, not make_cwd)
         sandbox = resolve_paths(manifest.sandbox)
         manifest = manifest.model_copy(update={"cwd": str(cwd), "sandbox": sandbox})
+        self.worktrees.check_writer(manifest)
         parent_name = self.registry.pods_dir_name(parent)
         if parent_name is not None:
             self._check_child_of(parent_name, manifest)
@@ -669,6 +670,7 @@ class Supervisor:
         (`_check_family`); returns the pod's new confinement."""
         _check_api_key(manifest)
         self._check_family(manifest)
+        self.worktrees.check_writer(manifest)
         sandbox = self._confinement(manifest)
         check_engine(manifest, sandbox)
         if _checkpointed(manifest) and not _checkpointed(old):

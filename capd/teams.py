@@ -14,6 +14,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from capd.budgets import unpriced
@@ -49,6 +50,8 @@ class _Planning:
     """Each pod planned so far as it will be: stored, or spawned, paths resolved."""
     deferred: set[str] = field(default_factory=set)
     """The pods whose change waits for their running turn."""
+    branches: dict[tuple[Path, str], str] = field(default_factory=dict)
+    """The work-tree branches the file's new pods take: (common git dir, branch) → pod."""
 
 
 @dataclass
@@ -75,11 +78,19 @@ class Teams:
         registry = self._sup.registry
         record = registry.get(pod.name)
         if record is not None and record.pending_manifest is not None:
-            with contextlib.suppress(ValueError):
+            try:
                 pod.pending_manifest = Manifest.model_validate_json(record.pending_manifest)
+            except ValueError as exc:
+                why = " ".join(str(exc).split())
+                log.error(
+                    "pod %s: the change apply deferred cannot be read; dropped: %s", pod.name, why
+                )
+                registry.set_pending_manifest(pod.name, None)
         pod.take_pending = self._take_pending
         parent = self._sup.running(registry.parent_of(pod.name) or "")
         pod.draining = parent is not None and parent.draining
+        if pod.draining and record is not None:  # stored stopped, as `down` stores its pods
+            registry.set_stopped(pod.name, True)
 
     async def _take_pending(self, pod: PodController, manifest: Manifest) -> list[str]:
         """Reconfigure the pod, whose turn ended, with the manifest `apply` deferred; a
@@ -109,10 +120,10 @@ class Teams:
         return await asyncio.shield(self._sup.in_background(self._apply(request)))
 
     async def _apply(self, request: Apply) -> ApplyResult:
+        if request.dry_run:  # changes nothing: no need to wait for an apply or a down
+            return ApplyResult(plan=[step.plan for step in await self._plan(request)], done=False)
         async with self._lock(request.team):
-            steps = self._plan(request)
-            if request.dry_run:
-                return ApplyResult(plan=[step.plan for step in steps], done=False)
+            steps = await self._plan(request)
             done: list[PlanStep] = []
             for step in steps:
                 try:
@@ -126,7 +137,7 @@ class Teams:
                     ) from None
             return ApplyResult(plan=done, done=True)
 
-    def _plan(self, request: Apply) -> list[_Step]:
+    async def _plan(self, request: Apply) -> list[_Step]:
         """Check every pod and plan its steps, parents first, then the deletions."""
         try:
             check_tree(request.pods)
@@ -138,7 +149,7 @@ class Teams:
         steps: list[_Step] = []
         for pod in in_tree_order(request.pods):
             try:
-                steps += self._plan_pod(ctx, pod)
+                steps += await self._plan_pod(ctx, pod)
             except ProtocolError as exc:
                 raise ProtocolError(exc.code, f"pod {pod.name}: {exc.message}") from None
         steps = self._narrowing_last(ctx, steps)
@@ -158,7 +169,7 @@ class Teams:
             )
         return steps
 
-    def _plan_pod(self, ctx: _Planning, pod: TeamPod) -> list[_Step]:
+    async def _plan_pod(self, ctx: _Planning, pod: TeamPod) -> list[_Step]:
         sup, name, team, new = self._sup, pod.name, ctx.team, ctx.new
         requested = pod.manifest()
         parent = new[pod.parent] if pod.parent is not None else None
@@ -167,7 +178,7 @@ class Teams:
         record = sup.registry.get(name)
         if record is None:
             send, manifest = self._as_spawned(requested, parent)
-            self._check_spawn(ctx, manifest, pod.parent, parent)
+            await self._check_spawn(ctx, manifest, pod.parent, parent)
             new[name] = manifest
             return [_Step(PlanStep(pod=name, action="spawn"), send, pod.parent)]
         if record.team != team:
@@ -223,7 +234,7 @@ class Teams:
                 if child not in ctx.listed or theirs is None:
                     continue
                 try:
-                    check_within(name, ctx.new[name], _for_rules(theirs, ctx.new[name]))
+                    check_within(name, ctx.new[name], theirs)
                 except ProtocolError as exc:
                     if child in ctx.deferred:
                         raise ProtocolError(
@@ -248,23 +259,23 @@ class Teams:
         resolved. Nothing is created."""
         sup = self._sup
         send = requested
-        git = requested.workspace.git is not None
-        if requested.cwd is None and parent is not None and not git:
+        if (tree := sup.worktrees.cwd(requested)) is not None:  # made at spawn
+            cwd = tree
+        elif requested.cwd is None and parent is not None:
             send = requested.model_copy(update={"cwd": parent.cwd})
-        if git:  # the work tree capd makes at spawn (capd.worktrees)
-            cwd = sup.config.state_dir.resolve() / "worktrees" / requested.name / "work"
-        elif send.cwd is None:
+            cwd = Path(str(parent.cwd))  # resolved; made by the parent's spawn if new
+        elif requested.cwd is None:
             cwd = sup._pod_state_dir(requested.name).resolve() / "work"
         else:
             cwd = sup._resolve_cwd(send, must_exist=True)
         stored = send.model_copy(update={"cwd": str(cwd), "sandbox": resolve_paths(send.sandbox)})
         return send, stored
 
-    def _check_spawn(
+    async def _check_spawn(
         self, ctx: _Planning, manifest: Manifest, parent: str | None, rules: Manifest | None
     ) -> None:
         """What `spawn` checks, with the child rules against the parent's manifest `rules`
-        (the file's, unless its change is deferred)."""
+        (the file's, unless its change is deferred), and its work tree's."""
         from capd.supervisor import _check_api_key, _checkpointed
 
         sup = self._sup
@@ -276,7 +287,7 @@ class Teams:
             while above is not None:
                 depth, above = depth + 1, ctx.parents[above]
             others = list(dict.fromkeys([*up, *siblings]))
-            check_child(parent, rules, _for_rules(manifest, rules), others, depth)
+            check_child(parent, rules, manifest, others, depth)
         check_engine(manifest, sup._confinement(manifest))
         _check_api_key(manifest)
         if _checkpointed(manifest):
@@ -284,6 +295,16 @@ class Teams:
         if sup.registry.get(parent or "") is not None:
             sup.ledger.check_spawn(manifest, parent)
         self._check_budgets_above(ctx, manifest, parent)
+        planned = [other for other in ctx.new.values() if other.name != manifest.name]
+        if (taken := await sup.worktrees.check(manifest, planned)) is None:
+            return
+        if (other := ctx.branches.setdefault(taken, manifest.name)) != manifest.name:
+            assert manifest.workspace.git is not None
+            raise ProtocolError(
+                "already_exists",
+                f"workspace.git.branch {taken[1]} of {manifest.workspace.git.repo} is pod "
+                f"{other}'s in the file too; name another branch for one of them",
+            )
 
     def _check_change(self, old: Manifest, manifest: Manifest) -> None:
         """What `reconfigure` checks of the pod itself."""
@@ -307,7 +328,7 @@ class Teams:
         """An existing pod: within its parent as the file has it, and no narrower than
         its children the file does not list (those it lists are checked in their turn)."""
         if parent is not None and parent_name is not None:
-            check_within(parent_name, parent, _for_rules(manifest, parent))
+            check_within(parent_name, parent, manifest)
         for child in self._sup.registry.children_of(name):
             theirs = self._sup._manifest_of(child)
             if child in listed or theirs is None:
@@ -343,11 +364,19 @@ class Teams:
             case "start":
                 # The file says what the pod is to be now: a change is taken as it comes
                 # up, before a turn can start (the reconfigure step after this says so).
+                # A start that fails leaves the stored change as it was.
+                record = sup.registry.get(name)
+                before = record.pending_manifest if record is not None else None
                 if step.manifest is None:
                     self._drop_pending(name)
                 else:
                     sup.registry.set_pending_manifest(name, step.manifest.model_dump_json())
-                await sup.start_pod(name)
+                try:
+                    await sup.start_pod(name)
+                except BaseException:
+                    if sup.running(name) is None and sup.registry.get(name) is not None:
+                        sup.registry.set_pending_manifest(name, before)
+                    raise
                 if (up := sup.running(name)) is not None and up.status == "paused":
                     return plan.model_copy(update={"note": f"paused: `capctl resume {name}`"})
             case "unchanged":
@@ -374,6 +403,8 @@ class Teams:
             raise
         if result["deferred"] and changed_fields(pod.manifest, manifest):
             note = f"pod {name} is running; its change applies when its turn ends"
+            if pod.status != "running":
+                note = f"pod {name} is compacting; its change applies when the compaction ends"
             return plan.model_copy(update={"action": "deferred", "note": note})
         self._drop_pending(name)  # taken now, or as the pod started (see "start")
         return plan.model_copy(update={"action": "reconfigure", "note": None})
@@ -400,11 +431,12 @@ class Teams:
                 raise ProtocolError(
                     "not_found", f"no pod is of team {team}; `capctl ps` shows pods' teams"
                 )
-            below = [record.name for name in members for record, _ in registry.descendants(name)]
-            marked = list(dict.fromkeys([*members, *below]))
-            for name in marked:
-                if (pod := sup.running(name)) is not None:
-                    pod.draining = True
+            marked = self._with_descendants(members)
+            for pod in [pod for name in marked if (pod := sup.running(name)) is not None]:
+                pod.draining = True
+                # Stored: a capd that stops or dies meanwhile leaves the pod stopped at its
+                # next start (its turn kept), so it does not start what the drain held back.
+                registry.set_stopped(pod.name, True)
             try:
                 was_running = {name for name in marked if self._status(name) == "running"}
                 await self._turns_end(was_running, drain_timeout_s)
@@ -419,11 +451,22 @@ class Teams:
                 for name in sorted(marked, key=registry.depth, reverse=True):
                     if registry.get(name) is not None:
                         await sup.stop_pod(name, keep_turn=True)
+            except BaseException:
+                # A down that failed: the pods still up go on as they were.
+                for name in self._with_descendants(members):
+                    if (pod := sup.running(name)) is not None and pod.draining:
+                        registry.set_stopped(name, False)
+                raise
             finally:
-                for name in marked:
+                for name in self._with_descendants(members):  # spawned meanwhile too
                     if (pod := sup.running(name)) is not None:
                         pod.draining = False
         return DownResult(pods=outcomes)
+
+    def _with_descendants(self, names: list[str]) -> list[str]:
+        registry = self._sup.registry
+        below = [record.name for name in names for record, _ in registry.descendants(name)]
+        return list(dict.fromkeys([*names, *below]))
 
     def _status(self, name: str) -> PodStatusName | None:
         pod = self._sup.running(name)
@@ -457,11 +500,3 @@ class Teams:
 
     def _lock(self, team: str) -> asyncio.Lock:
         return self._locks.setdefault(team, asyncio.Lock())
-
-
-def _for_rules(child: Manifest, parent: Manifest) -> Manifest:
-    """The child as the child rules see it: a worktree pod's cwd is not its parent's
-    directory but the same repository, which its spawn checks (capd.worktrees)."""
-    if child.workspace.git is None and parent.workspace.git is None:
-        return child
-    return child.model_copy(update={"cwd": parent.cwd})

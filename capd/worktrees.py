@@ -22,7 +22,6 @@ import logging
 import os
 import secrets
 import shutil
-import stat
 from collections.abc import Iterable
 from contextlib import suppress
 from dataclasses import asdict, dataclass
@@ -40,6 +39,11 @@ DIFF_TIMEOUT_S = 25.0
 than capctl waits for an answer."""
 DIFF_MAX_BYTES = 16 * 1024 * 1024
 """A longer diff is cut there, and says so."""
+INDEX_MAX_BYTES = 256 * 1024 * 1024
+"""A bigger index of the pod's is not copied for `diff` (it only saves hashing files)."""
+MAKING = "making.json"
+"""In a work tree's directory while `make` runs: what it is making, so a capd that died
+meanwhile undoes it at its next start (`sweep`)."""
 FETCH_FLAGS = (
     "fetch", "--no-tags", "--no-write-fetch-head", "--no-recurse-submodules",
     "--no-auto-maintenance",
@@ -111,23 +115,16 @@ async def make(
     state_dir: Path,
     protected: Iterable[Path],
     others: Iterable[tuple[str, Worktree]],
+    writers: Iterable[tuple[str, Path]] = (),  # each pod's writable paths: check_unwritable
 ) -> Worktree:
     """Make pod `pod`'s work tree of `spec.repo` under `state_dir`. `protected`: capd's
     own directories, which the repository may not lie in; `others`: the work trees of the
     other pods, whose branches are taken. ProtocolError when it cannot (nothing made is
     left behind)."""
-    repo, common, object_format = await _inspect(spec.repo, protected)
-    branch = spec.branch or f"capd/{pod}"
-    for other, theirs in others:
-        if Path(theirs.common_dir) == common and theirs.branch == branch:
-            raise ProtocolError(
-                "already_exists",
-                f"workspace.git.branch {branch} of {repo} is pod {other}'s; "
-                "name another branch, or delete that pod first",
-            )
-    await _refuse_checked_out(repo, branch)
-    start = await _base_commit(repo, spec.base)
+    repo, common, object_format, branch, start = await _checked(spec, pod, protected, others)
     tip = await _commit(repo, f"refs/heads/{branch}")
+    for writer, path in writers:  # before capd's first git that runs hooks there
+        check_unwritable(repo, common, writer, path)
     base, base_commit = spec.base or start, tip or start
     root = root_of(state_dir, pod)
     tree = Worktree(
@@ -143,10 +140,12 @@ async def make(
     made_branch = False
     try:
         _make_root(root)
+        (root / MAKING).write_text(tree.to_json())
         if tree.created_branch:
             await _in_repo(repo, "branch", "--no-track", "--", branch, base_commit)
             made_branch = True
         await _set_up(tree, pod, object_format)
+        (root / MAKING).unlink()
     except BaseException as exc:
         await undo(dataclasses.replace(tree, created_branch=made_branch))
         if isinstance(exc, GitFailed):
@@ -162,20 +161,66 @@ async def make(
     return tree
 
 
-async def remove(tree: Worktree, *, delete_branch: bool = False) -> None:
-    """Remove the work tree and its git directory (at `delete`); the branch too with
-    `delete_branch`. GitFailed when the branch cannot be deleted."""
+async def check(
+    spec: GitWorkspace,
+    pod: str,
+    protected: Iterable[Path],
+    others: Iterable[tuple[str, Worktree]],
+    writers: Iterable[tuple[str, Path]] = (),
+) -> tuple[Path, str]:
+    """What `make` refuses, found without making anything (`apply` checks a team file
+    before its first change); the repository's common git directory and the branch."""
+    repo, common, _, branch, _ = await _checked(spec, pod, protected, others)
+    for writer, path in writers:
+        check_unwritable(repo, common, writer, path)
+    return common, branch
+
+
+async def _checked(
+    spec: GitWorkspace,
+    pod: str,
+    protected: Iterable[Path],
+    others: Iterable[tuple[str, Worktree]],
+) -> tuple[Path, Path, str, str, str]:
+    """The repository's top level, common git directory and object format, the branch
+    and the commit `base` names; ProtocolError as `make` refuses."""
+    repo, common, object_format = await _inspect(spec.repo, protected)
+    branch = spec.branch or f"capd/{pod}"
+    for other, theirs in others:
+        if Path(theirs.common_dir) == common and theirs.branch == branch:
+            raise ProtocolError(
+                "already_exists",
+                f"workspace.git.branch {branch} of {repo} is pod {other}'s; "
+                "name another branch, or delete that pod first",
+            )
+    await _refuse_checked_out(repo, branch)
+    return repo, common, object_format, branch, await _base_commit(repo, spec.base)
+
+
+def discard(tree: Worktree) -> None:
+    """Remove the work tree and its git directory, at once: callers do it before their
+    next await, so a pod spawned meanwhile under the same name is never touched."""
     _rmtree(tree.root)
+
+
+async def delete_branch(tree: Worktree) -> None:
+    """Delete the branch from the repository (`delete_branch`), if it is there.
+    GitFailed when it cannot be deleted."""
     repo = Path(tree.repo)
-    if delete_branch and await _commit(repo, f"refs/heads/{tree.branch}") is not None:
+    if await _commit(repo, f"refs/heads/{tree.branch}") is not None:
         await _in_repo(repo, "branch", "-D", "--", tree.branch)
 
 
 async def undo(tree: Worktree) -> None:
     """Undo `make` for a spawn that failed after it: the work tree and its git directory
-    go, and the branch when capd made it and nobody moved it since. Never raises (what
+    go, and the branch when capd made it and nobody moved it since (`undo_branch`)."""
+    discard(tree)
+    await undo_branch(tree)
+
+
+async def undo_branch(tree: Worktree) -> None:
+    """Delete the branch `make` made, unless it has moved since. Never raises (what
     cannot be undone is logged)."""
-    _rmtree(tree.root)
     if not tree.created_branch:
         return
     try:
@@ -243,7 +288,7 @@ async def diff(tree: Worktree, stat: bool) -> tuple[str, str]:
     index = scratch / "index"
     try:
         objects.mkdir(mode=0o700, parents=True)
-        _copy_index(Path(tree.gitdir) / "index", index)
+        copied = _copy_index(Path(tree.gitdir) / "index", index)
         env = {
             **hostile_env(Path(tree.gitdir), Path(tree.path)),
             "GIT_INDEX_FILE": str(index),
@@ -252,16 +297,12 @@ async def diff(tree: Worktree, stat: bool) -> tuple[str, str]:
         }
         async with asyncio.timeout(DIFF_TIMEOUT_S):
             merge_base = (await _hostile(tree, env, "merge-base", base, "HEAD")).decode().strip()
-            unread = b""
-            try:  # a file it cannot read is left out (and said), the others are added
-                await _hostile(tree, env, "add", "-A", "--ignore-errors", "--", ".")
-            except GitFailed as exc:
-                unread = f"[capd: some files are not in this diff: {exc}]\n".encode()
+            unread = await _add_all(tree, env, index, copied)
             shown = ["--stat"] if stat else []
             text = await _hostile(
                 tree, env,
                 "diff", "--cached", "--no-color", "--no-ext-diff", "--no-textconv",
-                "--ignore-submodules=all", *shown, merge_base, "--",
+                "--ignore-submodules=all", *shown, merge_base, "--", limit=DIFF_MAX_BYTES,
             )  # fmt: skip
     except TimeoutError:
         raise ProtocolError(
@@ -300,6 +341,25 @@ async def _inspect(given: str, protected: Iterable[Path]) -> tuple[Path, Path, s
     except GitFailed as exc:
         raise _bad_repo(f"{given} is not in a work tree of a repository ({exc})") from None
     return _outside(top.decode().strip(), protected), _real(common), object_format
+
+
+def check_unwritable(repo: Path, common: Path, pod: str, path: Path) -> None:
+    """Refuse (invalid_request) a repository, or its git directory, inside `path`, or
+    `path` inside the git directory, which confined pod `pod` can write: capd's own git in
+    the repository runs its hooks and reads its config, so that pod could plant code capd
+    runs outside any sandbox."""
+    inside = next((mine for mine in (repo, common) if mine.is_relative_to(path)), None)
+    if inside is not None:
+        where = f"{inside} lies in {path}, which pod {pod} can write"
+    elif path.is_relative_to(common):
+        where = f"pod {pod} can write {path}, in {common}"
+    else:
+        return
+    raise _bad_repo(
+        f"{where}, and capd's own git there would run what that pod puts in it (hooks, "
+        f"config); use a repository no confined pod can write, or keep {path} out of pod "
+        f"{pod}'s writable paths"
+    )
 
 
 def _directory(given: str) -> Path:
@@ -430,29 +490,51 @@ async def _in_repo(repo: Path, *args: str) -> bytes:
     return await gitenv.run(args, cwd=repo, env=user_env())
 
 
-async def _hostile(tree: Worktree, env: dict[str, str], *args: str) -> bytes:
-    """A hardened git command in the pod's work tree."""
+async def _hostile(
+    tree: Worktree, env: dict[str, str], *args: str, limit: int | None = None
+) -> bytes:
+    """A hardened git command in the pod's work tree (its stdout cut after `limit`)."""
     return await gitenv.run(
-        [*gitenv.HARDENED, *args], cwd=Path(tree.path), env=env, timeout=DIFF_TIMEOUT_S
-    )
+        [*gitenv.HARDENED, *args], cwd=Path(tree.path), env=env, timeout=DIFF_TIMEOUT_S,
+        limit=limit,
+    )  # fmt: skip
 
 
-def _copy_index(source: Path, target: Path) -> None:
-    """Copy the pod's index, never following a symlink the pod put there; none is fine."""
+async def _add_all(tree: Worktree, env: dict[str, str], index: Path, copied: bool) -> bytes:
+    """Stage the whole work tree in `index`; a line naming what could not be read (left
+    out, the rest staged), or nothing. The pod's index, `copied` there, only saves hashing
+    unchanged files: when git cannot use it (the pod wrote it), staging starts afresh."""
     try:
-        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        return
-    with os.fdopen(fd, "rb") as file:
-        if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
-            return
-        data = file.read()
+        await _hostile(tree, env, "add", "-A", "--ignore-errors", "--", ".")
+    except GitFailed as exc:
+        if not copied:
+            return f"[capd: some files are not in this diff: {exc}]\n".encode()
+        with suppress(FileNotFoundError):
+            os.unlink(index)
+        return await _add_all(tree, env, index, copied=False)
+    return b""
+
+
+def _copy_index(source: Path, target: Path) -> bool:
+    """Copy the pod's index, never following a symlink the pod put there, nor reading
+    one bigger than INDEX_MAX_BYTES; whether it was copied (none is fine)."""
+    data = gitenv.read_regular(source, INDEX_MAX_BYTES, follow=False)
+    if data is None:
+        return False
     target.write_bytes(data)
+    return True
 
 
-def remove_dir(path: Path) -> None:
-    """Remove a work tree's directory (`root_of`) that no pod has."""
-    _rmtree(path)
+async def sweep(root: Path) -> None:
+    """Remove a work tree's directory (`root_of`) that no pod has, left by a capd that
+    died while it made or removed it; one it was making is undone (`undo`: the branch
+    too, when capd made it and nobody moved it since)."""
+    try:
+        tree = Worktree.from_json((root / MAKING).read_text())
+    except (OSError, ValueError, TypeError):
+        _rmtree(root)
+        return
+    await undo(dataclasses.replace(tree, path=str(root / "work")))  # where it is now
 
 
 def _rmtree(path: Path) -> None:

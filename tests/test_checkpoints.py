@@ -10,6 +10,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -495,3 +496,36 @@ def test_without_git_a_pod_with_checkpoints_is_refused_naming_the_fix(
     assert refused.value.code == "invalid_request"
     assert "install git" in refused.value.message
     assert "workspace.checkpoints: false" in refused.value.message
+
+
+async def test_a_fifo_or_device_as_the_repositorys_exclude_never_blocks_capd(
+    tmp_path: Path, cwd: Path
+) -> None:
+    user_git(cwd, "init", "-q")
+    exclude = cwd / ".git" / "info" / "exclude"
+    exclude.unlink()
+    os.mkfifo(exclude)
+    opened = threading.Event()
+    done = threading.Event()
+
+    def watch() -> None:
+        """Whether anyone opens the FIFO to read: a writer can open it only then (and
+        lets that reader go on)."""
+        while not done.is_set():
+            with contextlib.suppress(OSError):
+                os.close(os.open(exclude, os.O_WRONLY | os.O_NONBLOCK))
+                opened.set()
+            done.wait(0.01)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        taken = await store(tmp_path, cwd).take("t-1")
+    finally:
+        done.set()
+        watcher.join()
+    assert isinstance(taken, Taken)
+    assert not opened.is_set()
+    exclude.unlink()
+    exclude.symlink_to("/dev/zero")  # never ends
+    assert isinstance(await store(tmp_path, cwd).take("t-2"), Taken)

@@ -105,3 +105,19 @@ async def test_worktree_children_keep_to_their_parents_repository(
     manifest["workspace"] = {"git": {"repo": str(repo)}}
     await daemon_request(capd, {"method": "spawn", "manifest": manifest, "parent": parent})
     assert branch_tip(repo, "capd/stray") == branch_tip(repo, "main")
+
+
+async def test_a_worktree_child_never_shows_a_repository_its_parent_hides(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    secret = make_repo(tmp_path / "top" / "secret")
+    sandbox = {"mode": "read-only", "hidden": [str(secret)]}
+    await spawn(capd, "hider", scripted(), cwd=str(tmp_path / "top"), sandbox=sandbox)
+    manifest = {"name": "peek", "model": scripted(), "workspace": {"git": {"repo": str(secret)}}}
+    manifest["sandbox"] = sandbox
+    request = {"method": "spawn", "manifest": manifest, "parent": str(capd.pod_socket("hider"))}
+    with pytest.raises(ProtocolError) as refused:
+        await daemon_request(capd, request)
+    assert refused.value.code == "forbidden"
+    assert f"lies inside {secret}, which parent pod hider hides" in refused.value.message
+    assert branch_tip(secret, "capd/peek") is None

@@ -4,6 +4,7 @@ outside it can be written: its git config, the repository's `.git`, the work tre
 `.git` file, the pinned files of its git directory; the file tools refuse them too. A
 restarted capd confines it the same, and removes work trees no pod has."""
 
+import asyncio
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ import pytest
 
 from tests.conftest import CapdProcess
 from tests.gitrepo import branch_tip, git, make_repo
-from tests.helpers import connect_pod, run_turn, scripted, spawn, until
+from tests.helpers import connect_pod, run_turn, scripted, sigkill, spawn, until
 
 pytestmark = [
     pytest.mark.skipif(sys.platform != "linux", reason="bubblewrap is Linux-only"),
@@ -112,6 +113,7 @@ async def test_git_works_and_its_pins_hold_inside_the_sandbox(
 async def test_a_restarted_capd_confines_and_syncs_the_work_tree_as_before(
     capd: CapdProcess, tmp_path: Path
 ) -> None:
+    """... and undoes what a capd killed mid-spawn left: its work tree and new branch."""
     repo = make_repo(tmp_path / "repo")
     commit = "echo {0} > {0}.txt && git add {0}.txt && git commit -qm {0} && git rev-parse HEAD"
     model = _calls(
@@ -123,12 +125,29 @@ async def test_a_restarted_capd_confines_and_syncs_the_work_tree_as_before(
     async with await connect_pod(capd, "again") as pod:
         end, _ = await run_turn(pod, "one")
     assert end["result"] == "finished", end
-    capd.stop()
-    ghost = capd.state_dir / "worktrees" / "ghost" / "work"  # a capd killed mid-spawn left it
+    cut_repo, held = make_repo(tmp_path / "cut"), tmp_path / "held"
+    hook = cut_repo / ".git" / "hooks" / "reference-transaction"  # the user's: capd runs it
+    hook.write_text(
+        f'#!/bin/sh\n[ "$1" = committed ] && [ ! -e {held} ] || exit 0\n'
+        f"touch {held}\nexec sleep 30\n"
+    )
+    hook.chmod(0o755)
+    workspace = {"git": {"repo": str(cut_repo)}}
+    spawning = asyncio.create_task(spawn(capd, "cut", scripted(), workspace=workspace))
+    await until(held.exists)  # its branch is made, its work tree not yet
+    await sigkill(capd)
+    [lost] = await asyncio.gather(spawning, return_exceptions=True)
+    assert isinstance(lost, Exception)
+    cut = capd.state_dir.resolve() / "worktrees" / "cut"
+    assert cut.is_dir()
+    assert branch_tip(cut_repo, "capd/cut") == branch_tip(cut_repo, "main")
+    ghost = capd.state_dir / "worktrees" / "ghost" / "work"  # no record of what it was making
     ghost.mkdir(parents=True)
     ghost.chmod(0o500)
     capd.start()
     assert not ghost.parent.exists()
+    assert not cut.exists()
+    assert git(cut_repo, "branch", "--format=%(refname:short)").split() == ["main"]
     async with await connect_pod(capd, "again") as pod:
         end, seen = await run_turn(pod, "two")
     assert end["result"] == "finished", end
@@ -137,3 +156,28 @@ async def test_a_restarted_capd_confines_and_syncs_the_work_tree_as_before(
     assert "Device or resource busy" in refusal
     await until(lambda: branch_tip(repo, "capd/again") == after)
     assert git(repo, "log", "--format=%s", "capd/again").split() == ["after", "before", "first"]
+
+
+async def test_a_read_only_pod_reads_its_work_trees_history(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    repo = make_repo(tmp_path / "repo")
+    model = _calls(
+        _bash("git log --format=%s && git status --porcelain && touch x 2>&1; echo rc=$?")
+    )
+    await spawn(
+        capd,
+        "reader",
+        model,
+        tools=["bash"],
+        workspace={"git": {"repo": str(repo)}},
+        sandbox={"mode": "read-only"},
+    )
+    async with await connect_pod(capd, "reader") as pod:
+        end, seen = await run_turn(pod, "read")
+    assert end["result"] == "finished", end
+    [output] = [event["output"] for event in seen if event["event"] == "tool_result"]
+    first, refused, rc = output.splitlines()
+    assert first == "first", output
+    assert "Read-only file system" in refused, output
+    assert rc == "rc=1", output

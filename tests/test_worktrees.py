@@ -3,6 +3,8 @@ trees of their own of one repository, their commits reach its branches after eac
 `diff` shows their work, `delete` removes the work tree (and the branch when asked), and
 a spawn that fails leaves nothing behind."""
 
+import asyncio
+import os
 import shutil
 import subprocess
 import sys
@@ -13,7 +15,14 @@ import pytest
 from protocol.errors import ProtocolError
 from tests.conftest import CapdProcess
 from tests.gitrepo import bash_pod, branch_tip, git, make_repo
-from tests.helpers import connect_pod, daemon_request, run_turn, scripted, spawn, until
+from tests.helpers import (
+    connect_pod,
+    daemon_request,
+    run_turn,
+    scripted,
+    spawn,
+    until,
+)
 
 pytestmark = [
     pytest.mark.skipif(sys.platform != "linux", reason="bubblewrap is Linux-only"),
@@ -126,7 +135,8 @@ async def test_diff_shows_committed_changed_and_untracked_work_and_touches_nothi
     )
     # diff syncs first: the branch is in the repository now whatever the background did.
     assert git(repo, "ls-tree", "--name-only", "capd/wd").split() == ["README", "wd.txt"]
-    await spawn(capd, "plain", bash_pod(), tools=["bash"], cwd=str(tmp_path))
+    (tmp_path / "plain").mkdir()
+    await spawn(capd, "plain", bash_pod(), tools=["bash"], cwd=str(tmp_path / "plain"))
     with pytest.raises(ProtocolError) as refused:
         await daemon_request(capd, {"method": "diff", "name": "plain"})
     assert refused.value.code == "invalid_request"
@@ -134,6 +144,30 @@ async def test_diff_shows_committed_changed_and_untracked_work_and_touches_nothi
     with pytest.raises(ProtocolError) as unknown:
         await daemon_request(capd, {"method": "diff", "name": "nobody"})
     assert unknown.value.code == "not_found"
+
+
+async def test_diff_shows_the_work_whatever_the_pod_made_of_its_index(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    repo = make_repo(tmp_path / "repo")
+    steps: list[dict[str, object]] = []
+    for command in (
+        "echo new > new.txt && printf junk > ../git/index",
+        "rm ../git/index && mkfifo ../git/index",  # opening it would block capd
+        "rm ../git/index && truncate -s 1G ../git/index",  # reading it would flood capd
+    ):
+        steps += [{"tool_calls": [{"name": "bash", "arguments": {"command": command}}]}]
+        steps += [{"text": "done"}]
+    workspace = {"git": {"repo": str(repo)}}
+    await spawn(capd, "wi", scripted(*steps), tools=["bash"], workspace=workspace)
+    async with await connect_pod(capd, "wi") as pod:
+        for turn in range(3):
+            end, _ = await run_turn(pod, "go")
+            assert end["result"] == "finished", end
+            async with asyncio.timeout(20):
+                result = await daemon_request(capd, {"method": "diff", "name": "wi"})
+            assert "+++ b/new.txt" in result["text"], (turn, result["text"])
+            assert "[capd:" not in result["text"], (turn, result["text"])
 
 
 async def test_delete_keeps_the_branch_and_delete_branch_removes_it(
@@ -164,6 +198,13 @@ async def test_delete_keeps_the_branch_and_delete_branch_removes_it(
     assert not (root / "drop").exists()
     assert branch_tip(repo, "capd/drop") is None
     assert git(repo, "branch", "--format=%(refname:short)").split() == ["capd/keep", "main"]
+    (tmp_path / "plain").mkdir()
+    await spawn(capd, "plain", bash_pod(), cwd=str(tmp_path / "plain"))
+    with pytest.raises(ProtocolError) as refused:  # capctl would say "and its branch"
+        await daemon_request(capd, {"method": "delete", "name": "plain", "delete_branch": True})
+    assert refused.value.code == "invalid_request"
+    assert "pod plain has no workspace.git work tree" in refused.value.message
+    await daemon_request(capd, {"method": "delete", "name": "plain"})
 
 
 async def test_a_spawn_that_fails_late_leaves_no_work_tree_and_no_new_branch(
@@ -197,6 +238,87 @@ async def test_a_spawn_that_fails_late_leaves_no_work_tree_and_no_new_branch(
     assert git(repo, "branch", "--format=%(refname:short)").split() == ["feature", "main"]
     listed = await daemon_request(capd, {"method": "list"})
     assert [pod["name"] for pod in listed["pods"]] == []
+
+
+async def test_a_second_spawn_of_a_name_leaves_the_first_ones_work_tree_alone(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    repo = make_repo(tmp_path / "repo")
+    gate, held, release = tmp_path / "gate", tmp_path / "held", tmp_path / "release"
+    gate.touch()
+    os.mkfifo(release)
+    hook = repo / ".git" / "hooks" / "reference-transaction"  # holds the first spawn once
+    hook.write_text(
+        f'#!/bin/sh\n[ "$1" = committed ] && [ -e {gate} ] || exit 0\n'
+        f"rm {gate} && touch {held} && read _ < {release}\n"
+    )
+    hook.chmod(0o755)
+
+    def twin(branch: str) -> "asyncio.Task[Path]":
+        workspace = {"git": {"repo": str(repo), "branch": branch}}
+        return asyncio.create_task(spawn(capd, "twin", bash_pod(), workspace=workspace))
+
+    first = twin("b0")
+    await until(held.exists)  # making its work tree
+    second = twin("b1")
+    await daemon_request(capd, {"method": "list"})  # the second spawn is waiting meanwhile
+    with open(release, "w") as fifo:
+        fifo.write("go\n")
+    await first
+    with pytest.raises(ProtocolError) as refused:
+        await second
+    assert refused.value.code == "already_exists"
+    assert refused.value.message == "a pod named twin already exists"
+    work = capd.state_dir.resolve() / "worktrees" / "twin" / "work"
+    assert (work / "README").read_text() == "hello\n"
+    assert git(repo, "branch", "--format=%(refname:short)").split() == ["b0", "main"]
+
+
+async def test_a_repository_a_confined_pod_can_write_is_refused_either_way(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    """Its hooks and config would run in capd's own git (branch, sync) outside the
+    sandbox: a reference-transaction hook planted by the writer runs at the branch."""
+    repo = make_repo(tmp_path / "repo")
+    marker = tmp_path / "PWNED"
+    hook = repo / ".git" / "hooks" / "reference-transaction"
+    plant = f"printf '#!/bin/sh\\ntouch {marker}\\n' > {hook} && chmod +x {hook} && echo planted"
+    await spawn(capd, "writer", bash_pod(plant), tools=["bash"], cwd=str(tmp_path))
+    async with await connect_pod(capd, "writer") as pod:
+        end, seen = await run_turn(pod, "plant")
+    assert [e["output"] for e in seen if e["event"] == "tool_result"] == ["planted"], end
+    workspace = {"git": {"repo": str(repo)}}
+    with pytest.raises(ProtocolError) as refused:
+        await spawn(capd, "victim", bash_pod(), workspace=workspace)
+    assert refused.value.code == "invalid_request"
+    assert f"lies in {tmp_path}, which pod writer can write" in refused.value.message
+    assert not marker.exists()
+    assert branch_tip(repo, "capd/victim") is None
+    await daemon_request(capd, {"method": "delete", "name": "writer"})
+    hook.unlink()
+    await spawn(capd, "first", bash_pod(), workspace=workspace)
+    with pytest.raises(ProtocolError) as refused:  # the other way round
+        await spawn(capd, "second", bash_pod(), cwd=str(tmp_path), sandbox={"writable": []})
+    assert refused.value.code == "invalid_request"
+    assert f"{repo} lies in {tmp_path}, which pod second can write" in refused.value.message
+    (tmp_path / "other").mkdir()
+    hooks = repo / ".git" / "hooks"
+    with pytest.raises(ProtocolError) as refused:  # inside the git directory
+        await spawn(
+            capd,
+            "third",
+            bash_pod(),
+            cwd=str(tmp_path / "other"),
+            sandbox={"writable": [str(hooks)]},
+        )
+    assert f"pod third can write {hooks}, in {repo / '.git'}" in refused.value.message
+    await spawn(capd, "reader", bash_pod(), cwd=str(tmp_path), sandbox={"mode": "read-only"})
+    async with await connect_pod(capd, "reader", subscribe=False) as pod:
+        widened = {"name": "reader", "model": bash_pod(), "sandbox": {"mode": "workspace-write"}}
+        with pytest.raises(ProtocolError) as refused:
+            await pod.request({"method": "reconfigure", "manifest": widened})
+    assert refused.value.code == "invalid_request"
+    assert f"{repo} lies in {tmp_path}, which pod reader can write" in refused.value.message
 
 
 async def test_bad_workspaces_are_refused_naming_the_field(

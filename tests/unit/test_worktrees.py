@@ -1,10 +1,15 @@
 """capd/worktrees.py on repositories the daemon tests do not make: a SHA-256 one, and a
-linked worktree of another (whose objects and refs are in the other's `.git`)."""
+linked worktree of another (whose objects and refs are in the other's `.git`); and
+capd/pod_worktrees.py when a pod takes a branch while another's removal is under way."""
 
+import asyncio
 from pathlib import Path
 
 from capd import worktrees
-from protocol.manifest import GitWorkspace
+from capd.pod_worktrees import PodWorktrees
+from capd.registry import PodRegistry
+from capd.store import Store
+from protocol.manifest import GitWorkspace, Manifest
 from tests.gitrepo import branch_tip, git, make_repo
 
 
@@ -41,6 +46,41 @@ async def test_a_linked_worktree_of_another_repository(tmp_path: Path) -> None:
     assert tree.common_dir == str(main / ".git")
     assert tree.base == branch_tip(main, "linked")
     assert branch_tip(main, "capd/p") == commit  # refs are the main repository's
-    await worktrees.remove(tree, delete_branch=True)
+    worktrees.discard(tree)
+    await worktrees.delete_branch(tree)
     assert branch_tip(main, "capd/p") is None
     assert not Path(tree.path).parent.exists()
+
+
+async def test_a_branch_another_pod_took_meanwhile_is_never_deleted(
+    tmp_path: Path, store: Store
+) -> None:
+    """A pod's record goes before its work tree and branch do (delete, a failed spawn):
+    a pod spawned in between on the same branch keeps it."""
+    repo = make_repo(tmp_path / "repo")
+    registry = PodRegistry(store, tmp_path)
+    state = tmp_path / "state"
+    pods = PodWorktrees(registry, state, [state], asyncio.ensure_future)
+
+    async def spawned(name: str) -> worktrees.Worktree:
+        workspace = {"git": {"repo": str(repo), "branch": "shared"}}
+        manifest = Manifest.model_validate(
+            {"name": name, "model": {"provider": "scripted"}, "workspace": workspace}
+        )
+        tree = await pods.make(manifest)
+        assert tree is not None
+        registry.add(name, manifest.model_dump_json(), None, worktree=tree.to_json())
+        return tree
+
+    first = await spawned("a")
+    assert first.created_branch
+    registry.delete("a")  # a failed spawn's, or a delete's, first step
+    second = await spawned("b")
+    assert not second.created_branch  # reused as it is
+    await pods.undo(first)
+    await pods.remove(first, "a", delete_branch=True)
+    assert branch_tip(repo, "shared") == branch_tip(repo, "main")
+    assert Path(second.path).is_dir()
+    registry.delete("b")
+    await pods.remove(second, "b", delete_branch=True)
+    assert branch_tip(repo, "shared") is None
