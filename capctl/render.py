@@ -318,7 +318,7 @@ def workspace_line(tree: dict[str, Any]) -> str:
 def engine_line(engine: dict[str, Any]) -> str:
     """`status.engine` as "pid 4242" or "stopped (starts at the next turn)", then how
     often capd stopped it while the pod was idle."""
-    line = f"pid {engine.get('pid')}" if engine.get("state") == "running" else "stopped"
+    line = _engine_cell(engine)
     if engine.get("state") != "running":
         line += " (starts at the next turn)"
     if reaped := engine.get("reaped"):

@@ -232,6 +232,8 @@ class PodController:
         """The idle timer of the engine's process (`_arm_reap`)."""
         self._reap_epoch = 0
         """Bumped whenever the timer is armed or disarmed: an older timer's `_Reap` is stale."""
+        self._reap_reason: Literal["idle", "limit"] = "idle"
+        """What the armed timer is for: `limit` fires at once."""
         self._reaped = 0
         """Times the engine's process was stopped, idle or for the process limit
         (`status.engine.reaped`)."""
@@ -451,17 +453,19 @@ class PodController:
         delay = self.manifest.limits.engine_idle_s
         if self.engine.crowded():
             reason, delay = "limit", 0.0
-        if delay is None or not self._idle() or not self.engine.holds_process():
-            if self._reap_timer is not None:
-                self._reap_timer.cancel()
-                self._reap_timer = None
-                self._reap_epoch += 1
-            return
-        if self._reap_timer is None:
+        off = delay is None or not self._idle() or not self.engine.holds_process()
+        # An idle timer gives way to the limit's: the process became one too many.
+        if self._reap_timer is not None and (off or reason != self._reap_reason):
+            self._reap_timer.cancel()
+            self._reap_timer = None
             self._reap_epoch += 1
-            message = _Reap(reason, self._reap_epoch)
-            loop = asyncio.get_running_loop()
-            self._reap_timer = loop.call_later(delay, self._mailbox.put_nowait, message)
+        if off or self._reap_timer is not None:
+            return
+        self._reap_epoch += 1
+        self._reap_reason = reason
+        message = _Reap(reason, self._reap_epoch)
+        loop = asyncio.get_running_loop()
+        self._reap_timer = loop.call_later(delay, self._mailbox.put_nowait, message)
 
     async def _reap(self, msg: _Reap) -> None:
         """Stop the engine's process if the pod is still idle: the timer's message when

@@ -133,7 +133,9 @@ class Supervisor:
         """The pods' `workspace.git` work trees."""
         self.teams = Teams(self)
         """The daemon's `apply` and `down`."""
-        self.engine_slots = EngineSlots(config.max_engine_processes, self._reap_engine)
+        self.engine_slots = EngineSlots(
+            config.max_engine_processes, self._reap_engine, self._engine_exited
+        )
         """The external engines' processes, bounded by --max-engine-processes."""
 
     # -- start-up and shutdown ----------------------------------------------------------
@@ -424,6 +426,11 @@ class Supervisor:
         """Ask pod `name` to stop its idle engine for --max-engine-processes."""
         running = self.pods.get(name)
         return running is not None and await running.controller.reap_engine("limit")
+
+    def _engine_exited(self, name: str) -> None:
+        """Pod `name`'s engine process died while nothing of capd's stopped it."""
+        if (running := self.pods.get(name)) is not None:
+            running.controller.activity.on_change(name)
 
     def children_of(self, name: str) -> list[str]:
         return self.registry.children_of(name)

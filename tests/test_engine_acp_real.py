@@ -10,6 +10,7 @@ key, so nothing leaves 127.0.0.1 and nothing is written outside the test's direc
 
 import asyncio
 import os
+import shutil
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from capd.engines.process import CONTINUE_PROMPT
+from capd.engines.process import CONTINUE_PROMPT, LOST
 from tests.conftest import CapdProcess
 from tests.engine_scaffold import groups_with_env, spawn_on_engine, user_texts
 from tests.fakes.openai_server import FunctionCall, OpenAITestServer, TextReply, ToolCallsReply
@@ -304,3 +305,26 @@ async def test_an_idle_agent_stops_and_the_next_turn_loads_its_session(
     texts = user_texts(server.requests[-1])
     assert "remember 42" in texts
     assert texts[-1] == "what was it?"
+
+
+async def test_an_idle_agent_whose_session_is_gone_primes_the_new_one(
+    capd: CapdProcess, server: OpenAITestServer, tmp_path: Path
+) -> None:
+    """As when the agent's session store does not persist: after the stop, its
+    `session/load` fails, and the new session's prompt carries the first turn."""
+    server.enqueue(TextReply("Noted."), TextReply("It was 42."))
+    await _spawn(capd, server, tmp_path, limits={"engine_idle_s": 0.5})
+    async with await activity_feed(capd) as feed, await connect_pod(capd, "vibe") as pod:
+        await pod.request({"method": "run", "text": "remember 42"})
+        await wait_for(pod, is_event("turn_end"), STARTUP_TIMEOUT_S)
+        await wait_for(feed, engine_stopped("vibe"), STARTUP_TIMEOUT_S)
+        shutil.rmtree(tmp_path / "vibe-home" / "logs" / "session")
+        await pod.request({"method": "run", "text": "what was it?"})
+        second, _ = await wait_for(pod, is_event("turn_end"), STARTUP_TIMEOUT_S)
+        history = await full_history(pod)
+    first, replacing = [e for e in history if e["event"] == "engine_session"]
+    assert replacing["replaced"] == first["session_id"]
+    (prompt,) = [t for t in user_texts(server.requests[-1]) if "what was it?" in t]
+    assert prompt.startswith(f"[capd: {LOST}")
+    assert "remember 42" in prompt
+    assert second["output"] == "It was 42."

@@ -5,7 +5,9 @@ events, never slept for; that a pod keeps its process is read once another pod w
 same `engine_idle_s`, idle since later, has lost its own."""
 
 import asyncio
+import os
 import re
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,10 @@ from tests.helpers import (
     daemon_request,
     full_history,
     is_event,
+    pause_turn,
+    resume_turn,
     run_turn,
+    until,
     wait_for,
 )
 from tests.test_activity import activity_feed
@@ -335,3 +340,118 @@ def test_a_negative_engine_limit_is_a_usage_error(capsys: pytest.CaptureFixture[
         Config.from_args(["--max-engine-processes", "-1"])
     assert exited.value.code == 2
     assert "--max-engine-processes must be 0 (no limit) or more, got -1" in capsys.readouterr().err
+
+
+async def test_an_engine_that_died_while_idle_gives_its_place_back(
+    capd_dirs: CapdProcess, tmp_path: Path
+) -> None:
+    """Its dead process counts no more: `pod_activity` says so, a new engine takes its
+    place under the limit rather than stopping a live one, and its own next turn resumes
+    its session."""
+    capd, names = capd_dirs, ["e0", "e1", "e2"]
+    await _limited_capd(capd, tmp_path, names)
+    for name in names[:2]:
+        async with await connect_pod(capd, name) as pod:
+            await run_turn(pod, f"hello {name}")
+    before = await _running_engines(capd)
+    async with await activity_feed(capd) as feed:
+        os.kill(before["e1"]["pid"], signal.SIGKILL)
+        await wait_for(feed, engine_stopped("e1", reaped=0))  # watchers are told
+    async with await connect_pod(capd, "e2") as pod:
+        await run_turn(pod, "hello e2")
+    kept = await _running_engines(capd)
+    async with await connect_pod(capd, "e1") as pod:
+        end, _ = await run_turn(pod, "again")
+    pods = (await daemon_request(capd, {"method": "list"}))["pods"]
+    metrics = (await daemon_request(capd, {"method": "metrics"}))["text"]
+    assert sorted(kept) == ["e0", "e2"]
+    assert kept["e0"]["pid"] == before["e0"]["pid"]
+    assert [p["engine"]["reaped"] for p in pods] == [1, 0, 0]  # e0, for e1 again
+    assert 'capd_engine_stops_total{reason="limit"} 1' in metrics
+    assert end["output"] == "You said: again"
+    assert "--resume" in engine_starts(tmp_path / "e1")[1]["argv"]
+
+
+async def test_a_stopped_engine_starts_again_to_compact_its_session(
+    capd: CapdProcess, feed: Client, tmp_path: Path
+) -> None:
+    """`/compact` on an idle pod whose engine stopped resumes the session to compact it;
+    the engine stops again once the compaction is over."""
+    await spawn_on_engine(capd, "cc", STAND_IN_CLAUDE.engine(tmp_path), limits=IDLE)
+    async with await connect_pod(capd, "cc") as pod:
+        await run_turn(pod, "hello")
+        await wait_for(feed, engine_stopped("cc"))
+        await pod.request({"method": "compact"})
+        compacted, _ = await wait_for(pod, is_event("context_compacted"))
+        await wait_for(feed, engine_stopped("cc", reaped=2))
+        end, _ = await run_turn(pod, "again")
+    one, two, three = engine_starts(tmp_path)
+    session = two["argv"][two["argv"].index("--resume") + 1]
+    assert "--resume" not in one["argv"]
+    assert three["argv"][three["argv"].index("--resume") + 1] == session
+    assert _prompts(tmp_path) == ["hello", "/compact", "again"]
+    assert compacted["trigger"] == "request"
+    assert end["output"] == "You said: again"
+
+
+async def test_a_start_paused_midway_waits_for_the_old_process_before_the_next(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    """A pause while the agent starts stops it; the turn's resume starts another only
+    once the first has exited, so the two never hold the session at once (the agent
+    takes a while to exit, as one saving its session does)."""
+    await spawn_on_engine(capd, "ag", STAND_IN_ACP_AGENT.engine(tmp_path), sandbox=UNCONFINED)
+    (tmp_path / "hold-init").touch()
+    (tmp_path / "linger").touch()
+    async with await connect_pod(capd, "ag") as pod:
+        await pod.request({"method": "run", "text": "again"})
+        await until(lambda: _calls(tmp_path)[-1:] == ["initialize"])
+        await pause_turn(pod)
+        (tmp_path / "hold-init").unlink()
+        end, _ = await resume_turn(pod)
+    log = stand_in_log(tmp_path)
+    starts = [i for i, entry in enumerate(log) if "argv" in entry]
+    (exited,) = [i for i, entry in enumerate(log) if entry.get("exit") == log[starts[0]]["pid"]]
+    assert len(starts) == 2
+    assert exited < starts[1]
+    assert end["output"] == "You said: again"
+
+
+async def test_a_session_lost_after_a_reconfigure_is_primed_too(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    """A reconfigure stops the engine's process as an idle stop does: should its
+    session not resume, the new one is given the context all the same."""
+    engine = STAND_IN_CLAUDE.engine(tmp_path)
+    manifest = {"name": "cc", "engine": engine, "sandbox": UNCONFINED}
+    await daemon_request(capd, {"method": "spawn", "manifest": manifest})
+    async with await connect_pod(capd, "cc") as pod:
+        await run_turn(pod, "remember 42")
+        await pod.request(
+            {"method": "reconfigure", "manifest": {**manifest, "system_prompt": "Be brief."}}
+        )
+        for saved in (tmp_path / "sessions").iterdir():
+            saved.unlink()
+        end, _ = await run_turn(pod, "what was it?")
+    primed = _prompts(tmp_path)[-1]
+    assert primed.startswith(f"[capd: {LOST}")
+    assert "remember 42" in primed
+    assert end["result"] == "finished"
+
+
+async def test_a_compaction_counts_as_activity_for_the_limit(
+    capd_dirs: CapdProcess, tmp_path: Path
+) -> None:
+    """Compacted after b's turn, a's engine is the more recently active: c's start stops
+    b's."""
+    capd, names = capd_dirs, ["a", "b", "c"]
+    await _limited_capd(capd, tmp_path, names)
+    for name in names[:2]:
+        async with await connect_pod(capd, name) as pod:
+            await run_turn(pod, f"hello {name}")
+    async with await connect_pod(capd, "a") as pod:
+        await pod.request({"method": "compact"})
+        await wait_for(pod, is_event("context_compacted"))
+    async with await connect_pod(capd, "c") as pod:
+        await run_turn(pod, "hello c")
+    assert sorted(await _running_engines(capd)) == ["a", "c"]

@@ -378,6 +378,7 @@ class AcpEngine(ExternalEngine):
         """The session's cost as the old engine last saw it, and what it reported that no
         event records yet: the new engine loads the same session, whose next cumulative
         `cost` would otherwise start counting anew and lose a prompt's cost."""
+        super().take_over(old)
         if isinstance(old, AcpEngine):
             self._cost_seen = old._cost_seen
             self._unrecorded = add_usage(self._unrecorded, old._unrecorded)

@@ -181,8 +181,9 @@ class ClaudeCodeEngine(ExternalEngine):
         return self._busy
 
     def take_over(self, old: Engine) -> None:
-        """Nothing to carry: the CLI's running total starts anew with each process, as
-        this engine's count of it does."""
+        """Only the session (ExternalEngine's): the CLI's running total starts anew with
+        each process, as this engine's count of it does."""
+        super().take_over(old)
 
     async def _start(self, host: TurnHost, turn: Turn | None) -> None:
         config = self._config
@@ -239,6 +240,8 @@ class ClaudeCodeEngine(ExternalEngine):
             if self._busy:
                 self._interrupt()
             raise
+        finally:
+            self._touch()
 
     async def _read_compaction(self, host: TurnHost, state: _TurnState) -> None:
         turn_id = host.turn.turn_id if host.turn is not None else None

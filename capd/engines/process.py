@@ -41,6 +41,7 @@ from capd.compaction import clip, transcript_lines
 from capd.context import Context
 from capd.engines.base import (
     CompactOrder,
+    Engine,
     Turn,
     TurnHost,
     TurnOutcome,
@@ -74,7 +75,7 @@ PRIMER = (
     "before, as a transcript:]\n\n{transcript}\n\n[end of the earlier conversation]"
 )
 REWOUND = "this conversation was rewound"
-LOST = "this conversation's session could not be resumed after its idle engine stopped"
+LOST = "this conversation's session could not be resumed after its engine stopped"
 PRIMER_LINE_TOKENS = 4000
 """Tokens a message of the primer's transcript keeps at most (its start and its end)."""
 PRIMER_CHARS = 400_000
@@ -274,8 +275,9 @@ class ExternalEngine(ABC):
         self._since = time.time()
         """When the process last started or stopped (`engine_state`)."""
         self._released = False
-        """The process was stopped by `release`, and no turn has been answered since: a
-        new session that replaces the one it could not resume is primed (LOST)."""
+        """The process was stopped by `release` (or the engine replaced one a reconfigure
+        stopped, `take_over`), and no turn has been answered since: a new session that
+        replaces the one it could not resume is primed (LOST)."""
         self._env = config.env
         self._sandbox = sandbox
         """How the process is confined (None: not at all)."""
@@ -309,8 +311,7 @@ class ExternalEngine(ABC):
         except EngineError as exc:
             return TurnOutcome("errored", turn.output, str(exc))
         finally:
-            if self._slot is not None:
-                self._slot.touch()
+            self._touch()
 
     async def compact(self, host: TurnHost, order: CompactOrder) -> None:
         raise cannot_compact(self.kind)
@@ -331,7 +332,7 @@ class ExternalEngine(ABC):
         }
 
     def holds_process(self) -> bool:
-        return self._proc is not None and self._can_resume()
+        return self._proc is not None and not self._proc.exited and self._can_resume()
 
     def crowded(self) -> bool:
         return self._slot is not None and self._proc is not None and self._slot.crowded()
@@ -347,6 +348,17 @@ class ExternalEngine(ABC):
         await self._discard()
         self._released = True
         return True
+
+    def take_over(self, old: Engine) -> None:
+        """The engine a reconfigure replaces stops with its process: a session of its that
+        this one cannot resume is primed, as after `release`."""
+        if isinstance(old, ExternalEngine) and old._session_id is not None:
+            self._released = True
+
+    def _touch(self) -> None:
+        """The engine was at work just now: the limit stops the longest idle first."""
+        if self._slot is not None:
+            self._slot.touch()
 
     def _working(self) -> bool:
         """Whether the engine works on a prompt of its own (Claude Code's /compact)."""
@@ -492,6 +504,8 @@ class ExternalEngine(ABC):
             host.emit(result)
 
     async def _spawn(self, argv: Sequence[str]) -> EngineProcess:
+        if self._reaping:  # one stopped mid-start (`_abandon`) may still hold the session
+            await asyncio.wait(self._reaping)
         leaf = self._pod_limits.leaf("engine") if self._pod_limits else None
         if self._slot is not None:
             await self._slot.acquire()
@@ -524,6 +538,10 @@ class ExternalEngine(ABC):
             died = EngineDied(
                 f"{self.kind} engine sent a message capd cannot handle: {type(exc).__name__}: {exc}"
             )
+        if self._proc is proc:
+            self._since = time.time()
+            if self._slot is not None:
+                self._slot.exited()
         self._on_death(died)
         await self._inbox.put(died)
 

@@ -49,6 +49,8 @@ goes to $FAKE_ACP_DIR/log.jsonl. Files in $FAKE_ACP_DIR change the agent's ways:
     load-auth       `session/load` answers auth_required (-32000)
     hold-init       `initialize` waits until the file is gone
     die-in-init     it exits 4 in `initialize`, once: the file is removed as it does
+    linger          stopped (SIGTERM, or its input closed), it takes LINGER_S to exit,
+                    as an agent saving its session does; `term` and `exit` are logged
     mcp-http        it takes http MCP servers (`mcpCapabilities.http`)
 
 `session/new` and `session/load` log their `mcpServers` as the SDK parsed them.
@@ -57,8 +59,10 @@ goes to $FAKE_ACP_DIR/log.jsonl. Files in $FAKE_ACP_DIR change the agent's ways:
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -508,9 +512,24 @@ COMPACTIONS = ("compact-auto", "compact-silent", "compact-failed")
 SUMMARY = "The user said hello, then asked to compact."
 
 
+LINGER_S = 1.5
+"""Below capd's KILL_GRACE_S, which would cut it short."""
+
+
+def linger(*_: Any) -> None:
+    log({"term": os.getpid()})
+    time.sleep(LINGER_S)
+    log({"exit": os.getpid()})
+    os._exit(0)
+
+
 def main() -> None:
     log({"argv": sys.argv[1:], "pid": os.getpid(), "pgid": os.getpgid(0), "cwd": os.getcwd()})
+    if (STATE / "linger").exists():
+        signal.signal(signal.SIGTERM, linger)
     asyncio.run(run_agent(TestAgent()))
+    if (STATE / "linger").exists():
+        linger()
 
 
 if __name__ == "__main__":

@@ -2,6 +2,9 @@
 
 import asyncio
 
+import pytest
+
+from capd.engines import slots
 from capd.engines.slots import EngineSlot, EngineSlots
 
 
@@ -13,6 +16,8 @@ class Fleet:
         self.refuse = refuse
         self.asked: list[str] = []
         self.by_pod: dict[str, EngineSlot] = {}
+        self.hold: asyncio.Event | None = None
+        """When set, a pod asked answers only once the event is set."""
 
     async def start(self, pod: str) -> None:
         self.by_pod[pod] = slot = self.slots.slot(pod)
@@ -21,6 +26,8 @@ class Fleet:
     async def _reap(self, pod: str) -> bool:
         self.asked.append(pod)
         await asyncio.sleep(0)  # as an actor answers: later
+        if self.hold is not None:
+            await self.hold.wait()
         if pod in self.refuse:
             return False
         self.by_pod[pod].release()
@@ -64,3 +71,37 @@ async def test_all_busy_goes_over_the_limit_and_the_extra_one_is_crowded() -> No
     assert fleet.by_pod["a"].crowded()
     fleet.by_pod["a"].release()
     assert not fleet.by_pod["b"].crowded()
+
+
+async def test_a_start_cancelled_while_it_asks_takes_no_slot_and_frees_its_victim() -> None:
+    """A pause while the pod it asked has not answered: no slot is taken, and the pod
+    asked is asked again by the next start."""
+    fleet = Fleet(1)
+    await fleet.start("a")
+    fleet.hold = asyncio.Event()
+    starting = asyncio.create_task(fleet.start("b"))
+    while not fleet.asked:
+        await asyncio.sleep(0)
+    starting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await starting
+    assert fleet.live() == ["a"]
+    fleet.hold.set()
+    await fleet.start("c")
+    assert fleet.asked == ["a", "a"]
+    assert fleet.live() == ["c"]
+
+
+async def test_the_asks_of_one_start_wait_at_most_the_timeout_in_all(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pods slow to answer cost a start REAP_TIMEOUT_S in all, not that much each: it
+    then starts over the limit."""
+    monkeypatch.setattr(slots, "REAP_TIMEOUT_S", 0.05)
+    fleet = Fleet(2)
+    await fleet.start("a")
+    await fleet.start("b")
+    fleet.hold = asyncio.Event()
+    await fleet.start("c")
+    assert fleet.asked == ["a"]
+    assert fleet.live() == ["a", "b", "c"]
