@@ -204,11 +204,12 @@ class Supervisor:
                     "invalid_request", f"cannot create cwd {cwd}: {exc.strerror or exc}"
                 ) from None
         tree = await self.worktrees.make(manifest)  # the record is added before any await
-        self._make_pod_state_dir(name)
         worktree = tree.to_json() if tree else None
-        self.registry.add(name, manifest.model_dump_json(), parent, team=team, worktree=worktree)
-        self.ledger.added(name, manifest.budget)
-        try:
+        try:  # from here a failure undoes the work tree too
+            self._make_pod_state_dir(name)
+            stored = manifest.model_dump_json()
+            self.registry.add(name, stored, parent, team=team, worktree=worktree)
+            self.ledger.added(name, manifest.budget)
             running = await self._bring_up(manifest, parent)
         except BaseException as exc:
             self._forget_unborn(name, fresh)
@@ -230,10 +231,12 @@ class Supervisor:
         return SpawnResult(name=name, socket=socket, cwd=manifest.cwd)
 
     def _forget_unborn(self, name: str, fresh: bool) -> None:
-        """Undo a spawn whose bring-up failed: no record, no ledger entry, and no state dir
-        when this spawn made it (`fresh`), so the name is free again."""
-        self.registry.delete(name)
-        self.ledger.deleted(name, None)
+        """Undo a spawn that failed once its checks passed: no record, no ledger entry
+        (none yet when its state dir or record could not be made), and no state dir when
+        this spawn made it (`fresh`), so the name is free again."""
+        if self.registry.get(name) is not None:
+            self.registry.delete(name)
+            self.ledger.deleted(name, None)
         if fresh:
             shutil.rmtree(self._pod_state_dir(name), ignore_errors=True)
 
