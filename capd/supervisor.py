@@ -291,22 +291,31 @@ class Supervisor:
 
     def check_children(self, manifest: Manifest, skip: Collection[str] = ()) -> None:
         """Refuse (forbidden) a pod's new manifest that is narrower than one of its
-        children but those in `skip`: every child, stopped, broken or still being spawned
-        too (its stored manifest), as `start` checks it again."""
+        children but those in `skip` (see `narrower_children`)."""
         name = manifest.name
-        for child in self.registry.children_of(name):
-            theirs = self.manifest_of(child)
-            if child in skip or theirs is None:
-                continue
-            try:
-                check_within(name, manifest, theirs)
-            except ProtocolError as exc:
+        for child, exc in self.narrower_children(manifest):
+            if child not in skip:
                 raise ProtocolError(
                     "forbidden",
                     f"pod {name} would be narrower than its child pod {child}: "
                     f"{exc.message}; narrow pod {child} first (`capctl update {child}`, "
                     f"started if it is stopped), delete it, or keep what it uses",
-                ) from None
+                )
+
+    def narrower_children(self, manifest: Manifest) -> list[tuple[str, ProtocolError]]:
+        """The pod's children that its new manifest is narrower than, each with why:
+        every child, stopped, broken or still being spawned too (its stored manifest), as
+        `start` checks it again."""
+        name, found = manifest.name, []
+        for child in self.registry.children_of(name):
+            theirs = self.manifest_of(child)
+            if theirs is None:
+                continue
+            try:
+                check_within(name, manifest, theirs)
+            except ProtocolError as exc:
+                found.append((child, exc))
+        return found
 
     def spawn_cwd(self, manifest: Manifest) -> Path:
         """The cwd a spawn of `manifest` stores, resolved, without making anything: its

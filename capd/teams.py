@@ -230,21 +230,17 @@ class Teams:
             if step.plan.action != "reconfigure":
                 continue
             narrower = []
-            for child in sup.registry.children_of(name):
-                theirs = sup.manifest_of(child)
-                if child not in ctx.listed or theirs is None:
-                    continue
-                try:
-                    check_within(name, ctx.new[name], theirs)
-                except ProtocolError as exc:
-                    if child in ctx.deferred:
-                        raise ProtocolError(
-                            "forbidden",
-                            f"pod {name}: it would be narrower than its child pod {child}, "
-                            f"whose change waits for its running turn: {exc.message}; "
-                            f"apply again once pod {child}'s turn has ended",
-                        ) from None
-                    narrower.append(child)
+            for child, exc in sup.narrower_children(ctx.new[name]):
+                if child not in ctx.listed:
+                    continue  # refused while planning (`check_children`)
+                if child in ctx.deferred:
+                    raise ProtocolError(
+                        "forbidden",
+                        f"pod {name}: it would be narrower than its child pod {child}, "
+                        f"whose change waits for its running turn: {exc.message}; "
+                        f"apply again once pod {child}'s turn has ended",
+                    )
+                narrower.append(child)
             if narrower:
                 below = {record.name for record, _ in sup.registry.descendants(name)}
                 steps.remove(step)

@@ -597,7 +597,16 @@ async def test_apply_refuses_what_spawn_and_reconfigure_refuse_before_any_step(
     assert refusal.startswith("invalid_request: pod mine: workspace.git.repo: "), refusal
     listed = (await daemon_request(capd, {"method": "list"}))["pods"]
     assert [pod["name"] for pod in listed if pod["team"] == "seam"] == ["mine"]
-    for name in ("mine", "holder"):  # the module's other pods never meet this repository
+
+    # A child the file does not list: refused as a reconfigure refuses it.
+    kid = {"name": "kid", "model": scripted(), "cwd": str(tmp_path / "own"), "tools": ["bash"]}
+    parent = str(capd.pod_socket("mine"))
+    await daemon_request(capd, {"method": "spawn", "manifest": kid, "parent": parent})
+    refusal = await _refusal(capd, _team_file(tmp_path, [mine | {"tools": []}], team="seam"))
+    assert refusal.startswith(
+        "forbidden: pod mine: pod mine would be narrower than its child pod kid: tools bash"
+    ), refusal
+    for name in ("kid", "mine", "holder"):  # the module's other pods never meet this repository
         await daemon_request(
             capd, {"method": "delete", "name": name, "delete_branch": name == "holder"}
         )
