@@ -322,28 +322,6 @@ class Supervisor:
         work tree, its cwd (which must be a directory), or its own work directory."""
         return self.worktrees.cwd(manifest) or self._resolve_cwd(manifest, True, make=False)
 
-    def resolved(self, old: Manifest, requested: Manifest) -> Manifest:
-        """`requested` with its paths resolved as a spawn stores them; no cwd, or no
-        workspace, keeps the pod's (neither can change)."""
-        cwd = old.cwd if requested.cwd is None else str(self._resolve_cwd(requested, False))
-        sandbox = resolve_paths(requested.sandbox)
-        workspace = requested.workspace
-        if "workspace" not in requested.model_fields_set:
-            workspace = old.workspace
-        return requested.model_copy(update={"cwd": cwd, "sandbox": sandbox, "workspace": workspace})
-
-    def manifest_of(self, name: str) -> Manifest | None:
-        """The pod's manifest: its running one, else its stored one (None: no pod, or a
-        stored manifest that does not parse, which cannot start)."""
-        if (up := self.pods.get(name)) is not None:
-            return up.controller.manifest
-        record = self.registry.get(name)
-        if record is None:
-            return None
-        with contextlib.suppress(ValueError):
-            return Manifest.model_validate_json(record.manifest)
-        return None
-
     async def stop_pod(self, name: str, keep_turn: bool = False) -> list[str]:
         """Stop the pod, then its descendants; returns the names of those that were running.
         Descendants are listed once the pod is down, so a child it was spawning is among them.
@@ -734,6 +712,16 @@ class Supervisor:
             self._checkpoint_store(manifest.name, Path(manifest.cwd), manifest),
         )
 
+    def resolved(self, old: Manifest, requested: Manifest) -> Manifest:
+        """`requested` with its paths resolved as a spawn stores them; no cwd, or no
+        workspace, keeps the pod's (neither can change)."""
+        cwd = old.cwd if requested.cwd is None else str(self._resolve_cwd(requested, False))
+        sandbox = resolve_paths(requested.sandbox)
+        workspace = requested.workspace
+        if "workspace" not in requested.model_fields_set:
+            workspace = old.workspace
+        return requested.model_copy(update={"cwd": cwd, "sandbox": sandbox, "workspace": workspace})
+
     def _check_family(self, manifest: Manifest) -> None:
         """Refuse (forbidden) a pod's new manifest that is wider than its parent, or
         narrower than one of its children."""
@@ -747,6 +735,18 @@ class Supervisor:
         if parent is None or (rules := self.manifest_of(parent)) is None:
             return
         check_within(parent, rules, manifest)
+
+    def manifest_of(self, name: str) -> Manifest | None:
+        """The pod's manifest: its running one, else its stored one (None: no pod, or a
+        stored manifest that does not parse, which cannot start)."""
+        if (up := self.pods.get(name)) is not None:
+            return up.controller.manifest
+        record = self.registry.get(name)
+        if record is None:
+            return None
+        with contextlib.suppress(ValueError):
+            return Manifest.model_validate_json(record.manifest)
+        return None
 
     async def _take_down(self, name: str, mode: StopMode) -> None:
         running = self.pods.pop(name, None)
