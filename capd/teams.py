@@ -151,6 +151,7 @@ class Teams:
                 steps += await self._plan_pod(ctx, pod)
             except ProtocolError as exc:
                 raise ProtocolError(exc.code, f"pod {pod.name}: {exc.message}") from None
+        await self._check_writers_after(ctx)
         steps = self._narrowing_last(ctx, steps)
         registry = self._sup.registry
         if request.prune:
@@ -218,6 +219,18 @@ class Teams:
         else:
             step = PlanStep(pod=name, action="reconfigure", changed=changed)
         return [*steps, _Step(step, manifest)]
+
+    async def _check_writers_after(self, ctx: _Planning) -> None:
+        """Each new work tree against what the file's pods planned after it can write
+        (those before it were checked as it was planned; the spawns of the later ones
+        would refuse it)."""
+        for name in ctx.branches.values():
+            manifest = ctx.new[name]
+            others = [other for other in ctx.new.values() if other.name != name]
+            try:
+                await self._sup.worktrees.check(manifest, others)
+            except ProtocolError as exc:
+                raise ProtocolError(exc.code, f"pod {name}: {exc.message}") from None
 
     def _narrowing_last(self, ctx: _Planning, steps: list[_Step]) -> list[_Step]:
         """Move a pod's reconfigure after its descendants' steps when its new manifest is

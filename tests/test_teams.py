@@ -589,6 +589,13 @@ async def test_apply_refuses_what_spawn_and_reconfigure_refuse_before_any_step(
     refusal = await _refusal(capd, _team_file(tmp_path, [mine, writer], team="seam"))
     assert refusal.startswith("invalid_request: pod writer: workspace.git.repo: "), refusal
     assert "which pod writer can write" in refusal
+    # The same two new in one file, the writer after the work tree.
+    other = make_repo(tmp_path / "other")
+    pods = [{"name": "tree", "model": model} | _git(str(other)), writer | {"cwd": str(other)}]
+    refusal = await _refusal(capd, _team_file(tmp_path, pods, team="seam"))
+    assert refusal.startswith("invalid_request: pod tree: workspace.git.repo: "), refusal
+    assert "which pod writer can write" in refusal
+    assert git(other, "branch", "--format=%(refname:short)").split() == ["main"]
     assert await _apply(capd, _team_file(tmp_path, [mine], team="seam")) == ["+ spawn mine"]
 
     widened = mine | {"sandbox": {"writable": [str(repo)]}}
