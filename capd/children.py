@@ -17,6 +17,7 @@ supervisor through `ChildHost`, the few calls it makes.
 import asyncio
 import os
 from collections.abc import Awaitable, Iterable
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol, TypeVar
 
@@ -52,24 +53,35 @@ INHERITED_MODEL_FIELDS = ("provider", "base_url", "api_key_env")
 """A child cannot choose where its model calls go, nor which credential they carry."""
 
 
-def check_child(
-    parent: str, rules: Manifest, child: Manifest, running_children: list[str], depth: int
-) -> None:
-    """Refuse (ProtocolError) a `child` of pod `parent`, whose manifest is `rules`, that
-    would be `depth` levels below the top; both cwds are resolved."""
-    check_within(parent, rules, child)
+@dataclass(frozen=True)
+class Parent:
+    """A new pod's parent as the child rules see it (`apply` plans one from its file)."""
+
+    name: str
+    rules: Manifest
+    """Its manifest, cwd resolved."""
+    running_children: list[str]
+    """Its children that are up, which count against its limits.max_children."""
+    depth: int
+    """How many levels below the top the new child would be."""
+
+
+def check_child(parent: Parent, child: Manifest) -> None:
+    """Refuse (ProtocolError) a `child` of `parent`; both cwds are resolved."""
+    name, rules, running = parent.name, parent.rules, parent.running_children
+    check_within(name, rules, child)
     limits = rules.limits
-    if len(running_children) >= limits.max_children:
+    if len(running) >= limits.max_children:
         raise ProtocolError(
             "limit_reached",
-            f"pod {parent} already has {len(running_children)} running children "
-            f"({_names(running_children)}), the most its limits.max_children="
+            f"pod {name} already has {len(running)} running children "
+            f"({_names(running)}), the most its limits.max_children="
             f"{limits.max_children} allows; stop one first",
         )
-    if depth > limits.max_depth:
+    if parent.depth > limits.max_depth:
         raise ProtocolError(
             "limit_reached",
-            f"a child of pod {parent} would be {depth} levels deep, more than its "
+            f"a child of pod {name} would be {parent.depth} levels deep, more than its "
             f"limits.max_depth={limits.max_depth}",
         )
 

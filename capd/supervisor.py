@@ -12,7 +12,7 @@ import contextlib
 import contextvars
 import logging
 import shutil
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,7 +21,7 @@ from capd import metrics
 from capd.activity import ActivityFeed, Built, running_activity, stopped_activity
 from capd.budgets import Ledger
 from capd.checkpoints import CheckpointStore, require_git
-from capd.children import ChildPods, check_child, check_within
+from capd.children import ChildPods, Parent, check_child, check_within
 from capd.config import Config
 from capd.controller import PodController, StopMode
 from capd.engines import check_engine, make_engine, model_label
@@ -192,16 +192,12 @@ class Supervisor:
         cwd = self.worktrees.cwd(manifest) or self._resolve_cwd(manifest, not make_cwd)
         sandbox = resolve_paths(manifest.sandbox)
         manifest = manifest.model_copy(update={"cwd": str(cwd), "sandbox": sandbox})
-        self.worktrees.check_writer(manifest)
         parent_name = self.registry.pods_dir_name(parent)
+        rules = None
         if parent_name is not None:
-            self._check_child_of(parent_name, manifest)
+            rules = self._parent(parent_name)
             parent = str(self.registry.socket(parent_name))  # the spelling children_of looks up
-        check_engine(manifest, self._confinement(manifest))
-        _check_api_key(manifest)
-        if _checkpointed(manifest):
-            require_git()
-        self.ledger.check_spawn(manifest, parent_name)
+        self.check_spawn(manifest, rules)
         if make_cwd:
             try:
                 cwd.mkdir(parents=True, exist_ok=True)
@@ -210,11 +206,12 @@ class Supervisor:
                     "invalid_request", f"cannot create cwd {cwd}: {exc.strerror or exc}"
                 ) from None
         tree = await self.worktrees.make(manifest)  # the record is added before any await
-        self._make_pod_state_dir(name)
         worktree = tree.to_json() if tree else None
-        self.registry.add(name, manifest.model_dump_json(), parent, team=team, worktree=worktree)
-        self.ledger.added(name, manifest.budget)
-        try:
+        try:  # from here a failure undoes the work tree too
+            self._make_pod_state_dir(name)
+            stored = manifest.model_dump_json()
+            self.registry.add(name, stored, parent, team=team, worktree=worktree)
+            self.ledger.added(name, manifest.budget)
             running = await self._bring_up(manifest, parent)
         except BaseException as exc:
             self._forget_unborn(name, fresh)
@@ -236,14 +233,17 @@ class Supervisor:
         return SpawnResult(name=name, socket=socket, cwd=manifest.cwd)
 
     def _forget_unborn(self, name: str, fresh: bool) -> None:
-        """Undo a spawn whose bring-up failed: no record, no ledger entry, and no state dir
-        when this spawn made it (`fresh`), so the name is free again."""
-        self.registry.delete(name)
-        self.ledger.deleted(name, None)
+        """Undo a spawn that failed once its checks passed: no record, no ledger entry
+        (none yet when its state dir or record could not be made), and no state dir when
+        this spawn made it (`fresh`), so the name is free again."""
+        if self.registry.get(name) is not None:
+            self.registry.delete(name)
+            self.ledger.deleted(name, None)
         if fresh:
             shutil.rmtree(self._pod_state_dir(name), ignore_errors=True)
 
-    def _check_child_of(self, parent: str, manifest: Manifest) -> None:
+    def _parent(self, parent: str) -> Parent:
+        """A spawn's local parent, as the child rules see it."""
         if parent in self._stopping:
             raise ProtocolError("shutting_down", f"parent pod {parent} is stopping")
         record = self.registry.get(parent)
@@ -253,13 +253,76 @@ class Supervisor:
                 f"parent {self.registry.socket(parent)} is in capd's pods directory but no "
                 f"pod named {parent} exists; spawn the parent first",
             )
-        check_child(
+        return Parent(
             parent,
             Manifest.model_validate_json(record.manifest),
-            manifest,
             [child for child in self.registry.children_of(parent) if child in self.pods],
             self.registry.depth(parent) + 1,
         )
+
+    # -- what a spawn and a reconfigure refuse (`apply` plans with the same) ------------
+
+    def check_spawn(self, manifest: Manifest, parent: Parent | None) -> None:
+        """Refuse what a spawn refuses of `manifest` (cwd and sandbox resolved, as stored)
+        besides its name and capd's room: the child rules against `parent` (None: a
+        top-level pod, or a parent of another daemon), a repository it could write, its
+        engine and sandbox, its model's key, git for its checkpoints, and a dollar budget
+        it would break. Its work tree's own refusals are `worktrees.make`'s (also
+        `worktrees.check`, which makes nothing)."""
+        self.worktrees.check_writer(manifest)
+        if parent is not None:
+            check_child(parent, manifest)
+        check_engine(manifest, self._confinement(manifest))
+        _check_api_key(manifest)
+        if _checkpointed(manifest):
+            require_git()
+        self.ledger.check_spawn(manifest, parent.name if parent is not None else None)
+
+    def check_change(self, old: Manifest, manifest: Manifest) -> Confinement | None:
+        """Refuse what a reconfigure from `old` refuses of the pod's new `manifest` itself
+        (resolved: `resolved`); against its parent and children, see `check_children`.
+        Returns the pod's new confinement."""
+        _check_api_key(manifest)
+        self.worktrees.check_writer(manifest)
+        sandbox = self._confinement(manifest)
+        check_engine(manifest, sandbox)
+        if _checkpointed(manifest) and not _checkpointed(old):
+            require_git()
+        self.ledger.check_reconfigure(manifest, self.registry.parent_of(manifest.name))
+        return sandbox
+
+    def check_children(self, manifest: Manifest, skip: Collection[str] = ()) -> None:
+        """Refuse (forbidden) a pod's new manifest that is narrower than one of its
+        children but those in `skip` (see `narrower_children`)."""
+        name = manifest.name
+        for child, exc in self.narrower_children(manifest):
+            if child not in skip:
+                raise ProtocolError(
+                    "forbidden",
+                    f"pod {name} would be narrower than its child pod {child}: "
+                    f"{exc.message}; narrow pod {child} first (`capctl update {child}`, "
+                    f"started if it is stopped), delete it, or keep what it uses",
+                )
+
+    def narrower_children(self, manifest: Manifest) -> list[tuple[str, ProtocolError]]:
+        """The pod's children that its new manifest is narrower than, each with why:
+        every child, stopped, broken or still being spawned too (its stored manifest), as
+        `start` checks it again."""
+        name, found = manifest.name, []
+        for child in self.registry.children_of(name):
+            theirs = self.manifest_of(child)
+            if theirs is None:
+                continue
+            try:
+                check_within(name, manifest, theirs)
+            except ProtocolError as exc:
+                found.append((child, exc))
+        return found
+
+    def spawn_cwd(self, manifest: Manifest) -> Path:
+        """The cwd a spawn of `manifest` stores, resolved, without making anything: its
+        work tree, its cwd (which must be a directory), or its own work directory."""
+        return self.worktrees.cwd(manifest) or self._resolve_cwd(manifest, True, make=False)
 
     async def stop_pod(self, name: str, keep_turn: bool = False) -> list[str]:
         """Stop the pod, then its descendants; returns the names of those that were running.
@@ -580,11 +643,12 @@ class Supervisor:
         if running is None or running.controller is not pod:
             raise ProtocolError("shutting_down", f"pod {pod.name} is stopping")
         old = pod.manifest
-        manifest = self._resolved(old, requested)
+        manifest = self.resolved(old, requested)
         changed = changed_fields(old, manifest)
         if not changed:
             return []
-        sandbox = self._check_reconfigured(old, manifest)
+        self._check_family(manifest)
+        sandbox = self.check_change(old, manifest)
         await pod.engine.settle()  # what a paused prompt still reports is the old engine's
         renew = _resource_limits(manifest) != _resource_limits(old)
         if renew:
@@ -655,7 +719,7 @@ class Supervisor:
             self._checkpoint_store(manifest.name, Path(manifest.cwd), manifest),
         )
 
-    def _resolved(self, old: Manifest, requested: Manifest) -> Manifest:
+    def resolved(self, old: Manifest, requested: Manifest) -> Manifest:
         """`requested` with its paths resolved as a spawn stores them; no cwd, or no
         workspace, keeps the pod's (neither can change)."""
         cwd = old.cwd if requested.cwd is None else str(self._resolve_cwd(requested, False))
@@ -665,48 +729,21 @@ class Supervisor:
             workspace = old.workspace
         return requested.model_copy(update={"cwd": cwd, "sandbox": sandbox, "workspace": workspace})
 
-    def _check_reconfigured(self, old: Manifest, manifest: Manifest) -> Confinement | None:
-        """What a spawn checks, and the child rules against the pod's parent and children
-        (`_check_family`); returns the pod's new confinement."""
-        _check_api_key(manifest)
-        self._check_family(manifest)
-        self.worktrees.check_writer(manifest)
-        sandbox = self._confinement(manifest)
-        check_engine(manifest, sandbox)
-        if _checkpointed(manifest) and not _checkpointed(old):
-            require_git()
-        self.ledger.check_reconfigure(manifest, self.registry.parent_of(manifest.name))
-        return sandbox
-
     def _check_family(self, manifest: Manifest) -> None:
         """Refuse (forbidden) a pod's new manifest that is wider than its parent, or
-        narrower than one of its children: every child, stopped, broken or still being
-        spawned too (its stored manifest), as `start` checks it again."""
-        name = manifest.name
+        narrower than one of its children."""
         self._check_within_parent(manifest)
-        for child in self.registry.children_of(name):
-            theirs = self._manifest_of(child)
-            if theirs is None:
-                continue
-            try:
-                check_within(name, manifest, theirs)
-            except ProtocolError as exc:
-                raise ProtocolError(
-                    "forbidden",
-                    f"pod {name} would be narrower than its child pod {child}: "
-                    f"{exc.message}; narrow pod {child} first (`capctl update {child}`, "
-                    f"started if it is stopped), delete it, or keep what it uses",
-                ) from None
+        self.check_children(manifest)
 
     def _check_within_parent(self, manifest: Manifest) -> None:
         """Refuse (forbidden) a pod wider than its local parent is now (a parent's
         `reconfigure` may have narrowed it while the pod was down)."""
         parent = self.registry.parent_of(manifest.name)
-        if parent is None or (rules := self._manifest_of(parent)) is None:
+        if parent is None or (rules := self.manifest_of(parent)) is None:
             return
         check_within(parent, rules, manifest)
 
-    def _manifest_of(self, name: str) -> Manifest | None:
+    def manifest_of(self, name: str) -> Manifest | None:
         """The pod's manifest: its running one, else its stored one (None: no pod, or a
         stored manifest that does not parse, which cannot start)."""
         if (up := self.pods.get(name)) is not None:
@@ -848,7 +885,11 @@ class Supervisor:
         if self._closing:
             raise ProtocolError("shutting_down", "capd is shutting down; try again once it is back")
 
-    def _resolve_cwd(self, manifest: Manifest, must_exist: bool) -> Path:
+    def _resolve_cwd(self, manifest: Manifest, must_exist: bool, make: bool = True) -> Path:
+        """The manifest's cwd resolved; without one, the pod's own work directory (made
+        unless not `make`)."""
+        if manifest.cwd is None and not make:
+            return self._pod_state_dir(manifest.name).resolve() / "work"
         if manifest.cwd is None:
             cwd = self._make_pod_state_dir(manifest.name) / "work"
             cwd.mkdir(mode=0o700, exist_ok=True)

@@ -3,9 +3,10 @@ does for them: take the change `apply` deferred while a turn ran, and start no t
 its own while `down` drains it.
 
 `apply` checks every pod of the file against the daemon's state before it changes
-anything (a child against the file's parent, which may not exist yet), plans parents
-first with the supervisor's own resolution and `changed_fields`, so a second apply of
-the same file plans only `unchanged`, then runs the steps. One lock per team keeps two
+anything, with the supervisor's own `check_spawn` / `check_change` (a child against the
+file's parent, which may not exist yet), plans parents first with the supervisor's own
+resolution and `changed_fields`, so a second apply of the same file plans only
+`unchanged`, then runs the steps. One lock per team keeps two
 applies, or an apply and a down, of one team from interleaving.
 """
 
@@ -18,10 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from capd.budgets import unpriced
-from capd.checkpoints import require_git
-from capd.children import check_child, check_within
+from capd.children import Parent, check_within
 from capd.controller import PodController
-from capd.engines import check_engine
 from capd.proc.sandbox import resolve_paths
 from capd.reconfigure import changed_fields
 from protocol.errors import ProtocolError
@@ -152,6 +151,7 @@ class Teams:
                 steps += await self._plan_pod(ctx, pod)
             except ProtocolError as exc:
                 raise ProtocolError(exc.code, f"pod {pod.name}: {exc.message}") from None
+        await self._check_writers_after(ctx)
         steps = self._narrowing_last(ctx, steps)
         registry = self._sup.registry
         if request.prune:
@@ -174,7 +174,7 @@ class Teams:
         requested = pod.manifest()
         parent = new[pod.parent] if pod.parent is not None else None
         if pod.parent in ctx.deferred:  # this pod's steps run before the parent's change
-            parent = sup._manifest_of(pod.parent)
+            parent = sup.manifest_of(pod.parent)
         record = sup.registry.get(name)
         if record is None:
             send, manifest = self._as_spawned(requested, parent)
@@ -194,16 +194,18 @@ class Teams:
                 f"parent: {pod.parent or 'null'} is not its parent {was or 'null'}; a pod "
                 "keeps its parent (delete it, or apply --prune without it, to make it anew)",
             )
-        old = sup._manifest_of(name)
+        old = sup.manifest_of(name)
         if old is None:
             raise ProtocolError(
                 "internal", f"its stored manifest cannot be read; delete pod {name}"
             )
-        manifest = sup._resolved(old, requested)
+        manifest = sup.resolved(old, requested)
         changed = changed_fields(old, manifest)
         if changed:
-            self._check_change(old, manifest)
-        self._check_family(name, manifest, parent, pod.parent, ctx.listed)
+            sup.check_change(old, manifest)
+        if parent is not None and pod.parent is not None:  # as the file has it
+            check_within(pod.parent, parent, manifest)
+        sup.check_children(manifest, skip=ctx.listed)  # those listed: `_narrowing_last`
         new[name] = manifest
         up = sup.running(name)
         start = _Step(PlanStep(pod=name, action="start"), manifest if changed else None)
@@ -218,6 +220,18 @@ class Teams:
             step = PlanStep(pod=name, action="reconfigure", changed=changed)
         return [*steps, _Step(step, manifest)]
 
+    async def _check_writers_after(self, ctx: _Planning) -> None:
+        """Each new work tree against what the file's pods planned after it can write
+        (those before it were checked as it was planned; the spawns of the later ones
+        would refuse it)."""
+        for name in ctx.branches.values():
+            manifest = ctx.new[name]
+            others = [other for other in ctx.new.values() if other.name != name]
+            try:
+                await self._sup.worktrees.check(manifest, others)
+            except ProtocolError as exc:
+                raise ProtocolError(exc.code, f"pod {name}: {exc.message}") from None
+
     def _narrowing_last(self, ctx: _Planning, steps: list[_Step]) -> list[_Step]:
         """Move a pod's reconfigure after its descendants' steps when its new manifest is
         narrower than what a child of it uses now (that child narrows in its own step),
@@ -229,21 +243,17 @@ class Teams:
             if step.plan.action != "reconfigure":
                 continue
             narrower = []
-            for child in sup.registry.children_of(name):
-                theirs = sup._manifest_of(child)
-                if child not in ctx.listed or theirs is None:
-                    continue
-                try:
-                    check_within(name, ctx.new[name], theirs)
-                except ProtocolError as exc:
-                    if child in ctx.deferred:
-                        raise ProtocolError(
-                            "forbidden",
-                            f"pod {name}: it would be narrower than its child pod {child}, "
-                            f"whose change waits for its running turn: {exc.message}; "
-                            f"apply again once pod {child}'s turn has ended",
-                        ) from None
-                    narrower.append(child)
+            for child, exc in sup.narrower_children(ctx.new[name]):
+                if child not in ctx.listed:
+                    continue  # refused while planning (`check_children`)
+                if child in ctx.deferred:
+                    raise ProtocolError(
+                        "forbidden",
+                        f"pod {name}: it would be narrower than its child pod {child}, "
+                        f"whose change waits for its running turn: {exc.message}; "
+                        f"apply again once pod {child}'s turn has ended",
+                    )
+                narrower.append(child)
             if narrower:
                 below = {record.name for record, _ in sup.registry.descendants(name)}
                 steps.remove(step)
@@ -257,17 +267,12 @@ class Teams:
         """What `spawn` is sent (a child with neither a cwd nor `workspace.git` gets its
         parent's cwd) and the manifest as it will be stored: cwd and sandbox paths
         resolved. Nothing is created."""
-        sup = self._sup
         send = requested
-        if (tree := sup.worktrees.cwd(requested)) is not None:  # made at spawn
-            cwd = tree
-        elif requested.cwd is None and parent is not None:
+        if requested.cwd is None and requested.workspace.git is None and parent is not None:
             send = requested.model_copy(update={"cwd": parent.cwd})
             cwd = Path(str(parent.cwd))  # resolved; made by the parent's spawn if new
-        elif requested.cwd is None:
-            cwd = sup._pod_state_dir(requested.name).resolve() / "work"
         else:
-            cwd = sup._resolve_cwd(send, must_exist=True)
+            cwd = self._sup.spawn_cwd(send)
         stored = send.model_copy(update={"cwd": str(cwd), "sandbox": resolve_paths(send.sandbox)})
         return send, stored
 
@@ -275,10 +280,10 @@ class Teams:
         self, ctx: _Planning, manifest: Manifest, parent: str | None, rules: Manifest | None
     ) -> None:
         """What `spawn` checks, with the child rules against the parent's manifest `rules`
-        (the file's, unless its change is deferred), and its work tree's."""
-        from capd.supervisor import _check_api_key, _checkpointed
-
+        (the file's, unless its change is deferred) and the file's tree, and its work
+        tree's."""
         sup = self._sup
+        family = None
         if parent is not None:
             assert rules is not None
             siblings = [name for name in ctx.new if ctx.parents.get(name) == parent]
@@ -286,14 +291,8 @@ class Teams:
             depth, above = 1, ctx.parents[parent]
             while above is not None:
                 depth, above = depth + 1, ctx.parents[above]
-            others = list(dict.fromkeys([*up, *siblings]))
-            check_child(parent, rules, manifest, others, depth)
-        check_engine(manifest, sup._confinement(manifest))
-        _check_api_key(manifest)
-        if _checkpointed(manifest):
-            require_git()
-        if sup.registry.get(parent or "") is not None:
-            sup.ledger.check_spawn(manifest, parent)
+            family = Parent(parent, rules, list(dict.fromkeys([*up, *siblings])), depth)
+        sup.check_spawn(manifest, family)
         self._check_budgets_above(ctx, manifest, parent)
         planned = [other for other in ctx.new.values() if other.name != manifest.name]
         if (taken := await sup.worktrees.check(manifest, planned)) is None:
@@ -305,41 +304,6 @@ class Teams:
                 f"workspace.git.branch {taken[1]} of {manifest.workspace.git.repo} is pod "
                 f"{other}'s in the file too; name another branch for one of them",
             )
-
-    def _check_change(self, old: Manifest, manifest: Manifest) -> None:
-        """What `reconfigure` checks of the pod itself."""
-        from capd.supervisor import _check_api_key, _checkpointed
-
-        sup = self._sup
-        _check_api_key(manifest)
-        check_engine(manifest, sup._confinement(manifest))
-        if _checkpointed(manifest) and not _checkpointed(old):
-            require_git()
-        sup.ledger.check_reconfigure(manifest, sup.registry.parent_of(manifest.name))
-
-    def _check_family(
-        self,
-        name: str,
-        manifest: Manifest,
-        parent: Manifest | None,
-        parent_name: str | None,
-        listed: set[str],
-    ) -> None:
-        """An existing pod: within its parent as the file has it, and no narrower than
-        its children the file does not list (those it lists are checked in their turn)."""
-        if parent is not None and parent_name is not None:
-            check_within(parent_name, parent, manifest)
-        for child in self._sup.registry.children_of(name):
-            theirs = self._sup._manifest_of(child)
-            if child in listed or theirs is None:
-                continue
-            try:
-                check_within(name, manifest, theirs)
-            except ProtocolError as exc:
-                raise ProtocolError(
-                    "forbidden",
-                    f"it would be narrower than its child pod {child}: {exc.message}",
-                ) from None
 
     def _check_budgets_above(self, ctx: _Planning, manifest: Manifest, parent: str | None) -> None:
         """`ledger.check_spawn` for ancestors that exist only in the file so far."""

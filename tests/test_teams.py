@@ -573,6 +573,52 @@ async def test_apply_checks_work_trees_before_it_changes_anything(
     assert cwds == [str(capd.state_dir.resolve() / "worktrees" / "wlead" / "work")] * 2
 
 
+async def test_apply_refuses_what_spawn_and_reconfigure_refuse_before_any_step(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    """`apply` plans with spawn's and reconfigure's own checks (`Supervisor.check_spawn`,
+    `check_change`): a new pod, or a changed one, that could write another pod's work
+    tree's repository is refused before the file's first step, not midway."""
+    repo = make_repo(tmp_path / "repo")
+    holder = {"name": "holder", "model": scripted()} | _git(str(repo))
+    await daemon_request(capd, {"method": "spawn", "manifest": holder})
+    (tmp_path / "own").mkdir()
+    model = {"provider": "scripted"}
+    mine = {"name": "mine", "model": model, "cwd": "own", "tools": ["bash"]}
+    writer = {"name": "writer", "model": model, "cwd": str(repo)}
+    refusal = await _refusal(capd, _team_file(tmp_path, [mine, writer], team="seam"))
+    assert refusal.startswith("invalid_request: pod writer: workspace.git.repo: "), refusal
+    assert "which pod writer can write" in refusal
+    # The same two new in one file, the writer after the work tree.
+    other = make_repo(tmp_path / "other")
+    pods = [{"name": "tree", "model": model} | _git(str(other)), writer | {"cwd": str(other)}]
+    refusal = await _refusal(capd, _team_file(tmp_path, pods, team="seam"))
+    assert refusal.startswith("invalid_request: pod tree: workspace.git.repo: "), refusal
+    assert "which pod writer can write" in refusal
+    assert git(other, "branch", "--format=%(refname:short)").split() == ["main"]
+    assert await _apply(capd, _team_file(tmp_path, [mine], team="seam")) == ["+ spawn mine"]
+
+    widened = mine | {"sandbox": {"writable": [str(repo)]}}
+    pods = [{"name": "new", "model": model, "cwd": "own"}, widened]
+    refusal = await _refusal(capd, _team_file(tmp_path, pods, team="seam"))
+    assert refusal.startswith("invalid_request: pod mine: workspace.git.repo: "), refusal
+    listed = (await daemon_request(capd, {"method": "list"}))["pods"]
+    assert [pod["name"] for pod in listed if pod["team"] == "seam"] == ["mine"]
+
+    # A child the file does not list: refused as a reconfigure refuses it.
+    kid = {"name": "kid", "model": scripted(), "cwd": str(tmp_path / "own"), "tools": ["bash"]}
+    parent = str(capd.pod_socket("mine"))
+    await daemon_request(capd, {"method": "spawn", "manifest": kid, "parent": parent})
+    refusal = await _refusal(capd, _team_file(tmp_path, [mine | {"tools": []}], team="seam"))
+    assert refusal.startswith(
+        "forbidden: pod mine: pod mine would be narrower than its child pod kid: tools bash"
+    ), refusal
+    for name in ("kid", "mine", "holder"):  # the module's other pods never meet this repository
+        await daemon_request(
+            capd, {"method": "delete", "name": name, "delete_branch": name == "holder"}
+        )
+
+
 def _git(repo: str, **spec: str) -> dict[str, Any]:
     return {"workspace": {"git": {"repo": repo, **spec}}}
 
