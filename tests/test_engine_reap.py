@@ -409,6 +409,7 @@ async def test_a_start_paused_midway_waits_for_the_old_process_before_the_next(
         await pause_turn(pod)
         (tmp_path / "hold-init").unlink()
         end, _ = await resume_turn(pod)
+    (tmp_path / "linger").unlink()  # the second one, deleted after the test, need not
     log = stand_in_log(tmp_path)
     starts = [i for i, entry in enumerate(log) if "argv" in entry]
     (exited,) = [i for i, entry in enumerate(log) if entry.get("exit") == log[starts[0]]["pid"]]
