@@ -127,13 +127,23 @@ class PodWorktrees:
         the way to the `alternates` pin is made of mount points, which cannot be."""
         tree = self.of(name)
         if tree is None:
-            return confine
+            return self._sharing(confine)
         confine = dataclasses.replace(confine, shown=(*confine.shown, *tree.pins()))
         if confine.mode != "workspace-write":  # git reads its git directory, under hidden state
             return dataclasses.replace(confine, shown=(*confine.shown, Path(tree.gitdir)))
         objects = Path(tree.gitdir) / "objects"
         confine = confine.widened([Path(tree.gitdir)])
         return dataclasses.replace(confine, writable=(*confine.writable, objects, objects / "info"))
+
+    def _sharing(self, confine: Confinement) -> Confinement:
+        """A pod whose cwd lies in another pod's work tree (a team's plain child takes
+        its parent's cwd): that tree's git directory is shown read-only, so git reads it,
+        and its pins hold, so the pod cannot repoint the owner's `.git` file."""
+        for _, tree in self._in_use():
+            if confine.cwd.is_relative_to(tree.path):
+                shown = (*tree.pins(), Path(tree.gitdir))
+                return dataclasses.replace(confine, shown=(*confine.shown, *shown))
+        return confine
 
     def status(self, name: str) -> dict[str, object] | None:
         """`status.workspace`."""
