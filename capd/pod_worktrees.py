@@ -191,8 +191,12 @@ class PodWorktrees:
         return child.model_copy(update={"workspace": workspace})
 
     async def check_delete(self, name: str, delete_branch: bool) -> None:
-        """Refuse a `delete_branch` that could not be done, before anything is deleted."""
+        """Refuse, before anything is deleted, a delete that would remove the cwd of
+        another pod working in the pod's work tree, and a `delete_branch` that could not
+        be done."""
         tree = self.of(name)
+        if tree is not None:
+            self._refuse_tenants(name, tree)
         if not delete_branch:
             return
         if tree is None:
@@ -247,6 +251,20 @@ class PodWorktrees:
             for _, tree in self._in_use():
                 worktrees.check_unwritable(
                     Path(tree.repo), Path(tree.common_dir), manifest.name, path
+                )
+
+    def _refuse_tenants(self, name: str, tree: Worktree) -> None:
+        """Another pod whose cwd lies in the work tree (a plain child in its parent's)."""
+        path = Path(tree.path)
+        for record in self._registry.all():
+            if record.name == name:
+                continue
+            cwd = Manifest.model_validate_json(record.manifest).cwd
+            if cwd is not None and Path(cwd).is_relative_to(path):
+                raise ProtocolError(
+                    "invalid_request",
+                    f"pod {record.name} works in pod {name}'s work tree ({cwd}), which a "
+                    f"delete removes; delete pod {record.name} first",
                 )
 
     def _writers(self) -> list[tuple[str, Path]]:

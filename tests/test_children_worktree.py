@@ -145,3 +145,13 @@ async def test_a_plain_child_in_its_parents_work_tree_reads_its_git_and_keeps_it
     assert (first, code) == ("first", "[exit code 1]")
     assert [line.split(": ")[-1] for line in refusals] == ["Read-only file system"] * 2
     assert git(repo, "log", "--format=%s", "capd/wlead") == "first"
+
+    # The parent's work tree is the child's cwd: deleting the parent is refused first.
+    with pytest.raises(ProtocolError) as refused:
+        await daemon_request(capd, {"method": "delete", "name": "wlead"})
+    assert refused.value.code == "invalid_request"
+    assert refused.value.message.startswith("pod wkid works in pod wlead's work tree")
+    assert Path(cwd).is_dir()
+    await daemon_request(capd, {"method": "delete", "name": "wkid"})
+    await daemon_request(capd, {"method": "delete", "name": "wlead"})
+    assert not Path(cwd).exists()
