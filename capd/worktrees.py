@@ -364,6 +364,8 @@ def check_unwritable(repo: Path, common: Path, pod: str, path: Path) -> None:
 
 def _directory(given: str) -> Path:
     path = _real(given)
+    if "\n" in str(path):  # git prints paths one per line
+        raise _bad_repo(f"{given!r} has a newline in its path; move the repository")
     if not path.is_dir():
         raise _bad_repo(f"{given} is not a directory")
     return path
