@@ -357,6 +357,7 @@ def apply(settings: Settings, team_file: Path, prune: bool, dry_run: bool) -> No
     type=click.FloatRange(0, 86400),
     default=30.0,
     show_default=True,
+    metavar="S",
     help="Seconds running turns may go on before they are paused.",
 )
 @json_option

@@ -322,7 +322,7 @@ def engine_line(engine: dict[str, Any]) -> str:
     if engine.get("state") != "running":
         line += " (starts at the next turn)"
     if reaped := engine.get("reaped"):
-        line += f", stopped while idle {reaped}x since capd started"
+        line += f", stopped while idle {reaped}x since the pod started"
     return line
 
 

@@ -15,7 +15,6 @@ supervisor through `ChildHost`, the few calls it makes.
 """
 
 import asyncio
-import os
 from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -27,6 +26,7 @@ from pydantic import ValidationError
 from capd import tracing
 from capd.engines.base import Turn
 from capd.pod_worktrees import PodWorktrees
+from capd.proc.sandbox import real_path
 from capd.registry import PodRegistry
 from capd.store import Store
 from capd.tools.base import ToolFailed
@@ -130,9 +130,9 @@ def _check_same_repository(parent: str, rules: Manifest, repo: str) -> None:
     parent's repository: the parent's `workspace.git.repo`, or one inside its cwd that
     the parent's sandbox does not hide (the child's work tree would show it)."""
     assert rules.cwd is not None
-    theirs = _real(repo)
+    theirs = real_path(repo)
     mine = rules.workspace.git
-    if mine is not None and _real(mine.repo) == theirs:
+    if mine is not None and real_path(mine.repo) == theirs:
         return
     if theirs.is_relative_to(rules.cwd):
         hides = rules.sandbox.hidden if rules.sandbox.mode != "off" else []
@@ -147,10 +147,6 @@ def _check_same_repository(parent: str, rules: Manifest, repo: str) -> None:
         f"workspace.git.repo {repo} is neither parent pod {parent}'s repository nor inside "
         f"its cwd {rules.cwd}; a child with a work tree works on its parent's repository",
     )
-
-
-def _real(path: str) -> Path:
-    return Path(os.path.expanduser(path)).resolve()
 
 
 MODE_WIDTH: dict[SandboxMode, int] = {"read-only": 0, "workspace-write": 1, "off": 2}

@@ -127,13 +127,23 @@ class PodWorktrees:
         the way to the `alternates` pin is made of mount points, which cannot be."""
         tree = self.of(name)
         if tree is None:
-            return confine
+            return self._sharing(confine)
         confine = dataclasses.replace(confine, shown=(*confine.shown, *tree.pins()))
         if confine.mode != "workspace-write":  # git reads its git directory, under hidden state
             return dataclasses.replace(confine, shown=(*confine.shown, Path(tree.gitdir)))
         objects = Path(tree.gitdir) / "objects"
         confine = confine.widened([Path(tree.gitdir)])
         return dataclasses.replace(confine, writable=(*confine.writable, objects, objects / "info"))
+
+    def _sharing(self, confine: Confinement) -> Confinement:
+        """A pod whose cwd lies in another pod's work tree (a team's plain child takes
+        its parent's cwd): that tree's git directory is shown read-only, so git reads it,
+        and its pins hold, so the pod cannot repoint the owner's `.git` file."""
+        for _, tree in self._in_use():
+            if confine.cwd.is_relative_to(tree.path):
+                shown = (*tree.pins(), Path(tree.gitdir))
+                return dataclasses.replace(confine, shown=(*confine.shown, *shown))
+        return confine
 
     def status(self, name: str) -> dict[str, object] | None:
         """`status.workspace`."""
@@ -181,8 +191,12 @@ class PodWorktrees:
         return child.model_copy(update={"workspace": workspace})
 
     async def check_delete(self, name: str, delete_branch: bool) -> None:
-        """Refuse a `delete_branch` that could not be done, before anything is deleted."""
+        """Refuse, before anything is deleted, a delete that would remove the cwd of
+        another pod working in the pod's work tree, and a `delete_branch` that could not
+        be done."""
         tree = self.of(name)
+        if tree is not None:
+            self._refuse_tenants(name, tree)
         if not delete_branch:
             return
         if tree is None:
@@ -237,6 +251,20 @@ class PodWorktrees:
             for _, tree in self._in_use():
                 worktrees.check_unwritable(
                     Path(tree.repo), Path(tree.common_dir), manifest.name, path
+                )
+
+    def _refuse_tenants(self, name: str, tree: Worktree) -> None:
+        """Another pod whose cwd lies in the work tree (a plain child in its parent's)."""
+        path = Path(tree.path)
+        for record in self._registry.all():
+            if record.name == name:
+                continue
+            cwd = Manifest.model_validate_json(record.manifest).cwd
+            if cwd is not None and Path(cwd).is_relative_to(path):
+                raise ProtocolError(
+                    "invalid_request",
+                    f"pod {record.name} works in pod {name}'s work tree ({cwd}), which a "
+                    f"delete removes; delete pod {record.name} first",
                 )
 
     def _writers(self) -> list[tuple[str, Path]]:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from capd import gitenv
 from capd.gitenv import GitFailed, hostile_env, user_env
+from capd.proc.sandbox import real_path
 from protocol.errors import ProtocolError
 from protocol.manifest import GitWorkspace
 
@@ -340,7 +341,7 @@ async def _inspect(given: str, protected: Iterable[Path]) -> tuple[Path, Path, s
         top = await gitenv.run(["rev-parse", "--show-toplevel"], cwd=path, env=user_env())
     except GitFailed as exc:
         raise _bad_repo(f"{given} is not in a work tree of a repository ({exc})") from None
-    return _outside(top.decode().strip(), protected), _real(common), object_format
+    return _outside(top.decode().strip(), protected), real_path(common), object_format
 
 
 def check_unwritable(repo: Path, common: Path, pod: str, path: Path) -> None:
@@ -363,7 +364,9 @@ def check_unwritable(repo: Path, common: Path, pod: str, path: Path) -> None:
 
 
 def _directory(given: str) -> Path:
-    path = _real(given)
+    path = real_path(given)
+    if "\n" in str(path):  # git prints paths one per line
+        raise _bad_repo(f"{given!r} has a newline in its path; move the repository")
     if not path.is_dir():
         raise _bad_repo(f"{given} is not a directory")
     return path
@@ -371,15 +374,11 @@ def _directory(given: str) -> Path:
 
 def _outside(top: str, protected: Iterable[Path]) -> Path:
     """The repository's top level, resolved; refused when it lies in capd's own dirs."""
-    repo = _real(top)
-    for own in map(_real, protected):
+    repo = real_path(top)
+    for own in map(real_path, protected):
         if repo.is_relative_to(own):
             raise _bad_repo(f"{repo} lies in capd's own {own}; use a repository outside it")
     return repo
-
-
-def _real(path: str | Path) -> Path:
-    return Path(os.path.expanduser(path)).resolve()
 
 
 def _bad_repo(what: str) -> ProtocolError:

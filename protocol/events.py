@@ -410,8 +410,8 @@ class EngineState(BaseModel):
     since: float = 0.0
     """When the process started or stopped (unix time; an addition)."""
     reaped: int = 0
-    """How many times capd stopped it for idleness or the process limit since capd started
-    (an addition)."""
+    """How many times capd stopped it for idleness or the process limit since the pod
+    last started (an addition)."""
 
 
 class PodActivity(PodEventBase):

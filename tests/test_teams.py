@@ -16,9 +16,10 @@ from capctl.team import plan_lines, read_team
 from protocol.client import Client, ConnectionClosed
 from protocol.errors import ProtocolError
 from tests.conftest import CapdProcess
+from tests.engine_scaffold import STAND_IN_CLAUDE, engine_starts
 from tests.fakes.openai_server import OpenAITestServer, TextReply
 from tests.fakes.sse_server import HeldReply
-from tests.gitrepo import git, make_repo
+from tests.gitrepo import IDENTITY, branch_tip, git, make_repo
 from tests.helpers import (
     EVENT_TIMEOUT_S,
     connect_pod,
@@ -31,9 +32,12 @@ from tests.helpers import (
     sigkill,
     sleeper,
     spawn,
+    until,
     wait_for,
 )
+from tests.test_activity import activity_feed
 from tests.test_capctl import TIMEOUT_S, assert_one_line_error, capctl, ok, start_capctl
+from tests.test_engine_reap import engine_stopped
 
 pytestmark = pytest.mark.shared_capd
 
@@ -742,6 +746,44 @@ async def test_down_needs_only_the_files_team(capd: CapdProcess, tmp_path: Path)
     path.write_text("pods: []\n")
     done = capctl(capd.runtime_dir, "down", "-f", str(path))
     assert_one_line_error(done, f"{path}: team: ")
+
+
+async def test_work_tree_pods_on_an_external_engine_apply_twice_sync_and_resume(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    """The three parts of §16 together: a team whose child runs Claude Code (the stand-in)
+    in a work tree of its own with a short engine_idle_s. The second apply changes nothing
+    (manifests resolved with cwd = the work tree); the engine's commits reach the branch;
+    its stopped process resumes its session after a change of engine_idle_s."""
+    repo, state = make_repo(tmp_path / "repo"), tmp_path / "cc"
+    state.mkdir()
+    engine = STAND_IN_CLAUDE.engine(state)
+    engine["env"] |= IDENTITY
+    workspace, sandbox = {"git": {"repo": str(repo)}}, {"writable": [str(state)]}
+    lead = {"name": "wlead", "model": scripted(), "tools": ["bash"], "workspace": workspace}
+    tester = {"name": "wtest", "parent": "wlead", "engine": engine, "workspace": workspace}
+    tester["limits"] = {"engine_idle_s": 0.3}
+    pods = [lead | {"sandbox": sandbox}, tester | {"sandbox": sandbox}]
+    path = _team_file(tmp_path, pods, team="wt")
+    assert _capctl_apply(capd, path) == ["+ spawn wlead", "+ spawn wtest"]
+    assert await _apply(capd, path) == ["= unchanged wlead", "= unchanged wtest"]
+    commit = "tool:echo t > t.txt && git add t.txt && git commit -qm t && git rev-parse HEAD"
+    async with await activity_feed(capd) as feed, await connect_pod(capd, "wtest") as pod:
+        _, seen = await run_turn(pod, commit)
+        [made] = [event["output"] for event in seen if event["event"] == "tool_result"]
+        await until(lambda: branch_tip(repo, "capd/wtest") == made.strip())
+        await wait_for(feed, engine_stopped("wtest"))
+        pods[1]["limits"] = {"engine_idle_s": 60}
+        changed = _team_file(tmp_path, pods, team="wt")
+        assert await _apply(capd, changed) == ["= unchanged wlead", "~ reconfigure wtest (limits)"]
+        end, _ = await run_turn(pod, "again")
+    assert end["output"] == "You said: again"
+    first, again = engine_starts(state)
+    assert "--resume" not in first["argv"]
+    assert "--resume" in again["argv"]
+    work = capd.state_dir.resolve() / "worktrees" / "wtest" / "work"
+    assert first["cwd"] == again["cwd"] == str(work)
+    assert await _apply(capd, changed) == ["= unchanged wlead", "= unchanged wtest"]
 
 
 # `stop {keep_turn: true}`: the pod's and its descendants' turns are paused, not cancelled,

@@ -778,3 +778,37 @@ async def test_a_worktree_child_never_shows_a_repository_its_parent_hides(
     assert refused.value.code == "forbidden"
     assert f"lies inside {secret}, which parent pod hider hides" in refused.value.message
     assert branch_tip(secret, "capd/peek") is None
+
+
+async def test_a_plain_child_in_its_parents_work_tree_reads_its_git_and_keeps_its_pins(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    """A child with neither cwd nor workspace.git of a team's work-tree parent works in
+    the parent's work tree (docs "Teams"): git reads the parent's git directory there, and
+    the pins that keep the parent's git safe hold in the child's sandbox too."""
+    repo = make_repo(tmp_path / "repo")
+    workspace = {"git": {"repo": str(repo)}}
+    socket = await spawn(capd, "wlead", scripted(), tools=["bash"], workspace=workspace)
+    async with await connect_pod(capd, "wlead", subscribe=False) as lead:
+        cwd = (await lead.request({"method": "status"}))["cwd"]
+    look = "git log --format=%s 2>&1; echo gitdir: /tmp > .git 2>&1; echo x > ../git/config 2>&1"
+    model = scripted(_call("bash", command=look), {"text": "done"})
+    manifest = {"name": "wkid", "model": model, "cwd": cwd, "tools": ["bash"]}
+    await daemon_request(capd, {"method": "spawn", "manifest": manifest, "parent": str(socket)})
+    async with await connect_pod(capd, "wkid") as kid:
+        await kid.request({"method": "run", "text": "look"})
+        result, _ = await wait_for(kid, is_event("tool_result"))
+    first, *refusals, code = result["output"].splitlines()
+    assert (first, code) == ("first", "[exit code 1]")
+    assert [line.split(": ")[-1] for line in refusals] == ["Read-only file system"] * 2
+    assert git(repo, "log", "--format=%s", "capd/wlead") == "first"
+
+    # The parent's work tree is the child's cwd: deleting the parent is refused first.
+    with pytest.raises(ProtocolError) as refused:
+        await daemon_request(capd, {"method": "delete", "name": "wlead"})
+    assert refused.value.code == "invalid_request"
+    assert refused.value.message.startswith("pod wkid works in pod wlead's work tree")
+    assert Path(cwd).is_dir()
+    await daemon_request(capd, {"method": "delete", "name": "wkid"})
+    await daemon_request(capd, {"method": "delete", "name": "wlead"})
+    assert not Path(cwd).exists()

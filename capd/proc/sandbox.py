@@ -270,8 +270,8 @@ def confinement(
         mode=sandbox.mode,
         network=sandbox.network,
         cwd=cwd,
-        hidden=tuple(dict.fromkeys(_real(path) for path in hidden)),
-        shown=tuple(_real(path) for path in shown),
+        hidden=tuple(dict.fromkeys(real_path(path) for path in hidden)),
+        shown=tuple(real_path(path) for path in shown),
         env=tuple(DEFAULT_SANDBOX_ENV if sandbox.env is None else sandbox.env),
     )
     return confine.widened(Path(p) for p in sandbox.writable)
@@ -297,8 +297,8 @@ def resolve_paths(sandbox: Sandbox) -> Sandbox:
     the manifest stores them."""
     return sandbox.model_copy(
         update={
-            "writable": [str(_real(Path(path))) for path in sandbox.writable],
-            "hidden": [str(_real(Path(path))) for path in sandbox.hidden],
+            "writable": [str(real_path(Path(path))) for path in sandbox.writable],
+            "hidden": [str(real_path(Path(path))) for path in sandbox.hidden],
         }
     )
 
@@ -308,12 +308,13 @@ def containing(paths: Iterable[Path], protected: Sequence[Path]) -> tuple[Path, 
     with that one; None when none does."""
     for path in paths:
         for inner in protected:
-            if _real(inner).is_relative_to(path):
+            if real_path(inner).is_relative_to(path):
                 return path, inner
     return None
 
 
-def _real(path: Path) -> Path:
+def real_path(path: str | Path) -> Path:
+    """A host path with `~` expanded and every symlink resolved."""
     return Path(os.path.expanduser(path)).resolve()
 
 

@@ -5,10 +5,13 @@ capd/pod_worktrees.py when a pod takes a branch while another's removal is under
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from capd import worktrees
 from capd.pod_worktrees import PodWorktrees
 from capd.registry import PodRegistry
 from capd.store import Store
+from protocol.errors import ProtocolError
 from protocol.manifest import GitWorkspace, Manifest
 from tests.gitrepo import branch_tip, git, make_repo
 
@@ -84,3 +87,13 @@ async def test_a_branch_another_pod_took_meanwhile_is_never_deleted(
     registry.delete("b")
     await pods.remove(second, "b", delete_branch=True)
     assert branch_tip(repo, "shared") is None
+
+
+async def test_a_repository_with_a_newline_in_its_path_is_refused(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "two\nlines")
+    state = tmp_path / "state"
+    with pytest.raises(ProtocolError) as refused:
+        await worktrees.make(GitWorkspace(repo=str(repo)), "p", state, [state], [])
+    assert refused.value.code == "invalid_request"
+    assert "has a newline in its path" in refused.value.message
+    assert branch_tip(repo, "capd/p") is None
