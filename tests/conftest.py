@@ -188,10 +188,15 @@ def _module_capd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CapdProce
 
 
 def _delete_every_pod(capd: CapdProcess) -> None:
-    """`delete` each pod; a deleted parent's children are listed again, as top-level pods."""
+    """`delete` each pod; a deleted parent's children are listed again, as top-level pods.
+    A pod whose work tree another pod works in is refused until that one is gone."""
     while pods := _daemon_result(capd, {"method": "list"})["pods"]:
+        refused = []
         for pod in pods:
-            _daemon_result(capd, {"method": "delete", "name": pod["name"]})
+            request = {"method": "delete", "name": pod["name"]}
+            if "result" not in (reply := _request(capd.socket, request, START_TIMEOUT_S)):
+                refused.append(reply)
+        assert len(refused) < len(pods), f"no pod could be deleted: {refused}"
 
 
 def _daemon_result(capd: CapdProcess, request: dict[str, Any]) -> dict[str, Any]:

@@ -1,7 +1,9 @@
 """`workspace.git` through a real capd (docs/protocol.md "Worktrees"): pods work in work
 trees of their own of one repository, their commits reach its branches after each turn,
 `diff` shows their work, `delete` removes the work tree (and the branch when asked), and
-a spawn that fails leaves nothing behind."""
+a spawn that fails leaves nothing behind; `spawn_pod {worktree: true}` gives a child one
+of its parent's repository. In its sandbox git works, and nothing that would run code
+outside it can be written. One module, so that they share one capd."""
 
 import asyncio
 import os
@@ -9,6 +11,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,10 +21,13 @@ from tests.gitrepo import bash_pod, branch_tip, git, make_repo
 from tests.helpers import (
     connect_pod,
     daemon_request,
+    is_event,
     run_turn,
     scripted,
+    sigkill,
     spawn,
     until,
+    wait_for,
 )
 
 pytestmark = [
@@ -493,3 +499,316 @@ async def test_reconfigure_keeps_the_work_tree_and_refuses_another(
     assert after["cwd"] == before["cwd"]
     assert after["workspace"] == before["workspace"]
     assert after["sandbox"]["writable"] == before["sandbox"]["writable"]
+
+
+# A `workspace.git` pod's sandbox: git works in its work tree (merge conflicts and their
+# abort, stash and pop), and nothing that would run code outside it can be written: its git
+# config, the repository's `.git`, the work tree's `.git` file, the pinned files of its git
+# directory; the file tools refuse them too. A restarted capd confines it the same, and
+# removes work trees no pod has.
+
+
+def _calls(*calls: tuple[str, dict[str, Any]]) -> dict[str, Any]:
+    steps = [{"tool_calls": [{"name": name, "arguments": args}]} for name, args in calls]
+    return scripted(*steps, {"text": "done"})
+
+
+def _bash(command: str) -> tuple[str, dict[str, Any]]:
+    return "bash", {"command": command}
+
+
+async def test_git_works_and_its_pins_hold_inside_the_sandbox(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    repo = make_repo(tmp_path / "repo")
+    config = (repo / ".git" / "config").read_text()
+    root = capd.state_dir.resolve() / "worktrees" / "pin"
+    gitdir = root / "git"
+    refused = " 2>&1; echo rc=$?"
+    model = _calls(
+        _bash("git config core.fsmonitor 'touch /tmp/pwned'" + refused),
+        _bash(f"echo '[core] fsmonitor = x' >> {repo}/.git/config" + refused),
+        _bash(f"touch {repo}/.git/hooks/post-checkout" + refused),
+        _bash("echo 'gitdir: /tmp/elsewhere' > .git" + refused),
+        _bash("mv .git moved" + refused),
+        _bash(f"echo /tmp > {gitdir}/commondir" + refused),
+        _bash(f"echo /tmp/objects > {gitdir}/objects/info/alternates" + refused),
+        _bash(f"touch {gitdir}/hooks/pre-commit" + refused),
+        _bash(
+            f"mv {gitdir}/objects/info {gitdir}/objects/aside 2>&1;"
+            f" mv {gitdir}/objects {gitdir}/aside 2>&1; echo rc=$?"
+        ),
+        _bash(f"git --git-dir={repo}/.git update-ref refs/heads/evil HEAD" + refused),
+        _bash(
+            "git checkout -qb other && echo theirs > README && git commit -qam theirs"
+            " && git checkout -q capd/pin && echo ours > README && git commit -qam ours"
+            " && git merge other; git merge --abort && git status --porcelain && echo aborted"
+        ),
+        _bash(
+            "echo stashed >> README && git stash -q && cat README && git stash pop -q && cat README"
+        ),
+        _bash(
+            "git stash -q && { git rebase other >/dev/null 2>&1 || echo conflicted; }"
+            " && git rebase --abort && git stash pop -q && git status --porcelain"
+        ),
+        ("write_file", {"path": ".git", "content": "gitdir: /tmp/elsewhere\n"}),
+        ("write_file", {"path": f"{gitdir}/config", "content": "[core]\n\tfsmonitor = x\n"}),
+        ("write_file", {"path": "made.txt", "content": "by the file tool\n"}),
+        _bash("git fetch -q origin && git branch -r"),
+    )
+    await spawn(
+        capd, "pin", model, tools=["bash", "write_file"], workspace={"git": {"repo": str(repo)}}
+    )
+    async with await connect_pod(capd, "pin") as pod:
+        end, seen = await run_turn(pod, "try")
+    assert end["result"] == "finished", end
+    results = [event for event in seen if event["event"] == "tool_result"]
+    outputs = [event["output"] for event in results]
+    config_set, repo_config, hook, git_file, moved, commondir, alternates, own_hook = outputs[:8]
+    moved_aside, update_main, merged, stashed, rebased = outputs[8:13]
+    for output in (repo_config, hook, git_file, commondir, alternates, own_hook, update_main):
+        assert "Read-only file system" in output, output
+    for output in (config_set, moved):  # a mount point cannot be replaced
+        assert "Device or resource busy" in output, output
+    assert moved_aside.count("Device or resource busy") == 2, moved_aside
+    assert "CONFLICT" in merged, merged
+    assert merged.endswith("aborted"), merged
+    assert stashed.splitlines() == ["ours", "ours", "stashed"]
+    assert rebased.splitlines() == ["conflicted", " M README"]
+    git_tool, config_tool, made, fetched = results[13:]
+    assert fetched["output"].split() == ["origin/capd/pin", "origin/main"], fetched
+    for refusal in (git_tool, config_tool):
+        assert refusal["is_error"], refusal
+        assert "keeps read-only" in refusal["output"], refusal
+    assert not made["is_error"], made
+    # Outside: the repository, the work tree's .git file and the git directory's config
+    # are as capd made them.
+    assert (repo / ".git" / "config").read_text() == config
+    assert not (repo / ".git" / "hooks" / "post-checkout").exists()
+    assert branch_tip(repo, "evil") is None
+    assert branch_tip(repo, "main") == git(repo, "rev-parse", "HEAD")
+    work = root / "work"
+    assert (work / ".git").read_text() == f"gitdir: {gitdir}\n"
+    assert (gitdir / "commondir").read_text() == ".\n"
+    assert (gitdir / "objects" / "info" / "alternates").read_text() == f"{repo}/.git/objects\n"
+    assert "fsmonitor" not in (gitdir / "config").read_text()
+    assert list((gitdir / "hooks").iterdir()) == []
+    assert (work / "made.txt").read_text() == "by the file tool\n"
+
+
+@pytest.mark.own_capd
+async def test_a_restarted_capd_confines_and_syncs_the_work_tree_as_before(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    """... and undoes what a capd killed mid-spawn left: its work tree and new branch."""
+    repo = make_repo(tmp_path / "repo")
+    commit = "echo {0} > {0}.txt && git add {0}.txt && git commit -qm {0} && git rev-parse HEAD"
+    model = _calls(
+        _bash(commit.format("before")),
+        _bash("git config core.fsmonitor x 2>&1; " + commit.format("after")),
+    )
+    model["script"].insert(1, {"text": "first turn done"})
+    await spawn(capd, "again", model, tools=["bash"], workspace={"git": {"repo": str(repo)}})
+    async with await connect_pod(capd, "again") as pod:
+        end, _ = await run_turn(pod, "one")
+    assert end["result"] == "finished", end
+    cut_repo, held = make_repo(tmp_path / "cut"), tmp_path / "held"
+    hook = cut_repo / ".git" / "hooks" / "reference-transaction"  # the user's: capd runs it
+    hook.write_text(
+        f'#!/bin/sh\n[ "$1" = committed ] && [ ! -e {held} ] || exit 0\n'
+        f"touch {held}\nexec sleep 30\n"
+    )
+    hook.chmod(0o755)
+    workspace = {"git": {"repo": str(cut_repo)}}
+    spawning = asyncio.create_task(spawn(capd, "cut", scripted(), workspace=workspace))
+    await until(held.exists)  # its branch is made, its work tree not yet
+    await sigkill(capd)
+    [lost] = await asyncio.gather(spawning, return_exceptions=True)
+    assert isinstance(lost, Exception)
+    cut = capd.state_dir.resolve() / "worktrees" / "cut"
+    assert cut.is_dir()
+    assert branch_tip(cut_repo, "capd/cut") == branch_tip(cut_repo, "main")
+    ghost = capd.state_dir / "worktrees" / "ghost" / "work"  # no record of what it was making
+    ghost.mkdir(parents=True)
+    ghost.chmod(0o500)
+    capd.start()
+    assert not ghost.parent.exists()
+    assert not cut.exists()
+    assert git(cut_repo, "branch", "--format=%(refname:short)").split() == ["main"]
+    async with await connect_pod(capd, "again") as pod:
+        end, seen = await run_turn(pod, "two")
+    assert end["result"] == "finished", end
+    [output] = [event["output"] for event in seen if event["event"] == "tool_result"]
+    refusal, after = output.splitlines()
+    assert "Device or resource busy" in refusal
+    await until(lambda: branch_tip(repo, "capd/again") == after)
+    assert git(repo, "log", "--format=%s", "capd/again").split() == ["after", "before", "first"]
+
+
+async def test_a_read_only_pod_reads_its_work_trees_history(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    repo = make_repo(tmp_path / "repo")
+    model = _calls(
+        _bash("git log --format=%s && git status --porcelain && touch x 2>&1; echo rc=$?")
+    )
+    await spawn(
+        capd,
+        "reader",
+        model,
+        tools=["bash"],
+        workspace={"git": {"repo": str(repo)}},
+        sandbox={"mode": "read-only"},
+    )
+    async with await connect_pod(capd, "reader") as pod:
+        end, seen = await run_turn(pod, "read")
+    assert end["result"] == "finished", end
+    [output] = [event["output"] for event in seen if event["event"] == "tool_result"]
+    first, refused, rc = output.splitlines()
+    assert first == "first", output
+    assert "Read-only file system" in refused, output
+    assert rc == "rc=1", output
+
+
+# `spawn_pod {worktree: true}`: a child gets a work tree of its own of the parent's
+# repository, branched from the parent's current commit; the child rule is then "the
+# same repository".
+
+
+def _call(tool: str, **arguments: object) -> dict[str, object]:
+    return {"tool_calls": [{"name": tool, "arguments": arguments}]}
+
+
+async def test_a_worktree_child_branches_from_its_parents_commit(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    repo = make_repo(tmp_path / "repo")
+    kid_model = {
+        "script": [
+            _call(
+                "bash",
+                command="git log --format=%s && echo kid > kid.txt && git add kid.txt"
+                " && git commit -qm 'from kid'",
+            ),
+            {"text": "kid done"},
+        ]
+    }
+    spawn_kid = _call(
+        "spawn_pod", name="kid", task="work", worktree=True, tools=["bash"], model=kid_model
+    )
+    commit = "echo p > p.txt && git add p.txt && git commit -qm 'from boss' && git rev-parse HEAD"
+    await spawn(
+        capd,
+        "boss",
+        scripted(_call("bash", command=commit), spawn_kid, {"text": "spawned"}, {"text": "ok"}),
+        tools=["bash", "spawn_pod"],
+        workspace={"git": {"repo": str(repo)}},
+    )
+    async with await connect_pod(capd, "boss") as boss:
+        await boss.request({"method": "run", "text": "go"})
+        received, seen = await wait_for(boss, is_event("pod_event_received"))
+    assert received["payload"]["output"] == "kid done"
+    committed, spawned = [e["output"] for e in seen if e["event"] == "tool_result"]
+    assert "cwd a work tree of its own on branch capd/kid" in spawned, spawned
+    boss_commit = committed.strip()
+    await until(
+        lambda: git(repo, "log", "--format=%s", "capd/kid", check=False).startswith("from kid")
+    )
+    assert git(repo, "log", "--format=%s", "capd/kid").splitlines() == [
+        "from kid",
+        "from boss",
+        "first",
+    ]
+    assert git(repo, "rev-parse", "capd/kid~1") == boss_commit
+    async with await connect_pod(capd, "kid", subscribe=False) as kid:
+        status = await kid.request({"method": "status"})
+        history = (await kid.request({"method": "history"}))["events"]
+    log = next(e["output"] for e in history if e["event"] == "tool_result")
+    assert log.splitlines() == ["from boss", "first"]  # the boss's commit, in its own tree
+    work = capd.state_dir.resolve() / "worktrees" / "kid" / "work"
+    assert status["cwd"] == str(work)
+    assert status["workspace"]["base"] == boss_commit
+    assert status["workspace"]["branch"] == "capd/kid"
+    assert branch_tip(repo, "capd/boss") == boss_commit  # synced before the child was made
+
+
+async def test_worktree_children_keep_to_their_parents_repository(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    repo = make_repo(tmp_path / "repo")
+    other = make_repo(tmp_path / "other")
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    await spawn(
+        capd,
+        "flat",
+        scripted(_call("spawn_pod", name="nokid", task="x", worktree=True), {"text": "no"}),
+        tools=["spawn_pod"],
+        cwd=str(plain),
+    )
+    async with await connect_pod(capd, "flat") as flat:
+        await flat.request({"method": "run", "text": "go"})
+        result, _ = await wait_for(flat, is_event("tool_result"))
+    assert result["is_error"] is True
+    assert "worktree needs your cwd to be a git work tree" in result["output"]
+    await spawn(capd, "top", scripted(), workspace={"git": {"repo": str(repo)}})
+    parent = str(capd.pod_socket("top"))
+    manifest = {"name": "stray", "model": scripted(), "workspace": {"git": {"repo": str(other)}}}
+    with pytest.raises(ProtocolError) as refused:
+        await daemon_request(capd, {"method": "spawn", "manifest": manifest, "parent": parent})
+    assert refused.value.code == "forbidden"
+    assert "is neither parent pod top's repository nor inside its cwd" in refused.value.message
+    assert branch_tip(other, "capd/stray") is None
+    manifest["workspace"] = {"git": {"repo": str(repo)}}
+    await daemon_request(capd, {"method": "spawn", "manifest": manifest, "parent": parent})
+    assert branch_tip(repo, "capd/stray") == branch_tip(repo, "main")
+
+
+async def test_a_worktree_child_never_shows_a_repository_its_parent_hides(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    secret = make_repo(tmp_path / "top" / "secret")
+    sandbox = {"mode": "read-only", "hidden": [str(secret)]}
+    await spawn(capd, "hider", scripted(), cwd=str(tmp_path / "top"), sandbox=sandbox)
+    manifest = {"name": "peek", "model": scripted(), "workspace": {"git": {"repo": str(secret)}}}
+    manifest["sandbox"] = sandbox
+    request = {"method": "spawn", "manifest": manifest, "parent": str(capd.pod_socket("hider"))}
+    with pytest.raises(ProtocolError) as refused:
+        await daemon_request(capd, request)
+    assert refused.value.code == "forbidden"
+    assert f"lies inside {secret}, which parent pod hider hides" in refused.value.message
+    assert branch_tip(secret, "capd/peek") is None
+
+
+async def test_a_plain_child_in_its_parents_work_tree_reads_its_git_and_keeps_its_pins(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    """A child with neither cwd nor workspace.git of a team's work-tree parent works in
+    the parent's work tree (docs "Teams"): git reads the parent's git directory there, and
+    the pins that keep the parent's git safe hold in the child's sandbox too."""
+    repo = make_repo(tmp_path / "repo")
+    workspace = {"git": {"repo": str(repo)}}
+    socket = await spawn(capd, "wlead", scripted(), tools=["bash"], workspace=workspace)
+    async with await connect_pod(capd, "wlead", subscribe=False) as lead:
+        cwd = (await lead.request({"method": "status"}))["cwd"]
+    look = "git log --format=%s 2>&1; echo gitdir: /tmp > .git 2>&1; echo x > ../git/config 2>&1"
+    model = scripted(_call("bash", command=look), {"text": "done"})
+    manifest = {"name": "wkid", "model": model, "cwd": cwd, "tools": ["bash"]}
+    await daemon_request(capd, {"method": "spawn", "manifest": manifest, "parent": str(socket)})
+    async with await connect_pod(capd, "wkid") as kid:
+        await kid.request({"method": "run", "text": "look"})
+        result, _ = await wait_for(kid, is_event("tool_result"))
+    first, *refusals, code = result["output"].splitlines()
+    assert (first, code) == ("first", "[exit code 1]")
+    assert [line.split(": ")[-1] for line in refusals] == ["Read-only file system"] * 2
+    assert git(repo, "log", "--format=%s", "capd/wlead") == "first"
+
+    # The parent's work tree is the child's cwd: deleting the parent is refused first.
+    with pytest.raises(ProtocolError) as refused:
+        await daemon_request(capd, {"method": "delete", "name": "wlead"})
+    assert refused.value.code == "invalid_request"
+    assert refused.value.message.startswith("pod wkid works in pod wlead's work tree")
+    assert Path(cwd).is_dir()
+    await daemon_request(capd, {"method": "delete", "name": "wkid"})
+    await daemon_request(capd, {"method": "delete", "name": "wlead"})
+    assert not Path(cwd).exists()

@@ -49,8 +49,9 @@ goes to $FAKE_ACP_DIR/log.jsonl. Files in $FAKE_ACP_DIR change the agent's ways:
     load-auth       `session/load` answers auth_required (-32000)
     hold-init       `initialize` waits until the file is gone
     die-in-init     it exits 4 in `initialize`, once: the file is removed as it does
-    linger          stopped (SIGTERM, or its input closed), it takes LINGER_S to exit,
-                    as an agent saving its session does; `term` and `exit` are logged
+    linger          stopped (SIGTERM, or its input closed) while the file is there, it
+                    takes LINGER_S to exit, as an agent saving its session does; `term`
+                    and `exit` are logged
     mcp-http        it takes http MCP servers (`mcpCapabilities.http`)
 
 `session/new` and `session/load` log their `mcpServers` as the SDK parsed them.
@@ -518,7 +519,8 @@ LINGER_S = 1.5
 
 def linger(*_: Any) -> None:
     log({"term": os.getpid()})
-    time.sleep(LINGER_S)
+    if (STATE / "linger").exists():
+        time.sleep(LINGER_S)
     log({"exit": os.getpid()})
     os._exit(0)
 
