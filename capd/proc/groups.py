@@ -40,7 +40,7 @@ class _Terminations:
         loop = asyncio.get_running_loop()
         while self._due:
             for pgid, due in list(self._due.items()):
-                if not signal_group(pgid, 0):
+                if not signal_group(pgid, 0) or not has_live_member(pgid):
                     del self._due[pgid]
                 elif loop.time() >= due:
                     self._kill(pgid)
@@ -71,6 +71,28 @@ def signal_group(pgid: int, sig: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def has_live_member(pgid: int) -> bool:
+    """Whether a process of the group has not exited yet. A group whose members are all
+    zombies (exited, waiting for a parent, often init, to reap them) still answers
+    `killpg(pgid, 0)` but holds nothing a SIGKILL could stop. True when /proc cannot tell."""
+    try:
+        entries = os.scandir("/proc")
+    except OSError:
+        return True
+    with entries:
+        for entry in entries:
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/stat", "rb") as file:
+                    fields = file.read().rpartition(b")")[2].split()
+            except OSError:
+                continue
+            if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+                return True
+    return False
 
 
 def signal_name(number: int) -> str:
