@@ -51,7 +51,9 @@ def _go(proc: subprocess.Popen[str]) -> float:
 
 async def test_a_capd_waits_for_the_one_shutting_down(capd: CapdProcess, tmp_path: Path) -> None:
     stubborn = {"tool_calls": [{"name": "bash", "arguments": {"command": STUBBORN}}]}
-    await spawn(capd, "w1", scripted(stubborn), cwd=str(tmp_path), tools=["bash"])
+    # Unconfined, so the command itself ignores SIGTERM (a sandbox's bwrap would not).
+    off = {"mode": "off"}
+    await spawn(capd, "w1", scripted(stubborn), cwd=str(tmp_path), tools=["bash"], sandbox=off)
     async with await connect_pod(capd, "w1") as pod:
         await pod.request({"method": "run", "text": "go"})
     await until((tmp_path / "started").exists)
