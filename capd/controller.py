@@ -223,7 +223,8 @@ class PodController:
         self._span: Any = None
         """The turn's `invoke_agent` span of its running (or last) segment; tracing only."""
         self.draining = False
-        """Its team is going down (`down`): no turn starts on its own, a `run` is refused."""
+        """Its team is going down (`down`): no turn starts on its own; a `run` is queued when
+        it asks to be, else refused."""
         self.pending_manifest: Manifest | None = None
         """A manifest `apply` gave while a turn ran, taken when the pod is idle again."""
         self.take_pending: Reconfigurer | None = None
