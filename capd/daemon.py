@@ -34,6 +34,7 @@ from capd.server import DaemonEndpoint
 from capd.store import Store
 from capd.supervisor import Supervisor
 from capd.systemd import Notifier, activated_socket
+from capd.teams import Teams
 from protocol import VERSION
 from protocol.results import InfoResult, SandboxBackend
 
@@ -114,7 +115,7 @@ class Daemon:
         self._outbox = outbox = Outbox(store)
         registry = PodRegistry(store, cfg.runtime_dir)
         self._supervisor = Supervisor(
-            cfg, store, outbox, registry, self._pod_status_changed, sandbox
+            cfg, store, outbox, registry, self._pod_status_changed, sandbox, Teams
         )
         await self.supervisor.worktrees.sweep()
         self._endpoint = DaemonEndpoint(self.supervisor, self, cfg)

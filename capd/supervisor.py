@@ -15,7 +15,7 @@ import shutil
 from collections.abc import Awaitable, Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from capd import metrics
 from capd.activity import ActivityFeed, Built, running_activity, stopped_activity
@@ -42,9 +42,8 @@ from capd.proc.sandbox import (
 from capd.providers import missing_key
 from capd.reconfigure import Parts, changed_fields
 from capd.registry import PodRegistry
-from capd.server import PodEndpoint
+from capd.server import PodEndpoint, TeamMethods
 from capd.store import PodRecord, Store
-from capd.teams import Teams
 from capd.tools import CHANGE_FILES
 from capd.tools.base import ToolContext, ToolFailed
 from capd.tools.mcp.server import pod_servers
@@ -78,6 +77,14 @@ ABANDON_TIMEOUT_S = 3.0
 close and SHUTDOWN_GRACE_S, shutdown stays inside the unit's TimeoutStopSec=30."""
 
 
+class TeamHooks(TeamMethods, Protocol):
+    """The teams' part in pods coming up and changing status (capd.teams.Teams)."""
+
+    def attach(self, pod: PodController) -> None: ...
+
+    def status_changed(self, name: str, status: PodStatusName) -> None: ...
+
+
 class CannotRestore(Exception):
     """A stored pod could not be brought up; it stays down, its reason in `list`. `code`
     is the error a `start` of it gives."""
@@ -104,9 +111,11 @@ class Supervisor:
         registry: PodRegistry,
         on_status: Callable[[], None],
         sandbox: Backend,
+        teams: "Callable[[Supervisor], TeamHooks]",
     ) -> None:
         """`on_status` is called when a pod's status changes, unless capd is closing;
-        `sandbox` is the bwrap that confines pods' processes (or why none can)."""
+        `sandbox` is the bwrap that confines pods' processes (or why none can); `teams`
+        makes the daemon's `apply` and `down` (capd.teams.Teams) on this supervisor."""
         self.config = config
         self.sandbox = sandbox
         self.store = store
@@ -131,7 +140,7 @@ class Supervisor:
         own = (config.state_dir, config.runtime_dir)
         self.worktrees = PodWorktrees(registry, config.state_dir, own, self.in_background)
         """The pods' `workspace.git` work trees."""
-        self.teams = Teams(self)
+        self.teams = teams(self)
         """The daemon's `apply` and `down`."""
         self.engine_slots = EngineSlots(
             config.max_engine_processes, self._reap_engine, self._engine_exited
