@@ -33,6 +33,10 @@ def slow_text(chars: int = 4000, delay_ms: float = 2) -> dict[str, Any]:
     return {"text": "x" * chars, "chunk_chars": 1, "delay_ms": delay_ms}
 
 
+PS_HEADER = ["NAME", "STATUS", "PARENT", "TOKENS", "COST", "TEAM", "ENGINE", "SOCKET"]
+"""The columns of `capctl ps`."""
+
+
 async def spawn(capd: CapdProcess, name: str, model: dict[str, Any], **manifest: Any) -> Path:
     async with await Client.connect(capd.socket) as daemon:
         result = await daemon.request(

@@ -16,6 +16,7 @@ from tests.conftest import CapdProcess
 from tests.engine_scaffold import STAND_IN_ACP_AGENT, STAND_IN_CLAUDE, spawn_on_engine
 from tests.fakes.claude import PRICE
 from tests.helpers import (
+    PS_HEADER,
     connect_pod,
     daemon_request,
     full_history,
@@ -298,16 +299,7 @@ async def test_capctl_budget_shows_and_sets_the_budget_and_ps_shows_spend(
         "spent": {"tokens": 5, "usd": 9.0},
     }
     header, *rows = ok(capd.runtime_dir, "ps").splitlines()
-    assert header.split() == [
-        "NAME",
-        "STATUS",
-        "PARENT",
-        "TOKENS",
-        "COST",
-        "TEAM",
-        "ENGINE",
-        "SOCKET",
-    ]
+    assert header.split() == PS_HEADER
     assert rows[0].split()[:5] == ["bk", "idle", "-", "5", "$9.00"]
 
 

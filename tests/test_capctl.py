@@ -21,6 +21,7 @@ from capctl.render import pod_table
 from protocol.framing import decode, encode
 from tests.conftest import CapdProcess
 from tests.engine_scaffold import STAND_IN_CLAUDE
+from tests.helpers import PS_HEADER
 
 TIMEOUT_S = 10.0
 pytestmark = pytest.mark.shared_capd
@@ -148,16 +149,7 @@ def test_spawn_ps_and_status(capd: CapdProcess, tmp_path: Path) -> None:
     ok(rt, "spawn", "-f", str(manifest))
 
     table = ok(rt, "ps").splitlines()
-    assert table[0].split() == [
-        "NAME",
-        "STATUS",
-        "PARENT",
-        "TOKENS",
-        "COST",
-        "TEAM",
-        "ENGINE",
-        "SOCKET",
-    ]
+    assert table[0].split() == PS_HEADER
     rows = {line.split()[0]: line.split() for line in table[1:]}
     assert rows["w1"][1:] == ["idle", "-", "0", "-", "-", "-", str(capd.pod_socket("w1"))]
     assert rows["w2"][1] == "idle"
@@ -388,16 +380,7 @@ def test_ps_shows_children_under_their_parents() -> None:
         {"name": "woke", "status": "idle", "parent": "/r/pods/nap.sock", "socket": "/r/w"},
     ]
     header, *rows = pod_table(pods).splitlines()
-    assert header.split() == [
-        "NAME",
-        "STATUS",
-        "PARENT",
-        "TOKENS",
-        "COST",
-        "TEAM",
-        "ENGINE",
-        "SOCKET",
-    ]
+    assert header.split() == PS_HEADER
     assert [(len(row) - len(row.lstrip()), row.split()) for row in rows] == [
         (0, ["boss", "idle", "-", "1,234", "$0.05", "pay", "stopped", "/r/pods/boss.sock"]),
         (2, ["kid", "running", "boss", "0", "-", "-", "pid", "4242", "/r/k"]),
