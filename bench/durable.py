@@ -20,7 +20,7 @@ from bench import servers
 from bench.report import Figure
 from bench.sizes import Size
 from bench.wire import LineClient
-from capd.store import Store
+from capd.store import SqliteStore
 from protocol.events import PodEventReceived
 from protocol.framing import encode
 
@@ -47,7 +47,7 @@ def _event_row(seq: int) -> tuple[int, float, str, bytes]:
 def _store_rates(count: int) -> tuple[float, float]:
     """(capd's store, SQLite straight) in events per second."""
     with tempfile.TemporaryDirectory(prefix="capd-bench-store-") as tmp:
-        store = Store(Path(tmp) / "capd.db")
+        store = SqliteStore(Path(tmp) / "capd.db")
         floor = sqlite3.connect(Path(tmp) / "floor.db", isolation_level=None)
         floor.execute("PRAGMA journal_mode=WAL")
         floor.execute("PRAGMA synchronous=NORMAL")

@@ -19,7 +19,7 @@ from bench import servers
 from bench.report import Figure
 from bench.sizes import Size
 from bench.wire import LineClient
-from capd.store import Store, StoredEvent
+from capd.store import SqliteStore, Store, StoredEvent
 from protocol.events import (
     AssistantMessage,
     ContextCompacted,
@@ -105,7 +105,7 @@ class _Pod:
         self.daemon = LineClient(capd.socket)
         self.socket = servers.spawn(self.daemon, "p", servers.scripted())
         self.daemon.request({"id": "stop", "method": "stop", "name": "p"})
-        store = Store(capd.workdir / "state" / "capd.db")
+        store = SqliteStore(capd.workdir / "state" / "capd.db")
         try:
             self.last_seq = _write(store, "p", old_turns, compacted)
         finally:

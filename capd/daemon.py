@@ -31,7 +31,7 @@ from capd.proc.limits import LimitsUnavailable
 from capd.proc.sandbox import Backend, candidates, probe
 from capd.registry import PodRegistry
 from capd.server import DaemonEndpoint
-from capd.store import Store
+from capd.store import SqliteStore, Store
 from capd.supervisor import Supervisor
 from capd.systemd import Notifier, activated_socket
 from capd.teams import Teams
@@ -111,7 +111,7 @@ class Daemon:
             log.warning("%s (pods with a sandbox are refused)", sandbox.refusal)
         else:
             log.info("sandbox: %s (%s)", sandbox.path, sandbox.version or "version unknown")
-        self._store = store = Store(cfg.state_dir / "capd.db")
+        self._store = store = SqliteStore(cfg.state_dir / "capd.db")
         self._outbox = outbox = Outbox(store)
         registry = PodRegistry(store, cfg.runtime_dir)
         self._supervisor = Supervisor(

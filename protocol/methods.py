@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from protocol.errors import ProtocolError
 from protocol.manifest import Manifest
 from protocol.names import IfBusy
-from protocol.paths import POD_NAME_PATTERN
+from protocol.paths import NODE_NAME_PATTERN, POD_NAME_PATTERN
 from protocol.team import TeamPod
 
 RequestId = str | int
@@ -22,6 +22,7 @@ MAX_DESCRIBED_ERRORS = 5
 MAX_INSTRUCTIONS = 10_000
 """Characters a `compact` request's instructions may hold."""
 PodName = Annotated[str, Field(pattern=POD_NAME_PATTERN)]
+NodeName = Annotated[str, Field(pattern=NODE_NAME_PATTERN)]
 
 
 class Request(BaseModel):
@@ -167,6 +168,8 @@ class Spawn(Request):
     parent: str | None = None
     team: PodName | None = None
     """§16: the team the pod belongs to (an addition; `apply` sets it)."""
+    node: NodeName | None = None
+    """§15: the fleet node to host the pod; by default the least-loaded node."""
 
 
 class ListPods(Request):

@@ -7,6 +7,8 @@ from pathlib import Path
 
 POD_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,47}$"
 POD_NAME_RE = re.compile(POD_NAME_PATTERN)
+NODE_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
+"""§15: a fleet node's name (`capd --node`); the default is the host name, lower-cased."""
 
 
 def runtime_dir(explicit: str | os.PathLike[str] | None = None) -> Path:

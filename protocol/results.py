@@ -124,6 +124,8 @@ class PodStatus(Result):
     """§16: set when the pod has a `workspace.git` work tree."""
     engine: EngineState | None = None
     """§16: the external engine's process; null for the builtin engine."""
+    node: str = ""
+    """§15: the node hosting the pod."""
 
 
 class SetBudgetResult(Result):
@@ -201,7 +203,8 @@ class PodListEntry(Result):
     name: str
     status: Literal["idle", "running", "paused", "stopped"]
     parent: str | None = None
-    socket: str
+    socket: str | None
+    """The pod's socket; §15: null for a pod hosted on another node."""
     error: str | None = None
     """Why a pod that should be up is not (an addition): it could not be restored."""
     spent: Spent = Field(default_factory=Spent)
@@ -210,6 +213,8 @@ class PodListEntry(Result):
     """§16: the pod's team."""
     engine: EngineState | None = None
     """§16: as in `status` (an addition); null for the builtin engine and a stopped pod."""
+    node: str | None = None
+    """§15: the node hosting the pod (null for a stopped pod no node holds)."""
 
 
 class ListResult(Result):
@@ -229,6 +234,16 @@ class SandboxBackend(Result):
     """Each candidate tried before (`<path>: <first line of its stderr>`)."""
 
 
+class FleetNode(Result):
+    """§15: one node of the fleet, as `info.fleet` lists it."""
+
+    node: str
+    pods: int
+    """The pods it hosts now."""
+    last_seen: float
+    """When it last renewed its leases (Unix seconds)."""
+
+
 class InfoResult(Result):
     version: str
     pid: int
@@ -239,3 +254,7 @@ class InfoResult(Result):
     sandbox: SandboxBackend | None = None
     metrics_listen: str | None = None
     """`host:port` where `--metrics-listen` serves /metrics, as bound (an addition)."""
+    node: str = ""
+    """§15: this node's name (`capd --node`)."""
+    fleet: list[FleetNode] = Field(default_factory=list)
+    """§15: every node of the fleet, this one included; one entry without a fleet."""

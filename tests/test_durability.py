@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from capd.store import Store
+from capd.store import SqliteStore
 from protocol.client import Client
 from protocol.errors import ProtocolError
 from protocol.events import (
@@ -301,7 +301,7 @@ def _write_turns(
     (but a hundred turns to a transaction, which is quicker), then, if `compacted`, the
     `context_compacted` of an idle pod's compaction of them all, so that a restart reads
     only from there; returns the pod's last seq."""
-    store = Store(capd.state_dir / "capd.db")
+    store = SqliteStore(capd.state_dir / "capd.db")
     rows = store.events_after(pod, 0, 1_000_000)
     seq, ts = len(rows), time.time()
     batch: list[tuple[int, float, str, bytes]] = []

@@ -16,7 +16,7 @@ from capd.engines import make_engine
 from capd.engines.base import Engine, TurnOutcome
 from capd.outbox import Outbox
 from capd.registry import PodRegistry
-from capd.store import Store
+from capd.store import SqliteStore, Store
 from capd.tools.base import ToolContext
 from capd.tools.toolbox import Toolbox
 from protocol.client import Client
@@ -138,7 +138,7 @@ async def test_tool_arguments_too_deep_to_store_are_a_tool_error_not_a_dead_turn
 
 def _pod_in_process(tmp_path: Path, engine: Engine | None = None) -> tuple[PodController, Store]:
     """A pod's controller on a real store, its engine replaced at the engine seam."""
-    store = Store(tmp_path / "capd.db")
+    store = SqliteStore(tmp_path / "capd.db")
     manifest = Manifest.model_validate(
         {"name": "h6", "cwd": str(tmp_path), "model": {"provider": "scripted"}}
     )

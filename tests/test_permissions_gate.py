@@ -9,7 +9,7 @@ import pytest
 from capd.journal import Journal
 from capd.outbox import Outbox
 from capd.permissions import Gate, Grants, can_ask, match_subject, tool_call
-from capd.store import Store
+from capd.store import SqliteStore
 from protocol.events import PermissionGrant, PermissionResolved, StatusChanged
 from protocol.manifest import Permissions
 
@@ -127,7 +127,7 @@ def test_a_questions_tool_call_is_shaped_as_an_acp_agents() -> None:
 def test_a_restore_reads_back_every_grant_also_before_its_first_event(tmp_path: Path) -> None:
     """A restore may read only the events after a compaction's `restore_from`; the grants
     made before it still count."""
-    store = Store(tmp_path / "capd.db")
+    store = SqliteStore(tmp_path / "capd.db")
     try:
         journal = Journal("p", None, store, Outbox(store))
         grants = [PermissionGrant(rule=2, tool="bash"), PermissionGrant(rule=None, tool="x")]

@@ -41,6 +41,7 @@ RESULT_METHODS: dict[type[BaseModel], tuple[str, ...]] = {
     results.PodListEntry: ("list",),
     results.InfoResult: ("info",),
     results.SandboxBackend: ("info",),
+    results.FleetNode: ("info",),
     results.SetBudgetResult: ("set_budget",),
     results.ReconfigureResult: ("reconfigure",),
     results.OverviewResult: ("overview",),

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from capd.store import Store
+from capd.store import SqliteStore
 from protocol.events import (
     AssistantMessage,
     ContextCompacted,
@@ -45,7 +45,7 @@ class _History:
     """Events appended to a stopped capd's store for one pod, each with the next seq."""
 
     def __init__(self, capd: CapdProcess, pod: str) -> None:
-        self._store = Store(capd.state_dir / "capd.db")
+        self._store = SqliteStore(capd.state_dir / "capd.db")
         self._pod = pod
         self.seq = len(self._store.events_after(pod, 0, 1_000_000))
         self._rows: list[tuple[int, float, str, bytes]] = []

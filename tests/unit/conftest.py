@@ -5,13 +5,13 @@ from pathlib import Path
 
 import pytest
 
-from capd.store import Store
+from capd.store import SqliteStore, Store
 from tests.unit.pods import PARENT, Rig
 
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[Store]:
-    store = Store(tmp_path / "capd.db")
+    store = SqliteStore(tmp_path / "capd.db")
     yield store
     store.close()
 

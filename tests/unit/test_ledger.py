@@ -10,7 +10,7 @@ import pytest
 from capd.budgets import Ledger
 from capd.engines.base import BudgetSpent
 from capd.registry import PodRegistry
-from capd.store import Store
+from capd.store import SqliteStore, Store
 from protocol.events import Usage
 from protocol.manifest import Budget, Manifest, ModelConfig
 
@@ -63,7 +63,7 @@ def test_a_deleted_pods_spending_stays_counted_for_its_former_ancestors(
     assert ledger.spent("top") == {"tokens": 100, "usd": 7.0}
 
     store.close()
-    reopened = Store(tmp_path / "capd.db")
+    reopened = SqliteStore(tmp_path / "capd.db")
     try:
         restarted = Ledger(PodRegistry(reopened, tmp_path), reopened)
         assert restarted.spent("top") == {"tokens": 100, "usd": 7.0}

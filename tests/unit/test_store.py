@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from capd.store import SCHEMA, OwedReport, PodRecord, Store, StoredEvent
+from capd.store import SCHEMA, OwedReport, PodRecord, SqliteStore, Store, StoredEvent
 
 
 def _events(first: int, count: int, kind: str = "status") -> list[StoredEvent]:
@@ -143,7 +143,7 @@ def test_a_database_from_before_received_fills_it_from_the_stored_reports(
         ],
     )
     old.close()
-    store = Store(tmp_path / "capd.db")
+    store = SqliteStore(tmp_path / "capd.db")
     try:
         assert [store.received("p", i) for i in ("c/1", "7", "c/3", "c/4")] == [
             True,
@@ -154,7 +154,7 @@ def test_a_database_from_before_received_fills_it_from_the_stored_reports(
         store.append("p", _events(6, 1, "pod_event_received"), received=["c/6"])
     finally:
         store.close()
-    reopened = Store(tmp_path / "capd.db")
+    reopened = SqliteStore(tmp_path / "capd.db")
     try:
         assert reopened.received("p", "c/6")
     finally:
@@ -172,7 +172,7 @@ def test_what_one_store_committed_the_next_one_reads(tmp_path: Path, store: Stor
     store.add_pod("p", "{}", None, 1.0)
     store.append("p", _events(1, 3), OwedReport("/parent", b"r"))
     row = store.add_pending("p", "run", "go", turn_id="t-1")
-    reopened = Store(tmp_path / "capd.db")
+    reopened = SqliteStore(tmp_path / "capd.db")
     try:
         assert [r.name for r in reopened.pods()] == ["p"]
         assert len(reopened.events_after("p", 0, 10)) == 3

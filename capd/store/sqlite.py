@@ -1,4 +1,4 @@
-"""Durable state: one SQLite database per daemon (stdlib sqlite3, WAL).
+"""The SQLite store: one database per daemon (stdlib sqlite3, WAL), the default.
 
 `pods` holds each pod's manifest and whether it was stopped; `events` holds every durable
 event as the exact JSON a client receives, keyed by (pod, seq). Each append is its own
@@ -22,14 +22,23 @@ import contextlib
 import os
 import sqlite3
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from capd.prices import add_usd
+from capd.store.base import (
+    LAST_SEQ,
+    PAGE_BYTES,
+    Carried,
+    OutboxEntry,
+    OwedReport,
+    PendingRow,
+    PodRecord,
+    StoredEvent,
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS pods (
@@ -100,71 +109,7 @@ POD_COLUMNS_ADDED = ("team", "worktree", "pending_manifest")
 """`pods` columns a database made before issue 21 lacks; each is added, NULL for old rows."""
 
 
-@dataclass(frozen=True, slots=True)
-class PodRecord:
-    name: str
-    manifest: str
-    parent: str | None
-    stopped: bool
-    team: str | None = None
-    """§16: the team `apply` made the pod for."""
-    worktree: str | None = None
-    """§16: the pod's git work tree as JSON (capd.worktrees), what `delete` must undo."""
-    pending_manifest: str | None = None
-    """A manifest `apply` gave the pod while its turn ran, applied when the turn ends."""
-
-
-StoredEvent = tuple[int, float, str, bytes]
-"""(seq, ts, kind, json) of one event, as `append` takes it."""
-
-
-@dataclass(frozen=True, slots=True)
-class OutboxEntry:
-    id: int
-    pod: str
-    """The pod that owes the report."""
-    payload: bytes
-    """The report as JSON, sent as the `event` of a `pod_event` request."""
-
-
-@dataclass(frozen=True, slots=True)
-class OwedReport:
-    """A report to commit to the outbox: the parent's socket and the report as JSON."""
-
-    target: str
-    payload: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Carried:
-    """What a pod's deleted descendants spent, in all: tokens, and dollars (None while
-    no price was known)."""
-
-    pod: str
-    tokens: int
-    usd: float | None
-
-
-@dataclass(frozen=True, slots=True)
-class PendingRow:
-    id: int
-    kind: str
-    """`run` (a queued run, with its turn_id) or `notify` (with its source)."""
-    turn_id: str | None
-    source: str | None
-    """A notify's source; a queued run's `traceparent` (capd.tracing), if it had one."""
-    text: str
-    created: float
-
-
-LAST_SEQ = 2**63 - 1
-"""Past every seq: SQLite's largest integer."""
-PAGE_BYTES = 4 * 1024 * 1024
-"""What one page of stored events (history, replay, restore) holds at most, past its
-first event."""
-
-
-class Store:
+class SqliteStore:
     def __init__(self, path: Path) -> None:
         _make_private(path)
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -189,6 +134,12 @@ class Store:
             if self._db.execute(exists).fetchone() is None:
                 self._db.execute(RECEIVED_SCHEMA)
                 self._db.execute(RECEIVED_BACKFILL)
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        callback()  # every write commits as it is made
+
+    async def flush(self) -> None:
+        return None
 
     def close(self) -> None:
         self._db.close()

@@ -1,0 +1,182 @@
+"""What every durable store holds and offers: the records it returns and the `Store`
+interface the daemon writes and reads through (SQLite in capd.store.sqlite, PostgreSQL in
+capd.store.postgres).
+
+Writes are grouped: every write joins the batch open in this turn of the event loop, and
+the batch commits once, at the end of the turn (`after_commit` callbacks then run, in the
+order they were given). A write's all-or-none promise (an `append` with its report, a
+`delete_pod`) holds inside the batch. Reads see every write made before them, the open
+batch's included, so only what a client is sent needs to wait for the commit.
+"""
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class PodRecord:
+    name: str
+    manifest: str
+    parent: str | None
+    stopped: bool
+    team: str | None = None
+    """§16: the team `apply` made the pod for."""
+    worktree: str | None = None
+    """§16: the pod's git work tree as JSON (capd.worktrees), what `delete` must undo."""
+    pending_manifest: str | None = None
+    """A manifest `apply` gave the pod while its turn ran, applied when the turn ends."""
+
+
+StoredEvent = tuple[int, float, str, bytes]
+"""(seq, ts, kind, json) of one event, as `append` takes it."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEntry:
+    id: int
+    pod: str
+    """The pod that owes the report."""
+    payload: bytes
+    """The report as JSON, sent as the `event` of a `pod_event` request."""
+
+
+@dataclass(frozen=True, slots=True)
+class OwedReport:
+    """A report to commit to the outbox: the parent's socket and the report as JSON."""
+
+    target: str
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Carried:
+    """What a pod's deleted descendants spent, in all: tokens, and dollars (None while
+    no price was known)."""
+
+    pod: str
+    tokens: int
+    usd: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class PendingRow:
+    id: int
+    kind: str
+    """`run` (a queued run, with its turn_id) or `notify` (with its source)."""
+    turn_id: str | None
+    source: str | None
+    """A notify's source; a queued run's `traceparent` (capd.tracing), if it had one."""
+    text: str
+    created: float
+
+
+LAST_SEQ = 2**63 - 1
+"""Past every seq: SQLite's largest integer."""
+PAGE_BYTES = 4 * 1024 * 1024
+"""What one page of stored events (history, replay, restore) holds at most, past its
+first event."""
+
+
+class Store(Protocol):
+    # -- group commit -------------------------------------------------------------------
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        """Run `callback` once every write made so far is committed: at once when none
+        waits, else after the batch commits, in the order callbacks were given."""
+        ...
+
+    async def flush(self) -> None:
+        """Commit the open batch now and wait until it and every batch before it are
+        committed (shutdown, and a test that reads the database from outside)."""
+        ...
+
+    def close(self) -> None: ...
+
+    # -- pods ---------------------------------------------------------------------------
+
+    def add_pod(
+        self,
+        name: str,
+        manifest: str,
+        parent: str | None,
+        created: float,
+        team: str | None = None,
+        worktree: str | None = None,
+    ) -> None: ...
+
+    def pods(self) -> list[PodRecord]: ...
+
+    def set_manifest(self, name: str, manifest: str) -> None: ...
+
+    def set_pending_manifest(self, name: str, manifest: str | None) -> None: ...
+
+    def set_stopped(self, name: str, stopped: bool, report: OwedReport | None = None) -> None: ...
+
+    def delete_pod(self, name: str, socket: str, carried: Carried | None = None) -> None: ...
+
+    def carried(self) -> list[Carried]: ...
+
+    # -- events -------------------------------------------------------------------------
+
+    def append(
+        self,
+        pod: str,
+        events: list[StoredEvent],
+        report: OwedReport | None = None,
+        consumed: Sequence[int] = (),
+        received: Sequence[str] = (),
+        manifest: str | None = None,
+    ) -> None: ...
+
+    def received(self, pod: str, event_id: str) -> bool: ...
+
+    def events_after(self, pod: str, after_seq: int, limit: int) -> list[tuple[int, bytes]]: ...
+
+    def restore_start(self, pod: str) -> int: ...
+
+    def context_start(self, pod: str, before_seq: int) -> int: ...
+
+    def usage_totals(self, pod: str) -> tuple[int, int, float | None]: ...
+
+    def latest_rewound(self, pod: str, first: int, before_seq: int) -> tuple[int, bytes] | None: ...
+
+    def turn_start_seq(self, pod: str, turn_id: str) -> int | None: ...
+
+    def last_turns_start(self, pod: str, turns: int) -> int | None: ...
+
+    def events_of_kind_after(
+        self, pod: str, after_seq: int, *kinds: str
+    ) -> list[tuple[int, bytes]]: ...
+
+    # -- outbox -------------------------------------------------------------------------
+
+    def report_targets(self) -> list[str]: ...
+
+    def outbox_counts(self) -> tuple[int, int]: ...
+
+    def reports_for(self, target: str, limit: int) -> list[OutboxEntry]: ...
+
+    def report_delivered(self, report_id: int) -> None: ...
+
+    # -- pending work -------------------------------------------------------------------
+
+    def add_pending(
+        self,
+        pod: str,
+        kind: str,
+        text: str,
+        *,
+        turn_id: str | None = None,
+        source: str | None = None,
+    ) -> int: ...
+
+    def pending(self, pod: str) -> list[PendingRow]: ...
+
+    def drop_pending(self, ids: list[int]) -> None: ...
+
+    # -- read cursors -------------------------------------------------------------------
+
+    def read_cursor(self, reader: str, target: str) -> int: ...
+
+    def set_read_cursor(self, reader: str, target: str, seq: int) -> None: ...
