@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, Protocol, TypeAlias
 
 from capd import metrics, tracing
 from capd.activity import WATCHED_EPHEMERAL, Activity
@@ -155,7 +155,18 @@ class _TakeManifest:
 
 
 _Call = Request | _Stop | _Adopt | _FromParent | _TakeManifest
-_Reply: TypeAlias = "asyncio.Future[dict[str, Any]]"
+
+
+class _Reply(Protocol):
+    """Where a method's outcome goes: an asyncio future, or a connection's `Answer`."""
+
+    def done(self) -> bool: ...
+
+    def set_result(self, result: dict[str, Any], /) -> None: ...
+
+    def set_exception(self, exc: BaseException, /) -> None: ...
+
+
 _Message = tuple[_Call, _Reply] | _TurnDone | _CompactionDone | _BudgetPause | _Reap
 
 
@@ -218,7 +229,7 @@ class PodController:
         self.compact_wanted: CompactOrder | None = None
         self._compaction: asyncio.Task[None] | None = None
         """A compaction between turns or while paused; a turn waits for it to launch."""
-        self._compaction_waiters: list[asyncio.Future[dict[str, Any]]] = []
+        self._compaction_waiters: list[_Reply] = []
         """The `compact` requests answered when it ends."""
         self._span: Any = None
         """The turn's `invoke_agent` span of its running (or last) segment; tracing only."""
@@ -341,11 +352,16 @@ class PodController:
 
     async def call(self, request: _Call) -> dict[str, Any]:
         """Hand a method to the actor and wait for its result."""
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.submit(request, fut)
+        return await fut
+
+    def submit(self, request: _Call, reply: _Reply) -> None:
+        """Hand a method to the actor, behind those handed before; its outcome goes to
+        `reply` (a connection's answer, so the connection need not wait for it)."""
         if self._stopped:
             raise ProtocolError("shutting_down", f"pod {self.name} is stopping")
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._mailbox.put_nowait((request, fut))
-        return await fut
+        self._mailbox.put_nowait((request, reply))
 
     async def adopt(self, name: str, socket: str, turn_id: str | None) -> None:
         """Record a child spawned with this pod as its parent (`child_spawned`)."""
@@ -397,7 +413,7 @@ class PodController:
             self._stopped = True
             self._refuse_pending()
 
-    async def _serve(self, request: _Call, fut: "asyncio.Future[dict[str, Any]]") -> bool:
+    async def _serve(self, request: _Call, fut: _Reply) -> bool:
         """Handle one method and settle its future; True once the actor is to end."""
         if isinstance(request, _Stop):
             self._guarded(self._end_turn_if_done)
@@ -1142,7 +1158,7 @@ def _being_cancelled() -> bool:
     return task is not None and task.cancelling() > 0
 
 
-def _settle(fut: "asyncio.Future[dict[str, Any]]", outcome: dict[str, Any] | Exception) -> None:
+def _settle(fut: _Reply, outcome: dict[str, Any] | Exception) -> None:
     if fut.done():
         return
     if isinstance(outcome, Exception):

@@ -56,6 +56,11 @@ class Backend(Protocol):
         ...
 
 
+def writes_pending() -> bool:
+    """Whether a write of this process waits for its commit."""
+    return bool(_PENDING)
+
+
 def after_writes(callback: Callable[[], None]) -> None:
     """Run `callback` once every write made so far, by any store of this process, is
     committed: how a reply, or a daemon event, waits for the writes made before it without
