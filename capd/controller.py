@@ -86,7 +86,7 @@ from protocol.methods import (
     SetBudget,
 )
 from protocol.reports import Errored, Report, TurnEnded, clip
-from protocol.results import NotifyResult, ReconfigureResult, RunResult
+from protocol.results import ReconfigureResult, RunResult
 
 log = logging.getLogger(__name__)
 
@@ -408,7 +408,8 @@ class PodController:
                     return
                 await self._take_pending()
                 self._guarded(self._kick)
-                self._guarded(self._arm_reap)
+                if self._mailbox.empty():  # the timer is for the pod at rest
+                    self._guarded(self._arm_reap)
         finally:
             self._stopped = True
             self._refuse_pending()
@@ -776,7 +777,8 @@ class PodController:
     def _buffer(self, note: PendingNote) -> dict[str, Any]:
         self.notes.append(note)
         turn_id = self.turn.turn_id if self.turn else None
-        return NotifyResult(buffered=len(self.notes), turn_id=turn_id).model_dump()
+        # A `NotifyResult` as a plain dict: each pod_event in a burst is answered so.
+        return {"buffered": len(self.notes), "turn_id": turn_id}
 
     def _pod_event(self, payload: dict[str, Any]) -> dict[str, Any]:
         if self.journal.is_duplicate(payload.get("event_id")):
