@@ -106,6 +106,8 @@ class Journal:
         self._received: dict[str, int] = {}
         """The ids of reports received since the events a restart reads begin, each with
         its `pod_event_received`'s seq; older ones are in the store."""
+        self._stored_ids: set[str] | None = None
+        """The ids the store keeps (`Store.received_ids`), read at the first report."""
 
     # -- emitting -----------------------------------------------------------------------
 
@@ -148,6 +150,8 @@ class Journal:
         self.last_seq += len(events)
         for event_id in kept:
             del self._received[event_id]
+        if kept and self._stored_ids is not None:
+            self._stored_ids.update(kept)
         for event in events:
             self._track(event, turn)
         target, last = None if owed is None else owed.target, self.last_seq
@@ -179,10 +183,14 @@ class Journal:
 
     def is_duplicate(self, event_id: object) -> bool:
         """Whether a pod_event with this event_id was received already: since the events a
-        restart reads begin (in memory), or before (in the store)."""
+        restart reads begin (`_received`), or before (the store's, read once)."""
         if not isinstance(event_id, str):
             return False
-        return event_id in self._received or self._store.received(self.name, event_id)
+        if event_id in self._received:
+            return True
+        if self._stored_ids is None:
+            self._stored_ids = self._store.received_ids(self.name)
+        return event_id in self._stored_ids
 
     def _kept_ids(self, events: list[DurableEvent]) -> list[str]:
         """The received report ids a compaction among `events` puts before the events a
