@@ -207,6 +207,11 @@ class Connection:
             self._subscription.end()
             self._subscription = None
 
+    @property
+    def over_bound(self) -> bool:
+        """More is queued than the client may hold back (`backpressure` would wait)."""
+        return not self._drained.is_set()
+
     async def backpressure(self) -> None:
         """Wait while the outbox is over its bound (the client is not reading)."""
         await self._drained.wait()
@@ -306,7 +311,8 @@ async def serve_connection(
                     conn.reply(frame)
             if conn.unanswered >= MAX_IN_FLIGHT:
                 await conn.until_fewer_unanswered(MAX_IN_FLIGHT)
-            await conn.backpressure()
+            if conn.over_bound:
+                await conn.backpressure()
     except ConnectionError:
         pass
     finally:

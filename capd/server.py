@@ -258,6 +258,16 @@ class Endpoint(ABC):
         its requests handled one at a time as they come."""
 
 
+PLAIN_STATUS_KEYS = frozenset({"id", "method"})
+
+
+def _plain_status(frame: dict[str, Any]) -> bool:
+    """A `status` request that parsing would accept as it is (an id that is a string, an
+    integer or absent; no other field): what clients poll, answered without the parser."""
+    rid = frame.get("id")
+    return frame.keys() <= PLAIN_STATUS_KEYS and (rid is None or type(rid) in (str, int))
+
+
 def _share_with_group(path: Path, group: int) -> None:
     os.chown(path, -1, group)
     os.chmod(path, 0o660)
@@ -310,6 +320,8 @@ class PodEndpoint(Endpoint):
         are answered here: `status` and `history` at once when no earlier request of the
         connection waits for its reply (else after them, as they would see their effects),
         the subscription methods after every earlier reply is written."""
+        if frame.get("method") == "status" and not conn.unanswered and _plain_status(frame):
+            return self._local(Status.model_construct(id=frame.get("id")), conn)
         request = POD_REQUESTS.parse(frame)
         match request:
             case Status() | History() if not conn.unanswered:

@@ -173,3 +173,39 @@ async def test_a_spawn_is_listed_by_the_next_request_on_its_connection(
     assert "next" in [p["name"] for p in listed["result"]["pods"]]
     async with await Client.connect(capd.socket) as daemon:
         await daemon.request({"method": "delete", "name": "next"})
+
+
+async def test_a_status_behind_unanswered_requests_sees_what_they_did(capd: CapdProcess) -> None:
+    await _paused_inbox(capd)
+    async with await connect_pod(capd, "inbox", subscribe=False) as pod:
+        before = (await pod.request({"method": "status"}))["last_seq"]
+    async with _raw(capd.pod_socket("inbox")) as (reader, writer):
+        status = orjson.dumps({"id": "s", "method": "status"}) + b"\n"
+        writer.write(_burst(0, 50) + status)
+        async with asyncio.timeout(WAIT_S):
+            replies = [orjson.loads(await reader.readline()) for _ in range(51)]
+    assert [r["id"] for r in replies] == [*range(50), "s"]
+    assert replies[-1]["result"]["last_seq"] == before + 50
+
+
+@pytest.mark.parametrize(
+    ("frame", "reply"),
+    [
+        ({"id": 7, "method": "status"}, ("ack", 7)),
+        ({"method": "status"}, ("ack", None)),
+        ({"id": True, "method": "status"}, ("error", None)),
+        ({"id": 1.5, "method": "status"}, ("error", None)),
+        ({"id": "x", "method": "status", "extra": 1}, ("error", "x")),
+    ],
+)
+async def test_a_status_is_checked_as_strictly_as_any_request(
+    capd: CapdProcess, frame: dict[str, Any], reply: tuple[str, object]
+) -> None:
+    await spawn(capd, "w", scripted())
+    async with _raw(capd.pod_socket("w")) as (reader, writer):
+        writer.write(orjson.dumps(frame) + b"\n")
+        async with asyncio.timeout(WAIT_S):
+            got = orjson.loads(await reader.readline())
+    assert (got["event"], got["id"]) == reply
+    if got["event"] == "error":
+        assert got["code"] == "invalid_request"
