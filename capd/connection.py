@@ -296,9 +296,12 @@ async def serve_connection(
                     f"frame longer than {max_frame_bytes} bytes (capd --max-frame-bytes); "
                     "closing the connection"
                 )
-                conn.send(_error(None, "frame_too_large", message))
+                conn.reply(_error(None, "frame_too_large", message))
+                await conn.until_fewer_unanswered(1)
                 return
             if not line:
+                # The client is done sending, maybe not reading: it gets every reply.
+                await conn.until_fewer_unanswered(1)
                 return
             if not line.strip():
                 continue

@@ -209,3 +209,13 @@ async def test_a_status_is_checked_as_strictly_as_any_request(
     assert (got["event"], got["id"]) == reply
     if got["event"] == "error":
         assert got["code"] == "invalid_request"
+
+
+async def test_a_client_that_stops_sending_still_gets_every_reply(capd: CapdProcess) -> None:
+    await _paused_inbox(capd)
+    async with _raw(capd.pod_socket("inbox")) as (reader, writer):
+        writer.write(_burst(0, 100))
+        writer.write_eof()
+        async with asyncio.timeout(WAIT_S):
+            replies = [orjson.loads(line) async for line in reader]
+    assert [(r["event"], r["id"]) for r in replies] == [("ack", i) for i in range(100)]
