@@ -223,3 +223,18 @@ async def test_a_pause_sent_with_the_end_of_input_is_answered(capd: CapdProcess)
         async with asyncio.timeout(WAIT_S):
             replies = [orjson.loads(line) async for line in reader]
     assert [(r["event"], r["id"]) for r in replies] == [("ack", 1)]
+
+
+async def test_a_stopped_pods_subscribers_hear_its_last_events(capd: CapdProcess) -> None:
+    await spawn(capd, "w", scripted(SLOW_STEP))
+    async with await connect_pod(capd, "w") as pod:
+        await pod.request({"method": "run", "text": "go"})
+        async with await Client.connect(capd.socket) as daemon:
+            await daemon.request({"method": "stop", "name": "w"})
+        heard = []
+        async with asyncio.timeout(WAIT_S):
+            while not heard or heard[-1] != ("status", "idle"):
+                event = await pod.next_event()
+                if "seq" in event:
+                    heard.append((event["event"], event.get("status") or event.get("result")))
+    assert ("turn_end", "cancelled") in heard
