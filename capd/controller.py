@@ -820,7 +820,7 @@ class PodController:
     def _pod_event(self, payload: dict[str, Any]) -> dict[str, Any]:
         if self.journal.is_duplicate(payload.get("event_id")):
             return {"duplicate": True}
-        received = PodEventReceived.model_construct(payload=payload)  # a dict, as validated
+        received = PodEventReceived(payload=payload)
         self.emit(received)
         return self._buffer(report_note(received))
 
