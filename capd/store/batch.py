@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 _PENDING: list["GroupCommit"] = []
 """The stores of this process with a write waiting for its commit (a daemon has one)."""
+_FAILED: list["GroupCommit"] = []
+"""The stores of this process whose commit failed: nothing waits on writes any more."""
 
 EXIT_STORE_FAILED = 75
 """capd's exit status when a commit failed (EX_TEMPFAIL: a restart may well succeed)."""
@@ -65,6 +67,8 @@ def after_writes(callback: Callable[[], None]) -> None:
     """Run `callback` once every write made so far, by any store of this process, is
     committed: how a reply, or a daemon event, waits for the writes made before it without
     knowing the store. At once when no write waits."""
+    if _FAILED:
+        return  # what waited may depend on lost writes: it never runs
     if not _PENDING:
         callback()
     elif len(_PENDING) == 1:
@@ -133,7 +137,10 @@ class GroupCommit:
 
     def after_commit(self, callback: Callable[[], None]) -> None:
         """Run `callback` once every write made so far is committed: at once when none
-        waits, else after its batch commits, in the order callbacks were given."""
+        waits, else after its batch commits, in the order callbacks were given. Never
+        once a commit failed."""
+        if self.failed is not None:
+            return
         if self._open is not None:
             self._open.append(callback)
         elif self._in_flight is not None:
@@ -165,6 +172,15 @@ class GroupCommit:
         the backend's commit must then finish on return."""
         if self._open is not None and self._in_flight is None:
             self._commit_open()
+
+    def close(self) -> None:
+        """The store closes: commit what is open (unless a commit failed, or the backend
+        could not), and leave the process's stores (a test goes on after a failed one)."""
+        if self.failed is None:
+            self.commit_now()
+        for stores in (_PENDING, _FAILED):
+            if self in stores:
+                stores.remove(self)
 
     def broken(self, exc: BaseException) -> None:
         """The backend lost the open batch: stop as for a failed commit."""
@@ -232,6 +248,7 @@ class GroupCommit:
 
     def _fail(self, exc: BaseException) -> None:
         self.failed = exc
+        _FAILED.append(self)
         self._open = self._in_flight = None
         self._running.clear()
         if self in _PENDING:

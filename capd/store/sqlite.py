@@ -167,8 +167,7 @@ class SqliteStore:
         await self._batch.flush()
 
     def close(self) -> None:
-        if self._batch.failed is None:
-            self._batch.commit_now()
+        self._batch.close()
         self._db.close()
 
     def _write(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:

@@ -135,6 +135,7 @@ async def test_a_commit_that_fails_runs_nothing_that_waited_and_stops_the_store(
         with pytest.raises(StoreFailed):
             await store.flush()
         assert len(failures) == 1
+        after_writes(lambda: ran.append("after the failure"))
         assert ran == []
         with pytest.raises(StoreFailed):
             store.append("p", _events(3, 1))
