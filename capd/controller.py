@@ -13,6 +13,7 @@ turn open. Durable events, and the state derived from them, are the `Journal`'s.
 """
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import secrets
@@ -20,7 +21,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, Protocol, TypeAlias
 
 from capd import metrics, tracing
 from capd.activity import WATCHED_EPHEMERAL, Activity
@@ -45,6 +46,7 @@ from capd.prices import add_usage
 from capd.proc.sandbox import status as sandbox_status
 from capd.reconfigure import Parts
 from capd.store import Store
+from capd.store.batch import StoreFailed
 from capd.tools.toolbox import Toolbox
 from capd.window import context_window
 from protocol.errors import ProtocolError
@@ -86,7 +88,7 @@ from protocol.methods import (
     SetBudget,
 )
 from protocol.reports import Errored, Report, TurnEnded, clip
-from protocol.results import NotifyResult, ReconfigureResult, RunResult
+from protocol.results import ReconfigureResult, RunResult
 
 log = logging.getLogger(__name__)
 
@@ -155,12 +157,56 @@ class _TakeManifest:
 
 
 _Call = Request | _Stop | _Adopt | _FromParent | _TakeManifest
-_Reply: TypeAlias = "asyncio.Future[dict[str, Any]]"
+
+
+class _Reply(Protocol):
+    """Where a method's outcome goes: an asyncio future, or a connection's `Answer`."""
+
+    def done(self) -> bool: ...
+
+    def set_result(self, result: dict[str, Any], /) -> None: ...
+
+    def set_exception(self, exc: BaseException, /) -> None: ...
+
+
 _Message = tuple[_Call, _Reply] | _TurnDone | _CompactionDone | _BudgetPause | _Reap
 
 
 Reconfigurer: TypeAlias = "Callable[[PodController, Manifest], Awaitable[list[str]]]"
 """Gives the pod a new manifest, returning the fields it changed (`Supervisor.reconfigure`)."""
+
+
+class Mailbox:
+    """The actor's messages, oldest first: a deque and, while the actor waits on an empty
+    one, a future to wake it. What an asyncio.Queue does for one consumer, in a fraction of
+    its memory (an idle pod keeps one) and time (a burst of requests goes through it)."""
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: deque[_Message] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, msg: _Message) -> None:
+        self._items.append(msg)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self) -> _Message:
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.popleft()
+
+    def popleft(self) -> _Message:
+        return self._items.popleft()
+
+    def empty(self) -> bool:
+        return not self._items
 
 
 def new_turn_id() -> str:
@@ -211,14 +257,14 @@ class PodController:
         """`status.workspace`: the pod's work tree, if it has one (capd/pod_worktrees.py)."""
         self._queue: deque[QueuedRun] = deque()
         self._task: asyncio.Task[TurnOutcome] | None = None
-        self._mailbox: asyncio.Queue[_Message] = asyncio.Queue()
+        self._mailbox = Mailbox()
         self._stopped = False
         self._unfinished: TurnOutcome | None = None
         """A finished turn whose turn_end has not committed yet."""
         self.compact_wanted: CompactOrder | None = None
         self._compaction: asyncio.Task[None] | None = None
         """A compaction between turns or while paused; a turn waits for it to launch."""
-        self._compaction_waiters: list[asyncio.Future[dict[str, Any]]] = []
+        self._compaction_waiters: list[_Reply] = []
         """The `compact` requests answered when it ends."""
         self._span: Any = None
         """The turn's `invoke_agent` span of its running (or last) segment; tracing only."""
@@ -235,6 +281,8 @@ class PodController:
         """Bumped whenever the timer is armed or disarmed: an older timer's `_Reap` is stale."""
         self._reap_reason: Literal["idle", "limit"] = "idle"
         """What the armed timer is for: `limit` fires at once."""
+        self._window: tuple[Any, int | None, int | None] | None = None
+        """(manifest.model, learned window, the window) of the last `_context_window`."""
         self._reaped = 0
         """Times the engine's process was stopped, idle or for the process limit
         (`status.engine.reaped`)."""
@@ -341,11 +389,16 @@ class PodController:
 
     async def call(self, request: _Call) -> dict[str, Any]:
         """Hand a method to the actor and wait for its result."""
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.submit(request, fut)
+        return await fut
+
+    def submit(self, request: _Call, reply: _Reply) -> None:
+        """Hand a method to the actor, behind those handed before; its outcome goes to
+        `reply` (a connection's answer, so the connection need not wait for it)."""
         if self._stopped:
             raise ProtocolError("shutting_down", f"pod {self.name} is stopping")
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._mailbox.put_nowait((request, fut))
-        return await fut
+        self._mailbox.put_nowait((request, reply))
 
     async def adopt(self, name: str, socket: str, turn_id: str | None) -> None:
         """Record a child spawned with this pod as its parent (`child_spawned`)."""
@@ -377,7 +430,10 @@ class PodController:
             self._guarded(self._kick)
             while True:
                 msg = await self._mailbox.get()
-                if isinstance(msg, _TurnDone):
+                if isinstance(msg, tuple):  # a method, the most common message
+                    if await self._serve(*msg):
+                        return
+                elif isinstance(msg, _TurnDone):
                     self._guarded(self._end_done_turn, msg.task)
                 elif isinstance(msg, _CompactionDone):
                     self._guarded(self._end_compaction, msg.task)
@@ -386,18 +442,17 @@ class PodController:
                         await self._pause_for_budget(msg)
                     except Exception:
                         log.exception("pod %s: pausing on a spent budget failed", self.name)
-                elif isinstance(msg, _Reap):
+                else:
                     await self._reap(msg)
-                elif await self._serve(*msg):
-                    return
                 await self._take_pending()
                 self._guarded(self._kick)
-                self._guarded(self._arm_reap)
+                if self._mailbox.empty():  # the timer is for the pod at rest
+                    self._guarded(self._arm_reap)
         finally:
             self._stopped = True
             self._refuse_pending()
 
-    async def _serve(self, request: _Call, fut: "asyncio.Future[dict[str, Any]]") -> bool:
+    async def _serve(self, request: _Call, fut: _Reply) -> bool:
         """Handle one method and settle its future; True once the actor is to end."""
         if isinstance(request, _Stop):
             self._guarded(self._end_turn_if_done)
@@ -507,6 +562,8 @@ class PodController:
 
     async def _handle(self, request: _Call) -> dict[str, Any]:
         match request:
+            case PodEvent(event=payload):  # first: reports come in bursts
+                return self._pod_event(payload)
             case _Adopt(name=name, socket=socket, turn_id=turn_id):
                 self.emit(ChildSpawned(name=name, socket=socket, turn_id=turn_id))
                 return {}
@@ -524,8 +581,6 @@ class PodController:
                 return await self._cancel(clear_queue)
             case Notify(text=text, source=source):
                 return self._notify(text, source or "notify")
-            case PodEvent(event=payload):
-                return self._pod_event(payload)
             case Permission(request_id=request_id, option_id=option_id):
                 self.engine.answer_permission(request_id, option_id)
                 return {}
@@ -760,7 +815,8 @@ class PodController:
     def _buffer(self, note: PendingNote) -> dict[str, Any]:
         self.notes.append(note)
         turn_id = self.turn.turn_id if self.turn else None
-        return NotifyResult(buffered=len(self.notes), turn_id=turn_id).model_dump()
+        # A `NotifyResult` as a plain dict: each pod_event in a burst is answered so.
+        return {"buffered": len(self.notes), "turn_id": turn_id}
 
     def _pod_event(self, payload: dict[str, Any]) -> dict[str, Any]:
         if self.journal.is_duplicate(payload.get("event_id")):
@@ -1053,13 +1109,15 @@ class PodController:
             self._reap_timer.cancel()
             self._reap_timer = None
         await self._stop_compaction()
+        with contextlib.suppress(StoreFailed):
+            await self._store.flush()  # the stop's last events reach the subscribers
         self.hub.close_all()
         await self.engine.aclose()
         await self.toolbox.aclose()
 
     def _refuse_pending(self) -> None:
         while not self._mailbox.empty():
-            msg = self._mailbox.get_nowait()
+            msg = self._mailbox.popleft()
             if isinstance(msg, _Reap):
                 if msg.answer is not None and not msg.answer.done():
                     msg.answer.set_result(False)
@@ -1075,9 +1133,14 @@ class PodController:
     def _context_window(self) -> int | None:
         """The manifest's window, the one an overflow named, or a known model's; an
         external engine's model is its own business, so only an overflow tells it."""
-        model = self.manifest.model
+        model, learned = self.manifest.model, self.context.learned_window
+        cached = self._window
+        if cached is not None and cached[0] is model and cached[1] == learned:
+            return cached[2]  # `status` asks at every poll; the model rarely changes
         configured, name = (model.context_window, model.name) if model else (None, "")
-        return context_window(configured, self.context.learned_window, name)
+        window = context_window(configured, learned, name)
+        self._window = (model, learned, window)
+        return window
 
     def status_result(self, children: list[str]) -> dict[str, Any]:
         """The `status` ack's result, a `protocol.results.PodStatus` built as a plain dict:
@@ -1142,7 +1205,7 @@ def _being_cancelled() -> bool:
     return task is not None and task.cancelling() > 0
 
 
-def _settle(fut: "asyncio.Future[dict[str, Any]]", outcome: dict[str, Any] | Exception) -> None:
+def _settle(fut: _Reply, outcome: dict[str, Any] | Exception) -> None:
     if fut.done():
         return
     if isinstance(outcome, Exception):

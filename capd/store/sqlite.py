@@ -1,19 +1,22 @@
 """The SQLite store: one database per daemon (stdlib sqlite3, WAL), the default.
 
 `pods` holds each pod's manifest and whether it was stopped; `events` holds every durable
-event as the exact JSON a client receives, keyed by (pod, seq). Each append is its own
-transaction, committed before the event is broadcast, so a client never sees an event that
-a crash could take back. `outbox` holds reports to parent sockets until they are acked; a
-report is committed in the same transaction as the event that causes it. `pending` holds
-acked work a pod has not started yet — queued runs and buffered notifications — and each
-row is deleted in the same transaction as the event that consumes it. `read_cursors`
-remembers how far each pod has read each child's output (`read_pod_output`). `received`
-holds the `event_id` of the reports a pod received before the events its restore reads
-(committed with the `context_compacted` that moved that start past them; the newer ones a
-restore finds in its events), so a re-sent report is known as a duplicate however old it
-is, without reading old history and without a write per report. `carried` holds what a
-pod's deleted descendants had spent (their events go with them), written in the
-transaction that deletes one, so a budget over the pod still counts it.
+event as the exact JSON a client receives, keyed by (pod, seq). Writes commit in groups
+(capd.store.batch): the first write of a loop turn opens a transaction, one COMMIT ends it
+at the end of the turn, and what a client is sent waits for that commit (`after_commit`), so
+a client never sees an event that a crash could take back. A write that must be all or none
+(an append with its report, a delete) is a savepoint inside the batch. `outbox` holds
+reports to parent sockets until they are acked; a report is committed in the same
+transaction as the event that causes it. `pending` holds acked work a pod has not started
+yet — queued runs and buffered notifications — and each row is deleted in the same
+transaction as the event that consumes it. `read_cursors` remembers how far each pod has
+read each child's output (`read_pod_output`). `received` holds the `event_id` of the
+reports a pod received before the events its restore reads (committed with the
+`context_compacted` that moved that start past them; the newer ones a restore finds in its
+events), so a re-sent report is known as a duplicate however old it is, without reading old
+history and without a write per report. `carried` holds what a pod's deleted descendants
+had spent (their events go with them), written in the transaction that deletes one, so a
+budget over the pod still counts it.
 `synchronous=NORMAL` keeps commits off fsync: a process crash loses nothing; a power cut
 may lose the last moments (see README).
 """
@@ -22,7 +25,7 @@ import contextlib
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +42,7 @@ from capd.store.base import (
     PodRecord,
     StoredEvent,
 )
+from capd.store.batch import BatchBroken, GroupCommit
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS pods (
@@ -110,14 +114,22 @@ POD_COLUMNS_ADDED = ("team", "worktree", "pending_manifest")
 
 
 class SqliteStore:
-    def __init__(self, path: Path) -> None:
+    def __init__(
+        self, path: Path, on_failure: Callable[[BaseException], None] | None = None
+    ) -> None:
         _make_private(path)
+        # Autocommit mode: the batch's BEGIN/COMMIT are explicit, and outside a loop a
+        # lone statement commits by itself (a savepoint group at its RELEASE).
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
         self._add_pod_columns()
         self._add_received()
+        self._batch = GroupCommit(self) if on_failure is None else GroupCommit(self, on_failure)
+        self._first_open_report: int | None = None
+        """The outbox id of the first report the open batch adds: the outbox does not
+        deliver it, nor any later one, before it commits."""
 
     def _add_pod_columns(self) -> None:
         have = {row[1] for row in self._db.execute("PRAGMA table_info(pods)")}
@@ -135,14 +147,59 @@ class SqliteStore:
                 self._db.execute(RECEIVED_SCHEMA)
                 self._db.execute(RECEIVED_BACKFILL)
 
+    # -- group commit -------------------------------------------------------------------
+
+    def begin(self) -> None:
+        self._db.execute("BEGIN")
+
+    def commit(self) -> None:
+        self._db.execute("COMMIT")
+        self._first_open_report = None
+
+    @property
+    def batch(self) -> GroupCommit:
+        return self._batch
+
     def after_commit(self, callback: Callable[[], None]) -> None:
-        callback()  # every write commits as it is made
+        self._batch.after_commit(callback)
 
     async def flush(self) -> None:
-        return None
+        await self._batch.flush()
 
     def close(self) -> None:
+        self._batch.close()
         self._db.close()
+
+    def _write(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
+        """One statement, in the open batch (or committed at once outside a loop)."""
+        self._batch.write()
+        try:
+            return self._db.execute(sql, params)
+        except sqlite3.Error as exc:
+            self._check_batch(exc)
+            raise
+
+    @contextlib.contextmanager
+    def _group(self) -> Iterator[None]:
+        """All or none: a savepoint inside the batch (outside a loop, its own transaction,
+        committed at its RELEASE). A failure undoes the group alone and raises."""
+        self._batch.write()
+        self._db.execute("SAVEPOINT grp")
+        try:
+            yield
+        except BaseException as exc:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK TO grp")
+                self._db.execute("RELEASE grp")
+            self._check_batch(exc)
+            raise
+        self._db.execute("RELEASE grp")
+
+    def _check_batch(self, exc: BaseException) -> None:
+        """A statement that failed undid itself, unless SQLite rolled the whole batch back
+        (a full disk, an I/O error): then writes other callers made are gone too."""
+        if self._batch.pending and not self._db.in_transaction:
+            self._batch.broken(BatchBroken(f"SQLite rolled the batch back: {exc!r}"))
 
     # -- pods ---------------------------------------------------------------------------
 
@@ -155,7 +212,7 @@ class SqliteStore:
         team: str | None = None,
         worktree: str | None = None,
     ) -> None:
-        self._db.execute(
+        self._write(
             "INSERT INTO pods (name, manifest, parent, created, team, worktree)"
             " VALUES (?, ?, ?, ?, ?, ?)",
             (name, manifest, parent, created, team, worktree),
@@ -169,15 +226,14 @@ class SqliteStore:
         return [PodRecord(n, m, p, bool(s), t, w, pm) for n, m, p, s, t, w, pm in rows]
 
     def set_manifest(self, name: str, manifest: str) -> None:
-        self._db.execute("UPDATE pods SET manifest = ? WHERE name = ?", (manifest, name))
+        self._write("UPDATE pods SET manifest = ? WHERE name = ?", (manifest, name))
 
     def set_pending_manifest(self, name: str, manifest: str | None) -> None:
-        self._db.execute("UPDATE pods SET pending_manifest = ? WHERE name = ?", (manifest, name))
+        self._write("UPDATE pods SET pending_manifest = ? WHERE name = ?", (manifest, name))
 
     def set_stopped(self, name: str, stopped: bool, report: OwedReport | None = None) -> None:
         """Mark the pod stopped or not, with the `shut_down` report a stop owes its parent."""
-        with self._db:
-            self._db.execute("BEGIN")
+        with self._group():
             self._db.execute("UPDATE pods SET stopped = ? WHERE name = ?", (int(stopped), name))
             if report is not None:
                 self._insert_report(name, report)
@@ -187,8 +243,7 @@ class SqliteStore:
         `socket`) become top-level pods and reports still owed to it are dropped. Reports
         the pod itself owes its parent stay in the outbox. `carried` is its parent's new
         total of what deleted descendants spent, this pod's whole subtree now included."""
-        with self._db:
-            self._db.execute("BEGIN")
+        with self._group():
             if carried is not None:
                 self._db.execute(
                     "INSERT OR REPLACE INTO carried (pod, tokens, usd) VALUES (?, ?, ?)",
@@ -227,10 +282,9 @@ class SqliteStore:
         insert = "INSERT INTO events (pod, seq, ts, kind, data) VALUES (?, ?, ?, ?, ?)"
         rows = [(pod, *event) for event in events]
         if len(rows) == 1 and report is None and not consumed and not received and manifest is None:
-            self._db.execute(insert, rows[0])
+            self._write(insert, rows[0])
             return
-        with self._db:
-            self._db.execute("BEGIN")
+        with self._group():
             self._db.executemany(insert, rows)
             if manifest is not None:
                 self._db.execute(
@@ -251,6 +305,12 @@ class SqliteStore:
             "SELECT 1 FROM received WHERE pod = ? AND event_id = ?", (pod, event_id)
         ).fetchone()
         return row is not None
+
+    def received_ids(self, pod: str) -> set[str]:
+        """Every `event_id` the store keeps as received by the pod (a journal loads them
+        once, rather than asking for each report it receives)."""
+        rows = self._db.execute("SELECT event_id FROM received WHERE pod = ?", (pod,))
+        return {row[0] for row in rows}
 
     def events_after(self, pod: str, after_seq: int, limit: int) -> list[tuple[int, bytes]]:
         """Up to `limit` events with seq > after_seq, oldest first, as (seq, json); fewer
@@ -362,10 +422,12 @@ class SqliteStore:
     # -- outbox -------------------------------------------------------------------------
 
     def _insert_report(self, pod: str, report: OwedReport) -> None:
-        self._db.execute(
+        cursor = self._db.execute(
             "INSERT INTO outbox (target, pod, payload) VALUES (?, ?, ?)",
             (report.target, pod, report.payload),
         )
+        if self._first_open_report is None and self._db.in_transaction and self._batch.pending:
+            self._first_open_report = cursor.lastrowid
 
     def report_targets(self) -> list[str]:
         return [row[0] for row in self._db.execute("SELECT DISTINCT target FROM outbox")]
@@ -375,15 +437,18 @@ class SqliteStore:
         return self._db.execute("SELECT COUNT(*), COUNT(DISTINCT target) FROM outbox").fetchone()
 
     def reports_for(self, target: str, limit: int) -> list[OutboxEntry]:
-        """The oldest `limit` reports still owed to `target`, in the order they were made."""
+        """The oldest `limit` committed reports still owed to `target`, in the order they
+        were made: one the open batch adds is not sent before it commits (and then the
+        outbox is poked)."""
+        before = LAST_SEQ if self._first_open_report is None else self._first_open_report
         rows = self._db.execute(
-            "SELECT id, pod, payload FROM outbox WHERE target = ? ORDER BY id LIMIT ?",
-            (target, limit),
+            "SELECT id, pod, payload FROM outbox WHERE target = ? AND id < ? ORDER BY id LIMIT ?",
+            (target, before, limit),
         )
         return [OutboxEntry(*row) for row in rows]
 
     def report_delivered(self, report_id: int) -> None:
-        self._db.execute("DELETE FROM outbox WHERE id = ?", (report_id,))
+        self._write("DELETE FROM outbox WHERE id = ?", (report_id,))
 
     # -- pending work -------------------------------------------------------------------
 
@@ -396,7 +461,7 @@ class SqliteStore:
         turn_id: str | None = None,
         source: str | None = None,
     ) -> int:
-        cursor = self._db.execute(
+        cursor = self._write(
             "INSERT INTO pending (pod, kind, turn_id, source, text, created) "
             "VALUES (?, ?, ?, ?, ?, ?)",
             (pod, kind, turn_id, source, text, time.time()),
@@ -413,8 +478,7 @@ class SqliteStore:
         return [PendingRow(*row) for row in rows]
 
     def drop_pending(self, ids: list[int]) -> None:
-        with self._db:
-            self._db.execute("BEGIN")
+        with self._group():
             self._db.executemany("DELETE FROM pending WHERE id = ?", [(i,) for i in ids])
 
     # -- read cursors -------------------------------------------------------------------
@@ -426,7 +490,7 @@ class SqliteStore:
         return row[0] if row else 0
 
     def set_read_cursor(self, reader: str, target: str, seq: int) -> None:
-        self._db.execute(
+        self._write(
             "INSERT INTO read_cursors (reader, target, seq) VALUES (?, ?, ?) "
             "ON CONFLICT (reader, target) DO UPDATE SET seq = excluded.seq",
             (reader, target, seq),
