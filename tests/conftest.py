@@ -19,6 +19,7 @@ import pytest
 
 from tests.mcp_servers import McpServerCommands
 from tests.mcp_servers import install as install_mcp_servers
+from tests.pg import pg_server, pg_url  # noqa: F401  (fixtures: a real PostgreSQL)
 
 START_TIMEOUT_S = 10.0
 REPO = Path(__file__).resolve().parents[1]
