@@ -1,7 +1,10 @@
 """What opening a store can fail with, and how a store's URL is shown: importable without
 any database driver."""
 
-from urllib.parse import urlsplit, urlunsplit
+import re
+
+_USER_PASSWORD = re.compile(r"^([a-z]+://[^/@:?]*:)[^@/?]*@")
+_PARAM_PASSWORD = re.compile(r"([?&]password=)[^&]*")
 
 
 class StoreUnavailable(Exception):
@@ -11,14 +14,4 @@ class StoreUnavailable(Exception):
 def redact(url: str) -> str:
     """The URL without its password (in the user part or a `password=` parameter), fit for
     a log line or an error."""
-    parts = urlsplit(url)
-    if parts.password is not None:
-        host = parts.netloc.rpartition("@")[2]
-        parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
-    if "password=" in parts.query:
-        query = "&".join(
-            "password=***" if item.startswith("password=") else item
-            for item in parts.query.split("&")
-        )
-        parts = parts._replace(query=query)
-    return urlunsplit(parts)
+    return _PARAM_PASSWORD.sub(r"\1***", _USER_PASSWORD.sub(r"\1***@", url))
