@@ -15,10 +15,8 @@ from capd.store.base import (
     Store,
     StoredEvent,
 )
-from capd.store.errors import StoreUnavailable, redact
+from capd.store.errors import POSTGRES_SCHEMES, StoreUnavailable, redact
 from capd.store.sqlite import SCHEMA, SqliteStore
-
-POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 __all__ = [
     "LAST_SEQ",

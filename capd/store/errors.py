@@ -3,6 +3,7 @@ any database driver."""
 
 import re
 
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 _USER_PASSWORD = re.compile(r"^([a-z]+://[^/@:?]*:)[^@/?]*@")
 _PARAM_PASSWORD = re.compile(r"([?&]password=)[^&]*")
 
