@@ -1,14 +1,17 @@
 """Durable writes: events per second committed to capd's store.
 
-`store commits`: capd's own `Store.append`, one event per call as `PodController.emit`
-commits them (each its own SQLite transaction), with events encoded as capd encodes
-them. Baseline: rows of the same size inserted straight into SQLite with the same settings
+`store commits`: capd's own `Store.append`, one event per call, outside an event loop,
+where each commits at once (its own SQLite transaction), with events encoded as capd
+encodes them. Baseline: rows of the same size inserted straight into SQLite with the same settings
 (WAL, synchronous=NORMAL), the floor of a transaction per event from Python. The two run
 in alternating blocks of BLOCK events.
 
 `pod_event → ack`: the same, end to end. A client pipelines `pod_event` requests to a paused
-pod, which commits each as a `pod_event_received` event before acking it; the figure is
-acks per second, request parsing and the pod's actor included.
+pod (up to IN_FLIGHT unacked, the window refilled in one write once half of it is acked),
+which stores each as a `pod_event_received` event and acks it once its group commit
+(capd.store.batch: one transaction per turn of the event loop) is done; the figure is acks
+per second, request parsing and the pod's actor included. Target: 0.7x the baseline, a
+transaction per event straight from Python.
 """
 
 import sqlite3
@@ -37,6 +40,10 @@ def _report(i: int) -> dict[str, object]:
         "turn_id": f"t{i}",
         "output": "the tests pass; 3 files changed",
     }
+
+
+def _request(i: int) -> dict[str, object]:
+    return {"id": i, "method": "pod_event", "event": _report(i)}
 
 
 def _event_row(seq: int) -> tuple[int, float, str, bytes]:
@@ -78,9 +85,11 @@ def _acks_per_s(path: Path, count: int) -> float:
         start = time.perf_counter()
         sent = acked = 0
         while acked < count:
-            while sent < count and sent - acked < IN_FLIGHT:
-                client.send({"id": sent, "method": "pod_event", "event": _report(sent)})
-                sent += 1
+            if sent - acked <= IN_FLIGHT // 2 and sent < count:
+                # Refill the window in one write once half of it is acked.
+                more = range(sent, min(count, acked + IN_FLIGHT))
+                client.send_all([_request(i) for i in more])
+                sent += len(more)
             reply = client.read()
             if reply.get("event") == "error":
                 raise RuntimeError(f"pod_event: {reply['code']}: {reply['message']}")
@@ -104,5 +113,14 @@ def run(size: Size) -> list[Figure]:
         ack_rate = _acks_per_s(pod, n)
     return [
         Figure("durable", "store commits", store_rate, "ev/s", "higher", floor_rate, 20_000),
-        Figure("durable", "pod_event → committed + acked", ack_rate, "ev/s", "higher", floor_rate),
+        Figure(
+            "durable",
+            "pod_event → committed + acked",
+            ack_rate,
+            "ev/s",
+            "higher",
+            floor_rate,
+            0.7,
+            target_is_ratio=True,
+        ),
     ]

@@ -34,6 +34,10 @@ class LineClient:
     def send(self, frame: dict[str, Any]) -> None:
         self._sock.sendall(orjson.dumps(frame, option=orjson.OPT_APPEND_NEWLINE))
 
+    def send_all(self, frames: list[dict[str, Any]]) -> None:
+        """Several requests in one write, as a pipelining client sends them."""
+        self._sock.sendall(b"".join(orjson.dumps(f) + b"\n" for f in frames))
+
     def read_line(self) -> bytes:
         while (end := self._buffer.find(b"\n")) < 0:
             data = self._sock.recv(RECV_BYTES)

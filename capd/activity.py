@@ -46,6 +46,16 @@ WATCHED_EPHEMERAL: frozenset[type[PodEventBase]] = frozenset(
 )
 """The ephemeral events `Activity.see` reads; the controller tests this one set, so a
 text delta costs one `if`."""
+SEEN: frozenset[type[PodEventBase]] = WATCHED_EPHEMERAL | {
+    StatusChanged,
+    TurnEnd,
+    AssistantMessage,
+    ToolResult,
+    PermissionRequest,
+    PermissionResolved,
+    ContextCompacted,
+}
+"""Every event `Activity.see` matches on."""
 
 Built = dict[str, Any]
 """A `protocol.events.PodActivity` as a plain dict (built for every flush)."""
@@ -98,6 +108,9 @@ class Activity:
         self._retry_until = 0.0
 
     def see(self, event: PodEventBase) -> None:
+        if type(event) not in SEEN:  # a report received, a user message: one `if`
+            self.on_change(self.name)
+            return
         ts = getattr(event, "ts", 0.0) or time.time()
         match event:
             case StatusChanged(status=status):

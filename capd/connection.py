@@ -6,28 +6,85 @@ stops reading while too much is queued); events are accepted only while the outb
 less than `max_queued_bytes`, which bounds the daemon's memory per slow client. A
 connection holds at most one subscription (`capd.fanout`), whose replay and `lagged` frame
 its writer task runs in order with the rest.
+
+Requests are pipelined: the reader hands each buffered request to its handler without
+waiting for the replies before it (up to MAX_IN_FLIGHT unanswered), so a burst of requests
+to a pod reaches its actor in one wake-up and its writes share one commit. Replies still go
+out in request order, each once every write made before it is committed
+(capd.store.batch.after_writes). A handler that returns a coroutine is sequential: it starts
+once every earlier reply is written, and the next request waits for it.
 """
 
 import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
+
+import orjson
 
 from capd import heap
 from capd.fanout import Hub, Subscription, WriterJob
+from capd.store.batch import after_writes, writes_pending
 from protocol.errors import ProtocolError
 from protocol.events import Error
 from protocol.framing import check_bounds, decode, encode
-from protocol.methods import request_id
+from protocol.methods import RequestId, request_id
 
 log = logging.getLogger(__name__)
 
 OUTBOX_CHUNK_BYTES = 64 * 1024
 MAX_ERROR_CHARS = 2000
 """An error's message is cut here: it names what was wrong, it does not echo the frame."""
-Handler = Callable[[dict[str, Any], "Connection"], Awaitable[bytes | None]]
+MAX_IN_FLIGHT = 256
+"""Requests of one connection handed on before their replies are written."""
+
+
+class Answer:
+    """A reply to come, settled by whoever handles the request (a pod's actor) as an
+    asyncio future is: `set_result` with the ack's result, or `set_exception`. It is written
+    in request order, once every write made before it settled is committed."""
+
+    __slots__ = ("_conn", "_id", "frame", "sendable")
+
+    def __init__(self, conn: "Connection", rid: RequestId | None) -> None:
+        self._conn = conn
+        self._id = rid
+        self.frame: bytes | None = None
+        self.sendable = False
+
+    def done(self) -> bool:
+        return self.frame is not None
+
+    def set_result(self, result: dict[str, Any]) -> None:
+        self.settle(
+            orjson.dumps(
+                {"event": "ack", "id": self._id, "result": result},
+                option=orjson.OPT_APPEND_NEWLINE,
+            )
+        )
+
+    def set_exception(self, exc: BaseException) -> None:
+        if isinstance(exc, ProtocolError):
+            self.settle(_error(self._id, exc.code, exc.message))
+        else:
+            self.settle(_internal(self._id, exc))
+
+    def settle(self, frame: bytes) -> None:
+        if self.frame is None:
+            self.frame = frame
+            after_writes(self._release)
+
+    def _release(self) -> None:
+        self.sendable = True
+        self._conn._write_answers()
+
+
+Reply = bytes | None | Answer | Coroutine[Any, Any, bytes | None]
+"""What a handler returns: the reply now; None when it queued the reply itself; an `Answer`
+(`Connection.answer`) it settles later; or a coroutine, run sequentially."""
+Handler = Callable[[dict[str, Any], "Connection"], Reply]
 
 
 class Connection:
@@ -43,12 +100,59 @@ class Connection:
         self._idle = False
         """The writer waits for work: nothing is queued or being written."""
         self._subscription: Subscription | None = None
+        self._answers: deque[Answer] = deque()
+        """Replies not written yet, in request order."""
+        self._answered = asyncio.Event()
+        """Set when `_answers` has room (or is empty, while a sequential request waits)."""
+        self._room = MAX_IN_FLIGHT
         self._task = asyncio.create_task(self._write_loop())
+
+    # -- replies ------------------------------------------------------------------------
+
+    def answer(self, rid: RequestId | None) -> Answer:
+        """The reply to the request being handled, to settle later (see `Answer`)."""
+        answer = Answer(self, rid)
+        self._answers.append(answer)
+        return answer
+
+    @property
+    def unanswered(self) -> int:
+        """Replies of earlier requests not written yet."""
+        return len(self._answers)
+
+    def reply(self, frame: bytes) -> None:
+        """Write `frame`, the reply to the request being handled, in its turn."""
+        if not self._answers and not writes_pending():
+            self._push(frame)
+        else:
+            self.answer(None).settle(frame)
+
+    def _write_answers(self) -> None:
+        answers = self._answers
+        if len(answers) == 1 and answers[0].sendable:
+            frame = answers.popleft().frame
+            assert frame is not None
+            self._push(frame)
+        else:
+            while answers and answers[0].sendable:
+                frame = answers.popleft().frame
+                assert frame is not None
+                self._push(frame, coalesce=True)
+        if len(answers) < self._room:
+            self._answered.set()
+
+    async def until_fewer_unanswered(self, count: int) -> None:
+        """Wait until fewer than `count` replies of earlier requests are unwritten."""
+        while len(self._answers) >= count:
+            self._room = count
+            self._answered.clear()
+            await self._answered.wait()
 
     # -- producers ----------------------------------------------------------------------
 
     def send(self, frame: bytes) -> None:
-        """Queue a reply or hello: always accepted."""
+        """Queue a frame now, ahead of replies still waiting (hello, a sequential
+        request's own ack): always accepted."""
         self._push(frame)
 
     def offer_event(self, frame: bytes) -> bool:
@@ -63,13 +167,19 @@ class Connection:
         self._outbox.append(job)
         self._wake.set()
 
-    def _push(self, frame: bytes) -> None:
+    def _push(self, frame: bytes, coalesce: bool = False) -> None:
         writer = self._writer
         if writer.is_closing():
             return  # nothing more can reach this client
-        if self._idle and not writer.transport.get_write_buffer_size():
+        if (
+            self._idle
+            and not coalesce
+            and not self._outbox
+            and not writer.transport.get_write_buffer_size()
+        ):
             # Nothing queued and the socket took all it was given: write at once, without
-            # a trip through the writer task (most replies and live events).
+            # a trip through the writer task (most replies and live events). Replies of a
+            # burst (`coalesce`) are queued, for the writer task to write in one go.
             writer.write(frame)
             return
         # Frames are copied into chunks rather than queued one by one: thousands of small
@@ -96,6 +206,11 @@ class Connection:
         if self._subscription is not None:
             self._subscription.end()
             self._subscription = None
+
+    @property
+    def over_bound(self) -> bool:
+        """More is queued than the client may hold back (`backpressure` would wait)."""
+        return not self._drained.is_set()
 
     async def backpressure(self) -> None:
         """Wait while the outbox is over its bound (the client is not reading)."""
@@ -171,7 +286,7 @@ async def serve_connection(
     """Read request lines until EOF; each gets exactly one reply, in order."""
     conn = Connection(writer, max_queued_bytes)
     on_open(conn)
-    conn.send(hello)
+    conn.reply(hello)
     try:
         while True:
             try:
@@ -181,16 +296,26 @@ async def serve_connection(
                     f"frame longer than {max_frame_bytes} bytes (capd --max-frame-bytes); "
                     "closing the connection"
                 )
-                conn.send(_error(None, "frame_too_large", message))
+                conn.reply(_error(None, "frame_too_large", message))
+                await conn.until_fewer_unanswered(1)
                 return
             if not line:
+                # The client is done sending, maybe not reading: it gets every reply.
+                await conn.until_fewer_unanswered(1)
                 return
             if not line.strip():
                 continue
-            reply = await _reply(line, conn, handle)
-            if reply is not None:
-                conn.send(reply)
-            await conn.backpressure()
+            reply = _dispatch(line, conn, handle)
+            if isinstance(reply, bytes):
+                conn.reply(reply)
+            elif reply is not None and not isinstance(reply, Answer):
+                await conn.until_fewer_unanswered(1)
+                if (frame := await _finish(reply, line)) is not None:
+                    conn.reply(frame)
+            if conn.unanswered >= MAX_IN_FLIGHT:
+                await conn.until_fewer_unanswered(MAX_IN_FLIGHT)
+            if conn.over_bound:
+                await conn.backpressure()
     except ConnectionError:
         pass
     finally:
@@ -209,18 +334,38 @@ def _drop_traceback(exc: BaseException | None) -> None:
         exc.__traceback__ = None
 
 
-async def _reply(line: bytes, conn: Connection, handle: Handler) -> bytes | None:
+def _dispatch(line: bytes, conn: Connection, handle: Handler) -> Reply:
     frame: dict[str, Any] | None = None
     try:
         frame = decode(line)
         check_bounds(frame, line)
-        return await handle(frame, conn)
+        return handle(frame, conn)
     except ProtocolError as exc:
         return _error(request_id(frame) if frame else None, exc.code, exc.message)
     except Exception as exc:
         log.exception("internal error handling %r", line[:200])
-        rid = request_id(frame) if frame else None
-        return _error(rid, "internal", f"internal error: {type(exc).__name__}: {exc}")
+        return _internal(request_id(frame) if frame else None, exc)
+
+
+async def _finish(reply: Coroutine[Any, Any, bytes | None], line: bytes) -> bytes | None:
+    """Run a sequential request's handler to its reply."""
+    try:
+        return await reply
+    except ProtocolError as exc:
+        return _error(_request_id_of(line), exc.code, exc.message)
+    except Exception as exc:
+        log.exception("internal error handling %r", line[:200])
+        return _internal(_request_id_of(line), exc)
+
+
+def _request_id_of(line: bytes) -> object:
+    with contextlib.suppress(Exception):
+        return request_id(decode(line))
+    return None
+
+
+def _internal(rid: object, exc: BaseException) -> bytes:
+    return _error(rid, "internal", f"internal error: {type(exc).__name__}: {exc}")
 
 
 def _error(rid: object, code: str, message: str) -> bytes:

@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, Protocol, TypeAlias
 
 from capd import metrics, tracing
 from capd.activity import WATCHED_EPHEMERAL, Activity
@@ -86,7 +86,7 @@ from protocol.methods import (
     SetBudget,
 )
 from protocol.reports import Errored, Report, TurnEnded, clip
-from protocol.results import NotifyResult, ReconfigureResult, RunResult
+from protocol.results import ReconfigureResult, RunResult
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,18 @@ class _TakeManifest:
 
 
 _Call = Request | _Stop | _Adopt | _FromParent | _TakeManifest
-_Reply: TypeAlias = "asyncio.Future[dict[str, Any]]"
+
+
+class _Reply(Protocol):
+    """Where a method's outcome goes: an asyncio future, or a connection's `Answer`."""
+
+    def done(self) -> bool: ...
+
+    def set_result(self, result: dict[str, Any], /) -> None: ...
+
+    def set_exception(self, exc: BaseException, /) -> None: ...
+
+
 _Message = tuple[_Call, _Reply] | _TurnDone | _CompactionDone | _BudgetPause | _Reap
 
 
@@ -218,7 +229,7 @@ class PodController:
         self.compact_wanted: CompactOrder | None = None
         self._compaction: asyncio.Task[None] | None = None
         """A compaction between turns or while paused; a turn waits for it to launch."""
-        self._compaction_waiters: list[asyncio.Future[dict[str, Any]]] = []
+        self._compaction_waiters: list[_Reply] = []
         """The `compact` requests answered when it ends."""
         self._span: Any = None
         """The turn's `invoke_agent` span of its running (or last) segment; tracing only."""
@@ -235,6 +246,8 @@ class PodController:
         """Bumped whenever the timer is armed or disarmed: an older timer's `_Reap` is stale."""
         self._reap_reason: Literal["idle", "limit"] = "idle"
         """What the armed timer is for: `limit` fires at once."""
+        self._window: tuple[Any, int | None, int | None] | None = None
+        """(manifest.model, learned window, the window) of the last `_context_window`."""
         self._reaped = 0
         """Times the engine's process was stopped, idle or for the process limit
         (`status.engine.reaped`)."""
@@ -341,11 +354,16 @@ class PodController:
 
     async def call(self, request: _Call) -> dict[str, Any]:
         """Hand a method to the actor and wait for its result."""
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.submit(request, fut)
+        return await fut
+
+    def submit(self, request: _Call, reply: _Reply) -> None:
+        """Hand a method to the actor, behind those handed before; its outcome goes to
+        `reply` (a connection's answer, so the connection need not wait for it)."""
         if self._stopped:
             raise ProtocolError("shutting_down", f"pod {self.name} is stopping")
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._mailbox.put_nowait((request, fut))
-        return await fut
+        self._mailbox.put_nowait((request, reply))
 
     async def adopt(self, name: str, socket: str, turn_id: str | None) -> None:
         """Record a child spawned with this pod as its parent (`child_spawned`)."""
@@ -392,12 +410,13 @@ class PodController:
                     return
                 await self._take_pending()
                 self._guarded(self._kick)
-                self._guarded(self._arm_reap)
+                if self._mailbox.empty():  # the timer is for the pod at rest
+                    self._guarded(self._arm_reap)
         finally:
             self._stopped = True
             self._refuse_pending()
 
-    async def _serve(self, request: _Call, fut: "asyncio.Future[dict[str, Any]]") -> bool:
+    async def _serve(self, request: _Call, fut: _Reply) -> bool:
         """Handle one method and settle its future; True once the actor is to end."""
         if isinstance(request, _Stop):
             self._guarded(self._end_turn_if_done)
@@ -760,12 +779,13 @@ class PodController:
     def _buffer(self, note: PendingNote) -> dict[str, Any]:
         self.notes.append(note)
         turn_id = self.turn.turn_id if self.turn else None
-        return NotifyResult(buffered=len(self.notes), turn_id=turn_id).model_dump()
+        # A `NotifyResult` as a plain dict: each pod_event in a burst is answered so.
+        return {"buffered": len(self.notes), "turn_id": turn_id}
 
     def _pod_event(self, payload: dict[str, Any]) -> dict[str, Any]:
         if self.journal.is_duplicate(payload.get("event_id")):
             return {"duplicate": True}
-        received = PodEventReceived(payload=payload)
+        received = PodEventReceived.model_construct(payload=payload)  # a dict, as validated
         self.emit(received)
         return self._buffer(report_note(received))
 
@@ -1075,9 +1095,14 @@ class PodController:
     def _context_window(self) -> int | None:
         """The manifest's window, the one an overflow named, or a known model's; an
         external engine's model is its own business, so only an overflow tells it."""
-        model = self.manifest.model
+        model, learned = self.manifest.model, self.context.learned_window
+        cached = self._window
+        if cached is not None and cached[0] is model and cached[1] == learned:
+            return cached[2]  # `status` asks at every poll; the model rarely changes
         configured, name = (model.context_window, model.name) if model else (None, "")
-        return context_window(configured, self.context.learned_window, name)
+        window = context_window(configured, learned, name)
+        self._window = (model, learned, window)
+        return window
 
     def status_result(self, children: list[str]) -> dict[str, Any]:
         """The `status` ack's result, a `protocol.results.PodStatus` built as a plain dict:
@@ -1142,7 +1167,7 @@ def _being_cancelled() -> bool:
     return task is not None and task.cancelling() > 0
 
 
-def _settle(fut: "asyncio.Future[dict[str, Any]]", outcome: dict[str, Any] | Exception) -> None:
+def _settle(fut: _Reply, outcome: dict[str, Any] | Exception) -> None:
     if fut.done():
         return
     if isinstance(outcome, Exception):

@@ -227,6 +227,7 @@ class Daemon:
         if self._outbox is not None:
             await self._outbox.close()
         if self._store is not None:
+            await self._store.flush()  # what the pods wrote as they stopped
             self._store.close()
         for lock in self._locks:
             lock.close()

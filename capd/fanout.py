@@ -17,6 +17,7 @@ from enum import Enum
 from typing import Protocol
 
 from capd import metrics
+from capd.store.batch import after_writes
 from protocol.events import Lagged
 from protocol.framing import encode
 
@@ -118,15 +119,26 @@ class Subscription:
 
 @dataclass(eq=False)
 class Hub:
-    """The subscribers of one event source; `last_seq` and `page` describe its durable log."""
+    """The subscribers of one event source; `last_seq` and `page` describe its durable log
+    (committed events only)."""
 
     pod: str
     last_seq: Callable[[], int]
     page: ReplayPage | None = None
     subscriptions: set[Subscription] = field(default_factory=set)
+    waits_for_writes: bool = True
+    """Publish only once every write made before is committed (the daemon's events: a
+    `pod_spawned` whose pod a crash would take back must not be heard). A pod's journal
+    publishes from its commit callbacks and says False."""
 
     def publish(self, frame: bytes, seq: int | None = None, delta: bool = False) -> None:
         """Offer `frame` to every subscription; a `delta` only to those that take deltas."""
+        if self.waits_for_writes:
+            after_writes(lambda: self._offer(frame, seq, delta))
+        else:
+            self._offer(frame, seq, delta)
+
+    def _offer(self, frame: bytes, seq: int | None, delta: bool) -> None:
         for sub in tuple(self.subscriptions):
             if delta and not sub.deltas:
                 continue

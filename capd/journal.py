@@ -1,10 +1,14 @@
 """A pod's journal: its durable events, committed, applied and broadcast, the reports it
 owes its parent, and the state the events imply, rebuilt at restore.
 
-Every durable event goes through `emit_all`: it is committed to the store (with the
-parent report it owes and the pending rows it uses up), only then takes its seq, is
-applied to the derived state (`_track`) and offered to subscribers. `restore` runs the
-same `_track` over the stored events, so a restarted pod derives exactly what it had.
+Every durable event goes through `emit_all`: it is written to the store (with the
+parent report it owes and the pending rows it uses up), only then takes its seq and is
+applied to the derived state (`_track`); it is offered to subscribers, and its report to
+the outbox, once its batch commits (capd.store.batch). Ephemeral events wait behind the
+durable ones written before them, so a subscriber sees them in the order they were made.
+Subscribers and readers are told the committed seq (`committed_seq`), never one a crash
+could take back. `restore` runs the same `_track` over the stored events, so a restarted
+pod derives exactly what it had.
 """
 
 import logging
@@ -84,6 +88,10 @@ class Journal:
         self.name = name
         self.parent = parent
         self.last_seq = 0
+        """The last seq given to an event: the next one takes the one after."""
+        self.committed_seq = 0
+        """The last seq committed, and so offered to subscribers: history, replay and
+        `subscribe` acks go no further."""
         self.context = Context()
         self.usage = Usage()
         """The pod's usage totals: replaced, never changed in place, by each event that
@@ -92,12 +100,14 @@ class Journal:
         """The engine's permission questions still waiting for an answer, by request id."""
         self.grants = Grants()
         """What `allow_always` answers granted, as their `permission_resolved` events say."""
-        self.hub = Hub(name, lambda: self.last_seq, self.page)
+        self.hub = Hub(name, lambda: self.committed_seq, self.page, waits_for_writes=False)
         self._store = store
         self._outbox = outbox
         self._received: dict[str, int] = {}
         """The ids of reports received since the events a restart reads begin, each with
         its `pod_event_received`'s seq; older ones are in the store."""
+        self._stored_ids: set[str] | None = None
+        """The ids the store keeps (`Store.received_ids`), read at the first report."""
 
     # -- emitting -----------------------------------------------------------------------
 
@@ -135,21 +145,32 @@ class Journal:
         stored = [(e.seq, e.ts, e.event, f[:-1]) for e, f in zip(events, frames, strict=True)]
         kept = self._kept_ids(events)
         self._store.append(self.name, stored, owed, consumed, kept, manifest)
-        # Only a committed event takes a seq: one that cannot be encoded or stored leaves
+        # Only a stored event takes a seq: one that cannot be encoded or stored leaves
         # no gap for subscribers to wait on.
         self.last_seq += len(events)
-        if owed is not None:
-            self._outbox.poke(owed.target)
         for event_id in kept:
             del self._received[event_id]
-        for event, frame in zip(events, frames, strict=True):
+        if kept and self._stored_ids is not None:
+            self._stored_ids.update(kept)
+        for event in events:
             self._track(event, turn)
-            self.hub.publish(frame, event.seq)
+        target, last = None if owed is None else owed.target, self.last_seq
+        self._store.after_commit(lambda: self._committed(frames, last, target))
+
+    def _committed(self, frames: list[bytes], last_seq: int, target: str | None) -> None:
+        """Events up to `last_seq` committed: offer them, and deliver their report."""
+        self.committed_seq = last_seq
+        if target is not None:
+            self._outbox.poke(target)
+        publish = self.hub.publish
+        for seq, frame in enumerate(frames, last_seq - len(frames) + 1):
+            publish(frame, seq)
 
     def emit_ephemeral(self, event: PodEventBase) -> None:
         if self.hub.subscriptions:
             event.pod = self.name
-            self.hub.publish(encode(event), None, event.event in DELTA_EVENTS)
+            frame, delta = encode(event), event.event in DELTA_EVENTS
+            self._store.after_commit(lambda: self.hub.publish(frame, None, delta))
 
     def _owed(self, report: Report | None) -> OwedReport | None:
         if report is None or self.parent is None:
@@ -162,10 +183,14 @@ class Journal:
 
     def is_duplicate(self, event_id: object) -> bool:
         """Whether a pod_event with this event_id was received already: since the events a
-        restart reads begin (in memory), or before (in the store)."""
+        restart reads begin (`_received`), or before (the store's, read once)."""
         if not isinstance(event_id, str):
             return False
-        return event_id in self._received or self._store.received(self.name, event_id)
+        if event_id in self._received:
+            return True
+        if self._stored_ids is None:
+            self._stored_ids = self._store.received_ids(self.name)
+        return event_id in self._stored_ids
 
     def _kept_ids(self, events: list[DurableEvent]) -> list[str]:
         """The received report ids a compaction among `events` puts before the events a
@@ -243,7 +268,11 @@ class Journal:
     # -- reading ------------------------------------------------------------------------
 
     def page(self, after_seq: int, limit: int) -> list[tuple[int, bytes]]:
-        return self._store.events_after(self.name, after_seq, limit)
+        """Stored events after `after_seq`, none past the committed seq."""
+        rows = self._store.events_after(self.name, after_seq, limit)
+        if rows and rows[-1][0] > self.committed_seq:
+            rows = [row for row in rows if row[0] <= self.committed_seq]
+        return rows
 
     def history(
         self,
@@ -260,7 +289,7 @@ class Journal:
             after_seq = 0 if start is None else start - 1
         events = b",".join(data for _, data in self.page(after_seq, limit))
         head = orjson.dumps({"event": "ack", "id": request_id})[:-1]
-        tail = orjson.dumps(self.last_seq)
+        tail = orjson.dumps(self.committed_seq)
         return b'%s,"result":{"events":[%s],"last_seq":%s}}\n' % (head, events, tail)
 
     # -- restore ------------------------------------------------------------------------
@@ -280,7 +309,7 @@ class Journal:
             event = parse_event(orjson.loads(data))
             if not isinstance(event, DurableEvent):
                 continue
-            self.last_seq = event.seq
+            self.last_seq = self.committed_seq = event.seq
             self._track(event, found.turn)
             match event:
                 case StatusChanged(status=status):

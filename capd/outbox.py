@@ -19,6 +19,7 @@ import logging
 
 from capd.backoff import backoff_s
 from capd.store import OutboxEntry, Store
+from capd.store.batch import after_writes
 from protocol.client import Client, ConnectionClosed
 from protocol.errors import ProtocolError
 from protocol.framing import decode
@@ -49,7 +50,11 @@ class Outbox:
             self.poke(target)
 
     def poke(self, target: str) -> None:
-        """A report to `target` was committed: deliver it now, starting a worker if needed."""
+        """A report to `target` was written: deliver it once it is committed (the store
+        shows the outbox only committed reports), starting a worker if needed."""
+        after_writes(lambda: self._wake_worker(target))
+
+    def _wake_worker(self, target: str) -> None:
         if self._closing:
             return
         if target in self._workers:
@@ -93,6 +98,11 @@ class Outbox:
                     raise asyncio.CancelledError from exc
                 failures += 1
                 await self._back_off(target, failures, exc)
+        # Gone from the workers before another callback runs: a report committed after the
+        # last read is poked into a new worker, not into this one, which is ending.
+        if self._workers.get(target) is asyncio.current_task():
+            del self._workers[target]
+            del self._wake[target]
 
     async def _send(self, target: str, batch: list[OutboxEntry]) -> None:
         async with await Client.connect(target, REQUEST_TIMEOUT_S, PARENT_LINE_LIMIT) as parent:

@@ -19,7 +19,7 @@ import orjson
 from capd.access import current_policy, peer_of
 from capd.activity import ActivityFeed
 from capd.config import Config
-from capd.connection import Connection, serve_connection
+from capd.connection import Connection, Reply, serve_connection
 from capd.controller import PodController
 from capd.fanout import Hub
 from protocol import SERVER_NAME
@@ -253,8 +253,19 @@ class Endpoint(ABC):
     def hello(self) -> Hello: ...
 
     @abstractmethod
-    async def _handle(self, frame: dict[str, Any], conn: Connection) -> bytes | None:
-        """The reply frame, or None when the handler already queued it."""
+    def _handle(self, frame: dict[str, Any], conn: Connection) -> Reply:
+        """The reply (see `capd.connection.Reply`): an `async def` handler is sequential,
+        its requests handled one at a time as they come."""
+
+
+PLAIN_STATUS_KEYS = frozenset({"id", "method"})
+
+
+def _plain_status(frame: dict[str, Any]) -> bool:
+    """A `status` request that parsing would accept as it is (an id that is a string, an
+    integer or absent; no other field): what clients poll, answered without the parser."""
+    rid = frame.get("id")
+    return frame.keys() <= PLAIN_STATUS_KEYS and (rid is None or type(rid) in (str, int))
 
 
 def _share_with_group(path: Path, group: int) -> None:
@@ -300,11 +311,34 @@ class PodEndpoint(Endpoint):
         pod = self.pod
         return Hello(
             server=SERVER_NAME,
-            pod=PodHello(name=pod.name, status=pod.status, last_seq=pod.last_seq),
+            pod=PodHello(name=pod.name, status=pod.status, last_seq=pod.journal.committed_seq),
         )
 
-    async def _handle(self, frame: dict[str, Any], conn: Connection) -> bytes | None:
+    def _handle(self, frame: dict[str, Any], conn: Connection) -> Reply:
+        """Methods for the actor go to its mailbox at once, in the order they came, and
+        are answered when it gets to them; the connection reads on meanwhile. The others
+        are answered here: `status` and `history` at once when no earlier request of the
+        connection waits for its reply (else after them, as they would see their effects),
+        the subscription methods after every earlier reply is written."""
+        if frame.get("method") == "status" and not conn.unanswered and _plain_status(frame):
+            return self._local(Status.model_construct(id=frame.get("id")), conn)
         request = POD_REQUESTS.parse(frame)
+        match request:
+            case Status() | History() if not conn.unanswered:
+                return self._local(request, conn)
+            case Status() | History() | Subscribe() | Unsubscribe() | StopPod():
+                return self._sequential(request, conn)
+        answer = conn.answer(request.id)
+        try:
+            self.pod.submit(request, answer)
+        except ProtocolError as exc:
+            answer.set_exception(exc)
+        return answer
+
+    async def _sequential(self, request: Request, conn: Connection) -> bytes | None:
+        return self._local(request, conn)
+
+    def _local(self, request: Request, conn: Connection) -> bytes | None:
         pod = self.pod
         match request:
             case Status():
@@ -321,7 +355,7 @@ class PodEndpoint(Endpoint):
                 conn.send(ack(request))
                 self._host.stop_pod_soon(pod.name)
                 return None
-        return ack(request, await pod.call(request))
+        raise AssertionError(f"not a local method: {request!r}")
 
 
 class DaemonEndpoint(Endpoint):

@@ -26,6 +26,9 @@ from typing import Protocol
 
 log = logging.getLogger(__name__)
 
+_PENDING: list["GroupCommit"] = []
+"""The stores of this process with a write waiting for its commit (a daemon has one)."""
+
 EXIT_STORE_FAILED = 75
 """capd's exit status when a commit failed (EX_TEMPFAIL: a restart may well succeed)."""
 
@@ -51,6 +54,30 @@ class Backend(Protocol):
         awaitable that completes (or raises) once it is. Never called while an earlier
         commit's awaitable is pending."""
         ...
+
+
+def writes_pending() -> bool:
+    """Whether a write of this process waits for its commit."""
+    return bool(_PENDING)
+
+
+def after_writes(callback: Callable[[], None]) -> None:
+    """Run `callback` once every write made so far, by any store of this process, is
+    committed: how a reply, or a daemon event, waits for the writes made before it without
+    knowing the store. At once when no write waits."""
+    if not _PENDING:
+        callback()
+    elif len(_PENDING) == 1:
+        _PENDING[0].after_commit(callback)
+    else:
+        _after_each(list(_PENDING), callback)
+
+
+def _after_each(stores: list["GroupCommit"], callback: Callable[[], None]) -> None:
+    if not stores:
+        callback()
+    else:
+        stores[0].after_commit(lambda: _after_each(stores[1:], callback))
 
 
 def stop_capd(exc: BaseException) -> None:
@@ -96,6 +123,8 @@ class GroupCommit:
             return False
         self._backend.begin()
         self._open = []
+        if self not in _PENDING:
+            _PENDING.append(self)
         if self._in_flight is None:
             self._schedule(loop)
         return True
@@ -117,7 +146,7 @@ class GroupCommit:
         committed and their callbacks have run."""
         if self.failed is not None:
             raise StoreFailed("the store failed a commit") from self.failed
-        if not self.pending and not self._running:
+        if not self.pending:
             return
         done = asyncio.get_running_loop().create_future()
         self.after_commit(lambda: done.done() or done.set_result(None))
@@ -130,6 +159,10 @@ class GroupCommit:
         the backend's commit must then finish on return."""
         if self._open is not None and self._in_flight is None:
             self._commit_open()
+
+    def broken(self, exc: BaseException) -> None:
+        """The backend lost the open batch: stop as for a failed commit."""
+        self._fail(exc)
 
     # -- the commit ---------------------------------------------------------------------
 
@@ -160,7 +193,7 @@ class GroupCommit:
             asyncio.ensure_future(pending).add_done_callback(self._commit_done)
 
     def _commit_done(self, fut: "asyncio.Future[None]") -> None:
-        exc = fut.exception() if not fut.cancelled() else asyncio.CancelledError()
+        exc = asyncio.CancelledError() if fut.cancelled() else fut.exception()
         if exc is not None:
             self._fail(exc)
         else:
@@ -173,27 +206,28 @@ class GroupCommit:
         running = self._running
         nested = bool(running)
         running.extend(batch)
-        if not nested:
-            while running:
-                callback = running.popleft()
-                try:
-                    callback()
-                except Exception:
-                    log.exception("a callback after a commit failed")
-        if self._open is not None and self._in_flight is None:
-            # Writes made while the commit was in flight (or by the callbacks).
+        if nested:
+            return  # the loop below, further up the stack, runs them
+        while running:
+            callback = running.popleft()
+            try:
+                callback()
+            except Exception:
+                log.exception("a callback after a commit failed")
+        if self._open is None:
+            _PENDING.remove(self)
+        elif self._in_flight is None:
+            # Writes made while the commit was in flight, or by the callbacks.
             loop = asyncio._get_running_loop()
             if loop is None:
                 self._commit_open()
             else:
                 self._schedule(loop)
 
-    def broken(self, exc: BaseException) -> None:
-        """The backend lost the open batch: stop as for a failed commit."""
-        self._fail(exc)
-
     def _fail(self, exc: BaseException) -> None:
         self.failed = exc
         self._open = self._in_flight = None
         self._running.clear()
+        if self in _PENDING:
+            _PENDING.remove(self)
         self._on_failure(exc)

@@ -38,10 +38,13 @@ class FakeOutlet:
         self.closing = False
         self.on_drain: Callable[[], None] = lambda: None
         """Called at each drain of a writer job: a test's chance to act mid-replay."""
+        self.on_offer: Callable[[], None] = lambda: None
+        """Called as each live event is offered."""
         self._queue: deque[bytes | WriterJob] = deque()
         self._queued_bytes = 0
 
     def offer_event(self, frame: bytes) -> bool:
+        self.on_offer()
         if self._queued_bytes + len(frame) > self.room:
             return False
         self._queue.append(frame)

@@ -2,6 +2,7 @@
 bytes stored; the report it owes the parent commits with it."""
 
 import sqlite3
+from pathlib import Path
 
 import orjson
 import pytest
@@ -41,9 +42,42 @@ async def test_subscribers_get_exactly_the_bytes_the_store_holds(store: Store) -
     event = StatusChanged(status="running", turn_id="t-1")
     journal.emit(event, None)
     assert (event.pod, event.seq, journal.last_seq) == ("p", 1, 1)
+    await store.flush()
     [(seq, stored)] = store.events_after("p", 0, 10)
     assert seq == 1
     assert (await flushed(outlet)).written == stored + b"\n"
+
+
+async def test_an_event_reaches_no_one_before_it_commits(store: Store, tmp_path: Path) -> None:
+    """A subscriber, a replay and a history page see an event only once another
+    connection to the database finds it there: none of them waits on a crash."""
+    journal, outbox = _journal(store, PARENT)
+    outside = sqlite3.connect(tmp_path / "capd.db")
+    seen_outside: list[int] = []
+    outlet = FakeOutlet()
+    outlet.on_offer = lambda: seen_outside.append(_stored(outside))
+    journal.hub.subscribe(outlet, None)
+    journal.emit(StatusChanged(status="idle"), None, report=ShutDown(pod="p", event_id="p/1"))
+    journal.emit_ephemeral(TextDelta(turn_id="t", text="after"))
+    assert journal.last_seq == 1
+    assert journal.hub.last_seq() == 0
+    assert journal.page(0, 10) == []
+    assert outbox.poked == []
+    assert HistoryResult.model_validate(orjson.loads(journal.history("h", 0, 10))["result"]) == (
+        HistoryResult(events=[], last_seq=0)
+    )
+    assert (await flushed(outlet)).written == b""
+    assert _stored(outside) == 0
+    await store.flush()
+    assert seen_outside == [1, 1]
+    assert outbox.poked == [PARENT]
+    assert [f["event"] for f in (await flushed(outlet)).frames()] == ["status", "text_delta"]
+    assert [seq for seq, _ in journal.page(0, 10)] == [1]
+    outside.close()
+
+
+def _stored(db: sqlite3.Connection) -> int:
+    return db.execute("SELECT COUNT(*) FROM events").fetchone()[0]
 
 
 def test_events_emitted_together_take_consecutive_seqs_and_one_time(store: Store) -> None:
