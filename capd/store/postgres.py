@@ -456,6 +456,12 @@ class PostgresStore:
         )
         return row is not None
 
+    def received_ids(self, pod: str) -> set[str]:
+        """Every `event_id` the store keeps as received by the pod (a journal loads them
+        once, rather than asking for each report it receives)."""
+        rows = self._rows("SELECT event_id FROM received WHERE pod = %s", (pod,))
+        return {row[0].decode() for row in rows}
+
     def events_after(self, pod: str, after_seq: int, limit: int) -> list[tuple[int, bytes]]:
         """Up to `limit` events with seq > after_seq, oldest first, as (seq, json); fewer
         once they hold PAGE_BYTES (always at least one), so a page of large events is not
