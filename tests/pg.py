@@ -86,8 +86,9 @@ class PgServer:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def start(bin: Path) -> PgServer:
-    """initdb and start a server in a new temporary directory, owned by the server's user."""
+def start(bin: Path, fsync: bool = False) -> PgServer:
+    """initdb and start a server in a new temporary directory, owned by the server's user;
+    `fsync`: with PostgreSQL's default durability (a benchmark), not the tests' fsync=off."""
     owner = "postgres" if os.geteuid() == 0 else None
     root = Path(tempfile.mkdtemp(prefix="capd-pg-"))
     server = PgServer(root, bin, owner)
@@ -112,7 +113,9 @@ def start(bin: Path) -> PgServer:
             "--no-sync",
             "--no-instructions",
         )
-        options = f"-k {server.socket_dir} -c listen_addresses= -c fsync=off"
+        options = f"-k {server.socket_dir} -c listen_addresses=" + (
+            "" if fsync else " -c fsync=off"
+        )
         server.run(
             str(bin / "pg_ctl"),
             "-D",

@@ -22,6 +22,7 @@ FIGURES = {
     "pause": 2,
     "density": 2,
     "durable": 2,
+    "pgstore": 3,
     "capctl": 1,
     "restore": 4,
     "soak": 1,

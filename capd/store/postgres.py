@@ -164,6 +164,8 @@ class PostgresStore:
         """Whether the thread has a batch's transaction open (thread-side state)."""
         self._failed: BaseException | None = None
         """The first error of the open transaction: the rest of it is skipped."""
+        self._rows_waiting: list[tuple[Any, ...]] = []
+        """Rows of lone events the open batch appended, not queued yet (loop side)."""
         self._thread = threading.Thread(target=self._run, name="capd-store", daemon=True)
         self._thread.start()
         self._batch = GroupCommit(self) if on_failure is None else GroupCommit(self, on_failure)
@@ -192,12 +194,21 @@ class PostgresStore:
                         done.set_result(result)
 
     def _post(self, op: Op) -> None:
+        self._send_rows()
         self._ops.put((op, None))
 
     def _submit(self, op: OpOf[T]) -> "concurrent.futures.Future[T]":
+        self._send_rows()
         done: concurrent.futures.Future[T] = concurrent.futures.Future()
         self._ops.put((op, done))
         return done
+
+    def _send_rows(self) -> None:
+        """Queue the plain event rows gathered so far as one `executemany`, ahead of the op
+        about to be queued: one op for a run of appends, not one each."""
+        if rows := self._rows_waiting:
+            self._rows_waiting = []
+            self._ops.put((self._joined(lambda c: c.executemany(INSERT_EVENT, rows)), None))
 
     def _sync(self) -> None:
         assert self._pipeline is not None
@@ -425,6 +436,9 @@ class PostgresStore:
         the `pending` rows they use up, the `event_id`s of the reports they receive and
         the pod's new `manifest` (a `reconfigured`)."""
         rows = [(pod, *event) for event in events]
+        if not (report or consumed or received or manifest is not None) and self._batch.write():
+            self._rows_waiting += rows  # queued with the next op, at the latest the COMMIT
+            return
         received_rows = [(pod, _text(event_id)) for event_id in received]
 
         def op(c: psycopg.Cursor[Any]) -> None:

@@ -227,3 +227,23 @@ def test_free_text_with_a_nul_round_trips(store: Store) -> None:
     assert (row.text, row.turn_id, row.source) == (text, "t\x00", "s\x00")
     store.append("p", _events(1, 1, "pod_event_received"), received=["c\x00/1"])
     assert store.received("p", "c\x00/1")
+
+
+async def test_writes_in_one_batch_apply_in_the_order_they_were_made(
+    store: Store, reopen: Callable[[], Store]
+) -> None:
+    store.add_pod("p", "{}", None, 1.0)
+    for seq in range(1, 4):
+        store.append("p", _events(seq, 1))
+    store.delete_pod("p", "/run/p.sock")
+    store.append("p", _events(1, 1, "again"))
+    store.append("q", _events(1, 1))
+    assert [kind for kind in ("again",) if store.events_of_kind_after("p", 0, kind)] == ["again"]
+    await store.flush()
+    reopened = reopen()
+    try:
+        assert reopened.events_after("p", 0, 10) == [(1, b'{"seq":1}')]
+        assert len(reopened.events_after("q", 0, 10)) == 1
+        assert reopened.pods() == []
+    finally:
+        reopened.close()
