@@ -11,7 +11,8 @@ inside the open transaction, so they see every write made before them. The batch
 COMMIT is one more queued op, whose completion the loop awaits (capd.store.batch), and
 nothing a client is sent leaves before it. The thread runs libpq's pipeline mode: queued
 writes go out without waiting for each answer, so a batch costs about one round trip plus
-a read's, whatever its size.
+a read's, whatever its size; a run of plain appends is queued as one `executemany`.
+bench/pgstore measures the store against psycopg inserting the same rows straight.
 
 Driver: psycopg 3 (binary), not asyncpg. Measured here through this design (loop thread →
 store thread → server on a Unix socket, 6,000 events, batches of 1/50/500 appends; two
@@ -177,6 +178,12 @@ class PostgresStore:
     # -- the store thread ---------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        except psycopg.Error as exc:  # leaving the pipeline on a connection that broke
+            log.debug("store connection closed: %r", exc)
+
+    def _serve(self) -> None:
         with self._conn.pipeline() as pipeline:
             self._pipeline = pipeline
             cursor = self._conn.cursor(binary=True)
