@@ -6,6 +6,7 @@
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -164,13 +165,17 @@ class Endpoint(ABC):
                     self._serve, sock=activated, limit=limit
                 )
             return
-        _remove_stale_socket(self.path)
-        sock = _bind_private(self.path)
+        try:
+            sock = _bind_private(self.path)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            _remove_stale_socket(self.path)  # rare: only after a crash
+            sock = _bind_private(self.path)
         self._server = await asyncio.start_unix_server(self._serve, sock=sock, limit=limit)
         if group is not None:
             _share_with_group(self.path, group)
-        else:
-            os.chmod(self.path, 0o600)
+        # Else it is 0600 already: bound under umask 0o177.
 
     async def close_listener(self) -> None:
         """Stop accepting connections and remove the socket file, if this endpoint bound it

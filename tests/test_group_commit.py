@@ -211,11 +211,30 @@ async def test_a_status_is_checked_as_strictly_as_any_request(
         assert got["code"] == "invalid_request"
 
 
-async def test_a_client_that_stops_sending_still_gets_every_reply(capd: CapdProcess) -> None:
-    await _paused_inbox(capd)
-    async with _raw(capd.pod_socket("inbox")) as (reader, writer):
-        writer.write(_burst(0, 100))
+async def test_a_pause_sent_with_the_end_of_input_is_answered(capd: CapdProcess) -> None:
+    """The pause's ack comes only once the turn's task has stopped, after capd has read
+    the end of the client's input."""
+    await spawn(capd, "w", scripted(SLOW_STEP))
+    async with await connect_pod(capd, "w", subscribe=False) as pod:
+        await pod.request({"method": "run", "text": "go"})
+    async with _raw(capd.pod_socket("w")) as (reader, writer):
+        writer.write(b'{"id":1,"method":"pause"}\n')
         writer.write_eof()
         async with asyncio.timeout(WAIT_S):
             replies = [orjson.loads(line) async for line in reader]
-    assert [(r["event"], r["id"]) for r in replies] == [("ack", i) for i in range(100)]
+    assert [(r["event"], r["id"]) for r in replies] == [("ack", 1)]
+
+
+async def test_a_stopped_pods_subscribers_hear_its_last_events(capd: CapdProcess) -> None:
+    await spawn(capd, "w", scripted(SLOW_STEP))
+    async with await connect_pod(capd, "w") as pod:
+        await pod.request({"method": "run", "text": "go"})
+        async with await Client.connect(capd.socket) as daemon:
+            await daemon.request({"method": "stop", "name": "w"})
+        heard = []
+        async with asyncio.timeout(WAIT_S):
+            while not heard or heard[-1] != ("status", "idle"):
+                event = await pod.next_event()
+                if "seq" in event:
+                    heard.append((event["event"], event.get("status") or event.get("result")))
+    assert ("turn_end", "cancelled") in heard

@@ -102,6 +102,8 @@ class GroupCommit:
         self._running: deque[Callable[[], None]] = deque()
         """Callbacks of the committed batch not run yet (one may add to them)."""
         self._scheduled = False
+        self._flushing: list[asyncio.Future[None]] = []
+        """What `flush` calls wait on: failed too, should the commit fail."""
         self.failed: BaseException | None = None
         self.commits = 0
         """Batches committed so far (tests and benchmarks count them)."""
@@ -149,10 +151,14 @@ class GroupCommit:
         if not self.pending:
             return
         done = asyncio.get_running_loop().create_future()
+        self._flushing.append(done)
         self.after_commit(lambda: done.done() or done.set_result(None))
         if self._in_flight is None:
             self._commit_open()
-        await done
+        try:
+            await done
+        finally:
+            self._flushing.remove(done)
 
     def commit_now(self) -> None:
         """Commit the open batch without a loop (closing the store after the loop ended);
@@ -230,4 +236,7 @@ class GroupCommit:
         self._running.clear()
         if self in _PENDING:
             _PENDING.remove(self)
+        for waiter in self._flushing:
+            if not waiter.done():
+                waiter.set_exception(StoreFailed("the store failed a commit"))
         self._on_failure(exc)
