@@ -335,7 +335,6 @@ async def test_reports_survive_a_restart_and_an_absent_parent_and_arrive_once(
     assert parent.unexpected == []
 
 
-@BOTH_STORES
 @pytest.mark.own_capd
 async def test_a_report_held_by_a_paused_parent_survives_sigkill(
     capd: CapdProcess, tmp_path: Path

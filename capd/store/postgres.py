@@ -229,8 +229,11 @@ class PostgresStore:
         self._sync()
 
     def _begin_tx(self, cursor: psycopg.Cursor[Any]) -> None:
-        cursor.execute("BEGIN")
         self._in_tx, self._failed = True, None
+        try:
+            cursor.execute("BEGIN")
+        except Exception as exc:  # the batch's writes are then skipped, its COMMIT fails
+            self._failed = exc
 
     def _commit_tx(self, cursor: psycopg.Cursor[Any]) -> None:
         failed = self._failed
