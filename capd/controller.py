@@ -430,7 +430,10 @@ class PodController:
             self._guarded(self._kick)
             while True:
                 msg = await self._mailbox.get()
-                if isinstance(msg, _TurnDone):
+                if isinstance(msg, tuple):  # a method, the most common message
+                    if await self._serve(*msg):
+                        return
+                elif isinstance(msg, _TurnDone):
                     self._guarded(self._end_done_turn, msg.task)
                 elif isinstance(msg, _CompactionDone):
                     self._guarded(self._end_compaction, msg.task)
@@ -439,10 +442,8 @@ class PodController:
                         await self._pause_for_budget(msg)
                     except Exception:
                         log.exception("pod %s: pausing on a spent budget failed", self.name)
-                elif isinstance(msg, _Reap):
+                else:
                     await self._reap(msg)
-                elif await self._serve(*msg):
-                    return
                 await self._take_pending()
                 self._guarded(self._kick)
                 if self._mailbox.empty():  # the timer is for the pod at rest
@@ -561,6 +562,8 @@ class PodController:
 
     async def _handle(self, request: _Call) -> dict[str, Any]:
         match request:
+            case PodEvent(event=payload):  # first: reports come in bursts
+                return self._pod_event(payload)
             case _Adopt(name=name, socket=socket, turn_id=turn_id):
                 self.emit(ChildSpawned(name=name, socket=socket, turn_id=turn_id))
                 return {}
@@ -578,8 +581,6 @@ class PodController:
                 return await self._cancel(clear_queue)
             case Notify(text=text, source=source):
                 return self._notify(text, source or "notify")
-            case PodEvent(event=payload):
-                return self._pod_event(payload)
             case Permission(request_id=request_id, option_id=option_id):
                 self.engine.answer_permission(request_id, option_id)
                 return {}

@@ -42,6 +42,7 @@ from protocol.methods import (
     Metrics,
     Overview,
     Request,
+    RequestId,
     Restart,
     Shutdown,
     Spawn,
@@ -326,7 +327,7 @@ class PodEndpoint(Endpoint):
         connection waits for its reply (else after them, as they would see their effects),
         the subscription methods after every earlier reply is written."""
         if frame.get("method") == "status" and not conn.unanswered and _plain_status(frame):
-            return self._local(Status.model_construct(id=frame.get("id")), conn)
+            return self._status(frame.get("id"))
         request = POD_REQUESTS.parse(frame)
         match request:
             case Status() | History() if not conn.unanswered:
@@ -340,6 +341,13 @@ class PodEndpoint(Endpoint):
             answer.set_exception(exc)
         return answer
 
+    def _status(self, rid: RequestId | None) -> bytes:
+        pod = self.pod
+        result = pod.status_result(self._host.children_of(pod.name))
+        return orjson.dumps(
+            {"event": "ack", "id": rid, "result": result}, option=orjson.OPT_APPEND_NEWLINE
+        )
+
     async def _sequential(self, request: Request, conn: Connection) -> bytes | None:
         return self._local(request, conn)
 
@@ -347,7 +355,7 @@ class PodEndpoint(Endpoint):
         pod = self.pod
         match request:
             case Status():
-                return ack(request, pod.status_result(self._host.children_of(pod.name)))
+                return self._status(request.id)
             case Subscribe(after_seq=after_seq, deltas=deltas):
                 self._subscribe(pod.hub, conn, request, after_seq, deltas)
                 return None

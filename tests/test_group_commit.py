@@ -19,6 +19,8 @@ from protocol.client import Client
 from tests.conftest import CapdProcess
 from tests.helpers import connect_pod, full_history, scripted, sigkill, spawn
 
+pytestmark = pytest.mark.shared_capd
+
 BURST = 1000
 WAIT_S = 30.0
 SLOW_STEP = {"text": "x" * 10_000, "chunk_chars": 1, "delay_ms": 10}
@@ -61,6 +63,7 @@ async def _received_ids(capd: CapdProcess) -> list[str]:
     return [e["payload"]["event_id"] for e in history if e["event"] == "pod_event_received"]
 
 
+@pytest.mark.own_capd
 async def test_a_pipelined_burst_is_acked_in_order_committed_first_and_stored_once(
     capd: CapdProcess,
 ) -> None:
@@ -94,6 +97,7 @@ async def test_a_pipelined_burst_is_acked_in_order_committed_first_and_stored_on
     assert all(r["result"] == {"duplicate": True} for r in again)
 
 
+@pytest.mark.own_capd
 async def test_sigkill_mid_burst_keeps_every_event_a_client_saw_acked(capd: CapdProcess) -> None:
     await _paused_inbox(capd)
     acked: list[int] = []
