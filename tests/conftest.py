@@ -19,7 +19,7 @@ import pytest
 
 from tests.mcp_servers import McpServerCommands
 from tests.mcp_servers import install as install_mcp_servers
-from tests.pg import pg_server, pg_url  # noqa: F401  (fixtures: a real PostgreSQL)
+from tests.pg import PgServer, pg_server, pg_url  # noqa: F401  (fixtures: a real PostgreSQL)
 
 START_TIMEOUT_S = 10.0
 REPO = Path(__file__).resolve().parents[1]
@@ -141,15 +141,17 @@ def _stopped_at_exit(state_dir: Path) -> Iterator[CapdProcess]:
         shutil.rmtree(runtime, ignore_errors=True)
 
 
+TEST_STORE = os.environ.get("CAPD_TEST_STORE", "sqlite")
+"""`CAPD_TEST_STORE=postgresql` runs every capd the tests start on PostgreSQL."""
 BOTH_STORES = pytest.mark.parametrize("capd_store", ["sqlite", "postgresql"], indirect=True)
 """Runs a test's own capd (`capd_dirs`, an `own_capd` `capd`) on each store."""
 
 
 @pytest.fixture
 def capd_store(request: pytest.FixtureRequest) -> str | None:
-    """The store of the test's own capd: None (SQLite), or under BOTH_STORES a fresh
-    PostgreSQL database's URL."""
-    if getattr(request, "param", "sqlite") == "postgresql":
+    """The store of the test's own capd: None (SQLite), or under BOTH_STORES (or with
+    CAPD_TEST_STORE=postgresql, for every capd) a fresh PostgreSQL database's URL."""
+    if getattr(request, "param", TEST_STORE) == "postgresql":
         url: str = request.getfixturevalue("pg_url")
         return url
     return None
@@ -199,11 +201,16 @@ def capd(request: pytest.FixtureRequest, capd_store: str | None) -> Iterator[Cap
 
 
 @pytest.fixture(scope="module")
-def _module_capd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CapdProcess]:
+def _module_capd(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[CapdProcess]:
     # Stopped even when its start fails (a capd too slow to listen still runs).
     with contextlib.closing(_stopped_at_exit(tmp_path_factory.mktemp("state"))) as runs:
         proc = next(runs)
         proc.log = proc.state_dir / "capd.log"
+        if TEST_STORE == "postgresql":
+            server: PgServer = request.getfixturevalue("pg_server")
+            proc.store = server.url(server.create_database())
         proc.start()
         yield proc
 
