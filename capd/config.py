@@ -2,10 +2,12 @@
 
 import argparse
 import grp
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from capd.proc.limits import BACKENDS, Backend
+from capd.store.errors import POSTGRES_SCHEMES, redact
 from protocol import VERSION
 from protocol.framing import DEFAULT_MAX_FRAME_BYTES
 from protocol.paths import runtime_dir, state_dir
@@ -18,6 +20,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 class Config:
     runtime_dir: Path
     state_dir: Path
+    store: str | None = None
+    """The PostgreSQL store's URL (`--store`, or CAPD_STORE); None: SQLite in state_dir."""
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
     max_queued_bytes: int = 8 * MIB
     """Bytes of events queued for one slow subscriber before it gets `lagged`."""
@@ -54,6 +58,13 @@ class Config:
         parser = argparse.ArgumentParser(prog="capd", description="Host AI agent pods.")
         parser.add_argument("--runtime-dir", help="sockets live here (see README: Paths)")
         parser.add_argument("--state-dir", help="the store and pod state live here")
+        parser.add_argument(
+            "--store",
+            metavar="URL",
+            default=os.environ.get("CAPD_STORE") or None,
+            help="keep the store in PostgreSQL at URL (postgresql://USER:PASSWORD@HOST/DB, "
+            "or CAPD_STORE) instead of SQLite at <state dir>/capd.db (see README: PostgreSQL)",
+        )
         parser.add_argument(
             "--max-frame-bytes",
             type=int,
@@ -154,6 +165,8 @@ class Config:
             parser.error(
                 f"--lock-wait-s must be a number of seconds, 0 or more, got {args.lock_wait_s}"
             )
+        if args.store is not None and not args.store.startswith(POSTGRES_SCHEMES):
+            parser.error(f"--store {redact(args.store)}: expected a postgresql:// URL")
         allow_gid = None
         if args.allow_group is not None:
             try:
@@ -179,6 +192,7 @@ class Config:
         return cls(
             runtime_dir=runtime,
             state_dir=state,
+            store=args.store,
             max_frame_bytes=args.max_frame_bytes,
             max_queued_bytes=args.max_queued_bytes,
             log_level=args.log_level,

@@ -31,7 +31,7 @@ from capd.proc.limits import LimitsUnavailable
 from capd.proc.sandbox import Backend, candidates, probe
 from capd.registry import PodRegistry
 from capd.server import DaemonEndpoint
-from capd.store import SqliteStore, Store
+from capd.store import Store, StoreUnavailable, open_store
 from capd.supervisor import Supervisor
 from capd.systemd import Notifier, activated_socket
 from capd.teams import Teams
@@ -111,7 +111,9 @@ class Daemon:
             log.warning("%s (pods with a sandbox are refused)", sandbox.refusal)
         else:
             log.info("sandbox: %s (%s)", sandbox.path, sandbox.version or "version unknown")
-        self._store = store = SqliteStore(cfg.state_dir / "capd.db")
+        self._store, shown = open_store(cfg.store, cfg.state_dir)
+        store = self._store
+        log.info("store: %s", shown)
         self._outbox = outbox = Outbox(store)
         registry = PodRegistry(store, cfg.runtime_dir)
         self._supervisor = Supervisor(
@@ -376,7 +378,7 @@ def main(argv: list[str] | None = None) -> None:
     _install_loop()
     try:
         asyncio.run(Daemon(config).serve())
-    except (DaemonLocked, LimitsUnavailable) as exc:
+    except (DaemonLocked, LimitsUnavailable, StoreUnavailable) as exc:
         print(f"capd: {exc}", file=sys.stderr)
         sys.exit(1)
     except OSError as exc:

@@ -19,6 +19,7 @@ import pytest
 
 from tests.mcp_servers import McpServerCommands
 from tests.mcp_servers import install as install_mcp_servers
+from tests.pg import PgServer, pg_server, pg_url  # noqa: F401  (fixtures: a real PostgreSQL)
 
 START_TIMEOUT_S = 10.0
 REPO = Path(__file__).resolve().parents[1]
@@ -33,6 +34,8 @@ class CapdProcess:
     state_dir: Path
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    store: str | None = None
+    """`--store`: the PostgreSQL database capd keeps its state in; None: SQLite."""
     listening: socket.socket | None = None
     """A bound, listening daemon socket to hand over as systemd's socket activation does."""
     proc: subprocess.Popen[bytes] | None = None
@@ -59,6 +62,7 @@ class CapdProcess:
             "--state-dir",
             str(self.state_dir),
             *SHOW_CHECKOUT,
+            *(["--store", self.store] if self.store else []),
             *self.extra_args,
         ]
         stdin = None
@@ -137,12 +141,30 @@ def _stopped_at_exit(state_dir: Path) -> Iterator[CapdProcess]:
         shutil.rmtree(runtime, ignore_errors=True)
 
 
+TEST_STORE = os.environ.get("CAPD_TEST_STORE", "sqlite")
+"""`CAPD_TEST_STORE=postgresql` runs every capd the tests start on PostgreSQL."""
+BOTH_STORES = pytest.mark.parametrize("capd_store", ["sqlite", "postgresql"], indirect=True)
+"""Runs a test's own capd (`capd_dirs`, an `own_capd` `capd`) on each store."""
+
+
 @pytest.fixture
-def capd_dirs(tmp_path: Path) -> Iterator[CapdProcess]:
+def capd_store(request: pytest.FixtureRequest) -> str | None:
+    """The store of the test's own capd: None (SQLite), or under BOTH_STORES (or with
+    CAPD_TEST_STORE=postgresql, for every capd) a fresh PostgreSQL database's URL."""
+    if getattr(request, "param", TEST_STORE) == "postgresql":
+        url: str = request.getfixturevalue("pg_url")
+        return url
+    return None
+
+
+@pytest.fixture
+def capd_dirs(tmp_path: Path, capd_store: str | None) -> Iterator[CapdProcess]:
     """A capd not yet started, so a test can set args or env first. Its state dir is
     beside `tmp_path`, not in it: tests use `tmp_path` as a pod's cwd, and a sandboxed
     pod's cwd may not contain capd's state dir."""
-    yield from _stopped_at_exit(tmp_path.with_name(f"{tmp_path.name}-state"))
+    for proc in _stopped_at_exit(tmp_path.with_name(f"{tmp_path.name}-state")):
+        proc.store = capd_store
+        yield proc
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -161,11 +183,12 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 @pytest.fixture
-def capd(request: pytest.FixtureRequest) -> Iterator[CapdProcess]:
+def capd(request: pytest.FixtureRequest, capd_store: str | None) -> Iterator[CapdProcess]:
     """A running capd; stopped with SIGTERM (and checked to exit 0) after the test. In a
     module marked `shared_capd` (its tests only spawn pods and talk to them, and starting
     a capd costs more than most such tests) it is the module's, emptied of pods after the
-    test, unless the test is marked `own_capd` (it stops or restarts capd, or reads its log)."""
+    test, unless the test is marked `own_capd` (it stops or restarts capd, or reads its log).
+    `capd_store` is named here so that BOTH_STORES can parametrise an own capd's store."""
     node = request.node
     if node.get_closest_marker("shared_capd") and not node.get_closest_marker("own_capd"):
         shared: CapdProcess = request.getfixturevalue("_module_capd")
@@ -178,11 +201,16 @@ def capd(request: pytest.FixtureRequest) -> Iterator[CapdProcess]:
 
 
 @pytest.fixture(scope="module")
-def _module_capd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CapdProcess]:
+def _module_capd(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[CapdProcess]:
     # Stopped even when its start fails (a capd too slow to listen still runs).
     with contextlib.closing(_stopped_at_exit(tmp_path_factory.mktemp("state"))) as runs:
         proc = next(runs)
         proc.log = proc.state_dir / "capd.log"
+        if TEST_STORE == "postgresql":
+            server: PgServer = request.getfixturevalue("pg_server")
+            proc.store = server.url(server.create_database())
         proc.start()
         yield proc
 

@@ -14,6 +14,7 @@ import pytest
 
 from bench.__main__ import BENCHMARKS
 from bench.report import Figure
+from tests import pg
 
 ROOT = Path(__file__).resolve().parent.parent
 FIGURES = {
@@ -22,6 +23,7 @@ FIGURES = {
     "pause": 2,
     "density": 2,
     "durable": 2,
+    "pgstore": 3,
     "capctl": 1,
     "restore": 4,
     "soak": 1,
@@ -40,6 +42,8 @@ def test_every_benchmark_is_run_below() -> None:
 
 @pytest.mark.parametrize("name", FIGURES)
 def test_the_benchmark_runs_at_tiny_size(name: str) -> None:
+    if name == "pgstore" and (why := pg.unavailable()):
+        pytest.skip(why)
     done = subprocess.run(
         [sys.executable, "-m", "bench", "--size", "tiny", "--json", "--only", name],
         cwd=ROOT,

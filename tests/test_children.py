@@ -20,7 +20,7 @@ import pytest
 
 from protocol.client import Client
 from protocol.errors import ProtocolError
-from tests.conftest import CapdProcess
+from tests.conftest import BOTH_STORES, CapdProcess
 from tests.fakes.openai_server import (
     FunctionCall,
     OpenAITestServer,
@@ -287,6 +287,7 @@ async def test_escapes_and_strangers_are_refused_as_tool_errors(
     assert (await _status(capd, "stranger"))["status"] == "idle"
 
 
+@BOTH_STORES
 @pytest.mark.own_capd
 async def test_reports_survive_a_restart_and_an_absent_parent_and_arrive_once(
     capd: CapdProcess,

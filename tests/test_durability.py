@@ -26,7 +26,7 @@ from protocol.events import (
     UserMessage,
 )
 from protocol.framing import encode
-from tests.conftest import CapdProcess
+from tests.conftest import BOTH_STORES, CapdProcess
 from tests.helpers import (
     Event,
     connect_pod,
@@ -80,6 +80,7 @@ async def _sigkill_and_restart(capd: CapdProcess) -> None:
     await asyncio.to_thread(capd.start)
 
 
+@BOTH_STORES
 async def test_sigkill_at_random_moments_loses_nothing_a_client_saw(capd: CapdProcess) -> None:
     """CRASHES kills (8; CAPD_DURABILITY_CRASHES=N runs longer): each lands in a turn, or
     between turns, and every one is checked, so a few show what many do. test_chaos kills
@@ -125,6 +126,7 @@ async def test_sigkill_at_random_moments_loses_nothing_a_client_saw(capd: CapdPr
     assert len(seen) > CRASHES, "the crashes should land while events flow"
 
 
+@BOTH_STORES
 async def test_queued_runs_and_notifications_survive_sigkill(capd: CapdProcess) -> None:
     await spawn(capd, "w1", sleeper("first", "second", "third"), tools=["bash"])
     async with await connect_pod(capd, "w1") as pod:

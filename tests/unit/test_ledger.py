@@ -2,6 +2,7 @@
 sums, across a restart too, while its children, top-level from then on, spend for
 themselves only."""
 
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -10,9 +11,15 @@ import pytest
 from capd.budgets import Ledger
 from capd.engines.base import BudgetSpent
 from capd.registry import PodRegistry
-from capd.store import SqliteStore, Store
+from capd.store import Store
 from protocol.events import Usage
 from protocol.manifest import Budget, Manifest, ModelConfig
+from tests.unit.conftest import STORES
+
+
+@pytest.fixture(params=STORES)
+def store_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 def _pod(ledger: Ledger, registry: PodRegistry, name: str, parent: str | None = None) -> None:
@@ -33,7 +40,7 @@ def _spend(store: Store, ledger: Ledger, pod: str, seq: int, tokens: int, usd: f
 
 
 def test_a_deleted_pods_spending_stays_counted_for_its_former_ancestors(
-    tmp_path: Path, store: Store
+    tmp_path: Path, store: Store, reopen: Callable[[], Store]
 ) -> None:
     registry = PodRegistry(store, tmp_path)
     ledger = Ledger(registry, store)
@@ -63,7 +70,7 @@ def test_a_deleted_pods_spending_stays_counted_for_its_former_ancestors(
     assert ledger.spent("top") == {"tokens": 100, "usd": 7.0}
 
     store.close()
-    reopened = SqliteStore(tmp_path / "capd.db")
+    reopened = reopen()
     try:
         restarted = Ledger(PodRegistry(reopened, tmp_path), reopened)
         assert restarted.spent("top") == {"tokens": 100, "usd": 7.0}

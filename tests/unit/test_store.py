@@ -1,12 +1,23 @@
-"""The SQLite store: events, owed reports, pending work, read cursors and received report
-ids round trip, and what must commit together commits together."""
+"""Both stores (SQLite and PostgreSQL): events, owed reports, pending work, read cursors and
+received report ids round trip, and what must commit together commits together."""
 
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from capd.store import SCHEMA, OwedReport, PodRecord, SqliteStore, Store, StoredEvent
+from tests.unit.conftest import STORES
+
+CONFLICT = (sqlite3.IntegrityError, psycopg.errors.UniqueViolation)
+"""What a write that breaks a key raises, on each backend."""
+
+
+@pytest.fixture(params=STORES)
+def store_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 def _events(first: int, count: int, kind: str = "status") -> list[StoredEvent]:
@@ -55,7 +66,7 @@ def test_an_append_commits_its_report_and_uses_up_its_pending_rows(store: Store)
 def test_an_append_that_fails_keeps_its_report_and_pending_rows_out(store: Store) -> None:
     store.append("p", _events(1, 1))
     row = store.add_pending("p", "run", "go", turn_id="t-1")
-    with pytest.raises(sqlite3.IntegrityError):  # seq 1 again
+    with pytest.raises(CONFLICT):  # seq 1 again
         store.append("p", _events(1, 2), OwedReport("/parent", b"{}"), [row])
     assert len(store.events_after("p", 0, 10)) == 1
     assert store.report_targets() == []
@@ -114,7 +125,7 @@ def test_deleting_a_pod_orphans_its_children_and_keeps_what_it_owes(store: Store
 
 def test_a_received_report_id_commits_with_its_event_and_goes_with_the_pod(store: Store) -> None:
     store.append("p", _events(1, 1, "pod_event_received"), received=["c/1"])
-    with pytest.raises(sqlite3.IntegrityError):  # seq 1 again
+    with pytest.raises(CONFLICT):  # seq 1 again
         store.append("p", _events(1, 1, "pod_event_received"), received=["c/2"])
     assert store.received("p", "c/1")
     assert not store.received("p", "c/2")
@@ -168,15 +179,71 @@ def test_read_cursors_start_at_zero_and_move(store: Store) -> None:
     assert store.read_cursor("p", "c") == 9
 
 
-def test_what_one_store_committed_the_next_one_reads(tmp_path: Path, store: Store) -> None:
+def test_what_one_store_committed_the_next_one_reads(
+    store: Store, reopen: Callable[[], Store]
+) -> None:
     store.add_pod("p", "{}", None, 1.0)
     store.append("p", _events(1, 3), OwedReport("/parent", b"r"))
     row = store.add_pending("p", "run", "go", turn_id="t-1")
-    reopened = SqliteStore(tmp_path / "capd.db")
+    reopened = reopen()
     try:
         assert [r.name for r in reopened.pods()] == ["p"]
         assert len(reopened.events_after("p", 0, 10)) == 3
         assert reopened.report_targets() == ["/parent"]
         assert [r.id for r in reopened.pending("p")] == [row]
+    finally:
+        reopened.close()
+
+
+async def test_the_writes_of_one_loop_turn_commit_together_before_their_callbacks(
+    store: Store, reopen: Callable[[], Store]
+) -> None:
+    outside = reopen()
+    try:
+        seen: list[int] = []
+        store.add_pod("p", "{}", None, 1.0)
+        store.append("p", _events(1, 2), OwedReport("/parent", b"r"))
+        row = store.add_pending("p", "notify", "hi", source="s")
+        store.after_commit(lambda: seen.append(len(outside.events_after("p", 0, 10))))
+        # This store reads its own open batch; another connection sees none of it yet.
+        assert len(store.events_after("p", 0, 10)) == 2
+        assert [r.id for r in store.pending("p")] == [row]
+        assert outside.pods() == []
+        # The open batch's report is not handed to the outbox before it commits.
+        assert store.reports_for("/parent", 10) == []
+        await store.flush()
+        assert seen == [2]
+        assert [e.payload for e in store.reports_for("/parent", 10)] == [b"r"]
+        assert [r.id for r in outside.pending("p")] == [row]
+    finally:
+        outside.close()
+
+
+def test_free_text_with_a_nul_round_trips(store: Store) -> None:
+    """A client's text may hold any character JSON can carry, NUL included."""
+    text = "a\x00b \U0001f600 é"
+    store.add_pending("p", "run", text, turn_id="t\x00", source="s\x00")
+    [row] = store.pending("p")
+    assert (row.text, row.turn_id, row.source) == (text, "t\x00", "s\x00")
+    store.append("p", _events(1, 1, "pod_event_received"), received=["c\x00/1"])
+    assert store.received("p", "c\x00/1")
+
+
+async def test_writes_in_one_batch_apply_in_the_order_they_were_made(
+    store: Store, reopen: Callable[[], Store]
+) -> None:
+    store.add_pod("p", "{}", None, 1.0)
+    for seq in range(1, 4):
+        store.append("p", _events(seq, 1))
+    store.delete_pod("p", "/run/p.sock")
+    store.append("p", _events(1, 1, "again"))
+    store.append("q", _events(1, 1))
+    assert [kind for kind in ("again",) if store.events_of_kind_after("p", 0, kind)] == ["again"]
+    await store.flush()
+    reopened = reopen()
+    try:
+        assert reopened.events_after("p", 0, 10) == [(1, b'{"seq":1}')]
+        assert len(reopened.events_after("q", 0, 10)) == 1
+        assert reopened.pods() == []
     finally:
         reopened.close()
