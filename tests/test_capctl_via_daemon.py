@@ -1,0 +1,92 @@
+"""capctl's pod commands through the daemon socket (`--via-daemon`, $CAPCTL_VIA_DAEMON),
+as it talks to a pod another node hosts. The pod's own socket is moved away first, so
+only the daemon socket can reach it."""
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CapdProcess
+from tests.test_capctl import (
+    TIMEOUT_S,
+    Output,
+    assert_one_line_error,
+    capctl,
+    capctl_cmd,
+    json_lines,
+    ok,
+    spawn_scripted,
+    start_capctl,
+)
+
+pytestmark = pytest.mark.shared_capd
+
+
+@pytest.fixture
+def hidden(capd: CapdProcess, tmp_path: Path) -> Iterator[Path]:
+    """Pod w1, its socket file moved aside while the test runs."""
+    spawn_scripted(capd, tmp_path, "w1")
+    socket = capd.pod_socket("w1")
+    aside = socket.with_name("w1.aside")
+    socket.rename(aside)
+    yield socket
+    aside.rename(socket)
+
+
+def test_send_watch_and_log_through_the_daemon(capd: CapdProcess, hidden: Path) -> None:
+    rt = capd.runtime_dir
+    unreachable = capctl(rt, "send", "w1", "ping")
+    assert_one_line_error(unreachable, f"pod w1 is idle but nothing answers at {hidden}")
+
+    watch = start_capctl(rt, "--via-daemon", "watch", "w1", "--from-seq", "0")
+    try:
+        shown = Output(watch.stdout)
+        sent = ok(rt, "--via-daemon", "send", "w1", "ping")
+        shown.until("user: ping")
+        shown.until("finished")
+        ok(rt, "stop", "w1")  # the watch ends as on the pod's socket, when it closes
+        _, err = watch.communicate(timeout=TIMEOUT_S)
+    finally:
+        watch.kill()
+    assert "ping" in sent
+    assert watch.returncode == 0
+    assert err.decode() == "capctl: w1 closed the connection (stopped?)\n"
+    ok(rt, "start", "w1")
+    hidden.unlink()  # `start` made a new one
+
+    env_run = subprocess.run(
+        capctl_cmd(rt, "--json", "log", "w1"),
+        env={**os.environ, "CAPCTL_VIA_DAEMON": "1"},
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    events = json_lines(env_run.stdout)
+    assert [event["seq"] for event in events] == list(range(1, len(events) + 1))
+    assert [event["text"] for event in events if event["event"] == "user_message"] == ["ping"]
+
+
+def test_one_request_commands_through_the_daemon(capd: CapdProcess, hidden: Path) -> None:
+    rt = capd.runtime_dir
+    status = json.loads(ok(rt, "--via-daemon", "--json", "status", "w1"))
+    info = json.loads(ok(rt, "--json", "info"))
+    assert status["name"] == "w1"
+    assert status["node"] == info["node"]
+    assert_one_line_error(capctl(rt, "--via-daemon", "pause", "w1"), "not_running: pod w1 is idle")
+    ok(rt, "--via-daemon", "notify", "w1", "hello", "--source", "ci")
+    sent = ok(rt, "--via-daemon", "--json", "send", "w1", "again", "--queue")
+    assert json_lines(sent)[-1]["event"] == "turn_end"
+    assert_one_line_error(
+        capctl(rt, "--via-daemon", "status", "nope"), "not_found: no pod named nope"
+    )
+    ok(rt, "stop", "w1")
+    assert_one_line_error(
+        capctl(rt, "--via-daemon", "cancel", "w1"),
+        "not_running: pod w1 is stopped; `capctl start w1` brings it back",
+    )
+    ok(rt, "start", "w1")
+    hidden.unlink()
