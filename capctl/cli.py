@@ -65,7 +65,7 @@ STATUS_ORDER = (
     "context",
     "socket",
 )
-INFO_ORDER = ("version", "pid", "uptime", "pods", "runtime_dir", "state_dir")
+INFO_ORDER = ("version", "pid", "uptime", "pods", "node", "fleet", "runtime_dir", "state_dir")
 
 
 @dataclass
@@ -490,6 +490,9 @@ def info(settings: Settings) -> None:
     uptime = shown.pop("uptime_s", None)
     if isinstance(uptime, int | float):
         shown["uptime"] = duration(uptime)
+    if isinstance(fleet := shown.get("fleet"), list):
+        nodes = [node for node in fleet if isinstance(node, dict)]
+        shown["fleet"] = ", ".join(f"{n.get('node')} ({n.get('pods')} pods)" for n in nodes)
     click.echo(key_values(shown, INFO_ORDER))
 
 

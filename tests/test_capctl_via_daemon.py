@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from capctl.render import pod_table
 from tests.conftest import CapdProcess
+from tests.helpers import PS_HEADER
 from tests.test_capctl import (
     TIMEOUT_S,
     Output,
@@ -90,3 +92,17 @@ def test_one_request_commands_through_the_daemon(capd: CapdProcess, hidden: Path
     )
     ok(rt, "start", "w1")
     hidden.unlink()
+
+
+def test_ps_shows_a_pod_another_node_hosts() -> None:
+    """A `list` entry with no socket: not every top-level pod's parent, and its node shown."""
+    pods = [
+        {"name": "here", "status": "idle", "parent": None, "socket": "/r/pods/here.sock"},
+        {"name": "there", "status": "running", "parent": None, "socket": None, "node": "n2"},
+    ]
+    header, *rows = pod_table(pods).splitlines()
+    assert header.split() == PS_HEADER
+    assert [row.split() for row in rows] == [
+        ["here", "idle", "-", "0", "-", "-", "-", "/r/pods/here.sock"],
+        ["there", "running", "-", "0", "-", "-", "-", "on", "n2"],
+    ]
