@@ -2,17 +2,23 @@
 as it talks to a pod another node hosts. The pod's own socket is moved away first, so
 only the daemon socket can reach it."""
 
+import asyncio
 import json
 import os
 import subprocess
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 from capctl.render import pod_table
+from capctl.session import connect_pod
+from capctl.tui.attach import AttachApp
+from protocol.client import Client
 from tests.conftest import CapdProcess
-from tests.helpers import PS_HEADER
+from tests.helpers import EVENT_TIMEOUT_S, PS_HEADER
+from tests.test_attach import SIZE, until_shown
 from tests.test_capctl import (
     TIMEOUT_S,
     Output,
@@ -106,3 +112,23 @@ def test_ps_shows_a_pod_another_node_hosts() -> None:
         ["here", "idle", "-", "0", "-", "-", "-", "/r/pods/here.sock"],
         ["there", "running", "-", "0", "-", "-", "-", "on", "n2"],
     ]
+
+
+async def test_attach_through_the_daemon(capd: CapdProcess, hidden: Path) -> None:
+    """Attach's screen on the daemon socket: the replay, a line typed runs a turn, and the
+    pod's stop ends it as its socket closing would."""
+    connect = partial(connect_pod, capd.runtime_dir, "w1", True)
+    app = AttachApp(str(hidden), "w1", 3, connect=connect)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = app.attached
+        await until_shown(pilot, screen, lambda t: "live from here" in t, "the subscription")
+        await pilot.press(*"hello", "enter")
+        await until_shown(pilot, screen, lambda t: "finished" in t, "the turn's end")
+        async with await Client.connect(capd.socket) as daemon:
+            await daemon.request({"method": "stop", "name": "w1"})
+        async with asyncio.timeout(EVENT_TIMEOUT_S):
+            while app.is_running:
+                await pilot.pause(0.02)
+    assert app.return_value == "pod w1 closed the connection (stopped?)"
+    await asyncio.to_thread(ok, capd.runtime_dir, "start", "w1")
+    hidden.unlink()
