@@ -5,6 +5,7 @@ only the daemon socket can reach it."""
 import asyncio
 import json
 import os
+import re
 import subprocess
 from collections.abc import Iterator
 from functools import partial
@@ -84,6 +85,9 @@ def test_one_request_commands_through_the_daemon(capd: CapdProcess, hidden: Path
     info = json.loads(ok(rt, "--json", "info"))
     assert status["name"] == "w1"
     assert status["node"] == info["node"]
+    human = ok(rt, "info")
+    assert re.search(rf"^node: +{re.escape(info['node'])}$", human, re.MULTILINE)
+    assert re.search(rf"^fleet: +{re.escape(info['node'])} \(1 pods\)$", human, re.MULTILINE)
     assert_one_line_error(capctl(rt, "--via-daemon", "pause", "w1"), "not_running: pod w1 is idle")
     ok(rt, "--via-daemon", "notify", "w1", "hello", "--source", "ci")
     sent = ok(rt, "--via-daemon", "--json", "send", "w1", "again", "--queue")
