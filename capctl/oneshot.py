@@ -122,9 +122,14 @@ def pod_call(runtime: Path, name: str, frame: Frame, via_daemon: bool = False) -
 
 def why_no_pod(runtime: Path, name: str) -> str | None:
     """Why nothing answers on a pod's socket, as the daemon sees it; None when the pod is
-    up on another node (its `list` entry has no socket): the daemon socket reaches it."""
-    path = paths.pod_socket(runtime, name)
+    up on another node: the daemon socket reaches it."""
     pods = daemon_call(runtime, {"method": "list"}).get("pods") or []
+    return why_absent(pods, name, paths.pod_socket(runtime, name))
+
+
+def why_absent(pods: list[Frame], name: str, path: Path) -> str | None:
+    """Why pod `name` of `list`'s `pods` has nothing at its socket `path`; None when its
+    entry has no socket (another node hosts it)."""
     for pod in pods:
         if pod.get("name") != name:
             continue

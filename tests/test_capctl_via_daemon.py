@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from capctl.oneshot import why_absent
 from capctl.render import pod_table
 from capctl.session import connect_pod
 from capctl.tui.attach import AttachApp
@@ -136,3 +137,21 @@ async def test_attach_through_the_daemon(capd: CapdProcess, hidden: Path) -> Non
     assert app.return_value == "pod w1 closed the connection (stopped?)"
     await asyncio.to_thread(ok, capd.runtime_dir, "start", "w1")
     hidden.unlink()
+
+
+def test_a_pod_listed_with_no_socket_is_reached_through_the_daemon() -> None:
+    """What capctl decides when nothing answers at a pod's socket: only a pod listed up
+    with no socket (another node's) goes through the daemon socket (None)."""
+    path = Path("/r/pods/w1.sock")
+
+    def entry(**fields: object) -> list[dict[str, object]]:
+        return [{"name": "w0", "status": "idle", "socket": None}, {"name": "w1", **fields}]
+
+    assert why_absent(entry(status="running", socket=None, node="n2"), "w1", path) is None
+    assert why_absent(entry(status="stopped", socket=None), "w1", path) == (
+        "pod w1 is stopped (capctl start w1 brings it back)"
+    )
+    assert why_absent(entry(status="idle", socket=str(path)), "w1", path) == (
+        f"pod w1 is idle but nothing answers at {path}"
+    )
+    assert why_absent(entry()[:1], "w1", path) == f"no pod named w1 (no socket at {path})"
