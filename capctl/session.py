@@ -62,13 +62,11 @@ async def connect_pod(runtime: Path, name: str, via_daemon: bool = False) -> Pod
         else:
             client.pod = client.hello.pod if client.hello else None
             return client
+    daemon = paths.daemon_socket(runtime)
     try:
-        client = await _connect(paths.daemon_socket(runtime))
+        client = await _connect(daemon)
     except OSError as exc:
-        reason = exc.strerror or str(exc)
-        raise CapctlError(
-            f"cannot reach capd at {paths.daemon_socket(runtime)}: {reason}"
-        ) from None
+        raise CapctlError(f"cannot reach capd at {daemon}: {exc.strerror or exc}") from None
     client.via = name
     try:
         status = await client.request(Status())

@@ -185,8 +185,14 @@ class AttachScreen(Screen[str | None]):
     async def _follow(self) -> None:
         try:
             client = await self._connect()
-        except (CapctlError, ProtocolError) as exc:
+        except CapctlError as exc:
             self._fail(exc.message)
+            return
+        except ProtocolError as exc:
+            self._fail(f"{exc.code}: {exc.message}")
+            return
+        except (OSError, TimeoutError, ConnectionClosed) as exc:
+            self._fail(f"cannot reach pod {self.pod}: {exc or type(exc).__name__}")
             return
         async with client:
             self._client = client
