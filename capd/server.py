@@ -11,7 +11,7 @@ import os
 import socket
 import stat
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -361,6 +361,9 @@ class DaemonEndpoint(Endpoint):
     async def _handle(self, frame: dict[str, Any], conn: Connection) -> bytes | None:
         if "pod" in frame:
             return await self._pod_method(frame, conn)
+        return await self._daemon_method(frame, conn)
+
+    async def _daemon_method(self, frame: dict[str, Any], conn: Connection) -> bytes | None:
         request = DAEMON_REQUESTS.parse(frame)
         pods, process = self._pods, self._process
         match request:
@@ -405,10 +408,12 @@ class DaemonEndpoint(Endpoint):
                 return ack(request, (await pods.teams.down(team, drain_timeout_s)).model_dump())
         raise AssertionError(f"unhandled daemon method {request!r}")
 
-    async def _pod_method(self, frame: dict[str, Any], conn: Connection) -> bytes | None:
+    def _pod_method(
+        self, frame: dict[str, Any], conn: Connection
+    ) -> Coroutine[Any, Any, bytes | None]:
         """A pod method naming its pod in `pod`: the pod's own endpoint handles it, on this
-        connection, as it would on the pod's socket. (A fleet relays here the methods of
-        pods that other nodes host.)"""
+        connection, as it would on the pod's socket, and its reply is this one. (A fleet
+        relays here the methods of pods that other nodes host.)"""
         name = frame["pod"]
         if not isinstance(name, str) or not POD_NAME_RE.match(name):
             raise ProtocolError("invalid_request", f"pod: {name!r} is not a pod name")
@@ -424,9 +429,16 @@ class DaemonEndpoint(Endpoint):
         if method in ("subscribe", "unsubscribe"):
             POD_REQUESTS.parse(request)  # a bad one changes nothing; a good one ends the
             self._following.pop(conn, None)  # connection's subscription, whichever it is
-        reply = await endpoint._handle(request, conn)
-        if method == "subscribe":
-            self._following[conn] = name
+        reply = endpoint._handle(request, conn)
+        return self._follow(reply, conn, name) if method == "subscribe" else reply
+
+    async def _follow(
+        self, subscribing: Awaitable[bytes | None], conn: Connection, name: str
+    ) -> bytes | None:
+        """Once the connection's `subscribe` to pod `name` has succeeded, note it, so the
+        pod's stop ends it (`_pod_stopped`)."""
+        reply = await subscribing
+        self._following[conn] = name
         return reply
 
     def _pod_stopped(self, name: str) -> None:
