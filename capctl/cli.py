@@ -65,13 +65,19 @@ STATUS_ORDER = (
     "context",
     "socket",
 )
-INFO_ORDER = ("version", "pid", "uptime", "pods", "runtime_dir", "state_dir")
+INFO_ORDER = ("version", "pid", "uptime", "pods", "node", "fleet", "runtime_dir", "state_dir")
 
 
 @dataclass
 class Settings:
     runtime: Path
     json: bool = False
+    via_daemon: bool = False
+    """Pod commands go through the daemon socket, naming the pod (`--via-daemon`)."""
+
+    def pod_call(self, pod: str, frame: dict[str, Any]) -> dict[str, Any]:
+        """One request to `pod` (see `oneshot.pod_call`)."""
+        return pod_call(self.runtime, pod, frame, self.via_daemon)
 
 
 pass_settings = click.make_pass_decorator(Settings)
@@ -167,11 +173,21 @@ def read_text(words: tuple[str, ...]) -> str:
     is_flag=True,
     help="Print protocol objects, one JSON object per line, and nothing else.",
 )
+@click.option(
+    "--via-daemon",
+    is_flag=True,
+    envvar="CAPCTL_VIA_DAEMON",
+    help="Send pod commands through the daemon socket, naming the pod, instead of the "
+    "pod's own socket (what capctl does by itself for a pod another node hosts); "
+    "also $CAPCTL_VIA_DAEMON=1.",
+)
 @click.version_option(package_name="capd", prog_name="capctl")
 @click.pass_context
-def cli(ctx: click.Context, runtime_dir: Path | None, json_output: bool) -> None:
+def cli(ctx: click.Context, runtime_dir: Path | None, json_output: bool, via_daemon: bool) -> None:
     """Drive capd, the daemon that hosts AI agent pods."""
-    ctx.obj = Settings(runtime=paths.runtime_dir(runtime_dir), json=json_output)
+    ctx.obj = Settings(
+        runtime=paths.runtime_dir(runtime_dir), json=json_output, via_daemon=via_daemon
+    )
 
 
 # -- pods on the daemon socket --------------------------------------------------------------
@@ -457,7 +473,8 @@ def top(settings: Settings, once: bool) -> None:
     daemon_call(settings.runtime, {"method": "info"})  # fail here, not in a full screen
     from capctl.tui.top import run_top
 
-    raise SystemExit(run_top(settings.runtime, paths.daemon_socket(settings.runtime)))
+    daemon = paths.daemon_socket(settings.runtime)
+    raise SystemExit(run_top(settings.runtime, daemon, settings.via_daemon))
 
 
 @cli.command()
@@ -473,6 +490,9 @@ def info(settings: Settings) -> None:
     uptime = shown.pop("uptime_s", None)
     if isinstance(uptime, int | float):
         shown["uptime"] = duration(uptime)
+    if isinstance(fleet := shown.get("fleet"), list):
+        nodes = [node for node in fleet if isinstance(node, dict)]
+        shown["fleet"] = ", ".join(f"{n.get('node')} ({n.get('pods')} pods)" for n in nodes)
     click.echo(key_values(shown, INFO_ORDER))
 
 
@@ -518,7 +538,7 @@ def shutdown(settings: Settings) -> None:
 @pass_settings
 def status(settings: Settings, pod: str) -> None:
     """Show a pod's status."""
-    result = pod_call(settings.runtime, pod, {"method": "status"})
+    result = settings.pod_call(pod, {"method": "status"})
     report(settings, result, pod_status(result, STATUS_ORDER))
 
 
@@ -555,8 +575,8 @@ def budget(settings: Settings, pod: str, tokens: Any, usd: Any) -> None:
     limits = {key: value for key, value in (("tokens", tokens), ("usd", usd)) if value is not None}
     if limits:
         request = {k: None if v == "none" else v for k, v in limits.items()}
-        pod_call(settings.runtime, pod, {"method": "set_budget", **request})
-    status = pod_call(settings.runtime, pod, {"method": "status"})
+        settings.pod_call(pod, {"method": "set_budget", **request})
+    status = settings.pod_call(pod, {"method": "status"})
     result = {"budget": status.get("budget"), "spent": status.get("spent")}
     report(settings, result, f"{pod}: {spent_and_budget(result['spent'], result['budget'])}")
 
@@ -568,7 +588,7 @@ def budget(settings: Settings, pod: str, tokens: Any, usd: Any) -> None:
 @pass_settings
 def cancel(settings: Settings, pod: str, cancel_all: bool) -> None:
     """Cancel the pod's turn; the next queued turn starts unless --all."""
-    result = pod_call(settings.runtime, pod, {"method": "cancel", "all": cancel_all})
+    result = settings.pod_call(pod, {"method": "cancel", "all": cancel_all})
     dropped = f" and dropped {result.get('cleared', 0)} queued turns" if cancel_all else ""
     report(settings, result, f"cancelled the turn of {pod}{dropped}")
 
@@ -584,7 +604,7 @@ def notify(settings: Settings, pod: str, text: tuple[str, ...], source: str | No
     request: dict[str, Any] = {"method": "notify", "text": read_text(text)}
     if source is not None:
         request["source"] = source
-    result = pod_call(settings.runtime, pod, request)
+    result = settings.pod_call(pod, request)
     turn = f"; current turn {result['turn_id']}" if result.get("turn_id") else ""
     report(settings, result, f"notified {pod} ({result.get('buffered', 0)} buffered{turn})")
 
@@ -601,7 +621,7 @@ def permission(settings: Settings, pod: str, request_id: str, option_id: str | N
     `status`, `watch` and `send` show the requests, each with its options.
     """
     request = {"method": "permission", "request_id": request_id, "option_id": option_id}
-    result = pod_call(settings.runtime, pod, request)
+    result = settings.pod_call(pod, request)
     report(settings, result, f"answered {request_id}: {option_id or 'cancelled'}")
 
 
@@ -619,7 +639,7 @@ def rewind(settings: Settings, pod: str, turn_id: str, files: bool) -> None:
     later turn undoes a rewind.
     """
     request = {"method": "rewind", "turn_id": turn_id, "files": files}
-    result = pod_call(settings.runtime, pod, request)
+    result = settings.pod_call(pod, request)
     restored = " and its files" if files else ""
     report(settings, result, f"rewound {pod}{restored} to before turn {turn_id}")
 
@@ -645,7 +665,7 @@ def update(settings: Settings, pod: str, manifest_file: Path) -> None:
         "method": "reconfigure",
         "manifest": manifest.model_dump(mode="json", exclude_none=True),
     }
-    result = pod_call(settings.runtime, pod, request)
+    result = settings.pod_call(pod, request)
     changed = result.get("changed") or []
     line = f"updated {pod}: {', '.join(changed)} changed" if changed else f"{pod}: nothing changed"
     report(settings, result, line)
@@ -659,13 +679,13 @@ async def _compact(settings: Settings, pod: str, instructions: str | None, wait:
     from protocol.framing import encode
     from protocol.methods import Compact
 
-    async with await connect_pod(settings.runtime, pod) as client:
-        found = client.hello.pod if client.hello else None
+    async with await connect_pod(settings.runtime, pod, settings.via_daemon) as client:
+        found = client.pod
         watch = CompactionWatch(pod, found.status if found else None, wait=wait, json=settings.json)
         events = Subscription(client)
         await events.start(found.last_seq if found else None)
         request = Compact(instructions=instructions).model_dump(mode="json", exclude_none=True)
-        await client.send_raw(encode({**request, "id": COMPACT_ID}))
+        await client.send_raw(encode(client.frame({**request, "id": COMPACT_ID})))
         async for event in events:
             if watch.see(event):
                 return
@@ -737,7 +757,7 @@ async def _send(settings: Settings, pod: str, text: str, if_busy: IfBusy) -> int
     from protocol.methods import Run
 
     traceparent = _traceparent(os.environ.get("TRACEPARENT"))  # the caller's span, linked to
-    async with await connect_pod(settings.runtime, pod) as client:
+    async with await connect_pod(settings.runtime, pod, settings.via_daemon) as client:
         events = Subscription(client)
         await events.start()
         ack = await client.request(Run(text=text, if_busy=if_busy, traceparent=traceparent))
@@ -797,7 +817,7 @@ async def _watch(settings: Settings, pod: str, from_seq: int | None) -> None:
     from capctl.session import Subscription, connect_pod
 
     show: Callable[[dict[str, Any]], None] = echo_json if settings.json else EventPrinter().show
-    async with await connect_pod(settings.runtime, pod) as client:
+    async with await connect_pod(settings.runtime, pod, settings.via_daemon) as client:
         events = Subscription(client)
         await events.start(from_seq)
         async for event in events:
@@ -833,11 +853,11 @@ async def _log(
     from protocol.methods import History
 
     show: Callable[[dict[str, Any]], None] = echo_json if settings.json else EventPrinter().show
-    async with await connect_pod(settings.runtime, pod) as client:
+    async with await connect_pod(settings.runtime, pod, settings.via_daemon) as client:
         after = from_seq
         remaining = limit
         if tail_events is not None:
-            last_seq = client.hello.pod.last_seq if client.hello and client.hello.pod else 0
+            last_seq = client.pod.last_seq if client.pod else 0
             after = max(0, last_seq - tail_events)
             remaining = tail_events if limit is None else min(limit, tail_events)
         last_turns = tail
@@ -917,18 +937,22 @@ def attach(settings: Settings, pod: str, turns: int) -> None:
     answer a permission question. Ctrl-C detaches and never cancels: the turn goes on.
     """
     import sys
+    from functools import partial
 
     from capctl.oneshot import why_no_pod
 
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise CapctlError(f"attach needs a terminal; capctl watch {pod} follows it as lines")
     socket = paths.pod_socket(settings.runtime, pod)
-    if not socket.exists():
-        raise CapctlError(why_no_pod(settings.runtime, pod))
+    gone = not settings.via_daemon and not socket.exists()
+    if gone and (why := why_no_pod(settings.runtime, pod)) is not None:
+        raise CapctlError(why)
     try:
+        from capctl.session import connect_pod
         from capctl.tui.attach import AttachApp
 
-        app = AttachApp(str(socket), pod, turns)
+        connect = partial(connect_pod, settings.runtime, pod, settings.via_daemon)
+        app = AttachApp(str(socket), pod, turns, connect=connect)
         failure = app.run()
     except KeyboardInterrupt:  # before textual took the terminal (it reads Ctrl-C as a key)
         click.echo(f"detached from {pod}")
@@ -1019,7 +1043,7 @@ def _pod_command(spec: PodCommand) -> click.Command:
         if spec.socket == "daemon":
             result = daemon_call(settings.runtime, {"method": spec.method, "name": pod})
         else:
-            result = pod_call(settings.runtime, pod, {"method": spec.method})
+            result = settings.pod_call(pod, {"method": spec.method})
         report(settings, result, spec.done.format(pod=pod))
 
     return click.command(spec.name, help=spec.help)(command)

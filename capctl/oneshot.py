@@ -99,30 +99,45 @@ def daemon_call(runtime: Path, frame: Frame) -> Frame:
         conn.close()
 
 
-def pod_call(runtime: Path, name: str, frame: Frame) -> Frame:
-    """One request on a pod's socket; returns the ack's result."""
+def pod_call(runtime: Path, name: str, frame: Frame, via_daemon: bool = False) -> Frame:
+    """One request to a pod; returns the ack's result. It goes to the pod's socket, or to
+    the daemon's naming the pod (`pod`) when `via_daemon` or when no socket here serves a
+    pod that the daemon lists as up (hosted by another node)."""
+    if via_daemon:
+        return daemon_call(runtime, {**frame, "pod": name})
     path = paths.pod_socket(runtime, name)
     try:
         conn = _Connection(path)
     except OSError as exc:
         if not _is_absent(exc):
             raise CapctlError(f"cannot reach pod {name} at {path}: {_reason(exc)}") from None
-        raise CapctlError(why_no_pod(runtime, name)) from None
+        if (why := why_no_pod(runtime, name)) is not None:
+            raise CapctlError(why) from None
+        return daemon_call(runtime, {**frame, "pod": name})
     try:
         return conn.request(frame)
     finally:
         conn.close()
 
 
-def why_no_pod(runtime: Path, name: str) -> str:
-    """Why nothing answers on a pod's socket, as the daemon sees it."""
-    path = paths.pod_socket(runtime, name)
+def why_no_pod(runtime: Path, name: str) -> str | None:
+    """Why nothing answers on a pod's socket, as the daemon sees it; None when the pod is
+    up on another node: the daemon socket reaches it."""
     pods = daemon_call(runtime, {"method": "list"}).get("pods") or []
+    return why_absent(pods, name, paths.pod_socket(runtime, name))
+
+
+def why_absent(pods: list[Frame], name: str, path: Path) -> str | None:
+    """Why pod `name` of `list`'s `pods` has nothing at its socket `path`; None when its
+    entry has no socket (another node hosts it)."""
     for pod in pods:
-        if pod.get("name") == name and pod.get("status") == "stopped":
+        if pod.get("name") != name:
+            continue
+        if pod.get("status") == "stopped":
             return f"pod {name} is stopped (capctl start {name} brings it back)"
-        if pod.get("name") == name:
-            return f"pod {name} is {pod.get('status')} but nothing answers at {path}"
+        if pod.get("socket") is None:
+            return None
+        return f"pod {name} is {pod.get('status')} but nothing answers at {path}"
     return f"no pod named {name} (no socket at {path})"
 
 

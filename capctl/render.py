@@ -486,14 +486,20 @@ def turn_failure(turn_end: dict[str, Any]) -> str | None:
     return f"turn {result}: {error}" if error else f"turn {result}"
 
 
+def _socket_cell(pod: dict[str, Any]) -> str:
+    socket = pod.get("socket")
+    return str(socket) if socket else f"on {pod.get('node') or '?'}"
+
+
 def pod_table(pods: Sequence[dict[str, Any]]) -> str:
     """NAME STATUS PARENT TOKENS COST TEAM ENGINE SOCKET, each child indented under its
     parent; STATUS is `error` for a pod capd could not restore (`capctl ps --json` says why).
     TOKENS and COST are what the pod and its descendants spent (COST `-` while nothing had a
     price); TEAM is `-` for a pod of no team; ENGINE is an external engine's process (`pid
     N`, or `stopped` while it is not running), `-` for the builtin engine and a stopped pod;
-    SOCKET is `-` for a stopped pod, which has none (its path still names it as a parent)."""
-    by_ref = {pod.get(key): pod["name"] for pod in pods for key in ("name", "socket")}
+    SOCKET is `-` for a stopped pod, which has none (its path still names it as a parent),
+    and `on NODE` for a pod another node hosts."""
+    by_ref = {pod[key]: pod["name"] for pod in pods for key in ("name", "socket") if pod.get(key)}
     children: dict[str | None, list[dict[str, Any]]] = {}
     for pod in sorted(pods, key=lambda p: p["name"]):
         children.setdefault(by_ref.get(pod.get("parent")), []).append(pod)
@@ -516,7 +522,7 @@ def pod_table(pods: Sequence[dict[str, Any]]) -> str:
                 usd(spent.get("usd")),
                 pod.get("team") or "-",
                 _engine_cell(pod.get("engine")),
-                "-" if pod.get("status") == "stopped" else pod.get("socket", ""),
+                "-" if pod.get("status") == "stopped" else _socket_cell(pod),
             )
         )
         for child in children.get(pod["name"], []):

@@ -7,31 +7,84 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from capctl.errors import CapctlError
 from capctl.oneshot import why_no_pod
 from protocol import paths
 from protocol.client import Client
 from protocol.errors import ProtocolError
-from protocol.methods import Subscribe
+from protocol.events import PodHello
+from protocol.methods import Status, Subscribe
 
 CONNECT_TIMEOUT_S = 5.0
 
 
-async def connect_pod(runtime: Path, name: str) -> Client:
-    path = paths.pod_socket(runtime, name)
+class PodClient(Client):
+    """A connection to one pod: on its own socket, or on the daemon's with every request
+    naming the pod (`via`), where a `pod_stopped` for it ends its events as the pod's own
+    socket closing would. `pod` is the pod's name, status and last seq when connected."""
+
+    via: str | None = None
+    pod: PodHello | None = None
+
+    def frame(self, request: BaseModel | dict[str, Any]) -> dict[str, Any]:
+        """The request as sent on this connection."""
+        if isinstance(request, BaseModel):
+            request = request.model_dump(mode="json", exclude_none=True)
+        return request if self.via is None else {**request, "pod": self.via}
+
+    async def request(
+        self, req: BaseModel | dict[str, Any], timeout: float | None = 30.0
+    ) -> dict[str, Any]:
+        return await super().request(self.frame(req), timeout)
+
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
+        async for event in super().events():
+            if event.get("event") == "pod_stopped" and event.get("pod") == self.via:
+                return
+            yield event
+
+
+async def connect_pod(runtime: Path, name: str, via_daemon: bool = False) -> PodClient:
+    """Connect to pod `name`: at its socket, or through the daemon's socket when
+    `via_daemon` or when the daemon lists it as up with no socket here (another node)."""
+    if not via_daemon:
+        path = paths.pod_socket(runtime, name)
+        try:
+            client = await _connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            if (why := why_no_pod(runtime, name)) is not None:
+                raise CapctlError(why) from None
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise CapctlError(f"cannot reach pod {name} at {path}: {reason}") from None
+        else:
+            client.pod = client.hello.pod if client.hello else None
+            return client
+    daemon = paths.daemon_socket(runtime)
     try:
-        return await Client.connect(path, timeout=CONNECT_TIMEOUT_S)
+        client = await _connect(daemon)
+    except OSError as exc:
+        raise CapctlError(f"cannot reach capd at {daemon}: {exc.strerror or exc}") from None
+    client.via = name
+    try:
+        status = await client.request(Status())
+    except BaseException:
+        await client.close()
+        raise
+    client.pod = PodHello(name=name, status=status["status"], last_seq=status["last_seq"])
+    return client
+
+
+async def _connect(path: Path) -> PodClient:
+    """A connection that greeted like capd; the connection's errors are the caller's."""
+    try:
+        return await PodClient.connect(path, timeout=CONNECT_TIMEOUT_S)
     except TimeoutError:
         raise CapctlError(f"{path} did not greet within {CONNECT_TIMEOUT_S:g} s") from None
     except (ProtocolError, ValidationError):
         raise CapctlError(f"{path} did not greet like capd (protocol 1)") from None
-    except (FileNotFoundError, ConnectionRefusedError):
-        raise CapctlError(why_no_pod(runtime, name)) from None
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        raise CapctlError(f"cannot reach pod {name} at {path}: {reason}") from None
 
 
 STREAMED_EVENTS = frozenset({"text_delta", "thinking_delta", "tool_call_start", "tool_call_delta"})
@@ -49,7 +102,7 @@ class Subscription:
     passed on so the caller can say so.
     """
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: PodClient) -> None:
         self._client = client
         self._last_seq: int | None = None
         self._resync_until_after: int | None = None

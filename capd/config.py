@@ -3,17 +3,28 @@
 import argparse
 import grp
 import os
-from dataclasses import dataclass, fields
+import re
+import socket
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from capd.proc.limits import BACKENDS, Backend
 from capd.store.errors import POSTGRES_SCHEMES, redact
 from protocol import VERSION
 from protocol.framing import DEFAULT_MAX_FRAME_BYTES
-from protocol.paths import runtime_dir, state_dir
+from protocol.paths import NODE_NAME_PATTERN, runtime_dir, state_dir
 
 MIB = 1024 * 1024
 LOG_LEVELS = ("debug", "info", "warning", "error")
+NODE_NAME_RE = re.compile(NODE_NAME_PATTERN)
+
+
+def default_node_name(host: str | None = None) -> str:
+    """The host name (`host`, else this machine's) as a node name: lower-cased, every
+    character outside a-z 0-9 _ . - turned into -, leading _ . - dropped, cut to 63;
+    `node` when nothing is left."""
+    name = re.sub(r"[^a-z0-9_.-]", "-", (host or socket.gethostname()).lower())
+    return name.lstrip("_.-")[:63] or "node"
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,11 +61,13 @@ class Config:
     lock_wait_s: float = 35.0
     """How long to wait for a capd still shutting down to let go of the directories
     (`--lock-wait-s`): longer than the unit's TimeoutStopSec=30."""
+    node: str = field(default_factory=default_node_name)
+    """This node's name in the fleet (`--node`)."""
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> "Config":
         # The options' defaults (and the help that shows them) are the fields' own.
-        default = {field.name: field.default for field in fields(cls)}
+        default = {each.name: each.default for each in fields(cls)}
         parser = argparse.ArgumentParser(prog="capd", description="Host AI agent pods.")
         parser.add_argument("--runtime-dir", help="sockets live here (see README: Paths)")
         parser.add_argument("--state-dir", help="the store and pod state live here")
@@ -145,6 +158,12 @@ class Config:
             help="external engine processes (claude-code, acp) running at once: a new one "
             "first stops the longest-idle one (default 0: no limit)",
         )
+        parser.add_argument(
+            "--node",
+            metavar="NAME",
+            help="this node's name in the fleet: 1-63 of a-z 0-9 _ . - starting with a-z or "
+            "0-9 (default: the host name, lower-cased, other characters turned into -)",
+        )
         parser.add_argument("--version", action="version", version=f"capd {VERSION}")
         args = parser.parse_args(argv)
         if args.max_frame_bytes < 1024:
@@ -167,6 +186,12 @@ class Config:
             )
         if args.store is not None and not args.store.startswith(POSTGRES_SCHEMES):
             parser.error(f"--store {redact(args.store)}: expected a postgresql:// URL")
+        node = default_node_name() if args.node is None else args.node
+        if not NODE_NAME_RE.match(node):
+            parser.error(
+                f"--node {node!r} is not a node name: use 1-63 of a-z 0-9 _ . - starting "
+                "with a-z or 0-9"
+            )
         allow_gid = None
         if args.allow_group is not None:
             try:
@@ -206,6 +231,7 @@ class Config:
             log_file=args.log_file and args.log_file.expanduser().absolute(),
             lock_wait_s=args.lock_wait_s,
             max_engine_processes=args.max_engine_processes,
+            node=node,
         )
 
 

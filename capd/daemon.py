@@ -242,6 +242,8 @@ class Daemon:
             runtime_dir=str(self.config.runtime_dir),
             state_dir=str(self.config.state_dir),
             metrics_listen=self._metrics_listen,
+            node=self.supervisor.node,
+            fleet=self.supervisor.fleet(),
             sandbox=SandboxBackend(
                 path=self._sandbox.path,
                 version=self._sandbox.version,

@@ -7,11 +7,13 @@
 import asyncio
 import contextlib
 import errno
+import inspect
 import logging
 import os
 import socket
 import stat
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,7 +27,7 @@ from capd.controller import PodController
 from capd.fanout import Hub
 from protocol import SERVER_NAME
 from protocol.errors import ProtocolError
-from protocol.events import Error, Hello, PodHello
+from protocol.events import Error, Hello, PodHello, PodStopped
 from protocol.framing import encode
 from protocol.manifest import Manifest
 from protocol.methods import (
@@ -53,10 +55,12 @@ from protocol.methods import (
     Subscribe,
     Unsubscribe,
 )
+from protocol.paths import POD_NAME_RE
 from protocol.results import (
     ApplyResult,
     DiffResult,
     DownResult,
+    FleetNode,
     InfoResult,
     ListResult,
     MetricsResult,
@@ -84,6 +88,9 @@ def ack(request: Request, result: dict[str, Any] | None = None) -> bytes:
 class PodEndpointHost(Protocol):
     """What a pod's socket asks of whoever runs the pod (the supervisor)."""
 
+    node: str
+    """The node hosting the pod (`capd --node`)."""
+
     def children_of(self, name: str) -> list[str]: ...
 
     def stop_pod_soon(self, name: str) -> None: ...
@@ -105,6 +112,16 @@ class PodMethods(Protocol):
     """Where the daemon socket's subscribers hear of pods spawned, stopped, deleted."""
     activity: ActivityFeed
     """The same for subscribers that asked for activity, with each pod's pod_activity."""
+    node: str
+    """This node's name (`capd --node`)."""
+
+    def fleet(self) -> list[FleetNode]: ...
+
+    def endpoint(self, name: str) -> "PodEndpoint":
+        """The endpoint of a pod this node hosts; `not_found` or `not_running` otherwise."""
+        ...
+
+    def watch_stops(self, callback: Callable[[str], None]) -> None: ...
 
     async def spawn(
         self, manifest: Manifest, parent: str | None, *, team: str | None = None
@@ -344,6 +361,7 @@ class PodEndpoint(Endpoint):
     def _status(self, rid: RequestId | None) -> bytes:
         pod = self.pod
         result = pod.status_result(self._host.children_of(pod.name))
+        result["node"] = self._host.node
         return orjson.dumps(
             {"event": "ack", "id": rid, "result": result}, option=orjson.OPT_APPEND_NEWLINE
         )
@@ -376,6 +394,9 @@ class DaemonEndpoint(Endpoint):
         super().__init__(config.runtime_dir / "capd.sock", config)
         self._pods = pods
         self._process = process
+        self._following: dict[Connection, str] = {}
+        """Connections subscribed to a pod's events (`subscribe` with `pod`), and the pod."""
+        pods.watch_stops(self._pod_stopped)
 
     def hello(self) -> Hello:
         return Hello(server=SERVER_NAME, pod=None)
@@ -384,11 +405,17 @@ class DaemonEndpoint(Endpoint):
         """Both kinds of daemon subscriber, with activity or without, count."""
         return len(self._pods.hub.subscriptions) + len(self._pods.activity.hub.subscriptions)
 
-    async def _handle(self, frame: dict[str, Any], conn: Connection) -> bytes | None:
+    def _handle(self, frame: dict[str, Any], conn: Connection) -> Reply:
+        if "pod" in frame:
+            return self._pod_method(frame, conn)
+        return self._daemon_method(frame, conn)
+
+    async def _daemon_method(self, frame: dict[str, Any], conn: Connection) -> bytes | None:
         request = DAEMON_REQUESTS.parse(frame)
         pods, process = self._pods, self._process
         match request:
-            case Spawn(manifest=manifest, parent=parent, team=team):
+            case Spawn(manifest=manifest, parent=parent, team=team, node=node):
+                self._check_node(node)
                 return ack(request, (await pods.spawn(manifest, parent, team=team)).model_dump())
             case ListPods():
                 return ack(request, pods.list_pods().model_dump())
@@ -413,9 +440,11 @@ class DaemonEndpoint(Endpoint):
                 conn.send(ack(request))
                 return None
             case DaemonSubscribe(activity=True):
+                self._following.pop(conn, None)
                 self._subscribe(pods.activity.hub, conn, request, None)
                 return None
             case DaemonSubscribe():
+                self._following.pop(conn, None)
                 self._subscribe(pods.hub, conn, request, None)
                 return None
             case Overview():
@@ -425,3 +454,52 @@ class DaemonEndpoint(Endpoint):
             case Down(team=team, drain_timeout_s=drain_timeout_s):
                 return ack(request, (await pods.teams.down(team, drain_timeout_s)).model_dump())
         raise AssertionError(f"unhandled daemon method {request!r}")
+
+    def _pod_method(self, frame: dict[str, Any], conn: Connection) -> Reply:
+        """A pod method naming its pod in `pod`: the pod's own endpoint handles it, on this
+        connection, as it would on the pod's socket, and its reply is this one. (A fleet
+        relays here the methods of pods that other nodes host.)"""
+        name = frame["pod"]
+        if not isinstance(name, str) or not POD_NAME_RE.match(name):
+            raise ProtocolError("invalid_request", f"pod: {name!r} is not a pod name")
+        method = frame.get("method")
+        if method in DAEMON_REQUESTS.methods and method not in POD_REQUESTS.methods:
+            raise ProtocolError(
+                "invalid_request",
+                f"{method} is a daemon method and takes no pod field (pod methods: "
+                f"{', '.join(sorted(POD_REQUESTS.methods))})",
+            )
+        endpoint = self._pods.endpoint(name)
+        request = {k: v for k, v in frame.items() if k != "pod"}
+        if method in ("subscribe", "unsubscribe"):
+            POD_REQUESTS.parse(request)  # a bad one changes nothing; a good one ends the
+            self._following.pop(conn, None)  # connection's subscription, whichever it is
+        reply = endpoint._handle(request, conn)
+        return self._follow(reply, conn, name) if method == "subscribe" else reply
+
+    async def _follow(self, subscribing: Reply, conn: Connection, name: str) -> bytes | None:
+        """Once the connection's `subscribe` to pod `name` has succeeded, note it, so the
+        pod's stop ends it (`_pod_stopped`)."""
+        assert inspect.isawaitable(subscribing)  # PodEndpoint: subscribe is sequential
+        reply = await subscribing
+        self._following[conn] = name
+        return reply
+
+    def _pod_stopped(self, name: str) -> None:
+        """End the subscriptions to pod `name` held here with `pod_stopped`, after its last
+        event; on its own socket, the connection would close."""
+        for conn, followed in tuple(self._following.items()):
+            if followed == name:
+                del self._following[conn]
+                conn.unsubscribe()
+                conn.send(encode(PodStopped(pod=name)))
+
+    def _forget(self, conn: Connection) -> None:
+        self._following.pop(conn, None)
+        super()._forget(conn)
+
+    def _check_node(self, node: str | None) -> None:
+        """A spawn goes to this node, the only one without a shared store."""
+        if node is not None and node != self._pods.node:
+            nodes = ", ".join(entry.node for entry in self._pods.fleet())
+            raise ProtocolError("not_found", f"no node {node} in the fleet (nodes: {nodes})")

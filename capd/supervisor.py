@@ -12,6 +12,7 @@ import contextlib
 import contextvars
 import logging
 import shutil
+import time
 from collections.abc import Awaitable, Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +61,7 @@ from protocol.events import (
 )
 from protocol.framing import encode
 from protocol.manifest import ClaudeCodeEngine, Manifest
-from protocol.results import DiffResult, ListResult, PodListEntry, SpawnResult
+from protocol.results import DiffResult, FleetNode, ListResult, PodListEntry, SpawnResult
 
 log = logging.getLogger("capd")
 
@@ -117,6 +118,8 @@ class Supervisor:
         `sandbox` is the bwrap that confines pods' processes (or why none can); `teams`
         makes the daemon's `apply` and `down` (capd.teams.Teams) on this supervisor."""
         self.config = config
+        self.node = config.node
+        """This node's name (`capd --node`): `status`, `list` and `info` name it."""
         self.sandbox = sandbox
         self.store = store
         self.outbox = outbox
@@ -128,6 +131,7 @@ class Supervisor:
         """The daemon socket's subscribers: pods spawned, stopped, deleted, their status."""
         self.activity = ActivityFeed(self._activity_of)
         """The daemon subscribers that asked for activity too."""
+        self._stop_watchers: list[Callable[[str], None]] = []
         self._stopped_usage: dict[str, dict[str, Any]] = {}
         self._on_status = on_status
         self._background: set[asyncio.Task[Any]] = set()
@@ -490,9 +494,30 @@ class Supervisor:
                     spent=Spent.model_validate(self.ledger.spent(record.name)),
                     team=record.team,
                     engine=running.controller.engine_status() if running else None,
+                    node=self.node if running else None,
                 )
             )
         return ListResult(pods=entries)
+
+    def fleet(self) -> list[FleetNode]:
+        """`info.fleet`: without a shared store, this node alone."""
+        return [FleetNode(node=self.node, pods=len(self.pods), last_seen=time.time())]
+
+    def endpoint(self, name: str) -> PodEndpoint:
+        """The endpoint of pod `name`, which this node hosts: its methods on the daemon
+        socket go there. Unknown → `not_found`; stopped (or not up yet) → `not_running`."""
+        if (running := self.pods.get(name)) is not None:
+            return running.endpoint
+        self._require_known(name)
+        why = f" ({self._broken[name]})" if name in self._broken else ""
+        raise ProtocolError(
+            "not_running", f"pod {name} is stopped{why}; `capctl start {name}` brings it back"
+        )
+
+    def watch_stops(self, callback: Callable[[str], None]) -> None:
+        """Call `callback(name)` once pod `name` is stopped; the daemon socket
+        ends the pod's subscriptions it holds then."""
+        self._stop_watchers.append(callback)
 
     async def _reap_engine(self, name: str) -> bool:
         """Ask pod `name` to stop its idle engine for --max-engine-processes."""
@@ -924,6 +949,9 @@ class Supervisor:
         if self.hub.subscriptions:
             self.hub.publish(encode(event))
         self.activity.lifecycle(event)
+        if isinstance(event, PodStopped):
+            for watcher in self._stop_watchers:
+                watcher(event.pod)
 
     # -- activity -----------------------------------------------------------------------
 

@@ -83,6 +83,7 @@ async def test_list_info_and_daemon_events(capd: CapdProcess) -> None:
             "spent": {"tokens": 4, "usd": None},  # the scripted model's word counts
             "team": None,
             "engine": None,
+            "node": info["node"],
         }
     ]
 

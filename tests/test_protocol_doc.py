@@ -242,8 +242,12 @@ def _example_lines(doc: str) -> list[dict[str, Any]]:
 
 
 def _parse_request(frame: dict[str, Any]) -> None:
+    """A request of either socket; one with `pod` is a pod method on the daemon socket."""
     errors = []
-    for parser in (POD_REQUESTS, DAEMON_REQUESTS):
+    parsers = (POD_REQUESTS, DAEMON_REQUESTS)
+    if "pod" in frame:
+        frame, parsers = {k: v for k, v in frame.items() if k != "pod"}, (POD_REQUESTS,)
+    for parser in parsers:
         try:
             parser.parse(frame)
             return

@@ -9,6 +9,7 @@ finished line goes into a RichLog, and the line a text delta is still writing sh
 it. Ctrl-C detaches and never cancels: the pod's turn goes on.
 """
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TextIO, cast
 
@@ -18,12 +19,15 @@ from textual.binding import Binding, BindingType
 from textual.screen import Screen
 from textual.widgets import Footer, Input, RichLog, Static
 
+from capctl.errors import CapctlError
 from capctl.render import EventPrinter, one_line, permission_request_line
-from capctl.session import Subscription
-from protocol.client import Client, ConnectionClosed
+from capctl.session import PodClient, Subscription
+from protocol.client import ConnectionClosed
 from protocol.errors import ProtocolError
 from protocol.methods import History, Pause, Permission, Resume, Run
 
+Connect = Callable[[], Awaitable[PodClient]]
+"""How a screen reaches its pod."""
 DEFAULT_TURNS = 3
 """How many of the pod's last turns the transcript starts with."""
 CONNECT_TIMEOUT_S = 5.0
@@ -135,14 +139,18 @@ class AttachScreen(Screen[str | None]):
         *,
         turns: int = DEFAULT_TURNS,
         escape_detaches: bool = False,
+        connect: Connect | None = None,
     ) -> None:
+        """`connect` reaches the pod (`capctl.session.connect_pod`, which may go through the
+        daemon socket); without it, the pod's socket at `socket_path`."""
         super().__init__()
         self.socket_path = socket_path
+        self._connect = connect or self._at_socket
         self.pod = pod
         self.turns = turns
         self.escape_detaches = escape_detaches
         self.state = PodState()
-        self._client: Client | None = None
+        self._client: PodClient | None = None
         self._lines: LogLines | None = None
         self._printer: EventPrinter | None = None
 
@@ -166,16 +174,30 @@ class AttachScreen(Screen[str | None]):
 
     # -- the pod's events ---------------------------------------------------------------
 
+    async def _at_socket(self) -> PodClient:
+        try:
+            client = await PodClient.connect(self.socket_path, timeout=CONNECT_TIMEOUT_S)
+        except (OSError, TimeoutError, ValueError) as exc:
+            raise CapctlError(f"cannot reach pod {self.pod} at {self.socket_path}: {exc}") from None
+        client.pod = client.hello.pod if client.hello else None
+        return client
+
     async def _follow(self) -> None:
         try:
-            client = await Client.connect(self.socket_path, timeout=CONNECT_TIMEOUT_S)
-        except (OSError, TimeoutError, ValueError) as exc:
-            self._fail(f"cannot reach pod {self.pod} at {self.socket_path}: {exc}")
+            client = await self._connect()
+        except CapctlError as exc:
+            self._fail(exc.message)
+            return
+        except ProtocolError as exc:
+            self._fail(f"{exc.code}: {exc.message}")
+            return
+        except (OSError, TimeoutError, ConnectionClosed) as exc:
+            self._fail(f"cannot reach pod {self.pod}: {exc or type(exc).__name__}")
             return
         async with client:
             self._client = client
-            if client.hello and client.hello.pod:
-                self.state.status = client.hello.pod.status
+            if client.pod:
+                self.state.status = client.pod.status
                 self._show_state()
             try:
                 await self._stream(client)
@@ -190,7 +212,7 @@ class AttachScreen(Screen[str | None]):
             self.app.notify(why, severity="error")
             self.dismiss(why)
 
-    async def _stream(self, client: Client) -> None:
+    async def _stream(self, client: PodClient) -> None:
         first = await client.request(History(last_turns=self.turns, limit=1))
         start = first["events"][0]["seq"] - 1 if first.get("events") else 0
         events = Subscription(client)
@@ -310,9 +332,11 @@ class AttachApp(App[str | None]):
 
     ENABLE_COMMAND_PALETTE = False
 
-    def __init__(self, socket_path: str, pod: str, turns: int = DEFAULT_TURNS) -> None:
+    def __init__(
+        self, socket_path: str, pod: str, turns: int = DEFAULT_TURNS, connect: Connect | None = None
+    ) -> None:
         super().__init__()
-        self.attached = AttachScreen(socket_path, pod, turns=turns)
+        self.attached = AttachScreen(socket_path, pod, turns=turns, connect=connect)
 
     def on_mount(self) -> None:
         self.push_screen(self.attached, self.exit)

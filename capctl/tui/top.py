@@ -9,6 +9,7 @@ following the feed underneath.
 
 import asyncio
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -51,10 +52,12 @@ class TopScreen(Screen[None]):
         Binding("a", "attach", "attach"),
     ]
 
-    def __init__(self, runtime: Path, feed: Feed) -> None:
+    def __init__(self, runtime: Path, feed: Feed, via_daemon: bool = False) -> None:
         super().__init__()
         self.runtime = runtime
         self.feed = feed
+        self.via_daemon = via_daemon
+        """Pods are reached through the daemon socket (`capctl --via-daemon`)."""
         self.note = ""
         """The last action's outcome, shown in the status line."""
         self._order: list[str] = []
@@ -153,12 +156,16 @@ class TopScreen(Screen[None]):
         name = self.current_pod()
         if name is None:
             return
+        from capctl.session import connect_pod
+
         socket = str(self.feed.pods[name].get("socket"))
 
         def back(trouble: str | None) -> None:
             self.say(f"{name}: {trouble}" if trouble else f"detached from {name}")
 
-        self.app.push_screen(AttachScreen(socket, name, escape_detaches=True), back)
+        connect = partial(connect_pod, self.runtime, name, self.via_daemon)
+        screen = AttachScreen(socket, name, escape_detaches=True, connect=connect)
+        self.app.push_screen(screen, back)
 
     def on_data_table_row_selected(self, _event: DataTable.RowSelected) -> None:
         self.action_attach()
@@ -188,7 +195,7 @@ class TopScreen(Screen[None]):
     async def _call(self, name: str, frame: dict[str, Any]) -> dict[str, Any] | None:
         """One request to the pod; None after saying why it failed."""
         try:
-            return await asyncio.to_thread(pod_call, self.runtime, name, frame)
+            return await asyncio.to_thread(pod_call, self.runtime, name, frame, self.via_daemon)
         except CapctlError as exc:
             self.say(f"{frame['method']} {name}: {exc}")
         except OSError as exc:
@@ -204,15 +211,15 @@ class TopApp(App[int]):
     #keys { height: 1; color: $text-muted; }
     """
 
-    def __init__(self, runtime: Path, feed: Feed) -> None:
+    def __init__(self, runtime: Path, feed: Feed, via_daemon: bool = False) -> None:
         super().__init__()
-        self.top = TopScreen(runtime, feed)
+        self.top = TopScreen(runtime, feed, via_daemon)
 
     def get_default_screen(self) -> Screen[None]:
         return self.top
 
 
-def run_top(runtime: Path, socket: Path) -> int:
-    app = TopApp(runtime, Feed(socket))
+def run_top(runtime: Path, socket: Path, via_daemon: bool = False) -> int:
+    app = TopApp(runtime, Feed(socket), via_daemon)
     app.run()
     return app.return_code or 0
