@@ -54,7 +54,7 @@ class ReadOnlyDict(dict[str, Any]):
     clear = pop = popitem = setdefault = update = _refuse
 
     def __deepcopy__(self, _memo: dict[int, Any]) -> dict[str, Any]:
-        return _thawed(self)  # type: ignore[no-any-return]
+        return _thawed(self)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (dict, (_thawed(self),))
@@ -67,7 +67,7 @@ class ReadOnlyList(list[Any]):
     append = clear = extend = insert = pop = remove = reverse = sort = _refuse
 
     def __deepcopy__(self, _memo: dict[int, Any]) -> list[Any]:
-        return _thawed(self)  # type: ignore[no-any-return]
+        return _thawed(self)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (list, (_thawed(self),))
