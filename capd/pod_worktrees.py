@@ -291,9 +291,9 @@ class PodWorktrees:
     def _in_use(self) -> list[tuple[str, Worktree]]:
         """The pods' work trees, whose branches are taken."""
         found = []
-        for record in self._registry.all():
-            if record.worktree is not None:
-                found.append((record.name, Worktree.from_json(record.worktree)))
+        for record in self._registry.with_worktree():
+            assert record.worktree is not None
+            found.append((record.name, Worktree.from_json(record.worktree)))
         return found
 
 

@@ -26,6 +26,8 @@ class PodRegistry:
         """Parent socket → names of the pods that name it as parent, in creation order."""
         self._sockets: dict[str, str] = {}
         """Name → socket path of each known pod; `status` asks for children on every call."""
+        self._worktrees: dict[str, None] = {}
+        """Names of the pods with a work tree, which every spawn checks, in creation order."""
         for record in self._records.values():
             self._index(record)
 
@@ -34,6 +36,10 @@ class PodRegistry:
 
     def all(self) -> list[PodRecord]:
         return list(self._records.values())
+
+    def with_worktree(self) -> list[PodRecord]:
+        """The pods with a work tree (`all` that have one, without walking every pod)."""
+        return [self._records[name] for name in self._worktrees]
 
     def add(
         self,
@@ -81,6 +87,7 @@ class PodRegistry:
         socket = self._sockets.pop(name)
         self._store.delete_pod(name, socket, carried)
         record = self._records.pop(name)
+        self._worktrees.pop(name, None)
         if record.parent is not None:
             self._children[record.parent].remove(name)
         for child in self._children.pop(socket, ()):
@@ -145,5 +152,7 @@ class PodRegistry:
 
     def _index(self, record: PodRecord) -> None:
         self._sockets[record.name] = str(self.socket(record.name))
+        if record.worktree is not None:
+            self._worktrees[record.name] = None
         if record.parent is not None:
             self._children.setdefault(record.parent, []).append(record.name)

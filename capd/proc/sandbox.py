@@ -19,6 +19,7 @@ with: bwrap's own first line of stderr and what to do about it.
 """
 
 import errno
+import functools
 import os
 import shutil
 import stat
@@ -252,7 +253,8 @@ def confinement(
     shown: Sequence[Path] = (),
 ) -> Confinement:
     """A pod's confinement from its manifest's `sandbox` (paths already resolved, see
-    `resolve_paths`), hiding capd's own directories `capd_dirs` too. Refused
+    `resolve_paths`), hiding capd's own directories `capd_dirs` too and showing `shown`
+    (resolved by the caller: capd's own paths and its configuration's). Refused
     (SandboxRefused) when `writable` comes with mode read-only, or a hidden path lies
     inside a writable one."""
     if sandbox.mode == "read-only" and sandbox.writable:
@@ -260,18 +262,18 @@ def confinement(
             "sandbox.writable has no effect with mode read-only; use mode workspace-write "
             "or drop sandbox.writable"
         )
-    hidden = [*capd_dirs, *ALWAYS_HIDDEN]
+    hidden = [fixed_real_path(path) for path in (*capd_dirs, *ALWAYS_HIDDEN)]
     for var in ("XDG_RUNTIME_DIR", "CREDENTIALS_DIRECTORY"):
         if value := os.environ.get(var):
-            hidden.append(Path(value))
-    hidden += [Path(path) for path in sandbox.hidden]
+            hidden.append(fixed_real_path(Path(value)))
+    hidden += [real_path(path) for path in sandbox.hidden]
     confine = Confinement(
         bwrap=bwrap,
         mode=sandbox.mode,
         network=sandbox.network,
         cwd=cwd,
-        hidden=tuple(dict.fromkeys(real_path(path) for path in hidden)),
-        shown=tuple(real_path(path) for path in shown),
+        hidden=tuple(dict.fromkeys(hidden)),
+        shown=tuple(shown),
         env=tuple(DEFAULT_SANDBOX_ENV if sandbox.env is None else sandbox.env),
     )
     return confine.widened(Path(p) for p in sandbox.writable)
@@ -308,7 +310,7 @@ def containing(paths: Iterable[Path], protected: Sequence[Path]) -> tuple[Path, 
     with that one; None when none does."""
     for path in paths:
         for inner in protected:
-            if real_path(inner).is_relative_to(path):
+            if fixed_real_path(inner).is_relative_to(path):
                 return path, inner
     return None
 
@@ -316,6 +318,14 @@ def containing(paths: Iterable[Path], protected: Sequence[Path]) -> tuple[Path, 
 def real_path(path: str | Path) -> Path:
     """A host path with `~` expanded and every symlink resolved."""
     return Path(os.path.expanduser(path)).resolve()
+
+
+@functools.lru_cache(maxsize=64)
+def fixed_real_path(path: Path) -> Path:
+    """`real_path` of capd's own directories and fixed system paths, resolved once: each
+    spawn and restore needs them, and they do not move while capd runs. Never for a path
+    a pod names or could change (its cwd, its writable and hidden paths)."""
+    return real_path(path)
 
 
 @dataclass(frozen=True, slots=True)
