@@ -20,7 +20,7 @@ FIGURES = {
     "control": 2,
     "fanout": 1,
     "pause": 2,
-    "density": 2,
+    "density": 3,
     "durable": 2,
     "capctl": 1,
     "restore": 4,
