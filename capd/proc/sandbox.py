@@ -91,12 +91,12 @@ class Confinement:
         would lie inside a writable one, where the pod could rename it into view."""
         roots = self.writable_paths()
         for path in writable:
-            if not any(path.is_relative_to(root) for root in roots):
-                roots = [r for r in roots if not r.is_relative_to(path) or r == self.cwd]
+            if not any(_inside(path, root) for root in roots):
+                roots = [r for r in roots if not _inside(r, path) or r == self.cwd]
                 roots.append(path)
         for root in roots:
             for path in self.hidden:
-                if path.is_relative_to(root):
+                if _inside(path, root):
                     what = "writable cwd" if root == self.cwd else "writable"
                     raise SandboxRefused(
                         f"sandbox.hidden {path} lies inside the {what} {root}, where the pod "
@@ -310,9 +310,16 @@ def containing(paths: Iterable[Path], protected: Sequence[Path]) -> tuple[Path, 
     with that one; None when none does."""
     for path in paths:
         for inner in protected:
-            if fixed_real_path(inner).is_relative_to(path):
+            if _inside(fixed_real_path(inner), path):
                 return path, inner
     return None
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """`path.is_relative_to(root)` for absolute, normalised paths (pathlib's parses both
+    again and fails by exception: a tenth of a spawn)."""
+    inner, outer = str(path), str(root)
+    return inner == outer or inner.startswith(outer if outer.endswith("/") else outer + "/")
 
 
 def real_path(path: str | Path) -> Path:
