@@ -188,7 +188,7 @@ class CheckpointStore:
         self.root = root
         self.cwd = cwd
         self.workspace = workspace
-        self.hidden = [Path(path) for path in hidden]
+        self.hidden = tuple(hidden)
         self._exclude = exclude
         self._index_modes_read: tuple[tuple[int, int, int], Modes] | None = None
         """The last `index.modes` read or written, and which file it was (inode, mtime,

@@ -20,6 +20,8 @@ class PodRegistry:
     def __init__(self, store: Store, runtime_dir: Path) -> None:
         self._store = store
         self._runtime_dir = runtime_dir
+        self._pods_dir = pod_socket(runtime_dir, "pod").parent
+        """Where the pods' sockets are (made once: a restore asks for every pod's)."""
         self._records: dict[str, PodRecord] = {record.name: record for record in store.pods()}
         """In creation order, as the table lists them."""
         self._children: dict[str, list[str]] = {}
@@ -96,8 +98,8 @@ class PodRegistry:
     # -- the tree -----------------------------------------------------------------------
 
     def socket(self, name: str) -> Path:
-        """Where the pod named `name` listens (or would)."""
-        return pod_socket(self._runtime_dir, name)
+        """Where the pod named `name` listens (or would): `protocol.paths.pod_socket`."""
+        return self._pods_dir / f"{name}.sock"
 
     def children_of(self, name: str) -> list[str]:
         socket = self._sockets.get(name) or str(self.socket(name))

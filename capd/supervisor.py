@@ -136,6 +136,7 @@ class Supervisor:
         self._broken: dict[str, str] = {}
         """Pods that failed to come back up, and why."""
         self._closing = False
+        self._own_dirs = (config.state_dir, config.runtime_dir)
         self._pods_dir = config.state_dir / "pods"
         self._real_pods_dir = fixed_real_path(config.state_dir) / "pods"
         """The pods' state dirs, resolved (capd makes them, and what lies in them)."""
@@ -594,7 +595,7 @@ class Supervisor:
             outbox=self.outbox,
             ledger=self.ledger,
             on_status=self._pod_status_changed,
-            checkpoints=self._checkpoint_store(name, Path(manifest.cwd), manifest),
+            checkpoints=self._checkpoint_store(name, _cwd_of(manifest, sandbox), manifest),
             running_in_tree=lambda: self._running_in_tree(name),
             reconfigure=self.reconfigure,
             workspace=lambda: self.worktrees.status(name),
@@ -624,12 +625,12 @@ class Supervisor:
     ) -> Toolbox:
         """The pod's tools, with its MCP servers (not started yet) unless not `servers`."""
         name = manifest.name
-        assert manifest.cwd is not None
+        cwd, state = _cwd_of(manifest, sandbox), self._pod_state_dir(name)
         tool_context = ToolContext(
-            cwd=Path(manifest.cwd),
+            cwd=cwd,
             pod=name,
             pods=ChildPods(self, self.registry, self.store, manifest, self.registry.socket(name)),
-            spill_dir=self._pod_state_dir(name) / "spill",
+            spill_dir=state / "spill",
             sandbox=sandbox,
             limits=limits,
         )
@@ -641,8 +642,8 @@ class Supervisor:
                 pod_servers(
                     manifest.mcp_servers,
                     pod=name,
-                    cwd=Path(manifest.cwd),
-                    state_dir=self._pod_state_dir(name),
+                    cwd=cwd,
+                    state_dir=state,
                     limits=manifest.limits,
                     sandbox=sandbox,
                     pod_limits=limits,
@@ -737,7 +738,7 @@ class Supervisor:
         return Parts(
             make_engine(manifest, sandbox, limits, self.engine_slots.slot(manifest.name)),
             self._toolbox(manifest, sandbox, limits, new_servers),
-            self._checkpoint_store(manifest.name, Path(manifest.cwd), manifest),
+            self._checkpoint_store(manifest.name, _cwd_of(manifest, sandbox), manifest),
         )
 
     def resolved(self, old: Manifest, requested: Manifest) -> Manifest:
@@ -799,10 +800,9 @@ class Supervisor:
         """The store of the cwd's checkpoints, which never records capd's own directories."""
         if not _checkpointed(manifest):
             return None
-        hidden = (self.config.state_dir, self.config.runtime_dir)
         exclude = self.worktrees.exclude(name)
         return CheckpointStore(
-            self._checkpoints_dir(name), cwd, manifest.workspace, hidden, exclude
+            self._checkpoints_dir(name), cwd, manifest.workspace, self._own_dirs, exclude
         )
 
     def _checkpoints_dir(self, name: str) -> Path:
@@ -868,7 +868,7 @@ class Supervisor:
             raise ProtocolError("invalid_request", self.sandbox.refusal)
         assert manifest.cwd is not None
         cwd = Path(manifest.cwd)
-        own = (self.config.state_dir, self.config.runtime_dir)
+        own = self._own_dirs
         if found := containing([cwd, *map(Path, config.writable)], own):
             outer, inner = found
             what = "cwd" if outer == cwd else "sandbox.writable path"
@@ -998,6 +998,15 @@ class Supervisor:
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).splitlines() or [""])[0]
+
+
+def _cwd_of(manifest: Manifest, sandbox: Confinement | None) -> Path:
+    """The pod's cwd, the confinement's own Path when it has one: each pod's parts share
+    it rather than each parse the string again."""
+    if sandbox is not None:
+        return sandbox.cwd
+    assert manifest.cwd is not None
+    return Path(manifest.cwd)
 
 
 def _checkpointed(manifest: Manifest) -> bool:

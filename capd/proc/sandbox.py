@@ -262,10 +262,8 @@ def confinement(
             "sandbox.writable has no effect with mode read-only; use mode workspace-write "
             "or drop sandbox.writable"
         )
-    hidden = [fixed_real_path(path) for path in (*capd_dirs, *ALWAYS_HIDDEN)]
-    for var in ("XDG_RUNTIME_DIR", "CREDENTIALS_DIRECTORY"):
-        if value := os.environ.get(var):
-            hidden.append(fixed_real_path(Path(value)))
+    env_dirs = tuple(os.environ.get(var) for var in ("XDG_RUNTIME_DIR", "CREDENTIALS_DIRECTORY"))
+    hidden = [*_always_hidden(tuple(capd_dirs), env_dirs)]  # a copy: the cache's is shared
     hidden += [real_path(path) for path in sandbox.hidden]
     confine = Confinement(
         bwrap=bwrap,
@@ -327,8 +325,18 @@ def real_path(path: str | Path) -> Path:
     return Path(os.path.expanduser(path)).resolve()
 
 
+@functools.lru_cache(maxsize=8)
+def _always_hidden(
+    capd_dirs: tuple[Path, ...], env_dirs: tuple[str | None, ...]
+) -> tuple[Path, ...]:
+    """What every sandbox hides besides what its manifest names: capd's own directories,
+    ALWAYS_HIDDEN, and the directories these variables of capd's environment name."""
+    found = (*capd_dirs, *ALWAYS_HIDDEN, *(Path(path) for path in env_dirs if path))
+    return tuple(fixed_real_path(path) for path in found)
+
+
 @functools.lru_cache(maxsize=64)
-def fixed_real_path(path: Path) -> Path:
+def fixed_real_path(path: str | Path) -> Path:
     """`real_path` of capd's own directories and fixed system paths, resolved once: each
     spawn and restore needs them, and they do not move while capd runs. Never for a path
     a pod names or could change (its cwd, its writable and hidden paths)."""
