@@ -12,7 +12,7 @@ import contextlib
 import contextvars
 import logging
 import shutil
-from collections.abc import Awaitable, Callable, Collection, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -229,7 +229,8 @@ class Supervisor:
             self.registry.add(name, stored, parent, team=team, worktree=worktree)
             self.ledger.added(name, manifest.budget)
             sandbox = self._with_worktree(name, unshared)  # its record exists now
-            running = await self._bring_up(manifest, parent, sandbox)
+            # A new pod has no events: a name is free only once delete_pod removed them.
+            running = await self._bring_up(manifest, parent, sandbox, stored=())
         except BaseException as exc:
             self._forget_unborn(name, fresh)
             await self.worktrees.undo(tree)
@@ -565,11 +566,16 @@ class Supervisor:
         return CannotRestore(f"pod {name} {reason}")
 
     async def _bring_up(
-        self, manifest: Manifest, parent: str | None, sandbox: Confinement | None
+        self,
+        manifest: Manifest,
+        parent: str | None,
+        sandbox: Confinement | None,
+        stored: Iterable[bytes] | None = None,
     ) -> _RunningPod:
+        """Start the pod, restored from `stored` (its events in the store when None)."""
         limits = self.limiter.pod(manifest.name, manifest.limits.memory_mb, manifest.limits.pids)
         try:
-            return await self._start_pod(manifest, parent, sandbox, limits)
+            return await self._start_pod(manifest, parent, sandbox, limits, stored)
         except BaseException:
             await limits.close()
             raise
@@ -580,6 +586,7 @@ class Supervisor:
         parent: str | None,
         sandbox: Confinement | None,
         limits: PodLimits,
+        stored: Iterable[bytes] | None,
     ) -> _RunningPod:
         name = manifest.name
         socket_path = self.registry.socket(name)
@@ -602,7 +609,7 @@ class Supervisor:
             team=record.team if (record := self.registry.get(name)) else None,
         )
         self.teams.attach(controller)
-        controller.restore(self._stored_events(name))
+        controller.restore(self._stored_events(name) if stored is None else stored)
         self.activity.track(controller.activity)
         self._stopped_usage.pop(name, None)
         endpoint = PodEndpoint(controller, self, self.config)

@@ -294,7 +294,9 @@ def status(sandbox: Sandbox, confine: Confinement | None) -> dict[str, object]:
 
 def resolve_paths(sandbox: Sandbox) -> Sandbox:
     """`sandbox` with its `writable` and `hidden` paths expanded (`~`) and resolved, as
-    the manifest stores them."""
+    the manifest stores them (itself when it names none)."""
+    if not sandbox.writable and not sandbox.hidden:
+        return sandbox
     return sandbox.model_copy(
         update={
             "writable": [str(real_path(Path(path))) for path in sandbox.writable],
