@@ -51,6 +51,7 @@ import orjson
 import psycopg
 from psycopg import conninfo
 
+from capd.fleet.schema import FLEET_MIGRATION
 from capd.prices import add_usd
 from capd.store.base import (
     LAST_SEQ,
@@ -131,6 +132,7 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (pod, event_id)
     );
     """,
+    FLEET_MIGRATION,
 )
 """Schema version n+1 is MIGRATIONS[n] applied to version n. What a client sends as free
 text (a queued run's text, turn_id and source, a report's event_id) is BYTEA: TEXT cannot
