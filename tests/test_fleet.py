@@ -2,7 +2,8 @@
 node dies mid-turn, a partitioned node that stops writing once its lease is gone, a
 restart that takes its pods back at once, fencing of a store that lost its lease.
 
-Nodes run with a short lease (`--lease-ttl-s 2`); every wait has a deadline."""
+Nodes run with a short lease (`--lease-ttl-s 3`, or CAPD_FLEET_TTL_S); every wait has a
+deadline."""
 
 import asyncio
 import os
@@ -27,7 +28,7 @@ from protocol.errors import ProtocolError
 from tests.conftest import CapdProcess
 from tests.helpers import Event, daemon_request, is_event, scripted, wait_for
 
-TTL_S = 2.0
+TTL_S = float(os.environ.get("CAPD_FLEET_TTL_S") or 3)
 HELD_TOOL = {"name": "bash", "arguments": {"command": "sleep 20"}}
 """A tool call that keeps a turn open long enough to kill its node in."""
 
@@ -362,3 +363,28 @@ async def test_a_name_another_node_took_is_already_exists(pg_url: str) -> None:
     finally:
         one.close()
         two.close()
+
+
+async def test_placement_picks_the_live_node_with_fewest_pods(pg_url: str) -> None:
+    from capd.fleet.control import Control
+    from capd.fleet.placement import place
+
+    for node in ("n1", "n2", "n3"):
+        _join(pg_url, node, 30)
+    _sql(pg_url, "UPDATE nodes SET expires = clock_timestamp() WHERE name = 'n3' RETURNING 1")
+    _sql(pg_url, "INSERT INTO pods (name, manifest, created) VALUES ('p0', '{}', 0) RETURNING 1")
+    _sql(pg_url, "INSERT INTO leases VALUES ('p0', 'n1', 1, 'p0') RETURNING 1")
+    control = await Control.connect(pg_url, "n1")
+    try:
+        assert await place(control, "n1", None, 30) == "n2"
+        assert await place(control, "n2", "n1", 30) == "n1"
+        for dead in ("n3", "nope"):
+            with pytest.raises(ProtocolError) as refused:
+                await place(control, "n1", dead, 30)
+            assert refused.value.code == "not_found"
+        assert [info.name for info in await control.live_nodes(30)] == ["n1", "n2"]
+        host = await control.host_of("p0", 30)
+        assert host is not None
+        assert (host.name, host.pods) == ("n1", 1)
+    finally:
+        await control.close()
