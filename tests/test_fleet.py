@@ -211,6 +211,10 @@ async def test_a_graceful_leave_hands_the_pods_over_without_a_ttl_wait(
     await _spawn_holding(n1, "w1")
     client, _ = await _start_held_turn(n1, "w1")
     await client.close()
+    with pytest.raises(ProtocolError) as taken:  # the name is n1's: n2 says so, and stays up
+        await _spawn_holding(n2, "w1")
+    assert taken.value.code == "already_exists"
+    assert (await daemon_request(n2, {"method": "info"}))["node"] == "n2"
     assert await asyncio.to_thread(n1.signal, signal.SIGTERM) == 0
     status = await _answers(n2, "w1", 10)  # a scan (1 s) and a restore, not 30 s
     assert (status["status"], status["node"]) == ("paused", "n2")
