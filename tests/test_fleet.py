@@ -399,3 +399,14 @@ async def test_placement_picks_the_live_node_with_fewest_pods(pg_url: str) -> No
         assert (host.name, host.pods) == ("n1", 1)
     finally:
         await control.close()
+
+
+def test_lease_ttl_option(capsys: pytest.CaptureFixture[str]) -> None:
+    from capd.config import Config
+
+    assert Config.from_args([]).lease_ttl_s == 15
+    assert Config.from_args(["--lease-ttl-s", "2.5"]).lease_ttl_s == 2.5
+    for bad in ("1.9", "inf", "nan"):
+        with pytest.raises(SystemExit):
+            Config.from_args(["--lease-ttl-s", bad])
+        assert "--lease-ttl-s must be at least 2 seconds" in capsys.readouterr().err
