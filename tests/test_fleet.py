@@ -425,3 +425,68 @@ def test_lease_ttl_option(capsys: pytest.CaptureFixture[str]) -> None:
         with pytest.raises(SystemExit):
             Config.from_args(["--lease-ttl-s", bad])
         assert "--lease-ttl-s must be at least 2 seconds" in capsys.readouterr().err
+
+
+SLOW = pytest.mark.skipif(
+    not os.environ.get("CAPD_FLEET_SLOW"), reason="slower fleet tests: CAPD_FLEET_SLOW=1"
+)
+
+
+@SLOW
+async def test_a_frozen_node_is_fenced_when_it_wakes(
+    fleet_dirs: list[CapdProcess], tmp_path: Path, audited: str
+) -> None:
+    """SIGSTOP the node itself (a VM pause, a long GC) until its pod is adopted: once
+    woken, it exits 75 and commits nothing more."""
+    n1, n2 = _node(tmp_path, "n1", audited), _node(tmp_path, "n2", audited)
+    fleet_dirs += [n1, n2]
+    await asyncio.gather(asyncio.to_thread(n1.start), asyncio.to_thread(n2.start))
+    streaming = {"text": "x" * 20000, "chunk_chars": 1, "delay_ms": 1}
+    manifest = {"name": "w1", "model": scripted(streaming, {"text": "done"})}
+    await daemon_request(n1, {"method": "spawn", "manifest": manifest})
+    assert n1.proc is not None
+    async with await Client.connect(n1.pod_socket("w1")) as client:
+        await client.request({"method": "subscribe"})
+        await client.request({"method": "run", "text": "go"})
+        await wait_for(client, is_event("text_delta"))
+        n1.proc.send_signal(signal.SIGSTOP)
+        try:
+            assert (await _answers(n2, "w1", TTL_S + 5))["node"] == "n2"
+        finally:
+            n1.proc.send_signal(signal.SIGCONT)
+        assert await asyncio.to_thread(n1.proc.wait, 10) == 75
+    rows = _sql(audited, "SELECT app, seq FROM audit WHERE pod = 'w1' ORDER BY seq")
+    assert [seq for _, seq in rows] == list(range(1, len(rows) + 1))
+    by_n1 = [seq for app, seq in rows if app.startswith("capd/n1/")]
+    by_n2 = [seq for app, seq in rows if app.startswith("capd/n2/")]
+    assert by_n1
+    assert by_n2
+    assert max(by_n1) < min(by_n2)
+
+
+@SLOW
+async def test_three_nodes_share_a_dead_nodes_pods(
+    fleet_dirs: list[CapdProcess], tmp_path: Path, pg_url: str
+) -> None:
+    nodes = [_node(tmp_path, f"n{i}", pg_url) for i in (1, 2, 3)]
+    fleet_dirs += nodes
+    await asyncio.gather(*(asyncio.to_thread(node.start) for node in nodes))
+    pods = [f"p{i}" for i in range(6)]
+    for pod in pods:
+        manifest = {"name": pod, "model": scripted()}
+        await daemon_request(nodes[0], {"method": "spawn", "manifest": manifest})
+    assert nodes[0].proc is not None
+    nodes[0].proc.kill()
+    hosts: dict[str, str] = {}
+    async with asyncio.timeout(TTL_S + 8):
+        while len(hosts) < len(pods):
+            for pod in sorted(set(pods) - set(hosts)):
+                for survivor in nodes[1:]:
+                    with contextlib.suppress(ProtocolError):
+                        status = await _pod_request(survivor, pod, {"method": "status"})
+                        hosts[pod] = status["node"]
+            await asyncio.sleep(0.05)
+    assert sorted(hosts) == pods
+    assert set(hosts.values()) == {"n2", "n3"}, hosts
+    leases = _sql(pg_url, "SELECT pod, node, epoch FROM leases ORDER BY pod")
+    assert leases == [(pod, hosts[pod], 2) for pod in pods]
