@@ -22,6 +22,8 @@ from typing import IO
 
 from capd import tracing
 from capd.config import Config
+from capd.fleet import Fleet, FleetRefused
+from capd.fleet.lease import store_failed
 from capd.metrics_http import Cached, MetricsHttp
 from capd.metrics_scrape import scrape
 from capd.outbox import Outbox
@@ -31,7 +33,7 @@ from capd.proc.limits import LimitsUnavailable
 from capd.proc.sandbox import Backend, candidates, probe
 from capd.registry import PodRegistry
 from capd.server import DaemonEndpoint
-from capd.store import Store, StoreUnavailable, open_store
+from capd.store import PodRecord, Store, StoreUnavailable, open_store
 from capd.supervisor import Supervisor
 from capd.systemd import Notifier, activated_socket
 from capd.teams import Teams
@@ -58,6 +60,8 @@ class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
         self._store: Store | None = None
+        self.fleet: Fleet | None = None
+        """This node's fleet membership (a PostgreSQL store); None on SQLite."""
         self._outbox: Outbox | None = None
         self._supervisor: Supervisor | None = None
         self._endpoint: DaemonEndpoint | None = None
@@ -111,20 +115,32 @@ class Daemon:
             log.warning("%s (pods with a sandbox are refused)", sandbox.refusal)
         else:
             log.info("sandbox: %s (%s)", sandbox.path, sandbox.version or "version unknown")
-        self._store, shown = open_store(cfg.store, cfg.state_dir)
+        on_failure = None if cfg.store is None else store_failed
+        self._store, shown = open_store(cfg.store, cfg.state_dir, on_failure)
         store = self._store
         log.info("store: %s", shown)
+        if cfg.store is not None:  # before anything reads the store: it then sees our pods
+            self.fleet = await Fleet.join(
+                cfg.store,
+                store,  # type: ignore[arg-type]
+                cfg.node,
+                cfg.state_dir,
+                cfg.lease_ttl_s,
+            )
         self._outbox = outbox = Outbox(store)
         registry = PodRegistry(store, cfg.runtime_dir)
         self._supervisor = Supervisor(
             cfg, store, outbox, registry, self._pod_status_changed, sandbox, Teams
         )
         await self.supervisor.worktrees.sweep()
+        self.supervisor.cluster = self.fleet
         self._endpoint = DaemonEndpoint(self.supervisor, self, cfg)
         if cfg.metrics_listen is not None:
             self._metrics_http = MetricsHttp(self._metrics.get)
             self._metrics_listen = await self._metrics_http.bind(*cfg.metrics_listen)
         await self._restore_pods()
+        if self.fleet is not None:
+            self.fleet.adopt_with(self._adopt)
         if self._metrics_http is not None:  # once restored: no scrape sees pods not up yet
             await self._metrics_http.serve()
             log.info("metrics at http://%s/metrics", self._metrics_listen)
@@ -170,6 +186,14 @@ class Daemon:
             gc.freeze()
             if collecting:
                 gc.enable()
+
+    async def _adopt(self, records: list[PodRecord]) -> None:
+        """Bring up pods adopted from a node that left or died, and deliver what they owe."""
+        assert self.fleet is not None
+        assert self._outbox is not None
+        await self.supervisor.adopt(records)
+        for target in await self.fleet.report_targets([record.name for record in records]):
+            self._outbox.poke(target)
 
     async def main_loop(self) -> None:
         if self._notifier.watchdog_s is None:
@@ -227,6 +251,8 @@ class Daemon:
         self._notifier.stopping("stopping: pausing running turns")
         if self._supervisor is not None:
             self._supervisor.refuse_new_work()
+        if self.fleet is not None:
+            await self.fleet.stop_adopting()
         if self._metrics_http is not None:
             await self._metrics_http.close()
         if self._endpoint is not None:
@@ -241,7 +267,11 @@ class Daemon:
             await self._outbox.close()
         if self._store is not None:
             await self._store.flush()  # what the pods wrote as they stopped
+            if self.fleet is not None:
+                await self.fleet.stop_renewing()
             self._store.close()
+        if self.fleet is not None:  # hand the pods over: no TTL to wait for
+            await self.fleet.leave()
         for lock in self._locks:
             lock.close()
         log.info("capd stopped")
@@ -393,7 +423,7 @@ def main(argv: list[str] | None = None) -> None:
     _install_loop()
     try:
         asyncio.run(Daemon(config).serve())
-    except (DaemonLocked, LimitsUnavailable, StoreUnavailable) as exc:
+    except (DaemonLocked, FleetRefused, LimitsUnavailable, StoreUnavailable) as exc:
         print(f"capd: {exc}", file=sys.stderr)
         sys.exit(1)
     except OSError as exc:
