@@ -2,12 +2,14 @@
 
 import argparse
 import grp
+import ipaddress
 import os
 import re
 import socket
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from capd.fleet.auth import FleetKeyError, load_key
 from capd.proc.limits import BACKENDS, Backend
 from capd.store.errors import POSTGRES_SCHEMES, redact
 from protocol import VERSION
@@ -63,6 +65,12 @@ class Config:
     (`--lock-wait-s`): longer than the unit's TimeoutStopSec=30."""
     node: str = field(default_factory=default_node_name)
     """This node's name in the fleet (`--node`)."""
+    node_listen: tuple[str, int] | None = None
+    """Where this node accepts links from the fleet's other nodes (`--node-listen`)."""
+    node_address: str | None = None
+    """What the other nodes dial (`--node-address`); None: the address bound."""
+    fleet_key: bytes | None = field(default=None, repr=False)
+    """The key every node's links prove they hold (`--fleet-key-file`)."""
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> "Config":
@@ -164,6 +172,25 @@ class Config:
             help="this node's name in the fleet: 1-63 of a-z 0-9 _ . - starting with a-z or "
             "0-9 (default: the host name, lower-cased, other characters turned into -)",
         )
+        parser.add_argument(
+            "--node-listen",
+            metavar="HOST:PORT",
+            help="accept links from the fleet's other nodes here (PostgreSQL store only; "
+            "a non-loopback address needs --fleet-key-file)",
+        )
+        parser.add_argument(
+            "--node-address",
+            metavar="HOST:PORT",
+            help="what the other nodes dial to reach this one (default: the --node-listen "
+            "address, unless it is a wildcard)",
+        )
+        parser.add_argument(
+            "--fleet-key-file",
+            metavar="PATH",
+            type=Path,
+            help="the fleet's shared key (32+ bytes, mode 0600, the same on every node): "
+            "links between nodes authenticate with it",
+        )
         parser.add_argument("--version", action="version", version=f"capd {VERSION}")
         args = parser.parse_args(argv)
         if args.max_frame_bytes < 1024:
@@ -192,6 +219,7 @@ class Config:
                 f"--node {node!r} is not a node name: use 1-63 of a-z 0-9 _ . - starting "
                 "with a-z or 0-9"
             )
+        node_listen, fleet_key = _fleet_links(parser, args)
         allow_gid = None
         if args.allow_group is not None:
             try:
@@ -232,7 +260,56 @@ class Config:
             lock_wait_s=args.lock_wait_s,
             max_engine_processes=args.max_engine_processes,
             node=node,
+            node_listen=node_listen,
+            node_address=args.node_address,
+            fleet_key=fleet_key,
         )
+
+
+def _fleet_links(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> tuple[tuple[str, int] | None, bytes | None]:
+    """`--node-listen` and the fleet key, checked: links are for a fleet (a shared store),
+    and one that other machines can reach must authenticate them."""
+    key = None
+    if args.fleet_key_file is not None:
+        try:
+            key = load_key(args.fleet_key_file)
+        except FleetKeyError as exc:
+            parser.error(str(exc))
+    if args.node_address is not None and _host_port(args.node_address) is None:
+        parser.error(f"--node-address {args.node_address}: expected HOST:PORT")
+    if args.node_listen is None:
+        if args.node_address is not None:
+            parser.error("--node-address needs --node-listen")
+        return None, key
+    listen = _host_port(args.node_listen) or (
+        parser.error(f"--node-listen {args.node_listen}: expected HOST:PORT, e.g. 10.0.0.5:7420")
+    )
+    if args.store is None:
+        parser.error("--node-listen needs --store postgresql://…: a fleet shares its store")
+    host = listen[0]
+    if key is None and not _loopback(host):
+        parser.error(
+            f"--node-listen {args.node_listen} is reachable from other machines: give "
+            "--fleet-key-file (`openssl rand -hex 32 > FILE; chmod 600 FILE`, the same on "
+            "every node) so that links authenticate"
+        )
+    if args.node_address is None and host in ("0.0.0.0", "::"):
+        parser.error(
+            f"--node-listen {args.node_listen} is a wildcard: give --node-address HOST:PORT, "
+            "the address the other nodes dial"
+        )
+    return listen, key
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _host_port(text: str) -> tuple[str, int] | None:
