@@ -9,7 +9,6 @@ import socket
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from capd.fleet.auth import FleetKeyError, load_key
 from capd.proc.limits import BACKENDS, Backend
 from capd.store.errors import POSTGRES_SCHEMES, redact
 from protocol import VERSION
@@ -273,6 +272,8 @@ def _fleet_links(
     and one that other machines can reach must authenticate them."""
     key = None
     if args.fleet_key_file is not None:
+        from capd.fleet.auth import FleetKeyError, load_key  # only a fleet node needs it
+
         try:
             key = load_key(args.fleet_key_file)
         except FleetKeyError as exc:

@@ -18,10 +18,12 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from capd import tracing
 from capd.config import Config
+from capd.fleet.links import HostPort, LinkServer
+from capd.fleet.relay import Relay
 from capd.metrics_http import Cached, MetricsHttp
 from capd.metrics_scrape import scrape
 from capd.outbox import Outbox
@@ -37,6 +39,9 @@ from capd.systemd import Notifier, activated_socket
 from capd.teams import Teams
 from protocol import VERSION
 from protocol.results import InfoResult, SandboxBackend
+
+if TYPE_CHECKING:
+    from capd.fleet import Fleet
 
 log = logging.getLogger("capd")
 
@@ -61,6 +66,9 @@ class Daemon:
         self._outbox: Outbox | None = None
         self._supervisor: Supervisor | None = None
         self._endpoint: DaemonEndpoint | None = None
+        self._relay: Relay | None = None
+        self._links: LinkServer | None = None
+        self._link_endpoint: DaemonEndpoint | None = None
         self._locks: list[IO[str]] = []
         self._should_exit = asyncio.Event()
         self._started = time.monotonic()
@@ -120,7 +128,9 @@ class Daemon:
             cfg, store, outbox, registry, self._pod_status_changed, sandbox, Teams
         )
         await self.supervisor.worktrees.sweep()
-        self._endpoint = DaemonEndpoint(self.supervisor, self, cfg)
+        if (fleet := self.supervisor.cluster) is not None:
+            self._relay = Relay(fleet, cfg.fleet_key, cfg.max_frame_bytes)
+        self._endpoint = DaemonEndpoint(self.supervisor, self, cfg, self._relay)
         if cfg.metrics_listen is not None:
             self._metrics_http = MetricsHttp(self._metrics.get)
             self._metrics_listen = await self._metrics_http.bind(*cfg.metrics_listen)
@@ -128,6 +138,8 @@ class Daemon:
         if self._metrics_http is not None:  # once restored: no scrape sees pods not up yet
             await self._metrics_http.serve()
             log.info("metrics at http://%s/metrics", self._metrics_listen)
+        if cfg.node_listen is not None and self.supervisor.cluster is not None:
+            await self._listen_for_nodes(self.supervisor.cluster, *cfg.node_listen)
         await self._endpoint.listen(activated)
         outbox.start()
         log.info(
@@ -141,6 +153,17 @@ class Daemon:
         # daemon: keep the collector from walking it again on every full collection.
         gc.freeze()
         self._notifier.ready(self.supervisor.summary())
+
+    async def _listen_for_nodes(self, fleet: "Fleet", host: str, port: int) -> None:
+        """Accept the other nodes' links (once this node's pods are up) and tell the fleet
+        where to dial. What comes over a link is answered for this node alone."""
+        cfg = self.config
+        self._link_endpoint = local = DaemonEndpoint(self.supervisor, self, cfg)
+        self._links = LinkServer(cfg.node, cfg.fleet_key, local.serve_stream, cfg.max_frame_bytes)
+        bound = await self._links.listen(HostPort(host, port))
+        address = cfg.node_address or str(bound)
+        await fleet.set_address(address)
+        log.info("node links on %s (the fleet dials %s)", bound, address)
 
     async def _restore_pods(self) -> None:
         """Bring up the pods that were not stopped. A long restore tells systemd how far it
@@ -216,8 +239,14 @@ class Daemon:
             self._supervisor.refuse_new_work()
         if self._metrics_http is not None:
             await self._metrics_http.close()
+        if self._links is not None:
+            await self._links.close()
         if self._endpoint is not None:
             await self._endpoint.close()
+        if self._relay is not None:
+            await self._relay.close()
+        if self._link_endpoint is not None:
+            await self._link_endpoint.close()
         if self._supervisor is not None:
             await self._supervisor.take_down_all()
         await stop_all_groups()

@@ -1,0 +1,240 @@
+"""Two capd nodes on one real PostgreSQL, linked over real TCP links: every daemon-socket
+request for a pod the other node hosts is relayed to it (docs/scaling.md)."""
+
+import asyncio
+import contextlib
+import os
+import statistics
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import orjson
+import psycopg
+import pytest
+
+from capd.fleet.links import LinkError, open_link
+from protocol.client import Client
+from protocol.errors import ProtocolError
+from tests.conftest import START_TIMEOUT_S, CapdProcess, _request, _stopped_at_exit
+from tests.helpers import Event, is_event, scripted, slow_text, wait_for
+from tests.pg import PgServer
+
+KEY = b"0123456789abcdef" * 4
+
+
+@pytest.fixture(scope="module")
+def nodes(
+    tmp_path_factory: pytest.TempPathFactory, pg_server: PgServer
+) -> Iterator[tuple[CapdProcess, CapdProcess, str]]:
+    """Nodes a and b of one fleet (one database, one key), and the database's URL."""
+    root = tmp_path_factory.mktemp("fleet")
+    key = root / "fleet.key"
+    key.write_bytes(KEY)
+    key.chmod(0o600)
+    url = pg_server.url(pg_server.create_database())
+    with contextlib.ExitStack() as stack:
+        started = []
+        for name in ("a", "b"):
+            runs = stack.enter_context(contextlib.closing(_stopped_at_exit(root / name)))
+            proc = next(runs)
+            proc.store = url
+            proc.log = root / f"{name}.log"
+            proc.extra_args = [
+                "--node", name,
+                "--node-listen", "127.0.0.1:0",
+                "--fleet-key-file", str(key),
+            ]  # fmt: skip
+            proc.start()
+            started.append(proc)
+        yield started[0], started[1], url
+
+
+@pytest.fixture
+def a(nodes: tuple[CapdProcess, CapdProcess, str]) -> CapdProcess:
+    return nodes[0]
+
+
+@pytest.fixture
+def b(nodes: tuple[CapdProcess, CapdProcess, str]) -> CapdProcess:
+    return nodes[1]
+
+
+@pytest.fixture(autouse=True)
+def _empty_fleet(nodes: tuple[CapdProcess, CapdProcess, str]) -> Iterator[None]:
+    """Each test starts with no pod: every pod is deleted through node a."""
+    yield
+    a = nodes[0]
+    for pod in _request(a.socket, {"method": "list"}, START_TIMEOUT_S)["result"]["pods"]:
+        _request(a.socket, {"method": "delete", "name": pod["name"]}, START_TIMEOUT_S)
+
+
+async def _spawn(through: CapdProcess, name: str, node: str, model: dict[str, Any]) -> Any:
+    async with await Client.connect(through.socket) as daemon:
+        return await daemon.request(
+            {"method": "spawn", "node": node, "manifest": {"name": name, "model": model}}
+        )
+
+
+async def test_spawn_run_and_list_through_the_other_node(a: CapdProcess, b: CapdProcess) -> None:
+    spawned = await _spawn(a, "wb", "b", scripted({"text": "from b"}))
+    assert spawned["socket"] == str(b.pod_socket("wb"))
+    await _spawn(a, "wa", "a", scripted({"text": "from a"}))
+    async with await Client.connect(a.socket) as daemon:
+        await daemon.request({"method": "subscribe", "pod": "wb", "after_seq": 0})
+        turn = await daemon.request({"method": "run", "pod": "wb", "text": "go"})
+        end, seen = await wait_for(daemon, is_event("turn_end", turn_id=turn["turn_id"]))
+        status = await daemon.request({"method": "status", "pod": "wb"})
+        listed = {pod["name"]: pod for pod in (await daemon.request({"method": "list"}))["pods"]}
+        info = await daemon.request({"method": "info"})
+    assert end["result"] == "completed"
+    assert "".join(e["text"] for e in seen if e["event"] == "text_delta") == "from b"
+    assert status["node"] == "b"
+    assert status["status"] == "idle"
+    assert (listed["wb"]["node"], listed["wb"]["socket"]) == ("b", None)
+    assert (listed["wa"]["node"], listed["wa"]["socket"]) == ("a", str(a.pod_socket("wa")))
+    assert {(n["node"], n["pods"]) for n in info["fleet"]} == {("a", 1), ("b", 1)}
+    async with await Client.connect(b.socket) as direct:
+        on_b = {pod["name"] for pod in (await direct.request({"method": "list"}))["pods"]}
+    assert on_b == {"wa", "wb"}
+
+
+async def test_relayed_subscription_sees_what_the_hosts_own_subscriber_sees(
+    a: CapdProcess, b: CapdProcess
+) -> None:
+    """Replay then live, deltas included, no gap: through a, the frames b's pod socket
+    sends, in the same order."""
+    steps = [{"text": "first"}, slow_text(300, 1), {"text": "third"}]
+    await _spawn(a, "w1", "b", {"provider": "scripted", "script": steps})
+    async with await Client.connect(b.pod_socket("w1")) as own:
+        await own.request({"method": "subscribe"})
+        await own.request({"method": "run", "text": "one"})
+        await wait_for(own, is_event("status", status="idle"))
+    own = await Client.connect(b.pod_socket("w1"))
+    reader, writer = await asyncio.open_unix_connection(str(a.socket), limit=1 << 24)
+    try:
+        await reader.readline()  # hello
+        request = {"method": "subscribe", "pod": "w1", "after_seq": 0, "id": "s"}
+        writer.write(orjson.dumps(request) + b"\n")
+        ack = await _read(reader)
+        await own.request({"method": "subscribe", "after_seq": 0})
+        for text in ("two", "three"):
+            await own.request({"method": "run", "text": text, "if_busy": "queue"})
+        seen = await _until_turn_end(lambda: own.next_event(10), 3)
+        relayed = await _until_turn_end(lambda: _read(reader), 3)
+    finally:
+        writer.close()
+        await own.close()
+    assert (ack["event"], ack["id"]) == ("ack", "s")
+    assert 0 < ack["result"]["last_seq"] < seen[-1]["seq"]
+    assert relayed == seen
+    seqs = [event["seq"] for event in seen if "seq" in event]
+    assert seqs == list(range(1, len(seqs) + 1))
+    assert any(event["event"] == "text_delta" for event in seen)
+
+
+async def test_stop_start_delete_through_the_other_node(a: CapdProcess, b: CapdProcess) -> None:
+    await _spawn(a, "w2", "b", scripted())
+    async with await Client.connect(a.socket) as daemon:
+        await daemon.request({"method": "subscribe", "pod": "w2"})
+        await daemon.request({"method": "stop", "name": "w2"})
+        await wait_for(daemon, is_event("pod_stopped", pod="w2"))
+        with pytest.raises(ProtocolError) as err:
+            await daemon.request({"method": "status", "pod": "w2"})
+        assert err.value.code == "not_running"
+        started = await daemon.request({"method": "start", "name": "w2"})
+        assert started["socket"] == str(b.pod_socket("w2"))
+        assert (await daemon.request({"method": "status", "pod": "w2"}))["status"] == "idle"
+        await daemon.request({"method": "delete", "name": "w2"})
+        with pytest.raises(ProtocolError) as err:
+            await daemon.request({"method": "status", "pod": "w2"})
+        assert err.value.code == "not_found"
+        with pytest.raises(ProtocolError) as err:
+            await daemon.request({"method": "delete", "name": "w2"})
+        assert err.value.code == "not_found"
+    assert not b.pod_socket("w2").exists()
+
+
+async def test_relayed_and_local_requests_pipeline_in_request_order(
+    a: CapdProcess, b: CapdProcess
+) -> None:
+    await _spawn(a, "la", "a", scripted())
+    await _spawn(a, "rb", "b", scripted())
+    reader, writer = await asyncio.open_unix_connection(str(a.socket))
+    try:
+        await reader.readline()
+        pods = ["rb", "la", "rb", "rb", "la", "nope", "rb"]
+        writer.write(
+            b"".join(
+                orjson.dumps({"id": i, "method": "status", "pod": pod}) + b"\n"
+                for i, pod in enumerate(pods)
+            )
+        )
+        replies = [await _read(reader) for _ in pods]
+    finally:
+        writer.close()
+    assert [reply["id"] for reply in replies] == list(range(len(pods)))
+    for pod, reply in zip(pods, replies, strict=True):
+        if pod == "nope":
+            assert reply["code"] == "not_found"
+        else:
+            assert reply["result"]["node"] == {"la": "a", "rb": "b"}[pod]
+
+
+async def test_a_wrong_fleet_key_is_refused(
+    b: CapdProcess, nodes: tuple[CapdProcess, CapdProcess, str]
+) -> None:
+    address = _address(nodes[2], "b")
+    with pytest.raises(LinkError, match="refused the link: node a: wrong fleet key"):
+        await open_link(address, "a", b"x" * 32, 1 << 20, "b")
+    link = await open_link(address, "a", KEY, 1 << 20, "b")
+    link.send({"id": 1, "method": "info"})
+    _, reply = await anext(link.frames())
+    link.close()
+    assert reply["result"]["node"] == "b"
+    assert "refused a node link" in b.output()
+
+
+@pytest.mark.skipif(not os.environ.get("CAPD_FLEET_BENCH"), reason="CAPD_FLEET_BENCH=1")
+async def test_relayed_round_trip_against_a_local_one(a: CapdProcess, b: CapdProcess) -> None:
+    """`status` of a pod on b through a's daemon socket vs through b's (same pod, same
+    run, alternating blocks); prints the figures the README quotes."""
+    await _spawn(a, "rt", "b", scripted())
+    async with (
+        await Client.connect(a.socket) as relayed,
+        await Client.connect(b.socket) as local,
+    ):
+        times: dict[str, list[float]] = {"local": [], "relayed": []}
+        request = {"method": "status", "pod": "rt"}
+        for _ in range(10):
+            for label, client in (("local", local), ("relayed", relayed)):
+                for _ in range(200):
+                    start = time.perf_counter()
+                    await client.request(request)
+                    times[label].append(time.perf_counter() - start)
+    p50 = {k: statistics.median(v) * 1e6 for k, v in times.items()}
+    p99 = {k: statistics.quantiles(v, n=100)[98] * 1e6 for k, v in times.items()}
+    print(
+        f"\nstatus round trip, pod on b: local (b's daemon socket) p50 {p50['local']:.0f} µs "
+        f"p99 {p99['local']:.0f} µs; relayed through a p50 {p50['relayed']:.0f} µs "
+        f"p99 {p99['relayed']:.0f} µs; ratio p50 {p50['relayed'] / p50['local']:.2f}x"
+    )
+
+
+def _address(url: str, node: str) -> str:
+    with psycopg.connect(url) as db:
+        row = db.execute("SELECT address FROM nodes WHERE name = %s", (node,)).fetchone()
+    assert row is not None
+    assert row[0]
+    return str(row[0])
+
+
+async def _read(reader: asyncio.StreamReader) -> Event:
+    return orjson.loads(await asyncio.wait_for(reader.readline(), 10))
+
+
+async def _until_turn_end(next_event: Callable[[], Awaitable[Event]], turns: int) -> list[Event]:
+    seen: list[Event] = []
+    while sum(event["event"] == "turn_end" for event in seen) < turns:
+        seen.append(await next_event())
+    return seen
