@@ -18,7 +18,7 @@ from capd import metrics
 from capd.engines.base import BudgetSpent
 from capd.prices import add_usd, price_of
 from capd.registry import PodRegistry
-from capd.store import Carried, Store
+from capd.store import Carried, PodRecord, Store
 from protocol.errors import ProtocolError
 from protocol.events import BudgetLimits, Spent, Usage
 from protocol.manifest import Budget, BuiltinEngine, Manifest
@@ -53,15 +53,29 @@ class Ledger:
         }
         """What each pod's deleted descendants spent: part of its subtree sum."""
         for record in registry.all():
-            inp, out, usd = store.usage_totals(record.name)
-            metrics.usage_stored(record.name, (inp, out, usd))
-            self._own[record.name] = _Sum(inp + out, usd)
-            try:
-                budget = Manifest.model_validate_json(record.manifest).budget
-            except ValueError:
-                budget = None  # the supervisor reports the pod as not restorable
-            if budget is not None:
-                self._budgets[record.name] = budget
+            self._load(record, store)
+        self._sum_subtrees()
+
+    def _load(self, record: PodRecord, store: Store) -> None:
+        inp, out, usd = store.usage_totals(record.name)
+        metrics.usage_stored(record.name, (inp, out, usd))
+        self._own[record.name] = _Sum(inp + out, usd)
+        try:
+            budget = Manifest.model_validate_json(record.manifest).budget
+        except ValueError:
+            budget = None  # the supervisor reports the pod as not restorable
+        if budget is not None:
+            self._budgets[record.name] = budget
+
+    def adopted(self, records: list[PodRecord], store: Store) -> None:
+        """Pods another fleet node held, known here from now on: what they spent so far
+        and what their deleted descendants did, from the store."""
+        names = {record.name for record in records}
+        for carried in store.carried():
+            if carried.pod in names:
+                self._carried[carried.pod] = _Sum(carried.tokens, carried.usd)
+        for record in records:
+            self._load(record, store)
         self._sum_subtrees()
 
     # -- spending -----------------------------------------------------------------------

@@ -64,6 +64,9 @@ class Config:
     (`--lock-wait-s`): longer than the unit's TimeoutStopSec=30."""
     node: str = field(default_factory=default_node_name)
     """This node's name in the fleet (`--node`)."""
+    lease_ttl_s: float = 15.0
+    """How long a fleet node's lease lasts without renewal (`--lease-ttl-s`): a node that
+    dies has its pods adopted by another after about this long (capd.fleet)."""
     node_listen: tuple[str, int] | None = None
     """Where this node accepts links from the fleet's other nodes (`--node-listen`)."""
     node_address: str | None = None
@@ -172,6 +175,13 @@ class Config:
             "0-9 (default: the host name, lower-cased, other characters turned into -)",
         )
         parser.add_argument(
+            "--lease-ttl-s",
+            metavar="S",
+            type=float,
+            default=default["lease_ttl_s"],
+            help="with a PostgreSQL store: how long this node's lease lasts unrenewed; "
+            "another node adopts the pods of a node silent that long (default %(default)s, "
+            "at least 2)",
             "--node-listen",
             metavar="HOST:PORT",
             help="accept links from the fleet's other nodes here (PostgreSQL store only; "
@@ -210,6 +220,8 @@ class Config:
             parser.error(
                 f"--lock-wait-s must be a number of seconds, 0 or more, got {args.lock_wait_s}"
             )
+        if not 2 <= args.lease_ttl_s < float("inf"):
+            parser.error(f"--lease-ttl-s must be at least 2 seconds, got {args.lease_ttl_s}")
         if args.store is not None and not args.store.startswith(POSTGRES_SCHEMES):
             parser.error(f"--store {redact(args.store)}: expected a postgresql:// URL")
         node = default_node_name() if args.node is None else args.node
@@ -259,6 +271,7 @@ class Config:
             lock_wait_s=args.lock_wait_s,
             max_engine_processes=args.max_engine_processes,
             node=node,
+            lease_ttl_s=args.lease_ttl_s,
             node_listen=node_listen,
             node_address=args.node_address,
             fleet_key=fleet_key,

@@ -18,10 +18,11 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO
 
 from capd import tracing
 from capd.config import Config
+from capd.fleet import Fleet, FleetRefused
 from capd.fleet.links import HostPort, LinkServer
 from capd.fleet.relay import Relay
 from capd.metrics_http import Cached, MetricsHttp
@@ -33,15 +34,12 @@ from capd.proc.limits import LimitsUnavailable
 from capd.proc.sandbox import Backend, candidates, probe
 from capd.registry import PodRegistry
 from capd.server import DaemonEndpoint
-from capd.store import Store, StoreUnavailable, open_store
+from capd.store import PodRecord, Store, StoreUnavailable, open_store
 from capd.supervisor import Supervisor
 from capd.systemd import Notifier, activated_socket
 from capd.teams import Teams
 from protocol import VERSION
 from protocol.results import InfoResult, SandboxBackend
-
-if TYPE_CHECKING:
-    from capd.fleet import Fleet
 
 log = logging.getLogger("capd")
 
@@ -63,6 +61,8 @@ class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
         self._store: Store | None = None
+        self.fleet: Fleet | None = None
+        """This node's fleet membership (a PostgreSQL store); None on SQLite."""
         self._outbox: Outbox | None = None
         self._supervisor: Supervisor | None = None
         self._endpoint: DaemonEndpoint | None = None
@@ -122,24 +122,35 @@ class Daemon:
         self._store, shown = open_store(cfg.store, cfg.state_dir)
         store = self._store
         log.info("store: %s", shown)
+        if cfg.store is not None:  # before anything reads the store: it then sees our pods
+            self.fleet = await Fleet.join(
+                cfg.store,
+                store,  # type: ignore[arg-type]
+                cfg.node,
+                cfg.state_dir,
+                cfg.lease_ttl_s,
+            )
         self._outbox = outbox = Outbox(store)
         registry = PodRegistry(store, cfg.runtime_dir)
         self._supervisor = Supervisor(
             cfg, store, outbox, registry, self._pod_status_changed, sandbox, Teams
         )
         await self.supervisor.worktrees.sweep()
-        if (fleet := self.supervisor.cluster) is not None:
-            self._relay = Relay(fleet, cfg.fleet_key, cfg.max_frame_bytes)
+        self.supervisor.cluster = self.fleet
+        if self.fleet is not None:
+            self._relay = Relay(self.fleet, cfg.fleet_key, cfg.max_frame_bytes)
         self._endpoint = DaemonEndpoint(self.supervisor, self, cfg, self._relay)
         if cfg.metrics_listen is not None:
             self._metrics_http = MetricsHttp(self._metrics.get)
             self._metrics_listen = await self._metrics_http.bind(*cfg.metrics_listen)
         await self._restore_pods()
+        if self.fleet is not None:
+            self.fleet.adopt_with(self._adopt)
         if self._metrics_http is not None:  # once restored: no scrape sees pods not up yet
             await self._metrics_http.serve()
             log.info("metrics at http://%s/metrics", self._metrics_listen)
-        if cfg.node_listen is not None and self.supervisor.cluster is not None:
-            await self._listen_for_nodes(self.supervisor.cluster, *cfg.node_listen)
+        if cfg.node_listen is not None and self.fleet is not None:
+            await self._listen_for_nodes(self.fleet, *cfg.node_listen)
         await self._endpoint.listen(activated)
         outbox.start()
         log.info(
@@ -154,7 +165,7 @@ class Daemon:
         gc.freeze()
         self._notifier.ready(self.supervisor.summary())
 
-    async def _listen_for_nodes(self, fleet: "Fleet", host: str, port: int) -> None:
+    async def _listen_for_nodes(self, fleet: Fleet, host: str, port: int) -> None:
         """Accept the other nodes' links (once this node's pods are up) and tell the fleet
         where to dial. What comes over a link is answered for this node alone."""
         cfg = self.config
@@ -180,6 +191,14 @@ class Daemon:
                     STATUS=f"restoring pods: {done} of {len(records)} up",
                 )
             await self.supervisor.restore(record)
+
+    async def _adopt(self, records: list[PodRecord]) -> None:
+        """Bring up pods adopted from a node that left or died, and deliver what they owe."""
+        assert self.fleet is not None
+        assert self._outbox is not None
+        await self.supervisor.adopt(records)
+        for target in await self.fleet.report_targets([record.name for record in records]):
+            self._outbox.poke(target)
 
     async def main_loop(self) -> None:
         if self._notifier.watchdog_s is None:
@@ -237,6 +256,8 @@ class Daemon:
         self._notifier.stopping("stopping: pausing running turns")
         if self._supervisor is not None:
             self._supervisor.refuse_new_work()
+        if self.fleet is not None:
+            await self.fleet.stop_adopting()
         if self._metrics_http is not None:
             await self._metrics_http.close()
         if self._links is not None:
@@ -257,7 +278,11 @@ class Daemon:
             await self._outbox.close()
         if self._store is not None:
             await self._store.flush()  # what the pods wrote as they stopped
+            if self.fleet is not None:
+                await self.fleet.stop_renewing()
             self._store.close()
+        if self.fleet is not None:  # hand the pods over: no TTL to wait for
+            await self.fleet.leave()
         for lock in self._locks:
             lock.close()
         log.info("capd stopped")
@@ -409,7 +434,7 @@ def main(argv: list[str] | None = None) -> None:
     _install_loop()
     try:
         asyncio.run(Daemon(config).serve())
-    except (DaemonLocked, LimitsUnavailable, StoreUnavailable) as exc:
+    except (DaemonLocked, FleetRefused, LimitsUnavailable, StoreUnavailable) as exc:
         print(f"capd: {exc}", file=sys.stderr)
         sys.exit(1)
     except OSError as exc:

@@ -48,6 +48,12 @@ class PodRegistry:
         self._records[name] = record
         self._index(record)
 
+    def learn(self, record: PodRecord) -> None:
+        """A pod this daemon did not know: one another fleet node held until it was
+        adopted here (its stored record, already in the store)."""
+        self._records[record.name] = record
+        self._index(record)
+
     def set_manifest(self, name: str, manifest: str) -> None:
         """Replace the pod's stored manifest (a `set_budget` changed it)."""
         self._store.set_manifest(name, manifest)

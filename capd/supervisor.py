@@ -29,6 +29,7 @@ from capd.engines import check_engine, make_engine, model_label
 from capd.engines.claude_code import state_paths as claude_code_state
 from capd.engines.slots import EngineSlots
 from capd.fanout import Hub
+from capd.fleet import Fleet
 from capd.outbox import Outbox
 from capd.pod_worktrees import PodWorktrees
 from capd.proc.limits import Limiter, PodLimits
@@ -120,6 +121,8 @@ class Supervisor:
         self.config = config
         self.node = config.node
         """This node's name (`capd --node`): `status`, `list` and `info` name it."""
+        self.cluster: Fleet | None = None
+        """The fleet this node is part of (a PostgreSQL store); None on SQLite."""
         self.sandbox = sandbox
         self.store = store
         self.outbox = outbox
@@ -161,6 +164,18 @@ class Supervisor:
         """Bring a stored pod back up; one that cannot be is marked broken and left down."""
         with contextlib.suppress(CannotRestore):
             await self._bring_up_record(record)
+
+    async def adopt(self, records: list[PodRecord]) -> None:
+        """Pods another fleet node held until this one adopted them (parents first):
+        known from now on, and brought up as a restart would (a turn that was running
+        comes back paused); stopped ones stay stopped, here."""
+        records = [record for record in records if self.registry.get(record.name) is None]
+        for record in records:
+            self.registry.learn(record)
+        self.ledger.adopted(records, self.store)
+        for record in records:
+            if not record.stopped and not self._closing:
+                await self.restore(record)
 
     def refuse_new_work(self) -> None:
         self._closing = True

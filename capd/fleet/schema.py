@@ -42,3 +42,8 @@ BEGIN
     END IF;
 END $$;
 """
+
+
+class LeaseLost(Exception):
+    """A batch's fence found that this process no longer holds its node's lease: the
+    batch rolled back, and capd stops as for any failed commit."""

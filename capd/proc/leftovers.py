@@ -137,3 +137,11 @@ def _write_private(path: Path, text: str) -> None:
     os.fchmod(fd, 0o600)
     with os.fdopen(fd, "w") as out:
         out.write(text)
+
+
+def kill_own_groups() -> None:
+    """SIGKILL now every process group this capd started (a node stopping itself before
+    its lease can run out: no grace, nothing of it may run on once another node adopts)."""
+    for groups in _groups_marked(_mark.values()).values():
+        for pgid in groups:
+            terminate_group(pgid, 0)

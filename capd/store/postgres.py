@@ -51,7 +51,7 @@ import orjson
 import psycopg
 from psycopg import conninfo
 
-from capd.fleet.schema import FLEET_MIGRATION
+from capd.fleet.schema import FENCE_SQLSTATE, FLEET_MIGRATION, LeaseLost
 from capd.prices import add_usd
 from capd.store.base import (
     LAST_SEQ,
@@ -65,6 +65,7 @@ from capd.store.base import (
 )
 from capd.store.batch import BatchBroken, GroupCommit
 from capd.store.errors import StoreUnavailable, redact
+from protocol.errors import ProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +170,14 @@ class PostgresStore:
         """The first error of the open transaction: the rest of it is skipped."""
         self._rows_waiting: list[tuple[Any, ...]] = []
         """Rows of lone events the open batch appended, not queued yet (loop side)."""
+        self._fence: tuple[str, int, float] | None = None
+        """(node, incarnation, ttl) once this store writes for a fleet node: every
+        transaction then runs `capd_fence` right before its COMMIT (capd.fleet)."""
+        self.node: str | None = None
+        """The fleet node this store writes for: its start-up reads see that node's pods."""
+        self.renewed_at: float | None = None
+        """time.monotonic() when the last fenced COMMIT that succeeded was sent: the node's
+        lease runs at least until then + ttl (the database stamped it later)."""
         self._thread = threading.Thread(target=self._run, name="capd-store", daemon=True)
         self._thread.start()
         self._batch = GroupCommit(self) if on_failure is None else GroupCommit(self, on_failure)
@@ -242,13 +251,24 @@ class PostgresStore:
         if failed is not None:
             self._rollback(cursor)
             raise failed
+        fence, sent = self._fence, time.monotonic()  # before the fence can have run
         try:
+            if fence is not None:
+                cursor.execute("SELECT capd_fence(%s, %s, %s)", fence)
             cursor.execute("COMMIT")
             self._sync()
-        except BaseException:
+        except BaseException as exc:
             self._rollback(cursor)
+            if fence is not None and getattr(exc, "sqlstate", None) == FENCE_SQLSTATE:
+                raise LeaseLost(
+                    f"node {fence[0]} (incarnation {fence[1]}) lost its lease: another "
+                    "node took its pods, or it could not renew in time; nothing of the "
+                    "last batch was committed"
+                ) from exc
             raise
         self._in_tx = False
+        if fence is not None:
+            self.renewed_at = sent
 
     def _alone(self, op: OpOf[T]) -> OpOf[T]:
         """`op` as a transaction of its own: committed, or rolled back and raised."""
@@ -293,6 +313,32 @@ class PostgresStore:
                 raise BatchBroken(f"PostgreSQL aborted the batch: {exc!r}") from exc
 
         return run
+
+    # -- the fleet ----------------------------------------------------------------------
+
+    def join_fleet(self, node: str, incarnation: int, ttl_s: float) -> None:
+        """Write as fleet node `node` from now on: every transaction fenced by its
+        `incarnation`, an open transaction ended by the server after ttl/3 idle (a
+        partitioned node's locks must not outlive its lease), start-up reads limited to
+        the node's pods, and the connection named for audits (`capd/<node>/<incarnation>`)."""
+        timeout_ms = max(1, round(ttl_s * 1000 / 3))
+
+        def op(c: psycopg.Cursor[Any]) -> None:
+            c.execute(f"SET idle_in_transaction_session_timeout = {timeout_ms}")
+            c.execute(
+                "SELECT set_config('application_name', %s, false)", (f"capd/{node}/{incarnation}",)
+            )
+            self._sync()
+            self._fence = (node, incarnation, ttl_s)
+
+        self._submit(op).result()
+        self.node = node
+        self.renewed_at = time.monotonic()
+
+    def renew_lease(self) -> None:
+        """A write whose only effect is the fence before its COMMIT: renews the node's
+        lease when no batch did lately (capd.fleet.lease)."""
+        self._write(lambda c: None)
 
     # -- what the loop calls ------------------------------------------------------------
 
@@ -367,21 +413,42 @@ class PostgresStore:
         team: str | None = None,
         worktree: str | None = None,
     ) -> None:
+        """A new pod (with its lease on this node, in a fleet). A name another node took
+        is `already_exists`: ON CONFLICT DO NOTHING, as a refused INSERT would abort the
+        whole batch."""
         params = (name, manifest, parent, created, team, worktree)
-        self._write(
-            lambda c: c.execute(
-                "INSERT INTO pods (name, manifest, parent, created, team, worktree)"
-                " VALUES (%s, %s, %s, %s, %s, %s)",
-                params,
-            )
+        insert = (
+            "INSERT INTO pods (name, manifest, parent, created, team, worktree)"
+            " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (name) DO NOTHING RETURNING name"
         )
+        if self.node is not None:
+            # The family (top-level ancestor) of a child is its parent's: adoption keeps
+            # a tree on one node. A parent is named by its socket, <dir>/<name>.sock.
+            insert = (
+                f"WITH added AS ({insert}) INSERT INTO leases (pod, node, epoch, family) "
+                "SELECT name, %s, 1, COALESCE((SELECT family FROM leases WHERE pod = "
+                "substring(%s from '([^/]+)\\.sock$')), name) FROM added RETURNING pod"
+            )
+            params = (*params, self.node, parent)
+
+        def op(c: psycopg.Cursor[Any]) -> bool:
+            c.execute(insert, params)
+            return c.fetchone() is not None
+
+        if not self._write_read(op):
+            raise ProtocolError("already_exists", f"a pod named {name} already exists")
 
     def pods(self) -> list[PodRecord]:
-        rows = self._rows(
-            "SELECT name, manifest, parent, stopped, team, worktree, pending_manifest"
-            " FROM pods ORDER BY created, name",
-            (),
-        )
+        """Every pod; in a fleet, those this node holds the lease of."""
+        columns = "name, manifest, parent, stopped, team, worktree, pending_manifest"
+        if self.node is None:
+            rows = self._rows(f"SELECT {columns} FROM pods ORDER BY created, name", ())
+        else:
+            rows = self._rows(
+                f"SELECT {columns} FROM pods JOIN leases ON pod = name WHERE node = %s "
+                "ORDER BY created, name",
+                (self.node,),
+            )
         return [PodRecord(*row) for row in rows]
 
     def set_manifest(self, name: str, manifest: str) -> None:
@@ -602,13 +669,22 @@ class PostgresStore:
     # -- outbox -------------------------------------------------------------------------
 
     def report_targets(self) -> list[str]:
-        return [row[0] for row in self._rows("SELECT DISTINCT target FROM outbox", ())]
+        """Where reports are owed; in a fleet, those owed by this node's pods."""
+        return [row[0] for row in self._rows(f"SELECT DISTINCT target {self._owed()}", self._me())]
 
     def outbox_counts(self) -> tuple[int, int]:
-        """(reports owed, distinct parents they are owed to)."""
-        row = self._row("SELECT COUNT(*), COUNT(DISTINCT target) FROM outbox", ())
+        """(reports owed, distinct parents they are owed to), by this node's pods in a fleet."""
+        row = self._row(f"SELECT COUNT(*), COUNT(DISTINCT target) {self._owed()}", self._me())
         assert row is not None
         return row[0], row[1]
+
+    def _owed(self) -> str:
+        if self.node is None:
+            return "FROM outbox"
+        return "FROM outbox o JOIN leases l ON l.pod = o.pod WHERE l.node = %s"
+
+    def _me(self) -> tuple[str, ...]:
+        return () if self.node is None else (self.node,)
 
     def reports_for(self, target: str, limit: int) -> list[OutboxEntry]:
         """The oldest `limit` committed reports still owed to `target`, in the order they

@@ -1,0 +1,248 @@
+"""The fleet's control connection: every query about nodes and leases, on a psycopg
+`AsyncConnection` of its own on the event loop (autocommit), never on the store's batch
+connection — a scan or a relay's lookup must not wait behind, or join, a batch.
+
+A node is live while `incarnation <> 0 AND expires > clock_timestamp()`: expiry is only
+ever compared in the database's clock (fleet22 §8.2).
+"""
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import conninfo
+
+from capd.store import PodRecord
+
+LIVE = "n.incarnation <> 0 AND n.expires > clock_timestamp()"
+NODE_COLUMNS = (
+    "n.name, n.address, n.incarnation, "
+    "(SELECT count(*) FROM leases l WHERE l.node = n.name), "
+    "extract(epoch FROM n.expires) - %s"
+)
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    name: str
+    address: str | None
+    """`host:port` of its node link (`nodes.address`), None until set."""
+    incarnation: int
+    """The live process's incarnation (a link can check its peer's)."""
+    pods: int
+    """Pods whose lease names it, stopped ones included."""
+    last_seen: float
+    """Unix seconds of its last renewal (its expiry - ttl, the database's clock)."""
+
+
+@dataclass(frozen=True)
+class Joined:
+    incarnation: int
+    reclaimed: list[tuple[str, int]]
+    """(pod, new epoch) of the pods the node held under its name."""
+
+
+class NameInUse(Exception):
+    """Another live capd runs under this node name."""
+
+
+class Control:
+    def __init__(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        self._conn = conn
+        self._lock = asyncio.Lock()
+        """One query or transaction at a time: a transaction spans several awaits."""
+
+    @classmethod
+    async def connect(cls, url: str, node: str) -> "Control":
+        params = conninfo.conninfo_to_dict(url)
+        params.setdefault("connect_timeout", 10)
+        params["application_name"] = f"capd/{node}/control"
+        return cls(await psycopg.AsyncConnection.connect(autocommit=True, **params))
+
+    async def close(self) -> None:
+        with contextlib.suppress(psycopg.Error):
+            await self._conn.close()
+
+    async def _all(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        async with self._lock:
+            cursor = await self._conn.execute(sql, params)  # type: ignore[arg-type]
+            return await cursor.fetchall()
+
+    # -- this node ----------------------------------------------------------------------
+
+    async def join(
+        self, me: str, previous: int | None, address: str | None, ttl_s: float
+    ) -> Joined:
+        """Start a new incarnation of node `me` and take back every pod its lease names
+        (epoch +1: an old incarnation still running somewhere fails its next fence).
+        Refused (NameInUse) when a live incarnation other than `previous` (this state
+        dir's last) holds the name: another capd uses it."""
+        async with self._lock, self._conn.transaction():
+            cur = await self._conn.execute(
+                "SELECT incarnation, expires > clock_timestamp(), "
+                "extract(epoch FROM clock_timestamp() - expires) + %s "
+                "FROM nodes WHERE name = %s FOR UPDATE",
+                (ttl_s, me),
+            )
+            row = await cur.fetchone()
+            if row is not None and row[0] != 0 and row[1] and row[0] != previous:
+                raise NameInUse(
+                    f"node {me} is live (incarnation {row[0]}, renewed {row[2]:.1f} s ago) "
+                    "and is not this state dir's: another capd uses this name; pick "
+                    "another --node"
+                )
+            cur = await self._conn.execute(
+                "INSERT INTO nodes (name, incarnation, address, expires) VALUES "
+                "(%s, nextval('node_incarnation'), %s, "
+                "clock_timestamp() + make_interval(secs => %s)) "
+                "ON CONFLICT (name) DO UPDATE SET incarnation = excluded.incarnation, "
+                "address = COALESCE(excluded.address, nodes.address), "
+                "expires = excluded.expires, started = clock_timestamp(), draining = false "
+                "RETURNING incarnation",
+                (me, address, ttl_s),
+            )
+            inc = await cur.fetchone()
+            assert inc is not None
+            cur = await self._conn.execute(
+                "UPDATE leases SET epoch = epoch + 1 WHERE node = %s RETURNING pod, epoch", (me,)
+            )
+            reclaimed = [(pod, epoch) for pod, epoch in await cur.fetchall()]
+            # Pods a capd wrote before the fleet's tables existed have no lease: the first
+            # node to join takes them.
+            cur = await self._conn.execute(
+                "INSERT INTO leases (pod, node, epoch, family) SELECT name, %s, 1, name "
+                "FROM pods WHERE NOT EXISTS (SELECT 1 FROM leases WHERE pod = name) "
+                "ON CONFLICT DO NOTHING RETURNING pod, epoch",
+                (me,),
+            )
+            reclaimed += [(pod, epoch) for pod, epoch in await cur.fetchall()]
+        return Joined(int(inc[0]), reclaimed)
+
+    async def set_address(self, me: str, incarnation: int, address: str) -> None:
+        await self._all(
+            "UPDATE nodes SET address = %s WHERE name = %s AND incarnation = %s RETURNING 1",
+            (address, me, incarnation),
+        )
+
+    async def leave(self, me: str, incarnation: int) -> bool:
+        """End this incarnation now: other nodes adopt its pods at their next scan."""
+        rows = await self._all(
+            "UPDATE nodes SET incarnation = 0, expires = clock_timestamp() "
+            "WHERE name = %s AND incarnation = %s RETURNING 1",
+            (me, incarnation),
+        )
+        return bool(rows)
+
+    # -- takeover -----------------------------------------------------------------------
+
+    async def adopt(self, me: str, incarnation: int) -> tuple[list[str], list[tuple[str, int]]]:
+        """One scan, one transaction: end the incarnations that expired, then move a share
+        of the ended nodes' pods (whole families) to `me`. Returns (nodes ended, (pod, new
+        epoch) adopted). Raises NotLive when `me` itself is no longer live."""
+        async with self._lock, self._conn.transaction():
+            # Locks our own row (FOR SHARE) for the transaction: a node whose lease ran
+            # out must not adopt, and cannot lose the row before this commits.
+            cur = await self._conn.execute(
+                "SELECT 1 FROM nodes n WHERE name = %s AND incarnation = %s AND "
+                + LIVE
+                + " FOR SHARE",
+                (me, incarnation),
+            )
+            if await cur.fetchone() is None:
+                raise NotLive(f"node {me} (incarnation {incarnation}) lost its lease")
+            # A row locked by its holder's open fenced batch, or by a re-join, is skipped
+            # until the next scan: the holder may be renewing it right now.
+            cur = await self._conn.execute(
+                "UPDATE nodes SET incarnation = 0 WHERE name IN (SELECT name FROM nodes "
+                "WHERE incarnation <> 0 AND expires < clock_timestamp() "
+                "FOR UPDATE SKIP LOCKED) RETURNING name"
+            )
+            ended = [name for (name,) in await cur.fetchall()]
+            cur = await self._conn.execute(
+                "SELECT count(DISTINCT l.family), (SELECT count(*) FROM nodes n WHERE "
+                + LIVE
+                + ") FROM leases l JOIN nodes n ON n.name = l.node WHERE n.incarnation = 0"
+            )
+            counts = await cur.fetchone()
+            assert counts is not None
+            families, live = counts
+            if not families:
+                return ended, []
+            share = max(1, -(-families // max(1, live)))
+            cur = await self._conn.execute(
+                "SELECT l.family FROM leases l JOIN nodes n ON n.name = l.node "
+                "WHERE n.incarnation = 0 GROUP BY l.family ORDER BY min(l.pod) LIMIT %s",
+                (share,),
+            )
+            chosen = [family for (family,) in await cur.fetchall()]
+            # Lock the ended node's row too (FOR SHARE OF n): otherwise a re-join of that
+            # node, which re-claims its pods, can interleave and leave two holders
+            # (fleet22 §3.3, joinrace.py).
+            cur = await self._conn.execute(
+                "UPDATE leases SET node = %s, epoch = epoch + 1 WHERE pod IN ("
+                "SELECT l.pod FROM leases l JOIN nodes n ON n.name = l.node "
+                "WHERE n.incarnation = 0 AND l.family = ANY(%s) "
+                "FOR UPDATE OF l SKIP LOCKED FOR SHARE OF n SKIP LOCKED) RETURNING pod, epoch",
+                (me, chosen),
+            )
+            adopted = [(pod, epoch) for pod, epoch in await cur.fetchall()]
+            # An ended node that holds nothing any more leaves the fleet's listing.
+            await self._conn.execute(
+                "DELETE FROM nodes WHERE name IN (SELECT name FROM nodes n WHERE "
+                "incarnation = 0 AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.node = "
+                "n.name) FOR UPDATE SKIP LOCKED)"
+            )
+        return ended, adopted
+
+    async def records(self, pods: Sequence[str]) -> list[PodRecord]:
+        """The stored records of `pods`, parents before children (creation order)."""
+        rows = await self._all(
+            "SELECT name, manifest, parent, stopped, team, worktree, pending_manifest "
+            "FROM pods WHERE name = ANY(%s) ORDER BY created, name",
+            (list(pods),),
+        )
+        return [PodRecord(*row) for row in rows]
+
+    async def report_targets(self, pods: Sequence[str]) -> list[str]:
+        """Where reports owed by `pods` go (their new host delivers them)."""
+        rows = await self._all(
+            "SELECT DISTINCT target FROM outbox WHERE pod = ANY(%s)", (list(pods),)
+        )
+        return [target for (target,) in rows]
+
+    # -- the fleet ----------------------------------------------------------------------
+
+    async def host_of(self, pod: str, ttl_s: float) -> NodeInfo | None:
+        rows = await self._all(
+            f"SELECT {NODE_COLUMNS} FROM leases h JOIN nodes n ON n.name = h.node "
+            f"WHERE h.pod = %s AND {LIVE}",
+            (ttl_s, pod),
+        )
+        return _info(rows[0]) if rows else None
+
+    async def live_nodes(self, ttl_s: float) -> list[NodeInfo]:
+        rows = await self._all(
+            f"SELECT {NODE_COLUMNS} FROM nodes n WHERE {LIVE} ORDER BY n.name", (ttl_s,)
+        )
+        return [_info(row) for row in rows]
+
+    async def least_loaded(self) -> str | None:
+        """The live, non-draining node with the fewest pods (ties by name)."""
+        rows = await self._all(
+            "SELECT n.name FROM nodes n LEFT JOIN leases l ON l.node = n.name "
+            f"WHERE {LIVE} AND NOT n.draining GROUP BY n.name ORDER BY count(l.pod), n.name "
+            "LIMIT 1"
+        )
+        return rows[0][0] if rows else None
+
+
+class NotLive(Exception):
+    """This node's own lease is gone (found by a scan)."""
+
+
+def _info(row: tuple[Any, ...]) -> NodeInfo:
+    name, address, incarnation, pods, last_seen = row
+    return NodeInfo(name, address, int(incarnation), int(pods), float(last_seen))
