@@ -182,6 +182,8 @@ class Config:
             help="with a PostgreSQL store: how long this node's lease lasts unrenewed; "
             "another node adopts the pods of a node silent that long (default %(default)s, "
             "at least 2)",
+        )
+        parser.add_argument(
             "--node-listen",
             metavar="HOST:PORT",
             help="accept links from the fleet's other nodes here (PostgreSQL store only; "
