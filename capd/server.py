@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
+from pydantic import BaseModel
 
 from capd.access import current_policy, peer_of
 from capd.activity import ActivityFeed
@@ -499,7 +500,7 @@ class DaemonEndpoint(Endpoint):
             if host is None or host.name == self._pods.node:
                 raise
             return ack(request, await self._relay.on_node(host.name, frame))
-        return ack(request, result.model_dump() if result is not None else None)
+        return ack(request, result.model_dump() if isinstance(result, BaseModel) else None)
 
     def _pod_method(self, frame: dict[str, Any], conn: Connection) -> Reply:
         """A pod method naming its pod in `pod`: the pod's own endpoint handles it, on this

@@ -87,7 +87,7 @@ async def test_spawn_run_and_list_through_the_other_node(a: CapdProcess, b: Capd
         status = await daemon.request({"method": "status", "pod": "wb"})
         listed = {pod["name"]: pod for pod in (await daemon.request({"method": "list"}))["pods"]}
         info = await daemon.request({"method": "info"})
-    assert end["result"] == "completed"
+    assert end["result"] == "finished"
     assert "".join(e["text"] for e in seen if e["event"] == "text_delta") == "from b"
     assert status["node"] == "b"
     assert status["status"] == "idle"
