@@ -71,6 +71,8 @@ class Daemon:
         self._link_endpoint: DaemonEndpoint | None = None
         self._locks: list[IO[str]] = []
         self._should_exit = asyncio.Event()
+        self.stopping = False
+        """Shutting down: the pods stop because capd does."""
         self._started = time.monotonic()
         self._started_at = time.time()
         self._metrics = Cached(self._scrape)
@@ -169,7 +171,7 @@ class Daemon:
         """Accept the other nodes' links (once this node's pods are up) and tell the fleet
         where to dial. What comes over a link is answered for this node alone."""
         cfg = self.config
-        self._link_endpoint = local = DaemonEndpoint(self.supervisor, self, cfg)
+        self._link_endpoint = local = DaemonEndpoint(self.supervisor, self, cfg, for_links=True)
         self._links = LinkServer(cfg.node, cfg.fleet_key, local.serve_stream, cfg.max_frame_bytes)
         bound = await self._links.listen(HostPort(host, port))
         address = cfg.node_address or str(bound)
@@ -251,6 +253,7 @@ class Daemon:
         """Refuse new work, let spawns and stops under way finish, pause the pods' turns,
         give their tools' process groups KILL_GRACE_S to exit after SIGTERM (then SIGKILL),
         then stop delivering reports; what is undelivered waits in the store."""
+        self.stopping = True
         self._mark_stopping()
         log.info("shutting down: pausing in-flight turns")
         self._notifier.stopping("stopping: pausing running turns")

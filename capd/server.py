@@ -156,6 +156,11 @@ class ProcessMethods(Protocol):
 
     def request_shutdown(self) -> None: ...
 
+    @property
+    def stopping(self) -> bool:
+        """capd is shutting down (its pods stop because it does)."""
+        ...
+
 
 class Endpoint(ABC):
     """A listening socket, its open connections, and the handler for their requests."""
@@ -408,13 +413,16 @@ class DaemonEndpoint(Endpoint):
         process: ProcessMethods,
         config: Config,
         relay: "Relay | None" = None,
+        for_links: bool = False,
     ) -> None:
         """With `relay` (a fleet), what concerns pods other nodes host goes to them; the
-        endpoint that serves node links has none: it answers for this node alone."""
+        endpoint that serves node links (`for_links`) has none: it answers for this node
+        alone."""
         super().__init__(config.runtime_dir / "capd.sock", config)
         self._pods = pods
         self._process = process
         self._relay = relay
+        self._for_links = for_links
         self._following: dict[Connection, str] = {}
         """Connections subscribed to a pod's events (`subscribe` with `pod`), and the pod."""
         pods.watch_stops(self._pod_stopped)
@@ -562,7 +570,11 @@ class DaemonEndpoint(Endpoint):
 
     def _pod_stopped(self, name: str) -> None:
         """End the subscriptions to pod `name` held here with `pod_stopped`, after its last
-        event; on its own socket, the connection would close."""
+        event; on its own socket, the connection would close. A node that shuts down hands
+        its pods over: its links just close, and the relays at their other end follow each
+        pod to its next node."""
+        if self._for_links and self._process.stopping:
+            return
         for conn, followed in tuple(self._following.items()):
             if followed == name:
                 del self._following[conn]

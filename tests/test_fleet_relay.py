@@ -195,6 +195,47 @@ async def test_a_wrong_fleet_key_is_refused(
     assert "refused a node link" in b.output()
 
 
+async def test_a_relayed_subscription_follows_its_pod_to_another_node(
+    a: CapdProcess, b: CapdProcess
+) -> None:
+    """b shuts down and hands its pods over; a adopts the pod; the subscription through
+    a goes on from the last event it sent: every durable event once, in order."""
+    await _spawn(a, "mv", "b", scripted({"text": "before"}, {"text": "after"}))
+    try:
+        async with await Client.connect(a.socket) as daemon:
+            await daemon.request({"method": "subscribe", "pod": "mv", "after_seq": 0})
+            await daemon.request({"method": "run", "pod": "mv", "text": "one"})
+            _, seen = await wait_for(daemon, is_event("turn_end"))
+            moved = time.monotonic()
+            b.stop()
+            status = await _until_answered(daemon, {"method": "status", "pod": "mv"})
+            assert status["node"] == "a"
+            moved = time.monotonic() - moved
+            await daemon.request({"method": "run", "pod": "mv", "text": "two"})
+            _, more = await wait_for(daemon, is_event("turn_end"))
+            history = await daemon.request({"method": "history", "pod": "mv"})
+    finally:
+        if b.proc is not None and b.proc.poll() is not None:
+            b.start()
+    durable = [event for event in seen + more if "seq" in event]
+    assert [event["seq"] for event in durable] == list(range(1, len(durable) + 1))
+    assert durable == history["events"][: len(durable)]
+    assert [e["text"] for e in durable if e["event"] == "assistant_message"] == ["before", "after"]
+    print(f"\npod moved and answered on a {moved:.2f} s after b began to shut down")
+
+
+async def _until_answered(daemon: Client, request: dict[str, Any], timeout: float = 15) -> Any:
+    """The request's result once it succeeds (the pod is up again somewhere)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await daemon.request(request)
+        except ProtocolError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
 @pytest.mark.skipif(not os.environ.get("CAPD_FLEET_BENCH"), reason="CAPD_FLEET_BENCH=1")
 async def test_relayed_round_trip_against_a_local_one(a: CapdProcess, b: CapdProcess) -> None:
     """`status` of a pod on b through a's daemon socket vs through b's (same pod, same
