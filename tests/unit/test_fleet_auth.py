@@ -7,6 +7,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from capd.config import Config
 from capd.fleet import auth
 from capd.fleet.links import HostPort, LinkError, LinkServer, open_link
 
@@ -130,3 +131,46 @@ async def test_requests_before_node_auth_and_replayed_proofs_are_forbidden() -> 
         writer.close()
     finally:
         await server.close()
+
+
+STORE = ["--store", "postgresql:///capd"]
+
+
+@pytest.mark.parametrize(
+    ("args", "why"),
+    [
+        (
+            ["--node-listen", "10.0.0.5:7420", *STORE],
+            "reachable from other machines: give --fleet-key-file",
+        ),
+        (["--node-listen", "127.0.0.1:7420"], "needs --store postgresql://"),
+        (["--node-listen", "7420", *STORE], "expected HOST:PORT"),
+        (["--node-address", "b:7420", *STORE], "--node-address needs --node-listen"),
+    ],
+)
+def test_link_options_refused(
+    args: list[str], why: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as refused:
+        Config.from_args(args)
+    assert refused.value.code == 2
+    assert why in capsys.readouterr().err
+
+
+def test_a_wildcard_listen_address_needs_the_address_to_dial(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = tmp_path / "key"
+    key.write_bytes(KEY)
+    key.chmod(0o600)
+    listen = ["--node-listen", "0.0.0.0:7420", "--fleet-key-file", str(key), *STORE]
+    with pytest.raises(SystemExit):
+        Config.from_args(listen)
+    assert "is a wildcard: give --node-address" in capsys.readouterr().err
+    config = Config.from_args([*listen, "--node-address", "b.internal:7420"])
+    assert (config.node_listen, config.node_address, config.fleet_key) == (
+        ("0.0.0.0", 7420),
+        "b.internal:7420",
+        KEY,
+    )
+    assert Config.from_args(["--node-listen", "127.0.0.1:0", *STORE]).fleet_key is None
