@@ -360,12 +360,10 @@ class Relay:
         return reply.get("result") or {}
 
     async def place(self, node: str | None, parent: str | None) -> str:
-        """The node a `spawn` goes to: `node`, else its parent's node, else the fleet's
-        choice (capd.fleet.Fleet.place)."""
+        """The node a `spawn` goes to: `node`, else this node for a child (its parent is a
+        socket path on this machine), else the fleet's choice (capd.fleet.Fleet.place)."""
         if node is None and parent is not None:
-            host = await self.fleet.host_of(parent)
-            if host is not None:
-                return host.name
+            return self.fleet.node
         return await self.fleet.place(node)
 
     async def on_node(self, name: str, frame: dict[str, Any], **changes: Any) -> dict[str, Any]:
