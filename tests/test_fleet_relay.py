@@ -279,3 +279,27 @@ async def _until_turn_end(next_event: Callable[[], Awaitable[Event]], turns: int
     while sum(event["event"] == "turn_end" for event in seen) < turns:
         seen.append(await next_event())
     return seen
+
+
+async def test_a_report_reaches_a_parent_on_another_node_once(
+    a: CapdProcess, b: CapdProcess
+) -> None:
+    """A child on b whose parent runs on a: its parent socket is not on b's machine (here a
+    path nowhere), so b's outbox delivers through the link to pod lead wherever it runs."""
+    await _spawn(a, "lead", "a", scripted({"text": "noted"}))
+    elsewhere = f"/nonexistent-{os.getpid()}/pods/lead.sock"
+    async with await Client.connect(a.socket) as daemon:
+        await daemon.request({"method": "subscribe", "pod": "lead"})
+        manifest = {"name": "kid", "model": scripted({"text": "done"})}
+        await daemon.request(
+            {"method": "spawn", "node": "b", "parent": elsewhere, "manifest": manifest}
+        )
+        await daemon.request({"method": "run", "pod": "kid", "text": "go"})
+        received, _ = await wait_for(daemon, is_event("pod_event_received"))
+        await wait_for(daemon, is_event("turn_end"))
+        history = await daemon.request({"method": "history", "pod": "lead"})
+    assert received["payload"]["pod"] == "kid"
+    assert received["payload"]["kind"] == "turn_ended"
+    assert received["payload"]["output"] == "done"
+    kinds = [event["event"] for event in history["events"]]
+    assert kinds.count("pod_event_received") == 1

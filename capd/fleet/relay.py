@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 CALL_TIMEOUT_S = 30.0
 """How long a daemon method forwarded to another node may take (a spawn restores a pod)."""
+REPORT_TIMEOUT_S = 10.0
+"""How long a report relayed to a parent on another node waits for its ack."""
 LIST_TIMEOUT_S = 2.0
 """How long `list` waits for another node's pods; a node that is slower is left out."""
 RESUBSCRIBE_POLL_S = 0.5
@@ -397,6 +399,15 @@ class Relay:
                     entry["socket"] = None
                     entries.append(entry)
         return {"pods": entries}
+
+    async def deliver_report(self, pod: str, request: dict[str, Any]) -> None:
+        """A child's report (`pod_event`) to fleet pod `pod` on the node hosting it now
+        (capd.outbox), this one included (a parent adopted here has a new socket): over
+        that node's link. An error, or no live host yet, is the outbox's to retry."""
+        host = await self.fleet.host_of(pod)
+        if host is None:
+            raise OSError(f"pod {pod} is on no live node of the fleet (being adopted?)")
+        await self.call(host, {**request, "pod": pod}, REPORT_TIMEOUT_S)
 
     async def fleet_nodes(self) -> list[FleetNode]:
         return [
