@@ -23,6 +23,7 @@ from typing import IO
 from capd import tracing
 from capd.config import Config
 from capd.fleet import Fleet, FleetRefused
+from capd.fleet.lease import store_failed
 from capd.fleet.links import HostPort, LinkServer
 from capd.fleet.relay import Relay
 from capd.metrics_http import Cached, MetricsHttp
@@ -121,7 +122,8 @@ class Daemon:
             log.warning("%s (pods with a sandbox are refused)", sandbox.refusal)
         else:
             log.info("sandbox: %s (%s)", sandbox.path, sandbox.version or "version unknown")
-        self._store, shown = open_store(cfg.store, cfg.state_dir)
+        on_failure = None if cfg.store is None else store_failed
+        self._store, shown = open_store(cfg.store, cfg.state_dir, on_failure)
         store = self._store
         log.info("store: %s", shown)
         if cfg.store is not None:  # before anything reads the store: it then sees our pods

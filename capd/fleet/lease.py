@@ -108,6 +108,13 @@ class NodeLease:
         )
 
 
+def store_failed(exc: BaseException) -> None:
+    """A fleet node's store commit failed (its lease lost, or the database gone): stop
+    as any capd does, and take the pods' processes down with it, since another node may
+    be about to run those pods."""
+    stop_node(f"store commit failed, capd stops (restart restores what committed): {exc}")
+
+
 def stop_node(why: str) -> None:
     """Fail-stop without a database write (it may be unreachable, or the lease gone):
     kill the pods' processes and exit; systemd or Kubernetes restarts capd, which joins

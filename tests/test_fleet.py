@@ -1,0 +1,390 @@
+"""A fleet of capd nodes on one real PostgreSQL database (issue 22): takeover after a
+node dies mid-turn, a partitioned node that stops writing once its lease is gone, a
+restart that takes its pods back at once, fencing of a store that lost its lease.
+
+Nodes run with a short lease (`--lease-ttl-s 3`, or CAPD_FLEET_TTL_S); every wait has a
+deadline."""
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from capd.fleet.schema import LeaseLost
+from capd.store.base import StoredEvent
+from capd.store.batch import StoreFailed
+from capd.store.postgres import PostgresStore
+from protocol.client import Client, ConnectionClosed
+from protocol.errors import ProtocolError
+from tests.conftest import CapdProcess
+from tests.helpers import Event, daemon_request, is_event, scripted, wait_for
+
+TTL_S = float(os.environ.get("CAPD_FLEET_TTL_S") or 3)
+HELD_TOOL = {"name": "bash", "arguments": {"command": "sleep 20"}}
+"""A tool call that keeps a turn open long enough to kill its node in."""
+
+AUDIT = """
+CREATE TABLE audit (pod TEXT, seq BIGINT, app TEXT, at TIMESTAMPTZ);
+CREATE FUNCTION audit_event() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO audit VALUES (NEW.pod, NEW.seq, current_setting('application_name'),
+                              clock_timestamp());
+    RETURN NEW;
+END $$;
+CREATE TRIGGER audit AFTER INSERT ON events FOR EACH ROW EXECUTE FUNCTION audit_event();
+"""
+"""Who committed each event (capd names its store connection capd/<node>/<incarnation>);
+installed by the test, not by capd."""
+
+
+def _node(base: Path, name: str, url: str, ttl_s: float = TTL_S) -> CapdProcess:
+    runtime = Path(f"/tmp/capd-fleet-{os.getpid()}-{name}-{time.monotonic_ns() % 10**6}")
+    proc = CapdProcess(runtime_dir=runtime, state_dir=base / f"{name}-state", store=url)
+    proc.extra_args = ["--node", name, "--lease-ttl-s", str(ttl_s)]
+    proc.log = base / f"{name}.log"
+    return proc
+
+
+@pytest.fixture
+def fleet_dirs(tmp_path: Path) -> Iterator[list[CapdProcess]]:
+    """The nodes a test starts (append them); each killed at the end."""
+    nodes: list[CapdProcess] = []
+    yield nodes
+    for node in nodes:
+        if node.proc is not None and node.proc.poll() is None:
+            node.proc.kill()
+            node.proc.wait(10)
+        shutil.rmtree(node.runtime_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def audited(pg_url: str) -> str:
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(AUDIT)  # type: ignore[arg-type]
+    return pg_url
+
+
+def _sql(url: str, query: str, *params: Any) -> list[tuple[Any, ...]]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute(query, params).fetchall()  # type: ignore[arg-type]
+
+
+async def _pod_request(node: CapdProcess, pod: str, request: dict[str, Any]) -> dict[str, Any]:
+    return await daemon_request(node, {**request, "pod": pod})
+
+
+async def _answers(node: CapdProcess, pod: str, deadline_s: float) -> dict[str, Any]:
+    """The pod's status through `node`'s daemon socket, as soon as `node` hosts it."""
+    async with asyncio.timeout(deadline_s):
+        while True:
+            try:
+                return await _pod_request(node, pod, {"method": "status"})
+            except ProtocolError as exc:
+                if exc.code not in ("not_found", "not_running"):
+                    raise
+            await asyncio.sleep(0.02)
+
+
+async def _spawn_holding(node: CapdProcess, name: str) -> None:
+    manifest = {"name": name, "model": scripted({"tool_calls": [HELD_TOOL]}, {"text": "done"})}
+    await daemon_request(node, {"method": "spawn", "manifest": {**manifest, "tools": ["bash"]}})
+
+
+async def _start_held_turn(node: CapdProcess, name: str) -> tuple[Client, dict[int, Event]]:
+    """Run a turn that stays open on its tool call; the durable events seen so far."""
+    client = await Client.connect(node.pod_socket(name))
+    await client.request({"method": "subscribe"})
+    await client.request({"method": "run", "text": "go"})
+    _, events = await wait_for(client, is_event("assistant_message"))  # its tool runs
+    return client, {e["seq"]: e for e in events if "seq" in e}
+
+
+async def _read_until_closed(client: Client, seen: dict[int, Event]) -> None:
+    """Every durable event the pod's node sent before it died."""
+    try:
+        while True:
+            event = await client.next_event(5)
+            if "seq" in event:
+                seen[event["seq"]] = event
+    except ConnectionClosed:
+        return
+
+
+def _check_history(history: list[Event], seen: dict[int, Event]) -> None:
+    assert [e["seq"] for e in history] == list(range(1, len(history) + 1)), "seqs gapless"
+    for seq, event in seen.items():
+        assert history[seq - 1] == event, f"seq {seq} changed"
+
+
+async def test_a_node_killed_mid_turn_has_its_pod_restored_paused_on_another(
+    fleet_dirs: list[CapdProcess], tmp_path: Path, audited: str
+) -> None:
+    n1, n2 = _node(tmp_path, "n1", audited), _node(tmp_path, "n2", audited)
+    fleet_dirs += [n1, n2]
+    await asyncio.gather(asyncio.to_thread(n1.start), asyncio.to_thread(n2.start))
+    await _spawn_holding(n1, "w1")
+    client, seen = await _start_held_turn(n1, "w1")
+    async with client:
+        turn_id = next(e["turn_id"] for e in seen.values() if e["event"] == "turn_start")
+        assert n1.proc is not None
+        killed = time.monotonic()
+        n1.proc.kill()
+        await _read_until_closed(client, seen)
+    status = await _answers(n2, "w1", TTL_S + 5)
+    failover = time.monotonic() - killed
+    print(f"failover (SIGKILL -> status on the survivor, ttl {TTL_S:g} s): {failover:.2f} s")
+    assert (status["status"], status["turn_id"], status["node"]) == ("paused", turn_id, "n2")
+    history = await _history(n2, "w1")
+    _check_history(history, seen)
+    rows = _sql(audited, "SELECT app, seq FROM audit WHERE pod = 'w1' ORDER BY seq")
+    assert [seq for _, seq in rows] == list(range(1, len(history) + 1)), "each event once"
+    by_n1 = [seq for app, seq in rows if app.startswith("capd/n1/")]
+    by_n2 = [seq for app, seq in rows if app.startswith("capd/n2/")]
+    assert by_n1
+    assert by_n2
+    assert max(by_n1) < min(by_n2)
+    [(node, epoch)] = _sql(audited, "SELECT node, epoch FROM leases WHERE pod = 'w1'")
+    assert (node, epoch) == ("n2", 2)
+    # The survivor carries the pod on: the paused turn can be cancelled and a new one run.
+    await _pod_request(n2, "w1", {"method": "cancel"})
+
+
+async def _history(node: CapdProcess, pod: str) -> list[Event]:
+    """The pod's whole durable history, through `node`'s daemon socket."""
+    events: list[Event] = []
+    async with await Client.connect(node.socket) as daemon:
+        while True:
+            after = events[-1]["seq"] if events else 0
+            request = {"method": "history", "after_seq": after, "limit": 500, "pod": pod}
+            page = await daemon.request(request)
+            if not page["events"]:
+                return events
+            events.extend(page["events"])
+
+
+async def test_a_node_restarted_under_its_name_takes_its_pods_back_at_once(
+    fleet_dirs: list[CapdProcess], tmp_path: Path, pg_url: str
+) -> None:
+    """No TTL wait (the lease is 30 s here), epoch +1; and a second capd under a live
+    node's name, from another state dir, is refused."""
+    n1 = _node(tmp_path, "n1", pg_url, ttl_s=30)
+    fleet_dirs.append(n1)
+    await asyncio.to_thread(n1.start)
+    await _spawn_holding(n1, "w1")
+    client, _ = await _start_held_turn(n1, "w1")
+    await client.close()
+    assert n1.proc is not None
+    n1.proc.kill()
+    await asyncio.to_thread(n1.proc.wait, 10)
+    restarted = time.monotonic()
+    await asyncio.to_thread(n1.start)
+    status = await _answers(n1, "w1", 5)
+    assert time.monotonic() - restarted < 10, "well within the 30 s lease"
+    assert status["status"] == "paused"
+    assert _sql(pg_url, "SELECT node, epoch FROM leases") == [("n1", 2)]
+
+    impostor = _node(tmp_path, "n1", pg_url)
+    impostor.state_dir = tmp_path / "elsewhere"
+    fleet_dirs.append(impostor)
+    with pytest.raises(RuntimeError, match="another capd uses this name"):
+        await asyncio.to_thread(impostor.start)
+    assert impostor.proc is not None
+    assert impostor.proc.returncode == 1
+
+
+async def test_a_graceful_leave_hands_the_pods_over_without_a_ttl_wait(
+    fleet_dirs: list[CapdProcess], tmp_path: Path, pg_url: str
+) -> None:
+    n1 = _node(tmp_path, "n1", pg_url, ttl_s=30)
+    n2 = _node(tmp_path, "n2", pg_url, ttl_s=30)
+    fleet_dirs += [n1, n2]
+    await asyncio.gather(asyncio.to_thread(n1.start), asyncio.to_thread(n2.start))
+    await _spawn_holding(n1, "w1")
+    client, _ = await _start_held_turn(n1, "w1")
+    await client.close()
+    assert await asyncio.to_thread(n1.signal, signal.SIGTERM) == 0
+    status = await _answers(n2, "w1", 10)  # a scan (1 s) and a restore, not 30 s
+    assert (status["status"], status["node"]) == ("paused", "n2")
+
+
+PROXY = r"""
+import asyncio, sys
+
+async def pipe(reader, writer):
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    finally:
+        writer.close()
+
+async def serve(client_reader, client_writer):
+    server_reader, server_writer = await asyncio.open_unix_connection(sys.argv[1])
+    await asyncio.gather(
+        pipe(client_reader, server_writer), pipe(server_reader, client_writer),
+        return_exceptions=True,
+    )
+
+async def main():
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    await server.serve_forever()
+
+asyncio.run(main())
+"""
+"""A TCP proxy to the server's Unix socket: SIGSTOP it and its connections go silent, as
+in a network partition (no iptables needed)."""
+
+
+@pytest.fixture
+def proxy(pg_server: Any) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    socket = next(pg_server.socket_dir.glob(".s.PGSQL.*"))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PROXY, str(socket)], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    port = int(proc.stdout.readline())
+    yield proc, port
+    os.kill(proc.pid, signal.SIGCONT)
+    proc.kill()
+    proc.wait(10)
+
+
+async def test_a_partitioned_node_stops_and_its_late_commit_never_lands(
+    fleet_dirs: list[CapdProcess],
+    tmp_path: Path,
+    audited: str,
+    proxy: tuple[subprocess.Popen[str], int],
+) -> None:
+    proxy_proc, port = proxy
+    database = audited.split("/")[3].split("?")[0]
+    via_proxy = f"postgresql://capd@127.0.0.1:{port}/{database}"
+    n1, n2 = _node(tmp_path, "n1", via_proxy), _node(tmp_path, "n2", audited)
+    fleet_dirs += [n1, n2]
+    await asyncio.gather(asyncio.to_thread(n1.start), asyncio.to_thread(n2.start))
+    streaming = {"text": "x" * 20000, "chunk_chars": 1, "delay_ms": 1}
+    manifest = {"name": "w1", "model": scripted(streaming, {"text": "done"})}
+    await daemon_request(n1, {"method": "spawn", "manifest": manifest})
+    async with await Client.connect(n1.pod_socket("w1")) as client:
+        await client.request({"method": "subscribe"})
+        await client.request({"method": "run", "text": "go"})
+        await wait_for(client, is_event("text_delta"))
+        cut = time.monotonic()
+        os.kill(proxy_proc.pid, signal.SIGSTOP)
+        assert n1.proc is not None
+        code = await asyncio.to_thread(n1.proc.wait, TTL_S + 5)
+    stopped = time.monotonic() - cut
+    print(f"partitioned node exited {stopped:.2f} s after the cut (ttl {TTL_S:g} s)")
+    assert code == 75
+    assert stopped < TTL_S + 1
+    assert "could not renew its lease" in n1.output()
+    status = await _answers(n2, "w1", TTL_S + 5)
+    adopted = time.monotonic() - cut
+    print(f"survivor answers for the pod {adopted:.2f} s after the cut")
+    assert status["node"] == "n2"
+    os.kill(proxy_proc.pid, signal.SIGCONT)  # whatever n1 sent last reaches the server now
+    await _pod_request(n2, "w1", {"method": "cancel"})
+    await asyncio.sleep(0.5)  # room for a late COMMIT to land, were it able to
+    rows = _sql(audited, "SELECT app, seq FROM audit WHERE pod = 'w1' ORDER BY seq")
+    by_n1 = [seq for app, seq in rows if app.startswith("capd/n1/")]
+    by_n2 = [seq for app, seq in rows if app.startswith("capd/n2/")]
+    assert [seq for _, seq in rows] == list(range(1, len(rows) + 1))
+    assert by_n1
+    assert by_n2
+    assert max(by_n1) < min(by_n2)
+
+
+def _event(seq: int) -> StoredEvent:
+    return (seq, time.time(), "status", b"{}")
+
+
+def _join(url: str, node: str, ttl_s: float) -> int:
+    """What Fleet.join does to the node's row, without a capd: its new incarnation."""
+    [(incarnation,)] = _sql(
+        url,
+        "INSERT INTO nodes (name, incarnation, expires) VALUES (%s, nextval('node_incarnation'),"
+        " clock_timestamp() + make_interval(secs => %s)) ON CONFLICT (name) DO UPDATE SET "
+        "incarnation = excluded.incarnation, expires = excluded.expires RETURNING incarnation",
+        node,
+        ttl_s,
+    )
+    return int(incarnation)
+
+
+async def test_a_store_that_lost_its_lease_commits_nothing_more(pg_url: str) -> None:
+    """The fence before COMMIT: once another node ended this node's incarnation, the
+    batch in flight rolls back whole and the store fails (capd would exit 75)."""
+    failures: list[BaseException] = []
+    store = PostgresStore(pg_url, failures.append)
+    try:
+        store.join_fleet("n1", _join(pg_url, "n1", 30), 30)
+        store.add_pod("p0", "{}", None, time.time())
+        store.append("p0", [_event(1)])
+        await store.flush()
+        assert _sql(pg_url, "SELECT node, epoch, family FROM leases") == [("n1", 1, "p0")]
+        store.append("p0", [_event(2)])  # open, not committed yet, when n1 is ended
+        _sql(pg_url, "UPDATE nodes SET incarnation = 0 WHERE name = 'n1' RETURNING 1")
+        with pytest.raises(StoreFailed):
+            await store.flush()
+        assert [type(exc) for exc in failures] == [LeaseLost]
+        assert _sql(pg_url, "SELECT seq FROM events") == [(1,)]
+    finally:
+        store.close()
+
+
+async def test_a_name_another_node_took_is_already_exists(pg_url: str) -> None:
+    """Two nodes spawning one name: the second INSERT does nothing and says so, instead of
+    aborting its whole batch (and stopping its capd)."""
+    one, two = PostgresStore(pg_url), PostgresStore(pg_url)
+    try:
+        one.join_fleet("n1", _join(pg_url, "n1", 30), 30)
+        two.join_fleet("n2", _join(pg_url, "n2", 30), 30)
+        one.add_pod("p0", "{}", None, time.time())
+        await one.flush()
+        with pytest.raises(ProtocolError) as refused:
+            two.add_pod("p0", "{}", None, time.time())
+        assert refused.value.code == "already_exists"
+        two.add_pod("p1", "{}", "/run/capd/pods/p0.sock", time.time())
+        await two.flush()
+        assert _sql(pg_url, "SELECT pod, node, family FROM leases ORDER BY pod") == [
+            ("p0", "n1", "p0"),
+            ("p1", "n2", "p0"),
+        ]
+        assert [record.name for record in two.pods()] == ["p1"]
+    finally:
+        one.close()
+        two.close()
+
+
+async def test_placement_picks_the_live_node_with_fewest_pods(pg_url: str) -> None:
+    from capd.fleet.control import Control
+    from capd.fleet.placement import place
+
+    for node in ("n1", "n2", "n3"):
+        _join(pg_url, node, 30)
+    _sql(pg_url, "UPDATE nodes SET expires = clock_timestamp() WHERE name = 'n3' RETURNING 1")
+    _sql(pg_url, "INSERT INTO pods (name, manifest, created) VALUES ('p0', '{}', 0) RETURNING 1")
+    _sql(pg_url, "INSERT INTO leases VALUES ('p0', 'n1', 1, 'p0') RETURNING 1")
+    control = await Control.connect(pg_url, "n1")
+    try:
+        assert await place(control, "n1", None, 30) == "n2"
+        assert await place(control, "n2", "n1", 30) == "n1"
+        for dead in ("n3", "nope"):
+            with pytest.raises(ProtocolError) as refused:
+                await place(control, "n1", dead, 30)
+            assert refused.value.code == "not_found"
+        assert [info.name for info in await control.live_nodes(30)] == ["n1", "n2"]
+        host = await control.host_of("p0", 30)
+        assert host is not None
+        assert (host.name, host.pods) == ("n1", 1)
+    finally:
+        await control.close()
