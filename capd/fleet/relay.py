@@ -258,7 +258,11 @@ class ConnRelay:
         or the node that adopted it) and go on from the last durable event sent."""
         deadline = time.monotonic() + 2 * self._relay.fleet.ttl_s + 10
         while time.monotonic() < deadline and self._sub is sub:
-            host = await self._relay.fleet.host_of(sub.pod)
+            try:
+                host = await self._relay.fleet.host_of(sub.pod)
+            except Exception as exc:  # the control connection: try again next poll
+                log.warning("looking up pod %s's node: %s", sub.pod, exc)
+                host = None
             if host is not None and host.address is not None:
                 sub.node, sub.live = host.name, False
                 frame: dict[str, Any] = {"method": "subscribe", "pod": sub.pod}
