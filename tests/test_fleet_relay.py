@@ -21,6 +21,8 @@ from tests.helpers import Event, is_event, scripted, slow_text, wait_for
 from tests.pg import PgServer
 
 KEY = b"0123456789abcdef" * 4
+TTL_S = 3
+"""Short, so that a killed node's pods are adopted within the test's patience."""
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +46,7 @@ def nodes(
                 "--node", name,
                 "--node-listen", "127.0.0.1:0",
                 "--fleet-key-file", str(key),
+                "--lease-ttl-s", str(TTL_S),
             ]  # fmt: skip
             proc.start()
             started.append(proc)
@@ -222,6 +225,35 @@ async def test_a_relayed_subscription_follows_its_pod_to_another_node(
     assert durable == history["events"][: len(durable)]
     assert [e["text"] for e in durable if e["event"] == "assistant_message"] == ["before", "after"]
     print(f"\npod moved and answered on a {moved:.2f} s after b began to shut down")
+
+
+async def test_a_relayed_subscription_survives_its_hosts_crash(
+    a: CapdProcess, b: CapdProcess
+) -> None:
+    """b is killed mid-turn; a adopts the pod after the lease TTL and restores it paused;
+    the subscription through a resumes after the last event it had: gapless, no repeat."""
+    await _spawn(a, "ck", "b", {"provider": "scripted", "script": [slow_text(3000, 2)]})
+    try:
+        async with await Client.connect(a.socket) as daemon:
+            await daemon.request({"method": "subscribe", "pod": "ck", "after_seq": 0})
+            await daemon.request({"method": "run", "pod": "ck", "text": "go"})
+            _, before = await wait_for(daemon, is_event("text_delta"))
+            assert b.proc is not None
+            b.proc.kill()
+            b.proc.wait()
+            killed = time.monotonic()
+            _, after = await wait_for(daemon, is_event("status", status="paused"), TTL_S + 10)
+            back = time.monotonic() - killed
+            status = await daemon.request({"method": "status", "pod": "ck"})
+            history = await daemon.request({"method": "history", "pod": "ck"})
+    finally:
+        if b.proc is not None and b.proc.poll() is not None:
+            b.start()
+    assert (status["node"], status["status"]) == ("a", "paused")
+    durable = [event for event in before + after if "seq" in event]
+    assert [event["seq"] for event in durable] == list(range(1, len(durable) + 1))
+    assert durable == history["events"][: len(durable)]
+    print(f"\nsubscription through a went on {back:.2f} s after b was killed (ttl {TTL_S} s)")
 
 
 async def _until_answered(daemon: Client, request: dict[str, Any], timeout: float = 15) -> Any:
