@@ -4,6 +4,7 @@ request for a pod the other node hosts is relayed to it (docs/scaling.md)."""
 import asyncio
 import contextlib
 import os
+import re
 import statistics
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -19,6 +20,7 @@ from protocol.errors import ProtocolError
 from tests.conftest import START_TIMEOUT_S, CapdProcess, _request, _stopped_at_exit
 from tests.helpers import Event, is_event, scripted, slow_text, wait_for
 from tests.pg import PgServer
+from tests.test_capctl import ok
 
 KEY = b"0123456789abcdef" * 4
 TTL_S = 3
@@ -266,6 +268,19 @@ async def _until_answered(daemon: Client, request: dict[str, Any], timeout: floa
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.05)
+
+
+def test_capctl_on_one_node_drives_a_pod_on_the_other(a: CapdProcess, b: CapdProcess) -> None:
+    """capctl finds `socket: null` for a pod on another node and goes through the daemon
+    socket, which relays."""
+    spawn = {"method": "spawn", "node": "b", "manifest": {"name": "cw", "model": scripted()}}
+    assert "result" in _request(a.socket, spawn, START_TIMEOUT_S)
+    sent = ok(a.runtime_dir, "send", "cw", "ping")
+    status = ok(a.runtime_dir, "status", "cw")
+    listed = ok(a.runtime_dir, "ps")
+    assert sent == "You said: ping\n"  # the scripted model's echo, from node b
+    assert re.search(r"^node: +b$", status, re.M)
+    assert re.search(r"^cw +idle .* on b$", listed, re.M)
 
 
 @pytest.mark.skipif(not os.environ.get("CAPD_FLEET_BENCH"), reason="CAPD_FLEET_BENCH=1")
