@@ -285,28 +285,33 @@ def test_capctl_on_one_node_drives_a_pod_on_the_other(a: CapdProcess, b: CapdPro
 
 @pytest.mark.skipif(not os.environ.get("CAPD_FLEET_BENCH"), reason="CAPD_FLEET_BENCH=1")
 async def test_relayed_round_trip_against_a_local_one(a: CapdProcess, b: CapdProcess) -> None:
-    """`status` of a pod on b through a's daemon socket vs through b's (same pod, same
-    run, alternating blocks); prints the figures the README quotes."""
+    """`status` of a pod on b: on its own socket, on b's daemon socket (with `pod`), and
+    through a's daemon socket (relayed), in alternating blocks of one run; prints the
+    figures the README quotes."""
     await _spawn(a, "rt", "b", scripted())
     async with (
-        await Client.connect(a.socket) as relayed,
+        await Client.connect(b.pod_socket("rt")) as own,
         await Client.connect(b.socket) as local,
+        await Client.connect(a.socket) as relayed,
     ):
-        times: dict[str, list[float]] = {"local": [], "relayed": []}
-        request = {"method": "status", "pod": "rt"}
+        paths = {
+            "pod socket": (own, {"method": "status"}),
+            "b's daemon socket": (local, {"method": "status", "pod": "rt"}),
+            "relayed through a": (relayed, {"method": "status", "pod": "rt"}),
+        }
+        times: dict[str, list[float]] = {label: [] for label in paths}
         for _ in range(10):
-            for label, client in (("local", local), ("relayed", relayed)):
+            for label, (client, request) in paths.items():
                 for _ in range(200):
                     start = time.perf_counter()
                     await client.request(request)
                     times[label].append(time.perf_counter() - start)
-    p50 = {k: statistics.median(v) * 1e6 for k, v in times.items()}
-    p99 = {k: statistics.quantiles(v, n=100)[98] * 1e6 for k, v in times.items()}
-    print(
-        f"\nstatus round trip, pod on b: local (b's daemon socket) p50 {p50['local']:.0f} µs "
-        f"p99 {p99['local']:.0f} µs; relayed through a p50 {p50['relayed']:.0f} µs "
-        f"p99 {p99['relayed']:.0f} µs; ratio p50 {p50['relayed'] / p50['local']:.2f}x"
-    )
+    base = statistics.median(times["b's daemon socket"])
+    print("\nstatus round trip of a pod on node b:")
+    for label, samples in times.items():
+        p50 = statistics.median(samples)
+        p99 = statistics.quantiles(samples, n=100)[98]
+        print(f"  {label}: p50 {p50 * 1e6:.0f} µs, p99 {p99 * 1e6:.0f} µs, {p50 / base:.2f}x")
 
 
 def _address(url: str, node: str) -> str:
