@@ -10,6 +10,7 @@ delete), so its former ancestors' sums keep it: deleting the pods that spent a b
 does not give it back. Its children, top-level from then on, take their sums with them.
 """
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -53,29 +54,15 @@ class Ledger:
         }
         """What each pod's deleted descendants spent: part of its subtree sum."""
         for record in registry.all():
-            self._load(record, store)
-        self._sum_subtrees()
-
-    def _load(self, record: PodRecord, store: Store) -> None:
-        inp, out, usd = store.usage_totals(record.name)
-        metrics.usage_stored(record.name, (inp, out, usd))
-        self._own[record.name] = _Sum(inp + out, usd)
-        try:
-            budget = Manifest.model_validate_json(record.manifest).budget
-        except ValueError:
-            budget = None  # the supervisor reports the pod as not restorable
-        if budget is not None:
-            self._budgets[record.name] = budget
-
-    def adopted(self, records: list[PodRecord], store: Store) -> None:
-        """Pods another fleet node held, known here from now on: what they spent so far
-        and what their deleted descendants did, from the store."""
-        names = {record.name for record in records}
-        for carried in store.carried():
-            if carried.pod in names:
-                self._carried[carried.pod] = _Sum(carried.tokens, carried.usd)
-        for record in records:
-            self._load(record, store)
+            inp, out, usd = store.usage_totals(record.name)
+            metrics.usage_stored(record.name, (inp, out, usd))
+            self._own[record.name] = _Sum(inp + out, usd)
+            try:
+                budget = Manifest.model_validate_json(record.manifest).budget
+            except ValueError:
+                budget = None  # the supervisor reports the pod as not restorable
+            if budget is not None:
+                self._budgets[record.name] = budget
         self._sum_subtrees()
 
     # -- spending -----------------------------------------------------------------------
@@ -184,6 +171,22 @@ class Ledger:
                 )
 
     # -- the tree -----------------------------------------------------------------------
+
+    def adopted(self, records: list[PodRecord], store: Store) -> None:
+        """Pods another fleet node held, known here from now on: what they spent so far
+        and what their deleted descendants did, from the store (as at start-up)."""
+        names = {record.name for record in records}
+        for carried in store.carried():
+            if carried.pod in names:
+                self._carried[carried.pod] = _Sum(carried.tokens, carried.usd)
+        for record in records:
+            inp, out, usd = store.usage_totals(record.name)
+            metrics.usage_stored(record.name, (inp, out, usd))
+            self._own[record.name] = _Sum(inp + out, usd)
+            with contextlib.suppress(ValueError):  # the supervisor reports it as broken
+                if (budget := Manifest.model_validate_json(record.manifest).budget) is not None:
+                    self._budgets[record.name] = budget
+        self._sum_subtrees()
 
     def added(self, name: str, budget: Budget | None) -> None:
         """A new pod: nothing spent yet."""

@@ -6,6 +6,7 @@ Nodes run with a short lease (`--lease-ttl-s 3`, or CAPD_FLEET_TTL_S); every wai
 deadline."""
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -211,6 +212,10 @@ async def test_a_graceful_leave_hands_the_pods_over_without_a_ttl_wait(
     await _spawn_holding(n1, "w1")
     client, _ = await _start_held_turn(n1, "w1")
     await client.close()
+    with pytest.raises(ProtocolError) as taken:  # the name is n1's: n2 says so, and stays up
+        await _spawn_holding(n2, "w1")
+    assert taken.value.code == "already_exists"
+    assert (await daemon_request(n2, {"method": "info"}))["node"] == "n2"
     assert await asyncio.to_thread(n1.signal, signal.SIGTERM) == 0
     status = await _answers(n2, "w1", 10)  # a scan (1 s) and a restore, not 30 s
     assert (status["status"], status["node"]) == ("paused", "n2")
@@ -280,13 +285,19 @@ async def test_a_partitioned_node_stops_and_its_late_commit_never_lands(
         await wait_for(client, is_event("text_delta"))
         cut = time.monotonic()
         os.kill(proxy_proc.pid, signal.SIGSTOP)
+        # A read now waits on the frozen connection: it must not freeze capd's loop past
+        # the moment its lease watchdog has to stop it.
+        reading = asyncio.create_task(client.request({"method": "history", "after_seq": 0}))
         assert n1.proc is not None
         code = await asyncio.to_thread(n1.proc.wait, TTL_S + 5)
+        with contextlib.suppress(ConnectionClosed):
+            await reading
     stopped = time.monotonic() - cut
     print(f"partitioned node exited {stopped:.2f} s after the cut (ttl {TTL_S:g} s)")
     assert code == 75
     assert stopped < TTL_S + 1
-    assert "could not renew its lease" in n1.output()
+    output = n1.output()
+    assert "could not renew its lease" in output or "did not answer a read in time" in output
     status = await _answers(n2, "w1", TTL_S + 5)
     adopted = time.monotonic() - cut
     print(f"survivor answers for the pod {adopted:.2f} s after the cut")
@@ -388,3 +399,14 @@ async def test_placement_picks_the_live_node_with_fewest_pods(pg_url: str) -> No
         assert (host.name, host.pods) == ("n1", 1)
     finally:
         await control.close()
+
+
+def test_lease_ttl_option(capsys: pytest.CaptureFixture[str]) -> None:
+    from capd.config import Config
+
+    assert Config.from_args([]).lease_ttl_s == 15
+    assert Config.from_args(["--lease-ttl-s", "2.5"]).lease_ttl_s == 2.5
+    for bad in ("1.9", "inf", "nan"):
+        with pytest.raises(SystemExit):
+            Config.from_args(["--lease-ttl-s", bad])
+        assert "--lease-ttl-s must be at least 2 seconds" in capsys.readouterr().err

@@ -50,8 +50,9 @@ class NameInUse(Exception):
 
 
 class Control:
-    def __init__(self, conn: psycopg.AsyncConnection[Any]) -> None:
+    def __init__(self, conn: psycopg.AsyncConnection[Any], params: dict[str, Any]) -> None:
         self._conn = conn
+        self._params = params
         self._lock = asyncio.Lock()
         """One query or transaction at a time: a transaction spans several awaits."""
 
@@ -60,15 +61,23 @@ class Control:
         params = conninfo.conninfo_to_dict(url)
         params.setdefault("connect_timeout", 10)
         params["application_name"] = f"capd/{node}/control"
-        return cls(await psycopg.AsyncConnection.connect(autocommit=True, **params))
+        return cls(await psycopg.AsyncConnection.connect(autocommit=True, **params), params)
 
     async def close(self) -> None:
         with contextlib.suppress(psycopg.Error):
             await self._conn.close()
 
+    async def _ready(self) -> psycopg.AsyncConnection[Any]:
+        """The connection, opened again if it broke (a database restart): the store's own
+        connection fails its next commit then anyway, so this one only has to recover
+        for the queries made meanwhile. Call with the lock held."""
+        if self._conn.closed:
+            self._conn = await psycopg.AsyncConnection.connect(autocommit=True, **self._params)
+        return self._conn
+
     async def _all(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         async with self._lock:
-            cursor = await self._conn.execute(sql, params)  # type: ignore[arg-type]
+            cursor = await (await self._ready()).execute(sql, params)  # type: ignore[arg-type]
             return await cursor.fetchall()
 
     # -- this node ----------------------------------------------------------------------
@@ -80,7 +89,13 @@ class Control:
         (epoch +1: an old incarnation still running somewhere fails its next fence).
         Refused (NameInUse) when a live incarnation other than `previous` (this state
         dir's last) holds the name: another capd uses it."""
-        async with self._lock, self._conn.transaction():
+        async with self._lock:
+            return await self._join(me, previous, address, ttl_s)
+
+    async def _join(
+        self, me: str, previous: int | None, address: str | None, ttl_s: float
+    ) -> Joined:
+        async with (await self._ready()).transaction():
             cur = await self._conn.execute(
                 "SELECT incarnation, expires > clock_timestamp(), "
                 "extract(epoch FROM clock_timestamp() - expires) + %s "
@@ -142,7 +157,11 @@ class Control:
         """One scan, one transaction: end the incarnations that expired, then move a share
         of the ended nodes' pods (whole families) to `me`. Returns (nodes ended, (pod, new
         epoch) adopted). Raises NotLive when `me` itself is no longer live."""
-        async with self._lock, self._conn.transaction():
+        async with self._lock:
+            return await self._adopt(me, incarnation)
+
+    async def _adopt(self, me: str, incarnation: int) -> tuple[list[str], list[tuple[str, int]]]:
+        async with (await self._ready()).transaction():
             # Locks our own row (FOR SHARE) for the transaction: a node whose lease ran
             # out must not adopt, and cannot lose the row before this commits.
             cur = await self._conn.execute(

@@ -51,6 +51,7 @@ import orjson
 import psycopg
 from psycopg import conninfo
 
+from capd.fleet.lease import margin_s
 from capd.fleet.schema import FENCE_SQLSTATE, FLEET_MIGRATION, LeaseLost
 from capd.prices import add_usd
 from capd.store.base import (
@@ -63,7 +64,7 @@ from capd.store.base import (
     PodRecord,
     StoredEvent,
 )
-from capd.store.batch import BatchBroken, GroupCommit
+from capd.store.batch import BatchBroken, GroupCommit, StoreFailed
 from capd.store.errors import StoreUnavailable, redact
 from protocol.errors import ProtocolError
 
@@ -73,6 +74,10 @@ T = TypeVar("T")
 Op = Callable[[psycopg.Cursor[Any]], Any]
 OpOf = Callable[[psycopg.Cursor[Any]], T]
 
+READ_TIMEOUT_S = 60.0
+"""How long the event loop waits for a read before it takes the server for gone and capd
+stops (exit 75), rather than freezing every pod on a stalled server or a partition with
+no reset; a fleet node waits at most until its lease watchdog would stop it anyway."""
 CONNECT_TIMEOUT_S = 10
 """How long start-up waits for the server, unless the URL says (`connect_timeout`)."""
 MIGRATION_LOCK = 0x63617064
@@ -170,6 +175,7 @@ class PostgresStore:
         """The first error of the open transaction: the rest of it is skipped."""
         self._rows_waiting: list[tuple[Any, ...]] = []
         """Rows of lone events the open batch appended, not queued yet (loop side)."""
+        self._closed = False
         self._fence: tuple[str, int, float] | None = None
         """(node, incarnation, ttl) once this store writes for a fleet node: every
         transaction then runs `capd_fence` right before its COMMIT (capd.fleet)."""
@@ -200,6 +206,8 @@ class PostgresStore:
             cursor = self._conn.cursor(binary=True)
             while (item := self._ops.get()) is not None:
                 op, done = item
+                if done is not None and not done.set_running_or_notify_cancel():
+                    continue  # its waiter gave up (a read that timed out)
                 try:
                     result = op(cursor)
                 except BaseException as exc:
@@ -212,14 +220,22 @@ class PostgresStore:
                         done.set_result(result)
 
     def _post(self, op: Op) -> None:
+        self._check_open()
         self._send_rows()
         self._ops.put((op, None))
 
     def _submit(self, op: OpOf[T]) -> "concurrent.futures.Future[T]":
+        self._check_open()
         self._send_rows()
         done: concurrent.futures.Future[T] = concurrent.futures.Future()
         self._ops.put((op, done))
         return done
+
+    def _check_open(self) -> None:
+        """A closed store has no thread to run ops: fail at once instead of waiting for
+        ever (a task cancelled at loop teardown, after shutdown, may still write)."""
+        if self._closed:
+            raise StoreFailed("the store is closed")
 
     def _send_rows(self) -> None:
         """Queue the plain event rows gathered so far as one `executemany`, ahead of the op
@@ -350,11 +366,28 @@ class PostgresStore:
             self._submit(self._alone(op)).result()
 
     def _read(self, op: OpOf[T]) -> T:
+        done = self._submit(self._reading(op))
         try:
-            return self._submit(self._reading(op)).result()
+            return done.result(self._read_timeout())
         except BatchBroken as exc:
             self._batch.broken(exc)
             raise
+        except concurrent.futures.TimeoutError:
+            done.cancel()
+            lost = BatchBroken("the store did not answer a read in time (server stalled?)")
+            self._batch.broken(lost)
+            raise lost from None
+        except psycopg.OperationalError as exc:
+            if self._conn.broken:  # the server is gone: only a commit would notice it
+                self._batch.broken(exc)
+            raise
+
+    def _read_timeout(self) -> float:
+        fence, renewed = self._fence, self.renewed_at
+        if fence is None or renewed is None:
+            return READ_TIMEOUT_S
+        ttl = fence[2]
+        return max(0.1, renewed + ttl - margin_s(ttl) - time.monotonic())
 
     def _write_read(self, op: OpOf[T]) -> T:
         """A write whose caller needs its answer (a new row's id): waits like a read."""
@@ -396,8 +429,8 @@ class PostgresStore:
         await self._batch.flush()
 
     def close(self) -> None:
-        if self._batch.failed is None:
-            self._batch.commit_now()
+        self._batch.close()
+        self._closed = True
         self._ops.put(None)
         self._thread.join()
         self._conn.close()

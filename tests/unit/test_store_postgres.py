@@ -104,3 +104,30 @@ def test_an_empty_database_gets_the_schema_once(pg_server: PgServer) -> None:
 )
 def test_a_url_is_shown_without_its_password(url: str, shown: str) -> None:
     assert redact(url) == shown
+
+
+async def test_a_closed_store_refuses_writes_and_reads_at_once(pg_url: str) -> None:
+    """Rather than queueing them to a thread that is gone (a wait for ever)."""
+    store = PostgresStore(pg_url)
+    store.close()
+    with pytest.raises(StoreFailed):
+        store.append("p", [(1, 1.0, "status", b"{}")])
+    with pytest.raises(StoreFailed):
+        store.pods()
+
+
+def test_a_read_that_finds_the_server_gone_stops_capd(pg_url: str) -> None:
+    """A read-only workload would otherwise never notice (only a commit fails capd)."""
+    failures: list[BaseException] = []
+    store = PostgresStore(pg_url, failures.append)
+    try:
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = 'capd' AND pid <> pg_backend_pid()"
+            )
+        with pytest.raises(psycopg.OperationalError):
+            store.pods()
+        assert [type(exc) for exc in failures] == [psycopg.OperationalError]
+    finally:
+        store.close()
