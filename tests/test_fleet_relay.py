@@ -233,12 +233,16 @@ async def test_a_relayed_subscription_survives_its_hosts_crash(
     a: CapdProcess, b: CapdProcess
 ) -> None:
     """b is killed mid-turn; a adopts the pod after the lease TTL and restores it paused;
-    the subscription through a resumes after the last event it had: gapless, no repeat."""
+    a live-only subscription through a, made mid-turn, goes on from what was committed when
+    it was made: the adopter's `status paused` arrives, gapless, no repeat."""
     await _spawn(a, "ck", "b", {"provider": "scripted", "script": [slow_text(3000, 2)]})
     try:
+        async with await Client.connect(b.pod_socket("ck")) as own:
+            await own.request({"method": "subscribe"})
+            await own.request({"method": "run", "text": "go"})
+            await wait_for(own, is_event("text_delta"))
         async with await Client.connect(a.socket) as daemon:
-            await daemon.request({"method": "subscribe", "pod": "ck", "after_seq": 0})
-            await daemon.request({"method": "run", "pod": "ck", "text": "go"})
+            ack = await daemon.request({"method": "subscribe", "pod": "ck"})
             _, before = await wait_for(daemon, is_event("text_delta"))
             assert b.proc is not None
             b.proc.kill()
@@ -253,8 +257,9 @@ async def test_a_relayed_subscription_survives_its_hosts_crash(
             b.start()
     assert (status["node"], status["status"]) == ("a", "paused")
     durable = [event for event in before + after if "seq" in event]
-    assert [event["seq"] for event in durable] == list(range(1, len(durable) + 1))
-    assert durable == history["events"][: len(durable)]
+    first = ack["last_seq"] + 1
+    assert [event["seq"] for event in durable] == list(range(first, first + len(durable)))
+    assert durable == history["events"][first - 1 : first - 1 + len(durable)]
     print(f"\nsubscription through a went on {back:.2f} s after b was killed (ttl {TTL_S} s)")
 
 

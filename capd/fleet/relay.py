@@ -129,12 +129,14 @@ class Upstream:
 class _Subscription:
     """A relayed `subscribe`: the pod, where it lives, and the last durable seq sent on."""
 
-    __slots__ = ("live", "node", "pod", "seq")
+    __slots__ = ("live", "node", "options", "pod", "seq")
 
-    def __init__(self, pod: str, node: str, seq: int | None) -> None:
+    def __init__(self, pod: str, node: str, seq: int | None, options: dict[str, Any]) -> None:
         self.pod = pod
         self.node = node
         self.seq = seq
+        self.options = options
+        """The request's other fields (`deltas`), for a subscription on the next host."""
         self.live = False
         """Its ack came: events of the link are its (earlier ones were the last one's)."""
 
@@ -166,7 +168,8 @@ class ConnRelay:
         self.end_subscription()
         host = await self._relay.resolve(pod)
         after = frame.get("after_seq")
-        sub = _Subscription(pod, host.name, after if isinstance(after, int) else None)
+        options = {k: v for k, v in frame.items() if k not in ("id", "method", "pod", "after_seq")}
+        sub = _Subscription(pod, host.name, after if isinstance(after, int) else None, options)
         self._sub = sub
         done: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
 
@@ -177,6 +180,8 @@ class ConnRelay:
             elif reply.get("event") == "ack":
                 self._conn.send(_with_id(reply, rid))  # ahead of the events that follow
                 sub.live = True
+                if sub.seq is None:  # live only: from what was committed then, no gap
+                    sub.seq = (reply.get("result") or {}).get("last_seq")
                 done.set_result(None)
             else:
                 self._sub = None
@@ -265,7 +270,7 @@ class ConnRelay:
                 host = None
             if host is not None and host.address is not None:
                 sub.node, sub.live = host.name, False
-                frame: dict[str, Any] = {"method": "subscribe", "pod": sub.pod}
+                frame: dict[str, Any] = {"method": "subscribe", "pod": sub.pod, **sub.options}
                 if sub.seq is not None:
                     frame["after_seq"] = sub.seq
                 ok: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
