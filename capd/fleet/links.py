@@ -34,13 +34,14 @@ class HostPort:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
-def parse_address(text: str, option: str) -> HostPort:
-    """`HOST:PORT` or `[V6]:PORT`, as `--node-listen` and `--node-address` take it."""
+def parse_address(text: str) -> HostPort:
+    """A node's address as the fleet stores it (`--node-address`): `HOST:PORT` or
+    `[V6]:PORT`."""
     host, sep, port = text.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     if not sep or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"{option} {text!r}: use HOST:PORT (e.g. 10.0.0.5:7420)")
+        raise ValueError(f"node address {text!r} is not HOST:PORT")
     return HostPort(host, int(port))
 
 
@@ -52,8 +53,7 @@ class LinkError(ConnectionError):
 
 
 class LinkServer:
-    """Listens for links from the other nodes and serves each with `handle` once it has
-    authenticated."""
+    """Listens for links from the other nodes and serves each once it has authenticated."""
 
     def __init__(self, node: str, key: bytes | None, serve: Serve, max_frame_bytes: int) -> None:
         """`serve(reader, writer, hello)` serves a link once authenticated
@@ -63,16 +63,14 @@ class LinkServer:
         self._serve_link = serve
         self._limit = max_frame_bytes + 1
         self._server: asyncio.Server | None = None
-        self.bound: HostPort | None = None
 
     async def listen(self, where: HostPort) -> HostPort:
         """Bind `where` (port 0: any free port) and return what was bound."""
         self._server = await asyncio.start_server(
             self._serve, where.host or None, where.port, limit=self._limit
         )
-        host, port = self._server.sockets[0].getsockname()[:2]
-        self.bound = HostPort(where.host if where.host else host, port)
-        return self.bound
+        port = self._server.sockets[0].getsockname()[1]
+        return HostPort(where.host, port)
 
     async def close(self) -> None:
         if self._server is not None:
@@ -159,7 +157,7 @@ class Link:
 
 async def open_link(address: str, me: str, key: bytes | None, limit: int, node: str = "?") -> Link:
     """Dial `address` (node `node`'s `--node-address`) and authenticate both ways."""
-    where = parse_address(address, "node address")
+    where = parse_address(address)
     try:
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection(where.host, where.port, limit=limit), AUTH_TIMEOUT_S
