@@ -160,6 +160,25 @@ async def test_stop_start_delete_through_the_other_node(a: CapdProcess, b: CapdP
     assert not b.pod_socket("w2").exists()
 
 
+async def test_a_relayed_reply_may_be_longer_than_a_request_may(
+    a: CapdProcess, b: CapdProcess
+) -> None:
+    """Requests are bounded (--max-frame-bytes, 1 MiB); replies are not: a history page
+    holding a long prompt and a long answer comes through the link whole."""
+    answer, prompt = "x" * (700 * 1024), "y" * (700 * 1024)
+    await _spawn(a, "big", "b", scripted({"text": answer}))
+    async with await Client.connect(a.socket) as daemon:
+        await daemon.request({"method": "subscribe", "pod": "big"})
+        await daemon.request({"method": "run", "pod": "big", "text": prompt})
+        await wait_for(daemon, is_event("turn_end"))
+        history = await daemon.request({"method": "history", "pod": "big"})
+        status = await daemon.request({"method": "status", "pod": "big"})
+    texts = [event.get("text") for event in history["events"]]
+    assert prompt in texts
+    assert answer in texts
+    assert status["node"] == "b"
+
+
 async def test_relayed_and_local_requests_pipeline_in_request_order(
     a: CapdProcess, b: CapdProcess
 ) -> None:

@@ -19,6 +19,7 @@ import orjson
 
 from capd.connection import Answer, Connection
 from capd.fleet.links import Link, LinkError, open_link
+from protocol.client import LINE_LIMIT
 from protocol.errors import ProtocolError
 from protocol.results import FleetNode, ListResult
 
@@ -289,10 +290,9 @@ class ConnRelay:
 class Relay:
     """The node's relay: per-connection relays, the routing cache, shared daemon links."""
 
-    def __init__(self, fleet: FleetView, key: bytes | None, max_frame_bytes: int) -> None:
+    def __init__(self, fleet: FleetView, key: bytes | None) -> None:
         self.fleet = fleet
         self._key = key
-        self._limit = max_frame_bytes + 1
         self._conns: dict[Connection, ConnRelay] = {}
         self._hosts: dict[str, NodeInfo] = {}
         """pod → the node hosting it, as last looked up."""
@@ -300,7 +300,8 @@ class Relay:
 
     async def dial(self, node: NodeInfo) -> Link:
         assert node.address is not None
-        return await open_link(node.address, self.fleet.node, self._key, self._limit, node.name)
+        # What a node sends back is unbounded, as on its daemon socket (a history page).
+        return await open_link(node.address, self.fleet.node, self._key, LINE_LIMIT, node.name)
 
     def of(self, conn: Connection) -> ConnRelay:
         relay = self._conns.get(conn)
