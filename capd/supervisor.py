@@ -172,6 +172,7 @@ class Supervisor:
         records = [record for record in records if self.registry.get(record.name) is None]
         for record in records:
             self.registry.learn(record)
+            self._make_pod_state_dir(record.name)  # node-local: its spill files go there
         self.ledger.adopted(records, self.store)
         for record in records:
             if not record.stopped and not self._closing:

@@ -95,8 +95,9 @@ async def _answers(node: CapdProcess, pod: str, deadline_s: float) -> dict[str, 
             await asyncio.sleep(0.02)
 
 
-async def _spawn_holding(node: CapdProcess, name: str) -> None:
-    manifest = {"name": name, "model": scripted({"tool_calls": [HELD_TOOL]}, {"text": "done"})}
+async def _spawn_holding(node: CapdProcess, name: str, **fields: Any) -> None:
+    model = scripted({"tool_calls": [HELD_TOOL]}, {"text": "done"})
+    manifest = {"name": name, "model": model, **fields}
     await daemon_request(node, {"method": "spawn", "manifest": {**manifest, "tools": ["bash"]}})
 
 
@@ -132,7 +133,15 @@ async def test_a_node_killed_mid_turn_has_its_pod_restored_paused_on_another(
     n1, n2 = _node(tmp_path, "n1", audited), _node(tmp_path, "n2", audited)
     fleet_dirs += [n1, n2]
     await asyncio.gather(asyncio.to_thread(n1.start), asyncio.to_thread(n2.start))
-    await _spawn_holding(n1, "w1")
+    (tmp_path / "w1" / "c1").mkdir(parents=True)  # on storage both nodes see
+    await _spawn_holding(n1, "w1", cwd=str(tmp_path / "w1"))
+    # Its child and a stopped pod go with it: a family moves together, a stopped pod
+    # stays stopped on its new node.
+    child = {"name": "c1", "model": scripted({"text": "hi"}), "cwd": str(tmp_path / "w1/c1")}
+    parent = str(n1.pod_socket("w1"))
+    await daemon_request(n1, {"method": "spawn", "manifest": child, "parent": parent})
+    await daemon_request(n1, {"method": "spawn", "manifest": {"name": "s1", "model": scripted()}})
+    await daemon_request(n1, {"method": "stop", "name": "s1"})
     client, seen = await _start_held_turn(n1, "w1")
     async with client:
         turn_id = next(e["turn_id"] for e in seen.values() if e["event"] == "turn_start")
@@ -153,8 +162,14 @@ async def test_a_node_killed_mid_turn_has_its_pod_restored_paused_on_another(
     assert by_n1
     assert by_n2
     assert max(by_n1) < min(by_n2)
-    [(node, epoch)] = _sql(audited, "SELECT node, epoch FROM leases WHERE pod = 'w1'")
-    assert (node, epoch) == ("n2", 2)
+    leases = _sql(audited, "SELECT pod, node, epoch, family FROM leases ORDER BY pod")
+    assert leases == [("c1", "n2", 2, "w1"), ("s1", "n2", 2, "s1"), ("w1", "n2", 2, "w1")]
+    assert (await _answers(n2, "c1", 5))["status"] == "idle"
+    with pytest.raises(ProtocolError) as stopped:
+        await _pod_request(n2, "s1", {"method": "status"})
+    assert stopped.value.code == "not_running"
+    await daemon_request(n2, {"method": "start", "name": "s1"})
+    assert (await _answers(n2, "s1", 5))["status"] == "idle"
     # The survivor carries the pod on: the paused turn can be cancelled and a new one run.
     await _pod_request(n2, "w1", {"method": "cancel"})
 
