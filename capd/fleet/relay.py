@@ -330,8 +330,7 @@ class Relay:
             raise ProtocolError("not_found", f"no pod {pod} on a live node of the fleet")
         if host.address is None:
             raise ProtocolError(
-                "not_running",
-                f"pod {pod} is on node {host.name}, which takes no links (no --node-listen)",
+                "not_running", f"pod {pod} is on node {host.name}: " + _no_links(host.name)
             )
         self._hosts[pod] = host
         return host
@@ -373,17 +372,26 @@ class Relay:
 
     async def place(self, node: str | None, parent: str | None) -> str:
         """The node a `spawn` goes to: `node`, else this node for a child (its parent is a
-        socket path on this machine), else the fleet's choice (capd.fleet.Fleet.place)."""
+        socket path on this machine), else the fleet's choice (capd.fleet.Fleet.place)
+        when this node can reach it over a link, else this node."""
         if node is None and parent is not None:
             return self.fleet.node
-        return await self.fleet.place(node)
+        target = await self.fleet.place(node)
+        if node is None and target != self.fleet.node and await self._unreachable(target):
+            return self.fleet.node
+        return target
 
     async def on_node(self, name: str, frame: dict[str, Any], **changes: Any) -> dict[str, Any]:
         """Daemon method `frame` (with `changes`) run by live node `name`."""
         for node in await self.fleet.live_nodes():
             if node.name == name:
+                if node.address is None:
+                    raise ProtocolError("not_found", _no_links(name))
                 return await self.call(node, {**frame, **changes})
         raise ProtocolError("not_found", f"node {name} is not live")
+
+    async def _unreachable(self, name: str) -> bool:
+        return not any(n.name == name and n.address for n in await self.fleet.live_nodes())
 
     async def list_fleet(self, local: ListResult) -> dict[str, Any]:
         """`list` over the fleet: this node's pods, then every other live node's (asked in
@@ -446,6 +454,11 @@ def _live_at_ack(sub: _Subscription, ok: "asyncio.Future[bool]") -> OnReply:
         ok.set_result(sub.live)
 
     return on_reply
+
+
+def _no_links(node: str) -> str:
+    """Why node `node` cannot be asked anything by another node."""
+    return f"node {node} takes no links from other nodes (it has no --node-listen)"
 
 
 def _lost(node: str) -> ProtocolError:
