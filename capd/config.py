@@ -2,6 +2,7 @@
 
 import argparse
 import grp
+import ipaddress
 import os
 import re
 import socket
@@ -66,6 +67,12 @@ class Config:
     lease_ttl_s: float = 15.0
     """How long a fleet node's lease lasts without renewal (`--lease-ttl-s`): a node that
     dies has its pods adopted by another after about this long (capd.fleet)."""
+    node_listen: tuple[str, int] | None = None
+    """Where this node accepts links from the fleet's other nodes (`--node-listen`)."""
+    node_address: str | None = None
+    """What the other nodes dial (`--node-address`); None: the address bound."""
+    fleet_key: bytes | None = field(default=None, repr=False)
+    """The key every node's links prove they hold (`--fleet-key-file`)."""
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> "Config":
@@ -176,6 +183,25 @@ class Config:
             "another node adopts the pods of a node silent that long (default %(default)s, "
             "at least 2)",
         )
+        parser.add_argument(
+            "--node-listen",
+            metavar="HOST:PORT",
+            help="accept links from the fleet's other nodes here (PostgreSQL store only; "
+            "a non-loopback address needs --fleet-key-file)",
+        )
+        parser.add_argument(
+            "--node-address",
+            metavar="HOST:PORT",
+            help="what the other nodes dial to reach this one (default: the --node-listen "
+            "address, unless it is a wildcard)",
+        )
+        parser.add_argument(
+            "--fleet-key-file",
+            metavar="PATH",
+            type=Path,
+            help="the fleet's shared key (32+ bytes, mode 0600, the same on every node): "
+            "links between nodes authenticate with it",
+        )
         parser.add_argument("--version", action="version", version=f"capd {VERSION}")
         args = parser.parse_args(argv)
         if args.max_frame_bytes < 1024:
@@ -206,6 +232,7 @@ class Config:
                 f"--node {node!r} is not a node name: use 1-63 of a-z 0-9 _ . - starting "
                 "with a-z or 0-9"
             )
+        node_listen, fleet_key = _fleet_links(parser, args)
         allow_gid = None
         if args.allow_group is not None:
             try:
@@ -247,7 +274,58 @@ class Config:
             max_engine_processes=args.max_engine_processes,
             node=node,
             lease_ttl_s=args.lease_ttl_s,
+            node_listen=node_listen,
+            node_address=args.node_address,
+            fleet_key=fleet_key,
         )
+
+
+def _fleet_links(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> tuple[tuple[str, int] | None, bytes | None]:
+    """`--node-listen` and the fleet key, checked: links are for a fleet (a shared store),
+    and one that other machines can reach must authenticate them."""
+    key = None
+    if args.fleet_key_file is not None:
+        from capd.fleet.auth import FleetKeyError, load_key  # only a fleet node needs it
+
+        try:
+            key = load_key(args.fleet_key_file)
+        except FleetKeyError as exc:
+            parser.error(str(exc))
+    if args.node_address is not None and _host_port(args.node_address) is None:
+        parser.error(f"--node-address {args.node_address}: expected HOST:PORT")
+    if args.node_listen is None:
+        if args.node_address is not None:
+            parser.error("--node-address needs --node-listen")
+        return None, key
+    listen = _host_port(args.node_listen) or (
+        parser.error(f"--node-listen {args.node_listen}: expected HOST:PORT, e.g. 10.0.0.5:7420")
+    )
+    if args.store is None:
+        parser.error("--node-listen needs --store postgresql://…: a fleet shares its store")
+    host = listen[0]
+    if key is None and not _loopback(host):
+        parser.error(
+            f"--node-listen {args.node_listen} is reachable from other machines: give "
+            "--fleet-key-file (`openssl rand -hex 32 > FILE; chmod 600 FILE`, the same on "
+            "every node) so that links authenticate"
+        )
+    if args.node_address is None and host in ("0.0.0.0", "::"):
+        parser.error(
+            f"--node-listen {args.node_listen} is a wildcard: give --node-address HOST:PORT, "
+            "the address the other nodes dial"
+        )
+    return listen, key
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _host_port(text: str) -> tuple[str, int] | None:

@@ -24,6 +24,8 @@ from capd import tracing
 from capd.config import Config
 from capd.fleet import Fleet, FleetRefused
 from capd.fleet.lease import store_failed
+from capd.fleet.links import HostPort, LinkServer
+from capd.fleet.relay import Relay
 from capd.metrics_http import Cached, MetricsHttp
 from capd.metrics_scrape import scrape
 from capd.outbox import Outbox
@@ -65,8 +67,13 @@ class Daemon:
         self._outbox: Outbox | None = None
         self._supervisor: Supervisor | None = None
         self._endpoint: DaemonEndpoint | None = None
+        self._relay: Relay | None = None
+        self._links: LinkServer | None = None
+        self._link_endpoint: DaemonEndpoint | None = None
         self._locks: list[IO[str]] = []
         self._should_exit = asyncio.Event()
+        self.stopping = False
+        """Shutting down: the pods stop because capd does."""
         self._started = time.monotonic()
         self._started_at = time.time()
         self._metrics = Cached(self._scrape)
@@ -134,7 +141,10 @@ class Daemon:
         )
         await self.supervisor.worktrees.sweep()
         self.supervisor.cluster = self.fleet
-        self._endpoint = DaemonEndpoint(self.supervisor, self, cfg)
+        if self.fleet is not None:
+            self._relay = Relay(self.fleet, cfg.fleet_key)
+            outbox.deliver_in_fleet(self._relay.deliver_report)
+        self._endpoint = DaemonEndpoint(self.supervisor, self, cfg, self._relay)
         if cfg.metrics_listen is not None:
             self._metrics_http = MetricsHttp(self._metrics.get)
             self._metrics_listen = await self._metrics_http.bind(*cfg.metrics_listen)
@@ -144,6 +154,8 @@ class Daemon:
         if self._metrics_http is not None:  # once restored: no scrape sees pods not up yet
             await self._metrics_http.serve()
             log.info("metrics at http://%s/metrics", self._metrics_listen)
+        if cfg.node_listen is not None and self.fleet is not None:
+            await self._listen_for_nodes(self.fleet, *cfg.node_listen)
         await self._endpoint.listen(activated)
         outbox.start()
         log.info(
@@ -157,6 +169,17 @@ class Daemon:
         # daemon: keep the collector from walking it again on every full collection.
         gc.freeze()
         self._notifier.ready(self.supervisor.summary())
+
+    async def _listen_for_nodes(self, fleet: Fleet, host: str, port: int) -> None:
+        """Accept the other nodes' links (once this node's pods are up) and tell the fleet
+        where to dial. What comes over a link is answered for this node alone."""
+        cfg = self.config
+        self._link_endpoint = local = DaemonEndpoint(self.supervisor, self, cfg, for_links=True)
+        self._links = LinkServer(cfg.node, cfg.fleet_key, local.serve_stream, cfg.max_frame_bytes)
+        bound = await self._links.listen(HostPort(host, port))
+        address = cfg.node_address or str(bound)
+        await fleet.set_address(address)
+        log.info("node links on %s (the fleet dials %s)", bound, address)
 
     async def _restore_pods(self) -> None:
         """Bring up the pods that were not stopped. A long restore tells systemd how far it
@@ -246,6 +269,7 @@ class Daemon:
         """Refuse new work, let spawns and stops under way finish, pause the pods' turns,
         give their tools' process groups KILL_GRACE_S to exit after SIGTERM (then SIGKILL),
         then stop delivering reports; what is undelivered waits in the store."""
+        self.stopping = True
         self._mark_stopping()
         log.info("shutting down: pausing in-flight turns")
         self._notifier.stopping("stopping: pausing running turns")
@@ -255,8 +279,14 @@ class Daemon:
             await self.fleet.stop_adopting()
         if self._metrics_http is not None:
             await self._metrics_http.close()
+        if self._links is not None:
+            await self._links.close()
         if self._endpoint is not None:
             await self._endpoint.close()
+        if self._relay is not None:
+            await self._relay.close()
+        if self._link_endpoint is not None:
+            await self._link_endpoint.close()
         if self._supervisor is not None:
             await self._supervisor.take_down_all()
         await stop_all_groups()

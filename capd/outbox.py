@@ -8,6 +8,11 @@ absent or refusing, the worker backs off exponentially; `retry_now` cuts the wai
 e.g. when a local parent pod comes back up. A report that reached the parent but whose ack
 was lost is sent again with the same `event_id`, and the parent drops it.
 
+In a fleet, a parent pod may run on another machine, or have moved since the report was
+owed: a parent socket that cannot be reached here and that names a pod
+(`…/pods/NAME.sock`) is delivered to pod NAME on whichever node of the fleet hosts it now,
+over a node link (`deliver_in_fleet`), with the same acks and the same `event_id`s.
+
 A report the parent refuses as malformed (`invalid_request`, `unknown_method`,
 `frame_too_large`) would be refused forever and block every later one, so it is logged in
 full and dropped.
@@ -16,6 +21,9 @@ full and dropped.
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
 
 from capd.backoff import backoff_s
 from capd.store import OutboxEntry, Store
@@ -36,6 +44,9 @@ buffered (a client may name any socket as a parent)."""
 
 REFUSED_FOR_GOOD = frozenset({"invalid_request", "unknown_method", "frame_too_large"})
 
+FleetDelivery = Callable[[str, dict[str, Any]], Awaitable[None]]
+"""Sends request `pod_event` to fleet pod NAME where it runs; returns once it is acked."""
+
 
 class Outbox:
     def __init__(self, store: Store) -> None:
@@ -43,6 +54,12 @@ class Outbox:
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._wake: dict[str, asyncio.Event] = {}
         self._closing = False
+        self._fleet: FleetDelivery | None = None
+
+    def deliver_in_fleet(self, deliver: FleetDelivery) -> None:
+        """Deliver reports to parents this machine cannot reach through `deliver` when
+        their socket names a pod of the fleet."""
+        self._fleet = deliver
 
     def start(self) -> None:
         """Resume delivery of every report a previous run left undelivered."""
@@ -105,18 +122,34 @@ class Outbox:
             del self._wake[target]
 
     async def _send(self, target: str, batch: list[OutboxEntry]) -> None:
-        async with await Client.connect(target, REQUEST_TIMEOUT_S, PARENT_LINE_LIMIT) as parent:
-            for entry in batch:
-                try:
-                    await parent.request({"method": "pod_event", "event": decode(entry.payload)})
-                except ProtocolError as exc:
-                    if exc.code not in REFUSED_FOR_GOOD:
-                        raise
-                    self._drop(target, entry, exc)
-                    if exc.code == "frame_too_large":
-                        return  # the parent closed the connection; reconnect for the rest
-                    continue
-                self._store.report_delivered(entry.id)
+        try:
+            parent = await Client.connect(target, REQUEST_TIMEOUT_S, PARENT_LINE_LIMIT)
+        except OSError:
+            if self._fleet is None or (pod := _pod_of(target)) is None:
+                raise
+            fleet = self._fleet
+            await self._send_each(target, batch, lambda request: fleet(pod, request))
+            return
+        async with parent:
+            await self._send_each(target, batch, parent.request)
+
+    async def _send_each(
+        self,
+        target: str,
+        batch: list[OutboxEntry],
+        send: Callable[[dict[str, Any]], Awaitable[Any]],
+    ) -> None:
+        for entry in batch:
+            try:
+                await send({"method": "pod_event", "event": decode(entry.payload)})
+            except ProtocolError as exc:
+                if exc.code not in REFUSED_FOR_GOOD:
+                    raise
+                self._drop(target, entry, exc)
+                if exc.code == "frame_too_large":
+                    return  # the parent closed the connection; reconnect for the rest
+                continue
+            self._store.report_delivered(entry.id)
 
     def _drop(self, target: str, entry: OutboxEntry, exc: ProtocolError) -> None:
         log.error(
@@ -146,3 +179,9 @@ class Outbox:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(wait_s):
                 await wake.wait()
+
+
+def _pod_of(target: str) -> str | None:
+    """The pod a parent socket path names (`…/pods/NAME.sock`), else None."""
+    path = Path(target)
+    return path.stem if path.parent.name == "pods" and path.suffix == ".sock" else None

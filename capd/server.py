@@ -13,11 +13,12 @@ import os
 import socket
 import stat
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
+from pydantic import BaseModel
 
 from capd.access import current_policy, peer_of
 from capd.activity import ActivityFeed
@@ -54,6 +55,7 @@ from protocol.methods import (
     StopPod,
     Subscribe,
     Unsubscribe,
+    request_id,
 )
 from protocol.paths import POD_NAME_RE
 from protocol.results import (
@@ -67,6 +69,9 @@ from protocol.results import (
     SpawnResult,
     SubscribeResult,
 )
+
+if TYPE_CHECKING:
+    from capd.fleet.relay import Relay
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +156,11 @@ class ProcessMethods(Protocol):
 
     def request_shutdown(self) -> None: ...
 
+    @property
+    def stopping(self) -> bool:
+        """capd is shutting down (its pods stop because it does)."""
+        ...
+
 
 class Endpoint(ABC):
     """A listening socket, its open connections, and the handler for their requests."""
@@ -227,6 +237,13 @@ class Endpoint(ABC):
             writer.write(encode(Error(code="forbidden", message=refusal)))
             writer.close()
             return
+        await self.serve_stream(reader, writer, encode(self.hello()))
+
+    async def serve_stream(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, hello: bytes
+    ) -> None:
+        """Serve a connection whose client may use this endpoint (its socket's access
+        check, or a node link's authentication), greeting it with `hello`."""
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)  # type: ignore[arg-type]
@@ -234,7 +251,7 @@ class Endpoint(ABC):
             await serve_connection(
                 reader,
                 writer,
-                encode(self.hello()),
+                hello,
                 self._handle,
                 max_queued_bytes=self._config.max_queued_bytes,
                 max_frame_bytes=self._config.max_frame_bytes,
@@ -390,10 +407,22 @@ class PodEndpoint(Endpoint):
 
 
 class DaemonEndpoint(Endpoint):
-    def __init__(self, pods: PodMethods, process: ProcessMethods, config: Config) -> None:
+    def __init__(
+        self,
+        pods: PodMethods,
+        process: ProcessMethods,
+        config: Config,
+        relay: "Relay | None" = None,
+        for_links: bool = False,
+    ) -> None:
+        """With `relay` (a fleet), what concerns pods other nodes host goes to them; the
+        endpoint that serves node links (`for_links`) has none: it answers for this node
+        alone."""
         super().__init__(config.runtime_dir / "capd.sock", config)
         self._pods = pods
         self._process = process
+        self._relay = relay
+        self._for_links = for_links
         self._following: dict[Connection, str] = {}
         """Connections subscribed to a pod's events (`subscribe` with `pod`), and the pod."""
         pods.watch_stops(self._pod_stopped)
@@ -415,24 +444,32 @@ class DaemonEndpoint(Endpoint):
         pods, process = self._pods, self._process
         match request:
             case Spawn(manifest=manifest, parent=parent, team=team, node=node):
-                self._check_node(node)
+                if self._relay is not None:
+                    target = await self._relay.place(node, parent)
+                    if target != pods.node:
+                        return ack(request, await self._relay.on_node(target, frame, node=target))
+                else:
+                    self._check_node(node)
                 return ack(request, (await pods.spawn(manifest, parent, team=team)).model_dump())
             case ListPods():
+                if self._relay is not None:
+                    return ack(request, await self._relay.list_fleet(pods.list_pods()))
                 return ack(request, pods.list_pods().model_dump())
             case Stop(name=name, keep_turn=keep_turn):
-                await pods.stop_pod(name, keep_turn)
-                return ack(request)
+                return await self._on_host(request, frame, pods.stop_pod(name, keep_turn))
             case Start(name=name):
-                return ack(request, (await pods.start_pod(name)).model_dump())
+                return await self._on_host(request, frame, pods.start_pod(name))
             case Restart(name=name):
-                return ack(request, (await pods.restart_pod(name)).model_dump())
+                return await self._on_host(request, frame, pods.restart_pod(name))
             case Delete(name=name, delete_branch=delete_branch):
-                await pods.delete_pod(name, delete_branch)
-                return ack(request)
+                return await self._on_host(request, frame, pods.delete_pod(name, delete_branch))
             case Diff(name=name, stat=stat):
-                return ack(request, (await pods.diff(name, stat)).model_dump())
+                return await self._on_host(request, frame, pods.diff(name, stat))
             case Info():
-                return ack(request, process.info().model_dump())
+                info = process.info()
+                if self._relay is not None:
+                    info.fleet = await self._relay.fleet_nodes()
+                return ack(request, info.model_dump())
             case Metrics():
                 return ack(request, MetricsResult(text=process.metrics()).model_dump())
             case Shutdown():
@@ -440,10 +477,12 @@ class DaemonEndpoint(Endpoint):
                 conn.send(ack(request))
                 return None
             case DaemonSubscribe(activity=True):
+                self._end_relayed(conn)
                 self._following.pop(conn, None)
                 self._subscribe(pods.activity.hub, conn, request, None)
                 return None
             case DaemonSubscribe():
+                self._end_relayed(conn)
                 self._following.pop(conn, None)
                 self._subscribe(pods.hub, conn, request, None)
                 return None
@@ -454,6 +493,22 @@ class DaemonEndpoint(Endpoint):
             case Down(team=team, drain_timeout_s=drain_timeout_s):
                 return ack(request, (await pods.teams.down(team, drain_timeout_s)).model_dump())
         raise AssertionError(f"unhandled daemon method {request!r}")
+
+    async def _on_host(
+        self, request: Request, frame: dict[str, Any], local: Coroutine[Any, Any, Any]
+    ) -> bytes:
+        """Run `local` (a method on pod `name`); a pod this node does not know, in a
+        fleet, is asked of the node hosting it."""
+        try:
+            result = await local
+        except ProtocolError as exc:
+            if exc.code != "not_found" or self._relay is None:
+                raise
+            host = await self._relay.fleet.host_of(frame["name"])
+            if host is None or host.name == self._pods.node:
+                raise
+            return ack(request, await self._relay.on_node(host.name, frame))
+        return ack(request, result.model_dump() if isinstance(result, BaseModel) else None)
 
     def _pod_method(self, frame: dict[str, Any], conn: Connection) -> Reply:
         """A pod method naming its pod in `pod`: the pod's own endpoint handles it, on this
@@ -469,13 +524,41 @@ class DaemonEndpoint(Endpoint):
                 f"{method} is a daemon method and takes no pod field (pod methods: "
                 f"{', '.join(sorted(POD_REQUESTS.methods))})",
             )
-        endpoint = self._pods.endpoint(name)
+        try:
+            endpoint = self._pods.endpoint(name)
+        except ProtocolError as exc:
+            if exc.code != "not_found" or self._relay is None:
+                raise
+            return self._relayed(name, frame, conn)
         request = {k: v for k, v in frame.items() if k != "pod"}
         if method in ("subscribe", "unsubscribe"):
             POD_REQUESTS.parse(request)  # a bad one changes nothing; a good one ends the
             self._following.pop(conn, None)  # connection's subscription, whichever it is
+            self._end_relayed(conn)
         reply = endpoint._handle(request, conn)
         return self._follow(reply, conn, name) if method == "subscribe" else reply
+
+    def _relayed(self, name: str, frame: dict[str, Any], conn: Connection) -> Reply:
+        """A pod method for pod `name`, which another node hosts: forwarded to it as it
+        came (the link's endpoint checks it); the reply takes this request's turn."""
+        assert self._relay is not None
+        relay = self._relay.of(conn)
+        method = frame.get("method")
+        if method in ("subscribe", "unsubscribe"):
+            request = POD_REQUESTS.parse({k: v for k, v in frame.items() if k != "pod"})
+            self._following.pop(conn, None)
+            conn.unsubscribe()
+            if isinstance(request, Unsubscribe):
+                relay.end_subscription()
+                return ack(request)
+            return relay.subscribe(name, frame, request.id)
+        answer = conn.answer(request_id(frame))
+        relay.forward(name, frame, answer)
+        return answer
+
+    def _end_relayed(self, conn: Connection) -> None:
+        if self._relay is not None:
+            self._relay.end_subscription(conn)
 
     async def _follow(self, subscribing: Reply, conn: Connection, name: str) -> bytes | None:
         """Once the connection's `subscribe` to pod `name` has succeeded, note it, so the
@@ -487,7 +570,11 @@ class DaemonEndpoint(Endpoint):
 
     def _pod_stopped(self, name: str) -> None:
         """End the subscriptions to pod `name` held here with `pod_stopped`, after its last
-        event; on its own socket, the connection would close."""
+        event; on its own socket, the connection would close. A node that shuts down hands
+        its pods over: its links just close, and the relays at their other end follow each
+        pod to its next node."""
+        if self._for_links and self._process.stopping:
+            return
         for conn, followed in tuple(self._following.items()):
             if followed == name:
                 del self._following[conn]
@@ -496,6 +583,8 @@ class DaemonEndpoint(Endpoint):
 
     def _forget(self, conn: Connection) -> None:
         self._following.pop(conn, None)
+        if self._relay is not None:
+            self._relay.forget(conn)
         super()._forget(conn)
 
     def _check_node(self, node: str | None) -> None:
