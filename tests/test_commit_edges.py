@@ -60,3 +60,38 @@ async def test_a_pod_stop_that_never_committed_is_heard_by_no_subscriber(
         assert await _frames_until_closed(follower) == []
     assert capd.proc is not None
     assert await asyncio.to_thread(capd.proc.wait, WAIT_S) == 75
+
+
+async def test_a_shutdown_answers_every_request_it_handled_and_handles_no_other(
+    capd: CapdProcess,
+) -> None:
+    await spawn(capd, "w", scripted(PAUSED_STEP))
+    async with await connect_pod(capd, "w", subscribe=False) as pod:
+        await pod.request({"method": "run", "text": "wait"})
+        await pod.request({"method": "pause"})
+    reader, writer = await asyncio.open_unix_connection(str(capd.socket), limit=1 << 24)
+    await reader.readline()  # hello
+    burst = [
+        {
+            "id": i,
+            "pod": "w",
+            "method": "pod_event",
+            "event": {"event": "turn_ended", "pod": "c", "event_id": f"r-{i}", "output": ""},
+        }
+        for i in range(3000)
+    ]
+    writer.write(b"".join(orjson.dumps(request) + b"\n" for request in burst))
+    await writer.drain()
+    assert orjson.loads(await reader.readline())["id"] == 0  # capd is handling the burst
+    capd.signal(signal.SIGTERM)
+    acked = [0] + [frame["id"] for frame in await _frames_until_closed(reader)]
+    assert capd.proc is not None
+    assert await asyncio.to_thread(capd.proc.wait, WAIT_S) == 0
+    await asyncio.to_thread(capd.start)
+    async with await connect_pod(capd, "w", subscribe=False) as pod:
+        history = await full_history(pod)
+    stored = [e["payload"]["event_id"] for e in history if e["event"] == "pod_event_received"]
+    # Each request handled (its report stored) was acked before the connection closed;
+    # the requests still buffered when the shutdown began were not handled.
+    assert stored == [f"r-{i}" for i in acked]
+    assert acked == list(range(len(acked)))
