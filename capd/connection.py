@@ -263,9 +263,9 @@ class Connection:
 
     @property
     def closing(self) -> bool:
-        """Closing or closed: requests read now are not handled (their replies could not
-        be written, or the endpoint is shutting down)."""
-        return self._closing or self._writer.is_closing()
+        """capd is closing the connection (its endpoint shuts down): requests read now are
+        not handled. (A client that closed its end still has what it sent handled.)"""
+        return self._closing
 
     def abort_after_flush(self) -> None:
         """Close once what is queued is written, and the replies of the requests under way
