@@ -11,6 +11,9 @@ class Size:
     fanout_deltas: int
     pauses: int
     pods: int
+    """Idle pods up while the metrics are scraped."""
+    density_pods: int
+    """Idle pods spawned, measured and restored by `density`."""
     durable_events: int
     capctl_runs: int
     restore_events: int
@@ -39,6 +42,7 @@ SIZES = {
         fanout_deltas=20_000,
         pauses=200,
         pods=1000,
+        density_pods=10_000,
         durable_events=50_000,
         capctl_runs=30,
         restore_events=100_000,
@@ -58,6 +62,7 @@ SIZES = {
         fanout_deltas=200,
         pauses=3,
         pods=10,
+        density_pods=10,
         durable_events=500,
         capctl_runs=2,
         restore_events=600,

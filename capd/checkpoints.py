@@ -188,23 +188,11 @@ class CheckpointStore:
         self.root = root
         self.cwd = cwd
         self.workspace = workspace
-        self.hidden = [Path(path) for path in hidden]
-        self._user_exclude = exclude or cwd / ".git" / "info" / "exclude"
-        self._git_dir = root / "ck.git"
-        self._index = root / "index"
-        self._index_modes = root / "index.modes"
-        self._index_modes_aside = root / "index.modes.aside"
-        self._modes_dir = root / "modes"
+        self.hidden = tuple(hidden)
+        self._exclude = exclude
         self._index_modes_read: tuple[tuple[int, int, int], Modes] | None = None
         """The last `index.modes` read or written, and which file it was (inode, mtime,
         size): a file is written whole and renamed into place, never changed."""
-        self._env = {
-            "GIT_DIR": str(self._git_dir),
-            "GIT_WORK_TREE": str(cwd),
-            "GIT_INDEX_FILE": str(self._index),
-            **NO_CONFIG,
-            **IDENTITY,
-        }
         self._lock = asyncio.Lock()
         self._child: asyncio.subprocess.Process | None = None
         """The git running, or killed and perhaps not gone yet."""
@@ -213,6 +201,43 @@ class CheckpointStore:
         against it (`.gitignore` files are recorded, so a change to one is seen)."""
         self._tidy = False
         """Stale lock files were removed, and no git of ours was stopped or failed since."""
+
+    # Paths and the environment are derived when git runs, not kept: every idle pod holds
+    # a store, and making them took a tenth of a spawn.
+
+    @property
+    def _user_exclude(self) -> Path:
+        return self._exclude or self.cwd / ".git" / "info" / "exclude"
+
+    @property
+    def _git_dir(self) -> Path:
+        return self.root / "ck.git"
+
+    @property
+    def _index(self) -> Path:
+        return self.root / "index"
+
+    @property
+    def _index_modes(self) -> Path:
+        return self.root / "index.modes"
+
+    @property
+    def _index_modes_aside(self) -> Path:
+        return self.root / "index.modes.aside"
+
+    @property
+    def _modes_dir(self) -> Path:
+        return self.root / "modes"
+
+    @property
+    def _env(self) -> dict[str, str]:
+        return {
+            "GIT_DIR": str(self._git_dir),
+            "GIT_WORK_TREE": str(self.cwd),
+            "GIT_INDEX_FILE": str(self._index),
+            **NO_CONFIG,
+            **IDENTITY,
+        }
 
     async def take(self, turn_id: str) -> Taken | Skipped:
         """Record the cwd's files as they are at the start of `turn_id`. Never raises but

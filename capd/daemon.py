@@ -144,19 +144,32 @@ class Daemon:
 
     async def _restore_pods(self) -> None:
         """Bring up the pods that were not stopped. A long restore tells systemd how far it
-        is and extends the start-up timeout, so a big state directory never trips it."""
+        is and extends the start-up timeout, so a big state directory never trips it.
+
+        The cyclic collector is off meanwhile: what a restore builds lives as long as its
+        pod, and the collections its allocations set off walked the pods already up again
+        and again (a quarter of a restore's time). At the end it is all frozen, as start-up
+        freezes what it built: a collection then would walk it all once more (0.4 s for
+        2,000 pods), to free the few hundred objects a restore leaves in cycles."""
         records = self.supervisor.to_restore()
         reported = -RESTORE_REPORT_S
-        for done, record in enumerate(records):
-            if self._should_exit.is_set():
-                return  # SIGTERM during restore: stop here, shutdown() takes down what is up
-            if time.monotonic() - reported >= RESTORE_REPORT_S:
-                reported = time.monotonic()
-                self._notifier.send(
-                    EXTEND_TIMEOUT_USEC=str(RESTORE_EXTEND_USEC),
-                    STATUS=f"restoring pods: {done} of {len(records)} up",
-                )
-            await self.supervisor.restore(record)
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            for done, record in enumerate(records):
+                if self._should_exit.is_set():
+                    return  # SIGTERM during restore: stop here, shutdown() takes down what is up
+                if time.monotonic() - reported >= RESTORE_REPORT_S:
+                    reported = time.monotonic()
+                    self._notifier.send(
+                        EXTEND_TIMEOUT_USEC=str(RESTORE_EXTEND_USEC),
+                        STATUS=f"restoring pods: {done} of {len(records)} up",
+                    )
+                await self.supervisor.restore(record)
+        finally:
+            gc.freeze()
+            if collecting:
+                gc.enable()
 
     async def main_loop(self) -> None:
         if self._notifier.watchdog_s is None:

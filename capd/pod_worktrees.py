@@ -247,8 +247,9 @@ class PodWorktrees:
     def check_writer(self, manifest: Manifest) -> None:
         """Refuse (invalid_request) a pod being spawned that could write a repository
         another pod has a work tree of (see `worktrees.check_unwritable`)."""
-        for path in writable(manifest):
-            for _, tree in self._in_use():
+        trees = self._in_use()  # most often none: then nothing to check
+        for path in writable(manifest) if trees else ():
+            for _, tree in trees:
                 worktrees.check_unwritable(
                     Path(tree.repo), Path(tree.common_dir), manifest.name, path
                 )
@@ -291,9 +292,9 @@ class PodWorktrees:
     def _in_use(self) -> list[tuple[str, Worktree]]:
         """The pods' work trees, whose branches are taken."""
         found = []
-        for record in self._registry.all():
-            if record.worktree is not None:
-                found.append((record.name, Worktree.from_json(record.worktree)))
+        for record in self._registry.with_worktree():
+            assert record.worktree is not None
+            found.append((record.name, Worktree.from_json(record.worktree)))
         return found
 
 

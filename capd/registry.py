@@ -20,12 +20,16 @@ class PodRegistry:
     def __init__(self, store: Store, runtime_dir: Path) -> None:
         self._store = store
         self._runtime_dir = runtime_dir
+        self._pods_dir = pod_socket(runtime_dir, "pod").parent
+        """Where the pods' sockets are (made once: a restore asks for every pod's)."""
         self._records: dict[str, PodRecord] = {record.name: record for record in store.pods()}
         """In creation order, as the table lists them."""
         self._children: dict[str, list[str]] = {}
         """Parent socket → names of the pods that name it as parent, in creation order."""
         self._sockets: dict[str, str] = {}
         """Name → socket path of each known pod; `status` asks for children on every call."""
+        self._worktrees: dict[str, None] = {}
+        """Names of the pods with a work tree, which every spawn checks, in creation order."""
         for record in self._records.values():
             self._index(record)
 
@@ -34,6 +38,10 @@ class PodRegistry:
 
     def all(self) -> list[PodRecord]:
         return list(self._records.values())
+
+    def with_worktree(self) -> list[PodRecord]:
+        """The pods with a work tree (`all` that have one, without walking every pod)."""
+        return [self._records[name] for name in self._worktrees]
 
     def add(
         self,
@@ -81,6 +89,7 @@ class PodRegistry:
         socket = self._sockets.pop(name)
         self._store.delete_pod(name, socket, carried)
         record = self._records.pop(name)
+        self._worktrees.pop(name, None)
         if record.parent is not None:
             self._children[record.parent].remove(name)
         for child in self._children.pop(socket, ()):
@@ -89,8 +98,8 @@ class PodRegistry:
     # -- the tree -----------------------------------------------------------------------
 
     def socket(self, name: str) -> Path:
-        """Where the pod named `name` listens (or would)."""
-        return pod_socket(self._runtime_dir, name)
+        """Where the pod named `name` listens (or would): `protocol.paths.pod_socket`."""
+        return self._pods_dir / f"{name}.sock"
 
     def children_of(self, name: str) -> list[str]:
         socket = self._sockets.get(name) or str(self.socket(name))
@@ -145,5 +154,7 @@ class PodRegistry:
 
     def _index(self, record: PodRecord) -> None:
         self._sockets[record.name] = str(self.socket(record.name))
+        if record.worktree is not None:
+            self._worktrees[record.name] = None
         if record.parent is not None:
             self._children.setdefault(record.parent, []).append(record.name)

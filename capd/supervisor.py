@@ -13,7 +13,7 @@ import contextvars
 import logging
 import shutil
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -38,6 +38,7 @@ from capd.proc.sandbox import (
     SandboxRefused,
     confinement,
     containing,
+    fixed_real_path,
     resolve_paths,
 )
 from capd.providers import missing_key
@@ -140,6 +141,12 @@ class Supervisor:
         self._broken: dict[str, str] = {}
         """Pods that failed to come back up, and why."""
         self._closing = False
+        self._own_dirs = (config.state_dir, config.runtime_dir)
+        self._pods_dir = config.state_dir / "pods"
+        self._real_pods_dir = fixed_real_path(config.state_dir) / "pods"
+        """The pods' state dirs, resolved (capd makes them, and what lies in them)."""
+        self._git_found = False
+        """Whether `require_git` passed once: capd's PATH does not change."""
         self.limiter = Limiter.detect(config.state_dir, config.limits)
         """How pods' limits.memory_mb and limits.pids are enforced (detected once)."""
         own = (config.state_dir, config.runtime_dir)
@@ -211,7 +218,7 @@ class Supervisor:
         if parent_name is not None:
             rules = self._parent(parent_name)
             parent = str(self.registry.socket(parent_name))  # the spelling children_of looks up
-        self.check_spawn(manifest, rules)
+        unshared = self.check_spawn(manifest, rules)
         if make_cwd:
             try:
                 cwd.mkdir(parents=True, exist_ok=True)
@@ -226,7 +233,9 @@ class Supervisor:
             stored = manifest.model_dump_json()
             self.registry.add(name, stored, parent, team=team, worktree=worktree)
             self.ledger.added(name, manifest.budget)
-            running = await self._bring_up(manifest, parent)
+            sandbox = self._with_worktree(name, unshared)  # its record exists now
+            # A new pod has no events: a name is free only once delete_pod removed them.
+            running = await self._bring_up(manifest, parent, sandbox, stored=())
         except BaseException as exc:
             self._forget_unborn(name, fresh)
             await self.worktrees.undo(tree)
@@ -276,21 +285,25 @@ class Supervisor:
 
     # -- what a spawn and a reconfigure refuse (`apply` plans with the same) ------------
 
-    def check_spawn(self, manifest: Manifest, parent: Parent | None) -> None:
+    def check_spawn(self, manifest: Manifest, parent: Parent | None) -> Confinement | None:
         """Refuse what a spawn refuses of `manifest` (cwd and sandbox resolved, as stored)
         besides its name and capd's room: the child rules against `parent` (None: a
         top-level pod, or a parent of another daemon), a repository it could write, its
         engine and sandbox, its model's key, git for its checkpoints, and a dollar budget
         it would break. Its work tree's own refusals are `worktrees.make`'s (also
-        `worktrees.check`, which makes nothing)."""
+        `worktrees.check`, which makes nothing). Returns its confinement but for what work
+        trees add (`_with_worktree`), so a spawn computes it once."""
         self.worktrees.check_writer(manifest)
         if parent is not None:
             check_child(parent, manifest)
-        check_engine(manifest, self._confinement(manifest))
+        unshared = self._unshared_confinement(manifest)
+        check_engine(manifest, self._with_worktree(manifest.name, unshared))
         _check_api_key(manifest)
-        if _checkpointed(manifest):
+        if _checkpointed(manifest) and not self._git_found:
             require_git()
+            self._git_found = True
         self.ledger.check_spawn(manifest, parent.name if parent is not None else None)
+        return unshared
 
     def check_change(self, old: Manifest, manifest: Manifest) -> Confinement | None:
         """Refuse what a reconfigure from `old` refuses of the pod's new `manifest` itself
@@ -566,7 +579,7 @@ class Supervisor:
             self._broken[record.name] = reason
             raise CannotRestore(f"pod {record.name} {reason}", exc.code) from None
         try:
-            running = await self._bring_up(manifest, record.parent)
+            running = await self._bring_up(manifest, record.parent, self._confinement(manifest))
         except Exception as exc:
             raise self._cannot_restore(record.name, exc) from None
         self._broken.pop(record.name, None)
@@ -578,11 +591,17 @@ class Supervisor:
         self._broken[name] = reason
         return CannotRestore(f"pod {name} {reason}")
 
-    async def _bring_up(self, manifest: Manifest, parent: str | None) -> _RunningPod:
-        sandbox = self._confinement(manifest)
+    async def _bring_up(
+        self,
+        manifest: Manifest,
+        parent: str | None,
+        sandbox: Confinement | None,
+        stored: Iterable[bytes] | None = None,
+    ) -> _RunningPod:
+        """Start the pod, restored from `stored` (its events in the store when None)."""
         limits = self.limiter.pod(manifest.name, manifest.limits.memory_mb, manifest.limits.pids)
         try:
-            return await self._start_pod(manifest, parent, sandbox, limits)
+            return await self._start_pod(manifest, parent, sandbox, limits, stored)
         except BaseException:
             await limits.close()
             raise
@@ -593,6 +612,7 @@ class Supervisor:
         parent: str | None,
         sandbox: Confinement | None,
         limits: PodLimits,
+        stored: Iterable[bytes] | None,
     ) -> _RunningPod:
         name = manifest.name
         socket_path = self.registry.socket(name)
@@ -608,14 +628,14 @@ class Supervisor:
             outbox=self.outbox,
             ledger=self.ledger,
             on_status=self._pod_status_changed,
-            checkpoints=self._checkpoint_store(name, Path(manifest.cwd), manifest),
+            checkpoints=self._checkpoint_store(name, _cwd_of(manifest, sandbox), manifest),
             running_in_tree=lambda: self._running_in_tree(name),
             reconfigure=self.reconfigure,
             workspace=lambda: self.worktrees.status(name),
             team=record.team if (record := self.registry.get(name)) else None,
         )
         self.teams.attach(controller)
-        controller.restore(self._stored_events(name))
+        controller.restore(self._stored_events(name) if stored is None else stored)
         self.activity.track(controller.activity)
         self._stopped_usage.pop(name, None)
         endpoint = PodEndpoint(controller, self, self.config)
@@ -638,12 +658,12 @@ class Supervisor:
     ) -> Toolbox:
         """The pod's tools, with its MCP servers (not started yet) unless not `servers`."""
         name = manifest.name
-        assert manifest.cwd is not None
+        cwd, state = _cwd_of(manifest, sandbox), self._pod_state_dir(name)
         tool_context = ToolContext(
-            cwd=Path(manifest.cwd),
+            cwd=cwd,
             pod=name,
             pods=ChildPods(self, self.registry, self.store, manifest, self.registry.socket(name)),
-            spill_dir=self._pod_state_dir(name) / "spill",
+            spill_dir=state / "spill",
             sandbox=sandbox,
             limits=limits,
         )
@@ -655,8 +675,8 @@ class Supervisor:
                 pod_servers(
                     manifest.mcp_servers,
                     pod=name,
-                    cwd=Path(manifest.cwd),
-                    state_dir=self._pod_state_dir(name),
+                    cwd=cwd,
+                    state_dir=state,
                     limits=manifest.limits,
                     sandbox=sandbox,
                     pod_limits=limits,
@@ -751,7 +771,7 @@ class Supervisor:
         return Parts(
             make_engine(manifest, sandbox, limits, self.engine_slots.slot(manifest.name)),
             self._toolbox(manifest, sandbox, limits, new_servers),
-            self._checkpoint_store(manifest.name, Path(manifest.cwd), manifest),
+            self._checkpoint_store(manifest.name, _cwd_of(manifest, sandbox), manifest),
         )
 
     def resolved(self, old: Manifest, requested: Manifest) -> Manifest:
@@ -813,10 +833,9 @@ class Supervisor:
         """The store of the cwd's checkpoints, which never records capd's own directories."""
         if not _checkpointed(manifest):
             return None
-        hidden = (self.config.state_dir, self.config.runtime_dir)
         exclude = self.worktrees.exclude(name)
         return CheckpointStore(
-            self._checkpoints_dir(name), cwd, manifest.workspace, hidden, exclude
+            self._checkpoints_dir(name), cwd, manifest.workspace, self._own_dirs, exclude
         )
 
     def _checkpoints_dir(self, name: str) -> Path:
@@ -861,6 +880,20 @@ class Supervisor:
         contains capd's own directories, which every sandbox hides, or its paths do not fit
         together (`capd.proc.sandbox.SandboxRefused`). A claude-code pod may write its
         engine's own state too (`claude_code_state`)."""
+        return self._with_worktree(manifest.name, self._unshared_confinement(manifest))
+
+    def _with_worktree(self, name: str, confine: Confinement | None) -> Confinement | None:
+        """`confine` with the pod's work tree, or the one its cwd lies in (which may come
+        and go while a spawn awaits)."""
+        if confine is None:
+            return None
+        try:
+            return self.worktrees.confine(name, confine)
+        except SandboxRefused as exc:
+            raise ProtocolError("invalid_request", str(exc)) from None
+
+    def _unshared_confinement(self, manifest: Manifest) -> Confinement | None:
+        """`_confinement` but for what work trees add."""
         config = manifest.sandbox
         if config.mode == "off":
             return None
@@ -868,7 +901,7 @@ class Supervisor:
             raise ProtocolError("invalid_request", self.sandbox.refusal)
         assert manifest.cwd is not None
         cwd = Path(manifest.cwd)
-        own = (self.config.state_dir, self.config.runtime_dir)
+        own = self._own_dirs
         if found := containing([cwd, *map(Path, config.writable)], own):
             outer, inner = found
             what = "cwd" if outer == cwd else "sandbox.writable path"
@@ -877,30 +910,33 @@ class Supervisor:
                 f"sandbox: the {what} {outer} contains capd's own {inner}, which every "
                 "sandbox hides; choose a path that does not, or set sandbox.mode: off",
             )
-        spill = self._pod_state_dir(manifest.name) / "spill"  # shown once it exists
+        spill = self._real_pods_dir / manifest.name / "spill"  # shown once it exists
         try:
             confine = confinement(
                 config,
                 bwrap=self.sandbox.path,
                 cwd=cwd,
                 capd_dirs=own,
-                shown=[spill, *self.config.sandbox_show],
+                shown=[spill, *self.config.sandbox_show],  # resolved at start-up
             )
             if isinstance(manifest.engine, ClaudeCodeEngine):
                 confine = confine.widened(claude_code_state(manifest.engine.env))
-            confine = self.worktrees.confine(manifest.name, confine)
         except SandboxRefused as exc:
             raise ProtocolError("invalid_request", str(exc)) from None
         return confine
 
     def _pod_state_dir(self, name: str) -> Path:
-        return self.config.state_dir / "pods" / name
+        return self._pods_dir / name
 
     def _make_pod_state_dir(self, name: str) -> Path:
-        """The pod's state dir (its spilled tool output goes there), 0700 at each level."""
+        """The pod's state dir (its spilled tool output goes there), 0700 at each level;
+        one mkdir once the pods dir exists."""
         path = self._pod_state_dir(name)
-        path.parent.mkdir(mode=0o700, exist_ok=True)
-        path.mkdir(mode=0o700, exist_ok=True)
+        try:
+            path.mkdir(mode=0o700, exist_ok=True)
+        except FileNotFoundError:
+            path.parent.mkdir(mode=0o700, exist_ok=True)
+            path.mkdir(mode=0o700, exist_ok=True)
         return path
 
     def _pod_at(self, socket: str | None) -> _RunningPod | None:
@@ -923,12 +959,16 @@ class Supervisor:
     def _resolve_cwd(self, manifest: Manifest, must_exist: bool, make: bool = True) -> Path:
         """The manifest's cwd resolved; without one, the pod's own work directory (made
         unless not `make`)."""
+        # Stored resolved, as the file tools and the sandbox walk it. The pod's own work
+        # directory is resolved by its capd-made pods dir's resolved path (a symlink put at
+        # `work` is refused when a confined process is started there, as any path moved).
         if manifest.cwd is None and not make:
-            return self._pod_state_dir(manifest.name).resolve() / "work"
+            return self._real_pods_dir / manifest.name / "work"
         if manifest.cwd is None:
-            cwd = self._make_pod_state_dir(manifest.name) / "work"
+            self._make_pod_state_dir(manifest.name)
+            cwd = self._real_pods_dir / manifest.name / "work"
             cwd.mkdir(mode=0o700, exist_ok=True)
-            return cwd.resolve()  # stored resolved, as the file tools and the sandbox walk it
+            return cwd
         cwd = Path(manifest.cwd)
         if not cwd.is_absolute():
             raise ProtocolError("invalid_request", f"cwd {cwd} must be an absolute path")
@@ -999,6 +1039,15 @@ class Supervisor:
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).splitlines() or [""])[0]
+
+
+def _cwd_of(manifest: Manifest, sandbox: Confinement | None) -> Path:
+    """The pod's cwd, the confinement's own Path when it has one: each pod's parts share
+    it rather than each parse the string again."""
+    if sandbox is not None:
+        return sandbox.cwd
+    assert manifest.cwd is not None
+    return Path(manifest.cwd)
 
 
 def _checkpointed(manifest: Manifest) -> bool:

@@ -1,7 +1,8 @@
 """Arguments of the built-in tools (docs/protocol.md, Built-in tools); their JSON Schemas
 are what the model sees."""
 
-from typing import Any
+import functools
+from typing import Any, NoReturn
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -11,11 +12,65 @@ class ToolArgs(BaseModel):
 
     @classmethod
     def json_schema(cls) -> dict[str, Any]:
-        schema = cls.model_json_schema()
-        schema.pop("title", None)
-        for prop in schema.get("properties", {}).values():
-            prop.pop("title", None)
-        return schema
+        """The schema, made once per class (pydantic takes milliseconds to make it, which
+        every spawn and restore paid) and shared by every pod: read-only, so one pod's
+        change cannot reach another's; `copy.deepcopy` gives a plain one to change."""
+        return _schema_of(cls)
+
+
+@functools.cache
+def _schema_of(model: type[ToolArgs]) -> dict[str, Any]:
+    schema = model.model_json_schema()
+    schema.pop("title", None)
+    for prop in schema.get("properties", {}).values():
+        prop.pop("title", None)
+    return _frozen(schema)
+
+
+def _frozen(value: Any) -> Any:
+    if isinstance(value, dict):
+        return ReadOnlyDict({key: _frozen(item) for key, item in value.items()})
+    if isinstance(value, list):
+        return ReadOnlyList(_frozen(item) for item in value)
+    return value
+
+
+def _thawed(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _thawed(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_thawed(item) for item in value]
+    return value
+
+
+def _refuse(*_args: Any, **_kwargs: Any) -> NoReturn:
+    raise TypeError("a built-in tool's schema is shared by every pod: change a deepcopy of it")
+
+
+class ReadOnlyDict(dict[str, Any]):
+    """A dict (orjson and json encode it as one) whose changes raise TypeError."""
+
+    __setitem__ = __delitem__ = __ior__ = _refuse
+    clear = pop = popitem = setdefault = update = _refuse
+
+    def __deepcopy__(self, _memo: dict[int, Any]) -> dict[str, Any]:
+        return _thawed(self)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (dict, (_thawed(self),))
+
+
+class ReadOnlyList(list[Any]):
+    """A list (orjson and json encode it as one) whose changes raise TypeError."""
+
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse
+    append = clear = extend = insert = pop = remove = reverse = sort = _refuse
+
+    def __deepcopy__(self, _memo: dict[int, Any]) -> list[Any]:
+        return _thawed(self)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (list, (_thawed(self),))
 
 
 class BashArgs(ToolArgs):

@@ -21,7 +21,7 @@ FIGURES = {
     "control": 2,
     "fanout": 1,
     "pause": 2,
-    "density": 2,
+    "density": 3,
     "durable": 2,
     "pgstore": 3,
     "capctl": 1,

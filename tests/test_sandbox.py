@@ -253,6 +253,28 @@ async def test_a_cwd_another_pod_swapped_for_a_symlink_is_not_entered(
     assert sorted(p.name for p in secrets_dir.iterdir()) == ["key"]
 
 
+async def test_a_cwd_symlink_swapped_between_spawns_is_followed_where_it_points_now(
+    capd_dirs: CapdProcess, tmp_path: Path
+) -> None:
+    """A spawn resolves the cwd it is given each time (only capd's own directories and
+    fixed system paths are resolved once), so each pod works where the link pointed when
+    it was spawned."""
+    capd_dirs.start()
+    first, second, link = tmp_path / "first", tmp_path / "second", tmp_path / "link"
+    first.mkdir()
+    second.mkdir()
+    link.symlink_to(first)
+    cwds = []
+    async with await Client.connect(capd_dirs.socket) as daemon:
+        for name, target in (("before", first), ("after", second)):
+            link.unlink()
+            link.symlink_to(target)
+            manifest = {"name": name, "model": scripted(), "cwd": str(link)}
+            spawned = await daemon.request({"method": "spawn", "manifest": manifest})
+            cwds.append(spawned["cwd"])
+    assert cwds == [str(first), str(second)]
+
+
 async def test_a_pod_that_cannot_start_is_not_kept(capd_dirs: CapdProcess) -> None:
     """Review 19 #14: a failure after the pod was recorded (here: a file where its socket
     goes) leaves no record behind, so the name can be spawned once the cause is gone."""

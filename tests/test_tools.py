@@ -1,6 +1,8 @@
 """The built-in tools, run for real: bash subprocesses and files under tmp_path."""
 
 import asyncio
+import copy
+import json
 import os
 import time
 from collections.abc import Callable
@@ -8,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import get_args
 
+import orjson
 import pytest
 
 from capd.chat import INVALID_JSON_KEY
@@ -457,6 +460,24 @@ def test_tool_specs_keep_manifest_order_once_each(ctx: ToolContext) -> None:
     bash_schema = specs[2].parameters
     assert bash_schema["required"] == ["command"]
     assert set(bash_schema["properties"]) == {"command", "timeout_s"}
+
+
+def test_pods_share_a_tool_schema_that_no_pod_can_change(ctx: ToolContext) -> None:
+    mine = Toolbox.builtin(["bash"], ctx).specs()[0].parameters
+    theirs = Toolbox.builtin(["bash"], replace(ctx, pod="other")).specs()[0].parameters
+    assert mine is theirs  # made once, not by pydantic at every spawn
+    before = orjson.dumps(theirs)
+    with pytest.raises(TypeError):
+        mine["properties"]["command"]["type"] = "integer"
+    with pytest.raises(TypeError):
+        mine["required"].append("timeout_s")
+    with pytest.raises(TypeError):
+        mine.pop("properties")
+    copied = copy.deepcopy(mine)
+    copied["properties"]["command"]["type"] = "integer"
+    copied["required"].append("timeout_s")
+    assert orjson.dumps(theirs) == before
+    assert json.loads(json.dumps(theirs)) == json.loads(before)
 
 
 async def test_bash_spills_output_too_long_to_show(ctx: ToolContext, tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ with: bwrap's own first line of stderr and what to do about it.
 """
 
 import errno
+import functools
 import os
 import shutil
 import stat
@@ -90,12 +91,12 @@ class Confinement:
         would lie inside a writable one, where the pod could rename it into view."""
         roots = self.writable_paths()
         for path in writable:
-            if not any(path.is_relative_to(root) for root in roots):
-                roots = [r for r in roots if not r.is_relative_to(path) or r == self.cwd]
+            if not any(_inside(path, root) for root in roots):
+                roots = [r for r in roots if not _inside(r, path) or r == self.cwd]
                 roots.append(path)
         for root in roots:
             for path in self.hidden:
-                if path.is_relative_to(root):
+                if _inside(path, root):
                     what = "writable cwd" if root == self.cwd else "writable"
                     raise SandboxRefused(
                         f"sandbox.hidden {path} lies inside the {what} {root}, where the pod "
@@ -252,7 +253,8 @@ def confinement(
     shown: Sequence[Path] = (),
 ) -> Confinement:
     """A pod's confinement from its manifest's `sandbox` (paths already resolved, see
-    `resolve_paths`), hiding capd's own directories `capd_dirs` too. Refused
+    `resolve_paths`), hiding capd's own directories `capd_dirs` too and showing `shown`
+    (resolved by the caller: capd's own paths and its configuration's). Refused
     (SandboxRefused) when `writable` comes with mode read-only, or a hidden path lies
     inside a writable one."""
     if sandbox.mode == "read-only" and sandbox.writable:
@@ -260,18 +262,16 @@ def confinement(
             "sandbox.writable has no effect with mode read-only; use mode workspace-write "
             "or drop sandbox.writable"
         )
-    hidden = [*capd_dirs, *ALWAYS_HIDDEN]
-    for var in ("XDG_RUNTIME_DIR", "CREDENTIALS_DIRECTORY"):
-        if value := os.environ.get(var):
-            hidden.append(Path(value))
-    hidden += [Path(path) for path in sandbox.hidden]
+    env_dirs = tuple(os.environ.get(var) for var in ("XDG_RUNTIME_DIR", "CREDENTIALS_DIRECTORY"))
+    hidden = [*_always_hidden(tuple(capd_dirs), env_dirs)]  # a copy: the cache's is shared
+    hidden += [real_path(path) for path in sandbox.hidden]
     confine = Confinement(
         bwrap=bwrap,
         mode=sandbox.mode,
         network=sandbox.network,
         cwd=cwd,
-        hidden=tuple(dict.fromkeys(real_path(path) for path in hidden)),
-        shown=tuple(real_path(path) for path in shown),
+        hidden=tuple(dict.fromkeys(hidden)),
+        shown=tuple(shown),
         env=tuple(DEFAULT_SANDBOX_ENV if sandbox.env is None else sandbox.env),
     )
     return confine.widened(Path(p) for p in sandbox.writable)
@@ -294,7 +294,9 @@ def status(sandbox: Sandbox, confine: Confinement | None) -> dict[str, object]:
 
 def resolve_paths(sandbox: Sandbox) -> Sandbox:
     """`sandbox` with its `writable` and `hidden` paths expanded (`~`) and resolved, as
-    the manifest stores them."""
+    the manifest stores them (itself when it names none)."""
+    if not sandbox.writable and not sandbox.hidden:
+        return sandbox
     return sandbox.model_copy(
         update={
             "writable": [str(real_path(Path(path))) for path in sandbox.writable],
@@ -308,14 +310,39 @@ def containing(paths: Iterable[Path], protected: Sequence[Path]) -> tuple[Path, 
     with that one; None when none does."""
     for path in paths:
         for inner in protected:
-            if real_path(inner).is_relative_to(path):
+            if _inside(fixed_real_path(inner), path):
                 return path, inner
     return None
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """`path.is_relative_to(root)` for absolute, normalised paths (pathlib's parses both
+    again and fails by exception: a tenth of a spawn)."""
+    inner, outer = str(path), str(root)
+    return inner == outer or inner.startswith(outer if outer.endswith("/") else outer + "/")
 
 
 def real_path(path: str | Path) -> Path:
     """A host path with `~` expanded and every symlink resolved."""
     return Path(os.path.expanduser(path)).resolve()
+
+
+@functools.lru_cache(maxsize=8)
+def _always_hidden(
+    capd_dirs: tuple[Path, ...], env_dirs: tuple[str | None, ...]
+) -> tuple[Path, ...]:
+    """What every sandbox hides besides what its manifest names: capd's own directories,
+    ALWAYS_HIDDEN, and the directories these variables of capd's environment name."""
+    found = (*capd_dirs, *ALWAYS_HIDDEN, *(Path(path) for path in env_dirs if path))
+    return tuple(fixed_real_path(path) for path in found)
+
+
+@functools.lru_cache(maxsize=64)
+def fixed_real_path(path: str | Path) -> Path:
+    """`real_path` of capd's own directories and fixed system paths, resolved once: each
+    spawn and restore needs them, and they do not move while capd runs. Never for a path
+    a pod names or could change (its cwd, its writable and hidden paths)."""
+    return real_path(path)
 
 
 @dataclass(frozen=True, slots=True)

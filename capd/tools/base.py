@@ -5,14 +5,16 @@ cancelled (pause, cancel, stop) by cancelling its coroutine: it must release wha
 at once — a subprocess tool kills its whole process group.
 """
 
+import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Generic, Protocol, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from capd.chat import ToolSpec
 from capd.proc.limits import PodLimits
 from capd.proc.sandbox import Confinement
+from capd.tokens import spec_tokens
 from protocol.tools import SpawnPodArgs, ToolArgs
 
 DEFAULT_OUTPUT_LIMIT = 64 * 1024
@@ -70,7 +72,23 @@ class Tool(ABC, Generic[ArgsT]):
 
     @classmethod
     def spec(cls) -> ToolSpec:
-        return ToolSpec(cls.name, cls.description, cls.args_model.json_schema())
+        """Made once per class, as its schema (shared read-only, `ToolArgs.json_schema`)."""
+        return _spec_of(cls)
+
+    @classmethod
+    def spec_tokens(cls) -> int:
+        """`capd.tokens.spec_tokens` of its spec, counted once per class."""
+        return _tokens_of(cls)
 
     @abstractmethod
     async def run(self, args: ArgsT, ctx: ToolContext) -> ToolOutcome: ...
+
+
+@functools.cache
+def _spec_of(tool: type[Tool[Any]]) -> ToolSpec:
+    return ToolSpec(tool.name, tool.description, tool.args_model.json_schema())
+
+
+@functools.cache
+def _tokens_of(tool: type[Tool[Any]]) -> int:
+    return spec_tokens(_spec_of(tool))

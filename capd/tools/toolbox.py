@@ -22,7 +22,6 @@ from pydantic import ValidationError
 
 from capd import metrics, tracing
 from capd.chat import INVALID_JSON_KEY, ToolSpec
-from capd.tokens import spec_tokens
 from capd.tools import BUILTIN_TOOLS
 from capd.tools.base import Tool, ToolContext, ToolFailed, ToolOutcome
 from protocol.framing import MAX_NESTING
@@ -59,9 +58,8 @@ class Toolbox:
     def add(self, tool: Tool[Any]) -> None:
         """Offer `tool` from the next model call on, unless a tool of its name is offered."""
         if tool.name not in self._offered:
-            spec = tool.spec()
-            self._offered[tool.name] = (tool, spec)
-            self._builtin_tokens += spec_tokens(spec)
+            self._offered[tool.name] = (tool, tool.spec())
+            self._builtin_tokens += tool.spec_tokens()
 
     def add_mcp_servers(self, servers: Iterable["McpServer"]) -> None:
         """Offer the tools of `servers` (not started yet; see `start_mcp_servers`)."""

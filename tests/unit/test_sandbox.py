@@ -242,6 +242,27 @@ def _confine(cwd: Path, state: Path, **sandbox: object) -> Confinement:
 
 
 @needs_bwrap
+def test_paths_a_manifest_names_are_resolved_anew_where_capds_own_are_not(
+    tmp_path: Path,
+) -> None:
+    """capd's own directories are resolved once (`fixed_real_path`): a spawn needs them and
+    they do not move. A hidden or writable path a manifest names is resolved at each
+    confinement, so a symlink swapped between two spawns is followed where it points now."""
+    state, cwd = _tree(tmp_path)
+    first, second, link = tmp_path / "first", tmp_path / "second", tmp_path / "link"
+    first.mkdir()
+    second.mkdir()
+    link.symlink_to(first)
+    before = _confine(cwd, state, hidden=[str(link)])
+    link.unlink()
+    link.symlink_to(second)
+    after = _confine(cwd, state, hidden=[str(link)])
+    assert (first in before.hidden, second in after.hidden) == (True, True)
+    assert first not in after.hidden
+    assert (state in before.hidden, state in after.hidden) == (True, True)
+
+
+@needs_bwrap
 def test_a_writable_path_under_the_cwd_swapped_for_a_symlink_binds_nothing(
     tmp_path: Path,
 ) -> None:

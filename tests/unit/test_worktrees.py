@@ -97,3 +97,17 @@ async def test_a_repository_with_a_newline_in_its_path_is_refused(tmp_path: Path
     assert refused.value.code == "invalid_request"
     assert "has a newline in its path" in refused.value.message
     assert branch_tip(repo, "capd/p") is None
+
+
+def test_the_registry_indexes_the_pods_with_a_work_tree(tmp_path: Path, store: Store) -> None:
+    """Every spawn checks the pods with a work tree: the registry keeps them apart rather
+    than walk every pod, through changes, deletes and a reload from the store."""
+    registry = PodRegistry(store, tmp_path)
+    registry.add("plain", "{}", None)
+    registry.add("a", "{}", None, worktree='{"a": 1}')
+    registry.add("b", "{}", None, worktree='{"b": 1}')
+    registry.set_stopped("a", True)
+    assert [(r.name, r.stopped) for r in registry.with_worktree()] == [("a", True), ("b", False)]
+    registry.delete("a")
+    assert [r.name for r in registry.with_worktree()] == ["b"]
+    assert [r.name for r in PodRegistry(store, tmp_path).with_worktree()] == ["b"]
