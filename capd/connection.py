@@ -140,6 +140,8 @@ class Connection:
                 self._push(frame, coalesce=True)
         if len(answers) < self._room:
             self._answered.set()
+        if self._closing:
+            self._wake.set()  # the writer waits for the replies of requests under way
 
     async def until_fewer_unanswered(self, count: int) -> None:
         """Wait until fewer than `count` replies of earlier requests are unwritten."""
@@ -222,7 +224,7 @@ class Connection:
         try:
             while not self._writer.is_closing():
                 if not self._outbox:
-                    if self._closing:
+                    if self._closing and not self._answers:
                         return
                     self._wake.clear()
                     self._idle = True
@@ -259,8 +261,16 @@ class Connection:
         with contextlib.suppress(Exception):
             await self._task
 
+    @property
+    def closing(self) -> bool:
+        """capd is closing the connection (its endpoint shuts down): requests read now are
+        not handled. (A client that closed its end still has what it sent handled.)"""
+        return self._closing
+
     def abort_after_flush(self) -> None:
-        """Close once what is queued is written, also ending the connection's reader."""
+        """Close once what is queued is written, and the replies of the requests under way
+        (`Endpoint.close` gives them a grace, then aborts), also ending the connection's
+        reader."""
         self._closing = True
         self._wake.set()
 
@@ -299,8 +309,10 @@ async def serve_connection(
                 conn.reply(_error(None, "frame_too_large", message))
                 await conn.until_fewer_unanswered(1)
                 return
-            if not line:
-                # The client is done sending, maybe not reading: it gets every reply.
+            if not line or conn.closing:
+                # The client is done sending, maybe not reading, or capd closes the
+                # connection (the lines still buffered are not handled): every request
+                # handled gets its reply.
                 await conn.until_fewer_unanswered(1)
                 return
             if not line.strip():

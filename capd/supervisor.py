@@ -47,6 +47,7 @@ from capd.reconfigure import Parts, changed_fields
 from capd.registry import PodRegistry
 from capd.server import PodEndpoint, TeamMethods
 from capd.store import PodRecord, Store
+from capd.store.batch import after_writes
 from capd.tools import CHANGE_FILES
 from capd.tools.base import ToolContext, ToolFailed
 from capd.tools.mcp.server import pod_servers
@@ -544,8 +545,8 @@ class Supervisor:
         )
 
     def watch_stops(self, callback: Callable[[str], None]) -> None:
-        """Call `callback(name)` once pod `name` is stopped; the daemon socket
-        ends the pod's subscriptions it holds then."""
+        """Call `callback(name)` once pod `name` is stopped, and that committed; the
+        daemon socket ends the pod's subscriptions it holds then."""
         self._stop_watchers.append(callback)
 
     async def _reap_engine(self, name: str) -> bool:
@@ -1006,8 +1007,13 @@ class Supervisor:
             self.hub.publish(encode(event))
         self.activity.lifecycle(event)
         if isinstance(event, PodStopped):
-            for watcher in self._stop_watchers:
-                watcher(event.pod)
+            # Once the stop commits, as the hub's subscribers hear it: a crash before then
+            # brings the pod back, and no client may have been told it stopped.
+            after_writes(lambda: self._tell_stop_watchers(event.pod))
+
+    def _tell_stop_watchers(self, name: str) -> None:
+        for watcher in self._stop_watchers:
+            watcher(name)
 
     # -- activity -----------------------------------------------------------------------
 

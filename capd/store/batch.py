@@ -236,6 +236,8 @@ class GroupCommit:
                 callback()
             except Exception:
                 log.exception("a callback after a commit failed")
+        if self.failed is not None:
+            return  # a callback's write or read broke the next batch: `_fail` cleaned up
         if self._open is None:
             _PENDING.remove(self)
         elif self._in_flight is None:

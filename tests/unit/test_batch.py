@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from capd.store import OwedReport, SqliteStore, StoredEvent
-from capd.store.batch import StoreFailed, after_writes
+from capd.store.batch import BatchBroken, StoreFailed, after_writes
 
 
 def _events(first: int, count: int) -> list[StoredEvent]:
@@ -146,3 +146,18 @@ async def test_a_commit_that_fails_runs_nothing_that_waited_and_stops_the_store(
         reopened = SqliteStore(disk / "capd.db")
         assert [seq for seq, _ in reopened.events_after("p", 0, 10)] == [1]
         reopened.close()
+
+
+async def test_a_batch_a_commit_callback_breaks_fails_the_flush_waiting_on_it(
+    tmp_path: Path,
+) -> None:
+    """A callback's write or read can find the next batch lost (a full disk, PostgreSQL's
+    connection gone): the store fails there, and a flush hears StoreFailed."""
+    failures: list[BaseException] = []
+    store = SqliteStore(tmp_path / "capd.db", on_failure=failures.append)
+    store.append("p", _events(1, 1))
+    store.after_commit(lambda: store.batch.broken(BatchBroken("the next batch is lost")))
+    with pytest.raises(StoreFailed):
+        await store.flush()
+    assert len(failures) == 1
+    store.close()
