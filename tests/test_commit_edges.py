@@ -19,12 +19,13 @@ PAUSED_STEP = {"text": "x" * 10_000, "chunk_chars": 1, "delay_ms": 10}
 
 
 def _cut_store_connection(url: str) -> None:
-    """End capd's PostgreSQL session from the server's side: its next commit fails, and
-    capd stops (exit 75) with nothing of that batch sent to anyone."""
+    """End capd's PostgreSQL store session (`capd/<node>/<incarnation>`, not the fleet's
+    `capd/<node>/control`) from the server's side: its next commit fails, and capd stops
+    (exit 75) with nothing of that batch sent to anyone."""
     with psycopg.connect(url, autocommit=True) as admin:
         row = admin.execute(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-            "WHERE application_name = 'capd'"
+            "WHERE application_name LIKE 'capd/%' AND application_name NOT LIKE '%/control'"
         ).fetchone()
     assert row == (1,)
 
