@@ -10,8 +10,8 @@ in alternating blocks of BLOCK events.
 pod (up to IN_FLIGHT unacked, the window refilled in one write once half of it is acked),
 which stores each as a `pod_event_received` event and acks it once its group commit
 (capd.store.batch: one transaction per turn of the event loop) is done; the figure is acks
-per second, request parsing and the pod's actor included. Target: 0.7x the baseline, a
-transaction per event straight from Python.
+per second, request parsing and the pod's actor included. Targets (issue 22): 20,000/s, and
+0.7x the baseline, a transaction per event straight from Python.
 """
 
 import sqlite3
@@ -112,10 +112,21 @@ def run(size: Size) -> list[Figure]:
             pod = servers.spawn(daemon, "inbox", servers.scripted(step))
         ack_rate = _acks_per_s(pod, n)
     return [
-        Figure("durable", "store commits", store_rate, "ev/s", "higher", floor_rate, 20_000),
+        Figure("durable", "store commits", store_rate, "ev/s", "higher", floor_rate),
+        # Issue 22's two targets for the end-to-end rate, one row each: ≥ 20,000/s, and
+        # ≥ 0.7x raw SQLite inserts.
         Figure(
             "durable",
             "pod_event → committed + acked",
+            ack_rate,
+            "ev/s",
+            "higher",
+            floor_rate,
+            20_000,
+        ),
+        Figure(
+            "durable",
+            "pod_event → committed + acked, against SQLite",
             ack_rate,
             "ev/s",
             "higher",

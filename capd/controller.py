@@ -176,18 +176,26 @@ Reconfigurer: TypeAlias = "Callable[[PodController, Manifest], Awaitable[list[st
 """Gives the pod a new manifest, returning the fields it changed (`Supervisor.reconfigure`)."""
 
 
+_NO_MESSAGES: deque[Any] = deque(maxlen=0)
+"""Every new Mailbox's items: shared, and it stays empty (maxlen 0)."""
+
+
 class Mailbox:
     """The actor's messages, oldest first: a deque and, while the actor waits on an empty
     one, a future to wake it. What an asyncio.Queue does for one consumer, in a fraction of
-    its memory (an idle pod keeps one) and time (a burst of requests goes through it)."""
+    its memory (an idle pod keeps one) and time (a burst of requests goes through it). The
+    deque is made by the first message: a pod never sent one (most of 10,000 idle pods)
+    saves its 760 bytes."""
 
     __slots__ = ("_items", "_waiter")
 
     def __init__(self) -> None:
-        self._items: deque[_Message] = deque()
+        self._items: deque[_Message] = _NO_MESSAGES
         self._waiter: asyncio.Future[None] | None = None
 
     def put_nowait(self, msg: _Message) -> None:
+        if self._items is _NO_MESSAGES:
+            self._items = deque()
         self._items.append(msg)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -214,6 +222,49 @@ def new_turn_id() -> str:
 
 
 class PodController:
+    """One pod's actor: its turns, its queue and its journal. Slotted: 10,000 idle pods keep
+    one each, and an attribute dict would cost about 1.5 KB of each."""
+
+    __slots__ = (
+        "_checkpoints",
+        "_compaction",
+        "_compaction_waiters",
+        "_ledger",
+        "_mailbox",
+        "_model_label",
+        "_on_status",
+        "_queue",
+        "_reap_epoch",
+        "_reap_reason",
+        "_reap_timer",
+        "_reaped",
+        "_reconfigure_with",
+        "_running_in_tree",
+        "_span",
+        "_stopped",
+        "_store",
+        "_task",
+        "_unfinished",
+        "_window",
+        "_workspace",
+        "activity",
+        "compact_wanted",
+        "draining",
+        "engine",
+        "journal",
+        "manifest",
+        "name",
+        "notes",
+        "parent",
+        "pending_manifest",
+        "socket_path",
+        "status",
+        "take_pending",
+        "team",
+        "toolbox",
+        "turn",
+    )
+
     def __init__(
         self,
         manifest: Manifest,
@@ -255,7 +306,9 @@ class PodController:
         self._reconfigure_with = reconfigure
         self._workspace = workspace
         """`status.workspace`: the pod's work tree, if it has one (capd/pod_worktrees.py)."""
-        self._queue: deque[QueuedRun] = deque()
+        self._queue: list[QueuedRun] = []
+        """Runs waiting for the pod to be idle: a few at most, and an empty list is an eighth of
+        an empty deque's memory."""
         self._task: asyncio.Task[TurnOutcome] | None = None
         self._mailbox = Mailbox()
         self._stopped = False
@@ -859,7 +912,7 @@ class PodController:
         for event in events:
             self.activity.see(event)
         if pending_id is not None:
-            self._queue.popleft()  # the queued run _kick started, used up with the commit
+            self._queue.pop(0)  # the queued run _kick started, used up with the commit
         turn.started_seq = start.seq
         self.turn = turn
         self.status = "running"

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from capd.context import Context, describe_pod_event
+from capd.context import Context
 from capd.engines.base import PendingNote, Turn
 from capd.fanout import Hub
 from capd.outbox import Outbox
@@ -361,4 +361,4 @@ def report_note(received: PodEventReceived) -> PendingNote:
     """The note a received report becomes, for the model to read."""
     payload = received.payload
     source = f"pod {payload['pod']}" if isinstance(payload.get("pod"), str) else "pod_event"
-    return PendingNote("pod_event", source, describe_pod_event(payload), received.seq)
+    return PendingNote("pod_event", source, "", received.seq, report=payload)

@@ -171,8 +171,10 @@ class Endpoint(ABC):
         self._server: asyncio.Server | None = None
         self._activated = False
         self._access = current_policy(config.allow_gid)
-        self._connections: set[Connection] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        # Dicts used as sets: an empty dict is a quarter of an empty set's memory, and most
+        # of 10,000 idle pods' endpoints never see a connection.
+        self._connections: dict[Connection, None] = {}
+        self._tasks: dict[asyncio.Task[None], None] = {}
 
     async def listen(self, activated: socket.socket | None = None) -> None:
         """Bind and listen at `path`, or serve `activated`, a socket systemd bound there
@@ -224,11 +226,11 @@ class Endpoint(ABC):
         for conn in tuple(self._connections):
             conn.abort_after_flush()
         if self._tasks:
-            await asyncio.wait(self._tasks, timeout=FLUSH_GRACE_S)
+            await asyncio.wait(tuple(self._tasks), timeout=FLUSH_GRACE_S)
         for conn in tuple(self._connections):
             conn.abort()
         if self._tasks:
-            await asyncio.wait(self._tasks, timeout=CLOSE_TIMEOUT_S)
+            await asyncio.wait(tuple(self._tasks), timeout=CLOSE_TIMEOUT_S)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         refusal = self._access.refusal(peer_of(writer.get_extra_info("socket")))
@@ -246,7 +248,7 @@ class Endpoint(ABC):
         check, or a node link's authentication), greeting it with `hello`."""
         task = asyncio.current_task()
         assert task is not None
-        self._tasks.add(task)  # type: ignore[arg-type]
+        self._tasks[task] = None  # type: ignore[index]
         try:
             await serve_connection(
                 reader,
@@ -255,14 +257,14 @@ class Endpoint(ABC):
                 self._handle,
                 max_queued_bytes=self._config.max_queued_bytes,
                 max_frame_bytes=self._config.max_frame_bytes,
-                on_open=self._connections.add,
+                on_open=self._connections.setdefault,
                 on_close=self._forget,
             )
         finally:
-            self._tasks.discard(task)  # type: ignore[arg-type]
+            self._tasks.pop(task, None)  # type: ignore[call-overload]
 
     def _forget(self, conn: Connection) -> None:
-        self._connections.discard(conn)
+        self._connections.pop(conn, None)
         conn.unsubscribe()
 
     def _subscribe(

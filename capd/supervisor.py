@@ -226,7 +226,9 @@ class Supervisor:
                 "invalid_request", f"parent {parent!r} must be an absolute socket path"
             )
         fresh = not self._pod_state_dir(name).exists()
-        cwd = self.worktrees.cwd(manifest) or self._resolve_cwd(manifest, not make_cwd)
+        cwd = self.worktrees.cwd(manifest)
+        made_state_dir = cwd is None and manifest.cwd is None  # with its work dir, just below
+        cwd = cwd or self._resolve_cwd(manifest, not make_cwd)
         sandbox = resolve_paths(manifest.sandbox)
         manifest = manifest.model_copy(update={"cwd": str(cwd), "sandbox": sandbox})
         parent_name = self.registry.pods_dir_name(parent)
@@ -245,7 +247,8 @@ class Supervisor:
         tree = await self.worktrees.make(manifest)  # the record is added before any await
         worktree = tree.to_json() if tree else None
         try:  # from here a failure undoes the work tree too
-            self._make_pod_state_dir(name)
+            if not made_state_dir:  # a mkdir that fails costs a stat and an exception
+                self._make_pod_state_dir(name)
             stored = manifest.model_dump_json()
             self.registry.add(name, stored, parent, team=team, worktree=worktree)
             self.ledger.added(name, manifest.budget)

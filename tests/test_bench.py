@@ -22,7 +22,7 @@ FIGURES = {
     "fanout": 1,
     "pause": 2,
     "density": 3,
-    "durable": 2,
+    "durable": 3,
     "pgstore": 3,
     "capctl": 1,
     "restore": 4,

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from capd.context import Context
+from capd.context import Context, describe_pod_event
 from capd.permissions import Grants
 from capd.tools.toolbox import Toolbox
 from protocol.errors import ProtocolError
@@ -62,11 +62,20 @@ class PendingNote:
 
     kind: Invoke
     source: str
-    text: str
+    written: str
+    """A notify's text; empty for a pod_event, whose `text` is made from its `report`."""
     pod_event_seq: int | None = None
     """For a pod_event: the seq of its `pod_event_received` event."""
     pending_id: int | None = None
     """For a notify: its row in the store's `pending` table, deleted as it is injected."""
+    report: dict[str, Any] | None = None
+    """For a pod_event: the report, put in words (`text`) only when asked, as the model is
+    to read it, not for each report of a burst as it arrives (a tenth of its CPU)."""
+
+    @property
+    def text(self) -> str:
+        """The text the model reads."""
+        return self.written if self.report is None else describe_pod_event(self.report)
 
 
 class BudgetSpent(Exception):

@@ -234,7 +234,8 @@ class PodLimits:
         self.memory_mb = memory_mb
         self.pids = pids
         self._groups = groups
-        self._leaves: set[Leaf] = set()
+        self._leaves: dict[Leaf, None] = {}
+        """As dict keys: an empty dict is a quarter of an empty set's memory."""
         self._count = 0
 
     def leaf(self, label: str) -> "Leaf | None":
@@ -253,14 +254,14 @@ class PodLimits:
             raise
         leaf = Leaf(self, tuple(made))
         if leaf.groups:  # an rlimit leaf holds nothing to close
-            self._leaves.add(leaf)
+            self._leaves[leaf] = None
         return leaf
 
     def _pids_refused(self) -> int:
         return sum(group.pids_refused() for group in self._groups if group.has("pids"))
 
     def _forget(self, leaf: "Leaf") -> None:
-        self._leaves.discard(leaf)
+        self._leaves.pop(leaf, None)
 
     async def close(self) -> None:
         """The pod is down: its processes have KILL_GRACE_S (counted from the SIGTERM its
