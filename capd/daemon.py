@@ -142,7 +142,7 @@ class Daemon:
         await self.supervisor.worktrees.sweep()
         self.supervisor.cluster = self.fleet
         if self.fleet is not None:
-            self._relay = Relay(self.fleet, cfg.fleet_key)
+            self._relay = Relay(self.fleet, cfg.fleet_key, self.supervisor.registry.socket)
             outbox.deliver_in_fleet(self._relay.deliver_report)
         self._endpoint = DaemonEndpoint(self.supervisor, self, cfg, self._relay)
         if cfg.metrics_listen is not None:

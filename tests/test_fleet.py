@@ -172,6 +172,13 @@ async def test_a_node_killed_mid_turn_has_its_pod_restored_paused_on_another(
     assert (await _answers(n2, "s1", 5))["status"] == "idle"
     # The survivor carries the pod on: the paused turn can be cancelled and a new one run.
     await _pod_request(n2, "w1", {"method": "cancel"})
+    # The adopted child's report reaches its adopted parent, though the parent socket it
+    # names is n1's and n2 takes no links (no --node-listen).
+    async with await Client.connect(n2.socket) as daemon:
+        await daemon.request({"method": "subscribe", "pod": "w1"})
+        await daemon.request({"method": "run", "pod": "c1", "text": "go"})
+        received, _ = await wait_for(daemon, is_event("pod_event_received"), 10)
+    assert (received["payload"]["pod"], received["payload"]["output"]) == ("c1", "hi")
 
 
 async def _history(node: CapdProcess, pod: str) -> list[Event]:

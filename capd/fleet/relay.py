@@ -13,13 +13,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 import orjson
 
 from capd.connection import Answer, Connection
 from capd.fleet.links import Link, LinkError, open_link
-from protocol.client import LINE_LIMIT
+from protocol.client import LINE_LIMIT, Client
 from protocol.errors import ProtocolError
 from protocol.results import FleetNode, ListResult
 
@@ -290,9 +291,13 @@ class ConnRelay:
 class Relay:
     """The node's relay: per-connection relays, the routing cache, shared daemon links."""
 
-    def __init__(self, fleet: FleetView, key: bytes | None) -> None:
+    def __init__(
+        self, fleet: FleetView, key: bytes | None, local_socket: Callable[[str], Path]
+    ) -> None:
+        """`local_socket(pod)`: where a pod this node hosts listens."""
         self.fleet = fleet
         self._key = key
+        self._local_socket = local_socket
         self._conns: dict[Connection, ConnRelay] = {}
         self._hosts: dict[str, NodeInfo] = {}
         """pod → the node hosting it, as last looked up."""
@@ -420,12 +425,17 @@ class Relay:
 
     async def deliver_report(self, pod: str, request: dict[str, Any]) -> None:
         """A child's report (`pod_event`) to fleet pod `pod` on the node hosting it now
-        (capd.outbox), this one included (a parent adopted here has a new socket): over
-        that node's link. An error, or no live host yet, is the outbox's to retry."""
+        (capd.outbox): over that node's link, or to the pod's own socket when this node
+        hosts it (a parent adopted here listens at a new path, and a node may take no
+        links). An error, or no live host yet, is the outbox's to retry."""
         host = await self.fleet.host_of(pod)
         if host is None:
             raise OSError(f"pod {pod} is on no live node of the fleet (being adopted?)")
-        await self.call(host, {**request, "pod": pod}, REPORT_TIMEOUT_S)
+        if host.name != self.fleet.node:
+            await self.call(host, {**request, "pod": pod}, REPORT_TIMEOUT_S)
+            return
+        async with await Client.connect(self._local_socket(pod), REPORT_TIMEOUT_S) as parent:
+            await parent.request(request, REPORT_TIMEOUT_S)
 
     async def fleet_nodes(self) -> list[FleetNode]:
         return [
