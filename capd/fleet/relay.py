@@ -78,6 +78,8 @@ class Upstream:
         self._pending: dict[int, OnReply] = {}
         self._next_id = 1
         self.lost = False
+        self.reached = False
+        """Its link opened: a request lost since may have taken effect on the node."""
         self._task = asyncio.create_task(self._run(relay, node))
 
     def request(self, frame: dict[str, Any], on_reply: OnReply) -> None:
@@ -103,6 +105,7 @@ class Upstream:
             if node.address is None:
                 raise LinkError(f"node {node.name} has no --node-listen address")
             self._link = link = await relay.dial(node)
+            self.reached = True
             for frame in self._queued:
                 link.send(frame)
             self._queued.clear()
@@ -370,7 +373,7 @@ class Relay:
                 "timeout", f"node {node.name} did not answer in {timeout:g} s"
             ) from None
         if reply is None:
-            raise _lost(node.name)
+            raise _lost(node.name) if up.reached else Unreachable(node.name)
         if reply.get("event") == "error":
             raise ProtocolError(reply.get("code", "internal"), str(reply.get("message")))
         return reply.get("result") or {}
@@ -394,6 +397,18 @@ class Relay:
                     raise ProtocolError("not_found", _no_links(name))
                 return await self.call(node, {**frame, **changes})
         raise ProtocolError("not_found", f"node {name} is not live")
+
+    async def spawn_on(self, target: str, frame: dict[str, Any], placed: bool) -> Any:
+        """A `spawn` forwarded to node `target`: its result; None when placement chose
+        `target` (`placed`) but no link to it opens (it died within its lease TTL), so
+        the request never left and the pod goes to this node instead."""
+        try:
+            return await self.on_node(target, frame, node=target)
+        except Unreachable as exc:
+            if not placed:
+                raise
+            log.warning("spawn placed on node %s stays here: %s", target, exc.message)
+            return None
 
     async def _unreachable(self, name: str) -> bool:
         return not any(n.name == name and n.address for n in await self.fleet.live_nodes())
@@ -469,6 +484,15 @@ def _live_at_ack(sub: _Subscription, ok: "asyncio.Future[bool]") -> OnReply:
 def _no_links(node: str) -> str:
     """Why node `node` cannot be asked anything by another node."""
     return f"node {node} takes no links from other nodes (it has no --node-listen)"
+
+
+class Unreachable(ProtocolError):
+    """No link to the node opened: the request was not sent."""
+
+    def __init__(self, node: str) -> None:
+        super().__init__(
+            "internal", f"node {node} cannot be reached (no link opens): the request was not sent"
+        )
 
 
 def _lost(node: str) -> ProtocolError:
