@@ -140,6 +140,9 @@ async def test_a_node_killed_mid_turn_has_its_pod_restored_paused_on_another(
     child = {"name": "c1", "model": scripted({"text": "hi"}), "cwd": str(tmp_path / "w1/c1")}
     parent = str(n1.pod_socket("w1"))
     await daemon_request(n1, {"method": "spawn", "manifest": child, "parent": parent})
+    # A child on n2 of a parent on n1: once n2 adopts the parent, its reports go to it there.
+    remote = {"name": "c3", "model": scripted({"text": "hi"})}
+    await daemon_request(n2, {"method": "spawn", "manifest": remote, "parent": parent})
     await daemon_request(n1, {"method": "spawn", "manifest": {"name": "s1", "model": scripted()}})
     await daemon_request(n1, {"method": "stop", "name": "s1"})
     client, seen = await _start_held_turn(n1, "w1")
@@ -163,8 +166,18 @@ async def test_a_node_killed_mid_turn_has_its_pod_restored_paused_on_another(
     assert by_n2
     assert max(by_n1) < min(by_n2)
     leases = _sql(audited, "SELECT pod, node, epoch, family FROM leases ORDER BY pod")
-    assert leases == [("c1", "n2", 2, "w1"), ("s1", "n2", 2, "s1"), ("w1", "n2", 2, "w1")]
+    assert leases == [
+        ("c1", "n2", 2, "w1"),
+        ("c3", "n2", 1, "w1"),
+        ("s1", "n2", 2, "s1"),
+        ("w1", "n2", 2, "w1"),
+    ]
     assert (await _answers(n2, "c1", 5))["status"] == "idle"
+    # The child's parent socket moved with its parent, to n2's pods dir: the tree holds.
+    assert (await _pod_request(n2, "w1", {"method": "status"}))["children"] == ["c1"]
+    assert _sql(audited, "SELECT parent FROM pods WHERE name = 'c1'") == [
+        (str(n2.pod_socket("w1")),)
+    ]
     with pytest.raises(ProtocolError) as stopped:
         await _pod_request(n2, "s1", {"method": "status"})
     assert stopped.value.code == "not_running"
@@ -172,13 +185,14 @@ async def test_a_node_killed_mid_turn_has_its_pod_restored_paused_on_another(
     assert (await _answers(n2, "s1", 5))["status"] == "idle"
     # The survivor carries the pod on: the paused turn can be cancelled and a new one run.
     await _pod_request(n2, "w1", {"method": "cancel"})
-    # The adopted child's report reaches its adopted parent, though the parent socket it
-    # names is n1's and n2 takes no links (no --node-listen).
+    # Both children's reports reach the adopted parent: c1's at its moved socket, c3's
+    # (which still names n1's socket) too, though n2 takes no links (no --node-listen).
     async with await Client.connect(n2.socket) as daemon:
         await daemon.request({"method": "subscribe", "pod": "w1"})
-        await daemon.request({"method": "run", "pod": "c1", "text": "go"})
-        received, _ = await wait_for(daemon, is_event("pod_event_received"), 10)
-    assert (received["payload"]["pod"], received["payload"]["output"]) == ("c1", "hi")
+        for kid in ("c1", "c3"):
+            await daemon.request({"method": "run", "pod": kid, "text": "go"})
+            received, _ = await wait_for(daemon, is_event("pod_event_received"), 10)
+            assert (received["payload"]["pod"], received["payload"]["output"]) == (kid, "hi")
 
 
 async def _history(node: CapdProcess, pod: str) -> list[Event]:
