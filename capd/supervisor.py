@@ -71,6 +71,10 @@ log = logging.getLogger("capd")
 T = TypeVar("T")
 
 REPLAY_BATCH = 1000
+BREATHE_S = 0.05
+"""How long a run of restores keeps the event loop before it lets it turn: an idle pod's
+restore never waits, and thousands of them in a row (a start-up, an adoption) must not
+starve the fleet lease's heartbeat and the commits (the node would stop itself)."""
 SHUTDOWN_GRACE_S = 10.0
 """How long shutdown waits for spawns and stops under way."""
 POD_STOP_TIMEOUT_S = 8.0
@@ -144,6 +148,7 @@ class Supervisor:
         self._broken: dict[str, str] = {}
         """Pods that failed to come back up, and why."""
         self._closing = False
+        self._breathed = time.monotonic()
         self._own_dirs = (config.state_dir, config.runtime_dir)
         self._pods_dir = config.state_dir / "pods"
         self._real_pods_dir = fixed_real_path(config.state_dir) / "pods"
@@ -172,6 +177,9 @@ class Supervisor:
         """Bring a stored pod back up; one that cannot be is marked broken and left down."""
         with contextlib.suppress(CannotRestore):
             await self._bring_up_record(record)
+        if time.monotonic() - self._breathed >= BREATHE_S:
+            await asyncio.sleep(0)
+            self._breathed = time.monotonic()
 
     async def adopt(self, records: list[PodRecord]) -> None:
         """Pods another fleet node held until this one adopted them (parents first):

@@ -238,6 +238,30 @@ async def test_a_node_restarted_under_its_name_takes_its_pods_back_at_once(
     assert impostor.proc.returncode == 1
 
 
+async def test_a_node_restoring_many_pods_keeps_its_lease(
+    fleet_dirs: list[CapdProcess], tmp_path: Path, pg_url: str
+) -> None:
+    """Restoring 1,200 idle pods takes longer than a 2 s lease (3-4 s here): the restore
+    must let the heartbeat renew it, or the node stops itself (exit 75) as it comes up —
+    and would again at every restart. The pods are copies of one, made in SQL."""
+    n1 = _node(tmp_path, "n1", pg_url, ttl_s=2)
+    fleet_dirs.append(n1)
+    await asyncio.to_thread(n1.start)
+    await daemon_request(n1, {"method": "spawn", "manifest": {"name": "r0", "model": scripted()}})
+    assert n1.proc is not None
+    n1.proc.kill()
+    await asyncio.to_thread(n1.proc.wait, 10)
+    _sql(  # no lease rows: the node takes them when it joins, as pods of a pre-fleet capd
+        pg_url,
+        "INSERT INTO pods (name, manifest, created) SELECT 'r' || i, "
+        'replace(manifest, \'"name":"r0"\', \'"name":"r\' || i || \'"\'), created + i '
+        "FROM pods, generate_series(1, 1199) AS i WHERE name = 'r0' RETURNING 1",
+    )
+    await asyncio.to_thread(n1.start)
+    assert (await _pod_request(n1, "r1199", {"method": "status"}))["status"] == "idle"
+    assert n1.proc.poll() is None
+
+
 async def test_a_graceful_leave_hands_the_pods_over_without_a_ttl_wait(
     fleet_dirs: list[CapdProcess], tmp_path: Path, pg_url: str
 ) -> None:
