@@ -72,6 +72,7 @@ T = TypeVar("T")
 
 REPLAY_BATCH = 1000
 BREATHE_S = 0.05
+ADOPT_CHUNK = 50
 """How long a run of restores keeps the event loop before it lets it turn: an idle pod's
 restore never waits, and thousands of them in a row (a start-up, an adoption) must not
 starve the fleet lease's heartbeat and the commits (the node would stop itself)."""
@@ -149,6 +150,8 @@ class Supervisor:
         """Pods that failed to come back up, and why."""
         self._closing = False
         self._breathed = time.monotonic()
+        self._restoring: set[str] = set()
+        """Pods a restore is bringing up (a `start` meanwhile would bring them up twice)."""
         self._own_dirs = (config.state_dir, config.runtime_dir)
         self._pods_dir = config.state_dir / "pods"
         self._real_pods_dir = fixed_real_path(config.state_dir) / "pods"
@@ -175,8 +178,16 @@ class Supervisor:
 
     async def restore(self, record: PodRecord) -> None:
         """Bring a stored pod back up; one that cannot be is marked broken and left down."""
-        with contextlib.suppress(CannotRestore):
-            await self._bring_up_record(record)
+        self._restoring.add(record.name)
+        try:
+            with contextlib.suppress(CannotRestore):
+                await self._bring_up_record(record)
+        finally:
+            self._restoring.discard(record.name)
+        await self._breathe()
+
+    async def _breathe(self) -> None:
+        """Let the event loop turn if a run of restores has held it for BREATHE_S."""
         if time.monotonic() - self._breathed >= BREATHE_S:
             await asyncio.sleep(0)
             self._breathed = time.monotonic()
@@ -189,10 +200,17 @@ class Supervisor:
         for record in records:
             self.registry.learn(record)
             self._make_pod_state_dir(record.name)  # node-local: its spill files go there
-        self.ledger.adopted(records, self.store)
+        for first in range(0, len(records), ADOPT_CHUNK):  # two reads a pod: let the loop turn
+            self.ledger.adopted(records[first : first + ADOPT_CHUNK], self.store)
+            await self._breathe()
         for record in records:
-            if not record.stopped and not self._closing:
-                await self.restore(record)
+            # Known here since `learn`: a client may have started, stopped or deleted it
+            # while the ones before it came up.
+            now = self.registry.get(record.name)
+            if now is None or now.stopped or self._closing:
+                continue
+            if record.name not in self.pods and record.name not in self._restoring:
+                await self.restore(now)
 
     def refuse_new_work(self) -> None:
         self._closing = True
@@ -442,6 +460,8 @@ class Supervisor:
             raise ProtocolError(
                 "shutting_down", f"pod {name} is stopping; start it once it has stopped"
             )
+        if name in self._restoring:
+            raise ProtocolError("not_running", f"pod {name} is being restored; try again")
         if name not in self.pods:
             self._check_room()
         if name not in self.pods:

@@ -257,9 +257,33 @@ async def test_a_node_restoring_many_pods_keeps_its_lease(
         'replace(manifest, \'"name":"r0"\', \'"name":"r\' || i || \'"\'), created + i '
         "FROM pods, generate_series(1, 1199) AS i WHERE name = 'r0' RETURNING 1",
     )
+    n2 = _node(tmp_path, "n2", pg_url, ttl_s=2)
+    fleet_dirs.append(n2)
     await asyncio.to_thread(n1.start)
     assert (await _pod_request(n1, "r1199", {"method": "status"}))["status"] == "idle"
     assert n1.proc.poll() is None
+    await asyncio.to_thread(n2.start)
+    # n2 adopts them all, as long a restore; a `start` of the last one while it waits its
+    # turn brings it up once, and the adoption then leaves it be.
+    n1.proc.kill()
+    async with asyncio.timeout(20):
+        while True:
+            try:
+                started = await daemon_request(n2, {"method": "start", "name": "r1199"})
+                break
+            except ProtocolError as exc:
+                if exc.code not in ("not_found", "not_running"):
+                    raise
+            await asyncio.sleep(0.02)
+    assert started["socket"] == str(n2.pod_socket("r1199"))
+    assert (await _answers(n2, "r0", 20))["node"] == "n2"
+    assert (await _answers(n2, "r1198", 20))["node"] == "n2"
+    assert (await _pod_request(n2, "r1199", {"method": "status"}))["status"] == "idle"
+    assert n2.proc is not None
+    assert n2.proc.poll() is None
+    assert "r1199" not in "".join(
+        line for line in n2.output().splitlines(keepends=True) if "ERROR" in line
+    )
 
 
 async def test_a_graceful_leave_hands_the_pods_over_without_a_ttl_wait(
