@@ -200,17 +200,20 @@ class Supervisor:
         for record in records:
             self.registry.learn(record)
             self._make_pod_state_dir(record.name)  # node-local: its spill files go there
-        for first in range(0, len(records), ADOPT_CHUNK):  # two reads a pod: let the loop turn
-            self.ledger.adopted(records[first : first + ADOPT_CHUNK], self.store)
-            await self._breathe()
-        for record in records:
-            # Known here since `learn`: a client may have started, stopped or deleted it
-            # while the ones before it came up.
-            now = self.registry.get(record.name)
-            if now is None or now.stopped or self._closing:
-                continue
-            if record.name not in self.pods and record.name not in self._restoring:
+        pending = {record.name for record in records if not record.stopped}
+        self._restoring |= pending  # known from now on, up only once its turn comes
+        try:
+            for first in range(0, len(records), ADOPT_CHUNK):  # two reads a pod: let it turn
+                self.ledger.adopted(records[first : first + ADOPT_CHUNK], self.store)
+                await self._breathe()
+            for record in records:
+                # A client may have stopped or deleted it while the ones before came up.
+                now = self.registry.get(record.name)
+                if now is None or now.stopped or self._closing or record.name in self.pods:
+                    continue
                 await self.restore(now)
+        finally:
+            self._restoring -= pending
 
     def refuse_new_work(self) -> None:
         self._closing = True
@@ -567,6 +570,8 @@ class Supervisor:
         if (running := self.pods.get(name)) is not None:
             return running.endpoint
         self._require_known(name)
+        if name in self._restoring:
+            raise ProtocolError("not_running", f"pod {name} is being restored; try again")
         why = f" ({self._broken[name]})" if name in self._broken else ""
         raise ProtocolError(
             "not_running", f"pod {name} is stopped{why}; `capctl start {name}` brings it back"

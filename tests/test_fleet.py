@@ -263,19 +263,21 @@ async def test_a_node_restoring_many_pods_keeps_its_lease(
     assert (await _pod_request(n1, "r1199", {"method": "status"}))["status"] == "idle"
     assert n1.proc.poll() is None
     await asyncio.to_thread(n2.start)
-    # n2 adopts them all, as long a restore; a `start` of the last one while it waits its
-    # turn brings it up once, and the adoption then leaves it be.
+    # n2 adopts them all, as long a restore: meanwhile the last one says it is on its way
+    # (not "stopped", which invites a `start` that would bring it up twice).
     n1.proc.kill()
     async with asyncio.timeout(20):
         while True:
-            try:
-                started = await daemon_request(n2, {"method": "start", "name": "r1199"})
+            with pytest.raises(ProtocolError) as waiting:
+                await _pod_request(n2, "r1199", {"method": "status"})
+            if "on node n1" not in waiting.value.message:  # n1's lease has run out
                 break
-            except ProtocolError as exc:
-                if exc.code not in ("not_found", "not_running"):
-                    raise
             await asyncio.sleep(0.02)
-    assert started["socket"] == str(n2.pod_socket("r1199"))
+        while waiting.value.code == "not_found":  # not adopted yet
+            with pytest.raises(ProtocolError) as waiting:
+                await _pod_request(n2, "r1199", {"method": "status"})
+            await asyncio.sleep(0.02)
+    assert waiting.value.message == "pod r1199 is being restored; try again"
     assert (await _answers(n2, "r0", 20))["node"] == "n2"
     assert (await _answers(n2, "r1198", 20))["node"] == "n2"
     assert (await _pod_request(n2, "r1199", {"method": "status"}))["status"] == "idle"
