@@ -149,7 +149,7 @@ class Daemon:
         await self.supervisor.worktrees.sweep()
         self.supervisor.cluster = self.fleet
         if self.fleet is not None:
-            self._relay = Relay(self.fleet, cfg.fleet_key)
+            self._relay = Relay(self.fleet, cfg.fleet_key, self.supervisor.registry.socket)
             outbox.deliver_in_fleet(self._relay.deliver_report)
         self._endpoint = DaemonEndpoint(self.supervisor, self, cfg, self._relay)
         if cfg.metrics_listen is not None:
@@ -157,7 +157,7 @@ class Daemon:
             self._metrics_listen = await self._metrics_http.bind(*cfg.metrics_listen)
         await self._restore_pods()
         if self.fleet is not None:
-            self.fleet.adopt_with(self._adopt)
+            self.fleet.adopt_with(self._adopt, str(self.supervisor.registry.socket("-").parent))
         if self._metrics_http is not None:  # once restored: no scrape sees pods not up yet
             await self._metrics_http.serve()
             log.info("metrics at http://%s/metrics", self._metrics_listen)

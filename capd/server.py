@@ -448,8 +448,11 @@ class DaemonEndpoint(Endpoint):
             case Spawn(manifest=manifest, parent=parent, team=team, node=node):
                 if self._relay is not None:
                     target = await self._relay.place(node, parent)
-                    if target != pods.node:
-                        return ack(request, await self._relay.on_node(target, frame, node=target))
+                    placed = node is None
+                    if target != pods.node and (
+                        (result := await self._relay.spawn_on(target, frame, placed)) is not None
+                    ):
+                        return ack(request, result)
                 else:
                     self._check_node(node)
                 return ack(request, (await pods.spawn(manifest, parent, team=team)).model_dump())

@@ -71,6 +71,11 @@ log = logging.getLogger("capd")
 T = TypeVar("T")
 
 REPLAY_BATCH = 1000
+BREATHE_S = 0.05
+ADOPT_CHUNK = 50
+"""How long a run of restores keeps the event loop before it lets it turn: an idle pod's
+restore never waits, and thousands of them in a row (a start-up, an adoption) must not
+starve the fleet lease's heartbeat and the commits (the node would stop itself)."""
 SHUTDOWN_GRACE_S = 10.0
 """How long shutdown waits for spawns and stops under way."""
 POD_STOP_TIMEOUT_S = 8.0
@@ -144,6 +149,9 @@ class Supervisor:
         self._broken: dict[str, str] = {}
         """Pods that failed to come back up, and why."""
         self._closing = False
+        self._breathed = time.monotonic()
+        self._restoring: set[str] = set()
+        """Pods a restore is bringing up (a `start` meanwhile would bring them up twice)."""
         self._own_dirs = (config.state_dir, config.runtime_dir)
         self._pods_dir = config.state_dir / "pods"
         self._real_pods_dir = fixed_real_path(config.state_dir) / "pods"
@@ -170,8 +178,19 @@ class Supervisor:
 
     async def restore(self, record: PodRecord) -> None:
         """Bring a stored pod back up; one that cannot be is marked broken and left down."""
-        with contextlib.suppress(CannotRestore):
-            await self._bring_up_record(record)
+        self._restoring.add(record.name)
+        try:
+            with contextlib.suppress(CannotRestore):
+                await self._bring_up_record(record)
+        finally:
+            self._restoring.discard(record.name)
+        await self._breathe()
+
+    async def _breathe(self) -> None:
+        """Let the event loop turn if a run of restores has held it for BREATHE_S."""
+        if time.monotonic() - self._breathed >= BREATHE_S:
+            await asyncio.sleep(0)
+            self._breathed = time.monotonic()
 
     async def adopt(self, records: list[PodRecord]) -> None:
         """Pods another fleet node held until this one adopted them (parents first):
@@ -181,10 +200,20 @@ class Supervisor:
         for record in records:
             self.registry.learn(record)
             self._make_pod_state_dir(record.name)  # node-local: its spill files go there
-        self.ledger.adopted(records, self.store)
-        for record in records:
-            if not record.stopped and not self._closing:
-                await self.restore(record)
+        pending = {record.name for record in records if not record.stopped}
+        self._restoring |= pending  # known from now on, up only once its turn comes
+        try:
+            for first in range(0, len(records), ADOPT_CHUNK):  # two reads a pod: let it turn
+                self.ledger.adopted(records[first : first + ADOPT_CHUNK], self.store)
+                await self._breathe()
+            for record in records:
+                # A client may have stopped or deleted it while the ones before came up.
+                now = self.registry.get(record.name)
+                if now is None or now.stopped or self._closing or record.name in self.pods:
+                    continue
+                await self.restore(now)
+        finally:
+            self._restoring -= pending
 
     def refuse_new_work(self) -> None:
         self._closing = True
@@ -437,6 +466,8 @@ class Supervisor:
             raise ProtocolError(
                 "shutting_down", f"pod {name} is stopping; start it once it has stopped"
             )
+        if name in self._restoring:
+            raise ProtocolError("not_running", f"pod {name} is being restored; try again")
         if name not in self.pods:
             self._check_room()
         if name not in self.pods:
@@ -542,6 +573,8 @@ class Supervisor:
         if (running := self.pods.get(name)) is not None:
             return running.endpoint
         self._require_known(name)
+        if name in self._restoring:
+            raise ProtocolError("not_running", f"pod {name} is being restored; try again")
         why = f" ({self._broken[name]})" if name in self._broken else ""
         raise ProtocolError(
             "not_running", f"pod {name} is stopped{why}; `capctl start {name}` brings it back"

@@ -140,6 +140,9 @@ async def test_a_node_killed_mid_turn_has_its_pod_restored_paused_on_another(
     child = {"name": "c1", "model": scripted({"text": "hi"}), "cwd": str(tmp_path / "w1/c1")}
     parent = str(n1.pod_socket("w1"))
     await daemon_request(n1, {"method": "spawn", "manifest": child, "parent": parent})
+    # A child on n2 of a parent on n1: once n2 adopts the parent, its reports go to it there.
+    remote = {"name": "c3", "model": scripted({"text": "hi"})}
+    await daemon_request(n2, {"method": "spawn", "manifest": remote, "parent": parent})
     await daemon_request(n1, {"method": "spawn", "manifest": {"name": "s1", "model": scripted()}})
     await daemon_request(n1, {"method": "stop", "name": "s1"})
     client, seen = await _start_held_turn(n1, "w1")
@@ -163,8 +166,18 @@ async def test_a_node_killed_mid_turn_has_its_pod_restored_paused_on_another(
     assert by_n2
     assert max(by_n1) < min(by_n2)
     leases = _sql(audited, "SELECT pod, node, epoch, family FROM leases ORDER BY pod")
-    assert leases == [("c1", "n2", 2, "w1"), ("s1", "n2", 2, "s1"), ("w1", "n2", 2, "w1")]
+    assert leases == [
+        ("c1", "n2", 2, "w1"),
+        ("c3", "n2", 1, "w1"),
+        ("s1", "n2", 2, "s1"),
+        ("w1", "n2", 2, "w1"),
+    ]
     assert (await _answers(n2, "c1", 5))["status"] == "idle"
+    # The child's parent socket moved with its parent, to n2's pods dir: the tree holds.
+    assert (await _pod_request(n2, "w1", {"method": "status"}))["children"] == ["c1"]
+    assert _sql(audited, "SELECT parent FROM pods WHERE name = 'c1'") == [
+        (str(n2.pod_socket("w1")),)
+    ]
     with pytest.raises(ProtocolError) as stopped:
         await _pod_request(n2, "s1", {"method": "status"})
     assert stopped.value.code == "not_running"
@@ -172,6 +185,14 @@ async def test_a_node_killed_mid_turn_has_its_pod_restored_paused_on_another(
     assert (await _answers(n2, "s1", 5))["status"] == "idle"
     # The survivor carries the pod on: the paused turn can be cancelled and a new one run.
     await _pod_request(n2, "w1", {"method": "cancel"})
+    # Both children's reports reach the adopted parent: c1's at its moved socket, c3's
+    # (which still names n1's socket) too, though n2 takes no links (no --node-listen).
+    async with await Client.connect(n2.socket) as daemon:
+        await daemon.request({"method": "subscribe", "pod": "w1"})
+        for kid in ("c1", "c3"):
+            await daemon.request({"method": "run", "pod": kid, "text": "go"})
+            received, _ = await wait_for(daemon, is_event("pod_event_received"), 10)
+            assert (received["payload"]["pod"], received["payload"]["output"]) == (kid, "hi")
 
 
 async def _history(node: CapdProcess, pod: str) -> list[Event]:
@@ -215,6 +236,56 @@ async def test_a_node_restarted_under_its_name_takes_its_pods_back_at_once(
         await asyncio.to_thread(impostor.start)
     assert impostor.proc is not None
     assert impostor.proc.returncode == 1
+
+
+async def test_a_node_restoring_many_pods_keeps_its_lease(
+    fleet_dirs: list[CapdProcess], tmp_path: Path, pg_url: str
+) -> None:
+    """Restoring 1,200 idle pods takes longer than a 2 s lease (3-4 s here): the restore
+    must let the heartbeat renew it, or the node stops itself (exit 75) as it comes up —
+    and would again at every restart. The pods are copies of one, made in SQL."""
+    n1 = _node(tmp_path, "n1", pg_url, ttl_s=2)
+    fleet_dirs.append(n1)
+    await asyncio.to_thread(n1.start)
+    await daemon_request(n1, {"method": "spawn", "manifest": {"name": "r0", "model": scripted()}})
+    assert n1.proc is not None
+    n1.proc.kill()
+    await asyncio.to_thread(n1.proc.wait, 10)
+    _sql(  # no lease rows: the node takes them when it joins, as pods of a pre-fleet capd
+        pg_url,
+        "INSERT INTO pods (name, manifest, created) SELECT 'r' || i, "
+        'replace(manifest, \'"name":"r0"\', \'"name":"r\' || i || \'"\'), created + i '
+        "FROM pods, generate_series(1, 1199) AS i WHERE name = 'r0' RETURNING 1",
+    )
+    n2 = _node(tmp_path, "n2", pg_url, ttl_s=2)
+    fleet_dirs.append(n2)
+    await asyncio.to_thread(n1.start)
+    assert (await _pod_request(n1, "r1199", {"method": "status"}))["status"] == "idle"
+    assert n1.proc.poll() is None
+    await asyncio.to_thread(n2.start)
+    # n2 adopts them all, as long a restore: meanwhile the last one says it is on its way
+    # (not "stopped", which invites a `start` that would bring it up twice).
+    n1.proc.kill()
+    async with asyncio.timeout(20):
+        while True:
+            with pytest.raises(ProtocolError) as waiting:
+                await _pod_request(n2, "r1199", {"method": "status"})
+            if "on node n1" not in waiting.value.message:  # n1's lease has run out
+                break
+            await asyncio.sleep(0.02)
+        while waiting.value.code == "not_found":  # not adopted yet
+            with pytest.raises(ProtocolError) as waiting:
+                await _pod_request(n2, "r1199", {"method": "status"})
+            await asyncio.sleep(0.02)
+    assert waiting.value.message == "pod r1199 is being restored; try again"
+    assert (await _answers(n2, "r0", 20))["node"] == "n2"
+    assert (await _answers(n2, "r1198", 20))["node"] == "n2"
+    assert (await _pod_request(n2, "r1199", {"method": "status"}))["status"] == "idle"
+    assert n2.proc is not None
+    assert n2.proc.poll() is None
+    assert "r1199" not in "".join(
+        line for line in n2.output().splitlines(keepends=True) if "ERROR" in line
+    )
 
 
 async def test_a_graceful_leave_hands_the_pods_over_without_a_ttl_wait(

@@ -253,8 +253,11 @@ async def test_a_relayed_subscription_survives_its_hosts_crash(
 ) -> None:
     """b is killed mid-turn; a adopts the pod after the lease TTL and restores it paused;
     a live-only subscription through a, made mid-turn, goes on from what was committed when
-    it was made: the adopter's `status paused` arrives, gapless, no repeat."""
+    it was made: the adopter's `status paused` arrives, gapless, no repeat. Meanwhile, a
+    spawn that placement sends to b (fewest pods, still live) is made on a instead."""
     await _spawn(a, "ck", "b", {"provider": "scripted", "script": [slow_text(3000, 2)]})
+    for name in ("pa1", "pa2"):
+        await _spawn(a, name, "a", scripted())
     try:
         async with await Client.connect(b.pod_socket("ck")) as own:
             await own.request({"method": "subscribe"})
@@ -267,6 +270,11 @@ async def test_a_relayed_subscription_survives_its_hosts_crash(
             b.proc.kill()
             b.proc.wait()
             killed = time.monotonic()
+            async with await Client.connect(a.socket) as other:
+                await other.request({"method": "list"})  # a's shared link to b is gone now
+                manifest = {"name": "pz", "model": scripted()}
+                placed = await other.request({"method": "spawn", "manifest": manifest})
+            assert placed["socket"] == str(a.pod_socket("pz"))
             _, after = await wait_for(daemon, is_event("status", status="paused"), TTL_S + 10)
             back = time.monotonic() - killed
             status = await daemon.request({"method": "status", "pod": "ck"})

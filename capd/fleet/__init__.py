@@ -89,11 +89,14 @@ class Fleet:
         )
         return cls(control, lease, state_dir, len(joined.reclaimed))
 
-    def adopt_with(self, adopt: Callable[[list[PodRecord]], Awaitable[None]]) -> None:
+    def adopt_with(
+        self, adopt: Callable[[list[PodRecord]], Awaitable[None]], pods_dir: str
+    ) -> None:
         """Start adopting the pods of nodes that left or whose lease expired; `adopt`
-        brings their records up, parents first."""
+        brings their records up, parents first. `pods_dir`: where this node's pod
+        sockets are (an adopted child's parent socket is moved there with its parent)."""
         self._scanner = Scanner(
-            self._control, self.node, self.incarnation, self.ttl_s, adopt, self._lost
+            self._control, self.node, self.incarnation, self.ttl_s, adopt, self._lost, pods_dir
         )
         self._scanner.start()
 

@@ -25,6 +25,23 @@ NODE_COLUMNS = (
 )
 
 
+MOVE_PARENTS = r"""
+WITH moved AS (
+    SELECT p.name, p.parent AS old, %s || substring(p.parent from '/[^/]+\.sock$') AS new
+    FROM pods p
+    WHERE p.name = ANY(%s)
+      AND substring(p.parent from '/pods/([^/]+)\.sock$')
+          IN (SELECT pod FROM leases WHERE node = %s)
+), reports AS (
+    UPDATE outbox o SET target = m.new FROM moved m
+    WHERE o.pod = m.name AND o.target = m.old AND m.old <> m.new
+)
+UPDATE pods p SET parent = m.new FROM moved m WHERE p.name = m.name AND m.old <> m.new
+"""
+"""Adopted pods whose parent is now this node's: their parent socket (and the reports they
+owe it) moved to this node's pods dir (parameters: pods dir, adopted pods, this node)."""
+
+
 @dataclass(frozen=True)
 class NodeInfo:
     name: str
@@ -153,14 +170,19 @@ class Control:
 
     # -- takeover -----------------------------------------------------------------------
 
-    async def adopt(self, me: str, incarnation: int) -> tuple[list[str], list[tuple[str, int]]]:
+    async def adopt(
+        self, me: str, incarnation: int, pods_dir: str
+    ) -> tuple[list[str], list[tuple[str, int]]]:
         """One scan, one transaction: end the incarnations that expired, then move a share
-        of the ended nodes' pods (whole families) to `me`. Returns (nodes ended, (pod, new
-        epoch) adopted). Raises NotLive when `me` itself is no longer live."""
+        of the ended nodes' pods (whole families) to `me`, whose pod sockets are in
+        `pods_dir`. Returns (nodes ended, (pod, new epoch) adopted). Raises NotLive when
+        `me` itself is no longer live."""
         async with self._lock:
-            return await self._adopt(me, incarnation)
+            return await self._adopt(me, incarnation, pods_dir)
 
-    async def _adopt(self, me: str, incarnation: int) -> tuple[list[str], list[tuple[str, int]]]:
+    async def _adopt(
+        self, me: str, incarnation: int, pods_dir: str
+    ) -> tuple[list[str], list[tuple[str, int]]]:
         async with (await self._ready()).transaction():
             # Locks our own row (FOR SHARE) for the transaction: a node whose lease ran
             # out must not adopt, and cannot lose the row before this commits.
@@ -208,6 +230,10 @@ class Control:
                 (me, chosen),
             )
             adopted = [(pod, epoch) for pod, epoch in await cur.fetchall()]
+            # A child names its parent by socket path: a parent that is now this node's
+            # listens in this node's pods dir, where the child (its tree, its reports) must
+            # look for it — the old node's path may differ.
+            await self._conn.execute(MOVE_PARENTS, (pods_dir, [pod for pod, _ in adopted], me))
             # An ended node that holds nothing any more leaves the fleet's listing.
             await self._conn.execute(
                 "DELETE FROM nodes WHERE name IN (SELECT name FROM nodes n WHERE "

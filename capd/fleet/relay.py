@@ -13,13 +13,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 import orjson
 
 from capd.connection import Answer, Connection
 from capd.fleet.links import Link, LinkError, open_link
-from protocol.client import LINE_LIMIT
+from protocol.client import LINE_LIMIT, Client
 from protocol.errors import ProtocolError
 from protocol.results import FleetNode, ListResult
 
@@ -77,6 +78,8 @@ class Upstream:
         self._pending: dict[int, OnReply] = {}
         self._next_id = 1
         self.lost = False
+        self.reached = False
+        """Its link opened: a request lost since may have taken effect on the node."""
         self._task = asyncio.create_task(self._run(relay, node))
 
     def request(self, frame: dict[str, Any], on_reply: OnReply) -> None:
@@ -102,6 +105,7 @@ class Upstream:
             if node.address is None:
                 raise LinkError(f"node {node.name} has no --node-listen address")
             self._link = link = await relay.dial(node)
+            self.reached = True
             for frame in self._queued:
                 link.send(frame)
             self._queued.clear()
@@ -290,9 +294,13 @@ class ConnRelay:
 class Relay:
     """The node's relay: per-connection relays, the routing cache, shared daemon links."""
 
-    def __init__(self, fleet: FleetView, key: bytes | None) -> None:
+    def __init__(
+        self, fleet: FleetView, key: bytes | None, local_socket: Callable[[str], Path]
+    ) -> None:
+        """`local_socket(pod)`: where a pod this node hosts listens."""
         self.fleet = fleet
         self._key = key
+        self._local_socket = local_socket
         self._conns: dict[Connection, ConnRelay] = {}
         self._hosts: dict[str, NodeInfo] = {}
         """pod → the node hosting it, as last looked up."""
@@ -365,7 +373,7 @@ class Relay:
                 "timeout", f"node {node.name} did not answer in {timeout:g} s"
             ) from None
         if reply is None:
-            raise _lost(node.name)
+            raise _lost(node.name) if up.reached else Unreachable(node.name)
         if reply.get("event") == "error":
             raise ProtocolError(reply.get("code", "internal"), str(reply.get("message")))
         return reply.get("result") or {}
@@ -389,6 +397,18 @@ class Relay:
                     raise ProtocolError("not_found", _no_links(name))
                 return await self.call(node, {**frame, **changes})
         raise ProtocolError("not_found", f"node {name} is not live")
+
+    async def spawn_on(self, target: str, frame: dict[str, Any], placed: bool) -> Any:
+        """A `spawn` forwarded to node `target`: its result; None when placement chose
+        `target` (`placed`) but no link to it opens (it died within its lease TTL), so
+        the request never left and the pod goes to this node instead."""
+        try:
+            return await self.on_node(target, frame, node=target)
+        except Unreachable as exc:
+            if not placed:
+                raise
+            log.warning("spawn placed on node %s stays here: %s", target, exc.message)
+            return None
 
     async def _unreachable(self, name: str) -> bool:
         return not any(n.name == name and n.address for n in await self.fleet.live_nodes())
@@ -420,12 +440,17 @@ class Relay:
 
     async def deliver_report(self, pod: str, request: dict[str, Any]) -> None:
         """A child's report (`pod_event`) to fleet pod `pod` on the node hosting it now
-        (capd.outbox), this one included (a parent adopted here has a new socket): over
-        that node's link. An error, or no live host yet, is the outbox's to retry."""
+        (capd.outbox): over that node's link, or to the pod's own socket when this node
+        hosts it (a parent adopted here listens at a new path, and a node may take no
+        links). An error, or no live host yet, is the outbox's to retry."""
         host = await self.fleet.host_of(pod)
         if host is None:
             raise OSError(f"pod {pod} is on no live node of the fleet (being adopted?)")
-        await self.call(host, {**request, "pod": pod}, REPORT_TIMEOUT_S)
+        if host.name != self.fleet.node:
+            await self.call(host, {**request, "pod": pod}, REPORT_TIMEOUT_S)
+            return
+        async with await Client.connect(self._local_socket(pod), REPORT_TIMEOUT_S) as parent:
+            await parent.request(request, REPORT_TIMEOUT_S)
 
     async def fleet_nodes(self) -> list[FleetNode]:
         return [
@@ -459,6 +484,15 @@ def _live_at_ack(sub: _Subscription, ok: "asyncio.Future[bool]") -> OnReply:
 def _no_links(node: str) -> str:
     """Why node `node` cannot be asked anything by another node."""
     return f"node {node} takes no links from other nodes (it has no --node-listen)"
+
+
+class Unreachable(ProtocolError):
+    """No link to the node opened: the request was not sent."""
+
+    def __init__(self, node: str) -> None:
+        super().__init__(
+            "internal", f"node {node} cannot be reached (no link opens): the request was not sent"
+        )
 
 
 def _lost(node: str) -> ProtocolError:

@@ -27,6 +27,7 @@ class Scanner:
         ttl_s: float,
         adopt: Callable[[list[PodRecord]], Awaitable[None]],
         lost: Callable[[BaseException], None],
+        pods_dir: str,
     ) -> None:
         """`adopt` brings the records up (parents first); `lost` stops capd."""
         self._control = control
@@ -35,6 +36,7 @@ class Scanner:
         self._ttl_s = ttl_s
         self._adopt = adopt
         self._lost = lost
+        self._pods_dir = pods_dir
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -59,7 +61,7 @@ class Scanner:
 
     async def scan(self) -> list[str]:
         """One scan: the pods adopted."""
-        ended, adopted = await self._control.adopt(self._node, self._incarnation)
+        ended, adopted = await self._control.adopt(self._node, self._incarnation, self._pods_dir)
         for name in ended:
             log.warning("node %s's lease expired: its pods are up for adoption", name)
         if not adopted:
