@@ -47,11 +47,7 @@ def open_store(
         return SqliteStore(path, on_failure), f"{path} (SQLite)"
     if not url.startswith(POSTGRES_SCHEMES):
         raise StoreUnavailable(f"--store {redact(url)}: expected a postgresql:// URL")
-    try:
-        from capd.store.postgres import PostgresStore
-    except ImportError as exc:
-        raise StoreUnavailable(
-            f"--store postgresql://… needs the psycopg driver ({exc}): pip install 'capd[postgres]'"
-        ) from None
+    from capd.store.postgres import PostgresStore  # psycopg loads only for a PostgreSQL store
+
     store = PostgresStore(url, on_failure)
     return store, str(store)
