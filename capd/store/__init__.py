@@ -16,6 +16,7 @@ from capd.store.base import (
     StoredEvent,
 )
 from capd.store.errors import POSTGRES_SCHEMES, StoreUnavailable, redact
+from capd.store.postgres import PostgresStore
 from capd.store.sqlite import SCHEMA, SqliteStore
 
 __all__ = [
@@ -47,7 +48,5 @@ def open_store(
         return SqliteStore(path, on_failure), f"{path} (SQLite)"
     if not url.startswith(POSTGRES_SCHEMES):
         raise StoreUnavailable(f"--store {redact(url)}: expected a postgresql:// URL")
-    from capd.store.postgres import PostgresStore  # psycopg loads only for a PostgreSQL store
-
     store = PostgresStore(url, on_failure)
     return store, str(store)
