@@ -9,9 +9,13 @@ order they were given). A write's all-or-none promise (an `append` with its repo
 batch's included, so only what a client is sent needs to wait for the commit.
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
+
+import orjson
+
+from capd.prices import add_usd
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +80,64 @@ LAST_SEQ = 2**63 - 1
 PAGE_BYTES = 4 * 1024 * 1024
 """What one page of stored events (history, replay, restore) holds at most, past its
 first event."""
+
+
+Compaction = tuple[int, dict[str, Any]]
+"""A pod's `context_compacted`: (its seq, the event as JSON)."""
+
+
+def page_of(rows: Iterable[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
+    """The rows of an `events_after` page: all of them, or fewer once they hold PAGE_BYTES
+    (always at least one), so a page of large events is not read whole into memory."""
+    page: list[tuple[int, bytes]] = []
+    size = 0
+    for row in rows:
+        page.append(row)
+        size += len(row[1])
+        if size >= PAGE_BYTES:
+            break
+    return page
+
+
+def start_after(found: Compaction | None) -> int:
+    """`context_start` from the latest compaction before the seq asked about: its
+    `restore_from`, never past that event itself; 1 without one."""
+    if found is None:
+        return 1
+    seq, compacted = found
+    return min(compacted.get("restore_from") or 1, seq)
+
+
+Totals = tuple[int, int, float | None]
+"""(input tokens, output tokens, dollars or None)."""
+
+
+def totals_at(found: Compaction | None) -> tuple[int, Totals]:
+    """The seq after which `usage_totals` adds `assistant_message`s, and the totals as of
+    the pod's latest compaction (its `usage`), or from nothing without one."""
+    if found is None:
+        return 0, (0, 0, None)
+    seq, compacted = found
+    usage = compacted.get("usage") or {}
+    return seq, (
+        usage.get("input_tokens") or 0,
+        usage.get("output_tokens") or 0,
+        usage.get("cost_usd"),
+    )
+
+
+def add_usages(totals: Totals, usages: Iterable[tuple[str | None]]) -> Totals:
+    """`totals` plus each `assistant_message`'s `usage` (JSON text, or None), in seq order:
+    the dollars are added in Python as the journal adds them, since a sum in another order
+    can differ in the last bits and `capd_cost_usd_total` must not go backwards when a
+    stopped pod starts."""
+    inp, out, usd = totals
+    for (text,) in usages:
+        usage = (orjson.loads(text) if text else None) or {}
+        inp += usage.get("input_tokens") or 0
+        out += usage.get("output_tokens") or 0
+        usd = add_usd(usd, usage.get("cost_usd"))
+    return inp, out, usd
 
 
 class Store(Protocol):

@@ -53,16 +53,19 @@ from psycopg import conninfo
 
 from capd.fleet.lease import margin_s
 from capd.fleet.schema import FENCE_SQLSTATE, FLEET_MIGRATION, LeaseLost
-from capd.prices import add_usd
 from capd.store.base import (
     LAST_SEQ,
-    PAGE_BYTES,
     Carried,
+    Compaction,
     OutboxEntry,
     OwedReport,
     PendingRow,
     PodRecord,
     StoredEvent,
+    add_usages,
+    page_of,
+    start_after,
+    totals_at,
 )
 from capd.store.batch import BatchBroken, GroupCommit, StoreFailed
 from capd.store.errors import StoreUnavailable, redact
@@ -598,14 +601,7 @@ class PostgresStore:
                 "SELECT seq, data FROM events WHERE pod = %s AND seq > %s ORDER BY seq LIMIT %s",
                 (pod, after_seq, limit),
             )
-            page: list[tuple[int, bytes]] = []
-            size = 0
-            while (row := c.fetchone()) is not None:
-                page.append(row)
-                size += len(row[1])
-                if size >= PAGE_BYTES:
-                    break
-            return page
+            return page_of(iter(c.fetchone, None))
 
         return self._read(op)
 
@@ -618,13 +614,9 @@ class PostgresStore:
         """The first seq to read to rebuild the pod's context as it stood just before
         `before_seq`: the `restore_from` of its latest `context_compacted` before then
         (never past that event itself), else 1."""
-        found = self._latest_compaction(pod, before_seq)
-        if found is None:
-            return 1
-        seq, compacted = found
-        return min(compacted.get("restore_from") or 1, seq)
+        return start_after(self._latest_compaction(pod, before_seq))
 
-    def _latest_compaction(self, pod: str, before_seq: int) -> tuple[int, dict[str, Any]] | None:
+    def _latest_compaction(self, pod: str, before_seq: int) -> Compaction | None:
         row = self._row(
             "SELECT seq, data FROM events WHERE pod = %s AND kind = 'context_compacted' "
             "AND seq < %s ORDER BY seq DESC LIMIT 1",
@@ -636,25 +628,14 @@ class PostgresStore:
         """The pod's (input tokens, output tokens, dollars or None) over its whole history:
         its latest `context_compacted`'s `usage`, then the `assistant_message`s after it,
         the dollars added in seq order as the journal adds them (see capd.store.sqlite)."""
-        found = self._latest_compaction(pod, LAST_SEQ)
-        after, inp, out, usd = 0, 0, 0, None
-        if found is not None:
-            after, compacted = found
-            usage = compacted.get("usage") or {}
-            inp, out = usage.get("input_tokens") or 0, usage.get("output_tokens") or 0
-            usd = usage.get("cost_usd")
+        after, totals = totals_at(self._latest_compaction(pod, LAST_SEQ))
         # `->` keeps the JSON text as stored: `->>` would fail on a \u0000 inside it.
         rows = self._rows(
             "SELECT (convert_from(data, 'UTF8')::json -> 'usage')::text FROM events "
             "WHERE pod = %s AND seq > %s AND kind = 'assistant_message' ORDER BY seq",
             (pod, after),
         )
-        for (text,) in rows:
-            usage = (orjson.loads(text) if text else None) or {}
-            inp += usage.get("input_tokens") or 0
-            out += usage.get("output_tokens") or 0
-            usd = add_usd(usd, usage.get("cost_usd"))
-        return inp, out, usd
+        return add_usages(totals, rows)
 
     def latest_rewound(self, pod: str, first: int, before_seq: int) -> tuple[int, bytes] | None:
         """The pod's latest `rewound` with `first` <= seq < `before_seq`, as (seq, json)."""

@@ -31,16 +31,19 @@ from typing import Any
 
 import orjson
 
-from capd.prices import add_usd
 from capd.store.base import (
     LAST_SEQ,
-    PAGE_BYTES,
     Carried,
+    Compaction,
     OutboxEntry,
     OwedReport,
     PendingRow,
     PodRecord,
     StoredEvent,
+    add_usages,
+    page_of,
+    start_after,
+    totals_at,
 )
 from capd.store.batch import BatchBroken, GroupCommit
 
@@ -316,18 +319,12 @@ class SqliteStore:
         """Up to `limit` events with seq > after_seq, oldest first, as (seq, json); fewer
         once they hold PAGE_BYTES (always at least one), so a page of large events is not
         read whole into memory. An empty list means there are no more."""
-        rows = self._db.execute(
-            "SELECT seq, data FROM events WHERE pod = ? AND seq > ? ORDER BY seq LIMIT ?",
-            (pod, after_seq, limit),
+        return page_of(
+            self._db.execute(
+                "SELECT seq, data FROM events WHERE pod = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (pod, after_seq, limit),
+            )
         )
-        page: list[tuple[int, bytes]] = []
-        size = 0
-        for row in rows:
-            page.append(row)
-            size += len(row[1])
-            if size >= PAGE_BYTES:
-                break
-        return page
 
     def restore_start(self, pod: str) -> int:
         """The first seq a restart reads: the `restore_from` of the pod's latest
@@ -339,13 +336,9 @@ class SqliteStore:
         """The first seq to read to rebuild the pod's context as it stood just before
         `before_seq`: the `restore_from` of its latest `context_compacted` before then
         (never past that event itself), else 1."""
-        found = self._latest_compaction(pod, before_seq)
-        if found is None:
-            return 1
-        seq, compacted = found
-        return min(compacted.get("restore_from") or 1, seq)
+        return start_after(self._latest_compaction(pod, before_seq))
 
-    def _latest_compaction(self, pod: str, before_seq: int) -> tuple[int, dict[str, Any]] | None:
+    def _latest_compaction(self, pod: str, before_seq: int) -> Compaction | None:
         """The pod's latest `context_compacted` before `before_seq`: (seq, the event)."""
         row = self._db.execute(
             "SELECT seq, data FROM events WHERE pod = ? AND kind = 'context_compacted' "
@@ -357,27 +350,14 @@ class SqliteStore:
     def usage_totals(self, pod: str) -> tuple[int, int, float | None]:
         """The pod's (input tokens, output tokens, dollars or None) over its whole history,
         as a restart derives them: its latest `context_compacted`'s `usage`, then the
-        `assistant_message`s after it. The dollars are added in Python in seq order, as the
-        journal adds them: a sum in another order can differ in the last bits, and
-        `capd_cost_usd_total` must not go backwards when a stopped pod starts."""
-        found = self._latest_compaction(pod, LAST_SEQ)
-        after, inp, out, usd = 0, 0, 0, None
-        if found is not None:
-            after, compacted = found
-            usage = compacted.get("usage") or {}
-            inp, out = usage.get("input_tokens") or 0, usage.get("output_tokens") or 0
-            usd = usage.get("cost_usd")
+        `assistant_message`s after it (`add_usages`)."""
+        after, totals = totals_at(self._latest_compaction(pod, LAST_SEQ))
         rows = self._db.execute(
             "SELECT json_extract(CAST(data AS TEXT), '$.usage') "
             "FROM events WHERE pod = ? AND seq > ? AND kind = 'assistant_message' ORDER BY seq",
             (pod, after),
         )
-        for (text,) in rows:
-            usage = orjson.loads(text) if text else {}
-            inp += usage.get("input_tokens") or 0
-            out += usage.get("output_tokens") or 0
-            usd = add_usd(usd, usage.get("cost_usd"))
-        return inp, out, usd
+        return add_usages(totals, rows)
 
     def latest_rewound(self, pod: str, first: int, before_seq: int) -> tuple[int, bytes] | None:
         """The pod's latest `rewound` with `first` <= seq < `before_seq`, as (seq, json)."""
