@@ -66,10 +66,7 @@ class Answer:
         )
 
     def set_exception(self, exc: BaseException) -> None:
-        if isinstance(exc, ProtocolError):
-            self.settle(_error(self._id, exc.code, exc.message))
-        else:
-            self.settle(_internal(self._id, exc))
+        self.settle(_failure(self._id, exc))
 
     def settle(self, frame: bytes) -> None:
         if self.frame is None:
@@ -129,15 +126,11 @@ class Connection:
 
     def _write_answers(self) -> None:
         answers = self._answers
-        if len(answers) == 1 and answers[0].sendable:
+        coalesce = len(answers) > 1
+        while answers and answers[0].sendable:
             frame = answers.popleft().frame
             assert frame is not None
-            self._push(frame)
-        else:
-            while answers and answers[0].sendable:
-                frame = answers.popleft().frame
-                assert frame is not None
-                self._push(frame, coalesce=True)
+            self._push(frame, coalesce=coalesce)
         if len(answers) < self._room:
             self._answered.set()
         if self._closing:
@@ -352,22 +345,30 @@ def _dispatch(line: bytes, conn: Connection, handle: Handler) -> Reply:
         frame = decode(line)
         check_bounds(frame, line)
         return handle(frame, conn)
-    except ProtocolError as exc:
-        return _error(request_id(frame) if frame else None, exc.code, exc.message)
     except Exception as exc:
-        log.exception("internal error handling %r", line[:200])
-        return _internal(request_id(frame) if frame else None, exc)
+        return _failed(line, request_id(frame) if frame else None, exc)
 
 
 async def _finish(reply: Coroutine[Any, Any, bytes | None], line: bytes) -> bytes | None:
     """Run a sequential request's handler to its reply."""
     try:
         return await reply
-    except ProtocolError as exc:
-        return _error(_request_id_of(line), exc.code, exc.message)
     except Exception as exc:
+        return _failed(line, _request_id_of(line), exc)
+
+
+def _failed(line: bytes, rid: object, exc: Exception) -> bytes:
+    """The reply to request `line` whose handler raised `exc`, logged unless expected."""
+    if not isinstance(exc, ProtocolError):
         log.exception("internal error handling %r", line[:200])
-        return _internal(_request_id_of(line), exc)
+    return _failure(rid, exc)
+
+
+def _failure(rid: object, exc: BaseException) -> bytes:
+    """The error frame for a request that failed with `exc`."""
+    if isinstance(exc, ProtocolError):
+        return _error(rid, exc.code, exc.message)
+    return _internal(rid, exc)
 
 
 def _request_id_of(line: bytes) -> object:

@@ -147,7 +147,6 @@ class Daemon:
             cfg, store, outbox, registry, self._pod_status_changed, sandbox, Teams
         )
         await self.supervisor.worktrees.sweep()
-        self.supervisor.cluster = self.fleet
         if self.fleet is not None:
             self._relay = Relay(self.fleet, cfg.fleet_key, self.supervisor.registry.socket)
             outbox.deliver_in_fleet(self._relay.deliver_report)

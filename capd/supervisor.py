@@ -29,7 +29,6 @@ from capd.engines import check_engine, make_engine, model_label
 from capd.engines.claude_code import state_paths as claude_code_state
 from capd.engines.slots import EngineSlots
 from capd.fanout import Hub
-from capd.fleet import Fleet
 from capd.outbox import Outbox
 from capd.pod_worktrees import PodWorktrees
 from capd.proc.limits import Limiter, PodLimits
@@ -128,7 +127,6 @@ class Supervisor:
         self.config = config
         self.node = config.node
         """This node's name (`capd --node`): `status`, `list` and `info` name it."""
-        self.cluster: Fleet | None = None
         """The fleet this node is part of (a PostgreSQL store); None on SQLite."""
         self.sandbox = sandbox
         self.store = store

@@ -42,13 +42,10 @@ class FleetRefused(Exception):
 
 
 class Fleet:
-    def __init__(self, control: Control, lease: NodeLease, state_dir: Path, reclaimed: int) -> None:
+    def __init__(self, control: Control, lease: NodeLease) -> None:
         self._control = control
         self._lease = lease
-        self._state_dir = state_dir
         self._scanner: Scanner | None = None
-        self.reclaimed = reclaimed
-        """How many pods the join took back under this node's name."""
 
     @property
     def node(self) -> str:
@@ -87,7 +84,7 @@ class Fleet:
             ttl_s,
             len(joined.reclaimed),
         )
-        return cls(control, lease, state_dir, len(joined.reclaimed))
+        return cls(control, lease)
 
     def adopt_with(
         self, adopt: Callable[[list[PodRecord]], Awaitable[None]], pods_dir: str

@@ -18,6 +18,7 @@ import orjson
 from capd.fleet import auth
 from protocol import SERVER_NAME
 from protocol.errors import ProtocolError
+from protocol.framing import encode
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ class LinkServer:
         frame once served)."""
         challenge = auth.new_challenge() if self._key is not None else None
         writer.write(
-            _line(
+            encode(
                 {
                     "event": "hello",
                     "server": SERVER_NAME,
@@ -130,7 +131,7 @@ class LinkServer:
             if not isinstance(theirs, str) or len(theirs) < 32:
                 raise ProtocolError("forbidden", "node_auth: challenge missing")
             result["proof"] = auth.server_proof(self._key, theirs, self._node, peer)
-        return _line({"event": "ack", "id": frame.get("id"), "result": result})
+        return encode({"event": "ack", "id": frame.get("id"), "result": result})
 
 
 class Link:
@@ -144,7 +145,7 @@ class Link:
         self.peer = peer
 
     def send(self, frame: dict[str, Any]) -> None:
-        self._writer.write(_line(frame))
+        self._writer.write(encode(frame))
 
     async def frames(self) -> AsyncIterator[tuple[bytes, dict[str, Any]]]:
         """Every frame the peer sends (its line and its value), until the link closes."""
@@ -197,7 +198,7 @@ async def _dial_handshake(
     request: dict[str, Any] = {"id": 0, "method": "node_auth", "node": me, "challenge": mine}
     if key is not None:
         request["proof"] = auth.client_proof(key, theirs, me, peer)
-    writer.write(_line(request))
+    writer.write(encode(request))
     reply = orjson.loads(await reader.readline() or b"null")
     if not isinstance(reply, dict):
         raise LinkError(f"node {peer} closed the link while authenticating")
@@ -213,9 +214,5 @@ async def _dial_handshake(
     return peer
 
 
-def _line(frame: dict[str, Any]) -> bytes:
-    return orjson.dumps(frame, option=orjson.OPT_APPEND_NEWLINE)
-
-
 def _error(code: str, message: str) -> bytes:
-    return _line({"event": "error", "id": 0, "code": code, "message": message})
+    return encode({"event": "error", "id": 0, "code": code, "message": message})

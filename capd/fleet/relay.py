@@ -16,12 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-import orjson
-
 from capd.connection import Answer, Connection
 from capd.fleet.links import Link, LinkError, open_link
 from protocol.client import LINE_LIMIT, Client
 from protocol.errors import ProtocolError
+from protocol.framing import encode
 from protocol.results import FleetNode, ListResult
 
 log = logging.getLogger(__name__)
@@ -287,7 +286,7 @@ class ConnRelay:
             self._sub = None
             resume = sub.seq or 0
             self._conn.send(
-                _line({"event": "lagged", "pod": sub.pod, "missed": 0, "resume_from": resume})
+                encode({"event": "lagged", "pod": sub.pod, "missed": 0, "resume_from": resume})
             )
 
 
@@ -505,11 +504,7 @@ def _lost(node: str) -> ProtocolError:
 
 def _with_id(reply: dict[str, Any], rid: Any) -> bytes:
     reply["id"] = rid
-    return _line(reply)
-
-
-def _line(frame: dict[str, Any]) -> bytes:
-    return orjson.dumps(frame, option=orjson.OPT_APPEND_NEWLINE)
+    return encode(reply)
 
 
 def _ignore(reply: dict[str, Any] | None, line: bytes) -> None:
