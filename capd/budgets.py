@@ -10,7 +10,6 @@ delete), so its former ancestors' sums keep it: deleting the pods that spent a b
 does not give it back. Its children, top-level from then on, take their sums with them.
 """
 
-import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -56,11 +55,7 @@ class Ledger:
         }
         """What each pod's deleted descendants spent: part of its subtree sum."""
         for record in registry.all():
-            inp, out, usd = store.usage_totals(record.name)
-            metrics.usage_stored(record.name, (inp, out, usd))
-            self._own[record.name] = _Sum(inp + out, usd)
-            if (budget := _stored_budget(record.manifest)) is not None:
-                self._budgets[record.name] = budget
+            self._load(record, store)
         self._sum_subtrees()
 
     # -- spending -----------------------------------------------------------------------
@@ -178,13 +173,16 @@ class Ledger:
             if carried.pod in names:
                 self._carried[carried.pod] = _Sum(carried.tokens, carried.usd)
         for record in records:
-            inp, out, usd = store.usage_totals(record.name)
-            metrics.usage_stored(record.name, (inp, out, usd))
-            self._own[record.name] = _Sum(inp + out, usd)
-            with contextlib.suppress(ValueError):  # the supervisor reports it as broken
-                if (budget := Manifest.model_validate_json(record.manifest).budget) is not None:
-                    self._budgets[record.name] = budget
+            self._load(record, store)
         self._sum_subtrees()
+
+    def _load(self, record: PodRecord, store: Store) -> None:
+        """A stored pod's spending so far and its budget."""
+        inp, out, usd = store.usage_totals(record.name)
+        metrics.usage_stored(record.name, (inp, out, usd))
+        self._own[record.name] = _Sum(inp + out, usd)
+        if (budget := _stored_budget(record.manifest)) is not None:
+            self._budgets[record.name] = budget
 
     def added(self, name: str, budget: Budget | None) -> None:
         """A new pod: nothing spent yet."""
