@@ -245,7 +245,6 @@ class PodController:
         "_store",
         "_task",
         "_unfinished",
-        "_window",
         "_workspace",
         "activity",
         "compact_wanted",
@@ -334,8 +333,6 @@ class PodController:
         """Bumped whenever the timer is armed or disarmed: an older timer's `_Reap` is stale."""
         self._reap_reason: Literal["idle", "limit"] = "idle"
         """What the armed timer is for: `limit` fires at once."""
-        self._window: tuple[Any, int | None, int | None] | None = None
-        """(manifest.model, learned window, the window) of the last `_context_window`."""
         self._reaped = 0
         """Times the engine's process was stopped, idle or for the process limit
         (`status.engine.reaped`)."""
@@ -1186,14 +1183,9 @@ class PodController:
     def _context_window(self) -> int | None:
         """The manifest's window, the one an overflow named, or a known model's; an
         external engine's model is its own business, so only an overflow tells it."""
-        model, learned = self.manifest.model, self.context.learned_window
-        cached = self._window
-        if cached is not None and cached[0] is model and cached[1] == learned:
-            return cached[2]  # `status` asks at every poll; the model rarely changes
+        model = self.manifest.model
         configured, name = (model.context_window, model.name) if model else (None, "")
-        window = context_window(configured, learned, name)
-        self._window = (model, learned, window)
-        return window
+        return context_window(configured, self.context.learned_window, name)
 
     def status_result(self, children: list[str]) -> dict[str, Any]:
         """The `status` ack's result, a `protocol.results.PodStatus` built as a plain dict:

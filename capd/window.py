@@ -2,6 +2,7 @@
 or what the provider named in its first overflow error; and how each server says that a
 request does not fit it (the one list of their wordings)."""
 
+import functools
 import re
 
 KNOWN_WINDOWS: tuple[tuple[str, int], ...] = (
@@ -64,8 +65,10 @@ _WINDOW_IN_ERROR = re.compile(
 )
 
 
+@functools.lru_cache(maxsize=256)
 def known_window(model_name: str) -> int | None:
-    """The window of a well-known model, by the start of its name; None for others."""
+    """The window of a well-known model, by the start of its name; None for others
+    (cached: `status` asks at every poll, and a daemon's pods use a few models)."""
     name = model_name.rsplit("/", 1)[-1].lower()
     return next((window for prefix, window in KNOWN_WINDOWS if name.startswith(prefix)), None)
 
