@@ -348,8 +348,7 @@ class Journal:
     def _restore_grants(self) -> None:
         """The grants of the pod's whole life: those before the events a restore reads
         (a compaction's `restore_from`) too, since its permissions last changed."""
-        kinds = ("reconfigured", "permission_resolved")
-        for _, data in self._store.events_of_kind_after(self.name, 0, *kinds):
+        for data in self._store.permission_events(self.name):
             event = parse_event(orjson.loads(data))
             if isinstance(event, Reconfigured) and "permissions" in event.changed:
                 self.grants = Grants()  # granted by index into rules that are gone

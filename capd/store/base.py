@@ -108,6 +108,11 @@ def start_after(found: Compaction | None) -> int:
     return min(compacted.get("restore_from") or 1, seq)
 
 
+PERMISSION_EVENTS = "kind IN ('reconfigured', 'permission_resolved')"
+"""The events a restore reads its grants from, over the pod's whole history: both stores
+index them apart (a partial index with this predicate), so a pod with a long history does
+not scan all of it at every start."""
+
 Totals = tuple[int, int, float | None]
 """(input tokens, output tokens, dollars or None)."""
 
@@ -215,6 +220,8 @@ class Store(Protocol):
     def events_of_kind_after(
         self, pod: str, after_seq: int, *kinds: str
     ) -> list[tuple[int, bytes]]: ...
+
+    def permission_events(self, pod: str) -> list[bytes]: ...
 
     # -- outbox -------------------------------------------------------------------------
 

@@ -55,6 +55,7 @@ from capd.fleet.lease import margin_s
 from capd.fleet.schema import FENCE_SQLSTATE, FLEET_MIGRATION, LeaseLost
 from capd.store.base import (
     LAST_SEQ,
+    PERMISSION_EVENTS,
     Carried,
     Compaction,
     OutboxEntry,
@@ -142,6 +143,7 @@ MIGRATIONS: tuple[str, ...] = (
     );
     """,
     FLEET_MIGRATION,
+    f"CREATE INDEX events_permissions ON events (pod, seq) WHERE {PERMISSION_EVENTS};",
 )
 """Schema version n+1 is MIGRATIONS[n] applied to version n. What a client sends as free
 text (a queued run's text, turn_id and source, a report's event_id) is BYTEA: TEXT cannot
@@ -679,6 +681,14 @@ class PostgresStore:
             (pod, after_seq, list(kinds)),
         )
         return [(seq, data) for seq, data in rows]
+
+    def permission_events(self, pod: str) -> list[bytes]:
+        """The pod's `reconfigured` and `permission_resolved` events, oldest first."""
+        rows = self._rows(
+            f"SELECT data FROM events WHERE pod = %s AND {PERMISSION_EVENTS} ORDER BY seq",
+            (pod,),
+        )
+        return [data for (data,) in rows]
 
     # -- outbox -------------------------------------------------------------------------
 

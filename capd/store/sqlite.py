@@ -33,6 +33,7 @@ import orjson
 
 from capd.store.base import (
     LAST_SEQ,
+    PERMISSION_EVENTS,
     Carried,
     Compaction,
     OutboxEntry,
@@ -47,7 +48,7 @@ from capd.store.base import (
 )
 from capd.store.batch import BatchBroken, GroupCommit
 
-SCHEMA = """
+SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS pods (
     name     TEXT PRIMARY KEY,
     manifest TEXT NOT NULL,
@@ -66,6 +67,7 @@ CREATE TABLE IF NOT EXISTS events (
     data BLOB NOT NULL,
     PRIMARY KEY (pod, seq)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS events_permissions ON events (pod, seq) WHERE {PERMISSION_EVENTS};
 CREATE TABLE IF NOT EXISTS outbox (
     id      INTEGER PRIMARY KEY AUTOINCREMENT,
     target  TEXT NOT NULL,
@@ -398,6 +400,16 @@ class SqliteStore:
             "ORDER BY seq",
             (pod, after_seq, *kinds),
         ).fetchall()
+
+    def permission_events(self, pod: str) -> list[bytes]:
+        """The pod's `reconfigured` and `permission_resolved` events, oldest first (the
+        planner, without statistics, would scan the primary key instead)."""
+        rows = self._db.execute(
+            "SELECT data FROM events INDEXED BY events_permissions "
+            f"WHERE pod = ? AND {PERMISSION_EVENTS} ORDER BY seq",
+            (pod,),
+        )
+        return [data for (data,) in rows]
 
     # -- outbox -------------------------------------------------------------------------
 

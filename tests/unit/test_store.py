@@ -37,6 +37,18 @@ def test_events_of_one_kind(store: Store) -> None:
     assert [seq for seq, _ in store.events_of_kind_after("p", 3, "turn_end")] == [4]
 
 
+def test_a_pods_permission_events_come_back_alone_oldest_first(store: Store) -> None:
+    store.append(
+        "p",
+        _events(1, 2, "reconfigured")
+        + _events(3, 3)
+        + _events(6, 1, "permission_resolved")
+        + _events(7, 1, "reconfigured"),
+    )
+    store.append("q", _events(1, 1, "permission_resolved"))
+    assert store.permission_events("p") == [b'{"seq":%d}' % seq for seq in (1, 2, 6, 7)]
+
+
 def test_a_restore_starts_where_the_latest_compaction_says(store: Store) -> None:
     def compacted(seq: int, restore_from: int) -> StoredEvent:
         return (
