@@ -139,7 +139,9 @@ class Journal:
         ts = time.time()
         frames = []
         for seq, event in enumerate(events, self.last_seq + 1):
-            event.pod, event.seq, event.ts = self.name, seq, ts
+            # Straight into the fields, past pydantic's setattr (validate_assignment is off:
+            # only its bookkeeping is skipped, a third of an event's encoding time).
+            event.__dict__.update(pod=self.name, seq=seq, ts=ts)
             frames.append(encode(event))
         owed = self._owed(report)
         stored = [(e.seq, e.ts, e.event, f[:-1]) for e, f in zip(events, frames, strict=True)]
