@@ -229,6 +229,7 @@ class PodController:
         "_checkpoints",
         "_compaction",
         "_compaction_waiters",
+        "_fixed_status",
         "_ledger",
         "_mailbox",
         "_model_label",
@@ -295,6 +296,7 @@ class PodController:
         self.journal = Journal(self.name, parent, store, outbox)
         self.activity = Activity(self.name, external=manifest.engine.kind != "builtin")
         self._model_label = model_label(manifest)
+        self._fixed_status: tuple[Manifest, Toolbox, dict[str, Any]] | None = None
         self._store = store
         self._ledger = ledger
         self._on_status = on_status
@@ -1189,7 +1191,9 @@ class PodController:
 
     def status_result(self, children: list[str]) -> dict[str, Any]:
         """The `status` ack's result, a `protocol.results.PodStatus` built as a plain dict:
-        `status` is the request a client polls, and the model cost half its time."""
+        `status` is the request a client polls, and the model cost half its time. What
+        only the manifest and the pod's parts decide is made once for them (`_fixed`)."""
+        fixed = self._fixed()
         return {
             "name": self.name,
             "status": self.status,
@@ -1199,9 +1203,9 @@ class PodController:
             "parent": self.parent,
             "children": children,
             "model": self._model_label,
-            "cwd": str(self.toolbox.context.cwd),
+            "cwd": fixed["cwd"],
             "workspace": self._workspace(),
-            "tools": list(self.manifest.tools),
+            "tools": fixed["tools"],
             "usage": {
                 "input_tokens": self.journal.usage.input_tokens,
                 "output_tokens": self.journal.usage.output_tokens,
@@ -1213,7 +1217,7 @@ class PodController:
                 ),
                 "window": self._context_window(),
             },
-            "socket": str(self.socket_path),
+            "socket": fixed["socket"],
             "engine": self.engine_status(),
             "permissions": [
                 {
@@ -1227,12 +1231,28 @@ class PodController:
             "budget": self._ledger.budget(self.name),
             "spent": self._ledger.spent(self.name),
             "mcp": self.toolbox.mcp_status() + self.engine.mcp_status(),
-            "sandbox": {
-                **sandbox_status(self.manifest.sandbox, self.toolbox.context.sandbox),
-                "limits": limits.kind if (limits := self.toolbox.context.limits) else "none",
-            },
+            "sandbox": fixed["sandbox"],
             "team": self.team,
         }
+
+    def _fixed(self) -> dict[str, Any]:
+        """The parts of `status` the manifest and the pod's parts decide, made again once
+        either is replaced (`use_parts`, a budget set): neither changes in place."""
+        cached = self._fixed_status
+        if cached is not None and cached[0] is self.manifest and cached[1] is self.toolbox:
+            return cached[2]
+        context = self.toolbox.context
+        fixed = {
+            "cwd": str(context.cwd),
+            "tools": list(self.manifest.tools),
+            "socket": str(self.socket_path),
+            "sandbox": {
+                **sandbox_status(self.manifest.sandbox, context.sandbox),
+                "limits": context.limits.kind if context.limits else "none",
+            },
+        }
+        self._fixed_status = (self.manifest, self.toolbox, fixed)
+        return fixed
 
 
 async def _cancel_and_wait(task: "asyncio.Task[Any]") -> None:

@@ -81,6 +81,7 @@ async def test_the_next_turn_uses_the_new_model_prompt_and_tools_with_the_histor
         await spawn(capd, "r1", model_a, system_prompt="A", cwd=str(tmp_path))
         async with await connect_pod(capd, "r1") as pod:
             await run_turn(pod, "first")
+            before = await pod.request({"method": "status"})
             second = {**first, "model": model_b, "system_prompt": "B", "tools": ["read_file"]}
             changed = await reconfigure(pod, second)
             event, _ = await wait_for(pod, is_event("reconfigured"))
@@ -92,6 +93,7 @@ async def test_the_next_turn_uses_the_new_model_prompt_and_tools_with_the_histor
         requests = list(server.requests)
     assert changed == ["model", "system_prompt", "tools"]
     assert event["changed"] == changed
+    assert (before["model"], before["tools"]) == ("openai/model-a", [])
     assert (status["model"], status["tools"]) == ("openai/model-b", ["read_file"])
     assert end["output"] == "two"
     assert [r["model"] for r in requests] == ["model-a", "model-b", "model-b"]
