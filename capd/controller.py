@@ -232,6 +232,7 @@ class PodController:
         "_fixed_status",
         "_ledger",
         "_mailbox",
+        "_make_dirs",
         "_model_label",
         "_on_status",
         "_queue",
@@ -280,6 +281,7 @@ class PodController:
         reconfigure: "Reconfigurer",
         checkpoints: CheckpointStore | None = None,
         running_in_tree: Callable[[], list[str]] = list,
+        make_dirs: Callable[[str, Path], None] = lambda name, cwd: None,
         workspace: Callable[[], dict[str, Any] | None] = lambda: None,
         team: str | None = None,
     ) -> None:
@@ -298,6 +300,8 @@ class PodController:
         self._model_label = model_label(manifest)
         self._fixed_status: tuple[Manifest, Toolbox, dict[str, Any]] | None = None
         self._store = store
+        self._make_dirs = make_dirs
+        """Makes the pod's state dir and own work dir (made when first needed) if gone."""
         self._ledger = ledger
         self._on_status = on_status
         self._checkpoints = checkpoints
@@ -945,8 +949,14 @@ class PodController:
             self._span = None
 
     async def _drive(self, turn: Turn) -> TurnOutcome:
-        """The turn task: the cwd's checkpoint first (once per turn; one a pause cut
-        short is taken when the turn resumes), then the engine's turn."""
+        """The turn task: the pod's directories made if they are not there yet, the cwd's
+        checkpoint (once per turn; one a pause cut short is taken when the turn resumes),
+        then the engine's turn."""
+        try:
+            self._make_dirs(self.name, self.toolbox.context.cwd)
+        except OSError as exc:
+            error = f"cannot make the directories of pod {self.name}: {exc}"
+            return TurnOutcome("errored", turn.output, error)
         if self._checkpoints is not None and not turn.checkpointed:
             taken = await self._checkpoints.take(turn.turn_id)
             if isinstance(taken, Taken):

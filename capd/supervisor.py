@@ -197,7 +197,6 @@ class Supervisor:
         records = [record for record in records if self.registry.get(record.name) is None]
         for record in records:
             self.registry.learn(record)
-            self._make_pod_state_dir(record.name)  # node-local: its spill files go there
         pending = {record.name for record in records if not record.stopped}
         self._restoring |= pending  # known from now on, up only once its turn comes
         try:
@@ -253,9 +252,7 @@ class Supervisor:
                 "invalid_request", f"parent {parent!r} must be an absolute socket path"
             )
         fresh = not self._pod_state_dir(name).exists()
-        cwd = self.worktrees.cwd(manifest)
-        made_state_dir = cwd is None and manifest.cwd is None  # with its work dir, just below
-        cwd = cwd or self._resolve_cwd(manifest, not make_cwd)
+        cwd = self.worktrees.cwd(manifest) or self._resolve_cwd(manifest, not make_cwd)
         sandbox = resolve_paths(manifest.sandbox)
         manifest = manifest.model_copy(update={"cwd": str(cwd), "sandbox": sandbox})
         parent_name = self.registry.pods_dir_name(parent)
@@ -274,8 +271,6 @@ class Supervisor:
         tree = await self.worktrees.make(manifest)  # the record is added before any await
         worktree = tree.to_json() if tree else None
         try:  # from here a failure undoes the work tree too
-            if not made_state_dir:  # a mkdir that fails costs a stat and an exception
-                self._make_pod_state_dir(name)
             stored = manifest.model_dump_json()
             self.registry.add(name, stored, parent, team=team, worktree=worktree)
             self.ledger.added(name, manifest.budget)
@@ -395,7 +390,7 @@ class Supervisor:
     def spawn_cwd(self, manifest: Manifest) -> Path:
         """The cwd a spawn of `manifest` stores, resolved, without making anything: its
         work tree, its cwd (which must be a directory), or its own work directory."""
-        return self.worktrees.cwd(manifest) or self._resolve_cwd(manifest, True, make=False)
+        return self.worktrees.cwd(manifest) or self._resolve_cwd(manifest, True)
 
     async def stop_pod(self, name: str, keep_turn: bool = False) -> list[str]:
         """Stop the pod, then its descendants; returns the names of those that were running.
@@ -681,6 +676,7 @@ class Supervisor:
             checkpoints=self._checkpoint_store(name, _cwd_of(manifest, sandbox), manifest),
             running_in_tree=lambda: self._running_in_tree(name),
             reconfigure=self.reconfigure,
+            make_dirs=self.make_pod_dirs,
             workspace=lambda: self.worktrees.status(name),
             team=record.team if (record := self.registry.get(name)) else None,
         )
@@ -696,7 +692,7 @@ class Supervisor:
         )
         running = _RunningPod(controller, endpoint, actor, limits)
         self.pods[name] = running
-        toolbox.start_mcp_servers()  # not awaited: the pod is up even if a server cannot start
+        self._start_servers(toolbox)  # not awaited: the pod is up even if one cannot start
         return running
 
     def _toolbox(
@@ -779,7 +775,7 @@ class Supervisor:
         self.ledger.budget_changed(pod.name, manifest.budget)
         if not renew:  # else closed already
             await _close(let_go)
-        pod.toolbox.start_mcp_servers()
+        self._start_servers(pod.toolbox)
         return changed
 
     async def _renew_limits(self, running: _RunningPod, manifest: Manifest) -> None:
@@ -806,7 +802,7 @@ class Supervisor:
         running.limits = self.limiter.pod(manifest.name, *_resource_limits(manifest))
         pod = running.controller
         pod.use_parts(manifest, self._parts(manifest, self._confinement(manifest), running.limits))
-        pod.toolbox.start_mcp_servers()
+        self._start_servers(pod.toolbox)
 
     def _parts(
         self,
@@ -978,6 +974,27 @@ class Supervisor:
     def _pod_state_dir(self, name: str) -> Path:
         return self._pods_dir / name
 
+    def make_pod_dirs(self, name: str, cwd: Path) -> None:
+        """The pod's state dir and, when `cwd` is its own work dir, that: made when first
+        needed (each turn and each start of its MCP servers makes sure), not at spawn,
+        where their two mkdirs cost as much as the rest of a spawn on a disk. Idle pods
+        need neither, and a pod another fleet node adopted gets them on this one."""
+        self._make_pod_state_dir(name)
+        if cwd == self._real_pods_dir / name / "work":
+            cwd.mkdir(mode=0o700, exist_ok=True)
+
+    def _start_servers(self, toolbox: Toolbox) -> None:
+        """Start the pod's MCP servers (returns at once), its directories made first: they
+        run in its cwd. When they cannot be made, the servers fail to start as they would
+        in any cwd that is gone, and the pod goes on without their tools."""
+        if toolbox.has_mcp_servers:
+            context = toolbox.context
+            try:
+                self.make_pod_dirs(context.pod, context.cwd)
+            except OSError as exc:
+                log.error("pod %s: cannot make its directories: %s", context.pod, exc)
+        toolbox.start_mcp_servers()
+
     def _make_pod_state_dir(self, name: str) -> Path:
         """The pod's state dir (its spilled tool output goes there), 0700 at each level;
         one mkdir once the pods dir exists."""
@@ -1006,19 +1023,14 @@ class Supervisor:
         if self._closing:
             raise ProtocolError("shutting_down", "capd is shutting down; try again once it is back")
 
-    def _resolve_cwd(self, manifest: Manifest, must_exist: bool, make: bool = True) -> Path:
+    def _resolve_cwd(self, manifest: Manifest, must_exist: bool) -> Path:
         """The manifest's cwd resolved; without one, the pod's own work directory (made
-        unless not `make`)."""
+        when first needed: `make_pod_dirs`)."""
         # Stored resolved, as the file tools and the sandbox walk it. The pod's own work
         # directory is resolved by its capd-made pods dir's resolved path (a symlink put at
         # `work` is refused when a confined process is started there, as any path moved).
-        if manifest.cwd is None and not make:
-            return self._real_pods_dir / manifest.name / "work"
         if manifest.cwd is None:
-            self._make_pod_state_dir(manifest.name)
-            cwd = self._real_pods_dir / manifest.name / "work"
-            cwd.mkdir(mode=0o700, exist_ok=True)
-            return cwd
+            return self._real_pods_dir / manifest.name / "work"
         cwd = Path(manifest.cwd)
         if not cwd.is_absolute():
             raise ProtocolError("invalid_request", f"cwd {cwd} must be an absolute path")

@@ -91,6 +91,40 @@ async def test_bash_in_a_default_pod_is_confined(capd_dirs: CapdProcess) -> None
     assert info["sandbox"]["error"] is None
 
 
+async def test_a_pods_own_work_dir_is_made_by_its_first_turn_and_again_once_gone(
+    capd: CapdProcess,
+) -> None:
+    steps = [*_bash("pwd && touch here")["script"][:1], {"text": "done"}]
+    steps += [*_bash("pwd && ls")["script"][:1], {"text": "again"}]
+    await spawn(capd, "lazy", scripted(*steps), tools=["bash"])
+    state = capd.state_dir.resolve() / "pods" / "lazy"
+    assert not state.exists()  # a spawn makes no directory: an idle pod needs none
+    async with await connect_pod(capd, "lazy") as pod:
+        first, seen = await run_turn(pod, "go")
+        assert (state / "work" / "here").is_file()
+        shutil.rmtree(state)
+        second, seen_again = await run_turn(pod, "go on")
+    results = [e["output"] for e in seen + seen_again if e["event"] == "tool_result"]
+    assert (first["result"], second["result"]) == ("finished", "finished")
+    assert results == [str(state / "work"), str(state / "work")]
+    assert (state / "work").is_dir()
+
+
+async def test_a_turn_that_cannot_make_the_pods_directories_errors_and_says_why(
+    capd: CapdProcess,
+) -> None:
+    await spawn(capd, "blocked", _bash("pwd"), tools=["bash"])
+    (capd.state_dir / "pods").mkdir(mode=0o700, exist_ok=True)
+    (capd.state_dir / "pods" / "blocked").write_text("in the way")
+    async with await connect_pod(capd, "blocked") as pod:
+        end, _ = await run_turn(pod, "go")
+        (capd.state_dir / "pods" / "blocked").unlink()
+        again, _ = await run_turn(pod, "go on")
+    assert end["result"] == "errored"
+    assert end["error"].startswith("cannot make the directories of pod blocked: "), end
+    assert again["result"] == "finished"
+
+
 async def test_listed_variables_and_writable_paths_widen_it(
     capd_dirs: CapdProcess, tmp_path: Path
 ) -> None:

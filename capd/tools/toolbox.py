@@ -71,6 +71,10 @@ class Toolbox:
         keeps servers nothing they depend on changed)."""
         self._mcp, other._mcp = other._mcp, {}
 
+    @property
+    def has_mcp_servers(self) -> bool:
+        return bool(self._mcp)
+
     def start_mcp_servers(self) -> None:
         """Start the servers' connections; returns at once (a server that cannot start
         leaves the pod working without its tools)."""
