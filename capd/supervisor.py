@@ -193,11 +193,16 @@ class Supervisor:
     async def adopt(self, records: list[PodRecord]) -> None:
         """Pods another fleet node held until this one adopted them (parents first):
         known from now on, and brought up as a restart would (a turn that was running
-        comes back paused); stopped ones stay stopped, here."""
+        comes back paused); stopped ones stay stopped, here. Pods known already (a retry
+        after a failed scan) are left as they are; one that cannot be brought up is
+        marked, like a restore's, and the others still come up."""
         records = [record for record in records if self.registry.get(record.name) is None]
         for record in records:
             self.registry.learn(record)
-            self._make_pod_state_dir(record.name)  # node-local: its spill files go there
+            try:
+                self._make_pod_state_dir(record.name)  # node-local: its spill files go there
+            except OSError as exc:
+                self._cannot_restore(record.name, exc)
         pending = {record.name for record in records if not record.stopped}
         self._restoring |= pending  # known from now on, up only once its turn comes
         try:
@@ -207,7 +212,9 @@ class Supervisor:
             for record in records:
                 # A client may have stopped or deleted it while the ones before came up.
                 now = self.registry.get(record.name)
-                if now is None or now.stopped or self._closing or record.name in self.pods:
+                if now is None or now.stopped or self._closing:
+                    continue
+                if record.name in self.pods or record.name in self._broken:
                     continue
                 await self.restore(now)
         finally:

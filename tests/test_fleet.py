@@ -307,6 +307,63 @@ async def test_a_graceful_leave_hands_the_pods_over_without_a_ttl_wait(
     assert (status["status"], status["node"]) == ("paused", "n2")
 
 
+FAULT = """
+CREATE SCHEMA fault;
+CREATE SEQUENCE fault.shots;
+CREATE FUNCTION fault.check() RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN
+    IF txid_current_if_assigned() IS DISTINCT FROM current_setting('fault.armed')::bigint
+       AND nextval('fault.shots') = 1 THEN
+        RAISE EXCEPTION 'injected: the adopted pods cannot be read';
+    END IF;
+    RETURN true;
+END $$;
+CREATE VIEW fault.pods AS SELECT * FROM public.pods WHERE fault.check();
+CREATE FUNCTION fault_arm() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF current_setting('application_name') = 'capd/n2/control' THEN
+        PERFORM set_config('fault.armed', txid_current()::text, false);
+        PERFORM set_config('search_path', 'fault, public', false);
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER fault_arm AFTER UPDATE OF node ON leases
+    FOR EACH STATEMENT EXECUTE FUNCTION fault_arm();
+"""
+"""Once: the first read of `pods` by n2's control connection after the transaction that
+moved leases to it committed fails. The move points that session (only) at a view over
+`pods` that fails once outside that transaction, so the scan itself reads `pods` unharmed."""
+
+
+async def test_a_scan_that_fails_after_the_leases_moved_brings_the_pods_up_next_time(
+    fleet_dirs: list[CapdProcess], tmp_path: Path, pg_url: str
+) -> None:
+    n1 = _node(tmp_path, "n1", pg_url, ttl_s=30)
+    n2 = _node(tmp_path, "n2", pg_url, ttl_s=30)
+    fleet_dirs += [n1, n2]
+    await asyncio.gather(asyncio.to_thread(n1.start), asyncio.to_thread(n2.start))
+    for name in ("w1", "w2"):
+        await daemon_request(
+            n1, {"method": "spawn", "manifest": {"name": name, "model": scripted()}}
+        )
+    # w1's state dir cannot be made on n2: it stays down there, with the reason, and w2
+    # still comes up.
+    (n2.state_dir / "pods").mkdir(parents=True, exist_ok=True)
+    (n2.state_dir / "pods" / "w1").write_text("in the way")
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(FAULT)  # type: ignore[arg-type]
+    assert await asyncio.to_thread(n1.signal, signal.SIGTERM) == 0
+    status = await _answers(n2, "w2", 10)  # the failed scan, then the next (1 s)
+    assert (status["status"], status["node"]) == ("idle", "n2")
+    assert _sql(pg_url, "SELECT pod, node FROM leases ORDER BY pod") == [("w1", "n2"), ("w2", "n2")]
+    listed = {p["name"]: p for p in (await daemon_request(n2, {"method": "list"}))["pods"]}
+    assert "FileExistsError" in (listed["w1"]["error"] or "")
+    assert n2.log is not None
+    failed = [line for line in n2.log.read_text().splitlines() if "takeover scan failed" in line]
+    assert len(failed) == 1
+    assert "injected: the adopted pods cannot be read; 2 adopted pods wait for it" in failed[0]
+
+
 PROXY = r"""
 import asyncio, sys
 
