@@ -159,8 +159,10 @@ class Supervisor:
         self.limiter = Limiter.detect(config.state_dir, config.limits)
         """How pods' limits.memory_mb and limits.pids are enforced (detected once)."""
         own = (config.state_dir, config.runtime_dir)
-        self.worktrees = PodWorktrees(registry, config.state_dir, own, self.in_background)
-        """The pods' `workspace.git` work trees."""
+        self.worktrees = PodWorktrees(
+            registry, config.state_dir, own, self.in_background, fleet=config.store is not None
+        )
+        """The pods' `workspace.git` work trees (none in a fleet: they cannot move)."""
         self.teams = teams(self)
         """The daemon's `apply` and `down`."""
         self.engine_slots = EngineSlots(

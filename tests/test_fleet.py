@@ -27,6 +27,7 @@ from capd.store.postgres import PostgresStore
 from protocol.client import Client, ConnectionClosed
 from protocol.errors import ProtocolError
 from tests.conftest import CapdProcess
+from tests.gitrepo import make_repo
 from tests.helpers import Event, daemon_request, is_event, scripted, wait_for
 
 TTL_S = float(os.environ.get("CAPD_FLEET_TTL_S") or 3)
@@ -517,6 +518,23 @@ async def test_a_name_another_node_took_is_already_exists(pg_url: str) -> None:
     finally:
         one.close()
         two.close()
+
+
+async def test_a_fleet_node_refuses_a_work_tree_that_could_not_move(
+    fleet_dirs: list[CapdProcess], tmp_path: Path, pg_url: str
+) -> None:
+    n1 = _node(tmp_path, "n1", pg_url, ttl_s=30)
+    fleet_dirs.append(n1)
+    await asyncio.to_thread(n1.start)
+    repo = make_repo(tmp_path / "repo")
+    manifest = {"name": "w1", "model": scripted(), "workspace": {"git": {"repo": str(repo)}}}
+    with pytest.raises(ProtocolError) as refused:
+        await daemon_request(n1, {"method": "spawn", "manifest": manifest})
+    assert refused.value.code == "invalid_request"
+    assert refused.value.message.startswith("workspace.git is refused on a fleet node")
+    assert "\n" not in refused.value.message
+    assert (await daemon_request(n1, {"method": "list"}))["pods"] == []
+    assert not (n1.state_dir / "worktrees").exists()
 
 
 async def test_placement_picks_the_live_node_with_fewest_pods(pg_url: str) -> None:
