@@ -548,11 +548,15 @@ async def test_placement_picks_the_live_node_with_fewest_pods(pg_url: str) -> No
     _sql(pg_url, "INSERT INTO leases VALUES ('p0', 'n1', 1, 'p0') RETURNING 1")
     control = await Control.connect(pg_url, "n1")
     try:
-        assert await place(control, "n1", None, 30) == "n2"
-        assert await place(control, "n2", "n1", 30) == "n1"
+        placed = await place(control, None, 30)
+        assert placed is not None
+        assert (placed.name, placed.pods) == ("n2", 0)
+        placed = await place(control, "n1", 30)
+        assert placed is not None
+        assert (placed.name, placed.pods) == ("n1", 1)
         for dead in ("n3", "nope"):
             with pytest.raises(ProtocolError) as refused:
-                await place(control, "n1", dead, 30)
+                await place(control, dead, 30)
             assert refused.value.code == "not_found"
         assert [info.name for info in await control.live_nodes(30)] == ["n1", "n2"]
         host = await control.host_of("p0", 30)

@@ -115,10 +115,10 @@ class Fleet:
         """Where other nodes reach this one's node link (`nodes.address`)."""
         await self._control.set_address(self.node, self.incarnation, address)
 
-    async def place(self, node: str | None) -> str:
+    async def place(self, node: str | None) -> NodeInfo | None:
         """Where a daemon `spawn` goes: `node` when it is live (else `not_found`), else
-        the live node with the fewest pods."""
-        return await place(self._control, self.node, node, self.ttl_s)
+        the live node with the fewest pods (None: there is none, this node takes it)."""
+        return await place(self._control, node, self.ttl_s)
 
     async def report_targets(self, pods: list[str]) -> list[str]:
         """Where reports owed by `pods` go (after adopting them, this node delivers)."""

@@ -274,14 +274,14 @@ class Control:
         )
         return [_info(row) for row in rows]
 
-    async def least_loaded(self) -> str | None:
+    async def least_loaded(self, ttl_s: float) -> NodeInfo | None:
         """The live, non-draining node with the fewest pods (ties by name)."""
         rows = await self._all(
-            "SELECT n.name FROM nodes n LEFT JOIN leases l ON l.node = n.name "
-            f"WHERE {LIVE} AND NOT n.draining GROUP BY n.name ORDER BY count(l.pod), n.name "
-            "LIMIT 1"
+            f"SELECT {NODE_COLUMNS} FROM nodes n WHERE {LIVE} AND NOT n.draining "
+            "ORDER BY 4, n.name LIMIT 1",
+            (ttl_s,),
         )
-        return rows[0][0] if rows else None
+        return _info(rows[0]) if rows else None
 
 
 class NotLive(Exception):
