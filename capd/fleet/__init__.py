@@ -66,7 +66,7 @@ class Fleet:
         """Join as node `node`: a new incarnation, fencing `store`'s writes from now on."""
         control = await Control.connect(url, node)
         try:
-            joined = await control.join(node, previous_incarnation(state_dir), None, ttl_s)
+            joined = await control.join(node, previous_incarnation(state_dir), ttl_s)
         except NameInUse as exc:
             await control.close()
             raise FleetRefused(str(exc)) from None

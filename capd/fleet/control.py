@@ -99,19 +99,16 @@ class Control:
 
     # -- this node ----------------------------------------------------------------------
 
-    async def join(
-        self, me: str, previous: int | None, address: str | None, ttl_s: float
-    ) -> Joined:
+    async def join(self, me: str, previous: int | None, ttl_s: float) -> Joined:
         """Start a new incarnation of node `me` and take back every pod its lease names
         (epoch +1: an old incarnation still running somewhere fails its next fence).
         Refused (NameInUse) when a live incarnation other than `previous` (this state
-        dir's last) holds the name: another capd uses it."""
+        dir's last) holds the name: another capd uses it. The node's stored address stays
+        until `set_address` (once it listens for links)."""
         async with self._lock:
-            return await self._join(me, previous, address, ttl_s)
+            return await self._join(me, previous, ttl_s)
 
-    async def _join(
-        self, me: str, previous: int | None, address: str | None, ttl_s: float
-    ) -> Joined:
+    async def _join(self, me: str, previous: int | None, ttl_s: float) -> Joined:
         async with (await self._ready()).transaction():
             cur = await self._conn.execute(
                 "SELECT incarnation, expires > clock_timestamp(), "
@@ -127,14 +124,13 @@ class Control:
                     "another --node"
                 )
             cur = await self._conn.execute(
-                "INSERT INTO nodes (name, incarnation, address, expires) VALUES "
-                "(%s, nextval('node_incarnation'), %s, "
+                "INSERT INTO nodes (name, incarnation, expires) VALUES "
+                "(%s, nextval('node_incarnation'), "
                 "clock_timestamp() + make_interval(secs => %s)) "
                 "ON CONFLICT (name) DO UPDATE SET incarnation = excluded.incarnation, "
-                "address = COALESCE(excluded.address, nodes.address), "
                 "expires = excluded.expires, started = clock_timestamp(), draining = false "
                 "RETURNING incarnation",
-                (me, address, ttl_s),
+                (me, ttl_s),
             )
             inc = await cur.fetchone()
             assert inc is not None
