@@ -209,8 +209,9 @@ class Supervisor:
         self._restoring |= pending  # known from now on, up only once its turn comes
         try:
             for first in range(0, len(records), ADOPT_CHUNK):  # two reads a pod: let it turn
-                self.ledger.adopted(records[first : first + ADOPT_CHUNK], self.store)
+                self.ledger.adopting(records[first : first + ADOPT_CHUNK], self.store)
                 await self._breathe()
+            self.ledger.adopted(records, self.store)
             for record in records:
                 # A client may have stopped or deleted it while the ones before came up.
                 now = self.registry.get(record.name)
