@@ -107,6 +107,10 @@ class Fleet:
         no such pod or its holder is not live (it is being adopted: ask again)."""
         return await self._control.host_of(pod, self.ttl_s)
 
+    async def orphaned(self, pod: str) -> bool:
+        """Whether `pod` is stored as top-level (a delete of its parent made it so)."""
+        return await self._control.orphaned(pod)
+
     async def live_nodes(self) -> list[NodeInfo]:
         """The live nodes, this one included, by name."""
         return await self._control.live_nodes(self.ttl_s)

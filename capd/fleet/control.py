@@ -264,6 +264,10 @@ class Control:
         )
         return _info(rows[0]) if rows else None
 
+    async def orphaned(self, pod: str) -> bool:
+        rows = await self._all("SELECT 1 FROM pods WHERE name = %s AND parent IS NULL", (pod,))
+        return bool(rows)
+
     async def live_nodes(self, ttl_s: float) -> list[NodeInfo]:
         rows = await self._all(
             f"SELECT {NODE_COLUMNS} FROM nodes n WHERE {LIVE} ORDER BY n.name", (ttl_s,)

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from capd.connection import Answer, Connection
 from capd.fleet.links import Link, LinkError, open_link
+from capd.outbox import ParentGone
 from protocol.client import LINE_LIMIT, Client
 from protocol.errors import ProtocolError
 from protocol.framing import encode
@@ -50,6 +51,8 @@ class FleetView(Protocol):
     ttl_s: float
 
     async def host_of(self, pod: str) -> Any: ...
+
+    async def orphaned(self, pod: str) -> bool: ...
 
     async def live_nodes(self) -> list[Any]: ...
 
@@ -436,13 +439,16 @@ class Relay:
                     entries.append(entry)
         return {"pods": entries}
 
-    async def deliver_report(self, pod: str, request: dict[str, Any]) -> None:
-        """A child's report (`pod_event`) to fleet pod `pod` on the node hosting it now
+    async def deliver_report(self, pod: str, child: str, request: dict[str, Any]) -> None:
+        """Pod `child`'s report (`pod_event`) to fleet pod `pod` on the node hosting it now
         (capd.outbox): over that node's link, or to the pod's own socket when this node
         hosts it (a parent adopted here listens at a new path, and a node may take no
-        links). An error, or no live host yet, is the outbox's to retry."""
+        links). An error, or no live host yet, is the outbox's to retry; ParentGone when
+        `child` is top-level now (its parent was deleted, on whichever node)."""
         host = await self.fleet.host_of(pod)
         if host is None:
+            if await self.fleet.orphaned(child):
+                raise ParentGone(f"parent pod {pod} was deleted; pod {child} is top-level now")
             raise OSError(f"pod {pod} is on no live node of the fleet (being adopted?)")
         if host.name != self.fleet.node:
             await self.call(host, {**request, "pod": pod}, REPORT_TIMEOUT_S)
