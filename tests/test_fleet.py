@@ -289,9 +289,25 @@ async def test_a_node_restoring_many_pods_keeps_its_lease(
     )
 
 
+NODE_LOG = """
+CREATE TABLE node_log (id BIGSERIAL PRIMARY KEY, name TEXT, incarnation BIGINT, draining BOOL);
+CREATE FUNCTION node_logged() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO node_log (name, incarnation, draining)
+        VALUES (NEW.name, NEW.incarnation, NEW.draining);
+    RETURN NULL;
+END $$;
+CREATE TRIGGER node_logged AFTER UPDATE OF incarnation, draining ON nodes
+    FOR EACH ROW EXECUTE FUNCTION node_logged();
+"""
+"""Every change of a node's incarnation or draining mark, in order (installed by the test)."""
+
+
 async def test_a_graceful_leave_hands_the_pods_over_without_a_ttl_wait(
     fleet_dirs: list[CapdProcess], tmp_path: Path, pg_url: str
 ) -> None:
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(NODE_LOG)  # type: ignore[arg-type]
     n1 = _node(tmp_path, "n1", pg_url, ttl_s=30)
     n2 = _node(tmp_path, "n2", pg_url, ttl_s=30)
     fleet_dirs += [n1, n2]
@@ -306,6 +322,13 @@ async def test_a_graceful_leave_hands_the_pods_over_without_a_ttl_wait(
     assert await asyncio.to_thread(n1.signal, signal.SIGTERM) == 0
     status = await _answers(n2, "w1", 10)  # a scan (1 s) and a restore, not 30 s
     assert (status["status"], status["node"]) == ("paused", "n2")
+    # n1 was marked draining (no spawn placed on it) from its shutdown's start until it left.
+    rows = _sql(
+        pg_url, "SELECT incarnation <> 0, draining FROM node_log WHERE name = 'n1' ORDER BY id"
+    )
+    live_draining = [row for row in rows if row == (True, True)]
+    assert live_draining, rows
+    assert rows.index(live_draining[0]) < rows.index((False, True))
 
 
 FAULT = """

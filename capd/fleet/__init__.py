@@ -4,7 +4,8 @@
 its own pods at once), keeps its lease (capd.fleet.lease), adopts the pods of nodes whose
 lease expired (capd.fleet.takeover), places spawns (capd.fleet.placement) and leaves at
 shutdown by ending its incarnation, so the other nodes adopt its pods at their next scan
-instead of after a TTL. A capd on SQLite has no fleet.
+instead of after a TTL (marked `draining` from the start of its shutdown, so no spawn is
+placed on it meanwhile). A capd on SQLite has no fleet.
 
 Leaving hands the pods over rather than letting the lease run out: a node that shuts down
 is usually going away (a drain, a scale-down), and its pods are back elsewhere within a
@@ -15,6 +16,8 @@ back whatever was not adopted yet; a fleet of one takes back everything.
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+
+import psycopg
 
 from capd.fleet.control import Control, NameInUse, NodeInfo
 from capd.fleet.lease import (
@@ -130,9 +133,15 @@ class Fleet:
 
     # -- leaving ------------------------------------------------------------------------
 
-    async def stop_adopting(self) -> None:
+    async def begin_leaving(self) -> None:
+        """Adopt no more pods, and be placed no more spawns (`nodes.draining`): this node
+        is shutting down. A database that does not answer is the lease's to find."""
         if self._scanner is not None:
             await self._scanner.stop()
+        try:
+            await self._control.drain(self.node, self.incarnation)
+        except psycopg.Error as exc:
+            log.warning("node %s could not mark itself draining: %s", self.node, exc)
 
     async def stop_renewing(self) -> None:
         """Once the store's last batch committed: no heartbeat, no watchdog."""

@@ -155,6 +155,13 @@ class Control:
             (address, me, incarnation),
         )
 
+    async def drain(self, me: str, incarnation: int) -> None:
+        """Placement passes this node over from now on (it is shutting down)."""
+        await self._all(
+            "UPDATE nodes SET draining = true WHERE name = %s AND incarnation = %s RETURNING 1",
+            (me, incarnation),
+        )
+
     async def leave(self, me: str, incarnation: int) -> bool:
         """End this incarnation now: other nodes adopt its pods at their next scan."""
         rows = await self._all(
