@@ -543,6 +543,66 @@ async def test_a_name_another_node_took_is_already_exists(pg_url: str) -> None:
         two.close()
 
 
+COMMIT_WAITS = """
+CREATE SEQUENCE commit_waits_once;
+CREATE FUNCTION commit_waits() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF current_setting('application_name') = 'capd/n2/control'
+       AND nextval('commit_waits_once') = 1 THEN
+        PERFORM set_config('synchronous_commit', 'on', true);
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER commit_waits AFTER UPDATE OF node ON leases
+    FOR EACH STATEMENT EXECUTE FUNCTION commit_waits();
+"""
+"""The first scan of n2 that moves leases waits at its COMMIT for a standby that does not
+exist (synchronous_standby_names is set, every other transaction commits `local`)."""
+
+
+@contextlib.contextmanager
+def _no_standby(url: str) -> Iterator[None]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("ALTER DATABASE " + conn.info.dbname + " SET synchronous_commit = local")
+        conn.execute("ALTER SYSTEM SET synchronous_standby_names = 'nobody'")
+        conn.execute("SELECT pg_reload_conf()")
+        try:
+            yield
+        finally:
+            conn.execute("ALTER SYSTEM RESET synchronous_standby_names")
+            conn.execute("SELECT pg_reload_conf()")
+
+
+async def test_a_scan_whose_commit_went_through_unanswered_brings_its_pods_up(
+    fleet_dirs: list[CapdProcess], tmp_path: Path, pg_url: str
+) -> None:
+    """n2's scan moves w1's lease, and its connection is cut while the COMMIT waits for
+    synchronous replication: the move committed, n2 never heard. Its next scan finds the
+    leases that transaction wrote and brings the pod up."""
+    with _no_standby(pg_url):
+        n1 = _node(tmp_path, "n1", pg_url, ttl_s=30)
+        n2 = _node(tmp_path, "n2", pg_url, ttl_s=30)
+        fleet_dirs += [n1, n2]
+        await asyncio.gather(asyncio.to_thread(n1.start), asyncio.to_thread(n2.start))
+        await daemon_request(
+            n1, {"method": "spawn", "manifest": {"name": "w1", "model": scripted()}}
+        )
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(COMMIT_WAITS)  # type: ignore[arg-type]
+            assert await asyncio.to_thread(n1.signal, signal.SIGTERM) == 0
+            async with asyncio.timeout(10):
+                while not (
+                    waiting := conn.execute(
+                        "SELECT pid FROM pg_stat_activity WHERE wait_event = 'SyncRep' "
+                        "AND application_name = 'capd/n2/control'"
+                    ).fetchall()
+                ):
+                    await asyncio.sleep(0.02)
+            conn.execute("SELECT pg_terminate_backend(%s)", waiting[0])
+        status = await _answers(n2, "w1", 10)
+        assert (status["status"], status["node"]) == ("idle", "n2")
+
+
 async def test_a_fleet_node_refuses_a_work_tree_that_could_not_move(
     fleet_dirs: list[CapdProcess], tmp_path: Path, pg_url: str
 ) -> None:

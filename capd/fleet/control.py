@@ -72,6 +72,10 @@ class Control:
         self._params = params
         self._lock = asyncio.Lock()
         """One query or transaction at a time: a transaction spans several awaits."""
+        self._unsettled: list[str] = []
+        """Transaction ids of takeover scans that failed once under way: their COMMIT may
+        have gone through (the connection broke as it was sent), so the leases they moved
+        may be this node's. The next `adopt` reports those."""
 
     @classmethod
     async def connect(cls, url: str, node: str) -> "Control":
@@ -179,9 +183,22 @@ class Control:
         """One scan, one transaction: end the incarnations that expired, then move a share
         of the ended nodes' pods (whole families) to `me`, whose pod sockets are in
         `pods_dir`. Returns (nodes ended, (pod, new epoch) adopted). Raises NotLive when
-        `me` itself is no longer live."""
+        `me` itself is no longer live. The pods an earlier call moved to `me` though it
+        failed (its COMMIT went through unanswered) are among those adopted."""
         async with self._lock:
-            return await self._adopt(me, incarnation, pods_dir)
+            moved = await self._moved_by(me, self._unsettled) if self._unsettled else []
+            ended, adopted = await self._adopt(me, incarnation, pods_dir)
+            self._unsettled = []  # the earlier ones' pods are in `moved`, this one answered
+            return ended, moved + adopted
+
+    async def _moved_by(self, me: str, xids: list[str]) -> list[tuple[str, int]]:
+        """The leases of `me` that transactions `xids` wrote last: none if they rolled back.
+        (Nothing else writes the lease of a pod this node does not know yet.)"""
+        cur = await (await self._ready()).execute(
+            "SELECT pod, epoch FROM leases WHERE node = %s AND xmin::text = ANY(%s)",
+            (me, xids),
+        )
+        return [(pod, epoch) for pod, epoch in await cur.fetchall()]
 
     async def _adopt(
         self, me: str, incarnation: int, pods_dir: str
@@ -190,13 +207,13 @@ class Control:
             # Locks our own row (FOR SHARE) for the transaction: a node whose lease ran
             # out must not adopt, and cannot lose the row before this commits.
             cur = await self._conn.execute(
-                "SELECT 1 FROM nodes n WHERE name = %s AND incarnation = %s AND "
-                + LIVE
-                + " FOR SHARE",
+                "SELECT pg_current_xact_id()::xid::text FROM nodes n WHERE name = %s AND "
+                "incarnation = %s AND " + LIVE + " FOR SHARE",
                 (me, incarnation),
             )
-            if await cur.fetchone() is None:
+            if (row := await cur.fetchone()) is None:
                 raise NotLive(f"node {me} (incarnation {incarnation}) lost its lease")
+            self._unsettled.append(row[0])  # until this returns: it may commit unanswered
             # A row locked by its holder's open fenced batch, or by a re-join, is skipped
             # until the next scan: the holder may be renewing it right now.
             cur = await self._conn.execute(

@@ -5,7 +5,9 @@ received ids and owed reports are in the shared tables and come with them.
 
 Once the leases moved (the scan's transaction committed), the pods are this node's and no
 other node will adopt them: if bringing them up fails (their records cannot be read, the
-control connection broke), every later scan tries them again until they are up.
+control connection broke), every later scan tries them again until they are up; if the
+connection broke as the transaction committed, the next scan finds what it moved
+(capd.fleet.control.Control.adopt).
 """
 
 import asyncio
