@@ -165,15 +165,20 @@ class Ledger:
 
     # -- the tree -----------------------------------------------------------------------
 
+    def adopting(self, records: list[PodRecord], store: Store) -> None:
+        """Pods another fleet node held, known here from now on: what they spent so far,
+        from the store (as at start-up). Called a part of an adoption at a time (a read
+        per pod); `adopted` then completes it."""
+        for record in records:
+            self._load(record, store)
+
     def adopted(self, records: list[PodRecord], store: Store) -> None:
-        """Pods another fleet node held, known here from now on: what they spent so far
-        and what their deleted descendants did, from the store (as at start-up)."""
+        """The adoption of `records` is loaded (`adopting`): what their deleted
+        descendants spent too, then every subtree summed, once."""
         names = {record.name for record in records}
         for carried in store.carried():
             if carried.pod in names:
                 self._carried[carried.pod] = _Sum(carried.tokens, carried.usd)
-        for record in records:
-            self._load(record, store)
         self._sum_subtrees()
 
     def _load(self, record: PodRecord, store: Store) -> None:

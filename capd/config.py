@@ -249,7 +249,7 @@ class Config:
                 parser.error(f"--sandbox-show {path} contains capd's own directories")
         metrics_listen = None
         if args.metrics_listen is not None:
-            metrics_listen = _host_port(args.metrics_listen)
+            metrics_listen = host_port(args.metrics_listen)
             if metrics_listen is None:
                 parser.error(
                     f"--metrics-listen {args.metrics_listen}: expected HOST:PORT with a port "
@@ -293,13 +293,13 @@ def _fleet_links(
             key = load_key(args.fleet_key_file)
         except FleetKeyError as exc:
             parser.error(str(exc))
-    if args.node_address is not None and _host_port(args.node_address) is None:
+    if args.node_address is not None and host_port(args.node_address) is None:
         parser.error(f"--node-address {args.node_address}: expected HOST:PORT")
     if args.node_listen is None:
         if args.node_address is not None:
             parser.error("--node-address needs --node-listen")
         return None, key
-    listen = _host_port(args.node_listen) or (
+    listen = host_port(args.node_listen) or (
         parser.error(f"--node-listen {args.node_listen}: expected HOST:PORT, e.g. 10.0.0.5:7420")
     )
     if args.store is None:
@@ -328,8 +328,9 @@ def _loopback(host: str) -> bool:
         return False
 
 
-def _host_port(text: str) -> tuple[str, int] | None:
-    """`host:port` or `[v6 address]:port` as (host, port); None when it is neither."""
+def host_port(text: str) -> tuple[str, int] | None:
+    """`host:port` or `[v6 address]:port` as (host, port); None when it is neither (the
+    options' addresses, and the node addresses the fleet stores)."""
     host, colon, port = text.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]

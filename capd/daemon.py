@@ -282,7 +282,7 @@ class Daemon:
         if self._supervisor is not None:
             self._supervisor.refuse_new_work()
         if self.fleet is not None:
-            await self.fleet.stop_adopting()
+            await self.fleet.begin_leaving()
         if self._metrics_http is not None:
             await self._metrics_http.close()
         if self._links is not None:

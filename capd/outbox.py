@@ -13,6 +13,10 @@ owed: a parent socket that cannot be reached here and that names a pod
 (`…/pods/NAME.sock`) is delivered to pod NAME on whichever node of the fleet hosts it now,
 over a node link (`deliver_in_fleet`), with the same acks and the same `event_id`s.
 
+A report to a fleet parent that was deleted (on any node: its children are top-level from
+then on) is dropped, as the delete dropped those owed then; a child on another node still
+names the parent until it restarts.
+
 A report the parent refuses as malformed (`invalid_request`, `unknown_method`,
 `frame_too_large`) would be refused forever and block every later one, so it is logged in
 full and dropped.
@@ -44,8 +48,13 @@ buffered (a client may name any socket as a parent)."""
 
 REFUSED_FOR_GOOD = frozenset({"invalid_request", "unknown_method", "frame_too_large"})
 
-FleetDelivery = Callable[[str, dict[str, Any]], Awaitable[None]]
-"""Sends request `pod_event` to fleet pod NAME where it runs; returns once it is acked."""
+FleetDelivery = Callable[[str, str, dict[str, Any]], Awaitable[None]]
+"""Sends request `pod_event` to fleet pod NAME where it runs (a report of the child named
+second); returns once it is acked. Raises ParentGone when NAME was deleted."""
+
+
+class ParentGone(Exception):
+    """The report's parent pod was deleted: its child is top-level now."""
 
 
 class Outbox:
@@ -128,20 +137,26 @@ class Outbox:
             if self._fleet is None or (pod := _pod_of(target)) is None:
                 raise
             fleet = self._fleet
-            await self._send_each(target, batch, lambda request: fleet(pod, request))
+            await self._send_each(
+                target, batch, lambda entry, request: fleet(pod, entry.pod, request)
+            )
             return
         async with parent:
-            await self._send_each(target, batch, parent.request)
+            await self._send_each(target, batch, lambda _, request: parent.request(request))
 
     async def _send_each(
         self,
         target: str,
         batch: list[OutboxEntry],
-        send: Callable[[dict[str, Any]], Awaitable[Any]],
+        send: Callable[[OutboxEntry, dict[str, Any]], Awaitable[Any]],
     ) -> None:
         for entry in batch:
             try:
-                await send({"method": "pod_event", "event": decode(entry.payload)})
+                await send(entry, {"method": "pod_event", "event": decode(entry.payload)})
+            except ParentGone as exc:
+                log.warning("dropping a report of pod %s to %s: %s", entry.pod, target, exc)
+                self._store.report_delivered(entry.id)
+                continue
             except ProtocolError as exc:
                 if exc.code not in REFUSED_FOR_GOOD:
                     raise

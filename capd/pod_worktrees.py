@@ -25,6 +25,12 @@ from protocol.results import DiffResult
 
 log = logging.getLogger("capd")
 
+IN_FLEET = (
+    "workspace.git is refused on a fleet node (capd --store postgresql://…): a work tree "
+    "lives on one node's disk and could not move with its pod; give the pod a cwd on "
+    "storage every node mounts, and make its branch there yourself"
+)
+
 
 class PodWorktrees:
     def __init__(
@@ -33,10 +39,13 @@ class PodWorktrees:
         state_dir: Path,
         protected: Sequence[Path],
         in_background: Callable[[Awaitable[Any]], "asyncio.Task[Any]"],
+        fleet: bool = False,
     ) -> None:
         """`protected`: capd's own directories, where no repository may lie;
-        `in_background`: runs the sync after a turn (the supervisor's)."""
+        `in_background`: runs the sync after a turn (the supervisor's); `fleet`: pods may
+        move to another node (a PostgreSQL store), so none may have a work tree."""
         self._registry = registry
+        self._fleet = fleet
         self._state_dir = state_dir.resolve()
         self._protected = protected
         self._in_background = in_background
@@ -62,6 +71,8 @@ class PodWorktrees:
         None without. invalid_request when the manifest names a cwd too."""
         if manifest.workspace.git is None:
             return None
+        if self._fleet:
+            raise ProtocolError("invalid_request", IN_FLEET)
         if manifest.cwd is not None:
             raise ProtocolError(
                 "invalid_request",

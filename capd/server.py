@@ -449,7 +449,7 @@ class DaemonEndpoint(Endpoint):
                 if self._relay is not None:
                     target = await self._relay.place(node, parent)
                     placed = node is None
-                    if target != pods.node and (
+                    if target is not None and (
                         (result := await self._relay.spawn_on(target, frame, placed)) is not None
                     ):
                         return ack(request, result)
@@ -512,7 +512,7 @@ class DaemonEndpoint(Endpoint):
             host = await self._relay.fleet.host_of(frame["name"])
             if host is None or host.name == self._pods.node:
                 raise
-            return ack(request, await self._relay.on_node(host.name, frame))
+            return ack(request, await self._relay.on_node(host, frame))
         return ack(request, result.model_dump() if isinstance(result, BaseModel) else None)
 
     def _pod_method(self, frame: dict[str, Any], conn: Connection) -> Reply:

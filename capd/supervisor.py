@@ -159,8 +159,10 @@ class Supervisor:
         self.limiter = Limiter.detect(config.state_dir, config.limits)
         """How pods' limits.memory_mb and limits.pids are enforced (detected once)."""
         own = (config.state_dir, config.runtime_dir)
-        self.worktrees = PodWorktrees(registry, config.state_dir, own, self.in_background)
-        """The pods' `workspace.git` work trees."""
+        self.worktrees = PodWorktrees(
+            registry, config.state_dir, own, self.in_background, fleet=config.store is not None
+        )
+        """The pods' `workspace.git` work trees (none in a fleet: they cannot move)."""
         self.teams = teams(self)
         """The daemon's `apply` and `down`."""
         self.engine_slots = EngineSlots(
@@ -193,7 +195,9 @@ class Supervisor:
     async def adopt(self, records: list[PodRecord]) -> None:
         """Pods another fleet node held until this one adopted them (parents first):
         known from now on, and brought up as a restart would (a turn that was running
-        comes back paused); stopped ones stay stopped, here."""
+        comes back paused); stopped ones stay stopped, here. Pods known already (a retry
+        after a failed scan) are left as they are; one that cannot be brought up is
+        marked, like a restore's, and the others still come up."""
         records = [record for record in records if self.registry.get(record.name) is None]
         for record in records:
             self.registry.learn(record)
@@ -201,12 +205,15 @@ class Supervisor:
         self._restoring |= pending  # known from now on, up only once its turn comes
         try:
             for first in range(0, len(records), ADOPT_CHUNK):  # two reads a pod: let it turn
-                self.ledger.adopted(records[first : first + ADOPT_CHUNK], self.store)
+                self.ledger.adopting(records[first : first + ADOPT_CHUNK], self.store)
                 await self._breathe()
+            self.ledger.adopted(records, self.store)
             for record in records:
                 # A client may have stopped or deleted it while the ones before came up.
                 now = self.registry.get(record.name)
-                if now is None or now.stopped or self._closing or record.name in self.pods:
+                if now is None or now.stopped or self._closing:
+                    continue
+                if record.name in self.pods or record.name in self._broken:
                     continue
                 await self.restore(now)
         finally:

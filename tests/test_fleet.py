@@ -27,6 +27,7 @@ from capd.store.postgres import PostgresStore
 from protocol.client import Client, ConnectionClosed
 from protocol.errors import ProtocolError
 from tests.conftest import CapdProcess
+from tests.gitrepo import make_repo
 from tests.helpers import Event, daemon_request, is_event, scripted, wait_for
 
 TTL_S = float(os.environ.get("CAPD_FLEET_TTL_S") or 3)
@@ -288,9 +289,25 @@ async def test_a_node_restoring_many_pods_keeps_its_lease(
     )
 
 
+NODE_LOG = """
+CREATE TABLE node_log (id BIGSERIAL PRIMARY KEY, name TEXT, incarnation BIGINT, draining BOOL);
+CREATE FUNCTION node_logged() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO node_log (name, incarnation, draining)
+        VALUES (NEW.name, NEW.incarnation, NEW.draining);
+    RETURN NULL;
+END $$;
+CREATE TRIGGER node_logged AFTER UPDATE OF incarnation, draining ON nodes
+    FOR EACH ROW EXECUTE FUNCTION node_logged();
+"""
+"""Every change of a node's incarnation or draining mark, in order (installed by the test)."""
+
+
 async def test_a_graceful_leave_hands_the_pods_over_without_a_ttl_wait(
     fleet_dirs: list[CapdProcess], tmp_path: Path, pg_url: str
 ) -> None:
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(NODE_LOG)  # type: ignore[arg-type]
     n1 = _node(tmp_path, "n1", pg_url, ttl_s=30)
     n2 = _node(tmp_path, "n2", pg_url, ttl_s=30)
     fleet_dirs += [n1, n2]
@@ -305,6 +322,65 @@ async def test_a_graceful_leave_hands_the_pods_over_without_a_ttl_wait(
     assert await asyncio.to_thread(n1.signal, signal.SIGTERM) == 0
     status = await _answers(n2, "w1", 10)  # a scan (1 s) and a restore, not 30 s
     assert (status["status"], status["node"]) == ("paused", "n2")
+    # n1 was marked draining (no spawn placed on it) from its shutdown's start until it left.
+    rows = _sql(
+        pg_url, "SELECT incarnation <> 0, draining FROM node_log WHERE name = 'n1' ORDER BY id"
+    )
+    live_draining = [row for row in rows if row == (True, True)]
+    assert live_draining, rows
+    assert rows.index(live_draining[0]) < rows.index((False, True))
+
+
+FAULT = """
+CREATE SCHEMA fault;
+CREATE SEQUENCE fault.shots;
+CREATE FUNCTION fault.check() RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN
+    IF txid_current_if_assigned() IS DISTINCT FROM current_setting('fault.armed')::bigint
+       AND nextval('fault.shots') = 1 THEN
+        RAISE EXCEPTION 'injected: the adopted pods cannot be read';
+    END IF;
+    RETURN true;
+END $$;
+CREATE VIEW fault.pods AS SELECT * FROM public.pods WHERE fault.check();
+CREATE FUNCTION fault_arm() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF current_setting('application_name') = 'capd/n2/control' THEN
+        PERFORM set_config('fault.armed', txid_current()::text, false);
+        PERFORM set_config('search_path', 'fault, public', false);
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER fault_arm AFTER UPDATE OF node ON leases
+    FOR EACH STATEMENT EXECUTE FUNCTION fault_arm();
+"""
+"""Once: the first read of `pods` by n2's control connection after the transaction that
+moved leases to it committed fails. The move points that session (only) at a view over
+`pods` that fails once outside that transaction, so the scan itself reads `pods` unharmed."""
+
+
+async def test_a_scan_that_fails_after_the_leases_moved_brings_the_pods_up_next_time(
+    fleet_dirs: list[CapdProcess], tmp_path: Path, pg_url: str
+) -> None:
+    n1 = _node(tmp_path, "n1", pg_url, ttl_s=30)
+    n2 = _node(tmp_path, "n2", pg_url, ttl_s=30)
+    fleet_dirs += [n1, n2]
+    await asyncio.gather(asyncio.to_thread(n1.start), asyncio.to_thread(n2.start))
+    for name in ("w1", "w2"):
+        await daemon_request(
+            n1, {"method": "spawn", "manifest": {"name": name, "model": scripted()}}
+        )
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(FAULT)  # type: ignore[arg-type]
+    assert await asyncio.to_thread(n1.signal, signal.SIGTERM) == 0
+    for name in ("w1", "w2"):
+        status = await _answers(n2, name, 10)  # the failed scan, then the next (1 s)
+        assert (status["status"], status["node"]) == ("idle", "n2")
+    assert _sql(pg_url, "SELECT pod, node FROM leases ORDER BY pod") == [("w1", "n2"), ("w2", "n2")]
+    assert n2.log is not None
+    failed = [line for line in n2.log.read_text().splitlines() if "takeover scan failed" in line]
+    assert len(failed) == 1
+    assert "injected: the adopted pods cannot be read; 2 adopted pods wait for it" in failed[0]
 
 
 PROXY = r"""
@@ -462,6 +538,83 @@ async def test_a_name_another_node_took_is_already_exists(pg_url: str) -> None:
         two.close()
 
 
+COMMIT_WAITS = """
+CREATE SEQUENCE commit_waits_once;
+CREATE FUNCTION commit_waits() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF current_setting('application_name') = 'capd/n2/control'
+       AND nextval('commit_waits_once') = 1 THEN
+        PERFORM set_config('synchronous_commit', 'on', true);
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER commit_waits AFTER UPDATE OF node ON leases
+    FOR EACH STATEMENT EXECUTE FUNCTION commit_waits();
+"""
+"""The first scan of n2 that moves leases waits at its COMMIT for a standby that does not
+exist (synchronous_standby_names is set, every other transaction commits `local`)."""
+
+
+@contextlib.contextmanager
+def _no_standby(url: str) -> Iterator[None]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("ALTER DATABASE " + conn.info.dbname + " SET synchronous_commit = local")
+        conn.execute("ALTER SYSTEM SET synchronous_standby_names = 'nobody'")
+        conn.execute("SELECT pg_reload_conf()")
+        try:
+            yield
+        finally:
+            conn.execute("ALTER SYSTEM RESET synchronous_standby_names")
+            conn.execute("SELECT pg_reload_conf()")
+
+
+async def test_a_scan_whose_commit_went_through_unanswered_brings_its_pods_up(
+    fleet_dirs: list[CapdProcess], tmp_path: Path, pg_url: str
+) -> None:
+    """n2's scan moves w1's lease, and its connection is cut while the COMMIT waits for
+    synchronous replication: the move committed, n2 never heard. Its next scan finds the
+    leases that transaction wrote and brings the pod up."""
+    with _no_standby(pg_url):
+        n1 = _node(tmp_path, "n1", pg_url, ttl_s=30)
+        n2 = _node(tmp_path, "n2", pg_url, ttl_s=30)
+        fleet_dirs += [n1, n2]
+        await asyncio.gather(asyncio.to_thread(n1.start), asyncio.to_thread(n2.start))
+        await daemon_request(
+            n1, {"method": "spawn", "manifest": {"name": "w1", "model": scripted()}}
+        )
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(COMMIT_WAITS)  # type: ignore[arg-type]
+            assert await asyncio.to_thread(n1.signal, signal.SIGTERM) == 0
+            async with asyncio.timeout(10):
+                while not (
+                    waiting := conn.execute(
+                        "SELECT pid FROM pg_stat_activity WHERE wait_event = 'SyncRep' "
+                        "AND application_name = 'capd/n2/control'"
+                    ).fetchall()
+                ):
+                    await asyncio.sleep(0.02)
+            conn.execute("SELECT pg_terminate_backend(%s)", waiting[0])
+        status = await _answers(n2, "w1", 10)
+        assert (status["status"], status["node"]) == ("idle", "n2")
+
+
+async def test_a_fleet_node_refuses_a_work_tree_that_could_not_move(
+    fleet_dirs: list[CapdProcess], tmp_path: Path, pg_url: str
+) -> None:
+    n1 = _node(tmp_path, "n1", pg_url, ttl_s=30)
+    fleet_dirs.append(n1)
+    await asyncio.to_thread(n1.start)
+    repo = make_repo(tmp_path / "repo")
+    manifest = {"name": "w1", "model": scripted(), "workspace": {"git": {"repo": str(repo)}}}
+    with pytest.raises(ProtocolError) as refused:
+        await daemon_request(n1, {"method": "spawn", "manifest": manifest})
+    assert refused.value.code == "invalid_request"
+    assert refused.value.message.startswith("workspace.git is refused on a fleet node")
+    assert "\n" not in refused.value.message
+    assert (await daemon_request(n1, {"method": "list"}))["pods"] == []
+    assert not (n1.state_dir / "worktrees").exists()
+
+
 async def test_placement_picks_the_live_node_with_fewest_pods(pg_url: str) -> None:
     from capd.fleet.control import Control
     from capd.fleet.placement import place
@@ -473,11 +626,15 @@ async def test_placement_picks_the_live_node_with_fewest_pods(pg_url: str) -> No
     _sql(pg_url, "INSERT INTO leases VALUES ('p0', 'n1', 1, 'p0') RETURNING 1")
     control = await Control.connect(pg_url, "n1")
     try:
-        assert await place(control, "n1", None, 30) == "n2"
-        assert await place(control, "n2", "n1", 30) == "n1"
+        placed = await place(control, None, 30)
+        assert placed is not None
+        assert (placed.name, placed.pods) == ("n2", 0)
+        placed = await place(control, "n1", 30)
+        assert placed is not None
+        assert (placed.name, placed.pods) == ("n1", 1)
         for dead in ("n3", "nope"):
             with pytest.raises(ProtocolError) as refused:
-                await place(control, "n1", dead, 30)
+                await place(control, dead, 30)
             assert refused.value.code == "not_found"
         assert [info.name for info in await control.live_nodes(30)] == ["n1", "n2"]
         host = await control.host_of("p0", 30)

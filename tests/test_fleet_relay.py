@@ -387,3 +387,33 @@ async def test_a_report_reaches_a_parent_on_another_node_once(
     assert received["payload"]["output"] == "done"
     kinds = [event["event"] for event in history["events"]]
     assert kinds.count("pod_event_received") == 1
+
+
+async def test_a_childs_reports_to_a_parent_deleted_on_another_node_are_dropped(
+    nodes: tuple[CapdProcess, CapdProcess, str],
+) -> None:
+    """Deleting a parent makes its children top-level; a child on another node, which
+    still names it, has its next report dropped rather than retried for ever."""
+    a, b, url = nodes
+    await _spawn(a, "lead", "a", scripted())
+    manifest = {"name": "kid", "model": scripted({"text": "done"})}
+    parent = str(a.pod_socket("lead"))
+    async with await Client.connect(b.socket) as daemon:
+        await daemon.request(
+            {"method": "spawn", "node": "b", "parent": parent, "manifest": manifest}
+        )
+        await daemon.request({"method": "delete", "name": "lead"})  # relayed to a
+        with psycopg.connect(url, autocommit=True) as conn:
+            assert conn.execute("SELECT parent FROM pods WHERE name = 'kid'").fetchall() == [
+                (None,)
+            ]
+        await daemon.request({"method": "subscribe", "pod": "kid"})
+        await daemon.request({"method": "run", "pod": "kid", "text": "go"})
+        await wait_for(daemon, is_event("turn_end"))
+    with psycopg.connect(url, autocommit=True) as conn:
+        async with asyncio.timeout(10):
+            while conn.execute("SELECT 1 FROM outbox WHERE pod = 'kid'").fetchall():
+                await asyncio.sleep(0.05)
+    assert b.log is not None
+    dropped = [line for line in b.log.read_text().splitlines() if "pod kid" in line]
+    assert any("parent pod lead was deleted" in line for line in dropped), dropped

@@ -4,7 +4,8 @@
 its own pods at once), keeps its lease (capd.fleet.lease), adopts the pods of nodes whose
 lease expired (capd.fleet.takeover), places spawns (capd.fleet.placement) and leaves at
 shutdown by ending its incarnation, so the other nodes adopt its pods at their next scan
-instead of after a TTL. A capd on SQLite has no fleet.
+instead of after a TTL (marked `draining` from the start of its shutdown, so no spawn is
+placed on it meanwhile). A capd on SQLite has no fleet.
 
 Leaving hands the pods over rather than letting the lease run out: a node that shuts down
 is usually going away (a drain, a scale-down), and its pods are back elsewhere within a
@@ -15,6 +16,8 @@ back whatever was not adopted yet; a fleet of one takes back everything.
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+
+import psycopg
 
 from capd.fleet.control import Control, NameInUse, NodeInfo
 from capd.fleet.lease import (
@@ -66,7 +69,7 @@ class Fleet:
         """Join as node `node`: a new incarnation, fencing `store`'s writes from now on."""
         control = await Control.connect(url, node)
         try:
-            joined = await control.join(node, previous_incarnation(state_dir), None, ttl_s)
+            joined = await control.join(node, previous_incarnation(state_dir), ttl_s)
         except NameInUse as exc:
             await control.close()
             raise FleetRefused(str(exc)) from None
@@ -107,6 +110,10 @@ class Fleet:
         no such pod or its holder is not live (it is being adopted: ask again)."""
         return await self._control.host_of(pod, self.ttl_s)
 
+    async def orphaned(self, pod: str) -> bool:
+        """Whether `pod` is stored as top-level (a delete of its parent made it so)."""
+        return await self._control.orphaned(pod)
+
     async def live_nodes(self) -> list[NodeInfo]:
         """The live nodes, this one included, by name."""
         return await self._control.live_nodes(self.ttl_s)
@@ -115,10 +122,10 @@ class Fleet:
         """Where other nodes reach this one's node link (`nodes.address`)."""
         await self._control.set_address(self.node, self.incarnation, address)
 
-    async def place(self, node: str | None) -> str:
+    async def place(self, node: str | None) -> NodeInfo | None:
         """Where a daemon `spawn` goes: `node` when it is live (else `not_found`), else
-        the live node with the fewest pods."""
-        return await place(self._control, self.node, node, self.ttl_s)
+        the live node with the fewest pods (None: there is none, this node takes it)."""
+        return await place(self._control, node, self.ttl_s)
 
     async def report_targets(self, pods: list[str]) -> list[str]:
         """Where reports owed by `pods` go (after adopting them, this node delivers)."""
@@ -126,9 +133,15 @@ class Fleet:
 
     # -- leaving ------------------------------------------------------------------------
 
-    async def stop_adopting(self) -> None:
+    async def begin_leaving(self) -> None:
+        """Adopt no more pods, and be placed no more spawns (`nodes.draining`): this node
+        is shutting down. A database that does not answer is the lease's to find."""
         if self._scanner is not None:
             await self._scanner.stop()
+        try:
+            await self._control.drain(self.node, self.incarnation)
+        except psycopg.Error as exc:
+            log.warning("node %s could not mark itself draining: %s", self.node, exc)
 
     async def stop_renewing(self) -> None:
         """Once the store's last batch committed: no heartbeat, no watchdog."""

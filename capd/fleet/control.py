@@ -72,6 +72,10 @@ class Control:
         self._params = params
         self._lock = asyncio.Lock()
         """One query or transaction at a time: a transaction spans several awaits."""
+        self._unsettled: list[str] = []
+        """Transaction ids of takeover scans that failed once under way: their COMMIT may
+        have gone through (the connection broke as it was sent), so the leases they moved
+        may be this node's. The next `adopt` reports those."""
 
     @classmethod
     async def connect(cls, url: str, node: str) -> "Control":
@@ -99,19 +103,16 @@ class Control:
 
     # -- this node ----------------------------------------------------------------------
 
-    async def join(
-        self, me: str, previous: int | None, address: str | None, ttl_s: float
-    ) -> Joined:
+    async def join(self, me: str, previous: int | None, ttl_s: float) -> Joined:
         """Start a new incarnation of node `me` and take back every pod its lease names
         (epoch +1: an old incarnation still running somewhere fails its next fence).
         Refused (NameInUse) when a live incarnation other than `previous` (this state
-        dir's last) holds the name: another capd uses it."""
+        dir's last) holds the name: another capd uses it. The node's stored address stays
+        until `set_address` (once it listens for links)."""
         async with self._lock:
-            return await self._join(me, previous, address, ttl_s)
+            return await self._join(me, previous, ttl_s)
 
-    async def _join(
-        self, me: str, previous: int | None, address: str | None, ttl_s: float
-    ) -> Joined:
+    async def _join(self, me: str, previous: int | None, ttl_s: float) -> Joined:
         async with (await self._ready()).transaction():
             cur = await self._conn.execute(
                 "SELECT incarnation, expires > clock_timestamp(), "
@@ -127,14 +128,13 @@ class Control:
                     "another --node"
                 )
             cur = await self._conn.execute(
-                "INSERT INTO nodes (name, incarnation, address, expires) VALUES "
-                "(%s, nextval('node_incarnation'), %s, "
+                "INSERT INTO nodes (name, incarnation, expires) VALUES "
+                "(%s, nextval('node_incarnation'), "
                 "clock_timestamp() + make_interval(secs => %s)) "
                 "ON CONFLICT (name) DO UPDATE SET incarnation = excluded.incarnation, "
-                "address = COALESCE(excluded.address, nodes.address), "
                 "expires = excluded.expires, started = clock_timestamp(), draining = false "
                 "RETURNING incarnation",
-                (me, address, ttl_s),
+                (me, ttl_s),
             )
             inc = await cur.fetchone()
             assert inc is not None
@@ -159,6 +159,13 @@ class Control:
             (address, me, incarnation),
         )
 
+    async def drain(self, me: str, incarnation: int) -> None:
+        """Placement passes this node over from now on (it is shutting down)."""
+        await self._all(
+            "UPDATE nodes SET draining = true WHERE name = %s AND incarnation = %s RETURNING 1",
+            (me, incarnation),
+        )
+
     async def leave(self, me: str, incarnation: int) -> bool:
         """End this incarnation now: other nodes adopt its pods at their next scan."""
         rows = await self._all(
@@ -176,9 +183,22 @@ class Control:
         """One scan, one transaction: end the incarnations that expired, then move a share
         of the ended nodes' pods (whole families) to `me`, whose pod sockets are in
         `pods_dir`. Returns (nodes ended, (pod, new epoch) adopted). Raises NotLive when
-        `me` itself is no longer live."""
+        `me` itself is no longer live. The pods an earlier call moved to `me` though it
+        failed (its COMMIT went through unanswered) are among those adopted."""
         async with self._lock:
-            return await self._adopt(me, incarnation, pods_dir)
+            moved = await self._moved_by(me, self._unsettled) if self._unsettled else []
+            ended, adopted = await self._adopt(me, incarnation, pods_dir)
+            self._unsettled = []  # the earlier ones' pods are in `moved`, this one answered
+            return ended, moved + adopted
+
+    async def _moved_by(self, me: str, xids: list[str]) -> list[tuple[str, int]]:
+        """The leases of `me` that transactions `xids` wrote last: none if they rolled back.
+        (Nothing else writes the lease of a pod this node does not know yet.)"""
+        cur = await (await self._ready()).execute(
+            "SELECT pod, epoch FROM leases WHERE node = %s AND xmin::text = ANY(%s)",
+            (me, xids),
+        )
+        return [(pod, epoch) for pod, epoch in await cur.fetchall()]
 
     async def _adopt(
         self, me: str, incarnation: int, pods_dir: str
@@ -187,13 +207,13 @@ class Control:
             # Locks our own row (FOR SHARE) for the transaction: a node whose lease ran
             # out must not adopt, and cannot lose the row before this commits.
             cur = await self._conn.execute(
-                "SELECT 1 FROM nodes n WHERE name = %s AND incarnation = %s AND "
-                + LIVE
-                + " FOR SHARE",
+                "SELECT pg_current_xact_id()::xid::text FROM nodes n WHERE name = %s AND "
+                "incarnation = %s AND " + LIVE + " FOR SHARE",
                 (me, incarnation),
             )
-            if await cur.fetchone() is None:
+            if (row := await cur.fetchone()) is None:
                 raise NotLive(f"node {me} (incarnation {incarnation}) lost its lease")
+            self._unsettled.append(row[0])  # until this returns: it may commit unanswered
             # A row locked by its holder's open fenced batch, or by a re-join, is skipped
             # until the next scan: the holder may be renewing it right now.
             cur = await self._conn.execute(
@@ -268,20 +288,24 @@ class Control:
         )
         return _info(rows[0]) if rows else None
 
+    async def orphaned(self, pod: str) -> bool:
+        rows = await self._all("SELECT 1 FROM pods WHERE name = %s AND parent IS NULL", (pod,))
+        return bool(rows)
+
     async def live_nodes(self, ttl_s: float) -> list[NodeInfo]:
         rows = await self._all(
             f"SELECT {NODE_COLUMNS} FROM nodes n WHERE {LIVE} ORDER BY n.name", (ttl_s,)
         )
         return [_info(row) for row in rows]
 
-    async def least_loaded(self) -> str | None:
+    async def least_loaded(self, ttl_s: float) -> NodeInfo | None:
         """The live, non-draining node with the fewest pods (ties by name)."""
         rows = await self._all(
-            "SELECT n.name FROM nodes n LEFT JOIN leases l ON l.node = n.name "
-            f"WHERE {LIVE} AND NOT n.draining GROUP BY n.name ORDER BY count(l.pod), n.name "
-            "LIMIT 1"
+            f"SELECT {NODE_COLUMNS} FROM nodes n WHERE {LIVE} AND NOT n.draining "
+            "ORDER BY 4, n.name LIMIT 1",
+            (ttl_s,),
         )
-        return rows[0][0] if rows else None
+        return _info(rows[0]) if rows else None
 
 
 class NotLive(Exception):

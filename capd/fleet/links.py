@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 
+from capd.config import host_port
 from capd.fleet import auth
 from protocol import SERVER_NAME
 from protocol.errors import ProtocolError
@@ -33,17 +34,6 @@ class HostPort:
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-def parse_address(text: str) -> HostPort:
-    """A node's address as the fleet stores it (`--node-address`): `HOST:PORT` or
-    `[V6]:PORT`."""
-    host, sep, port = text.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"node address {text!r} is not HOST:PORT")
-    return HostPort(host, int(port))
 
 
 Serve = Callable[[asyncio.StreamReader, asyncio.StreamWriter, bytes], Awaitable[None]]
@@ -158,10 +148,11 @@ class Link:
 
 async def open_link(address: str, me: str, key: bytes | None, limit: int, node: str = "?") -> Link:
     """Dial `address` (node `node`'s `--node-address`) and authenticate both ways."""
-    where = parse_address(address)
+    if (where := host_port(address)) is None:  # as `--node-address` was checked
+        raise LinkError(f"node {node}'s address {address!r} is not HOST:PORT")
     try:
         reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(where.host, where.port, limit=limit), AUTH_TIMEOUT_S
+            asyncio.open_connection(*where, limit=limit), AUTH_TIMEOUT_S
         )
     except (OSError, TimeoutError) as exc:
         raise LinkError(f"node {node} unreachable at {address}: {exc}") from exc

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from capd.connection import Answer, Connection
 from capd.fleet.links import Link, LinkError, open_link
+from capd.outbox import ParentGone
 from protocol.client import LINE_LIMIT, Client
 from protocol.errors import ProtocolError
 from protocol.framing import encode
@@ -51,9 +52,11 @@ class FleetView(Protocol):
 
     async def host_of(self, pod: str) -> Any: ...
 
+    async def orphaned(self, pod: str) -> bool: ...
+
     async def live_nodes(self) -> list[Any]: ...
 
-    async def place(self, node: str | None) -> str: ...
+    async def place(self, node: str | None) -> Any: ...
 
 
 class Upstream:
@@ -377,40 +380,39 @@ class Relay:
             raise ProtocolError(reply.get("code", "internal"), str(reply.get("message")))
         return reply.get("result") or {}
 
-    async def place(self, node: str | None, parent: str | None) -> str:
-        """The node a `spawn` goes to: `node`, else this node for a child (its parent is a
-        socket path on this machine), else the fleet's choice (capd.fleet.Fleet.place)
-        when this node can reach it over a link, else this node."""
+    async def place(self, node: str | None, parent: str | None) -> NodeInfo | None:
+        """The other node a `spawn` goes to, None for this one: `node`, else this node for
+        a child (its parent is a socket path on this machine), else the fleet's choice
+        (capd.fleet.Fleet.place) when it has a link to reach it by, else this node."""
         if node is None and parent is not None:
-            return self.fleet.node
+            return None
         target = await self.fleet.place(node)
-        if node is None and target != self.fleet.node and await self._unreachable(target):
-            return self.fleet.node
+        if target is None or target.name == self.fleet.node:
+            return None
+        if node is None and target.address is None:
+            return None
         return target
 
-    async def on_node(self, name: str, frame: dict[str, Any], **changes: Any) -> dict[str, Any]:
-        """Daemon method `frame` (with `changes`) run by live node `name`."""
-        for node in await self.fleet.live_nodes():
-            if node.name == name:
-                if node.address is None:
-                    raise ProtocolError("not_found", _no_links(name))
-                return await self.call(node, {**frame, **changes})
-        raise ProtocolError("not_found", f"node {name} is not live")
+    async def on_node(
+        self, host: NodeInfo, frame: dict[str, Any], **changes: Any
+    ) -> dict[str, Any]:
+        """Daemon method `frame` (with `changes`) run by live node `host`, as a lookup just
+        found it."""
+        if host.address is None:
+            raise ProtocolError("not_found", _no_links(host.name))
+        return await self.call(host, {**frame, **changes})
 
-    async def spawn_on(self, target: str, frame: dict[str, Any], placed: bool) -> Any:
+    async def spawn_on(self, target: NodeInfo, frame: dict[str, Any], placed: bool) -> Any:
         """A `spawn` forwarded to node `target`: its result; None when placement chose
         `target` (`placed`) but no link to it opens (it died within its lease TTL), so
         the request never left and the pod goes to this node instead."""
         try:
-            return await self.on_node(target, frame, node=target)
+            return await self.on_node(target, frame, node=target.name)
         except Unreachable as exc:
             if not placed:
                 raise
-            log.warning("spawn placed on node %s stays here: %s", target, exc.message)
+            log.warning("spawn placed on node %s stays here: %s", target.name, exc.message)
             return None
-
-    async def _unreachable(self, name: str) -> bool:
-        return not any(n.name == name and n.address for n in await self.fleet.live_nodes())
 
     async def list_fleet(self, local: ListResult) -> dict[str, Any]:
         """`list` over the fleet: this node's pods, then every other live node's (asked in
@@ -437,13 +439,16 @@ class Relay:
                     entries.append(entry)
         return {"pods": entries}
 
-    async def deliver_report(self, pod: str, request: dict[str, Any]) -> None:
-        """A child's report (`pod_event`) to fleet pod `pod` on the node hosting it now
+    async def deliver_report(self, pod: str, child: str, request: dict[str, Any]) -> None:
+        """Pod `child`'s report (`pod_event`) to fleet pod `pod` on the node hosting it now
         (capd.outbox): over that node's link, or to the pod's own socket when this node
         hosts it (a parent adopted here listens at a new path, and a node may take no
-        links). An error, or no live host yet, is the outbox's to retry."""
+        links). An error, or no live host yet, is the outbox's to retry; ParentGone when
+        `child` is top-level now (its parent was deleted, on whichever node)."""
         host = await self.fleet.host_of(pod)
         if host is None:
+            if await self.fleet.orphaned(child):
+                raise ParentGone(f"parent pod {pod} was deleted; pod {child} is top-level now")
             raise OSError(f"pod {pod} is on no live node of the fleet (being adopted?)")
         if host.name != self.fleet.node:
             await self.call(host, {**request, "pod": pod}, REPORT_TIMEOUT_S)

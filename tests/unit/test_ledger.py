@@ -79,3 +79,32 @@ def test_a_deleted_pods_spending_stays_counted_for_its_former_ancestors(
             restarted.check("top")
     finally:
         reopened.close()
+
+
+def test_an_adopted_family_counts_what_it_spent_elsewhere(tmp_path: Path, store: Store) -> None:
+    """Pods another node made and ran, learnt here in parts (as a fleet adoption does):
+    their own spending, their deleted descendants' and their subtree sums."""
+    here = PodRegistry(store, tmp_path)
+    ledger = Ledger(here, store)
+    there = PodRegistry(store, tmp_path)
+    elsewhere = Ledger(there, store)
+    for name, parent in (("top", None), ("mid", "top"), ("gone", "mid"), ("leaf", "mid")):
+        _pod(elsewhere, there, name, parent)
+    _spend(store, elsewhere, "mid", 1, 10, 1.0)
+    _spend(store, elsewhere, "gone", 1, 30, 2.0)
+    _spend(store, elsewhere, "leaf", 1, 60, 4.0)
+    carried = elsewhere.carried_past("gone")
+    there.delete("gone", carried)
+    elsewhere.deleted("gone", carried)
+
+    records = [record for record in store.pods() if here.get(record.name) is None]
+    for record in records:
+        here.learn(record)
+    ledger.adopting(records[:2], store)
+    ledger.adopting(records[2:], store)
+    ledger.adopted(records, store)
+    assert ledger.spent("top") == {"tokens": 100, "usd": 7.0}
+    assert ledger.spent("mid") == {"tokens": 100, "usd": 7.0}
+    assert ledger.spent("leaf") == {"tokens": 60, "usd": 4.0}
+    with pytest.raises(BudgetSpent):
+        ledger.check("leaf")
