@@ -213,6 +213,15 @@ class Mailbox:
     def popleft(self) -> _Message:
         return self._items.popleft()
 
+    def take_reports(self) -> list[tuple[PodEvent, _Reply]]:
+        """The `pod_event` methods at the head, taken: a burst of reports is served as one."""
+        items = self._items
+        taken: list[tuple[PodEvent, _Reply]] = []
+        while items and isinstance(head := items[0], tuple) and isinstance(head[0], PodEvent):
+            taken.append((head[0], head[1]))
+            items.popleft()
+        return taken
+
     def empty(self) -> bool:
         return not self._items
 
@@ -487,7 +496,10 @@ class PodController:
             while True:
                 msg = await self._mailbox.get()
                 if isinstance(msg, tuple):  # a method, the most common message
-                    if await self._serve(*msg):
+                    request, fut = msg
+                    if isinstance(request, PodEvent):  # reports come in bursts
+                        self._serve_reports([(request, fut), *self._mailbox.take_reports()])
+                    elif await self._serve(request, fut):
                         return
                 elif isinstance(msg, _TurnDone):
                     self._guarded(self._end_done_turn, msg.task)
@@ -535,6 +547,27 @@ class PodController:
         else:
             _settle(fut, result)
         return False
+
+    def _serve_reports(self, calls: list[tuple[PodEvent, _Reply]]) -> None:
+        """`pod_event` methods in a row, served as one (`_pod_events`), each answered as
+        if served alone. When that fails before anything was stored, each is served alone
+        then, so what failed fails alone."""
+        stored = self.last_seq
+        try:
+            self._end_turn_if_done()
+            stored = self.last_seq
+            results = self._pod_events([request.event for request, _ in calls])
+        except Exception as exc:
+            if len(calls) > 1 and self.last_seq == stored:
+                for call in calls:
+                    self._serve_reports([call])
+                return
+            log.exception("pod %s: PodEvent failed", self.name)
+            for _, fut in calls:
+                _settle(fut, _internal(self.name, exc))
+            return
+        for (_, fut), result in zip(calls, results, strict=True):
+            _settle(fut, result)
 
     async def reap_engine(self, reason: Literal["idle", "limit"]) -> bool:
         """Ask the actor to stop the engine's process if the pod is idle (see `_reap`)."""
@@ -618,8 +651,6 @@ class PodController:
 
     async def _handle(self, request: _Call) -> dict[str, Any]:
         match request:
-            case PodEvent(event=payload):  # first: reports come in bursts
-                return self._pod_event(payload)
             case _Adopt(name=name, socket=socket, turn_id=turn_id):
                 self.emit(ChildSpawned(name=name, socket=socket, turn_id=turn_id))
                 return {}
@@ -874,12 +905,28 @@ class PodController:
         # A `NotifyResult` as a plain dict: each pod_event in a burst is answered so.
         return {"buffered": len(self.notes), "turn_id": turn_id}
 
-    def _pod_event(self, payload: dict[str, Any]) -> dict[str, Any]:
-        if self.journal.is_duplicate(payload.get("event_id")):
-            return {"duplicate": True}
-        received = PodEventReceived(payload=payload)
-        self.emit(received)
-        return self._buffer(report_note(received))
+    def _pod_events(self, payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Reports received: each new one a `pod_event_received`, all of them committed
+        together, and a note buffered for the model; one whose `event_id` came before,
+        earlier among them too, is a duplicate and changes nothing."""
+        journal, ids = self.journal, set()
+        each: list[PodEventReceived | None] = []
+        for payload in payloads:
+            event_id = payload.get("event_id")
+            if isinstance(event_id, str):
+                if event_id in ids or journal.is_duplicate(event_id):
+                    each.append(None)
+                    continue
+                ids.add(event_id)
+            each.append(PodEventReceived(payload=payload))
+        received: list[DurableEvent] = [event for event in each if event is not None]
+        if received:
+            journal.emit_all(received, self.turn)
+            self.activity.see(received[0])
+        return [
+            {"duplicate": True} if event is None else self._buffer(report_note(event))
+            for event in each
+        ]
 
     # -- turns --------------------------------------------------------------------------
 

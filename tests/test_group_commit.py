@@ -98,6 +98,29 @@ async def test_a_pipelined_burst_is_acked_in_order_committed_first_and_stored_on
 
 
 @pytest.mark.own_capd
+async def test_each_report_of_a_burst_is_answered_as_if_alone_a_repeat_within_it_too(
+    capd: CapdProcess,
+) -> None:
+    """The pod serves a burst of reports as one (one group of events), answering each as
+    it would alone: an event_id already in the burst is a duplicate; a non-string one
+    never is."""
+    await _paused_inbox(capd)
+    ids: list[object] = ["a", "b", "a", 7, "c", "b", 7]
+    frames = b"".join(
+        orjson.dumps({"id": i, "method": "pod_event", "event": {"event": "x", "event_id": e}})
+        + b"\n"
+        for i, e in enumerate(ids)
+    )
+    async with _raw(capd.pod_socket("inbox")) as (reader, writer):
+        writer.write(frames)
+        async with asyncio.timeout(WAIT_S):
+            replies = [orjson.loads(await reader.readline()) for _ in ids]
+    answers = [r["result"].get("buffered", r["result"].get("duplicate")) for r in replies]
+    assert answers == [1, 2, True, 3, 4, True, 5]
+    assert await _received_ids(capd) == ["a", "b", 7, "c", 7]
+
+
+@pytest.mark.own_capd
 async def test_sigkill_mid_burst_keeps_every_event_a_client_saw_acked(capd: CapdProcess) -> None:
     await _paused_inbox(capd)
     acked: list[int] = []

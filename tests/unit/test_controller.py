@@ -1,6 +1,8 @@
 """The pod actor's state machine (docs/protocol.md, "Pods, turns and steps"), row by row,
 with a `FakeEngine` at the engine seam."""
 
+import asyncio
+
 import orjson
 import pytest
 
@@ -325,6 +327,25 @@ async def test_a_pod_event_received_before_is_a_duplicate_and_changes_nothing(ri
     assert rig.pod.last_seq == before
     drive.read_notes()
     assert len(rig.events("notification")) == 1
+
+
+async def test_a_burst_of_reports_is_answered_each_and_one_that_fails_fails_alone(
+    rig: Rig,
+) -> None:
+    drive = await _running(rig)
+    unstorable = {"kind": "x", "event_id": "c1/2", "value": object()}  # no JSON for it
+    reports = [{"kind": "x", "event_id": "c1/1"}, unstorable, {"kind": "x", "event_id": "c1/3"}]
+    answers = await asyncio.gather(
+        *(rig.call(PodEvent(event=report)) for report in reports), return_exceptions=True
+    )
+    turn_id = rig.pod.turn.turn_id if rig.pod.turn else None
+    assert answers[0] == {"buffered": 1, "turn_id": turn_id}
+    assert isinstance(answers[1], ProtocolError)
+    assert answers[1].code == "internal"
+    assert answers[2] == {"buffered": 2, "turn_id": turn_id}
+    received = [e["payload"]["event_id"] for e in rig.events("pod_event_received")]
+    assert received == ["c1/1", "c1/3"]
+    drive.read_notes()
 
 
 # -- the rest -----------------------------------------------------------------------------
