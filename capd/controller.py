@@ -1072,6 +1072,10 @@ class PodController:
         self._set_status("paused")
 
     def _start_compaction(self, order: CompactOrder) -> None:
+        # An external engine compacts in its process, in the cwd; when the directories
+        # cannot be made, that process fails to start and says so.
+        with contextlib.suppress(OSError):
+            self._make_dirs(self.name, self.toolbox.context.cwd)
         task = asyncio.create_task(self.engine.compact(self, order), name=f"compact {self.name}")
         task.add_done_callback(lambda t: self._mailbox.put_nowait(_CompactionDone(t)))
         self._compaction = task
