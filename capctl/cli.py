@@ -952,7 +952,7 @@ def attach(settings: Settings, pod: str, turns: int) -> None:
         from capctl.tui.attach import AttachApp
 
         connect = partial(connect_pod, settings.runtime, pod, settings.via_daemon)
-        app = AttachApp(str(socket), pod, turns, connect=connect)
+        app = AttachApp(pod, connect, turns)
         failure = app.run()
     except KeyboardInterrupt:  # before textual took the terminal (it reads Ctrl-C as a key)
         click.echo(f"detached from {pod}")

@@ -14,6 +14,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from capd import worktrees
 from capd.gitenv import GitFailed
 from capd.proc.sandbox import Confinement
@@ -271,7 +273,7 @@ class PodWorktrees:
         for record in self._registry.all():
             if record.name == name:
                 continue
-            cwd = Manifest.model_validate_json(record.manifest).cwd
+            cwd = _stored_cwd(record.manifest)
             if cwd is not None and Path(cwd).is_relative_to(path):
                 raise ProtocolError(
                     "invalid_request",
@@ -283,7 +285,10 @@ class PodWorktrees:
         """What the pods' confined processes can write, each with the pod's name."""
         found = []
         for record in self._registry.all():
-            manifest = Manifest.model_validate_json(record.manifest)
+            try:
+                manifest = Manifest.model_validate_json(record.manifest)
+            except ValueError:  # a stored manifest that does not parse: it cannot start
+                continue
             found += [(record.name, path) for path in writable(manifest)]
         return found
 
@@ -316,3 +321,14 @@ def writable(manifest: Manifest) -> list[Path]:
     if manifest.sandbox.mode != "workspace-write":
         return []
     return [Path(path) for path in (manifest.cwd, *manifest.sandbox.writable) if path]
+
+
+def _stored_cwd(manifest: str) -> str | None:
+    """The cwd of a stored manifest, without validating all of it (a delete reads every
+    pod's); None when it has none or it does not parse (such a pod cannot start, so it
+    works nowhere)."""
+    try:
+        cwd = orjson.loads(manifest).get("cwd")
+    except (ValueError, AttributeError):
+        return None
+    return cwd if isinstance(cwd, str) else None

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from textual.app import App
 from textual.pilot import Pilot
 from textual.widgets import RichLog, Static
 
+from capctl import session
 from capctl.tui.attach import AttachApp, AttachScreen, MessageInput
 from protocol.client import Client
 from tests.conftest import CapdProcess
@@ -67,7 +69,7 @@ async def until_shown(
 async def attached(
     capd: CapdProcess, turns: int = 3
 ) -> AsyncIterator[tuple[AttachApp, Pilot[Any]]]:
-    app = AttachApp(str(capd.pod_socket("w1")), "w1", turns)
+    app = AttachApp("w1", partial(session.connect_pod, capd.runtime_dir, "w1"), turns)
     async with app.run_test(size=SIZE) as pilot:
         yield app, pilot
 
@@ -232,13 +234,14 @@ class Host(App[None]):
 
     ENABLE_COMMAND_PALETTE = False
 
-    def __init__(self, socket_path: str) -> None:
+    def __init__(self, runtime_dir: Path) -> None:
         super().__init__()
-        self.socket_path = socket_path
+        self.runtime_dir = runtime_dir
         self.results: list[str | None] = []
 
     async def open(self) -> AttachScreen:
-        screen = AttachScreen(self.socket_path, "w1", escape_detaches=True)
+        connect = partial(session.connect_pod, self.runtime_dir, "w1")
+        screen = AttachScreen("w1", connect, escape_detaches=True)
         await self.push_screen(screen, self.results.append)
         return screen
 
@@ -247,7 +250,7 @@ async def test_an_app_that_pushes_the_screen_gets_back_on_ctrl_c_and_esc(
     capd: CapdProcess,
 ) -> None:
     await spawn(capd, "w1", scripted())
-    host = Host(str(capd.pod_socket("w1")))
+    host = Host(capd.runtime_dir)
     async with host.run_test(size=SIZE) as pilot:
         for key in ("ctrl+c", "escape"):
             screen = await host.open()

@@ -123,7 +123,7 @@ async def test_attach_through_the_daemon(capd: CapdProcess, hidden: Path) -> Non
     """Attach's screen on the daemon socket: the replay, a line typed runs a turn, and the
     pod's stop ends it as its socket closing would."""
     connect = partial(connect_pod, capd.runtime_dir, "w1", True)
-    app = AttachApp(str(hidden), "w1", 3, connect=connect)
+    app = AttachApp("w1", connect, 3)
     async with app.run_test(size=SIZE) as pilot:
         screen = app.attached
         await until_shown(pilot, screen, lambda t: "live from here" in t, "the subscription")

@@ -53,9 +53,11 @@ STEPS = 20 + 12 * ROUNDS
 SETTLE_TIMEOUT_S = 60.0
 LEFTOVER_TIMEOUT_S = KILL_GRACE_S + 2
 """The next capd SIGTERMs the killed one's tools as it starts, and SIGKILLs them after the
-grace; a tool that outlives this is a leak (the sleeper's tools would run for 30 s)."""
+grace; a tool that outlives this is a leak (the sleeper's tools would run until the
+settling starts)."""
 SLEEPER = "w2"
-"""A pod whose every turn runs `sleep 30`, so most kills leave a tool running."""
+"""A pod whose every turn runs a tool that waits for the settling to start (30 s at most),
+so most kills leave a tool running, and the settling need not wait for it."""
 MARKER = re.compile(r"chaos-[a-z0-9]+-\d+")
 
 
@@ -81,19 +83,25 @@ class Ledger:
 
 def _step(rng: random.Random, pod: str, index: int, markers: Path) -> dict[str, Any]:
     """A step that streams for tens of milliseconds; half of them call bash, which
-    appends the step's marker after a short sleep (the sleeper's every other step, after
-    a long one)."""
+    appends the step's marker after a short sleep (the sleeper's every other step, once
+    the settling has started)."""
     text = "".join(rng.choice("abcdefgh ") for _ in range(rng.randint(40, 160)))
     step: dict[str, Any] = {"text": text, "chunk_chars": 4, "delay_ms": 3}
-    sleep = f"0.{rng.randint(2, 40):02d}"
+    wait = f"sleep 0.{rng.randint(2, 40):02d}"
     if pod == SLEEPER:
-        sleep = "30" if index % 2 == 0 else ""
+        until_settling = f"until [ -e {_settling(markers)} ]; do sleep 0.1; done"
+        wait = f"timeout 30 sh -c '{until_settling}'" if index % 2 == 0 else ""
     elif rng.random() < 0.5:
-        sleep = ""
-    if sleep:
-        command = f"sleep {sleep}; echo chaos-{pod}-{index} >> {markers}"
+        wait = ""
+    if wait:
+        command = f"{wait}; echo chaos-{pod}-{index} >> {markers}"
         step["tool_calls"] = [{"name": "bash", "arguments": {"command": command}}]
     return step
+
+
+def _settling(markers: Path) -> Path:
+    """The file whose existence ends the sleeper's waits: made when the settling starts."""
+    return markers.with_name("settling")
 
 
 def _script(rng: random.Random, pod: str, markers: Path, kids: dict[int, str]) -> list[Any]:
@@ -129,7 +137,7 @@ async def _watch(pod: Client, seen: dict[int, Event]) -> None:
 async def _act(pod: Client, name: str, rng: random.Random, ledger: Ledger, tag: str) -> bool:
     """Random work for one pod: resume, run (queued when busy), notify, pod_event, and a
     pod_event sent again. Returns whether the pod is left paused. The sleeper only
-    resumes and runs when idle, so no 30 s tool waits behind another."""
+    resumes and runs when idle, so no long tool waits behind another."""
     status = await pod.request({"method": "status"})
     paused = status["status"] == "paused"
     if paused and rng.random() < 0.8:
@@ -251,6 +259,7 @@ async def _listing(capd: CapdProcess) -> dict[str, dict[str, Any]]:
 async def _settle(capd: CapdProcess, ledger: Ledger) -> dict[str, list[Event]]:
     """Resume what is paused and wait until every pod is idle with nothing queued and
     every child's report has reached its parent; returns the histories."""
+    _settling(ledger.markers).touch()
     async with asyncio.timeout(SETTLE_TIMEOUT_S):
         while True:
             listing = await _listing(capd)

@@ -38,6 +38,8 @@ from tests.helpers import (
 )
 from tests.unit.pods import not_reconfigured
 
+pytestmark = pytest.mark.shared_capd
+
 DEEP = b"[" * 300 + b"]" * 300
 """Nested deeper than orjson writes (about 254), though it reads it."""
 
@@ -46,6 +48,7 @@ def _assert_no_gap(events: list[dict[str, object]]) -> None:
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
 
 
+@pytest.mark.own_capd
 async def test_a_frame_too_deep_to_store_is_refused_and_the_pod_goes_on(
     capd: CapdProcess,
 ) -> None:

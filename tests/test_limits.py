@@ -70,49 +70,64 @@ async def test_max_subscribers_counts_both_kinds_of_daemon_subscriber(
         await plain.request({"method": "subscribe", "activity": True})
 
 
-async def _stream_turn(socket_path: str, pid: int, expected: int) -> int:
+QUEUED_BYTES = 3 * 2**19
+"""--max-queued-bytes of the stuck subscriber test."""
+
+
+async def _stream_turn(socket_path: str, pid: int, expected: int) -> tuple[int, int]:
     """Run a turn and read its deltas as fast as possible (raw lines, no JSON parsing, so
-    the reader is never the bottleneck); returns capd's peak RSS meanwhile."""
+    the reader is never the bottleneck); returns capd's peak RSS meanwhile, and how many
+    bytes the deltas' frames took."""
     reader, writer = await asyncio.open_unix_connection(socket_path, limit=2**20)
     writer.write(b'{"method": "subscribe", "id": 1}\n{"method": "run", "text": "go", "id": 2}\n')
-    peak, received = rss_bytes(pid), 0
+    peak, received, streamed = rss_bytes(pid), 0, 0
     try:
         async with asyncio.timeout(60):
             while b'"turn_end"' not in (line := await reader.readline()):
                 assert b'"lagged"' not in line
                 if b'"text_delta"' in line:
                     received += 1
+                    streamed += len(line)
                     if received % 2000 == 0:
                         peak = max(peak, rss_bytes(pid))
     finally:
         writer.close()
     assert received == expected
-    return peak
+    return peak, streamed
 
 
 async def test_a_subscriber_that_never_reads_leaves_memory_bounded(
     capd_dirs: CapdProcess,
 ) -> None:
-    """The same 100k-delta turn twice: alone, then with a subscriber that never reads.
-    The stuck one may cost about its 4 MiB queue (4 MiB, so the reader never lags); without
-    a bound it cost about 370 MiB, and before the outbox held frames in chunks, 200 MiB."""
+    """The same 40k-delta turn twice: alone, then with a subscriber that never reads.
+    The stuck one may cost about its 1.5 MiB queue (1.5 MiB, so the reader never lags; the
+    turn's deltas take twice that): before the outbox held frames in chunks, 100k deltas
+    cost 200 MiB. It is sent no more than its queue before `lagged`: with frames in chunks,
+    an unbounded queue costs only about the frames' bytes, which the RSS alone would miss."""
     capd_dirs.extra_args = [
         "--max-queued-bytes",
-        str(4 * 1024 * 1024),
+        str(QUEUED_BYTES),
         "--max-frame-bytes",
         str(4 * 1024 * 1024),
     ]
     await asyncio.to_thread(capd_dirs.start)
     assert capd_dirs.proc is not None
-    pid, deltas = capd_dirs.proc.pid, 100_000
+    pid, deltas = capd_dirs.proc.pid, 40_000
     step = {"text": "d" * (10 * deltas), "chunk_chars": 10}
     await spawn(capd_dirs, "w1", scripted(step, step))
     socket_path = str(capd_dirs.pod_socket("w1"))
-    alone = await _stream_turn(socket_path, pid, deltas)
-    _, stuck = await asyncio.open_unix_connection(socket_path)
+    alone, streamed = await _stream_turn(socket_path, pid, deltas)
+    assert streamed > 2 * QUEUED_BYTES, "the stuck subscriber's queue should fill"
+    unread, stuck = await asyncio.open_unix_connection(socket_path)
     stuck.write(b'{"method": "subscribe", "id": 1}\n')
     try:
-        with_stuck = await _stream_turn(socket_path, pid, deltas)
+        with_stuck, _ = await _stream_turn(socket_path, pid, deltas)
+        queued = 0  # what the stuck one was sent, read at last: its queue, then `lagged`
+        async with asyncio.timeout(60):
+            while b'"lagged"' not in (line := await unread.readline()):
+                assert b'"turn_end"' not in line, "the stuck subscriber was sent every event"
+                queued += len(line)
     finally:
         stuck.close()
     assert with_stuck - alone < 16 * 2**20, f"{(with_stuck - alone) >> 20} MiB more"
+    assert queued < QUEUED_BYTES + 2**20, f"{queued} bytes queued"  # and the socket's buffer

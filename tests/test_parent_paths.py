@@ -11,6 +11,8 @@ from protocol.errors import ProtocolError
 from tests.conftest import CapdProcess
 from tests.helpers import connect_pod, daemon_request, scripted, spawn
 
+pytestmark = pytest.mark.shared_capd
+
 
 def _spelled(capd: CapdProcess, tmp_path: Path, how: str) -> str:
     """Pod `boss`'s socket path, written the way `how` says."""

@@ -6,8 +6,10 @@ of its parent's repository. In its sandbox git works, and nothing that would run
 outside it can be written. One module, so that they share one capd."""
 
 import asyncio
+import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -810,3 +812,26 @@ async def test_a_plain_child_in_its_parents_work_tree_reads_its_git_and_keeps_it
     await daemon_request(capd, {"method": "delete", "name": "wkid"})
     await daemon_request(capd, {"method": "delete", "name": "wlead"})
     assert not Path(cwd).exists()
+
+
+@pytest.mark.own_capd
+async def test_a_bad_stored_manifest_fails_neither_a_work_tree_spawn_nor_delete(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    """Another pod's stored manifest that no longer parses (a pod that cannot start, so it
+    writes nothing and works nowhere) fails neither the checks of a spawn with a work tree
+    nor those of a delete, which looks for pods working in the tree by their cwd alone."""
+    repo = make_repo(tmp_path / "repo")
+    await spawn(capd, "owner", scripted(), workspace={"git": {"repo": str(repo)}})
+    await spawn(capd, "odd", scripted())
+    capd.stop()
+    with sqlite3.connect(capd.state_dir / "capd.db") as db:
+        (stored,) = db.execute("SELECT manifest FROM pods WHERE name = 'odd'").fetchone()
+        bad = json.dumps(json.loads(stored) | {"tools": "bash"})
+        db.execute("UPDATE pods SET manifest = ? WHERE name = 'odd'", (bad,))
+    await asyncio.to_thread(capd.start)
+    await spawn(capd, "later", scripted(), workspace={"git": {"repo": str(repo)}})
+    tree = capd.state_dir.resolve() / "worktrees" / "owner"
+    assert tree.is_dir()
+    await daemon_request(capd, {"method": "delete", "name": "owner"})
+    assert not tree.exists()

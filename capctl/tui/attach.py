@@ -30,7 +30,6 @@ Connect = Callable[[], Awaitable[PodClient]]
 """How a screen reaches its pod."""
 DEFAULT_TURNS = 3
 """How many of the pod's last turns the transcript starts with."""
-CONNECT_TIMEOUT_S = 5.0
 LOG_LINES = 10_000
 """What the transcript keeps on screen; older lines scroll away for good."""
 ALLOW_KINDS = ("allow_once", "allow_always")
@@ -134,18 +133,16 @@ class AttachScreen(Screen[str | None]):
 
     def __init__(
         self,
-        socket_path: str,
         pod: str,
+        connect: Connect,
         *,
         turns: int = DEFAULT_TURNS,
         escape_detaches: bool = False,
-        connect: Connect | None = None,
     ) -> None:
-        """`connect` reaches the pod (`capctl.session.connect_pod`, which may go through the
-        daemon socket); without it, the pod's socket at `socket_path`."""
+        """`connect` reaches the pod (`capctl.session.connect_pod`: at its socket, or
+        through the daemon's)."""
         super().__init__()
-        self.socket_path = socket_path
-        self._connect = connect or self._at_socket
+        self._connect = connect
         self.pod = pod
         self.turns = turns
         self.escape_detaches = escape_detaches
@@ -173,14 +170,6 @@ class AttachScreen(Screen[str | None]):
         self.run_worker(self._follow(), group="follow")
 
     # -- the pod's events ---------------------------------------------------------------
-
-    async def _at_socket(self) -> PodClient:
-        try:
-            client = await PodClient.connect(self.socket_path, timeout=CONNECT_TIMEOUT_S)
-        except (OSError, TimeoutError, ValueError) as exc:
-            raise CapctlError(f"cannot reach pod {self.pod} at {self.socket_path}: {exc}") from None
-        client.pod = client.hello.pod if client.hello else None
-        return client
 
     async def _follow(self) -> None:
         try:
@@ -332,11 +321,9 @@ class AttachApp(App[str | None]):
 
     ENABLE_COMMAND_PALETTE = False
 
-    def __init__(
-        self, socket_path: str, pod: str, turns: int = DEFAULT_TURNS, connect: Connect | None = None
-    ) -> None:
+    def __init__(self, pod: str, connect: Connect, turns: int = DEFAULT_TURNS) -> None:
         super().__init__()
-        self.attached = AttachScreen(socket_path, pod, turns=turns, connect=connect)
+        self.attached = AttachScreen(pod, connect, turns=turns)
 
     def on_mount(self) -> None:
         self.push_screen(self.attached, self.exit)

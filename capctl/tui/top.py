@@ -158,13 +158,11 @@ class TopScreen(Screen[None]):
             return
         from capctl.session import connect_pod
 
-        socket = str(self.feed.pods[name].get("socket"))
-
         def back(trouble: str | None) -> None:
             self.say(f"{name}: {trouble}" if trouble else f"detached from {name}")
 
         connect = partial(connect_pod, self.runtime, name, self.via_daemon)
-        screen = AttachScreen(socket, name, escape_detaches=True, connect=connect)
+        screen = AttachScreen(name, connect, escape_detaches=True)
         self.app.push_screen(screen, back)
 
     def on_data_table_row_selected(self, _event: DataTable.RowSelected) -> None:

@@ -7,8 +7,10 @@ lands before capd exits.
 """
 
 import asyncio
+import functools
 import os
 import signal
+from collections.abc import Container
 
 KILL_GRACE_S = 2.0
 """How long a process group has to exit after SIGTERM before it gets SIGKILL."""
@@ -39,8 +41,9 @@ class _Terminations:
         """Wait until every terminated group is gone, killing those past their deadline."""
         loop = asyncio.get_running_loop()
         while self._due:
+            live = functools.cache(live_groups)  # one walk of /proc a pass, when first needed
             for pgid, due in list(self._due.items()):
-                if not signal_group(pgid, 0) or not has_live_member(pgid):
+                if not signal_group(pgid, 0) or pgid not in live():
                     del self._due[pgid]
                 elif loop.time() >= due:
                     self._kill(pgid)
@@ -73,14 +76,16 @@ def signal_group(pgid: int, sig: int) -> bool:
     return True
 
 
-def has_live_member(pgid: int) -> bool:
-    """Whether a process of the group has not exited yet. A group whose members are all
-    zombies (exited, waiting for a parent, often init, to reap them) still answers
-    `killpg(pgid, 0)` but holds nothing a SIGKILL could stop. True when /proc cannot tell."""
+def live_groups() -> Container[int]:
+    """The process groups with a process that has not exited yet, from one walk of /proc.
+    A group whose members are all zombies (exited, waiting for a parent, often init, to
+    reap them) still answers `killpg(pgid, 0)` but holds nothing a SIGKILL could stop.
+    Every group when /proc cannot tell."""
     try:
         entries = os.scandir("/proc")
     except OSError:
-        return True
+        return _EVERY_GROUP
+    live = set()
     with entries:
         for entry in entries:
             if not entry.name.isdigit():
@@ -90,9 +95,19 @@ def has_live_member(pgid: int) -> bool:
                     fields = file.read().rpartition(b")")[2].split()
             except OSError:
                 continue
-            if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
-                return True
-    return False
+            if len(fields) > 2 and fields[0] not in (b"Z", b"X"):
+                live.add(int(fields[2]))
+    return live
+
+
+class _EveryGroup:
+    """What `live_groups` gives when /proc cannot be read: any group may be live."""
+
+    def __contains__(self, pgid: object) -> bool:
+        return True
+
+
+_EVERY_GROUP = _EveryGroup()
 
 
 def signal_name(number: int) -> str:

@@ -1,12 +1,16 @@
 """capd/proc/groups.py: a group whose members have all exited counts as gone at shutdown,
-though `killpg(pgid, 0)` still finds its zombies."""
+though `killpg(pgid, 0)` still finds its zombies; one walk of /proc a pass serves every
+group."""
 
 import asyncio
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 
-from capd.proc.groups import has_live_member, stop_all_groups, terminate_group
+import pytest
+
+from capd.proc.groups import live_groups, stop_all_groups, terminate_group
 
 
 def _exited_leader() -> subprocess.Popen[bytes]:
@@ -28,8 +32,9 @@ async def test_a_group_of_zombies_is_gone_at_once() -> None:
     sleeper = _sleeping_leader()
     try:
         os.killpg(zombie.pid, 0)  # the zombie still answers
-        assert not has_live_member(zombie.pid)
-        assert has_live_member(sleeper.pid)
+        live = live_groups()
+        assert zombie.pid not in live
+        assert sleeper.pid in live
         terminate_group(zombie.pid, grace=60)
         async with asyncio.timeout(10):  # without the zombie check: 60 s, then SIGKILL
             await stop_all_groups()
@@ -37,3 +42,26 @@ async def test_a_group_of_zombies_is_gone_at_once() -> None:
         sleeper.kill()
         sleeper.wait()
         zombie.wait()
+
+
+async def test_one_walk_of_proc_a_pass_serves_every_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shutdown with many groups left walks /proc once a pass (every 50 ms), not once a
+    group a pass."""
+    zombies = [_exited_leader() for _ in range(3)]
+    walks = []
+    scandir = os.scandir
+
+    def counted(path: str) -> Iterator[os.DirEntry[str]]:
+        walks.append(path)
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", counted)
+    try:
+        for zombie in zombies:
+            terminate_group(zombie.pid, grace=60)
+        async with asyncio.timeout(10):
+            await stop_all_groups()
+        assert walks == ["/proc"]
+    finally:
+        for zombie in zombies:
+            zombie.wait()
