@@ -18,12 +18,11 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from capd import tracing
 from capd.config import Config
-from capd.fleet import Fleet, FleetRefused
-from capd.fleet.lease import store_failed
+from capd.fleet.lease import FleetRefused, store_failed
 from capd.fleet.links import HostPort, LinkServer
 from capd.fleet.relay import Relay
 from capd.metrics_http import Cached, MetricsHttp
@@ -41,6 +40,9 @@ from capd.systemd import Notifier, activated_socket
 from capd.teams import Teams
 from protocol import VERSION
 from protocol.results import InfoResult, SandboxBackend
+
+if TYPE_CHECKING:
+    from capd.fleet.membership import Fleet
 
 log = logging.getLogger("capd")
 
@@ -134,6 +136,8 @@ class Daemon:
         store = self._store
         log.info("store: %s", shown)
         if cfg.store is not None:  # before anything reads the store: it then sees our pods
+            from capd.fleet.membership import Fleet  # psycopg only for a PostgreSQL store
+
             self.fleet = await Fleet.join(
                 cfg.store,
                 store,  # type: ignore[arg-type]
@@ -176,7 +180,7 @@ class Daemon:
         gc.freeze()
         self._notifier.ready(self.supervisor.summary())
 
-    async def _listen_for_nodes(self, fleet: Fleet, host: str, port: int) -> None:
+    async def _listen_for_nodes(self, fleet: "Fleet", host: str, port: int) -> None:
         """Accept the other nodes' links (once this node's pods are up) and tell the fleet
         where to dial. What comes over a link is answered for this node alone."""
         cfg = self.config

@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 INCARNATION_FILE = "node-incarnation"
 
 
+class FleetRefused(Exception):
+    """This capd cannot join the fleet (its node name is another live capd's)."""
+
+
 class LeasedStore(Protocol):
     renewed_at: float | None
 

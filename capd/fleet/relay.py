@@ -45,7 +45,7 @@ class NodeInfo(Protocol):
 
 
 class FleetView(Protocol):
-    """What the relay needs of capd.fleet.Fleet."""
+    """What the relay needs of capd.fleet.membership.Fleet."""
 
     node: str
     ttl_s: float
@@ -383,7 +383,7 @@ class Relay:
     async def place(self, node: str | None, parent: str | None) -> NodeInfo | None:
         """The other node a `spawn` goes to, None for this one: `node`, else this node for
         a child (its parent is a socket path on this machine), else the fleet's choice
-        (capd.fleet.Fleet.place) when it has a link to reach it by, else this node."""
+        (capd.fleet.membership.Fleet.place) when it has a link to reach it by, else this node."""
         if node is None and parent is not None:
             return None
         target = await self.fleet.place(node)

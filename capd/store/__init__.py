@@ -16,7 +16,6 @@ from capd.store.base import (
     StoredEvent,
 )
 from capd.store.errors import POSTGRES_SCHEMES, StoreUnavailable, redact
-from capd.store.postgres import PostgresStore
 from capd.store.sqlite import SCHEMA, SqliteStore
 
 __all__ = [
@@ -48,5 +47,8 @@ def open_store(
         return SqliteStore(path, on_failure), f"{path} (SQLite)"
     if not url.startswith(POSTGRES_SCHEMES):
         raise StoreUnavailable(f"--store {redact(url)}: expected a postgresql:// URL")
+    # psycopg (and the fleet) load only here: a capd on SQLite starts without them.
+    from capd.store.postgres import PostgresStore
+
     store = PostgresStore(url, on_failure)
     return store, str(store)
