@@ -47,6 +47,9 @@ class _Sum:
 class Ledger:
     def __init__(self, registry: PodRegistry, store: Store) -> None:
         self._registry = registry
+        self.version = 0
+        """Grows with every change to what `spent` and `budget` say, of any pod (a
+        status made since a change of none of them is still right)."""
         self._own: dict[str, _Sum] = {}
         self._subtree: dict[str, _Sum] = {}
         self._budgets: dict[str, Budget] = {}
@@ -70,6 +73,7 @@ class Ledger:
             usd = after.cost_usd - (before.cost_usd or 0.0)
         if tokens == 0 and not usd:
             return
+        self.version += 1
         self._own.setdefault(name, _Sum()).add(tokens, usd)
         for pod in self._chain(name):
             self._subtree.setdefault(pod, _Sum()).add(tokens, usd)
@@ -116,6 +120,7 @@ class Ledger:
 
     def budget_changed(self, name: str, budget: Budget | None) -> None:
         """The pod's manifest has `budget` now (stored by the caller)."""
+        self.version += 1
         if budget is None:
             self._budgets.pop(name, None)
         else:
@@ -185,12 +190,14 @@ class Ledger:
         """A stored pod's spending so far and its budget."""
         inp, out, usd = store.usage_totals(record.name)
         metrics.usage_stored(record.name, (inp, out, usd))
+        self.version += 1
         self._own[record.name] = _Sum(inp + out, usd)
         if (budget := _stored_budget(record.manifest)) is not None:
             self._budgets[record.name] = budget
 
     def added(self, name: str, budget: Budget | None) -> None:
         """A new pod: nothing spent yet."""
+        self.version += 1
         self._own[name] = _Sum()
         if budget is not None:
             self._budgets[name] = budget
@@ -220,6 +227,7 @@ class Ledger:
         self._sum_subtrees()
 
     def _sum_subtrees(self) -> None:
+        self.version += 1
         self._subtree = {}
         for name, own in self._own.items():
             carried = self._carried.get(name, _Sum())

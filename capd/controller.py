@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeAlias
 
+import orjson
+
 from capd import metrics, tracing
 from capd.activity import WATCHED_EPHEMERAL, Activity
 from capd.budgets import Ledger
@@ -252,6 +254,7 @@ class PodController:
         "_reconfigure_with",
         "_running_in_tree",
         "_span",
+        "_status_json",
         "_stopped",
         "_store",
         "_task",
@@ -308,6 +311,7 @@ class PodController:
         self.activity = Activity(self.name, external=manifest.engine.kind != "builtin")
         self._model_label = model_label(manifest)
         self._fixed_status: tuple[Manifest, Toolbox, dict[str, Any]] | None = None
+        self._status_json: tuple[tuple[object, ...], bytes] | None = None
         self._store = store
         self._make_dirs = make_dirs
         """Makes the pod's state dir and own work dir (made when first needed) if gone."""
@@ -1249,6 +1253,46 @@ class PodController:
         model = self.manifest.model
         configured, name = (model.context_window, model.name) if model else (None, "")
         return context_window(configured, self.context.learned_window, name)
+
+    def status_json(self, children: list[str], node: str) -> bytes:
+        """`status_result`, with `node`, as JSON: made again only once something it shows
+        may have changed (`_status_key`), as `status` is what clients poll."""
+        key = self._status_key(children)
+        cached = self._status_json
+        if cached is None or cached[0] != key:
+            result = self.status_result(children)
+            result["node"] = node
+            cached = self._status_json = (key, orjson.dumps(result))
+        return cached[1]
+
+    def _status_key(self, children: list[str]) -> tuple[object, ...]:
+        """What `status_result` is made of, each part as cheaply as it can be read: the
+        journal's last seq for all the journal derives (usage, context, questions, the
+        status and the turn, each change an event); the manifest and the pod's parts by
+        identity (replaced, never changed in place); the ledger by its version; by value
+        what changes outside the actor (a work tree's sync, an engine's process, MCP
+        servers and the tools they list, when the pod has any)."""
+        engine, toolbox = self.engine, self.toolbox
+        servers = toolbox.has_mcp_servers  # else both of theirs are fixed
+        return (
+            self.journal.last_seq,
+            self.status,
+            self.turn,
+            len(self._queue),
+            self.parent,
+            self.team,
+            self.manifest,
+            toolbox,
+            engine,
+            self._reaped,
+            children,
+            self._ledger.version,
+            self._workspace(),
+            engine.engine_state(),
+            engine.mcp_status(),
+            servers and toolbox.mcp_status(),
+            servers and toolbox.spec_tokens,
+        )
 
     def status_result(self, children: list[str]) -> dict[str, Any]:
         """The `status` ack's result, a `protocol.results.PodStatus` built as a plain dict:

@@ -379,11 +379,8 @@ class PodEndpoint(Endpoint):
 
     def _status(self, rid: RequestId | None) -> bytes:
         pod = self.pod
-        result = pod.status_result(self._host.children_of(pod.name))
-        result["node"] = self._host.node
-        return orjson.dumps(
-            {"event": "ack", "id": rid, "result": result}, option=orjson.OPT_APPEND_NEWLINE
-        )
+        result = pod.status_json(self._host.children_of(pod.name), self._host.node)
+        return b'{"event":"ack","id":%b,"result":%b}\n' % (orjson.dumps(rid), result)
 
     async def _sequential(self, request: Request, conn: Connection) -> bytes | None:
         return self._local(request, conn)

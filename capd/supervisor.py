@@ -670,6 +670,8 @@ class Supervisor:
         socket_path = self.registry.socket(name)
         assert manifest.cwd is not None
         toolbox = self._toolbox(manifest, sandbox, limits)
+        record = self.registry.get(name)
+        tree = record is not None and record.worktree is not None
         controller = PodController(
             manifest,
             engine=make_engine(manifest, sandbox, limits, self.engine_slots.slot(name)),
@@ -684,8 +686,9 @@ class Supervisor:
             running_in_tree=lambda: self._running_in_tree(name),
             reconfigure=self.reconfigure,
             make_dirs=self.make_pod_dirs,
-            workspace=lambda: self.worktrees.status(name),
-            team=record.team if (record := self.registry.get(name)) else None,
+            # A work tree is made at spawn, or never: a pod without one asks nothing.
+            workspace=(lambda: self.worktrees.status(name)) if tree else _no_workspace,
+            team=record.team if record else None,
         )
         self.teams.attach(controller)
         controller.restore(self._stored_events(name) if stored is None else stored)
@@ -1108,6 +1111,11 @@ class Supervisor:
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).splitlines() or [""])[0]
+
+
+def _no_workspace() -> None:
+    """`status.workspace` of a pod without a work tree."""
+    return None
 
 
 def _cwd_of(manifest: Manifest, sandbox: Confinement | None) -> Path:

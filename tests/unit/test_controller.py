@@ -9,6 +9,7 @@ import pytest
 from capd.context import INTERRUPTED_TOOL_OUTPUT
 from capd.store import Store
 from protocol.errors import ProtocolError
+from protocol.events import Usage
 from protocol.methods import Cancel, Notify, Pause, Permission, PodEvent, Resume, Run
 from tests.fakes.engine import Drive
 from tests.unit.pods import PARENT, Rig
@@ -346,6 +347,19 @@ async def test_a_burst_of_reports_is_answered_each_and_one_that_fails_fails_alon
     received = [e["payload"]["event_id"] for e in rig.events("pod_event_received")]
     assert received == ["c1/1", "c1/3"]
     drive.read_notes()
+
+
+async def test_a_status_is_made_again_once_anything_it_shows_changed(rig: Rig) -> None:
+    """`status` is cached between changes: a descendant's spending reaches the pod's ledger
+    with no event of its own, and a child comes and goes, and both show."""
+    pod = rig.pod
+    first = pod.status_json([], "n1")
+    assert pod.status_json([], "n1") is first
+    pod._ledger.spend(pod.name, Usage(), Usage(input_tokens=3, output_tokens=4))
+    spent = orjson.loads(pod.status_json([], "n1"))
+    with_child = orjson.loads(pod.status_json(["c1"], "n1"))
+    assert (orjson.loads(first)["spent"]["tokens"], spent["spent"]["tokens"]) == (0, 7)
+    assert (spent["children"], with_child["children"]) == ([], ["c1"])
 
 
 # -- the rest -----------------------------------------------------------------------------
