@@ -308,7 +308,7 @@ async def serve_connection(
                 # handled gets its reply.
                 await conn.until_fewer_unanswered(1)
                 return
-            if not line.strip():
+            if line.isspace():  # as `not line.strip()`, without a copy of each line
                 continue
             reply = _dispatch(line, conn, handle)
             if isinstance(reply, bytes):

@@ -41,8 +41,9 @@ def decode(line: bytes) -> dict[str, Any]:
 
 def check_bounds(frame: dict[str, Any], line: bytes) -> None:
     """Refuse (`invalid_request`) a request that nests deeper than MAX_NESTING or has more
-    than MAX_MEMBERS object members: capd reads it but could not store it."""
-    if problem := shape_problem(frame, line):
+    than MAX_MEMBERS object members: capd reads it but could not store it. A line of at
+    most MAX_NESTING bytes is within both (most requests: `status`, `pause`, ...)."""
+    if len(line) > MAX_NESTING and (problem := shape_problem(frame, line)):
         raise ProtocolError("invalid_request", f"frame {problem}")
 
 
