@@ -12,7 +12,7 @@ import orjson
 
 from capd.chat import ChatMessage
 from capd.compaction import summary_message
-from capd.tokens import message_tokens, prompt_tokens
+from capd.tokens import message_tokens, text_tokens
 from capd.window import window_in_error
 from protocol.events import (
     AssistantMessage,
@@ -108,7 +108,7 @@ class Context:
             )
         total = self.estimated[-1] if self.estimated else 0
         if not self.reported_seq:
-            return prompt_tokens(system_prompt) + tools + total
+            return text_tokens(system_prompt) + tools + total
         first = self.index_after(self.reported_seq - 1)
         before = self.estimated[first - 1] if first else 0
         return self.reported_tokens + total - before

@@ -1006,6 +1006,7 @@ class PodController:
         try:
             self._make_dirs(self.name, self.toolbox.context.cwd)
         except OSError as exc:
+            self.inject_notes(turn.turn_id)  # read, as a failed engine start reads them
             error = f"cannot make the directories of pod {self.name}: {exc}"
             return TurnOutcome("errored", turn.output, error)
         if self._checkpoints is not None and not turn.checkpointed:
@@ -1277,7 +1278,7 @@ class PodController:
         return (
             self.journal.last_seq,
             self.status,
-            self.turn,
+            self.turn.turn_id if self.turn else None,
             len(self._queue),
             self.parent,
             self.team,

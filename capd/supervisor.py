@@ -395,8 +395,9 @@ class Supervisor:
         return found
 
     def spawn_cwd(self, manifest: Manifest) -> Path:
-        """The cwd a spawn of `manifest` stores, resolved, without making anything: its
-        work tree, its cwd (which must be a directory), or its own work directory."""
+        """The cwd a spawn of `manifest` stores, resolved: its work tree, its cwd (which
+        must be a directory; when it is another pod's own work dir, that is made, as its
+        owner's first turn would), or its own work directory."""
         return self.worktrees.cwd(manifest) or self._resolve_cwd(manifest, True)
 
     async def stop_pod(self, name: str, keep_turn: bool = False) -> list[str]:
@@ -985,13 +986,23 @@ class Supervisor:
         return self._pods_dir / name
 
     def make_pod_dirs(self, name: str, cwd: Path) -> None:
-        """The pod's state dir and, when `cwd` is its own work dir, that: made when first
-        needed (each turn and each start of its MCP servers makes sure), not at spawn,
-        where their two mkdirs cost as much as the rest of a spawn on a disk. Idle pods
-        need neither, and a pod another fleet node adopted gets them on this one."""
+        """The pod's state dir and, when `cwd` is in a pod's own work dir (its own, or a
+        team lead's its plain child works in), that one: made when first needed (each
+        turn and each start of its MCP servers makes sure), not at spawn, where their two
+        mkdirs cost as much as the rest of a spawn on a disk. Idle pods need neither, and
+        a pod another fleet node adopted gets them on this one."""
         self._make_pod_state_dir(name)
-        if cwd == self._real_pods_dir / name / "work":
-            cwd.mkdir(mode=0o700, exist_ok=True)
+        self._make_owners_dirs(cwd)
+
+    def _make_owners_dirs(self, cwd: Path) -> None:
+        """When `cwd` is in a known pod's own work dir, that pod's state and work dirs."""
+        try:
+            owner, below = cwd.resolve().relative_to(self._real_pods_dir).parts[:2]
+        except ValueError:  # not in the pods dir, or the pods dir itself
+            return
+        if below == "work" and self.registry.get(owner) is not None:
+            self._make_pod_state_dir(owner)
+            (self._real_pods_dir / owner / "work").mkdir(mode=0o700, exist_ok=True)
 
     def _start_servers(self, toolbox: Toolbox) -> None:
         """Start the pod's MCP servers (returns at once), its directories made first: they
@@ -1044,6 +1055,12 @@ class Supervisor:
         cwd = Path(manifest.cwd)
         if not cwd.is_absolute():
             raise ProtocolError("invalid_request", f"cwd {cwd} must be an absolute path")
+        try:
+            self._make_owners_dirs(cwd)  # another pod's own work dir, not made yet
+        except OSError as exc:
+            raise ProtocolError(
+                "invalid_request", f"cannot make the work dir cwd {cwd} is in: {exc}"
+            ) from None
         if must_exist and not cwd.is_dir():
             raise ProtocolError(
                 "invalid_request", f"cwd {cwd} is not a directory; create it before spawning"

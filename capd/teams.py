@@ -270,7 +270,7 @@ class Teams:
         send = requested
         if requested.cwd is None and requested.workspace.git is None and parent is not None:
             send = requested.model_copy(update={"cwd": parent.cwd})
-            cwd = Path(str(parent.cwd))  # resolved; made by the parent's spawn if new
+            cwd = Path(str(parent.cwd))  # resolved; the child's spawn makes it if need be
         else:
             cwd = self._sup.spawn_cwd(send)
         stored = send.model_copy(update={"cwd": str(cwd), "sandbox": resolve_paths(send.sandbox)})

@@ -7,7 +7,6 @@ the side of a larger count), and each message adds `MESSAGE_OVERHEAD` for its ro
 framing. A tool call counts its name and its arguments as JSON.
 """
 
-import functools
 import math
 
 import orjson
@@ -22,13 +21,6 @@ MESSAGE_OVERHEAD = 4
 def text_tokens(text: str) -> int:
     """The estimate for one text: its UTF-8 bytes / 4, rounded up."""
     return math.ceil(len(text.encode()) / BYTES_PER_TOKEN)
-
-
-@functools.lru_cache(maxsize=256)
-def prompt_tokens(system_prompt: str) -> int:
-    """`text_tokens` of a system prompt, which `status` asks for at every call: pods share
-    a few prompts, each a string object whose hash Python keeps."""
-    return text_tokens(system_prompt)
 
 
 def message_tokens(message: ChatMessage) -> int:

@@ -18,6 +18,8 @@ from tests.conftest import CapdProcess
 from tests.helpers import (
     connect_pod,
     daemon_request,
+    full_history,
+    is_event,
     run_turn,
     scripted,
     sigkill,
@@ -123,6 +125,38 @@ async def test_a_turn_that_cannot_make_the_pods_directories_errors_and_says_why(
     assert end["result"] == "errored"
     assert end["error"].startswith("cannot make the directories of pod blocked: "), end
     assert again["result"] == "finished"
+
+
+async def test_a_note_to_a_pod_whose_directories_cannot_be_made_is_read_once(
+    capd: CapdProcess,
+) -> None:
+    """The turn a note starts fails at once; the note is read by it (as an engine that
+    cannot start reads them), so it does not start turn after failing turn."""
+    await spawn(capd, "noted", _bash("pwd"), tools=["bash"])
+    (capd.state_dir / "pods").mkdir(mode=0o700, exist_ok=True)
+    (capd.state_dir / "pods" / "noted").write_text("in the way")
+    async with await connect_pod(capd, "noted") as pod:
+        await pod.request({"method": "notify", "text": "look"})
+        end, _ = await wait_for(pod, is_event("turn_end"))
+        await wait_for(pod, is_event("status", status="idle"))
+        history = await full_history(pod)
+    assert end["result"] == "errored"
+    assert [e["event"] for e in history].count("turn_start") == 1
+    assert [e["text"] for e in history if e["event"] == "notification"] == ["look"]
+
+
+async def test_a_cwd_in_another_pods_own_work_dir_is_made_for_it(capd: CapdProcess) -> None:
+    """A pod's own work dir is made by its first turn, but a pod spawned to work in it
+    (as a team's plain child works in its lead's) finds it made."""
+    await spawn(capd, "owner", scripted())
+    work = capd.state_dir.resolve() / "pods" / "owner" / "work"
+    assert not work.exists()
+    await spawn(capd, "guest", _bash("pwd"), tools=["bash"], cwd=str(work))
+    assert work.is_dir()
+    async with await connect_pod(capd, "guest") as pod:
+        end, seen = await run_turn(pod, "go")
+    assert end["result"] == "finished"
+    assert [e["output"] for e in seen if e["event"] == "tool_result"] == [str(work)]
 
 
 async def test_listed_variables_and_writable_paths_widen_it(

@@ -173,9 +173,13 @@ async def test_writes_outside_the_cwd_fail(host: Host) -> None:
 
 
 async def test_capd_state_and_other_pods_are_out_of_sight(host: Host) -> None:
-    await spawn(host.capd, "victim", scripted())
+    # The victim keeps a secret in its own work dir (made by its first turn).
+    keep = scripted({"tool_calls": [bash("echo secret > secret.txt")]}, {"text": "kept"})
+    await spawn(host.capd, "victim", keep, tools=["bash"])
+    async with await connect_pod(host.capd, "victim") as victim:
+        await run_turn(victim, "keep it")
     secret = host.state / "pods/victim/work/secret.txt"
-    secret.write_text("victim's secret\n")
+    assert secret.read_text() == "secret\n"
     assert (host.state / "capd.db").is_file()
     reads = [
         f"cat {host.state}/capd.db",

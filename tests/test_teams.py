@@ -298,6 +298,24 @@ async def events_until_closed(pod: Client) -> list[dict[str, Any]]:
     return seen
 
 
+async def test_a_plain_child_of_a_lead_with_its_own_work_dir_works_in_it(
+    capd: CapdProcess, tmp_path: Path
+) -> None:
+    """A lead with no cwd works in its own work dir, made by its first turn; its plain
+    child works there too, and the child's spawn makes it."""
+    model = {"provider": "scripted"}
+    pods = [
+        {"name": "boss", "model": model, "tools": ["bash"]},
+        {"name": "hand", "parent": "boss", "model": model, "tools": ["bash"]},
+    ]
+    assert await _apply(capd, _team_file(tmp_path, pods)) == ["+ spawn boss", "+ spawn hand"]
+    work = capd.state_dir.resolve() / "pods" / "boss" / "work"
+    async with await connect_pod(capd, "boss") as boss, await connect_pod(capd, "hand") as hand:
+        cwds = [(await pod.request({"method": "status"}))["cwd"] for pod in (boss, hand)]
+    assert cwds == [str(work), str(work)]
+    assert work.is_dir()
+
+
 async def test_apply_checks_every_pod_before_it_changes_anything(
     capd: CapdProcess, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
