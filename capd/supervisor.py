@@ -195,12 +195,14 @@ class Supervisor:
     async def adopt(self, records: list[PodRecord]) -> None:
         """Pods another fleet node held until this one adopted them (parents first):
         known from now on, and brought up as a restart would (a turn that was running
-        comes back paused); stopped ones stay stopped, here. Pods known already (a retry
-        after a failed scan) are left as they are; one that cannot be brought up is
-        marked, like a restore's, and the others still come up."""
-        records = [record for record in records if self.registry.get(record.name) is None]
+        comes back paused); stopped ones stay stopped, here. A retry after a failed scan
+        brings up those of them not up yet, learned by the failed attempt or not; one
+        that cannot be brought up is marked, like a restore's, and the others still come
+        up."""
         for record in records:
-            self.registry.learn(record)
+            if self.registry.get(record.name) is None:
+                self.registry.learn(record)
+        records = [record for record in records if record.name not in self.pods]
         pending = {record.name for record in records if not record.stopped}
         self._restoring |= pending  # known from now on, up only once its turn comes
         try:
