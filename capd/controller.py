@@ -1258,7 +1258,7 @@ class PodController:
     def status_json(self, children: list[str], node: str) -> bytes:
         """`status_result`, with `node`, as JSON: made again only once something it shows
         may have changed (`_status_key`), as `status` is what clients poll."""
-        key = self._status_key(children)
+        key = self._status_key(children, node)
         cached = self._status_json
         if cached is None or cached[0] != key:
             result = self.status_result(children)
@@ -1266,7 +1266,7 @@ class PodController:
             cached = self._status_json = (key, orjson.dumps(result))
         return cached[1]
 
-    def _status_key(self, children: list[str]) -> tuple[object, ...]:
+    def _status_key(self, children: list[str], node: str) -> tuple[object, ...]:
         """What `status_result` is made of, each part as cheaply as it can be read: the
         journal's last seq for all the journal derives (usage, context, questions, the
         status and the turn, each change an event); the manifest and the pod's parts by
@@ -1293,6 +1293,7 @@ class PodController:
             engine.mcp_status(),
             servers and toolbox.mcp_status(),
             servers and toolbox.spec_tokens,
+            node,
         )
 
     def status_result(self, children: list[str]) -> dict[str, Any]:

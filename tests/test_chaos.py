@@ -90,7 +90,7 @@ def _step(rng: random.Random, pod: str, index: int, markers: Path) -> dict[str, 
     wait = f"sleep 0.{rng.randint(2, 40):02d}"
     if pod == SLEEPER:
         until_settling = f"until [ -e {_settling(markers)} ]; do sleep 0.1; done"
-        wait = f"timeout 30 sh -c '{until_settling}'" if index % 2 == 0 else ""
+        wait = f"timeout --foreground 30 sh -c '{until_settling}'" if index % 2 == 0 else ""
     elif rng.random() < 0.5:
         wait = ""
     if wait:
