@@ -864,6 +864,7 @@ class PodController:
         self.toolbox = parts.toolbox
         self._checkpoints = parts.checkpoints
         self._model_label = model_label(manifest)
+        self._fixed_status = self._status_json = None  # they hold the old parts
         return old
 
     async def _restore_files(self, turn_id: str) -> None:
