@@ -51,7 +51,7 @@ from capd.tools import CHANGE_FILES
 from capd.tools.base import ToolContext, ToolFailed
 from capd.tools.mcp.server import pod_servers
 from capd.tools.toolbox import Toolbox
-from protocol.errors import ErrorCode, ProtocolError
+from protocol.errors import ErrorCode, ProtocolError, first_line
 from protocol.events import (
     PodDeleted,
     PodEventBase,
@@ -295,7 +295,7 @@ class Supervisor:
             raise ProtocolError(
                 "internal",
                 f"pod {name} could not start, so it was not kept: {type(exc).__name__}: "
-                f"{_first_line(exc)}",
+                f"{first_line(exc)}",
             ) from None
         socket = str(running.endpoint.path)
         if (local_parent := self._pod_at(parent)) is not None:
@@ -641,7 +641,7 @@ class Supervisor:
         return running
 
     def _cannot_restore(self, name: str, exc: Exception) -> CannotRestore:
-        reason = f"cannot be restored: {type(exc).__name__}: {_first_line(exc)}"
+        reason = f"cannot be restored: {type(exc).__name__}: {first_line(exc)}"
         log.error("pod %s %s", name, reason, exc_info=exc)
         self._broken[name] = reason
         return CannotRestore(f"pod {name} {reason}")
@@ -1126,10 +1126,6 @@ class Supervisor:
             last_result=self.activity.last_result(name),
             error=self._broken.get(name),
         )
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).splitlines() or [""])[0]
 
 
 def _no_workspace() -> None:

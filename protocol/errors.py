@@ -28,3 +28,9 @@ class ProtocolError(Exception):
         super().__init__(message)
         self.code: ErrorCode = code
         self.message = message
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's text: what a one-line message or log line quotes of
+    an error whose text goes on (a database's, a traceback-like one)."""
+    return (str(exc).strip().splitlines() or [""])[0]

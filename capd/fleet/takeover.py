@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 
 from capd.fleet.control import Control, NotLive
 from capd.store import PodRecord
+from protocol.errors import first_line
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ class Scanner:
                 log.error(
                     "fleet takeover scan failed: %s: %s%s; the next scan in %g s tries again",
                     type(exc).__name__,
-                    _first_line(exc),
+                    first_line(exc),
                     owed,
                     scan_s(self._ttl_s),
                 )
@@ -96,8 +97,3 @@ class Scanner:
         """Bring the owed pods up; `adopt` skips those a failed attempt brought up."""
         await self._adopt(await self._control.records(self._owed))
         self._owed = []
-
-
-def _first_line(exc: BaseException) -> str:
-    """A database error's text goes on with its context: the log line keeps the first."""
-    return (str(exc).strip().splitlines() or [""])[0]

@@ -70,7 +70,7 @@ from capd.store.base import (
 )
 from capd.store.batch import BatchBroken, GroupCommit, StoreFailed
 from capd.store.errors import StoreUnavailable, redact
-from protocol.errors import ProtocolError
+from protocol.errors import ProtocolError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -795,7 +795,7 @@ def _connect(url: str, shown: str) -> psycopg.Connection[Any]:
     try:
         params = conninfo.conninfo_to_dict(url)
     except psycopg.ProgrammingError as exc:
-        why = _first_line(exc)
+        why = first_line(exc)
         raise StoreUnavailable(f"--store {shown}: not a PostgreSQL URL: {why}") from None
     params.setdefault("connect_timeout", CONNECT_TIMEOUT_S)
     params.setdefault("application_name", "capd")
@@ -803,7 +803,7 @@ def _connect(url: str, shown: str) -> psycopg.Connection[Any]:
         return psycopg.connect(autocommit=True, **params)
     except psycopg.Error as exc:
         raise StoreUnavailable(
-            f"cannot connect to the store at {shown}: {_first_line(exc)} "
+            f"cannot connect to the store at {shown}: {first_line(exc)} "
             "(is PostgreSQL running, and do the URL's host, database, user and password "
             "match it? see README: PostgreSQL)"
         ) from None
@@ -829,10 +829,6 @@ def _migrate(conn: psycopg.Connection[Any], shown: str) -> None:
                 conn.execute("INSERT INTO schema_version VALUES (%s)", (len(MIGRATIONS),))
     except psycopg.Error as exc:
         raise StoreUnavailable(
-            f"cannot set up capd's tables in the store at {shown}: {_first_line(exc)} "
+            f"cannot set up capd's tables in the store at {shown}: {first_line(exc)} "
             "(the URL's user needs a database it owns: createdb -O USER capd)"
         ) from None
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
