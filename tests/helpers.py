@@ -3,9 +3,11 @@ built-in tool in-process."""
 
 import asyncio
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from capd.tools import BUILTIN_TOOLS
 from capd.tools.base import ToolContext, ToolOutcome
@@ -176,3 +178,39 @@ def alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+async def subscribed_two_ways(
+    daemon_socket: Path, own: Client, pod: str
+) -> tuple[Event, list[Event], list[Event]]:
+    """Subscribe to `pod` from seq 0 through the daemon socket (read as raw lines: frames
+    as sent) and on `own`, a connection to its own socket; queue two more turns after the
+    one it ran; read both until the third turn_end. Returns the daemon's ack, what `own`
+    saw and what came through the daemon; `own` is closed."""
+    reader, writer = await asyncio.open_unix_connection(str(daemon_socket), limit=1 << 24)
+    try:
+        await reader.readline()  # hello
+        request = {"method": "subscribe", "pod": pod, "after_seq": 0, "id": "s"}
+        writer.write(orjson.dumps(request) + b"\n")
+        ack = await read_frame(reader)
+        await own.request({"method": "subscribe", "after_seq": 0})
+        for text in ("two", "three"):
+            await own.request({"method": "run", "text": text, "if_busy": "queue"})
+        seen = await _until_turn_end(lambda: own.next_event(EVENT_TIMEOUT_S), 3)
+        relayed = await _until_turn_end(lambda: read_frame(reader), 3)
+    finally:
+        writer.close()
+        await own.close()
+    return ack, seen, relayed
+
+
+async def read_frame(reader: asyncio.StreamReader) -> Event:
+    return orjson.loads(await asyncio.wait_for(reader.readline(), EVENT_TIMEOUT_S))
+
+
+async def _until_turn_end(next_event: Callable[[], Awaitable[Event]], turns: int) -> list[Event]:
+    """Events until the `turns`-th turn_end, it included."""
+    seen: list[Event] = []
+    while sum(event["event"] == "turn_end" for event in seen) < turns:
+        seen.append(await next_event())
+    return seen

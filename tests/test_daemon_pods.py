@@ -5,10 +5,8 @@ import asyncio
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import orjson
 import pytest
 
 from capd.config import default_node_name
@@ -22,6 +20,7 @@ from tests.helpers import (
     scripted,
     slow_text,
     spawn,
+    subscribed_two_ways,
     wait_for,
 )
 
@@ -71,20 +70,7 @@ async def test_subscribe_through_the_daemon_sees_what_the_pod_socket_sees(
         await first.request({"method": "run", "text": "one"})
         await wait_for(first, is_event("status", status="idle"))
     own = await connect_pod(capd, "w1", subscribe=False)
-    reader, writer = await asyncio.open_unix_connection(str(capd.socket), limit=1 << 24)
-    try:
-        await reader.readline()  # hello
-        request = {"method": "subscribe", "pod": "w1", "after_seq": 0, "id": "s"}
-        writer.write(orjson.dumps(request) + b"\n")
-        ack = await _read(reader)
-        await own.request({"method": "subscribe", "after_seq": 0})
-        for text in ("two", "three"):
-            await own.request({"method": "run", "text": text, "if_busy": "queue"})
-        seen = await _until_turn_end(lambda: own.next_event(10), 3)
-        relayed = await _until_turn_end(lambda: _read(reader), 3)
-    finally:
-        writer.close()
-        await own.close()
+    ack, seen, relayed = await subscribed_two_ways(capd.socket, own, "w1")
     assert ack["event"] == "ack"
     assert ack["id"] == "s"
     assert 0 < ack["result"]["last_seq"] < seen[-1]["seq"]
@@ -93,18 +79,6 @@ async def test_subscribe_through_the_daemon_sees_what_the_pod_socket_sees(
     assert seqs == list(range(1, len(seqs) + 1))
     assert any(event["event"] == "text_delta" for event in seen)
     assert all(event["pod"] == "w1" for event in seen)
-
-
-async def _read(reader: asyncio.StreamReader) -> Event:
-    return orjson.loads(await asyncio.wait_for(reader.readline(), 10))
-
-
-async def _until_turn_end(next_event: Callable[[], Awaitable[Event]], turns: int) -> list[Event]:
-    """Events until the `turns`-th turn_end, it included."""
-    seen: list[Event] = []
-    while sum(event["event"] == "turn_end" for event in seen) < turns:
-        seen.append(await next_event())
-    return seen
 
 
 async def test_pod_methods_on_the_daemon_socket_refused(capd: CapdProcess) -> None:

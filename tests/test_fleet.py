@@ -28,7 +28,7 @@ from protocol.client import Client, ConnectionClosed
 from protocol.errors import ProtocolError
 from tests.conftest import CapdProcess
 from tests.gitrepo import make_repo
-from tests.helpers import Event, daemon_request, is_event, scripted, wait_for
+from tests.helpers import Event, connect_pod, daemon_request, is_event, scripted, sigkill, wait_for
 
 TTL_S = float(os.environ.get("CAPD_FLEET_TTL_S") or 3)
 HELD_TOOL = {"name": "bash", "arguments": {"command": "sleep 20"}}
@@ -104,8 +104,7 @@ async def _spawn_holding(node: CapdProcess, name: str, **fields: Any) -> None:
 
 async def _start_held_turn(node: CapdProcess, name: str) -> tuple[Client, dict[int, Event]]:
     """Run a turn that stays open on its tool call; the durable events seen so far."""
-    client = await Client.connect(node.pod_socket(name))
-    await client.request({"method": "subscribe"})
+    client = await connect_pod(node, name)
     await client.request({"method": "run", "text": "go"})
     _, events = await wait_for(client, is_event("assistant_message"))  # its tool runs
     return client, {e["seq"]: e for e in events if "seq" in e}
@@ -220,9 +219,7 @@ async def test_a_node_restarted_under_its_name_takes_its_pods_back_at_once(
     await _spawn_holding(n1, "w1")
     client, _ = await _start_held_turn(n1, "w1")
     await client.close()
-    assert n1.proc is not None
-    n1.proc.kill()
-    await asyncio.to_thread(n1.proc.wait, 10)
+    await sigkill(n1)
     restarted = time.monotonic()
     await asyncio.to_thread(n1.start)
     status = await _answers(n1, "w1", 5)
@@ -249,9 +246,7 @@ async def test_a_node_restoring_many_pods_keeps_its_lease(
     fleet_dirs.append(n1)
     await asyncio.to_thread(n1.start)
     await daemon_request(n1, {"method": "spawn", "manifest": {"name": "r0", "model": scripted()}})
-    assert n1.proc is not None
-    n1.proc.kill()
-    await asyncio.to_thread(n1.proc.wait, 10)
+    await sigkill(n1)
     _sql(  # no lease rows: the node takes them when it joins, as pods of a pre-fleet capd
         pg_url,
         "INSERT INTO pods (name, manifest, created) SELECT 'r' || i, "
@@ -441,8 +436,7 @@ async def test_a_partitioned_node_stops_and_its_late_commit_never_lands(
     streaming = {"text": "x" * 20000, "chunk_chars": 1, "delay_ms": 1}
     manifest = {"name": "w1", "model": scripted(streaming, {"text": "done"})}
     await daemon_request(n1, {"method": "spawn", "manifest": manifest})
-    async with await Client.connect(n1.pod_socket("w1")) as client:
-        await client.request({"method": "subscribe"})
+    async with await connect_pod(n1, "w1") as client:
         await client.request({"method": "run", "text": "go"})
         await wait_for(client, is_event("text_delta"))
         cut = time.monotonic()
@@ -673,8 +667,7 @@ async def test_a_frozen_node_is_fenced_when_it_wakes(
     manifest = {"name": "w1", "model": scripted(streaming, {"text": "done"})}
     await daemon_request(n1, {"method": "spawn", "manifest": manifest})
     assert n1.proc is not None
-    async with await Client.connect(n1.pod_socket("w1")) as client:
-        await client.request({"method": "subscribe"})
+    async with await connect_pod(n1, "w1") as client:
         await client.request({"method": "run", "text": "go"})
         await wait_for(client, is_event("text_delta"))
         n1.proc.send_signal(signal.SIGSTOP)

@@ -7,7 +7,7 @@ import os
 import re
 import statistics
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -18,7 +18,16 @@ from capd.fleet.links import LinkError, open_link
 from protocol.client import Client
 from protocol.errors import ProtocolError
 from tests.conftest import START_TIMEOUT_S, CapdProcess, _request, _stopped_at_exit
-from tests.helpers import Event, is_event, scripted, slow_text, wait_for
+from tests.helpers import (
+    connect_pod,
+    is_event,
+    read_frame,
+    scripted,
+    sigkill,
+    slow_text,
+    subscribed_two_ways,
+    wait_for,
+)
 from tests.pg import PgServer
 from tests.test_capctl import ok
 
@@ -111,25 +120,11 @@ async def test_relayed_subscription_sees_what_the_hosts_own_subscriber_sees(
     sends, in the same order."""
     steps = [{"text": "first"}, slow_text(300, 1), {"text": "third"}]
     await _spawn(a, "w1", "b", {"provider": "scripted", "script": steps})
-    async with await Client.connect(b.pod_socket("w1")) as own:
-        await own.request({"method": "subscribe"})
+    async with await connect_pod(b, "w1") as own:
         await own.request({"method": "run", "text": "one"})
         await wait_for(own, is_event("status", status="idle"))
     own = await Client.connect(b.pod_socket("w1"))
-    reader, writer = await asyncio.open_unix_connection(str(a.socket), limit=1 << 24)
-    try:
-        await reader.readline()  # hello
-        request = {"method": "subscribe", "pod": "w1", "after_seq": 0, "id": "s"}
-        writer.write(orjson.dumps(request) + b"\n")
-        ack = await _read(reader)
-        await own.request({"method": "subscribe", "after_seq": 0})
-        for text in ("two", "three"):
-            await own.request({"method": "run", "text": text, "if_busy": "queue"})
-        seen = await _until_turn_end(lambda: own.next_event(10), 3)
-        relayed = await _until_turn_end(lambda: _read(reader), 3)
-    finally:
-        writer.close()
-        await own.close()
+    ack, seen, relayed = await subscribed_two_ways(a.socket, own, "w1")
     assert (ack["event"], ack["id"]) == ("ack", "s")
     assert 0 < ack["result"]["last_seq"] < seen[-1]["seq"]
     assert relayed == seen
@@ -194,7 +189,7 @@ async def test_relayed_and_local_requests_pipeline_in_request_order(
                 for i, pod in enumerate(pods)
             )
         )
-        replies = [await _read(reader) for _ in pods]
+        replies = [await read_frame(reader) for _ in pods]
     finally:
         writer.close()
     assert [reply["id"] for reply in replies] == list(range(len(pods)))
@@ -259,16 +254,13 @@ async def test_a_relayed_subscription_survives_its_hosts_crash(
     for name in ("pa1", "pa2"):
         await _spawn(a, name, "a", scripted())
     try:
-        async with await Client.connect(b.pod_socket("ck")) as own:
-            await own.request({"method": "subscribe"})
+        async with await connect_pod(b, "ck") as own:
             await own.request({"method": "run", "text": "go"})
             await wait_for(own, is_event("text_delta"))
         async with await Client.connect(a.socket) as daemon:
             ack = await daemon.request({"method": "subscribe", "pod": "ck"})
             _, before = await wait_for(daemon, is_event("text_delta"))
-            assert b.proc is not None
-            b.proc.kill()
-            b.proc.wait()
+            await sigkill(b)
             killed = time.monotonic()
             async with await Client.connect(a.socket) as other:
                 await other.request({"method": "list"})  # a's shared link to b is gone now
@@ -352,17 +344,6 @@ def _address(url: str, node: str) -> str:
     assert row is not None
     assert row[0]
     return str(row[0])
-
-
-async def _read(reader: asyncio.StreamReader) -> Event:
-    return orjson.loads(await asyncio.wait_for(reader.readline(), 10))
-
-
-async def _until_turn_end(next_event: Callable[[], Awaitable[Event]], turns: int) -> list[Event]:
-    seen: list[Event] = []
-    while sum(event["event"] == "turn_end" for event in seen) < turns:
-        seen.append(await next_event())
-    return seen
 
 
 async def test_a_report_reaches_a_parent_on_another_node_once(
