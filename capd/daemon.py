@@ -160,7 +160,7 @@ class Daemon:
             self._metrics_listen = await self._metrics_http.bind(*cfg.metrics_listen)
         await self._restore_pods()
         if self.fleet is not None:
-            self.fleet.adopt_with(self._adopt, str(self.supervisor.registry.socket("-").parent))
+            self.fleet.adopt_with(self._adopt, str(self.supervisor.registry.pods_dir))
         if self._metrics_http is not None:  # once restored: no scrape sees pods not up yet
             await self._metrics_http.serve()
             log.info("metrics at http://%s/metrics", self._metrics_listen)

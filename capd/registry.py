@@ -13,14 +13,13 @@ import time
 from pathlib import Path
 
 from capd.store import Carried, OwedReport, PodRecord, Store
-from protocol.paths import pod_socket
+from protocol.paths import pods_dir
 
 
 class PodRegistry:
     def __init__(self, store: Store, runtime_dir: Path) -> None:
         self._store = store
-        self._runtime_dir = runtime_dir
-        self._pods_dir = pod_socket(runtime_dir, "pod").parent
+        self.pods_dir = pods_dir(runtime_dir)
         """Where the pods' sockets are (made once: a restore asks for every pod's)."""
         self._records: dict[str, PodRecord] = {record.name: record for record in store.pods()}
         """In creation order, as the table lists them."""
@@ -52,13 +51,11 @@ class PodRegistry:
         worktree: str | None = None,
     ) -> None:
         self._store.add_pod(name, manifest, parent, time.time(), team, worktree)
-        record = PodRecord(name, manifest, parent, False, team, worktree)
-        self._records[name] = record
-        self._index(record)
+        self.learn(PodRecord(name, manifest, parent, False, team, worktree))
 
     def learn(self, record: PodRecord) -> None:
-        """A pod this daemon did not know: one another fleet node held until it was
-        adopted here (its stored record, already in the store)."""
+        """A pod this daemon did not know, already in the store: one just added, or one
+        another fleet node held until it was adopted here."""
         self._records[record.name] = record
         self._index(record)
 
@@ -105,7 +102,7 @@ class PodRegistry:
 
     def socket(self, name: str) -> Path:
         """Where the pod named `name` listens (or would): `protocol.paths.pod_socket`."""
-        return self._pods_dir / f"{name}.sock"
+        return self.pods_dir / f"{name}.sock"
 
     def children_of(self, name: str) -> list[str]:
         socket = self._sockets.get(name) or str(self.socket(name))
@@ -153,8 +150,8 @@ class PodRegistry:
         path = Path(socket)
         if path != self.socket(path.stem):
             path = Path(os.path.realpath(path))
-            pods_dir = Path(os.path.realpath(self._runtime_dir / "pods"))
-            if path.parent != pods_dir or path.suffix != ".sock":
+            real_dir = Path(os.path.realpath(self.pods_dir))
+            if path.parent != real_dir or path.suffix != ".sock":
                 return None
         return path.stem
 

@@ -62,7 +62,6 @@ from protocol.results import (
     ApplyResult,
     DiffResult,
     DownResult,
-    FleetNode,
     InfoResult,
     ListResult,
     MetricsResult,
@@ -119,8 +118,6 @@ class PodMethods(Protocol):
     """The same for subscribers that asked for activity, with each pod's pod_activity."""
     node: str
     """This node's name (`capd --node`)."""
-
-    def fleet(self) -> list[FleetNode]: ...
 
     def endpoint(self, name: str) -> "PodEndpoint":
         """The endpoint of a pod this node hosts; `not_found` or `not_running` otherwise."""
@@ -478,15 +475,9 @@ class DaemonEndpoint(Endpoint):
                 process.request_shutdown()  # first: whoever reads the ack finds capd stopping
                 conn.send(ack(request))
                 return None
-            case DaemonSubscribe(activity=True):
-                self._end_relayed(conn)
-                self._following.pop(conn, None)
-                self._subscribe(pods.activity.hub, conn, request, None)
-                return None
-            case DaemonSubscribe():
-                self._end_relayed(conn)
-                self._following.pop(conn, None)
-                self._subscribe(pods.hub, conn, request, None)
+            case DaemonSubscribe(activity=activity):
+                self._stop_following(conn)
+                self._subscribe(pods.activity.hub if activity else pods.hub, conn, request, None)
                 return None
             case Overview():
                 return ack(request, pods.overview())
@@ -535,8 +526,7 @@ class DaemonEndpoint(Endpoint):
         request = {k: v for k, v in frame.items() if k != "pod"}
         if method in ("subscribe", "unsubscribe"):
             POD_REQUESTS.parse(request)  # a bad one changes nothing; a good one ends the
-            self._following.pop(conn, None)  # connection's subscription, whichever it is
-            self._end_relayed(conn)
+            self._stop_following(conn)  # connection's subscription, whichever it is
         reply = endpoint._handle(request, conn)
         return self._follow(reply, conn, name) if method == "subscribe" else reply
 
@@ -558,7 +548,9 @@ class DaemonEndpoint(Endpoint):
         relay.forward(name, frame, answer)
         return answer
 
-    def _end_relayed(self, conn: Connection) -> None:
+    def _stop_following(self, conn: Connection) -> None:
+        """The connection follows no pod from now on, here or through a relay."""
+        self._following.pop(conn, None)
         if self._relay is not None:
             self._relay.end_subscription(conn)
 
@@ -592,5 +584,6 @@ class DaemonEndpoint(Endpoint):
     def _check_node(self, node: str | None) -> None:
         """A spawn goes to this node, the only one without a shared store."""
         if node is not None and node != self._pods.node:
-            nodes = ", ".join(entry.node for entry in self._pods.fleet())
-            raise ProtocolError("not_found", f"no node {node} in the fleet (nodes: {nodes})")
+            raise ProtocolError(
+                "not_found", f"no node {node} in the fleet (nodes: {self._pods.node})"
+            )

@@ -127,7 +127,6 @@ class Supervisor:
         self.config = config
         self.node = config.node
         """This node's name (`capd --node`): `status`, `list` and `info` name it."""
-        """The fleet this node is part of (a PostgreSQL store); None on SQLite."""
         self.sandbox = sandbox
         self.store = store
         self.outbox = outbox
@@ -158,9 +157,12 @@ class Supervisor:
         """Whether `require_git` passed once: capd's PATH does not change."""
         self.limiter = Limiter.detect(config.state_dir, config.limits)
         """How pods' limits.memory_mb and limits.pids are enforced (detected once)."""
-        own = (config.state_dir, config.runtime_dir)
         self.worktrees = PodWorktrees(
-            registry, config.state_dir, own, self.in_background, fleet=config.store is not None
+            registry,
+            config.state_dir,
+            self._own_dirs,
+            self.in_background,
+            fleet=config.store is not None,
         )
         """The pods' `workspace.git` work trees (none in a fleet: they cannot move)."""
         self.teams = teams(self)
@@ -992,19 +994,23 @@ class Supervisor:
         team lead's its plain child works in), that one: made when first needed (each
         turn and each start of its MCP servers makes sure), not at spawn, where their two
         mkdirs cost as much as the rest of a spawn on a disk. Idle pods need neither, and
-        a pod another fleet node adopted gets them on this one."""
-        self._make_pod_state_dir(name)
-        self._make_owners_dirs(cwd)
+        a pod another fleet node adopted gets them on this one. `cwd` is resolved, as the
+        pod's manifest stores it."""
+        if self._make_owners_dirs(cwd) != name:
+            self._make_pod_state_dir(name)
 
-    def _make_owners_dirs(self, cwd: Path) -> None:
-        """When `cwd` is in a known pod's own work dir, that pod's state and work dirs."""
+    def _make_owners_dirs(self, cwd: Path) -> str | None:
+        """When `cwd` (resolved) is in a known pod's own work dir, that pod's state and work
+        dirs; the pod's name, or None."""
         try:
-            owner, below = cwd.resolve().relative_to(self._real_pods_dir).parts[:2]
+            owner, below = cwd.relative_to(self._real_pods_dir).parts[:2]
         except ValueError:  # not in the pods dir, or the pods dir itself
-            return
-        if below == "work" and self.registry.get(owner) is not None:
-            self._make_pod_state_dir(owner)
-            (self._real_pods_dir / owner / "work").mkdir(mode=0o700, exist_ok=True)
+            return None
+        if below != "work" or self.registry.get(owner) is None:
+            return None
+        self._make_pod_state_dir(owner)
+        (self._real_pods_dir / owner / "work").mkdir(mode=0o700, exist_ok=True)
+        return owner
 
     def _start_servers(self, toolbox: Toolbox) -> None:
         """Start the pod's MCP servers (returns at once), its directories made first: they
@@ -1018,7 +1024,7 @@ class Supervisor:
                 log.error("pod %s: cannot make its directories: %s", context.pod, exc)
         toolbox.start_mcp_servers()
 
-    def _make_pod_state_dir(self, name: str) -> Path:
+    def _make_pod_state_dir(self, name: str) -> None:
         """The pod's state dir (its spilled tool output goes there), 0700 at each level;
         one mkdir once the pods dir exists."""
         path = self._pod_state_dir(name)
@@ -1027,7 +1033,6 @@ class Supervisor:
         except FileNotFoundError:
             path.parent.mkdir(mode=0o700, exist_ok=True)
             path.mkdir(mode=0o700, exist_ok=True)
-        return path
 
     def _pod_at(self, socket: str | None) -> _RunningPod | None:
         name = self.registry.name_at(socket)
@@ -1057,17 +1062,18 @@ class Supervisor:
         cwd = Path(manifest.cwd)
         if not cwd.is_absolute():
             raise ProtocolError("invalid_request", f"cwd {cwd} must be an absolute path")
+        resolved = cwd.resolve()
         try:
-            self._make_owners_dirs(cwd)  # another pod's own work dir, not made yet
+            self._make_owners_dirs(resolved)  # another pod's own work dir, not made yet
         except OSError as exc:
             raise ProtocolError(
                 "invalid_request", f"cannot make the work dir cwd {cwd} is in: {exc}"
             ) from None
-        if must_exist and not cwd.is_dir():
+        if must_exist and not resolved.is_dir():
             raise ProtocolError(
                 "invalid_request", f"cwd {cwd} is not a directory; create it before spawning"
             )
-        return cwd.resolve()
+        return resolved
 
     def _pod_status_changed(self, name: str, status: PodStatusName) -> None:
         self.teams.status_changed(name, status)

@@ -37,5 +37,10 @@ def daemon_socket(runtime: Path) -> Path:
     return runtime / "capd.sock"
 
 
+def pods_dir(runtime: Path) -> Path:
+    """Where the pods' sockets are."""
+    return runtime / "pods"
+
+
 def pod_socket(runtime: Path, name: str) -> Path:
-    return runtime / "pods" / f"{name}.sock"
+    return pods_dir(runtime) / f"{name}.sock"
