@@ -153,10 +153,8 @@ class Outbox:
         for entry in batch:
             try:
                 await send(entry, {"method": "pod_event", "event": decode(entry.payload)})
-            except ParentGone as exc:
+            except ParentGone as exc:  # dropped: delivered as far as the outbox goes
                 log.warning("dropping a report of pod %s to %s: %s", entry.pod, target, exc)
-                self._store.report_delivered(entry.id)
-                continue
             except ProtocolError as exc:
                 if exc.code not in REFUSED_FOR_GOOD:
                     raise

@@ -58,8 +58,8 @@ class NodeInfo:
 @dataclass(frozen=True)
 class Joined:
     incarnation: int
-    reclaimed: list[tuple[str, int]]
-    """(pod, new epoch) of the pods the node held under its name."""
+    reclaimed: list[str]
+    """The pods the node held under its name (each lease's epoch went up by one)."""
 
 
 class NameInUse(Exception):
@@ -139,18 +139,18 @@ class Control:
             inc = await cur.fetchone()
             assert inc is not None
             cur = await self._conn.execute(
-                "UPDATE leases SET epoch = epoch + 1 WHERE node = %s RETURNING pod, epoch", (me,)
+                "UPDATE leases SET epoch = epoch + 1 WHERE node = %s RETURNING pod", (me,)
             )
-            reclaimed = [(pod, epoch) for pod, epoch in await cur.fetchall()]
+            reclaimed = [pod for (pod,) in await cur.fetchall()]
             # Pods a capd wrote before the fleet's tables existed have no lease: the first
             # node to join takes them.
             cur = await self._conn.execute(
                 "INSERT INTO leases (pod, node, epoch, family) SELECT name, %s, 1, name "
                 "FROM pods WHERE NOT EXISTS (SELECT 1 FROM leases WHERE pod = name) "
-                "ON CONFLICT DO NOTHING RETURNING pod, epoch",
+                "ON CONFLICT DO NOTHING RETURNING pod",
                 (me,),
             )
-            reclaimed += [(pod, epoch) for pod, epoch in await cur.fetchall()]
+            reclaimed += [pod for (pod,) in await cur.fetchall()]
         return Joined(int(inc[0]), reclaimed)
 
     async def set_address(self, me: str, incarnation: int, address: str) -> None:
@@ -177,12 +177,10 @@ class Control:
 
     # -- takeover -----------------------------------------------------------------------
 
-    async def adopt(
-        self, me: str, incarnation: int, pods_dir: str
-    ) -> tuple[list[str], list[tuple[str, int]]]:
+    async def adopt(self, me: str, incarnation: int, pods_dir: str) -> tuple[list[str], list[str]]:
         """One scan, one transaction: end the incarnations that expired, then move a share
         of the ended nodes' pods (whole families) to `me`, whose pod sockets are in
-        `pods_dir`. Returns (nodes ended, (pod, new epoch) adopted). Raises NotLive when
+        `pods_dir`. Returns (nodes ended, pods adopted). Raises NotLive when
         `me` itself is no longer live. The pods an earlier call moved to `me` though it
         failed (its COMMIT went through unanswered) are among those adopted."""
         async with self._lock:
@@ -191,18 +189,16 @@ class Control:
             self._unsettled = []  # the earlier ones' pods are in `moved`, this one answered
             return ended, moved + adopted
 
-    async def _moved_by(self, me: str, xids: list[str]) -> list[tuple[str, int]]:
+    async def _moved_by(self, me: str, xids: list[str]) -> list[str]:
         """The leases of `me` that transactions `xids` wrote last: none if they rolled back.
         (Nothing else writes the lease of a pod this node does not know yet.)"""
         cur = await (await self._ready()).execute(
-            "SELECT pod, epoch FROM leases WHERE node = %s AND xmin::text = ANY(%s)",
+            "SELECT pod FROM leases WHERE node = %s AND xmin::text = ANY(%s)",
             (me, xids),
         )
-        return [(pod, epoch) for pod, epoch in await cur.fetchall()]
+        return [pod for (pod,) in await cur.fetchall()]
 
-    async def _adopt(
-        self, me: str, incarnation: int, pods_dir: str
-    ) -> tuple[list[str], list[tuple[str, int]]]:
+    async def _adopt(self, me: str, incarnation: int, pods_dir: str) -> tuple[list[str], list[str]]:
         async with (await self._ready()).transaction():
             # Locks our own row (FOR SHARE) for the transaction: a node whose lease ran
             # out must not adopt, and cannot lose the row before this commits.
@@ -246,14 +242,14 @@ class Control:
                 "UPDATE leases SET node = %s, epoch = epoch + 1 WHERE pod IN ("
                 "SELECT l.pod FROM leases l JOIN nodes n ON n.name = l.node "
                 "WHERE n.incarnation = 0 AND l.family = ANY(%s) "
-                "FOR UPDATE OF l SKIP LOCKED FOR SHARE OF n SKIP LOCKED) RETURNING pod, epoch",
+                "FOR UPDATE OF l SKIP LOCKED FOR SHARE OF n SKIP LOCKED) RETURNING pod",
                 (me, chosen),
             )
-            adopted = [(pod, epoch) for pod, epoch in await cur.fetchall()]
+            adopted = [pod for (pod,) in await cur.fetchall()]
             # A child names its parent by socket path: a parent that is now this node's
             # listens in this node's pods dir, where the child (its tree, its reports) must
             # look for it — the old node's path may differ.
-            await self._conn.execute(MOVE_PARENTS, (pods_dir, [pod for pod, _ in adopted], me))
+            await self._conn.execute(MOVE_PARENTS, (pods_dir, adopted, me))
             # An ended node that holds nothing any more leaves the fleet's listing.
             await self._conn.execute(
                 "DELETE FROM nodes WHERE name IN (SELECT name FROM nodes n WHERE "

@@ -19,6 +19,7 @@ from capd.config import host_port
 from capd.fleet import auth
 from protocol import SERVER_NAME
 from protocol.errors import ProtocolError
+from protocol.events import Error
 from protocol.framing import encode
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ class LinkServer:
             peer = writer.get_extra_info("peername")
             log.warning("refused a node link from %s: %s", peer, exc)
             if isinstance(exc, ProtocolError):
-                writer.write(_error(exc.code, exc.message))
+                writer.write(encode(Error(id=0, code=exc.code, message=exc.message)))
             writer.close()
             return
         await self._serve_link(reader, writer, welcome)
@@ -203,7 +204,3 @@ async def _dial_handshake(
                 f"node {peer} failed to prove it holds the fleet key: wrong --fleet-key-file"
             )
     return peer
-
-
-def _error(code: str, message: str) -> bytes:
-    return encode({"event": "error", "id": 0, "code": code, "message": message})

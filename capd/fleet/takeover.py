@@ -82,12 +82,11 @@ class Scanner:
         if self._owed:
             log.warning("bringing up %d adopted pods again", len(self._owed))
             await self._bring_up()
-        ended, adopted = await self._control.adopt(self._node, self._incarnation, self._pods_dir)
+        ended, pods = await self._control.adopt(self._node, self._incarnation, self._pods_dir)
         for name in ended:
             log.warning("node %s's lease expired: its pods are up for adoption", name)
-        if not adopted:
+        if not pods:
             return []
-        pods = [pod for pod, _ in adopted]
         log.warning("adopting %d pods: %s", len(pods), " ".join(pods))
         self._owed = pods  # this node's now, whatever fails from here
         await self._bring_up()
