@@ -14,8 +14,6 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
 from capd import metrics
 from capd.engines.base import BudgetSpent
 from capd.prices import add_usd, price_of
@@ -23,7 +21,7 @@ from capd.registry import PodRegistry
 from capd.store import Carried, PodRecord, Store
 from protocol.errors import ProtocolError
 from protocol.events import BudgetLimits, Spent, Usage
-from protocol.manifest import Budget, BuiltinEngine, Manifest
+from protocol.manifest import Budget, BuiltinEngine, Manifest, stored_field
 
 log = logging.getLogger(__name__)
 
@@ -264,8 +262,8 @@ def _stored_budget(manifest: str) -> Budget | None:
     """The budget of a stored manifest, without parsing all of it (a tenth of a restore of
     many pods); None when it has none or it does not parse (the supervisor reports such a
     pod as not restorable)."""
+    raw = stored_field(manifest, "budget")
     try:
-        raw = orjson.loads(manifest).get("budget")
         return None if raw is None else Budget.model_validate(raw)
-    except (ValueError, AttributeError):
+    except ValueError:
         return None

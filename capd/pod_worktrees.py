@@ -14,15 +14,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from capd import worktrees
 from capd.gitenv import GitFailed
 from capd.proc.sandbox import Confinement
 from capd.registry import PodRegistry
 from capd.worktrees import Worktree
 from protocol.errors import ProtocolError
-from protocol.manifest import Manifest
+from protocol.manifest import Manifest, stored_field
 from protocol.results import DiffResult
 
 log = logging.getLogger("capd")
@@ -327,8 +325,5 @@ def _stored_cwd(manifest: str) -> str | None:
     """The cwd of a stored manifest, without validating all of it (a delete reads every
     pod's); None when it has none or it does not parse (such a pod cannot start, so it
     works nowhere)."""
-    try:
-        cwd = orjson.loads(manifest).get("cwd")
-    except (ValueError, AttributeError):
-        return None
+    cwd = stored_field(manifest, "cwd")
     return cwd if isinstance(cwd, str) else None

@@ -4,6 +4,7 @@ in `spawn`."""
 import re
 from typing import Annotated, Any, Literal
 
+import orjson
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -393,3 +394,13 @@ class Manifest(_Strict):
                 "nor mcp__<server>__<tool> of one of mcp_servers"
             )
         return self
+
+
+def stored_field(stored: str, key: str) -> Any:
+    """One top-level field of a stored manifest's JSON, read without validating the rest
+    (what reads every pod's pays for one field only); None when it is absent or the JSON
+    is not an object."""
+    try:
+        return orjson.loads(stored).get(key)
+    except (ValueError, AttributeError):
+        return None
