@@ -951,7 +951,8 @@ def attach(settings: Settings, pod: str, turns: int) -> None:
         from capctl.session import connect_pod
         from capctl.tui.attach import AttachApp
 
-        connect = partial(connect_pod, settings.runtime, pod, settings.via_daemon)
+        # A pod up with no socket here is on another node: through the daemon at once.
+        connect = partial(connect_pod, settings.runtime, pod, settings.via_daemon or gone)
         app = AttachApp(pod, connect, turns)
         failure = app.run()
     except KeyboardInterrupt:  # before textual took the terminal (it reads Ctrl-C as a key)

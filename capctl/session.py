@@ -70,6 +70,9 @@ async def connect_pod(runtime: Path, name: str, via_daemon: bool = False) -> Pod
     client.via = name
     try:
         status = await client.request(Status())
+    except ProtocolError as exc:  # the pod is unknown, or stopped: one line, as run() says it
+        await client.close()
+        raise CapctlError(f"{exc.code}: {exc.message}") from None
     except BaseException:
         await client.close()
         raise

@@ -177,9 +177,6 @@ class AttachScreen(Screen[str | None]):
         except CapctlError as exc:
             self._fail(exc.message)
             return
-        except ProtocolError as exc:
-            self._fail(f"{exc.code}: {exc.message}")
-            return
         except (OSError, TimeoutError, ConnectionClosed) as exc:
             self._fail(f"cannot reach pod {self.pod}: {exc or type(exc).__name__}")
             return
