@@ -158,13 +158,7 @@ async def test_a_node_killed_mid_turn_has_its_pod_restored_paused_on_another(
     assert (status["status"], status["turn_id"], status["node"]) == ("paused", turn_id, "n2")
     history = await _history(n2, "w1")
     _check_history(history, seen)
-    rows = _sql(audited, "SELECT app, seq FROM audit WHERE pod = 'w1' ORDER BY seq")
-    assert [seq for _, seq in rows] == list(range(1, len(history) + 1)), "each event once"
-    by_n1 = [seq for app, seq in rows if app.startswith("capd/n1/")]
-    by_n2 = [seq for app, seq in rows if app.startswith("capd/n2/")]
-    assert by_n1
-    assert by_n2
-    assert max(by_n1) < min(by_n2)
+    _committed_once_by_n1_then_n2(audited, len(history))
     leases = _sql(audited, "SELECT pod, node, epoch, family FROM leases ORDER BY pod")
     assert leases == [
         ("c1", "n2", 2, "w1"),
@@ -461,10 +455,17 @@ async def test_a_partitioned_node_stops_and_its_late_commit_never_lands(
     os.kill(proxy_proc.pid, signal.SIGCONT)  # whatever n1 sent last reaches the server now
     await _pod_request(n2, "w1", {"method": "cancel"})
     await asyncio.sleep(0.5)  # room for a late COMMIT to land, were it able to
-    rows = _sql(audited, "SELECT app, seq FROM audit WHERE pod = 'w1' ORDER BY seq")
+    _committed_once_by_n1_then_n2(audited)
+
+
+def _committed_once_by_n1_then_n2(url: str, events: int | None = None) -> None:
+    """Pod w1's events as the audit trigger saw them committed: each seq once with no gap
+    (`events` of them, when given), and all of n1's before any of n2's."""
+    rows = _sql(url, "SELECT app, seq FROM audit WHERE pod = 'w1' ORDER BY seq")
+    count = len(rows) if events is None else events
+    assert [seq for _, seq in rows] == list(range(1, count + 1)), "each event once"
     by_n1 = [seq for app, seq in rows if app.startswith("capd/n1/")]
     by_n2 = [seq for app, seq in rows if app.startswith("capd/n2/")]
-    assert [seq for _, seq in rows] == list(range(1, len(rows) + 1))
     assert by_n1
     assert by_n2
     assert max(by_n1) < min(by_n2)
@@ -676,13 +677,7 @@ async def test_a_frozen_node_is_fenced_when_it_wakes(
         finally:
             n1.proc.send_signal(signal.SIGCONT)
         assert await asyncio.to_thread(n1.proc.wait, 10) == 75
-    rows = _sql(audited, "SELECT app, seq FROM audit WHERE pod = 'w1' ORDER BY seq")
-    assert [seq for _, seq in rows] == list(range(1, len(rows) + 1))
-    by_n1 = [seq for app, seq in rows if app.startswith("capd/n1/")]
-    by_n2 = [seq for app, seq in rows if app.startswith("capd/n2/")]
-    assert by_n1
-    assert by_n2
-    assert max(by_n1) < min(by_n2)
+    _committed_once_by_n1_then_n2(audited)
 
 
 @SLOW
